@@ -1,0 +1,36 @@
+"""Repository-wide test fixtures.
+
+``validate_outgoing`` checks every message any in-process server sends during the test suite
+against the schemas; a single invalid message fails the test that caused it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def validate_outgoing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    try:
+        from ps_testkit.client import check_server_message
+
+        from party_sync.transport.sink import WebSocketSink
+    except ImportError:  # the campaign_engine suite does not need it
+        yield
+        return
+    failures: list[str] = []
+    original = WebSocketSink.send
+
+    def checked_send(self: WebSocketSink, data: bytes) -> bool:
+        try:
+            check_server_message(orjson.loads(data))
+        except Exception as exc:  # record, never break the server under test
+            failures.append(f"{exc!r}: {data[:300]!r}")
+        return original(self, data)
+
+    monkeypatch.setattr(WebSocketSink, "send", checked_send)
+    yield
+    assert not failures, "the server sent invalid messages:\n" + "\n".join(failures)

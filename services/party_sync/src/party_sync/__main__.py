@@ -1,0 +1,3 @@
+from party_sync.cli import main
+
+raise SystemExit(main())

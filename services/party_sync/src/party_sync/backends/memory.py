@@ -1,0 +1,242 @@
+"""The embedded backend: one process, all state in memory. The default with no Redis configured.
+
+It is a real product backend, not a test double: every operation is synchronous code over the pure
+core (so each is atomic), events are delivered to listeners inline and in order, and parties that
+have been idle longer than ``idle_party_ttl`` are forgotten (a later connection starts a new epoch,
+so no client trusts a seq from the forgotten history).
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from party_sync.backends.base import Binding, PartyListener, Snapshot
+from party_sync.core.actions import ActionLedger, Verdict
+from party_sync.core.events import Event
+from party_sync.core.history import EventLog, ResumePoint
+from party_sync.core.presence import Presence
+from party_sync.core.projection import Projection
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """Limits shared by every backend."""
+
+    history_size: int = 1000
+    presence_ttl: float = 30.0
+    action_timeout: float = 10.0
+    action_record_ttl: float = 600.0
+    idle_party_ttl: float = 3600.0
+
+
+class _Party:
+    __slots__ = ("last_active", "ledger", "listeners", "log", "party_id", "presence", "projection")
+
+    def __init__(self, party_id: str, settings: BackendSettings, now: float) -> None:
+        self.party_id = party_id
+        self.log = EventLog(secrets.token_hex(8), settings.history_size)
+        self.projection = Projection()
+        self.presence = Presence(settings.presence_ttl)
+        self.ledger = ActionLedger(settings.action_timeout, settings.action_record_ttl)
+        self.listeners: list[PartyListener] = []
+        self.last_active = now
+
+
+class _Subscription:
+    def __init__(self, detach: Callable[[], None]) -> None:
+        self._detach: Callable[[], None] | None = detach
+
+    async def close(self) -> None:
+        if self._detach is not None:
+            self._detach()
+            self._detach = None
+
+
+class MemoryBackend:
+    """All parties of one process."""
+
+    name = "memory"
+
+    def __init__(self, settings: BackendSettings | None = None) -> None:
+        self.settings = settings or BackendSettings()
+        self._parties: dict[str, _Party] = {}
+        self._run_listeners: dict[str, list[Callable[[bytes], None]]] = {}
+
+    async def start(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        self._parties.clear()
+        self._run_listeners.clear()
+
+    async def ready(self) -> bool:
+        return True
+
+    def _party(self, party_id: str, now: float = 0.0) -> _Party:
+        party = self._parties.get(party_id)
+        if party is None:
+            party = self._parties[party_id] = _Party(party_id, self.settings, now)
+        return party
+
+    # -- the stream -------------------------------------------------------------------------
+    def _publish(self, party: _Party, message: dict[str, Any], now: float) -> Event:
+        seq = party.log.top_seq + 1
+        type_, payload = message["type"], message["payload"]
+        party.projection.apply(type_, payload, seq)  # raises before anything is recorded
+        data = codec.with_seq(codec.encode(message), seq)
+        party.log.append(data)
+        party.last_active = now
+        if type_ == t.ACTION_RESULT:
+            party.ledger.complete(payload["action_id"], payload["character_id"], data, now)
+        event = Event(party.party_id, seq, type_, payload, message["trace_id"], data)
+        for listener in list(party.listeners):
+            try:
+                listener.on_event(event)
+            except Exception:  # one broken listener must not starve the others
+                log.exception("listener failed", extra={"trace_id": event.trace_id})
+        return event
+
+    async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
+        return self._publish(self._party(party_id, now), message, now)
+
+    async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:
+        data = codec.encode(message)
+        for callback in list(self._run_listeners.get(campaign_run_id, ())):
+            callback(data)
+
+    async def subscribe(self, party_id: str, listener: PartyListener) -> _Subscription:
+        party = self._party(party_id)
+        party.listeners.append(listener)
+
+        def detach() -> None:
+            if listener in party.listeners:
+                party.listeners.remove(listener)
+
+        return _Subscription(detach)
+
+    async def subscribe_run(
+        self, campaign_run_id: str, callback: Callable[[bytes], None]
+    ) -> _Subscription:
+        callbacks = self._run_listeners.setdefault(campaign_run_id, [])
+        callbacks.append(callback)
+
+        def detach() -> None:
+            if callback in callbacks:
+                callbacks.remove(callback)
+            if not callbacks:
+                self._run_listeners.pop(campaign_run_id, None)
+
+        return _Subscription(detach)
+
+    async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
+        party = self._parties.get(party_id)
+        if party is not None:
+            for listener in list(party.listeners):
+                listener.on_direct(character_id, data)
+
+    async def snapshot(self, party_id: str) -> Snapshot:
+        party = self._party(party_id)
+        p = party.projection
+        return Snapshot(
+            epoch=party.log.epoch,
+            seq=p.seq,
+            members=p.member_list(),
+            status=p.status,
+            run_status=p.run_status,
+            scene_number=p.scene_number,
+            scene=p.scene,
+            combat=p.combat,
+            party_state=p.party_state,
+            vote=dict(p.vote) if p.vote is not None else None,
+        )
+
+    async def replay(
+        self, party_id: str, point: ResumePoint, max_replay: int
+    ) -> Sequence[bytes] | None:
+        party = self._parties.get(party_id)
+        if party is None:
+            return None
+        return party.log.replay(point, max_replay)
+
+    # -- presence ---------------------------------------------------------------------------
+    async def connect(
+        self, binding: Binding, connection_id: str, now: float, trace_id: str
+    ) -> Event | None:
+        party = self._party(binding.party_id, now)
+        party.presence.connect(binding.character_id, connection_id, now)
+        party.last_active = now
+        if party.projection.is_online(binding.character_id):
+            return None
+        payload = {"character_id": binding.character_id, "display_name": binding.display_name}
+        return self._publish(
+            party, codec.envelope(t.PARTY_JOIN, payload, ts=now, trace_id=trace_id), now
+        )
+
+    async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
+        party = self._party(binding.party_id, now)
+        party.last_active = now
+        return party.presence.disconnect(binding.character_id, connection_id, now)
+
+    def _leave(
+        self, party: _Party, character_id: str, reason: str, now: float, trace_id: str
+    ) -> Event:
+        payload = {"character_id": character_id, "reason": reason}
+        return self._publish(
+            party, codec.envelope(t.PARTY_LEAVE, payload, ts=now, trace_id=trace_id), now
+        )
+
+    async def settle(self, binding: Binding, now: float, trace_id: str) -> Event | None:
+        party = self._parties.get(binding.party_id)
+        if party is None:
+            return None
+        cid = binding.character_id
+        if party.presence.is_connected(cid, now) or not party.projection.is_online(cid):
+            return None
+        return self._leave(party, cid, t.LEAVE_DISCONNECTED, now, trace_id)
+
+    async def leave(self, binding: Binding, now: float, trace_id: str) -> Event | None:
+        party = self._parties.get(binding.party_id)
+        if party is None or binding.character_id not in party.projection.members:
+            return None
+        return self._leave(party, binding.character_id, t.LEAVE_LEFT, now, trace_id)
+
+    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> None:
+        for binding, connection_id in connections:
+            self._party(binding.party_id, now).presence.refresh(
+                binding.character_id, connection_id, now
+            )
+
+    async def expire(self, now: float) -> list[Event]:
+        events: list[Event] = []
+        for party_id, party in list(self._parties.items()):
+            for character_id in party.presence.expire(now):
+                if party.projection.is_online(character_id):
+                    trace_id = codec.new_trace_id()
+                    events.append(self._leave(party, character_id, t.LEAVE_EXPIRED, now, trace_id))
+            idle = now - party.last_active > self.settings.idle_party_ttl
+            if idle and not party.listeners and not party.presence.connection_count(now):
+                del self._parties[party_id]
+        return events
+
+    # -- actions ----------------------------------------------------------------------------
+    async def begin_action(
+        self, party_id: str, character_id: str, action_id: str, now: float
+    ) -> Verdict:
+        return self._party(party_id, now).ledger.begin(character_id, action_id, now)
+
+    async def abandon_action(self, party_id: str, action_id: str) -> None:
+        party = self._parties.get(party_id)
+        if party is not None:
+            party.ledger.abandon(action_id)
+
+    async def time_out_action(self, party_id: str, action_id: str, now: float) -> bool:
+        party = self._parties.get(party_id)
+        return party is not None and party.ledger.time_out(action_id, now)

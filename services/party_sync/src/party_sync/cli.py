@@ -1,0 +1,129 @@
+"""``party-sync``: ``serve`` runs the server, ``token`` mints a connection token."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from party_sync import __version__, config, logs
+from party_sync.auth import issue_token
+from party_sync.protocol.errors import ConfigError
+
+log = logging.getLogger("party_sync")
+
+DEMO_CHARACTERS = (("aria", "Aria"), ("borin", "Borin"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="party-sync", description="party_sync realtime gateway")
+    parser.add_argument("--version", action="version", version=f"party_sync {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the WebSocket gateway")
+    config.add_arguments(serve)
+    serve.add_argument(
+        "--demo-tokens",
+        action="store_true",
+        help="print ready connection URLs for two demo characters of one party",
+    )
+
+    token = commands.add_parser("token", help="print a connection token for the configured secret")
+    token.add_argument("--party", required=True, help="party_id claim")
+    token.add_argument("--run", required=True, help="campaign_run_id claim")
+    token.add_argument("--character", required=True, help="character_id claim")
+    token.add_argument("--name", required=True, help="display_name claim")
+    token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
+    token.add_argument("--sub", default=None, help="sub claim (default character:<id>)")
+    token.add_argument(
+        "--secret", default=None, help="HMAC secret (default: $PARTY_SYNC_JWT_SECRET)"
+    )
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from party_sync.server import build_server, run, with_dev_secret
+
+    settings = config.load(args)
+    logs.configure(settings.log_level, settings.log_format)
+    if settings.dev_mode:
+        log.warning(
+            "PARTY_SYNC_JWT_SECRET is not set: using a random DEVELOPMENT secret; tokens from "
+            "other processes will not verify. Set a secret in production."
+        )
+        banner = [
+            "",
+            "!" * 72,
+            "!! DEVELOPMENT MODE: random JWT secret (set PARTY_SYNC_JWT_SECRET)",
+            "!" * 72,
+        ]
+        print("\n".join(banner), file=sys.stderr, flush=True)
+    settings = with_dev_secret(settings)
+    server = build_server(settings)
+    lines: list[str] = []
+    if args.demo_tokens:
+        assert settings.jwt_secret is not None
+        base = f"ws://{settings.host}:{settings.port}/ws?token="
+        lines = [
+            "",
+            f"party_sync is up on http://{settings.host}:{settings.port} "
+            f"(backend: {server.gateway.backend.name}). Ready connections, party demo-party:",
+        ]
+        for character_id, name in DEMO_CHARACTERS:
+            token = issue_token(
+                settings.jwt_secret,
+                party_id="demo-party",
+                campaign_run_id="demo-run",
+                character_id=character_id,
+                display_name=name,
+                now=time.time(),
+                ttl=12 * 3600,
+            )
+            lines.append(f"  {name:6} {base}{token}")
+        lines += [
+            "Connect with any WebSocket client, e.g.:",
+            "  python -m aiohttp ... or: websocat '<url>'  then send",
+            '  {"type":"action.request","payload":{"action_id":"a1","character_id":"aria",'
+            '"campaign_run_id":"demo-run","action_type":"skill_check","payload":{}}}',
+            "Health: /healthz  Readiness: /readyz  Metrics: /metrics  (Ctrl-C stops)",
+            "",
+        ]
+    asyncio.run(run(server, on_ready=lines))
+    return 0
+
+
+def _token(args: argparse.Namespace) -> int:
+    secret = args.secret or os.environ.get("PARTY_SYNC_JWT_SECRET")
+    if not secret:
+        print("party-sync token: set PARTY_SYNC_JWT_SECRET or pass --secret", file=sys.stderr)
+        return 2
+    print(
+        issue_token(
+            secret,
+            party_id=args.party,
+            campaign_run_id=args.run,
+            character_id=args.character,
+            display_name=args.name,
+            now=time.time(),
+            ttl=args.ttl,
+            sub=args.sub,
+        )
+    )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _serve(args) if args.command == "serve" else _token(args)
+    except ConfigError as exc:
+        print(f"party-sync: configuration error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,171 @@
+"""Settings of ``party-sync serve``: one table drives the CLI flags, the ``PARTY_SYNC_*``
+environment variables and the README's settings table (a test keeps the README in step).
+
+Precedence: command-line flag, then environment variable, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from party_sync.protocol.errors import ConfigError
+
+ENV_PREFIX = "PARTY_SYNC_"
+
+
+def _csv(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError(f"not a boolean: {value!r}")
+
+
+def _option(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "parse": parse})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Every setting of the server. Field ``foo_bar`` ↔ ``--foo-bar`` ↔ ``PARTY_SYNC_FOO_BAR``."""
+
+    host: str = _option("127.0.0.1", "Interface to listen on.")
+    port: int = _option(8080, "TCP port for WebSocket (/ws), health checks and the HTTP API.")
+    engine: str = _option(
+        "campaign_engine:create_engine",
+        "Campaign Engine to host in-process, as MODULE:ATTR (an Engine or a factory of one).",
+    )
+    redis_url: str | None = _option(
+        None, "Redis URL; unset = the embedded in-memory backend (one process)."
+    )
+    jwt_secret: str | None = _option(
+        None, "HMAC secret for connection tokens; unset = a random development secret."
+    )
+    jwt_previous_secret: str | None = _option(
+        None, "The previous secret, still accepted during a rotation."
+    )
+    jwt_algorithms: tuple[str, ...] = _option(
+        ("HS256",), "Accepted JWT algorithms (comma-separated; HS256/HS384/HS512).", _csv
+    )
+    allowed_origins: tuple[str, ...] = _option(
+        (), "Allowed Origin values (comma-separated); empty allows any origin (development).", _csv
+    )
+    max_message_bytes: int = _option(65536, "Largest client message accepted, in bytes.")
+    send_queue_size: int = _option(
+        1024, "Messages queued for one slow client before it is disconnected (4002)."
+    )
+    presence_grace: float = _option(
+        5.0, "Seconds after a character's last connection closes before party.leave is sent."
+    )
+    presence_ttl: float = _option(
+        30.0, "Seconds a connection's presence lives without a refresh (bounds a dead node)."
+    )
+    action_timeout: float = _option(
+        10.0, "Seconds a character's action may stay in flight before the character is freed."
+    )
+    action_record_ttl: float = _option(
+        600.0, "Seconds an action_id is remembered (repeats get the original result)."
+    )
+    history_size: int = _option(1000, "Events of history kept per party (for resume).")
+    max_replay: int = _option(
+        300, "Most events replayed on resume; a larger gap gets a fresh snapshot."
+    )
+    heartbeat: float = _option(25.0, "Seconds between WebSocket pings; no pong in time closes.")
+    rate_limit: float = _option(30.0, "Messages per second a connection may send (sustained).")
+    rate_burst: float = _option(60.0, "Messages a connection may send in a burst.")
+    shutdown_timeout: float = _option(
+        10.0, "Seconds to wait for clients to close on SIGTERM/SIGINT."
+    )
+    log_level: str = _option("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
+    log_format: str = _option("json", "Log format: json (one object per line) or text.")
+
+    @property
+    def dev_mode(self) -> bool:
+        """Development mode: no secret configured (a random one is made, loudly)."""
+        return not self.jwt_secret
+
+
+def _parser_for(f: Any) -> Callable[[str], Any]:
+    custom = f.metadata.get("parse")
+    if custom is not None:
+        return custom  # type: ignore[no-any-return]
+    if f.type in ("int", int):
+        return int
+    if f.type in ("float", float):
+        return float
+    if f.type in ("bool", bool):
+        return _bool
+    return str
+
+
+def options() -> list[tuple[str, str, str, Any]]:
+    """``(flag, env var, help, default)`` for every setting, in declaration order."""
+    return [
+        (
+            "--" + f.name.replace("_", "-"),
+            ENV_PREFIX + f.name.upper(),
+            f.metadata["help"],
+            f.default,
+        )
+        for f in fields(Settings)
+    ]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            type=_parser_for(f),
+            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]",
+        )
+
+
+def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Build ``Settings`` from flags (if given), then the environment, then defaults."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        given = getattr(args, f.name, None) if args is not None else None
+        if given is not None:
+            values[f.name] = given
+            continue
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None:
+            continue
+        try:
+            values[f.name] = _parser_for(f)(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None
+    settings = Settings(**values)
+    validate(settings)
+    return settings
+
+
+def validate(settings: Settings) -> None:
+    checks: Sequence[tuple[bool, str]] = (
+        (0 < settings.port < 65536, "port must be 1..65535"),
+        (settings.max_message_bytes >= 1024, "max_message_bytes must be at least 1024"),
+        (settings.send_queue_size >= 16, "send_queue_size must be at least 16"),
+        (settings.presence_grace >= 0, "presence_grace must be >= 0"),
+        (settings.presence_ttl > 0, "presence_ttl must be > 0"),
+        (settings.action_timeout > 0, "action_timeout must be > 0"),
+        (settings.history_size >= 1, "history_size must be >= 1"),
+        (settings.max_replay >= 0, "max_replay must be >= 0"),
+        (settings.heartbeat > 0, "heartbeat must be > 0"),
+        (settings.rate_limit > 0 and settings.rate_burst >= 1, "rate limits must be positive"),
+        (settings.log_format in {"json", "text"}, "log_format must be json or text"),
+    )
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

@@ -1,0 +1,21 @@
+"""The Campaign Engine interface (what an engine implements) and the links that host it."""
+
+from party_sync.engine.interface import (
+    ENGINE_EVENT_TYPES,
+    ActionRequest,
+    Engine,
+    EngineLink,
+    EngineRejected,
+    EventPublisher,
+    JoinNotice,
+)
+
+__all__ = [
+    "ENGINE_EVENT_TYPES",
+    "ActionRequest",
+    "Engine",
+    "EngineLink",
+    "EngineRejected",
+    "EventPublisher",
+    "JoinNotice",
+]

@@ -1,0 +1,138 @@
+"""The public engine interface (seed §6): what a Campaign Engine needs, nothing of the gateway.
+
+An engine *receives* accepted player actions (``Engine.handle_action``) and *publishes* events to a
+party (``EventPublisher.publish``). It never sees connections, presence or the backend. The same
+engine object runs unchanged whatever carries actions to it: in the server's process (the embedded
+default), or through the Redis Streams and HTTP transports, which implement ``EngineLink`` and
+``EventPublisher`` on their side of the wire.
+
+party_sync makes no game decision: it delivers each accepted ``action.request`` once per
+``action_id`` and broadcasts what the engine publishes, in order, with a per-party ``seq``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+from party_sync.protocol.errors import ErrorCode
+
+#: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
+ENGINE_EVENT_TYPES = frozenset({"action.result", "scene.update", "combat.update", "party.state"})
+
+
+@dataclass(frozen=True, slots=True)
+class ActionRequest:
+    """One accepted ``action.request``, as the engine receives it.
+
+    ``envelope`` is the whole message as validated (with the server's ``timestamp`` and the
+    ``trace_id`` that the engine must carry to its events); the other fields are copied from it and
+    from the connection's binding, so an engine never has to trust the client for ``party_id``.
+    """
+
+    party_id: str
+    campaign_run_id: str
+    character_id: str
+    action_id: str
+    action_type: str
+    payload: Mapping[str, Any]
+    trace_id: str
+    envelope: Mapping[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JoinNotice:
+    """A character came online in a party (published ``party.join``); the engine may react.
+
+    Delivered at most once per join; an engine must treat it as a hint (e.g. "start the run if it
+    has not started"), never as the only trigger of something that has to happen.
+    """
+
+    party_id: str
+    campaign_run_id: str
+    character_id: str
+    display_name: str
+    trace_id: str
+
+
+class EngineRejected(Exception):
+    """Raised by an engine (or reported by a link) when it refuses an action as invalid.
+
+    The acting player gets ``system.error`` with code ``action_rejected`` and this message; the
+    action is not recorded as done, so nothing is broadcast.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+@runtime_checkable
+class EventPublisher(Protocol):
+    """How an engine publishes. Every call goes through the same sequenced, validated path."""
+
+    async def publish(
+        self,
+        party_id: str,
+        type: str,
+        payload: Mapping[str, Any],
+        *,
+        trace_id: str | None = None,
+    ) -> int:
+        """Publish one event (one of ``ENGINE_EVENT_TYPES``) to a party; returns its ``seq``.
+
+        Raises ``party_sync.protocol.errors.InvalidEvent`` if the event breaks its schema.
+        """
+        ...
+
+    async def reject(self, action: ActionRequest, message: str) -> None:
+        """Refuse ``action``: its sender gets ``system.error`` ``action_rejected``."""
+        ...
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """A Campaign Engine. Implementations must be idempotent by ``action_id``."""
+
+    async def start(self, publisher: EventPublisher) -> None:
+        """Called once before any action; keep ``publisher`` for later use."""
+        ...
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        """Apply one action, then publish its ``action.result`` (and e.g. ``scene.update``).
+
+        May raise ``EngineRejected`` to refuse an invalid action. Any other exception is reported
+        to the player as a retryable ``engine_error`` and logged with the action's ``trace_id``.
+        """
+        ...
+
+    async def handle_join(self, notice: JoinNotice) -> None:
+        """A character came online (a hint; see ``JoinNotice``)."""
+        ...
+
+    async def close(self) -> None:
+        """Release resources; no call follows."""
+        ...
+
+
+class LinkHost(EventPublisher, Protocol):
+    """What party_sync gives an engine link: the publisher, plus a way to fail an action."""
+
+    async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
+        """The action will produce no result (the engine failed or is unreachable)."""
+        ...
+
+
+class EngineLink(Protocol):
+    """party_sync's side of an engine transport: where accepted actions go."""
+
+    async def start(self, host: LinkHost) -> None: ...
+
+    async def submit(self, action: ActionRequest) -> None:
+        """Hand one accepted action to the engine. Must not wait for the engine to finish it."""
+        ...
+
+    async def notify_join(self, notice: JoinNotice) -> None: ...
+
+    async def close(self) -> None: ...

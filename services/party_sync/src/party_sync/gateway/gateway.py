@@ -1,0 +1,454 @@
+"""The gateway: connections in, backend and engine out.
+
+It authenticates nothing itself (the transport passes verified claims in), keeps no party state
+of its own (the backend does), and decides nothing about the game (the engine does). What it does:
+bind a connection to its claims, check each client message (``protocol.inbound``), apply the
+idempotency verdicts, arm the timers the core asks for (presence grace, action timeout, token
+expiry), and fan events out through one ``PartyHub`` per party.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from party_sync.auth import Claims
+from party_sync.backends.base import Backend, Binding
+from party_sync.config import Settings
+from party_sync.core.actions import Decision
+from party_sync.core.events import Event
+from party_sync.core.history import ResumePoint
+from party_sync.core.limits import ConnectionLimits, LimitPolicy
+from party_sync.engine.interface import ActionRequest, EngineLink, JoinNotice
+from party_sync.gateway import messages
+from party_sync.gateway.hub import PartyHub
+from party_sync.gateway.publisher import GatewayPublisher
+from party_sync.gateway.session import Session, Sink
+from party_sync.metrics import Metrics
+from party_sync.protocol import codec, inbound
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import (
+    BAD_INPUT,
+    BackendUnavailable,
+    CloseCode,
+    ErrorCode,
+    ProtocolError,
+)
+from party_sync.protocol.schemas import Contracts
+
+log = logging.getLogger(__name__)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        backend: Backend,
+        link: EngineLink,
+        contracts: Contracts,
+        *,
+        metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.time,
+        node_id: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.link = link
+        self.contracts = contracts
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.metrics = metrics or Metrics(self.node_id)
+        self.clock = clock
+        self.publisher = GatewayPublisher(self, clock)
+        self.sessions: set[Session] = set()
+        self._hubs: dict[str, PartyHub] = {}
+        self._hub_ready: dict[str, asyncio.Future[PartyHub]] = {}
+        self._pending: dict[tuple[str, str], tuple[asyncio.TimerHandle, Session, float]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}  # session id → token expiry
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._policy = LimitPolicy(settings.rate_limit, settings.rate_burst)
+        self._limits = {
+            "max_message_bytes": settings.max_message_bytes,
+            "action_timeout_ms": int(settings.action_timeout * 1000),
+            "heartbeat_ms": int(settings.heartbeat * 1000),
+        }
+        self.stopping = False
+        self._idle = asyncio.Event()  # set whenever this node has no session
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.backend.start()
+        await self.link.start(self.publisher)
+        self._spawn(self._presence_loop())
+
+    async def drain(self) -> None:
+        """Stop taking part: tell every client to reconnect (1001) and wait for them to go."""
+        self.stopping = True
+        for session in list(self.sessions):
+            session.close(CloseCode.GOING_AWAY, "server shutting down: reconnect")
+            self.metrics.closes.labels(str(CloseCode.GOING_AWAY)).inc()
+        if self.sessions:
+            self._idle.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.settings.shutdown_timeout):
+                    await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Release timers, background tasks, the engine link and the backend."""
+        self.stopping = True
+        for handle, _, _ in self._pending.values():
+            handle.cancel()
+        for handle in self._timers.values():
+            handle.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.link.close()
+        await self.backend.close()
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _later(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        """Timer callback: start ``fn(*args)`` now (the coroutine is made only if the timer fires)."""
+        if not self.stopping:
+            self._spawn(fn(*args))
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    # -- connections ----------------------------------------------------------------------------
+    async def open(self, claims: Claims, sink: Sink, resume: ResumePoint | None = None) -> Session:
+        """Bind a new connection, announce it, and send its ``system.hello`` (and any replay)."""
+        binding = Binding(
+            claims.party_id, claims.campaign_run_id, claims.character_id, claims.display_name
+        )
+        session = Session(
+            uuid.uuid4().hex, binding, sink, ConnectionLimits(self._policy), claims.exp
+        )
+        self.sessions.add(session)
+        self.metrics.connections.set(len(self.sessions))
+        try:
+            hub = await self._hub(binding.party_id)
+            hub.sessions.add(session)  # from here on, live events are buffered for it
+            now = self.clock()
+            join = await self.backend.connect(binding, session.id, now, codec.new_trace_id())
+            if join is not None:
+                self._spawn(self._notify_join(binding, join))
+            snapshot = await self.backend.snapshot(binding.party_id)
+            replay = None
+            if resume is not None:
+                replay = await self.backend.replay(
+                    binding.party_id, resume, self.settings.max_replay
+                )
+                self.metrics.resumes.labels("resumed" if replay is not None else "snapshot").inc()
+        except BackendUnavailable:
+            session.send(self._error_bytes(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable"))
+            session.close(CloseCode.INTERNAL_ERROR, "backend unavailable: retry")
+            return session
+        resumed_from = resume.last_seq if replay is not None and resume is not None else None
+        hello = messages.hello(
+            binding,
+            snapshot,
+            resumed_from=resumed_from,
+            limits=self._limits,
+            your_vote=None,
+            now=self.clock(),
+        )
+        session.send(codec.encode(hello))
+        self.metrics.messages_out.labels(t.HELLO).inc()
+        last = snapshot.seq
+        if replay is not None and resume is not None:
+            for data in replay:
+                session.send(data)
+            last = max(last, resume.last_seq + len(replay))
+        session.go_live(last)
+        self._arm_expiry(session)
+        return session
+
+    async def close(self, session: Session) -> None:
+        """The connection is gone: forget it and, if it was the character's last, start grace."""
+        self.sessions.discard(session)
+        self.metrics.connections.set(len(self.sessions))
+        if not self.sessions:
+            self._idle.set()
+        timer = self._timers.pop(session.id, None)
+        if timer is not None:
+            timer.cancel()
+        hub = self._hubs.get(session.party_id)
+        if hub is not None:
+            hub.sessions.discard(session)
+            if not hub.sessions:
+                await self._drop_hub(hub)
+        try:
+            last = await self.backend.disconnect(session.binding, session.id, self.clock())
+        except BackendUnavailable:
+            return  # presence expires by itself (presence_ttl)
+        if last and not self.stopping:
+            loop = asyncio.get_running_loop()
+            loop.call_later(
+                self.settings.presence_grace, self._later, self._settle, session.binding
+            )
+
+    async def _settle(self, binding: Binding) -> None:
+        left = await self.backend.settle(binding, self.clock(), codec.new_trace_id())
+        self.metrics.settles.labels("left" if left is not None else "stayed").inc()
+
+    async def _notify_join(self, binding: Binding, join: Event) -> None:
+        notice = JoinNotice(
+            binding.party_id,
+            binding.campaign_run_id,
+            binding.character_id,
+            binding.display_name,
+            join.trace_id,
+        )
+        await self.link.notify_join(notice)
+
+    async def _hub(self, party_id: str) -> PartyHub:
+        hub = self._hubs.get(party_id)
+        if hub is not None:
+            return hub
+        pending = self._hub_ready.get(party_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future: asyncio.Future[PartyHub] = asyncio.get_running_loop().create_future()
+        self._hub_ready[party_id] = future
+        hub = PartyHub(party_id, self._on_party_event)
+        try:
+            hub.subscription = await self.backend.subscribe(party_id, hub)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()  # retrieved: waiters re-raise it
+            raise
+        finally:
+            del self._hub_ready[party_id]
+        self._hubs[party_id] = hub
+        self.metrics.parties.set(len(self._hubs))
+        future.set_result(hub)
+        return hub
+
+    async def _drop_hub(self, hub: PartyHub) -> None:
+        if self._hubs.get(hub.party_id) is hub:
+            del self._hubs[hub.party_id]
+            self.metrics.parties.set(len(self._hubs))
+        if hub.subscription is not None:
+            await hub.subscription.close()
+
+    def _arm_expiry(self, session: Session) -> None:
+        delay = max(0.0, session.expires_at - self.clock())
+        loop = asyncio.get_running_loop()
+        self._timers[session.id] = loop.call_later(delay, self._expire_token, session)
+
+    def _expire_token(self, session: Session) -> None:
+        self._timers.pop(session.id, None)
+        session.send(self._error_bytes(ErrorCode.TOKEN_EXPIRED, "token expired: reconnect"))
+        session.close(CloseCode.TOKEN_EXPIRED, "token expired")
+        self.metrics.closes.labels(str(CloseCode.TOKEN_EXPIRED)).inc()
+
+    async def _presence_loop(self) -> None:
+        """Refresh this node's presence and sweep expired presence (a dead node's players)."""
+        interval = max(0.05, self.settings.presence_ttl / 3)
+        while True:
+            await asyncio.sleep(interval)
+            now = self.clock()
+            try:
+                await self.backend.refresh([(s.binding, s.id) for s in self.sessions], now)
+                await self.backend.expire(now)
+            except BackendUnavailable:
+                log.warning("presence refresh skipped: backend unavailable")
+
+    # -- inbound --------------------------------------------------------------------------------
+    async def receive(self, session: Session, data: bytes | str) -> None:
+        """Handle one client message. Never raises: every refusal becomes a ``system.error``."""
+        now = self.clock()
+        if not session.limits.admit(now):
+            self._refuse(session, ProtocolError(ErrorCode.RATE_LIMITED, "slow down"), now)
+            return
+        try:
+            message = inbound.parse(data, self.contracts, self.settings.max_message_bytes)
+            self.metrics.messages_in.labels(message.type).inc()
+            if message.type == t.ACTION_REQUEST:
+                await self._receive_action(session, message, now)
+            elif message.type == t.PARTY_LEAVE:
+                await self._receive_leave(session, message, now)
+            else:  # vote.cast
+                await self._receive_vote(session, message)
+        except ProtocolError as exc:
+            self._refuse(session, exc, now)
+        except BackendUnavailable:
+            self._refuse(
+                session,
+                ProtocolError(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable: retry"),
+                now,
+            )
+        except Exception:
+            log.exception("unexpected failure handling a message")
+            self._refuse(session, ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error"), now)
+
+    def _refuse(self, session: Session, exc: ProtocolError, now: float) -> None:
+        self.metrics.errors.labels(exc.code.value).inc()
+        log.info(
+            "message refused",
+            extra={
+                "trace_id": exc.trace_id,
+                "party_id": session.party_id,
+                "character_id": session.character_id,
+                "code": exc.code.value,
+            },
+        )
+        session.send(codec.encode(messages.from_protocol_error(exc, now=now)))
+        strike = exc.code in BAD_INPUT or exc.code is ErrorCode.RATE_LIMITED
+        if strike and session.limits.strike(now):
+            session.close(CloseCode.POLICY_VIOLATION, "too many bad or excess messages")
+            self.metrics.closes.labels(str(CloseCode.POLICY_VIOLATION)).inc()
+
+    def _error_bytes(self, code: ErrorCode, message: str) -> bytes:
+        return codec.encode(messages.error(code, message, now=self.clock()))
+
+    async def _receive_action(self, session: Session, message: inbound.Inbound, now: float) -> None:
+        p = message.payload
+        action_id: str = p["action_id"]
+
+        def refuse(code: ErrorCode, text: str) -> ProtocolError:
+            return ProtocolError(
+                code,
+                text,
+                action_id=action_id,
+                trace_id=message.client_trace_id,
+                type=t.ACTION_REQUEST,
+            )
+
+        if p["character_id"] != session.character_id:
+            raise refuse(ErrorCode.FORBIDDEN, "this connection cannot act for that character")
+        if p["campaign_run_id"] != session.binding.campaign_run_id:
+            raise refuse(ErrorCode.FORBIDDEN, "this connection is bound to another campaign run")
+        verdict = await self.backend.begin_action(
+            session.party_id, session.character_id, action_id, now
+        )
+        if verdict.decision is Decision.DONE:
+            assert verdict.result is not None
+            session.send(verdict.result)  # the original result, same seq, to the sender only
+            return
+        if verdict.decision is Decision.IN_FLIGHT:
+            raise refuse(ErrorCode.ACTION_IN_FLIGHT, "this action is already being processed")
+        if verdict.decision is Decision.BUSY:
+            raise refuse(ErrorCode.CHARACTER_BUSY, "wait for the result of your previous action")
+        envelope = {
+            "type": t.ACTION_REQUEST,
+            "timestamp": codec.rfc3339(now),
+            "trace_id": message.trace_id,
+            "payload": p,
+        }
+        action = ActionRequest(
+            party_id=session.party_id,
+            campaign_run_id=session.binding.campaign_run_id,
+            character_id=session.character_id,
+            action_id=action_id,
+            action_type=p["action_type"],
+            payload=p["payload"],
+            trace_id=message.trace_id,
+            envelope=envelope,
+        )
+        key = (session.party_id, action_id)
+        handle = asyncio.get_running_loop().call_later(
+            self.settings.action_timeout, self._later, self._time_out, action, session
+        )
+        self._pending[key] = (handle, session, now)
+        log.info(
+            "action accepted",
+            extra={
+                "trace_id": message.trace_id,
+                "party_id": session.party_id,
+                "action_id": action_id,
+            },
+        )
+        try:
+            await self.link.submit(action)
+        except Exception:
+            log.exception("engine link refused an action", extra={"trace_id": message.trace_id})
+            await self.fail_action(
+                action, ErrorCode.ENGINE_UNAVAILABLE, "engine unavailable: retry"
+            )
+
+    async def _time_out(self, action: ActionRequest, session: Session) -> None:
+        self._pending.pop((action.party_id, action.action_id), None)
+        if await self.backend.time_out_action(action.party_id, action.action_id, self.clock()):
+            self.metrics.errors.labels(ErrorCode.ACTION_TIMEOUT.value).inc()
+            session.send(self._action_error(action, ErrorCode.ACTION_TIMEOUT, "no result in time"))
+
+    def _action_error(self, action: ActionRequest, code: ErrorCode, text: str) -> bytes:
+        client_trace = action.envelope.get("trace_id")
+        return codec.encode(
+            messages.error(
+                code,
+                text,
+                now=self.clock(),
+                trace_id=client_trace if isinstance(client_trace, str) else None,
+                in_reply_type=t.ACTION_REQUEST,
+                action_id=action.action_id,
+            )
+        )
+
+    async def fail_action(self, action: ActionRequest, code: ErrorCode, text: str) -> None:
+        """An action ended without a result: free it, tell its character (on whichever node)."""
+        pending = self._pending.pop((action.party_id, action.action_id), None)
+        if pending is not None:
+            pending[0].cancel()
+        await self.backend.abandon_action(action.party_id, action.action_id)
+        self.metrics.errors.labels(code.value).inc()
+        data = self._action_error(action, code, text)
+        await self.backend.send_direct(action.party_id, action.character_id, data)
+
+    def _on_party_event(self, event: Event) -> None:
+        """Node-level reactions to a party event (after it was fanned out to the sessions)."""
+        if event.type == t.ACTION_RESULT:
+            pending = self._pending.pop((event.party_id, event.payload["action_id"]), None)
+            if pending is not None:
+                pending[0].cancel()
+                self.metrics.engine_latency.observe(max(0.0, self.clock() - pending[2]))
+        elif event.type == t.PARTY_LEAVE and event.payload.get("reason") == t.LEAVE_LEFT:
+            hub = self._hubs.get(event.party_id)
+            for session in hub.sessions_of(event.payload["character_id"]) if hub else ():
+                session.close(CloseCode.NORMAL, "left the party")
+
+    async def _receive_leave(self, session: Session, message: inbound.Inbound, now: float) -> None:
+        if message.payload["character_id"] != session.character_id:
+            raise ProtocolError(
+                ErrorCode.FORBIDDEN,
+                "a connection can only leave for its own character",
+                trace_id=message.client_trace_id,
+                type=t.PARTY_LEAVE,
+            )
+        event = await self.backend.leave(session.binding, now, message.trace_id)
+        if event is None:  # not a member (already left): just close this connection
+            session.close(CloseCode.NORMAL, "left the party")
+
+    async def _receive_vote(self, session: Session, message: inbound.Inbound) -> None:
+        # Votes are started by party_sync's vote service on an engine's request; until a vote is
+        # open in this party (vote.* cannot be published by engines), every ballot is for an
+        # unknown vote.
+        vote_id = message.payload["vote_id"]
+        snapshot = await self.backend.snapshot(session.party_id)
+        if snapshot.vote is None or snapshot.vote.get("vote_id") != vote_id:
+            raise ProtocolError(
+                ErrorCode.VOTE_UNKNOWN,
+                "there is no open vote with this id in your party",
+                vote_id=vote_id,
+                trace_id=message.client_trace_id,
+                type=t.VOTE_CAST,
+            )
+        raise ProtocolError(  # unreachable until the vote service exists (see above)
+            ErrorCode.VOTE_CLOSED,
+            "this vote does not accept ballots",
+            vote_id=vote_id,
+            trace_id=message.client_trace_id,
+            type=t.VOTE_CAST,
+        )

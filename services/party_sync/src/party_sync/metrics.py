@@ -1,0 +1,67 @@
+"""Prometheus metrics, one registry per server (so tests can run several servers in a process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self, node: str) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge(
+            "party_sync_connections", "Open WebSocket connections on this node", registry=r
+        )
+        self.parties = Gauge(
+            "party_sync_parties", "Parties with connections on this node", registry=r
+        )
+        self.messages_in = Counter(
+            "party_sync_messages_in_total",
+            "Client messages received, by type",
+            ["type"],
+            registry=r,
+        )
+        self.messages_out = Counter(
+            "party_sync_messages_out_total",
+            "Messages sent to clients (one per recipient), by type",
+            ["type"],
+            registry=r,
+        )
+        self.errors = Counter(
+            "party_sync_errors_total", "system.error sent, by code", ["code"], registry=r
+        )
+        self.handshakes_refused = Counter(
+            "party_sync_handshakes_refused_total",
+            "WebSocket handshakes refused, by HTTP status",
+            ["status"],
+            registry=r,
+        )
+        self.resumes = Counter(
+            "party_sync_resumes_total",
+            "Reconnects that asked to resume, by outcome (resumed / snapshot)",
+            ["outcome"],
+            registry=r,
+        )
+        self.closes = Counter(
+            "party_sync_closes_total",
+            "Connections closed by the server, by close code",
+            ["code"],
+            registry=r,
+        )
+        self.engine_latency = Histogram(
+            "party_sync_engine_latency_seconds",
+            "From an accepted action.request to its action.result on this node",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
+        self.settles = Counter(
+            "party_sync_presence_settles_total",
+            "Grace periods that ended, by outcome (left: party.leave sent; stayed: reconnected)",
+            ["outcome"],
+            registry=r,
+        )
+        self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
+        self.info.labels(node).set(1)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,97 @@
+"""Checking one client message, in the order that gives each kind of bad input its own code.
+
+size → JSON → shape → known type → client type → schema. Pure: no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import ErrorCode, ProtocolError
+from party_sync.protocol.schemas import Contracts, SchemaViolation
+
+_TRACE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+def _echo_id(value: Any) -> str | None:
+    """An id from a refused message, echoed in ``in_reply_to`` only if it is a well-formed id."""
+    return value if isinstance(value, str) and _ID.match(value) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    """A valid client message. ``trace_id`` is the client's, or one the server made for it."""
+
+    type: str
+    message: dict[str, Any]
+    payload: dict[str, Any]
+    trace_id: str
+    client_trace_id: str | None
+
+
+def byte_length(data: bytes | str, limit: int) -> int:
+    """The UTF-8 size of ``data``; exact whenever it could exceed ``limit``."""
+    if isinstance(data, bytes):
+        return len(data)
+    if len(data) * 4 <= limit:  # no UTF-8 character takes more than 4 bytes
+        return len(data)
+    return len(data.encode("utf-8", "surrogatepass"))
+
+
+def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
+    """Return the checked message or raise ``ProtocolError`` with the matching code."""
+    if byte_length(data, max_bytes) > max_bytes:
+        raise ProtocolError(
+            ErrorCode.MESSAGE_TOO_LARGE, f"message exceeds the {max_bytes}-byte limit"
+        )
+    try:
+        message = codec.decode(data)
+    except ValueError:
+        raise ProtocolError(ErrorCode.BAD_JSON, "message is not valid UTF-8 JSON") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a JSON object")
+    raw_trace = message.get("trace_id")
+    client_trace = raw_trace if isinstance(raw_trace, str) and _TRACE_ID.match(raw_trace) else None
+    type_ = message.get("type")
+    payload = message.get("payload")
+    if not isinstance(type_, str) or not isinstance(payload, dict):
+        raise ProtocolError(
+            ErrorCode.BAD_MESSAGE,
+            "message must have a string 'type' and an object 'payload'",
+            trace_id=client_trace,
+            type=type_ if isinstance(type_, str) else None,
+        )
+    shown_type = type_ if len(type_) <= 64 else None
+    if type_ not in t.ALL_TYPES:
+        raise ProtocolError(
+            ErrorCode.UNKNOWN_TYPE,
+            "unknown message type",
+            trace_id=client_trace,
+            type=shown_type,
+        )
+    if type_ not in t.CLIENT_TYPES:
+        raise ProtocolError(
+            ErrorCode.SERVER_ONLY_TYPE,
+            f"{type_} is sent by the server only",
+            trace_id=client_trace,
+            type=type_,
+        )
+    action_id = payload.get("action_id") if type_ == t.ACTION_REQUEST else None
+    vote_id = payload.get("vote_id") if type_ == t.VOTE_CAST else None
+    try:
+        contracts.validate(type_, message)
+    except SchemaViolation as exc:
+        raise ProtocolError(
+            ErrorCode.SCHEMA_VIOLATION,
+            f"{type_} does not match its schema: {exc}",
+            trace_id=client_trace,
+            type=type_,
+            action_id=_echo_id(action_id),
+            vote_id=_echo_id(vote_id),
+        ) from None
+    return Inbound(type_, message, payload, client_trace or codec.new_trace_id(), client_trace)

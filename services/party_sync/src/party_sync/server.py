@@ -1,0 +1,105 @@
+"""Assembling and running a server: contracts, backend, engine link, gateway, aiohttp app."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+from dataclasses import dataclass, replace
+
+from aiohttp import web
+
+from party_sync.auth import TokenVerifier
+from party_sync.backends.base import Backend
+from party_sync.backends.memory import BackendSettings, MemoryBackend
+from party_sync.config import Settings
+from party_sync.engine.inprocess import InProcessLink
+from party_sync.engine.interface import EngineLink
+from party_sync.engine.loader import load_engine
+from party_sync.gateway import Gateway
+from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.schemas import Contracts
+from party_sync.transport.http import RedactingAccessLogger, build_app
+
+log = logging.getLogger("party_sync")
+
+
+@dataclass
+class Server:
+    settings: Settings
+    gateway: Gateway
+    app: web.Application
+    verifier: TokenVerifier
+
+
+def backend_settings(settings: Settings) -> BackendSettings:
+    return BackendSettings(
+        history_size=settings.history_size,
+        presence_ttl=settings.presence_ttl,
+        action_timeout=settings.action_timeout,
+        action_record_ttl=settings.action_record_ttl,
+    )
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.redis_url:
+        raise ConfigError("the Redis backend is not available in this version (see README)")
+    return MemoryBackend(backend_settings(settings))
+
+
+def with_dev_secret(settings: Settings) -> Settings:
+    """No secret configured: make a random one for this process (development only)."""
+    if settings.jwt_secret:
+        return settings
+    return replace(settings, jwt_secret=secrets.token_urlsafe(32))
+
+
+def build_server(
+    settings: Settings, *, link: EngineLink | None = None, backend: Backend | None = None
+) -> Server:
+    if not settings.jwt_secret:
+        raise ConfigError("build_server needs a JWT secret (see with_dev_secret)")
+    verifier = TokenVerifier(
+        [settings.jwt_secret, settings.jwt_previous_secret or ""], settings.jwt_algorithms
+    )
+    contracts = Contracts()
+    if link is None:
+        link = InProcessLink(load_engine(settings.engine))
+    gateway = Gateway(settings, backend or make_backend(settings), link, contracts)
+    return Server(settings, gateway, build_app(gateway, verifier), verifier)
+
+
+async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit."""
+    settings = server.settings
+    runner = web.AppRunner(
+        server.app,
+        access_log_class=RedactingAccessLogger,
+        shutdown_timeout=settings.shutdown_timeout,
+        handle_signals=False,
+    )
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    await site.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "party_sync serving",
+        extra={
+            "url": f"http://{settings.host}:{settings.port}",
+            "backend": server.gateway.backend.name,
+            "node": server.gateway.node_id,
+            "engine": settings.engine,
+        },
+    )
+    for line in on_ready or ():
+        print(line, flush=True)
+    await stop.wait()
+    log.info("party_sync shutting down")
+    started = time.monotonic()
+    await runner.cleanup()
+    log.info("party_sync stopped", extra={"seconds": round(time.monotonic() - started, 3)})

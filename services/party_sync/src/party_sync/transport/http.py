@@ -1,0 +1,125 @@
+"""The aiohttp application: ``/ws``, ``/healthz``, ``/readyz``, ``/metrics``."""
+
+from __future__ import annotations
+
+import logging
+from typing import Final
+
+from aiohttp import WSMsgType, web
+from aiohttp.abc import AbstractAccessLogger
+
+from party_sync.auth import TokenVerifier
+from party_sync.core.history import ResumePoint
+from party_sync.gateway import Gateway
+from party_sync.protocol.errors import AuthError
+from party_sync.transport.sink import WebSocketSink
+
+log = logging.getLogger(__name__)
+
+GATEWAY: Final = web.AppKey("gateway", Gateway)
+VERIFIER: Final = web.AppKey("verifier", TokenVerifier)
+
+
+class RedactingAccessLogger(AbstractAccessLogger):
+    """Access log without query strings: tokens passed as ``?token=`` never reach the logs."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        self.logger.info(
+            "%s %s %s",
+            request.method,
+            request.path,
+            response.status,
+            extra={"duration_ms": round(time * 1000, 2), "status": response.status},
+        )
+
+
+def _token(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    if header.lower().startswith("bearer "):
+        return header[7:].strip()
+    return request.query.get("token", "")
+
+
+def _resume_point(request: web.Request) -> ResumePoint | None:
+    epoch = request.query.get("epoch")
+    last_seq = request.query.get("last_seq")
+    if not epoch or last_seq is None or not last_seq.isdigit() or len(last_seq) > 18:
+        return None
+    return ResumePoint(epoch, int(last_seq))
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    gateway = request.app[GATEWAY]
+    settings = gateway.settings
+    origin = request.headers.get("Origin")
+    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
+        gateway.metrics.handshakes_refused.labels("403").inc()
+        raise web.HTTPForbidden(text="origin not allowed")
+    try:
+        claims = request.app[VERIFIER].verify(_token(request))
+    except AuthError as exc:
+        gateway.metrics.handshakes_refused.labels(str(exc.status)).inc()
+        log.info("handshake refused", extra={"reason": exc.reason, "status": exc.status})
+        raise web.HTTPUnauthorized(text=exc.reason) from None
+    ws = web.WebSocketResponse(
+        heartbeat=settings.heartbeat,
+        max_msg_size=settings.max_message_bytes * 4,  # between 1× and 4×: system.error, kept open
+        compress=False,  # no permessage-deflate: no decompression bombs, less CPU per frame
+        decode_text=False,
+        timeout=5.0,
+    )
+    await ws.prepare(request)
+    sink = WebSocketSink(ws, settings.send_queue_size)
+    session = await gateway.open(claims, sink, _resume_point(request))
+    try:
+        async for msg in ws:
+            if session.closed:
+                break
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                await gateway.receive(session, msg.data)
+            elif msg.type is WSMsgType.ERROR:
+                break
+    finally:
+        await gateway.close(session)
+        await sink.stop()
+    return ws
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    ready = await gateway.backend.ready() and not gateway.stopping
+    body = {"status": "ready" if ready else "not ready", "backend": gateway.backend.name}
+    return web.json_response(body, status=200 if ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[GATEWAY].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+
+
+def build_app(gateway: Gateway, verifier: TokenVerifier) -> web.Application:
+    app = web.Application()
+    app[GATEWAY] = gateway
+    app[VERIFIER] = verifier
+    app.router.add_get("/ws", websocket)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+
+    async def on_startup(app: web.Application) -> None:
+        await gateway.start()
+
+    async def on_shutdown(app: web.Application) -> None:
+        await gateway.drain()
+
+    async def on_cleanup(app: web.Application) -> None:
+        await gateway.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_shutdown.append(on_shutdown)
+    app.on_cleanup.append(on_cleanup)
+    return app

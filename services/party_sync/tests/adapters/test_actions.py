@@ -1,0 +1,162 @@
+"""Actions: idempotency by action_id, one in flight per character, timeouts, engine refusals."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.servers import serve_in_process, make_settings
+
+
+async def test_same_action_id_twice_in_flight_is_one_engine_call_and_one_broadcast() -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await a.expect("party.join")
+        await a.act("dup-1", "aria", "r1", trace_id="t-first")
+        await a.act("dup-1", "aria", "r1", trace_id="t-second")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "action_in_flight"
+        assert err["payload"]["in_reply_to"] == {
+            "trace_id": "t-second",
+            "type": "action.request",
+            "action_id": "dup-1",
+        }
+        assert err["payload"]["retryable"] is False
+        engine.gate.set()
+        first = await b.expect("action.result")
+        await b.expect("scene.update")
+        assert engine.count("dup-1") == 1
+        await a.expect("action.result")
+        await a.expect("scene.update")
+
+        # a repeat after completion: the original result, same seq and bytes, to the sender only
+        await a.act("dup-1", "aria", "r1")
+        again = await a.expect("action.result")
+        assert again == first
+        assert a.raw[-1] == b.raw[-2]
+        assert engine.count("dup-1") == 1
+        # borin got nothing more: the next thing he sees is the next real event
+        await a.act("next-1", "aria", "r1")
+        assert (await b.expect("action.result"))["payload"]["action_id"] == "next-1"
+        assert (await b.expect("scene.update"))["seq"] == first["seq"] + 3
+        await a.close()
+        await b.close()
+
+
+async def test_a_character_with_an_action_in_flight_cannot_send_another() -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("one", "aria", "r1")
+        await a.act("two", "aria", "r1")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "character_busy"
+        assert err["payload"]["retryable"] is True
+        assert [c.action_id for c in engine.calls] == ["one"]
+        engine.gate.set()
+        await a.expect("action.result")
+        await a.expect("scene.update")
+        await a.act("two", "aria", "r1")  # free again
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "two"
+        await a.close()
+
+
+async def test_other_characters_are_not_blocked_by_one_in_flight() -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await a.act("a1", "aria", "r1")
+        await b.act("b1", "borin", "r1")
+        async with asyncio.timeout(5):
+            while len(engine.calls) < 2:
+                await asyncio.sleep(0.01)  # condition: both actions reached the engine
+        engine.gate.set()
+        ids = {(await b.until("action.result"))["payload"]["action_id"] for _ in range(2)}
+        assert ids == {"a1", "b1"}
+        await a.close()
+        await b.close()
+
+
+async def test_no_result_in_time_frees_the_character_with_a_retryable_error() -> None:
+    engine = ScriptedEngine()
+    engine.mode = "silent"
+    async with serve_in_process(make_settings(action_timeout=0.2), engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("slow", "aria", "r1")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "action_timeout"
+        assert err["payload"]["retryable"] is True
+        assert err["payload"]["in_reply_to"]["action_id"] == "slow"
+        # the action itself stays in flight (it must never run twice) ...
+        await a.act("slow", "aria", "r1")
+        assert (await a.expect("system.error"))["payload"]["code"] == "action_in_flight"
+        # ... but the character may act again
+        engine.mode = "answer"
+        await a.act("fast", "aria", "r1")
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "fast"
+        assert engine.count("slow") == 1
+        await a.close()
+
+
+async def test_engine_rejection_reaches_the_actor_and_frees_the_action() -> None:
+    engine = ScriptedEngine()
+    engine.mode = "reject"
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("bad", "aria", "r1", action_type="choice", payload={"option": "Z"})
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "action_rejected"
+        assert err["payload"]["message"] == "that option is not open"
+        assert err["payload"]["in_reply_to"]["action_id"] == "bad"
+        engine.mode = "answer"
+        await a.act("bad", "aria", "r1", action_type="choice", payload={"option": "A"})
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "bad"
+        await a.close()
+
+
+async def test_engine_crash_is_a_retryable_engine_error_and_the_server_lives_on() -> None:
+    engine = ScriptedEngine()
+    engine.mode = "crash"
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("boom", "aria", "r1")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "engine_error"
+        assert err["payload"]["retryable"] is True
+        assert "RuntimeError" not in err["payload"]["message"]  # no internals
+        engine.mode = "answer"
+        await a.act("boom", "aria", "r1")  # the retry runs
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "boom"
+        await a.close()
+
+
+async def test_action_for_another_character_or_run_is_refused_and_never_forwarded() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("x", "borin", "r1")
+        assert (await a.expect("system.error"))["payload"]["code"] == "forbidden"
+        await a.act("y", "aria", "other-run")
+        assert (await a.expect("system.error"))["payload"]["code"] == "forbidden"
+        assert engine.calls == []
+        await a.act("z", "aria", "r1")
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "z"
+        await a.close()
+
+
+async def test_server_makes_a_trace_id_when_the_client_gives_none() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("no-trace", "aria", "r1")
+        result = await a.expect("action.result")
+        assert len(result["trace_id"]) == 32
+        assert engine.calls[0].trace_id == result["trace_id"]
+        assert engine.calls[0].envelope["trace_id"] == result["trace_id"]
+        await a.close()

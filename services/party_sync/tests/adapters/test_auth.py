@@ -1,0 +1,81 @@
+"""The handshake: tokens (401) and origins (403); nothing happens for a refused connection."""
+
+from __future__ import annotations
+
+import time
+
+import jwt
+
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.servers import SECRET, serve_in_process, make_settings, token
+
+
+def claims(**overrides: object) -> dict[str, object]:
+    now = int(time.time())
+    base: dict[str, object] = {
+        "sub": "u1",
+        "party_id": "p1",
+        "campaign_run_id": "r1",
+        "character_id": "aria",
+        "display_name": "Aria",
+        "aud": "party_sync",
+        "iat": now,
+        "exp": now + 60,
+    }
+    base.update(overrides)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+async def test_bad_tokens_are_refused_with_401_and_leave_no_trace() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv:
+        cases = {
+            "missing": {},
+            "expired": {"token": jwt.encode(claims(exp=int(time.time()) - 120), SECRET)},
+            "bad signature": {
+                "token": jwt.encode(claims(), "another-secret-0123456789abcdef012345")
+            },
+            "wrong audience": {"token": jwt.encode(claims(aud="someone-else"), SECRET)},
+            "no party": {"token": jwt.encode(claims(party_id=None), SECRET)},
+            "no exp": {"token": jwt.encode(claims(exp=None), SECRET)},
+            "alg none": {"token": jwt.encode(claims(), None, algorithm="none")},
+            "garbage": {"token": "not-a-jwt"},
+        }
+        for name, params in cases.items():
+            assert await srv.handshake_status(params) == 401, name
+        assert engine.joins == []
+        b, hello = await srv.join("borin")
+        assert hello["payload"]["members"] == [
+            {"character_id": "borin", "display_name": "Borin", "online": True}
+        ]
+        await b.close()
+
+
+async def test_bearer_header_is_accepted() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        ws = await srv.http.ws_connect(
+            srv.ws_url, headers={"Authorization": f"Bearer {token('aria')}"}
+        )
+        from ps_testkit.client import Client
+
+        client = Client(ws)
+        assert (await client.expect("system.hello"))["payload"]["you"] == "aria"
+        await client.close()
+
+
+async def test_previous_secret_still_verifies_during_rotation() -> None:
+    old = "old-secret-0123456789abcdef0123456789abcd"
+    settings = make_settings(jwt_previous_secret=old)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        client = await srv.connect("aria", token_value=token("aria", secret=old))
+        assert (await client.expect("system.hello"))["payload"]["you"] == "aria"
+        await client.close()
+
+
+async def test_origin_allowlist() -> None:
+    settings = make_settings(allowed_origins=("https://app.example",))
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        params = {"token": token("aria")}
+        assert await srv.handshake_status(params, headers={"Origin": "https://evil.example"}) == 403
+        assert await srv.handshake_status(params, headers={"Origin": "https://app.example"}) == 101
+        assert await srv.handshake_status(params) == 101  # non-browser clients send no Origin

@@ -1,0 +1,140 @@
+"""Presence over real connections: hello, joins once per character, grace, reconnect, leave."""
+
+from __future__ import annotations
+
+import asyncio
+
+from ps_testkit.client import Closed
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.servers import Running, serve_in_process, make_settings, token
+
+
+def settled(srv: Running, outcome: str) -> int:
+    assert srv.server is not None
+    for line in srv.server.gateway.metrics.render().decode().splitlines():
+        if line.startswith(f'party_sync_presence_settles_total{{outcome="{outcome}"}}'):
+            return int(float(line.split()[-1]))
+    return 0
+
+
+async def test_hello_reports_members_scene_and_stream_position() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        p = hello["payload"]
+        assert p["you"] == "aria" and p["party_id"] == "p1" and p["campaign_run_id"] == "r1"
+        assert p["members"] == [{"character_id": "aria", "display_name": "Aria", "online": True}]
+        assert p["seq"] == 1  # aria's own join is the party's first event
+        assert p["resumed"] is False and p["scene_number"] == 0 and p["scene"] is None
+        assert p["epoch"]
+        await a.close()
+
+
+async def test_second_tab_does_not_announce_a_second_join() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        b, _ = await srv.join("borin")
+        a1, _ = await srv.join("aria")
+        join = await b.expect("party.join")
+        assert join["payload"] == {"character_id": "aria", "display_name": "Aria"}
+        a2, hello2 = await srv.join("aria")  # a second tab
+        assert hello2["payload"]["seq"] == join["seq"]  # nothing was published for it
+        await a2.act("x1", "aria", "r1")
+        nxt = await b.expect("action.result")  # the very next event is the action, no join
+        assert nxt["seq"] == join["seq"] + 1
+        for c in (a1, a2, b):
+            await c.close()
+
+
+async def test_leave_after_grace_and_no_flap_on_quick_reconnect() -> None:
+    settings = make_settings(presence_grace=0.3)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        b, _ = await srv.join("borin")
+        a, _ = await srv.join("aria")
+        await b.expect("party.join")
+
+        await a.close()
+        a, hello = await srv.join("aria")  # back within the grace period
+        assert {m["character_id"]: m["online"] for m in hello["payload"]["members"]} == {
+            "borin": True,
+            "aria": True,
+        }
+        # wait until the grace timer has run and found aria connected again
+        async with asyncio.timeout(5):
+            while not settled(srv, "stayed"):
+                await asyncio.sleep(0.02)
+        await a.act("y1", "aria", "r1")
+        assert (await b.recv())["type"] == "action.result"  # no leave/join flapped in between
+        await b.expect("scene.update")
+
+        await a.close()
+        leave = await b.expect("party.leave")
+        assert leave["payload"] == {"character_id": "aria", "reason": "disconnected"}
+        a, hello = await srv.join("aria")
+        members = {m["character_id"]: m["online"] for m in hello["payload"]["members"]}
+        assert members == {"borin": True, "aria": True}
+        assert (await b.expect("party.join"))["payload"]["character_id"] == "aria"
+        await a.close()
+        await b.close()
+
+
+async def test_reconnect_gets_hello_with_current_scene_and_members() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await a.act("s1", "aria", "r1")
+        await b.until("scene.update")
+        await a.act("s2", "aria", "r1")
+        scene = await b.until("scene.update")
+        await b.close()
+        b, hello = await srv.join("borin")
+        p = hello["payload"]
+        assert p["scene_number"] == 2 == scene["payload"]["scene_number"]
+        assert p["scene"] == scene["payload"]
+        assert p["seq"] == scene["seq"]
+        assert {m["character_id"] for m in p["members"]} == {"aria", "borin"}
+        await a.close()
+        await b.close()
+
+
+async def test_voluntary_leave_closes_every_tab_and_tells_the_party() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        b, _ = await srv.join("borin")
+        a1, _ = await srv.join("aria")
+        a2, _ = await srv.join("aria")
+        await b.expect("party.join")
+        await a1.send({"type": "party.leave", "payload": {"character_id": "aria"}})
+        leave = await b.expect("party.leave")
+        assert leave["payload"] == {"character_id": "aria", "reason": "left"}
+        assert await a1.closed() == 1000
+        assert await a2.closed() == 1000
+        _, hello = await srv.join("borin")
+        assert [m["character_id"] for m in hello["payload"]["members"]] == ["borin"]
+        await b.close()
+
+
+async def test_leave_for_another_character_is_forbidden() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        await a.send(
+            {"type": "party.leave", "payload": {"character_id": "borin"}, "trace_id": "t9"}
+        )
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "forbidden"
+        assert err["payload"]["in_reply_to"] == {"trace_id": "t9", "type": "party.leave"}
+        await a.act("ok", "aria", "r1")
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "ok"
+        await a.close()
+
+
+async def test_token_expiry_on_an_open_connection_closes_with_4001() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        client, _ = await srv.join("aria")
+        short = await srv.connect("short", token_value=token("short", ttl=1))
+        await short.expect("system.hello")
+        err = await short.until("system.error", timeout=5)
+        assert err["payload"]["code"] == "token_expired"
+        try:
+            code = await short.closed()
+        except Closed as exc:
+            code = exc.code
+        assert code == 4001
+        await client.close()

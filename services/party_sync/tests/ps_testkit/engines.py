@@ -1,0 +1,74 @@
+"""A scriptable in-process engine for gateway tests (the reference engine is tested on its own)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Literal
+
+from party_sync.engine.interface import ActionRequest, EngineRejected, EventPublisher, JoinNotice
+
+Mode = Literal["answer", "reject", "crash", "silent"]
+
+
+class ScriptedEngine:
+    """Answers each action with ``action.result`` then ``scene.update`` (scene number + 1).
+
+    ``gate``: when set to an unset Event, actions wait on it (to hold them in flight).
+    ``mode``: answer normally, reject, crash, or stay silent (never answer).
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[ActionRequest] = []
+        self.joins: list[JoinNotice] = []
+        self.gate: asyncio.Event | None = None
+        self.mode: Mode = "answer"
+        self.scene_number = 0
+        self.publisher: EventPublisher | None = None
+        self.closed = False
+
+    async def start(self, publisher: EventPublisher) -> None:
+        self.publisher = publisher
+
+    async def handle_join(self, notice: JoinNotice) -> None:
+        self.joins.append(notice)
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        self.calls.append(action)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.mode == "reject":
+            raise EngineRejected("that option is not open")
+        if self.mode == "crash":
+            raise RuntimeError("engine bug")
+        if self.mode == "silent":
+            return
+        assert self.publisher is not None
+        self.scene_number += 1
+        result: dict[str, Any] = {
+            "action_id": action.action_id,
+            "character_id": action.character_id,
+            "action_type": action.action_type,
+            "outcome": "success",
+            "state": {"hp": 10, "max_hp": 10, "effects": [], "scene_flags": {}},
+            "narration": "It works.",
+        }
+        await self.publisher.publish(
+            action.party_id, "action.result", result, trace_id=action.trace_id
+        )
+        scene = {
+            "scene_number": self.scene_number,
+            "scene_id": f"scene-{self.scene_number}",
+            "title": f"Scene {self.scene_number}",
+            "narration": "The story goes on.",
+            "options": [{"id": "A", "label": "Go on"}],
+            "kind": "story",
+        }
+        await self.publisher.publish(
+            action.party_id, "scene.update", scene, trace_id=action.trace_id
+        )
+
+    def count(self, action_id: str) -> int:
+        return sum(1 for call in self.calls if call.action_id == action_id)
+
+    async def close(self) -> None:
+        self.closed = True

@@ -1,0 +1,181 @@
+"""Servers for tests: in-process on a real loopback port, or as a real ``party-sync`` process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from party_sync.auth import issue_token
+from party_sync.backends.base import Backend
+from party_sync.config import Settings
+from party_sync.engine.inprocess import InProcessLink
+from party_sync.engine.interface import Engine
+from party_sync.server import Server, build_server
+from ps_testkit.client import Client
+
+SECRET = "test-secret-0123456789abcdef0123456789abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def token(
+    character: str,
+    *,
+    party: str = "p1",
+    run: str = "r1",
+    name: str | None = None,
+    ttl: float = 3600.0,
+    secret: str = SECRET,
+) -> str:
+    return issue_token(
+        secret,
+        party_id=party,
+        campaign_run_id=run,
+        character_id=character,
+        display_name=name or character.capitalize(),
+        now=time.time(),
+        ttl=ttl,
+    )
+
+
+@dataclass
+class Running:
+    base: str  # http://127.0.0.1:PORT
+    http: aiohttp.ClientSession
+    server: Server | None = None
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def ws_url(self) -> str:
+        return self.base.replace("http://", "ws://") + "/ws"
+
+    async def connect(
+        self,
+        character: str,
+        *,
+        party: str = "p1",
+        run: str = "r1",
+        epoch: str | None = None,
+        last_seq: int | None = None,
+        token_value: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Client:
+        params: dict[str, str] = {"token": token_value or token(character, party=party, run=run)}
+        if epoch is not None and last_seq is not None:
+            params.update(epoch=epoch, last_seq=str(last_seq))
+        ws = await self.http.ws_connect(self.ws_url, params=params, headers=headers)
+        return Client(ws)
+
+    async def join(self, character: str, **kwargs: Any) -> tuple[Client, dict[str, Any]]:
+        """Connect and read the ``system.hello``."""
+        client = await self.connect(character, **kwargs)
+        hello = await client.expect("system.hello")
+        return client, hello
+
+    async def handshake_status(self, params: Mapping[str, str], **kwargs: Any) -> int:
+        try:
+            ws = await self.http.ws_connect(self.ws_url, params=params, **kwargs)
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+        await ws.close()
+        return 101
+
+
+def make_settings(**overrides: Any) -> Settings:
+    base = Settings(jwt_secret=SECRET, presence_grace=0.2, log_level="WARNING")
+    return replace(base, **overrides)
+
+
+@contextlib.asynccontextmanager
+async def serve_in_process(
+    settings: Settings | None = None,
+    *,
+    engine: Engine | None = None,
+    backend: Backend | None = None,
+) -> AsyncIterator[Running]:
+    """The real app on a real loopback port, in this event loop."""
+    settings = settings or make_settings()
+    link = InProcessLink(engine) if engine is not None else None
+    server = build_server(settings, link=link, backend=backend)
+    runner = web.AppRunner(server.app, handle_signals=False, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    async with aiohttp.ClientSession() as http:
+        try:
+            yield Running(f"http://127.0.0.1:{port}", http, server=server)
+        finally:
+            await runner.cleanup()
+
+
+def party_sync_command() -> list[str]:
+    return [sys.executable, "-m", "party_sync"]
+
+
+@contextlib.asynccontextmanager
+async def serve_process(
+    args: list[str] | None = None, env: Mapping[str, str] | None = None
+) -> AsyncIterator[Running]:
+    """``party-sync serve`` as its own process; stopped with SIGTERM (then SIGKILL) at the end."""
+    port = free_port()
+    full_env = {
+        **os.environ,
+        "PARTY_SYNC_JWT_SECRET": SECRET,
+        "PARTY_SYNC_LOG_LEVEL": "WARNING",
+        **(env or {}),
+    }
+    proc = subprocess.Popen(
+        [*party_sync_command(), "serve", "--port", str(port), *(args or [])],
+        env=full_env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+    async with aiohttp.ClientSession() as http:
+        try:
+            await wait_healthy(http, base, proc)
+            yield Running(base, http, process=proc)
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    await asyncio.to_thread(proc.wait, 10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    await asyncio.to_thread(proc.wait)
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
+
+
+async def wait_healthy(
+    http: aiohttp.ClientSession, base: str, proc: subprocess.Popen[bytes], timeout: float = 20.0
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise AssertionError(f"server exited with {proc.returncode}: {err[-2000:]}")
+        with contextlib.suppress(aiohttp.ClientError):
+            async with http.get(base + "/healthz") as resp:
+                if resp.status == 200:
+                    return
+        await asyncio.sleep(0.05)  # polling for a condition (the process listening), bounded
+    raise AssertionError("server did not become healthy in time")
