@@ -19,6 +19,8 @@ from party_sync.protocol.errors import AuthError, ConfigError
 AUDIENCE: Final = "party_sync"
 MAX_LEEWAY: Final = 30.0
 REQUIRED_CLAIMS: Final = ("exp", "aud", "party_id", "campaign_run_id", "character_id")
+#: The actor of party-level actions (e.g. a vote's result); no character may be called that.
+PARTY_ACTOR: Final = "party"
 _HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
@@ -88,9 +90,11 @@ def _claims(payload: dict[str, Any]) -> Claims:
     ids = {}
     for name in ("party_id", "campaign_run_id", "character_id"):
         value = payload.get(name)
-        if not isinstance(value, str) or not _ID.match(value):
+        if not isinstance(value, str) or not _ID.fullmatch(value):
             raise AuthError(401, f"token claim {name!r} is not a valid id")
         ids[name] = value
+    if ids["character_id"] == PARTY_ACTOR:
+        raise AuthError(401, f"character_id {PARTY_ACTOR!r} is reserved for party-level actions")
     raw_name = payload.get("display_name")
     name = (
         raw_name if isinstance(raw_name, str) and 1 <= len(raw_name) <= 64 else ids["character_id"]

@@ -20,7 +20,7 @@ _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 def _echo_id(value: Any) -> str | None:
     """An id from a refused message, echoed in ``in_reply_to`` only if it is a well-formed id."""
-    return value if isinstance(value, str) and _ID.match(value) else None
+    return value if isinstance(value, str) and _ID.fullmatch(value) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +56,7 @@ def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a JSON object")
     raw_trace = message.get("trace_id")
-    client_trace = raw_trace if isinstance(raw_trace, str) and _TRACE_ID.match(raw_trace) else None
+    client_trace = raw_trace if isinstance(raw_trace, str) and _TRACE_ID.fullmatch(raw_trace) else None
     type_ = message.get("type")
     payload = message.get("payload")
     if not isinstance(type_, str) or not isinstance(payload, dict):
