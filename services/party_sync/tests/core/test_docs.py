@@ -1,0 +1,27 @@
+"""The README documents every setting, and the docs the contracts promise exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from party_sync import config
+
+ROOT = Path(__file__).resolve().parents[4]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(("flag", "env"), [(o[0], o[1]) for o in config.options()])
+def test_readme_documents_every_setting(flag: str, env: str) -> None:
+    assert f"`{flag}`" in README and f"`{env}`" in README
+
+
+def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
+    assert "make run" in README and "make test" in README
+    assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("doc", ["protocol.md", "architecture.md"])
+def test_docs_exist(doc: str) -> None:
+    assert (ROOT / "docs" / doc).stat().st_size > 1000

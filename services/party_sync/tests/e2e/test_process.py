@@ -1,0 +1,154 @@
+"""End to end against a real ``party-sync serve`` process, started the way a user starts it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from ps_testkit.client import Closed
+from ps_testkit.servers import SECRET, party_sync_command, serve_process
+
+pytestmark = pytest.mark.e2e
+
+
+async def test_seed_flow_against_a_real_process_with_the_reference_engine() -> None:
+    env = {"CAMPAIGN_ENGINE_SEED": "7"}
+    async with serve_process(env=env) as srv:
+        a, hello_a = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        opening = await b.until("scene.update")
+        assert opening["payload"]["scene_number"] == 1
+        option = opening["payload"]["options"][0]["id"]
+        await a.act("e2e-1", "aria", "r1", action_type="choice", payload={"option": option})
+        result = await b.until("action.result")
+        assert result["payload"]["action_id"] == "e2e-1"
+        assert result["payload"]["outcome"] in {"success", "failure", "partial"}
+        scene = await b.until("scene.update")
+        assert scene["seq"] > result["seq"]
+        await a.close()
+        await b.close()
+
+
+async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly() -> None:
+    async with serve_process() as srv:
+        a, _ = await srv.join("aria")
+        assert srv.process is not None
+        srv.process.send_signal(signal.SIGTERM)
+        try:
+            code = await a.closed(timeout=10)
+        except Closed as exc:
+            code = exc.code
+        assert code == 1001
+        returncode = await asyncio.to_thread(srv.process.wait, 15)
+        assert returncode == 0
+
+
+async def test_token_command_mints_a_token_the_server_accepts() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        *party_sync_command(),
+        "token",
+        "--party",
+        "p1",
+        "--run",
+        "r1",
+        "--character",
+        "cora",
+        "--name",
+        "Cora",
+        "--ttl",
+        "60",
+        env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    assert proc.returncode == 0
+    async with serve_process() as srv:
+        client = await srv.connect("cora", token_value=out.decode().strip())
+        hello = await client.expect("system.hello")
+        assert hello["payload"]["you"] == "cora"
+        assert hello["payload"]["members"][0]["display_name"] == "Cora"
+        await client.close()
+
+
+def test_token_command_without_a_secret_fails_clearly() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PARTY_SYNC_JWT_SECRET"}
+    proc = subprocess.run(
+        [
+            *party_sync_command(),
+            "token",
+            "--party",
+            "p",
+            "--run",
+            "r",
+            "--character",
+            "c",
+            "--name",
+            "C",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 2
+    assert "PARTY_SYNC_JWT_SECRET" in proc.stderr
+
+
+def test_a_bad_setting_is_a_clear_configuration_error() -> None:
+    proc = subprocess.run(
+        [*party_sync_command(), "serve", "--engine", "nonexistent_module:thing"],
+        env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    assert proc.returncode == 2
+    assert "configuration error" in proc.stderr and "nonexistent_module" in proc.stderr
+    assert sys.executable  # the same interpreter as the tests
+
+
+async def test_dev_mode_serve_prints_two_ready_urls_that_work() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "PARTY_SYNC_JWT_SECRET"}
+    from ps_testkit.servers import free_port
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *party_sync_command(),
+        "serve",
+        "--port",
+        str(port),
+        "--demo-tokens",
+        env={**env, "PARTY_SYNC_LOG_LEVEL": "WARNING"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        urls: list[str] = []
+        async with asyncio.timeout(20):
+            while len(urls) < 2:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "serve exited before printing its URLs"
+                if "ws://" in line:
+                    urls.append(line.split()[-1])
+        import aiohttp
+
+        from ps_testkit.client import Client
+
+        async with aiohttp.ClientSession() as http:
+            clients = [Client(await http.ws_connect(url)) for url in urls]
+            hellos = [await c.expect("system.hello") for c in clients]
+            assert {h["payload"]["you"] for h in hellos} == {"aria", "borin"}
+            assert len({h["payload"]["party_id"] for h in hellos}) == 1
+            for c in clients:
+                await c.close()
+        assert proc.stderr is not None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.wait()
