@@ -1,0 +1,250 @@
+"""``ReferenceEngine``: the reference Campaign Engine behind ``party_sync.engine.Engine``.
+
+It glues the pure game (``game.py``) to the outside world: a ``store.RunStore`` for run states and
+the L1 chronicle, and party_sync's ``EventPublisher`` for events. Per action:
+
+1. under the run's lock (actions of one run are applied one at a time, in arrival order), load
+   the run; an ``action_id`` already applied changes nothing and publishes nothing;
+2. parse the payload and apply the action to a *copy* of the state — a refusal
+   (``EngineRejected``) therefore leaves no trace;
+3. commit the new state, the L1 decision and the action's events (the *outbox*) in one store call,
+   *then* publish the events in order, dropping each from the outbox once published.
+
+Committing before publishing means a crash or a publish error can lose no decision and never
+applies one twice (party_sync redelivers with the same ``action_id``). If publishing failed, the
+unpublished rest is kept: a redelivery of that same action publishes it (and only it); the next
+*other* action first tries once more and otherwise drops it (logged), because its own
+``scene.update`` and ``party.state`` bring every client back to the current state anyway, and a
+stale event must never block the game.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import Mapping
+
+from party_sync.engine import ActionRequest, EngineRejected, EventPublisher, JoinNotice
+
+from campaign_engine.actions import PARTY_ACTOR, parse_action
+from campaign_engine.campaign import Campaign, builtin_campaign, load_campaign
+from campaign_engine.events import (
+    MAX_ACTION_NARRATION,
+    Event,
+    action_events,
+    clip,
+    opening_events,
+    party_state_if_changed,
+    scene_events,
+)
+from campaign_engine.game import Game
+from campaign_engine.state import OutboxEvent, RunState, changes
+from campaign_engine.store import Decision, InMemoryRunStore, RunStore
+
+log = logging.getLogger("campaign_engine")
+
+ENV_SEED = "CAMPAIGN_ENGINE_SEED"
+ENV_CAMPAIGN = "CAMPAIGN_ENGINE_CAMPAIGN"
+
+
+class ReferenceEngine:
+    """A small, real text-RPG engine: one campaign, any number of runs (one per party)."""
+
+    def __init__(
+        self,
+        campaign: Campaign | None = None,
+        *,
+        seed: int | None = None,
+        rng: random.Random | None = None,
+        store: RunStore | None = None,
+    ) -> None:
+        """``rng`` wins over ``seed``; with neither, dice come from a system-seeded generator."""
+        self.campaign = campaign or builtin_campaign()
+        self.rng = rng if rng is not None else random.Random(seed)
+        self.store: RunStore = store if store is not None else InMemoryRunStore()
+        self.game = Game(self.campaign, self.rng)
+        self._publisher: EventPublisher | None = None
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    # --- Engine protocol -------------------------------------------------------------------
+
+    async def start(self, publisher: EventPublisher) -> None:
+        self._publisher = publisher
+
+    async def close(self) -> None:
+        self._publisher = None
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        async with self._lock(action.campaign_run_id):
+            state = await self._load(action.campaign_run_id, action.party_id)
+            if action.action_id in state.applied:
+                if any(e.action_id == action.action_id for e in state.outbox):
+                    log.info(
+                        "republishing unsent events of %s",
+                        action.action_id,
+                        extra={"trace_id": action.trace_id},
+                    )
+                    await self._publish_outbox(state, action.party_id)
+                return
+            await self._settle_outbox(state, action.party_id)
+            work = state.copy()
+            events, decision = self._apply(work, action)  # may raise EngineRejected
+            work.outbox = [OutboxEvent(action.action_id, t, p, action.trace_id) for t, p in events]
+            await self.store.commit(work, [decision])
+            await self._publish_outbox(work, action.party_id)
+
+    async def handle_join(self, notice: JoinNotice) -> None:
+        """Start the run if needed and register the character; never restarts a run.
+
+        The first join publishes the opening scene; a new character's join re-states the scene
+        (and the fight) with their arrival, then ``party.state``; a repeated join publishes nothing.
+        """
+        async with self._lock(notice.campaign_run_id):
+            try:
+                state = await self._load(notice.campaign_run_id, notice.party_id)
+            except EngineRejected:
+                log.warning("ignoring a join to run %s from another party", notice.campaign_run_id)
+                return
+            await self._settle_outbox(state, notice.party_id)
+            work = state.copy()
+            started = self.game.start(work)
+            new = notice.character_id != PARTY_ACTOR and notice.character_id not in work.characters
+            changed = self.game.register(work, notice.character_id, notice.display_name)
+            events: list[Event] = []
+            if started:
+                events += opening_events(self.game, work)
+            elif new:  # everyone sees the newcomer arrive (and, in a fight, join the combatants)
+                name = work.character(notice.character_id).name
+                events += scene_events(self.game, work, f"{name} joins the party.")
+            events += party_state_if_changed(work)
+            if not events and not changed:
+                return
+            work.outbox = [OutboxEvent("", t, p, notice.trace_id) for t, p in events]
+            await self.store.commit(work)
+            await self._publish_outbox(work, notice.party_id)
+
+    # --- for the CLI, tests and the chronicles ---------------------------------------------
+
+    async def run_state(self, run_id: str) -> RunState | None:
+        return await self.store.load(run_id)
+
+    async def chronicle(self, run_id: str) -> list[Decision]:
+        """The run's L1 chronicle (one entry per applied action)."""
+        return await self.store.decisions(run_id)
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _lock(self, run_id: str) -> asyncio.Lock:
+        return self._locks.setdefault(run_id, asyncio.Lock())
+
+    async def _load(self, run_id: str, party_id: str) -> RunState:
+        state = await self.store.load(run_id)
+        if state is None:
+            return RunState(run_id=run_id, party_id=party_id)
+        if state.party_id != party_id:  # party_sync binds runs to parties; never mix two
+            raise EngineRejected("This campaign run belongs to another party.")
+        return state
+
+    def _apply(self, work: RunState, action: ActionRequest) -> tuple[list[Event], Decision]:
+        """Apply ``action`` to ``work`` (a copy of the stored state): its events, in order, and
+        its L1 entry. Raises ``EngineRejected`` for an invalid action (``work`` is then dropped)."""
+        parsed = parse_action(action.action_type, action.payload)
+        started = self.game.start(work)  # the join hint was lost: the first action starts it
+        if action.character_id != PARTY_ACTOR:
+            self.game.register(work, action.character_id)
+        events = opening_events(self.game, work) if started else []
+        before = work.copy()  # after the implicit start: the decision's changes are its own
+        applied = self.game.apply(work, action.character_id, parsed)
+        work.applied.add(action.action_id)
+        work.decisions += 1
+        log.info(
+            "applied %s %s by %s: %s",
+            action.action_type,
+            action.action_id,
+            action.character_id,
+            applied.outcome,
+            extra={"trace_id": action.trace_id},
+        )
+        events += action_events(
+            self.game,
+            work,
+            action_id=action.action_id,
+            actor_id=action.character_id,
+            action_type=action.action_type,
+            applied=applied,
+            was_in_combat=before.in_combat,
+        )
+        at = action.envelope.get("timestamp")
+        decision = Decision(
+            run_id=work.run_id,
+            seq=work.decisions,
+            action_id=action.action_id,
+            character_id=action.character_id,
+            action_type=action.action_type,
+            payload=dict(action.payload),
+            scene_id=before.scene_id,
+            scene_number=before.scene_number,
+            outcome=applied.outcome,
+            roll=applied.roll.to_payload() if applied.roll else None,
+            narration=clip(applied.narration, MAX_ACTION_NARRATION),
+            changes=changes(before, work),
+            trace_id=action.trace_id,
+            at=at if isinstance(at, str) else None,
+            extra={"rolled_by": applied.rolled_by} if applied.rolled_by else {},
+        )
+        return events, decision
+
+    async def _publish_outbox(self, state: RunState, party_id: str) -> None:
+        """Publish the outbox in order; commit what is left (nothing, unless publishing failed)."""
+        publisher = self._publisher
+        if publisher is None:
+            raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
+        try:
+            while state.outbox:
+                event = state.outbox[0]
+                await publisher.publish(
+                    party_id, event.type, event.payload, trace_id=event.trace_id
+                )
+                state.outbox.pop(0)
+                if event.type == "party.state":
+                    state.published_party_state = event.payload
+        finally:
+            await self.store.commit(state)
+
+    async def _settle_outbox(self, state: RunState, party_id: str) -> None:
+        """Before a new action: publish an earlier action's leftovers once, else drop them."""
+        if not state.outbox:
+            return
+        try:
+            await self._publish_outbox(state, party_id)
+        except Exception:
+            log.warning(
+                "dropping %d unpublished event(s) of an earlier action",
+                len(state.outbox),
+                exc_info=True,
+            )
+            state.outbox.clear()
+            await self.store.commit(state)
+
+
+def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
+    """The factory party_sync loads (``--engine campaign_engine:create_engine``, the default).
+
+    ``CAMPAIGN_ENGINE_SEED`` (an integer) makes the dice reproducible; ``CAMPAIGN_ENGINE_CAMPAIGN``
+    is the path of a campaign JSON file to play instead of the built-in "The Sunken Lantern".
+    """
+    env = os.environ if environ is None else environ
+    seed_text = env.get(ENV_SEED, "").strip()
+    try:
+        seed = int(seed_text) if seed_text else None
+    except ValueError:
+        raise ValueError(f"{ENV_SEED} must be an integer, got {seed_text!r}") from None
+    path = env.get(ENV_CAMPAIGN, "").strip()
+    campaign = load_campaign(path) if path else builtin_campaign()
+    log.info("campaign %r (%d scenes), seed %s", campaign.title, len(campaign.scenes), seed)
+    return ReferenceEngine(campaign, seed=seed)
+
+
+__all__ = ["ENV_CAMPAIGN", "ENV_SEED", "ReferenceEngine", "create_engine"]

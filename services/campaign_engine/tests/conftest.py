@@ -1,0 +1,185 @@
+"""Fixtures for the campaign_engine suite: a recording publisher that also checks every event.
+
+Every event an engine publishes in these tests is validated against the JSON Schemas in
+``contracts/jsonschema/party_sync/`` (protocol-v1; one schema per message type, whole messages,
+``$ref``s resolved through a registry of every file's ``$id``). If the schema files are not there,
+only that validation is skipped — ``test_event_schemas.py`` then reports a clear skip — and the
+behaviour tests still run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jsonschema_rs
+import pytest
+from campaign_engine.campaign import builtin_campaign, parse_campaign
+from campaign_engine.engine import ReferenceEngine
+from campaign_engine.testing import Published, RecordingPublisher, ScriptedRandom
+from party_sync.engine import ENGINE_EVENT_TYPES
+
+CONTRACTS_DIR = Path(__file__).resolve().parents[3] / "contracts" / "jsonschema" / "party_sync"
+#: What party_sync adds around a payload when it broadcasts an event.
+TIMESTAMP = "2026-11-25T21:04:05.123Z"
+
+EventCheck = Callable[[Published], None]
+
+
+class SchemaBook:
+    """Compiled validators for the four event types an engine publishes."""
+
+    def __init__(self, directory: Path) -> None:
+        documents: dict[str, dict[str, Any]] = {
+            path.stem: json.loads(path.read_text(encoding="utf-8"))
+            for path in sorted(directory.rglob("*.json"))
+        }
+        registry = jsonschema_rs.Registry(
+            [(doc["$id"], doc) for doc in documents.values() if "$id" in doc]
+        )
+        self.validators = {
+            name: jsonschema_rs.validator_for(documents[name], registry=registry)
+            for name in ENGINE_EVENT_TYPES
+        }
+
+    def check(self, event: Published) -> None:
+        """Validate ``event`` as the whole message clients receive; AssertionError if invalid."""
+        message = {
+            "type": event.type,
+            "timestamp": TIMESTAMP,
+            "trace_id": event.trace_id,
+            "seq": event.seq,
+            "payload": event.payload,
+        }
+        errors = [
+            f"/{'/'.join(map(str, error.instance_path))}: {error.message}"
+            for error in self.validators[event.type].iter_errors(message)
+        ]
+        assert not errors, f"{event.type} breaks its schema: {errors} in {event.payload}"
+
+
+def missing_schemas() -> list[str]:
+    """The schema files this suite needs but cannot find (empty: validation is on)."""
+    needed = [f"{name}.json" for name in sorted(ENGINE_EVENT_TYPES)] + ["common.json"]
+    return [name for name in needed if not (CONTRACTS_DIR / name).is_file()]
+
+
+@pytest.fixture(scope="session")
+def schema_check() -> EventCheck | None:
+    """Validates one published event against its schema, or None if the schemas are absent."""
+    if missing_schemas():
+        return None
+    return SchemaBook(CONTRACTS_DIR).check
+
+
+@pytest.fixture
+def live_check(schema_check: EventCheck | None) -> EventCheck:
+    """The schema check, or a skip that says why there is none."""
+    if schema_check is None:
+        pytest.skip(
+            f"schema validation skipped: {', '.join(missing_schemas())} not found in "
+            f"{CONTRACTS_DIR} (the protocol's JSON Schemas); the behaviour tests still ran"
+        )
+    return schema_check
+
+
+@pytest.fixture
+def publisher(schema_check: EventCheck | None) -> RecordingPublisher:
+    return RecordingPublisher(check=schema_check)
+
+
+@pytest.fixture
+async def engine(publisher: RecordingPublisher) -> ReferenceEngine:
+    """The built-in campaign with seeded dice, started with the recording publisher."""
+    engine = ReferenceEngine(builtin_campaign(), seed=7)
+    await engine.start(publisher)
+    return engine
+
+
+def arena() -> dict[str, Any]:
+    """A tiny campaign whose every die the tests script: a gate, a pit fight, two endings."""
+    return {
+        "id": "arena",
+        "title": "The Arena",
+        "start": "gate",
+        "character": {"max_hp": 20, "attack": 4, "defense": 12, "damage": "1d8+2"},
+        "scenes": [
+            {
+                "id": "gate",
+                "number": 1,
+                "title": "The Gate",
+                "kind": "story",
+                "difficulty": 12,
+                "narration": "A gate, a pit beyond it.",
+                "check": {"skill": "wits", "flag": "key", "success": "A key!"},
+                "options": [
+                    {"id": "enter", "label": "Enter the pit", "next": "pit"},
+                    {
+                        "id": "secret",
+                        "label": "Unlock the side door",
+                        "requires": "key",
+                        "next": "won",
+                    },
+                    {
+                        "id": "leap",
+                        "label": "Leap the wall",
+                        "check": {
+                            "skill": "agility",
+                            "difficulty": 10,
+                            "on_success": "pit",
+                            "on_partial": "pit",
+                            "on_failure": "gate",
+                            "harm_on_partial": 5,
+                            "harm_on_failure": 50,
+                        },
+                    },
+                ],
+            },
+            {
+                "id": "pit",
+                "number": 2,
+                "title": "The Pit",
+                "kind": "combat",
+                "difficulty": 12,
+                "narration": "A rat and an ogre.",
+                "enemies": [
+                    {
+                        "id": "rat",
+                        "name": "Rat",
+                        "hp": 3,
+                        "armor_class": 5,
+                        "attack": 0,
+                        "damage": "1d4",
+                    },
+                    {
+                        "id": "ogre",
+                        "name": "Ogre",
+                        "hp": 30,
+                        "armor_class": 15,
+                        "attack": 5,
+                        "damage": "1d10",
+                    },
+                ],
+                "options": [{"id": "run", "label": "Run for the gate", "next": "gate"}],
+                "on_victory": "won",
+                "on_defeat": "lost",
+            },
+            {"id": "won", "number": 3, "title": "Won", "kind": "ending", "narration": "Cheers."},
+            {"id": "lost", "number": 4, "title": "Lost", "kind": "ending", "narration": "Dust."},
+        ],
+    }
+
+
+@pytest.fixture
+def dice() -> ScriptedRandom:
+    return ScriptedRandom()
+
+
+@pytest.fixture
+async def arena_engine(publisher: RecordingPublisher, dice: ScriptedRandom) -> ReferenceEngine:
+    """The arena campaign with scripted dice (push the values each test needs)."""
+    engine = ReferenceEngine(parse_campaign(arena()), rng=dice)
+    await engine.start(publisher)
+    return engine
