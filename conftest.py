@@ -15,9 +15,8 @@ import pytest
 @pytest.fixture(autouse=True)
 def validate_outgoing(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     try:
-        from ps_testkit.client import check_server_message
-
         from party_sync.transport.sink import WebSocketSink
+        from ps_testkit.client import check_server_message
     except ImportError:  # the campaign_engine suite does not need it
         yield
         return

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.servers import serve_in_process, make_settings
+from ps_testkit.servers import make_settings, serve_in_process
 
 
 async def test_same_action_id_twice_in_flight_is_one_engine_call_and_one_broadcast() -> None:
@@ -73,9 +74,7 @@ async def test_other_characters_are_not_blocked_by_one_in_flight() -> None:
         b, _ = await srv.join("borin")
         await a.act("a1", "aria", "r1")
         await b.act("b1", "borin", "r1")
-        async with asyncio.timeout(5):
-            while len(engine.calls) < 2:
-                await asyncio.sleep(0.01)  # condition: both actions reached the engine
+        await wait_until(lambda: len(engine.calls) == 2)  # both reached the engine
         engine.gate.set()
         ids = {(await b.until("action.result"))["payload"]["action_id"] for _ in range(2)}
         assert ids == {"a1", "b1"}

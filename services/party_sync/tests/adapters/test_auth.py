@@ -5,9 +5,8 @@ from __future__ import annotations
 import time
 
 import jwt
-
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.servers import SECRET, serve_in_process, make_settings, token
+from ps_testkit.servers import SECRET, make_settings, serve_in_process, token
 
 
 def claims(**overrides: object) -> dict[str, object]:

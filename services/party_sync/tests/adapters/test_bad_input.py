@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import orjson
+from typing import Any
 
+import orjson
 from ps_testkit.client import Closed
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.servers import serve_in_process, make_settings
+from ps_testkit.servers import make_settings, serve_in_process
 
-VALID = {
+VALID: dict[str, Any] = {
     "type": "action.request",
     "payload": {
         "action_id": "ok-1",
@@ -36,7 +37,7 @@ async def test_each_kind_of_bad_input_gets_its_code_and_the_connection_stays_usa
             ('{"type": "system.hello", "payload": {}}', "server_only_type"),
             (
                 orjson.dumps(
-                    {**VALID, "payload": {**VALID["payload"], "action_type": "teleport"}}  # type: ignore[dict-item]
+                    {**VALID, "payload": {**VALID["payload"], "action_type": "teleport"}}
                 ).decode(),
                 "schema_violation",
             ),
@@ -62,7 +63,7 @@ async def test_schema_violation_names_the_field() -> None:
             **VALID,
             "trace_id": "tv-1",
             "payload": {**VALID["payload"], "action_id": "has space"},
-        }  # type: ignore[dict-item]
+        }
         await a.send(bad)
         err = await a.expect("system.error")
         assert err["payload"]["code"] == "schema_violation"

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
-
-from ps_testkit.client import Closed
+from ps_testkit.client import Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.servers import Running, serve_in_process, make_settings, token
+from ps_testkit.servers import Running, make_settings, serve_in_process, token
 
 
 def settled(srv: Running, outcome: str) -> int:
@@ -58,9 +56,7 @@ async def test_leave_after_grace_and_no_flap_on_quick_reconnect() -> None:
             "aria": True,
         }
         # wait until the grace timer has run and found aria connected again
-        async with asyncio.timeout(5):
-            while not settled(srv, "stayed"):
-                await asyncio.sleep(0.02)
+        await wait_until(lambda: settled(srv, "stayed") == 1)
         await a.act("y1", "aria", "r1")
         assert (await b.recv())["type"] == "action.result"  # no leave/join flapped in between
         await b.expect("scene.update")

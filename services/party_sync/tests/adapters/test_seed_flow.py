@@ -9,7 +9,7 @@ from ps_testkit.servers import serve_in_process
 async def test_two_clients_one_acts_the_other_sees_result_then_scene() -> None:
     engine = ScriptedEngine()
     async with serve_in_process(engine=engine) as srv:
-        a, hello_a = await srv.join("aria")
+        a, _ = await srv.join("aria")
         b, hello_b = await srv.join("borin")
         assert hello_b["payload"]["you"] == "borin"
         assert {m["character_id"] for m in hello_b["payload"]["members"]} == {"aria", "borin"}

@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from party_sync import config
 
 ROOT = Path(__file__).resolve().parents[4]

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from ps_testkit.client import Closed
 from ps_testkit.servers import SECRET, party_sync_command, serve_process
 
@@ -19,7 +18,7 @@ pytestmark = pytest.mark.e2e
 async def test_seed_flow_against_a_real_process_with_the_reference_engine() -> None:
     env = {"CAMPAIGN_ENGINE_SEED": "7"}
     async with serve_process(env=env) as srv:
-        a, hello_a = await srv.join("aria")
+        a, _ = await srv.join("aria")
         b, _ = await srv.join("borin")
         opening = await b.until("scene.update")
         assert opening["payload"]["scene_number"] == 1
@@ -138,7 +137,6 @@ async def test_dev_mode_serve_prints_two_ready_urls_that_work() -> None:
                 if "ws://" in line:
                     urls.append(line.split()[-1])
         import aiohttp
-
         from ps_testkit.client import Client
 
         async with aiohttp.ClientSession() as http:

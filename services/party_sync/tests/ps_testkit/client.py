@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 import orjson
-
 from party_sync.protocol import types as t
 from party_sync.protocol.schemas import Contracts
 
@@ -25,6 +25,17 @@ def check_server_message(message: Any) -> None:
     else:
         assert type_ in t.EVENT_TYPES, f"{type_} is not a server → client type"
         assert isinstance(message.get("seq"), int), f"event without seq: {message}"
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``condition()`` holds, checking every 10 ms; fail after ``timeout``.
+
+    For state with no event to await (a counter in another object, a metric); everything that
+    arrives on a socket is awaited directly instead.
+    """
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110 (a bounded poll of state with no event)
+            await asyncio.sleep(0.01)
 
 
 class Closed(Exception):

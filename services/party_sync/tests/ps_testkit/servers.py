@@ -16,13 +16,13 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-
 from party_sync.auth import issue_token
 from party_sync.backends.base import Backend
 from party_sync.config import Settings
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import Engine
 from party_sync.server import Server, build_server
+
 from ps_testkit.client import Client
 
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"

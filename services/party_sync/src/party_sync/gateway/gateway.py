@@ -116,7 +116,7 @@ class Gateway:
         task.add_done_callback(self._task_done)
 
     def _later(self, fn: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        """Timer callback: start ``fn(*args)`` now (the coroutine is made only if the timer fires)."""
+        """Timer callback: run ``fn(*args)`` (the coroutine is made only when the timer fires)."""
         if not self.stopping:
             self._spawn(fn(*args))
 

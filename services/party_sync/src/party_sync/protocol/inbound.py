@@ -56,7 +56,9 @@ def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a JSON object")
     raw_trace = message.get("trace_id")
-    client_trace = raw_trace if isinstance(raw_trace, str) and _TRACE_ID.fullmatch(raw_trace) else None
+    client_trace = (
+        raw_trace if isinstance(raw_trace, str) and _TRACE_ID.fullmatch(raw_trace) else None
+    )
     type_ = message.get("type")
     payload = message.get("payload")
     if not isinstance(type_, str) or not isinstance(payload, dict):
