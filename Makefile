@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 
-.PHONY: setup run test test-core lint lock bench clean
+.PHONY: setup run test test-core lint lock bench clean docs
 
 ## setup: create .venv at the repository root with the locked dependencies and both packages (editable)
 setup: $(STAMP)
@@ -44,3 +44,7 @@ lock:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts
+
+## docs: regenerate the generated parts of the docs (the README's settings table)
+docs: setup
+	$(BIN)/python scripts/settings_table.py README.md

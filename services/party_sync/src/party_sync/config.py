@@ -7,6 +7,7 @@ Precedence: command-line flag, then environment variable, then default.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -46,6 +47,20 @@ class Settings:
     )
     redis_url: str | None = _option(
         None, "Redis URL; unset = the embedded in-memory backend (one process)."
+    )
+    engine_url: str | None = _option(
+        None,
+        "POST each accepted action to this URL (an engine behind HTTP); takes precedence over "
+        "the Redis stream and the in-process engine.",
+    )
+    engine_http_timeout: float = _option(5.0, "Seconds one HTTP delivery to the engine may take.")
+    engine_http_retries: int = _option(
+        8, "Retries of an HTTP delivery after a connection error or a 5xx (backoff with jitter)."
+    )
+    api_key: str | None = _option(
+        None,
+        "Bearer key of the server API (/api/v1/...) used by engines and gateway_api; unset = "
+        "the API refuses every call (a random key is made in development mode).",
     )
     jwt_secret: str | None = _option(
         None, "HMAC secret for connection tokens; unset = a random development secret."
@@ -153,6 +168,20 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
 
 
 def validate(settings: Settings) -> None:
+    durations = (
+        "presence_grace",
+        "presence_ttl",
+        "action_timeout",
+        "action_record_ttl",
+        "heartbeat",
+        "rate_limit",
+        "rate_burst",
+        "shutdown_timeout",
+        "engine_http_timeout",
+    )
+    for name in durations:
+        if not math.isfinite(getattr(settings, name)):
+            raise ConfigError(f"{name} must be a finite number")
     checks: Sequence[tuple[bool, str]] = (
         (0 < settings.port < 65536, "port must be 1..65535"),
         (settings.max_message_bytes >= 1024, "max_message_bytes must be at least 1024"),
@@ -160,6 +189,10 @@ def validate(settings: Settings) -> None:
         (settings.presence_grace >= 0, "presence_grace must be >= 0"),
         (settings.presence_ttl > 0, "presence_ttl must be > 0"),
         (settings.action_timeout > 0, "action_timeout must be > 0"),
+        (settings.action_record_ttl > 0, "action_record_ttl must be > 0"),
+        (settings.shutdown_timeout >= 0, "shutdown_timeout must be >= 0"),
+        (settings.engine_http_timeout > 0, "engine_http_timeout must be > 0"),
+        (settings.engine_http_retries >= 0, "engine_http_retries must be >= 0"),
         (settings.history_size >= 1, "history_size must be >= 1"),
         (settings.max_replay >= 0, "max_replay must be >= 0"),
         (settings.heartbeat > 0, "heartbeat must be > 0"),

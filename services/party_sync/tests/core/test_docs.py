@@ -16,6 +16,18 @@ def test_readme_documents_every_setting(flag: str, env: str) -> None:
     assert f"`{flag}`" in README and f"`{env}`" in README
 
 
+def test_readme_settings_table_is_generated_from_config() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "settings_table", ROOT / "scripts/settings_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.render(README) == README, "README settings table is stale: run `make docs`"
+
+
 def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "make run" in README and "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

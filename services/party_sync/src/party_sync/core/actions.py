@@ -67,6 +67,9 @@ class ActionLedger:
 
     def complete(self, action_id: str, character_id: str, result: bytes, now: float) -> None:
         """The engine's ``action.result`` was published: keep it for repeats, free the character."""
+        existing = self._records.get(action_id)
+        if existing is not None and existing.result is not None:
+            return  # a second result for one action: the first one stands, untouched
         record = self._records.pop(action_id, None)
         if record is None:
             record = _Record(character_id, now, 0.0)
@@ -76,9 +79,13 @@ class ActionLedger:
         self._release(record.character_id, action_id)
 
     def abandon(self, action_id: str) -> None:
-        """The action was refused or could not be delivered: forget it so a retry may run."""
-        record = self._records.pop(action_id, None)
+        """The action was refused or could not be delivered: forget it so a retry may run.
+
+        A finished action is kept: it ran, so a resend must get its result, not a second run.
+        """
+        record = self._records.get(action_id)
         if record is not None and record.result is None:
+            del self._records[action_id]
             self._release(record.character_id, action_id)
 
     def time_out(self, action_id: str, now: float) -> bool:

@@ -1,0 +1,248 @@
+"""TokenVerifier / issue_token: RFC 8725-style checks of connection tokens.
+
+``TokenVerifier.verify`` takes no ``now``: PyJWT reads ``datetime.now``. The autouse fixture freezes
+that clock at ``NOW`` (in 2020, so a token that verifies at all proves the freeze took effect).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import datetime, tzinfo
+from typing import Any, Self
+
+import jwt
+import jwt.api_jwt
+import pytest
+from party_sync.auth import (
+    AUDIENCE,
+    MAX_LEEWAY,
+    PARTY_ACTOR,
+    Claims,
+    TokenVerifier,
+    issue_token,
+)
+from party_sync.protocol.errors import AuthError, ConfigError
+
+NOW = 1_600_000_000.0
+SECRET = "s" * 64  # 64 bytes: long enough for HS512 without PyJWT's key-length warning
+PREVIOUS = "p" * 64
+OTHER = "o" * 64
+
+
+class _FrozenDatetime(datetime):
+    @classmethod
+    def now(cls, tz: tzinfo | None = None) -> Self:
+        return cls.fromtimestamp(NOW, tz)
+
+
+@pytest.fixture(autouse=True)
+def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jwt.api_jwt, "datetime", _FrozenDatetime)
+
+
+def claims(**changes: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {
+        "sub": "character:aria",
+        "party_id": "party-1",
+        "campaign_run_id": "run-42",
+        "character_id": "aria",
+        "display_name": "Aria",
+        "aud": AUDIENCE,
+        "iat": int(NOW),
+        "exp": int(NOW) + 600,
+    }
+    base.update(changes)
+    return {k: v for k, v in base.items() if v is not None}
+
+
+def token(secret: str = SECRET, algorithm: str = "HS256", **changes: Any) -> str:
+    return jwt.encode(claims(**changes), secret, algorithm=algorithm)
+
+
+def refused(verifier: TokenVerifier, tok: str) -> AuthError:
+    with pytest.raises(AuthError) as info:
+        verifier.verify(tok)
+    assert info.value.status == 401
+    return info.value
+
+
+def b64(obj: dict[str, Any]) -> str:
+    raw = json.dumps(obj, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def test_an_issued_token_verifies_to_its_claims() -> None:
+    tok = issue_token(
+        SECRET,
+        party_id="party-1",
+        campaign_run_id="run-42",
+        character_id="aria",
+        display_name="Aria",
+        now=NOW,
+        ttl=120.0,
+    )
+    assert TokenVerifier([SECRET]).verify(tok) == Claims(
+        party_id="party-1",
+        campaign_run_id="run-42",
+        character_id="aria",
+        display_name="Aria",
+        exp=NOW + 120.0,
+        sub="character:aria",
+    )
+    decoded = jwt.decode(tok, SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    assert decoded["iat"] == int(NOW)
+    assert decoded["aud"] == AUDIENCE
+
+
+def test_issue_token_with_a_sub_and_another_algorithm() -> None:
+    tok = issue_token(
+        SECRET,
+        party_id="p",
+        campaign_run_id="r",
+        character_id="c",
+        display_name="C",
+        now=NOW,
+        sub="user:7",
+        algorithm="HS384",
+    )
+    assert jwt.get_unverified_header(tok)["alg"] == "HS384"
+    verified = TokenVerifier([SECRET], algorithms=["HS384"]).verify(tok)
+    assert verified.sub == "user:7"
+
+
+def test_a_missing_token() -> None:
+    assert refused(TokenVerifier([SECRET]), "").reason == "missing token"
+
+
+@pytest.mark.parametrize("tok", ["abc", "a.b.c", "x" * 300])
+def test_garbage_is_a_malformed_token(tok: str) -> None:
+    assert refused(TokenVerifier([SECRET]), tok).reason == "malformed token"
+
+
+@pytest.mark.parametrize("age", [MAX_LEEWAY, MAX_LEEWAY + 1, 3600.0])
+def test_a_token_expired_beyond_the_leeway_is_refused(age: float) -> None:
+    tok = token(exp=int(NOW - age), iat=int(NOW - age - 600))
+    assert refused(TokenVerifier([SECRET]), tok).reason == "token expired"
+
+
+@pytest.mark.parametrize("age", [1.0, MAX_LEEWAY - 1])
+def test_a_token_expired_within_the_leeway_is_accepted(age: float) -> None:
+    tok = token(exp=int(NOW - age), iat=int(NOW - 600))
+    assert TokenVerifier([SECRET]).verify(tok).exp == NOW - age
+
+
+def test_the_leeway_is_capped_at_30_seconds() -> None:
+    tok = token(exp=int(NOW - MAX_LEEWAY - 1), iat=int(NOW - 600))
+    assert refused(TokenVerifier([SECRET], leeway=3600.0), tok).reason == "token expired"
+    in_leeway = token(exp=int(NOW - 5), iat=int(NOW - 600))
+    assert refused(TokenVerifier([SECRET], leeway=0.0), in_leeway).reason == "token expired"
+
+
+def test_a_bad_signature_is_refused() -> None:
+    assert refused(TokenVerifier([SECRET]), token(OTHER)).reason == "bad token signature"
+    header, _, signature = token(SECRET).split(".")
+    forged = f"{header}.{b64(claims(character_id='borin'))}.{signature}"
+    assert refused(TokenVerifier([SECRET]), forged).reason == "bad token signature"
+
+
+@pytest.mark.parametrize("aud", ["other-service", ["other-service"]])
+def test_a_token_for_another_audience_is_refused(aud: str | list[str]) -> None:
+    error = refused(TokenVerifier([SECRET]), token(aud=aud))
+    assert error.reason == "token not addressed to party_sync"
+
+
+def test_an_audience_list_including_party_sync_is_accepted() -> None:
+    assert TokenVerifier([SECRET]).verify(token(aud=["billing", AUDIENCE])).character_id == "aria"
+
+
+@pytest.mark.parametrize("claim", ["exp", "aud", "party_id", "campaign_run_id", "character_id"])
+def test_a_token_missing_a_required_claim_is_refused(claim: str) -> None:
+    without: dict[str, Any] = {claim: None}
+    error = refused(TokenVerifier([SECRET]), token(**without))
+    assert error.reason == f"token lacks the {claim!r} claim"
+
+
+def test_an_alg_none_token_is_refused() -> None:
+    unsigned = f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims())}."
+    assert refused(TokenVerifier([SECRET]), unsigned).reason == "malformed token"
+    # ... whichever HMAC algorithms are configured
+    every_hmac = TokenVerifier([SECRET], algorithms=["HS256", "HS384", "HS512"])
+    assert refused(every_hmac, unsigned).reason == "malformed token"
+
+
+def test_a_token_signed_with_an_algorithm_not_configured_is_refused() -> None:
+    hs512 = token(algorithm="HS512")
+    assert refused(TokenVerifier([SECRET], algorithms=["HS256"]), hs512).reason == "malformed token"
+    # the same token is fine where HS512 is configured: only the algorithm made the difference
+    assert TokenVerifier([SECRET], algorithms=["HS512"]).verify(hs512).party_id == "party-1"
+
+
+def test_the_previous_secret_is_accepted_during_a_rotation() -> None:
+    rotated = TokenVerifier([SECRET, PREVIOUS])
+    assert rotated.verify(token(PREVIOUS)).character_id == "aria"
+    assert rotated.verify(token(SECRET)).character_id == "aria"
+    assert refused(rotated, token(OTHER)).reason == "bad token signature"
+    assert refused(TokenVerifier([SECRET]), token(PREVIOUS)).reason == "bad token signature"
+    # an unset previous secret (empty) is ignored
+    assert TokenVerifier([SECRET, ""]).verify(token(SECRET)).character_id == "aria"
+
+
+def test_an_expired_token_of_the_previous_secret_is_reported_as_expired() -> None:
+    old = token(PREVIOUS, exp=int(NOW - 3600), iat=int(NOW - 7200))
+    assert refused(TokenVerifier([SECRET, PREVIOUS]), old).reason == "token expired"
+
+
+@pytest.mark.parametrize("claim", ["party_id", "campaign_run_id", "character_id"])
+@pytest.mark.parametrize(
+    "value", ["has space", "a/b", "x" * 65, "", "ária", "aria\n", 42, ["aria"]]
+)
+def test_ids_with_bad_characters_are_refused(claim: str, value: Any) -> None:
+    error = refused(TokenVerifier([SECRET]), token(**{claim: value}))
+    assert error.reason == f"token claim {claim!r} is not a valid id"
+
+
+def test_the_party_actor_id_is_reserved() -> None:
+    error = refused(TokenVerifier([SECRET]), token(character_id=PARTY_ACTOR))
+    assert error.reason == "character_id 'party' is reserved for party-level actions"
+    # it is only reserved as a character
+    assert TokenVerifier([SECRET]).verify(token(party_id=PARTY_ACTOR)).party_id == PARTY_ACTOR
+
+
+def test_ids_may_use_the_whole_id_alphabet() -> None:
+    odd = "Az09._:-" + "x" * 56  # 64 characters
+    verified = TokenVerifier([SECRET]).verify(token(party_id=odd, character_id="c"))
+    assert (verified.party_id, verified.character_id) == (odd, "c")
+
+
+@pytest.mark.parametrize("name", [None, "", "x" * 65, 7])
+def test_a_missing_or_bad_display_name_falls_back_to_the_character_id(name: Any) -> None:
+    changes: dict[str, Any] = {"display_name": name}
+    assert TokenVerifier([SECRET]).verify(token(**changes)).display_name == "aria"
+
+
+def test_a_token_without_sub_has_none() -> None:
+    assert TokenVerifier([SECRET]).verify(token(sub=None)).sub is None
+
+
+def test_a_token_from_the_future_is_refused() -> None:
+    tok = token(iat=int(NOW + 3600), exp=int(NOW + 7200))
+    assert refused(TokenVerifier([SECRET]), tok).reason == "malformed token"
+
+
+@pytest.mark.parametrize(
+    ("secrets", "algorithms"),
+    [
+        ([], ["HS256"]),
+        ([""], ["HS256"]),
+        ([SECRET], []),
+        ([SECRET], ["none"]),
+        ([SECRET], ["RS256"]),
+        ([SECRET], ["HS256", "ES256"]),
+    ],
+)
+def test_an_unusable_configuration_is_a_config_error(
+    secrets: list[str], algorithms: list[str]
+) -> None:
+    with pytest.raises(ConfigError):
+        TokenVerifier(secrets, algorithms=algorithms)

@@ -1,0 +1,425 @@
+"""The pure protocol helpers: codec (seq splicing, timestamps, trace ids), inbound.parse, errors."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import (
+    BAD_INPUT,
+    RETRYABLE,
+    AuthError,
+    BackendUnavailable,
+    ConfigError,
+    ErrorCode,
+    InvalidEvent,
+    PartySyncError,
+    ProtocolError,
+)
+from party_sync.protocol.inbound import Inbound, byte_length, parse
+from party_sync.protocol.schemas import Contracts
+
+REPO_ROOT = Path(__file__).resolve().parents[4]
+SCHEMA_DIR = REPO_ROOT / "contracts" / "jsonschema" / "party_sync"
+MAX = 2048
+
+# The patterns of common.json, checked against what the codec produces.
+_COMMON = json.loads((SCHEMA_DIR / "common.json").read_text(encoding="utf-8"))["$defs"]
+TIMESTAMP = re.compile(_COMMON["timestamp"]["pattern"])
+TRACE_ID = re.compile(_COMMON["trace_id"]["pattern"])
+
+
+@cache
+def contracts() -> Contracts:
+    return Contracts(SCHEMA_DIR)
+
+
+json_scalars: st.SearchStrategy[Any] = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.text(max_size=12),
+)
+json_values: st.SearchStrategy[Any] = st.recursive(
+    json_scalars,
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=25,
+)
+
+
+# -- codec -------------------------------------------------------------------------------------
+
+
+def test_encode_is_compact_utf8_and_decode_reverses_it() -> None:
+    message = {"type": "x", "payload": {"name": "Åria ✓", "n": [1, 2.5, None, True]}}
+    data = codec.encode(message)
+    assert data == '{"type":"x","payload":{"name":"Åria ✓","n":[1,2.5,null,true]}}'.encode()
+    assert codec.decode(data) == message
+    assert codec.decode(data.decode()) == message
+
+
+@pytest.mark.parametrize("bad", [b"", b"{", b"\xff\xfe", b"{'a': 1}", b"[1,]", "\ud800"])
+def test_decode_raises_value_error_on_bad_json_or_bad_utf8(bad: bytes | str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 (the documented contract is "a ValueError")
+        codec.decode(bad)
+
+
+def test_with_seq_puts_seq_first() -> None:
+    assert codec.with_seq(b'{"type":"party.join"}', 12) == b'{"seq":12,"type":"party.join"}'
+    assert codec.with_seq(b"{}", 1) == b'{"seq":1}'
+    assert codec.decode(codec.with_seq(b"{}", 1)) == {"seq": 1}
+    assert codec.has_seq_prefix(codec.with_seq(b'{"a":1}', 3))
+    assert not codec.has_seq_prefix(b'{"a":1,"seq":3}')
+    assert not codec.has_seq_prefix(b'{ "seq":3}')
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    message=st.dictionaries(
+        st.text(max_size=8).filter(lambda k: k != "seq"), json_values, max_size=6
+    ),
+    seq=st.integers(min_value=0, max_value=2**53),
+)
+def test_with_seq_of_an_encoded_message_decodes_to_the_message_plus_seq(
+    message: dict[str, Any], seq: int
+) -> None:
+    spliced = codec.with_seq(codec.encode(message), seq)
+    decoded = codec.decode(spliced)
+    assert decoded == {"seq": seq, **message}
+    assert next(iter(decoded)) == "seq"
+    assert list(decoded)[1:] == list(message)  # the other members keep their order
+    assert codec.has_seq_prefix(spliced)
+
+
+@pytest.mark.parametrize(
+    ("ts", "text"),
+    [
+        (0.0, "1970-01-01T00:00:00.000Z"),
+        (1764104645.123, "2025-11-25T21:04:05.123Z"),
+        (1764104645.9999, "2025-11-25T21:04:05.999Z"),  # truncated, not rounded up
+        (1795640645.5, "2026-11-25T21:04:05.500Z"),
+    ],
+)
+def test_rfc3339(ts: float, text: str) -> None:
+    assert codec.rfc3339(ts) == text
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.floats(min_value=0.0, max_value=4_102_444_799.0))  # up to 2099-12-31
+def test_rfc3339_matches_the_schema_and_denotes_ts_to_the_millisecond(ts: float) -> None:
+    text = codec.rfc3339(ts)
+    assert TIMESTAMP.fullmatch(text), text
+    assert len(text) == len("2026-11-25T21:04:05.123Z")
+    back = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    assert back - 1e-5 <= ts < back + 0.001 + 1e-5
+
+
+def test_trace_ids_are_32_lowercase_hex_and_fresh() -> None:
+    ids = {codec.new_trace_id() for _ in range(100)}
+    assert len(ids) == 100
+    for trace_id in ids:
+        assert re.fullmatch(r"[0-9a-f]{32}", trace_id)
+        assert TRACE_ID.fullmatch(trace_id)
+
+
+def test_envelope_has_no_seq_and_keeps_a_given_trace_id() -> None:
+    env = codec.envelope(t.PARTY_JOIN, {"character_id": "aria"}, ts=0.0, trace_id="tr-1")
+    assert env == {
+        "type": t.PARTY_JOIN,
+        "timestamp": "1970-01-01T00:00:00.000Z",
+        "trace_id": "tr-1",
+        "payload": {"character_id": "aria"},
+    }
+    fresh = codec.envelope(t.HELLO, {}, ts=0.0)
+    assert re.fullmatch(r"[0-9a-f]{32}", fresh["trace_id"])
+    assert "seq" not in fresh
+
+
+# -- inbound.parse -----------------------------------------------------------------------------
+
+
+def action_request(**payload_changes: Any) -> dict[str, Any]:
+    payload: dict[str, Any] = {
+        "action_id": "act-1",
+        "character_id": "aria",
+        "campaign_run_id": "run-42",
+        "action_type": "choice",
+        "payload": {"option": "open-gate"},
+    }
+    payload.update(payload_changes)
+    return {"type": t.ACTION_REQUEST, "trace_id": "client-1", "payload": payload}
+
+
+def refusal(data: bytes | str, max_bytes: int = MAX) -> ProtocolError:
+    with pytest.raises(ProtocolError) as info:
+        parse(data, contracts(), max_bytes)
+    return info.value
+
+
+def dumps(message: Any) -> bytes:
+    return orjson.dumps(message)
+
+
+def outcome_of(data: bytes, max_bytes: int) -> Inbound | ProtocolError:
+    try:
+        return parse(data, contracts(), max_bytes)
+    except ProtocolError as exc:
+        return exc
+
+
+def test_a_valid_action_request() -> None:
+    message = action_request()
+    inbound = parse(dumps(message), contracts(), MAX)
+    assert inbound == Inbound(t.ACTION_REQUEST, message, message["payload"], "client-1", "client-1")
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        {"type": t.VOTE_CAST, "payload": {"vote_id": "v-3-1", "option": "open-gate"}},
+        {"type": t.PARTY_LEAVE, "payload": {"character_id": "aria"}},
+        {
+            "type": t.ACTION_REQUEST,
+            "timestamp": "2026-11-25T21:00:40.870Z",
+            "payload": action_request(action_type="combat", payload={})["payload"],
+        },
+    ],
+)
+def test_valid_client_messages_without_a_trace_id_get_a_server_one(message: dict[str, Any]) -> None:
+    inbound = parse(json.dumps(message), contracts(), MAX)  # str input works as well
+    assert inbound.type == message["type"]
+    assert inbound.payload == message["payload"]
+    assert inbound.client_trace_id is None
+    assert re.fullmatch(r"[0-9a-f]{32}", inbound.trace_id)
+
+
+def test_size_is_checked_first_and_the_limit_is_inclusive() -> None:
+    assert refusal(b"x" * (MAX + 1)).code is ErrorCode.MESSAGE_TOO_LARGE  # not bad_json
+    message = dumps(action_request())
+    padded = message[:-1] + b" " * (MAX - len(message)) + b"}"
+    assert len(padded) == MAX
+    assert parse(padded, contracts(), MAX).type == t.ACTION_REQUEST
+    assert refusal(padded, max_bytes=MAX - 1).code is ErrorCode.MESSAGE_TOO_LARGE
+
+
+def test_the_size_of_a_str_is_its_utf8_size() -> None:
+    text = '"' + "é" * 600 + '"'  # 602 characters, 1202 UTF-8 bytes
+    assert refusal(text, max_bytes=1201).code is ErrorCode.MESSAGE_TOO_LARGE
+    assert refusal(text, max_bytes=1202).code is ErrorCode.BAD_MESSAGE  # fits; not an object
+
+
+@pytest.mark.parametrize(
+    ("data", "limit", "size"),
+    [
+        (b"\xc3\xa9" * 10, 5, 20),
+        ("abc", 100, 3),
+        ("é" * 10, 100, 10),  # cannot exceed 100 bytes: the cheap count is enough
+        ("é" * 10, 30, 20),  # could exceed 30: exact
+        ("😀" * 10, 30, 40),
+        ("\ud800" * 10, 30, 30),  # a lone surrogate is measured, not an error
+    ],
+)
+def test_byte_length(data: bytes | str, limit: int, size: int) -> None:
+    assert byte_length(data, limit) == size
+
+
+@pytest.mark.parametrize("data", [b"", b"{", b'{"type": "vote.cast",}', b"\xff{}", "\ud800"])
+def test_bad_json(data: bytes | str) -> None:
+    error = refusal(data)
+    assert error.code is ErrorCode.BAD_JSON
+    assert error.trace_id is None and error.type is None
+
+
+@pytest.mark.parametrize("value", [[], "vote.cast", 1, None, True])
+def test_a_message_must_be_an_object(value: Any) -> None:
+    assert refusal(dumps(value)).code is ErrorCode.BAD_MESSAGE
+
+
+@pytest.mark.parametrize(
+    ("message", "shown_type"),
+    [
+        ({"payload": {}}, None),
+        ({"type": 7, "payload": {}}, None),
+        ({"type": "vote.cast"}, "vote.cast"),
+        ({"type": "vote.cast", "payload": []}, "vote.cast"),
+        ({"type": "no.such_type"}, "no.such_type"),  # shape is checked before the type
+    ],
+)
+def test_a_message_needs_a_string_type_and_an_object_payload(
+    message: dict[str, Any], shown_type: str | None
+) -> None:
+    error = refusal(dumps({**message, "trace_id": "tr-9"}))
+    assert error.code is ErrorCode.BAD_MESSAGE
+    assert error.type == shown_type
+    assert error.trace_id == "tr-9"
+
+
+def test_an_unknown_type() -> None:
+    error = refusal(dumps({"type": "party.dance", "trace_id": "tr-1", "payload": {"x": 1}}))
+    assert (error.code, error.type, error.trace_id) == (
+        ErrorCode.UNKNOWN_TYPE,
+        "party.dance",
+        "tr-1",
+    )
+    long_type = "x" * 65
+    error = refusal(dumps({"type": long_type, "payload": {}}))
+    assert error.code is ErrorCode.UNKNOWN_TYPE
+    assert error.type is None  # not echoed back: too long
+
+
+@pytest.mark.parametrize("type_", sorted(t.ALL_TYPES - t.CLIENT_TYPES))
+def test_server_only_types_are_refused_before_their_schema(type_: str) -> None:
+    error = refusal(dumps({"type": type_, "payload": {}}))
+    assert error.code is ErrorCode.SERVER_ONLY_TYPE
+    assert error.type == type_
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        action_request(action_type="dance"),
+        action_request(payload={}),  # a choice needs an option
+        action_request(extra=1),
+        {**action_request(), "seq": 3},  # clients send no seq
+        {**action_request(), "trace_id": "has spaces"},
+        {**action_request(), "timestamp": "2026-11-25 21:00:40"},
+        {"type": t.PARTY_LEAVE, "payload": {"character_id": "aria", "reason": "left"}},
+        {"type": t.VOTE_CAST, "payload": {"vote_id": "v1"}},
+    ],
+)
+def test_schema_violations(message: dict[str, Any]) -> None:
+    error = refusal(dumps(message))
+    assert error.code is ErrorCode.SCHEMA_VIOLATION
+    assert error.type == message["type"]
+    assert error.message.startswith(f"{message['type']} does not match its schema")
+
+
+def test_a_schema_violation_echoes_valid_looking_ids_and_trace_ids_only() -> None:
+    error = refusal(dumps(action_request(action_type="dance")))
+    assert (error.action_id, error.trace_id) == ("act-1", "client-1")
+
+    for bad_id in ("a" * 65, "has space", "act-1\n", ""):
+        error = refusal(dumps(action_request(action_id=bad_id)))
+        assert error.action_id is None, bad_id
+    error = refusal(dumps(action_request(action_id=17)))
+    assert error.action_id is None
+
+    vote = {"type": t.VOTE_CAST, "trace_id": "x" * 129, "payload": {"vote_id": "v1", "option": 3}}
+    error = refusal(dumps(vote))
+    assert (error.vote_id, error.action_id, error.trace_id) == ("v1", None, None)
+
+
+@pytest.mark.parametrize("trace_id", ["tr\n", "has space", "", "x" * 129, 7])
+def test_a_malformed_client_trace_id_is_never_echoed(trace_id: Any) -> None:
+    error = refusal(dumps({"type": "no.such_type", "trace_id": trace_id, "payload": {}}))
+    assert error.code is ErrorCode.UNKNOWN_TYPE
+    assert error.trace_id is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=64))
+def test_any_bytes_parse_or_are_refused_as_bad_input(data: bytes) -> None:
+    outcome = outcome_of(data, 48)
+    if isinstance(outcome, ProtocolError):
+        assert outcome.code in BAD_INPUT
+    else:
+        assert outcome.type in t.CLIENT_TYPES
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    type_=st.one_of(st.sampled_from(sorted(t.ALL_TYPES)), st.text(max_size=80)),
+    payload=json_values,
+    trace_id=st.one_of(st.none(), st.text(max_size=10), st.integers(-1000, 1000)),
+)
+def test_any_json_message_parses_or_gets_the_code_of_its_first_fault(
+    type_: str, payload: Any, trace_id: Any
+) -> None:
+    message: dict[str, Any] = {"type": type_, "payload": payload}
+    if trace_id is not None:
+        message["trace_id"] = trace_id
+    outcome = outcome_of(dumps(message), 1 << 20)
+    if isinstance(outcome, ProtocolError):
+        if not isinstance(payload, dict):
+            expected = ErrorCode.BAD_MESSAGE
+        elif type_ not in t.ALL_TYPES:
+            expected = ErrorCode.UNKNOWN_TYPE
+        elif type_ not in t.CLIENT_TYPES:
+            expected = ErrorCode.SERVER_ONLY_TYPE
+        else:
+            expected = ErrorCode.SCHEMA_VIOLATION
+        assert outcome.code is expected
+        assert outcome.trace_id == (
+            trace_id if isinstance(trace_id, str) and TRACE_ID.fullmatch(trace_id) else None
+        )
+    else:
+        assert type_ in t.CLIENT_TYPES
+        assert contracts().is_valid(type_, message)
+        assert outcome.payload == payload
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_error_codes_are_the_schemas() -> None:
+    assert [c.value for c in ErrorCode] == _COMMON["error_code"]["enum"]
+
+
+def test_retryable_and_bad_input_codes() -> None:
+    assert RETRYABLE.isdisjoint(BAD_INPUT)
+    assert ErrorCode.CHARACTER_BUSY in RETRYABLE
+    assert ErrorCode.ACTION_IN_FLIGHT not in RETRYABLE
+    assert ErrorCode.ACTION_REJECTED not in RETRYABLE
+    assert {
+        ErrorCode.BAD_JSON,
+        ErrorCode.BAD_MESSAGE,
+        ErrorCode.UNKNOWN_TYPE,
+        ErrorCode.SERVER_ONLY_TYPE,
+        ErrorCode.SCHEMA_VIOLATION,
+        ErrorCode.MESSAGE_TOO_LARGE,
+        ErrorCode.FORBIDDEN,
+    } == BAD_INPUT
+
+
+def test_protocol_error_carries_its_code_and_context() -> None:
+    error = ProtocolError(ErrorCode.RATE_LIMITED, "slow down", action_id="a1", type="vote.cast")
+    assert str(error) == "rate_limited: slow down"
+    assert error.retryable is True
+    assert (error.action_id, error.vote_id, error.trace_id, error.type) == (
+        "a1",
+        None,
+        None,
+        "vote.cast",
+    )
+    assert ProtocolError(ErrorCode.FORBIDDEN, "no").retryable is False
+
+
+def test_every_error_is_a_party_sync_error() -> None:
+    auth = AuthError(403, "origin not allowed")
+    assert (auth.status, auth.reason, str(auth)) == (
+        403,
+        "origin not allowed",
+        "origin not allowed",
+    )
+    assert InvalidEvent("bad").message == "bad"
+    for exc in (
+        ProtocolError(ErrorCode.BAD_JSON, "x"),
+        InvalidEvent("x"),
+        auth,
+        BackendUnavailable("x"),
+        ConfigError("x"),
+    ):
+        assert isinstance(exc, PartySyncError)

@@ -1,0 +1,154 @@
+"""config.load: flag > PARTY_SYNC_* environment variable > default; a bad value is a ConfigError."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+import pytest
+from party_sync.config import ENV_PREFIX, Settings, add_arguments, load, options, validate
+from party_sync.protocol.errors import ConfigError
+
+
+def parse_flags(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults() -> None:
+    settings = load(parse_flags(), env={})
+    assert settings == Settings()
+    assert (settings.host, settings.port, settings.redis_url) == ("127.0.0.1", 8080, None)
+    assert settings.jwt_algorithms == ("HS256",)
+    assert settings.allowed_origins == ()
+    assert settings.dev_mode is True
+    assert load(None, env={}) == Settings()
+
+
+def test_environment_variables_are_parsed_to_their_types() -> None:
+    env = {
+        "PARTY_SYNC_PORT": "9000",
+        "PARTY_SYNC_PRESENCE_GRACE": "2.5",
+        "PARTY_SYNC_REDIS_URL": "redis://localhost:6379/0",
+        "PARTY_SYNC_JWT_SECRET": "k" * 32,
+        "PARTY_SYNC_JWT_ALGORITHMS": " HS256 , HS512,, ",
+        "PARTY_SYNC_ALLOWED_ORIGINS": "https://a.example,https://b.example",
+        "PARTY_SYNC_LOG_FORMAT": "text",
+        "UNRELATED": "x",
+        "port": "1",  # not prefixed: ignored
+    }
+    settings = load(parse_flags(), env=env)
+    assert settings.port == 9000
+    assert settings.presence_grace == 2.5
+    assert settings.redis_url == "redis://localhost:6379/0"
+    assert settings.jwt_algorithms == ("HS256", "HS512")
+    assert settings.allowed_origins == ("https://a.example", "https://b.example")
+    assert settings.log_format == "text"
+    assert settings.dev_mode is False
+
+
+def test_a_flag_beats_the_environment_which_beats_the_default() -> None:
+    env = {
+        "PARTY_SYNC_PORT": "9000",
+        "PARTY_SYNC_HOST": "0.0.0.0",  # noqa: S104 (a value under test, nothing listens)
+        "PARTY_SYNC_HEARTBEAT": "5",
+        "PARTY_SYNC_ALLOWED_ORIGINS": "https://env.example",
+    }
+    flags = parse_flags("--port", "9100", "--allowed-origins", "https://flag.example")
+    settings = load(flags, env=env)
+    assert settings.port == 9100  # flag
+    assert settings.allowed_origins == ("https://flag.example",)  # flag
+    assert settings.host == "0.0.0.0"  # noqa: S104 (env)
+    assert settings.heartbeat == 5.0  # env
+    assert settings.max_replay == 300  # default
+
+
+def test_an_empty_flag_value_still_overrides_the_environment() -> None:
+    env = {"PARTY_SYNC_ALLOWED_ORIGINS": "https://env.example"}
+    assert load(parse_flags("--allowed-origins", ""), env=env).allowed_origins == ()
+
+
+def test_the_process_environment_is_the_default_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    for _, env_var, _, _ in options():
+        monkeypatch.delenv(env_var, raising=False)
+    monkeypatch.setenv("PARTY_SYNC_MAX_REPLAY", "12")
+    assert load().max_replay == 12
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("PORT", "eighty"),
+        ("PORT", ""),
+        ("PORT", "80.5"),
+        ("HISTORY_SIZE", "1e3"),
+        ("PRESENCE_TTL", "soon"),
+        ("RATE_BURST", "1,5"),
+    ],
+)
+def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
+    var: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=f"{ENV_PREFIX}{var}"):
+        load(parse_flags(), env={ENV_PREFIX + var: value})
+
+
+@pytest.mark.parametrize(
+    ("var", "value", "message"),
+    [
+        ("PORT", "0", "port"),
+        ("PORT", "65536", "port"),
+        ("MAX_MESSAGE_BYTES", "1023", "max_message_bytes"),
+        ("SEND_QUEUE_SIZE", "15", "send_queue_size"),
+        ("PRESENCE_GRACE", "-1", "presence_grace"),
+        ("PRESENCE_TTL", "0", "presence_ttl"),
+        ("PRESENCE_TTL", "nan", "presence_ttl"),
+        ("ACTION_TIMEOUT", "0", "action_timeout"),
+        ("HISTORY_SIZE", "0", "history_size"),
+        ("MAX_REPLAY", "-1", "max_replay"),
+        ("HEARTBEAT", "0", "heartbeat"),
+        ("RATE_LIMIT", "0", "rate limits"),
+        ("RATE_BURST", "0.5", "rate limits"),
+        ("LOG_FORMAT", "xml", "log_format"),
+    ],
+)
+def test_an_out_of_range_environment_value_is_a_config_error(
+    var: str, value: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(parse_flags(), env={ENV_PREFIX + var: value})
+
+
+def test_an_out_of_range_flag_value_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="port"):
+        load(parse_flags("--port", "0"), env={})
+
+
+def test_an_unparsable_flag_value_is_refused_by_the_argument_parser() -> None:
+    with pytest.raises(argparse.ArgumentError):
+        parse_flags("--port", "eighty")
+
+
+@pytest.mark.parametrize(
+    ("port", "ok"), [(1, True), (65535, True), (0, False), (65536, False), (-5, False)]
+)
+def test_validate_port_bounds(port: int, ok: bool) -> None:
+    if ok:
+        validate(Settings(port=port))
+    else:
+        with pytest.raises(ConfigError):
+            validate(Settings(port=port))
+
+
+def test_every_setting_has_a_flag_an_env_var_and_help() -> None:
+    rows = options()
+    assert len(rows) == len(fields(Settings))
+    for (flag, env_var, help_text, default), f in zip(rows, fields(Settings), strict=True):
+        assert flag == "--" + f.name.replace("_", "-")
+        assert env_var == "PARTY_SYNC_" + f.name.upper()
+        assert help_text.strip()
+        assert default == getattr(Settings(), f.name)
+    assert ("--jwt-previous-secret", "PARTY_SYNC_JWT_PREVIOUS_SECRET") in {
+        (flag, env_var) for flag, env_var, _, _ in rows
+    }

@@ -1,0 +1,120 @@
+"""TokenBucket and ConnectionLimits (time passed in)."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from party_sync.core.limits import ConnectionLimits, LimitPolicy, TokenBucket
+
+
+def takes(bucket: TokenBucket, now: float, n: int) -> int:
+    return sum(bucket.take(now) for _ in range(n))
+
+
+def test_a_bucket_starts_full_then_refuses() -> None:
+    bucket = TokenBucket(rate=2.0, burst=5.0)
+    assert takes(bucket, 100.0, 10) == 5
+    assert bucket.take(100.0) is False
+
+
+def test_a_bucket_refills_at_rate() -> None:
+    bucket = TokenBucket(rate=2.0, burst=5.0)
+    takes(bucket, 0.0, 5)
+    assert bucket.take(0.4) is False  # 0.8 token
+    assert bucket.take(0.5) is True  # 1.0 token
+    assert bucket.take(0.5) is False
+    assert takes(bucket, 2.0, 10) == 3  # 1.5 s later: 3 tokens
+
+
+def test_refill_is_capped_at_burst() -> None:
+    bucket = TokenBucket(rate=2.0, burst=5.0)
+    takes(bucket, 0.0, 5)
+    assert takes(bucket, 3600.0, 100) == 5
+
+
+def test_cost_is_spent_whole_or_not_at_all() -> None:
+    bucket = TokenBucket(rate=1.0, burst=3.0)
+    assert bucket.take(0.0, cost=2.0) is True
+    assert bucket.take(0.0, cost=2.0) is False  # 1 token left: nothing spent
+    assert bucket.take(0.0, cost=1.0) is True
+    assert bucket.take(0.0, cost=4.0) is False  # more than burst: never
+
+
+def test_a_clock_going_backwards_mints_no_tokens() -> None:
+    bucket = TokenBucket(rate=1.0, burst=2.0)
+    takes(bucket, 100.0, 2)
+    assert takes(bucket, 50.0, 5) == 0
+    assert takes(bucket, 51.0, 5) == 1  # refill resumes from the latest time seen
+
+
+def test_connection_limits_admit_at_the_message_rate() -> None:
+    limits = ConnectionLimits(LimitPolicy(messages_per_s=10.0, message_burst=3.0))
+    assert [limits.admit(0.0) for _ in range(4)] == [True, True, True, False]
+    assert limits.admit(0.1) is True
+
+
+def test_strikes_close_the_connection_after_the_strike_burst() -> None:
+    limits = ConnectionLimits(LimitPolicy(strikes_per_s=1.0, strike_burst=3.0))
+    assert [limits.strike(0.0) for _ in range(4)] == [False, False, False, True]
+    assert limits.strike(1.0) is False  # one strike forgiven per second
+    assert limits.strike(1.0) is True
+
+
+def test_strikes_and_messages_use_separate_buckets() -> None:
+    policy = LimitPolicy(messages_per_s=1.0, message_burst=2.0, strikes_per_s=1.0, strike_burst=2.0)
+    limits = ConnectionLimits(policy)
+    assert limits.strike(0.0) is False
+    assert limits.strike(0.0) is False
+    assert limits.admit(0.0) is True  # striking spent no message token
+    assert limits.admit(0.0) is True
+    assert limits.admit(0.0) is False
+    assert limits.strike(0.0) is True
+
+
+def test_default_policy() -> None:
+    limits = ConnectionLimits(LimitPolicy())
+    assert sum(limits.admit(0.0) for _ in range(100)) == 60
+    assert sum(not limits.strike(0.0) for _ in range(100)) == 20
+
+
+# -- properties --------------------------------------------------------------------------------
+
+rates = st.floats(min_value=0.1, max_value=100.0, allow_nan=False)
+bursts = st.floats(min_value=1.0, max_value=50.0, allow_nan=False)
+steps: st.SearchStrategy[list[float]] = st.lists(
+    st.one_of(st.just(0.0), st.floats(min_value=0.0, max_value=3.0, allow_nan=False)),
+    max_size=300,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(rate=rates, burst=bursts, start=st.floats(min_value=0.0, max_value=1e6), dts=steps)
+def test_never_more_than_burst_plus_rate_times_elapsed(
+    rate: float, burst: float, start: float, dts: list[float]
+) -> None:
+    bucket = TokenBucket(rate, burst)
+    now, admitted = start, 0
+    for dt in dts:
+        now += dt
+        admitted += bucket.take(now)
+        assert admitted <= burst + rate * (now - start) + 1e-6
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    rate=rates,
+    burst=bursts,
+    dts=st.lists(st.floats(min_value=1.0, max_value=5.0), max_size=100),
+)
+def test_calls_spaced_at_least_one_token_apart_are_all_admitted(
+    rate: float, burst: float, dts: list[float]
+) -> None:
+    bucket = TokenBucket(rate, burst)
+    admitted_at_start = takes(bucket, 0.0, math.floor(burst))
+    assert admitted_at_start == math.floor(burst)  # the bucket really starts full
+    now = 0.0
+    for dt in dts:
+        now += dt / rate * 1.0001  # a bit more than one token's worth of time
+        assert bucket.take(now) is True
