@@ -32,6 +32,25 @@ def _parser() -> argparse.ArgumentParser:
         help="print ready connection URLs for two demo characters of one party",
     )
 
+    host = commands.add_parser(
+        "engine-http",
+        help="host a Campaign Engine behind HTTP (the other end of PARTY_SYNC_ENGINE_URL)",
+    )
+    host.add_argument("engine", help="MODULE:ATTR of the engine (or a factory of one)")
+    host.add_argument("--host", default="127.0.0.1", help="interface (127.0.0.1)")
+    host.add_argument("--port", type=int, default=8090, help="port (8090)")
+    host.add_argument("--path", default="/actions", help="path party_sync POSTs to (/actions)")
+    host.add_argument(
+        "--party-sync-url",
+        default=os.environ.get("PARTY_SYNC_URL", "http://127.0.0.1:8080"),
+        help="party_sync's base URL for publishing events [env PARTY_SYNC_URL]",
+    )
+    host.add_argument(
+        "--api-key",
+        default=None,
+        help="party_sync's server API key [env PARTY_SYNC_API_KEY]",
+    )
+
     token = commands.add_parser("token", help="print a connection token for the configured secret")
     token.add_argument("--party", required=True, help="party_id claim")
     token.add_argument("--run", required=True, help="campaign_run_id claim")
@@ -85,8 +104,8 @@ def _serve(args: argparse.Namespace) -> int:
             )
             lines.append(f"  {name:6} {base}{token}")
         lines += [
-            "Connect with any WebSocket client, e.g.:",
-            "  python -m aiohttp ... or: websocat '<url>'  then send",
+            f"Server API key (development): {settings.api_key}",
+            "Connect with any WebSocket client (e.g. websocat '<url>') and send:",
             '  {"type":"action.request","payload":{"action_id":"a1","character_id":"aria",'
             '"campaign_run_id":"demo-run","action_type":"skill_check","payload":{}}}',
             "Health: /healthz  Readiness: /readyz  Metrics: /metrics  (Ctrl-C stops)",
@@ -116,10 +135,30 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_http(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from party_sync.engine.loader import load_engine
+
+    logs.configure(os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO"), "json")
+    api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
+    if not api_key:
+        raise ConfigError(
+            "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY)"
+        )
+    engine = load_engine(args.engine)
+    app = build_host_app(engine, ApiPublisher(args.party_sync_url, api_key), args.path)
+    print(f"engine {args.engine} on http://{args.host}:{args.port}{args.path}", flush=True)
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    commands = {"serve": _serve, "token": _token, "engine-http": _engine_http}
     try:
-        return _serve(args) if args.command == "serve" else _token(args)
+        return commands[args.command](args)
     except ConfigError as exc:
         print(f"party-sync: configuration error: {exc}", file=sys.stderr)
         return 2

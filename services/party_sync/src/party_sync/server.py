@@ -7,6 +7,7 @@ import logging
 import secrets
 import signal
 import time
+import uuid
 from dataclasses import dataclass, replace
 
 from aiohttp import web
@@ -14,11 +15,14 @@ from aiohttp import web
 from party_sync.auth import TokenVerifier
 from party_sync.backends.base import Backend
 from party_sync.backends.memory import BackendSettings, MemoryBackend
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.config import Settings
+from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import EngineLink
 from party_sync.engine.loader import load_engine
 from party_sync.gateway import Gateway
+from party_sync.metrics import Metrics
 from party_sync.protocol.errors import ConfigError
 from party_sync.protocol.schemas import Contracts
 from party_sync.transport.http import RedactingAccessLogger, build_app
@@ -40,20 +44,50 @@ def backend_settings(settings: Settings) -> BackendSettings:
         presence_ttl=settings.presence_ttl,
         action_timeout=settings.action_timeout,
         action_record_ttl=settings.action_record_ttl,
+        idle_party_ttl=settings.party_ttl,
     )
 
 
-def make_backend(settings: Settings) -> Backend:
+def make_backend(
+    settings: Settings, *, node_id: str | None = None, metrics: Metrics | None = None
+) -> Backend:
+    """The Redis backend when ``redis_url`` is set (docs/redis.md), else the embedded one."""
     if settings.redis_url:
-        raise ConfigError("the Redis backend is not available in this version (see README)")
+        options = RedisOptions(
+            url=settings.redis_url,
+            prefix=settings.redis_prefix,
+            probe_interval=settings.redis_probe_interval,
+            presence_grace=settings.presence_grace,
+        )
+        try:
+            return RedisBackend(
+                options, backend_settings(settings), node_id=node_id, metrics=metrics
+            )
+        except ValueError as exc:  # redis-py refuses a malformed URL
+            raise ConfigError(f"redis_url: {exc}") from None
     return MemoryBackend(backend_settings(settings))
+
+
+def make_link(settings: Settings) -> EngineLink:
+    """HTTP when ``engine_url`` is set (it takes precedence), else the in-process engine."""
+    if settings.engine_url:
+        return HttpEngineLink(
+            settings.engine_url,
+            timeout=settings.engine_http_timeout,
+            retries=settings.engine_http_retries,
+        )
+    return InProcessLink(load_engine(settings.engine))
 
 
 def with_dev_secret(settings: Settings) -> Settings:
     """No secret configured: make a random one for this process (development only)."""
     if settings.jwt_secret:
         return settings
-    return replace(settings, jwt_secret=secrets.token_urlsafe(32))
+    return replace(
+        settings,
+        jwt_secret=secrets.token_urlsafe(32),
+        api_key=settings.api_key or secrets.token_urlsafe(24),
+    )
 
 
 def build_server(
@@ -66,8 +100,12 @@ def build_server(
     )
     contracts = Contracts()
     if link is None:
-        link = InProcessLink(load_engine(settings.engine))
-    gateway = Gateway(settings, backend or make_backend(settings), link, contracts)
+        link = make_link(settings)
+    node_id = uuid.uuid4().hex[:12]
+    metrics = Metrics(node_id)
+    if backend is None:
+        backend = make_backend(settings, node_id=node_id, metrics=metrics)
+    gateway = Gateway(settings, backend, link, contracts, metrics=metrics, node_id=node_id)
     return Server(settings, gateway, build_app(gateway, verifier), verifier)
 
 

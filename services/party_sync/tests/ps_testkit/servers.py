@@ -131,10 +131,12 @@ def party_sync_command() -> list[str]:
 
 @contextlib.asynccontextmanager
 async def serve_process(
-    args: list[str] | None = None, env: Mapping[str, str] | None = None
+    args: list[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    port: int | None = None,
 ) -> AsyncIterator[Running]:
     """``party-sync serve`` as its own process; stopped with SIGTERM (then SIGKILL) at the end."""
-    port = free_port()
+    port = port or free_port()
     full_env = {
         **os.environ,
         "PARTY_SYNC_JWT_SECRET": SECRET,
@@ -142,7 +144,7 @@ async def serve_process(
         **(env or {}),
     }
     proc = subprocess.Popen(
-        [*party_sync_command(), "serve", "--port", str(port), *(args or [])],
+        [*party_sync_command(), "serve", *(args or []), "--port", str(port)],
         env=full_env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -103,6 +103,10 @@ class Backend(Protocol):
         """Deliver ``data`` to every connection of one character, on whichever node."""
         ...
 
+    async def run_parties(self, campaign_run_id: str) -> list[str]:
+        """The parties known to play ``campaign_run_id`` (recorded when their members connect)."""
+        ...
+
     async def snapshot(self, party_id: str) -> Snapshot: ...
 
     async def replay(

@@ -69,6 +69,7 @@ class MemoryBackend:
         self.settings = settings or BackendSettings()
         self._parties: dict[str, _Party] = {}
         self._run_listeners: dict[str, list[Callable[[bytes], None]]] = {}
+        self._runs: dict[str, set[str]] = {}  # campaign_run_id → party ids
 
     async def start(self) -> None:
         return None
@@ -142,6 +143,9 @@ class MemoryBackend:
             for listener in list(party.listeners):
                 listener.on_direct(character_id, data)
 
+    async def run_parties(self, campaign_run_id: str) -> list[str]:
+        return sorted(p for p in self._runs.get(campaign_run_id, ()) if p in self._parties)
+
     async def snapshot(self, party_id: str) -> Snapshot:
         party = self._party(party_id)
         p = party.projection
@@ -171,6 +175,7 @@ class MemoryBackend:
         self, binding: Binding, connection_id: str, now: float, trace_id: str
     ) -> Event | None:
         party = self._party(binding.party_id, now)
+        self._runs.setdefault(binding.campaign_run_id, set()).add(binding.party_id)
         party.presence.connect(binding.character_id, connection_id, now)
         party.last_active = now
         if party.projection.is_online(binding.character_id):
@@ -224,6 +229,8 @@ class MemoryBackend:
             idle = now - party.last_active > self.settings.idle_party_ttl
             if idle and not party.listeners and not party.presence.connection_count(now):
                 del self._parties[party_id]
+                for parties in self._runs.values():
+                    parties.discard(party_id)
         return events
 
     # -- actions ----------------------------------------------------------------------------

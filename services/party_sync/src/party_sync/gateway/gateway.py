@@ -125,6 +125,18 @@ class Gateway:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task failed", exc_info=task.exception())
 
+    async def publish_to_run(self, campaign_run_id: str, message: dict[str, Any]) -> dict[str, int]:
+        """Publish a checked event into the stream of every party of a run; ``{party: seq}``.
+
+        It is also sent on the run's channel (``run:<campaign_run_id>``) for other services.
+        """
+        seqs: dict[str, int] = {}
+        now = self.clock()
+        for party_id in await self.backend.run_parties(campaign_run_id):
+            seqs[party_id] = (await self.backend.publish(party_id, message, now)).seq
+        await self.backend.publish_run(campaign_run_id, message)
+        return seqs
+
     # -- connections ----------------------------------------------------------------------------
     async def open(self, claims: Claims, sink: Sink, resume: ResumePoint | None = None) -> Session:
         """Bind a new connection, announce it, and send its ``system.hello`` (and any replay)."""

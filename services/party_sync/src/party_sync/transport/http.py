@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from typing import Final
 
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
@@ -12,12 +11,11 @@ from party_sync.auth import TokenVerifier
 from party_sync.core.history import ResumePoint
 from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError
+from party_sync.transport import api, openapi
+from party_sync.transport.appkeys import GATEWAY, VERIFIER
 from party_sync.transport.sink import WebSocketSink
 
 log = logging.getLogger(__name__)
-
-GATEWAY: Final = web.AppKey("gateway", Gateway)
-VERIFIER: Final = web.AppKey("verifier", TokenVerifier)
 
 
 class RedactingAccessLogger(AbstractAccessLogger):
@@ -109,6 +107,13 @@ def build_app(gateway: Gateway, verifier: TokenVerifier) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    api.add_routes(app, gateway.settings.api_key)
+    spec = openapi.document(gateway.contracts)
+
+    async def openapi_json(request: web.Request) -> web.Response:
+        return web.json_response(spec)
+
+    app.router.add_get("/openapi.json", openapi_json)
 
     async def on_startup(app: web.Application) -> None:
         await gateway.start()

@@ -1,0 +1,121 @@
+"""The server API (``/api/v1``): how engines and gateway_api publish into parties.
+
+Every call is authenticated by ``Authorization: Bearer <PARTY_SYNC_API_KEY>``, compared in
+constant time and checked before anything else is read (a bad key → 401). Published events go
+through the same validated, sequenced path as in-process engines' events, so they are ordered,
+recorded in history and resumable like every other event.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any, Final
+
+from aiohttp import web
+
+from party_sync.engine.interface import ENGINE_EVENT_TYPES
+from party_sync.gateway import Gateway
+from party_sync.protocol import codec
+from party_sync.protocol.errors import BackendUnavailable, InvalidEvent
+from party_sync.transport.appkeys import API_KEY, GATEWAY
+
+log = logging.getLogger(__name__)
+
+MAX_BODY: Final = 256 * 1024
+
+
+def _problem(status: int, error: str, detail: str) -> web.Response:
+    return web.json_response({"error": error, "detail": detail}, status=status)
+
+
+def authorized(request: web.Request) -> bool:
+    """True if the request carries the configured API key (constant-time comparison)."""
+    expected = request.app.get(API_KEY, "")
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    # compare_digest on equal-type bytes; an unset key matches nothing.
+    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+
+
+async def _read_envelope(request: web.Request) -> dict[str, Any] | web.Response:
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _problem(413, "too_large", f"body exceeds {MAX_BODY} bytes")
+    body = await request.content.read(MAX_BODY + 1)
+    if len(body) > MAX_BODY:
+        return _problem(413, "too_large", f"body exceeds {MAX_BODY} bytes")
+    try:
+        message = codec.decode(body)
+    except ValueError:
+        return _problem(400, "bad_json", "body is not valid UTF-8 JSON")
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return _problem(422, "invalid_event", "body must be an envelope object with a type")
+    if "seq" in message:
+        return _problem(422, "invalid_event", "seq is allocated by party_sync; omit it")
+    payload = message.get("payload")
+    if not isinstance(payload, dict):
+        return _problem(422, "invalid_event", "payload must be an object")
+    return message
+
+
+def _build(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
+    timestamp = message.get("timestamp")
+    trace_id = message.get("trace_id")
+    unknown = set(message) - {"type", "timestamp", "trace_id", "payload"}
+    if unknown:
+        raise InvalidEvent(f"unknown envelope fields: {sorted(unknown)}")
+    return gateway.publisher.build(
+        message["type"],
+        message["payload"],
+        trace_id if isinstance(trace_id, str) else None,
+        allowed=ENGINE_EVENT_TYPES,
+        timestamp=timestamp if isinstance(timestamp, str) else None,
+    )
+
+
+async def publish_party_event(request: web.Request) -> web.Response:
+    if not authorized(request):
+        return _problem(401, "unauthorized", "missing or wrong API key")
+    gateway = request.app[GATEWAY]
+    party_id = request.match_info["party_id"]
+    parsed = await _read_envelope(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    try:
+        message = _build(gateway, parsed)
+        event = await gateway.backend.publish(party_id, message, gateway.clock())
+    except InvalidEvent as exc:
+        return _problem(422, "invalid_event", exc.message)
+    except BackendUnavailable:
+        return _problem(503, "backend_unavailable", "the backend is unreachable; retry")
+    log.info(
+        "event published via API",
+        extra={"trace_id": event.trace_id, "party_id": party_id, "seq": event.seq},
+    )
+    return web.json_response({"seq": event.seq}, status=202)
+
+
+async def publish_run_event(request: web.Request) -> web.Response:
+    """A run-wide event: sequenced into the stream of every party playing the run."""
+    if not authorized(request):
+        return _problem(401, "unauthorized", "missing or wrong API key")
+    gateway = request.app[GATEWAY]
+    run_id = request.match_info["campaign_run_id"]
+    parsed = await _read_envelope(request)
+    if isinstance(parsed, web.Response):
+        return parsed
+    try:
+        message = _build(gateway, parsed)
+        seqs = await gateway.publish_to_run(run_id, message)
+    except InvalidEvent as exc:
+        return _problem(422, "invalid_event", exc.message)
+    except BackendUnavailable:
+        return _problem(503, "backend_unavailable", "the backend is unreachable; retry")
+    return web.json_response({"parties": seqs}, status=202)
+
+
+def add_routes(app: web.Application, api_key: str | None) -> None:
+    if api_key:
+        app[API_KEY] = api_key
+    app.router.add_post("/api/v1/parties/{party_id}/events", publish_party_event)
+    app.router.add_post("/api/v1/runs/{campaign_run_id}/events", publish_run_event)

@@ -1,0 +1,14 @@
+"""Typed keys of what the aiohttp application carries."""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aiohttp import web
+
+from party_sync.auth import TokenVerifier
+from party_sync.gateway import Gateway
+
+GATEWAY: Final = web.AppKey("gateway", Gateway)
+VERIFIER: Final = web.AppKey("verifier", TokenVerifier)
+API_KEY: Final = web.AppKey("api_key", str)
