@@ -15,12 +15,11 @@ from typing import Any, Final
 import jwt
 
 from party_sync.protocol.errors import AuthError, ConfigError
+from party_sync.protocol.types import PARTY_ACTOR
 
 AUDIENCE: Final = "party_sync"
 MAX_LEEWAY: Final = 30.0
 REQUIRED_CLAIMS: Final = ("exp", "aud", "party_id", "campaign_run_id", "character_id")
-#: The actor of party-level actions (e.g. a vote's result); no character may be called that.
-PARTY_ACTOR: Final = "party"
 _HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 _ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 

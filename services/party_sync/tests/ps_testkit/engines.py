@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+from pathlib import Path
 from typing import Any, Literal
 
 from party_sync.engine.interface import ActionRequest, EngineRejected, EventPublisher, JoinNotice
@@ -49,7 +51,11 @@ class ScriptedEngine:
             "character_id": action.character_id,
             "action_type": action.action_type,
             "outcome": "success",
-            "state": {"hp": 10, "max_hp": 10, "effects": [], "scene_flags": {}},
+            "state": (
+                {"effects": [], "scene_flags": {}}  # a party-level action has no hit points
+                if action.character_id == "party"
+                else {"hp": 10, "max_hp": 10, "effects": [], "scene_flags": {}}
+            ),
             "narration": "It works.",
         }
         await self.publisher.publish(
@@ -72,3 +78,40 @@ class ScriptedEngine:
 
     async def close(self) -> None:
         self.closed = True
+
+
+class NodeEngine(ScriptedEngine):
+    """``ScriptedEngine`` for ``party-sync serve`` subprocesses (``--engine
+    ps_testkit.engines:node_engine``), observable from the test process through files.
+
+    Every call is appended to ``<dir>/calls-<pid>.log`` (so a test counts engine calls across
+    nodes). An action whose payload has ``"hold": true`` stays in flight until the test creates
+    ``<dir>/release-<action_id>``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        self.directory = directory
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        with (self.directory / f"calls-{os.getpid()}.log").open("a") as calls:
+            calls.write(action.action_id + "\n")
+        if action.payload.get("hold"):
+            release = self.directory / f"release-{action.action_id}"
+            async with asyncio.timeout(30):
+                while not release.exists():  # noqa: ASYNC110 (a file from another process)
+                    await asyncio.sleep(0.01)
+        await super().handle_action(action)
+
+
+def node_engine() -> NodeEngine:
+    """The factory ``--engine ps_testkit.engines:node_engine`` loads (needs ``PS_ENGINE_DIR``)."""
+    return NodeEngine(Path(os.environ["PS_ENGINE_DIR"]))
+
+
+def engine_calls(directory: Path) -> list[str]:
+    """Every action_id any node's ``NodeEngine`` was called with (in per-node order)."""
+    calls: list[str] = []
+    for log in sorted(directory.glob("calls-*.log")):
+        calls.extend(log.read_text().split())
+    return calls

@@ -13,12 +13,13 @@ Events reach a node's listeners in seq order with no gap: a backend that receive
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from party_sync.core.actions import Verdict
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
+from party_sync.core.votes import CastRefusal, VoteSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class Snapshot:
     combat: Mapping[str, Any] | None
     party_state: Mapping[str, Any] | None
     vote: Mapping[str, Any] | None
+    ballots: Mapping[str, str] = field(default_factory=dict)  # the open vote's: character → option
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +142,41 @@ class Backend(Protocol):
 
     async def expire(self, now: float) -> list[Event]:
         """Publish ``party.leave`` (expired) for characters whose connections all expired."""
+        ...
+
+    # -- votes ------------------------------------------------------------------------------
+    async def party_run(self, party_id: str) -> str | None:
+        """The campaign run a party plays (recorded when its members connect)."""
+        ...
+
+    async def start_vote(
+        self, party_id: str, spec: VoteSpec, campaign_run_id: str, now: float, trace_id: str
+    ) -> Event:
+        """Open a vote and publish ``vote.started``; ``VoteConflict`` if one is already open."""
+        ...
+
+    async def cast_vote(
+        self, party_id: str, character_id: str, vote_id: str, option: str, now: float, trace_id: str
+    ) -> tuple[CastRefusal | None, list[Event]]:
+        """Record a ballot: ``vote.update``, then ``vote.finished`` if every online member voted.
+
+        A refusal changes nothing and publishes nothing.
+        """
+        ...
+
+    async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
+        """At the deadline: publish ``vote.finished`` (timeout) unless it already finished.
+
+        Exactly one caller, on whichever node, gets the event; the others get None.
+        """
+        ...
+
+    async def due_votes(self, now: float) -> list[tuple[str, str]]:
+        """``(party_id, vote_id)`` of open votes past their deadline (a sweep's safety net)."""
+        ...
+
+    async def vote_run(self, party_id: str, vote_id: str) -> str | None:
+        """The campaign run a (finished) vote was started for."""
         ...
 
     # -- actions ----------------------------------------------------------------------------

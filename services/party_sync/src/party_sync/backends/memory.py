@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from party_sync.backends.base import Binding, PartyListener, Snapshot
+from party_sync.core import votes
 from party_sync.core.actions import ActionLedger, Verdict
 from party_sync.core.events import Event
 from party_sync.core.history import EventLog, ResumePoint
@@ -22,6 +23,7 @@ from party_sync.core.presence import Presence
 from party_sync.core.projection import Projection
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
+from party_sync.protocol.errors import VoteConflict
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +40,17 @@ class BackendSettings:
 
 
 class _Party:
-    __slots__ = ("last_active", "ledger", "listeners", "log", "party_id", "presence", "projection")
+    __slots__ = (
+        "last_active",
+        "ledger",
+        "listeners",
+        "log",
+        "party_id",
+        "presence",
+        "projection",
+        "run_id",
+        "vote",
+    )
 
     def __init__(self, party_id: str, settings: BackendSettings, now: float) -> None:
         self.party_id = party_id
@@ -48,6 +60,8 @@ class _Party:
         self.ledger = ActionLedger(settings.action_timeout, settings.action_record_ttl)
         self.listeners: list[PartyListener] = []
         self.last_active = now
+        self.run_id: str | None = None
+        self.vote: votes.Vote | None = None
 
 
 class _Subscription:
@@ -160,6 +174,7 @@ class MemoryBackend:
             combat=p.combat,
             party_state=p.party_state,
             vote=dict(p.vote) if p.vote is not None else None,
+            ballots=dict(party.vote.ballots) if party.vote and not party.vote.finished else {},
         )
 
     async def replay(
@@ -176,6 +191,7 @@ class MemoryBackend:
     ) -> Event | None:
         party = self._party(binding.party_id, now)
         self._runs.setdefault(binding.campaign_run_id, set()).add(binding.party_id)
+        party.run_id = binding.campaign_run_id
         party.presence.connect(binding.character_id, connection_id, now)
         party.last_active = now
         if party.projection.is_online(binding.character_id):
@@ -232,6 +248,75 @@ class MemoryBackend:
                 for parties in self._runs.values():
                     parties.discard(party_id)
         return events
+
+    # -- votes ------------------------------------------------------------------------------
+    async def party_run(self, party_id: str) -> str | None:
+        party = self._parties.get(party_id)
+        return party.run_id if party is not None else None
+
+    async def start_vote(
+        self, party_id: str, spec: votes.VoteSpec, campaign_run_id: str, now: float, trace_id: str
+    ) -> Event:
+        party = self._party(party_id, now)
+        if party.vote is not None and not party.vote.finished:
+            raise VoteConflict(f"party {party_id} already has an open vote")
+        if party.vote is not None and party.vote.vote_id == spec.vote_id:
+            raise VoteConflict(f"vote {spec.vote_id} already ran")
+        vote = votes.open_vote(spec, now, trace_id, campaign_run_id)
+        payload = votes.started_payload(vote, codec.rfc3339(vote.deadline))
+        event = self._publish(
+            party, codec.envelope(t.VOTE_STARTED, payload, ts=now, trace_id=trace_id), now
+        )
+        party.vote = vote
+        return event
+
+    async def cast_vote(
+        self, party_id: str, character_id: str, vote_id: str, option: str, now: float, trace_id: str
+    ) -> tuple[votes.CastRefusal | None, list[Event]]:
+        party = self._parties.get(party_id)
+        vote = party.vote if party is not None else None
+        refusal = votes.cast(vote, vote_id, character_id, option, now)
+        if refusal is not None or party is None or vote is None:
+            return refusal or votes.CastRefusal.UNKNOWN, []
+        online = [c for c, m in party.projection.members.items() if m.online]
+        update = votes.update_payload(vote, len(online))
+        events = [
+            self._publish(
+                party, codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id), now
+            )
+        ]
+        if votes.due(vote, online, now) == "all_voted":
+            events.append(self._finish(party, vote, "all_voted", now))
+        return None, events
+
+    def _finish(self, party: _Party, vote: votes.Vote, reason: str, now: float) -> Event:
+        outcome = votes.decide(vote, reason)
+        payload = votes.finished_payload(vote, outcome)
+        return self._publish(
+            party, codec.envelope(t.VOTE_FINISHED, payload, ts=now, trace_id=vote.trace_id), now
+        )
+
+    async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
+        party = self._parties.get(party_id)
+        vote = party.vote if party is not None else None
+        if party is None or vote is None or vote.vote_id != vote_id:
+            return None
+        if votes.due(vote, (), now) != "timeout":
+            return None
+        return self._finish(party, vote, "timeout", now)
+
+    async def due_votes(self, now: float) -> list[tuple[str, str]]:
+        return [
+            (party_id, party.vote.vote_id)
+            for party_id, party in self._parties.items()
+            if party.vote is not None and votes.due(party.vote, (), now) == "timeout"
+        ]
+
+    async def vote_run(self, party_id: str, vote_id: str) -> str | None:
+        party = self._parties.get(party_id)
+        if party is None or party.vote is None or party.vote.vote_id != vote_id:
+            return None
+        return party.vote.campaign_run_id or party.run_id
 
     # -- actions ----------------------------------------------------------------------------
     async def begin_action(

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -27,7 +27,7 @@ from party_sync.engine.interface import (
     JoinNotice,
 )
 from party_sync.protocol import types as t
-from party_sync.protocol.errors import BackendUnavailable, InvalidEvent
+from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
 from party_sync.protocol.schemas import Contracts, SchemaViolation
 
 log = logging.getLogger(__name__)
@@ -82,6 +82,43 @@ class ApiPublisher:
             if attempt < self._retries:
                 await asyncio.sleep(0.1 * 2**attempt)
         raise BackendUnavailable(f"could not publish {type} to party {party_id}")
+
+    async def start_vote(
+        self,
+        party_id: str,
+        question: str,
+        options: Sequence[Mapping[str, str]],
+        timeout_s: float,
+        *,
+        vote_id: str | None = None,
+        tie_rule: str = "first_listed",
+        default_option: str | None = None,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        assert self._http is not None, "open() first"
+        body: dict[str, Any] = {
+            "question": question,
+            "options": [dict(o) for o in options],
+            "timeout_s": timeout_s,
+            "tie_rule": tie_rule,
+        }
+        for key, value in (
+            ("vote_id", vote_id),
+            ("default_option", default_option),
+            ("campaign_run_id", campaign_run_id),
+            ("trace_id", trace_id),
+        ):
+            if value is not None:
+                body[key] = value
+        url = f"{self.base_url}/api/v1/parties/{party_id}/votes"
+        async with self._http.post(url, data=orjson.dumps(body), headers=self._headers) as resp:
+            answer = orjson.loads(await resp.read())
+            if resp.status == 201:
+                return answer  # type: ignore[no-any-return]
+            if resp.status == 409:
+                raise VoteConflict(answer.get("detail", "a vote is already open"))
+            raise InvalidEvent(f"vote refused ({resp.status}): {answer.get('detail')}")
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         # Over HTTP a refusal is the answer to the delivery itself (422).

@@ -12,7 +12,7 @@ party_sync makes no game decision: it delivers each accepted ``action.request`` 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -88,6 +88,28 @@ class EventPublisher(Protocol):
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         """Refuse ``action``: its sender gets ``system.error`` ``action_rejected``."""
+        ...
+
+    async def start_vote(
+        self,
+        party_id: str,
+        question: str,
+        options: Sequence[Mapping[str, str]],
+        timeout_s: float,
+        *,
+        vote_id: str | None = None,
+        tie_rule: str = "first_listed",
+        default_option: str | None = None,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        """Start a party vote; returns its ``vote.started`` payload (``vote_id``, ``deadline``).
+
+        party_sync runs it (ballots, tallies, deadline) and, when it finishes, submits the winner
+        to the engine as a ``choice`` action of character ``party`` with action_id
+        ``vote:<vote_id>``. Raises ``VoteConflict`` if the party already has an open vote, and
+        ``InvalidEvent`` for a malformed request.
+        """
         ...
 
 

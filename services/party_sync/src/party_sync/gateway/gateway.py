@@ -15,11 +15,13 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Coroutine
+from datetime import datetime
 from typing import Any
 
 from party_sync.auth import Claims
 from party_sync.backends.base import Backend, Binding
 from party_sync.config import Settings
+from party_sync.core import votes
 from party_sync.core.actions import Decision
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
@@ -37,6 +39,7 @@ from party_sync.protocol.errors import (
     BackendUnavailable,
     CloseCode,
     ErrorCode,
+    InvalidEvent,
     ProtocolError,
 )
 from party_sync.protocol.schemas import Contracts
@@ -69,6 +72,7 @@ class Gateway:
         self._hub_ready: dict[str, asyncio.Future[PartyHub]] = {}
         self._pending: dict[tuple[str, str], tuple[asyncio.TimerHandle, Session, float]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}  # session id → token expiry
+        self._vote_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._policy = LimitPolicy(settings.rate_limit, settings.rate_burst)
         self._limits = {
@@ -102,7 +106,7 @@ class Gateway:
         self.stopping = True
         for handle, _, _ in self._pending.values():
             handle.cancel()
-        for handle in self._timers.values():
+        for handle in [*self._timers.values(), *self._vote_timers.values()]:
             handle.cancel()
         for task in list(self._tasks):
             task.cancel()
@@ -172,7 +176,7 @@ class Gateway:
             snapshot,
             resumed_from=resumed_from,
             limits=self._limits,
-            your_vote=None,
+            your_vote=snapshot.ballots.get(binding.character_id),
             now=self.clock(),
         )
         session.send(codec.encode(hello))
@@ -274,6 +278,8 @@ class Gateway:
             try:
                 await self.backend.refresh([(s.binding, s.id) for s in self.sessions], now)
                 await self.backend.expire(now)
+                for party_id, vote_id in await self.backend.due_votes(now):
+                    await self._finish_vote(party_id, vote_id)  # a vote whose timers all died
             except BackendUnavailable:
                 log.warning("presence refresh skipped: backend unavailable")
 
@@ -426,6 +432,14 @@ class Gateway:
             if pending is not None:
                 pending[0].cancel()
                 self.metrics.engine_latency.observe(max(0.0, self.clock() - pending[2]))
+        elif event.type == t.VOTE_STARTED:
+            self._arm_vote_deadline(event)
+        elif event.type == t.VOTE_FINISHED:
+            timer = self._vote_timers.pop(
+                (event.party_id, "vote:" + event.payload["vote_id"]), None
+            )
+            if timer is not None:
+                timer.cancel()
         elif event.type == t.PARTY_LEAVE and event.payload.get("reason") == t.LEAVE_LEFT:
             hub = self._hubs.get(event.party_id)
             for session in hub.sessions_of(event.payload["character_id"]) if hub else ():
@@ -444,23 +458,111 @@ class Gateway:
             session.close(CloseCode.NORMAL, "left the party")
 
     async def _receive_vote(self, session: Session, message: inbound.Inbound) -> None:
-        # Votes are started by party_sync's vote service on an engine's request; until a vote is
-        # open in this party (vote.* cannot be published by engines), every ballot is for an
-        # unknown vote.
-        vote_id = message.payload["vote_id"]
-        snapshot = await self.backend.snapshot(session.party_id)
-        if snapshot.vote is None or snapshot.vote.get("vote_id") != vote_id:
+        vote_id, option = message.payload["vote_id"], message.payload["option"]
+        refusal, events = await self.backend.cast_vote(
+            session.party_id, session.character_id, vote_id, option, self.clock(), message.trace_id
+        )
+        if refusal is not None:
             raise ProtocolError(
-                ErrorCode.VOTE_UNKNOWN,
-                "there is no open vote with this id in your party",
+                ErrorCode(refusal.value),
+                _VOTE_REFUSALS[refusal],
                 vote_id=vote_id,
                 trace_id=message.client_trace_id,
                 type=t.VOTE_CAST,
             )
-        raise ProtocolError(  # unreachable until the vote service exists (see above)
-            ErrorCode.VOTE_CLOSED,
-            "this vote does not accept ballots",
-            vote_id=vote_id,
-            trace_id=message.client_trace_id,
-            type=t.VOTE_CAST,
+        for event in events:
+            if event.type == t.VOTE_FINISHED:
+                await self._apply_vote(event)
+
+    # -- votes ----------------------------------------------------------------------------------
+    async def start_vote(
+        self,
+        party_id: str,
+        spec: votes.VoteSpec,
+        *,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Event:
+        """Open a vote for a party (asked by its engine); raises ``VoteConflict``."""
+        run = campaign_run_id or await self.backend.party_run(party_id)
+        if run is None:
+            raise InvalidEvent(f"party {party_id} has no known campaign run: pass campaign_run_id")
+        return await self.backend.start_vote(
+            party_id, spec, run, self.clock(), trace_id or codec.new_trace_id()
         )
+
+    def _arm_vote_deadline(self, event: Event) -> None:
+        key = (event.party_id, "vote:" + event.payload["vote_id"])
+        if key in self._vote_timers:
+            return
+        deadline = datetime.fromisoformat(event.payload["deadline"]).timestamp()
+        delay = max(0.0, deadline - self.clock()) + 0.002  # just past it: the deadline is inclusive
+        self._vote_timers[key] = asyncio.get_running_loop().call_later(
+            delay, self._later, self._finish_vote, event.party_id, event.payload["vote_id"]
+        )
+
+    async def _finish_vote(self, party_id: str, vote_id: str) -> None:
+        self._vote_timers.pop((party_id, "vote:" + vote_id), None)
+        event = await self.backend.finish_vote(party_id, vote_id, self.clock())
+        if event is not None:  # this node won the finish: it applies the result
+            await self._apply_vote(event)
+
+    async def _apply_vote(self, finished: Event) -> None:
+        """Submit the winning option to the engine as the party's ``choice`` (once per vote)."""
+        applied = finished.payload["applied"]
+        vote_id = finished.payload["vote_id"]
+        run = await self.backend.vote_run(finished.party_id, vote_id)
+        if run is None:
+            log.error("finished vote without a run", extra={"trace_id": finished.trace_id})
+            return
+        payload = {
+            "action_id": applied["action_id"],
+            "character_id": t.PARTY_ACTOR,
+            "campaign_run_id": run,
+            "action_type": "choice",
+            "payload": {"option": applied["option"], "vote_id": vote_id},
+        }
+        now = self.clock()
+        envelope = {
+            "type": t.ACTION_REQUEST,
+            "timestamp": codec.rfc3339(now),
+            "trace_id": finished.trace_id,
+            "payload": payload,
+        }
+        verdict = await self.backend.begin_action(
+            finished.party_id, t.PARTY_ACTOR, applied["action_id"], now
+        )
+        if verdict.decision is not Decision.ACCEPT:
+            return  # already submitted (or done): never twice
+        action = ActionRequest(
+            party_id=finished.party_id,
+            campaign_run_id=run,
+            character_id=t.PARTY_ACTOR,
+            action_id=applied["action_id"],
+            action_type="choice",
+            payload=payload["payload"],
+            trace_id=finished.trace_id,
+            envelope=envelope,
+        )
+        log.info(
+            "vote applied",
+            extra={
+                "trace_id": finished.trace_id,
+                "party_id": finished.party_id,
+                "vote_id": vote_id,
+            },
+        )
+        try:
+            await self.link.submit(action)
+        except Exception:
+            log.exception(
+                "engine link refused a vote's action", extra={"trace_id": finished.trace_id}
+            )
+            await self.fail_action(action, ErrorCode.ENGINE_UNAVAILABLE, "engine unavailable")
+
+
+_VOTE_REFUSALS = {
+    votes.CastRefusal.UNKNOWN: "there is no open vote with this id in your party",
+    votes.CastRefusal.CLOSED: "this vote is closed",
+    votes.CastRefusal.BAD_OPTION: "that option is not one of this vote's options",
+}

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from party_sync.core import votes
 from party_sync.engine.interface import ENGINE_EVENT_TYPES, ActionRequest
 from party_sync.protocol import codec
 from party_sync.protocol.errors import ErrorCode, InvalidEvent
@@ -57,6 +59,35 @@ class GatewayPublisher:
         message = self.build(type, payload, trace_id)
         event = await self._gateway.backend.publish(party_id, message, self._clock())
         return event.seq
+
+    async def start_vote(
+        self,
+        party_id: str,
+        question: str,
+        options: Sequence[Mapping[str, str]],
+        timeout_s: float,
+        *,
+        vote_id: str | None = None,
+        tie_rule: str = "first_listed",
+        default_option: str | None = None,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        request: dict[str, Any] = {
+            "question": question,
+            "options": list(options),
+            "timeout_s": timeout_s,
+            "tie_rule": tie_rule,
+            "default_option": default_option,
+        }
+        try:
+            spec = votes.spec_from_json(request, vote_id or "v-" + uuid.uuid4().hex[:12])
+        except votes.SpecError as exc:
+            raise InvalidEvent(str(exc)) from None
+        event = await self._gateway.start_vote(
+            party_id, spec, campaign_run_id=campaign_run_id, trace_id=trace_id
+        )
+        return event.payload
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         await self.fail(action, ErrorCode.ACTION_REJECTED, message)

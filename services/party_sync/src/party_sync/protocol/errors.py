@@ -7,6 +7,7 @@ Exception tree::
     ├── InvalidEvent       an engine tried to publish an event that breaks its schema
     ├── AuthError          a handshake was refused (HTTP 401 / 403)
     ├── BackendUnavailable the backend (Redis) cannot be reached; retryable
+    ├── VoteConflict       a party already has an open vote
     └── ConfigError        the configuration is unusable
 
 Foreign exceptions (redis, jsonschema_rs, jwt, aiohttp) are converted to these at the edge, so
@@ -133,6 +134,10 @@ class AuthError(PartySyncError):
 
 class BackendUnavailable(PartySyncError):
     """The backend cannot be reached right now (e.g. Redis is down); the caller may retry."""
+
+
+class VoteConflict(PartySyncError):
+    """A party already has an open vote (the API answers 409)."""
 
 
 class ConfigError(PartySyncError):

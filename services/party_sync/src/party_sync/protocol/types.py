@@ -48,3 +48,6 @@ ALL_TYPES: Final = SYSTEM_TYPES | EVENT_TYPES | CLIENT_TYPES
 LEAVE_LEFT: Final = "left"
 LEAVE_DISCONNECTED: Final = "disconnected"
 LEAVE_EXPIRED: Final = "expired"
+
+#: The actor of party-level actions (a vote's result); no character may be called that.
+PARTY_ACTOR: Final = "party"

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+import uuid
 from typing import Any, Final
 
 from aiohttp import web
 
+from party_sync.core import votes
 from party_sync.engine.interface import ENGINE_EVENT_TYPES
 from party_sync.gateway import Gateway
 from party_sync.protocol import codec
-from party_sync.protocol.errors import BackendUnavailable, InvalidEvent
+from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
 from party_sync.transport.appkeys import API_KEY, GATEWAY
 
 log = logging.getLogger(__name__)
@@ -114,8 +116,41 @@ async def publish_run_event(request: web.Request) -> web.Response:
     return web.json_response({"parties": seqs}, status=202)
 
 
+async def start_vote(request: web.Request) -> web.Response:
+    """Open a party vote on an engine's behalf; 201 with the ``vote.started`` payload."""
+    if not authorized(request):
+        return _problem(401, "unauthorized", "missing or wrong API key")
+    gateway = request.app[GATEWAY]
+    party_id = request.match_info["party_id"]
+    try:
+        body = codec.decode(await request.content.read(MAX_BODY + 1))
+    except ValueError:
+        return _problem(400, "bad_json", "body is not valid UTF-8 JSON")
+    if not isinstance(body, dict):
+        return _problem(422, "invalid_vote", "body must be an object")
+    vote_id = body.get("vote_id") or "v-" + uuid.uuid4().hex[:12]
+    try:
+        spec = votes.spec_from_json(body, str(vote_id))
+        run = body.get("campaign_run_id")
+        trace = body.get("trace_id")
+        event = await gateway.start_vote(
+            party_id,
+            spec,
+            campaign_run_id=run if isinstance(run, str) else None,
+            trace_id=trace if isinstance(trace, str) else None,
+        )
+    except (votes.SpecError, InvalidEvent) as exc:
+        return _problem(422, "invalid_vote", str(exc))
+    except VoteConflict as exc:
+        return _problem(409, "vote_open", str(exc))
+    except BackendUnavailable:
+        return _problem(503, "backend_unavailable", "the backend is unreachable; retry")
+    return web.json_response({**event.payload, "seq": event.seq}, status=201)
+
+
 def add_routes(app: web.Application, api_key: str | None) -> None:
     if api_key:
         app[API_KEY] = api_key
     app.router.add_post("/api/v1/parties/{party_id}/events", publish_party_event)
     app.router.add_post("/api/v1/runs/{campaign_run_id}/events", publish_run_event)
+    app.router.add_post("/api/v1/parties/{party_id}/votes", start_vote)

@@ -1,0 +1,163 @@
+"""Votes over real connections: started by the engine, cast by players, finished exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.servers import Running, make_settings, serve_in_process
+
+KEY = "api-key-0123456789abcdef0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+OPTIONS = [{"id": "A", "label": "Storm the gate"}, {"id": "B", "label": "Sneak round"}]
+
+
+async def start(srv: Running, party: str = "p1", **extra: Any) -> tuple[int, dict[str, Any]]:
+    body = {"question": "How do we get in?", "options": OPTIONS, "timeout_s": 30, **extra}
+    async with srv.http.post(
+        f"{srv.base}/api/v1/parties/{party}/votes", json=body, headers=AUTH
+    ) as r:
+        return r.status, await r.json()
+
+
+def cast(vote_id: str, option: str) -> dict[str, Any]:
+    return {"type": "vote.cast", "payload": {"vote_id": vote_id, "option": option}}
+
+
+async def test_a_vote_runs_to_all_voted_and_its_winner_reaches_the_engine_once() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await a.expect("party.join")
+        status, vote = await start(srv, vote_id="v-gate", trace_id="trace-vote")
+        assert status == 201
+        assert vote["vote_id"] == "v-gate"
+        started = await b.expect("vote.started")
+        assert started["payload"]["deadline"] == vote["deadline"]
+        assert started["trace_id"] == "trace-vote"
+        await a.expect("vote.started")
+
+        await a.send(cast("v-gate", "B"))
+        update = await b.expect("vote.update")
+        assert update["payload"] == {
+            "vote_id": "v-gate",
+            "tallies": {"A": 0, "B": 1},
+            "voted": 1,
+            "eligible": 2,
+        }
+        await b.send(cast("v-gate", "B"))
+        await b.expect("vote.update")
+        finished = await b.expect("vote.finished")
+        p = finished["payload"]
+        assert (p["winner"], p["reason"], p["tie_broken"]) == ("B", "all_voted", False)
+        assert p["applied"] == {
+            "action_id": "vote:v-gate",
+            "action_type": "choice",
+            "option": "B",
+            "character_id": "party",
+        }
+        result = await b.expect("action.result")  # the engine applied the party's choice
+        assert result["payload"]["action_id"] == "vote:v-gate"
+        assert result["payload"]["character_id"] == "party"
+        assert [c.action_id for c in engine.calls] == ["vote:v-gate"]
+        call = engine.calls[0]
+        assert (call.character_id, call.action_type, dict(call.payload)) == (
+            "party",
+            "choice",
+            {"option": "B", "vote_id": "v-gate"},
+        )
+        assert call.trace_id == "trace-vote"
+        for c in (a, b):
+            await c.close()
+
+
+async def test_the_deadline_finishes_it_with_the_tie_rule() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await a.expect("party.join")
+        status, _ = await start(
+            srv, vote_id="v-t", timeout_s=0.3, tie_rule="default_option", default_option="B"
+        )
+        assert status == 201
+        await a.expect("vote.started")
+        await a.send(cast("v-t", "A"))
+        await a.expect("vote.update")
+        finished = await a.expect("vote.finished", timeout=5)
+        assert (finished["payload"]["winner"], finished["payload"]["reason"]) == ("A", "timeout")
+        await a.send(cast("v-t", "B"))  # after the close
+        err = await a.until("system.error")
+        assert err["payload"]["code"] == "vote_closed"
+        assert err["payload"]["in_reply_to"]["vote_id"] == "v-t"
+        assert [c.action_id for c in engine.calls] == ["vote:v-t"]
+        for c in (a, b):
+            await c.close()
+
+
+async def test_one_open_vote_per_party_and_bad_requests() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        assert (await start(srv))[0] == 201
+        status, problem = await start(srv)
+        assert status == 409
+        assert problem["error"] == "vote_open"
+        assert (await start(srv, party="p1", options=OPTIONS[:1]))[0] in (409, 422)
+        assert (await start(srv, party="nobody"))[0] == 422  # no known run for that party
+        async with srv.http.post(f"{srv.base}/api/v1/parties/p1/votes", json={}) as r:
+            assert r.status == 401
+        await a.close()
+
+
+async def test_bad_casts_get_their_codes_and_change_nothing() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        await start(srv, vote_id="v1")
+        await a.expect("vote.started")
+        await a.send(cast("v2", "A"))
+        assert (await a.expect("system.error"))["payload"]["code"] == "vote_unknown"
+        await a.send(cast("v1", "Z"))
+        assert (await a.expect("system.error"))["payload"]["code"] == "vote_bad_option"
+        await a.send(cast("v1", "A"))
+        update = await a.expect("vote.update")
+        assert update["payload"]["voted"] == 1
+        await a.close()
+
+
+async def test_a_reconnecting_member_sees_the_open_vote_and_their_own_ballot() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await start(srv, vote_id="v-r")
+        await b.until("vote.started")
+        await b.send(cast("v-r", "A"))
+        await b.until("vote.update")
+        await b.close()
+        b, hello = await srv.join("borin")
+        vote = hello["payload"]["vote"]
+        assert vote["vote_id"] == "v-r"
+        assert vote["tallies"] == {"A": 1, "B": 0}
+        assert vote["your_vote"] == "A"
+        assert [o["id"] for o in vote["options"]] == ["A", "B"]
+        _, hello_a = await srv.join("aria")
+        assert hello_a["payload"]["vote"]["your_vote"] is None
+        await a.close()
+        await b.close()
+
+
+async def test_in_process_engines_start_votes_through_the_publisher() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        assert engine.publisher is not None
+        vote = await engine.publisher.start_vote("p1", "Left or right?", OPTIONS, 30)
+        started = await a.expect("vote.started")
+        assert started["payload"]["vote_id"] == vote["vote_id"]
+        await a.send(cast(vote["vote_id"], "A"))
+        await a.expect("vote.update")
+        finished = await a.expect("vote.finished")
+        assert finished["payload"]["reason"] == "all_voted"
+        await asyncio.wait_for(a.expect("action.result"), 5)
+        await a.close()

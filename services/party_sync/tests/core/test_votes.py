@@ -1,0 +1,134 @@
+"""Votes in the pure core: tallies, tie rules, deadlines and eligibility, in virtual time."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from party_sync.core import votes
+from party_sync.core.votes import CastRefusal, SpecError, VoteSpec
+
+ABC = (("A", "Storm the gate"), ("B", "Sneak round"), ("C", "Parley"))
+
+
+def spec(**overrides: object) -> VoteSpec:
+    base: dict[str, object] = {
+        "vote_id": "v1",
+        "question": "How?",
+        "options": ABC,
+        "timeout_s": 30.0,
+    }
+    base.update(overrides)
+    return VoteSpec(**base)  # type: ignore[arg-type]
+
+
+def test_a_thirty_second_vote_times_out_exactly_at_its_deadline() -> None:
+    vote = votes.open_vote(spec(), now=1000.0, trace_id="t")
+    assert vote.deadline == 1030.0
+    assert votes.due(vote, ["aria", "borin"], 1029.999) is None
+    assert votes.cast(vote, "v1", "aria", "B", 1029.999) is None
+    assert votes.due(vote, ["aria", "borin"], 1030.0) == "timeout"
+    assert votes.cast(vote, "v1", "borin", "A", 1030.0) is CastRefusal.CLOSED
+    outcome = votes.decide(vote, "timeout")
+    assert (outcome.winner, outcome.tallies, outcome.tie_broken) == (
+        "B",
+        {"A": 0, "B": 1, "C": 0},
+        False,
+    )
+    assert votes.due(vote, ["aria"], 2000.0) is None  # finished: never due again
+
+
+def test_all_online_members_voting_finishes_it_and_eligibility_is_counted_at_each_cast() -> None:
+    vote = votes.open_vote(spec(), now=0.0, trace_id="t")
+    votes.cast(vote, "v1", "aria", "A", 1.0)
+    assert votes.due(vote, ["aria", "borin", "cora"], 1.0) is None
+    votes.cast(vote, "v1", "borin", "C", 2.0)
+    # cora went offline before the next check: the two online members have voted
+    assert votes.due(vote, ["aria", "borin"], 2.0) == "all_voted"
+
+
+def test_a_member_may_change_their_vote_until_the_close() -> None:
+    vote = votes.open_vote(spec(), now=0.0, trace_id="t")
+    votes.cast(vote, "v1", "aria", "A", 1.0)
+    votes.cast(vote, "v1", "aria", "C", 2.0)
+    assert votes.tallies(vote) == {"A": 0, "B": 0, "C": 1}
+    assert votes.update_payload(vote, eligible=2) == {
+        "vote_id": "v1",
+        "tallies": {"A": 0, "B": 0, "C": 1},
+        "voted": 1,
+        "eligible": 2,
+    }
+
+
+def test_refused_casts_change_nothing() -> None:
+    vote = votes.open_vote(spec(), now=0.0, trace_id="t")
+    assert votes.cast(vote, "v9", "aria", "A", 1.0) is CastRefusal.UNKNOWN
+    assert votes.cast(None, "v1", "aria", "A", 1.0) is CastRefusal.UNKNOWN
+    assert votes.cast(vote, "v1", "aria", "Z", 1.0) is CastRefusal.BAD_OPTION
+    assert vote.ballots == {}
+
+
+def test_ties_follow_the_tie_rule() -> None:
+    first = votes.open_vote(spec(), now=0.0, trace_id="t")
+    votes.cast(first, "v1", "aria", "C", 1.0)
+    votes.cast(first, "v1", "borin", "B", 1.0)
+    outcome = votes.decide(first, "all_voted")
+    assert (outcome.winner, outcome.tie_broken) == ("B", True)  # B is listed before C
+
+    named = votes.open_vote(spec(tie_rule="default_option", default_option="C"), 0.0, "t")
+    votes.cast(named, "v1", "aria", "C", 1.0)
+    votes.cast(named, "v1", "borin", "B", 1.0)
+    assert votes.decide(named, "all_voted").winner == "C"
+
+    nobody = votes.open_vote(spec(tie_rule="default_option", default_option="C"), 0.0, "t")
+    assert votes.decide(nobody, "timeout").winner == "C"
+    assert votes.decide(votes.open_vote(spec(), 0.0, "t"), "timeout").winner == "A"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"options": ABC[:1]},
+        {"options": (("A", "x"), ("A", "y"))},
+        {"timeout_s": 0.0},
+        {"tie_rule": "coin_flip"},
+        {"tie_rule": "default_option"},
+        {"tie_rule": "default_option", "default_option": "Z"},
+        {"default_option": "A"},
+    ],
+)
+def test_bad_specs_are_refused(overrides: dict[str, object]) -> None:
+    with pytest.raises(SpecError):
+        votes.open_vote(spec(**overrides), 0.0, "t")
+
+
+def test_the_applied_action_is_the_partys_choice_with_a_stable_id() -> None:
+    vote = votes.open_vote(spec(vote_id="v-42"), 0.0, "t")
+    votes.cast(vote, "v-42", "aria", "B", 1.0)
+    payload = votes.finished_payload(vote, votes.decide(vote, "timeout"))
+    assert payload["applied"] == {
+        "action_id": "vote:v-42",
+        "action_type": "choice",
+        "option": "B",
+        "character_id": "party",
+    }
+
+
+@given(
+    ballots=st.dictionaries(
+        st.sampled_from(["aria", "borin", "cora", "dain", "eve"]), st.sampled_from(["A", "B", "C"])
+    ),
+    rule=st.sampled_from(["first_listed", "default_option"]),
+)
+def test_the_winner_always_has_the_most_votes(ballots: dict[str, str], rule: str) -> None:
+    s = spec(tie_rule=rule, default_option="C" if rule == "default_option" else None)
+    vote = votes.open_vote(s, 0.0, "t")
+    for who, option in ballots.items():
+        assert votes.cast(vote, "v1", who, option, 1.0) is None
+    outcome = votes.decide(vote, "timeout")
+    assert sum(outcome.tallies.values()) == len(ballots)
+    assert outcome.tallies[outcome.winner] == max(outcome.tallies.values())
+    tied = [o for o, n in outcome.tallies.items() if n == max(outcome.tallies.values())]
+    assert outcome.tie_broken == (len(tied) > 1)
+    assert vote.finished
