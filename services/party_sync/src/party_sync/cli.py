@@ -9,6 +9,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from party_sync import __version__, config, logs
 from party_sync.auth import issue_token
@@ -49,6 +50,33 @@ def _parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         help="party_sync's server API key [env PARTY_SYNC_API_KEY]",
+    )
+
+    worker = commands.add_parser(
+        "engine-worker",
+        help="host a Campaign Engine on the Redis actions stream (consumer group, at least once)",
+    )
+    worker.add_argument("engine", help="MODULE:ATTR of the engine (or a factory of one)")
+    worker.add_argument(
+        "--redis-url",
+        default=os.environ.get("PARTY_SYNC_REDIS_URL"),
+        help="the Redis party_sync uses [env PARTY_SYNC_REDIS_URL]",
+    )
+    worker.add_argument(
+        "--stream",
+        default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", "party_sync:actions"),
+        help="the actions stream [env PARTY_SYNC_ACTIONS_STREAM] (party_sync:actions)",
+    )
+    worker.add_argument("--group", default="campaign-engine", help="consumer group")
+    worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
+    worker.add_argument(
+        "--claim-idle",
+        type=float,
+        default=30.0,
+        help="seconds before a dead worker's pending actions are taken over (30)",
+    )
+    worker.add_argument(
+        "--burst", action="store_true", help="exit once the stream has nothing more to do"
     )
 
     token = commands.add_parser("token", help="print a connection token for the configured secret")
@@ -154,9 +182,59 @@ def _engine_http(args: argparse.Namespace) -> int:
     return 0
 
 
+def _engine_worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from party_sync.engine.loader import load_engine
+    from party_sync.engine.stream_worker import StreamWorker, WorkerOptions, default_consumer
+    from party_sync.protocol.schemas import Contracts
+    from party_sync.publishing import BackendPublisher
+    from party_sync.server import make_backend
+
+    if not args.redis_url:
+        raise ConfigError("engine-worker needs --redis-url (or PARTY_SYNC_REDIS_URL)")
+    # The same settings as the gateway nodes (history size, TTLs, key prefix) from the environment.
+    settings = replace(config.load(None), redis_url=args.redis_url)
+    logs.configure(settings.log_level, settings.log_format)
+    engine = load_engine(args.engine)
+    options = WorkerOptions(
+        stream=args.stream,
+        group=args.group,
+        consumer=args.consumer or default_consumer(),
+        claim_idle=args.claim_idle,
+        burst=args.burst,
+    )
+
+    async def work() -> None:
+        from redis.asyncio import Redis
+
+        backend = make_backend(settings)
+        await backend.start()
+        redis = Redis.from_url(args.redis_url, socket_timeout=options.block + 5)
+        publisher = BackendPublisher(backend, Contracts(), time.time)
+        worker = StreamWorker(engine, publisher, redis, options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, worker.stop)
+        print(f"engine worker {options.consumer} on {options.stream}", flush=True)
+        try:
+            await worker.run()
+        finally:
+            await redis.aclose()
+            await backend.close()
+
+    asyncio.run(work())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"serve": _serve, "token": _token, "engine-http": _engine_http}
+    commands = {
+        "serve": _serve,
+        "token": _token,
+        "engine-http": _engine_http,
+        "engine-worker": _engine_worker,
+    }
     try:
         return commands[args.command](args)
     except ConfigError as exc:

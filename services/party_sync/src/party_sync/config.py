@@ -48,6 +48,17 @@ class Settings:
     redis_url: str | None = _option(
         None, "Redis URL; unset = the embedded in-memory backend (one process)."
     )
+    engine_transport: str = _option(
+        "auto",
+        "How actions reach the engine: inprocess, stream (Redis Streams), http, or auto "
+        "(http if engine_url is set, else stream if redis_url is set, else inprocess).",
+    )
+    actions_stream: str = _option(
+        "party_sync:actions", "Redis stream that accepted actions are appended to (stream mode)."
+    )
+    actions_stream_maxlen: int = _option(
+        100_000, "Approximate cap of the actions stream (XADD MAXLEN ~); acked entries go first."
+    )
     engine_url: str | None = _option(
         None,
         "POST each accepted action to this URL (an engine behind HTTP); takes precedence over "
@@ -62,6 +73,14 @@ class Settings:
         "Bearer key of the server API (/api/v1/...) used by engines and gateway_api; unset = "
         "the API refuses every call (a random key is made in development mode).",
     )
+    redis_prefix: str = _option(
+        "party_sync", "Redis mode: prefix of every key (channels party:<id>, run:<id> have none)."
+    )
+    redis_probe_interval: float = _option(
+        5.0,
+        "Redis mode: seconds of pub/sub silence before a liveness probe; a probe not back "
+        "within it replaces the pub/sub connection.",
+    )
     jwt_secret: str | None = _option(
         None, "HMAC secret for connection tokens; unset = a random development secret."
     )
@@ -70,6 +89,17 @@ class Settings:
     )
     jwt_algorithms: tuple[str, ...] = _option(
         ("HS256",), "Accepted JWT algorithms (comma-separated; HS256/HS384/HS512).", _csv
+    )
+    telegram_bot_token: str | None = _option(
+        None,
+        "Telegram bot token: enables Mini App sign-in (POST /api/v1/auth/telegram); unset = "
+        "that endpoint answers 503.",
+    )
+    telegram_max_age: float = _option(
+        3600.0, "Seconds a Mini App initData is accepted after its auth_date."
+    )
+    telegram_token_ttl: float = _option(
+        3600.0, "Lifetime in seconds of the tokens Telegram sign-in issues."
     )
     allowed_origins: tuple[str, ...] = _option(
         (), "Allowed Origin values (comma-separated); empty allows any origin (development).", _csv
@@ -91,6 +121,9 @@ class Settings:
         600.0, "Seconds an action_id is remembered (repeats get the original result)."
     )
     history_size: int = _option(1000, "Events of history kept per party (for resume).")
+    party_ttl: float = _option(
+        3600.0, "Seconds a party's state and history are kept after its last activity."
+    )
     max_replay: int = _option(
         300, "Most events replayed on resume; a larger gap gets a fresh snapshot."
     )
@@ -102,6 +135,15 @@ class Settings:
     )
     log_level: str = _option("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
     log_format: str = _option("json", "Log format: json (one object per line) or text.")
+
+    @property
+    def resolved_engine_transport(self) -> str:
+        """The transport ``auto`` stands for with this configuration."""
+        if self.engine_transport != "auto":
+            return self.engine_transport
+        if self.engine_url:
+            return "http"
+        return "stream" if self.redis_url else "inprocess"
 
     @property
     def dev_mode(self) -> bool:
@@ -178,6 +220,8 @@ def validate(settings: Settings) -> None:
         "rate_burst",
         "shutdown_timeout",
         "engine_http_timeout",
+        "telegram_max_age",
+        "telegram_token_ttl",
     )
     for name in durations:
         if not math.isfinite(getattr(settings, name)):
@@ -195,9 +239,27 @@ def validate(settings: Settings) -> None:
         (settings.engine_http_retries >= 0, "engine_http_retries must be >= 0"),
         (settings.history_size >= 1, "history_size must be >= 1"),
         (settings.max_replay >= 0, "max_replay must be >= 0"),
+        (settings.party_ttl > 0, "party_ttl must be > 0"),
+        (settings.redis_probe_interval > 0, "redis_probe_interval must be > 0"),
+        (bool(settings.redis_prefix), "redis_prefix must not be empty"),
+        (settings.telegram_max_age > 0, "telegram_max_age must be > 0"),
+        (settings.telegram_token_ttl > 0, "telegram_token_ttl must be > 0"),
         (settings.heartbeat > 0, "heartbeat must be > 0"),
         (settings.rate_limit > 0 and settings.rate_burst >= 1, "rate limits must be positive"),
         (settings.log_format in {"json", "text"}, "log_format must be json or text"),
+        (
+            settings.engine_transport in {"auto", "inprocess", "stream", "http"},
+            "engine_transport must be auto, inprocess, stream or http",
+        ),
+        (
+            settings.engine_transport != "stream" or bool(settings.redis_url),
+            "engine_transport stream needs redis_url",
+        ),
+        (
+            settings.engine_transport != "http" or bool(settings.engine_url),
+            "engine_transport http needs engine_url",
+        ),
+        (settings.actions_stream_maxlen >= 1000, "actions_stream_maxlen must be >= 1000"),
     )
     for ok, message in checks:
         if not ok:

@@ -21,6 +21,7 @@ from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import EngineLink
 from party_sync.engine.loader import load_engine
+from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.gateway import Gateway
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import ConfigError
@@ -69,12 +70,19 @@ def make_backend(
 
 
 def make_link(settings: Settings) -> EngineLink:
-    """HTTP when ``engine_url`` is set (it takes precedence), else the in-process engine."""
-    if settings.engine_url:
+    """The engine transport (``engine_transport``; ``auto``: http, else stream, else in-process)."""
+    transport = settings.resolved_engine_transport
+    if transport == "http":
+        assert settings.engine_url is not None
         return HttpEngineLink(
             settings.engine_url,
             timeout=settings.engine_http_timeout,
             retries=settings.engine_http_retries,
+        )
+    if transport == "stream":
+        assert settings.redis_url is not None
+        return StreamEngineLink(
+            settings.redis_url, settings.actions_stream, settings.actions_stream_maxlen
         )
     return InProcessLink(load_engine(settings.engine))
 

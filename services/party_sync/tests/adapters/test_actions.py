@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 
 async def test_same_action_id_twice_in_flight_is_one_engine_call_and_one_broadcast() -> None:
@@ -158,4 +161,22 @@ async def test_server_makes_a_trace_id_when_the_client_gives_none() -> None:
         assert len(result["trace_id"]) == 32
         assert engine.calls[0].trace_id == result["trace_id"]
         assert engine.calls[0].envelope["trace_id"] == result["trace_id"]
+        await a.close()
+
+
+async def test_a_second_result_for_one_action_is_not_broadcast_again() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("once", "aria", "r1")
+        first = await a.expect("action.result")
+        await a.expect("scene.update")
+        assert engine.publisher is not None
+        again = dict(first["payload"], narration="a redelivered action re-sends its result")
+        seq = await engine.publisher.publish("p1", "action.result", again)
+        assert seq == first["seq"]  # the original one stands
+        await a.act("next", "aria", "r1")
+        nxt = await a.expect("action.result")  # nothing was broadcast in between
+        assert nxt["payload"]["action_id"] == "next"
+        assert nxt["seq"] == first["seq"] + 2
         await a.close()

@@ -97,6 +97,11 @@ class Running:
         return 101
 
 
+#: Set by the ``backend_kind`` fixture: in-process servers given no ``redis_url`` (and no backend)
+#: run on this Redis instead of the embedded backend.
+redis_url_for_tests: str | None = None
+
+
 def make_settings(**overrides: Any) -> Settings:
     base = Settings(jwt_secret=SECRET, presence_grace=0.2, log_level="WARNING")
     return replace(base, **overrides)
@@ -111,6 +116,11 @@ async def serve_in_process(
 ) -> AsyncIterator[Running]:
     """The real app on a real loopback port, in this event loop."""
     settings = settings or make_settings()
+    if redis_url_for_tests and backend is None and settings.redis_url is None:
+        # The same behaviour suite on Redis; the engine stays in-process (not the stream default).
+        auto = settings.engine_transport == "auto" and not settings.engine_url
+        transport = "inprocess" if auto else settings.engine_transport
+        settings = replace(settings, redis_url=redis_url_for_tests, engine_transport=transport)
     link = InProcessLink(engine) if engine is not None else None
     server = build_server(settings, link=link, backend=backend)
     runner = web.AppRunner(server.app, handle_signals=False, shutdown_timeout=2.0)

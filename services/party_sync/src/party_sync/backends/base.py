@@ -83,7 +83,9 @@ class Backend(Protocol):
     async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
         """Sequence one event (``message`` has no seq), record it, fold it, deliver it.
 
-        An ``action.result`` also completes its action in the ledger, in the same atomic step.
+        An ``action.result`` also completes its action in the ledger, in the same atomic step;
+        a second ``action.result`` for an action that already has one is not published again: the
+        first is returned (so an engine that re-sends after a redelivery cannot double it).
         """
         ...
 

@@ -64,6 +64,13 @@ class _Party:
         self.vote: votes.Vote | None = None
 
 
+def _decoded(party_id: str, data: bytes) -> Event:
+    message = codec.decode(data)
+    return Event(
+        party_id, message["seq"], message["type"], message["payload"], message["trace_id"], data
+    )
+
+
 class _Subscription:
     def __init__(self, detach: Callable[[], None]) -> None:
         self._detach: Callable[[], None] | None = detach
@@ -105,6 +112,10 @@ class MemoryBackend:
     def _publish(self, party: _Party, message: dict[str, Any], now: float) -> Event:
         seq = party.log.top_seq + 1
         type_, payload = message["type"], message["payload"]
+        if type_ == t.ACTION_RESULT:
+            earlier = party.ledger.result_of(payload["action_id"])
+            if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
+                return _decoded(party.party_id, earlier)
         party.projection.apply(type_, payload, seq)  # raises before anything is recorded
         data = codec.with_seq(codec.encode(message), seq)
         party.log.append(data)

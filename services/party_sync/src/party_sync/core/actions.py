@@ -101,6 +101,11 @@ class ActionLedger:
         del self._locks[record.character_id]
         return True
 
+    def result_of(self, action_id: str) -> bytes | None:
+        """The stored ``action.result`` of a finished action (what a repeat gets back)."""
+        record = self._records.get(action_id)
+        return record.result if record is not None else None
+
     def state_of(self, action_id: str) -> Decision | None:
         record = self._records.get(action_id)
         if record is None:

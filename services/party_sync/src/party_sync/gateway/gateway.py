@@ -29,20 +29,19 @@ from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.engine.interface import ActionRequest, EngineLink, JoinNotice
 from party_sync.gateway import messages
 from party_sync.gateway.hub import PartyHub
-from party_sync.gateway.publisher import GatewayPublisher
 from party_sync.gateway.session import Session, Sink
 from party_sync.metrics import Metrics
-from party_sync.protocol import codec, inbound
+from party_sync.protocol import codec, inbound, replies
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import (
     BAD_INPUT,
     BackendUnavailable,
     CloseCode,
     ErrorCode,
-    InvalidEvent,
     ProtocolError,
 )
 from party_sync.protocol.schemas import Contracts
+from party_sync.publishing import BackendPublisher
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +65,7 @@ class Gateway:
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.metrics = metrics or Metrics(self.node_id)
         self.clock = clock
-        self.publisher = GatewayPublisher(self, clock)
+        self.publisher = BackendPublisher(backend, contracts, clock)
         self.sessions: set[Session] = set()
         self._hubs: dict[str, PartyHub] = {}
         self._hub_ready: dict[str, asyncio.Future[PartyHub]] = {}
@@ -226,7 +225,10 @@ class Gateway:
             binding.display_name,
             join.trace_id,
         )
-        await self.link.notify_join(notice)
+        try:
+            await self.link.notify_join(notice)
+        except Exception as exc:  # a hint only: the engine must not depend on it
+            log.warning("join notice not delivered: %s", exc, extra={"trace_id": join.trace_id})
 
     async def _hub(self, party_id: str) -> PartyHub:
         hub = self._hubs.get(party_id)
@@ -322,14 +324,14 @@ class Gateway:
                 "code": exc.code.value,
             },
         )
-        session.send(codec.encode(messages.from_protocol_error(exc, now=now)))
+        session.send(codec.encode(replies.from_protocol_error(exc, now=now)))
         strike = exc.code in BAD_INPUT or exc.code is ErrorCode.RATE_LIMITED
         if strike and session.limits.strike(now):
             session.close(CloseCode.POLICY_VIOLATION, "too many bad or excess messages")
             self.metrics.closes.labels(str(CloseCode.POLICY_VIOLATION)).inc()
 
     def _error_bytes(self, code: ErrorCode, message: str) -> bytes:
-        return codec.encode(messages.error(code, message, now=self.clock()))
+        return codec.encode(replies.error(code, message, now=self.clock()))
 
     async def _receive_action(self, session: Session, message: inbound.Inbound, now: float) -> None:
         p = message.payload
@@ -405,7 +407,7 @@ class Gateway:
     def _action_error(self, action: ActionRequest, code: ErrorCode, text: str) -> bytes:
         client_trace = action.envelope.get("trace_id")
         return codec.encode(
-            messages.error(
+            replies.error(
                 code,
                 text,
                 now=self.clock(),
@@ -420,10 +422,8 @@ class Gateway:
         pending = self._pending.pop((action.party_id, action.action_id), None)
         if pending is not None:
             pending[0].cancel()
-        await self.backend.abandon_action(action.party_id, action.action_id)
         self.metrics.errors.labels(code.value).inc()
-        data = self._action_error(action, code, text)
-        await self.backend.send_direct(action.party_id, action.character_id, data)
+        await self.publisher.fail(action, code, text)
 
     def _on_party_event(self, event: Event) -> None:
         """Node-level reactions to a party event (after it was fanned out to the sessions)."""
@@ -484,11 +484,8 @@ class Gateway:
         trace_id: str | None = None,
     ) -> Event:
         """Open a vote for a party (asked by its engine); raises ``VoteConflict``."""
-        run = campaign_run_id or await self.backend.party_run(party_id)
-        if run is None:
-            raise InvalidEvent(f"party {party_id} has no known campaign run: pass campaign_run_id")
-        return await self.backend.start_vote(
-            party_id, spec, run, self.clock(), trace_id or codec.new_trace_id()
+        return await self.publisher.open_vote(
+            party_id, spec, campaign_run_id=campaign_run_id, trace_id=trace_id
         )
 
     def _arm_vote_deadline(self, event: Event) -> None:

@@ -1,4 +1,4 @@
-"""Builders of the server's own messages: ``system.hello`` and ``system.error``."""
+"""The builder of ``system.hello`` (``system.error`` is built in ``protocol.replies``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 from party_sync.backends.base import Binding, Snapshot
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
-from party_sync.protocol.errors import ErrorCode, ProtocolError
 
 
 def hello(
@@ -43,39 +42,3 @@ def hello(
     if resumed_from is not None:
         payload["resumed_from"] = resumed_from
     return codec.envelope(t.HELLO, payload, ts=now)
-
-
-def error(
-    code: ErrorCode,
-    message: str,
-    *,
-    now: float,
-    trace_id: str | None = None,
-    in_reply_type: str | None = None,
-    action_id: str | None = None,
-    vote_id: str | None = None,
-) -> dict[str, Any]:
-    in_reply_to: dict[str, Any] = {"trace_id": trace_id, "type": in_reply_type}
-    if action_id is not None:
-        in_reply_to["action_id"] = action_id
-    if vote_id is not None:
-        in_reply_to["vote_id"] = vote_id
-    payload = {
-        "code": code.value,
-        "message": message,
-        "retryable": ProtocolError(code, message).retryable,
-        "in_reply_to": in_reply_to,
-    }
-    return codec.envelope(t.ERROR, payload, ts=now, trace_id=trace_id)
-
-
-def from_protocol_error(exc: ProtocolError, *, now: float) -> dict[str, Any]:
-    return error(
-        exc.code,
-        exc.message,
-        now=now,
-        trace_id=exc.trace_id,
-        in_reply_type=exc.type,
-        action_id=exc.action_id,
-        vote_id=exc.vote_id,
-    )

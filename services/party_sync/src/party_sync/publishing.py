@@ -1,0 +1,135 @@
+"""``BackendPublisher``: the one way engine events enter a party's sequenced stream.
+
+It needs only a backend, the compiled contracts and a clock, so it serves the gateway (in-process
+engines, the HTTP events API) and ``party-sync engine-worker`` (engines fed by Redis Streams)
+alike. Every event is checked against its schema before the backend sequences it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from party_sync.backends.base import Backend
+from party_sync.core import votes
+from party_sync.core.events import Event
+from party_sync.engine.interface import ENGINE_EVENT_TYPES, ActionRequest
+from party_sync.protocol import codec, replies
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import ErrorCode, InvalidEvent
+from party_sync.protocol.schemas import Contracts, SchemaViolation
+
+log = logging.getLogger(__name__)
+
+
+class BackendPublisher:
+    """Implements the engine's ``EventPublisher`` (and a link's ``fail``) over a ``Backend``."""
+
+    def __init__(self, backend: Backend, contracts: Contracts, clock: Callable[[], float]) -> None:
+        self.backend = backend
+        self.contracts = contracts
+        self.clock = clock
+
+    def build(
+        self,
+        type_: str,
+        payload: Mapping[str, Any],
+        trace_id: str | None,
+        *,
+        allowed: frozenset[str] = ENGINE_EVENT_TYPES,
+        timestamp: str | None = None,
+    ) -> dict[str, Any]:
+        """The checked envelope (without seq) of an event; raises ``InvalidEvent``."""
+        if type_ not in allowed:
+            raise InvalidEvent(f"{type_!r} may not be published here (allowed: {sorted(allowed)})")
+        message = codec.envelope(type_, dict(payload), ts=self.clock(), trace_id=trace_id)
+        if timestamp is not None:
+            message["timestamp"] = timestamp
+        try:
+            # seq is required by event schemas; the real one is allocated by the backend.
+            self.contracts.validate(type_, {**message, "seq": 1})
+        except SchemaViolation as exc:
+            raise InvalidEvent(f"{type_} does not match its schema: {exc}") from None
+        return message
+
+    async def publish(
+        self,
+        party_id: str,
+        type: str,
+        payload: Mapping[str, Any],
+        *,
+        trace_id: str | None = None,
+    ) -> int:
+        message = self.build(type, payload, trace_id)
+        event = await self.backend.publish(party_id, message, self.clock())
+        return event.seq
+
+    async def reject(self, action: ActionRequest, message: str) -> None:
+        await self.fail(action, ErrorCode.ACTION_REJECTED, message)
+
+    async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
+        """The action will produce no result: free it and tell the acting character."""
+        log.info(
+            "action refused",
+            extra={"trace_id": action.trace_id, "party_id": action.party_id, "code": code.value},
+        )
+        await self.backend.abandon_action(action.party_id, action.action_id)
+        if action.character_id == t.PARTY_ACTOR:
+            return  # a party-level action (a vote's result) has no connection to tell
+        client_trace = action.envelope.get("trace_id")
+        error = replies.error(
+            code,
+            message,
+            now=self.clock(),
+            trace_id=client_trace if isinstance(client_trace, str) else None,
+            in_reply_type=t.ACTION_REQUEST,
+            action_id=action.action_id,
+        )
+        await self.backend.send_direct(action.party_id, action.character_id, codec.encode(error))
+
+    async def open_vote(
+        self,
+        party_id: str,
+        spec: votes.VoteSpec,
+        *,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Event:
+        """Open a checked vote for a party; raises ``VoteConflict`` / ``InvalidEvent``."""
+        run = campaign_run_id or await self.backend.party_run(party_id)
+        if run is None:
+            raise InvalidEvent(f"party {party_id} has no known campaign run: pass campaign_run_id")
+        return await self.backend.start_vote(
+            party_id, spec, run, self.clock(), trace_id or codec.new_trace_id()
+        )
+
+    async def start_vote(
+        self,
+        party_id: str,
+        question: str,
+        options: Sequence[Mapping[str, str]],
+        timeout_s: float,
+        *,
+        vote_id: str | None = None,
+        tie_rule: str = "first_listed",
+        default_option: str | None = None,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        request: dict[str, Any] = {
+            "question": question,
+            "options": list(options),
+            "timeout_s": timeout_s,
+            "tie_rule": tie_rule,
+            "default_option": default_option,
+        }
+        try:
+            spec = votes.spec_from_json(request, vote_id or "v-" + uuid.uuid4().hex[:12])
+        except votes.SpecError as exc:
+            raise InvalidEvent(str(exc)) from None
+        event = await self.open_vote(
+            party_id, spec, campaign_run_id=campaign_run_id, trace_id=trace_id
+        )
+        return event.payload
