@@ -7,7 +7,6 @@ against the schemas; a single invalid message fails the test that caused it.
 from __future__ import annotations
 
 import os
-import os
 from collections.abc import Iterator
 
 import orjson
@@ -20,18 +19,6 @@ os.environ["CAMPAIGN_ENGINE_DATABASE_URL"] = "memory://"
 
 #: The party_sync fixtures (private redis-server, the memory/redis backend matrix, the Redis tier).
 pytest_plugins = ["ps_testkit.fixtures"]
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    """Keep the reference engine's runs in memory during tests.
-
-    Its default store is a SQLite file in the working directory: a test must neither write it nor
-    share runs with another test through it. Every engine started by a test — in this process, or
-    in a subprocess, which inherits the environment — therefore keeps its runs in memory, unless
-    the test sets ``CAMPAIGN_ENGINE_DATABASE_URL`` itself (e.g. a SQLite file in ``tmp_path`` that
-    several engine workers share).
-    """
-    os.environ["CAMPAIGN_ENGINE_DATABASE_URL"] = "memory://"
 
 
 @pytest.fixture(autouse=True)

@@ -1,25 +1,38 @@
-"""Fixtures for the campaign_engine suite: a recording publisher that also checks every event.
+"""Fixtures for the campaign_engine suite: a recording publisher that also checks every event,
+and the three stores every storage test runs against.
 
 Every event an engine publishes in these tests is validated against the JSON Schemas in
 ``contracts/jsonschema/party_sync/`` (protocol-v1; one schema per message type, whole messages,
 ``$ref``s resolved through a registry of every file's ``$id``). If the schema files are not there,
 only that validation is skipped — ``test_event_schemas.py`` then reports a clear skip — and the
 behaviour tests still run.
+
+Stores: ``store_url`` is parametrised over ``memory``, ``sqlite`` (a file in ``tmp_path``) and
+``postgres``. For PostgreSQL the session creates a database of its own on the server at
+``CAMPAIGN_ENGINE_TEST_POSTGRES_URL`` (default ``postgresql://postgres@127.0.0.1:5432/postgres``),
+each test gets a fresh schema in it, and the database is dropped at the end; if the server cannot
+be reached, the PostgreSQL cases are skipped and say why.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import jsonschema_rs
+import psycopg
 import pytest
-from campaign_engine.campaign import builtin_campaign, parse_campaign
+from campaign_engine.campaign import Campaign, builtin_campaign, parse_campaign
 from campaign_engine.engine import ReferenceEngine
+from campaign_engine.store import RunStore, open_store, redact
 from campaign_engine.testing import Published, RecordingPublisher, ScriptedRandom
 from party_sync.engine import ENGINE_EVENT_TYPES
+from psycopg import sql
 
 CONTRACTS_DIR = Path(__file__).resolve().parents[3] / "contracts" / "jsonschema" / "party_sync"
 #: What party_sync adds around a payload when it broadcasts an event.
@@ -173,6 +186,11 @@ def arena() -> dict[str, Any]:
 
 
 @pytest.fixture
+def arena_campaign() -> Campaign:
+    return parse_campaign(arena())
+
+
+@pytest.fixture
 def dice() -> ScriptedRandom:
     return ScriptedRandom()
 
@@ -183,3 +201,79 @@ async def arena_engine(publisher: RecordingPublisher, dice: ScriptedRandom) -> R
     engine = ReferenceEngine(parse_campaign(arena()), rng=dice)
     await engine.start(publisher)
     return engine
+
+
+# --- stores -------------------------------------------------------------------------------------
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "CAMPAIGN_ENGINE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def with_database(url: str, database: str, schema: str | None = None) -> str:
+    """``url`` pointing at another database (and, if given, with ``schema`` as search_path)."""
+    parts = urlsplit(url)._replace(path=f"/{database}")
+    if schema is not None:
+        parts = parts._replace(query=f"options=-csearch_path%3D{schema}")
+    return urlunsplit(parts)
+
+
+@pytest.fixture(scope="session")
+def postgres_database() -> Iterator[str]:
+    """A database of this test session's own on the local PostgreSQL, dropped at the end."""
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        pytest.skip(
+            f"PostgreSQL store tests skipped: cannot connect to {redact(POSTGRES_ADMIN_URL)} "
+            f"(set CAMPAIGN_ENGINE_TEST_POSTGRES_URL to a server where the tests may create a "
+            f"database): {' '.join(str(exc).split())}"
+        )
+    name = f"campaign_engine_test_{os.getpid()}_{secrets.token_hex(4)}"
+    with admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+        try:
+            yield with_database(POSTGRES_ADMIN_URL, name)
+        finally:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def postgres_url(postgres_database: str) -> str:
+    """A fresh, empty schema in the session's database, as the URL's search_path."""
+    schema = f"t_{secrets.token_hex(6)}"
+    with psycopg.connect(postgres_database, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+    database = urlsplit(postgres_database).path.lstrip("/")
+    return with_database(postgres_database, database, schema)
+
+
+def _url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if kind == "memory":
+        return "memory://"
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'engine.sqlite3'}"
+    return str(request.getfixturevalue("postgres_url"))
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database URL of each store in turn."""
+    return _url(request.param, request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The database URL of each store that outlives its process."""
+    return _url(request.param, request, tmp_path)
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[RunStore]:
+    """An open store of each kind (closed afterwards)."""
+    opened = open_store(store_url)
+    await opened.open()
+    yield opened
+    await opened.close()

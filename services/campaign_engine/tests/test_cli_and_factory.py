@@ -58,12 +58,15 @@ def test_create_engine_refuses_a_bad_seed() -> None:
 async def test_the_seed_from_the_environment_makes_runs_reproducible() -> None:
     rolls = []
     for _ in range(2):
-        engine = create_engine({"CAMPAIGN_ENGINE_SEED": "42"})
+        engine = create_engine(
+            {"CAMPAIGN_ENGINE_SEED": "42", "CAMPAIGN_ENGINE_DATABASE_URL": "memory://"}
+        )
         publisher = RecordingPublisher()
         await engine.start(publisher)
         await engine.handle_join(join_notice("aria"))
         for i in range(3):
             await engine.handle_action(action_request("skill_check", {}, character_id=f"c{i}"))
+        await engine.close()
         rolls.append(
             [p.payload["roll"]["value"] for p in publisher.published if "roll" in p.payload]
         )

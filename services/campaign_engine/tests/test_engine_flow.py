@@ -208,8 +208,13 @@ async def test_the_party_chooses_as_one_and_its_best_member_rolls(
     await arena_engine.handle_join(join_notice("bram"))
     publisher.clear()
     dice.push(15)
-    await arena_engine.handle_action(
-        action_request("choice", {"option": "leap"}, character_id="party", action_id="vote:v-1")
+    await arena_engine.handle_action(  # exactly what party_sync submits for a finished vote
+        action_request(
+            "choice",
+            {"option": "leap", "vote_id": "v-1"},
+            character_id="party",
+            action_id="vote:v-1",
+        )
     )
 
     result = publisher.last("action.result")

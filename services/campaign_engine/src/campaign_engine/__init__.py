@@ -6,10 +6,14 @@ the package root exports the factory. Layout, imports pointing inwards:
 - ``rules``      — dice and checks as pure functions;
 - ``campaign``   — a campaign as data (+ ``sunken_lantern``, the built-in one);
 - ``actions``    — the payload each action_type takes;
-- ``state``, ``store`` — a run's state, and where it and the L1 chronicle live;
+- ``state``      — a run's state;
 - ``game``, ``combat`` — what an action does to a run (pure);
 - ``events``     — the protocol payloads published;
-- ``engine``     — ``ReferenceEngine``: the ``party_sync.engine.Engine`` tying it together.
+- ``chronicle``  — the L1 decisions and L2 scene summaries;
+- ``store``      — where runs and chronicles live: in memory, or ``sql_store`` (schema, queries)
+  over ``sql_drivers`` (SQLite, PostgreSQL);
+- ``engine``     — ``ReferenceEngine``: the ``party_sync.engine.Engine`` tying it together;
+- ``cli``        — ``campaign-engine describe`` / ``chronicle``.
 """
 
 from campaign_engine.engine import ReferenceEngine, create_engine

@@ -81,9 +81,13 @@ def parse_action(action_type: str, payload: Mapping[str, Any]) -> Action:
     if not isinstance(payload, Mapping):
         raise EngineRejected(f"{action_type}: the payload must be an object")
     if action_type == "choice":
-        _keys(payload, action_type, {"option"})
+        # party_sync applies a finished vote as the party's choice {"option", "vote_id"}
+        # (protocol-v1, Votes): the vote's id is carried along, and only checked to be an id.
+        _keys(payload, action_type, {"option", "vote_id"})
         if "option" not in payload:
             raise EngineRejected(f"choice: missing 'option'; expected {ACTION_PAYLOADS['choice']}")
+        if "vote_id" in payload:
+            _id(payload, "vote_id", action_type)
         return Choice(_id(payload, "option", action_type))
     if action_type == "skill_check":
         _keys(payload, action_type, {"skill"})

@@ -1,21 +1,28 @@
 """``ReferenceEngine``: the reference Campaign Engine behind ``party_sync.engine.Engine``.
 
 It glues the pure game (``game.py``) to the outside world: a ``store.RunStore`` for run states and
-the L1 chronicle, and party_sync's ``EventPublisher`` for events. Per action:
+the chronicles (L1 decisions, L2 scene summaries), and party_sync's ``EventPublisher`` for events.
+Per action:
 
 1. under the run's lock (actions of one run are applied one at a time, in arrival order), load
    the run; an ``action_id`` already applied changes nothing and publishes nothing;
 2. parse the payload and apply the action to a *copy* of the state — a refusal
    (``EngineRejected``) therefore leaves no trace;
-3. commit the new state, the L1 decision and the action's events (the *outbox*) in one store call,
-   *then* publish the events in order, dropping each from the outbox once published.
+3. commit the new state (with the ``action_id`` among the applied ones), the L1 decision, the L2
+   summary of the scene it ended (if it moved the party on) and the action's events (the
+   *outbox*, inside the state) in one store transaction, *then* publish the events in order, and
+   commit the emptied outbox.
 
 Committing before publishing means a crash or a publish error can lose no decision and never
 applies one twice (party_sync redelivers with the same ``action_id``). If publishing failed, the
-unpublished rest is kept: a redelivery of that same action publishes it (and only it); the next
-*other* action first tries once more and otherwise drops it (logged), because its own
-``scene.update`` and ``party.state`` bring every client back to the current state anyway, and a
-stale event must never block the game.
+unpublished rest is kept — durably, with the state: a redelivery of that same action, even to a
+restarted engine, publishes it (and only it); the next *other* action first tries once more and
+otherwise drops it (logged), because its own ``scene.update`` and ``party.state`` bring every
+client back to the current state anyway, and a stale event must never block the game.
+
+Several engine processes may share one database (workers of a stream): commits are optimistic
+(``store.CommitConflict``), so if another process committed to the run since it was loaded, the
+action is simply worked out again on the newer state — or found applied already.
 """
 
 from __future__ import annotations
@@ -24,12 +31,14 @@ import asyncio
 import logging
 import os
 import random
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TypeVar
 
 from party_sync.engine import ActionRequest, EngineRejected, EventPublisher, JoinNotice
 
 from campaign_engine.actions import PARTY_ACTOR, parse_action
 from campaign_engine.campaign import Campaign, builtin_campaign, load_campaign
+from campaign_engine.chronicle import SceneSummary, scene_summaries
 from campaign_engine.events import (
     MAX_ACTION_NARRATION,
     Event,
@@ -41,12 +50,23 @@ from campaign_engine.events import (
 )
 from campaign_engine.game import Game
 from campaign_engine.state import OutboxEvent, RunState, changes
-from campaign_engine.store import Decision, InMemoryRunStore, RunStore
+from campaign_engine.store import (
+    CommitConflict,
+    Decision,
+    InMemoryRunStore,
+    RunStore,
+    open_store,
+)
 
 log = logging.getLogger("campaign_engine")
+_T = TypeVar("_T")
 
 ENV_SEED = "CAMPAIGN_ENGINE_SEED"
 ENV_CAMPAIGN = "CAMPAIGN_ENGINE_CAMPAIGN"
+ENV_DATABASE_URL = "CAMPAIGN_ENGINE_DATABASE_URL"
+#: How often an action (or join) is worked out again when another process committed to its run
+#: first; each attempt starts from the newer state, so this only runs out under a storm of writers.
+COMMIT_ATTEMPTS = 5
 
 
 class ReferenceEngine:
@@ -60,7 +80,9 @@ class ReferenceEngine:
         rng: random.Random | None = None,
         store: RunStore | None = None,
     ) -> None:
-        """``rng`` wins over ``seed``; with neither, dice come from a system-seeded generator."""
+        """``rng`` wins over ``seed``; with neither, dice come from a system-seeded generator.
+        ``store`` (default: a new ``InMemoryRunStore``) belongs to the engine: ``start`` opens it,
+        ``close`` closes it."""
         self.campaign = campaign or builtin_campaign()
         self.rng = rng if rng is not None else random.Random(seed)
         self.store: RunStore = store if store is not None else InMemoryRunStore()
@@ -71,29 +93,19 @@ class ReferenceEngine:
     # --- Engine protocol -------------------------------------------------------------------
 
     async def start(self, publisher: EventPublisher) -> None:
+        """Open the store (so a database that cannot be reached fails the start, not an action)."""
+        await self.store.open()
+        log.info("campaign engine storage: %s", self.store.url)
         self._publisher = publisher
 
     async def close(self) -> None:
         self._publisher = None
+        await self.store.close()
 
     async def handle_action(self, action: ActionRequest) -> None:
+        self._started()
         async with self._lock(action.campaign_run_id):
-            state = await self._load(action.campaign_run_id, action.party_id)
-            if action.action_id in state.applied:
-                if any(e.action_id == action.action_id for e in state.outbox):
-                    log.info(
-                        "republishing unsent events of %s",
-                        action.action_id,
-                        extra={"trace_id": action.trace_id},
-                    )
-                    await self._publish_outbox(state, action.party_id)
-                return
-            await self._settle_outbox(state, action.party_id)
-            work = state.copy()
-            events, decision = self._apply(work, action)  # may raise EngineRejected
-            work.outbox = [OutboxEvent(action.action_id, t, p, action.trace_id) for t, p in events]
-            await self.store.commit(work, [decision])
-            await self._publish_outbox(work, action.party_id)
+            await self._retrying(self._handle_action, action, action.campaign_run_id)
 
     async def handle_join(self, notice: JoinNotice) -> None:
         """Start the run if needed and register the character; never restarts a run.
@@ -101,29 +113,62 @@ class ReferenceEngine:
         The first join publishes the opening scene; a new character's join re-states the scene
         (and the fight) with their arrival, then ``party.state``; a repeated join publishes nothing.
         """
+        self._started()
         async with self._lock(notice.campaign_run_id):
-            try:
-                state = await self._load(notice.campaign_run_id, notice.party_id)
-            except EngineRejected:
-                log.warning("ignoring a join to run %s from another party", notice.campaign_run_id)
-                return
-            await self._settle_outbox(state, notice.party_id)
-            work = state.copy()
-            started = self.game.start(work)
-            new = notice.character_id != PARTY_ACTOR and notice.character_id not in work.characters
-            changed = self.game.register(work, notice.character_id, notice.display_name)
-            events: list[Event] = []
-            if started:
-                events += opening_events(self.game, work)
-            elif new:  # everyone sees the newcomer arrive (and, in a fight, join the combatants)
-                name = work.character(notice.character_id).name
-                events += scene_events(self.game, work, f"{name} joins the party.")
-            events += party_state_if_changed(work)
-            if not events and not changed:
-                return
-            work.outbox = [OutboxEvent("", t, p, notice.trace_id) for t, p in events]
-            await self.store.commit(work)
-            await self._publish_outbox(work, notice.party_id)
+            await self._retrying(self._handle_join, notice, notice.campaign_run_id)
+
+    async def _handle_action(self, action: ActionRequest) -> None:
+        state = await self._load(action.campaign_run_id, action.party_id)
+        if action.action_id in state.applied:
+            if any(e.action_id == action.action_id for e in state.outbox):
+                log.info(
+                    "republishing unsent events of %s",
+                    action.action_id,
+                    extra={"trace_id": action.trace_id},
+                )
+                await self._publish_outbox(state, action.party_id)
+            return
+        await self._settle_outbox(state, action.party_id)
+        work = state.copy()
+        events, decision = self._apply(work, action)  # may raise EngineRejected
+        summaries = await self._summaries(work, decision)
+        work.outbox = [OutboxEvent(action.action_id, t, p, action.trace_id) for t, p in events]
+        await self.store.commit(work, [decision], summaries)  # may raise CommitConflict
+        log.info(
+            "applied %s %s by %s: %s (decision %d%s)",
+            action.action_type,
+            action.action_id,
+            action.character_id,
+            decision.outcome,
+            decision.seq,
+            f", scene {decision.scene_number} ended" if summaries else "",
+            extra={"trace_id": action.trace_id},
+        )
+        await self._publish_outbox(work, action.party_id)
+
+    async def _handle_join(self, notice: JoinNotice) -> None:
+        try:
+            state = await self._load(notice.campaign_run_id, notice.party_id)
+        except EngineRejected:
+            log.warning("ignoring a join to run %s from another party", notice.campaign_run_id)
+            return
+        await self._settle_outbox(state, notice.party_id)
+        work = state.copy()
+        started = self.game.start(work)
+        new = notice.character_id != PARTY_ACTOR and notice.character_id not in work.characters
+        changed = self.game.register(work, notice.character_id, notice.display_name)
+        events: list[Event] = []
+        if started:
+            events += opening_events(self.game, work)
+        elif new:  # everyone sees the newcomer arrive (and, in a fight, join the combatants)
+            name = work.character(notice.character_id).name
+            events += scene_events(self.game, work, f"{name} joins the party.")
+        events += party_state_if_changed(work)
+        if not events and not changed:
+            return
+        work.outbox = [OutboxEvent("", t, p, notice.trace_id) for t, p in events]
+        await self.store.commit(work)
+        await self._publish_outbox(work, notice.party_id)
 
     # --- for the CLI, tests and the chronicles ---------------------------------------------
 
@@ -134,7 +179,35 @@ class ReferenceEngine:
         """The run's L1 chronicle (one entry per applied action)."""
         return await self.store.decisions(run_id)
 
+    async def scene_summaries(self, run_id: str) -> list[SceneSummary]:
+        """The run's L2 chronicle (one entry per scene visit that ended, and the ending)."""
+        return await self.store.summaries(run_id)
+
     # --- internals -------------------------------------------------------------------------
+
+    async def _retrying(
+        self, handle: Callable[[_T], Awaitable[None]], message: _T, run_id: str
+    ) -> None:
+        """``handle(message)``, again on the newer state if another process committed first."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            try:
+                await handle(message)
+                return
+            except CommitConflict:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                log.info("run %s changed in another process; working it out again", run_id)
+
+    async def _summaries(self, after: RunState, decision: Decision) -> list[SceneSummary]:
+        """The L2 entries ``decision`` writes: none unless it moved the party to another scene."""
+        if "scene" not in decision.changes:
+            return []
+        earlier = await self.store.decisions(after.run_id, scene_number=decision.scene_number)
+        return scene_summaries(self.campaign, [*earlier, decision], after)
+
+    def _started(self) -> None:
+        if self._publisher is None:
+            raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
 
     def _lock(self, run_id: str) -> asyncio.Lock:
         return self._locks.setdefault(run_id, asyncio.Lock())
@@ -159,14 +232,6 @@ class ReferenceEngine:
         applied = self.game.apply(work, action.character_id, parsed)
         work.applied.add(action.action_id)
         work.decisions += 1
-        log.info(
-            "applied %s %s by %s: %s",
-            action.action_type,
-            action.action_id,
-            action.character_id,
-            applied.outcome,
-            extra={"trace_id": action.trace_id},
-        )
         events += action_events(
             self.game,
             work,
@@ -211,7 +276,10 @@ class ReferenceEngine:
                 if event.type == "party.state":
                     state.published_party_state = event.payload
         finally:
-            await self.store.commit(state)
+            try:
+                await self.store.commit(state)
+            except CommitConflict:  # another process moved the run on: its state stands
+                log.info("run %s moved on while its events were published", state.run_id)
 
     async def _settle_outbox(self, state: RunState, party_id: str) -> None:
         """Before a new action: publish an earlier action's leftovers once, else drop them."""
@@ -233,7 +301,10 @@ def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
     """The factory party_sync loads (``--engine campaign_engine:create_engine``, the default).
 
     ``CAMPAIGN_ENGINE_SEED`` (an integer) makes the dice reproducible; ``CAMPAIGN_ENGINE_CAMPAIGN``
-    is the path of a campaign JSON file to play instead of the built-in "The Sunken Lantern".
+    is the path of a campaign JSON file to play instead of the built-in "The Sunken Lantern";
+    ``CAMPAIGN_ENGINE_DATABASE_URL`` says where runs and chronicles live (``store.open_store``:
+    ``sqlite:///PATH``, ``postgresql://…`` or ``memory://``; default
+    ``sqlite:///campaign_engine.sqlite3``). The store connects when the engine starts.
     """
     env = os.environ if environ is None else environ
     seed_text = env.get(ENV_SEED, "").strip()
@@ -243,8 +314,15 @@ def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
         raise ValueError(f"{ENV_SEED} must be an integer, got {seed_text!r}") from None
     path = env.get(ENV_CAMPAIGN, "").strip()
     campaign = load_campaign(path) if path else builtin_campaign()
-    log.info("campaign %r (%d scenes), seed %s", campaign.title, len(campaign.scenes), seed)
-    return ReferenceEngine(campaign, seed=seed)
+    store = open_store(env.get(ENV_DATABASE_URL))
+    log.info(
+        "campaign %r (%d scenes), seed %s, storage %s",
+        campaign.title,
+        len(campaign.scenes),
+        seed,
+        store.url,
+    )
+    return ReferenceEngine(campaign, seed=seed, store=store)
 
 
-__all__ = ["ENV_CAMPAIGN", "ENV_SEED", "ReferenceEngine", "create_engine"]
+__all__ = ["ENV_CAMPAIGN", "ENV_DATABASE_URL", "ENV_SEED", "ReferenceEngine", "create_engine"]

@@ -5,10 +5,11 @@ current scene and the ``scene_number`` counter, each character's HP and effects,
 current scene, the fight in progress, the ``action_id``s already applied (idempotency), the events
 of the last action not yet published (the outbox) and the last ``party.state`` actually published.
 
-It round-trips through ``to_dict``/``from_dict`` (plain JSON types only) because a store keeps it
-that way: the in-memory store already does, so the SQLite/PostgreSQL store of a later issue only
-has to write the same document durably. :func:`changes` describes what an action changed, for the
-L1 chronicle.
+It round-trips through ``to_dict``/``from_dict`` (plain JSON types only) because every store keeps
+it that way (``store.py``: in memory, SQLite, PostgreSQL). ``version`` is not part of that
+document: it is the store's concurrency token (the stored version the state was loaded from, 0 for
+a run never stored), checked and advanced by every commit. :func:`changes` describes what an action
+changed, for the L1 chronicle.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class RunState:
     decisions: int = 0  # L1 entries recorded (the next one gets decisions + 1)
     outbox: list[OutboxEvent] = field(default_factory=list)
     published_party_state: dict[str, Any] | None = None
+    version: int = field(default=0, compare=False)  # the store's token, not part of the document
 
     @property
     def in_combat(self) -> bool:
@@ -185,7 +187,9 @@ class RunState:
 
     def copy(self) -> RunState:
         """A deep, independent copy (an action works on one and is committed only if applied)."""
-        return RunState.from_dict(self.to_dict())
+        twin = RunState.from_dict(self.to_dict())
+        twin.version = self.version
+        return twin
 
 
 def changes(before: RunState, after: RunState) -> dict[str, Any]:
