@@ -13,11 +13,10 @@ from dataclasses import replace
 
 from party_sync import __version__, config, logs
 from party_sync.auth import issue_token
+from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.protocol.errors import ConfigError
 
 log = logging.getLogger("party_sync")
-
-DEMO_CHARACTERS = (("aria", "Aria"), ("borin", "Borin"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -64,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--stream",
-        default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", "party_sync:actions"),
+        default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", ACTIONS_STREAM),
         help="the actions stream [env PARTY_SYNC_ACTIONS_STREAM] (party_sync:actions)",
     )
     worker.add_argument("--group", default="campaign-engine", help="consumer group")
@@ -97,7 +96,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format)
-    if settings.dev_mode:
+    dev_mode = settings.dev_mode
+    if dev_mode:
         log.warning(
             "PARTY_SYNC_JWT_SECRET is not set: using a random DEVELOPMENT secret; tokens from "
             "other processes will not verify. Set a secret in production."
@@ -110,37 +110,56 @@ def _serve(args: argparse.Namespace) -> int:
         ]
         print("\n".join(banner), file=sys.stderr, flush=True)
     settings = with_dev_secret(settings)
-    server = build_server(settings)
-    lines: list[str] = []
-    if args.demo_tokens:
-        assert settings.jwt_secret is not None
-        base = f"ws://{settings.host}:{settings.port}/ws?token="
-        lines = [
-            "",
-            f"party_sync is up on http://{settings.host}:{settings.port} "
-            f"(backend: {server.gateway.backend.name}). Ready connections, party demo-party:",
-        ]
-        for character_id, name in DEMO_CHARACTERS:
-            token = issue_token(
-                settings.jwt_secret,
-                party_id="demo-party",
-                campaign_run_id="demo-run",
-                character_id=character_id,
-                display_name=name,
-                now=time.time(),
-                ttl=12 * 3600,
-            )
-            lines.append(f"  {name:6} {base}{token}")
-        lines += [
-            f"Server API key (development): {settings.api_key}",
-            "Connect with any WebSocket client (e.g. websocat '<url>') and send:",
-            '  {"type":"action.request","payload":{"action_id":"a1","character_id":"aria",'
-            '"campaign_run_id":"demo-run","action_type":"skill_check","payload":{}}}',
-            "Health: /healthz  Readiness: /readyz  Metrics: /metrics  (Ctrl-C stops)",
-            "",
-        ]
+    server = build_server(settings, dev_mode=dev_mode)
+    lines = (
+        _demo_banner(settings, server.gateway.backend.name, dev_mode) if args.demo_tokens else []
+    )
     asyncio.run(run(server, on_ready=lines))
     return 0
+
+
+def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> list[str]:
+    """What ``--demo-tokens`` prints: a ready demo-page URL per character, and how to connect."""
+    from party_sync.transport import demo
+
+    assert settings.jwt_secret is not None
+    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+    if ":" in host:
+        host = f"[{host}]"
+    base = f"http://{host}:{settings.port}"
+    lines = [
+        "",
+        f"party_sync is up on {base} (backend: {backend}). "
+        f"Party {demo.DEMO_PARTY}: open one URL per player in a browser and play:",
+    ]
+    tokens: list[str] = []
+    for character_id, name in demo.DEMO_CHARACTERS:
+        token = issue_token(
+            settings.jwt_secret,
+            party_id=demo.DEMO_PARTY,
+            campaign_run_id=demo.DEMO_RUN,
+            character_id=character_id,
+            display_name=name,
+            now=time.time(),
+            ttl=12 * 3600,
+        )
+        tokens.append(token)
+        lines.append(f"  {name:6} {base}/demo?token={token}")
+    client_dir = demo.find_client_dir()
+    if client_dir is None or not (client_dir / "dist" / "demo" / "app.js").is_file():
+        lines.append("  (the demo page is not built: run `make setup`, then reload)")
+    if dev_mode:
+        lines.append(f"  or pick any character at {base}/demo (development mode)")
+    lines += [
+        f"WebSocket clients: ws://{host}:{settings.port}/ws?token=<one of the tokens above>,",
+        "e.g. websocat, then send:",
+        '  {"type":"action.request","payload":{"action_id":"a1","character_id":"aria",'
+        f'"campaign_run_id":"{demo.DEMO_RUN}","action_type":"skill_check","payload":{{}}}}}}',
+        f"Server API key{' (development)' if dev_mode else ''}: {settings.api_key}",
+        "Health: /healthz  Readiness: /readyz  Metrics: /metrics  (Ctrl-C stops)",
+        "",
+    ]
+    return lines
 
 
 def _token(args: argparse.Namespace) -> int:

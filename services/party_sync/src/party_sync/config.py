@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.protocol.errors import ConfigError
 
 ENV_PREFIX = "PARTY_SYNC_"
@@ -54,7 +55,7 @@ class Settings:
         "(http if engine_url is set, else stream if redis_url is set, else inprocess).",
     )
     actions_stream: str = _option(
-        "party_sync:actions", "Redis stream that accepted actions are appended to (stream mode)."
+        ACTIONS_STREAM, "Redis stream that accepted actions are appended to (stream mode)."
     )
     actions_stream_maxlen: int = _option(
         100_000, "Approximate cap of the actions stream (XADD MAXLEN ~); acked entries go first."

@@ -60,6 +60,26 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Redis mode (backends/redis_*): pub/sub continuity and health (issue 3, "Operable").
+        self.pubsub_gaps = Counter(
+            "party_sync_pubsub_gaps_total",
+            "Party stream gaps on Redis pub/sub, by outcome (repaired: filled from history; "
+            "resync: history could not fill it, clients were told to resync)",
+            ["outcome"],
+            registry=r,
+        )
+        self.redis_reconnects = Counter(
+            "party_sync_redis_reconnects_total",
+            "Redis pub/sub connections re-established, by cause (error / probe)",
+            ["cause"],
+            registry=r,
+        )
+        self.pubsub_lag = Histogram(
+            "party_sync_pubsub_lag_seconds",
+            "Round trip of the pub/sub liveness probe: publish on this node's channel → received",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
         self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
         self.info.labels(node).set(1)
 

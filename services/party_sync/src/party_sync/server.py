@@ -17,6 +17,7 @@ from party_sync.backends.base import Backend
 from party_sync.backends.memory import BackendSettings, MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.config import Settings
+from party_sync.directory import make_directory
 from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import EngineLink
@@ -99,8 +100,14 @@ def with_dev_secret(settings: Settings) -> Settings:
 
 
 def build_server(
-    settings: Settings, *, link: EngineLink | None = None, backend: Backend | None = None
+    settings: Settings,
+    *,
+    link: EngineLink | None = None,
+    backend: Backend | None = None,
+    dev_mode: bool = False,
 ) -> Server:
+    """``dev_mode``: no secret was configured (``with_dev_secret`` made one), so the
+    development-only routes exist (``POST /api/v1/dev/token`` mints demo tokens)."""
     if not settings.jwt_secret:
         raise ConfigError("build_server needs a JWT secret (see with_dev_secret)")
     verifier = TokenVerifier(
@@ -114,7 +121,9 @@ def build_server(
     if backend is None:
         backend = make_backend(settings, node_id=node_id, metrics=metrics)
     gateway = Gateway(settings, backend, link, contracts, metrics=metrics, node_id=node_id)
-    return Server(settings, gateway, build_app(gateway, verifier), verifier)
+    directory = make_directory(settings.redis_url, settings.redis_prefix)
+    app = build_app(gateway, verifier, directory, dev_mode=dev_mode)
+    return Server(settings, gateway, app, verifier)
 
 
 async def run(server: Server, *, on_ready: list[str] | None = None) -> None:

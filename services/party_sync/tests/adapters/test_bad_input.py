@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
+import pytest
 from ps_testkit.client import Closed
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 VALID: dict[str, Any] = {
     "type": "action.request",

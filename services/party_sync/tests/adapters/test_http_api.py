@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from openapi_spec_validator import validate
-
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 KEY = "api-key-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -9,9 +9,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+import pytest
 from aiohttp import web
-
 from ps_testkit.servers import make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 KEY = "api-key-0123456789abcdef0123456789"
 
@@ -60,13 +62,15 @@ class FakeGatewayApi:
                 "state": {"hp": 7, "max_hp": 10, "effects": [], "scene_flags": {}},
             },
         }
-        async with aiohttp.ClientSession() as http:
-            async with http.post(
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(
                 f"{self.party_sync}/api/v1/parties/{body['party_id']}/events",
                 json=result,
                 headers={"Authorization": f"Bearer {KEY}"},
-            ) as resp:
-                assert resp.status == 202, await resp.text()
+            ) as resp,
+        ):
+            assert resp.status == 202, await resp.text()
 
 
 @contextlib.asynccontextmanager
@@ -126,17 +130,19 @@ async def test_5xx_is_retried_and_the_action_is_applied_once() -> None:
 
 async def test_4xx_is_final_and_reported_to_the_player() -> None:
     fake = FakeGatewayApi(status=409)
-    async with gateway_api(fake) as url:
-        async with serve_in_process(make_settings(api_key=KEY, engine_url=url)) as srv:
-            fake.party_sync = srv.base
-            a, _ = await srv.join("aria")
-            await a.act("nope", "aria", "r1")
-            err = await a.until("system.error")
-            assert err["payload"]["code"] == "action_rejected"
-            assert err["payload"]["message"] == "no such option here"
-            deliveries = [r for r in fake.received if r[1]["envelope"]["type"] == "action.request"]
-            assert len(deliveries) == 1
-            await a.close()
+    async with (
+        gateway_api(fake) as url,
+        serve_in_process(make_settings(api_key=KEY, engine_url=url)) as srv,
+    ):
+        fake.party_sync = srv.base
+        a, _ = await srv.join("aria")
+        await a.act("nope", "aria", "r1")
+        err = await a.until("system.error")
+        assert err["payload"]["code"] == "action_rejected"
+        assert err["payload"]["message"] == "no such option here"
+        deliveries = [r for r in fake.received if r[1]["envelope"]["type"] == "action.request"]
+        assert len(deliveries) == 1
+        await a.close()
 
 
 async def test_an_unreachable_engine_ends_in_a_retryable_error() -> None:

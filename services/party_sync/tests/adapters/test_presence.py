@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from ps_testkit.client import Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process, token
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 
 def settled(srv: Running, outcome: str) -> int:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 
 async def _act(srv: Running, n: int, who: str = "aria") -> list[dict[str, Any]]:

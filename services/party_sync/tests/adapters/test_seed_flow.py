@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 
 async def test_two_clients_one_acts_the_other_sees_result_then_scene() -> None:

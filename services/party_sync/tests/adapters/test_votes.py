@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 KEY = "api-key-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}

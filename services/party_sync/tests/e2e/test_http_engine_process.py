@@ -8,7 +8,6 @@ import signal
 import subprocess
 
 import pytest
-
 from ps_testkit.servers import free_port, party_sync_command, serve_process
 
 pytestmark = pytest.mark.e2e

@@ -113,6 +113,8 @@ def test_a_bad_setting_is_a_clear_configuration_error() -> None:
 
 
 async def test_dev_mode_serve_prints_two_ready_urls_that_work() -> None:
+    """``make run``: two demo-page URLs, one per character, each opening a playable page whose
+    token joins the same party; in development mode the page may also mint tokens."""
     env = {k: v for k, v in os.environ.items() if k != "PARTY_SYNC_JWT_SECRET"}
     from ps_testkit.servers import free_port
 
@@ -134,18 +136,36 @@ async def test_dev_mode_serve_prints_two_ready_urls_that_work() -> None:
             while len(urls) < 2:
                 line = (await proc.stdout.readline()).decode()
                 assert line, "serve exited before printing its URLs"
-                if "ws://" in line:
+                if "/demo?token=" in line:
                     urls.append(line.split()[-1])
         import aiohttp
         from ps_testkit.client import Client
+        from yarl import URL
 
+        base = f"http://127.0.0.1:{port}"
+        assert all(url.startswith(base + "/demo?token=") for url in urls)
         async with aiohttp.ClientSession() as http:
-            clients = [Client(await http.ws_connect(url)) for url in urls]
+            tokens = []
+            for url in urls:
+                async with http.get(url) as resp:  # the page itself
+                    assert resp.status == 200
+                    assert resp.content_type == "text/html"
+                tokens.append(URL(url).query["token"])
+            clients = [
+                Client(await http.ws_connect(f"ws://127.0.0.1:{port}/ws", params={"token": t}))
+                for t in tokens
+            ]
             hellos = [await c.expect("system.hello") for c in clients]
             assert {h["payload"]["you"] for h in hellos} == {"aria", "borin"}
             assert len({h["payload"]["party_id"] for h in hellos}) == 1
             for c in clients:
                 await c.close()
+            async with http.post(f"{base}/api/v1/dev/token", json={"character_id": "cora"}) as r:
+                assert r.status == 200  # development mode: the page can pick a character
+                minted = (await r.json())["token"]
+            cora = Client(await http.ws_connect(f"ws://127.0.0.1:{port}/ws?token={minted}"))
+            assert (await cora.expect("system.hello"))["payload"]["party_id"] == "demo-party"
+            await cora.close()
         assert proc.stderr is not None
     finally:
         proc.send_signal(signal.SIGTERM)

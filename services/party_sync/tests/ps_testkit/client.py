@@ -38,6 +38,14 @@ async def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> Non
             await asyncio.sleep(0.01)
 
 
+def _close_code(ws: aiohttp.ClientWebSocketResponse, msg: aiohttp.WSMessage) -> int | None:
+    """The server's close code: from its close frame when there was one (``ws.close_code`` says
+    1006 if the server dropped the socket before our close reply got out)."""
+    if msg.type is aiohttp.WSMsgType.CLOSE and isinstance(msg.data, int):
+        return msg.data
+    return ws.close_code
+
+
 class Closed(Exception):
     def __init__(self, code: int | None) -> None:
         super().__init__(f"connection closed with {code}")
@@ -57,7 +65,7 @@ class Client:
             aiohttp.WSMsgType.CLOSING,
             aiohttp.WSMsgType.CLOSED,
         ):
-            raise Closed(self.ws.close_code)
+            raise Closed(_close_code(self.ws, msg))
         assert msg.type is aiohttp.WSMsgType.TEXT, msg
         data = msg.data.encode() if isinstance(msg.data, str) else msg.data
         message = orjson.loads(data)
@@ -121,7 +129,7 @@ class Client:
                     aiohttp.WSMsgType.CLOSING,
                     aiohttp.WSMsgType.CLOSED,
                 ):
-                    return self.ws.close_code
+                    return _close_code(self.ws, msg)
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     message = orjson.loads(msg.data)
                     check_server_message(message)

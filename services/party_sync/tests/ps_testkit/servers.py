@@ -113,8 +113,10 @@ async def serve_in_process(
     *,
     engine: Engine | None = None,
     backend: Backend | None = None,
+    dev_mode: bool = False,
 ) -> AsyncIterator[Running]:
-    """The real app on a real loopback port, in this event loop."""
+    """The real app on a real loopback port, in this event loop (``dev_mode``: with the
+    development-only routes, as when no secret is configured)."""
     settings = settings or make_settings()
     if redis_url_for_tests and backend is None and settings.redis_url is None:
         # The same behaviour suite on Redis; the engine stays in-process (not the stream default).
@@ -122,7 +124,7 @@ async def serve_in_process(
         transport = "inprocess" if auto else settings.engine_transport
         settings = replace(settings, redis_url=redis_url_for_tests, engine_transport=transport)
     link = InProcessLink(engine) if engine is not None else None
-    server = build_server(settings, link=link, backend=backend)
+    server = build_server(settings, link=link, backend=backend, dev_mode=dev_mode)
     runner = web.AppRunner(server.app, handle_signals=False, shutdown_timeout=2.0)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

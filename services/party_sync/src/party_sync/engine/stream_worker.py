@@ -26,6 +26,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.engine.interface import ActionRequest, Engine, EngineRejected, JoinNotice
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode
@@ -41,7 +42,7 @@ def default_consumer() -> str:
 
 @dataclass(frozen=True, slots=True)
 class WorkerOptions:
-    stream: str = "party_sync:actions"
+    stream: str = ACTIONS_STREAM
     group: str = "campaign-engine"
     consumer: str = field(default_factory=lambda: default_consumer())
     claim_idle: float = 30.0  # seconds before another worker may take over a pending entry

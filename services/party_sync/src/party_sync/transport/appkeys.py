@@ -7,8 +7,10 @@ from typing import Final
 from aiohttp import web
 
 from party_sync.auth import TokenVerifier
+from party_sync.directory import Directory
 from party_sync.gateway import Gateway
 
 GATEWAY: Final = web.AppKey("gateway", Gateway)
 VERIFIER: Final = web.AppKey("verifier", TokenVerifier)
 API_KEY: Final = web.AppKey("api_key", str)
+DIRECTORY: Final = web.AppKey[Directory]("directory")

@@ -9,9 +9,10 @@ from aiohttp.abc import AbstractAccessLogger
 
 from party_sync.auth import TokenVerifier
 from party_sync.core.history import ResumePoint
+from party_sync.directory import Directory, MemoryDirectory
 from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError
-from party_sync.transport import api, openapi
+from party_sync.transport import api, demo, members, openapi, telegram
 from party_sync.transport.appkeys import GATEWAY, VERIFIER
 from party_sync.transport.sink import WebSocketSink
 
@@ -99,7 +100,13 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
-def build_app(gateway: Gateway, verifier: TokenVerifier) -> web.Application:
+def build_app(
+    gateway: Gateway,
+    verifier: TokenVerifier,
+    directory: Directory | None = None,
+    *,
+    dev_mode: bool = False,
+) -> web.Application:
     app = web.Application()
     app[GATEWAY] = gateway
     app[VERIFIER] = verifier
@@ -108,6 +115,9 @@ def build_app(gateway: Gateway, verifier: TokenVerifier) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     api.add_routes(app, gateway.settings.api_key)
+    demo.add_routes(app, dev_mode=dev_mode)
+    members.add_routes(app, directory or MemoryDirectory())  # who may sign in as what
+    telegram.add_routes(app)  # POST /api/v1/auth/telegram
     spec = openapi.document(gateway.contracts)
 
     async def openapi_json(request: web.Request) -> web.Response:

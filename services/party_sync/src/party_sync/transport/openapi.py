@@ -74,6 +74,157 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
     }
 
 
+_ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
+
+_MEMBERSHIP_FIELDS: dict[str, Any] = {
+    "telegram_user_id": {"type": "integer", "minimum": 1},
+    "display_name": {"type": "string", "minLength": 1, "maxLength": 64},
+    "campaign_run_id": _ID,
+}
+
+_MEMBERSHIP_BODY = {
+    "type": "object",
+    "required": list(_MEMBERSHIP_FIELDS),
+    "additionalProperties": False,
+    "properties": _MEMBERSHIP_FIELDS,
+}
+
+_MEMBERSHIP = {
+    "type": "object",
+    "required": [
+        "party_id",
+        "character_id",
+        "telegram_user_id",
+        "display_name",
+        "campaign_run_id",
+    ],
+    "properties": {
+        "party_id": _ID,
+        "character_id": _ID,
+        **_MEMBERSHIP_FIELDS,
+    },
+}
+
+
+def _path_params(*names: str) -> list[dict[str, Any]]:
+    return [{"name": n, "in": "path", "required": True, "schema": _ID} for n in names]
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _members() -> dict[str, Any]:
+    """The membership API (transport/members.py) and Telegram sign-in (transport/telegram.py)."""
+    common = {
+        "401": _problem("Missing or wrong API key (checked before anything else)"),
+        "422": _problem("Invalid ids or body (the detail says why)"),
+        "503": _problem("The backend is unreachable; retry"),
+    }
+    membership = _json({"$ref": "#/components/schemas/Membership"}, "The membership")
+    sign_in_body = {
+        "type": "object",
+        "required": ["init_data", "party_id", "character_id"],
+        "additionalProperties": False,
+        "properties": {
+            "init_data": {"type": "string", "description": "Telegram.WebApp.initData, raw"},
+            "party_id": _ID,
+            "character_id": _ID,
+        },
+    }
+    token = {
+        "type": "object",
+        "required": ["token", "expires_at"],
+        "properties": {
+            "token": {"type": "string", "description": "A party_sync connection token (JWT)"},
+            "expires_at": {"type": "integer", "description": "Unix seconds"},
+        },
+    }
+    return {
+        "/api/v1/parties/{party_id}/members": {
+            "get": {
+                "summary": "List a party's memberships",
+                "security": [{"apiKey": []}],
+                "parameters": _path_params("party_id"),
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["members"],
+                            "properties": {
+                                "members": {
+                                    "type": "array",
+                                    "items": {"$ref": "#/components/schemas/Membership"},
+                                }
+                            },
+                        },
+                        "The memberships, by character_id",
+                    ),
+                    **common,
+                },
+            }
+        },
+        "/api/v1/parties/{party_id}/members/{character_id}": {
+            "parameters": _path_params("party_id", "character_id"),
+            "put": {
+                "summary": "Register (or replace) which Telegram user may play this character",
+                "security": [{"apiKey": []}],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/MembershipBody"}
+                        }
+                    },
+                },
+                "responses": {
+                    "204": {"description": "Registered"},
+                    "400": _problem("The body is not JSON"),
+                    "413": _problem("The body is too large"),
+                    **common,
+                },
+            },
+            "delete": {
+                "summary": "Remove a membership (idempotent)",
+                "security": [{"apiKey": []}],
+                "responses": {"204": {"description": "Removed (or there was none)"}, **common},
+            },
+            "get": {
+                "summary": "Read a membership",
+                "security": [{"apiKey": []}],
+                "responses": {
+                    "200": membership,
+                    "404": _problem("No such membership"),
+                    **common,
+                },
+            },
+        },
+        "/api/v1/auth/telegram": {
+            "post": {
+                "summary": "Telegram Mini App sign-in: trade initData for a connection token",
+                "description": (
+                    "Checks initData's HMAC with the bot token and the freshness of auth_date, "
+                    "then that the membership directory binds the character in the party to "
+                    "that Telegram user. Refusals carry a stable error code only."
+                ),
+                "security": [],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": sign_in_body}},
+                },
+                "responses": {
+                    "200": _json(token, "A token bound to the party, run and character"),
+                    "400": _problem("bad_request, or malformed_init_data"),
+                    "401": _problem("invalid_init_data (bad hash), init_data_expired"),
+                    "403": _problem("not_a_member, or origin_not_allowed"),
+                    "413": _problem("The body is too large"),
+                    "503": _problem("telegram_not_configured, or backend_unavailable"),
+                },
+            }
+        },
+    }
+
+
 def document(contracts: Contracts) -> dict[str, Any]:
     plain = {"200": {"description": "OK"}}
     return {
@@ -107,6 +258,7 @@ def document(contracts: Contracts) -> dict[str, Any]:
                     },
                 },
             ),
+            **_members(),
             "/ws": {
                 "get": {
                     "summary": "The WebSocket (see docs/protocol.md)",
@@ -143,6 +295,11 @@ def document(contracts: Contracts) -> dict[str, Any]:
                     "description": "PARTY_SYNC_API_KEY",
                 }
             },
-            "schemas": {"Problem": _PROBLEM, "EventBody": _event_body(contracts)},
+            "schemas": {
+                "Problem": _PROBLEM,
+                "EventBody": _event_body(contracts),
+                "Membership": _MEMBERSHIP,
+                "MembershipBody": _MEMBERSHIP_BODY,
+            },
         },
     }

@@ -1,0 +1,156 @@
+/**
+ * The generated types and the client's parser against the JSON Schemas (the source of truth):
+ * every example of every schema validates, the client's parser accepts every server example, the
+ * typed examples (test/schema-examples.ts, type-checked by tsc) are the schemas' examples, and the
+ * generated constants agree with the schemas.
+ */
+import assert from "node:assert/strict";
+import { describe, it } from "node:test";
+
+import { PartySyncClient } from "../src/client.js";
+import { isSequenced, parseServerMessage, ProtocolParseError } from "../src/parse.js";
+import {
+  CLIENT_TYPES,
+  ERROR_CODES,
+  PARTY_EVENT_TYPES,
+  RETRYABLE_ERROR_CODES,
+  SYSTEM_TYPES,
+  type PartyEvent,
+} from "../src/types.js";
+import { schemas, validateDef, validateMessage } from "./contracts.js";
+import { FakeSocket, FakeTimers, hello, tick } from "./fake.js";
+import { envelopeExamples, memberExamples, messageExamples } from "./schema-examples.js";
+
+type Json = Record<string, unknown>;
+
+const messageFiles = Object.keys(schemas).filter(
+  (f) => f !== "common.json" && f !== "envelope.json",
+);
+
+function examplesOf(file: string): Json[] {
+  return (schemas[file]?.["examples"] ?? []) as Json[];
+}
+
+describe("schema examples", () => {
+  it("every schema has examples and every example validates", () => {
+    for (const file of messageFiles) {
+      const examples = examplesOf(file);
+      assert.ok(examples.length > 0, `${file} has no examples`);
+      for (const example of examples) {
+        assert.deepEqual(validateMessage(example), [], `${file}: ${JSON.stringify(example)}`);
+      }
+    }
+    for (const member of examplesOf("common.json")) {
+      assert.deepEqual(validateDef("member", member), []);
+    }
+  });
+
+  it("the typed examples checked by tsc are exactly the schemas' examples", () => {
+    for (const file of messageFiles) {
+      const type = file.replace(/\.json$/, "") as keyof typeof messageExamples;
+      assert.deepEqual(messageExamples[type], examplesOf(file), file);
+    }
+    assert.deepEqual(memberExamples, examplesOf("common.json"));
+    assert.deepEqual(envelopeExamples, examplesOf("envelope.json"));
+  });
+
+  it("the client's parser accepts every server → client example", () => {
+    let count = 0;
+    for (const file of messageFiles) {
+      for (const example of examplesOf(file)) {
+        const type = example["type"] as string;
+        const fromServer =
+          (SYSTEM_TYPES as readonly string[]).includes(type) ||
+          ((PARTY_EVENT_TYPES as readonly string[]).includes(type) && "seq" in example);
+        if (!fromServer) continue;
+        const parsed = parseServerMessage(JSON.stringify(example));
+        assert.deepEqual(parsed, example);
+        assert.equal(isSequenced(parsed), "seq" in example);
+        count += 1;
+      }
+    }
+    assert.ok(count >= 25, `only ${count} server examples`);
+  });
+
+  it("the parser refuses what is not a server message", () => {
+    const bad: unknown[] = [
+      "{nope",
+      "[]",
+      JSON.stringify({ type: "party.join", payload: {} }), // an event without seq
+      JSON.stringify({ type: "party.join", seq: 0, payload: { character_id: "a" } }),
+      JSON.stringify({ type: "system.hello", seq: 3, payload: {} }),
+      JSON.stringify({ type: "scene.update", seq: 2, payload: { options: "x" } }),
+      JSON.stringify({ type: "Bad Type", payload: {} }),
+      JSON.stringify({ type: "party.join", seq: 1 }),
+    ];
+    for (const frame of bad) {
+      assert.throws(() => parseServerMessage(frame), ProtocolParseError, String(frame));
+    }
+  });
+
+  it("an unknown type is passed through, counted in the sequence if it has a seq", () => {
+    const parsed = parseServerMessage(
+      JSON.stringify({ type: "party.emote", seq: 4, payload: { emote: "wave" } }),
+    );
+    assert.equal(parsed.type, "party.emote");
+    assert.ok("unknown" in parsed);
+    assert.ok(isSequenced(parsed));
+  });
+
+  it("the generated constants agree with the schemas", () => {
+    const common = schemas["common.json"] as { $defs: { error_code: { enum: string[] } } };
+    assert.deepEqual([...ERROR_CODES], common.$defs.error_code.enum);
+    for (const type of PARTY_EVENT_TYPES) {
+      for (const example of examplesOf(`${type}.json`).filter((e) => "seq" in e)) {
+        assert.equal(typeof example["seq"], "number");
+      }
+      const required = (schemas[`${type}.json`]?.["required"] ?? []) as string[];
+      const conditional = ((schemas[`${type}.json`]?.["if"] as Json | undefined)?.["required"] ??
+        []) as string[];
+      assert.ok(required.includes("seq") || conditional.includes("seq"), type);
+    }
+    assert.deepEqual([...SYSTEM_TYPES].sort(), ["system.error", "system.hello"]);
+    assert.deepEqual([...CLIENT_TYPES].sort(), ["action.request", "party.leave", "vote.cast"]);
+    for (const code of RETRYABLE_ERROR_CODES) assert.ok(ERROR_CODES.includes(code));
+    assert.equal(messageFiles.length, PARTY_EVENT_TYPES.length + SYSTEM_TYPES.length + 2);
+  });
+
+  it("the client applies every example event in order without error", async () => {
+    FakeSocket.reset();
+    const timers = new FakeTimers();
+    const client = new PartySyncClient({
+      url: "ws://test/ws",
+      token: "t",
+      WebSocket: FakeSocket,
+      timers,
+      now: () => timers.now,
+    });
+    const applied: number[] = [];
+    client.on("event", (e) => applied.push(e.seq));
+    client.on("protocolError", (e) => assert.fail(e));
+    void client.connect();
+    await tick();
+    const helloExample = messageExamples["system.hello"][0];
+    assert.ok(helloExample !== undefined);
+    FakeSocket.last().deliver({ ...helloExample, payload: { ...helloExample.payload, seq: 0 } });
+    const events: PartyEvent[] = [];
+    for (const type of PARTY_EVENT_TYPES) {
+      for (const example of examplesOf(`${type}.json`)) {
+        if ("seq" in example) events.push(example as unknown as PartyEvent);
+      }
+    }
+    events.forEach((e, i) => FakeSocket.last().deliver({ ...e, seq: i + 1 }));
+    assert.deepEqual(
+      applied,
+      events.map((_, i) => i + 1),
+    );
+    assert.equal(client.state?.lastSeq, events.length);
+    assert.equal(FakeSocket.all.length, 1, "no reconnect, no resync");
+    client.close();
+  });
+
+  it("hello() test fixtures are valid hellos", () => {
+    assert.deepEqual(validateMessage(hello(3) as unknown as Json), []);
+    assert.deepEqual(validateMessage(hello(3, { resumed_from: 1 }) as unknown as Json), []);
+  });
+});

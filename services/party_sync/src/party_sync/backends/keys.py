@@ -1,0 +1,115 @@
+"""Every Redis key and pub/sub channel name party_sync uses, built here and nowhere else.
+
+Channels (fixed by the public contract of issue 3; no prefix, so other services can listen)::
+
+    party:<party_id>            the party's stream: sequenced events and direct messages (JSON)
+    run:<campaign_run_id>       run-wide messages (JSON envelopes, not sequenced)
+
+A node-private channel, for the pub/sub liveness probe (anchors: centrifugo#1189)::
+
+    <prefix>:probe:<node_id>
+
+Keys of one party all carry the hash tag ``{party:<party_id>}``, so they live in one Redis Cluster
+slot and one Lua script may touch all of them (anchors: Centrifugo's ``{channel}`` tags)::
+
+    <prefix>:{party:<id>}:meta        hash    epoch, seq (the top of the stream)
+    <prefix>:{party:<id>}:history     list    the last ``history_size`` encoded events, oldest first
+    <prefix>:{party:<id>}:members     zset    character_id → seq of its join (roster order)
+    <prefix>:{party:<id>}:names       hash    character_id → display_name
+    <prefix>:{party:<id>}:online      set     character_ids online in the projection
+    <prefix>:{party:<id>}:state       hash    scene, combat, party_state, vote* (JSON payloads)
+    <prefix>:{party:<id>}:presence    zset    "<connection_id>:<character_id>" → expires_at
+    <prefix>:{party:<id>}:gone        hash    character_id → deadline for its owning node to settle
+    <prefix>:{party:<id>}:locks       hash    character_id → "<until> <action_id>" (one in flight)
+    <prefix>:{party:<id>}:vote        hash    the current (or last) vote: spec, deadline, run, ...
+    <prefix>:{party:<id>}:ballots     hash    character_id → option, for the current vote
+    <prefix>:{party:<id>}:action:<action_id>   hash  c (character), s (started), r (result bytes)
+
+The first eleven (the ``PARTY_KEYS`` order) expire together ``party_ttl`` after the party's last
+activity; an action record expires ``action_record_ttl`` after its last change.
+
+Keys outside any party slot::
+
+    <prefix>:presence-index             zset  party_id → when its presence must next be swept
+    <prefix>:vote-index                 zset  party_id → the deadline of its open vote
+    <prefix>:{run:<id>}:parties         set   the parties whose members connected for the run
+
+The membership directory (``party_sync.directory``; registered through the server API, no TTL:
+it lives until it is deleted, independently of the party's activity)::
+
+    <prefix>:{party:<id>}:directory     hash  character_id → {telegram_user_id, display_name, run}
+
+The engine transport's stream (issue 4; its name is a public contract, so it carries no prefix
+and is configurable as ``actions_stream``)::
+
+    party_sync:actions                  stream  accepted actions, read by engine workers
+
+Identifiers are ``[A-Za-z0-9._:-]{1,64}`` (checked in tokens and schemas), so none can contain
+``{``/``}`` and break a hash tag, nor a space (the lock value's separator).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DEFAULT_PREFIX = "party_sync"
+
+#: The default name of the actions stream engines consume (``PARTY_SYNC_ACTIONS_STREAM``).
+ACTIONS_STREAM = "party_sync:actions"
+
+#: The per-party keys every party script receives, in this order (KEYS[1..11] in Lua scripts).
+PARTY_KEYS = (
+    "meta",
+    "history",
+    "members",
+    "names",
+    "online",
+    "state",
+    "presence",
+    "gone",
+    "locks",
+    "vote",
+    "ballots",
+)
+
+
+def party_channel(party_id: str) -> str:
+    return f"party:{party_id}"
+
+
+def run_channel(campaign_run_id: str) -> str:
+    return f"run:{campaign_run_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpace:
+    """Key names under one prefix (``redis_prefix``), so several deployments can share a Redis."""
+
+    prefix: str = DEFAULT_PREFIX
+
+    def tag(self, party_id: str) -> str:
+        return f"{self.prefix}:{{party:{party_id}}}"
+
+    def party_keys(self, party_id: str) -> list[str]:
+        """The keys of ``PARTY_KEYS``, in order."""
+        base = self.tag(party_id)
+        return [f"{base}:{name}" for name in PARTY_KEYS]
+
+    def action(self, party_id: str, action_id: str) -> str:
+        return f"{self.tag(party_id)}:action:{action_id}"
+
+    def run_parties(self, campaign_run_id: str) -> str:
+        return f"{self.prefix}:{{run:{campaign_run_id}}}:parties"
+
+    def directory(self, party_id: str) -> str:
+        """The party's membership directory (not among ``PARTY_KEYS``: it never expires)."""
+        return f"{self.tag(party_id)}:directory"
+
+    def presence_index(self) -> str:
+        return f"{self.prefix}:presence-index"
+
+    def vote_index(self) -> str:
+        return f"{self.prefix}:vote-index"
+
+    def probe_channel(self, node_id: str) -> str:
+        return f"{self.prefix}:probe:{node_id}"

@@ -1,0 +1,137 @@
+-- Shared prelude of every party script (redis_scripts.py prepends it to each script body).
+--
+-- KEYS[1..11] are the party's keys in keys.PARTY_KEYS order; KEYS[12] is an action record when
+-- a script needs one. ARGV[1..6] is the common header (redis_scripts.header):
+--   1 epoch candidate (used only if the party has no history yet)   2 the party's channel
+--   3 party_ttl in ms   4 history_size   5 now (Unix seconds)   6 action_record_ttl in ms
+-- Everything one operation reads and writes is in one slot and one script, so it is atomic
+-- across nodes (issue 3: "one Lua script: allocate the next seq, append ..., publish").
+
+local K_META, K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local K_STATE, K_PRESENCE, K_GONE, K_LOCKS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local K_VOTE, K_BALLOTS, K_ACTION = KEYS[10], KEYS[11], KEYS[12]
+local EPOCH_CANDIDATE, CHANNEL = ARGV[1], ARGV[2]
+local PARTY_TTL_MS, HISTORY_SIZE = tonumber(ARGV[3]), tonumber(ARGV[4])
+local NOW, RECORD_TTL_MS = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+local function fmt_time(t)
+  return string.format('%.6f', t)
+end
+
+-- Every party key but the action records lives party_ttl after the last activity.
+local function touch()
+  for i = 1, 11 do
+    redis.call('PEXPIRE', KEYS[i], PARTY_TTL_MS)
+  end
+end
+
+-- The current epoch; a party without one (new, flushed, restarted, expired) starts a new history
+-- from nothing, so no client ever trusts a seq of the lost one (anchors: Centrifugo's epoch).
+local function ensure_epoch()
+  local epoch = redis.call('HGET', K_META, 'epoch')
+  if epoch then
+    return epoch
+  end
+  redis.call('DEL', K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE, K_STATE, K_VOTE, K_BALLOTS)
+  redis.call('HSET', K_META, 'epoch', EPOCH_CANDIDATE, 'seq', 0)
+  return EPOCH_CANDIDATE
+end
+
+-- Presence entries are "<connection_id>:<character_id>" (connection ids are hex: no ':').
+local function character_of(entry)
+  return string.sub(entry, string.find(entry, ':', 1, true) + 1)
+end
+
+-- Characters with at least one live (unexpired) connection, as a set.
+local function live_characters()
+  local live = {}
+  local entries = redis.call('ZRANGEBYSCORE', K_PRESENCE, '(' .. fmt_time(NOW), '+inf')
+  for _, entry in ipairs(entries) do
+    live[character_of(entry)] = true
+  end
+  return live
+end
+
+-- When the presence sweep must next look at this party (for the presence index): the earliest
+-- connection expiry or settle deadline; '' when there is neither.
+local function next_expiry()
+  local best = nil
+  local first = redis.call('ZRANGE', K_PRESENCE, 0, 0, 'WITHSCORES')
+  if first[2] then
+    best = tonumber(first[2])
+  end
+  for _, deadline in ipairs(redis.call('HVALS', K_GONE)) do
+    local d = tonumber(deadline)
+    if not best or d < best then
+      best = d
+    end
+  end
+  if best then
+    return fmt_time(best)
+  end
+  return ''
+end
+
+-- A character's action lock is "<until> <action_id>".
+local function read_lock(character_id)
+  local lock = redis.call('HGET', K_LOCKS, character_id)
+  if not lock then
+    return nil, nil
+  end
+  local space = string.find(lock, ' ', 1, true)
+  return tonumber(string.sub(lock, 1, space - 1)), string.sub(lock, space + 1)
+end
+
+local function release_lock(character_id, action_id)
+  local _, holder = read_lock(character_id)
+  if holder == action_id then
+    redis.call('HDEL', K_LOCKS, character_id)
+  end
+end
+
+-- Fold one event into the projection: the rules of core/projection.py, field for field.
+-- f holds the fold arguments prepared by redis_scripts.fold_args.
+local function fold(seq, kind, f)
+  if kind == 'party.join' then
+    redis.call('ZADD', K_MEMBERS, 'NX', seq, f[1])
+    redis.call('HSET', K_NAMES, f[1], f[2])
+    redis.call('SADD', K_ONLINE, f[1])
+  elseif kind == 'party.leave' then
+    redis.call('SREM', K_ONLINE, f[1])
+    if f[2] == 'left' then
+      redis.call('ZREM', K_MEMBERS, f[1])
+      redis.call('HDEL', K_NAMES, f[1])
+    end
+  elseif kind == 'scene.update' then
+    redis.call('HSET', K_STATE, 'scene', f[1])
+  elseif kind == 'combat.update' then
+    redis.call('HSET', K_STATE, 'combat', f[1])
+  elseif kind == 'party.state' then
+    redis.call('HSET', K_STATE, 'party_state', f[1])
+  elseif kind == 'vote.started' then
+    redis.call('HSET', K_STATE, 'vote_id', f[1], 'vote', f[2], 'vote_tallies', f[3],
+      'vote_voted', 0, 'vote_eligible', redis.call('SCARD', K_ONLINE))
+  elseif kind == 'vote.update' then
+    if redis.call('HGET', K_STATE, 'vote_id') == f[1] then
+      redis.call('HSET', K_STATE, 'vote_tallies', f[2], 'vote_voted', f[3], 'vote_eligible', f[4])
+    end
+  elseif kind == 'vote.finished' then
+    if redis.call('HGET', K_STATE, 'vote_id') == f[1] then
+      redis.call('HDEL', K_STATE, 'vote_id', 'vote', 'vote_tallies', 'vote_voted', 'vote_eligible')
+    end
+  end
+end
+
+-- Sequence one event: next seq, splice it into the body (as codec.with_seq does), fold it,
+-- append it to the bounded history and publish it, all in this one atomic step, so pub/sub order
+-- is seq order and history never lacks a published event. Returns seq, data.
+local function append(epoch, body, kind, f)
+  local seq = redis.call('HINCRBY', K_META, 'seq', 1)
+  local data = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
+  fold(seq, kind, f)
+  redis.call('RPUSH', K_HISTORY, data)
+  redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
+  touch()
+  redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
+  return seq, data
+end

@@ -1,0 +1,392 @@
+"""The Redis backend: many gateway nodes sharing one Redis behave as one service (issue 3).
+
+It implements ``Backend`` with the semantics of ``MemoryBackend`` (the shared behavioural suite
+runs against both): every operation that reads and writes party state is one Lua script on the
+party's slot (``redis_scripts``), the stream is delivered through one pub/sub connection per node
+(``redis_bus``) and put in order, gap-free, per party (``redis_stream``). Key and channel names
+come from ``keys``.
+
+What is shared and where: the stream (epoch, seq, bounded history), the projection behind
+``system.hello``, presence (per connection, with expiry; counted per character across nodes and
+tabs), and the action ledger (records and per-character locks). Times are the callers' ``now``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+
+from party_sync.backends import redis_presence, redis_votes
+from party_sync.backends.base import Binding, PartyListener, Snapshot
+from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
+from party_sync.backends.memory import BackendSettings
+from party_sync.backends.redis_bus import Bus, Handler
+from party_sync.backends.redis_scripts import (
+    Arg,
+    Limits,
+    Scripts,
+    fold_args,
+    snapshot_from,
+    text,
+    unavailable,
+)
+from party_sync.backends.redis_stream import PartyStream, RangeReply, encode_direct, event_from
+from party_sync.core.actions import Decision, Verdict
+from party_sync.core.events import Event
+from party_sync.core.history import ResumePoint
+from party_sync.core.votes import CastRefusal, VoteSpec
+from party_sync.metrics import Metrics
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RedisOptions:
+    """How to reach Redis and the Redis-only knobs (the shared limits are ``BackendSettings``)."""
+
+    url: str
+    prefix: str = DEFAULT_PREFIX
+    probe_interval: float = 5.0  # pub/sub silence before a probe; also the probe's deadline
+    presence_grace: float = 5.0  # a node settles within grace (+ presence_ttl) or is presumed dead
+    connect_timeout: float = 2.0
+    command_timeout: float = 5.0
+
+
+class _Subscription:
+    def __init__(self, close: Callable[[], Awaitable[None]]) -> None:
+        self._close: Callable[[], Awaitable[None]] | None = close
+
+    async def close(self) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            await close()
+
+
+class RedisBackend:
+    """All parties, shared through Redis; one instance per gateway node."""
+
+    name = "redis"
+
+    def __init__(
+        self,
+        options: RedisOptions,
+        settings: BackendSettings | None = None,
+        *,
+        node_id: str | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.options = options
+        self.settings = settings = settings or BackendSettings()
+        self.node_id = node_id or uuid.uuid4().hex[:12]
+        self.metrics = metrics
+        self.keys = KeySpace(options.prefix)
+        self.client = Redis.from_url(
+            options.url,
+            protocol=2,  # plain arrays for pub/sub; the faster reader (anchors)
+            socket_connect_timeout=options.connect_timeout,
+            socket_timeout=options.command_timeout,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),  # one retry: a stale socket
+            client_name=f"party_sync:{self.node_id}",
+        )
+        self.scripts = Scripts(
+            self.client,
+            self.keys,
+            Limits(
+                settings.history_size,
+                settings.idle_party_ttl,
+                settings.action_record_ttl,
+                settings.presence_ttl,
+                settings.action_timeout,
+            ),
+        )
+        self.bus = Bus(
+            self.client.connection_pool,
+            self._publish_raw,
+            node_id=self.node_id,
+            probe_channel=self.keys.probe_channel(self.node_id),
+            probe_interval=options.probe_interval,
+            timeout=options.command_timeout,
+            on_reconnect=self._on_reconnect,
+            count_reconnect=self._count_reconnect,
+            observe_lag=self._observe_lag,
+        )
+        self._streams: dict[str, PartyStream] = {}
+        self._opening: dict[str, asyncio.Task[None]] = {}
+        self._runs: dict[str, tuple[Handler, list[Callable[[bytes], None]]]] = {}
+        self._run_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        with contextlib.suppress(BackendUnavailable):  # Redis may be down: the bus keeps trying
+            await self.scripts.load()
+        await self.bus.start(wait=self.options.connect_timeout)
+
+    async def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+        await self.bus.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.client.aclose()
+
+    async def ready(self) -> bool:
+        """Ready while the pub/sub connection is up and Redis answers a PING."""
+        if not self.bus.connected:
+            return False
+        try:
+            async with asyncio.timeout(self.options.connect_timeout):
+                return bool(await self.client.ping())
+        except Exception:
+            return False
+
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- metrics hooks --------------------------------------------------------------------------
+    def _count_reconnect(self, cause: str) -> None:
+        if self.metrics is not None:
+            self.metrics.redis_reconnects.labels(cause).inc()
+
+    def _count_gap(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.pubsub_gaps.labels(outcome).inc()
+
+    def _observe_lag(self, seconds: float) -> None:
+        if self.metrics is not None:
+            self.metrics.pubsub_lag.observe(seconds)
+
+    # -- the stream -----------------------------------------------------------------------------
+    async def _publish_raw(self, channel: str, data: bytes) -> None:
+        async with unavailable("publish"):
+            await self.client.publish(channel, data)
+
+    async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
+        type_, payload = message["type"], message["payload"]
+        fold = fold_args(type_, payload)  # raises before anything is recorded
+        body = codec.encode(message)
+        action_id = payload["action_id"] if type_ == t.ACTION_RESULT else None
+        async with unavailable("publish"):
+            reply = await self.scripts.run(
+                "publish", party_id, now, [body, type_, *fold], action_id=action_id
+            )
+        seq = int(reply[0])
+        if seq == 0:  # the action already has a result: that one stands (as in memory)
+            return event_from(party_id, bytes(reply[2]))
+        return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
+
+    async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:
+        await self._publish_raw(run_channel(campaign_run_id), codec.encode(message))
+
+    async def subscribe(self, party_id: str, listener: PartyListener) -> _Subscription:
+        stream = self._streams.get(party_id)
+        if stream is None:
+            stream = self._streams[party_id] = PartyStream(
+                party_id,
+                self,
+                count_gap=self._count_gap,
+                max_pending=max(1000, self.settings.history_size),
+                spawn=self._spawn,
+            )
+            self._opening[party_id] = self._spawn(self._open(stream))
+        stream.listeners.append(listener)
+        opening = self._opening.get(party_id)
+        if opening is not None:
+            try:
+                await asyncio.shield(opening)
+            except BaseException:
+                with contextlib.suppress(ValueError):
+                    stream.listeners.remove(listener)
+                raise
+        return _Subscription(lambda: self._unsubscribe(stream, listener))
+
+    async def _open(self, stream: PartyStream) -> None:
+        """Subscribe (confirmed by Redis), then find the head: the stream is live."""
+        channel = party_channel(stream.party_id)
+        try:
+            await self.bus.add(channel, stream.feed)
+            await stream.start()
+        except BaseException:
+            if self._streams.get(stream.party_id) is stream:
+                del self._streams[stream.party_id]
+            stream.close()
+            with contextlib.suppress(Exception):
+                await self.bus.remove(channel, stream.feed)
+            raise
+        finally:
+            self._opening.pop(stream.party_id, None)
+
+    async def _unsubscribe(self, stream: PartyStream, listener: PartyListener) -> None:
+        with contextlib.suppress(ValueError):
+            stream.listeners.remove(listener)
+        if stream.listeners or self._streams.get(stream.party_id) is not stream:
+            return
+        del self._streams[stream.party_id]  # the last local listener: drop the subscription
+        stream.close()
+        await self.bus.remove(party_channel(stream.party_id), stream.feed)
+
+    def _on_reconnect(self) -> None:
+        """The pub/sub connection was replaced: messages may have been lost meanwhile."""
+        for stream in self._streams.values():
+            stream.catch_up_soon()  # a first catch-up still running just looks once more
+
+    async def subscribe_run(
+        self, campaign_run_id: str, callback: Callable[[bytes], None]
+    ) -> _Subscription:
+        async with self._run_lock:
+            entry = self._runs.get(campaign_run_id)
+            if entry is None:
+                callbacks: list[Callable[[bytes], None]] = []
+
+                def handler(data: bytes) -> None:
+                    for cb in list(callbacks):
+                        cb(data)
+
+                await self.bus.add(run_channel(campaign_run_id), handler)
+                entry = self._runs[campaign_run_id] = (handler, callbacks)
+            entry[1].append(callback)
+
+        async def close() -> None:
+            async with self._run_lock:
+                handler, callbacks = entry
+                with contextlib.suppress(ValueError):
+                    callbacks.remove(callback)
+                if not callbacks and self._runs.get(campaign_run_id) is entry:
+                    del self._runs[campaign_run_id]
+                    await self.bus.remove(run_channel(campaign_run_id), handler)
+
+        return _Subscription(close)
+
+    async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
+        await self._publish_raw(party_channel(party_id), encode_direct(character_id, data))
+
+    async def run_parties(self, campaign_run_id: str) -> list[str]:
+        """Parties recorded for the run on connect whose state still exists (as in memory)."""
+        async with unavailable("run_parties"):
+            members = await self.client.smembers(self.keys.run_parties(campaign_run_id))
+            parties = sorted(text(p) for p in members)
+            async with self.client.pipeline(transaction=False) as pipe:
+                for party_id in parties:
+                    pipe.exists(self.keys.party_keys(party_id)[0])
+                exists = await pipe.execute()
+        return [p for p, alive in zip(parties, exists, strict=True) if alive]
+
+    async def snapshot(self, party_id: str) -> Snapshot:
+        async with unavailable("snapshot"):
+            reply = await self.scripts.run("snapshot", party_id, 0.0)
+        return snapshot_from(reply)
+
+    async def range(
+        self, party_id: str, epoch: str, after: int, most: int | None = None
+    ) -> RangeReply:
+        """Events after ``after`` in ``epoch``, all or none (``range.lua``); for repair and resume.
+
+        ``most`` defaults to the whole history (a node's gap repair takes whatever history has).
+        """
+        most = self.settings.history_size if most is None else most
+        async with unavailable("range"):
+            reply = await self.scripts.run("range", party_id, 0.0, [epoch, after, most])
+        events = [bytes(e) for e in reply[3:]] if len(reply) > 2 else None
+        return text(reply[0]), int(reply[1]), events
+
+    async def head(self, party_id: str) -> tuple[str, int]:
+        async with unavailable("head"):
+            reply = await self.scripts.run("head", party_id, 0.0)
+        return text(reply[0]), int(reply[1])
+
+    async def replay(
+        self, party_id: str, point: ResumePoint, max_replay: int
+    ) -> Sequence[bytes] | None:
+        _, _, events = await self.range(party_id, point.epoch, point.last_seq, max_replay)
+        return events
+
+    # -- presence -------------------------------------------------------------------------------
+    async def connect(
+        self, binding: Binding, connection_id: str, now: float, trace_id: str
+    ) -> Event | None:
+        return await redis_presence.connect(self, binding, connection_id, now, trace_id)
+
+    async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
+        return await redis_presence.disconnect(self, binding, connection_id, now)
+
+    async def settle(self, binding: Binding, now: float, trace_id: str) -> Event | None:
+        return await redis_presence.settle(self, binding, now, trace_id, t.LEAVE_DISCONNECTED)
+
+    async def leave(self, binding: Binding, now: float, trace_id: str) -> Event | None:
+        return await redis_presence.settle(self, binding, now, trace_id, t.LEAVE_LEFT)
+
+    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> None:
+        await redis_presence.refresh(self, connections, now)
+
+    async def expire(self, now: float) -> list[Event]:
+        return await redis_presence.expire(self, now)
+
+    # -- votes (redis_votes) --------------------------------------------------------------------
+    async def party_run(self, party_id: str) -> str | None:
+        return await redis_votes.party_run(self, party_id)
+
+    async def start_vote(
+        self, party_id: str, spec: VoteSpec, campaign_run_id: str, now: float, trace_id: str
+    ) -> Event:
+        return await redis_votes.start_vote(self, party_id, spec, campaign_run_id, now, trace_id)
+
+    async def cast_vote(
+        self, party_id: str, character_id: str, vote_id: str, option: str, now: float, trace_id: str
+    ) -> tuple[CastRefusal | None, list[Event]]:
+        return await redis_votes.cast_vote(
+            self, party_id, character_id, vote_id, option, now, trace_id
+        )
+
+    async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
+        return await redis_votes.finish_vote(self, party_id, vote_id, now)
+
+    async def due_votes(self, now: float) -> list[tuple[str, str]]:
+        return await redis_votes.due_votes(self, now)
+
+    async def vote_run(self, party_id: str, vote_id: str) -> str | None:
+        return await redis_votes.vote_run(self, party_id, vote_id)
+
+    # -- actions --------------------------------------------------------------------------------
+    async def begin_action(
+        self, party_id: str, character_id: str, action_id: str, now: float
+    ) -> Verdict:
+        args: list[Arg] = [character_id, action_id, self.settings.action_timeout]
+        async with unavailable("begin_action"):
+            reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
+        decision = Decision(text(reply[0]))
+        if decision is Decision.DONE:
+            return Verdict(decision, result=bytes(reply[1]))
+        if decision is Decision.BUSY:
+            return Verdict(decision, blocking_action_id=text(reply[1]))
+        return Verdict(decision)
+
+    async def abandon_action(self, party_id: str, action_id: str) -> None:
+        async with unavailable("abandon_action"):
+            await self.scripts.run(
+                "abandon_action", party_id, 0.0, [action_id], action_id=action_id
+            )
+
+    async def time_out_action(self, party_id: str, action_id: str, now: float) -> bool:
+        args: list[Arg] = [action_id, self.settings.action_timeout]
+        async with unavailable("time_out_action"):
+            reply = await self.scripts.run(
+                "time_out_action", party_id, now, args, action_id=action_id
+            )
+        return bool(int(reply))

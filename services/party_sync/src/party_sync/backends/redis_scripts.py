@@ -1,0 +1,218 @@
+"""The Lua scripts of the Redis backend, how they are called, and the edge where Redis errors stop.
+
+Each party operation that reads and writes shared state is one script over the party's keys (one
+hash tag, one slot), so it is atomic across nodes: the Redis rendering of the pure rules in
+``party_sync.core``. The scripts live in ``backends/lua/``; every party script is the shared
+prelude ``_lib.lua`` followed by its body, registered once as a redis-py ``Script`` (EVALSHA, with
+SCRIPT LOAD at start and again by redis-py after a Redis restart forgets them).
+
+``unavailable()`` is the one place foreign exceptions are converted: every Redis or socket error
+becomes ``BackendUnavailable`` (style: "foreign exceptions are mapped at the edge").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import secrets
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError, ResponseError
+
+from party_sync.backends.base import Snapshot
+from party_sync.backends.keys import KeySpace, party_channel
+from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+#: What a script argument may be (redis-py encodes str, bytes, int and float).
+Arg = str | bytes | int | float
+
+PARTY_SCRIPTS = (
+    "publish",
+    "connect",
+    "disconnect",
+    "settle",
+    "leave",
+    "refresh",
+    "expire",
+    "range",
+    "head",
+    "snapshot",
+    "begin_action",
+    "abandon_action",
+    "time_out_action",
+)
+
+
+def _source(name: str) -> str:
+    return (resources.files("party_sync.backends") / "lua" / f"{name}.lua").read_text("utf-8")
+
+
+@contextlib.asynccontextmanager
+async def unavailable(what: str) -> AsyncIterator[None]:
+    """Run Redis calls; any failure is ``BackendUnavailable`` (retryable for the client)."""
+    try:
+        yield
+    except ResponseError as exc:  # a script or command refused: a bug, not an outage; say so
+        log.error("redis refused %s: %s", what, exc)
+        raise BackendUnavailable(f"redis refused {what}") from exc
+    except (RedisError, OSError, TimeoutError) as exc:
+        raise BackendUnavailable(f"redis unavailable during {what}") from exc
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The numbers every party script needs (the ARGV header)."""
+
+    history_size: int
+    party_ttl: float
+    action_record_ttl: float
+    presence_ttl: float
+    action_timeout: float
+
+
+class Scripts:
+    """The registered scripts plus the KEYS and ARGV conventions of ``_lib.lua``."""
+
+    def __init__(self, client: Redis, keys: KeySpace, limits: Limits) -> None:
+        self.keys = keys
+        self.limits = limits
+        lib = _source("_lib")
+        self._party: dict[str, AsyncScript] = {
+            name: client.register_script(lib + "\n" + _source(name)) for name in PARTY_SCRIPTS
+        }
+        self.index_forget = client.register_script(_source("index_forget"))
+        self._client = client
+
+    def __getitem__(self, name: str) -> AsyncScript:
+        return self._party[name]
+
+    async def load(self) -> None:
+        """SCRIPT LOAD every script (redis-py also reloads one on NOSCRIPT)."""
+        async with unavailable("script load"):
+            for script in (*self._party.values(), self.index_forget):
+                script.sha = await self._client.script_load(script.script)
+
+    def party_keys(self, party_id: str, action_id: str | None = None) -> list[str]:
+        keys = self.keys.party_keys(party_id)
+        if action_id is not None:
+            keys.append(self.keys.action(party_id, action_id))
+        return keys
+
+    def header(self, party_id: str, now: float) -> list[Arg]:
+        """ARGV[1..6]: epoch candidate, channel, party_ttl ms, history size, now, record ttl ms."""
+        lim = self.limits
+        return [
+            "ep-" + secrets.token_hex(8),
+            party_channel(party_id),
+            int(lim.party_ttl * 1000),
+            lim.history_size,
+            f"{now:.6f}",
+            int(max(lim.action_record_ttl, lim.action_timeout) * 1000),
+        ]
+
+    async def run(
+        self,
+        name: str,
+        party_id: str,
+        now: float,
+        args: Sequence[Arg] = (),
+        *,
+        action_id: str | None = None,
+        client: Any = None,
+    ) -> Any:
+        """Call one party script (``client`` may be a pipeline, which queues it instead)."""
+        keys = self.party_keys(party_id, action_id)
+        argv = [*self.header(party_id, now), *args]
+        return await self._party[name](keys=keys, args=argv, client=client)
+
+
+def fold_args(type_: str, payload: Mapping[str, Any]) -> list[Arg]:
+    """What ``fold`` in ``_lib.lua`` needs to apply an event to the projection.
+
+    Raises (KeyError, TypeError) on a payload the projection cannot fold, before anything is
+    recorded, as ``Projection.apply`` does in memory. Payloads travel as JSON, never re-encoded by
+    Lua (cjson would turn ``[]`` into ``{}``).
+    """
+    if type_ == t.PARTY_JOIN:
+        return [payload["character_id"], payload["display_name"]]
+    if type_ == t.PARTY_LEAVE:
+        return [payload["character_id"], str(payload.get("reason", ""))]
+    if type_ in (t.SCENE_UPDATE, t.COMBAT_UPDATE, t.PARTY_STATE):
+        return [orjson.dumps(payload)]
+    if type_ == t.VOTE_STARTED:
+        vote = {k: payload[k] for k in ("vote_id", "question", "options", "deadline")}
+        tallies = {option["id"]: 0 for option in payload["options"]}
+        return [payload["vote_id"], orjson.dumps(vote), orjson.dumps(tallies)]
+    if type_ == t.VOTE_UPDATE:
+        return [
+            payload["vote_id"],
+            orjson.dumps(payload["tallies"]),
+            int(payload["voted"]),
+            int(payload["eligible"]),
+        ]
+    if type_ == t.VOTE_FINISHED:
+        return [payload["vote_id"]]
+    if type_ == t.ACTION_RESULT:
+        return [payload["action_id"], payload["character_id"]]
+    return []
+
+
+def text(value: Any) -> str:
+    """A script reply element as str (replies are bytes; numbers may come as int)."""
+    if isinstance(value, bytes):
+        return value.decode()
+    return str(value)
+
+
+def _pairs(flat: Sequence[Any]) -> dict[str, Any]:
+    """A flat HGETALL-style reply ``[k1, v1, k2, v2, ...]`` as a dict with str keys."""
+    return {text(k): v for k, v in zip(flat[::2], flat[1::2], strict=True)}
+
+
+def _json(value: Any) -> dict[str, Any] | None:
+    return None if value is None else orjson.loads(value)
+
+
+def snapshot_from(reply: Sequence[Any]) -> Snapshot:
+    """The ``Snapshot`` from ``snapshot.lua``'s reply (the projection's rules, see ``fold``)."""
+    epoch, seq, member_ids, names_flat, online_ids, state_flat, ballots_flat = reply
+    names = {k: text(v) for k, v in _pairs(names_flat).items()}
+    online = {text(c) for c in online_ids}
+    state = _pairs(state_flat)
+    members = [
+        {"character_id": cid, "display_name": names.get(cid, cid), "online": cid in online}
+        for cid in map(text, member_ids)
+    ]
+    scene = _json(state.get("scene"))
+    party_state = _json(state.get("party_state"))
+    vote = None
+    if "vote_id" in state:
+        vote = {
+            **orjson.loads(state["vote"]),
+            "tallies": orjson.loads(state["vote_tallies"]),
+            "voted": int(state["vote_voted"]),
+            "eligible": int(state["vote_eligible"]),
+        }
+    return Snapshot(
+        epoch=text(epoch),
+        seq=int(seq),
+        members=members,
+        status=str(party_state["status"]) if party_state else DEFAULT_STATUS,
+        run_status=str(party_state["run_status"]) if party_state else DEFAULT_RUN_STATUS,
+        scene_number=int(scene["scene_number"]) if scene is not None else 0,
+        scene=scene,
+        combat=_json(state.get("combat")),
+        party_state=party_state,
+        vote=vote,
+        ballots={k: text(v) for k, v in _pairs(ballots_flat).items()},
+    )

@@ -1,0 +1,255 @@
+"""A node's ordered view of one party's stream over Redis pub/sub: gap repair, else resync.
+
+Redis pub/sub is at most once (security.md: a subscriber evicted by its output-buffer limit, or
+cut by a blip, loses messages for good). So a node never trusts it to be complete: it tracks the
+``(epoch, seq)`` it delivered last and (issue 3, "Live gaps"; anchors: Centrifugo)
+
+- delivers an event only if it is the next one (``seq == last + 1``) of the same epoch;
+- drops an event it already delivered (an overlap with a repair);
+- on a jump, or after a pub/sub reconnect, fetches the missing events from the party's history
+  (``range.lua``) and delivers them in order before any later live event (those wait in
+  ``pending``);
+- when history cannot fill the gap (the epoch changed: Redis was flushed or restarted; or the gap
+  was trimmed away), calls ``on_resync`` on its listeners (every client reconnects and takes a
+  snapshot) and starts again from the party's current head. It never delivers out of order.
+
+Wire format on ``party:<party_id>``, JSON only (security.md: never pickle)::
+
+    {"epoch":"<epoch>","event":<the event's envelope, seq first>}     written by _lib.lua append()
+    {"direct":"<character_id>","data":<a system.error envelope>}     written by encode_direct()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import orjson
+
+from party_sync.backends.base import PartyListener
+from party_sync.core.events import Event
+from party_sync.protocol.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+_EVENT_PREFIX = b'{"epoch":"'
+_EVENT_SEPARATOR = b'","event":'
+
+
+@dataclass(frozen=True, slots=True)
+class Sequenced:
+    epoch: str
+    event: Event
+
+
+@dataclass(frozen=True, slots=True)
+class Direct:
+    character_id: str
+    data: bytes
+
+
+def event_from(party_id: str, data: bytes) -> Event:
+    """An ``Event`` from its encoded envelope (as published and as kept in history)."""
+    message = orjson.loads(data)
+    return Event(
+        party_id, message["seq"], message["type"], message["payload"], message["trace_id"], data
+    )
+
+
+def encode_direct(character_id: str, data: bytes) -> bytes:
+    return b'{"direct":' + orjson.dumps(character_id) + b',"data":' + data + b"}"
+
+
+def decode(party_id: str, raw: bytes) -> Sequenced | Direct | None:
+    """Parse one bus message; None (logged) for anything that is not ours."""
+    try:
+        if raw.startswith(_EVENT_PREFIX):
+            cut = raw.index(_EVENT_SEPARATOR, len(_EVENT_PREFIX))
+            data = raw[cut + len(_EVENT_SEPARATOR) : -1]
+            return Sequenced(raw[len(_EVENT_PREFIX) : cut].decode(), event_from(party_id, data))
+        message = orjson.loads(raw)
+        return Direct(message["direct"], orjson.dumps(message["data"]))
+    except (ValueError, KeyError, TypeError):
+        log.warning(
+            "ignored a malformed message on the party channel", extra={"party_id": party_id}
+        )
+        return None
+
+
+#: ``(epoch or "", top seq, events after the asked seq or None when they cannot all be given)``.
+RangeReply = tuple[str, int, list[bytes] | None]
+
+
+class StreamSource(Protocol):
+    """Where a stream repairs itself from (the backend's ``range.lua`` and ``head.lua``)."""
+
+    async def range(self, party_id: str, epoch: str, after: int) -> RangeReply: ...
+
+    async def head(self, party_id: str) -> tuple[str, int]: ...
+
+
+class PartyStream:
+    """One party's delivery on this node: every local listener gets the events in seq order."""
+
+    def __init__(
+        self,
+        party_id: str,
+        source: StreamSource,
+        *,
+        count_gap: Callable[[str], None],
+        max_pending: int,
+        spawn: Callable[[Awaitable[None]], asyncio.Task[None]],
+    ) -> None:
+        self.party_id = party_id
+        self.listeners: list[PartyListener] = []
+        self.epoch: str | None = None  # None until the first catch-up found the head
+        self.last = 0
+        self.ready = False  # False while catching up: live events wait in ``pending``
+        self.closed = False
+        self.pending: deque[Sequenced] = deque()
+        self._source = source
+        self._count_gap = count_gap
+        self._max_pending = max_pending
+        self._spawn = spawn
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+
+    # -- from the bus ---------------------------------------------------------------------------
+    def feed(self, raw: bytes) -> None:
+        """A message from the party channel (called by the bus's reader, in arrival order)."""
+        message = decode(self.party_id, raw)
+        if isinstance(message, Direct):
+            for listener in list(self.listeners):
+                listener.on_direct(message.character_id, message.data)
+        elif message is not None:
+            if self.ready and self._apply(message):
+                return
+            self.pending.append(message)
+            if len(self.pending) > self._max_pending:
+                self.pending.clear()  # the catch-up fetches them from history instead
+            if self.ready:
+                self.ready = False
+                log.info(
+                    "pub/sub gap: repairing from history",
+                    extra={
+                        "party_id": self.party_id,
+                        "last_seq": self.last,
+                        "seq": message.event.seq,
+                        "trace_id": message.event.trace_id,  # the event that showed the gap
+                    },
+                )
+                self.catch_up_soon()
+
+    def catch_up_soon(self) -> None:
+        """Continuity is in doubt (a gap, a pub/sub reconnect): repair in the background."""
+        self.ready = False
+        if self._task is None or self._task.done():
+            self._task = self._spawn(self.catch_up(initial=False))
+        else:
+            self._again = True  # a catch-up is running: it must look at history once more
+
+    # -- catching up ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """The first catch-up, right after the subscription was confirmed: find the head."""
+        self._task = self._spawn(self.catch_up(initial=True))
+        await asyncio.shield(self._task)
+
+    async def catch_up(self, *, initial: bool) -> None:
+        """Deliver what history has after ``last``, then the pending live events, then go live.
+
+        ``initial`` (the first subscription): errors propagate. Otherwise retry until Redis
+        answers or the stream is closed.
+        """
+        delay = 0.05
+        while not self.closed:
+            self._again = False
+            try:
+                epoch, top, events = await self._source.range(
+                    self.party_id, self.epoch or "", self.last
+                )
+                if events is None and not epoch:  # the party has no history: start one
+                    epoch, top = await self._source.head(self.party_id)
+            except BackendUnavailable:
+                if initial:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+                continue
+            if events is None:
+                if self._restart(epoch, top):
+                    continue  # a new epoch: deliver it from its first event
+            elif events:
+                before = self.last
+                for data in events:
+                    self._apply(Sequenced(epoch, event_from(self.party_id, data)))
+                delivered = self.last - before
+                if delivered and not initial:
+                    self._count_gap("repaired")
+                    log.info(
+                        "pub/sub gap repaired from history",
+                        extra={"party_id": self.party_id, "events": delivered, "seq": self.last},
+                    )
+            if self._drain() and not self._again:
+                self.ready = True
+                return
+
+    def _restart(self, epoch: str, top: int) -> bool:
+        """History cannot give what is missing. True if the stream should read ``epoch`` anew.
+
+        - First catch-up: start at the head (what came before is in the listeners' snapshots).
+        - Another epoch (Redis lost the history: flush, restart): clients of the old one resync;
+          the stream goes on from the new epoch's first event, so that connections opened in it
+          meanwhile miss nothing.
+        - Same epoch, gap trimmed away or too large: clients resync; go on from the head.
+        """
+        if self.epoch is None:
+            self.epoch, self.last = epoch, top
+            return False
+        self._count_gap("resync")
+        log.warning(
+            "party stream lost continuity: clients resync",
+            extra={"party_id": self.party_id, "epoch": epoch, "last_seq": self.last},
+        )
+        for listener in list(self.listeners):
+            listener.on_resync()
+        if epoch != self.epoch:
+            self.epoch, self.last = epoch, 0
+            return True
+        self.last = top
+        return False
+
+    def _drain(self) -> bool:
+        """Deliver pending live events in order; False at the first one that does not follow."""
+        while self.pending:
+            message = self.pending.popleft()
+            if not self._apply(message):
+                self.pending.appendleft(message)
+                return False
+        return True
+
+    def _apply(self, message: Sequenced) -> bool:
+        """Deliver if next, drop if already delivered; False on a gap or another epoch."""
+        if message.epoch != self.epoch:
+            return False
+        seq = message.event.seq
+        if seq <= self.last:
+            return True
+        if seq != self.last + 1:
+            return False
+        self.last = seq
+        for listener in list(self.listeners):
+            try:
+                listener.on_event(message.event)
+            except Exception:  # one broken listener must not starve the others
+                log.exception("listener failed", extra={"trace_id": message.event.trace_id})
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.pending.clear()
+        if self._task is not None:
+            self._task.cancel()

@@ -1,0 +1,76 @@
+"""``party_sync.client``: an asyncio client of the party_sync protocol, for bots, load
+generators and tests (the browser library in ``clients/js`` has the same behaviours).
+
+    from party_sync.client import ActionResult, PartyClient, SceneChanged
+
+    async with PartyClient("ws://127.0.0.1:8080/ws", token=token) as client:
+        events = client.events()
+        result = await client.send_action("choice", {"option": "search-walls"})
+        print(result.outcome, client.state.scene_number, client.state.online)
+        async for event in events:
+            if isinstance(event, SceneChanged):
+                print(event.title)
+
+It reconnects by itself (exponential backoff with full jitter), resumes from its last
+``epoch``/``seq``, resyncs after a gap, refreshes its token through ``token_provider`` on close
+code 4001 or a 401 handshake, and resends pending actions with their same ``action_id``. It stops
+for good after close 1000 (left) or 1008 (policy).
+"""
+
+from party_sync.client.client import PartyClient, TokenProvider
+from party_sync.client.events import (
+    ActionFailed,
+    ActionResult,
+    ClientClosed,
+    ClientError,
+    ClientEvent,
+    CombatChanged,
+    Connected,
+    ConnectRefused,
+    Disconnected,
+    MemberJoined,
+    MemberLeft,
+    PartyEvent,
+    PartyStateChanged,
+    SceneChanged,
+    ServerError,
+    VoteFinished,
+    VoteRefused,
+    VoteStarted,
+    VoteUpdated,
+)
+from party_sync.client.policy import Backoff
+from party_sync.client.state import Member, PartyState
+from party_sync.client.subscription import Subscription
+from party_sync.client.transport import AiohttpTransport, Connection, Transport
+
+__all__ = [
+    "ActionFailed",
+    "ActionResult",
+    "AiohttpTransport",
+    "Backoff",
+    "ClientClosed",
+    "ClientError",
+    "ClientEvent",
+    "CombatChanged",
+    "ConnectRefused",
+    "Connected",
+    "Connection",
+    "Disconnected",
+    "Member",
+    "MemberJoined",
+    "MemberLeft",
+    "PartyClient",
+    "PartyEvent",
+    "PartyState",
+    "PartyStateChanged",
+    "SceneChanged",
+    "ServerError",
+    "Subscription",
+    "TokenProvider",
+    "Transport",
+    "VoteFinished",
+    "VoteRefused",
+    "VoteStarted",
+    "VoteUpdated",
+]

@@ -1,0 +1,414 @@
+"""``PartyClient``: an asyncio party_sync client for bots, load generators and tests.
+
+It connects with a token (or a ``token_provider`` called again when the token expires), keeps
+the party state, reconnects with exponential backoff and full jitter, resumes from its last
+``epoch``/``seq``, resyncs on a gap, and resends pending actions with their same ``action_id``
+after a reconnect, so each action happens once. The protocol decisions live in ``stream``
+(``ClientStream``, no I/O) and ``policy``; this module only moves messages and arms waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import orjson
+
+from party_sync.client.events import (
+    ActionFailed,
+    ActionResult,
+    ClientClosed,
+    ClientEvent,
+    Connected,
+    ConnectRefused,
+    Disconnected,
+    VoteRefused,
+    VoteUpdated,
+)
+from party_sync.client.policy import Backoff, Next, after_close, after_handshake
+from party_sync.client.state import PartyState
+from party_sync.client.stream import (
+    ActionDone,
+    ActionError,
+    ClientStream,
+    Emit,
+    Output,
+    Resync,
+    Send,
+    VoteDone,
+    VoteError,
+)
+from party_sync.client.subscription import Subscription
+from party_sync.client.transport import (
+    AiohttpTransport,
+    Connection,
+    HandshakeRejected,
+    Transport,
+    TransportError,
+)
+from party_sync.protocol import types as t
+
+log = logging.getLogger(__name__)
+
+TokenProvider = Callable[[], Awaitable[str]]
+Callback = Callable[[Any], Awaitable[None] | None]
+
+
+class PartyClient:
+    """One character's connection to its party (the token says which party and character).
+
+    ``url`` is the WebSocket endpoint, e.g. ``ws://127.0.0.1:8080/ws``. Give ``token``, or a
+    ``token_provider`` (an async callable returning a fresh token: called at start if there is
+    no token, and again after close code 4001 or a handshake answered 401), or both.
+    ``transport``, ``backoff`` and ``sleep`` are injectable for tests; ``max_attempts`` bounds
+    consecutive failed connection attempts (None: try forever).
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        token: str | None = None,
+        token_provider: TokenProvider | None = None,
+        transport: Transport | None = None,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        max_attempts: int | None = None,
+    ) -> None:
+        if token is None and token_provider is None:
+            raise ValueError("give a token or a token_provider")
+        self.url = url
+        self._token = token
+        self._provider = token_provider
+        self._transport: Transport = transport or AiohttpTransport()
+        self._backoff = backoff or Backoff()
+        self._sleep = sleep
+        self._max_attempts = max_attempts
+        self.stream = ClientStream()
+        self.error: BaseException | None = None  # why the client stopped, unless asked to
+        self.close_code: int | None = None  # the last close code the server sent
+        self._conn: Connection | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._hello: asyncio.Future[None] | None = None
+        self._closing = False
+        self._stopped = False
+        self._actions: dict[str, asyncio.Future[ActionResult]] = {}
+        self._votes: dict[str, asyncio.Future[VoteUpdated]] = {}
+        self._subscriptions: list[Subscription] = []
+        self._callbacks: list[tuple[type[Any], Callback]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def state(self) -> PartyState:
+        return self.stream.state
+
+    @property
+    def connected(self) -> bool:
+        """True while a connection is open and caught up (requests go out at once)."""
+        return self._conn is not None and self.stream.live
+
+    def start(self) -> None:
+        """Start connecting in the background (``connect`` also waits for the first hello)."""
+        if self._task is None:
+            loop = asyncio.get_running_loop()
+            self._hello = loop.create_future()
+            self._task = loop.create_task(self._run(), name="party_sync.client")
+
+    async def connect(self) -> PartyState:
+        """Start, and return the state once the first ``system.hello`` arrived.
+
+        Raises ``ConnectRefused`` when the server refuses for good (e.g. 401 with no provider),
+        ``ClientClosed`` when the client stopped first.
+        """
+        self.start()
+        assert self._hello is not None
+        await asyncio.shield(self._hello)
+        return self.state
+
+    async def close(self) -> None:
+        """Stop without leaving the party (presence ends after the server's grace period)."""
+        self._closing = True
+        conn = self._conn
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.close(1000)
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+        await self.wait_closed()
+        await self._transport.close()
+
+    async def wait_closed(self) -> None:
+        """Wait until the client has stopped (``error`` then says why, if not by choice)."""
+        if self._task is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.shield(self._task)
+
+    async def __aenter__(self) -> PartyClient:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- events ---------------------------------------------------------------------------------
+    def events(self) -> Subscription:
+        """Every event from now on: ``async for event in client.events(): ...``."""
+        sub = Subscription(self._unsubscribe)
+        if self._stopped:
+            sub.put(None)
+        self._subscriptions.append(sub)
+        return sub
+
+    def _unsubscribe(self, sub: Subscription) -> None:
+        with contextlib.suppress(ValueError):
+            self._subscriptions.remove(sub)
+
+    def on(self, kind: type[Any], callback: Callback) -> None:
+        """Call ``callback(event)`` (sync or async) for every event of class ``kind``."""
+        self._callbacks.append((kind, callback))
+
+    async def _dispatch(self, event: ClientEvent) -> None:
+        for sub in self._subscriptions:
+            sub.put(event)
+        for kind, callback in self._callbacks:
+            if isinstance(event, kind):
+                try:
+                    result = callback(event)
+                    if inspect.isawaitable(result):
+                        await result
+                except Exception:
+                    log.exception("party_sync client callback failed")
+
+    # -- requests -------------------------------------------------------------------------------
+    async def send_action(
+        self,
+        action_type: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> ActionResult:
+        """Act, and return the ``action.result``; raises ``ActionFailed`` if refused or failed.
+
+        The ``action_id`` (a new UUID unless given) is kept across reconnects: the action is
+        resent with it until answered, and the server forwards it to the engine once.
+        """
+        await self._ready()
+        action_id = action_id or uuid.uuid4().hex
+        if action_id in self._actions:
+            return await asyncio.shield(self._actions[action_id])
+        message = {
+            "type": t.ACTION_REQUEST,
+            "trace_id": trace_id or uuid.uuid4().hex,
+            "payload": {
+                "action_id": action_id,
+                "character_id": self.state.you,
+                "campaign_run_id": self.state.campaign_run_id,
+                "action_type": action_type,
+                "payload": payload or {},
+            },
+        }
+        future: asyncio.Future[ActionResult] = asyncio.get_running_loop().create_future()
+        self._actions[action_id] = future
+        try:
+            if self.stream.add_action(message):
+                await self._send(message)
+            return await future
+        finally:
+            self._actions.pop(action_id, None)
+            self.stream.actions.pop(action_id, None)  # cancelled: stop resending it
+
+    async def cast_vote(self, vote_id: str, option: str) -> VoteUpdated:
+        """Vote (or change the ballot); returns the ``vote.update`` it caused.
+
+        Raises ``VoteRefused`` (``vote_unknown``, ``vote_closed``, ``vote_bad_option``).
+        """
+        await self._ready()
+        trace_id = uuid.uuid4().hex
+        message = {
+            "type": t.VOTE_CAST,
+            "trace_id": trace_id,
+            "payload": {"vote_id": vote_id, "option": option},
+        }
+        future: asyncio.Future[VoteUpdated] = asyncio.get_running_loop().create_future()
+        self._votes[trace_id] = future
+        try:
+            if self.stream.add_vote(message):
+                await self._send(message)
+            return await future
+        finally:
+            self._votes.pop(trace_id, None)
+            self.stream.votes.pop(trace_id, None)
+
+    async def leave(self) -> None:
+        """Leave the party for good (the server then closes with 1000) and stop."""
+        await self._ready()
+        message = {"type": t.PARTY_LEAVE, "payload": {"character_id": self.state.you}}
+        if self.stream.set_leave(message):
+            await self._send(message)
+        await self.wait_closed()
+        await self._transport.close()
+
+    async def _ready(self) -> None:
+        if self._stopped or self._closing:
+            raise ClientClosed("the client has stopped")
+        await self.connect()
+
+    async def _send(self, message: dict[str, Any]) -> None:
+        conn = self._conn
+        if conn is None:
+            return  # still pending: sent again once reconnected
+        with contextlib.suppress(TransportError):
+            await conn.send(orjson.dumps(message).decode())
+
+    # -- the connection loop --------------------------------------------------------------------
+    async def _run(self) -> None:
+        error: BaseException | None = None
+        try:
+            await self._connect_loop()
+        except asyncio.CancelledError:
+            pass
+        except Exception as exc:
+            error = exc
+        finally:
+            await self._stop(error)
+
+    async def _connect_loop(self) -> None:
+        failures = 0  # consecutive attempts that did not reach a hello
+        refresh = self._token is None
+        first = True
+        while not self._closing:
+            if not first:
+                if self._max_attempts is not None and failures >= self._max_attempts:
+                    raise ClientClosed(f"gave up after {failures} failed attempts")
+                await self._sleep(self._backoff.delay(max(0, failures - 1)))
+            first = False
+            if refresh:
+                if self._provider is None:
+                    raise ClientClosed("the token expired and there is no token_provider")
+                try:
+                    self._token = await self._provider()
+                except Exception:
+                    log.warning("party_sync client: token_provider failed", exc_info=True)
+                    failures += 1
+                    continue
+                refresh = False
+            assert self._token is not None
+            point = self.stream.resume_point()
+            params = {"epoch": point[0], "last_seq": str(point[1])} if point else {}
+            try:
+                conn = await self._transport.connect(self.url, token=self._token, params=params)
+            except HandshakeRejected as exc:
+                failures += 1
+                step = after_handshake(exc.status)
+                if step is Next.STOP or (step is Next.REFRESH and self._provider is None):
+                    raise ConnectRefused(exc.status, exc.reason) from None
+                refresh = step is Next.REFRESH
+                continue
+            except TransportError as exc:
+                log.info("party_sync client: connect failed", extra={"error": str(exc)})
+                failures += 1
+                continue
+            hello_seen, step = await self._serve(conn)
+            failures = 0 if hello_seen else failures + 1
+            if step is Next.STOP:
+                return
+            if step is Next.RESYNC:
+                self.stream.resync()
+            refresh = step is Next.REFRESH
+
+    async def _serve(self, conn: Connection) -> tuple[bool, Next]:
+        """Read one connection until it ends; returns (a hello came, what to do next)."""
+        self._conn = conn
+        self.stream.connection_lost()  # a new connection: nothing is valid until its hello
+        hello_seen = False
+        resync: str | None = None
+        try:
+            while resync is None and not self._closing:
+                raw = await conn.receive()
+                if raw is None:
+                    break
+                try:
+                    message = orjson.loads(raw)
+                except orjson.JSONDecodeError:
+                    log.warning("party_sync client: a frame that is not JSON")
+                    continue
+                if not isinstance(message, dict):
+                    continue
+                for out in self.stream.receive(message):
+                    if isinstance(out, Emit) and isinstance(out.event, Connected):
+                        hello_seen = True
+                        if self._hello is not None and not self._hello.done():
+                            self._hello.set_result(None)
+                    if isinstance(out, Resync):
+                        resync = out.reason
+                        break
+                    await self._carry_out(out)
+        finally:
+            self._conn = None
+            self.stream.connection_lost()
+        if resync is not None:
+            log.info("party_sync client: resync", extra={"reason": resync})
+            with contextlib.suppress(Exception):
+                await conn.close(1000)
+            await self._dispatch(Disconnected(None, resync, True))
+            return hello_seen, Next.RESYNC
+        self.close_code = conn.close_code
+        step = Next.STOP if self._closing else after_close(conn.close_code)
+        if step is Next.STOP and not self._closing and self.stream.leave is None:
+            self.error = ClientClosed(
+                f"closed by the server with {conn.close_code}: {conn.close_reason}"
+            )
+        reconnecting = step is not Next.STOP
+        await self._dispatch(Disconnected(conn.close_code, conn.close_reason, reconnecting))
+        return hello_seen, step
+
+    async def _carry_out(self, out: Output) -> None:
+        if isinstance(out, Emit):
+            await self._dispatch(out.event)
+        elif isinstance(out, Send):
+            await self._send(out.message)
+        elif isinstance(out, ActionDone):
+            _settle(self._actions.get(out.action_id), result=out.result)
+        elif isinstance(out, ActionError):
+            error = ActionFailed(out.action_id, out.error)
+            _settle(self._actions.get(out.action_id), error=error)
+        elif isinstance(out, VoteDone):
+            _settle(self._votes.get(out.trace_id), result=out.update)
+        elif isinstance(out, VoteError):
+            _settle(self._votes.get(out.trace_id), error=VoteRefused(out.vote_id, out.error))
+
+    async def _stop(self, error: BaseException | None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        if error is not None and self.error is None:
+            self.error = error
+        reason = self.error or ClientClosed("the client stopped")
+        for futures in (self._actions, self._votes):
+            for future in futures.values():
+                _settle(future, error=ClientClosed(f"stopped before an answer: {reason}"))
+        if self._hello is not None and not self._hello.done():
+            self._hello.set_exception(reason)
+            self._hello.exception()  # retrieved: no "never retrieved" warning if nobody waits
+        for sub in self._subscriptions:
+            sub.put(None)
+
+
+def _settle(
+    future: asyncio.Future[Any] | None,
+    *,
+    result: Any = None,
+    error: BaseException | None = None,
+) -> None:
+    if future is None or future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)

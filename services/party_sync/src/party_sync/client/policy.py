@@ -1,0 +1,71 @@
+"""What to do after a connection ends, and how long to wait before the next attempt (pure).
+
+Close codes (docs/protocol.md, "Close codes"):
+
+| Code | Next |
+|---|---|
+| 1000 (left the party, or closed by us) | stop |
+| 1008 (policy violation: flooding, bad input) | stop: a client bug, retrying would repeat it |
+| 4001 (token expired) | fetch a fresh token, reconnect and resume |
+| 4003 (resync) | reconnect without a resume point |
+| anything else (1001, 1006, 1009, 1011, 4002, ...) | reconnect and resume |
+
+Handshake answers: 401 → fetch a fresh token (when there is a provider), other 4xx → stop,
+anything else (5xx, network errors) → retry.
+
+Backoff is exponential with **full jitter** (AWS Architecture Blog, "Exponential Backoff and
+Jitter"): attempt *n* waits ``uniform(0, min(cap, base * 2**n))``, so a crowd of clients cut off
+at once does not come back in lockstep.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+
+from party_sync.protocol.errors import CloseCode
+
+
+class Next(Enum):
+    STOP = "stop"
+    RESUME = "resume"  # reconnect with epoch + last_seq
+    RESYNC = "resync"  # reconnect without them
+    REFRESH = "refresh"  # fetch a fresh token, then reconnect with epoch + last_seq
+
+
+_AFTER_CLOSE = {
+    CloseCode.NORMAL: Next.STOP,
+    CloseCode.POLICY_VIOLATION: Next.STOP,
+    CloseCode.TOKEN_EXPIRED: Next.REFRESH,
+    CloseCode.RESYNC: Next.RESYNC,
+}
+
+
+def after_close(code: int | None) -> Next:
+    """The next step after the server closed the connection with ``code`` (None: no code)."""
+    return _AFTER_CLOSE.get(code or 0, Next.RESUME)
+
+
+def after_handshake(status: int) -> Next:
+    """The next step after the WebSocket handshake was answered with HTTP ``status``."""
+    if status == 401:
+        return Next.REFRESH
+    if 400 <= status < 500 and status not in (408, 429):
+        return Next.STOP
+    return Next.RESUME
+
+
+@dataclass(slots=True)
+class Backoff:
+    """Delays of successive attempts: ``random() * min(cap, base * 2**attempt)`` seconds."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    random: Callable[[], float] = field(default=random.random)
+
+    def delay(self, attempt: int) -> float:
+        """The wait before attempt ``attempt`` (0 = the first retry)."""
+        ceiling = min(self.cap, self.base * 2.0 ** min(attempt, 64))
+        return self.random() * ceiling

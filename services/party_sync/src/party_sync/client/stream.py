@@ -1,0 +1,218 @@
+"""The client's side of the protocol as a state machine: messages in, outputs out (no I/O).
+
+``ClientStream`` keeps what survives reconnects: the party state, the resume point (``epoch``,
+``last_seq``), the pending actions and ballots. For each decoded server message ``receive``
+returns what the client must do: emit events, send messages, settle a pending request, or resync.
+
+Rules (docs/protocol.md, "Resuming", "Gap detection", "Actions and idempotency"):
+
+- after a hello, the next event must be ``last_seq + 1``; an event at or below ``last_seq`` is a
+  duplicate and is dropped, except a repeated ``action.result`` that answers a pending action
+  (the server answers a resent ``action_id`` with its original result and seq);
+- an event beyond ``last_seq + 1`` is a gap: the client resyncs (reconnects **without** a resume
+  point and takes a fresh snapshot);
+- once the client has caught up with the hello (and any replay that follows it), it (re)sends
+  every pending action with its **same** ``action_id``, so an action happens once however many
+  reconnects it lives through; a ``system.error`` for a pending action settles it, except
+  ``action_in_flight``, which means the first attempt is still running: keep waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from party_sync.client.events import (
+    ActionResult,
+    ClientEvent,
+    Connected,
+    ServerError,
+    VoteUpdated,
+    party_event,
+)
+from party_sync.client.state import PartyState
+from party_sync.core.sequence import SeqTracker, Verdict
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import ErrorCode
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    event: ClientEvent
+
+
+@dataclass(frozen=True, slots=True)
+class Send:
+    message: dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class ActionDone:
+    action_id: str
+    result: ActionResult
+
+
+@dataclass(frozen=True, slots=True)
+class ActionError:
+    action_id: str
+    error: ServerError
+
+
+@dataclass(frozen=True, slots=True)
+class VoteDone:
+    trace_id: str
+    update: VoteUpdated
+
+
+@dataclass(frozen=True, slots=True)
+class VoteError:
+    trace_id: str
+    vote_id: str
+    error: ServerError
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """Close this connection and reconnect without a resume point."""
+
+    reason: str
+
+
+Output = Emit | Send | ActionDone | ActionError | VoteDone | VoteError | Resync
+
+
+class ClientStream:
+    def __init__(self) -> None:
+        self.state = PartyState()
+        self.epoch: str | None = None
+        self.last_seq: int | None = None
+        self.live = False  # caught up on this connection: requests go out as they are made
+        self.actions: dict[str, dict[str, Any]] = {}  # pending action.request, by action_id
+        self.votes: dict[str, dict[str, Any]] = {}  # pending vote.cast, by trace_id
+        self.leave: dict[str, Any] | None = None  # a party.leave to (re)send until closed
+        self._tracker: SeqTracker | None = None  # None until this connection's hello
+        self._hello_seq = 0
+
+    # -- connections ----------------------------------------------------------------------------
+    def resume_point(self) -> tuple[str, int] | None:
+        """``(epoch, last_seq)`` to send when reconnecting, or None for a fresh snapshot."""
+        if self.epoch is None or self.last_seq is None:
+            return None
+        return self.epoch, self.last_seq
+
+    def connection_lost(self) -> None:
+        self._tracker = None
+        self.live = False
+
+    def resync(self) -> None:
+        """Forget the resume point: the next hello will be a full snapshot."""
+        self.epoch = None
+        self.last_seq = None
+
+    # -- requests -------------------------------------------------------------------------------
+    def add_action(self, message: dict[str, Any]) -> bool:
+        """Track a pending ``action.request``; True if it should be sent now (else at catch-up)."""
+        self.actions[message["payload"]["action_id"]] = message
+        return self.live
+
+    def add_vote(self, message: dict[str, Any]) -> bool:
+        self.votes[message["trace_id"]] = message
+        return self.live
+
+    def set_leave(self, message: dict[str, Any]) -> bool:
+        self.leave = message
+        return self.live
+
+    # -- inbound --------------------------------------------------------------------------------
+    def receive(self, message: Mapping[str, Any]) -> list[Output]:
+        type_ = message.get("type")
+        if type_ == t.HELLO:
+            return self._hello(message["payload"])
+        if type_ == t.ERROR:
+            return self._error(ServerError.from_message(message))
+        seq = message.get("seq")
+        if not isinstance(seq, int) or isinstance(seq, bool) or type_ not in t.EVENT_TYPES:
+            log.warning("ignoring an unknown server message", extra={"type": str(type_)})
+            return []
+        if self._tracker is None:
+            return [Resync("an event before the hello")]
+        last = self._tracker.last
+        verdict = self._tracker.observe(seq)
+        if verdict is Verdict.GAP:
+            self.resync()
+            self.connection_lost()
+            return [Resync(f"stream gap: expected seq {last + 1}, got {seq}")]
+        event = party_event(message)
+        if verdict is Verdict.STALE:
+            # A repeat of an action we resent gets its original result (old seq): settle it.
+            if isinstance(event, ActionResult) and self._settled(event.action_id):
+                return [ActionDone(event.action_id, event)]
+            return []
+        self.state.apply(event.type, seq, event.payload)
+        self.last_seq = seq
+        out: list[Output] = [Emit(event)]
+        if isinstance(event, ActionResult) and self._settled(event.action_id):
+            out.append(ActionDone(event.action_id, event))
+        elif isinstance(event, VoteUpdated) and event.trace_id in self.votes:
+            ballot = self.votes.pop(event.trace_id)["payload"]
+            self.state.voted(ballot["vote_id"], ballot["option"])
+            out.append(VoteDone(event.trace_id, event))
+        out.extend(self._catch_up())
+        return out
+
+    def _settled(self, action_id: str) -> bool:
+        """Forget a pending action that was just answered; False if it was not pending."""
+        return self.actions.pop(action_id, None) is not None
+
+    def _hello(self, payload: Mapping[str, Any]) -> list[Output]:
+        resumed = (
+            bool(payload.get("resumed"))
+            and self.last_seq is not None
+            and payload.get("epoch") == self.epoch
+            and payload.get("resumed_from") == self.last_seq
+        )
+        if resumed and self.last_seq is not None:
+            # Keep the state: the missed events follow and are applied as usual.
+            self._tracker = SeqTracker(self.last_seq)
+            self.state.limits = payload.get("limits") or self.state.limits
+        else:
+            self.state = PartyState.from_hello(payload)
+            self.epoch = self.state.epoch
+            self.last_seq = self.state.seq
+            self._tracker = SeqTracker(self.state.seq)
+        self._hello_seq = int(payload["seq"])
+        out: list[Output] = [Emit(Connected(payload, resumed))]
+        out.extend(self._catch_up())
+        return out
+
+    def _catch_up(self) -> list[Output]:
+        """Once the hello and its replay are applied, (re)send every pending request."""
+        if self.live or self._tracker is None or self._tracker.last < self._hello_seq:
+            return []
+        self.live = True
+        out: list[Output] = [Send(m) for m in self.actions.values()]
+        out.extend(Send(m) for m in self.votes.values())
+        if self.leave is not None:
+            out.append(Send(self.leave))
+        return out
+
+    def _error(self, error: ServerError) -> list[Output]:
+        out: list[Output] = [Emit(error)]
+        action_id = error.in_reply_to.get("action_id")
+        if (
+            isinstance(action_id, str)
+            and action_id in self.actions
+            and error.code != ErrorCode.ACTION_IN_FLIGHT  # still running: its result will come
+        ):
+            del self.actions[action_id]
+            out.append(ActionError(action_id, error))
+        trace_id = error.in_reply_to.get("trace_id")
+        if error.in_reply_to.get("type") == t.VOTE_CAST and isinstance(trace_id, str):
+            ballot = self.votes.pop(trace_id, None)
+            if ballot is not None:
+                out.append(VoteError(trace_id, ballot["payload"]["vote_id"], error))
+        return out

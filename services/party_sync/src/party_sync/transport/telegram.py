@@ -1,0 +1,146 @@
+"""Telegram Mini App sign-in: ``POST /api/v1/auth/telegram`` trades initData for a token.
+
+Request ``{"init_data": "<Telegram.WebApp.initData>", "party_id": "...", "character_id": "..."}``;
+answer 200 ``{"token": "<party_sync JWT>", "expires_at": <unix seconds>}``.
+
+1. initData is checked (``party_sync.initdata``: HMAC with the bot token, freshness of
+   ``auth_date``): 400 ``malformed_init_data``, 401 ``invalid_init_data`` /
+   ``init_data_expired``;
+2. the membership directory must bind (party_id, character_id) to that Telegram user: else 403
+   ``not_a_member`` (also when no such membership exists, so the answer reveals nothing more);
+3. the token is bound to the party, the membership's campaign run and the character, with the
+   registered display name and ``sub`` = ``telegram:<user id>``.
+
+Each refusal is a stable ``error`` code with a fixed ``detail``: nothing about which field or
+value failed. initData is a bearer credential until it expires: it is never logged, and neither
+is the token.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, Final
+
+from aiohttp import web
+
+from party_sync.auth import issue_token
+from party_sync.config import Settings
+from party_sync.initdata import EXPIRED, INVALID, MALFORMED, InitDataError, validate_init_data
+from party_sync.protocol import codec
+from party_sync.protocol.errors import BackendUnavailable
+from party_sync.protocol.types import PARTY_ACTOR
+from party_sync.transport.appkeys import DIRECTORY, GATEWAY
+
+log = logging.getLogger(__name__)
+
+PATH: Final = "/api/v1/auth/telegram"
+MAX_BODY: Final = 16 * 1024
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_FIELDS: Final = frozenset({"init_data", "party_id", "character_id"})
+
+NOT_A_MEMBER: Final = "not_a_member"
+
+#: The only details a client ever sees: one fixed sentence per code.
+DETAILS: Final = {
+    "bad_request": "body must be {init_data, party_id, character_id} (ids: [A-Za-z0-9._:-]{1,64})",
+    MALFORMED: "init_data is not a well-formed Telegram initData string",
+    INVALID: "init_data is not signed for this bot",
+    EXPIRED: "init_data is too old or not yet valid: reopen the Mini App",
+    NOT_A_MEMBER: "this Telegram user may not play that character in that party",
+    "origin_not_allowed": "origin not allowed",
+    "telegram_not_configured": (
+        "Telegram sign-in is not configured on this server (PARTY_SYNC_TELEGRAM_BOT_TOKEN)"
+    ),
+    "backend_unavailable": "the backend is unreachable; retry",
+    "too_large": f"body exceeds {MAX_BODY} bytes",
+}
+
+
+def _problem(status: int, error: str) -> web.Response:
+    return web.json_response(
+        {"error": error, "detail": DETAILS[error]},
+        status=status,
+        headers={"Cache-Control": "no-store"},
+    )
+
+
+def _request_fields(body: Any) -> tuple[str, str, str] | None:
+    if not isinstance(body, dict) or set(body) != _FIELDS:
+        return None
+    init_data, party_id, character_id = (body[k] for k in ("init_data", "party_id", "character_id"))
+    if not isinstance(init_data, str) or not isinstance(party_id, str):
+        return None
+    if not isinstance(character_id, str) or character_id == PARTY_ACTOR:
+        return None
+    if not _ID.fullmatch(party_id) or not _ID.fullmatch(character_id):
+        return None
+    return init_data, party_id, character_id
+
+
+async def sign_in(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    settings: Settings = gateway.settings
+    bot_token = settings.telegram_bot_token
+    if not bot_token:
+        return _problem(503, "telegram_not_configured")
+    origin = request.headers.get("Origin")
+    if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
+        return _problem(403, "origin_not_allowed")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return _problem(413, "too_large")
+    raw = await request.content.read(MAX_BODY + 1)
+    if len(raw) > MAX_BODY:
+        return _problem(413, "too_large")
+    try:
+        parsed = _request_fields(codec.decode(raw))
+    except ValueError:
+        parsed = None
+    if parsed is None:
+        return _problem(400, "bad_request")
+    init_data, party_id, character_id = parsed
+    now = gateway.clock()
+    try:
+        verified = validate_init_data(
+            init_data, bot_token, now=now, max_age=settings.telegram_max_age
+        )
+    except InitDataError as exc:
+        # The reason goes to the debug log only; never the initData itself.
+        log.info("telegram sign-in refused", extra={"code": exc.code, "party_id": party_id})
+        log.debug("telegram sign-in refusal reason", extra={"reason": exc.reason})
+        return _problem(exc.status, exc.code)
+    try:
+        membership = await request.app[DIRECTORY].get(party_id, character_id)
+    except BackendUnavailable:
+        return _problem(503, "backend_unavailable")
+    if membership is None or membership.telegram_user_id != verified.user.id:
+        log.info(
+            "telegram sign-in refused",
+            extra={"code": NOT_A_MEMBER, "party_id": party_id, "character_id": character_id},
+        )
+        return _problem(403, NOT_A_MEMBER)
+    assert settings.jwt_secret is not None  # build_server refuses to run without one
+    ttl = settings.telegram_token_ttl
+    token = issue_token(
+        settings.jwt_secret,
+        party_id=membership.party_id,
+        campaign_run_id=membership.campaign_run_id,
+        character_id=membership.character_id,
+        display_name=membership.display_name,
+        now=now,
+        ttl=ttl,
+        sub=f"telegram:{verified.user.id}",
+        algorithm=settings.jwt_algorithms[0],
+    )
+    log.info(
+        "telegram sign-in",
+        extra={"party_id": party_id, "character_id": character_id, "sub": verified.user.id},
+    )
+    return web.json_response(
+        {"token": token, "expires_at": int(now + ttl)}, headers={"Cache-Control": "no-store"}
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    """Register the sign-in endpoint (it reads the directory the membership API registered)."""
+    app.router.add_post(PATH, sign_in)

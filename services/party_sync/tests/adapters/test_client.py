@@ -1,0 +1,281 @@
+"""``party_sync.client.PartyClient`` against a real in-process server over loopback."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import pytest
+from party_sync.client import (
+    ActionResult,
+    AiohttpTransport,
+    Backoff,
+    ClientClosed,
+    ClientEvent,
+    Connected,
+    Disconnected,
+    MemberLeft,
+    PartyClient,
+    PartyEvent,
+    SceneChanged,
+    ServerError,
+    Subscription,
+    VoteFinished,
+    VoteRefused,
+    VoteStarted,
+)
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.servers import Running, make_settings, serve_in_process, token
+
+E = TypeVar("E")
+KEY = "api-key-0123456789abcdef0123456789"
+
+
+def make_client(
+    srv: Running,
+    character: str,
+    *,
+    sleep: Callable[[float], Awaitable[None]] | None = None,
+    **kwargs: Any,
+) -> PartyClient:
+    if "token_provider" not in kwargs:
+        kwargs.setdefault("token", token(character))
+
+    async def no_wait(delay: float) -> None:
+        await asyncio.sleep(0)
+
+    return PartyClient(
+        srv.ws_url,
+        transport=AiohttpTransport(srv.http),
+        backoff=Backoff(random=lambda: 0.0),
+        sleep=sleep or no_wait,
+        **kwargs,
+    )
+
+
+@asynccontextmanager
+async def connected(srv: Running, character: str, **kwargs: Any) -> AsyncIterator[PartyClient]:
+    client = make_client(srv, character, **kwargs)
+    await client.connect()
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+async def next_of(sub: Subscription, kind: type[E], timeout: float = 5.0) -> E:
+    async with asyncio.timeout(timeout):
+        return await sub.next_of(kind)
+
+
+def drop(srv: Running, character: str, code: int = 4002) -> None:
+    """The server side drops the character's connections (like a slow consumer: 4002)."""
+    assert srv.server is not None
+    sessions = [s for s in srv.server.gateway.sessions if s.character_id == character]
+    assert sessions, f"{character} has no connection"
+    for session in sessions:
+        session.close(code, "dropped by the test")
+
+
+def seqs_after(events: list[ClientEvent]) -> list[int]:
+    """The party seqs a subscriber applied, checked gap-free across (resumed) hellos."""
+    applied: list[int] = []
+    last: int | None = None
+    for event in events:
+        if isinstance(event, Connected):
+            last = event.hello["resumed_from"] if event.resumed else event.hello["seq"]
+        elif isinstance(event, PartyEvent):
+            assert last is not None and event.seq == last + 1, f"{event.seq} after {last}"
+            last = event.seq
+            applied.append(event.seq)
+    return applied
+
+
+async def test_two_clients_act_and_both_see_the_result_and_the_scene() -> None:
+    async with (
+        serve_in_process(engine=ScriptedEngine()) as srv,
+        connected(srv, "aria") as a,
+        connected(srv, "borin") as b,
+    ):
+        seen = b.events()
+        result = await a.send_action("skill_check", {"stat": "wits"})
+        assert isinstance(result, ActionResult) and result.outcome == "success"
+        assert (await next_of(seen, ActionResult)).action_id == result.action_id
+        scene = await next_of(seen, SceneChanged)
+        assert scene.scene_number == 1 and b.state.scene_number == 1
+        await wait_until(lambda: a.state.scene_number == 1)
+        assert set(a.state.online) == set(b.state.online) == {"aria", "borin"}
+        assert a.state.you == "aria" and a.state.campaign_run_id == "r1"
+
+
+async def test_a_dropped_connection_resumes_and_misses_nothing() -> None:
+    gate = asyncio.Event()
+
+    async def gated(delay: float) -> None:
+        await gate.wait()  # the test decides when the client may reconnect
+
+    async with (
+        serve_in_process(engine=ScriptedEngine()) as srv,
+        connected(srv, "aria", sleep=gated) as a,
+        connected(srv, "borin") as b,
+    ):
+        events: list[ClientEvent] = []
+        a.on(object, events.append)
+        seen = a.events()
+        drop(srv, "aria")
+        gone = await next_of(seen, Disconnected)
+        assert gone.code == 4002 and gone.reconnecting
+        missed = await b.send_action("combat")  # while aria is away
+        gate.set()
+        hello = await next_of(seen, Connected)
+        assert hello.resumed is True
+        replayed = await next_of(seen, ActionResult)
+        assert replayed.action_id == missed.action_id
+        await next_of(seen, SceneChanged)
+        live = await a.send_action("skill_check")
+        assert live.seq > replayed.seq
+        await next_of(seen, SceneChanged)
+        applied = seqs_after(events)  # gap-free and without a duplicate, across the drop
+        assert applied[0] == hello.hello["resumed_from"] + 1 and applied[-1] == live.seq + 1
+
+
+async def test_an_action_pending_across_a_reconnect_happens_once() -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()  # hold the action in flight
+    async with serve_in_process(engine=engine) as srv, connected(srv, "aria") as a:
+        seen = a.events()
+        acting = asyncio.create_task(a.send_action("skill_check", action_id="once-1"))
+        await wait_until(lambda: engine.count("once-1") == 1)
+        drop(srv, "aria")
+        await next_of(seen, Connected)  # reconnected; the action was resent with its id
+        in_flight = await next_of(seen, ServerError)
+        assert in_flight.code == "action_in_flight" and not acting.done()
+        engine.gate.set()
+        result = await asyncio.wait_for(acting, 5)
+        assert result.action_id == "once-1"
+        assert engine.count("once-1") == 1
+
+
+async def test_a_result_published_while_away_settles_the_action_from_the_replay() -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    reconnect = asyncio.Event()
+
+    async def gated(delay: float) -> None:
+        await reconnect.wait()
+
+    async with (
+        serve_in_process(engine=engine) as srv,
+        connected(srv, "aria", sleep=gated) as a,
+    ):
+        seen = a.events()
+        acting = asyncio.create_task(a.send_action("skill_check", action_id="away-1"))
+        await wait_until(lambda: engine.count("away-1") == 1)
+        drop(srv, "aria")
+        await next_of(seen, Disconnected)
+        engine.gate.set()  # the result is published while aria is disconnected
+        await wait_until(lambda: engine.scene_number == 1)
+        reconnect.set()
+        result = await asyncio.wait_for(acting, 5)
+        assert result.action_id == "away-1" and engine.count("away-1") == 1
+
+
+async def test_an_expired_token_is_refreshed_through_the_provider() -> None:
+    issued: list[float] = []
+
+    async def provider() -> str:
+        ttl = 0.0 if not issued else 3600.0  # the first one is already expired (4001 at once)
+        issued.append(ttl)
+        return token("aria", ttl=ttl)
+
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        client = make_client(srv, "aria", token_provider=provider)
+        seen = client.events()
+        await client.connect()
+        expired = await next_of(seen, ServerError)
+        assert expired.code == "token_expired"
+        assert (await next_of(seen, Disconnected)).code == 4001
+        assert (await next_of(seen, Connected)).resumed is True
+        assert (await client.send_action("skill_check")).outcome == "success"
+        assert issued == [0.0, 3600.0]
+        await client.close()
+
+
+async def test_a_refused_handshake_asks_the_provider_again() -> None:
+    tokens = [token("aria", secret="not-the-server-secret-0123456789abcdef"), token("aria")]
+    calls: list[int] = []
+
+    async def provider() -> str:
+        calls.append(1)
+        return tokens[len(calls) - 1]
+
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        client = make_client(srv, "aria", token_provider=provider)
+        state = await client.connect()
+        assert state.you == "aria" and len(calls) == 2
+        await client.close()
+
+
+async def test_leave_stops_the_client_for_good() -> None:
+    async with (
+        serve_in_process(engine=ScriptedEngine()) as srv,
+        connected(srv, "borin") as b,
+    ):
+        a = make_client(srv, "aria")
+        await a.connect()
+        seen = b.events()
+        await asyncio.wait_for(a.leave(), 5)
+        assert a.close_code == 1000 and a.error is None
+        left = await next_of(seen, MemberLeft)
+        assert (left.character_id, left.reason) == ("aria", "left")
+        assert "aria" not in b.state.members
+        assert srv.server is not None
+        assert not [s for s in srv.server.gateway.sessions if s.character_id == "aria"]
+        with pytest.raises(ClientClosed):
+            await a.send_action("skill_check")
+
+
+async def test_a_policy_close_is_not_retried() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        client = make_client(srv, "aria")
+        await client.connect()
+        seen = client.events()
+        drop(srv, "aria", code=1008)
+        assert (await next_of(seen, Disconnected)).reconnecting is False
+        await asyncio.wait_for(client.wait_closed(), 5)
+        assert isinstance(client.error, ClientClosed) and client.close_code == 1008
+        await client.close()
+
+
+async def test_votes_are_cast_and_followed() -> None:
+    async with (
+        serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv,
+        connected(srv, "aria") as a,
+        connected(srv, "borin") as b,
+    ):
+        await wait_until(lambda: set(a.state.online) == {"aria", "borin"})
+        seen = a.events()
+        body = {
+            "question": "Which way?",
+            "options": [{"id": "L", "label": "Left"}, {"id": "R", "label": "Right"}],
+            "timeout_s": 30,
+        }
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with srv.http.post(
+            f"{srv.base}/api/v1/parties/p1/votes", json=body, headers=headers
+        ) as resp:
+            assert resp.status == 201
+        started = await next_of(seen, VoteStarted)
+        assert a.state.vote is not None and a.state.vote["vote_id"] == started.vote_id
+        with pytest.raises(VoteRefused) as refused:
+            await a.cast_vote(started.vote_id, "up")
+        assert refused.value.code == "vote_bad_option"
+        update = await a.cast_vote(started.vote_id, "R")
+        assert update.payload["tallies"] == {"L": 0, "R": 1}
+        assert a.state.vote["your_vote"] == "R"
+        await b.cast_vote(started.vote_id, "R")
+        finished = await next_of(seen, VoteFinished)
+        assert finished.winner == "R" and a.state.vote is None

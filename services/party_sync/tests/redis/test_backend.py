@@ -1,0 +1,236 @@
+"""The Redis backend in process, against a private redis-server: the delivery guarantees one by
+one, with the failures injected deterministically (a lost publish, trimmed history, a silent
+pub/sub socket, an outage, racing sweeps)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from party_sync.backends.base import Binding
+from party_sync.backends.memory import BackendSettings
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core.events import Event
+from party_sync.metrics import Metrics
+from party_sync.protocol import codec
+from party_sync.protocol.errors import BackendUnavailable
+from ps_testkit.client import wait_until
+from ps_testkit.proxy import RedisProxy
+from ps_testkit.redis_server import RedisServer
+from redis.asyncio import Redis
+
+pytestmark = pytest.mark.redis
+
+
+class Recorder:
+    """A ``PartyListener`` that keeps everything it is given."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.directs: list[tuple[str, bytes]] = []
+        self.resyncs = 0
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events]
+
+    def on_event(self, event: Event) -> None:
+        self.events.append(event)
+
+    def on_direct(self, character_id: str, data: bytes) -> None:
+        self.directs.append((character_id, data))
+
+    def on_resync(self) -> None:
+        self.resyncs += 1
+
+
+@contextlib.asynccontextmanager
+async def backend(url: str, **options: Any) -> AsyncIterator[RedisBackend]:
+    ttl = options.pop("presence_ttl", 30.0)
+    b = RedisBackend(
+        RedisOptions(url, **options),
+        BackendSettings(presence_ttl=ttl),
+        metrics=Metrics("test"),
+    )
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def scene(n: int) -> dict[str, Any]:
+    payload = {
+        "scene_number": n,
+        "scene_id": f"s{n}",
+        "title": "T",
+        "narration": "N",
+        "options": [],
+        "kind": "story",
+    }
+    return codec.envelope("scene.update", payload, ts=time.time())
+
+
+def sample(b: RedisBackend, name: str, **labels: str) -> float:
+    assert b.metrics is not None
+    value = b.metrics.registry.get_sample_value(name, labels)
+    return value or 0.0
+
+
+async def lose_a_publish(r: Redis, b: RedisBackend, party_id: str) -> None:
+    """What a dropped pub/sub message looks like: sequenced and in history, never delivered."""
+    meta, history = b.keys.party_keys(party_id)[:2]
+    seq = await r.hincrby(meta, "seq", 1)
+    await r.rpush(history, codec.with_seq(codec.encode(scene(100 + seq)), seq))
+
+
+async def test_a_seq_jump_is_filled_from_history_before_later_events(redis: RedisServer) -> None:
+    r = Redis.from_url(redis.url)
+    async with backend(redis.url) as b:
+        rec = Recorder()
+        await b.subscribe("p1", rec)
+        await b.publish("p1", scene(1), time.time())
+        await lose_a_publish(r, b, "p1")
+        await b.publish("p1", scene(3), time.time())
+        await wait_until(lambda: rec.seqs == [1, 2, 3])
+        assert rec.resyncs == 0
+        assert sample(b, "party_sync_pubsub_gaps_total", outcome="repaired") == 1
+    await r.aclose()
+
+
+async def test_a_gap_history_cannot_fill_makes_clients_resync_never_skip(
+    redis: RedisServer,
+) -> None:
+    r = Redis.from_url(redis.url)
+    async with backend(redis.url) as b:
+        rec = Recorder()
+        await b.subscribe("p1", rec)
+        await b.publish("p1", scene(1), time.time())
+        await lose_a_publish(r, b, "p1")
+        await r.delete(b.keys.party_keys("p1")[1])  # ... and the history is gone too
+        await b.publish("p1", scene(3), time.time())
+        await wait_until(lambda: rec.resyncs == 1)
+        await b.publish("p1", scene(4), time.time())
+        await wait_until(lambda: rec.seqs == [1, 4])  # 2 and 3 are in the clients' snapshots
+        assert sample(b, "party_sync_pubsub_gaps_total", outcome="resync") == 1
+    await r.aclose()
+
+
+async def test_a_flush_is_a_new_epoch_resynced_then_delivered_from_its_start(
+    redis: RedisServer,
+) -> None:
+    async with backend(redis.url) as b:
+        rec = Recorder()
+        await b.subscribe("p1", rec)
+        first = await b.publish("p1", scene(1), time.time())
+        old_epoch = (await b.snapshot("p1")).epoch
+        redis.command("FLUSHALL")
+        again = await b.publish("p1", scene(2), time.time())
+        assert again.seq == first.seq == 1
+        await wait_until(lambda: rec.resyncs == 1 and len(rec.events) == 2)
+        assert (await b.snapshot("p1")).epoch != old_epoch
+
+
+async def test_a_silent_pubsub_socket_is_caught_by_the_probe_and_replaced(
+    redis: RedisServer,
+) -> None:
+    async with (
+        RedisProxy(redis.port) as proxy,
+        backend(proxy.url, probe_interval=0.2) as b1,
+        backend(redis.url) as b2,
+    ):
+        rec = Recorder()
+        await b1.subscribe("p1", rec)
+        await b2.publish("p1", scene(1), time.time())
+        await wait_until(lambda: rec.seqs == [1])
+        assert proxy.freeze_subscribers() == 1
+        await b2.publish("p1", scene(2), time.time())  # lost in the silent socket
+        await wait_until(lambda: rec.seqs == [1, 2])  # probe → new connection → repair
+        assert sample(b1, "party_sync_redis_reconnects_total", cause="probe") == 1
+        assert sample(b1, "party_sync_pubsub_gaps_total", outcome="repaired") == 1
+        # the new connection's probes come back: their round trip is the pub/sub lag metric
+        await wait_until(lambda: sample(b1, "party_sync_pubsub_lag_seconds_count") >= 1)
+
+
+async def test_one_subscription_per_party_and_node_dropped_with_the_last_listener(
+    redis: RedisServer,
+) -> None:
+    r = Redis.from_url(redis.url)
+
+    async def subscribers() -> int:
+        return int((await r.pubsub_numsub("party:p1"))[0][1])
+
+    async with backend(redis.url) as b:
+        first, second = Recorder(), Recorder()
+        s1 = await b.subscribe("p1", first)
+        assert await subscribers() == 1  # subscribe returned: Redis has confirmed it
+        s2 = await b.subscribe("p1", second)
+        assert await subscribers() == 1
+        await s1.close()
+        assert await subscribers() == 1
+        await b.send_direct("p1", "aria", b'{"type":"system.error"}')
+        await wait_until(lambda: second.directs == [("aria", b'{"type":"system.error"}')])
+        await s2.close()
+        await b.bus.add("sync-point", lambda _: None)  # orders after the UNSUBSCRIBE
+        assert await subscribers() == 0
+    await r.aclose()
+
+
+async def test_redis_down_is_backend_unavailable_and_not_ready_until_it_returns(
+    redis: RedisServer,
+) -> None:
+    async with backend(redis.url) as b:
+        assert await b.ready()
+        redis.stop()
+        with pytest.raises(BackendUnavailable):
+            await b.publish("p1", scene(1), time.time())
+        with pytest.raises(BackendUnavailable):
+            await b.begin_action("p1", "aria", "a1", time.time())
+        with pytest.raises(BackendUnavailable):
+            await b.subscribe("p2", Recorder())
+        assert not await b.ready()
+        redis.start()
+        async with asyncio.timeout(10):
+            while not await b.ready():  # noqa: ASYNC110 (the bus reconnects in its own time)
+                await asyncio.sleep(0.02)
+        assert (await b.publish("p1", scene(1), time.time())).seq == 1
+
+
+async def test_racing_sweeps_announce_each_expired_character_exactly_once(
+    redis: RedisServer,
+) -> None:
+    async with (
+        backend(redis.url, presence_ttl=1.0) as b1,
+        backend(redis.url, presence_ttl=1.0) as b2,
+        backend(redis.url, presence_ttl=1.0) as b3,
+    ):
+        now = time.time()
+        for i in range(20):
+            await b1.connect(Binding(f"p{i}", "r", "aria", "Aria"), f"c{i}", now, "t" * 32)
+        later = now + 5
+        swept = await asyncio.gather(b1.expire(later), b2.expire(later), b3.expire(later))
+        leaves = [e for events in swept for e in events]
+        assert sorted(e.party_id for e in leaves) == sorted(f"p{i}" for i in range(20))
+        assert {e.payload["reason"] for e in leaves} == {"expired"}
+        assert await b2.expire(later + 5) == []
+
+
+async def test_a_node_dying_in_the_grace_period_still_gets_its_player_out(
+    redis: RedisServer,
+) -> None:
+    async with (
+        backend(redis.url, presence_ttl=1.0, presence_grace=2.0) as b1,
+        backend(redis.url, presence_ttl=1.0, presence_grace=2.0) as b2,
+    ):
+        aria = Binding("p1", "r", "aria", "Aria")
+        now = time.time()
+        await b1.connect(aria, "c1", now, "t" * 32)
+        assert await b1.disconnect(aria, "c1", now)  # last connection; b1 "dies" before settling
+        assert await b2.expire(now + 2.5) == []  # within grace + ttl: the owner may still settle
+        (leave,) = await b2.expire(now + 3.5)
+        assert leave.payload == {"character_id": "aria", "reason": "expired"}
+        assert await b1.settle(aria, now + 4, "t" * 32) is None  # exactly once

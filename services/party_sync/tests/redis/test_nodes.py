@@ -1,0 +1,120 @@
+"""Two real nodes on one private Redis act as one service (issue 3, "Tests that must exist")."""
+
+from __future__ import annotations
+
+import pytest
+from ps_testkit.client import Client, wait_until
+from ps_testkit.cluster import Cluster, assert_ordered
+from ps_testkit.engines import engine_calls
+from ps_testkit.servers import Running
+
+pytestmark = [pytest.mark.redis, pytest.mark.e2e]
+
+
+async def _pair(n1: Running, n2: Running) -> tuple[Client, Client]:
+    """aria on node 1, borin on node 2, each having seen the other arrive."""
+    a, _ = await n1.join("aria")
+    b, hello = await n2.join("borin")
+    assert {m["character_id"] for m in hello["payload"]["members"]} == {"aria", "borin"}
+    await a.until("party.join")
+    return a, b
+
+
+async def test_seed_flow_across_two_nodes(cluster: Cluster) -> None:
+    async with cluster.node() as n1, cluster.node() as n2:
+        a, b = await _pair(n1, n2)
+        await a.act("act-1", "aria", "r1", trace_id="trace-nodes-1")
+        result = await b.expect("action.result")
+        scene = await b.expect("scene.update")
+        assert result["payload"]["action_id"] == "act-1"
+        assert result["payload"]["character_id"] == "aria"
+        assert scene["seq"] == result["seq"] + 1
+        assert result["trace_id"] == scene["trace_id"] == "trace-nodes-1"
+        assert await a.expect("action.result") == result  # the same broadcast on both nodes
+        assert await a.expect("scene.update") == scene
+        assert engine_calls(cluster.engine_dir) == ["act-1"]
+        for client in (a, b):
+            assert_ordered(client)
+            await client.close()
+
+
+async def test_one_subscription_per_party_per_node_not_per_connection(cluster: Cluster) -> None:
+    async with cluster.node() as n1, cluster.node() as n2:
+        clients = [(await n1.join(c))[0] for c in ("aria", "borin", "cora")]
+        clients.append((await n1.join("aria"))[0])  # a second tab
+        clients.append((await n2.join("dara"))[0])
+        reply = cluster.redis.command("PUBSUB", "NUMSUB", "party:p1")
+        assert reply.split(b"\r\n")[3] == b":2"  # one subscriber per node
+        for client in clients:
+            await client.close()
+
+
+async def test_same_action_id_through_two_nodes_is_one_engine_call_one_broadcast(
+    cluster: Cluster,
+) -> None:
+    async with cluster.node() as n1, cluster.node() as n2:
+        a1, b = await _pair(n1, n2)
+        a2, _ = await n2.join("aria")  # aria's second tab, on the other node
+        await a1.act("dup-1", "aria", "r1")
+        first = await b.expect("action.result")
+        await b.expect("scene.update")
+        await a2.until("scene.update")
+
+        await a2.act("dup-1", "aria", "r1")  # the same action, through node 2
+        again = await a2.expect("action.result")
+        assert again == first and a2.raw[-1] == b.raw[-2]  # the original, byte for byte
+        await a1.act("next-1", "aria", "r1")
+        nxt = await b.expect("action.result")  # borin got no second broadcast of dup-1
+        assert nxt["payload"]["action_id"] == "next-1" and nxt["seq"] == first["seq"] + 2
+        assert sorted(engine_calls(cluster.engine_dir)) == ["dup-1", "next-1"]
+        for client in (a1, a2, b):
+            await client.close()
+
+
+async def test_in_flight_and_busy_hold_across_nodes(cluster: Cluster) -> None:
+    async with cluster.node() as n1, cluster.node() as n2:
+        a1, b = await _pair(n1, n2)
+        a2, _ = await n2.join("aria")
+        await a1.act("slow-1", "aria", "r1", payload={"hold": True})
+        await wait_until(lambda: engine_calls(cluster.engine_dir) == ["slow-1"])  # in flight
+        await a2.act("slow-1", "aria", "r1")  # same action_id, other node
+        assert (await a2.expect("system.error"))["payload"]["code"] == "action_in_flight"
+        await a2.act("other-1", "aria", "r1")  # the character is busy on every node
+        assert (await a2.expect("system.error"))["payload"]["code"] == "character_busy"
+        (cluster.engine_dir / "release-slow-1").touch()
+        result = await b.expect("action.result")
+        assert result["payload"]["action_id"] == "slow-1"
+        assert engine_calls(cluster.engine_dir) == ["slow-1"]
+        for client in (a1, a2, b):
+            await client.close()
+
+
+async def test_resume_on_another_node_gets_exactly_the_missed_events_then_live(
+    cluster: Cluster,
+) -> None:
+    async with cluster.node() as n1, cluster.node() as n2:
+        a, b = await _pair(n1, n2)
+        seen_by_b = [m for m in b.received if "seq" in m]
+        epoch = b.received[0]["payload"]["epoch"]
+        last = b.received[0]["payload"]["seq"]
+        assert not seen_by_b  # borin's own join is in his hello
+        await b.close()
+        leave = await a.until("party.leave")  # borin's leave (disconnected) after the grace
+        missed = [leave]
+        for i in range(3):
+            await a.act(f"m-{i}", "aria", "r1")
+            missed.append(await a.until("action.result"))
+            missed.append(await a.expect("scene.update"))
+
+        b, hello = await n1.join("borin", epoch=epoch, last_seq=last)  # to the *other* node
+        p = hello["payload"]
+        assert p["resumed"] is True and p["resumed_from"] == last and p["epoch"] == epoch
+        replay = [await b.recv() for _ in range(p["seq"] - last)]
+        assert replay[: len(missed)] == missed  # exactly the missed events, in order
+        assert [m["type"] for m in replay[len(missed) :]] == ["party.join"]  # his own rejoin
+        await a.act("live-1", "aria", "r1")
+        live = await b.expect("action.result")
+        assert live["payload"]["action_id"] == "live-1" and live["seq"] == p["seq"] + 1
+        for client in (a, b):
+            assert_ordered(client)
+            await client.close()

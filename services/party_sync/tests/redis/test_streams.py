@@ -1,0 +1,189 @@
+"""The Redis Streams engine transport: engines in their own processes (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+from ps_testkit.client import wait_until
+from ps_testkit.cluster import TESTS_DIR, Cluster, assert_ordered
+from ps_testkit.engines import engine_calls
+from ps_testkit.servers import party_sync_command
+
+pytestmark = [pytest.mark.redis, pytest.mark.e2e]
+
+STREAM = ("--engine-transport", "stream")
+
+
+@contextlib.contextmanager
+def worker(
+    cluster: Cluster,
+    *extra: str,
+    engine: str = "ps_testkit.engines:node_engine",
+    env_extra: dict[str, str] | None = None,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``party-sync engine-worker`` on the cluster's Redis, as its own process."""
+    env = {
+        **os.environ,
+        **(env_extra or {}),
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p
+        ),
+        "PS_ENGINE_DIR": str(cluster.engine_dir),
+        "PARTY_SYNC_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [*party_sync_command(), "engine-worker", engine, "--redis-url", cluster.redis.url, *extra],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+
+async def test_seed_flow_with_the_engine_in_a_worker_process(cluster: Cluster) -> None:
+    async with cluster.node(*STREAM) as node:
+        with worker(cluster):
+            a, _ = await node.join("aria")
+            b, _ = await node.join("borin")
+            await a.expect("party.join")
+            await a.act("s-1", "aria", "r1", trace_id="trace-stream-1")
+            result = await b.expect("action.result")
+            scene = await b.expect("scene.update")
+            assert result["payload"]["action_id"] == "s-1"
+            assert result["trace_id"] == scene["trace_id"] == "trace-stream-1"
+            assert engine_calls(cluster.engine_dir) == ["s-1"]
+            assert_ordered(b)
+            await a.close()
+            await b.close()
+
+
+async def test_reference_engine_in_a_worker_records_the_decision_in_its_chronicle(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    database = f"sqlite:///{tmp_path / 'engine.sqlite3'}"
+    env = {"CAMPAIGN_ENGINE_DATABASE_URL": database, "CAMPAIGN_ENGINE_SEED": "11"}
+    async with cluster.node(*STREAM) as node:
+        with worker(cluster, engine="campaign_engine:create_engine", env_extra=env):
+            a, _ = await node.join("aria")
+            b, _ = await node.join("borin")
+            opening = await b.until("scene.update", timeout=15)  # the join reached the worker
+            option = opening["payload"]["options"][0]["id"]
+            await a.act(
+                "c-1",
+                "aria",
+                "r1",
+                action_type="choice",
+                payload={"option": option},
+                trace_id="trace-chronicle",
+            )
+            result = await b.until("action.result", timeout=15)
+            assert result["payload"]["action_id"] == "c-1"
+            await b.until("scene.update")
+            await a.close()
+            await b.close()
+    chronicle = await asyncio.to_thread(
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "campaign_engine",
+            "chronicle",
+            "r1",
+            "--json",
+            "--database-url",
+            database,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    entries = orjson.loads(chronicle.stdout)
+    decisions = [d for d in _walk(entries) if isinstance(d, dict) and d.get("action_id") == "c-1"]
+    assert decisions, chronicle.stdout[:2000]
+    assert decisions[0]["trace_id"] == "trace-chronicle"
+
+
+def _walk(node: object) -> Iterator[object]:
+    """Every value in a JSON document (the chronicle's layout is the engine's own)."""
+    yield node
+    if isinstance(node, dict):
+        for value in node.values():
+            yield from _walk(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _walk(value)
+
+
+async def test_actions_wait_in_the_stream_while_no_engine_runs(cluster: Cluster) -> None:
+    async with cluster.node(*STREAM, "--action-timeout", "0.3") as node:
+        a, _ = await node.join("aria")
+        await a.act("w-1", "aria", "r1")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "action_timeout"  # pending, not lost
+        await a.act("w-1", "aria", "r1")
+        assert (await a.expect("system.error"))["payload"]["code"] == "action_in_flight"
+        with worker(cluster):
+            result = await a.expect("action.result", timeout=15)
+            assert result["payload"]["action_id"] == "w-1"
+        assert engine_calls(cluster.engine_dir) == ["w-1"]
+        await a.close()
+
+
+async def test_a_worker_killed_holding_an_action_is_taken_over_and_the_result_sent_once(
+    cluster: Cluster,
+) -> None:
+    async with cluster.node(*STREAM) as node:
+        a, _ = await node.join("aria")
+        b, _ = await node.join("borin")
+        await a.expect("party.join")
+        with worker(cluster, "--claim-idle", "1") as first:
+            await a.act("held", "aria", "r1", payload={"hold": True})
+            await wait_until(lambda: engine_calls(cluster.engine_dir) == ["held"], timeout=10)
+            first.send_signal(signal.SIGKILL)  # dies holding the action: never acknowledged
+            await asyncio.to_thread(first.wait, 10)
+        with worker(cluster, "--claim-idle", "1"):
+            await wait_until(
+                lambda: engine_calls(cluster.engine_dir) == ["held", "held"], timeout=15
+            )
+            (Path(cluster.engine_dir) / "release-held").touch()
+            result = await b.expect("action.result", timeout=10)
+            assert result["payload"]["action_id"] == "held"
+            await b.expect("scene.update")
+            await a.act("after", "aria", "r1")
+            nxt = await b.expect("action.result", timeout=10)  # no second result for "held"
+            assert nxt["payload"]["action_id"] == "after"
+            assert_ordered(b)
+        await a.close()
+        await b.close()
+
+
+async def test_engine_rejections_from_a_worker_reach_the_player(cluster: Cluster) -> None:
+    async with cluster.node(*STREAM) as node:
+        with worker(cluster, engine="campaign_engine:create_engine"):
+            a, _ = await node.join("aria")
+            await a.act("bad-1", "aria", "r1", action_type="choice", payload={"option": "nope"})
+            err = await a.until("system.error", timeout=15)
+            assert err["payload"]["code"] == "action_rejected"
+            assert err["payload"]["in_reply_to"]["action_id"] == "bad-1"
+            await a.close()
