@@ -157,7 +157,10 @@ class PartyClient:
 
     # -- events ---------------------------------------------------------------------------------
     def events(self) -> Subscription:
-        """Every event from now on: ``async for event in client.events(): ...``."""
+        """Every event from now on: ``async for event in client.events(): ...``.
+
+        The queue is unbounded: consume it, or ``close()`` the subscription when done.
+        """
         sub = Subscription(self._unsubscribe)
         if self._stopped:
             sub.put(None)
