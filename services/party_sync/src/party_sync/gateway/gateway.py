@@ -475,19 +475,6 @@ class Gateway:
                 await self._apply_vote(event)
 
     # -- votes ----------------------------------------------------------------------------------
-    async def start_vote(
-        self,
-        party_id: str,
-        spec: votes.VoteSpec,
-        *,
-        campaign_run_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Event:
-        """Open a vote for a party (asked by its engine); raises ``VoteConflict``."""
-        return await self.publisher.open_vote(
-            party_id, spec, campaign_run_id=campaign_run_id, trace_id=trace_id
-        )
-
     def _arm_vote_deadline(self, event: Event) -> None:
         key = (event.party_id, "vote:" + event.payload["vote_id"])
         if key in self._vote_timers:

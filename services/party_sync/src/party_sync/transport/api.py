@@ -133,7 +133,7 @@ async def start_vote(request: web.Request) -> web.Response:
         spec = votes.spec_from_json(body, str(vote_id))
         run = body.get("campaign_run_id")
         trace = body.get("trace_id")
-        event = await gateway.start_vote(
+        event = await gateway.publisher.open_vote(
             party_id,
             spec,
             campaign_run_id=run if isinstance(run, str) else None,
