@@ -34,6 +34,10 @@ def test_the_built_in_campaign() -> None:
     assert swim.check.destination("failure") == "reef"
     assert swim.check.harm("partial") == 3
     assert campaign.scene("harbor").difficulty == 12
+    votes = {s.id: s.vote for s in campaign.scenes.values() if s.vote}
+    assert sorted(votes) == ["bargain", "reef"]  # never the opening scene
+    assert votes["reef"].default_option == "wade"
+    assert campaign.vote_timeout_s == 60
 
 
 def test_a_campaign_loads_from_a_json_file(tmp_path: Path) -> None:
@@ -100,6 +104,36 @@ BREAKAGES: list[tuple[str, Callable[[dict[str, Any]], None], str]] = [
     ("duplicate numbers", lambda d: scene(d, "reef").update(number=1), "numbers must be unique"),
     ("difficulty out of range", lambda d: scene(d, "reef").update(difficulty=99), "1..40"),
     ("title too long", lambda d: scene(d, "reef").update(title="x" * 201), "at most 200"),
+    (
+        "vote in a fight",
+        lambda d: scene(d, "claws").update(party_vote=True),
+        "only a story scene can have a party_vote",
+    ),
+    (
+        "vote on one option",
+        lambda d: scene(d, "bargain")["options"].pop(),
+        "at least two of them without 'requires'",
+    ),
+    (
+        "vote tie option unknown",
+        lambda d: scene(d, "reef")["party_vote"].update(default_option="fly"),
+        "default_option 'fly' is not an option here",
+    ),
+    (
+        "vote not an object",
+        lambda d: scene(d, "reef").update(party_vote="yes"),
+        "party_vote: expected true, false or an object",
+    ),
+    (
+        "vote timeout",
+        lambda d: scene(d, "reef")["party_vote"].update(timeout_s=0),
+        r"party_vote.timeout_s: expected an integer in 1\.\.86400",
+    ),
+    (
+        "vote unknown key",
+        lambda d: scene(d, "reef")["party_vote"].update(colour="red"),
+        r"party_vote: unknown key\(s\) colour",
+    ),
 ]
 
 
@@ -117,5 +151,6 @@ def test_an_ending_unreachable_from_the_start_is_refused() -> None:
     data = copy.deepcopy(SUNKEN_LANTERN)
     scene(data, "harbor")["options"] = [{"id": "wait", "label": "Wait", "next": "reef"}]
     scene(data, "reef")["options"] = [{"id": "back", "label": "Back", "next": "harbor"}]
+    del scene(data, "reef")["party_vote"]  # one option: nothing left to vote on
     with pytest.raises(CampaignError, match="no ending can be reached"):
         parse_campaign(data)

@@ -24,6 +24,9 @@ def test_describe_prints_scenes_and_payloads(capsys: pytest.CaptureFixture[str])
         '{"option": "<id of an option the current scene offers>"}',
         '"move": "attack" | "defend"',
         "natural 20 always succeeds",
+        "Party votes: in a scene marked [party vote] the whole party decides.",
+        "[party vote] The Reef Gate bars the way.",
+        "(60 s; a tie: wade)",
     ):
         assert line in out
 

@@ -26,7 +26,7 @@ async def test_all_event_types_validate(live_check: EventCheck) -> None:
     await engine.handle_action(
         action_request("choice", {"option": "row"}, character_id="party", action_id="vote:v-1")
     )
-    await engine.handle_action(action_request("choice", {"option": "wade"}))
+    await engine.handle_action(publisher.finish_vote("party-1", "wade"))  # the party's vote
     while publisher.last("scene.update")["kind"] == "combat":
         await engine.handle_action(action_request("combat", {"move": "attack"}))
     assert set(publisher.types()) == {

@@ -16,8 +16,9 @@ PARTY = ("aria", "bram")
 async def play(
     engine: ReferenceEngine, publisher: RecordingPublisher, route: dict[str, str]
 ) -> int:
-    """Play until an ending: ``route`` picks the option per story scene; fights are fought by
-    every standing character in turn. Returns the number of actions taken."""
+    """Play until an ending: ``route`` picks the option per story scene (in a vote scene the
+    party's vote picks it: the vote is finished and its action fed as party_sync would); fights
+    are fought by every standing character in turn. Returns the number of actions taken."""
     for char in PARTY:
         await engine.handle_join(join_notice(char))
     for step in range(200):
@@ -32,6 +33,9 @@ async def play(
             await engine.handle_action(
                 action_request("combat", {"move": "attack"}, character_id=actor)
             )
+        elif publisher.open_vote("party-1") is not None:
+            option = route[scene["scene_id"]]
+            await engine.handle_action(publisher.finish_vote("party-1", option))
         else:
             await engine.handle_action(
                 action_request("choice", {"option": route[scene["scene_id"]]}, character_id=actor)
@@ -69,6 +73,7 @@ async def test_a_full_playthrough_from_scene_1_to_an_ending(
     assert ending["scene_id"] in {"relit", "drowned"}
     assert publisher.last("party.state")["run_status"] == "finished"
     assert publisher.last("combat.update")["active"] is False
+    assert publisher.vote_requests[0].vote_id == "run-1.s2"  # the party voted at the Reef Gate
     check_protocol_order(publisher.published)
     assert len(await engine.chronicle("run-1")) == steps
     with pytest.raises(EngineRejected, match="ended"):
@@ -98,4 +103,22 @@ async def test_every_route_ends_for_any_seed(seed: int, publisher: RecordingPubl
     await engine.start(publisher)
     await play(engine, publisher, route)
     assert publisher.last("scene.update")["kind"] == "ending"
+    check_protocol_order(publisher.published)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_the_party_votes_its_way_through_a_whole_run(
+    seed: int, publisher: RecordingPublisher
+) -> None:
+    """Rowing out always reaches the Reef Gate, where the party votes (play() finishes the vote
+    and feeds its action, as party_sync does); every run still reaches an ending."""
+    engine = ReferenceEngine(builtin_campaign(), seed=seed)
+    await engine.start(publisher)
+    await play(engine, publisher, FIGHTING_ROUTE)
+    assert publisher.last("scene.update")["kind"] == "ending"
+    results = [e.payload for e in publisher.published if e.type == "action.result"]
+    party = [r for r in results if r["character_id"] == "party"]
+    assert party[0]["action_id"] == "vote:run-1.s2"  # the Reef Gate
+    assert party[0]["state"] == {"effects": [], "scene_flags": {}}
+    assert publisher.open_vote("party-1") is None
     check_protocol_order(publisher.published)

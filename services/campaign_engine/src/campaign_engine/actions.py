@@ -29,9 +29,13 @@ _ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 @dataclass(frozen=True, slots=True)
 class Choice:
-    """Pick one of the options the current scene offers (``{"option": "row"}``)."""
+    """Pick one of the options the current scene offers (``{"option": "row"}``).
+
+    ``vote_id`` is set when party_sync applies a finished party vote (``{"option", "vote_id"}``).
+    """
 
     option: str
+    vote_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +86,12 @@ def parse_action(action_type: str, payload: Mapping[str, Any]) -> Action:
         raise EngineRejected(f"{action_type}: the payload must be an object")
     if action_type == "choice":
         # party_sync applies a finished vote as the party's choice {"option", "vote_id"}
-        # (protocol-v1, Votes): the vote's id is carried along, and only checked to be an id.
+        # (protocol-v1, Votes): the vote's id says which vote it settles (see votes.py).
         _keys(payload, action_type, {"option", "vote_id"})
         if "option" not in payload:
             raise EngineRejected(f"choice: missing 'option'; expected {ACTION_PAYLOADS['choice']}")
-        if "vote_id" in payload:
-            _id(payload, "vote_id", action_type)
-        return Choice(_id(payload, "option", action_type))
+        vote_id = _id(payload, "vote_id", action_type) if "vote_id" in payload else None
+        return Choice(_id(payload, "option", action_type), vote_id)
     if action_type == "skill_check":
         _keys(payload, action_type, {"skill"})
         skill = payload.get("skill")

@@ -17,24 +17,28 @@ entered, the counter does not move (e.g. a failed attempt to flee from a fight).
 from __future__ import annotations
 
 import json
-import re
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
+from campaign_engine.campaign_fields import ID_PATTERN as ID_PATTERN  # re-exported
+from campaign_engine.campaign_fields import CampaignError as CampaignError  # re-exported
+from campaign_engine.campaign_fields import dice as _dice
+from campaign_engine.campaign_fields import ident as _id
+from campaign_engine.campaign_fields import integer as _int
+from campaign_engine.campaign_fields import items as _list
+from campaign_engine.campaign_fields import obj_keys as _keys
+from campaign_engine.campaign_fields import text as _str
 from campaign_engine.rules import Dice, Outcome
 
 SceneKind = Literal["story", "combat", "ending"]
 SCENE_KINDS: Final = ("story", "combat", "ending")
-#: The protocol's id pattern (protocol-v1, common.json ``id``): scene, option and enemy ids.
-ID_PATTERN: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_SCENE_NARRATION: Final = 6000  # scene.update allows 8000; the rest is kept for "what happened"
-
-
-class CampaignError(ValueError):
-    """A campaign document is invalid; the message names the offending path."""
+DEFAULT_VOTE_TIMEOUT_S: Final = 60
+MAX_VOTE_TIMEOUT_S: Final = 86_400  # party_sync's limit (a day)
+MAX_VOTE_OPTIONS: Final = 10  # party_sync's limit; a vote also needs at least two
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +103,16 @@ class SceneCheck:
 
 
 @dataclass(frozen=True, slots=True)
+class VoteRule:
+    """A story scene where the party decides together (``party_vote``): on entering it, the
+    engine starts a party vote over the scene's open options (see ``votes.py``)."""
+
+    question: str | None = None  # default: "<scene title>: what does the party do?"
+    timeout_s: int | None = None  # default: the campaign's ``vote_timeout_s``
+    default_option: str | None = None  # wins a tie if it is on the ballot (else: first listed)
+
+
+@dataclass(frozen=True, slots=True)
 class Scene:
     id: str
     number: int
@@ -111,6 +125,7 @@ class Scene:
     enemies: tuple[Enemy, ...] = ()
     on_victory: str | None = None
     on_defeat: str | None = None
+    vote: VoteRule | None = None
 
     def option(self, option_id: str) -> Option | None:
         return next((o for o in self.options if o.id == option_id), None)
@@ -144,6 +159,7 @@ class Campaign:
     start: str
     scenes: Mapping[str, Scene]
     character: CharacterTemplate = field(default_factory=CharacterTemplate)
+    vote_timeout_s: int = DEFAULT_VOTE_TIMEOUT_S  # how long a party vote lasts, by default
 
     def scene(self, scene_id: str) -> Scene:
         return self.scenes[scene_id]
@@ -153,45 +169,6 @@ class Campaign:
 
 
 # --- parsing ---------------------------------------------------------------------------------
-
-
-def _keys(obj: Any, path: str, required: set[str], optional: set[str]) -> Mapping[str, Any]:
-    if not isinstance(obj, Mapping):
-        raise CampaignError(f"{path}: expected an object")
-    if missing := required - obj.keys():
-        raise CampaignError(f"{path}: missing {', '.join(sorted(missing))}")
-    if unknown := obj.keys() - required - optional:
-        raise CampaignError(f"{path}: unknown key(s) {', '.join(sorted(map(str, unknown)))}")
-    return obj
-
-
-def _str(obj: Mapping[str, Any], key: str, path: str, limit: int = 200) -> str:
-    value = obj[key]
-    if not isinstance(value, str) or not value.strip() or len(value) > limit:
-        raise CampaignError(f"{path}.{key}: expected a non-empty string of at most {limit} chars")
-    return value
-
-
-def _id(obj: Mapping[str, Any], key: str, path: str) -> str:
-    value = obj[key]
-    if not isinstance(value, str) or not ID_PATTERN.match(value):
-        raise CampaignError(f"{path}.{key}: {value!r} is not an id ({ID_PATTERN.pattern})")
-    return value
-
-
-def _int(obj: Mapping[str, Any], key: str, path: str, low: int, high: int, default: int) -> int:
-    value = obj.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise CampaignError(f"{path}.{key}: expected an integer in {low}..{high}")
-    return value
-
-
-def _dice(obj: Mapping[str, Any], key: str, path: str) -> Dice:
-    value = obj[key]
-    try:
-        return Dice.parse(value if isinstance(value, str) else "")
-    except ValueError as exc:
-        raise CampaignError(f"{path}.{key}: {exc}") from None
 
 
 def _option(raw: Any, path: str) -> Option:
@@ -243,7 +220,7 @@ def _scene(raw: Any, path: str, default_difficulty: int) -> Scene:
         raw,
         path,
         {"id", "number", "title", "narration", "kind"},
-        {"difficulty", "options", "check", "enemies", "on_victory", "on_defeat"},
+        {"difficulty", "options", "check", "enemies", "on_victory", "on_defeat", "party_vote"},
     )
     kind = obj["kind"]
     if kind not in SCENE_KINDS:
@@ -282,14 +259,24 @@ def _scene(raw: Any, path: str, default_difficulty: int) -> Scene:
         ),
         on_victory=_id(obj, "on_victory", path) if "on_victory" in obj else None,
         on_defeat=_id(obj, "on_defeat", path) if "on_defeat" in obj else None,
+        vote=_vote(obj.get("party_vote", False), f"{path}.party_vote"),
     )
 
 
-def _list(obj: Mapping[str, Any], key: str, path: str) -> list[Any]:
-    value = obj.get(key, [])
-    if not isinstance(value, list):
-        raise CampaignError(f"{path}.{key}: expected a list")
-    return value
+def _vote(raw: Any, path: str) -> VoteRule | None:
+    """``party_vote``: ``true`` (a vote with the defaults), ``false``, or an object."""
+    if isinstance(raw, bool):
+        return VoteRule() if raw else None
+    if not isinstance(raw, Mapping):
+        raise CampaignError(f"{path}: expected true, false or an object")
+    obj = _keys(raw, path, set(), {"question", "timeout_s", "default_option"})
+    return VoteRule(
+        question=_str(obj, "question", path, 500) if "question" in obj else None,
+        timeout_s=_int(obj, "timeout_s", path, 1, MAX_VOTE_TIMEOUT_S, 0)
+        if "timeout_s" in obj
+        else None,
+        default_option=_id(obj, "default_option", path) if "default_option" in obj else None,
+    )
 
 
 def parse_campaign(data: Any) -> Campaign:
@@ -298,7 +285,7 @@ def parse_campaign(data: Any) -> Campaign:
         data,
         "campaign",
         {"id", "title", "start", "scenes"},
-        {"summary", "default_difficulty", "character"},
+        {"summary", "default_difficulty", "character", "vote_timeout_s"},
     )
     default_dc = _int(top, "default_difficulty", "campaign", 1, 40, 12)
     character = CharacterTemplate()
@@ -328,6 +315,9 @@ def parse_campaign(data: Any) -> Campaign:
         start=_id(top, "start", "campaign"),
         scenes=scenes,
         character=character,
+        vote_timeout_s=_int(
+            top, "vote_timeout_s", "campaign", 1, MAX_VOTE_TIMEOUT_S, DEFAULT_VOTE_TIMEOUT_S
+        ),
     )
     _validate(campaign)
     return campaign
@@ -366,6 +356,8 @@ def _validate(campaign: Campaign) -> None:
                     f"{where}: option {option.id!r} requires flag {option.requires!r}, "
                     "which this scene's check never sets"
                 )
+        if scene.vote is not None:
+            _validate_vote(scene, where)
     reachable, queue = {campaign.start}, deque([campaign.start])
     while queue:
         for target in scenes[queue.popleft()].destinations():
@@ -374,6 +366,21 @@ def _validate(campaign: Campaign) -> None:
                 queue.append(target)
     if not any(scenes[s].kind == "ending" for s in reachable):
         raise CampaignError("campaign: no ending can be reached from the start scene")
+
+
+def _validate_vote(scene: Scene, where: str) -> None:
+    """A party vote needs a story scene with 2..10 options, two of them open on entry."""
+    assert scene.vote is not None
+    if scene.kind != "story":
+        raise CampaignError(f"{where}: only a story scene can have a party_vote")
+    if sum(o.requires is None for o in scene.options) < 2 or len(scene.options) > MAX_VOTE_OPTIONS:
+        raise CampaignError(
+            f"{where}: a party_vote scene needs at most {MAX_VOTE_OPTIONS} options, "
+            "at least two of them without 'requires' (open when the party arrives)"
+        )
+    default = scene.vote.default_option
+    if default is not None and scene.option(default) is None:
+        raise CampaignError(f"{where}: party_vote.default_option {default!r} is not an option here")
 
 
 def load_campaign(path: str | Path) -> Campaign:

@@ -33,10 +33,11 @@ from campaign_engine.campaign import (
     load_campaign,
 )
 from campaign_engine.chronicle import Decision, SceneSummary, actor_name, roll_text
-from campaign_engine.engine import ENV_CAMPAIGN, ENV_DATABASE_URL
+from campaign_engine.engine import ENV_CAMPAIGN, ENV_DATABASE_URL, ENV_VOTE_TIMEOUT
 from campaign_engine.rules import DEFEND_BONUS, INSPIRED_BONUS, PARTIAL_MARGIN
 from campaign_engine.state import RunState
 from campaign_engine.store import DEFAULT_DATABASE_URL, StoreUnavailable, open_store
+from campaign_engine.votes import question_for
 
 
 def _option_line(option: Option) -> str:
@@ -71,6 +72,15 @@ def describe(campaign: Campaign, out: TextIO) -> None:
         f"Effects: inspired (+{INSPIRED_BONUS} on the next d20), defending "
         f"(+{DEFEND_BONUS} defense until your next action), downed (0 HP: cannot act).\n"
     )
+    if any(scene.vote for scene in campaign.scenes.values()):
+        w(
+            "Party votes: in a scene marked [party vote] the whole party decides. On arrival "
+            "the engine starts a vote over the open options; until it ends, a character's choice "
+            "of an option on the ballot is refused (checks and fights go on). party_sync applies "
+            "the winner as the party's choice; a tie goes to the scene's tie option, else the "
+            f"first listed. Votes last {campaign.vote_timeout_s} s unless the scene says "
+            f"otherwise (${ENV_VOTE_TIMEOUT} overrides all).\n"
+        )
     w("\nScenes:\n")
     for scene in sorted(campaign.scenes.values(), key=lambda s: s.number):
         w(f"  {scene.number}. {scene.title}  [{scene.id}, {scene.kind}]\n")
@@ -78,6 +88,10 @@ def describe(campaign: Campaign, out: TextIO) -> None:
             continue
         flag = f", success or partial sets flag {scene.check.flag}" if scene.check.flag else ""
         w(f"      skill check: {scene.check.skill} DC {scene.difficulty}{flag}\n")
+        if (rule := scene.vote) is not None:
+            tie = f"; a tie: {rule.default_option}" if rule.default_option else ""
+            timeout = rule.timeout_s or campaign.vote_timeout_s
+            w(f"      [party vote] {question_for(scene)} ({timeout} s{tie})\n")
         for enemy in scene.enemies:
             w(
                 f"      enemy {enemy.id}: {enemy.name}, {enemy.hp} HP, AC {enemy.armor_class}, "

@@ -20,6 +20,11 @@ restarted engine, publishes it (and only it); the next *other* action first trie
 otherwise drops it (logged), because its own ``scene.update`` and ``party.state`` bring every
 client back to the current state anyway, and a stale event must never block the game.
 
+Party votes (``votes.py``): an action that brings the party into a ``party_vote`` scene also
+commits a ``vote.start`` entry at the end of its outbox; publishing reaches it after the action's
+events and asks party_sync for the vote (``EventPublisher.start_vote``). A vote that cannot be
+started is logged and the characters choose instead: a vote never blocks the game.
+
 Several engine processes may share one database (workers of a stream): commits are optimistic
 (``store.CommitConflict``), so if another process committed to the run since it was loaded, the
 action is simply worked out again on the newer state — or found applied already.
@@ -36,8 +41,14 @@ from typing import TypeVar
 
 from party_sync.engine import ActionRequest, EngineRejected, EventPublisher, JoinNotice
 
-from campaign_engine.actions import PARTY_ACTOR, parse_action
-from campaign_engine.campaign import Campaign, builtin_campaign, load_campaign
+from campaign_engine import votes
+from campaign_engine.actions import PARTY_ACTOR, Choice, parse_action
+from campaign_engine.campaign import (
+    MAX_VOTE_TIMEOUT_S,
+    Campaign,
+    builtin_campaign,
+    load_campaign,
+)
 from campaign_engine.chronicle import SceneSummary, scene_summaries
 from campaign_engine.events import (
     MAX_ACTION_NARRATION,
@@ -64,6 +75,7 @@ _T = TypeVar("_T")
 ENV_SEED = "CAMPAIGN_ENGINE_SEED"
 ENV_CAMPAIGN = "CAMPAIGN_ENGINE_CAMPAIGN"
 ENV_DATABASE_URL = "CAMPAIGN_ENGINE_DATABASE_URL"
+ENV_VOTE_TIMEOUT = "CAMPAIGN_ENGINE_VOTE_TIMEOUT"
 #: How often an action (or join) is worked out again when another process committed to its run
 #: first; each attempt starts from the newer state, so this only runs out under a storm of writers.
 COMMIT_ATTEMPTS = 5
@@ -79,14 +91,16 @@ class ReferenceEngine:
         seed: int | None = None,
         rng: random.Random | None = None,
         store: RunStore | None = None,
+        vote_timeout_s: float | None = None,
     ) -> None:
         """``rng`` wins over ``seed``; with neither, dice come from a system-seeded generator.
         ``store`` (default: a new ``InMemoryRunStore``) belongs to the engine: ``start`` opens it,
-        ``close`` closes it."""
+        ``close`` closes it. ``vote_timeout_s`` overrides the campaign's party vote timeouts."""
         self.campaign = campaign or builtin_campaign()
         self.rng = rng if rng is not None else random.Random(seed)
         self.store: RunStore = store if store is not None else InMemoryRunStore()
         self.game = Game(self.campaign, self.rng)
+        self.vote_timeout_s = vote_timeout_s
         self._publisher: EventPublisher | None = None
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -164,6 +178,8 @@ class ReferenceEngine:
             name = work.character(notice.character_id).name
             events += scene_events(self.game, work, f"{name} joins the party.")
         events += party_state_if_changed(work)
+        if started and (vote := self._plan_vote(work, None)):
+            events.append(vote)
         if not events and not changed:
             return
         work.outbox = [OutboxEvent("", t, p, notice.trace_id) for t, p in events]
@@ -205,6 +221,10 @@ class ReferenceEngine:
         earlier = await self.store.decisions(after.run_id, scene_number=decision.scene_number)
         return scene_summaries(self.campaign, [*earlier, decision], after)
 
+    def _plan_vote(self, work: RunState, at: str | None) -> Event | None:
+        """The ``vote.start`` outbox entry if the party has just come to decide together."""
+        return votes.plan(self.game, work, requested_at=at, timeout_s=self.vote_timeout_s)
+
     def _started(self) -> None:
         if self._publisher is None:
             raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
@@ -229,7 +249,13 @@ class ReferenceEngine:
             self.game.register(work, action.character_id)
         events = opening_events(self.game, work) if started else []
         before = work.copy()  # after the implicit start: the decision's changes are its own
+        stamp = action.envelope.get("timestamp")  # the server time of the action
+        at = stamp if isinstance(stamp, str) else None
+        if isinstance(parsed, Choice):  # the party's vote may settle it
+            votes.check_choice(work, action.character_id, parsed, at)
         applied = self.game.apply(work, action.character_id, parsed)
+        if isinstance(parsed, Choice):
+            votes.settle(work, parsed)
         work.applied.add(action.action_id)
         work.decisions += 1
         events += action_events(
@@ -241,7 +267,8 @@ class ReferenceEngine:
             applied=applied,
             was_in_combat=before.in_combat,
         )
-        at = action.envelope.get("timestamp")
+        if vote := self._plan_vote(work, at):  # after the action's own events
+            events.append(vote)
         decision = Decision(
             run_id=work.run_id,
             seq=work.decisions,
@@ -256,7 +283,7 @@ class ReferenceEngine:
             narration=clip(applied.narration, MAX_ACTION_NARRATION),
             changes=changes(before, work),
             trace_id=action.trace_id,
-            at=at if isinstance(at, str) else None,
+            at=at,
             extra={"rolled_by": applied.rolled_by} if applied.rolled_by else {},
         )
         return events, decision
@@ -269,9 +296,12 @@ class ReferenceEngine:
         try:
             while state.outbox:
                 event = state.outbox[0]
-                await publisher.publish(
-                    party_id, event.type, event.payload, trace_id=event.trace_id
-                )
+                if event.type == votes.VOTE_START:  # never raises: a vote must not block the game
+                    await votes.start(publisher, state, party_id, event)
+                else:
+                    await publisher.publish(
+                        party_id, event.type, event.payload, trace_id=event.trace_id
+                    )
                 state.outbox.pop(0)
                 if event.type == "party.state":
                     state.published_party_state = event.payload
@@ -293,6 +323,7 @@ class ReferenceEngine:
                 len(state.outbox),
                 exc_info=True,
             )
+            votes.abandon(state)
             state.outbox.clear()
             await self.store.commit(state)
 
@@ -305,6 +336,7 @@ def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
     ``CAMPAIGN_ENGINE_DATABASE_URL`` says where runs and chronicles live (``store.open_store``:
     ``sqlite:///PATH``, ``postgresql://…`` or ``memory://``; default
     ``sqlite:///campaign_engine.sqlite3``). The store connects when the engine starts.
+    ``CAMPAIGN_ENGINE_VOTE_TIMEOUT`` (seconds) overrides how long every party vote lasts.
     """
     env = os.environ if environ is None else environ
     seed_text = env.get(ENV_SEED, "").strip()
@@ -312,6 +344,16 @@ def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
         seed = int(seed_text) if seed_text else None
     except ValueError:
         raise ValueError(f"{ENV_SEED} must be an integer, got {seed_text!r}") from None
+    timeout_text = env.get(ENV_VOTE_TIMEOUT, "").strip()
+    try:
+        vote_timeout = float(timeout_text) if timeout_text else None
+    except ValueError:
+        vote_timeout = -1.0
+    if vote_timeout is not None and not 0 < vote_timeout <= MAX_VOTE_TIMEOUT_S:
+        raise ValueError(
+            f"{ENV_VOTE_TIMEOUT} must be a number of seconds in (0, {MAX_VOTE_TIMEOUT_S}], "
+            f"got {timeout_text!r}"
+        )
     path = env.get(ENV_CAMPAIGN, "").strip()
     campaign = load_campaign(path) if path else builtin_campaign()
     store = open_store(env.get(ENV_DATABASE_URL))
@@ -322,7 +364,14 @@ def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
         seed,
         store.url,
     )
-    return ReferenceEngine(campaign, seed=seed, store=store)
+    return ReferenceEngine(campaign, seed=seed, store=store, vote_timeout_s=vote_timeout)
 
 
-__all__ = ["ENV_CAMPAIGN", "ENV_DATABASE_URL", "ENV_SEED", "ReferenceEngine", "create_engine"]
+__all__ = [
+    "ENV_CAMPAIGN",
+    "ENV_DATABASE_URL",
+    "ENV_SEED",
+    "ENV_VOTE_TIMEOUT",
+    "ReferenceEngine",
+    "create_engine",
+]

@@ -3,7 +3,8 @@
 Everything the engine must remember between two actions of a run lives in :class:`RunState`: the
 current scene and the ``scene_number`` counter, each character's HP and effects, the flags of the
 current scene, the fight in progress, the ``action_id``s already applied (idempotency), the events
-of the last action not yet published (the outbox) and the last ``party.state`` actually published.
+of the last action not yet published (the outbox), the last ``party.state`` actually published
+and the party vote of the current scene, if any.
 
 It round-trips through ``to_dict``/``from_dict`` (plain JSON types only) because every store keeps
 it that way (``store.py``: in memory, SQLite, PostgreSQL). ``version`` is not part of that
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 RunStatus = Literal["pending", "in_progress", "finished"]
+#: requested: in the outbox, not yet asked of party_sync; open: party_sync runs it (or said one was
+#: open already); off: it could not be started, characters choose; done: the party's choice came.
+VoteStatus = Literal["requested", "open", "off", "done"]
 
 DOWNED = "downed"
 DEFENDING = "defending"
@@ -103,6 +107,45 @@ class CombatState:
         )
 
 
+@dataclass(slots=True)
+class VoteState:
+    """The party vote of a scene visit (``votes.py``): which, on what, and how far it got."""
+
+    vote_id: str
+    scene_number: int  # the visit it decides
+    round: int  # 1, or more when the party's choice kept it in the scene
+    options: list[str]  # the option ids on the ballot
+    timeout_s: float
+    status: VoteStatus = "requested"
+    requested_at: str | None = None  # server time (RFC 3339) of the action that asked for it
+    deadline: str | None = None  # when party_sync closes it (from vote.started)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "vote_id": self.vote_id,
+            "scene_number": self.scene_number,
+            "round": self.round,
+            "options": list(self.options),
+            "timeout_s": self.timeout_s,
+            "status": self.status,
+            "requested_at": self.requested_at,
+            "deadline": self.deadline,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VoteState:
+        return cls(
+            vote_id=str(data["vote_id"]),
+            scene_number=int(data["scene_number"]),
+            round=int(data["round"]),
+            options=[str(o) for o in data["options"]],
+            timeout_s=float(data["timeout_s"]),
+            status=data["status"],
+            requested_at=data.get("requested_at"),
+            deadline=data.get("deadline"),
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class OutboxEvent:
     """An event of an applied action, waiting to be published (see ``engine.ReferenceEngine``)."""
@@ -140,6 +183,7 @@ class RunState:
     decisions: int = 0  # L1 entries recorded (the next one gets decisions + 1)
     outbox: list[OutboxEvent] = field(default_factory=list)
     published_party_state: dict[str, Any] | None = None
+    vote: VoteState | None = None  # the latest party vote the engine asked for
     version: int = field(default=0, compare=False)  # the store's token, not part of the document
 
     @property
@@ -164,6 +208,7 @@ class RunState:
             "decisions": self.decisions,
             "outbox": [e.to_dict() for e in self.outbox],
             "published_party_state": self.published_party_state,
+            "vote": self.vote.to_dict() if self.vote else None,
         }
 
     @classmethod
@@ -183,6 +228,7 @@ class RunState:
             decisions=int(data["decisions"]),
             outbox=[OutboxEvent.from_dict(e) for e in data["outbox"]],
             published_party_state=data["published_party_state"],
+            vote=VoteState.from_dict(data["vote"]) if data.get("vote") else None,  # absent: older
         )
 
     def copy(self) -> RunState:

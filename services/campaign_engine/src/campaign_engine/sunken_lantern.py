@@ -4,7 +4,9 @@ It is plain data on purpose: ``json.dump(SUNKEN_LANTERN, f)`` gives a valid
 ``CAMPAIGN_ENGINE_CAMPAIGN`` file to start a new campaign from, and ``campaign.parse_campaign``
 checks it exactly as it checks a file. Eight scenes: four story scenes with option checks and
 flag-gated options, two fights (one avoidable, one that a clever party can talk its way around) and
-two endings.
+two endings. Two of the story scenes are decided by a party vote (``party_vote``): the Reef Gate
+(scene 2, where rowing out from the harbor leads) and the Keeper's Bargain; in the others, as in
+the opening scene, any character chooses for the party.
 
 Map (-> plain option, ~> option with a check, => fight's victory / defeat)::
 
@@ -14,6 +16,7 @@ Map (-> plain option, ~> option with a check, => fight's victory / defeat)::
     lighthouse -> vault, lighthouse ~> bargain|vault, lighthouse -[keepers_name]-> bargain
     vault => relit / drowned;  bargain ~> relit|vault, bargain -> vault
     endings: relit (the light burns again), drowned (a fight was lost)
+    party votes (60 s): reef (climb | wade; a tie: wade), bargain (carry | refuse; a tie: carry)
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ SUNKEN_LANTERN: Final[dict[str, Any]] = {
         "face what waits below the lighthouse, and relight the Sunken Lantern."
     ),
     "default_difficulty": 12,
+    "vote_timeout_s": 60,
     "start": "harbor",
     "scenes": [
         {
@@ -93,6 +97,13 @@ SUNKEN_LANTERN: Final[dict[str, Any]] = {
                 "success": "You remember the old rhyme: 'step where the kelp lies flat'.",
                 "partial": "Half a rhyme comes back to you, something about kelp.",
                 "failure": "Every rock looks as treacherous as the next.",
+            },
+            "party_vote": {
+                "question": (
+                    "The Reef Gate bars the way. Climb over the rocks, or wade through the tide "
+                    "pools?"
+                ),
+                "default_option": "wade",
             },
             "options": [
                 {
@@ -256,6 +267,12 @@ SUNKEN_LANTERN: Final[dict[str, Any]] = {
                 "success": "The lantern's weight is in the chain, not the glass. Lift from below.",
                 "partial": "It will be heavy. Very heavy.",
                 "failure": "You cannot tell how heavy it is until you hold it.",
+            },
+            "party_vote": {
+                "question": (
+                    "The Drowned Keeper waits for your answer. Carry her Lantern up the stair, or "
+                    "refuse her and draw steel?"
+                )
             },
             "options": [
                 {

@@ -2,20 +2,24 @@
 
 Shipped in the package (not hidden in ``tests/``) because anyone writing an engine against
 ``party_sync.engine`` needs the same three things: an ``EventPublisher`` that records what was
-published (and can fail on demand), ``ActionRequest``/``JoinNotice`` built the way party_sync
-builds them, and dice whose every roll the test decides.
+published and the votes it was asked to start (and can fail on demand), ``ActionRequest``/
+``JoinNotice`` built the way party_sync builds them, and dice whose every roll the test decides.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
+import re
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from party_sync.engine import ENGINE_EVENT_TYPES, ActionRequest, JoinNotice
+from party_sync.protocol.errors import InvalidEvent, VoteConflict
 
 _counter = itertools.count(1)
 
@@ -35,20 +39,63 @@ class PublishFailed(ConnectionError):
     """Raised by :class:`RecordingPublisher` when told to fail (a backend outage)."""
 
 
+@dataclass(frozen=True, slots=True)
+class VoteRequest:
+    """One ``start_vote`` call, as the engine made it (recorded even if it was refused)."""
+
+    party_id: str
+    question: str
+    options: tuple[Mapping[str, str], ...]
+    timeout_s: float
+    vote_id: str | None
+    tie_rule: str
+    default_option: str | None
+    campaign_run_id: str | None
+    trace_id: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class OpenVote:
+    """A vote the publisher started and no test has finished yet."""
+
+    party_id: str
+    campaign_run_id: str | None
+    trace_id: str
+    started: Mapping[str, Any]  # the vote.started payload that start_vote returned
+
+
 class RecordingPublisher:
     """An in-memory ``EventPublisher`` that records every event (and every rejection).
 
     ``check`` is called with each event before it is recorded (e.g. a JSON Schema validation that
     raises); ``fail_next`` makes the next *n* publishes raise :class:`PublishFailed` instead.
     Like party_sync's, ``seq`` counts per party from 1.
+
+    Votes: every ``start_vote`` call is recorded in ``vote_requests``. As party_sync does, it
+    raises ``InvalidEvent`` for a malformed request and ``VoteConflict`` while the party has an
+    open vote (or if the vote id was used before); otherwise the vote is open (``open_votes``,
+    by party) and its ``vote.started`` payload is returned, with a ``deadline`` ``timeout_s`` after
+    ``clock()`` (Unix seconds). A test ends it with :meth:`finish_vote`, which returns the action
+    party_sync would submit on the party's behalf. ``fail_next_vote`` (an exception) is raised by
+    the next ``start_vote`` instead of starting anything.
     """
 
-    def __init__(self, check: Callable[[Published], None] | None = None) -> None:
+    def __init__(
+        self,
+        check: Callable[[Published], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.check = check
+        self.clock = clock
         self.published: list[Published] = []
         self.rejected: list[tuple[ActionRequest, str]] = []
         self.fail_next = 0
+        self.vote_requests: list[VoteRequest] = []
+        self.open_votes: dict[str, OpenVote] = {}
+        self.fail_next_vote: Exception | None = None
         self._seq: dict[str, int] = {}
+        self._vote_ids: set[tuple[str, str]] = set()
 
     async def publish(
         self,
@@ -74,6 +121,83 @@ class RecordingPublisher:
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.rejected.append((action, message))
 
+    async def start_vote(
+        self,
+        party_id: str,
+        question: str,
+        options: Sequence[Mapping[str, str]],
+        timeout_s: float,
+        *,
+        vote_id: str | None = None,
+        tie_rule: str = "first_listed",
+        default_option: str | None = None,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        request = VoteRequest(
+            party_id,
+            question,
+            tuple(dict(o) for o in options),
+            timeout_s,
+            vote_id,
+            tie_rule,
+            default_option,
+            campaign_run_id,
+            trace_id,
+        )
+        self.vote_requests.append(request)
+        if self.fail_next_vote is not None:
+            failure, self.fail_next_vote = self.fail_next_vote, None
+            raise failure
+        if problem := _vote_problem(request):
+            raise InvalidEvent(problem)
+        if party_id in self.open_votes:
+            raise VoteConflict(f"party {party_id} already has an open vote")
+        vote_id = vote_id or f"v-{next(_counter)}"
+        if (party_id, vote_id) in self._vote_ids:
+            raise VoteConflict(f"vote {vote_id} already ran")
+        started: dict[str, Any] = {
+            "vote_id": vote_id,
+            "question": question,
+            "options": [{"id": o["id"], "label": o["label"]} for o in request.options],
+            "timeout_s": timeout_s,
+            "deadline": _rfc3339(self.clock() + timeout_s),
+            "tie_rule": tie_rule,
+        }
+        if default_option is not None:
+            started["default_option"] = default_option
+        self._vote_ids.add((party_id, vote_id))
+        trace = trace_id or f"vote-trace-{next(_counter)}"
+        self.open_votes[party_id] = OpenVote(party_id, campaign_run_id, trace, started)
+        return started
+
+    def open_vote(self, party_id: str = "party-1") -> Mapping[str, Any] | None:
+        """The ``vote.started`` payload of the party's open vote, or None."""
+        vote = self.open_votes.get(party_id)
+        return vote.started if vote is not None else None
+
+    def finish_vote(self, party_id: str = "party-1", option: str | None = None) -> ActionRequest:
+        """Close the party's open vote with ``option`` winning (default: what the tie rule picks
+        when nobody voted) and return what party_sync then submits: a ``choice`` by character
+        ``party`` with action_id ``vote:<vote_id>``, payload ``{option, vote_id}`` and the vote's
+        trace id."""
+        vote = self.open_votes.pop(party_id, None)
+        assert vote is not None, f"party {party_id} has no open vote"
+        ids = [o["id"] for o in vote.started["options"]]
+        winner = option or vote.started.get("default_option") or ids[0]
+        assert winner in ids, f"{winner!r} is not on the ballot {ids}"
+        vote_id = vote.started["vote_id"]
+        return action_request(
+            "choice",
+            {"option": winner, "vote_id": vote_id},
+            character_id="party",
+            party_id=party_id,
+            run_id=vote.campaign_run_id or "run-1",
+            action_id=f"vote:{vote_id}"[:64],
+            trace_id=vote.trace_id,
+            timestamp=vote.started["deadline"],
+        )
+
     def types(self) -> list[str]:
         return [e.type for e in self.published]
 
@@ -85,8 +209,41 @@ class RecordingPublisher:
         raise AssertionError(f"no {type} was published")
 
     def clear(self) -> None:
+        """Forget what was recorded (open votes stay open: they are party_sync's state)."""
         self.published.clear()
         self.rejected.clear()
+        self.vote_requests.clear()
+
+
+_VOTE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+
+
+def _vote_problem(r: VoteRequest) -> str | None:
+    """What party_sync would refuse in a vote request (protocol-v1, Votes), or None."""
+    ids = [str(o.get("id", "")) for o in r.options]
+    if r.vote_id is not None and not _VOTE_ID.fullmatch(r.vote_id):
+        return f"vote_id {r.vote_id!r} is not an id"
+    if not 2 <= len(ids) <= 10 or len(set(ids)) != len(ids):
+        return "a vote needs 2..10 options with unique ids"
+    if any(not _VOTE_ID.fullmatch(i) for i in ids):
+        return "option ids must match [A-Za-z0-9._:-]{1,64}"
+    if not 1 <= len(r.question) <= 500 or any(
+        not 1 <= len(str(o.get("label", ""))) <= 200 for o in r.options
+    ):
+        return "question must be 1..500 characters and labels 1..200"
+    if not 0 < r.timeout_s <= 86_400:
+        return "timeout_s must be in (0, 86400]"
+    if r.tie_rule not in ("first_listed", "default_option"):
+        return f"unknown tie_rule {r.tie_rule!r}"
+    if (r.tie_rule == "default_option") != (r.default_option is not None) or (
+        r.default_option is not None and r.default_option not in ids
+    ):
+        return "default_option goes with tie_rule default_option and must be an option"
+    return None
+
+
+def _rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 class ScriptedRandom(random.Random):

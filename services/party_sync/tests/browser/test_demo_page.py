@@ -25,7 +25,7 @@ from ps_testkit.browser import (
     open_player,
     screenshot,
 )
-from ps_testkit.servers import SECRET, Running, make_settings, serve_in_process
+from ps_testkit.servers import SECRET, make_settings, serve_in_process
 from ps_testkit.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.browser
@@ -52,18 +52,6 @@ def token(character: str, name: str, *, party: str = PARTY, run: str = RUN) -> s
 def page_url(base: str, token_value: str) -> str:
     # A short backoff cap keeps the reconnect after the cut quick.
     return f"{base}/demo?token={token_value}&backoff_base_ms=200&backoff_cap_ms=800"
-
-
-async def start_vote(srv: Running, options: list[dict[str, str]]) -> dict[str, Any]:
-    body = {"question": "Which way through the reef?", "options": options, "timeout_s": 60}
-    async with srv.http.post(
-        f"{srv.base}/api/v1/parties/{PARTY}/votes",
-        json=body,
-        headers={"Authorization": f"Bearer {KEY}"},
-    ) as response:
-        assert response.status == 201, await response.text()
-        vote: dict[str, Any] = await response.json()
-        return vote
 
 
 async def last_seq(player: Player) -> int:
@@ -100,12 +88,8 @@ async def test_two_players_act_vote_and_survive_a_network_cut() -> None:
             await expect(player.page.locator("#scene")).to_have_attribute("data-scene-number", "2")
         await screenshot(borin, name, "2-after-aria-acted")
 
-        # A vote started by the engine (server API), cast from both pages.
-        options = [
-            {"id": "wade", "label": "Wade through the tide pools"},
-            {"id": "climb", "label": "Climb over the Reef Gate"},
-        ]
-        vote = await start_vote(srv, options)
+        # The reference engine starts a party vote on entering the Reef Gate; cast from both pages.
+        vote = {"vote_id": f"{RUN}.s2"}
         for player in (aria, borin):
             panel = player.page.locator("#vote")
             await expect(panel).to_be_visible()

@@ -17,12 +17,12 @@ import pytest
 from party_sync.auth import (
     AUDIENCE,
     MAX_LEEWAY,
-    PARTY_ACTOR,
     Claims,
     TokenVerifier,
     issue_token,
 )
 from party_sync.protocol.errors import AuthError, ConfigError
+from party_sync.protocol.types import PARTY_ACTOR
 
 NOW = 1_600_000_000.0
 SECRET = "s" * 64  # 64 bytes: long enough for HS512 without PyJWT's key-length warning
