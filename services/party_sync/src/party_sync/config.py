@@ -106,8 +106,9 @@ class Settings:
         (), "Allowed Origin values (comma-separated); empty allows any origin (development).", _csv
     )
     max_message_bytes: int = _option(65536, "Largest client message accepted, in bytes.")
-    send_queue_size: int = _option(
-        1024, "Messages queued for one slow client before it is disconnected (4002)."
+    send_buffer_bytes: int = _option(
+        1 << 20,
+        "Bytes that may wait for one slow client before it is disconnected (4002) and resumes.",
     )
     presence_grace: float = _option(
         5.0, "Seconds after a character's last connection closes before party.leave is sent."
@@ -230,7 +231,7 @@ def validate(settings: Settings) -> None:
     checks: Sequence[tuple[bool, str]] = (
         (0 < settings.port < 65536, "port must be 1..65535"),
         (settings.max_message_bytes >= 1024, "max_message_bytes must be at least 1024"),
-        (settings.send_queue_size >= 16, "send_queue_size must be at least 16"),
+        (settings.send_buffer_bytes >= 65536, "send_buffer_bytes must be at least 65536"),
         (settings.presence_grace >= 0, "presence_grace must be >= 0"),
         (settings.presence_ttl > 0, "presence_ttl must be > 0"),
         (settings.action_timeout > 0, "action_timeout must be > 0"),

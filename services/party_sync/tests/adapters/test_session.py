@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from party_sync.backends.base import Binding
 from party_sync.core.events import Event
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
@@ -65,3 +66,47 @@ def test_a_full_send_queue_disconnects_the_slow_client() -> None:
     assert sink.sent == [b"e1", b"e2"]
     assert sink.closed is not None and sink.closed[0] == CloseCode.SLOW_CONSUMER
     assert s.closed
+
+
+def test_frame_headers_follow_rfc6455_at_every_length_boundary() -> None:
+    from party_sync.transport.sink import frame_header
+
+    assert frame_header(0) == b"\x81\x00"
+    assert frame_header(125) == b"\x81\x7d"
+    assert frame_header(126) == b"\x81\x7e\x00\x7e"
+    assert frame_header(65535) == b"\x81\x7e\xff\xff"
+    assert frame_header(65536) == b"\x81\x7f" + (65536).to_bytes(8, "big")
+
+
+@pytest.mark.raw_frames
+async def test_a_large_frame_reaches_a_real_client_intact() -> None:
+    import aiohttp
+    from aiohttp import web
+    from party_sync.transport.sink import WebSocketSink
+
+    payload = b'{"x":"' + b"y" * 70_000 + b'"}'  # past the 16-bit length form
+
+    async def handler(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        assert request.transport is not None
+        sink = WebSocketSink(ws, request.transport, 1 << 20)
+        assert sink.send(payload)
+        assert sink.send(b"{}")
+        await ws.receive()  # until the client closes
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            ws = await http.ws_connect(f"http://127.0.0.1:{runner.addresses[0][1]}/")
+            assert (await ws.receive_str()).encode() == payload
+            assert await ws.receive_str() == "{}"
+            await ws.close()
+    finally:
+        await runner.cleanup()

@@ -100,7 +100,7 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("PORT", "0", "port"),
         ("PORT", "65536", "port"),
         ("MAX_MESSAGE_BYTES", "1023", "max_message_bytes"),
-        ("SEND_QUEUE_SIZE", "15", "send_queue_size"),
+        ("SEND_BUFFER_BYTES", "1000", "send_buffer_bytes"),
         ("PRESENCE_GRACE", "-1", "presence_grace"),
         ("PRESENCE_TTL", "0", "presence_ttl"),
         ("PRESENCE_TTL", "nan", "presence_ttl"),

@@ -68,7 +68,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         timeout=5.0,
     )
     await ws.prepare(request)
-    sink = WebSocketSink(ws, settings.send_queue_size)
+    transport = request.transport
+    if transport is None:  # the client went away during the handshake
+        return ws
+    sink = WebSocketSink(ws, transport, settings.send_buffer_bytes)
     session = await gateway.open(claims, sink, _resume_point(request))
     try:
         async for msg in ws:

@@ -1,73 +1,81 @@
-"""An aiohttp WebSocket as a gateway ``Sink``: a bounded send queue drained by one writer task."""
+"""An aiohttp WebSocket as a gateway ``Sink``: frames written straight to the transport.
+
+A broadcast event is already encoded once (``Event.data``); here each recipient costs one header
+of 2–10 bytes and one ``transport.write`` — no per-connection queue, no writer task, no copy of the
+payload. This is the one piece of the WebSocket protocol written by hand (RFC 6455 §5.2: a server
+frame is FIN + opcode, the payload length, the payload; never masked, never compressed here),
+because going through aiohttp's per-message coroutine costs a task switch per recipient.
+
+The bound on a slow client is the transport's write buffer: when more than ``max_buffer`` bytes
+are waiting for a client that does not read, it is closed with 4002 (it will reconnect and resume)
+instead of growing the server's memory. Control frames (ping, pong, close) stay with aiohttp,
+which writes them whole to the same transport, so frames never interleave.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections import deque
+import struct
 
-from aiohttp import WSMsgType, web
-
-from party_sync.protocol.errors import CloseCode
+from aiohttp import web
 
 log = logging.getLogger(__name__)
 
+_TEXT = 0x81  # FIN + opcode 1 (text)
+
+
+def frame_header(length: int) -> bytes:
+    """The header of an unmasked, final text frame carrying ``length`` bytes (RFC 6455 §5.2)."""
+    if length < 126:
+        return bytes((_TEXT, length))
+    if length < 65536:
+        return struct.pack("!BBH", _TEXT, 126, length)
+    return struct.pack("!BBQ", _TEXT, 127, length)
+
 
 class WebSocketSink:
-    """Queues pre-encoded frames; the writer sends them in order, then the close frame.
+    __slots__ = ("_close_task", "_closing", "_max_buffer", "_transport", "_ws")
 
-    The queue is bounded (``max_queue`` messages): a client that cannot keep up is closed with
-    4002 (it will reconnect and resume) instead of growing the server's memory.
-    """
-
-    __slots__ = ("_close", "_max_queue", "_queue", "_task", "_wake", "_ws")
-
-    def __init__(self, ws: web.WebSocketResponse, max_queue: int) -> None:
+    def __init__(
+        self, ws: web.WebSocketResponse, transport: asyncio.Transport, max_buffer: int
+    ) -> None:
         self._ws = ws
-        self._max_queue = max_queue
-        self._queue: deque[bytes] = deque()
-        self._wake = asyncio.Event()
-        self._close: tuple[int, str] | None = None
-        self._task = asyncio.get_running_loop().create_task(self._write_loop())
+        self._transport = transport
+        self._max_buffer = max_buffer
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
 
     def send(self, data: bytes) -> bool:
-        if self._close is not None or len(self._queue) >= self._max_queue:
+        transport = self._transport
+        if self._closing or transport.is_closing():
             return False
-        self._queue.append(data)
-        self._wake.set()
+        if transport.get_write_buffer_size() > self._max_buffer:
+            return False
+        transport.write(frame_header(len(data)) + data)
         return True
 
     def close(self, code: int, reason: str) -> None:
-        if self._close is not None:
+        if self._closing:
             return
-        self._close = (code, reason)
-        if code == CloseCode.SLOW_CONSUMER:
-            self._queue.clear()  # nothing more for a client that is not reading
-        self._wake.set()
+        self._closing = True
+        self._close_task = asyncio.get_running_loop().create_task(
+            self._close(code, reason.encode()[:120])
+        )
 
-    async def _write_loop(self) -> None:
-        ws = self._ws
+    async def _close(self, code: int, reason: bytes) -> None:
         try:
-            while True:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._queue:
-                    await ws.send_frame(self._queue.popleft(), WSMsgType.TEXT)
-                if self._close is not None:
-                    code, reason = self._close
-                    await ws.close(code=code, message=reason.encode()[:120])
-                    return
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
-            return  # the peer went away; the reader side notices and cleans up
+            await self._ws.close(code=code, message=reason)
+        except (ConnectionError, RuntimeError):
+            pass  # the peer is gone already
         except Exception:
-            log.exception("websocket writer failed")
+            log.exception("websocket close failed")
 
     async def stop(self) -> None:
-        """The connection is over: stop the writer (after a pending close was sent)."""
-        if self._close is not None and not self._task.done():
+        """The connection is over: let a pending close frame go out (bounded), then stop."""
+        task = self._close_task
+        if task is not None and not task.done():
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._task), timeout=1.0)
-        self._task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await self._task
+                await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
+            task.cancel()
