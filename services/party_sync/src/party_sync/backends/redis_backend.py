@@ -142,6 +142,7 @@ class RedisBackend:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.scripts.batcher.close()
         await self.client.aclose()
 
     async def ready(self) -> bool:

@@ -27,6 +27,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from party_sync.backends.base import Snapshot
 from party_sync.backends.keys import KeySpace, party_channel
+from party_sync.backends.redis_batch import ScriptBatcher
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable
@@ -92,6 +93,7 @@ class Scripts:
         }
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
+        self.batcher = ScriptBatcher(client)
 
     def __getitem__(self, name: str) -> AsyncScript:
         return self._party[name]
@@ -133,6 +135,8 @@ class Scripts:
         """Call one party script (``client`` may be a pipeline, which queues it instead)."""
         keys = self.party_keys(party_id, action_id)
         argv = [*self.header(party_id, now), *args]
+        if client is None:  # shared with the other calls of this tick (redis_batch)
+            return await self.batcher.run(self._party[name], keys, argv)
         return await self._party[name](keys=keys, args=argv, client=client)
 
 
