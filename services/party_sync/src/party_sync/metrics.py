@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -82,6 +84,23 @@ class Metrics:
         )
         self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
         self.info.labels(node).set(1)
+
+        self._in: dict[str, Any] = {}
+        self._out: dict[str, Any] = {}
+
+    def received(self, type_: str) -> None:
+        """One client message of ``type_`` (label children cached: this is per message)."""
+        child = self._in.get(type_)
+        if child is None:
+            child = self._in[type_] = self.messages_in.labels(type_)
+        child.inc()
+
+    def sent(self, type_: str, recipients: int = 1) -> None:
+        """A message of ``type_`` sent to ``recipients`` connections (counted once per event)."""
+        child = self._out.get(type_)
+        if child is None:
+            child = self._out[type_] = self.messages_out.labels(type_)
+        child.inc(recipients)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

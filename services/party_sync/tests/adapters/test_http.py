@@ -21,4 +21,6 @@ async def test_health_readiness_and_metrics() -> None:
             text = await resp.text()
         assert "party_sync_connections 1.0" in text
         assert 'party_sync_errors_total{code="bad_json"} 1.0' in text
+        assert 'party_sync_messages_out_total{type="system.hello"} 1.0' in text
+        assert 'party_sync_messages_out_total{type="party.join"} 1.0' in text  # aria saw her join
         await a.close()

@@ -179,7 +179,7 @@ class Gateway:
             now=self.clock(),
         )
         session.send(codec.encode(hello))
-        self.metrics.messages_out.labels(t.HELLO).inc()
+        self.metrics.sent(t.HELLO)
         last = snapshot.seq
         if replay is not None and resume is not None:
             for data in replay:
@@ -294,7 +294,7 @@ class Gateway:
             return
         try:
             message = inbound.parse(data, self.contracts, self.settings.max_message_bytes)
-            self.metrics.messages_in.labels(message.type).inc()
+            self.metrics.received(message.type)
             if message.type == t.ACTION_REQUEST:
                 await self._receive_action(session, message, now)
             elif message.type == t.PARTY_LEAVE:
@@ -382,7 +382,7 @@ class Gateway:
             self.settings.action_timeout, self._later, self._time_out, action, session
         )
         self._pending[key] = (handle, session, now)
-        log.info(
+        log.debug(
             "action accepted",
             extra={
                 "trace_id": message.trace_id,
@@ -427,6 +427,9 @@ class Gateway:
 
     def _on_party_event(self, event: Event) -> None:
         """Node-level reactions to a party event (after it was fanned out to the sessions)."""
+        hub = self._hubs.get(event.party_id)
+        if hub is not None:
+            self.metrics.sent(event.type, len(hub.sessions))
         if event.type == t.ACTION_RESULT:
             pending = self._pending.pop((event.party_id, event.payload["action_id"]), None)
             if pending is not None:
@@ -441,7 +444,6 @@ class Gateway:
             if timer is not None:
                 timer.cancel()
         elif event.type == t.PARTY_LEAVE and event.payload.get("reason") == t.LEAVE_LEFT:
-            hub = self._hubs.get(event.party_id)
             for session in hub.sessions_of(event.payload["character_id"]) if hub else ():
                 session.close(CloseCode.NORMAL, "left the party")
 

@@ -90,7 +90,7 @@ async def publish_party_event(request: web.Request) -> web.Response:
         return _problem(422, "invalid_event", exc.message)
     except BackendUnavailable:
         return _problem(503, "backend_unavailable", "the backend is unreachable; retry")
-    log.info(
+    log.debug(
         "event published via API",
         extra={"trace_id": event.trace_id, "party_id": party_id, "seq": event.seq},
     )
