@@ -1,0 +1,916 @@
+#!/usr/bin/env python3
+"""``make bench``: party_sync side by side with the peer and the floors, in one run.
+
+    python3 bench/run.py            # full mode: rate sweeps, repeats, memory at 1k/10k, profile
+    python3 bench/run.py --quick    # quick mode (under two minutes): one short sweep per system
+
+It first makes ``bench/.venv`` from ``bench/requirements.lock`` (plus party_sync and
+campaign_engine, editable, without dependencies) and re-runs itself there. Then, per system:
+start it (and a private ``redis-server`` on a free port when it needs Redis) pinned to CPU 0,
+start the load generator pinned to CPU 1, sweep increasing rates, sample the server's CPU and RSS,
+stop everything it started. Full mode writes ``docs/benchmarks.md``, ``docs/bench/results.json``
+and ``docs/bench/p99_vs_load.png``; quick mode writes the same under ``bench/results/``.
+
+Only loopback addresses are used; every loop and wait is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from queue import Empty, Queue
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+VENV = BENCH / ".venv"
+VENV_PYTHON = VENV / "bin" / "python"
+LOCK = BENCH / "requirements.lock"
+PRODUCT = ("services/party_sync", "services/campaign_engine")
+SERVER_CPU = 0
+LOADGEN_CPU = 1
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+# -- the environment ------------------------------------------------------------------------------
+def _env_digest() -> str:
+    digest = hashlib.sha256()
+    for path in (LOCK, *(ROOT / p / "pyproject.toml" for p in PRODUCT)):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def ensure_env() -> None:
+    """Create or refresh ``bench/.venv`` from the lock (a stamp file skips an up-to-date one)."""
+    stamp = VENV / ".installed"
+    wanted = _env_digest()
+    if VENV_PYTHON.exists() and stamp.exists() and stamp.read_text().strip() == wanted:
+        return
+    print(f"bench: installing the benchmark environment into {VENV.relative_to(ROOT)}", flush=True)
+    if not VENV_PYTHON.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    pip = [str(VENV_PYTHON), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+    subprocess.run([*pip, "-r", str(LOCK)], check=True, cwd=ROOT)
+    editable = [arg for p in PRODUCT for arg in ("-e", p)]
+    subprocess.run([*pip, "--no-deps", *editable], check=True, cwd=ROOT)
+    stamp.write_text(wanted + "\n")
+
+
+def in_bench_env() -> bool:
+    return Path(sys.prefix).resolve() == VENV.resolve()
+
+
+# -- processes ------------------------------------------------------------------------------------
+def _child_setup(cpu: int | None, nice: int) -> Any:
+    def setup() -> None:
+        import resource
+
+        if cpu is not None:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(0, {cpu})
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        for limits in ((65536, max(hard, 65536)), (hard, hard)):
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+                break
+            except (ValueError, OSError):
+                continue
+        if nice:
+            with contextlib.suppress(OSError):
+                os.nice(nice)
+
+    return setup
+
+
+def snapshot_product(workdir: Path) -> dict[str, str]:
+    """Freeze party_sync's sources and schemas for this run.
+
+    The working tree may change while a full run takes its hour (others work in it); every
+    server of one run must be the same code. Returns the snapshot's path and content hash.
+    """
+    target = workdir / "snapshot"
+    shutil.rmtree(target, ignore_errors=True)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(
+        ROOT / "services/party_sync/src/party_sync", target / "party_sync", ignore=ignore
+    )
+    shutil.copytree(ROOT / "contracts/jsonschema/party_sync", target / "contracts", ignore=ignore)
+    digest = hashlib.sha256()
+    for path in sorted(target.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(target)).encode())
+            digest.update(path.read_bytes())
+    # In os.environ, so that every child of this process (whichever module starts it) gets it.
+    os.environ["BENCH_SNAPSHOT"] = str(target)
+    os.environ["PARTY_SYNC_CONTRACTS_DIR"] = str(target / "contracts")
+    return {"path": str(target), "sha256": digest.hexdigest()[:16]}
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [env.get("BENCH_SNAPSHOT", ""), str(ROOT), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in paths if p))
+    env.pop("VIRTUAL_ENV", None)
+    env.update(extra or {})
+    return env
+
+
+class Started:
+    """A process this run started: stopped (TERM, then KILL) only by its own pid."""
+
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        cpu: int | None,
+        nice: int,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = log
+        self._log = log.open("wb")
+        self.proc = subprocess.Popen(
+            argv,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=child_env(env),
+            cwd=ROOT,
+            preexec_fn=_child_setup(cpu, nice),
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def tail(self, n: int = 1500) -> str:
+        try:
+            return self.log_path.read_bytes()[-n:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_port(port: int, proc: Started, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}: {proc.tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.5).close()
+        except OSError:
+            time.sleep(0.05)  # polling for the listener, bounded by ``timeout``
+        else:
+            return  # polling for the listener, bounded by ``timeout``
+    raise RuntimeError(f"{proc.name} did not listen on {port} within {timeout}s")
+
+
+def wait_healthy(port: int, proc: Started, timeout: float = 30.0) -> None:
+    """party_sync: /readyz answers 200 (the backend is up), not just an open port."""
+    import urllib.request
+
+    wait_port(port, proc, timeout)
+    deadline = time.monotonic() + timeout
+    url = f"http://127.0.0.1:{port}/readyz"
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeError(f"{proc.name} exited with {proc.proc.returncode}: {proc.tail()}")
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as resp:
+            if resp.status == 200:
+                return
+        time.sleep(0.1)  # polling readiness, bounded by ``timeout``
+    raise RuntimeError(f"{proc.name} not ready within {timeout}s: {proc.tail()}")
+
+
+@contextlib.contextmanager
+def redis_server(workdir: Path, nice: int) -> Iterator[tuple[str, int]]:
+    """A private redis-server on a free loopback port (never the shared one on 6379)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise RuntimeError("redis-server not found (apt-get install redis-server)")
+    port = free_port()
+    proc = Started(
+        "redis-server",
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+            "--protected-mode",
+            "yes",
+        ],
+        workdir / f"redis-{port}.log",
+        SERVER_CPU,
+        nice,
+    )
+    try:
+        wait_port(port, proc, 15)
+        yield f"redis://127.0.0.1:{port}/0", proc.pid
+    finally:
+        proc.stop()
+
+
+# -- sampling -------------------------------------------------------------------------------------
+class Sampler:
+    """CPU and RSS of the server processes, Redis, the load generator, and everything else."""
+
+    def __init__(self, servers: Sequence[int], redis: Sequence[int], loadgen: int) -> None:
+        import psutil
+
+        self.psutil = psutil
+        self.servers = [psutil.Process(pid) for pid in servers]
+        self.redis = [psutil.Process(pid) for pid in redis]
+        self.loadgen = psutil.Process(loadgen)
+
+    @staticmethod
+    def _cpu(procs: Sequence[Any]) -> float:
+        total = 0.0
+        for proc in procs:
+            with contextlib.suppress(Exception):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def rss(self) -> int:
+        total = 0
+        for proc in self.servers:
+            with contextlib.suppress(Exception):
+                total += proc.memory_info().rss
+        return total
+
+    def snapshot(self) -> dict[str, Any]:
+        cpus = self.psutil.cpu_times(percpu=True)
+        busy = sum(c.user + c.nice + c.system for c in cpus)
+        irq = sum(c.irq + c.softirq for c in cpus)
+        return {
+            "t": time.monotonic(),
+            "server": self._cpu(self.servers),
+            "redis": self._cpu(self.redis),
+            "loadgen": self._cpu([self.loadgen]),
+            "busy": busy,
+            "irq": irq,
+            "steal": sum(c.steal for c in cpus),
+        }
+
+    @staticmethod
+    def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+        wall = max(1e-9, b["t"] - a["t"])
+        ours = (
+            (b["server"] - a["server"]) + (b["redis"] - a["redis"]) + (b["loadgen"] - a["loadgen"])
+        )
+        return {
+            "server_cpu": (b["server"] - a["server"]) / wall,
+            "redis_cpu": (b["redis"] - a["redis"]) / wall,
+            "foreign_cpu": max(0.0, (b["busy"] - a["busy"]) - ours) / wall,
+            "irq_cpu": (b["irq"] - a["irq"]) / wall,
+            "steal_cpu": (b["steal"] - a["steal"]) / wall,
+        }
+
+
+# -- the load generator ---------------------------------------------------------------------------
+class LoadGenProcess:
+    """``bench/loadgen.py`` in its own process on CPU 1, talking by lines."""
+
+    def __init__(self, argv: list[str], nice: int) -> None:
+        self.proc = subprocess.Popen(
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=child_env(),
+            cwd=ROOT,
+            preexec_fn=_child_setup(LOADGEN_CPU, nice),
+        )
+        self.lines: Queue[str | None] = Queue()
+        self.stderr: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
+            self.lines.put(raw.decode(errors="replace").rstrip("\n"))
+        self.lines.put(None)
+
+    def _read_err(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.stderr.append(raw.decode(errors="replace"))
+            del self.stderr[:-40]
+
+    def next_line(self, timeout: float) -> str | None:
+        try:
+            return self.lines.get(timeout=timeout)
+        except Empty:
+            return None
+
+    def command(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write((text + "\n").encode())
+            self.proc.stdin.flush()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.command("STOP")
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+# -- one system -----------------------------------------------------------------------------------
+EVENTS_PER_MESSAGE = {"party_sync": 2, "socketio": 2, "floor": 1}
+
+
+@contextlib.contextmanager
+def serving(
+    system: Any, cfg: argparse.Namespace, workdir: Path, tag: str
+) -> Iterator[tuple[list[int], list[Started], list[int]]]:
+    """Start ``system`` (and its private redis-server); yield (ports, servers, redis pids)."""
+    servers: list[Started] = []
+    with contextlib.ExitStack() as stack:
+        redis_url = ""
+        redis_pids: list[int] = []
+        if system.redis:
+            redis_url, redis_pid = stack.enter_context(redis_server(workdir, cfg.nice))
+            redis_pids = [redis_pid]
+        try:
+            ports = []
+            for node in range(system.nodes):
+                port = free_port()
+                argv = shlex.split(
+                    system.command.format(python=sys.executable, port=port, redis_url=redis_url)
+                )
+                env = {"PARTY_SYNC_JWT_SECRET": _secret(), **system.env}
+                server = Started(
+                    f"{system.name}#{node}",
+                    argv,
+                    workdir / f"{system.name}-{tag}-{node}-{port}.log",
+                    SERVER_CPU,
+                    cfg.nice,
+                    env,
+                )
+                servers.append(server)
+                (wait_healthy if system.kind == "party_sync" else wait_port)(port, server)
+                ports.append(port)
+            yield ports, servers, redis_pids
+        finally:
+            for server in servers:
+                server.stop()
+
+
+def run_system(
+    system: Any,
+    cfg: argparse.Namespace,
+    workdir: Path,
+    *,
+    mode: str,
+    parties: int,
+    delivered_rates: Sequence[float],
+    on_measure: Callable[[list[int]], None] | None = None,
+) -> dict[str, Any]:
+    """Start ``system``, connect ``parties`` × K clients, run the steps (or hold idle), stop."""
+    import orjson
+    import psutil
+
+    result: dict[str, Any] = {"mode": mode, "connections": parties * cfg.k}
+    loadgen: LoadGenProcess | None = None
+    with serving(system, cfg, workdir, mode) as (ports, servers, redis_pids):
+        try:
+            time.sleep(0.5 if cfg.quick else 1.0)
+            rss0 = sum(psutil.Process(s.pid).memory_info().rss for s in servers)
+            events = EVENTS_PER_MESSAGE[system.protocol]
+            rates_in = [r / (events * cfg.k) for r in delivered_rates]
+            argv = [
+                sys.executable,
+                "-m",
+                "bench.loadgen",
+                "--protocol",
+                system.protocol,
+                "--parties",
+                str(parties),
+                "--k",
+                str(cfg.k),
+                "--mode",
+                mode,
+                "--cpu",
+                str(LOADGEN_CPU),
+                "--warmup",
+                str(cfg.warmup),
+                "--duration",
+                str(cfg.duration),
+                "--settle",
+                str(cfg.settle),
+                "--interactive",
+            ]
+            if rates_in:
+                argv += ["--rates", ",".join(f"{r:.3f}" for r in rates_in)]
+            for port in ports:
+                argv += ["--url", f"ws://127.0.0.1:{port}"]
+            loadgen = LoadGenProcess(argv, cfg.nice)
+            sampler = Sampler([s.pid for s in servers], redis_pids, loadgen.proc.pid)
+            line = loadgen.next_line(120 + parties * cfg.k / 200)
+            if line is None or not line.startswith("READY"):
+                raise RuntimeError(
+                    f"load generator did not connect: {line} {''.join(loadgen.stderr)[-1500:]}"
+                )
+            result["ready"] = orjson.loads(line[6:])
+            time.sleep(1.0 if cfg.quick else 2.0)  # let the server settle before reading RSS
+            rss1 = sampler.rss()
+            result["rss_before"] = rss0
+            result["rss_idle"] = rss1
+            result["kib_per_idle_connection"] = (rss1 - rss0) / 1024 / (parties * cfg.k)
+            if mode == "idle":
+                loadgen.command("STOP")
+                loadgen.next_line(30)
+                return result
+            loadgen.command("GO")
+            steps: list[dict[str, Any]] = []
+            start_snap: dict[str, Any] | None = None
+            window: dict[str, float] = {}
+            failing = retries = 0
+            per_step = cfg.warmup + cfg.duration + cfg.settle + 10
+            budget = len(rates_in) * per_step * (1 + cfg.noise_retries) + 60
+            deadline = time.monotonic() + budget
+            while time.monotonic() < deadline:
+                line = loadgen.next_line(max(1.0, deadline - time.monotonic()))
+                if line is None or line == "DONE":
+                    break
+                if line.startswith("MEASURE_START"):
+                    start_snap = sampler.snapshot()
+                    if on_measure is not None:
+                        on_measure([s.pid for s in servers])
+                        on_measure = None
+                elif line.startswith("MEASURE_END") and start_snap is not None:
+                    window = sampler.delta(start_snap, sampler.snapshot())
+                    window["server_rss"] = sampler.rss()
+                elif line.startswith("STEP "):
+                    step = orjson.loads(line[5:])
+                    step.update(window)
+                    steps.append(step)
+                    _print_step(system.name, step)
+                    # A step that failed while other tenants took the CPU is run again.
+                    noisy = (step.get("foreign_cpu") or 0.0) > cfg.noise_limit
+                    if noisy and not _passed(step, 10.0) and retries < cfg.noise_retries:
+                        step["discarded"] = "noisy: other processes used the CPU"
+                        retries += 1
+                        loadgen.command("REPEAT")
+                        continue
+                    retries = 0
+                    failing = 0 if _passed(step, 50.0) else failing + 1
+                    stop = failing >= cfg.fail_streak or step["disconnects"] > 0
+                    loadgen.command("STOP" if stop else "NEXT")
+            result["steps"] = steps
+            result["ladder"] = list(delivered_rates)
+            result["server_alive"] = all(s.alive() for s in servers)
+            if not result["server_alive"]:
+                result["server_tail"] = "\n".join(s.tail() for s in servers)
+            return result
+        finally:
+            if loadgen is not None:
+                loadgen.stop()
+
+
+def run_resume(system: Any, cfg: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """The resume probe (bench/resume.py) against a fresh ``system``."""
+    import orjson
+
+    with serving(system, cfg, workdir, "resume") as (ports, _, _):
+        argv = [
+            sys.executable,
+            "-m",
+            "bench.resume",
+            "--url",
+            f"http://127.0.0.1:{ports[0]}",
+            "--rounds",
+            str(cfg.resume_rounds),
+            "--cpu",
+            str(LOADGEN_CPU),
+        ]
+        out = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            env=child_env(),
+            cwd=ROOT,
+            preexec_fn=_child_setup(LOADGEN_CPU, cfg.nice),
+            check=False,
+        )
+        if out.returncode != 0:
+            raise RuntimeError(f"resume probe failed: {out.stderr[-800:]}")
+        result: dict[str, Any] = orjson.loads(out.stdout.strip().splitlines()[-1])
+        result["system"] = system.name
+        return result
+
+
+def run_hotpath(cfg: argparse.Namespace) -> dict[str, Any]:
+    """bench/hotpath.py (party_sync in process, no sockets), pinned to the server's core."""
+    import orjson
+
+    argv = [
+        sys.executable,
+        "-m",
+        "bench.hotpath",
+        "--actions",
+        str(cfg.hotpath_actions),
+        "--gc-actions",
+        str(cfg.gc_actions),
+    ]
+    out = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=child_env(),
+        cwd=ROOT,
+        preexec_fn=_child_setup(SERVER_CPU, cfg.nice),
+        check=False,
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"hotpath failed: {out.stderr[-800:]}")
+    result: dict[str, Any] = orjson.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def merge(results: dict[str, Any], previous: Path) -> None:
+    """Keep what an earlier run measured for the systems (and probes) this run did not do."""
+    from bench.systems import all_systems
+
+    if not previous.exists():
+        return
+    old = json.loads(previous.read_text())
+    combined = {**old.get("systems", {}), **results["systems"]}
+    order = [s.name for s in all_systems()]
+    results["systems"] = {
+        name: combined[name]
+        for name in sorted(combined, key=lambda n: order.index(n) if n in order else len(order))
+    }
+    for key in ("hotpath", "profile"):
+        if not results.get(key) and old.get(key):
+            results[key] = old[key]
+    profiles = dict(old.get("profiles") or {})
+    if old.get("profile") and "party_sync-memory" not in profiles:
+        profiles["party_sync-memory"] = old["profile"]
+    profiles.update(results.get("profiles") or {})
+    results["profiles"] = profiles
+    results.pop("profile", None)
+    if not results.get("resume"):
+        results["resume"] = []
+    done = {r.get("system") for r in results.get("resume", [])}
+    results["resume"] = results.get("resume", []) + [
+        r for r in old.get("resume", []) if r.get("system") not in done
+    ]
+    results["meta"]["merged_with"] = old.get("meta", {}).get("date")
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _passed(step: dict[str, Any], limit_ms: float) -> bool:
+    p99 = step.get("p99_ms")
+    return (
+        p99 is not None
+        and p99 <= limit_ms
+        and step["samples"] > 0
+        and step["lost"] == 0
+        and step["duplicates"] == 0
+        and step["out_of_order"] == 0
+        and not step["errors"]
+    )
+
+
+def _secret() -> str:
+    from bench.common import SECRET
+
+    return SECRET
+
+
+def _print_step(name: str, step: dict[str, Any]) -> None:
+    lg = step["loadgen"]
+    step = {k: (math.nan if v is None else v) for k, v in step.items()}
+    print(
+        f"  {name:24} offered {step['offered_delivered']:>8.0f}/s delivered "
+        f"{step['delivered_per_s']:>8.0f}/s p50 {step['p50_ms']:7.2f} p99 {step['p99_ms']:8.2f} "
+        f"max {step['max_ms']:8.1f} ms lost {step['lost']} dup {step['duplicates']} "
+        f"ooo {step['out_of_order']} err {sum(step['errors'].values())} "
+        f"srv {step.get('server_cpu', 0):4.0%} redis {step.get('redis_cpu', 0):4.0%} "
+        f"lg {lg['cpu']:4.0%} lag99 {lg['loop_lag_p99_ms']:5.1f}ms "
+        f"other {step.get('foreign_cpu', 0):4.0%}",
+        flush=True,
+    )
+
+
+# -- the run --------------------------------------------------------------------------------------
+FULL_LADDER = [
+    1e3,
+    2.5e3,
+    5e3,
+    1e4,
+    1.5e4,
+    2e4,
+    2.5e4,
+    3e4,
+    4e4,
+    5e4,
+    6e4,
+    7e4,
+    8e4,
+    9e4,
+    1e5,
+    1.1e5,
+    1.2e5,
+    1.4e5,
+    1.6e5,
+]
+QUICK_LADDER = [1e4, 4e4]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="party_sync benchmarks (make bench)")
+    parser.add_argument("--quick", action="store_true", help="quick mode (under two minutes)")
+    parser.add_argument("--systems", default="", help="comma-separated subset (default: all)")
+    parser.add_argument("--parties", type=int, default=250, help="parties of K (250 → 1,000)")
+    parser.add_argument("--k", type=int, default=4)
+    parser.add_argument("--rates", default="", help="offered delivered msgs/s, comma-separated")
+    parser.add_argument("--repeats", type=int, default=None, help="sweeps per system (3; quick 1)")
+    parser.add_argument("--warmup", type=float, default=None)
+    parser.add_argument("--duration", type=float, default=None)
+    parser.add_argument("--settle", type=float, default=None)
+    parser.add_argument(
+        "--fail-streak",
+        type=int,
+        default=None,
+        help="stop a sweep after this many failing steps in a row (full 2, quick 1)",
+    )
+    parser.add_argument(
+        "--memory-sizes",
+        default=None,
+        help="idle connection counts for memory (full: 1000,10000; quick: none)",
+    )
+    parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--noise-limit",
+        type=float,
+        default=0.25,
+        help="a failed step is run again when other processes used more CPU (cores) than this",
+    )
+    parser.add_argument("--noise-retries", type=int, default=2)
+    parser.add_argument(
+        "--resume-rounds", type=int, default=None, help="resume probe (20; quick 5)"
+    )
+    parser.add_argument("--hotpath-actions", type=int, default=20000)
+    parser.add_argument(
+        "--gc-actions",
+        type=int,
+        default=None,
+        help="actions before timing a full GC in the hot-path probe (200000; quick 0 = skip)",
+    )
+    parser.add_argument(
+        "--profile-rate",
+        type=float,
+        default=20000.0,
+        help="offered delivered msgs/s while profiling party_sync",
+    )
+    parser.add_argument(
+        "--profile-rate-redis",
+        type=float,
+        default=5000.0,
+        help="offered delivered msgs/s while profiling party_sync on Redis",
+    )
+    parser.add_argument("--profile-seconds", type=float, default=15.0)
+    parser.add_argument(
+        "--probes-only",
+        action="store_true",
+        help="only the hot-path probe, the resume probes and the profiles (use with --merge)",
+    )
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="re-render the report from the results JSON in --out (no runs)",
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=-10,
+        help="niceness of the servers and the load generator (machine is shared)",
+    )
+    parser.add_argument(
+        "--ps-command",
+        default=None,
+        help="party_sync command template ({python} {port}); Redis systems append "
+        "--redis-url {redis_url}",
+    )
+    parser.add_argument(
+        "--ps-env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for party_sync servers (repeatable)",
+    )
+    parser.add_argument(
+        "--out", default=None, help="output directory (full: docs/, quick: bench/results/)"
+    )
+    parser.add_argument("--no-install", action="store_true", help="do not touch bench/.venv")
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the systems of the existing results that this run does not measure",
+    )
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.repeats = args.repeats or (1 if quick else 3)
+    args.warmup = args.warmup if args.warmup is not None else (1.0 if quick else 2.0)
+    args.duration = args.duration if args.duration is not None else (2.0 if quick else 6.0)
+    args.settle = args.settle if args.settle is not None else (1.5 if quick else 3.0)
+    args.fail_streak = args.fail_streak or (1 if quick else 2)
+    args.resume_rounds = args.resume_rounds or (5 if quick else 20)
+    args.gc_actions = args.gc_actions if args.gc_actions is not None else (0 if quick else 200000)
+    sizes = args.memory_sizes if args.memory_sizes is not None else ("" if quick else "1000,10000")
+    args.memory_sizes = [int(x) for x in sizes.split(",") if x]
+    args.ladder = [float(x) for x in args.rates.split(",") if x] or (
+        QUICK_LADDER if quick else FULL_LADDER
+    )
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(raw)
+    if not in_bench_env():
+        if not cfg.no_install:
+            ensure_env()
+        os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *raw])
+    from bench import report
+    from bench.common import pin
+    from bench.systems import PS_COMMAND, all_systems
+
+    out = Path(cfg.out) if cfg.out else (ROOT / ("bench/results" if cfg.quick else "docs"))
+    if cfg.report_only:
+        data = out / ("quick.json" if cfg.quick else "bench/results.json")
+        report.write_all(json.loads(data.read_text()), out, quick=cfg.quick)
+        return 0
+    pin([LOADGEN_CPU])  # the orchestrator stays off the server's core
+    # TERM/INT unwind through the ``finally`` blocks, so every process this run started stops.
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
+    started = time.monotonic()
+    ps_env = dict(item.split("=", 1) for item in cfg.ps_env)
+    systems = all_systems(cfg.ps_command or PS_COMMAND, ps_env)
+    if cfg.systems:
+        wanted = cfg.systems.split(",")
+        systems = [s for s in systems if s.name in wanted]
+    workdir = BENCH / "results" / "logs"
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "meta": report.machine_meta(cfg, raw),
+        "systems": {},
+    }
+    results["meta"]["product_snapshot"] = snapshot_product(workdir)
+    partial = workdir / "partial-results.json"
+    for system in [] if cfg.probes_only else systems:
+        entry: dict[str, Any] = {
+            "label": system.label,
+            "kind": system.kind,
+            "nodes": system.nodes,
+            "redis": system.redis,
+            "note": system.note,
+            "command": system.command,
+            "runs": [],
+            "memory": {},
+            "available": True,
+        }
+        results["systems"][system.name] = entry
+        print(f"== {system.name}: {system.label}", flush=True)
+        for repeat in range(cfg.repeats):
+            try:
+                run = run_system(
+                    system,
+                    cfg,
+                    workdir,
+                    mode="load",
+                    parties=cfg.parties,
+                    delivered_rates=cfg.ladder,
+                )
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:1500]
+                entry.setdefault("errors", []).append(reason)
+                print(f"  {system.name}: sweep {repeat + 1} failed: {reason[:400]}", flush=True)
+                if not entry["runs"] and repeat == 0:
+                    break  # it does not even start: no point in repeating
+                continue
+            run["repeat"] = repeat
+            entry["runs"].append(run)
+            partial.write_text(json.dumps(results, default=str))
+        if not entry["runs"]:
+            entry["available"] = False
+            entry["reason"] = (entry.get("errors") or ["no sweep completed"])[-1]
+            continue
+        entry["memory"]["1000"] = [
+            r["kib_per_idle_connection"] for r in entry["runs"] if r["connections"] == 1000
+        ]
+        for size in cfg.memory_sizes:
+            if size == cfg.parties * cfg.k and entry["memory"].get(str(size)):
+                continue
+            try:
+                idle = run_system(
+                    system, cfg, workdir, mode="idle", parties=size // cfg.k, delivered_rates=[]
+                )
+                entry["memory"][str(size)] = [idle["kib_per_idle_connection"]]
+                print(
+                    f"  {system.name}: {size} idle connections: "
+                    f"{idle['kib_per_idle_connection']:.1f} KiB each",
+                    flush=True,
+                )
+            except Exception as exc:
+                entry["memory"][f"{size}_error"] = f"{type(exc).__name__}: {exc}"[:800]
+                print(f"  {system.name}: {size} idle connections failed: {exc}", flush=True)
+    print("== party_sync hot path in process (bench/hotpath.py)", flush=True)
+    try:
+        results["hotpath"] = run_hotpath(cfg)
+    except Exception as exc:
+        results["hotpath"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+    resumes = []
+    for system in systems:
+        if system.kind != "party_sync" or system.nodes != 1:
+            continue
+        if not results["systems"].get(system.name, {}).get("available", cfg.probes_only):
+            continue
+        print(f"== resume probe: {system.name}", flush=True)
+        try:
+            resumes.append(run_resume(system, cfg, workdir))
+            print(f"  {resumes[-1]}", flush=True)
+        except Exception as exc:
+            resumes.append({"system": system.name, "error": f"{type(exc).__name__}: {exc}"[:800]})
+    results["resume"] = resumes
+    if not cfg.no_profile and not cfg.quick:
+        from bench import profile
+
+        results["profiles"] = {}
+        for system in systems:
+            if system.kind != "party_sync" or system.nodes != 1:
+                continue
+            if not results["systems"].get(system.name, {}).get("available", cfg.probes_only):
+                continue
+            rate = cfg.profile_rate_redis if system.redis else cfg.profile_rate
+            try:
+                results["profiles"][system.name] = profile.profile_party_sync(
+                    system, cfg, workdir, rate
+                )
+            except Exception as exc:
+                results["profiles"][system.name] = {"error": f"{type(exc).__name__}: {exc}"}
+    results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    if cfg.merge:
+        merge(results, out / ("quick.json" if cfg.quick else "bench/results.json"))
+    report.write_all(results, out, quick=cfg.quick)
+    print(f"bench: done in {results['meta']['elapsed_s']} s; wrote {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""The systems under test, and how each one is started.
+
+Every system is a command line (plus environment) per node; the orchestrator fills in ``{python}``,
+``{port}`` and ``{redis_url}``. party_sync's command can be replaced from ``bench/run.py``'s own
+command line (``--ps-command``, ``--ps-env``), so another build or backend of party_sync plugs in
+without editing this file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+#: party_sync as a user runs it: the real CLI, with the benchmark's engine.
+PS_COMMAND = "{python} -m party_sync serve --port {port} --engine bench.engine:create_engine"
+#: On Redis, the engine still runs in each server process and answers at once (the scenario), so
+#: the engine transport is pinned to in-process (``auto`` would pick a Redis stream + worker).
+PS_REDIS_ARGS = "--redis-url {redis_url} --engine-transport inprocess"
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    label: str
+    kind: str  # party_sync | peer | floor
+    protocol: str  # the load generator's protocol
+    command: str  # a template, see the module docstring
+    nodes: int = 1
+    redis: bool = False
+    env: dict[str, str] = field(default_factory=dict)
+    note: str = ""
+
+
+def all_systems(ps_command: str = PS_COMMAND, ps_env: dict[str, str] | None = None) -> list[System]:
+    env = dict(ps_env or {})
+    redis_cmd = f"{ps_command} {PS_REDIS_ARGS}"
+    return [
+        System(
+            "party_sync-memory",
+            "party_sync, embedded memory backend, 1 process",
+            "party_sync",
+            "party_sync",
+            ps_command,
+            env=env,
+            note="the product: JWT, schema validation in and out, idempotency ledger, seq, history",
+        ),
+        System(
+            "party_sync-redis-1",
+            "party_sync on Redis, 1 process",
+            "party_sync",
+            "party_sync",
+            redis_cmd,
+            redis=True,
+            env=env,
+        ),
+        System(
+            "party_sync-redis-2",
+            "party_sync on Redis, 2 processes (members of a party split across them)",
+            "party_sync",
+            "party_sync",
+            redis_cmd,
+            nodes=2,
+            redis=True,
+            env=env,
+        ),
+        System(
+            "socketio-redis",
+            "python-socketio + AsyncRedisManager on uvicorn (peer, 1 process)",
+            "peer",
+            "socketio",
+            "{python} -m bench.peers.socketio_server --port {port} --redis-url {redis_url}",
+            redis=True,
+            note="baseline in bench/peers/, not the product",
+        ),
+        System(
+            "floor-picows",
+            "floor: picows (uvloop)",
+            "floor",
+            "floor",
+            "{python} -m bench.peers.floor_picows --port {port} --loop uvloop",
+        ),
+        System(
+            "floor-aiohttp",
+            "floor: aiohttp (uvloop)",
+            "floor",
+            "floor",
+            "{python} -m bench.peers.floor_aiohttp --port {port} --loop uvloop",
+        ),
+        System(
+            "floor-aiohttp-asyncio",
+            "floor: aiohttp (stock asyncio loop, as party_sync runs)",
+            "floor",
+            "floor",
+            "{python} -m bench.peers.floor_aiohttp --port {port} --loop asyncio",
+        ),
+        System(
+            "floor-websockets",
+            "floor: websockets asyncio API (uvloop)",
+            "floor",
+            "floor",
+            "{python} -m bench.peers.floor_websockets --port {port} --loop uvloop",
+        ),
+    ]
