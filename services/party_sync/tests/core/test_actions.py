@@ -317,3 +317,18 @@ def test_ledger_matches_a_reference_model(
                 None if rec is None else (Decision.DONE if rec.result else Decision.IN_FLIGHT)
             )
             assert led.state_of(action) is expected, action
+
+
+def test_finished_records_cost_the_garbage_collector_nothing() -> None:
+    """Ledger records must be untracked by CPython's GC (exact tuples of atoms), or every full
+    collection walks one object per remembered action (~200 ms stops measured at 200k)."""
+    import gc
+
+    ledger = ActionLedger(action_timeout=10.0, record_ttl=600.0, max_records=100_000)
+    for i in range(1000):
+        ledger.begin("aria", f"a{i}", float(i))
+        ledger.complete(f"a{i}", "aria", b"result", float(i))
+    gc.collect()
+    records = list(ledger._records.values())
+    assert records
+    assert not any(gc.is_tracked(record) for record in records)
