@@ -303,6 +303,12 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
         f"{meta.get('elapsed_s', '?')} s). Do not edit by hand: `make bench` rewrites this file "
         "from `docs/bench/results.json`; the narrative in the profile section comes from "
         "`bench/analysis.md`."
+        + (
+            " This file merges several runs on this machine (`--merge`): when and at which "
+            "party_sync commit each system was measured is given with its steps at the end."
+            if meta.get("merged_with")
+            else ""
+        )
     )
     add("")
     add("## Scenario")
@@ -426,6 +432,12 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
             continue
         reruns = summaries[name]["rerun_noisy"]
         note = f" ({reruns} step(s) run again: other processes took the CPU)" if reruns else ""
+        measured = entry.get("measured")
+        if measured:
+            note += (
+                f" — measured {measured['date']}, party_sync {measured['party_sync_commit']}, "
+                f"snapshot {measured['snapshot']}"
+            )
         add(f"**{name}**{note}")
         add("")
         add(

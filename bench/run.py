@@ -824,6 +824,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "runs": [],
             "memory": {},
             "available": True,
+            "measured": {
+                "date": results["meta"]["date"],
+                "party_sync_commit": results["meta"]["party_sync_commit"],
+                "snapshot": results["meta"]["product_snapshot"]["sha256"],
+            },
         }
         results["systems"][system.name] = entry
         print(f"== {system.name}: {system.label}", flush=True)
