@@ -276,11 +276,12 @@ def fastest_floor(summaries: dict[str, dict[str, Any]], systems: dict[str, Any])
     floors = [n for n, e in systems.items() if e["kind"] == "floor" and e.get("available")]
     if not floors:
         return None
-    # Highest sustainable rate; ties (all passed the top of the ladder) go to the cheapest in CPU.
+    # The highest rate at p99 < 50 ms (at high rates the 10-ms figure of a floor is set by
+    # sporadic spikes more than by the server); ties go to the cheapest in CPU per message.
     return max(
         floors,
         key=lambda n: (
-            summaries[n]["strict_offered"] or 0.0,
+            summaries[n]["loose_offered"] or 0.0,
             -(summaries[n]["strict_us_per_msg"] or 0.0),
         ),
     )
@@ -496,11 +497,14 @@ def render_targets(
 
     redis_ps = "party_sync-redis-1"
     if have(redis_ps) and peer:
-        a, b = summaries[redis_ps]["strict_rate"], summaries[peer]["strict_rate"]
+        rs, pe = summaries[redis_ps], summaries[peer]
+        a, b = rs["strict_rate"], pe["strict_rate"]
         ok = bool(a and b and a >= 3 * b)
         rows.append(
-            f"| party_sync on Redis ≥ 3× the python-socketio peer (sustainable) | "
-            f"{_k(a)} vs {_k(b)} msgs/s = {_ratio(a, b)} | {'yes' if ok else '**no**'} |"
+            "| party_sync on Redis ≥ 3× the python-socketio peer (sustainable) | p99 ≤ 10 ms: "
+            f"{_open(rs, 'strict')} vs {_open(pe, 'strict')} msgs/s = {_ratio(a, b)}; p99 < 50 ms: "
+            f"{_open(rs, 'loose')} vs {_open(pe, 'loose')} = "
+            f"{_ratio(rs['loose_rate'], pe['loose_rate'])} | {'yes' if ok else '**no**'} |"
         )
     else:
         why = systems.get(redis_ps, {}).get("reason", "not selected")
@@ -509,16 +513,18 @@ def render_targets(
             f"{why[:160]} | **not measured** |"
         )
     if have("party_sync-memory") and floor:
-        a, b = summaries["party_sync-memory"]["strict_rate"], summaries[floor]["strict_rate"]
+        ps, fl = summaries["party_sync-memory"], summaries[floor]
+        a, b = ps["strict_rate"], fl["strict_rate"]
         ok = bool(a and b and a >= 0.5 * b)
-        bound = (
-            " (the floor's figure is load-generator bound: a lower bound)"
-            if summaries[floor]["strict_loadgen_bound"]
-            else ""
+        beyond = (
+            " (the floor passed the top of the ladder: at most this)" if fl["loose_open"] else ""
         )
         rows.append(
-            f"| embedded backend ≥ 50 % of the fastest floor ({floor}) | {_k(a)} vs "
-            f"{_k(b)} msgs/s = {_ratio(a, b)}{bound} | {'yes' if ok else '**no**'} |"
+            f"| embedded backend ≥ 50 % of the fastest floor ({floor}) | p99 ≤ 10 ms: {_k(a)} vs "
+            f"{_open(fl, 'strict')} msgs/s = {_ratio(a, b)}; p99 < 50 ms: {_open(ps, 'loose')} vs "
+            f"{_open(fl, 'loose')} = {_ratio(ps['loose_rate'], fl['loose_rate'])}{beyond}; "
+            f"CPU per message {_ms(ps['strict_us_per_msg'])} vs {_ms(fl['strict_us_per_msg'])} µs "
+            f"| {'yes' if ok else '**no**'} |"
         )
     if have("party_sync-memory"):
         mem = summaries["party_sync-memory"]["kib_per_conn"]

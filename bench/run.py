@@ -72,6 +72,19 @@ def ensure_env() -> None:
     stamp.write_text(wanted + "\n")
 
 
+def ensure_redis() -> None:
+    """The Redis systems need a redis-server binary: install Debian's when root and missing."""
+    if shutil.which("redis-server") or os.geteuid() != 0 or not shutil.which("apt-get"):
+        return
+    print("bench: installing redis-server (Debian package)", flush=True)
+    for argv in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
+        try:
+            subprocess.run(argv, check=False, timeout=600, capture_output=True)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            print(f"bench: could not install redis-server: {exc}", flush=True)
+            return
+
+
 def in_bench_env() -> bool:
     return Path(sys.prefix).resolve() == VENV.resolve()
 
@@ -769,7 +782,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.duration = args.duration if args.duration is not None else (2.0 if quick else 6.0)
     args.settle = args.settle if args.settle is not None else (1.5 if quick else 3.0)
     args.fail_streak = args.fail_streak or (1 if quick else 2)
-    args.resume_rounds = args.resume_rounds or (5 if quick else 20)
+    args.resume_rounds = args.resume_rounds or (3 if quick else 20)
+    if quick and args.hotpath_actions == 20000:
+        args.hotpath_actions = 10000
     args.gc_actions = args.gc_actions if args.gc_actions is not None else (0 if quick else 200000)
     sizes = args.memory_sizes if args.memory_sizes is not None else ("" if quick else "1000,10000")
     args.memory_sizes = [int(x) for x in sizes.split(",") if x]
@@ -785,6 +800,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not in_bench_env():
         if not cfg.no_install:
             ensure_env()
+            ensure_redis()
         os.execv(str(VENV_PYTHON), [str(VENV_PYTHON), str(Path(__file__).resolve()), *raw])
     from bench import report
     from bench.common import pin
