@@ -92,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from party_sync.server import build_server, run, with_dev_secret
+    from party_sync.server import build_server, serve, with_dev_secret
 
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format)
@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     lines = (
         _demo_banner(settings, server.gateway.backend.name, dev_mode) if args.demo_tokens else []
     )
-    asyncio.run(run(server, on_ready=lines))
+    serve(server, on_ready=lines)
     return 0
 
 

@@ -135,6 +135,11 @@ class Settings:
     shutdown_timeout: float = _option(
         10.0, "Seconds to wait for clients to close on SIGTERM/SIGINT."
     )
+    event_loop: str = _option(
+        "auto",
+        "Event loop of the server: uvloop, asyncio (the stock loop), or auto (uvloop when it "
+        "is installed, else asyncio).",
+    )
     log_level: str = _option("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
     log_format: str = _option("json", "Log format: json (one object per line) or text.")
 
@@ -249,6 +254,10 @@ def validate(settings: Settings) -> None:
         (settings.heartbeat > 0, "heartbeat must be > 0"),
         (settings.rate_limit > 0 and settings.rate_burst >= 1, "rate limits must be positive"),
         (settings.log_format in {"json", "text"}, "log_format must be json or text"),
+        (
+            settings.event_loop in {"auto", "uvloop", "asyncio"},
+            "event_loop must be auto, uvloop or asyncio",
+        ),
         (
             settings.engine_transport in {"auto", "inprocess", "stream", "http"},
             "engine_transport must be auto, inprocess, stream or http",

@@ -9,6 +9,7 @@ import secrets
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from aiohttp import web
@@ -127,6 +128,26 @@ def build_server(
     return Server(settings, gateway, app, verifier)
 
 
+def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
+    """The loop ``event_loop`` names: uvloop (``auto``: when installed) or the stock loop."""
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":
+                raise ConfigError("event_loop is uvloop but uvloop is not installed") from None
+        else:
+            return uvloop.new_event_loop
+    return asyncio.new_event_loop
+
+
+def serve(server: Server, *, on_ready: list[str] | None = None) -> None:
+    """Run ``run(server)`` to its end on the configured event loop (``party-sync serve``)."""
+    factory = event_loop_factory(server.settings.event_loop)
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(run(server, on_ready=on_ready))
+
+
 async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
     """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit."""
     settings = server.settings
@@ -153,6 +174,7 @@ async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
             "backend": server.gateway.backend.name,
             "node": server.gateway.node_id,
             "engine": settings.engine,
+            "loop": type(loop).__module__.split(".")[0],
         },
     )
     for line in on_ready or ():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 import pytest
 from party_sync.backends.base import Binding
 from party_sync.core.events import Event
@@ -110,3 +113,93 @@ async def test_a_large_frame_reaches_a_real_client_intact() -> None:
             await ws.close()
     finally:
         await runner.cleanup()
+
+
+class _FakeTransport:
+    """Records each ``write`` (one per system call on a real socket) and its buffer size."""
+
+    def __init__(self, buffered: int = 0) -> None:
+        self.writes: list[bytes] = []
+        self.buffered = buffered
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+
+class _FakeWebSocket:
+    def __init__(self, transport: _FakeTransport) -> None:
+        self.transport = transport
+        self.closed_with: tuple[int, bytes] | None = None
+
+    async def close(self, *, code: int, message: bytes) -> bool:
+        self.transport.writes.append(b"CLOSE")
+        self.closed_with = (code, message)
+        return True
+
+
+def _sinks(n: int, buffered: int = 0, max_buffer: int = 1 << 20) -> tuple[list[Any], Any]:
+    from party_sync.transport.sink import FrameBatcher, WebSocketSink
+
+    batcher = FrameBatcher()
+    sinks = []
+    for _ in range(n):
+        transport = _FakeTransport(buffered)
+        ws = _FakeWebSocket(transport)
+        sinks.append(WebSocketSink(ws, transport, max_buffer, batcher))  # type: ignore[arg-type]
+    return sinks, batcher
+
+
+@pytest.mark.raw_frames
+async def test_frames_of_one_tick_leave_in_one_write_per_connection_in_order() -> None:
+    from party_sync.transport.sink import frame_header
+
+    sinks, _ = _sinks(3)
+    for sink in sinks:
+        assert sink.send(b'{"seq":1}')
+        assert sink.send(b'{"seq":2}')
+    assert all(sink._transport.writes == [] for sink in sinks)  # nothing before the tick ends
+    await asyncio.sleep(0)  # the batcher's one flush runs at the end of this tick
+    expected = frame_header(9) + b'{"seq":1}' + frame_header(9) + b'{"seq":2}'
+    assert [sink._transport.writes for sink in sinks] == [[expected]] * 3
+    assert sinks[0].send(b"{}")  # a later tick: a new write
+    await asyncio.sleep(0)
+    assert sinks[0]._transport.writes == [expected, frame_header(2) + b"{}"]
+
+
+@pytest.mark.raw_frames
+async def test_a_close_flushes_the_waiting_frames_before_the_close_frame() -> None:
+    sinks, _ = _sinks(1)
+    sink = sinks[0]
+    assert sink.send(b"last")
+    sink.close(CloseCode.RESYNC, "resync")
+    assert not sink.send(b"after the close")
+    await sink.stop()
+    assert sink._transport.writes == [b"\x81\x04last", b"CLOSE"]
+    assert sink._ws.closed_with == (CloseCode.RESYNC, b"resync")
+
+
+@pytest.mark.raw_frames
+async def test_frames_waiting_for_the_flush_count_against_the_slow_client_bound() -> None:
+    sinks, _ = _sinks(1, buffered=900, max_buffer=1000)
+    sink = sinks[0]
+    assert sink.send(b"x" * 60)  # 900 buffered + 60 waiting
+    assert not sink.send(b"y" * 60)  # 900 + 60 + 60 > 1000: the session closes it (4002)
+    await asyncio.sleep(0)
+    assert sink._transport.writes == [b"\x81\x3c" + b"x" * 60]
+
+
+@pytest.mark.raw_frames
+async def test_a_transport_that_closed_before_the_flush_gets_no_write() -> None:
+    sinks, _ = _sinks(1)
+    sink = sinks[0]
+    assert sink.send(b"x")
+    sink._transport.closing = True
+    await asyncio.sleep(0)
+    assert sink._transport.writes == []

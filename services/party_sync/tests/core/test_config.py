@@ -152,3 +152,28 @@ def test_every_setting_has_a_flag_an_env_var_and_help() -> None:
     assert ("--jwt-previous-secret", "PARTY_SYNC_JWT_PREVIOUS_SECRET") in {
         (flag, env_var) for flag, env_var, _, _ in rows
     }
+
+
+def test_the_event_loop_setting_picks_uvloop_or_the_stock_loop() -> None:
+    import asyncio
+    import sys
+
+    import uvloop
+    from party_sync.server import event_loop_factory
+
+    assert load(None, env={}).event_loop == "auto"
+    assert load(parse_flags("--event-loop", "asyncio"), env={}).event_loop == "asyncio"
+    with pytest.raises(ConfigError, match="event_loop"):
+        load(None, env={"PARTY_SYNC_EVENT_LOOP": "tokio"})
+    assert event_loop_factory("auto") is uvloop.new_event_loop
+    assert event_loop_factory("uvloop") is uvloop.new_event_loop
+    assert event_loop_factory("asyncio") is asyncio.new_event_loop
+    modules = dict(sys.modules)
+    try:
+        sys.modules["uvloop"] = None  # type: ignore[assignment]  # as if it were not installed
+        assert event_loop_factory("auto") is asyncio.new_event_loop
+        with pytest.raises(ConfigError, match="not installed"):
+            event_loop_factory("uvloop")
+    finally:
+        sys.modules.clear()
+        sys.modules.update(modules)

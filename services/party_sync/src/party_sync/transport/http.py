@@ -13,8 +13,8 @@ from party_sync.directory import Directory, MemoryDirectory
 from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError
 from party_sync.transport import api, demo, members, openapi, telegram
-from party_sync.transport.appkeys import GATEWAY, VERIFIER
-from party_sync.transport.sink import WebSocketSink
+from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
+from party_sync.transport.sink import FrameBatcher, WebSocketSink
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     transport = request.transport
     if transport is None:  # the client went away during the handshake
         return ws
-    sink = WebSocketSink(ws, transport, settings.send_buffer_bytes)
+    sink = WebSocketSink(ws, transport, settings.send_buffer_bytes, request.app[BATCHER])
     session = await gateway.open(claims, sink, _resume_point(request))
     try:
         async for msg in ws:
@@ -113,6 +113,7 @@ def build_app(
     app = web.Application()
     app[GATEWAY] = gateway
     app[VERIFIER] = verifier
+    app[BATCHER] = FrameBatcher()  # one flush per loop tick for all connections
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
