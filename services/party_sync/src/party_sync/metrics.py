@@ -2,9 +2,39 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+class TypeCounter(Collector):
+    """A counter by message ``type`` kept as plain integers, turned into metrics at scrape time.
+
+    It is bumped for every message in and every event out, where a ``prometheus_client``
+    counter child costs a lock and a float box per call (~0.8 µs, measured in bench/hotpath.py);
+    a dict increment costs a tenth of that. The exposition is the same counter family.
+    """
+
+    def __init__(self, name: str, documentation: str, registry: CollectorRegistry) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.counts: dict[str, int] = {}
+        registry.register(self)
+
+    def inc(self, type_: str, amount: int = 1) -> None:
+        counts = self.counts
+        counts[type_] = counts.get(type_, 0) + amount
+
+    def value(self, type_: str) -> int:
+        return self.counts.get(type_, 0)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self.name, self.documentation, labels=["type"])
+        for type_, count in sorted(self.counts.items()):
+            family.add_metric([type_], float(count))
+        yield family
 
 
 class Metrics:
@@ -17,17 +47,13 @@ class Metrics:
         self.parties = Gauge(
             "party_sync_parties", "Parties with connections on this node", registry=r
         )
-        self.messages_in = Counter(
-            "party_sync_messages_in_total",
-            "Client messages received, by type",
-            ["type"],
-            registry=r,
+        self.messages_in = TypeCounter(
+            "party_sync_messages_in_total", "Client messages received, by type", r
         )
-        self.messages_out = Counter(
+        self.messages_out = TypeCounter(
             "party_sync_messages_out_total",
             "Messages sent to clients (one per recipient), by type",
-            ["type"],
-            registry=r,
+            r,
         )
         self.errors = Counter(
             "party_sync_errors_total", "system.error sent, by code", ["code"], registry=r
@@ -85,22 +111,13 @@ class Metrics:
         self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
         self.info.labels(node).set(1)
 
-        self._in: dict[str, Any] = {}
-        self._out: dict[str, Any] = {}
-
     def received(self, type_: str) -> None:
-        """One client message of ``type_`` (label children cached: this is per message)."""
-        child = self._in.get(type_)
-        if child is None:
-            child = self._in[type_] = self.messages_in.labels(type_)
-        child.inc()
+        """One client message of ``type_`` (per message: a dict increment)."""
+        self.messages_in.inc(type_)
 
     def sent(self, type_: str, recipients: int = 1) -> None:
         """A message of ``type_`` sent to ``recipients`` connections (counted once per event)."""
-        child = self._out.get(type_)
-        if child is None:
-            child = self._out[type_] = self.messages_out.labels(type_)
-        child.inc(recipients)
+        self.messages_out.inc(type_, recipients)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

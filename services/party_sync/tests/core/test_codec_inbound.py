@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -125,6 +125,33 @@ def test_rfc3339_matches_the_schema_and_denotes_ts_to_the_millisecond(ts: float)
     assert len(text) == len("2026-11-25T21:04:05.123Z")
     back = datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
     assert back - 1e-5 <= ts < back + 0.001 + 1e-5
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.one_of(
+        st.floats(min_value=0.0, max_value=4_102_444_799.0),
+        # the edges of a second and of a millisecond, where rounding decides
+        st.integers(0, 4_102_444_799).flatmap(
+            lambda s: st.sampled_from([s + 0.9995, s + 0.9999995, s + 0.0004995, s + 1e-7])
+        ),
+    )
+)
+def test_rfc3339_is_exactly_what_datetime_formats(ts: float) -> None:
+    # the per-second cache must never change a timestamp: compare with the standard library
+    expected = datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    assert codec.rfc3339(ts) == expected
+    assert codec.rfc3339(ts) == expected  # from the cache this time
+
+
+def test_rfc3339_of_increasing_times_in_one_second_and_across_it() -> None:
+    base = 1795640645.0
+    texts = [codec.rfc3339(base + i / 8) for i in range(17)]
+    assert texts[0] == "2026-11-25T21:04:05.000Z"
+    assert texts[7] == "2026-11-25T21:04:05.875Z"
+    assert texts[8] == "2026-11-25T21:04:06.000Z"
+    assert texts[16] == "2026-11-25T21:04:07.000Z"
+    assert texts == sorted(texts)
 
 
 def test_trace_ids_are_32_lowercase_hex_and_fresh() -> None:

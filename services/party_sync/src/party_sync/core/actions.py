@@ -46,6 +46,10 @@ class Verdict:
     blocking_action_id: str | None = None  # the action in flight when BUSY
 
 
+_ACCEPTED: Final = Verdict(Decision.ACCEPT)  # the verdicts without data, made once
+_IN_FLIGHT: Final = Verdict(Decision.IN_FLIGHT)
+
+
 class ActionLedger:
     """Per-party records ``action_id → in flight | result`` and per-character locks."""
 
@@ -62,13 +66,13 @@ class ActionLedger:
         if record is not None:
             if record[_RESULT] is not None:
                 return Verdict(Decision.DONE, result=record[_RESULT])
-            return Verdict(Decision.IN_FLIGHT)
+            return _IN_FLIGHT
         lock = self._locks.get(character_id)
         if lock is not None and lock[1] > now:
             return Verdict(Decision.BUSY, blocking_action_id=lock[0])
         self._records[action_id] = (character_id, now, now + self.record_ttl, None)
         self._locks[character_id] = (action_id, now + self.action_timeout)
-        return Verdict(Decision.ACCEPT)
+        return _ACCEPTED
 
     def complete(self, action_id: str, character_id: str, result: bytes, now: float) -> None:
         """The engine's ``action.result`` was published: keep it for repeats, free the character."""

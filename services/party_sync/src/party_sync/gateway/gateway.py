@@ -3,8 +3,9 @@
 It authenticates nothing itself (the transport passes verified claims in), keeps no party state
 of its own (the backend does), and decides nothing about the game (the engine does). What it does:
 bind a connection to its claims, check each client message (``protocol.inbound``), apply the
-idempotency verdicts, arm the timers the core asks for (presence grace, action timeout, token
-expiry), and fan events out through one ``PartyHub`` per party.
+idempotency verdicts, arm the timers the core asks for (presence grace, token expiry, vote
+deadlines; action timeouts by one periodic sweep), and fan events out through one ``PartyHub``
+per party.
 """
 
 from __future__ import annotations
@@ -69,7 +70,9 @@ class Gateway:
         self.sessions: set[Session] = set()
         self._hubs: dict[str, PartyHub] = {}
         self._hub_ready: dict[str, asyncio.Future[PartyHub]] = {}
-        self._pending: dict[tuple[str, str], tuple[asyncio.TimerHandle, Session, float]] = {}
+        # (party_id, action_id) → (session, accepted at, action), in the order accepted: the
+        # timeout sweep stops at the first action that is not yet due.
+        self._pending: dict[tuple[str, str], tuple[Session, float, ActionRequest]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}  # session id → token expiry
         self._vote_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -87,6 +90,7 @@ class Gateway:
         await self.backend.start()
         await self.link.start(self.publisher)
         self._spawn(self._presence_loop())
+        self._spawn(self._timeout_loop())
 
     async def drain(self) -> None:
         """Stop taking part: tell every client to reconnect (1001) and wait for them to go."""
@@ -103,8 +107,7 @@ class Gateway:
     async def stop(self) -> None:
         """Release timers, background tasks, the engine link and the backend."""
         self.stopping = True
-        for handle, _, _ in self._pending.values():
-            handle.cancel()
+        self._pending.clear()
         for handle in [*self._timers.values(), *self._vote_timers.values()]:
             handle.cancel()
         for task in list(self._tasks):
@@ -285,6 +288,29 @@ class Gateway:
             except BackendUnavailable:
                 log.warning("presence refresh skipped: backend unavailable")
 
+    async def _timeout_loop(self) -> None:
+        """Time out the actions in flight for longer than ``action_timeout``.
+
+        One sweep every ``action_timeout / 4`` (at most 0.5 s) instead of a timer per action: an
+        accepted action costs a dict entry, not a heap entry plus a cancel, and a timeout is
+        reported at most that much late.
+        """
+        interval = min(0.5, max(0.01, self.settings.action_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            self._sweep_timeouts(self.clock())
+
+    def _sweep_timeouts(self, now: float) -> None:
+        cutoff = now - self.settings.action_timeout
+        due: list[tuple[str, str]] = []
+        for key, (_, accepted, _) in self._pending.items():
+            if accepted > cutoff:
+                break
+            due.append(key)
+        for key in due:
+            session, _, action = self._pending.pop(key)
+            self._spawn(self._time_out(action, session))
+
     # -- inbound --------------------------------------------------------------------------------
     async def receive(self, session: Session, data: bytes | str) -> None:
         """Handle one client message. Never raises: every refusal becomes a ``system.error``."""
@@ -377,11 +403,7 @@ class Gateway:
             trace_id=message.trace_id,
             envelope=envelope,
         )
-        key = (session.party_id, action_id)
-        handle = asyncio.get_running_loop().call_later(
-            self.settings.action_timeout, self._later, self._time_out, action, session
-        )
-        self._pending[key] = (handle, session, now)
+        self._pending[(session.party_id, action_id)] = (session, now, action)
         log.debug(
             "action accepted",
             extra={
@@ -399,7 +421,6 @@ class Gateway:
             )
 
     async def _time_out(self, action: ActionRequest, session: Session) -> None:
-        self._pending.pop((action.party_id, action.action_id), None)
         if await self.backend.time_out_action(action.party_id, action.action_id, self.clock()):
             self.metrics.errors.labels(ErrorCode.ACTION_TIMEOUT.value).inc()
             session.send(self._action_error(action, ErrorCode.ACTION_TIMEOUT, "no result in time"))
@@ -419,9 +440,7 @@ class Gateway:
 
     async def fail_action(self, action: ActionRequest, code: ErrorCode, text: str) -> None:
         """An action ended without a result: free it, tell its character (on whichever node)."""
-        pending = self._pending.pop((action.party_id, action.action_id), None)
-        if pending is not None:
-            pending[0].cancel()
+        self._pending.pop((action.party_id, action.action_id), None)
         self.metrics.errors.labels(code.value).inc()
         await self.publisher.fail(action, code, text)
 
@@ -433,8 +452,7 @@ class Gateway:
         if event.type == t.ACTION_RESULT:
             pending = self._pending.pop((event.party_id, event.payload["action_id"]), None)
             if pending is not None:
-                pending[0].cancel()
-                self.metrics.engine_latency.observe(max(0.0, self.clock() - pending[2]))
+                self.metrics.engine_latency.observe(max(0.0, self.clock() - pending[1]))
         elif event.type == t.VOTE_STARTED:
             self._arm_vote_deadline(event)
         elif event.type == t.VOTE_FINISHED:

@@ -7,8 +7,9 @@ costs one ``orjson.dumps`` however many members receive it, and the Redis Lua sc
 
 from __future__ import annotations
 
+import math
 import secrets
-from datetime import UTC, datetime
+import time
 from typing import Any
 
 import orjson
@@ -37,9 +38,30 @@ def has_seq_prefix(data: bytes) -> bool:
     return data.startswith(_SEQ_PREFIX)
 
 
+_second: list[Any] = [None, ""]  # the last whole second formatted, and its text
+
+
 def rfc3339(ts: float) -> str:
-    """Unix seconds as RFC 3339 UTC with milliseconds, e.g. ``2026-11-25T21:04:05.123Z``."""
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    """Unix seconds as RFC 3339 UTC with milliseconds, e.g. ``2026-11-25T21:04:05.123Z``.
+
+    Exactly what ``datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")`` gives
+    (the fraction rounded half-even to microseconds, then truncated to milliseconds, as CPython
+    does), at about a third of its cost: the text of the current second is kept, and only the
+    milliseconds are formatted per call. Every envelope carries a timestamp, so this is per event.
+    """
+    fraction, whole = math.modf(ts)
+    micros = round(fraction * 1e6)
+    if micros >= 1_000_000:
+        whole += 1.0
+        micros -= 1_000_000
+    elif micros < 0:  # before 1970
+        whole -= 1.0
+        micros += 1_000_000
+    cached = _second
+    if cached[0] != whole:
+        cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        cached[0] = whole
+    return f"{cached[1]}.{micros // 1000:03d}Z"
 
 
 def new_trace_id() -> str:
