@@ -234,3 +234,45 @@ async def test_a_node_dying_in_the_grace_period_still_gets_its_player_out(
         (leave,) = await b2.expire(now + 3.5)
         assert leave.payload == {"character_id": "aria", "reason": "expired"}
         assert await b1.settle(aria, now + 4, "t" * 32) is None  # exactly once
+
+
+async def test_party_keys_always_expire_and_meta_expires_first(redis: RedisServer) -> None:
+    from party_sync.backends.keys import PARTY_KEYS
+
+    r = Redis.from_url(redis.url)
+    async with backend(redis.url) as b:
+        ttl_ms, slack_ms = int(b.settings.idle_party_ttl * 1000), 60_000
+        keys = dict(zip(PARTY_KEYS, b.keys.party_keys("ttl"), strict=True))
+        now = time.time()
+        await b.connect(Binding("ttl", "r", "aria", "Aria"), "c1", now, "t" * 32)
+        await b.publish("ttl", scene(1), now)
+
+        async def ttls() -> dict[str, int]:
+            found = {name: await r.pttl(key) for name, key in keys.items()}
+            return {name: ms for name, ms in found.items() if ms != -2}  # -2: no such key
+
+        # Between full refreshes (meta recent), an event refreshes the keys it writes and not
+        # meta; a key it re-created gets an expiry too.
+        await r.pexpire(keys["meta"], ttl_ms - slack_ms // 2)
+        await r.delete(keys["state"])
+        await b.publish("ttl", scene(2), now)
+        found = await ttls()
+        assert {"meta", "history", "state", "members", "names", "online"} <= set(found)
+        assert all(ms > 0 for ms in found.values()), found  # nothing without an expiry
+        assert found["meta"] <= ttl_ms - slack_ms // 2  # not refreshed
+        assert found["meta"] == min(found.values())  # so it expires first
+        assert found["state"] > ttl_ms - 5_000
+
+        # meta run down by more than the slack: the next event refreshes every key.
+        await r.pexpire(keys["meta"], ttl_ms - 2 * slack_ms)
+        await r.pexpire(keys["members"], ttl_ms - 2 * slack_ms)
+        await b.publish("ttl", scene(3), now)
+        found = await ttls()
+        assert all(ms > ttl_ms - 5_000 for ms in found.values()), found
+
+        # meta gone (expired first): the party starts a new history, nothing stale survives.
+        epoch = (await b.snapshot("ttl")).epoch
+        await r.delete(keys["meta"])
+        snapshot = await b.snapshot("ttl")
+        assert snapshot.epoch != epoch and snapshot.members == [] and snapshot.scene is None
+    await r.aclose()

@@ -110,6 +110,7 @@ class RedisBackend:
                 settings.presence_ttl,
                 settings.action_timeout,
             ),
+            timeout=options.command_timeout,
         )
         self.bus = Bus(
             self.client.connection_pool,

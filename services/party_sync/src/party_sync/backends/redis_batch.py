@@ -1,34 +1,50 @@
-"""One Redis round trip for all the script calls a node makes in one event-loop tick.
+"""One Redis connection, one write per batch: the script calls of a node, pipelined.
 
 A gateway under load issues many independent scripts at once (each connection's begin_action,
 each engine's publish); awaiting each alone costs a round trip and redis-py's per-command overhead
-apiece (anchors: ~10k publishes/s one at a time, ~85k/s in pipelined batches). Calls queued in
-the same tick go out as one non-transactional pipeline. Redis still runs every script atomically
-and in the order queued, so ordering and atomicity per call are unchanged; only the round trips
-are shared. A lone call is sent directly, so an idle node adds no latency.
+apiece (anchors: ~10k publishes/s one at a time, ~85k/s in pipelined batches). Here every script
+call of a node goes through one dedicated connection: the calls queued while the previous batch
+is on the wire (and, at the least, those of one event-loop tick) leave as one write, and their
+replies are read in order. Redis still runs every script atomically and in the order queued, so
+ordering and atomicity per call are unchanged (the order is now FIFO across ticks too); only the
+round trips are shared. Under load batches grow by themselves (Nagle-like, with no timer); an
+idle node sends a lone call at once.
+
+What is written by hand, and why: the batch is packed with hiredis's C ``pack_command`` and sent
+with redis-py's ``Connection.send_packed_command`` / ``read_response`` (which keep connecting,
+AUTH, SELECT, TLS and the hiredis reply parser), bypassing redis-py's ``Pipeline``: that object,
+the pool checkout, the pure-Python packer and a ``wait_for`` task per socket operation cost more
+than Redis's own work per script (measured in docs/benchmarks.md). The batch is bounded by one
+``asyncio.timeout``; a batch that fails or times out drops the connection (its replies can no
+longer be matched) and fails its calls, and the next batch reconnects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
+from hiredis import pack_command
 from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, ResponseError
 
 _Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
-    def __init__(self, client: Redis, max_batch: int = 256) -> None:
+    def __init__(self, client: Redis, max_batch: int = 256, timeout: float = 5.0) -> None:
         self._client = client
         self._max_batch = max_batch
+        self._timeout = timeout
         self._queue: list[_Call] = []
-        self._scheduled = False
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.batches = 0  # observability and tests: pipelines sent
+        self._pump: asyncio.Task[None] | None = None
+        self._conn: AbstractConnection | None = None
+        self._closed = False
+        self.batches = 0  # observability and tests: batches sent
         self.calls = 0
 
     def run(
@@ -36,46 +52,69 @@ class ScriptBatcher:
     ) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
+        if self._closed:
+            future.set_exception(ConnectionError("the script batcher is closed"))
+            return future
         self._queue.append((script, keys, args, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush_now)
+        if self._pump is None:  # starts next tick: this tick's calls go together
+            self._pump = loop.create_task(self._drain())
         return future
 
-    def _flush_now(self) -> None:
-        self._scheduled = False
-        queue, self._queue = self._queue, []
-        for start in range(0, len(queue), self._max_batch):
-            task = asyncio.get_running_loop().create_task(
-                self._send(queue[start : start + self._max_batch])
-            )
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                batch = self._queue[: self._max_batch]
+                del self._queue[: self._max_batch]
+                await self._send(batch)
+        finally:
+            self._pump = None
+
+    def _connection(self) -> AbstractConnection:
+        if self._conn is None:
+            conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+            conn.socket_timeout = None  # the batch has one deadline (asyncio.timeout) instead
+            self._conn = conn
+        return self._conn
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect(nowait=True)
 
     async def _send(self, batch: list[_Call]) -> None:
         self.batches += 1
         self.calls += len(batch)
-        if len(batch) == 1:
-            await self._direct(batch[0])
-            return
-        pipe = self._client.pipeline(transaction=False)
-        for script, keys, args, _ in batch:
-            pipe.evalsha(script.sha, len(keys), *keys, *args)  # loaded at start (Scripts.load)
+        packed = b"".join(
+            [
+                pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+                for script, keys, args, _ in batch
+            ]
+        )
+        replies: list[Any] = []
         try:
-            results = await pipe.execute(raise_on_error=False)
-        except BaseException as exc:  # the connection failed: every call in it failed
+            async with asyncio.timeout(self._timeout):
+                conn = self._connection()
+                await conn.send_packed_command(packed, check_health=False)
+                for _ in batch:
+                    try:
+                        replies.append(await conn.read_response())
+                    except ResponseError as exc:  # an error reply: the stream is still in step
+                        replies.append(exc)
+        except BaseException as exc:  # the connection failed or timed out: every call failed
+            await self._drop()
             for *_, future in batch:
                 _fail(future, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise
             return
-        for call, result in zip(batch, results, strict=True):
-            if isinstance(result, NoScriptError):  # Redis lost its scripts (restart, flush)
+        for call, reply in zip(batch, replies, strict=True):
+            if isinstance(reply, NoScriptError):  # Redis lost its scripts (restart, flush)
                 await self._direct(call)
-            elif isinstance(result, BaseException):
-                _fail(call[3], result)
+            elif isinstance(reply, BaseException):
+                _fail(call[3], reply)
             elif not call[3].done():
-                call[3].set_result(result)
+                call[3].set_result(reply)
 
     async def _direct(self, call: _Call) -> None:
         script, keys, args, future = call
@@ -90,9 +129,15 @@ class ScriptBatcher:
             future.set_result(result)
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._closed = True
+        pump = self._pump
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
+        queue, self._queue = self._queue, []
+        for *_, future in queue:
+            _fail(future, ConnectionError("the script batcher is closed"))
+        await self._drop()
 
 
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:

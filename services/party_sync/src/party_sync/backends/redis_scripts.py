@@ -84,7 +84,9 @@ class Limits:
 class Scripts:
     """The registered scripts plus the KEYS and ARGV conventions of ``_lib.lua``."""
 
-    def __init__(self, client: Redis, keys: KeySpace, limits: Limits) -> None:
+    def __init__(
+        self, client: Redis, keys: KeySpace, limits: Limits, *, timeout: float = 5.0
+    ) -> None:
         self.keys = keys
         self.limits = limits
         lib = _source("_lib")
@@ -93,7 +95,7 @@ class Scripts:
         }
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
-        self.batcher = ScriptBatcher(client)
+        self.batcher = ScriptBatcher(client, timeout=timeout)
 
     def __getitem__(self, name: str) -> AsyncScript:
         return self._party[name]

@@ -18,10 +18,29 @@ local function fmt_time(t)
   return string.format('%.6f', t)
 end
 
--- Every party key but the action records lives party_ttl after the last activity.
+-- Every party key but the action records lives party_ttl after the last activity (give or take
+-- TOUCH_SLACK, below). touch() refreshes all eleven.
 local function touch()
   for i = 1, 11 do
     redis.call('PEXPIRE', KEYS[i], PARTY_TTL_MS)
+  end
+end
+
+-- Refreshing all eleven on every event was half of an action's Redis commands (docs/benchmarks.md),
+-- so an event does the full touch() only once META's expiry has run down by TOUCH_SLACK, i.e. at
+-- most once per TOUCH_SLACK of activity, and otherwise refreshes just the keys it wrote (a key it
+-- re-created has no expiry yet). META is refreshed only by the full touch, so it is always the
+-- first key of the party to expire, and a party without META starts a new history
+-- (ensure_epoch deletes the stale keys): the state expires together, between party_ttl minus
+-- TOUCH_SLACK and party_ttl after the last activity.
+local TOUCH_SLACK_MS = math.min(60000, math.floor(PARTY_TTL_MS / 10))
+local function touch_written(written)
+  if redis.call('PTTL', K_META) < PARTY_TTL_MS - TOUCH_SLACK_MS then  -- also: no expiry (-1)
+    touch()
+    return
+  end
+  for _, key in ipairs(written) do
+    redis.call('PEXPIRE', key, PARTY_TTL_MS)
   end
 end
 
@@ -122,6 +141,19 @@ local function fold(seq, kind, f)
   end
 end
 
+-- The keys an event of this kind writes: the history, and what fold() (or, for votes, the
+-- transaction of redis_votes.py around it) writes.
+local function written_by(kind)
+  if kind == 'party.join' or kind == 'party.leave' then
+    return {K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE}
+  elseif kind == 'scene.update' or kind == 'combat.update' or kind == 'party.state' then
+    return {K_HISTORY, K_STATE}
+  elseif kind == 'vote.started' or kind == 'vote.update' or kind == 'vote.finished' then
+    return {K_HISTORY, K_STATE, K_VOTE, K_BALLOTS}
+  end
+  return {K_HISTORY}
+end
+
 -- Sequence one event: next seq, splice it into the body (as codec.with_seq does), fold it,
 -- append it to the bounded history and publish it, all in this one atomic step, so pub/sub order
 -- is seq order and history never lacks a published event. Returns seq, data.
@@ -131,7 +163,7 @@ local function append(epoch, body, kind, f)
   fold(seq, kind, f)
   redis.call('RPUSH', K_HISTORY, data)
   redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
-  touch()
+  touch_written(written_by(kind))
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
   return seq, data
 end
