@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+
+class ReadCounter(Collector):
+    """A counter whose value is read from elsewhere at scrape time (an adapter's own integer)."""
+
+    def __init__(
+        self, name: str, documentation: str, read: Callable[[], int], registry: CollectorRegistry
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.read = read
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self.name, self.documentation, value=float(self.read()))
 
 
 class TypeCounter(Collector):

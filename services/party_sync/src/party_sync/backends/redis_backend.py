@@ -44,7 +44,7 @@ from party_sync.core.actions import Decision, Verdict
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.votes import CastRefusal, VoteSpec
-from party_sync.metrics import Metrics
+from party_sync.metrics import Metrics, ReadCounter
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable
@@ -123,6 +123,20 @@ class RedisBackend:
             count_reconnect=self._count_reconnect,
             observe_lag=self._observe_lag,
         )
+        if metrics is not None:
+            batcher = self.scripts.batcher
+            ReadCounter(
+                "party_sync_redis_script_batches_total",
+                "Writes of pipelined script calls to Redis (calls / batches = calls per write)",
+                lambda: batcher.batches,
+                metrics.registry,
+            )
+            ReadCounter(
+                "party_sync_redis_script_calls_total",
+                "Lua script calls sent to Redis",
+                lambda: batcher.calls,
+                metrics.registry,
+            )
         self._streams: dict[str, PartyStream] = {}
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._runs: dict[str, tuple[Handler, list[Callable[[bytes], None]]]] = {}

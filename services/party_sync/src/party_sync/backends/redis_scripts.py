@@ -13,6 +13,7 @@ becomes ``BackendUnavailable`` (style: "foreign exceptions are mapped at the edg
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -96,6 +97,11 @@ class Scripts:
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
         self.batcher = ScriptBatcher(client, timeout=timeout)
+        # Per call: the party's eleven key names and its channel (cached, bounded), and an epoch
+        # candidate unique to this process (random per process, then counted).
+        self._party_names: dict[str, tuple[tuple[str, ...], str]] = {}
+        self._epoch_base = "ep-" + secrets.token_hex(6)
+        self._epochs = itertools.count()
 
     def __getitem__(self, name: str) -> AsyncScript:
         return self._party[name]
@@ -106,8 +112,17 @@ class Scripts:
             for script in (*self._party.values(), self.index_forget):
                 script.sha = await self._client.script_load(script.script)
 
+    def _names(self, party_id: str) -> tuple[tuple[str, ...], str]:
+        names = self._party_names.get(party_id)
+        if names is None:
+            if len(self._party_names) >= 10_000:
+                self._party_names.clear()
+            names = (tuple(self.keys.party_keys(party_id)), party_channel(party_id))
+            self._party_names[party_id] = names
+        return names
+
     def party_keys(self, party_id: str, action_id: str | None = None) -> list[str]:
-        keys = self.keys.party_keys(party_id)
+        keys = list(self._names(party_id)[0])
         if action_id is not None:
             keys.append(self.keys.action(party_id, action_id))
         return keys
@@ -116,8 +131,8 @@ class Scripts:
         """ARGV[1..6]: epoch candidate, channel, party_ttl ms, history size, now, record ttl ms."""
         lim = self.limits
         return [
-            "ep-" + secrets.token_hex(8),
-            party_channel(party_id),
+            f"{self._epoch_base}{next(self._epochs):x}",
+            self._names(party_id)[1],
             int(lim.party_ttl * 1000),
             lim.history_size,
             f"{now:.6f}",

@@ -141,17 +141,19 @@ local function fold(seq, kind, f)
   end
 end
 
--- The keys an event of this kind writes: the history, and what fold() (or, for votes, the
--- transaction of redis_votes.py around it) writes.
+-- The keys an event of this kind may have (re-)created: what fold() (or, for votes, the
+-- transaction of redis_votes.py around it) writes. Not the history: it is created only with a
+-- new META (ensure_epoch), which makes that event do the full touch, and never emptied after.
+local NOTHING = {}
 local function written_by(kind)
   if kind == 'party.join' or kind == 'party.leave' then
-    return {K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE}
+    return {K_MEMBERS, K_NAMES, K_ONLINE}
   elseif kind == 'scene.update' or kind == 'combat.update' or kind == 'party.state' then
-    return {K_HISTORY, K_STATE}
+    return {K_STATE}
   elseif kind == 'vote.started' or kind == 'vote.update' or kind == 'vote.finished' then
-    return {K_HISTORY, K_STATE, K_VOTE, K_BALLOTS}
+    return {K_STATE, K_VOTE, K_BALLOTS}
   end
-  return {K_HISTORY}
+  return NOTHING
 end
 
 -- Sequence one event: next seq, splice it into the body (as codec.with_seq does), fold it,
@@ -161,8 +163,9 @@ local function append(epoch, body, kind, f)
   local seq = redis.call('HINCRBY', K_META, 'seq', 1)
   local data = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
   fold(seq, kind, f)
-  redis.call('RPUSH', K_HISTORY, data)
-  redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
+  if redis.call('RPUSH', K_HISTORY, data) > HISTORY_SIZE then
+    redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
+  end
   touch_written(written_by(kind))
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
   return seq, data

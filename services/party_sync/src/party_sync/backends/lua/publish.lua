@@ -3,10 +3,11 @@
 -- KEYS[12]: the action record, for an action.result (completed in the same atomic step).
 -- Returns {seq, epoch}, or {0, '', the earlier data} for a second result of one action.
 local body, kind = ARGV[7], ARGV[8]
+local record = nil  -- the action record's {character, result}, for an action.result
 if kind == 'action.result' then
-  local earlier = redis.call('HGET', K_ACTION, 'r')
-  if earlier then  -- idempotent: a redelivered action's result is not sequenced nor sent again
-    return {0, '', earlier}
+  record = redis.call('HMGET', K_ACTION, 'c', 'r')
+  if record[2] then  -- idempotent: a redelivered action's result is not sequenced nor sent again
+    return {0, '', record[2]}
   end
 end
 local f = {}
@@ -17,14 +18,14 @@ local epoch = ensure_epoch()
 local seq, data = append(epoch, body, kind, f)
 if kind == 'action.result' then
   -- core/actions.py ActionLedger.complete: keep the result for repeats, free the character.
-  local record = K_ACTION
-  local character_id = redis.call('HGET', record, 'c')
-  if not character_id then
+  local character_id = record[1]
+  if character_id then
+    redis.call('HSET', K_ACTION, 'r', data)
+  else
     character_id = f[2]
-    redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW))
+    redis.call('HSET', K_ACTION, 'c', character_id, 's', fmt_time(NOW), 'r', data)
   end
-  redis.call('HSET', record, 'r', data)
-  redis.call('PEXPIRE', record, RECORD_TTL_MS)
+  redis.call('PEXPIRE', K_ACTION, RECORD_TTL_MS)
   release_lock(character_id, f[1])
 end
 return {seq, epoch}
