@@ -87,7 +87,7 @@ def all_systems(ps_command: str = PS_COMMAND, ps_env: dict[str, str] | None = No
         ),
         System(
             "floor-aiohttp-asyncio",
-            "floor: aiohttp (stock asyncio loop, as party_sync runs)",
+            "floor: aiohttp (stock asyncio loop; party_sync runs on uvloop)",
             "floor",
             "floor",
             "{python} -m bench.peers.floor_aiohttp --port {port} --loop asyncio",
