@@ -78,10 +78,11 @@ class Session:
         if self._buffer is not None:
             self._buffer.append(event)
             return False
-        verdict = self.tracker.observe(event.seq)
-        if verdict is Verdict.DELIVER:
+        tracker = self.tracker
+        if event.seq == tracker.last + 1:  # the common case, inline: SeqTracker.observe's DELIVER
+            tracker.last = event.seq
             return self.send(event.data)
-        if verdict is Verdict.GAP:
+        if tracker.observe(event.seq) is Verdict.GAP:  # else STALE: a duplicate, dropped
             # The backend repairs gaps before delivering; reaching here means it could not.
             self.close(CloseCode.RESYNC, "stream gap: resync")
         return False
