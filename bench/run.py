@@ -661,11 +661,14 @@ def _print_step(name: str, step: dict[str, Any]) -> None:
 
 
 # -- the run --------------------------------------------------------------------------------------
-FULL_LADDER = [
+FULL_LADDER = [  # finer below 15k, where the Redis systems and the peer find their limits
     1e3,
     2.5e3,
+    3.5e3,
     5e3,
+    7.5e3,
     1e4,
+    1.25e4,
     1.5e4,
     2e4,
     2.5e4,

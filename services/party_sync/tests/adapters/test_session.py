@@ -203,3 +203,17 @@ async def test_a_transport_that_closed_before_the_flush_gets_no_write() -> None:
     sink._transport.closing = True
     await asyncio.sleep(0)
     assert sink._transport.writes == []
+
+
+@pytest.mark.raw_frames
+async def test_one_failing_write_does_not_hold_back_the_other_connections() -> None:
+    sinks, _ = _sinks(2)
+
+    def broken(data: bytes) -> None:
+        raise RuntimeError("socket gone")
+
+    sinks[0]._transport.write = broken
+    assert sinks[0].send(b"a") and sinks[1].send(b"b")
+    await asyncio.sleep(0)
+    assert sinks[1]._transport.writes == [b"\x81\x01b"]
+    assert sinks[0].send(b"c")  # the failed one is not stuck either: a later tick flushes again

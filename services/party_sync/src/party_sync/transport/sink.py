@@ -61,7 +61,10 @@ class FrameBatcher:
     def flush(self) -> None:
         dirty, self._dirty = self._dirty, []
         for sink in dirty:
-            sink.flush()
+            try:
+                sink.flush()
+            except Exception:  # one broken connection must not keep the others' frames back
+                log.exception("websocket write failed")
 
 
 class WebSocketSink:
