@@ -400,6 +400,14 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
     add("")
     add("### Targets (issue 7)")
     add("")
+    if meta.get("mode") == "quick":
+        add(
+            f"_Quick mode: rate steps {', '.join(_k(r) for r in settings['ladder'])}, one sweep "
+            "each: a check that nothing broke, not a measurement of the limits (the Redis "
+            "systems and the peer find theirs between the full ladder's steps below 15k); the "
+            "full run (`make bench`) decides the targets._"
+        )
+        add("")
     add(render_targets(systems, summaries, floor, peer, results.get("resume")))
     add("")
     add(f"![p99 latency against offered load]({plot_name})")
