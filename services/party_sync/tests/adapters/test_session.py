@@ -189,10 +189,27 @@ async def test_a_close_flushes_the_waiting_frames_before_the_close_frame() -> No
 async def test_frames_waiting_for_the_flush_count_against_the_slow_client_bound() -> None:
     sinks, _ = _sinks(1, buffered=900, max_buffer=1000)
     sink = sinks[0]
-    assert sink.send(b"x" * 60)  # 900 buffered + 60 waiting
-    assert not sink.send(b"y" * 60)  # 900 + 60 + 60 > 1000: the session closes it (4002)
+    assert sink.send(b"x" * 60)  # 900 buffered, nothing waiting
+    assert sink.send(b"y" * 60)  # 900 + 60 waiting: still within the bound
+    assert not sink.send(b"z" * 60)  # 900 + 120 > 1000: the session closes it (4002)
     await asyncio.sleep(0)
-    assert sink._transport.writes == [b"\x81\x3c" + b"x" * 60]
+    assert sink._transport.writes == [b"\x81\x3c" + b"x" * 60 + b"\x81\x3c" + b"y" * 60]
+
+
+@pytest.mark.raw_frames
+async def test_a_burst_is_written_at_once_instead_of_held_to_the_end_of_the_tick() -> None:
+    from party_sync.transport.sink import EARLY_FLUSH_BYTES
+
+    sinks, _ = _sinks(1)
+    sink = sinks[0]
+    frame = b"r" * 1000
+    for _ in range(EARLY_FLUSH_BYTES // 1000 + 1):  # a resume replay, say
+        assert sink.send(frame)
+    assert len(sink._transport.writes) == 1  # written before the tick ended
+    assert sink.send(b"tail")
+    await asyncio.sleep(0)
+    assert sink._transport.writes[1] == b"\x81\x04tail"
+    assert b"".join(sink._transport.writes).count(frame) == EARLY_FLUSH_BYTES // 1000 + 1
 
 
 @pytest.mark.raw_frames

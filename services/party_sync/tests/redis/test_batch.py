@@ -54,3 +54,54 @@ async def test_scripts_lost_by_redis_are_reloaded(redis_server: RedisServer) -> 
         await batcher.close()
     finally:
         await client.aclose()
+
+
+async def test_a_connection_redis_closed_while_idle_is_replaced_before_the_next_batch(
+    redis_server: RedisServer,
+) -> None:
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.delete("batch:k")
+        incr = client.register_script(INCR)
+        incr.sha = await client.script_load(incr.script)
+        batcher = ScriptBatcher(client)
+        assert await batcher.run(incr, ["batch:k"], [1]) == 1
+        assert batcher._conn is not None
+        killed = await client.client_kill_filter(_id=str(await _batch_client_id(client)))
+        assert killed == 1
+        from ps_testkit.client import wait_until
+
+        conn = batcher._conn
+        await wait_until(lambda: conn._reader is not None and conn._reader.at_eof())
+        results = await asyncio.gather(*(batcher.run(incr, ["batch:k"], [1]) for _ in range(5)))
+        assert sorted(results) == [2, 3, 4, 5, 6]  # no call failed: a new connection was used
+        await batcher.close()
+    finally:
+        await client.aclose()
+
+
+async def _batch_client_id(client: Redis) -> int:
+    """The id of the batcher's connection: the one connection besides this test's own."""
+    mine = await client.client_id()
+    others = [c for c in await client.client_list() if int(c["id"]) != mine]
+    assert len(others) == 1, others
+    return int(others[0]["id"])
+
+
+async def test_when_a_batch_times_out_the_calls_queued_behind_it_fail_with_it(
+    redis_server: RedisServer,
+) -> None:
+    client = Redis.from_url(redis_server.url)
+    try:
+        incr = client.register_script(INCR)
+        incr.sha = await client.script_load(incr.script)
+        batcher = ScriptBatcher(client, max_batch=4, timeout=0.3)
+        await client.client_pause(2000, all=True)
+        calls = [batcher.run(incr, ["batch:p"], [1]) for _ in range(16)]  # four batches' worth
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, TimeoutError) for r in results), results
+        assert batcher.batches == 1  # one timeout for all, not one per batch of four in turn
+        await batcher.close()
+    finally:
+        await client.client_unpause()
+        await client.aclose()

@@ -16,7 +16,9 @@ AUTH, SELECT, TLS and the hiredis reply parser), bypassing redis-py's ``Pipeline
 the pool checkout, the pure-Python packer and a ``wait_for`` task per socket operation cost more
 than Redis's own work per script (measured in docs/benchmarks.md). The batch is bounded by one
 ``asyncio.timeout``; a batch that fails or times out drops the connection (its replies can no
-longer be matched) and fails its calls, and the next batch reconnects.
+longer be matched) and fails its calls and the calls queued behind it, and the next call
+reconnects. An idle connection that Redis closed is noticed (EOF in its buffer) and replaced
+before a batch is sent on it.
 """
 
 from __future__ import annotations
@@ -69,12 +71,24 @@ class ScriptBatcher:
         finally:
             self._pump = None
 
-    def _connection(self) -> AbstractConnection:
-        if self._conn is None:
+    async def _connection(self) -> AbstractConnection:
+        conn = self._conn
+        if conn is not None and conn.is_connected:
+            # As redis-py's pool does on every checkout: a connection that Redis closed while
+            # it was idle (a restart, a CLIENT KILL, an idle timeout) shows EOF or stray data
+            # in its buffer; replace it before sending, rather than fail the batch (no I/O).
+            try:
+                stale = await conn.can_read_destructive()
+            except Exception:
+                stale = True
+            if stale:
+                await self._drop()
+                conn = None
+        if conn is None:
             conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
             conn.socket_timeout = None  # the batch has one deadline (asyncio.timeout) instead
             self._conn = conn
-        return self._conn
+        return conn
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -94,7 +108,7 @@ class ScriptBatcher:
         replies: list[Any] = []
         try:
             async with asyncio.timeout(self._timeout):
-                conn = self._connection()
+                conn = await self._connection()
                 await conn.send_packed_command(packed, check_health=False)
                 for _ in batch:
                     try:
@@ -103,7 +117,11 @@ class ScriptBatcher:
                         replies.append(exc)
         except BaseException as exc:  # the connection failed or timed out: every call failed
             await self._drop()
-            for *_, future in batch:
+            # And so does every call queued behind it: they would each wait for a batch of their
+            # own to fail in turn (k batches: k timeouts). They are retryable for their callers,
+            # and the next call connects afresh.
+            queued, self._queue = self._queue, []
+            for *_, future in (*batch, *queued):
                 _fail(future, exc)
             if isinstance(exc, asyncio.CancelledError):
                 raise

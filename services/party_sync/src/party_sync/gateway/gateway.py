@@ -419,7 +419,9 @@ class Gateway:
             trace_id=message.trace_id,
             envelope=envelope,
         )
-        self._pending[(session.party_id, action_id)] = (session, now, action)
+        key = (session.party_id, action_id)
+        self._pending.pop(key, None)  # re-inserted at the end: the dict stays in accept order
+        self._pending[key] = (session, now, action)
         log.debug(
             "action accepted",
             extra={

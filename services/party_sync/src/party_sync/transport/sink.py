@@ -14,12 +14,12 @@ This is the one piece of the WebSocket protocol written by hand (RFC 6455 §5.2:
 is FIN + opcode, the payload length, the payload; never masked, never compressed here), because
 going through aiohttp's per-message coroutine costs a task switch per recipient.
 
-The bound on a slow client is the transport's write buffer plus what waits for this tick's flush:
-when more than ``max_buffer`` bytes are waiting for a client that does not read, it is closed
-with 4002 (it will reconnect and resume) instead of growing the server's memory. Control frames
-(ping, pong, close) stay with aiohttp, which writes them whole to the same transport; a close
-first flushes what is waiting, so the close frame is always the last frame, and frames never
-interleave.
+The bound on a slow client is the transport's write buffer plus what waits for this tick's flush
+(at most ``EARLY_FLUSH_BYTES``: a larger burst is written at once): when more than
+``max_buffer`` bytes are waiting for a client that does not read, it is closed with 4002 (it
+will reconnect and resume) instead of growing the server's memory. Control frames (ping, pong,
+close) stay with aiohttp, which writes them whole to the same transport; a close first flushes
+what is waiting, so the close frame is always the last frame, and frames never interleave.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from aiohttp import web
 log = logging.getLogger(__name__)
 
 _TEXT = 0x81  # FIN + opcode 1 (text)
+#: Frames waiting for the end of the tick are written at once when they reach this many bytes.
+EARLY_FLUSH_BYTES = 64 * 1024
 
 
 def frame_header(length: int) -> bytes:
@@ -99,9 +101,9 @@ class WebSocketSink:
         transport = self._transport
         if self._closing or transport.is_closing():
             return False
+        if transport.get_write_buffer_size() + self._pending_bytes > self._max_buffer:
+            return False  # the client has not read that much: the session closes it (4002)
         size = len(data)
-        if transport.get_write_buffer_size() + self._pending_bytes + size > self._max_buffer:
-            return False
         pending = self._pending
         if pending is None:
             pending = self._pending = []
@@ -109,6 +111,8 @@ class WebSocketSink:
         pending.append(frame_header(size))
         pending.append(data)
         self._pending_bytes += size
+        if self._pending_bytes >= EARLY_FLUSH_BYTES:  # a burst (a resume replay): let the socket
+            self.flush()  # take it now, as without coalescing, instead of holding it all
         return True
 
     def flush(self) -> None:

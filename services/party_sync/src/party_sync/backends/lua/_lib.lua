@@ -28,19 +28,22 @@ end
 
 -- Refreshing all eleven on every event was half of an action's Redis commands (docs/benchmarks.md),
 -- so an event does the full touch() only once META's expiry has run down by TOUCH_SLACK, i.e. at
--- most once per TOUCH_SLACK of activity, and otherwise refreshes just the keys it wrote (a key it
--- re-created has no expiry yet). META is refreshed only by the full touch, so it is always the
--- first key of the party to expire, and a party without META starts a new history
--- (ensure_epoch deletes the stale keys): the state expires together, between party_ttl minus
--- TOUCH_SLACK and party_ttl after the last activity.
+-- most once per TOUCH_SLACK of activity. Otherwise it gives the keys it wrote (a key it re-created
+-- has no expiry yet) META's own remaining time: every key of the party still expires with META,
+-- together, between party_ttl minus TOUCH_SLACK and party_ttl after the last activity, and a
+-- party without META starts a new history (ensure_epoch deletes the stale keys).
 local TOUCH_SLACK_MS = math.min(60000, math.floor(PARTY_TTL_MS / 10))
-local function touch_written(written)
-  if redis.call('PTTL', K_META) < PARTY_TTL_MS - TOUCH_SLACK_MS then  -- also: no expiry (-1)
+local function touch_written(written, also)
+  local left = redis.call('PTTL', K_META)
+  if left < PARTY_TTL_MS - TOUCH_SLACK_MS then  -- also: no expiry (-1)
     touch()
     return
   end
   for _, key in ipairs(written) do
-    redis.call('PEXPIRE', key, PARTY_TTL_MS)
+    redis.call('PEXPIRE', key, left)
+  end
+  for _, key in ipairs(also) do
+    redis.call('PEXPIRE', key, left)
   end
 end
 
@@ -158,15 +161,16 @@ end
 
 -- Sequence one event: next seq, splice it into the body (as codec.with_seq does), fold it,
 -- append it to the bounded history and publish it, all in this one atomic step, so pub/sub order
--- is seq order and history never lacks a published event. Returns seq, data.
-local function append(epoch, body, kind, f)
+-- is seq order and history never lacks a published event. ``also`` (optional): other party keys
+-- the calling script wrote, for their expiry. Returns seq, data.
+local function append(epoch, body, kind, f, also)
   local seq = redis.call('HINCRBY', K_META, 'seq', 1)
   local data = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
   fold(seq, kind, f)
   if redis.call('RPUSH', K_HISTORY, data) > HISTORY_SIZE then
     redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
   end
-  touch_written(written_by(kind))
+  touch_written(written_by(kind), also or NOTHING)
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
   return seq, data
 end

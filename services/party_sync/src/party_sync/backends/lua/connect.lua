@@ -10,7 +10,7 @@ redis.call('ZADD', K_PRESENCE, fmt_time(NOW + tonumber(ARGV[11])), entry)
 redis.call('HDEL', K_GONE, character_id)
 local seq = 0
 if redis.call('SISMEMBER', K_ONLINE, character_id) == 0 then
-  seq = append(epoch, body, 'party.join', {character_id, name})
+  seq = append(epoch, body, 'party.join', {character_id, name}, {K_PRESENCE})
 else
   touch()
 end
