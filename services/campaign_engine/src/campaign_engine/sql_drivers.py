@@ -44,11 +44,33 @@ from campaign_engine.store import StoreUnavailable, redact
 
 BUSY_TIMEOUT_MS: Final = 10_000
 PRAGMAS: Final = (
+    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",  # first: the pragmas after it may wait for a lock
     "PRAGMA journal_mode = WAL",
     "PRAGMA synchronous = FULL",
-    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
     "PRAGMA foreign_keys = ON",
 )
+
+
+async def _pragma(connection: aiosqlite.Connection, pragma: str) -> None:
+    """Run a pragma, retrying "database is locked" for up to ``BUSY_TIMEOUT_MS``.
+
+    Turning a new file to WAL needs its exclusive lock; when two processes open the file at once,
+    SQLite may refuse one of them at once with SQLITE_BUSY (to avoid a deadlock, without calling
+    the busy handler), so the busy timeout alone does not cover it (seen: a flaky test of two
+    stores opening one file together).
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + BUSY_TIMEOUT_MS / 1000
+    delay = 0.005
+    while True:
+        try:
+            await connection.execute(pragma)
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or loop.time() + delay > deadline:
+                raise
+        await asyncio.sleep(delay)  # a bounded backoff while the other opener holds the lock
+        delay = min(delay * 2, 0.2)
 
 
 class _SqliteTx:
@@ -96,7 +118,7 @@ class SqliteRunStore(SqlRunStore):
             raise StoreUnavailable(f"{self.url}: {exc}") from exc
         try:
             for pragma in PRAGMAS:
-                await connection.execute(pragma)
+                await _pragma(connection, pragma)
         except sqlite3.Error as exc:
             await connection.close()
             raise StoreUnavailable(f"{self.url}: {exc}") from exc
