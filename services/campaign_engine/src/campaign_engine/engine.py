@@ -25,6 +25,17 @@ commits a ``vote.start`` entry at the end of its outbox; publishing reaches it a
 events and asks party_sync for the vote (``EventPublisher.start_vote``). A vote that cannot be
 started is logged and the characters choose instead: a vote never blocks the game.
 
+Re-statement (``handle_restate``, issue 11): party_sync's party state is short-lived, the run's is
+here. When party_sync lost it (an embedded server restarted, Redis restarted empty or flushed, the
+party expired), its new epoch shows no scene and it sends a ``RestateNotice``. For a run it has
+started (of that party), the engine then publishes, through the same outbox and publisher as any
+event, the party's current state: ``scene.update`` (the scene as it stands, open options),
+``combat.update`` during a fight, ``party.state`` (always: party_sync lost the last one too), and
+the party's vote again if it is in a vote scene whose vote was pending (``votes.replan``). It
+rolls no die and records no decision or chronicle entry; the same state gives the same events, so
+a repeated notice (delivery is at least once) is harmless. An unknown or still pending run
+publishes nothing.
+
 Several engine processes may share one database (workers of a stream): commits are optimistic
 (``store.CommitConflict``), so if another process committed to the run since it was loaded, the
 action is simply worked out again on the newer state — or found applied already.
@@ -39,7 +50,13 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TypeVar
 
-from party_sync.engine import ActionRequest, EngineRejected, EventPublisher, JoinNotice
+from party_sync.engine import (
+    ActionRequest,
+    EngineRejected,
+    EventPublisher,
+    JoinNotice,
+    RestateNotice,
+)
 
 from campaign_engine import votes
 from campaign_engine.actions import PARTY_ACTOR, Choice, parse_action
@@ -57,6 +74,7 @@ from campaign_engine.events import (
     clip,
     opening_events,
     party_state_if_changed,
+    restate_events,
     scene_events,
 )
 from campaign_engine.game import Game
@@ -131,6 +149,18 @@ class ReferenceEngine:
         async with self._lock(notice.campaign_run_id):
             await self._retrying(self._handle_join, notice, notice.campaign_run_id)
 
+    async def handle_restate(self, notice: RestateNotice) -> None:
+        """party_sync lost the party's state: publish the run's current state again.
+
+        ``scene.update`` (its open options), ``combat.update`` if a fight is on, ``party.state``
+        and, in a vote scene whose vote was pending, the vote again (see the module docstring).
+        Nothing for a run this engine never started or one of another party. Idempotent: no die,
+        no decision, no chronicle entry; the same state publishes the same events.
+        """
+        self._started()
+        async with self._lock(notice.campaign_run_id):
+            await self._retrying(self._handle_restate, notice, notice.campaign_run_id)
+
     async def _handle_action(self, action: ActionRequest) -> None:
         state = await self._load(action.campaign_run_id, action.party_id)
         if action.action_id in state.applied:
@@ -184,6 +214,38 @@ class ReferenceEngine:
             return
         work.outbox = [OutboxEvent("", t, p, notice.trace_id) for t, p in events]
         await self.store.commit(work)
+        await self._publish_outbox(work, notice.party_id)
+
+    async def _handle_restate(self, notice: RestateNotice) -> None:
+        extra = {"trace_id": notice.trace_id}
+        state = await self.store.load(notice.campaign_run_id)
+        if state is None or state.status == "pending":
+            log.info("nothing to re-state for run %s", notice.campaign_run_id, extra=extra)
+            return
+        if state.party_id != notice.party_id:  # party_sync binds runs to parties; never mix two
+            log.warning(
+                "ignoring a re-statement of run %s for another party", state.run_id, extra=extra
+            )
+            return
+        await self._settle_outbox(state, notice.party_id)
+        work = state.copy()
+        events = restate_events(self.game, work)
+        if vote := votes.replan(self.game, work, timeout_s=self.vote_timeout_s):
+            events.append(vote)  # last, after the scene it is about
+        # The outbox, as for an action: a crash while publishing leaves the rest (and a vote
+        # request) durable, to be published by the next message of the run.
+        work.outbox = [OutboxEvent("", t, p, notice.trace_id) for t, p in events]
+        await self.store.commit(work)
+        log.info(
+            "re-stating run %s (scene %d %s, %s) for party %s, epoch %s",
+            work.run_id,
+            work.scene_number,
+            work.scene_id,
+            work.status,
+            notice.party_id,
+            notice.epoch,
+            extra=extra,
+        )
         await self._publish_outbox(work, notice.party_id)
 
     # --- for the CLI, tests and the chronicles ---------------------------------------------

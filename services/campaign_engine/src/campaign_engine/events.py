@@ -12,6 +12,10 @@ publishes, in this order and with the action's ``trace_id``:
 4. ``party.state`` — if the run status or a character (HP, effects, the roster) changed since the
    last ``party.state`` published; it carries the current ``scene_number`` too.
 
+When party_sync lost a party's state, the engine re-states it (:func:`restate_events`):
+``scene.update`` (the scene as it stands, with its open options), ``combat.update`` if a fight is
+on, and ``party.state`` always, whatever was published before (party_sync has lost that too).
+
 Texts are clipped to the schema's limits here, so no campaign text can make an event invalid.
 """
 
@@ -161,3 +165,11 @@ def scene_events(game: Game, state: RunState, note: str = "") -> list[Event]:
 def opening_events(game: Game, state: RunState) -> list[Event]:
     """What a party sees when its run starts: the first scene (and its fight, if it opens one)."""
     return scene_events(game, state)
+
+
+def restate_events(game: Game, state: RunState) -> list[Event]:
+    """The party's current state, for a party_sync that lost it: the scene (its plain narration
+    and open options), the fight if one is on, and ``party.state`` (the run status, every
+    character), unconditionally. The same state gives the same events (re-stating is idempotent).
+    """
+    return [*scene_events(game, state), ("party.state", party_state(state))]

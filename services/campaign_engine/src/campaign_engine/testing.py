@@ -3,7 +3,8 @@
 Shipped in the package (not hidden in ``tests/``) because anyone writing an engine against
 ``party_sync.engine`` needs the same three things: an ``EventPublisher`` that records what was
 published and the votes it was asked to start (and can fail on demand), ``ActionRequest``/
-``JoinNotice`` built the way party_sync builds them, and dice whose every roll the test decides.
+``JoinNotice``/``RestateNotice`` built the way party_sync builds them, and dice whose every roll
+the test decides.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from party_sync.engine import ENGINE_EVENT_TYPES, ActionRequest, JoinNotice
+from party_sync.engine import ENGINE_EVENT_TYPES, ActionRequest, JoinNotice, RestateNotice
 from party_sync.protocol.errors import InvalidEvent, VoteConflict
 
 _counter = itertools.count(1)
@@ -77,7 +78,8 @@ class RecordingPublisher:
     by party) and its ``vote.started`` payload is returned, with a ``deadline`` ``timeout_s`` after
     ``clock()`` (Unix seconds). A test ends it with :meth:`finish_vote`, which returns the action
     party_sync would submit on the party's behalf. ``fail_next_vote`` (an exception) is raised by
-    the next ``start_vote`` instead of starting anything.
+    the next ``start_vote`` instead of starting anything. :meth:`lose_party` forgets a party as
+    party_sync does when it loses the party's short-lived state (a new epoch).
     """
 
     def __init__(
@@ -197,6 +199,14 @@ class RecordingPublisher:
             trace_id=vote.trace_id,
             timestamp=vote.started["deadline"],
         )
+
+    def lose_party(self, party_id: str = "party-1") -> None:
+        """Forget the party as party_sync does when its state is lost (a new epoch, then a
+        ``RestateNotice``): its open vote dies, its vote ids may be used again, ``seq`` starts
+        over at 1. What was recorded stays (``clear`` forgets that)."""
+        self.open_votes.pop(party_id, None)
+        self._vote_ids = {(p, v) for p, v in self._vote_ids if p != party_id}
+        self._seq.pop(party_id, None)
 
     def types(self) -> list[str]:
         return [e.type for e in self.published]
@@ -323,4 +333,20 @@ def join_notice(
         character_id=character_id,
         display_name=display_name or character_id.capitalize(),
         trace_id=trace_id or f"join-{next(_counter)}",
+    )
+
+
+def restate_notice(
+    *,
+    party_id: str = "party-1",
+    run_id: str = "run-1",
+    epoch: str = "epoch-2",
+    trace_id: str | None = None,
+) -> RestateNotice:
+    """A ``RestateNotice``: party_sync lost the party's state and started epoch ``epoch``."""
+    return RestateNotice(
+        party_id=party_id,
+        campaign_run_id=run_id,
+        epoch=epoch,
+        trace_id=trace_id or f"restate-{next(_counter)}",
     )

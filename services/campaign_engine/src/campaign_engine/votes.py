@@ -24,6 +24,9 @@ that party_sync runs (``EventPublisher.start_vote``; protocol-v1, *Votes*). The 
 5. A vote never blocks the game: once the server time of a character's choice is more than
    ``VOTE_GRACE_S`` past the vote's deadline without the party's choice having come (party_sync
    restarted and forgot the vote), characters choose again.
+6. When party_sync lost the party's state (``engine.handle_restate``), the vote it ran died with
+   it: :func:`replan` asks for the same vote again (same id, ballot and timeout), with the
+   re-stated scene it is about.
 """
 
 from __future__ import annotations
@@ -107,18 +110,52 @@ def plan(
     ids = [o.id for o in options]
     timeout = timeout_s or float(scene.vote.timeout_s or game.campaign.vote_timeout_s)
     vote_id = vote_id_for(state.run_id, state.scene_number, round_)
-    request: dict[str, Any] = {
-        "vote_id": vote_id,
-        "question": question_for(scene),
-        "options": [{"id": o.id, "label": o.label} for o in options],
-        "timeout_s": timeout,
-        "tie_rule": "first_listed",
-    }
-    if scene.vote.default_option in ids:
-        request.update(tie_rule="default_option", default_option=scene.vote.default_option)
     state.vote = VoteState(vote_id, state.scene_number, round_, ids, timeout, "requested")
     state.vote.requested_at = requested_at
-    return VOTE_START, request
+    return VOTE_START, _request(scene, state.vote)
+
+
+def replan(
+    game: Game, state: RunState, *, timeout_s: float | None
+) -> tuple[str, dict[str, Any]] | None:
+    """After party_sync lost the party's state (a re-statement, ``engine.handle_restate``): the
+    ``vote.start`` entry that asks for the party's vote again, or None if it wants none.
+
+    A vote of the current visit still ``requested`` or ``open`` died with party_sync's state, and
+    its result will never come: it is asked for again, *the same vote* (same id, same ballot, same
+    timeout), so a second re-statement (delivery is at least once) gets ``VoteConflict`` instead
+    of a second vote, and whichever of them ends, its result is the one ``vote:<vote_id>`` action.
+    Otherwise it is what :func:`plan` would do after any action (a new vote only where an action
+    would have started one; an ``off`` vote stays off: the characters choose).
+    """
+    if state.status != "in_progress" or state.in_combat:
+        return None
+    vote, scene = state.vote, game.scene(state)
+    if (
+        scene.vote is not None
+        and vote is not None
+        and vote.scene_number == state.scene_number
+        and vote.status in BLOCKING
+    ):
+        vote.status = "requested"
+        return VOTE_START, _request(scene, vote)
+    return plan(game, state, requested_at=None, timeout_s=timeout_s)
+
+
+def _request(scene: Scene, vote: VoteState) -> dict[str, Any]:
+    """The ``vote.start`` payload (what ``start`` asks party_sync for) of ``vote`` in ``scene``."""
+    assert scene.vote is not None
+    labels = {o.id: o.label for o in scene.options}
+    request: dict[str, Any] = {
+        "vote_id": vote.vote_id,
+        "question": question_for(scene),
+        "options": [{"id": i, "label": labels[i]} for i in vote.options if i in labels],
+        "timeout_s": vote.timeout_s,
+        "tie_rule": "first_listed",
+    }
+    if scene.vote.default_option in vote.options:
+        request.update(tie_rule="default_option", default_option=scene.vote.default_option)
+    return request
 
 
 def check_choice(state: RunState, actor_id: str, choice: Choice, at: str | None) -> None:
@@ -206,7 +243,9 @@ async def start(
         )
     except VoteConflict as exc:
         log.info("vote %s: a vote is open already (%s)", vote.vote_id, exc, extra=extra)
-        vote.status = "open" if vote.requested_at else "off"  # no time to lapse from: no lock
+        # Open, unless there is no time to lapse from (then no lock): a deadline is known when
+        # this vote was started before (a second re-statement of a vote party_sync has open).
+        vote.status = "open" if vote.requested_at or vote.deadline else "off"
         return
     except Exception:
         log.warning(
