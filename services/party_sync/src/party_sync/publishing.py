@@ -14,6 +14,7 @@ from typing import Any
 
 from party_sync.backends.base import Backend
 from party_sync.core import votes
+from party_sync.core.actions import Claim
 from party_sync.core.events import Event
 from party_sync.engine.interface import ENGINE_EVENT_TYPES, ActionRequest
 from party_sync.protocol import codec, replies
@@ -73,15 +74,8 @@ class BackendPublisher:
     async def reject(self, action: ActionRequest, message: str) -> None:
         await self.fail(action, ErrorCode.ACTION_REJECTED, message)
 
-    async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
-        """The action will produce no result: free it and tell the acting character."""
-        log.info(
-            "action refused",
-            extra={"trace_id": action.trace_id, "party_id": action.party_id, "code": code.value},
-        )
-        await self.backend.abandon_action(action.party_id, action.action_id)
-        if action.character_id == t.PARTY_ACTOR:
-            return  # a party-level action (a vote's result) has no connection to tell
+    def refusal(self, action: ActionRequest, code: ErrorCode, message: str) -> bytes:
+        """The encoded ``system.error`` that refuses ``action`` (in reply to its sender)."""
         client_trace = action.envelope.get("trace_id")
         error = replies.error(
             code,
@@ -91,7 +85,45 @@ class BackendPublisher:
             in_reply_type=t.ACTION_REQUEST,
             action_id=action.action_id,
         )
-        await self.backend.send_direct(action.party_id, action.character_id, codec.encode(error))
+        return codec.encode(error)
+
+    async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
+        """The action will never be applied: make the refusal its final answer, tell its sender.
+
+        The refusal is kept in the ledger (a resend of the ``action_id`` gets it again, so a
+        refusal lost on the way is never a player left waiting); if the action already has its
+        final answer (a result, or an earlier refusal), nothing is sent.
+        """
+        log.info(
+            "action refused",
+            extra={"trace_id": action.trace_id, "party_id": action.party_id, "code": code.value},
+        )
+        data = self.refusal(action, code, message)
+        recorded = await self.backend.refuse_action(
+            action.party_id, action.action_id, action.character_id, data, self.clock()
+        )
+        if recorded and action.character_id != t.PARTY_ACTOR:
+            # a party-level action (a vote's result) has no connection to tell
+            await self.backend.send_direct(action.party_id, action.character_id, data)
+
+    async def claim(self, action: ActionRequest) -> Claim:
+        """Right before an engine starts ``action`` (``LinkHost.claim``): START, EXPIRED, FINAL.
+
+        EXPIRED: its deadline passed before anyone started it; it is refused now with
+        ``action_timeout`` (told to its sender here) and must not run.
+        """
+        data = self.refusal(action, ErrorCode.ACTION_TIMEOUT, "no engine started it in time")
+        claim, _ = await self.backend.claim_action(
+            action.party_id, action.action_id, self.clock(), data, action.deadline
+        )
+        if claim is Claim.EXPIRED:
+            log.info(
+                "action expired before an engine started it",
+                extra={"trace_id": action.trace_id, "action_id": action.action_id},
+            )
+            if action.character_id != t.PARTY_ACTOR:
+                await self.backend.send_direct(action.party_id, action.character_id, data)
+        return claim
 
     async def open_vote(
         self,

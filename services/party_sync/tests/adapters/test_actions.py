@@ -7,6 +7,8 @@ import asyncio
 import pytest
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
+from party_sync.core.actions import Claim
+from party_sync.engine.interface import ActionRequest
 from ps_testkit.servers import make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -85,28 +87,57 @@ async def test_other_characters_are_not_blocked_by_one_in_flight() -> None:
         await b.close()
 
 
-async def test_no_result_in_time_frees_the_character_with_a_retryable_error() -> None:
+async def test_an_action_no_engine_started_by_its_deadline_is_refused_and_never_applied() -> None:
+    """Issue 11, failure 6: the timeout is a promise. Nobody started the action by its deadline
+    (stream mode with no worker, say): the sender gets action_timeout, a resend gets the same
+    answer, and an engine host that comes later is told not to start it."""
     engine = ScriptedEngine()
-    engine.mode = "silent"
+    async with serve_in_process(make_settings(action_timeout=0.3), engine=engine) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        held: list[ActionRequest] = []
+
+        async def hold(action: ActionRequest) -> None:  # an engine link nobody consumes
+            held.append(action)
+
+        gateway.link.submit = hold  # type: ignore[method-assign]
+        a, _ = await srv.join("aria")
+        await a.act("late", "aria", "r1")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "action_timeout"
+        assert err["payload"]["in_reply_to"]["action_id"] == "late"
+        assert held and held[0].deadline is not None
+        # the engine host that comes now must not start it
+        assert await gateway.publisher.claim(held[0]) is Claim.FINAL
+        assert engine.count("late") == 0
+        # a resend gets the same final answer; the character is free
+        await a.act("late", "aria", "r1")
+        again = await a.expect("system.error")
+        assert again["payload"]["code"] == "action_timeout"
+        assert again["payload"]["in_reply_to"]["action_id"] == "late"
+        await a.close()
+
+
+async def test_an_action_an_engine_started_is_never_timed_out_but_frees_the_character() -> None:
+    """An engine started the action and is slow: no action_timeout (it may still be applied);
+    the character may act again after action_timeout; the answer comes from the engine."""
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
     async with serve_in_process(make_settings(action_timeout=0.2), engine=engine) as srv:
         a, _ = await srv.join("aria")
         await a.act("slow", "aria", "r1")
-        err = await a.expect("system.error")
-        assert err["payload"]["code"] == "action_timeout"
-        assert err["payload"]["retryable"] is True
-        assert err["payload"]["in_reply_to"]["action_id"] == "slow"
-        # the action itself stays in flight (it must never run twice) ...
-        await a.act("slow", "aria", "r1")
+        await wait_until(lambda: engine.count("slow") == 1)
+        await asyncio.sleep(0.5)  # hold the engine past the deadline (the fault under test)
+        await a.act("slow", "aria", "r1")  # a resend while it runs: in flight, never run twice
         assert (await a.expect("system.error"))["payload"]["code"] == "action_in_flight"
-        # ... but the character may act again
-        engine.mode = "answer"
-        await a.act("fast", "aria", "r1")
-        assert (await a.expect("action.result"))["payload"]["action_id"] == "fast"
+        engine.gate.set()
+        result = await a.expect("action.result")
+        assert result["payload"]["action_id"] == "slow"
         assert engine.count("slow") == 1
         await a.close()
 
 
-async def test_engine_rejection_reaches_the_actor_and_frees_the_action() -> None:
+async def test_engine_rejection_reaches_the_actor_and_is_the_final_answer() -> None:
     engine = ScriptedEngine()
     engine.mode = "reject"
     async with serve_in_process(engine=engine) as srv:
@@ -117,8 +148,14 @@ async def test_engine_rejection_reaches_the_actor_and_frees_the_action() -> None
         assert err["payload"]["message"] == "that option is not open"
         assert err["payload"]["in_reply_to"]["action_id"] == "bad"
         engine.mode = "answer"
+        # a resend of the refused action_id gets its refusal again (it may have been lost) ...
         await a.act("bad", "aria", "r1", action_type="choice", payload={"option": "A"})
-        assert (await a.expect("action.result"))["payload"]["action_id"] == "bad"
+        again = await a.expect("system.error")
+        assert again["payload"]["code"] == "action_rejected"
+        assert engine.count("bad") == 1
+        # ... and the character is free for a new action
+        await a.act("good", "aria", "r1", action_type="choice", payload={"option": "A"})
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "good"
         await a.close()
 
 
@@ -133,8 +170,11 @@ async def test_engine_crash_is_a_retryable_engine_error_and_the_server_lives_on(
         assert err["payload"]["retryable"] is True
         assert "RuntimeError" not in err["payload"]["message"]  # no internals
         engine.mode = "answer"
-        await a.act("boom", "aria", "r1")  # the retry runs
-        assert (await a.expect("action.result"))["payload"]["action_id"] == "boom"
+        await a.act("boom", "aria", "r1")  # a resend gets the final answer: it was not applied
+        assert (await a.expect("system.error"))["payload"]["code"] == "engine_error"
+        await a.act("boom-2", "aria", "r1")  # trying again is a new action
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "boom-2"
+        assert engine.count("boom") == 1
         await a.close()
 
 

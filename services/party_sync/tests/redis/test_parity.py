@@ -77,12 +77,19 @@ async def story(b: Backend) -> list[Any]:
     out.append(ev(await b.publish("p1", message("scene.update", SCENE), T0)))
     out.append(ev(await b.publish("p1", message("party.state", STATE), T0)))
     out.append(await b.begin_action("p1", "borin", "b1", T0))
-    out.append(await b.time_out_action("p1", "b1", T0 + 1))  # too early
-    out.append(await b.time_out_action("p1", "b1", T0 + 3))
-    out.append(await b.time_out_action("p1", "b1", T0 + 3))  # once
+    out.append(await b.time_out_action("p1", "b1", T0 + 1, b"T1"))  # too early
+    out.append(await b.time_out_action("p1", "b1", T0 + 3, b"T1"))  # nobody started it
+    out.append(await b.time_out_action("p1", "b1", T0 + 3, b"T2"))  # its answer: the first
+    out.append(await b.claim_action("p1", "b1", T0 + 3, b"E", None))  # never starts now
+    out.append(await b.begin_action("p1", "borin", "b1", T0 + 3))  # a resend: the refusal
     out.append(await b.begin_action("p1", "borin", "b2", T0 + 3))
-    await b.abandon_action("p1", "b2")
-    out.append(await b.begin_action("p1", "borin", "b2", T0 + 3))  # free to run again
+    out.append(await b.claim_action("p1", "b2", T0 + 3, b"E", None))  # started
+    out.append(await b.claim_action("p1", "b2", T0 + 3, b"E", None))  # a redelivery
+    out.append(await b.time_out_action("p1", "b2", T0 + 6, b"T"))  # started: not refused
+    out.append(await b.refuse_action("p1", "b2", "borin", b"R", T0 + 6))
+    out.append(await b.refuse_action("p1", "b2", "borin", b"R2", T0 + 6))  # once
+    out.append(await b.begin_action("p1", "borin", "b2", T0 + 6))  # the refusal again
+    out.append(await b.begin_action("p1", "borin", "b3", T0 + 6))  # the character is free
     spec = VoteSpec("v1", "Which way?", (("L", "Left"), ("R", "Right")), 30.0)
     out.append(ev(await b.start_vote("p1", spec, "r1", T0, TRACE)))
     out.append((await b.snapshot("p1")).ballots)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -40,7 +41,7 @@ from party_sync.backends.redis_scripts import (
     unavailable,
 )
 from party_sync.backends.redis_stream import PartyStream, RangeReply, encode_direct, event_from
-from party_sync.core.actions import Decision, Verdict
+from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.votes import CastRefusal, VoteSpec
@@ -206,6 +207,12 @@ class RedisBackend:
         seq = int(reply[0])
         if seq == 0:  # the action already has a result: that one stands (as in memory)
             return event_from(party_id, bytes(reply[2]))
+        if len(reply) > 2 and int(reply[2]):
+            log.warning(
+                "the engine applied an action after it had been refused (its deadline passed "
+                "before the engine claimed it): the result stands",
+                extra={"trace_id": message["trace_id"], "action_id": action_id},
+            )
         return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
 
     async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:
@@ -348,8 +355,8 @@ class RedisBackend:
     async def leave(self, binding: Binding, now: float, trace_id: str) -> Event | None:
         return await redis_presence.settle(self, binding, now, trace_id, t.LEAVE_LEFT)
 
-    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> None:
-        await redis_presence.refresh(self, connections, now)
+    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> list[Event]:
+        return await redis_presence.refresh(self, connections, now)
 
     async def expire(self, now: float) -> list[Event]:
         return await redis_presence.expire(self, now)
@@ -383,26 +390,51 @@ class RedisBackend:
     async def begin_action(
         self, party_id: str, character_id: str, action_id: str, now: float
     ) -> Verdict:
-        args: list[Arg] = [character_id, action_id, self.settings.action_timeout]
+        # A call Redis runs later than half the command timeout after ``now`` is refused by the
+        # script ('stale'): the node has given up on it (or is about to), so it must not leave an
+        # action in flight that no engine was given (issue 11, failure 3). Half: clock skew
+        # between this node and Redis up to that much still errs on the safe side.
+        stale = self.options.command_timeout / 2
+        sent = time.time()
+        args: list[Arg] = [character_id, action_id, self.settings.action_timeout, sent, stale]
         async with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
-        decision = Decision(text(reply[0]))
-        if decision is Decision.DONE:
-            return Verdict(decision, result=bytes(reply[1]))
-        if decision is Decision.BUSY:
-            return Verdict(decision, blocking_action_id=text(reply[1]))
-        return Verdict(decision)
+        decision = text(reply[0])
+        if decision == "stale":
+            raise BackendUnavailable("redis ran begin_action too late: refused it")
+        verdict = Decision(decision)
+        if verdict is Decision.DONE:
+            return Verdict(verdict, result=bytes(reply[1]))
+        if verdict is Decision.BUSY:
+            return Verdict(verdict, blocking_action_id=text(reply[1]))
+        return Verdict(verdict)
 
-    async def abandon_action(self, party_id: str, action_id: str) -> None:
-        async with unavailable("abandon_action"):
-            await self.scripts.run(
-                "abandon_action", party_id, 0.0, [action_id], action_id=action_id
-            )
+    async def claim_action(
+        self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
+    ) -> tuple[Claim, bytes | None]:
+        args: list[Arg] = [action_id, refusal, "" if deadline is None else repr(deadline)]
+        async with unavailable("claim_action"):
+            reply = await self.scripts.run("claim_action", party_id, now, args, action_id=action_id)
+        claim = Claim(text(reply[0]))
+        return claim, bytes(reply[1]) if claim is Claim.FINAL else None
 
-    async def time_out_action(self, party_id: str, action_id: str, now: float) -> bool:
-        args: list[Arg] = [action_id, self.settings.action_timeout]
+    async def time_out_action(
+        self, party_id: str, action_id: str, now: float, refusal: bytes
+    ) -> tuple[Sweep, bytes | None]:
+        args: list[Arg] = [action_id, refusal]
         async with unavailable("time_out_action"):
             reply = await self.scripts.run(
                 "time_out_action", party_id, now, args, action_id=action_id
+            )
+        sweep = Sweep(text(reply[0]))
+        return sweep, bytes(reply[1]) if sweep is Sweep.FINAL else None
+
+    async def refuse_action(
+        self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
+    ) -> bool:
+        args: list[Arg] = [action_id, character_id, refusal]
+        async with unavailable("refuse_action"):
+            reply = await self.scripts.run(
+                "refuse_action", party_id, now, args, action_id=action_id
             )
         return bool(int(reply))

@@ -78,7 +78,7 @@ class ScriptBatcher:
             # it was idle (a restart, a CLIENT KILL, an idle timeout) shows EOF or stray data
             # in its buffer; replace it before sending, rather than fail the batch (no I/O).
             try:
-                stale = await conn.can_read_destructive()
+                stale = await conn.can_read()  # (redis-py 8 renamed can_read_destructive)
             except Exception:
                 stale = True
             if stale:

@@ -50,7 +50,8 @@ PARTY_SCRIPTS = (
     "head",
     "snapshot",
     "begin_action",
-    "abandon_action",
+    "claim_action",
+    "refuse_action",
     "time_out_action",
 )
 

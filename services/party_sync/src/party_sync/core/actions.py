@@ -9,8 +9,14 @@ Decisions for an incoming ``action.request``:
 - ``BUSY``       — the character has another action in flight: refuse until its result arrives or
                    ``action_timeout`` passes (the seed's "simple mechanism against repeated sends").
 
-A timed-out action keeps its in-flight record (the engine may still answer, and the action must
-not run twice); only the character's lock is released.
+Every accepted action ends with exactly one *final answer*, kept for ``record_ttl`` so that a
+resend of the same ``action_id`` gets it again: its ``action.result``, or a refusal that promises
+the action was not and will never be applied (``refuse``). Between the two, an engine host
+*claims* the action right before it starts it (``claim``), and the timeout sweep (``time_out``)
+refuses it with ``action_timeout`` at its deadline only if nobody started it. Both are decided on
+the one record, so an action is either started before its deadline or refused, never both: no
+player is told "timed out" about an action that is then applied. A started action that outlives
+its deadline only frees the character's lock; its answer comes from the engine.
 """
 
 from __future__ import annotations
@@ -23,16 +29,36 @@ from typing import Final
 class Decision(Enum):
     ACCEPT = "accept"
     IN_FLIGHT = "in_flight"
-    DONE = "done"
+    DONE = "done"  # it has its final answer (``Verdict.result``: the result or the refusal)
     BUSY = "busy"
 
 
-# An action in flight: (character_id, started, expires, order). Few at a time: a tuple is fine.
-_Flight = tuple[str, float, float, int]
+class Claim(Enum):
+    """What an engine host may do with an action it is about to hand to the engine."""
+
+    START = "start"  # run it (first delivery, or a redelivery of one already started)
+    EXPIRED = "expired"  # past its deadline and never started: now refused with action_timeout
+    FINAL = "final"  # it already has its final answer (a result or a refusal): skip it
+
+
+class Sweep(Enum):
+    """What the timeout sweep found when an action's deadline passed."""
+
+    TIMED_OUT = "timed_out"  # nobody started it: refused now (the refusal given is its answer)
+    STARTED = "started"  # an engine started it: its answer will come from the engine
+    NOT_DUE = "not_due"  # its deadline has not passed yet
+    FINAL = "final"  # it has its final answer already (returned: the sender may have missed it)
+    GONE = "gone"  # no record (expired, or the state was lost): the outcome is unknown
+
+
+# An action in flight: (character_id, began, expires, order, deadline, started by an engine).
+_Flight = tuple[str, float, float, int, float, bool]
 _CHARACTER: Final = 0
 _STARTED: Final = 1
 _EXPIRES: Final = 2
 _ORDER: Final = 3
+_DEADLINE: Final = 4
+_ENGINE: Final = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +87,10 @@ class ActionLedger:
         self.record_ttl = max(record_ttl, action_timeout)
         self.max_records = max_records
         self._flights: dict[str, _Flight] = {}  # in begin order
-        self._results: dict[str, bytes] = {}  # finished: in completion order, like the two below
+        self._results: dict[
+            str, bytes
+        ] = {}  # final answers: in completion order, like the two below
+        self._refused: dict[str, None] = {}
         self._expires: dict[str, float] = {}
         self._orders: dict[str, int] = {}
         self._locks: dict[str, tuple[str, float]] = {}  # character_id → (action_id, until)
@@ -72,6 +101,7 @@ class ActionLedger:
         return self._order
 
     def begin(self, character_id: str, action_id: str, now: float) -> Verdict:
+        """Record a new action in flight (deadline ``now + action_timeout``), or say why not."""
         self._collect(now)
         result = self._results.get(action_id)
         if result is not None:
@@ -81,43 +111,105 @@ class ActionLedger:
         lock = self._locks.get(character_id)
         if lock is not None and lock[1] > now:
             return Verdict(Decision.BUSY, blocking_action_id=lock[0])
-        self._flights[action_id] = (character_id, now, now + self.record_ttl, self._next())
-        self._locks[character_id] = (action_id, now + self.action_timeout)
+        deadline = now + self.action_timeout
+        self._flights[action_id] = (
+            character_id,
+            now,
+            now + self.record_ttl,
+            self._next(),
+            deadline,
+            False,
+        )
+        self._locks[character_id] = (action_id, deadline)
         return _ACCEPTED
 
-    def complete(self, action_id: str, character_id: str, result: bytes, now: float) -> None:
-        """The engine's ``action.result`` was published: keep it for repeats, free the character."""
+    def deadline_of(self, action_id: str) -> float | None:
+        flight = self._flights.get(action_id)
+        return flight[_DEADLINE] if flight is not None else None
+
+    def claim(
+        self, action_id: str, now: float, refusal: bytes, deadline: float | None = None
+    ) -> tuple[Claim, bytes | None]:
+        """An engine host is about to start the action: START, or EXPIRED / FINAL (skip it).
+
+        EXPIRED records ``refusal`` (an ``action_timeout`` error) as the final answer. An action
+        without a record (its state was lost) may start unless ``deadline`` (the one it carries)
+        has passed.
+        """
+        answer = self._results.get(action_id)
+        if answer is not None:
+            return Claim.FINAL, answer
+        flight = self._flights.get(action_id)
+        if flight is None:
+            if deadline is not None and now > deadline:
+                return Claim.EXPIRED, None
+            return Claim.START, None
+        if flight[_ENGINE]:
+            return Claim.START, None  # a redelivery: the engine deduplicates by action_id
+        if now > flight[_DEADLINE]:
+            self.refuse(action_id, flight[_CHARACTER], refusal, now)
+            return Claim.EXPIRED, None
+        self._flights[action_id] = (*flight[:_ENGINE], True)
+        return Claim.START, None
+
+    def time_out(self, action_id: str, now: float, refusal: bytes) -> tuple[Sweep, bytes | None]:
+        """The sweep at the action's deadline: refuse it if nobody started it (see ``Sweep``)."""
+        answer = self._results.get(action_id)
+        if answer is not None:
+            return Sweep.FINAL, answer
+        flight = self._flights.get(action_id)
+        if flight is None:
+            return Sweep.GONE, None
+        if now < flight[_DEADLINE]:
+            return Sweep.NOT_DUE, None
+        if flight[_ENGINE]:
+            self._release(flight[_CHARACTER], action_id)
+            return Sweep.STARTED, None
+        self.refuse(action_id, flight[_CHARACTER], refusal, now)
+        return Sweep.TIMED_OUT, None
+
+    def refuse(self, action_id: str, character_id: str, refusal: bytes, now: float) -> bool:
+        """The action will never be applied: ``refusal`` is its final answer. False (nothing
+        changes) if it already has one."""
         if action_id in self._results:
-            return  # a second result for one action: the first one stands, untouched
+            return False
+        flight = self._flights.pop(action_id, None)
+        owner = flight[_CHARACTER] if flight is not None else character_id
+        self._results[action_id] = refusal
+        self._refused[action_id] = None
+        self._expires[action_id] = now + self.record_ttl
+        self._orders[action_id] = self._next()
+        self._release(owner, action_id)
+        return True
+
+    def complete(self, action_id: str, character_id: str, result: bytes, now: float) -> bool:
+        """The engine's ``action.result`` was published: keep it for repeats, free the character.
+
+        True if it replaced a refusal: the engine applied an action it had been refused (it
+        ignored the deadline it was given); the result is the truth, so it stands.
+        """
+        refused = action_id in self._refused
+        if action_id in self._results and not refused:
+            return False  # a second result for one action: the first one stands, untouched
+        if refused:
+            del self._refused[action_id], self._results[action_id]
+            del self._expires[action_id], self._orders[action_id]
         flight = self._flights.pop(action_id, None)
         owner = flight[_CHARACTER] if flight is not None else character_id
         self._results[action_id] = result
         self._expires[action_id] = now + self.record_ttl
         self._orders[action_id] = self._next()
         self._release(owner, action_id)
-
-    def abandon(self, action_id: str) -> None:
-        """The action was refused or could not be delivered: forget it so a retry may run.
-
-        A finished action is kept: it ran, so a resend must get its result, not a second run.
-        """
-        flight = self._flights.pop(action_id, None)
-        if flight is not None:
-            self._release(flight[_CHARACTER], action_id)
-
-    def time_out(self, action_id: str, now: float) -> bool:
-        """True (once) if the action is still in flight after ``action_timeout``: free its lock."""
-        flight = self._flights.get(action_id)
-        if flight is None or now < flight[_STARTED] + self.action_timeout:
-            return False
-        lock = self._locks.get(flight[_CHARACTER])
-        if lock is None or lock[0] != action_id:
-            return False
-        del self._locks[flight[_CHARACTER]]
-        return True
+        return refused
 
     def result_of(self, action_id: str) -> bytes | None:
-        """The stored ``action.result`` of a finished action (what a repeat gets back)."""
+        """The stored ``action.result`` of a finished action (not a refusal)."""
+        if action_id in self._refused:
+            return None
+        return self._results.get(action_id)
+
+    def answer_of(self, action_id: str) -> bytes | None:
+        """The final answer (result or refusal) a repeat gets back."""
         return self._results.get(action_id)
 
     def state_of(self, action_id: str) -> Decision | None:
@@ -144,6 +236,7 @@ class ActionLedger:
                 if expires[done] > now and len(self) <= self.max_records:
                     return
                 del results[done], expires[done], orders[done]
+                self._refused.pop(done, None)
             else:
                 assert flight is not None
                 action_id, record = flight

@@ -3,19 +3,25 @@
 from party_sync.engine.interface import (
     ENGINE_EVENT_TYPES,
     ActionRequest,
+    Claim,
     Engine,
     EngineLink,
     EngineRejected,
     EventPublisher,
     JoinNotice,
+    RestateNotice,
+    restate_engine,
 )
 
 __all__ = [
     "ENGINE_EVENT_TYPES",
     "ActionRequest",
+    "Claim",
     "Engine",
     "EngineLink",
     "EngineRejected",
     "EventPublisher",
     "JoinNotice",
+    "RestateNotice",
+    "restate_engine",
 ]

@@ -16,9 +16,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from party_sync.core.actions import Claim
 from party_sync.protocol.errors import ErrorCode
 
 #: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
+__all__ = [
+    "ENGINE_EVENT_TYPES",
+    "ActionRequest",
+    "Claim",
+    "Engine",
+    "EngineLink",
+    "EngineRejected",
+    "EventPublisher",
+    "JoinNotice",
+    "LinkHost",
+    "RestateNotice",
+    "restate_engine",
+]
+
 ENGINE_EVENT_TYPES = frozenset({"action.result", "scene.update", "combat.update", "party.state"})
 
 
@@ -39,6 +54,28 @@ class ActionRequest:
     payload: Mapping[str, Any]
     trace_id: str
     envelope: Mapping[str, Any]
+    #: Unix seconds. An engine host must not *start* the action after it: party_sync answers an
+    #: action nobody started by then with ``action_timeout``, a promise that it is never applied
+    #: (docs/engines.md, "Deadlines"). None: no deadline (tests, hand-made requests).
+    deadline: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RestateNotice:
+    """A party's stream started a new epoch: its short-lived state (history, projection) is gone.
+
+    Sent when party_sync's party state was lost (an embedded server restarted, Redis restarted
+    empty or was flushed, the party expired) and a member came back. An engine that has state for
+    ``campaign_run_id`` publishes the party's current state again through the normal sequenced
+    path (``scene.update`` with its options, ``combat.update`` if a fight is open, ``party.state``,
+    and a vote if it wants one), so ``system.hello`` shows a playable game. An engine with no
+    state for the run does nothing. Delivered at least once: re-stating must be idempotent.
+    """
+
+    party_id: str
+    campaign_run_id: str
+    epoch: str
+    trace_id: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,16 +170,42 @@ class Engine(Protocol):
         """A character came online (a hint; see ``JoinNotice``)."""
         ...
 
+    # Optional (engines written before it keep working): ``async def handle_restate(self,
+    # notice: RestateNotice) -> None`` re-publishes the party's current state after party_sync
+    # lost it (see ``RestateNotice``). Hosts call it through ``restate_engine``.
+
     async def close(self) -> None:
         """Release resources; no call follows."""
         ...
 
 
+async def restate_engine(engine: Engine, notice: RestateNotice) -> bool:
+    """Call the engine's optional ``handle_restate``; False if the engine has none."""
+    handler = getattr(engine, "handle_restate", None)
+    if handler is None:
+        return False
+    await handler(notice)
+    return True
+
+
 class LinkHost(EventPublisher, Protocol):
-    """What party_sync gives an engine link: the publisher, plus a way to fail an action."""
+    """What party_sync gives an engine link: the publisher, a way to fail an action, a claim."""
 
     async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
-        """The action will produce no result (the engine failed or is unreachable)."""
+        """The action will produce no result (the engine failed or is unreachable).
+
+        The refusal becomes the action's final answer (kept for ``action_record_ttl``: a resend
+        of the same ``action_id`` gets it again); if the action already has a final answer
+        (its result), nothing is sent.
+        """
+        ...
+
+    async def claim(self, action: ActionRequest) -> Claim:
+        """Right before the engine starts ``action``: may it run? (see ``Claim``)
+
+        Atomic with party_sync's own timeout: an action is either started before its deadline
+        (and then answered by the engine) or refused with ``action_timeout``, never both.
+        """
         ...
 
 
@@ -156,5 +219,9 @@ class EngineLink(Protocol):
         ...
 
     async def notify_join(self, notice: JoinNotice) -> None: ...
+
+    async def notify_restate(self, notice: RestateNotice) -> None:
+        """Tell the engine that a party's state was lost (see ``RestateNotice``); at least once."""
+        ...
 
     async def close(self) -> None: ...

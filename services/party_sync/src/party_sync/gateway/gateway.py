@@ -13,21 +13,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from typing import Any
+
+import orjson
 
 from party_sync.auth import Claims
 from party_sync.backends.base import Backend, Binding
 from party_sync.config import Settings
 from party_sync.core import votes
-from party_sync.core.actions import Decision
+from party_sync.core.actions import Decision, Sweep
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
-from party_sync.engine.interface import ActionRequest, EngineLink, JoinNotice
+from party_sync.engine.interface import ActionRequest, EngineLink, JoinNotice, RestateNotice
 from party_sync.gateway import messages
 from party_sync.gateway.hub import PartyHub
 from party_sync.gateway.session import Session, Sink
@@ -73,8 +76,8 @@ class Gateway:
         self.sessions: set[Session] = set()
         self._hubs: dict[str, PartyHub] = {}
         self._hub_ready: dict[str, asyncio.Future[PartyHub]] = {}
-        # (party_id, action_id) → (session, accepted at, action), in the order accepted: the
-        # timeout sweep stops at the first action that is not yet due.
+        # (party_id, action_id) → (session, due at, action) of the actions whose sender has no
+        # final answer yet, in due order: the timeout sweep stops at the first one not yet due.
         self._pending: dict[tuple[str, str], tuple[Session, float, ActionRequest]] = {}
         self._timers: dict[str, asyncio.TimerHandle] = {}  # session id → token expiry
         self._vote_timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
@@ -87,6 +90,7 @@ class Gateway:
         }
         self.stopping = False
         self._idle = asyncio.Event()  # set whenever this node has no session
+        self._failing: set[str] = set()  # periodic tasks whose last tick failed (log once)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -162,9 +166,9 @@ class Gateway:
             hub.sessions.add(session)  # from here on, live events are buffered for it
             now = self.clock()
             join = await self.backend.connect(binding, session.id, now, codec.new_trace_id())
-            if join is not None:
-                self._spawn(self._notify_join(binding, join))
             snapshot = await self.backend.snapshot(binding.party_id)
+            if join is not None:
+                self._spawn(self._announce(binding, join, snapshot.epoch))
             replay = None
             if resume is not None:
                 replay = await self.backend.replay(
@@ -220,10 +224,33 @@ class Gateway:
             )
 
     async def _settle(self, binding: Binding) -> None:
-        left = await self.backend.settle(binding, self.clock(), codec.new_trace_id())
+        try:
+            left = await self.backend.settle(binding, self.clock(), codec.new_trace_id())
+        except BackendUnavailable:
+            # the presence sweep announces the leave once Redis is back (presence_ttl)
+            self.metrics.background_errors.labels("settle").inc()
+            return
         self.metrics.settles.labels("left" if left is not None else "stayed").inc()
 
-    async def _notify_join(self, binding: Binding, join: Event) -> None:
+    async def _announce(self, binding: Binding, join: Event, epoch: str) -> None:
+        """Tell the engine of a ``party.join`` this node published; and, if that join opened a
+        new epoch (seq 1: the party's short-lived state was lost, or it is new), ask the engine
+        to re-state the party (``RestateNotice``; an engine without state for the run does
+        nothing)."""
+        if join.seq == 1:  # first: an engine that had the run re-states it, and then the join
+            # of a known character changes nothing; a new run has nothing to re-state and is
+            # started by the join
+            restate = RestateNotice(binding.party_id, binding.campaign_run_id, epoch, join.trace_id)
+            log.info(
+                "new epoch: asking the engine to re-state the party",
+                extra={"trace_id": join.trace_id, "party_id": binding.party_id, "epoch": epoch},
+            )
+            try:
+                await self.link.notify_restate(restate)
+            except Exception as exc:
+                log.warning(
+                    "re-state notice not delivered: %s", exc, extra={"trace_id": join.trace_id}
+                )
         notice = JoinNotice(
             binding.party_id,
             binding.campaign_run_id,
@@ -245,7 +272,7 @@ class Gateway:
             return await asyncio.shield(pending)
         future: asyncio.Future[PartyHub] = asyncio.get_running_loop().create_future()
         self._hub_ready[party_id] = future
-        hub = PartyHub(party_id, self._on_party_event)
+        hub = PartyHub(party_id, self._on_party_event, self._on_direct)
         try:
             hub.subscription = await self.backend.subscribe(party_id, hub)
         except BaseException as exc:
@@ -287,22 +314,65 @@ class Gateway:
         """
         interval = max(0.05, self.settings.presence_ttl / 3)
         step = 0
+        catch_up = False  # the last tick failed: refresh every connection before any expiry
         while True:
             await asyncio.sleep(interval / PRESENCE_SLICES)
             step = (step + 1) % PRESENCE_SLICES
             now = self.clock()
-            try:
+            with self._tick("presence") as ok:
                 connections = [
                     (s.binding, s.id)
                     for s in self.sessions
-                    if hash(s.party_id) % PRESENCE_SLICES == step
+                    if catch_up or hash(s.party_id) % PRESENCE_SLICES == step
                 ]
-                await self.backend.refresh(connections, now)
+                catch_up = True
+                rejoined = await self.backend.refresh(connections, now)
+                catch_up = False
+                await self._announce_rejoins(rejoined or ())
                 await self.backend.expire(now)
+                ok.set()
+            with self._tick("votes") as ok:
                 for party_id, vote_id in await self.backend.due_votes(now):
                     await self._finish_vote(party_id, vote_id)  # a vote whose timers all died
-            except BackendUnavailable:
-                log.warning("presence refresh skipped: backend unavailable")
+                ok.set()
+
+    async def _announce_rejoins(self, events: Sequence[Event]) -> None:
+        """``party.join``s that ``refresh`` re-announced (a leave was published while this node's
+        connection lived, e.g. during a Redis stall): tell the engine as for any join."""
+        for event in events:
+            character_id = event.payload["character_id"]
+            binding = next(
+                (
+                    s.binding
+                    for s in self.sessions
+                    if s.party_id == event.party_id and s.character_id == character_id
+                ),
+                None,
+            )
+            if binding is None:
+                continue
+            epoch = (await self.backend.snapshot(event.party_id)).epoch if event.seq == 1 else ""
+            self._spawn(self._announce(binding, event, epoch))
+
+    @contextlib.contextmanager
+    def _tick(self, task: str) -> Iterator[asyncio.Event]:
+        """One tick of a periodic task: any failure is counted, logged once per episode (not per
+        tick), and the task goes on; the tick that works again logs the recovery."""
+        ok = asyncio.Event()
+        try:
+            yield ok
+        except Exception as exc:
+            self.metrics.background_errors.labels(task).inc()
+            if task not in self._failing:
+                self._failing.add(task)
+                if isinstance(exc, BackendUnavailable):
+                    log.warning("%s: backend unavailable; retrying every tick", task)
+                else:
+                    log.exception("%s failed; retrying every tick", task)
+            return
+        if ok.is_set() and task in self._failing:
+            self._failing.discard(task)
+            log.info("%s: recovered", task)
 
     async def _timeout_loop(self) -> None:
         """Time out the actions in flight for longer than ``action_timeout``.
@@ -314,26 +384,36 @@ class Gateway:
         interval = min(0.5, max(0.01, self.settings.action_timeout / 4))
         while True:
             await asyncio.sleep(interval)
-            self._sweep_timeouts(self.clock())
+            with self._tick("action_timeouts") as ok:
+                self._sweep_timeouts(self.clock())
+                ok.set()
 
     def _sweep_timeouts(self, now: float) -> None:
-        cutoff = now - self.settings.action_timeout
+        """Hand every pending action whose deadline passed to ``_time_out`` (in due order)."""
         due: list[tuple[str, str]] = []
-        for key, (_, accepted, _) in self._pending.items():
-            if accepted > cutoff:
+        for key, (_, deadline, _) in self._pending.items():
+            if deadline > now:
                 break
             due.append(key)
         for key in due:
             session, _, action = self._pending.pop(key)
             self._spawn(self._time_out(action, session))
 
+    def _watch(self, session: Session, action: ActionRequest, due: float) -> None:
+        """Check ``action`` again at ``due`` unless its final answer reaches ``session`` first."""
+        key = (action.party_id, action.action_id)
+        self._pending.pop(key, None)  # re-inserted at the end: the dict stays in due order
+        self._pending[key] = (session, due, action)
+
     # -- inbound --------------------------------------------------------------------------------
     async def receive(self, session: Session, data: bytes | str) -> None:
         """Handle one client message. Never raises: every refusal becomes a ``system.error``."""
         now = self.clock()
         if not session.limits.admit(now):
-            self._refuse(session, ProtocolError(ErrorCode.RATE_LIMITED, "slow down"), now)
+            refusal = ProtocolError(ErrorCode.RATE_LIMITED, "slow down", **_about_raw(data))
+            self._refuse(session, refusal, now)
             return
+        message: inbound.Inbound | None = None
         try:
             message = inbound.parse(data, self.contracts, self.settings.max_message_bytes)
             self.metrics.received(message.type)
@@ -346,14 +426,13 @@ class Gateway:
         except ProtocolError as exc:
             self._refuse(session, exc, now)
         except BackendUnavailable:
-            self._refuse(
-                session,
-                ProtocolError(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable: retry"),
-                now,
-            )
+            text = "backend unavailable: retry"
+            error = ProtocolError(ErrorCode.BACKEND_UNAVAILABLE, text, **_about(message))
+            self._refuse(session, error, now)
         except Exception:
             log.exception("unexpected failure handling a message")
-            self._refuse(session, ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error"), now)
+            error = ProtocolError(ErrorCode.INTERNAL_ERROR, "internal error", **_about(message))
+            self._refuse(session, error, now)
 
     def _refuse(self, session: Session, exc: ProtocolError, now: float) -> None:
         self.metrics.errors.labels(exc.code.value).inc()
@@ -392,36 +471,27 @@ class Gateway:
             raise refuse(ErrorCode.FORBIDDEN, "this connection cannot act for that character")
         if p["campaign_run_id"] != session.binding.campaign_run_id:
             raise refuse(ErrorCode.FORBIDDEN, "this connection is bound to another campaign run")
-        verdict = await self.backend.begin_action(
-            session.party_id, session.character_id, action_id, now
-        )
+        try:
+            verdict = await self.backend.begin_action(
+                session.party_id, session.character_id, action_id, now
+            )
+        except BackendUnavailable:
+            # Not a final answer: Redis refuses a begin_action it runs too late (begin_action.lua),
+            # so the action was not accepted, or it was and its answer comes as for any action.
+            raise refuse(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable: retry") from None
         if verdict.decision is Decision.DONE:
             assert verdict.result is not None
-            session.send(verdict.result)  # the original result, same seq, to the sender only
+            session.send(verdict.result)  # the final answer (same bytes), to the sender only
             return
+        deadline = now + self.settings.action_timeout
         if verdict.decision is Decision.IN_FLIGHT:
+            # The sender may have missed the first answer (a reconnect): it is owed one here.
+            self._watch(session, self._action(session, message, now, deadline), deadline)
             raise refuse(ErrorCode.ACTION_IN_FLIGHT, "this action is already being processed")
         if verdict.decision is Decision.BUSY:
             raise refuse(ErrorCode.CHARACTER_BUSY, "wait for the result of your previous action")
-        envelope = {
-            "type": t.ACTION_REQUEST,
-            "timestamp": codec.rfc3339(now),
-            "trace_id": message.trace_id,
-            "payload": p,
-        }
-        action = ActionRequest(
-            party_id=session.party_id,
-            campaign_run_id=session.binding.campaign_run_id,
-            character_id=session.character_id,
-            action_id=action_id,
-            action_type=p["action_type"],
-            payload=p["payload"],
-            trace_id=message.trace_id,
-            envelope=envelope,
-        )
-        key = (session.party_id, action_id)
-        self._pending.pop(key, None)  # re-inserted at the end: the dict stays in accept order
-        self._pending[key] = (session, now, action)
+        action = self._action(session, message, now, deadline)
+        self._watch(session, action, deadline)
         log.debug(
             "action accepted",
             extra={
@@ -432,16 +502,90 @@ class Gateway:
         )
         try:
             await self.link.submit(action)
+        except BackendUnavailable:
+            # The actions stream could not be reached; the append may still run when Redis is
+            # back. Not final: the action is started by an engine or timed out at its deadline.
+            raise refuse(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable: retry") from None
         except Exception:
             log.exception("engine link refused an action", extra={"trace_id": message.trace_id})
             await self.fail_action(
                 action, ErrorCode.ENGINE_UNAVAILABLE, "engine unavailable: retry"
             )
 
+    def _action(
+        self, session: Session, message: inbound.Inbound, now: float, deadline: float
+    ) -> ActionRequest:
+        p = message.payload
+        envelope = {
+            "type": t.ACTION_REQUEST,
+            "timestamp": codec.rfc3339(now),
+            "trace_id": message.trace_id,
+            "payload": p,
+        }
+        return ActionRequest(
+            party_id=session.party_id,
+            campaign_run_id=session.binding.campaign_run_id,
+            character_id=session.character_id,
+            action_id=p["action_id"],
+            action_type=p["action_type"],
+            payload=p["payload"],
+            trace_id=message.trace_id,
+            envelope=envelope,
+            deadline=deadline,
+        )
+
     async def _time_out(self, action: ActionRequest, session: Session) -> None:
-        if await self.backend.time_out_action(action.party_id, action.action_id, self.clock()):
+        """The action's deadline passed and its sender has no final answer yet: find out why.
+
+        Nobody started it: it is refused now with ``action_timeout`` (a promise: never applied).
+        An engine started it: its answer will come from the engine; look again one timeout later
+        (a refusal lost on the way is then found and sent). Its answer exists (lost on the way):
+        send it again. Its record is gone (Redis lost it): the outcome is unknown, so the sender
+        gets a non-final ``backend_unavailable``: resending the same action_id is safe.
+        Redis unreachable: look again later; this never raises.
+        """
+        now = self.clock()
+        refusal = self._action_error(
+            action, ErrorCode.ACTION_TIMEOUT, "no engine started it in time"
+        )
+        try:
+            outcome, answer = await self.backend.time_out_action(
+                action.party_id, action.action_id, now, refusal
+            )
+        except BackendUnavailable:
+            self.metrics.background_errors.labels("action_timeouts").inc()
+            if not session.closed:
+                self._watch(session, action, now + min(1.0, self.settings.action_timeout))
+            return
+        if outcome is Sweep.TIMED_OUT:
             self.metrics.errors.labels(ErrorCode.ACTION_TIMEOUT.value).inc()
-            session.send(self._action_error(action, ErrorCode.ACTION_TIMEOUT, "no result in time"))
+            self.metrics.action_answers.labels("timeout").inc()
+            await self._answer(session, action, refusal)
+        elif outcome is Sweep.FINAL:
+            assert answer is not None
+            self.metrics.action_answers.labels("resent").inc()
+            await self._answer(session, action, answer)
+        elif outcome is Sweep.GONE:
+            self.metrics.errors.labels(ErrorCode.BACKEND_UNAVAILABLE.value).inc()
+            gone = self._action_error(
+                action,
+                ErrorCode.BACKEND_UNAVAILABLE,
+                "the party's state was lost: send the same action again to learn its outcome",
+            )
+            await self._answer(session, action, gone)
+        elif not session.closed:  # STARTED / NOT_DUE
+            self._watch(session, action, now + self.settings.action_timeout)
+
+    async def _answer(self, session: Session, action: ActionRequest, data: bytes) -> None:
+        """Send an action's answer to its sender: on ``session``, or (closed: the player may have
+        reconnected elsewhere) to every connection of the character."""
+        if not session.closed:
+            session.send(data)
+            return
+        if action.character_id == t.PARTY_ACTOR:
+            return
+        with contextlib.suppress(BackendUnavailable):
+            await self.backend.send_direct(action.party_id, action.character_id, data)
 
     def _action_error(self, action: ActionRequest, code: ErrorCode, text: str) -> bytes:
         client_trace = action.envelope.get("trace_id")
@@ -457,10 +601,26 @@ class Gateway:
         )
 
     async def fail_action(self, action: ActionRequest, code: ErrorCode, text: str) -> None:
-        """An action ended without a result: free it, tell its character (on whichever node)."""
-        self._pending.pop((action.party_id, action.action_id), None)
+        """An action will never be applied: its refusal is its final answer (on whichever node).
+
+        If the refusal cannot be recorded (Redis down), the sweep answers at the deadline.
+        """
         self.metrics.errors.labels(code.value).inc()
-        await self.publisher.fail(action, code, text)
+        with contextlib.suppress(BackendUnavailable):
+            await self.publisher.fail(action, code, text)
+
+    def _on_direct(self, party_id: str, character_id: str, data: bytes) -> None:
+        """A direct message reached this node's sessions of a character: if it answers an
+        action, that action's sender has its final answer (the sweep need not look again)."""
+        if b'"action_id"' not in data:
+            return
+        try:
+            action_id = codec.decode(data)["payload"]["in_reply_to"]["action_id"]
+        except (ValueError, KeyError, TypeError):
+            return
+        pending = self._pending.get((party_id, action_id))
+        if pending is not None and pending[0].character_id == character_id:
+            del self._pending[(party_id, action_id)]
 
     def _on_party_event(self, event: Event) -> None:
         """Node-level reactions to a party event (after it was fanned out to the sessions)."""
@@ -470,7 +630,8 @@ class Gateway:
         if event.type == t.ACTION_RESULT:
             pending = self._pending.pop((event.party_id, event.payload["action_id"]), None)
             if pending is not None:
-                self.metrics.engine_latency.observe(max(0.0, self.clock() - pending[1]))
+                accepted = (pending[2].deadline or 0.0) - self.settings.action_timeout
+                self.metrics.engine_latency.observe(max(0.0, self.clock() - accepted))
         elif event.type == t.VOTE_STARTED:
             self._arm_vote_deadline(event)
         elif event.type == t.VOTE_FINISHED:
@@ -525,9 +686,12 @@ class Gateway:
 
     async def _finish_vote(self, party_id: str, vote_id: str) -> None:
         self._vote_timers.pop((party_id, "vote:" + vote_id), None)
-        event = await self.backend.finish_vote(party_id, vote_id, self.clock())
-        if event is not None:  # this node won the finish: it applies the result
-            await self._apply_vote(event)
+        try:
+            event = await self.backend.finish_vote(party_id, vote_id, self.clock())
+            if event is not None:  # this node won the finish: it applies the result
+                await self._apply_vote(event)
+        except BackendUnavailable:  # the due-votes sweep finishes it once Redis is back
+            self.metrics.background_errors.labels("votes").inc()
 
     async def _apply_vote(self, finished: Event) -> None:
         """Submit the winning option to the engine as the party's ``choice`` (once per vote)."""
@@ -565,6 +729,7 @@ class Gateway:
             payload=payload["payload"],
             trace_id=finished.trace_id,
             envelope=envelope,
+            deadline=now + self.settings.action_timeout,
         )
         log.info(
             "vote applied",
@@ -581,6 +746,45 @@ class Gateway:
                 "engine link refused a vote's action", extra={"trace_id": finished.trace_id}
             )
             await self.fail_action(action, ErrorCode.ENGINE_UNAVAILABLE, "engine unavailable")
+
+
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # common.json's id and trace_id patterns
+_TRACE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def _about(message: inbound.Inbound | None) -> dict[str, Any]:
+    """What a refusal of ``message`` replies to (its type, client trace, action or vote id)."""
+    if message is None:
+        return {}
+    about: dict[str, Any] = {"type": message.type, "trace_id": message.client_trace_id}
+    if message.type == t.ACTION_REQUEST:
+        about["action_id"] = message.payload["action_id"]
+    elif message.type == t.VOTE_CAST:
+        about["vote_id"] = message.payload["vote_id"]
+    return about
+
+
+def _about_raw(data: bytes | str) -> dict[str, Any]:
+    """``_about`` for a message refused before parsing (rate limited): best effort, so that a
+    refused action still names its action_id; nothing for anything malformed."""
+    try:
+        message = orjson.loads(data)
+        payload = message["payload"]
+        type_ = message["type"]
+        trace = message.get("trace_id")
+        about: dict[str, Any] = {
+            "type": type_ if type_ in (t.ACTION_REQUEST, t.VOTE_CAST, t.PARTY_LEAVE) else None,
+            "trace_id": trace if isinstance(trace, str) and _TRACE.fullmatch(trace) else None,
+        }
+        for key in ("action_id", "vote_id"):
+            value = payload.get(key)
+            if isinstance(value, str) and _ID.fullmatch(value):
+                about[key] = value
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return {}
+    if about["type"] is None:
+        return {}
+    return about
 
 
 _VOTE_REFUSALS = {

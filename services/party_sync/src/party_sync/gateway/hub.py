@@ -17,13 +17,19 @@ class PartyHub:
     is created with the party's first local connection and dropped with its last.
     """
 
-    __slots__ = ("_on_event", "party_id", "sessions", "subscription")
+    __slots__ = ("_on_direct", "_on_event", "party_id", "sessions", "subscription")
 
-    def __init__(self, party_id: str, on_event: Callable[[Event], None]) -> None:
+    def __init__(
+        self,
+        party_id: str,
+        on_event: Callable[[Event], None],
+        on_direct: Callable[[str, str, bytes], None] | None = None,
+    ) -> None:
         self.party_id = party_id
         self.sessions: set[Session] = set()
         self.subscription: Subscription | None = None
         self._on_event = on_event
+        self._on_direct = on_direct
 
     def on_event(self, event: Event) -> None:
         for session in self.sessions:
@@ -34,6 +40,8 @@ class PartyHub:
         for session in self.sessions:
             if session.character_id == character_id:
                 session.send(data)
+        if self._on_direct is not None:
+            self._on_direct(self.party_id, character_id, data)
 
     def on_resync(self) -> None:
         for session in list(self.sessions):

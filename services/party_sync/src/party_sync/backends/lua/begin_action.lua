@@ -1,10 +1,27 @@
 -- begin_action: the idempotency decision of core/actions.py ActionLedger.begin, across nodes.
--- KEYS[12] the action record. ARGV[7] character_id, ARGV[8] action_id, ARGV[9] action_timeout.
--- Returns {'done', result} | {'in_flight'} | {'busy', blocking action_id} | {'accept'}.
+-- KEYS[12] the action record. ARGV[7] character_id, ARGV[8] action_id, ARGV[9] action_timeout,
+-- ARGV[10] when the node sent this call (its wall clock, Unix seconds; NOW may be virtual in
+-- tests), ARGV[11] the most seconds after that this call may run and still accept.
+-- Returns {'done', final answer} | {'in_flight'} | {'busy', blocking action_id} | {'accept'}
+-- | {'stale'}.
+--
+-- The record: c character, s began at, d deadline, g '1' once an engine host claimed it, r the
+-- action.result, x a refusal (the final answer when there is no result; see refuse_action.lua).
+--
+-- 'stale': Redis ran this call long after the node sent it (Redis was stalled, and the node's
+-- command timed out and told the player backend_unavailable). Accepting it then would leave an
+-- action in flight that no engine was ever given, refusing every resend for the record's TTL.
 local record, character_id, action_id = K_ACTION, ARGV[7], ARGV[8]
-local found = redis.call('HMGET', record, 'c', 'r')
+local clock = redis.call('TIME')
+if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[10]) + tonumber(ARGV[11]) then
+  return {'stale'}
+end
+local found = redis.call('HMGET', record, 'c', 'r', 'x')
 if found[2] then
   return {'done', found[2]}
+end
+if found[3] then
+  return {'done', found[3]}
 end
 if found[1] then
   return {'in_flight'}
@@ -13,8 +30,9 @@ local until_, holder = read_lock(character_id)
 if until_ and until_ > NOW then
   return {'busy', holder}
 end
-redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW))
+local deadline = fmt_time(NOW + tonumber(ARGV[9]))
+redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline)
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
-redis.call('HSET', K_LOCKS, character_id, fmt_time(NOW + tonumber(ARGV[9])) .. ' ' .. action_id)
+redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id)
 redis.call('PEXPIRE', K_LOCKS, PARTY_TTL_MS)
 return {'accept'}

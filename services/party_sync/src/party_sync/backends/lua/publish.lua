@@ -1,11 +1,13 @@
 -- publish: sequence one event of the party (Backend.publish).
 -- ARGV[7] body (the encoded envelope without seq), ARGV[8] type, ARGV[9..] fold arguments.
 -- KEYS[12]: the action record, for an action.result (completed in the same atomic step).
--- Returns {seq, epoch}, or {0, '', the earlier data} for a second result of one action.
+-- Returns {seq, epoch, 1 if it replaced a refusal else 0}, or {0, '', the earlier data} for a
+-- second result of one action.
 local body, kind = ARGV[7], ARGV[8]
-local record = nil  -- the action record's {character, result}, for an action.result
+local record = nil  -- the action record's {character, result, refusal}, for an action.result
+local refused = 0
 if kind == 'action.result' then
-  record = redis.call('HMGET', K_ACTION, 'c', 'r')
+  record = redis.call('HMGET', K_ACTION, 'c', 'r', 'x')
   if record[2] then  -- idempotent: a redelivered action's result is not sequenced nor sent again
     return {0, '', record[2]}
   end
@@ -21,6 +23,10 @@ if kind == 'action.result' then
   local character_id = record[1]
   if character_id then
     redis.call('HSET', K_ACTION, 'r', data)
+    if record[3] then  -- it had been refused: the engine applied it anyway, and the result stands
+      redis.call('HDEL', K_ACTION, 'x')
+      refused = 1
+    end
   else
     character_id = f[2]
     redis.call('HSET', K_ACTION, 'c', character_id, 's', fmt_time(NOW), 'r', data)
@@ -28,4 +34,4 @@ if kind == 'action.result' then
   redis.call('PEXPIRE', K_ACTION, RECORD_TTL_MS)
   release_lock(character_id, f[1])
 end
-return {seq, epoch}
+return {seq, epoch, refused}

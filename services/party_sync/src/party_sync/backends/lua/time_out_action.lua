@@ -1,17 +1,25 @@
--- time_out_action: ActionLedger.time_out: 1 (once) if the action is still in flight after
--- action_timeout; frees the character's lock, keeps the record (the action must not run twice).
--- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] action_timeout.
+-- time_out_action: ActionLedger.time_out, the sweep at an action's deadline: refuse it with the
+-- given action_timeout error unless an engine host has started it (claim_action.lua).
+-- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] refusal.
+-- Returns {'final', answer} | {'timed_out'} | {'started'} | {'not_due'} | {'gone'}.
 local record, action_id = K_ACTION, ARGV[7]
-local found = redis.call('HMGET', record, 'c', 'r', 's')
-if not found[1] or found[2] then
-  return 0
+local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g')
+if found[2] then
+  return {'final', found[2]}
 end
-if NOW < tonumber(found[3]) + tonumber(ARGV[8]) then
-  return 0
+if found[3] then
+  return {'final', found[3]}
 end
-local _, holder = read_lock(found[1])
-if holder ~= action_id then
-  return 0
+if not found[1] then
+  return {'gone'}
 end
-redis.call('HDEL', K_LOCKS, found[1])
-return 1
+if found[4] and NOW < tonumber(found[4]) then
+  return {'not_due'}
+end
+release_lock(found[1], action_id)
+if found[5] then
+  return {'started'}
+end
+redis.call('HSET', record, 'x', ARGV[8])
+redis.call('PEXPIRE', record, RECORD_TTL_MS)
+return {'timed_out'}

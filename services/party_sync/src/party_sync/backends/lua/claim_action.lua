@@ -1,0 +1,30 @@
+-- claim_action: ActionLedger.claim: an engine host is about to start the action. Atomic with
+-- time_out_action on the same record: an action is started before its deadline or refused.
+-- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] refusal (action_timeout), ARGV[9] the
+-- deadline the action carries ('' if none; used when the record is gone).
+-- Returns {'final', answer} | {'start'} | {'expired'}.
+local record, action_id = K_ACTION, ARGV[7]
+local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g')
+if found[2] then
+  return {'final', found[2]}
+end
+if found[3] then
+  return {'final', found[3]}
+end
+if not found[1] then  -- the record is gone (Redis lost it): start unless the action is late
+  if ARGV[9] ~= '' and NOW > tonumber(ARGV[9]) then
+    return {'expired'}
+  end
+  return {'start'}
+end
+if found[5] then
+  return {'start'}  -- a redelivery of a started action: the engine deduplicates by action_id
+end
+if found[4] and NOW > tonumber(found[4]) then
+  redis.call('HSET', record, 'x', ARGV[8])
+  redis.call('PEXPIRE', record, RECORD_TTL_MS)
+  release_lock(found[1], action_id)
+  return {'expired'}
+end
+redis.call('HSET', record, 'g', '1')
+return {'start'}

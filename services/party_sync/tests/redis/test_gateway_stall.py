@@ -1,0 +1,139 @@
+"""A gateway on a private redis-server that stalls (SIGSTOP longer than the command timeout):
+issue 11, failures 3 and 7. Every background task keeps running through the stall; an action sent
+during it is answered ``backend_unavailable`` *with its action_id*, and is not wedged afterwards
+(a resend is accepted and answered, not ``action_in_flight`` for the record's TTL); a refused
+action is never "timed out" later by the sweep."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+from party_sync.gateway import Gateway
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import make_settings, serve_in_process
+
+pytestmark = [pytest.mark.redis]
+
+COMMAND_TIMEOUT = 0.6
+
+
+@contextlib.contextmanager
+def stalled(redis: RedisServer) -> Iterator[None]:
+    pid = redis._proc.pid if redis._proc is not None else None
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def loops_alive(gateway: Gateway) -> int:
+    return sum(1 for task in gateway._tasks if not task.done())
+
+
+def errors(gateway: Gateway, task: str) -> float:
+    value = gateway.metrics.registry.get_sample_value(
+        "party_sync_background_errors_total", {"task": task}
+    )
+    return value or 0.0
+
+
+async def test_a_stall_wedges_nothing_and_every_background_task_survives(
+    redis: RedisServer,
+) -> None:
+    settings = make_settings(
+        redis_url=redis.url,
+        engine_transport="inprocess",
+        redis_command_timeout=COMMAND_TIMEOUT,
+        presence_ttl=1.5,
+        action_timeout=1.0,
+    )
+    engine = ScriptedEngine()
+    async with serve_in_process(settings, engine=engine) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        a, _ = await srv.join("aria")
+        before = loops_alive(gateway)
+        assert before >= 2  # the presence loop and the timeout sweep
+        with stalled(redis):
+            await a.act("during", "aria", "r1")
+            err = await a.expect("system.error", timeout=5)
+            assert err["payload"]["code"] == "backend_unavailable"
+            assert err["payload"]["in_reply_to"]["action_id"] == "during"
+            # the periodic tasks meet the stall, count it, and go on
+            await wait_until(lambda: errors(gateway, "presence") > 0, timeout=5)
+            await asyncio.sleep(3 * COMMAND_TIMEOUT)  # hold the stall past the command timeout
+        assert loops_alive(gateway) == before
+        # Redis ran the begin_action it had in its socket buffer late: it refused it, so the
+        # same action_id is accepted now and answered (not action_in_flight for 600 s)
+        await a.act("during", "aria", "r1")
+        result = await a.until("action.result", timeout=10)
+        assert result["payload"]["action_id"] == "during"
+        assert engine.count("during") == 1
+        # the presence loop works again (its failures stop growing, the character is online)
+        failed = errors(gateway, "presence")
+        await wait_until(lambda: gateway._failing == set(), timeout=10)
+        assert errors(gateway, "presence") == failed
+        snapshot = await gateway.backend.snapshot("p1")
+        assert [m["online"] for m in snapshot.members if m["character_id"] == "aria"] == [True]
+        await a.close()
+
+
+async def test_a_refused_action_is_not_timed_out_later(redis: RedisServer) -> None:
+    """Failure 7: the sweep used to look at every refused action once more after the timeout."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess", action_timeout=0.3)
+    engine = ScriptedEngine()
+    engine.mode = "reject"
+    async with serve_in_process(settings, engine=engine) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        calls: list[str] = []
+        original = gateway.backend.time_out_action
+
+        async def counting(party_id: str, action_id: str, now: float, refusal: bytes):  # type: ignore[no-untyped-def]
+            calls.append(action_id)
+            return await original(party_id, action_id, now, refusal)
+
+        gateway.backend.time_out_action = counting  # type: ignore[method-assign]
+        a, _ = await srv.join("aria")
+        await a.act("bad", "aria", "r1")
+        assert (await a.expect("system.error"))["payload"]["code"] == "action_rejected"
+        assert gateway._pending == {}  # the refusal reached its sender: nothing left to watch
+        engine.mode = "answer"
+        await a.act("next", "aria", "r1")
+        await a.expect("action.result")
+        await asyncio.sleep(0.6)  # two timeouts: a sweep would have run by now
+        assert calls == []
+        await a.close()
+
+
+async def test_a_redis_that_lost_everything_makes_the_engine_restate_the_party(
+    redis: RedisServer,
+) -> None:
+    """Failure 2 on Redis: a FLUSHALL (as a restart without persistence) loses the party's
+    history and projection; the members' way back opens a new epoch and the engine is asked to
+    re-state it."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess", presence_ttl=1.5)
+    engine = ScriptedEngine()
+    async with serve_in_process(settings, engine=engine) as srv:
+        a, hello = await srv.join("aria")
+        await wait_until(lambda: len(engine.restates) == 1)
+        redis.command("FLUSHALL")
+        # nobody acts: the node's presence refresh finds aria (still connected) offline in the
+        # empty party and announces her again, which opens the new epoch
+        await wait_until(lambda: len(engine.restates) == 2, timeout=10)
+        new_epoch = engine.restates[1].epoch
+        assert new_epoch != hello["payload"]["epoch"]
+        assert await a.closed() == 4003  # her stream lost continuity: she resyncs
+        a, hello2 = await srv.join("aria")
+        assert hello2["payload"]["epoch"] == new_epoch
+        assert len(engine.restates) == 2
+        await a.close()

@@ -1,0 +1,362 @@
+"""The action ledger behind ``Backend``: the same expectations on ``MemoryBackend`` (the pure
+``ActionLedger``) and ``RedisBackend`` (begin/claim/time_out/refuse_action.lua and publish.lua),
+so every accepted action ends with exactly one final answer on either (issue 11, "Exactly one
+final answer per accepted action, truthfully"). Plus, on Redis only, failure 3 of issue 11: a
+``begin_action`` that Redis runs after a stall longer than the command timeout must not leave an
+action in flight that no engine was ever given."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from party_sync.backends.base import Backend
+from party_sync.backends.memory import BackendSettings, MemoryBackend
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core.actions import Claim, Decision, Sweep, Verdict
+from party_sync.protocol import codec
+from party_sync.protocol.errors import BackendUnavailable
+from ps_testkit.redis_server import RedisServer
+
+TIMEOUT = 2.0
+SETTINGS = BackendSettings(history_size=50, action_timeout=TIMEOUT)
+TRACE = "0" * 32
+PARTY = "p1"
+# The callers' clock (``now``), moved by hand; begin_action.lua judges staleness by the node's own
+# wall clock, and an hour ahead of it keeps these tests clear of that check whichever clock it
+# uses. A whole second, so that deadlines are exact in the scripts' fixed-point rendering too.
+T0 = float(int(time.time()) + 3600)
+DEADLINE = T0 + TIMEOUT  # of an action begun at T0
+TIMED_OUT = codec.encode(
+    codec.envelope(
+        "system.error",
+        {"code": "action_timeout", "message": "no answer in time"},
+        ts=T0,
+        trace_id=TRACE,
+    )
+)
+FAILED = b'{"type":"system.error","payload":{"code":"engine_failed"}}'
+
+
+def result(action_id: str, character_id: str = "aria") -> dict[str, Any]:
+    payload = {
+        "action_id": action_id,
+        "character_id": character_id,
+        "action_type": "skill_check",
+        "outcome": "success",
+        "state": {"hp": 9, "max_hp": 10, "effects": [], "scene_flags": {}},
+        "narration": "Done.",
+    }
+    return codec.envelope("action.result", payload, ts=T0, trace_id=TRACE)
+
+
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.redis)])
+async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    if request.param == "memory":
+        yield MemoryBackend(SETTINGS)
+        return
+    server: RedisServer = request.getfixturevalue("redis_server")
+    server.command("FLUSHALL")
+    shared = RedisBackend(RedisOptions(server.url), SETTINGS)
+    await shared.start()
+    try:
+        yield shared
+    finally:
+        await shared.close()
+
+
+async def test_begin_accepts_once_refuses_repeats_and_busy_characters(backend: Backend) -> None:
+    b = backend
+    assert await b.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.ACCEPT)
+    assert await b.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.IN_FLIGHT)
+    assert await b.begin_action(PARTY, "borin", "a1", T0) == Verdict(Decision.IN_FLIGHT)
+    assert await b.begin_action(PARTY, "aria", "a2", T0 + 1) == Verdict(
+        Decision.BUSY, blocking_action_id="a1"
+    )
+    assert await b.begin_action(PARTY, "borin", "b1", T0) == Verdict(Decision.ACCEPT)
+    # the lock lapses at the deadline even if no sweep ran
+    assert await b.begin_action(PARTY, "aria", "a2", DEADLINE) == Verdict(Decision.ACCEPT)
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE) == Verdict(Decision.IN_FLIGHT)
+
+
+async def test_an_action_nobody_started_is_refused_at_its_deadline_for_good(
+    backend: Backend,
+) -> None:
+    b = backend
+    await b.begin_action(PARTY, "aria", "a1", T0)
+    assert await b.time_out_action(PARTY, "a1", DEADLINE - 0.5, TIMED_OUT) == (
+        Sweep.NOT_DUE,
+        None,
+    )
+    assert (await b.begin_action(PARTY, "aria", "a2", DEADLINE - 0.5)).decision is Decision.BUSY
+    assert await b.time_out_action(PARTY, "a1", DEADLINE, TIMED_OUT) == (Sweep.TIMED_OUT, None)
+    # the refusal is the final answer: a resend gets it, a sweep returns it, no engine starts it
+    done = Verdict(Decision.DONE, result=TIMED_OUT)
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 1) == done
+    assert await b.time_out_action(PARTY, "a1", DEADLINE + 1, FAILED) == (Sweep.FINAL, TIMED_OUT)
+    assert await b.claim_action(PARTY, "a1", DEADLINE + 1, FAILED, DEADLINE) == (
+        Claim.FINAL,
+        TIMED_OUT,
+    )
+    assert await b.refuse_action(PARTY, "a1", "aria", FAILED, DEADLINE + 1) is False
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 2) == done
+    # the character is free again
+    assert await b.begin_action(PARTY, "aria", "a2", DEADLINE + 2) == Verdict(Decision.ACCEPT)
+
+
+async def test_a_claimed_action_is_never_timed_out_and_its_result_is_its_answer(
+    backend: Backend,
+) -> None:
+    b = backend
+    await b.begin_action(PARTY, "aria", "a1", T0)
+    assert await b.claim_action(PARTY, "a1", DEADLINE, TIMED_OUT, DEADLINE) == (Claim.START, None)
+    assert await b.time_out_action(PARTY, "a1", DEADLINE, TIMED_OUT) == (Sweep.STARTED, None)
+    assert await b.time_out_action(PARTY, "a1", DEADLINE + 1, TIMED_OUT) == (Sweep.STARTED, None)
+    # never forwarded twice; the character's lock is free
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 1) == Verdict(Decision.IN_FLIGHT)
+    assert await b.begin_action(PARTY, "aria", "a2", DEADLINE + 1) == Verdict(Decision.ACCEPT)
+    # a redelivery of the started action may start again, even late (the engine deduplicates)
+    assert await b.claim_action(PARTY, "a1", DEADLINE + 5, TIMED_OUT, DEADLINE) == (
+        Claim.START,
+        None,
+    )
+    event = await b.publish(PARTY, result("a1"), DEADLINE + 2)
+    assert (event.seq, event.type) == (1, "action.result")
+    done = Verdict(Decision.DONE, result=event.data)
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 3) == done
+    assert await b.claim_action(PARTY, "a1", DEADLINE + 3, TIMED_OUT, None) == (
+        Claim.FINAL,
+        event.data,
+    )
+    assert await b.time_out_action(PARTY, "a1", DEADLINE + 3, TIMED_OUT) == (
+        Sweep.FINAL,
+        event.data,
+    )
+    assert await b.refuse_action(PARTY, "a1", "aria", FAILED, DEADLINE + 3) is False
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 4) == done
+    # a1's late result did not free a2's lock
+    assert await b.begin_action(PARTY, "aria", "a3", DEADLINE + 2) == Verdict(
+        Decision.BUSY, blocking_action_id="a2"
+    )
+
+
+async def test_claim_starts_until_the_deadline_and_expires_an_unstarted_action_after_it(
+    backend: Backend,
+) -> None:
+    b = backend
+    await b.begin_action(PARTY, "aria", "a1", T0)
+    await b.begin_action(PARTY, "borin", "b1", T0)
+    assert await b.claim_action(PARTY, "a1", DEADLINE, TIMED_OUT, DEADLINE) == (Claim.START, None)
+    assert await b.claim_action(PARTY, "b1", DEADLINE + 0.5, TIMED_OUT, DEADLINE) == (
+        Claim.EXPIRED,
+        None,
+    )
+    # EXPIRED recorded the refusal as b1's final answer and freed borin
+    assert await b.begin_action(PARTY, "borin", "b1", DEADLINE + 1) == Verdict(
+        Decision.DONE, result=TIMED_OUT
+    )
+    assert await b.time_out_action(PARTY, "b1", DEADLINE + 1, FAILED) == (Sweep.FINAL, TIMED_OUT)
+    assert await b.claim_action(PARTY, "b1", DEADLINE + 1, FAILED, DEADLINE) == (
+        Claim.FINAL,
+        TIMED_OUT,
+    )
+    assert await b.begin_action(PARTY, "borin", "b2", DEADLINE + 0.5) == Verdict(Decision.ACCEPT)
+
+
+async def test_claim_without_a_record_goes_by_the_deadline_the_action_carries(
+    backend: Backend,
+) -> None:
+    b = backend
+
+    async def claims() -> list[tuple[Claim, bytes | None]]:
+        return [
+            await b.claim_action(PARTY, "a1", T0, TIMED_OUT, None),
+            await b.claim_action(PARTY, "a1", DEADLINE, TIMED_OUT, DEADLINE),
+            await b.claim_action(PARTY, "a1", DEADLINE + 0.5, TIMED_OUT, DEADLINE),
+        ]
+
+    expected = [(Claim.START, None), (Claim.START, None), (Claim.EXPIRED, None)]
+    assert await claims() == expected  # the party's state is unknown (lost)
+    assert await b.begin_action(PARTY, "borin", "b1", T0) == Verdict(Decision.ACCEPT)
+    assert await claims() == expected  # the party is known, this action is not
+    # none of it left a record
+    assert await b.time_out_action(PARTY, "a1", DEADLINE + 1, TIMED_OUT) == (Sweep.GONE, None)
+    assert await b.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.ACCEPT)
+
+
+async def test_time_out_of_an_unknown_action_is_gone(backend: Backend) -> None:
+    assert await backend.time_out_action("nowhere", "a1", T0, TIMED_OUT) == (Sweep.GONE, None)
+    await backend.begin_action(PARTY, "aria", "a1", T0)
+    assert await backend.time_out_action(PARTY, "zzz", T0, TIMED_OUT) == (Sweep.GONE, None)
+
+
+async def test_refuse_is_final_once_and_never_over_a_result(backend: Backend) -> None:
+    b = backend
+    await b.begin_action(PARTY, "aria", "a1", T0)
+    assert await b.refuse_action(PARTY, "a1", "aria", FAILED, T0 + 1) is True
+    assert await b.refuse_action(PARTY, "a1", "aria", TIMED_OUT, T0 + 1) is False
+    assert await b.begin_action(PARTY, "aria", "a1", T0 + 1) == Verdict(
+        Decision.DONE, result=FAILED
+    )
+    assert await b.time_out_action(PARTY, "a1", DEADLINE, TIMED_OUT) == (Sweep.FINAL, FAILED)
+    # the lock went with the refusal
+    assert await b.begin_action(PARTY, "aria", "a2", T0 + 1) == Verdict(Decision.ACCEPT)
+    # an action without a record (its state was lost): the refusal is still kept for resends
+    assert await b.refuse_action(PARTY, "x1", "borin", FAILED, T0 + 1) is True
+    assert await b.begin_action(PARTY, "borin", "x1", T0 + 2) == Verdict(
+        Decision.DONE, result=FAILED
+    )
+    assert await b.begin_action(PARTY, "borin", "b1", T0 + 2) == Verdict(Decision.ACCEPT)
+    # never over a result
+    event = await b.publish(PARTY, result("a2"), T0 + 2)
+    assert await b.refuse_action(PARTY, "a2", "aria", FAILED, T0 + 3) is False
+    assert await b.begin_action(PARTY, "aria", "a2", T0 + 3) == Verdict(
+        Decision.DONE, result=event.data
+    )
+
+
+async def test_a_refusal_of_a_started_action_is_final(backend: Backend) -> None:
+    # LinkHost.fail: the host started it and the engine failed: no engine will apply it now
+    b = backend
+    await b.begin_action(PARTY, "aria", "a1", T0)
+    assert await b.claim_action(PARTY, "a1", T0 + 1, TIMED_OUT, DEADLINE) == (Claim.START, None)
+    assert await b.refuse_action(PARTY, "a1", "aria", FAILED, T0 + 1) is True
+    assert await b.claim_action(PARTY, "a1", T0 + 1, TIMED_OUT, DEADLINE) == (Claim.FINAL, FAILED)
+    assert await b.time_out_action(PARTY, "a1", DEADLINE, TIMED_OUT) == (Sweep.FINAL, FAILED)
+    assert await b.begin_action(PARTY, "aria", "a2", T0 + 1) == Verdict(Decision.ACCEPT)
+
+
+async def test_a_second_result_of_one_action_is_not_published_again(backend: Backend) -> None:
+    b = backend
+    await b.begin_action(PARTY, "aria", "a1", T0)
+    first = await b.publish(PARTY, result("a1"), T0 + 1)
+    again = await b.publish(PARTY, result("a1"), T0 + 2)  # an engine's redelivery
+    assert (again.seq, again.data) == (first.seq, first.data)
+    assert (await b.snapshot(PARTY)).seq == first.seq  # nothing was sequenced the second time
+    assert await b.begin_action(PARTY, "aria", "a1", T0 + 3) == Verdict(
+        Decision.DONE, result=first.data
+    )
+    # a result for an action never begun (a party-level one) is remembered too; it takes no lock
+    vote = await b.publish(PARTY, result("vote:v1", "party"), T0 + 3)
+    assert vote.seq == first.seq + 1
+    assert await b.begin_action(PARTY, "party", "vote:v1", T0 + 4) == Verdict(
+        Decision.DONE, result=vote.data
+    )
+    assert await b.begin_action(PARTY, "party", "p2", T0 + 4) == Verdict(Decision.ACCEPT)
+
+
+async def test_a_result_after_a_refusal_replaces_it_and_is_logged(
+    backend: Backend, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the engine ignored the deadline it was given: what it did is the truth, and is published
+    b = backend
+    await b.begin_action(PARTY, "aria", "a1", T0)
+    assert await b.time_out_action(PARTY, "a1", DEADLINE, TIMED_OUT) == (Sweep.TIMED_OUT, None)
+    with caplog.at_level(logging.WARNING, logger="party_sync"):
+        event = await b.publish(PARTY, result("a1"), DEADLINE + 1)
+        again = await b.publish(PARTY, result("a1"), DEADLINE + 2)
+    assert event.seq == 1 and (again.seq, again.data) == (1, event.data)
+    replaced = [r for r in caplog.records if "after it had been refused" in r.getMessage()]
+    assert len(replaced) == 1, caplog.records
+    done = Verdict(Decision.DONE, result=event.data)
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 3) == done
+    assert await b.claim_action(PARTY, "a1", DEADLINE + 3, TIMED_OUT, DEADLINE) == (
+        Claim.FINAL,
+        event.data,
+    )
+    assert await b.time_out_action(PARTY, "a1", DEADLINE + 3, TIMED_OUT) == (
+        Sweep.FINAL,
+        event.data,
+    )
+    assert await b.refuse_action(PARTY, "a1", "aria", FAILED, DEADLINE + 3) is False
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 4) == done
+    assert await b.begin_action(PARTY, "aria", "a2", DEADLINE + 4) == Verdict(Decision.ACCEPT)
+
+
+async def play(b: Backend, party: str, seed: int) -> list[Any]:
+    """A random sequence of ledger operations (seeded): everything the backend answers."""
+    rng = random.Random(seed)
+    now = T0
+    out: list[Any] = []
+    for n in range(40):
+        now += rng.choice([0.0, 0.5, 1.0, 2.0])
+        action, character = rng.choice(["a1", "a2", "a3"]), rng.choice(["aria", "borin"])
+        refusal = b"refusal %d" % n
+        kind = rng.choice(["begin", "begin", "claim", "claim", "time_out", "refuse", "result"])
+        if kind == "begin":
+            out.append(await b.begin_action(party, character, action, now))
+        elif kind == "claim":
+            carried = rng.choice([None, now - 1, now + 1])
+            out.append(await b.claim_action(party, action, now, refusal, carried))
+        elif kind == "time_out":
+            out.append(await b.time_out_action(party, action, now, refusal))
+        elif kind == "refuse":
+            out.append(await b.refuse_action(party, action, character, refusal, now))
+        else:
+            event = await b.publish(party, result(action, character), now)
+            out.append((event.seq, event.data))
+    return out
+
+
+@pytest.mark.redis
+async def test_random_ledger_stories_get_the_same_answers_from_memory_and_redis(
+    redis_server: RedisServer,
+) -> None:
+    redis_server.command("FLUSHALL")
+    shared = RedisBackend(RedisOptions(redis_server.url), SETTINGS)
+    await shared.start()
+    try:
+        for seed in range(25):
+            party = f"story-{seed}"
+            expected = await play(MemoryBackend(SETTINGS), party, seed)
+            assert await play(shared, party, seed) == expected, seed
+    finally:
+        await shared.close()
+
+
+# -- Redis only: issue 11, failure 3 ------------------------------------------------------------
+
+
+async def _evalsha_calls(client: Any) -> int:
+    stats: dict[str, Any] = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+
+@pytest.mark.redis
+async def test_a_begin_action_redis_runs_after_a_stall_leaves_no_action_in_flight(
+    redis: RedisServer,
+) -> None:
+    """Redis stalls longer than the command timeout: the node gives up on ``begin_action`` (the
+    player gets ``backend_unavailable``), and when Redis resumes it runs the call still in its
+    socket buffer. Before the fix that left the action in flight, never given to an engine, and
+    every resend got ``action_in_flight`` for the record's TTL."""
+    b = RedisBackend(RedisOptions(redis.url, command_timeout=0.5), SETTINGS)
+    await b.start()
+    try:
+        # warm up: scripts loaded, the script connection open (the call will sit in its buffer)
+        assert await b.begin_action(PARTY, "borin", "b0", time.time()) == Verdict(Decision.ACCEPT)
+        info: dict[str, Any] = await b.client.info("server")
+        pid = int(info["process_id"])
+        before = await _evalsha_calls(b.client)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(BackendUnavailable):
+                await b.begin_action(PARTY, "aria", "a1", time.time())
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        # Redis did run the late call (it was in the socket when the node gave up on it) ...
+        async with asyncio.timeout(5):
+            while await _evalsha_calls(b.client) < before + 1:  # noqa: ASYNC110 (bounded poll)
+                await asyncio.sleep(0.01)
+        # ... and refused it: no record, no lock
+        assert await b.client.exists(b.keys.action(PARTY, "a1")) == 0
+        assert await b.begin_action(PARTY, "aria", "a1", time.time()) == Verdict(Decision.ACCEPT)
+    finally:
+        await b.close()
