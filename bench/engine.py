@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from party_sync.engine.interface import ActionRequest, EventPublisher, JoinNotice
+from party_sync.engine.interface import ActionRequest, EventPublisher, JoinNotice, RestateNotice
 
 #: A narration of realistic length (the scene text a player reads), ~150 bytes.
 _NARRATION = (
@@ -50,16 +50,24 @@ class BenchLogic:
             "roll": {"die": "d20", "value": 12, "modifier": 3, "total": 15, "difficulty": 14},
             "narration": "Aria's fingers find a loose stone. Behind it, a corroded lever.",
         }
-        scene = {
-            "scene_number": scene_number,
-            "scene_id": f"scene-{scene_number}",
-            "title": "The Sunken Gate",
-            "narration": _NARRATION,
-            "options": [dict(option) for option in _OPTIONS],
-            "kind": "story",
-            "difficulty": 14,
-        }
-        return result, scene
+        return result, _scene(scene_number)
+
+    def current_scene(self, party_id: str) -> dict[str, Any] | None:
+        """The party's current ``scene.update`` payload (None before its first action)."""
+        scene_number = self._scenes.get(party_id)
+        return None if scene_number is None else _scene(scene_number)
+
+
+def _scene(scene_number: int) -> dict[str, Any]:
+    return {
+        "scene_number": scene_number,
+        "scene_id": f"scene-{scene_number}",
+        "title": "The Sunken Gate",
+        "narration": _NARRATION,
+        "options": [dict(option) for option in _OPTIONS],
+        "kind": "story",
+        "difficulty": 14,
+    }
 
 
 class BenchEngine:
@@ -83,6 +91,14 @@ class BenchEngine:
 
     async def handle_join(self, notice: JoinNotice) -> None:
         return None
+
+    async def handle_restate(self, notice: RestateNotice) -> None:
+        """party_sync lost the party's state: publish its current scene again (idempotent)."""
+        scene = self.logic.current_scene(notice.party_id)
+        if scene is not None and self._publisher is not None:
+            await self._publisher.publish(
+                notice.party_id, "scene.update", scene, trace_id=notice.trace_id
+            )
 
     async def close(self) -> None:
         return None

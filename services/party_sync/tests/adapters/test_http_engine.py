@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from ps_testkit.client import wait_until
 from ps_testkit.servers import make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -27,6 +28,7 @@ class FakeGatewayApi:
     fail_first: int = 0
     status: int = 202
     received: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    notices: list[dict[str, Any]] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
@@ -47,6 +49,10 @@ class FakeGatewayApi:
             task = asyncio.get_running_loop().create_task(self.answer(body))
             self.tasks.add(task)
         return web.json_response({"status": "accepted"}, status=202)
+
+    async def notice(self, request: web.Request) -> web.Response:
+        self.notices.append(await request.json())
+        return web.json_response({}, status=202)
 
     async def answer(self, body: dict[str, Any]) -> None:
         envelope = body["envelope"]
@@ -77,6 +83,7 @@ class FakeGatewayApi:
 async def gateway_api(fake: FakeGatewayApi) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/actions", fake.handle)
+    app.router.add_post("/notices", fake.notice)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -160,3 +167,39 @@ async def test_an_unreachable_engine_ends_in_a_retryable_error() -> None:
         err = await a.until("system.error")
         assert err["payload"]["code"] == "engine_unavailable"
         await a.close()
+
+
+async def test_join_notices_go_to_the_notice_url_and_never_to_the_action_url() -> None:
+    fake = FakeGatewayApi()
+    async with gateway_api(fake) as url:
+        notice_url = url.removesuffix("/actions") + "/notices"
+        settings = make_settings(api_key=KEY, engine_url=url, engine_notice_url=notice_url)
+        async with serve_in_process(settings) as srv:
+            fake.party_sync = srv.base
+            a, _ = await srv.join("aria")
+            await a.act("n1", "aria", "r1")
+            await a.until("action.result")
+            await wait_until(lambda: any(n["kind"] == "join" for n in fake.notices))
+            await a.close()
+    assert [body["envelope"]["type"] for _, body in fake.received] == ["action.request"]
+    join = next(n for n in fake.notices if n["kind"] == "join")
+    assert (join["party_id"], join["campaign_run_id"]) == ("p1", "r1")
+    assert join["envelope"]["type"] == "party.join"
+    assert join["envelope"]["payload"]["character_id"] == "aria"
+
+
+async def test_without_a_notice_url_nothing_but_actions_is_posted() -> None:
+    fake = FakeGatewayApi()
+    async with gateway_api(fake) as url:
+        settings = make_settings(api_key=KEY, engine_url=url)
+        async with serve_in_process(settings) as srv:
+            fake.party_sync = srv.base
+            a, _ = await srv.join("aria")
+            b, _ = await srv.join("borin")
+            await a.expect("party.join")
+            await a.act("n2", "aria", "r1")
+            await a.until("action.result")
+            await a.close()
+            await b.close()
+    assert [body["envelope"]["type"] for _, body in fake.received] == ["action.request"]
+    assert fake.notices == []

@@ -43,11 +43,12 @@ async def test_seed_flow_with_the_reference_engine_behind_http() -> None:
         env = {
             "PARTY_SYNC_API_KEY": KEY,
             "PARTY_SYNC_ENGINE_URL": f"http://127.0.0.1:{engine_port}/actions",
+            "PARTY_SYNC_ENGINE_NOTICE_URL": f"http://127.0.0.1:{engine_port}/notices",
         }
         async with serve_process(["--port", str(ps_port)], env=env, port=ps_port) as srv:
             a, _ = await srv.join("aria")
             b, _ = await srv.join("borin")
-            opening = await b.until("scene.update")  # the join notice reached the engine
+            opening = await b.until("scene.update")  # the join notice reached /notices
             option = opening["payload"]["options"][0]["id"]
             await a.act("hx-1", "aria", "r1", action_type="choice", payload={"option": option})
             result = await b.until("action.result")

@@ -7,7 +7,13 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from party_sync.engine.interface import ActionRequest, EngineRejected, EventPublisher, JoinNotice
+from party_sync.engine.interface import (
+    ActionRequest,
+    EngineRejected,
+    EventPublisher,
+    JoinNotice,
+    RestateNotice,
+)
 
 Mode = Literal["answer", "reject", "crash", "silent"]
 
@@ -17,11 +23,14 @@ class ScriptedEngine:
 
     ``gate``: when set to an unset Event, actions wait on it (to hold them in flight).
     ``mode``: answer normally, reject, crash, or stay silent (never answer).
+    Restate notices are recorded in ``restates`` (and re-publish nothing: tests look at the call).
     """
 
     def __init__(self) -> None:
         self.calls: list[ActionRequest] = []
         self.joins: list[JoinNotice] = []
+        self.restates: list[RestateNotice] = []
+        self.restate_failures = 0  # the next N restates raise (a failing engine)
         self.gate: asyncio.Event | None = None
         self.mode: Mode = "answer"
         self.scene_number = 0
@@ -33,6 +42,12 @@ class ScriptedEngine:
 
     async def handle_join(self, notice: JoinNotice) -> None:
         self.joins.append(notice)
+
+    async def handle_restate(self, notice: RestateNotice) -> None:
+        if self.restate_failures > 0:
+            self.restate_failures -= 1
+            raise RuntimeError("engine bug while re-stating")
+        self.restates.append(notice)
 
     async def handle_action(self, action: ActionRequest) -> None:
         self.calls.append(action)
@@ -85,7 +100,8 @@ class NodeEngine(ScriptedEngine):
     ps_testkit.engines:node_engine``), observable from the test process through files.
 
     Every call is appended to ``<dir>/calls-<pid>.log`` (so a test counts engine calls across
-    nodes). An action whose payload has ``"hold": true`` stays in flight until the test creates
+    nodes), every restate notice's ``party_id epoch`` to ``<dir>/restates-<pid>.log``. An action
+    whose payload has ``"hold": true`` stays in flight until the test creates
     ``<dir>/release-<action_id>``.
     """
 
@@ -103,6 +119,11 @@ class NodeEngine(ScriptedEngine):
                     await asyncio.sleep(0.01)
         await super().handle_action(action)
 
+    async def handle_restate(self, notice: RestateNotice) -> None:
+        with (self.directory / f"restates-{os.getpid()}.log").open("a") as restates:
+            restates.write(f"{notice.party_id} {notice.epoch}\n")
+        await super().handle_restate(notice)
+
 
 def node_engine() -> NodeEngine:
     """The factory ``--engine ps_testkit.engines:node_engine`` loads (needs ``PS_ENGINE_DIR``)."""
@@ -115,3 +136,11 @@ def engine_calls(directory: Path) -> list[str]:
     for log in sorted(directory.glob("calls-*.log")):
         calls.extend(log.read_text().split())
     return calls
+
+
+def engine_restates(directory: Path) -> list[str]:
+    """Every restate notice any ``NodeEngine`` got, as ``"<party_id> <epoch>"``."""
+    lines: list[str] = []
+    for log in sorted(directory.glob("restates-*.log")):
+        lines.extend(log.read_text().splitlines())
+    return lines

@@ -13,10 +13,14 @@ from pathlib import Path
 
 import orjson
 import pytest
+from party_sync.backends.keys import ACTIONS_STREAM
+from party_sync.engine.interface import RestateNotice
+from party_sync.engine.stream_link import StreamEngineLink
 from ps_testkit.client import wait_until
 from ps_testkit.cluster import TESTS_DIR, Cluster, assert_ordered
-from ps_testkit.engines import engine_calls
+from ps_testkit.engines import engine_calls, engine_restates
 from ps_testkit.servers import party_sync_command
+from redis.asyncio import Redis
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
@@ -135,18 +139,43 @@ def _walk(node: object) -> Iterator[object]:
             yield from _walk(value)
 
 
-async def test_actions_wait_in_the_stream_while_no_engine_runs(cluster: Cluster) -> None:
+async def wait_for_stream_read(cluster: Cluster, timeout: float = 15.0) -> None:
+    """Until the workers' group has read every entry of the actions stream and acked them all."""
+    client = Redis.from_url(cluster.redis.url)
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                groups = await client.xinfo_groups(ACTIONS_STREAM)
+                group = groups[0] if groups else {}
+                read = group.get("last-delivered-id", b"0-0") != b"0-0"
+                if read and group["pending"] == 0 and group["lag"] == 0:
+                    return
+                await asyncio.sleep(0.02)  # polling Redis state (another process), bounded
+    finally:
+        await client.aclose()
+
+
+async def test_an_action_timed_out_while_no_engine_runs_is_never_applied_later(
+    cluster: Cluster,
+) -> None:
+    """Issue 11, failure 6: the player told ``action_timeout`` (no worker running) must never see
+    the action applied when a worker starts later; a resend gets the same final answer."""
     async with cluster.node(*STREAM, "--action-timeout", "0.3") as node:
         a, _ = await node.join("aria")
         await a.act("w-1", "aria", "r1")
         err = await a.expect("system.error")
-        assert err["payload"]["code"] == "action_timeout"  # pending, not lost
-        await a.act("w-1", "aria", "r1")
-        assert (await a.expect("system.error"))["payload"]["code"] == "action_in_flight"
+        assert err["payload"]["code"] == "action_timeout"
+        assert err["payload"]["in_reply_to"]["action_id"] == "w-1"
+        await a.act("w-1", "aria", "r1")  # the resend gets the final answer again
+        again = await a.expect("system.error")
+        assert again["payload"]["code"] == "action_timeout"
         with worker(cluster):
+            await wait_for_stream_read(cluster)  # the worker has read "w-1" (and acked it)
+            await a.act("w-2", "aria", "r1")
             result = await a.expect("action.result", timeout=15)
-            assert result["payload"]["action_id"] == "w-1"
-        assert engine_calls(cluster.engine_dir) == ["w-1"]
+            assert result["payload"]["action_id"] == "w-2"
+        # One worker reads the stream in order: "w-1" came first and was skipped, not applied.
+        assert engine_calls(cluster.engine_dir) == ["w-2"]
         await a.close()
 
 
@@ -187,3 +216,32 @@ async def test_engine_rejections_from_a_worker_reach_the_player(cluster: Cluster
             assert err["payload"]["code"] == "action_rejected"
             assert err["payload"]["in_reply_to"]["action_id"] == "bad-1"
             await a.close()
+
+
+async def test_an_engine_worker_process_outlives_redis_down_at_start_and_an_empty_restart(
+    cluster: Cluster,
+) -> None:
+    """Issue 11, failure 1: the worker neither exits while Redis is down nor stops consuming
+    when Redis comes back empty (its consumer group gone); restate notices reach the engine."""
+    redis = cluster.redis
+    await asyncio.to_thread(redis.stop)
+    with worker(cluster) as proc:
+        assert proc.stderr is not None
+        async with asyncio.timeout(15):  # it runs, and says once that the stream is unavailable
+            while b"actions stream unavailable" not in (
+                line := await asyncio.to_thread(proc.stderr.readline)
+            ):
+                assert line, "the worker exited"
+        await asyncio.to_thread(redis.start)
+        link = StreamEngineLink(redis.url, ACTIONS_STREAM, 1000)
+        try:
+            await link.notify_restate(RestateNotice("p1", "r1", "epoch-1", "trace-re-1"))
+            await wait_until(lambda: engine_restates(cluster.engine_dir) == ["p1 epoch-1"], 15)
+            await asyncio.to_thread(redis.restart)  # empty: no stream, no group
+            await link.notify_restate(RestateNotice("p1", "r1", "epoch-2", "trace-re-2"))
+            await wait_until(
+                lambda: engine_restates(cluster.engine_dir) == ["p1 epoch-1", "p1 epoch-2"], 15
+            )
+        finally:
+            await link.close()
+        assert proc.poll() is None

@@ -4,28 +4,39 @@ It receives party_sync's POSTs, checks each envelope against the schemas, calls 
 gives the engine an ``EventPublisher`` that publishes through party_sync's server API. The engine
 code is the same object that runs in-process; nothing in it knows about HTTP.
 
-Answers: 202 delivered; 422 the engine refused the action (``EngineRejected``) or the envelope is
-invalid (final for party_sync); 500 the engine failed (party_sync retries, and the engine's
-deduplication by ``action_id`` keeps the retry from applying twice).
+``POST /actions`` (``--path``): ``{"party_id", "campaign_run_id", "envelope": <action.request>,
+"deadline"?}`` with headers ``X-Action-Deadline`` (used when the body has no ``deadline``) and
+``X-Delivery-Attempt``. Answers:
+
+- 202: delivered (the engine handled it and published through the API);
+- 409 ``{"error": "expired"}``: the deadline has passed and this is attempt 1 (no earlier
+  delivery can have reached the engine), so the engine is not called: party_sync tells the player
+  ``action_timeout``, which is then true. A later attempt past its deadline *is* handed to the
+  engine: an earlier one may have started it, and the engine deduplicates by ``action_id``;
+- 422: the engine refused the action (``EngineRejected``) or the body is invalid (final);
+- 500: the engine failed (party_sync retries; deduplication keeps the retry from applying twice).
+
+``POST /notices`` (``--notice-path``): ``{"kind": "join" | "restate", "party_id",
+"campaign_run_id", "envelope"}`` (``party_sync.engine.wire``): a join goes to
+``Engine.handle_join``, a restate to the engine's optional ``handle_restate``. 202 ``accepted``
+(or ``ignored``: the engine has no ``handle_restate``), 422 invalid, 500 the engine failed
+(party_sync retries: re-stating is idempotent).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
 import orjson
 from aiohttp import web
 
-from party_sync.engine.interface import (
-    ActionRequest,
-    Engine,
-    EngineRejected,
-    JoinNotice,
-)
+from party_sync.engine import wire
+from party_sync.engine.interface import ActionRequest, Engine, EngineRejected, restate_engine
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
 from party_sync.protocol.schemas import Contracts, SchemaViolation
@@ -34,6 +45,10 @@ log = logging.getLogger(__name__)
 
 ENGINE: Final = web.AppKey("engine", Engine)
 CONTRACTS: Final = web.AppKey("contracts", Contracts)
+CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
+
+DEADLINE_HEADER: Final = "X-Action-Deadline"
+ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
 
 class ApiPublisher:
@@ -125,64 +140,99 @@ class ApiPublisher:
         raise EngineRejected(message)
 
 
-def _action(body: Mapping[str, Any], envelope: Mapping[str, Any]) -> ActionRequest:
-    p = envelope["payload"]
-    return ActionRequest(
-        party_id=str(body["party_id"]),
-        campaign_run_id=p["campaign_run_id"],
-        character_id=p["character_id"],
-        action_id=p["action_id"],
-        action_type=p["action_type"],
-        payload=p["payload"],
-        trace_id=envelope["trace_id"],
-        envelope=envelope,
-    )
+def _deadline(request: web.Request, body: Mapping[str, Any]) -> float | None:
+    """The action's deadline: the body's ``deadline``, else the ``X-Action-Deadline`` header."""
+    raw = body.get("deadline")
+    return wire.parse_deadline(raw if raw is not None else request.headers.get(DEADLINE_HEADER))
 
 
-async def receive(request: web.Request) -> web.Response:
-    engine, contracts = request.app[ENGINE], request.app[CONTRACTS]
+def _first_attempt(request: web.Request) -> bool:
+    """``X-Delivery-Attempt: 1``: no earlier delivery of this action can have reached us."""
+    return request.headers.get(ATTEMPT_HEADER, "").strip() == "1"
+
+
+def _invalid(exc: Exception) -> web.Response:
+    return web.json_response({"error": "invalid", "detail": str(exc)[:300]}, status=422)
+
+
+async def receive_action(request: web.Request) -> web.Response:
+    """``POST /actions``: one ``action.request`` (see the module docstring for the answers)."""
+    engine, contracts, clock = request.app[ENGINE], request.app[CONTRACTS], request.app[CLOCK]
     try:
         body = orjson.loads(await request.read())
         envelope = body["envelope"]
-        type_ = envelope["type"]
-        if not isinstance(body.get("party_id"), str) or type_ not in (
-            t.ACTION_REQUEST,
-            t.PARTY_JOIN,
-        ):
-            raise ValueError("expected an action.request or party.join envelope and a party_id")
-        check = {**envelope, "seq": 1} if type_ == t.PARTY_JOIN else envelope
-        contracts.validate(type_, check)
+        if not isinstance(body.get("party_id"), str) or envelope["type"] != t.ACTION_REQUEST:
+            raise ValueError("expected an action.request envelope and a party_id")
+        contracts.validate(t.ACTION_REQUEST, envelope)
+        action = wire.parse_action(body["party_id"], envelope, _deadline(request, body))
     except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
-        return web.json_response({"error": "invalid", "detail": str(exc)[:300]}, status=422)
+        return _invalid(exc)
+    if action.deadline is not None and clock() > action.deadline and _first_attempt(request):
+        log.info(
+            "action not started: past its deadline",
+            extra={"trace_id": action.trace_id, "action_id": action.action_id},
+        )
+        return web.json_response(
+            {"error": "expired", "detail": "the action's deadline passed before it started"},
+            status=409,
+        )
     try:
-        if type_ == t.ACTION_REQUEST:
-            await engine.handle_action(_action(body, envelope))
-        else:
-            p = envelope["payload"]
-            await engine.handle_join(
-                JoinNotice(
-                    body["party_id"],
-                    str(body.get("campaign_run_id", "")),
-                    p["character_id"],
-                    p["display_name"],
-                    envelope["trace_id"],
-                )
-            )
+        await engine.handle_action(action)
     except EngineRejected as exc:
         return web.json_response({"error": "rejected", "detail": exc.message}, status=422)
     except Exception:
-        log.exception("engine failed", extra={"trace_id": envelope.get("trace_id")})
+        log.exception("engine failed", extra={"trace_id": action.trace_id})
         return web.json_response({"error": "engine_error", "detail": "engine failed"}, status=500)
     return web.json_response({"status": "accepted"}, status=202)
 
 
+async def receive_notice(request: web.Request) -> web.Response:
+    """``POST /notices``: ``{"kind": "join" | "restate", "party_id", "campaign_run_id",
+    "envelope"}``; 202 handled (or ignored: an engine without ``handle_restate``)."""
+    engine, contracts = request.app[ENGINE], request.app[CONTRACTS]
+    try:
+        body = orjson.loads(await request.read())
+        kind, party_id, envelope = body["kind"], body["party_id"], body["envelope"]
+        run_id = str(body.get("campaign_run_id") or "")
+        if not isinstance(party_id, str) or kind not in ("join", "restate"):
+            raise ValueError("expected kind join or restate and a party_id")
+        if kind == "join":
+            contracts.validate(t.PARTY_JOIN, {**envelope, "seq": 1})
+            join = wire.parse_join(party_id, run_id, envelope)
+        else:
+            restate = wire.parse_restate(party_id, run_id, envelope)
+    except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
+        return _invalid(exc)
+    try:
+        if kind == "join":
+            await engine.handle_join(join)
+            handled = True
+        else:
+            handled = await restate_engine(engine, restate)
+    except Exception:
+        log.exception(
+            "engine failed on a %s notice", kind, extra={"trace_id": envelope["trace_id"]}
+        )
+        return web.json_response({"error": "engine_error", "detail": "engine failed"}, status=500)
+    return web.json_response({"status": "accepted" if handled else "ignored"}, status=202)
+
+
 def build_host_app(
-    engine: Engine, publisher: ApiPublisher, path: str = "/actions"
+    engine: Engine,
+    publisher: ApiPublisher,
+    path: str = "/actions",
+    *,
+    notice_path: str = "/notices",
+    clock: Callable[[], float] = time.time,
 ) -> web.Application:
+    """The engine host: actions on ``path``, notices on ``notice_path``; ``clock`` (Unix
+    seconds) decides whether a first delivery is past its deadline."""
     app = web.Application()
     app[ENGINE] = engine
     app[CONTRACTS] = Contracts()
-    app.router.add_post(path, receive)
+    app[CLOCK] = clock
+    app.router.add_post(path, receive_action)
+    app.router.add_post(notice_path, receive_notice)
 
     async def on_startup(app: web.Application) -> None:
         await publisher.open()

@@ -1,19 +1,44 @@
 """The HTTP engine link: each accepted action is POSTed to ``PARTY_SYNC_ENGINE_URL``.
 
-Body: ``{"party_id": …, "campaign_run_id": …, "envelope": <the action.request envelope>}``; the
-``trace_id`` is also in ``X-Trace-Id`` and the ``action_id`` in ``Idempotency-Key``. Delivery:
+**Actions** go to ``engine_url`` (``url``), and only actions. Body::
+
+    {"party_id": …, "campaign_run_id": …, "envelope": <the action.request envelope>,
+     "deadline": <Unix seconds, absent if none>}
+
+Headers: ``X-Trace-Id`` (the trace), ``Idempotency-Key`` (the ``action_id``),
+``X-Action-Deadline`` (the deadline again, decimal Unix seconds; absent if none) and
+``X-Delivery-Attempt``: 1 + the number of earlier attempts that *may have reached* the engine (an
+attempt refused at connect time did not), so ``1`` promises the engine has never seen the action.
+
+Before the first POST the link claims the action (``LinkHost.claim``): only ``START`` is delivered
+(``EXPIRED``/``FINAL``: party_sync has already answered it). Answers:
 
 - 2xx: delivered; the engine publishes its events through ``POST /api/v1/parties/{id}/events``;
-- 4xx: final; the player gets ``action_rejected`` with the engine's ``detail`` (or the status);
-- connection error, timeout or 5xx: retried with exponential backoff and full jitter, up to
-  ``engine_http_retries`` times, then ``engine_unavailable`` (retryable).
+- 409 ``{"error": "expired"}``: the engine host did not start it, its deadline had passed (it only
+  says so for attempt 1); the player gets ``action_timeout``, true because it was never started;
+- other 4xx: final; the player gets ``action_rejected`` with the engine's ``detail`` (or the
+  status);
+- connection refused (``aiohttp.ClientConnectorError``): the request never left; retried with
+  exponential backoff and full jitter up to ``engine_http_retries`` times. If *every* attempt was
+  refused like this, the player gets ``engine_unavailable``: true, the engine never saw it;
+- timeout after sending, 5xx, a dropped connection: the engine *may* have applied it, so the link
+  never reports a failure. It keeps retrying (the engine deduplicates by ``action_id``) with
+  capped backoff after the normal retries, asking ``claim`` between attempts, until the action has
+  its final answer (``FINAL``: the engine's result arrived) or ``give_up_after`` seconds
+  (``action_record_ttl``) pass; then it stops with an ERROR log and tells the player nothing false.
 
-An engine may therefore receive an action more than once (a timeout does not prove it was not
-applied): it must deduplicate by ``action_id``. party_sync never forwards an action twice on its
-own: a client's repeat is answered from the ledger.
+party_sync never forwards an action twice on its own: a client's repeat is answered from the
+ledger.
 
-Join notices go to the same URL with a ``party.join`` envelope; engines that do not care answer
-2xx and ignore them.
+**Notices** (not actions) go to ``notice_url`` (``PARTY_SYNC_ENGINE_NOTICE_URL``), never to the
+action URL. Body::
+
+    {"kind": "join" | "restate", "party_id": …, "campaign_run_id": …, "envelope": …}
+
+with a ``party.join`` envelope, or ``{"type": "party.restate", "timestamp", "trace_id",
+"payload": {"epoch": …}}`` (``party_sync.engine.wire``); header ``X-Trace-Id``. 2xx: delivered;
+4xx: refused (logged); connection errors and 5xx: retried like actions, then logged. With no
+notice URL, notices are not sent over HTTP at all (one INFO line at start says so).
 """
 
 from __future__ import annotations
@@ -23,21 +48,29 @@ import logging
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import orjson
 
-from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost
-from party_sync.protocol import codec
-from party_sync.protocol import types as t
+from party_sync.engine import wire
+from party_sync.engine.inprocess import claim_until_answered
+from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import ErrorCode
 
 log = logging.getLogger(__name__)
 
+#: The error an engine host answers (409) for a first delivery past its deadline.
+EXPIRED = "expired"
+
+
+class _Unreached(Exception):
+    """The request cannot have reached the engine (refused or unresolvable at connect time)."""
+
 
 class _Retryable(Exception):
-    pass
+    """The request may have reached the engine (timeout after sending, 5xx, dropped connection)."""
 
 
 class HttpEngineLink:
@@ -45,17 +78,23 @@ class HttpEngineLink:
         self,
         url: str,
         *,
+        notice_url: str | None = None,
         timeout: float = 5.0,
         retries: int = 8,
         backoff_base: float = 0.1,
         backoff_max: float = 5.0,
+        give_up_after: float = 600.0,
+        claim_patience: float = 60.0,
         rng: random.Random | None = None,
     ) -> None:
         self.url = url
+        self.notice_url = notice_url
         self.timeout = timeout
         self.retries = retries
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
+        self.give_up_after = give_up_after
+        self.claim_patience = claim_patience
         self._rng = rng or random.Random()
         self._host: LinkHost | None = None
         self._http: aiohttp.ClientSession | None = None
@@ -63,89 +102,167 @@ class HttpEngineLink:
 
     async def start(self, host: LinkHost) -> None:
         self._host = host
-        self._http = aiohttp.ClientSession(
-            timeout=aiohttp.ClientTimeout(total=self.timeout),
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
-        )
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        if self.notice_url is None:
+            log.info(
+                "engine notices (join, restate) are not sent over HTTP: "
+                "PARTY_SYNC_ENGINE_NOTICE_URL is unset"
+            )
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _backoff(self, attempt: int) -> float:
+        """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
+        return self._rng.uniform(
+            0, min(self.backoff_max, self.backoff_base * 2 ** min(attempt, 30))
+        )
+
     async def submit(self, action: ActionRequest) -> None:
         self._spawn(self._deliver_action(action))
 
     async def notify_join(self, notice: JoinNotice) -> None:
-        envelope = {
-            "type": t.PARTY_JOIN,
-            "timestamp": codec.rfc3339(time.time()),
-            "trace_id": notice.trace_id,
-            "payload": {"character_id": notice.character_id, "display_name": notice.display_name},
-        }
-        body = {
-            "party_id": notice.party_id,
-            "campaign_run_id": notice.campaign_run_id,
-            "envelope": envelope,
-        }
-        self._spawn(self._post_quietly(body, notice.trace_id))
+        envelope = wire.join_envelope(notice, time.time())
+        self._notify("join", notice.party_id, notice.campaign_run_id, envelope, notice.trace_id)
 
-    async def _post_quietly(self, body: Mapping[str, Any], trace_id: str) -> None:
-        try:
-            await self._post(body, trace_id, idempotency_key=None)
-        except Exception as exc:  # a join notice is a hint: log and move on
-            log.warning("join notice not delivered: %s", exc, extra={"trace_id": trace_id})
+    async def notify_restate(self, notice: RestateNotice) -> None:
+        envelope = wire.restate_envelope(notice, time.time())
+        self._notify("restate", notice.party_id, notice.campaign_run_id, envelope, notice.trace_id)
+
+    def _notify(
+        self, kind: str, party_id: str, run_id: str, envelope: Mapping[str, Any], trace_id: str
+    ) -> None:
+        if self.notice_url is None:
+            return
+        body = {"kind": kind, "party_id": party_id, "campaign_run_id": run_id, "envelope": envelope}
+        self._spawn(self._deliver_notice(self.notice_url, body, trace_id))
+
+    async def _deliver_notice(self, url: str, body: Mapping[str, Any], trace_id: str) -> None:
+        extra = {"trace_id": trace_id, "party_id": body["party_id"]}
+        headers = {"X-Trace-Id": trace_id, "Content-Type": "application/json"}
+        for attempt in range(self.retries + 1):
+            try:
+                status, answer = await self._post(url, body, headers)
+            except (_Unreached, _Retryable) as exc:
+                if attempt == self.retries:
+                    log.warning("%s notice not delivered: %s", body["kind"], exc, extra=extra)
+                    return
+                await asyncio.sleep(self._backoff(attempt))
+                continue
+            if status >= 400:
+                log.warning(
+                    "the engine refused a %s notice (%d): %s",
+                    body["kind"],
+                    status,
+                    _detail(answer),
+                    extra=extra,
+                )
+            return
 
     async def _deliver_action(self, action: ActionRequest) -> None:
-        assert self._host is not None, "submit() before start()"
-        body = {
+        host = self._host
+        assert host is not None, "submit() before start()"
+        extra = {"trace_id": action.trace_id, "action_id": action.action_id}
+        claim = await claim_until_answered(host, action, patience=self.claim_patience)
+        if claim is not Claim.START:
+            if claim is not None:
+                log.info("action not delivered: %s", claim.value, extra=extra)
+            return
+        body: dict[str, Any] = {
             "party_id": action.party_id,
             "campaign_run_id": action.campaign_run_id,
             "envelope": dict(action.envelope),
         }
-        for attempt in range(self.retries + 1):
+        headers = {
+            "X-Trace-Id": action.trace_id,
+            "Idempotency-Key": action.action_id,
+            "Content-Type": "application/json",
+        }
+        if action.deadline is not None:
+            body["deadline"] = action.deadline
+            headers["X-Action-Deadline"] = wire.format_deadline(action.deadline)
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.give_up_after
+        reached = 0  # attempts that may have reached the engine
+        attempt = 0
+        while True:
+            headers["X-Delivery-Attempt"] = str(reached + 1)
             try:
-                status, detail = await self._post(body, action.trace_id, action.action_id)
+                status, answer = await self._post(self.url, body, headers)
+            except _Unreached as exc:
+                failure: Exception = exc
             except _Retryable as exc:
-                if attempt == self.retries:
-                    log.warning(
-                        "engine unreachable, giving up: %s",
-                        exc,
-                        extra={"trace_id": action.trace_id, "action_id": action.action_id},
-                    )
-                    await self._host.fail(
+                reached += 1
+                failure = exc
+            else:
+                await self._answered(host, action, status, answer)
+                return
+            attempt += 1
+            if attempt > self.retries:
+                if not reached:  # it never left party_sync: "unavailable" is the truth
+                    log.warning("engine unreachable, giving up: %s", failure, extra=extra)
+                    await host.fail(
                         action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unreachable: retry"
                     )
                     return
-                delay = self._rng.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
-                log.info(
-                    "engine delivery failed (%s); retry %d in %.2fs",
-                    exc,
-                    attempt + 1,
-                    delay,
-                    extra={"trace_id": action.trace_id, "action_id": action.action_id},
-                )
-                await asyncio.sleep(delay)
-                continue
-            if 400 <= status < 500:
-                await self._host.reject(
-                    action, detail or f"the engine refused the action ({status})"
-                )
-            return
+                if await self._answered_meanwhile(host, action):
+                    log.info("the action was answered while its delivery was retried", extra=extra)
+                    return
+                if loop.time() >= give_up_at:
+                    log.error(
+                        "engine delivery abandoned after %.0fs (it may have been applied: the "
+                        "player is told nothing)",
+                        self.give_up_after,
+                        extra=extra,
+                    )
+                    return
+            delay = self._backoff(attempt - 1)
+            log.info(
+                "engine delivery failed (%s); retry %d in %.2fs",
+                failure,
+                attempt,
+                delay,
+                extra=extra,
+            )
+            await asyncio.sleep(delay)
+
+    async def _answered_meanwhile(self, host: LinkHost, action: ActionRequest) -> bool:
+        try:
+            # Without its deadline: this action was started (claimed START) and maybe applied;
+            # if party_sync lost its record, a deadline would make the claim refuse it (a lie).
+            return await host.claim(replace(action, deadline=None)) is Claim.FINAL
+        except Exception:
+            return False
+
+    async def _answered(
+        self, host: LinkHost, action: ActionRequest, status: int, answer: Any
+    ) -> None:
+        if status == 409 and isinstance(answer, dict) and answer.get("error") == EXPIRED:
+            await host.fail(
+                action,
+                ErrorCode.ACTION_TIMEOUT,
+                "the engine did not start the action before its deadline: retry",
+            )
+        elif 400 <= status < 500:
+            await host.reject(
+                action, _detail(answer) or f"the engine refused the action ({status})"
+            )
 
     async def _post(
-        self, body: Mapping[str, Any], trace_id: str, idempotency_key: str | None
-    ) -> tuple[int, str | None]:
+        self, url: str, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> tuple[int, Any]:
+        """POST; (status, parsed JSON body or its text). Raises ``_Unreached``/``_Retryable``."""
         assert self._http is not None
-        headers = {"X-Trace-Id": trace_id, "Content-Type": "application/json"}
-        if idempotency_key:
-            headers["Idempotency-Key"] = idempotency_key
         try:
-            async with self._http.post(self.url, data=orjson.dumps(body), headers=headers) as resp:
+            async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
                 text = await resp.text()
                 if resp.status >= 500:
                     raise _Retryable(f"HTTP {resp.status}")
-                return resp.status, _detail(text) if resp.status >= 400 else None
+                return resp.status, _parse(text)
+        except aiohttp.ClientConnectorError as exc:
+            raise _Unreached(type(exc).__name__) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Retryable(type(exc).__name__) from None
 
@@ -157,14 +274,19 @@ class HttpEngineLink:
             await self._http.close()
 
 
-def _detail(text: str) -> str | None:
-    """The human reason in an engine's error body (``detail`` or ``error``), if any."""
+def _parse(text: str) -> Any:
     try:
-        body = orjson.loads(text)
+        return orjson.loads(text)
     except ValueError:
-        return text[:300] or None
-    if isinstance(body, dict):
+        return text
+
+
+def _detail(answer: Any) -> str | None:
+    """The human reason in an engine's error body (``detail``, ``error`` or ``message``)."""
+    if isinstance(answer, str):
+        return answer[:300] or None
+    if isinstance(answer, dict):
         for key in ("detail", "error", "message"):
-            if isinstance(body.get(key), str):
-                return str(body[key])[:300]
+            if isinstance(answer.get(key), str):
+                return str(answer[key])[:300]
     return None

@@ -1,13 +1,23 @@
 """The Redis Streams engine link: accepted actions are appended to a stream (issue 4).
 
-Entry fields: ``kind`` (``action`` | ``join``), ``party_id``, ``campaign_run_id`` and ``envelope``
-(the whole JSON envelope; never pickle). Engines consume the stream with a consumer group
-(``party-sync engine-worker``): delivery is at least once, an entry stays pending until the
-engine acknowledges it, and a dead worker's entries are reclaimed by another.
+Entry fields (all strings; never pickle):
 
-If no engine is running, actions wait in the stream; the acting player gets ``action_timeout``
-(retryable) while the action stays in flight, and a resend is answered ``action_in_flight`` until
-the engine comes back and its result is broadcast.
+- ``kind``: ``action`` | ``join`` | ``restate``;
+- ``party_id`` and ``campaign_run_id``;
+- ``envelope``: the whole JSON envelope (``action.request``, ``party.join``, or
+  ``party.restate`` = ``{"type": "party.restate", "timestamp", "trace_id",
+  "payload": {"epoch": …}}``, see ``party_sync.engine.wire``);
+- ``deadline`` (actions only, absent when the action has none): decimal Unix seconds after which
+  the action must not be *started* (``ActionRequest.deadline``).
+
+Engines consume the stream with a consumer group (``party-sync engine-worker``): delivery is at
+least once, an entry stays pending until the engine acknowledges it, and a dead worker's entries
+are reclaimed by another. Before starting an action the worker claims it (``LinkHost.claim``), so
+an action that waited past its deadline (no worker running) is refused with ``action_timeout``
+and never applied later.
+
+Restate notices (``notify_restate``) travel the same stream, so a party's lost state is re-stated
+by whichever worker is up, at least once.
 """
 
 from __future__ import annotations
@@ -17,28 +27,46 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
-from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost
-from party_sync.protocol import codec
-from party_sync.protocol import types as t
+from party_sync.engine import wire
+from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
 
 
-def entry(kind: str, party_id: str, campaign_run_id: str, envelope: Any) -> dict[str, bytes]:
-    return {
+def entry(
+    kind: str,
+    party_id: str,
+    campaign_run_id: str,
+    envelope: Any,
+    deadline: float | None = None,
+) -> dict[str, bytes]:
+    """The fields of one stream entry (see the module docstring)."""
+    fields = {
         "kind": kind.encode(),
         "party_id": party_id.encode(),
         "campaign_run_id": campaign_run_id.encode(),
         "envelope": orjson.dumps(envelope),
     }
+    if deadline is not None:
+        fields["deadline"] = wire.format_deadline(deadline).encode()
+    return fields
 
 
 class StreamEngineLink:
     def __init__(self, redis_url: str, stream: str, maxlen: int) -> None:
         self.stream = stream
         self.maxlen = maxlen
-        self._redis = Redis.from_url(redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
+        # One retry on a fresh connection: after a Redis restart the pooled socket is dead. A
+        # retried XADD may append the entry twice: harmless, delivery is at least once anyway.
+        self._redis = Redis.from_url(
+            redis_url,
+            socket_timeout=5.0,
+            socket_connect_timeout=2.0,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+        )
 
     async def start(self, host: LinkHost) -> None:
         return None
@@ -56,17 +84,22 @@ class StreamEngineLink:
 
     async def submit(self, action: ActionRequest) -> None:
         await self._append(
-            entry("action", action.party_id, action.campaign_run_id, dict(action.envelope))
+            entry(
+                "action",
+                action.party_id,
+                action.campaign_run_id,
+                dict(action.envelope),
+                action.deadline,
+            )
         )
 
     async def notify_join(self, notice: JoinNotice) -> None:
-        envelope = {
-            "type": t.PARTY_JOIN,
-            "timestamp": codec.rfc3339(time.time()),
-            "trace_id": notice.trace_id,
-            "payload": {"character_id": notice.character_id, "display_name": notice.display_name},
-        }
+        envelope = wire.join_envelope(notice, time.time())
         await self._append(entry("join", notice.party_id, notice.campaign_run_id, envelope))
+
+    async def notify_restate(self, notice: RestateNotice) -> None:
+        envelope = wire.restate_envelope(notice, time.time())
+        await self._append(entry("restate", notice.party_id, notice.campaign_run_id, envelope))
 
     async def close(self) -> None:
         await self._redis.aclose()

@@ -8,18 +8,44 @@ leaves them pending; any worker reclaims them with XAUTOCLAIM once they have bee
 party_sync refuses to broadcast a second ``action.result`` for one action, so a result is
 broadcast once.
 
-An entry that keeps failing is retried until ``max_deliveries``, then the player gets
-``engine_error`` and the entry is acknowledged (dead-lettered in the log with its trace_id).
+Entry kinds (fields in ``stream_link``): ``action`` → ``Engine.handle_action``; ``join`` →
+``Engine.handle_join``; ``restate`` → ``handle_restate`` through ``restate_engine`` (an engine
+without it ignores the notice).
+
+**Claim before start.** Right before the engine gets an action, the worker asks party_sync
+(``publisher.claim``): ``START`` runs it; ``EXPIRED`` (it waited past its ``deadline``, field
+``deadline`` of the entry, and party_sync has refused it with ``action_timeout``) and ``FINAL``
+(it already has its final answer) acknowledge the entry without running it. So an action that
+waited in the stream while no worker ran is never applied after its sender was told it timed out.
+A *redelivered* entry (reclaimed, or re-read from this worker's pending list) is claimed without
+its deadline: an earlier delivery may have started it, and only party_sync's record of the action
+(which keeps its own deadline) can tell; without a record it runs (the engine deduplicates).
+
+An entry that keeps failing in the engine is retried until ``max_deliveries``, then the player
+gets ``engine_error`` (``publisher.fail``) and the entry is acknowledged (dead-lettered in the log
+with its trace_id).
+
+**Self-healing.** No Redis or backend error ends ``run``: Redis down at start, a restart, a stall,
+a killed connection. A failed round is counted (``errors``), logged at WARNING once per episode
+(not per round; the next ones at DEBUG), and retried after a short capped backoff (at most
+``retry_max`` seconds, so the worker resumes within about a second of Redis answering); the first
+round that works again logs INFO "recovered". When Redis comes back *empty* every group command
+answers ``NOGROUP``: the worker then re-creates the group (``XGROUP CREATE … 0 MKSTREAM``; a
+``BUSYGROUP`` from another worker that was quicker is fine) and reads from the start of the new
+stream, so actions appended since the restart are handled. After any failed round the worker
+first re-reads its own pending entries (``XREADGROUP … 0``) instead of waiting ``claim_idle`` for
+them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
@@ -27,12 +53,23 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from party_sync.backends.keys import ACTIONS_STREAM
-from party_sync.engine.interface import ActionRequest, Engine, EngineRejected, JoinNotice
-from party_sync.protocol import types as t
-from party_sync.protocol.errors import ErrorCode
-from party_sync.publishing import BackendPublisher
+from party_sync.engine import wire
+from party_sync.engine.interface import (
+    ActionRequest,
+    Claim,
+    Engine,
+    EngineRejected,
+    LinkHost,
+    restate_engine,
+)
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 
 log = logging.getLogger(__name__)
+
+#: Errors of Redis or of party_sync's backend: the round is retried, the worker never stops.
+INFRA_ERRORS = (RedisError, BackendUnavailable, OSError, TimeoutError)
+
+Entry = tuple[bytes, Mapping[bytes, bytes] | None]
 
 
 def default_consumer() -> str:
@@ -50,100 +87,213 @@ class WorkerOptions:
     block: float = 1.0  # seconds one XREADGROUP may wait
     max_deliveries: int = 5
     burst: bool = False  # stop once the stream has nothing left for this worker (tests, cron)
+    retry_min: float = 0.05  # first pause after a failed round (doubles up to retry_max)
+    retry_max: float = 1.0  # longest pause between two attempts while Redis is unavailable
+
+
+def is_nogroup(exc: BaseException) -> bool:
+    """Redis lost the consumer group (or the whole stream): it must be created again."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
 class StreamWorker:
+    """One consumer of the actions stream; ``run`` until ``stop`` (or idle, in burst mode)."""
+
     def __init__(
-        self, engine: Engine, publisher: BackendPublisher, redis: Redis, options: WorkerOptions
+        self, engine: Engine, publisher: LinkHost, redis: Redis, options: WorkerOptions
     ) -> None:
         self.engine = engine
         self.publisher = publisher
         self.redis = redis
         self.options = options
-        self.handled = 0
+        self.handled = 0  # entries handled and acknowledged
+        self.skipped = 0  # actions acknowledged without running them (claim EXPIRED / FINAL)
+        self.errors = 0  # rounds that failed on Redis or the backend (all survived)
+        self.groups_created = 0  # times this worker created the consumer group
+        self._group_ready = False
+        self._degraded = False
+        self._own_cursor: str | None = "0"  # re-read our own pending entries from here
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
 
+    @property
+    def degraded(self) -> bool:
+        """True while rounds fail (Redis or the backend unavailable)."""
+        return self._degraded
+
     async def run(self) -> None:
+        o = self.options
+        await self.engine.start(self.publisher)
+        log.info("engine worker consuming", extra={"stream": o.stream, "group": o.group})
+        delay = o.retry_min
+        try:
+            while not self._stop.is_set():
+                try:
+                    if not self._group_ready:
+                        await self._ensure_group()
+                    busy = await self._round()
+                except INFRA_ERRORS as exc:
+                    self._failed(exc)
+                    await self._pause(delay)
+                    delay = min(o.retry_max, delay * 2)
+                    continue
+                delay = o.retry_min
+                self._recovered()
+                if o.burst and not busy:
+                    return
+        finally:
+            await self.engine.close()
+
+    async def _ensure_group(self) -> None:
         o = self.options
         try:
             await self.redis.xgroup_create(o.stream, o.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
                 raise
-        await self.engine.start(self.publisher)
-        log.info("engine worker consuming", extra={"stream": o.stream, "group": o.group})
-        try:
-            while not self._stop.is_set():
-                try:
-                    busy = await self._round()
-                except RedisError as exc:  # Redis blips: wait a moment, then carry on
-                    log.warning("actions stream unavailable: %s", exc)
-                    await asyncio.sleep(min(1.0, o.block))
-                    continue
-                if o.burst and not busy:
-                    return
-        finally:
-            await self.engine.close()
+        else:
+            self.groups_created += 1
+            if self.groups_created > 1:
+                log.warning(
+                    "consumer group %s was missing (Redis restarted empty or was flushed): "
+                    "created it again",
+                    o.group,
+                    extra={"stream": o.stream},
+                )
+        self._group_ready = True
+
+    def _failed(self, exc: BaseException) -> None:
+        self.errors += 1
+        if is_nogroup(exc):
+            self._group_ready = False
+        self._own_cursor = "0"  # whatever we were holding is handled first when Redis is back
+        if not self._degraded:
+            self._degraded = True
+            log.warning(
+                "actions stream unavailable (%s: %s); retrying until it answers",
+                type(exc).__name__,
+                exc,
+                extra={"stream": self.options.stream},
+            )
+        else:
+            log.debug("actions stream still unavailable: %s", exc)
+
+    def _recovered(self) -> None:
+        if self._degraded:
+            self._degraded = False
+            log.info(
+                "actions stream recovered (%d failed rounds so far)",
+                self.errors,
+                extra={"stream": self.options.stream},
+            )
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     async def _round(self) -> bool:
-        """One round: reclaim idle entries, then read new ones. True if anything was handled."""
+        """One round: our own pending entries first (after a failure), then reclaim idle
+        entries, then read new ones. True if anything was handled."""
         o = self.options
-        claimed = await self.redis.xautoclaim(
-            o.stream, o.group, o.consumer, int(o.claim_idle * 1000), "0-0", count=o.batch
-        )
-        entries: list[tuple[bytes, dict[bytes, bytes]]] = [e for e in claimed[1] if e and e[1]]
-        if not entries:
-            block = None if o.burst else int(o.block * 1000)
+        entries: list[Entry] = []
+        redelivery = True  # our own pending entries and reclaimed ones were delivered before
+        if self._own_cursor is not None:
             read: Any = await self.redis.xreadgroup(
+                o.group, o.consumer, {o.stream: self._own_cursor}, count=o.batch
+            )
+            entries = [e for _, items in read or () for e in items]
+            self._own_cursor = entries[-1][0].decode() if len(entries) >= o.batch else None
+        if not entries:
+            claimed = await self.redis.xautoclaim(
+                o.stream, o.group, o.consumer, int(o.claim_idle * 1000), "0-0", count=o.batch
+            )
+            entries = [e for e in claimed[1] if e]
+        if not entries:
+            redelivery = False
+            block = None if o.burst else int(o.block * 1000)
+            read = await self.redis.xreadgroup(
                 o.group, o.consumer, {o.stream: ">"}, count=o.batch, block=block
             )
             entries = [e for _, items in read or () for e in items]
         for entry_id, fields in entries:
-            await self._handle(entry_id, fields)
+            if self._stop.is_set():
+                break  # the rest stays pending: another worker (or our next start) takes it
+            if not fields:  # trimmed or deleted while pending: nothing left to do
+                await self.redis.xack(o.stream, o.group, entry_id)
+                continue
+            await self._handle(entry_id, fields, redelivery=redelivery)
         return bool(entries)
 
-    async def _handle(self, entry_id: bytes, fields: Mapping[bytes, bytes]) -> None:
+    async def _handle(
+        self, entry_id: bytes, fields: Mapping[bytes, bytes], *, redelivery: bool = False
+    ) -> None:
         o = self.options
         try:
             kind = fields[b"kind"].decode()
             party_id = fields[b"party_id"].decode()
             run_id = fields.get(b"campaign_run_id", b"").decode()
             envelope: dict[str, Any] = orjson.loads(fields[b"envelope"])
-        except (KeyError, ValueError):
+            deadline = wire.parse_deadline(fields.get(b"deadline"))
+            action = wire.parse_action(party_id, envelope, deadline) if kind == "action" else None
+            join = wire.parse_join(party_id, run_id, envelope) if kind == "join" else None
+            restate = wire.parse_restate(party_id, run_id, envelope) if kind == "restate" else None
+        except (KeyError, ValueError, TypeError, AttributeError):
             log.error("malformed entry on the actions stream; acknowledged and dropped")
             await self.redis.xack(o.stream, o.group, entry_id)
             return
         trace_id = str(envelope.get("trace_id", ""))
-        action: ActionRequest | None = None
         try:
-            if kind == "action":
-                action = _action(party_id, envelope)
-                try:
-                    await self.engine.handle_action(action)
-                except EngineRejected as exc:
-                    await self.publisher.reject(action, exc.message)
-            elif kind == "join":
-                p = envelope["payload"]
-                notice = JoinNotice(
-                    party_id, run_id, p["character_id"], p["display_name"], trace_id
+            if action is not None:
+                # A redelivery may have been started by a worker that died: if party_sync lost
+                # the action's record, only the record could say so, and the deadline alone
+                # would refuse an action that may be applied. So a redelivery is claimed on the
+                # record alone (whose own deadline still refuses one never started).
+                claim = await self.publisher.claim(
+                    replace(action, deadline=None) if redelivery else action
                 )
-                await self.engine.handle_join(notice)
-        except Exception:
-            if await self._give_up(entry_id):
-                log.exception("engine failed; giving up", extra={"trace_id": trace_id})
-                if action is not None:
-                    await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
-                await self.redis.xack(o.stream, o.group, entry_id)
+                if claim is not Claim.START:
+                    log.info(
+                        "action not started: %s",
+                        claim.value,
+                        extra={"trace_id": trace_id, "action_id": action.action_id},
+                    )
+                    await self.redis.xack(o.stream, o.group, entry_id)
+                    self.skipped += 1
+                    return
+                await self._run_action(action)
+            elif join is not None:
+                await self.engine.handle_join(join)
+            elif restate is not None:
+                await restate_engine(self.engine, restate)
             else:
-                log.exception(
-                    "engine failed; the entry stays pending", extra={"trace_id": trace_id}
-                )
+                log.warning("unknown entry kind %r on the actions stream; acknowledged", kind)
+        except INFRA_ERRORS:
+            raise  # Redis or the backend, not the engine: the round fails, the entry stays pending
+        except Exception:
+            await self._engine_failed(entry_id, action, trace_id)
             return
         await self.redis.xack(o.stream, o.group, entry_id)
         self.handled += 1
+
+    async def _run_action(self, action: ActionRequest) -> None:
+        try:
+            await self.engine.handle_action(action)
+        except EngineRejected as exc:
+            await self.publisher.reject(action, exc.message)
+
+    async def _engine_failed(
+        self, entry_id: bytes, action: ActionRequest | None, trace_id: str
+    ) -> None:
+        o = self.options
+        if await self._give_up(entry_id):
+            log.exception("engine failed; giving up", extra={"trace_id": trace_id})
+            if action is not None:
+                await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
+            await self.redis.xack(o.stream, o.group, entry_id)
+        else:
+            log.exception("engine failed; the entry stays pending", extra={"trace_id": trace_id})
 
     async def _give_up(self, entry_id: bytes) -> bool:
         o = self.options
@@ -152,19 +302,3 @@ class StreamWorker:
         )
         deliveries = int(pending[0]["times_delivered"]) if pending else o.max_deliveries
         return deliveries >= o.max_deliveries
-
-
-def _action(party_id: str, envelope: Mapping[str, Any]) -> ActionRequest:
-    if envelope.get("type") != t.ACTION_REQUEST:
-        raise ValueError("not an action.request")
-    p = envelope["payload"]
-    return ActionRequest(
-        party_id=party_id,
-        campaign_run_id=p["campaign_run_id"],
-        character_id=p["character_id"],
-        action_id=p["action_id"],
-        action_type=p["action_type"],
-        payload=p["payload"],
-        trace_id=envelope["trace_id"],
-        envelope=envelope,
-    )

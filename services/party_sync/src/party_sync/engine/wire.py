@@ -1,0 +1,108 @@
+"""What the out-of-process engine transports put on the wire, shared by both ends (no I/O).
+
+The Redis Streams link and worker, and the HTTP link and host, carry the same three things:
+
+- an **action**: the ``action.request`` envelope as validated, plus its deadline
+  (``format_deadline``: decimal Unix seconds; absent when the action has none);
+- a **join notice**: a ``party.join`` envelope (``join_envelope``), a hint;
+- a **restate notice**: ``{"type": "party.restate", "timestamp", "trace_id",
+  "payload": {"epoch": <the party's new epoch>}}`` (``restate_envelope``), at least once.
+
+``party.restate`` is not a client message (no client ever sees it, so it has no schema under
+``contracts/jsonschema``); ``parse_restate`` checks its shape instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any, Final
+
+from party_sync.engine.interface import ActionRequest, JoinNotice, RestateNotice
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+
+#: The envelope type of a restate notice (engine transports only; never sent to clients).
+PARTY_RESTATE: Final = "party.restate"
+
+
+def format_deadline(deadline: float) -> str:
+    """A deadline as decimal Unix seconds (``repr`` keeps every digit of the float)."""
+    return repr(float(deadline))
+
+
+def parse_deadline(raw: object) -> float | None:
+    """A deadline from a stream field, a JSON number or a header; None if absent.
+
+    Raises ``ValueError`` for something that is not a finite number.
+    """
+    if raw is None or raw in ("", b""):
+        return None
+    if isinstance(raw, bool):
+        raise ValueError("a deadline is a number of seconds")
+    if isinstance(raw, bytes):
+        raw = raw.decode()
+    if not isinstance(raw, (str, int, float)):
+        raise ValueError("a deadline is a number of seconds")
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("a deadline must be finite")
+    return value
+
+
+def join_envelope(notice: JoinNotice, now: float) -> dict[str, Any]:
+    return {
+        "type": t.PARTY_JOIN,
+        "timestamp": codec.rfc3339(now),
+        "trace_id": notice.trace_id,
+        "payload": {"character_id": notice.character_id, "display_name": notice.display_name},
+    }
+
+
+def restate_envelope(notice: RestateNotice, now: float) -> dict[str, Any]:
+    return {
+        "type": PARTY_RESTATE,
+        "timestamp": codec.rfc3339(now),
+        "trace_id": notice.trace_id,
+        "payload": {"epoch": notice.epoch},
+    }
+
+
+def parse_join(party_id: str, run_id: str, envelope: Mapping[str, Any]) -> JoinNotice:
+    """Raises ``KeyError``/``TypeError``/``ValueError`` for a malformed envelope."""
+    if envelope.get("type") != t.PARTY_JOIN:
+        raise ValueError("not a party.join")
+    p = envelope["payload"]
+    return JoinNotice(
+        party_id, run_id, str(p["character_id"]), str(p["display_name"]), str(envelope["trace_id"])
+    )
+
+
+def parse_restate(party_id: str, run_id: str, envelope: Mapping[str, Any]) -> RestateNotice:
+    """Raises ``KeyError``/``TypeError``/``ValueError`` for a malformed envelope."""
+    if envelope.get("type") != PARTY_RESTATE:
+        raise ValueError("not a party.restate")
+    epoch, trace_id = envelope["payload"]["epoch"], envelope["trace_id"]
+    if not isinstance(epoch, str) or not isinstance(trace_id, str) or not run_id:
+        raise ValueError("party.restate needs a string epoch, trace_id and campaign_run_id")
+    return RestateNotice(party_id, run_id, epoch, trace_id)
+
+
+def parse_action(
+    party_id: str, envelope: Mapping[str, Any], deadline: float | None
+) -> ActionRequest:
+    """Raises ``KeyError``/``TypeError``/``ValueError`` for a malformed envelope."""
+    if envelope.get("type") != t.ACTION_REQUEST:
+        raise ValueError("not an action.request")
+    p = envelope["payload"]
+    return ActionRequest(
+        party_id=party_id,
+        campaign_run_id=p["campaign_run_id"],
+        character_id=p["character_id"],
+        action_id=p["action_id"],
+        action_type=p["action_type"],
+        payload=p["payload"],
+        trace_id=envelope["trace_id"],
+        envelope=envelope,
+        deadline=deadline,
+    )

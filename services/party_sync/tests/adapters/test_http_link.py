@@ -1,0 +1,366 @@
+"""The HTTP transport's two ends over loopback: ``HttpEngineLink`` and the engine host app.
+
+The link talks to the real host app (``build_host_app`` with a ``ScriptedEngine``) or to a
+scripted fake; party_sync's side is a ``RecordingHost``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from aiohttp import web
+from party_sync.engine.http_host import ApiPublisher, build_host_app
+from party_sync.engine.http_link import HttpEngineLink
+from party_sync.engine.interface import Claim, JoinNotice, RestateNotice
+from party_sync.protocol.errors import ErrorCode
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.hosts import RecordingHost, make_action
+from ps_testkit.servers import free_port
+
+PAST = 1_000_000_000.0  # 2001: long gone
+FUTURE = 4_000_000_000.0  # 2096
+
+
+@contextlib.asynccontextmanager
+async def serve(app: web.Application, port: int = 0) -> AsyncIterator[str]:
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", port)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def host_app(engine: ScriptedEngine) -> web.Application:
+    # The engine stays silent (publishes nothing), so the API publisher is never used.
+    engine.mode = "silent"
+    return build_host_app(engine, ApiPublisher("http://127.0.0.1:9", "unused-key"))
+
+
+@contextlib.asynccontextmanager
+async def started_link(
+    host: RecordingHost, url: str, **options: Any
+) -> AsyncIterator[HttpEngineLink]:
+    options = {"timeout": 2.0, "retries": 2, "backoff_base": 0.001, "backoff_max": 0.01, **options}
+    link = HttpEngineLink(url, **options)
+    await link.start(host)
+    try:
+        yield link
+    finally:
+        await link.close()
+
+
+async def idle(link: HttpEngineLink) -> None:
+    """Every delivery the link started has ended."""
+    await wait_until(lambda: not link._tasks, timeout=10)
+
+
+@dataclass
+class ScriptedApi:
+    """A fake engine endpoint: answers POSTs to /actions from ``answers`` (then 202);
+    ``"hang"`` waits until ``release`` is set (past the link's timeout)."""
+
+    answers: list[int | str] = field(default_factory=list)
+    actions: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    notices: list[tuple[dict[str, str], dict[str, Any]]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def action(self, request: web.Request) -> web.Response:
+        self.actions.append((dict(request.headers), orjson.loads(await request.read())))
+        answer = self.answers.pop(0) if self.answers else 202
+        if answer == "hang":
+            await self.release.wait()
+            return web.json_response({}, status=202)
+        if answer == "expired":
+            return web.json_response({"error": "expired"}, status=409)
+        assert isinstance(answer, int)
+        return web.json_response({"detail": f"status {answer}"}, status=answer)
+
+    async def notice(self, request: web.Request) -> web.Response:
+        self.notices.append((dict(request.headers), orjson.loads(await request.read())))
+        return web.json_response({}, status=202)
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/actions", self.action)
+        app.router.add_post("/notices", self.notice)
+        return app
+
+
+# --- the link --------------------------------------------------------------------------------
+
+
+async def test_an_action_carries_its_deadline_and_attempt_number() -> None:
+    api, host = ScriptedApi(), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("h-1", deadline=1_900_000_000.5))
+        await idle(link)
+    [(headers, body)] = api.actions
+    assert body["deadline"] == 1_900_000_000.5
+    assert body["party_id"] == "p1" and body["campaign_run_id"] == "r1"
+    assert body["envelope"]["payload"]["action_id"] == "h-1"
+    assert headers["X-Action-Deadline"] == "1900000000.5"
+    assert headers["X-Delivery-Attempt"] == "1"
+    assert headers["Idempotency-Key"] == "h-1"
+    assert headers["X-Trace-Id"] == "trace-h-1"
+    assert [a.action_id for a in host.claimed] == ["h-1"]  # claimed before the POST
+
+
+async def test_an_action_without_deadline_has_no_deadline_field() -> None:
+    api, host = ScriptedApi(), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("h-2"))
+        await idle(link)
+    [(headers, body)] = api.actions
+    assert "deadline" not in body and "X-Action-Deadline" not in headers
+
+
+@pytest.mark.parametrize("claim", [Claim.EXPIRED, Claim.FINAL])
+async def test_an_action_whose_claim_is_not_start_is_never_posted(claim: Claim) -> None:
+    api, host = ScriptedApi(), RecordingHost(claims={"no": claim})
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("no"))
+        await link.submit(make_action("yes"))
+        await idle(link)
+    assert [body["envelope"]["payload"]["action_id"] for _, body in api.actions] == ["yes"]
+    assert host.failed == []
+
+
+async def test_a_409_expired_becomes_action_timeout() -> None:
+    api, host = ScriptedApi(answers=["expired"]), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("x", deadline=PAST))
+        await idle(link)
+    assert host.failed == [("x", ErrorCode.ACTION_TIMEOUT)]
+    assert host.rejected == []
+
+
+async def test_another_4xx_is_a_rejection() -> None:
+    api, host = ScriptedApi(answers=[409]), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("r"))
+        await idle(link)
+    assert host.rejected == [("r", "status 409")]
+    assert host.failed == []
+
+
+async def test_an_engine_refusing_every_connection_ends_in_engine_unavailable() -> None:
+    host = RecordingHost()
+    url = f"http://127.0.0.1:{free_port()}/actions"  # nothing listens: refused at connect
+    async with started_link(host, url, retries=2) as link:
+        await link.submit(make_action("gone"))
+        await idle(link)
+    assert host.failed == [("gone", ErrorCode.ENGINE_UNAVAILABLE)]
+
+
+async def test_5xx_is_never_reported_as_a_failure_and_retried_until_the_action_is_final() -> None:
+    api, host = ScriptedApi(answers=[503] * 1000), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions", retries=1) as link:
+        await link.submit(make_action("maybe"))
+        await wait_until(lambda: len(api.actions) >= 5, timeout=10)  # past the 1 retry
+        assert host.failed == []  # it may have been applied: no "failed" for it
+        host.claims["maybe"] = Claim.FINAL  # its result arrived through the events API
+        await idle(link)
+    assert host.failed == [] and host.rejected == []
+    attempts = [headers["X-Delivery-Attempt"] for headers, _ in api.actions]
+    assert attempts[:3] == ["1", "2", "3"]  # each 503 may have reached the engine
+    # The checks for a final answer are made without the deadline (see http_link).
+    assert all(a.deadline is None for a in host.claimed[1:])
+
+
+async def test_a_delivery_that_may_have_reached_the_engine_gives_up_silently_after_the_bound(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    api, host = ScriptedApi(answers=[500] * 1000), RecordingHost()
+    async with (
+        serve(api.app()) as base,
+        started_link(host, f"{base}/actions", retries=1, give_up_after=0.0) as link,
+    ):
+        await link.submit(make_action("lost"))
+        await idle(link)
+    assert host.failed == []  # never "failed" for something that may be applied
+    assert any("abandoned" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+async def test_a_timeout_after_sending_counts_as_reached_and_the_retry_is_attempt_2() -> None:
+    api, host = ScriptedApi(answers=["hang"]), RecordingHost()
+    async with serve(api.app()) as base:
+        async with started_link(host, f"{base}/actions", timeout=0.3) as link:
+            await link.submit(make_action("slow"))
+            await wait_until(lambda: len(api.actions) == 2, timeout=10)
+            await idle(link)
+        api.release.set()
+    assert [h["X-Delivery-Attempt"] for h, _ in api.actions] == ["1", "2"]
+    assert host.failed == []
+
+
+async def test_refused_attempts_do_not_count_and_the_host_refuses_a_late_first_delivery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The engine host comes up only after the link's first attempts were refused, and after the
+    action's deadline: the first POST that reaches it is still attempt 1, so it answers 409
+    expired without calling the engine, and the player's ``action_timeout`` is true."""
+    caplog.set_level(logging.INFO, "party_sync.engine.http_link")
+    port = free_port()
+    engine, host = ScriptedEngine(), RecordingHost()
+    url = f"http://127.0.0.1:{port}/actions"
+    async with started_link(host, url, retries=1000, backoff_base=0.02, backoff_max=0.05) as link:
+        await link.submit(make_action("late", deadline=PAST))
+        await wait_until(
+            lambda: any("retry 2 " in r.getMessage() for r in caplog.records), timeout=10
+        )
+        async with serve(host_app(engine), port):
+            await idle(link)
+    assert host.failed == [("late", ErrorCode.ACTION_TIMEOUT)]
+    assert engine.calls == []
+
+
+async def test_notices_go_to_the_notice_url_never_to_the_action_url() -> None:
+    api, host = ScriptedApi(), RecordingHost()
+    async with (
+        serve(api.app()) as base,
+        started_link(host, f"{base}/actions", notice_url=f"{base}/notices") as link,
+    ):
+        await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j"))
+        await link.notify_restate(RestateNotice("p1", "r1", "epoch-9", "trace-r"))
+        await wait_until(lambda: len(api.notices) == 2)
+        await idle(link)
+    assert api.actions == []
+    bodies = sorted((body for _, body in api.notices), key=lambda b: str(b["kind"]))
+    join, restate = bodies
+    assert join["kind"] == "join" and join["party_id"] == "p1" and join["campaign_run_id"] == "r1"
+    assert join["envelope"]["type"] == "party.join"
+    assert join["envelope"]["payload"] == {"character_id": "aria", "display_name": "Aria"}
+    assert restate["kind"] == "restate" and restate["campaign_run_id"] == "r1"
+    assert restate["envelope"]["type"] == "party.restate"
+    assert restate["envelope"]["trace_id"] == "trace-r"
+    assert restate["envelope"]["payload"] == {"epoch": "epoch-9"}
+    assert {headers["X-Trace-Id"] for headers, _ in api.notices} == {"trace-j", "trace-r"}
+
+
+async def test_without_a_notice_url_notices_are_not_sent_and_the_start_says_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "party_sync.engine.http_link")
+    api, host = ScriptedApi(), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j"))
+        await link.notify_restate(RestateNotice("p1", "r1", "epoch-9", "trace-r"))
+        await link.submit(make_action("a"))
+        await idle(link)
+    assert api.notices == []
+    assert [body["envelope"]["type"] for _, body in api.actions] == ["action.request"]
+    infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert sum("not sent over HTTP" in message for message in infos) == 1
+
+
+async def test_a_restate_notice_is_retried_until_the_engine_takes_it() -> None:
+    engine, host = ScriptedEngine(), RecordingHost()
+    engine.restate_failures = 2  # the host answers 500 twice
+    async with (
+        serve(host_app(engine)) as base,
+        started_link(host, f"{base}/actions", notice_url=f"{base}/notices", retries=3) as link,
+    ):
+        notice = RestateNotice("p1", "r1", "epoch-4", "trace-r4")
+        await link.notify_restate(notice)
+        await wait_until(lambda: engine.restates == [notice])
+        await idle(link)
+
+
+# --- the engine host -------------------------------------------------------------------------
+
+
+async def post(url: str, body: dict[str, Any], **headers: str) -> tuple[int, Any]:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(url, data=orjson.dumps(body), headers=headers) as resp,
+    ):
+        return resp.status, orjson.loads(await resp.read())
+
+
+def action_body(action_id: str, deadline: float | None = None) -> dict[str, Any]:
+    action = make_action(action_id)
+    body: dict[str, Any] = {
+        "party_id": "p1",
+        "campaign_run_id": "r1",
+        "envelope": dict(action.envelope),
+    }
+    if deadline is not None:
+        body["deadline"] = deadline
+    return body
+
+
+async def test_the_host_refuses_a_first_delivery_past_its_deadline_without_the_engine() -> None:
+    engine = ScriptedEngine()
+    async with serve(host_app(engine)) as base:
+        status, answer = await post(
+            f"{base}/actions", action_body("old", PAST), **{"X-Delivery-Attempt": "1"}
+        )
+        assert (status, answer["error"]) == (409, "expired")
+        assert engine.calls == []
+        # A later attempt may follow one that started it: the engine gets it (and deduplicates).
+        status, _ = await post(
+            f"{base}/actions", action_body("old", PAST), **{"X-Delivery-Attempt": "2"}
+        )
+        assert status == 202
+        assert [(a.action_id, a.deadline) for a in engine.calls] == [("old", PAST)]
+
+
+async def test_the_host_reads_the_deadline_from_the_header_too() -> None:
+    engine = ScriptedEngine()
+    async with serve(host_app(engine)) as base:
+        headers = {"X-Delivery-Attempt": "1", "X-Action-Deadline": repr(PAST)}
+        status, _ = await post(f"{base}/actions", action_body("hdr"), **headers)
+        assert status == 409
+        headers["X-Action-Deadline"] = repr(FUTURE)
+        status, _ = await post(f"{base}/actions", action_body("hdr"), **headers)
+        assert status == 202
+        assert [a.deadline for a in engine.calls] == [FUTURE]
+        status, answer = await post(
+            f"{base}/actions", action_body("bad"), **{"X-Action-Deadline": "soon"}
+        )
+        assert (status, answer["error"]) == (422, "invalid")
+
+
+async def test_the_host_serves_notices_on_their_own_path_and_actions_only_on_theirs() -> None:
+    engine = ScriptedEngine()
+    join_envelope = {
+        "type": "party.join",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "trace_id": "trace-j",
+        "payload": {"character_id": "aria", "display_name": "Aria"},
+    }
+    restate_envelope = {
+        "type": "party.restate",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "trace_id": "trace-r",
+        "payload": {"epoch": "epoch-5"},
+    }
+    async with serve(host_app(engine)) as base:
+        join = {"kind": "join", "party_id": "p1", "campaign_run_id": "r1"}
+        status, _ = await post(f"{base}/notices", {**join, "envelope": join_envelope})
+        assert status == 202
+        restate = {"kind": "restate", "party_id": "p1", "campaign_run_id": "r1"}
+        status, answer = await post(f"{base}/notices", {**restate, "envelope": restate_envelope})
+        assert (status, answer["status"]) == (202, "accepted")
+        status, _ = await post(f"{base}/notices", {**restate, "kind": "other", "envelope": {}})
+        assert status == 422
+        status, _ = await post(  # a notice is not an action
+            f"{base}/actions",
+            {"party_id": "p1", "campaign_run_id": "r1", "envelope": join_envelope},
+        )
+        assert status == 422
+    assert engine.joins == [JoinNotice("p1", "r1", "aria", "Aria", "trace-j")]
+    assert engine.restates == [RestateNotice("p1", "r1", "epoch-5", "trace-r")]
+    assert engine.calls == []

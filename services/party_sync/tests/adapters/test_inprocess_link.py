@@ -1,0 +1,113 @@
+"""The in-process link: claim before start, restate notices, failures kept out of the gateway."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from party_sync.engine.inprocess import InProcessLink
+from party_sync.engine.interface import (
+    ActionRequest,
+    Claim,
+    EventPublisher,
+    JoinNotice,
+    RestateNotice,
+)
+from party_sync.protocol.errors import ErrorCode
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.hosts import RecordingHost, make_action
+
+
+async def started(engine: ScriptedEngine, host: RecordingHost) -> InProcessLink:
+    link = InProcessLink(engine)
+    await link.start(host)
+    return link
+
+
+@pytest.mark.parametrize("claim", [Claim.EXPIRED, Claim.FINAL])
+async def test_an_action_is_not_run_unless_its_claim_says_start(claim: Claim) -> None:
+    engine, host = ScriptedEngine(), RecordingHost(claims={"late": claim})
+    link = await started(engine, host)
+    await link.submit(make_action("late", deadline=1.0))
+    await link.submit(make_action("ok", deadline=4_000_000_000.0))
+    await wait_until(lambda: host.results() == ["ok"])
+    await link.close()
+    assert [a.action_id for a in host.claimed] == ["late", "ok"]
+    assert [a.action_id for a in engine.calls] == ["ok"]  # "late" never reached the engine
+    assert engine.calls[0].deadline == 4_000_000_000.0  # the deadline travels in the call
+    assert host.failed == []  # party_sync's claim answered it, not the link
+
+
+async def test_a_claim_that_fails_on_the_backend_is_asked_again() -> None:
+    engine, host = ScriptedEngine(), RecordingHost(claim_errors=2)
+    link = await started(engine, host)
+    await link.submit(make_action("stall"))
+    await wait_until(lambda: host.results() == ["stall"])
+    await link.close()
+    assert engine.count("stall") == 1
+
+
+async def test_a_claim_that_never_answers_leaves_the_action_unstarted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine, host = ScriptedEngine(), RecordingHost(claim_errors=1_000)
+    link = InProcessLink(engine, claim_patience=0.0)
+    await link.start(host)
+    await link.submit(make_action("stuck"))
+    await link.close()
+    assert engine.calls == []
+    assert host.failed == []  # not started, and nothing false said: the timeout answers it
+    assert any(r.levelno == logging.ERROR for r in caplog.records)
+
+
+async def test_restate_notices_reach_the_engine() -> None:
+    engine, host = ScriptedEngine(), RecordingHost()
+    link = await started(engine, host)
+    notice = RestateNotice("p1", "r1", "e-2", "trace-re")
+    await link.notify_restate(notice)
+    assert engine.restates == [notice]
+    await link.close()
+
+
+async def test_an_engine_failing_to_restate_is_logged_not_raised(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine, host = ScriptedEngine(), RecordingHost()
+    engine.restate_failures = 1
+    link = await started(engine, host)
+    await link.notify_restate(RestateNotice("p1", "r1", "e-2", "trace-re"))
+    assert any("re-state" in r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR)
+    await link.close()
+
+
+class OldEngine:
+    """An engine written before restate notices: no ``handle_restate``."""
+
+    async def start(self, publisher: EventPublisher) -> None:
+        return None
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        return None
+
+    async def handle_join(self, notice: JoinNotice) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_engine_without_handle_restate_is_left_alone() -> None:
+    link = InProcessLink(OldEngine())
+    await link.start(RecordingHost())
+    await link.notify_restate(RestateNotice("p1", "r1", "e-2", "trace-re"))
+    await link.close()
+
+
+async def test_an_engine_crash_still_fails_the_action_with_engine_error() -> None:
+    engine, host = ScriptedEngine(), RecordingHost()
+    engine.mode = "crash"
+    link = await started(engine, host)
+    await link.submit(make_action("boom"))
+    await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)])
+    await link.close()

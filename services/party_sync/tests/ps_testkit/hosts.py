@@ -1,0 +1,105 @@
+"""``RecordingHost``: a ``LinkHost`` for engine-link tests, recording what a link asks of it.
+
+``claims`` decides each ``claim`` (by action_id; default START); ``claim_errors`` makes the next
+N claims raise ``BackendUnavailable`` (a stalled backend). Published events, refusals and claims
+are recorded in order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from party_sync.engine.interface import ActionRequest, Claim
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+
+
+@dataclass
+class RecordingHost:
+    claims: dict[str, Claim] = field(default_factory=dict)
+    claim_errors: int = 0
+    claimed: list[ActionRequest] = field(default_factory=list)
+    published: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, ErrorCode]] = field(default_factory=list)
+
+    async def claim(self, action: ActionRequest) -> Claim:
+        if self.claim_errors > 0:
+            self.claim_errors -= 1
+            raise BackendUnavailable("the backend is stalled")
+        self.claimed.append(action)
+        return self.claims.get(action.action_id, Claim.START)
+
+    async def publish(
+        self,
+        party_id: str,
+        type: str,
+        payload: Mapping[str, Any],
+        *,
+        trace_id: str | None = None,
+    ) -> int:
+        self.published.append((party_id, type, dict(payload)))
+        return len(self.published)
+
+    async def reject(self, action: ActionRequest, message: str) -> None:
+        self.rejected.append((action.action_id, message))
+
+    async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
+        self.failed.append((action.action_id, code))
+
+    async def start_vote(
+        self,
+        party_id: str,
+        question: str,
+        options: Sequence[Mapping[str, str]],
+        timeout_s: float,
+        *,
+        vote_id: str | None = None,
+        tie_rule: str = "first_listed",
+        default_option: str | None = None,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        raise NotImplementedError("no votes in link tests")
+
+    def results(self) -> list[str]:
+        """The action_ids of every published ``action.result``."""
+        return [p["action_id"] for _, type_, p in self.published if type_ == "action.result"]
+
+
+def make_action(
+    action_id: str,
+    *,
+    deadline: float | None = None,
+    party_id: str = "p1",
+    run_id: str = "r1",
+    character_id: str = "aria",
+    trace_id: str | None = None,
+) -> ActionRequest:
+    """A valid accepted ``action.request`` as a link receives it."""
+    trace = trace_id or f"trace-{action_id}"
+    payload = {
+        "action_id": action_id,
+        "character_id": character_id,
+        "campaign_run_id": run_id,
+        "action_type": "skill_check",
+        "payload": {},
+    }
+    envelope = {
+        "type": "action.request",
+        "timestamp": "2026-01-01T00:00:00Z",
+        "trace_id": trace,
+        "payload": payload,
+    }
+    return ActionRequest(
+        party_id=party_id,
+        campaign_run_id=run_id,
+        character_id=character_id,
+        action_id=action_id,
+        action_type="skill_check",
+        payload={},
+        trace_id=trace,
+        envelope=envelope,
+        deadline=deadline,
+    )

@@ -1,0 +1,216 @@
+"""The stream worker against a private redis-server: self-healing, claims, deadlines, restates.
+
+The worker runs in the test's loop (a ``ScriptedEngine`` and a ``RecordingHost``) so its counters
+and decisions can be read directly; actions are appended by the real ``StreamEngineLink``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+import pytest
+from party_sync.engine.interface import Claim, RestateNotice
+from party_sync.engine.stream_link import StreamEngineLink
+from party_sync.engine.stream_worker import StreamWorker, WorkerOptions
+from party_sync.protocol.errors import ErrorCode
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.hosts import RecordingHost, make_action
+from ps_testkit.redis_server import RedisServer
+from redis.asyncio import Redis
+
+pytestmark = pytest.mark.redis
+
+STREAM = "test:actions"
+LOGGER = "party_sync.engine.stream_worker"
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    redis: RedisServer, host: RecordingHost, engine: ScriptedEngine, **options: float
+) -> AsyncIterator[StreamWorker]:
+    client = Redis.from_url(redis.url, socket_timeout=3.0, socket_connect_timeout=0.5)
+    worker = StreamWorker(
+        engine,
+        host,
+        client,
+        WorkerOptions(
+            stream=STREAM,
+            consumer="w1",
+            block=0.1,
+            retry_max=0.2,
+            **options,  # type: ignore[arg-type]
+        ),
+    )
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        yield worker
+        assert not task.done(), "the worker stopped on its own"
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+
+
+@contextlib.asynccontextmanager
+async def stream_link(redis: RedisServer) -> AsyncIterator[StreamEngineLink]:
+    link = StreamEngineLink(redis.url, STREAM, 1000)
+    try:
+        yield link
+    finally:
+        await link.close()
+
+
+async def stream_fields(redis: RedisServer) -> list[dict[bytes, bytes]]:
+    """The fields of every entry of the test stream, in order."""
+    client = Redis.from_url(redis.url)
+    try:
+        entries: Any = await client.xrange(STREAM)
+    finally:
+        await client.aclose()
+    return [dict(f) for _, f in entries]
+
+
+async def test_a_worker_started_while_redis_is_down_waits_for_it_and_then_works(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, LOGGER)
+    redis.stop()
+    host, engine = RecordingHost(), ScriptedEngine()
+    async with running_worker(redis, host, engine) as worker:
+        await wait_until(lambda: worker.errors >= 3, timeout=10)  # failing rounds, survived
+        assert bool(worker.degraded)  # (bool(): mypy must not narrow the property for later)
+        await asyncio.to_thread(redis.start)
+        async with stream_link(redis) as link:
+            await link.submit(make_action("late-start"))
+            await wait_until(lambda: host.results() == ["late-start"], timeout=10)
+        assert not worker.degraded
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # once per episode
+    assert "unavailable" in warnings[0].getMessage()
+    infos = [
+        r.getMessage() for r in caplog.records if r.name == LOGGER and r.levelno == logging.INFO
+    ]
+    assert any("recovered" in message for message in infos)
+
+
+@pytest.mark.parametrize("fault", ["restart", "flushall"])
+async def test_the_worker_recreates_its_group_when_redis_comes_back_empty(
+    redis: RedisServer, fault: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, LOGGER)
+    host, engine = RecordingHost(), ScriptedEngine()
+    async with running_worker(redis, host, engine) as worker, stream_link(redis) as link:
+        await link.submit(make_action("before"))
+        await wait_until(lambda: host.results() == ["before"], timeout=10)
+        assert worker.groups_created == 1
+        if fault == "restart":
+            await asyncio.to_thread(redis.restart)
+        else:
+            await asyncio.to_thread(redis.command, "FLUSHALL")
+        # The link's XADD makes a new stream without any group: the worker must notice (NOGROUP).
+        await link.submit(make_action("after"))
+        await wait_until(lambda: host.results() == ["before", "after"], timeout=10)
+        assert worker.groups_created == 2
+        assert worker.errors >= 1
+        assert engine.count("after") == 1
+    warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 2  # the episode, and the group that had to be made again
+
+
+@pytest.mark.parametrize("claim", [Claim.EXPIRED, Claim.FINAL])
+async def test_an_action_whose_claim_is_not_start_is_acknowledged_and_never_run(
+    redis: RedisServer, claim: Claim
+) -> None:
+    host = RecordingHost(claims={"no": claim})
+    engine = ScriptedEngine()
+    async with running_worker(redis, host, engine) as worker, stream_link(redis) as link:
+        await link.submit(make_action("no", deadline=1.0))
+        await link.submit(make_action("yes"))
+        await wait_until(lambda: host.results() == ["yes"], timeout=10)
+        assert [a.action_id for a in host.claimed] == ["no", "yes"]
+        assert [a.action_id for a in engine.calls] == ["yes"]
+        assert worker.skipped == 1
+        client = Redis.from_url(redis.url)
+        try:
+            pending = await client.xpending(STREAM, "campaign-engine")
+        finally:
+            await client.aclose()
+        assert pending["pending"] == 0  # the skipped entry was acknowledged too
+
+
+async def test_the_deadline_travels_in_the_entry_and_reaches_the_engine(
+    redis: RedisServer,
+) -> None:
+    host, engine = RecordingHost(), ScriptedEngine()
+    async with stream_link(redis) as link:
+        await link.submit(make_action("d-1", deadline=1_900_000_000.125))
+        await link.submit(make_action("d-2"))
+    fields = await stream_fields(redis)
+    assert fields[0][b"deadline"] == b"1900000000.125"
+    assert b"deadline" not in fields[1]  # absent when the action has none
+    async with running_worker(redis, host, engine):
+        await wait_until(lambda: len(engine.calls) == 2, timeout=10)
+    assert [(a.action_id, a.deadline) for a in engine.calls] == [
+        ("d-1", 1_900_000_000.125),
+        ("d-2", None),
+    ]
+    assert [a.deadline for a in host.claimed] == [1_900_000_000.125, None]  # a first delivery
+
+
+async def test_a_restate_notice_reaches_the_engine_through_the_stream(redis: RedisServer) -> None:
+    host, engine = RecordingHost(), ScriptedEngine()
+    notice = RestateNotice("p1", "r1", "epoch-2", "trace-restate")
+    async with stream_link(redis) as link:
+        await link.notify_restate(notice)
+    [fields] = await stream_fields(redis)
+    assert fields[b"kind"] == b"restate"
+    assert fields[b"party_id"] == b"p1"
+    assert fields[b"campaign_run_id"] == b"r1"
+    envelope = orjson.loads(fields[b"envelope"])
+    assert envelope["type"] == "party.restate"
+    assert envelope["trace_id"] == "trace-restate"
+    assert envelope["payload"] == {"epoch": "epoch-2"}
+    assert isinstance(envelope["timestamp"], str)
+    async with running_worker(redis, host, engine) as worker:
+        await wait_until(lambda: worker.handled == 1, timeout=10)
+    assert engine.restates == [notice]
+
+
+async def test_a_failing_restate_is_retried_from_the_pending_list(redis: RedisServer) -> None:
+    host, engine = RecordingHost(), ScriptedEngine()
+    engine.restate_failures = 1
+    notice = RestateNotice("p1", "r1", "epoch-3", "trace-restate-2")
+    async with stream_link(redis) as link:
+        await link.notify_restate(notice)
+    async with running_worker(redis, host, engine, claim_idle=0.2) as worker:
+        await wait_until(lambda: worker.handled == 1, timeout=10)
+    assert engine.restates == [notice]
+
+
+async def test_an_action_that_keeps_failing_ends_in_engine_error(redis: RedisServer) -> None:
+    host, engine = RecordingHost(), ScriptedEngine()
+    engine.mode = "crash"
+    async with running_worker(redis, host, engine, max_deliveries=1), stream_link(redis) as link:
+        await link.submit(make_action("boom"))
+        await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)], timeout=10)
+
+
+async def test_a_claim_failing_on_the_backend_leaves_the_entry_pending_until_it_answers(
+    redis: RedisServer,
+) -> None:
+    host, engine = RecordingHost(claim_errors=2), ScriptedEngine()
+    async with running_worker(redis, host, engine) as worker, stream_link(redis) as link:
+        await link.submit(make_action("stalled", deadline=1_900_000_000.0))
+        # Re-read from the worker's own pending list after each failed round, not after
+        # claim_idle (30 s here): the action is run as soon as the backend answers.
+        await wait_until(lambda: host.results() == ["stalled"], timeout=10)
+        assert worker.errors == 2
+        # A redelivery is claimed on party_sync's record alone (see the worker's docstring).
+        assert host.claimed[-1].deadline is None
+        assert engine.calls[-1].deadline == 1_900_000_000.0
