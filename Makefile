@@ -37,9 +37,11 @@ $(JS_BUILD): $(JS_DEPS) $(JS_SOURCES)
 	cd $(JS) && npm run build
 	touch $@
 
-## run: serve on the embedded in-memory backend and print how to connect
+## run: serve on the embedded in-memory backend and print how to connect; the development secret
+## is kept in .party_sync_dev_secret, so the printed links survive a restart (NEW_GAME=1: discard it
+## and the reference engine's campaign_engine.sqlite3, and start a new game)
 run: setup
-	$(BIN)/party-sync serve --host $(HOST) --port $(PORT) --demo-tokens
+	$(BIN)/party-sync serve --host $(HOST) --port $(PORT) --demo-tokens $(if $(NEW_GAME),--new-game,)
 
 ## test: every test: the browser client's unit tests (node --test), then pytest (pure core, adapters,
 ## end to end against real processes and a private redis-server, the demo page in headless chromium)

@@ -10,10 +10,12 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 
-from party_sync import __version__, config, logs
+from party_sync import __version__, config, devmode, logs
 from party_sync.auth import issue_token
 from party_sync.backends.keys import ACTIONS_STREAM
+from party_sync.devmode import DEV_SECRET_FILE
 from party_sync.protocol.errors import ConfigError
 
 log = logging.getLogger("party_sync")
@@ -31,6 +33,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print ready connection URLs for two demo characters of one party",
     )
+    serve.add_argument(
+        "--new-game",
+        action="store_true",
+        help="start a new game: discard the development secret file (so, the old demo links) "
+        "and the in-process reference engine's SQLite database (make run NEW_GAME=1)",
+    )
 
     host = commands.add_parser(
         "engine-http",
@@ -39,7 +47,15 @@ def _parser() -> argparse.ArgumentParser:
     host.add_argument("engine", help="MODULE:ATTR of the engine (or a factory of one)")
     host.add_argument("--host", default="127.0.0.1", help="interface (127.0.0.1)")
     host.add_argument("--port", type=int, default=8090, help="port (8090)")
-    host.add_argument("--path", default="/actions", help="path party_sync POSTs to (/actions)")
+    host.add_argument(
+        "--path", default="/actions", help="path party_sync POSTs actions to (/actions)"
+    )
+    host.add_argument(
+        "--notice-path",
+        default="/notices",
+        help="path party_sync POSTs join and restate notices to (/notices); point "
+        "PARTY_SYNC_ENGINE_NOTICE_URL at it",
+    )
     host.add_argument(
         "--party-sync-url",
         default=os.environ.get("PARTY_SYNC_URL", "http://127.0.0.1:8080"),
@@ -86,7 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
     token.add_argument("--sub", default=None, help="sub claim (default character:<id>)")
     token.add_argument(
-        "--secret", default=None, help="HMAC secret (default: $PARTY_SYNC_JWT_SECRET)"
+        "--secret",
+        default=None,
+        help="HMAC secret (default: $PARTY_SYNC_JWT_SECRET, else the development secret of a "
+        f"`party-sync serve` started in this directory: ./{DEV_SECRET_FILE})",
     )
     return parser
 
@@ -96,20 +115,46 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format)
-    dev_mode = settings.dev_mode
-    if dev_mode:
+    workdir = Path.cwd()
+    if args.new_game:
+        removed = devmode.new_game(
+            workdir,
+            engine_in_process=settings.resolved_engine_transport == "inprocess",
+            engine_spec=settings.engine,
+            environ=dict(os.environ),
+        )
         log.warning(
-            "PARTY_SYNC_JWT_SECRET is not set: using a random DEVELOPMENT secret; tokens from "
-            "other processes will not verify. Set a secret in production."
+            "--new-game: a new game starts (the old demo links no longer work)",
+            extra={"removed": [str(path) for path in removed]},
+        )
+    dev_mode = settings.dev_mode
+    kept = None
+    if dev_mode:
+        try:
+            kept = devmode.load_or_create(workdir / DEV_SECRET_FILE)
+        except OSError as exc:  # a read-only directory: a secret for this process only
+            log.warning("cannot keep the development secret (%s): links end with this process", exc)
+        if kept is None:
+            origin = "random, for this process only"
+        elif kept.created:
+            origin = f"new, kept in {kept.path} for the next start (make run NEW_GAME=1 resets it)"
+        else:
+            origin = f"the one kept in {kept.path}: earlier links still work"
+        log.warning(
+            "PARTY_SYNC_JWT_SECRET is not set: DEVELOPMENT secret (%s). Set a secret in "
+            "production.",
+            origin,
+            extra={"dev_secret_file": str(kept.path) if kept else None},
         )
         banner = [
             "",
             "!" * 72,
-            "!! DEVELOPMENT MODE: random JWT secret (set PARTY_SYNC_JWT_SECRET)",
+            "!! DEVELOPMENT MODE: development JWT secret (set PARTY_SYNC_JWT_SECRET)",
+            f"!! secret: {origin}",
             "!" * 72,
         ]
         print("\n".join(banner), file=sys.stderr, flush=True)
-    settings = with_dev_secret(settings)
+    settings = with_dev_secret(settings, kept)
     server = build_server(settings, dev_mode=dev_mode)
     lines = (
         _demo_banner(settings, server.gateway.backend.name, dev_mode) if args.demo_tokens else []
@@ -165,8 +210,18 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
 def _token(args: argparse.Namespace) -> int:
     secret = args.secret or os.environ.get("PARTY_SYNC_JWT_SECRET")
     if not secret:
-        print("party-sync token: set PARTY_SYNC_JWT_SECRET or pass --secret", file=sys.stderr)
-        return 2
+        kept = devmode.read_existing(Path.cwd() / DEV_SECRET_FILE)
+        if kept is None:
+            print(
+                "party-sync token: set PARTY_SYNC_JWT_SECRET or pass --secret (or run it where "
+                "a development `party-sync serve` keeps its secret)",
+                file=sys.stderr,
+            )
+            return 2
+        print(
+            f"party-sync token: signed with the development secret in {kept.path}", file=sys.stderr
+        )
+        secret = kept.jwt_secret
     print(
         issue_token(
             secret,
@@ -195,8 +250,16 @@ def _engine_http(args: argparse.Namespace) -> int:
             "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY)"
         )
     engine = load_engine(args.engine)
-    app = build_host_app(engine, ApiPublisher(args.party_sync_url, api_key), args.path)
-    print(f"engine {args.engine} on http://{args.host}:{args.port}{args.path}", flush=True)
+    app = build_host_app(
+        engine,
+        ApiPublisher(args.party_sync_url, api_key),
+        args.path,
+        notice_path=args.notice_path,
+    )
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"engine {args.engine} on {base}{args.path} (notices: {base}{args.notice_path})", flush=True
+    )
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
     return 0
 
@@ -226,10 +289,18 @@ def _engine_worker(args: argparse.Namespace) -> int:
 
     async def work() -> None:
         from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
 
         backend = make_backend(settings)
         await backend.start()
-        redis = Redis.from_url(args.redis_url, socket_timeout=options.block + 5)
+        # A short connect timeout: while Redis is down the worker retries (it never exits).
+        redis = Redis.from_url(
+            args.redis_url,
+            socket_timeout=options.block + 5,
+            socket_connect_timeout=2.0,
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),  # a stale pooled socket
+        )
         publisher = BackendPublisher(backend, Contracts(), time.time)
         worker = StreamWorker(engine, publisher, redis, options)
         loop = asyncio.get_running_loop()

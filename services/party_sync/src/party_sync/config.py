@@ -69,6 +69,11 @@ class Settings:
     engine_http_retries: int = _option(
         8, "Retries of an HTTP delivery after a connection error or a 5xx (backoff with jitter)."
     )
+    engine_notice_url: str | None = _option(
+        None,
+        "HTTP transport: POST engine notices (join, restate) to this URL, never to engine_url; "
+        "unset = notices are not sent over HTTP.",
+    )
     api_key: str | None = _option(
         None,
         "Bearer key of the server API (/api/v1/...) used by engines and gateway_api; unset = "
@@ -82,8 +87,15 @@ class Settings:
         "Redis mode: seconds of pub/sub silence before a liveness probe; a probe not back "
         "within it replaces the pub/sub connection.",
     )
+    redis_command_timeout: float = _option(
+        5.0,
+        "Redis mode: seconds one Redis command may take before the node treats Redis as "
+        "unavailable (the client gets backend_unavailable; everything retries by itself).",
+    )
     jwt_secret: str | None = _option(
-        None, "HMAC secret for connection tokens; unset = a random development secret."
+        None,
+        "HMAC secret for connection tokens; unset = development mode: a random secret, kept in "
+        "./.party_sync_dev_secret so links survive a restart (serve --new-game discards it).",
     )
     jwt_previous_secret: str | None = _option(
         None, "The previous secret, still accepted during a rotation."
@@ -248,6 +260,7 @@ def validate(settings: Settings) -> None:
         (settings.max_replay >= 0, "max_replay must be >= 0"),
         (settings.party_ttl > 0, "party_ttl must be > 0"),
         (settings.redis_probe_interval > 0, "redis_probe_interval must be > 0"),
+        (settings.redis_command_timeout > 0, "redis_command_timeout must be > 0"),
         (bool(settings.redis_prefix), "redis_prefix must not be empty"),
         (settings.telegram_max_age > 0, "telegram_max_age must be > 0"),
         (settings.telegram_token_ttl > 0, "telegram_token_ttl must be > 0"),

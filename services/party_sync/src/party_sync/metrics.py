@@ -123,6 +123,67 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
             registry=r,
         )
+        self.action_answers = Counter(
+            "party_sync_action_answers_total",
+            "Final answers the timeout sweep gave itself (timeout: nobody started the action "
+            "by its deadline; resent: a final answer lost on the way, sent again)",
+            ["outcome"],
+            registry=r,
+        )
+        # Background work (issue 11, "Background work never dies"): a periodic task that meets an
+        # error counts it here, logs once per episode and carries on.
+        self.background_errors = Counter(
+            "party_sync_background_errors_total",
+            "Errors met by a periodic background task (which carried on), by task",
+            ["task"],
+            registry=r,
+        )
+        # The engine link, as this node sees it (issue 11, "The operator sees a missing or stuck
+        # engine"; engine/stream_monitor.py, engine/health.py).
+        self.engine_link_ok = Gauge(
+            "party_sync_engine_link_ok",
+            "1 while the engine link looks able to answer actions (stream: an active consumer "
+            "and no stuck backlog; http: the engine URL reachable), else 0",
+            registry=r,
+        )
+        self.engine_link_ok.set(1)
+        self.stream_length = Gauge(
+            "party_sync_actions_stream_length",
+            "Stream mode: entries in the actions stream (acknowledged ones included, up to "
+            "actions_stream_maxlen)",
+            registry=r,
+        )
+        self.stream_pending = Gauge(
+            "party_sync_actions_stream_pending",
+            "Stream mode: entries delivered to an engine worker and not yet acknowledged",
+            registry=r,
+        )
+        self.stream_lag = Gauge(
+            "party_sync_actions_stream_lag",
+            "Stream mode: entries not yet delivered to any engine worker (the whole stream "
+            "while no consumer group exists)",
+            registry=r,
+        )
+        self.stream_oldest_pending = Gauge(
+            "party_sync_actions_stream_oldest_pending_seconds",
+            "Stream mode: age of the oldest entry delivered and not yet acknowledged (0: none)",
+            registry=r,
+        )
+        self.stream_oldest_undelivered = Gauge(
+            "party_sync_actions_stream_oldest_undelivered_seconds",
+            "Stream mode: age of the oldest entry no engine worker has received yet (0: none)",
+            registry=r,
+        )
+        self.stream_consumers = Gauge(
+            "party_sync_actions_stream_consumers",
+            "Stream mode: consumers (engine workers, live or dead) in the engine's group",
+            registry=r,
+        )
+        self.stream_consumers_active = Gauge(
+            "party_sync_actions_stream_consumers_active",
+            "Stream mode: consumers of the engine's group seen reading recently",
+            registry=r,
+        )
         self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
         self.info.labels(node).set(1)
 

@@ -19,22 +19,29 @@ from party_sync.backends.base import Backend
 from party_sync.backends.memory import BackendSettings, MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.config import Settings
+from party_sync.devmode import DevSecret
 from party_sync.directory import make_directory
+from party_sync.engine.health import EngineHealth, HealthSource, HttpProbe, StaticHealth, public_url
 from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import EngineLink
 from party_sync.engine.loader import load_engine
 from party_sync.engine.stream_link import StreamEngineLink
+from party_sync.engine.stream_monitor import ENGINE_GROUP, StreamMonitor
 from party_sync.gateway import Gateway
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import ConfigError
 from party_sync.protocol.schemas import Contracts
-from party_sync.transport.http import RedactingAccessLogger, build_app
+from party_sync.transport.http import ENGINE_HEALTH, RedactingAccessLogger, build_app
 
 log = logging.getLogger("party_sync")
 
 #: Objects allocated (net) before a young-generation collection (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 10_000
+
+
+#: Seconds between two looks at the engine link (stream backlog, HTTP engine URL).
+ENGINE_WATCH_INTERVAL = 5.0
 
 
 @dataclass
@@ -43,6 +50,7 @@ class Server:
     gateway: Gateway
     app: web.Application
     verifier: TokenVerifier
+    engine_health: HealthSource | None = None
 
 
 def backend_settings(settings: Settings) -> BackendSettings:
@@ -64,6 +72,7 @@ def make_backend(
             url=settings.redis_url,
             prefix=settings.redis_prefix,
             probe_interval=settings.redis_probe_interval,
+            command_timeout=settings.redis_command_timeout,
             presence_grace=settings.presence_grace,
         )
         try:
@@ -84,6 +93,8 @@ def make_link(settings: Settings) -> EngineLink:
             settings.engine_url,
             timeout=settings.engine_http_timeout,
             retries=settings.engine_http_retries,
+            notice_url=settings.engine_notice_url,
+            give_up_after=settings.action_record_ttl,
         )
     if transport == "stream":
         assert settings.redis_url is not None
@@ -93,15 +104,53 @@ def make_link(settings: Settings) -> EngineLink:
     return InProcessLink(load_engine(settings.engine))
 
 
-def with_dev_secret(settings: Settings) -> Settings:
-    """No secret configured: make a random one for this process (development only)."""
+def with_dev_secret(settings: Settings, kept: DevSecret | None = None) -> Settings:
+    """No secret configured: use the development secret ``kept`` (``devmode.load_or_create``,
+    so links survive a restart), or a random one for this process (development only)."""
     if settings.jwt_secret:
         return settings
     return replace(
         settings,
-        jwt_secret=secrets.token_urlsafe(32),
-        api_key=settings.api_key or secrets.token_urlsafe(24),
+        jwt_secret=kept.jwt_secret if kept else secrets.token_urlsafe(32),
+        api_key=settings.api_key or (kept.api_key if kept else secrets.token_urlsafe(24)),
     )
+
+
+def describe_backend(settings: Settings, backend: Backend) -> str:
+    """The backend for the start-up log: its name, and where (no credentials) in Redis mode."""
+    if settings.redis_url and backend.name != "memory":
+        return f"{backend.name} {public_url(settings.redis_url)}"
+    return backend.name
+
+
+def describe_engine(settings: Settings, link: EngineLink) -> tuple[str, str]:
+    """``(transport, what)`` of the engine link actually used (never a credential or query)."""
+    if isinstance(link, StreamEngineLink):
+        where = f" on {public_url(settings.redis_url)}" if settings.redis_url else ""
+        return "stream", f"Redis stream {link.stream}{where}"
+    if isinstance(link, HttpEngineLink):
+        return "http", public_url(link.url)
+    if isinstance(link, InProcessLink):
+        engine = type(link.engine)
+        return "inprocess", f"{engine.__module__}.{engine.__qualname__} ({settings.engine})"
+    return type(link).__name__, type(link).__module__
+
+
+def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> HealthSource:
+    """What tells ``/readyz`` and the operator how the engine link is: the stream's backlog
+    monitor, the HTTP engine URL's probe, or nothing to watch (in-process)."""
+    if isinstance(link, StreamEngineLink) and settings.redis_url:
+        return StreamMonitor.for_redis(
+            settings.redis_url,
+            link.stream,
+            ENGINE_GROUP,
+            interval=ENGINE_WATCH_INTERVAL,
+            metrics=metrics,
+        )
+    if isinstance(link, HttpEngineLink):
+        return HttpProbe(link.url, interval=ENGINE_WATCH_INTERVAL, metrics=metrics)
+    transport, what = describe_engine(settings, link)
+    return StaticHealth(EngineHealth(transport, True, what))
 
 
 def build_server(
@@ -128,7 +177,18 @@ def build_server(
     gateway = Gateway(settings, backend, link, contracts, metrics=metrics, node_id=node_id)
     directory = make_directory(settings.redis_url, settings.redis_prefix)
     app = build_app(gateway, verifier, directory, dev_mode=dev_mode)
-    return Server(settings, gateway, app, verifier)
+    health = watch_engine(settings, link, metrics)
+    app[ENGINE_HEALTH] = health.health
+
+    async def watch_start(app: web.Application) -> None:
+        await health.start()
+
+    async def watch_stop(app: web.Application) -> None:
+        await health.stop()
+
+    app.on_startup.append(watch_start)  # after the gateway's start (build_app's hook)
+    app.on_shutdown.insert(0, watch_stop)  # before the drain: nothing to watch any more
+    return Server(settings, gateway, app, verifier, health)
 
 
 def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
@@ -174,13 +234,21 @@ async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    backend = describe_backend(settings, server.gateway.backend)
+    transport, engine = describe_engine(settings, server.gateway.link)
     log.info(
-        "party_sync serving",
+        "party_sync serving on http://%s:%s: backend %s, engine %s: %s",
+        settings.host,
+        settings.port,
+        backend,
+        transport,
+        engine,
         extra={
             "url": f"http://{settings.host}:{settings.port}",
-            "backend": server.gateway.backend.name,
+            "backend": backend,
             "node": server.gateway.node_id,
-            "engine": settings.engine,
+            "engine_transport": transport,
+            "engine": engine,
             "loop": type(loop).__module__.split(".")[0],
         },
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pytest
+from party_sync.engine.health import EngineHealth
+from party_sync.transport.http import readiness
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import serve_in_process
 
@@ -13,7 +16,12 @@ async def test_health_readiness_and_metrics() -> None:
             assert await resp.json() == {"status": "ok"}
         async with srv.http.get(srv.base + "/readyz") as resp:
             assert resp.status == 200
-            assert (await resp.json())["backend"] == "memory"
+            body = await resp.json()
+            assert body["status"] == "ready"
+            assert body["backend"] == {"name": "memory", "ok": True}
+            assert body["engine"]["transport"] == "inprocess"
+            assert body["engine"]["ok"] is True
+            assert "ScriptedEngine" in body["engine"]["detail"]
         a, _ = await srv.join("aria")
         await a.send("{bad")
         await a.expect("system.error")
@@ -24,3 +32,41 @@ async def test_health_readiness_and_metrics() -> None:
         assert 'party_sync_messages_out_total{type="system.hello"} 1.0' in text
         assert 'party_sync_messages_out_total{type="party.join"} 1.0' in text  # aria saw her join
         await a.close()
+
+
+OK_ENGINE = EngineHealth("stream", True, "1 engine worker(s) consume party_sync:actions")
+NO_WORKER = EngineHealth("stream", False, "no engine worker consumes party_sync:actions")
+
+
+@pytest.mark.parametrize(
+    ("backend_ok", "draining", "engine", "code", "status"),
+    [
+        (True, False, OK_ENGINE, 200, "ready"),
+        (True, False, NO_WORKER, 200, "degraded"),  # the node still serves: stays in rotation
+        (False, False, OK_ENGINE, 503, "unavailable"),
+        (False, False, NO_WORKER, 503, "unavailable"),
+        (True, True, OK_ENGINE, 503, "unavailable"),
+    ],
+)
+def test_readiness_is_503_only_when_the_node_cannot_serve(
+    backend_ok: bool, draining: bool, engine: EngineHealth, code: int, status: str
+) -> None:
+    got, body = readiness("redis", backend_ok, draining, engine)
+    assert got == code
+    assert body == {
+        "status": status,
+        "draining": draining,
+        "backend": {"name": "redis", "ok": backend_ok},
+        "engine": {"transport": "stream", "ok": engine.ok, "detail": engine.detail},
+    }
+
+
+async def test_readyz_is_unavailable_while_draining() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        srv.server.gateway.stopping = True
+        async with srv.http.get(srv.base + "/readyz") as resp:
+            assert resp.status == 503
+            body = await resp.json()
+        assert body["status"] == "unavailable" and body["draining"] is True
+        srv.server.gateway.stopping = False

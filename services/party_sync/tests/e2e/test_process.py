@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
 
+import aiohttp
+import orjson
 import pytest
 from ps_testkit.client import Closed
+from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import SECRET, party_sync_command, serve_process
 
 pytestmark = pytest.mark.e2e
@@ -74,7 +81,7 @@ async def test_token_command_mints_a_token_the_server_accepts() -> None:
         await client.close()
 
 
-def test_token_command_without_a_secret_fails_clearly() -> None:
+def test_token_command_without_a_secret_fails_clearly(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PARTY_SYNC_JWT_SECRET"}
     proc = subprocess.run(
         [
@@ -93,6 +100,7 @@ def test_token_command_without_a_secret_fails_clearly() -> None:
         capture_output=True,
         text=True,
         check=False,
+        cwd=tmp_path,  # no development secret kept here either
     )
     assert proc.returncode == 2
     assert "PARTY_SYNC_JWT_SECRET" in proc.stderr
@@ -112,7 +120,7 @@ def test_a_bad_setting_is_a_clear_configuration_error() -> None:
     assert sys.executable  # the same interpreter as the tests
 
 
-async def test_dev_mode_serve_prints_two_ready_urls_that_work() -> None:
+async def test_dev_mode_serve_prints_two_ready_urls_that_work(tmp_path: Path) -> None:
     """``make run``: two demo-page URLs, one per character, each opening a playable page whose
     token joins the same party; in development mode the page may also mint tokens."""
     env = {k: v for k, v in os.environ.items() if k != "PARTY_SYNC_JWT_SECRET"}
@@ -128,6 +136,7 @@ async def test_dev_mode_serve_prints_two_ready_urls_that_work() -> None:
         env={**env, "PARTY_SYNC_LOG_LEVEL": "WARNING"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        cwd=tmp_path,  # its development secret and the engine's database stay out of the tree
     )
     try:
         assert proc.stdout is not None
@@ -170,3 +179,136 @@ async def test_dev_mode_serve_prints_two_ready_urls_that_work() -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         await proc.wait()
+
+
+def dev_env() -> dict[str, str]:
+    """As a user runs ``make run``: no secret, the reference engine's default database (in the
+    working directory, where the suite's ``memory://`` is not)."""
+    unset = ("PARTY_SYNC_JWT_SECRET", "CAMPAIGN_ENGINE_DATABASE_URL")
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    return {**env, "PARTY_SYNC_LOG_LEVEL": "INFO", "CAMPAIGN_ENGINE_SEED": "7"}
+
+
+@contextlib.asynccontextmanager
+async def dev_server(cwd: Path, *extra: str) -> AsyncIterator[DevServer]:
+    """``party-sync serve --demo-tokens`` in ``cwd`` in development mode (as ``make run``)."""
+    from ps_testkit.servers import free_port
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *party_sync_command(),
+        "serve",
+        "--port",
+        str(port),
+        "--demo-tokens",
+        *extra,
+        env=dev_env(),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        cwd=cwd,
+    )
+    assert proc.stdout is not None
+    server = DevServer(port)
+    try:
+        async with asyncio.timeout(20):
+            while len(server.tokens) < 2:
+                line = (await proc.stdout.readline()).decode()
+                assert line, "serve exited before printing its URLs"
+                if "/demo?token=" in line:
+                    server.tokens.append(line.split("token=")[-1].strip())
+        yield server
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = await proc.communicate()
+        server.log = err.decode()
+
+
+@dataclass
+class DevServer:
+    port: int
+    tokens: list[str] = field(default_factory=list)
+    log: str = ""  # what it logged (stderr), once stopped
+
+
+async def handshake(port: int, token: str) -> int:
+    """The HTTP status of a WebSocket handshake with ``token`` (101: accepted)."""
+    async with aiohttp.ClientSession() as http:
+        try:
+            ws = await http.ws_connect(f"ws://127.0.0.1:{port}/ws", params={"token": token})
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+        await ws.close()
+        return 101
+
+
+async def test_make_run_links_survive_a_restart_until_a_new_game(tmp_path: Path) -> None:
+    """Issue 11: ``make run`` twice, and the first run's links still work; ``--new-game`` ends
+    them and discards the reference engine's database."""
+    async with dev_server(tmp_path) as first:
+        pass
+    kept = tmp_path / ".party_sync_dev_secret"
+    assert kept.stat().st_mode & 0o777 == 0o600
+    assert "new, kept in" in first.log
+    assert (tmp_path / "campaign_engine.sqlite3").exists()
+
+    async with dev_server(tmp_path) as second:
+        assert await handshake(second.port, first.tokens[0]) == 101  # works after a restart
+        recipe = ("token", "--party", "p1", "--run", "r1", "--character", "cora", "--name", "C")
+        token = await asyncio.create_subprocess_exec(  # in the directory of `make run`
+            *party_sync_command(),
+            *recipe,
+            env=dev_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+        )
+        out, err = await token.communicate()
+        assert token.returncode == 0
+        assert b"development secret" in err
+        assert await handshake(second.port, out.decode().strip()) == 101
+    assert "earlier links still work" in second.log
+
+    async with dev_server(tmp_path, "--new-game") as third:
+        assert await handshake(third.port, first.tokens[0]) == 401  # a new game: links gone
+        assert await handshake(third.port, third.tokens[0]) == 101
+    assert "a new game starts" in third.log
+    assert "campaign_engine.sqlite3" in third.log  # it says what it discarded
+    for value in orjson.loads(kept.read_bytes()).values():
+        for server in (first, second, third):
+            assert value not in server.log  # the secret and the key are never logged
+
+
+@pytest.mark.redis
+async def test_start_up_log_names_the_backend_and_the_stream_transport(
+    redis: RedisServer,
+) -> None:
+    from ps_testkit.servers import free_port
+
+    port = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        *party_sync_command(),
+        "serve",
+        "--port",
+        str(port),
+        "--redis-url",
+        redis.url,
+        env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET, "PARTY_SYNC_LOG_LEVEL": "INFO"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    try:
+        async with asyncio.timeout(20):
+            while True:
+                line = (await proc.stderr.readline()).decode()
+                assert line, "serve exited before it served"
+                if "party_sync serving" in line:
+                    break
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await proc.communicate()
+    entry = orjson.loads(line)
+    assert entry["engine_transport"] == "stream"
+    assert entry["engine"] == f"Redis stream party_sync:actions on {redis.url}"
+    assert entry["backend"] == f"redis {redis.url}"
+    assert "campaign_engine" not in line

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from typing import Any
 
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
@@ -10,6 +12,7 @@ from aiohttp.abc import AbstractAccessLogger
 from party_sync.auth import TokenVerifier
 from party_sync.core.history import ResumePoint
 from party_sync.directory import Directory, MemoryDirectory
+from party_sync.engine.health import EngineHealth
 from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError
 from party_sync.transport import api, demo, members, openapi, telegram
@@ -91,11 +94,40 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+#: What ``/readyz`` reports about the engine link (set by ``server.build_server``; without it the
+#: engine part says only that nothing watches it).
+ENGINE_HEALTH: web.AppKey[Callable[[], EngineHealth]] = web.AppKey("engine_health")
+
+
+def readiness(
+    backend: str, backend_ok: bool, draining: bool, engine: EngineHealth
+) -> tuple[int, dict[str, Any]]:
+    """``/readyz``'s status code and body. 503 only when this node cannot serve (its backend is
+    unusable, or it is draining); a degraded engine link is 200 with ``status: degraded``, since
+    connections, presence and votes still work and the node must stay in its load balancer."""
+    if not backend_ok or draining:
+        status = "unavailable"
+    elif not engine.ok:
+        status = "degraded"
+    else:
+        status = "ready"
+    body = {
+        "status": status,
+        "draining": draining,
+        "backend": {"name": backend, "ok": backend_ok},
+        "engine": engine.as_json(),
+    }
+    return (503 if status == "unavailable" else 200), body
+
+
 async def readyz(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    ready = await gateway.backend.ready() and not gateway.stopping
-    body = {"status": "ready" if ready else "not ready", "backend": gateway.backend.name}
-    return web.json_response(body, status=200 if ready else 503)
+    source = request.app.get(ENGINE_HEALTH)
+    engine = source() if source is not None else EngineHealth("unknown", True, "not watched")
+    status, body = readiness(
+        gateway.backend.name, await gateway.backend.ready(), gateway.stopping, engine
+    )
+    return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,0 +1,255 @@
+"""How healthy the engine link looks from this node (issue 11: "the operator sees a missing or
+stuck engine").
+
+``/readyz`` reports an :class:`EngineHealth` next to the backend's state; a degraded engine link
+keeps the node ready (it can still serve connections, presence and votes) but names what is wrong.
+Each transport has its own source:
+
+- in-process: :class:`StaticHealth`, always ok (the engine runs in this process);
+- Redis Streams: :class:`party_sync.engine.stream_monitor.StreamMonitor` (consumers, backlog);
+- HTTP: :class:`HttpProbe`, a TCP connect to the engine URL's host and port every few seconds
+  (cheap, and it tells "nothing listens there" from "slow").
+
+Trouble is logged once per episode (:class:`Episode`): a WARNING when it begins, an INFO when it
+ends, never once per tick.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit, urlunsplit
+
+from party_sync.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineHealth:
+    """``transport``: inprocess / stream / http; ``ok``: the link looks able to answer actions;
+    ``detail``: what it is (ok) or what is wrong (not ok), for an operator."""
+
+    transport: str
+    ok: bool
+    detail: str
+
+    def as_json(self) -> dict[str, Any]:
+        return {"transport": self.transport, "ok": self.ok, "detail": self.detail}
+
+
+class HealthSource(Protocol):
+    """What the server starts, stops and asks (``/readyz``)."""
+
+    def health(self) -> EngineHealth: ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class StaticHealth:
+    """A link with nothing to watch (the in-process engine): always the same answer."""
+
+    def __init__(self, health: EngineHealth) -> None:
+        self._health = health
+
+    def health(self) -> EngineHealth:
+        return self._health
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None
+
+
+def public_url(url: str) -> str:
+    """``url`` fit for a log line: no user, password, query or fragment (they may hold secrets)."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port
+    except ValueError:
+        return "<unparsable URL>"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{port}" if port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+class Episode:
+    """One kind of trouble, logged when it begins (WARNING) and when it ends (INFO), not per tick.
+
+    ``kind`` says which trouble it is: a WARNING again only when the kind changes (a detail with
+    figures in it changes every tick and must not log again).
+    """
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger = logger
+        self.what = what
+        self.kind: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.kind is not None
+
+    def trouble(self, kind: str, detail: str, **extra: Any) -> bool:
+        """Trouble of ``kind`` seen now; True (and one WARNING) if it begins or changes kind."""
+        if self.kind == kind:
+            return False
+        self.kind = kind
+        self.logger.warning("%s: %s", self.what, detail, extra={"condition": kind, **extra})
+        return True
+
+    def fine(self, detail: str, **extra: Any) -> bool:
+        """No trouble now; True (and one INFO) if that ends an episode."""
+        if self.kind is None:
+            return False
+        self.kind = None
+        self.logger.info("%s: over: %s", self.what, detail, extra={"condition": "ok", **extra})
+        return True
+
+
+Connect = Callable[[str, int], Awaitable[None]]
+
+
+async def tcp_connect(host: str, port: int) -> None:
+    """Open and close one TCP connection (raises ``OSError``)."""
+    _, writer = await asyncio.open_connection(host, port)
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+class Periodic:
+    """Run ``tick`` every ``interval`` seconds until ``stop``.
+
+    ``stop`` does not rely on cancellation alone: a client library may swallow a
+    ``CancelledError`` it receives mid-command (redis-py can, during a connect), which would
+    leave a cancelled task sleeping into its next period forever. The loop also watches an event,
+    and ``stop`` waits a bounded time.
+    """
+
+    def __init__(
+        self, tick: Callable[[], Awaitable[None]], interval: float, stop_within: float = 5.0
+    ) -> None:
+        self._tick = tick
+        self.interval = interval
+        self.stop_within = stop_within
+        self._stopping = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        while not self._stopping.is_set():
+            await self._tick()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.interval):  # the period, or stop
+                    await self._stopping.wait()
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        task, self._task = self._task, None
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.wait({task}, timeout=self.stop_within)
+        if not task.done():  # the cancellation was swallowed and a tick is still running
+            task.cancel()
+            await asyncio.wait({task}, timeout=self.stop_within)
+        if task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("periodic task ended with an error", exc_info=task.exception())
+
+
+class HttpProbe:
+    """HTTP transport: is anything listening at the engine URL? (a TCP connect every ``interval``)
+
+    It does not POST (that would be an action); a listening socket that answers 5xx is seen by
+    the link's own retries. Unreachable since the last probe → degraded, one WARNING per episode.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        interval: float = 5.0,
+        timeout: float = 2.0,
+        metrics: Metrics | None = None,
+        connect: Connect = tcp_connect,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        parts = urlsplit(url)
+        self.url = public_url(url)
+        self.host = parts.hostname or "127.0.0.1"
+        default_port = 443 if parts.scheme == "https" else 80
+        try:
+            self.port = parts.port or default_port
+        except ValueError:
+            self.port = default_port
+        self.interval = interval
+        self.timeout = timeout
+        self.metrics = metrics
+        self._connect = connect
+        self._clock = clock
+        self._down_since: float | None = None
+        self._failure = ""
+        self._episode = Episode(log, "engine URL unreachable")
+        self._periodic = Periodic(self._tick, interval)
+        self._broken = False
+
+    def health(self) -> EngineHealth:
+        if self._down_since is None:
+            return EngineHealth("http", True, self.url)
+        down_for = self._clock() - self._down_since
+        detail = f"{self.url} unreachable for {down_for:.0f}s ({self._failure})"
+        return EngineHealth("http", False, detail)
+
+    async def probe_once(self) -> bool:
+        """One probe; True if the engine URL accepted a connection."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self._connect(self.host, self.port)
+        except (OSError, TimeoutError) as exc:
+            self._failure = type(exc).__name__
+            if self._down_since is None:
+                self._down_since = self._clock()
+            self._episode.trouble(
+                "unreachable", f"{self.url} ({self._failure})", engine_url=self.url
+            )
+            self._set_ok(False)
+            return False
+        self._down_since = None
+        self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)
+        self._set_ok(True)
+        return True
+
+    def _set_ok(self, ok: bool) -> None:
+        if self.metrics is not None:
+            self.metrics.engine_link_ok.set(1 if ok else 0)
+
+    async def _tick(self) -> None:
+        try:
+            await self.probe_once()
+        except Exception:  # never die: a probe is a hint (logged once until a probe works)
+            if self.metrics is not None:
+                self.metrics.background_errors.labels("engine_probe").inc()
+            if not self._broken:
+                log.exception("engine URL probe failed; it carries on")
+            self._broken = True
+        else:
+            self._broken = False
+
+    async def start(self) -> None:
+        self._periodic.start()
+
+    async def stop(self) -> None:
+        await self._periodic.stop()

@@ -1,0 +1,307 @@
+"""Stream mode: watch the actions stream's backlog and its engine workers (issue 11, failure 8).
+
+With no engine worker, accepted actions wait in the stream and nothing else says so. Every serving
+node therefore looks at the stream every ``interval`` seconds (XINFO STREAM, XINFO GROUPS, XPENDING
+summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered) and
+
+- exports gauges: length, pending, lag (not yet delivered), oldest pending / undelivered age,
+  consumers and consumers active recently (``party_sync_actions_stream_*``);
+- logs one WARNING when actions wait with no active consumer (no consumer group yet, or no
+  consumer that read within ``active_within``) or when the oldest waits longer than
+  ``stuck_after``, and one INFO when that is over (:class:`~party_sync.engine.health.Episode`);
+- answers ``/readyz``'s engine part (degraded, not 503: the node still serves).
+
+A consumer's ``idle`` (XINFO CONSUMERS) is the time since it last asked for entries; a live
+``engine-worker`` asks every second (``XREADGROUP BLOCK 1000``), so a consumer idle for longer than
+``active_within`` is dead or wedged. Redis errors are counted
+(``party_sync_background_errors_total{task="stream_monitor"}``), logged once per episode, and the
+loop carries on. A missing stream or group (``no such key`` / ``NOGROUP``) is no error: no engine
+worker has joined yet (workers create the group, from the stream's beginning).
+
+The pure part (:func:`assess`) takes a :class:`StreamReading` and decides; :func:`read_stream` and
+:class:`StreamMonitor` only talk to Redis and arm the timer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from party_sync.engine.health import EngineHealth, Episode, Periodic
+from party_sync.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+#: The consumer group ``party-sync engine-worker`` joins by default (``--group``).
+ENGINE_GROUP = "campaign-engine"
+#: With no ``lag`` from Redis (it cannot tell after trimming), count at most this many entries.
+LAG_SCAN = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReading:
+    """One look at the actions stream and the engine's group; ages in seconds."""
+
+    stream_exists: bool = False
+    group_exists: bool = False
+    length: int = 0
+    pending: int = 0  # delivered to a consumer, not yet acknowledged
+    undelivered: int = 0  # not yet delivered to the group (its lag); all of it with no group
+    consumers: int = 0
+    active_consumers: int = 0
+    oldest_pending_age: float = 0.0
+    oldest_undelivered_age: float = 0.0
+
+    @property
+    def waiting(self) -> int:
+        return self.pending + self.undelivered
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """``active_within``: a consumer idle longer than this is not active; ``stuck_after``: an
+    action waiting longer than this (with an active consumer) means the backlog is stuck."""
+
+    active_within: float = 15.0
+    stuck_after: float = 60.0
+
+
+class Condition(StrEnum):
+    OK = "ok"  # an active consumer, nothing stuck
+    NO_WORKER = "no_worker"  # no active consumer, nothing waits (yet)
+    WAITING = "waiting_no_worker"  # actions wait and no active consumer will take them
+    STUCK = "stuck"  # consumers active, but the oldest action has waited too long
+
+
+def assess(
+    reading: StreamReading, stream: str, group: str, bounds: Bounds
+) -> tuple[Condition, str]:
+    """What an operator should know about ``reading``: the condition and a one-line detail."""
+    if not reading.group_exists or reading.active_consumers == 0:
+        if not reading.stream_exists:
+            why = f"stream {stream} does not exist yet"
+        elif not reading.group_exists:
+            why = f"no consumer group {group!r}"
+        elif reading.consumers == 0:
+            why = f"consumer group {group!r} has no consumer"
+        else:
+            why = (
+                f"none of the {reading.consumers} consumer(s) of group {group!r} read in the "
+                f"last {bounds.active_within:g}s"
+            )
+        if reading.waiting:
+            oldest = max(reading.oldest_pending_age, reading.oldest_undelivered_age)
+            return Condition.WAITING, (
+                f"{reading.waiting} action(s) wait on {stream} (oldest {oldest:.0f}s) and no "
+                f"engine worker consumes it: {why}"
+            )
+        return Condition.NO_WORKER, f"no engine worker consumes {stream}: {why}"
+    oldest = max(reading.oldest_pending_age, reading.oldest_undelivered_age)
+    if reading.waiting and oldest > bounds.stuck_after:
+        return Condition.STUCK, (
+            f"the oldest action on {stream} has waited {oldest:.0f}s "
+            f"({reading.pending} pending, {reading.undelivered} undelivered, "
+            f"{reading.active_consumers} active engine worker(s))"
+        )
+    return Condition.OK, (
+        f"{reading.active_consumers} engine worker(s) consume {stream} "
+        f"({reading.waiting} action(s) waiting)"
+    )
+
+
+def entry_age(entry_id: bytes | str, now_ms: int) -> float:
+    """Seconds since the entry was appended (its id's first part is Redis's clock in ms)."""
+    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+    return max(0.0, (now_ms - int(raw.split("-", 1)[0])) / 1000)
+
+
+def _missing(exc: ResponseError) -> bool:
+    text = str(exc)
+    return text.startswith("NOGROUP") or "no such key" in text.lower()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def read_stream(redis: Redis, stream: str, group: str, active_within: float) -> StreamReading:
+    """Read the stream and ``group``; Redis errors raise (a missing stream or group does not)."""
+    seconds, micros = await redis.time()
+    now_ms = int(seconds) * 1000 + int(micros) // 1000  # Redis's clock: the one in entry ids
+    try:
+        info: dict[str, Any] = await redis.xinfo_stream(stream)
+        groups: list[dict[str, Any]] = await redis.xinfo_groups(stream)
+    except ResponseError as exc:
+        if _missing(exc):
+            return StreamReading()
+        raise
+    length = int(info["length"])
+    found = next((g for g in groups if _text(g["name"]) == group), None)
+    first = info.get("first-entry")
+    no_group = StreamReading(
+        stream_exists=True,
+        length=length,
+        undelivered=length,
+        oldest_undelivered_age=entry_age(first[0], now_ms) if first else 0.0,
+    )
+    if found is None:
+        return no_group
+    last_delivered = found["last-delivered-id"]
+    try:
+        consumers: list[dict[str, Any]] = await redis.xinfo_consumers(stream, group)
+        summary: dict[str, Any] = await redis.xpending(stream, group)
+        lag = found.get("lag")
+        if lag is None:  # Redis cannot tell (entries trimmed or deleted): count a bounded few
+            if _text(last_delivered) == _text(info["last-generated-id"]):
+                lag = 0
+            else:
+                ids = await redis.xrange(stream, f"({_text(last_delivered)}", "+", count=LAG_SCAN)
+                lag = len(ids or ())
+        oldest_undelivered = 0.0
+        if lag:
+            after = await redis.xrange(stream, f"({_text(last_delivered)}", "+", count=1)
+            first_id = after[0][0] if after else None
+            oldest_undelivered = entry_age(first_id, now_ms) if first_id else 0.0
+    except ResponseError as exc:
+        if _missing(exc):  # the group went away between two commands
+            return no_group
+        raise
+    limit_ms = active_within * 1000
+    pending = int(summary.get("pending") or 0)
+    oldest = summary.get("min")
+    return StreamReading(
+        stream_exists=True,
+        group_exists=True,
+        length=length,
+        pending=pending,
+        undelivered=int(lag),
+        consumers=len(consumers),
+        active_consumers=sum(1 for c in consumers if int(c["idle"]) <= limit_ms),
+        oldest_pending_age=entry_age(oldest, now_ms) if pending and oldest else 0.0,
+        oldest_undelivered_age=oldest_undelivered,
+    )
+
+
+class StreamMonitor:
+    """The periodic task; ``read`` returns a fresh :class:`StreamReading` (Redis, or a fake)."""
+
+    def __init__(
+        self,
+        read: Callable[[], Awaitable[StreamReading]],
+        stream: str,
+        group: str = ENGINE_GROUP,
+        *,
+        interval: float = 5.0,
+        bounds: Bounds | None = None,
+        metrics: Metrics | None = None,
+        close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.group = group
+        self.interval = interval
+        self.bounds = bounds or Bounds()
+        self.metrics = metrics
+        self.reading: StreamReading | None = None
+        self.condition: Condition | None = None
+        self.errors = 0
+        self._read = read
+        self._close = close
+        self._health = EngineHealth("stream", True, f"{stream}: not checked yet")
+        self._alarm = Episode(log, "engine link")
+        self._failing = Episode(log, "actions stream monitor cannot read Redis")
+        self._periodic = Periodic(self._tick, interval)
+        self.checks = 0
+
+    @classmethod
+    def for_redis(
+        cls,
+        redis_url: str,
+        stream: str,
+        group: str = ENGINE_GROUP,
+        *,
+        interval: float = 5.0,
+        bounds: Bounds | None = None,
+        metrics: Metrics | None = None,
+    ) -> StreamMonitor:
+        redis = Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        bounds = bounds or Bounds()
+
+        async def read() -> StreamReading:
+            return await read_stream(redis, stream, group, bounds.active_within)
+
+        return cls(
+            read,
+            stream,
+            group,
+            interval=interval,
+            bounds=bounds,
+            metrics=metrics,
+            close=redis.aclose,
+        )
+
+    def health(self) -> EngineHealth:
+        return self._health
+
+    async def check_once(self) -> Condition | None:
+        """One look; the condition, or None when the stream could not be read (error counted)."""
+        try:
+            reading = await self._read()
+        except Exception as exc:  # Redis down, stalled, or worse: count, say once, carry on
+            self.errors += 1
+            if self.metrics is not None:
+                self.metrics.background_errors.labels("stream_monitor").inc()
+            detail = f"cannot read {self.stream}: {type(exc).__name__}: {exc}"
+            self._failing.trouble(type(exc).__name__, detail, stream=self.stream)
+            self._health = EngineHealth("stream", False, detail)
+            if self.metrics is not None:
+                self.metrics.engine_link_ok.set(0)
+            return None
+        self._failing.fine(f"reading {self.stream} again", stream=self.stream)
+        condition, detail = assess(reading, self.stream, self.group, self.bounds)
+        self.reading, self.condition = reading, condition
+        self._health = EngineHealth("stream", condition is Condition.OK, detail)
+        extra = {"stream": self.stream, "group": self.group, "waiting": reading.waiting}
+        if condition in (Condition.WAITING, Condition.STUCK):
+            self._alarm.trouble(condition.value, detail, **extra)
+        else:
+            self._alarm.fine(detail, **extra)
+        self._export(reading, condition)
+        return condition
+
+    def _export(self, reading: StreamReading, condition: Condition) -> None:
+        m = self.metrics
+        if m is None:
+            return
+        m.stream_length.set(reading.length)
+        m.stream_pending.set(reading.pending)
+        m.stream_lag.set(reading.undelivered)
+        m.stream_oldest_pending.set(reading.oldest_pending_age)
+        m.stream_oldest_undelivered.set(reading.oldest_undelivered_age)
+        m.stream_consumers.set(reading.consumers)
+        m.stream_consumers_active.set(reading.active_consumers)
+        m.engine_link_ok.set(1 if condition is Condition.OK else 0)
+
+    async def _tick(self) -> None:
+        try:
+            await self.check_once()
+        except Exception:  # a bug in the assessment must not end the monitor either
+            if self.metrics is not None:
+                self.metrics.background_errors.labels("stream_monitor").inc()
+            if self._failing.kind != "bug":
+                log.exception("actions stream monitor failed; it carries on")
+            self._failing.kind = "bug"
+        self.checks += 1
+
+    async def start(self) -> None:
+        self._periodic.start()
+
+    async def stop(self) -> None:
+        await self._periodic.stop()
+        if self._close is not None:
+            await self._close()

@@ -1,0 +1,66 @@
+"""The start-up log names the backend and the engine transport actually used (issue 11, 8)."""
+
+from __future__ import annotations
+
+import pytest
+from party_sync.backends.memory import MemoryBackend
+from party_sync.config import Settings
+from party_sync.engine.health import HttpProbe, StaticHealth, public_url
+from party_sync.engine.http_link import HttpEngineLink
+from party_sync.engine.inprocess import InProcessLink
+from party_sync.engine.stream_link import StreamEngineLink
+from party_sync.engine.stream_monitor import StreamMonitor
+from party_sync.metrics import Metrics
+from party_sync.server import backend_settings, describe_backend, describe_engine, watch_engine
+from ps_testkit.engines import ScriptedEngine
+
+REDIS = "redis://:hunter2@cache.local:6390/2?ssl_cert_reqs=none"
+
+
+@pytest.mark.parametrize(
+    ("url", "public"),
+    [
+        ("https://bot:s3cret@engine.example/actions?key=abc#x", "https://engine.example/actions"),
+        ("http://127.0.0.1:8090/actions", "http://127.0.0.1:8090/actions"),
+        (REDIS, "redis://cache.local:6390/2"),
+        ("http://[::1]:8090/a", "http://[::1]:8090/a"),
+        ("http://host:notaport/a", "<unparsable URL>"),
+    ],
+)
+def test_public_url_drops_credentials_query_and_fragment(url: str, public: str) -> None:
+    assert public_url(url) == public
+
+
+async def test_each_transport_is_named_as_used_never_with_a_credential() -> None:
+    settings = Settings(redis_url=REDIS, engine_url="http://u:p@engine.local:8090/actions?k=v")
+    stream = StreamEngineLink(REDIS, "party_sync:actions", 1000)
+    try:
+        assert describe_engine(settings, stream) == (
+            "stream",
+            "Redis stream party_sync:actions on redis://cache.local:6390/2",
+        )
+    finally:
+        await stream.close()
+    http = HttpEngineLink("http://u:p@engine.local:8090/actions?k=v")
+    assert describe_engine(settings, http) == ("http", "http://engine.local:8090/actions")
+    inprocess = InProcessLink(ScriptedEngine())
+    transport, what = describe_engine(settings, inprocess)
+    assert transport == "inprocess"
+    assert "ScriptedEngine" in what and "campaign_engine:create_engine" in what
+    assert describe_backend(Settings(), MemoryBackend(backend_settings(Settings()))) == "memory"
+
+
+async def test_each_transport_gets_its_watcher() -> None:
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")
+    stream = StreamEngineLink("redis://127.0.0.1:1/0", "party_sync:actions", 1000)
+    monitor = watch_engine(settings, stream, Metrics("n"))
+    try:
+        assert isinstance(monitor, StreamMonitor)
+    finally:
+        await monitor.stop()
+        await stream.close()
+    probe = watch_engine(settings, HttpEngineLink("http://127.0.0.1:1/a"), Metrics("n"))
+    assert isinstance(probe, HttpProbe)
+    static = watch_engine(settings, InProcessLink(ScriptedEngine()), Metrics("n"))
+    assert isinstance(static, StaticHealth)
+    assert static.health().transport == "inprocess" and static.health().ok

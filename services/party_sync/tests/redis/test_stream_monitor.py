@@ -1,0 +1,189 @@
+"""The actions-stream monitor against a private redis-server and a real ``engine-worker``
+(issue 11, failure 8: "Nobody tells the operator")."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from party_sync.engine.stream_monitor import Bounds, Condition, StreamMonitor
+from party_sync.metrics import Metrics
+from ps_testkit.cluster import TESTS_DIR
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import make_settings, party_sync_command, serve_in_process
+from redis.asyncio import Redis
+
+pytestmark = [pytest.mark.redis, pytest.mark.e2e]
+
+STREAM = "party_sync:actions"
+LOGGER = "party_sync.engine.stream_monitor"
+
+
+@contextlib.contextmanager
+def engine_worker(redis: RedisServer, engine_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """``party-sync engine-worker`` on ``redis`` (the recording test engine), its own process."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p
+        ),
+        "PS_ENGINE_DIR": str(engine_dir),
+        "PARTY_SYNC_LOG_LEVEL": "WARNING",
+    }
+    proc = subprocess.Popen(
+        [
+            *party_sync_command(),
+            "engine-worker",
+            "ps_testkit.engines:node_engine",
+            "--redis-url",
+            redis.url,
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+async def append_entries(redis: Redis, count: int) -> None:
+    """Entries a worker acknowledges without calling the engine (an unknown kind)."""
+    for i in range(count):
+        await redis.xadd(STREAM, {"kind": "noop", "party_id": f"p{i}", "envelope": "{}"})
+
+
+async def check_until(monitor: StreamMonitor, want: Condition, timeout: float = 20.0) -> None:
+    """Look again and again (bounded) until the monitor sees ``want``."""
+    async with asyncio.timeout(timeout):
+        while await monitor.check_once() is not want:  # noqa: ASYNC110 (another process)
+            await asyncio.sleep(0.1)
+
+
+def sample(metrics: Metrics, name: str) -> float | None:
+    return metrics.registry.get_sample_value(name)
+
+
+async def test_no_worker_shows_a_backlog_warns_once_and_a_worker_recovers_it(
+    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics("n1")
+    bounds = Bounds(active_within=2.0, stuck_after=60.0)
+    monitor = StreamMonitor.for_redis(redis.url, STREAM, bounds=bounds, metrics=metrics)
+    client = Redis.from_url(redis.url)
+    try:
+        with caplog.at_level(logging.INFO, logger=LOGGER):
+            assert await monitor.check_once() is Condition.NO_WORKER  # no stream yet: no error
+            await append_entries(client, 3)
+            assert await monitor.check_once() is Condition.WAITING
+            assert await monitor.check_once() is Condition.WAITING
+            assert sample(metrics, "party_sync_actions_stream_length") == 3
+            assert sample(metrics, "party_sync_actions_stream_lag") == 3
+            assert sample(metrics, "party_sync_actions_stream_consumers") == 0
+            assert (
+                sample(metrics, "party_sync_actions_stream_oldest_undelivered_seconds") or 0
+            ) >= 0
+            assert sample(metrics, "party_sync_engine_link_ok") == 0
+            warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+            assert len(warnings) == 1
+            assert "3 action(s) wait on party_sync:actions" in warnings[0].getMessage()
+            assert "no consumer group 'campaign-engine'" in warnings[0].getMessage()
+
+            with engine_worker(redis, tmp_path) as worker:
+                await check_until(monitor, Condition.OK)
+                infos = [r for r in caplog.records if r.levelname == "INFO"]
+                assert len(infos) == 1 and "over" in infos[0].getMessage()
+                assert monitor.health().ok
+                assert sample(metrics, "party_sync_actions_stream_lag") == 0
+                assert sample(metrics, "party_sync_actions_stream_pending") == 0
+                assert sample(metrics, "party_sync_actions_stream_consumers_active") == 1
+                assert sample(metrics, "party_sync_engine_link_ok") == 1
+                worker.send_signal(signal.SIGKILL)
+                worker.wait(10)
+
+            # The worker is dead: its consumer stays in the group but stops reading; once it
+            # has been idle longer than active_within, new actions wait with no consumer.
+            await append_entries(client, 2)
+            await check_until(monitor, Condition.WAITING)
+            assert sample(metrics, "party_sync_actions_stream_consumers") == 1
+            assert sample(metrics, "party_sync_actions_stream_consumers_active") == 0
+            assert sample(metrics, "party_sync_actions_stream_lag") == 2
+            assert "none of the 1 consumer(s)" in monitor.health().detail
+            warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+            assert len(warnings) == 2  # a second episode: one more warning, not one per look
+    finally:
+        await client.aclose()
+        await monitor.stop()
+
+
+async def test_monitor_survives_redis_going_away_and_a_restart_that_loses_the_group(
+    redis: RedisServer, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics("n1")
+    monitor = StreamMonitor.for_redis(redis.url, STREAM, metrics=metrics)
+    client = Redis.from_url(redis.url)
+    try:
+        with caplog.at_level(logging.INFO, logger=LOGGER), engine_worker(redis, tmp_path):
+            await append_entries(client, 1)
+            await check_until(monitor, Condition.OK)
+            redis.stop()
+            assert await monitor.check_once() is None
+            assert await monitor.check_once() is None
+            assert not monitor.health().ok
+            assert "cannot read party_sync:actions" in monitor.health().detail
+            errors = metrics.registry.get_sample_value(
+                "party_sync_background_errors_total", {"task": "stream_monitor"}
+            )
+            assert errors == 2
+            redis.start()  # empty: no stream, no group, until the worker makes them again
+            await check_until(monitor, Condition.OK)
+        failing = [r.getMessage() for r in caplog.records if "cannot read Redis" in r.getMessage()]
+        assert len(failing) == 2  # one WARNING when it began, one INFO when it was over
+    finally:
+        await client.aclose()
+        await monitor.stop()
+
+
+async def test_readyz_names_a_missing_engine_worker_and_stays_200(redis: RedisServer) -> None:
+    settings = make_settings(redis_url=redis.url, engine_transport="stream")
+    async with serve_in_process(settings) as srv:
+
+        async def readyz() -> tuple[int, dict[str, Any]]:
+            async with srv.http.get(srv.base + "/readyz") as resp:
+                return resp.status, await resp.json()
+
+        async with asyncio.timeout(10):
+            status, body = await readyz()
+            while "not checked yet" in body["engine"]["detail"]:
+                await asyncio.sleep(0.02)  # the monitor's first look runs at start-up
+                status, body = await readyz()
+        assert status == 200
+        assert body["status"] == "degraded"
+        assert body["backend"] == {"name": "redis", "ok": True}
+        assert body["engine"]["transport"] == "stream"
+        assert body["engine"]["ok"] is False
+        assert "no engine worker consumes party_sync:actions" in body["engine"]["detail"]
+        async with srv.http.get(srv.base + "/metrics") as resp:
+            text = await resp.text()
+        assert "party_sync_actions_stream_lag 0.0" in text
+        assert "party_sync_engine_link_ok 0.0" in text
+
+        redis.stop()  # the backend unusable: the node cannot serve → 503
+        async with asyncio.timeout(15):
+            status, body = await readyz()
+            while status != 503:
+                await asyncio.sleep(0.05)  # the backend notices in its own time, bounded
+                status, body = await readyz()
+        assert body["status"] == "unavailable"
+        assert body["backend"] == {"name": "redis", "ok": False}
