@@ -21,7 +21,8 @@ def test_a_new_action_is_accepted_and_a_repeat_is_in_flight() -> None:
     assert led.begin("aria", "a1", now=0.0) == Verdict(Decision.ACCEPT)
     assert led.begin("aria", "a1", now=1.0) == Verdict(Decision.IN_FLIGHT)
     # the action_id is what counts, whoever sends it
-    assert led.begin("borin", "a1", now=1.0) == Verdict(Decision.IN_FLIGHT)
+    # another actor's id: refused without saying whether it is in flight (issue 12)
+    assert led.begin("borin", "a1", now=1.0) == Verdict(Decision.TAKEN)
     assert led.state_of("a1") is Decision.IN_FLIGHT
     assert len(led) == 1
 
@@ -67,7 +68,7 @@ def test_record_ttl_is_at_least_the_action_timeout() -> None:
     led = ActionLedger(action_timeout=10.0, record_ttl=1.0)
     assert led.record_ttl == 10.0
     led.begin("aria", "a1", now=0.0)
-    assert led.begin("borin", "a1", now=9.0).decision is Decision.IN_FLIGHT
+    assert led.begin("aria", "a1", now=9.0).decision is Decision.IN_FLIGHT
 
 
 # -- the final answer: claim, time_out, refuse, complete (issue 11) -----------------------------
@@ -337,6 +338,8 @@ class LedgerModel:
         self.collect(now)
         rec = self.records.get(a)
         if rec is not None:
+            if rec.character != c:  # another actor's id tells nothing (issue 12)
+                return Verdict(Decision.TAKEN)
             if rec.answer is not None:
                 return Verdict(Decision.DONE, result=rec.answer)
             return Verdict(Decision.IN_FLIGHT)

@@ -76,7 +76,7 @@ async def test_begin_accepts_once_refuses_repeats_and_busy_characters(backend: B
     b = backend
     assert await b.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.ACCEPT)
     assert await b.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.IN_FLIGHT)
-    assert await b.begin_action(PARTY, "borin", "a1", T0) == Verdict(Decision.IN_FLIGHT)
+    assert await b.begin_action(PARTY, "borin", "a1", T0) == Verdict(Decision.TAKEN)  # issue 12
     assert await b.begin_action(PARTY, "aria", "a2", T0 + 1) == Verdict(
         Decision.BUSY, blocking_action_id="a1"
     )

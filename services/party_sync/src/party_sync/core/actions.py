@@ -8,6 +8,8 @@ Decisions for an incoming ``action.request``:
                    seq) to the sender only;
 - ``BUSY``       — the character has another action in flight: refuse until its result arrives or
                    ``action_timeout`` passes (the seed's "simple mechanism against repeated sends").
+- ``TAKEN``      — another actor's action_id (in flight or finished): refuse without saying which,
+                   and never answer one actor's id with another actor's record.
 
 Every accepted action ends with exactly one *final answer*, kept for ``record_ttl`` so that a
 resend of the same ``action_id`` gets it again: its ``action.result``, or a refusal that promises
@@ -31,6 +33,7 @@ class Decision(Enum):
     IN_FLIGHT = "in_flight"
     DONE = "done"  # it has its final answer (``Verdict.result``: the result or the refusal)
     BUSY = "busy"
+    TAKEN = "taken"  # another actor's action_id: nothing about it is told (issue 12)
 
 
 class Claim(Enum):
@@ -70,6 +73,7 @@ class Verdict:
 
 _ACCEPTED: Final = Verdict(Decision.ACCEPT)  # the verdicts without data, made once
 _IN_FLIGHT: Final = Verdict(Decision.IN_FLIGHT)
+_TAKEN: Final = Verdict(Decision.TAKEN)
 
 
 class ActionLedger:
@@ -91,6 +95,7 @@ class ActionLedger:
             str, bytes
         ] = {}  # final answers: in completion order, like the two below
         self._refused: dict[str, None] = {}
+        self._owners: dict[str, str] = {}  # the actor of each final answer
         self._expires: dict[str, float] = {}
         self._orders: dict[str, int] = {}
         self._locks: dict[str, tuple[str, float]] = {}  # character_id → (action_id, until)
@@ -105,9 +110,12 @@ class ActionLedger:
         self._collect(now)
         result = self._results.get(action_id)
         if result is not None:
+            if self._owners.get(action_id, character_id) != character_id:
+                return _TAKEN
             return Verdict(Decision.DONE, result=result)
-        if action_id in self._flights:
-            return _IN_FLIGHT
+        flight = self._flights.get(action_id)
+        if flight is not None:
+            return _IN_FLIGHT if flight[_CHARACTER] == character_id else _TAKEN
         lock = self._locks.get(character_id)
         if lock is not None and lock[1] > now:
             return Verdict(Decision.BUSY, blocking_action_id=lock[0])
@@ -177,6 +185,7 @@ class ActionLedger:
         owner = flight[_CHARACTER] if flight is not None else character_id
         self._results[action_id] = refusal
         self._refused[action_id] = None
+        self._owners[action_id] = owner
         self._expires[action_id] = now + self.record_ttl
         self._orders[action_id] = self._next()
         self._release(owner, action_id)
@@ -191,12 +200,15 @@ class ActionLedger:
         refused = action_id in self._refused
         if action_id in self._results and not refused:
             return False  # a second result for one action: the first one stands, untouched
+        owner = self._owners.get(action_id, character_id)  # a refusal's actor stays the owner
         if refused:
             del self._refused[action_id], self._results[action_id]
-            del self._expires[action_id], self._orders[action_id]
+            del self._expires[action_id], self._orders[action_id], self._owners[action_id]
         flight = self._flights.pop(action_id, None)
-        owner = flight[_CHARACTER] if flight is not None else character_id
+        if flight is not None:
+            owner = flight[_CHARACTER]
         self._results[action_id] = result
+        self._owners[action_id] = owner
         self._expires[action_id] = now + self.record_ttl
         self._orders[action_id] = self._next()
         self._release(owner, action_id)
@@ -237,6 +249,7 @@ class ActionLedger:
                     return
                 del results[done], expires[done], orders[done]
                 self._refused.pop(done, None)
+                self._owners.pop(done, None)
             else:
                 assert flight is not None
                 action_id, record = flight

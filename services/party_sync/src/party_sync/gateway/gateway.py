@@ -471,6 +471,9 @@ class Gateway:
             raise refuse(ErrorCode.FORBIDDEN, "this connection cannot act for that character")
         if p["campaign_run_id"] != session.binding.campaign_run_id:
             raise refuse(ErrorCode.FORBIDDEN, "this connection is bound to another campaign run")
+        if action_id.startswith(t.RESERVED_ACTION_PREFIX):
+            # server-made ids (a finished vote is applied as "vote:<vote_id>") are unforgeable
+            raise refuse(ErrorCode.FORBIDDEN, "action_ids starting with 'vote:' are reserved")
         try:
             verdict = await self.backend.begin_action(
                 session.party_id, session.character_id, action_id, now
@@ -490,6 +493,10 @@ class Gateway:
             raise refuse(ErrorCode.ACTION_IN_FLIGHT, "this action is already being processed")
         if verdict.decision is Decision.BUSY:
             raise refuse(ErrorCode.CHARACTER_BUSY, "wait for the result of your previous action")
+        if verdict.decision is Decision.TAKEN:
+            raise refuse(
+                ErrorCode.FORBIDDEN, "this action_id is used by another actor: choose another"
+            )
         action = self._action(session, message, now, deadline)
         self._watch(session, action, deadline)
         log.debug(

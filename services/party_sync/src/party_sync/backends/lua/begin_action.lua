@@ -3,7 +3,7 @@
 -- ARGV[10] when the node sent this call (its wall clock, Unix seconds; NOW may be virtual in
 -- tests), ARGV[11] the most seconds after that this call may run and still accept.
 -- Returns {'done', final answer} | {'in_flight'} | {'busy', blocking action_id} | {'accept'}
--- | {'stale'}.
+-- | {'taken'} (another actor's action_id) | {'stale'}.
 --
 -- The record: c character, s began at, d deadline, g '1' once an engine host claimed it, r the
 -- action.result, x a refusal (the final answer when there is no result; see refuse_action.lua).
@@ -17,6 +17,9 @@ if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[10]) + tonu
   return {'stale'}
 end
 local found = redis.call('HMGET', record, 'c', 'r', 'x')
+if found[1] and found[1] ~= character_id then
+  return {'taken'}  -- another actor's id: nothing about it is told
+end
 if found[2] then
   return {'done', found[2]}
 end
