@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
-from ps_testkit.client import Closed, wait_until
+from party_sync.backends.base import Binding
+from ps_testkit.client import Client, Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process, token
 
@@ -137,3 +141,85 @@ async def test_token_expiry_on_an_open_connection_closes_with_4001() -> None:
             code = exc.code
         assert code == 4001
         await client.close()
+
+
+# -- presence after a stall (issue 11, failure 4) ----------------------------------------------
+
+
+def presence_view(client: Client) -> dict[str, bool]:
+    """Who is online, as one client's own stream says (its hello, then joins and leaves)."""
+    view: dict[str, bool] = {}
+    for m in client.received:
+        if m["type"] == "system.hello":
+            view = {x["character_id"]: x["online"] for x in m["payload"]["members"]}
+        elif m["type"] in ("party.join", "party.leave"):
+            view[m["payload"]["character_id"]] = m["type"] == "party.join"
+    return view
+
+
+async def test_players_swept_as_expired_while_connected_are_announced_again() -> None:
+    ttl = 1.5
+    async with serve_in_process(make_settings(presence_ttl=ttl), engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        backend = srv.server.gateway.backend
+        b, _ = await srv.join("borin")
+        a, _ = await srv.join("aria")
+        await b.expect("party.join")
+        mark = len(b.received)
+        # What the sweep finds after a stall longer than the ttl: every entry past its expiry.
+        leaves = await backend.expire(time.time() + 2 * ttl)
+        assert sorted(e.payload["character_id"] for e in leaves) == ["aria", "borin"]
+        # The connections never closed: the node's next refresh announces both again.
+        async with asyncio.timeout(5):
+            while sum(m["type"] == "party.join" for m in b.received[mark:]) < 2:
+                await b.until("party.join")
+        presence = [
+            (m["type"], m["payload"]["character_id"])
+            for m in b.received[mark:]
+            if m["type"] in ("party.join", "party.leave")
+        ]
+        assert sorted(presence[:2]) == [("party.leave", "aria"), ("party.leave", "borin")]
+        assert sorted(presence[2:]) == [("party.join", "aria"), ("party.join", "borin")]
+        _, hello = await srv.join("borin")  # a second tab: no join, the snapshot is the truth
+        members = {m["character_id"]: m["online"] for m in hello["payload"]["members"]}
+        assert members == {"aria": True, "borin": True}
+        await a.act("after", "aria", "r1")
+        for client in (a, b):  # everything published before the action has been read
+            assert (await client.until("action.result"))["payload"]["action_id"] == "after"
+            assert presence_view(client) == {"aria": True, "borin": True}
+        assert len(presence) == len(
+            [m for m in b.received[mark:] if m["type"] in ("party.join", "party.leave")]
+        )  # no spurious join (nor leave) since
+        await a.close()
+        await b.close()
+
+
+async def test_refresh_announces_again_only_characters_that_are_not_online_and_did_not_leave() -> (
+    None
+):
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        backend = srv.server.gateway.backend
+        ttl = srv.server.gateway.settings.presence_ttl
+        aria, borin = Binding("p9", "r9", "aria", "Aria"), Binding("p9", "r9", "borin", "Borin")
+        t0 = time.time() + 1000  # beyond the node's own sweeps, which run at the real time
+        await backend.connect(aria, "a1", t0, "t" * 32)
+        await backend.connect(borin, "b1", t0, "t" * 32)
+        await backend.connect(borin, "b2", t0, "t" * 32)
+        assert await backend.refresh([(aria, "a1"), (borin, "b1")], t0 + 1) == []  # online
+
+        late = t0 + ttl + 5  # aria's node stalled; borin's refreshed in time
+        assert await backend.refresh([(borin, "b1"), (borin, "b2")], late - 1) == []
+        (leave,) = await backend.expire(late)
+        assert leave.payload == {"character_id": "aria", "reason": "expired"}
+        (join,) = await backend.refresh([(aria, "a1"), (borin, "b1"), (borin, "b2")], late)
+        assert join.seq == leave.seq + 1
+        assert join.payload == {"character_id": "aria", "display_name": "Aria"}
+        assert await backend.refresh([(aria, "a1")], late + 1) == []  # once
+
+        # A voluntary leave racing with the refresh of a closing tab: not brought back.
+        assert await backend.leave(borin, late + 2, "t" * 32) is not None
+        assert await backend.refresh([(borin, "b1")], late + 3) == []
+        assert await backend.expire(late + 3) == []
+        members = (await backend.snapshot("p9")).members
+        assert {m["character_id"]: m["online"] for m in members} == {"aria": True}

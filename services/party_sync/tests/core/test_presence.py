@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from party_sync.core.presence import Presence
+from party_sync.core.presence import Presence, PresenceTick, RefreshSchedule, announce_again
 
 TTL = 10.0
 
@@ -109,6 +109,102 @@ def test_expire_reports_a_character_whose_expiry_was_seen_by_a_read_first() -> N
     p.connect("aria", "a1", now=0.0)
     assert not p.is_connected("aria", now=20.0)  # the read prunes the connection...
     assert p.expire(now=20.0) == ["aria"]  # ... but the node-died report still happens
+
+
+def test_a_late_heartbeat_never_shortens_an_expiry() -> None:
+    p = Presence(TTL)
+    p.connect("aria", "tab-1", now=0.0)
+    p.refresh("aria", "tab-1", now=8.0)
+    p.refresh("aria", "tab-1", now=2.0)  # sent before a stall, carried out after the newer one
+    assert p.is_connected("aria", now=17.9)
+
+
+@pytest.mark.parametrize(
+    ("online", "left", "again"),
+    [(True, False, False), (False, False, True), (False, True, False), (True, True, False)],
+)
+def test_only_a_live_character_that_is_not_online_and_did_not_leave_is_announced_again(
+    online: bool, left: bool, again: bool
+) -> None:
+    assert announce_again(online=online, left=left) is again
+
+
+def test_a_voluntary_leave_holds_for_ttl_and_a_new_connection_lifts_it() -> None:
+    p = Presence(TTL)
+    p.connect("aria", "tab-1", now=0.0)
+    p.mark_left("aria", now=1.0)
+    assert p.has_left("aria", now=1.0 + TTL - 0.1)
+    assert not p.has_left("aria", now=1.0 + TTL)
+    p.mark_left("aria", now=20.0)
+    p.connect("aria", "tab-2", now=21.0)  # a rejoin
+    assert not p.has_left("aria", now=21.0)
+    p.mark_left("borin", now=30.0)
+    p.expire(now=30.0 + TTL)  # the sweep forgets tombstones that are due
+    assert not p.has_left("borin", now=30.0)
+
+
+# -- the presence loop's schedule ----------------------------------------------------------------
+
+SLICES = 8
+
+
+def ticks(schedule: RefreshSchedule, start: float, count: int) -> list[PresenceTick]:
+    out = []
+    for i in range(count):
+        out.append(schedule.tick(start + i * schedule.interval))
+        schedule.succeeded()
+    return out
+
+
+def test_a_healthy_node_refreshes_one_slice_a_tick_and_sweeps_every_tick() -> None:
+    schedule = RefreshSchedule(TTL, SLICES)
+    assert schedule.interval == pytest.approx(TTL / 3 / SLICES)
+    done = ticks(schedule, 0.0, 2 * SLICES)
+    assert [t.slice for t in done] == [*range(1, SLICES), 0] * 2  # every slice once a period
+    assert all(t.sweep for t in done)
+
+
+def test_after_a_failed_tick_everything_is_refreshed_before_anyone_sweeps() -> None:
+    schedule = RefreshSchedule(TTL, SLICES)
+    ticks(schedule, 0.0, 3)
+    now = 3 * schedule.interval
+    assert schedule.tick(now).slice == 4
+    schedule.failed()  # backend unavailable
+    now += schedule.interval
+    retry = schedule.tick(now)
+    assert retry == PresenceTick(None, sweep=False)  # every connection, no sweep
+    schedule.failed()  # still down: the next tick tries everything again
+    now += schedule.interval
+    full = schedule.tick(now)
+    assert full == PresenceTick(None, sweep=False)
+    schedule.succeeded()
+    held_until = now + schedule.period  # other nodes refresh theirs meanwhile
+    after = ticks(schedule, now + schedule.interval, 2 * SLICES)
+    times = [now + schedule.interval + i * schedule.interval for i in range(2 * SLICES)]
+    assert all(t.slice is not None for t in after)
+    assert [t.sweep for t in after] == [at >= held_until for at in times]
+    assert any(t.sweep for t in after) and not after[0].sweep
+
+
+def test_a_tick_that_hung_in_a_stall_counts_as_falling_behind() -> None:
+    """A stall shorter than the command timeout fails nothing: the call just returns late."""
+    schedule = RefreshSchedule(TTL, SLICES)
+    ticks(schedule, 0.0, 2)
+    stalled = 2 * schedule.interval
+    assert schedule.tick(stalled).slice is not None
+    schedule.succeeded()  # ... after a stall of TTL (the tick's entries date from `stalled`)
+    resumed = stalled + TTL
+    assert schedule.tick(resumed) == PresenceTick(None, sweep=False)
+    schedule.succeeded()
+    after = ticks(schedule, resumed + schedule.interval, SLICES)  # held for one period
+    assert [t.sweep for t in after] == [False] * (SLICES - 1) + [True]
+
+
+def test_a_schedule_needs_a_positive_ttl_and_a_slice() -> None:
+    with pytest.raises(ValueError, match="ttl"):
+        RefreshSchedule(0.0, SLICES)
+    with pytest.raises(ValueError, match="slices"):
+        RefreshSchedule(TTL, 0)
 
 
 # -- model-based -------------------------------------------------------------------------------

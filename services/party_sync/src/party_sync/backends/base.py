@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from party_sync.core.actions import Verdict
+from party_sync.core.actions import Claim, Sweep, Verdict
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.votes import CastRefusal, VoteSpec
@@ -138,8 +138,14 @@ class Backend(Protocol):
         """A voluntary leave: publish ``party.leave`` (left) if the character is a member."""
         ...
 
-    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> None:
-        """Heartbeat for this node's live connections (keeps their presence from expiring)."""
+    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> list[Event]:
+        """Heartbeat for this node's live connections (keeps their presence from expiring).
+
+        A refreshed connection's character that is not online in the projection any more (the
+        sweep announced it expired during a stall, or the party's state was lost and starts a new
+        epoch) is announced again: returns the ``party.join`` events this published. Never for a
+        character that left on purpose within the last ``presence_ttl`` (its tabs are closing).
+        """
         ...
 
     async def expire(self, now: float) -> list[Event]:
@@ -186,6 +192,20 @@ class Backend(Protocol):
         self, party_id: str, character_id: str, action_id: str, now: float
     ) -> Verdict: ...
 
-    async def abandon_action(self, party_id: str, action_id: str) -> None: ...
+    async def claim_action(
+        self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
+    ) -> tuple[Claim, bytes | None]:
+        """An engine host is about to start the action (``ActionLedger.claim``): may it?"""
+        ...
 
-    async def time_out_action(self, party_id: str, action_id: str, now: float) -> bool: ...
+    async def time_out_action(
+        self, party_id: str, action_id: str, now: float, refusal: bytes
+    ) -> tuple[Sweep, bytes | None]:
+        """The deadline passed (``ActionLedger.time_out``): refused now unless it was started."""
+        ...
+
+    async def refuse_action(
+        self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
+    ) -> bool:
+        """Make ``refusal`` the action's final answer; False if it already has one."""
+        ...

@@ -16,10 +16,10 @@ from typing import Any
 
 from party_sync.backends.base import Binding, PartyListener, Snapshot
 from party_sync.core import votes
-from party_sync.core.actions import ActionLedger, Verdict
+from party_sync.core.actions import ActionLedger, Claim, Sweep, Verdict
 from party_sync.core.events import Event
 from party_sync.core.history import EventLog, ResumePoint
-from party_sync.core.presence import Presence
+from party_sync.core.presence import Presence, announce_again
 from party_sync.core.projection import Projection
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
@@ -120,8 +120,15 @@ class MemoryBackend:
         data = codec.with_seq(codec.encode(message), seq)
         party.log.append(data)
         party.last_active = now
-        if type_ == t.ACTION_RESULT:
-            party.ledger.complete(payload["action_id"], payload["character_id"], data, now)
+        refused = type_ == t.ACTION_RESULT and party.ledger.complete(
+            payload["action_id"], payload["character_id"], data, now
+        )
+        if refused:
+            log.warning(
+                "the engine applied an action after it had been refused (its deadline "
+                "passed before the engine claimed it): the result stands",
+                extra={"trace_id": message["trace_id"], "action_id": payload["action_id"]},
+            )
         event = Event(party.party_id, seq, type_, payload, message["trace_id"], data)
         for listener in list(party.listeners):
             try:
@@ -238,13 +245,23 @@ class MemoryBackend:
         party = self._parties.get(binding.party_id)
         if party is None or binding.character_id not in party.projection.members:
             return None
+        party.presence.mark_left(binding.character_id, now)
         return self._leave(party, binding.character_id, t.LEAVE_LEFT, now, trace_id)
 
-    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> None:
+    async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> list[Event]:
+        events: list[Event] = []
         for binding, connection_id in connections:
-            self._party(binding.party_id, now).presence.refresh(
-                binding.character_id, connection_id, now
-            )
+            party = self._party(binding.party_id, now)
+            cid = binding.character_id
+            party.presence.refresh(cid, connection_id, now)
+            online = party.projection.is_online(cid)
+            if announce_again(online=online, left=party.presence.has_left(cid, now)):
+                party.run_id = binding.campaign_run_id
+                self._runs.setdefault(binding.campaign_run_id, set()).add(binding.party_id)
+                payload = {"character_id": cid, "display_name": binding.display_name}
+                message = codec.envelope(t.PARTY_JOIN, payload, ts=now)
+                events.append(self._publish(party, message, now))
+        return events
 
     async def expire(self, now: float) -> list[Event]:
         events: list[Event] = []
@@ -335,11 +352,24 @@ class MemoryBackend:
     ) -> Verdict:
         return self._party(party_id, now).ledger.begin(character_id, action_id, now)
 
-    async def abandon_action(self, party_id: str, action_id: str) -> None:
+    async def claim_action(
+        self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
+    ) -> tuple[Claim, bytes | None]:
         party = self._parties.get(party_id)
-        if party is not None:
-            party.ledger.abandon(action_id)
+        if party is None:  # the party's state is gone: the action may start unless it is late
+            late = deadline is not None and now > deadline
+            return (Claim.EXPIRED if late else Claim.START), None
+        return party.ledger.claim(action_id, now, refusal, deadline)
 
-    async def time_out_action(self, party_id: str, action_id: str, now: float) -> bool:
+    async def time_out_action(
+        self, party_id: str, action_id: str, now: float, refusal: bytes
+    ) -> tuple[Sweep, bytes | None]:
         party = self._parties.get(party_id)
-        return party is not None and party.ledger.time_out(action_id, now)
+        if party is None:
+            return Sweep.GONE, None
+        return party.ledger.time_out(action_id, now, refusal)
+
+    async def refuse_action(
+        self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
+    ) -> bool:
+        return self._party(party_id, now).ledger.refuse(action_id, character_id, refusal, now)

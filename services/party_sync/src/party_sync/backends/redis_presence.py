@@ -9,6 +9,11 @@ one party is one script). A node that dies during a character's grace period nev
 ``disconnect`` leaves a deadline (``now + grace + presence_ttl``) in ``gone`` that the sweep
 honours, so that character leaves too, instead of staying online forever.
 
+A node that stalled with Redis (longer than about ``2/3 presence_ttl``) may find its players
+swept as expired although their connections never closed: its next ``refresh`` re-adds their
+entries and announces ``party.join`` again in the same script (refresh.lua), and returns those
+events; after Redis restarted empty, that join opens a new epoch at seq 1.
+
 The sweep finds parties through ``presence-index`` (party → when to look next), the one key
 outside the party slots; writes to it are hints that only ever bring a look forward, and a party
 is dropped from it only if nobody re-indexed it since the sweep read it (``index_forget.lua``).
@@ -83,26 +88,54 @@ async def settle(
     payload = {"character_id": binding.character_id, "reason": reason}
     body = codec.encode(codec.envelope(t.PARTY_LEAVE, payload, ts=now, trace_id=trace_id))
     script = "settle" if reason == t.LEAVE_DISCONNECTED else "leave"
+    args: list[Arg] = [binding.character_id, body]
+    if script == "leave":  # the tombstone's lifetime (refresh.lua must not announce it again)
+        args.append(b.settings.presence_ttl)
     async with unavailable(script):
-        reply = await b.scripts.run(script, binding.party_id, now, [binding.character_id, body])
+        reply = await b.scripts.run(script, binding.party_id, now, args)
     seq = int(reply[0])
     if seq == 0:
         return None
     return Event(binding.party_id, seq, t.PARTY_LEAVE, payload, trace_id, codec.with_seq(body, seq))
 
 
-async def refresh(b: RedisBackend, connections: Sequence[tuple[Binding, str]], now: float) -> None:
-    by_party: dict[str, list[str]] = defaultdict(list)
+async def refresh(
+    b: RedisBackend, connections: Sequence[tuple[Binding, str]], now: float
+) -> list[Event]:
+    """Push this node's connections' expiries forward, one script per party, one round trip.
+
+    Returns the ``party.join`` events refresh.lua published for characters that were not online
+    any more although a connection of theirs is live (see its header); rare, so the party's run
+    is recorded in ``run_parties`` (as ``connect`` does) only for the parties that had one.
+    """
+    by_party: dict[str, list[Arg]] = defaultdict(list)
+    runs: dict[str, str] = {}
     for binding, connection_id in connections:
-        by_party[binding.party_id].append(_entry(binding, connection_id))
+        by_party[binding.party_id] += [_entry(binding, connection_id), binding.display_name]
+        runs[binding.party_id] = binding.campaign_run_id
     if not by_party:
-        return
+        return []
     ttl = b.settings.presence_ttl
-    async with unavailable("refresh"), b.client.pipeline(transaction=False) as pipe:
-        for party_id, entries in by_party.items():
-            await b.scripts.run("refresh", party_id, now, [ttl, *entries], client=pipe)
-            pipe.zadd(b.keys.presence_index(), {party_id: now + ttl}, lt=True)
-        await pipe.execute()
+    timestamp = codec.rfc3339(now)
+    async with unavailable("refresh"):
+        async with b.client.pipeline(transaction=False) as pipe:
+            for party_id, pairs in by_party.items():
+                trace_prefix = codec.new_trace_id()[:24]  # the joins' trace ids, if any
+                args = [ttl, trace_prefix, timestamp, runs[party_id], *pairs]
+                await b.scripts.run("refresh", party_id, now, args, client=pipe)
+                pipe.zadd(b.keys.presence_index(), {party_id: now + ttl}, lt=True)
+            replies = await pipe.execute()
+        events: list[Event] = []
+        for party_id, reply in zip(by_party, replies[::2], strict=True):
+            events.extend(event_from(party_id, bytes(data)) for data in reply[1:])
+        if events:
+            async with b.client.pipeline(transaction=False) as pipe:
+                for party_id in dict.fromkeys(e.party_id for e in events):
+                    run_parties = b.keys.run_parties(runs[party_id])
+                    pipe.sadd(run_parties, party_id)
+                    pipe.pexpire(run_parties, int(b.settings.idle_party_ttl * 1000))
+                await pipe.execute()
+    return events
 
 
 async def expire(b: RedisBackend, now: float) -> list[Event]:

@@ -30,6 +30,7 @@ from party_sync.core.actions import Decision, Sweep
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
+from party_sync.core.presence import RefreshSchedule
 from party_sync.engine.interface import ActionRequest, EngineLink, JoinNotice, RestateNotice
 from party_sync.gateway import messages
 from party_sync.gateway.hub import PartyHub
@@ -312,43 +313,38 @@ class Gateway:
         thousands of connections in one go is one long Redis pipeline, a latency spike for
         everything queued behind it (measured: p99 of 30 ms at a light load, docs/benchmarks.md).
         """
-        interval = max(0.05, self.settings.presence_ttl / 3)
-        step = 0
-        catch_up = False  # the last tick failed: refresh every connection before any expiry
+        schedule = RefreshSchedule(max(0.15, self.settings.presence_ttl), PRESENCE_SLICES)
         while True:
-            await asyncio.sleep(interval / PRESENCE_SLICES)
-            step = (step + 1) % PRESENCE_SLICES
+            await asyncio.sleep(schedule.interval)
             now = self.clock()
+            tick = schedule.tick(now)
+            schedule.failed()  # undone below once this tick gets through
             with self._tick("presence") as ok:
                 connections = [
                     (s.binding, s.id)
                     for s in self.sessions
-                    if catch_up or hash(s.party_id) % PRESENCE_SLICES == step
+                    if not s.closed
+                    and (tick.slice is None or hash(s.party_id) % PRESENCE_SLICES == tick.slice)
                 ]
-                catch_up = True
                 rejoined = await self.backend.refresh(connections, now)
-                catch_up = False
-                await self._announce_rejoins(rejoined or ())
-                await self.backend.expire(now)
+                await self._announce_rejoins(rejoined, [b for b, _ in connections])
+                if tick.sweep:
+                    await self.backend.expire(now)
+                schedule.succeeded()
                 ok.set()
             with self._tick("votes") as ok:
                 for party_id, vote_id in await self.backend.due_votes(now):
                     await self._finish_vote(party_id, vote_id)  # a vote whose timers all died
                 ok.set()
 
-    async def _announce_rejoins(self, events: Sequence[Event]) -> None:
+    async def _announce_rejoins(self, events: Sequence[Event], bindings: list[Binding]) -> None:
         """``party.join``s that ``refresh`` re-announced (a leave was published while this node's
-        connection lived, e.g. during a Redis stall): tell the engine as for any join."""
+        connection lived, e.g. during a Redis stall; or Redis lost the party): tell the engine as
+        for any join. ``bindings``: the refreshed connections' (their sessions may be gone by now:
+        a new epoch makes the node resync them)."""
+        by_member = {(b.party_id, b.character_id): b for b in bindings}
         for event in events:
-            character_id = event.payload["character_id"]
-            binding = next(
-                (
-                    s.binding
-                    for s in self.sessions
-                    if s.party_id == event.party_id and s.character_id == character_id
-                ),
-                None,
-            )
+            binding = by_member.get((event.party_id, event.payload["character_id"]))
             if binding is None:
                 continue
             epoch = (await self.backend.snapshot(event.party_id)).epoch if event.seq == 1 else ""

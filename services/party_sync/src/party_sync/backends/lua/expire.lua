@@ -1,7 +1,8 @@
 -- expire: the presence sweep of one party (Backend.expire). Drops expired connections, then
 -- announces party.leave (expired) for every online character left without a live connection whose
 -- owning node missed its settle deadline (the node died, mid-grace or not). Atomic, so when
--- several nodes sweep, each leave is published exactly once.
+-- several nodes sweep, each leave is published exactly once. A character whose connection is in
+-- fact live (its node stalled with Redis) is announced again by that node's refresh (refresh.lua).
 -- ARGV[7] a trace id prefix (24 hex), ARGV[8] the envelopes' timestamp (RFC 3339).
 -- Returns {next presence expiry or '', data of each published leave ...}.
 local trace_prefix, timestamp = ARGV[7], ARGV[8]
@@ -23,10 +24,12 @@ for _, character_id in ipairs(online) do
     out[#out + 1] = data
   end
 end
--- forget deadlines of characters who are no longer online
-for _, character_id in ipairs(redis.call('HKEYS', K_GONE)) do
-  if redis.call('SISMEMBER', K_ONLINE, character_id) == 0 then
-    redis.call('HDEL', K_GONE, character_id)
+-- forget deadlines of characters who are no longer online, once past (the entry of a character
+-- who left on purpose is a tombstone that refresh.lua honours until then: see leave.lua)
+local gone = redis.call('HGETALL', K_GONE)
+for i = 1, #gone, 2 do
+  if tonumber(gone[i + 1]) <= NOW and redis.call('SISMEMBER', K_ONLINE, gone[i]) == 0 then
+    redis.call('HDEL', K_GONE, gone[i])
   end
 end
 out[1] = next_expiry()
