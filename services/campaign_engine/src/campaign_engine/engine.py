@@ -96,7 +96,9 @@ ENV_DATABASE_URL = "CAMPAIGN_ENGINE_DATABASE_URL"
 ENV_VOTE_TIMEOUT = "CAMPAIGN_ENGINE_VOTE_TIMEOUT"
 #: How often an action (or join) is worked out again when another process committed to its run
 #: first; each attempt starts from the newer state, so this only runs out under a storm of writers.
-COMMIT_ATTEMPTS = 5
+COMMIT_ATTEMPTS = 8
+#: Seconds: the first pause between attempts is up to twice this, doubling (full jitter).
+COMMIT_BACKOFF = 0.005
 
 
 class ReferenceEngine:
@@ -275,6 +277,9 @@ class ReferenceEngine:
                 if attempt == COMMIT_ATTEMPTS:
                     raise
                 log.info("run %s changed in another process; working it out again", run_id)
+                # Two workers that keep colliding on one run must not retry in lockstep: a
+                # short random pause (full jitter, doubling) lets one of them commit first.
+                await asyncio.sleep(random.uniform(0, COMMIT_BACKOFF * 2**attempt))
 
     async def _summaries(self, after: RunState, decision: Decision) -> list[SceneSummary]:
         """The L2 entries ``decision`` writes: none unless it moved the party to another scene."""

@@ -1,0 +1,209 @@
+"""The fault tier (issue 11, "A fault tier in the project's own tests").
+
+Real ``party-sync serve`` nodes, real ``engine-worker``s hosting the reference engine and a
+private ``redis-server`` (or the embedded server alone), four ``PartyClient`` players acting in a
+loop with retries and resuming, and one fault per test. After each, the history check of
+``ps_testkit.fault_history`` over everything every client saw and the engine's chronicle: every
+action answered exactly once and applied at most once, no player told "failed" about an applied
+action, seqs without gaps (or a resync), and every client converged to a fresh ``system.hello``
+with a scene and its options.
+
+Each run appends its figures (actions, answers, applied once, lost, time to recover) to
+``artifacts/faults/results.jsonl`` and leaves its evidence (report, client frames, process logs)
+in ``artifacts/faults/<scenario>/``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Sequence
+
+import pytest
+from ps_testkit.fault_history import answers, sent_actions
+from ps_testkit.fault_players import Player
+from ps_testkit.fault_runner import (
+    FaultWindow,
+    Inject,
+    Report,
+    run_scenario,
+    scenario_directory,
+)
+from ps_testkit.faults import EmbeddedSystem, RedisSystem, poll
+
+pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
+
+#: Redis paused longer than the node's Redis command timeout (5 s, not configurable) and than
+#: presence_ttl (2 s here).
+PAUSE = 6.0
+#: Redis down between its kill and its restart.
+REDIS_DOWN = 1.0
+#: CLIENT KILL TYPE pubsub: this many times, this far apart.
+PUBSUB_KILLS = 10
+PUBSUB_KILL_EVERY = 0.5
+#: A node frozen (SIGSTOP) this long, with an action out, before its SIGKILL.
+NODE_FROZEN = 0.5
+
+
+def _open_actions(player: Player) -> list[str]:
+    """The player's actions sent and not answered yet."""
+    got = answers(player.history)
+    return [a for a in sent_actions(player.history) if a not in got]
+
+
+def _verdict(report: Report) -> None:
+    print(report.summary())
+    assert report.passed, report.summary()
+
+
+async def test_a_node_killed_its_players_move_to_the_other_node() -> None:
+    system = RedisSystem(scenario_directory("node_sigkill"))
+
+    async def inject(players: Sequence[Player]) -> FaultWindow:
+        # Frozen first, until one of its players has an action out (accepted by the node or still
+        # in its socket), then a moment more so the engine can answer what the node accepted:
+        # the node dies holding answers it never delivered.
+        node1 = system.nodes[0]
+        on_node1 = [p for i, p in enumerate(players) if i % 2 == 0]
+        start = time.monotonic()
+        node1.signal(signal.SIGSTOP)
+
+        async def action_out() -> bool:
+            return any(_open_actions(p) for p in on_node1)
+
+        await poll(action_out, 5.0, "an action out on node 1")
+        await asyncio.sleep(NODE_FROZEN)  # holding the fault: node 1 frozen, the engine answers
+        out = sorted(a for p in on_node1 for a in _open_actions(p))
+        await node1.kill()
+        return FaultWindow(start, time.monotonic(), {"killed": "node1 (SIGKILL)", "out": out})
+
+    _verdict(await run_scenario("node_sigkill", "a node killed with SIGKILL", system, inject))
+
+
+def _restart_redis(system: RedisSystem) -> Inject:
+    async def inject(players: Sequence[Player]) -> FaultWindow:
+        start = time.monotonic()
+        await asyncio.to_thread(system.redis.stop)
+        await asyncio.sleep(REDIS_DOWN)  # holding the fault: Redis down for REDIS_DOWN seconds
+        await asyncio.to_thread(system.redis.start)
+        return FaultWindow(start, time.monotonic(), {"down_s": REDIS_DOWN, "persistence": "none"})
+
+    return inject
+
+
+async def test_redis_restarted_empty_under_load_the_game_goes_on_by_itself() -> None:
+    system = RedisSystem(scenario_directory("redis_restart_empty"))
+    report = await run_scenario(
+        "redis_restart_empty", "Redis restarted empty, under load", system, _restart_redis(system)
+    )
+    _verdict(report)
+
+
+async def test_redis_restarted_empty_while_idle_the_engine_restates_the_scene() -> None:
+    system = RedisSystem(scenario_directory("redis_restart_empty_idle"))
+    report = await run_scenario(
+        "redis_restart_empty_idle",
+        "Redis restarted empty, players idle",
+        system,
+        _restart_redis(system),
+        quiet=True,
+    )
+    _verdict(report)
+
+
+async def test_redis_paused_longer_than_the_command_timeout_and_presence_ttl() -> None:
+    system = RedisSystem(scenario_directory("redis_pause"))
+
+    async def inject(players: Sequence[Player]) -> FaultWindow:
+        pid = await system.redis_pid()
+        start = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            await asyncio.sleep(PAUSE)  # holding the fault: Redis stopped for PAUSE seconds
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return FaultWindow(start, time.monotonic(), {"paused_s": PAUSE, "signal": "SIGSTOP"})
+
+    _verdict(
+        await run_scenario("redis_pause", f"Redis paused {PAUSE:.0f} s (SIGSTOP)", system, inject)
+    )
+
+
+async def test_pubsub_connections_killed_repeatedly() -> None:
+    system = RedisSystem(scenario_directory("pubsub_kill"))
+
+    async def inject(players: Sequence[Player]) -> FaultWindow:
+        start = time.monotonic()
+        killed = []
+        for i in range(PUBSUB_KILLS):
+            if i:
+                await asyncio.sleep(PUBSUB_KILL_EVERY)  # holding the fault: kills spaced out
+            killed.append(await system.kill_pubsub())
+        return FaultWindow(start, time.monotonic(), {"kills": PUBSUB_KILLS, "closed": killed})
+
+    _verdict(
+        await run_scenario(
+            "pubsub_kill", f"CLIENT KILL TYPE pubsub x{PUBSUB_KILLS}", system, inject
+        )
+    )
+
+
+async def test_an_engine_worker_killed_while_another_runs() -> None:
+    system = RedisSystem(scenario_directory("worker_sigkill"))
+
+    async def inject(players: Sequence[Player]) -> FaultWindow:
+        # Frozen first, until it holds entries (a read it had blocked on is still served by
+        # Redis), then killed: it dies with actions delivered to it and never acknowledged.
+        worker1 = system.workers[0]
+        start = time.monotonic()
+        worker1.signal(signal.SIGSTOP)
+
+        async def holding() -> bool:
+            return await system.pending("worker1") > 0
+
+        await poll(holding, 5.0, "worker1 to hold entries of the actions stream")
+        held = await system.pending("worker1")
+        await worker1.kill()
+        return FaultWindow(
+            start, time.monotonic(), {"killed": "worker1 (SIGKILL)", "pending_on_it": held}
+        )
+
+    _verdict(
+        await run_scenario("worker_sigkill", "an engine worker killed with SIGKILL", system, inject)
+    )
+
+
+def _restart_embedded(system: EmbeddedSystem) -> Inject:
+    async def inject(players: Sequence[Player]) -> FaultWindow:
+        start = time.monotonic()
+        ready = await system.restart()
+        detail = {"restart": "SIGTERM, then serve again", "kept": "engine.sqlite3"}
+        return FaultWindow(start, ready, detail)
+
+    return inject
+
+
+async def test_the_embedded_server_restarted_under_load_with_the_engine_database_kept() -> None:
+    system = EmbeddedSystem(scenario_directory("embedded_restart"))
+    report = await run_scenario(
+        "embedded_restart",
+        "embedded server restarted (engine DB kept), under load",
+        system,
+        _restart_embedded(system),
+    )
+    _verdict(report)
+
+
+async def test_the_embedded_server_restarted_while_idle_shows_the_scene_again() -> None:
+    """Issue 11, point 2: a second ``make run`` with the engine's database kept."""
+    system = EmbeddedSystem(scenario_directory("embedded_restart_idle"))
+    report = await run_scenario(
+        "embedded_restart_idle",
+        "embedded server restarted (engine DB kept), players idle",
+        system,
+        _restart_embedded(system),
+        quiet=True,
+    )
+    _verdict(report)
