@@ -10,7 +10,7 @@ JS_DEPS  := $(JS)/node_modules/.installed
 JS_BUILD := $(JS)/dist/.built
 JS_SOURCES := $(wildcard $(JS)/src/*.ts $(JS)/demo/* $(JS)/tsconfig*.json $(JS)/package.json)
 
-.PHONY: setup run test test-core lint lock bench clean docs
+.PHONY: setup run test test-core test-security-long lint lock bench clean docs
 
 ## setup: create .venv at the repository root with the locked dependencies and both packages (editable),
 ## and build the browser client and the demo page in clients/js (needs node and npm)
@@ -51,6 +51,11 @@ test: setup
 
 test-core: setup
 	$(BIN)/python -m pytest services/party_sync/tests/core
+
+## test-security-long: the security tier with many more generated cases (PS_SECURITY_EXAMPLES per
+## fuzzer, default 1000) and the tests marked security_long; `make test` runs it with a CI budget
+test-security-long: setup
+	PS_SECURITY_LONG=1 $(BIN)/python -m pytest services/party_sync/tests/security -o timeout=1800
 
 ## lint: ruff (lint + format check) and mypy --strict over sources and tests
 lint: setup

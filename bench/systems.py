@@ -31,7 +31,8 @@ class System:
 
 
 def all_systems(ps_command: str = PS_COMMAND, ps_env: dict[str, str] | None = None) -> list[System]:
-    env = dict(ps_env or {})
+    # Every load-generator client comes from 127.0.0.1: lift the per-address cap (default 200).
+    env = {"PARTY_SYNC_MAX_CONNECTIONS_PER_IP": "0", **(ps_env or {})}
     redis_cmd = f"{ps_command} {PS_REDIS_ARGS}"
     return [
         System(

@@ -126,7 +126,7 @@ export type VoteState = {
 };
 
 /** Stable machine-readable error codes (docs/protocol.md lists meaning and retryable). */
-export type ErrorCode = "bad_json" | "bad_message" | "unknown_type" | "server_only_type" | "schema_violation" | "message_too_large" | "forbidden" | "action_in_flight" | "character_busy" | "action_timeout" | "action_rejected" | "engine_error" | "engine_unavailable" | "backend_unavailable" | "rate_limited" | "vote_unknown" | "vote_closed" | "vote_bad_option" | "token_expired" | "internal_error";
+export type ErrorCode = "bad_json" | "bad_message" | "unknown_type" | "server_only_type" | "schema_violation" | "message_too_large" | "too_deep" | "forbidden" | "action_in_flight" | "character_busy" | "action_timeout" | "action_rejected" | "engine_error" | "engine_unavailable" | "backend_unavailable" | "rate_limited" | "vote_unknown" | "vote_closed" | "vote_bad_option" | "token_expired" | "internal_error";
 
 /** action.request — a player action: Client → server (no seq): a player's action (a choice, a combat action or a skill check). The server checks it (character and run bound to the token, one action in flight per character, idempotency by action_id) and forwards it once to the Campaign Engine, which receives this same message with timestamp and trace_id filled in by the server. The answer is an action.result party event, or a system.error to the sender. */
 export type ActionRequestMessage = {
@@ -627,6 +627,7 @@ export const ERROR_CODES = [
   "server_only_type",
   "schema_violation",
   "message_too_large",
+  "too_deep",
   "forbidden",
   "action_in_flight",
   "character_busy",

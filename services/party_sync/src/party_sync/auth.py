@@ -3,25 +3,50 @@
 The accepted algorithms come from configuration, never from the token; ``exp``, ``aud`` and the
 binding claims are required; leeway is at most 30 s; a previous secret may be configured so that
 tokens issued before a rotation stay valid until they expire. Tokens are never logged.
+
+PyJWT checks the signature, the algorithm, ``aud`` and the presence of the required claims. The
+time claims (``exp``, ``iat``, ``nbf``) are checked here, not by PyJWT, whose tolerance is not
+ours (it takes ``"9999999999"`` and ``true``, and ``1e300`` or a 400-digit ``exp`` used to reach
+a float conversion or a timer): each must be a JSON number (an integer, or a finite float; never
+a string or a boolean) in ``0..MAX_TIMESTAMP`` (the end of year 9999), else the token is refused
+with 401 like any other bad token. Ids follow the id rule (``protocol.ids``); the display name is
+normalised by the name rule (``protocol.names``: a token is signed by the operator, so its name is
+cleaned, not refused).
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import jwt
 
 from party_sync.protocol.errors import AuthError, ConfigError
+from party_sync.protocol.ids import is_id
+from party_sync.protocol.names import clean_name, name_problem
 from party_sync.protocol.types import PARTY_ACTOR
 
 AUDIENCE: Final = "party_sync"
 MAX_LEEWAY: Final = 30.0
 REQUIRED_CLAIMS: Final = ("exp", "aud", "party_id", "campaign_run_id", "character_id")
+#: Largest NumericDate accepted: 9999-12-31T23:59:59Z (exact as a float, fine for any timer).
+MAX_TIMESTAMP: Final = 253_402_300_799
+_TIME_CLAIMS: Final = ("exp", "iat", "nbf")
 _HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+#: PyJWT's own time checks are off: ``check_times`` does them (see the module docstring).
+_DECODE_OPTIONS: Final = {
+    "require": list(REQUIRED_CLAIMS),
+    "verify_exp": False,
+    "verify_iat": False,
+    "verify_nbf": False,
+}
+
+
+def wall_clock() -> float:
+    """Unix time now (the default clock of ``TokenVerifier``; tests replace it)."""
+    return time.time()
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +69,7 @@ class TokenVerifier:
         secrets: Sequence[str],
         algorithms: Sequence[str] = ("HS256",),
         leeway: float = MAX_LEEWAY,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         keys = [s for s in secrets if s]
         if not keys:
@@ -54,6 +80,7 @@ class TokenVerifier:
         self._keys = keys
         self._algorithms = list(algorithms)
         self._leeway = min(leeway, MAX_LEEWAY)
+        self._clock = clock
 
     def verify(self, token: str) -> Claims:
         """Return the claims of a valid token; raise ``AuthError(401, reason)`` otherwise."""
@@ -67,45 +94,72 @@ class TokenVerifier:
                     key,
                     algorithms=self._algorithms,
                     audience=AUDIENCE,
-                    leeway=self._leeway,
-                    options={"require": list(REQUIRED_CLAIMS)},
+                    options=_DECODE_OPTIONS,  # type: ignore[arg-type]
                 )
             except jwt.InvalidSignatureError as exc:
                 last_error = exc  # maybe signed with the other secret
                 continue
-            except jwt.ExpiredSignatureError:
-                raise AuthError(401, "token expired") from None
             except jwt.InvalidAudienceError:
                 raise AuthError(401, "token not addressed to party_sync") from None
             except jwt.MissingRequiredClaimError as exc:
                 raise AuthError(401, f"token lacks the {exc.claim!r} claim") from None
-            except jwt.PyJWTError:
+            except (jwt.PyJWTError, ValueError, TypeError, OverflowError, RecursionError):
+                # Whatever a hostile token makes the decoder raise is a bad token, never a 500.
                 raise AuthError(401, "malformed token") from None
-            return _claims(payload)
+            now = (self._clock or wall_clock)()
+            exp = check_times(payload, now, self._leeway)
+            return _claims(payload, exp)
         raise AuthError(401, "bad token signature") from last_error
 
 
-def _claims(payload: dict[str, Any]) -> Claims:
+def numeric_date(payload: dict[str, Any], name: str) -> float | None:
+    """The claim ``name`` as Unix seconds (None if absent); ``AuthError(401)`` unless it is a
+    JSON number (int, or finite float; not a bool or a string) in ``0..MAX_TIMESTAMP``."""
+    if name not in payload:
+        return None
+    value = payload[name]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuthError(401, f"token claim {name!r} is not a number")
+    # Compared before any conversion: a 400-digit int never reaches float().
+    if not 0 <= value <= MAX_TIMESTAMP:  # also false for NaN and infinities
+        raise AuthError(401, f"token claim {name!r} is out of range")
+    return float(value)
+
+
+def check_times(payload: dict[str, Any], now: float, leeway: float) -> float:
+    """Check ``exp``, ``iat`` and ``nbf`` at ``now`` (RFC 7519 §4.1.4-6, with ``leeway``);
+    return ``exp``. Raises ``AuthError(401)``: ``token expired``, ``token not yet valid``, or a
+    reason naming the malformed claim."""
+    exp, iat, nbf = (numeric_date(payload, name) for name in _TIME_CLAIMS)
+    if exp is None:
+        raise AuthError(401, "token lacks the 'exp' claim")
+    if exp <= now - leeway:
+        raise AuthError(401, "token expired")
+    if (iat is not None and iat > now + leeway) or (nbf is not None and nbf > now + leeway):
+        raise AuthError(401, "token not yet valid")
+    return exp
+
+
+def _claims(payload: dict[str, Any], exp: float) -> Claims:
     ids = {}
     for name in ("party_id", "campaign_run_id", "character_id"):
         value = payload.get(name)
-        if not isinstance(value, str) or not _ID.fullmatch(value):
+        if not is_id(value):
             raise AuthError(401, f"token claim {name!r} is not a valid id")
         ids[name] = value
     if ids["character_id"] == PARTY_ACTOR:
         raise AuthError(401, f"character_id {PARTY_ACTOR!r} is reserved for party-level actions")
-    raw_name = payload.get("display_name")
-    name = (
-        raw_name if isinstance(raw_name, str) and 1 <= len(raw_name) <= 64 else ids["character_id"]
-    )
     sub = payload.get("sub")
+    if sub is not None and not isinstance(sub, str):
+        raise AuthError(401, "token claim 'sub' is not a string")
     return Claims(
         party_id=ids["party_id"],
         campaign_run_id=ids["campaign_run_id"],
         character_id=ids["character_id"],
-        display_name=name,
-        exp=float(payload["exp"]),
-        sub=str(sub) if sub is not None else None,
+        # Signed by the operator: normalised, not refused (protocol/names.py).
+        display_name=clean_name(payload.get("display_name"), ids["character_id"]),
+        exp=exp,
+        sub=sub,
     )
 
 
@@ -121,7 +175,22 @@ def issue_token(
     sub: str | None = None,
     algorithm: str = "HS256",
 ) -> str:
-    """Mint a connection token (for ``party-sync token``, the demo, and tests)."""
+    """Mint a connection token (for ``party-sync token``, the demo, and tests).
+
+    The issuing side of the id and name rules: raises ``ValueError`` for an id that breaks the id
+    rule, the reserved character id, or a display name that breaks the name rule."""
+    for label, value in (
+        ("party_id", party_id),
+        ("campaign_run_id", campaign_run_id),
+        ("character_id", character_id),
+    ):
+        if not is_id(value):
+            raise ValueError(f"{label} must match [A-Za-z0-9._:-]{{1,64}}")
+    if character_id == PARTY_ACTOR:
+        raise ValueError(f"character_id {PARTY_ACTOR!r} is reserved for party-level actions")
+    problem = name_problem(display_name)
+    if problem is not None:
+        raise ValueError(problem)
     claims: dict[str, Any] = {
         "sub": sub or f"character:{character_id}",
         "party_id": party_id,

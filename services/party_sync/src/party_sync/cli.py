@@ -114,7 +114,7 @@ def _serve(args: argparse.Namespace) -> int:
     from party_sync.server import build_server, serve, with_dev_secret
 
     settings = config.load(args)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     workdir = Path.cwd()
     if args.new_game:
         removed = devmode.new_game(
@@ -155,6 +155,8 @@ def _serve(args: argparse.Namespace) -> int:
         ]
         print("\n".join(banner), file=sys.stderr, flush=True)
     settings = with_dev_secret(settings, kept)
+    # Known only now (a development secret and API key are made late): never log them.
+    logs.protect(*logs.secrets_of(settings))
     server = build_server(settings, dev_mode=dev_mode)
     lines = (
         _demo_banner(settings, server.gateway.backend.name, dev_mode) if args.demo_tokens else []
@@ -222,8 +224,8 @@ def _token(args: argparse.Namespace) -> int:
             f"party-sync token: signed with the development secret in {kept.path}", file=sys.stderr
         )
         secret = kept.jwt_secret
-    print(
-        issue_token(
+    try:
+        token = issue_token(
             secret,
             party_id=args.party,
             campaign_run_id=args.run,
@@ -233,7 +235,10 @@ def _token(args: argparse.Namespace) -> int:
             ttl=args.ttl,
             sub=args.sub,
         )
-    )
+    except ValueError as exc:  # an id or display name that breaks its rule
+        print(f"party-sync token: {exc}", file=sys.stderr)
+        return 2
+    print(token)
     return 0
 
 
@@ -245,6 +250,7 @@ def _engine_http(args: argparse.Namespace) -> int:
 
     logs.configure(os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO"), "json")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
+    logs.protect(api_key)
     if not api_key:
         raise ConfigError(
             "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY)"
@@ -277,7 +283,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         raise ConfigError("engine-worker needs --redis-url (or PARTY_SYNC_REDIS_URL)")
     # The same settings as the gateway nodes (history size, TTLs, key prefix) from the environment.
     settings = replace(config.load(None), redis_url=args.redis_url)
-    logs.configure(settings.log_level, settings.log_format)
+    logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     engine = load_engine(args.engine)
     options = WorkerOptions(
         stream=args.stream,

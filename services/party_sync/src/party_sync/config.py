@@ -108,6 +108,18 @@ class Settings:
         "Telegram bot token: enables Mini App sign-in (POST /api/v1/auth/telegram); unset = "
         "that endpoint answers 503.",
     )
+    telegram_bot_id: int | None = _option(
+        None,
+        "Telegram bot id: checks initData's Ed25519 signature (third-party validation, pinned to "
+        "this bot) and enables sign-in without the bot token; with the bot token too, a present "
+        "signature must verify as well as the hash.",
+        int,
+    )
+    telegram_test_env: bool = _option(
+        False,
+        "Check initData signatures with the public key of Telegram's test environment instead "
+        "of production's (needs telegram_bot_id).",
+    )
     telegram_max_age: float = _option(
         3600.0, "Seconds a Mini App initData is accepted after its auth_date."
     )
@@ -118,6 +130,16 @@ class Settings:
         (), "Allowed Origin values (comma-separated); empty allows any origin (development).", _csv
     )
     max_message_bytes: int = _option(65536, "Largest client message accepted, in bytes.")
+    api_max_body_bytes: int = _option(
+        262144,
+        "Largest body of an event or vote published through the server API (/api/v1), in bytes; "
+        "larger gets 413.",
+    )
+    request_body_timeout: float = _option(
+        30.0,
+        "Seconds an HTTP API request (/api/v1) has, once its head arrived, to deliver its whole "
+        "body; slower gets 408 body_timeout and the connection is closed.",
+    )
     send_buffer_bytes: int = _option(
         1 << 20,
         "Bytes that may wait for one slow client before it is disconnected (4002) and resumes.",
@@ -142,6 +164,27 @@ class Settings:
         300, "Most events replayed on resume; a larger gap gets a fresh snapshot."
     )
     heartbeat: float = _option(25.0, "Seconds between WebSocket pings; no pong in time closes.")
+    request_head_timeout: float = _option(
+        10.0,
+        "Seconds a connection has to send a complete request head (request line and headers), "
+        "from when it opens or from the first byte of its next request; later, it is closed.",
+    )
+    keepalive_timeout: float = _option(
+        15.0,
+        "Seconds an idle HTTP keep-alive connection stays open between requests (an upgraded "
+        "WebSocket is governed by heartbeat instead).",
+    )
+    max_connections_per_ip: int = _option(
+        200,
+        "Open connections (HTTP and WebSocket) per client address (IPv4, or IPv6 /64) on this "
+        "node; more are closed at once. The socket's peer address counts: behind a reverse "
+        "proxy that is the proxy's, so set 0 there and limit at the proxy. 0 = unlimited.",
+    )
+    max_connections_per_user: int = _option(
+        20,
+        "Open WebSockets per token subject (sub; per character without one) on this node; "
+        "more get HTTP 429 too_many_connections. 0 = unlimited.",
+    )
     rate_limit: float = _option(30.0, "Messages per second a connection may send (sustained).")
     rate_burst: float = _option(60.0, "Messages a connection may send in a burst.")
     shutdown_timeout: float = _option(
@@ -228,6 +271,15 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
     return settings
 
 
+def _bot_ids_agree(settings: Settings) -> bool:
+    """A bot token starts with its bot's id (``<id>:<secret>``): both settings name one bot."""
+    token, bot_id = settings.telegram_bot_token, settings.telegram_bot_id
+    if not token or bot_id is None:
+        return True
+    prefix = token.partition(":")[0]
+    return not prefix.isdigit() or int(prefix) == bot_id
+
+
 def validate(settings: Settings) -> None:
     durations = (
         "presence_grace",
@@ -235,12 +287,15 @@ def validate(settings: Settings) -> None:
         "action_timeout",
         "action_record_ttl",
         "heartbeat",
+        "request_head_timeout",
+        "keepalive_timeout",
         "rate_limit",
         "rate_burst",
         "shutdown_timeout",
         "engine_http_timeout",
         "telegram_max_age",
         "telegram_token_ttl",
+        "request_body_timeout",
     )
     for name in durations:
         if not math.isfinite(getattr(settings, name)):
@@ -248,6 +303,8 @@ def validate(settings: Settings) -> None:
     checks: Sequence[tuple[bool, str]] = (
         (0 < settings.port < 65536, "port must be 1..65535"),
         (settings.max_message_bytes >= 1024, "max_message_bytes must be at least 1024"),
+        (settings.api_max_body_bytes >= 4096, "api_max_body_bytes must be at least 4096"),
+        (settings.request_body_timeout > 0, "request_body_timeout must be > 0"),
         (settings.send_buffer_bytes >= 65536, "send_buffer_bytes must be at least 65536"),
         (settings.presence_grace >= 0, "presence_grace must be >= 0"),
         (settings.presence_ttl > 0, "presence_ttl must be > 0"),
@@ -263,8 +320,21 @@ def validate(settings: Settings) -> None:
         (settings.redis_command_timeout > 0, "redis_command_timeout must be > 0"),
         (bool(settings.redis_prefix), "redis_prefix must not be empty"),
         (settings.telegram_max_age > 0, "telegram_max_age must be > 0"),
+        (
+            settings.telegram_bot_id is None or 0 < settings.telegram_bot_id < 2**63,
+            "telegram_bot_id must be a positive integer",
+        ),
+        (
+            not settings.telegram_test_env or settings.telegram_bot_id is not None,
+            "telegram_test_env needs telegram_bot_id",
+        ),
+        (_bot_ids_agree(settings), "telegram_bot_id differs from the id in telegram_bot_token"),
         (settings.telegram_token_ttl > 0, "telegram_token_ttl must be > 0"),
         (settings.heartbeat > 0, "heartbeat must be > 0"),
+        (settings.request_head_timeout > 0, "request_head_timeout must be > 0"),
+        (settings.keepalive_timeout > 0, "keepalive_timeout must be > 0"),
+        (settings.max_connections_per_ip >= 0, "max_connections_per_ip must be >= 0"),
+        (settings.max_connections_per_user >= 0, "max_connections_per_user must be >= 0"),
         (settings.rate_limit > 0 and settings.rate_burst >= 1, "rate limits must be positive"),
         (settings.log_format in {"json", "text"}, "log_format must be json or text"),
         (

@@ -12,7 +12,6 @@ picks the Redis one when ``redis_url`` is set (``make_directory``).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -22,9 +21,9 @@ from redis.exceptions import RedisError
 
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace
 from party_sync.protocol.errors import BackendUnavailable
+from party_sync.protocol.ids import is_id
 from party_sync.protocol.types import PARTY_ACTOR
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 MAX_TELEGRAM_ID: Final = 2**63 - 1
 
 
@@ -54,7 +53,7 @@ class Membership:
 
 def check_ids(party_id: str, character_id: str) -> None:
     for name, value in (("party_id", party_id), ("character_id", character_id)):
-        if not _ID.fullmatch(value):
+        if not is_id(value):
             raise InvalidMembership(f"{name} must match [A-Za-z0-9._:-]{{1,64}}")
     if character_id == PARTY_ACTOR:
         raise InvalidMembership(f"character_id {PARTY_ACTOR!r} is reserved")
@@ -75,7 +74,7 @@ def parse_membership(party_id: str, character_id: str, body: Any) -> Membership:
     if not isinstance(name, str) or not 1 <= len(name) <= 64:
         raise InvalidMembership("display_name must be a string of 1-64 characters")
     run = body.get("campaign_run_id")
-    if not isinstance(run, str) or not _ID.fullmatch(run):
+    if not is_id(run):
         raise InvalidMembership("campaign_run_id must match [A-Za-z0-9._:-]{1,64}")
     return Membership(party_id, character_id, user, name, run)
 

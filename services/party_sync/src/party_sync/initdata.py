@@ -1,6 +1,8 @@
 """Telegram Mini App ``initData``: validation as a pure function (no I/O; ``now`` is passed in).
 
-The algorithm (core.telegram.org/bots/webapps, "Validating data received via the Mini App"):
+Two checks exist (core.telegram.org/bots/webapps); party_sync runs the ones it is configured for.
+
+**First-party** ("Validating data received via the Mini App"), with the bot token:
 
 1. parse the raw query string **once** (``parse_qsl(..., strict_parsing=True)``) and refuse
    duplicate keys, so no second parser can see different fields than the one that was checked;
@@ -8,15 +10,25 @@ The algorithm (core.telegram.org/bots/webapps, "Validating data received via the
    the *data-check string* (``signature``, when present, stays in it: the HMAC covers it);
 3. ``secret_key = HMAC-SHA256(key=b"WebAppData", msg=bot_token)`` (the raw 32 bytes);
 4. valid if ``hex(HMAC-SHA256(key=secret_key, msg=data_check_string)) == hash``, compared in
-   constant time;
-5. then ``auth_date`` must be recent (``max_age``) and not in the future (``max_skew``), because
+   constant time.
+
+**Third-party** ("Validating data for Third-Party Use"), with the bot id (no bot token needed):
+
+5. remove ``hash`` **and** ``signature``; the signed message is
+   ``"<bot_id>:WebAppData\\n"`` followed by the sorted ``key=value`` lines;
+6. ``signature`` is the base64url (unpadded) Ed25519 signature of that message by Telegram's key
+   (one for production, one for the test environment); verified with pyca/cryptography, never
+   by hand. The bot id is part of the message, so initData of another bot never verifies.
+
+Which checks run: with a bot token, the HMAC is required; with a bot id, ``signature`` is
+required when there is no bot token and, when there is one, checked whenever present (Telegram
+clients before Bot API 8.0 send none). Then, for every mode:
+
+7. ``auth_date`` must be recent (``max_age``) and not in the future (``max_skew``), because
    initData is a bearer credential that Telegram renews only when the Mini App is reopened.
 
 A valid initData proves *who* the user is, never which party or character they may play: that
 binding comes from party_sync's membership directory (``party_sync.directory``).
-
-The Ed25519 third-party check (the ``signature`` field) is not implemented: it needs an Ed25519
-library (``cryptography`` or PyNaCl), which is not a dependency of party_sync.
 
 Errors carry a stable ``code`` and an HTTP ``status`` and nothing about the inputs, so a response
 never reveals more than which *kind* of check failed.
@@ -24,6 +36,7 @@ never reveals more than which *kind* of check failed.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -33,6 +46,8 @@ from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
 import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from party_sync.protocol.errors import PartySyncError
 
@@ -46,7 +61,19 @@ MAX_FIELDS: Final = 32
 _KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
+#: An Ed25519 signature is 64 bytes: 86 base64url characters without padding.
+_SIGNATURE = re.compile(r"^[A-Za-z0-9_-]{86}$")
 _WEB_APP_DATA: Final = b"WebAppData"
+
+#: Telegram's Ed25519 public keys for third-party validation, as published in "Validating data
+#: for Third-Party Use" (core.telegram.org/bots/webapps). Production:
+TELEGRAM_PUBLIC_KEY: Final = bytes.fromhex(
+    "e7bf03a2fa4602af4580703d88dda5bb59f32ed8b02a56c187fe7d34caed242d"
+)
+#: ... and Telegram's test environment (test.telegram.org accounts and bots).
+TELEGRAM_TEST_PUBLIC_KEY: Final = bytes.fromhex(
+    "40055058a4ee38156a06562e52eece92a771bcd8346a8c4615cb7376eddf72ec"
+)
 
 MALFORMED: Final = "malformed_init_data"
 INVALID: Final = "invalid_init_data"
@@ -95,6 +122,17 @@ def _sign(fields: Mapping[str, str], bot_token: str) -> str:
     return hmac.new(secret_key(bot_token), message, hashlib.sha256).hexdigest()
 
 
+def third_party_check_string(fields: Mapping[str, str], bot_id: int) -> str:
+    """``"<bot_id>:WebAppData\\n"`` + the sorted lines, ``hash`` and ``signature`` excluded."""
+    signed = {key: value for key, value in fields.items() if key not in ("hash", "signature")}
+    return f"{bot_id}:WebAppData\n" + data_check_string(signed)
+
+
+def public_key(test_env: bool) -> bytes:
+    """Telegram's third-party key: the test environment's or production's."""
+    return TELEGRAM_TEST_PUBLIC_KEY if test_env else TELEGRAM_PUBLIC_KEY
+
+
 def sign_init_data(fields: Mapping[str, str], bot_token: str) -> str:
     """A raw initData query string signed like Telegram signs it (for tests and local tooling)."""
     if "hash" in fields:
@@ -130,26 +168,38 @@ def parse_fields(raw: str) -> dict[str, str]:
 
 def validate_init_data(
     raw: str,
-    bot_token: str,
+    bot_token: str | None,
     *,
     now: float,
     max_age: float,
     max_skew: float = MAX_CLOCK_SKEW,
+    bot_id: int | None = None,
+    test_env: bool = False,
+    telegram_key: bytes | None = None,
 ) -> InitData:
-    """Check ``raw`` (``Telegram.WebApp.initData``) against ``bot_token`` at time ``now``.
+    """Check ``raw`` (``Telegram.WebApp.initData``) at time ``now``.
 
-    Returns the verified data, or raises ``InitDataError``. The hash is checked before any field
-    is interpreted, so nothing unsigned is ever trusted.
+    ``bot_token`` (first-party HMAC) and ``bot_id`` (third-party Ed25519 ``signature``, with
+    Telegram's production key, or its test-environment key when ``test_env``) select the
+    checks; at least one must be given. ``telegram_key`` replaces Telegram's key (raw 32 bytes):
+    for tests only, which cannot sign with Telegram's private key.
+
+    Returns the verified data, or raises ``InitDataError``. Every signature is checked before
+    any field is interpreted, so nothing unsigned is ever trusted.
     """
-    if not bot_token:
-        raise ValueError("bot_token must not be empty")
+    if not bot_token and bot_id is None:
+        raise ValueError("bot_token or bot_id is required")
     fields = parse_fields(raw)
     given = fields.pop("hash", None)
-    if given is None or not _HASH.fullmatch(given):
-        raise InitDataError(401, INVALID, "missing or malformed hash")
-    expected = _sign(fields, bot_token)
-    if not hmac.compare_digest(expected.encode(), given.encode()):
-        raise InitDataError(401, INVALID, "hash mismatch")
+    if bot_token:
+        if given is None or not _HASH.fullmatch(given):
+            raise InitDataError(401, INVALID, "missing or malformed hash")
+        expected = _sign(fields, bot_token)
+        if not hmac.compare_digest(expected.encode(), given.encode()):
+            raise InitDataError(401, INVALID, "hash mismatch")
+    if bot_id is not None and (not bot_token or "signature" in fields):
+        key = telegram_key if telegram_key is not None else public_key(test_env)
+        _verify_signature(fields, bot_id, key)
     auth_date = fields.get("auth_date", "")
     if not _DIGITS.fullmatch(auth_date):
         raise InitDataError(400, MALFORMED, "auth_date is not a Unix time")
@@ -159,6 +209,19 @@ def validate_init_data(
     if signed_at - now > max_skew:
         raise InitDataError(401, EXPIRED, "auth_date in the future")
     return InitData(_user(fields.get("user")), signed_at, fields)
+
+
+def _verify_signature(fields: Mapping[str, str], bot_id: int, key: bytes) -> None:
+    """Telegram's Ed25519 ``signature`` over the third-party check string, or 401."""
+    encoded = fields.get("signature")
+    if encoded is None or not _SIGNATURE.fullmatch(encoded):
+        raise InitDataError(401, INVALID, "missing or malformed signature")
+    signature = base64.urlsafe_b64decode(encoded + "==")  # 86 checked characters: 64 bytes
+    message = third_party_check_string(fields, bot_id).encode()
+    try:
+        Ed25519PublicKey.from_public_bytes(key).verify(signature, message)
+    except InvalidSignature:
+        raise InitDataError(401, INVALID, "signature mismatch") from None
 
 
 def _user(raw: str | None) -> TelegramUser:

@@ -3,17 +3,284 @@
 Fields passed with ``extra=`` (trace_id, party_id, character_id, action_id, code, ...) become keys,
 so "why did this player not see that result" can be answered by filtering on one trace_id. Message
 bodies and tokens are never logged.
+
+"Never logged" has to hold for code that is not ours too: when aiohttp's HTTP parser refuses a
+malformed request (a bad character after the token, ``HTTP/9.9``, LF-only line ends, a NUL in
+the URL, a control character in ``Authorization``), ``aiohttp.server`` logs the raw request line
+or header, token and API key included, at ERROR with a traceback. So the process's one log
+handler (``configure``) passes every record, whichever logger made it, through ``Redactor``:
+JWT-shaped strings, ``token=``-like query values, ``Authorization`` / ``Bearer`` values, URL
+passwords and the configured secrets themselves (``protect``) are replaced by ``[redacted]`` in
+the message, its arguments, ``extra`` fields and the exception text. And because one anonymous
+client could otherwise write one ERROR traceback per malformed request, those records
+(``aiohttp.http_exceptions.BadHttpMessage`` and subclasses) become one WARNING line without
+traceback at most every ``BAD_REQUEST_LOG_INTERVAL`` seconds, carrying how many were left out.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
-from typing import Any
+import threading
+import time
+from collections.abc import Callable, Iterable
+from typing import IO, TYPE_CHECKING, Any, Final
+from urllib.parse import quote
 
 import orjson
+from aiohttp.http_exceptions import BadHttpMessage
+
+if TYPE_CHECKING:
+    from party_sync.config import Settings
 
 _STANDARD = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+REDACTED: Final = "[redacted]"
+#: Seconds between two log lines about malformed HTTP requests (aiohttp's parser refusals).
+BAD_REQUEST_LOG_INTERVAL: Final = 60.0
+#: Shorter configured secrets are not scrubbed by value: replacing every occurrence of a
+#: two-letter string would make the logs unreadable (and such a secret protects nothing).
+MIN_SECRET_LENGTH: Final = 4
+
+
+def _keep_prefix(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED
+
+
+def _keep_prefix_and_at(match: re.Match[str]) -> str:
+    return match.group(1) + REDACTED + "@"
+
+
+_Replacement = Callable[[re.Match[str]], str]
+# Every pattern below is linear in the length of the text (no nested or overlapping repeats;
+# a run is scanned from its first character only): log text can be chosen by an attacker.
+_PATTERNS: Final[tuple[tuple[re.Pattern[str], _Replacement], ...]] = (
+    # Authorization header, raw ("Authorization: Bearer x"), as a dict or JSON entry
+    # ("'Authorization': 'Bearer x'") or in a repr of raw bytes, where the line ends are the
+    # escapes \r \n; everything up to the end of the value goes, whatever the scheme.
+    (
+        re.compile(r"""(?i)(authorization['"]?\s*[:=]\s*['"]?)(?:(?!\\r|\\n)[^'"\r\n])+"""),
+        _keep_prefix,
+    ),
+    (re.compile(r"""(?i)(\bbearer\s+)[^\s'"\\,]+"""), _keep_prefix),
+    # Credentials passed as query parameters (the WebSocket's ?token=, initData's fields).
+    (
+        re.compile(
+            r"""(?i)((?<![A-Za-z0-9])(?:token|api_?key|init_?data|tgwebappdata|signature|hash"""
+            r"""|secret|password)=)[^&\s'"\\]+"""
+        ),
+        _keep_prefix,
+    ),
+    # The same names as keys of a dict or JSON object.
+    (
+        re.compile(
+            r"""(?i)(['"](?:[a-z_]*token|api_?key|init_?data|[a-z_]*secret|password)['"]"""
+            r"""\s*:\s*['"])[^'"]*"""
+        ),
+        _keep_prefix,
+    ),
+    # A password in a URL (redis://:password@host).
+    (
+        re.compile(r"""(?i)((?<![a-z0-9+.-])[a-z][a-z0-9+.-]*+://[^/\s:@'"]*:)[^/\s@'"]+@"""),
+        _keep_prefix_and_at,
+    ),
+)
+#: Every pattern needs one of these: text without any (most ids and short fields) is skipped.
+_MAYBE = re.compile(r"(?i)[:=.]|bearer")
+# Runs of base64url characters and dots, each matched from its first character only.
+_DOTTED = re.compile(r"(?<![A-Za-z0-9_.-])\.*+[A-Za-z0-9_-]++(?:\.[A-Za-z0-9_-]*+)+")
+
+
+def _looks_like_jwt(a: str, b: str, c: str) -> bool:
+    """Three dot-separated segments of a JWS (RFC 7515 compact form): the header and payload are
+    base64url JSON objects, so they start with "ey" ('{"') or "ew" ('{' and whitespace); ``a``
+    may carry a prefix glued on (``\\x7feyJ...`` in a repr). Or any three long segments."""
+    if min(len(a), len(b), len(c)) >= 16:
+        return True
+    if len(b) < 8 or b[:2] not in ("ey", "ew"):
+        return False
+    starts = [at for at in (a.find("ey"), a.find("ew")) if at >= 0]
+    return bool(starts) and len(a) - min(starts) >= 10
+
+
+def _scrub_jwt(match: re.Match[str]) -> str:
+    run = match.group()
+    parts = run.split(".")
+    if any(_looks_like_jwt(*parts[i : i + 3]) for i in range(len(parts) - 2)):
+        return REDACTED
+    return run
+
+
+class Redactor:
+    """Scrubs credentials out of text: known shapes (``_PATTERNS``) and configured secrets."""
+
+    def __init__(self, secrets: Iterable[str | None] = ()) -> None:
+        self._lock = threading.Lock()
+        self._secrets: set[str] = set()
+        self._exact: re.Pattern[str] | None = None
+        self.add(*secrets)
+
+    def add(self, *secrets: str | None) -> None:
+        """Scrub these values from now on (and their URL-encoded and ``repr`` forms)."""
+        forms: set[str] = set()
+        for secret in secrets:
+            if not secret:
+                continue
+            # A bot token "<bot id>:<secret>": its secret part alone is a credential too.
+            parts = [secret, secret.partition(":")[2]] if ":" in secret else [secret]
+            for part in parts:
+                if len(part) >= MIN_SECRET_LENGTH:
+                    forms |= {part, quote(part, safe=""), repr(part.encode())[2:-1]}
+        with self._lock:
+            if forms <= self._secrets:
+                return
+            self._secrets |= forms
+            longest_first = sorted(self._secrets, key=len, reverse=True)
+            self._exact = re.compile("|".join(map(re.escape, longest_first)))
+
+    def scrub(self, text: str) -> str:
+        exact = self._exact
+        if exact is not None:
+            text = exact.sub(REDACTED, text)
+        if not _MAYBE.search(text):
+            return text
+        for pattern, replacement in _PATTERNS:
+            text = pattern.sub(replacement, text)
+        return _DOTTED.sub(_scrub_jwt, text)
+
+    def scrub_value(self, value: Any) -> Any:
+        """Strings scrubbed; lists, tuples and dicts scrubbed inside; anything else as is."""
+        if isinstance(value, str):
+            return self.scrub(value)
+        if isinstance(value, list):
+            return [self.scrub_value(item) for item in value]
+        if isinstance(value, tuple):
+            return tuple(self.scrub_value(item) for item in value)
+        if isinstance(value, dict):
+            return {key: self.scrub_value(item) for key, item in value.items()}
+        return value
+
+
+_EXCEPTION_FORMATTER = logging.Formatter()
+
+
+def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
+    """Scrub ``record`` in place: its message (arguments merged in), exception and stack text,
+    and its ``extra`` fields. The exception is kept as text only (``exc_text``), which every
+    ``logging.Formatter`` prints instead of formatting ``exc_info`` again."""
+    try:
+        message = record.getMessage()
+    except Exception:  # arguments that do not fit the format: keep both, scrubbed
+        message = f"{record.msg!r} {record.args!r}"
+    record.msg = redactor.scrub(message)
+    record.args = ()
+    if record.exc_info:
+        text = record.exc_text or _EXCEPTION_FORMATTER.formatException(record.exc_info)
+        record.exc_info = None
+        record.exc_text = redactor.scrub(text)
+    elif record.exc_text:
+        record.exc_text = redactor.scrub(record.exc_text)
+    if record.stack_info:
+        record.stack_info = redactor.scrub(record.stack_info)
+    for key, value in list(record.__dict__.items()):
+        if key not in _STANDARD:
+            record.__dict__[key] = redactor.scrub_value(value)
+
+
+class RedactingFilter(logging.Filter):
+    """A handler filter: every record the handler writes is scrubbed first (never dropped)."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        redact_record(record, self.redactor)
+        return True
+
+
+class RateGate:
+    """At most one admission per ``interval`` (a pure decision: ``now`` is passed in); counts
+    what it refuses and hands the count to the next admission."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def admit(self, now: float) -> int | None:
+        """``None``: refused (counted). Else admitted, with the number refused since the last."""
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        self._next = now + self.interval
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed
+
+
+class MalformedRequestFilter(logging.Filter):
+    """For the ``aiohttp.server`` logger: a request refused by the HTTP parser (400) becomes a
+    WARNING (or stays DEBUG) without traceback and without the request's bytes, at most once
+    per ``interval``; every other record passes untouched.
+
+    aiohttp (``web_protocol.RequestHandler.handle_error``) logs "Error handling request from
+    <remote>" with the parser's exception, whose text quotes the raw request line or header:
+    an anonymous client could write one ERROR traceback per request it sends.
+    """
+
+    def __init__(
+        self,
+        interval: float = BAD_REQUEST_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._gate = RateGate(interval)
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if not isinstance(error, BadHttpMessage):
+            return True
+        with self._lock:
+            suppressed = self._gate.admit(self._clock())
+        if suppressed is None:
+            return False
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        record.msg = (
+            "malformed HTTP request refused with 400 (%s); %d more since the last such line "
+            "(at most one per %gs)"
+        )
+        record.args = (type(error).__name__, suppressed, self._gate.interval)
+        record.exc_info = None
+        record.exc_text = None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        record.__dict__.update(
+            error=type(error).__name__, remote=str(remote), suppressed=suppressed
+        )
+        return True
+
+
+#: The process's redactor: ``configure`` puts it on the root handler, ``protect`` feeds it.
+REDACTOR: Final = Redactor()
+
+
+def protect(*secrets: str | None) -> None:
+    """Never log these values (API key, JWT secrets, bot token, ...); ``None`` and ``""`` are
+    ignored. Call it as soon as the values are known (a development secret is made late)."""
+    REDACTOR.add(*secrets)
+
+
+def secrets_of(settings: Settings) -> tuple[str | None, ...]:
+    """The credentials among the settings: the API key, both JWT secrets, the bot token."""
+    return (
+        settings.api_key,
+        settings.jwt_secret,
+        settings.jwt_previous_secret,
+        settings.telegram_bot_token,
+    )
 
 
 class JsonFormatter(logging.Formatter):
@@ -27,19 +294,35 @@ class JsonFormatter(logging.Formatter):
         for key, value in record.__dict__.items():
             if key not in _STANDARD and value is not None:
                 entry[key] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            entry["exc"] = record.exc_text
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure(level: str = "INFO", fmt: str = "json") -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def configure(
+    level: str = "INFO",
+    fmt: str = "json",
+    *,
+    stream: IO[str] | None = None,
+    secrets: Iterable[str | None] = (),
+) -> None:
+    """The process's logging: one handler on the root logger (``stream``, default stderr) that
+    scrubs every record, and the malformed-request limiter on ``aiohttp.server``."""
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     if fmt == "json":
         formatter: logging.Formatter = JsonFormatter()
-        formatter.converter = __import__("time").gmtime
+        formatter.converter = time.gmtime
     else:
         formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     handler.setFormatter(formatter)
+    handler.addFilter(RedactingFilter(REDACTOR))
+    protect(*secrets)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    server_logger = logging.getLogger("aiohttp.server")
+    for old in [f for f in server_logger.filters if isinstance(f, MalformedRequestFilter)]:
+        server_logger.removeFilter(old)
+    server_logger.addFilter(MalformedRequestFilter())

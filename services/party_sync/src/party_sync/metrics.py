@@ -79,6 +79,14 @@ class Metrics:
             ["status"],
             registry=r,
         )
+        self.connections_refused = Counter(
+            "party_sync_connections_refused_total",
+            "Connections turned away by a limit, by reason: per_address (closed at accept), "
+            "per_user (WebSocket handshake answered 429), head_timeout (no complete request "
+            "head in time)",
+            ["reason"],
+            registry=r,
+        )
         self.resumes = Counter(
             "party_sync_resumes_total",
             "Reconnects that asked to resume, by outcome (resumed / snapshot)",

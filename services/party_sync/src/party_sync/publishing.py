@@ -12,6 +12,8 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import orjson
+
 from party_sync.backends.base import Backend
 from party_sync.core import votes
 from party_sync.core.actions import Claim
@@ -68,7 +70,10 @@ class BackendPublisher:
         trace_id: str | None = None,
     ) -> int:
         message = self.build(type, payload, trace_id)
-        event = await self.backend.publish(party_id, message, self.clock())
+        try:
+            event = await self.backend.publish(party_id, message, self.clock())
+        except orjson.JSONEncodeError as exc:  # e.g. nested deeper than JSON can be encoded
+            raise InvalidEvent(f"{type} cannot be encoded: {exc}") from None
         return event.seq
 
     async def reject(self, action: ActionRequest, message: str) -> None:

@@ -32,7 +32,7 @@ from party_sync.gateway import Gateway
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import ConfigError
 from party_sync.protocol.schemas import Contracts
-from party_sync.transport.http import ENGINE_HEALTH, RedactingAccessLogger, build_app
+from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
 
 log = logging.getLogger("party_sync")
 
@@ -211,18 +211,60 @@ def serve(server: Server, *, on_ready: list[str] | None = None) -> None:
         runner.run(run(server, on_ready=on_ready))
 
 
-async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit."""
+@dataclass
+class Listening:
+    """A started server: aiohttp's runner and the listening socket(s) in front of it."""
+
+    runner: web.AppRunner
+    listener: asyncio.Server
+
+    @property
+    def port(self) -> int:
+        return int(self.listener.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Stop accepting, then drain and close every connection (``runner.cleanup``)."""
+        self.listener.close()
+        await self.runner.cleanup()
+
+
+async def start_serving(
+    server: Server, host: str, port: int, *, shutdown_timeout: float
+) -> Listening:
+    """Start the app on ``host:port`` with the connection limits of ``transport/guard.py``:
+    aiohttp's protocol factory (``runner.server``) behind a ``GuardedConnection`` per socket,
+    instead of a ``web.TCPSite`` (which would hand sockets to aiohttp unguarded)."""
     settings = server.settings
     runner = web.AppRunner(
         server.app,
         access_log_class=RedactingAccessLogger,
-        shutdown_timeout=settings.shutdown_timeout,
+        shutdown_timeout=shutdown_timeout,
         handle_signals=False,
+        keepalive_timeout=settings.keepalive_timeout,
     )
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
-    await site.start()
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    try:
+        listener = await loop.create_server(
+            server.app[GUARD].factory(runner.server),
+            host,
+            port,
+            reuse_address=True,
+            backlog=128,  # web.TCPSite's
+        )
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return Listening(runner, listener)
+
+
+async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit."""
+    settings = server.settings
+    listening = await start_serving(
+        server, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout
+    )
     # Everything made so far (modules, compiled schemas, the app) lives as long as the process:
     # move it out of the collector's reach so full collections stay short under load.
     gc.freeze()
@@ -257,5 +299,5 @@ async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
     await stop.wait()
     log.info("party_sync shutting down")
     started = time.monotonic()
-    await runner.cleanup()
+    await listening.stop()
     log.info("party_sync stopped", extra={"seconds": round(time.monotonic() - started, 3)})

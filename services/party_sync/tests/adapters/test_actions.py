@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from ps_testkit.client import wait_until
-from ps_testkit.engines import ScriptedEngine
 from party_sync.core.actions import Claim
 from party_sync.engine.interface import ActionRequest
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis

@@ -37,7 +37,7 @@ async def test_bad_tokens_are_refused_with_401_and_leave_no_trace() -> None:
             "wrong audience": {"token": jwt.encode(claims(aud="someone-else"), SECRET)},
             "no party": {"token": jwt.encode(claims(party_id=None), SECRET)},
             "no exp": {"token": jwt.encode(claims(exp=None), SECRET)},
-            "alg none": {"token": jwt.encode(claims(), None, algorithm="none")},
+            "alg none": {"token": jwt.encode(claims(), "", algorithm="none")},
             "garbage": {"token": "not-a-jwt"},
         }
         for name, params in cases.items():

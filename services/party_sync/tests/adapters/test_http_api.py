@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
 from typing import Any
 
 import pytest
 from openapi_spec_validator import validate
 from ps_testkit.engines import ScriptedEngine
+from ps_testkit.raw_http import raw_request
 from ps_testkit.servers import Running, make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -116,3 +120,211 @@ async def test_openapi_document_is_valid_and_lists_the_api() -> None:
             "/api/v1/parties/{party_id}/events",
             "/api/v1/runs/{campaign_run_id}/events",
         } <= set(spec["paths"])
+
+
+# -- issue 12: bodies read whole (finding 3), path ids (finding 5), depth (finding 6) ----------
+
+
+def big_state(size: int) -> dict[str, Any]:
+    """A valid party.state event of about ``size`` bytes (run flags carry the bulk)."""
+    flags = {f"flag-{i:05d}": "x" * 90 for i in range(size // 110)}
+    payload = {"status": "active", "run_status": "in_progress", "scene_number": 3, "flags": flags}
+    return {"type": "party.state", "trace_id": "big-1", "payload": payload}
+
+
+async def test_an_event_sent_in_several_tcp_segments_is_accepted() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        body = json.dumps(SCENE).encode()
+        status, answer = await raw_request(
+            srv, "POST", "/api/v1/parties/p1/events", body, headers=AUTH, pieces=3
+        )
+        assert (status, answer) == (202, {"seq": hello["payload"]["seq"] + 1})
+        status, answer = await raw_request(
+            srv, "POST", "/api/v1/runs/r1/events", body, headers=AUTH, pieces=4, chunked=True
+        )
+        assert (status, answer) == (202, {"parties": {"p1": hello["payload"]["seq"] + 2}})
+        vote = {
+            "question": "Which way?",
+            "options": [{"id": "A", "label": "Left"}, {"id": "B", "label": "Right"}],
+            "timeout_s": 30,
+        }
+        status, answer = await raw_request(
+            srv,
+            "POST",
+            "/api/v1/parties/p1/votes",
+            json.dumps(vote).encode(),
+            headers=AUTH,
+            pieces=3,
+        )
+        assert status == 201, answer
+        member = {"telegram_user_id": 7, "display_name": "Aria", "campaign_run_id": "r1"}
+        status, answer = await raw_request(
+            srv,
+            "PUT",
+            "/api/v1/parties/p1/members/aria",
+            json.dumps(member).encode(),
+            headers=AUTH,
+            pieces=3,
+        )
+        assert (status, answer) == (204, None)
+        await a.close()
+
+
+async def test_a_150_kb_party_state_is_accepted_and_delivered_whole() -> None:
+    settings = make_settings(api_key=KEY)
+    assert settings.api_max_body_bytes >= 200_000
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        event = big_state(150_000)
+        body = json.dumps(event).encode()
+        assert 140_000 < len(body) <= settings.api_max_body_bytes
+        status, answer = await raw_request(
+            srv, "POST", "/api/v1/parties/p1/events", body, headers=AUTH, pieces=5
+        )
+        assert (status, answer) == (202, {"seq": hello["payload"]["seq"] + 1})
+        delivered = await a.expect("party.state")
+        assert delivered["payload"] == event["payload"]
+        # and through aiohttp's client, as one write (loopback may still segment it)
+        status, answer = await post(srv, "/api/v1/parties/p1/events", event, AUTH)
+        assert status == 202
+        await a.close()
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+async def test_a_body_over_the_limit_gets_413_and_publishes_nothing(chunked: bool) -> None:
+    settings = make_settings(api_key=KEY, api_max_body_bytes=100_000)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        body = json.dumps(big_state(120_000)).encode()
+        status, answer = await raw_request(
+            srv, "POST", "/api/v1/parties/p1/events", body, headers=AUTH, pieces=3, chunked=chunked
+        )
+        assert status == 413
+        assert answer == {"error": "too_large", "detail": "body exceeds 100000 bytes"}
+        exact = json.dumps(SCENE).encode()
+        padded = exact[:-1] + b" " * (100_000 - len(exact)) + b"}"
+        status, answer = await raw_request(
+            srv, "POST", "/api/v1/parties/p1/events", padded, headers=AUTH, pieces=2
+        )
+        assert (status, answer) == (202, {"seq": hello["payload"]["seq"] + 1})  # limit inclusive
+        await a.close()
+
+
+def deep_json(depth: int) -> bytes:
+    return b'{"k":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+async def test_a_too_deep_body_gets_400_too_deep_and_publishes_nothing() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        deep_scene = (
+            json.dumps({**SCENE, "payload": "@@"}).encode().replace(b'"@@"', deep_json(300))
+        )
+        member = (
+            b'{"telegram_user_id": 7, "display_name": "A", "campaign_run_id": '
+            + deep_json(300)
+            + b"}"
+        )
+        for method, path, body in [
+            ("POST", "/api/v1/parties/p1/events", deep_scene),
+            ("POST", "/api/v1/runs/r1/events", deep_scene),
+            ("POST", "/api/v1/parties/p1/votes", deep_json(70)),
+            ("PUT", "/api/v1/parties/p1/members/aria", member),
+            ("POST", "/api/v1/parties/p1/events", b"[" * 2000 + b"]" * 2000),  # past orjson's own
+        ]:
+            status, answer = await raw_request(srv, method, path, body, headers=AUTH)
+            assert (status, answer["error"]) == (400, "too_deep"), (path, answer)
+        status, answer = await post(srv, "/api/v1/parties/p1/events", SCENE, AUTH)
+        assert answer == {"seq": hello["payload"]["seq"] + 1}  # nothing was published before
+        await a.close()
+
+
+#: Bad ids as they appear in a URL path (percent-encoded where a URL needs it).
+BAD_PATH_IDS = [
+    "*",
+    "%3F",  # ?
+    "a%20b",
+    "a%0Ab",
+    "a%00b",
+    "%C3%A1ria",  # ária
+    "%E2%80%AE",  # U+202E
+    "x" * 3000,
+    "a%2Fb",
+]
+
+
+def _api_routes(srv: Running) -> list[tuple[str, str]]:
+    """(method, path template) of every API route that takes ids in its path."""
+    assert srv.server is not None
+    routes = []
+    for route in srv.server.app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        template = info.get("formatter", "")
+        if template.startswith("/api/") and "{" in template and route.method != "HEAD":
+            routes.append((route.method, template))
+    return routes
+
+
+async def test_every_path_id_follows_the_id_rule_before_the_backend_is_touched() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        routes = _api_routes(srv)
+        assert {t for _, t in routes} >= {
+            "/api/v1/parties/{party_id}/events",
+            "/api/v1/runs/{campaign_run_id}/events",
+            "/api/v1/parties/{party_id}/votes",
+            "/api/v1/parties/{party_id}/members",
+            "/api/v1/parties/{party_id}/members/{character_id}",
+        }
+        for method, template in routes:
+            params = re.findall(r"{(\w+)}", template)
+            for param in params:
+                for bad in BAD_PATH_IDS:
+                    path = template
+                    for name in params:
+                        path = path.replace("{" + name + "}", bad if name == param else "ok")
+                    body = json.dumps(SCENE).encode()
+                    status, answer = await raw_request(srv, method, path, body, headers=AUTH)
+                    assert (status, answer["error"]) == (400, "invalid_id"), (
+                        method,
+                        path[:80],
+                        answer,
+                    )
+                    assert param in answer["detail"]
+                # the key still comes first
+                status, answer = await raw_request(
+                    srv, method, template.replace("{", "").replace("}", "*"), b"{}"
+                )
+                assert status == 401
+        # nothing was published, registered or opened by any of it
+        status, answer = await post(srv, "/api/v1/parties/p1/events", SCENE, AUTH)
+        assert answer == {"seq": hello["payload"]["seq"] + 1}
+        async with srv.http.get(srv.base + "/api/v1/parties/p1/members", headers=AUTH) as resp:
+            assert await resp.json() == {"members": []}
+        await a.close()
+
+
+async def test_a_body_that_stops_arriving_gets_408_and_the_connection_is_closed() -> None:
+    settings = make_settings(api_key=KEY, request_body_timeout=0.3)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        host, port = srv.base.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = json.dumps(SCENE).encode()
+        head = (
+            f"POST /api/v1/parties/p1/events HTTP/1.1\r\nHost: {host}\r\n"
+            f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        writer.write(head.encode() + body[:10])  # and never the rest
+        await writer.drain()
+        response = await asyncio.wait_for(reader.read(), timeout=10)  # read() ends: closed
+        writer.close()
+        status_line, _, rest = response.partition(b"\r\n")
+        assert status_line.split(b" ")[1] == b"408"
+        assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"] == "body_timeout"
+        assert await post(srv, "/api/v1/parties/p1/events", SCENE, AUTH) == (
+            202,
+            {"seq": hello["payload"]["seq"] + 1},  # nothing was published
+        )
+        await a.close()

@@ -1,22 +1,28 @@
 """TokenVerifier / issue_token: RFC 8725-style checks of connection tokens.
 
-``TokenVerifier.verify`` takes no ``now``: PyJWT reads ``datetime.now``. The autouse fixture freezes
-that clock at ``NOW`` (in 2020, so a token that verifies at all proves the freeze took effect).
+``TokenVerifier.verify`` takes no ``now``: it reads ``party_sync.auth.wall_clock`` (the time claims
+are checked by party_sync, not PyJWT). The autouse fixture freezes that clock at ``NOW`` (in 2020,
+so a token that verifies at all proves the freeze took effect).
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
-from datetime import datetime, tzinfo
-from typing import Any, Self
+import math
+from typing import Any
 
 import jwt
-import jwt.api_jwt
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from party_sync import auth
 from party_sync.auth import (
     AUDIENCE,
     MAX_LEEWAY,
+    MAX_TIMESTAMP,
     Claims,
     TokenVerifier,
     issue_token,
@@ -30,15 +36,9 @@ PREVIOUS = "p" * 64
 OTHER = "o" * 64
 
 
-class _FrozenDatetime(datetime):
-    @classmethod
-    def now(cls, tz: tzinfo | None = None) -> Self:
-        return cls.fromtimestamp(NOW, tz)
-
-
 @pytest.fixture(autouse=True)
 def frozen_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(jwt.api_jwt, "datetime", _FrozenDatetime)
+    monkeypatch.setattr(auth, "wall_clock", lambda: NOW)
 
 
 def claims(**changes: Any) -> dict[str, Any]:
@@ -90,7 +90,9 @@ def test_an_issued_token_verifies_to_its_claims() -> None:
         exp=NOW + 120.0,
         sub="character:aria",
     )
-    decoded = jwt.decode(tok, SECRET, algorithms=["HS256"], audience=AUDIENCE)
+    decoded = jwt.decode(
+        tok, SECRET, algorithms=["HS256"], audience=AUDIENCE, options={"verify_exp": False}
+    )
     assert decoded["iat"] == int(NOW)
     assert decoded["aud"] == AUDIENCE
 
@@ -227,7 +229,134 @@ def test_a_token_without_sub_has_none() -> None:
 
 def test_a_token_from_the_future_is_refused() -> None:
     tok = token(iat=int(NOW + 3600), exp=int(NOW + 7200))
-    assert refused(TokenVerifier([SECRET]), tok).reason == "malformed token"
+    assert refused(TokenVerifier([SECRET]), tok).reason == "token not yet valid"
+    not_before = token(nbf=int(NOW + MAX_LEEWAY + 1))
+    assert refused(TokenVerifier([SECRET]), not_before).reason == "token not yet valid"
+    assert TokenVerifier([SECRET]).verify(token(nbf=int(NOW + MAX_LEEWAY))).character_id == "aria"
+
+
+def test_an_injected_clock_is_used() -> None:
+    tok = token(exp=int(NOW + 60))
+    assert TokenVerifier([SECRET], clock=lambda: NOW).verify(tok).exp == NOW + 60
+    late = TokenVerifier([SECRET], clock=lambda: NOW + 60 + MAX_LEEWAY)
+    assert refused(late, tok).reason == "token expired"
+
+
+# -- time claims of any type and size (issue 12, finding 7) -------------------------------------
+
+
+def signed(payload: dict[str, Any]) -> str:
+    """A token signed with SECRET whose payload is ``json.dumps(payload)``: NaN, Infinity and
+    400-digit integers included, as a hostile issuer holding the key could write them."""
+    signing_input = f"{b64({'alg': 'HS256', 'typ': 'JWT'})}.{b64(payload)}"
+    mac = hmac.new(SECRET.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return f"{signing_input}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+
+
+HOSTILE_TIMES: list[Any] = [
+    1e300,
+    -1e300,
+    10**400,
+    -(10**400),
+    2**64,
+    MAX_TIMESTAMP + 1,
+    "9999999999",
+    "1600000600",
+    "",
+    True,
+    False,
+    math.nan,
+    math.inf,
+    -math.inf,
+    -5,
+    -0.5,
+    None,
+    [NOW + 600],
+    {"at": NOW + 600},
+]
+
+
+@pytest.mark.parametrize("value", HOSTILE_TIMES, ids=repr)
+def test_a_hostile_exp_is_refused_with_401(value: Any) -> None:
+    error = refused(TokenVerifier([SECRET]), signed(claims() | {"exp": value}))
+    assert error.reason in {
+        "token claim 'exp' is not a number",
+        "token claim 'exp' is out of range",
+        "token expired",
+        "token lacks the 'exp' claim",
+        "malformed token",
+    }
+
+
+@pytest.mark.parametrize("claim", ["iat", "nbf"])
+@pytest.mark.parametrize("value", HOSTILE_TIMES, ids=repr)
+def test_a_hostile_iat_or_nbf_is_refused_with_401(claim: str, value: Any) -> None:
+    refused(TokenVerifier([SECRET]), signed(claims() | {claim: value}))
+
+
+def test_a_huge_exp_is_out_of_range_not_an_overflow() -> None:
+    for value in (1e300, 10**400, MAX_TIMESTAMP + 1):
+        reason = refused(TokenVerifier([SECRET]), signed(claims() | {"exp": value})).reason
+        assert reason == "token claim 'exp' is out of range"
+    assert refused(TokenVerifier([SECRET]), signed(claims() | {"exp": "9999999999"})).reason == (
+        "token claim 'exp' is not a number"
+    )
+    assert refused(TokenVerifier([SECRET]), signed(claims() | {"exp": True})).reason == (
+        "token claim 'exp' is not a number"
+    )
+    # the largest accepted exp is usable as a timer delay
+    assert TokenVerifier([SECRET]).verify(signed(claims(exp=MAX_TIMESTAMP))).exp == MAX_TIMESTAMP
+
+
+def _acceptable(value: Any) -> bool:
+    return (
+        not isinstance(value, bool)
+        and isinstance(value, int | float)
+        and 0 <= value <= MAX_TIMESTAMP
+    )
+
+
+time_values = st.one_of(
+    st.integers(),
+    st.integers(min_value=-(10**420), max_value=10**420),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.booleans(),
+    st.none(),
+    st.text(max_size=20),
+    st.integers(min_value=0, max_value=MAX_TIMESTAMP).map(str),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+near_now = st.one_of(
+    st.integers(min_value=int(NOW) - 3600, max_value=int(NOW) + 3600),
+    st.floats(min_value=NOW - 3600, max_value=NOW + 3600),
+)
+claim_values = st.one_of(near_now, time_values)  # half the draws near NOW: many valid tokens
+
+
+@settings(max_examples=400, deadline=None)
+@given(exp=claim_values, iat=claim_values, nbf=claim_values)
+def test_any_time_claims_verify_or_get_401_as_the_rules_say(exp: Any, iat: Any, nbf: Any) -> None:
+    payload = claims() | {"exp": exp, "iat": iat, "nbf": nbf}
+    try:
+        verified: Claims | AuthError = TokenVerifier([SECRET]).verify(signed(payload))
+    except AuthError as exc:
+        verified = exc
+    # the oracle: RFC 7519 NumericDates (a present null is not one), in range, with the leeway
+    valid = (
+        all(_acceptable(v) for v in (exp, iat, nbf))
+        and exp > NOW - MAX_LEEWAY
+        and iat <= NOW + MAX_LEEWAY
+        and nbf <= NOW + MAX_LEEWAY
+    )
+    if valid:
+        assert isinstance(verified, Claims), verified
+        assert verified.exp == float(exp)
+    else:
+        assert isinstance(verified, AuthError)
+        assert verified.status == 401
 
 
 @pytest.mark.parametrize(

@@ -398,6 +398,94 @@ def test_any_json_message_parses_or_gets_the_code_of_its_first_fault(
         assert outcome.payload == payload
 
 
+# -- nesting depth (issue 12, finding 6) -------------------------------------------------------
+
+
+def nested(depth: int, *, kind: str = "object") -> Any:
+    """A value ``depth`` levels deep (objects or arrays; the innermost is empty)."""
+    value: Any = {} if kind == "object" else []
+    for _ in range(depth - 1):
+        value = {"k": value} if kind == "object" else [value]
+    return value
+
+
+def deep_text(depth: int) -> bytes:
+    """``depth`` nested objects as JSON text (orjson cannot encode that deep itself)."""
+    return b'{"k":' * (depth - 1) + b"{}" + b"}" * (depth - 1)
+
+
+def deep_action(depth: int) -> bytes:
+    """An action.request whose whole message nests ``depth`` levels (payload.payload is free)."""
+    message = action_request(action_type="skill_check", payload="@@")
+    return dumps(message).replace(b'"@@"', deep_text(depth - 2))
+
+
+def depth_of(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((depth_of(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((depth_of(v) for v in value), default=0)
+    return 0
+
+
+@pytest.mark.parametrize("kind", ["object", "array"])
+def test_decode_bounded_refuses_more_than_max_depth_levels(kind: str) -> None:
+    at_limit = dumps(nested(codec.MAX_DEPTH, kind=kind))
+    assert depth_of(codec.decode_bounded(at_limit)) == codec.MAX_DEPTH
+    for depth in (codec.MAX_DEPTH + 1, 300, 1024, 1025, 5000):
+        data = (b"[" * depth + b"]" * depth) if kind == "array" else deep_text(depth)
+        with pytest.raises(codec.TooDeep):
+            codec.decode_bounded(data)
+
+
+def test_brackets_inside_strings_do_not_count() -> None:
+    data = dumps({"text": "{[" * 5000, "list": [1, 2, 3]})
+    assert codec.decode_bounded(data)["list"] == [1, 2, 3]
+    assert codec.decode_bounded(data.decode())["list"] == [1, 2, 3]  # str input too
+
+
+def test_too_deep_is_a_value_error_and_bad_json_stays_bad_json() -> None:
+    assert issubclass(codec.TooDeep, ValueError)
+    with pytest.raises(ValueError, match=r"unexpected|invalid|expected") as info:
+        codec.decode_bounded(b"[[[[}")
+    assert not isinstance(info.value, codec.TooDeep)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(min_value=1, max_value=12))
+def test_nesting_exceeds_agrees_with_a_recursive_depth(value: Any, limit: int) -> None:
+    assert codec.nesting_exceeds(value, limit) == (depth_of(value) > limit)
+
+
+def test_an_action_nested_300_deep_is_too_deep_not_a_schema_violation() -> None:
+    error = refusal(deep_action(300), max_bytes=65536)
+    assert error.code is ErrorCode.TOO_DEEP
+    assert error.retryable is False
+    assert error.code in BAD_INPUT  # counts towards the policy close like other bad input
+    # nothing of the message is echoed: it was refused before any field was read
+    assert (error.type, error.action_id, error.trace_id) == (None, None, None)
+
+
+def test_the_deepest_action_accepted_re_encodes() -> None:
+    """What parses can be encoded again for the engine link (orjson encodes only ~254 levels)."""
+    inbound = parse(deep_action(codec.MAX_DEPTH), contracts(), 65536)
+    assert depth_of(inbound.message) == codec.MAX_DEPTH
+    assert codec.decode(codec.encode({"envelope": inbound.message})) == {
+        "envelope": inbound.message
+    }
+    assert refusal(deep_action(codec.MAX_DEPTH + 1), 65536).code is ErrorCode.TOO_DEEP
+
+
+def test_orjson_limits_that_the_depth_bound_sits_under() -> None:
+    """The facts MAX_DEPTH relies on: orjson parses 1,024 levels and encodes fewer than 300."""
+    parsed = orjson.loads(b"[" * 1024 + b"]" * 1024)
+    with pytest.raises(orjson.JSONEncodeError):
+        orjson.dumps(parsed)
+    with pytest.raises(orjson.JSONDecodeError, match="depth limit exceeded"):
+        orjson.loads(b"[" * 1025 + b"]" * 1025)
+    assert codec.MAX_DEPTH < 254
+
+
 # -- errors ------------------------------------------------------------------------------------
 
 
@@ -417,6 +505,7 @@ def test_retryable_and_bad_input_codes() -> None:
         ErrorCode.SERVER_ONLY_TYPE,
         ErrorCode.SCHEMA_VIOLATION,
         ErrorCode.MESSAGE_TOO_LARGE,
+        ErrorCode.TOO_DEEP,
         ErrorCode.FORBIDDEN,
     } == BAD_INPUT
 

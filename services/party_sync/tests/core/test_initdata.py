@@ -7,12 +7,16 @@ description (core.telegram.org/bots/webapps): percent-encoded pairs, a hash over
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import json
+from typing import Any
 from urllib.parse import quote
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from hypothesis import given
 from hypothesis import strategies as st
 from party_sync.initdata import (
@@ -20,11 +24,15 @@ from party_sync.initdata import (
     INVALID,
     MALFORMED,
     MAX_CLOCK_SKEW,
+    TELEGRAM_PUBLIC_KEY,
+    TELEGRAM_TEST_PUBLIC_KEY,
     InitDataError,
     data_check_string,
+    public_key,
     sign_init_data,
     validate_init_data,
 )
+from ps_testkit import telegram_vector
 
 BOT_TOKEN = "123456789:AAH-test-bot-token-for-party-sync-tests"
 NOW = 1_750_000_000.0
@@ -216,3 +224,190 @@ def test_any_change_to_a_signed_value_is_refused(
             encode([*pairs.items(), ("hash", digest)]), BOT_TOKEN, now=NOW, max_age=MAX_AGE
         )
     assert caught.value.status == 401 and caught.value.code == INVALID
+
+
+# --- Third-party validation: Telegram's Ed25519 ``signature`` (issue 12, finding 9) -------------
+#
+# The message is built here from Telegram's description ("Validating data for Third-Party Use"),
+# not via the module under test: "<bot_id>:WebAppData\n" + the sorted key=value lines without
+# hash and signature; the signature is base64url without padding. Telegram's private key is not
+# ours, so these tests sign with a generated key injected as ``telegram_key``; the published
+# vector below checks Telegram's real production key.
+
+BOT_ID = 7000000001
+_PRIVATE = Ed25519PrivateKey.generate()
+TEST_KEY = _PRIVATE.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def ed25519_signature(pairs: dict[str, str], bot_id: int = BOT_ID) -> str:
+    lines = "\n".join(
+        f"{k}={v}" for k, v in sorted(pairs.items()) if k not in ("hash", "signature")
+    )
+    signed = _PRIVATE.sign(f"{bot_id}:WebAppData\n{lines}".encode())
+    return base64.urlsafe_b64encode(signed).decode().rstrip("=")
+
+
+def third_party_fields(
+    bot_id: int = BOT_ID, auth_date: float | str = NOW - 60, **extra: str
+) -> dict[str, str]:
+    pairs = {k: v for k, v in fields(auth_date, **extra).items() if k != "signature"}
+    return {**pairs, "signature": ed25519_signature(pairs, bot_id)}
+
+
+def check_3p(
+    raw: str, *, bot_token: str | None = None, bot_id: int = BOT_ID, key: bytes = TEST_KEY
+) -> None:
+    validate_init_data(raw, bot_token, now=NOW, max_age=MAX_AGE, bot_id=bot_id, telegram_key=key)
+
+
+def refused_3p(raw: str, status: int, code: str, **kwargs: Any) -> None:
+    with pytest.raises(InitDataError) as caught:
+        check_3p(raw, **kwargs)
+    assert (caught.value.status, caught.value.code) == (status, code), caught.value.reason
+
+
+def test_a_signature_alone_authenticates_when_only_the_bot_id_is_configured() -> None:
+    pairs = third_party_fields()
+    # The hash cannot be checked without the bot token: any (or none) is accepted.
+    data = validate_init_data(
+        encode([*pairs.items(), ("hash", "0" * 64)]),
+        None,
+        now=NOW,
+        max_age=MAX_AGE,
+        bot_id=BOT_ID,
+        telegram_key=TEST_KEY,
+    )
+    assert data.user.id == USER["id"]
+    check_3p(encode(list(pairs.items())))
+
+
+@pytest.mark.parametrize("key", ["query_id", "user", "auth_date", "added"])
+def test_a_tampered_field_breaks_the_signature(key: str) -> None:
+    pairs = third_party_fields()
+    if key == "added":
+        pairs["start_param"] = "x"
+    else:
+        pairs[key] = {"user": json.dumps({**USER, "id": 1}), "auth_date": str(int(NOW))}.get(
+            key, pairs[key] + "x"
+        )
+    refused_3p(encode(list(pairs.items())), 401, INVALID)
+
+
+def test_the_signature_of_another_bot_is_refused() -> None:
+    refused_3p(encode(list(third_party_fields(bot_id=BOT_ID + 1).items())), 401, INVALID)
+    refused_3p(encode(list(third_party_fields().items())), 401, INVALID, bot_id=BOT_ID + 1)
+
+
+def test_a_signature_by_another_key_is_refused() -> None:
+    other = Ed25519PrivateKey.generate().public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    refused_3p(encode(list(third_party_fields().items())), 401, INVALID, key=other)
+
+
+def test_a_missing_signature_is_refused_when_it_is_the_only_check() -> None:
+    pairs = {k: v for k, v in third_party_fields().items() if k != "signature"}
+    refused_3p(encode([*pairs.items(), ("hash", telegram_hash(pairs))]), 401, INVALID)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["", "x", "A" * 85, "A" * 87, "+" * 86, "/" * 86, "=" * 86, "sig", "A" * 84 + "=="],
+    ids=["empty", "short", "85", "87", "plus", "slash", "pad", "word", "padded"],
+)
+def test_a_malformed_signature_is_refused(bad: str) -> None:
+    pairs = {**third_party_fields(), "signature": bad}
+    refused_3p(encode(list(pairs.items())), 401, INVALID)
+
+
+def test_a_padded_or_standard_base64_signature_is_not_the_wire_format() -> None:
+    pairs = third_party_fields()
+    raw_sig = base64.urlsafe_b64decode(pairs["signature"] + "==")
+    for other in (base64.urlsafe_b64encode(raw_sig).decode(), base64.b64encode(raw_sig).decode()):
+        if other != pairs["signature"]:
+            refused_3p(encode(list({**pairs, "signature": other}.items())), 401, INVALID)
+
+
+def test_with_the_bot_token_too_a_present_signature_must_verify_as_well() -> None:
+    pairs = third_party_fields()
+    both = encode([*pairs.items(), ("hash", telegram_hash(pairs))])
+    check_3p(both, bot_token=BOT_TOKEN)
+    # A good hash does not excuse a bad signature (the hash covers the forged signature).
+    forged = {**pairs, "signature": third_party_fields(bot_id=BOT_ID + 1)["signature"]}
+    refused_3p(
+        encode([*forged.items(), ("hash", telegram_hash(forged))]),
+        401,
+        INVALID,
+        bot_token=BOT_TOKEN,
+    )
+    # A good signature does not excuse a bad hash.
+    refused_3p(encode([*pairs.items(), ("hash", "0" * 64)]), 401, INVALID, bot_token=BOT_TOKEN)
+    refused_3p(encode(list(pairs.items())), 401, INVALID, bot_token=BOT_TOKEN)
+
+
+def test_with_the_bot_token_too_initdata_without_signature_needs_the_hash_only() -> None:
+    # Telegram clients before Bot API 8.0 send no signature: the HMAC alone authenticates them.
+    pairs = {k: v for k, v in fields().items() if k != "signature"}
+    check_3p(encode([*pairs.items(), ("hash", telegram_hash(pairs))]), bot_token=BOT_TOKEN)
+
+
+def test_the_signature_is_checked_before_anything_is_interpreted() -> None:
+    pairs = {**fields(user="not json", auth_date="zzz"), "signature": "A" * 86}
+    refused_3p(encode(list(pairs.items())), 401, INVALID)
+
+
+def test_freshness_applies_to_signed_init_data_too() -> None:
+    refused_3p(encode(list(third_party_fields(auth_date=NOW - MAX_AGE - 1).items())), 401, EXPIRED)
+
+
+def test_neither_bot_token_nor_bot_id_is_a_programming_error() -> None:
+    with pytest.raises(ValueError, match="bot_id"):
+        validate_init_data(init_data(), None, now=NOW, max_age=MAX_AGE)
+
+
+PUBLISHED = telegram_vector.INIT_DATA
+PUBLISHED_BOT_ID = telegram_vector.BOT_ID
+
+
+def test_telegram_published_keys() -> None:
+    # The hex strings of "Validating data for Third-Party Use" (core.telegram.org/bots/webapps).
+    assert TELEGRAM_PUBLIC_KEY.hex() == (
+        "e7bf03a2fa4602af4580703d88dda5bb59f32ed8b02a56c187fe7d34caed242d"
+    )
+    assert TELEGRAM_TEST_PUBLIC_KEY.hex() == (
+        "40055058a4ee38156a06562e52eece92a771bcd8346a8c4615cb7376eddf72ec"
+    )
+    assert public_key(test_env=False) == TELEGRAM_PUBLIC_KEY
+    assert public_key(test_env=True) == TELEGRAM_TEST_PUBLIC_KEY
+
+
+def published(raw: str = PUBLISHED, bot_id: int = PUBLISHED_BOT_ID, test_env: bool = False) -> int:
+    """initData signed by Telegram (``ps_testkit.telegram_vector``), checked with its real key."""
+    data = validate_init_data(
+        raw,
+        None,
+        now=telegram_vector.AUTH_DATE + 60,
+        max_age=MAX_AGE,
+        bot_id=bot_id,
+        test_env=test_env,
+    )
+    return data.user.id
+
+
+def test_initdata_signed_by_telegram_verifies_with_the_production_key() -> None:
+    assert published() == telegram_vector.USER_ID
+
+
+@pytest.mark.parametrize(
+    ("raw", "bot_id", "test_env"),
+    [
+        (PUBLISHED.replace("chat_type=private", "chat_type=sender"), PUBLISHED_BOT_ID, False),
+        (PUBLISHED, PUBLISHED_BOT_ID + 1, False),
+        (PUBLISHED, PUBLISHED_BOT_ID, True),
+    ],
+    ids=["tampered", "other-bot", "test-environment-key"],
+)
+def test_initdata_signed_by_telegram_is_refused_when_anything_differs(
+    raw: str, bot_id: int, test_env: bool
+) -> None:
+    with pytest.raises(InitDataError) as caught:
+        published(raw, bot_id, test_env)
+    assert (caught.value.status, caught.value.code) == (401, INVALID)

@@ -15,13 +15,12 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from party_sync.auth import issue_token
 from party_sync.backends.base import Backend
 from party_sync.config import Settings
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import Engine
-from party_sync.server import Server, build_server
+from party_sync.server import Server, build_server, start_serving
 
 from ps_testkit.client import Client
 
@@ -125,16 +124,13 @@ async def serve_in_process(
         settings = replace(settings, redis_url=redis_url_for_tests, engine_transport=transport)
     link = InProcessLink(engine) if engine is not None else None
     server = build_server(settings, link=link, backend=backend, dev_mode=dev_mode)
-    runner = web.AppRunner(server.app, handle_signals=False, shutdown_timeout=2.0)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
+    # As `party-sync serve` starts it: with the connection limits (keep-alive, head deadline, caps).
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=2.0)
     async with aiohttp.ClientSession() as http:
         try:
-            yield Running(f"http://127.0.0.1:{port}", http, server=server)
+            yield Running(f"http://127.0.0.1:{listening.port}", http, server=server)
         finally:
-            await runner.cleanup()
+            await listening.stop()
 
 
 def party_sync_command() -> list[str]:

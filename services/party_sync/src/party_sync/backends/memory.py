@@ -116,8 +116,9 @@ class MemoryBackend:
             earlier = party.ledger.result_of(payload["action_id"])
             if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
                 return _decoded(party.party_id, earlier)
+        body = codec.encode(message)  # raises (an unencodable event) before anything is recorded
         party.projection.apply(type_, payload, seq)  # raises before anything is recorded
-        data = codec.with_seq(codec.encode(message), seq)
+        data = codec.with_seq(body, seq)
         party.log.append(data)
         party.last_active = now
         refused = type_ == t.ACTION_RESULT and party.ledger.complete(

@@ -15,6 +15,10 @@ from party_sync.protocol import types as t
 
 @dataclass(slots=True)
 class Member:
+    """A party member. ``display_name`` is text chosen by whoever registered the character: the
+    server strips control, line-break and bidi characters from it, but it may hold anything
+    else (``<b>`` included), so show it as text, never as markup or a format string."""
+
     character_id: str
     display_name: str
     online: bool

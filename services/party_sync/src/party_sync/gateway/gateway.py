@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import re
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -751,10 +750,6 @@ class Gateway:
             await self.fail_action(action, ErrorCode.ENGINE_UNAVAILABLE, "engine unavailable")
 
 
-_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # common.json's id and trace_id patterns
-_TRACE = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-
-
 def _about(message: inbound.Inbound | None) -> dict[str, Any]:
     """What a refusal of ``message`` replies to (its type, client trace, action or vote id)."""
     if message is None:
@@ -771,23 +766,9 @@ def _about_raw(data: bytes | str) -> dict[str, Any]:
     """``_about`` for a message refused before parsing (rate limited): best effort, so that a
     refused action still names its action_id; nothing for anything malformed."""
     try:
-        message = orjson.loads(data)
-        payload = message["payload"]
-        type_ = message["type"]
-        trace = message.get("trace_id")
-        about: dict[str, Any] = {
-            "type": type_ if type_ in (t.ACTION_REQUEST, t.VOTE_CAST, t.PARTY_LEAVE) else None,
-            "trace_id": trace if isinstance(trace, str) and _TRACE.fullmatch(trace) else None,
-        }
-        for key in ("action_id", "vote_id"):
-            value = payload.get(key)
-            if isinstance(value, str) and _ID.fullmatch(value):
-                about[key] = value
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return inbound.about(orjson.loads(data))
+    except ValueError:
         return {}
-    if about["type"] is None:
-        return {}
-    return about
 
 
 _VOTE_REFUSALS = {

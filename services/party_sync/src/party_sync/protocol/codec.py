@@ -10,11 +10,19 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
 _SEQ_PREFIX = b'{"seq":'
+
+#: Deepest nesting of objects and arrays accepted from outside (client frames, API bodies); the
+#: outermost object is level 1, so an ``action.request``'s free-form ``payload.payload`` may nest
+#: 61 more. orjson parses up to 1,024 levels but encodes only ~254: without this bound a message
+#: that parsed could not be re-encoded for the engine link (issue 12, finding 6).
+MAX_DEPTH: Final = 64
+#: What orjson says when a document exceeds its own parse limit (1,024 levels).
+_ORJSON_DEPTH_ERROR: Final = "depth limit exceeded"
 
 
 def encode(message: dict[str, Any]) -> bytes:
@@ -25,6 +33,77 @@ def encode(message: dict[str, Any]) -> bytes:
 def decode(data: bytes | str) -> Any:
     """Decode JSON; raises ``ValueError`` (orjson.JSONDecodeError) on bad JSON or bad UTF-8."""
     return orjson.loads(data)
+
+
+class TooDeep(ValueError):
+    """A JSON document nested deeper than allowed (a ``ValueError``: callers that only know
+    "bad JSON" still refuse it; callers that know better catch it first).
+
+    ``value``: the decoded document when it could be decoded at all (nested deeper than
+    ``max_depth`` but within orjson's own limit), so that a refusal can name what it refuses
+    (its type, action or vote id); None otherwise.
+    """
+
+    def __init__(self, message: str, value: Any = None) -> None:
+        super().__init__(message)
+        self.value = value
+
+
+def decode_bounded(data: bytes | str, max_depth: int = MAX_DEPTH) -> Any:
+    """Decode JSON from outside; raise ``TooDeep`` if it nests deeper than ``max_depth``, else
+    ``ValueError`` on bad JSON or bad UTF-8.
+
+    The depth walk runs only when the text is longer than ``2 * max_depth`` bytes and has more
+    opening brackets than ``max_depth`` (two ``count`` calls in C; no measurable cost on a
+    normal action), and it stops at the first container too deep. Its cost is one step per
+    container, so it is bounded by the message size limit (for a frame made of thousands of
+    tiny containers it costs a few times the parse itself).
+    """
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if str(exc).startswith(_ORJSON_DEPTH_ERROR):
+            raise TooDeep(f"JSON nested deeper than {max_depth} levels") from None
+        raise
+    # Nesting d levels takes at least 2d bytes: short messages skip even the count.
+    if (
+        len(data) > 2 * max_depth
+        and _openings(data) > max_depth
+        and nesting_exceeds(value, max_depth)
+    ):
+        raise TooDeep(f"JSON nested deeper than {max_depth} levels", value)
+    return value
+
+
+def _openings(data: bytes | str) -> int:
+    """An upper bound of the nesting depth of ``data`` (brackets inside strings count too)."""
+    if isinstance(data, str):
+        return data.count("{") + data.count("[")
+    return data.count(b"{") + data.count(b"[")
+
+
+def nesting_exceeds(value: Any, limit: int) -> bool:
+    """True if ``value`` (plain dicts and lists, as orjson makes them) nests objects and arrays
+    more than ``limit`` levels deep. Iterative: no recursion limit, whatever the input; one step
+    per container, at most ``limit + 1`` levels."""
+    level = [value] if type(value) in _CONTAINERS else []
+    depth = 0
+    while level:  # one level at a time: no recursion, and no bookkeeping per container
+        depth += 1
+        if depth > limit:
+            return True
+        below: list[Any] = []
+        append = below.append
+        for node in level:
+            # orjson makes exact dicts and lists: type() is enough, and cheaper than isinstance
+            for child in node.values() if type(node) is dict else node:
+                if type(child) in _CONTAINERS:
+                    append(child)
+        level = below
+    return False
+
+
+_CONTAINERS: Final = (dict, list)
 
 
 def with_seq(body: bytes, seq: int) -> bytes:

@@ -29,6 +29,7 @@ class ErrorCode(StrEnum):
     SERVER_ONLY_TYPE = "server_only_type"
     SCHEMA_VIOLATION = "schema_violation"
     MESSAGE_TOO_LARGE = "message_too_large"
+    TOO_DEEP = "too_deep"  # JSON nested deeper than codec.MAX_DEPTH (64) levels
     FORBIDDEN = "forbidden"
     ACTION_IN_FLIGHT = "action_in_flight"
     CHARACTER_BUSY = "character_busy"
@@ -67,6 +68,7 @@ BAD_INPUT: Final = frozenset(
         ErrorCode.SERVER_ONLY_TYPE,
         ErrorCode.SCHEMA_VIOLATION,
         ErrorCode.MESSAGE_TOO_LARGE,
+        ErrorCode.TOO_DEEP,
         ErrorCode.FORBIDDEN,
     }
 )

@@ -1,26 +1,23 @@
 """Checking one client message, in the order that gives each kind of bad input its own code.
 
-size → JSON → shape → known type → client type → schema. Pure: no I/O, no clock.
+size → JSON → depth → shape → known type → client type → schema. Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, ProtocolError
+from party_sync.protocol.ids import is_id, is_trace_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
-
-_TRACE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def _echo_id(value: Any) -> str | None:
     """An id from a refused message, echoed in ``in_reply_to`` only if it is a well-formed id."""
-    return value if isinstance(value, str) and _ID.fullmatch(value) else None
+    return value if is_id(value) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +40,23 @@ def byte_length(data: bytes | str, limit: int) -> int:
     return len(data.encode("utf-8", "surrogatepass"))
 
 
+def about(message: object) -> dict[str, Any]:
+    """What a refusal of a raw (decoded, unchecked) message replies to: its client type, trace
+    id, and action or vote id, each only when well formed; nothing for anything else."""
+    if not isinstance(message, dict):
+        return {}
+    type_, payload = message.get("type"), message.get("payload")
+    if type_ not in t.CLIENT_TYPES or not isinstance(payload, dict):
+        return {}
+    trace = message.get("trace_id")
+    found: dict[str, Any] = {"type": type_, "trace_id": trace if is_trace_id(trace) else None}
+    for key in ("action_id", "vote_id"):
+        value = payload.get(key)
+        if isinstance(value, str) and is_id(value):
+            found[key] = value
+    return found
+
+
 def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
     """Return the checked message or raise ``ProtocolError`` with the matching code."""
     if byte_length(data, max_bytes) > max_bytes:
@@ -50,15 +64,21 @@ def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
             ErrorCode.MESSAGE_TOO_LARGE, f"message exceeds the {max_bytes}-byte limit"
         )
     try:
-        message = codec.decode(data)
+        message = codec.decode_bounded(data)
+    except codec.TooDeep as exc:
+        # Nothing of a too-deep message is forwarded; its refusal names what it refuses (its
+        # type, trace and action or vote id, each only if it is well formed and at the top).
+        raise ProtocolError(
+            ErrorCode.TOO_DEEP,
+            f"message nests deeper than {codec.MAX_DEPTH} levels",
+            **about(exc.value),
+        ) from None
     except ValueError:
         raise ProtocolError(ErrorCode.BAD_JSON, "message is not valid UTF-8 JSON") from None
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a JSON object")
     raw_trace = message.get("trace_id")
-    client_trace = (
-        raw_trace if isinstance(raw_trace, str) and _TRACE_ID.fullmatch(raw_trace) else None
-    )
+    client_trace = raw_trace if is_trace_id(raw_trace) else None
     type_ = message.get("type")
     payload = message.get("payload")
     if not isinstance(type_, str) or not isinstance(payload, dict):

@@ -1,55 +1,44 @@
 """The server API (``/api/v1``): how engines and gateway_api publish into parties.
 
 Every call is authenticated by ``Authorization: Bearer <PARTY_SYNC_API_KEY>``, compared in
-constant time and checked before anything else is read (a bad key → 401). Published events go
-through the same validated, sequenced path as in-process engines' events, so they are ordered,
-recorded in history and resumable like every other event.
+constant time and checked before anything else is read (a bad key → 401); then every path id must
+follow the id rule (400 ``invalid_id``); then the whole body is read, up to
+``api_max_body_bytes`` (413 ``too_large``), and parsed at most ``codec.MAX_DEPTH`` levels deep
+(400 ``too_deep`` / ``bad_json``): ``transport/edge.py`` does all of that, for every route.
+Published events go through the same validated, sequenced path as in-process engines' events, so
+they are ordered, recorded in history and resumable like every other event.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import uuid
-from typing import Any, Final
+from typing import Any
 
 from aiohttp import web
 
 from party_sync.core import votes
 from party_sync.engine.interface import ENGINE_EVENT_TYPES
 from party_sync.gateway import Gateway
-from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
+from party_sync.protocol.ids import ID_RULE, is_id, is_trace_id
 from party_sync.transport.appkeys import API_KEY, GATEWAY
+from party_sync.transport.edge import authorized, guarded, read_json
+from party_sync.transport.edge import problem as _problem
+
+__all__ = ["add_routes", "authorized"]
 
 log = logging.getLogger(__name__)
 
-MAX_BODY: Final = 256 * 1024
 
-
-def _problem(status: int, error: str, detail: str) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
-
-
-def authorized(request: web.Request) -> bool:
-    """True if the request carries the configured API key (constant-time comparison)."""
-    expected = request.app.get(API_KEY, "")
-    header = request.headers.get("Authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    # compare_digest on equal-type bytes; an unset key matches nothing.
-    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+async def _read_json(request: web.Request) -> Any | web.Response:
+    return await read_json(request, request.app[GATEWAY].settings.api_max_body_bytes)
 
 
 async def _read_envelope(request: web.Request) -> dict[str, Any] | web.Response:
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return _problem(413, "too_large", f"body exceeds {MAX_BODY} bytes")
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        return _problem(413, "too_large", f"body exceeds {MAX_BODY} bytes")
-    try:
-        message = codec.decode(body)
-    except ValueError:
-        return _problem(400, "bad_json", "body is not valid UTF-8 JSON")
+    message = await _read_json(request)
+    if isinstance(message, web.Response):
+        return message
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         return _problem(422, "invalid_event", "body must be an envelope object with a type")
     if "seq" in message:
@@ -76,8 +65,6 @@ def _build(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
 
 
 async def publish_party_event(request: web.Request) -> web.Response:
-    if not authorized(request):
-        return _problem(401, "unauthorized", "missing or wrong API key")
     gateway = request.app[GATEWAY]
     party_id = request.match_info["party_id"]
     parsed = await _read_envelope(request)
@@ -99,8 +86,6 @@ async def publish_party_event(request: web.Request) -> web.Response:
 
 async def publish_run_event(request: web.Request) -> web.Response:
     """A run-wide event: sequenced into the stream of every party playing the run."""
-    if not authorized(request):
-        return _problem(401, "unauthorized", "missing or wrong API key")
     gateway = request.app[GATEWAY]
     run_id = request.match_info["campaign_run_id"]
     parsed = await _read_envelope(request)
@@ -118,26 +103,24 @@ async def publish_run_event(request: web.Request) -> web.Response:
 
 async def start_vote(request: web.Request) -> web.Response:
     """Open a party vote on an engine's behalf; 201 with the ``vote.started`` payload."""
-    if not authorized(request):
-        return _problem(401, "unauthorized", "missing or wrong API key")
     gateway = request.app[GATEWAY]
     party_id = request.match_info["party_id"]
-    try:
-        body = codec.decode(await request.content.read(MAX_BODY + 1))
-    except ValueError:
-        return _problem(400, "bad_json", "body is not valid UTF-8 JSON")
+    body = await _read_json(request)
+    if isinstance(body, web.Response):
+        return body
     if not isinstance(body, dict):
         return _problem(422, "invalid_vote", "body must be an object")
     vote_id = body.get("vote_id") or "v-" + uuid.uuid4().hex[:12]
+    run = body.get("campaign_run_id")
+    trace = body.get("trace_id")
+    if run is not None and not is_id(run):
+        return _problem(422, "invalid_vote", f"campaign_run_id: {ID_RULE}")
+    if trace is not None and not is_trace_id(trace):
+        return _problem(422, "invalid_vote", "trace_id must match [A-Za-z0-9._:-]{1,128}")
     try:
         spec = votes.spec_from_json(body, str(vote_id))
-        run = body.get("campaign_run_id")
-        trace = body.get("trace_id")
         event = await gateway.publisher.open_vote(
-            party_id,
-            spec,
-            campaign_run_id=run if isinstance(run, str) else None,
-            trace_id=trace if isinstance(trace, str) else None,
+            party_id, spec, campaign_run_id=run, trace_id=trace
         )
     except (votes.SpecError, InvalidEvent) as exc:
         return _problem(422, "invalid_vote", str(exc))
@@ -151,6 +134,6 @@ async def start_vote(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, api_key: str | None) -> None:
     if api_key:
         app[API_KEY] = api_key
-    app.router.add_post("/api/v1/parties/{party_id}/events", publish_party_event)
-    app.router.add_post("/api/v1/runs/{campaign_run_id}/events", publish_run_event)
-    app.router.add_post("/api/v1/parties/{party_id}/votes", start_vote)
+    app.router.add_post("/api/v1/parties/{party_id}/events", guarded(publish_party_event))
+    app.router.add_post("/api/v1/runs/{campaign_run_id}/events", guarded(publish_run_event))
+    app.router.add_post("/api/v1/parties/{party_id}/votes", guarded(start_vote))

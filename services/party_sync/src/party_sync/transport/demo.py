@@ -26,8 +26,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from party_sync.auth import issue_token
+from party_sync.protocol.ids import is_id
+from party_sync.protocol.names import name_problem
 from party_sync.protocol.types import PARTY_ACTOR
 from party_sync.transport.appkeys import GATEWAY
+from party_sync.transport.edge import read_json
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +42,9 @@ DEV_TOKEN_PATH: Final = "/api/v1/dev/token"  # noqa: S105 (a path, not a secret)
 TELEGRAM_AUTH_PATH: Final = "/api/v1/auth/telegram"
 #: Lifetime of a token minted by the page (development mode); the page fetches a new one on 4001.
 DEV_TOKEN_TTL: Final = 12 * 3600.0
+#: Largest body of ``POST /api/v1/dev/token`` ({party_id, campaign_run_id, character_id, name}).
+DEV_TOKEN_MAX_BODY: Final = 4096
 
-_ID: Final = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _LIB_MODULE: Final = re.compile(r"^[a-z][a-z0-9_-]{0,63}\.js$")
 _ASSET: Final = re.compile(r"^[a-z][a-z0-9_-]{0,63}\.(css|svg|png)$")
 _IMPORTMAP: Final = re.compile(r'<script type="importmap">(.*?)</script>', re.DOTALL)
@@ -163,10 +167,9 @@ async def dev_token(request: web.Request) -> web.Response:
     secret = request.app[GATEWAY].settings.jwt_secret
     if not secret:
         raise web.HTTPNotFound()
-    try:
-        body: Any = await request.json()
-    except ValueError:
-        return _problem(400, "bad_json", "body is not JSON")
+    body: Any = await read_json(request, DEV_TOKEN_MAX_BODY)  # whole body, bounded, depth-checked
+    if isinstance(body, web.Response):
+        return body
     if not isinstance(body, dict):
         return _problem(422, "invalid_request", "body must be an object")
     ids = {
@@ -175,7 +178,7 @@ async def dev_token(request: web.Request) -> web.Response:
         "character_id": body.get("character_id"),
     }
     for name, value in ids.items():
-        if not isinstance(value, str) or not _ID.match(value):
+        if not is_id(value):
             return _problem(
                 422, "invalid_request", f"{name} must be an id ([A-Za-z0-9._:-]{{1,64}})"
             )
@@ -183,8 +186,9 @@ async def dev_token(request: web.Request) -> web.Response:
         return _problem(422, "invalid_request", f"character_id {PARTY_ACTOR!r} is reserved")
     known = dict(DEMO_CHARACTERS)
     name = body.get("display_name") or known.get(ids["character_id"]) or ids["character_id"]
-    if not isinstance(name, str) or not 1 <= len(name) <= 64:
-        return _problem(422, "invalid_request", "display_name must be 1-64 characters")
+    problem = name_problem(name)
+    if problem is not None:
+        return _problem(422, "invalid_display_name", problem)
     token = issue_token(
         secret,
         party_id=ids["party_id"],

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
-from party_sync.auth import TokenVerifier
+from party_sync.auth import Claims, TokenVerifier
 from party_sync.core.history import ResumePoint
 from party_sync.directory import Directory, MemoryDirectory
 from party_sync.engine.health import EngineHealth
@@ -17,6 +17,7 @@ from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError
 from party_sync.transport import api, demo, members, openapi, telegram
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
+from party_sync.transport.guard import ConnectionGuard, track_requests
 from party_sync.transport.sink import FrameBatcher, WebSocketSink
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,14 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         gateway.metrics.handshakes_refused.labels(str(exc.status)).inc()
         log.info("handshake refused", extra={"reason": exc.reason, "status": exc.status})
         raise web.HTTPUnauthorized(text=exc.reason) from None
+    with request.app[GUARD].websocket_slot(claims):  # over max_connections_per_user: 429
+        return await _serve_websocket(request, gateway, claims)
+
+
+async def _serve_websocket(
+    request: web.Request, gateway: Gateway, claims: Claims
+) -> web.WebSocketResponse:
+    settings = gateway.settings
     ws = web.WebSocketResponse(
         heartbeat=settings.heartbeat,
         max_msg_size=settings.max_message_bytes * 4,  # between 1× and 4×: system.error, kept open
@@ -135,6 +144,26 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
 
 
+#: The connection limits of this server (``server.start_serving`` wraps every socket with it).
+GUARD: web.AppKey[ConnectionGuard] = web.AppKey("connection_guard")
+
+
+def connection_guard(gateway: Gateway) -> ConnectionGuard:
+    settings, counters = gateway.settings, gateway.metrics
+
+    def refused(reason: str) -> None:
+        counters.connections_refused.labels(reason).inc()
+        if reason == "per_user":
+            counters.handshakes_refused.labels("429").inc()
+
+    return ConnectionGuard(
+        head_timeout=settings.request_head_timeout,
+        max_per_address=settings.max_connections_per_ip,
+        max_per_user=settings.max_connections_per_user,
+        on_refused=refused,
+    )
+
+
 def build_app(
     gateway: Gateway,
     verifier: TokenVerifier,
@@ -146,6 +175,8 @@ def build_app(
     app[GATEWAY] = gateway
     app[VERIFIER] = verifier
     app[BATCHER] = FrameBatcher()  # one flush per loop tick for all connections
+    app[GUARD] = connection_guard(gateway)
+    app.middlewares.append(track_requests)  # request-head deadlines (transport/guard.py)
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

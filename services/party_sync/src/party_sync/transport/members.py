@@ -1,7 +1,10 @@
 """The membership API (``/api/v1/parties/{party_id}/members``): who may sign in as which character.
 
 The engine or gateway_api registers each (party, character) → Telegram user binding here, with the
-server API key (``api.authorized``, checked before anything else). Telegram sign-in
+server API key (checked before anything else), path ids that follow the id rule (400
+``invalid_id``) and a body read whole (``transport/edge.py``). A display name must follow the name
+rule (``protocol/names.py``: no control, line-break, bidi or invisible characters): 422
+``invalid_display_name``, since it is broadcast to the party as given. Telegram sign-in
 (``transport/telegram.py``) reads it. A deleted membership stops new sign-ins at once; tokens
 already issued stay valid until they expire (``PARTY_SYNC_TELEGRAM_TOKEN_TTL``).
 
@@ -20,26 +23,23 @@ from typing import Final
 from aiohttp import web
 
 from party_sync.directory import Directory, InvalidMembership, check_ids, parse_membership
-from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.transport.api import authorized
+from party_sync.protocol.names import name_problem
 from party_sync.transport.appkeys import DIRECTORY
+from party_sync.transport.edge import guarded, read_json
+from party_sync.transport.edge import problem as _problem
 
 log = logging.getLogger(__name__)
 
 MAX_BODY: Final = 4096
 PATH: Final = "/api/v1/parties/{party_id}/members"
+INVALID_DISPLAY_NAME: Final = "invalid_display_name"
 
-
-def _problem(status: int, error: str, detail: str) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
-
-
-_UNAUTHORIZED = ("unauthorized", "missing or wrong API key")
 _UNAVAILABLE = ("backend_unavailable", "the backend is unreachable; retry")
 
 
 def _ids(request: web.Request) -> tuple[str, str] | web.Response:
+    """The path's ids (``guarded`` has checked their form); the reserved actor is refused."""
     party_id = request.match_info["party_id"]
     character_id = request.match_info["character_id"]
     try:
@@ -50,22 +50,20 @@ def _ids(request: web.Request) -> tuple[str, str] | web.Response:
 
 
 async def put_member(request: web.Request) -> web.Response:
-    if not authorized(request):
-        return _problem(401, *_UNAUTHORIZED)
-    body = await request.content.read(MAX_BODY + 1)
-    if len(body) > MAX_BODY:
-        return _problem(413, "too_large", f"body exceeds {MAX_BODY} bytes")
-    try:
-        data = codec.decode(body)
-    except ValueError:
-        return _problem(400, "bad_json", "body is not valid UTF-8 JSON")
+    data = await read_json(request, MAX_BODY)
+    if isinstance(data, web.Response):
+        return data
     party_id = request.match_info["party_id"]
     character_id = request.match_info["character_id"]
     try:
         membership = parse_membership(party_id, character_id, data)
-        await request.app[DIRECTORY].put(membership)
     except InvalidMembership as exc:
         return _problem(422, "invalid_membership", str(exc))
+    problem = name_problem(membership.display_name)
+    if problem is not None:
+        return _problem(422, INVALID_DISPLAY_NAME, problem)
+    try:
+        await request.app[DIRECTORY].put(membership)
     except BackendUnavailable:
         return _problem(503, *_UNAVAILABLE)
     log.info("membership registered", extra={"party_id": party_id, "character_id": character_id})
@@ -73,8 +71,6 @@ async def put_member(request: web.Request) -> web.Response:
 
 
 async def delete_member(request: web.Request) -> web.Response:
-    if not authorized(request):
-        return _problem(401, *_UNAUTHORIZED)
     ids = _ids(request)
     if isinstance(ids, web.Response):
         return ids
@@ -87,8 +83,6 @@ async def delete_member(request: web.Request) -> web.Response:
 
 
 async def get_member(request: web.Request) -> web.Response:
-    if not authorized(request):
-        return _problem(401, *_UNAUTHORIZED)
     ids = _ids(request)
     if isinstance(ids, web.Response):
         return ids
@@ -102,14 +96,9 @@ async def get_member(request: web.Request) -> web.Response:
 
 
 async def list_members(request: web.Request) -> web.Response:
-    if not authorized(request):
-        return _problem(401, *_UNAUTHORIZED)
     party_id = request.match_info["party_id"]
     try:
-        check_ids(party_id, "x")
         members = await request.app[DIRECTORY].list(party_id)
-    except InvalidMembership as exc:
-        return _problem(422, "invalid_membership", str(exc))
     except BackendUnavailable:
         return _problem(503, *_UNAVAILABLE)
     return web.json_response({"members": [m.to_json() for m in members]})
@@ -118,11 +107,11 @@ async def list_members(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, directory: Directory) -> None:
     """Register the membership API; the directory is closed with the app."""
     app[DIRECTORY] = directory
-    app.router.add_get(PATH, list_members)
+    app.router.add_get(PATH, guarded(list_members))
     member = PATH + "/{character_id}"
-    app.router.add_put(member, put_member)
-    app.router.add_delete(member, delete_member)
-    app.router.add_get(member, get_member)
+    app.router.add_put(member, guarded(put_member))
+    app.router.add_delete(member, guarded(delete_member))
+    app.router.add_get(member, guarded(get_member))
 
     async def close_directory(app: web.Application) -> None:
         await app[DIRECTORY].close()

@@ -10,6 +10,8 @@ from typing import Any
 
 from party_sync import __version__
 from party_sync.engine.interface import ENGINE_EVENT_TYPES
+from party_sync.protocol.codec import MAX_DEPTH
+from party_sync.protocol.ids import ID_PATTERN, TRACE_ID_PATTERN
 from party_sync.protocol.schemas import Contracts
 
 _PROBLEM = {
@@ -39,10 +41,18 @@ def _event_body(contracts: Contracts) -> dict[str, Any]:
         "properties": {
             "type": {"type": "string", "enum": sorted(ENGINE_EVENT_TYPES)},
             "timestamp": {"type": "string", "format": "date-time"},
-            "trace_id": {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"},
+            "trace_id": {"type": "string", "pattern": TRACE_ID_PATTERN},
             "payload": {"type": "object"},
         },
     }
+
+
+_BAD_REQUEST = (
+    "bad_json (not UTF-8 JSON), too_deep (nested deeper than "
+    f"{MAX_DEPTH} levels), or invalid_id (a path id breaks {ID_PATTERN})"
+)
+_SLOW_BODY = "body_timeout: the body did not arrive within request_body_timeout (then closed)"
+_BAD_PATH = f"invalid_id: a path id breaks {ID_PATTERN} (checked right after the key)"
 
 
 def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, Any]:
@@ -50,9 +60,7 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
         "post": {
             "summary": summary,
             "security": [{"apiKey": []}],
-            "parameters": [
-                {"name": param, "in": "path", "required": True, "schema": {"type": "string"}}
-            ],
+            "parameters": _path_params(param),
             "requestBody": {
                 "required": True,
                 "content": {
@@ -64,9 +72,10 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
                     "description": "Published",
                     "content": {"application/json": {"schema": accepted}},
                 },
-                "400": _problem("The body is not JSON"),
+                "400": _problem(_BAD_REQUEST),
                 "401": _problem("Missing or wrong API key (checked before anything else)"),
-                "413": _problem("The body is too large"),
+                "408": _problem(_SLOW_BODY),
+                "413": _problem("too_large: the body exceeds api_max_body_bytes"),
                 "422": _problem("Not a valid event of a publishable type (the detail says why)"),
                 "503": _problem("The backend is unreachable; retry"),
             },
@@ -74,7 +83,7 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
     }
 
 
-_ID = {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,64}$"}
+_ID = {"type": "string", "pattern": ID_PATTERN}
 
 _MEMBERSHIP_FIELDS: dict[str, Any] = {
     "telegram_user_id": {"type": "integer", "minimum": 1},
@@ -117,8 +126,12 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 def _members() -> dict[str, Any]:
     """The membership API (transport/members.py) and Telegram sign-in (transport/telegram.py)."""
     common = {
+        "400": _problem(_BAD_PATH),
         "401": _problem("Missing or wrong API key (checked before anything else)"),
-        "422": _problem("Invalid ids or body (the detail says why)"),
+        "422": _problem(
+            "invalid_membership (the reserved character id, or a bad body: the detail says "
+            "why), or invalid_display_name (the name breaks the display-name rule)"
+        ),
         "503": _problem("The backend is unreachable; retry"),
     }
     membership = _json({"$ref": "#/components/schemas/Membership"}, "The membership")
@@ -179,9 +192,10 @@ def _members() -> dict[str, Any]:
                 },
                 "responses": {
                     "204": {"description": "Registered"},
-                    "400": _problem("The body is not JSON"),
-                    "413": _problem("The body is too large"),
                     **common,
+                    "400": _problem(_BAD_REQUEST),
+                    "408": _problem(_SLOW_BODY),
+                    "413": _problem("too_large: the body exceeds 4096 bytes"),
                 },
             },
             "delete": {
@@ -203,7 +217,9 @@ def _members() -> dict[str, Any]:
             "post": {
                 "summary": "Telegram Mini App sign-in: trade initData for a connection token",
                 "description": (
-                    "Checks initData's HMAC with the bot token and the freshness of auth_date, "
+                    "Checks initData's HMAC with the bot token and/or its Ed25519 signature "
+                    "with Telegram's key for the configured bot id, and the freshness of "
+                    "auth_date, "
                     "then that the membership directory binds the character in the party to "
                     "that Telegram user. Refusals carry a stable error code only."
                 ),
@@ -214,9 +230,10 @@ def _members() -> dict[str, Any]:
                 },
                 "responses": {
                     "200": _json(token, "A token bound to the party, run and character"),
-                    "400": _problem("bad_request, or malformed_init_data"),
-                    "401": _problem("invalid_init_data (bad hash), init_data_expired"),
+                    "400": _problem("bad_request, too_deep, or malformed_init_data"),
+                    "401": _problem("invalid_init_data (bad hash or signature), init_data_expired"),
                     "403": _problem("not_a_member, or origin_not_allowed"),
+                    "408": _problem(_SLOW_BODY),
                     "413": _problem("The body is too large"),
                     "503": _problem("telegram_not_configured, or backend_unavailable"),
                 },

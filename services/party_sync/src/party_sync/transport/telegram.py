@@ -3,13 +3,16 @@
 Request ``{"init_data": "<Telegram.WebApp.initData>", "party_id": "...", "character_id": "..."}``;
 answer 200 ``{"token": "<party_sync JWT>", "expires_at": <unix seconds>}``.
 
-1. initData is checked (``party_sync.initdata``: HMAC with the bot token, freshness of
-   ``auth_date``): 400 ``malformed_init_data``, 401 ``invalid_init_data`` /
+1. initData is checked (``party_sync.initdata``: HMAC with the bot token and/or Telegram's
+   Ed25519 ``signature`` for ``telegram_bot_id``, freshness of ``auth_date``): 400
+   ``malformed_init_data``, 401 ``invalid_init_data`` /
    ``init_data_expired``;
 2. the membership directory must bind (party_id, character_id) to that Telegram user: else 403
    ``not_a_member`` (also when no such membership exists, so the answer reveals nothing more);
 3. the token is bound to the party, the membership's campaign run and the character, with the
-   registered display name and ``sub`` = ``telegram:<user id>``.
+   registered display name (checked by the name rule when it was registered; initData's
+   ``first_name``, ``last_name`` and ``username`` are never shown to anyone) and ``sub`` =
+   ``telegram:<user id>``.
 
 Each refusal is a stable ``error`` code with a fixed ``detail``: nothing about which field or
 value failed. initData is a bearer credential until it expires: it is never logged, and neither
@@ -19,7 +22,6 @@ is the token.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Final
 
 from aiohttp import web
@@ -29,14 +31,16 @@ from party_sync.config import Settings
 from party_sync.initdata import EXPIRED, INVALID, MALFORMED, InitDataError, validate_init_data
 from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
+from party_sync.protocol.ids import is_id
+from party_sync.protocol.names import clean_name
 from party_sync.protocol.types import PARTY_ACTOR
 from party_sync.transport.appkeys import DIRECTORY, GATEWAY
+from party_sync.transport.edge import read_body
 
 log = logging.getLogger(__name__)
 
 PATH: Final = "/api/v1/auth/telegram"
 MAX_BODY: Final = 16 * 1024
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _FIELDS: Final = frozenset({"init_data", "party_id", "character_id"})
 
 NOT_A_MEMBER: Final = "not_a_member"
@@ -50,10 +54,12 @@ DETAILS: Final = {
     NOT_A_MEMBER: "this Telegram user may not play that character in that party",
     "origin_not_allowed": "origin not allowed",
     "telegram_not_configured": (
-        "Telegram sign-in is not configured on this server (PARTY_SYNC_TELEGRAM_BOT_TOKEN)"
+        "Telegram sign-in is not configured on this server "
+        "(PARTY_SYNC_TELEGRAM_BOT_TOKEN or PARTY_SYNC_TELEGRAM_BOT_ID)"
     ),
     "backend_unavailable": "the backend is unreachable; retry",
     "too_large": f"body exceeds {MAX_BODY} bytes",
+    "too_deep": f"body nests deeper than {codec.MAX_DEPTH} levels",
 }
 
 
@@ -73,7 +79,7 @@ def _request_fields(body: Any) -> tuple[str, str, str] | None:
         return None
     if not isinstance(character_id, str) or character_id == PARTY_ACTOR:
         return None
-    if not _ID.fullmatch(party_id) or not _ID.fullmatch(character_id):
+    if not is_id(party_id) or not is_id(character_id):
         return None
     return init_data, party_id, character_id
 
@@ -82,18 +88,18 @@ async def sign_in(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     settings: Settings = gateway.settings
     bot_token = settings.telegram_bot_token
-    if not bot_token:
+    if not bot_token and settings.telegram_bot_id is None:
         return _problem(503, "telegram_not_configured")
     origin = request.headers.get("Origin")
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         return _problem(403, "origin_not_allowed")
-    if request.content_length is not None and request.content_length > MAX_BODY:
-        return _problem(413, "too_large")
-    raw = await request.content.read(MAX_BODY + 1)
-    if len(raw) > MAX_BODY:
-        return _problem(413, "too_large")
+    raw = await read_body(request, MAX_BODY)  # the whole body, however it was segmented
+    if isinstance(raw, web.Response):
+        return raw  # 413 too_large or 408 body_timeout
     try:
-        parsed = _request_fields(codec.decode(raw))
+        parsed = _request_fields(codec.decode_bounded(raw))
+    except codec.TooDeep:
+        return _problem(400, "too_deep")
     except ValueError:
         parsed = None
     if parsed is None:
@@ -101,8 +107,15 @@ async def sign_in(request: web.Request) -> web.Response:
     init_data, party_id, character_id = parsed
     now = gateway.clock()
     try:
+        # HMAC with the bot token and/or Telegram's Ed25519 signature for the bot id: the
+        # combination is decided in one place (party_sync.initdata).
         verified = validate_init_data(
-            init_data, bot_token, now=now, max_age=settings.telegram_max_age
+            init_data,
+            bot_token,
+            now=now,
+            max_age=settings.telegram_max_age,
+            bot_id=settings.telegram_bot_id,
+            test_env=settings.telegram_test_env,
         )
     except InitDataError as exc:
         # The reason goes to the debug log only; never the initData itself.
@@ -126,7 +139,8 @@ async def sign_in(request: web.Request) -> web.Response:
         party_id=membership.party_id,
         campaign_run_id=membership.campaign_run_id,
         character_id=membership.character_id,
-        display_name=membership.display_name,
+        # A name registered before the name rule existed is cleaned, not a failed sign-in.
+        display_name=clean_name(membership.display_name, membership.character_id),
         now=now,
         ttl=ttl,
         sub=f"telegram:{verified.user.id}",

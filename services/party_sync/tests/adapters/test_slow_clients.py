@@ -1,0 +1,399 @@
+"""Slow and greedy clients (issue 12, finding 2): a request head that never completes, an idle
+keep-alive connection, and too many connections from one address or one user are all bounded,
+while an upgraded WebSocket stays open and a neighbour is served throughout.
+
+Real sockets against the real server on loopback. A neighbour on 127.0.0.2 is another client
+address (Linux routes all of 127/8 to the loopback interface). Waits are bounded waits on a
+condition (the server closing a socket, a counter); the bounds are generous and never measure
+speed: without the limits these sockets stay open for an hour (aiohttp's default keep-alive)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator
+
+import aiohttp
+import pytest
+from aiohttp import web
+from party_sync.auth import Claims, issue_token
+from party_sync.config import load
+from party_sync.protocol.errors import ConfigError
+from party_sync.transport.guard import (
+    ConnectionGuard,
+    GuardedConnection,
+    Tally,
+    address_key,
+    guarded_connection,
+    track_requests,
+    user_key,
+)
+from party_sync.transport.http import GUARD
+from ps_testkit.client import Client, wait_until
+from ps_testkit.servers import SECRET, Running, make_settings, serve_in_process, token
+
+#: Generous bound on "the server closes this socket" (the limits under test are 0.5 s).
+CLOSED_WITHIN = 10.0
+NEIGHBOUR = "127.0.0.2"
+GET_HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: party\r\n\r\n"
+
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+def guard_of(srv: Running) -> ConnectionGuard:
+    assert srv.server is not None
+    return srv.server.app[GUARD]
+
+
+def refused(srv: Running, reason: str) -> float:
+    assert srv.server is not None
+    value = srv.server.gateway.metrics.registry.get_sample_value(
+        "party_sync_connections_refused_total", {"reason": reason}
+    )
+    return value or 0.0
+
+
+def port_of(srv: Running) -> int:
+    return int(srv.base.rsplit(":", 1)[1])
+
+
+async def open_raw(srv: Running, source: str = "127.0.0.1") -> Stream:
+    return await asyncio.open_connection("127.0.0.1", port_of(srv), local_addr=(source, 0))
+
+
+async def closed_by_server(reader: asyncio.StreamReader, within: float = CLOSED_WITHIN) -> bytes:
+    """Everything the server sent until it closed the socket; fails if it is still open."""
+    received = b""
+    async with asyncio.timeout(within):
+        while True:
+            try:
+                chunk = await reader.read(65536)
+            except ConnectionResetError:
+                return received
+            if not chunk:
+                return received
+            received += chunk
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    """One HTTP/1.1 response with a Content-Length: its status and body."""
+    async with asyncio.timeout(CLOSED_WITHIN):
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        length = next(
+            int(line.split(":", 1)[1])
+            for line in lines
+            if line.lower().startswith("content-length")
+        )
+        return int(lines[0].split()[1]), await reader.readexactly(length)
+
+
+@contextlib.asynccontextmanager
+async def neighbour_session() -> AsyncIterator[aiohttp.ClientSession]:
+    connector = aiohttp.TCPConnector(local_addr=(NEIGHBOUR, 0))
+    async with aiohttp.ClientSession(connector=connector) as http:
+        yield http
+
+
+async def neighbour_served(srv: Running, http: aiohttp.ClientSession) -> None:
+    async with http.get(srv.base + "/healthz") as resp:
+        assert resp.status == 200
+
+
+async def close_quietly(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
+async def trickle(writer: asyncio.StreamWriter, every: float = 0.3) -> None:
+    """Slowloris: a request line, then one more header every ``every`` seconds, never the end."""
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: party\r\n")
+    n = 0
+    with contextlib.suppress(ConnectionError):
+        while not writer.is_closing():
+            await writer.drain()
+            await asyncio.sleep(every)  # the attack's pace, not a synchronisation
+            n += 1
+            writer.write(f"X-Slow-{n}: {n}\r\n".encode())
+
+
+# -- the request head ------------------------------------------------------------------------
+
+
+async def test_a_request_head_that_never_completes_is_closed_and_neighbours_are_served() -> None:
+    settings = make_settings(request_head_timeout=0.5, keepalive_timeout=30.0)
+    async with serve_in_process(settings) as srv, neighbour_session() as http:
+        silent = await open_raw(srv)
+        half_line = await open_raw(srv)
+        half_line[1].write(b"GET /heal")
+        half_headers = await open_raw(srv)
+        half_headers[1].write(b"GET /healthz HTTP/1.1\r\nHost: party\r\nX-Half: ")
+        slow = await open_raw(srv)
+        pace = asyncio.create_task(trickle(slow[1]))
+        await neighbour_served(srv, http)
+        for reader, writer in (silent, half_line, half_headers, slow):
+            assert await closed_by_server(reader) == b""  # closed, nothing answered
+            await close_quietly(writer)
+        await pace
+        assert refused(srv, "head_timeout") == 4
+        await neighbour_served(srv, http)
+        await wait_until(lambda: guard_of(srv).addresses.count("127.0.0.1") == 0)
+
+
+async def test_the_next_request_on_a_keep_alive_connection_has_its_own_head_deadline() -> None:
+    # keep-alive 30 s: only the head deadline, armed by the second request's first byte, can
+    # close this connection.
+    settings = make_settings(request_head_timeout=0.5, keepalive_timeout=30.0)
+    async with serve_in_process(settings) as srv:
+        reader, writer = await open_raw(srv)
+        writer.write(GET_HEALTHZ)
+        assert (await read_response(reader))[0] == 200
+        writer.write(GET_HEALTHZ)  # a second complete request is served as usual
+        assert (await read_response(reader))[0] == 200
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: ")
+        assert await closed_by_server(reader) == b""
+        assert refused(srv, "head_timeout") == 1
+        await close_quietly(writer)
+
+
+async def test_an_idle_keep_alive_connection_is_closed() -> None:
+    settings = make_settings(request_head_timeout=30.0, keepalive_timeout=0.5)
+    async with serve_in_process(settings) as srv:
+        reader, writer = await open_raw(srv)
+        writer.write(GET_HEALTHZ)
+        assert (await read_response(reader))[0] == 200
+        assert await closed_by_server(reader) == b""
+        assert refused(srv, "head_timeout") == 0  # the idle timeout, not the head deadline
+        await close_quietly(writer)
+
+
+async def test_an_idle_websocket_outlives_both_timeouts() -> None:
+    settings = make_settings(request_head_timeout=0.5, keepalive_timeout=0.5, heartbeat=60.0)
+    async with serve_in_process(settings) as srv:
+        aria, _ = await srv.join("aria")
+        # Both timeouts have passed for sockets opened after aria's: she has been idle longer.
+        silent, silent_writer = await open_raw(srv)
+        idle, idle_writer = await open_raw(srv)
+        idle_writer.write(GET_HEALTHZ)
+        assert (await read_response(idle))[0] == 200
+        assert await closed_by_server(silent) == b""
+        assert await closed_by_server(idle) == b""
+        await aria.send("{not json")  # still open, still served
+        assert (await aria.until("system.error"))["payload"]["code"] == "bad_json"
+        await aria.close()
+        for writer in (silent_writer, idle_writer):
+            await close_quietly(writer)
+
+
+# -- per address -----------------------------------------------------------------------------
+
+
+async def test_the_connection_over_the_per_address_cap_is_closed_at_once() -> None:
+    settings = make_settings(max_connections_per_ip=3, request_head_timeout=30.0)
+    async with serve_in_process(settings) as srv, neighbour_session() as http:
+        guard = guard_of(srv)
+        held = [await open_raw(srv) for _ in range(3)]
+        await wait_until(lambda: guard.addresses.count("127.0.0.1") == 3)
+        reader, writer = await open_raw(srv)  # the kernel accepts; the server closes it
+        writer.write(GET_HEALTHZ)
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        assert await closed_by_server(reader) == b""  # no answer: nothing was parsed
+        await close_quietly(writer)
+        assert refused(srv, "per_address") == 1
+        await neighbour_served(srv, http)  # another address is not affected
+        # A WebSocket over the cap is refused the same way.
+        with pytest.raises(aiohttp.ClientError):
+            await srv.connect("aria")
+        assert refused(srv, "per_address") >= 2  # (aiohttp's client may try twice)
+        # One closes: the address may open one more.
+        await close_quietly(held.pop()[1])
+        await wait_until(lambda: guard.addresses.count("127.0.0.1") == 2)
+        reader, writer = await open_raw(srv)
+        writer.write(GET_HEALTHZ)
+        assert (await read_response(reader))[0] == 200
+        await close_quietly(writer)
+        for _, w in held:
+            await close_quietly(w)
+
+
+# -- per user --------------------------------------------------------------------------------
+
+
+def sub_token(character: str, sub: str) -> str:
+    return issue_token(
+        SECRET,
+        party_id="p1",
+        campaign_run_id="r1",
+        character_id=character,
+        display_name=character.capitalize(),
+        now=time.time(),
+        sub=sub,
+    )
+
+
+async def test_the_websocket_over_the_per_user_cap_gets_429() -> None:
+    settings = make_settings(max_connections_per_user=2)
+    async with serve_in_process(settings) as srv:
+        first, _ = await srv.join("aria", token_value=sub_token("aria", "user-1"))
+        second, _ = await srv.join("borin", token_value=sub_token("borin", "user-1"))
+        over = {"token": sub_token("aria", "user-1")}
+        async with srv.http.get(srv.ws_url, params=over) as resp:
+            assert resp.status == 429
+            assert resp.content_type == "application/json"
+            assert await resp.json() == {"error": "too_many_connections"}
+        assert await srv.handshake_status(over) == 429
+        assert refused(srv, "per_user") == 2
+        async with srv.http.get(srv.base + "/metrics") as resp:
+            text = await resp.text()
+        assert 'party_sync_handshakes_refused_total{status="429"} 2.0' in text
+        # Another user is served meanwhile.
+        cato, _ = await srv.join("cato", token_value=sub_token("cato", "user-2"))
+        # One of user-1's sockets closes: user-1 may connect again.
+        await first.close()
+        guard = guard_of(srv)
+        await wait_until(lambda: guard.users.count(("sub", "user-1")) == 1)
+        again, _ = await srv.join("aria", token_value=sub_token("aria", "user-1"))
+        for client in (second, cato, again):
+            await client.close()
+        await wait_until(lambda: len(guard.users) == 0)
+
+
+# -- nothing leaks -------------------------------------------------------------------------
+
+
+async def test_opening_and_closing_many_connections_leaves_no_count_behind() -> None:
+    settings = make_settings(
+        max_connections_per_ip=3, max_connections_per_user=1, request_head_timeout=5.0
+    )
+    async with serve_in_process(settings) as srv:
+        guard = guard_of(srv)
+        for _ in range(15):
+            # force_close: one connection per HTTP request, closed after its answer.
+            connector = aiohttp.TCPConnector(force_close=True)
+            async with aiohttp.ClientSession(connector=connector) as http:
+                async with http.get(srv.base + "/healthz") as resp:
+                    assert resp.status == 200
+                ws = await http.ws_connect(srv.ws_url, params={"token": token("aria")})
+                aria = Client(ws)
+                await aria.expect("system.hello")
+                async with http.get(srv.ws_url, params={"token": token("aria")}) as resp:
+                    assert resp.status == 429  # aria already has her one socket
+                await wait_until(lambda: guard.addresses.count("127.0.0.1") == 1)  # aria's
+                _, half_writer = await open_raw(srv)
+                half_writer.write(b"GET / HT")
+                _, idle_writer = await open_raw(srv)
+                over, over_writer = await open_raw(srv)  # the 4th: over the cap
+                assert await closed_by_server(over) == b""
+                for writer in (over_writer, half_writer, idle_writer):
+                    await close_quietly(writer)  # the clients give up first
+                await aria.close()
+            await wait_until(lambda: guard.addresses.total == 0 and len(guard.users) == 0)
+        assert len(guard.addresses) == 0 and len(guard.users) == 0
+        assert refused(srv, "per_address") == 15 and refused(srv, "per_user") == 15
+        # The whole allowance is still there: three sockets, every one served.
+        streams = [await open_raw(srv) for _ in range(3)]
+        for reader, writer in streams:
+            writer.write(GET_HEALTHZ)
+            assert (await read_response(reader))[0] == 200
+            await close_quietly(writer)
+
+
+# -- the pieces --------------------------------------------------------------------------------
+
+
+async def test_a_handler_that_outlasts_the_head_deadline_is_not_cut() -> None:
+    """The guard on a bare aiohttp app: the head deadline is disarmed through
+    ``request.transport.get_protocol()`` (the only way the middleware reaches the wrapper). If a
+    future aiohttp handed handlers another transport, every request that outlasts the deadline
+    would be cut: this fails loudly then."""
+    release = asyncio.Event()
+    seen: list[GuardedConnection | None] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        seen.append(guarded_connection(request))
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application(middlewares=[track_requests])
+    app.router.add_get("/slow", slow)
+    guard = ConnectionGuard(head_timeout=0.3, max_per_address=0, max_per_user=0)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    assert runner.server is not None
+    loop = asyncio.get_running_loop()
+    listener = await loop.create_server(guard.factory(runner.server), "127.0.0.1", 0)
+    port = int(listener.sockets[0].getsockname()[1])
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        await wait_until(lambda: len(seen) == 1)
+        assert isinstance(seen[0], GuardedConnection)
+        # A silent socket opened now is closed by its deadline: the slow request's has passed.
+        silent, silent_writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await closed_by_server(silent) == b""
+        release.set()
+        status, body = await read_response(reader)
+        assert (status, body) == (200, b"done")
+        for w in (writer, silent_writer):
+            await close_quietly(w)
+        await wait_until(lambda: len(guard.addresses) == 0)
+    finally:
+        listener.close()
+        await runner.cleanup()
+
+
+def test_tally_counts_up_to_its_cap_and_forgets_empty_keys() -> None:
+    tally = Tally(2)
+    assert tally.acquire("a") and tally.acquire("a") and not tally.acquire("a")
+    assert tally.acquire("b") and tally.total == 3
+    tally.release("a")
+    assert tally.count("a") == 1 and tally.acquire("a")
+    for key in ("a", "a", "b"):
+        tally.release(key)
+    assert len(tally) == 0 and tally.total == 0
+    tally.release("never")  # a stray release never goes negative
+    assert tally.count("never") == 0
+    unlimited = Tally(0)
+    assert all(unlimited.acquire("x") for _ in range(1000))
+
+
+def test_address_key() -> None:
+    assert address_key(("203.0.113.7", 50000)) == "203.0.113.7"
+    assert address_key(("::ffff:203.0.113.7", 50000, 0, 0)) == "203.0.113.7"
+    assert address_key(("2001:db8:1:2:3:4:5:6", 1, 0, 0)) == "2001:db8:1:2::/64"
+    assert address_key(("2001:db8:1:2:ffff::1", 1, 0, 0)) == "2001:db8:1:2::/64"
+    assert address_key("") == "unknown"
+
+
+def test_user_key_is_the_subject_or_else_the_character() -> None:
+    with_sub = Claims("p1", "r1", "aria", "Aria", 0.0, sub="u1")
+    assert user_key(with_sub) == user_key(Claims("p2", "r9", "zed", "Zed", 0.0, sub="u1"))
+    without = Claims("p1", "r1", "aria", "Aria", 0.0)
+    assert user_key(without) != user_key(Claims("p2", "r1", "aria", "Aria", 0.0))
+
+
+def test_settings_from_the_environment_and_their_checks() -> None:
+    settings = load(
+        env={
+            "PARTY_SYNC_REQUEST_HEAD_TIMEOUT": "3",
+            "PARTY_SYNC_KEEPALIVE_TIMEOUT": "7.5",
+            "PARTY_SYNC_MAX_CONNECTIONS_PER_IP": "0",
+            "PARTY_SYNC_MAX_CONNECTIONS_PER_USER": "5",
+        }
+    )
+    assert (settings.request_head_timeout, settings.keepalive_timeout) == (3.0, 7.5)
+    assert (settings.max_connections_per_ip, settings.max_connections_per_user) == (0, 5)
+    defaults = load(env={})
+    assert (defaults.request_head_timeout, defaults.keepalive_timeout) == (10.0, 15.0)
+    assert (defaults.max_connections_per_ip, defaults.max_connections_per_user) == (200, 20)
+    for name, value in (
+        ("REQUEST_HEAD_TIMEOUT", "0"),
+        ("KEEPALIVE_TIMEOUT", "inf"),
+        ("MAX_CONNECTIONS_PER_IP", "-1"),
+        ("MAX_CONNECTIONS_PER_USER", "-1"),
+    ):
+        with pytest.raises(ConfigError):
+            load(env={f"PARTY_SYNC_{name}": value})

@@ -1,0 +1,242 @@
+"""The log redaction and the malformed-request limiter of ``party_sync.logs`` (issue 12,
+finding 4), as pure pieces: no server, no sockets, time passed in."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Iterator
+
+import orjson
+import pytest
+from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, InvalidHeader
+from hypothesis import given
+from hypothesis import strategies as st
+from party_sync import logs
+from party_sync.logs import (
+    REDACTED,
+    JsonFormatter,
+    MalformedRequestFilter,
+    RateGate,
+    Redactor,
+    redact_record,
+)
+from ps_testkit.servers import token
+
+TOKEN = token("aria")
+SIGNATURE = TOKEN.rsplit(".", 1)[1]
+API_KEY = "psk_live_Yx2Qb7v9TzLm0123456789abcd"
+BOT = "7000000001:AAF-bot-secret-part-0123456789"
+REDACTOR = Redactor([API_KEY, BOT])
+
+
+def leaks(text: str) -> list[str]:
+    return [s for s in (SIGNATURE, API_KEY, BOT, BOT.split(":")[1]) if s in text]
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        # What aiohttp's parser errors quote (seen on aiohttp 3.14): repr of the raw bytes.
+        f"b'GET /ws?token={TOKEN}\\x01 HTTP/1.1'",
+        f"b'GET /ws?token={TOKEN} HTTP/9.9'",
+        f"b'GET /ws?token={TOKEN} HTTP/1.1\\nHost: x\\nAuthorization: Bearer {API_KEY}\\n\\n'",
+        f"b'GET /ws?token={TOKEN}\\x00 HTTP/1.1'",
+        f"b'GET /ws?token={TOKEN} x HTTP/1.1'",
+        f"b'Authorization: Bearer {API_KEY}\\x01'",
+        f"b'Authorization: Bearer \\x7f{TOKEN}'",
+        f"b'G\\x01T /ws?t={TOKEN} HTTP/1.1'",
+        f"b'X-Note: {BOT}\\x01'",
+        # Other shapes: a dict of headers, JSON, a bare token, a percent-encoded key.
+        f"{{'Authorization': 'Bearer {API_KEY}', 'Host': 'x'}}",
+        f'{{"token": "{TOKEN}"}}',
+        f"token {TOKEN} refused",
+        f"/api?api_key={API_KEY.replace('_', '%5F')}",
+        f"Authorization: tma query_id=1&hash=abc&signature={SIGNATURE}",
+    ],
+)
+def test_credentials_are_scrubbed_from_every_shape(text: str) -> None:
+    scrubbed = REDACTOR.scrub(text)
+    assert leaks(scrubbed) == [], scrubbed
+    assert REDACTED in scrubbed
+
+
+_text = st.text(st.characters(codec="utf-8"), max_size=40)
+
+
+@given(prefix=_text, suffix=_text)
+def test_a_token_or_a_key_anywhere_in_any_text_is_scrubbed(prefix: str, suffix: str) -> None:
+    assert leaks(REDACTOR.scrub(prefix + TOKEN + suffix)) == []
+    assert leaks(REDACTOR.scrub(prefix + API_KEY + suffix)) == []
+    assert leaks(REDACTOR.scrub(prefix + BOT + suffix)) == []
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "party_sync serving on http://127.0.0.1:8080: backend redis, engine stream",
+        "connected to redis-primary.production.internal:6379 (aiohttp 3.14.5)",
+        "action a1 of aria refused: action_in_flight",
+        "eyes.everywhere.com",
+    ],
+)
+def test_ordinary_text_is_left_alone(text: str) -> None:
+    assert REDACTOR.scrub(text) == text
+
+
+def test_a_password_in_a_url_is_scrubbed() -> None:
+    assert (
+        REDACTOR.scrub("redis://:hunter2hunter@redis:6379/0") == "redis://:[redacted]@redis:6379/0"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "ey" * 50_000,
+        "a." * 50_000,
+        "eyJ" + "ey" * 40_000 + ".eyJ" + "a" * 40_000,
+        "authorization:" * 8_000,
+        "'" + "a" * 100_000 + "token",
+        "http://" * 15_000,
+        "bearer " * 15_000,
+        "token=" * 15_000,
+    ],
+    ids=["ey", "dots", "long-jwt", "authorization", "quoted", "urls", "bearer", "token="],
+)
+def test_scrubbing_stays_linear_on_hostile_text(text: str) -> None:
+    started = time.perf_counter()
+    REDACTOR.scrub(text)
+    assert time.perf_counter() - started < 1.0  # ~0.02 s here; quadratic would take minutes
+
+
+def test_short_secrets_are_not_scrubbed_by_value_and_none_is_ignored() -> None:
+    redactor = Redactor(["abc", None, ""])
+    assert redactor.scrub("abc") == "abc"
+
+
+def _record(msg: str, *args: object, exc: BaseException | None = None) -> logging.LogRecord:
+    exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
+    record = logging.LogRecord("t", logging.ERROR, __file__, 1, msg, args, exc_info)
+    record.__dict__["detail"] = {"header": f"Bearer {API_KEY}", "ids": [TOKEN]}
+    record.stack_info = f"stack with {TOKEN}"
+    return record
+
+
+def test_a_record_is_scrubbed_in_its_message_arguments_exception_extras_and_stack() -> None:
+    try:
+        raise ValueError(f"bad token {TOKEN}")
+    except ValueError as exc:
+        record = _record("refused %s with key %s", TOKEN, API_KEY, exc=exc)
+    redact_record(record, REDACTOR)
+    assert record.exc_info is None and record.exc_text and "ValueError" in record.exc_text
+    for formatter in (JsonFormatter(), logging.Formatter("%(message)s %(detail)s")):
+        text = formatter.format(record)
+        assert leaks(text) == [], text
+        assert leaks(str(record.__dict__)) == []
+    assert "ValueError: bad token [redacted]" in orjson.loads(JsonFormatter().format(record))["exc"]
+
+
+def test_a_record_whose_arguments_do_not_fit_is_still_scrubbed() -> None:
+    record = _record("two %s %s", TOKEN)
+    redact_record(record, REDACTOR)
+    assert leaks(record.getMessage()) == [] and "two" in record.getMessage()
+
+
+def test_the_rate_gate_admits_one_per_interval_and_counts_the_rest() -> None:
+    gate = RateGate(60.0)
+    assert gate.admit(1000.0) == 0
+    assert [gate.admit(1000.0 + t) for t in (1.0, 30.0, 59.9)] == [None, None, None]
+    assert gate.admit(1060.0) == 3
+    assert gate.admit(1061.0) is None
+    assert gate.admit(5000.0) == 1
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _aiohttp_record(exc: BaseException, level: int = logging.ERROR) -> logging.LogRecord:
+    exc_info = (type(exc), exc, exc.__traceback__)
+    return logging.LogRecord(
+        "aiohttp.server",
+        level,
+        __file__,
+        1,
+        "Error handling request from %s",
+        ("10.0.0.7",),
+        exc_info,
+    )
+
+
+def test_malformed_requests_log_one_warning_per_interval_without_the_request() -> None:
+    clock = _Clock()
+    limiter = MalformedRequestFilter(interval=60.0, clock=clock)
+    bad = BadStatusLine(f"GET /ws?token={TOKEN} HTTP/9.9")
+    passed = [r for r in (_aiohttp_record(bad) for _ in range(100)) if limiter.filter(r)]
+    assert len(passed) == 1
+    first = passed[0]
+    assert (first.levelno, first.levelname, first.exc_info, first.exc_text) == (
+        logging.WARNING,
+        "WARNING",
+        None,
+        None,
+    )
+    assert TOKEN not in first.getMessage() and "BadStatusLine" in first.getMessage()
+    assert (first.__dict__["error"], first.__dict__["suppressed"]) == ("BadStatusLine", 0)
+    assert first.__dict__["remote"] == "10.0.0.7"
+    clock.now += 60.0
+    later = _aiohttp_record(InvalidHeader(f"Authorization: Bearer {API_KEY}\x01"))
+    assert limiter.filter(later) and later.__dict__["suppressed"] == 99
+    # aiohttp logs a first-request BadHttpMethod at DEBUG: it stays DEBUG (and is limited too).
+    clock.now += 60.0
+    quiet = _aiohttp_record(BadHttpMethod("G\x01T"), logging.DEBUG)
+    assert limiter.filter(quiet) and quiet.levelno == logging.DEBUG
+
+
+def test_other_errors_of_aiohttp_pass_untouched() -> None:
+    limiter = MalformedRequestFilter(interval=60.0, clock=_Clock())
+    for _ in range(3):
+        record = _aiohttp_record(RuntimeError("handler bug"))
+        assert limiter.filter(record)
+        assert record.levelno == logging.ERROR and record.exc_info is not None
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    server = logging.getLogger("aiohttp.server")
+    saved = (root.handlers[:], root.level, server.filters[:])
+    yield
+    root.handlers[:], server.filters[:] = saved[0], saved[2]
+    root.setLevel(saved[1])
+
+
+@pytest.mark.usefixtures("restore_logging")
+def test_configure_scrubs_every_logger_and_protects_the_secrets_given() -> None:
+    stream = io.StringIO()
+    secret = "jwt-secret-configured-at-startup-0123"
+    logs.configure("DEBUG", "text", stream=stream, secrets=[secret])
+    logs.protect("late-api-key-made-in-dev-mode-0123")
+    logging.getLogger("some.library").warning("leaked %s and %s", TOKEN, secret)
+    logging.getLogger("another").error("late-api-key-made-in-dev-mode-0123 in a message")
+    out = stream.getvalue()
+    assert out.count(REDACTED) == 3, out
+    assert SIGNATURE not in out and secret not in out and "late-api-key" not in out
+    assert [
+        f
+        for f in logging.getLogger("aiohttp.server").filters
+        if isinstance(f, MalformedRequestFilter)
+    ]
+    logs.configure("INFO", "json", stream=stream)  # configuring twice keeps one limiter
+    limiters = [
+        f
+        for f in logging.getLogger("aiohttp.server").filters
+        if isinstance(f, MalformedRequestFilter)
+    ]
+    assert len(limiters) == 1

@@ -1,0 +1,225 @@
+"""Slow and never-finishing clients (finding 2): each is bounded, and a neighbour is still served.
+
+- a WebSocket client that never reads is closed with 4002 once ``send_buffer_bytes`` wait for it;
+- a client that sends half a frame, or completes the handshake and then never answers a ping,
+  is closed by the heartbeat;
+- sockets that send nothing, half a request line, half the headers, or one header now and then
+  are closed by ``request_head_timeout``; an idle keep-alive connection by ``keepalive_timeout``;
+- over ``max_connections_per_ip`` a new socket is closed at once, and served again once others
+  closed.
+
+Every wait is bounded and waits for a condition (bytes, EOF, a metric), never for time to pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from ps_testkit.client import Client, wait_until
+from ps_testkit.cluster import wait_async
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.security_raw import Raw, client_frame, close_code, request_head, ws_open
+from ps_testkit.servers import Running, make_settings, serve_in_process, token
+
+KEY = "api-key-0123456789abcdef0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+HEAD_TIMEOUT = 1.0
+HEARTBEAT = 0.5
+
+
+@pytest.fixture
+async def srv() -> AsyncIterator[Running]:
+    settings = make_settings(
+        api_key=KEY,
+        send_buffer_bytes=65536,
+        heartbeat=HEARTBEAT,
+        request_head_timeout=HEAD_TIMEOUT,
+        keepalive_timeout=HEAD_TIMEOUT,
+        rate_limit=1000.0,
+        rate_burst=1000.0,
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as running:
+        yield running
+
+
+class Neighbour:
+    """A well-behaved member that reads everything, in a task."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.seen: list[dict[str, Any]] = []
+        self.task = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        with contextlib.suppress(Exception):
+            while True:
+                self.seen.append(await self.client.recv(timeout=60))
+
+    async def served(self, srv: Running, marker: str) -> None:
+        """An event published now reaches this neighbour (bounded)."""
+        await publish(srv, marker, 16)
+        await wait_until(lambda: _has(self.seen, marker), timeout=10)
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await self.client.close()
+
+
+def _has(seen: list[dict[str, Any]], marker: str) -> bool:
+    return any(m["type"] == "party.state" and m["payload"]["status"] == marker for m in seen)
+
+
+async def publish(srv: Running, marker: str, size: int) -> None:
+    event = {
+        "type": "party.state",
+        "payload": {"status": marker, "run_status": "in_progress", "flags": {"pad": "x" * size}},
+    }
+    url = srv.base + "/api/v1/parties/p1/events"
+    async with srv.http.post(url, json=event, headers=AUTH) as resp:
+        assert resp.status == 202, await resp.text()
+
+
+async def test_a_client_that_never_reads_is_closed_with_4002_and_the_neighbour_is_served(
+    srv: Running,
+) -> None:
+    neighbour = Neighbour((await srv.join("borin"))[0])
+    slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096)
+    try:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
+        session = next(x for x in gateway.sessions if x.character_id == "aria")
+        for i in range(400):  # at most ~24 MB: far past any socket buffer on loopback
+            await publish(srv, f"flood-{i}", 60_000)
+            if session.closed:
+                break
+        assert session.closed, "the slow client was never disconnected"
+        await neighbour.served(srv, "after-flood")
+        assert await close_code(slow, timeout=20) == 4002
+    finally:
+        await slow.close()
+        await neighbour.close()
+
+
+async def test_half_a_frame_is_closed_by_the_heartbeat_and_the_neighbour_is_served(
+    srv: Running,
+) -> None:
+    neighbour = Neighbour((await srv.join("borin"))[0])
+    half = await ws_open(srv.base, "/ws?token=" + token("aria"))
+    silent = await ws_open(srv.base, "/ws?token=" + token("cato"))  # never answers a ping
+    try:
+        frame = client_frame(b'{"type": "action.request", "payload": {}}', length=1000)
+        await half.write(frame[:30])
+        await neighbour.served(srv, "during-half-frame")
+        assert await half.eof(timeout=10 * HEARTBEAT), "a half frame held the connection open"
+        assert await silent.eof(timeout=10 * HEARTBEAT), "a client without pongs stayed open"
+        await neighbour.served(srv, "after-half-frame")
+    finally:
+        await half.close()
+        await silent.close()
+        await neighbour.close()
+
+
+INCOMPLETE_HEADS = {
+    "nothing": b"",
+    "half a request line": b"GET /heal",
+    "half the headers": b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Partial: ab",
+    "a request line without its headers' end": b"POST /api/v1/parties/p1/events HTTP/1.1\r\n",
+}
+
+
+@pytest.mark.parametrize("name", list(INCOMPLETE_HEADS))
+async def test_an_unfinished_request_head_is_closed_after_the_head_timeout(
+    srv: Running, name: str
+) -> None:
+    raw = await Raw.open(srv.base)
+    try:
+        if INCOMPLETE_HEADS[name]:
+            await raw.write(INCOMPLETE_HEADS[name])
+        assert await raw.eof(timeout=5 * HEAD_TIMEOUT), f"{name}: still open"
+        async with srv.http.get(srv.base + "/healthz") as resp:
+            assert resp.status == 200
+    finally:
+        await raw.close()
+
+
+async def test_one_header_now_and_then_does_not_extend_the_head_deadline(srv: Running) -> None:
+    """Slowloris: a header line every HEAD_TIMEOUT/4 seconds; the deadline is for the whole head."""
+    raw = await Raw.open(srv.base)
+    try:
+        await raw.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        closed = False
+        for i in range(40):  # 10 head timeouts at most
+            if await raw.eof(timeout=HEAD_TIMEOUT / 4):
+                closed = True
+                break
+            with contextlib.suppress(ConnectionError):
+                await raw.write(f"X-Slow-{i}: y\r\n".encode())
+        assert closed, "a trickle of headers kept the connection open"
+    finally:
+        await raw.close()
+
+
+async def test_an_idle_keep_alive_connection_is_closed(srv: Running) -> None:
+    raw = await Raw.open(srv.base)
+    try:
+        await raw.write(request_head("GET", "/healthz"))
+        status, _, _ = await raw.response()
+        assert status == 200
+        assert await raw.eof(timeout=5 * HEAD_TIMEOUT), "an idle keep-alive connection stayed"
+    finally:
+        await raw.close()
+
+
+async def test_a_websocket_is_not_cut_by_the_head_or_keep_alive_deadlines(srv: Running) -> None:
+    """The deadlines are for unfinished requests; an upgraded, live WebSocket answers pings."""
+    player = Neighbour((await srv.join("aria"))[0])  # reads (and so answers pings) all along
+    neighbour = Neighbour((await srv.join("borin"))[0])
+    try:
+        for i in range(2):  # let two head deadlines pass: an idle socket is closed each time
+            idle = await Raw.open(srv.base)
+            assert await idle.eof(timeout=5 * HEAD_TIMEOUT)
+            await idle.close()
+            await neighbour.served(srv, f"still-{i}")
+        await player.client.act("alive-1", "aria", "r1")
+        await wait_until(
+            lambda: any(
+                m["type"] == "action.result" and m["payload"]["action_id"] == "alive-1"
+                for m in player.seen
+            ),
+            timeout=10,
+        )
+    finally:
+        await player.close()
+        await neighbour.close()
+
+
+async def test_over_the_per_address_cap_a_new_socket_is_closed_at_once() -> None:
+    settings = make_settings(max_connections_per_ip=4, request_head_timeout=30.0)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        held = [await Raw.open(srv.base) for _ in range(4)]
+        extra = await Raw.open(srv.base)
+        try:
+            assert await extra.eof(timeout=5), "a fifth socket from one address was kept"
+            await held.pop().close()
+
+            async def served() -> bool:
+                raw = await Raw.open(srv.base)
+                try:
+                    await raw.write(request_head("GET", "/healthz"))
+                    try:
+                        status, _, _ = await raw.response(timeout=2)
+                    except (ConnectionError, asyncio.IncompleteReadError):
+                        return False
+                    return status == 200
+                finally:
+                    await raw.close()
+
+            await wait_async(served, timeout=5)
+        finally:
+            for raw in [*held, extra]:
+                await raw.close()
