@@ -462,7 +462,14 @@ def test_an_action_nested_300_deep_is_too_deep_not_a_schema_violation() -> None:
     assert error.code is ErrorCode.TOO_DEEP
     assert error.retryable is False
     assert error.code in BAD_INPUT  # counts towards the policy close like other bad input
-    # nothing of the message is echoed: it was refused before any field was read
+    # nothing of it is forwarded, but the refusal names the action it refuses (issue 11: every
+    # error about an action carries its action_id), from well-formed top-level fields only
+    assert (error.type, error.action_id, error.trace_id) == (t.ACTION_REQUEST, "act-1", "client-1")
+
+
+def test_a_frame_past_orjsons_own_limit_is_too_deep_and_names_nothing() -> None:
+    error = refusal(deep_action(1100), max_bytes=65536)
+    assert error.code is ErrorCode.TOO_DEEP
     assert (error.type, error.action_id, error.trace_id) == (None, None, None)
 
 
