@@ -57,6 +57,7 @@ from party_sync.engine import (
     JoinNotice,
     RestateNotice,
 )
+from party_sync.protocol.errors import InvalidEvent
 
 from campaign_engine import votes
 from campaign_engine.actions import PARTY_ACTOR, Choice, parse_action
@@ -366,9 +367,19 @@ class ReferenceEngine:
                 if event.type == votes.VOTE_START:  # never raises: a vote must not block the game
                     await votes.start(publisher, state, party_id, event)
                 else:
-                    await publisher.publish(
-                        party_id, event.type, event.payload, trace_id=event.trace_id
-                    )
+                    try:
+                        await publisher.publish(
+                            party_id, event.type, event.payload, trace_id=event.trace_id
+                        )
+                    except InvalidEvent as exc:
+                        # A bug of ours, after the commit: raising now would tell the player
+                        # the action failed although it was applied. Drop the event, loudly.
+                        log.error(
+                            "dropping an invalid %s event: %s",
+                            event.type,
+                            exc,
+                            extra={"trace_id": event.trace_id},
+                        )
                 state.outbox.pop(0)
                 if event.type == "party.state":
                     state.published_party_state = event.payload

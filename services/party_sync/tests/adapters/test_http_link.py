@@ -155,6 +155,31 @@ async def test_another_4xx_is_a_rejection() -> None:
     assert host.failed == []
 
 
+async def test_a_4xx_after_an_attempt_that_may_have_reached_the_engine_is_not_a_rejection() -> None:
+    """Review finding: the first attempt timed out while the engine was applying the action; the
+    retry's 409 ("this Idempotency-Key is in progress") must not tell the player "rejected"."""
+    api, host = ScriptedApi(answers=["hang", 409, 409]), RecordingHost()
+    async with serve(api.app()) as base:
+        async with started_link(host, f"{base}/actions", timeout=0.3, retries=2) as link:
+            await link.submit(make_action("busy"))
+            await wait_until(lambda: len(api.actions) >= 4, timeout=10)  # 409s retried
+            assert host.rejected == [] and host.failed == []
+            host.claims["busy"] = Claim.FINAL  # the engine's result arrived meanwhile
+            await idle(link)
+        api.release.set()
+    assert host.rejected == [] and host.failed == []
+
+
+@pytest.mark.parametrize("status", [408, 425, 429])
+async def test_a_later_status_is_retried_even_on_a_first_attempt(status: int) -> None:
+    api, host = ScriptedApi(answers=[status]), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("later"))
+        await idle(link)
+    assert [h["X-Delivery-Attempt"] for h, _ in api.actions] == ["1", "2"]
+    assert host.rejected == [] and host.failed == []
+
+
 async def test_an_engine_refusing_every_connection_ends_in_engine_unavailable() -> None:
     host = RecordingHost()
     url = f"http://127.0.0.1:{free_port()}/actions"  # nothing listens: refused at connect

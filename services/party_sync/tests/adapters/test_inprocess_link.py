@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Mapping
+from typing import Any
 
 import pytest
 from party_sync.engine.inprocess import InProcessLink
@@ -13,7 +16,7 @@ from party_sync.engine.interface import (
     JoinNotice,
     RestateNotice,
 )
-from party_sync.protocol.errors import ErrorCode
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
@@ -111,3 +114,75 @@ async def test_an_engine_crash_still_fails_the_action_with_engine_error() -> Non
     await link.submit(make_action("boom"))
     await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)])
     await link.close()
+
+
+class _FlakyPublishHost:
+    """A LinkHost whose backend fails the next publish (a Redis blip under the engine)."""
+
+    def __init__(self) -> None:
+        self.fail_next = False
+        self.events: list[str] = []
+        self.answers: list[tuple[str, str]] = []
+
+    async def publish(
+        self, party_id: str, type: str, payload: Mapping[str, Any], *, trace_id: str | None = None
+    ) -> int:
+        if self.fail_next:
+            self.fail_next = False
+            raise BackendUnavailable("redis: connection refused")
+        self.events.append(type)
+        return len(self.events)
+
+    async def reject(self, action: ActionRequest, message: str) -> None:
+        self.answers.append(("action_rejected", message))
+
+    async def start_vote(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
+        raise RuntimeError("no votes here")
+
+    async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
+        self.answers.append((code.value, message))
+
+    async def claim(self, action: ActionRequest) -> Claim:
+        return Claim.FINAL if "action.result" in self.events else Claim.START
+
+
+async def test_a_publish_failing_after_the_engine_applied_an_action_is_never_told_as_failure() -> (
+    None
+):
+    """Review finding (issue 11 class "a timeout that lies"): the reference engine commits, then
+    publishes; a publish that fails must not become ``engine_error`` ("not applied"). The link
+    hands the action to the engine again, which publishes what it had left: one result."""
+    from campaign_engine.engine import ReferenceEngine
+
+    engine = ReferenceEngine(seed=1)
+    host = _FlakyPublishHost()
+    link = InProcessLink(engine)
+    await link.start(host)
+    try:
+        await link.notify_join(JoinNotice("p1", "r1", "c1", "Ann", "t" * 32))
+        host.events.clear()
+        host.fail_next = True
+        envelope = {
+            "type": "action.request",
+            "timestamp": "2026-01-01T00:00:00Z",
+            "trace_id": "a" * 32,
+            "payload": {
+                "action_id": "a1",
+                "character_id": "c1",
+                "campaign_run_id": "r1",
+                "action_type": "skill_check",
+                "payload": {},
+            },
+        }
+        action = ActionRequest(
+            "p1", "r1", "c1", "a1", "skill_check", {}, "a" * 32, envelope, time.time() + 10
+        )
+        await link.submit(action)
+        await wait_until(lambda: "action.result" in host.events, timeout=5)
+        state = await engine.run_state("r1")
+        assert state is not None and "a1" in state.applied
+        assert host.answers == []  # nobody was told it failed
+        assert host.events.count("action.result") == 1
+        assert len(await engine.chronicle("r1")) == 1  # applied once
+    finally:
+        await link.close()

@@ -6,6 +6,8 @@ import asyncio
 from typing import Any
 
 import pytest
+from party_sync.protocol.errors import BackendUnavailable
+from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process
 
@@ -163,4 +165,58 @@ async def test_in_process_engines_start_votes_through_the_publisher() -> None:
         finished = await a.expect("vote.finished")
         assert finished["payload"]["reason"] == "all_voted"
         await asyncio.wait_for(a.expect("action.result"), 5)
+        await a.close()
+
+
+async def test_a_backend_error_while_applying_a_finished_vote_never_loses_its_decision() -> None:
+    """Review finding: vote.finished said "applied", then one backend error dropped the choice."""
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        assert srv.server is not None
+        backend = srv.server.gateway.backend
+        original = backend.vote_run
+        failures = [BackendUnavailable("redis blip")]
+
+        async def flaky(party_id: str, vote_id: str) -> str | None:
+            if failures:
+                raise failures.pop()
+            return await original(party_id, vote_id)
+
+        backend.vote_run = flaky  # type: ignore[method-assign]
+        a, _ = await srv.join("aria")
+        status, _ = await start(srv, vote_id="v-blip")
+        assert status == 201
+        await a.until("vote.started")
+        await a.send(cast("v-blip", "A"))
+        finished = await a.until("vote.finished")
+        assert finished["payload"]["winner"] == "A"
+        result = await a.until("action.result")
+        assert result["payload"]["action_id"] == "vote:v-blip"
+        assert engine.count("vote:v-blip") == 1 and not failures
+        await a.close()
+
+
+async def test_a_vote_its_node_could_not_hand_over_is_applied_by_the_sweep() -> None:
+    """The node that closed the vote died before handing its decision to the engine (here: it
+    never tries): the votes sweep hands it over, once, after one action timeout."""
+    engine = ScriptedEngine()
+    settings = make_settings(api_key=KEY, action_timeout=0.5, presence_ttl=1.2)
+    async with serve_in_process(settings, engine=engine) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+
+        async def dies_first(finished: Any) -> None:
+            return None
+
+        gateway._apply_vote_soon = dies_first  # type: ignore[method-assign]
+        a, _ = await srv.join("aria")
+        status, _ = await start(srv, vote_id="v-orphan")
+        assert status == 201
+        await a.until("vote.started")
+        await a.send(cast("v-orphan", "B"))
+        await a.until("vote.finished")
+        result = await a.until("action.result", timeout=10)
+        assert result["payload"]["action_id"] == "vote:v-orphan"
+        await wait_until(lambda: engine.count("vote:v-orphan") == 1)
+        assert await gateway.backend.unapplied_votes(gateway.clock() + 60, 0) == []
         await a.close()

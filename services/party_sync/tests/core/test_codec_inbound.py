@@ -546,3 +546,14 @@ def test_every_error_is_a_party_sync_error() -> None:
         ConfigError("x"),
     ):
         assert isinstance(exc, PartySyncError)
+
+
+def test_a_too_large_action_names_its_action_id_when_it_stands_in_its_head() -> None:
+    big = action_request(action_id="a-big", payload={"text": "y" * 70_000})
+    error = refusal(dumps(big), max_bytes=65536)
+    assert error.code is ErrorCode.MESSAGE_TOO_LARGE
+    assert (error.type, error.action_id) == (t.ACTION_REQUEST, "a-big")
+    # nothing recognisable at the start: nothing is named (and only 4 KiB are looked at)
+    junk = b'{"pad":"' + b"x" * 70_000 + b'","type":"action.request"}'
+    error = refusal(junk, max_bytes=65536)
+    assert (error.type, error.action_id) == (None, None)

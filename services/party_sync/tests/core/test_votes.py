@@ -131,3 +131,14 @@ def test_the_winner_always_has_the_most_votes(ballots: dict[str, str], rule: str
     tied = [o for o, n in outcome.tallies.items() if n == max(outcome.tallies.values())]
     assert outcome.tie_broken == (len(tied) > 1)
     assert vote.finished
+
+
+def test_a_vote_id_too_long_for_its_action_id_is_refused() -> None:
+    """Its action is "vote:<vote_id>": a longer id would have to be cut, and two votes could
+    then share one action id (the second decision answered from the first, never applied)."""
+    options = [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]
+    body = {"question": "Q?", "options": options, "timeout_s": 5}
+    votes.spec_from_json(body, "v" * votes.MAX_VOTE_ID)
+    with pytest.raises(votes.SpecError):
+        votes.spec_from_json(body, "v" * (votes.MAX_VOTE_ID + 1))
+    assert votes.action_id_for("v" * votes.MAX_VOTE_ID) == "vote:" + "v" * 59

@@ -360,3 +360,20 @@ async def test_a_begin_action_redis_runs_after_a_stall_leaves_no_action_in_fligh
         assert await b.begin_action(PARTY, "aria", "a1", time.time()) == Verdict(Decision.ACCEPT)
     finally:
         await b.close()
+
+
+@pytest.mark.redis
+async def test_a_node_whose_clock_is_off_by_seconds_still_accepts_actions(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding: the stale check compares Redis's clock with the node's; a node 10 s
+    behind must not refuse every action (nor one ahead accept late ones): the offset is measured."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() - 10.0)  # this node's clock, 10 s late
+    b = RedisBackend(RedisOptions(redis.url, command_timeout=1.0), SETTINGS)
+    await b.start()
+    try:
+        verdict = await b.begin_action(PARTY, "aria", "skewed", T0)
+        assert verdict == Verdict(Decision.ACCEPT)
+    finally:
+        await b.close()

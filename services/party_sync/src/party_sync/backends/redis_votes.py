@@ -127,7 +127,7 @@ async def start_vote(
         vote = votes.open_vote(spec, now, trace_id, run)
         payload = votes.started_payload(vote, codec.rfc3339(vote.deadline))
         keys = b.keys.party_keys(party_id)
-        txn.pipe.delete(keys[10])
+        txn.pipe.delete(keys[10], keys[9])  # the last vote's record goes with its ballots
         txn.pipe.hset(
             keys[9],
             mapping={
@@ -156,6 +156,20 @@ async def start_vote(
     return await _transact(b, party_id, now, decide)
 
 
+def _record_finish(txn: _Txn, vote_key: str, finished: dict[str, Any], now: float) -> None:
+    """Closed, in the same transaction: the ``vote.finished`` body is kept until its action has
+    been handed to the engine (``mark_vote_applied``), so that any node can hand it over if the
+    one that closed it could not (``unapplied_votes``): a decision announced is never lost."""
+    txn.pipe.hset(
+        vote_key,
+        mapping={
+            "finished": "1",
+            "finished_at": repr(now),
+            "finished_body": codec.encode(finished),
+        },
+    )
+
+
 def _finished(vote: votes.Vote, reason: str, now: float) -> dict[str, Any]:
     outcome = votes.decide(vote, reason)
     payload = votes.finished_payload(vote, outcome)
@@ -182,8 +196,9 @@ async def cast_vote(
         update = votes.update_payload(vote, len(online))
         await txn.publish(codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id))
         if votes.due(vote, online, now) == "all_voted":
-            await txn.publish(_finished(vote, "all_voted", now))
-            txn.pipe.hset(keys[9], "finished", "1")
+            finished = _finished(vote, "all_voted", now)
+            await txn.publish(finished)
+            _record_finish(txn, keys[9], finished, now)
         return None, txn.events(await txn.pipe.execute())
 
     return await _transact(b, party_id, now, decide)
@@ -193,15 +208,17 @@ async def finish_vote(b: RedisBackend, party_id: str, vote_id: str, now: float) 
     async def decide(txn: _Txn, vote: votes.Vote | None, online: list[str]) -> Event | None:
         if vote is None or vote.vote_id != vote_id or votes.due(vote, (), now) != "timeout":
             return None
-        await txn.publish(_finished(vote, "timeout", now))
-        txn.pipe.hset(b.keys.party_keys(party_id)[9], "finished", "1")
+        finished = _finished(vote, "timeout", now)
+        await txn.publish(finished)
+        _record_finish(txn, b.keys.party_keys(party_id)[9], finished, now)
         return txn.events(await txn.pipe.execute())[0]
 
     return await _transact(b, party_id, now, decide)
 
 
 async def due_votes(b: RedisBackend, now: float) -> list[tuple[str, str]]:
-    """Open votes past their deadline; finished or vanished ones leave the index."""
+    """Open votes past their deadline; applied or vanished ones leave the index (a finished vote
+    whose action was not handed over yet stays: ``unapplied_votes``)."""
     index = b.keys.vote_index()
     async with unavailable("due_votes"):
         parties = [text(p) for p in await b.client.zrangebyscore(index, "-inf", now)]
@@ -209,14 +226,16 @@ async def due_votes(b: RedisBackend, now: float) -> list[tuple[str, str]]:
             return []
         async with b.client.pipeline(transaction=False) as pipe:
             for party_id in parties:
-                pipe.hmget(b.keys.party_keys(party_id)[9], ["vote_id", "finished", "deadline"])
+                pipe.hmget(
+                    b.keys.party_keys(party_id)[9], ["vote_id", "finished", "deadline", "applied"]
+                )
             found = await pipe.execute()
         due: list[tuple[str, str]] = []
         gone: list[str] = []
-        for party_id, (vote_id, finished, deadline) in zip(parties, found, strict=True):
-            if vote_id is None or finished == b"1":
+        for party_id, (vote_id, finished, deadline, applied) in zip(parties, found, strict=True):
+            if vote_id is None or (finished == b"1" and applied == b"1"):
                 gone.append(party_id)
-            elif float(deadline) <= now:
+            elif finished != b"1" and float(deadline) <= now:
                 due.append((party_id, text(vote_id)))
         if gone:
             await b.client.zrem(index, *gone)
@@ -229,3 +248,40 @@ async def vote_run(b: RedisBackend, party_id: str, vote_id: str) -> str | None:
     if found is None or text(found) != vote_id:
         return None
     return text(run) if run else await party_run(b, party_id)
+
+
+async def unapplied_votes(b: RedisBackend, now: float, older_than: float) -> list[Event]:
+    """``vote.finished`` of votes closed at least ``older_than`` ago whose action was not handed
+    to the engine (the node that closed it failed or died meanwhile); seq 0 (not re-sequenced)."""
+    index = b.keys.vote_index()
+    async with unavailable("unapplied_votes"):
+        parties = [text(p) for p in await b.client.zrangebyscore(index, "-inf", "+inf")]
+        if not parties:
+            return []
+        async with b.client.pipeline(transaction=False) as pipe:
+            for party_id in parties:
+                pipe.hmget(
+                    b.keys.party_keys(party_id)[9],
+                    ["finished", "applied", "finished_at", "finished_body"],
+                )
+            found = await pipe.execute()
+    events: list[Event] = []
+    for party_id, (finished, applied, at, body) in zip(parties, found, strict=True):
+        if finished != b"1" or applied == b"1" or body is None or at is None:
+            continue
+        if float(at) > now - older_than:
+            continue
+        message = codec.decode(body)
+        events.append(
+            Event(party_id, 0, message["type"], message["payload"], message["trace_id"], body)
+        )
+    return events
+
+
+async def mark_vote_applied(b: RedisBackend, party_id: str, vote_id: str) -> None:
+    key = b.keys.party_keys(party_id)[9]
+    async with unavailable("mark_vote_applied"):
+        current = await b.client.hget(key, "vote_id")
+        if current is not None and text(current) == vote_id:
+            await b.client.hset(key, "applied", "1")
+            await b.client.zrem(b.keys.vote_index(), party_id)

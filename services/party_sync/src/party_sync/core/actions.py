@@ -23,6 +23,7 @@ its deadline only frees the character's lock; its answer comes from the engine.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import Final
@@ -105,8 +106,13 @@ class ActionLedger:
         self._order += 1
         return self._order
 
-    def begin(self, character_id: str, action_id: str, now: float) -> Verdict:
-        """Record a new action in flight (deadline ``now + action_timeout``), or say why not."""
+    def begin(self, character_id: str, action_id: str, now: float, timed: bool = True) -> Verdict:
+        """Record a new action in flight (deadline ``now + action_timeout``), or say why not.
+
+        ``timed=False``: no deadline (it is never refused with ``action_timeout``); for the actions
+        party_sync makes itself, which nobody waits for and which must not be lost (a vote's).
+        The character's lock still lapses after ``action_timeout``.
+        """
         self._collect(now)
         result = self._results.get(action_id)
         if result is not None:
@@ -119,16 +125,16 @@ class ActionLedger:
         lock = self._locks.get(character_id)
         if lock is not None and lock[1] > now:
             return Verdict(Decision.BUSY, blocking_action_id=lock[0])
-        deadline = now + self.action_timeout
+        until = now + self.action_timeout
         self._flights[action_id] = (
             character_id,
             now,
             now + self.record_ttl,
             self._next(),
-            deadline,
+            until if timed else math.inf,
             False,
         )
-        self._locks[character_id] = (action_id, deadline)
+        self._locks[character_id] = (action_id, until)
         return _ACCEPTED
 
     def deadline_of(self, action_id: str) -> float | None:

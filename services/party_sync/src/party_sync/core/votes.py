@@ -147,8 +147,14 @@ def decide(vote: Vote, reason: str) -> Outcome:
     return Outcome(winner, counts, reason, tie_broken=len(tied) > 1)
 
 
+#: The longest vote id: its action id ``vote:<vote_id>`` must be a whole id (64 characters).
+MAX_VOTE_ID = 64 - len("vote:")
+
+
 def action_id_for(vote_id: str) -> str:
-    return f"vote:{vote_id}"[:64]
+    """The action a finished vote is applied as (``spec_from_json`` keeps vote ids short
+    enough: two votes never share one)."""
+    return f"vote:{vote_id}"
 
 
 def started_payload(vote: Vote, timestamp: str) -> dict[str, Any]:
@@ -206,6 +212,8 @@ def spec_from_json(body: Mapping[str, Any], vote_id: str) -> VoteSpec:
         raise SpecError(f"bad vote request: {exc!r}") from None
     if not _ID.fullmatch(vote_id) or any(not _ID.fullmatch(o[0]) for o in spec.options):
         raise SpecError("vote_id and option ids must match [A-Za-z0-9._:-]{1,64}")
+    if len(vote_id) > MAX_VOTE_ID:  # "vote:<vote_id>" must stay a whole id: never cut, never shared
+        raise SpecError(f"vote_id must be at most {MAX_VOTE_ID} characters")
     if not 1 <= len(spec.question) <= 500 or any(not 1 <= len(o[1]) <= 200 for o in spec.options):
         raise SpecError("question must be 1..500 characters and labels 1..200")
     spec.check()

@@ -6,9 +6,11 @@
      "deadline": <Unix seconds, absent if none>}
 
 Headers: ``X-Trace-Id`` (the trace), ``Idempotency-Key`` (the ``action_id``),
-``X-Action-Deadline`` (the deadline again, decimal Unix seconds; absent if none) and
+``X-Action-Deadline`` (the deadline again, decimal Unix seconds; absent if none),
 ``X-Delivery-Attempt``: 1 + the number of earlier attempts that *may have reached* the engine (an
-attempt refused at connect time did not), so ``1`` promises the engine has never seen the action.
+attempt refused at connect time did not), so ``1`` promises the engine has never seen the action,
+and, while tracing is on, ``traceparent`` (W3C trace context: the engine's spans, and the events
+it publishes back through the API, join the action's trace; ``party_sync.tracing``).
 
 Before the first POST the link claims the action (``LinkHost.claim``): only ``START`` is delivered
 (``EXPIRED``/``FINAL``: party_sync has already answered it). Answers:
@@ -54,6 +56,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from party_sync import tracing
 from party_sync.engine import wire
 from party_sync.engine.inprocess import claim_until_answered
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
@@ -99,6 +102,8 @@ class HttpEngineLink:
         self._host: LinkHost | None = None
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Attempts that failed: refused, timed out, dropped, 5xx (engine_link_failures_total).
+        self.failures = 0
 
     async def start(self, host: LinkHost) -> None:
         self._host = host
@@ -121,7 +126,7 @@ class HttpEngineLink:
         )
 
     async def submit(self, action: ActionRequest) -> None:
-        self._spawn(self._deliver_action(action))
+        self._spawn(self._traced_delivery(action))
 
     async def notify_join(self, notice: JoinNotice) -> None:
         envelope = wire.join_envelope(notice, time.time())
@@ -146,6 +151,7 @@ class HttpEngineLink:
             try:
                 status, answer = await self._post(url, body, headers)
             except (_Unreached, _Retryable) as exc:
+                self.failures += 1
                 if attempt == self.retries:
                     log.warning("%s notice not delivered: %s", body["kind"], exc, extra=extra)
                     return
@@ -160,6 +166,17 @@ class HttpEngineLink:
                     extra=extra,
                 )
             return
+
+    async def _traced_delivery(self, action: ActionRequest) -> None:
+        """``_deliver_action`` in a CLIENT span whose context each attempt carries."""
+        if not tracing.is_on():
+            await self._deliver_action(action)
+            return
+        attributes = {"party_sync.action_id": action.action_id, "party_sync.transport": "http"}
+        with tracing.span(
+            "engine.http deliver", kind=tracing.SpanKind.CLIENT, attributes=attributes
+        ):
+            await self._deliver_action(action)
 
     async def _deliver_action(self, action: ActionRequest) -> None:
         host = self._host
@@ -183,6 +200,7 @@ class HttpEngineLink:
         if action.deadline is not None:
             body["deadline"] = action.deadline
             headers["X-Action-Deadline"] = wire.format_deadline(action.deadline)
+        tracing.inject(headers)  # traceparent, while tracing is on
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.give_up_after
         reached = 0  # attempts that may have reached the engine
@@ -193,12 +211,20 @@ class HttpEngineLink:
                 status, answer = await self._post(self.url, body, headers)
             except _Unreached as exc:
                 failure: Exception = exc
+                self.failures += 1
             except _Retryable as exc:
                 reached += 1
                 failure = exc
+                self.failures += 1
             else:
-                await self._answered(host, action, status, answer)
-                return
+                if not _retry_answer(status, answer, reached):
+                    await self._answered(host, action, status, answer)
+                    return
+                # Not the engine's final word: a proxy's 408/425/429, or (after an attempt that
+                # may have reached the engine) e.g. 409 "this Idempotency-Key is in progress".
+                reached += 1
+                failure = _Retryable(f"HTTP {status}")
+                self.failures += 1
             attempt += 1
             if attempt > self.retries:
                 if not reached:  # it never left party_sync: "unavailable" is the truth
@@ -279,6 +305,22 @@ def _parse(text: str) -> Any:
         return orjson.loads(text)
     except ValueError:
         return text
+
+
+#: 4xx answers that say "later", whoever sends them (a proxy, a rate limiter).
+RETRY_STATUSES = frozenset({408, 425, 429})
+
+
+def _retry_answer(status: int, answer: Any, reached: int) -> bool:
+    """True when a 4xx is not a final refusal: a "later" status, or, once an earlier attempt may
+    have reached the engine (it may be applying the action), anything but the documented final
+    answers (422: rejected or invalid; 409 ``expired``, which only a first attempt can get)."""
+    if not 400 <= status < 500:
+        return False
+    if status in RETRY_STATUSES:
+        return True
+    expired = status == 409 and isinstance(answer, dict) and answer.get("error") == EXPIRED
+    return reached > 0 and status != 422 and not expired
 
 
 def _detail(answer: Any) -> str | None:

@@ -20,6 +20,7 @@ import asyncio
 import logging
 from typing import Any
 
+from party_sync import tracing
 from party_sync.engine.interface import (
     ActionRequest,
     Claim,
@@ -30,7 +31,7 @@ from party_sync.engine.interface import (
     RestateNotice,
     restate_engine,
 )
-from party_sync.protocol.errors import ErrorCode
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,19 @@ async def claim_until_answered(
         return claim
 
 
+#: Failures of party_sync's own infrastructure (not of the engine) seen through the engine.
+INFRA_ERRORS = (BackendUnavailable, OSError, TimeoutError)
+
+
+async def _answered(host: LinkHost, action: ActionRequest) -> bool:
+    """True once the action has its final answer (asked as a claim: a started action stays
+    START; FINAL only once the engine's result, or a refusal, is recorded)."""
+    try:
+        return await host.claim(action) is Claim.FINAL
+    except Exception:
+        return False
+
+
 class InProcessLink:
     """Runs each accepted action as its own task, so a slow engine never blocks a connection."""
 
@@ -81,7 +95,8 @@ class InProcessLink:
         await self.engine.start(host)
 
     async def submit(self, action: ActionRequest) -> None:
-        task = asyncio.get_running_loop().create_task(self._run(action))
+        # The task copies the current context: with tracing on, the action's span is its parent.
+        task = asyncio.get_running_loop().create_task(self._traced_run(action))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -100,6 +115,14 @@ class InProcessLink:
                 extra={"trace_id": notice.trace_id, "party_id": notice.party_id},
             )
 
+    async def _traced_run(self, action: ActionRequest) -> None:
+        if not tracing.is_on():
+            await self._run(action)
+            return
+        attributes = {"party_sync.action_id": action.action_id, "party_sync.transport": "inprocess"}
+        with tracing.span("engine handle_action", attributes=attributes):
+            await self._run(action)
+
     async def _run(self, action: ActionRequest) -> None:
         assert self._host is not None, "submit() before start()"
         extra = {"trace_id": action.trace_id, "action_id": action.action_id}
@@ -108,13 +131,48 @@ class InProcessLink:
             if claim is not None:
                 log.info("action not started: %s", claim.value, extra=extra)
             return
-        try:
-            await self.engine.handle_action(action)
-        except EngineRejected as exc:
-            await self._host.reject(action, exc.message)
-        except Exception:
-            log.exception("engine failed on an action", extra=extra)
-            await self._host.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed: retry")
+        host = self._host
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.claim_patience
+        pause = 0.05
+        while True:
+            try:
+                await self.engine.handle_action(action)
+                return
+            except EngineRejected as exc:
+                code, text = ErrorCode.ACTION_REJECTED, exc.message
+            except INFRA_ERRORS as exc:
+                # party_sync's backend failed under the engine (its publish): the engine may have
+                # applied the action and not yet published it, so nothing final can be said. Hand
+                # it to the engine again (engines deduplicate by action_id and publish what they
+                # had left) until it is answered, as a stream worker redelivers a pending entry.
+                if await _answered(host, action) or loop.time() + pause > give_up_at:
+                    if loop.time() + pause > give_up_at:
+                        log.error(
+                            "action left unanswered: the backend kept failing (%s)",
+                            exc,
+                            extra=extra,
+                        )
+                    return
+                log.warning("backend failed under the engine (%s); again", exc, extra=extra)
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
+                continue
+            except Exception:  # an engine that raises did not apply the action (the contract)
+                log.exception("engine failed on an action", extra=extra)
+                code, text = ErrorCode.ENGINE_ERROR, "the engine failed: retry"
+            # The refusal is the action's final answer: record it even through a backend outage
+            # (the action is started, so no timeout would ever answer it instead). Never raises.
+            while True:
+                try:
+                    await host.fail(action, code, text)
+                    return
+                except Exception as exc:
+                    if loop.time() + pause > give_up_at:
+                        log.error("could not record the refusal: %s", exc, extra=extra)
+                        return
+                    await asyncio.sleep(pause)
+                    pause = min(1.0, pause * 2)
 
     async def close(self) -> None:
         if self._tasks:

@@ -5,6 +5,7 @@ size → JSON → depth → shape → known type → client type → schema. Pur
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,11 +58,34 @@ def about(message: object) -> dict[str, Any]:
     return found
 
 
+#: How much of a too-large message is looked at to name what it was (bounded work).
+_HEAD_BYTES = 4096
+_HEAD_TYPE = re.compile(rb'"type"\s*:\s*"(action\.request|vote\.cast|party\.leave)"')
+_HEAD_IDS = re.compile(rb'"(action_id|vote_id)"\s*:\s*"([A-Za-z0-9._:-]{1,64})"')
+
+
+def _about_head(data: bytes | str) -> dict[str, Any]:
+    """``about`` for a message too large to parse: its type and action or vote id, when they
+    stand plainly in its first 4 KiB (every error about an action names the action)."""
+    head = data[:_HEAD_BYTES] if isinstance(data, bytes) else data[:_HEAD_BYTES].encode()
+    kind = _HEAD_TYPE.search(head)
+    if kind is None:
+        return {}
+    found: dict[str, Any] = {"type": kind.group(1).decode()}
+    for match in _HEAD_IDS.finditer(head):
+        key = match.group(1).decode()
+        if (key == "action_id") == (found["type"] == t.ACTION_REQUEST) and key not in found:
+            found[key] = match.group(2).decode()
+    return found
+
+
 def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
     """Return the checked message or raise ``ProtocolError`` with the matching code."""
     if byte_length(data, max_bytes) > max_bytes:
         raise ProtocolError(
-            ErrorCode.MESSAGE_TOO_LARGE, f"message exceeds the {max_bytes}-byte limit"
+            ErrorCode.MESSAGE_TOO_LARGE,
+            f"message exceeds the {max_bytes}-byte limit",
+            **_about_head(data),
         )
     try:
         message = codec.decode_bounded(data)

@@ -1,7 +1,8 @@
 -- begin_action: the idempotency decision of core/actions.py ActionLedger.begin, across nodes.
 -- KEYS[12] the action record. ARGV[7] character_id, ARGV[8] action_id, ARGV[9] action_timeout,
 -- ARGV[10] when the node sent this call (its wall clock, Unix seconds; NOW may be virtual in
--- tests), ARGV[11] the most seconds after that this call may run and still accept.
+-- tests), ARGV[11] the most seconds after that this call may run and still accept, ARGV[12]
+-- '0' for an action without a deadline (party_sync's own: a vote's), else '1'.
 -- Returns {'done', final answer} | {'in_flight'} | {'busy', blocking action_id} | {'accept'}
 -- | {'taken'} (another actor's action_id) | {'stale'}.
 --
@@ -34,7 +35,10 @@ if until_ and until_ > NOW then
   return {'busy', holder}
 end
 local deadline = fmt_time(NOW + tonumber(ARGV[9]))
-redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline)
+redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW))
+if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
+  redis.call('HSET', record, 'd', deadline)
+end
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
 redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id)
 redis.call('PEXPIRE', K_LOCKS, PARTY_TTL_MS)

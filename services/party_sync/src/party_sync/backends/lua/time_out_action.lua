@@ -13,7 +13,7 @@ end
 if not found[1] then
   return {'gone'}
 end
-if found[4] and NOW < tonumber(found[4]) then
+if not found[4] or NOW < tonumber(found[4]) then  -- no deadline: party_sync's own action
   return {'not_due'}
 end
 release_lock(found[1], action_id)
