@@ -8,9 +8,9 @@ PORT   ?= 8080
 JS     := clients/js
 JS_DEPS  := $(JS)/node_modules/.installed
 JS_BUILD := $(JS)/dist/.built
-JS_SOURCES := $(wildcard $(JS)/src/*.ts $(JS)/demo/* $(JS)/tsconfig*.json $(JS)/package.json)
+JS_SOURCES := $(wildcard $(JS)/src/*.ts $(JS)/demo/* $(JS)/admin/* $(JS)/tsconfig*.json $(JS)/package.json)
 
-.PHONY: setup run test test-core test-security-long lint lock bench clean docs
+.PHONY: setup run test test-core test-security-long lint lock bench clean docs dist
 
 ## setup: create .venv at the repository root with the locked dependencies and both packages (editable),
 ## and build the browser client and the demo page in clients/js (needs node and npm)
@@ -64,6 +64,15 @@ lint: setup
 	$(BIN)/mypy
 	cd $(JS) && npm run typecheck
 
+## dist: the sdists and wheels of both packages in dist/, each wheel built from its sdist (as pip
+## would); the party_sync ones carry the JSON Schemas and the built demo page (`pip install
+## dist/*.whl` on a machine without the repository: README, Deploying)
+dist: setup
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation --outdir dist services/party_sync
+	$(BIN)/python -m build --no-isolation --outdir dist services/campaign_engine
+	@ls -l dist
+
 ## lock: regenerate requirements.lock from requirements.in (needs network access to PyPI)
 lock:
 	$(PYTHON) -m pip install -q uv
@@ -76,7 +85,7 @@ bench:
 	$(PYTHON) bench/run.py $(if $(QUICK),--quick,)
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts $(JS)/node_modules $(JS)/dist
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts dist $(JS)/node_modules $(JS)/dist
 
 ## docs: regenerate the generated parts of the docs (the README's settings table)
 docs: setup

@@ -115,6 +115,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
+    _tracing("party-sync")  # off unless OTEL_* asks for an exporter
     workdir = Path.cwd()
     if args.new_game:
         removed = devmode.new_game(
@@ -249,6 +250,7 @@ def _engine_http(args: argparse.Namespace) -> int:
     from party_sync.engine.loader import load_engine
 
     logs.configure(os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO"), "json")
+    _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
     logs.protect(api_key)
     if not api_key:
@@ -284,6 +286,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
     # The same settings as the gateway nodes (history size, TTLs, key prefix) from the environment.
     settings = replace(config.load(None), redis_url=args.redis_url)
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
+    _tracing("party-sync-engine-worker")
     engine = load_engine(args.engine)
     options = WorkerOptions(
         stream=args.stream,
@@ -321,6 +324,13 @@ def _engine_worker(args: argparse.Namespace) -> int:
 
     asyncio.run(work())
     return 0
+
+
+def _tracing(service_name: str) -> None:
+    """OpenTelemetry tracing, off unless the ``OTEL_*`` variables ask for an exporter."""
+    from party_sync import tracing
+
+    tracing.configure_from_env(service_name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -58,7 +58,10 @@ class Settings:
         ACTIONS_STREAM, "Redis stream that accepted actions are appended to (stream mode)."
     )
     actions_stream_maxlen: int = _option(
-        100_000, "Approximate cap of the actions stream (XADD MAXLEN ~); acked entries go first."
+        100_000,
+        "Approximate cap of the actions stream (XADD MAXLEN ~): the oldest entries are trimmed, "
+        "handled or not (an action trimmed before any worker started it is answered "
+        "action_timeout at its deadline).",
     )
     engine_url: str | None = _option(
         None,

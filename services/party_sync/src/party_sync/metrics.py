@@ -1,12 +1,35 @@
-"""Prometheus metrics, one registry per server (so tests can run several servers in a process)."""
+"""Prometheus metrics, one registry per server (so tests can run several servers in a process).
+
+Families of the Redis mode (``party_sync_redis_*``, ``party_sync_pubsub_*``, the actions stream's
+``party_sync_actions_stream_*``) are registered only when something of that mode uses them (the
+Redis backend calls ``register_redis``; the stream monitor's first reading registers the stream
+gauges): an embedded server's ``/metrics`` has none of them.
+"""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator
+from functools import cached_property
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from party_sync import __version__
+
+#: The ``route`` label of a request that matched no route (never the raw path: unbounded).
+UNMATCHED = "unmatched"
 
 
 class ReadCounter(Collector):
@@ -52,10 +75,56 @@ class TypeCounter(Collector):
         yield family
 
 
+class LinkFailures(Collector):
+    """``party_sync_engine_link_failures_total{transport}``, read from the link's ``failures``
+    (an integer the HTTP and stream links keep; a link without one has none)."""
+
+    def __init__(self, transport: str, link: object, registry: CollectorRegistry) -> None:
+        self.transport = transport
+        self.link = link
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "party_sync_engine_link_failures",
+            "Failed attempts to hand something to the engine, by transport (http: a delivery "
+            "refused, timed out or answered 5xx; stream: an append to the actions stream that "
+            "failed)",
+            labels=["transport"],
+        )
+        family.add_metric([self.transport], float(getattr(self.link, "failures", 0)))
+        yield family
+
+
 class Metrics:
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The process (CPU seconds, resident memory, open and maximum descriptors, start time;
+        # where /proc exists) and the Python runtime (python_info).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            "party_sync_build_info",
+            "The party_sync version this node runs",
+            ["version"],
+            registry=r,
+        )
+        self.build_info.labels(__version__).set(1)
+        self.http_requests = Counter(
+            "party_sync_http_requests_total",
+            "HTTP requests answered (WebSocket sessions excepted), by method, route (the route's "
+            "template, e.g. /api/v1/parties/{party_id}/events; unmatched: no route) and status",
+            ["method", "route", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "party_sync_http_request_duration_seconds",
+            "Time to answer an HTTP request (WebSocket sessions excepted), by method and route",
+            ["method", "route"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r,
+        )
         self.connections = Gauge(
             "party_sync_connections", "Open WebSocket connections on this node", registry=r
         )
@@ -111,26 +180,6 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        # Redis mode (backends/redis_*): pub/sub continuity and health (issue 3, "Operable").
-        self.pubsub_gaps = Counter(
-            "party_sync_pubsub_gaps_total",
-            "Party stream gaps on Redis pub/sub, by outcome (repaired: filled from history; "
-            "resync: history could not fill it, clients were told to resync)",
-            ["outcome"],
-            registry=r,
-        )
-        self.redis_reconnects = Counter(
-            "party_sync_redis_reconnects_total",
-            "Redis pub/sub connections re-established, by cause (error / probe)",
-            ["cause"],
-            registry=r,
-        )
-        self.pubsub_lag = Histogram(
-            "party_sync_pubsub_lag_seconds",
-            "Round trip of the pub/sub liveness probe: publish on this node's channel → received",
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r,
-        )
         self.action_answers = Counter(
             "party_sync_action_answers_total",
             "Final answers the timeout sweep gave itself (timeout: nobody started the action "
@@ -155,45 +204,134 @@ class Metrics:
             registry=r,
         )
         self.engine_link_ok.set(1)
-        self.stream_length = Gauge(
+        self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
+        self.info.labels(node).set(1)
+
+    # -- Redis mode only (registered on first use; ``register_redis`` registers them all) --------
+    def register_redis(self) -> None:
+        """The Redis backend's families, at 0 until something happens (called by the backend)."""
+        _ = (self.pubsub_gaps, self.redis_reconnects, self.pubsub_lag)  # a first read registers
+
+    @cached_property
+    def pubsub_gaps(self) -> Counter:
+        # Redis mode (backends/redis_*): pub/sub continuity and health (issue 3, "Operable").
+        return Counter(
+            "party_sync_pubsub_gaps_total",
+            "Party stream gaps on Redis pub/sub, by outcome (repaired: filled from history; "
+            "resync: history could not fill it, clients were told to resync)",
+            ["outcome"],
+            registry=self.registry,
+        )
+
+    @cached_property
+    def redis_reconnects(self) -> Counter:
+        return Counter(
+            "party_sync_redis_reconnects_total",
+            "Redis pub/sub connections re-established, by cause (error / probe)",
+            ["cause"],
+            registry=self.registry,
+        )
+
+    @cached_property
+    def pubsub_lag(self) -> Histogram:
+        return Histogram(
+            "party_sync_pubsub_lag_seconds",
+            "Round trip of the pub/sub liveness probe: publish on this node's channel → received",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+
+    # The actions stream as this node sees it (stream mode: engine/stream_monitor.py).
+    @cached_property
+    def stream_length(self) -> Gauge:
+        return Gauge(
             "party_sync_actions_stream_length",
             "Stream mode: entries in the actions stream (acknowledged ones included, up to "
             "actions_stream_maxlen)",
-            registry=r,
+            registry=self.registry,
         )
-        self.stream_pending = Gauge(
+
+    @cached_property
+    def stream_pending(self) -> Gauge:
+        return Gauge(
             "party_sync_actions_stream_pending",
             "Stream mode: entries delivered to an engine worker and not yet acknowledged",
-            registry=r,
+            registry=self.registry,
         )
-        self.stream_lag = Gauge(
+
+    @cached_property
+    def stream_lag(self) -> Gauge:
+        return Gauge(
             "party_sync_actions_stream_lag",
             "Stream mode: entries not yet delivered to any engine worker (the whole stream "
             "while no consumer group exists)",
-            registry=r,
+            registry=self.registry,
         )
-        self.stream_oldest_pending = Gauge(
+
+    @cached_property
+    def stream_oldest_pending(self) -> Gauge:
+        return Gauge(
             "party_sync_actions_stream_oldest_pending_seconds",
             "Stream mode: age of the oldest entry delivered and not yet acknowledged (0: none)",
-            registry=r,
+            registry=self.registry,
         )
-        self.stream_oldest_undelivered = Gauge(
+
+    @cached_property
+    def stream_oldest_undelivered(self) -> Gauge:
+        return Gauge(
             "party_sync_actions_stream_oldest_undelivered_seconds",
             "Stream mode: age of the oldest entry no engine worker has received yet (0: none)",
-            registry=r,
+            registry=self.registry,
         )
-        self.stream_consumers = Gauge(
+
+    @cached_property
+    def stream_consumers(self) -> Gauge:
+        return Gauge(
             "party_sync_actions_stream_consumers",
             "Stream mode: consumers (engine workers, live or dead) in the engine's group",
-            registry=r,
+            registry=self.registry,
         )
-        self.stream_consumers_active = Gauge(
+
+    @cached_property
+    def stream_consumers_active(self) -> Gauge:
+        return Gauge(
             "party_sync_actions_stream_consumers_active",
             "Stream mode: consumers of the engine's group seen reading recently",
-            registry=r,
+            registry=self.registry,
         )
-        self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
-        self.info.labels(node).set(1)
+
+    # -- the engine link and the HTTP API --------------------------------------------------------
+    def watch_link(self, transport: str, link: object) -> None:
+        """Export ``link.failures`` as ``party_sync_engine_link_failures_total{transport}``."""
+        LinkFailures(transport, link, self.registry)
+
+    def http_middleware(self) -> Middleware:
+        """An aiohttp middleware counting every answered request by method, route and status,
+        with its latency. The route is the matched resource's template (``canonical``), never
+        the raw path; an upgraded WebSocket (a session, not a request) is not counted."""
+        requests, latency = self.http_requests, self.http_latency
+
+        @web.middleware
+        async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = time.perf_counter()
+            status = 500
+            try:
+                response = await handler(request)
+                status = response.status
+                if isinstance(response, web.WebSocketResponse) and status == 101:
+                    status = 0  # a WebSocket session: not a request to count
+                return response
+            except web.HTTPException as exc:
+                status = exc.status
+                raise
+            finally:
+                if status:
+                    resource = request.match_info.route.resource
+                    route = resource.canonical if resource is not None else UNMATCHED
+                    requests.labels(request.method, route, str(status)).inc()
+                    latency.labels(request.method, route).observe(time.perf_counter() - started)
+
+        return count_requests
 
     def received(self, type_: str) -> None:
         """One client message of ``type_`` (per message: a dict increment)."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from party_sync import tracing
 from party_sync.backends.base import Backend
 from party_sync.core import votes
 from party_sync.core.actions import Claim
@@ -70,10 +71,20 @@ class BackendPublisher:
         trace_id: str | None = None,
     ) -> int:
         message = self.build(type, payload, trace_id)
+        if not tracing.is_on():  # (checked here: a span's arguments cost even while off)
+            return await self._publish(party_id, message)
+        # One span per published event (a child of the engine's action span).
+        with tracing.span("publish " + type, attributes={"party_sync.party_id": party_id}) as span:
+            seq = await self._publish(party_id, message)
+            if span is not None:
+                span.set_attribute("party_sync.seq", seq)
+            return seq
+
+    async def _publish(self, party_id: str, message: dict[str, Any]) -> int:
         try:
             event = await self.backend.publish(party_id, message, self.clock())
         except orjson.JSONEncodeError as exc:  # e.g. nested deeper than JSON can be encoded
-            raise InvalidEvent(f"{type} cannot be encoded: {exc}") from None
+            raise InvalidEvent(f"{message['type']} cannot be encoded: {exc}") from None
         return event.seq
 
     async def reject(self, action: ActionRequest, message: str) -> None:
@@ -104,9 +115,10 @@ class BackendPublisher:
             extra={"trace_id": action.trace_id, "party_id": action.party_id, "code": code.value},
         )
         data = self.refusal(action, code, message)
-        recorded = await self.backend.refuse_action(
-            action.party_id, action.action_id, action.character_id, data, self.clock()
-        )
+        with tracing.span("refuse", attributes={"party_sync.error_code": code.value}):
+            recorded = await self.backend.refuse_action(
+                action.party_id, action.action_id, action.character_id, data, self.clock()
+            )
         if recorded and action.character_id != t.PARTY_ACTOR:
             # a party-level action (a vote's result) has no connection to tell
             await self.backend.send_direct(action.party_id, action.character_id, data)
@@ -118,9 +130,13 @@ class BackendPublisher:
         ``action_timeout`` (told to its sender here) and must not run.
         """
         data = self.refusal(action, ErrorCode.ACTION_TIMEOUT, "no engine started it in time")
-        claim, _ = await self.backend.claim_action(
-            action.party_id, action.action_id, self.clock(), data, action.deadline
-        )
+        if tracing.is_on():
+            with tracing.span("claim", attributes={"party_sync.action_id": action.action_id}) as s:
+                claim = await self._claim(action, data)
+                if s is not None:
+                    s.set_attribute("party_sync.claim", claim.value)
+        else:
+            claim = await self._claim(action, data)
         if claim is Claim.EXPIRED:
             log.info(
                 "action expired before an engine started it",
@@ -128,6 +144,12 @@ class BackendPublisher:
             )
             if action.character_id != t.PARTY_ACTOR:
                 await self.backend.send_direct(action.party_id, action.character_id, data)
+        return claim
+
+    async def _claim(self, action: ActionRequest, refusal: bytes) -> Claim:
+        claim, _ = await self.backend.claim_action(
+            action.party_id, action.action_id, self.clock(), refusal, action.deadline
+        )
         return claim
 
     async def open_vote(

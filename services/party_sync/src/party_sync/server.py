@@ -178,6 +178,7 @@ def build_server(
     directory = make_directory(settings.redis_url, settings.redis_prefix)
     app = build_app(gateway, verifier, directory, dev_mode=dev_mode)
     health = watch_engine(settings, link, metrics)
+    metrics.watch_link(describe_engine(settings, link)[0], link)  # engine_link_failures_total
     app[ENGINE_HEALTH] = health.health
 
     async def watch_start(app: web.Application) -> None:

@@ -113,3 +113,11 @@ def test_the_client_directory_is_found_from_the_package() -> None:
     found = demo.find_client_dir()
     assert found is not None and (found / "package.json").is_file()
     assert demo.find_client_dir(Path("/")) is None
+
+
+def test_an_installed_wheel_serves_its_own_copy_of_the_pages(tmp_path: Path) -> None:
+    packaged = tmp_path / "_web"
+    assert demo.find_client_dir(packaged=packaged) == demo.find_client_dir()  # none: the checkout
+    (packaged / "dist").mkdir(parents=True)
+    assert demo.find_client_dir(packaged=packaged) == packaged
+    assert demo.find_client_dir(Path("/"), packaged=packaged) is None  # a given start: only there

@@ -201,7 +201,7 @@ async def test_a_body_over_the_limit_gets_413_and_publishes_nothing(chunked: boo
             srv, "POST", "/api/v1/parties/p1/events", body, headers=AUTH, pieces=3, chunked=chunked
         )
         assert status == 413
-        assert answer == {"error": "too_large", "detail": "body exceeds 100000 bytes"}
+        assert (answer["error"], answer["detail"]) == ("too_large", "body exceeds 100000 bytes")
         exact = json.dumps(SCENE).encode()
         padded = exact[:-1] + b" " * (100_000 - len(exact)) + b"}"
         status, answer = await raw_request(

@@ -21,7 +21,8 @@ async def call(
     srv: Running, method: str, path: str, body: Any = None, headers: dict[str, str] | None = AUTH
 ) -> tuple[int, Any]:
     async with srv.http.request(method, srv.base + path, json=body, headers=headers) as resp:
-        data = await resp.json() if resp.content_type == "application/json" else None
+        json_types = ("application/json", "application/problem+json")
+        data = await resp.json() if resp.content_type in json_types else None
         return resp.status, data
 
 

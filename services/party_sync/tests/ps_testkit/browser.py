@@ -59,10 +59,15 @@ def require_demo_build() -> None:
     sources = [
         *CLIENT_DIR.glob("src/*.ts"),
         *CLIENT_DIR.glob("demo/*"),
+        *CLIENT_DIR.glob("admin/*"),
         *CLIENT_DIR.glob("tsconfig*.json"),
         CLIENT_DIR / "package.json",
     ]
-    outputs = [CLIENT_DIR / "dist" / "index.js", CLIENT_DIR / "dist" / "demo" / "app.js"]
+    outputs = [
+        CLIENT_DIR / "dist" / "index.js",
+        CLIENT_DIR / "dist" / "demo" / "app.js",
+        CLIENT_DIR / "dist" / "admin" / "app.js",
+    ]
     built = all(p.is_file() for p in outputs)
     if built and min(p.stat().st_mtime for p in outputs) >= _newest(sources):
         return

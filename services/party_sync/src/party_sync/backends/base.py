@@ -187,10 +187,21 @@ class Backend(Protocol):
         """The campaign run a (finished) vote was started for."""
         ...
 
+    async def unapplied_votes(self, now: float, older_than: float) -> list[Event]:
+        """``vote.finished`` of votes closed at least ``older_than`` ago whose action has not
+        been handed to the engine yet (its node failed or died): any node hands it over."""
+        ...
+
+    async def mark_vote_applied(self, party_id: str, vote_id: str) -> None:
+        """The vote's action was handed to the engine (or is done)."""
+        ...
+
     # -- actions ----------------------------------------------------------------------------
     async def begin_action(
-        self, party_id: str, character_id: str, action_id: str, now: float
-    ) -> Verdict: ...
+        self, party_id: str, character_id: str, action_id: str, now: float, timed: bool = True
+    ) -> Verdict:
+        """``ActionLedger.begin`` (``timed=False``: no deadline, for party_sync's own actions)."""
+        ...
 
     async def claim_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
@@ -208,4 +219,127 @@ class Backend(Protocol):
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
     ) -> bool:
         """Make ``refusal`` the action's final answer; False if it already has one."""
+        ...
+
+
+# -- the operators' view (the admin API, transport/admin.py) ---------------------------------------
+@dataclass(frozen=True, slots=True)
+class PartySummary:
+    """One line of ``GET /api/v1/parties``."""
+
+    party_id: str
+    campaign_run_id: str | None
+    epoch: str
+    seq: int
+    members_total: int
+    members_online: int
+    vote: Mapping[str, Any] | None  # the open vote (as in ``system.hello``), or None
+    actions_in_flight: int
+
+
+@dataclass(frozen=True, slots=True)
+class LiveConnection:
+    """A live connection of a character: its id, its node (None if unknown), its expiry."""
+
+    character_id: str
+    connection_id: str
+    node_id: str | None
+    expires_at: float
+
+
+def node_of(connection_id: str) -> str | None:
+    """The node of a connection (the gateway's ids are ``<node_id>.<random>``), else None."""
+    node, dot, _ = connection_id.partition(".")
+    return node if dot and node else None
+
+
+@dataclass(frozen=True, slots=True)
+class ActionInFlight:
+    """An accepted action holding its character's lock (no final answer, deadline not passed)."""
+
+    character_id: str
+    action_id: str
+    deadline: float
+
+
+@dataclass(frozen=True, slots=True)
+class PartyDetail:
+    """``GET /api/v1/parties/{party_id}``: the party's projection, presence and actions."""
+
+    campaign_run_id: str | None
+    snapshot: Snapshot
+    connections: list[LiveConnection]
+    actions: list[ActionInFlight]
+
+
+@dataclass(frozen=True, slots=True)
+class HeldEvents:
+    """What the party's history holds after a seq: ``oldest_seq`` is the first seq it holds."""
+
+    epoch: str
+    last_seq: int
+    oldest_seq: int
+    events: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """A gateway node as its heartbeat describes it (``seen_at``: that heartbeat's time)."""
+
+    node_id: str
+    version: str
+    connections: int
+    started_at: float
+    seen_at: float
+
+
+#: ``(party_id, character_id, close code, reason)``: close that character's connections here.
+CloseRequest = Callable[[str, str, int, str], object]
+
+
+class AdminView(Protocol):
+    """Read-mostly operations for operators, answering for the whole service (every node).
+
+    Each backend carries one as ``backend.admin``; ``transport/admin.py`` serves it. Times are
+    Unix seconds passed in by the caller.
+    """
+
+    async def parties(self, after: str | None, limit: int, now: float) -> list[PartySummary]:
+        """Parties with state, by ``party_id``, those after ``after``; at most ``limit``."""
+        ...
+
+    async def party(self, party_id: str, now: float) -> PartyDetail | None:
+        """One party's detail; None if it has no state."""
+        ...
+
+    async def events(self, party_id: str, after_seq: int, limit: int) -> HeldEvents | None:
+        """Held events with seq > ``after_seq`` (at most ``limit``); None if no state."""
+        ...
+
+    async def heartbeat(self, node: NodeInfo, parties: Sequence[str], ttl: float) -> None:
+        """Register this node (live for ``ttl`` seconds) and the parties it serves."""
+        ...
+
+    async def forget_node(self, node_id: str) -> None:
+        """This node stops: take it off the list at once."""
+        ...
+
+    async def nodes(self, now: float) -> list[NodeInfo]:
+        """The nodes whose heartbeat has not expired, by ``node_id``."""
+        ...
+
+    async def block(self, party_id: str, character_id: str, until: float, now: float) -> None:
+        """Refuse the character's handshakes until ``until``."""
+        ...
+
+    async def blocked_until(self, party_id: str, character_id: str, now: float) -> float | None:
+        """Until when the character's handshakes are refused; None if they are not."""
+        ...
+
+    async def request_close(self, party_id: str, character_id: str, code: int, reason: str) -> None:
+        """Ask every node to close the character's connections (``watch_closes`` callbacks)."""
+        ...
+
+    async def watch_closes(self, callback: CloseRequest) -> Subscription:
+        """Deliver close requests meant for this node's connections to ``callback``."""
         ...

@@ -34,6 +34,15 @@ Keys outside any party slot::
     <prefix>:vote-index                 zset  party_id → the deadline of its open vote
     <prefix>:{run:<id>}:parties         set   the parties whose members connected for the run
 
+The admin API's (``redis_admin``; issue 15)::
+
+    <prefix>:admin                      channel  close requests to every node (JSON)
+    <prefix>:nodes                      zset  node_id → when its heartbeat expires
+    <prefix>:node:<node_id>             string  the node's heartbeat (JSON), expiring with it
+    <prefix>:party-index                zset  party_id (score 0, lexicographic: the listing's
+                                              order and cursor), fed by every node's heartbeat
+    <prefix>:{party:<id>}:block:<character_id>   string  until when handshakes are refused
+
 The membership directory (``party_sync.directory``; registered through the server API, no TTL:
 it lives until it is deleted, independently of the party's activity)::
 
@@ -113,3 +122,18 @@ class KeySpace:
 
     def probe_channel(self, node_id: str) -> str:
         return f"{self.prefix}:probe:{node_id}"
+
+    def admin_channel(self) -> str:
+        return f"{self.prefix}:admin"
+
+    def nodes(self) -> str:
+        return f"{self.prefix}:nodes"
+
+    def node(self, node_id: str) -> str:
+        return f"{self.prefix}:node:{node_id}"
+
+    def party_index(self) -> str:
+        return f"{self.prefix}:party-index"
+
+    def block(self, party_id: str, character_id: str) -> str:
+        return f"{self.tag(party_id)}:block:{character_id}"

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from party_sync.backends.base import Binding, PartyListener, Snapshot
+from party_sync.backends.memory_admin import MemoryAdmin
 from party_sync.core import votes
 from party_sync.core.actions import ActionLedger, Claim, Sweep, Verdict
 from party_sync.core.events import Event
@@ -49,6 +50,7 @@ class _Party:
         "presence",
         "projection",
         "run_id",
+        "unapplied",
         "vote",
     )
 
@@ -62,6 +64,8 @@ class _Party:
         self.last_active = now
         self.run_id: str | None = None
         self.vote: votes.Vote | None = None
+        # the last vote's vote.finished and when, until its action was handed to the engine
+        self.unapplied: tuple[Event, float] | None = None
 
 
 def _decoded(party_id: str, data: bytes) -> Event:
@@ -91,6 +95,7 @@ class MemoryBackend:
         self._parties: dict[str, _Party] = {}
         self._run_listeners: dict[str, list[Callable[[bytes], None]]] = {}
         self._runs: dict[str, set[str]] = {}  # campaign_run_id → party ids
+        self.admin = MemoryAdmin(self)  # the operators' view (AdminView)
 
     async def start(self) -> None:
         return None
@@ -321,9 +326,24 @@ class MemoryBackend:
     def _finish(self, party: _Party, vote: votes.Vote, reason: str, now: float) -> Event:
         outcome = votes.decide(vote, reason)
         payload = votes.finished_payload(vote, outcome)
-        return self._publish(
+        event = self._publish(
             party, codec.envelope(t.VOTE_FINISHED, payload, ts=now, trace_id=vote.trace_id), now
         )
+        party.unapplied = (event, now)
+        return event
+
+    async def unapplied_votes(self, now: float, older_than: float) -> list[Event]:
+        return [
+            party.unapplied[0]
+            for party in self._parties.values()
+            if party.unapplied is not None and party.unapplied[1] <= now - older_than
+        ]
+
+    async def mark_vote_applied(self, party_id: str, vote_id: str) -> None:
+        party = self._parties.get(party_id)
+        unapplied = party.unapplied if party is not None else None
+        if party is not None and unapplied is not None:
+            party.unapplied = None if unapplied[0].payload["vote_id"] == vote_id else unapplied
 
     async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
         party = self._parties.get(party_id)
@@ -349,9 +369,9 @@ class MemoryBackend:
 
     # -- actions ----------------------------------------------------------------------------
     async def begin_action(
-        self, party_id: str, character_id: str, action_id: str, now: float
+        self, party_id: str, character_id: str, action_id: str, now: float, timed: bool = True
     ) -> Verdict:
-        return self._party(party_id, now).ledger.begin(character_id, action_id, now)
+        return self._party(party_id, now).ledger.begin(character_id, action_id, now, timed)
 
     async def claim_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None

@@ -30,6 +30,7 @@ from party_sync.backends import redis_presence, redis_votes
 from party_sync.backends.base import Binding, PartyListener, Snapshot
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.memory import BackendSettings
+from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus, Handler
 from party_sync.backends.redis_scripts import (
     Arg,
@@ -51,6 +52,9 @@ from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
+
+#: Seconds between measurements of Redis's clock against this node's.
+CLOCK_EVERY = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,6 +129,7 @@ class RedisBackend:
             observe_lag=self._observe_lag,
         )
         if metrics is not None:
+            metrics.register_redis()  # the Redis-only families exist only in Redis mode
             batcher = self.scripts.batcher
             ReadCounter(
                 "party_sync_redis_script_batches_total",
@@ -138,16 +143,21 @@ class RedisBackend:
                 lambda: batcher.calls,
                 metrics.registry,
             )
+        self.admin = RedisAdmin(self)  # the operators' view (AdminView)
         self._streams: dict[str, PartyStream] = {}
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._runs: dict[str, tuple[Handler, list[Callable[[bytes], None]]]] = {}
         self._run_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
+        self._clock_due = 0.0  # monotonic time of the next measurement
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         with contextlib.suppress(BackendUnavailable):  # Redis may be down: the bus keeps trying
             await self.scripts.load()
+        self._clock_due = time.monotonic() + CLOCK_EVERY
+        await self._measure_clock()  # never raises (Redis down: measured again later)
         await self.bus.start(wait=self.options.connect_timeout)
 
     async def close(self) -> None:
@@ -386,21 +396,65 @@ class RedisBackend:
     async def vote_run(self, party_id: str, vote_id: str) -> str | None:
         return await redis_votes.vote_run(self, party_id, vote_id)
 
+    async def unapplied_votes(self, now: float, older_than: float) -> list[Event]:
+        return await redis_votes.unapplied_votes(self, now, older_than)
+
+    async def mark_vote_applied(self, party_id: str, vote_id: str) -> None:
+        await redis_votes.mark_vote_applied(self, party_id, vote_id)
+
+    def _measure_clock_soon(self) -> None:
+        """Measure Redis's clock against this node's at most every ``CLOCK_EVERY`` seconds, in
+        the background (the first action after start uses an offset of 0)."""
+        due = time.monotonic()
+        if due >= self._clock_due:
+            self._clock_due = due + CLOCK_EVERY
+            self._spawn(self._measure_clock())
+
+    async def _measure_clock(self) -> None:
+        try:
+            before = time.time()
+            async with asyncio.timeout(self.options.command_timeout):
+                seconds, micros = await self.client.time()
+            after = time.time()
+        except Exception:  # Redis away: keep the last offset; measured again later
+            self._clock_due = time.monotonic() + 1.0
+            return
+        if after - before > 0.5:  # too slow a round trip to say anything precise
+            return
+        offset = seconds + micros / 1e6 - (before + after) / 2
+        if abs(offset - self._clock_offset) > 1.0:
+            log.warning("this node's clock and Redis's differ by %.1fs", offset)
+        self._clock_offset = offset
+
     # -- actions --------------------------------------------------------------------------------
     async def begin_action(
-        self, party_id: str, character_id: str, action_id: str, now: float
+        self, party_id: str, character_id: str, action_id: str, now: float, timed: bool = True
     ) -> Verdict:
-        # A call Redis runs later than half the command timeout after ``now`` is refused by the
-        # script ('stale'): the node has given up on it (or is about to), so it must not leave an
-        # action in flight that no engine was given (issue 11, failure 3). Half: clock skew
-        # between this node and Redis up to that much still errs on the safe side.
+        # A call Redis runs later than half the command timeout after it was sent is refused by
+        # the script ('stale'): the node has given up on it (or is about to), so it must not leave
+        # an action in flight that no engine was given. "Sent" is read on Redis's clock (this
+        # node's clock plus the offset measured with TIME), so a node whose clock is off by
+        # seconds neither refuses every action nor accepts late ones.
         stale = self.options.command_timeout / 2
-        sent = time.time()
-        args: list[Arg] = [character_id, action_id, self.settings.action_timeout, sent, stale]
+        self._measure_clock_soon()
+        sent = time.time() + self._clock_offset
+        args: list[Arg] = [
+            character_id,
+            action_id,
+            self.settings.action_timeout,
+            sent,
+            stale,
+            1 if timed else 0,
+        ]
         async with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
         decision = text(reply[0])
         if decision == "stale":
+            log.warning(
+                "redis ran begin_action %.1fs late (a stall): refused it",
+                time.time() + self._clock_offset - sent,
+                extra={"party_id": party_id, "action_id": action_id},
+            )
             raise BackendUnavailable("redis ran begin_action too late: refused it")
         verdict = Decision(decision)
         if verdict is Decision.DONE:

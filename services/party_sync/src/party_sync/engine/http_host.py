@@ -16,6 +16,11 @@ code is the same object that runs in-process; nothing in it knows about HTTP.
 - 422: the engine refused the action (``EngineRejected``) or the body is invalid (final);
 - 500: the engine failed (party_sync retries; deduplication keeps the retry from applying twice).
 
+A ``traceparent`` header (W3C trace context, sent by ``HttpEngineLink`` while tracing is on)
+makes the request's span a child of party_sync's delivery, and ``ApiPublisher`` sends the current
+context back on every call to the events API: the action's trace runs through the engine
+(``party_sync.tracing``; without one, ``X-Trace-Id`` seeds the trace id).
+
 ``POST /notices`` (``--notice-path``): ``{"kind": "join" | "restate", "party_id",
 "campaign_run_id", "envelope"}`` (``party_sync.engine.wire``): a join goes to
 ``Engine.handle_join``, a restate to the engine's optional ``handle_restate``. 202 ``accepted``
@@ -34,7 +39,9 @@ from typing import Any, Final
 import aiohttp
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
+from party_sync import tracing
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, Engine, EngineRejected, restate_engine
 from party_sync.protocol import types as t
@@ -83,7 +90,9 @@ class ApiPublisher:
         for attempt in range(self._retries + 1):
             try:
                 async with self._http.post(
-                    url, data=orjson.dumps(envelope), headers=self._headers
+                    url,
+                    data=orjson.dumps(envelope),
+                    headers=tracing.with_traceparent(self._headers),
                 ) as resp:
                     body = await resp.read()
                     if resp.status == 202:
@@ -127,7 +136,8 @@ class ApiPublisher:
             if value is not None:
                 body[key] = value
         url = f"{self.base_url}/api/v1/parties/{party_id}/votes"
-        async with self._http.post(url, data=orjson.dumps(body), headers=self._headers) as resp:
+        headers = tracing.with_traceparent(self._headers)
+        async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
             answer = orjson.loads(await resp.read())
             if resp.status == 201:
                 return answer  # type: ignore[no-any-return]
@@ -149,6 +159,26 @@ def _deadline(request: web.Request, body: Mapping[str, Any]) -> float | None:
 def _first_attempt(request: web.Request) -> bool:
     """``X-Delivery-Attempt: 1``: no earlier delivery of this action can have reached us."""
     return request.headers.get(ATTEMPT_HEADER, "").strip() == "1"
+
+
+@web.middleware
+async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Each request in a SERVER span continuing its ``traceparent`` (while tracing is on)."""
+    if not tracing.is_on():
+        return await handler(request)
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    attributes = {"http.request.method": request.method, "http.route": route}
+    with tracing.incoming(
+        f"{request.method} {route}",
+        request.headers,
+        trace_id=request.headers.get("X-Trace-Id"),
+        attributes=attributes,
+    ) as span:
+        response = await handler(request)
+        if span is not None:
+            span.set_attribute("http.response.status_code", response.status)
+        return response
 
 
 def _invalid(exc: Exception) -> web.Response:
@@ -227,7 +257,7 @@ def build_host_app(
 ) -> web.Application:
     """The engine host: actions on ``path``, notices on ``notice_path``; ``clock`` (Unix
     seconds) decides whether a first delivery is past its deadline."""
-    app = web.Application()
+    app = web.Application(middlewares=[traced])
     app[ENGINE] = engine
     app[CONTRACTS] = Contracts()
     app[CLOCK] = clock

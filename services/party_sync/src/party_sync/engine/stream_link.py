@@ -8,7 +8,9 @@ Entry fields (all strings; never pickle):
   ``party.restate`` = ``{"type": "party.restate", "timestamp", "trace_id",
   "payload": {"epoch": …}}``, see ``party_sync.engine.wire``);
 - ``deadline`` (actions only, absent when the action has none): decimal Unix seconds after which
-  the action must not be *started* (``ActionRequest.deadline``).
+  the action must not be *started* (``ActionRequest.deadline``);
+- ``traceparent`` (optional; only while tracing is on): the W3C trace context of the append, so
+  the worker's spans join the action's trace (``party_sync.tracing``).
 
 Engines consume the stream with a consumer group (``party-sync engine-worker``): delivery is at
 least once, an entry stays pending until the engine acknowledges it, and a dead worker's entries
@@ -31,6 +33,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
+from party_sync import tracing
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
@@ -42,6 +45,7 @@ def entry(
     campaign_run_id: str,
     envelope: Any,
     deadline: float | None = None,
+    traceparent: str | None = None,
 ) -> dict[str, bytes]:
     """The fields of one stream entry (see the module docstring)."""
     fields = {
@@ -52,6 +56,8 @@ def entry(
     }
     if deadline is not None:
         fields["deadline"] = wire.format_deadline(deadline).encode()
+    if traceparent is not None:
+        fields["traceparent"] = traceparent.encode()
     return fields
 
 
@@ -67,6 +73,7 @@ class StreamEngineLink:
             socket_connect_timeout=2.0,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
         )
+        self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
 
     async def start(self, host: LinkHost) -> None:
         return None
@@ -80,18 +87,24 @@ class StreamEngineLink:
                 approximate=True,
             )
         except RedisError as exc:
+            self.failures += 1
             raise BackendUnavailable(f"cannot append to {self.stream}: {exc}") from None
 
     async def submit(self, action: ActionRequest) -> None:
-        await self._append(
-            entry(
-                "action",
-                action.party_id,
-                action.campaign_run_id,
-                dict(action.envelope),
-                action.deadline,
+        attributes = {"party_sync.action_id": action.action_id, "party_sync.transport": "stream"}
+        with tracing.span(
+            "engine.stream append", kind=tracing.SpanKind.PRODUCER, attributes=attributes
+        ):
+            await self._append(
+                entry(
+                    "action",
+                    action.party_id,
+                    action.campaign_run_id,
+                    dict(action.envelope),
+                    action.deadline,
+                    tracing.traceparent(),
+                )
             )
-        )
 
     async def notify_join(self, notice: JoinNotice) -> None:
         envelope = wire.join_envelope(notice, time.time())

@@ -52,6 +52,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
+from party_sync import tracing
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.engine import wire
 from party_sync.engine.interface import (
@@ -223,7 +224,13 @@ class StreamWorker:
             if not fields:  # trimmed or deleted while pending: nothing left to do
                 await self.redis.xack(o.stream, o.group, entry_id)
                 continue
-            await self._handle(entry_id, fields, redelivery=redelivery)
+            with tracing.incoming(
+                "engine.stream handle",
+                fields.get(b"traceparent"),  # the append's context (stream_link), if traced
+                kind=tracing.SpanKind.CONSUMER,
+                attributes={"party_sync.entry_id": entry_id.decode()},
+            ):
+                await self._handle(entry_id, fields, redelivery=redelivery)
         return bool(entries)
 
     async def _handle(

@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from party_sync import tracing
 from party_sync.auth import Claims
 from party_sync.backends.base import Backend, Binding
 from party_sync.config import Settings
@@ -48,6 +49,9 @@ from party_sync.protocol.schemas import Contracts
 from party_sync.publishing import BackendPublisher
 
 log = logging.getLogger(__name__)
+
+#: Seconds ``stop()`` waits for the background tasks it cancelled.
+STOP_TIMEOUT = 5.0
 
 #: The presence refresh period is cut in this many slices, each refreshing its share of parties.
 PRESENCE_SLICES = 8
@@ -117,9 +121,16 @@ class Gateway:
         self._pending.clear()
         for handle in [*self._timers.values(), *self._vote_timers.values()]:
             handle.cancel()
-        for task in list(self._tasks):
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if tasks:
+            # A cancellation can be swallowed inside a library call (redis-py does, now and
+            # then): the loops also stop on ``stopping`` at their next tick, and a task that
+            # still does not end in time is left behind rather than hanging the shutdown.
+            _, late = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
+            for task in late:
+                log.warning("a background task did not stop in time: %s", task.get_name())
         await self.link.close()
         await self.backend.close()
 
@@ -156,8 +167,12 @@ class Gateway:
         binding = Binding(
             claims.party_id, claims.campaign_run_id, claims.character_id, claims.display_name
         )
-        session = Session(
-            uuid.uuid4().hex, binding, sink, ConnectionLimits(self._policy), claims.exp
+        session = Session(  # "<node_id>.<random>": the admin API tells which node holds it
+            f"{self.node_id}.{uuid.uuid4().hex}",
+            binding,
+            sink,
+            ConnectionLimits(self._policy),
+            claims.exp,
         )
         self.sessions.add(session)
         self.metrics.connections.set(len(self.sessions))
@@ -222,6 +237,16 @@ class Gateway:
             loop.call_later(
                 self.settings.presence_grace, self._later, self._settle, session.binding
             )
+
+    def close_character(self, party_id: str, character_id: str, code: int, reason: str) -> int:
+        """Close this node's connections of one character (an operator's request, on every node
+        through ``AdminView.request_close``); returns how many were open."""
+        hub = self._hubs.get(party_id)
+        closing = [s for s in hub.sessions_of(character_id) if not s.closed] if hub else []
+        for session in closing:
+            session.close(code, reason)
+            self.metrics.closes.labels(str(code)).inc()
+        return len(closing)
 
     async def _settle(self, binding: Binding) -> None:
         try:
@@ -313,7 +338,7 @@ class Gateway:
         everything queued behind it (measured: p99 of 30 ms at a light load, docs/benchmarks.md).
         """
         schedule = RefreshSchedule(max(0.15, self.settings.presence_ttl), PRESENCE_SLICES)
-        while True:
+        while not self.stopping:
             await asyncio.sleep(schedule.interval)
             now = self.clock()
             tick = schedule.tick(now)
@@ -334,6 +359,10 @@ class Gateway:
             with self._tick("votes") as ok:
                 for party_id, vote_id in await self.backend.due_votes(now):
                     await self._finish_vote(party_id, vote_id)  # a vote whose timers all died
+                # decisions whose node could not hand them to the engine (it failed or died)
+                unapplied = await self.backend.unapplied_votes(now, self.settings.action_timeout)
+                for finished in unapplied:
+                    await self._apply_vote(finished)
                 ok.set()
 
     async def _announce_rejoins(self, events: Sequence[Event], bindings: list[Binding]) -> None:
@@ -377,7 +406,7 @@ class Gateway:
         reported at most that much late.
         """
         interval = min(0.5, max(0.01, self.settings.action_timeout / 4))
-        while True:
+        while not self.stopping:
             await asyncio.sleep(interval)
             with self._tick("action_timeouts") as ok:
                 self._sweep_timeouts(self.clock())
@@ -450,6 +479,19 @@ class Gateway:
         return codec.encode(replies.error(code, message, now=self.clock()))
 
     async def _receive_action(self, session: Session, message: inbound.Inbound, now: float) -> None:
+        """An ``action.request``: the root span of the action's trace (tracing.py) when on."""
+        if not tracing.is_on():
+            await self._accept_action(session, message, now)
+            return
+        attributes = {
+            "party_sync.party_id": session.party_id,
+            "party_sync.character_id": session.character_id,
+            "party_sync.action_id": str(message.payload["action_id"]),
+        }
+        with tracing.action_span(message.trace_id, attributes=attributes):
+            await self._accept_action(session, message, now)
+
+    async def _accept_action(self, session: Session, message: inbound.Inbound, now: float) -> None:
         p = message.payload
         action_id: str = p["action_id"]
 
@@ -673,7 +715,7 @@ class Gateway:
             )
         for event in events:
             if event.type == t.VOTE_FINISHED:
-                await self._apply_vote(event)
+                self._spawn(self._apply_vote_soon(event))
 
     # -- votes ----------------------------------------------------------------------------------
     def _arm_vote_deadline(self, event: Event) -> None:
@@ -690,19 +732,44 @@ class Gateway:
         self._vote_timers.pop((party_id, "vote:" + vote_id), None)
         try:
             event = await self.backend.finish_vote(party_id, vote_id, self.clock())
-            if event is not None:  # this node won the finish: it applies the result
-                await self._apply_vote(event)
         except BackendUnavailable:  # the due-votes sweep finishes it once Redis is back
             self.metrics.background_errors.labels("votes").inc()
+            return
+        if event is not None:  # this node won the finish: it applies the result
+            self._spawn(self._apply_vote_soon(event))
 
-    async def _apply_vote(self, finished: Event) -> None:
-        """Submit the winning option to the engine as the party's ``choice`` (once per vote)."""
+    async def _apply_vote_soon(self, finished: Event) -> None:
+        """Hand a finished vote's decision to the engine, trying again through backend errors
+        for one action timeout; after that (or if this node dies first) the votes sweep of any
+        node does it (``backend.unapplied_votes``). A decision announced is never lost."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.settings.action_timeout
+        pause = 0.05
+        while not self.stopping:
+            try:
+                if await self._apply_vote(finished):
+                    return
+            except BackendUnavailable:
+                self.metrics.background_errors.labels("votes").inc()
+            if loop.time() + pause > give_up_at:
+                return
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+    async def _apply_vote(self, finished: Event) -> bool:
+        """Submit the winning option to the engine as the party's ``choice``; True once done.
+
+        The action has no deadline (nobody waits for it; it must not be refused as late). It is
+        handed over at least once: a resubmission of one already in flight (its node died, or a
+        sweep overlaps a slow submit) is deduplicated by the engine host's claim and the engine.
+        """
         applied = finished.payload["applied"]
         vote_id = finished.payload["vote_id"]
         run = await self.backend.vote_run(finished.party_id, vote_id)
         if run is None:
             log.error("finished vote without a run", extra={"trace_id": finished.trace_id})
-            return
+            await self.backend.mark_vote_applied(finished.party_id, vote_id)
+            return True
         payload = {
             "action_id": applied["action_id"],
             "character_id": t.PARTY_ACTOR,
@@ -718,10 +785,13 @@ class Gateway:
             "payload": payload,
         }
         verdict = await self.backend.begin_action(
-            finished.party_id, t.PARTY_ACTOR, applied["action_id"], now
+            finished.party_id, t.PARTY_ACTOR, applied["action_id"], now, timed=False
         )
-        if verdict.decision is not Decision.ACCEPT:
-            return  # already submitted (or done): never twice
+        if verdict.decision is Decision.BUSY:
+            return False  # the party's previous action still holds its lock: later
+        if verdict.decision in (Decision.DONE, Decision.TAKEN):
+            await self.backend.mark_vote_applied(finished.party_id, vote_id)
+            return True
         action = ActionRequest(
             party_id=finished.party_id,
             campaign_run_id=run,
@@ -731,7 +801,6 @@ class Gateway:
             payload=payload["payload"],
             trace_id=finished.trace_id,
             envelope=envelope,
-            deadline=now + self.settings.action_timeout,
         )
         log.info(
             "vote applied",
@@ -739,15 +808,12 @@ class Gateway:
                 "trace_id": finished.trace_id,
                 "party_id": finished.party_id,
                 "vote_id": vote_id,
+                "again": verdict.decision is Decision.IN_FLIGHT,
             },
         )
-        try:
-            await self.link.submit(action)
-        except Exception:
-            log.exception(
-                "engine link refused a vote's action", extra={"trace_id": finished.trace_id}
-            )
-            await self.fail_action(action, ErrorCode.ENGINE_UNAVAILABLE, "engine unavailable")
+        await self.link.submit(action)  # BackendUnavailable: not handed over; tried again
+        await self.backend.mark_vote_applied(finished.party_id, vote_id)
+        return True
 
 
 def _about(message: inbound.Inbound | None) -> dict[str, Any]:

@@ -85,6 +85,7 @@ class CloseCode:
     TOKEN_EXPIRED = 4001  # fetch a fresh token, then reconnect
     SLOW_CONSUMER = 4002  # the client could not keep up: reconnect and resume
     RESYNC = 4003  # the server lost continuity: reconnect without resume, take the snapshot
+    DISCONNECTED = 4004  # an operator closed the character's connections (admin API)
 
 
 class PartySyncError(Exception):

@@ -7,6 +7,10 @@ follow the id rule (400 ``invalid_id``); then the whole body is read, up to
 (400 ``too_deep`` / ``bad_json``): ``transport/edge.py`` does all of that, for every route.
 Published events go through the same validated, sequenced path as in-process engines' events, so
 they are ordered, recorded in history and resumable like every other event.
+
+A ``traceparent`` header (W3C trace context; ``party-sync engine-http`` sends it) makes the
+publish a span of the caller's trace, i.e. of the action's (``party_sync.tracing``); without one,
+an envelope ``trace_id`` that is a W3C trace id names the trace.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from party_sync import tracing
 from party_sync.core import votes
 from party_sync.engine.interface import ENGINE_EVENT_TYPES
 from party_sync.gateway import Gateway
@@ -72,7 +77,13 @@ async def publish_party_event(request: web.Request) -> web.Response:
         return parsed
     try:
         message = _build(gateway, parsed)
-        event = await gateway.backend.publish(party_id, message, gateway.clock())
+        with tracing.incoming(
+            "publish " + message["type"],
+            request.headers,
+            trace_id=message["trace_id"],
+            attributes={"party_sync.party_id": party_id},
+        ):
+            event = await gateway.backend.publish(party_id, message, gateway.clock())
     except InvalidEvent as exc:
         return _problem(422, "invalid_event", exc.message)
     except BackendUnavailable:
@@ -93,7 +104,13 @@ async def publish_run_event(request: web.Request) -> web.Response:
         return parsed
     try:
         message = _build(gateway, parsed)
-        seqs = await gateway.publish_to_run(run_id, message)
+        with tracing.incoming(
+            "publish " + message["type"],
+            request.headers,
+            trace_id=message["trace_id"],
+            attributes={"party_sync.campaign_run_id": run_id},
+        ):
+            seqs = await gateway.publish_to_run(run_id, message)
     except InvalidEvent as exc:
         return _problem(422, "invalid_event", exc.message)
     except BackendUnavailable:
@@ -119,9 +136,10 @@ async def start_vote(request: web.Request) -> web.Response:
         return _problem(422, "invalid_vote", "trace_id must match [A-Za-z0-9._:-]{1,128}")
     try:
         spec = votes.spec_from_json(body, str(vote_id))
-        event = await gateway.publisher.open_vote(
-            party_id, spec, campaign_run_id=run, trace_id=trace
-        )
+        with tracing.incoming("vote.start", request.headers, trace_id=trace):
+            event = await gateway.publisher.open_vote(
+                party_id, spec, campaign_run_id=run, trace_id=trace
+            )
     except (votes.SpecError, InvalidEvent) as exc:
         return _problem(422, "invalid_vote", str(exc))
     except VoteConflict as exc:

@@ -1,9 +1,11 @@
 """The demo page: ``GET /demo`` plays a party in the browser, on the client library in clients/js.
 
-The page and its assets come from the repository's ``clients/js``: the sources in ``demo/`` and
-the build in ``dist/`` (the library as ES modules and the compiled page script), which ``make
-setup`` produces with ``npm ci && npm run build``. Without that build ``/demo`` answers 503 and
-says how to make it. The page reads its token from ``?token=``, from Telegram's ``initData``
+The page and its assets come from ``clients/js``: the sources in ``demo/`` and the build in
+``dist/`` (the library as ES modules and the compiled page script), which ``make setup`` produces
+with ``npm ci && npm run build``. An installed wheel carries a copy of them laid out the same way,
+``party_sync/_web/`` (put there by the build hook, services/party_sync/hatch_build.py); a checkout
+(an editable install) reads the repository's. Without that build ``/demo`` answers 503 and says
+how to make it. The page reads its token from ``?token=``, from Telegram's ``initData``
 (exchanged at ``POST /api/v1/auth/telegram``) or, in development mode only, from
 ``POST /api/v1/dev/token``, which this module adds only then: in production mode that path does
 not exist (404), so a token can never be minted from a browser.
@@ -30,6 +32,7 @@ from party_sync.protocol.ids import is_id
 from party_sync.protocol.names import name_problem
 from party_sync.protocol.types import PARTY_ACTOR
 from party_sync.transport.appkeys import GATEWAY
+from party_sync.transport.edge import problem as _problem
 from party_sync.transport.edge import read_json
 
 log = logging.getLogger(__name__)
@@ -58,8 +61,15 @@ DEMO_DIR: Final = web.AppKey("demo_dir", Path)
 DEMO_DEV_MODE: Final = web.AppKey("demo_dev_mode", bool)
 
 
-def find_client_dir(start: Path | None = None) -> Path | None:
-    """``clients/js`` of the checkout this package runs from (an editable install), if any."""
+#: The built pages inside an installed wheel (demo/ and dist/, as in clients/js).
+PACKAGED_WEB_DIR: Final = Path(__file__).resolve().parents[1] / "_web"
+
+
+def find_client_dir(start: Path | None = None, packaged: Path = PACKAGED_WEB_DIR) -> Path | None:
+    """Where the pages are: the wheel's copy (``packaged``) when installed, else ``clients/js``
+    of the checkout this package runs from (an editable install, or ``start``'s), if any."""
+    if start is None and (packaged / "dist").is_dir():
+        return packaged
     here = (start or Path(__file__)).resolve()
     for parent in here.parents:
         candidate = parent / "clients" / "js"
@@ -158,10 +168,6 @@ async def asset(request: web.Request) -> web.StreamResponse:
     return _file(path)
 
 
-def _problem(status: int, error: str, detail: str) -> web.Response:
-    return web.json_response({"error": error, "detail": detail}, status=status)
-
-
 async def dev_token(request: web.Request) -> web.Response:
     """Development mode only: a connection token for any character of any party."""
     secret = request.app[GATEWAY].settings.jwt_secret
@@ -215,7 +221,10 @@ def add_routes(app: web.Application, *, dev_mode: bool, client_dir: Path | None 
     if root is None:
 
         async def missing(request: web.Request) -> web.Response:
-            text = "The demo page ships with a checkout of the repository (clients/js).\n"
+            text = (
+                "The demo page is not installed: build the wheel with `make dist` (it puts the "
+                "built page inside), or run from a checkout after `make setup`.\n"
+            )
             return web.Response(status=404, text=text)
 
         app.router.add_get("/demo", missing)

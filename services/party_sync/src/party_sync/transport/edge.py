@@ -10,7 +10,11 @@
 - ``decode_body``: JSON nested at most ``codec.MAX_DEPTH`` levels (400 ``too_deep``), else 400
   ``bad_json``.
 
-Refusals are ``{"error": <stable code>, "detail": <sentence>}``; the detail never echoes input.
+Refusals are RFC 9457 problem details (``application/problem+json``): ``{"type": "about:blank",
+"title": <the status phrase>, "status", "detail": <sentence>, "error": <stable code>, "code": <the
+same code>}`` (``problem``). ``error`` is the field clients have always matched on; ``code`` is its
+RFC 9457-style alias; ``type`` stays ``about:blank`` because the status and the code say it all.
+The detail never echoes input.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
+from http import HTTPStatus
 from typing import Any, Final
 
 from aiohttp import web
@@ -37,11 +42,32 @@ TOO_DEEP: Final = "too_deep"
 BAD_JSON: Final = "bad_json"
 
 
+#: The media type of every refusal (RFC 9457).
+PROBLEM_JSON: Final = "application/problem+json"
+
+
+def problem_body(status: int, error: str, detail: str) -> dict[str, str | int]:
+    """The RFC 9457 problem details of a refusal; ``error`` and ``code`` are the stable code."""
+    return {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "error": error,
+        "code": error,
+    }
+
+
 def problem(
     status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
 ) -> web.Response:
-    """A refusal: ``{"error", "detail"}`` with ``status``."""
-    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+    """A refusal with ``status``: problem details (``problem_body``) as ``PROBLEM_JSON``."""
+    return web.json_response(
+        problem_body(status, error, detail),
+        status=status,
+        headers=headers,
+        content_type=PROBLEM_JSON,
+    )
 
 
 def authorized(request: web.Request) -> bool:

@@ -15,7 +15,7 @@ from party_sync.directory import Directory, MemoryDirectory
 from party_sync.engine.health import EngineHealth
 from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError
-from party_sync.transport import api, demo, members, openapi, telegram
+from party_sync.transport import admin, api, asyncapi, demo, members, openapi, telegram
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
 from party_sync.transport.guard import ConnectionGuard, track_requests
 from party_sync.transport.sink import FrameBatcher, WebSocketSink
@@ -64,6 +64,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         gateway.metrics.handshakes_refused.labels(str(exc.status)).inc()
         log.info("handshake refused", extra={"reason": exc.reason, "status": exc.status})
         raise web.HTTPUnauthorized(text=exc.reason) from None
+    refusal = await admin.handshake_refusal(request, claims)  # an operator's block: 403
+    if refusal is not None:
+        return refusal
     with request.app[GUARD].websocket_slot(claims):  # over max_connections_per_user: 429
         return await _serve_websocket(request, gateway, claims)
 
@@ -177,6 +180,7 @@ def build_app(
     app[BATCHER] = FrameBatcher()  # one flush per loop tick for all connections
     app[GUARD] = connection_guard(gateway)
     app.middlewares.append(track_requests)  # request-head deadlines (transport/guard.py)
+    app.middlewares.append(gateway.metrics.http_middleware())  # requests by route and status
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
@@ -185,12 +189,13 @@ def build_app(
     demo.add_routes(app, dev_mode=dev_mode)
     members.add_routes(app, directory or MemoryDirectory())  # who may sign in as what
     telegram.add_routes(app)  # POST /api/v1/auth/telegram
-    spec = openapi.document(gateway.contracts)
+    spec = openapi.document(gateway.contracts, dev_mode=dev_mode)
 
     async def openapi_json(request: web.Request) -> web.Response:
         return web.json_response(spec)
 
     app.router.add_get("/openapi.json", openapi_json)
+    asyncapi.add_routes(app, gateway.contracts)  # GET /asyncapi.json: the /ws protocol
 
     async def on_startup(app: web.Application) -> None:
         await gateway.start()
@@ -204,4 +209,5 @@ def build_app(
     app.on_startup.append(on_startup)
     app.on_shutdown.append(on_shutdown)
     app.on_cleanup.append(on_cleanup)
+    admin.add_routes(app, gateway)  # after the gateway's hooks: its heartbeat needs the backend
     return app

@@ -35,7 +35,7 @@ from party_sync.protocol.ids import is_id
 from party_sync.protocol.names import clean_name
 from party_sync.protocol.types import PARTY_ACTOR
 from party_sync.transport.appkeys import DIRECTORY, GATEWAY
-from party_sync.transport.edge import read_body
+from party_sync.transport.edge import problem, read_body
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +64,7 @@ DETAILS: Final = {
 
 
 def _problem(status: int, error: str) -> web.Response:
-    return web.json_response(
-        {"error": error, "detail": DETAILS[error]},
-        status=status,
-        headers={"Cache-Control": "no-store"},
-    )
+    return problem(status, error, DETAILS[error], headers={"Cache-Control": "no-store"})
 
 
 def _request_fields(body: Any) -> tuple[str, str, str] | None:

@@ -1,0 +1,289 @@
+"""The operators' view of the Redis backend (``AdminView``): the whole service, from any node.
+
+- Parties: every node's heartbeat adds the parties it serves to ``party-index`` (one sorted set,
+  all scores 0, so it is read in ``party_id`` order and paginated by ``ZRANGE BYLEX``: the cursor
+  is the last ``party_id`` of a page). A party whose state expired is dropped from the index when
+  a listing meets it. A party's numbers are read in one ``MULTI`` on its slot (all its keys share
+  the hash tag), never through ``snapshot.lua``, which would start a history for a party that
+  just expired.
+- Nodes: each node writes ``node:<node_id>`` (its id, version, connection count, start time)
+  every heartbeat, expiring after a few heartbeats, and ``nodes`` (node_id → expiry) lists them.
+- Connections name their node: a connection id is ``<node_id>.<random>`` (the gateway's).
+- Close requests travel on ``<prefix>:admin`` as JSON (never pickle, as on the party channels):
+  ``{"close": {"party_id", "character_id", "code", "reason"}}``; every node subscribes to it
+  and closes its own connections of that character.
+- A handshake block is ``{party}:block:<character_id>`` = until (Unix seconds), expiring then.
+
+Key and channel names come from ``keys.KeySpace``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from party_sync.backends.base import (
+    ActionInFlight,
+    CloseRequest,
+    HeldEvents,
+    LiveConnection,
+    NodeInfo,
+    PartyDetail,
+    PartySummary,
+    Snapshot,
+    node_of,
+)
+from party_sync.backends.redis_scripts import snapshot_from, text, unavailable
+
+if TYPE_CHECKING:
+    from party_sync.backends.redis_backend import RedisBackend
+
+log = logging.getLogger(__name__)
+
+#: Held events after a seq, at most ARGV[2] of them, read atomically with the top of the stream.
+#: KEYS: meta, history. Returns {} without state, else {epoch, top, oldest held, events ...}.
+EVENTS_LUA: Final = """
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  return {}
+end
+local top = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+local oldest = top - redis.call('LLEN', KEYS[2]) + 1
+local first = math.max(tonumber(ARGV[1]) + 1, oldest)
+local last = math.min(top, first + tonumber(ARGV[2]) - 1)
+local out = {epoch, top, oldest}
+if first <= last then
+  for _, data in ipairs(redis.call('LRANGE', KEYS[2], first - oldest, last - oldest)) do
+    out[#out + 1] = data
+  end
+end
+return out
+"""
+
+
+def _lock(character: Any, value: Any) -> ActionInFlight | None:
+    until, _, action_id = text(value).partition(" ")
+    try:
+        return ActionInFlight(text(character), action_id, float(until))
+    except ValueError:
+        return None
+
+
+def _flat(mapping: dict[Any, Any]) -> list[Any]:
+    """A mapping as the flat ``[k1, v1, ...]`` reply ``snapshot_from`` reads (HGETALL in Lua)."""
+    return [item for pair in mapping.items() for item in pair]
+
+
+class _Watch:
+    def __init__(self, close: Callable[[], Any]) -> None:
+        self._close: Callable[[], Any] | None = close
+
+    async def close(self) -> None:
+        if self._close is not None:
+            close, self._close = self._close, None
+            await close()
+
+
+class RedisAdmin:
+    """``AdminView`` over one node's ``RedisBackend``."""
+
+    def __init__(self, backend: RedisBackend) -> None:
+        self._b = backend
+        self._events = backend.client.register_script(EVENTS_LUA)
+        self._watchers: list[CloseRequest] = []
+
+    # -- parties --------------------------------------------------------------------------------
+    async def _read(
+        self, party_id: str, now: float, presence: bool
+    ) -> tuple[str | None, Snapshot, list[ActionInFlight], list[Any]] | None:
+        """The party's run, projection, actions in flight (and live presence entries), or None."""
+        keys = dict(zip(("meta", "history", "members", "names", "online", "state", "presence",
+                         "gone", "locks", "vote", "ballots"), self._b.keys.party_keys(party_id),
+                        strict=True))  # fmt: skip
+        async with unavailable("admin read"), self._b.client.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys["meta"], ["epoch", "seq", "run"])
+            pipe.zrange(keys["members"], 0, -1)
+            pipe.hgetall(keys["names"])
+            pipe.smembers(keys["online"])
+            pipe.hgetall(keys["state"])
+            pipe.hgetall(keys["locks"])
+            if presence:
+                pipe.zrangebyscore(keys["presence"], f"({now!r}", "+inf", withscores=True)
+            replies = await pipe.execute()
+        (epoch, seq, run), members, names, online, state, locks = replies[:6]
+        if epoch is None:
+            return None
+        snapshot = snapshot_from([epoch, seq or 0, members, _flat(names), online, _flat(state), []])
+        actions = sorted(
+            (a for a in (_lock(c, v) for c, v in locks.items()) if a and a.deadline > now),
+            key=lambda a: (a.deadline, a.character_id),
+        )
+        return (text(run) if run is not None else None), snapshot, actions, replies[6:]
+
+    async def parties(self, after: str | None, limit: int, now: float) -> list[PartySummary]:
+        index = self._b.keys.party_index()
+        out: list[PartySummary] = []
+        while len(out) < limit:
+            start = "-" if after is None else "(" + after
+            async with unavailable("admin parties"):
+                ids = [
+                    text(p) for p in await self._b.client.zrangebylex(index, start, "+", 0, limit)
+                ]
+            for party_id in ids:
+                read = await self._read(party_id, now, presence=False)
+                if read is None:  # its state expired: forget it
+                    async with unavailable("admin parties"):
+                        await self._b.client.zrem(index, party_id)
+                    continue
+                run, snap, actions, _ = read
+                online = sum(1 for m in snap.members if m["online"])
+                out.append(
+                    PartySummary(
+                        party_id, run, snap.epoch, snap.seq, len(snap.members), online, snap.vote,
+                        len(actions),
+                    )
+                )  # fmt: skip
+                if len(out) == limit:
+                    break
+            if len(ids) < limit:
+                break
+            after = ids[-1]
+        return out
+
+    async def party(self, party_id: str, now: float) -> PartyDetail | None:
+        read = await self._read(party_id, now, presence=True)
+        if read is None:
+            return None
+        run, snapshot, actions, (entries,) = read
+        connections: list[LiveConnection] = []
+        for entry, expires in entries:
+            connection, _, character = text(entry).partition(":")
+            connections.append(
+                LiveConnection(character, connection, node_of(connection), float(expires))
+            )
+        connections.sort(key=lambda c: (c.character_id, c.connection_id))
+        return PartyDetail(run, snapshot, connections, actions)
+
+    async def events(self, party_id: str, after_seq: int, limit: int) -> HeldEvents | None:
+        keys = self._b.keys.party_keys(party_id)
+        async with unavailable("admin events"):
+            reply = await self._events(keys=[keys[0], keys[1]], args=[after_seq, limit])
+        if not reply:
+            return None
+        return HeldEvents(
+            text(reply[0]), int(reply[1]), int(reply[2]), [bytes(e) for e in reply[3:]]
+        )
+
+    # -- nodes ----------------------------------------------------------------------------------
+    async def heartbeat(self, node: NodeInfo, parties: Sequence[str], ttl: float) -> None:
+        keys = self._b.keys
+        body = orjson.dumps(
+            {
+                "node_id": node.node_id,
+                "version": node.version,
+                "connections": node.connections,
+                "started_at": node.started_at,
+                "seen_at": node.seen_at,
+            }
+        )
+        async with unavailable("admin heartbeat"), self._b.client.pipeline(False) as pipe:
+            pipe.set(keys.node(node.node_id), body, px=max(1, int(ttl * 1000)))
+            pipe.zadd(keys.nodes(), {node.node_id: node.seen_at + ttl})
+            pipe.zremrangebyscore(keys.nodes(), "-inf", node.seen_at)
+            if parties:
+                pipe.zadd(keys.party_index(), dict.fromkeys(parties, 0), nx=True)
+            await pipe.execute()
+
+    async def forget_node(self, node_id: str) -> None:
+        keys = self._b.keys
+        async with unavailable("admin forget node"), self._b.client.pipeline(False) as pipe:
+            pipe.zrem(keys.nodes(), node_id)
+            pipe.delete(keys.node(node_id))
+            await pipe.execute()
+
+    async def nodes(self, now: float) -> list[NodeInfo]:
+        keys = self._b.keys
+        async with unavailable("admin nodes"):
+            ids = sorted(
+                text(n) for n in await self._b.client.zrangebyscore(keys.nodes(), now, "+inf")
+            )
+            bodies = await self._b.client.mget([keys.node(n) for n in ids]) if ids else []
+        out: list[NodeInfo] = []
+        for body in bodies:
+            if body is None:
+                continue
+            try:
+                d = orjson.loads(body)
+                out.append(
+                    NodeInfo(
+                        str(d["node_id"]), str(d["version"]), int(d["connections"]),
+                        float(d["started_at"]), float(d["seen_at"]),
+                    )
+                )  # fmt: skip
+            except (ValueError, KeyError, TypeError):
+                log.warning("ignored a malformed node heartbeat")
+        return out
+
+    # -- disconnecting --------------------------------------------------------------------------
+    async def block(self, party_id: str, character_id: str, until: float, now: float) -> None:
+        key = self._b.keys.block(party_id, character_id)
+        async with unavailable("admin block"):
+            if until > now:
+                await self._b.client.set(key, repr(until), pxat=int(until * 1000) + 1)
+            else:
+                await self._b.client.delete(key)
+
+    async def blocked_until(self, party_id: str, character_id: str, now: float) -> float | None:
+        async with unavailable("admin blocked"):
+            value = await self._b.client.get(self._b.keys.block(party_id, character_id))
+        if value is None:
+            return None
+        until = float(text(value))
+        return until if until > now else None
+
+    async def request_close(self, party_id: str, character_id: str, code: int, reason: str) -> None:
+        request = {
+            "party_id": party_id,
+            "character_id": character_id,
+            "code": code,
+            "reason": reason,
+        }
+        async with unavailable("admin close"):
+            await self._b.client.publish(
+                self._b.keys.admin_channel(), orjson.dumps({"close": request})
+            )
+
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            close = orjson.loads(raw)["close"]
+            request = (
+                str(close["party_id"]),
+                str(close["character_id"]),
+                int(close["code"]),
+                str(close["reason"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignored a malformed message on the admin channel")
+            return
+        for callback in list(self._watchers):
+            try:
+                callback(*request)
+            except Exception:
+                log.exception("close request failed")
+
+    async def watch_closes(self, callback: CloseRequest) -> _Watch:
+        channel = self._b.keys.admin_channel()
+        if not self._watchers:
+            await self._b.bus.add(channel, self._on_message)
+        self._watchers.append(callback)
+
+        async def close() -> None:
+            if callback in self._watchers:
+                self._watchers.remove(callback)
+            if not self._watchers:
+                await self._b.bus.remove(channel, self._on_message)
+
+        return _Watch(close)

@@ -1,0 +1,426 @@
+"""The admin API and page: what operators see of parties and nodes, and how they act on them.
+
+Every route is behind the server API key and the path-id rule (``transport/edge.py guarded``) and
+answers for the whole service, whichever node is asked (``AdminView``: in Redis mode it reads the
+shared state, and a disconnect reaches every node through the admin channel)::
+
+    GET    /api/v1/parties?limit=&cursor=                       parties, by party_id, paginated
+    GET    /api/v1/parties/{party_id}                           presence, projection, actions
+    GET    /api/v1/parties/{party_id}/events?after_seq=&limit=  the history as held
+    DELETE /api/v1/parties/{party_id}/members/{character_id}/connections?until=
+                                  close the character's connections everywhere (close code 4004)
+                                  and, with ``until`` (Unix seconds), refuse its handshakes until
+                                  then (403 ``disconnected_by_operator``); ``until=0`` lifts that
+    GET    /api/v1/nodes                                        live nodes
+
+``GET /admin`` is the page (clients/js/admin, built like the demo page): the key is typed once and
+kept in ``sessionStorage``; it lists parties and nodes, follows one party's events by polling the
+events route, and disconnects a character.
+
+Each node keeps itself on the node list with a heartbeat every ``presence_ttl / 3`` (its id,
+version, connection count, start time and the parties it serves), which expires after
+``NODE_TTL_PERIODS`` heartbeats: a node that dies leaves the list within that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Final, cast
+
+import orjson
+from aiohttp import web
+
+from party_sync import __version__
+from party_sync.auth import Claims
+from party_sync.backends.base import AdminView, NodeInfo, PartyDetail, PartySummary, Subscription
+from party_sync.gateway import Gateway
+from party_sync.protocol.errors import BackendUnavailable, CloseCode
+from party_sync.protocol.ids import is_id
+from party_sync.transport import demo
+from party_sync.transport.appkeys import GATEWAY
+from party_sync.transport.edge import guarded, problem
+
+log = logging.getLogger(__name__)
+
+#: The close code of a connection an operator disconnected (docs/protocol.md): do not reconnect
+#: at once; a handshake refused with 403 ``disconnected_by_operator`` says until when.
+CLOSE_DISCONNECTED: Final = CloseCode.DISCONNECTED
+CLOSE_REASON: Final = "disconnected by an operator"
+BLOCKED: Final = "disconnected_by_operator"
+INVALID_QUERY: Final = "invalid_query"
+NOT_FOUND: Final = "not_found"
+DEFAULT_PARTIES: Final = 50
+MAX_PARTIES: Final = 500
+DEFAULT_EVENTS: Final = 100
+MAX_EVENTS: Final = 1000
+#: The longest a handshake block may last (``until`` further away is refused with 400).
+MAX_BLOCK: Final = 366 * 86400.0
+#: A node's heartbeat lives this many heartbeat periods.
+NODE_TTL_PERIODS: Final = 4
+#: Seconds between two heartbeats of a node; None: ``presence_ttl / 3`` (the presence refresh's
+#: period). Tests set a short one.
+HEARTBEAT_INTERVAL: float | None = None
+
+_UNAVAILABLE: Final = ("backend_unavailable", "the backend is unreachable; retry")
+
+ADMIN: Final = web.AppKey[AdminView]("admin_view")
+STARTED_AT: Final = web.AppKey("admin_started_at", float)
+_TASK: Final = web.AppKey[asyncio.Task[None]]("admin_task")
+ADMIN_DIR: Final = web.AppKey("admin_dir", Path)
+
+
+def admin_view(gateway: Gateway) -> AdminView:
+    """The backend's ``AdminView`` (``backend.admin``: both backends carry one)."""
+    view = getattr(gateway.backend, "admin", None)
+    if view is None:
+        raise TypeError(f"backend {gateway.backend.name!r} has no admin view")
+    return cast(AdminView, view)
+
+
+# -- JSON shapes -----------------------------------------------------------------------------------
+def summary_json(p: PartySummary) -> dict[str, Any]:
+    return {
+        "party_id": p.party_id,
+        "campaign_run_id": p.campaign_run_id,
+        "epoch": p.epoch,
+        "last_seq": p.seq,
+        "members": {"online": p.members_online, "total": p.members_total},
+        "vote": dict(p.vote) if p.vote is not None else None,
+        "actions_in_flight": p.actions_in_flight,
+    }
+
+
+def detail_json(party_id: str, d: PartyDetail, now: float, action_timeout: float) -> dict[str, Any]:
+    """``GET /api/v1/parties/{party_id}``: presence per character, the hello projection, actions."""
+    s = d.snapshot
+    by_character: dict[str, list[dict[str, Any]]] = {}
+    for c in d.connections:
+        by_character.setdefault(c.character_id, []).append(
+            {"connection_id": c.connection_id, "node_id": c.node_id, "expires_at": c.expires_at}
+        )
+    roster = {m["character_id"]: m for m in s.members}
+    presence = [
+        {
+            "character_id": cid,
+            "display_name": roster[cid]["display_name"] if cid in roster else None,
+            "online": bool(roster[cid]["online"]) if cid in roster else False,
+            "connections": by_character.get(cid, []),
+            "nodes": sorted({c["node_id"] for c in by_character.get(cid, []) if c["node_id"]}),
+        }
+        for cid in [*roster, *sorted(set(by_character) - set(roster))]
+    ]
+    hello = {
+        "party_id": party_id,
+        "campaign_run_id": d.campaign_run_id,
+        "status": s.status,
+        "run_status": s.run_status,
+        "members": s.members,
+        "scene_number": s.scene_number,
+        "seq": s.seq,
+        "epoch": s.epoch,
+        "scene": s.scene,
+        "combat": s.combat,
+        "party_state": s.party_state,
+        "vote": dict(s.vote) if s.vote is not None else None,
+    }
+    actions = [
+        {
+            "action_id": a.action_id,
+            "character_id": a.character_id,
+            "deadline": a.deadline,
+            "age_seconds": round(max(0.0, now - (a.deadline - action_timeout)), 3),
+        }
+        for a in d.actions
+    ]
+    return {
+        "party_id": party_id,
+        "campaign_run_id": d.campaign_run_id,
+        "epoch": s.epoch,
+        "last_seq": s.seq,
+        "presence": presence,
+        "hello": hello,
+        "actions_in_flight": actions,
+    }
+
+
+def node_json(n: NodeInfo, this_node: str) -> dict[str, Any]:
+    return {
+        "node_id": n.node_id,
+        "version": n.version,
+        "connections": n.connections,
+        "started_at": n.started_at,
+        "seen_at": n.seen_at,
+        "self": n.node_id == this_node,
+    }
+
+
+# -- query parameters ------------------------------------------------------------------------------
+def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    if not raw.isdigit() or len(raw) > 18 or not low <= int(raw) <= high:
+        return None
+    return int(raw)
+
+
+def _bad_query(name: str, rule: str) -> web.Response:
+    return problem(400, INVALID_QUERY, f"{name}: {rule}")
+
+
+# -- routes ----------------------------------------------------------------------------------------
+async def list_parties(request: web.Request) -> web.Response:
+    limit = _int_query(request, "limit", DEFAULT_PARTIES, 1, MAX_PARTIES)
+    if limit is None:
+        return _bad_query("limit", f"an integer from 1 to {MAX_PARTIES}")
+    cursor = request.query.get("cursor") or None
+    if cursor is not None and not is_id(cursor):
+        return _bad_query("cursor", "the next_cursor of the previous page")
+    gateway = request.app[GATEWAY]
+    try:
+        page = await request.app[ADMIN].parties(cursor, limit + 1, gateway.clock())
+    except BackendUnavailable:
+        return problem(503, *_UNAVAILABLE)
+    more = len(page) > limit
+    page = page[:limit]
+    return web.json_response(
+        {
+            "parties": [summary_json(p) for p in page],
+            "next_cursor": page[-1].party_id if more else None,
+        }
+    )
+
+
+async def get_party(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    party_id = request.match_info["party_id"]
+    now = gateway.clock()
+    try:
+        detail = await request.app[ADMIN].party(party_id, now)
+    except BackendUnavailable:
+        return problem(503, *_UNAVAILABLE)
+    if detail is None:
+        return problem(404, NOT_FOUND, "no such party (or its state expired)")
+    return web.json_response(detail_json(party_id, detail, now, gateway.settings.action_timeout))
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    after = _int_query(request, "after_seq", 0, 0, 10**15)
+    if after is None:
+        return _bad_query("after_seq", "a non-negative integer")
+    limit = _int_query(request, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS)
+    if limit is None:
+        return _bad_query("limit", f"an integer from 1 to {MAX_EVENTS}")
+    party_id = request.match_info["party_id"]
+    try:
+        held = await request.app[ADMIN].events(party_id, after, limit)
+    except BackendUnavailable:
+        return problem(503, *_UNAVAILABLE)
+    if held is None:
+        return problem(404, NOT_FOUND, "no such party (or its state expired)")
+    last = after if not held.events else orjson.loads(held.events[-1])["seq"]
+    head = orjson.dumps(
+        {
+            "party_id": party_id,
+            "epoch": held.epoch,
+            "last_seq": held.last_seq,
+            "oldest_seq": held.oldest_seq,
+            "next_after_seq": max(last, after),
+        }
+    )
+    # The events as held, byte for byte (each is the envelope clients received): no re-encoding.
+    body = head[:-1] + b',"events":[' + b",".join(held.events) + b"]}"
+    return web.Response(body=body, content_type="application/json")
+
+
+async def disconnect(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    party_id = request.match_info["party_id"]
+    character_id = request.match_info["character_id"]
+    now = gateway.clock()
+    until: float | None = None
+    raw = request.query.get("until")
+    if raw is not None:
+        try:
+            until = float(raw)
+        except ValueError:
+            until = math.nan
+        if not math.isfinite(until) or until < 0 or until > now + MAX_BLOCK:
+            return _bad_query("until", "Unix seconds, at most a year ahead (0 lifts a block)")
+    view = request.app[ADMIN]
+    try:
+        if until is not None:  # first: a client that reconnects at once is refused already
+            await view.block(party_id, character_id, until, now)
+        await view.request_close(party_id, character_id, CLOSE_DISCONNECTED, CLOSE_REASON)
+    except BackendUnavailable:
+        return problem(503, *_UNAVAILABLE)
+    blocked = until if until is not None and until > now else None
+    log.info(
+        "character disconnected by an operator",
+        extra={"party_id": party_id, "character_id": character_id, "until": blocked},
+    )
+    return web.json_response(
+        {
+            "party_id": party_id,
+            "character_id": character_id,
+            "close_code": CLOSE_DISCONNECTED,
+            "blocked_until": blocked,
+        },
+        status=202,
+    )
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    try:
+        nodes = await request.app[ADMIN].nodes(gateway.clock())
+    except BackendUnavailable:
+        return problem(503, *_UNAVAILABLE)
+    return web.json_response({"nodes": [node_json(n, gateway.node_id) for n in nodes]})
+
+
+# -- the handshake check ---------------------------------------------------------------------------
+async def handshake_refusal(request: web.Request, claims: Claims) -> web.Response | None:
+    """403 ``disconnected_by_operator`` while an operator's block on the character holds.
+
+    Redis unreachable: no refusal here (the connection then fails on the backend anyway)."""
+    view = request.app.get(ADMIN)
+    if view is None:
+        return None
+    gateway = request.app[GATEWAY]
+    now = gateway.clock()
+    try:
+        until = await view.blocked_until(claims.party_id, claims.character_id, now)
+    except BackendUnavailable:
+        return None
+    if until is None:
+        return None
+    gateway.metrics.handshakes_refused.labels("403").inc()
+    detail = f"an operator disconnected this character until {until:.0f} (Unix seconds)"
+    return problem(403, BLOCKED, detail, headers={"Retry-After": str(math.ceil(until - now))})
+
+
+# -- the node's heartbeat and its close requests ---------------------------------------------------
+async def _keep_alive(app: web.Application) -> None:
+    gateway, view = app[GATEWAY], app[ADMIN]
+    interval = HEARTBEAT_INTERVAL or max(0.1, gateway.settings.presence_ttl / 3)
+    watch: Subscription | None = None
+    try:
+        while True:
+            if watch is None:
+                with contextlib.suppress(BackendUnavailable):
+                    watch = await view.watch_closes(gateway.close_character)
+            now = gateway.clock()
+            node = NodeInfo(
+                gateway.node_id, __version__, len(gateway.sessions), app[STARTED_AT], now
+            )
+            parties = sorted({s.party_id for s in gateway.sessions})
+            try:
+                await view.heartbeat(node, parties, interval * NODE_TTL_PERIODS)
+            except BackendUnavailable:
+                pass  # the next beat; the node's entry outlives a few missed ones
+            except Exception:
+                log.exception("node heartbeat failed")
+            await asyncio.sleep(interval)
+    finally:
+        if watch is not None:
+            with contextlib.suppress(Exception):
+                await watch.close()
+
+
+# -- the page --------------------------------------------------------------------------------------
+_NOT_BUILT: Final = (
+    "The admin page is not built. Run `make setup` (it runs `npm ci && npm run build` in "
+    "clients/js), then reload.\n"
+)
+_PAGE_HEADERS: Final = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "; ".join(
+        [
+            "default-src 'self'",
+            "script-src 'self'",
+            "style-src 'self'",
+            "img-src 'self' data:",
+            "connect-src 'self'",
+            "object-src 'none'",
+            "base-uri 'none'",
+            "form-action 'none'",
+            "frame-ancestors 'none'",
+        ]
+    ),
+}
+
+
+def _page_file(path: Path, content_type: str) -> web.StreamResponse:
+    if not path.is_file():
+        return web.Response(status=503, text=_NOT_BUILT, headers=_PAGE_HEADERS)
+    return web.FileResponse(path, headers={**_PAGE_HEADERS, "Content-Type": content_type})
+
+
+async def page(request: web.Request) -> web.StreamResponse:
+    root = request.app[ADMIN_DIR]
+    if not (root / "dist" / "admin" / "app.js").is_file():
+        return web.Response(status=503, text=_NOT_BUILT, headers=_PAGE_HEADERS)
+    return _page_file(root / "admin" / "index.html", "text/html; charset=utf-8")
+
+
+async def app_js(request: web.Request) -> web.StreamResponse:
+    return _page_file(request.app[ADMIN_DIR] / "dist" / "admin" / "app.js", "text/javascript")
+
+
+async def stylesheet(request: web.Request) -> web.StreamResponse:
+    return _page_file(request.app[ADMIN_DIR] / "admin" / "admin.css", "text/css")
+
+
+def add_routes(app: web.Application, gateway: Gateway, client_dir: Path | None = None) -> None:
+    """The admin API and page. Call after the gateway's own start-up hook is registered: the
+    heartbeat starts once the backend is up, and stops (the node leaves the list) on shutdown,
+    before the backend closes."""
+    app[ADMIN] = admin_view(gateway)
+    app.router.add_get("/api/v1/parties", guarded(list_parties))
+    app.router.add_get("/api/v1/parties/{party_id}", guarded(get_party))
+    app.router.add_get("/api/v1/parties/{party_id}/events", guarded(get_events))
+    app.router.add_delete(
+        "/api/v1/parties/{party_id}/members/{character_id}/connections", guarded(disconnect)
+    )
+    app.router.add_get("/api/v1/nodes", guarded(list_nodes))
+    root = client_dir or demo.find_client_dir()
+    if root is not None:
+        app[ADMIN_DIR] = root
+        app.router.add_get("/admin", page)
+        app.router.add_get("/admin/app.js", app_js)
+        app.router.add_get("/admin/admin.css", stylesheet)
+    else:
+
+        async def missing(request: web.Request) -> web.Response:
+            return web.Response(status=404, text="The admin page is not installed.\n")
+
+        app.router.add_get("/admin", missing)
+
+    async def start(app: web.Application) -> None:
+        app[STARTED_AT] = time.time()
+        app[_TASK] = asyncio.get_running_loop().create_task(_keep_alive(app))
+
+    async def stop(app: web.Application) -> None:
+        task = app.get(_TASK)
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        with contextlib.suppress(Exception):
+            await app[ADMIN].forget_node(gateway.node_id)
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(stop)
+
+
+__all__ = ["CLOSE_DISCONNECTED", "add_routes", "handshake_refusal"]

@@ -1,0 +1,256 @@
+"""The admin API (issue 15): parties, a party, its events, nodes, disconnecting a character."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+from party_sync.transport import admin
+from party_sync.transport.admin import CLOSE_DISCONNECTED
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.servers import Running, make_settings, serve_in_process, token
+
+pytestmark = pytest.mark.usefixtures("backend_kind", "quick_heartbeat")  # memory and redis
+
+KEY = "api-key-admin-0123456789abcdef0123"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SETTINGS = {"api_key": KEY}
+
+
+@pytest.fixture
+def quick_heartbeat(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Node heartbeats every 0.1 s (they feed the node list and, on Redis, the party index)."""
+    monkeypatch.setattr(admin, "HEARTBEAT_INTERVAL", 0.1)
+
+
+async def call(
+    srv: Running, method: str, path: str, headers: dict[str, str] | None = AUTH
+) -> tuple[int, Any]:
+    async with srv.http.request(method, srv.base + path, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def get(srv: Running, path: str) -> Any:
+    status, body = await call(srv, "GET", path)
+    assert status == 200, body
+    return body
+
+
+async def listed(srv: Running, want: set[str], timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The party listing once it names every party of ``want`` (bounded poll: the Redis index is
+    fed by the node heartbeat)."""
+    async with asyncio.timeout(timeout):
+        while True:
+            parties: list[dict[str, Any]] = (await get(srv, "/api/v1/parties"))["parties"]
+            if want <= {p["party_id"] for p in parties}:
+                return parties
+            await asyncio.sleep(0.05)
+
+
+async def test_parties_are_listed_with_their_numbers_and_paginated() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(**SETTINGS), engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        b, hello = await srv.join("borin")
+        await a.until("party.join")
+        c, _ = await srv.join("cora", party="p2", run="r2")
+        engine.gate = asyncio.Event()  # borin's action stays in flight
+        await b.act("b-1", "borin", "r1")
+        await asyncio.wait_for(_until(lambda: len(engine.calls) == 1), 5)
+        try:
+            parties = await listed(srv, {"p1", "p2"})
+        finally:
+            engine.gate.set()  # an engine held forever would hold the server's shutdown
+        assert [p["party_id"] for p in parties] == ["p1", "p2"]
+        p1 = parties[0]
+        assert p1 == {
+            "party_id": "p1",
+            "campaign_run_id": "r1",
+            "epoch": hello["payload"]["epoch"],
+            "last_seq": hello["payload"]["seq"],
+            "members": {"online": 2, "total": 2},
+            "vote": None,
+            "actions_in_flight": 1,
+        }
+        assert parties[1]["members"] == {"online": 1, "total": 1}
+
+        first = await get(srv, "/api/v1/parties?limit=1")
+        assert [p["party_id"] for p in first["parties"]] == ["p1"]
+        assert first["next_cursor"] == "p1"
+        second = await get(srv, "/api/v1/parties?limit=1&cursor=p1")
+        assert [p["party_id"] for p in second["parties"]] == ["p2"]
+        assert second["next_cursor"] is None
+        for client in (a, b, c):
+            await client.close()
+
+
+async def _until(condition: Any) -> None:
+    while not condition():  # noqa: ASYNC110 (a bounded poll of the engine's calls)
+        await asyncio.sleep(0.01)
+
+
+async def test_one_party_shows_presence_projection_and_actions_in_flight() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(**SETTINGS), engine=engine) as srv:
+        assert srv.server is not None
+        node = srv.server.gateway.node_id
+        a1, _ = await srv.join("aria")
+        a2, _ = await srv.join("aria")  # a second tab
+        b, hello = await srv.join("borin")
+        engine.gate = asyncio.Event()
+        await a1.act("a-1", "aria", "r1")
+        await asyncio.wait_for(_until(lambda: len(engine.calls) == 1), 5)
+        try:
+            detail = await get(srv, "/api/v1/parties/p1")
+        finally:
+            engine.gate.set()  # an engine held forever would hold the server's shutdown
+        assert detail["party_id"] == "p1"
+        assert detail["campaign_run_id"] == "r1"
+        assert (detail["epoch"], detail["last_seq"]) == (
+            hello["payload"]["epoch"],
+            hello["payload"]["seq"],
+        )
+        presence = {p["character_id"]: p for p in detail["presence"]}
+        assert set(presence) == {"aria", "borin"}
+        assert presence["aria"]["online"] is True
+        assert presence["aria"]["display_name"] == "Aria"
+        assert len(presence["aria"]["connections"]) == 2
+        assert presence["aria"]["nodes"] == [node]
+        assert all(c["node_id"] == node for c in presence["aria"]["connections"])
+        assert all(c["expires_at"] > time.time() for c in presence["aria"]["connections"])
+        expected_hello = {
+            k: v
+            for k, v in hello["payload"].items()
+            if k not in {"you", "limits", "resumed", "protocol"}
+        }
+        assert detail["hello"] == expected_hello
+        (action,) = detail["actions_in_flight"]
+        assert action["action_id"] == "a-1"
+        assert action["character_id"] == "aria"
+        assert 0 <= action["age_seconds"] < 5
+        engine.gate.set()
+        await b.expect("action.result")
+        after = await get(srv, "/api/v1/parties/p1")
+        assert after["actions_in_flight"] == []
+        assert after["last_seq"] == hello["payload"]["seq"] + 2  # the result and the scene
+        status, problem = await call(srv, "GET", "/api/v1/parties/nobody")
+        assert (status, problem["error"]) == (404, "not_found")
+        for client in (a1, a2, b):
+            await client.close()
+
+
+async def test_events_are_the_history_as_held_and_page_by_seq() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(**SETTINGS), engine=engine) as srv:
+        a, hello = await srv.join("aria")
+        start = hello["payload"]["seq"]
+        for n in range(3):
+            await a.act(f"a-{n}", "aria", "r1")
+            await a.expect("action.result")
+            await a.expect("scene.update")
+        seen = [m for m in a.received if "seq" in m and m["seq"] > start]
+        every = await get(srv, "/api/v1/parties/p1/events")
+        assert every["epoch"] == hello["payload"]["epoch"]
+        assert every["last_seq"] == start + 6
+        assert every["oldest_seq"] == 1
+        assert every["events"][start:] == seen  # the very envelopes the client received
+        assert [e["seq"] for e in every["events"]] == list(range(1, start + 7))
+        page = await get(srv, f"/api/v1/parties/p1/events?after_seq={start}&limit=2")
+        assert [e["seq"] for e in page["events"]] == [start + 1, start + 2]
+        assert page["next_after_seq"] == start + 2
+        rest = await get(srv, f"/api/v1/parties/p1/events?after_seq={start + 2}&limit=1000")
+        assert [e["seq"] for e in rest["events"]] == list(range(start + 3, start + 7))
+        empty = await get(srv, f"/api/v1/parties/p1/events?after_seq={start + 6}")
+        assert (empty["events"], empty["next_after_seq"]) == ([], start + 6)
+        for query in ("after_seq=-1", "after_seq=x", "limit=0", "limit=1001"):
+            status, problem = await call(srv, "GET", f"/api/v1/parties/p1/events?{query}")
+            assert (status, problem["error"]) == (400, "invalid_query"), query
+        assert (await call(srv, "GET", "/api/v1/parties/none/events"))[0] == 404
+        await a.close()
+
+
+async def test_a_disconnect_closes_every_tab_and_can_refuse_reconnection_until_a_time() -> None:
+    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+        tabs = [(await srv.join("aria"))[0] for _ in range(2)]
+        b, _ = await srv.join("borin")
+        status, body = await call(srv, "DELETE", "/api/v1/parties/p1/members/aria/connections")
+        assert status == 202
+        assert body == {
+            "party_id": "p1",
+            "character_id": "aria",
+            "close_code": CLOSE_DISCONNECTED,
+            "blocked_until": None,
+        }
+        for tab in tabs:
+            assert await tab.closed() == CLOSE_DISCONNECTED
+        again, _ = await srv.join("aria")  # no block: she may come back at once
+        until = int(time.time()) + 60
+        path = f"/api/v1/parties/p1/members/aria/connections?until={until}"
+        status, body = await call(srv, "DELETE", path)
+        assert (status, body["blocked_until"]) == (202, until)
+        assert await again.closed() == CLOSE_DISCONNECTED
+        await _refused(srv, "aria")
+        b2, _ = await srv.join("borin")  # only aria is refused
+        status, _ = await call(srv, "DELETE", "/api/v1/parties/p1/members/aria/connections?until=0")
+        assert status == 202  # lifts the block
+        back, _ = await srv.join("aria")
+        for bad in ("x", "-5", "nan", "inf", str(time.time() + 400 * 86400)):
+            status, problem = await call(
+                srv, "DELETE", f"/api/v1/parties/p1/members/aria/connections?until={bad}"
+            )
+            assert (status, problem["error"]) == (400, "invalid_query"), bad
+        assert not b.ws.closed
+        for client in (b, b2, back):
+            await client.close()
+
+
+async def _refused(srv: Running, character: str) -> None:
+    """The handshake is refused with 403 and a stable body (checked before the upgrade)."""
+    assert await srv.handshake_status({"token": token(character)}) == 403
+    async with srv.http.get(srv.base + "/ws", params={"token": token(character)}) as resp:
+        assert resp.status == 403
+        body = await resp.json(content_type=None)
+        assert body["error"] == "disconnected_by_operator"
+        assert 0 < int(resp.headers["Retry-After"]) <= 60
+
+
+async def test_nodes_lists_this_node() -> None:
+    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        a, _ = await srv.join("aria")
+        async with asyncio.timeout(5):
+            while True:
+                nodes = (await get(srv, "/api/v1/nodes"))["nodes"]
+                if nodes and nodes[0]["connections"] == 1:
+                    break
+                await asyncio.sleep(0.05)
+        (node,) = nodes
+        assert node["node_id"] == srv.server.gateway.node_id
+        assert node["self"] is True
+        assert node["version"]
+        assert node["started_at"] <= node["seen_at"] <= time.time() + 1
+        await a.close()
+
+
+async def test_every_admin_route_needs_the_key_and_checks_ids() -> None:
+    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+        routes = [
+            ("GET", "/api/v1/parties"),
+            ("GET", "/api/v1/parties/p1"),
+            ("GET", "/api/v1/parties/p1/events"),
+            ("DELETE", "/api/v1/parties/p1/members/aria/connections"),
+            ("GET", "/api/v1/nodes"),
+        ]
+        for headers in (None, {"Authorization": "Bearer wrong"}):
+            for method, path in routes:
+                status, problem = await call(srv, method, path, headers)
+                assert (status, problem["error"]) == (401, "unauthorized"), (method, path)
+        status, problem = await call(srv, "GET", "/api/v1/parties/a%20b")
+        assert (status, problem["error"]) == (400, "invalid_id")
+        for query in ("limit=0", "limit=501", "cursor=a%20b"):
+            status, problem = await call(srv, "GET", f"/api/v1/parties?{query}")
+            assert (status, problem["error"]) == (400, "invalid_query"), query
+        empty = await get(srv, "/api/v1/parties")
+        assert empty == {"parties": [], "next_cursor": None}

@@ -1,0 +1,109 @@
+"""What ``/metrics`` exports (issue 15): the process, the build, HTTP requests by route, engine
+link failures by transport, and no Redis-only family on the embedded backend."""
+
+from __future__ import annotations
+
+import pytest
+from party_sync.engine.stream_link import StreamEngineLink
+from party_sync.protocol.errors import BackendUnavailable
+from prometheus_client.parser import text_string_to_metric_families
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.hosts import make_action
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import Running, free_port, make_settings, serve_in_process
+
+KEY = "api-key-0123456789abcdef0123456789"
+
+#: Families only the Redis mode has (pub/sub, the Redis connection, the actions stream).
+REDIS_ONLY = ("party_sync_redis_", "party_sync_pubsub_", "party_sync_actions_stream_")
+
+
+async def scrape(srv: Running) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """``/metrics`` as {sample name: {sorted labels: value}}."""
+    async with srv.http.get(srv.base + "/metrics") as resp:
+        assert resp.status == 200
+        text = await resp.text()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+async def test_embedded_metrics_have_the_process_the_build_and_no_redis_family() -> None:
+    async with serve_in_process(make_settings(), engine=ScriptedEngine()) as srv:
+        samples = await scrape(srv)
+    from party_sync import __version__
+
+    assert samples["party_sync_build_info"] == {(("version", __version__),): 1.0}
+    for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
+        assert samples[name][()] > 0, name
+    assert "python_info" in samples
+    assert samples["party_sync_engine_link_failures_total"] == {(("transport", "inprocess"),): 0}
+    redis_only = sorted(name for name in samples if name.startswith(REDIS_ONLY))
+    assert not redis_only, f"Redis-only families on the embedded backend: {redis_only}"
+
+
+async def test_redis_mode_registers_its_families(redis: RedisServer) -> None:
+    async with (
+        serve_in_process(make_settings(redis_url=redis.url)) as srv,
+        srv.http.get(srv.base + "/metrics") as resp,
+    ):
+        text = await resp.text()
+    for family in (
+        "party_sync_redis_reconnects_total",
+        "party_sync_pubsub_gaps_total",
+        "party_sync_pubsub_lag_seconds",
+        "party_sync_redis_script_calls_total",
+    ):
+        assert f"# TYPE {family} " in text, family
+
+
+async def test_http_requests_are_counted_by_route_template_and_status_with_latency() -> None:
+    async with serve_in_process(make_settings(api_key=KEY)) as srv:
+        async with srv.http.get(srv.base + "/healthz") as resp:
+            assert resp.status == 200
+        url = srv.base + "/api/v1/parties/p-secret-17/events"
+        async with srv.http.post(url, json={}) as resp:
+            assert resp.status == 401  # no key
+        async with srv.http.post(url, json={}, headers={"Authorization": f"Bearer {KEY}"}) as resp:
+            assert resp.status == 422
+        async with srv.http.get(srv.base + "/no/such/page/42") as resp:
+            assert resp.status == 404
+        a, _ = await srv.join("aria")  # a WebSocket session is not a request to count
+        await a.close()
+        samples = await scrape(srv)
+    requests = samples["party_sync_http_requests_total"]
+    events = "/api/v1/parties/{party_id}/events"
+    assert requests[(("method", "GET"), ("route", "/healthz"), ("status", "200"))] == 1
+    assert requests[(("method", "POST"), ("route", events), ("status", "401"))] == 1
+    assert requests[(("method", "POST"), ("route", events), ("status", "422"))] == 1
+    assert requests[(("method", "GET"), ("route", "unmatched"), ("status", "404"))] == 1
+    routes = {dict(labels)["route"] for labels in requests}
+    assert not any("p-secret-17" in r or "/no/such" in r for r in routes), routes  # no raw paths
+    assert "/ws" not in routes
+    latency = samples["party_sync_http_request_duration_seconds_count"]
+    assert latency[(("method", "POST"), ("route", events))] == 2
+
+
+async def test_http_engine_link_failures_are_counted() -> None:
+    url = f"http://127.0.0.1:{free_port()}/actions"  # nothing listens there
+    settings = make_settings(api_key=KEY, engine_url=url, engine_http_retries=1)
+    async with serve_in_process(settings) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("lost", "aria", "r1")
+        assert (await a.until("system.error"))["payload"]["code"] == "engine_unavailable"
+        await a.close()
+        samples = await scrape(srv)
+    assert samples["party_sync_engine_link_failures_total"] == {(("transport", "http"),): 2}
+
+
+async def test_stream_link_failures_are_counted() -> None:
+    link = StreamEngineLink(f"redis://127.0.0.1:{free_port()}/0", "test:actions", 100)
+    try:
+        with pytest.raises(BackendUnavailable):
+            await link.submit(make_action("a-1"))
+        assert link.failures == 1
+    finally:
+        await link.close()

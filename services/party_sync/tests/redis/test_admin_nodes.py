@@ -1,0 +1,81 @@
+"""The admin API answers for the whole service from any node (issue 15): two real nodes."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from ps_testkit.cluster import Cluster, wait_async
+from ps_testkit.servers import Running, token
+
+pytestmark = [pytest.mark.redis, pytest.mark.e2e]
+
+KEY = "api-key-admin-nodes-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CLOSE_DISCONNECTED = 4004
+
+
+async def call(node: Running, method: str, path: str) -> tuple[int, Any]:
+    async with node.http.request(method, node.base + path, headers=AUTH) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+async def get(node: Running, path: str) -> Any:
+    status, body = await call(node, "GET", path)
+    assert status == 200, body
+    return body
+
+
+async def test_either_node_lists_both_and_a_disconnect_reaches_the_other(cluster: Cluster) -> None:
+    async with cluster.node("--api-key", KEY) as n1, cluster.node("--api-key", KEY) as n2:
+        a, _ = await n1.join("aria", party="p1")
+        b, _ = await n2.join("borin", party="p2")
+        b2, _ = await n2.join("borin", party="p2")  # a second tab, same node
+        c, _ = await n1.join("cora", party="p2")  # borin's party has a member on node 1 too
+
+        async def both_listed() -> bool:
+            for node in (n1, n2):
+                body = await get(node, "/api/v1/parties")
+                if [p["party_id"] for p in body["parties"]] != ["p1", "p2"]:
+                    return False
+            nodes = (await get(n1, "/api/v1/nodes"))["nodes"]
+            return len(nodes) == 2 and sorted(n["connections"] for n in nodes) == [2, 2]
+
+        await wait_async(both_listed)
+        p2 = (await get(n1, "/api/v1/parties"))["parties"][1]
+        assert p2["members"] == {"online": 2, "total": 2}
+        nodes = (await get(n2, "/api/v1/nodes"))["nodes"]
+        assert sum(n["self"] for n in nodes) == 1
+        assert all(n["version"] for n in nodes)
+        ids = {n["node_id"] for n in nodes}
+
+        detail = await get(n1, "/api/v1/parties/p2")
+        presence = {p["character_id"]: p for p in detail["presence"]}
+        assert len(presence["borin"]["connections"]) == 2
+        (borin_node,) = presence["borin"]["nodes"]
+        (cora_node,) = presence["cora"]["nodes"]
+        assert {borin_node, cora_node} == ids  # each on its own node, as asked of node 1
+
+        # Asked of node 1, borin's tabs on node 2 close; refused for a minute.
+        until = int(time.time()) + 60
+        status, body = await call(
+            n1, "DELETE", f"/api/v1/parties/p2/members/borin/connections?until={until}"
+        )
+        assert (status, body["close_code"]) == (202, CLOSE_DISCONNECTED)
+        assert await b.closed() == CLOSE_DISCONNECTED
+        assert await b2.closed() == CLOSE_DISCONNECTED
+        leave = await c.until("party.leave")
+        assert leave["payload"] == {"character_id": "borin", "reason": "disconnected"}
+        for node in (n1, n2):  # the block holds on every node
+            params = {"token": token("borin", party="p2")}
+            assert await node.handshake_status(params) == 403
+        assert not a.ws.closed and not c.ws.closed
+
+        # The events are the same whichever node is asked.
+        one = await get(n1, "/api/v1/parties/p2/events")
+        two = await get(n2, "/api/v1/parties/p2/events")
+        assert one == two
+        assert one["events"][-1]["type"] == "party.leave"
+        for client in (a, c):
+            await client.close()
