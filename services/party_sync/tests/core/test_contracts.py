@@ -33,6 +33,7 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped]
 import jsonschema_rs
 import pytest
+from party_sync.protocol.errors import CloseCode
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
@@ -64,7 +65,8 @@ SCHEMA_FILES = ("envelope.json", "common.json", *(f"{t}.json" for t in MESSAGE_T
 
 ERROR_CODES_HEADING = "## Error codes"
 CLOSE_CODES_HEADING = "## Close codes"
-CLOSE_CODES = {1000, 1001, 1008, 1009, 1011, 4001, 4002, 4003}
+# every close code party_sync uses, from its one list (protocol/errors.py CloseCode)
+CLOSE_CODES = {v for k, v in vars(CloseCode).items() if k.isupper() and isinstance(v, int)}
 
 JsonObject = dict[str, Any]
 
