@@ -28,6 +28,10 @@ from party_sync.protocol.schemas import Contracts, SchemaViolation
 log = logging.getLogger(__name__)
 
 
+#: The refusal passed to a claim made before the action's deadline, which cannot record one.
+NOT_LATE = b""
+
+
 class BackendPublisher:
     """Implements the engine's ``EventPublisher`` (and a link's ``fail``) over a ``Backend``."""
 
@@ -72,7 +76,11 @@ class BackendPublisher:
     ) -> int:
         message = self.build(type, payload, trace_id)
         if not tracing.is_on():  # (checked here: a span's arguments cost even while off)
-            return await self._publish(party_id, message)
+            try:  # _publish inlined: this is every event's path
+                event = await self.backend.publish(party_id, message, self.clock())
+            except orjson.JSONEncodeError as exc:
+                raise InvalidEvent(f"{type} cannot be encoded: {exc}") from None
+            return event.seq
         # One span per published event (a child of the engine's action span).
         with tracing.span("publish " + type, attributes={"party_sync.party_id": party_id}) as span:
             seq = await self._publish(party_id, message)
@@ -129,14 +137,23 @@ class BackendPublisher:
         EXPIRED: its deadline passed before anyone started it; it is refused now with
         ``action_timeout`` (told to its sender here) and must not run.
         """
-        data = self.refusal(action, ErrorCode.ACTION_TIMEOUT, "no engine started it in time")
+        now = self.clock()
+        # The refusal is recorded only past the deadline; the record's deadline is the one the
+        # action carries (both made at acceptance), so before it the claim can only START or be
+        # FINAL: the refusal is not built on the way of every action.
+        late = action.deadline is None or now > action.deadline
+        data = (
+            self.refusal(action, ErrorCode.ACTION_TIMEOUT, "no engine started it in time")
+            if late
+            else NOT_LATE
+        )
         if tracing.is_on():
             with tracing.span("claim", attributes={"party_sync.action_id": action.action_id}) as s:
-                claim = await self._claim(action, data)
+                claim = await self._claim(action, now, data)
                 if s is not None:
                     s.set_attribute("party_sync.claim", claim.value)
         else:
-            claim = await self._claim(action, data)
+            claim = await self._claim(action, now, data)
         if claim is Claim.EXPIRED:
             log.info(
                 "action expired before an engine started it",
@@ -146,9 +163,9 @@ class BackendPublisher:
                 await self.backend.send_direct(action.party_id, action.character_id, data)
         return claim
 
-    async def _claim(self, action: ActionRequest, refusal: bytes) -> Claim:
+    async def _claim(self, action: ActionRequest, now: float, refusal: bytes) -> Claim:
         claim, _ = await self.backend.claim_action(
-            action.party_id, action.action_id, self.clock(), refusal, action.deadline
+            action.party_id, action.action_id, now, refusal, action.deadline
         )
         return claim
 

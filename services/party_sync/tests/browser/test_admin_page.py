@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 from party_sync.transport.admin import CLOSE_DISCONNECTED
 from playwright.async_api import Browser, expect
-from ps_testkit.browser import Player, chromium, screenshot
+from ps_testkit.browser import Player, chromium, open_player, screenshot
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process, token
 
@@ -24,20 +24,7 @@ expect.set_options(timeout=TIMEOUT)
 
 
 async def open_admin(browser: Browser, name: str, url: str) -> Player:
-    context = await browser.new_context(viewport={"width": 1200, "height": 900})
-    page = await context.new_page()
-    player = Player(name, page)
-    page.on("pageerror", lambda error: player.page_errors.append(str(error)))
-    page.on(
-        "console",
-        lambda message: (
-            player.csp_violations.append(message.text)
-            if "Content Security Policy" in message.text
-            else None
-        ),
-    )
-    await page.goto(url)
-    return player
+    return await open_player(browser, name, url, desktop=True)
 
 
 async def test_an_operator_follows_a_party_and_disconnects_a_player() -> None:

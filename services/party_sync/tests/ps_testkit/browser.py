@@ -119,8 +119,12 @@ class Player:
         return [int(v) for v in values]
 
 
-async def open_player(browser: Browser, name: str, url: str) -> Player:
-    context = await browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True)
+async def open_player(browser: Browser, name: str, url: str, *, desktop: bool = False) -> Player:
+    """A page with the error and CSP watchers: a phone (the Mini App), or a desktop window."""
+    if desktop:
+        context = await browser.new_context(viewport={"width": 1200, "height": 900})
+    else:
+        context = await browser.new_context(viewport=PHONE, device_scale_factor=2, is_mobile=True)
     page = await context.new_page()
     player = Player(name, page)
     page.on("pageerror", lambda error: player.page_errors.append(str(error)))

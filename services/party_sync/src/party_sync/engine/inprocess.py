@@ -43,25 +43,27 @@ async def claim_until_answered(
 
     Logs the first failure at WARNING, the recovery at INFO.
     """
+    try:  # the common case first: no clock, no loop state
+        return await host.claim(action)
+    except Exception as exc:
+        first = exc
     extra = {"trace_id": action.trace_id, "action_id": action.action_id}
+    log.warning("cannot claim an action (%s); asking again", first, extra=extra)
     loop = asyncio.get_running_loop()
     give_up_at = loop.time() + patience
-    pause, failures = 0.05, 0
+    pause, failures = 0.05, 1
     while True:
+        if loop.time() + pause > give_up_at:
+            log.error("action not started: no claim answered in %.0fs", patience, extra=extra)
+            return None
+        await asyncio.sleep(pause)
+        pause = min(pause_max, pause * 2)
         try:
             claim = await host.claim(action)
-        except Exception as exc:
+        except Exception:
             failures += 1
-            if failures == 1:
-                log.warning("cannot claim an action (%s); asking again", exc, extra=extra)
-            if loop.time() + pause > give_up_at:
-                log.error("action not started: no claim answered in %.0fs", patience, extra=extra)
-                return None
-            await asyncio.sleep(pause)
-            pause = min(pause_max, pause * 2)
             continue
-        if failures:
-            log.info("action claimed after %d failed attempts", failures, extra=extra)
+        log.info("action claimed after %d failed attempts", failures, extra=extra)
         return claim
 
 
@@ -131,48 +133,66 @@ class InProcessLink:
             if claim is not None:
                 log.info("action not started: %s", claim.value, extra=extra)
             return
-        host = self._host
+        refusal = await self._hand_over(action, extra)
+        if refusal is not None:
+            await self._refuse(action, *refusal, extra=extra)
+
+    async def _hand_over(
+        self, action: ActionRequest, extra: dict[str, str]
+    ) -> tuple[ErrorCode, str] | None:
+        """Run the engine on the action; the refusal to record, or None (answered, or given up).
+
+        If party_sync's own backend fails under the engine (its publish raises), the engine may
+        have applied the action and not published it yet, so nothing final can be said: it is
+        handed to the engine again (engines deduplicate by action_id and publish what they had
+        left) until it is answered, as a stream worker redelivers a pending entry.
+        """
+        assert self._host is not None
+        give_up_at: float | None = None
+        pause = 0.05
+        while True:
+            try:
+                await self.engine.handle_action(action)
+                return None
+            except EngineRejected as exc:
+                return ErrorCode.ACTION_REJECTED, exc.message
+            except INFRA_ERRORS as exc:
+                loop = asyncio.get_running_loop()
+                if give_up_at is None:  # (only on this rare path: no clock in the common case)
+                    give_up_at = loop.time() + self.claim_patience
+                if await _answered(self._host, action):
+                    return None
+                if loop.time() + pause > give_up_at:
+                    log.error(
+                        "action left unanswered: the backend kept failing (%s)", exc, extra=extra
+                    )
+                    return None
+                log.warning("backend failed under the engine (%s); again", exc, extra=extra)
+                await asyncio.sleep(pause)
+                pause = min(1.0, pause * 2)
+            except Exception:  # an engine that raises did not apply the action (the contract)
+                log.exception("engine failed on an action", extra=extra)
+                return ErrorCode.ENGINE_ERROR, "the engine failed: retry"
+
+    async def _refuse(
+        self, action: ActionRequest, code: ErrorCode, text: str, *, extra: dict[str, str]
+    ) -> None:
+        """Record the refusal as the action's final answer, through a backend outage too (the
+        action is started: no timeout would ever answer it instead). Never raises."""
+        assert self._host is not None
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.claim_patience
         pause = 0.05
         while True:
             try:
-                await self.engine.handle_action(action)
+                await self._host.fail(action, code, text)
                 return
-            except EngineRejected as exc:
-                code, text = ErrorCode.ACTION_REJECTED, exc.message
-            except INFRA_ERRORS as exc:
-                # party_sync's backend failed under the engine (its publish): the engine may have
-                # applied the action and not yet published it, so nothing final can be said. Hand
-                # it to the engine again (engines deduplicate by action_id and publish what they
-                # had left) until it is answered, as a stream worker redelivers a pending entry.
-                if await _answered(host, action) or loop.time() + pause > give_up_at:
-                    if loop.time() + pause > give_up_at:
-                        log.error(
-                            "action left unanswered: the backend kept failing (%s)",
-                            exc,
-                            extra=extra,
-                        )
+            except Exception as exc:
+                if loop.time() + pause > give_up_at:
+                    log.error("could not record the refusal: %s", exc, extra=extra)
                     return
-                log.warning("backend failed under the engine (%s); again", exc, extra=extra)
                 await asyncio.sleep(pause)
                 pause = min(1.0, pause * 2)
-                continue
-            except Exception:  # an engine that raises did not apply the action (the contract)
-                log.exception("engine failed on an action", extra=extra)
-                code, text = ErrorCode.ENGINE_ERROR, "the engine failed: retry"
-            # The refusal is the action's final answer: record it even through a backend outage
-            # (the action is started, so no timeout would ever answer it instead). Never raises.
-            while True:
-                try:
-                    await host.fail(action, code, text)
-                    return
-                except Exception as exc:
-                    if loop.time() + pause > give_up_at:
-                        log.error("could not record the refusal: %s", exc, extra=extra)
-                        return
-                    await asyncio.sleep(pause)
-                    pause = min(1.0, pause * 2)
 
     async def close(self) -> None:
         if self._tasks:
