@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -27,8 +28,33 @@ from ps_testkit.client import Client
 SECRET = "test-secret-0123456789abcdef0123456789abcdef"
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A free loopback port for a server a test starts, chosen *below* the ephemeral range.
+
+    A port the kernel picks (bind to 0) comes from the range it also gives every outgoing
+    connection (to Redis, HTTP clients): between this call and the server's own bind, one of
+    those could take it ("address already in use", seen in CI). Below the range only another
+    server can, and the tests start theirs one at a time.
+    """
+    high = max(10_001, _ephemeral_low())
+    for _ in range(200):
+        port = random.randrange(10_000, high)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # a crowded machine: fall back to the kernel's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
