@@ -30,8 +30,8 @@ from campaign_engine.testing import (
     join_notice,
     restate_notice,
 )
-from party_sync.backends.base import Binding
 from party_sync.backends.memory import MemoryBackend
+from party_sync.core.binding import Binding
 from party_sync.engine import RestateNotice, restate_engine
 from party_sync.protocol.schemas import Contracts
 from party_sync.publishing import BackendPublisher

@@ -28,7 +28,7 @@ clients before Bot API 8.0 send none). Then, for every mode:
    initData is a bearer credential that Telegram renews only when the Mini App is reopened.
 
 A valid initData proves *who* the user is, never which party or character they may play: that
-binding comes from party_sync's membership directory (``party_sync.directory``).
+binding comes from party_sync's membership directory (``party_sync.backends.directory``).
 
 Errors carry a stable ``code`` and an HTTP ``status`` and nothing about the inputs, so a response
 never reveals more than which *kind* of check failed.

@@ -15,12 +15,12 @@ from dataclasses import dataclass, replace
 from aiohttp import web
 
 from party_sync.auth import TokenVerifier
-from party_sync.backends.base import Backend
-from party_sync.backends.memory import BackendSettings, MemoryBackend
+from party_sync.backends.base import Backend, BackendSettings
+from party_sync.backends.directory import make_directory
+from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.config import Settings
 from party_sync.devmode import DevSecret
-from party_sync.directory import make_directory
 from party_sync.engine.health import EngineHealth, HealthSource, HttpProbe, StaticHealth, public_url
 from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.inprocess import InProcessLink

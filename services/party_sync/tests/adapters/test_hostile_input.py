@@ -19,7 +19,7 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from party_sync.directory import MemoryDirectory
+from party_sync.backends.directory import MemoryDirectory
 from party_sync.initdata import sign_init_data
 from party_sync.protocol.ids import ID_RULE
 from party_sync.transport import api, members

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from party_sync.backends.directory import Membership, RedisDirectory
 from party_sync.backends.keys import KeySpace
-from party_sync.directory import Membership, RedisDirectory
 from party_sync.protocol.errors import BackendUnavailable
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, free_port, make_settings, serve_in_process

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from party_sync.backends.base import Binding
+from party_sync.core.binding import Binding
 from ps_testkit.client import Client, Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process, token

@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 import pytest
-from party_sync.backends.base import Binding
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.gateway.session import Session

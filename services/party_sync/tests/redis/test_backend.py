@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from party_sync.backends.base import Binding
-from party_sync.backends.memory import BackendSettings
+from party_sync.backends.base import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec

@@ -17,8 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from party_sync.backends.base import Backend
-from party_sync.backends.memory import BackendSettings, MemoryBackend
+from party_sync.backends.base import Backend, BackendSettings
+from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.protocol import codec

@@ -10,9 +10,10 @@ import time
 from typing import Any
 
 import pytest
-from party_sync.backends.base import Backend, Binding
-from party_sync.backends.memory import BackendSettings, MemoryBackend
+from party_sync.backends.base import Backend, BackendSettings
+from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.votes import VoteSpec

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
 import pytest
-from party_sync.backends.base import Binding
+from party_sync.backends.base import BackendSettings
 from party_sync.backends.keys import DEFAULT_PREFIX, PARTY_KEYS, KeySpace
-from party_sync.backends.memory import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import BackendUnavailable

@@ -17,9 +17,21 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from party_sync.core.actions import Claim, Sweep, Verdict
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.votes import CastRefusal, VoteSpec
+
+
+@dataclass(frozen=True, slots=True)
+class BackendSettings:
+    """Limits shared by every backend."""
+
+    history_size: int = 1000
+    presence_ttl: float = 30.0
+    action_timeout: float = 10.0
+    action_record_ttl: float = 600.0
+    idle_party_ttl: float = 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,16 +49,6 @@ class Snapshot:
     party_state: Mapping[str, Any] | None
     vote: Mapping[str, Any] | None
     ballots: Mapping[str, str] = field(default_factory=dict)  # the open vote's: character → option
-
-
-@dataclass(frozen=True, slots=True)
-class Binding:
-    """What a connection is bound to (from its token)."""
-
-    party_id: str
-    campaign_run_id: str
-    character_id: str
-    display_name: str
 
 
 class PartyListener(Protocol):

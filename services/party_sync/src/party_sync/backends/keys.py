@@ -43,8 +43,8 @@ The admin API's (``redis_admin``; issue 15)::
                                               order and cursor), fed by every node's heartbeat
     <prefix>:{party:<id>}:block:<character_id>   string  until when handshakes are refused
 
-The membership directory (``party_sync.directory``; registered through the server API, no TTL:
-it lives until it is deleted, independently of the party's activity)::
+The membership directory (``party_sync.backends.directory``; registered through the server API,
+no TTL: it lives until it is deleted, independently of the party's activity)::
 
     <prefix>:{party:<id>}:directory     hash  character_id → {telegram_user_id, display_name, run}
 

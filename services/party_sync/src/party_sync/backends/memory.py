@@ -11,13 +11,13 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from party_sync.backends.base import Binding, PartyListener, Snapshot
+from party_sync.backends.base import BackendSettings, PartyListener, Snapshot
 from party_sync.backends.memory_admin import MemoryAdmin
 from party_sync.core import votes
 from party_sync.core.actions import ActionLedger, Claim, Sweep, Verdict
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import EventLog, ResumePoint
 from party_sync.core.presence import Presence, announce_again
@@ -27,17 +27,6 @@ from party_sync.protocol import types as t
 from party_sync.protocol.errors import VoteConflict
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class BackendSettings:
-    """Limits shared by every backend."""
-
-    history_size: int = 1000
-    presence_ttl: float = 30.0
-    action_timeout: float = 10.0
-    action_record_ttl: float = 600.0
-    idle_party_ttl: float = 3600.0
 
 
 class _Party:

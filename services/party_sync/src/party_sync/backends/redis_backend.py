@@ -27,9 +27,8 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
 from party_sync.backends import redis_presence, redis_votes
-from party_sync.backends.base import Binding, PartyListener, Snapshot
+from party_sync.backends.base import BackendSettings, PartyListener, Snapshot
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
-from party_sync.backends.memory import BackendSettings
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus, Handler
 from party_sync.backends.redis_scripts import (
@@ -43,6 +42,7 @@ from party_sync.backends.redis_scripts import (
 )
 from party_sync.backends.redis_stream import PartyStream, RangeReply, encode_direct, event_from
 from party_sync.core.actions import Claim, Decision, Sweep, Verdict
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.votes import CastRefusal, VoteSpec

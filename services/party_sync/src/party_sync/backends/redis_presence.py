@@ -25,9 +25,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, cast
 
-from party_sync.backends.base import Binding
 from party_sync.backends.redis_scripts import Arg, text, unavailable
 from party_sync.backends.redis_stream import event_from
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.protocol import codec
 from party_sync.protocol import types as t

@@ -33,7 +33,7 @@ from party_sync.client.events import (
     party_event,
 )
 from party_sync.client.state import PartyState
-from party_sync.core.sequence import SeqTracker, Verdict
+from party_sync.core.sequence import SeqTracker, SeqVerdict
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode
 
@@ -142,12 +142,12 @@ class ClientStream:
             return [Resync("an event before the hello")]
         last = self._tracker.last
         verdict = self._tracker.observe(seq)
-        if verdict is Verdict.GAP:
+        if verdict is SeqVerdict.GAP:
             self.resync()
             self.connection_lost()
             return [Resync(f"stream gap: expected seq {last + 1}, got {seq}")]
         event = party_event(message)
-        if verdict is Verdict.STALE:
+        if verdict is SeqVerdict.STALE:
             # A repeat of an action we resent gets its original result (old seq): settle it.
             if isinstance(event, ActionResult) and self._settled(event.action_id):
                 return [ActionDone(event.action_id, event)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import Enum
 
 
-class Verdict(Enum):
+class SeqVerdict(Enum):
     DELIVER = "deliver"  # the next event: deliver it
     STALE = "stale"  # already delivered (a replay overlap or a duplicate): drop it
     GAP = "gap"  # events are missing before this one: repair from history or resync
@@ -19,10 +19,10 @@ class SeqTracker:
     def __init__(self, last: int) -> None:
         self.last = last
 
-    def observe(self, seq: int) -> Verdict:
+    def observe(self, seq: int) -> SeqVerdict:
         if seq <= self.last:
-            return Verdict.STALE
+            return SeqVerdict.STALE
         if seq != self.last + 1:
-            return Verdict.GAP
+            return SeqVerdict.GAP
         self.last = seq
-        return Verdict.DELIVER
+        return SeqVerdict.DELIVER

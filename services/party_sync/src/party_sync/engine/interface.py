@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from party_sync.core.actions import Claim
+from party_sync.protocol import codec
 from party_sync.protocol.errors import ErrorCode
 
 #: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
@@ -31,6 +32,7 @@ __all__ = [
     "JoinNotice",
     "LinkHost",
     "RestateNotice",
+    "action_envelope",
     "restate_engine",
 ]
 
@@ -58,6 +60,39 @@ class ActionRequest:
     #: action nobody started by then with ``action_timeout``, a promise that it is never applied
     #: (docs/engines.md, "Deadlines"). None: no deadline (tests, hand-made requests).
     deadline: float | None = None
+
+    @classmethod
+    def from_envelope(
+        cls, party_id: str, envelope: Mapping[str, Any], deadline: float | None = None
+    ) -> ActionRequest:
+        """The one way to make an ``ActionRequest``: from its whole ``action.request`` envelope
+        (checked against its schema by the caller) and the party the sender is bound to.
+
+        Raises ``KeyError``/``TypeError`` for an envelope without the schema's fields.
+        """
+        p = envelope["payload"]
+        return cls(
+            party_id=party_id,
+            campaign_run_id=p["campaign_run_id"],
+            character_id=p["character_id"],
+            action_id=p["action_id"],
+            action_type=p["action_type"],
+            payload=p["payload"],
+            trace_id=envelope["trace_id"],
+            envelope=envelope,
+            deadline=deadline,
+        )
+
+
+def action_envelope(payload: Mapping[str, Any], trace_id: str, now: float) -> dict[str, Any]:
+    """The ``action.request`` envelope an engine receives: the client's (or a vote's) payload with
+    the server's ``timestamp`` and the action's ``trace_id``."""
+    return {
+        "type": "action.request",
+        "timestamp": codec.rfc3339(now),
+        "trace_id": trace_id,
+        "payload": payload,
+    }
 
 
 @dataclass(frozen=True, slots=True)

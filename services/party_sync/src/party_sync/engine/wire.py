@@ -94,15 +94,4 @@ def parse_action(
     """Raises ``KeyError``/``TypeError``/``ValueError`` for a malformed envelope."""
     if envelope.get("type") != t.ACTION_REQUEST:
         raise ValueError("not an action.request")
-    p = envelope["payload"]
-    return ActionRequest(
-        party_id=party_id,
-        campaign_run_id=p["campaign_run_id"],
-        character_id=p["character_id"],
-        action_id=p["action_id"],
-        action_type=p["action_type"],
-        payload=p["payload"],
-        trace_id=envelope["trace_id"],
-        envelope=envelope,
-        deadline=deadline,
-    )
+    return ActionRequest.from_envelope(party_id, envelope, deadline)

@@ -23,15 +23,22 @@ import orjson
 
 from party_sync import tracing
 from party_sync.auth import Claims
-from party_sync.backends.base import Backend, Binding
+from party_sync.backends.base import Backend
 from party_sync.config import Settings
 from party_sync.core import votes
 from party_sync.core.actions import Decision, Sweep
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.core.presence import RefreshSchedule
-from party_sync.engine.interface import ActionRequest, EngineLink, JoinNotice, RestateNotice
+from party_sync.engine.interface import (
+    ActionRequest,
+    EngineLink,
+    JoinNotice,
+    RestateNotice,
+    action_envelope,
+)
 from party_sync.gateway import messages
 from party_sync.gateway.hub import PartyHub
 from party_sync.gateway.session import Session, Sink
@@ -559,24 +566,8 @@ class Gateway:
     def _action(
         self, session: Session, message: inbound.Inbound, now: float, deadline: float
     ) -> ActionRequest:
-        p = message.payload
-        envelope = {
-            "type": t.ACTION_REQUEST,
-            "timestamp": codec.rfc3339(now),
-            "trace_id": message.trace_id,
-            "payload": p,
-        }
-        return ActionRequest(
-            party_id=session.party_id,
-            campaign_run_id=session.binding.campaign_run_id,
-            character_id=session.character_id,
-            action_id=p["action_id"],
-            action_type=p["action_type"],
-            payload=p["payload"],
-            trace_id=message.trace_id,
-            envelope=envelope,
-            deadline=deadline,
-        )
+        envelope = action_envelope(message.payload, message.trace_id, now)
+        return ActionRequest.from_envelope(session.party_id, envelope, deadline)
 
     async def _time_out(self, action: ActionRequest, session: Session) -> None:
         """The action's deadline passed and its sender has no final answer yet: find out why.
@@ -778,12 +769,6 @@ class Gateway:
             "payload": {"option": applied["option"], "vote_id": vote_id},
         }
         now = self.clock()
-        envelope = {
-            "type": t.ACTION_REQUEST,
-            "timestamp": codec.rfc3339(now),
-            "trace_id": finished.trace_id,
-            "payload": payload,
-        }
         verdict = await self.backend.begin_action(
             finished.party_id, t.PARTY_ACTOR, applied["action_id"], now, timed=False
         )
@@ -792,15 +777,8 @@ class Gateway:
         if verdict.decision in (Decision.DONE, Decision.TAKEN):
             await self.backend.mark_vote_applied(finished.party_id, vote_id)
             return True
-        action = ActionRequest(
-            party_id=finished.party_id,
-            campaign_run_id=run,
-            character_id=t.PARTY_ACTOR,
-            action_id=applied["action_id"],
-            action_type="choice",
-            payload=payload["payload"],
-            trace_id=finished.trace_id,
-            envelope=envelope,
+        action = ActionRequest.from_envelope(
+            finished.party_id, action_envelope(payload, finished.trace_id, now)
         )
         log.info(
             "vote applied",

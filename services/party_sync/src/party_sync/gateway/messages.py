@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from party_sync.backends.base import Binding, Snapshot
+from party_sync.backends.base import Snapshot
+from party_sync.core.binding import Binding
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 

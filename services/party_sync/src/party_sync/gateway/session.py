@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from party_sync.backends.base import Binding
+from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.limits import ConnectionLimits
-from party_sync.core.sequence import SeqTracker, Verdict
+from party_sync.core.sequence import SeqTracker, SeqVerdict
 from party_sync.protocol.errors import CloseCode
 
 
@@ -82,7 +82,7 @@ class Session:
         if event.seq == tracker.last + 1:  # the common case, inline: SeqTracker.observe's DELIVER
             tracker.last = event.seq
             return self.send(event.data)
-        if tracker.observe(event.seq) is Verdict.GAP:  # else STALE: a duplicate, dropped
+        if tracker.observe(event.seq) is SeqVerdict.GAP:  # else STALE: a duplicate, dropped
             # The backend repairs gaps before delivering; reaching here means it could not.
             self.close(CloseCode.RESYNC, "stream gap: resync")
         return False

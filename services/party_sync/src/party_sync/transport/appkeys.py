@@ -7,7 +7,7 @@ from typing import Final
 from aiohttp import web
 
 from party_sync.auth import TokenVerifier
-from party_sync.directory import Directory
+from party_sync.backends.directory import Directory
 from party_sync.gateway import Gateway
 from party_sync.transport.sink import FrameBatcher
 

@@ -10,8 +10,8 @@ from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
 from party_sync.auth import Claims, TokenVerifier
+from party_sync.backends.directory import Directory, MemoryDirectory
 from party_sync.core.history import ResumePoint
-from party_sync.directory import Directory, MemoryDirectory
 from party_sync.engine.health import EngineHealth
 from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError

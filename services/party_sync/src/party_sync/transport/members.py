@@ -22,7 +22,7 @@ from typing import Final
 
 from aiohttp import web
 
-from party_sync.directory import Directory, InvalidMembership, check_ids, parse_membership
+from party_sync.backends.directory import Directory, InvalidMembership, check_ids, parse_membership
 from party_sync.protocol.errors import BackendUnavailable
 from party_sync.protocol.names import name_problem
 from party_sync.transport.appkeys import DIRECTORY
