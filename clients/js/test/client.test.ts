@@ -595,6 +595,37 @@ describe("leaving and closing", () => {
     assert.equal(FakeSocket.all.length, 1);
   });
 
+  it("a listener that closes the client midway stops it: no reconnect", async () => {
+    // The demo page closes the client from its tokenError listener when sign-in is refused.
+    const h = harness({
+      noToken: true,
+      getToken: () => {
+        throw new Error("refused");
+      },
+    });
+    h.client.on("tokenError", () => h.client.close());
+    const ready = h.client.connect();
+    await assert.rejects(ready, ClientClosedError);
+    assert.deepEqual(
+      h.connections.map((c) => c.status),
+      ["connecting", "closed"],
+    );
+    assert.equal(h.timers.pendingCount, 0);
+    // The same from a resync listener: the socket is closed with 1000, not dropped to resync.
+    const g = harness();
+    g.client.on("resync", () => g.client.close());
+    await joined(g, 0);
+    g.socket().deliver(scene(2, 2));
+    assert.deepEqual(g.socket().closedByClient, { code: 1000, reason: undefined });
+    assert.deepEqual(
+      g.connections.map((c) => c.status),
+      ["connecting", "open", "closed"],
+    );
+    g.timers.advance(120_000);
+    await tick();
+    assert.equal(FakeSocket.all.length, 1);
+  });
+
   it("close() disconnects without reconnecting", async () => {
     const h = harness();
     await joined(h);
