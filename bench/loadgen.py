@@ -156,6 +156,8 @@ class LoadGen:
         return f"{base}/ws?token={self.token(party, member)}"
 
     def token(self, party: int, member: int) -> str:
+        # Every member is its own user (sub): the character ids repeat from party to party, and
+        # party_sync caps the WebSockets per user (max_connections_per_user).
         return issue_token(
             SECRET,
             party_id=party_name(party),
@@ -164,6 +166,7 @@ class LoadGen:
             display_name=f"Member {member}",
             now=time.time(),
             ttl=6 * 3600,
+            sub=f"user:{party_name(party)}:{character_name(member)}",
         )
 
     async def connect_all(self, concurrency: int, handshake_timeout: float) -> None:

@@ -36,6 +36,11 @@ PACKAGES = (
     "py-spy",
     "matplotlib",
 )
+#: The Node.js peer's packages (versions from its package-lock.json).
+NODE_PEER = ROOT / "bench" / "peers" / "socketio_node"
+NODE_PACKAGES = ("socket.io", "@socket.io/redis-adapter", "redis", "ws", "ajv", "jsonwebtoken")
+#: The peers, in the order of the tables: python-socketio, then Socket.IO on Node.js.
+PEERS = ("socketio-redis", "socketio-node-redis")
 
 
 # -- metadata -------------------------------------------------------------------------------------
@@ -61,6 +66,13 @@ def machine_meta(cfg: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    node_versions: dict[str, str] = {}
+    with_lock = NODE_PEER / "package-lock.json"
+    if with_lock.exists():
+        packages = json.loads(with_lock.read_text()).get("packages", {})
+        for name in NODE_PACKAGES:
+            node_versions[name] = packages.get(f"node_modules/{name}", {}).get("version", "?")
+    node = shutil.which("node")
     redis = shutil.which("redis-server")
     commit = _run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = bool(_run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"]))
@@ -77,8 +89,10 @@ def machine_meta(cfg: argparse.Namespace, argv: Sequence[str]) -> dict[str, Any]
             "kernel": platform.release(),
             "python": platform.python_version(),
             "redis_server": _run([redis, "--version"]) if redis else "not found",
+            "node": _run([node, "--version"]) if node else "not found",
         },
         "versions": versions,
+        "node_versions": node_versions,
         "party_sync_commit": commit + (" (with uncommitted changes)" if dirty else ""),
         "settings": {
             "parties": cfg.parties,
@@ -294,6 +308,7 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
     results["summary"] = summaries
     floor = fastest_floor(summaries, systems)
     peer = "socketio-redis" if systems.get("socketio-redis", {}).get("available") else None
+    peers = [name for name in PEERS if systems.get(name, {}).get("available")]
     lines: list[str] = []
     add = lines.append
     settings = meta["settings"]
@@ -386,8 +401,7 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
     pairs = []
     for ps in ("party_sync-memory", "party_sync-redis-1", "party_sync-redis-2"):
         if systems.get(ps, {}).get("available"):
-            if peer:
-                pairs.append((ps, peer))
+            pairs.extend((ps, name) for name in peers)
             if floor:
                 pairs.append((ps, floor))
     for a, b in pairs:
@@ -478,15 +492,27 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + "."
     )
+    if meta.get("node_versions"):
+        add(
+            f"- Node.js peer (bench/peers/socketio_node/package-lock.json, Node.js "
+            f"{m.get('node', '?')}): "
+            + ", ".join(f"{k} {v}" for k, v in meta["node_versions"].items())
+            + "."
+        )
     add(
         f"- Command: `{meta['command']}`. Each system's command line is in "
         "`docs/bench/results.json` (`systems.*.command`)."
     )
     add(
         "- Systems: party_sync runs its real CLI (`party-sync serve --engine "
-        "bench.engine:create_engine`) with its default settings; the peer is "
-        "`bench/peers/socketio_server.py` (a baseline, not the product); the floors are "
-        "`bench/peers/floor_*.py`."
+        "bench.engine:create_engine`) with its default settings; the peers (baselines, not the "
+        "product) are `bench/peers/socketio_server.py` (python-socketio with its "
+        "AsyncRedisManager on uvicorn) and `bench/peers/socketio_node/server.js` (Socket.IO 4 on "
+        "Node.js with `@socket.io/redis-adapter`): both authenticate with the same JWT, join a "
+        "room per party, validate `action.request` and their own events against the same JSON "
+        "Schemas, answer with the same engine payloads under a per-party seq counted in the "
+        "process, and emit through Redis; neither has idempotency, one action in flight per "
+        "character, history, resume or presence. The floors are `bench/peers/floor_*.py`."
     )
     return "\n".join(lines) + "\n"
 

@@ -5,7 +5,8 @@
     python3 bench/run.py --quick    # quick mode (under two minutes): one short sweep per system
 
 It first makes ``bench/.venv`` from ``bench/requirements.lock`` (plus party_sync and
-campaign_engine, editable, without dependencies) and re-runs itself there. Then, per system:
+campaign_engine, editable, without dependencies) and re-runs itself there; the Node.js peer gets
+``npm ci`` in its directory when its ``node_modules`` is missing or stale. Then, per system:
 start it (and a private ``redis-server`` on a free port when it needs Redis) pinned to CPU 0,
 start the load generator pinned to CPU 1, sweep increasing rates, sample the server's CPU and RSS,
 stop everything it started. Full mode writes ``docs/benchmarks.md``, ``docs/bench/results.json``
@@ -83,6 +84,56 @@ def ensure_redis() -> None:
         except (OSError, subprocess.TimeoutExpired) as exc:
             print(f"bench: could not install redis-server: {exc}", flush=True)
             return
+
+
+NODE_MIN_MAJOR = 18
+
+
+def ensure_node_package(directory: Path, install: bool = True) -> None:
+    """``npm ci`` in ``directory`` (a Node.js peer) when its ``node_modules`` is missing or stale.
+
+    Stale = ``package.json``, ``package-lock.json`` or the Node.js major version changed since the
+    last install (a stamp file in ``node_modules``, like ``bench/.venv``'s). Raises
+    ``RuntimeError`` with what to do when node or npm is missing, too old, or the install fails.
+    """
+    node, npm = shutil.which("node"), shutil.which("npm")
+    rel = directory.relative_to(ROOT)
+    if node is None or npm is None:
+        missing = " and ".join(n for n, p in (("node", node), ("npm", npm)) if p is None)
+        raise RuntimeError(
+            f"{missing} not found: the Node.js peer in {rel} needs Node.js >= {NODE_MIN_MAJOR} "
+            "with npm (e.g. apt-get install nodejs npm), or leave it out with --systems"
+        )
+    version = subprocess.run(
+        [node, "--version"], capture_output=True, text=True, timeout=30, check=False
+    ).stdout.strip()
+    major = int(version.lstrip("v").split(".")[0]) if version[1:2].isdigit() else 0
+    if major < NODE_MIN_MAJOR:
+        raise RuntimeError(f"Node.js {version or '?'} is too old for {rel}: {NODE_MIN_MAJOR}+")
+    digest = hashlib.sha256(f"node {major}\n".encode())
+    for name in ("package.json", "package-lock.json"):
+        digest.update((directory / name).read_bytes())
+    wanted = digest.hexdigest()
+    stamp = directory / "node_modules" / ".bench-installed"
+    if stamp.exists() and stamp.read_text().strip() == wanted:
+        return
+    if not install:
+        raise RuntimeError(f"{rel}/node_modules is missing or stale (--no-install: run npm ci)")
+    print(f"bench: npm ci in {rel} (Node.js {version})", flush=True)
+    try:
+        out = subprocess.run(
+            [npm, "ci", "--no-audit", "--no-fund", "--loglevel=error"],
+            cwd=directory,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise RuntimeError(f"npm ci in {rel} failed: {exc}") from None
+    if out.returncode != 0:
+        raise RuntimeError(f"npm ci in {rel} failed: {(out.stderr or out.stdout)[-800:]}")
+    stamp.write_text(wanted + "\n")
 
 
 def in_bench_env() -> bool:
@@ -397,7 +448,12 @@ def serving(
             for node in range(system.nodes):
                 port = free_port()
                 argv = shlex.split(
-                    system.command.format(python=sys.executable, port=port, redis_url=redis_url)
+                    system.command.format(
+                        python=sys.executable,
+                        node=shutil.which("node") or "node",
+                        port=port,
+                        redis_url=redis_url,
+                    )
                 )
                 env = {"PARTY_SYNC_JWT_SECRET": _secret(), **system.env}
                 server = Started(
@@ -772,7 +828,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--out", default=None, help="output directory (full: docs/, quick: bench/results/)"
     )
-    parser.add_argument("--no-install", action="store_true", help="do not touch bench/.venv")
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="do not touch bench/.venv nor run npm ci for the Node.js peer",
+    )
     parser.add_argument(
         "--merge",
         action="store_true",
@@ -851,6 +911,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         results["systems"][system.name] = entry
         print(f"== {system.name}: {system.label}", flush=True)
+        if system.node_package:
+            try:
+                ensure_node_package(ROOT / system.node_package, install=not cfg.no_install)
+            except RuntimeError as exc:
+                entry["available"] = False
+                entry["reason"] = str(exc)[:1500]
+                print(f"  {system.name}: not measured: {exc}", flush=True)
+                continue
         for repeat in range(cfg.repeats):
             try:
                 run = run_system(

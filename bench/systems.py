@@ -1,9 +1,11 @@
 """The systems under test, and how each one is started.
 
 Every system is a command line (plus environment) per node; the orchestrator fills in ``{python}``,
-``{port}`` and ``{redis_url}``. party_sync's command can be replaced from ``bench/run.py``'s own
-command line (``--ps-command``, ``--ps-env``), so another build or backend of party_sync plugs in
-without editing this file.
+``{node}`` (the ``node`` binary on PATH), ``{port}`` and ``{redis_url}``. A system with a
+``node_package`` gets ``npm ci`` in that directory first, when its ``node_modules`` is missing or
+stale (``bench/run.py``). party_sync's command can be replaced from ``bench/run.py``'s own command
+line (``--ps-command``, ``--ps-env``), so another build or backend of party_sync plugs in without
+editing this file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class System:
     redis: bool = False
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    node_package: str = ""  # a Node.js package under the repository root, installed by `npm ci`
 
 
 def all_systems(ps_command: str = PS_COMMAND, ps_env: dict[str, str] | None = None) -> list[System]:
@@ -71,6 +74,16 @@ def all_systems(ps_command: str = PS_COMMAND, ps_env: dict[str, str] | None = No
             "{python} -m bench.peers.socketio_server --port {port} --redis-url {redis_url}",
             redis=True,
             note="baseline in bench/peers/, not the product",
+        ),
+        System(
+            "socketio-node-redis",
+            "Socket.IO 4 on Node.js + @socket.io/redis-adapter (peer, 1 process)",
+            "peer",
+            "socketio",
+            "{node} bench/peers/socketio_node/server.js --port {port} --redis-url {redis_url}",
+            redis=True,
+            note="baseline in bench/peers/socketio_node/, not the product",
+            node_package="bench/peers/socketio_node",
         ),
         System(
             "floor-picows",
