@@ -77,15 +77,17 @@ async def test_development_mode_mints_tokens_the_server_accepts() -> None:
         await client.close()
         async with srv.http.post(srv.base + "/api/v1/dev/token", json={}) as resp:
             assert resp.status == 422  # a character is required
-        for body in (
-            {"character_id": "party"},
-            {"character_id": "a b"},
-            {"character_id": "aria", "party_id": ""},
-            {"character_id": "aria", "display_name": "x" * 65},
-            ["aria"],
+        for body, code in (
+            ({"character_id": "party"}, "invalid_request"),
+            ({"character_id": "a b"}, "invalid_request"),
+            ({"character_id": "aria", "party_id": ""}, "invalid_request"),
+            ({"character_id": "aria", "display_name": "x" * 65}, "invalid_display_name"),
+            (["aria"], "invalid_request"),
         ):
             async with srv.http.post(srv.base + "/api/v1/dev/token", json=body) as resp:
                 assert resp.status == 422, body
+                assert resp.content_type == "application/problem+json"
+                assert (await resp.json())["code"] == code, body
         async with srv.http.post(srv.base + "/api/v1/dev/token", data=b"{nope") as resp:
             assert resp.status == 400
 

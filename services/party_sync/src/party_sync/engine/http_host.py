@@ -16,6 +16,10 @@ code is the same object that runs in-process; nothing in it knows about HTTP.
 - 422: the engine refused the action (``EngineRejected``) or the body is invalid (final);
 - 500: the engine failed (party_sync retries; deduplication keeps the retry from applying twice).
 
+Handlers raise; ``problems.answer_errors`` answers by the one table (``problems.PROBLEMS``),
+rendered as this host's ``{"error": <code>, "detail"}`` JSON. The body is read by
+``problems.read_body``, like every party_sync route (at most ``MAX_BODY`` bytes: 413 beyond).
+
 A ``traceparent`` header (W3C trace context, sent by ``HttpEngineLink`` while tracing is on)
 makes the request's span a child of party_sync's delivery, and ``ApiPublisher`` sends the current
 context back on every call to the events API: the action's trace runs through the engine
@@ -33,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, Final
 
 import aiohttp
@@ -41,9 +45,17 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from party_sync import tracing
+from party_sync import problems, tracing
 from party_sync.engine import wire
-from party_sync.engine.interface import ActionRequest, Engine, EngineRejected, restate_engine
+from party_sync.engine.interface import (
+    ActionRequest,
+    Engine,
+    EngineRejected,
+    VoteRequest,
+    VoteStarter,
+    restate_engine,
+)
+from party_sync.problems import DeadlinePassed, EngineFailed, InvalidDelivery, read_body
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
 from party_sync.protocol.schemas import Contracts, SchemaViolation
@@ -54,11 +66,14 @@ ENGINE: Final = web.AppKey("engine", Engine)
 CONTRACTS: Final = web.AppKey("contracts", Contracts)
 CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 
+#: The largest delivery body read (aiohttp's own default request size, which bounded it before).
+MAX_BODY: Final = 1024**2
+
 DEADLINE_HEADER: Final = "X-Action-Deadline"
 ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
 
-class ApiPublisher:
+class ApiPublisher(VoteStarter):
     """``EventPublisher`` over party_sync's ``POST /api/v1/parties/{party_id}/events``."""
 
     def __init__(self, base_url: str, api_key: str, *, retries: int = 3) -> None:
@@ -107,35 +122,11 @@ class ApiPublisher:
                 await asyncio.sleep(0.1 * 2**attempt)
         raise BackendUnavailable(f"could not publish {type} to party {party_id}")
 
-    async def start_vote(
-        self,
-        party_id: str,
-        question: str,
-        options: Sequence[Mapping[str, str]],
-        timeout_s: float,
-        *,
-        vote_id: str | None = None,
-        tie_rule: str = "first_listed",
-        default_option: str | None = None,
-        campaign_run_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Mapping[str, Any]:
+    async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
+        """``POST /api/v1/parties/{party_id}/votes`` (party_sync checks the request)."""
         assert self._http is not None, "open() first"
-        body: dict[str, Any] = {
-            "question": question,
-            "options": [dict(o) for o in options],
-            "timeout_s": timeout_s,
-            "tie_rule": tie_rule,
-        }
-        for key, value in (
-            ("vote_id", vote_id),
-            ("default_option", default_option),
-            ("campaign_run_id", campaign_run_id),
-            ("trace_id", trace_id),
-        ):
-            if value is not None:
-                body[key] = value
-        url = f"{self.base_url}/api/v1/parties/{party_id}/votes"
+        body = request.to_json()
+        url = f"{self.base_url}/api/v1/parties/{request.party_id}/votes"
         headers = tracing.with_traceparent(self._headers)
         async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
             answer = orjson.loads(await resp.read())
@@ -181,38 +172,36 @@ async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
 
 
-def _invalid(exc: Exception) -> web.Response:
-    return web.json_response({"error": "invalid", "detail": str(exc)[:300]}, status=422)
+#: What a delivery that cannot be read as one raises (answered 422 ``invalid``).
+_UNREADABLE: Final = (ValueError, KeyError, TypeError, SchemaViolation)
 
 
 async def receive_action(request: web.Request) -> web.Response:
     """``POST /actions``: one ``action.request`` (see the module docstring for the answers)."""
     engine, contracts, clock = request.app[ENGINE], request.app[CONTRACTS], request.app[CLOCK]
+    raw = await read_body(request, MAX_BODY)
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(raw)
         envelope = body["envelope"]
         if not isinstance(body.get("party_id"), str) or envelope["type"] != t.ACTION_REQUEST:
             raise ValueError("expected an action.request envelope and a party_id")
         contracts.validate(t.ACTION_REQUEST, envelope)
         action = wire.parse_action(body["party_id"], envelope, _deadline(request, body))
-    except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
-        return _invalid(exc)
+    except _UNREADABLE as exc:
+        raise InvalidDelivery(str(exc)[:300]) from exc
     if action.deadline is not None and clock() > action.deadline and _first_attempt(request):
         log.info(
             "action not started: past its deadline",
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
         )
-        return web.json_response(
-            {"error": "expired", "detail": "the action's deadline passed before it started"},
-            status=409,
-        )
+        raise DeadlinePassed()
     try:
         await engine.handle_action(action)
-    except EngineRejected as exc:
-        return web.json_response({"error": "rejected", "detail": exc.message}, status=422)
-    except Exception:
+    except EngineRejected:
+        raise  # 422 rejected, with the engine's reason
+    except Exception as exc:
         log.exception("engine failed", extra={"trace_id": action.trace_id})
-        return web.json_response({"error": "engine_error", "detail": "engine failed"}, status=500)
+        raise EngineFailed() from exc
     return web.json_response({"status": "accepted"}, status=202)
 
 
@@ -220,8 +209,9 @@ async def receive_notice(request: web.Request) -> web.Response:
     """``POST /notices``: ``{"kind": "join" | "restate", "party_id", "campaign_run_id",
     "envelope"}``; 202 handled (or ignored: an engine without ``handle_restate``)."""
     engine, contracts = request.app[ENGINE], request.app[CONTRACTS]
+    raw = await read_body(request, MAX_BODY)
     try:
-        body = orjson.loads(await request.read())
+        body = orjson.loads(raw)
         kind, party_id, envelope = body["kind"], body["party_id"], body["envelope"]
         run_id = str(body.get("campaign_run_id") or "")
         if not isinstance(party_id, str) or kind not in ("join", "restate"):
@@ -231,19 +221,19 @@ async def receive_notice(request: web.Request) -> web.Response:
             join = wire.parse_join(party_id, run_id, envelope)
         else:
             restate = wire.parse_restate(party_id, run_id, envelope)
-    except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
-        return _invalid(exc)
+    except _UNREADABLE as exc:
+        raise InvalidDelivery(str(exc)[:300]) from exc
     try:
         if kind == "join":
             await engine.handle_join(join)
             handled = True
         else:
             handled = await restate_engine(engine, restate)
-    except Exception:
+    except Exception as exc:
         log.exception(
             "engine failed on a %s notice", kind, extra={"trace_id": envelope["trace_id"]}
         )
-        return web.json_response({"error": "engine_error", "detail": "engine failed"}, status=500)
+        raise EngineFailed() from exc
     return web.json_response({"status": "accepted" if handled else "ignored"}, status=202)
 
 
@@ -257,7 +247,9 @@ def build_host_app(
 ) -> web.Application:
     """The engine host: actions on ``path``, notices on ``notice_path``; ``clock`` (Unix
     seconds) decides whether a first delivery is past its deadline."""
-    app = web.Application(middlewares=[traced])
+    # Inside the span: a refusal is answered (problems.PROBLEMS, in this host's {"error", "detail"}
+    # JSON) before the span records its status.
+    app = web.Application(middlewares=[traced, problems.answer_errors(problems.error_json)])
     app[ENGINE] = engine
     app[CONTRACTS] = Contracts()
     app[CLOCK] = clock

@@ -14,12 +14,14 @@ from typing import Any, Final
 
 import orjson
 
+from party_sync.protocol.errors import PartySyncError
+
 _SEQ_PREFIX = b'{"seq":'
 
 #: Deepest nesting of objects and arrays accepted from outside (client frames, API bodies); the
 #: outermost object is level 1, so an ``action.request``'s free-form ``payload.payload`` may nest
 #: 61 more. orjson parses up to 1,024 levels but encodes only ~254: without this bound a message
-#: that parsed could not be re-encoded for the engine link (issue 12, finding 6).
+#: that parsed could not be re-encoded for the engine link (docs/security.md).
 MAX_DEPTH: Final = 64
 #: What orjson says when a document exceeds its own parse limit (1,024 levels).
 _ORJSON_DEPTH_ERROR: Final = "depth limit exceeded"
@@ -35,7 +37,7 @@ def decode(data: bytes | str) -> Any:
     return orjson.loads(data)
 
 
-class TooDeep(ValueError):
+class TooDeep(PartySyncError, ValueError):
     """A JSON document nested deeper than allowed (a ``ValueError``: callers that only know
     "bad JSON" still refuse it; callers that know better catch it first).
 

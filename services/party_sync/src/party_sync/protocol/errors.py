@@ -1,17 +1,42 @@
 """One exception root and the stable error codes of ``system.error`` (docs/protocol.md).
 
-Exception tree::
+Every exception party_sync raises on purpose derives from ``PartySyncError``; where a class lives
+elsewhere (next to the code that raises it), its module is named. ``(ValueError)`` marks classes
+that are also ``ValueError``s, for callers that catch that::
 
     PartySyncError
-    ├── ProtocolError      a client message was refused; carries an ErrorCode, becomes system.error
-    ├── InvalidEvent       an engine tried to publish an event that breaks its schema
-    ├── AuthError          a handshake was refused (HTTP 401 / 403)
-    ├── BackendUnavailable the backend (Redis) cannot be reached; retryable
-    ├── VoteConflict       a party already has an open vote
-    └── ConfigError        the configuration is unusable
+    ├── ProtocolError          a client message was refused; carries an ErrorCode, becomes
+    │                          system.error
+    ├── InvalidEvent           an event (from an engine or the HTTP API) breaks its schema or may
+    │                          not be published
+    ├── SchemaViolation        a message does not match its schema (protocol/schemas.py)
+    ├── TooDeep (ValueError)   JSON nested deeper than allowed (protocol/codec.py)
+    ├── AuthError              a WebSocket handshake was refused (HTTP 401 / 403)
+    ├── InitDataError          Telegram initData refused (initdata.py)
+    ├── BackendUnavailable     the backend (Redis) cannot be reached; retryable
+    ├── VoteConflict           a party already has an open vote
+    ├── SpecError (ValueError) a vote that cannot be started as asked (core/votes.py)
+    ├── InvalidMembership (ValueError)
+    │                          a membership that breaks the rules (backends/directory.py)
+    ├── EngineRejected         an engine refused an action (re-exported by engine/interface.py)
+    ├── ConfigError            the configuration is unusable
+    ├── Refused                an HTTP request refused (problems.py); one class per answer:
+    │   ├── Unauthorized, InvalidId, InvalidQuery, NotFound, InvalidDisplayName,
+    │   │   OperatorBlocked, BodyTooLarge, BodyTimeout, BadJson          (the HTTP API)
+    │   ├── TelegramNotConfigured, OriginNotAllowed, BadSignInRequest, MalformedInitData,
+    │   │   InvalidInitData, ExpiredInitData, NotAMember                 (Telegram sign-in)
+    │   └── InvalidDelivery, DeadlinePassed, EngineFailed                (the engine host)
+    ├── _Unreached, _Retryable a delivery's outcome inside HttpEngineLink (engine/http_link.py)
+    ├── ClientError            the Python client's errors (client/events.py): ActionFailed,
+    │                          VoteRefused, ClientClosed, ConnectRefused
+    ├── HandshakeRejected      the client's upgrade was refused (client/transport.py)
+    └── TransportError         the client's connection could not be made (client/transport.py)
 
-Foreign exceptions (redis, jsonschema_rs, jwt, aiohttp) are converted to these at the edge, so
-nothing internal ever reaches a client: a client sees only ``code`` and a human ``message``.
+Where each one ends up is decided in one place per way out: ``ProtocolError.code`` is the
+``system.error`` code (the gateway sends it); ``problems.PROBLEMS`` maps every class an HTTP route
+raises to its status and stable code. Foreign exceptions (redis, jsonschema_rs, jwt, aiohttp) are
+converted to these at the edge, so nothing internal ever reaches a client: a client sees only a
+stable ``code`` and a human message.
 """
 
 from __future__ import annotations
@@ -141,6 +166,19 @@ class BackendUnavailable(PartySyncError):
 
 class VoteConflict(PartySyncError):
     """A party already has an open vote (the API answers 409)."""
+
+
+class EngineRejected(PartySyncError):
+    """Raised by an engine (or reported by a link) when it refuses an action as invalid.
+
+    The acting player gets ``system.error`` with code ``action_rejected`` and this message; the
+    action is not recorded as done, so nothing is broadcast. Engines import it from
+    ``party_sync.engine.interface`` (or ``party_sync.engine``), which re-export it.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 class ConfigError(PartySyncError):

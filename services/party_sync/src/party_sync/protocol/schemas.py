@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema_rs
 
-from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.errors import ConfigError, PartySyncError
 
 #: Files that hold shared definitions rather than a message type.
 _SUPPORT_FILES = frozenset({"envelope", "common"})
@@ -32,7 +32,7 @@ def default_contracts_dir() -> Path:
     return Path(__file__).resolve().parents[5] / "contracts" / "jsonschema" / "party_sync"
 
 
-class SchemaViolation(Exception):
+class SchemaViolation(PartySyncError):
     """A message does not match its schema; ``str()`` is a short human explanation."""
 
     def __init__(self, path: str, reason: str) -> None:

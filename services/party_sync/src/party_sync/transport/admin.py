@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import orjson
 from aiohttp import web
@@ -39,11 +39,12 @@ from party_sync import __version__
 from party_sync.auth import Claims
 from party_sync.backends.base import AdminView, NodeInfo, PartyDetail, PartySummary, Subscription
 from party_sync.gateway import Gateway
+from party_sync.problems import InvalidQuery, NotFound, OperatorBlocked, answer
 from party_sync.protocol.errors import BackendUnavailable, CloseCode
 from party_sync.protocol.ids import is_id
 from party_sync.transport import demo
 from party_sync.transport.appkeys import GATEWAY
-from party_sync.transport.edge import guarded, problem
+from party_sync.transport.edge import guarded
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,6 @@ log = logging.getLogger(__name__)
 #: at once; a handshake refused with 403 ``disconnected_by_operator`` says until when.
 CLOSE_DISCONNECTED: Final = CloseCode.DISCONNECTED
 CLOSE_REASON: Final = "disconnected by an operator"
-BLOCKED: Final = "disconnected_by_operator"
-INVALID_QUERY: Final = "invalid_query"
-NOT_FOUND: Final = "not_found"
 DEFAULT_PARTIES: Final = 50
 MAX_PARTIES: Final = 500
 DEFAULT_EVENTS: Final = 100
@@ -66,8 +64,6 @@ NODE_TTL_PERIODS: Final = 4
 #: period). Tests set a short one.
 HEARTBEAT_INTERVAL: float | None = None
 
-_UNAVAILABLE: Final = ("backend_unavailable", "the backend is unreachable; retry")
-
 ADMIN: Final = web.AppKey[AdminView]("admin_view")
 STARTED_AT: Final = web.AppKey("admin_started_at", float)
 _TASK: Final = web.AppKey[asyncio.Task[None]]("admin_task")
@@ -75,11 +71,8 @@ ADMIN_DIR: Final = web.AppKey("admin_dir", Path)
 
 
 def admin_view(gateway: Gateway) -> AdminView:
-    """The backend's ``AdminView`` (``backend.admin``: both backends carry one)."""
-    view = getattr(gateway.backend, "admin", None)
-    if view is None:
-        raise TypeError(f"backend {gateway.backend.name!r} has no admin view")
-    return cast(AdminView, view)
+    """The backend's ``AdminView`` (``Backend.admin``: both backends carry one)."""
+    return gateway.backend.admin
 
 
 # -- JSON shapes -----------------------------------------------------------------------------------
@@ -160,32 +153,31 @@ def node_json(n: NodeInfo, this_node: str) -> dict[str, Any]:
 
 
 # -- query parameters ------------------------------------------------------------------------------
-def _int_query(request: web.Request, name: str, default: int, low: int, high: int) -> int | None:
+def _int_query(
+    request: web.Request, name: str, default: int, low: int, high: int, rule: str
+) -> int:
+    """The query parameter ``name`` (``default`` when absent); ``InvalidQuery`` out of range."""
     raw = request.query.get(name)
     if raw is None:
         return default
     if not raw.isdigit() or len(raw) > 18 or not low <= int(raw) <= high:
-        return None
+        raise InvalidQuery(f"{name}: {rule}")
     return int(raw)
 
 
-def _bad_query(name: str, rule: str) -> web.Response:
-    return problem(400, INVALID_QUERY, f"{name}: {rule}")
+_NO_PARTY: Final = "no such party (or its state expired)"
 
 
 # -- routes ----------------------------------------------------------------------------------------
 async def list_parties(request: web.Request) -> web.Response:
-    limit = _int_query(request, "limit", DEFAULT_PARTIES, 1, MAX_PARTIES)
-    if limit is None:
-        return _bad_query("limit", f"an integer from 1 to {MAX_PARTIES}")
+    limit = _int_query(
+        request, "limit", DEFAULT_PARTIES, 1, MAX_PARTIES, f"an integer from 1 to {MAX_PARTIES}"
+    )
     cursor = request.query.get("cursor") or None
     if cursor is not None and not is_id(cursor):
-        return _bad_query("cursor", "the next_cursor of the previous page")
+        raise InvalidQuery("cursor: the next_cursor of the previous page")
     gateway = request.app[GATEWAY]
-    try:
-        page = await request.app[ADMIN].parties(cursor, limit + 1, gateway.clock())
-    except BackendUnavailable:
-        return problem(503, *_UNAVAILABLE)
+    page = await request.app[ADMIN].parties(cursor, limit + 1, gateway.clock())
     more = len(page) > limit
     page = page[:limit]
     return web.json_response(
@@ -200,29 +192,21 @@ async def get_party(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     party_id = request.match_info["party_id"]
     now = gateway.clock()
-    try:
-        detail = await request.app[ADMIN].party(party_id, now)
-    except BackendUnavailable:
-        return problem(503, *_UNAVAILABLE)
+    detail = await request.app[ADMIN].party(party_id, now)
     if detail is None:
-        return problem(404, NOT_FOUND, "no such party (or its state expired)")
+        raise NotFound(_NO_PARTY)
     return web.json_response(detail_json(party_id, detail, now, gateway.settings.action_timeout))
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
-    after = _int_query(request, "after_seq", 0, 0, 10**15)
-    if after is None:
-        return _bad_query("after_seq", "a non-negative integer")
-    limit = _int_query(request, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS)
-    if limit is None:
-        return _bad_query("limit", f"an integer from 1 to {MAX_EVENTS}")
+    after = _int_query(request, "after_seq", 0, 0, 10**15, "a non-negative integer")
+    limit = _int_query(
+        request, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS, f"an integer from 1 to {MAX_EVENTS}"
+    )
     party_id = request.match_info["party_id"]
-    try:
-        held = await request.app[ADMIN].events(party_id, after, limit)
-    except BackendUnavailable:
-        return problem(503, *_UNAVAILABLE)
+    held = await request.app[ADMIN].events(party_id, after, limit)
     if held is None:
-        return problem(404, NOT_FOUND, "no such party (or its state expired)")
+        raise NotFound(_NO_PARTY)
     last = after if not held.events else orjson.loads(held.events[-1])["seq"]
     head = orjson.dumps(
         {
@@ -251,14 +235,11 @@ async def disconnect(request: web.Request) -> web.Response:
         except ValueError:
             until = math.nan
         if not math.isfinite(until) or until < 0 or until > now + MAX_BLOCK:
-            return _bad_query("until", "Unix seconds, at most a year ahead (0 lifts a block)")
+            raise InvalidQuery("until: Unix seconds, at most a year ahead (0 lifts a block)")
     view = request.app[ADMIN]
-    try:
-        if until is not None:  # first: a client that reconnects at once is refused already
-            await view.block(party_id, character_id, until, now)
-        await view.request_close(party_id, character_id, CLOSE_DISCONNECTED, CLOSE_REASON)
-    except BackendUnavailable:
-        return problem(503, *_UNAVAILABLE)
+    if until is not None:  # first: a client that reconnects at once is refused already
+        await view.block(party_id, character_id, until, now)
+    await view.request_close(party_id, character_id, CLOSE_DISCONNECTED, CLOSE_REASON)
     blocked = until if until is not None and until > now else None
     log.info(
         "character disconnected by an operator",
@@ -277,10 +258,7 @@ async def disconnect(request: web.Request) -> web.Response:
 
 async def list_nodes(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    try:
-        nodes = await request.app[ADMIN].nodes(gateway.clock())
-    except BackendUnavailable:
-        return problem(503, *_UNAVAILABLE)
+    nodes = await request.app[ADMIN].nodes(gateway.clock())
     return web.json_response({"nodes": [node_json(n, gateway.node_id) for n in nodes]})
 
 
@@ -301,8 +279,11 @@ async def handshake_refusal(request: web.Request, claims: Claims) -> web.Respons
     if until is None:
         return None
     gateway.metrics.handshakes_refused.labels("403").inc()
-    detail = f"an operator disconnected this character until {until:.0f} (Unix seconds)"
-    return problem(403, BLOCKED, detail, headers={"Retry-After": str(math.ceil(until - now))})
+    blocked = OperatorBlocked(
+        f"an operator disconnected this character until {until:.0f} (Unix seconds)",
+        headers={"Retry-After": str(math.ceil(until - now))},
+    )
+    return answer(request, blocked)  # in the table: never None
 
 
 # -- the node's heartbeat and its close requests ---------------------------------------------------

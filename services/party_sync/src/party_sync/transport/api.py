@@ -4,7 +4,9 @@ Every call is authenticated by ``Authorization: Bearer <PARTY_SYNC_API_KEY>``, c
 constant time and checked before anything else is read (a bad key → 401); then every path id must
 follow the id rule (400 ``invalid_id``); then the whole body is read, up to
 ``api_max_body_bytes`` (413 ``too_large``), and parsed at most ``codec.MAX_DEPTH`` levels deep
-(400 ``too_deep`` / ``bad_json``): ``transport/edge.py`` does all of that, for every route.
+(400 ``too_deep`` / ``bad_json``): ``transport/edge.py`` and ``party_sync/problems.py`` do all
+of that, for every route, and answer what a handler raises (``problems.PROBLEMS``: 422
+``invalid_event`` / ``invalid_vote``, 409 ``vote_open``, 503 ``backend_unavailable``).
 Published events go through the same validated, sequenced path as in-process engines' events, so
 they are ordered, recorded in history and resumable like every other event.
 
@@ -16,41 +18,35 @@ an envelope ``trace_id`` that is a W3C trace id names the trace.
 from __future__ import annotations
 
 import logging
-import uuid
 from typing import Any
 
 from aiohttp import web
 
 from party_sync import tracing
 from party_sync.core import votes
-from party_sync.engine.interface import ENGINE_EVENT_TYPES
+from party_sync.engine.interface import ENGINE_EVENT_TYPES, VoteRequest
 from party_sync.gateway import Gateway
-from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
-from party_sync.protocol.ids import ID_RULE, is_id, is_trace_id
+from party_sync.protocol.errors import InvalidEvent
 from party_sync.transport.appkeys import API_KEY, GATEWAY
-from party_sync.transport.edge import authorized, guarded, read_json
-from party_sync.transport.edge import problem as _problem
+from party_sync.transport.edge import guarded, read_json
 
-__all__ = ["add_routes", "authorized"]
+__all__ = ["add_routes"]
 
 log = logging.getLogger(__name__)
 
 
-async def _read_json(request: web.Request) -> Any | web.Response:
+async def _read_json(request: web.Request) -> Any:
     return await read_json(request, request.app[GATEWAY].settings.api_max_body_bytes)
 
 
-async def _read_envelope(request: web.Request) -> dict[str, Any] | web.Response:
+async def _read_envelope(request: web.Request) -> dict[str, Any]:
     message = await _read_json(request)
-    if isinstance(message, web.Response):
-        return message
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
-        return _problem(422, "invalid_event", "body must be an envelope object with a type")
+        raise InvalidEvent("body must be an envelope object with a type")
     if "seq" in message:
-        return _problem(422, "invalid_event", "seq is allocated by party_sync; omit it")
-    payload = message.get("payload")
-    if not isinstance(payload, dict):
-        return _problem(422, "invalid_event", "payload must be an object")
+        raise InvalidEvent("seq is allocated by party_sync; omit it")
+    if not isinstance(message.get("payload"), dict):
+        raise InvalidEvent("payload must be an object")
     return message
 
 
@@ -72,22 +68,14 @@ def _build(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
 async def publish_party_event(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     party_id = request.match_info["party_id"]
-    parsed = await _read_envelope(request)
-    if isinstance(parsed, web.Response):
-        return parsed
-    try:
-        message = _build(gateway, parsed)
-        with tracing.incoming(
-            "publish " + message["type"],
-            request.headers,
-            trace_id=message["trace_id"],
-            attributes={"party_sync.party_id": party_id},
-        ):
-            event = await gateway.backend.publish(party_id, message, gateway.clock())
-    except InvalidEvent as exc:
-        return _problem(422, "invalid_event", exc.message)
-    except BackendUnavailable:
-        return _problem(503, "backend_unavailable", "the backend is unreachable; retry")
+    message = _build(gateway, await _read_envelope(request))
+    with tracing.incoming(
+        "publish " + message["type"],
+        request.headers,
+        trace_id=message["trace_id"],
+        attributes={"party_sync.party_id": party_id},
+    ):
+        event = await gateway.backend.publish(party_id, message, gateway.clock())
     log.debug(
         "event published via API",
         extra={"trace_id": event.trace_id, "party_id": party_id, "seq": event.seq},
@@ -99,53 +87,26 @@ async def publish_run_event(request: web.Request) -> web.Response:
     """A run-wide event: sequenced into the stream of every party playing the run."""
     gateway = request.app[GATEWAY]
     run_id = request.match_info["campaign_run_id"]
-    parsed = await _read_envelope(request)
-    if isinstance(parsed, web.Response):
-        return parsed
-    try:
-        message = _build(gateway, parsed)
-        with tracing.incoming(
-            "publish " + message["type"],
-            request.headers,
-            trace_id=message["trace_id"],
-            attributes={"party_sync.campaign_run_id": run_id},
-        ):
-            seqs = await gateway.publish_to_run(run_id, message)
-    except InvalidEvent as exc:
-        return _problem(422, "invalid_event", exc.message)
-    except BackendUnavailable:
-        return _problem(503, "backend_unavailable", "the backend is unreachable; retry")
+    message = _build(gateway, await _read_envelope(request))
+    with tracing.incoming(
+        "publish " + message["type"],
+        request.headers,
+        trace_id=message["trace_id"],
+        attributes={"party_sync.campaign_run_id": run_id},
+    ):
+        seqs = await gateway.publish_to_run(run_id, message)
     return web.json_response({"parties": seqs}, status=202)
 
 
 async def start_vote(request: web.Request) -> web.Response:
     """Open a party vote on an engine's behalf; 201 with the ``vote.started`` payload."""
     gateway = request.app[GATEWAY]
-    party_id = request.match_info["party_id"]
-    body = await _read_json(request)
-    if isinstance(body, web.Response):
-        return body
-    if not isinstance(body, dict):
-        return _problem(422, "invalid_vote", "body must be an object")
-    vote_id = body.get("vote_id") or "v-" + uuid.uuid4().hex[:12]
-    run = body.get("campaign_run_id")
-    trace = body.get("trace_id")
-    if run is not None and not is_id(run):
-        return _problem(422, "invalid_vote", f"campaign_run_id: {ID_RULE}")
-    if trace is not None and not is_trace_id(trace):
-        return _problem(422, "invalid_vote", "trace_id must match [A-Za-z0-9._:-]{1,128}")
+    vote = VoteRequest.from_json(request.match_info["party_id"], await _read_json(request))
     try:
-        spec = votes.spec_from_json(body, str(vote_id))
-        with tracing.incoming("vote.start", request.headers, trace_id=trace):
-            event = await gateway.publisher.open_vote(
-                party_id, spec, campaign_run_id=run, trace_id=trace
-            )
-    except (votes.SpecError, InvalidEvent) as exc:
-        return _problem(422, "invalid_vote", str(exc))
-    except VoteConflict as exc:
-        return _problem(409, "vote_open", str(exc))
-    except BackendUnavailable:
-        return _problem(503, "backend_unavailable", "the backend is unreachable; retry")
+        with tracing.incoming("vote.start", request.headers, trace_id=vote.trace_id):
+            event = await gateway.publisher.open_vote(vote)
+    except InvalidEvent as exc:  # the vote asked for, not an event the caller sent: invalid_vote
+        raise votes.SpecError(str(exc)) from exc
     return web.json_response({**event.payload, "seq": event.seq}, status=201)
 
 

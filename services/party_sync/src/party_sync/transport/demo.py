@@ -28,12 +28,11 @@ from typing import Any, Final
 from aiohttp import web
 
 from party_sync.auth import issue_token
+from party_sync.problems import InvalidDisplayName, InvalidRequest, read_json
 from party_sync.protocol.ids import is_id
 from party_sync.protocol.names import name_problem
 from party_sync.protocol.types import PARTY_ACTOR
 from party_sync.transport.appkeys import GATEWAY
-from party_sync.transport.edge import problem as _problem
-from party_sync.transport.edge import read_json
 
 log = logging.getLogger(__name__)
 
@@ -174,10 +173,8 @@ async def dev_token(request: web.Request) -> web.Response:
     if not secret:
         raise web.HTTPNotFound()
     body: Any = await read_json(request, DEV_TOKEN_MAX_BODY)  # whole body, bounded, depth-checked
-    if isinstance(body, web.Response):
-        return body
     if not isinstance(body, dict):
-        return _problem(422, "invalid_request", "body must be an object")
+        raise InvalidRequest("body must be an object")
     ids = {
         "party_id": body.get("party_id", DEMO_PARTY),
         "campaign_run_id": body.get("campaign_run_id", DEMO_RUN),
@@ -185,16 +182,14 @@ async def dev_token(request: web.Request) -> web.Response:
     }
     for name, value in ids.items():
         if not is_id(value):
-            return _problem(
-                422, "invalid_request", f"{name} must be an id ([A-Za-z0-9._:-]{{1,64}})"
-            )
+            raise InvalidRequest(f"{name} must be an id ([A-Za-z0-9._:-]{{1,64}})")
     if ids["character_id"] == PARTY_ACTOR:
-        return _problem(422, "invalid_request", f"character_id {PARTY_ACTOR!r} is reserved")
+        raise InvalidRequest(f"character_id {PARTY_ACTOR!r} is reserved")
     known = dict(DEMO_CHARACTERS)
     name = body.get("display_name") or known.get(ids["character_id"]) or ids["character_id"]
     problem = name_problem(name)
     if problem is not None:
-        return _problem(422, "invalid_display_name", problem)
+        raise InvalidDisplayName(problem)
     token = issue_token(
         secret,
         party_id=ids["party_id"],

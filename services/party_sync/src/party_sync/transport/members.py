@@ -2,9 +2,11 @@
 
 The engine or gateway_api registers each (party, character) → Telegram user binding here, with the
 server API key (checked before anything else), path ids that follow the id rule (400
-``invalid_id``) and a body read whole (``transport/edge.py``). A display name must follow the name
-rule (``protocol/names.py``: no control, line-break, bidi or invisible characters): 422
-``invalid_display_name``, since it is broadcast to the party as given. Telegram sign-in
+``invalid_id``) and a body read whole (``transport/edge.py``); what a handler raises is answered
+by ``problems.PROBLEMS`` (422 ``invalid_membership``, 404 ``not_found``, 503
+``backend_unavailable``). A display name must follow the name rule (``protocol/names.py``: no
+control, line-break, bidi or invisible characters): 422 ``invalid_display_name``, since it is
+broadcast to the party as given. Telegram sign-in
 (``transport/telegram.py``) reads it. A deleted membership stops new sign-ins at once; tokens
 already issued stay valid until they expire (``PARTY_SYNC_TELEGRAM_TOKEN_TTL``).
 
@@ -22,85 +24,56 @@ from typing import Final
 
 from aiohttp import web
 
-from party_sync.backends.directory import Directory, InvalidMembership, check_ids, parse_membership
-from party_sync.protocol.errors import BackendUnavailable
+from party_sync.backends.directory import Directory, check_ids, parse_membership
+from party_sync.problems import InvalidDisplayName, NotFound
 from party_sync.protocol.names import name_problem
 from party_sync.transport.appkeys import DIRECTORY
 from party_sync.transport.edge import guarded, read_json
-from party_sync.transport.edge import problem as _problem
 
 log = logging.getLogger(__name__)
 
 MAX_BODY: Final = 4096
 PATH: Final = "/api/v1/parties/{party_id}/members"
-INVALID_DISPLAY_NAME: Final = "invalid_display_name"
-
-_UNAVAILABLE = ("backend_unavailable", "the backend is unreachable; retry")
 
 
-def _ids(request: web.Request) -> tuple[str, str] | web.Response:
-    """The path's ids (``guarded`` has checked their form); the reserved actor is refused."""
+def _ids(request: web.Request) -> tuple[str, str]:
+    """The path's ids (``guarded`` has checked their form); the reserved actor is refused
+    (``InvalidMembership``)."""
     party_id = request.match_info["party_id"]
     character_id = request.match_info["character_id"]
-    try:
-        check_ids(party_id, character_id)
-    except InvalidMembership as exc:
-        return _problem(422, "invalid_membership", str(exc))
+    check_ids(party_id, character_id)
     return party_id, character_id
 
 
 async def put_member(request: web.Request) -> web.Response:
     data = await read_json(request, MAX_BODY)
-    if isinstance(data, web.Response):
-        return data
     party_id = request.match_info["party_id"]
     character_id = request.match_info["character_id"]
-    try:
-        membership = parse_membership(party_id, character_id, data)
-    except InvalidMembership as exc:
-        return _problem(422, "invalid_membership", str(exc))
+    membership = parse_membership(party_id, character_id, data)
     problem = name_problem(membership.display_name)
     if problem is not None:
-        return _problem(422, INVALID_DISPLAY_NAME, problem)
-    try:
-        await request.app[DIRECTORY].put(membership)
-    except BackendUnavailable:
-        return _problem(503, *_UNAVAILABLE)
+        raise InvalidDisplayName(problem)
+    await request.app[DIRECTORY].put(membership)
     log.info("membership registered", extra={"party_id": party_id, "character_id": character_id})
     return web.Response(status=204)
 
 
 async def delete_member(request: web.Request) -> web.Response:
-    ids = _ids(request)
-    if isinstance(ids, web.Response):
-        return ids
-    try:
-        await request.app[DIRECTORY].delete(*ids)
-    except BackendUnavailable:
-        return _problem(503, *_UNAVAILABLE)
-    log.info("membership deleted", extra={"party_id": ids[0], "character_id": ids[1]})
+    party_id, character_id = _ids(request)
+    await request.app[DIRECTORY].delete(party_id, character_id)
+    log.info("membership deleted", extra={"party_id": party_id, "character_id": character_id})
     return web.Response(status=204)  # idempotent: deleting an absent membership is fine
 
 
 async def get_member(request: web.Request) -> web.Response:
-    ids = _ids(request)
-    if isinstance(ids, web.Response):
-        return ids
-    try:
-        membership = await request.app[DIRECTORY].get(*ids)
-    except BackendUnavailable:
-        return _problem(503, *_UNAVAILABLE)
+    membership = await request.app[DIRECTORY].get(*_ids(request))
     if membership is None:
-        return _problem(404, "not_found", "no such membership")
+        raise NotFound("no such membership")
     return web.json_response(membership.to_json())
 
 
 async def list_members(request: web.Request) -> web.Response:
-    party_id = request.match_info["party_id"]
-    try:
-        members = await request.app[DIRECTORY].list(party_id)
-    except BackendUnavailable:
-        return _problem(503, *_UNAVAILABLE)
+    members = await request.app[DIRECTORY].list(request.match_info["party_id"])
     return web.json_response({"members": [m.to_json() for m in members]})
 
 

@@ -4,7 +4,9 @@ Message schemas come from the protocol's JSON Schemas (``contracts/jsonschema/pa
 bundled into ``components.schemas`` (``bundled_schemas``: ``<type>`` per message, ``envelope``,
 ``common.<name>`` per shared definition), so bodies that carry protocol messages cannot drift
 from the contracts. Every refusal is an RFC 9457 problem (``application/problem+json``,
-``transport/edge.py``), listed per status with its stable codes (the ``error`` enum).
+``party_sync/problems.py``), listed per status with its stable codes (the ``error`` enum):
+``tests/adapters/test_http_errors.py`` holds every documented (status, code) equal to the one table
+the middleware answers by (``problems.PROBLEMS``).
 
 ``tests/core/test_openapi.py`` compares the documented operations with ``app.router``: a route
 that is not documented, or documented but not served, fails it.
@@ -159,7 +161,8 @@ def _too_large(limit: str) -> dict[str, Any]:
 
 
 def _with_body(responses: dict[str, Any], limit: str) -> dict[str, Any]:
-    """``responses`` plus the refusals of ``edge.read_json`` (after the key and the path ids)."""
+    """``responses`` plus the refusals of ``problems.read_json`` (after the key and the path
+    ids)."""
     return {
         **responses,
         "400": _problem(_BAD_BODY, *_BODY_CODES),

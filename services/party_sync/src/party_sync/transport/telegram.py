@@ -14,9 +14,9 @@ answer 200 ``{"token": "<party_sync JWT>", "expires_at": <unix seconds>}``.
    ``first_name``, ``last_name`` and ``username`` are never shown to anyone) and ``sub`` =
    ``telegram:<user id>``.
 
-Each refusal is a stable ``error`` code with a fixed ``detail``: nothing about which field or
-value failed. initData is a bearer credential until it expires: it is never logged, and neither
-is the token.
+Each refusal is raised and answered by ``problems.PROBLEMS``: a stable ``error`` code with a fixed
+``detail``, nothing about which field or value failed. initData is a bearer credential until it
+expires: it is never logged, and neither is the token.
 """
 
 from __future__ import annotations
@@ -29,13 +29,24 @@ from aiohttp import web
 from party_sync.auth import issue_token
 from party_sync.config import Settings
 from party_sync.initdata import EXPIRED, INVALID, MALFORMED, InitDataError, validate_init_data
-from party_sync.protocol import codec
-from party_sync.protocol.errors import BackendUnavailable
+from party_sync.problems import (
+    REFUSAL_HEADERS,
+    BadJson,
+    BadSignInRequest,
+    ExpiredInitData,
+    InvalidInitData,
+    MalformedInitData,
+    NotAMember,
+    OriginNotAllowed,
+    Refused,
+    TelegramNotConfigured,
+    decode_body,
+    read_body,
+)
 from party_sync.protocol.ids import is_id
 from party_sync.protocol.names import clean_name
 from party_sync.protocol.types import PARTY_ACTOR
 from party_sync.transport.appkeys import DIRECTORY, GATEWAY
-from party_sync.transport.edge import problem, read_body
 
 log = logging.getLogger(__name__)
 
@@ -43,28 +54,15 @@ PATH: Final = "/api/v1/auth/telegram"
 MAX_BODY: Final = 16 * 1024
 _FIELDS: Final = frozenset({"init_data", "party_id", "character_id"})
 
-NOT_A_MEMBER: Final = "not_a_member"
+#: The sign-in's answers, refusals included, are never cached (they carry tokens or say why not).
+NO_STORE: Final = {"Cache-Control": "no-store"}
 
-#: The only details a client ever sees: one fixed sentence per code.
-DETAILS: Final = {
-    "bad_request": "body must be {init_data, party_id, character_id} (ids: [A-Za-z0-9._:-]{1,64})",
-    MALFORMED: "init_data is not a well-formed Telegram initData string",
-    INVALID: "init_data is not signed for this bot",
-    EXPIRED: "init_data is too old or not yet valid: reopen the Mini App",
-    NOT_A_MEMBER: "this Telegram user may not play that character in that party",
-    "origin_not_allowed": "origin not allowed",
-    "telegram_not_configured": (
-        "Telegram sign-in is not configured on this server "
-        "(PARTY_SYNC_TELEGRAM_BOT_TOKEN or PARTY_SYNC_TELEGRAM_BOT_ID)"
-    ),
-    "backend_unavailable": "the backend is unreachable; retry",
-    "too_large": f"body exceeds {MAX_BODY} bytes",
-    "too_deep": f"body nests deeper than {codec.MAX_DEPTH} levels",
+#: ``InitDataError.code`` → the refusal that answers it.
+_INIT_DATA_REFUSALS: Final[dict[str, type[Refused]]] = {
+    MALFORMED: MalformedInitData,
+    INVALID: InvalidInitData,
+    EXPIRED: ExpiredInitData,
 }
-
-
-def _problem(status: int, error: str) -> web.Response:
-    return problem(status, error, DETAILS[error], headers={"Cache-Control": "no-store"})
 
 
 def _request_fields(body: Any) -> tuple[str, str, str] | None:
@@ -85,21 +83,20 @@ async def sign_in(request: web.Request) -> web.Response:
     settings: Settings = gateway.settings
     bot_token = settings.telegram_bot_token
     if not bot_token and settings.telegram_bot_id is None:
-        return _problem(503, "telegram_not_configured")
+        raise TelegramNotConfigured(headers=NO_STORE)
     origin = request.headers.get("Origin")
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
-        return _problem(403, "origin_not_allowed")
-    raw = await read_body(request, MAX_BODY)  # the whole body, however it was segmented
-    if isinstance(raw, web.Response):
-        return raw  # 413 too_large or 408 body_timeout
+        raise OriginNotAllowed(headers=NO_STORE)
+    # The whole body, however it was segmented: 413 too_large and 408 body_timeout are answered
+    # as on every route (without no-store); every refusal from here on carries it.
+    raw = await read_body(request, MAX_BODY)
+    request[REFUSAL_HEADERS] = NO_STORE
     try:
-        parsed = _request_fields(codec.decode_bounded(raw))
-    except codec.TooDeep:
-        return _problem(400, "too_deep")
-    except ValueError:
+        parsed = _request_fields(decode_body(raw))  # too deep: 400 too_deep
+    except BadJson:
         parsed = None
     if parsed is None:
-        return _problem(400, "bad_request")
+        raise BadSignInRequest()
     init_data, party_id, character_id = parsed
     now = gateway.clock()
     try:
@@ -117,17 +114,14 @@ async def sign_in(request: web.Request) -> web.Response:
         # The reason goes to the debug log only; never the initData itself.
         log.info("telegram sign-in refused", extra={"code": exc.code, "party_id": party_id})
         log.debug("telegram sign-in refusal reason", extra={"reason": exc.reason})
-        return _problem(exc.status, exc.code)
-    try:
-        membership = await request.app[DIRECTORY].get(party_id, character_id)
-    except BackendUnavailable:
-        return _problem(503, "backend_unavailable")
+        raise _INIT_DATA_REFUSALS[exc.code]() from None
+    membership = await request.app[DIRECTORY].get(party_id, character_id)  # 503 when unreachable
     if membership is None or membership.telegram_user_id != verified.user.id:
         log.info(
             "telegram sign-in refused",
-            extra={"code": NOT_A_MEMBER, "party_id": party_id, "character_id": character_id},
+            extra={"code": "not_a_member", "party_id": party_id, "character_id": character_id},
         )
-        return _problem(403, NOT_A_MEMBER)
+        raise NotAMember()
     assert settings.jwt_secret is not None  # build_server refuses to run without one
     ttl = settings.telegram_token_ttl
     token = issue_token(
@@ -146,9 +140,7 @@ async def sign_in(request: web.Request) -> web.Response:
         "telegram sign-in",
         extra={"party_id": party_id, "character_id": character_id, "sub": verified.user.id},
     )
-    return web.json_response(
-        {"token": token, "expires_at": int(now + ttl)}, headers={"Cache-Control": "no-store"}
-    )
+    return web.json_response({"token": token, "expires_at": int(now + ttl)}, headers=NO_STORE)
 
 
 def add_routes(app: web.Application) -> None:

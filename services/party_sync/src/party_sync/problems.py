@@ -1,0 +1,377 @@
+"""HTTP refusals in one place: the exceptions routes raise, the one table of what each answers,
+the one middleware that answers them, and the one body reader.
+
+A route refuses a request by *raising* (a ``Refused`` below, or a domain exception such as
+``BackendUnavailable``); it never builds an error response itself. ``PROBLEMS`` maps each
+exception class an HTTP route may raise to its status, its stable code and, where the message
+could say more than a client should see, a fixed detail. ``answer_errors`` is the aiohttp
+middleware of both HTTP servers, party_sync's (``transport/http.py``) and the engine host's
+(``engine/http_host.py``): it looks the exception up (through its class's MRO, so a subclass
+answers like its base) and renders the answer. An exception missing from the table is a bug: it
+is logged with its traceback and answered 500 ``internal_error`` with a fixed detail, nothing of
+the exception.
+
+party_sync's answers are RFC 9457 problem details (``application/problem+json``, ``problem``):
+``{"type": "about:blank", "title": <the status phrase>, "status", "detail", "error": <stable
+code>, "code": <the same>}``; ``error`` is the field clients have always matched on, ``code`` its
+RFC 9457-style alias. The engine host keeps the older ``{"error", "detail"}`` JSON that
+``HttpEngineLink`` and engines behind their own HTTP service speak (docs/engines.md): one table,
+two renderings.
+
+``read_body`` reads the *whole* body, however many TCP segments it arrives in, bounded by a size
+(413 ``too_large``) and by ``request_body_timeout`` (408 ``body_timeout``, then the connection is
+closed: a client that trickles a body cannot hold a handler); ``read_json`` also decodes it at most
+``codec.MAX_DEPTH`` levels deep (400 ``too_deep``, else 400 ``bad_json``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from party_sync import initdata
+from party_sync.backends.directory import InvalidMembership
+from party_sync.config import Settings
+from party_sync.core.votes import SpecError
+from party_sync.protocol import codec
+from party_sync.protocol.errors import (
+    BackendUnavailable,
+    EngineRejected,
+    InvalidEvent,
+    PartySyncError,
+    VoteConflict,
+)
+
+log = logging.getLogger(__name__)
+
+#: The media type of party_sync's refusals (RFC 9457).
+PROBLEM_JSON: Final = "application/problem+json"
+
+
+# -- the refusals routes raise -------------------------------------------------------------------
+class Refused(PartySyncError):
+    """An HTTP request refused; its class says the status and code (``PROBLEMS``).
+
+    ``str(exc)`` is the detail clients see when the table has no fixed one: a sentence that
+    never echoes the input. ``headers`` are added to the answer (``Retry-After``, say)."""
+
+    def __init__(self, detail: str = "", *, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.headers: Mapping[str, str] = headers or {}
+
+
+class Unauthorized(Refused):
+    """The server API key is missing or wrong (``transport/edge.py guarded``)."""
+
+
+class InvalidId(Refused):
+    """A path id breaks the id rule (``protocol/ids.py``)."""
+
+
+class InvalidQuery(Refused):
+    """A query parameter is out of its range."""
+
+
+class InvalidRequest(Refused):
+    """A development-mode request body is not what the route takes (``POST /demo/token``)."""
+
+
+class NotFound(Refused):
+    """The party or membership asked for does not exist (or its state expired)."""
+
+
+class InvalidDisplayName(Refused):
+    """A display name breaks the name rule (``protocol/names.py``)."""
+
+
+class OperatorBlocked(Refused):
+    """An operator disconnected the character for a while (``transport/admin.py``)."""
+
+
+class BodyTooLarge(Refused):
+    """The body exceeds the route's limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"body exceeds {limit} bytes")
+
+
+class BodyTimeout(Refused):
+    """The body did not arrive in time; the connection is closed after the answer."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__(f"the body did not arrive within {timeout:g} s")
+
+
+class BadJson(Refused):
+    """The body is not UTF-8 JSON."""
+
+
+class TelegramNotConfigured(Refused):
+    """Telegram sign-in has neither a bot token nor a bot id (``transport/telegram.py``)."""
+
+
+class OriginNotAllowed(Refused):
+    """The ``Origin`` is not on the allowlist."""
+
+
+class BadSignInRequest(Refused):
+    """The sign-in body is not ``{init_data, party_id, character_id}`` with valid ids."""
+
+
+class MalformedInitData(Refused):
+    """initData is not a well-formed initData string (``initdata.MALFORMED``)."""
+
+
+class InvalidInitData(Refused):
+    """initData is not signed for this bot (``initdata.INVALID``)."""
+
+
+class ExpiredInitData(Refused):
+    """initData is too old or from the future (``initdata.EXPIRED``)."""
+
+
+class NotAMember(Refused):
+    """The membership directory does not bind the character to that Telegram user."""
+
+
+class InvalidDelivery(Refused):
+    """The engine host got a body that is not a valid delivery (``engine/http_host.py``)."""
+
+
+class DeadlinePassed(Refused):
+    """A first delivery arrived past the action's deadline: the engine was not called."""
+
+
+class EngineFailed(Refused):
+    """The engine raised (not ``EngineRejected``); the delivery may be retried."""
+
+
+# -- the one table -------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """What an exception class answers: ``status``, the stable ``code``, and ``detail`` when it
+    is fixed (None: the exception's own message, written for clients)."""
+
+    status: int
+    code: str
+    detail: str | None = None
+
+
+#: Every exception an HTTP route raises on purpose → its answer. The OpenAPI document
+#: (``transport/openapi.py``) describes the same statuses and codes; a test holds them equal.
+PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
+    # every route of the server API: the key, the path ids, the body, the backend
+    Unauthorized: Problem(401, "unauthorized", "missing or wrong API key"),
+    InvalidId: Problem(400, "invalid_id"),
+    BodyTooLarge: Problem(413, "too_large"),
+    BodyTimeout: Problem(408, "body_timeout"),
+    codec.TooDeep: Problem(400, "too_deep", f"body nests deeper than {codec.MAX_DEPTH} levels"),
+    BadJson: Problem(400, "bad_json", "body is not valid UTF-8 JSON"),
+    BackendUnavailable: Problem(503, "backend_unavailable", "the backend is unreachable; retry"),
+    # publishing and votes (transport/api.py)
+    InvalidEvent: Problem(422, "invalid_event"),
+    SpecError: Problem(422, "invalid_vote"),
+    VoteConflict: Problem(409, "vote_open"),
+    # memberships (transport/members.py) and the admin API (transport/admin.py)
+    InvalidMembership: Problem(422, "invalid_membership"),
+    InvalidDisplayName: Problem(422, "invalid_display_name"),
+    NotFound: Problem(404, "not_found"),
+    InvalidQuery: Problem(400, "invalid_query"),
+    InvalidRequest: Problem(422, "invalid_request"),
+    OperatorBlocked: Problem(403, "disconnected_by_operator"),
+    # Telegram sign-in (transport/telegram.py): fixed details only, nothing about what failed
+    TelegramNotConfigured: Problem(
+        503,
+        "telegram_not_configured",
+        "Telegram sign-in is not configured on this server "
+        "(PARTY_SYNC_TELEGRAM_BOT_TOKEN or PARTY_SYNC_TELEGRAM_BOT_ID)",
+    ),
+    OriginNotAllowed: Problem(403, "origin_not_allowed", "origin not allowed"),
+    BadSignInRequest: Problem(
+        400,
+        "bad_request",
+        "body must be {init_data, party_id, character_id} (ids: [A-Za-z0-9._:-]{1,64})",
+    ),
+    MalformedInitData: Problem(
+        400, initdata.MALFORMED, "init_data is not a well-formed Telegram initData string"
+    ),
+    InvalidInitData: Problem(401, initdata.INVALID, "init_data is not signed for this bot"),
+    ExpiredInitData: Problem(
+        401, initdata.EXPIRED, "init_data is too old or not yet valid: reopen the Mini App"
+    ),
+    NotAMember: Problem(
+        403, "not_a_member", "this Telegram user may not play that character in that party"
+    ),
+    # the engine host (engine/http_host.py; its answers are read by HttpEngineLink)
+    InvalidDelivery: Problem(422, "invalid"),
+    DeadlinePassed: Problem(409, "expired", "the action's deadline passed before it started"),
+    EngineRejected: Problem(422, "rejected"),
+    EngineFailed: Problem(500, "engine_error", "engine failed"),
+}
+
+#: The answer to an exception missing from the table: a bug, told without any detail of it.
+INTERNAL: Final = Problem(500, "internal_error", "internal error")
+
+
+def problem_of(exc: BaseException) -> Problem | None:
+    """The table's answer to ``exc`` (its class or the nearest base listed), or None."""
+    for cls in type(exc).__mro__:
+        found = PROBLEMS.get(cls)
+        if found is not None:
+            return found
+    return None
+
+
+# -- rendering -------------------------------------------------------------------------------------
+#: (status, code, detail, headers) → the answer.
+Render = Callable[[int, str, str, Mapping[str, str] | None], web.Response]
+
+
+def problem_body(status: int, error: str, detail: str) -> dict[str, str | int]:
+    """The RFC 9457 problem details of a refusal; ``error`` and ``code`` are the stable code."""
+    return {
+        "type": "about:blank",
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        "error": error,
+        "code": error,
+    }
+
+
+def problem(
+    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """party_sync's rendering: problem details (``problem_body``) as ``PROBLEM_JSON``."""
+    return web.json_response(
+        problem_body(status, error, detail),
+        status=status,
+        headers=headers,
+        content_type=PROBLEM_JSON,
+    )
+
+
+def error_json(
+    status: int, error: str, detail: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The engine host's rendering: ``{"error": <code>, "detail"}`` as ``application/json``."""
+    return web.json_response({"error": error, "detail": detail}, status=status, headers=headers)
+
+
+#: Headers a route adds to every refusal it raises from then on (Telegram sign-in: no-store).
+REFUSAL_HEADERS: Final = web.RequestKey[Mapping[str, str]]("refusal_headers")
+
+
+def answer(request: web.Request, exc: Exception, render: Render = problem) -> web.Response | None:
+    """The table's answer to ``exc`` raised while handling ``request``, or None if ``exc`` is not
+    in the table."""
+    found = problem_of(exc)
+    if found is None:
+        return None
+    headers = {**request.get(REFUSAL_HEADERS, {})}
+    if isinstance(exc, Refused):
+        headers.update(exc.headers)
+    detail = found.detail if found.detail is not None else str(exc)
+    return render(found.status, found.code, detail, headers or None)
+
+
+def answer_errors(render: Render = problem) -> Middleware:
+    """The middleware that answers what handlers raise, by ``PROBLEMS``, rendered by ``render``.
+
+    aiohttp's own ``HTTPException``s (a 404 for an unknown path, the WebSocket handshake's text
+    refusals) and ``TimeoutError`` (aiohttp's 504) pass through; so does anything raised once a
+    response is under way (an open WebSocket): no second answer can be sent then."""
+
+    @web.middleware
+    async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except (web.HTTPException, TimeoutError):
+            raise
+        except Exception as exc:
+            if request.writer.output_size > 0:
+                raise
+            response = answer(request, exc, render)
+            if response is None:
+                resource = request.match_info.route.resource
+                route = resource.canonical if resource is not None else "unmatched"
+                log.exception("unexpected error answering %s %s", request.method, route)
+                return render(INTERNAL.status, INTERNAL.code, INTERNAL.detail or "", None)
+            if isinstance(exc, BodyTimeout):
+                await _send_and_close(request, response)
+            return response
+
+    return answer_errors
+
+
+async def _send_and_close(request: web.Request, response: web.Response) -> None:
+    """Send ``response`` now, then close the connection: aiohttp would otherwise keep reading
+    (and discarding) the rest of a slow body for its lingering time before closing."""
+    response.force_close()
+    await response.prepare(request)
+    await response.write_eof()
+    request.protocol.force_close()
+
+
+# -- the one body reader ---------------------------------------------------------------------------
+#: Seconds a request has to deliver its whole body once its head arrived (``build_app`` sets
+#: ``request_body_timeout``; without it, that setting's default).
+BODY_TIMEOUT: Final = web.AppKey("body_timeout", float)
+
+
+@functools.cache
+def _default_body_timeout() -> float:
+    return Settings().request_body_timeout
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body; raises ``BodyTooLarge`` beyond ``limit`` bytes, ``BodyTimeout``
+    when it does not arrive within ``BODY_TIMEOUT``.
+
+    ``StreamReader.read(n)`` returns what has *arrived so far* (at most ``n``), so one call would
+    cut a body that crosses a TCP segment boundary; this reads until the end of the body (or until
+    the limit is passed: a declared or chunked body is never buffered beyond ``limit + 1``).
+    """
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    timeout = request.app.get(BODY_TIMEOUT)
+    if timeout is None:
+        timeout = _default_body_timeout()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                chunk = await request.content.read(limit + 1 - size)
+                if not chunk:
+                    return b"".join(chunks)
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BodyTimeout(timeout) from None
+
+
+def decode_body(body: bytes) -> Any:
+    """The decoded JSON; raises ``codec.TooDeep`` past ``codec.MAX_DEPTH`` levels, else
+    ``BadJson`` when it is not UTF-8 JSON."""
+    try:
+        return codec.decode_bounded(body)
+    except codec.TooDeep:
+        raise
+    except ValueError:
+        raise BadJson() from None
+
+
+async def read_json(request: web.Request, limit: int) -> Any:
+    """``read_body`` then ``decode_body``: the JSON body, or the refusal raised."""
+    return decode_body(await read_body(request, limit))

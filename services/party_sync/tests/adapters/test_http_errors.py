@@ -1,0 +1,323 @@
+"""HTTP errors in one place: one exception root, one table (``problems.PROBLEMS``), one middleware
+that applies it, and one API-key check (``transport/edge.py guarded``).
+
+Every class in the table answers its status and code (and the OpenAPI document says the same); an
+exception outside the table is a 500 problem that tells nothing of it; every route that the
+document marks as needing the API key is wrapped by the one guard and refuses without the key.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import pkgutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from typing import Any
+
+import aiohttp
+import party_sync
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
+from party_sync import problems
+from party_sync.problems import PROBLEMS, BodyTimeout, BodyTooLarge, Problem, Refused
+from party_sync.protocol.errors import BackendUnavailable, PartySyncError
+from party_sync.protocol.schemas import Contracts
+from party_sync.server import build_server, start_serving
+from party_sync.transport import edge, openapi
+from ps_testkit.servers import make_settings
+
+KEY = "api-key-0123456789abcdef0123456789"
+PUBLIC_DETAIL = "a sentence written for clients"
+#: The engine host's codes: its answers are described in docs/engines.md, not in /openapi.json.
+ENGINE_HOST = {problems.InvalidDelivery, problems.DeadlinePassed, problems.EngineFailed}
+ENGINE_HOST_CODES = {"invalid", "expired", "rejected", "engine_error"}
+
+
+# -- one root --------------------------------------------------------------------------------------
+
+
+def _package_exceptions() -> list[type[BaseException]]:
+    found = []
+    for info in pkgutil.walk_packages(party_sync.__path__, "party_sync."):
+        if info.name == "party_sync.__main__":
+            continue  # running it is the command line
+        module = importlib.import_module(info.name)
+        for _, value in inspect.getmembers(module, inspect.isclass):
+            if issubclass(value, BaseException) and value.__module__ == info.name:
+                found.append(value)
+    return found
+
+
+def test_every_exception_class_of_the_package_derives_from_the_one_root() -> None:
+    classes = _package_exceptions()
+    names = {cls.__name__ for cls in classes}
+    assert {"SchemaViolation", "EngineRejected", "SpecError", "InvalidMembership"} <= names
+    assert [c.__qualname__ for c in classes if not issubclass(c, PartySyncError)] == []
+
+
+def test_the_builtin_bases_callers_catch_are_kept() -> None:
+    from party_sync.backends.directory import InvalidMembership
+    from party_sync.core.votes import SpecError
+    from party_sync.protocol.codec import TooDeep
+
+    for cls in (SpecError, InvalidMembership, TooDeep):
+        assert issubclass(cls, ValueError) and issubclass(cls, PartySyncError), cls
+    from party_sync.engine import EngineRejected as reexported
+    from party_sync.engine.interface import EngineRejected
+
+    assert reexported is EngineRejected and issubclass(EngineRejected, PartySyncError)
+
+
+# -- the table, through the middleware -------------------------------------------------------------
+
+
+def instance(cls: type[Exception]) -> Exception:
+    if cls is BodyTooLarge:
+        return BodyTooLarge(4096)
+    if cls is BodyTimeout:
+        return BodyTimeout(1.5)
+    return cls(PUBLIC_DETAIL)
+
+
+def expected_detail(cls: type[Exception], problem: Problem) -> str:
+    if problem.detail is not None:
+        return problem.detail
+    return str(instance(cls))
+
+
+@asynccontextmanager
+async def client_of(render: problems.Render, route: Any) -> AsyncIterator[TestClient[Any, Any]]:
+    app = web.Application(middlewares=[problems.answer_errors(render)])
+    app.router.add_get("/raise/{name}", route)
+    async with TestClient(TestServer(app)) as client:
+        yield client
+
+
+def _by_name() -> dict[str, type[Exception]]:
+    return {cls.__name__: cls for cls in PROBLEMS}
+
+
+async def _raise_named(request: web.Request) -> web.Response:
+    raise instance(_by_name()[request.match_info["name"]])
+
+
+async def test_every_class_in_the_table_is_answered_with_its_status_code_and_detail() -> None:
+    assert len(_by_name()) == len(PROBLEMS)  # the route below names each class once
+    async with client_of(problems.problem, _raise_named) as client:
+        for cls, problem in PROBLEMS.items():
+            async with client.get(f"/raise/{cls.__name__}") as resp:
+                assert resp.status == problem.status, cls
+                assert resp.content_type == "application/problem+json", cls
+                body = await resp.json(content_type=None)
+            assert body == {
+                "type": "about:blank",
+                "title": HTTPStatus(problem.status).phrase,
+                "status": problem.status,
+                "detail": expected_detail(cls, problem),
+                "error": problem.code,
+                "code": problem.code,
+            }, cls
+
+
+async def test_the_engine_host_renders_the_same_table_as_error_and_detail() -> None:
+    async with client_of(problems.error_json, _raise_named) as client:
+        for cls, problem in PROBLEMS.items():
+            async with client.get(f"/raise/{cls.__name__}") as resp:
+                assert (resp.status, resp.content_type) == (problem.status, "application/json")
+                body = await resp.json()
+            assert body == {"error": problem.code, "detail": expected_detail(cls, problem)}
+
+
+async def test_a_subclass_answers_like_the_nearest_class_in_the_table() -> None:
+    class SlowBackend(BackendUnavailable):
+        pass
+
+    async def raise_it(request: web.Request) -> web.Response:
+        raise SlowBackend("redis at 10.0.0.7:6379 timed out")
+
+    async with client_of(problems.problem, raise_it) as client, client.get("/raise/x") as resp:
+        assert resp.status == 503
+        body = await resp.json(content_type=None)
+    assert (body["error"], body["detail"]) == (
+        "backend_unavailable",
+        "the backend is unreachable; retry",  # fixed: never the internal message
+    )
+
+
+async def test_a_refusal_carries_its_headers_and_the_routes() -> None:
+    async def raise_it(request: web.Request) -> web.Response:
+        request[problems.REFUSAL_HEADERS] = {"Cache-Control": "no-store"}
+        raise problems.OperatorBlocked("blocked for a while", headers={"Retry-After": "30"})
+
+    async with client_of(problems.problem, raise_it) as client, client.get("/raise/x") as resp:
+        assert resp.status == 403
+        assert resp.headers["Retry-After"] == "30"
+        assert resp.headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize("render", [problems.problem, problems.error_json])
+async def test_an_unexpected_exception_is_a_500_without_internal_details(
+    render: problems.Render, caplog: pytest.LogCaptureFixture
+) -> None:
+    secret = "password=hunter2 at /srv/party_sync/internal.py:42"
+
+    async def broken(request: web.Request) -> web.Response:
+        raise RuntimeError(secret)
+
+    async with client_of(render, broken) as client:
+        with caplog.at_level(logging.ERROR, logger="party_sync.problems"):
+            async with client.get("/raise/x") as resp:
+                assert resp.status == 500
+                text = await resp.text()
+                body = await resp.json(content_type=None)
+    assert secret not in text and "RuntimeError" not in text
+    if render is problems.problem:
+        assert resp.content_type == "application/problem+json"
+        assert body == {
+            "type": "about:blank",
+            "title": "Internal Server Error",
+            "status": 500,
+            "detail": "internal error",
+            "error": "internal_error",
+            "code": "internal_error",
+        }
+    else:
+        assert body == {"error": "internal_error", "detail": "internal error"}
+    # ... but the operator's log has it, with the traceback.
+    assert any(r.exc_info and secret in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_aiohttp_own_http_exceptions_pass_through_unchanged() -> None:
+    async def forbidden(request: web.Request) -> web.Response:
+        raise web.HTTPForbidden(text="origin not allowed")
+
+    async with client_of(problems.problem, forbidden) as client:
+        async with client.get("/raise/x") as resp:
+            assert (resp.status, resp.content_type) == (403, "text/plain")
+            assert await resp.text() == "origin not allowed"
+        async with client.get("/no/such/route") as resp:
+            assert resp.status == 404
+
+
+async def test_the_real_app_answers_an_unexpected_exception_with_a_500_problem() -> None:
+    server = build_server(make_settings(api_key=KEY))
+
+    async def broken(request: web.Request) -> web.Response:
+        raise KeyError("internal-key-name")
+
+    server.app.router.add_get("/api/v1/broken", broken)
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=2.0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            url = f"http://127.0.0.1:{listening.port}/api/v1/broken"
+            async with http.get(url) as resp:
+                assert resp.status == 500
+                assert resp.content_type == "application/problem+json"
+                text = await resp.text()
+        assert "internal_error" in text and "internal-key-name" not in text
+    finally:
+        await listening.stop()
+
+
+# -- the table and the OpenAPI document say the same -------------------------------------------
+
+
+def _documented_problems() -> dict[str, set[int]]:
+    """Stable code → the statuses /openapi.json documents it with (every operation)."""
+    spec = openapi.document(Contracts(), dev_mode=True)
+    out: dict[str, set[int]] = {}
+    for item in spec["paths"].values():
+        for operation in item.values():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            for status, response in operation["responses"].items():
+                media = response.get("content", {}).get(openapi.PROBLEM_JSON)
+                if media is None or "allOf" not in media["schema"]:
+                    continue
+                for code in media["schema"]["allOf"][1]["properties"]["error"]["enum"]:
+                    out.setdefault(code, set()).add(int(status))
+    return out
+
+
+def test_every_class_in_the_table_maps_to_its_documented_status() -> None:
+    documented = _documented_problems()
+    for cls, problem in PROBLEMS.items():
+        if cls in ENGINE_HOST or problem.code in ENGINE_HOST_CODES:
+            continue
+        if problem.code == "disconnected_by_operator":  # the /ws handshake's 403, in prose
+            ws = openapi.document(Contracts())["paths"]["/ws"]["get"]["responses"]["403"]
+            assert problem.status == 403 and problem.code in ws["description"]
+            continue
+        assert documented.get(problem.code) == {problem.status}, (cls, problem)
+    # ... and the document names no code the table does not answer
+    table_codes = {p.code for p in PROBLEMS.values()}
+    assert set(documented) <= table_codes, set(documented) - table_codes
+
+
+def test_the_engine_host_codes_are_the_documented_ones() -> None:
+    answers = {p.code: p.status for c, p in PROBLEMS.items() if p.code in ENGINE_HOST_CODES}
+    assert answers == {"invalid": 422, "expired": 409, "rejected": 422, "engine_error": 500}
+
+
+# -- one API-key check ---------------------------------------------------------------------------
+
+
+def _guard_code() -> object:
+    async def handler(request: web.Request) -> web.Response:
+        return web.Response()
+
+    return edge.guarded(handler).__code__
+
+
+def _keyed_operations() -> set[tuple[str, str]]:
+    spec = openapi.document(Contracts())
+    return {
+        (method.upper(), path)
+        for path, item in spec["paths"].items()
+        for method, operation in item.items()
+        if isinstance(operation, dict) and operation.get("security") == [{"apiKey": []}]
+    }
+
+
+def _routes(app: web.Application) -> dict[tuple[str, str], Any]:
+    out = {}
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("formatter") or info.get("path")
+        if route.method != "HEAD" and isinstance(path, str):
+            out[(route.method, path)] = route.handler
+    return out
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}])
+async def test_every_route_that_needs_the_key_refuses_without_it_through_the_one_guard(
+    headers: dict[str, str],
+) -> None:
+    server = build_server(make_settings(api_key=KEY))
+    routes, keyed, guard = _routes(server.app), _keyed_operations(), _guard_code()
+    assert len(keyed) == 12  # 3 publishing and votes, 4 memberships, 5 admin
+    guarded = {op for op, handler in routes.items() if getattr(handler, "__code__", None) is guard}
+    assert guarded == keyed  # the guard is the only key check, on exactly these routes
+    for method, path in sorted(keyed):
+        names = [part[1:-1] for part in path.split("/") if part.startswith("{")]
+        request = make_mocked_request(
+            method, path, headers=headers, app=server.app, match_info=dict.fromkeys(names, "ok-id")
+        )
+        response = await routes[(method, path)](request)
+        assert isinstance(response, web.Response)
+        assert response.status == 401, (method, path)
+        assert response.content_type == "application/problem+json"
+        assert response.body is not None
+        body = json.loads(bytes(response.body))  # type: ignore[arg-type]
+        assert (body["error"], body["detail"]) == ("unauthorized", "missing or wrong API key")
+
+
+def test_a_refusal_class_is_a_party_sync_error_with_headers() -> None:
+    exc = problems.NotFound("no such party")
+    assert isinstance(exc, Refused) and isinstance(exc, PartySyncError)
+    assert (str(exc), dict(exc.headers)) == ("no such party", {})
