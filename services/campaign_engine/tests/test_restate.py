@@ -1,10 +1,10 @@
-"""Re-statement (issue 11, failure 2): party_sync lost a party's short-lived state, and the engine
-publishes the party's current state again (``ReferenceEngine.handle_restate``).
+"""Re-statement: party_sync lost a party's short-lived state, and the engine publishes the party's
+current state again (``ReferenceEngine.handle_restate``; docs/redis.md, "Guarantees").
 
 What is checked: exactly the current scene (open options), the fight, ``party.state`` and the
 vote where one is due, with the notice's trace id; nothing for an unknown, pending or foreign run;
 no die rolled (``ScriptedRandom`` fails on a roll nobody scripted), no decision, no chronicle
-entry; twice is harmless; an unsent outbox goes first. The last tests replay failure 2 with
+entry; twice is harmless; an unsent outbox goes first. The last tests replay that loss with
 party_sync's own in-memory backend: a new backend (the state lost), a member reconnects to a
 ``system.hello`` with no scene, the notice is delivered, and the snapshot is playable again.
 """
@@ -305,7 +305,7 @@ async def test_a_restatement_cut_short_is_kept_and_published_by_the_next_deliver
 
 
 async def test_an_engine_restarted_on_its_database_restates_the_run(durable_url: str) -> None:
-    """The scene of failure 2: the server restarts with the engine's database kept."""
+    """How the state is lost: the server restarts with the engine's database kept."""
     first = RecordingPublisher()
     engine = ReferenceEngine(
         builtin_campaign(), rng=ScriptedRandom(), store=open_store(durable_url)
@@ -341,7 +341,7 @@ def scene_but_narration(scene: Mapping[str, Any] | None) -> dict[str, Any]:
 
 
 async def test_party_syncs_lost_state_is_playable_again_after_the_restatement() -> None:
-    """Failure 2 end to end with party_sync's in-memory backend and its real publisher: the
+    """The lost state end to end, with party_sync's in-memory backend and its real publisher: the
     party's state is lost (a new backend: a restarted embedded server), the members reconnect to
     an empty ``system.hello``, the restatement arrives, and the snapshot has the scene, its
     options, the characters and the party's vote again; the vote then decides the scene."""

@@ -25,16 +25,16 @@ commits a ``vote.start`` entry at the end of its outbox; publishing reaches it a
 events and asks party_sync for the vote (``EventPublisher.start_vote``). A vote that cannot be
 started is logged and the characters choose instead: a vote never blocks the game.
 
-Re-statement (``handle_restate``, issue 11): party_sync's party state is short-lived, the run's is
-here. When party_sync lost it (an embedded server restarted, Redis restarted empty or flushed, the
-party expired), its new epoch shows no scene and it sends a ``RestateNotice``. For a run it has
-started (of that party), the engine then publishes, through the same outbox and publisher as any
-event, the party's current state: ``scene.update`` (the scene as it stands, open options),
+Re-statement (``handle_restate``; docs/engines.md): party_sync's party state is short-lived, the
+run's is here. When party_sync lost it (an embedded server restarted, Redis restarted empty or
+flushed, the party expired), its new epoch shows no scene and it sends a ``RestateNotice``. For a
+run it has started (of that party), the engine then publishes, through the same outbox and publisher
+as any event, the party's current state: ``scene.update`` (the scene as it stands, open options),
 ``combat.update`` during a fight, ``party.state`` (always: party_sync lost the last one too), and
-the party's vote again if it is in a vote scene whose vote was pending (``votes.replan``). It
-rolls no die and records no decision or chronicle entry; the same state gives the same events, so
-a repeated notice (delivery is at least once) is harmless. An unknown or still pending run
-publishes nothing.
+the party's vote again if it is in a vote scene whose vote was pending (``votes.replan``). It rolls
+no die and records no decision or chronicle entry; the same state gives the same events, so a
+repeated notice (delivery is at least once) is harmless. An unknown or still pending run publishes
+nothing.
 
 Several engine processes may share one database (workers of a stream): commits are optimistic
 (``store.CommitConflict``), so if another process committed to the run since it was loaded, the

@@ -149,10 +149,6 @@ class InMemoryRunStore:
     async def summaries(self, run_id: str) -> list[SceneSummary]:
         return list(self._summaries.get(run_id, []))
 
-    def run_ids(self) -> list[str]:
-        """Every run this store knows (for diagnostics and tests)."""
-        return list(self._runs)
-
 
 def redact(url: str) -> str:
     """``url`` without its password, fit for logs and messages."""

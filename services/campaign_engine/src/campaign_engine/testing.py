@@ -11,16 +11,31 @@ from __future__ import annotations
 
 import itertools
 import random
-import re
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
+from party_sync.core import votes
 from party_sync.engine import ENGINE_EVENT_TYPES, ActionRequest, JoinNotice, RestateNotice
+from party_sync.engine.interface import VoteRequest, VoteStarter, action_envelope
+from party_sync.protocol import codec
 from party_sync.protocol.errors import InvalidEvent, VoteConflict
+
+# ``VoteRequest`` is party_sync's (one ``start_vote`` call as the engine made it), re-exported
+# because ``RecordingPublisher.vote_requests`` holds them.
+__all__ = [
+    "OpenVote",
+    "PublishFailed",
+    "Published",
+    "RecordingPublisher",
+    "ScriptedRandom",
+    "VoteRequest",
+    "action_request",
+    "join_notice",
+    "restate_notice",
+]
 
 _counter = itertools.count(1)
 
@@ -41,21 +56,6 @@ class PublishFailed(ConnectionError):
 
 
 @dataclass(frozen=True, slots=True)
-class VoteRequest:
-    """One ``start_vote`` call, as the engine made it (recorded even if it was refused)."""
-
-    party_id: str
-    question: str
-    options: tuple[Mapping[str, str], ...]
-    timeout_s: float
-    vote_id: str | None
-    tie_rule: str
-    default_option: str | None
-    campaign_run_id: str | None
-    trace_id: str | None
-
-
-@dataclass(frozen=True, slots=True)
 class OpenVote:
     """A vote the publisher started and no test has finished yet."""
 
@@ -65,7 +65,7 @@ class OpenVote:
     started: Mapping[str, Any]  # the vote.started payload that start_vote returned
 
 
-class RecordingPublisher:
+class RecordingPublisher(VoteStarter):
     """An in-memory ``EventPublisher`` that records every event (and every rejection).
 
     ``check`` is called with each event before it is recorded (e.g. a JSON Schema validation that
@@ -123,54 +123,28 @@ class RecordingPublisher:
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.rejected.append((action, message))
 
-    async def start_vote(
-        self,
-        party_id: str,
-        question: str,
-        options: Sequence[Mapping[str, str]],
-        timeout_s: float,
-        *,
-        vote_id: str | None = None,
-        tie_rule: str = "first_listed",
-        default_option: str | None = None,
-        campaign_run_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Mapping[str, Any]:
-        request = VoteRequest(
-            party_id,
-            question,
-            tuple(dict(o) for o in options),
-            timeout_s,
-            vote_id,
-            tie_rule,
-            default_option,
-            campaign_run_id,
-            trace_id,
-        )
+    async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         self.vote_requests.append(request)
         if self.fail_next_vote is not None:
             failure, self.fail_next_vote = self.fail_next_vote, None
             raise failure
-        if problem := _vote_problem(request):
-            raise InvalidEvent(problem)
+        party_id = request.party_id
+        try:  # party_sync's own checks (docs/protocol.md, Votes)
+            spec = request.spec(default_id=f"v-{next(_counter)}")
+        except votes.SpecError as exc:
+            raise InvalidEvent(str(exc)) from None
         if party_id in self.open_votes:
             raise VoteConflict(f"party {party_id} already has an open vote")
-        vote_id = vote_id or f"v-{next(_counter)}"
-        if (party_id, vote_id) in self._vote_ids:
-            raise VoteConflict(f"vote {vote_id} already ran")
-        started: dict[str, Any] = {
-            "vote_id": vote_id,
-            "question": question,
-            "options": [{"id": o["id"], "label": o["label"]} for o in request.options],
-            "timeout_s": timeout_s,
-            "deadline": _rfc3339(self.clock() + timeout_s),
-            "tie_rule": tie_rule,
-        }
-        if default_option is not None:
-            started["default_option"] = default_option
-        self._vote_ids.add((party_id, vote_id))
-        trace = trace_id or f"vote-trace-{next(_counter)}"
-        self.open_votes[party_id] = OpenVote(party_id, campaign_run_id, trace, started)
+        if (party_id, spec.vote_id) in self._vote_ids:
+            raise VoteConflict(f"vote {spec.vote_id} already ran")
+        vote = votes.open_vote(
+            spec, self.clock(), request.trace_id or f"vote-trace-{next(_counter)}"
+        )
+        started = votes.started_payload(vote, codec.rfc3339(vote.deadline))
+        self._vote_ids.add((party_id, spec.vote_id))
+        self.open_votes[party_id] = OpenVote(
+            party_id, request.campaign_run_id, vote.trace_id, started
+        )
         return started
 
     def open_vote(self, party_id: str = "party-1") -> Mapping[str, Any] | None:
@@ -225,37 +199,6 @@ class RecordingPublisher:
         self.vote_requests.clear()
 
 
-_VOTE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
-
-
-def _vote_problem(r: VoteRequest) -> str | None:
-    """What party_sync would refuse in a vote request (protocol-v1, Votes), or None."""
-    ids = [str(o.get("id", "")) for o in r.options]
-    if r.vote_id is not None and not _VOTE_ID.fullmatch(r.vote_id):
-        return f"vote_id {r.vote_id!r} is not an id"
-    if not 2 <= len(ids) <= 10 or len(set(ids)) != len(ids):
-        return "a vote needs 2..10 options with unique ids"
-    if any(not _VOTE_ID.fullmatch(i) for i in ids):
-        return "option ids must match [A-Za-z0-9._:-]{1,64}"
-    if not 1 <= len(r.question) <= 500 or any(
-        not 1 <= len(str(o.get("label", ""))) <= 200 for o in r.options
-    ):
-        return "question must be 1..500 characters and labels 1..200"
-    if not 0 < r.timeout_s <= 86_400:
-        return "timeout_s must be in (0, 86400]"
-    if r.tie_rule not in ("first_listed", "default_option"):
-        return f"unknown tie_rule {r.tie_rule!r}"
-    if (r.tie_rule == "default_option") != (r.default_option is not None) or (
-        r.default_option is not None and r.default_option not in ids
-    ):
-        return "default_option goes with tie_rule default_option and must be an option"
-    return None
-
-
-def _rfc3339(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
-
-
 class ScriptedRandom(random.Random):
     """A ``random.Random`` whose ``randint`` returns the scripted values, in order.
 
@@ -301,22 +244,9 @@ def action_request(
         "action_type": action_type,
         "payload": dict(payload or {}),
     }
-    envelope = {
-        "type": "action.request",
-        "timestamp": timestamp,
-        "trace_id": trace_id,
-        "payload": inner,
-    }
-    return ActionRequest(
-        party_id=party_id,
-        campaign_run_id=run_id,
-        character_id=character_id,
-        action_id=action_id,
-        action_type=action_type,
-        payload=dict(payload or {}),
-        trace_id=trace_id,
-        envelope=envelope,
-    )
+    envelope = action_envelope(inner, trace_id, 0.0)
+    envelope["timestamp"] = timestamp  # the test's own text, kept as given
+    return ActionRequest.from_envelope(party_id, envelope)
 
 
 def join_notice(

@@ -8,18 +8,17 @@ alike. Every event is checked against its schema before the backend sequences it
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import orjson
 
 from party_sync import tracing
-from party_sync.backends.base import Backend
+from party_sync.backends.base import EngineSide
 from party_sync.core import votes
 from party_sync.core.actions import Claim
 from party_sync.core.events import Event
-from party_sync.engine.interface import ENGINE_EVENT_TYPES, ActionRequest
+from party_sync.engine.interface import ENGINE_EVENT_TYPES, ActionRequest, VoteRequest, VoteStarter
 from party_sync.protocol import codec, replies
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, InvalidEvent
@@ -32,10 +31,12 @@ log = logging.getLogger(__name__)
 NOT_LATE = b""
 
 
-class BackendPublisher:
+class BackendPublisher(VoteStarter):
     """Implements the engine's ``EventPublisher`` (and a link's ``fail``) over a ``Backend``."""
 
-    def __init__(self, backend: Backend, contracts: Contracts, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, backend: EngineSide, contracts: Contracts, clock: Callable[[], float]
+    ) -> None:
         self.backend = backend
         self.contracts = contracts
         self.clock = clock
@@ -169,47 +170,23 @@ class BackendPublisher:
         )
         return claim
 
-    async def open_vote(
-        self,
-        party_id: str,
-        spec: votes.VoteSpec,
-        *,
-        campaign_run_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Event:
-        """Open a checked vote for a party; raises ``VoteConflict`` / ``InvalidEvent``."""
-        run = campaign_run_id or await self.backend.party_run(party_id)
+    async def open_vote(self, request: VoteRequest) -> Event:
+        """Open the vote ``request`` asks for: its ``vote.started`` event (with its ``seq``).
+
+        Raises ``InvalidEvent`` for a malformed request or a party with no known run, and
+        ``VoteConflict`` if the party already has an open vote.
+        """
+        try:
+            spec = request.spec()
+        except votes.SpecError as exc:
+            raise InvalidEvent(str(exc)) from None
+        party_id = request.party_id
+        run = request.campaign_run_id or await self.backend.party_run(party_id)
         if run is None:
             raise InvalidEvent(f"party {party_id} has no known campaign run: pass campaign_run_id")
         return await self.backend.start_vote(
-            party_id, spec, run, self.clock(), trace_id or codec.new_trace_id()
+            party_id, spec, run, self.clock(), request.trace_id or codec.new_trace_id()
         )
 
-    async def start_vote(
-        self,
-        party_id: str,
-        question: str,
-        options: Sequence[Mapping[str, str]],
-        timeout_s: float,
-        *,
-        vote_id: str | None = None,
-        tie_rule: str = "first_listed",
-        default_option: str | None = None,
-        campaign_run_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Mapping[str, Any]:
-        request: dict[str, Any] = {
-            "question": question,
-            "options": list(options),
-            "timeout_s": timeout_s,
-            "tie_rule": tie_rule,
-            "default_option": default_option,
-        }
-        try:
-            spec = votes.spec_from_json(request, vote_id or "v-" + uuid.uuid4().hex[:12])
-        except votes.SpecError as exc:
-            raise InvalidEvent(str(exc)) from None
-        event = await self.open_vote(
-            party_id, spec, campaign_run_id=campaign_run_id, trace_id=trace_id
-        )
-        return event.payload
+    async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
+        return (await self.open_vote(request)).payload

@@ -15,6 +15,8 @@ from party_sync.engine.interface import (
     EventPublisher,
     JoinNotice,
     RestateNotice,
+    VoteRequest,
+    VoteStarter,
 )
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from ps_testkit.client import wait_until
@@ -116,7 +118,7 @@ async def test_an_engine_crash_still_fails_the_action_with_engine_error() -> Non
     await link.close()
 
 
-class _FlakyPublishHost:
+class _FlakyPublishHost(VoteStarter):
     """A LinkHost whose backend fails the next publish (a Redis blip under the engine)."""
 
     def __init__(self) -> None:
@@ -136,7 +138,7 @@ class _FlakyPublishHost:
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.answers.append(("action_rejected", message))
 
-    async def start_vote(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
+    async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         raise RuntimeError("no votes here")
 
     async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
@@ -149,9 +151,10 @@ class _FlakyPublishHost:
 async def test_a_publish_failing_after_the_engine_applied_an_action_is_never_told_as_failure() -> (
     None
 ):
-    """Review finding (issue 11 class "a timeout that lies"): the reference engine commits, then
-    publishes; a publish that fails must not become ``engine_error`` ("not applied"). The link
-    hands the action to the engine again, which publishes what it had left: one result."""
+    """A refusal never lies (docs/protocol.md, "Actions and idempotency"): the reference engine
+    commits, then publishes; a publish that fails must not become ``engine_error`` ("not
+    applied"). The link hands the action to the engine again, which publishes what it had left:
+    one result."""
     from campaign_engine.engine import ReferenceEngine
 
     engine = ReferenceEngine(seed=1)
@@ -162,21 +165,7 @@ async def test_a_publish_failing_after_the_engine_applied_an_action_is_never_tol
         await link.notify_join(JoinNotice("p1", "r1", "c1", "Ann", "t" * 32))
         host.events.clear()
         host.fail_next = True
-        envelope = {
-            "type": "action.request",
-            "timestamp": "2026-01-01T00:00:00Z",
-            "trace_id": "a" * 32,
-            "payload": {
-                "action_id": "a1",
-                "character_id": "c1",
-                "campaign_run_id": "r1",
-                "action_type": "skill_check",
-                "payload": {},
-            },
-        }
-        action = ActionRequest(
-            "p1", "r1", "c1", "a1", "skill_check", {}, "a" * 32, envelope, time.time() + 10
-        )
+        action = make_action("a1", deadline=time.time() + 10, character_id="c1", trace_id="a" * 32)
         await link.submit(action)
         await wait_until(lambda: "action.result" in host.events, timeout=5)
         state = await engine.run_state("r1")

@@ -109,7 +109,8 @@ async def test_one_open_vote_per_party_and_bad_requests() -> None:
         status, problem = await start(srv)
         assert status == 409
         assert problem["error"] == "vote_open"
-        assert (await start(srv, party="p1", options=OPTIONS[:1]))[0] in (409, 422)
+        status, problem = await start(srv, party="p1", options=OPTIONS[:1])
+        assert (status, problem["error"]) == (422, "invalid_vote")  # checked before the conflict
         assert (await start(srv, party="nobody"))[0] == 422  # no known run for that party
         async with srv.http.post(f"{srv.base}/api/v1/parties/p1/votes", json={}) as r:
             assert r.status == 401
@@ -205,10 +206,10 @@ async def test_a_vote_its_node_could_not_hand_over_is_applied_by_the_sweep() -> 
         assert srv.server is not None
         gateway = srv.server.gateway
 
-        async def dies_first(finished: Any) -> None:
-            return None
+        def dies_first(finished: Any, now: float) -> list[Any]:
+            return []  # the node never hands the decision over itself
 
-        gateway._apply_vote_soon = dies_first  # type: ignore[method-assign]
+        gateway.core._apply_soon = dies_first  # type: ignore[method-assign]
         a, _ = await srv.join("aria")
         status, _ = await start(srv, vote_id="v-orphan")
         assert status == 201

@@ -25,8 +25,8 @@ from ps_testkit.browser import (
     open_player,
     screenshot,
 )
+from ps_testkit.proxy import TcpProxy
 from ps_testkit.servers import SECRET, make_settings, serve_in_process
-from ps_testkit.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.browser
 

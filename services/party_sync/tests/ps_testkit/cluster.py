@@ -1,4 +1,4 @@
-"""Several real ``party-sync serve`` processes sharing one private redis-server (issue 3's tests).
+"""Several real ``party-sync serve`` processes sharing one private redis-server (the Redis tier).
 
 Nodes load ``ps_testkit.engines:node_engine`` (so the test can count engine calls across nodes
 and hold actions in flight) and run with short presence timings, so a dead node's players leave

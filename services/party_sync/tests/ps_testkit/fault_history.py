@@ -2,7 +2,7 @@
 
 A client's history is a list of ``Frame``s in the order they happened: ``open`` (a connection was
 made), ``sent`` (a message went out on it), ``recv`` (a message came in on it), ``close``. The
-checks (issue 11, "A fault tier in the project's own tests"):
+checks (docs/redis.md, "Faults, measured"):
 
 - every action a client sent got **exactly one** final answer at that client: its
   ``action.result`` (seen again with the same epoch and seq on a resend: the same answer) or a

@@ -1,4 +1,4 @@
-"""The fault tier's systems: real processes to break, one fault at a time (issue 11).
+"""The fault tier's systems: real processes to break, one fault at a time.
 
 - ``RedisSystem``: a private ``redis-server``, two ``party-sync serve`` nodes on it (engine
   transport ``stream``) and two ``party-sync engine-worker``s hosting the reference engine, which

@@ -3,8 +3,8 @@
 - ``redis_server``: one private redis-server for the session; never the shared one on 6379.
 - ``backend_kind``: runs a test once per backend (``memory``, ``redis``). With ``redis``, every
   in-process server the test starts (``servers.serve_in_process``) uses ``redis_server``, flushed
-  before the test, so the embedded default and production cannot drift apart (issue 3, "One
-  behaviour, two backends").
+  before the test, so the embedded default and production cannot drift apart (one behaviour,
+  two backends).
 - ``redis`` and ``cluster``: the Redis tier's private server per test (tests flush, restart and
   kill it) and real ``party-sync serve`` nodes on it.
 """

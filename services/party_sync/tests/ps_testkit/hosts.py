@@ -7,16 +7,25 @@ are recorded in order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from party_sync.engine.interface import ActionRequest, Claim
+from party_sync.engine.interface import (
+    ActionRequest,
+    Claim,
+    VoteRequest,
+    VoteStarter,
+    action_envelope,
+)
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+
+#: When ``make_action``'s actions were accepted (2026-01-01T00:00:00Z): a fixed envelope timestamp.
+ACCEPTED_AT = 1_767_225_600.0
 
 
 @dataclass
-class RecordingHost:
+class RecordingHost(VoteStarter):
     claims: dict[str, Claim] = field(default_factory=dict)
     claim_errors: int = 0
     claimed: list[ActionRequest] = field(default_factory=list)
@@ -48,19 +57,7 @@ class RecordingHost:
     async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
         self.failed.append((action.action_id, code))
 
-    async def start_vote(
-        self,
-        party_id: str,
-        question: str,
-        options: Sequence[Mapping[str, str]],
-        timeout_s: float,
-        *,
-        vote_id: str | None = None,
-        tie_rule: str = "first_listed",
-        default_option: str | None = None,
-        campaign_run_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> Mapping[str, Any]:
+    async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         raise NotImplementedError("no votes in link tests")
 
     def results(self) -> list[str]:
@@ -86,20 +83,5 @@ def make_action(
         "action_type": "skill_check",
         "payload": {},
     }
-    envelope = {
-        "type": "action.request",
-        "timestamp": "2026-01-01T00:00:00Z",
-        "trace_id": trace,
-        "payload": payload,
-    }
-    return ActionRequest(
-        party_id=party_id,
-        campaign_run_id=run_id,
-        character_id=character_id,
-        action_id=action_id,
-        action_type="skill_check",
-        payload={},
-        trace_id=trace,
-        envelope=envelope,
-        deadline=deadline,
-    )
+    envelope = action_envelope(payload, trace, ACCEPTED_AT)
+    return ActionRequest.from_envelope(party_id, envelope, deadline)

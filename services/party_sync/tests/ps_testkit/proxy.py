@@ -1,37 +1,68 @@
-"""A TCP proxy in front of a test Redis, to inject the failure a Redis cannot: a silent socket.
+"""A loopback TCP proxy, to inject the network failures a test cannot get from a real server.
 
-``freeze_subscribers()`` makes every connection that has sent SUBSCRIBE stop receiving (its bytes
-from Redis are dropped) while the socket stays open: the wedged pub/sub reader of centrifugo#1189,
-which only a liveness probe can notice. Connections made afterwards work normally.
+One proxy serves every tier: in front of a party_sync server (``base``: HTTP and WebSocket pass
+through unchanged, so a browser page loaded through it talks to the server only through it) or in
+front of a test Redis (``url``). What it can do to the connections through it:
+
+- ``cut()`` closes every open connection (both sides: a client sees its WebSocket drop, the server
+  sees the client go away);
+- while ``refusing``, a new connection is accepted and closed at once (counted in ``refused``), so
+  a client's reconnects fail until ``refusing`` is set back to False;
+- ``freeze_subscribers()`` makes every connection that has sent SUBSCRIBE stop receiving (its bytes
+  from upstream are dropped) while its socket stays open: the wedged pub/sub reader of
+  centrifugo#1189, which only a liveness probe can notice. Connections made afterwards work.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
+from dataclasses import dataclass, field
 from types import TracebackType
 
+#: A (P|S)SUBSCRIBE *command* (a RESP bulk string of its own), not the word inside a Lua script's
+#: text that a script connection sends with SCRIPT LOAD.
+_SUBSCRIBE = re.compile(rb"\r\n[PpSs]?[Ss][Uu][Bb][Ss][Cc][Rr][Ii][Bb][Ee]\r\n")
 
+
+@dataclass(eq=False)
 class _Link:
-    def __init__(self) -> None:
-        self.subscriber = False
-        self.frozen = False
-        self.tasks: list[asyncio.Task[None]] = []
-        self.writers: list[asyncio.StreamWriter] = []
+    """One client connection and its upstream connection."""
+
+    client: asyncio.StreamWriter
+    upstream: asyncio.StreamWriter
+    subscriber: bool = False  # the client has sent SUBSCRIBE (Redis pub/sub)
+    frozen: bool = False  # bytes from upstream are dropped
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for writer in (self.client, self.upstream):
+            with contextlib.suppress(Exception):
+                writer.close()
 
 
-class RedisProxy:
-    def __init__(self, upstream_port: int) -> None:
-        self.upstream_port = upstream_port
+class TcpProxy:
+    def __init__(self, upstream_port: int, upstream_host: str = "127.0.0.1") -> None:
+        self.upstream = (upstream_host, upstream_port)
         self.port = 0
+        self.refusing = False
+        self.refused = 0
         self._server: asyncio.Server | None = None
-        self._links: list[_Link] = []
+        self._links: set[_Link] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    @property
+    def base(self) -> str:
+        """The proxied party_sync server's base URL."""
+        return f"http://127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
+        """The proxied Redis's URL (database 0)."""
         return f"redis://127.0.0.1:{self.port}/0"
 
-    async def __aenter__(self) -> RedisProxy:
+    async def __aenter__(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -44,15 +75,19 @@ class RedisProxy:
     ) -> None:
         assert self._server is not None
         self._server.close()
-        for link in self._links:
-            for writer in link.writers:
-                writer.close()
-            for task in link.tasks:
-                task.cancel()
-        await asyncio.gather(
-            *(t for link in self._links for t in link.tasks), return_exceptions=True
-        )
+        self.cut()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         await self._server.wait_closed()
+
+    def cut(self) -> int:
+        """Close every open connection through the proxy; returns how many there were."""
+        links = list(self._links)
+        self._links.clear()
+        for link in links:
+            link.close()
+        return len(links)
 
     def freeze_subscribers(self) -> int:
         """Silence every current pub/sub connection; returns how many."""
@@ -64,15 +99,22 @@ class RedisProxy:
         return frozen
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
-        link = _Link()
-        link.writers = [writer, up_writer]
-        self._links.append(link)
+        if self.refusing:
+            self.refused += 1
+            writer.close()
+            return
+        try:
+            up_reader, up_writer = await asyncio.open_connection(*self.upstream)
+        except OSError:
+            writer.close()
+            return
+        link = _Link(writer, up_writer)
+        self._links.add(link)
         loop = asyncio.get_running_loop()
-        link.tasks = [
-            loop.create_task(self._pipe(reader, up_writer, link, upstream=True)),
-            loop.create_task(self._pipe(up_reader, writer, link, upstream=False)),
-        ]
+        for source, sink, upstream in ((reader, up_writer, True), (up_reader, writer, False)):
+            task = loop.create_task(self._pipe(source, sink, link, upstream=upstream))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     async def _pipe(
         self,
@@ -82,12 +124,14 @@ class RedisProxy:
         *,
         upstream: bool,
     ) -> None:
+        """Copy one direction until either side closes; then close both."""
         with contextlib.suppress(ConnectionError, asyncio.CancelledError):
             while data := await reader.read(65536):
-                if upstream and b"SUBSCRIBE" in data.upper():
+                if upstream and not link.subscriber and _SUBSCRIBE.search(data):
                     link.subscriber = True
                 if not upstream and link.frozen:
                     continue  # the socket stays open; nothing gets through
                 writer.write(data)
                 await writer.drain()
-        writer.close()
+        self._links.discard(link)
+        link.close()

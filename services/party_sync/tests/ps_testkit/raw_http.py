@@ -1,5 +1,5 @@
-"""One HTTP/1.1 request over a raw socket, its body cut into separate TCP writes (issue 12,
-finding 3: a body that arrives in several segments must be read whole)."""
+"""One HTTP/1.1 request over a raw socket, its body cut into separate TCP writes (a body that
+arrives in several segments must be read whole)."""
 
 from __future__ import annotations
 

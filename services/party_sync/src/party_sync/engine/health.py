@@ -1,5 +1,5 @@
-"""How healthy the engine link looks from this node (issue 11: "the operator sees a missing or
-stuck engine").
+"""How healthy the engine link looks from this node, so the operator sees a missing or stuck
+engine (docs/engines.md).
 
 ``/readyz`` reports an :class:`EngineHealth` next to the backend's state; a degraded engine link
 keeps the node ready (it can still serve connections, presence and votes) but names what is wrong.

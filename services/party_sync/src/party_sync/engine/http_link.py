@@ -48,7 +48,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any
@@ -60,7 +59,7 @@ from party_sync import tracing
 from party_sync.engine import wire
 from party_sync.engine.inprocess import claim_until_answered
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
-from party_sync.protocol.errors import ErrorCode
+from party_sync.protocol.errors import ErrorCode, PartySyncError
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +67,11 @@ log = logging.getLogger(__name__)
 EXPIRED = "expired"
 
 
-class _Unreached(Exception):
+class _Unreached(PartySyncError):
     """The request cannot have reached the engine (refused or unresolvable at connect time)."""
 
 
-class _Retryable(Exception):
+class _Retryable(PartySyncError):
     """The request may have reached the engine (timeout after sending, 5xx, dropped connection)."""
 
 
@@ -129,11 +128,11 @@ class HttpEngineLink:
         self._spawn(self._traced_delivery(action))
 
     async def notify_join(self, notice: JoinNotice) -> None:
-        envelope = wire.join_envelope(notice, time.time())
+        envelope = wire.join_envelope(notice)
         self._notify("join", notice.party_id, notice.campaign_run_id, envelope, notice.trace_id)
 
     async def notify_restate(self, notice: RestateNotice) -> None:
-        envelope = wire.restate_envelope(notice, time.time())
+        envelope = wire.restate_envelope(notice)
         self._notify("restate", notice.party_id, notice.campaign_run_id, envelope, notice.trace_id)
 
     def _notify(

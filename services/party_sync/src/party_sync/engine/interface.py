@@ -1,4 +1,6 @@
-"""The public engine interface (seed §6): what a Campaign Engine needs, nothing of the gateway.
+"""The public engine interface: what a Campaign Engine needs, nothing of the gateway.
+
+docs/engines.md shows it in use on each transport.
 
 An engine *receives* accepted player actions (``Engine.handle_action``) and *publishes* events to a
 party (``EventPublisher.publish``). It never sees connections, presence or the backend. The same
@@ -12,13 +14,18 @@ party_sync makes no game decision: it delivers each accepted ``action.request`` 
 
 from __future__ import annotations
 
+import time
+import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+from party_sync.core import votes
 from party_sync.core.actions import Claim
 from party_sync.protocol import codec
-from party_sync.protocol.errors import ErrorCode
+from party_sync.protocol.errors import EngineRejected, ErrorCode  # EngineRejected: re-exported
+from party_sync.protocol.ids import ID_RULE, is_id, is_trace_id
 
 #: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
 __all__ = [
@@ -32,7 +39,10 @@ __all__ = [
     "JoinNotice",
     "LinkHost",
     "RestateNotice",
+    "VoteRequest",
+    "VoteStarter",
     "action_envelope",
+    "new_vote_id",
     "restate_engine",
 ]
 
@@ -71,16 +81,16 @@ class ActionRequest:
         Raises ``KeyError``/``TypeError`` for an envelope without the schema's fields.
         """
         p = envelope["payload"]
-        return cls(
-            party_id=party_id,
-            campaign_run_id=p["campaign_run_id"],
-            character_id=p["character_id"],
-            action_id=p["action_id"],
-            action_type=p["action_type"],
-            payload=p["payload"],
-            trace_id=envelope["trace_id"],
-            envelope=envelope,
-            deadline=deadline,
+        return cls(  # positional: one of these is made per action
+            party_id,
+            p["campaign_run_id"],
+            p["character_id"],
+            p["action_id"],
+            p["action_type"],
+            p["payload"],
+            envelope["trace_id"],
+            envelope,
+            deadline,
         )
 
 
@@ -111,6 +121,10 @@ class RestateNotice:
     campaign_run_id: str
     epoch: str
     trace_id: str
+    #: Unix seconds when party_sync announced it (the ``timestamp`` of its envelope on the wire).
+    #: party_sync passes its own clock's ``now``; the default serves notices made by hand (tests).
+    #: Not part of a notice's identity: two notices of one epoch compare equal.
+    at: float = field(default_factory=time.time, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,18 +140,104 @@ class JoinNotice:
     character_id: str
     display_name: str
     trace_id: str
+    #: Unix seconds when party_sync announced the join (the ``timestamp`` of its envelope on the
+    #: wire). party_sync passes its own clock's ``now``; the default serves notices made by hand.
+    #: Not part of a notice's identity: two notices of one join compare equal.
+    at: float = field(default_factory=time.time, compare=False)
 
 
-class EngineRejected(Exception):
-    """Raised by an engine (or reported by a link) when it refuses an action as invalid.
+def new_vote_id() -> str:
+    """A vote id for a request without one (docs/protocol.md, *Votes*: "one is made if missing")."""
+    return "v-" + uuid.uuid4().hex[:12]
 
-    The acting player gets ``system.error`` with code ``action_rejected`` and this message; the
-    action is not recorded as done, so nothing is broadcast.
+
+@dataclass(frozen=True, slots=True)
+class VoteRequest:
+    """One request to open a party vote: the arguments of ``EventPublisher.start_vote``.
+
+    Over HTTP it is the body of ``POST /api/v1/parties/{party_id}/votes`` (``to_json`` /
+    ``from_json``; the party is in the path). Constructing one checks nothing: ``spec`` and
+    ``from_json`` apply the rules of ``core.votes`` (docs/protocol.md, *Votes*), so a publisher
+    that records requests (a test double) can record a malformed one too.
     """
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
+    party_id: str
+    question: str
+    options: tuple[Mapping[str, str], ...]  # each {"id", "label"}, in display order
+    timeout_s: float
+    vote_id: str | None = None
+    tie_rule: str = "first_listed"
+    default_option: str | None = None
+    campaign_run_id: str | None = None
+    trace_id: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The HTTP body: every field but ``party_id``; the optional ones only when set."""
+        body: dict[str, Any] = {
+            "question": self.question,
+            "options": [dict(o) for o in self.options],
+            "timeout_s": self.timeout_s,
+            "tie_rule": self.tie_rule,
+        }
+        for key, value in (
+            ("vote_id", self.vote_id),
+            ("default_option", self.default_option),
+            ("campaign_run_id", self.campaign_run_id),
+            ("trace_id", self.trace_id),
+        ):
+            if value is not None:
+                body[key] = value
+        return body
+
+    @classmethod
+    def from_json(cls, party_id: str, body: object) -> VoteRequest:
+        """A checked request from an HTTP body; a body without ``vote_id`` gets a new one.
+
+        Raises ``votes.SpecError`` (the API answers 422 ``invalid_vote``) with the reason.
+        """
+        if not isinstance(body, Mapping):
+            raise votes.SpecError("body must be an object")
+        run, trace = body.get("campaign_run_id"), body.get("trace_id")
+        if run is not None and not is_id(run):
+            raise votes.SpecError(f"campaign_run_id: {ID_RULE}")
+        if trace is not None and not is_trace_id(trace):
+            raise votes.SpecError("trace_id must match [A-Za-z0-9._:-]{1,128}")
+        given = body.get("vote_id")
+        spec = votes.spec_from_json(body, str(given) if given else new_vote_id())
+        return cls.from_spec(party_id, spec, campaign_run_id=run, trace_id=trace)
+
+    @classmethod
+    def from_spec(
+        cls,
+        party_id: str,
+        spec: votes.VoteSpec,
+        *,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> VoteRequest:
+        """The request that asks for ``spec`` (its ``vote_id`` included)."""
+        return cls(
+            party_id,
+            spec.question,
+            tuple({"id": i, "label": label} for i, label in spec.options),
+            spec.timeout_s,
+            spec.vote_id,
+            spec.tie_rule,
+            spec.default_option,
+            campaign_run_id,
+            trace_id,
+        )
+
+    def spec(self, default_id: str | None = None) -> votes.VoteSpec:
+        """The checked ``VoteSpec``; without a ``vote_id``, ``default_id`` or a new one is used.
+
+        Raises ``votes.SpecError`` with the reason.
+        """
+        try:
+            body = self.to_json()
+        except (TypeError, ValueError) as exc:  # an option that is not a mapping
+            raise votes.SpecError(f"bad vote request: {exc!r}") from None
+        return votes.spec_from_json(body, self.vote_id or default_id or new_vote_id())
 
 
 @runtime_checkable
@@ -180,9 +280,53 @@ class EventPublisher(Protocol):
         party_sync runs it (ballots, tallies, deadline) and, when it finishes, submits the winner
         to the engine as a ``choice`` action of character ``party`` with action_id
         ``vote:<vote_id>``. Raises ``VoteConflict`` if the party already has an open vote, and
-        ``InvalidEvent`` for a malformed request.
+        ``InvalidEvent`` for a malformed request. Implemented once, by ``VoteStarter``.
         """
         ...
+
+
+class VoteStarter(ABC):
+    """The one implementation of ``EventPublisher.start_vote``, inherited by every publisher.
+
+    It keeps the engine-facing call (positional question, options and timeout; keyword-only
+    rest) in one place and turns it into a ``VoteRequest``; each transport only says how a
+    request is carried (``request_vote``): into the backend, over HTTP, into a test's record.
+    """
+
+    async def start_vote(
+        self,
+        party_id: str,
+        question: str,
+        options: Sequence[Mapping[str, str]],
+        timeout_s: float,
+        *,
+        vote_id: str | None = None,
+        tie_rule: str = "first_listed",
+        default_option: str | None = None,
+        campaign_run_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> Mapping[str, Any]:
+        """See ``EventPublisher.start_vote``."""
+        request = VoteRequest(
+            party_id,
+            question,
+            tuple(options),
+            timeout_s,
+            vote_id,
+            tie_rule,
+            default_option,
+            campaign_run_id,
+            trace_id,
+        )
+        return await self.request_vote(request)
+
+    @abstractmethod
+    async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
+        """Open the vote ``request`` asks for; its ``vote.started`` payload (as ``start_vote``).
+
+        Raises ``VoteConflict`` if the party already has an open vote, ``InvalidEvent`` for a
+        malformed request.
+        """
 
 
 @runtime_checkable

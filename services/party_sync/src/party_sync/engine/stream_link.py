@@ -1,4 +1,4 @@
-"""The Redis Streams engine link: accepted actions are appended to a stream (issue 4).
+"""The Redis Streams engine link: accepted actions are appended to a stream (docs/engines.md).
 
 Entry fields (all strings; never pickle):
 
@@ -24,7 +24,6 @@ by whichever worker is up, at least once.
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import orjson
@@ -107,11 +106,11 @@ class StreamEngineLink:
             )
 
     async def notify_join(self, notice: JoinNotice) -> None:
-        envelope = wire.join_envelope(notice, time.time())
+        envelope = wire.join_envelope(notice)
         await self._append(entry("join", notice.party_id, notice.campaign_run_id, envelope))
 
     async def notify_restate(self, notice: RestateNotice) -> None:
-        envelope = wire.restate_envelope(notice, time.time())
+        envelope = wire.restate_envelope(notice)
         await self._append(entry("restate", notice.party_id, notice.campaign_run_id, envelope))
 
     async def close(self) -> None:

@@ -1,4 +1,4 @@
-"""Stream mode: watch the actions stream's backlog and its engine workers (issue 11, failure 8).
+"""Stream mode: watch the actions stream's backlog and its engine workers (docs/engines.md).
 
 With no engine worker, accepted actions wait in the stream and nothing else says so. Every serving
 node therefore looks at the stream every ``interval`` seconds (XINFO STREAM, XINFO GROUPS, XPENDING

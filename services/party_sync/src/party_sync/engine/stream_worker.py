@@ -1,4 +1,4 @@
-"""``party-sync engine-worker``: hosts an engine on the actions stream (Redis Streams, issue 4).
+"""``party-sync engine-worker``: hosts an engine on the actions stream (docs/engines.md).
 
 Each worker is a consumer of one consumer group. An entry is acknowledged (XACK) only after the
 engine has handled it: applied and published, or refused. A worker that dies holding entries
@@ -107,7 +107,6 @@ class StreamWorker:
         self.publisher = publisher
         self.redis = redis
         self.options = options
-        self.handled = 0  # entries handled and acknowledged
         self.skipped = 0  # actions acknowledged without running them (claim EXPIRED / FINAL)
         self.errors = 0  # rounds that failed on Redis or the backend (all survived)
         self.groups_created = 0  # times this worker created the consumer group
@@ -282,7 +281,6 @@ class StreamWorker:
             await self._engine_failed(entry_id, action, trace_id)
             return
         await self.redis.xack(o.stream, o.group, entry_id)
-        self.handled += 1
 
     async def _run_action(self, action: ActionRequest) -> None:
         try:

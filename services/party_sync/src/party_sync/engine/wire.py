@@ -8,6 +8,10 @@ The Redis Streams link and worker, and the HTTP link and host, carry the same th
 - a **restate notice**: ``{"type": "party.restate", "timestamp", "trace_id",
   "payload": {"epoch": <the party's new epoch>}}`` (``restate_envelope``), at least once.
 
+A notice's ``timestamp`` is the time party_sync announced it (``JoinNotice.at``,
+``RestateNotice.at``), given by whoever made the notice: a link never reads the clock for it, so
+both transports stamp one notice alike, and the parsing end gets the same ``at`` back.
+
 ``party.restate`` is not a client message (no client ever sees it, so it has no schema under
 ``contracts/jsonschema``); ``parse_restate`` checks its shape instead.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from datetime import datetime
 from typing import Any, Final
 
 from party_sync.engine.interface import ActionRequest, JoinNotice, RestateNotice
@@ -50,22 +55,34 @@ def parse_deadline(raw: object) -> float | None:
     return value
 
 
-def join_envelope(notice: JoinNotice, now: float) -> dict[str, Any]:
+def join_envelope(notice: JoinNotice) -> dict[str, Any]:
+    """The ``party.join`` envelope of a join notice, stamped with the time it was announced."""
     return {
         "type": t.PARTY_JOIN,
-        "timestamp": codec.rfc3339(now),
+        "timestamp": codec.rfc3339(notice.at),
         "trace_id": notice.trace_id,
         "payload": {"character_id": notice.character_id, "display_name": notice.display_name},
     }
 
 
-def restate_envelope(notice: RestateNotice, now: float) -> dict[str, Any]:
+def restate_envelope(notice: RestateNotice) -> dict[str, Any]:
+    """The ``party.restate`` envelope of a restate notice, stamped with the time it was sent."""
     return {
         "type": PARTY_RESTATE,
-        "timestamp": codec.rfc3339(now),
+        "timestamp": codec.rfc3339(notice.at),
         "trace_id": notice.trace_id,
         "payload": {"epoch": notice.epoch},
     }
+
+
+def _unix(timestamp: object) -> float:
+    """An envelope's RFC 3339 ``timestamp`` as Unix seconds; raises ``ValueError``/``TypeError``."""
+    if not isinstance(timestamp, str):
+        raise TypeError("timestamp must be an RFC 3339 string")
+    moment = datetime.fromisoformat(timestamp)
+    if moment.tzinfo is None:
+        raise ValueError("timestamp must carry its offset (Z)")
+    return moment.timestamp()
 
 
 def parse_join(party_id: str, run_id: str, envelope: Mapping[str, Any]) -> JoinNotice:
@@ -74,7 +91,12 @@ def parse_join(party_id: str, run_id: str, envelope: Mapping[str, Any]) -> JoinN
         raise ValueError("not a party.join")
     p = envelope["payload"]
     return JoinNotice(
-        party_id, run_id, str(p["character_id"]), str(p["display_name"]), str(envelope["trace_id"])
+        party_id,
+        run_id,
+        str(p["character_id"]),
+        str(p["display_name"]),
+        str(envelope["trace_id"]),
+        _unix(envelope["timestamp"]),
     )
 
 
@@ -85,7 +107,7 @@ def parse_restate(party_id: str, run_id: str, envelope: Mapping[str, Any]) -> Re
     epoch, trace_id = envelope["payload"]["epoch"], envelope["trace_id"]
     if not isinstance(epoch, str) or not isinstance(trace_id, str) or not run_id:
         raise ValueError("party.restate needs a string epoch, trace_id and campaign_run_id")
-    return RestateNotice(party_id, run_id, epoch, trace_id)
+    return RestateNotice(party_id, run_id, epoch, trace_id, _unix(envelope["timestamp"]))
 
 
 def parse_action(

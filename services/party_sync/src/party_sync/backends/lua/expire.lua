@@ -17,9 +17,13 @@ for _, character_id in ipairs(online) do
   if not live[character_id] and deadline <= NOW then
     redis.call('HDEL', K_GONE, character_id)
     epoch = epoch or ensure_epoch()
-    local body = '{"type":"party.leave","timestamp":"' .. timestamp .. '","trace_id":"'
-      .. trace_prefix .. string.format('%08x', #out) .. '","payload":{"character_id":'
-      .. cjson.encode(character_id) .. ',"reason":"expired"}}'
+    -- the party.leave envelope without seq (append splices it in); cjson escapes every value
+    local body = cjson.encode({
+      type = 'party.leave',
+      timestamp = timestamp,
+      trace_id = trace_prefix .. string.format('%08x', #out),
+      payload = {character_id = character_id, reason = 'expired'},
+    })
     local _, data = append(epoch, body, 'party.leave', {character_id, 'expired'})
     out[#out + 1] = data
   end

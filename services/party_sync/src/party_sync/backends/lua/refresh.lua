@@ -6,7 +6,8 @@
 -- stall, or the party's state was lost (a Redis restarted empty: no META, so ensure_epoch starts
 -- a new epoch at seq 1, which is how every node notices the loss). Not a character that left on
 -- purpose: leave.lua keeps a tombstone in K_GONE for presence_ttl (a character offline with an
--- entry in K_GONE has left; disconnect.lua only writes K_GONE for an online character).
+-- entry in K_GONE that has not passed has left; disconnect.lua only writes K_GONE for an online
+-- character).
 -- ARGV[7] presence_ttl (seconds), ARGV[8] a trace id prefix (24 hex), ARGV[9] the envelopes'
 -- timestamp (RFC 3339), ARGV[10] the campaign run, ARGV[11..] pairs: presence entry, display name.
 -- Returns {next presence expiry, data of each published join ...}.
@@ -19,14 +20,20 @@ for i = 11, #ARGV, 2 do
   redis.call('ZADD', K_PRESENCE, 'GT', expires, entry)
   local character_id = character_of(entry)
   if redis.call('SISMEMBER', K_ONLINE, character_id) == 0
-    and redis.call('HEXISTS', K_GONE, character_id) == 0 then
+    and tonumber(redis.call('HGET', K_GONE, character_id) or '0') <= NOW then
+    -- a tombstone past its time no longer holds, swept or not (core/presence.py has_left)
+    redis.call('HDEL', K_GONE, character_id)
     if not epoch then
       epoch = ensure_epoch()
       redis.call('HSET', K_META, 'run', run)
     end
-    local body = '{"type":"party.join","timestamp":"' .. timestamp .. '","trace_id":"'
-      .. trace_prefix .. string.format('%08x', #out) .. '","payload":{"character_id":'
-      .. cjson.encode(character_id) .. ',"display_name":' .. cjson.encode(ARGV[i + 1]) .. '}}'
+    -- the party.join envelope without seq (append splices it in); cjson escapes every value
+    local body = cjson.encode({
+      type = 'party.join',
+      timestamp = timestamp,
+      trace_id = trace_prefix .. string.format('%08x', #out),
+      payload = {character_id = character_id, display_name = ARGV[i + 1]},
+    })
     local _, data = append(epoch, body, 'party.join', {character_id, ARGV[i + 1]}, {K_PRESENCE})
     out[#out + 1] = data
   end
