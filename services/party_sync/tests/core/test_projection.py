@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from party_sync.client.state import PartyState
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS, Projection
 from party_sync.protocol import types as t
 
@@ -189,3 +190,111 @@ def test_roster_matches_a_dict_model(script: list[tuple[str, str, str]]) -> None
         } == model
         assert all(proj.is_online(c) == (c in model and model[c][1]) for c in model)
     assert proj.seq == len(script)
+
+
+# -- from_hello: a client's projection starts from the snapshot --------------------------------
+
+CHARACTERS = ["aria", "borin", "cara"]
+event_strategy: st.SearchStrategy[tuple[str, dict[str, Any]]] = st.one_of(
+    st.builds(join, st.sampled_from(CHARACTERS), st.sampled_from(["A", "B"])),
+    st.builds(
+        leave,
+        st.sampled_from(CHARACTERS),
+        st.sampled_from([t.LEAVE_DISCONNECTED, t.LEAVE_EXPIRED, t.LEAVE_LEFT]),
+    ),
+    st.builds(
+        lambda n: (t.SCENE_UPDATE, {"scene_number": n, "scene_id": f"s{n}", "options": []}),
+        st.integers(1, 5),
+    ),
+    st.builds(lambda r: (t.COMBAT_UPDATE, {"active": True, "round": r}), st.integers(1, 3)),
+    st.builds(
+        lambda s: (t.PARTY_STATE, {"status": s, "run_status": "in_progress"}),
+        st.sampled_from(["active", "paused"]),
+    ),
+    st.builds(vote_started, st.sampled_from(["v1", "v2"])),
+    st.builds(
+        lambda v, n: (
+            t.VOTE_UPDATE,
+            {"vote_id": v, "tallies": {"open-gate": n, "turn-back": 0}, "voted": n, "eligible": 3},
+        ),
+        st.sampled_from(["v1", "v2"]),
+        st.integers(0, 3),
+    ),
+    st.builds(
+        lambda v: (t.VOTE_FINISHED, {"vote_id": v, "winner": "open-gate"}),
+        st.sampled_from(["v1", "v2"]),
+    ),
+)
+
+
+def hello_of(proj: Projection) -> dict[str, Any]:
+    """What the gateway puts in a hello from a snapshot of ``proj`` (gateway/messages.py)."""
+    return {
+        "seq": proj.seq,
+        "members": proj.member_list(),
+        "scene": proj.scene,
+        "combat": proj.combat,
+        "party_state": proj.party_state,
+        "vote": None if proj.vote is None else {**proj.vote, "your_vote": None},
+    }
+
+
+def test_from_hello_reads_the_snapshot() -> None:
+    proj = fold([join("aria"), join("borin"), leave("borin", t.LEAVE_DISCONNECTED)])
+    proj.apply(*vote_started("v1"), 4)
+    copy = Projection.from_hello(hello_of(proj))
+    assert copy.seq == 4
+    assert copy.member_list() == proj.member_list()
+    assert copy.vote == {**(proj.vote or {}), "your_vote": None}
+    assert Projection.from_hello({"seq": 0}) == Projection()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(event_strategy, max_size=20), st.lists(event_strategy, max_size=20))
+def test_a_projection_from_a_hello_follows_the_server_one(
+    before: list[tuple[str, dict[str, Any]]], after: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """Take a hello after ``before``, fold ``after`` on both sides: the client's projection is the
+    server's (the vote aside from the connection's ``your_vote``) at every step."""
+    server = fold(before)
+    client = Projection.from_hello(hello_of(server))
+    for seq, (type_, payload) in enumerate(after, start=server.seq + 1):
+        server.apply(type_, payload, seq)
+        client.apply(type_, payload, seq)
+        assert hello_of(client) == hello_of(server)
+        assert (client.status, client.run_status) == (server.status, server.run_status)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(event_strategy, max_size=20), st.lists(event_strategy, max_size=20))
+def test_the_python_clients_state_is_the_projection(
+    before: list[tuple[str, dict[str, Any]]], after: list[tuple[str, dict[str, Any]]]
+) -> None:
+    """``party_sync.client``'s ``PartyState`` folds events with these rules, not its own."""
+    server = fold(before)
+    hello = {
+        **hello_of(server),
+        "party_id": "p1",
+        "campaign_run_id": "r1",
+        "you": "aria",
+        "epoch": "e1",
+        "status": server.status,
+        "run_status": server.run_status,
+    }
+    state = PartyState.from_hello(hello)
+    for seq, (type_, payload) in enumerate(after, start=server.seq + 1):
+        server.apply(type_, payload, seq)
+        state.apply(type_, seq, payload)
+        assert state.seq == server.seq
+        assert state.members == server.members
+        assert (state.scene, state.combat, state.party_state) == (
+            server.scene,
+            server.combat,
+            server.party_state,
+        )
+        assert (state.status, state.run_status) == (server.status, server.run_status)
+        expected_vote = None if server.vote is None else {**server.vote, "your_vote": None}
+        assert state.vote == expected_vote
+        assert state.online == [c for c in server.members if server.is_online(c)]
+    with pytest.raises(ValueError, match="does not follow"):
+        state.apply(t.SCENE_UPDATE, state.seq + 2, {"scene_number": 1})

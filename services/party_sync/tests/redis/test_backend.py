@@ -19,7 +19,7 @@ from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
 from ps_testkit.client import wait_until
-from ps_testkit.proxy import RedisProxy
+from ps_testkit.proxy import TcpProxy
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
 
@@ -139,7 +139,7 @@ async def test_a_silent_pubsub_socket_is_caught_by_the_probe_and_replaced(
     redis: RedisServer,
 ) -> None:
     async with (
-        RedisProxy(redis.port) as proxy,
+        TcpProxy(redis.port) as proxy,
         backend(proxy.url, probe_interval=0.2) as b1,
         backend(redis.url) as b2,
     ):

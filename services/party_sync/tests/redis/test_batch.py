@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 from party_sync.backends.redis_batch import ScriptBatcher
+from party_sync.backends.redis_wire import load_script
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -24,7 +25,7 @@ async def test_calls_made_together_share_one_pipeline_and_keep_their_order(
         await client.delete("batch:n")
         incr, fail = client.register_script(INCR), client.register_script(FAIL)
         for script in (incr, fail):
-            script.sha = await client.script_load(script.script)
+            await load_script(client, script)
         batcher = ScriptBatcher(client)
         calls = [batcher.run(incr, ["batch:n"], [i]) for i in range(1, 6)]
         calls.append(batcher.run(fail, [], []))
@@ -46,7 +47,7 @@ async def test_scripts_lost_by_redis_are_reloaded(redis_server: RedisServer) -> 
     try:
         await client.delete("batch:m")
         incr = client.register_script(INCR)
-        incr.sha = await client.script_load(incr.script)
+        await load_script(client, incr)
         await client.script_flush()  # as after a Redis restart
         batcher = ScriptBatcher(client)
         results = await asyncio.gather(*(batcher.run(incr, ["batch:m"], [2]) for _ in range(3)))
@@ -63,7 +64,7 @@ async def test_a_connection_redis_closed_while_idle_is_replaced_before_the_next_
     try:
         await client.delete("batch:k")
         incr = client.register_script(INCR)
-        incr.sha = await client.script_load(incr.script)
+        await load_script(client, incr)
         batcher = ScriptBatcher(client)
         assert await batcher.run(incr, ["batch:k"], [1]) == 1
         assert batcher._conn is not None
@@ -71,7 +72,7 @@ async def test_a_connection_redis_closed_while_idle_is_replaced_before_the_next_
         assert killed == 1
         from ps_testkit.client import wait_until
 
-        conn = batcher._conn
+        conn = batcher._conn._conn  # redis-py's connection inside the batcher's RawConnection
         await wait_until(lambda: conn._reader is not None and conn._reader.at_eof())
         results = await asyncio.gather(*(batcher.run(incr, ["batch:k"], [1]) for _ in range(5)))
         assert sorted(results) == [2, 3, 4, 5, 6]  # no call failed: a new connection was used
@@ -94,7 +95,7 @@ async def test_when_a_batch_times_out_the_calls_queued_behind_it_fail_with_it(
     client = Redis.from_url(redis_server.url)
     try:
         incr = client.register_script(INCR)
-        incr.sha = await client.script_load(incr.script)
+        await load_script(client, incr)
         batcher = ScriptBatcher(client, max_batch=4, timeout=0.3)
         await client.client_pause(2000, all=True)
         calls = [batcher.run(incr, ["batch:p"], [1]) for _ in range(16)]  # four batches' worth

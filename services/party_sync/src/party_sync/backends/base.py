@@ -65,13 +65,24 @@ class PartyListener(Protocol):
 
 
 class Subscription(Protocol):
+    """A live delivery (``subscribe``, ``watch_closes``); ``close`` stops it."""
+
     async def close(self) -> None: ...
 
 
-class Backend(Protocol):
-    """Shared party state and the event bus. All times are Unix seconds passed in by the caller."""
+# -- the backend's interfaces -------------------------------------------------------------------
+# ``Backend`` is the union of the small interfaces below; a caller that uses only one part of a
+# backend types against that part (``BackendPublisher`` against the stream, the ledger and the
+# votes; the admin API against ``Operated``), so what it depends on is visible in its signature.
 
-    name: str
+
+class Lifecycle(Protocol):
+    """Starting, stopping and readiness (``/readyz``)."""
+
+    @property
+    def name(self) -> str:
+        """``memory`` or ``redis`` (logs, ``/readyz``)."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -81,7 +92,10 @@ class Backend(Protocol):
         """True while the backend can serve (Redis reachable); drives ``/readyz``."""
         ...
 
-    # -- the stream -------------------------------------------------------------------------
+
+class EventStream(Protocol):
+    """Each party's sequenced event stream, its history and projection, and its delivery."""
+
     async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
         """Sequence one event (``message`` has no seq), record it, fold it, deliver it.
 
@@ -97,12 +111,6 @@ class Backend(Protocol):
 
     async def subscribe(self, party_id: str, listener: PartyListener) -> Subscription:
         """Start delivering the party's events to ``listener``; returns once it is live."""
-        ...
-
-    async def subscribe_run(
-        self, campaign_run_id: str, callback: Callable[[bytes], None]
-    ) -> Subscription:
-        """Start delivering ``run:<campaign_run_id>`` messages to ``callback``."""
         ...
 
     async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
@@ -121,7 +129,10 @@ class Backend(Protocol):
         """Every event after ``point.last_seq``, or None when that cannot be done completely."""
         ...
 
-    # -- presence ---------------------------------------------------------------------------
+
+class PresenceStore(Protocol):
+    """Who is connected, counted per character across tabs and nodes, with expiry."""
+
     async def connect(
         self, binding: Binding, connection_id: str, now: float, trace_id: str
     ) -> Event | None:
@@ -154,7 +165,10 @@ class Backend(Protocol):
         """Publish ``party.leave`` (expired) for characters whose connections all expired."""
         ...
 
-    # -- votes ------------------------------------------------------------------------------
+
+class VoteStore(Protocol):
+    """Party votes: opened, cast, finished exactly once, handed to the engine exactly once."""
+
     async def party_run(self, party_id: str) -> str | None:
         """The campaign run a party plays (recorded when its members connect)."""
         ...
@@ -198,7 +212,10 @@ class Backend(Protocol):
         """The vote's action was handed to the engine (or is done)."""
         ...
 
-    # -- actions ----------------------------------------------------------------------------
+
+class ActionStore(Protocol):
+    """The action ledger (``core.actions.ActionLedger``), shared: one final answer per action."""
+
     async def begin_action(
         self, party_id: str, character_id: str, action_id: str, now: float, timed: bool = True
     ) -> Verdict:
@@ -222,6 +239,23 @@ class Backend(Protocol):
     ) -> bool:
         """Make ``refusal`` the action's final answer; False if it already has one."""
         ...
+
+
+class Operated(Protocol):
+    """A backend's operators' view (``transport/admin.py`` serves it)."""
+
+    @property
+    def admin(self) -> AdminView: ...
+
+
+class EngineSide(EventStream, ActionStore, VoteStore, Protocol):
+    """The parts the engine's side uses (``BackendPublisher``): publishing events, claiming and
+    refusing actions, opening votes. No presence, no lifecycle: it never owns the backend."""
+
+
+class Backend(Lifecycle, EventStream, PresenceStore, VoteStore, ActionStore, Operated, Protocol):
+    """Shared party state and the event bus: every part. All times are Unix seconds passed in by
+    the caller. ``MemoryBackend`` and ``RedisBackend`` implement it."""
 
 
 # -- the operators' view (the admin API, transport/admin.py) ---------------------------------------

@@ -20,14 +20,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace
-from party_sync.protocol.errors import BackendUnavailable
+from party_sync.protocol.errors import BackendUnavailable, PartySyncError
 from party_sync.protocol.ids import is_id
 from party_sync.protocol.types import PARTY_ACTOR
 
 MAX_TELEGRAM_ID: Final = 2**63 - 1
 
 
-class InvalidMembership(ValueError):
+class InvalidMembership(PartySyncError, ValueError):
     """A registration that breaks the rules (the API answers 422 with the message)."""
 
 

@@ -1,16 +1,16 @@
 """Every Redis key and pub/sub channel name party_sync uses, built here and nowhere else.
 
-Channels (fixed by the public contract of issue 3; no prefix, so other services can listen)::
+Channels (a public contract, docs/redis.md; no prefix, so other services can listen)::
 
     party:<party_id>            the party's stream: sequenced events and direct messages (JSON)
     run:<campaign_run_id>       run-wide messages (JSON envelopes, not sequenced)
 
-A node-private channel, for the pub/sub liveness probe (anchors: centrifugo#1189)::
+A node-private channel, for the pub/sub liveness probe (``redis_bus``)::
 
     <prefix>:probe:<node_id>
 
 Keys of one party all carry the hash tag ``{party:<party_id>}``, so they live in one Redis Cluster
-slot and one Lua script may touch all of them (anchors: Centrifugo's ``{channel}`` tags)::
+slot and one Lua script may touch all of them::
 
     <prefix>:{party:<id>}:meta        hash    epoch, seq (the top of the stream)
     <prefix>:{party:<id>}:history     list    the last ``history_size`` encoded events, oldest first
@@ -24,17 +24,22 @@ slot and one Lua script may touch all of them (anchors: Centrifugo's ``{channel}
     <prefix>:{party:<id>}:vote        hash    the current (or last) vote: spec, deadline, run, ...
     <prefix>:{party:<id>}:ballots     hash    character_id → option, for the current vote
     <prefix>:{party:<id>}:action:<action_id>   hash  c (character), s (started), r (result bytes)
+    <prefix>:{party:<id>}:unapplied   hash    vote_id → "<finished_at> <vote.finished body>" of
+                                      each finished vote whose action the engine was not yet given
 
-The first eleven (the ``PARTY_KEYS`` order) expire together ``party_ttl`` after the party's last
-activity; an action record expires ``action_record_ttl`` after its last change.
+The first eleven (``PartyKeys``, in this order) expire together ``party_ttl`` after the party's last
+activity; an action record expires ``action_record_ttl`` after its last change; ``unapplied`` (not
+a script key: only ``redis_votes`` uses it) expires with the party too: ``party_ttl`` after its
+last write, set again to ``meta``'s remaining time by every votes sweep.
 
 Keys outside any party slot::
 
     <prefix>:presence-index             zset  party_id → when its presence must next be swept
-    <prefix>:vote-index                 zset  party_id → the deadline of its open vote
+    <prefix>:vote-index                 zset  party_id → the deadline of its (last) vote, kept
+                                              while it is open or ``unapplied`` holds a decision
     <prefix>:{run:<id>}:parties         set   the parties whose members connected for the run
 
-The admin API's (``redis_admin``; issue 15)::
+The admin API's (``redis_admin``)::
 
     <prefix>:admin                      channel  close requests to every node (JSON)
     <prefix>:nodes                      zset  node_id → when its heartbeat expires
@@ -48,8 +53,8 @@ no TTL: it lives until it is deleted, independently of the party's activity)::
 
     <prefix>:{party:<id>}:directory     hash  character_id → {telegram_user_id, display_name, run}
 
-The engine transport's stream (issue 4; its name is a public contract, so it carries no prefix
-and is configurable as ``actions_stream``)::
+The engine transport's stream (its name is a public contract, so it carries no prefix and is
+configurable as ``actions_stream``)::
 
     party_sync:actions                  stream  accepted actions, read by engine workers
 
@@ -60,26 +65,36 @@ Identifiers are ``[A-Za-z0-9._:-]{1,64}`` (checked in tokens and schemas), so no
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 DEFAULT_PREFIX = "party_sync"
 
 #: The default name of the actions stream engines consume (``PARTY_SYNC_ACTIONS_STREAM``).
 ACTIONS_STREAM = "party_sync:actions"
 
-#: The per-party keys every party script receives, in this order (KEYS[1..11] in Lua scripts).
-PARTY_KEYS = (
-    "meta",
-    "history",
-    "members",
-    "names",
-    "online",
-    "state",
-    "presence",
-    "gone",
-    "locks",
-    "vote",
-    "ballots",
-)
+
+class PartyKeys(NamedTuple):
+    """The per-party keys every party script receives, in this order: ``KEYS[1..11]`` of the Lua
+    scripts (``_lib.lua`` names them in the same order; that order is the scripts' contract).
+
+    A tuple, so it is passed to a script as it is; a field names a key where Python uses one.
+    """
+
+    meta: str
+    history: str
+    members: str
+    names: str
+    online: str
+    state: str
+    presence: str
+    gone: str
+    locks: str
+    vote: str
+    ballots: str
+
+
+#: The names of ``PartyKeys``' fields, in order: the last part of each key's name.
+PARTY_KEYS: tuple[str, ...] = PartyKeys._fields
 
 
 def party_channel(party_id: str) -> str:
@@ -99,10 +114,10 @@ class KeySpace:
     def tag(self, party_id: str) -> str:
         return f"{self.prefix}:{{party:{party_id}}}"
 
-    def party_keys(self, party_id: str) -> list[str]:
-        """The keys of ``PARTY_KEYS``, in order."""
+    def party_keys(self, party_id: str) -> PartyKeys:
+        """The party's keys (``PartyKeys``, in the scripts' ``KEYS`` order)."""
         base = self.tag(party_id)
-        return [f"{base}:{name}" for name in PARTY_KEYS]
+        return PartyKeys._make(f"{base}:{name}" for name in PARTY_KEYS)
 
     def action(self, party_id: str, action_id: str) -> str:
         return f"{self.tag(party_id)}:action:{action_id}"
@@ -113,6 +128,11 @@ class KeySpace:
     def directory(self, party_id: str) -> str:
         """The party's membership directory (not among ``PARTY_KEYS``: it never expires)."""
         return f"{self.tag(party_id)}:directory"
+
+    def unapplied(self, party_id: str) -> str:
+        """The party's finished votes whose decision was not yet handed to the engine, by vote id
+        (not among ``PARTY_KEYS``: a new vote replaces ``vote``, never these)."""
+        return f"{self.tag(party_id)}:unapplied"
 
     def presence_index(self) -> str:
         return f"{self.prefix}:presence-index"

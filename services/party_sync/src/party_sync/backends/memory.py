@@ -3,25 +3,25 @@
 It is a real product backend, not a test double: every operation is synchronous code over the pure
 core (so each is atomic), events are delivered to listeners inline and in order, and parties that
 have been idle longer than ``idle_party_ttl`` are forgotten (a later connection starts a new epoch,
-so no client trusts a seq from the forgotten history).
+so no client trusts a seq from the forgotten history), with any vote decision not yet handed to the
+engine, as a Redis party's ``unapplied`` expires with its ``meta``.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from party_sync.backends.base import BackendSettings, PartyListener, Snapshot
 from party_sync.backends.memory_admin import MemoryAdmin
+from party_sync.backends.memory_party import MemoryParty
 from party_sync.core import votes
-from party_sync.core.actions import ActionLedger, Claim, Sweep, Verdict
+from party_sync.core.actions import Claim, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
-from party_sync.core.history import EventLog, ResumePoint
-from party_sync.core.presence import Presence, announce_again
-from party_sync.core.projection import Projection
+from party_sync.core.history import ResumePoint
+from party_sync.core.presence import announce_again
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import VoteConflict
@@ -29,39 +29,17 @@ from party_sync.protocol.errors import VoteConflict
 log = logging.getLogger(__name__)
 
 
-class _Party:
-    __slots__ = (
-        "last_active",
-        "ledger",
-        "listeners",
-        "log",
-        "party_id",
-        "presence",
-        "projection",
-        "run_id",
-        "unapplied",
-        "vote",
-    )
-
-    def __init__(self, party_id: str, settings: BackendSettings, now: float) -> None:
-        self.party_id = party_id
-        self.log = EventLog(secrets.token_hex(8), settings.history_size)
-        self.projection = Projection()
-        self.presence = Presence(settings.presence_ttl)
-        self.ledger = ActionLedger(settings.action_timeout, settings.action_record_ttl)
-        self.listeners: list[PartyListener] = []
-        self.last_active = now
-        self.run_id: str | None = None
-        self.vote: votes.Vote | None = None
-        # the last vote's vote.finished and when, until its action was handed to the engine
-        self.unapplied: tuple[Event, float] | None = None
-
-
 def _decoded(party_id: str, data: bytes) -> Event:
     message = codec.decode(data)
     return Event(
         party_id, message["seq"], message["type"], message["payload"], message["trace_id"], data
     )
+
+
+def _kept(party_id: str, body: bytes) -> Event:
+    """A kept ``vote.finished`` body (no seq) as ``unapplied_votes`` hands it over: seq 0."""
+    message = codec.decode(body)
+    return Event(party_id, 0, message["type"], message["payload"], message["trace_id"], body)
 
 
 class _Subscription:
@@ -81,29 +59,27 @@ class MemoryBackend:
 
     def __init__(self, settings: BackendSettings | None = None) -> None:
         self.settings = settings or BackendSettings()
-        self._parties: dict[str, _Party] = {}
-        self._run_listeners: dict[str, list[Callable[[bytes], None]]] = {}
+        self._parties: dict[str, MemoryParty] = {}
         self._runs: dict[str, set[str]] = {}  # campaign_run_id → party ids
-        self.admin = MemoryAdmin(self)  # the operators' view (AdminView)
+        self.admin = MemoryAdmin(self._parties)  # the operators' view (AdminView)
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
         self._parties.clear()
-        self._run_listeners.clear()
 
     async def ready(self) -> bool:
         return True
 
-    def _party(self, party_id: str, now: float = 0.0) -> _Party:
+    def _party(self, party_id: str, now: float = 0.0) -> MemoryParty:
         party = self._parties.get(party_id)
         if party is None:
-            party = self._parties[party_id] = _Party(party_id, self.settings, now)
+            party = self._parties[party_id] = MemoryParty(party_id, self.settings, now)
         return party
 
     # -- the stream -------------------------------------------------------------------------
-    def _publish(self, party: _Party, message: dict[str, Any], now: float) -> Event:
+    def _publish(self, party: MemoryParty, message: dict[str, Any], now: float) -> Event:
         seq = party.log.top_seq + 1
         type_, payload = message["type"], message["payload"]
         if type_ == t.ACTION_RESULT:
@@ -136,9 +112,8 @@ class MemoryBackend:
         return self._publish(self._party(party_id, now), message, now)
 
     async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:
-        data = codec.encode(message)
-        for callback in list(self._run_listeners.get(campaign_run_id, ())):
-            callback(data)
+        """Nothing to do: in one process nobody listens on the run channel (the parties of the
+        run got the message through ``publish``); Redis mode publishes it for other services."""
 
     async def subscribe(self, party_id: str, listener: PartyListener) -> _Subscription:
         party = self._party(party_id)
@@ -147,20 +122,6 @@ class MemoryBackend:
         def detach() -> None:
             if listener in party.listeners:
                 party.listeners.remove(listener)
-
-        return _Subscription(detach)
-
-    async def subscribe_run(
-        self, campaign_run_id: str, callback: Callable[[bytes], None]
-    ) -> _Subscription:
-        callbacks = self._run_listeners.setdefault(campaign_run_id, [])
-        callbacks.append(callback)
-
-        def detach() -> None:
-            if callback in callbacks:
-                callbacks.remove(callback)
-            if not callbacks:
-                self._run_listeners.pop(campaign_run_id, None)
 
         return _Subscription(detach)
 
@@ -174,21 +135,7 @@ class MemoryBackend:
         return sorted(p for p in self._runs.get(campaign_run_id, ()) if p in self._parties)
 
     async def snapshot(self, party_id: str) -> Snapshot:
-        party = self._party(party_id)
-        p = party.projection
-        return Snapshot(
-            epoch=party.log.epoch,
-            seq=p.seq,
-            members=p.member_list(),
-            status=p.status,
-            run_status=p.run_status,
-            scene_number=p.scene_number,
-            scene=p.scene,
-            combat=p.combat,
-            party_state=p.party_state,
-            vote=dict(p.vote) if p.vote is not None else None,
-            ballots=dict(party.vote.ballots) if party.vote and not party.vote.finished else {},
-        )
+        return self._party(party_id).snapshot()
 
     async def replay(
         self, party_id: str, point: ResumePoint, max_replay: int
@@ -220,7 +167,7 @@ class MemoryBackend:
         return party.presence.disconnect(binding.character_id, connection_id, now)
 
     def _leave(
-        self, party: _Party, character_id: str, reason: str, now: float, trace_id: str
+        self, party: MemoryParty, character_id: str, reason: str, now: float, trace_id: str
     ) -> Event:
         payload = {"character_id": character_id, "reason": reason}
         return self._publish(
@@ -261,12 +208,14 @@ class MemoryBackend:
     async def expire(self, now: float) -> list[Event]:
         events: list[Event] = []
         for party_id, party in list(self._parties.items()):
-            for character_id in party.presence.expire(now):
+            # by character id, as expire.lua does: simultaneous leaves get the same seqs on both
+            for character_id in sorted(party.presence.expire(now)):
                 if party.projection.is_online(character_id):
                     trace_id = codec.new_trace_id()
                     events.append(self._leave(party, character_id, t.LEAVE_EXPIRED, now, trace_id))
             idle = now - party.last_active > self.settings.idle_party_ttl
             if idle and not party.listeners and not party.presence.connection_count(now):
+                # its unapplied decisions go with it (Redis: ``unapplied`` expires with ``meta``)
                 del self._parties[party_id]
                 for parties in self._runs.values():
                     parties.discard(party_id)
@@ -312,27 +261,34 @@ class MemoryBackend:
             events.append(self._finish(party, vote, "all_voted", now))
         return None, events
 
-    def _finish(self, party: _Party, vote: votes.Vote, reason: str, now: float) -> Event:
+    def _finish(self, party: MemoryParty, vote: votes.Vote, reason: str, now: float) -> Event:
+        """Publish ``vote.finished`` and keep its body (by vote id, as Redis keeps it in
+        ``unapplied``) until its action was handed to the engine: a decision announced is never
+        lost, whatever votes come after it, unless the whole party is forgotten (``expire``)."""
         outcome = votes.decide(vote, reason)
         payload = votes.finished_payload(vote, outcome)
-        event = self._publish(
-            party, codec.envelope(t.VOTE_FINISHED, payload, ts=now, trace_id=vote.trace_id), now
-        )
-        party.unapplied = (event, now)
+        message = codec.envelope(t.VOTE_FINISHED, payload, ts=now, trace_id=vote.trace_id)
+        event = self._publish(party, message, now)
+        party.unapplied[vote.vote_id] = (now, codec.encode(message))
         return event
 
     async def unapplied_votes(self, now: float, older_than: float) -> list[Event]:
-        return [
-            party.unapplied[0]
-            for party in self._parties.values()
-            if party.unapplied is not None and party.unapplied[1] <= now - older_than
-        ]
+        """What Redis hands over, in its order: parties by their last vote's deadline (then id,
+        the vote index's order), each party's decisions oldest first (then by vote id); each one
+        the kept ``vote.finished`` body, seq 0 (not re-sequenced)."""
+        waiting = [(p.vote.deadline, i) for i, p in self._parties.items() if p.vote and p.unapplied]
+        events: list[Event] = []
+        for _, party_id in sorted(waiting):
+            kept = self._parties[party_id].unapplied
+            for at, _, body in sorted((at, v, body) for v, (at, body) in kept.items()):
+                if at <= now - older_than:
+                    events.append(_kept(party_id, body))
+        return events
 
     async def mark_vote_applied(self, party_id: str, vote_id: str) -> None:
         party = self._parties.get(party_id)
-        unapplied = party.unapplied if party is not None else None
-        if party is not None and unapplied is not None:
-            party.unapplied = None if unapplied[0].payload["vote_id"] == vote_id else unapplied
+        if party is not None:  # nothing to do for an open, unknown or already marked vote
+            party.unapplied.pop(vote_id, None)
 
     async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
         party = self._parties.get(party_id)
@@ -351,9 +307,13 @@ class MemoryBackend:
         ]
 
     async def vote_run(self, party_id: str, vote_id: str) -> str | None:
+        """The campaign run a vote's decision goes to: the vote's own, or the party's (a decision
+        kept after a newer vote started: the party's current vote is another one)."""
         party = self._parties.get(party_id)
-        if party is None or party.vote is None or party.vote.vote_id != vote_id:
+        if party is None:
             return None
+        if party.vote is None or party.vote.vote_id != vote_id:
+            return party.run_id
         return party.vote.campaign_run_id or party.run_id
 
     # -- actions ----------------------------------------------------------------------------

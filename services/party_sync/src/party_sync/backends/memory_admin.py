@@ -1,6 +1,7 @@
 """The operators' view of the embedded backend (``AdminView``): one process, so one node.
 
-It reads the parties of its ``MemoryBackend`` directly: the projection (as ``snapshot``), the
+It reads the parties of its ``MemoryBackend`` directly (the backend hands it its table of
+``MemoryParty``; it changes nothing): the projection (as ``snapshot``), the
 presence of each connection, and the locks of the action ledger (an accepted action holds its
 character's lock until its final answer or its deadline, in both backends). A close request is
 handed to the callbacks at once: every connection is on this node.
@@ -8,8 +9,7 @@ handed to the callbacks at once: every connection is on this node.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Mapping, Sequence
 
 from party_sync.backends.base import (
     ActionInFlight,
@@ -21,9 +21,7 @@ from party_sync.backends.base import (
     PartySummary,
     node_of,
 )
-
-if TYPE_CHECKING:
-    from party_sync.backends.memory import MemoryBackend, _Party
+from party_sync.backends.memory_party import MemoryParty
 
 
 class _Watch:
@@ -36,7 +34,7 @@ class _Watch:
             self._detach = None
 
 
-def _actions(party: _Party, now: float) -> list[ActionInFlight]:
+def _actions(party: MemoryParty, now: float) -> list[ActionInFlight]:
     locks = party.ledger._locks  # character_id → (action_id, until)
     return sorted(
         (
@@ -49,21 +47,21 @@ def _actions(party: _Party, now: float) -> list[ActionInFlight]:
 
 
 class MemoryAdmin:
-    """``AdminView`` over one ``MemoryBackend``."""
+    """``AdminView`` over the parties of one ``MemoryBackend`` (``parties``: its live table)."""
 
-    def __init__(self, backend: MemoryBackend) -> None:
-        self._backend = backend
+    def __init__(self, parties: Mapping[str, MemoryParty]) -> None:
+        self._parties = parties
         self._nodes: dict[str, tuple[NodeInfo, float]] = {}  # node_id → (info, expires at)
         self._blocks: dict[tuple[str, str], float] = {}
         self._watchers: list[CloseRequest] = []
 
     async def parties(self, after: str | None, limit: int, now: float) -> list[PartySummary]:
-        parties = self._backend._parties
+        parties = self._parties
         ids = sorted(p for p in parties if after is None or p > after)[:limit]
         out: list[PartySummary] = []
         for party_id in ids:
             party = parties[party_id]
-            snapshot = await self._backend.snapshot(party_id)
+            snapshot = party.snapshot()
             out.append(
                 PartySummary(
                     party_id=party_id,
@@ -79,10 +77,10 @@ class MemoryAdmin:
         return out
 
     async def party(self, party_id: str, now: float) -> PartyDetail | None:
-        party = self._backend._parties.get(party_id)
+        party = self._parties.get(party_id)
         if party is None:
             return None
-        snapshot = await self._backend.snapshot(party_id)
+        snapshot = party.snapshot()
         connections = [
             LiveConnection(character, connection, node_of(connection), expires)
             for character, conns in sorted(party.presence._connections.items())
@@ -92,7 +90,7 @@ class MemoryAdmin:
         return PartyDetail(party.run_id, snapshot, connections, _actions(party, now))
 
     async def events(self, party_id: str, after_seq: int, limit: int) -> HeldEvents | None:
-        party = self._backend._parties.get(party_id)
+        party = self._parties.get(party_id)
         if party is None:
             return None
         log = party.log

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 import orjson
+from redis.asyncio import Redis
 
 from party_sync.backends.base import (
     ActionInFlight,
@@ -36,10 +37,9 @@ from party_sync.backends.base import (
     Snapshot,
     node_of,
 )
+from party_sync.backends.keys import KeySpace
+from party_sync.backends.redis_bus import Bus
 from party_sync.backends.redis_scripts import snapshot_from, text, unavailable
-
-if TYPE_CHECKING:
-    from party_sync.backends.redis_backend import RedisBackend
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +88,16 @@ class _Watch:
 
 
 class RedisAdmin:
-    """``AdminView`` over one node's ``RedisBackend``."""
+    """``AdminView`` over Redis, for one node: reads with ``client``, close requests on ``bus``.
 
-    def __init__(self, backend: RedisBackend) -> None:
-        self._b = backend
-        self._events = backend.client.register_script(EVENTS_LUA)
+    Owned by the node's ``RedisBackend``, which gives it these three and nothing else.
+    """
+
+    def __init__(self, client: Redis, keys: KeySpace, bus: Bus) -> None:
+        self._client = client
+        self._keys = keys
+        self._bus = bus
+        self._events = client.register_script(EVENTS_LUA)
         self._watchers: list[CloseRequest] = []
 
     # -- parties --------------------------------------------------------------------------------
@@ -100,18 +105,16 @@ class RedisAdmin:
         self, party_id: str, now: float, presence: bool
     ) -> tuple[str | None, Snapshot, list[ActionInFlight], list[Any]] | None:
         """The party's run, projection, actions in flight (and live presence entries), or None."""
-        keys = dict(zip(("meta", "history", "members", "names", "online", "state", "presence",
-                         "gone", "locks", "vote", "ballots"), self._b.keys.party_keys(party_id),
-                        strict=True))  # fmt: skip
-        async with unavailable("admin read"), self._b.client.pipeline(transaction=True) as pipe:
-            pipe.hmget(keys["meta"], ["epoch", "seq", "run"])
-            pipe.zrange(keys["members"], 0, -1)
-            pipe.hgetall(keys["names"])
-            pipe.smembers(keys["online"])
-            pipe.hgetall(keys["state"])
-            pipe.hgetall(keys["locks"])
+        keys = self._keys.party_keys(party_id)
+        async with unavailable("admin read"), self._client.pipeline(transaction=True) as pipe:
+            pipe.hmget(keys.meta, ["epoch", "seq", "run"])
+            pipe.zrange(keys.members, 0, -1)
+            pipe.hgetall(keys.names)
+            pipe.smembers(keys.online)
+            pipe.hgetall(keys.state)
+            pipe.hgetall(keys.locks)
             if presence:
-                pipe.zrangebyscore(keys["presence"], f"({now!r}", "+inf", withscores=True)
+                pipe.zrangebyscore(keys.presence, f"({now!r}", "+inf", withscores=True)
             replies = await pipe.execute()
         (epoch, seq, run), members, names, online, state, locks = replies[:6]
         if epoch is None:
@@ -124,19 +127,17 @@ class RedisAdmin:
         return (text(run) if run is not None else None), snapshot, actions, replies[6:]
 
     async def parties(self, after: str | None, limit: int, now: float) -> list[PartySummary]:
-        index = self._b.keys.party_index()
+        index = self._keys.party_index()
         out: list[PartySummary] = []
         while len(out) < limit:
             start = "-" if after is None else "(" + after
             async with unavailable("admin parties"):
-                ids = [
-                    text(p) for p in await self._b.client.zrangebylex(index, start, "+", 0, limit)
-                ]
+                ids = [text(p) for p in await self._client.zrangebylex(index, start, "+", 0, limit)]
             for party_id in ids:
                 read = await self._read(party_id, now, presence=False)
                 if read is None:  # its state expired: forget it
                     async with unavailable("admin parties"):
-                        await self._b.client.zrem(index, party_id)
+                        await self._client.zrem(index, party_id)
                     continue
                 run, snap, actions, _ = read
                 online = sum(1 for m in snap.members if m["online"])
@@ -168,9 +169,9 @@ class RedisAdmin:
         return PartyDetail(run, snapshot, connections, actions)
 
     async def events(self, party_id: str, after_seq: int, limit: int) -> HeldEvents | None:
-        keys = self._b.keys.party_keys(party_id)
+        keys = self._keys.party_keys(party_id)
         async with unavailable("admin events"):
-            reply = await self._events(keys=[keys[0], keys[1]], args=[after_seq, limit])
+            reply = await self._events(keys=[keys.meta, keys.history], args=[after_seq, limit])
         if not reply:
             return None
         return HeldEvents(
@@ -179,7 +180,7 @@ class RedisAdmin:
 
     # -- nodes ----------------------------------------------------------------------------------
     async def heartbeat(self, node: NodeInfo, parties: Sequence[str], ttl: float) -> None:
-        keys = self._b.keys
+        keys = self._keys
         body = orjson.dumps(
             {
                 "node_id": node.node_id,
@@ -189,7 +190,7 @@ class RedisAdmin:
                 "seen_at": node.seen_at,
             }
         )
-        async with unavailable("admin heartbeat"), self._b.client.pipeline(False) as pipe:
+        async with unavailable("admin heartbeat"), self._client.pipeline(False) as pipe:
             pipe.set(keys.node(node.node_id), body, px=max(1, int(ttl * 1000)))
             pipe.zadd(keys.nodes(), {node.node_id: node.seen_at + ttl})
             pipe.zremrangebyscore(keys.nodes(), "-inf", node.seen_at)
@@ -198,19 +199,19 @@ class RedisAdmin:
             await pipe.execute()
 
     async def forget_node(self, node_id: str) -> None:
-        keys = self._b.keys
-        async with unavailable("admin forget node"), self._b.client.pipeline(False) as pipe:
+        keys = self._keys
+        async with unavailable("admin forget node"), self._client.pipeline(False) as pipe:
             pipe.zrem(keys.nodes(), node_id)
             pipe.delete(keys.node(node_id))
             await pipe.execute()
 
     async def nodes(self, now: float) -> list[NodeInfo]:
-        keys = self._b.keys
+        keys = self._keys
         async with unavailable("admin nodes"):
             ids = sorted(
-                text(n) for n in await self._b.client.zrangebyscore(keys.nodes(), now, "+inf")
+                text(n) for n in await self._client.zrangebyscore(keys.nodes(), now, "+inf")
             )
-            bodies = await self._b.client.mget([keys.node(n) for n in ids]) if ids else []
+            bodies = await self._client.mget([keys.node(n) for n in ids]) if ids else []
         out: list[NodeInfo] = []
         for body in bodies:
             if body is None:
@@ -229,16 +230,16 @@ class RedisAdmin:
 
     # -- disconnecting --------------------------------------------------------------------------
     async def block(self, party_id: str, character_id: str, until: float, now: float) -> None:
-        key = self._b.keys.block(party_id, character_id)
+        key = self._keys.block(party_id, character_id)
         async with unavailable("admin block"):
             if until > now:
-                await self._b.client.set(key, repr(until), pxat=int(until * 1000) + 1)
+                await self._client.set(key, repr(until), pxat=int(until * 1000) + 1)
             else:
-                await self._b.client.delete(key)
+                await self._client.delete(key)
 
     async def blocked_until(self, party_id: str, character_id: str, now: float) -> float | None:
         async with unavailable("admin blocked"):
-            value = await self._b.client.get(self._b.keys.block(party_id, character_id))
+            value = await self._client.get(self._keys.block(party_id, character_id))
         if value is None:
             return None
         until = float(text(value))
@@ -252,9 +253,7 @@ class RedisAdmin:
             "reason": reason,
         }
         async with unavailable("admin close"):
-            await self._b.client.publish(
-                self._b.keys.admin_channel(), orjson.dumps({"close": request})
-            )
+            await self._client.publish(self._keys.admin_channel(), orjson.dumps({"close": request}))
 
     def _on_message(self, raw: bytes) -> None:
         try:
@@ -275,15 +274,15 @@ class RedisAdmin:
                 log.exception("close request failed")
 
     async def watch_closes(self, callback: CloseRequest) -> _Watch:
-        channel = self._b.keys.admin_channel()
+        channel = self._keys.admin_channel()
         if not self._watchers:
-            await self._b.bus.add(channel, self._on_message)
+            await self._bus.add(channel, self._on_message)
         self._watchers.append(callback)
 
         async def close() -> None:
             if callback in self._watchers:
                 self._watchers.remove(callback)
             if not self._watchers:
-                await self._b.bus.remove(channel, self._on_message)
+                await self._bus.remove(channel, self._on_message)
 
         return _Watch(close)

@@ -1,10 +1,15 @@
-"""The Redis backend: many gateway nodes sharing one Redis behave as one service (issue 3).
+"""The Redis backend: many gateway nodes sharing one Redis behave as one service (docs/redis.md).
 
 It implements ``Backend`` with the semantics of ``MemoryBackend`` (the shared behavioural suite
 runs against both): every operation that reads and writes party state is one Lua script on the
 party's slot (``redis_scripts``), the stream is delivered through one pub/sub connection per node
 (``redis_bus``) and put in order, gap-free, per party (``redis_stream``). Key and channel names
 come from ``keys``.
+
+The backend owns its parts and gives each exactly what it uses (none holds the backend):
+``RedisPresence`` (presence, ``redis_presence``), ``RedisVotes`` (votes, ``redis_votes``),
+``RedisAdmin`` (the operators' view, ``redis_admin``), the ``Bus`` and the ``Scripts``. The stream
+and the action ledger are its own methods: they are the hot path, one script call each.
 
 What is shared and where: the stream (epoch, seq, bounded history), the projection behind
 ``system.hello``, presence (per connection, with expiry; counted per character across nodes and
@@ -26,11 +31,11 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from party_sync.backends import redis_presence, redis_votes
 from party_sync.backends.base import BackendSettings, PartyListener, Snapshot
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
-from party_sync.backends.redis_bus import Bus, Handler
+from party_sync.backends.redis_bus import Bus
+from party_sync.backends.redis_presence import RedisPresence
 from party_sync.backends.redis_scripts import (
     Arg,
     Limits,
@@ -41,6 +46,7 @@ from party_sync.backends.redis_scripts import (
     unavailable,
 )
 from party_sync.backends.redis_stream import PartyStream, RangeReply, encode_direct, event_from
+from party_sync.backends.redis_votes import RedisVotes
 from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
@@ -99,7 +105,7 @@ class RedisBackend:
         self.keys = KeySpace(options.prefix)
         self.client = Redis.from_url(
             options.url,
-            protocol=2,  # plain arrays for pub/sub; the faster reader (anchors)
+            protocol=2,  # plain arrays for pub/sub; the faster reader (docs/benchmarks.md)
             socket_connect_timeout=options.connect_timeout,
             socket_timeout=options.command_timeout,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),  # one retry: a stale socket
@@ -143,11 +149,18 @@ class RedisBackend:
                 lambda: batcher.calls,
                 metrics.registry,
             )
-        self.admin = RedisAdmin(self)  # the operators' view (AdminView)
+        self.presence = RedisPresence(
+            self.client,
+            self.scripts,
+            self.keys,
+            presence_ttl=settings.presence_ttl,
+            presence_grace=options.presence_grace,
+            idle_party_ttl=settings.idle_party_ttl,
+        )
+        self.votes = RedisVotes(self.client, self.scripts, self.keys)
+        self.admin = RedisAdmin(self.client, self.keys, self.bus)  # the operators' view
         self._streams: dict[str, PartyStream] = {}
         self._opening: dict[str, asyncio.Task[None]] = {}
-        self._runs: dict[str, tuple[Handler, list[Callable[[bytes], None]]]] = {}
-        self._run_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
         self._clock_due = 0.0  # monotonic time of the next measurement
@@ -280,33 +293,6 @@ class RedisBackend:
         for stream in self._streams.values():
             stream.catch_up_soon()  # a first catch-up still running just looks once more
 
-    async def subscribe_run(
-        self, campaign_run_id: str, callback: Callable[[bytes], None]
-    ) -> _Subscription:
-        async with self._run_lock:
-            entry = self._runs.get(campaign_run_id)
-            if entry is None:
-                callbacks: list[Callable[[bytes], None]] = []
-
-                def handler(data: bytes) -> None:
-                    for cb in list(callbacks):
-                        cb(data)
-
-                await self.bus.add(run_channel(campaign_run_id), handler)
-                entry = self._runs[campaign_run_id] = (handler, callbacks)
-            entry[1].append(callback)
-
-        async def close() -> None:
-            async with self._run_lock:
-                handler, callbacks = entry
-                with contextlib.suppress(ValueError):
-                    callbacks.remove(callback)
-                if not callbacks and self._runs.get(campaign_run_id) is entry:
-                    del self._runs[campaign_run_id]
-                    await self.bus.remove(run_channel(campaign_run_id), handler)
-
-        return _Subscription(close)
-
     async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
         await self._publish_raw(party_channel(party_id), encode_direct(character_id, data))
 
@@ -317,7 +303,7 @@ class RedisBackend:
             parties = sorted(text(p) for p in members)
             async with self.client.pipeline(transaction=False) as pipe:
                 for party_id in parties:
-                    pipe.exists(self.keys.party_keys(party_id)[0])
+                    pipe.exists(self.keys.party_keys(party_id).meta)
                 exists = await pipe.execute()
         return [p for p, alive in zip(parties, exists, strict=True) if alive]
 
@@ -350,57 +336,55 @@ class RedisBackend:
         _, _, events = await self.range(party_id, point.epoch, point.last_seq, max_replay)
         return events
 
-    # -- presence -------------------------------------------------------------------------------
+    # -- presence (RedisPresence) ---------------------------------------------------------------
     async def connect(
         self, binding: Binding, connection_id: str, now: float, trace_id: str
     ) -> Event | None:
-        return await redis_presence.connect(self, binding, connection_id, now, trace_id)
+        return await self.presence.connect(binding, connection_id, now, trace_id)
 
     async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
-        return await redis_presence.disconnect(self, binding, connection_id, now)
+        return await self.presence.disconnect(binding, connection_id, now)
 
     async def settle(self, binding: Binding, now: float, trace_id: str) -> Event | None:
-        return await redis_presence.settle(self, binding, now, trace_id, t.LEAVE_DISCONNECTED)
+        return await self.presence.settle(binding, now, trace_id)
 
     async def leave(self, binding: Binding, now: float, trace_id: str) -> Event | None:
-        return await redis_presence.settle(self, binding, now, trace_id, t.LEAVE_LEFT)
+        return await self.presence.leave(binding, now, trace_id)
 
     async def refresh(self, connections: Sequence[tuple[Binding, str]], now: float) -> list[Event]:
-        return await redis_presence.refresh(self, connections, now)
+        return await self.presence.refresh(connections, now)
 
     async def expire(self, now: float) -> list[Event]:
-        return await redis_presence.expire(self, now)
+        return await self.presence.expire(now)
 
-    # -- votes (redis_votes) --------------------------------------------------------------------
+    # -- votes (RedisVotes) ---------------------------------------------------------------------
     async def party_run(self, party_id: str) -> str | None:
-        return await redis_votes.party_run(self, party_id)
+        return await self.votes.party_run(party_id)
 
     async def start_vote(
         self, party_id: str, spec: VoteSpec, campaign_run_id: str, now: float, trace_id: str
     ) -> Event:
-        return await redis_votes.start_vote(self, party_id, spec, campaign_run_id, now, trace_id)
+        return await self.votes.start_vote(party_id, spec, campaign_run_id, now, trace_id)
 
     async def cast_vote(
         self, party_id: str, character_id: str, vote_id: str, option: str, now: float, trace_id: str
     ) -> tuple[CastRefusal | None, list[Event]]:
-        return await redis_votes.cast_vote(
-            self, party_id, character_id, vote_id, option, now, trace_id
-        )
+        return await self.votes.cast_vote(party_id, character_id, vote_id, option, now, trace_id)
 
     async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
-        return await redis_votes.finish_vote(self, party_id, vote_id, now)
+        return await self.votes.finish_vote(party_id, vote_id, now)
 
     async def due_votes(self, now: float) -> list[tuple[str, str]]:
-        return await redis_votes.due_votes(self, now)
+        return await self.votes.due_votes(now)
 
     async def vote_run(self, party_id: str, vote_id: str) -> str | None:
-        return await redis_votes.vote_run(self, party_id, vote_id)
+        return await self.votes.vote_run(party_id, vote_id)
 
     async def unapplied_votes(self, now: float, older_than: float) -> list[Event]:
-        return await redis_votes.unapplied_votes(self, now, older_than)
+        return await self.votes.unapplied_votes(now, older_than)
 
     async def mark_vote_applied(self, party_id: str, vote_id: str) -> None:
-        await redis_votes.mark_vote_applied(self, party_id, vote_id)
+        await self.votes.mark_vote_applied(party_id, vote_id)
 
     def _measure_clock_soon(self) -> None:
         """Measure Redis's clock against this node's at most every ``CLOCK_EVERY`` seconds, in

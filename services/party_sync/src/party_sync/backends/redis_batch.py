@@ -2,7 +2,7 @@
 
 A gateway under load issues many independent scripts at once (each connection's begin_action,
 each engine's publish); awaiting each alone costs a round trip and redis-py's per-command overhead
-apiece (anchors: ~10k publishes/s one at a time, ~85k/s in pipelined batches). Here every script
+apiece (~10k publishes/s one at a time, ~85k/s in pipelined batches). Here every script
 call of a node goes through one dedicated connection: the calls queued while the previous batch
 is on the wire (and, at the least, those of one event-loop tick) leave as one write, and their
 replies are read in order. Redis still runs every script atomically and in the order queued, so
@@ -11,8 +11,8 @@ round trips are shared. Under load batches grow by themselves (Nagle-like, with 
 idle node sends a lone call at once.
 
 What is written by hand, and why: the batch is packed with hiredis's C ``pack_command`` and sent
-with redis-py's ``Connection.send_packed_command`` / ``read_response`` (which keep connecting,
-AUTH, SELECT, TLS and the hiredis reply parser), bypassing redis-py's ``Pipeline``: that object,
+on a raw redis-py connection (``redis_wire.RawConnection``, which keeps connecting, AUTH, SELECT,
+TLS and the hiredis reply parser), bypassing redis-py's ``Pipeline``: that object,
 the pool checkout, the pure-Python packer and a ``wait_for`` task per socket operation cost more
 than Redis's own work per script (measured in docs/benchmarks.md). The batch is bounded by one
 ``asyncio.timeout``; a batch that fails or times out drops the connection (its replies can no
@@ -28,30 +28,30 @@ import contextlib
 from collections.abc import Sequence
 from typing import Any
 
-from hiredis import pack_command
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
 
-_Call = tuple[AsyncScript, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+from party_sync.backends.redis_wire import RawConnection, Script, pack_evalsha
+
+_Call = tuple[Script, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
 
 class ScriptBatcher:
+    """Every script call of a node, sent in batches on one connection (see the module)."""
+
     def __init__(self, client: Redis, max_batch: int = 256, timeout: float = 5.0) -> None:
         self._client = client
         self._max_batch = max_batch
         self._timeout = timeout
         self._queue: list[_Call] = []
         self._pump: asyncio.Task[None] | None = None
-        self._conn: AbstractConnection | None = None
+        self._conn: RawConnection | None = None
         self._closed = False
         self.batches = 0  # observability and tests: batches sent
         self.calls = 0
 
-    def run(
-        self, script: AsyncScript, keys: Sequence[Any], args: Sequence[Any]
-    ) -> asyncio.Future[Any]:
+    def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue one EVALSHA; the future gets its reply (or its error)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
@@ -71,48 +71,43 @@ class ScriptBatcher:
         finally:
             self._pump = None
 
-    async def _connection(self) -> AbstractConnection:
+    async def _connection(self) -> RawConnection:
         conn = self._conn
-        if conn is not None and conn.is_connected:
+        if conn is not None and conn.connected:
             # As redis-py's pool does on every checkout: a connection that Redis closed while
             # it was idle (a restart, a CLIENT KILL, an idle timeout) shows EOF or stray data
             # in its buffer; replace it before sending, rather than fail the batch (no I/O).
             try:
-                stale = await conn.can_read()  # (redis-py 8 renamed can_read_destructive)
+                stale = await conn.stale()
             except Exception:
                 stale = True
             if stale:
                 await self._drop()
                 conn = None
         if conn is None:
-            conn = self._client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
-            conn.socket_timeout = None  # the batch has one deadline (asyncio.timeout) instead
-            self._conn = conn
+            # No socket timeout: the batch has one deadline (asyncio.timeout) instead.
+            conn = self._conn = RawConnection(self._client.connection_pool, timeout=False)
         return conn
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
             with contextlib.suppress(Exception):
-                await conn.disconnect(nowait=True)
+                await conn.close()
 
     async def _send(self, batch: list[_Call]) -> None:
         self.batches += 1
         self.calls += len(batch)
-        packed = b"".join(
-            [
-                pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
-                for script, keys, args, _ in batch
-            ]
-        )
+        packed = pack_evalsha(batch)
         replies: list[Any] = []
         try:
             async with asyncio.timeout(self._timeout):
                 conn = await self._connection()
-                await conn.send_packed_command(packed, check_health=False)
+                await conn.send_packed(packed)
+                read = conn.read
                 for _ in batch:
                     try:
-                        replies.append(await conn.read_response())
+                        replies.append(await read())
                     except ResponseError as exc:  # an error reply: the stream is still in step
                         replies.append(exc)
         except BaseException as exc:  # the connection failed or timed out: every call failed

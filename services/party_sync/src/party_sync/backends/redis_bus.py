@@ -1,21 +1,22 @@
 """One Redis pub/sub connection per node, multiplexing every channel the node listens to.
 
-Issue 3 asks for one subscription per channel per node while it has local connections for it
-(never one per WebSocket), restored by itself after Redis comes back, and a pub/sub connection
-that goes silent without an error (anchors: centrifugo#1189, python-socketio#1581) detected and
-replaced. So the bus:
+A node holds one subscription per channel while it has local connections for it (never one per
+WebSocket), restored by itself after Redis comes back, and a pub/sub connection that goes silent
+without an error (a known failure of pub/sub clients: docs/redis.md) is detected and replaced. So
+the bus:
 
 - keeps the wanted channels in ``_handlers`` (channel → callback) and, on every (re)connect,
   subscribes to all of them on the fresh connection before declaring itself connected, then calls
   ``on_reconnect`` so that every party stream repairs what it missed (``redis_stream``);
 - ``add`` returns only once Redis confirmed the SUBSCRIBE (a ``subscribe`` reply was read);
-- reads with one blocking read loop (no per-message timeout: the anchors measured a per-read
-  ``wait_for`` cutting throughput by 60 %) and lets a probe watch it: when nothing arrived for
+- reads with one blocking read loop (no per-message timeout: a per-read ``wait_for`` was
+  measured cutting throughput by 60 %) and lets a probe watch it: when nothing arrived for
   ``probe_interval``, it publishes on the node's own probe channel and expects it back within
   ``probe_interval``; if it does not come, the reader is cancelled and the connection recreated.
 
-It speaks RESP2 on a raw redis-py ``Connection`` (hiredis parser) instead of redis-py's ``PubSub``,
-whose own retry and silent re-subscription would hide exactly the reconnects this node must see.
+It speaks RESP2 on a raw redis-py connection (``redis_wire.RawConnection``, hiredis parser) instead
+of redis-py's ``PubSub``, whose own retry and silent re-subscription would hide exactly the
+reconnects this node must see.
 """
 
 from __future__ import annotations
@@ -23,14 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.connection import ConnectionPool
 from redis.exceptions import RedisError
 
 from party_sync.backends.redis_scripts import unavailable
+from party_sync.backends.redis_wire import RawConnection
 from party_sync.protocol.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ Handler = Callable[[bytes], None]
 
 
 class Bus:
+    """The node's pub/sub connection: channels → handlers, kept subscribed across reconnects."""
+
     def __init__(
         self,
         pool: ConnectionPool,
@@ -66,7 +69,7 @@ class Bus:
         self._handlers: dict[bytes, Handler] = {}
         self._waiters: dict[bytes, asyncio.Future[None]] = {}
         self._lock = asyncio.Lock()  # orders SUBSCRIBE / UNSUBSCRIBE / re-subscription
-        self._conn: AbstractConnection | None = None
+        self._conn: RawConnection | None = None
         self._reader: asyncio.Task[None] | None = None
         self._probe_waiter: asyncio.Future[None] | None = None
         self._last_rx = 0.0
@@ -117,15 +120,15 @@ class Bus:
             conn = self._conn
             if self.connected and conn is not None:
                 with contextlib.suppress(RedisError, OSError):
-                    await conn.send_command("UNSUBSCRIBE", key)
+                    await conn.send("UNSUBSCRIBE", key)
 
-    async def _subscribe(self, conn: AbstractConnection, keys: list[bytes]) -> None:
+    async def _subscribe(self, conn: RawConnection, keys: list[bytes]) -> None:
         loop = asyncio.get_running_loop()
         waiters = []
         for key in keys:
             self._waiters[key] = waiter = loop.create_future()
             waiters.append(waiter)
-        await conn.send_command("SUBSCRIBE", *keys)
+        await conn.send("SUBSCRIBE", *keys)
         async with asyncio.timeout(self._timeout):
             await asyncio.gather(*waiters)
 
@@ -135,12 +138,12 @@ class Bus:
         loop = asyncio.get_running_loop()
         delay, lost = 0.05, ""
         while not self._closing:
-            conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+            conn = RawConnection(self._pool)
             reader: asyncio.Task[None] | None = None
             try:
-                await conn.connect()  # type: ignore[no-untyped-call]
-                await conn.send_command("CLIENT", "SETNAME", self._name)
-                await conn.read_response()
+                await conn.connect()
+                await conn.send("CLIENT", "SETNAME", self._name)
+                await conn.read()
                 reader = loop.create_task(self._read(conn))
                 async with self._lock:
                     await self._subscribe(conn, [self._probe_key, *self._handlers])
@@ -167,7 +170,7 @@ class Bus:
                     reader.cancel()
                     await asyncio.gather(reader, return_exceptions=True)
                 with contextlib.suppress(RedisError, OSError):
-                    await conn.disconnect()
+                    await conn.close(wait=True)
             if not self._closing:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 1.0)
@@ -179,11 +182,12 @@ class Bus:
                 waiter.set_exception(BackendUnavailable("redis pub/sub connection lost"))
                 waiter.exception()  # retrieved here: nobody may be waiting any more
 
-    async def _read(self, conn: AbstractConnection) -> None:
+    async def _read(self, conn: RawConnection) -> None:
         loop = asyncio.get_running_loop()
         handlers, waiters = self._handlers, self._waiters
+        read = conn.read_push
         while True:
-            reply = await conn.read_response(timeout=math.inf)
+            reply = await read()
             self._last_rx = loop.time()
             if not isinstance(reply, list) or len(reply) < 3:
                 continue

@@ -23,12 +23,12 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
-from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError, ResponseError
 
 from party_sync.backends.base import Snapshot
-from party_sync.backends.keys import KeySpace, party_channel
+from party_sync.backends.keys import KeySpace, PartyKeys, party_channel
 from party_sync.backends.redis_batch import ScriptBatcher
+from party_sync.backends.redis_wire import Script, load_script
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable
@@ -92,7 +92,7 @@ class Scripts:
         self.keys = keys
         self.limits = limits
         lib = _source("_lib")
-        self._party: dict[str, AsyncScript] = {
+        self._party: dict[str, Script] = {
             name: client.register_script(lib + "\n" + _source(name)) for name in PARTY_SCRIPTS
         }
         self.index_forget = client.register_script(_source("index_forget"))
@@ -100,29 +100,27 @@ class Scripts:
         self.batcher = ScriptBatcher(client, timeout=timeout)
         # Per call: the party's eleven key names and its channel (cached, bounded), and an epoch
         # candidate unique to this process (random per process, then counted).
-        self._party_names: dict[str, tuple[tuple[str, ...], str]] = {}
+        self._party_names: dict[str, tuple[PartyKeys, str]] = {}
         self._epoch_base = "ep-" + secrets.token_hex(6)
         self._epochs = itertools.count()
-
-    def __getitem__(self, name: str) -> AsyncScript:
-        return self._party[name]
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (redis-py also reloads one on NOSCRIPT)."""
         async with unavailable("script load"):
             for script in (*self._party.values(), self.index_forget):
-                script.sha = await self._client.script_load(script.script)
+                await load_script(self._client, script)
 
-    def _names(self, party_id: str) -> tuple[tuple[str, ...], str]:
+    def _names(self, party_id: str) -> tuple[PartyKeys, str]:
         names = self._party_names.get(party_id)
         if names is None:
             if len(self._party_names) >= 10_000:
                 self._party_names.clear()
-            names = (tuple(self.keys.party_keys(party_id)), party_channel(party_id))
+            names = (self.keys.party_keys(party_id), party_channel(party_id))
             self._party_names[party_id] = names
         return names
 
     def party_keys(self, party_id: str, action_id: str | None = None) -> list[str]:
+        """A party script's KEYS: the party's keys (cached), then the action record's if any."""
         keys = list(self._names(party_id)[0])
         if action_id is not None:
             keys.append(self.keys.action(party_id, action_id))

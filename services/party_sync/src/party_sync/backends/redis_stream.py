@@ -1,8 +1,8 @@
 """A node's ordered view of one party's stream over Redis pub/sub: gap repair, else resync.
 
-Redis pub/sub is at most once (security.md: a subscriber evicted by its output-buffer limit, or
+Redis pub/sub is at most once (docs/redis.md: a subscriber evicted by its output-buffer limit, or
 cut by a blip, loses messages for good). So a node never trusts it to be complete: it tracks the
-``(epoch, seq)`` it delivered last and (issue 3, "Live gaps"; anchors: Centrifugo)
+``(epoch, seq)`` it delivered last and
 
 - delivers an event only if it is the next one (``seq == last + 1``) of the same epoch;
 - drops an event it already delivered (an overlap with a repair);
@@ -13,7 +13,7 @@ cut by a blip, loses messages for good). So a node never trusts it to be complet
   was trimmed away), calls ``on_resync`` on its listeners (every client reconnects and takes a
   snapshot) and starts again from the party's current head. It never delivers out of order.
 
-Wire format on ``party:<party_id>``, JSON only (security.md: never pickle)::
+Wire format on ``party:<party_id>``, JSON only (never pickle: docs/security.md)::
 
     {"epoch":"<epoch>","event":<the event's envelope, seq first>}     written by _lib.lua append()
     {"direct":"<character_id>","data":<a system.error envelope>}     written by encode_direct()

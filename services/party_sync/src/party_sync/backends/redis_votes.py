@@ -10,26 +10,35 @@ gets there first (the timers of every node race; only one EXEC wins).
 
 ``vote-index`` (party → deadline of its open vote, outside the party slot) lets any node's sweep
 find votes whose deadline passed while the node that armed the timer was down.
+
+A finished vote's ``vote.finished`` is kept in the party's ``unapplied`` hash (by vote id, next to
+the time it finished) until a node marks its action handed to the engine (``mark_vote_applied``);
+any node's sweep hands over those still there after a while (``unapplied_votes``). It is not in
+the ``vote`` record, which the next vote replaces: a decision announced is never lost, even if
+another vote starts (or finishes) first. The party stays in ``vote-index`` while it holds one, so
+the sweep finds it; like the party's other keys, ``unapplied`` expires with ``meta``.
+
+``RedisVotes`` is given what it uses (the client, the scripts, the key names) by the
+``RedisBackend`` that owns it; it knows nothing else of the backend.
 """
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import orjson
+from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
 from redis.exceptions import WatchError
 
-from party_sync.backends.redis_scripts import fold_args, text, unavailable
+from party_sync.backends.keys import KeySpace
+from party_sync.backends.redis_scripts import Scripts, fold_args, text, unavailable
 from party_sync.core import votes
 from party_sync.core.events import Event
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, VoteConflict
-
-if TYPE_CHECKING:
-    from party_sync.backends.redis_backend import RedisBackend
 
 T = TypeVar("T")
 TRIES = 20  # optimistic retries under contention before giving up (retryable for the caller)
@@ -61,15 +70,15 @@ def _load(fields: Mapping[Any, Any], ballots: Mapping[Any, Any]) -> votes.Vote |
 class _Txn:
     """One attempt: the watched state, and the events queued for the EXEC."""
 
-    def __init__(self, b: RedisBackend, pipe: Pipeline, party_id: str, now: float) -> None:
-        self.b, self.pipe, self.party_id, self.now = b, pipe, party_id, now
+    def __init__(self, scripts: Scripts, pipe: Pipeline, party_id: str, now: float) -> None:
+        self.scripts, self.pipe, self.party_id, self.now = scripts, pipe, party_id, now
         self.messages: list[dict[str, Any]] = []
 
     async def publish(self, message: dict[str, Any]) -> None:
         """Queue ``publish.lua`` for one event (inside MULTI)."""
         type_, payload = message["type"], message["payload"]
         args = [codec.encode(message), type_, *fold_args(type_, payload)]
-        await self.b.scripts.run("publish", self.party_id, self.now, args, client=self.pipe)
+        await self.scripts.run("publish", self.party_id, self.now, args, client=self.pipe)
         self.messages.append(message)
 
     def events(self, replies: Sequence[Any]) -> list[Event]:
@@ -88,86 +97,28 @@ class _Txn:
         ]
 
 
-async def _transact(
-    b: RedisBackend,
-    party_id: str,
-    now: float,
-    decide: Callable[[_Txn, votes.Vote | None, list[str]], Awaitable[T]],
-) -> T:
-    keys = b.keys.party_keys(party_id)
-    online_key, vote_key, ballots_key = keys[4], keys[9], keys[10]
-    async with unavailable("vote"):
-        for _ in range(TRIES):
-            async with b.client.pipeline(transaction=True) as pipe:
-                try:
-                    await pipe.watch(vote_key, ballots_key, online_key)
-                    vote = _load(await pipe.hgetall(vote_key), await pipe.hgetall(ballots_key))
-                    online = sorted(text(c) for c in await pipe.smembers(online_key))
-                    pipe.multi()  # type: ignore[no-untyped-call]
-                    return await decide(_Txn(b, pipe, party_id, now), vote, online)
-                except WatchError:
-                    continue
-    raise BackendUnavailable("vote: too much contention, retry")
-
-
-async def party_run(b: RedisBackend, party_id: str) -> str | None:
-    async with unavailable("party_run"):
-        run = await b.client.hget(b.keys.party_keys(party_id)[0], "run")
-    return text(run) if run is not None else None
-
-
-async def start_vote(
-    b: RedisBackend, party_id: str, spec: votes.VoteSpec, run: str, now: float, trace_id: str
-) -> Event:
-    async def decide(txn: _Txn, current: votes.Vote | None, online: list[str]) -> Event:
-        if current is not None and not current.finished:
-            raise VoteConflict(f"party {party_id} already has an open vote")
-        if current is not None and current.vote_id == spec.vote_id:
-            raise VoteConflict(f"vote {spec.vote_id} already ran")
-        vote = votes.open_vote(spec, now, trace_id, run)
-        payload = votes.started_payload(vote, codec.rfc3339(vote.deadline))
-        keys = b.keys.party_keys(party_id)
-        txn.pipe.delete(keys[10], keys[9])  # the last vote's record goes with its ballots
-        txn.pipe.hset(
-            keys[9],
-            mapping={
-                "vote_id": spec.vote_id,
-                "spec": orjson.dumps(
-                    {
-                        "question": spec.question,
-                        "options": spec.options,
-                        "timeout_s": spec.timeout_s,
-                        "tie_rule": spec.tie_rule,
-                        "default_option": spec.default_option,
-                    }
-                ),
-                "started": repr(vote.started_at),
-                "deadline": repr(vote.deadline),
-                "trace_id": trace_id,
-                "run": run,
-                "finished": "0",
-            },
-        )
-        await txn.publish(codec.envelope(t.VOTE_STARTED, payload, ts=now, trace_id=trace_id))
-        events = txn.events(await txn.pipe.execute())
-        await b.client.zadd(b.keys.vote_index(), {party_id: vote.deadline})
-        return events[0]
-
-    return await _transact(b, party_id, now, decide)
-
-
-def _record_finish(txn: _Txn, vote_key: str, finished: dict[str, Any], now: float) -> None:
-    """Closed, in the same transaction: the ``vote.finished`` body is kept until its action has
-    been handed to the engine (``mark_vote_applied``), so that any node can hand it over if the
-    one that closed it could not (``unapplied_votes``): a decision announced is never lost."""
+def _record_finish(
+    txn: _Txn, keys: KeySpace, vote: votes.Vote, finished: dict[str, Any], party_ttl: float
+) -> None:
+    """Closed, in the same transaction: the vote is marked finished, and its ``vote.finished``
+    body is kept in ``unapplied`` (by vote id) until its action has been handed to the engine
+    (``mark_vote_applied``), so that any node can hand it over if the one that closed it could
+    not (``unapplied_votes``): a decision announced is never lost. ``unapplied`` lives as long as
+    the party (the publish just refreshed it; the sweep keeps it in step with ``meta``)."""
+    now, party_id = txn.now, txn.party_id
     txn.pipe.hset(
-        vote_key,
-        mapping={
-            "finished": "1",
-            "finished_at": repr(now),
-            "finished_body": codec.encode(finished),
-        },
+        keys.party_keys(party_id).vote, mapping={"finished": "1", "finished_at": repr(now)}
     )
+    unapplied = keys.unapplied(party_id)
+    txn.pipe.hset(unapplied, vote.vote_id, repr(now).encode() + b" " + codec.encode(finished))
+    txn.pipe.pexpire(unapplied, max(1, int(party_ttl * 1000)))
+
+
+def _unapplied_entry(vote_id: Any, value: Any) -> tuple[float, str, bytes]:
+    """``(finished_at, vote_id, vote.finished body)`` of one ``unapplied`` field (in the order
+    ``unapplied_votes`` hands them over: oldest first)."""
+    at, _, body = bytes(value).partition(b" ")
+    return float(at), text(vote_id), body
 
 
 def _finished(vote: votes.Vote, reason: str, now: float) -> dict[str, Any]:
@@ -176,112 +127,220 @@ def _finished(vote: votes.Vote, reason: str, now: float) -> dict[str, Any]:
     return codec.envelope(t.VOTE_FINISHED, payload, ts=now, trace_id=vote.trace_id)
 
 
-async def cast_vote(
-    b: RedisBackend,
-    party_id: str,
-    character_id: str,
-    vote_id: str,
-    option: str,
-    now: float,
-    trace_id: str,
-) -> tuple[votes.CastRefusal | None, list[Event]]:
-    async def decide(
-        txn: _Txn, vote: votes.Vote | None, online: list[str]
+class RedisVotes:
+    """Votes of every party on Redis (``VoteStore``); one per ``RedisBackend``."""
+
+    def __init__(self, client: Redis, scripts: Scripts, keys: KeySpace) -> None:
+        self._client = client
+        self._scripts = scripts
+        self._keys = keys
+        self._party_ttl = scripts.limits.party_ttl
+
+    async def _transact(
+        self,
+        party_id: str,
+        now: float,
+        decide: Callable[[_Txn, votes.Vote | None, list[str]], Awaitable[T]],
+    ) -> T:
+        """Run ``decide`` on the party's vote, ballots and online set, atomically (the module's
+        optimistic transaction), again on fresh data as long as another node got there first."""
+        keys = self._keys.party_keys(party_id)
+        online_key, vote_key, ballots_key = keys.online, keys.vote, keys.ballots
+        async with unavailable("vote"):
+            for _ in range(TRIES):
+                async with self._client.pipeline(transaction=True) as pipe:
+                    try:
+                        await pipe.watch(vote_key, ballots_key, online_key)
+                        vote = _load(await pipe.hgetall(vote_key), await pipe.hgetall(ballots_key))
+                        online = sorted(text(c) for c in await pipe.smembers(online_key))
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        return await decide(_Txn(self._scripts, pipe, party_id, now), vote, online)
+                    except WatchError:
+                        continue
+        raise BackendUnavailable("vote: too much contention, retry")
+
+    async def party_run(self, party_id: str) -> str | None:
+        """The campaign run the party plays (recorded on connect)."""
+        async with unavailable("party_run"):
+            run = await self._client.hget(self._keys.party_keys(party_id).meta, "run")
+        return text(run) if run is not None else None
+
+    async def start_vote(
+        self, party_id: str, spec: votes.VoteSpec, run: str, now: float, trace_id: str
+    ) -> Event:
+        async def decide(txn: _Txn, current: votes.Vote | None, online: list[str]) -> Event:
+            if current is not None and not current.finished:
+                raise VoteConflict(f"party {party_id} already has an open vote")
+            if current is not None and current.vote_id == spec.vote_id:
+                raise VoteConflict(f"vote {spec.vote_id} already ran")
+            vote = votes.open_vote(spec, now, trace_id, run)
+            payload = votes.started_payload(vote, codec.rfc3339(vote.deadline))
+            keys = self._keys.party_keys(party_id)
+            txn.pipe.delete(keys.ballots, keys.vote)  # the last vote's record goes with its ballots
+            txn.pipe.hset(
+                keys.vote,
+                mapping={
+                    "vote_id": spec.vote_id,
+                    "spec": orjson.dumps(
+                        {
+                            "question": spec.question,
+                            "options": spec.options,
+                            "timeout_s": spec.timeout_s,
+                            "tie_rule": spec.tie_rule,
+                            "default_option": spec.default_option,
+                        }
+                    ),
+                    "started": repr(vote.started_at),
+                    "deadline": repr(vote.deadline),
+                    "trace_id": trace_id,
+                    "run": run,
+                    "finished": "0",
+                },
+            )
+            await txn.publish(codec.envelope(t.VOTE_STARTED, payload, ts=now, trace_id=trace_id))
+            events = txn.events(await txn.pipe.execute())
+            await self._client.zadd(self._keys.vote_index(), {party_id: vote.deadline})
+            return events[0]
+
+        return await self._transact(party_id, now, decide)
+
+    async def cast_vote(
+        self,
+        party_id: str,
+        character_id: str,
+        vote_id: str,
+        option: str,
+        now: float,
+        trace_id: str,
     ) -> tuple[votes.CastRefusal | None, list[Event]]:
-        refusal = votes.cast(vote, vote_id, character_id, option, now)
-        if refusal is not None or vote is None:
-            return refusal or votes.CastRefusal.UNKNOWN, []
-        keys = b.keys.party_keys(party_id)
-        txn.pipe.hset(keys[10], character_id, option)
-        update = votes.update_payload(vote, len(online))
-        await txn.publish(codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id))
-        if votes.due(vote, online, now) == "all_voted":
-            finished = _finished(vote, "all_voted", now)
+        async def decide(
+            txn: _Txn, vote: votes.Vote | None, online: list[str]
+        ) -> tuple[votes.CastRefusal | None, list[Event]]:
+            refusal = votes.cast(vote, vote_id, character_id, option, now)
+            if refusal is not None or vote is None:
+                return refusal or votes.CastRefusal.UNKNOWN, []
+            keys = self._keys.party_keys(party_id)
+            txn.pipe.hset(keys.ballots, character_id, option)
+            update = votes.update_payload(vote, len(online))
+            await txn.publish(codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id))
+            if votes.due(vote, online, now) == "all_voted":
+                finished = _finished(vote, "all_voted", now)
+                await txn.publish(finished)
+                _record_finish(txn, self._keys, vote, finished, self._party_ttl)
+            return None, txn.events(await txn.pipe.execute())
+
+        return await self._transact(party_id, now, decide)
+
+    async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
+        async def decide(txn: _Txn, vote: votes.Vote | None, online: list[str]) -> Event | None:
+            if vote is None or vote.vote_id != vote_id or votes.due(vote, (), now) != "timeout":
+                return None
+            finished = _finished(vote, "timeout", now)
             await txn.publish(finished)
-            _record_finish(txn, keys[9], finished, now)
-        return None, txn.events(await txn.pipe.execute())
+            _record_finish(txn, self._keys, vote, finished, self._party_ttl)
+            return txn.events(await txn.pipe.execute())[0]
 
-    return await _transact(b, party_id, now, decide)
+        return await self._transact(party_id, now, decide)
 
+    async def due_votes(self, now: float) -> list[tuple[str, str]]:
+        """Open votes past their deadline. A party leaves the index once its vote is finished (or
+        gone) and ``unapplied`` holds nothing (``unapplied_votes`` still needs it otherwise);
+        unless another node indexed a new vote of it since (``index_forget``)."""
+        index = self._keys.vote_index()
+        async with unavailable("due_votes"):
+            found = cast(
+                list[tuple[bytes, float]],
+                await self._client.zrangebyscore(index, "-inf", now, withscores=True),
+            )
+            if not found:
+                return []
+            parties = [(text(p), float(score)) for p, score in found]
+            async with self._client.pipeline(transaction=False) as pipe:
+                for party_id, _ in parties:
+                    pipe.hmget(
+                        self._keys.party_keys(party_id).vote, ["vote_id", "finished", "deadline"]
+                    )
+                    pipe.hlen(self._keys.unapplied(party_id))
+                replies = await pipe.execute()
+            due: list[tuple[str, str]] = []
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i, (party_id, score) in enumerate(parties):
+                    (vote_id, finished, deadline), pending = replies[2 * i], replies[2 * i + 1]
+                    if vote_id is not None and finished != b"1":
+                        if float(deadline) <= now:
+                            due.append((party_id, text(vote_id)))
+                    elif not pending:
+                        await self._scripts.index_forget(
+                            keys=[index], args=[party_id, repr(score)], client=pipe
+                        )
+                await pipe.execute()
+        return due
 
-async def finish_vote(b: RedisBackend, party_id: str, vote_id: str, now: float) -> Event | None:
-    async def decide(txn: _Txn, vote: votes.Vote | None, online: list[str]) -> Event | None:
-        if vote is None or vote.vote_id != vote_id or votes.due(vote, (), now) != "timeout":
-            return None
-        finished = _finished(vote, "timeout", now)
-        await txn.publish(finished)
-        _record_finish(txn, b.keys.party_keys(party_id)[9], finished, now)
-        return txn.events(await txn.pipe.execute())[0]
+    async def vote_run(self, party_id: str, vote_id: str) -> str | None:
+        async with unavailable("vote_run"):
+            found, run = await self._client.hmget(
+                self._keys.party_keys(party_id).vote, ["vote_id", "run"]
+            )
+        if found is None or text(found) != vote_id or not run:
+            # a decision kept after a newer vote started (the party's current vote is another
+            # one), or a vote without a run of its own: the party's run
+            return await self.party_run(party_id)
+        return text(run)
 
-    return await _transact(b, party_id, now, decide)
+    async def unapplied_votes(self, now: float, older_than: float) -> list[Event]:
+        """``vote.finished`` of votes closed at least ``older_than`` ago whose action was not
+        handed to the engine (the node that closed it failed or died meanwhile), oldest first in
+        each party; seq 0 (not re-sequenced). A party whose state expired (no ``meta``) has
+        forgotten them, as the embedded backend forgets an idle party; the others' ``unapplied``
+        is given ``meta``'s remaining time, so that it expires with the party."""
+        index = self._keys.vote_index()
+        async with unavailable("unapplied_votes"):
+            parties = [text(p) for p in await self._client.zrange(index, 0, -1)]
+            if not parties:
+                return []
+            async with self._client.pipeline(transaction=False) as pipe:
+                for party_id in parties:
+                    pipe.hgetall(self._keys.unapplied(party_id))
+                    pipe.pttl(self._keys.party_keys(party_id).meta)
+                replies = await pipe.execute()
+            events: list[Event] = []
+            async with self._client.pipeline(transaction=False) as pipe:
+                for i, party_id in enumerate(parties):
+                    kept, left = replies[2 * i], int(replies[2 * i + 1])
+                    if not kept or left == -2:  # nothing kept, or the party is gone
+                        continue
+                    if left > 0:
+                        pipe.pexpire(self._keys.unapplied(party_id), left)
+                    for at, _, body in sorted(_unapplied_entry(k, v) for k, v in kept.items()):
+                        if at > now - older_than:
+                            continue
+                        message = codec.decode(body)
+                        events.append(
+                            Event(
+                                party_id,
+                                0,
+                                message["type"],
+                                message["payload"],
+                                message["trace_id"],
+                                body,
+                            )
+                        )
+                await pipe.execute()
+        return events
 
-
-async def due_votes(b: RedisBackend, now: float) -> list[tuple[str, str]]:
-    """Open votes past their deadline; applied or vanished ones leave the index (a finished vote
-    whose action was not handed over yet stays: ``unapplied_votes``)."""
-    index = b.keys.vote_index()
-    async with unavailable("due_votes"):
-        parties = [text(p) for p in await b.client.zrangebyscore(index, "-inf", now)]
-        if not parties:
-            return []
-        async with b.client.pipeline(transaction=False) as pipe:
-            for party_id in parties:
-                pipe.hmget(
-                    b.keys.party_keys(party_id)[9], ["vote_id", "finished", "deadline", "applied"]
-                )
-            found = await pipe.execute()
-        due: list[tuple[str, str]] = []
-        gone: list[str] = []
-        for party_id, (vote_id, finished, deadline, applied) in zip(parties, found, strict=True):
-            if vote_id is None or (finished == b"1" and applied == b"1"):
-                gone.append(party_id)
-            elif finished != b"1" and float(deadline) <= now:
-                due.append((party_id, text(vote_id)))
-        if gone:
-            await b.client.zrem(index, *gone)
-    return due
-
-
-async def vote_run(b: RedisBackend, party_id: str, vote_id: str) -> str | None:
-    async with unavailable("vote_run"):
-        found, run = await b.client.hmget(b.keys.party_keys(party_id)[9], ["vote_id", "run"])
-    if found is None or text(found) != vote_id:
-        return None
-    return text(run) if run else await party_run(b, party_id)
-
-
-async def unapplied_votes(b: RedisBackend, now: float, older_than: float) -> list[Event]:
-    """``vote.finished`` of votes closed at least ``older_than`` ago whose action was not handed
-    to the engine (the node that closed it failed or died meanwhile); seq 0 (not re-sequenced)."""
-    index = b.keys.vote_index()
-    async with unavailable("unapplied_votes"):
-        parties = [text(p) for p in await b.client.zrangebyscore(index, "-inf", "+inf")]
-        if not parties:
-            return []
-        async with b.client.pipeline(transaction=False) as pipe:
-            for party_id in parties:
-                pipe.hmget(
-                    b.keys.party_keys(party_id)[9],
-                    ["finished", "applied", "finished_at", "finished_body"],
-                )
-            found = await pipe.execute()
-    events: list[Event] = []
-    for party_id, (finished, applied, at, body) in zip(parties, found, strict=True):
-        if finished != b"1" or applied == b"1" or body is None or at is None:
-            continue
-        if float(at) > now - older_than:
-            continue
-        message = codec.decode(body)
-        events.append(
-            Event(party_id, 0, message["type"], message["payload"], message["trace_id"], body)
-        )
-    return events
-
-
-async def mark_vote_applied(b: RedisBackend, party_id: str, vote_id: str) -> None:
-    key = b.keys.party_keys(party_id)[9]
-    async with unavailable("mark_vote_applied"):
-        current = await b.client.hget(key, "vote_id")
-        if current is not None and text(current) == vote_id:
-            await b.client.hset(key, "applied", "1")
-            await b.client.zrem(b.keys.vote_index(), party_id)
+    async def mark_vote_applied(self, party_id: str, vote_id: str) -> None:
+        """The decision of a finished vote was handed to the engine: forget it. Nothing to do for
+        a vote that is open (it has no decision yet: it stays due), unknown or already marked.
+        The party leaves the index once nothing else needs it there (as in ``due_votes``)."""
+        unapplied = self._keys.unapplied(party_id)
+        index = self._keys.vote_index()
+        async with unavailable("mark_vote_applied"):
+            if not await self._client.hdel(unapplied, vote_id):
+                return
+            async with self._client.pipeline(transaction=False) as pipe:
+                pipe.hmget(self._keys.party_keys(party_id).vote, ["vote_id", "finished"])
+                pipe.hlen(unapplied)
+                pipe.zscore(index, party_id)
+                (current, finished), pending, score = await pipe.execute()
+            if (current is None or finished == b"1") and not pending and score is not None:
+                await self._scripts.index_forget(keys=[index], args=[party_id, repr(float(score))])

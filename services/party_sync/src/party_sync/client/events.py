@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from party_sync.protocol import types as t
+from party_sync.protocol.errors import PartySyncError
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,7 +214,7 @@ class ServerError:
 ClientEvent = PartyEvent | Connected | Disconnected | ServerError
 
 
-class ClientError(Exception):
+class ClientError(PartySyncError):
     """Root of the client's exceptions."""
 
 

@@ -11,10 +11,12 @@ from typing import Protocol
 
 import aiohttp
 
+from party_sync.protocol.errors import PartySyncError
+
 ABNORMAL_CLOSURE = 1006  # RFC 6455: the connection ended without a close frame
 
 
-class HandshakeRejected(Exception):
+class HandshakeRejected(PartySyncError):
     """The server answered the upgrade with an HTTP error (401 token, 403 origin, ...)."""
 
     def __init__(self, status: int, reason: str = "") -> None:
@@ -23,7 +25,7 @@ class HandshakeRejected(Exception):
         self.reason = reason
 
 
-class TransportError(Exception):
+class TransportError(PartySyncError):
     """The connection could not be made (network error, timeout)."""
 
 

@@ -2,7 +2,13 @@
 
 Every field is a function of the events up to ``seq`` (members from join/leave, the latest scene,
 combat, party state and open vote), so a snapshot is exactly as fresh as its ``seq`` says and a
-client that applies the events after it in order converges on the same state.
+client that applies the events after it in order converges on the same state
+(docs/protocol.md, "Resuming").
+
+The rules are stated here once and used on both sides of the wire: the memory backend folds every
+event it sequences into a ``Projection`` (``backends/lua/_lib.lua`` ``fold`` renders the same rules
+in Redis, and the differential backend test keeps the two equal), and the Python client starts one
+from a hello (``from_hello``) and folds the live events into it (``client/state.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,10 @@ DEFAULT_RUN_STATUS = "pending"
 
 @dataclass(slots=True)
 class Member:
+    """A party member, online or not. ``display_name`` is text chosen by whoever registered the
+    character: the server strips control, line-break and bidi characters from it, but it may hold
+    anything else (``<b>`` included), so show it as text, never as markup or a format string."""
+
     character_id: str
     display_name: str
     online: bool
@@ -41,6 +51,25 @@ class Projection:
     combat: Mapping[str, Any] | None = None
     party_state: Mapping[str, Any] | None = None
     vote: dict[str, Any] | None = None
+
+    @classmethod
+    def from_hello(cls, payload: Mapping[str, Any]) -> Projection:
+        """The projection a ``system.hello`` payload reports: the inverse of what the hello is
+        built from (``seq``, ``member_list()``, ``scene``, ``combat``, ``party_state``, ``vote``),
+        so that folding the events after ``seq`` into it gives what the server's projection
+        holds. The hello's ``vote`` carries the connection's ``your_vote`` too; it is kept."""
+        vote = payload.get("vote")
+        return cls(
+            seq=int(payload["seq"]),
+            members={
+                m["character_id"]: Member(m["character_id"], m["display_name"], bool(m["online"]))
+                for m in payload.get("members", ())
+            },
+            scene=payload.get("scene"),
+            combat=payload.get("combat"),
+            party_state=payload.get("party_state"),
+            vote=dict(vote) if vote else None,
+        )
 
     def is_online(self, character_id: str) -> bool:
         member = self.members.get(character_id)
@@ -70,7 +99,7 @@ class Projection:
             self.vote = {
                 "vote_id": payload["vote_id"],
                 "question": payload["question"],
-                "options": payload["options"],
+                "options": list(payload["options"]),
                 "deadline": payload["deadline"],
                 "tallies": {option["id"]: 0 for option in payload["options"]},
                 "voted": 0,

@@ -1,11 +1,11 @@
 -- Shared prelude of every party script (redis_scripts.py prepends it to each script body).
 --
--- KEYS[1..11] are the party's keys in keys.PARTY_KEYS order; KEYS[12] is an action record when
+-- KEYS[1..11] are the party's keys in keys.PartyKeys order; KEYS[12] is an action record when
 -- a script needs one. ARGV[1..6] is the common header (redis_scripts.header):
 --   1 epoch candidate (used only if the party has no history yet)   2 the party's channel
 --   3 party_ttl in ms   4 history_size   5 now (Unix seconds)   6 action_record_ttl in ms
 -- Everything one operation reads and writes is in one slot and one script, so it is atomic
--- across nodes (issue 3: "one Lua script: allocate the next seq, append ..., publish").
+-- across nodes (docs/redis.md: one script allocates the next seq, appends, publishes).
 
 local K_META, K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
 local K_STATE, K_PRESENCE, K_GONE, K_LOCKS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
@@ -48,15 +48,29 @@ local function touch_written(written, also)
 end
 
 -- The current epoch; a party without one (new, flushed, restarted, expired) starts a new history
--- from nothing, so no client ever trusts a seq of the lost one (anchors: Centrifugo's epoch).
+-- from nothing, so no client ever trusts a seq of the lost one. Returns the epoch, and true when
+-- it created META (with no expiry: the caller's touch() or append() gives it one).
 local function ensure_epoch()
   local epoch = redis.call('HGET', K_META, 'epoch')
   if epoch then
-    return epoch
+    return epoch, false
   end
   redis.call('DEL', K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE, K_STATE, K_VOTE, K_BALLOTS)
   redis.call('HSET', K_META, 'epoch', EPOCH_CANDIDATE, 'seq', 0)
-  return EPOCH_CANDIDATE
+  return EPOCH_CANDIDATE, true
+end
+
+-- ensure_epoch for a script that publishes nothing (head, snapshot), on a party it may be the
+-- first to see (a handshake that subscribed, then failed before connect.lua): a META it creates
+-- is given the party's expiry, else it would never expire. Set just under touch_written's
+-- threshold (party_ttl - TOUCH_SLACK), so that the party's first event still does the full
+-- touch() and the history that event creates expires with META too. No write for a known party.
+local function ensure_epoch_expiring()
+  local epoch, created = ensure_epoch()
+  if created then
+    redis.call('PEXPIRE', K_META, math.max(1, PARTY_TTL_MS - TOUCH_SLACK_MS - 1))
+  end
+  return epoch
 end
 
 -- Presence entries are "<connection_id>:<character_id>" (connection ids are hex: no ':').

@@ -1,7 +1,7 @@
 -- snapshot: the projection behind system.hello, consistent with its seq (Backend.snapshot).
 -- Returns {epoch, seq, member ids in roster order, names (flat), online ids, state (flat),
 -- ballots of the open vote (flat)}.
-local epoch = ensure_epoch()
+local epoch = ensure_epoch_expiring()
 local ballots = {}
 if redis.call('HGET', K_VOTE, 'finished') == '0' then
   ballots = redis.call('HGETALL', K_BALLOTS)

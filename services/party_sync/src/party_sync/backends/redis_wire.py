@@ -1,0 +1,112 @@
+"""Every use of redis-py below its client API, in one place (checked by a contract test).
+
+Two parts of the Redis backend talk to Redis more directly than redis-py's ``Redis`` client
+allows, for reasons measured in docs/benchmarks.md and explained in their modules:
+
+- ``redis_batch`` packs a batch of EVALSHA calls itself and sends it as one write on a dedicated
+  connection (the pipeline object, the pool checkout and the pure-Python packer cost more than
+  Redis's own work per script);
+- ``redis_bus`` reads pub/sub replies itself on a raw connection (redis-py's ``PubSub`` retries
+  and re-subscribes silently, hiding the reconnects a node must see).
+
+Both use a redis-py ``Connection`` taken straight from the pool's factory and its lower methods
+(``make_connection``, ``send_command``, ``send_packed_command``, ``read_response`` with
+``timeout=math.inf``, ``can_read``, ``disconnect``, the ``socket_timeout``
+attribute), and the ``sha`` and ``script`` attributes of redis-py's ``Script``. None of these is
+documented as stable, so they are wrapped here and nowhere else, and
+``tests/redis/test_redis_wire_contract.py`` exercises exactly them against a real redis-server:
+a redis-py upgrade that changes one fails there, loudly, rather than as a hang or a lost message
+in production. redis-py is pinned to the major version this was verified with (pyproject.toml).
+
+Costs: ``RawConnection`` binds redis-py's read methods once per connection, so reading a reply
+(once per script call, once per pub/sub message) costs what calling redis-py directly costs; a
+batch's write and ``pack_evalsha`` add one plain call per batch, not per call.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
+from typing import Any
+
+from hiredis import pack_command
+from redis.asyncio import Redis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.commands.core import AsyncScript
+
+#: A registered Lua script (``Redis.register_script``).
+Script = AsyncScript
+
+#: One script call of a batch: the script, its KEYS, its ARGV (anything after them is ignored).
+ScriptCall = tuple[Script, Sequence[Any], Sequence[Any], object]
+
+
+def pack_evalsha(calls: Iterable[ScriptCall]) -> bytes:
+    """The RESP bytes of ``EVALSHA`` for each call, in order, as one buffer to write at once.
+
+    hiredis's C packer (redis-py's own is pure Python); ``Script.sha`` is the SHA1 redis-py
+    computed when the script was registered.
+    """
+    return b"".join(
+        [
+            pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+            for script, keys, args, _ in calls
+        ]
+    )
+
+
+async def load_script(client: Redis, script: Script) -> None:
+    """``SCRIPT LOAD`` a registered script (so the first EVALSHA of a batch finds it)."""
+    script.sha = await client.script_load(script.script)
+
+
+class RawConnection:
+    """One connection of ``pool``'s kind (host, AUTH, SELECT, TLS, hiredis parser), outside the
+    pool: never checked out or back, owned and closed by its user.
+
+    ``timeout=False``: no socket timeout on reads or writes; the user bounds each exchange itself
+    (the batcher's one ``asyncio.timeout`` per batch). Otherwise the pool's ``socket_timeout``
+    bounds each read and write, except ``read_push``, which waits for as long as it takes.
+    """
+
+    __slots__ = ("_conn", "read", "read_push", "send")
+
+    def __init__(self, pool: ConnectionPool, *, timeout: bool = True) -> None:
+        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+        if not timeout:
+            conn.socket_timeout = None
+        self._conn = conn
+        #: The next reply (a ``ResponseError`` reply is raised); bound once, called per reply.
+        self.read: Callable[[], Awaitable[Any]] = conn.read_response
+        #: The next reply, however long it takes (pub/sub messages): ``timeout=math.inf`` is
+        #: redis-py's "no timeout" for one read, whatever the socket timeout. Positional
+        #: arguments (``disable_decoding``, ``timeout``) keep the partial on C's fast path: no
+        #: allocation and no Python frame per message.
+        self.read_push: Callable[[], Awaitable[Any]] = partial(conn.read_response, False, math.inf)
+        #: Pack and send one command (no reply is read).
+        self.send: Callable[..., Awaitable[None]] = conn.send_command
+
+    @property
+    def connected(self) -> bool:
+        return bool(self._conn.is_connected)
+
+    async def connect(self) -> None:
+        """Connect (and AUTH, SELECT, HELLO as the pool's URL says)."""
+        await self._conn.connect()  # type: ignore[no-untyped-call]
+
+    def send_packed(self, data: bytes) -> Awaitable[None]:
+        """Write already packed commands as they are (no health check: no extra round trip)."""
+        return self._conn.send_packed_command(data, check_health=False)
+
+    async def stale(self) -> bool:
+        """True if the idle connection has something in its buffer: EOF (Redis closed it) or
+        stray data. Either way it cannot be trusted with a batch. No I/O beyond a peek.
+
+        redis-py 8 named this ``can_read`` (``can_read_destructive`` before, deprecated in 8).
+        """
+        return bool(await self._conn.can_read())
+
+    async def close(self, *, wait: bool = False) -> None:
+        """Close (no QUIT); ``wait``: until the socket is closed, else at once."""
+        await self._conn.disconnect(nowait=not wait)

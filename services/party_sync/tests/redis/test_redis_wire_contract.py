@@ -1,0 +1,147 @@
+"""The contract ``redis_wire`` relies on, checked against a real redis-server.
+
+``party_sync.backends.redis_wire`` is the one module that uses redis-py below its client API
+(a raw connection from the pool's factory, packed writes, reply reads with and without a timeout,
+the idle-connection check, ``Script.sha``). None of that is documented as stable, so each
+behaviour the script batcher and the pub/sub bus depend on is exercised here, exactly as they use
+it: a redis-py upgrade that changes one fails this file instead of hanging a node or losing a
+message. When it fails, fix ``redis_wire`` (only), then move the version pin in pyproject.toml.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator
+
+import pytest
+import redis
+from party_sync.backends.redis_wire import RawConnection, load_script, pack_evalsha
+from ps_testkit.redis_server import RedisServer
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError, ResponseError
+
+pytestmark = pytest.mark.redis
+
+#: The redis-py major version this contract was verified with (pyproject.toml pins it).
+VERIFIED_MAJOR = 8
+
+ECHO = "return ARGV[1]"
+FAIL = "return redis.error_reply('refused on purpose')"
+
+
+@pytest.fixture
+async def client(redis_server: RedisServer) -> AsyncIterator[Redis]:
+    """A client configured as the backend's (RESP2), with a short socket timeout to test it."""
+    client = Redis.from_url(redis_server.url, protocol=2, socket_timeout=0.2)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+def test_redis_py_is_the_major_version_this_was_verified_with() -> None:
+    major = int(redis.__version__.split(".")[0])
+    assert major == VERIFIED_MAJOR, (
+        f"redis-py {redis.__version__}: this contract was verified with {VERIFIED_MAJOR}.x; "
+        "run this file, fix redis_wire if it fails, then update VERIFIED_MAJOR and the pin"
+    )
+
+
+async def test_packed_evalsha_calls_are_answered_in_order_and_an_error_keeps_the_stream_in_step(
+    client: Redis,
+) -> None:
+    echo, fail = client.register_script(ECHO), client.register_script(FAIL)
+    # What EVALSHA is sent with: the script's SHA1 (Redis's script id, not a security use).
+    assert echo.sha == hashlib.sha1(ECHO.encode(), usedforsecurity=False).hexdigest()
+    await client.script_flush()
+    await load_script(client, echo)
+    await load_script(client, fail)
+    conn = RawConnection(client.connection_pool, timeout=False)
+    try:
+        await conn.connect()
+        assert conn.connected
+        calls = [(echo, [], ["a"], None), (fail, [], [], None), (echo, ["k"], ["b"], None)]
+        await conn.send_packed(pack_evalsha(calls))
+        assert await conn.read() == b"a"
+        with pytest.raises(ResponseError, match="refused on purpose"):
+            await conn.read()
+        assert await conn.read() == b"b"  # the error reply did not shift the replies
+    finally:
+        await conn.close()
+    assert not conn.connected
+
+
+async def test_an_unknown_script_is_a_noscript_error(client: Redis) -> None:
+    """The batcher re-runs a call whose script Redis lost (NOSCRIPT) through redis-py."""
+    echo = client.register_script(ECHO)
+    await client.script_flush()
+    conn = RawConnection(client.connection_pool, timeout=False)
+    try:
+        await conn.send_packed(pack_evalsha([(echo, [], ["x"], None)]))  # connects by itself
+        with pytest.raises(NoScriptError):
+            await conn.read()
+    finally:
+        await conn.close()
+
+
+async def test_without_a_timeout_a_read_outlasts_the_socket_timeout(client: Redis) -> None:
+    conn = RawConnection(client.connection_pool, timeout=False)
+    try:
+        await conn.connect()
+        await conn.send("BLPOP", "wire:empty", "0.5")  # Redis answers nil after 0.5 s
+        assert await conn.read() is None  # no TimeoutError at the pool's 0.2 s
+    finally:
+        await conn.close()
+
+
+async def test_with_a_timeout_a_read_is_bounded_by_it_except_a_push_read(client: Redis) -> None:
+    conn = RawConnection(client.connection_pool)
+    try:
+        await conn.connect()
+        await conn.send("BLPOP", "wire:empty", "0.5")
+        with pytest.raises(redis.exceptions.TimeoutError):
+            await conn.read()  # the pool's 0.2 s socket timeout (the bus's CLIENT SETNAME)
+    finally:
+        await conn.close()
+    conn = RawConnection(client.connection_pool)
+    try:
+        await conn.connect()
+        await conn.send("BLPOP", "wire:empty", "0.5")
+        assert await conn.read_push() is None  # the bus's read loop: no timeout at all
+    finally:
+        await conn.close(wait=True)
+
+
+async def test_pubsub_replies_are_plain_arrays(client: Redis) -> None:
+    """What the bus parses: ``[b"subscribe", channel, n]`` then ``[b"message", channel, data]``."""
+    conn = RawConnection(client.connection_pool)
+    try:
+        await conn.connect()
+        await conn.send("CLIENT", "SETNAME", "wire-contract")
+        await conn.read()
+        names = [c["name"] for c in await client.client_list()]
+        assert "wire-contract" in names
+        await conn.send("SUBSCRIBE", b"wire:ch")
+        assert await conn.read_push() == [b"subscribe", b"wire:ch", 1]
+        await client.publish("wire:ch", b"hello")
+        assert await conn.read_push() == [b"message", b"wire:ch", b"hello"]
+        await conn.send("UNSUBSCRIBE", b"wire:ch")
+        assert await conn.read_push() == [b"unsubscribe", b"wire:ch", 0]
+    finally:
+        await conn.close(wait=True)
+
+
+async def test_an_idle_connection_redis_closed_is_seen_as_stale(client: Redis) -> None:
+    conn = RawConnection(client.connection_pool, timeout=False)
+    try:
+        await conn.connect()
+        await conn.send("CLIENT", "ID")
+        connection_id = await conn.read()
+        assert not await conn.stale()  # idle, nothing in its buffer
+        assert await client.client_kill_filter(_id=str(connection_id)) == 1
+        async with asyncio.timeout(5):
+            while not await conn.stale():  # noqa: ASYNC110 (a bounded poll: EOF is on its way)
+                await asyncio.sleep(0.01)
+    finally:
+        await conn.close()
