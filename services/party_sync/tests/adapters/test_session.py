@@ -1,4 +1,4 @@
-"""The session's delivery rules, with a fake sink (no sockets)."""
+"""The session's delivery rules (the party core and the gateway's sessions), with a fake sink."""
 
 from __future__ import annotations
 
@@ -7,10 +7,13 @@ from typing import Any
 
 import pytest
 from party_sync.core.binding import Binding
+from party_sync.core.commands import Send
 from party_sync.core.events import Event
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
-from party_sync.gateway.session import Session
+from party_sync.core.session import PartySessions, Rules
+from party_sync.gateway.session import Session, carry_local
 from party_sync.protocol.errors import CloseCode
+from party_sync.protocol.schemas import Contracts
 
 
 class FakeSink:
@@ -33,39 +36,65 @@ def event(seq: int) -> Event:
     return Event("p", seq, "scene.update", {}, "t", b"e%d" % seq)
 
 
-def session(sink: FakeSink) -> Session:
+class NoMeter:
+    def received(self, type_: str) -> None: ...
+    def sent(self, type_: str, recipients: int = 1) -> None: ...
+    def count(self, family: str, label: str) -> None: ...
+    def connections(self, count: int) -> None: ...
+    def engine_latency(self, seconds: float) -> None: ...
+
+
+def session(sink: FakeSink) -> tuple[Session, PartySessions]:
+    """A session the party core knows (opened, not yet live), as the gateway would hold it."""
     binding = Binding("p", "r", "c", "C")
-    return Session("s", binding, sink, ConnectionLimits(LimitPolicy()), 1e12)
+    s = Session("s", binding, sink, ConnectionLimits(LimitPolicy()), 1e12)
+    core = PartySessions(Rules(), Contracts(), NoMeter())
+    core.open(s, None, 0.0)
+    return s, core
+
+
+def deliver(core: PartySessions, seq: int) -> None:
+    e = event(seq)
+    to, rest = core.event_received(e, 0.0)
+    carry_local([Send(e.data, to), *rest])
+
+
+def live(core: PartySessions, s: Session, seq: int, sink: FakeSink) -> None:
+    carry_local(
+        core.opened(s, join=None, epoch="e", seq=seq, hello=b"hello", replay=None, resume=None)
+    )
+    assert sink.sent[0] == b"hello"
+    del sink.sent[0]
 
 
 def test_events_buffered_while_syncing_are_delivered_after_the_hello_position() -> None:
     sink = FakeSink()
-    s = session(sink)
+    s, core = session(sink)
     for seq in (3, 4, 5, 6):
-        s.deliver(event(seq))
+        deliver(core, seq)
     assert sink.sent == []
-    s.go_live(4)
+    live(core, s, 4, sink)
     assert sink.sent == [b"e5", b"e6"]
-    s.deliver(event(6))  # duplicate
-    s.deliver(event(7))
+    deliver(core, 6)  # duplicate
+    deliver(core, 7)
     assert sink.sent == [b"e5", b"e6", b"e7"]
 
 
 def test_a_gap_closes_with_resync_instead_of_delivering_out_of_order() -> None:
     sink = FakeSink()
-    s = session(sink)
-    s.go_live(1)
-    s.deliver(event(3))
+    s, core = session(sink)
+    live(core, s, 1, sink)
+    deliver(core, 3)
     assert sink.sent == []
     assert sink.closed is not None and sink.closed[0] == CloseCode.RESYNC
 
 
 def test_a_full_send_queue_disconnects_the_slow_client() -> None:
     sink = FakeSink(capacity=2)
-    s = session(sink)
-    s.go_live(0)
+    s, core = session(sink)
+    live(core, s, 0, sink)
     for seq in range(1, 5):
-        s.deliver(event(seq))
+        deliver(core, seq)
     assert sink.sent == [b"e1", b"e2"]
     assert sink.closed is not None and sink.closed[0] == CloseCode.SLOW_CONSUMER
     assert s.closed

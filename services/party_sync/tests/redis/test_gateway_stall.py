@@ -1,8 +1,9 @@
-"""A gateway on a private redis-server that stalls (SIGSTOP longer than the command timeout):
-issue 11, failures 3 and 7. Every background task keeps running through the stall; an action sent
-during it is answered ``backend_unavailable`` *with its action_id*, and is not wedged afterwards
-(a resend is accepted and answered, not ``action_in_flight`` for the record's TTL); a refused
-action is never "timed out" later by the sweep."""
+"""A gateway on a private redis-server that stalls (SIGSTOP longer than the command timeout).
+
+Every background task keeps running through the stall; an action sent during it is answered
+``backend_unavailable`` *with its action_id*, and is not wedged afterwards (a resend is accepted
+and answered, not ``action_in_flight`` for the record's TTL); a refused action is never "timed
+out" later by the sweep."""
 
 from __future__ import annotations
 
@@ -36,7 +37,8 @@ def stalled(redis: RedisServer) -> Iterator[None]:
 
 
 def loops_alive(gateway: Gateway) -> int:
-    return sum(1 for task in gateway._tasks if not task.done())
+    """1 while the gateway's one timer (presence, votes, every deadline) runs."""
+    return int(gateway.timer is not None and not gateway.timer.done())
 
 
 def errors(gateway: Gateway, task: str) -> float:
@@ -62,7 +64,7 @@ async def test_a_stall_wedges_nothing_and_every_background_task_survives(
         gateway = srv.server.gateway
         a, _ = await srv.join("aria")
         before = loops_alive(gateway)
-        assert before >= 2  # the presence loop and the timeout sweep
+        assert before == 1
         with stalled(redis):
             await a.act("during", "aria", "r1")
             err = await a.expect("system.error", timeout=5)
@@ -80,7 +82,7 @@ async def test_a_stall_wedges_nothing_and_every_background_task_survives(
         assert engine.count("during") == 1
         # the presence loop works again (its failures stop growing, the character is online)
         failed = errors(gateway, "presence")
-        await wait_until(lambda: gateway._failing == set(), timeout=10)
+        await wait_until(lambda: gateway.executor.failing == set(), timeout=10)
         assert errors(gateway, "presence") == failed
         snapshot = await gateway.backend.snapshot("p1")
         assert [m["online"] for m in snapshot.members if m["character_id"] == "aria"] == [True]
@@ -88,7 +90,7 @@ async def test_a_stall_wedges_nothing_and_every_background_task_survives(
 
 
 async def test_a_refused_action_is_not_timed_out_later(redis: RedisServer) -> None:
-    """Failure 7: the sweep used to look at every refused action once more after the timeout."""
+    """A refusal is final: the sweep never looks at a refused action again after the timeout."""
     settings = make_settings(redis_url=redis.url, engine_transport="inprocess", action_timeout=0.3)
     engine = ScriptedEngine()
     engine.mode = "reject"
@@ -106,7 +108,7 @@ async def test_a_refused_action_is_not_timed_out_later(redis: RedisServer) -> No
         a, _ = await srv.join("aria")
         await a.act("bad", "aria", "r1")
         assert (await a.expect("system.error"))["payload"]["code"] == "action_rejected"
-        assert gateway._pending == {}  # the refusal reached its sender: nothing left to watch
+        assert gateway.core.pending == {}  # the refusal reached its sender: nothing left to watch
         engine.mode = "answer"
         await a.act("next", "aria", "r1")
         await a.expect("action.result")
@@ -118,7 +120,7 @@ async def test_a_refused_action_is_not_timed_out_later(redis: RedisServer) -> No
 async def test_a_redis_that_lost_everything_makes_the_engine_restate_the_party(
     redis: RedisServer,
 ) -> None:
-    """Failure 2 on Redis: a FLUSHALL (as a restart without persistence) loses the party's
+    """Lost state on Redis: a FLUSHALL (as a restart without persistence) loses the party's
     history and projection; the members' way back opens a new epoch and the engine is asked to
     re-state it."""
     settings = make_settings(redis_url=redis.url, engine_transport="inprocess", presence_ttl=1.5)

@@ -1,4 +1,6 @@
-"""Idempotent actions (seed §7): one engine call per ``action_id``, one in flight per character.
+"""Idempotent actions: one engine call per ``action_id``, one in flight per character.
+
+docs/protocol.md states the rules for clients; this module decides them.
 
 Decisions for an incoming ``action.request``:
 
@@ -7,7 +9,7 @@ Decisions for an incoming ``action.request``:
 - ``DONE``       — the action finished: return the original ``action.result`` (same bytes, same
                    seq) to the sender only;
 - ``BUSY``       — the character has another action in flight: refuse until its result arrives or
-                   ``action_timeout`` passes (the seed's "simple mechanism against repeated sends").
+                   ``action_timeout`` passes (a simple mechanism against repeated sends).
 - ``TAKEN``      — another actor's action_id (in flight or finished): refuse without saying which,
                    and never answer one actor's id with another actor's record.
 
@@ -34,7 +36,7 @@ class Decision(Enum):
     IN_FLIGHT = "in_flight"
     DONE = "done"  # it has its final answer (``Verdict.result``: the result or the refusal)
     BUSY = "busy"
-    TAKEN = "taken"  # another actor's action_id: nothing about it is told (issue 12)
+    TAKEN = "taken"  # another actor's action_id: nothing about it is told (docs/security.md)
 
 
 class Claim(Enum):

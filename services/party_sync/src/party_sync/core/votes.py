@@ -1,4 +1,4 @@
-"""Party votes (seed §5.4): the tally, the tie rule and the deadline, as pure data and functions.
+"""Party votes: the tally, the tie rule and the deadline, as pure data and functions.
 
 Rules (docs/protocol.md, *Votes*):
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
 
+from party_sync.protocol.errors import PartySyncError
 from party_sync.protocol.types import PARTY_ACTOR
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -35,7 +36,7 @@ class CastRefusal(Enum):
     BAD_OPTION = "vote_bad_option"
 
 
-class SpecError(ValueError):
+class SpecError(PartySyncError, ValueError):
     """A vote that cannot be started as asked (the API answers 422)."""
 
 

@@ -1,51 +1,51 @@
-"""A node's local view of one party: its connections here, fed by one backend subscription."""
+"""A party's backend subscription on this node, feeding its stream to the party core."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from party_sync.backends.base import Subscription
+from party_sync.core.commands import Command
 from party_sync.core.events import Event
-from party_sync.gateway.session import Session
-from party_sync.protocol.errors import CloseCode
+from party_sync.core.session import PartySessions
+from party_sync.gateway.session import carry_local
 
 
 class PartyHub:
-    """Fans each party event out to this node's sessions of the party; encoded once, sent N times.
+    """The backend's listener of one party (``backends.base.PartyListener``).
 
     One hub (and so one backend subscription) per party per node, however many connections: it
-    is created with the party's first local connection and dropped with its last.
+    is made with the party's first local connection and dropped with its last. Each event is
+    handed to the core, which says who gets it; the frames go out here, at once, encoded once.
     """
 
-    __slots__ = ("_on_direct", "_on_event", "party_id", "sessions", "subscription")
+    __slots__ = ("_clock", "_core", "_later", "party_id", "subscription")
 
     def __init__(
         self,
         party_id: str,
-        on_event: Callable[[Event], None],
-        on_direct: Callable[[str, str, bytes], None] | None = None,
+        core: PartySessions,
+        clock: Callable[[], float],
+        later: Callable[[list[Command]], None],
     ) -> None:
         self.party_id = party_id
-        self.sessions: set[Session] = set()
         self.subscription: Subscription | None = None
-        self._on_event = on_event
-        self._on_direct = on_direct
+        self._core = core
+        self._clock = clock
+        self._later = later  # what is not a frame or a close (none today) runs as a task
 
     def on_event(self, event: Event) -> None:
-        for session in self.sessions:
-            session.deliver(event)
-        self._on_event(event)
+        to, rest = self._core.event_received(event, self._clock())
+        data = event.data
+        for session in to:
+            session.send(data)  # type: ignore[attr-defined]  # the gateway's Sessions
+        if rest:
+            rest = carry_local(rest)
+            if rest:
+                self._later(rest)
 
     def on_direct(self, character_id: str, data: bytes) -> None:
-        for session in self.sessions:
-            if session.character_id == character_id:
-                session.send(data)
-        if self._on_direct is not None:
-            self._on_direct(self.party_id, character_id, data)
+        carry_local(self._core.direct_received(self.party_id, character_id, data))
 
     def on_resync(self) -> None:
-        for session in list(self.sessions):
-            session.close(CloseCode.RESYNC, "party stream lost continuity: resync")
-
-    def sessions_of(self, character_id: str) -> list[Session]:
-        return [s for s in self.sessions if s.character_id == character_id]
+        carry_local(self._core.resync(self.party_id))

@@ -1,14 +1,20 @@
-"""One client connection as the gateway sees it, independent of the WebSocket library."""
+"""One client connection with its transport's sink; carrying out the core's local commands."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Iterable
+from contextvars import ContextVar
+from typing import Protocol, cast
 
 from party_sync.core.binding import Binding
-from party_sync.core.events import Event
+from party_sync.core.commands import Close, Command, Refused, Send
+from party_sync.core.connection import Connection
 from party_sync.core.limits import ConnectionLimits
-from party_sync.core.sequence import SeqTracker, SeqVerdict
-from party_sync.protocol.errors import CloseCode
+from party_sync.protocol.errors import CloseCode, ErrorCode
+
+#: The refusals of the client message handled in this context (set while its tracing span is
+#: open; None otherwise).
+REFUSALS: ContextVar[list[ErrorCode] | None] = ContextVar("refusals", default=None)
 
 
 class Sink(Protocol):
@@ -23,24 +29,15 @@ class Sink(Protocol):
         ...
 
 
-class Session:
-    """A connection bound to its token's party, run and character.
+class Session(Connection):
+    """A ``core.connection.Connection`` and the sink its frames go to.
 
-    Until ``go_live`` the session is *syncing*: live events are buffered while its
-    ``system.hello`` (and any replay) is prepared, then delivered in seq order with duplicates
-    dropped, so the stream a client sees starts exactly after the hello's ``seq``.
+    ``closed`` (the core's) says the connection was told to close; ``_gone`` says the sink was
+    closed, so that a frame the core decided before its close (an error, then a 1008) still
+    leaves first and nothing leaves after.
     """
 
-    __slots__ = (
-        "_buffer",
-        "_closed",
-        "_sink",
-        "binding",
-        "expires_at",
-        "id",
-        "limits",
-        "tracker",
-    )
+    __slots__ = ("_gone", "_sink")
 
     def __init__(
         self,
@@ -50,59 +47,42 @@ class Session:
         limits: ConnectionLimits,
         expires_at: float,
     ) -> None:
-        self.id = session_id
-        self.binding = binding
-        self.limits = limits
-        self.expires_at = expires_at
-        self.tracker = SeqTracker(0)
+        super().__init__(session_id, binding, limits, expires_at)
         self._sink = sink
-        self._buffer: list[Event] | None = []
-        self._closed = False
-
-    @property
-    def party_id(self) -> str:
-        return self.binding.party_id
-
-    @property
-    def character_id(self) -> str:
-        return self.binding.character_id
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def deliver(self, event: Event) -> bool:
-        """Offer the next party event; True if it was sent now."""
-        if self._closed:
-            return False
-        if self._buffer is not None:
-            self._buffer.append(event)
-            return False
-        tracker = self.tracker
-        if event.seq == tracker.last + 1:  # the common case, inline: SeqTracker.observe's DELIVER
-            tracker.last = event.seq
-            return self.send(event.data)
-        if tracker.observe(event.seq) is SeqVerdict.GAP:  # else STALE: a duplicate, dropped
-            # The backend repairs gaps before delivering; reaching here means it could not.
-            self.close(CloseCode.RESYNC, "stream gap: resync")
-        return False
-
-    def go_live(self, last_seq: int) -> None:
-        """The client holds everything up to ``last_seq``: deliver what was buffered after it."""
-        self.tracker = SeqTracker(last_seq)
-        buffered, self._buffer = self._buffer or [], None
-        for event in buffered:
-            self.deliver(event)
+        self._gone = False
 
     def send(self, data: bytes) -> bool:
-        if self._closed:
+        if self._gone:
             return False
         if not self._sink.send(data):
+            # a slow consumer: its queue is full; it resumes from where it got to
             self.close(CloseCode.SLOW_CONSUMER, "send queue full: reconnect and resume")
             return False
         return True
 
     def close(self, code: int, reason: str) -> None:
-        if not self._closed:
-            self._closed = True
+        """Close the socket (once)."""
+        self.closed = True
+        if not self._gone:
+            self._gone = True
             self._sink.close(code, reason)
+
+
+def carry_local(commands: Iterable[Command]) -> list[Command]:
+    """Carry out the frames and closes among ``commands`` (on ``Session``s); return the rest,
+    in order, for the executor."""
+    rest: list[Command] = []
+    for command in commands:
+        if type(command) is Send:
+            data = command.data
+            for session in cast("list[Session]", command.to):
+                session.send(data)
+        elif type(command) is Close:
+            cast(Session, command.conn).close(command.code, command.reason)
+        elif type(command) is Refused:
+            refusals = REFUSALS.get()
+            if refusals is not None:
+                refusals.append(command.code)
+        else:
+            rest.append(command)
+    return rest

@@ -1,4 +1,5 @@
-"""The aiohttp application: ``/ws``, ``/healthz``, ``/readyz``, ``/metrics``."""
+"""The aiohttp application: ``/ws``, ``/healthz``, ``/readyz``, ``/metrics``, and the routes of
+the other transport modules; what any handler raises is answered by ``problems.answer_errors``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 from aiohttp.abc import AbstractAccessLogger
 
+from party_sync import problems
 from party_sync.auth import Claims, TokenVerifier
 from party_sync.backends.directory import Directory, MemoryDirectory
 from party_sync.core.history import ResumePoint
@@ -97,7 +99,7 @@ async def _serve_websocket(
             elif msg.type is WSMsgType.ERROR:
                 break
     finally:
-        await gateway.close(session)
+        await gateway.connection_lost(session)
         await sink.stop()
     return ws
 
@@ -181,6 +183,10 @@ def build_app(
     app[GUARD] = connection_guard(gateway)
     app.middlewares.append(track_requests)  # request-head deadlines (transport/guard.py)
     app.middlewares.append(gateway.metrics.http_middleware())  # requests by route and status
+    # Innermost: what a handler raises becomes its answer (problems.PROBLEMS) before the metrics
+    # count it, so a refusal is counted with its status.
+    app.middlewares.append(problems.answer_errors())
+    app[problems.BODY_TIMEOUT] = gateway.settings.request_body_timeout
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

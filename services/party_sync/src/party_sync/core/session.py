@@ -1,0 +1,794 @@
+"""A node's party sessions as a state machine: events in, commands out, no I/O and no clock.
+
+``PartySessions`` decides what the gateway does for this node's connections: what to send to
+whom, what to ask the backend and the engine, what to close, and when to look again. Its inputs
+are the things that happen (a connection opened or lost, a client message, a backend or engine
+answer, a party event, a deadline reached), each with ``now``; its outputs are the commands of
+``core.commands``, which the gateway carries out, feeding every backend answer back in. Time is
+one table (``core.deadlines``): token expiry, presence grace, action timeouts, vote deadlines, the
+retries of a vote's decision and the periodic presence tick are all deadlines in it.
+
+The recovery rules it carries (docs/architecture.md, docs/protocol.md):
+
+- every accepted action is watched until its sender has a final answer; at its deadline the
+  ledger says why not (``Sweep``): refused now (``action_timeout``), answered already (sent
+  again), started by an engine (looked at again one timeout later), or lost with the party's
+  state (a non-final ``backend_unavailable``); a backend that cannot be reached is asked again;
+- a character's last connection starts a grace period before its leave (``settle``);
+- the presence tick refreshes this node's connections (a slice at a time) and announces the
+  joins a refresh had to publish again; a join at seq 1 opened a new epoch, and the engine is
+  asked to re-state the party;
+- a vote this node closed is handed to the engine, retried through backend errors for one action
+  timeout; after that the votes sweep of any node hands it over (``unapplied_votes``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final, Protocol
+
+import orjson
+
+from party_sync.core import votes
+from party_sync.core.actions import Decision, Sweep, Verdict
+from party_sync.core.binding import Binding
+from party_sync.core.commands import (
+    Announce,
+    ApplyVote,
+    BeginAction,
+    CastVote,
+    Close,
+    Commands,
+    Connect,
+    Disconnect,
+    FailAction,
+    FinishVote,
+    Leave,
+    PendingAction,
+    Refresh,
+    Refused,
+    Send,
+    SendDirect,
+    Settle,
+    Submit,
+    SubmitVote,
+    SweepVotes,
+    TimeOut,
+    Unsubscribe,
+)
+from party_sync.core.connection import Connection
+from party_sync.core.deadlines import Deadlines, Kind
+from party_sync.core.events import Event
+from party_sync.core.history import ResumePoint
+from party_sync.core.presence import RefreshSchedule
+from party_sync.core.sequence import SeqVerdict
+from party_sync.protocol import codec, inbound, replies
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import BAD_INPUT, CloseCode, ErrorCode, ProtocolError
+from party_sync.protocol.schemas import Contracts
+
+log = logging.getLogger(__name__)
+
+#: Enum members the hot path compares with, as module globals: reading ``Decision.ACCEPT`` goes
+#: through the enum's descriptor (about 150 ns on CPython 3.11), a global about 15 ns, and an
+#: accepted action makes several such reads (bench/hotpath.py).
+_ACCEPT: Final = Decision.ACCEPT
+_DONE: Final = Decision.DONE
+_IN_FLIGHT: Final = Decision.IN_FLIGHT
+_ACTION: Final = Kind.ACTION
+_DEBUG: Final = logging.DEBUG
+
+#: The presence refresh period is cut in this many slices, each refreshing its share of parties.
+PRESENCE_SLICES: Final = 8
+
+#: A vote is closed this long after its deadline: the deadline itself is inclusive.
+VOTE_CLOSE_DELAY: Final = 0.002
+
+#: The first pause before handing a vote's decision over again, doubled up to ``MAX_PAUSE``.
+FIRST_PAUSE: Final = 0.05
+MAX_PAUSE: Final = 1.0
+
+
+class Meter(Protocol):
+    """The counters the core moves (``metrics.Metrics`` behind an adapter in the gateway).
+
+    ``family`` is one of ``errors``, ``closes``, ``resumes``, ``settles``, ``action_answers``,
+    ``background_errors`` (docs/operations.md lists them with their labels).
+    """
+
+    def received(self, type_: str) -> None: ...
+
+    def sent(self, type_: str, recipients: int = 1) -> None: ...
+
+    def count(self, family: str, label: str) -> None: ...
+
+    def connections(self, count: int) -> None: ...
+
+    def engine_latency(self, seconds: float) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """The settings the core decides with (from ``config.Settings``)."""
+
+    action_timeout: float = 5.0
+    presence_grace: float = 10.0
+    presence_ttl: float = 30.0
+    max_message_bytes: int = 65536
+    heartbeat: float = 25.0
+
+
+@dataclass(slots=True)
+class _Applying:
+    """A finished vote this node is handing over, retried until ``give_up_at``."""
+
+    finished: Event
+    give_up_at: float
+    pause: float
+
+
+class PartySessions:
+    """This node's connections and the decisions about them (see the module docstring)."""
+
+    def __init__(
+        self,
+        rules: Rules,
+        contracts: Contracts,
+        meter: Meter,
+        on_earlier: Callable[[], None] | None = None,
+    ) -> None:
+        self.rules = rules
+        self.contracts = contracts
+        self.meter = meter
+        #: every connection of this node, by id
+        self.connections: dict[str, Connection] = {}
+        #: party_id → its connections on this node (the fan-out set)
+        self.parties: dict[str, set[Connection]] = {}
+        #: (party_id, action_id) → the actions whose sender has no final answer yet
+        self.pending: dict[tuple[str, str], PendingAction] = {}
+        self.deadlines = Deadlines()
+        self.stopping = False
+        self.limits = {
+            "max_message_bytes": rules.max_message_bytes,
+            "action_timeout_ms": int(rules.action_timeout * 1000),
+            "heartbeat_ms": int(rules.heartbeat * 1000),
+        }
+        self._on_earlier = on_earlier
+        self._graces: dict[str, Binding] = {}  # connection id → its binding, in grace
+        self._applying: dict[tuple[str, str], _Applying] = {}
+        self._schedule = RefreshSchedule(max(0.15, rules.presence_ttl), PRESENCE_SLICES)
+
+    # -- time -----------------------------------------------------------------------------------
+    def _arm(self, kind: Kind, key: Hashable, due: float) -> None:
+        if self.deadlines.arm(kind, key, due) and self._on_earlier is not None:
+            self._on_earlier()
+
+    def start(self, now: float) -> None:
+        """Arm the first presence tick."""
+        self._arm(Kind.PRESENCE, None, now + self._schedule.interval)
+
+    def deadlines_reached(self, now: float) -> list[Commands]:
+        """Every deadline due at ``now``, each with its commands (run each chain on its own)."""
+        out: list[Commands] = []
+        for kind, key in self.deadlines.pop_due(now):
+            commands = self.deadline_reached(kind, key, now)
+            if commands:
+                out.append(commands)
+        return out
+
+    def deadline_reached(self, kind: Kind, key: Any, now: float) -> Commands:
+        if self.stopping:
+            return []
+        if kind is Kind.ACTION:
+            pending = self.pending.pop(key, None)
+            if pending is None:
+                return []
+            refusal = self._action_error(
+                pending, ErrorCode.ACTION_TIMEOUT, "no engine started it in time", now
+            )
+            return [TimeOut(pending, now, refusal)]
+        if kind is Kind.TOKEN:
+            conn = self.connections.get(key)
+            if conn is None:
+                return []
+            error = self._error_bytes(ErrorCode.TOKEN_EXPIRED, "token expired: reconnect", now)
+            out: Commands = [Send(error, [conn])]
+            out.extend(self._close(conn, CloseCode.TOKEN_EXPIRED, "token expired", count=True))
+            return out
+        if kind is Kind.GRACE:
+            binding = self._graces.pop(key, None)
+            return [] if binding is None else [Settle(binding, now, codec.new_trace_id())]
+        if kind is Kind.VOTE:
+            party_id, vote_id = key
+            return [FinishVote(party_id, vote_id, now)]
+        if kind is Kind.APPLY:
+            applying = self._applying.get(key)
+            return [] if applying is None else [ApplyVote(applying.finished, now, retry=True)]
+        return self._presence_tick(now)
+
+    # -- connections ----------------------------------------------------------------------------
+    def open(self, conn: Connection, resume: ResumePoint | None, now: float) -> Commands:
+        """A connection was accepted: it syncs (live events are buffered) until ``opened``."""
+        self.connections[conn.id] = conn
+        self.meter.connections(len(self.connections))
+        self.parties.setdefault(conn.party_id, set()).add(conn)
+        return [Connect(conn, resume, now, codec.new_trace_id())]
+
+    def opened(
+        self,
+        conn: Connection,
+        *,
+        join: Event | None,
+        epoch: str,
+        seq: int,
+        hello: bytes,
+        replay: Sequence[bytes] | None,
+        resume: ResumePoint | None,
+    ) -> Commands:
+        """The backend announced it (``join`` if it brought its character online) and gave its
+        snapshot (``epoch``, ``seq``, the ``hello`` built from it) and any ``replay``."""
+        out: Commands = []
+        if join is not None:
+            out.append(Announce(conn.binding, join, epoch))
+        if resume is not None:
+            self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
+        out.append(Send(hello, [conn]))
+        self.meter.sent(t.HELLO)
+        last = seq
+        if replay is not None and resume is not None:
+            out.extend(Send(data, [conn]) for data in replay)
+            last = max(last, resume.last_seq + len(replay))
+        frames, gap = conn.go_live(last)
+        out.extend(Send(data, [conn]) for data in frames)
+        if gap:
+            out.extend(self._close(conn, CloseCode.RESYNC, "stream gap: resync"))
+        self._arm(Kind.TOKEN, conn.id, conn.expires_at)
+        return out
+
+    def open_failed(self, conn: Connection, now: float) -> Commands:
+        """The backend could not be reached while opening: the client retries."""
+        error = self._error_bytes(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable", now)
+        out: Commands = [Send(error, [conn])]
+        out.extend(self._close(conn, CloseCode.INTERNAL_ERROR, "backend unavailable: retry"))
+        return out
+
+    def connection_lost(self, conn: Connection, now: float) -> Commands:
+        """The socket is gone: forget the connection and tell the backend (``disconnected``)."""
+        conn.closed = True  # an answer owed to it goes to the character's other connections
+        if self.connections.pop(conn.id, None) is None:
+            return []
+        self.meter.connections(len(self.connections))
+        self.deadlines.cancel(Kind.TOKEN, conn.id)
+        out: Commands = []
+        party = self.parties.get(conn.party_id)
+        if party is not None:
+            party.discard(conn)
+            if not party:
+                del self.parties[conn.party_id]
+                out.append(Unsubscribe(conn.party_id))
+        out.append(Disconnect(conn, now))
+        return out
+
+    def disconnected(self, conn: Connection, last: bool, now: float) -> Commands:
+        """``last``: it was its character's last live connection: its grace period starts."""
+        if last and not self.stopping:
+            self._graces[conn.id] = conn.binding
+            self._arm(Kind.GRACE, conn.id, now + self.rules.presence_grace)
+        return []
+
+    def settled(self, left: bool) -> Commands:
+        self.meter.count("settles", "left" if left else "stayed")
+        return []
+
+    def settle_failed(self) -> Commands:
+        # the presence sweep announces the leave once Redis is back (presence_ttl)
+        self.meter.count("background_errors", "settle")
+        return []
+
+    def close_character(
+        self, party_id: str, character_id: str, code: int, reason: str
+    ) -> tuple[int, Commands]:
+        """An operator closes one character's connections here: how many, and the closes."""
+        out: Commands = []
+        for conn in self._of(party_id, character_id):
+            out.extend(self._close(conn, code, reason, count=True))
+        return len(out), out
+
+    def drain(self) -> Commands:
+        """Stop taking part: every client is told to reconnect (1001), elsewhere."""
+        self.stopping = True
+        out: Commands = []
+        for conn in list(self.connections.values()):
+            self.meter.count("closes", str(CloseCode.GOING_AWAY))
+            out.extend(self._close(conn, CloseCode.GOING_AWAY, "server shutting down: reconnect"))
+        return out
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.pending.clear()
+        self.deadlines = Deadlines()
+
+    # -- party stream ---------------------------------------------------------------------------
+    def event_received(self, event: Event, now: float) -> tuple[list[Connection], Commands]:
+        """The next event of a party: the live connections here that get its frame now (the
+        same encoded bytes for each, sent first), then any other commands it calls for."""
+        party = self.parties.get(event.party_id)
+        if party is None:
+            return [], []
+        to: list[Connection] = []
+        out: Commands = []
+        seq = event.seq
+        for conn in party:
+            if conn.closed:
+                continue
+            tracker = conn.tracker
+            buffer = conn.buffer
+            if buffer is None and seq == tracker.last + 1:  # the common case, inline
+                tracker.last = seq
+                to.append(conn)
+            elif buffer is not None:
+                buffer.append(event)
+            elif tracker.observe(seq) is SeqVerdict.GAP:  # else a duplicate, dropped
+                # The backend repairs gaps before delivering; reaching here means it could not.
+                out.extend(self._close(conn, CloseCode.RESYNC, "stream gap: resync"))
+        type_ = event.type
+        self.meter.sent(type_, len(party))
+        if type_ == t.ACTION_RESULT:
+            pending = self.pending.pop((event.party_id, event.payload["action_id"]), None)
+            if pending is not None:
+                self.deadlines.cancel(_ACTION, (pending.party_id, pending.action_id))
+                self.meter.engine_latency(max(0.0, now - pending.accepted))
+        elif type_ == t.VOTE_STARTED:
+            key = (event.party_id, event.payload["vote_id"])
+            if (Kind.VOTE, key) not in self.deadlines:
+                deadline = datetime.fromisoformat(event.payload["deadline"]).timestamp()
+                self._arm(Kind.VOTE, key, max(deadline, now) + VOTE_CLOSE_DELAY)
+        elif type_ == t.VOTE_FINISHED:
+            self.deadlines.cancel(Kind.VOTE, (event.party_id, event.payload["vote_id"]))
+        elif type_ == t.PARTY_LEAVE and event.payload.get("reason") == t.LEAVE_LEFT:
+            for conn in self._of(event.party_id, event.payload["character_id"]):
+                out.extend(self._close(conn, CloseCode.NORMAL, "left the party"))
+        return to, out
+
+    def direct_received(self, party_id: str, character_id: str, data: bytes) -> Commands:
+        """A message for one character's connections; if it answers an action, that action's
+        sender has its final answer (nothing left to watch)."""
+        party = self.parties.get(party_id)
+        if party is None:
+            return []
+        to = [c for c in party if c.character_id == character_id and not c.closed]
+        if b'"action_id"' in data:
+            try:
+                action_id = codec.decode(data)["payload"]["in_reply_to"]["action_id"]
+            except (ValueError, KeyError, TypeError):
+                action_id = None
+            pending = self.pending.get((party_id, action_id)) if action_id else None
+            if pending is not None and pending.character_id == character_id:
+                del self.pending[(party_id, pending.action_id)]
+                self.deadlines.cancel(Kind.ACTION, (party_id, pending.action_id))
+        return [Send(data, to)]
+
+    def resync(self, party_id: str) -> Commands:
+        """The party's stream lost continuity and could not be repaired: every client resyncs."""
+        out: Commands = []
+        for conn in list(self.parties.get(party_id, ())):
+            out.extend(self._close(conn, CloseCode.RESYNC, "party stream lost continuity: resync"))
+        return out
+
+    # -- client messages ------------------------------------------------------------------------
+    def receive(self, conn: Connection, data: bytes | str, now: float) -> Commands:
+        """One client message; every refusal becomes a ``system.error`` (and maybe a strike)."""
+        message = self.parse(conn, data, now)
+        if isinstance(message, list):
+            return message
+        return self.handle(conn, message, now)
+
+    def parse(self, conn: Connection, data: bytes | str, now: float) -> inbound.Inbound | Commands:
+        """The first half of ``receive``: the rate limit and the checks of ``protocol.inbound``;
+        the message, or the commands refusing it."""
+        if not conn.limits.admit(now):
+            refusal = ProtocolError(ErrorCode.RATE_LIMITED, "slow down", **_about_raw(data))
+            return self.refuse(conn, refusal, now)
+        try:
+            message = inbound.parse(data, self.contracts, self.rules.max_message_bytes)
+        except ProtocolError as exc:
+            return self.refuse(conn, exc, now)
+        self.meter.received(message.type)
+        return message
+
+    def handle(self, conn: Connection, message: inbound.Inbound, now: float) -> Commands:
+        """The second half of ``receive``: a valid message from ``conn``."""
+        if message.type == t.ACTION_REQUEST:
+            return self._receive_action(conn, message, now)
+        if message.type == t.PARTY_LEAVE:
+            if message.payload["character_id"] != conn.character_id:
+                forbidden = ProtocolError(
+                    ErrorCode.FORBIDDEN,
+                    "a connection can only leave for its own character",
+                    trace_id=message.client_trace_id,
+                    type=t.PARTY_LEAVE,
+                )
+                return self.refuse(conn, forbidden, now)
+            return [Leave(conn, message, now)]
+        return [CastVote(conn, message, now)]
+
+    def refuse(self, conn: Connection, exc: ProtocolError, now: float) -> Commands:
+        """Answer a refused message with its ``system.error``; bad or excess input is a strike,
+        and too many strikes close the connection (1008)."""
+        self.meter.count("errors", exc.code.value)
+        log.info(
+            "message refused",
+            extra={
+                "trace_id": exc.trace_id,
+                "party_id": conn.party_id,
+                "character_id": conn.character_id,
+                "code": exc.code.value,
+            },
+        )
+        out: Commands = [
+            Send(codec.encode(replies.from_protocol_error(exc, now=now)), [conn]),
+            Refused(exc.code),
+        ]
+        strike = exc.code in BAD_INPUT or exc.code is ErrorCode.RATE_LIMITED
+        if strike and conn.limits.strike(now):
+            out.extend(
+                self._close(
+                    conn, CloseCode.POLICY_VIOLATION, "too many bad or excess messages", count=True
+                )
+            )
+        return out
+
+    def failed(
+        self, conn: Connection, message: inbound.Inbound | None, code: ErrorCode, now: float
+    ) -> Commands:
+        """Handling ``message`` failed: the backend could not be reached, or something
+        unexpected (``internal_error``; the gateway logged it)."""
+        text = "backend unavailable: retry" if code is ErrorCode.BACKEND_UNAVAILABLE else None
+        error = ProtocolError(code, text or "internal error", **_about(message))
+        return self.refuse(conn, error, now)
+
+    def _receive_action(self, conn: Connection, message: inbound.Inbound, now: float) -> Commands:
+        p = message.payload
+        action_id: str = p["action_id"]
+        if p["character_id"] != conn.character_id:
+            text = "this connection cannot act for that character"
+        elif p["campaign_run_id"] != conn.binding.campaign_run_id:
+            text = "this connection is bound to another campaign run"
+        elif action_id.startswith(t.RESERVED_ACTION_PREFIX):
+            # server-made ids (a finished vote is applied as "vote:<vote_id>") are unforgeable
+            text = "action_ids starting with 'vote:' are reserved"
+        else:
+            return [BeginAction(conn, message, now)]
+        return self.refuse(conn, _action_refusal(message, ErrorCode.FORBIDDEN, text), now)
+
+    def action_verdict(self, cmd: BeginAction, verdict: Verdict | None) -> Commands:
+        """The ledger's verdict on an ``action.request`` (None: the backend was unreachable)."""
+        conn, message, now = cmd.conn, cmd.message, cmd.now
+        if verdict is None:
+            # Not a final answer: Redis refuses a begin_action it runs too late (begin_action.lua),
+            # so the action was not accepted, or it was and its answer comes as for any action.
+            text = "backend unavailable: retry"
+            return self._refuse_action(cmd, ErrorCode.BACKEND_UNAVAILABLE, text)
+        decision = verdict.decision
+        if decision is _DONE:
+            assert verdict.result is not None
+            return [Send(verdict.result, [conn])]  # the final answer (same bytes), sender only
+        if decision is _ACCEPT or decision is _IN_FLIGHT:
+            deadline = now + self.rules.action_timeout
+            pending = PendingAction(
+                conn,
+                conn.party_id,
+                conn.character_id,
+                message.payload["action_id"],
+                message.payload,
+                message.trace_id,
+                now,
+                deadline,
+            )
+            self._watch(pending, deadline)
+            if decision is _ACCEPT:
+                if log.isEnabledFor(_DEBUG):  # not even the ``extra`` dict otherwise
+                    log.debug(
+                        "action accepted",
+                        extra={
+                            "trace_id": message.trace_id,
+                            "party_id": conn.party_id,
+                            "action_id": pending.action_id,
+                        },
+                    )
+                return [Submit(conn, message, pending)]
+            # The sender may have missed the first answer (a reconnect): it is owed one here.
+            text = "this action is already being processed"
+            return self._refuse_action(cmd, ErrorCode.ACTION_IN_FLIGHT, text)
+        if decision is Decision.BUSY:
+            text = "wait for the result of your previous action"
+            return self._refuse_action(cmd, ErrorCode.CHARACTER_BUSY, text)
+        text = "this action_id is used by another actor: choose another"
+        return self._refuse_action(cmd, ErrorCode.FORBIDDEN, text)
+
+    def submit_failed(self, cmd: Submit, unavailable: bool) -> Commands:
+        """The engine link did not take an accepted action. ``unavailable``: the actions stream
+        could not be reached; the append may still run when Redis is back, so this is not final
+        (it is started by an engine or timed out at its deadline). Else the link refused it: its
+        refusal is its final answer."""
+        if unavailable:
+            text = "backend unavailable: retry"
+            return self._refuse_action(cmd, ErrorCode.BACKEND_UNAVAILABLE, text)
+        text = "engine unavailable: retry"
+        return self.fail_action(cmd.action, ErrorCode.ENGINE_UNAVAILABLE, text)
+
+    def fail_action(self, action: PendingAction, code: ErrorCode, text: str) -> Commands:
+        """An action will never be applied: its refusal is its final answer (on whichever node);
+        if it cannot be recorded (Redis down), the deadline answers it."""
+        self.meter.count("errors", code.value)
+        return [FailAction(action, code, text)]
+
+    def _refuse_action(self, cmd: BeginAction | Submit, code: ErrorCode, text: str) -> Commands:
+        return self.refuse(cmd.conn, _action_refusal(cmd.message, code, text), _now_of(cmd))
+
+    def _watch(self, pending: PendingAction, due: float) -> None:
+        """Look at ``pending`` again at ``due`` unless its final answer reaches its sender first."""
+        key = (pending.party_id, pending.action_id)
+        self.pending[key] = pending
+        self._arm(_ACTION, key, due)
+
+    def timed_out(self, cmd: TimeOut, outcome: Sweep, answer: bytes | None) -> Commands:
+        """What the ledger found at the action's deadline (``Sweep``)."""
+        action, now = cmd.action, cmd.now
+        if outcome is Sweep.TIMED_OUT:
+            self.meter.count("errors", ErrorCode.ACTION_TIMEOUT.value)
+            self.meter.count("action_answers", "timeout")
+            return self._answer(action, cmd.refusal)
+        if outcome is Sweep.FINAL:
+            assert answer is not None
+            self.meter.count("action_answers", "resent")
+            return self._answer(action, answer)
+        if outcome is Sweep.GONE:
+            self.meter.count("errors", ErrorCode.BACKEND_UNAVAILABLE.value)
+            text = "the party's state was lost: send the same action again to learn its outcome"
+            gone = self._action_error(action, ErrorCode.BACKEND_UNAVAILABLE, text, now)
+            return self._answer(action, gone)
+        # STARTED (its answer comes from the engine) / NOT_DUE: look again one timeout later
+        if action.conn is not None and not action.conn.closed:
+            self._watch(action, now + self.rules.action_timeout)
+        return []
+
+    def time_out_failed(self, cmd: TimeOut) -> Commands:
+        """Redis was unreachable at the deadline: look again soon; this never gives up."""
+        self.meter.count("background_errors", "action_timeouts")
+        conn = cmd.action.conn
+        if conn is not None and not conn.closed:
+            self._watch(cmd.action, cmd.now + min(1.0, self.rules.action_timeout))
+        return []
+
+    def _answer(self, action: PendingAction, data: bytes) -> Commands:
+        """An action's answer to its sender: on its connection, or (closed: the player may have
+        reconnected elsewhere) to every connection of the character."""
+        conn = action.conn
+        if conn is not None and not conn.closed:
+            return [Send(data, [conn])]
+        if action.character_id == t.PARTY_ACTOR:
+            return []
+        return [SendDirect(action.party_id, action.character_id, data)]
+
+    def left(self, cmd: Leave, event: Event | None) -> Commands:
+        """``party.leave`` went through; not a member (left already): just close."""
+        if event is None:
+            return self._close(cmd.conn, CloseCode.NORMAL, "left the party")
+        return []
+
+    def vote_cast(
+        self, cmd: CastVote, refusal: votes.CastRefusal | None, events: Sequence[Event]
+    ) -> Commands:
+        if refusal is not None:
+            error = ProtocolError(
+                ErrorCode(refusal.value),
+                _VOTE_REFUSALS[refusal],
+                vote_id=cmd.message.payload["vote_id"],
+                trace_id=cmd.message.client_trace_id,
+                type=t.VOTE_CAST,
+            )
+            return self.refuse(cmd.conn, error, cmd.now)
+        out: Commands = []
+        for event in events:
+            if event.type == t.VOTE_FINISHED:
+                out.extend(self._apply_soon(event, cmd.now))
+        return out
+
+    # -- votes ----------------------------------------------------------------------------------
+    def vote_finished(self, cmd: FinishVote, event: Event | None) -> Commands:
+        """The vote's deadline closed it; ``event``: this node won the finish and applies it."""
+        return [] if event is None else self._apply_soon(event, cmd.now)
+
+    def _apply_soon(self, finished: Event, now: float) -> Commands:
+        """Hand a finished vote's decision to the engine, trying again through backend errors for
+        one action timeout; after that (or if this node dies first) the votes sweep of any node
+        does it (``unapplied_votes``). A decision announced is never lost."""
+        key = (finished.party_id, finished.payload["vote_id"])
+        self._applying[key] = _Applying(finished, now + self.rules.action_timeout, FIRST_PAUSE)
+        return [ApplyVote(finished, now, retry=True)]
+
+    def vote_verdict(self, cmd: ApplyVote, run: str | None, verdict: Verdict) -> Commands:
+        """The decision's run and the ledger's verdict on its ``choice`` action (untimed: nobody
+        waits for it, and it must not be refused as late). It is handed over at least once: a
+        resubmission of one already in flight is deduplicated by the engine host and engine."""
+        finished, now = cmd.finished, cmd.now
+        vote_id = finished.payload["vote_id"]
+        if run is None:
+            log.error("finished vote without a run", extra={"trace_id": finished.trace_id})
+            return [SubmitVote(finished, None, cmd.retry)]
+        if verdict.decision is Decision.BUSY:
+            # the party's previous action still holds its lock: later
+            return self._retry(finished, now) if cmd.retry else []
+        if verdict.decision in (Decision.DONE, Decision.TAKEN):
+            return [SubmitVote(finished, None, cmd.retry)]
+        applied = finished.payload["applied"]
+        payload = {
+            "action_id": applied["action_id"],
+            "character_id": t.PARTY_ACTOR,
+            "campaign_run_id": run,
+            "action_type": "choice",
+            "payload": {"option": applied["option"], "vote_id": vote_id},
+        }
+        log.info(
+            "vote applied",
+            extra={
+                "trace_id": finished.trace_id,
+                "party_id": finished.party_id,
+                "vote_id": vote_id,
+                "again": verdict.decision is Decision.IN_FLIGHT,
+            },
+        )
+        action = PendingAction(
+            None,
+            finished.party_id,
+            t.PARTY_ACTOR,
+            applied["action_id"],
+            payload,
+            finished.trace_id,
+            now,
+            None,
+        )
+        return [SubmitVote(finished, action, cmd.retry)]
+
+    def vote_applied(self, finished: Event) -> Commands:
+        key = (finished.party_id, finished.payload["vote_id"])
+        if self._applying.pop(key, None) is not None:
+            self.deadlines.cancel(Kind.APPLY, key)
+        return []
+
+    def vote_failed(self, cmd: FinishVote | ApplyVote | SubmitVote, now: float) -> Commands:
+        """The backend failed the vote step: a retrying hand-over tries again later; a finish the
+        due-votes sweep does once Redis is back."""
+        self.meter.count("background_errors", "votes")
+        if isinstance(cmd, FinishVote) or not cmd.retry:
+            return []
+        return self._retry(cmd.finished, now)
+
+    def _retry(self, finished: Event, now: float) -> Commands:
+        key = (finished.party_id, finished.payload["vote_id"])
+        applying = self._applying.get(key)
+        if applying is None or self.stopping:
+            return []
+        if now + applying.pause > applying.give_up_at:
+            del self._applying[key]  # the votes sweep takes it from here
+            return []
+        self._arm(Kind.APPLY, key, now + applying.pause)
+        applying.pause = min(MAX_PAUSE, applying.pause * 2)
+        return []
+
+    # -- presence -------------------------------------------------------------------------------
+    def _presence_tick(self, now: float) -> Commands:
+        """Refresh this node's presence (a slice of the parties per tick, see
+        ``RefreshSchedule``) and sweep expired presence (a dead node's players)."""
+        tick = self._schedule.tick(now)
+        self._schedule.failed()  # undone in ``refreshed`` once this tick gets through
+        connections = [
+            (c.binding, c.id)
+            for c in self.connections.values()
+            if not c.closed
+            and (tick.slice is None or hash(c.party_id) % PRESENCE_SLICES == tick.slice)
+        ]
+        return [Refresh(connections, tick.sweep, now)]
+
+    def refreshed(self, cmd: Refresh, rejoined: Sequence[Event] | None, *, ok: bool) -> Commands:
+        """The refresh (and expiry sweep) went through, or not (``ok``). ``rejoined``: the joins
+        the refresh published again (a leave was published while the connection lived, or Redis
+        lost the party): the engine is told as for any join. Then the votes sweep."""
+        out: Commands = []
+        if ok:
+            self._schedule.succeeded()
+        if rejoined is not None:
+            by_member = {(b.party_id, b.character_id): b for b, _ in cmd.connections}
+            for event in rejoined:
+                binding = by_member.get((event.party_id, event.payload["character_id"]))
+                if binding is not None:  # seq 1: a new epoch, read from the snapshot
+                    out.append(Announce(binding, event, None if event.seq == 1 else ""))
+        out.append(SweepVotes(cmd.now, self.rules.action_timeout))
+        return out
+
+    def votes_swept(
+        self, cmd: SweepVotes, due: Sequence[tuple[str, str]], unapplied: Sequence[Event]
+    ) -> Commands:
+        """Votes whose timers all died (finished now) and decisions no node handed over."""
+        out: Commands = [FinishVote(party_id, vote_id, cmd.now) for party_id, vote_id in due]
+        out.extend(ApplyVote(finished, cmd.now, retry=False) for finished in unapplied)
+        return out
+
+    def tick_done(self, now: float) -> None:
+        """The presence tick (refresh and votes sweep) is over: arm the next one."""
+        if not self.stopping:
+            self._arm(Kind.PRESENCE, None, now + self._schedule.interval)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _of(self, party_id: str, character_id: str) -> list[Connection]:
+        party = self.parties.get(party_id, ())
+        return [c for c in party if c.character_id == character_id and not c.closed]
+
+    def _close(self, conn: Connection, code: int, reason: str, count: bool = False) -> Commands:
+        if conn.closed:
+            return []
+        conn.closed = True
+        if count:
+            self.meter.count("closes", str(code))
+        return [Close(conn, code, reason)]
+
+    def _error_bytes(self, code: ErrorCode, message: str, now: float) -> bytes:
+        return codec.encode(replies.error(code, message, now=now))
+
+    def _action_error(self, action: PendingAction, code: ErrorCode, text: str, now: float) -> bytes:
+        return codec.encode(
+            replies.error(
+                code,
+                text,
+                now=now,
+                trace_id=action.trace_id,
+                in_reply_type=t.ACTION_REQUEST,
+                action_id=action.action_id,
+            )
+        )
+
+
+def _now_of(cmd: BeginAction | Submit) -> float:
+    return cmd.now if isinstance(cmd, BeginAction) else cmd.action.accepted
+
+
+def _action_refusal(message: inbound.Inbound, code: ErrorCode, text: str) -> ProtocolError:
+    return ProtocolError(
+        code,
+        text,
+        action_id=message.payload["action_id"],
+        trace_id=message.client_trace_id,
+        type=t.ACTION_REQUEST,
+    )
+
+
+def _about(message: inbound.Inbound | None) -> dict[str, Any]:
+    """What a refusal of ``message`` replies to (its type, client trace, action or vote id)."""
+    if message is None:
+        return {}
+    about: dict[str, Any] = {"type": message.type, "trace_id": message.client_trace_id}
+    if message.type == t.ACTION_REQUEST:
+        about["action_id"] = message.payload["action_id"]
+    elif message.type == t.VOTE_CAST:
+        about["vote_id"] = message.payload["vote_id"]
+    return about
+
+
+def _about_raw(data: bytes | str) -> dict[str, Any]:
+    """``_about`` for a message refused before parsing (rate limited): best effort, so that a
+    refused action still names its action_id; nothing for anything malformed."""
+    try:
+        return inbound.about(orjson.loads(data))
+    except ValueError:
+        return {}
+
+
+_VOTE_REFUSALS = {
+    votes.CastRefusal.UNKNOWN: "there is no open vote with this id in your party",
+    votes.CastRefusal.CLOSED: "this vote is closed",
+    votes.CastRefusal.BAD_OPTION: "that option is not one of this vote's options",
+}

@@ -1,0 +1,369 @@
+"""Carries out the party core's backend and engine commands and feeds their answers back.
+
+Each command is awaited in order, and what the core answers to its outcome runs right after it
+(depth first), so one client message's whole chain (begin the action, submit it) runs inside
+its caller, e.g. inside the action's tracing span. ``BackendUnavailable`` is fed back to the core
+as the command's failure; anything else unexpected is logged and, for a client message, answered
+with ``internal_error``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Coroutine, Iterator
+from typing import Any
+
+from party_sync.backends.base import Backend
+from party_sync.core.commands import (
+    Announce,
+    ApplyVote,
+    BeginAction,
+    CastVote,
+    Command,
+    Connect,
+    Disconnect,
+    FailAction,
+    FinishVote,
+    Leave,
+    PendingAction,
+    Refresh,
+    SendDirect,
+    Settle,
+    Submit,
+    SubmitVote,
+    SweepVotes,
+    TimeOut,
+    Unsubscribe,
+)
+from party_sync.core.session import PartySessions
+from party_sync.engine.interface import (
+    ActionRequest,
+    EngineLink,
+    JoinNotice,
+    RestateNotice,
+    action_envelope,
+)
+from party_sync.gateway import messages
+from party_sync.gateway.session import carry_local
+from party_sync.metrics import Metrics
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+from party_sync.publishing import BackendPublisher
+
+log = logging.getLogger("party_sync.gateway.gateway")
+
+
+class MetricsMeter:
+    """``core.session.Meter`` over the node's Prometheus families (same names and labels); the
+    per-message methods are the families' own bound methods (no call layer on the hot path)."""
+
+    __slots__ = ("_families", "connections", "engine_latency", "received", "sent")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.received = metrics.received
+        self.sent = metrics.sent
+        self.engine_latency = metrics.engine_latency.observe
+        self.connections = metrics.connections.set
+        self._families = {
+            "errors": metrics.errors,
+            "closes": metrics.closes,
+            "resumes": metrics.resumes,
+            "settles": metrics.settles,
+            "action_answers": metrics.action_answers,
+            "background_errors": metrics.background_errors,
+        }
+
+    def count(self, family: str, label: str) -> None:
+        self._families[family].labels(label).inc()
+
+
+def engine_action(action: PendingAction) -> ActionRequest:
+    """The engine's ``ActionRequest`` of an action the core accepted."""
+    envelope = action_envelope(action.payload, action.trace_id, action.accepted)
+    return ActionRequest.from_envelope(action.party_id, envelope, action.deadline)
+
+
+class Executor:
+    """Runs commands against the backend, the engine link and the publisher (module docstring)."""
+
+    def __init__(
+        self,
+        core: PartySessions,
+        backend: Backend,
+        link: EngineLink,
+        publisher: BackendPublisher,
+        metrics: Metrics,
+        clock: Callable[[], float],
+        spawn: Callable[[Coroutine[Any, Any, Any]], object],
+        unsubscribe: Callable[[str], Coroutine[Any, Any, None]],
+        max_replay: int,
+    ) -> None:
+        self.core = core
+        self.backend = backend
+        self.link = link
+        self.publisher = publisher
+        self.metrics = metrics
+        self.clock = clock
+        self.spawn = spawn
+        self.unsubscribe = unsubscribe
+        self.max_replay = max_replay
+        self.failing: set[str] = set()  # periodic tasks whose last tick failed (log once)
+
+    async def run(self, commands: list[Command]) -> None:
+        """Carry out ``commands`` and everything the core answers to them, in order."""
+        for command in carry_local(commands):
+            await self._run_one(command)
+
+    async def begin_action(self, command: BeginAction) -> None:
+        """An ``action.request`` the core let through: the ledger's verdict, then (accepted) the
+        hand-over to the engine. The hot path: as few awaits deep as before the core existed."""
+        core, conn = self.core, command.conn
+        try:
+            verdict = await self.backend.begin_action(
+                conn.party_id, conn.character_id, command.message.payload["action_id"], command.now
+            )
+        except BackendUnavailable:
+            verdict = None
+        except Exception:
+            log.exception("unexpected failure handling a message")
+            failed = core.failed(conn, command.message, ErrorCode.INTERNAL_ERROR, self.clock())
+            await self.run(failed)
+            return
+        answer = core.action_verdict(command, verdict)
+        if len(answer) == 1 and type(answer[0]) is Submit:  # accepted: the common case
+            await self._submit(answer[0])
+        else:
+            await self.run(answer)
+
+    async def _submit(self, command: Submit) -> None:
+        try:
+            await self.link.submit(engine_action(command.action))
+        except BackendUnavailable:
+            await self.run(self.core.submit_failed(command, unavailable=True))
+        except Exception:
+            log.exception(
+                "engine link refused an action", extra={"trace_id": command.message.trace_id}
+            )
+            await self.run(self.core.submit_failed(command, unavailable=False))
+
+    async def _run_one(self, command: Command) -> None:
+        core = self.core
+        if type(command) is BeginAction:
+            await self.begin_action(command)
+        elif type(command) is Submit:
+            await self._submit(command)
+        elif type(command) is Leave or type(command) is CastVote:
+            await self._client_step(command)
+        elif type(command) is Connect:
+            await self._connect(command)
+        elif type(command) is Disconnect:
+            try:
+                last = await self.backend.disconnect(
+                    command.conn.binding, command.conn.id, command.now
+                )
+            except BackendUnavailable:
+                return  # presence expires by itself (presence_ttl)
+            await self.run(core.disconnected(command.conn, last, command.now))
+        elif type(command) is Unsubscribe:
+            await self.unsubscribe(command.party_id)
+        elif type(command) is Announce:
+            self.spawn(self._announce(command))
+        elif type(command) is Settle:
+            try:
+                left = await self.backend.settle(command.binding, command.now, command.trace_id)
+            except BackendUnavailable:
+                core.settle_failed()
+                return
+            core.settled(left is not None)
+        elif type(command) is FailAction:
+            with contextlib.suppress(BackendUnavailable):
+                await self.publisher.fail(engine_action(command.action), command.code, command.text)
+        elif type(command) is TimeOut:
+            action = command.action
+            try:
+                outcome, answer = await self.backend.time_out_action(
+                    action.party_id, action.action_id, command.now, command.refusal
+                )
+            except BackendUnavailable:
+                await self.run(core.time_out_failed(command))
+                return
+            await self.run(core.timed_out(command, outcome, answer))
+        elif type(command) is SendDirect:
+            with contextlib.suppress(BackendUnavailable):
+                await self.backend.send_direct(command.party_id, command.character_id, command.data)
+        else:
+            await self._votes(command)
+
+    async def _client_step(self, command: Leave | CastVote) -> None:
+        conn, message, core = command.conn, command.message, self.core
+        try:
+            if isinstance(command, Leave):
+                event = await self.backend.leave(conn.binding, command.now, message.trace_id)
+                commands = core.left(command, event)
+            else:
+                refusal, events = await self.backend.cast_vote(
+                    conn.party_id,
+                    conn.character_id,
+                    message.payload["vote_id"],
+                    message.payload["option"],
+                    self.clock(),
+                    message.trace_id,
+                )
+                commands = core.vote_cast(command, refusal, events)
+        except BackendUnavailable:
+            commands = core.failed(conn, message, ErrorCode.BACKEND_UNAVAILABLE, self.clock())
+        except Exception:
+            log.exception("unexpected failure handling a message")
+            commands = core.failed(conn, message, ErrorCode.INTERNAL_ERROR, self.clock())
+        await self.run(commands)
+
+    async def _connect(self, command: Connect) -> None:
+        conn, resume = command.conn, command.resume
+        try:
+            join = await self.backend.connect(conn.binding, conn.id, command.now, command.trace_id)
+            snapshot = await self.backend.snapshot(conn.party_id)
+            replay = None
+            if resume is not None:
+                replay = await self.backend.replay(conn.party_id, resume, self.max_replay)
+        except BackendUnavailable:
+            await self.run(self.core.open_failed(conn, self.clock()))
+            return
+        resumed_from = resume.last_seq if replay is not None and resume is not None else None
+        hello = messages.hello(
+            conn.binding,
+            snapshot,
+            resumed_from=resumed_from,
+            limits=self.core.limits,
+            your_vote=snapshot.ballots.get(conn.character_id),
+            now=self.clock(),
+        )
+        commands = self.core.opened(
+            conn,
+            join=join,
+            epoch=snapshot.epoch,
+            seq=snapshot.seq,
+            hello=codec.encode(hello),
+            replay=replay,
+            resume=resume,
+        )
+        await self.run(commands)
+
+    async def _votes(self, command: Command) -> None:
+        core = self.core
+        if type(command) is Refresh:
+            rejoined = None
+            with self.tick("presence") as ok:
+                rejoined = await self.backend.refresh(command.connections, command.now)
+                if command.sweep:
+                    await self.backend.expire(command.now)
+                ok.append(True)
+            await self.run(core.refreshed(command, rejoined, ok=bool(ok)))
+        elif type(command) is SweepVotes:
+            try:
+                with self.tick("votes") as ok:
+                    due = await self.backend.due_votes(command.now)
+                    # decisions whose node could not hand them to the engine (it failed or died)
+                    unapplied = await self.backend.unapplied_votes(
+                        command.now, command.unapplied_after
+                    )
+                    ok.append(True)
+                    await self.run(core.votes_swept(command, due, unapplied))
+            finally:
+                core.tick_done(self.clock())
+        elif type(command) is FinishVote:
+            try:
+                party_id, vote_id = command.party_id, command.vote_id
+                event = await self.backend.finish_vote(party_id, vote_id, self.clock())
+            except BackendUnavailable:  # the due-votes sweep finishes it once Redis is back
+                await self.run(core.vote_failed(command, self.clock()))
+                return
+            await self.run(core.vote_finished(command, event))
+        elif type(command) is ApplyVote:
+            finished = command.finished
+            vote_id = finished.payload["vote_id"]
+            try:
+                run = await self.backend.vote_run(finished.party_id, vote_id)
+                verdict = await self.backend.begin_action(
+                    finished.party_id,
+                    t.PARTY_ACTOR,
+                    finished.payload["applied"]["action_id"],
+                    command.now,
+                    timed=False,
+                )
+            except BackendUnavailable:
+                await self.run(core.vote_failed(command, self.clock()))
+                return
+            await self.run(core.vote_verdict(command, run, verdict))
+        elif type(command) is SubmitVote:
+            finished = command.finished
+            try:
+                if command.action is not None:
+                    await self.link.submit(engine_action(command.action))
+                await self.backend.mark_vote_applied(finished.party_id, finished.payload["vote_id"])
+            except BackendUnavailable:  # not handed over: tried again
+                await self.run(core.vote_failed(command, self.clock()))
+                return
+            core.vote_applied(finished)
+
+    async def _announce(self, command: Announce) -> None:
+        """Tell the engine of a ``party.join`` this node published; and, if that join opened a
+        new epoch (seq 1: the party's short-lived state was lost, or it is new), ask the engine
+        to re-state the party (``RestateNotice``; an engine without state for the run does
+        nothing)."""
+        binding, join = command.binding, command.join
+        if join.seq == 1:  # first: an engine that had the run re-states it, and then the join
+            # of a known character changes nothing; a new run has nothing to re-state and is
+            # started by the join
+            epoch = command.epoch
+            if epoch is None:
+                try:
+                    epoch = (await self.backend.snapshot(join.party_id)).epoch
+                except BackendUnavailable:
+                    epoch = ""
+            restate = RestateNotice(
+                binding.party_id, binding.campaign_run_id, epoch, join.trace_id, at=self.clock()
+            )
+            log.info(
+                "new epoch: asking the engine to re-state the party",
+                extra={"trace_id": join.trace_id, "party_id": binding.party_id, "epoch": epoch},
+            )
+            try:
+                await self.link.notify_restate(restate)
+            except Exception as exc:
+                log.warning(
+                    "re-state notice not delivered: %s", exc, extra={"trace_id": join.trace_id}
+                )
+        notice = JoinNotice(
+            binding.party_id,
+            binding.campaign_run_id,
+            binding.character_id,
+            binding.display_name,
+            join.trace_id,
+            at=self.clock(),
+        )
+        try:
+            await self.link.notify_join(notice)
+        except Exception as exc:  # a hint only: the engine must not depend on it
+            log.warning("join notice not delivered: %s", exc, extra={"trace_id": join.trace_id})
+
+    @contextlib.contextmanager
+    def tick(self, task: str) -> Iterator[list[bool]]:
+        """One tick of a periodic task: any failure is counted, logged once per episode (not per
+        tick), and the task goes on; the tick that works again logs the recovery."""
+        ok: list[bool] = []
+        try:
+            yield ok
+        except Exception as exc:
+            self.metrics.background_errors.labels(task).inc()
+            if task not in self.failing:
+                self.failing.add(task)
+                if isinstance(exc, BackendUnavailable):
+                    log.warning("%s: backend unavailable; retrying every tick", task)
+                else:
+                    log.exception("%s failed; retrying every tick", task)
+            return
+        if ok and task in self.failing:
+            self.failing.discard(task)
+            log.info("%s: recovered", task)

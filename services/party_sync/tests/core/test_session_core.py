@@ -1,0 +1,646 @@
+"""A party's whole life through the party core, in virtual time: no socket, no sleep.
+
+A small driver carries out the core's commands against the real in-memory backend (its methods
+are coroutines that finish without waiting, so each is run to its end at once), feeds every
+answer back, and moves the clock by hand: a 30-second vote or a 10-second grace takes no time.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+import orjson
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from party_sync.backends.base import BackendSettings
+from party_sync.backends.memory import MemoryBackend
+from party_sync.core import votes
+from party_sync.core.actions import Claim
+from party_sync.core.binding import Binding
+from party_sync.core.commands import (
+    Announce,
+    ApplyVote,
+    BeginAction,
+    CastVote,
+    Close,
+    Command,
+    Connect,
+    Disconnect,
+    FailAction,
+    FinishVote,
+    Leave,
+    PendingAction,
+    Refresh,
+    Refused,
+    Send,
+    SendDirect,
+    Settle,
+    Submit,
+    SubmitVote,
+    SweepVotes,
+    TimeOut,
+    Unsubscribe,
+)
+from party_sync.core.connection import Connection
+from party_sync.core.events import Event
+from party_sync.core.limits import ConnectionLimits, LimitPolicy
+from party_sync.core.session import PartySessions, Rules
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import BackendUnavailable, CloseCode
+from party_sync.protocol.schemas import Contracts
+
+T = TypeVar("T")
+T0 = 1_800_000_000.0
+RULES = Rules(action_timeout=5.0, presence_grace=10.0, presence_ttl=30.0)
+CONTRACTS = Contracts()
+
+
+def done(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a memory-backend coroutine that never waits."""
+    try:
+        coro.send(None)
+    except StopIteration as stop:
+        return stop.value  # type: ignore[no-any-return]
+    raise AssertionError("the memory backend waited")
+
+
+class Meter:
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        self.latencies: list[float] = []
+
+    def received(self, type_: str) -> None:
+        self.count("in", type_)
+
+    def sent(self, type_: str, recipients: int = 1) -> None:
+        self.count("out", type_)
+
+    def count(self, family: str, label: str) -> None:
+        self.counts[(family, label)] = self.counts.get((family, label), 0) + 1
+
+    def connections(self, count: int) -> None:
+        self.count("gauge", "connections")
+
+    def engine_latency(self, seconds: float) -> None:
+        self.latencies.append(seconds)
+
+
+class Node:
+    """The gateway's job, synchronously: commands in, backend calls, answers fed back."""
+
+    def __init__(self, backend: MemoryBackend | None = None, rules: Rules = RULES) -> None:
+        self.now = T0
+        self.backend = backend or MemoryBackend(
+            BackendSettings(action_timeout=rules.action_timeout)
+        )
+        self.meter = Meter()
+        self.core = PartySessions(rules, CONTRACTS, self.meter)
+        self.frames: dict[str, list[dict[str, Any]]] = {}
+        self.closes: dict[str, tuple[int, str]] = {}
+        self.engine: list[PendingAction] = []  # actions handed to the engine
+        self.announced: list[Announce] = []
+        self.refused: list[str] = []
+        self.unavailable = False  # the backend fails every call while set
+        self.subscribed: set[str] = set()
+        self.ids = itertools.count(1)
+        self.core.start(self.now)
+
+    # -- the driver -----------------------------------------------------------------------------
+    def run(self, commands: list[Command]) -> None:
+        for command in commands:
+            self.run(self.step(command))
+
+    def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        if self.unavailable:
+            coro.close()
+            raise BackendUnavailable("down")
+        return done(coro)
+
+    def step(self, c: Command) -> list[Command]:
+        core, b = self.core, self.backend
+        if isinstance(c, Send):
+            for conn in c.to:
+                if conn.id not in self.closes:
+                    self.frames.setdefault(conn.id, []).append(orjson.loads(c.data))
+            return []
+        if isinstance(c, Close):
+            self.closes.setdefault(c.conn.id, (c.code, c.reason))
+            return []
+        if isinstance(c, Refused):
+            self.refused.append(c.code.value)
+            return []
+        if isinstance(c, Unsubscribe):
+            self.subscribed.discard(c.party_id)
+            return []
+        if isinstance(c, Announce):
+            self.announced.append(c)
+            return []
+        if isinstance(c, Connect):
+            if c.conn.party_id not in self.subscribed:
+                self.subscribed.add(c.conn.party_id)
+                done(b.subscribe(c.conn.party_id, Listener(self, c.conn.party_id)))
+            try:
+                join = self.call(b.connect(c.conn.binding, c.conn.id, c.now, c.trace_id))
+                snap = self.call(b.snapshot(c.conn.party_id))
+            except BackendUnavailable:
+                return core.open_failed(c.conn, self.now)
+            hello = codec.encode({"type": t.HELLO, "payload": {"seq": snap.seq}})
+            return core.opened(
+                c.conn,
+                join=join,
+                epoch=snap.epoch,
+                seq=snap.seq,
+                hello=hello,
+                replay=None,
+                resume=None,
+            )
+        if isinstance(c, Disconnect):
+            try:
+                last = self.call(b.disconnect(c.conn.binding, c.conn.id, c.now))
+            except BackendUnavailable:
+                return []
+            return core.disconnected(c.conn, last, c.now)
+        if isinstance(c, Settle):
+            try:
+                return core.settled(self.call(b.settle(c.binding, c.now, c.trace_id)) is not None)
+            except BackendUnavailable:
+                return core.settle_failed()
+        if isinstance(c, BeginAction):
+            p = c.message.payload
+            try:
+                verdict = self.call(
+                    b.begin_action(c.conn.party_id, p["character_id"], p["action_id"], c.now)
+                )
+            except BackendUnavailable:
+                verdict = None
+            return core.action_verdict(c, verdict)
+        if isinstance(c, Submit):
+            if self.unavailable:
+                return core.submit_failed(c, unavailable=True)
+            self.engine.append(c.action)
+            return []
+        if isinstance(c, SubmitVote):
+            try:
+                if c.action is not None:
+                    self.engine.append(c.action)
+                self.call(b.mark_vote_applied(c.finished.party_id, c.finished.payload["vote_id"]))
+            except BackendUnavailable:
+                return core.vote_failed(c, self.now)
+            return core.vote_applied(c.finished)
+        if isinstance(c, FailAction):
+            return []
+        if isinstance(c, TimeOut):
+            a = c.action
+            try:
+                outcome, answer = self.call(
+                    b.time_out_action(a.party_id, a.action_id, c.now, c.refusal)
+                )
+            except BackendUnavailable:
+                return core.time_out_failed(c)
+            return core.timed_out(c, outcome, answer)
+        if isinstance(c, SendDirect):
+            done(b.send_direct(c.party_id, c.character_id, c.data))
+            return []
+        if isinstance(c, Leave):
+            return core.left(c, self.call(b.leave(c.conn.binding, c.now, c.message.trace_id)))
+        if isinstance(c, CastVote):
+            p = c.message.payload
+            refusal, events = self.call(
+                b.cast_vote(
+                    c.conn.party_id, c.conn.character_id, p["vote_id"], p["option"], c.now, "t"
+                )
+            )
+            return core.vote_cast(c, refusal, events)
+        if isinstance(c, FinishVote):
+            try:
+                event = self.call(b.finish_vote(c.party_id, c.vote_id, c.now))
+            except BackendUnavailable:
+                return core.vote_failed(c, self.now)
+            return core.vote_finished(c, event)
+        if isinstance(c, ApplyVote):
+            f = c.finished
+            try:
+                run = self.call(b.vote_run(f.party_id, f.payload["vote_id"]))
+                verdict = self.call(
+                    b.begin_action(
+                        f.party_id,
+                        t.PARTY_ACTOR,
+                        f.payload["applied"]["action_id"],
+                        c.now,
+                        timed=False,
+                    )
+                )
+            except BackendUnavailable:
+                return core.vote_failed(c, self.now)
+            return core.vote_verdict(c, run, verdict)
+        if isinstance(c, Refresh):
+            try:
+                rejoined = self.call(b.refresh(c.connections, c.now))
+                if c.sweep:
+                    self.call(b.expire(c.now))
+            except BackendUnavailable:
+                return core.refreshed(c, None, ok=False)
+            return core.refreshed(c, rejoined, ok=True)
+        assert isinstance(c, SweepVotes)
+        try:
+            due = self.call(b.due_votes(c.now))
+            unapplied = self.call(b.unapplied_votes(c.now, c.unapplied_after))
+            out = core.votes_swept(c, due, unapplied)
+        except BackendUnavailable:
+            out = []
+        core.tick_done(c.now)
+        return out
+
+    # -- what happens ---------------------------------------------------------------------------
+    def advance(self, seconds: float) -> None:
+        """Move the clock, reaching every deadline on the way in order (as the gateway's timer)."""
+        end = self.now + seconds
+        while True:
+            due = self.core.deadlines.next_due()
+            if due is None or due > end:
+                break
+            self.now = max(self.now, due)
+            for commands in self.core.deadlines_reached(self.now):
+                self.run(commands)
+        self.now = end
+
+    def join(self, character: str, party: str = "p1", expires_in: float = 3600.0) -> Connection:
+        binding = Binding(party, "r1", character, character.title())
+        conn = Connection(
+            f"n.{next(self.ids)}", binding, ConnectionLimits(LimitPolicy()), self.now + expires_in
+        )
+        self.run(self.core.open(conn, None, self.now))
+        return conn
+
+    def lose(self, conn: Connection) -> None:
+        self.run(self.core.connection_lost(conn, self.now))
+
+    def send(self, conn: Connection, message: dict[str, Any]) -> None:
+        self.run(self.core.receive(conn, orjson.dumps(message), self.now))
+
+    def act(
+        self, conn: Connection, action_id: str, character: str | None = None, run: str = "r1"
+    ) -> None:
+        self.send(conn, action(action_id, character or conn.character_id, run))
+
+    def answer(self, pending: PendingAction) -> None:
+        """The engine claims the action and publishes its result (an engine host's job)."""
+        claim, _ = done(
+            self.backend.claim_action(
+                pending.party_id, pending.action_id, self.now, b"{}", pending.deadline
+            )
+        )
+        assert claim is Claim.START
+        result = codec.envelope(
+            t.ACTION_RESULT,
+            {
+                "action_id": pending.action_id,
+                "character_id": pending.character_id,
+                "outcome": "success",
+                "summary": "done",
+                "effects": [],
+            },
+            ts=self.now,
+            trace_id=pending.trace_id,
+        )
+        done(self.backend.publish(pending.party_id, result, self.now))
+
+    def types(self, conn: Connection) -> list[str]:
+        return [f["type"] for f in self.frames.get(conn.id, [])]
+
+    def last(self, conn: Connection) -> dict[str, Any]:
+        return self.frames[conn.id][-1]
+
+    def members(self, party: str = "p1") -> dict[str, bool]:
+        return {m["character_id"]: m["online"] for m in done(self.backend.snapshot(party)).members}
+
+
+class Listener:
+    def __init__(self, node: Node, party_id: str) -> None:
+        self.node, self.party_id = node, party_id
+
+    def on_event(self, event: Event) -> None:
+        to, rest = self.node.core.event_received(event, self.node.now)
+        self.node.run([Send(event.data, to), *rest])
+
+    def on_direct(self, character_id: str, data: bytes) -> None:
+        self.node.run(self.node.core.direct_received(self.party_id, character_id, data))
+
+    def on_resync(self) -> None:
+        self.node.run(self.node.core.resync(self.party_id))
+
+
+def action(action_id: str, character: str, run: str = "r1") -> dict[str, Any]:
+    return {
+        "type": t.ACTION_REQUEST,
+        "trace_id": f"t-{action_id}",
+        "payload": {
+            "action_id": action_id,
+            "character_id": character,
+            "campaign_run_id": run,
+            "action_type": "skill_check",
+            "payload": {"skill": "perception"},
+        },
+    }
+
+
+def error_code(frame: dict[str, Any]) -> str:
+    assert frame["type"] == t.ERROR, frame
+    return str(frame["payload"]["code"])
+
+
+# -- presence ------------------------------------------------------------------------------------
+def test_a_join_says_hello_announces_the_character_and_arms_its_token_expiry() -> None:
+    node = Node()
+    aria = node.join("aria")
+    assert node.types(aria) == [t.HELLO]  # its own join is in the hello's snapshot
+    assert node.members() == {"aria": True}
+    assert [a.binding.character_id for a in node.announced] == ["aria"]
+    assert node.core.deadlines.due_at(*_token(aria)) == aria.expires_at
+
+
+def _token(conn: Connection) -> tuple[Any, str]:
+    from party_sync.core.deadlines import Kind
+
+    return Kind.TOKEN, conn.id
+
+
+def test_a_lost_connection_leaves_only_after_the_grace_period() -> None:
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    node.lose(aria)
+    node.advance(9.9)
+    assert node.members() == {"aria": True, "borin": True}  # a page reload would be back by now
+    node.advance(0.2)
+    assert node.members() == {"aria": False, "borin": True}
+    assert node.types(borin)[-1] == t.PARTY_LEAVE
+    assert node.meter.counts[("settles", "left")] == 1
+
+
+def test_a_reconnect_within_the_grace_period_stays_online() -> None:
+    node = Node()
+    node.join("borin")
+    aria = node.join("aria")
+    node.lose(aria)
+    node.advance(5)
+    node.join("aria")
+    node.advance(20)
+    assert node.members() == {"aria": True, "borin": True}
+    assert node.meter.counts[("settles", "stayed")] == 1
+
+
+def test_the_last_connection_of_a_party_drops_its_subscription() -> None:
+    node = Node()
+    aria = node.join("aria")
+    assert node.subscribed == {"p1"}
+    node.lose(aria)
+    assert node.subscribed == set() and node.core.parties == {}
+
+
+# -- actions -------------------------------------------------------------------------------------
+def test_an_accepted_action_is_submitted_and_its_result_fanned_out_to_the_party() -> None:
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    node.act(aria, "a1")
+    (pending,) = node.engine
+    assert (pending.action_id, pending.deadline) == ("a1", node.now + 5.0)
+    node.now += 0.25
+    node.answer(pending)
+    assert node.types(aria)[-1] == node.types(borin)[-1] == t.ACTION_RESULT
+    assert node.core.pending == {} and node.meter.latencies == [0.25]
+    node.advance(60)  # its deadline was cancelled: nothing is sent at it
+    assert node.types(aria)[-1] == t.ACTION_RESULT
+
+
+def test_a_repeated_action_gets_its_first_answer_or_waits_for_it() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.act(aria, "a1")  # still running
+    assert error_code(node.last(aria)) == "action_in_flight"
+    node.act(aria, "a2")  # one at a time
+    assert error_code(node.last(aria)) == "character_busy"
+    node.answer(node.engine[0])
+    first = node.last(aria)
+    node.act(aria, "a1")  # done: the same result (same seq), to the sender only
+    assert node.last(aria) == first and len(node.engine) == 1
+
+
+def test_forbidden_actions_are_refused_before_the_backend_is_asked() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.join("borin")
+    node.act(aria, "a1", character="borin")
+    assert error_code(node.last(aria)) == "forbidden"
+    node.act(aria, "a2", run="another-run")
+    assert error_code(node.last(aria)) == "forbidden"
+    node.act(aria, "vote:v1")
+    assert error_code(node.last(aria)) == "forbidden"
+    assert node.engine == [] and node.refused == ["forbidden"] * 3
+
+
+def test_another_actors_action_id_is_taken() -> None:
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    node.act(aria, "shared")
+    node.act(borin, "shared")
+    assert error_code(node.last(borin)) == "forbidden"
+    assert "another actor" in node.last(borin)["payload"]["message"]
+
+
+def test_an_action_nobody_started_is_refused_at_its_deadline_and_the_refusal_is_final() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.advance(4.99)
+    assert node.types(aria)[-1] == t.HELLO or node.types(aria)[-1] == t.PARTY_JOIN
+    node.advance(0.02)
+    assert error_code(node.last(aria)) == "action_timeout"
+    assert node.meter.counts[("action_answers", "timeout")] == 1
+    node.act(aria, "a1")  # its final answer, again
+    assert error_code(node.last(aria)) == "action_timeout"
+
+
+def test_a_started_action_is_looked_at_again_and_a_lost_answer_is_sent_again() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    (pending,) = node.engine
+    claim, _ = done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
+    assert claim is Claim.START  # an engine started it, and is slow
+    node.advance(5.01)
+    assert node.types(aria)[-1] != t.ERROR  # STARTED: its answer comes from the engine
+    # the engine's refusal reached the ledger, but its direct message was lost on the way
+    refusal = codec.encode({"type": t.ERROR, "payload": {"code": "action_rejected"}})
+    assert done(node.backend.refuse_action("p1", "a1", "aria", refusal, node.now))
+    node.advance(5.0)
+    assert error_code(node.last(aria)) == "action_rejected"
+    assert node.meter.counts[("action_answers", "resent")] == 1
+
+
+def test_a_deadline_met_while_the_backend_is_down_is_tried_again_until_it_answers() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.unavailable = True
+    node.advance(5.01)
+    node.advance(3.0)  # looked at again every second
+    assert node.meter.counts[("background_errors", "action_timeouts")] >= 3
+    node.unavailable = False
+    node.advance(1.0)
+    assert error_code(node.last(aria)) == "action_timeout"
+
+
+def test_an_answer_owed_to_a_lost_connection_goes_to_the_characters_other_ones() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.lose(aria)
+    again = node.join("aria")  # reconnected (another tab, or a new socket)
+    node.advance(5.01)
+    assert error_code(node.last(again)) == "action_timeout"
+
+
+# -- votes ---------------------------------------------------------------------------------------
+def _start_vote(node: Node, vote_id: str = "v1", timeout_s: float = 30.0) -> None:
+    spec = votes.VoteSpec(vote_id, "Which way?", (("A", "Left"), ("B", "Right")), timeout_s)
+    done(node.backend.start_vote("p1", spec, "r1", node.now, "t-vote"))
+
+
+def test_a_thirty_second_vote_closes_at_its_deadline_and_its_decision_reaches_the_engine() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.join("borin")
+    _start_vote(node)
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "B"}})
+    node.advance(29.9)
+    assert t.VOTE_FINISHED not in node.types(aria) and node.engine == []
+    node.advance(0.2)
+    assert node.types(aria)[-1] == t.VOTE_FINISHED
+    (choice,) = node.engine
+    assert (choice.action_id, choice.character_id, choice.deadline) == (
+        "vote:v1",
+        t.PARTY_ACTOR,
+        None,
+    )
+    assert choice.payload["payload"] == {"option": "B", "vote_id": "v1"}
+
+
+def test_a_vote_everyone_cast_finishes_at_once() -> None:
+    node = Node()
+    aria = node.join("aria")
+    _start_vote(node)
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
+    assert node.types(aria)[-1] == t.VOTE_FINISHED
+    assert [a.action_id for a in node.engine] == ["vote:v1"]
+
+
+def test_a_bad_ballot_is_refused() -> None:
+    node = Node()
+    aria = node.join("aria")
+    _start_vote(node)
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "Z"}})
+    assert error_code(node.last(aria)) == "vote_bad_option"
+
+
+def test_a_decision_the_backend_could_not_take_is_retried_then_left_to_the_sweep() -> None:
+    node = Node()
+    aria = node.join("aria")
+    _start_vote(node)
+    node.act(aria, "busy")  # aria's action holds no party lock: the vote's action still runs
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
+    assert [a.action_id for a in node.engine] == ["busy", "vote:v1"]
+
+
+def test_the_votes_sweep_hands_over_a_decision_nobody_applied() -> None:
+    node = Node()
+    aria = node.join("aria")
+    _start_vote(node)
+    # the node closes the vote and dies before handing its decision over
+    node.core._apply_soon = lambda finished, now: []  # type: ignore[method-assign]
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
+    assert node.types(aria)[-1] == t.VOTE_FINISHED
+    assert node.engine == []
+    node.advance(15.0)
+    assert [a.action_id for a in node.engine] == ["vote:v1"]
+
+
+# -- token, drain, limits ------------------------------------------------------------------------
+def test_an_expired_token_is_told_and_closed() -> None:
+    node = Node()
+    aria = node.join("aria", expires_in=60)
+    node.advance(59.9)
+    assert aria.id not in node.closes
+    node.advance(0.2)
+    assert error_code(node.last(aria)) == "token_expired"
+    assert node.closes[aria.id] == (CloseCode.TOKEN_EXPIRED, "token expired")
+
+
+def test_a_connection_lost_before_its_token_expires_cancels_the_expiry() -> None:
+    node = Node()
+    aria = node.join("aria", expires_in=60)
+    node.lose(aria)
+    node.advance(120)
+    assert aria.id not in node.closes
+
+
+def test_drain_closes_everyone_with_going_away_and_arms_no_grace() -> None:
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    node.run(node.core.drain())
+    assert node.closes[aria.id][0] == node.closes[borin.id][0] == CloseCode.GOING_AWAY
+    node.lose(aria)
+    node.lose(borin)
+    node.advance(60)
+    assert node.members() == {"aria": True, "borin": True}  # the new node's clients come back
+
+
+def test_excess_messages_are_refused_and_too_many_strikes_close_the_connection() -> None:
+    node = Node()
+    aria = node.join("aria")
+    for n in range(90):  # 60 a burst: the rest refused as rate limited, each a strike
+        node.act(aria, f"x{n}")  # the first accepted, the next ones busy (not strikes)
+    codes = [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR]
+    assert "rate_limited" in codes
+    assert node.closes[aria.id][0] == CloseCode.POLICY_VIOLATION
+
+
+def test_a_left_character_is_closed_on_this_node() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.send(aria, {"type": t.PARTY_LEAVE, "payload": {"character_id": "aria"}})
+    assert node.closes[aria.id] == (CloseCode.NORMAL, "left the party")
+    assert node.members().get("aria") is not True
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["aria", "borin"]), st.integers(0, 3), st.floats(0, 8)),
+        max_size=25,
+    )
+)
+def test_every_accepted_action_gets_exactly_one_final_answer(
+    script: list[tuple[str, int, float]],
+) -> None:
+    """Whatever actions are sent and however long the engine takes (here: never), every action
+    the engine was given is answered once to its sender, and nothing is left to watch."""
+    node = Node()
+    conns = {"aria": node.join("aria"), "borin": node.join("borin")}
+    for character, n, wait in script:
+        node.act(conns[character], f"{character}-{n}")
+        node.advance(wait)
+    node.advance(60)
+    assert node.core.pending == {}
+    for pending in node.engine:
+        answers = [
+            f
+            for f in node.frames[conns[pending.character_id].id]
+            if f["type"] == t.ERROR
+            and f["payload"].get("code") == "action_timeout"
+            and f["payload"]["in_reply_to"].get("action_id") == pending.action_id
+        ]
+        assert answers and all(a == answers[0] for a in answers)  # one answer, maybe resent
