@@ -9,7 +9,6 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 
 from party_sync import __version__, config, devmode, logs
@@ -158,6 +157,13 @@ def _serve(args: argparse.Namespace) -> int:
     settings = with_dev_secret(settings, kept)
     # Known only now (a development secret and API key are made late): never log them.
     logs.protect(*logs.secrets_of(settings))
+    if settings.workers > 1:
+        # N serving processes on the port, supervised by this one (party_sync/workers.py); every
+        # worker gets these settings, the development secret included (read above, once).
+        from party_sync.workers import start_group
+
+        lines = _demo_banner(settings, "redis", dev_mode) if args.demo_tokens else []
+        return start_group(settings, dev_mode=dev_mode, on_ready=lines)
     server = build_server(settings, dev_mode=dev_mode)
     lines = (
         _demo_banner(settings, server.gateway.backend.name, dev_mode) if args.demo_tokens else []
@@ -284,7 +290,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
     if not args.redis_url:
         raise ConfigError("engine-worker needs --redis-url (or PARTY_SYNC_REDIS_URL)")
     # The same settings as the gateway nodes (history size, TTLs, key prefix) from the environment.
-    settings = replace(config.load(None), redis_url=args.redis_url)
+    settings = config.load(None, env={**os.environ, "PARTY_SYNC_REDIS_URL": args.redis_url})
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync-engine-worker")
     engine = load_engine(args.engine)

@@ -17,6 +17,8 @@ from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.protocol.errors import ConfigError
 
 ENV_PREFIX = "PARTY_SYNC_"
+#: The most serving processes ``--workers`` may ask for.
+MAX_WORKERS = 256
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -32,6 +34,26 @@ def _bool(value: str) -> bool:
     raise ValueError(f"not a boolean: {value!r}")
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask: a container's or ``taskset``'s
+    limit counts, not only the machine's cores)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def workers_count(value: str) -> int:
+    """``--workers``: a count, or ``auto`` (the CPUs this process may use)."""
+    text = value.strip().lower()
+    if text == "auto":
+        return usable_cpus()
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a number of workers or auto: {value!r}") from None
+
+
 def _option(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
     return field(default=default, metadata={"help": help, "parse": parse})
 
@@ -42,6 +64,14 @@ class Settings:
 
     host: str = _option("127.0.0.1", "Interface to listen on.")
     port: int = _option(8080, "TCP port for WebSocket (/ws), health checks and the HTTP API.")
+    workers: int = _option(
+        1,
+        "Serving processes on the port (SO_REUSEPORT), each a full node of the Redis backend, "
+        "supervised by the serve process (a worker that dies is restarted, its players resume; "
+        "SIGTERM drains them all); auto = the CPUs this process may use. More than 1 needs "
+        "redis_url. 1 = no supervisor: the serve process serves.",
+        workers_count,
+    )
     engine: str = _option(
         "campaign_engine:create_engine",
         "Campaign Engine to host in-process, as MODULE:ATTR (an Engine or a factory of one).",
@@ -305,6 +335,13 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"{name} must be a finite number")
     checks: Sequence[tuple[bool, str]] = (
         (0 < settings.port < 65536, "port must be 1..65535"),
+        (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),
+        (
+            settings.workers == 1 or bool(settings.redis_url),
+            f"workers {settings.workers} needs the Redis backend (redis_url): the embedded "
+            "backend keeps every party in one process, and workers would share no state "
+            "(use --workers 1, or set PARTY_SYNC_REDIS_URL)",
+        ),
         (settings.max_message_bytes >= 1024, "max_message_bytes must be at least 1024"),
         (settings.api_max_body_bytes >= 4096, "api_max_body_bytes must be at least 4096"),
         (settings.request_body_timeout > 0, "request_body_timeout must be > 0"),

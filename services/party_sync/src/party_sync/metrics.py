@@ -4,12 +4,19 @@ Families of the Redis mode (``party_sync_redis_*``, ``party_sync_pubsub_*``, the
 ``party_sync_actions_stream_*``) are registered only when something of that mode uses them (the
 Redis backend calls ``register_redis``; the stream monitor's first reading registers the stream
 gauges): an embedded server's ``/metrics`` has none of them.
+
+With ``serve --workers N`` (``party_sync.workers``) each worker keeps this registry exactly as a
+single server does (the hot path's counters stay plain integers), and ``/metrics`` on any worker
+reports the whole group: the worker asks every other worker for its own exposition (over a Unix
+socket in the group's private directory) and ``merge_workers`` puts them side by side, every
+sample labelled with its ``worker`` (1..N), plus ``party_sync_workers`` and
+``party_sync_worker_up{worker}``.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 
 from aiohttp import web
@@ -23,8 +30,10 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from party_sync import __version__
 
@@ -187,7 +196,7 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
-        # Background work (issue 11, "Background work never dies"): a periodic task that meets an
+        # Background work (docs/architecture.md, "Recovery"): a periodic task that meets an
         # error counts it here, logs once per episode and carries on.
         self.background_errors = Counter(
             "party_sync_background_errors_total",
@@ -195,8 +204,8 @@ class Metrics:
             ["task"],
             registry=r,
         )
-        # The engine link, as this node sees it (issue 11, "The operator sees a missing or stuck
-        # engine"; engine/stream_monitor.py, engine/health.py).
+        # The engine link, as this node sees it, so the operator sees a missing or stuck engine
+        # (docs/engines.md; engine/stream_monitor.py, engine/health.py).
         self.engine_link_ok = Gauge(
             "party_sync_engine_link_ok",
             "1 while the engine link looks able to answer actions (stream: an active consumer "
@@ -214,7 +223,7 @@ class Metrics:
 
     @cached_property
     def pubsub_gaps(self) -> Counter:
-        # Redis mode (backends/redis_*): pub/sub continuity and health (issue 3, "Operable").
+        # Redis mode (backends/redis_*): pub/sub continuity and health (docs/redis.md).
         return Counter(
             "party_sync_pubsub_gaps_total",
             "Party stream gaps on Redis pub/sub, by outcome (repaired: filled from history; "
@@ -343,3 +352,71 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# -- serve --workers N: one exposition for the whole group ----------------------------------------
+#: The label that tells the workers of one ``serve --workers N`` group apart.
+WORKER_LABEL = "worker"
+
+
+class WorkerRestarts(Collector):
+    """``party_sync_worker_restarts_total``: how many times the supervisor restarted this worker
+    (its slot: a restarted worker takes the same ``worker`` number)."""
+
+    def __init__(self, restarts: int, registry: CollectorRegistry) -> None:
+        self.restarts = restarts
+        registry.register(self)
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "party_sync_worker_restarts",
+            "serve --workers: times the supervisor restarted this worker after it died",
+            value=float(self.restarts),
+        )
+
+
+class _Families(Collector):
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+def merge_workers(expositions: Sequence[tuple[int, bytes | None]], count: int) -> bytes:
+    """One exposition of a ``serve --workers`` group from each worker's own (``None``: that
+    worker did not answer, e.g. while it is restarted): every sample of every family gets the
+    label ``worker``, and ``party_sync_workers`` (N) and ``party_sync_worker_up{worker}`` say
+    which workers are in it. Run at scrape time only (a parse of a few hundred lines each)."""
+    families: dict[str, Metric] = {}
+    up = GaugeMetricFamily(
+        "party_sync_worker_up",
+        "serve --workers: 1 if this worker's metrics are in this scrape, 0 if it did not answer "
+        "(dead, being restarted)",
+        labels=[WORKER_LABEL],
+    )
+    for worker, text in expositions:
+        up.add_metric([str(worker)], 0.0 if text is None else 1.0)
+        if text is None:
+            continue
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = Metric(family.name, family.documentation, family.type, family.unit)
+                families[family.name] = merged
+            for sample in family.samples:
+                merged.samples.append(
+                    Sample(
+                        sample.name,
+                        {**sample.labels, WORKER_LABEL: str(worker)},
+                        sample.value,
+                        sample.timestamp,
+                        sample.exemplar,
+                    )
+                )
+    group = GaugeMetricFamily(
+        "party_sync_workers", "serve --workers: serving processes of this group", value=count
+    )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*families.values(), group, up]))
+    return generate_latest(registry)

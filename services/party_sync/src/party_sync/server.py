@@ -11,6 +11,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 from aiohttp import web
 
@@ -205,11 +206,26 @@ def event_loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop]:
     return asyncio.new_event_loop
 
 
-def serve(server: Server, *, on_ready: list[str] | None = None) -> None:
+class WorkerRole(Protocol):
+    """What a worker of ``serve --workers N`` adds to ``run`` (``party_sync.workers``): it
+    listens with SO_REUSEPORT beside its siblings, and tells its supervisor when it serves."""
+
+    index: int
+
+    async def started(self, server: Server, stop: Callable[[], None]) -> None:
+        """The worker listens: tell the supervisor; ``stop()`` drains it (its parent is gone)."""
+
+    async def stopped(self) -> None:
+        """The worker has drained: release what ``started`` took."""
+
+
+def serve(
+    server: Server, *, on_ready: list[str] | None = None, worker: WorkerRole | None = None
+) -> None:
     """Run ``run(server)`` to its end on the configured event loop (``party-sync serve``)."""
     factory = event_loop_factory(server.settings.event_loop)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(run(server, on_ready=on_ready))
+        runner.run(run(server, on_ready=on_ready, worker=worker))
 
 
 @dataclass
@@ -230,11 +246,14 @@ class Listening:
 
 
 async def start_serving(
-    server: Server, host: str, port: int, *, shutdown_timeout: float
+    server: Server, host: str, port: int, *, shutdown_timeout: float, reuse_port: bool = False
 ) -> Listening:
     """Start the app on ``host:port`` with the connection limits of ``transport/guard.py``:
     aiohttp's protocol factory (``runner.server``) behind a ``GuardedConnection`` per socket,
-    instead of a ``web.TCPSite`` (which would hand sockets to aiohttp unguarded)."""
+    instead of a ``web.TCPSite`` (which would hand sockets to aiohttp unguarded).
+
+    ``reuse_port``: SO_REUSEPORT, so the workers of ``serve --workers N`` each listen on the
+    same port and the kernel spreads new connections over them."""
     settings = server.settings
     runner = web.AppRunner(
         server.app,
@@ -252,6 +271,7 @@ async def start_serving(
             host,
             port,
             reuse_address=True,
+            reuse_port=True if reuse_port else None,
             backlog=128,  # web.TCPSite's
         )
     except BaseException:
@@ -260,11 +280,20 @@ async def start_serving(
     return Listening(runner, listener)
 
 
-async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
-    """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit."""
+async def run(
+    server: Server, *, on_ready: list[str] | None = None, worker: WorkerRole | None = None
+) -> None:
+    """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit.
+
+    ``worker``: one worker of ``serve --workers N`` (SO_REUSEPORT; it also stops when its
+    supervisor is gone)."""
     settings = server.settings
     listening = await start_serving(
-        server, settings.host, settings.port, shutdown_timeout=settings.shutdown_timeout
+        server,
+        settings.host,
+        settings.port,
+        shutdown_timeout=settings.shutdown_timeout,
+        reuse_port=worker is not None,
     )
     # Everything made so far (modules, compiled schemas, the app) lives as long as the process:
     # move it out of the collector's reach so full collections stay short under load.
@@ -279,6 +308,7 @@ async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
         loop.add_signal_handler(sig, stop.set)
     backend = describe_backend(settings, server.gateway.backend)
     transport, engine = describe_engine(settings, server.gateway.link)
+    where = {"worker": worker.index} if worker is not None else {}
     log.info(
         "party_sync serving on http://%s:%s: backend %s, engine %s: %s",
         settings.host,
@@ -293,12 +323,17 @@ async def run(server: Server, *, on_ready: list[str] | None = None) -> None:
             "engine_transport": transport,
             "engine": engine,
             "loop": type(loop).__module__.split(".")[0],
+            **where,
         },
     )
     for line in on_ready or ():
         print(line, flush=True)
+    if worker is not None:
+        await worker.started(server, stop.set)
     await stop.wait()
     log.info("party_sync shutting down")
     started = time.monotonic()
     await listening.stop()
+    if worker is not None:
+        await worker.stopped()
     log.info("party_sync stopped", extra={"seconds": round(time.monotonic() - started, 3)})

@@ -1,0 +1,438 @@
+"""``party-sync serve --workers N`` (the README's "Using every core"): real processes on
+loopback, a private redis-server, the reference engine in every worker sharing one SQLite file.
+
+Every wait is on a condition: a log line of the group (its stderr, read as it comes), a message
+on a socket, an HTTP answer; never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+from party_sync import config
+from prometheus_client.parser import text_string_to_metric_families
+from ps_testkit.client import Client, Closed, wait_until
+from ps_testkit.cluster import assert_ordered, wait_async
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import SECRET, Running, free_port, party_sync_command
+
+pytestmark = pytest.mark.e2e
+
+KEY = "workers-api-key-0123456789abcdef0123"
+#: Characters tried, one connection each, until one lands on another worker than the first.
+POOL = ["borin", "cora", "dain", "eira", "finn", "gale", "hale", "iris", "jory", "kell"]
+POOL += [f"x{i}" for i in range(14)]  # P(all 24 on one of two workers) = 2**-24
+
+
+@dataclass
+class Group:
+    """A running ``party-sync serve --workers N`` and what it has logged so far."""
+
+    process: asyncio.subprocess.Process
+    port: int
+    http: aiohttp.ClientSession
+    logs: list[dict[str, Any]] = field(default_factory=list)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    @property
+    def running(self) -> Running:
+        return Running(f"http://127.0.0.1:{self.port}", self.http)
+
+    async def read_logs(self) -> None:
+        assert self.process.stderr is not None
+        async for raw in self.process.stderr:
+            line = raw.decode(errors="replace").strip()
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                entry = {"msg": line}
+            self.logs.append(entry if isinstance(entry, dict) else {"msg": line})
+            self.changed.set()
+        self.changed.set()
+
+    async def log(self, match: Callable[[dict[str, Any]], bool], timeout: float = 20.0) -> Any:
+        """The first log entry (from the start) that ``match``es; waits for it."""
+        seen = 0
+        async with asyncio.timeout(timeout):
+            while True:
+                for entry in self.logs[seen:]:
+                    if match(entry):
+                        return entry
+                seen = len(self.logs)
+                if self.process.returncode is not None and self.process.stderr is not None:
+                    assert not self.process.stderr.at_eof(), f"exited: {self.tail()}"
+                self.changed.clear()
+                await self.changed.wait()
+
+    def tail(self) -> str:
+        return "\n".join(str(e.get("msg")) for e in self.logs[-30:])
+
+    async def node_of(self, character: str, party: str = "p1") -> str:
+        """The node id (one worker) of ``character``'s connection, from the admin API."""
+        nodes: list[str] = []
+
+        async def known() -> bool:
+            url = f"{self.running.base}/api/v1/parties/{party}"
+            headers = {"Authorization": f"Bearer {KEY}"}
+            async with self.http.get(url, headers=headers) as resp:
+                if resp.status != 200:
+                    return False
+                detail = await resp.json()
+            for member in detail["presence"]:
+                if member["character_id"] == character and member["nodes"]:
+                    nodes[:] = member["nodes"]
+            return bool(nodes)
+
+        await wait_async(known)
+        assert len(nodes) == 1, nodes
+        return nodes[0]
+
+    async def scrape(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+        async with self.http.get(self.running.base + "/metrics") as resp:
+            assert resp.status == 200
+            text = await resp.text()
+        samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = tuple(sorted(sample.labels.items()))
+                samples.setdefault(sample.name, {})[labels] = sample.value
+        return samples
+
+
+def serving(entry: dict[str, Any]) -> bool:
+    return "workers" in entry and str(entry.get("msg", "")).startswith("party_sync serving")
+
+
+def group_env(tmp_path: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PARTY_SYNC_JWT_SECRET": SECRET,
+        "PARTY_SYNC_API_KEY": KEY,
+        "PARTY_SYNC_LOG_LEVEL": "INFO",
+        "PARTY_SYNC_LOG_FORMAT": "json",
+        # One engine per worker (in-process), sharing their runs through one SQLite file.
+        "CAMPAIGN_ENGINE_DATABASE_URL": f"sqlite:///{tmp_path / 'engine.sqlite3'}",
+        "CAMPAIGN_ENGINE_SEED": "7",
+    }
+
+
+@contextlib.asynccontextmanager
+async def workers_group(
+    redis: RedisServer,
+    tmp_path: Path,
+    *args: str,
+    workers: str = "2",
+    new_session: bool = False,
+) -> AsyncIterator[Group]:
+    """``new_session``: the group in a process group of its own (a terminal's Ctrl-C)."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *party_sync_command(),
+        "serve",
+        "--workers",
+        workers,
+        "--port",
+        str(port),
+        "--redis-url",
+        redis.url,
+        "--engine-transport",
+        "inprocess",
+        "--presence-grace",
+        "0.2",
+        "--shutdown-timeout",
+        "5",
+        *args,
+        env=group_env(tmp_path),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=new_session,
+    )
+    async with aiohttp.ClientSession() as http:
+        group = Group(process, port, http)
+        reader = asyncio.create_task(group.read_logs())
+        try:
+            await group.log(serving)
+            yield group
+        finally:
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                try:
+                    async with asyncio.timeout(20):
+                        await process.wait()
+                except TimeoutError:
+                    process.kill()
+                    await process.wait()
+            await reader
+
+
+async def spread(group: Group) -> tuple[Client, Client, str, str]:
+    """Two members of party p1 on two different workers: (a, b, a's node, b's node)."""
+    a, _ = await group.running.join("aria")
+    node_a = await group.node_of("aria")
+    for character in POOL:
+        b, _ = await group.running.join(character)
+        node_b = await group.node_of(character)
+        if node_b != node_a:
+            return a, b, node_a, node_b
+        await b.close()
+    raise AssertionError("every connection landed on one worker")
+
+
+def pids_by_node(group: Group) -> dict[str, int]:
+    return {
+        e["node"]: e["pid"]
+        for e in group.logs
+        if str(e.get("msg", "")).startswith("worker ") and "pid" in e and e.get("node")
+    }
+
+
+async def test_a_party_across_two_workers_plays_the_seed_flow_and_metrics_cover_both(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    async with workers_group(redis, tmp_path) as group:
+        up = await group.log(serving)
+        assert up["workers"] == 2 and len(set(up["nodes"])) == 2  # two nodes, one port
+        a, b, node_a, node_b = await spread(group)
+        assert {node_a, node_b} == set(up["nodes"])
+        # One player acts, the other watches, each on its own process: both see the action's
+        # result and then the scene it caused, in seq order.
+        scene = await b.until("scene.update")
+        option = scene["payload"]["options"][0]["id"]
+        await a.act("w-1", "aria", "r1", action_type="choice", payload={"option": option})
+        for client in (a, b):
+            result = await client.until("action.result", timeout=10)
+            assert result["payload"]["action_id"] == "w-1"
+            assert result["payload"]["outcome"] in {"success", "failure", "partial"}
+            after = await client.until("scene.update", timeout=10)
+            assert after["seq"] > result["seq"]
+            assert_ordered(client)
+        # /metrics on either worker reports both, each sample labelled with its worker.
+        samples = await group.scrape()
+        assert samples["party_sync_workers"][()] == 2
+        assert samples["party_sync_worker_up"] == {(("worker", "1"),): 1, (("worker", "2"),): 1}
+        nodes = {
+            dict(labels)["node"]: dict(labels)["worker"]
+            for labels in samples["party_sync_node_info"]
+        }
+        assert set(nodes) == {node_a, node_b}
+        connections = samples["party_sync_connections"]
+        assert connections[(("worker", nodes[node_a]),)] >= 1
+        assert connections[(("worker", nodes[node_b]),)] >= 1
+        messages = samples["party_sync_messages_in_total"]
+        acted = {
+            dict(k)["worker"]: v for k, v in messages.items() if dict(k)["type"] == "action.request"
+        }
+        assert acted == {nodes[node_a]: 1}  # the hot path's own counters, per worker
+        for name in ("process_cpu_seconds_total", "party_sync_build_info"):
+            assert {dict(labels)["worker"] for labels in samples[name]} == {"1", "2"}, name
+        async with group.http.get(group.running.base + "/readyz") as resp:
+            assert resp.status == 200
+        await a.close()
+        await b.close()
+
+
+async def test_a_killed_worker_is_restarted_and_its_players_resume(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    async with workers_group(redis, tmp_path) as group:
+        a, b, node_a, node_b = await spread(group)
+        scene = await b.until("scene.update")
+        hello_b = next(m for m in b.received if m["type"] == "system.hello")
+        epoch = hello_b["payload"]["epoch"]
+        last_seq = max(m["seq"] for m in b.received if "seq" in m)
+        pid = pids_by_node(group)[node_b]
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(Closed):
+            await b.closed(timeout=10)
+        dead = await group.log(
+            lambda e: "restarting it in" in str(e.get("msg")) and e.get("pid") == pid
+        )
+        assert dead["returncode"] == -signal.SIGKILL and dead["node"] == node_b
+        # While b is away, a (on the other worker) acts: b must get it on resuming.
+        option = scene["payload"]["options"][0]["id"]
+        await a.act("w-2", "aria", "r1", action_type="choice", payload={"option": option})
+        result = await a.until("action.result", timeout=10)
+        again = await group.log(
+            lambda e: str(e.get("msg", "")).startswith(f"worker {dead['worker']} restarted")
+        )
+        assert again["pid"] != pid and again["node"] not in {node_a, node_b}
+        assert again["restarts"] == 1
+        character = str(hello_b["payload"]["you"])
+        b2 = await group.running.connect(character, epoch=epoch, last_seq=last_seq)
+        hello = await b2.expect("system.hello")
+        assert hello["payload"]["resumed"] is True
+        assert hello["payload"]["resumed_from"] == last_seq
+        replayed = await b2.until("action.result", timeout=10)
+        assert replayed["seq"] == result["seq"]
+        assert_ordered(b2)  # seq continuity from last_seq, no gap, no duplicate
+        samples = await group.scrape()
+        assert samples["party_sync_worker_up"] == {(("worker", "1"),): 1, (("worker", "2"),): 1}
+        restarts = samples["party_sync_worker_restarts_total"]
+        assert restarts[(("worker", str(dead["worker"])),)] == 1
+        await a.close()
+        await b2.close()
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+async def test_sigterm_to_the_parent_drains_every_worker(
+    redis: RedisServer, tmp_path: Path, stop: str
+) -> None:
+    """SIGTERM to ``serve``; or Ctrl-C in a terminal: SIGINT to every process of the group."""
+    async with workers_group(redis, tmp_path, new_session=stop == "ctrl-c") as group:
+        group_dir = Path((await group.log(serving))["group_dir"])
+        assert await asyncio.to_thread(group_dir.is_dir)
+        a, b, _, _ = await spread(group)
+        if stop == "sigterm":
+            group.process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(group.process.pid, signal.SIGINT)
+        for client in (a, b):
+            try:
+                code = await client.closed(timeout=10)
+            except Closed as exc:
+                code = exc.code
+            assert code == 1001
+        async with asyncio.timeout(20):
+            assert await group.process.wait() == 0
+        drained = [e for e in group.logs if e.get("msg") == "party_sync stopped"]
+        assert len(drained) == 3  # each worker, then the parent
+        assert not [e for e in group.logs if "restarting" in str(e.get("msg"))]
+        assert not await asyncio.to_thread(group_dir.exists)
+
+
+async def test_workers_leave_when_their_supervisor_is_killed(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    async with workers_group(redis, tmp_path) as group:
+        pids = (await group.log(serving))["pids"]
+        group.process.kill()
+        await group.process.wait()
+
+        def gone(pid: int) -> bool:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except FileNotFoundError:
+                return True
+            return "State:\tZ" in status
+
+        await wait_until(lambda: all(gone(pid) for pid in pids), timeout=20)
+
+
+async def test_auto_is_the_number_of_usable_cpus(redis: RedisServer, tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    cpus = len(os.sched_getaffinity(0))
+    flags = parser.parse_args(["--workers", "auto", "--redis-url", redis.url])
+    assert config.load(flags, env={}).workers == cpus
+    assert (
+        config.load(
+            None, env={"PARTY_SYNC_WORKERS": "auto", "PARTY_SYNC_REDIS_URL": redis.url}
+        ).workers
+        == cpus
+    )
+    if cpus < 2:
+        pytest.skip("one usable CPU: auto is 1, today's single process")
+    async with workers_group(redis, tmp_path, workers="auto") as group:
+        up = await group.log(serving)
+        assert up["workers"] == cpus
+        samples = await group.scrape()
+        assert samples["party_sync_workers"][()] == cpus
+
+
+async def test_development_mode_shares_one_secret_across_workers(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """No secret configured (``make run`` with Redis): the development secret is made once by
+    ``serve``, before the workers start; the links it prints work on every worker."""
+    env = {k: v for k, v in group_env(tmp_path).items() if k != "PARTY_SYNC_JWT_SECRET"}
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        *party_sync_command(),
+        "serve",
+        "--port",
+        str(port),
+        "--demo-tokens",
+        env={**env, "PARTY_SYNC_WORKERS": "2", "PARTY_SYNC_REDIS_URL": redis.url},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    assert process.stdout is not None
+    try:
+        tokens: list[str] = []
+        async with asyncio.timeout(20):
+            while True:
+                line = (await process.stdout.readline()).decode()
+                assert line, "serve exited before printing its URLs"
+                if "/demo?token=" in line:
+                    tokens.append(line.split("token=")[-1].strip())
+                if "Ctrl-C stops" in line:
+                    break
+        assert len(tokens) == 2  # printed once for the group
+        async with aiohttp.ClientSession() as http:
+            running = Running(f"http://127.0.0.1:{port}", http)
+            # Enough connections to meet both workers (each has the secret, or some would fail).
+            for _ in range(8):
+                for character, value in zip(("aria", "borin"), tokens, strict=True):
+                    client = await running.connect(character, token_value=value)
+                    await client.expect("system.hello")
+                    await client.close()
+            url = f"http://127.0.0.1:{port}/api/v1/dev/token"
+            for _ in range(8):
+                async with http.post(url, json={"character_id": "cora"}) as resp:
+                    assert resp.status == 200  # development routes on every worker
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await process.wait() == 0
+    assert await asyncio.to_thread((tmp_path / ".party_sync_dev_secret").is_file)
+
+
+def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*party_sync_command(), "serve", "--port", str(free_port()), *args],
+        env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "env"), [(("--workers", "2"), {}), ((), {"PARTY_SYNC_WORKERS": "3"})]
+)
+def test_more_than_one_worker_on_the_embedded_backend_is_refused(
+    args: tuple[str, ...], env: dict[str, str]
+) -> None:
+    proc = run_serve(*args, env=env)
+    assert proc.returncode == 2
+    assert "configuration error" in proc.stderr
+    assert "needs the Redis backend" in proc.stderr
+
+
+def test_a_worker_that_cannot_start_stops_the_group_with_its_code(redis: RedisServer) -> None:
+    proc = run_serve(
+        "--workers",
+        "2",
+        "--redis-url",
+        redis.url,
+        "--engine-transport",
+        "inprocess",
+        "--engine",
+        "nonexistent_module:thing",
+    )
+    assert proc.returncode == 2
+    assert "configuration error" in proc.stderr and "nonexistent_module" in proc.stderr
