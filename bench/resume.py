@@ -1,4 +1,4 @@
-"""Resume probe: how long a reconnect that resumes 100 missed events takes (issue 7's target).
+"""Resume probe: how long a reconnect that resumes 100 missed events takes (target: under 50 ms).
 
 One party of 4 members. Member c0 notes its ``epoch`` and ``last_seq`` and disconnects; the others
 act 50 times (50 × ``action.result`` + ``scene.update`` = 100 events); c0 reconnects with

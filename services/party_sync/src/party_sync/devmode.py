@@ -1,4 +1,4 @@
-"""Development mode that survives its own restart (``make run``; issue 11).
+"""Development mode that survives its own restart (``make run``; README, "The two commands").
 
 With no ``PARTY_SYNC_JWT_SECRET``, ``party-sync serve`` signs tokens with a development secret.
 A fresh random secret per process would break every printed demo link at the next start, so the

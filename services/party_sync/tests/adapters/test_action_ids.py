@@ -1,4 +1,4 @@
-"""Action ids cannot be used against another actor (issue 12, finding 1), on both backends.
+"""Action ids cannot be used against another actor, on both backends.
 
 A finished vote is applied as the party's action ``vote:<vote_id>`` and the vote id is broadcast:
 a member who sends that id first must not cancel or replace the party's decision. And the ledger

@@ -88,9 +88,9 @@ async def test_other_characters_are_not_blocked_by_one_in_flight() -> None:
 
 
 async def test_an_action_no_engine_started_by_its_deadline_is_refused_and_never_applied() -> None:
-    """Issue 11, failure 6: the timeout is a promise. Nobody started the action by its deadline
-    (stream mode with no worker, say): the sender gets action_timeout, a resend gets the same
-    answer, and an engine host that comes later is told not to start it."""
+    """The timeout is a promise (docs/protocol.md, "Actions and idempotency"). Nobody started the
+    action by its deadline (stream mode with no worker, say): the sender gets action_timeout, a
+    resend gets the same answer, and an engine host that comes later is told not to start it."""
     engine = ScriptedEngine()
     async with serve_in_process(make_settings(action_timeout=0.3), engine=engine) as srv:
         assert srv.server is not None

@@ -1,4 +1,4 @@
-"""The admin API (issue 15): parties, a party, its events, nodes, disconnecting a character."""
+"""The admin API: parties, a party, its events, nodes, disconnecting a character."""
 
 from __future__ import annotations
 

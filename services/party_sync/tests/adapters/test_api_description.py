@@ -1,7 +1,7 @@
-"""The API descriptions (issue 15): ``/openapi.json`` lists exactly the app's routes and is valid
-OpenAPI 3.1; ``/asyncapi.json`` is valid AsyncAPI 3.0 (checked against the official JSON Schema
-of the npm package ``@asyncapi/specs``, a devDependency of clients/js) with one message per
-protocol type and every close code; refusals are RFC 9457 problem details."""
+"""The API descriptions (README, "Operating it"): ``/openapi.json`` lists exactly the app's
+routes and is valid OpenAPI 3.1; ``/asyncapi.json`` is valid AsyncAPI 3.0 (checked against the
+official JSON Schema of the npm package ``@asyncapi/specs``, a devDependency of clients/js) with
+one message per protocol type and every close code; refusals are RFC 9457 problem details."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Hostile input at the edges (issue 12): deep frames over /ws (finding 6), hostile time claims at
-the handshake (finding 7), hostile display names (finding 8), and the id rule of every API route
-driven by generated ids without a socket (finding 5)."""
+"""Hostile input at the edges (docs/security.md, "What is checked at the edge"): deep frames over
+/ws, hostile time claims at the handshake, hostile display names, the id rule of every API route
+driven by generated ids without a socket, and sign-in bodies that arrive in several segments."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from ps_testkit.servers import SECRET, make_settings, serve_in_process
 KEY = "api-key-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-# -- finding 6: a deep frame over the WebSocket ------------------------------------------------
+# -- a deep frame over the WebSocket -----------------------------------------------------------
 
 
 def deep_action(depth: int, action_id: str = "deep-1") -> str:
@@ -79,7 +79,7 @@ async def test_a_frame_nested_300_deep_gets_too_deep_and_the_connection_stays_us
     assert not any(r.exc_info for r in caplog.records if r.name.startswith("party_sync"))
 
 
-# -- finding 7: hostile time claims at the handshake -------------------------------------------
+# -- hostile time claims at the handshake ------------------------------------------------------
 
 
 def _b64(obj: Any) -> str:
@@ -136,7 +136,7 @@ async def test_a_hostile_time_claim_is_401_at_the_handshake(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
-# -- finding 8: display names --------------------------------------------------------------------
+# -- display names -------------------------------------------------------------------------------
 
 
 async def test_a_signed_token_with_a_hostile_name_joins_under_a_clean_name() -> None:
@@ -184,7 +184,7 @@ async def test_the_dev_token_endpoint_refuses_a_hostile_name_and_reads_bodies_wh
             assert (resp.status, (await resp.json())["error"]) == (400, "bad_json")
 
 
-# -- finding 5: generated bad ids on every API route, without a socket ------------------------
+# -- generated bad ids on every API route, without a socket -----------------------------------
 
 ID_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:-"
 bad_ids = st.one_of(
@@ -257,7 +257,7 @@ def test_the_key_is_checked_before_the_path_ids() -> None:
     assert asyncio.run(call()).status == 401
 
 
-# -- finding 3: sign-in bodies that arrive in several segments --------------------------------
+# -- sign-in bodies that arrive in several segments -------------------------------------------
 
 BOT = "7000000001:AAF-test-bot-token-of-party-sync"
 

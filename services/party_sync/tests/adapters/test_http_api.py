@@ -1,4 +1,4 @@
-"""The server API: engines publish into parties over HTTP (issue 4's events API)."""
+"""The server API: engines publish into parties over HTTP (the events API: docs/engines.md)."""
 
 from __future__ import annotations
 
@@ -122,7 +122,7 @@ async def test_openapi_document_is_valid_and_lists_the_api() -> None:
         } <= set(spec["paths"])
 
 
-# -- issue 12: bodies read whole (finding 3), path ids (finding 5), depth (finding 6) ----------
+# -- hostile bodies: read whole, path ids, depth -----------------------------------------------
 
 
 def big_state(size: int) -> dict[str, Any]:

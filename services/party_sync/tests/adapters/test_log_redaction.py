@@ -1,6 +1,7 @@
-"""Credentials never reach the logs, even through aiohttp's own error logging (issue 12, finding
-4): malformed requests carrying a real signed token, the API key, the JWT secret and the bot
-token, sent over raw sockets; then everything the server logged is searched for them.
+"""Credentials never reach the logs, even through aiohttp's own error logging (docs/security.md,
+"Logs never hold a credential"): malformed requests carrying a real signed token, the API key,
+the JWT secret and the bot token, sent over raw sockets; then everything the server logged is
+searched for them.
 
 1. A real ``party-sync serve`` process with its production logging (stderr to a file): nothing
    secret in any line, and 100 malformed requests give one WARNING line, no ERROR, no traceback.
@@ -58,7 +59,7 @@ def secrets_in(text: str) -> list[str]:
 
 
 def malformed_requests() -> dict[str, bytes]:
-    """One of each kind the parser refuses, each carrying credentials (issue 12's list)."""
+    """One of each kind the parser refuses, each carrying credentials."""
     auth = f"Authorization: Bearer {API_KEY}\r\n"
     kinds = {
         "bad-char-after-token": f"GET /ws?token={TOKEN}\x01 HTTP/1.1\r\nHost: x\r\n{auth}\r\n",

@@ -80,7 +80,7 @@ async def test_no_configured_key_refuses_registration() -> None:
         (MEMBER, {**ARIA, "role": "admin"}, "unknown"),
         (MEMBER, [ARIA], "object"),
         ("/api/v1/parties/p1/members/party", ARIA, "reserved"),
-        # a path id that breaks the id rule is 400 invalid_id (test_http_api.py, issue 12)
+        # a path id that breaks the id rule is 400 invalid_id (see test_http_api.py)
     ],
 )
 async def test_invalid_registrations_get_422_and_store_nothing(

@@ -1,5 +1,5 @@
-"""What ``/metrics`` exports (issue 15): the process, the build, HTTP requests by route, engine
-link failures by transport, and no Redis-only family on the embedded backend."""
+"""What ``/metrics`` exports: the process, the build, HTTP requests by route, engine link failures
+by transport, and no Redis-only family on the embedded backend."""
 
 from __future__ import annotations
 

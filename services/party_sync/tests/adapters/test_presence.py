@@ -143,7 +143,7 @@ async def test_token_expiry_on_an_open_connection_closes_with_4001() -> None:
         await client.close()
 
 
-# -- presence after a stall (issue 11, failure 4) ----------------------------------------------
+# -- presence after a stall (docs/redis.md, "Guarantees") --------------------------------------
 
 
 def presence_view(client: Client) -> dict[str, bool]:

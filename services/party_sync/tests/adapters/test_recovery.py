@@ -1,6 +1,6 @@
-"""Recovery rules of the gateway, on both backends (issue 11): the engine is asked to re-state a
-party whose stream starts a new epoch, and a final answer lost on the way still reaches its
-sender (failure 5), once."""
+"""Recovery rules of the gateway, on both backends (docs/redis.md, "Guarantees"): the engine is
+asked to re-state a party whose stream starts a new epoch, and a final answer lost on the way
+still reaches its sender, once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The seed's definition of done (§8), over real WebSockets to a real server on loopback."""
+"""The basic flow, over real WebSockets to a real server on loopback: two players join, one acts,
+and the other sees the action's result, then the scene it caused."""
 
 from __future__ import annotations
 

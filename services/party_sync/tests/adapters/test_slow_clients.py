@@ -1,6 +1,6 @@
-"""Slow and greedy clients (issue 12, finding 2): a request head that never completes, an idle
-keep-alive connection, and too many connections from one address or one user are all bounded,
-while an upgraded WebSocket stays open and a neighbour is served throughout.
+"""Slow and greedy clients: a request head that never completes, an idle keep-alive connection,
+and too many connections from one address or one user are all bounded, while an upgraded
+WebSocket stays open and a neighbour is served throughout.
 
 Real sockets against the real server on loopback. A neighbour on 127.0.0.2 is another client
 address (Linux routes all of 127/8 to the loopback interface). Waits are bounded waits on a

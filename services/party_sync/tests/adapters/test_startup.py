@@ -1,4 +1,4 @@
-"""The start-up log names the backend and the engine transport actually used (issue 11, 8)."""
+"""The start-up log names the backend and the engine transport actually used."""
 
 from __future__ import annotations
 

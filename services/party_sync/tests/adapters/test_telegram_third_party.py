@@ -1,7 +1,7 @@
-"""Telegram sign-in with third-party validation (issue 12, finding 9): ``telegram_bot_id``
-checks initData's Ed25519 ``signature`` with Telegram's published key, alone or beside the bot
-token's HMAC. Driven with initData that Telegram itself signed (``ps_testkit.telegram_vector``),
-so the server's real production key is what verifies it."""
+"""Telegram sign-in with third-party validation: ``telegram_bot_id`` checks initData's Ed25519
+``signature`` with Telegram's published key, alone or beside the bot token's HMAC. Driven with
+initData that Telegram itself signed (``ps_testkit.telegram_vector``), so the server's real
+production key is what verifies it."""
 
 from __future__ import annotations
 

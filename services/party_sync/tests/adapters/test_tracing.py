@@ -1,4 +1,4 @@
-"""OpenTelemetry tracing: one connected trace per action over each engine transport (issue 15).
+"""OpenTelemetry tracing: one connected trace per action over each engine transport.
 
 Spans go to the SDK's in-memory exporter (``tracing.install``). For each transport an action is
 sent over a real WebSocket and answered by a real engine; the trace must be *one* tree: a single

@@ -21,7 +21,7 @@ def test_a_new_action_is_accepted_and_a_repeat_is_in_flight() -> None:
     assert led.begin("aria", "a1", now=0.0) == Verdict(Decision.ACCEPT)
     assert led.begin("aria", "a1", now=1.0) == Verdict(Decision.IN_FLIGHT)
     # the action_id is what counts, whoever sends it
-    # another actor's id: refused without saying whether it is in flight (issue 12)
+    # another actor's id: refused without saying whether it is in flight
     assert led.begin("borin", "a1", now=1.0) == Verdict(Decision.TAKEN)
     assert led.state_of("a1") is Decision.IN_FLIGHT
     assert len(led) == 1
@@ -71,7 +71,7 @@ def test_record_ttl_is_at_least_the_action_timeout() -> None:
     assert led.begin("aria", "a1", now=9.0).decision is Decision.IN_FLIGHT
 
 
-# -- the final answer: claim, time_out, refuse, complete (issue 11) -----------------------------
+# -- the final answer: claim, time_out, refuse, complete ----------------------------------------
 
 REFUSAL = b'{"type":"system.error","payload":{"code":"action_timeout"}}'
 FAILED = b'{"type":"system.error","payload":{"code":"engine_failed"}}'
@@ -302,7 +302,8 @@ class Rec:
 
 @dataclass
 class LedgerModel:
-    """Written from the rules of issue 11 and the module's docstrings, not from the code.
+    """Written from the rules of docs/protocol.md ("Actions and idempotency") and the module's
+    docstrings, not from the code.
 
     Records live record_ttl since begin or since their final answer, and are collected oldest
     first by the next begin (at most max_records kept before an insert); a record's deadline is
@@ -338,7 +339,7 @@ class LedgerModel:
         self.collect(now)
         rec = self.records.get(a)
         if rec is not None:
-            if rec.character != c:  # another actor's id tells nothing (issue 12)
+            if rec.character != c:  # another actor's id tells nothing
                 return Verdict(Decision.TAKEN)
             if rec.answer is not None:
                 return Verdict(Decision.DONE, result=rec.answer)

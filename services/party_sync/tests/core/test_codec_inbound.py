@@ -398,7 +398,7 @@ def test_any_json_message_parses_or_gets_the_code_of_its_first_fault(
         assert outcome.payload == payload
 
 
-# -- nesting depth (issue 12, finding 6) -------------------------------------------------------
+# -- nesting depth (64 levels: too_deep) -------------------------------------------------------
 
 
 def nested(depth: int, *, kind: str = "object") -> Any:
@@ -462,8 +462,8 @@ def test_an_action_nested_300_deep_is_too_deep_not_a_schema_violation() -> None:
     assert error.code is ErrorCode.TOO_DEEP
     assert error.retryable is False
     assert error.code in BAD_INPUT  # counts towards the policy close like other bad input
-    # nothing of it is forwarded, but the refusal names the action it refuses (issue 11: every
-    # error about an action carries its action_id), from well-formed top-level fields only
+    # nothing of it is forwarded, but the refusal names the action it refuses (every error about
+    # an action carries its action_id), from well-formed top-level fields only
     assert (error.type, error.action_id, error.trace_id) == (t.ACTION_REQUEST, "act-1", "client-1")
 
 

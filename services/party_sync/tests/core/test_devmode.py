@@ -1,4 +1,4 @@
-"""Development mode survives its own restart: the kept secret, and ``--new-game`` (issue 11)."""
+"""Development mode survives its own restart: the kept secret, and ``--new-game``."""
 
 from __future__ import annotations
 

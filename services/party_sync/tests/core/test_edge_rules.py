@@ -1,5 +1,6 @@
-"""The id rule and the display-name rule (issue 12, findings 5 and 8), as pure functions, and the
-token side of the name rule: issued names are refused, accepted names are normalised."""
+"""The id rule and the display-name rule (docs/security.md, "What is checked at the edge"), as
+pure functions, and the token side of the name rule: issued names are refused, accepted names are
+normalised."""
 
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ def test_any_change_to_a_signed_value_is_refused(
     assert caught.value.status == 401 and caught.value.code == INVALID
 
 
-# --- Third-party validation: Telegram's Ed25519 ``signature`` (issue 12, finding 9) -------------
+# --- Third-party validation: Telegram's Ed25519 ``signature`` -----------------------------------
 #
 # The message is built here from Telegram's description ("Validating data for Third-Party Use"),
 # not via the module under test: "<bot_id>:WebAppData\n" + the sorted key=value lines without

@@ -1,5 +1,5 @@
-"""The log redaction and the malformed-request limiter of ``party_sync.logs`` (issue 12,
-finding 4), as pure pieces: no server, no sockets, time passed in."""
+"""The log redaction and the malformed-request limiter of ``party_sync.logs`` (docs/security.md,
+"Logs never hold a credential"), as pure pieces: no server, no sockets, time passed in."""
 
 from __future__ import annotations
 

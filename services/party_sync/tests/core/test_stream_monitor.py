@@ -1,4 +1,4 @@
-"""The actions-stream monitor's decisions, episodes and gauges, fed fake readings (issue 11, 8)."""
+"""The actions-stream monitor's decisions, episodes and gauges, fed fake readings."""
 
 from __future__ import annotations
 

@@ -242,7 +242,7 @@ async def handshake(port: int, token: str) -> int:
 
 
 async def test_make_run_links_survive_a_restart_until_a_new_game(tmp_path: Path) -> None:
-    """Issue 11: ``make run`` twice, and the first run's links still work; ``--new-game`` ends
+    """``make run`` twice, and the first run's links still work; ``--new-game`` ends
     them and discards the reference engine's database."""
     async with dev_server(tmp_path) as first:
         pass

@@ -1,5 +1,5 @@
-"""The connection limits as ``party-sync serve`` applies them (issue 12, finding 2): its own
-event loop (uvloop when installed), flags from the command line, ``server.run``'s wiring."""
+"""The connection limits (docs/security.md, "Limits") as ``party-sync serve`` applies them: its
+own event loop (uvloop when installed), flags from the command line, ``server.run``'s wiring."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fault tier (issue 11): real processes, one fault at a time; see ``test_faults.py``."""
+"""The fault tier: real processes, one fault at a time; see ``test_faults.py``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The fault tier (issue 11, "A fault tier in the project's own tests").
+"""The fault tier (docs/redis.md, "Faults, measured").
 
 Real ``party-sync serve`` nodes, real ``engine-worker``s hosting the reference engine and a
 private ``redis-server`` (or the embedded server alone), four ``PartyClient`` players acting in a
@@ -197,7 +197,7 @@ async def test_the_embedded_server_restarted_under_load_with_the_engine_database
 
 
 async def test_the_embedded_server_restarted_while_idle_shows_the_scene_again() -> None:
-    """Issue 11, point 2: a second ``make run`` with the engine's database kept."""
+    """A second ``make run`` with the engine's database kept: the party's scene comes back."""
     system = EmbeddedSystem(scenario_directory("embedded_restart_idle"))
     report = await run_scenario(
         "embedded_restart_idle",

@@ -1,4 +1,4 @@
-"""The admin API answers for the whole service from any node (issue 15): two real nodes."""
+"""The admin API answers for the whole service from any node: two real nodes."""
 
 from __future__ import annotations
 

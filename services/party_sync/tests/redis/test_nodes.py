@@ -1,4 +1,4 @@
-"""Two real nodes on one private Redis act as one service (issue 3, "Tests that must exist")."""
+"""Two real nodes on one private Redis act as one service (docs/redis.md)."""
 
 from __future__ import annotations
 

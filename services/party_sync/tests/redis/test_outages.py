@@ -1,5 +1,5 @@
 """Losses the Redis mode must survive: flushed history, a dead node, a Redis restart, killed
-pub/sub connections (issue 3, "Tests that must exist"; security.md's fault injection)."""
+pub/sub connections (docs/redis.md, "Guarantees")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Presence tells the truth after a Redis stall (issue 11, failure 4).
+"""Presence tells the truth after a Redis stall (docs/redis.md, "Guarantees").
 
 A stall longer than about 2/3 of ``presence_ttl`` lets the sweep announce ``party.leave`` (expired)
 for players whose connections never closed. Their node's next refresh must announce them again

@@ -1,5 +1,5 @@
-"""The actions-stream monitor against a private redis-server and a real ``engine-worker``
-(issue 11, failure 8: "Nobody tells the operator")."""
+"""The actions-stream monitor against a private redis-server and a real ``engine-worker``: a
+missing or stuck engine is reported to the operator (docs/redis.md, "Operating it")."""
 
 from __future__ import annotations
 

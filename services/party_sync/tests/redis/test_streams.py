@@ -1,4 +1,4 @@
-"""The Redis Streams engine transport: engines in their own processes (issue 4)."""
+"""The Redis Streams engine transport: engines in their own processes (docs/engines.md)."""
 
 from __future__ import annotations
 
@@ -158,7 +158,7 @@ async def wait_for_stream_read(cluster: Cluster, timeout: float = 15.0) -> None:
 async def test_an_action_timed_out_while_no_engine_runs_is_never_applied_later(
     cluster: Cluster,
 ) -> None:
-    """Issue 11, failure 6: the player told ``action_timeout`` (no worker running) must never see
+    """A timeout is final: the player told ``action_timeout`` (no worker running) must never see
     the action applied when a worker starts later; a resend gets the same final answer."""
     async with cluster.node(*STREAM, "--action-timeout", "0.3") as node:
         a, _ = await node.join("aria")
@@ -221,7 +221,7 @@ async def test_engine_rejections_from_a_worker_reach_the_player(cluster: Cluster
 async def test_an_engine_worker_process_outlives_redis_down_at_start_and_an_empty_restart(
     cluster: Cluster,
 ) -> None:
-    """Issue 11, failure 1: the worker neither exits while Redis is down nor stops consuming
+    """A Redis outage: the worker neither exits while Redis is down nor stops consuming
     when Redis comes back empty (its consumer group gone); restate notices reach the engine."""
     redis = cluster.redis
     await asyncio.to_thread(redis.stop)

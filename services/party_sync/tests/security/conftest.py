@@ -1,4 +1,4 @@
-"""The security tier (issue 12): hostile input through the public surface only.
+"""The security tier (docs/security.md): hostile input through the public surface only.
 
 ``make test`` runs it with a CI budget (the whole tier in about two minutes on two cores);
 ``make test-security-long`` (``PS_SECURITY_LONG=1``) also runs the tests marked

@@ -125,7 +125,7 @@ async def test_generated_frames_real_process(process: Running, case: list[Frame]
     await play(process, case)
 
 
-# -- payload nesting (issue 12, finding 6) -------------------------------------------------------
+# -- payload nesting (64 levels: too_deep) -------------------------------------------------------
 
 
 def _nested(levels: int) -> Any:

@@ -1,10 +1,10 @@
 """The HTTP API under hostile bodies, paths and keys: the expected status every time, never 500.
 
-Bodies arrive in several TCP writes (the server must read the whole body, finding 3), chunked,
-oversized, malformed and with wrong content types; path ids break the id rule (finding 5); API
-keys are missing or wrong; request lines and headers are malformed, and no credential in them
-may reach any log (finding 4). Raw sockets (``ps_testkit.security_raw``) write the bytes; a
-"partial" body is checked by asserting the server says nothing until the rest is written.
+Bodies arrive in several TCP writes (the server must read the whole body), chunked, oversized,
+malformed and with wrong content types; path ids break the id rule; API keys are missing or
+wrong; request lines and headers are malformed, and no credential in them may reach any log.
+Raw sockets (``ps_testkit.security_raw``) write the bytes; a "partial" body is checked by
+asserting the server says nothing until the rest is written.
 """
 
 from __future__ import annotations
@@ -283,7 +283,7 @@ ID_ROUTES = [
 async def test_path_ids_follow_the_id_rule_on_every_route(
     srv: Running, method: str, template: str, body: dict[str, Any] | None
 ) -> None:
-    """Finding 5: a bad id in a path is refused (400/404/422) before it reaches a key name."""
+    """A bad id in a path is refused (400/404/422) before it reaches a key name."""
     for bad in BAD_IDS:
         path = template.format(quote(bad, safe=""))
         data = orjson.dumps(body) if body is not None else b""
@@ -343,7 +343,7 @@ async def test_without_a_configured_key_every_call_is_refused() -> None:
                 assert resp.status == 401, (method, template)
 
 
-# -- malformed HTTP: never a 500, never a credential in a log (finding 4) -------------------------
+# -- malformed HTTP: never a 500, never a credential in a log -------------------------------------
 
 
 def _malformed_requests(secret: str) -> list[bytes]:

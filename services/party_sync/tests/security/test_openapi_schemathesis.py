@@ -1,6 +1,6 @@
-"""Schemathesis against a live server (issue 15): every documented HTTP operation, with requests
-generated from ``/openapi.json`` itself, answers no 5xx (but the documented 503s) and only what
-the document says: a documented status, content type, headers and body schema.
+"""Schemathesis against a live server: every documented HTTP operation, with requests generated
+from ``/openapi.json`` itself, answers no 5xx (but the documented 503s) and only what the
+document says: a documented status, content type, headers and body schema.
 
 The server runs in this process, on its own event loop in a thread (schemathesis calls are
 synchronous); the document is the one the server serves. The run is bounded: a few examples per

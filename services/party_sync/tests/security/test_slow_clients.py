@@ -1,4 +1,4 @@
-"""Slow and never-finishing clients (finding 2): each is bounded, and a neighbour is still served.
+"""Slow and never-finishing clients: each is bounded, and a neighbour is still served.
 
 - a WebSocket client that never reads is closed with 4002 once ``send_buffer_bytes`` wait for it;
 - a client that sends half a frame, or completes the handshake and then never answers a ping,

@@ -162,8 +162,8 @@ async def test_a_good_token_in_the_query_or_the_header_is_accepted(
 async def test_a_display_name_with_control_or_bidi_characters_never_reaches_other_members(
     srv: tuple[Running, ScriptedEngine], name: str
 ) -> None:
-    """Normalised or refused at the edge (finding 8): what members see has no control, bidi
-    override or isolate characters."""
+    """Normalised or refused at the edge: what members see has no control, bidi override or
+    isolate characters."""
     running, _ = srv
     watcher, _ = await running.join("borin")
     status = await running.handshake_status({"token": signed(display_name=name, sub="u-x")})
@@ -234,7 +234,7 @@ async def test_telegram_sign_in_checks_the_origin_too() -> None:
 
 
 async def test_one_token_subject_cannot_hold_more_than_its_cap_of_websockets() -> None:
-    """Finding 2: one token opened 300 WebSockets. Over ``max_connections_per_user``: 429;
+    """One token must not hold hundreds of WebSockets. Over ``max_connections_per_user``: 429;
     another subject is still served, and a slot freed by a close is usable again."""
     async with serve_in_process(
         make_settings(max_connections_per_user=3), engine=ScriptedEngine()

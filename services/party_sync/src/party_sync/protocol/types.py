@@ -52,5 +52,5 @@ LEAVE_EXPIRED: Final = "expired"
 #: The actor of party-level actions (a vote's result); no character may be called that.
 PARTY_ACTOR: Final = "party"
 #: Prefix of the action ids party_sync makes itself (a finished vote: ``vote:<vote_id>``);
-#: clients may not use it, so these ids cannot be taken or forged (issue 12).
+#: clients may not use it, so these ids cannot be taken or forged (docs/security.md).
 RESERVED_ACTION_PREFIX: Final = "vote:"
