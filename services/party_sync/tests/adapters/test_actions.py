@@ -220,3 +220,35 @@ async def test_a_second_result_for_one_action_is_not_broadcast_again() -> None:
         assert nxt["payload"]["action_id"] == "next"
         assert nxt["seq"] == first["seq"] + 2
         await a.close()
+
+
+@pytest.mark.parametrize("where", ["backend", "core"])
+async def test_an_unexpected_failure_answers_internal_error_and_the_connection_goes_on(
+    monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """A bug on the path of one message (the backend raising what it never should, or the party
+    core itself) is that message's ``internal_error``, and the connection stays usable."""
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        assert srv.server is not None
+        owner: object = (
+            srv.server.gateway.backend if where == "backend" else srv.server.gateway.core
+        )
+        name = "begin_action" if where == "backend" else "handle"
+        real = getattr(owner, name)
+        calls = 0
+
+        def broken_once(*args: object, **kwargs: object) -> object:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise RuntimeError("a bug")
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, broken_once)
+        await a.act("oops-1", "aria", "r1")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "internal_error"
+        assert err["payload"]["in_reply_to"]["action_id"] == "oops-1"
+        await a.act("fine-1", "aria", "r1")
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "fine-1"

@@ -546,13 +546,65 @@ def test_a_bad_ballot_is_refused() -> None:
     assert error_code(node.last(aria)) == "vote_bad_option"
 
 
-def test_a_decision_the_backend_could_not_take_is_retried_then_left_to_the_sweep() -> None:
+def test_a_characters_action_in_flight_does_not_hold_back_the_votes_decision() -> None:
     node = Node()
     aria = node.join("aria")
     _start_vote(node)
     node.act(aria, "busy")  # aria's action holds no party lock: the vote's action still runs
     node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
     assert [a.action_id for a in node.engine] == ["busy", "vote:v1"]
+
+
+def test_a_decision_the_backend_could_not_take_is_retried_then_left_to_the_sweep() -> None:
+    node = Node()
+    aria = node.join("aria")
+    _start_vote(node)
+    attempts: list[float] = []
+    step = node.step
+
+    def failing_from_the_hand_over(c: Command) -> list[Command]:
+        if isinstance(c, ApplyVote):
+            if not attempts:
+                node.unavailable = True  # the backend fails from the first hand-over on
+            attempts.append(node.now)
+        return step(c)
+
+    node.step = failing_from_the_hand_over  # type: ignore[method-assign]
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
+    closed_at = attempts[0]
+    node.advance(RULES.action_timeout + 1)
+    # retried after 0.05, 0.1, 0.2, ... s, doubling up to 1 s, for one action timeout; then left
+    pauses = [round(b - a, 3) for a, b in itertools.pairwise(attempts)]
+    assert pauses[:5] == [0.05, 0.1, 0.2, 0.4, 0.8] and set(pauses[5:]) <= {1.0}
+    assert attempts[-1] <= closed_at + RULES.action_timeout
+    tried = len(attempts)
+    node.advance(10.0)  # still down: only the sweep looks at it now (and fails)
+    assert len(attempts) == tried or all(
+        a > closed_at + RULES.action_timeout for a in attempts[tried:]
+    )
+    assert node.engine == []
+    node.unavailable = False  # back: the next votes sweep hands it over, once
+    node.advance(RULES.presence_ttl)
+    assert [a.action_id for a in node.engine] == ["vote:v1"]
+    node.advance(RULES.presence_ttl)
+    assert [a.action_id for a in node.engine] == ["vote:v1"]
+
+
+def test_a_failing_deadline_does_not_stop_the_others() -> None:
+    node = Node()
+    aria, borin = node.join("aria", expires_in=60), node.join("borin", expires_in=60)
+
+    def broken(*_: object) -> list[Command]:
+        raise RuntimeError("a bug")
+
+    reached = node.core.deadline_reached
+    node.core.deadline_reached = (  # type: ignore[method-assign]
+        lambda kind, key, now: broken() if key == aria.id else reached(kind, key, now)
+    )
+    node.advance(61)
+    assert aria.id not in node.closes  # its deadline failed (logged, counted) ...
+    assert node.closes[borin.id][0] == CloseCode.TOKEN_EXPIRED  # ... the other one still ran
+    assert node.meter.counts[("background_errors", "timer")] == 1
 
 
 def test_the_votes_sweep_hands_over_a_decision_nobody_applied() -> None:

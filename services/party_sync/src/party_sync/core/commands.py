@@ -1,6 +1,6 @@
 """What the party core asks the gateway to do: its outputs, as data.
 
-Local commands (``Send``, ``Close``, ``Unsubscribe``) are carried out at once. Backend and
+Local commands (``Send``, ``Close``, ``Refused``) are carried out at once. Backend and
 engine commands are awaited by the gateway's executor, which feeds the outcome back to the core
 through the method each command names in its docstring (``PartySessions.<method>``); a command
 that fails with ``BackendUnavailable`` is fed back as a failure the same way. Deadlines are not
@@ -116,6 +116,7 @@ class Announce:
     binding: Binding
     join: Event
     epoch: str | None
+    restate: bool = False  # the join opened a new epoch (seq 1): ask the engine to re-state
 
 
 @dataclass(slots=True)
@@ -226,7 +227,7 @@ class Refresh:
 @dataclass(slots=True)
 class SweepVotes:
     """The votes sweep: ``backend.due_votes`` and ``backend.unapplied_votes``; then
-    ``votes_swept`` (or ``votes_sweep_failed``)."""
+    ``votes_swept`` (a failure is counted and logged once per episode; ``tick_done`` either way)."""
 
     now: float
     unapplied_after: float
@@ -256,6 +257,3 @@ Command = (
 )
 
 Commands = list[Command]
-
-#: The data a ``vote.finished`` carries about the decision (``payload["applied"]``).
-Applied = dict[str, Any]

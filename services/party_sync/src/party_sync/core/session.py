@@ -96,7 +96,8 @@ class Meter(Protocol):
     """The counters the core moves (``metrics.Metrics`` behind an adapter in the gateway).
 
     ``family`` is one of ``errors``, ``closes``, ``resumes``, ``settles``, ``action_answers``,
-    ``background_errors`` (docs/operations.md lists them with their labels).
+    ``background_errors`` (``metrics.Metrics`` defines them with their labels; the README lists
+    them).
     """
 
     def received(self, type_: str) -> None: ...
@@ -174,7 +175,12 @@ class PartySessions:
         """Every deadline due at ``now``, each with its commands (run each chain on its own)."""
         out: list[Commands] = []
         for kind, key in self.deadlines.pop_due(now):
-            commands = self.deadline_reached(kind, key, now)
+            try:
+                commands = self.deadline_reached(kind, key, now)
+            except Exception:  # a bug must not stop the other deadlines (or the node's timer)
+                log.exception("deadline %s failed", kind.value)
+                self.meter.count("background_errors", "timer")
+                continue
             if commands:
                 out.append(commands)
         return out
@@ -232,7 +238,7 @@ class PartySessions:
         snapshot (``epoch``, ``seq``, the ``hello`` built from it) and any ``replay``."""
         out: Commands = []
         if join is not None:
-            out.append(Announce(conn.binding, join, epoch))
+            out.append(Announce(conn.binding, join, epoch, restate=join.seq == 1))
         if resume is not None:
             self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
         out.append(Send(hello, [conn]))
@@ -686,6 +692,9 @@ class PartySessions:
         ``RefreshSchedule``) and sweep expired presence (a dead node's players)."""
         tick = self._schedule.tick(now)
         self._schedule.failed()  # undone in ``refreshed`` once this tick gets through
+        # ``tick_done`` arms the next tick when this one is over (ticks never overlap); should
+        # its chain end some other way, this one comes anyway (presence must never stop)
+        self._arm(Kind.PRESENCE, None, now + max(self.rules.presence_ttl, self._schedule.interval))
         connections = [
             (c.binding, c.id)
             for c in self.connections.values()
@@ -706,7 +715,11 @@ class PartySessions:
             for event in rejoined:
                 binding = by_member.get((event.party_id, event.payload["character_id"]))
                 if binding is not None:  # seq 1: a new epoch, read from the snapshot
-                    out.append(Announce(binding, event, None if event.seq == 1 else ""))
+                    out.append(
+                        Announce(
+                            binding, event, None if event.seq == 1 else "", restate=event.seq == 1
+                        )
+                    )
         out.append(SweepVotes(cmd.now, self.rules.action_timeout))
         return out
 

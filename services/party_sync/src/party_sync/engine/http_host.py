@@ -56,6 +56,7 @@ from party_sync.engine.interface import (
     restate_engine,
 )
 from party_sync.problems import DeadlinePassed, EngineFailed, InvalidDelivery, read_body
+from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
 from party_sync.protocol.schemas import Contracts, SchemaViolation
@@ -181,7 +182,7 @@ async def receive_action(request: web.Request) -> web.Response:
     engine, contracts, clock = request.app[ENGINE], request.app[CONTRACTS], request.app[CLOCK]
     raw = await read_body(request, MAX_BODY)
     try:
-        body = orjson.loads(raw)
+        body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads
         envelope = body["envelope"]
         if not isinstance(body.get("party_id"), str) or envelope["type"] != t.ACTION_REQUEST:
             raise ValueError("expected an action.request envelope and a party_id")
@@ -211,7 +212,7 @@ async def receive_notice(request: web.Request) -> web.Response:
     engine, contracts = request.app[ENGINE], request.app[CONTRACTS]
     raw = await read_body(request, MAX_BODY)
     try:
-        body = orjson.loads(raw)
+        body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads
         kind, party_id, envelope = body["kind"], body["party_id"], body["envelope"]
         run_id = str(body.get("campaign_run_id") or "")
         if not isinstance(party_id, str) or kind not in ("join", "restate"):

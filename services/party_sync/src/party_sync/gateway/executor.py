@@ -112,9 +112,14 @@ class Executor:
         self.failing: set[str] = set()  # periodic tasks whose last tick failed (log once)
 
     async def run(self, commands: list[Command]) -> None:
-        """Carry out ``commands`` and everything the core answers to them, in order."""
+        """Carry out ``commands`` and everything the core answers to them, in order; a vote's
+        hand-over runs as a task of its own (the ballot that closed the vote, or a sweep, does
+        not wait for the engine)."""
         for command in carry_local(commands):
-            await self._run_one(command)
+            if type(command) is ApplyVote:
+                self.spawn(self._run_one(command))
+            else:
+                await self._run_one(command)
 
     async def begin_action(self, command: BeginAction) -> None:
         """An ``action.request`` the core let through: the ledger's verdict, then (accepted) the
@@ -194,7 +199,7 @@ class Executor:
             with contextlib.suppress(BackendUnavailable):
                 await self.backend.send_direct(command.party_id, command.character_id, command.data)
         else:
-            await self._votes(command)
+            await self._background(command)
 
     async def _client_step(self, command: Leave | CastVote) -> None:
         conn, message, core = command.conn, command.message, self.core
@@ -250,7 +255,8 @@ class Executor:
         )
         await self.run(commands)
 
-    async def _votes(self, command: Command) -> None:
+    async def _background(self, command: Command) -> None:
+        """The presence tick, the votes sweep, and a vote's close and hand-over."""
         core = self.core
         if type(command) is Refresh:
             rejoined = None
@@ -313,7 +319,7 @@ class Executor:
         to re-state the party (``RestateNotice``; an engine without state for the run does
         nothing)."""
         binding, join = command.binding, command.join
-        if join.seq == 1:  # first: an engine that had the run re-states it, and then the join
+        if command.restate:  # first: an engine that had the run re-states it, and then the join
             # of a known character changes nothing; a new run has nothing to re-state and is
             # started by the join
             epoch = command.epoch

@@ -171,7 +171,11 @@ class Gateway:
                         await self._wake.wait()
                 continue
             for commands in core.deadlines_reached(self.clock()):
-                rest = carry_local(commands)
+                try:
+                    rest = carry_local(commands)
+                except Exception:  # a frame or close that failed must not stop the timer
+                    log.exception("a deadline's commands failed")
+                    continue
                 if rest:
                     self._later(rest)
 
@@ -259,17 +263,24 @@ class Gateway:
     async def receive(self, session: Session, data: bytes | str) -> None:
         """Handle one client message. Never raises: every refusal becomes a ``system.error``."""
         now = self.clock()
-        message = self.core.parse(session, data, now)
-        if isinstance(message, list):
-            carry_local(message)
-        elif message.type != t.ACTION_REQUEST or not tracing.is_on():
-            commands = self.core.handle(session, message, now)
-            if len(commands) == 1 and type(commands[0]) is BeginAction:  # the hot path
-                await self.executor.begin_action(commands[0])
+        message: Inbound | None = None
+        try:
+            parsed = self.core.parse(session, data, now)
+            if isinstance(parsed, list):
+                carry_local(parsed)
+                return
+            message = parsed
+            if message.type != t.ACTION_REQUEST or not tracing.is_on():
+                commands = self.core.handle(session, message, now)
+                if len(commands) == 1 and type(commands[0]) is BeginAction:  # the hot path
+                    await self.executor.begin_action(commands[0])
+                else:
+                    await self.executor.run(commands)
             else:
-                await self.executor.run(commands)
-        else:
-            await self._traced(session, message, now)
+                await self._traced(session, message, now)
+        except Exception:  # a bug answers this message with internal_error, nothing more
+            log.exception("unexpected failure handling a message")
+            carry_local(self.core.failed(session, message, ErrorCode.INTERNAL_ERROR, now))
 
     async def _traced(self, session: Session, message: Inbound, now: float) -> None:
         """An ``action.request`` as the root span of the action's trace (tracing.py), ending
