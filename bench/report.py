@@ -162,9 +162,68 @@ def _median(values: Iterable[float | None]) -> float | None:
     return statistics.median(real) if real else None
 
 
-def summarise_system(entry: dict[str, Any]) -> dict[str, Any]:
+def _us(cores: float | None, per_s: float | None) -> float | None:
+    """CPU (in cores) spent per unit of a rate, in µs: cores / (units per second) × 10⁶."""
+    if cores is None or not per_s or (isinstance(cores, float) and math.isnan(cores)):
+        return None
+    return cores / per_s * 1e6
+
+
+def step_costs(step: dict[str, Any], redis: bool) -> dict[str, float | None]:
+    """CPU per delivered message (node, Redis, both) and Redis CPU per action of one step.
+
+    An action is one request the load generator sent (``rate_in`` per second, open loop); a
+    delivered message is one frame a client received (``delivered_per_s``).
+    """
+    node = _us(step.get("server_cpu"), step.get("delivered_per_s"))
+    red = _us(step.get("redis_cpu"), step.get("delivered_per_s")) if redis else None
+    return {
+        "node_us_per_msg": node,
+        "redis_us_per_msg": red,
+        "total_us_per_msg": None if node is None else node + (red or 0.0),
+        "redis_us_per_action": _us(step.get("redis_cpu"), step.get("rate_in")) if redis else None,
+    }
+
+
+def party_memory(run: dict[str, Any], step: dict[str, Any], k: int) -> dict[str, float | None]:
+    """Memory per active party at the end of ``step`` (a step of ``run``).
+
+    (RSS at the end of the step's measured window − RSS with every member joined, before the
+    first action) / parties, and the same for Redis's ``used_memory``; plus the RSS from before
+    the clients connected, and how many actions per party were sent up to then.
+    """
+    parties = run.get("parties") or (run.get("connections") or 0) / max(1, k)
+    if not parties:
+        return {}
+    sent = 0
+    for s in run.get("steps", []):  # re-run steps sent their actions too
+        sent += s.get("sent") or 0
+        if s is step:
+            break
+    rss = step.get("server_rss")
+    idle, before = run.get("rss_idle"), run.get("rss_before")
+    used = step.get("redis_used_memory")
+    used_idle = (run.get("redis_memory_idle") or {}).get("used_memory")
+    return {
+        "offered": step["offered_delivered"],
+        "parties": parties,
+        "actions_per_party": sent / parties,
+        "rss_idle_mib": idle / 2**20 if idle else None,
+        "rss_end_mib": rss / 2**20 if rss else None,
+        "rss_kib": (rss - idle) / 1024 / parties if rss and idle else None,
+        "rss_kib_with_connections": (rss - before) / 1024 / parties if rss and before else None,
+        "redis_kib": (used - used_idle) / 1024 / parties
+        if used is not None and used_idle is not None
+        else None,
+        "redis_idle_mib": used_idle / 2**20 if used_idle is not None else None,
+        "redis_end_mib": used / 2**20 if used is not None else None,
+    }
+
+
+def summarise_system(entry: dict[str, Any], k: int = 4) -> dict[str, Any]:
     runs = entry.get("runs") or []
     out: dict[str, Any] = {"runs": len(runs)}
+    redis = bool(entry.get("redis"))
     for key, limit in (("strict", STRICT_MS), ("loose", LOOSE_MS)):
         picks = [sustainable(steps_of(r), limit) for r in runs]
         out[f"{key}_rate"] = _median(p["delivered_per_s"] if p else 0.0 for p in picks)
@@ -189,6 +248,26 @@ def summarise_system(entry: dict[str, Any]) -> dict[str, Any]:
             for p in chosen
             if p.get("server_cpu") is not None and p["delivered_per_s"] > 0
         )
+        costs = [step_costs(p, redis) for p in chosen]
+        for name in ("redis_us_per_msg", "redis_us_per_action", "total_us_per_msg"):
+            out[f"{key}_{name}"] = _median(c[name] for c in costs)
+        if key == "strict":
+            mem = [party_memory(r, p, k) for p, r in zip(picks, runs, strict=True) if p]
+            out["party_memory"] = {
+                name: _median(m.get(name) for m in mem)
+                for name in (
+                    "offered",
+                    "parties",
+                    "actions_per_party",
+                    "rss_idle_mib",
+                    "rss_end_mib",
+                    "rss_kib",
+                    "rss_kib_with_connections",
+                    "redis_kib",
+                    "redis_idle_mib",
+                    "redis_end_mib",
+                )
+            }
     out["peak_delivered"] = _median(
         max((s["delivered_per_s"] for s in steps_of(r)), default=0.0) for r in runs
     )
@@ -224,8 +303,10 @@ def by_rate(entry: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for rate in sorted(rates):
         steps = rates[rate]
+        costs = [step_costs(s, bool(entry.get("redis"))) for s in steps]
         rows.append(
             {
+                **{name: _median(c[name] for c in costs) for name in costs[0]},
                 "offered": rate,
                 "n": len(steps),
                 "delivered": _median(s["delivered_per_s"] for s in steps),
@@ -277,7 +358,7 @@ def _open(summary: dict[str, Any], key: str) -> str:
 
 
 def _ratio(a: float | None, b: float | None) -> str:
-    if not a or not b:
+    if a is None or not b:
         return "–"
     return f"{a / b:.2f}×"
 
@@ -301,10 +382,189 @@ def fastest_floor(summaries: dict[str, dict[str, Any]], systems: dict[str, Any])
     )
 
 
+EMBEDDED = "party_sync-memory"
+NODE_PEER_NAME = "socketio-node-redis"
+#: The systems the issue's same-rate targets compare (party_sync's rows and the Node.js peer).
+TARGET_SYSTEMS = (EMBEDDED, "party_sync-redis-1", "party_sync-redis-2", NODE_PEER_NAME)
+INDICATIVE = (
+    "_Indicative (quick mode): one short sweep on a coarse ladder, a check that nothing broke; "
+    "`make bench` measures._"
+)
+
+
+def rate_row(entry: dict[str, Any], rate: float) -> dict[str, Any] | None:
+    """The median figures of ``entry``'s steps at the offered ``rate`` (None: no such step)."""
+    for row in by_rate(entry):
+        if math.isclose(row["offered"], rate, rel_tol=1e-6):
+            return row
+    return None
+
+
+def common_rate(
+    systems: dict[str, Any], summaries: dict[str, dict[str, Any]], names: Sequence[str]
+) -> float | None:
+    """The highest offered rate that every one of ``names`` sustained (p99 ≤ 10 ms, nothing
+    lost, there and below; the median over the sweeps) and at which each has a measured step.
+    """
+    names = list(names)
+    if not names or any(not summaries[n].get("strict_offered") for n in names):
+        return None
+    limit = min(summaries[n]["strict_offered"] for n in names)
+    shared: set[float] | None = None
+    for name in names:
+        offered = {r["offered"] for r in by_rate(systems[name]) if r["offered"] <= limit * 1.000001}
+        shared = offered if shared is None else shared & offered
+    return max(shared) if shared else None
+
+
+def same_rate_pair(
+    systems: dict[str, Any], summaries: dict[str, dict[str, Any]], a: str, b: str
+) -> tuple[float, dict[str, Any], dict[str, Any]] | None:
+    """(rate, a's row, b's row) at the highest offered rate both sustained."""
+    rate = common_rate(systems, summaries, [a, b])
+    if rate is None:
+        return None
+    ra, rb = rate_row(systems[a], rate), rate_row(systems[b], rate)
+    return (rate, ra, rb) if ra and rb else None
+
+
+def _cost(row: dict[str, Any]) -> str:
+    """node + Redis = total µs per delivered message (just the node's without Redis)."""
+    if row.get("redis_us_per_msg") is None:
+        return _ms(row.get("node_us_per_msg"))
+    return (
+        f"{_ms(row.get('node_us_per_msg'))} + {_ms(row.get('redis_us_per_msg'))} = "
+        f"{_ms(row.get('total_us_per_msg'))}"
+    )
+
+
+def render_same_rate(
+    systems: dict[str, Any], summaries: dict[str, dict[str, Any]], quick: bool
+) -> str:
+    """Server CPU per delivered message of every system at one offered rate."""
+    available = [n for n, e in systems.items() if e.get("available")]
+    compared = [n for n in available if summaries[n].get("strict_offered")]
+    excluded = [n for n in available if n not in compared]
+    out = [
+        "### CPU per delivered message at the same offered rate",
+        "",
+        "The results table gives each system's CPU at its own 10-ms rate, where fixed costs weigh "
+        "more at lower rates. Here every system is compared at the same offered rate: the "
+        "highest step of the ladder that all of them sustained (p99 ≤ 10 ms, nothing lost, there "
+        "and at every lower step; medians over the sweeps). CPU per delivered message = CPU "
+        "(cores) ÷ delivered msgs/s, for the server processes (node), the private redis-server "
+        "(Redis) and both; an action = one `action.request` (8 delivered messages for party_sync "
+        "and the peers, whose frames go to the party's 4 members twice). Ratios are of node + "
+        "Redis, against party_sync embedded and against the Node.js Socket.IO peer (lower is "
+        "better for the row).",
+    ]
+    if quick:
+        out += ["", INDICATIVE]
+    if excluded:
+        out += [
+            "",
+            "Not compared (sustained no step of the ladder): "
+            + ", ".join(f"`{n}`" for n in excluded)
+            + ".",
+        ]
+    groups: list[tuple[float, list[str], str]] = []
+    rate_all = common_rate(systems, summaries, compared)
+    if rate_all is not None:
+        groups.append((rate_all, compared, "every system"))
+    targets = [n for n in TARGET_SYSTEMS if n in compared]
+    rate_t = common_rate(systems, summaries, targets)
+    if rate_t is not None and (rate_all is None or rate_t > rate_all * 1.000001):
+        slow = [n for n in compared if n not in targets and summaries[n]["strict_offered"] < rate_t]
+        why = f"; {', '.join(slow)} sustained less" if slow else ""
+        groups.append((rate_t, targets, "party_sync's rows and the Node.js peer" + why))
+    if not groups:
+        out += ["", "_No rate that every compared system sustained in this run._"]
+        return "\n".join(out)
+    for rate, names, who in groups:
+        base = rate_row(systems[EMBEDDED], rate) if EMBEDDED in names else None
+        node_peer = rate_row(systems[NODE_PEER_NAME], rate) if NODE_PEER_NAME in names else None
+        out += [
+            "",
+            f"At **{_k(rate)} offered delivered msgs/s** ({who}):",
+            "",
+            "| system | sustainable msgs/s (p99 ≤ 10 ms) | delivered msgs/s | p50 / p99 ms | "
+            "node CPU | Redis CPU | node µs per delivered msg | Redis µs per delivered msg | "
+            "Redis µs per action | node + Redis µs per delivered msg | vs party_sync embedded | "
+            "vs Socket.IO Node.js |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in names:
+            row = rate_row(systems[name], rate)
+            if row is None:
+                continue
+            redis = bool(systems[name].get("redis"))
+            out.append(
+                f"| {name} | {_open(summaries[name], 'strict')} | {_k(row['delivered'])} | "
+                f"{_ms(row['p50_ms'])} / {_ms(row['p99_ms'])} | {_pct(row['server_cpu'])} | "
+                f"{_pct(row['redis_cpu']) if redis else '–'} | "
+                f"{_ms(row['node_us_per_msg'])} | {_ms(row['redis_us_per_msg'])} | "
+                f"{_ms(row['redis_us_per_action'])} | {_ms(row['total_us_per_msg'])} | "
+                f"{_ratio(row['total_us_per_msg'], (base or {}).get('total_us_per_msg'))} | "
+                f"{_ratio(row['total_us_per_msg'], (node_peer or {}).get('total_us_per_msg'))} |"
+            )
+    return "\n".join(out)
+
+
+def render_party_memory(
+    systems: dict[str, Any], summaries: dict[str, dict[str, Any]], quick: bool
+) -> str:
+    out = [
+        "### Memory per active party",
+        "",
+        "What a party with traffic adds to memory: (RSS of the server processes at the end of "
+        "the highest sustained step (p99 ≤ 10 ms) − their RSS with every member joined, before "
+        "the first action) ÷ parties, and the same for Redis's own accounting (`INFO memory` "
+        "`used_memory`, sampled outside the CPU windows) in Redis mode — history, action "
+        "records, buffers; the connections' own cost is the idle-connection column of the "
+        "results table (the last column here counts both). A sweep lasts minutes, shorter "
+        "than the action records' lifetime (`action_record_ttl`), and the actions per party so "
+        "far tell how full a party's history is: a sweep's figure is not the steady-state bound "
+        "a long soak reaches.",
+    ]
+    if quick:
+        out += ["", INDICATIVE]
+    out += [
+        "",
+        "| system | at offered msgs/s | parties | actions per party so far | RSS MiB joined → "
+        "end of step | RSS KiB per active party | Redis used_memory MiB joined → end of step | "
+        "Redis used_memory KiB per active party | RSS KiB per party, connections included |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, entry in systems.items():
+        if not entry.get("available"):
+            continue
+        m = summaries[name].get("party_memory") or {}
+        if not m.get("offered"):
+            out.append(f"| {name} | no sustained step | | | | | | | |")
+            continue
+        redis = bool(entry.get("redis"))
+        redis_span = (
+            f"{_ms(m.get('redis_idle_mib'))} → {_ms(m.get('redis_end_mib'))}"
+            if m.get("redis_end_mib") is not None
+            else "not sampled"
+        )
+        out.append(
+            f"| {name} | {_k(m['offered'])} | {m['parties']:.0f} | "
+            f"{_ms(m.get('actions_per_party'))} | "
+            f"{_ms(m.get('rss_idle_mib'))} → {_ms(m.get('rss_end_mib'))} | "
+            f"{_kib(m.get('rss_kib'))} | {redis_span if redis else '–'} | "
+            f"{_kib(m.get('redis_kib')) if redis else '–'} | "
+            f"{_kib(m.get('rss_kib_with_connections'))} |"
+        )
+    return "\n".join(out)
+
+
 def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> str:
     meta = results["meta"]
     systems = results["systems"]
-    summaries = {name: summarise_system(entry) for name, entry in systems.items()}
+    k = meta.get("settings", {}).get("k", 4)
+    quick = meta.get("mode") == "quick"
+    summaries = {name: summarise_system(entry, k) for name, entry in systems.items()}
     results["summary"] = summaries
     floor = fastest_floor(summaries, systems)
     peer = "socketio-redis" if systems.get("socketio-redis", {}).get("available") else None
@@ -361,18 +621,27 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
     add("")
     add("## Results")
     add("")
+    if quick:
+        add(INDICATIVE)
+        add("")
+    add(
+        "Figures at each system's own 10-ms rate. Redis CPU per action and per delivered message = "
+        "the private redis-server's CPU ÷ the actions sent (`action.request`s) or the messages "
+        "delivered per second at that step; the same-rate comparison follows the table."
+    )
+    add("")
     add(
         "| system | sustainable msgs/s (p99 ≤ 10 ms) | sustainable msgs/s (p99 < 50 ms) | "
         "p50 / p99 / max ms at the 10-ms rate | server CPU | server CPU µs per delivered msg | "
-        "Redis CPU | server RSS MiB | "
+        "Redis CPU | Redis CPU µs per action / per delivered msg | server RSS MiB | "
         "peak delivered msgs/s | lost / dup / ooo / refused (≤ 50 ms steps) | "
         "KiB per idle conn (1k / 10k) | load generator bound? |"
     )
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for name, entry in systems.items():
         s = summaries[name]
         if not entry.get("available"):
-            add(f"| **{name}** | not run | | | | | | | | | | {entry.get('reason', '')[:200]} |")
+            add(f"| **{name}** | not run | | | | | | | | | | | {entry.get('reason', '')[:200]} |")
             continue
         at = s["strict_at"]
         c = s["correctness"]
@@ -382,7 +651,12 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
             f"{_ms(at['p50_ms'])} / {_ms(at['p99_ms'])} / {_ms(at['max_ms'])} | "
             f"{_pct(at['server_cpu'])} | {_ms(s['strict_us_per_msg'])} | "
             f"{_pct(at['redis_cpu']) if entry['redis'] else '–'} | "
-            f"{_ms((at['server_rss'] or 0) / 2**20) if at['server_rss'] else '–'} | "
+            + (
+                f"{_ms(s['strict_redis_us_per_action'])} / {_ms(s['strict_redis_us_per_msg'])} | "
+                if entry["redis"]
+                else "– | "
+            )
+            + f"{_ms((at['server_rss'] or 0) / 2**20) if at['server_rss'] else '–'} | "
             f"{_k(s['peak_delivered'])} | {c['lost']} / {c['duplicates']} / {c['out_of_order']} / "
             f"{c['errors']} | {_kib(mem.get('1000'))} / {_kib(mem.get('10000'))} | "
             f"{'yes (a lower bound)' if s['strict_loadgen_bound'] else 'no'} |"
@@ -412,9 +686,13 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
             f"{_ratio(sa['strict_us_per_msg'], sb['strict_us_per_msg'])} |"
         )
     add("")
+    add(render_same_rate(systems, summaries, quick))
+    add("")
+    add(render_party_memory(systems, summaries, quick))
+    add("")
     add("### Targets")
     add("")
-    if meta.get("mode") == "quick":
+    if quick:
         add(
             f"_Quick mode: rate steps {', '.join(_k(r) for r in settings['ladder'])}, one sweep "
             "each: a check that nothing broke, not a measurement of the limits (the Redis "
@@ -422,7 +700,7 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
             "full run (`make bench`) decides the targets._"
         )
         add("")
-    add(render_targets(systems, summaries, floor, peer, results.get("resume")))
+    add(render_targets(systems, summaries, floor, peer, results.get("resume"), quick=quick))
     add("")
     add(f"![p99 latency against offered load]({plot_name})")
     add("")
@@ -465,16 +743,18 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
         add("")
         add(
             "| offered | delivered | p50 ms | p99 ms | max ms | lost | dup | ooo | refused | "
-            "server CPU | Redis CPU | RSS MiB | lg CPU | lg lag p99 ms | other |"
+            "server CPU | Redis CPU | µs per msg, node + Redis | RSS MiB | lg CPU | "
+            "lg lag p99 ms | other |"
         )
-        add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        add("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for row in by_rate(entry):
             mark = " †" if row["lg_bound"] else ""
             add(
                 f"| {_k(row['offered'])}{mark} | {_k(row['delivered'])} | {_ms(row['p50_ms'])} | "
                 f"{_ms(row['p99_ms'])} | {_ms(row['max_ms'])} | {row['lost']} | {row['dup']} | "
                 f"{row['ooo']} | {row['errors']} | {_pct(row['server_cpu'])} | "
-                f"{_pct(row['redis_cpu']) if entry['redis'] else '–'} | {_ms(row['rss_mib'])} | "
+                f"{_pct(row['redis_cpu']) if entry['redis'] else '–'} | {_cost(row)} | "
+                f"{_ms(row['rss_mib'])} | "
                 f"{_pct(row['lg_cpu'])} | {_ms(row['lg_lag_p99_ms'])} | "
                 f"{_ms(row['foreign_cpu'])} |"
             )
@@ -523,11 +803,20 @@ def render_targets(
     floor: str | None,
     peer: str | None,
     resumes: list[dict[str, Any]] | None,
+    *,
+    quick: bool = False,
 ) -> str:
     rows = ["| target | measured | met? |", "|---|---|---|"]
 
     def have(name: str) -> bool:
         return bool(systems.get(name, {}).get("available"))
+
+    def verdict(ok: bool | str | None) -> str:
+        """yes / no; None: not measured; a string: not decided, and why."""
+        if ok is None or isinstance(ok, str):
+            return "**not measured**" if ok is None else f"**not decided**: {ok}"
+        text = "yes" if ok else "**no**"
+        return f"{text} (indicative: quick mode)" if quick else text
 
     redis_ps = "party_sync-redis-1"
     if have(redis_ps) and peer:
@@ -538,7 +827,7 @@ def render_targets(
             "| party_sync on Redis ≥ 3× the python-socketio peer (sustainable) | p99 ≤ 10 ms: "
             f"{_open(rs, 'strict')} vs {_open(pe, 'strict')} msgs/s = {_ratio(a, b)}; p99 < 50 ms: "
             f"{_open(rs, 'loose')} vs {_open(pe, 'loose')} = "
-            f"{_ratio(rs['loose_rate'], pe['loose_rate'])} | {'yes' if ok else '**no**'} |"
+            f"{_ratio(rs['loose_rate'], pe['loose_rate'])} | {verdict(ok)} |"
         )
     else:
         why = systems.get(redis_ps, {}).get("reason", "not selected")
@@ -558,7 +847,7 @@ def render_targets(
             f"{_open(fl, 'strict')} msgs/s = {_ratio(a, b)}; p99 < 50 ms: {_open(ps, 'loose')} vs "
             f"{_open(fl, 'loose')} = {_ratio(ps['loose_rate'], fl['loose_rate'])}{beyond}; "
             f"CPU per message {_ms(ps['strict_us_per_msg'])} vs {_ms(fl['strict_us_per_msg'])} µs "
-            f"| {'yes' if ok else '**no**'} |"
+            f"| {verdict(ok)} |"
         )
     if have("party_sync-memory"):
         mem = summaries["party_sync-memory"]["kib_per_conn"]
@@ -573,12 +862,12 @@ def render_targets(
             else:
                 rows.append(
                     f"| ≤ 20 KiB per idle joined connection ({size}) | {value:.1f} KiB | "
-                    f"{'yes' if value <= 20 else '**no**'} |"
+                    f"{verdict(value <= 20)} |"
                 )
         held = mem.get("10000") is not None
         rows.append(
             f"| 10,000 connections held by one process | "
-            f"{'held' if held else 'not measured'} | {'yes' if held else '–'} |"
+            f"{'held' if held else 'not measured'} | {verdict(True) if held else '–'} |"
         )
     for resume in resumes or []:
         if "error" in resume:
@@ -593,11 +882,141 @@ def render_targets(
             f"| resume of 100 missed events < 50 ms ({resume['system']}) | median "
             f"{_ms(resume.get('p50_ms'))} ms, p99 {_ms(p)} ms, max "
             f"{_ms(resume.get('max_ms'))} ms over {resume.get('n')} reconnects "
-            f"({resume.get('failed', 0)} not resumed) | {'yes' if ok else '**no**'} |"
+            f"({resume.get('failed', 0)} not resumed) | {verdict(ok)} |"
         )
     if not resumes:
         rows.append("| resume of 100 missed events < 50 ms | not measured | – |")
+    rows += issue_targets(systems, summaries, verdict)
     return "\n".join(rows)
+
+
+def rate_at_least(mine: dict[str, Any], other: dict[str, Any], factor: float) -> bool | str | None:
+    """Did ``mine`` sustain (p99 ≤ 10 ms) at least ``factor`` × ``other``'s rate?
+
+    A rate that passed the top of the ladder is only a lower bound: when it is what decides,
+    the answer is a string saying so (not decided), not a yes or no.
+    """
+    a, b = mine.get("strict_rate"), other.get("strict_rate")
+    if a is None or b is None:
+        return None
+    if not a and not b:
+        return "neither sustained the lowest step"
+    meets = a >= factor * b
+    if meets and other.get("strict_open"):
+        return "the other system passed the top of the ladder (raise --rates)"
+    if not meets and mine.get("strict_open"):
+        return "it passed the top of the ladder (raise --rates)"
+    return meets
+
+
+def issue_targets(
+    systems: dict[str, Any], summaries: dict[str, dict[str, Any]], verdict: Any
+) -> list[str]:
+    """The scale-out targets: Redis mode against embedded, Redis's own cost, two nodes against
+    one, and party_sync on Redis against Socket.IO on Node.js. CPU comparisons are made at the
+    same offered rate (the highest both sustained) and count the node and Redis together.
+    """
+    rows: list[str] = []
+    r1, r2 = "party_sync-redis-1", "party_sync-redis-2"
+
+    def have(name: str) -> bool:
+        return bool(systems.get(name, {}).get("available"))
+
+    def missing(target: str, *names: str) -> str:
+        why = "; ".join(
+            f"{n}: {systems.get(n, {}).get('reason', 'not selected')[:120]}"
+            for n in names
+            if not have(n)
+        )
+        return f"| {target} | not measured ({why}) | {verdict(None)} |"
+
+    def at_same_rate(target: str, a: str, b: str, limit: float) -> str:
+        pair = same_rate_pair(systems, summaries, a, b)
+        if pair is None:
+            return f"| {target} | no offered rate that both sustained | {verdict(None)} |"
+        rate, ra, rb = pair
+        ta, tb = ra["total_us_per_msg"], rb["total_us_per_msg"]
+        ok = bool(ta and tb and ta <= limit * tb)
+        return (
+            f"| {target} | at {_k(rate)} offered msgs/s (the highest both sustained), node + "
+            f"Redis µs per delivered msg: {a} {_cost(ra)}, {b} {_cost(rb)} = "
+            f"**{_ratio(ta, tb)}** (node only: "
+            f"{_ratio(ra['node_us_per_msg'], rb['node_us_per_msg'])}) | {verdict(ok)} |"
+        )
+
+    # Redis mode close to embedded: the sustainable rate, then the CPU at the same rate.
+    target = "party_sync on Redis (1 node) sustains ≥ 2/3 of the embedded backend's rate"
+    if have(r1) and have(EMBEDDED):
+        rs, em = summaries[r1], summaries[EMBEDDED]
+        a, b = rs["strict_rate"], em["strict_rate"]
+        rows.append(
+            f"| {target} | p99 ≤ 10 ms: {_open(rs, 'strict')} vs {_open(em, 'strict')} msgs/s = "
+            f"**{_ratio(a, b)}** | {verdict(rate_at_least(rs, em, 2 / 3))} |"
+        )
+    else:
+        rows.append(missing(target, r1, EMBEDDED))
+    target = (
+        "party_sync on Redis (1 node): CPU per delivered msg ≤ 1.5× embedded at the same "
+        "offered rate"
+    )
+    rows.append(
+        at_same_rate(target, r1, EMBEDDED, 1.5)
+        if have(r1) and have(EMBEDDED)
+        else missing(target, r1, EMBEDDED)
+    )
+    # Redis's own cost, per delivered message, at each Redis row's own 10-ms rate.
+    for name in (r1, r2):
+        target = f"≤ 5 µs of Redis CPU per delivered msg ({name})"
+        if not have(name):
+            if name == r1:
+                rows.append(missing(target, name))
+            continue
+        sm = summaries[name]
+        value = sm.get("strict_redis_us_per_msg")
+        if value is None:
+            rows.append(f"| {target} | no step sustained (p99 ≤ 10 ms) | {verdict(None)} |")
+            continue
+        rows.append(
+            f"| {target} | {_ms(value)} µs per delivered msg, "
+            f"{_ms(sm.get('strict_redis_us_per_action'))} µs per action, at its 10-ms rate "
+            f"({_k(sm.get('strict_offered'))} offered msgs/s; Redis at "
+            f"{_pct(sm['strict_at'].get('redis_cpu'))} of a core) | "
+            f"{verdict(value <= 5)} |"
+        )
+    # Two nodes are not worse than one.
+    target = "two nodes: CPU per delivered msg within 1.2× of one node's"
+    if have(r1) and have(r2):
+        row = at_same_rate(target, r2, r1, 1.2)
+        own = (
+            f" at their own 10-ms rates: {_ms(summaries[r2]['strict_total_us_per_msg'])} vs "
+            f"{_ms(summaries[r1]['strict_total_us_per_msg'])} µs"
+        )
+        head, _, tail = row.rpartition(" | ")
+        rows.append(f"{head};{own} | {tail}")
+    else:
+        rows.append(missing(target, r1, r2))
+    # Against the stronger peer.
+    target = "party_sync on Redis sustains ≥ Socket.IO on Node.js (socketio-node-redis)"
+    if have(r1) and have(NODE_PEER_NAME):
+        rs, pe = summaries[r1], summaries[NODE_PEER_NAME]
+        a, b = rs["strict_rate"], pe["strict_rate"]
+        rows.append(
+            f"| {target} | p99 ≤ 10 ms: {_open(rs, 'strict')} vs {_open(pe, 'strict')} msgs/s = "
+            f"**{_ratio(a, b)}**; p99 < 50 ms: {_open(rs, 'loose')} vs "
+            f"{_open(pe, 'loose')} | {verdict(rate_at_least(rs, pe, 1.0))} |"
+        )
+    else:
+        rows.append(missing(target, r1, NODE_PEER_NAME))
+    target = (
+        "party_sync on Redis: CPU per delivered msg (node + Redis) ≤ Socket.IO on Node.js's at "
+        "the same offered rate"
+    )
+    rows.append(
+        at_same_rate(target, r1, NODE_PEER_NAME, 1.0)
+        if have(r1) and have(NODE_PEER_NAME)
+        else missing(target, r1, NODE_PEER_NAME)
+    )
+    return rows
 
 
 def render_hotpath(hot: dict[str, Any] | None) -> str:

@@ -8,9 +8,10 @@ It first makes ``bench/.venv`` from ``bench/requirements.lock`` (plus party_sync
 campaign_engine, editable, without dependencies) and re-runs itself there; the Node.js peer gets
 ``npm ci`` in its directory when its ``node_modules`` is missing or stale. Then, per system:
 start it (and a private ``redis-server`` on a free port when it needs Redis) pinned to CPU 0,
-start the load generator pinned to CPU 1, sweep increasing rates, sample the server's CPU and RSS,
-stop everything it started. Full mode writes ``docs/benchmarks.md``, ``docs/bench/results.json``
-and ``docs/bench/p99_vs_load.png``; quick mode writes the same under ``bench/results/``.
+start the load generator pinned to CPU 1, sweep increasing rates, sample the server's CPU and RSS
+(and Redis's CPU and ``INFO memory``), stop everything it started. Full mode writes
+``docs/benchmarks.md``, ``docs/bench/results.json`` and ``docs/bench/p99_vs_load.png``; quick mode
+writes the same under ``bench/results/``.
 
 Only loopback addresses are used; every loop and wait is bounded.
 """
@@ -318,16 +319,51 @@ def redis_server(workdir: Path, nice: int) -> Iterator[tuple[str, int]]:
 
 
 # -- sampling -------------------------------------------------------------------------------------
-class Sampler:
-    """CPU and RSS of the server processes, Redis, the load generator, and everything else."""
+def redis_memory(urls: Sequence[str]) -> dict[str, int] | None:
+    """``used_memory`` and ``used_memory_rss`` (``INFO memory``) summed over ``urls``.
 
-    def __init__(self, servers: Sequence[int], redis: Sequence[int], loadgen: int) -> None:
+    None without Redis, or when a server does not answer (a missing sample, not a failed run).
+    """
+    if not urls:
+        return None
+    import redis
+
+    total = {"used_memory": 0, "used_memory_rss": 0}
+    for url in urls:
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            try:
+                info = client.info("memory")
+            finally:
+                client.close()
+        except Exception:
+            return None
+        for key in total:
+            total[key] += int(info.get(key, 0))
+    return total
+
+
+class Sampler:
+    """CPU and RSS of the server processes, Redis, the load generator, and everything else.
+
+    With ``redis_urls`` (the private redis-servers), also Redis's own memory accounting
+    (``INFO memory``), read outside the CPU windows so that it costs the measured Redis nothing.
+    """
+
+    def __init__(
+        self,
+        servers: Sequence[int],
+        redis: Sequence[int],
+        loadgen: int,
+        redis_urls: Sequence[str] = (),
+    ) -> None:
         import psutil
 
         self.psutil = psutil
         self.servers = [psutil.Process(pid) for pid in servers]
         self.redis = [psutil.Process(pid) for pid in redis]
         self.loadgen = psutil.Process(loadgen)
+        self.redis_urls = list(redis_urls)
 
     @staticmethod
     def _cpu(procs: Sequence[Any]) -> float:
@@ -344,6 +380,9 @@ class Sampler:
             with contextlib.suppress(Exception):
                 total += proc.memory_info().rss
         return total
+
+    def redis_memory(self) -> dict[str, int] | None:
+        return redis_memory(self.redis_urls)
 
     def snapshot(self) -> dict[str, Any]:
         cpus = self.psutil.cpu_times(percpu=True)
@@ -434,15 +473,20 @@ EVENTS_PER_MESSAGE = {"party_sync": 2, "socketio": 2, "floor": 1}
 @contextlib.contextmanager
 def serving(
     system: Any, cfg: argparse.Namespace, workdir: Path, tag: str
-) -> Iterator[tuple[list[int], list[Started], list[int]]]:
-    """Start ``system`` (and its private redis-server); yield (ports, servers, redis pids)."""
+) -> Iterator[tuple[list[int], list[Started], list[int], list[str]]]:
+    """Start ``system`` (and its private redis-server).
+
+    Yields (ports, servers, redis pids, redis URLs).
+    """
     servers: list[Started] = []
     with contextlib.ExitStack() as stack:
         redis_url = ""
         redis_pids: list[int] = []
+        redis_urls: list[str] = []
         if system.redis:
             redis_url, redis_pid = stack.enter_context(redis_server(workdir, cfg.nice))
             redis_pids = [redis_pid]
+            redis_urls = [redis_url]
         try:
             ports = []
             for node in range(system.nodes):
@@ -467,7 +511,7 @@ def serving(
                 servers.append(server)
                 (wait_healthy if system.kind == "party_sync" else wait_port)(port, server)
                 ports.append(port)
-            yield ports, servers, redis_pids
+            yield ports, servers, redis_pids, redis_urls
         finally:
             for server in servers:
                 server.stop()
@@ -487,12 +531,13 @@ def run_system(
     import orjson
     import psutil
 
-    result: dict[str, Any] = {"mode": mode, "connections": parties * cfg.k}
+    result: dict[str, Any] = {"mode": mode, "connections": parties * cfg.k, "parties": parties}
     loadgen: LoadGenProcess | None = None
-    with serving(system, cfg, workdir, mode) as (ports, servers, redis_pids):
+    with serving(system, cfg, workdir, mode) as (ports, servers, redis_pids, redis_urls):
         try:
             time.sleep(0.5 if cfg.quick else 1.0)
             rss0 = sum(psutil.Process(s.pid).memory_info().rss for s in servers)
+            redis0 = redis_memory(redis_urls)
             events = EVENTS_PER_MESSAGE[system.protocol]
             rates_in = [r / (events * cfg.k) for r in delivered_rates]
             argv = [
@@ -522,7 +567,7 @@ def run_system(
             for port in ports:
                 argv += ["--url", f"ws://127.0.0.1:{port}"]
             loadgen = LoadGenProcess(argv, cfg.nice)
-            sampler = Sampler([s.pid for s in servers], redis_pids, loadgen.proc.pid)
+            sampler = Sampler([s.pid for s in servers], redis_pids, loadgen.proc.pid, redis_urls)
             line = loadgen.next_line(120 + parties * cfg.k / 200)
             if line is None or not line.startswith("READY"):
                 raise RuntimeError(
@@ -534,6 +579,9 @@ def run_system(
             result["rss_before"] = rss0
             result["rss_idle"] = rss1
             result["kib_per_idle_connection"] = (rss1 - rss0) / 1024 / (parties * cfg.k)
+            if redis_urls:  # Redis's own accounting: before connecting, with everyone joined
+                result["redis_memory_before"] = redis0
+                result["redis_memory_idle"] = sampler.redis_memory()
             if mode == "idle":
                 loadgen.command("STOP")
                 loadgen.next_line(30)
@@ -558,6 +606,10 @@ def run_system(
                 elif line.startswith("MEASURE_END") and start_snap is not None:
                     window = sampler.delta(start_snap, sampler.snapshot())
                     window["server_rss"] = sampler.rss()
+                    memory = sampler.redis_memory()  # after the CPU snapshot: not in the window
+                    if memory is not None:
+                        window["redis_used_memory"] = memory["used_memory"]
+                        window["redis_used_memory_rss"] = memory["used_memory_rss"]
                 elif line.startswith("STEP "):
                     step = orjson.loads(line[5:])
                     step.update(window)
@@ -589,7 +641,7 @@ def run_resume(system: Any, cfg: argparse.Namespace, workdir: Path) -> dict[str,
     """The resume probe (bench/resume.py) against a fresh ``system``."""
     import orjson
 
-    with serving(system, cfg, workdir, "resume") as (ports, _, _):
+    with serving(system, cfg, workdir, "resume") as (ports, _, _, _):
         argv = [
             sys.executable,
             "-m",
