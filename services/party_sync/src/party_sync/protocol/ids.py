@@ -1,6 +1,6 @@
 """The id rule: one pattern for every identifier party_sync accepts, in one place.
 
-``common.json#/$defs/id`` (docs/protocol.md, "Identifiers"): ``^[A-Za-z0-9._:-]{1,64}$``. Ids
+``common.json#/$defs/id`` (docs/protocol.md, "The envelope"): ``^[A-Za-z0-9._:-]{1,64}$``. Ids
 become Redis key and channel names (``backends/keys.py``), log fields and URL path segments, so
 the alphabet has no space, no wildcard (``*``, ``?``, ``[``), no separator a key could be split on
 other than ``:``, no control or non-ASCII character, and a bounded length. Schemas check ids in
