@@ -32,7 +32,7 @@ COMPONENTS: list[tuple[str, str]] = [
     ("aiohttp: other (web_ws, handshake, server)", r"aiohttp/"),
     ("fan-out: hub, session, seq check", r"party_sync/gateway/(hub|session)\.py|core/sequence"),
     ("backend + core: seq, history, projection, ledger", r"party_sync/backends/|party_sync/core/"),
-    ("publisher: event envelope", r"party_sync/gateway/publisher\.py|gateway/messages\.py"),
+    ("publisher: event envelope", r"party_sync/gateway/publisher\.py|core/snapshot\.py"),
     ("gateway: action flow", r"party_sync/gateway/gateway\.py"),
     ("engine link + benchmark engine", r"party_sync/engine/|bench/engine\.py"),
     ("socket I/O syscalls (asyncio transports)", r"asyncio/selector_events\.py"),

@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import orjson
 import pytest
 from party_sync.core.binding import Binding
 from party_sync.core.commands import Send
 from party_sync.core.events import Event
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.core.session import PartySessions, Rules
+from party_sync.core.snapshot import Snapshot
 from party_sync.gateway.session import Session, carry_local
 from party_sync.protocol.errors import CloseCode
 from party_sync.protocol.schemas import Contracts
@@ -60,10 +62,10 @@ def deliver(core: PartySessions, seq: int) -> None:
 
 
 def live(core: PartySessions, s: Session, seq: int, sink: FakeSink) -> None:
-    carry_local(
-        core.opened(s, join=None, epoch="e", seq=seq, hello=b"hello", replay=None, resume=None)
-    )
-    assert sink.sent[0] == b"hello"
+    snapshot = Snapshot("e", seq, [], "active", "active", 0, None, None, None, None)
+    carry_local(core.opened(s, join=None, snapshot=snapshot, replay=None, resume=None, now=0.0))
+    hello = orjson.loads(sink.sent[0])
+    assert hello["type"] == "system.hello" and hello["payload"]["seq"] == seq
     del sink.sent[0]
 
 

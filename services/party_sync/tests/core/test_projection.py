@@ -228,7 +228,7 @@ event_strategy: st.SearchStrategy[tuple[str, dict[str, Any]]] = st.one_of(
 
 
 def hello_of(proj: Projection) -> dict[str, Any]:
-    """What the gateway puts in a hello from a snapshot of ``proj`` (gateway/messages.py)."""
+    """What the gateway puts in a hello from a snapshot of ``proj`` (core/snapshot.py)."""
     return {
         "seq": proj.seq,
         "members": proj.member_list(),

@@ -147,15 +147,8 @@ class Node:
                 snap = self.call(b.snapshot(c.conn.party_id))
             except BackendUnavailable:
                 return core.open_failed(c.conn, self.now)
-            hello = codec.encode({"type": t.HELLO, "payload": {"seq": snap.seq}})
             return core.opened(
-                c.conn,
-                join=join,
-                epoch=snap.epoch,
-                seq=snap.seq,
-                hello=hello,
-                replay=None,
-                resume=None,
+                c.conn, join=join, snapshot=snap, replay=None, resume=None, now=self.now
             )
         if isinstance(c, Disconnect):
             try:

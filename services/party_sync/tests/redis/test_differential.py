@@ -43,13 +43,14 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from party_sync.backends.base import Backend, BackendSettings, Snapshot
+from party_sync.backends.base import Backend, BackendSettings
 from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.actions import Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
+from party_sync.core.snapshot import Snapshot
 from party_sync.core.votes import VoteSpec
 from party_sync.protocol import codec
 from ps_testkit.redis_server import RedisServer

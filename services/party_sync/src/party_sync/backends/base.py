@@ -13,13 +13,14 @@ Events reach a node's listeners in seq order with no gap: a backend that receive
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from party_sync.core.actions import Claim, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
+from party_sync.core.snapshot import Snapshot
 from party_sync.core.votes import CastRefusal, VoteSpec
 
 
@@ -32,23 +33,6 @@ class BackendSettings:
     action_timeout: float = 10.0
     action_record_ttl: float = 600.0
     idle_party_ttl: float = 3600.0
-
-
-@dataclass(frozen=True, slots=True)
-class Snapshot:
-    """A party's state as of ``seq`` in history ``epoch`` (the body of ``system.hello``)."""
-
-    epoch: str
-    seq: int
-    members: list[dict[str, Any]]
-    status: str
-    run_status: str
-    scene_number: int
-    scene: Mapping[str, Any] | None
-    combat: Mapping[str, Any] | None
-    party_state: Mapping[str, Any] | None
-    vote: Mapping[str, Any] | None
-    ballots: Mapping[str, str] = field(default_factory=dict)  # the open vote's: character → option
 
 
 class PartyListener(Protocol):

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from party_sync.backends.base import BackendSettings, PartyListener, Snapshot
+from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.backends.memory_admin import MemoryAdmin
 from party_sync.backends.memory_party import MemoryParty
 from party_sync.core import votes
@@ -22,6 +22,7 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.presence import announce_again
+from party_sync.core.snapshot import Snapshot
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import VoteConflict

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import secrets
 
-from party_sync.backends.base import BackendSettings, PartyListener, Snapshot
+from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.core import votes
 from party_sync.core.actions import ActionLedger
 from party_sync.core.history import EventLog
 from party_sync.core.presence import Presence
 from party_sync.core.projection import Projection
+from party_sync.core.snapshot import Snapshot
 
 
 class MemoryParty:

@@ -34,12 +34,12 @@ from party_sync.backends.base import (
     NodeInfo,
     PartyDetail,
     PartySummary,
-    Snapshot,
     node_of,
 )
 from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_bus import Bus
 from party_sync.backends.redis_scripts import snapshot_from, text, unavailable
+from party_sync.core.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from party_sync.backends.base import BackendSettings, PartyListener, Snapshot
+from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus
@@ -51,6 +51,7 @@ from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
+from party_sync.core.snapshot import Snapshot
 from party_sync.core.votes import CastRefusal, VoteSpec
 from party_sync.metrics import Metrics, ReadCounter
 from party_sync.protocol import codec

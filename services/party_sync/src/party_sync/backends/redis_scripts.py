@@ -25,11 +25,11 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
-from party_sync.backends.base import Snapshot
 from party_sync.backends.keys import KeySpace, PartyKeys, party_channel
 from party_sync.backends.redis_batch import ScriptBatcher
 from party_sync.backends.redis_wire import Script, load_script
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
+from party_sync.core.snapshot import Snapshot
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable
 

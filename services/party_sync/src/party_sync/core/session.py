@@ -65,6 +65,7 @@ from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.presence import RefreshSchedule
 from party_sync.core.sequence import SeqVerdict
+from party_sync.core.snapshot import Snapshot, hello
 from party_sync.protocol import codec, inbound, replies
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BAD_INPUT, CloseCode, ErrorCode, ProtocolError
@@ -228,22 +229,31 @@ class PartySessions:
         conn: Connection,
         *,
         join: Event | None,
-        epoch: str,
-        seq: int,
-        hello: bytes,
+        snapshot: Snapshot,
         replay: Sequence[bytes] | None,
         resume: ResumePoint | None,
+        now: float,
     ) -> Commands:
-        """The backend announced it (``join`` if it brought its character online) and gave its
-        snapshot (``epoch``, ``seq``, the ``hello`` built from it) and any ``replay``."""
+        """The backend announced it (``join`` if it brought its character online) and gave the
+        party's ``snapshot`` and, for a resume, the ``replay`` (None: too far back, a snapshot
+        instead): its ``system.hello``, the replay, and what was buffered meanwhile."""
         out: Commands = []
         if join is not None:
-            out.append(Announce(conn.binding, join, epoch, restate=join.seq == 1))
+            out.append(Announce(conn.binding, join, snapshot.epoch, restate=join.seq == 1))
         if resume is not None:
             self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
-        out.append(Send(hello, [conn]))
+        resumed_from = resume.last_seq if replay is not None and resume is not None else None
+        greeting = hello(
+            conn.binding,
+            snapshot,
+            resumed_from=resumed_from,
+            limits=self.limits,
+            your_vote=snapshot.ballots.get(conn.character_id),
+            now=now,
+        )
+        out.append(Send(codec.encode(greeting), [conn]))
         self.meter.sent(t.HELLO)
-        last = seq
+        last = snapshot.seq
         if replay is not None and resume is not None:
             out.extend(Send(data, [conn]) for data in replay)
             last = max(last, resume.last_seq + len(replay))

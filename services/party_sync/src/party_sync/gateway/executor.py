@@ -44,10 +44,8 @@ from party_sync.engine.interface import (
     RestateNotice,
     action_envelope,
 )
-from party_sync.gateway import messages
 from party_sync.gateway.session import carry_local
 from party_sync.metrics import Metrics
-from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from party_sync.publishing import BackendPublisher
@@ -235,23 +233,8 @@ class Executor:
         except BackendUnavailable:
             await self.run(self.core.open_failed(conn, self.clock()))
             return
-        resumed_from = resume.last_seq if replay is not None and resume is not None else None
-        hello = messages.hello(
-            conn.binding,
-            snapshot,
-            resumed_from=resumed_from,
-            limits=self.core.limits,
-            your_vote=snapshot.ballots.get(conn.character_id),
-            now=self.clock(),
-        )
         commands = self.core.opened(
-            conn,
-            join=join,
-            epoch=snapshot.epoch,
-            seq=snapshot.seq,
-            hello=codec.encode(hello),
-            replay=replay,
-            resume=resume,
+            conn, join=join, snapshot=snapshot, replay=replay, resume=resume, now=self.clock()
         )
         await self.run(commands)
 

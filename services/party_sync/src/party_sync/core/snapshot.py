@@ -1,13 +1,32 @@
-"""The builder of ``system.hello`` (``system.error`` is built in ``protocol.replies``)."""
+"""A party's state as of a seq (``Snapshot``, what every backend answers) and the one builder of
+``system.hello`` from it (``system.error`` is built in ``protocol.replies``)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
-from party_sync.backends.base import Snapshot
 from party_sync.core.binding import Binding
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """A party's state as of ``seq`` in history ``epoch`` (the body of ``system.hello``)."""
+
+    epoch: str
+    seq: int
+    members: list[dict[str, Any]]
+    status: str
+    run_status: str
+    scene_number: int
+    scene: Mapping[str, Any] | None
+    combat: Mapping[str, Any] | None
+    party_state: Mapping[str, Any] | None
+    vote: Mapping[str, Any] | None
+    ballots: Mapping[str, str] = field(default_factory=dict)  # the open vote's: character → option
 
 
 def hello(
