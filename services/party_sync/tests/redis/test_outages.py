@@ -49,8 +49,14 @@ async def test_flushed_history_gets_a_new_epoch_and_a_snapshot_never_a_replay(
         b, hello = await n2.join("borin", epoch=old_epoch, last_seq=b_last)
         p = hello["payload"]
         assert p["resumed"] is False and "resumed_from" not in p
-        assert p["epoch"] != old_epoch and p["seq"] == 1  # his join opens the new history
-        assert p["members"] == [{"character_id": "borin", "display_name": "Borin", "online": True}]
+        assert p["epoch"] != old_epoch  # a new history, never the old seqs
+        # his join opens it, or node 1's presence refresh re-announced aria's live connection
+        # just before (a refresh tick can fall between the flush and this join): seq 1 or 2
+        members = {m["character_id"]: m["online"] for m in p["members"]}
+        if p["seq"] == 1:
+            assert members == {"borin": True}
+        else:
+            assert p["seq"] == 2 and members == {"aria": True, "borin": True}
         # aria's stream (node 1) is from the lost epoch: she is told to resync, then resumes
         assert await a.closed() == 4003
         a, hello_a = await n1.join("aria", epoch=old_epoch, last_seq=position(a)[1])
