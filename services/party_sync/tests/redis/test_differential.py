@@ -37,6 +37,7 @@ import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import orjson
@@ -53,6 +54,7 @@ from party_sync.core.history import ResumePoint
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.votes import VoteSpec
 from party_sync.protocol import codec
+from ps_testkit.client import wait_until
 from ps_testkit.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
@@ -805,8 +807,9 @@ async def test_a_forgotten_party_forgets_its_unapplied_decisions_on_both(
             kept = [e.payload["vote_id"] for e in await backend.unapplied_votes(T0, 0)]
             later = T0 + SETTINGS.idle_party_ttl + 1
             if backend is redis:  # Redis expires the party on its own clock
-                redis_server.command("PEXPIRE", redis.keys.party_keys("p1").meta, "1")
-                await asyncio.sleep(0.05)
+                meta = redis.keys.party_keys("p1").meta
+                redis_server.command("PEXPIRE", meta, "1")
+                await wait_until(partial(_gone, redis_server, meta))
             else:
                 await backend.expire(later)
             answers.append((kept, await backend.unapplied_votes(later, 0)))
@@ -827,3 +830,7 @@ async def test_marking_an_open_vote_applied_keeps_it_due(redis_server: RedisServ
         assert answers[1] == answers[0] == [("p1", "v1")]
     finally:
         await redis.close()
+
+
+def _gone(redis_server: RedisServer, key: str) -> bool:
+    return redis_server.command("EXISTS", key) == b":0\r\n"
