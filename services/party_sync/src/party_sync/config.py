@@ -189,6 +189,11 @@ class Settings:
     action_record_ttl: float = _option(
         600.0, "Seconds an action_id is remembered (repeats get the original result)."
     )
+    narration_idle: float = _option(
+        30.0,
+        "Seconds a live narration stream may go without a new piece before the server closes it "
+        "(an engine that died mid-stream); system.hello tells clients as narration_idle_ms.",
+    )
     history_size: int = _option(1000, "Events of history kept per party (for resume).")
     party_ttl: float = _option(
         3600.0, "Seconds a party's state and history are kept after its last activity."
@@ -329,6 +334,7 @@ def validate(settings: Settings) -> None:
         "telegram_max_age",
         "telegram_token_ttl",
         "request_body_timeout",
+        "narration_idle",
     )
     for name in durations:
         if not math.isfinite(getattr(settings, name)):
@@ -350,6 +356,7 @@ def validate(settings: Settings) -> None:
         (settings.presence_ttl > 0, "presence_ttl must be > 0"),
         (settings.action_timeout > 0, "action_timeout must be > 0"),
         (settings.action_record_ttl > 0, "action_record_ttl must be > 0"),
+        (settings.narration_idle > 0, "narration_idle must be > 0"),
         (settings.shutdown_timeout >= 0, "shutdown_timeout must be >= 0"),
         (settings.engine_http_timeout > 0, "engine_http_timeout must be > 0"),
         (settings.engine_http_retries >= 0, "engine_http_retries must be >= 0"),

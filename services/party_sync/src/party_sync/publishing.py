@@ -7,6 +7,7 @@ alike. Every event is checked against its schema before the backend sequences it
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -14,14 +15,26 @@ from typing import Any
 import orjson
 
 from party_sync import tracing
-from party_sync.backends.base import EngineSide
-from party_sync.core import votes
+from party_sync.backends.base import EngineSide, NarrationStore
+from party_sync.core import transient, votes
 from party_sync.core.actions import Claim
 from party_sync.core.events import Event
-from party_sync.engine.interface import ENGINE_EVENT_TYPES, ActionRequest, VoteRequest, VoteStarter
+from party_sync.engine.interface import (
+    ENGINE_EVENT_TYPES,
+    ActionRequest,
+    NarrationPiece,
+    VoteRequest,
+    VoteStarter,
+)
 from party_sync.protocol import codec, replies
 from party_sync.protocol import types as t
-from party_sync.protocol.errors import ErrorCode, InvalidEvent
+from party_sync.protocol.errors import (
+    BackendUnavailable,
+    ErrorCode,
+    InvalidEvent,
+    NarrationConflict,
+)
+from party_sync.protocol.ids import is_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
 
 log = logging.getLogger(__name__)
@@ -29,6 +42,56 @@ log = logging.getLogger(__name__)
 
 #: The refusal passed to a claim made before the action's deadline, which cannot record one.
 NOT_LATE = b""
+
+
+class Narrator:
+    """Narration pieces coalesced per party per event-loop tick: the pieces of one party that
+    arrive in one tick (from any number of streams and callers) go to the backend in one
+    ``narrate`` call, in the order they came (one script call, one round trip, in Redis mode),
+    and each caller gets its own piece's outcome."""
+
+    def __init__(self, backend: NarrationStore, clock: Callable[[], float]) -> None:
+        self.backend = backend
+        self.clock = clock
+        self._pending: dict[str, list[tuple[transient.Piece, asyncio.Future[transient.Outcome]]]]
+        self._pending = {}
+        self._scheduled = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def take(self, party_id: str, piece: transient.Piece) -> transient.Outcome:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[transient.Outcome] = loop.create_future()
+        self._pending.setdefault(party_id, []).append((piece, future))
+        if not self._scheduled:
+            self._scheduled = True
+            loop.call_soon(self._flush)
+        return await future
+
+    def _flush(self) -> None:
+        self._scheduled = False
+        pending, self._pending = self._pending, {}
+        for party_id, items in pending.items():
+            task = asyncio.ensure_future(self._send(party_id, items))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _send(
+        self,
+        party_id: str,
+        items: list[tuple[transient.Piece, asyncio.Future[transient.Outcome]]],
+    ) -> None:
+        try:
+            outcomes = await self.backend.narrate(party_id, [p for p, _ in items], self.clock())
+        except Exception as exc:  # each caller gets it (BackendUnavailable: retryable)
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(
+                        BackendUnavailable(str(exc)) if isinstance(exc, BackendUnavailable) else exc
+                    )
+            return
+        for (_, future), outcome in zip(items, outcomes, strict=True):
+            if not future.done():
+                future.set_result(outcome)
 
 
 class BackendPublisher(VoteStarter):
@@ -40,6 +103,37 @@ class BackendPublisher(VoteStarter):
         self.backend = backend
         self.contracts = contracts
         self.clock = clock
+        self.narrator = Narrator(backend, clock)
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        """``EventPublisher.narrate``: checked, coalesced with the party's other pieces of this
+        tick (``Narrator``), sent to every member if it is the stream's next piece."""
+        if not is_id(party_id):
+            raise InvalidEvent("party_id is not a valid id")
+        NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id).check()
+        piece = transient.piece(
+            stream_id,
+            index,
+            text,
+            done=done,
+            action_id=action_id,
+            trace_id=trace_id,
+            now=self.clock(),
+        )
+        outcome = await self.narrator.take(party_id, piece)
+        if not outcome.accepted:
+            reason = transient.REASONS[outcome]
+            raise NarrationConflict(f"narration {stream_id} piece {index}: {reason}")
 
     def build(
         self,

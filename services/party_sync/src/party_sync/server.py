@@ -61,6 +61,7 @@ def backend_settings(settings: Settings) -> BackendSettings:
         action_timeout=settings.action_timeout,
         action_record_ttl=settings.action_record_ttl,
         idle_party_ttl=settings.party_ttl,
+        narration_idle=settings.narration_idle,
     )
 
 

@@ -123,7 +123,7 @@ async def test_one_party_shows_presence_projection_and_actions_in_flight() -> No
         expected_hello = {
             k: v
             for k, v in hello["payload"].items()
-            if k not in {"you", "limits", "resumed", "protocol"}
+            if k not in {"you", "limits", "resumed", "protocol", "actions_in_flight", "narration"}
         }
         assert detail["hello"] == expected_hello
         (action,) = detail["actions_in_flight"]

@@ -14,6 +14,7 @@ from party_sync.engine.interface import (
     Claim,
     EventPublisher,
     JoinNotice,
+    NarrationPiece,
     RestateNotice,
     VoteRequest,
     VoteStarter,
@@ -125,6 +126,7 @@ class _FlakyPublishHost(VoteStarter):
         self.fail_next = False
         self.events: list[str] = []
         self.answers: list[tuple[str, str]] = []
+        self.narrated: list[NarrationPiece] = []
 
     async def publish(
         self, party_id: str, type: str, payload: Mapping[str, Any], *, trace_id: str | None = None
@@ -134,6 +136,20 @@ class _FlakyPublishHost(VoteStarter):
             raise BackendUnavailable("redis: connection refused")
         self.events.append(type)
         return len(self.events)
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id)
+        self.narrated.append(piece.check())
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.answers.append(("action_rejected", message))

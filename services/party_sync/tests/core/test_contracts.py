@@ -56,11 +56,13 @@ EVENT_TYPES = (
     "vote.update",
     "vote.finished",
 )
+#: Server → client, to every member outside the sequenced stream: never a ``seq``.
+TRANSIENT_TYPES = ("action.accepted", "action.failed", "narration.delta")
 #: Client → server only: never a ``seq``.
 CLIENT_TYPES = ("action.request", "vote.cast")
 #: Both directions (client: leave request without seq; server: event with seq and reason).
 BOTH_DIRECTIONS_TYPES = ("party.leave",)
-MESSAGE_TYPES = SYSTEM_TYPES + EVENT_TYPES + CLIENT_TYPES + BOTH_DIRECTIONS_TYPES
+MESSAGE_TYPES = SYSTEM_TYPES + TRANSIENT_TYPES + EVENT_TYPES + CLIENT_TYPES + BOTH_DIRECTIONS_TYPES
 SCHEMA_FILES = ("envelope.json", "common.json", *(f"{t}.json" for t in MESSAGE_TYPES))
 
 ERROR_CODES_HEADING = "## Error codes"
@@ -233,9 +235,9 @@ def test_message_schema_wraps_the_envelope(message_type: str) -> None:
     assert {"type", "payload"} <= required
     if message_type in EVENT_TYPES:
         assert {"timestamp", "trace_id", "seq"} <= required
-    if message_type in SYSTEM_TYPES:
+    if message_type in SYSTEM_TYPES + TRANSIENT_TYPES:
         assert {"timestamp", "trace_id"} <= required
-    if message_type in SYSTEM_TYPES + CLIENT_TYPES:
+    if message_type in SYSTEM_TYPES + TRANSIENT_TYPES + CLIENT_TYPES:
         assert schema["properties"]["seq"] is False
 
 
@@ -397,7 +399,7 @@ def test_server_event_without_seq_is_rejected(message_type: str) -> None:
     _assert_invalid(f"{message_type}.json", event)
 
 
-@pytest.mark.parametrize("message_type", SYSTEM_TYPES + CLIENT_TYPES)
+@pytest.mark.parametrize("message_type", SYSTEM_TYPES + TRANSIENT_TYPES + CLIENT_TYPES)
 def test_seq_is_rejected_on_system_and_client_messages(message_type: str) -> None:
     message = _example(message_type)
     message["seq"] = 19

@@ -19,6 +19,7 @@ from party_sync.engine.http_host import ApiPublisher
 from party_sync.engine.interface import (
     ActionRequest,
     JoinNotice,
+    NarrationPiece,
     RestateNotice,
     VoteRequest,
     VoteStarter,
@@ -34,6 +35,21 @@ T = 1_795_000_000.25  # a join's time: 2026-11-18T11:06:40.250Z
 class _Recorder(VoteStarter):
     def __init__(self) -> None:
         self.requests: list[VoteRequest] = []
+        self.narrated: list[NarrationPiece] = []
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id)
+        self.narrated.append(piece.check())
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         self.requests.append(request)

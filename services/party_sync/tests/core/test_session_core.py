@@ -8,7 +8,7 @@ answer back, and moves the clock by hand: a 30-second vote or a 10-second grace 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import orjson
@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from party_sync.backends.base import BackendSettings
 from party_sync.backends.memory import MemoryBackend
-from party_sync.core import votes
+from party_sync.core import transient, votes
 from party_sync.core.actions import Claim
 from party_sync.core.binding import Binding
 from party_sync.core.commands import (
@@ -25,6 +25,7 @@ from party_sync.core.commands import (
     BeginAction,
     CastVote,
     Close,
+    CloseNarration,
     Command,
     Connect,
     Disconnect,
@@ -47,6 +48,7 @@ from party_sync.core.connection import Connection
 from party_sync.core.events import Event
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.core.session import PartySessions, Rules
+from party_sync.core.transient import Transient
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, CloseCode
@@ -144,7 +146,7 @@ class Node:
                 done(b.subscribe(c.conn.party_id, Listener(self, c.conn.party_id)))
             try:
                 join = self.call(b.connect(c.conn.binding, c.conn.id, c.now, c.trace_id))
-                snap = self.call(b.snapshot(c.conn.party_id))
+                snap = self.call(b.snapshot(c.conn.party_id, c.now))
             except BackendUnavailable:
                 return core.open_failed(c.conn, self.now)
             return core.opened(
@@ -165,7 +167,15 @@ class Node:
             p = c.message.payload
             try:
                 verdict = self.call(
-                    b.begin_action(c.conn.party_id, p["character_id"], p["action_id"], c.now)
+                    b.begin_action(
+                        c.conn.party_id,
+                        p["character_id"],
+                        p["action_id"],
+                        c.now,
+                        True,
+                        p["action_type"],
+                        c.message.trace_id,
+                    )
                 )
             except BackendUnavailable:
                 verdict = None
@@ -229,6 +239,12 @@ class Node:
             except BackendUnavailable:
                 return core.vote_failed(c, self.now)
             return core.vote_verdict(c, run, verdict)
+        if isinstance(c, CloseNarration):
+            try:
+                again = self.call(b.close_narration(c.party_id, c.stream_id, c.now, c.trace_id))
+            except BackendUnavailable:
+                return core.narration_failed(c)
+            return core.narration_looked(c, again)
         if isinstance(c, Refresh):
             try:
                 rejoined = self.call(b.refresh(c.connections, c.now))
@@ -324,6 +340,9 @@ class Listener:
 
     def on_resync(self) -> None:
         self.node.run(self.node.core.resync(self.party_id))
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        self.node.run(self.node.core.transient_received(self.party_id, items, self.node.now))
 
 
 def action(action_id: str, character: str, run: str = "r1") -> dict[str, Any]:
@@ -448,9 +467,17 @@ def test_an_action_nobody_started_is_refused_at_its_deadline_and_the_refusal_is_
     node = Node()
     aria = node.join("aria")
     node.act(aria, "a1")
+    assert node.types(aria)[-1] == t.ACTION_ACCEPTED  # every member learns it is in flight
     node.advance(4.99)
-    assert node.types(aria)[-1] == t.HELLO or node.types(aria)[-1] == t.PARTY_JOIN
+    assert node.types(aria)[-1] == t.ACTION_ACCEPTED
     node.advance(0.02)
+    # the sender gets its final answer; every member learns the action failed
+    assert node.types(aria)[-2:] == [t.ACTION_FAILED, t.ERROR]
+    assert node.frames[aria.id][-2]["payload"] == {
+        "action_id": "a1",
+        "character_id": "aria",
+        "code": "action_timeout",
+    }
     assert error_code(node.last(aria)) == "action_timeout"
     assert node.meter.counts[("action_answers", "timeout")] == 1
     node.act(aria, "a1")  # its final answer, again
@@ -512,7 +539,13 @@ def test_a_thirty_second_vote_closes_at_its_deadline_and_its_decision_reaches_th
     node.advance(29.9)
     assert t.VOTE_FINISHED not in node.types(aria) and node.engine == []
     node.advance(0.2)
-    assert node.types(aria)[-1] == t.VOTE_FINISHED
+    # the decision is handed to the engine as the party's action, which every member sees
+    assert node.types(aria)[-2:] == [t.VOTE_FINISHED, t.ACTION_ACCEPTED]
+    assert node.frames[aria.id][-1]["payload"] == {
+        "action_id": "vote:v1",
+        "character_id": t.PARTY_ACTOR,
+        "action_type": "choice",
+    }
     (choice,) = node.engine
     assert (choice.action_id, choice.character_id, choice.deadline) == (
         "vote:v1",
@@ -527,7 +560,7 @@ def test_a_vote_everyone_cast_finishes_at_once() -> None:
     aria = node.join("aria")
     _start_vote(node)
     node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
-    assert node.types(aria)[-1] == t.VOTE_FINISHED
+    assert node.types(aria)[-2:] == [t.VOTE_FINISHED, t.ACTION_ACCEPTED]
     assert [a.action_id for a in node.engine] == ["vote:v1"]
 
 
@@ -689,3 +722,176 @@ def test_every_accepted_action_gets_exactly_one_final_answer(
             and f["payload"]["in_reply_to"].get("action_id") == pending.action_id
         ]
         assert answers and all(a == answers[0] for a in answers)  # one answer, maybe resent
+
+
+# -- live narration and actions seen as they happen -----------------------------------------------
+def _narrate(node: Node, stream: str, index: int, text: str, done_: bool = False) -> list[str]:
+    """The engine's piece through the backend (as ``BackendPublisher.narrate`` sends it)."""
+    p = transient.piece(
+        stream, index, text, done=done_, action_id=None, trace_id=None, now=node.now
+    )
+    return [o.value for o in done(node.backend.narrate("p1", [p], node.now))]
+
+
+def _deltas(node: Node, conn: Connection) -> list[tuple[str, int, str, bool]]:
+    return [
+        (
+            f["payload"]["stream_id"],
+            f["payload"]["index"],
+            f["payload"]["text"],
+            f["payload"]["done"],
+        )
+        for f in node.frames.get(conn.id, [])
+        if f["type"] == t.NARRATION_DELTA
+    ]
+
+
+def test_narration_reaches_every_member_and_a_late_joiner_gets_the_text_so_far() -> None:
+    node = Node()
+    aria = node.join("aria")
+    assert _narrate(node, "n1", 0, "The gate ") == ["taken"]
+    assert _narrate(node, "n1", 1, "gives way") == ["taken"]
+    assert _narrate(node, "n1", 1, "gives way") == ["repeat"]  # a retry: nothing is sent again
+    assert _deltas(node, aria) == [("n1", 0, "The gate ", False), ("n1", 1, "gives way", False)]
+    borin = node.join("borin")
+    hello = node.frames[borin.id][0]
+    assert hello["payload"]["narration"] == [
+        {"stream_id": "n1", "index": 1, "text": "The gate gives way"}
+    ]
+    assert _narrate(node, "n1", 2, ".", done_=True) == ["taken"]
+    assert _deltas(node, borin) == [("n1", 2, ".", True)]
+    later = node.join("cyra")
+    assert node.frames[later.id][0]["payload"]["narration"] == []  # an ended stream is not restated
+
+
+def test_a_stream_left_open_is_closed_after_the_idle_time_once() -> None:
+    node = Node(rules=Rules(action_timeout=5.0, presence_grace=10.0, narration_idle=30.0))
+    aria = node.join("aria")
+    _narrate(node, "n1", 0, "Once upon")
+    node.advance(20.0)
+    _narrate(node, "n1", 1, " a time")
+    node.advance(29.0)  # 29 s after the last piece: still open
+    assert _deltas(node, aria)[-1] == ("n1", 1, " a time", False)
+    node.advance(1.5)
+    assert _deltas(node, aria)[-1] == ("n1", 2, "", True)
+    node.advance(120.0)
+    assert [d for d in _deltas(node, aria) if d[3]] == [("n1", 2, "", True)]
+    assert _narrate(node, "n1", 3, "late") == ["ended"]
+
+
+def test_pieces_out_of_order_or_over_the_limits_are_refused() -> None:
+    node = Node()
+    node.join("aria")
+    assert _narrate(node, "n1", 1, "no first piece") == ["gap"]
+    assert _narrate(node, "n1", 0, "a") == ["taken"]
+    assert _narrate(node, "n1", 2, "skips one") == ["gap"]
+    assert _narrate(node, "n1", 1, "x" * transient.MAX_STREAM_CHARS) == ["too_long"]
+    for i in range(2, transient.MAX_OPEN_STREAMS + 1):
+        assert _narrate(node, f"n{i}", 0, "open") == ["taken"]
+    assert _narrate(node, "n-many", 0, "one too many") == ["too_many"]
+
+
+def test_every_member_sees_an_action_in_flight_until_its_result_and_a_joiner_sees_it_too() -> None:
+    node = Node()
+    aria = node.join("aria")
+    borin = node.join("borin")
+    node.act(aria, "a1")
+    accepted = node.frames[borin.id][-1]
+    assert accepted["type"] == t.ACTION_ACCEPTED
+    assert accepted["payload"] == {
+        "action_id": "a1",
+        "character_id": "aria",
+        "action_type": "skill_check",
+    }
+    cyra = node.join("cyra")
+    assert node.frames[cyra.id][0]["payload"]["actions_in_flight"] == [accepted["payload"]]
+    node.answer(node.engine[0])
+    assert node.types(borin)[-1] == t.ACTION_RESULT
+    dara = node.join("dara")
+    assert node.frames[dara.id][0]["payload"]["actions_in_flight"] == []
+
+
+def test_an_action_the_engine_refuses_is_told_failed_to_every_member() -> None:
+    node = Node()
+    aria = node.join("aria")
+    borin = node.join("borin")
+    node.act(aria, "a1")
+    refusal = codec.encode(
+        codec.envelope(
+            t.ERROR,
+            {
+                "code": "action_rejected",
+                "message": "no",
+                "retryable": False,
+                "in_reply_to": {"trace_id": None, "type": None, "action_id": "a1"},
+            },
+            ts=node.now,
+        )
+    )
+    assert done(node.backend.refuse_action("p1", "a1", "aria", refusal, node.now))
+    assert node.frames[borin.id][-1]["type"] == t.ACTION_FAILED
+    assert node.frames[borin.id][-1]["payload"]["code"] == "action_rejected"
+    assert not done(node.backend.refuse_action("p1", "a1", "aria", refusal, node.now))
+    assert [f["type"] for f in node.frames[borin.id]].count(t.ACTION_FAILED) == 1
+
+
+def _syncing(party: str = "p1") -> Connection:
+    binding = Binding(party, "r1", "aria", "Aria")
+    return Connection("c1", binding, ConnectionLimits(LimitPolicy()), T0 + 3600)
+
+
+def test_a_syncing_connection_gets_the_pieces_after_its_hello_once_and_no_stale_accepted() -> None:
+    conn = _syncing()
+    assert conn.buffer is not None
+    piece = transient.piece
+    frames = [
+        piece("n1", 2, "old", done=False, action_id=None, trace_id=None, now=T0),  # in the hello
+        piece("n1", 3, "new", done=False, action_id=None, trace_id=None, now=T0),
+        piece("n2", 4, "mid", done=False, action_id=None, trace_id=None, now=T0),  # unknown stream
+        piece("n3", 0, "first", done=False, action_id=None, trace_id=None, now=T0),
+        piece("n3", 1, "second", done=False, action_id=None, trace_id=None, now=T0),
+    ]
+    conn.buffer.extend(p.transient() for p in frames)
+    stale = transient.accepted("a1", "aria", "choice", "t1", T0)
+    fresh = transient.accepted("a2", "aria", "choice", "t2", T0)
+    result = Event("p1", 5, t.ACTION_RESULT, {"action_id": "a1"}, "t1", b"r5")
+    conn.buffer.extend([stale, result, fresh])
+    out, gap = conn.go_live(5, {"n1": 2})
+    assert not gap
+    assert out == [frames[1].frame, frames[3].frame, frames[4].frame, fresh.data]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["s1", "s2", "s3"]),
+            st.integers(min_value=0, max_value=4),
+            st.text(max_size=6),
+            st.booleans(),
+        ),
+        max_size=40,
+    )
+)
+def test_narration_book_keeps_each_stream_whole_in_order_and_never_twice(
+    ops: list[tuple[str, int, str, bool]],
+) -> None:
+    book = transient.NarrationBook(idle=30.0)
+    taken: dict[str, list[tuple[int, str, bool]]] = {}
+    for i, (stream, index, text, is_done) in enumerate(ops):
+        p = transient.piece(
+            stream, index, text, done=is_done, action_id=None, trace_id=None, now=T0
+        )
+        outcome = book.take(p, T0 + i)
+        if outcome is transient.Outcome.TAKEN:
+            taken.setdefault(stream, []).append((index, text, is_done))
+    for pieces in taken.values():
+        assert [index for index, _, _ in pieces] == list(range(len(pieces)))  # 0, 1, 2, ... once
+        assert not any(d for _, _, d in pieces[:-1])  # nothing after the last piece
+    open_ = {s["stream_id"]: s for s in book.open_streams()}
+    for stream, pieces in taken.items():
+        if pieces[-1][2]:
+            assert stream not in open_
+        else:
+            assert open_[stream]["text"] == "".join(text for _, text, _ in pieces)
+            assert open_[stream]["index"] == len(pieces) - 1

@@ -20,8 +20,8 @@ def check_server_message(message: Any) -> None:
     type_ = message.get("type")
     assert isinstance(type_, str) and CONTRACTS.has(type_), f"unknown type in {message}"
     CONTRACTS.validate(type_, message)
-    if type_ in t.SYSTEM_TYPES:
-        assert "seq" not in message, f"system message with seq: {message}"
+    if type_ in t.SYSTEM_TYPES or type_ in t.TRANSIENT_TYPES:
+        assert "seq" not in message, f"system or transient message with seq: {message}"
     else:
         assert type_ in t.EVENT_TYPES, f"{type_} is not a server → client type"
         assert isinstance(message.get("seq"), int), f"event without seq: {message}"
@@ -75,10 +75,17 @@ class Client:
         return message  # type: ignore[no-any-return]
 
     async def expect(self, type_: str, timeout: float = 5.0) -> dict[str, Any]:
-        """The next message, which must be of ``type_``."""
-        message = await self.recv(timeout)
-        assert message["type"] == type_, f"expected {type_}, got {message}"
-        return message
+        """The next message, which must be of ``type_``. Transient messages to every member
+        (``action.accepted``, ``action.failed``, ``narration.delta``: kept in ``received``) are
+        passed over unless ``type_`` is one: they tell what the sequenced events and the hello
+        tell too, and tests of those read them with ``until`` or by asking for them."""
+        async with asyncio.timeout(timeout):
+            while True:
+                message = await self.recv(timeout)
+                if message["type"] in t.TRANSIENT_TYPES and type_ not in t.TRANSIENT_TYPES:
+                    continue
+                assert message["type"] == type_, f"expected {type_}, got {message}"
+                return message
 
     async def until(self, type_: str, timeout: float = 5.0) -> dict[str, Any]:
         """Skip messages until one of ``type_`` arrives."""

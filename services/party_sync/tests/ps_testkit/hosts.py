@@ -1,8 +1,8 @@
 """``RecordingHost``: a ``LinkHost`` for engine-link tests, recording what a link asks of it.
 
 ``claims`` decides each ``claim`` (by action_id; default START); ``claim_errors`` makes the next
-N claims raise ``BackendUnavailable`` (a stalled backend). Published events, refusals and claims
-are recorded in order.
+N claims raise ``BackendUnavailable`` (a stalled backend). Published events, refusals, claims and
+narration pieces (``narrated``, as ``NarrationPiece``) are recorded in order.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from typing import Any
 from party_sync.engine.interface import (
     ActionRequest,
     Claim,
+    NarrationPiece,
     VoteRequest,
     VoteStarter,
     action_envelope,
@@ -32,6 +33,7 @@ class RecordingHost(VoteStarter):
     published: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, ErrorCode]] = field(default_factory=list)
+    narrated: list[NarrationPiece] = field(default_factory=list)
 
     async def claim(self, action: ActionRequest) -> Claim:
         if self.claim_errors > 0:
@@ -50,6 +52,20 @@ class RecordingHost(VoteStarter):
     ) -> int:
         self.published.append((party_id, type, dict(payload)))
         return len(self.published)
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id)
+        self.narrated.append(piece.check())
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.rejected.append((action.action_id, message))

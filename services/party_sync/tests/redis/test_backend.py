@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import pytest
@@ -15,6 +15,7 @@ from party_sync.backends.base import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
+from party_sync.core.transient import Transient
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
@@ -32,6 +33,7 @@ class Recorder:
     def __init__(self) -> None:
         self.events: list[Event] = []
         self.directs: list[tuple[str, bytes]] = []
+        self.transients: list[Transient] = []
         self.resyncs = 0
 
     @property
@@ -46,6 +48,9 @@ class Recorder:
 
     def on_resync(self) -> None:
         self.resyncs += 1
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        self.transients.extend(items)
 
 
 @contextlib.asynccontextmanager

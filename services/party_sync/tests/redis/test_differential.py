@@ -47,11 +47,13 @@ from hypothesis import strategies as st
 from party_sync.backends.base import Backend, BackendSettings
 from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core import transient
 from party_sync.core.actions import Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.snapshot import Snapshot
+from party_sync.core.transient import Transient
 from party_sync.core.votes import VoteSpec
 from party_sync.protocol import codec
 from ps_testkit.client import wait_until
@@ -61,6 +63,7 @@ pytestmark = pytest.mark.redis
 
 HISTORY = 12  # small, so that stories trim history and replays run out of it
 SETTINGS = BackendSettings(
+    narration_idle=5.0,
     history_size=HISTORY,
     presence_ttl=10.0,
     action_timeout=2.0,
@@ -160,6 +163,24 @@ WEIGHTED: list[tuple[int, st.SearchStrategy[tuple[Any, ...]]]] = [
     ),
     (1, st.tuples(st.just("runs"), party_)),
     (1, st.tuples(st.just("direct"), party_, character_)),
+    (
+        3,
+        st.tuples(
+            st.just("narrate"),
+            party_,
+            st.lists(
+                st.tuples(
+                    st.sampled_from(["s1", "s2"]),
+                    st.integers(0, 3),
+                    st.sampled_from(["", "The gate ", 'gives "way" ', "é \u2028 ✓"]),
+                    st.booleans(),
+                ),
+                min_size=1,
+                max_size=3,
+            ),
+        ),
+    ),
+    (1, st.tuples(st.just("close_narration"), party_, st.sampled_from(["s1", "s2"]))),
 ]
 OPERATIONS: st.SearchStrategy[tuple[Any, ...]] = st.one_of(
     [strategy for weight, strategy in WEIGHTED for _ in range(weight)]
@@ -184,6 +205,10 @@ class Recorder:
 
     def on_resync(self) -> None:
         self._add(("resync",))
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        for item in items:
+            self._add(("transient", item.type, item.data))
 
     def _add(self, frame: tuple[Any, ...]) -> None:
         self.frames.append(frame)
@@ -263,6 +288,8 @@ class Normaliser:
             return "event", self.event(frame[1])
         if frame[0] == "direct":
             return "direct", frame[1], self.data(frame[2])
+        if frame[0] == "transient":
+            return "transient", frame[1], self.data(frame[2])
         return frame
 
     def value(self, value: Any) -> Any:
@@ -401,7 +428,10 @@ class Driver:
             self.begun.append((party, character, action))
 
             async def begin(be: Backend, n: Normaliser) -> Any:
-                return n.value(await be.begin_action(party, character, action, now, timed))
+                verdict = await be.begin_action(
+                    party, character, action, now, timed, "combat", trace_id=trace
+                )
+                return n.value(verdict)
 
             return Call(text, begin)
         if kind == "claim":
@@ -494,9 +524,27 @@ class Driver:
             party = op[1]
 
             async def snapshot(be: Backend, n: Normaliser) -> Any:
-                return n.snapshot(await be.snapshot(party))
+                return n.snapshot(await be.snapshot(party, now))
 
             return Call(text, snapshot)
+        if kind == "narrate":
+            _, party, specs = op
+            pieces = [
+                transient.piece(s, i, x, done=d, action_id=None, trace_id=trace, now=now)
+                for s, i, x, d in specs
+            ]
+
+            async def narrate(be: Backend, n: Normaliser) -> Any:
+                return await be.narrate(party, pieces, now)
+
+            return Call(text, narrate)
+        if kind == "close_narration":
+            _, party, stream = op
+
+            async def close_narration(be: Backend, n: Normaliser) -> Any:
+                return await be.close_narration(party, stream, now, trace)
+
+            return Call(text, close_narration)
         if kind == "replay":
             _, party, back, same_epoch = op
 

@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, cast
 
 import pytest
@@ -24,6 +24,7 @@ from party_sync.backends.keys import DEFAULT_PREFIX, PARTY_KEYS, KeySpace
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
+from party_sync.core.transient import Transient
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import BackendUnavailable
 from ps_testkit.client import Client, wait_until
@@ -55,6 +56,9 @@ class Recorder:
 
     def on_resync(self) -> None:
         self.resyncs += 1
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        pass
 
     def presence(self) -> list[tuple[str, str, str]]:
         return [

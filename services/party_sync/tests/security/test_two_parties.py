@@ -83,8 +83,10 @@ def assert_of_b(message: dict[str, Any], pings: set[str]) -> None:
         assert p["party_id"] == B_PARTY and p["campaign_run_id"] == B_RUN, message
     elif type_ in ("party.join", "party.leave"):
         assert p["character_id"] in B_CHARACTERS, message
-    elif type_ == "action.result":
-        assert p["action_id"] in pings, message
+    elif type_ in ("action.result", "action.accepted", "action.failed"):
+        assert p["action_id"] in pings and p["character_id"] in B_CHARACTERS, message
+    elif type_ == "narration.delta":
+        raise AssertionError(f"party B received narration nobody in B asked for: {message}")
     elif type_ == "scene.update":
         pass  # the node engine's answer to a B ping (its content is the engine's)
     else:

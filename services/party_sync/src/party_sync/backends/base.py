@@ -21,6 +21,7 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.snapshot import Snapshot
+from party_sync.core.transient import Outcome, Piece, Transient
 from party_sync.core.votes import CastRefusal, VoteSpec
 
 
@@ -33,6 +34,8 @@ class BackendSettings:
     action_timeout: float = 10.0
     action_record_ttl: float = 600.0
     idle_party_ttl: float = 3600.0
+    #: a narration stream without a new piece for this long is closed (docs/protocol.md)
+    narration_idle: float = 30.0
 
 
 class PartyListener(Protocol):
@@ -46,6 +49,10 @@ class PartyListener(Protocol):
 
     def on_resync(self) -> None:
         """Continuity was lost and could not be repaired: every client must resync."""
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        """Messages for every member outside the sequenced stream (``core.transient``), in the
+        order they were made."""
 
 
 class Subscription(Protocol):
@@ -105,7 +112,9 @@ class EventStream(Protocol):
         """The parties known to play ``campaign_run_id`` (recorded when their members connect)."""
         ...
 
-    async def snapshot(self, party_id: str) -> Snapshot: ...
+    async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot:
+        """The party's state (``now``, default the wall clock: which actions are in flight)."""
+        ...
 
     async def replay(
         self, party_id: str, point: ResumePoint, max_replay: int
@@ -201,9 +210,22 @@ class ActionStore(Protocol):
     """The action ledger (``core.actions.ActionLedger``), shared: one final answer per action."""
 
     async def begin_action(
-        self, party_id: str, character_id: str, action_id: str, now: float, timed: bool = True
+        self,
+        party_id: str,
+        character_id: str,
+        action_id: str,
+        now: float,
+        timed: bool = True,
+        action_type: str = "choice",
+        trace_id: str = "",
     ) -> Verdict:
-        """``ActionLedger.begin`` (``timed=False``: no deadline, for party_sync's own actions)."""
+        """``ActionLedger.begin`` (``timed=False``: no deadline, for party_sync's own actions).
+
+        An accepted action is announced to every member (``action.accepted``, with
+        ``action_type`` and ``trace_id``) in the same atomic step. Every refusal that becomes an
+        action's final answer (``refuse_action``, an expired ``claim_action``, a timed-out
+        ``time_out_action``) is announced as ``action.failed`` the same way.
+        """
         ...
 
     async def claim_action(
@@ -225,6 +247,22 @@ class ActionStore(Protocol):
         ...
 
 
+class NarrationStore(Protocol):
+    """Live narration (``core.transient.NarrationBook``): pieces in, sent to every member."""
+
+    async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:
+        """Apply the pieces in order (one atomic step) and send the taken ones to every member;
+        the outcome of each, in order."""
+        ...
+
+    async def close_narration(
+        self, party_id: str, stream_id: str, now: float, trace_id: str
+    ) -> float | None:
+        """Close the stream if it has had no piece for ``narration_idle`` (its empty last piece
+        goes to every member); when to look again if it had one since; None: nothing to do."""
+        ...
+
+
 class Operated(Protocol):
     """A backend's operators' view (``transport/admin.py`` serves it)."""
 
@@ -232,12 +270,22 @@ class Operated(Protocol):
     def admin(self) -> AdminView: ...
 
 
-class EngineSide(EventStream, ActionStore, VoteStore, Protocol):
+class EngineSide(EventStream, ActionStore, VoteStore, NarrationStore, Protocol):
     """The parts the engine's side uses (``BackendPublisher``): publishing events, claiming and
-    refusing actions, opening votes. No presence, no lifecycle: it never owns the backend."""
+    refusing actions, opening votes, narrating. No presence, no lifecycle: it never owns the
+    backend."""
 
 
-class Backend(Lifecycle, EventStream, PresenceStore, VoteStore, ActionStore, Operated, Protocol):
+class Backend(
+    Lifecycle,
+    EventStream,
+    PresenceStore,
+    VoteStore,
+    ActionStore,
+    NarrationStore,
+    Operated,
+    Protocol,
+):
     """Shared party state and the event bus: every part. All times are Unix seconds passed in by
     the caller. ``MemoryBackend`` and ``RedisBackend`` implement it."""
 

@@ -2,7 +2,8 @@
 
 Channels (a public contract, docs/redis.md; no prefix, so other services can listen)::
 
-    party:<party_id>            the party's stream: sequenced events and direct messages (JSON)
+    party:<party_id>            the party's stream: sequenced events, direct messages and transient
+                                messages to every member (JSON; redis_stream.py)
     run:<campaign_run_id>       run-wide messages (JSON envelopes, not sequenced)
 
 A node-private channel, for the pub/sub liveness probe (``redis_bus``)::
@@ -20,17 +21,21 @@ slot and one Lua script may touch all of them::
     <prefix>:{party:<id>}:state       hash    scene, combat, party_state, vote* (JSON payloads)
     <prefix>:{party:<id>}:presence    zset    "<connection_id>:<character_id>" → expires_at
     <prefix>:{party:<id>}:gone        hash    character_id → deadline for its owning node to settle
-    <prefix>:{party:<id>}:locks       hash    character_id → "<until> <action_id>" (one in flight)
+    <prefix>:{party:<id>}:locks       hash    character_id → "<until> <action_id> <action_type>"
+                                              (one in flight per character)
     <prefix>:{party:<id>}:vote        hash    the current (or last) vote: spec, deadline, run, ...
     <prefix>:{party:<id>}:ballots     hash    character_id → option, for the current vote
     <prefix>:{party:<id>}:action:<action_id>   hash  c (character), s (started), r (result bytes)
     <prefix>:{party:<id>}:unapplied   hash    vote_id → "<finished_at> <vote.finished body>" of
                                       each finished vote whose action the engine was not yet given
+    <prefix>:{party:<id>}:narration   hash    live narration streams (lua/narrate.lua):
+                                      m:<stream_id> meta, t:<stream_id> text, a:<stream_id> action
 
 The first eleven (``PartyKeys``, in this order) expire together ``party_ttl`` after the party's last
 activity; an action record expires ``action_record_ttl`` after its last change; ``unapplied`` (not
 a script key: only ``redis_votes`` uses it) expires with the party too: ``party_ttl`` after its
-last write, set again to ``meta``'s remaining time by every votes sweep.
+last write, set again to ``meta``'s remaining time by every votes sweep; ``narration`` expires
+twice ``narration_idle`` after its last piece.
 
 Keys outside any party slot::
 
@@ -121,6 +126,10 @@ class KeySpace:
 
     def action(self, party_id: str, action_id: str) -> str:
         return f"{self.tag(party_id)}:action:{action_id}"
+
+    def narration(self, party_id: str) -> str:
+        """The party's live narration streams (not among ``PARTY_KEYS``: its own expiry)."""
+        return f"{self.tag(party_id)}:narration"
 
     def run_parties(self, campaign_run_id: str) -> str:
         return f"{self.prefix}:{{run:{campaign_run_id}}}:parties"

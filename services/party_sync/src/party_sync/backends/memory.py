@@ -10,6 +10,7 @@ engine, as a Redis party's ``unapplied`` expires with its ``meta``.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -17,12 +18,13 @@ from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.backends.memory_admin import MemoryAdmin
 from party_sync.backends.memory_party import MemoryParty
 from party_sync.core import votes
-from party_sync.core.actions import Claim, Sweep, Verdict
+from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.presence import announce_again
 from party_sync.core.snapshot import Snapshot
+from party_sync.core.transient import Outcome, Piece, Transient, accepted, closing_piece, failed
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import VoteConflict
@@ -135,8 +137,17 @@ class MemoryBackend:
     async def run_parties(self, campaign_run_id: str) -> list[str]:
         return sorted(p for p in self._runs.get(campaign_run_id, ()) if p in self._parties)
 
-    async def snapshot(self, party_id: str) -> Snapshot:
-        return self._party(party_id).snapshot()
+    async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot:
+        return self._party(party_id).snapshot(time.time() if now is None else now)
+
+    @staticmethod
+    def _tell(party: MemoryParty, items: Sequence[Transient]) -> None:
+        """Deliver transient messages to the party's listeners, inline and in order."""
+        for listener in list(party.listeners):
+            try:
+                listener.on_transient(items)
+            except Exception:  # one broken listener must not starve the others
+                log.exception("listener failed", extra={"party_id": party.party_id})
 
     async def replay(
         self, party_id: str, point: ResumePoint, max_replay: int
@@ -319,9 +330,33 @@ class MemoryBackend:
 
     # -- actions ----------------------------------------------------------------------------
     async def begin_action(
-        self, party_id: str, character_id: str, action_id: str, now: float, timed: bool = True
+        self,
+        party_id: str,
+        character_id: str,
+        action_id: str,
+        now: float,
+        timed: bool = True,
+        action_type: str = "choice",
+        trace_id: str = "",
     ) -> Verdict:
-        return self._party(party_id, now).ledger.begin(character_id, action_id, now, timed)
+        party = self._party(party_id, now)
+        verdict = party.ledger.begin(character_id, action_id, now, timed, action_type)
+        if verdict.decision is Decision.ACCEPT and party.listeners:
+            self._tell(party, [accepted(action_id, character_id, action_type, trace_id, now)])
+        return verdict
+
+    def _failed(
+        self,
+        party: MemoryParty,
+        action_id: str,
+        character_id: str | None,
+        refusal: bytes,
+        now: float,
+    ) -> None:
+        """Tell every member that the action's final answer is ``refusal``."""
+        notice = failed(action_id, character_id, refusal, now) if character_id else None
+        if notice is not None and party.listeners:
+            self._tell(party, [notice])
 
     async def claim_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
@@ -330,7 +365,11 @@ class MemoryBackend:
         if party is None:  # the party's state is gone: the action may start unless it is late
             late = deadline is not None and now > deadline
             return (Claim.EXPIRED if late else Claim.START), None
-        return party.ledger.claim(action_id, now, refusal, deadline)
+        character_id = party.ledger.character_of(action_id)
+        claim, answer = party.ledger.claim(action_id, now, refusal, deadline)
+        if claim is Claim.EXPIRED and character_id is not None:
+            self._failed(party, action_id, character_id, refusal, now)
+        return claim, answer
 
     async def time_out_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes
@@ -338,9 +377,41 @@ class MemoryBackend:
         party = self._parties.get(party_id)
         if party is None:
             return Sweep.GONE, None
-        return party.ledger.time_out(action_id, now, refusal)
+        character_id = party.ledger.character_of(action_id)
+        outcome, answer = party.ledger.time_out(action_id, now, refusal)
+        if outcome is Sweep.TIMED_OUT:
+            self._failed(party, action_id, character_id, refusal, now)
+        return outcome, answer
 
     async def refuse_action(
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
     ) -> bool:
-        return self._party(party_id, now).ledger.refuse(action_id, character_id, refusal, now)
+        party = self._party(party_id, now)
+        owner = party.ledger.character_of(action_id) or character_id
+        recorded = party.ledger.refuse(action_id, character_id, refusal, now)
+        if recorded:
+            self._failed(party, action_id, owner, refusal, now)
+        return recorded
+
+    # -- narration --------------------------------------------------------------------------
+    async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:
+        party = self._party(party_id, now)
+        party.last_active = now
+        outcomes = [party.narration.take(p, now) for p in pieces]
+        taken = [p.transient() for p, o in zip(pieces, outcomes, strict=True) if o is Outcome.TAKEN]
+        if taken:
+            self._tell(party, taken)
+        return outcomes
+
+    async def close_narration(
+        self, party_id: str, stream_id: str, now: float, trace_id: str
+    ) -> float | None:
+        party = self._parties.get(party_id)
+        if party is None:
+            return None
+        closed = party.narration.close_idle(stream_id, now)
+        if not isinstance(closed, tuple):
+            return closed
+        index, action_id = closed
+        self._tell(party, [closing_piece(stream_id, index, action_id, trace_id, now).transient()])
+        return None

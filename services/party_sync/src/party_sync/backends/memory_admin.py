@@ -35,11 +35,11 @@ class _Watch:
 
 
 def _actions(party: MemoryParty, now: float) -> list[ActionInFlight]:
-    locks = party.ledger._locks  # character_id → (action_id, until)
+    locks = party.ledger._locks  # character_id → (action_id, until, action_type)
     return sorted(
         (
             ActionInFlight(character, action_id, until)
-            for character, (action_id, until) in locks.items()
+            for character, (action_id, until, _) in locks.items()
             if until > now
         ),
         key=lambda a: (a.deadline, a.character_id),
@@ -61,7 +61,7 @@ class MemoryAdmin:
         out: list[PartySummary] = []
         for party_id in ids:
             party = parties[party_id]
-            snapshot = party.snapshot()
+            snapshot = party.snapshot(now)
             out.append(
                 PartySummary(
                     party_id=party_id,
@@ -80,7 +80,7 @@ class MemoryAdmin:
         party = self._parties.get(party_id)
         if party is None:
             return None
-        snapshot = party.snapshot()
+        snapshot = party.snapshot(now)
         connections = [
             LiveConnection(character, connection, node_of(connection), expires)
             for character, conns in sorted(party.presence._connections.items())

@@ -15,6 +15,7 @@ from party_sync.core.history import EventLog
 from party_sync.core.presence import Presence
 from party_sync.core.projection import Projection
 from party_sync.core.snapshot import Snapshot
+from party_sync.core.transient import NarrationBook
 
 
 class MemoryParty:
@@ -25,6 +26,7 @@ class MemoryParty:
         "ledger",
         "listeners",
         "log",
+        "narration",
         "party_id",
         "presence",
         "projection",
@@ -39,6 +41,7 @@ class MemoryParty:
         self.projection = Projection()
         self.presence = Presence(settings.presence_ttl)
         self.ledger = ActionLedger(settings.action_timeout, settings.action_record_ttl)
+        self.narration = NarrationBook(settings.narration_idle)
         self.listeners: list[PartyListener] = []
         self.last_active = now
         self.run_id: str | None = None
@@ -48,8 +51,8 @@ class MemoryParty:
         # ``unapplied`` hash, forgotten only with the whole party
         self.unapplied: dict[str, tuple[float, bytes]] = {}
 
-    def snapshot(self) -> Snapshot:
-        """The party as ``system.hello`` tells it."""
+    def snapshot(self, now: float) -> Snapshot:
+        """The party as ``system.hello`` tells it at ``now``."""
         p = self.projection
         return Snapshot(
             epoch=self.log.epoch,
@@ -63,4 +66,6 @@ class MemoryParty:
             party_state=p.party_state,
             vote=dict(p.vote) if p.vote is not None else None,
             ballots=dict(self.vote.ballots) if self.vote and not self.vote.finished else {},
+            actions_in_flight=self.ledger.in_flight(now),
+            narration=self.narration.open_streams(),
         )

@@ -65,7 +65,9 @@ return out
 
 
 def _lock(character: Any, value: Any) -> ActionInFlight | None:
-    until, _, action_id = text(value).partition(" ")
+    """A lock ``"<until> <action_id> <action_type>"`` (lua/_lib.lua ``parse_lock``)."""
+    until, _, rest = text(value).partition(" ")
+    action_id = rest.partition(" ")[0]
     try:
         return ActionInFlight(text(character), action_id, float(until))
     except ValueError:
@@ -119,7 +121,9 @@ class RedisAdmin:
         (epoch, seq, run), members, names, online, state, locks = replies[:6]
         if epoch is None:
             return None
-        snapshot = snapshot_from([epoch, seq or 0, members, _flat(names), online, _flat(state), []])
+        snapshot = snapshot_from(
+            [epoch, seq or 0, members, _flat(names), online, _flat(state), [], [], []]
+        )
         actions = sorted(
             (a for a in (_lock(c, v) for c, v in locks.items()) if a and a.deadline > now),
             key=lambda a: (a.deadline, a.character_id),

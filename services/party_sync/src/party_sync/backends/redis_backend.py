@@ -52,6 +52,13 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.snapshot import Snapshot
+from party_sync.core.transient import (
+    MAX_OPEN_STREAMS,
+    MAX_STREAM_CHARS,
+    Outcome,
+    Piece,
+    accepted,
+)
 from party_sync.core.votes import CastRefusal, VoteSpec
 from party_sync.metrics import Metrics, ReadCounter
 from party_sync.protocol import codec
@@ -308,9 +315,10 @@ class RedisBackend:
                 exists = await pipe.execute()
         return [p for p, alive in zip(parties, exists, strict=True) if alive]
 
-    async def snapshot(self, party_id: str) -> Snapshot:
+    async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot:
+        now = time.time() if now is None else now
         async with unavailable("snapshot"):
-            reply = await self.scripts.run("snapshot", party_id, 0.0)
+            reply = await self.scripts.run("snapshot", party_id, now, narration=True)
         return snapshot_from(reply)
 
     async def range(
@@ -413,7 +421,14 @@ class RedisBackend:
 
     # -- actions --------------------------------------------------------------------------------
     async def begin_action(
-        self, party_id: str, character_id: str, action_id: str, now: float, timed: bool = True
+        self,
+        party_id: str,
+        character_id: str,
+        action_id: str,
+        now: float,
+        timed: bool = True,
+        action_type: str = "choice",
+        trace_id: str = "",
     ) -> Verdict:
         # A call Redis runs later than half the command timeout after it was sent is refused by
         # the script ('stale'): the node has given up on it (or is about to), so it must not leave
@@ -430,6 +445,8 @@ class RedisBackend:
             sent,
             stale,
             1 if timed else 0,
+            action_type,
+            accepted(action_id, character_id, action_type, trace_id, now).data,
         ]
         async with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
@@ -451,7 +468,12 @@ class RedisBackend:
     async def claim_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
     ) -> tuple[Claim, bytes | None]:
-        args: list[Arg] = [action_id, refusal, "" if deadline is None else repr(deadline)]
+        args: list[Arg] = [
+            action_id,
+            refusal,
+            "" if deadline is None else repr(deadline),
+            codec.rfc3339(now),
+        ]
         async with unavailable("claim_action"):
             reply = await self.scripts.run("claim_action", party_id, now, args, action_id=action_id)
         claim = Claim(text(reply[0]))
@@ -460,7 +482,7 @@ class RedisBackend:
     async def time_out_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes
     ) -> tuple[Sweep, bytes | None]:
-        args: list[Arg] = [action_id, refusal]
+        args: list[Arg] = [action_id, refusal, codec.rfc3339(now)]
         async with unavailable("time_out_action"):
             reply = await self.scripts.run(
                 "time_out_action", party_id, now, args, action_id=action_id
@@ -471,9 +493,36 @@ class RedisBackend:
     async def refuse_action(
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
     ) -> bool:
-        args: list[Arg] = [action_id, character_id, refusal]
+        args: list[Arg] = [action_id, character_id, refusal, codec.rfc3339(now)]
         async with unavailable("refuse_action"):
             reply = await self.scripts.run(
                 "refuse_action", party_id, now, args, action_id=action_id
             )
         return bool(int(reply))
+
+    # -- narration ------------------------------------------------------------------------------
+    async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:
+        """``narrate.lua``: one script call for all the pieces (a tick's, coalesced by
+        ``publishing.Narrator``), one PUBLISH of the taken ones."""
+        args: list[Arg] = [self.settings.narration_idle, MAX_OPEN_STREAMS, MAX_STREAM_CHARS]
+        for p in pieces:
+            args += [
+                p.stream_id,
+                p.index,
+                p.text,
+                "1" if p.done else "0",
+                p.action_id or "",
+                len(p.text),
+                p.frame,
+            ]
+        async with unavailable("narrate"):
+            reply = await self.scripts.run("narrate", party_id, now, args, narration=True)
+        return [Outcome(text(o)) for o in reply]
+
+    async def close_narration(
+        self, party_id: str, stream_id: str, now: float, trace_id: str
+    ) -> float | None:
+        args: list[Arg] = [stream_id, self.settings.narration_idle, codec.rfc3339(now), trace_id]
+        async with unavailable("close_narration"):
+            reply = await self.scripts.run("close_narration", party_id, now, args, narration=True)
+        return float(text(reply[1])) if text(reply[0]) == "due" else None

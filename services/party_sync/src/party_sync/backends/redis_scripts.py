@@ -53,6 +53,8 @@ PARTY_SCRIPTS = (
     "claim_action",
     "refuse_action",
     "time_out_action",
+    "narrate",
+    "close_narration",
 )
 
 
@@ -119,11 +121,16 @@ class Scripts:
             self._party_names[party_id] = names
         return names
 
-    def party_keys(self, party_id: str, action_id: str | None = None) -> list[str]:
-        """A party script's KEYS: the party's keys (cached), then the action record's if any."""
+    def party_keys(
+        self, party_id: str, action_id: str | None = None, narration: bool = False
+    ) -> list[str]:
+        """A party script's KEYS: the party's keys (cached), then the action record's or the
+        narration hash's if the script needs one."""
         keys = list(self._names(party_id)[0])
         if action_id is not None:
             keys.append(self.keys.action(party_id, action_id))
+        elif narration:
+            keys.append(self.keys.narration(party_id))
         return keys
 
     def header(self, party_id: str, now: float) -> list[Arg]:
@@ -146,10 +153,11 @@ class Scripts:
         args: Sequence[Arg] = (),
         *,
         action_id: str | None = None,
+        narration: bool = False,
         client: Any = None,
     ) -> Any:
         """Call one party script (``client`` may be a pipeline, which queues it instead)."""
-        keys = self.party_keys(party_id, action_id)
+        keys = self.party_keys(party_id, action_id, narration)
         argv = [*self.header(party_id, now), *args]
         if client is None:  # shared with the other calls of this tick (redis_batch)
             return await self.batcher.run(self._party[name], keys, argv)
@@ -205,7 +213,8 @@ def _json(value: Any) -> dict[str, Any] | None:
 
 def snapshot_from(reply: Sequence[Any]) -> Snapshot:
     """The ``Snapshot`` from ``snapshot.lua``'s reply (the projection's rules, see ``fold``)."""
-    epoch, seq, member_ids, names_flat, online_ids, state_flat, ballots_flat = reply
+    epoch, seq, member_ids, names_flat, online_ids, state_flat, ballots_flat = reply[:7]
+    flights_flat, streams_flat = reply[7], reply[8]
     names = {k: text(v) for k, v in _pairs(names_flat).items()}
     online = {text(c) for c in online_ids}
     state = _pairs(state_flat)
@@ -235,4 +244,34 @@ def snapshot_from(reply: Sequence[Any]) -> Snapshot:
         party_state=party_state,
         vote=vote,
         ballots={k: text(v) for k, v in _pairs(ballots_flat).items()},
+        actions_in_flight=_flights(flights_flat),
+        narration=_streams(streams_flat),
     )
+
+
+def _flights(flat: Sequence[Any]) -> list[dict[str, str]]:
+    """``snapshot.lua``'s actions in flight, oldest first (as ``ActionLedger.in_flight``)."""
+    rows = sorted(
+        (float(text(flat[i + 3])), text(flat[i]), text(flat[i + 1]), text(flat[i + 2]))
+        for i in range(0, len(flat), 4)
+    )
+    return [
+        {"action_id": action_id, "character_id": character_id, "action_type": action_type}
+        for _, action_id, character_id, action_type in rows
+    ]
+
+
+def _streams(flat: Sequence[Any]) -> list[dict[str, Any]]:
+    """``snapshot.lua``'s open narration streams, oldest first (as ``NarrationBook``)."""
+    rows = sorted((float(text(flat[i + 4])), text(flat[i]), i) for i in range(0, len(flat), 5))
+    out: list[dict[str, Any]] = []
+    for _, stream_id, i in rows:
+        entry: dict[str, Any] = {
+            "stream_id": stream_id,
+            "index": int(text(flat[i + 1])),
+            "text": text(flat[i + 2]),
+        }
+        if flat[i + 3]:
+            entry["action_id"] = text(flat[i + 3])
+        out.append(entry)
+    return out

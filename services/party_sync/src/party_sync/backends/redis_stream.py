@@ -17,6 +17,11 @@ Wire format on ``party:<party_id>``, JSON only (never pickle: docs/security.md):
 
     {"epoch":"<epoch>","event":<the event's envelope, seq first>}     written by _lib.lua append()
     {"direct":"<character_id>","data":<a system.error envelope>}     written by encode_direct()
+    {"transient":[<envelope>, ...]}       written by _lib.lua publish_transient(): action.accepted,
+                                          action.failed, narration.delta (core/transient.py)
+
+Transient messages are handed to the listeners as they arrive (decoded once per node): they are
+not sequenced, so they neither wait for a repair nor cause one.
 """
 
 from __future__ import annotations
@@ -32,11 +37,13 @@ import orjson
 
 from party_sync.backends.base import PartyListener
 from party_sync.core.events import Event
+from party_sync.core.transient import Transient, from_message
 from party_sync.protocol.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
 _EVENT_PREFIX = b'{"epoch":"'
+_TRANSIENT_PREFIX = b'{"transient":['
 _EVENT_SEPARATOR = b'","event":'
 
 
@@ -64,9 +71,12 @@ def encode_direct(character_id: str, data: bytes) -> bytes:
     return b'{"direct":' + orjson.dumps(character_id) + b',"data":' + data + b"}"
 
 
-def decode(party_id: str, raw: bytes) -> Sequenced | Direct | None:
+def decode(party_id: str, raw: bytes) -> Sequenced | Direct | list[Transient] | None:
     """Parse one bus message; None (logged) for anything that is not ours."""
     try:
+        if raw.startswith(_TRANSIENT_PREFIX):
+            items = [from_message(m) for m in orjson.loads(raw)["transient"]]
+            return [item for item in items if item is not None]
         if raw.startswith(_EVENT_PREFIX):
             cut = raw.index(_EVENT_SEPARATOR, len(_EVENT_PREFIX))
             data = raw[cut + len(_EVENT_SEPARATOR) : -1]
@@ -125,6 +135,12 @@ class PartyStream:
         if isinstance(message, Direct):
             for listener in list(self.listeners):
                 listener.on_direct(message.character_id, message.data)
+        elif isinstance(message, list):
+            for listener in list(self.listeners):
+                try:
+                    listener.on_transient(message)
+                except Exception:  # one broken listener must not starve the others
+                    log.exception("listener failed", extra={"party_id": self.party_id})
         elif message is not None:
             if self.ready and self._apply(message):
                 return

@@ -101,19 +101,28 @@ class ActionLedger:
         self._owners: dict[str, str] = {}  # the actor of each final answer
         self._expires: dict[str, float] = {}
         self._orders: dict[str, int] = {}
-        self._locks: dict[str, tuple[str, float]] = {}  # character_id → (action_id, until)
+        # character_id → (action_id, until, action_type): the action that holds the character
+        self._locks: dict[str, tuple[str, float, str]] = {}
         self._order = 0
 
     def _next(self) -> int:
         self._order += 1
         return self._order
 
-    def begin(self, character_id: str, action_id: str, now: float, timed: bool = True) -> Verdict:
+    def begin(
+        self,
+        character_id: str,
+        action_id: str,
+        now: float,
+        timed: bool = True,
+        action_type: str = "choice",
+    ) -> Verdict:
         """Record a new action in flight (deadline ``now + action_timeout``), or say why not.
 
         ``timed=False``: no deadline (it is never refused with ``action_timeout``); for the actions
         party_sync makes itself, which nobody waits for and which must not be lost (a vote's).
-        The character's lock still lapses after ``action_timeout``.
+        The character's lock still lapses after ``action_timeout``. ``action_type`` is kept with
+        the lock for ``in_flight``.
         """
         self._collect(now)
         result = self._results.get(action_id)
@@ -136,8 +145,26 @@ class ActionLedger:
             until if timed else math.inf,
             False,
         )
-        self._locks[character_id] = (action_id, until)
+        self._locks[character_id] = (action_id, until, action_type)
         return _ACCEPTED
+
+    def in_flight(self, now: float) -> list[dict[str, str]]:
+        """The actions holding their character's lock (no final answer, deadline not passed),
+        oldest first: ``system.hello``'s ``actions_in_flight``."""
+        held = sorted(
+            (until, action_id, character_id, action_type)
+            for character_id, (action_id, until, action_type) in self._locks.items()
+            if until > now
+        )
+        return [
+            {"action_id": action_id, "character_id": character_id, "action_type": action_type}
+            for _, action_id, character_id, action_type in held
+        ]
+
+    def character_of(self, action_id: str) -> str | None:
+        """The actor of an action in flight, else None."""
+        flight = self._flights.get(action_id)
+        return flight[_CHARACTER] if flight is not None else None
 
     def deadline_of(self, action_id: str) -> float | None:
         flight = self._flights.get(action_id)

@@ -233,6 +233,18 @@ class SweepVotes:
     unapplied_after: float
 
 
+@dataclass(slots=True)
+class CloseNarration:
+    """A narration stream seen here had no piece for ``narration_idle``: ``backend.
+    close_narration`` (its closing piece reaches every member like any piece); then
+    ``narration_looked`` with when to look again, or ``narration_failed``."""
+
+    party_id: str
+    stream_id: str
+    now: float
+    trace_id: str
+
+
 Command = (
     Send
     | Close
@@ -254,6 +266,7 @@ Command = (
     | SubmitVote
     | Refresh
     | SweepVotes
+    | CloseNarration
 )
 
 Commands = list[Command]

@@ -5,7 +5,10 @@ decides what a connection receives; the gateway sends it.
 
 Until ``go_live`` a connection is *syncing*: live events are buffered while its ``system.hello``
 (and any replay) is prepared, then delivered in seq order with duplicates dropped, so the stream
-a client sees starts exactly after the hello's ``seq`` (docs/protocol.md, "Resuming").
+a client sees starts exactly after the hello's ``seq`` (docs/protocol.md, "Resuming"). Transient
+messages (``core.transient``) are buffered with them, in arrival order, and delivered unless the
+hello already told them: a narration piece the hello's text holds, a piece of a stream the hello
+does not know that is not its first, an ``action.accepted`` whose result the hello includes.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.limits import ConnectionLimits
 from party_sync.core.sequence import SeqTracker, SeqVerdict
+from party_sync.core.transient import Transient
+from party_sync.protocol import types as t
 
 
 class Offer(Enum):
@@ -54,7 +59,7 @@ class Connection:
         self.limits = limits
         self.expires_at = expires_at
         self.tracker = SeqTracker(0)
-        self.buffer: list[Event] | None = []  # None once live
+        self.buffer: list[Event | Transient] | None = []  # None once live
         self.closed = False
 
     def offer(self, event: Event) -> Offer:
@@ -70,16 +75,35 @@ class Connection:
         # a gap: the backend repairs gaps before delivering; reaching here means it could not
         return Offer.GAP if verdict is SeqVerdict.GAP else Offer.DROP
 
-    def go_live(self, last_seq: int) -> tuple[list[bytes], bool]:
-        """The client holds everything up to ``last_seq``: the buffered frames to send after it,
-        and whether a gap was met among them (then the connection must resync)."""
+    def go_live(
+        self, last_seq: int, streams: dict[str, int] | None = None
+    ) -> tuple[list[bytes], bool]:
+        """The client holds everything up to ``last_seq`` and, of each open narration stream in
+        ``streams``, the pieces up to its index: the buffered frames to send after that, and
+        whether a gap was met among them (then the connection must resync)."""
         self.tracker = SeqTracker(last_seq)
         buffered, self.buffer = self.buffer or [], None
+        known = dict(streams or {})
+        told = {  # actions whose result the hello includes: their action.accepted is stale
+            item.payload["action_id"]
+            for item in buffered
+            if type(item) is Event and item.type == t.ACTION_RESULT and item.seq <= last_seq
+        }
         frames: list[bytes] = []
-        for event in buffered:
-            offer = self.offer(event)
+        for item in buffered:
+            if type(item) is Transient:
+                if item.type == t.NARRATION_DELTA:
+                    last = known.get(item.key)
+                    if (item.position == 0) if last is None else item.position > last:
+                        known[item.key] = item.position
+                        frames.append(item.data)
+                elif item.type != t.ACTION_ACCEPTED or item.key not in told:
+                    frames.append(item.data)
+                continue
+            assert type(item) is Event
+            offer = self.offer(item)
             if offer is Offer.SEND:
-                frames.append(event.data)
+                frames.append(item.data)
             elif offer is Offer.GAP:
                 return frames, True
         return frames, False

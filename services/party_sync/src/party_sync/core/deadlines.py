@@ -36,6 +36,7 @@ class Kind(StrEnum):
     VOTE = "vote"  # key: (party_id, vote_id); the vote's deadline: close it
     APPLY = "apply"  # key: (party_id, vote_id); try again to hand a vote's decision over
     PRESENCE = "presence"  # key: None; the next presence refresh (and votes sweep)
+    NARRATION = "narration"  # key: (party_id, stream_id); a narration stream may have gone idle
 
 
 DeadlineKey = tuple[Kind, Hashable]

@@ -41,6 +41,7 @@ from party_sync.core.commands import (
     BeginAction,
     CastVote,
     Close,
+    CloseNarration,
     Commands,
     Connect,
     Disconnect,
@@ -66,6 +67,7 @@ from party_sync.core.history import ResumePoint
 from party_sync.core.presence import RefreshSchedule
 from party_sync.core.sequence import SeqVerdict
 from party_sync.core.snapshot import Snapshot, hello
+from party_sync.core.transient import Transient
 from party_sync.protocol import codec, inbound, replies
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BAD_INPUT, CloseCode, ErrorCode, ProtocolError
@@ -81,6 +83,7 @@ _DONE: Final = Decision.DONE
 _IN_FLIGHT: Final = Decision.IN_FLIGHT
 _ACTION: Final = Kind.ACTION
 _DEBUG: Final = logging.DEBUG
+_DELTA: Final = t.NARRATION_DELTA
 
 #: The presence refresh period is cut in this many slices, each refreshing its share of parties.
 PRESENCE_SLICES: Final = 8
@@ -121,6 +124,7 @@ class Rules:
     presence_ttl: float = 30.0
     max_message_bytes: int = 65536
     heartbeat: float = 25.0
+    narration_idle: float = 30.0
 
 
 @dataclass(slots=True)
@@ -157,10 +161,13 @@ class PartySessions:
             "max_message_bytes": rules.max_message_bytes,
             "action_timeout_ms": int(rules.action_timeout * 1000),
             "heartbeat_ms": int(rules.heartbeat * 1000),
+            "narration_idle_ms": max(1, int(rules.narration_idle * 1000)),
         }
         self._on_earlier = on_earlier
         self._graces: dict[str, Binding] = {}  # connection id → its binding, in grace
         self._applying: dict[tuple[str, str], _Applying] = {}
+        #: (party_id, stream_id) → when this node last saw a piece of that open narration stream
+        self._narrating: dict[tuple[str, str], float] = {}
         self._schedule = RefreshSchedule(max(0.15, rules.presence_ttl), PRESENCE_SLICES)
 
     # -- time -----------------------------------------------------------------------------------
@@ -214,6 +221,15 @@ class PartySessions:
         if kind is Kind.APPLY:
             applying = self._applying.get(key)
             return [] if applying is None else [ApplyVote(applying.finished, now, retry=True)]
+        if kind is Kind.NARRATION:
+            seen = self._narrating.get(key)
+            if seen is None:
+                return []
+            if seen + self.rules.narration_idle > now:
+                self._arm(Kind.NARRATION, key, seen + self.rules.narration_idle)
+                return []
+            party_id, stream_id = key
+            return [CloseNarration(party_id, stream_id, now, codec.new_trace_id())]
         return self._presence_tick(now)
 
     # -- connections ----------------------------------------------------------------------------
@@ -257,7 +273,10 @@ class PartySessions:
         if replay is not None and resume is not None:
             out.extend(Send(data, [conn]) for data in replay)
             last = max(last, resume.last_seq + len(replay))
-        frames, gap = conn.go_live(last)
+        streams = {s["stream_id"]: s["index"] for s in snapshot.narration}
+        for stream_id in streams:
+            self._watch_narration(conn.party_id, stream_id, now)
+        frames, gap = conn.go_live(last, streams)
         out.extend(Send(data, [conn]) for data in frames)
         if gap:
             out.extend(self._close(conn, CloseCode.RESYNC, "stream gap: resync"))
@@ -285,6 +304,7 @@ class PartySessions:
             if not party:
                 del self.parties[conn.party_id]
                 out.append(Unsubscribe(conn.party_id))
+                self._forget_narration(conn.party_id)
         out.append(Disconnect(conn, now))
         return out
 
@@ -386,6 +406,67 @@ class PartySessions:
                 del self.pending[(party_id, pending.action_id)]
                 self.deadlines.cancel(Kind.ACTION, (party_id, pending.action_id))
         return [Send(data, to)]
+
+    def transient_received(self, party_id: str, items: Sequence[Transient], now: float) -> Commands:
+        """Messages for every member outside the stream (``core.transient``): sent at once to
+        the live connections here, buffered for the syncing ones; an open narration stream is
+        watched, to be closed if it goes idle (``narration_idle``)."""
+        party = self.parties.get(party_id)
+        if party is None:
+            return []
+        live: list[Connection] = []
+        for conn in party:
+            if conn.closed:
+                continue
+            buffer = conn.buffer
+            if buffer is None:
+                live.append(conn)
+            else:
+                buffer.extend(items)  # delivered (or dropped as told) by ``go_live``
+        out: Commands = []
+        meter = self.meter
+        for item in items:
+            if item.type == _DELTA:
+                if item.done:
+                    self._narrating.pop((party_id, item.key), None)
+                    self.deadlines.cancel(Kind.NARRATION, (party_id, item.key))
+                else:
+                    self._watch_narration(party_id, item.key, now)
+            if live:
+                out.append(Send(item.data, live))
+            meter.sent(item.type, len(live))
+        return out
+
+    def _watch_narration(self, party_id: str, stream_id: str, now: float) -> None:
+        key = (party_id, stream_id)
+        if key not in self._narrating:
+            self._arm(Kind.NARRATION, key, now + self.rules.narration_idle)
+        self._narrating[key] = now
+
+    def _forget_narration(self, party_id: str) -> None:
+        """No connection of the party is left here: its streams are not watched from here."""
+        for key in [k for k in self._narrating if k[0] == party_id]:
+            del self._narrating[key]
+            self.deadlines.cancel(Kind.NARRATION, key)
+
+    def narration_looked(self, cmd: CloseNarration, due: float | None) -> Commands:
+        """The backend closed the stream (its closing piece is on its way), or it had ended, or
+        it had a piece this node has not seen yet: look again at ``due``."""
+        key = (cmd.party_id, cmd.stream_id)
+        if due is None or cmd.party_id not in self.parties:
+            self._narrating.pop(key, None)
+        else:
+            self._narrating[key] = due - self.rules.narration_idle
+            self._arm(Kind.NARRATION, key, due)
+        return []
+
+    def narration_failed(self, cmd: CloseNarration) -> Commands:
+        """The backend could not be reached: look again soon."""
+        self.meter.count("background_errors", "narration")
+        key = (cmd.party_id, cmd.stream_id)
+        if key in self._narrating:
+            self._arm(Kind.NARRATION, key, cmd.now + min(1.0, self.rules.narration_idle))
+        return []
 
     def resync(self, party_id: str) -> Commands:
         """The party's stream lost continuity and could not be repaired: every client resyncs."""

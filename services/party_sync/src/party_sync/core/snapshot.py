@@ -27,6 +27,10 @@ class Snapshot:
     party_state: Mapping[str, Any] | None
     vote: Mapping[str, Any] | None
     ballots: Mapping[str, str] = field(default_factory=dict)  # the open vote's: character → option
+    #: the actions in flight, oldest first ({action_id, character_id, action_type})
+    actions_in_flight: list[dict[str, str]] = field(default_factory=list)
+    #: the open narration streams, oldest first ({stream_id, index, text[, action_id]})
+    narration: list[dict[str, Any]] = field(default_factory=list)
 
 
 def hello(
@@ -57,6 +61,8 @@ def hello(
         "combat": snapshot.combat,
         "party_state": snapshot.party_state,
         "vote": vote,
+        "actions_in_flight": snapshot.actions_in_flight,
+        "narration": snapshot.narration,
         "limits": limits,
     }
     if resumed_from is not None:

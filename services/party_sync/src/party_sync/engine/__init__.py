@@ -9,6 +9,9 @@ from party_sync.engine.interface import (
     EngineRejected,
     EventPublisher,
     JoinNotice,
+    Narration,
+    NarrationConflict,
+    NarrationPiece,
     RestateNotice,
     restate_engine,
 )
@@ -22,6 +25,9 @@ __all__ = [
     "EngineRejected",
     "EventPublisher",
     "JoinNotice",
+    "Narration",
+    "NarrationConflict",
+    "NarrationPiece",
     "RestateNotice",
     "restate_engine",
 ]

@@ -24,7 +24,12 @@ from typing import Any, Protocol, runtime_checkable
 from party_sync.core import votes
 from party_sync.core.actions import Claim
 from party_sync.protocol import codec
-from party_sync.protocol.errors import EngineRejected, ErrorCode  # EngineRejected: re-exported
+from party_sync.protocol.errors import (  # EngineRejected, NarrationConflict: re-exported
+    EngineRejected,
+    ErrorCode,
+    InvalidEvent,
+    NarrationConflict,
+)
 from party_sync.protocol.ids import ID_RULE, is_id, is_trace_id
 
 #: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
@@ -38,6 +43,9 @@ __all__ = [
     "EventPublisher",
     "JoinNotice",
     "LinkHost",
+    "Narration",
+    "NarrationConflict",
+    "NarrationPiece",
     "RestateNotice",
     "VoteRequest",
     "VoteStarter",
@@ -240,6 +248,84 @@ class VoteRequest:
         return votes.spec_from_json(body, self.vote_id or default_id or new_vote_id())
 
 
+#: The most characters a narration stream holds (its pieces together); docs/protocol.md.
+MAX_NARRATION_CHARS = 20_000
+
+
+def new_stream_id() -> str:
+    """A narration stream id for a ``Narration`` made without one."""
+    return "n-" + uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True, slots=True)
+class NarrationPiece:
+    """One piece of a live narration stream: the arguments of ``EventPublisher.narrate``.
+
+    Over HTTP it is the body of ``POST /api/v1/parties/{party_id}/narration`` (``to_json`` /
+    ``from_json``; the party is in the path). ``check`` applies the rules of the
+    ``narration.delta`` schema (docs/protocol.md, *Live narration*).
+    """
+
+    party_id: str
+    stream_id: str
+    index: int
+    text: str
+    done: bool = False
+    action_id: str | None = None
+    trace_id: str | None = None
+
+    def check(self) -> NarrationPiece:
+        """Itself if well-formed; raises ``InvalidEvent`` with the reason otherwise."""
+        if not is_id(self.stream_id):
+            raise InvalidEvent(f"stream_id: {ID_RULE}")
+        if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
+            raise InvalidEvent("index must be an integer >= 0")
+        if not isinstance(self.text, str) or len(self.text) > MAX_NARRATION_CHARS:
+            raise InvalidEvent(f"text must be a string of at most {MAX_NARRATION_CHARS} characters")
+        if not isinstance(self.done, bool):
+            raise InvalidEvent("done must be a boolean")
+        if self.action_id is not None and not is_id(self.action_id):
+            raise InvalidEvent(f"action_id: {ID_RULE}")
+        if self.trace_id is not None and not is_trace_id(self.trace_id):
+            raise InvalidEvent("trace_id must match [A-Za-z0-9._:-]{1,128}")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The HTTP body: every field but ``party_id``; the optional ones only when set."""
+        body: dict[str, Any] = {
+            "stream_id": self.stream_id,
+            "index": self.index,
+            "text": self.text,
+            "done": self.done,
+        }
+        if self.action_id is not None:
+            body["action_id"] = self.action_id
+        if self.trace_id is not None:
+            body["trace_id"] = self.trace_id
+        return body
+
+    @classmethod
+    def from_json(cls, party_id: str, body: object) -> NarrationPiece:
+        """A checked piece from an HTTP body; raises ``InvalidEvent`` (422) with the reason."""
+        if not isinstance(body, Mapping):
+            raise InvalidEvent("body must be an object")
+        extra = set(body) - {"stream_id", "index", "text", "done", "action_id", "trace_id"}
+        if extra:
+            raise InvalidEvent(f"unknown fields: {sorted(extra)}")
+        missing = [k for k in ("stream_id", "index", "text") if k not in body]
+        if missing:
+            raise InvalidEvent(f"missing fields: {missing}")
+        return cls(
+            party_id,
+            body["stream_id"],
+            body["index"],
+            body["text"],
+            body.get("done", False),
+            body.get("action_id"),
+            body.get("trace_id"),
+        ).check()
+
+
 @runtime_checkable
 class EventPublisher(Protocol):
     """How an engine publishes. Every call goes through the same sequenced, validated path."""
@@ -281,6 +367,29 @@ class EventPublisher(Protocol):
         to the engine as a ``choice`` action of character ``party`` with action_id
         ``vote:<vote_id>``. Raises ``VoteConflict`` if the party already has an open vote, and
         ``InvalidEvent`` for a malformed request. Implemented once, by ``VoteStarter``.
+        """
+        ...
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        """Send the next piece of a live narration stream to every member (``narration.delta``).
+
+        Pieces of a stream are numbered 0, 1, 2, …; ``done=True`` marks the last. They are not
+        part of the sequenced history: the final text still goes out in ``scene.update`` or
+        ``action.result``. Returns once party_sync took the piece. A piece it already has (same
+        ``stream_id`` and ``index``) is taken again and changes nothing, so a retry is safe.
+        Raises ``NarrationConflict`` for a piece that cannot follow (a gap in the indexes, after
+        the last piece, a stream over ``MAX_NARRATION_CHARS``, too many open streams) and
+        ``InvalidEvent`` for a malformed one. ``Narration`` numbers the pieces for you.
         """
         ...
 
@@ -327,6 +436,69 @@ class VoteStarter(ABC):
         Raises ``VoteConflict`` if the party already has an open vote, ``InvalidEvent`` for a
         malformed request.
         """
+
+
+class Narration:
+    """A narration stream being written: numbers its pieces and ends it.
+
+    ::
+
+        async with Narration(publisher, action.party_id, action_id=action.action_id) as story:
+            async for token in model.generate(prompt):
+                await story.write(token)
+        # leaving the block sends the last piece (done); then publish the final scene.update
+
+    A stream left open (the engine died) is closed by party_sync after ``narration_idle``.
+    """
+
+    def __init__(
+        self,
+        publisher: EventPublisher,
+        party_id: str,
+        stream_id: str | None = None,
+        *,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        self.publisher = publisher
+        self.party_id = party_id
+        self.stream_id = stream_id or new_stream_id()
+        self.action_id = action_id
+        self.trace_id = trace_id
+        self.index = 0  # the index of the next piece
+        self.done = False
+
+    async def write(self, text: str) -> None:
+        """Send the next piece (an empty one is skipped)."""
+        if self.done:
+            raise NarrationConflict(f"narration {self.stream_id} has ended")
+        if not text:
+            return
+        await self._send(text, done=False)
+
+    async def end(self, text: str = "") -> None:
+        """Send the last piece (``done``); nothing if the stream has ended already."""
+        if not self.done:
+            await self._send(text, done=True)
+
+    async def _send(self, text: str, *, done: bool) -> None:
+        await self.publisher.narrate(
+            self.party_id,
+            self.stream_id,
+            self.index,
+            text,
+            done=done,
+            action_id=self.action_id,
+            trace_id=self.trace_id,
+        )
+        self.index += 1
+        self.done = done
+
+    async def __aenter__(self) -> Narration:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.end()
 
 
 @runtime_checkable

@@ -20,6 +20,7 @@ from party_sync.core.commands import (
     ApplyVote,
     BeginAction,
     CastVote,
+    CloseNarration,
     Command,
     Connect,
     Disconnect,
@@ -124,8 +125,16 @@ class Executor:
         hand-over to the engine. The hot path: as few awaits deep as before the core existed."""
         core, conn = self.core, command.conn
         try:
+            message = command.message
+            payload = message.payload
             verdict = await self.backend.begin_action(
-                conn.party_id, conn.character_id, command.message.payload["action_id"], command.now
+                conn.party_id,
+                conn.character_id,
+                payload["action_id"],
+                command.now,
+                True,
+                payload["action_type"],
+                message.trace_id,
             )
         except BackendUnavailable:
             verdict = None
@@ -226,7 +235,7 @@ class Executor:
         conn, resume = command.conn, command.resume
         try:
             join = await self.backend.connect(conn.binding, conn.id, command.now, command.trace_id)
-            snapshot = await self.backend.snapshot(conn.party_id)
+            snapshot = await self.backend.snapshot(conn.party_id, command.now)
             replay = None
             if resume is not None:
                 replay = await self.backend.replay(conn.party_id, resume, self.max_replay)
@@ -261,6 +270,15 @@ class Executor:
                     await self.run(core.votes_swept(command, due, unapplied))
             finally:
                 core.tick_done(self.clock())
+        elif type(command) is CloseNarration:
+            try:
+                again = await self.backend.close_narration(
+                    command.party_id, command.stream_id, self.clock(), command.trace_id
+                )
+            except BackendUnavailable:
+                await self.run(core.narration_failed(command))
+                return
+            await self.run(core.narration_looked(command, again))
         elif type(command) is FinishVote:
             try:
                 party_id, vote_id = command.party_id, command.vote_id
@@ -274,12 +292,15 @@ class Executor:
             vote_id = finished.payload["vote_id"]
             try:
                 run = await self.backend.vote_run(finished.party_id, vote_id)
+                applied = finished.payload["applied"]
                 verdict = await self.backend.begin_action(
                     finished.party_id,
                     t.PARTY_ACTOR,
-                    finished.payload["applied"]["action_id"],
+                    applied["action_id"],
                     command.now,
                     timed=False,
+                    action_type=applied.get("action_type", "choice"),
+                    trace_id=finished.trace_id,
                 )
             except BackendUnavailable:
                 await self.run(core.vote_failed(command, self.clock()))

@@ -75,6 +75,7 @@ class Gateway:
             presence_ttl=settings.presence_ttl,
             max_message_bytes=settings.max_message_bytes,
             heartbeat=settings.heartbeat,
+            narration_idle=settings.narration_idle,
         )
         self._wake = asyncio.Event()  # an earlier deadline was armed: the timer looks again
         self.core = PartySessions(rules, contracts, MetricsMeter(self.metrics), self._wake.set)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from party_sync.backends.base import Subscription
 from party_sync.core.commands import Command
 from party_sync.core.events import Event
 from party_sync.core.session import PartySessions
+from party_sync.core.transient import Transient
 from party_sync.gateway.session import carry_local
 
 
@@ -46,6 +47,9 @@ class PartyHub:
 
     def on_direct(self, character_id: str, data: bytes) -> None:
         carry_local(self._core.direct_received(self.party_id, character_id, data))
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        carry_local(self._core.transient_received(self.party_id, items, self._clock()))
 
     def on_resync(self) -> None:
         carry_local(self._core.resync(self.party_id))

@@ -8,7 +8,8 @@ that are also ``ValueError``s, for callers that catch that::
     ├── ProtocolError          a client message was refused; carries an ErrorCode, becomes
     │                          system.error
     ├── InvalidEvent           an event (from an engine or the HTTP API) breaks its schema or may
-    │                          not be published
+    │   │                      not be published
+    │   └── NarrationConflict  a narration piece that cannot follow its stream
     ├── SchemaViolation        a message does not match its schema (protocol/schemas.py)
     ├── TooDeep (ValueError)   JSON nested deeper than allowed (protocol/codec.py)
     ├── AuthError              a WebSocket handshake was refused (HTTP 401 / 403)
@@ -149,6 +150,13 @@ class InvalidEvent(PartySyncError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+
+
+class NarrationConflict(InvalidEvent):
+    """A narration piece that cannot follow its stream: an index past the next one (a gap), a
+    piece after the stream's last (``done``), a stream over its length, or too many open streams
+    in the party (the API answers 409 ``narration_conflict``). A piece the stream already has is
+    not a conflict: it is accepted again and changes nothing."""
 
 
 class AuthError(PartySyncError):

@@ -19,9 +19,16 @@ VOTE_FINISHED: Final = "vote.finished"
 VOTE_CAST: Final = "vote.cast"
 COMBAT_UPDATE: Final = "combat.update"
 SCENE_UPDATE: Final = "scene.update"
+ACTION_ACCEPTED: Final = "action.accepted"
+ACTION_FAILED: Final = "action.failed"
+NARRATION_DELTA: Final = "narration.delta"
 
 #: Server → client messages that are not part of a party's stream: no ``seq``.
 SYSTEM_TYPES: Final = frozenset({HELLO, ERROR})
+
+#: Server → client messages to every member of a party that are not part of its sequenced
+#: stream either (no ``seq``, never replayed; ``system.hello`` restates what they tell).
+TRANSIENT_TYPES: Final = frozenset({ACTION_ACCEPTED, ACTION_FAILED, NARRATION_DELTA})
 
 #: Server → client events of a party's stream: each carries a per-party ``seq``.
 EVENT_TYPES: Final = frozenset(
@@ -42,7 +49,7 @@ EVENT_TYPES: Final = frozenset(
 CLIENT_TYPES: Final = frozenset({ACTION_REQUEST, PARTY_LEAVE, VOTE_CAST})
 
 #: Every type the protocol knows; anything else from a client is ``unknown_type``.
-ALL_TYPES: Final = SYSTEM_TYPES | EVENT_TYPES | CLIENT_TYPES
+ALL_TYPES: Final = SYSTEM_TYPES | TRANSIENT_TYPES | EVENT_TYPES | CLIENT_TYPES
 
 #: ``party.leave`` reasons.
 LEAVE_LEFT: Final = "left"

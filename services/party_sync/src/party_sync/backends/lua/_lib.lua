@@ -1,7 +1,7 @@
 -- Shared prelude of every party script (redis_scripts.py prepends it to each script body).
 --
 -- KEYS[1..11] are the party's keys in keys.PartyKeys order; KEYS[12] is an action record when
--- a script needs one. ARGV[1..6] is the common header (redis_scripts.header):
+-- a script needs one, or the party's narration hash (narrate, close_narration, snapshot). ARGV[1..6] is the common header (redis_scripts.header):
 --   1 epoch candidate (used only if the party has no history yet)   2 the party's channel
 --   3 party_ttl in ms   4 history_size   5 now (Unix seconds)   6 action_record_ttl in ms
 -- Everything one operation reads and writes is in one slot and one script, so it is atomic
@@ -108,14 +108,49 @@ local function next_expiry()
   return ''
 end
 
--- A character's action lock is "<until> <action_id>".
+-- A character's action lock is "<until> <action_id> <action_type>" (written by begin_action.lua;
+-- a lock without its type, from an earlier version, is "<until> <action_id>").
+local function parse_lock(lock)
+  local space = string.find(lock, ' ', 1, true)
+  local rest = string.sub(lock, space + 1)
+  local second = string.find(rest, ' ', 1, true)
+  if second then
+    return tonumber(string.sub(lock, 1, space - 1)), string.sub(rest, 1, second - 1),
+      string.sub(rest, second + 1)
+  end
+  return tonumber(string.sub(lock, 1, space - 1)), rest, 'choice'
+end
+
 local function read_lock(character_id)
   local lock = redis.call('HGET', K_LOCKS, character_id)
   if not lock then
     return nil, nil
   end
-  local space = string.find(lock, ' ', 1, true)
-  return tonumber(string.sub(lock, 1, space - 1)), string.sub(lock, space + 1)
+  local until_, holder = parse_lock(lock)
+  return until_, holder
+end
+
+-- Messages for every member outside the sequenced stream (core/transient.py): one PUBLISH of
+-- their envelopes, joined by commas, on the party's channel.
+local function publish_transient(frames)
+  redis.call('PUBLISH', CHANNEL, '{"transient":[' .. frames .. ']}')
+end
+
+-- action.failed for an action whose final answer became the refusal (a system.error envelope):
+-- its code and trace_id are told. Ids match [A-Za-z0-9._:-] (nothing to escape); the timestamp
+-- is formatted by the node.
+local function publish_failed(action_id, character_id, refusal, timestamp)
+  local ok, message = pcall(cjson.decode, refusal)
+  if not ok or type(message) ~= 'table' or type(message.payload) ~= 'table' then
+    return
+  end
+  local code, trace = message.payload.code, message.trace_id
+  if type(code) ~= 'string' or type(trace) ~= 'string' then
+    return
+  end
+  publish_transient('{"type":"action.failed","timestamp":"' .. timestamp .. '","trace_id":'
+    .. cjson.encode(trace) .. ',"payload":{"action_id":"' .. action_id .. '","character_id":"'
+    .. character_id .. '","code":' .. cjson.encode(code) .. '}}')
 end
 
 local function release_lock(character_id, action_id)

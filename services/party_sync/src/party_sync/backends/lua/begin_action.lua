@@ -2,7 +2,8 @@
 -- KEYS[12] the action record. ARGV[7] character_id, ARGV[8] action_id, ARGV[9] action_timeout,
 -- ARGV[10] when the node sent this call (its wall clock, Unix seconds; NOW may be virtual in
 -- tests), ARGV[11] the most seconds after that this call may run and still accept, ARGV[12]
--- '0' for an action without a deadline (party_sync's own: a vote's), else '1'.
+-- '0' for an action without a deadline (party_sync's own: a vote's), else '1', ARGV[13] the
+-- action_type, ARGV[14] its action.accepted envelope (published to every member if accepted).
 -- Returns {'done', final answer} | {'in_flight'} | {'busy', blocking action_id} | {'accept'}
 -- | {'taken'} (another actor's action_id) | {'stale'}.
 --
@@ -40,6 +41,7 @@ if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
   redis.call('HSET', record, 'd', deadline)
 end
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
-redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id)
+redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id .. ' ' .. ARGV[13])
 redis.call('PEXPIRE', K_LOCKS, PARTY_TTL_MS)
+publish_transient(ARGV[14])
 return {'accept'}

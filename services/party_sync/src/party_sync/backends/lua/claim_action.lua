@@ -1,7 +1,8 @@
 -- claim_action: ActionLedger.claim: an engine host is about to start the action. Atomic with
 -- time_out_action on the same record: an action is started before its deadline or refused.
 -- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] refusal (action_timeout), ARGV[9] the
--- deadline the action carries ('' if none; used when the record is gone).
+-- deadline the action carries ('' if none; used when the record is gone), ARGV[10] now as an
+-- RFC 3339 timestamp (for action.failed, published to every member when it expires here).
 -- Returns {'final', answer} | {'start'} | {'expired'}.
 local record, action_id = K_ACTION, ARGV[7]
 local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g')
@@ -24,6 +25,7 @@ if found[4] and NOW > tonumber(found[4]) then
   redis.call('HSET', record, 'x', ARGV[8])
   redis.call('PEXPIRE', record, RECORD_TTL_MS)
   release_lock(found[1], action_id)
+  publish_failed(action_id, found[1], ARGV[8], ARGV[10])
   return {'expired'}
 end
 redis.call('HSET', record, 'g', '1')

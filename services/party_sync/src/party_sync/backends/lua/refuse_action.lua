@@ -1,6 +1,7 @@
 -- refuse_action: ActionLedger.refuse: the action will never be applied; the refusal is its final
 -- answer (a resend of the action_id gets it for the record's TTL). Nothing changes if it already
--- has one. KEYS[12] the action record, ARGV[7] action_id, ARGV[8] character_id, ARGV[9] refusal.
+-- has one. KEYS[12] the action record, ARGV[7] action_id, ARGV[8] character_id, ARGV[9] refusal,
+-- ARGV[10] now as an RFC 3339 timestamp (for action.failed, published to every member).
 -- Returns 1 if the refusal was recorded, 0 if the action already had its final answer.
 local record, action_id = K_ACTION, ARGV[7]
 local found = redis.call('HMGET', record, 'c', 'r', 'x')
@@ -11,4 +12,5 @@ local character_id = found[1] or ARGV[8]
 redis.call('HSET', record, 'c', character_id, 'x', ARGV[9])
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
 release_lock(character_id, action_id)
+publish_failed(action_id, character_id, ARGV[9], ARGV[10])
 return 1

@@ -1,6 +1,7 @@
 -- time_out_action: ActionLedger.time_out, the sweep at an action's deadline: refuse it with the
 -- given action_timeout error unless an engine host has started it (claim_action.lua).
--- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] refusal.
+-- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] refusal, ARGV[9] now as an RFC 3339
+-- timestamp (for action.failed, published to every member when it times out here).
 -- Returns {'final', answer} | {'timed_out'} | {'started'} | {'not_due'} | {'gone'}.
 local record, action_id = K_ACTION, ARGV[7]
 local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g')
@@ -22,4 +23,5 @@ if found[5] then
 end
 redis.call('HSET', record, 'x', ARGV[8])
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
+publish_failed(action_id, found[1], ARGV[8], ARGV[9])
 return {'timed_out'}

@@ -1,0 +1,30 @@
+-- close_narration: close a stream with no piece for narration_idle (NarrationBook.close_idle):
+-- its empty last piece (done) goes to every member. KEYS[12] the narration hash (narrate.lua
+-- describes it). ARGV[7] stream_id, ARGV[8] narration_idle (s), ARGV[9] now as an RFC 3339
+-- timestamp, ARGV[10] the trace_id of the closing piece.
+-- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended or unknown).
+local K_NARRATION, id = KEYS[12], ARGV[7]
+local meta = redis.call('HGET', K_NARRATION, 'm:' .. id)
+if not meta then
+  return {'none'}
+end
+local last, ended, updated, held, created = string.match(meta, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
+if ended == '1' then
+  return {'none'}
+end
+local due = tonumber(updated) + tonumber(ARGV[8])
+if due > NOW then
+  return {'due', fmt_time(due)}
+end
+local index = string.format('%d', tonumber(last) + 1)
+-- the last index stays the engine's: a late piece after it is 'ended', not a repeat
+redis.call('HSET', K_NARRATION, 'm:' .. id, last .. ' 1 ' .. fmt_time(NOW) .. ' ' .. held .. ' ' .. created)
+redis.call('HDEL', K_NARRATION, 't:' .. id)
+local action = redis.call('HGET', K_NARRATION, 'a:' .. id)
+local tail = ''
+if action then
+  tail = ',"action_id":"' .. action .. '"'
+end
+publish_transient('{"type":"narration.delta","timestamp":"' .. ARGV[9] .. '","trace_id":"' .. ARGV[10]
+  .. '","payload":{"stream_id":"' .. id .. '","index":' .. index .. ',"text":"","done":true' .. tail .. '}}')
+return {'closed', tonumber(index)}

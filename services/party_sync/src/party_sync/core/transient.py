@@ -1,0 +1,267 @@
+"""What every member of a party is told outside its sequenced stream, and a party's narration.
+
+Three server → client types carry no ``seq`` and are never replayed (docs/protocol.md,
+*Transient messages*): ``action.accepted`` and ``action.failed`` (an action being resolved, and
+one that ended without a result) and ``narration.delta`` (a piece of live narration). What they
+tell is kept short-lived by the backend and restated by ``system.hello`` (``actions_in_flight``,
+``narration``), so a client that connects later, or reconnects, misses nothing it needs.
+
+This module builds their frames (once per message, sent as the same bytes to every member) and
+holds ``NarrationBook``, the rules of a party's narration streams: the embedded backend applies it
+directly, the Redis backend's ``narrate.lua`` and ``close_narration.lua`` apply the same rules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+
+#: At most this many open narration streams per party; a new one past it is refused.
+MAX_OPEN_STREAMS: Final = 8
+#: The most characters a narration stream holds (its pieces together).
+MAX_STREAM_CHARS: Final = 20_000
+
+
+class Transient(NamedTuple):
+    """One transient message as a node delivers it: its type, its encoded envelope, and what the
+    party core needs to know without decoding it again."""
+
+    type: str
+    data: bytes
+    key: str  # narration.delta: the stream_id; action.*: the action_id
+    position: int = 0  # narration.delta: the piece's index
+    done: bool = False  # narration.delta: the last piece
+
+
+def _frame(type_: str, payload: dict[str, Any], trace_id: str | None, now: float) -> bytes:
+    return codec.encode(codec.envelope(type_, payload, ts=now, trace_id=trace_id))
+
+
+def accepted(
+    action_id: str, character_id: str, action_type: str, trace_id: str, now: float
+) -> Transient:
+    """``action.accepted``: the action was accepted and handed to the engine.
+
+    One per accepted action, so it is put together from its quoted parts (as ``codec.encode``
+    would give it, key for key) rather than through an envelope dict: about a third cheaper.
+    """
+    dumps = orjson.dumps
+    data = b"".join(
+        (
+            b'{"type":"action.accepted","timestamp":"',
+            codec.rfc3339(now).encode(),
+            b'","trace_id":',
+            dumps(trace_id or codec.new_trace_id()),
+            b',"payload":{"action_id":',
+            dumps(action_id),
+            b',"character_id":',
+            dumps(character_id),
+            b',"action_type":',
+            dumps(action_type),
+            b"}}",
+        )
+    )
+    return Transient(t.ACTION_ACCEPTED, data, action_id)
+
+
+def failed(action_id: str, character_id: str, refusal: bytes, now: float) -> Transient | None:
+    """``action.failed`` for an action whose final answer became ``refusal`` (a ``system.error``
+    envelope: its code and trace_id are told); None if ``refusal`` is not one."""
+    try:
+        message = orjson.loads(refusal)
+        code = message["payload"]["code"]
+        trace_id = message.get("trace_id")
+    except (ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(code, str) or not isinstance(trace_id, str | None):
+        return None
+    payload = {"action_id": action_id, "character_id": character_id, "code": code}
+    return Transient(t.ACTION_FAILED, _frame(t.ACTION_FAILED, payload, trace_id, now), action_id)
+
+
+@dataclass(frozen=True, slots=True)
+class Piece:
+    """One narration piece as a backend takes it, with its ``narration.delta`` frame."""
+
+    stream_id: str
+    index: int
+    text: str
+    done: bool
+    action_id: str | None
+    frame: bytes
+
+    def transient(self) -> Transient:
+        return Transient(t.NARRATION_DELTA, self.frame, self.stream_id, self.index, self.done)
+
+
+def piece(
+    stream_id: str,
+    index: int,
+    text: str,
+    *,
+    done: bool,
+    action_id: str | None,
+    trace_id: str | None,
+    now: float,
+) -> Piece:
+    """A checked piece (the caller checked its fields) and its frame."""
+    payload: dict[str, Any] = {"stream_id": stream_id, "index": index, "text": text, "done": done}
+    if action_id is not None:
+        payload["action_id"] = action_id
+    frame = _frame(t.NARRATION_DELTA, payload, trace_id, now)
+    return Piece(stream_id, index, text, done, action_id, frame)
+
+
+def closing_piece(
+    stream_id: str, index: int, action_id: str | None, trace_id: str, now: float
+) -> Piece:
+    """The empty last piece that closes an idle stream."""
+    return piece(stream_id, index, "", done=True, action_id=action_id, trace_id=trace_id, now=now)
+
+
+def parse(data: bytes) -> Transient | None:
+    """A transient message from its encoded envelope; None for anything else."""
+    try:
+        message = orjson.loads(data)
+    except ValueError:
+        return None
+    return from_message(message, data)
+
+
+def from_message(message: Any, data: bytes | None = None) -> Transient | None:
+    """A transient message from its decoded envelope (``data``: its encoding, made here if not
+    given); None for anything else."""
+    try:
+        type_, p = message["type"], message["payload"]
+        if type_ == t.NARRATION_DELTA:
+            key, index, done = p["stream_id"], int(p["index"]), p["done"] is True
+        elif type_ in (t.ACTION_ACCEPTED, t.ACTION_FAILED):
+            key, index, done = p["action_id"], 0, False
+        else:
+            return None
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not isinstance(key, str):
+        return None
+    return Transient(type_, orjson.dumps(message) if data is None else data, key, index, done)
+
+
+# -- a party's narration streams -------------------------------------------------------------
+class Outcome(Enum):
+    """What became of a piece (``NarrationBook.take``)."""
+
+    TAKEN = "taken"  # the next piece: kept and sent to every member
+    REPEAT = "repeat"  # the stream has it already (a retry): nothing changes, nothing is sent
+    GAP = "gap"  # its index is past the next one (or a new stream not starting at 0)
+    ENDED = "ended"  # the stream had its last piece (or was closed as idle)
+    TOO_LONG = "too_long"  # the stream would hold more than MAX_STREAM_CHARS
+    TOO_MANY = "too_many"  # a new stream while MAX_OPEN_STREAMS are open
+
+    @property
+    def accepted(self) -> bool:
+        return self is Outcome.TAKEN or self is Outcome.REPEAT
+
+
+#: Why a refused piece was refused (``NarrationConflict``'s message).
+REASONS: Final[Mapping[Outcome, str]] = {
+    Outcome.GAP: "index is past the next piece of the stream (a piece is missing)",
+    Outcome.ENDED: "the stream has ended (its last piece was sent, or it was closed as idle)",
+    Outcome.TOO_LONG: f"the stream would hold more than {MAX_STREAM_CHARS} characters",
+    Outcome.TOO_MANY: f"the party has {MAX_OPEN_STREAMS} open narration streams",
+}
+
+
+@dataclass(slots=True)
+class _Stream:
+    parts: list[str]
+    chars: int
+    last: int  # the last index taken
+    done: bool
+    action_id: str | None
+    created: float
+    updated: float
+
+
+class NarrationBook:
+    """A party's narration streams: open ones with their text, ended ones remembered for
+    ``idle`` seconds (a retried piece of an ended stream is a repeat, not a new stream)."""
+
+    __slots__ = ("_streams", "idle")
+
+    def __init__(self, idle: float) -> None:
+        self.idle = idle
+        self._streams: dict[str, _Stream] = {}
+
+    def take(self, p: Piece, now: float) -> Outcome:
+        """Apply one piece; the outcome says whether to send it."""
+        stream = self._streams.get(p.stream_id)
+        if stream is None:
+            if p.index != 0:
+                return Outcome.GAP
+            self._forget_ended(now)
+            if sum(1 for s in self._streams.values() if not s.done) >= MAX_OPEN_STREAMS:
+                return Outcome.TOO_MANY
+            if len(p.text) > MAX_STREAM_CHARS:
+                return Outcome.TOO_LONG
+            self._streams[p.stream_id] = _Stream(
+                [p.text], len(p.text), 0, p.done, p.action_id, now, now
+            )
+            if p.done:
+                self._streams[p.stream_id].parts = []
+            return Outcome.TAKEN
+        if p.index <= stream.last:
+            return Outcome.REPEAT
+        if stream.done:
+            return Outcome.ENDED
+        if p.index != stream.last + 1:
+            return Outcome.GAP
+        if stream.chars + len(p.text) > MAX_STREAM_CHARS:
+            return Outcome.TOO_LONG
+        stream.last, stream.updated, stream.done = p.index, now, p.done
+        stream.chars += len(p.text)
+        if p.done:
+            stream.parts = []  # an ended stream is not restated: its text is not kept
+        else:
+            stream.parts.append(p.text)
+        return Outcome.TAKEN
+
+    def close_idle(self, stream_id: str, now: float) -> tuple[int, str | None] | float | None:
+        """An open stream without a piece for ``idle`` seconds ends: ``(index, action_id)`` of
+        its closing piece. A stream written to since: when to look again. Else None."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.done:
+            return None
+        if stream.updated + self.idle > now:
+            return stream.updated + self.idle
+        # its last index stays the engine's: a late piece after it is ENDED, not a repeat
+        stream.done, stream.parts, stream.updated = True, [], now
+        return stream.last + 1, stream.action_id
+
+    def open_streams(self) -> list[dict[str, Any]]:
+        """The open streams as ``system.hello`` restates them, oldest first."""
+        streams = sorted(
+            ((s.created, sid, s) for sid, s in self._streams.items() if not s.done),
+            key=lambda x: (x[0], x[1]),
+        )
+        out: list[dict[str, Any]] = []
+        for _, sid, s in streams:
+            entry: dict[str, Any] = {"stream_id": sid, "index": s.last, "text": "".join(s.parts)}
+            if s.action_id is not None:
+                entry["action_id"] = s.action_id
+            out.append(entry)
+        return out
+
+    def _forget_ended(self, now: float) -> None:
+        ended = [sid for sid, s in self._streams.items() if s.done and s.updated + self.idle <= now]
+        for sid in ended:
+            del self._streams[sid]
+
+    def __len__(self) -> int:
+        return len(self._streams)

@@ -1,0 +1,138 @@
+"""Live narration and actions seen as they happen, over real WebSockets, on both backends.
+
+The engine streams through the same publisher every transport uses (``EventPublisher.narrate``);
+every member gets every piece once and in order, a member who connects mid-stream gets the text
+so far in ``system.hello`` and then the live pieces, a stream the engine leaves open is closed
+after ``narration_idle``; every member sees each accepted action until its result or failure.
+Every message a client receives is checked against its schema (``ps_testkit.client``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from party_sync.engine import Narration, NarrationConflict
+from party_sync.engine.interface import EventPublisher
+from ps_testkit.client import Client
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.servers import make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
+
+
+def _publisher(engine: ScriptedEngine) -> EventPublisher:
+    assert engine.publisher is not None
+    return engine.publisher
+
+
+async def _pieces(client: Client, stream_id: str) -> list[dict[str, Any]]:
+    """Every piece of ``stream_id`` this client gets, up to and including the last (done)."""
+    pieces: list[dict[str, Any]] = []
+    while True:
+        message = await client.until("narration.delta")
+        if message["payload"]["stream_id"] == stream_id:
+            pieces.append(message["payload"])
+            if message["payload"]["done"]:
+                return pieces
+
+
+async def test_every_member_gets_every_piece_once_in_order_and_a_late_joiner_the_text_so_far() -> (
+    None
+):
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(), engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        borin, _ = await srv.join("borin")
+        publisher = _publisher(engine)
+        story = Narration(publisher, "p1", "n1", action_id="a-1")
+        await story.write("The gate ")
+        await story.write("gives way")
+        await publisher.narrate("p1", "n1", 1, "gives way")  # a retry: taken, sent again to nobody
+        cyra, hello = await srv.join("cyra")
+        assert hello["payload"]["narration"] == [
+            {"stream_id": "n1", "index": 1, "text": "The gate gives way", "action_id": "a-1"}
+        ]
+        await story.write(" with a shriek")
+        await story.end(".")
+        for client in (aria, borin):
+            pieces = await _pieces(client, "n1")
+            assert [p["index"] for p in pieces] == [0, 1, 2, 3]
+            assert "".join(p["text"] for p in pieces) == "The gate gives way with a shriek."
+        late = await _pieces(cyra, "n1")
+        assert [(p["index"], p["text"], p["done"]) for p in late] == [
+            (2, " with a shriek", False),
+            (3, ".", True),
+        ]
+        _, after = await srv.join("dara")
+        assert after["payload"]["narration"] == []  # an ended stream is not restated
+
+
+async def test_a_piece_that_cannot_follow_is_refused_and_nothing_is_sent() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(), engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        publisher = _publisher(engine)
+        with pytest.raises(NarrationConflict):
+            await publisher.narrate("p1", "n1", 1, "no first piece")
+        await publisher.narrate("p1", "n1", 0, "first", done=True)
+        with pytest.raises(NarrationConflict):
+            await publisher.narrate("p1", "n1", 1, "after the last")
+        pieces = await _pieces(aria, "n1")
+        assert [(p["index"], p["text"]) for p in pieces] == [(0, "first")]
+
+
+async def test_a_stream_left_open_is_closed_for_every_member_after_the_idle_time() -> None:
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(narration_idle=0.3), engine=engine) as srv:
+        aria, hello = await srv.join("aria")
+        assert hello["payload"]["limits"]["narration_idle_ms"] == 300
+        await _publisher(engine).narrate("p1", "n1", 0, "The engine died here")
+        pieces = await _pieces(aria, "n1")
+        assert [(p["index"], p["text"], p["done"]) for p in pieces] == [
+            (0, "The engine died here", False),
+            (1, "", True),
+        ]
+        _, later = await srv.join("borin")
+        assert later["payload"]["narration"] == []
+        with pytest.raises(NarrationConflict):
+            await _publisher(engine).narrate("p1", "n1", 1, "too late")
+
+
+async def test_every_member_sees_an_action_in_flight_until_its_result() -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(make_settings(), engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        borin, _ = await srv.join("borin")
+        await aria.act("a1", "aria", "r1")
+        accepted = {"action_id": "a1", "character_id": "aria", "action_type": "skill_check"}
+        assert (await borin.until("action.accepted"))["payload"] == accepted
+        assert (await aria.until("action.accepted"))["payload"] == accepted
+        _, hello = await srv.join("cyra")
+        assert hello["payload"]["actions_in_flight"] == [accepted]
+        engine.gate.set()
+        assert (await borin.until("action.result"))["payload"]["action_id"] == "a1"
+        _, after = await srv.join("dara")
+        assert after["payload"]["actions_in_flight"] == []
+
+
+async def test_an_action_the_engine_rejects_is_told_failed_to_every_member() -> None:
+    engine = ScriptedEngine()
+    engine.mode = "reject"
+    async with serve_in_process(make_settings(), engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        borin, _ = await srv.join("borin")
+        await aria.act("a1", "aria", "r1")
+        await borin.until("action.accepted")
+        failed = await borin.until("action.failed")
+        assert failed["payload"] == {
+            "action_id": "a1",
+            "character_id": "aria",
+            "code": "action_rejected",
+        }
+        error = await aria.until("system.error")
+        assert error["payload"]["code"] == "action_rejected"
+        _, hello = await srv.join("cyra")
+        assert hello["payload"]["actions_in_flight"] == []
