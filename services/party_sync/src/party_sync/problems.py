@@ -46,6 +46,7 @@ from party_sync.protocol.errors import (
     BackendUnavailable,
     EngineRejected,
     InvalidEvent,
+    NarrationConflict,
     PartySyncError,
     VoteConflict,
 )
@@ -176,10 +177,11 @@ PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
     codec.TooDeep: Problem(400, "too_deep", f"body nests deeper than {codec.MAX_DEPTH} levels"),
     BadJson: Problem(400, "bad_json", "body is not valid UTF-8 JSON"),
     BackendUnavailable: Problem(503, "backend_unavailable", "the backend is unreachable; retry"),
-    # publishing and votes (transport/api.py)
+    # publishing, votes and narration (transport/api.py)
     InvalidEvent: Problem(422, "invalid_event"),
     SpecError: Problem(422, "invalid_vote"),
     VoteConflict: Problem(409, "vote_open"),
+    NarrationConflict: Problem(409, "narration_conflict"),  # an InvalidEvent, answered apart
     # memberships (transport/members.py) and the admin API (transport/admin.py)
     InvalidMembership: Problem(422, "invalid_membership"),
     InvalidDisplayName: Problem(422, "invalid_display_name"),

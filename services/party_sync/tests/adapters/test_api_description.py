@@ -15,7 +15,7 @@ from aiohttp import web
 from openapi_spec_validator import validate
 from party_sync.protocol.errors import CloseCode
 from party_sync.protocol.schemas import Contracts
-from party_sync.protocol.types import CLIENT_TYPES, EVENT_TYPES, SYSTEM_TYPES
+from party_sync.protocol.types import CLIENT_TYPES, EVENT_TYPES, SYSTEM_TYPES, TRANSIENT_TYPES
 from party_sync.server import build_server
 from party_sync.transport import asyncapi, openapi
 from ps_testkit.engines import ScriptedEngine
@@ -88,6 +88,34 @@ def test_the_openapi_document_is_valid_and_every_body_is_described() -> None:
                     assert response.get("content"), (where, status)
 
 
+def test_the_narration_route_is_documented_with_its_body_and_answers() -> None:
+    contracts = Contracts()
+    spec = openapi.document(contracts)
+    operation = spec["paths"]["/api/v1/parties/{party_id}/narration"]["post"]
+    assert operation["security"] == [{"apiKey": []}]
+    assert set(operation["responses"]) == {"202", "400", "401", "408", "409", "413", "422", "503"}
+    codes = {
+        status: response["content"]["application/problem+json"]["schema"]["allOf"][1]
+        for status, response in operation["responses"].items()
+        if status != "202"
+    }
+    assert codes["409"]["properties"]["error"]["enum"] == ["narration_conflict"]
+    assert codes["422"]["properties"]["error"]["enum"] == ["invalid_event"]
+    # The body is the narration.delta payload (from its contract) plus trace_id, and nothing
+    # else: what NarrationPiece.from_json takes.
+    body = spec["components"]["schemas"]["NarrationPiece"]
+    delta = contracts.documents["narration.delta"]["properties"]["payload"]
+    assert set(body["properties"]) == set(delta["properties"]) | {"trace_id"}
+    assert body["required"] == ["stream_id", "index", "text"]
+    assert body["additionalProperties"] is False
+    # (its references, #/components/schemas/..., resolve in a document that carries them)
+    validator = jsonschema.Draft202012Validator({**body, "components": spec["components"]})
+    good = {"stream_id": "n-1", "index": 0, "text": "The gate ", "done": False, "trace_id": "t"}
+    assert list(validator.iter_errors(good)) == []
+    for bad in ({**good, "index": -1}, {**good, "extra": 1}, {"stream_id": "n-1", "index": 0}):
+        assert list(validator.iter_errors(bad)), bad
+
+
 def test_bundled_contracts_keep_every_schema_and_no_file_reference() -> None:
     contracts = Contracts()
     schemas = openapi.bundled_schemas(contracts)
@@ -117,7 +145,9 @@ def test_the_asyncapi_document_has_every_message_direction_and_close_code() -> N
     contracts = Contracts()
     spec = asyncapi.document(contracts)
     names = {m["name"] for m in spec["components"]["messages"].values()}
-    assert names == set(contracts.types) == CLIENT_TYPES | EVENT_TYPES | SYSTEM_TYPES
+    assert (
+        names == set(contracts.types) == CLIENT_TYPES | EVENT_TYPES | SYSTEM_TYPES | TRANSIENT_TYPES
+    )
     ops = spec["operations"]
 
     def types_of(op: dict[str, Any]) -> set[str]:
@@ -126,7 +156,13 @@ def test_the_asyncapi_document_has_every_message_direction_and_close_code() -> N
 
     assert (ops["clientMessages"]["action"], ops["serverMessages"]["action"]) == ("receive", "send")
     assert types_of(ops["clientMessages"]) == CLIENT_TYPES
-    assert types_of(ops["serverMessages"]) == EVENT_TYPES | SYSTEM_TYPES
+    assert types_of(ops["serverMessages"]) == EVENT_TYPES | SYSTEM_TYPES | TRANSIENT_TYPES
+    assert {"action.accepted", "action.failed", "narration.delta"} <= TRANSIENT_TYPES
+    for type_ in TRANSIENT_TYPES:  # like every server message: its schema, its examples
+        message = spec["components"]["messages"][type_.replace(".", "_")]
+        assert message["payload"] == {"$ref": f"#/components/schemas/{type_}"}
+        assert message["examples"] and type_ in spec["operations"]["serverMessages"]["summary"]
+        assert type_ in spec["info"]["description"]  # said to carry no seq
     codes = {int(c) for c in spec["channels"]["party"]["x-close-codes"]}
     assert codes == set(asyncapi.close_codes()) and CloseCode.RESYNC in codes
     for code in codes:

@@ -9,6 +9,10 @@ from typing import Any
 
 import pytest
 from openapi_spec_validator import validate
+from party_sync.engine.http_host import ApiPublisher
+from party_sync.engine.interface import Narration
+from party_sync.protocol.errors import NarrationConflict
+from ps_testkit.client import Client
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.raw_http import raw_request
 from ps_testkit.servers import Running, make_settings, serve_in_process
@@ -104,7 +108,8 @@ async def test_run_events_reach_every_party_of_the_run() -> None:
         assert set(body["parties"]) == {"p1", "p2"}
         assert (await a.expect("scene.update"))["seq"] == body["parties"]["p1"]
         assert (await b.expect("scene.update"))["seq"] == body["parties"]["p2"]
-        await c.act("c1", "cora", "other")  # cora's party got nothing: her next event is this
+        await c.act("c1", "cora", "other")  # cora's party got nothing: her next messages are
+        assert (await c.expect("action.accepted"))["payload"]["action_id"] == "c1"  # her action's
         assert (await c.expect("action.result"))["payload"]["action_id"] == "c1"
         for client in (a, b, c):
             await client.close()
@@ -120,6 +125,203 @@ async def test_openapi_document_is_valid_and_lists_the_api() -> None:
             "/api/v1/parties/{party_id}/events",
             "/api/v1/runs/{campaign_run_id}/events",
         } <= set(spec["paths"])
+
+
+# -- live narration: POST /api/v1/parties/{party_id}/narration ---------------------------------
+
+NARRATION = "/api/v1/parties/p1/narration"
+
+
+def piece(index: int, text: str, *, done: bool = False, **more: Any) -> dict[str, Any]:
+    return {"stream_id": "n-1", "index": index, "text": text, "done": done, **more}
+
+
+async def narrate(
+    srv: Running, body: Any, headers: dict[str, str] | None = AUTH
+) -> tuple[int, str, Any]:
+    """POST a piece: the status, the content type and the JSON answer."""
+    async with srv.http.post(srv.base + NARRATION, json=body, headers=headers) as resp:
+        return resp.status, resp.content_type, await resp.json(content_type=None)
+
+
+async def deltas(client: Client, count: int) -> list[dict[str, Any]]:
+    """The payloads of the next ``count`` narration.delta messages ``client`` gets."""
+    out = []
+    for _ in range(count):
+        message = await client.until("narration.delta")
+        assert "seq" not in message, message  # not part of the sequenced history
+        out.append(message["payload"])
+    return out
+
+
+async def test_a_narration_piece_is_answered_202_and_reaches_every_member() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        first = piece(0, "The gate gives way ", action_id="a-9")
+        assert await narrate(srv, first) == (
+            202,
+            "application/json",
+            {"stream_id": "n-1", "index": 0},
+        )
+        status, _, answer = await narrate(srv, piece(1, "with a shriek", action_id="a-9"))
+        assert (status, answer) == (202, {"stream_id": "n-1", "index": 1})
+        expected = [
+            {"stream_id": "n-1", "index": 0, "text": "The gate gives way ", "done": False},
+            {"stream_id": "n-1", "index": 1, "text": "with a shriek", "done": False},
+        ]
+        expected = [{**p, "action_id": "a-9"} for p in expected]
+        assert await deltas(a, 2) == expected
+        assert await deltas(b, 2) == expected
+        # a member who joins mid-stream gets the text so far in its hello
+        c, hello = await srv.join("cora")
+        assert hello["payload"]["narration"] == [
+            {
+                "stream_id": "n-1",
+                "index": 1,
+                "text": "The gate gives way with a shriek",
+                "action_id": "a-9",
+            }
+        ]
+        status, _, answer = await narrate(srv, piece(2, ".", done=True, action_id="a-9"))
+        assert (status, answer) == (202, {"stream_id": "n-1", "index": 2})
+        last = {"stream_id": "n-1", "index": 2, "text": ".", "done": True, "action_id": "a-9"}
+        for client in (a, b, c):
+            assert await deltas(client, 1) == [last]
+        # the stream has ended: no longer in a hello
+        d, hello = await srv.join("dain")
+        assert hello["payload"]["narration"] == []
+        for client in (a, b, c, d):
+            await client.close()
+
+
+async def test_a_piece_sent_again_is_202_and_reaches_nobody_twice() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        for body in (piece(0, "Rain "), piece(0, "Rain "), piece(1, "on "), piece(0, "Rain ")):
+            status, _, answer = await narrate(srv, body)
+            assert (status, answer) == (202, {"stream_id": "n-1", "index": body["index"]})
+        status, _, _ = await narrate(srv, piece(1, "on ", done=True))  # the retry of a piece
+        assert status == 202
+        assert await narrate(srv, piece(2, "iron.", done=True)) == (
+            202,
+            "application/json",
+            {"stream_id": "n-1", "index": 2},
+        )
+        got = await deltas(a, 3)
+        assert [(p["index"], p["text"], p["done"]) for p in got] == [
+            (0, "Rain ", False),
+            (1, "on ", False),
+            (2, "iron.", True),
+        ]
+        await a.close()
+
+
+async def test_a_piece_that_cannot_follow_is_409_narration_conflict() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        assert (await narrate(srv, piece(0, "One ")))[0] == 202
+        conflicts = [
+            piece(2, "a gap "),  # index 1 is missing
+            {"stream_id": "n-2", "index": 1, "text": "no piece 0", "done": False},
+        ]
+        for body in conflicts:
+            status, media, problem = await narrate(srv, body)
+            assert (status, media) == (409, "application/problem+json"), body
+            assert problem["error"] == problem["code"] == "narration_conflict", problem
+            assert problem["status"] == 409 and problem["detail"]
+        assert (await narrate(srv, piece(1, "two.", done=True)))[0] == 202
+        status, _, problem = await narrate(srv, piece(2, "after the end"))
+        assert (status, problem["error"]) == (409, "narration_conflict")
+        # only the pieces taken reached the member, in order
+        got = await deltas(a, 2)
+        assert [(p["stream_id"], p["index"], p["text"]) for p in got] == [
+            ("n-1", 0, "One "),
+            ("n-1", 1, "two."),
+        ]
+        status, _, _ = await narrate(srv, {"stream_id": "n-2", "index": 0, "text": "Then"})
+        assert status == 202
+        assert [p["stream_id"] for p in await deltas(a, 1)] == ["n-2"]  # n-2 starts at 0
+        await a.close()
+
+
+MALFORMED_PIECES: list[tuple[Any, str]] = [
+    ([piece(0, "x")], "object"),
+    ("n-1", "object"),
+    ({}, "missing"),
+    ({"stream_id": "n-1", "index": 0}, "text"),
+    ({**piece(0, "x"), "extra": 1}, "extra"),
+    ({"type": "narration.delta", "payload": piece(0, "x")}, "unknown"),
+    (piece(0, "x", stream_id="n 1"), "stream_id"),
+    (piece(0, "x", stream_id=""), "stream_id"),
+    (piece(-1, "x"), "index"),
+    ({**piece(0, "x"), "index": "0"}, "index"),
+    ({**piece(0, "x"), "index": 1.5}, "index"),
+    ({**piece(0, "x"), "index": True}, "index"),
+    ({**piece(0, "x"), "text": 5}, "text"),
+    (piece(0, "x" * 20_001), "text"),
+    ({**piece(0, "x"), "done": "yes"}, "done"),
+    (piece(0, "x", action_id="a/1"), "action_id"),
+    (piece(0, "x", trace_id=""), "trace_id"),
+]
+
+
+async def test_a_malformed_piece_is_422_invalid_event_and_reaches_nobody() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        for body, word in MALFORMED_PIECES:
+            status, media, problem = await narrate(srv, body)
+            assert (status, media) == (422, "application/problem+json"), body
+            assert problem["error"] == "invalid_event", problem
+            assert word in problem["detail"], (body, problem)
+        async with srv.http.post(srv.base + NARRATION, data=b"{nope", headers=AUTH) as resp:
+            assert (resp.status, (await resp.json(content_type=None))["error"]) == (400, "bad_json")
+        # none of it was taken: the stream starts with the next valid piece 0
+        assert (await narrate(srv, piece(0, "valid")))[0] == 202
+        assert await deltas(a, 1) == [
+            {"stream_id": "n-1", "index": 0, "text": "valid", "done": False}
+        ]
+        await a.close()
+
+
+async def test_narration_needs_the_api_key() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            status, media, problem = await narrate(srv, piece(0, "unauthorized"), headers)
+            assert (status, media) == (401, "application/problem+json"), headers
+            assert problem["error"] == "unauthorized"
+        assert (await narrate(srv, piece(0, "authorized")))[0] == 202
+        assert [p["text"] for p in await deltas(a, 1)] == ["authorized"]
+        await a.close()
+
+
+async def test_an_http_engine_streams_through_the_api_publisher() -> None:
+    """``ApiPublisher`` (``party-sync engine-http``'s publisher) against the real route."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        publisher = ApiPublisher(srv.base, KEY)
+        await publisher.open()
+        try:
+            async with Narration(publisher, "p1", "n-http", action_id="a-7") as story:
+                for token in ("Borin ", "sets his shoulder ", "to the bars."):
+                    await story.write(token)
+            await publisher.narrate("p1", "n-http", 3, "", done=True)  # a retry: taken again
+            with pytest.raises(NarrationConflict):
+                await publisher.narrate("p1", "n-http", 4, "after the end")
+            with pytest.raises(NarrationConflict):
+                await publisher.narrate("p1", "n-gap", 1, "no piece 0")
+        finally:
+            await publisher.close()
+        got = await deltas(a, 4)
+        assert [(p["index"], p["text"], p["done"]) for p in got] == [
+            (0, "Borin ", False),
+            (1, "sets his shoulder ", False),
+            (2, "to the bars.", False),
+            (3, "", True),
+        ]
+        assert {(p["stream_id"], p.get("action_id")) for p in got} == {("n-http", "a-7")}
+        await a.close()
 
 
 # -- hostile bodies: read whole, path ids, depth -----------------------------------------------
@@ -230,6 +432,7 @@ async def test_a_too_deep_body_gets_400_too_deep_and_publishes_nothing() -> None
             ("POST", "/api/v1/parties/p1/events", deep_scene),
             ("POST", "/api/v1/runs/r1/events", deep_scene),
             ("POST", "/api/v1/parties/p1/votes", deep_json(70)),
+            ("POST", "/api/v1/parties/p1/narration", deep_json(70)),
             ("PUT", "/api/v1/parties/p1/members/aria", member),
             ("POST", "/api/v1/parties/p1/events", b"[" * 2000 + b"]" * 2000),  # past orjson's own
         ]:
@@ -274,6 +477,7 @@ async def test_every_path_id_follows_the_id_rule_before_the_backend_is_touched()
             "/api/v1/parties/{party_id}/events",
             "/api/v1/runs/{campaign_run_id}/events",
             "/api/v1/parties/{party_id}/votes",
+            "/api/v1/parties/{party_id}/narration",
             "/api/v1/parties/{party_id}/members",
             "/api/v1/parties/{party_id}/members/{character_id}",
         }

@@ -46,6 +46,7 @@ SCENE: dict[str, Any] = {
         "kind": "story",
     },
 }
+PIECE = {"stream_id": "n-1", "index": 0, "text": "Rain on iron.", "done": False}
 VOTE = {
     "question": "Which way?",
     "options": [{"id": "L", "label": "Left"}, {"id": "R", "label": "Right"}],
@@ -82,6 +83,7 @@ ROUTES: list[tuple[str, str, dict[str, Any], int]] = [
     ("POST", "/api/v1/parties/p1/events", SCENE, 202),
     ("POST", "/api/v1/runs/r1/events", SCENE, 202),
     ("POST", "/api/v1/parties/p1/votes", VOTE, 201),
+    ("POST", "/api/v1/parties/p1/narration", PIECE, 202),
     (
         "PUT",
         "/api/v1/parties/p1/members/borin",
@@ -226,6 +228,44 @@ async def test_malformed_bodies_get_4xx_never_500(
         )
 
 
+def _piece(stream_id: bytes, rest: bytes) -> bytes:
+    return b'{"stream_id": "' + stream_id + b'", ' + rest + b"}"
+
+
+#: Narration pieces at and past the edges of their rules: (body, the statuses allowed).
+HOSTILE_PIECES: list[tuple[bytes, set[int]]] = [
+    (_piece(b"h-1", b'"index": 0, "text": "nul \\u0000, bidi \\u202e", "done": true'), {202}),
+    (
+        _piece(
+            b"h-2", b'"index": 0, "text": "' + "\U0001f600".encode() * 20_000 + b'", "done": true'
+        ),
+        {202},
+    ),
+    (_piece(b"h-3", b'"index": 0, "text": "' + "\U0001f600".encode() * 20_001 + b'"'), {422}),
+    (_piece(b"h-4", b'"index": 0, "text": "\\ud800"'), {400, 422}),  # a lone surrogate
+    (_piece(b"h-5", b'"index": 18446744073709551615, "text": "x"'), {409, 422}),  # a gap, 2**64 - 1
+    (_piece(b"h-6", b'"index": 1' + b"0" * 40 + b', "text": "x"'), {400, 422}),
+    (_piece(b"h-7", b'"index": 1e999, "text": "x"'), {400, 422}),
+    (_piece(b"h-8", b'"index": 0.0, "text": "x"'), {422}),
+    (_piece(b"h-9", b'"index": 0, "text": "x", "done": null'), {422}),
+    (_piece(b"h-10", b'"index": 0, "text": {"a": [[[[1]]]]}'), {422}),
+    (_piece(b"h-11", b'"index": 0, "text": "x", "action_id": "' + b"a" * 65 + b'"'), {422}),
+    (_piece(b"x" * 65, b'"index": 0, "text": "x"'), {422}),
+    (_piece(b"h-\\u00e1", b'"index": 0, "text": "x"'), {422}),
+    (_piece(b"h-12", b'"index": 0, "index": 3, "text": "x"'), {400, 409, 422}),  # a repeated key
+    (b'{"stream_id": "h-13", "index": 0, "text": "x", "pad": "' + b"y" * 200_000 + b'"}', {422}),
+]
+
+
+@pytest.mark.parametrize(("data", "statuses"), HOSTILE_PIECES)
+async def test_hostile_narration_pieces_get_their_status_never_500(
+    srv: Running, data: bytes, statuses: set[int]
+) -> None:
+    headers = {**AUTH, "Content-Type": "application/json", "Content-Length": str(len(data))}
+    status = await send_raw(srv, "POST", "/api/v1/parties/p1/narration", _split(data, 3), headers)
+    assert status in statuses, (data[:80], status)
+
+
 @pytest.mark.parametrize(
     "content_type",
     [
@@ -263,6 +303,7 @@ ID_ROUTES = [
     ("POST", "/api/v1/parties/{}/events", SCENE),
     ("POST", "/api/v1/runs/{}/events", SCENE),
     ("POST", "/api/v1/parties/{}/votes", VOTE),
+    ("POST", "/api/v1/parties/{}/narration", PIECE),
     (
         "PUT",
         "/api/v1/parties/{}/members/aria",

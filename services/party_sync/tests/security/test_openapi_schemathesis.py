@@ -125,5 +125,6 @@ def test_every_operation_answers_as_documented_and_never_5xx(live: LiveServer) -
         seen = {f"{op.method.upper()} {op.path}": fuzz(op, live.base, session) for op in ops}
     # The run reached the handlers, not only the key check.
     assert seen["POST /api/v1/parties/{party_id}/events"] & {202, 422}
+    assert seen["POST /api/v1/parties/{party_id}/narration"] & {202, 409, 422}
     assert 200 in seen["GET /api/v1/parties/{party_id}/members"]
     assert {200, 401} <= seen["GET /api/v1/nodes"]

@@ -23,7 +23,9 @@ rendered as this host's ``{"error": <code>, "detail"}`` JSON. The body is read b
 A ``traceparent`` header (W3C trace context, sent by ``HttpEngineLink`` while tracing is on)
 makes the request's span a child of party_sync's delivery, and ``ApiPublisher`` sends the current
 context back on every call to the events API: the action's trace runs through the engine
-(``party_sync.tracing``; without one, ``X-Trace-Id`` seeds the trace id).
+(``party_sync.tracing``; without one, ``X-Trace-Id`` seeds the trace id). The engine streams live
+narration through the same ``ApiPublisher`` (``narrate``, or a ``Narration`` writer over it:
+``POST /api/v1/parties/{party_id}/narration``).
 
 ``POST /notices`` (``--notice-path``): ``{"kind": "join" | "restate", "party_id",
 "campaign_run_id", "envelope"}`` (``party_sync.engine.wire``): a join goes to
@@ -51,6 +53,7 @@ from party_sync.engine.interface import (
     ActionRequest,
     Engine,
     EngineRejected,
+    NarrationPiece,
     VoteRequest,
     VoteStarter,
     restate_engine,
@@ -58,7 +61,12 @@ from party_sync.engine.interface import (
 from party_sync.problems import DeadlinePassed, EngineFailed, InvalidDelivery, read_body
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
-from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
+from party_sync.protocol.errors import (
+    BackendUnavailable,
+    InvalidEvent,
+    NarrationConflict,
+    VoteConflict,
+)
 from party_sync.protocol.schemas import Contracts, SchemaViolation
 
 log = logging.getLogger(__name__)
@@ -75,16 +83,26 @@ ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
 
 class ApiPublisher(VoteStarter):
-    """``EventPublisher`` over party_sync's ``POST /api/v1/parties/{party_id}/events``."""
+    """``EventPublisher`` over party_sync's server API: ``POST /api/v1/parties/{party_id}/events``
+    (``publish``), ``.../votes`` (``start_vote``) and ``.../narration`` (``narrate``).
 
-    def __init__(self, base_url: str, api_key: str, *, retries: int = 3) -> None:
+    ``publish`` and ``narrate`` retry a 5xx or a failed connection ``retries`` times (backoff 0.1,
+    0.2, 0.4 s, …), then raise ``BackendUnavailable``. ``narrate`` also retries a request that
+    timed out, which ``publish`` cannot (the event may have been published: a retry would publish
+    it twice): a narration piece party_sync already has is taken again and changes nothing.
+    """
+
+    def __init__(
+        self, base_url: str, api_key: str, *, retries: int = 3, timeout: float = 5.0
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._retries = retries
+        self._timeout = timeout  # of each request (seconds)
         self._http: aiohttp.ClientSession | None = None
 
     async def open(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5))
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
 
     async def close(self) -> None:
         if self._http is not None:
@@ -98,30 +116,64 @@ class ApiPublisher(VoteStarter):
         *,
         trace_id: str | None = None,
     ) -> int:
-        assert self._http is not None, "open() first"
         envelope: dict[str, Any] = {"type": type, "payload": dict(payload)}
         if trace_id:
             envelope["trace_id"] = trace_id
         url = f"{self.base_url}/api/v1/parties/{party_id}/events"
+        status, body = await self._post(url, envelope, retry_on=(aiohttp.ClientError,))
+        if status == 202:
+            return int(orjson.loads(body)["seq"])
+        if status is None:
+            raise BackendUnavailable(f"could not publish {type} to party {party_id}")
+        raise InvalidEvent(f"party_sync refused the event ({status}): {body[:300]!r}")
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``): 409 is
+        ``NarrationConflict``, another 4xx ``InvalidEvent``. A malformed piece is refused here,
+        before anything is sent."""
+        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id).check()
+        url = f"{self.base_url}/api/v1/parties/{party_id}/narration"
+        status, body = await self._post(
+            url, piece.to_json(), retry_on=(aiohttp.ClientError, TimeoutError)
+        )
+        if status == 202:
+            return
+        if status is None:
+            raise BackendUnavailable(f"could not narrate {stream_id} to party {party_id}")
+        detail = _detail(body)
+        if status == 409:
+            raise NarrationConflict(detail or f"narration {stream_id} piece {index} cannot follow")
+        raise InvalidEvent(f"party_sync refused the narration piece ({status}): {detail}")
+
+    async def _post(
+        self, url: str, body: Mapping[str, Any], *, retry_on: tuple[type[Exception], ...]
+    ) -> tuple[int | None, bytes]:
+        """POST ``body``; the first answer below 500 (status, body), retrying a 5xx and the
+        errors ``retry_on`` lists; (None, b"") once the retries are spent."""
+        assert self._http is not None, "open() first"
+        data = orjson.dumps(body)
         for attempt in range(self._retries + 1):
             try:
-                async with self._http.post(
-                    url,
-                    data=orjson.dumps(envelope),
-                    headers=tracing.with_traceparent(self._headers),
-                ) as resp:
-                    body = await resp.read()
-                    if resp.status == 202:
-                        return int(orjson.loads(body)["seq"])
+                headers = tracing.with_traceparent(self._headers)
+                async with self._http.post(url, data=data, headers=headers) as resp:
+                    answer = await resp.read()
                     if resp.status < 500:
-                        raise InvalidEvent(
-                            f"party_sync refused the event ({resp.status}): {body[:300]!r}"
-                        )
-            except aiohttp.ClientError:
+                        return resp.status, answer
+            except retry_on:
                 pass
             if attempt < self._retries:
                 await asyncio.sleep(0.1 * 2**attempt)
-        raise BackendUnavailable(f"could not publish {type} to party {party_id}")
+        return None, b""
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         """``POST /api/v1/parties/{party_id}/votes`` (party_sync checks the request)."""
@@ -140,6 +192,16 @@ class ApiPublisher(VoteStarter):
     async def reject(self, action: ActionRequest, message: str) -> None:
         # Over HTTP a refusal is the answer to the delivery itself (422).
         raise EngineRejected(message)
+
+
+def _detail(body: bytes) -> str:
+    """The ``detail`` of a party_sync refusal (problem details), else the start of the body."""
+    try:
+        answer = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        answer = None
+    detail = answer.get("detail") if isinstance(answer, dict) else None
+    return detail[:300] if isinstance(detail, str) else repr(body[:300])
 
 
 def _deadline(request: web.Request, body: Mapping[str, Any]) -> float | None:

@@ -6,9 +6,11 @@ follow the id rule (400 ``invalid_id``); then the whole body is read, up to
 ``api_max_body_bytes`` (413 ``too_large``), and parsed at most ``codec.MAX_DEPTH`` levels deep
 (400 ``too_deep`` / ``bad_json``): ``transport/edge.py`` and ``party_sync/problems.py`` do all
 of that, for every route, and answer what a handler raises (``problems.PROBLEMS``: 422
-``invalid_event`` / ``invalid_vote``, 409 ``vote_open``, 503 ``backend_unavailable``).
-Published events go through the same validated, sequenced path as in-process engines' events, so
-they are ordered, recorded in history and resumable like every other event.
+``invalid_event`` / ``invalid_vote``, 409 ``vote_open`` / ``narration_conflict``, 503
+``backend_unavailable``). Published events go through the same validated, sequenced path as
+in-process engines' events, so they are ordered, recorded in history and resumable like every
+other event. Narration pieces (``POST .../narration``) go through the same
+``EventPublisher.narrate`` as an in-process engine's: not sequenced, but ordered per stream.
 
 A ``traceparent`` header (W3C trace context; ``party-sync engine-http`` sends it) makes the
 publish a span of the caller's trace, i.e. of the action's (``party_sync.tracing``); without one,
@@ -24,7 +26,7 @@ from aiohttp import web
 
 from party_sync import tracing
 from party_sync.core import votes
-from party_sync.engine.interface import ENGINE_EVENT_TYPES, VoteRequest
+from party_sync.engine.interface import ENGINE_EVENT_TYPES, NarrationPiece, VoteRequest
 from party_sync.gateway import Gateway
 from party_sync.protocol.errors import InvalidEvent
 from party_sync.transport.appkeys import API_KEY, GATEWAY
@@ -110,9 +112,34 @@ async def start_vote(request: web.Request) -> web.Response:
     return web.json_response({**event.payload, "seq": event.seq}, status=201)
 
 
+async def narrate(request: web.Request) -> web.Response:
+    """The next piece of a live narration stream (``narration.delta`` to every member); 202
+    ``{"stream_id", "index"}``. A piece already taken is answered 202 again (a retry is safe);
+    one that cannot follow its stream is 409 ``narration_conflict``, a malformed body 422."""
+    gateway = request.app[GATEWAY]
+    piece = NarrationPiece.from_json(request.match_info["party_id"], await _read_json(request))
+    with tracing.incoming(
+        "narrate",
+        request.headers,
+        trace_id=piece.trace_id,
+        attributes={"party_sync.party_id": piece.party_id},
+    ):
+        await gateway.publisher.narrate(
+            piece.party_id,
+            piece.stream_id,
+            piece.index,
+            piece.text,
+            done=piece.done,
+            action_id=piece.action_id,
+            trace_id=piece.trace_id,
+        )
+    return web.json_response({"stream_id": piece.stream_id, "index": piece.index}, status=202)
+
+
 def add_routes(app: web.Application, api_key: str | None) -> None:
     if api_key:
         app[API_KEY] = api_key
     app.router.add_post("/api/v1/parties/{party_id}/events", guarded(publish_party_event))
     app.router.add_post("/api/v1/runs/{campaign_run_id}/events", guarded(publish_run_event))
     app.router.add_post("/api/v1/parties/{party_id}/votes", guarded(start_vote))
+    app.router.add_post("/api/v1/parties/{party_id}/narration", guarded(narrate))

@@ -4,11 +4,12 @@ Generated from the protocol's JSON Schemas (``contracts/jsonschema/party_sync/``
 ``components.schemas`` as in the OpenAPI document): one message per type, each with its full
 envelope schema as payload and the contract's examples; one channel, ``/ws``; two operations,
 ``receive`` (what a client sends: ``protocol.types.CLIENT_TYPES``) and ``send`` (what the server
-sends: system messages and party events). The AsyncAPI ``action`` is from the server's side, as
-AsyncAPI documents an application: the server *receives* ``action.request``. ``party.leave``
-flows both ways (a voluntary leave; the broadcast), so it is in both operations. The close codes
-(``protocol.errors.CloseCode``) are listed in the channel's WebSocket binding description and as
-``x-close-codes``.
+sends: system messages, party events, and the messages to every member that carry no ``seq``,
+``TRANSIENT_TYPES``: action.accepted, action.failed, narration.delta). The AsyncAPI ``action`` is
+from the server's side, as AsyncAPI documents an application: the server *receives*
+``action.request``. ``party.leave`` flows both ways (a voluntary leave; the broadcast), so it is
+in both operations. The close codes (``protocol.errors.CloseCode``) are listed in the channel's
+WebSocket binding description and as ``x-close-codes``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from aiohttp import web
 from party_sync import __version__
 from party_sync.protocol.errors import CloseCode
 from party_sync.protocol.schemas import Contracts
-from party_sync.protocol.types import CLIENT_TYPES, EVENT_TYPES, SYSTEM_TYPES
+from party_sync.protocol.types import CLIENT_TYPES, EVENT_TYPES, SYSTEM_TYPES, TRANSIENT_TYPES
 from party_sync.transport.admin import CLOSE_DISCONNECTED
 from party_sync.transport.openapi import SCHEMAS, bundled_schemas
 
@@ -96,10 +97,11 @@ def _close_code_text() -> str:
 
 def document(contracts: Contracts) -> dict[str, Any]:
     """The AsyncAPI 3.0 document of ``/ws``."""
-    types = sorted(t for t in contracts.types if t in CLIENT_TYPES | EVENT_TYPES | SYSTEM_TYPES)
+    server_types = EVENT_TYPES | SYSTEM_TYPES | TRANSIENT_TYPES
+    types = sorted(t for t in contracts.types if t in CLIENT_TYPES | server_types)
     schemas = bundled_schemas(contracts)
     messages = {_message_name(t): _message(t, contracts.documents[t]) for t in types}
-    to_client = sorted(t for t in types if t in EVENT_TYPES | SYSTEM_TYPES)
+    to_client = sorted(t for t in types if t in server_types)
     from_client = sorted(t for t in types if t in CLIENT_TYPES)
 
     def refs(chosen: list[str], prefix: str) -> list[dict[str, str]]:
@@ -114,6 +116,9 @@ def document(contracts: Contracts) -> dict[str, Any]:
             "description": (
                 "One JSON object per text frame, both ways (docs/protocol.md). The first "
                 "message of every connection is system.hello; party events (with seq) follow. "
+                + ", ".join(sorted(TRANSIENT_TYPES))
+                + " go to every member without seq and are never replayed: system.hello "
+                "restates what they tell (actions_in_flight, narration). "
                 "Schemas are the contracts in contracts/jsonschema/party_sync/.\n\n"
                 + _close_code_text()
             ),

@@ -18,7 +18,7 @@ import copy
 from typing import Any, Final
 
 from party_sync import __version__
-from party_sync.engine.interface import ENGINE_EVENT_TYPES
+from party_sync.engine.interface import ENGINE_EVENT_TYPES, MAX_NARRATION_CHARS
 from party_sync.protocol.codec import MAX_DEPTH
 from party_sync.protocol.ids import ID_PATTERN, TRACE_ID_PATTERN
 from party_sync.protocol.schemas import Contracts
@@ -172,7 +172,7 @@ def _with_body(responses: dict[str, Any], limit: str) -> dict[str, Any]:
     }
 
 
-# -- the server API: publishing and votes (transport/api.py) ---------------------------------
+# -- the server API: publishing, votes and narration (transport/api.py) ---------------------
 
 
 def event_body() -> dict[str, Any]:
@@ -282,6 +282,73 @@ def _vote(contracts: Contracts) -> dict[str, Any]:
                     "201": _json({"$ref": SCHEMAS + "VoteStarted"}, "The vote is open"),
                     "409": _problem("vote_open: the party already has an open vote", "vote_open"),
                     "422": _problem("invalid_vote: the detail says why", "invalid_vote"),
+                    "503": _UNAVAILABLE,
+                },
+                "api_max_body_bytes",
+            ),
+        }
+    }
+
+
+def narration_piece(contracts: Contracts) -> dict[str, Any]:
+    """The body of ``POST .../narration``: a ``narration.delta`` payload (its contract's fields)
+    and an optional ``trace_id`` (``NarrationPiece.from_json``)."""
+    payload = contracts.documents["narration.delta"]["properties"]["payload"]
+    properties: dict[str, Any] = _rewrite(copy.deepcopy(payload["properties"]))
+    properties["done"] = {**properties["done"], "default": False}
+    properties["trace_id"] = {"type": "string", "pattern": TRACE_ID_PATTERN}
+    return {
+        "type": "object",
+        "description": (
+            "The next piece of a live narration stream: pieces of a stream are numbered 0, 1, "
+            "2, … (`index`); `done: true` marks the last (its `text` may be empty). The text of "
+            f"a stream is at most {MAX_NARRATION_CHARS} characters in all. Sent to every member as "
+            "narration.delta (not sequenced; the final text still goes out in scene.update or "
+            "action.result)."
+        ),
+        "required": ["stream_id", "index", "text"],
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
+def _narration() -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": "Stream the next piece of a live narration to every member of a party",
+            "description": (
+                "The party's members get narration.delta (docs/protocol.md, Live narration). "
+                "A piece already taken (same stream_id and index) is answered 202 again and "
+                "changes nothing, so a retry is safe. A stream with no piece for "
+                "narration_idle is closed by party_sync."
+            ),
+            "operationId": "narrate",
+            "tags": ["narration"],
+            "security": _KEY,
+            "parameters": _path_params("party_id"),
+            "requestBody": _body({"$ref": SCHEMAS + "NarrationPiece"}),
+            "responses": _with_body(
+                {
+                    "202": _json(
+                        _object(
+                            {
+                                "stream_id": _ID,
+                                "index": {"type": "integer", "minimum": 0},
+                            }
+                        ),
+                        "Taken (or taken before)",
+                    ),
+                    "409": _problem(
+                        "narration_conflict: the piece cannot follow its stream (a gap in the "
+                        "indexes, a piece after the last, the stream over "
+                        f"{MAX_NARRATION_CHARS} characters, or too many open streams in the "
+                        "party)",
+                        "narration_conflict",
+                    ),
+                    "422": _problem(
+                        "invalid_event: not a valid narration piece (the detail says why)",
+                        "invalid_event",
+                    ),
                     "503": _UNAVAILABLE,
                 },
                 "api_max_body_bytes",
@@ -919,6 +986,7 @@ def document(contracts: Contracts, *, dev_mode: bool = False) -> dict[str, Any]:
                 ),
             ),
             "/api/v1/parties/{party_id}/votes": _vote(contracts),
+            "/api/v1/parties/{party_id}/narration": _narration(),
             **_members(),
             **{k: v for k, v in _admin().items() if k != "/api/v1/parties/{party_id}/events"},
             **_operations(),
@@ -937,6 +1005,7 @@ def document(contracts: Contracts, *, dev_mode: bool = False) -> dict[str, Any]:
                 "EventBody": event_body(),
                 "VoteRequest": vote_request(contracts),
                 "VoteStarted": vote_started(contracts),
+                "NarrationPiece": narration_piece(contracts),
                 "Membership": _object({"party_id": _ID, "character_id": _ID, **_MEMBERSHIP_FIELDS}),
                 "MembershipBody": {
                     **_object(dict(_MEMBERSHIP_FIELDS)),

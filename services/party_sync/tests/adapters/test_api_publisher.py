@@ -1,0 +1,236 @@
+"""``ApiPublisher``: the ``EventPublisher`` of an engine behind HTTP (``party-sync engine-http``),
+over party_sync's server API, against a scripted stand-in of that API on a loopback port.
+
+``narrate`` posts each piece to ``POST /api/v1/parties/{party_id}/narration`` and retries what a
+retry cannot make worse (a 5xx, a lost connection, a timeout: party_sync takes a piece it already
+has again, with no effect); 409 is ``NarrationConflict``, another 4xx ``InvalidEvent``, retries
+spent ``BackendUnavailable``. ``publish`` keeps its own rule: a timeout is not retried (the event
+may have been published). The same calls against the real server are in ``test_http_api.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp import web
+from party_sync.engine.http_host import ApiPublisher
+from party_sync.engine.interface import EventPublisher, Narration, NarrationPiece
+from party_sync.problems import problem_body
+from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, NarrationConflict
+
+KEY = "api-key-0123456789abcdef0123456789"
+HANG = 0  # a scripted "status": never answer (the client times out)
+
+
+@dataclass
+class FakeApi:
+    """party_sync's server API, scripted: each request takes the next status of ``script``
+    (the last one repeats); 202s answer what the real routes answer."""
+
+    script: list[int] = field(default_factory=lambda: [202])
+    requests: list[tuple[str, dict[str, str], Any]] = field(default_factory=list)
+    release: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = orjson.loads(await request.read())
+        self.requests.append((request.path, dict(request.headers), body))
+        status = self.script[min(len(self.requests), len(self.script)) - 1]
+        if status == HANG:
+            await self.release.wait()
+            status = 503
+        if status == 202 and request.path.endswith("/narration"):
+            return web.json_response(
+                {"stream_id": body["stream_id"], "index": body["index"]}, status=202
+            )
+        if status == 202:
+            return web.json_response({"seq": len(self.requests)}, status=202)
+        code = {409: "narration_conflict", 422: "invalid_event"}.get(status, "backend_unavailable")
+        detail = f"scripted {status}"
+        return web.json_response(
+            problem_body(status, code, detail),
+            status=status,
+            content_type="application/problem+json",
+        )
+
+    def bodies(self) -> list[Any]:
+        return [body for _, _, body in self.requests]
+
+
+@contextlib.asynccontextmanager
+async def publisher_for(fake: FakeApi, **options: Any) -> AsyncIterator[ApiPublisher]:
+    app = web.Application()
+    app.router.add_post("/api/v1/parties/{party_id}/{what}", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    publisher = ApiPublisher(f"http://127.0.0.1:{runner.addresses[0][1]}/", KEY, **options)
+    await publisher.open()
+    try:
+        yield publisher
+    finally:
+        fake.release.set()
+        await publisher.close()
+        await runner.cleanup()
+
+
+def test_the_api_publisher_is_an_event_publisher_with_narrate() -> None:
+    publisher = ApiPublisher("http://127.0.0.1:9", KEY)
+    assert isinstance(publisher, EventPublisher)
+    assert "narrate" in vars(ApiPublisher)  # its own, not a protocol default
+
+
+async def test_a_piece_is_posted_with_the_key_to_the_narration_route() -> None:
+    fake = FakeApi()
+    async with publisher_for(fake) as publisher:
+        await publisher.narrate(
+            "p1", "n-1", 0, "The gate ", action_id="a-1", trace_id="0af7651916cd43dd"
+        )
+        await publisher.narrate("p1", "n-1", 1, "", done=True)
+    assert [path for path, _, _ in fake.requests] == ["/api/v1/parties/p1/narration"] * 2
+    _, headers, _ = fake.requests[0]
+    assert headers["Authorization"] == f"Bearer {KEY}"
+    assert headers["Content-Type"] == "application/json"
+    assert fake.bodies() == [
+        {
+            "stream_id": "n-1",
+            "index": 0,
+            "text": "The gate ",
+            "done": False,
+            "action_id": "a-1",
+            "trace_id": "0af7651916cd43dd",
+        },
+        {"stream_id": "n-1", "index": 1, "text": "", "done": True},
+    ]
+    # the body is the one NarrationPiece.from_json reads back
+    assert NarrationPiece.from_json("p1", fake.bodies()[0]) == NarrationPiece(
+        "p1", "n-1", 0, "The gate ", False, "a-1", "0af7651916cd43dd"
+    )
+
+
+async def test_a_narration_writer_streams_through_it() -> None:
+    fake = FakeApi()
+    async with (
+        publisher_for(fake) as publisher,
+        Narration(publisher, "p1", "n-w", action_id="a-2") as story,
+    ):
+        for token in ("Rain ", "on ", "iron."):
+            await story.write(token)
+    assert [(b["index"], b["text"], b["done"]) for b in fake.bodies()] == [
+        (0, "Rain ", False),
+        (1, "on ", False),
+        (2, "iron.", False),
+        (3, "", True),
+    ]
+    assert {b["stream_id"] for b in fake.bodies()} == {"n-w"}
+    assert {b["action_id"] for b in fake.bodies()} == {"a-2"}
+
+
+async def test_a_5xx_and_a_timeout_are_retried_with_the_same_piece() -> None:
+    fake = FakeApi(script=[503, HANG, 502, 202])
+    async with publisher_for(fake, retries=3, timeout=0.3) as publisher:
+        await publisher.narrate("p1", "n-2", 0, "Once")
+    assert len(fake.requests) == 4
+    assert fake.bodies() == [{"stream_id": "n-2", "index": 0, "text": "Once", "done": False}] * 4
+
+
+async def test_retries_spent_is_backend_unavailable() -> None:
+    fake = FakeApi(script=[503])
+    async with publisher_for(fake, retries=2) as publisher:
+        with pytest.raises(BackendUnavailable, match="n-3"):
+            await publisher.narrate("p1", "n-3", 0, "lost")
+    assert len(fake.requests) == 3  # the first try and 2 retries
+
+
+async def test_an_unreachable_server_is_backend_unavailable() -> None:
+    fake = FakeApi()
+    async with publisher_for(fake) as reachable:
+        base = reachable.base_url
+    publisher = ApiPublisher(base, KEY, retries=1)  # the stand-in has stopped: refused
+    await publisher.open()
+    try:
+        with pytest.raises(BackendUnavailable):
+            await publisher.narrate("p1", "n-4", 0, "nobody")
+    finally:
+        await publisher.close()
+    assert fake.requests == []
+
+
+async def test_409_is_a_narration_conflict_with_the_servers_detail_and_is_not_retried() -> None:
+    fake = FakeApi(script=[409])
+    async with publisher_for(fake) as publisher:
+        with pytest.raises(NarrationConflict, match="scripted 409"):
+            await publisher.narrate("p1", "n-5", 7, "a gap")
+    assert len(fake.requests) == 1
+
+
+async def test_another_4xx_is_invalid_event_not_a_conflict_and_is_not_retried() -> None:
+    fake = FakeApi(script=[422])
+    async with publisher_for(fake) as publisher:
+        with pytest.raises(InvalidEvent, match=r"\(422\): scripted 422") as raised:
+            await publisher.narrate("p1", "n-6", 0, "odd")
+    assert not isinstance(raised.value, NarrationConflict)
+    assert len(fake.requests) == 1
+
+
+@pytest.mark.parametrize(
+    ("arguments", "reason"),
+    [
+        ({"stream_id": "n 7"}, "stream_id"),
+        ({"index": -1}, "index"),
+        ({"index": True}, "index"),
+        ({"text": "x" * 20_001}, "text"),
+        ({"action_id": "a/1"}, "action_id"),
+        ({"trace_id": ""}, "trace_id"),
+    ],
+)
+async def test_a_malformed_piece_is_refused_before_anything_is_sent(
+    arguments: dict[str, Any], reason: str
+) -> None:
+    fake = FakeApi()
+    piece: dict[str, Any] = {"stream_id": "n-7", "index": 0, "text": "ok", **arguments}
+    async with publisher_for(fake) as publisher:
+        with pytest.raises(InvalidEvent, match=reason):
+            await publisher.narrate(
+                "p1",
+                piece.pop("stream_id"),
+                piece.pop("index"),
+                piece.pop("text"),
+                **piece,
+            )
+    assert fake.requests == []
+
+
+# -- publish keeps its rules through the shared request loop -----------------------------------
+
+
+async def test_publish_retries_a_5xx_and_returns_the_seq() -> None:
+    fake = FakeApi(script=[503, 202])
+    async with publisher_for(fake) as publisher:
+        seq = await publisher.publish("p1", "party.state", {"status": "active"}, trace_id="t-1")
+    assert seq == 2
+    assert [path for path, _, _ in fake.requests] == ["/api/v1/parties/p1/events"] * 2
+    assert fake.bodies()[0] == {
+        "type": "party.state",
+        "payload": {"status": "active"},
+        "trace_id": "t-1",
+    }
+
+
+async def test_publish_refused_is_invalid_event_and_a_timeout_is_not_retried() -> None:
+    fake = FakeApi(script=[422])
+    async with publisher_for(fake) as publisher:
+        with pytest.raises(InvalidEvent, match="422"):
+            await publisher.publish("p1", "party.state", {})
+    assert len(fake.requests) == 1
+    fake = FakeApi(script=[HANG])
+    async with publisher_for(fake, timeout=0.3) as publisher:
+        with pytest.raises(TimeoutError):
+            await publisher.publish("p1", "party.state", {})
+    assert len(fake.requests) == 1  # it may have been published: never twice

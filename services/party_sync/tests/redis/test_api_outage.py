@@ -1,0 +1,64 @@
+"""The server API's engine routes with Redis down: 503 ``backend_unavailable`` (problem details,
+a fixed detail), never a 500 nor a hang; once Redis is back, the same calls are taken."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import Running, make_settings, serve_in_process
+
+pytestmark = pytest.mark.redis
+
+KEY = "api-key-0123456789abcdef0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+SCENE: dict[str, Any] = {
+    "type": "scene.update",
+    "payload": {
+        "scene_number": 1,
+        "scene_id": "gate",
+        "title": "The Gate",
+        "narration": "Rain on iron.",
+        "options": [{"id": "A", "label": "Knock"}],
+        "kind": "story",
+    },
+}
+
+
+def piece(index: int, text: str) -> dict[str, Any]:
+    return {"stream_id": "n-1", "index": index, "text": text, "done": False}
+
+
+async def post(srv: Running, path: str, body: Any) -> tuple[int, str, Any]:
+    async with srv.http.post(srv.base + path, json=body, headers=AUTH) as resp:
+        return resp.status, resp.content_type, await resp.json(content_type=None)
+
+
+async def test_with_redis_down_narration_and_events_are_503_then_taken_again(
+    redis: RedisServer,
+) -> None:
+    settings = make_settings(
+        api_key=KEY, redis_url=redis.url, engine_transport="inprocess", redis_command_timeout=0.5
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        narration = "/api/v1/parties/p1/narration"
+        assert (await post(srv, narration, piece(0, "Before ")))[0] == 202
+        redis.stop()
+        for path, body in ((narration, piece(1, "during ")), ("/api/v1/parties/p1/events", SCENE)):
+            async with asyncio.timeout(10):  # a bounded answer, not a hang
+                status, media, problem = await post(srv, path, body)
+            assert (status, media) == (503, "application/problem+json"), (path, problem)
+            assert (problem["error"], problem["detail"]) == (
+                "backend_unavailable",
+                "the backend is unreachable; retry",
+            )
+        redis.start()
+        # Redis is back (empty: it kept nothing); the node reconnects in its own time
+        async with asyncio.timeout(15):
+            while (await post(srv, narration, piece(0, "After ")))[0] == 503:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # (a bounded poll: no event says "reconnected")
+        assert (await post(srv, narration, piece(0, "After ")))[0] == 202  # taken: 202 again
+        assert (await post(srv, narration, piece(1, "again.")))[0] == 202
