@@ -31,7 +31,7 @@ from campaign_engine.campaign import Campaign, builtin_campaign, parse_campaign
 from campaign_engine.engine import ReferenceEngine
 from campaign_engine.store import RunStore, open_store, redact
 from campaign_engine.testing import Published, RecordingPublisher, ScriptedRandom
-from party_sync.engine import ENGINE_EVENT_TYPES
+from party_sync.engine import ENGINE_EVENT_TYPES, NarrationPiece
 from psycopg import sql
 
 CONTRACTS_DIR = Path(__file__).resolve().parents[3] / "contracts" / "jsonschema" / "party_sync"
@@ -41,8 +41,12 @@ TIMESTAMP = "2026-11-25T21:04:05.123Z"
 EventCheck = Callable[[Published], None]
 
 
+#: What an engine sends besides its events: live narration pieces (``EventPublisher.narrate``).
+NARRATION_DELTA = "narration.delta"
+
+
 class SchemaBook:
-    """Compiled validators for the four event types an engine publishes."""
+    """Compiled validators for the four event types an engine publishes, and narration.delta."""
 
     def __init__(self, directory: Path) -> None:
         documents: dict[str, dict[str, Any]] = {
@@ -54,7 +58,7 @@ class SchemaBook:
         )
         self.validators = {
             name: jsonschema_rs.validator_for(documents[name], registry=registry)
-            for name in ENGINE_EVENT_TYPES
+            for name in [*ENGINE_EVENT_TYPES, NARRATION_DELTA]
         }
 
     def check(self, event: Published) -> None:
@@ -72,19 +76,41 @@ class SchemaBook:
         ]
         assert not errors, f"{event.type} breaks its schema: {errors} in {event.payload}"
 
+    def check_piece(self, piece: NarrationPiece) -> None:
+        """Validate the ``narration.delta`` party_sync makes of a piece; AssertionError if not."""
+        payload = {k: v for k, v in piece.to_json().items() if k != "trace_id"}
+        message = {
+            "type": NARRATION_DELTA,
+            "timestamp": TIMESTAMP,
+            "trace_id": piece.trace_id or "made-by-party-sync",  # the server always sets one
+            "payload": payload,
+        }
+        errors = [
+            f"/{'/'.join(map(str, error.instance_path))}: {error.message}"
+            for error in self.validators[NARRATION_DELTA].iter_errors(message)
+        ]
+        assert not errors, f"narration.delta breaks its schema: {errors} in {payload}"
+
 
 def missing_schemas() -> list[str]:
     """The schema files this suite needs but cannot find (empty: validation is on)."""
-    needed = [f"{name}.json" for name in sorted(ENGINE_EVENT_TYPES)] + ["common.json"]
+    types = [*sorted(ENGINE_EVENT_TYPES), NARRATION_DELTA]
+    needed = [f"{name}.json" for name in types] + ["common.json"]
     return [name for name in needed if not (CONTRACTS_DIR / name).is_file()]
 
 
 @pytest.fixture(scope="session")
-def schema_check() -> EventCheck | None:
-    """Validates one published event against its schema, or None if the schemas are absent."""
+def schema_book() -> SchemaBook | None:
+    """The protocol's schemas, compiled, or None if they are absent."""
     if missing_schemas():
         return None
-    return SchemaBook(CONTRACTS_DIR).check
+    return SchemaBook(CONTRACTS_DIR)
+
+
+@pytest.fixture(scope="session")
+def schema_check(schema_book: SchemaBook | None) -> EventCheck | None:
+    """Validates one published event against its schema, or None if the schemas are absent."""
+    return schema_book.check if schema_book is not None else None
 
 
 @pytest.fixture

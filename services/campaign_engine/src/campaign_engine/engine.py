@@ -36,6 +36,14 @@ no die and records no decision or chronicle entry; the same state gives the same
 repeated notice (delivery is at least once) is harmless. An unknown or still pending run publishes
 nothing.
 
+Live narration (``narration.py``; off unless ``narration_speed`` is given, or
+``CAMPAIGN_ENGINE_NARRATION_SPEED`` set as ``make run`` does): after the commit and before
+publishing, the text of the action's ``scene.update`` is written progressively as a
+``narration.delta`` stream tied to its ``action_id``, like a model writing it; then the events go
+out as always. It happens once per
+action: a redelivered action is found applied and only publishes what is left, and a failed
+narration is logged and never stops the events.
+
 Several engine processes may share one database (workers of a stream): commits are optimistic
 (``store.CommitConflict``), so if another process committed to the run since it was loaded, the
 action is simply worked out again on the newer state — or found applied already.
@@ -59,7 +67,7 @@ from party_sync.engine import (
 )
 from party_sync.protocol.errors import InvalidEvent
 
-from campaign_engine import votes
+from campaign_engine import narration, votes
 from campaign_engine.actions import PARTY_ACTOR, Choice, parse_action
 from campaign_engine.campaign import (
     MAX_VOTE_TIMEOUT_S,
@@ -95,6 +103,7 @@ ENV_SEED = "CAMPAIGN_ENGINE_SEED"
 ENV_CAMPAIGN = "CAMPAIGN_ENGINE_CAMPAIGN"
 ENV_DATABASE_URL = "CAMPAIGN_ENGINE_DATABASE_URL"
 ENV_VOTE_TIMEOUT = "CAMPAIGN_ENGINE_VOTE_TIMEOUT"
+ENV_NARRATION_SPEED = "CAMPAIGN_ENGINE_NARRATION_SPEED"
 #: How often an action (or join) is worked out again when another process committed to its run
 #: first; each attempt starts from the newer state, so this only runs out under a storm of writers.
 COMMIT_ATTEMPTS = 8
@@ -113,15 +122,23 @@ class ReferenceEngine:
         rng: random.Random | None = None,
         store: RunStore | None = None,
         vote_timeout_s: float | None = None,
+        narration_speed: float | None = None,
+        sleep: narration.Sleep = asyncio.sleep,
     ) -> None:
         """``rng`` wins over ``seed``; with neither, dice come from a system-seeded generator.
         ``store`` (default: a new ``InMemoryRunStore``) belongs to the engine: ``start`` opens it,
-        ``close`` closes it. ``vote_timeout_s`` overrides the campaign's party vote timeouts."""
+        ``close`` closes it. ``vote_timeout_s`` overrides the campaign's party vote timeouts.
+        ``narration_speed`` (characters per second; None or 0: off, the default) narrates each
+        action's scene text live before its events; ``sleep`` paces it (tests: virtual time)."""
         self.campaign = campaign or builtin_campaign()
         self.rng = rng if rng is not None else random.Random(seed)
         self.store: RunStore = store if store is not None else InMemoryRunStore()
         self.game = Game(self.campaign, self.rng)
         self.vote_timeout_s = vote_timeout_s
+        if narration_speed is not None and not 0 <= narration_speed <= narration.MAX_SPEED:
+            raise ValueError(f"narration_speed must be in [0, {narration.MAX_SPEED}]")
+        self.narration_speed = narration_speed or None
+        self._sleep = sleep
         self._publisher: EventPublisher | None = None
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -191,7 +208,34 @@ class ReferenceEngine:
             f", scene {decision.scene_number} ended" if summaries else "",
             extra={"trace_id": action.trace_id},
         )
+        # Committed first: a crash while narrating loses nothing, and a redelivery of the
+        # action (applied now) publishes its events without narrating again.
+        await self._narrate(work, action)
         await self._publish_outbox(work, action.party_id)
+
+    async def _narrate(self, work: RunState, action: ActionRequest) -> None:
+        """Write the action's scene text live (if narration is on); never raises."""
+        if self.narration_speed is None or self._publisher is None:
+            return
+        # The scene.update's text (what happened, then the scene): the final event then states
+        # exactly what was written; else the action.result's.
+        texts = {
+            e.type: e.payload.get("narration")
+            for e in work.outbox
+            if e.action_id == action.action_id and e.type in ("scene.update", "action.result")
+        }
+        text = texts.get("scene.update") or texts.get("action.result")
+        if not isinstance(text, str) or not text:
+            return
+        await narration.narrate(
+            self._publisher,
+            action.party_id,
+            text,
+            speed=self.narration_speed,
+            action_id=action.action_id,
+            trace_id=action.trace_id,
+            sleep=self._sleep,
+        )
 
     async def _handle_join(self, notice: JoinNotice) -> None:
         try:
@@ -415,6 +459,8 @@ def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
     ``sqlite:///PATH``, ``postgresql://…`` or ``memory://``; default
     ``sqlite:///campaign_engine.sqlite3``). The store connects when the engine starts.
     ``CAMPAIGN_ENGINE_VOTE_TIMEOUT`` (seconds) overrides how long every party vote lasts.
+    ``CAMPAIGN_ENGINE_NARRATION_SPEED`` (characters per second; unset or 0: off) narrates each
+    action's scene text live, like a model writing it (``make run`` sets it).
     """
     env = os.environ if environ is None else environ
     seed_text = env.get(ENV_SEED, "").strip()
@@ -432,22 +478,27 @@ def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:
             f"{ENV_VOTE_TIMEOUT} must be a number of seconds in (0, {MAX_VOTE_TIMEOUT_S}], "
             f"got {timeout_text!r}"
         )
+    speed = narration.parse_speed(env.get(ENV_NARRATION_SPEED, ""), ENV_NARRATION_SPEED)
     path = env.get(ENV_CAMPAIGN, "").strip()
     campaign = load_campaign(path) if path else builtin_campaign()
     store = open_store(env.get(ENV_DATABASE_URL))
     log.info(
-        "campaign %r (%d scenes), seed %s, storage %s",
+        "campaign %r (%d scenes), seed %s, storage %s, live narration %s",
         campaign.title,
         len(campaign.scenes),
         seed,
         store.url,
+        f"at {speed:g} characters/s" if speed else "off",
     )
-    return ReferenceEngine(campaign, seed=seed, store=store, vote_timeout_s=vote_timeout)
+    return ReferenceEngine(
+        campaign, seed=seed, store=store, vote_timeout_s=vote_timeout, narration_speed=speed
+    )
 
 
 __all__ = [
     "ENV_CAMPAIGN",
     "ENV_DATABASE_URL",
+    "ENV_NARRATION_SPEED",
     "ENV_SEED",
     "ENV_VOTE_TIMEOUT",
     "ReferenceEngine",

@@ -4,7 +4,7 @@ Shipped in the package (not hidden in ``tests/``) because anyone writing an engi
 ``party_sync.engine`` needs the same three things: an ``EventPublisher`` that records what was
 published and the votes it was asked to start (and can fail on demand), ``ActionRequest``/
 ``JoinNotice``/``RestateNotice`` built the way party_sync builds them, and dice whose every roll
-the test decides.
+the test decides. It also takes live narration (``narrate``) by party_sync's rules.
 """
 
 from __future__ import annotations
@@ -18,14 +18,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from party_sync.core import votes
-from party_sync.engine import ENGINE_EVENT_TYPES, ActionRequest, JoinNotice, RestateNotice
-from party_sync.engine.interface import VoteRequest, VoteStarter, action_envelope
+from party_sync.engine import (
+    ENGINE_EVENT_TYPES,
+    ActionRequest,
+    JoinNotice,
+    NarrationConflict,
+    NarrationPiece,
+    RestateNotice,
+)
+from party_sync.engine.interface import (
+    MAX_NARRATION_CHARS,
+    VoteRequest,
+    VoteStarter,
+    action_envelope,
+)
 from party_sync.protocol import codec
 from party_sync.protocol.errors import InvalidEvent, VoteConflict
 
 # ``VoteRequest`` is party_sync's (one ``start_vote`` call as the engine made it), re-exported
 # because ``RecordingPublisher.vote_requests`` holds them.
 __all__ = [
+    "MAX_OPEN_STREAMS",
+    "NarrationPiece",
     "OpenVote",
     "PublishFailed",
     "Published",
@@ -38,6 +52,9 @@ __all__ = [
 ]
 
 _counter = itertools.count(1)
+
+#: As party_sync: at most this many open narration streams per party.
+MAX_OPEN_STREAMS = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +97,14 @@ class RecordingPublisher(VoteStarter):
     party_sync would submit on the party's behalf. ``fail_next_vote`` (an exception) is raised by
     the next ``start_vote`` instead of starting anything. :meth:`lose_party` forgets a party as
     party_sync does when it loses the party's short-lived state (a new epoch).
+
+    Narration: ``narrate`` takes a piece by party_sync's rules (docs/protocol.md, *Live
+    narration*): ``InvalidEvent`` for a malformed one, ``NarrationConflict`` for a gap, a piece
+    after the last, a stream over 20000 characters or a ninth open stream of a party; a piece it
+    has already is taken again and changes nothing. Every piece taken is recorded in ``narrated``
+    (in order, with ``published``'s events in between in ``timeline``); ``narration(stream_id)``
+    is a stream's text so far. ``fail_next_narration`` makes the next *n* pieces raise
+    :class:`PublishFailed` (party_sync unreachable).
     """
 
     def __init__(
@@ -98,6 +123,10 @@ class RecordingPublisher(VoteStarter):
         self.fail_next_vote: Exception | None = None
         self._seq: dict[str, int] = {}
         self._vote_ids: set[tuple[str, str]] = set()
+        self.narrated: list[NarrationPiece] = []
+        self.timeline: list[Published | NarrationPiece] = []  # events and pieces, in order
+        self.fail_next_narration = 0
+        self._streams: dict[tuple[str, str], _Stream] = {}
 
     async def publish(
         self,
@@ -118,7 +147,62 @@ class RecordingPublisher(VoteStarter):
             self.check(event)
         self._seq[party_id] = seq
         self.published.append(event)
+        self.timeline.append(event)
         return seq
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id).check()
+        if self.fail_next_narration > 0:
+            self.fail_next_narration -= 1
+            raise PublishFailed(f"narration piece {stream_id}/{index} failed (scripted)")
+        stream = self._streams.get((party_id, stream_id))
+        if stream is not None and index <= stream.last:
+            return  # a piece it has: taken again, nothing changes
+        if stream is None:
+            if index != 0:
+                raise NarrationConflict(f"stream {stream_id} must start at index 0")
+            opened = sum(1 for (p, _), s in self._streams.items() if p == party_id and not s.done)
+            if opened >= MAX_OPEN_STREAMS:
+                raise NarrationConflict(f"party {party_id} has {opened} open narration streams")
+            stream = _Stream()
+        elif stream.done:
+            raise NarrationConflict(f"stream {stream_id} has ended")
+        elif index != stream.last + 1:
+            raise NarrationConflict(f"stream {stream_id}: index {index} after {stream.last}")
+        if len(stream.text) + len(text) > MAX_NARRATION_CHARS:
+            raise NarrationConflict(f"stream {stream_id} would exceed {MAX_NARRATION_CHARS}")
+        stream.text += text
+        stream.last = index
+        stream.done = done
+        self._streams[(party_id, stream_id)] = stream
+        self.narrated.append(piece)
+        self.timeline.append(piece)
+
+    def narration(self, stream_id: str, party_id: str = "party-1") -> str:
+        """The text so far of a stream (KeyError if it never had a piece)."""
+        return self._streams[(party_id, stream_id)].text
+
+    def stream_ids(self, action_id: str | None = None) -> list[str]:
+        """The streams narrated (of ``action_id``, if given), in the order they began."""
+        seen: dict[str, None] = {}
+        for piece in self.narrated:
+            if action_id is None or piece.action_id == action_id:
+                seen.setdefault(piece.stream_id)
+        return list(seen)
+
+    def open_streams(self, party_id: str = "party-1") -> list[str]:
+        """The party's streams without their last piece yet."""
+        return [s for (p, s), stream in self._streams.items() if p == party_id and not stream.done]
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.rejected.append((action, message))
@@ -181,6 +265,7 @@ class RecordingPublisher(VoteStarter):
         self.open_votes.pop(party_id, None)
         self._vote_ids = {(p, v) for p, v in self._vote_ids if p != party_id}
         self._seq.pop(party_id, None)
+        self._streams = {k: v for k, v in self._streams.items() if k[0] != party_id}
 
     def types(self) -> list[str]:
         return [e.type for e in self.published]
@@ -197,6 +282,15 @@ class RecordingPublisher(VoteStarter):
         self.published.clear()
         self.rejected.clear()
         self.vote_requests.clear()
+        self.narrated.clear()
+        self.timeline.clear()
+
+
+@dataclass(slots=True)
+class _Stream:
+    text: str = ""
+    last: int = -1
+    done: bool = False
 
 
 class ScriptedRandom(random.Random):

@@ -154,6 +154,12 @@ def _serve(args: argparse.Namespace) -> int:
             "!" * 72,
         ]
         print("\n".join(banner), file=sys.stderr, flush=True)
+    if dev_mode:  # the reference engine in this process writes its narration live
+        devmode.narrate_by_default(
+            os.environ,
+            engine_in_process=settings.resolved_engine_transport == "inprocess",
+            engine_spec=settings.engine,
+        )
     settings = with_dev_secret(settings, kept)
     # Known only now (a development secret and API key are made late): never log them.
     logs.protect(*logs.secrets_of(settings))

@@ -18,6 +18,7 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,11 @@ DEV_SECRET_FILE = ".party_sync_dev_secret"  # noqa: S105 (a file name, not a sec
 ENGINE_DATABASE_ENV = "CAMPAIGN_ENGINE_DATABASE_URL"
 ENGINE_DEFAULT_DATABASE_URL = "sqlite:///campaign_engine.sqlite3"
 REFERENCE_ENGINE_MODULE = "campaign_engine"
+#: Development mode with the reference engine in this process: it narrates its scene text live
+#: (a simulated model writing) at this speed, in characters per second, unless the variable is
+#: set (``0`` turns it off). ``campaign_engine.engine.ENV_NARRATION_SPEED``; off elsewhere.
+ENGINE_NARRATION_ENV = "CAMPAIGN_ENGINE_NARRATION_SPEED"
+DEV_NARRATION_SPEED = "80"
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +133,19 @@ def is_reference_engine(spec: str) -> bool:
     """``spec`` (MODULE:ATTR) names the reference engine (whose database ``--new-game`` resets)."""
     module = spec.split(":", 1)[0].strip()
     return module == REFERENCE_ENGINE_MODULE or module.startswith(REFERENCE_ENGINE_MODULE + ".")
+
+
+def narrate_by_default(
+    environ: MutableMapping[str, str], *, engine_in_process: bool, engine_spec: str
+) -> bool:
+    """Development mode: the in-process reference engine narrates live at
+    :data:`DEV_NARRATION_SPEED` unless :data:`ENGINE_NARRATION_ENV` is set. True if set here."""
+    if not (engine_in_process and is_reference_engine(engine_spec)):
+        return False
+    if environ.get(ENGINE_NARRATION_ENV, "").strip():
+        return False
+    environ[ENGINE_NARRATION_ENV] = DEV_NARRATION_SPEED
+    return True
 
 
 def new_game(

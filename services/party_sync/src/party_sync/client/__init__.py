@@ -11,6 +11,12 @@ generators and tests (the browser library in ``clients/js`` has the same behavio
             if isinstance(event, SceneChanged):
                 print(event.title)
 
+``client.state`` also has the party's actions in flight (``actions_in_flight``: "Aria attacks —
+the game master is deciding…") and its live narration streams (``narration``: each stream's text
+so far, last index, ``done``); ``ActionAccepted``, ``ActionFailedNotice`` and ``NarrationDelta``
+report each change (``client.on(NarrationDelta, print_piece)`` or ``client.events()``). A
+narration piece is reported once; every ``system.hello`` (after a reconnect too) restates both.
+
 It reconnects by itself (exponential backoff with full jitter), resumes from its last
 ``epoch``/``seq``, resyncs after a gap, refreshes its token through ``token_provider`` on close
 code 4001 or a 401 handshake, and resends pending actions with their same ``action_id``. It stops
@@ -19,7 +25,9 @@ for good after close 1000 (left) or 1008 (policy).
 
 from party_sync.client.client import PartyClient, TokenProvider
 from party_sync.client.events import (
+    ActionAccepted,
     ActionFailed,
+    ActionFailedNotice,
     ActionResult,
     ClientClosed,
     ClientError,
@@ -30,6 +38,7 @@ from party_sync.client.events import (
     Disconnected,
     MemberJoined,
     MemberLeft,
+    NarrationDelta,
     PartyEvent,
     PartyStateChanged,
     SceneChanged,
@@ -40,12 +49,15 @@ from party_sync.client.events import (
     VoteUpdated,
 )
 from party_sync.client.policy import Backoff
-from party_sync.client.state import Member, PartyState
+from party_sync.client.state import ActionInFlight, Member, NarrationStream, PartyState
 from party_sync.client.subscription import Subscription
 from party_sync.client.transport import AiohttpTransport, Connection, Transport
 
 __all__ = [
+    "ActionAccepted",
     "ActionFailed",
+    "ActionFailedNotice",
+    "ActionInFlight",
     "ActionResult",
     "AiohttpTransport",
     "Backoff",
@@ -60,6 +72,8 @@ __all__ = [
     "Member",
     "MemberJoined",
     "MemberLeft",
+    "NarrationDelta",
+    "NarrationStream",
     "PartyClient",
     "PartyEvent",
     "PartyState",

@@ -6,7 +6,11 @@ class per message type (docs/protocol.md, "Message types"), so callers can ``mat
     match event:
         case ActionResult(): print(event.action_id, event.outcome)
         case SceneChanged(): print(event.title)
+        case NarrationDelta(): print(event.text, end="")  # live, piece by piece
         case Disconnected(reconnecting=False): ...
+
+The transient messages (no ``seq``: ``action.accepted``, ``action.failed``, ``narration.delta``)
+have their own classes: ``ActionAccepted``, ``ActionFailedNotice`` and ``NarrationDelta``.
 """
 
 from __future__ import annotations
@@ -173,8 +177,56 @@ def party_event(message: Mapping[str, Any]) -> PartyEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class ActionAccepted:
+    """``action.accepted`` (no seq): an action of the party (anyone's, ours too) is being
+    resolved; it is in ``PartyState.actions_in_flight`` until its ``ActionResult`` or
+    ``ActionFailedNotice``. Sent once: a repeat is not reported again."""
+
+    action_id: str
+    character_id: str  # "party" for the choice of a finished vote
+    action_type: str
+    trace_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class ActionFailedNotice:
+    """``action.failed`` (no seq): an accepted action was refused for good and will never be
+    applied (``code``: ``action_rejected``, ``action_timeout``, ``engine_error``,
+    ``engine_unavailable``). The actor's own ``send_action`` raises ``ActionFailed`` as before."""
+
+    action_id: str
+    character_id: str
+    code: str
+    trace_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NarrationDelta:
+    """``narration.delta`` (no seq): a live narration stream changed; reported once per piece.
+
+    ``text`` is what was added to the end of the stream's text (the piece; "" if nothing was),
+    ``so_far`` the stream's whole text now (as in ``PartyState.narration[stream_id]``), ``done``
+    True on its last piece. ``incomplete`` is True once a piece of the stream went missing
+    (never in normal operation): its text then stays as it is, and the final ``scene.update`` /
+    ``action.result`` has the whole, authoritative text.
+    """
+
+    stream_id: str
+    index: int
+    text: str
+    done: bool
+    action_id: str | None
+    so_far: str
+    incomplete: bool
+    trace_id: str
+
+
+@dataclass(frozen=True, slots=True)
 class Connected:
-    """A ``system.hello`` arrived: ``resumed`` = the missed events follow, else a new snapshot."""
+    """A ``system.hello`` arrived: ``resumed`` = the missed events follow, else a new snapshot.
+
+    Either way the state's ``actions_in_flight`` and ``narration`` are the hello's now (open
+    streams with their text so far; their next pieces follow as ``NarrationDelta``)."""
 
     hello: Mapping[str, Any]
     resumed: bool
@@ -211,7 +263,15 @@ class ServerError:
         )
 
 
-ClientEvent = PartyEvent | Connected | Disconnected | ServerError
+ClientEvent = (
+    PartyEvent
+    | ActionAccepted
+    | ActionFailedNotice
+    | NarrationDelta
+    | Connected
+    | Disconnected
+    | ServerError
+)
 
 
 class ClientError(PartySyncError):

@@ -15,6 +15,22 @@ Rules (docs/protocol.md, "Resuming", "Gap detection", "Actions and idempotency")
   every pending action with its **same** ``action_id``, so an action happens once however many
   reconnects it lives through; a ``system.error`` for a pending action settles it, except
   ``action_in_flight``, which means the first attempt is still running: keep waiting.
+
+Transient messages (``action.accepted``, ``action.failed``, ``narration.delta``: no ``seq``,
+docs/protocol.md, "Transient messages") are folded into the state and reported, and never touch
+the seq tracking: they are not part of the stream, so they can neither be a gap nor a duplicate.
+One that comes before this connection's hello (never from a correct server) is dropped: the
+hello restates what it told.
+
+- actions in flight: ``action.accepted`` adds one (a repeat, or one already answered, changes
+  nothing), ``action.result`` (live or a repeat) and ``action.failed`` end it;
+- narration: a piece is appended if it is the next of its stream, dropped if already shown
+  (index not above the last), so never shown twice; a missing piece freezes the stream's text
+  (``incomplete``). An ended stream leaves ``state.narration`` when its final text arrives:
+  ``scene.update`` (every ended stream), its action's ``action.result`` (and the ended streams
+  that named no action), its action's ``action.failed``, or at once if its action was answered
+  before its last piece. A late piece of a stream dropped this way does not bring it back;
+- every ``system.hello`` (resumed too) replaces the actions in flight and the open streams.
 """
 
 from __future__ import annotations
@@ -25,14 +41,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from party_sync.client.events import (
+    ActionAccepted,
+    ActionFailedNotice,
     ActionResult,
     ClientEvent,
     Connected,
+    NarrationDelta,
     ServerError,
     VoteUpdated,
     party_event,
 )
-from party_sync.client.state import PartyState
+from party_sync.client.state import NarrationStream, PartyState, RecentIds
 from party_sync.core.sequence import SeqTracker, SeqVerdict
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode
@@ -96,6 +115,8 @@ class ClientStream:
         self.leave: dict[str, Any] | None = None  # a party.leave to (re)send until closed
         self._tracker: SeqTracker | None = None  # None until this connection's hello
         self._hello_seq = 0
+        self._finished_streams = RecentIds()  # dropped: a late piece must not bring one back
+        self._settled_actions = RecentIds()  # answered: a late action.accepted changes nothing
 
     # -- connections ----------------------------------------------------------------------------
     def resume_point(self) -> tuple[str, int] | None:
@@ -134,6 +155,8 @@ class ClientStream:
             return self._hello(message["payload"])
         if type_ == t.ERROR:
             return self._error(ServerError.from_message(message))
+        if type_ in t.TRANSIENT_TYPES:
+            return self._transient(str(type_), message)
         seq = message.get("seq")
         if not isinstance(seq, int) or isinstance(seq, bool) or type_ not in t.EVENT_TYPES:
             log.warning("ignoring an unknown server message", extra={"type": str(type_)})
@@ -149,11 +172,18 @@ class ClientStream:
         event = party_event(message)
         if verdict is SeqVerdict.STALE:
             # A repeat of an action we resent gets its original result (old seq): settle it.
-            if isinstance(event, ActionResult) and self._settled(event.action_id):
-                return [ActionDone(event.action_id, event)]
+            if isinstance(event, ActionResult):
+                self._answered(event.action_id)  # not in flight either way
+                if self._settled(event.action_id):
+                    return [ActionDone(event.action_id, event)]
             return []
         self.state.apply(event.type, seq, event.payload)
         self.last_seq = seq
+        if isinstance(event, ActionResult):
+            self._answered(event.action_id)
+            self._forget(self.state.settle_narration(event.action_id))
+        elif event.type == t.SCENE_UPDATE:
+            self._forget(self.state.settle_narration())
         out: list[Output] = [Emit(event)]
         if isinstance(event, ActionResult) and self._settled(event.action_id):
             out.append(ActionDone(event.action_id, event))
@@ -168,7 +198,16 @@ class ClientStream:
         """Forget a pending action that was just answered; False if it was not pending."""
         return self.actions.pop(action_id, None) is not None
 
+    def _answered(self, action_id: str) -> None:
+        self._settled_actions.add(action_id)
+        self.state.action_ended(action_id)
+
+    def _forget(self, streams: list[NarrationStream]) -> None:
+        for stream in streams:
+            self._finished_streams.add(stream.stream_id)
+
     def _hello(self, payload: Mapping[str, Any]) -> list[Output]:
+        before = list(self.state.narration.values())
         resumed = (
             bool(payload.get("resumed"))
             and self.last_seq is not None
@@ -176,18 +215,84 @@ class ClientStream:
             and payload.get("resumed_from") == self.last_seq
         )
         if resumed and self.last_seq is not None:
-            # Keep the state: the missed events follow and are applied as usual.
+            # Keep the state: the missed events follow and are applied as usual. What the
+            # transient messages told is not replayed: the hello restates it.
             self._tracker = SeqTracker(self.last_seq)
             self.state.limits = payload.get("limits") or self.state.limits
+            self.state.restate_transient(payload)
         else:
             self.state = PartyState.from_hello(payload)
             self.epoch = self.state.epoch
             self.last_seq = self.state.seq
             self._tracker = SeqTracker(self.state.seq)
+        self._forget([s for s in before if s.stream_id not in self.state.narration])
         self._hello_seq = int(payload["seq"])
         out: list[Output] = [Emit(Connected(payload, resumed))]
         out.extend(self._catch_up())
         return out
+
+    def _transient(self, type_: str, message: Mapping[str, Any]) -> list[Output]:
+        """``action.accepted``, ``action.failed`` or ``narration.delta``: fold and report."""
+        if self._tracker is None:
+            log.warning("ignoring a %s before the hello", type_)
+            return []
+        payload = message.get("payload")
+        trace_id = str(message.get("trace_id") or "")
+        try:
+            if not isinstance(payload, Mapping):
+                raise TypeError("no payload")
+            if type_ == t.NARRATION_DELTA:
+                return self._narration(payload, trace_id)
+            action_id = _text(payload, "action_id")
+            character_id = _text(payload, "character_id")
+            if type_ == t.ACTION_ACCEPTED:
+                action_type = _text(payload, "action_type")
+                if action_id in self._settled_actions or not self.state.accepted(payload):
+                    return []  # a repeat, or late (its answer came already): nothing changes
+                return [Emit(ActionAccepted(action_id, character_id, action_type, trace_id))]
+            code = _text(payload, "code")
+            self._answered(action_id)
+            self._forget(self.state.drop_action_narration(action_id))
+            return [Emit(ActionFailedNotice(action_id, character_id, code, trace_id))]
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring a malformed %s: %s", type_, exc)
+            return []
+
+    def _narration(self, payload: Mapping[str, Any], trace_id: str) -> list[Output]:
+        stream_id = _text(payload, "stream_id")
+        index, text, done = payload["index"], _text(payload, "text"), payload.get("done", False)
+        if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+            raise ValueError(f"index {index!r}")
+        if not isinstance(done, bool):
+            raise ValueError(f"done {done!r}")
+        action_id = payload.get("action_id")
+        action_id = action_id if isinstance(action_id, str) else None
+        folded = self.state.narrate(stream_id, index, text, done, action_id, self._finished_streams)
+        if folded is None:
+            return []  # shown already (never twice), after its end, or of a dropped stream
+        added, stream = folded
+        if stream.incomplete:
+            log.warning("narration %s: a piece is missing before %d", stream_id, index)
+        delta = NarrationDelta(
+            stream_id,
+            index,
+            added,
+            stream.done,
+            stream.action_id,
+            stream.text,
+            stream.incomplete,
+            trace_id,
+        )
+        if (
+            stream.done
+            and stream.action_id is not None
+            and stream.action_id in self._settled_actions
+            and stream.action_id not in self.state.actions_in_flight
+        ):
+            # Its action's final answer came before its last piece: nothing more to wait for.
+            del self.state.narration[stream_id]
+            self._forget([stream])
+        return [Emit(delta)]
 
     def _catch_up(self) -> list[Output]:
         """Once the hello and its replay are applied, (re)send every pending request."""
@@ -216,3 +321,10 @@ class ClientStream:
             if ballot is not None:
                 out.append(VoteError(trace_id, ballot["payload"]["vote_id"], error))
         return out
+
+
+def _text(payload: Mapping[str, Any], key: str) -> str:
+    value = payload[key]
+    if not isinstance(value, str):
+        raise TypeError(f"{key} must be a string")
+    return value

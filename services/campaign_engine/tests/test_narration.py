@@ -1,0 +1,305 @@
+"""Live narration: the engine writes each action's scene text as a ``narration.delta`` stream
+before it publishes the action's events (a simulated model writing), off unless asked for.
+
+Virtual time: the engine's ``sleep`` records the pauses instead of waiting, so nothing here is
+slow and nothing asserts on the clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+from campaign_engine import narration
+from campaign_engine.campaign import Campaign, builtin_campaign
+from campaign_engine.engine import ENV_NARRATION_SPEED, ReferenceEngine, create_engine
+from campaign_engine.testing import (
+    MAX_OPEN_STREAMS,
+    NarrationPiece,
+    Published,
+    PublishFailed,
+    RecordingPublisher,
+    ScriptedRandom,
+    action_request,
+    join_notice,
+)
+from hypothesis import given
+from hypothesis import strategies as st
+from party_sync import devmode
+from party_sync.engine import NarrationConflict
+
+SPEED = 80.0
+
+
+class Clock:
+    """The engine's ``sleep``: records each pause, waits for nothing."""
+
+    def __init__(self) -> None:
+        self.pauses: list[float] = []
+
+    async def sleep(self, delay: float) -> None:
+        self.pauses.append(delay)
+        await asyncio.sleep(0)
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def narrating_publisher(schema_book: Any, publisher: RecordingPublisher) -> RecordingPublisher:
+    """The recording publisher; every piece it takes is checked against narration.delta.json."""
+    if schema_book is not None:
+        original = publisher.narrate
+
+        async def checked(party_id: str, stream_id: str, index: int, text: str, **kw: Any) -> None:
+            schema_book.check_piece(NarrationPiece(party_id, stream_id, index, text, **kw))
+            await original(party_id, stream_id, index, text, **kw)
+
+        publisher.narrate = checked  # type: ignore[method-assign]
+    return publisher
+
+
+@pytest.fixture
+async def narrator(narrating_publisher: RecordingPublisher, clock: Clock) -> ReferenceEngine:
+    """The built-in campaign, seeded, narrating at SPEED characters per second."""
+    engine = ReferenceEngine(builtin_campaign(), seed=7, narration_speed=SPEED, sleep=clock.sleep)
+    await engine.start(narrating_publisher)
+    return engine
+
+
+def stream_text(pieces: list[NarrationPiece]) -> str:
+    return "".join(p.text for p in pieces)
+
+
+async def test_an_action_is_narrated_live_then_published_as_always(
+    narrator: ReferenceEngine, narrating_publisher: RecordingPublisher, clock: Clock
+) -> None:
+    publisher = narrating_publisher
+    await narrator.handle_join(join_notice("aria"))
+    assert publisher.narrated == []  # a join is not narrated: only the actions
+    publisher.clear()
+
+    action = action_request("choice", {"option": "row"}, trace_id="trace-row")
+    await narrator.handle_action(action)
+
+    assert publisher.types() == ["action.result", "scene.update"]
+    text = publisher.last("scene.update")["narration"]
+    pieces = publisher.narrated
+    assert len(pieces) > 3 and stream_text(pieces) == text  # the final text, as it was written
+    assert [p.index for p in pieces] == list(range(len(pieces)))
+    assert [p.done for p in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert {(p.party_id, p.action_id, p.trace_id) for p in pieces} == {
+        ("party-1", action.action_id, "trace-row")
+    }
+    assert len({p.stream_id for p in pieces}) == 1
+    assert publisher.open_streams() == []
+    # every piece went out before the action's first event
+    kinds = [type(x) for x in publisher.timeline]
+    assert kinds == [NarrationPiece] * len(pieces) + [Published, Published]
+    # paced like a writer: a pause before each piece, as long as the piece at SPEED
+    assert len(clock.pauses) == len(pieces)
+    assert clock.pauses == [pytest.approx(len(p.text) / SPEED) for p in pieces]
+
+
+async def test_a_long_text_is_written_faster_never_longer_than_the_cap(
+    narrating_publisher: RecordingPublisher, clock: Clock
+) -> None:
+    text = "word " * 400  # 2000 characters: 25 s at 80 characters per second
+    done = await narration.narrate(
+        narrating_publisher, "party-1", text, speed=SPEED, action_id="a-1", sleep=clock.sleep
+    )
+    assert done and narrating_publisher.narration(narrating_publisher.stream_ids()[0]) == text
+    assert sum(clock.pauses) == pytest.approx(narration.MAX_NARRATION_SECONDS)
+
+
+async def test_narration_is_off_by_default(
+    engine: ReferenceEngine, publisher: RecordingPublisher
+) -> None:
+    assert engine.narration_speed is None
+    await engine.handle_join(join_notice("aria"))
+    await engine.handle_action(action_request("choice", {"option": "row"}))
+    assert publisher.narrated == [] and publisher.types()[-2:] == ["action.result", "scene.update"]
+    assert create_engine({ENV_NARRATION_SPEED: ""}).narration_speed is None
+    assert create_engine({}).narration_speed is None
+
+
+async def test_a_redelivered_action_is_not_narrated_again(
+    narrator: ReferenceEngine, narrating_publisher: RecordingPublisher
+) -> None:
+    publisher = narrating_publisher
+    await narrator.handle_join(join_notice("aria"))
+    action = action_request("choice", {"option": "row"})
+    await narrator.handle_action(action)
+    narrated, published = len(publisher.narrated), len(publisher.published)
+    assert narrated > 0
+
+    await narrator.handle_action(action)  # party_sync redelivers it: applied already
+    assert (len(publisher.narrated), len(publisher.published)) == (narrated, published)
+
+
+async def test_a_redelivery_after_a_failed_publish_sends_the_events_without_narrating(
+    narrator: ReferenceEngine, narrating_publisher: RecordingPublisher
+) -> None:
+    publisher = narrating_publisher
+    await narrator.handle_join(join_notice("aria"))
+    publisher.clear()
+    action = action_request("choice", {"option": "row"})
+    publisher.fail_next = 1
+    with pytest.raises(PublishFailed):
+        await narrator.handle_action(action)  # narrated, committed, then publishing failed
+    narrated = len(publisher.narrated)
+    assert narrated > 0 and publisher.published == []
+
+    await narrator.handle_action(action)
+    assert publisher.types() == ["action.result", "scene.update"]
+    assert len(publisher.narrated) == narrated  # the leftovers only: no second stream
+    assert len(publisher.stream_ids(action.action_id)) == 1
+
+
+@pytest.mark.parametrize("fault", ["unreachable", "refused", "broken"])
+async def test_a_failing_narration_never_stops_the_events(
+    fault: str,
+    narrating_publisher: RecordingPublisher,
+    clock: Clock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """party_sync unreachable (every piece fails), refusing (a ninth open stream of the party), or
+    a broken ``narrate``: a warning, and the same events as without narration."""
+    publisher = narrating_publisher
+    quiet = RecordingPublisher()
+    engines = [
+        ReferenceEngine(builtin_campaign(), seed=3, narration_speed=SPEED, sleep=clock.sleep),
+        ReferenceEngine(builtin_campaign(), seed=3),
+    ]
+    await engines[0].start(publisher)
+    await engines[1].start(quiet)
+    for engine in engines:
+        await engine.handle_join(join_notice("aria"))
+    if fault == "unreachable":
+        publisher.fail_next_narration = 1000
+    elif fault == "refused":
+        for n in range(MAX_OPEN_STREAMS):
+            await publisher.narrate("party-1", f"n-other-{n}", 0, "…")
+    else:
+        publisher.narrate = None  # type: ignore[assignment,method-assign]
+    with caplog.at_level(logging.WARNING, logger="campaign_engine"):
+        for engine in engines:
+            await engine.handle_action(action_request("skill_check", {}, action_id="a-1"))
+            await engine.handle_action(action_request("choice", {"option": "row"}, action_id="a-2"))
+    warnings = [r for r in caplog.records if "stopped at piece 0" in r.getMessage()]
+    assert len(warnings) == 2  # one per action
+    expected = [(e.type, dict(e.payload)) for e in quiet.published]
+    assert [(e.type, dict(e.payload)) for e in publisher.published] == expected
+    assert publisher.stream_ids("a-1") == []
+    if fault == "refused":
+        with pytest.raises(NarrationConflict):
+            await publisher.narrate("party-1", "n-one-more", 0, "x")
+
+
+async def test_a_piece_party_sync_never_answers_ends_the_narration(
+    narrating_publisher: RecordingPublisher,
+    clock: Clock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    publisher = narrating_publisher
+    monkeypatch.setattr(narration, "PIECE_TIMEOUT", 0.01)
+    taken = publisher.narrate
+    stuck = asyncio.Event()
+
+    async def hanging(party_id: str, stream_id: str, index: int, text: str, **kw: Any) -> None:
+        if index == 2:
+            await stuck.wait()  # never set: a request that never gets its answer
+        await taken(party_id, stream_id, index, text, **kw)
+
+    publisher.narrate = hanging  # type: ignore[method-assign]
+    engine = ReferenceEngine(builtin_campaign(), seed=7, narration_speed=SPEED, sleep=clock.sleep)
+    await engine.start(publisher)
+    await engine.handle_join(join_notice("aria"))
+    with caplog.at_level(logging.WARNING, logger="campaign_engine"):
+        await engine.handle_action(action_request("choice", {"option": "row"}))
+    assert [p.index for p in publisher.narrated] == [0, 1]
+    assert "stopped at piece 2: TimeoutError" in caplog.text
+    assert publisher.types()[-2:] == ["action.result", "scene.update"]
+
+
+async def test_every_turn_of_a_fight_is_narrated(
+    narrating_publisher: RecordingPublisher, clock: Clock, arena_campaign: Campaign
+) -> None:
+    publisher = narrating_publisher
+    dice = ScriptedRandom()
+    engine = ReferenceEngine(arena_campaign, rng=dice, narration_speed=SPEED, sleep=clock.sleep)
+    await engine.start(publisher)
+    await engine.handle_join(join_notice("aria"))
+    await engine.handle_action(action_request("choice", {"option": "enter"}, action_id="a-in"))
+    dice.push(15, 5, 1)  # aria hits the rat; its d4 bite misses
+    await engine.handle_action(action_request("combat", {"move": "attack"}, action_id="a-hit"))
+    scene = publisher.last("scene.update")["narration"]
+    assert publisher.narration(publisher.stream_ids("a-hit")[0]) == scene
+    assert len(publisher.stream_ids()) == 2 and publisher.open_streams() == []
+
+
+async def test_the_vote_choice_of_the_party_is_narrated(
+    narrating_publisher: RecordingPublisher, narrator: ReferenceEngine
+) -> None:
+    publisher = narrating_publisher
+    await narrator.handle_join(join_notice("aria"))
+    await narrator.handle_join(join_notice("bram"))
+    await narrator.handle_action(action_request("choice", {"option": "row"}))
+    choice = publisher.finish_vote("party-1", "wade")
+    await narrator.handle_action(choice)
+    (stream,) = publisher.stream_ids(choice.action_id)
+    assert publisher.narration(stream) == publisher.last("scene.update")["narration"]
+    assert choice.action_id.startswith("vote:")
+
+
+@given(st.text(max_size=300))
+def test_pieces_join_back_into_the_text(text: str) -> None:
+    parts = narration.pieces(text)
+    assert "".join(parts) == text
+    assert all(parts) and all(p.strip() or p == text for p in parts)  # a blank piece: all blank
+
+
+def test_the_speed_setting() -> None:
+    assert narration.parse_speed("", ENV_NARRATION_SPEED) is None
+    assert narration.parse_speed(" 0 ", ENV_NARRATION_SPEED) is None  # 0: off
+    assert narration.parse_speed("80", ENV_NARRATION_SPEED) == 80.0
+    assert narration.parse_speed("12.5", ENV_NARRATION_SPEED) == 12.5
+    for bad in ("-1", "fast", "inf", "nan", "1e9"):
+        with pytest.raises(ValueError, match=ENV_NARRATION_SPEED):
+            narration.parse_speed(bad, ENV_NARRATION_SPEED)
+    engine = create_engine(
+        {ENV_NARRATION_SPEED: "120", "CAMPAIGN_ENGINE_DATABASE_URL": "memory://"}
+    )
+    assert engine.narration_speed == 120.0
+    with pytest.raises(ValueError, match=ENV_NARRATION_SPEED):
+        create_engine({ENV_NARRATION_SPEED: "-5"})
+    with pytest.raises(ValueError, match="narration_speed"):
+        ReferenceEngine(narration_speed=-1)
+
+
+def test_make_run_narrates_at_a_pleasant_speed_and_only_the_in_process_reference_engine() -> None:
+    """``party-sync serve`` in development mode (``make run``) turns narration on for the
+    reference engine in its process, unless the variable says otherwise."""
+    assert devmode.ENGINE_NARRATION_ENV == ENV_NARRATION_SPEED
+    speed = narration.parse_speed(devmode.DEV_NARRATION_SPEED, ENV_NARRATION_SPEED)
+    assert speed is not None and 30 <= speed <= 200
+    env: dict[str, str] = {}
+    spec = "campaign_engine:create_engine"
+    assert devmode.narrate_by_default(env, engine_in_process=True, engine_spec=spec)
+    assert create_engine({**env, "CAMPAIGN_ENGINE_DATABASE_URL": "memory://"}).narration_speed
+    chosen: Mapping[str, str] = {ENV_NARRATION_SPEED: "0"}
+    kept = dict(chosen)
+    assert not devmode.narrate_by_default(kept, engine_in_process=True, engine_spec=spec)
+    assert kept == chosen  # the user's choice (off) stands
+    for in_process, other in ((False, spec), (True, "mymodule:create_engine")):
+        untouched: dict[str, str] = {}
+        assert not devmode.narrate_by_default(
+            untouched, engine_in_process=in_process, engine_spec=other
+        )
+        assert untouched == {}
