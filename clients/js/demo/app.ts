@@ -7,21 +7,36 @@
  *    for the party and character named by `?party=` and `?character=`;
  * 3. development mode only: a token minted by `POST /api/v1/dev/token` for a picked character
  *    (`?as=<character>` remembers the pick).
+ *
+ * What a player sees, on every member's screen: the game master's narration as it is written
+ * (`#live`, replaced by the final scene text when it arrives), each action being resolved
+ * ("Aria chooses — the game master is deciding…", `#in-flight`), the open vote with the
+ * player's own ballot marked (the scene's options are not offered beside it), an error once, in
+ * words, next to the action that caused it, and a story log without the protocol's chatter (the
+ * "details" switch shows every event). A link the server refuses says so (and offers the picker
+ * in development mode) instead of reconnecting forever; while reconnecting, the party list says
+ * it may be out of date.
  */
 import {
+  ClientClosedError,
   PartySyncClient,
   PartySyncError,
+  tokenExpiry,
+  type ActionInFlight,
   type ActionResultMessage,
   type Combat,
   type ConnectionChange,
+  type ErrorCode,
   type HelloInfo,
   type Member,
+  type Narration,
   type OpenVote,
   type PartyEvent,
   type PartySnapshot,
   type Scene,
   type SystemErrorMessage,
   type UnknownPartyEvent,
+  type Option,
 } from "@rpg-bot/party-sync-client";
 
 interface DemoConfig {
@@ -49,6 +64,7 @@ declare global {
 
 const TELEGRAM_SCRIPT = "https://telegram.org/js/telegram-web-app.js";
 const LOG_LIMIT = 500;
+const PARTY_ACTOR = "party";
 
 // --- DOM helpers ------------------------------------------------------------------------------
 
@@ -75,26 +91,125 @@ function show(id: string, visible: boolean): void {
   $(id).hidden = !visible;
 }
 
+function setText(node: Element, text: string): void {
+  if (node.textContent !== text) node.textContent = text;
+}
+
+function newId(): string {
+  const c = globalThis.crypto;
+  if (typeof c?.randomUUID === "function") return c.randomUUID();
+  const bytes = new Uint8Array(16);
+  c.getRandomValues(bytes);
+  return [...bytes].map((b) => b.toString(16).padStart(2, "0")).join("");
+}
+
 // --- the log ----------------------------------------------------------------------------------
 
 const log = $("log") as HTMLOListElement;
 
-function appendLog(text: string, options: { seq?: number; type?: string; kind?: string } = {}): void {
+interface LogOptions {
+  seq?: number;
+  type?: string;
+  kind?: string;
+  /** Protocol details a player does not need: shown only with the "details" switch. */
+  detail?: boolean;
+}
+
+function appendLog(text: string | Node[], options: LogOptions = {}): HTMLLIElement {
   const atBottom = log.scrollHeight - log.scrollTop - log.clientHeight < 24;
-  const item = el("li", { className: options.kind ?? "" });
+  const classes = [options.kind ?? "", options.detail ? "detail" : ""].filter(Boolean);
+  const item = el("li", { className: classes.join(" ") });
   if (options.seq !== undefined) {
     item.dataset["seq"] = String(options.seq);
     item.append(el("span", { className: "seq", text: `#${options.seq}` }));
   }
   if (options.type !== undefined) item.dataset["type"] = options.type;
-  item.append(text);
+  if (typeof text === "string") item.append(text);
+  else item.append(...text);
   log.append(item);
   while (log.children.length > LOG_LIMIT) log.firstElementChild?.remove();
   if (atBottom) log.scrollTop = log.scrollHeight;
+  return item;
 }
 
-function note(text: string, kind = "note"): void {
-  appendLog(text, { kind });
+function note(text: string, options: { kind?: string; detail?: boolean } = {}): HTMLLIElement {
+  return appendLog(text, {
+    kind: `note ${options.kind ?? ""}`.trim(),
+    ...(options.detail ? { detail: true } : {}),
+  });
+}
+
+// --- errors in words --------------------------------------------------------------------------
+
+/** A sentence for a player, for each stable error code (docs/protocol.md, "Error codes"). */
+function errorSentence(code: ErrorCode | string, detail?: string): string {
+  switch (code) {
+    case "action_rejected":
+      return `The game master won't allow that${detail ? `: ${detail}` : "."}`;
+    case "action_timeout":
+      return "The game master did not answer in time. Try again.";
+    case "engine_error":
+      return "The game master ran into a problem with that. Try again.";
+    case "engine_unavailable":
+      return "The game master can't be reached right now. Try again in a moment.";
+    case "character_busy":
+    case "action_in_flight":
+      return "You're already doing something: wait for the game master's answer.";
+    case "backend_unavailable":
+      return "The server is having trouble. Try again in a moment.";
+    case "rate_limited":
+      return "Too many actions at once: slow down a little.";
+    case "forbidden":
+      return "Your character can't do that.";
+    case "vote_unknown":
+      return "That vote is no longer open.";
+    case "vote_closed":
+      return "The vote has already closed.";
+    case "vote_bad_option":
+      return "That is not one of the vote's options.";
+    case "token_expired":
+      return "Your session has expired.";
+    case "internal_error":
+      return "Something went wrong on the server. Try again.";
+    case "bad_json":
+    case "bad_message":
+    case "unknown_type":
+    case "server_only_type":
+    case "schema_violation":
+    case "message_too_large":
+    case "too_deep":
+      return "The server did not understand this page's request (a bug in the page).";
+    default:
+      return "Something went wrong. Try again.";
+  }
+}
+
+function failureText(error: unknown): { text: string; code: string } {
+  if (error instanceof PartySyncError) {
+    const detail = error.code === "action_rejected" ? error.error.payload.message : undefined;
+    return { text: errorSentence(error.code, detail), code: error.code };
+  }
+  if (error instanceof ClientClosedError) {
+    return { text: "Not sent: this page is no longer connected.", code: "closed" };
+  }
+  return { text: "Something went wrong. Try again.", code: "unknown" };
+}
+
+type Where = "scene" | "combat" | "vote";
+
+/** Show `text` next to the controls it is about (one error per place; the next one replaces it). */
+function showError(where: Where, text: string, code: string): void {
+  const box = $(`${where}-error`);
+  box.textContent = text;
+  box.dataset["code"] = code;
+  box.hidden = false;
+}
+
+function clearError(where: Where): void {
+  const box = $(`${where}-error`);
+  box.hidden = true;
+  box.textContent = "";
+  delete box.dataset["code"];
 }
 
 // --- tokens -----------------------------------------------------------------------------------
@@ -216,52 +331,95 @@ function devSource(config: DemoConfig, characterId: string, displayName?: string
   };
 }
 
-function signIn(text: string): void {
+function signIn(text: string, status = "Not signed in"): void {
   show("signin", true);
+  show("log-card", log.children.length > 0);
   $("signin-text").textContent = text;
-  setStatus("closed", "Not signed in");
+  setStatus("closed", status);
 }
 
-/** Development mode without a token: let the player pick a character. */
-function pickCharacter(config: DemoConfig): Promise<TokenSource> {
+/**
+ * Development mode: let the player pick a character. `reload`: start over on a clean page
+ * (after a refused link, the page already played with another client).
+ */
+function pickCharacter(config: DemoConfig, reload = false): Promise<TokenSource> {
   show("signin", true);
+  show("log-card", log.querySelector("li:not(.detail)") !== null);
   $("signin-text").textContent =
     `Development mode: pick a character of ${config.party_id} (tokens are minted by this server).`;
-  setStatus("idle", "Pick a character");
+  if (!reload) setStatus("idle", "Pick a character");
   return new Promise((resolve) => {
     const choose = (characterId: string, displayName?: string): void => {
       const url = new URL(location.href);
+      url.searchParams.delete("token");
       url.searchParams.set("as", characterId);
       if (displayName) url.searchParams.set("name", displayName);
+      else url.searchParams.delete("name");
+      if (reload) {
+        location.replace(url);
+        return;
+      }
       history.replaceState(null, "", url);
       show("signin", false);
       resolve(devSource(config, characterId, displayName));
     };
     const choices = $("signin-choices");
-    for (const c of config.characters) {
-      const button = el("button", { text: `Play ${c.display_name}` });
-      button.dataset["character"] = c.character_id;
-      button.addEventListener("click", () => choose(c.character_id));
-      choices.append(button);
-    }
+    choices.replaceChildren(
+      ...config.characters.map((c) => {
+        const button = el("button", { text: `Play ${c.display_name}` });
+        button.dataset["character"] = c.character_id;
+        button.addEventListener("click", () => choose(c.character_id));
+        return button;
+      }),
+    );
     const form = $("signin-custom") as HTMLFormElement;
     form.hidden = false;
     form.addEventListener("submit", (event) => {
       event.preventDefault();
       const name = (($("signin-name") as HTMLInputElement).value || "").trim().slice(0, 32);
       const id = name.toLowerCase().replace(/[^a-z0-9]+/g, "-").replace(/^-|-$/g, "");
-      if (id && id !== "party") choose(id, name);
+      if (id && id !== PARTY_ACTOR) choose(id, name);
     });
   });
 }
 
-// --- rendering --------------------------------------------------------------------------------
+/** The link cannot be used (refused, expired): say so, and offer the picker in development. */
+function linkProblem(config: DemoConfig, problem: string, status: string): void {
+  for (const id of ["party", "vote", "vote-result", "combat", "now", "scene", "leave"]) {
+    show(id, false);
+  }
+  show("log-card", log.querySelector("li:not(.detail)") !== null);
+  const box = $("signin-problem");
+  box.textContent = problem;
+  box.hidden = false;
+  $("signin-title").textContent = "This link does not work";
+  if (config.dev_mode) {
+    void pickCharacter(config, true);
+    $("signin-text").textContent =
+      `Development mode: pick a character of ${config.party_id} to play with a fresh token.`;
+  } else {
+    show("signin", true);
+    $("signin-text").textContent =
+      "Ask the game for a new link, or open the party from the game's Telegram Mini App.";
+  }
+  setStatus("closed", status);
+}
+
+// --- what this page remembers -----------------------------------------------------------------
 
 let client: PartySyncClient | null = null;
-let busy = false;
+/** My own action waiting for its answer (one at a time), with what to say about it. */
+let mine: { actionId: string; label: string; where: Where } | null = null;
+/** Labels of my own recent actions, for the log. */
+const myLabels = new Map<string, string>();
+/** The ballot I cast and the server has not confirmed yet. */
+let pendingBallot: { voteId: string; option: string } | null = null;
+/** Every vote's options, for the labels of its result and of the party's choice. */
+const voteOptions = new Map<string, readonly Option[]>();
 let clockOffsetMs = 0;
-let lastRendered: Partial<Record<"members" | "scene" | "combat" | "vote" | "partyState", unknown>> =
-  {};
+let lastRendered: Partial<
+  Record<"members" | "scene" | "combat" | "vote" | "partyState" | "connected", unknown>
+> = {};
 
 function setStatus(status: string, text: string): void {
   const badge = $("status");
@@ -281,20 +439,54 @@ function connectionText(change: ConnectionChange): string {
     case "reconnecting":
       return "Reconnecting…";
     case "closed":
-      return change.closedReason === "left" ? "Left the party" : `Offline (${change.closedReason})`;
+      switch (change.closedReason) {
+        case "left":
+          return "Left the party";
+        case "unauthorized":
+          return "Link not valid";
+        case "token_expired":
+          return "Link expired";
+        case "refused":
+          return "Refused";
+        default:
+          return "Offline";
+      }
   }
 }
+
+function connected(): boolean {
+  return client !== null && client.status === "open";
+}
+
+function nameOf(state: PartySnapshot | null, characterId: string): string {
+  if (characterId === PARTY_ACTOR) return "The party";
+  return state?.members.find((m) => m.character_id === characterId)?.display_name ?? characterId;
+}
+
+function optionLabel(voteId: string, optionId: string, state: PartySnapshot | null): string {
+  return (
+    voteOptions.get(voteId)?.find((o) => o.id === optionId)?.label ??
+    state?.scene?.options.find((o) => o.id === optionId)?.label ??
+    optionId
+  );
+}
+
+// --- rendering --------------------------------------------------------------------------------
 
 function hpOf(state: PartySnapshot, id: string): string {
   const character = state.partyState?.characters?.[id];
   return character === undefined ? "" : `${character.hp}/${character.max_hp} HP`;
 }
 
+/** The roster; while not connected it is marked stale (nobody shows as "online" for sure). */
 function renderMembers(state: PartySnapshot): void {
-  const list = $("members");
-  list.replaceChildren(
+  const live = connected();
+  $("party").dataset["stale"] = String(!live);
+  show("party-stale", !live && client?.status === "reconnecting");
+  $("members").replaceChildren(
     ...state.members.map((m: Member) => {
-      const item = el(
+      const presence = live ? (m.online ? "online" : "offline") : m.online ? "was online" : "offline";
+      return el(
         "li",
         { attrs: { "data-character": m.character_id, "data-online": String(m.online) } },
         el("span", { className: "dot", attrs: { "aria-hidden": "true" } }),
@@ -302,33 +494,46 @@ function renderMembers(state: PartySnapshot): void {
           className: "name",
           text: `${m.display_name}${m.character_id === state.you ? " (you)" : ""}`,
         }),
-        el("span", { className: "hint", text: `${m.online ? "online" : "offline"} ${hpOf(state, m.character_id)}`.trim() }),
+        el("span", { className: "hint", text: `${presence} ${hpOf(state, m.character_id)}`.trim() }),
       );
-      return item;
     }),
   );
   $("run-status").textContent = state.runStatus.replace(/_/g, " ");
   show("party", true);
 }
 
-function actionsEnabled(): boolean {
-  return client !== null && client.status !== "closed" && !busy;
+function iAmActing(state: PartySnapshot | null): boolean {
+  if (mine !== null) return true;
+  return state?.actionsInFlight.some((a) => a.character_id === state.you) ?? false;
 }
 
-function renderScene(scene: Scene | null): void {
+function actionsEnabled(): boolean {
+  return client !== null && client.status !== "closed" && !iAmActing(client.state);
+}
+
+function renderScene(state: PartySnapshot): void {
+  const scene: Scene | null = state.scene;
   show("scene", scene !== null);
   if (scene === null) return;
   const section = $("scene");
+  if (section.dataset["sceneNumber"] !== String(scene.scene_number)) clearError("scene");
   section.dataset["sceneNumber"] = String(scene.scene_number);
   section.dataset["sceneId"] = scene.scene_id;
   const dc = scene.difficulty !== undefined ? ` · DC ${scene.difficulty}` : "";
   $("scene-meta").textContent = `Scene ${scene.scene_number} · ${scene.kind}${dc}`;
-  $("scene-title").textContent = scene.title;
-  $("scene-narration").textContent = scene.narration;
+  setText($("scene-title"), scene.title);
+  setText($("scene-narration"), scene.narration);
+  // While the party votes, its options are the vote's: not offered again here (the engine
+  // refuses a choice the vote settles).
+  const voting = new Set(state.vote?.options.map((o) => o.id) ?? []);
+  const options = scene.options.filter((o) => !voting.has(o.id));
+  show("scene-vote-hint", voting.size > 0);
   $("scene-options").replaceChildren(
-    ...scene.options.map((option) => {
+    ...options.map((option) => {
       const button = el("button", { text: option.label, attrs: { "data-option": option.id } });
-      button.addEventListener("click", () => act("choice", { option: option.id }, option.label));
+      button.addEventListener("click", () =>
+        act("choice", { option: option.id }, `“${option.label}”`, "scene"),
+      );
       return button;
     }),
   );
@@ -346,7 +551,10 @@ function bar(percent: number): HTMLSpanElement {
 function renderCombat(combat: Combat | null): void {
   const active = combat !== null && combat.active;
   show("combat", active);
-  if (!active || combat === null) return;
+  if (!active || combat === null) {
+    clearError("combat");
+    return;
+  }
   $("combat-round").textContent = `round ${combat.round}`;
   $("combatants").replaceChildren(
     ...combat.combatants.map((c) => {
@@ -382,12 +590,12 @@ function renderCombat(combat: Combat | null): void {
     const button = el("button", { text: `Attack ${enemy.name}`, attrs: { "data-move": "attack" } });
     button.dataset["target"] = enemy.id;
     button.addEventListener("click", () =>
-      act("combat", { move: "attack", target: enemy.id }, `attack ${enemy.name}`),
+      act("combat", { move: "attack", target: enemy.id }, `attack ${enemy.name}`, "combat"),
     );
     return button;
   });
   const defend = el("button", { className: "secondary", text: "Defend", attrs: { "data-move": "defend" } });
-  defend.addEventListener("click", () => act("combat", { move: "defend" }, "defend"));
+  defend.addEventListener("click", () => act("combat", { move: "defend" }, "defend", "combat"));
   $("combat-actions").replaceChildren(...buttons, defend);
   updateButtons();
 }
@@ -397,28 +605,41 @@ function renderVote(vote: OpenVote | null): void {
   const section = $("vote");
   if (vote === null) {
     delete section.dataset["voteId"];
+    clearError("vote");
     return;
   }
+  voteOptions.set(vote.vote_id, vote.options);
+  if (section.dataset["voteId"] !== vote.vote_id) clearError("vote");
   section.dataset["voteId"] = vote.vote_id;
   $("vote-question").textContent = vote.question;
   $("vote-count").textContent = `${vote.voted}/${vote.eligible} voted`;
+  const sending = pendingBallot?.voteId === vote.vote_id ? pendingBallot.option : null;
   $("vote-options").replaceChildren(
     ...vote.options.map((option) => {
       const mine = vote.your_vote === option.id;
       const button = el(
         "button",
         {
-          className: mine ? "" : "secondary",
+          className: mine ? "mine" : "secondary",
           attrs: { "data-option": option.id, "aria-pressed": String(mine) },
         },
-        el("span", { text: option.label }),
+        el("span", { className: "label", text: option.label }),
+        el("span", {
+          className: "badge",
+          text: mine ? "✓ your vote" : sending === option.id ? "sending…" : "",
+        }),
         el("span", { className: "tally", text: String(vote.tallies[option.id] ?? 0) }),
       );
       button.addEventListener("click", () => castVote(vote.vote_id, option.id, option.label));
       return button;
     }),
   );
+  const chosen = vote.options.find((o) => o.id === vote.your_vote);
+  $("vote-mine").textContent = chosen
+    ? `You voted for “${chosen.label}”. You can change your vote until it closes.`
+    : "You have not voted yet.";
   tickCountdown();
+  updateButtons();
 }
 
 function tickCountdown(): void {
@@ -432,6 +653,100 @@ function tickCountdown(): void {
   $("vote").dataset["remainingS"] = String(seconds);
 }
 
+/** What an action in flight is, in words ("Aria chooses", "You: attack Reefclaw"). */
+function describeInFlight(state: PartySnapshot, action: ActionInFlight): string {
+  if (mine?.actionId === action.action_id || action.character_id === state.you) {
+    const label = myLabels.get(action.action_id);
+    if (label !== undefined) return `You: ${label}`;
+  }
+  const who = action.character_id === state.you ? "You" : nameOf(state, action.character_id);
+  if (action.character_id === PARTY_ACTOR) {
+    const voteId = action.action_id.startsWith("vote:") ? action.action_id.slice(5) : null;
+    const winner = state.lastVoteResult;
+    if (voteId !== null && winner !== null && winner.vote_id === voteId) {
+      return `The party's choice: “${optionLabel(voteId, winner.winner, state)}”`;
+    }
+    return "The party's choice";
+  }
+  const you = who === "You";
+  switch (action.action_type) {
+    case "choice":
+      return `${who} ${you ? "choose" : "chooses"}`;
+    case "combat":
+      return `${who} ${you ? "fight" : "fights"}`;
+    case "skill_check":
+      return `${who} ${you ? "try" : "tries"} a skill check`;
+  }
+}
+
+/** "Happening now": the actions being resolved, and the narration as it is written. */
+function renderNow(state: PartySnapshot): void {
+  const items: HTMLLIElement[] = [];
+  const listed = new Set<string>();
+  for (const action of state.actionsInFlight) {
+    listed.add(action.action_id);
+    items.push(inFlightItem(action.action_id, action.character_id, describeInFlight(state, action), "deciding"));
+  }
+  if (mine !== null && !listed.has(mine.actionId)) {
+    // Sent (or queued while offline), not accepted yet.
+    const waiting = connected() ? "sending" : "queued";
+    items.push(inFlightItem(mine.actionId, state.you, `You: ${mine.label}`, waiting));
+  }
+  const list = $("in-flight");
+  list.replaceChildren(...items);
+  renderLive(state.narration);
+  show("now", items.length > 0 || state.narration.length > 0);
+}
+
+function inFlightItem(
+  actionId: string,
+  characterId: string,
+  what: string,
+  phase: "deciding" | "sending" | "queued",
+): HTMLLIElement {
+  const tail =
+    phase === "deciding"
+      ? " — the game master is deciding…"
+      : phase === "sending"
+        ? " — sending…"
+        : " — waiting for the connection…";
+  return el(
+    "li",
+    { attrs: { "data-action-id": actionId, "data-character": characterId, "data-phase": phase } },
+    el("span", { className: "spinner", attrs: { "aria-hidden": "true" } }),
+    el("span", { text: `${what}${tail}` }),
+  );
+}
+
+/** One paragraph per stream, keyed by stream_id: its text as the client has it (each piece once). */
+function renderLive(streams: readonly Narration[]): void {
+  const live = $("live");
+  const existing = new Map<string, HTMLElement>();
+  for (const child of Array.from(live.children)) {
+    if (child instanceof HTMLElement && child.dataset["streamId"] !== undefined) {
+      existing.set(child.dataset["streamId"], child);
+    }
+  }
+  const nodes = streams.map((stream) => {
+    let node = existing.get(stream.streamId);
+    if (node === undefined) {
+      node = el(
+        "p",
+        { className: "live-stream", attrs: { "data-stream-id": stream.streamId } },
+        el("span", { className: "text" }),
+        el("span", { className: "caret", attrs: { "aria-hidden": "true" } }),
+      );
+    }
+    node.dataset["done"] = String(stream.done);
+    node.dataset["incomplete"] = String(stream.incomplete);
+    if (stream.actionId !== undefined) node.dataset["actionId"] = stream.actionId;
+    const text = node.querySelector(".text");
+    if (text !== null) setText(text, stream.incomplete && !stream.text ? "…" : stream.text);
+    return node;
+  });
+  live.replaceChildren(...nodes);
+}
+
 function updateButtons(): void {
   const enabled = actionsEnabled();
   for (const button of document.querySelectorAll<HTMLButtonElement>(
@@ -439,9 +754,9 @@ function updateButtons(): void {
   )) {
     button.disabled = !enabled;
   }
-  const connected = client !== null && client.status !== "closed";
+  const usable = client !== null && client.status !== "closed";
   for (const button of document.querySelectorAll<HTMLButtonElement>("#vote-options button")) {
-    button.disabled = !connected;
+    button.disabled = !usable;
   }
 }
 
@@ -453,67 +768,141 @@ function render(state: PartySnapshot): void {
     scene: state.scene,
     combat: state.combat,
     vote: state.vote,
+    connected: connected(),
   };
-  if (next.members !== lastRendered.members || next.partyState !== lastRendered.partyState) {
+  if (
+    next.members !== lastRendered.members ||
+    next.partyState !== lastRendered.partyState ||
+    next.connected !== lastRendered.connected
+  ) {
     renderMembers(state);
   }
-  if (next.scene !== lastRendered.scene) renderScene(state.scene);
+  if (next.scene !== lastRendered.scene || next.vote !== lastRendered.vote) renderScene(state);
   if (next.combat !== lastRendered.combat) renderCombat(state.combat);
   if (next.vote !== lastRendered.vote) renderVote(state.vote);
+  renderNow(state);
+  updateButtons();
   lastRendered = next;
   $("title").firstChild!.textContent = `${nameOf(state, state.you)} `;
   $("title-party").textContent = state.partyId;
+  show("log-card", true);
   show("leave", true);
-}
-
-function nameOf(state: PartySnapshot | null, characterId: string): string {
-  if (characterId === "party") return "The party";
-  return state?.members.find((m) => m.character_id === characterId)?.display_name ?? characterId;
 }
 
 // --- describing events for the log --------------------------------------------------------------
 
-function describeResult(state: PartySnapshot | null, message: ActionResultMessage): string {
+function resultNodes(state: PartySnapshot | null, message: ActionResultMessage): Node[] {
   const p = message.payload;
-  const who = nameOf(state, p.character_id);
-  const what = p.action_type.replace("_", " ");
-  if (p.narration) return `${who} · ${what} → ${p.outcome}: ${p.narration}`;
+  const you = state !== null && p.character_id === state.you;
+  const label = myLabels.get(p.action_id);
+  let what: string;
+  if (p.character_id === PARTY_ACTOR) what = "The party";
+  else if (you && label !== undefined) what = `You: ${label}`;
+  else if (you) what = "You";
+  else what = nameOf(state, p.character_id);
   const sign = p.roll && p.roll.modifier >= 0 ? "+" : "";
   const roll = p.roll
     ? ` (d20 ${p.roll.value}${sign}${p.roll.modifier} = ${p.roll.total} vs ${p.roll.difficulty})`
     : "";
-  return `${who} · ${what} → ${p.outcome}${roll}`;
+  const outcome = p.outcome.replace(/_/g, " ");
+  const nodes: Node[] = [el("strong", { text: `${what} — ${outcome}${roll}` })];
+  if (p.narration) nodes.push(el("span", { className: "story", text: p.narration }));
+  return nodes;
 }
 
-function describe(state: PartySnapshot | null, event: PartyEvent | UnknownPartyEvent): string {
-  if ("unknown" in event) return `${event.type}`;
+interface Described {
+  text: string | Node[];
+  detail: boolean;
+  kind?: string;
+}
+
+/** Whether a scene.update moves the party to another scene (engines restate the current one). */
+function newScene(state: PartySnapshot | null, scene: Scene): boolean {
+  return state?.scene?.scene_id !== scene.scene_id || state.sceneNumber !== scene.scene_number;
+}
+
+function describe(state: PartySnapshot | null, event: PartyEvent | UnknownPartyEvent): Described {
+  if ("unknown" in event) return { text: event.type, detail: true };
   switch (event.type) {
-    case "party.join":
-      return `${event.payload.display_name} came online`;
+    case "party.join": {
+      // My own comings and goings are the status badge's news, not the story's.
+      const own = event.payload.character_id === state?.you;
+      return { text: `${event.payload.display_name} came online`, detail: own, kind: "presence" };
+    }
     case "party.leave": {
+      const own = event.payload.character_id === state?.you;
       const who = nameOf(state, event.payload.character_id);
-      return event.payload.reason === "left" ? `${who} left the party` : `${who} went offline`;
+      const text = event.payload.reason === "left" ? `${who} left the party` : `${who} went offline`;
+      return { text, detail: own, kind: "presence" };
     }
     case "scene.update":
-      return `Scene ${event.payload.scene_number}: ${event.payload.title}`;
+      return {
+        text: `Scene ${event.payload.scene_number}: ${event.payload.title}`,
+        detail: !newScene(state, event.payload),
+        kind: "chapter",
+      };
     case "combat.update": {
       const c = event.payload;
       const hp = c.combatants.map((x) => `${x.name} ${x.hp}/${x.max_hp}`).join(", ");
-      return c.active ? `Combat round ${c.round}: ${hp}` : `Combat over: ${hp}`;
+      return c.active
+        ? { text: `Combat round ${c.round}: ${hp}`, detail: true }
+        : { text: `The fight is over: ${hp}`, detail: false };
     }
     case "party.state":
-      return `Party ${event.payload.status}, run ${event.payload.run_status.replace(/_/g, " ")}`;
+      return {
+        text: `Party ${event.payload.status}, run ${event.payload.run_status.replace(/_/g, " ")}`,
+        detail: true,
+      };
     case "action.result":
-      return describeResult(state, event);
+      return { text: resultNodes(state, event), detail: false };
     case "vote.started":
-      return `Vote: ${event.payload.question}`;
+      return { text: `The party votes: ${event.payload.question}`, detail: false };
     case "vote.update":
-      return `Vote: ${event.payload.voted}/${event.payload.eligible} voted`;
+      return { text: `Vote: ${event.payload.voted}/${event.payload.eligible} voted`, detail: true };
     case "vote.finished": {
       const p = event.payload;
-      const label = state?.scene?.options.find((o) => o.id === p.winner)?.label ?? p.winner;
-      return `Vote closed (${p.reason.replace("_", " ")}): ${label} wins${p.tie_broken ? " (tie broken)" : ""}`;
+      const label = optionLabel(p.vote_id, p.winner, state);
+      const why = p.reason.replace("_", " ");
+      return {
+        text: `Vote closed (${why}): ${label} wins${p.tie_broken ? " (tie broken)" : ""}`,
+        detail: false,
+      };
     }
+  }
+}
+
+// --- the "vote closed" banner ---------------------------------------------------------------------
+
+/**
+ * Shown when a vote closes; it explains the scene the vote led to, and goes away with the next
+ * scene after that one (or when another vote opens).
+ */
+function showVoteBanner(state: PartySnapshot | null, voteId: string, winner: string, text: string): void {
+  const banner = $("vote-result");
+  banner.textContent = text;
+  banner.dataset["winner"] = winner;
+  banner.dataset["voteAction"] = `vote:${voteId}`;
+  banner.dataset["sceneNumber"] = String(state?.sceneNumber ?? 0);
+  delete banner.dataset["settled"];
+  banner.hidden = false;
+}
+
+function onSceneForBanner(sceneNumber: number): void {
+  const banner = $("vote-result");
+  if (banner.hidden) return;
+  const shownAt = Number(banner.dataset["sceneNumber"] ?? "0");
+  // The vote's own outcome scene keeps it; the one after that ends it.
+  if (banner.dataset["settled"] === "outcome" || sceneNumber > shownAt + 1) {
+    banner.hidden = true;
+    return;
+  }
+  if (banner.dataset["settled"] === "result") banner.dataset["settled"] = "outcome";
+}
+
+function onResultForBanner(actionId: string): void {
+  const banner = $("vote-result");
+  if (!banner.hidden && banner.dataset["voteAction"] === actionId) {
+    banner.dataset["settled"] = "result";
   }
 }
 
@@ -523,33 +912,46 @@ function act(
   type: "choice" | "combat" | "skill_check",
   payload: Record<string, unknown>,
   label: string,
+  where: Where,
 ): void {
-  if (client === null || busy) return;
-  busy = true;
-  updateButtons();
-  note(client.status === "open" ? `You: ${label}…` : `You: ${label} (queued until reconnected)…`);
+  const c = client;
+  if (c === null || !actionsEnabled()) return;
+  clearError(where);
+  const actionId = newId();
+  mine = { actionId, label, where };
+  myLabels.set(actionId, label);
+  while (myLabels.size > 64) myLabels.delete(myLabels.keys().next().value ?? "");
+  if (c.state !== null) render(c.state);
   const sent =
     type === "choice"
-      ? client.sendAction("choice", payload as { option: string })
-      : client.sendAction(type, payload);
+      ? c.sendAction("choice", payload as { option: string }, { actionId })
+      : c.sendAction(type, payload, { actionId });
   sent
     .catch((error: unknown) => {
-      const text = error instanceof PartySyncError ? `${error.code}: ${error.error.payload.message}` : String(error);
-      note(`Your action failed: ${text}`, "note error");
+      const { text, code } = failureText(error);
+      showError(where, text, code);
     })
     .finally(() => {
-      busy = false;
-      updateButtons();
+      if (mine?.actionId === actionId) mine = null;
+      if (c.state !== null) render(c.state);
     });
 }
 
 function castVote(voteId: string, option: string, label: string): void {
-  if (client === null) return;
-  note(`You vote: ${label}`);
-  client.castVote(voteId, option).catch((error: unknown) => {
-    const text = error instanceof PartySyncError ? error.code : String(error);
-    note(`Your vote was refused: ${text}`, "note error");
-  });
+  const c = client;
+  if (c === null) return;
+  clearError("vote");
+  pendingBallot = { voteId, option };
+  renderVote(c.state?.vote ?? null);
+  c.castVote(voteId, option)
+    .catch((error: unknown) => {
+      const { text, code } = failureText(error);
+      showError("vote", `Your vote for “${label}” was not counted: ${text}`, code);
+    })
+    .finally(() => {
+      if (pendingBallot?.voteId === voteId && pendingBallot.option === option) pendingBallot = null;
+      renderVote(c.state?.vote ?? null);
+    });
 }
 
 // --- start ------------------------------------------------------------------------------------
@@ -560,25 +962,35 @@ function numberParam(name: string): number | undefined {
 }
 
 async function start(): Promise<void> {
-  const config = (await (await fetch("/demo/config.json")).json()) as DemoConfig;
-  const source = await tokenSource(config);
+  const loaded = (await (await fetch("/demo/config.json")).json()) as DemoConfig;
+  const source = await tokenSource(loaded);
   if (source === null) return;
-  const url = new URL(config.ws_path, location.href);
+  if (source.kind === "url") {
+    const expiry = tokenExpiry(source.token);
+    if (expiry !== null && expiry <= Date.now()) {
+      linkProblem(loaded, "This link has expired.", "Link expired");
+      return;
+    }
+  }
+  const url = new URL(loaded.ws_path, location.href);
   url.protocol = location.protocol === "https:" ? "wss:" : "ws:";
   const backoff: { baseMs?: number; capMs?: number } = {};
   const base = numberParam("backoff_base_ms");
   const cap = numberParam("backoff_cap_ms");
   if (base !== undefined) backoff.baseMs = base;
   if (cap !== undefined) backoff.capMs = cap;
-  client = new PartySyncClient({
+  const c = new PartySyncClient({
     url,
     backoff,
     ...(source.kind === "url" ? { token: source.token } : { getToken: source.getToken }),
   });
-  window.partySync = client;
-  wire(client);
+  client = c;
+  window.partySync = c;
+  wire(c, loaded);
   setInterval(tickCountdown, 250);
-  $("skill-check").addEventListener("click", () => act("skill_check", {}, "skill check"));
+  $("skill-check").addEventListener("click", () =>
+    act("skill_check", {}, "a skill check", "scene"),
+  );
   let armed = false;
   $("leave").addEventListener("click", () => {
     if (!armed) {
@@ -588,10 +1000,28 @@ async function start(): Promise<void> {
     }
     void client?.leave();
   });
-  void client.connect().catch(() => undefined);
+  $("log-details").addEventListener("change", (event) => {
+    log.dataset["details"] = String((event.target as HTMLInputElement).checked);
+  });
+  void c.connect().catch(() => undefined);
 }
 
-function wire(c: PartySyncClient): void {
+function closedProblem(change: ConnectionChange): string | null {
+  switch (change.closedReason) {
+    case "unauthorized":
+      return "This link is not valid (or has expired): the server did not accept its token.";
+    case "token_expired":
+      return "This link has expired.";
+    case "refused":
+      return change.httpStatus === 403
+        ? "The server refused this connection (it may have been blocked by an operator)."
+        : `The server refused this connection (HTTP ${change.httpStatus ?? "error"}).`;
+    default:
+      return null;
+  }
+}
+
+function wire(c: PartySyncClient, cfg: DemoConfig): void {
   let online = false;
   c.on("connection", (change) => {
     setStatus(change.status, connectionText(change));
@@ -600,41 +1030,85 @@ function wire(c: PartySyncClient): void {
     }
     if (change.status === "reconnecting" && online) {
       const why = change.code !== undefined ? ` (${change.code})` : "";
-      note(`Connection lost${why}; reconnecting${change.resume ? " to resume" : ""}…`);
+      note(`Connection lost${why}; reconnecting${change.resume ? " to resume" : ""}…`, {
+        detail: true,
+      });
     }
     online = change.status === "open";
-    if (change.status === "closed") note(`Disconnected: ${change.closedReason}`);
+    if (change.status === "closed") {
+      const problem = closedProblem(change);
+      if (problem !== null) {
+        linkProblem(cfg, problem, connectionText(change));
+      } else if (change.closedReason === "left") {
+        note("You left the party.");
+      } else if (change.closedReason === "policy") {
+        note("Disconnected by the server: this page sent too much at once.", { kind: "error" });
+      }
+    }
+    if (c.state !== null) render(c.state);
     updateButtons();
   });
   c.on("hello", ({ message, resumed }: HelloInfo) => {
     clockOffsetMs = Date.parse(message.timestamp) - Date.now();
     const p = message.payload;
-    const item = resumed
-      ? `Reconnected: resumed after #${p.resumed_from ?? "?"}`
-      : `Connected: snapshot at #${p.seq}`;
-    note(item);
-    log.lastElementChild?.setAttribute("data-hello-seq", String(resumed ? p.resumed_from : p.seq));
+    const item = note(
+      resumed ? `Reconnected: resumed after #${p.resumed_from ?? "?"}` : `Connected: snapshot at #${p.seq}`,
+      { detail: true },
+    );
+    item.dataset["helloSeq"] = String(resumed ? p.resumed_from : p.seq);
+    if (!resumed && p.scene !== null && log.querySelector("li:not(.detail)") === null) {
+      // A story log that starts here starts with the scene the party is in.
+      note(`Scene ${p.scene.scene_number}: ${p.scene.title}`, { kind: "chapter" });
+    }
+    if (p.vote !== null) voteOptions.set(p.vote.vote_id, p.vote.options);
     if (!resumed) lastRendered = {};
   });
   c.on("state", (state) => render(state));
   c.on("event", (event) => {
-    appendLog(describe(c.state, event), { seq: event.seq, type: event.type });
-    if (event.type === "vote.finished" && !("unknown" in event)) {
-      const banner = $("vote-result");
-      banner.textContent = describe(c.state, event);
-      banner.dataset["winner"] = event.payload.winner;
-      banner.hidden = false;
-    } else if (event.type === "vote.started") {
-      show("vote-result", false);
+    const { text, detail, kind } = describe(c.state, event);
+    appendLog(text, {
+      seq: event.seq,
+      type: event.type,
+      detail,
+      ...(kind !== undefined ? { kind } : {}),
+    });
+    if ("unknown" in event) return;
+    switch (event.type) {
+      case "vote.started":
+        voteOptions.set(event.payload.vote_id, event.payload.options);
+        show("vote-result", false);
+        break;
+      case "vote.finished": {
+        const p = event.payload;
+        const label = optionLabel(p.vote_id, p.winner, c.state);
+        showVoteBanner(c.state, p.vote_id, p.winner, `The party decided: “${label}”.`);
+        break;
+      }
+      case "action.result":
+        onResultForBanner(event.payload.action_id);
+        break;
+      case "scene.update":
+        if (newScene(c.state, event.payload)) onSceneForBanner(event.payload.scene_number);
+        break;
     }
   });
-  c.on("error", (error: SystemErrorMessage) => {
-    if (error.payload.code === "action_in_flight") return; // a re-sent action: still waiting
-    note(`Server: ${error.payload.code} — ${error.payload.message}`, "note error");
+  c.on("actionFailed", (message) => {
+    const state = c.state;
+    if (state !== null && message.payload.character_id === state.you) return; // shown in place
+    const who = nameOf(state, message.payload.character_id);
+    note(`${who}'s action was not resolved: ${errorSentence(message.payload.code)}`, {
+      kind: "error",
+    });
   });
-  c.on("resync", (info) => note(`Resync (${info.reason}): taking a fresh snapshot`));
+  c.on("error", (error: SystemErrorMessage) => {
+    const about = error.payload.in_reply_to;
+    // An error about my action or ballot is shown once, next to it (the promise rejects).
+    if (about.action_id !== undefined || about.type === "vote.cast") return;
+    if (error.payload.code === "token_expired") return; // the close that follows says it
+    note(errorSentence(error.payload.code), { kind: "error" });
+  });
+  c.on("resync", (info) => note(`Resync (${info.reason}): taking a fresh snapshot`, { detail: true }));
   c.on("tokenError", (error) => {
-    note(`Could not get a token: ${String(error)}`, "note error");
     if (error instanceof SignInRefused) {
       // Refused for good (stale initData, not a member, ...): stop instead of retrying.
       c.close();
@@ -642,12 +1116,15 @@ function wire(c: PartySyncClient): void {
         error.status === 401
           ? "Sign-in expired or invalid: close and reopen the Mini App."
           : `Sign-in refused (${error.message}).`,
+        "Sign-in refused",
       );
+      return;
     }
+    note("Could not sign in yet; trying again…", { kind: "error", detail: true });
   });
 }
 
 start().catch((error: unknown) => {
   setStatus("closed", "Error");
-  note(`The demo could not start: ${String(error)}`, "note error");
+  note(`The page could not start: ${String(error)}`, { kind: "error" });
 });

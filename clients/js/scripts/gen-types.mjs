@@ -192,9 +192,18 @@ const messages = messageFiles.map((file) => {
   const required = new Set(schema.required ?? []);
   const ifRequiresSeq = (schema.if?.required ?? []).includes("seq");
   const system = type.startsWith("system.");
+  // A message without seq that is not system.* goes one way or the other: its description says
+  // which ("Server → client, no seq, to every member …" for the transient party messages).
+  const direction = /^(Server|Client) → (server|client)/.exec(schemas[file].description ?? "");
+  const fromServer = direction !== null && direction[1] === "Server";
+  const noSeq = schema.properties.seq === false;
+  if (!system && noSeq && direction === null) {
+    throw new Error(`${file}: a message without seq must say "Server → client" or "Client → server"`);
+  }
+  const transient = !system && noSeq && fromServer;
   const event = !system && (required.has("seq") || ifRequiresSeq);
-  const client = !system && (schema.properties.seq === false || ifRequiresSeq);
-  return { file, type, schema, system, event, client, raw: schemas[file] };
+  const client = !system && !transient && (noSeq || ifRequiresSeq);
+  return { file, type, schema, system, transient, event, client, raw: schemas[file] };
 });
 
 function header() {
@@ -234,6 +243,7 @@ function generateTypes() {
   const requestName = (m) => (m.event ? `${pascal(m.type)}Request` : messageName(m.type));
   const events = messages.filter((m) => m.event);
   const system = messages.filter((m) => m.system);
+  const transient = messages.filter((m) => m.transient);
   const clients = messages.filter((m) => m.client);
   const list = (ms) => ms.map((m) => `  ${literal(m.type)},`).join("\n");
   out.push(
@@ -241,18 +251,28 @@ function generateTypes() {
     `export const PARTY_EVENT_TYPES = [\n${list(events)}\n] as const;`,
     "/** Server → client messages without seq, sent to one connection. */",
     `export const SYSTEM_TYPES = [\n${list(system)}\n] as const;`,
+    "/**",
+    " * Server → client messages without seq to every member of a party: not part of the sequenced",
+    " * history and never replayed (system.hello restates what they tell).",
+    " */",
+    `export const TRANSIENT_TYPES = [\n${list(transient)}\n] as const;`,
     "/** Client → server message types. */",
     `export const CLIENT_TYPES = [\n${list(clients)}\n] as const;`,
     "export type PartyEventType = (typeof PARTY_EVENT_TYPES)[number];",
     "export type SystemType = (typeof SYSTEM_TYPES)[number];",
+    "export type TransientType = (typeof TRANSIENT_TYPES)[number];",
     "export type ClientType = (typeof CLIENT_TYPES)[number];",
     "",
     "/** The party event type → its message. */",
     `export interface PartyEventMap {\n${events.map((m) => `  ${literal(m.type)}: ${eventName(m)};`).join("\n")}\n}`,
     "/** Any server → client party event (with seq). */",
     `export type PartyEvent = PartyEventMap[PartyEventType];`,
+    "/** The transient message type → its message. */",
+    `export interface TransientMessageMap {\n${transient.map((m) => `  ${literal(m.type)}: ${messageName(m.type)};`).join("\n")}\n}`,
+    "/** Any transient server → client message (no seq, to every member). */",
+    "export type TransientMessage = TransientMessageMap[TransientType];",
     "/** Any server → client message. */",
-    `export type ServerMessage = ${[...system.map((m) => messageName(m.type)), "PartyEvent"].join(" | ")};`,
+    `export type ServerMessage = ${[...system.map((m) => messageName(m.type)), "TransientMessage", "PartyEvent"].join(" | ")};`,
     "/** Any client → server message. */",
     `export type ClientMessage = ${clients.map(requestName).join(" | ")};`,
     "",

@@ -5,6 +5,10 @@
  * - connecting with a token, or with a `getToken()` hook called on the first connect, when the
  *   server closes with 4001 (token expired), when the token's `exp` has passed, and when
  *   handshakes keep failing (a browser cannot see the HTTP 401 of a refused token);
+ * - a refused handshake: a browser's WebSocket reports only a failed connection (1006), so the
+ *   client asks the same URL once over HTTP (`fetch`) to learn the status: 401 (a token refused)
+ *   and 403 (refused) stop it with a reason the page can put in words, instead of retrying
+ *   forever;
  * - reconnecting with exponential backoff and full jitter, except after 1000 (left) and 1008
  *   (policy), where it stops;
  * - resuming: it remembers the epoch and the last seq it applied and reconnects with
@@ -20,8 +24,11 @@
  *   still matched) and an in-flight one with `action_in_flight` (the client keeps waiting);
  * - votes: `castVote()` resolves with the `vote.update` the ballot caused; unconfirmed ballots are
  *   cast again after a reconnect (the latest ballot counts, so a repeat is harmless);
+ * - what is happening now: the actions in flight (`action.accepted` … `action.result` /
+ *   `action.failed`) and the game master's live narration (`narration.delta`), each piece shown
+ *   once, restated by the hello after a reconnect;
  * - the party's state (`state`) and typed events for presence, scene, combat, votes, action
- *   results, errors and the connection.
+ *   results, actions in flight, narration, errors and the connection.
  *
  * Those rules are decided by `ClientStream` (`stream.ts`), which does no I/O. This class is its
  * shell: it owns the WebSocket, the timer, the clock, the random source, the `getToken` hook and
@@ -31,9 +38,11 @@ import type { BackoffOptions } from "./backoff.js";
 import { Emitter } from "./emitter.js";
 import { ClientClosedError, PartySyncError, type ClosedReason } from "./errors.js";
 import type { ConnectionStatus, PartySyncEvents, TokenReason } from "./events.js";
+import type { Narration } from "./live.js";
 import type { PartySnapshot } from "./state.js";
 import { ClientStream, CONNECTION_OUTPUTS, type Output, type Timer } from "./stream.js";
 import type {
+  ActionInFlight,
   ActionResultMessage,
   ActionType,
   ClientMessage,
@@ -66,6 +75,15 @@ export interface WebSocketLike {
 }
 
 export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+/** The part of `fetch` the client uses to learn a failed handshake's HTTP status. */
+export type FetchLike = (
+  url: string,
+  init: { method: "GET"; cache: "no-store"; credentials: "omit"; signal?: AbortSignal },
+) => Promise<{ status: number }>;
+
+/** How long the client waits for the answer to a handshake probe. */
+export const PROBE_TIMEOUT_MS = 5000;
 
 export interface Timers {
   setTimeout(callback: () => void, ms: number): unknown;
@@ -102,6 +120,11 @@ export interface PartySyncClientOptions {
   backoff?: BackoffOptions;
   /** Consecutive failed handshakes after which the token is fetched again (default 2). */
   refreshTokenAfterFailures?: number;
+  /**
+   * Asks a failed handshake's URL over HTTP to learn why it failed (default: the global `fetch`;
+   * null: never, then a refused token is only guessed from repeated failures).
+   */
+  fetch?: FetchLike | null;
   /** Injectable for tests: the WebSocket class (default: the global one). */
   WebSocket?: WebSocketConstructor;
   /** Injectable for tests: a number in [0, 1) (default Math.random). */
@@ -141,7 +164,10 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   readonly #timers: Timers;
   readonly #now: () => number;
   readonly #makeId: () => string;
+  readonly #fetch: FetchLike | null;
   readonly #stream: ClientStream;
+  /** The URL of the last connection attempt (without its resume point), for a probe. */
+  #dialUrl: string | null = null;
 
   /**
    * What the application sees: the status, state and pending actions as carried out so far. The
@@ -176,6 +202,13 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     this.#timers = options.timers ?? defaultTimers;
     this.#now = options.now ?? Date.now;
     this.#makeId = options.makeId ?? randomId;
+    const globalFetch = (globalThis as { fetch?: FetchLike }).fetch;
+    this.#fetch =
+      options.fetch !== undefined
+        ? options.fetch
+        : typeof globalFetch === "function"
+          ? (url, init) => globalFetch(url, init)
+          : null;
     this.#stream = new ClientStream({
       token: options.token ?? null,
       canRefreshToken: options.getToken !== undefined,
@@ -183,6 +216,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       baseMs: options.backoff?.baseMs,
       capMs: options.backoff?.capMs,
       refreshTokenAfterFailures: options.refreshTokenAfterFailures,
+      probeHandshakes: this.#fetch !== null,
     });
   }
 
@@ -211,6 +245,16 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   /** Actions sent or queued and not answered yet. */
   get pendingActions(): number {
     return this.#actions.size;
+  }
+
+  /** The party's actions being resolved now (anyone's), oldest first: `state.actionsInFlight`. */
+  get actionsInFlight(): readonly ActionInFlight[] {
+    return this.#state?.actionsInFlight ?? [];
+  }
+
+  /** The live narration streams with their text so far: `state.narration`. */
+  get narration(): readonly Narration[] {
+    return this.#state?.narration ?? [];
   }
 
   /**
@@ -315,6 +359,9 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       case "open":
         void this.#open();
         return;
+      case "probe":
+        void this.#probe(output.connection);
+        return;
       case "arm":
         this.#arm(output.timer, output.delayMs);
         return;
@@ -384,6 +431,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     const resume = this.#stream.dial();
     const url = new URL(this.#url);
     url.searchParams.set("token", token);
+    this.#dialUrl = url.toString();
     if (resume !== null) {
       url.searchParams.set("epoch", resume.epoch);
       url.searchParams.set("last_seq", String(resume.lastSeq));
@@ -406,6 +454,33 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     }) as (event: never) => unknown;
     ws.onerror = null; // a close event always follows an error
     ws.onopen = null; // the hello, not the upgrade, makes a connection usable
+  }
+
+  /**
+   * Ask the URL of a failed handshake over HTTP (the same GET, without the upgrade): the server
+   * answers it as it answered the handshake, 401 for a refused token, 403 for a refused
+   * connection, 400 (not a WebSocket request) when it would have accepted it.
+   */
+  async #probe(connection: number): Promise<void> {
+    const fetchStatus = this.#fetch;
+    if (fetchStatus === null || this.#dialUrl === null) return;
+    const url = new URL(this.#dialUrl);
+    url.protocol = url.protocol === "wss:" ? "https:" : "http:";
+    let status: number | null = null;
+    try {
+      const init: Parameters<FetchLike>[1] = {
+        method: "GET",
+        cache: "no-store",
+        credentials: "omit",
+      };
+      if (typeof AbortSignal !== "undefined" && typeof AbortSignal.timeout === "function") {
+        init.signal = AbortSignal.timeout(PROBE_TIMEOUT_MS);
+      }
+      status = (await fetchStatus(url.toString(), init)).status;
+    } catch {
+      status = null; // unreachable, blocked (another origin without CORS), timed out
+    }
+    this.#run(this.#stream.probed(connection, status === 0 ? null : status));
   }
 
   /** Ask `getToken` for a fresh token when the stream wants one (`reason`). */

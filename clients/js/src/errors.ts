@@ -27,7 +27,13 @@ export type ClosedReason =
   /** The server closed with 1008 (flooding or bad input): fix the client, do not retry at once. */
   | "policy"
   /** The token expired (4001) and no `getToken` hook can fetch a new one. */
-  | "token_expired";
+  | "token_expired"
+  /** The server refused the token (the handshake was answered 401: invalid, expired, for
+   *  another server) and no `getToken` hook could give one it accepts. */
+  | "unauthorized"
+  /** The server refused the connection for good (the handshake was answered 403, 404 or 410:
+   *  an origin not allowed, an operator's block, no such endpoint). `httpStatus` says which. */
+  | "refused";
 
 /** The client stopped (see `reason`) before the request could be answered. */
 export class ClientClosedError extends Error {

@@ -4,9 +4,13 @@
  * (`client.ts`, which emits it).
  */
 import type { ClosedReason } from "./errors.js";
+import type { NarrationChange } from "./live.js";
 import type { ProtocolParseError, UnknownPartyEvent } from "./parse.js";
 import type { OpenVote, PartySnapshot } from "./state.js";
 import type {
+  ActionAcceptedMessage,
+  ActionFailedMessage,
+  ActionInFlight,
   ActionResultMessage,
   Combat,
   Member,
@@ -52,6 +56,11 @@ export interface ConnectionChange {
   resume?: boolean;
   /** When `closed`: why. */
   closedReason?: ClosedReason;
+  /**
+   * The HTTP status the server answered a failed handshake with, when the client could learn it
+   * (a browser's WebSocket does not say: the client asks the same URL once over HTTP).
+   */
+  httpStatus?: number;
 }
 
 export interface HelloInfo {
@@ -98,6 +107,17 @@ export interface PartySyncEvents {
   vote: VoteChange;
   /** Every applied action.result, whoever acted. */
   actionResult: ActionResultMessage;
+  /** An action of the party (anyone's, or a finished vote's choice) is being resolved: every
+   *  `action.accepted` that was not in flight already. */
+  actionAccepted: ActionAcceptedMessage;
+  /** An accepted action of the party was refused for good (`action.failed`), whoever acted. */
+  actionFailed: ActionFailedMessage;
+  /** The actions in flight (`state.actionsInFlight`) after every change: one accepted, one
+   *  answered (`action.result` / `action.failed`), or restated by a hello. */
+  inFlight: readonly ActionInFlight[];
+  /** A narration stream changed: a piece appended, the stream done, restated by a hello after a
+   *  reconnect, or removed once its final text arrived (`state.narration` holds them all). */
+  narration: NarrationChange;
   /** Every system.error this connection received. */
   error: SystemErrorMessage;
   /** The party state after every change (a new object each time). */

@@ -5,6 +5,8 @@
  * import { PartySyncClient } from "@rpg-bot/party-sync-client";
  * const client = new PartySyncClient({ url: "wss://game.example/ws", getToken });
  * client.on("scene", (scene) => render(scene));
+ * client.on("narration", ({ stream }) => showLive(stream.streamId, stream.text, stream.done));
+ * client.on("inFlight", (actions) => showResolving(actions));
  * await client.connect();
  * const result = await client.sendAction("choice", { option: "row" });
  * ```
@@ -12,11 +14,13 @@
 export {
   PartySyncClient,
   CLIENT_CLOSE_RESYNC,
+  PROBE_TIMEOUT_MS,
   randomId,
   tokenExpiry,
   type ActionPayloads,
   type ConnectionChange,
   type ConnectionStatus,
+  type FetchLike,
   type HelloInfo,
   type PartySyncClientOptions,
   type PartySyncEvents,
@@ -41,10 +45,20 @@ export {
   isPartyEventType,
   isSequenced,
   isSystemType,
+  isTransientType,
   parseServerMessage,
   ProtocolParseError,
   type UnknownPartyEvent,
   type UnknownServerMessage,
 } from "./parse.js";
 export { applyEvent, fromHello, type Limits, type OpenVote, type PartySnapshot } from "./state.js";
+export {
+  applyDelta,
+  restateNarration,
+  settleNarration,
+  withAccepted,
+  withoutAction,
+  type Narration,
+  type NarrationChange,
+} from "./live.js";
 export * from "./types.js";

@@ -5,15 +5,19 @@
  * what it relies on (the envelope, seq, and the fields its state machine reads) and fails with a
  * `ProtocolParseError` rather than crash on a malformed frame. Message types this client does not
  * know (a later protocol version may add some) are returned as `UnknownServerMessage`: if they
- * carry a seq they still count in the party's sequence.
+ * carry a seq they still count in the party's sequence. The transient messages (`action.accepted`,
+ * `action.failed`, `narration.delta`) must come without seq, like the system ones.
  */
 import {
   PARTY_EVENT_TYPES,
   SYSTEM_TYPES,
+  TRANSIENT_TYPES,
   type PartyEvent,
   type PartyEventType,
   type ServerMessage,
   type SystemType,
+  type TransientMessage,
+  type TransientType,
 } from "./types.js";
 
 export class ProtocolParseError extends Error {
@@ -36,6 +40,7 @@ export type UnknownPartyEvent = UnknownServerMessage & { seq: number };
 
 const EVENT_TYPES: ReadonlySet<string> = new Set(PARTY_EVENT_TYPES);
 const SYSTEMS: ReadonlySet<string> = new Set(SYSTEM_TYPES);
+const TRANSIENTS: ReadonlySet<string> = new Set(TRANSIENT_TYPES);
 
 export function isPartyEventType(type: string): type is PartyEventType {
   return EVENT_TYPES.has(type);
@@ -43,6 +48,11 @@ export function isPartyEventType(type: string): type is PartyEventType {
 
 export function isSystemType(type: string): type is SystemType {
   return SYSTEMS.has(type);
+}
+
+/** A server → client message to every member without seq (`action.accepted`, …). */
+export function isTransientType(type: string): type is TransientType {
+  return TRANSIENTS.has(type);
 }
 
 /** True for a known party event or an unknown message that carries a seq. */
@@ -77,11 +87,52 @@ function checkHello(payload: Record<string, unknown>): void {
   for (const key of ["scene", "combat", "party_state", "vote"]) {
     need(payload[key] === null || isObject(payload[key]), `system.hello: ${key}`);
   }
+  const inFlight = payload["actions_in_flight"];
+  need(Array.isArray(inFlight), "system.hello: actions_in_flight must be an array");
+  for (const action of inFlight) {
+    need(isObject(action) && typeof action["action_id"] === "string", "system.hello: actions_in_flight");
+  }
+  const narration = payload["narration"];
+  need(Array.isArray(narration), "system.hello: narration must be an array");
+  for (const stream of narration) {
+    need(
+      isObject(stream) &&
+        typeof stream["stream_id"] === "string" &&
+        isSeq(stream["index"], 0) &&
+        typeof stream["text"] === "string",
+      "system.hello: narration streams need stream_id, index and text",
+    );
+  }
+  need(isObject(payload["limits"]), "system.hello: limits must be an object");
 }
 
 function checkError(payload: Record<string, unknown>): void {
   need(typeof payload["code"] === "string", "system.error: code must be a string");
   need(isObject(payload["in_reply_to"]), "system.error: in_reply_to must be an object");
+}
+
+function checkTransient(type: TransientType, payload: Record<string, unknown>): void {
+  need(typeof payload["action_id"] === "string" || type === "narration.delta", `${type}: action_id`);
+  switch (type) {
+    case "action.accepted":
+      need(typeof payload["character_id"] === "string", "action.accepted: character_id");
+      need(typeof payload["action_type"] === "string", "action.accepted: action_type");
+      return;
+    case "action.failed":
+      need(typeof payload["character_id"] === "string", "action.failed: character_id");
+      need(typeof payload["code"] === "string", "action.failed: code");
+      return;
+    case "narration.delta":
+      need(typeof payload["stream_id"] === "string", "narration.delta: stream_id");
+      need(isSeq(payload["index"], 0), "narration.delta: index must be an integer >= 0");
+      need(typeof payload["text"] === "string", "narration.delta: text must be a string");
+      need(typeof payload["done"] === "boolean", "narration.delta: done must be a boolean");
+      need(
+        payload["action_id"] === undefined || typeof payload["action_id"] === "string",
+        "narration.delta: action_id",
+      );
+      return;
+  }
 }
 
 function checkEvent(type: PartyEventType, payload: Record<string, unknown>): void {
@@ -136,6 +187,11 @@ export function parseServerMessage(data: unknown): ServerMessage | UnknownServer
     if (type === "system.hello") checkHello(payload);
     else checkError(payload);
     return value as unknown as ServerMessage;
+  }
+  if (isTransientType(type)) {
+    need(seq === undefined, `${type} must not carry seq`);
+    checkTransient(type, payload);
+    return value as unknown as TransientMessage;
   }
   if (isPartyEventType(type)) {
     need(isSeq(seq, 1), `${type}: seq must be an integer >= 1`);

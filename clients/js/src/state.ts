@@ -3,7 +3,9 @@
  * applying party events in seq order. Pure functions over immutable values (every change makes a
  * new object), so a UI can compare references to know what changed.
  */
+import { narrationOf, settleNarration, withoutAction, type Narration } from "./live.js";
 import type {
+  ActionInFlight,
   Combat,
   Member,
   PartyEvent,
@@ -26,6 +28,7 @@ export interface Limits {
   max_message_bytes: number;
   action_timeout_ms: number;
   heartbeat_ms: number;
+  narration_idle_ms: number;
 }
 
 export interface PartySnapshot {
@@ -47,6 +50,16 @@ export interface PartySnapshot {
   vote: OpenVote | null;
   /** The last vote that finished while this client watched (null before any). */
   lastVoteResult: VoteFinishedPayload | null;
+  /**
+   * The party's accepted actions with no final answer yet, oldest first: from the hello, then
+   * `action.accepted` adds one, its `action.result` or `action.failed` removes it.
+   */
+  actionsInFlight: readonly ActionInFlight[];
+  /**
+   * The live narration streams, in the order they started: the open ones, and the finished ones
+   * until their final text arrives (the `scene.update`, or the `action.result` of their action).
+   */
+  narration: readonly Narration[];
   limits: Limits;
   /** The event history this state counts in, and the last event applied. */
   epoch: string;
@@ -67,6 +80,8 @@ export function fromHello(hello: SystemHelloPayload): PartySnapshot {
     partyState: hello.party_state,
     vote: hello.vote === null ? null : { ...hello.vote },
     lastVoteResult: null,
+    actionsInFlight: hello.actions_in_flight.map((a) => ({ ...a })),
+    narration: hello.narration.map(narrationOf),
     limits: { ...hello.limits },
     epoch: hello.epoch,
     lastSeq: hello.seq,
@@ -113,6 +128,7 @@ export function applyEvent(state: PartySnapshot, event: PartyEvent): PartySnapsh
     case "scene.update":
       next.scene = event.payload;
       next.sceneNumber = event.payload.scene_number;
+      next.narration = settleNarration(state.narration, { kind: "scene" }).narration;
       return next;
     case "combat.update":
       next.combat = event.payload;
@@ -148,8 +164,12 @@ export function applyEvent(state: PartySnapshot, event: PartyEvent): PartySnapsh
       if (state.vote !== null && state.vote.vote_id === event.payload.vote_id) next.vote = null;
       next.lastVoteResult = event.payload;
       return next;
-    case "action.result":
+    case "action.result": {
+      const actionId = event.payload.action_id;
+      next.actionsInFlight = withoutAction(state.actionsInFlight, actionId);
+      next.narration = settleNarration(state.narration, { kind: "result", actionId }).narration;
       return next;
+    }
   }
 }
 

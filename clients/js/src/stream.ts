@@ -26,10 +26,28 @@
  * - after a close: 1000 and 1008 stop, 4001 fetches a fresh token (or stops without a hook),
  *   anything else reconnects after `fullJitterDelay(attempt)`; a hello resets the attempt count;
  *   failed handshakes in a row (a browser cannot see the HTTP 401 of a refused token) fetch a
- *   fresh token too.
+ *   fresh token too;
+ * - a handshake that failed (closed with 1006 before any hello) is probed when the shell can
+ *   (`probeHandshakes`): the shell asks the same URL over HTTP and says the status it got. 401
+ *   fetches a fresh token once (with a hook), else stops (`unauthorized`); 403, 404 and 410 stop
+ *   (`refused`); anything else changes nothing (the reconnect is already armed): 400 and 426 say
+ *   only that a plain GET is not a WebSocket request, 408, 429 and 5xx pass;
+ * - the transient messages (`action.accepted`, `action.failed`, `narration.delta`: no seq, never
+ *   replayed) update the actions in flight and the narration streams (`live.ts`); every hello
+ *   replaces both with its own (`actions_in_flight`, `narration`).
  */
 import { DEFAULT_BACKOFF_BASE_MS, DEFAULT_BACKOFF_CAP_MS, fullJitterDelay } from "./backoff.js";
 import type { ClosedReason } from "./errors.js";
+import {
+  applyDelta,
+  dropActionNarration,
+  RecentIds,
+  restateNarration,
+  withAccepted,
+  withoutAction,
+  type Narration,
+  type NarrationChange,
+} from "./live.js";
 import type {
   ConnectionChange,
   ConnectionStatus,
@@ -39,6 +57,7 @@ import type {
 } from "./events.js";
 import {
   isSequenced,
+  isTransientType,
   parseServerMessage,
   ProtocolParseError,
   type UnknownPartyEvent,
@@ -50,9 +69,11 @@ import type {
   ActionResultMessage,
   ActionType,
   ClientMessage,
+  NarrationDeltaPayload,
   PartyEvent,
   SystemErrorMessage,
   SystemHelloMessage,
+  TransientMessage,
   VoteUpdateMessage,
 } from "./types.js";
 
@@ -60,10 +81,15 @@ export const CLOSE_NORMAL = 1000;
 export const CLOSE_POLICY = 1008;
 export const CLOSE_TOKEN_EXPIRED = 4001;
 export const CLOSE_RESYNC = 4003;
+/** What a browser reports for a connection that failed, a refused handshake included. */
+export const CLOSE_ABNORMAL = 1006;
 /** The code this client closes with when it drops a connection to resync. */
 export const CLIENT_CLOSE_RESYNC = 4000;
 /** After `leave()`, how long to wait for the server's 1000 before stopping anyway. */
 export const LEAVE_WAIT_MS = 5000;
+
+/** Statuses of a probed handshake that stop the client (`refused`): forbidden, no such endpoint. */
+const REFUSED_STATUSES: ReadonlySet<number> = new Set([403, 404, 410]);
 
 /** The one timer the client has at a time: the next connection attempt, or the end of a leave. */
 export type Timer = "reconnect" | "leave";
@@ -96,6 +122,11 @@ export type Output =
   | { type: "flush" }
   /** Start a connection attempt: fetch a token if `tokenRequest` says so, then `dial()`. */
   | { type: "open" }
+  /**
+   * The handshake of `connection` failed: ask its URL over HTTP and call
+   * `probed(connection, status)` with the status (null if no answer).
+   */
+  | { type: "probe"; connection: number }
   /** Call `timerFired(timer)` after `delayMs` (replacing the timer armed before, if any). */
   | { type: "arm"; timer: Timer; delayMs: number }
   /** Cancel the armed timer. */
@@ -122,6 +153,7 @@ export const CONNECTION_OUTPUTS: ReadonlySet<Output["type"]> = new Set([
   "send",
   "flush",
   "open",
+  "probe",
   "arm",
   "disarm",
   "hangUp",
@@ -152,6 +184,8 @@ export interface StreamOptions {
   capMs?: number | undefined;
   /** Consecutive failed handshakes after which the token is fetched again (default 2). */
   refreshTokenAfterFailures?: number | undefined;
+  /** Whether the shell can learn a failed handshake's HTTP status (`probe` outputs). */
+  probeHandshakes?: boolean | undefined;
 }
 
 interface Pending<T> {
@@ -189,8 +223,15 @@ export class ClientStream {
   readonly #baseMs: number;
   readonly #capMs: number;
   readonly #refreshAfter: number;
+  readonly #probe: boolean;
 
   #token: string | null;
+  /** The token the current connection was dialled with. */
+  #dialledWith: string | null = null;
+  /** The last failed handshake probed: its connection and the token it was refused with. */
+  #probing: { connection: number; token: string | null } | null = null;
+  /** Tokens fetched because one was refused, since the last hello. */
+  #rejectedRefreshes = 0;
   #tokenReason: TokenReason | null;
   #status: ConnectionStatus = "idle";
   #lifecycle = 0;
@@ -213,6 +254,9 @@ export class ClientStream {
   #state: PartySnapshot | null = null;
   readonly #actions = new Map<string, Pending<ActionRequest>>();
   readonly #votes: Array<Pending<BallotRequest>> = [];
+  /** Streams this client dropped and actions it saw answered: a late repeat changes nothing. */
+  readonly #finishedStreams = new RecentIds();
+  readonly #settledActions = new RecentIds();
 
   constructor(options: StreamOptions) {
     this.#random = options.random;
@@ -220,6 +264,7 @@ export class ClientStream {
     this.#baseMs = options.baseMs ?? DEFAULT_BACKOFF_BASE_MS;
     this.#capMs = options.capMs ?? DEFAULT_BACKOFF_CAP_MS;
     this.#refreshAfter = Math.max(1, options.refreshTokenAfterFailures ?? 2);
+    this.#probe = options.probeHandshakes ?? false;
     this.#token = options.token;
     this.#tokenReason = options.token === null ? "initial" : null;
   }
@@ -330,6 +375,7 @@ export class ClientStream {
 
   /** A fresh token arrived. */
   tokenArrived(token: string): void {
+    if (this.#tokenReason === "rejected") this.#rejectedRefreshes += 1;
     this.#token = token;
     this.#tokenReason = null;
     this.#failedHandshakes = 0;
@@ -345,6 +391,7 @@ export class ClientStream {
   dial(): Position | null {
     this.#connection += 1;
     this.#socket = true;
+    this.#dialledWith = this.#token;
     return this.#resumeNext ? this.position : null;
   }
 
@@ -378,7 +425,36 @@ export class ClientStream {
       out.push(emit("resync", { reason: "server" }));
     }
     out.push(...this.#scheduleReconnect({ code, reason }));
+    if (this.#probe && !hadHello && code === CLOSE_ABNORMAL) {
+      this.#probing = { connection: this.#connection, token: this.#dialledWith };
+      out.push({ type: "probe", connection: this.#connection });
+    }
     return out;
+  }
+
+  /**
+   * The HTTP status the URL of `connection`'s failed handshake answered (`probe`), or null if
+   * it could not be learnt. Ignored once a hello arrived on that connection or a later one.
+   */
+  probed(connection: number, status: number | null): Output[] {
+    const probing = this.#probing;
+    if (probing === null || probing.connection !== connection) return []; // a later one counts
+    this.#probing = null;
+    if (status === null || this.#status === "closed" || this.#helloOn >= connection) return [];
+    if (status === 401) {
+      if (this.#token !== probing.token) return []; // a fresh token is in use already
+      if (this.#canRefresh && this.#rejectedRefreshes === 0) {
+        this.#tokenReason = "rejected"; // the next attempt fetches a fresh one
+        return [];
+      }
+      return this.#stop("unauthorized", CLOSE_NORMAL, undefined, undefined, status);
+    }
+    // Only what the upgrade would have been answered too: 400 and 426 say "not a WebSocket
+    // request" (the server would have taken this one), 408 and 429 pass.
+    if (REFUSED_STATUSES.has(status)) {
+      return this.#stop("refused", CLOSE_NORMAL, undefined, undefined, status);
+    }
+    return [];
   }
 
   /** The timer armed last fell due. */
@@ -400,7 +476,13 @@ export class ClientStream {
     ];
   }
 
-  #stop(reason: ClosedReason, closeCode?: number, code?: number, text?: string): Output[] {
+  #stop(
+    reason: ClosedReason,
+    closeCode?: number,
+    code?: number,
+    text?: string,
+    httpStatus?: number,
+  ): Output[] {
     if (this.#status === "closed") return [];
     this.#armed = null;
     this.#socket = false;
@@ -408,6 +490,7 @@ export class ClientStream {
     const change: Partial<ConnectionChange> = { closedReason: reason };
     if (code !== undefined) change.code = code;
     if (text !== undefined) change.reason = text;
+    if (httpStatus !== undefined) change.httpStatus = httpStatus;
     this.#actions.clear();
     this.#votes.length = 0;
     return [
@@ -453,6 +536,10 @@ export class ClientStream {
     if (message.type === "system.error" && !("unknown" in message)) {
       return this.#error(message as SystemErrorMessage);
     }
+    if (isTransientType(message.type) && !("unknown" in message)) {
+      if (this.#helloOn !== this.#connection) return []; // before the hello: it restates them
+      return this.#transient(message as TransientMessage);
+    }
     if (isSequenced(message as PartyEvent | UnknownServerMessage)) {
       if (this.#helloOn !== this.#connection) return []; // before the hello: not ours to apply
       return this.#event(message as PartyEvent | UnknownPartyEvent);
@@ -471,10 +558,19 @@ export class ClientStream {
     this.#helloOn = this.#connection;
     this.#attempt = 0;
     this.#failedHandshakes = 0;
+    this.#rejectedRefreshes = 0;
     this.#resumeNext = true;
+    // What is happening now is the hello's: its actions in flight and open streams replace ours.
+    const restated = restateNarration(this.#state?.narration ?? [], p.narration);
+    const changes = this.#finish(restated.changes);
     let state: PartySnapshot;
     if (resumed && this.#state !== null) {
-      state = { ...this.#state, limits: { ...p.limits } };
+      state = {
+        ...this.#state,
+        limits: { ...p.limits },
+        actionsInFlight: p.actions_in_flight.map((a) => ({ ...a })),
+        narration: restated.narration,
+      };
       this.#catchUpTo = p.seq > (this.#lastSeq ?? 0) ? p.seq : null;
     } else {
       // A new snapshot: an own ballot is known from the hello; unconfirmed ones are re-cast.
@@ -488,9 +584,91 @@ export class ClientStream {
       { type: "publish", state },
       this.#setStatus("open", { resume: resumed }),
       emit("hello", { message: hello, resumed }),
+      emit("inFlight", state.actionsInFlight),
+      ...changes.map((change) => emit("narration", change)),
       emit("state", state),
       { type: "ready" },
       FLUSH,
+    ];
+  }
+
+  /** Remember the streams `changes` remove (a late piece must not bring one back). */
+  #finish(changes: NarrationChange[]): NarrationChange[] {
+    for (const change of changes) {
+      if (change.kind === "remove") this.#finishedStreams.add(change.stream.streamId);
+    }
+    return changes;
+  }
+
+  /** The `remove` changes of the streams in `before` that are no longer in `after`. */
+  #removed(before: readonly Narration[], after: readonly Narration[]): NarrationChange[] {
+    if (before === after) return [];
+    const kept = new Set(after.map((s) => s.streamId));
+    return this.#finish(
+      before
+        .filter((s) => !kept.has(s.streamId))
+        .map((stream) => ({ kind: "remove" as const, stream, piece: "" })),
+    );
+  }
+
+  #transient(message: TransientMessage): Output[] {
+    const before = this.#state;
+    if (before === null) return [];
+    let state: PartySnapshot;
+    const out: Output[] = [];
+    switch (message.type) {
+      case "narration.delta":
+        return this.#delta(before, message.payload);
+      case "action.accepted": {
+        const actionId = message.payload.action_id;
+        if (this.#settledActions.has(actionId)) return []; // late: its answer came already
+        const actionsInFlight = withAccepted(before.actionsInFlight, message.payload);
+        if (actionsInFlight === before.actionsInFlight) return []; // a repeat
+        state = { ...before, actionsInFlight };
+        out.push(emit("actionAccepted", message), { type: "publish", state });
+        out.push(emit("inFlight", actionsInFlight));
+        break;
+      }
+      case "action.failed": {
+        const actionId = message.payload.action_id;
+        this.#settledActions.add(actionId);
+        const actionsInFlight = withoutAction(before.actionsInFlight, actionId);
+        const narration = dropActionNarration(before.narration, actionId).narration;
+        state = { ...before, actionsInFlight, narration };
+        out.push(emit("actionFailed", message), { type: "publish", state });
+        if (actionsInFlight !== before.actionsInFlight) out.push(emit("inFlight", actionsInFlight));
+        out.push(...this.#removed(before.narration, narration).map((c) => emit("narration", c)));
+        break;
+      }
+    }
+    this.#state = state;
+    out.push(emit("state", state));
+    return out;
+  }
+
+  #delta(before: PartySnapshot, delta: NarrationDeltaPayload): Output[] {
+    const applied = applyDelta(before.narration, delta, (id) => this.#finishedStreams.has(id));
+    const change = applied.change;
+    if (change === null) return [];
+    const changes: NarrationChange[] = [change];
+    let narration = applied.narration;
+    const actionId = change.stream.actionId;
+    if (
+      change.kind === "done" &&
+      actionId !== undefined &&
+      this.#settledActions.has(actionId) &&
+      !before.actionsInFlight.some((a) => a.action_id === actionId)
+    ) {
+      // Its action's final answer came before its last piece: nothing more to wait for.
+      narration = narration.filter((s) => s.streamId !== change.stream.streamId);
+      changes.push(...this.#finish([{ kind: "remove", stream: change.stream, piece: "" }]));
+    }
+    const state: PartySnapshot = { ...before, narration };
+    this.#state = state;
+    return [
+      { type: "publish", state },
+      ...changes.map((c) => emit("narration", c)),
+      emit("state", state),
     ];
   }
 
@@ -553,6 +731,7 @@ export class ClientStream {
   }
 
   #apply(before: PartySnapshot, event: PartyEvent, out: Output[]): void {
+    if (event.type === "action.result") this.#settledActions.add(event.payload.action_id);
     let state = applyEvent(before, event);
     if (event.type === "vote.update") {
       const mine = this.#votes.findIndex((v) => v.request.traceId === event.trace_id);
@@ -614,6 +793,12 @@ export class ClientStream {
       case "action.result":
         out.push(emit("actionResult", event));
         break;
+    }
+    if (state.actionsInFlight !== before.actionsInFlight) {
+      out.push(emit("inFlight", state.actionsInFlight));
+    }
+    for (const change of this.#removed(before.narration, state.narration)) {
+      out.push(emit("narration", change));
     }
     out.push(emit("state", state));
   }

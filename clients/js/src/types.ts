@@ -125,8 +125,69 @@ export type VoteState = {
   your_vote: Id | null;
 };
 
+/** A piece of live narration, or the text so far of a stream (at most 20000 characters per stream). */
+export type NarrationText = string;
+
+/** An open live-narration stream as system.hello restates it: its whole text so far and the index of the last piece in it; the live narration.delta pieces continue at index + 1. */
+export type NarrationStream = {
+  stream_id: Id;
+  /** The index of the last piece included in text. */
+  index: number;
+  text: NarrationText;
+  /** The action whose resolution the stream narrates, when the engine named it. */
+  action_id?: Id;
+};
+
+/** An accepted action of the party with no final answer yet (as action.accepted announced it). */
+export type ActionInFlight = {
+  action_id: Id;
+  /** The actor ("party" for the choice of a finished vote). */
+  character_id: Id;
+  action_type: ActionType;
+};
+
 /** Stable machine-readable error codes (docs/protocol.md lists meaning and retryable). */
 export type ErrorCode = "bad_json" | "bad_message" | "unknown_type" | "server_only_type" | "schema_violation" | "message_too_large" | "too_deep" | "forbidden" | "action_in_flight" | "character_busy" | "action_timeout" | "action_rejected" | "engine_error" | "engine_unavailable" | "backend_unavailable" | "rate_limited" | "vote_unknown" | "vote_closed" | "vote_bad_option" | "token_expired" | "internal_error";
+
+/** action.accepted — an action is being resolved: Server → client, no seq, to every member of the party: an action.request (or a finished vote's choice, character_id "party") was accepted and handed to the Campaign Engine. Its outcome follows: the action.result party event, or action.failed. system.hello lists the actions still in flight (actions_in_flight), so a client that connects later learns them too. Not part of the sequenced history: a client keeps the set of actions in flight by action_id (a repeat changes nothing). */
+export type ActionAcceptedMessage = {
+  /** Message type, e.g. "action.request". */
+  type: "action.accepted";
+  /** When the message was sent (UTC). */
+  timestamp: Timestamp;
+  /** Correlation id (see docs/protocol.md). */
+  trace_id: TraceId;
+  seq?: never;
+  /** Type-specific content. */
+  payload: {
+    action_id: Id;
+    /** The actor ("party" for the choice of a finished vote). */
+    character_id: Id;
+    action_type: ActionType;
+  };
+};
+/** The payload of action.accepted. */
+export type ActionAcceptedPayload = ActionAcceptedMessage["payload"];
+
+/** action.failed — an accepted action ended without a result: Server → client, no seq, to every member of the party: an action that action.accepted announced was refused for good (the engine rejected it, failed, could not be reached, or nobody started it in time) and will never be applied. The actor's own connection also gets the system.error with the reason, as before; this message only lets every screen stop showing the action as in flight. Sent once, when the refusal becomes the action's final answer. */
+export type ActionFailedMessage = {
+  /** Message type, e.g. "action.request". */
+  type: "action.failed";
+  /** When the message was sent (UTC). */
+  timestamp: Timestamp;
+  /** Correlation id (see docs/protocol.md). */
+  trace_id: TraceId;
+  seq?: never;
+  /** Type-specific content. */
+  payload: {
+    action_id: Id;
+    character_id: Id;
+    /** The code of the refusal the actor got (action_rejected, action_timeout, engine_error or engine_unavailable). */
+    code: ErrorCode;
+  };
+};
+/** The payload of action.failed. */
+export type ActionFailedPayload = ActionFailedMessage["payload"];
 
 /** action.request — a player action: Client → server (no seq): a player's action (a choice, a combat action or a skill check). The server checks it (character and run bound to the token, one action in flight per character, idempotency by action_id) and forwards it once to the Campaign Engine, which receives this same message with timestamp and trace_id filled in by the server. The answer is an action.result party event, or a system.error to the sender. */
 export type ActionRequestMessage = {
@@ -237,6 +298,30 @@ export type CombatUpdateMessage = {
 };
 /** The payload of combat.update. */
 export type CombatUpdatePayload = CombatUpdateMessage["payload"];
+
+/** narration.delta — a piece of live narration: Server → client, no seq, to every member of the party: the next piece of a narration stream the Campaign Engine is writing (e.g. an AI game master's text, token by token). Pieces of one stream come in index order 0, 1, 2, …; a client appends a piece whose index is one more than the last it has, ignores one it already has (index not above its last), and never shows a piece twice. The piece with done: true is the last (its text may be empty). system.hello carries every open stream's text so far (narration), so a client that connects mid-stream continues from there. Not part of the sequenced history and never replayed: the final, authoritative text arrives in the sequenced scene.update or action.result. A stream left open by an engine that went away is closed by the server (an empty piece with done: true) after narration_idle_ms (limits in system.hello). */
+export type NarrationDeltaMessage = {
+  /** Message type, e.g. "action.request". */
+  type: "narration.delta";
+  /** When the message was sent (UTC). */
+  timestamp: Timestamp;
+  /** Correlation id (see docs/protocol.md). */
+  trace_id: TraceId;
+  seq?: never;
+  /** Type-specific content. */
+  payload: {
+    stream_id: Id;
+    /** 0 for the first piece of the stream, then +1 for each piece. */
+    index: number;
+    text: NarrationText;
+    /** true on the last piece of the stream. */
+    done: boolean;
+    /** The action whose resolution the stream narrates, when the engine named it. */
+    action_id?: Id;
+  };
+};
+/** The payload of narration.delta. */
+export type NarrationDeltaPayload = NarrationDeltaMessage["payload"];
 
 /** party.join — a character came online: Server → client party event (with seq). Broadcast once when a character's first connection to the party opens (not again for further tabs, nor for a reconnect within the grace period). */
 export type PartyJoinMessage = {
@@ -369,7 +454,7 @@ export type SystemErrorMessage = {
 /** The payload of system.error. */
 export type SystemErrorPayload = SystemErrorMessage["payload"];
 
-/** system.hello — connection snapshot: Server → client, no seq. The first message on every connection, sent right after the WebSocket upgrade: the party and run status, the roster, the current scene, combat, party state and open vote, the seq and epoch the snapshot is at, and the connection limits. With resumed: true (a successful resume) the missed events resumed_from+1 .. seq follow it. */
+/** system.hello — connection snapshot: Server → client, no seq. The first message on every connection, sent right after the WebSocket upgrade: the party and run status, the roster, the current scene, combat, party state and open vote, the actions in flight and the open narration streams with their text so far, the seq and epoch the snapshot is at, and the connection limits. With resumed: true (a successful resume) the missed events resumed_from+1 .. seq follow it. */
 export type SystemHelloMessage = {
   /** Message type, e.g. "action.request". */
   type: "system.hello";
@@ -406,6 +491,10 @@ export type SystemHelloMessage = {
         combat: Combat | null;
         party_state: PartyState | null;
         vote: VoteState | null;
+        /** The party's accepted actions with no final answer yet, oldest first (action.accepted announced each; action.result or action.failed ends it). */
+        actions_in_flight: ActionInFlight[];
+        /** Every open live-narration stream of the party, with its text so far: the narration.delta pieces that follow continue at index + 1. */
+        narration: NarrationStream[];
         limits: {
           /** Largest client message accepted (bytes of the UTF-8 frame). */
           max_message_bytes: number;
@@ -413,6 +502,8 @@ export type SystemHelloMessage = {
           action_timeout_ms: number;
           /** Interval of the server's WebSocket pings (0 = none). */
           heartbeat_ms: number;
+          /** A narration stream with no new piece for this long is closed by the server (an empty piece with done: true). */
+          narration_idle_ms: number;
         };
       }
     | {
@@ -440,6 +531,10 @@ export type SystemHelloMessage = {
         combat: Combat | null;
         party_state: PartyState | null;
         vote: VoteState | null;
+        /** The party's accepted actions with no final answer yet, oldest first (action.accepted announced each; action.result or action.failed ends it). */
+        actions_in_flight: ActionInFlight[];
+        /** Every open live-narration stream of the party, with its text so far: the narration.delta pieces that follow continue at index + 1. */
+        narration: NarrationStream[];
         limits: {
           /** Largest client message accepted (bytes of the UTF-8 frame). */
           max_message_bytes: number;
@@ -447,6 +542,8 @@ export type SystemHelloMessage = {
           action_timeout_ms: number;
           /** Interval of the server's WebSocket pings (0 = none). */
           heartbeat_ms: number;
+          /** A narration stream with no new piece for this long is closed by the server (an empty piece with done: true). */
+          narration_idle_ms: number;
         };
       }
   );
@@ -590,6 +687,15 @@ export const SYSTEM_TYPES = [
   "system.error",
   "system.hello",
 ] as const;
+/**
+ * Server → client messages without seq to every member of a party: not part of the sequenced
+ * history and never replayed (system.hello restates what they tell).
+ */
+export const TRANSIENT_TYPES = [
+  "action.accepted",
+  "action.failed",
+  "narration.delta",
+] as const;
 /** Client → server message types. */
 export const CLIENT_TYPES = [
   "action.request",
@@ -598,6 +704,7 @@ export const CLIENT_TYPES = [
 ] as const;
 export type PartyEventType = (typeof PARTY_EVENT_TYPES)[number];
 export type SystemType = (typeof SYSTEM_TYPES)[number];
+export type TransientType = (typeof TRANSIENT_TYPES)[number];
 export type ClientType = (typeof CLIENT_TYPES)[number];
 
 /** The party event type → its message. */
@@ -614,8 +721,16 @@ export interface PartyEventMap {
 }
 /** Any server → client party event (with seq). */
 export type PartyEvent = PartyEventMap[PartyEventType];
+/** The transient message type → its message. */
+export interface TransientMessageMap {
+  "action.accepted": ActionAcceptedMessage;
+  "action.failed": ActionFailedMessage;
+  "narration.delta": NarrationDeltaMessage;
+}
+/** Any transient server → client message (no seq, to every member). */
+export type TransientMessage = TransientMessageMap[TransientType];
 /** Any server → client message. */
-export type ServerMessage = SystemErrorMessage | SystemHelloMessage | PartyEvent;
+export type ServerMessage = SystemErrorMessage | SystemHelloMessage | TransientMessage | PartyEvent;
 /** Any client → server message. */
 export type ClientMessage = ActionRequestMessage | PartyLeaveRequest | VoteCastMessage;
 

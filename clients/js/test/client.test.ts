@@ -51,6 +51,7 @@ function harness(
     now: () => timers.now,
     random: () => 0.5,
     makeId: () => `id-${++ids}`,
+    fetch: null,
     ...options,
     ...(options.getToken !== undefined
       ? {

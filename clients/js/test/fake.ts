@@ -1,7 +1,12 @@
 /** Test doubles: a scriptable WebSocket, manual timers, and message builders. */
 import type { Timers, WebSocketLike } from "../src/client.js";
 import type {
+  ActionAcceptedMessage,
+  ActionFailedMessage,
+  ActionType,
+  ErrorCode,
   Member,
+  NarrationDeltaMessage,
   PartyEvent,
   PartyEventMap,
   PartyEventType,
@@ -150,7 +155,14 @@ export function hello(
     combat: null,
     party_state: null,
     vote: null,
-    limits: { max_message_bytes: 65536, action_timeout_ms: 10000, heartbeat_ms: 20000 },
+    actions_in_flight: [],
+    narration: [],
+    limits: {
+      max_message_bytes: 65536,
+      action_timeout_ms: 10000,
+      heartbeat_ms: 20000,
+      narration_idle_ms: 30000,
+    },
     ...rest,
   };
   const payload: SystemHelloPayload =
@@ -219,4 +231,44 @@ export function fakeToken(name: string, expSeconds?: number): string {
   const b64 = (value: unknown) => Buffer.from(JSON.stringify(value)).toString("base64url");
   const claims = expSeconds === undefined ? { sub: name } : { sub: name, exp: expSeconds };
   return `${b64({ alg: "HS256", typ: "JWT" })}.${b64(claims)}.sig-${name}`;
+}
+
+/** A `narration.delta` (no seq). */
+export function delta(
+  streamId: string,
+  index: number,
+  text: string,
+  { done = false, actionId }: { done?: boolean; actionId?: string } = {},
+): NarrationDeltaMessage {
+  const payload: NarrationDeltaMessage["payload"] = { stream_id: streamId, index, text, done };
+  if (actionId !== undefined) payload.action_id = actionId;
+  return { type: "narration.delta", timestamp: TS, trace_id: `t-${streamId}`, payload };
+}
+
+/** An `action.accepted` (no seq). */
+export function accepted(
+  actionId: string,
+  characterId = "aria",
+  actionType: ActionType = "choice",
+): ActionAcceptedMessage {
+  return {
+    type: "action.accepted",
+    timestamp: TS,
+    trace_id: `t-${actionId}`,
+    payload: { action_id: actionId, character_id: characterId, action_type: actionType },
+  };
+}
+
+/** An `action.failed` (no seq). */
+export function failed(
+  actionId: string,
+  characterId = "aria",
+  code: ErrorCode = "action_rejected",
+): ActionFailedMessage {
+  return {
+    type: "action.failed",
+    timestamp: TS,
+    trace_id: `t-${actionId}`,
+    payload: { action_id: actionId, character_id: characterId, code },
+  };
 }

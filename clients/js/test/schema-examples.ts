@@ -47,6 +47,40 @@ export const envelopeExamples = [
 ] satisfies Array<T.ServerMessage | T.ClientMessage>;
 
 export const messageExamples = {
+  "action.accepted": [
+    {
+      "type": "action.accepted",
+      "timestamp": "2026-11-25T21:01:20.000Z",
+      "trace_id": "0af7651916cd43dd8448eb211c80319c",
+      "payload": {
+        "action_id": "a-1f3c",
+        "character_id": "aria",
+        "action_type": "choice"
+      }
+    },
+    {
+      "type": "action.accepted",
+      "timestamp": "2026-11-25T21:02:05.010Z",
+      "trace_id": "vote-v-3-1",
+      "payload": {
+        "action_id": "vote:v-3-1",
+        "character_id": "party",
+        "action_type": "choice"
+      }
+    }
+  ] satisfies T.ActionAcceptedMessage[],
+  "action.failed": [
+    {
+      "type": "action.failed",
+      "timestamp": "2026-11-25T21:01:20.400Z",
+      "trace_id": "0af7651916cd43dd8448eb211c80319c",
+      "payload": {
+        "action_id": "a-1f3c",
+        "character_id": "aria",
+        "code": "action_rejected"
+      }
+    }
+  ] satisfies T.ActionFailedMessage[],
   "action.request": [
     {
       "type": "action.request",
@@ -268,6 +302,32 @@ export const messageExamples = {
       }
     }
   ] satisfies T.CombatUpdateMessage[],
+  "narration.delta": [
+    {
+      "type": "narration.delta",
+      "timestamp": "2026-11-25T21:01:20.120Z",
+      "trace_id": "0af7651916cd43dd8448eb211c80319c",
+      "payload": {
+        "stream_id": "n-a-1f3c",
+        "index": 0,
+        "text": "The gate gives way ",
+        "done": false,
+        "action_id": "a-1f3c"
+      }
+    },
+    {
+      "type": "narration.delta",
+      "timestamp": "2026-11-25T21:01:20.160Z",
+      "trace_id": "0af7651916cd43dd8448eb211c80319c",
+      "payload": {
+        "stream_id": "n-a-1f3c",
+        "index": 1,
+        "text": "with a shriek of iron.",
+        "done": true,
+        "action_id": "a-1f3c"
+      }
+    }
+  ] satisfies T.NarrationDeltaMessage[],
   "party.join": [
     {
       "type": "party.join",
@@ -581,10 +641,26 @@ export const messageExamples = {
           "eligible": 2,
           "your_vote": null
         },
+        "actions_in_flight": [
+          {
+            "action_id": "a-9c1e",
+            "character_id": "borin",
+            "action_type": "choice"
+          }
+        ],
+        "narration": [
+          {
+            "stream_id": "n-a-9c1e",
+            "index": 2,
+            "text": "Borin sets his shoulder to the bars. The iron groans",
+            "action_id": "a-9c1e"
+          }
+        ],
         "limits": {
           "max_message_bytes": 65536,
           "action_timeout_ms": 10000,
-          "heartbeat_ms": 20000
+          "heartbeat_ms": 20000,
+          "narration_idle_ms": 30000
         }
       }
     },
@@ -675,10 +751,13 @@ export const messageExamples = {
           }
         },
         "vote": null,
+        "actions_in_flight": [],
+        "narration": [],
         "limits": {
           "max_message_bytes": 65536,
           "action_timeout_ms": 10000,
-          "heartbeat_ms": 20000
+          "heartbeat_ms": 20000,
+          "narration_idle_ms": 30000
         }
       }
     },
@@ -708,10 +787,13 @@ export const messageExamples = {
         "combat": null,
         "party_state": null,
         "vote": null,
+        "actions_in_flight": [],
+        "narration": [],
         "limits": {
           "max_message_bytes": 65536,
           "action_timeout_ms": 10000,
-          "heartbeat_ms": 20000
+          "heartbeat_ms": 20000,
+          "narration_idle_ms": 30000
         }
       }
     }

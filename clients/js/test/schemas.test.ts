@@ -15,10 +15,11 @@ import {
   PARTY_EVENT_TYPES,
   RETRYABLE_ERROR_CODES,
   SYSTEM_TYPES,
+  TRANSIENT_TYPES,
   type PartyEvent,
 } from "../src/types.js";
 import { schemas, validateDef, validateMessage } from "./contracts.js";
-import { FakeSocket, FakeTimers, hello, tick } from "./fake.js";
+import { accepted, delta, failed, FakeSocket, FakeTimers, hello, tick } from "./fake.js";
 import { envelopeExamples, memberExamples, messageExamples } from "./schema-examples.js";
 
 type Json = Record<string, unknown>;
@@ -61,6 +62,7 @@ describe("schema examples", () => {
         const type = example["type"] as string;
         const fromServer =
           (SYSTEM_TYPES as readonly string[]).includes(type) ||
+          (TRANSIENT_TYPES as readonly string[]).includes(type) ||
           ((PARTY_EVENT_TYPES as readonly string[]).includes(type) && "seq" in example);
         if (!fromServer) continue;
         const parsed = parseServerMessage(JSON.stringify(example));
@@ -69,7 +71,7 @@ describe("schema examples", () => {
         count += 1;
       }
     }
-    assert.ok(count >= 25, `only ${count} server examples`);
+    assert.ok(count >= 28, `only ${count} server examples`);
   });
 
   it("the parser refuses what is not a server message", () => {
@@ -82,6 +84,20 @@ describe("schema examples", () => {
       JSON.stringify({ type: "scene.update", seq: 2, payload: { options: "x" } }),
       JSON.stringify({ type: "Bad Type", payload: {} }),
       JSON.stringify({ type: "party.join", seq: 1 }),
+      // the transient messages carry no seq, and the fields the client reads
+      JSON.stringify({ type: "narration.delta", seq: 3, payload: { stream_id: "n", index: 0, text: "", done: false } }),
+      JSON.stringify({ type: "narration.delta", payload: { stream_id: "n", index: -1, text: "", done: false } }),
+      JSON.stringify({ type: "narration.delta", payload: { stream_id: "n", index: 0, text: 3, done: false } }),
+      JSON.stringify({ type: "narration.delta", payload: { stream_id: "n", index: 0, text: "" } }),
+      JSON.stringify({ type: "action.accepted", payload: { character_id: "a", action_type: "choice" } }),
+      JSON.stringify({ type: "action.failed", payload: { action_id: "x", character_id: "a" } }),
+      // a hello restates the actions in flight and the open streams
+      JSON.stringify({ ...hello(0), payload: { ...hello(0).payload, narration: undefined } }),
+      JSON.stringify({ ...hello(0), payload: { ...hello(0).payload, actions_in_flight: {} } }),
+      JSON.stringify({
+        ...hello(0),
+        payload: { ...hello(0).payload, narration: [{ stream_id: "n", text: "x" }] },
+      }),
     ];
     for (const frame of bad) {
       assert.throws(() => parseServerMessage(frame), ProtocolParseError, String(frame));
@@ -111,8 +127,21 @@ describe("schema examples", () => {
     }
     assert.deepEqual([...SYSTEM_TYPES].sort(), ["system.error", "system.hello"]);
     assert.deepEqual([...CLIENT_TYPES].sort(), ["action.request", "party.leave", "vote.cast"]);
+    assert.deepEqual([...TRANSIENT_TYPES].sort(), [
+      "action.accepted",
+      "action.failed",
+      "narration.delta",
+    ]);
+    for (const type of TRANSIENT_TYPES) {
+      const schema = schemas[`${type}.json`] as Json;
+      assert.equal((schema["properties"] as Json)["seq"], false, `${type} has no seq`);
+      assert.match(String(schema["description"]), /^Server → client, no seq/, type);
+    }
     for (const code of RETRYABLE_ERROR_CODES) assert.ok(ERROR_CODES.includes(code));
-    assert.equal(messageFiles.length, PARTY_EVENT_TYPES.length + SYSTEM_TYPES.length + 2);
+    assert.equal(
+      messageFiles.length,
+      PARTY_EVENT_TYPES.length + SYSTEM_TYPES.length + TRANSIENT_TYPES.length + 2,
+    );
   });
 
   it("the client applies every example event in order without error", async () => {
@@ -152,5 +181,63 @@ describe("schema examples", () => {
   it("hello() test fixtures are valid hellos", () => {
     assert.deepEqual(validateMessage(hello(3) as unknown as Json), []);
     assert.deepEqual(validateMessage(hello(3, { resumed_from: 1 }) as unknown as Json), []);
+  });
+
+  it("the transient fixtures are valid messages", () => {
+    for (const message of [
+      delta("n-1", 0, "The gate ", { actionId: "a-1" }),
+      delta("n-1", 1, "", { done: true }),
+      accepted("a-1", "borin", "combat"),
+      failed("a-1", "borin", "engine_unavailable"),
+    ]) {
+      assert.deepEqual(validateMessage(message as unknown as Json), [], JSON.stringify(message));
+    }
+  });
+
+  it("the client applies every transient example (hello's live state, then the pieces)", async () => {
+    FakeSocket.reset();
+    const timers = new FakeTimers();
+    const client = new PartySyncClient({
+      url: "ws://test/ws",
+      token: "t",
+      WebSocket: FakeSocket,
+      timers,
+      now: () => timers.now,
+      fetch: null,
+    });
+    client.on("protocolError", (e) => assert.fail(e));
+    const acceptedIds: string[] = [];
+    const failedIds: string[] = [];
+    client.on("actionAccepted", (m) => acceptedIds.push(m.payload.action_id));
+    client.on("actionFailed", (m) => failedIds.push(m.payload.action_id));
+    void client.connect();
+    await tick();
+    const helloExample = messageExamples["system.hello"][0];
+    assert.ok(helloExample !== undefined);
+    FakeSocket.last().deliver(helloExample);
+    // The example hello has borin's action in flight and its stream open at piece 2.
+    assert.deepEqual(client.actionsInFlight, helloExample.payload.actions_in_flight);
+    const open = helloExample.payload.narration[0];
+    assert.ok(open !== undefined);
+    assert.equal(client.narration[0]?.text, open.text);
+    for (const example of messageExamples["action.accepted"]) FakeSocket.last().deliver(example);
+    assert.deepEqual(acceptedIds, ["a-1f3c", "vote:v-3-1"]);
+    for (const example of messageExamples["narration.delta"]) FakeSocket.last().deliver(example);
+    const stream = client.narration.find((s) => s.streamId === "n-a-1f3c");
+    assert.equal(stream?.text, "The gate gives way with a shriek of iron.");
+    assert.equal(stream?.done, true);
+    for (const example of messageExamples["action.failed"]) FakeSocket.last().deliver(example);
+    assert.deepEqual(failedIds, ["a-1f3c"]);
+    assert.deepEqual(
+      client.actionsInFlight.map((a) => a.action_id),
+      ["a-9c1e", "vote:v-3-1"],
+    );
+    assert.equal(
+      client.narration.find((s) => s.streamId === "n-a-1f3c"),
+      undefined,
+      "the finished stream of the failed action is gone",
+    );
+    assert.equal(FakeSocket.all.length, 1);
+    client.close();
   });
 });

@@ -141,7 +141,14 @@ describe("ClientStream: delivery in order", () => {
     assert.equal(s.status, "connecting");
     s.dial();
     const out = s.receive(frame(hello(4)));
-    assert.deepEqual(kinds(out), ["publish", "status", "emit:hello", "emit:state", "ready"]);
+    assert.deepEqual(kinds(out), [
+      "publish",
+      "status",
+      "emit:hello",
+      "emit:inFlight",
+      "emit:state",
+      "ready",
+    ]);
     assert.deepEqual(statuses(out), [{ status: "open", attempt: 0, resume: false }]);
     assert.deepEqual(s.position, { epoch: "ep-1", lastSeq: 4 });
     const next = s.receive(frame(scene(5, 1)));

@@ -3,7 +3,8 @@
 Each player is its own browser context on a phone-sized viewport. The server runs in-process with
 the reference engine (seeded dice). Aria's page reaches the server through a TCP proxy, so the
 test can cut her network (both ends see the connection drop) and keep it down while the game goes
-on. Screenshots go to artifacts/browser/.
+on. Screenshots go to artifacts/browser/. Live narration, actions in flight, errors in words and
+refused links: test_demo_live.py.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ps_testkit.browser import (
 from ps_testkit.proxy import TcpProxy
 from ps_testkit.servers import SECRET, make_settings, serve_in_process
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(120)]
 
 KEY = "api-key-browser-0123456789abcdef"
 PARTY, RUN = "p-browser", "r-browser"
@@ -59,6 +60,11 @@ async def last_seq(player: Player) -> int:
     return seqs[-1]
 
 
+async def visible_log(player: Player) -> list[str]:
+    """The log as the player sees it (the protocol details are hidden unless asked for)."""
+    return [t.strip() for t in await player.page.locator("#log li:visible").all_inner_texts()]
+
+
 async def test_two_players_act_vote_and_survive_a_network_cut() -> None:
     name = "play"
     settings = make_settings(api_key=KEY, presence_grace=0.3)
@@ -82,10 +88,16 @@ async def test_two_players_act_vote_and_survive_a_network_cut() -> None:
         # Aria acts; Borin's page shows her result and the new scene.
         await aria.page.get_by_role("button", name="Row out to the reef").click()
         result = borin.page.locator("#log li[data-type='action.result']").last
-        await expect(result).to_contain_text("Aria · choice → success")
+        await expect(result).to_contain_text("Aria — success")
         for player in (aria, borin):
             await expect(player.page.locator("#scene-title")).to_have_text("The Reef Gate")
             await expect(player.page.locator("#scene")).to_have_attribute("data-scene-number", "2")
+        # The story log keeps what a player needs: the outcome and the new scene, one line each
+        # (the party state, tallies and protocol notes are behind the "details" switch).
+        story = await visible_log(borin)
+        assert len([line for line in story if line.startswith("Aria —")]) == 1, story
+        assert "Scene 2: The Reef Gate" in story, story
+        assert not any(line.startswith(("Party ", "Vote: ", "Connected")) for line in story), story
         await screenshot(borin, name, "2-after-aria-acted")
 
         # The reference engine starts a party vote on entering the Reef Gate; cast from both pages.
@@ -98,18 +110,31 @@ async def test_two_players_act_vote_and_survive_a_network_cut() -> None:
                 # a live countdown to the deadline (60 s)
                 re.compile(r"^(1:00|0:[0-5]\d)$")
             )
+            # The scene's options are the vote's now: offered once, as ballots, not also as
+            # actions the engine would refuse.
+            await expect(player.page.locator("#scene-options button")).to_have_count(0)
+            await expect(player.page.locator("#scene-vote-hint")).to_be_visible()
+            wade = player.page.get_by_role("button", name=re.compile("Wade through the tide pools"))
+            await expect(wade).to_have_count(1)
+            await expect(player.page.locator("#vote-mine")).to_have_text("You have not voted yet.")
         await aria.page.locator("#vote-options button[data-option=wade]").click()
         await expect(borin.page.locator("#vote-count")).to_have_text("1/2 voted")
-        await expect(aria.page.locator("#vote-options button[data-option=wade]")).to_have_attribute(
-            "aria-pressed", "true"
+        aria_wade = aria.page.locator("#vote-options button[data-option=wade]")
+        await expect(aria_wade).to_have_attribute("aria-pressed", "true")
+        await expect(aria_wade).to_contain_text("your vote")
+        await expect(aria.page.locator("#vote-mine")).to_contain_text(
+            "You voted for “Wade through the tide pools”"
         )
+        # Borin has not voted: nothing of his is marked.
+        await expect(borin.page.locator("#vote-options button[aria-pressed=true]")).to_have_count(0)
+        await screenshot(aria, name, "3-vote-open")
         await screenshot(borin, name, "3-vote-open")
         await borin.page.locator("#vote-options button[data-option=wade]").click()
         for player in (aria, borin):
             banner = player.page.locator("#vote-result")
             await expect(banner).to_be_visible()
             await expect(banner).to_have_attribute("data-winner", "wade")
-            await expect(banner).to_contain_text("Wade through the tide pools wins")
+            await expect(banner).to_contain_text("The party decided: “Wade through the tide pools”")
             await expect(player.page.locator("#vote")).to_be_hidden()
             # The party's choice led into a fight: the combat panel with HP bars.
             await expect(player.page.locator("#scene-title")).to_have_text("Reefclaws!")
@@ -119,7 +144,10 @@ async def test_two_players_act_vote_and_survive_a_network_cut() -> None:
 
         await aria.page.locator("#combat-actions button[data-move=attack]").first.click()
         aria_attack = borin.page.locator("#log li[data-type='action.result']").last
-        await expect(aria_attack).to_contain_text("Aria · combat →")
+        await expect(aria_attack).to_contain_text("Aria — ")
+        await expect(aria.page.locator("#log li[data-type='action.result']").last).to_contain_text(
+            "You: attack "
+        )
         await expect(aria.page.locator("#skill-check")).to_be_enabled()
 
         # Cut Aria's network and keep it down while Borin fights on.
@@ -127,12 +155,18 @@ async def test_two_players_act_vote_and_survive_a_network_cut() -> None:
         proxy.refusing = True
         assert proxy.cut() >= 1
         await expect(aria.page.locator("#status")).to_have_attribute("data-status", "reconnecting")
+        # Aria's party list is visibly stale, not green "online".
+        await expect(aria.page.locator("#party")).to_have_attribute("data-stale", "true")
+        await expect(aria.page.locator("#party-stale")).to_be_visible()
+        await expect(aria.page.locator("#members li .hint")).not_to_contain_text(
+            [re.compile(r"^online")] * 2
+        )
         await expect(borin.page.locator("#members li[data-character=aria]")).to_have_attribute(
             "data-online", "false"
         )
         await borin.page.locator("#combat-actions button[data-move=defend]").click()
         borin_move = borin.page.locator("#log li[data-type='action.result']").last
-        await expect(borin_move).to_contain_text("Borin · combat →")
+        await expect(borin_move).to_contain_text("You: defend — ")
         missed_until = await last_seq(borin)
         assert missed_until > before_cut + 1, "Aria missed events while cut off"
         assert await last_seq(aria) == before_cut
@@ -166,6 +200,28 @@ async def test_two_players_act_vote_and_survive_a_network_cut() -> None:
         assert aria_hp == borin_hp
         await screenshot(aria, name, "6-resumed")
         await screenshot(borin, name, "6-resumed")
+
+        # The "vote closed" banner explained the fight the vote led to; the next scene ends it.
+        await expect(aria.page.locator("#vote-result")).to_be_visible()
+        async with srv.http.post(
+            f"{srv.base}/api/v1/parties/{PARTY}/events",
+            json={
+                "type": "scene.update",
+                "payload": {
+                    "scene_number": 4,
+                    "scene_id": "beyond",
+                    "title": "Beyond the Reef",
+                    "narration": "The tide turns.",
+                    "options": [{"id": "on", "label": "Press on"}],
+                    "kind": "story",
+                },
+            },
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as response:
+            assert response.status == 202
+        for player in (aria, borin):
+            await expect(player.page.locator("#scene-title")).to_have_text("Beyond the Reef")
+            await expect(player.page.locator("#vote-result")).to_be_hidden()
         aria.assert_clean()
         borin.assert_clean()
 
