@@ -239,8 +239,13 @@ async def test_every_turn_of_a_fight_is_narrated(
     await engine.handle_action(action_request("choice", {"option": "enter"}, action_id="a-in"))
     dice.push(15, 5, 1)  # aria hits the rat; its d4 bite misses
     await engine.handle_action(action_request("combat", {"move": "attack"}, action_id="a-hit"))
-    scene = publisher.last("scene.update")["narration"]
-    assert publisher.narration(publisher.stream_ids("a-hit")[0]) == scene
+    # a turn in the same scene: what happened is written live, not the scene's text again
+    result = publisher.last("action.result")["narration"]
+    assert publisher.narration(publisher.stream_ids("a-hit")[0]) == result
+    assert publisher.last("scene.update")["narration"].startswith(result)
+    # entering the arena (a new scene) wrote the whole new scene.update text
+    entered = [e.payload["narration"] for e in publisher.published if e.type == "scene.update"]
+    assert publisher.narration(publisher.stream_ids("a-in")[0]) in entered
     assert len(publisher.stream_ids()) == 2 and publisher.open_streams() == []
 
 

@@ -210,21 +210,30 @@ class ReferenceEngine:
         )
         # Committed first: a crash while narrating loses nothing, and a redelivery of the
         # action (applied now) publishes its events without narrating again.
-        await self._narrate(work, action)
+        await self._narrate(work, action, state.scene_number)
         await self._publish_outbox(work, action.party_id)
 
-    async def _narrate(self, work: RunState, action: ActionRequest) -> None:
-        """Write the action's scene text live (if narration is on); never raises."""
+    async def _narrate(self, work: RunState, action: ActionRequest, scene_before: int) -> None:
+        """Write what is new live (if narration is on); never raises.
+
+        A new scene: its whole ``scene.update`` text (what happened, then the scene), which the
+        final event then states exactly. The same scene: only what happened (the
+        ``action.result``'s text, which leads the ``scene.update``'s), not the scene's
+        description again, which every member has read already.
+        """
         if self.narration_speed is None or self._publisher is None:
             return
-        # The scene.update's text (what happened, then the scene): the final event then states
-        # exactly what was written; else the action.result's.
         texts = {
             e.type: e.payload.get("narration")
             for e in work.outbox
             if e.action_id == action.action_id and e.type in ("scene.update", "action.result")
         }
-        text = texts.get("scene.update") or texts.get("action.result")
+        same_scene = work.scene_number == scene_before
+        text = (
+            texts.get("action.result") or texts.get("scene.update")
+            if same_scene
+            else texts.get("scene.update") or texts.get("action.result")
+        )
         if not isinstance(text, str) or not text:
             return
         await narration.narrate(

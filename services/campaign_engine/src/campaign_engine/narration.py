@@ -2,8 +2,9 @@
 
 An AI game master writes its narration over seconds, token by token; the reference engine's texts
 are ready at once, so in development mode (``make run``) it *simulates* the writing: before it
-publishes an action's events it sends the text of the action's ``scene.update`` — the same text
-the final, authoritative event then carries — as a ``narration.delta`` stream (party_sync's
+publishes an action's events it sends what is new — after a scene change the new
+``scene.update``'s whole text, within a scene the ``action.result``'s (what happened), texts the
+final, authoritative events then carry — as a ``narration.delta`` stream (party_sync's
 ``Narration`` writer, tied to the action's ``action_id``), a word at a time, at
 ``speed`` characters per second (``CAMPAIGN_ENGINE_NARRATION_SPEED``; off unless set).
 
