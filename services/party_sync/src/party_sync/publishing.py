@@ -80,18 +80,27 @@ class Narrator:
         party_id: str,
         items: list[tuple[transient.Piece, asyncio.Future[transient.Outcome]]],
     ) -> None:
+        """One backend call for the party's pieces of this tick; every caller gets an answer,
+        whatever happens (an outcome, the backend's error, or an error saying why not)."""
+        error: BaseException | None = None
         try:
             outcomes = await self.backend.narrate(party_id, [p for p, _ in items], self.clock())
-        except Exception as exc:  # each caller gets it (BackendUnavailable: retryable)
+            if len(outcomes) != len(items):
+                raise RuntimeError(f"the backend answered {len(outcomes)} of {len(items)} pieces")
+            for (_, future), outcome in zip(items, outcomes, strict=True):
+                if not future.done():
+                    future.set_result(outcome)
+        except BackendUnavailable as exc:
+            error = exc
+        except Exception:  # a bug: logged, and nobody is left waiting (the finally)
+            log.exception("narration pieces could not be taken", extra={"party_id": party_id})
+        finally:  # also when this task is cancelled (the node stops)
             for _, future in items:
                 if not future.done():
-                    future.set_exception(
-                        BackendUnavailable(str(exc)) if isinstance(exc, BackendUnavailable) else exc
-                    )
-            return
-        for (_, future), outcome in zip(items, outcomes, strict=True):
-            if not future.done():
-                future.set_result(outcome)
+                    if isinstance(error, BackendUnavailable):
+                        future.set_exception(BackendUnavailable(str(error)))
+                    else:
+                        future.set_exception(BackendUnavailable("narration not taken: retry"))
 
 
 class BackendPublisher(VoteStarter):
@@ -121,15 +130,18 @@ class BackendPublisher(VoteStarter):
         if not is_id(party_id):
             raise InvalidEvent("party_id is not a valid id")
         NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id).check()
-        piece = transient.piece(
-            stream_id,
-            index,
-            text,
-            done=done,
-            action_id=action_id,
-            trace_id=trace_id,
-            now=self.clock(),
-        )
+        try:
+            piece = transient.piece(
+                stream_id,
+                index,
+                text,
+                done=done,
+                action_id=action_id,
+                trace_id=trace_id,
+                now=self.clock(),
+            )
+        except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in the text
+            raise InvalidEvent(f"narration piece cannot be encoded: {exc}") from None
         outcome = await self.narrator.take(party_id, piece)
         if not outcome.accepted:
             reason = transient.REASONS[outcome]

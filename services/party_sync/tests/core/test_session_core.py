@@ -774,9 +774,56 @@ def test_a_stream_left_open_is_closed_after_the_idle_time_once() -> None:
     assert _deltas(node, aria)[-1] == ("n1", 1, " a time", False)
     node.advance(1.5)
     assert _deltas(node, aria)[-1] == ("n1", 2, "", True)
+    assert _narrate(node, "n1", 2, "late") == ["ended"]  # the engine's next piece: too late
+    assert _narrate(node, "n1", 1, " a time") == ["repeat"]
     node.advance(120.0)
     assert [d for d in _deltas(node, aria) if d[3]] == [("n1", 2, "", True)]
-    assert _narrate(node, "n1", 3, "late") == ["ended"]
+    # nothing written for kept_for(idle): the book is forgotten, as the Redis hash expires
+    assert _narrate(node, "n1", 3, "late") == ["gap"]
+
+
+def test_a_reconnect_does_not_put_the_close_of_a_dead_stream_off() -> None:
+    node = Node(rules=Rules(action_timeout=5.0, presence_grace=10.0, narration_idle=30.0))
+    aria = node.join("aria")
+    _narrate(node, "n1", 0, "The engine died here")
+    for _ in range(3):  # a member reconnects every 20 s; the stream's hello restates it
+        node.advance(20.0)
+        node.lose(aria)
+        aria = node.join("aria")
+    closing = [d for c in node.frames for d in _deltas_of(node.frames[c]) if d[3]]
+    assert closing and closing[0][:2] == ("n1", 1)
+
+
+def _deltas_of(frames: list[dict[str, Any]]) -> list[tuple[str, int, str, bool]]:
+    return [
+        (
+            f["payload"]["stream_id"],
+            f["payload"]["index"],
+            f["payload"]["text"],
+            f["payload"]["done"],
+        )
+        for f in frames
+        if f["type"] == t.NARRATION_DELTA
+    ]
+
+
+def test_a_book_keeps_a_bounded_number_of_streams_and_never_forgets_an_open_one() -> None:
+    book = transient.NarrationBook(idle=30.0)
+
+    def take(stream: str, index: int, done: bool, now: float) -> str:
+        p = transient.piece(stream, index, "x", done=done, action_id=None, trace_id=None, now=now)
+        return book.take(p, now).value
+
+    for i in range(transient.MAX_OPEN_STREAMS):
+        assert take(f"open{i}", 0, False, T0) == "taken"
+    for i in range(200):  # many one-piece streams, all within one idle time
+        assert take(f"short{i}", 0, True, T0 + i * 0.01) == "taken"
+        assert len(book) <= transient.MAX_KEPT_STREAMS
+    assert [s["stream_id"] for s in book.open_streams(T0 + 3)] == [
+        f"open{i}" for i in range(transient.MAX_OPEN_STREAMS)
+    ]
+    assert take("open0", 1, False, T0 + 3) == "taken"  # the open ones go on
+    assert take("short199", 0, True, T0 + 3) == "repeat"  # a recent ended one is remembered
 
 
 def test_pieces_out_of_order_or_over_the_limits_are_refused() -> None:
@@ -888,7 +935,7 @@ def test_narration_book_keeps_each_stream_whole_in_order_and_never_twice(
     for pieces in taken.values():
         assert [index for index, _, _ in pieces] == list(range(len(pieces)))  # 0, 1, 2, ... once
         assert not any(d for _, _, d in pieces[:-1])  # nothing after the last piece
-    open_ = {s["stream_id"]: s for s in book.open_streams()}
+    open_ = {s["stream_id"]: s for s in book.open_streams(T0 + len(ops))}
     for stream, pieces in taken.items():
         if pieces[-1][2]:
             assert stream not in open_

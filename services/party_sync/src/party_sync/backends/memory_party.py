@@ -67,5 +67,5 @@ class MemoryParty:
             vote=dict(p.vote) if p.vote is not None else None,
             ballots=dict(self.vote.ballots) if self.vote and not self.vote.finished else {},
             actions_in_flight=self.ledger.in_flight(now),
-            narration=self.narration.open_streams(),
+            narration=self.narration.open_streams(now),
         )

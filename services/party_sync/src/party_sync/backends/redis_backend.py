@@ -53,11 +53,13 @@ from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
+    MAX_KEPT_STREAMS,
     MAX_OPEN_STREAMS,
     MAX_STREAM_CHARS,
     Outcome,
     Piece,
     accepted,
+    kept_for,
 )
 from party_sync.core.votes import CastRefusal, VoteSpec
 from party_sync.metrics import Metrics, ReadCounter
@@ -318,7 +320,8 @@ class RedisBackend:
     async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot:
         now = time.time() if now is None else now
         async with unavailable("snapshot"):
-            reply = await self.scripts.run("snapshot", party_id, now, narration=True)
+            kept_ms = int(kept_for(self.settings.narration_idle) * 1000)
+            reply = await self.scripts.run("snapshot", party_id, now, [kept_ms], narration=True)
         return snapshot_from(reply)
 
     async def range(
@@ -504,7 +507,14 @@ class RedisBackend:
     async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:
         """``narrate.lua``: one script call for all the pieces (a tick's, coalesced by
         ``publishing.Narrator``), one PUBLISH of the taken ones."""
-        args: list[Arg] = [self.settings.narration_idle, MAX_OPEN_STREAMS, MAX_STREAM_CHARS]
+        idle = self.settings.narration_idle
+        args: list[Arg] = [
+            idle,
+            MAX_OPEN_STREAMS,
+            MAX_STREAM_CHARS,
+            MAX_KEPT_STREAMS,
+            int(kept_for(idle) * 1000),
+        ]
         for p in pieces:
             args += [
                 p.stream_id,
@@ -522,7 +532,9 @@ class RedisBackend:
     async def close_narration(
         self, party_id: str, stream_id: str, now: float, trace_id: str
     ) -> float | None:
-        args: list[Arg] = [stream_id, self.settings.narration_idle, codec.rfc3339(now), trace_id]
+        idle = self.settings.narration_idle
+        kept_ms = int(kept_for(idle) * 1000)
+        args: list[Arg] = [stream_id, idle, codec.rfc3339(now), trace_id, kept_ms]
         async with unavailable("close_narration"):
             reply = await self.scripts.run("close_narration", party_id, now, args, narration=True)
         return float(text(reply[1])) if text(reply[0]) == "due" else None

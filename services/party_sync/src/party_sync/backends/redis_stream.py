@@ -120,7 +120,7 @@ class PartyStream:
         self.last = 0
         self.ready = False  # False while catching up: live events wait in ``pending``
         self.closed = False
-        self.pending: deque[Sequenced] = deque()
+        self.pending: deque[Sequenced | list[Transient]] = deque()
         self._source = source
         self._count_gap = count_gap
         self._max_pending = max_pending
@@ -136,11 +136,10 @@ class PartyStream:
             for listener in list(self.listeners):
                 listener.on_direct(message.character_id, message.data)
         elif isinstance(message, list):
-            for listener in list(self.listeners):
-                try:
-                    listener.on_transient(message)
-                except Exception:  # one broken listener must not starve the others
-                    log.exception("listener failed", extra={"party_id": self.party_id})
+            if self.ready:
+                self._tell(message)
+            else:  # in channel order with the events being repaired (e.g. a result after it)
+                self.pending.append(message)
         elif message is not None:
             if self.ready and self._apply(message):
                 return
@@ -238,10 +237,21 @@ class PartyStream:
         self.last = top
         return False
 
+    def _tell(self, items: list[Transient]) -> None:
+        for listener in list(self.listeners):
+            try:
+                listener.on_transient(items)
+            except Exception:  # one broken listener must not starve the others
+                log.exception("listener failed", extra={"party_id": self.party_id})
+
     def _drain(self) -> bool:
-        """Deliver pending live events in order; False at the first one that does not follow."""
+        """Deliver pending live messages in order; False at the first event that does not
+        follow."""
         while self.pending:
             message = self.pending.popleft()
+            if isinstance(message, list):
+                self._tell(message)
+                continue
             if not self._apply(message):
                 self.pending.appendleft(message)
                 return False

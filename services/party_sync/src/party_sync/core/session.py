@@ -275,7 +275,13 @@ class PartySessions:
             last = max(last, resume.last_seq + len(replay))
         streams = {s["stream_id"]: s["index"] for s in snapshot.narration}
         for stream_id in streams:
-            self._watch_narration(conn.party_id, stream_id, now)
+            # Not seen here yet: when its last piece came is the backend's to say, so it is
+            # asked at once (``close_narration`` closes it or says when to look again); a
+            # reconnect never puts a dead stream's close off.
+            key = (conn.party_id, stream_id)
+            if key not in self._narrating:
+                self._narrating[key] = now - self.rules.narration_idle
+                self._arm(Kind.NARRATION, key, now)
         frames, gap = conn.go_live(last, streams)
         out.extend(Send(data, [conn]) for data in frames)
         if gap:

@@ -27,6 +27,13 @@ from party_sync.protocol import types as t
 MAX_OPEN_STREAMS: Final = 8
 #: The most characters a narration stream holds (its pieces together).
 MAX_STREAM_CHARS: Final = 20_000
+#: The most streams a party's book keeps, open and ended (``NarrationBook``).
+MAX_KEPT_STREAMS: Final = 32
+
+
+def kept_for(idle: float) -> float:
+    """How long a party's narration is kept after its last change (the Redis hash's expiry)."""
+    return max(1.0, 2 * idle)
 
 
 class Transient(NamedTuple):
@@ -162,7 +169,7 @@ class Outcome(Enum):
     GAP = "gap"  # its index is past the next one (or a new stream not starting at 0)
     ENDED = "ended"  # the stream had its last piece (or was closed as idle)
     TOO_LONG = "too_long"  # the stream would hold more than MAX_STREAM_CHARS
-    TOO_MANY = "too_many"  # a new stream while MAX_OPEN_STREAMS are open
+    TOO_MANY = "too_many"  # a new stream that stays open while MAX_OPEN_STREAMS are open
 
     @property
     def accepted(self) -> bool:
@@ -190,31 +197,47 @@ class _Stream:
 
 
 class NarrationBook:
-    """A party's narration streams: open ones with their text, ended ones remembered for
-    ``idle`` seconds (a retried piece of an ended stream is a repeat, not a new stream)."""
+    """A party's narration streams: the open ones with their text, the ended ones remembered
+    (a retried piece of an ended stream is a repeat, not a new stream).
 
-    __slots__ = ("_streams", "idle")
+    Bounded: at most ``MAX_OPEN_STREAMS`` open and ``MAX_KEPT_STREAMS`` in all (past that, a new
+    stream makes room by forgetting the ended ones that ended ``idle`` ago, then the ended one
+    that ended first); and the whole book is forgotten when nothing was written to it for
+    ``kept_for(idle)`` (in Redis: the hash's expiry) — an open stream nobody closed (no member was
+    connected to any node) is forgotten then, not restated.
+    """
+
+    __slots__ = ("_open", "_streams", "idle", "written")
 
     def __init__(self, idle: float) -> None:
         self.idle = idle
         self._streams: dict[str, _Stream] = {}
+        self._open = 0
+        self.written = 0.0  # when a piece or a close last changed the book
+
+    def _expire(self, now: float) -> None:
+        if self._streams and self.written + kept_for(self.idle) <= now:
+            self._streams.clear()
+            self._open = 0
 
     def take(self, p: Piece, now: float) -> Outcome:
         """Apply one piece; the outcome says whether to send it."""
+        self._expire(now)
         stream = self._streams.get(p.stream_id)
         if stream is None:
             if p.index != 0:
                 return Outcome.GAP
-            self._forget_ended(now)
-            if sum(1 for s in self._streams.values() if not s.done) >= MAX_OPEN_STREAMS:
+            if not p.done and self._open >= MAX_OPEN_STREAMS:
                 return Outcome.TOO_MANY
             if len(p.text) > MAX_STREAM_CHARS:
                 return Outcome.TOO_LONG
+            if len(self._streams) >= MAX_KEPT_STREAMS:
+                self._make_room(now)
             self._streams[p.stream_id] = _Stream(
-                [p.text], len(p.text), 0, p.done, p.action_id, now, now
+                [] if p.done else [p.text], len(p.text), 0, p.done, p.action_id, now, now
             )
-            if p.done:
-                self._streams[p.stream_id].parts = []
+            self._open += not p.done
+            self.written = now
             return Outcome.TAKEN
         if p.index <= stream.last:
             return Outcome.REPEAT
@@ -228,13 +251,16 @@ class NarrationBook:
         stream.chars += len(p.text)
         if p.done:
             stream.parts = []  # an ended stream is not restated: its text is not kept
+            self._open -= 1
         else:
             stream.parts.append(p.text)
+        self.written = now
         return Outcome.TAKEN
 
     def close_idle(self, stream_id: str, now: float) -> tuple[int, str | None] | float | None:
         """An open stream without a piece for ``idle`` seconds ends: ``(index, action_id)`` of
         its closing piece. A stream written to since: when to look again. Else None."""
+        self._expire(now)
         stream = self._streams.get(stream_id)
         if stream is None or stream.done:
             return None
@@ -242,10 +268,13 @@ class NarrationBook:
             return stream.updated + self.idle
         # its last index stays the engine's: a late piece after it is ENDED, not a repeat
         stream.done, stream.parts, stream.updated = True, [], now
+        self._open -= 1
+        self.written = now
         return stream.last + 1, stream.action_id
 
-    def open_streams(self) -> list[dict[str, Any]]:
+    def open_streams(self, now: float) -> list[dict[str, Any]]:
         """The open streams as ``system.hello`` restates them, oldest first."""
+        self._expire(now)
         streams = sorted(
             ((s.created, sid, s) for sid, s in self._streams.items() if not s.done),
             key=lambda x: (x[0], x[1]),
@@ -258,9 +287,12 @@ class NarrationBook:
             out.append(entry)
         return out
 
-    def _forget_ended(self, now: float) -> None:
-        ended = [sid for sid, s in self._streams.items() if s.done and s.updated + self.idle <= now]
-        for sid in ended:
+    def _make_room(self, now: float) -> None:
+        """Forget the ended streams that ended ``idle`` ago; if none did, the one that ended
+        first (open streams are never forgotten: there are at most ``MAX_OPEN_STREAMS``)."""
+        ended = sorted((s.updated, sid) for sid, s in self._streams.items() if s.done)
+        stale = [sid for updated, sid in ended if updated + self.idle <= now]
+        for sid in stale or [sid for _, sid in ended[:1]]:
             del self._streams[sid]
 
     def __len__(self) -> int:

@@ -14,6 +14,7 @@ party_sync makes no game decision: it delivers each accepted ``action.request`` 
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -497,8 +498,14 @@ class Narration:
     async def __aenter__(self) -> Narration:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.end()
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        """End the stream; when the block raised, try to end it too, but let the block's error
+        be the one that propagates."""
+        if exc_type is None:
+            await self.end()
+            return
+        with contextlib.suppress(Exception):
+            await self.end()
 
 
 @runtime_checkable

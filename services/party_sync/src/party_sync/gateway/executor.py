@@ -278,6 +278,10 @@ class Executor:
             except BackendUnavailable:
                 await self.run(core.narration_failed(command))
                 return
+            except Exception:  # a bug: logged; the stream is looked at again (never dropped)
+                log.exception("closing an idle narration stream failed")
+                await self.run(core.narration_failed(command))
+                return
             await self.run(core.narration_looked(command, again))
         elif type(command) is FinishVote:
             try:

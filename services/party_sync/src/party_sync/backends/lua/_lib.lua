@@ -223,3 +223,13 @@ local function append(epoch, body, kind, f, also)
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
   return seq, data
 end
+
+-- The party's narration hash (narrate.lua describes it), forgotten when nothing was written to it
+-- for its keep time (core/transient.py kept_for): checked against NOW (the hash's PEXPIRE, set to
+-- the same time, is the backstop that frees the memory). A script that uses it calls this first.
+local function narration_fresh(key, kept_ms)
+  local written = redis.call('HGET', key, 'w')
+  if written and tonumber(written) + kept_ms / 1000 <= NOW then
+    redis.call('DEL', key)
+  end
+end

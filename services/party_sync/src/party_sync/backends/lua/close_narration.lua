@@ -1,9 +1,10 @@
 -- close_narration: close a stream with no piece for narration_idle (NarrationBook.close_idle):
 -- its empty last piece (done) goes to every member. KEYS[12] the narration hash (narrate.lua
 -- describes it). ARGV[7] stream_id, ARGV[8] narration_idle (s), ARGV[9] now as an RFC 3339
--- timestamp, ARGV[10] the trace_id of the closing piece.
+-- timestamp, ARGV[10] the trace_id of the closing piece, ARGV[11] the hash's keep time in ms.
 -- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended or unknown).
 local K_NARRATION, id = KEYS[12], ARGV[7]
+narration_fresh(K_NARRATION, tonumber(ARGV[11]))
 local meta = redis.call('HGET', K_NARRATION, 'm:' .. id)
 if not meta then
   return {'none'}
@@ -20,6 +21,9 @@ local index = string.format('%d', tonumber(last) + 1)
 -- the last index stays the engine's: a late piece after it is 'ended', not a repeat
 redis.call('HSET', K_NARRATION, 'm:' .. id, last .. ' 1 ' .. fmt_time(NOW) .. ' ' .. held .. ' ' .. created)
 redis.call('HDEL', K_NARRATION, 't:' .. id)
+redis.call('HINCRBY', K_NARRATION, 'o', -1)
+redis.call('HSET', K_NARRATION, 'w', fmt_time(NOW))
+redis.call('PEXPIRE', K_NARRATION, tonumber(ARGV[11]))
 local action = redis.call('HGET', K_NARRATION, 'a:' .. id)
 local tail = ''
 if action then

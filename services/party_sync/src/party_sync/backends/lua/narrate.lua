@@ -1,37 +1,58 @@
 -- narrate: take narration pieces in order (core/transient.py NarrationBook.take, rule for rule)
 -- and publish the taken ones to every member in one message (Backend.narrate).
 -- KEYS[12] the party's narration hash. ARGV[7] narration_idle (s), ARGV[8] the most open streams,
--- ARGV[9] the most characters per stream; then 7 values per piece: stream_id, index, text, done
--- ('1' or '0'), action_id ('' for none), the text's length in characters, its narration.delta
--- envelope. Returns each piece's outcome (core/transient.py Outcome values).
+-- ARGV[9] the most characters per stream, ARGV[10] the most streams kept, ARGV[11] the hash's
+-- keep time in ms (kept_for); then 7 values per piece: stream_id, index, text, done ('1' or '0'),
+-- action_id ('' for none), the text's length in characters, its narration.delta envelope.
+-- Returns each piece's outcome (core/transient.py Outcome values).
 --
--- The hash, per stream: m:<id> "<last index> <done 1|0> <updated> <characters> <created>",
+-- The hash: o the number of open streams, n the number of streams kept, w when it was last
+-- written (NOW); per stream m:<id> "<last index> <done 1|0> <updated> <characters> <created>",
 -- t:<id> the text so far (deleted when the stream ends: an ended stream is not restated), a:<id>
--- the action it narrates. It lives twice narration_idle after its last piece; an ended stream is
--- remembered narration_idle (a retried piece of it is a repeat, not a new stream).
+-- the action it narrates. Bounded: at most MAX_OPEN open and MAX_KEPT kept (a new stream past it
+-- forgets the streams that ended narration_idle ago, else the one that ended first), and the
+-- whole hash is forgotten after its keep time without a write.
 local K_NARRATION = KEYS[12]
 local IDLE, MAX_OPEN, MAX_CHARS = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local MAX_KEPT, KEPT_MS = tonumber(ARGV[10]), tonumber(ARGV[11])
+narration_fresh(K_NARRATION, KEPT_MS)
 
--- Forget the streams that ended narration_idle ago; the number of open ones.
-local function open_streams()
-  local open = 0
+local function forget(id)
+  redis.call('HDEL', K_NARRATION, 'm:' .. id, 't:' .. id, 'a:' .. id)
+  redis.call('HINCRBY', K_NARRATION, 'n', -1)
+end
+
+-- NarrationBook._make_room: bounded by MAX_KEPT entries, run only when the book is full.
+local function make_room()
+  local ended = {}
   for _, field in ipairs(redis.call('HKEYS', K_NARRATION)) do
     if string.sub(field, 1, 2) == 'm:' then
-      local meta = redis.call('HGET', K_NARRATION, field)
-      local _, done, updated = string.match(meta, '^(%S+) (%S+) (%S+)')
-      if done ~= '1' then
-        open = open + 1
-      elseif tonumber(updated) + IDLE <= NOW then
-        local id = string.sub(field, 3)
-        redis.call('HDEL', K_NARRATION, field, 't:' .. id, 'a:' .. id)
+      local _, done, updated = string.match(redis.call('HGET', K_NARRATION, field), '^(%S+) (%S+) (%S+)')
+      if done == '1' then
+        ended[#ended + 1] = {tonumber(updated), string.sub(field, 3)}
       end
     end
   end
-  return open
+  table.sort(ended, function(a, b)
+    if a[1] ~= b[1] then
+      return a[1] < b[1]
+    end
+    return a[2] < b[2]
+  end)
+  local forgot = false
+  for _, entry in ipairs(ended) do
+    if entry[1] + IDLE <= NOW then
+      forget(entry[2])
+      forgot = true
+    end
+  end
+  if not forgot and ended[1] then
+    forget(ended[1][2])
+  end
 end
 
 local taken, outcomes = {}, {}
-for i = 10, #ARGV, 7 do
+for i = 12, #ARGV, 7 do
   local id, index, text, done = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   local action, chars, frame = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
   local meta = redis.call('HGET', K_NARRATION, 'm:' .. id)
@@ -39,15 +60,21 @@ for i = 10, #ARGV, 7 do
   if not meta then
     if index ~= 0 then
       outcome = 'gap'
-    elseif open_streams() >= MAX_OPEN then
+    elseif done ~= '1' and tonumber(redis.call('HGET', K_NARRATION, 'o') or '0') >= MAX_OPEN then
       outcome = 'too_many'
     elseif chars > MAX_CHARS then
       outcome = 'too_long'
     else
+      if tonumber(redis.call('HGET', K_NARRATION, 'n') or '0') >= MAX_KEPT then
+        make_room()
+      end
       local kept = text
       if done == '1' then
         kept = ''
+      else
+        redis.call('HINCRBY', K_NARRATION, 'o', 1)
       end
+      redis.call('HINCRBY', K_NARRATION, 'n', 1)
       redis.call('HSET', K_NARRATION, 'm:' .. id,
         '0 ' .. done .. ' ' .. fmt_time(NOW) .. ' ' .. chars .. ' ' .. fmt_time(NOW), 't:' .. id, kept)
       if action ~= '' then
@@ -70,6 +97,7 @@ for i = 10, #ARGV, 7 do
         .. fmt_time(NOW) .. ' ' .. string.format('%d', held + chars) .. ' ' .. created)
       if done == '1' then
         redis.call('HDEL', K_NARRATION, 't:' .. id)
+        redis.call('HINCRBY', K_NARRATION, 'o', -1)
       else
         redis.call('HSET', K_NARRATION, 't:' .. id, (redis.call('HGET', K_NARRATION, 't:' .. id) or '') .. text)
       end
@@ -81,7 +109,8 @@ for i = 10, #ARGV, 7 do
   outcomes[#outcomes + 1] = outcome
 end
 if #taken > 0 then
+  redis.call('HSET', K_NARRATION, 'w', fmt_time(NOW))
+  redis.call('PEXPIRE', K_NARRATION, KEPT_MS)
   publish_transient(table.concat(taken, ','))
-  redis.call('PEXPIRE', K_NARRATION, math.max(1000, math.floor(IDLE * 2000)))
 end
 return outcomes

@@ -1,5 +1,5 @@
 -- snapshot: the projection behind system.hello, consistent with its seq (Backend.snapshot).
--- KEYS[12] the party's narration hash (narrate.lua describes it).
+-- KEYS[12] the party's narration hash (narrate.lua describes it), ARGV[7] its keep time in ms.
 -- Returns {epoch, seq, member ids in roster order, names (flat), online ids, state (flat),
 -- ballots of the open vote (flat), actions in flight (flat: action_id, character_id,
 -- action_type, until), open narration streams (flat: stream_id, last index, text, action_id or
@@ -20,6 +20,7 @@ for i = 1, #locks, 2 do
   end
 end
 local streams = {}
+narration_fresh(KEYS[12], tonumber(ARGV[7]))
 for _, field in ipairs(redis.call('HKEYS', KEYS[12])) do
   if string.sub(field, 1, 2) == 'm:' then
     local id = string.sub(field, 3)
