@@ -10,12 +10,14 @@
  *
  * What a player sees, on every member's screen: the game master's narration as it is written
  * (`#live`, replaced by the final scene text when it arrives), each action being resolved
- * ("Aria chooses — the game master is deciding…", `#in-flight`), the open vote with the
- * player's own ballot marked (the scene's options are not offered beside it), an error once, in
- * words, next to the action that caused it, and a story log without the protocol's chatter (the
- * "details" switch shows every event). A link the server refuses says so (and offers the picker
- * in development mode) instead of reconnecting forever; while reconnecting, the party list says
- * it may be out of date.
+ * ("Aria made a choice — the game master is deciding…", `#in-flight`), the open vote with the
+ * player's own ballot marked (the scene's options are not offered beside it, nor while the
+ * party's choice is being settled after it closed), an error once, in words, next to the action
+ * that caused it (until that place's next action goes through or the scene or fight moves on),
+ * and a story log without the protocol's chatter (the "details" switch shows every event). A
+ * link the server refuses says so (and offers the picker in development mode) instead of
+ * reconnecting forever, and so does leaving: the page then shows only that; while reconnecting,
+ * the party list says it may be out of date.
  */
 import {
   ClientClosedError,
@@ -130,6 +132,31 @@ function appendLog(text: string | Node[], options: LogOptions = {}): HTMLLIEleme
   while (log.children.length > LOG_LIMIT) log.firstElementChild?.remove();
   if (atBottom) log.scrollTop = log.scrollHeight;
   return item;
+}
+
+/**
+ * The log line `item` (the event `seq`) tells what happened before the chapter line just above
+ * it (engines publish an action's new scene, then the fight's end): show it above that chapter,
+ * and keep the event itself, in seq order, among the details.
+ */
+function storyBeforeChapter(item: HTMLLIElement, seq: number): void {
+  let previous = item.previousElementSibling;
+  while (previous !== null && previous.classList.contains("detail")) {
+    previous = previous.previousElementSibling;
+  }
+  if (
+    !(previous instanceof HTMLLIElement) ||
+    !previous.classList.contains("chapter") ||
+    previous.dataset["seq"] !== String(seq - 1)
+  ) {
+    return;
+  }
+  const story = item.cloneNode(true) as HTMLLIElement;
+  delete story.dataset["seq"];
+  story.querySelector(".seq")?.remove();
+  story.dataset["story"] = "true";
+  previous.before(story);
+  item.classList.add("detail");
 }
 
 function note(text: string, options: { kind?: string; detail?: boolean } = {}): HTMLLIElement {
@@ -383,12 +410,23 @@ function pickCharacter(config: DemoConfig, reload = false): Promise<TokenSource>
   });
 }
 
-/** The link cannot be used (refused, expired): say so, and offer the picker in development. */
-function linkProblem(config: DemoConfig, problem: string, status: string): void {
+/** Why the page stopped playing for good; then it shows only that (and the picker in dev mode). */
+let ended: "link" | "left" | null = null;
+
+/** Hide everything that belongs to playing: the page shows only the sign-in card and the log. */
+function stopPlaying(why: "link" | "left"): void {
+  ended = why;
   for (const id of ["party", "vote", "vote-result", "combat", "now", "scene", "leave"]) {
     show(id, false);
   }
   show("log-card", log.querySelector("li:not(.detail)") !== null);
+  // The story stays readable; the "details" switch is for a page that plays.
+  show("log-details-toggle", false);
+}
+
+/** The link cannot be used (refused, expired): say so, and offer the picker in development. */
+function linkProblem(config: DemoConfig, problem: string, status: string): void {
+  stopPlaying("link");
   const box = $("signin-problem");
   box.textContent = problem;
   box.hidden = false;
@@ -405,20 +443,53 @@ function linkProblem(config: DemoConfig, problem: string, status: string): void 
   setStatus("closed", status);
 }
 
+/** This player left the party: say so (leaving is not for good: the same link brings them back). */
+function leftParty(config: DemoConfig): void {
+  stopPlaying("left");
+  show("signin-problem", false);
+  $("signin-title").textContent = "You left the party";
+  if (config.dev_mode) {
+    void pickCharacter(config, true);
+    $("signin-text").textContent =
+      `You are no longer in ${config.party_id}. Development mode: pick a character to play again.`;
+  } else {
+    show("signin", true);
+    $("signin-choices").replaceChildren();
+    $("signin-text").textContent =
+      "You are no longer in the party. To come back, open your link to the party again.";
+  }
+  setStatus("closed", "Left the party");
+}
+
 // --- what this page remembers -----------------------------------------------------------------
 
 let client: PartySyncClient | null = null;
+/** What to say about one of my own actions: while it is being decided, and in the log. */
+interface Said {
+  /** "You chose “Row out to the reef”", "You try a skill check". */
+  doing: string;
+  /** "You chose “Row out to the reef”", "Your skill check" (then " — success"). */
+  done: string;
+}
 /** My own action waiting for its answer (one at a time), with what to say about it. */
-let mine: { actionId: string; label: string; where: Where } | null = null;
-/** Labels of my own recent actions, for the log. */
-const myLabels = new Map<string, string>();
+let mine: { actionId: string; said: Said; where: Where } | null = null;
+/** My own recent actions, for the log and for the error box their answer clears. */
+const myActions = new Map<string, { said: Said; where: Where }>();
+/** My display name, once the roster has shown it (it stays in the header after I leave). */
+let myName: string | null = null;
+/**
+ * A party vote closed and the party's choice has not led to a scene yet: from vote.finished (or
+ * the party's action accepted) until the next scene.update after that action's answer. The
+ * scene's options are not offered meanwhile: the engine is settling them.
+ */
+let partyDeciding = false;
 /** The ballot I cast and the server has not confirmed yet. */
 let pendingBallot: { voteId: string; option: string } | null = null;
 /** Every vote's options, for the labels of its result and of the party's choice. */
 const voteOptions = new Map<string, readonly Option[]>();
 let clockOffsetMs = 0;
 let lastRendered: Partial<
-  Record<"members" | "scene" | "combat" | "vote" | "partyState" | "connected", unknown>
+  Record<"members" | "scene" | "combat" | "vote" | "partyState" | "connected" | "deciding", unknown>
 > = {};
 
 function setStatus(status: string, text: string): void {
@@ -502,6 +573,11 @@ function renderMembers(state: PartySnapshot): void {
   show("party", true);
 }
 
+/** The party's vote is being settled (see `partyDeciding`). */
+function partyIsDeciding(state: PartySnapshot): boolean {
+  return partyDeciding || state.actionsInFlight.some((a) => a.character_id === PARTY_ACTOR);
+}
+
 function iAmActing(state: PartySnapshot | null): boolean {
   if (mine !== null) return true;
   return state?.actionsInFlight.some((a) => a.character_id === state.you) ?? false;
@@ -524,15 +600,26 @@ function renderScene(state: PartySnapshot): void {
   setText($("scene-title"), scene.title);
   setText($("scene-narration"), scene.narration);
   // While the party votes, its options are the vote's: not offered again here (the engine
-  // refuses a choice the vote settles).
+  // refuses a choice the vote settles). Once it closed, the party's choice is being settled:
+  // none is offered until the scene it leads to arrives.
   const voting = new Set(state.vote?.options.map((o) => o.id) ?? []);
-  const options = scene.options.filter((o) => !voting.has(o.id));
-  show("scene-vote-hint", voting.size > 0);
+  const deciding = partyIsDeciding(state);
+  const options = deciding ? [] : scene.options.filter((o) => !voting.has(o.id));
+  const hint = $("scene-vote-hint");
+  if (voting.size > 0) {
+    hint.textContent = "The party is deciding this by vote: cast your ballot above.";
+    hint.dataset["reason"] = "vote";
+  } else if (deciding && scene.options.length > 0) {
+    hint.textContent = "The party has chosen: the story goes on once the game master settles it.";
+    hint.dataset["reason"] = "party";
+  }
+  hint.hidden = !(voting.size > 0 || (deciding && scene.options.length > 0));
   $("scene-options").replaceChildren(
     ...options.map((option) => {
       const button = el("button", { text: option.label, attrs: { "data-option": option.id } });
+      const said = `You chose “${option.label}”`;
       button.addEventListener("click", () =>
-        act("choice", { option: option.id }, `“${option.label}”`, "scene"),
+        act("choice", { option: option.id }, { doing: said, done: said }, "scene"),
       );
       return button;
     }),
@@ -551,6 +638,7 @@ function bar(percent: number): HTMLSpanElement {
 function renderCombat(combat: Combat | null): void {
   const active = combat !== null && combat.active;
   show("combat", active);
+  document.body.dataset["fight"] = String(active);
   if (!active || combat === null) {
     clearError("combat");
     return;
@@ -589,13 +677,16 @@ function renderCombat(combat: Combat | null): void {
   const buttons = enemies.map((enemy) => {
     const button = el("button", { text: `Attack ${enemy.name}`, attrs: { "data-move": "attack" } });
     button.dataset["target"] = enemy.id;
+    const said = `You attack ${enemy.name}`;
     button.addEventListener("click", () =>
-      act("combat", { move: "attack", target: enemy.id }, `attack ${enemy.name}`, "combat"),
+      act("combat", { move: "attack", target: enemy.id }, { doing: said, done: said }, "combat"),
     );
     return button;
   });
   const defend = el("button", { className: "secondary", text: "Defend", attrs: { "data-move": "defend" } });
-  defend.addEventListener("click", () => act("combat", { move: "defend" }, "defend", "combat"));
+  defend.addEventListener("click", () =>
+    act("combat", { move: "defend" }, { doing: "You defend", done: "You defend" }, "combat"),
+  );
   $("combat-actions").replaceChildren(...buttons, defend);
   updateButtons();
 }
@@ -653,13 +744,12 @@ function tickCountdown(): void {
   $("vote").dataset["remainingS"] = String(seconds);
 }
 
-/** What an action in flight is, in words ("Aria chooses", "You: attack Reefclaw"). */
+/** What an action in flight is, in words ("You attack Reefclaw", "Aria made a choice"). */
 function describeInFlight(state: PartySnapshot, action: ActionInFlight): string {
-  if (mine?.actionId === action.action_id || action.character_id === state.you) {
-    const label = myLabels.get(action.action_id);
-    if (label !== undefined) return `You: ${label}`;
+  if (action.character_id === state.you) {
+    const said = myActions.get(action.action_id)?.said;
+    if (said !== undefined) return said.doing;
   }
-  const who = action.character_id === state.you ? "You" : nameOf(state, action.character_id);
   if (action.character_id === PARTY_ACTOR) {
     const voteId = action.action_id.startsWith("vote:") ? action.action_id.slice(5) : null;
     const winner = state.lastVoteResult;
@@ -668,14 +758,16 @@ function describeInFlight(state: PartySnapshot, action: ActionInFlight): string 
     }
     return "The party's choice";
   }
-  const you = who === "You";
+  // action.accepted says what kind of action it is, not which option or move.
+  const you = action.character_id === state.you;
+  const who = you ? "You" : nameOf(state, action.character_id);
   switch (action.action_type) {
     case "choice":
-      return `${who} ${you ? "choose" : "chooses"}`;
+      return `${who} made a choice`;
     case "combat":
-      return `${who} ${you ? "fight" : "fights"}`;
+      return `${who} made a move in the fight`;
     case "skill_check":
-      return `${who} ${you ? "try" : "tries"} a skill check`;
+      return `${who} tried a skill check`;
   }
 }
 
@@ -690,7 +782,7 @@ function renderNow(state: PartySnapshot): void {
   if (mine !== null && !listed.has(mine.actionId)) {
     // Sent (or queued while offline), not accepted yet.
     const waiting = connected() ? "sending" : "queued";
-    items.push(inFlightItem(mine.actionId, state.you, `You: ${mine.label}`, waiting));
+    items.push(inFlightItem(mine.actionId, state.you, mine.said.doing, waiting));
   }
   const list = $("in-flight");
   list.replaceChildren(...items);
@@ -744,7 +836,11 @@ function renderLive(streams: readonly Narration[]): void {
     if (text !== null) setText(text, stream.incomplete && !stream.text ? "…" : stream.text);
     return node;
   });
+  // The text area has a capped height (the scene's options stay near on a phone): follow the
+  // words as they come, unless the player scrolled up to read.
+  const following = live.scrollHeight - live.scrollTop - live.clientHeight < 24;
   live.replaceChildren(...nodes);
+  if (following) live.scrollTop = live.scrollHeight;
 }
 
 function updateButtons(): void {
@@ -761,6 +857,9 @@ function updateButtons(): void {
 }
 
 function render(state: PartySnapshot): void {
+  // The page stopped playing (a link that does not work, or this player left): it shows that
+  // alone, whatever the last state was.
+  if (ended !== null) return;
   // Every change makes new objects: re-render only the panels whose data changed.
   const next = {
     members: state.members,
@@ -769,6 +868,7 @@ function render(state: PartySnapshot): void {
     combat: state.combat,
     vote: state.vote,
     connected: connected(),
+    deciding: partyIsDeciding(state),
   };
   if (
     next.members !== lastRendered.members ||
@@ -777,13 +877,21 @@ function render(state: PartySnapshot): void {
   ) {
     renderMembers(state);
   }
-  if (next.scene !== lastRendered.scene || next.vote !== lastRendered.vote) renderScene(state);
+  if (
+    next.scene !== lastRendered.scene ||
+    next.vote !== lastRendered.vote ||
+    next.deciding !== lastRendered.deciding
+  ) {
+    renderScene(state);
+  }
   if (next.combat !== lastRendered.combat) renderCombat(state.combat);
   if (next.vote !== lastRendered.vote) renderVote(state.vote);
   renderNow(state);
   updateButtons();
   lastRendered = next;
-  $("title").firstChild!.textContent = `${nameOf(state, state.you)} `;
+  const me = state.members.find((m) => m.character_id === state.you);
+  if (me !== undefined) myName = me.display_name;
+  $("title").firstChild!.textContent = `${myName ?? state.you} `;
   $("title-party").textContent = state.partyId;
   show("log-card", true);
   show("leave", true);
@@ -794,16 +902,24 @@ function render(state: PartySnapshot): void {
 function resultNodes(state: PartySnapshot | null, message: ActionResultMessage): Node[] {
   const p = message.payload;
   const you = state !== null && p.character_id === state.you;
-  const label = myLabels.get(p.action_id);
+  const said = myActions.get(p.action_id)?.said;
   let what: string;
   if (p.character_id === PARTY_ACTOR) what = "The party";
-  else if (you && label !== undefined) what = `You: ${label}`;
+  else if (you && said !== undefined) what = said.done;
   else if (you) what = "You";
   else what = nameOf(state, p.character_id);
   const sign = p.roll && p.roll.modifier >= 0 ? "+" : "";
-  const roll = p.roll
-    ? ` (d20 ${p.roll.value}${sign}${p.roll.modifier} = ${p.roll.total} vs ${p.roll.difficulty})`
-    : "";
+  // The roll once: engines often tell it in their narration already ("… (14+3=17 vs 12): …").
+  const told =
+    p.roll !== undefined &&
+    p.narration !== undefined &&
+    new RegExp(`(^|[^0-9])${p.roll.total}\\s*vs\\.?\\s*${p.roll.difficulty}([^0-9]|$)`).test(
+      p.narration,
+    );
+  const roll =
+    p.roll && !told
+      ? ` (d20 ${p.roll.value}${sign}${p.roll.modifier} = ${p.roll.total} vs ${p.roll.difficulty})`
+      : "";
   const outcome = p.outcome.replace(/_/g, " ");
   const nodes: Node[] = [el("strong", { text: `${what} — ${outcome}${roll}` })];
   if (p.narration) nodes.push(el("span", { className: "story", text: p.narration }));
@@ -874,36 +990,37 @@ function describe(state: PartySnapshot | null, event: PartyEvent | UnknownPartyE
 // --- the "vote closed" banner ---------------------------------------------------------------------
 
 /**
- * Shown when a vote closes; it explains the scene the vote led to, and goes away with the next
- * scene after that one (or when another vote opens).
+ * Shown when a vote closes, while the party's choice is being settled; it goes away with the
+ * first scene.update after the answer to the party's choice (the scene it led to), with any new
+ * scene, when the party's choice fails, or when another vote opens.
  */
-function showVoteBanner(state: PartySnapshot | null, voteId: string, winner: string, text: string): void {
+function showVoteBanner(voteId: string, winner: string, text: string): void {
   const banner = $("vote-result");
   banner.textContent = text;
   banner.dataset["winner"] = winner;
   banner.dataset["voteAction"] = `vote:${voteId}`;
-  banner.dataset["sceneNumber"] = String(state?.sceneNumber ?? 0);
   delete banner.dataset["settled"];
-  banner.hidden = false;
+  banner.hidden = ended !== null;
 }
 
-function onSceneForBanner(sceneNumber: number): void {
+function hideVoteBanner(): void {
   const banner = $("vote-result");
-  if (banner.hidden) return;
-  const shownAt = Number(banner.dataset["sceneNumber"] ?? "0");
-  // The vote's own outcome scene keeps it; the one after that ends it.
-  if (banner.dataset["settled"] === "outcome" || sceneNumber > shownAt + 1) {
-    banner.hidden = true;
-    return;
-  }
-  if (banner.dataset["settled"] === "result") banner.dataset["settled"] = "outcome";
+  banner.hidden = true;
+  delete banner.dataset["voteAction"];
+  delete banner.dataset["settled"];
 }
 
+/** A scene.update (`isNew`: another scene than the current one). */
+function onSceneForBanner(isNew: boolean): void {
+  const banner = $("vote-result");
+  if (banner.dataset["voteAction"] === undefined) return;
+  if (isNew || banner.dataset["settled"] === "result") hideVoteBanner();
+}
+
+/** An action.result: the party's choice answered, the next scene.update ends the banner. */
 function onResultForBanner(actionId: string): void {
   const banner = $("vote-result");
-  if (!banner.hidden && banner.dataset["voteAction"] === actionId) {
-    banner.dataset["settled"] = "result";
-  }
+  if (banner.dataset["voteAction"] === actionId) banner.dataset["settled"] = "result";
 }
 
 // --- actions ------------------------------------------------------------------------------------
@@ -911,16 +1028,16 @@ function onResultForBanner(actionId: string): void {
 function act(
   type: "choice" | "combat" | "skill_check",
   payload: Record<string, unknown>,
-  label: string,
+  said: Said,
   where: Where,
 ): void {
   const c = client;
   if (c === null || !actionsEnabled()) return;
   clearError(where);
   const actionId = newId();
-  mine = { actionId, label, where };
-  myLabels.set(actionId, label);
-  while (myLabels.size > 64) myLabels.delete(myLabels.keys().next().value ?? "");
+  mine = { actionId, said, where };
+  myActions.set(actionId, { said, where });
+  while (myActions.size > 64) myActions.delete(myActions.keys().next().value ?? "");
   if (c.state !== null) render(c.state);
   const sent =
     type === "choice"
@@ -989,16 +1106,27 @@ async function start(): Promise<void> {
   wire(c, loaded);
   setInterval(tickCountdown, 250);
   $("skill-check").addEventListener("click", () =>
-    act("skill_check", {}, "a skill check", "scene"),
+    act("skill_check", {}, { doing: "You try a skill check", done: "Your skill check" }, "scene"),
   );
+  const leave = $("leave") as HTMLButtonElement;
   let armed = false;
-  $("leave").addEventListener("click", () => {
+  leave.addEventListener("click", () => {
     if (!armed) {
+      // Honest: the same link brings the player back, so this is not "for good".
       armed = true;
-      $("leave").textContent = "Tap again to leave for good";
+      leave.textContent = "Tap again to leave";
+      leave.dataset["armed"] = "true";
       return;
     }
+    leave.disabled = true;
+    leave.textContent = "Leaving…";
     void client?.leave();
+  });
+  leave.addEventListener("blur", () => {
+    if (!armed || leave.disabled) return;
+    armed = false;
+    leave.textContent = "Leave the party";
+    delete leave.dataset["armed"];
   });
   $("log-details").addEventListener("change", (event) => {
     log.dataset["details"] = String((event.target as HTMLInputElement).checked);
@@ -1041,6 +1169,7 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
         linkProblem(cfg, problem, connectionText(change));
       } else if (change.closedReason === "left") {
         note("You left the party.");
+        leftParty(cfg);
       } else if (change.closedReason === "policy") {
         note("Disconnected by the server: this page sent too much at once.", { kind: "error" });
       }
@@ -1061,12 +1190,20 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       note(`Scene ${p.scene.scene_number}: ${p.scene.title}`, { kind: "chapter" });
     }
     if (p.vote !== null) voteOptions.set(p.vote.vote_id, p.vote.options);
-    if (!resumed) lastRendered = {};
+    if (!resumed) {
+      // A fresh snapshot: what it says is in flight is all there is to wait for.
+      lastRendered = {};
+      partyDeciding = p.actions_in_flight.some((a) => a.character_id === PARTY_ACTOR);
+      const banner = $("vote-result").dataset["voteAction"];
+      if (banner !== undefined && !p.actions_in_flight.some((a) => a.action_id === banner)) {
+        hideVoteBanner();
+      }
+    }
   });
   c.on("state", (state) => render(state));
   c.on("event", (event) => {
     const { text, detail, kind } = describe(c.state, event);
-    appendLog(text, {
+    const item = appendLog(text, {
       seq: event.seq,
       type: event.type,
       detail,
@@ -1076,23 +1213,55 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
     switch (event.type) {
       case "vote.started":
         voteOptions.set(event.payload.vote_id, event.payload.options);
-        show("vote-result", false);
+        hideVoteBanner();
         break;
       case "vote.finished": {
         const p = event.payload;
         const label = optionLabel(p.vote_id, p.winner, c.state);
-        showVoteBanner(c.state, p.vote_id, p.winner, `The party decided: “${label}”.`);
+        showVoteBanner(p.vote_id, p.winner, `The party decided: “${label}”.`);
+        partyDeciding = true;
         break;
       }
-      case "action.result":
-        onResultForBanner(event.payload.action_id);
+      case "action.result": {
+        const p = event.payload;
+        onResultForBanner(p.action_id);
+        // My action went through: an error shown about that place is old news.
+        const own = myActions.get(p.action_id);
+        if (own !== undefined && c.state !== null && p.character_id === c.state.you) {
+          clearError(own.where);
+        }
         break;
-      case "scene.update":
-        if (newScene(c.state, event.payload)) onSceneForBanner(event.payload.scene_number);
+      }
+      case "scene.update": {
+        onSceneForBanner(newScene(c.state, event.payload));
+        // The party's choice was answered: the scene it led to brings the options back.
+        if (!c.state?.actionsInFlight.some((a) => a.character_id === PARTY_ACTOR)) {
+          partyDeciding = false;
+        }
+        // The story moved on: an error about an action here is old news.
+        clearError("scene");
+        clearError("combat");
+        break;
+      }
+      case "combat.update":
+        clearError("scene");
+        clearError("combat");
+        if (!event.payload.active) {
+          // The fight ended with the action before this scene: tell it before the new scene.
+          storyBeforeChapter(item, event.seq);
+        }
         break;
     }
   });
+  c.on("actionAccepted", (message) => {
+    if (message.payload.character_id === PARTY_ACTOR) partyDeciding = true;
+  });
   c.on("actionFailed", (message) => {
+    if (message.payload.character_id === PARTY_ACTOR) {
+      // The party's choice was refused: the scene stays as it is, its options are open again.
+      partyDeciding = false;
+      if ($("vote-result").dataset["voteAction"] === message.payload.action_id) hideVoteBanner();
+    }
     const state = c.state;
     if (state !== null && message.payload.character_id === state.you) return; // shown in place
     const who = nameOf(state, message.payload.character_id);

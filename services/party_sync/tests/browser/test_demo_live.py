@@ -1,6 +1,8 @@
 """The demo page as a player lives it, in a real headless chromium: narration written live on
 every screen (and after a reconnect in the middle of it), actions seen as they happen, an error
-in words next to the action, and a link that does not work.
+in words next to the action (and gone once the fight moves on), a link that does not work (at
+the start, or during play), leaving the party, and a closed vote whose choice is being settled
+(no option offered meanwhile, the "party decided" banner until the scene it leads to).
 
 Two players: Aria on a phone (390×844) behind a TCP proxy the test can cut, Borin on a desktop
 window. The narration is driven through the server's HTTP API (``POST .../narration`` with the
@@ -19,6 +21,7 @@ from typing import Any
 import pytest
 from campaign_engine import ReferenceEngine
 from party_sync.auth import issue_token
+from party_sync.engine.interface import ActionRequest
 from playwright.async_api import Browser, expect
 from ps_testkit.browser import Player, chromium, open_player, screenshot
 from ps_testkit.engines import ScriptedEngine
@@ -128,9 +131,9 @@ async def test_narration_is_written_live_on_both_screens_and_resumes_mid_stream(
         # Aria acts: every screen shows it being resolved, in words.
         await aria.page.get_by_role("button", name="Force the gate").click()
         mine = aria.page.locator("#in-flight li[data-phase='deciding']")
-        await expect(mine).to_have_text("You: “Force the gate” — the game master is deciding…")
+        await expect(mine).to_have_text("You chose “Force the gate” — the game master is deciding…")
         theirs = borin.page.locator("#in-flight li")
-        await expect(theirs).to_have_text("Aria chooses — the game master is deciding…")
+        await expect(theirs).to_have_text("Aria made a choice — the game master is deciding…")
         await expect(aria.page.get_by_role("button", name="Climb the wall")).to_be_disabled()
         action = await mine.get_attribute("data-action-id")
         assert action is not None
@@ -225,7 +228,7 @@ async def test_the_reference_engine_narrates_an_action_on_every_screen(browser: 
             await expect(player.page.locator("#scene-title")).to_have_text("The Drowned Harbor")
         await aria.page.get_by_role("button", name="Row out to the reef").click()
         await expect(borin.page.locator("#in-flight li")).to_have_text(
-            "Aria chooses — the game master is deciding…"
+            "Aria made a choice — the game master is deciding…"
         )
         seen: list[str] = [""]
         for _ in range(3):  # three pieces, one at a time, on both screens
@@ -265,7 +268,7 @@ async def test_a_refused_action_is_explained_once_next_to_it(browser: Browser) -
         await publish_scene(srv, 1, "The Gate", ["Force the gate"])
         await aria.page.get_by_role("button", name="Force the gate").click()
         await expect(borin.page.locator("#in-flight li")).to_have_text(
-            "Aria chooses — the game master is deciding…"
+            "Aria made a choice — the game master is deciding…"
         )
         engine.gate.set()
         error = aria.page.locator("#scene-error")
@@ -334,3 +337,352 @@ async def test_in_development_mode_an_invalid_link_offers_the_picker(browser: Br
         await expect(player.page.locator("#signin")).to_be_hidden()
         assert "token=" not in player.page.url and "as=borin" in player.page.url
         player.assert_clean()
+
+
+# --- the page stops playing: a link that stops working, leaving -------------------------------
+
+
+async def clickable(player: Player) -> list[str]:
+    """Every control a player can use on the page now: "signin:<what>" inside the sign-in card."""
+    found: list[str] = await player.page.evaluate(
+        """() => [...document.querySelectorAll(
+                'button, input, select, textarea, a[href], [tabindex]')]
+            .filter(e => e.getClientRects().length > 0 && !e.disabled)
+            .map(e => (e.closest('#signin') ? 'signin:' : '') +
+                      (e.id || e.dataset.character || e.textContent.trim()))"""
+    )
+    return found
+
+
+PLAYING = ("#party", "#scene", "#now", "#combat", "#vote", "#vote-result", "#leave")
+
+
+async def expect_only_the_sign_in_card(player: Player, *, dev_mode: bool) -> None:
+    """The page shows that it stopped, alone: nothing of the party, nothing to click but the
+    picker in development mode."""
+    await expect(player.page.locator("#signin")).to_be_visible()
+    for panel in PLAYING:
+        await expect(player.page.locator(panel)).to_be_hidden()
+    controls = await clickable(player)
+    if dev_mode:
+        assert controls and all(c.startswith("signin:") for c in controls), controls
+        assert {"signin:aria", "signin:borin"} <= set(controls), controls
+    else:
+        assert controls == [], controls
+
+
+async def block(srv: Running, character: str) -> None:
+    """An operator disconnects the character and refuses it for a minute (the admin API)."""
+    async with srv.http.delete(
+        f"{srv.base}/api/v1/parties/{PARTY}/members/{character}/connections",
+        params={"until": str(time.time() + 60)},
+        headers={"Authorization": f"Bearer {KEY}"},
+    ) as response:
+        assert response.status == 202, await response.text()
+
+
+@pytest.mark.parametrize("dev_mode", [False, True], ids=["production", "development"])
+@pytest.mark.parametrize("how", ["expires", "refused"])
+async def test_a_link_that_stops_working_during_play_leaves_only_its_message(
+    browser: Browser, how: str, dev_mode: bool
+) -> None:
+    """The token expires while the page plays (the server closes with 4001), or the open tab's
+    link is refused on its reconnect (an operator's block, 403): the page says so and shows
+    nothing of the party it played in any more (no dead "Leave" button)."""
+    settings = make_settings(api_key=KEY)
+    # Long enough to see the page play first, short enough to wait for (on the page).
+    ttl = 8.0 if how == "expires" else 3600.0
+    async with serve_in_process(settings, engine=ScriptedEngine(), dev_mode=dev_mode) as srv:
+        aria = await open_player(
+            browser, f"stops-{how}-{dev_mode}", page_url(srv.base, token("aria", "Aria", ttl=ttl))
+        )
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        await publish_scene(srv, 1, "The Gate", ["Force the gate"])
+        await expect(aria.page.locator("#scene-title")).to_have_text("The Gate")
+        for panel in ("#party", "#scene", "#leave"):
+            await expect(aria.page.locator(panel)).to_be_visible()
+        if how == "refused":
+            await block(srv, "aria")
+            expected = "The server refused this connection"
+        else:
+            expected = "This link has expired."
+        problem = aria.page.locator("#signin-problem")
+        await expect(problem).to_contain_text(expected, timeout=int(ttl * 1000) + TIMEOUT)
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "closed")
+        await expect(aria.page.locator("#signin-title")).to_have_text("This link does not work")
+        await expect_only_the_sign_in_card(aria, dev_mode=dev_mode)
+        # The story so far stays readable.
+        await expect(aria.page.locator("#log li:visible").first).to_have_text(
+            "Scene 1: The Gate", use_inner_text=True
+        )
+        await screenshot(aria, "link-stops", f"{how}-{'dev' if dev_mode else 'prod'}")
+        if dev_mode:
+            await aria.page.get_by_role("button", name="Play Borin").click()
+            await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+            await expect(aria.page.locator("#title")).to_have_text("Borin demo-party")
+            await expect(aria.page.locator("#leave")).to_be_visible()
+        aria.assert_clean()
+
+
+@pytest.mark.parametrize("dev_mode", [False, True], ids=["production", "development"])
+async def test_leaving_shows_that_you_left_and_nothing_to_click(
+    browser: Browser, dev_mode: bool
+) -> None:
+    settings = make_settings(api_key=KEY)
+    async with serve_in_process(settings, engine=ScriptedEngine(), dev_mode=dev_mode) as srv:
+        if dev_mode:  # the page mints its tokens (the demo party); Borin watches from it too
+            party = "demo-party"
+            aria = await open_player(browser, "leave-dev", f"{srv.base}/demo?as=aria")
+            borin = await open_player(browser, "leave-dev-borin", f"{srv.base}/demo?as=borin")
+        else:
+            party = PARTY
+            aria = await open_player(browser, "leave", page_url(srv.base, token("aria", "Aria")))
+            borin = await open_player(
+                browser, "leave-borin", page_url(srv.base, token("borin", "Borin"))
+            )
+        for player in (aria, borin):
+            await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
+            await expect(player.page.locator("#members li")).to_have_count(2)
+        leave = aria.page.locator("#leave")
+        await expect(leave).to_have_text("Leave the party")
+        await leave.click()
+        # Honest: the same link brings Aria back, so the page does not say "for good".
+        await expect(leave).to_have_text("Tap again to leave")
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        await leave.click()
+
+        await expect(aria.page.locator("#signin-title")).to_have_text("You left the party")
+        await expect(aria.page.locator("#status")).to_have_text("Left the party")
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "closed")
+        # The header keeps her name (not the lower-case id once the roster dropped her).
+        await expect(aria.page.locator("#title")).to_have_text(f"Aria {party}")
+        await expect(aria.page.locator("#signin-problem")).to_be_hidden()
+        await expect_only_the_sign_in_card(aria, dev_mode=dev_mode)
+        await expect(borin.page.locator("#members li")).to_have_count(1)
+        await expect(borin.page.locator("#log li:visible").last).to_have_text(
+            "Aria left the party", use_inner_text=True
+        )
+        await screenshot(aria, "left", "dev" if dev_mode else "prod")
+        if dev_mode:
+            await aria.page.get_by_role("button", name="Play Aria").click()
+        else:
+            await expect(aria.page.locator("#signin-text")).to_contain_text(
+                "open your link to the party again"
+            )
+            await aria.page.reload()
+        # Not for good, as the page said: the link brings her back.
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        await expect(aria.page.locator("#leave")).to_have_text("Leave the party")
+        await expect(borin.page.locator("#members li[data-character=aria]")).to_have_attribute(
+            "data-online", "true"
+        )
+        aria.assert_clean()
+        borin.assert_clean()
+
+
+# --- a vote's choice, and errors that go away ---------------------------------------------------
+
+
+class TwoStepEngine(ScriptedEngine):
+    """``ScriptedEngine``'s answer in two steps the test releases: ``action.result`` once
+    ``result_gate`` is set, then ``scene.update`` once ``scene_gate`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.result_gate = asyncio.Event()
+        self.scene_gate = asyncio.Event()
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        self.calls.append(action)
+        assert self.publisher is not None
+        await self.result_gate.wait()
+        party = action.character_id == "party"
+        result: dict[str, Any] = {
+            "action_id": action.action_id,
+            "character_id": action.character_id,
+            "action_type": action.action_type,
+            "outcome": "success",
+            "state": {"effects": [], "scene_flags": {}}
+            if party
+            else {"hp": 10, "max_hp": 10, "effects": [], "scene_flags": {}},
+            "narration": "It is done.",
+        }
+        await self.publisher.publish(action.party_id, "action.result", result)
+        await self.scene_gate.wait()
+        self.scene_number += 1
+        scene = {
+            "scene_number": self.scene_number,
+            "scene_id": f"scene-{self.scene_number}",
+            "title": f"Scene {self.scene_number}",
+            "narration": "The story goes on.",
+            "options": [{"id": "A", "label": "Go on"}],
+            "kind": "story",
+        }
+        await self.publisher.publish(action.party_id, "scene.update", scene)
+
+
+async def test_after_a_vote_the_options_wait_for_the_scene_the_party_chose(
+    browser: Browser,
+) -> None:
+    """While the party's choice is settled (its action in flight, then until the scene it leads
+    to), the scene's options are not offered (the engine would refuse them); the "party decided"
+    banner lasts as long, and the next scene.update after the choice's answer ends it."""
+    engine = TwoStepEngine()
+    engine.scene_number = 1
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        aria = await open_player(browser, "vote-aria", page_url(srv.base, token("aria", "Aria")))
+        borin = await open_player(
+            browser, "vote-borin", page_url(srv.base, token("borin", "Borin")), desktop=True
+        )
+        for player in (aria, borin):
+            await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
+        await publish_scene(srv, 1, "The Gate", ["Force the gate", "Climb the wall"])
+        options = [{"id": "o0", "label": "Force the gate"}, {"id": "o1", "label": "Climb the wall"}]
+        vote = await api(
+            srv,
+            "votes",
+            {"vote_id": "v-gate", "question": "How?", "options": options, "timeout_s": 60},
+        )
+        assert vote["vote_id"] == "v-gate"
+        for player in (aria, borin):
+            await expect(player.page.locator("#vote")).to_be_visible()
+            await expect(player.page.locator("#scene-options button")).to_have_count(0)
+            await player.page.locator("#vote-options button[data-option=o1]").click()
+
+        # Closed: the party's choice is with the engine (held). No option comes back meanwhile.
+        for player in (aria, borin):
+            await expect(player.page.locator("#vote")).to_be_hidden()
+            banner = player.page.locator("#vote-result")
+            await expect(banner).to_have_text("The party decided: “Climb the wall”.")
+            await expect(player.page.locator("#in-flight li[data-character=party]")).to_have_text(
+                "The party's choice: “Climb the wall” — the game master is deciding…"
+            )
+            await expect(player.page.locator("#scene-options button")).to_have_count(0)
+            hint = player.page.locator("#scene-vote-hint")
+            await expect(hint).to_have_attribute("data-reason", "party")
+            await expect(hint).to_be_visible()
+            await expect(player.page.locator("#skill-check")).to_be_enabled()
+        await screenshot(aria, "party-choice", "1-deciding")
+        # A page opened now learns it from the hello's actions_in_flight.
+        await borin.page.reload()
+        await expect(borin.page.locator("#status")).to_have_attribute("data-status", "open")
+        await expect(borin.page.locator("#scene-title")).to_have_text("The Gate")
+        await expect(borin.page.locator("#in-flight li[data-character=party]")).to_be_visible()
+        await expect(borin.page.locator("#scene-vote-hint")).to_be_visible()
+        await expect(borin.page.locator("#scene-options button")).to_have_count(0)
+
+        # The choice's answer: not in flight any more, but its scene has not come yet.
+        engine.result_gate.set()
+        for player in (aria, borin):
+            result = player.page.locator("#log li[data-type='action.result']").last
+            await expect(result).to_have_text(
+                "The party — success\nIt is done.", use_inner_text=True
+            )
+            await expect(player.page.locator("#in-flight li")).to_have_count(0)
+            await expect(player.page.locator("#scene-options button")).to_have_count(0)
+        await expect(aria.page.locator("#vote-result")).to_be_visible()
+
+        # The scene the party chose: its options, and the banner is gone.
+        engine.scene_gate.set()
+        for player in (aria, borin):
+            await expect(player.page.locator("#scene-title")).to_have_text("Scene 2")
+            await expect(player.page.get_by_role("button", name="Go on")).to_be_enabled()
+            await expect(player.page.locator("#scene-vote-hint")).to_be_hidden()
+            await expect(player.page.locator("#vote-result")).to_be_hidden()
+        # Later actions of that scene do not bring it back.
+        await aria.page.get_by_role("button", name="Go on").click()
+        for player in (aria, borin):
+            await expect(player.page.locator("#scene-title")).to_have_text("Scene 3")
+            await expect(player.page.locator("#vote-result")).to_be_hidden()
+        await expect(aria.page.locator("#log li[data-type='action.result']").last).to_have_text(
+            "You chose “Go on” — success\nIt is done.", use_inner_text=True
+        )
+        await screenshot(aria, "party-choice", "2-next-scene")
+        aria.assert_clean()
+        borin.assert_clean()
+
+
+def combat(round_number: int, enemy_hp: int) -> dict[str, Any]:
+    return {
+        "active": True,
+        "round": round_number,
+        "combatants": [
+            {"id": "aria", "name": "Aria", "side": "party", "hp": 20, "max_hp": 20},
+            {"id": "borin", "name": "Borin", "side": "party", "hp": 20, "max_hp": 20},
+            {"id": "wolf", "name": "Grey Wolf", "side": "enemy", "hp": enemy_hp, "max_hp": 9},
+        ],
+    }
+
+
+async def test_an_error_goes_away_when_the_fight_moves_on_or_the_next_action_goes_through(
+    browser: Browser,
+) -> None:
+    """An error that arrives after the scene turned into a fight stays only until the fight
+    moves on; one about a combat move, until the next move goes through."""
+    engine = ScriptedEngine()
+    engine.mode = "reject"
+    engine.gate = asyncio.Event()
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        aria = await open_player(browser, "errors", page_url(srv.base, token("aria", "Aria")))
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        await publish_scene(srv, 1, "The Gate", ["Force the gate"])
+        await aria.page.get_by_role("button", name="Force the gate").click()
+        await expect(aria.page.locator("#in-flight li")).to_have_count(1)
+        # Meanwhile the story turns into a fight (another player's doing).
+        await api(
+            srv,
+            "events",
+            {
+                "type": "scene.update",
+                "payload": {
+                    "scene_number": 2,
+                    "scene_id": "ambush",
+                    "title": "Ambush",
+                    "narration": "Wolves!",
+                    "options": [{"id": "run", "label": "Run for it"}],
+                    "kind": "combat",
+                },
+            },
+        )
+        await api(srv, "events", {"type": "combat.update", "payload": combat(1, 9)})
+        await expect(aria.page.locator("#combat")).to_be_visible()
+
+        # The refusal of Aria's choice arrives after the change: shown once, next to the scene.
+        engine.gate.set()
+        scene_error = aria.page.locator("#scene-error")
+        await expect(scene_error).to_have_text(
+            "The game master won't allow that: that option is not open"
+        )
+        await expect(aria.page.locator("#in-flight li")).to_have_count(0)
+        await screenshot(aria, "error-clears", "1-error-after-the-change")
+        # The fight moves on: the error is old news.
+        await api(srv, "events", {"type": "combat.update", "payload": combat(2, 5)})
+        await expect(aria.page.locator("#combat-round")).to_have_text("round 2")
+        await expect(scene_error).to_be_hidden()
+
+        # A refused combat move: its error, next to the fight's buttons...
+        await aria.page.locator("#combat-actions button[data-move=attack]").click()
+        combat_error = aria.page.locator("#combat-error")
+        await expect(combat_error).to_have_attribute("data-code", "action_rejected")
+        await expect(combat_error).to_be_visible()
+        # ... until her next move goes through.
+        engine.mode = "answer"
+        await aria.page.locator("#combat-actions button[data-move=defend]").click()
+        await expect(aria.page.locator("#log li[data-type='action.result']").last).to_have_text(
+            "You defend — success\nIt works.", use_inner_text=True
+        )
+        await expect(combat_error).to_be_hidden()
+        await expect(scene_error).to_be_hidden()
+
+        # An engine publishes the next scene, then the fight's end: the story tells the end first.
+        await publish_scene(srv, 9, "The Clearing", ["Rest"])
+        await api(
+            srv, "events", {"type": "combat.update", "payload": {**combat(3, 0), "active": False}}
+        )
+        await expect(aria.page.locator("#combat")).to_be_hidden()
+        story = await visible_log(aria)
+        assert story[-2:] == [
+            "The fight is over: Aria 20/20, Borin 20/20, Grey Wolf 0/9",
+            "Scene 9: The Clearing",
+        ], story
+        aria.assert_clean()
