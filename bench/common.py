@@ -63,3 +63,22 @@ def party_name(index: int) -> str:
 
 def character_name(member: int) -> str:
     return f"c{member}"
+
+
+def stamp(written: float, due: float) -> str:
+    """The stamp a piece's text ends with: ``[<write µs>+<lag µs>]`` (``time.monotonic``)."""
+    return f"[{int(written * 1e6)}+{max(0, int((written - due) * 1e6))}]"
+
+
+def parse_stamp(text: str) -> tuple[float, float] | None:
+    """``(written, due)`` in seconds from a piece's text, or None when it carries no stamp."""
+    start = text.rfind("[")
+    end = text.rfind("]")
+    if start < 0 or end < start:
+        return None
+    written_us, _, lag_us = text[start + 1 : end].partition("+")
+    try:
+        written = int(written_us) / 1e6
+        return written, written - int(lag_us) / 1e6
+    except ValueError:
+        return None

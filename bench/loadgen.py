@@ -17,8 +17,19 @@ Measured per rate step, over a window after a warm-up:
 Protocols: ``party_sync`` (``/ws?token=``; first message ``system.hello``), ``socketio`` (Engine.IO
 4 / Socket.IO 5 over a raw WebSocket, auth ``{"token": ...}``) and ``floor`` (``/ws/<room>``).
 
+``--scenario narration`` (party_sync only): the steps are numbers of parties (``--party-steps``),
+connected as the sweep needs them. At each step member 0 of every party asks the benchmark engine
+(``bench/engine.py``) by a control action to narrate, ``--narration-rate`` pieces a second, in
+streams of ``--min-pieces`` to ``--max-pieces`` pieces; at the end of the measured window a stop
+action returns what the engine wrote. Measured: latency from the engine's write of a piece (its
+stamp, in the text) to each member's receipt, for the pieces written in the window; the engine's
+own lag behind its timeline; ``narration.delta`` frames delivered per second; and, per member,
+every index of every stream in order and once (a gap is out of order, a repeat a duplicate, what
+never came after ``settle`` is lost, against the engine's count).
+
 It talks to ``bench/run.py`` by lines on stdout (``READY``, ``MEASURE_START i``, ``MEASURE_END i``,
-``STEP {json}``, ``DONE``) and waits for ``GO`` (or ``STOP``) on stdin after ``READY``.
+``STEP {json}``, ``DONE``; narration also ``STEP_START i`` before its warm-up and ``FAILED {json}``
+when a step cannot run) and waits for ``GO`` (or ``STOP``) on stdin after ``READY``.
 """
 
 from __future__ import annotations
@@ -43,12 +54,14 @@ from bench.common import (
     SECRET,
     character_name,
     install_uvloop,
+    parse_stamp,
     party_name,
     pin,
     raise_nofile,
 )
 
 PROTOCOLS = ("party_sync", "socketio", "floor")
+SCENARIOS = ("actions", "narration")
 #: Frames each inbound message makes the server deliver, and how many of them go to OTHER members.
 EVENTS_PER_ACTION = {"party_sync": 2, "socketio": 2, "floor": 1}
 _PAD = "x" * 160  # floors: a request about as large as party_sync's action.request
@@ -101,6 +114,10 @@ class Member(WSListener):
         self.last_seq = 0
         self.last_from: dict[int, int] = {}  # floors: sender index → last send id seen
         self.closed = False
+        # narration: stream id → last index taken; streams whose last piece came; pieces taken
+        self.streams: dict[str, int] = {}
+        self.ended: set[str] = set()
+        self.taken = 0
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -126,9 +143,32 @@ class Member(WSListener):
             self.transport.send(WSMsgType.TEXT, data)
 
 
+@dataclass
+class NarrationStats:
+    """What one narration step saw besides ``Stats``: the window (``time.monotonic``), the
+    engine's lag behind its timeline, end-to-end latency from the due time, the stop results."""
+
+    #: This step's stream ids start with it (a late piece of an earlier step does not count).
+    prefix: str = ""
+    window_start: float = math.inf
+    window_end: float = math.inf
+    engine_lags: list[float] = field(default_factory=list)
+    from_due: list[float] = field(default_factory=list)
+    stop_ids: dict[str, int] = field(default_factory=dict)  # stop action id → party
+    reports: dict[int, dict[str, Any]] = field(default_factory=dict)  # party → scene_flags
+    unstamped: int = 0
+
+
 class LoadGen:
     def __init__(self, args: argparse.Namespace) -> None:
         self.protocol: str = args.protocol
+        self.scenario: str = getattr(args, "scenario", "actions")
+        self.narration_rate: float = getattr(args, "narration_rate", 30.0)
+        self.min_pieces: int = getattr(args, "min_pieces", 150)
+        self.max_pieces: int = getattr(args, "max_pieces", 300)
+        self.concurrency: int = getattr(args, "concurrency", 64)
+        self.connect_timeout: float = getattr(args, "connect_timeout", 30.0)
+        self.narr = NarrationStats()
         self.urls: list[str] = args.url
         self.parties: int = args.parties
         self.k: int = args.k
@@ -145,6 +185,10 @@ class LoadGen:
             "socketio": self._on_socketio,
             "floor": self._on_floor,
         }[self.protocol]
+        if self.scenario == "narration":
+            if self.protocol != "party_sync":
+                raise SystemExit("--scenario narration: party_sync only (the peers have no such)")
+            self.on_message = self._on_narration
 
     # -- connecting -----------------------------------------------------------------------------
     def url_for(self, party: int, member: int) -> str:
@@ -170,13 +214,19 @@ class LoadGen:
         )
 
     async def connect_all(self, concurrency: int, handshake_timeout: float) -> None:
+        await self.connect_parties(self.parties, concurrency, handshake_timeout)
+
+    async def connect_parties(self, upto: int, concurrency: int, handshake_timeout: float) -> None:
+        """Connect every member of the parties below ``upto`` not connected yet."""
         gate = asyncio.Semaphore(concurrency)
-        self.by_party = [[] for _ in range(self.parties)]
-        for party in range(self.parties):
+        new: list[Member] = []
+        for party in range(len(self.by_party), min(upto, self.parties)):
+            self.by_party.append([])
             for member in range(self.k):
                 m = Member(self, len(self.members), party, member)
                 self.members.append(m)
                 self.by_party[party].append(m)
+                new.append(m)
 
         async def one(m: Member) -> None:
             async with gate:
@@ -195,8 +245,8 @@ class LoadGen:
                         await asyncio.sleep(0.2 * (attempt + 1))  # back off, bounded
                 await asyncio.wait_for(asyncio.shield(m.joined), handshake_timeout)
 
-        async with asyncio.timeout(handshake_timeout + len(self.members) * 0.02):
-            await asyncio.gather(*(one(m) for m in self.members))
+        async with asyncio.timeout(handshake_timeout + len(new) * 0.02):
+            await asyncio.gather(*(one(m) for m in new))
 
     # -- receiving ------------------------------------------------------------------------------
     def _delivered(self, m: Member, key: Any, now: float) -> None:
@@ -270,6 +320,50 @@ class LoadGen:
         else:
             m.last_from[sender] = ident
         self._delivered(m, ident, now)
+
+    def _on_narration(self, m: Member, data: bytes) -> None:
+        now = time.monotonic()
+        msg = orjson.loads(data)
+        type_ = msg.get("type")
+        if type_ == "narration.delta":
+            p = msg["payload"]
+            sid: str = p["stream_id"]
+            if not sid.startswith(self.narr.prefix):
+                return
+            self.stats.frames += 1
+            index: int = p["index"]
+            last = m.streams.get(sid, -1)
+            if index <= last:
+                self.stats.duplicates += 1
+                return
+            if index != last + 1 or sid in m.ended:
+                self.stats.out_of_order += 1  # a gap (the skipped pieces end up lost) or after done
+            m.streams[sid] = index
+            m.taken += 1
+            if p["done"]:
+                m.ended.add(sid)
+            stamp = parse_stamp(p["text"])
+            narr = self.narr
+            if stamp is None:
+                narr.unstamped += 1
+                return
+            written, due = stamp
+            if narr.window_start <= written <= narr.window_end:
+                self.stats.latencies.append(now - written)
+                narr.from_due.append(now - due)
+                if m.member == 0:  # once per piece
+                    narr.engine_lags.append(written - due)
+            return
+        if type_ == "action.result":
+            payload = msg.get("payload") or {}
+            party = self.narr.stop_ids.get(payload.get("action_id", ""))
+            if party is not None and party not in self.narr.reports:
+                self.narr.reports[party] = payload.get("state", {}).get("scene_flags", {})
+        elif type_ == "system.hello":
+            if not m.joined.done():
+                m.joined.set_result(None)
+        elif type_ in ("system.error", "action.failed"):
+            self.stats.errors[f"{type_}:{(msg.get('payload') or {}).get('code')}"] += 1
 
     # -- sending --------------------------------------------------------------------------------
     def send_next(self, now: float, measured: bool) -> None:
@@ -392,6 +486,154 @@ class LoadGen:
         }
         return result
 
+    def _control(self, party: int, action_id: str, control: dict[str, Any]) -> None:
+        """A control action of the narration scenario, sent by member 0 of ``party``."""
+        body = {
+            "type": "action.request",
+            "trace_id": action_id,
+            "payload": {
+                "action_id": action_id,
+                "character_id": character_name(0),
+                "campaign_run_id": RUN_ID,
+                "action_type": "skill_check",
+                "payload": {"skill": "storytelling", "bench_narration": control},
+            },
+        }
+        self.by_party[party][0].send(orjson.dumps(body))
+
+    async def narration_step(
+        self, index: int, parties: int, warmup: float, duration: float, settle: float
+    ) -> dict[str, Any]:
+        """One step of the narration scenario: ``parties`` parties narrating (see the module)."""
+        await self.connect_parties(parties, self.concurrency, self.connect_timeout)
+        self.stats = Stats()
+        tag = f"s{index}"
+        narr = self.narr = NarrationStats(prefix=tag + "-")
+        for members in self.by_party:
+            for m in members:
+                m.streams.clear()
+                m.ended.clear()
+                m.taken = 0
+        lags: list[float] = []
+        stop_probe = asyncio.Event()
+
+        async def probe() -> None:  # event-loop lag: how late a 5 ms sleep wakes up
+            interval = 0.005
+            while not stop_probe.is_set():
+                before = time.monotonic()
+                await asyncio.sleep(interval)
+                lags.append(time.monotonic() - before - interval)
+
+        prober = asyncio.get_running_loop().create_task(probe())
+        gc.collect()
+        gc.disable()
+        control = {
+            "op": "start",
+            "rate": self.narration_rate,
+            "min_pieces": self.min_pieces,
+            "max_pieces": self.max_pieces,
+            "tag": tag,
+            "seed": index,
+            "max_seconds": warmup + duration + settle + 60.0,
+        }
+        try:
+            emit(f"STEP_START {index}")  # the warm-up counts too: a backlog there carries over
+            for party in range(parties):
+                self._control(party, f"n{index}-{party}-start", control)
+            await asyncio.sleep(warmup)
+            frames0 = self.stats.frames
+            cpu0, wall0 = time.process_time(), time.monotonic()
+            self.stats.latencies.clear()
+            narr.window_start = wall0
+            emit(f"MEASURE_START {index}")
+            await asyncio.sleep(duration)
+            cpu1, wall1 = time.process_time(), time.monotonic()
+            narr.window_end = wall1
+            frames_in_window = self.stats.frames - frames0
+            emit(f"MEASURE_END {index}")
+            for party in range(parties):
+                narr.stop_ids[f"n{index}-{party}-stop"] = party
+                self._control(party, f"n{index}-{party}-stop", {"op": "stop"})
+
+            def complete() -> bool:
+                if len(narr.reports) < parties:
+                    return False
+                return all(
+                    m.taken >= int(narr.reports[party].get("narration_pieces", 0))
+                    for party in range(parties)
+                    for m in self.by_party[party]
+                )
+
+            deadline = time.monotonic() + settle + 5.0  # a stop waits for the next due piece
+            while time.monotonic() < deadline and not complete():  # noqa: ASYNC110 - bounded
+                await asyncio.sleep(0.05)
+        finally:
+            stop_probe.set()
+            gc.enable()
+        await prober
+        lost = streams = pieces = 0
+        engine_error = ""
+        for party in range(parties):
+            report = narr.reports.get(party)
+            if report is None:
+                self.stats.errors["no_stop_result"] += 1
+                continue
+            expected = int(report.get("narration_pieces", 0))
+            pieces += expected
+            streams += int(report.get("narration_streams", 0))
+            if report.get("narration_errors"):
+                self.stats.errors["engine_narration_error"] += int(report["narration_errors"])
+                engine_error = engine_error or str(report.get("narration_error", ""))
+            for m in self.by_party[party]:
+                lost += max(0, expected - m.taken)
+                if m.taken > expected:
+                    self.stats.errors["unexpected_pieces"] += m.taken - expected
+        if narr.unstamped:
+            self.stats.errors["unstamped_pieces"] += narr.unstamped
+        window = max(1e-9, wall1 - wall0)
+        lat = sorted(self.stats.latencies)
+        due = sorted(narr.from_due)
+        engine = sorted(narr.engine_lags)
+        lag_sorted = sorted(lags)
+        cpu = (cpu1 - cpu0) / window
+        lag_p99 = percentile(lag_sorted, 99) * 1000
+        rate_in = parties * self.narration_rate
+        return {
+            "index": index,
+            "scenario": "narration",
+            "parties": parties,
+            "rate_in": rate_in,
+            "offered_delivered": rate_in * self.k,
+            "sent": pieces,
+            "streams": streams,
+            "pieces_written_per_s": len(engine) / window,
+            "delivered_per_s": frames_in_window / window,
+            "samples": len(lat),
+            "p50_ms": percentile(lat, 50) * 1000,
+            "p90_ms": percentile(lat, 90) * 1000,
+            "p99_ms": percentile(lat, 99) * 1000,
+            "p999_ms": percentile(lat, 99.9) * 1000,
+            "max_ms": (lat[-1] * 1000) if lat else math.nan,
+            "from_due_p99_ms": percentile(due, 99) * 1000,
+            "engine_lag_p50_ms": percentile(engine, 50) * 1000,
+            "engine_lag_p99_ms": percentile(engine, 99) * 1000,
+            "engine_lag_max_ms": (engine[-1] * 1000) if engine else math.nan,
+            "engine_error": engine_error[:300],
+            "lost": lost,
+            "duplicates": self.stats.duplicates,
+            "out_of_order": self.stats.out_of_order,
+            "errors": dict(self.stats.errors),
+            "disconnects": self.disconnects,
+            "closes": dict(self.closes),
+            "loadgen": {
+                "cpu": cpu,
+                "loop_lag_p99_ms": lag_p99,
+                "loop_lag_max_ms": (lag_sorted[-1] * 1000) if lag_sorted else math.nan,
+                "send_lag_p99_ms": math.nan,
+                "bound": cpu >= 0.95 or lag_p99 > 5.0,
+            },
+        }
+
     def close_all(self) -> None:
         for m in self.members:
             if m.transport is not None and not m.closed:
@@ -409,6 +651,8 @@ def passed(step: dict[str, Any], p99_limit_ms: float) -> bool:
         and not step["errors"]
         and step["samples"] > 0
         and step["p99_ms"] <= p99_limit_ms
+        # narration: the engine kept its timeline (else the load was not offered)
+        and step.get("engine_lag_p99_ms", 0.0) <= p99_limit_ms
     )
 
 
@@ -420,8 +664,15 @@ async def read_command() -> str:
 async def main_async(args: argparse.Namespace) -> int:
     gen = LoadGen(args)
     t0 = time.perf_counter()
+    narration = args.scenario == "narration"
+    steps: list[float] = [float(n) for n in args.party_steps] if narration else args.rates
     try:
-        await gen.connect_all(args.concurrency, args.connect_timeout)
+        if narration:  # the parties of the first step now, the others as the sweep needs them
+            await gen.connect_parties(
+                int(steps[0]) if steps else 0, gen.concurrency, gen.connect_timeout
+            )
+        else:
+            await gen.connect_all(args.concurrency, args.connect_timeout)
     except Exception as exc:
         emit("FAILED " + orjson.dumps({"error": f"connect: {exc!r}"}).decode())
         gen.close_all()
@@ -441,10 +692,17 @@ async def main_async(args: argparse.Namespace) -> int:
     await asyncio.sleep(args.pause)
     failing = 0
     position = index = 0
-    while position < len(args.rates):
-        result = await gen.step(
-            index, args.rates[position], args.warmup, args.duration, args.settle
-        )
+    while position < len(steps):
+        if narration:
+            try:
+                result = await gen.narration_step(
+                    index, int(steps[position]), args.warmup, args.duration, args.settle
+                )
+            except Exception as exc:  # e.g. the step's new parties could not connect
+                emit("FAILED " + orjson.dumps({"error": f"step {index}: {exc!r}"}).decode())
+                break
+        else:
+            result = await gen.step(index, steps[position], args.warmup, args.duration, args.settle)
         emit("STEP " + orjson.dumps(result).decode())
         index += 1
         if args.interactive:
@@ -479,6 +737,21 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--k", type=int, default=4, help="members per party (4)")
     parser.add_argument("--mode", choices=("load", "idle"), default="load")
     parser.add_argument(
+        "--scenario",
+        choices=SCENARIOS,
+        default="actions",
+        help="actions (default) or narration (party_sync only; steps from --party-steps)",
+    )
+    parser.add_argument(
+        "--party-steps",
+        type=lambda text: [int(x) for x in text.split(",") if x],
+        default=[50],
+        help="narration: parties narrating at each step, comma-separated (--parties: the most)",
+    )
+    parser.add_argument("--narration-rate", type=float, default=30.0, help="pieces/s per party")
+    parser.add_argument("--min-pieces", type=int, default=150, help="narration: shortest stream")
+    parser.add_argument("--max-pieces", type=int, default=300, help="narration: longest stream")
+    parser.add_argument(
         "--rates",
         type=lambda text: [float(x) for x in text.split(",") if x],
         default=[1000.0],
@@ -500,7 +773,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--connect-timeout", type=float, default=30.0)
     parser.add_argument("--cpu", type=int, default=None, help="pin to this CPU")
     parser.add_argument("--max-seconds", type=float, default=1800.0)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.scenario == "narration" and args.party_steps:
+        args.parties = max(args.parties, *args.party_steps)
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:

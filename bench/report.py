@@ -125,7 +125,12 @@ def clean(step: dict[str, Any]) -> bool:
 
 
 def _ok(step: dict[str, Any], limit_ms: float) -> bool:
-    return clean(step) and step["p99_ms"] <= limit_ms
+    # (narration: the engine must also have kept its timeline, else the load was not offered)
+    return (
+        clean(step)
+        and step["p99_ms"] <= limit_ms
+        and (step.get("engine_lag_p99_ms") or 0.0) <= limit_ms
+    )
 
 
 def sustainable(steps: Iterable[dict[str, Any]], limit_ms: float) -> dict[str, Any] | None:
@@ -585,6 +590,14 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
             if meta.get("merged_with")
             else ""
         )
+        + (
+            f" The narration section was measured later, on its own ({meta['narration_merged']}, "
+            "`--scenarios narration --merge`: its command, commit and machine are given there); "
+            "everything else, the machine and versions at the end included, is from the run(s) "
+            "above."
+            if meta.get("narration_merged")
+            else ""
+        )
     )
     add("")
     add("## Scenario")
@@ -672,7 +685,7 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
     add("")
     add("| comparison | sustainable, p99 ≤ 10 ms | sustainable, p99 < 50 ms | CPU per message |")
     add("|---|---:|---:|---:|")
-    pairs = []
+    pairs: list[tuple[str, str]] = []
     for ps in ("party_sync-memory", "party_sync-redis-1", "party_sync-redis-2"):
         if systems.get(ps, {}).get("available"):
             pairs.extend((ps, name) for name in peers)
@@ -703,6 +716,8 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
     add(render_targets(systems, summaries, floor, peer, results.get("resume"), quick=quick))
     add("")
     add(f"![p99 latency against offered load]({plot_name})")
+    add("")
+    add(render_narration(results.get("narration"), k))
     add("")
     add("## Where party_sync's time goes")
     add("")
@@ -795,6 +810,300 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
         "character, history, resume or presence. The floors are `bench/peers/floor_*.py`."
     )
     return "\n".join(lines) + "\n"
+
+
+# -- the narration scenario -----------------------------------------------------------------------
+def _calls_per_piece(step: dict[str, Any]) -> dict[str, float] | None:
+    """Redis commands per narration piece written, by command (None: not counted)."""
+    calls = step.get("redis_calls_per_s")
+    pieces = step.get("pieces_written_per_s")
+    if calls is None or not pieces:
+        return None
+    return {name: n / pieces for name, n in calls.items()}
+
+
+def summarise_narration(entry: dict[str, Any]) -> dict[str, Any]:
+    """The narration scenario's figures of one system, medians over its sweeps."""
+    runs = entry.get("runs") or []
+    redis = bool(entry.get("redis"))
+    out: dict[str, Any] = {"runs": len(runs)}
+    for key, limit in (("strict", STRICT_MS), ("loose", LOOSE_MS)):
+        picks = [sustainable(steps_of(r), limit) for r in runs]
+        chosen = [p for p in picks if p]
+        out[f"{key}_parties"] = _median(p["parties"] if p else 0 for p in picks)
+        out[f"{key}_offered"] = _median(p["offered_delivered"] if p else 0.0 for p in picks)
+        out[f"{key}_rate"] = _median(p["delivered_per_s"] if p else 0.0 for p in picks)
+        out[f"{key}_open"] = any(
+            p is not None and p is steps_of(r)[-1] and len(steps_of(r)) == len(ladder(r))
+            for p, r in zip(picks, runs, strict=True)
+        )
+        out[f"{key}_best_parties"] = _median(
+            (b["parties"] if b else 0) for b in (best_passing(steps_of(r), limit) for r in runs)
+        )
+        out[f"{key}_at"] = {
+            name: _median(p.get(name) for p in chosen)
+            for name in (
+                "p50_ms",
+                "p99_ms",
+                "max_ms",
+                "engine_lag_p99_ms",
+                "from_due_p99_ms",
+                "server_cpu",
+                "redis_cpu",
+            )
+        }
+        costs = [step_costs(p, redis) for p in chosen]
+        for name in ("node_us_per_msg", "redis_us_per_msg", "total_us_per_msg"):
+            out[f"{key}_{name}"] = _median(c[name] for c in costs)
+        per_piece = [c for c in (_calls_per_piece(p) for p in chosen) if c is not None]
+        out[f"{key}_calls_per_piece"] = _median(sum(c.values()) for c in per_piece)
+        names = sorted({n for c in per_piece for n in c})
+        out[f"{key}_calls_by_command"] = {
+            n: _median(c.get(n, 0.0) for c in per_piece) for n in names
+        }
+        out[f"{key}_loadgen_bound"] = any(p["loadgen"]["bound"] for p in chosen)
+    totals = {"lost": 0, "duplicates": 0, "out_of_order": 0, "errors": 0}
+    overload = dict(totals)
+    for r in runs:
+        for s in steps_of(r):
+            within = s["p99_ms"] is not None and s["p99_ms"] <= LOOSE_MS
+            bucket = totals if within else overload
+            bucket["lost"] += s["lost"]
+            bucket["duplicates"] += s["duplicates"]
+            bucket["out_of_order"] += s["out_of_order"]
+            bucket["errors"] += sum(s["errors"].values())
+    out["correctness"] = totals
+    out["overload_correctness"] = overload
+    out["rerun_noisy"] = sum(1 for r in runs for s in r.get("steps", []) if s.get("discarded"))
+    out["failed_sweeps"] = len(entry.get("errors") or [])
+    return out
+
+
+def narration_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Median figures per number of parties over the sweeps (the per-step table)."""
+    by_parties: dict[int, list[dict[str, Any]]] = {}
+    for r in entry.get("runs") or []:
+        for s in steps_of(r):
+            by_parties.setdefault(int(s["parties"]), []).append(s)
+    rows = []
+    redis = bool(entry.get("redis"))
+    for parties in sorted(by_parties):
+        steps = by_parties[parties]
+        costs = [step_costs(s, redis) for s in steps]
+        per_piece = [c for c in (_calls_per_piece(s) for s in steps) if c is not None]
+        rows.append(
+            {
+                **{name: _median(c[name] for c in costs) for name in costs[0]},
+                "parties": parties,
+                "offered": _median(s["offered_delivered"] for s in steps),
+                "n": len(steps),
+                "delivered": _median(s["delivered_per_s"] for s in steps),
+                "p50_ms": _median(s["p50_ms"] for s in steps),
+                "p99_ms": _median(s["p99_ms"] for s in steps),
+                "max_ms": _median(s["max_ms"] for s in steps),
+                "engine_lag_p99_ms": _median(s.get("engine_lag_p99_ms") for s in steps),
+                "from_due_p99_ms": _median(s.get("from_due_p99_ms") for s in steps),
+                "lost": sum(s["lost"] for s in steps),
+                "dup": sum(s["duplicates"] for s in steps),
+                "ooo": sum(s["out_of_order"] for s in steps),
+                "errors": sum(sum(s["errors"].values()) for s in steps),
+                "server_cpu": _median(s.get("server_cpu") for s in steps),
+                "redis_cpu": _median(s.get("redis_cpu") for s in steps),
+                "calls_per_piece": _median(sum(c.values()) for c in per_piece),
+                "lg_cpu": _median(s["loadgen"]["cpu"] for s in steps),
+                "lg_lag_p99_ms": _median(s["loadgen"]["loop_lag_p99_ms"] for s in steps),
+                "lg_bound": sum(1 for s in steps if s["loadgen"]["bound"]),
+                "foreign_cpu": _median(s.get("foreign_cpu") for s in steps),
+            }
+        )
+    return rows
+
+
+def _parties(summary: dict[str, Any], key: str) -> str:
+    """Sustained parties (delivered deltas/s), ≥ when the sweep never failed."""
+    parties = summary[f"{key}_parties"]
+    text = f"{parties:.0f} ({_k(summary[f'{key}_rate'])}/s)" if parties else "0"
+    if summary[f"{key}_open"]:
+        return f"≥ {text}"
+    best = summary.get(f"{key}_best_parties") or 0
+    if parties is not None and best > parties:
+        text += f" (passed again at {best:.0f})"
+    return text
+
+
+def _commands(calls: dict[str, float] | None) -> str:
+    if not calls:
+        return "–"
+    top = sorted(calls.items(), key=lambda item: -item[1])[:6]
+    return ", ".join(f"{name} {value:.2f}" for name, value in top if value >= 0.005)
+
+
+def render_narration(narration: dict[str, Any] | None, k: int = 4) -> str:
+    """The "Narration" section: party_sync's live ``narration.delta`` under load."""
+    out = ["## Narration (live `narration.delta`, party_sync only)", ""]
+    if not narration or not narration.get("systems"):
+        out.append(
+            "_Not measured in this run (`bench/run.py --scenarios narration`, with `--merge` "
+            "to keep the other figures)._"
+        )
+        return "\n".join(out)
+    meta = narration["meta"]
+    st = meta["settings"]
+    rate, k = st["rate"], st.get("k", k)
+    low, high = st["pieces_per_stream"]
+    w_low, w_high = st.get("words_per_piece", [3, 8])
+    quick = meta.get("mode") == "quick"
+    out += [
+        f"Every party streams the game master's narration to its {k} members: the benchmark "
+        "engine (`bench/engine.py`, in the server process, as in the action scenario) writes "
+        f"through the engine interface (`party_sync.engine.Narration`, i.e. "
+        f"`publisher.narrate`) {rate:.0f} pieces a second per party, one stream at a time, "
+        f"streams of {low}–{high} pieces of {w_low}–{w_high} words, the last one `done`, then "
+        "a new stream. The pieces follow a fixed timeline per party (random phases), so a "
+        "server that falls behind shows it as latency. Offered load = the number of parties "
+        f"narrating, each offering {rate * k:.0f} `narration.delta` deliveries a second "
+        f"({rate:.0f} pieces × {k} members); the parties of a step are connected before it and "
+        "start and stop their narration by a control action. Latency = a member's receipt − "
+        "the engine's write of the piece (its `time.monotonic()`, carried in the piece's text; "
+        "one clock for every process of the host), for the pieces written in the measured "
+        "window; the engine's own lag behind its timeline must stay within the same limit, "
+        "else the load was not offered. **Nothing lost**: every member must get every index "
+        "of every stream, in order and once, against the engine's count of the pieces it "
+        "wrote (the result of the stop action): a gap or a piece after `done` is out of order, "
+        "a repeat a duplicate, a piece missing after the settle time lost. CPU per delivered "
+        "delta = the server process's CPU (engine included) ÷ deltas delivered per second; "
+        "Redis commands per piece from `INFO commandstats` (the node's calls and the commands "
+        "its scripts run). Sustainable as above: p99 ≤ 10 ms (and < 50 ms) with nothing lost, "
+        "there and at every lower step; medians over "
+        f"{st['repeats']} sweep(s) of {st['warmup_s']} s warm-up + {st['duration_s']} s "
+        "measured per step.",
+        "",
+        "**party_sync only**: the peers (python-socketio, Socket.IO on Node.js) and the floors "
+        "have no live narration stream (an application builds one by hand on their "
+        "broadcast), so this scenario runs on party_sync's embedded and Redis backends, one "
+        "node each.",
+        "",
+    ]
+    machine = meta.get("machine") or {}
+    out += [
+        f"Measured by `{meta['command']}` on {meta['date']} ({meta.get('mode', '?')} mode, "
+        f"{meta.get('elapsed_s', '?')} s), party_sync {meta['party_sync_commit']} (snapshot "
+        f"{meta['snapshot']}), on {machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, "
+        f"Python {machine.get('python', '?')}, {machine.get('redis_server', '?')}."
+        + (
+            f" Systems not measured then are kept from the run of {meta['merged_with']}."
+            if meta.get("merged_with")
+            else ""
+        ),
+        "",
+    ]
+    if quick:
+        out += [INDICATIVE, ""]
+    systems = narration["systems"]
+    summaries = {name: summarise_narration(e) for name, e in systems.items()}
+    narration["summary"] = summaries
+    out += [
+        "| system | sustainable parties (delivered deltas/s), p99 ≤ 10 ms | p99 < 50 ms | "
+        "p50 / p99 / max ms at the 10-ms step | engine lag p99 ms | server CPU | "
+        "node µs per delivered delta | Redis CPU | Redis µs per delivered delta | "
+        "node + Redis µs per delivered delta | Redis commands per piece | "
+        "lost / dup / ooo / errors (≤ 50 ms steps) | load generator bound? |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
+    ]
+    for name, entry in systems.items():
+        if not entry.get("available"):
+            out.append(
+                f"| **{name}** | not run | | | | | | | | | | | {entry.get('reason', '')[:200]} |"
+            )
+            continue
+        sm = summaries[name]
+        at = sm["strict_at"]
+        c = sm["correctness"]
+        redis = bool(entry.get("redis"))
+        calls = (
+            f"{_ms(sm['strict_calls_per_piece'])} ({_commands(sm['strict_calls_by_command'])})"
+            if redis and sm["strict_calls_per_piece"] is not None
+            else "–"
+        )
+        out.append(
+            f"| **{name}**<br>{entry['label']} | {_parties(sm, 'strict')} | "
+            f"{_parties(sm, 'loose')} | {_ms(at['p50_ms'])} / {_ms(at['p99_ms'])} / "
+            f"{_ms(at['max_ms'])} | {_ms(at['engine_lag_p99_ms'])} | {_pct(at['server_cpu'])} | "
+            f"{_ms(sm['strict_node_us_per_msg'])} | "
+            f"{_pct(at['redis_cpu']) if redis else '–'} | "
+            f"{_ms(sm['strict_redis_us_per_msg']) if redis else '–'} | "
+            f"{_ms(sm['strict_total_us_per_msg'])} | {calls} | "
+            f"{c['lost']} / {c['duplicates']} / {c['out_of_order']} / {c['errors']} | "
+            f"{'yes (a lower bound)' if sm['strict_loadgen_bound'] else 'no'} |"
+        )
+    out += ["", _narration_same_step(systems, summaries), ""]
+    for name, entry in systems.items():
+        if not entry.get("available"):
+            continue
+        sm = summaries[name]
+        measured = entry.get("measured") or {}
+        note = (
+            f" — measured {measured['date']}, party_sync {measured['party_sync_commit']}, "
+            f"snapshot {measured['snapshot']}"
+            if measured
+            else ""
+        )
+        if sm["rerun_noisy"]:
+            note += f" ({sm['rerun_noisy']} step(s) run again: other processes took the CPU)"
+        if sm["failed_sweeps"]:
+            note += f" ({sm['failed_sweeps']} sweep(s) failed: {entry['errors'][-1][:160]})"
+        out += [
+            f"**{name}**, every step (medians over the sweeps){note}",
+            "",
+            "| parties | offered deltas/s | delivered | p50 ms | p99 ms | max ms | engine lag "
+            "p99 ms | p99 from due ms | lost | dup | ooo | errors | server CPU | Redis CPU | "
+            "µs per delta, node + Redis | Redis commands per piece | lg CPU | lg lag p99 ms | "
+            "other |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            "---:|---:|---:|",
+        ]
+        redis = bool(entry.get("redis"))
+        for row in narration_rows(entry):
+            mark = " †" if row["lg_bound"] else ""
+            out.append(
+                f"| {row['parties']}{mark} | {_k(row['offered'])} | {_k(row['delivered'])} | "
+                f"{_ms(row['p50_ms'])} | {_ms(row['p99_ms'])} | {_ms(row['max_ms'])} | "
+                f"{_ms(row['engine_lag_p99_ms'])} | {_ms(row['from_due_p99_ms'])} | "
+                f"{row['lost']} | {row['dup']} | {row['ooo']} | {row['errors']} | "
+                f"{_pct(row['server_cpu'])} | {_pct(row['redis_cpu']) if redis else '–'} | "
+                f"{_cost(row)} | {_ms(row['calls_per_piece']) if redis else '–'} | "
+                f"{_pct(row['lg_cpu'])} | {_ms(row['lg_lag_p99_ms'])} | "
+                f"{_ms(row['foreign_cpu'])} |"
+            )
+        out.append("")
+    out.append(
+        "`engine lag` = how late the engine wrote a piece against its timeline (its event loop "
+        "is the server's); `p99 from due` = receipt − the piece's due time (lag included); "
+        "† = the load generator was the bottleneck (CPU ≥ 95 % or loop lag p99 > 5 ms)."
+    )
+    return "\n".join(out)
+
+
+def _narration_same_step(systems: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> str:
+    """Embedded against Redis at the highest number of parties both sustained."""
+    a, b = EMBEDDED, "party_sync-redis-1"
+    if not (systems.get(a, {}).get("available") and systems.get(b, {}).get("available")):
+        return "_No same-step comparison: one backend was not measured._"
+    limit = min(summaries[a]["strict_parties"] or 0, summaries[b]["strict_parties"] or 0)
+    rows_a = {r["parties"]: r for r in narration_rows(systems[a])}
+    rows_b = {r["parties"]: r for r in narration_rows(systems[b])}
+    shared = [n for n in rows_a if n in rows_b and n <= limit]
+    if not shared:
+        return "_No number of parties that both backends sustained (p99 ≤ 10 ms)._"
+    n = max(shared)
+    ra, rb = rows_a[n], rows_b[n]
+    return (
+        f"At the same load, **{n} parties** ({_k(ra['offered'])} offered deltas/s, the highest "
+        f"step both sustained): {a} {_cost(ra)} µs of CPU per delivered delta (p99 "
+        f"{_ms(ra['p99_ms'])} ms), {b} {_cost(rb)} µs (node + Redis; p99 {_ms(rb['p99_ms'])} "
+        f"ms) = **{_ratio(rb['total_us_per_msg'], ra['total_us_per_msg'])}** "
+        f"(node only: {_ratio(rb['node_us_per_msg'], ra['node_us_per_msg'])})."
+    )
 
 
 def render_targets(
@@ -901,7 +1210,7 @@ def rate_at_least(mine: dict[str, Any], other: dict[str, Any], factor: float) ->
         return None
     if not a and not b:
         return "neither sustained the lowest step"
-    meets = a >= factor * b
+    meets = bool(a >= factor * b)
     if meets and other.get("strict_open"):
         return "the other system passed the top of the ladder (raise --rates)"
     if not meets and mine.get("strict_open"):
@@ -1135,7 +1444,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
         fontsize=10,
     )
     ax.grid(True, which="both", alpha=0.25)
-    ax.legend(fontsize=8, loc="upper left")
+    if ax.get_legend_handles_labels()[0]:  # (none when only the narration scenario ran)
+        ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -2,7 +2,13 @@
 """``make bench``: party_sync side by side with the peer and the floors, in one run.
 
     python3 bench/run.py            # full mode: rate sweeps, repeats, memory at 1k/10k, profile
-    python3 bench/run.py --quick    # quick mode (under two minutes): one short sweep per system
+    python3 bench/run.py --quick    # quick mode (a few minutes): one short sweep per system
+    python3 bench/run.py --scenarios narration --merge   # the narration scenario alone
+
+Two scenarios: ``actions`` (every system: action.request answered by action.result and
+scene.update) and ``narration`` (party_sync on one node only, embedded and Redis: every party
+streaming ``narration.delta`` at 30 pieces a second from the engine; the peers have no such
+feature).
 
 It first makes ``bench/.venv`` from ``bench/requirements.lock`` (plus party_sync and
 campaign_engine, editable, without dependencies) and re-runs itself there; the Node.js peer gets
@@ -343,6 +349,30 @@ def redis_memory(urls: Sequence[str]) -> dict[str, int] | None:
     return total
 
 
+def redis_calls(urls: Sequence[str]) -> dict[str, int] | None:
+    """Calls per command since Redis started (``INFO commandstats``; ``info`` itself left out),
+    summed over ``urls``; None without Redis or when a server does not answer."""
+    if not urls:
+        return None
+    import redis
+
+    total: dict[str, int] = {}
+    for url in urls:
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+            try:
+                info = client.info("commandstats")
+            finally:
+                client.close()
+        except Exception:
+            return None
+        for key, value in info.items():
+            name = key.removeprefix("cmdstat_")
+            if name != "info" and isinstance(value, dict):
+                total[name] = total.get(name, 0) + int(value.get("calls", 0))
+    return total
+
+
 class Sampler:
     """CPU and RSS of the server processes, Redis, the load generator, and everything else.
 
@@ -399,7 +429,7 @@ class Sampler:
         }
 
     @staticmethod
-    def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+    def delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         wall = max(1e-9, b["t"] - a["t"])
         ours = (
             (b["server"] - a["server"]) + (b["redis"] - a["redis"]) + (b["loadgen"] - a["loadgen"])
@@ -526,8 +556,14 @@ def run_system(
     parties: int,
     delivered_rates: Sequence[float],
     on_measure: Callable[[list[int]], None] | None = None,
+    party_steps: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Start ``system``, connect ``parties`` × K clients, run the steps (or hold idle), stop."""
+    """Start ``system``, connect ``parties`` × K clients, run the steps (or hold idle), stop.
+
+    ``mode="narration"``: the narration scenario, one step per entry of ``party_steps`` (parties
+    narrating; ``parties`` is the most), connected as the sweep goes; Redis's calls per command
+    are counted over each measured window.
+    """
     import orjson
     import psutil
 
@@ -562,7 +598,23 @@ def run_system(
                 str(cfg.settle),
                 "--interactive",
             ]
-            if rates_in:
+            narration = mode == "narration"
+            if narration:
+                argv[argv.index("--mode") + 1] = "load"
+                argv += [
+                    "--scenario",
+                    "narration",
+                    "--party-steps",
+                    ",".join(str(n) for n in party_steps),
+                    "--narration-rate",
+                    str(cfg.narration_rate),
+                    "--min-pieces",
+                    str(cfg.narration_pieces[0]),
+                    "--max-pieces",
+                    str(cfg.narration_pieces[1]),
+                ]
+                rates_in = list(map(float, party_steps))
+            elif rates_in:
                 argv += ["--rates", ",".join(f"{r:.3f}" for r in rates_in)]
             for port in ports:
                 argv += ["--url", f"ws://127.0.0.1:{port}"]
@@ -578,7 +630,8 @@ def run_system(
             rss1 = sampler.rss()
             result["rss_before"] = rss0
             result["rss_idle"] = rss1
-            result["kib_per_idle_connection"] = (rss1 - rss0) / 1024 / (parties * cfg.k)
+            connected = result["ready"].get("connections") or parties * cfg.k
+            result["kib_per_idle_connection"] = (rss1 - rss0) / 1024 / max(1, connected)
             if redis_urls:  # Redis's own accounting: before connecting, with everyone joined
                 result["redis_memory_before"] = redis0
                 result["redis_memory_idle"] = sampler.redis_memory()
@@ -589,23 +642,51 @@ def run_system(
             loadgen.command("GO")
             steps: list[dict[str, Any]] = []
             start_snap: dict[str, Any] | None = None
-            window: dict[str, float] = {}
+            window: dict[str, Any] = {}
             failing = retries = 0
             per_step = cfg.warmup + cfg.duration + cfg.settle + 10
+            if narration:  # the stop (5 s more) and the step's new parties connecting
+                per_step += 5 + 30 + max(party_steps, default=0) * cfg.k / 100
             budget = len(rates_in) * per_step * (1 + cfg.noise_retries) + 60
+            calls0: dict[str, int] | None = None
+            warm_snap: dict[str, Any] | None = None
+            warm_noise: float | None = None
             deadline = time.monotonic() + budget
             while time.monotonic() < deadline:
                 line = loadgen.next_line(max(1.0, deadline - time.monotonic()))
                 if line is None or line == "DONE":
                     break
-                if line.startswith("MEASURE_START"):
+                if line.startswith("FAILED"):
+                    result.setdefault("loadgen_failed", []).append(line[7:][:800])
+                    print(f"  {system.name}: load generator: {line[:400]}", flush=True)
+                elif line.startswith("STEP_START"):
+                    warm_snap = sampler.snapshot()
+                elif line.startswith("MEASURE_START"):
+                    calls0 = redis_calls(redis_urls) if narration else None  # before the window
                     start_snap = sampler.snapshot()
+                    warm_noise = (
+                        sampler.delta(warm_snap, start_snap)["foreign_cpu"]
+                        if warm_snap is not None
+                        else None
+                    )
+                    warm_snap = None
                     if on_measure is not None:
                         on_measure([s.pid for s in servers])
                         on_measure = None
                 elif line.startswith("MEASURE_END") and start_snap is not None:
-                    window = sampler.delta(start_snap, sampler.snapshot())
+                    end_snap = sampler.snapshot()
+                    window = sampler.delta(start_snap, end_snap)
+                    if warm_noise is not None:  # (narration: other processes during warm-up)
+                        window["foreign_cpu_warmup"] = warm_noise
                     window["server_rss"] = sampler.rss()
+                    calls1 = redis_calls(redis_urls) if calls0 is not None else None
+                    if calls0 is not None and calls1 is not None:  # after the window
+                        wall = max(1e-9, end_snap["t"] - start_snap["t"])
+                        window["redis_calls_per_s"] = {
+                            name: (n - calls0.get(name, 0)) / wall
+                            for name, n in calls1.items()
+                            if n > calls0.get(name, 0)
+                        }
                     memory = sampler.redis_memory()  # after the CPU snapshot: not in the window
                     if memory is not None:
                         window["redis_used_memory"] = memory["used_memory"]
@@ -616,7 +697,10 @@ def run_system(
                     steps.append(step)
                     _print_step(system.name, step)
                     # A step that failed while other tenants took the CPU is run again.
-                    noisy = (step.get("foreign_cpu") or 0.0) > cfg.noise_limit
+                    noisy = (
+                        max(step.get("foreign_cpu") or 0.0, step.get("foreign_cpu_warmup") or 0.0)
+                        > cfg.noise_limit
+                    )
                     if noisy and not _passed(step, 10.0) and retries < cfg.noise_retries:
                         step["discarded"] = "noisy: other processes used the CPU"
                         retries += 1
@@ -699,13 +783,128 @@ def run_hotpath(cfg: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def merge(results: dict[str, Any], previous: Path) -> None:
-    """Keep what an earlier run measured for the systems (and probes) this run did not do."""
+def run_narration(
+    systems: Sequence[Any], cfg: argparse.Namespace, workdir: Path, meta: dict[str, Any]
+) -> dict[str, Any]:
+    """The narration scenario on party_sync's one-node systems: ``cfg.repeats`` sweeps each.
+
+    Every party streams ``narration.delta`` (the benchmark engine writing ``cfg.narration_rate``
+    pieces a second through ``party_sync.engine.Narration``); the steps are numbers of parties.
+    """
+    rate, k = cfg.narration_rate, cfg.k
+    ladder = cfg.narration_ladder
+    out: dict[str, Any] = {
+        "meta": {
+            "date": meta["date"],
+            "mode": meta["mode"],
+            "command": meta["command"],
+            "party_sync_commit": meta["party_sync_commit"],
+            "snapshot": meta["product_snapshot"]["sha256"],
+            "machine": meta["machine"],
+            "versions": meta["versions"],
+            "settings": {
+                "k": k,
+                "rate": rate,
+                "parties_ladder": ladder,
+                "pieces_per_stream": list(cfg.narration_pieces),
+                "words_per_piece": [3, 8],
+                "warmup_s": cfg.warmup,
+                "duration_s": cfg.duration,
+                "settle_s": cfg.settle,
+                "repeats": cfg.repeats,
+                "fail_streak": cfg.fail_streak,
+                "nice": cfg.nice,
+                "ps_env": cfg.ps_env,
+            },
+        },
+        "systems": {},
+    }
+    for system in systems:
+        if system.kind != "party_sync" or system.nodes != 1:
+            continue  # the peers have no live narration; one node (embedded, Redis)
+        entry: dict[str, Any] = {
+            "label": system.label,
+            "kind": system.kind,
+            "nodes": system.nodes,
+            "redis": system.redis,
+            "command": system.command,
+            "runs": [],
+            "available": True,
+            "measured": {
+                "date": meta["date"],
+                "party_sync_commit": meta["party_sync_commit"],
+                "snapshot": meta["product_snapshot"]["sha256"],
+            },
+        }
+        out["systems"][system.name] = entry
+        print(f"== narration: {system.name}: {system.label}", flush=True)
+        for repeat in range(cfg.repeats):
+            try:
+                run = run_system(
+                    system,
+                    cfg,
+                    workdir,
+                    mode="narration",
+                    parties=max(ladder),
+                    delivered_rates=[n * rate * k for n in ladder],
+                    party_steps=ladder,
+                )
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:1500]
+                entry.setdefault("errors", []).append(reason)
+                print(f"  {system.name}: sweep {repeat + 1} failed: {reason[:400]}", flush=True)
+                if not entry["runs"] and repeat == 0:
+                    break
+                continue
+            run["repeat"] = repeat
+            entry["runs"].append(run)
+        if not entry["runs"]:
+            entry["available"] = False
+            entry["reason"] = (entry.get("errors") or ["no sweep completed"])[-1]
+    return out
+
+
+def merge(results: dict[str, Any], previous: Path, *, actions_ran: bool = True) -> None:
+    """Keep what an earlier run measured for the systems (and probes) this run did not do.
+
+    The narration scenario's systems are merged the same way. A run without the action
+    scenario (``--scenarios narration``) keeps everything else of the earlier results as it was,
+    its meta (machine, versions, command, settings) included: this run's are in the narration
+    scenario's own meta.
+    """
     from bench.systems import all_systems
 
     if not previous.exists():
         return
     old = json.loads(previous.read_text())
+    if not actions_ran and old.get("meta"):
+        # Every other figure is the earlier run's: so are its machine, versions and command (the
+        # narration scenario keeps this run's in its own meta).
+        results["meta"] = {**old["meta"], "narration_merged": results["meta"]["date"]}
+        return_early = True
+    else:
+        return_early = False
+    old_narration = old.get("narration") or {}
+    new_narration = results.get("narration")
+    if new_narration is None:
+        if old_narration:
+            results["narration"] = old_narration
+    elif old_narration.get("systems"):
+        kept = {
+            name: entry
+            for name, entry in old_narration["systems"].items()
+            if name not in new_narration["systems"]
+        }
+        new_narration["systems"] = {**kept, **new_narration["systems"]}
+        if kept:
+            new_narration["meta"]["merged_with"] = old_narration.get("meta", {}).get("date")
+    if return_early:
+        for key in ("systems", "hotpath", "resume", "profiles"):
+            results[key] = old.get(key) or results.get(key) or ({} if key != "resume" else [])
+        results.pop("profile", None)
+        if old.get("profile") and "party_sync-memory" not in results["profiles"]:
+            results["profiles"]["party_sync-memory"] = old["profile"]
+        return
     combined = {**old.get("systems", {}), **results["systems"]}
     order = [s.name for s in all_systems()]
     results["systems"] = {
@@ -744,6 +943,8 @@ def _passed(step: dict[str, Any], limit_ms: float) -> bool:
         and step["duplicates"] == 0
         and step["out_of_order"] == 0
         and not step["errors"]
+        # narration: the engine kept its timeline (else the load was not offered)
+        and (step.get("engine_lag_p99_ms") or 0.0) <= limit_ms
     )
 
 
@@ -756,6 +957,26 @@ def _secret() -> str:
 def _print_step(name: str, step: dict[str, Any]) -> None:
     lg = step["loadgen"]
     step = {k: (math.nan if v is None else v) for k, v in step.items()}
+    if step.get("scenario") == "narration":
+        cpu, delivered = step.get("server_cpu", 0.0), step["delivered_per_s"]
+        calls = sum((step.get("redis_calls_per_s") or {}).values())
+        print(
+            f"  {name:24} parties {step['parties']:>5} offered {step['offered_delivered']:>7.0f}/s "
+            f"delivered {delivered:>7.0f}/s p50 {step['p50_ms']:6.2f} p99 {step['p99_ms']:7.2f} "
+            f"max {step['max_ms']:7.1f} ms engine lag99 {step['engine_lag_p99_ms']:6.2f} ms "
+            f"lost {step['lost']} dup {step['duplicates']} ooo {step['out_of_order']} "
+            f"err {sum(step['errors'].values())} srv {cpu:4.0%} "
+            f"({cpu / max(delivered, 1e-9) * 1e6:5.1f} µs/delta) "
+            f"redis {step.get('redis_cpu', 0):4.0%} calls/piece "
+            f"{calls / max(step['pieces_written_per_s'], 1e-9):4.2f} "
+            f"lg {lg['cpu']:4.0%} lag99 {lg['loop_lag_p99_ms']:5.1f}ms "
+            f"other {step.get('foreign_cpu', 0):4.0%} "
+            f"(warm-up {step.get('foreign_cpu_warmup', 0):4.0%})",
+            flush=True,
+        )
+        if step["errors"]:
+            print(f"    errors {step['errors']} {step.get('engine_error', '')}", flush=True)
+        return
     print(
         f"  {name:24} offered {step['offered_delivered']:>8.0f}/s delivered "
         f"{step['delivered_per_s']:>8.0f}/s p50 {step['p50_ms']:7.2f} p99 {step['p99_ms']:8.2f} "
@@ -794,6 +1015,10 @@ FULL_LADDER = [  # finer below 15k, where the Redis systems and the peer find th
     1.6e5,
 ]
 QUICK_LADDER = [1e4, 4e4]
+#: Narration: parties narrating at each step (each delivers 30 pieces/s × 4 members = 120/s).
+NARRATION_LADDER = [10, 25, 50, 75, 100, 150, 200, 250, 300, 400, 500, 600, 800, 1000]
+NARRATION_QUICK_LADDER = [25, 100]
+SCENARIOS = ("actions", "narration")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -819,6 +1044,28 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="idle connection counts for memory (full: 1000,10000; quick: none)",
     )
     parser.add_argument("--no-profile", action="store_true")
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(SCENARIOS),
+        help="comma-separated: actions (every system, the probes), narration (party_sync on one "
+        "node; the peers have no live narration); default both. Without actions, the figures "
+        "of the action scenario and the probes come only from --merge",
+    )
+    parser.add_argument(
+        "--narration-parties",
+        default="",
+        help="narration: parties narrating at each step, comma-separated "
+        f"(full: {','.join(map(str, NARRATION_LADDER))}; quick: "
+        f"{','.join(map(str, NARRATION_QUICK_LADDER))})",
+    )
+    parser.add_argument(
+        "--narration-rate", type=float, default=30.0, help="narration: pieces/s of each party"
+    )
+    parser.add_argument(
+        "--narration-pieces",
+        default="150-300",
+        help="narration: pieces per stream, min-max (each piece 3-8 words)",
+    )
     parser.add_argument(
         "--noise-limit",
         type=float,
@@ -906,6 +1153,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.ladder = [float(x) for x in args.rates.split(",") if x] or (
         QUICK_LADDER if quick else FULL_LADDER
     )
+    args.scenarios = [x for x in args.scenarios.split(",") if x]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}")
+    args.narration_ladder = [int(x) for x in args.narration_parties.split(",") if x] or (
+        NARRATION_QUICK_LADDER if quick else NARRATION_LADDER
+    )
+    low, _, high = args.narration_pieces.partition("-")
+    args.narration_pieces = (int(low), int(high or low))
+    if not 1 <= args.narration_pieces[0] <= args.narration_pieces[1]:
+        parser.error("--narration-pieces: min-max with 1 <= min <= max")
     return args
 
 
@@ -926,6 +1184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = out / ("quick.json" if cfg.quick else "bench/results.json")
         report.write_all(json.loads(data.read_text()), out, quick=cfg.quick)
         return 0
+    if "actions" not in cfg.scenarios and not cfg.merge and not cfg.quick:
+        print(
+            "bench: without the actions scenario, full mode would rewrite docs/bench/results.json "
+            "without its figures: add --merge (keeps them from the existing results)",
+            file=sys.stderr,
+        )
+        return 2
     pin([LOADGEN_CPU])  # the orchestrator stays off the server's core
     # TERM/INT unwind through the ``finally`` blocks, so every process this run started stops.
     signal.signal(signal.SIGTERM, _interrupted)
@@ -944,7 +1209,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     results["meta"]["product_snapshot"] = snapshot_product(workdir)
     partial = workdir / "partial-results.json"
-    for system in [] if cfg.probes_only else systems:
+    actions = "actions" in cfg.scenarios
+    for system in systems if actions and not cfg.probes_only else []:
         entry: dict[str, Any] = {
             "label": system.label,
             "kind": system.kind,
@@ -1014,13 +1280,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             except Exception as exc:
                 entry["memory"][f"{size}_error"] = f"{type(exc).__name__}: {exc}"[:800]
                 print(f"  {system.name}: {size} idle connections failed: {exc}", flush=True)
-    print("== party_sync hot path in process (bench/hotpath.py)", flush=True)
-    try:
-        results["hotpath"] = run_hotpath(cfg)
-    except Exception as exc:
-        results["hotpath"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
+    if actions:
+        print("== party_sync hot path in process (bench/hotpath.py)", flush=True)
+        try:
+            results["hotpath"] = run_hotpath(cfg)
+        except Exception as exc:
+            results["hotpath"] = {"error": f"{type(exc).__name__}: {exc}"[:800]}
     resumes = []
-    for system in systems:
+    for system in systems if actions else []:
         if system.kind != "party_sync" or system.nodes != 1:
             continue
         if not results["systems"].get(system.name, {}).get("available", cfg.probes_only):
@@ -1032,7 +1299,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except Exception as exc:
             resumes.append({"system": system.name, "error": f"{type(exc).__name__}: {exc}"[:800]})
     results["resume"] = resumes
-    if not cfg.no_profile and not cfg.quick:
+    if not cfg.no_profile and not cfg.quick and actions:
         from bench import profile
 
         results["profiles"] = {}
@@ -1048,11 +1315,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             except Exception as exc:
                 results["profiles"][system.name] = {"error": f"{type(exc).__name__}: {exc}"}
-    results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    if "narration" in cfg.scenarios and not cfg.probes_only:
+        narration_from = time.monotonic()
+        results["narration"] = run_narration(systems, cfg, workdir, results["meta"])
+        results["narration"]["meta"]["elapsed_s"] = round(time.monotonic() - narration_from, 1)
+    elapsed = results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
     if cfg.merge:
-        merge(results, out / ("quick.json" if cfg.quick else "bench/results.json"))
+        merge(
+            results,
+            out / ("quick.json" if cfg.quick else "bench/results.json"),
+            actions_ran=actions,
+        )
     report.write_all(results, out, quick=cfg.quick)
-    print(f"bench: done in {results['meta']['elapsed_s']} s; wrote {out}", flush=True)
+    print(f"bench: done in {elapsed} s; wrote {out}", flush=True)
     return 0
 
 
