@@ -24,6 +24,7 @@ from party_sync.engine import (
     JoinNotice,
     NarrationConflict,
     NarrationPiece,
+    NarrationSender,
     RestateNotice,
 )
 from party_sync.engine.interface import (
@@ -82,7 +83,7 @@ class OpenVote:
     started: Mapping[str, Any]  # the vote.started payload that start_vote returned
 
 
-class RecordingPublisher(VoteStarter):
+class RecordingPublisher(VoteStarter, NarrationSender):
     """An in-memory ``EventPublisher`` that records every event (and every rejection).
 
     ``check`` is called with each event before it is recorded (e.g. a JSON Schema validation that
@@ -150,18 +151,9 @@ class RecordingPublisher(VoteStarter):
         self.timeline.append(event)
         return seq
 
-    async def narrate(
-        self,
-        party_id: str,
-        stream_id: str,
-        index: int,
-        text: str,
-        *,
-        done: bool = False,
-        action_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> None:
-        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id).check()
+    async def send_piece(self, piece: NarrationPiece) -> None:
+        party_id, stream_id, index = piece.party_id, piece.stream_id, piece.index
+        text, done = piece.text, piece.done
         if self.fail_next_narration > 0:
             self.fail_next_narration -= 1
             raise PublishFailed(f"narration piece {stream_id}/{index} failed (scripted)")

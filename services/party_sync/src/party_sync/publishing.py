@@ -23,6 +23,7 @@ from party_sync.engine.interface import (
     ENGINE_EVENT_TYPES,
     ActionRequest,
     NarrationPiece,
+    NarrationSender,
     VoteRequest,
     VoteStarter,
 )
@@ -34,7 +35,6 @@ from party_sync.protocol.errors import (
     InvalidEvent,
     NarrationConflict,
 )
-from party_sync.protocol.ids import is_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ class Narrator:
                         future.set_exception(BackendUnavailable("narration not taken: retry"))
 
 
-class BackendPublisher(VoteStarter):
+class BackendPublisher(VoteStarter, NarrationSender):
     """Implements the engine's ``EventPublisher`` (and a link's ``fail``) over a ``Backend``."""
 
     def __init__(
@@ -114,38 +114,25 @@ class BackendPublisher(VoteStarter):
         self.clock = clock
         self.narrator = Narrator(backend, clock)
 
-    async def narrate(
-        self,
-        party_id: str,
-        stream_id: str,
-        index: int,
-        text: str,
-        *,
-        done: bool = False,
-        action_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> None:
-        """``EventPublisher.narrate``: checked, coalesced with the party's other pieces of this
-        tick (``Narrator``), sent to every member if it is the stream's next piece."""
-        if not is_id(party_id):
-            raise InvalidEvent("party_id is not a valid id")
-        NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id).check()
+    async def send_piece(self, piece: NarrationPiece) -> None:
+        """``EventPublisher.narrate`` (``NarrationSender``): coalesced with the party's other
+        pieces of this tick (``Narrator``), sent to every member if it is the stream's next."""
         try:
-            piece = transient.piece(
-                stream_id,
-                index,
-                text,
-                done=done,
-                action_id=action_id,
-                trace_id=trace_id,
+            taken = transient.piece(
+                piece.stream_id,
+                piece.index,
+                piece.text,
+                done=piece.done,
+                action_id=piece.action_id,
+                trace_id=piece.trace_id,
                 now=self.clock(),
             )
         except orjson.JSONEncodeError as exc:  # e.g. a lone surrogate in the text
             raise InvalidEvent(f"narration piece cannot be encoded: {exc}") from None
-        outcome = await self.narrator.take(party_id, piece)
+        outcome = await self.narrator.take(piece.party_id, taken)
         if not outcome.accepted:
             reason = transient.REASONS[outcome]
-            raise NarrationConflict(f"narration {stream_id} piece {index}: {reason}")
+            raise NarrationConflict(f"narration {piece.stream_id} piece {piece.index}: {reason}")
 
     def build(
         self,

@@ -15,6 +15,7 @@ from party_sync.engine.interface import (
     EventPublisher,
     JoinNotice,
     NarrationPiece,
+    NarrationSender,
     RestateNotice,
     VoteRequest,
     VoteStarter,
@@ -119,7 +120,7 @@ async def test_an_engine_crash_still_fails_the_action_with_engine_error() -> Non
     await link.close()
 
 
-class _FlakyPublishHost(VoteStarter):
+class _FlakyPublishHost(VoteStarter, NarrationSender):
     """A LinkHost whose backend fails the next publish (a Redis blip under the engine)."""
 
     def __init__(self) -> None:
@@ -137,19 +138,8 @@ class _FlakyPublishHost(VoteStarter):
         self.events.append(type)
         return len(self.events)
 
-    async def narrate(
-        self,
-        party_id: str,
-        stream_id: str,
-        index: int,
-        text: str,
-        *,
-        done: bool = False,
-        action_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> None:
-        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id)
-        self.narrated.append(piece.check())
+    async def send_piece(self, piece: NarrationPiece) -> None:
+        self.narrated.append(piece)
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.answers.append(("action_rejected", message))

@@ -10,32 +10,13 @@ Every message a client receives is checked against its schema (``ps_testkit.clie
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from party_sync.engine import Narration, NarrationConflict
-from party_sync.engine.interface import EventPublisher
-from ps_testkit.client import Client
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
-
-
-def _publisher(engine: ScriptedEngine) -> EventPublisher:
-    assert engine.publisher is not None
-    return engine.publisher
-
-
-async def _pieces(client: Client, stream_id: str) -> list[dict[str, Any]]:
-    """Every piece of ``stream_id`` this client gets, up to and including the last (done)."""
-    pieces: list[dict[str, Any]] = []
-    while True:
-        message = await client.until("narration.delta")
-        if message["payload"]["stream_id"] == stream_id:
-            pieces.append(message["payload"])
-            if message["payload"]["done"]:
-                return pieces
 
 
 async def test_every_member_gets_every_piece_once_in_order_and_a_late_joiner_the_text_so_far() -> (
@@ -45,7 +26,7 @@ async def test_every_member_gets_every_piece_once_in_order_and_a_late_joiner_the
     async with serve_in_process(make_settings(), engine=engine) as srv:
         aria, _ = await srv.join("aria")
         borin, _ = await srv.join("borin")
-        publisher = _publisher(engine)
+        publisher = engine.started
         story = Narration(publisher, "p1", "n1", action_id="a-1")
         await story.write("The gate ")
         await story.write("gives way")
@@ -57,10 +38,10 @@ async def test_every_member_gets_every_piece_once_in_order_and_a_late_joiner_the
         await story.write(" with a shriek")
         await story.end(".")
         for client in (aria, borin):
-            pieces = await _pieces(client, "n1")
+            pieces = await client.pieces("n1")
             assert [p["index"] for p in pieces] == [0, 1, 2, 3]
             assert "".join(p["text"] for p in pieces) == "The gate gives way with a shriek."
-        late = await _pieces(cyra, "n1")
+        late = await cyra.pieces("n1")
         assert [(p["index"], p["text"], p["done"]) for p in late] == [
             (2, " with a shriek", False),
             (3, ".", True),
@@ -73,13 +54,13 @@ async def test_a_piece_that_cannot_follow_is_refused_and_nothing_is_sent() -> No
     engine = ScriptedEngine()
     async with serve_in_process(make_settings(), engine=engine) as srv:
         aria, _ = await srv.join("aria")
-        publisher = _publisher(engine)
+        publisher = engine.started
         with pytest.raises(NarrationConflict):
             await publisher.narrate("p1", "n1", 1, "no first piece")
         await publisher.narrate("p1", "n1", 0, "first", done=True)
         with pytest.raises(NarrationConflict):
             await publisher.narrate("p1", "n1", 1, "after the last")
-        pieces = await _pieces(aria, "n1")
+        pieces = await aria.pieces("n1")
         assert [(p["index"], p["text"]) for p in pieces] == [(0, "first")]
 
 
@@ -88,8 +69,8 @@ async def test_a_stream_left_open_is_closed_for_every_member_after_the_idle_time
     async with serve_in_process(make_settings(narration_idle=0.3), engine=engine) as srv:
         aria, hello = await srv.join("aria")
         assert hello["payload"]["limits"]["narration_idle_ms"] == 300
-        await _publisher(engine).narrate("p1", "n1", 0, "The engine died here")
-        pieces = await _pieces(aria, "n1")
+        await engine.started.narrate("p1", "n1", 0, "The engine died here")
+        pieces = await aria.pieces("n1")
         assert [(p["index"], p["text"], p["done"]) for p in pieces] == [
             (0, "The engine died here", False),
             (1, "", True),
@@ -97,7 +78,7 @@ async def test_a_stream_left_open_is_closed_for_every_member_after_the_idle_time
         _, later = await srv.join("borin")
         assert later["payload"]["narration"] == []
         with pytest.raises(NarrationConflict):
-            await _publisher(engine).narrate("p1", "n1", 1, "too late")
+            await engine.started.narrate("p1", "n1", 1, "too late")
 
 
 async def test_every_member_sees_an_action_in_flight_until_its_result() -> None:

@@ -20,6 +20,7 @@ from party_sync.engine.interface import (
     ActionRequest,
     JoinNotice,
     NarrationPiece,
+    NarrationSender,
     RestateNotice,
     VoteRequest,
     VoteStarter,
@@ -32,24 +33,13 @@ OPTIONS = ({"id": "left", "label": "Go left"}, {"id": "right", "label": "Go righ
 T = 1_795_000_000.25  # a join's time: 2026-11-18T11:06:40.250Z
 
 
-class _Recorder(VoteStarter):
+class _Recorder(VoteStarter, NarrationSender):
     def __init__(self) -> None:
         self.requests: list[VoteRequest] = []
         self.narrated: list[NarrationPiece] = []
 
-    async def narrate(
-        self,
-        party_id: str,
-        stream_id: str,
-        index: int,
-        text: str,
-        *,
-        done: bool = False,
-        action_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> None:
-        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id)
-        self.narrated.append(piece.check())
+    async def send_piece(self, piece: NarrationPiece) -> None:
+        self.narrated.append(piece)
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         self.requests.append(request)
@@ -81,9 +71,13 @@ async def test_start_vote_keeps_the_engine_facing_call_and_makes_one_request() -
 @pytest.mark.parametrize(
     "publisher", [BackendPublisher, ApiPublisher, RecordingHost, RecordingPublisher]
 )
-def test_every_publisher_inherits_the_one_start_vote(publisher: type[object]) -> None:
+def test_every_publisher_inherits_the_one_start_vote_and_the_one_narrate(
+    publisher: type[object],
+) -> None:
     assert issubclass(publisher, VoteStarter)
     assert publisher.start_vote is VoteStarter.start_vote
+    assert issubclass(publisher, NarrationSender)
+    assert publisher.narrate is NarrationSender.narrate
 
 
 def test_a_request_goes_over_http_and_back_unchanged() -> None:

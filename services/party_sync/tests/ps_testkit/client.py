@@ -95,6 +95,17 @@ class Client:
                 if message["type"] == type_:
                     return message
 
+    async def pieces(self, stream_id: str, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The payloads of every ``narration.delta`` of ``stream_id`` from now up to and
+        including its last piece (``done``), passing over the other messages."""
+        pieces: list[dict[str, Any]] = []
+        while True:
+            message = await self.until("narration.delta", timeout)
+            if message["payload"]["stream_id"] == stream_id:
+                pieces.append(message["payload"])
+                if message["payload"]["done"]:
+                    return pieces
+
     async def send(self, message: dict[str, Any] | str | bytes) -> None:
         if isinstance(message, dict):
             await self.ws.send_str(orjson.dumps(message).decode())

@@ -40,6 +40,12 @@ class ScriptedEngine:
     async def start(self, publisher: EventPublisher) -> None:
         self.publisher = publisher
 
+    @property
+    def started(self) -> EventPublisher:
+        """The publisher party_sync gave the engine (it has started)."""
+        assert self.publisher is not None, "the engine has not been started"
+        return self.publisher
+
     async def handle_join(self, notice: JoinNotice) -> None:
         self.joins.append(notice)
 

@@ -15,6 +15,7 @@ from party_sync.engine.interface import (
     ActionRequest,
     Claim,
     NarrationPiece,
+    NarrationSender,
     VoteRequest,
     VoteStarter,
     action_envelope,
@@ -26,7 +27,7 @@ ACCEPTED_AT = 1_767_225_600.0
 
 
 @dataclass
-class RecordingHost(VoteStarter):
+class RecordingHost(VoteStarter, NarrationSender):
     claims: dict[str, Claim] = field(default_factory=dict)
     claim_errors: int = 0
     claimed: list[ActionRequest] = field(default_factory=list)
@@ -53,19 +54,8 @@ class RecordingHost(VoteStarter):
         self.published.append((party_id, type, dict(payload)))
         return len(self.published)
 
-    async def narrate(
-        self,
-        party_id: str,
-        stream_id: str,
-        index: int,
-        text: str,
-        *,
-        done: bool = False,
-        action_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> None:
-        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id)
-        self.narrated.append(piece.check())
+    async def send_piece(self, piece: NarrationPiece) -> None:
+        self.narrated.append(piece)
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         self.rejected.append((action.action_id, message))

@@ -5,30 +5,12 @@ mid-stream gets the text so far in ``system.hello``."""
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 import pytest
 from party_sync.engine import Narration, NarrationConflict
-from party_sync.engine.interface import EventPublisher
-from ps_testkit.client import Client
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import make_settings, serve_in_process
-
-
-def _publisher(engine: ScriptedEngine) -> EventPublisher:
-    assert engine.publisher is not None
-    return engine.publisher
-
-
-async def _pieces(client: Client, stream_id: str) -> list[dict[str, Any]]:
-    pieces: list[dict[str, Any]] = []
-    while True:
-        message = await client.until("narration.delta")
-        if message["payload"]["stream_id"] == stream_id:
-            pieces.append(message["payload"])
-            if message["payload"]["done"]:
-                return pieces
 
 
 @pytest.mark.redis
@@ -47,15 +29,15 @@ async def test_narration_and_actions_reach_members_on_another_node(
         borin, _ = await two.join("borin")
         await aria.act("a1", "aria", "r1")
         assert (await borin.until("action.accepted"))["payload"]["action_id"] == "a1"
-        story = Narration(_publisher(engine), "p1", "n1", action_id="a1")
+        story = Narration(engine.started, "p1", "n1", action_id="a1")
         await story.write("Across ")
         await story.write("nodes")
         cyra, hello = await two.join("cyra")
         assert hello["payload"]["narration"][0]["text"] == "Across nodes"
         assert [a["action_id"] for a in hello["payload"]["actions_in_flight"]] == ["a1"]
         await story.end("!")
-        assert "".join(p["text"] for p in await _pieces(borin, "n1")) == "Across nodes!"
-        assert [p["index"] for p in await _pieces(cyra, "n1")] == [2]
+        assert "".join(p["text"] for p in await borin.pieces("n1")) == "Across nodes!"
+        assert [p["index"] for p in await cyra.pieces("n1")] == [2]
         engine.gate.set()
         assert (await borin.until("action.result"))["payload"]["action_id"] == "a1"
 
@@ -75,7 +57,7 @@ async def test_a_stream_whose_state_redis_lost_is_refused_and_the_answer_still_c
         aria, _ = await srv.join("aria")
         await aria.act("a1", "aria", "r1")
         await aria.until("action.accepted")
-        story = Narration(_publisher(engine), "p1", "n1", action_id="a1")
+        story = Narration(engine.started, "p1", "n1", action_id="a1")
         await story.write("Before the ")
         assert (await aria.until("narration.delta"))["payload"]["index"] == 0
         redis_server.command("FLUSHALL")

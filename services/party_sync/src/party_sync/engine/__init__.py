@@ -12,6 +12,7 @@ from party_sync.engine.interface import (
     Narration,
     NarrationConflict,
     NarrationPiece,
+    NarrationSender,
     RestateNotice,
     restate_engine,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "Narration",
     "NarrationConflict",
     "NarrationPiece",
+    "NarrationSender",
     "RestateNotice",
     "restate_engine",
 ]

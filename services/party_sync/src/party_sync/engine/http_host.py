@@ -54,6 +54,7 @@ from party_sync.engine.interface import (
     Engine,
     EngineRejected,
     NarrationPiece,
+    NarrationSender,
     VoteRequest,
     VoteStarter,
     restate_engine,
@@ -82,7 +83,7 @@ DEADLINE_HEADER: Final = "X-Action-Deadline"
 ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
 
-class ApiPublisher(VoteStarter):
+class ApiPublisher(VoteStarter, NarrationSender):
     """``EventPublisher`` over party_sync's server API: ``POST /api/v1/parties/{party_id}/events``
     (``publish``), ``.../votes`` (``start_vote``) and ``.../narration`` (``narrate``).
 
@@ -127,21 +128,11 @@ class ApiPublisher(VoteStarter):
             raise BackendUnavailable(f"could not publish {type} to party {party_id}")
         raise InvalidEvent(f"party_sync refused the event ({status}): {body[:300]!r}")
 
-    async def narrate(
-        self,
-        party_id: str,
-        stream_id: str,
-        index: int,
-        text: str,
-        *,
-        done: bool = False,
-        action_id: str | None = None,
-        trace_id: str | None = None,
-    ) -> None:
-        """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``): 409 is
-        ``NarrationConflict``, another 4xx ``InvalidEvent``. A malformed piece is refused here,
-        before anything is sent."""
-        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id).check()
+    async def send_piece(self, piece: NarrationPiece) -> None:
+        """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``, checked by
+        ``NarrationSender`` before anything is sent): 409 is ``NarrationConflict``, another 4xx
+        ``InvalidEvent``."""
+        party_id, stream_id, index = piece.party_id, piece.stream_id, piece.index
         url = f"{self.base_url}/api/v1/parties/{party_id}/narration"
         status, body = await self._post(
             url, piece.to_json(), retry_on=(aiohttp.ClientError, TimeoutError)

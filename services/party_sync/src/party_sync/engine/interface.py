@@ -47,6 +47,7 @@ __all__ = [
     "Narration",
     "NarrationConflict",
     "NarrationPiece",
+    "NarrationSender",
     "RestateNotice",
     "VoteRequest",
     "VoteStarter",
@@ -277,6 +278,8 @@ class NarrationPiece:
 
     def check(self) -> NarrationPiece:
         """Itself if well-formed; raises ``InvalidEvent`` with the reason otherwise."""
+        if not is_id(self.party_id):
+            raise InvalidEvent(f"party_id: {ID_RULE}")
         if not is_id(self.stream_id):
             raise InvalidEvent(f"stream_id: {ID_RULE}")
         if not isinstance(self.index, int) or isinstance(self.index, bool) or self.index < 0:
@@ -437,6 +440,34 @@ class VoteStarter(ABC):
         Raises ``VoteConflict`` if the party already has an open vote, ``InvalidEvent`` for a
         malformed request.
         """
+
+
+class NarrationSender(ABC):
+    """The one implementation of ``EventPublisher.narrate``, inherited by every publisher.
+
+    It keeps the engine-facing call in one place and turns it into a checked ``NarrationPiece``
+    (``InvalidEvent`` for a malformed one, before anything is sent); each transport only says how
+    a piece is carried (``send_piece``): into the backend, over HTTP, into a test's record.
+    """
+
+    async def narrate(
+        self,
+        party_id: str,
+        stream_id: str,
+        index: int,
+        text: str,
+        *,
+        done: bool = False,
+        action_id: str | None = None,
+        trace_id: str | None = None,
+    ) -> None:
+        """See ``EventPublisher.narrate``."""
+        piece = NarrationPiece(party_id, stream_id, index, text, done, action_id, trace_id)
+        await self.send_piece(piece.check())
+
+    @abstractmethod
+    async def send_piece(self, piece: NarrationPiece) -> None:
+        """Carry one checked piece; raises as ``EventPublisher.narrate`` says."""
 
 
 class Narration:
