@@ -10,9 +10,12 @@ Every message a client receives is checked against its schema (``ps_testkit.clie
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from party_sync.engine import Narration, NarrationConflict
+from ps_testkit.client import wait_until
+from ps_testkit.cluster import wait_async
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process
 
@@ -117,3 +120,34 @@ async def test_an_action_the_engine_rejects_is_told_failed_to_every_member() -> 
         assert error["payload"]["code"] == "action_rejected"
         _, hello = await srv.join("cyra")
         assert hello["payload"]["actions_in_flight"] == []
+
+
+async def test_an_action_an_engine_works_on_past_its_deadline_is_still_listed_in_flight() -> None:
+    """A slow game master (an AI writing for longer than action_timeout): the action was started,
+    so it is never timed out; a member who connects meanwhile still sees it in flight, until its
+    result."""
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(make_settings(action_timeout=0.3), engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        await aria.act("a1", "aria", "r1")
+        await aria.until("action.accepted")
+        await wait_until(lambda: engine.count("a1") == 1)  # started (claimed) by the engine
+        assert srv.server is not None
+        backend, deadline = srv.server.gateway.backend, engine.calls[0].deadline
+        assert deadline is not None
+
+        async def swept_and_listed() -> bool:
+            # past the deadline, the node's look at the action found it started: listed again
+            snapshot = await backend.snapshot("p1")
+            listed = [a["action_id"] for a in snapshot.actions_in_flight]
+            return time.time() > deadline and listed == ["a1"]
+
+        await wait_async(swept_and_listed)
+        _, hello = await srv.join("borin")
+        assert [a["action_id"] for a in hello["payload"]["actions_in_flight"]] == ["a1"]
+        engine.gate.set()
+        await aria.until("action.result")
+        _, after = await srv.join("cyra")
+        assert after["payload"]["actions_in_flight"] == []
+        assert not [m for m in aria.received if m["type"] == "action.failed"]

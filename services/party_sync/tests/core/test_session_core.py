@@ -942,3 +942,28 @@ def test_narration_book_keeps_each_stream_whole_in_order_and_never_twice(
         else:
             assert open_[stream]["text"] == "".join(text for _, text, _ in pieces)
             assert open_[stream]["index"] == len(pieces) - 1
+
+
+def test_a_started_action_outliving_its_deadline_and_a_vote_choice_stay_in_flight() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    (pending,) = node.engine
+    claim, _ = done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
+    assert claim is Claim.START
+    node.advance(5.01)  # its deadline: started, so not refused; aria is free, a1 still in flight
+
+    def listed(who: str) -> list[str]:
+        hello = node.frames[node.join(who).id][0]["payload"]
+        return [a["action_id"] for a in hello["actions_in_flight"]]
+
+    assert listed("borin") == ["a1"]
+    _start_vote(node)
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
+    node.send(
+        node.join("borin2"), {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}}
+    )
+    node.advance(60.0)  # the vote's choice has no deadline: listed until its answer
+    assert "vote:v1" in listed("cyra")
+    node.answer(pending)
+    assert listed("dara") == ["vote:v1"]

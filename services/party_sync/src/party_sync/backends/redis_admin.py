@@ -125,7 +125,11 @@ class RedisAdmin:
             [epoch, seq or 0, members, _flat(names), online, _flat(state), [], [], []]
         )
         actions = sorted(
-            (a for a in (_lock(c, v) for c, v in locks.items()) if a and a.deadline > now),
+            (
+                a
+                for a in (_lock(c, v) for c, v in locks.items() if not text(c).startswith("~"))
+                if a and a.deadline > now
+            ),
             key=lambda a: (a.deadline, a.character_id),
         )
         return (text(run) if run is not None else None), snapshot, actions, replies[6:]

@@ -103,6 +103,10 @@ class ActionLedger:
         self._orders: dict[str, int] = {}
         # character_id → (action_id, until, action_type): the action that holds the character
         self._locks: dict[str, tuple[str, float, str]] = {}
+        # action_id → (character_id, until, action_type, expires) of the actions still in flight
+        # without holding their character: started by an engine and past their deadline, or
+        # untimed (a vote's choice); listed by ``in_flight`` until their final answer
+        self._outliving: dict[str, tuple[str, float, str, float]] = {}
         self._order = 0
 
     def _next(self) -> int:
@@ -146,19 +150,26 @@ class ActionLedger:
             False,
         )
         self._locks[character_id] = (action_id, until, action_type)
+        if not timed:
+            self._outliving[action_id] = (character_id, until, action_type, now + self.record_ttl)
         return _ACCEPTED
 
     def in_flight(self, now: float) -> list[dict[str, str]]:
-        """The actions holding their character's lock (no final answer, deadline not passed),
-        oldest first: ``system.hello``'s ``actions_in_flight``."""
-        held = sorted(
-            (until, action_id, character_id, action_type)
-            for character_id, (action_id, until, action_type) in self._locks.items()
-            if until > now
-        )
+        """``system.hello``'s ``actions_in_flight``: the actions with no final answer that hold
+        their character (deadline not passed), or that an engine started and works on past
+        their deadline, or that have none (a vote's choice), oldest first (by the deadline they
+        were given). An action outliving its deadline is listed until its final answer or
+        ``record_ttl``."""
+        found: dict[str, tuple[float, str, str, str]] = {}
+        for character_id, (action_id, until, action_type) in self._locks.items():
+            if until > now:
+                found[action_id] = (until, action_id, character_id, action_type)
+        for action_id, (character_id, until, action_type, expires) in self._outliving.items():
+            if expires > now:
+                found[action_id] = (until, action_id, character_id, action_type)
         return [
             {"action_id": action_id, "character_id": character_id, "action_type": action_type}
-            for _, action_id, character_id, action_type in held
+            for _, action_id, character_id, action_type in sorted(found.values())
         ]
 
     def character_of(self, action_id: str) -> str | None:
@@ -206,6 +217,14 @@ class ActionLedger:
         if now < flight[_DEADLINE]:
             return Sweep.NOT_DUE, None
         if flight[_ENGINE]:
+            lock = self._locks.get(flight[_CHARACTER])
+            if lock is not None and lock[0] == action_id:  # still listed in flight, unlocked
+                self._outliving[action_id] = (
+                    flight[_CHARACTER],
+                    lock[1],
+                    lock[2],
+                    flight[_EXPIRES],  # with its record
+                )
             self._release(flight[_CHARACTER], action_id)
             return Sweep.STARTED, None
         self.refuse(action_id, flight[_CHARACTER], refusal, now)
@@ -224,6 +243,8 @@ class ActionLedger:
         self._expires[action_id] = now + self.record_ttl
         self._orders[action_id] = self._next()
         self._release(owner, action_id)
+        if self._outliving:
+            self._outliving.pop(action_id, None)
         return True
 
     def complete(self, action_id: str, character_id: str, result: bytes, now: float) -> bool:
@@ -247,6 +268,8 @@ class ActionLedger:
         self._expires[action_id] = now + self.record_ttl
         self._orders[action_id] = self._next()
         self._release(owner, action_id)
+        if self._outliving:
+            self._outliving.pop(action_id, None)
         return refused
 
     def result_of(self, action_id: str) -> bytes | None:
@@ -268,6 +291,8 @@ class ActionLedger:
         return len(self._flights) + len(self._results)
 
     def _release(self, character_id: str, action_id: str) -> None:
+        """The action no longer holds its character; with its final answer, or forgotten, it is
+        no longer in flight either (callers that keep it listed record it in ``_outliving``)."""
         lock = self._locks.get(character_id)
         if lock is not None and lock[0] == action_id:
             del self._locks[character_id]
@@ -292,3 +317,4 @@ class ActionLedger:
                     return
                 del flights[action_id]
                 self._release(record[_CHARACTER], action_id)
+                self._outliving.pop(action_id, None)

@@ -160,6 +160,19 @@ local function release_lock(character_id, action_id)
   end
 end
 
+-- An action still in flight without holding its character (an engine started it and works on
+-- past its deadline, or it has none: a vote's choice) is listed by snapshot.lua until its final
+-- answer: "~<action_id>" → "<the deadline it was given> <character_id> <action_type> <expires>"
+-- in the locks hash (core/actions.py ActionLedger._outliving); expires with the action's record.
+local function outlive(action_id, deadline, character_id, action_type, began)
+  redis.call('HSET', K_LOCKS, '~' .. action_id, deadline .. ' ' .. character_id .. ' ' .. action_type
+    .. ' ' .. fmt_time(began + RECORD_TTL_MS / 1000))
+end
+
+local function answered(action_id)
+  redis.call('HDEL', K_LOCKS, '~' .. action_id)
+end
+
 -- Fold one event into the projection: the rules of core/projection.py, field for field.
 -- f holds the fold arguments prepared by redis_scripts.fold_args.
 local function fold(seq, kind, f)

@@ -42,6 +42,9 @@ if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
 end
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
 redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id .. ' ' .. ARGV[13])
+if ARGV[12] == '0' then  -- no deadline: listed in flight until its final answer (outlive())
+  outlive(action_id, deadline, character_id, ARGV[13], NOW)
+end
 redis.call('PEXPIRE', K_LOCKS, PARTY_TTL_MS)
 publish_transient(ARGV[14])
 return {'accept'}

@@ -33,5 +33,6 @@ if kind == 'action.result' then
   end
   redis.call('PEXPIRE', K_ACTION, RECORD_TTL_MS)
   release_lock(character_id, f[1])
+  answered(f[1])
 end
 return {seq, epoch, refused}

@@ -9,14 +9,37 @@ local ballots = {}
 if redis.call('HGET', K_VOTE, 'finished') == '0' then
   ballots = redis.call('HGETALL', K_BALLOTS)
 end
-local flights = {}
+-- Actions in flight (ActionLedger.in_flight): holding their character, or outliving that (the
+-- "~<action_id>" entries _lib.lua outlive() writes; an expired one is dropped here).
+local found, order = {}, {}
 local locks = redis.call('HGETALL', K_LOCKS)
 for i = 1, #locks, 2 do
-  local until_, action_id, action_type = parse_lock(locks[i + 1])
-  if until_ and until_ > NOW then
-    for _, v in ipairs({action_id, locks[i], action_type, fmt_time(until_)}) do
-      flights[#flights + 1] = v
+  local field, value = locks[i], locks[i + 1]
+  if string.sub(field, 1, 1) == '~' then
+    local until_, character_id, action_type, expires = string.match(value, '^(%S+) (%S+) (%S+) (%S+)$')
+    local action_id = string.sub(field, 2)
+    if tonumber(expires) > NOW then
+      if not found[action_id] then
+        order[#order + 1] = action_id
+      end
+      found[action_id] = {action_id, character_id, action_type, until_}
+    else
+      redis.call('HDEL', K_LOCKS, field)
     end
+  else
+    local until_, action_id, action_type = parse_lock(value)
+    if until_ and until_ > NOW then
+      if not found[action_id] then
+        order[#order + 1] = action_id
+      end
+      found[action_id] = {action_id, field, action_type, fmt_time(until_)}
+    end
+  end
+end
+local flights = {}
+for _, action_id in ipairs(order) do
+  for _, v in ipairs(found[action_id]) do
+    flights[#flights + 1] = v
   end
 end
 local streams = {}

@@ -4,7 +4,7 @@
 -- timestamp (for action.failed, published to every member when it times out here).
 -- Returns {'final', answer} | {'timed_out'} | {'started'} | {'not_due'} | {'gone'}.
 local record, action_id = K_ACTION, ARGV[7]
-local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g')
+local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g', 's')
 if found[2] then
   return {'final', found[2]}
 end
@@ -17,10 +17,18 @@ end
 if not found[4] or NOW < tonumber(found[4]) then  -- no deadline: party_sync's own action
   return {'not_due'}
 end
-release_lock(found[1], action_id)
-if found[5] then
+if found[5] then  -- started: its answer comes from the engine; still in flight, unlocked
+  local lock = redis.call('HGET', K_LOCKS, found[1])
+  if lock then
+    local until_, holder, action_type = parse_lock(lock)
+    if holder == action_id then
+      outlive(action_id, fmt_time(until_), found[1], action_type, tonumber(found[6]) or NOW)
+    end
+  end
+  release_lock(found[1], action_id)
   return {'started'}
 end
+release_lock(found[1], action_id)
 redis.call('HSET', record, 'x', ARGV[8])
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
 publish_failed(action_id, found[1], ARGV[8], ARGV[9])
