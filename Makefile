@@ -10,7 +10,7 @@ JS_DEPS  := $(JS)/node_modules/.installed
 JS_BUILD := $(JS)/dist/.built
 JS_SOURCES := $(wildcard $(JS)/src/*.ts $(JS)/demo/* $(JS)/admin/* $(JS)/tsconfig*.json $(JS)/package.json)
 
-.PHONY: setup run test test-core test-security-long lint lock bench clean docs dist
+.PHONY: setup run test test-core test-security-long lint lock bench soak clean docs dist
 
 ## setup: create .venv at the repository root with the locked dependencies and both packages (editable),
 ## and build the browser client and the demo page in clients/js (needs node and npm)
@@ -84,6 +84,13 @@ lock:
 ## (own locked environment in bench/.venv; full mode writes docs/benchmarks.md and docs/bench/)
 bench:
 	$(PYTHON) bench/run.py $(if $(QUICK),--quick,)
+
+## soak: 10,000 members in 2,500 parties of 4, one action per party every 10 s, for SOAK_MINUTES (default
+## 10) on the embedded backend (REDIS=1: on Redis, its used_memory sampled too), the server's RSS sampled
+## every 10 s; memory per active party and a check that nothing was lost; SOAK_ARGS passes more options
+## (e.g. --history-size 300); writes bench/results/soak-*.json and .txt (same bench/.venv as bench)
+soak:
+	$(PYTHON) bench/soak.py --minutes $(or $(SOAK_MINUTES),10) $(if $(REDIS),--redis,) $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts dist $(JS)/node_modules $(JS)/dist
