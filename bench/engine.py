@@ -33,6 +33,7 @@ from party_sync.engine.interface import (
     JoinNotice,
     Narration,
     RestateNotice,
+    publish_all,
 )
 
 from bench.common import stamp
@@ -230,7 +231,7 @@ class PartyNarrator:
 
 
 class BenchEngine:
-    """party_sync's ``Engine`` over ``BenchLogic``: publishes the result, then the scene.
+    """party_sync's ``Engine`` over ``BenchLogic``: publishes the result and the scene (one step).
 
     Actions carrying ``NARRATION_KEY`` control the narration scenario instead (see the module's
     docstring): answered by an ``action.result`` only.
@@ -254,8 +255,9 @@ class BenchEngine:
         result, scene = self.logic.answer(
             action.party_id, action.action_id, action.character_id, action.action_type
         )
-        await publisher.publish(action.party_id, "action.result", result, trace_id=action.trace_id)
-        await publisher.publish(action.party_id, "scene.update", scene, trace_id=action.trace_id)
+        # both in one step: one script call and one pub/sub message in Redis mode
+        events = (("action.result", result), ("scene.update", scene))
+        await publish_all(publisher, action.party_id, events, trace_id=action.trace_id)
 
     async def _narration(
         self, publisher: EventPublisher, action: ActionRequest, control: Any

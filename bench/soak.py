@@ -2,7 +2,7 @@
 """``make soak``: party_sync under steady traffic for a long time, its memory sampled.
 
     python3 bench/soak.py                          # 10 minutes, embedded backend, the defaults
-    python3 bench/soak.py --history-size 300       # a bound that limits memory, passed through
+    python3 bench/soak.py --history-size 1000      # a bound that limits memory, passed through
     python3 bench/soak.py --redis --minutes 20     # on Redis: Redis's ``used_memory`` too
 
 One party_sync server (the real CLI with the benchmark's engine, ``bench/engine.py``: every action
@@ -21,8 +21,9 @@ events, ``system.error``s, disconnects and close codes: all must be 0), latency,
 **memory per active party**: (RSS at the end of the traffic - RSS with every member joined and no
 action sent yet) / parties, and the same for Redis's ``used_memory``. It says whether RSS
 flattened (the last half grew by less than 5 % of the whole growth) and, from the settings, when
-the bounds fill at this traffic: a party's history after ``history_size`` events (two per action),
-its action records after ``action_record_ttl`` seconds. A soak shorter than both cannot show the
+the bounds fill at this traffic: a party's history after ``history_size`` events (two per action)
+or ``history_max_age`` seconds, whichever is first, its action records after
+``action_record_ttl`` seconds. A soak shorter than both cannot show the
 steady state: the figure is then a lower bound, and the summary says so.
 
 Writes ``bench/results/soak-<backend>-<date>.json`` (every sample) and a ``.txt`` summary beside
@@ -57,7 +58,13 @@ from bench import run as harness  # noqa: E402 - the repository root is on sys.p
 
 MIB = 1 << 20
 #: The settings of party_sync that bound its memory per party, passed through to the server.
-BOUNDS = ("history_size", "action_record_ttl", "max_replay")
+BOUNDS = (
+    "history_size",
+    "history_max_bytes",
+    "history_max_age",
+    "action_record_ttl",
+    "max_replay",
+)
 #: RSS flattened: the last half of the soak grew by less than this share of the whole growth.
 FLAT_SHARE = 0.05
 
@@ -93,6 +100,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="party_sync on Redis (a private redis-server on CPU 0; its used_memory sampled too)",
     )
     parser.add_argument("--history-size", type=int, default=None, help="server's history_size")
+    parser.add_argument(
+        "--history-max-bytes",
+        type=int,
+        default=None,
+        help="server's history_max_bytes (encoded bytes of history per party; 0 = no bound)",
+    )
+    parser.add_argument(
+        "--history-max-age",
+        type=float,
+        default=None,
+        help="server's history_max_age (s; 0 = no bound)",
+    )
     parser.add_argument(
         "--action-record-ttl", type=float, default=None, help="server's action_record_ttl (s)"
     )
@@ -188,10 +207,15 @@ def effective_bounds(cfg: Any) -> dict[str, Any]:
 
 
 def fill_times(cfg: Any, bounds: dict[str, Any]) -> dict[str, float]:
-    """Minutes of this traffic before each bound is reached (two history events per action)."""
+    """Minutes of this traffic before each bound is reached (two history events per action):
+    the history stops growing at ``history_size`` events or at ``history_max_age``, whichever
+    comes first (the bytes bound binds only on events larger than the benchmark's)."""
     events_per_s = 2.0 / cfg.interval
+    history_s = bounds["history_size"] / events_per_s
+    if bounds["history_max_age"]:
+        history_s = min(history_s, float(bounds["history_max_age"]))
     return {
-        "history_full_min": bounds["history_size"] / events_per_s / 60.0,
+        "history_full_min": history_s / 60.0,
         "action_records_full_min": float(bounds["action_record_ttl"]) / 60.0,
     }
 
@@ -511,7 +535,8 @@ def text_summary(result: dict[str, Any]) -> str:
         )
     fill = result["fill"]
     lines.append(
-        f"  at this traffic a party's history holds history_size events after "
+        f"  at this traffic a party's history is full (history_size events or history_max_age) "
+        f"after "
         f"{fill['history_full_min']:.1f} min and its action records reach action_record_ttl "
         f"after {fill['action_records_full_min']:.1f} min: "
         + (

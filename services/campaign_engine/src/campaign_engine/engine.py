@@ -416,6 +416,8 @@ class ReferenceEngine:
             raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
         try:
             while state.outbox:
+                if await self._publish_together(publisher, state, party_id):
+                    continue
                 event = state.outbox[0]
                 if event.type == votes.VOTE_START:  # never raises: a vote must not block the game
                     await votes.start(publisher, state, party_id, event)
@@ -441,6 +443,33 @@ class ReferenceEngine:
                 await self.store.commit(state)
             except CommitConflict:  # another process moved the run on: its state stands
                 log.info("run %s moved on while its events were published", state.run_id)
+
+    @staticmethod
+    async def _publish_together(publisher: EventPublisher, state: RunState, party_id: str) -> bool:
+        """The outbox's leading events (up to a vote request) in one atomic step, where the
+        publisher has one (``BatchPublisher``: in Redis mode one script call and one message to
+        the members instead of a round trip each). False when there is nothing to batch or one
+        of them is invalid: the caller then goes one by one (and drops the invalid one only).
+        A publishing error leaves all of them in the outbox (none was published)."""
+        many = getattr(publisher, "publish_many", None)  # BatchPublisher (isinstance is slow)
+        if many is None:
+            return False
+        run: list[OutboxEvent] = []
+        for event in state.outbox:
+            if event.type == votes.VOTE_START or (run and event.trace_id != run[0].trace_id):
+                break
+            run.append(event)
+        if len(run) < 2:
+            return False
+        try:
+            await many(party_id, [(e.type, e.payload) for e in run], trace_id=run[0].trace_id)
+        except InvalidEvent:
+            return False
+        del state.outbox[: len(run)]
+        for event in run:
+            if event.type == "party.state":
+                state.published_party_state = event.payload
+        return True
 
     async def _settle_outbox(self, state: RunState, party_id: str) -> None:
         """Before a new action: publish an earlier action's leftovers once, else drop them."""

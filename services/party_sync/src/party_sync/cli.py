@@ -8,8 +8,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from party_sync import __version__, config, devmode, logs
 from party_sync.auth import issue_token
@@ -75,6 +76,17 @@ def _parser() -> argparse.ArgumentParser:
         "--redis-url",
         default=os.environ.get("PARTY_SYNC_REDIS_URL"),
         help="the Redis party_sync uses [env PARTY_SYNC_REDIS_URL]",
+    )
+    worker.add_argument(
+        "--redis-sentinels",
+        default=None,
+        help="find the master through these sentinels, host:port,host:port "
+        "[env PARTY_SYNC_REDIS_SENTINELS]",
+    )
+    worker.add_argument(
+        "--redis-sentinel-master",
+        default=None,
+        help="the master's name in the sentinels [env PARTY_SYNC_REDIS_SENTINEL_MASTER]",
     )
     worker.add_argument(
         "--stream",
@@ -287,16 +299,31 @@ def _engine_http(args: argparse.Namespace) -> int:
 def _engine_worker(args: argparse.Namespace) -> int:
     import signal
 
+    from party_sync.backends.redis_connect import RedisTarget, make_client
     from party_sync.engine.loader import load_engine
-    from party_sync.engine.stream_worker import StreamWorker, WorkerOptions, default_consumer
+    from party_sync.engine.stream_worker import (
+        OpenedEpochs,
+        StreamWorker,
+        WorkerOptions,
+        default_consumer,
+    )
     from party_sync.protocol.schemas import Contracts
     from party_sync.publishing import BackendPublisher
     from party_sync.server import make_backend
 
-    if not args.redis_url:
-        raise ConfigError("engine-worker needs --redis-url (or PARTY_SYNC_REDIS_URL)")
     # The same settings as the gateway nodes (history size, TTLs, key prefix) from the environment.
-    settings = config.load(None, env={**os.environ, "PARTY_SYNC_REDIS_URL": args.redis_url})
+    given = {
+        "PARTY_SYNC_REDIS_URL": args.redis_url,
+        "PARTY_SYNC_REDIS_SENTINELS": args.redis_sentinels,
+        "PARTY_SYNC_REDIS_SENTINEL_MASTER": args.redis_sentinel_master,
+    }
+    env = {**os.environ, **{name: value for name, value in given.items() if value}}
+    settings = config.load(None, env=env)
+    if not settings.redis_url:
+        raise ConfigError(
+            "engine-worker needs --redis-url (or PARTY_SYNC_REDIS_URL), or --redis-sentinels "
+            "and --redis-sentinel-master"
+        )
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync-engine-worker")
     engine = load_engine(args.engine)
@@ -308,22 +335,54 @@ def _engine_worker(args: argparse.Namespace) -> int:
         burst=args.burst,
     )
 
+    class WorkerPublisher(BackendPublisher):
+        """Reports every event it publishes (``OpenedEpochs``: an engine's event that opens an
+        epoch makes the worker ask its engine to re-state the party)."""
+
+        epochs: OpenedEpochs | None = None
+
+        async def publish(
+            self,
+            party_id: str,
+            type: str,
+            payload: Mapping[str, Any],
+            *,
+            trace_id: str | None = None,
+        ) -> int:
+            seq = await super().publish(party_id, type, payload, trace_id=trace_id)
+            if self.epochs is not None:
+                self.epochs.published(party_id, type, seq, trace_id)
+            return seq
+
+        async def publish_many(
+            self,
+            party_id: str,
+            events: Sequence[tuple[str, Mapping[str, Any]]],
+            *,
+            trace_id: str | None = None,
+        ) -> list[int]:
+            seqs = await super().publish_many(party_id, events, trace_id=trace_id)
+            if self.epochs is not None and seqs:
+                self.epochs.published(party_id, events[0][0], seqs[0], trace_id)
+            return seqs
+
     async def work() -> None:
-        from redis.asyncio import Redis
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
 
         backend = make_backend(settings)
         await backend.start()
         # A short connect timeout: while Redis is down the worker retries (it never exits).
-        redis = Redis.from_url(
-            args.redis_url,
+        redis = make_client(
+            RedisTarget.of(settings),
             socket_timeout=options.block + 5,
             socket_connect_timeout=2.0,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),  # a stale pooled socket
         )
-        publisher = BackendPublisher(backend, Contracts(), time.time)
-        worker = StreamWorker(engine, publisher, redis, options)
+        epochs = OpenedEpochs()
+        publisher = WorkerPublisher(backend, Contracts(), time.time)
+        publisher.epochs = epochs
+        worker = StreamWorker(engine, publisher, redis, options, epochs=epochs)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)

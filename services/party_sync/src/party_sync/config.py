@@ -79,6 +79,19 @@ class Settings:
     redis_url: str | None = _option(
         None, "Redis URL; unset = the embedded in-memory backend (one process)."
     )
+    redis_sentinels: tuple[str, ...] = _option(
+        (),
+        "Redis Sentinel addresses (comma-separated host:port): find the master through them and "
+        "follow a failover. With them, redis_url gives only the master's password, db and "
+        "options (its host is not used; unset = redis://<redis_sentinel_master>/0).",
+        _csv,
+    )
+    redis_sentinel_master: str | None = _option(
+        None, "The name the sentinels monitor the master under (sentinel monitor <name> ...)."
+    )
+    redis_sentinel_password: str | None = _option(
+        None, "Password of the sentinels themselves (requirepass in sentinel.conf), if any."
+    )
     engine_transport: str = _option(
         "auto",
         "How actions reach the engine: inprocess, stream (Redis Streams), http, or auto "
@@ -194,7 +207,25 @@ class Settings:
         "Seconds a live narration stream may go without a new piece before the server closes it "
         "(an engine that died mid-stream); system.hello tells clients as narration_idle_ms.",
     )
-    history_size: int = _option(1000, "Events of history kept per party (for resume).")
+    history_size: int = _option(
+        300,
+        "Events of history kept per party (for resume and a node's gap repair); the default is "
+        "max_replay, the most one resume replays.",
+    )
+    history_max_bytes: int = _option(
+        262_144,
+        "Encoded bytes of history kept per party: the oldest events are dropped past it (the "
+        "newest is always kept). 256 KiB holds 300 events of 874 bytes on average (measured: "
+        "the reference engine's 380, the benchmark's 493), so it binds only on larger events "
+        "(an event may be 256 KiB). 0 = no bound.",
+    )
+    history_max_age: float = _option(
+        1800.0,
+        "Seconds an event stays in a party's history (checked at each new event; the newest is "
+        "always kept): a client away longer gets a snapshot instead of a replay. 30 min covers "
+        "a blip or a locked phone, and at one action per 10 s 300 events span 25 min, so it "
+        "cuts only slower parties' history. 0 = no bound.",
+    )
     party_ttl: float = _option(
         3600.0, "Seconds a party's state and history are kept after its last activity."
     )
@@ -304,9 +335,31 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
             values[f.name] = _parser_for(f)(raw)
         except ValueError as exc:
             raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None
+    if values.get("redis_sentinels") and not values.get("redis_url"):
+        # Sentinel mode needs no URL: Redis mode is on, db 0, no password (redis_connect.py).
+        values["redis_url"] = f"redis://{values.get('redis_sentinel_master') or 'sentinel'}/0"
     settings = Settings(**values)
     validate(settings)
     return settings
+
+
+def _sentinel_problem(settings: Settings) -> str | None:
+    """What is wrong with the Sentinel settings (docs/redis.md, "Deployment topologies")."""
+    from party_sync.backends.redis_connect import parse_addresses, sentinel_url_problem
+
+    if not settings.redis_sentinels:
+        if settings.redis_sentinel_master:
+            return "redis_sentinel_master needs redis_sentinels (host:port,host:port)"
+        return None
+    try:
+        parse_addresses(settings.redis_sentinels)
+    except ValueError as exc:
+        return f"redis_sentinels: {exc} (expected host:port,host:port)"
+    if not settings.redis_sentinel_master:
+        return "redis_sentinels needs redis_sentinel_master (the name in sentinel monitor <name>)"
+    if not settings.redis_url:
+        return "redis_sentinels needs redis_url or none at all (it is set from the master name)"
+    return sentinel_url_problem(settings.redis_url)
 
 
 def _bot_ids_agree(settings: Settings) -> bool:
@@ -361,6 +414,11 @@ def validate(settings: Settings) -> None:
         (settings.engine_http_timeout > 0, "engine_http_timeout must be > 0"),
         (settings.engine_http_retries >= 0, "engine_http_retries must be >= 0"),
         (settings.history_size >= 1, "history_size must be >= 1"),
+        (settings.history_max_bytes >= 0, "history_max_bytes must be >= 0 (0 = no bound)"),
+        (
+            math.isfinite(settings.history_max_age) and settings.history_max_age >= 0,
+            "history_max_age must be a finite number >= 0 (0 = no bound)",
+        ),
         (settings.max_replay >= 0, "max_replay must be >= 0"),
         (settings.party_ttl > 0, "party_ttl must be > 0"),
         (settings.redis_probe_interval > 0, "redis_probe_interval must be > 0"),
@@ -405,3 +463,6 @@ def validate(settings: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    problem = _sentinel_problem(settings)
+    if problem is not None:
+        raise ConfigError(problem)

@@ -280,6 +280,7 @@ def secrets_of(settings: Settings) -> tuple[str | None, ...]:
         settings.jwt_secret,
         settings.jwt_previous_secret,
         settings.telegram_bot_token,
+        settings.redis_sentinel_password,
     )
 
 

@@ -20,6 +20,7 @@ from party_sync.backends.base import Backend, BackendSettings
 from party_sync.backends.directory import make_directory
 from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.backends.redis_connect import RedisTarget
 from party_sync.config import Settings
 from party_sync.devmode import DevSecret
 from party_sync.engine.health import EngineHealth, HealthSource, HttpProbe, StaticHealth, public_url
@@ -57,6 +58,8 @@ class Server:
 def backend_settings(settings: Settings) -> BackendSettings:
     return BackendSettings(
         history_size=settings.history_size,
+        history_max_bytes=settings.history_max_bytes,
+        history_max_age=settings.history_max_age,
         presence_ttl=settings.presence_ttl,
         action_timeout=settings.action_timeout,
         action_record_ttl=settings.action_record_ttl,
@@ -72,6 +75,7 @@ def make_backend(
     if settings.redis_url:
         options = RedisOptions(
             url=settings.redis_url,
+            sentinels=RedisTarget.of(settings).sentinels,
             prefix=settings.redis_prefix,
             probe_interval=settings.redis_probe_interval,
             command_timeout=settings.redis_command_timeout,
@@ -101,7 +105,7 @@ def make_link(settings: Settings) -> EngineLink:
     if transport == "stream":
         assert settings.redis_url is not None
         return StreamEngineLink(
-            settings.redis_url, settings.actions_stream, settings.actions_stream_maxlen
+            RedisTarget.of(settings), settings.actions_stream, settings.actions_stream_maxlen
         )
     return InProcessLink(load_engine(settings.engine))
 
@@ -121,14 +125,22 @@ def with_dev_secret(settings: Settings, kept: DevSecret | None = None) -> Settin
 def describe_backend(settings: Settings, backend: Backend) -> str:
     """The backend for the start-up log: its name, and where (no credentials) in Redis mode."""
     if settings.redis_url and backend.name != "memory":
-        return f"{backend.name} {public_url(settings.redis_url)}"
+        return f"{backend.name} {_redis_where(settings)}"
     return backend.name
+
+
+def _redis_where(settings: Settings) -> str:
+    """Where Redis is, without credentials: the URL's host, or the Sentinel set."""
+    assert settings.redis_url is not None
+    if settings.redis_sentinels:
+        return RedisTarget.of(settings).describe()
+    return public_url(settings.redis_url)
 
 
 def describe_engine(settings: Settings, link: EngineLink) -> tuple[str, str]:
     """``(transport, what)`` of the engine link actually used (never a credential or query)."""
     if isinstance(link, StreamEngineLink):
-        where = f" on {public_url(settings.redis_url)}" if settings.redis_url else ""
+        where = f" on {_redis_where(settings)}" if settings.redis_url else ""
         return "stream", f"Redis stream {link.stream}{where}"
     if isinstance(link, HttpEngineLink):
         return "http", public_url(link.url)
@@ -143,7 +155,7 @@ def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> Heal
     monitor, the HTTP engine URL's probe, or nothing to watch (in-process)."""
     if isinstance(link, StreamEngineLink) and settings.redis_url:
         return StreamMonitor.for_redis(
-            settings.redis_url,
+            RedisTarget.of(settings),
             link.stream,
             ENGINE_GROUP,
             interval=ENGINE_WATCH_INTERVAL,
@@ -177,7 +189,9 @@ def build_server(
     if backend is None:
         backend = make_backend(settings, node_id=node_id, metrics=metrics)
     gateway = Gateway(settings, backend, link, contracts, metrics=metrics, node_id=node_id)
-    directory = make_directory(settings.redis_url, settings.redis_prefix)
+    directory = make_directory(
+        RedisTarget.of(settings) if settings.redis_url else None, settings.redis_prefix
+    )
     app = build_app(gateway, verifier, directory, dev_mode=dev_mode)
     health = watch_engine(settings, link, metrics)
     metrics.watch_link(describe_engine(settings, link)[0], link)  # engine_link_failures_total

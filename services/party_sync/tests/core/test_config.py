@@ -106,6 +106,10 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("PRESENCE_TTL", "nan", "presence_ttl"),
         ("ACTION_TIMEOUT", "0", "action_timeout"),
         ("HISTORY_SIZE", "0", "history_size"),
+        ("HISTORY_MAX_BYTES", "-1", "history_max_bytes"),
+        ("HISTORY_MAX_AGE", "-0.5", "history_max_age"),
+        ("HISTORY_MAX_AGE", "inf", "history_max_age"),
+        ("HISTORY_MAX_AGE", "nan", "history_max_age"),
         ("MAX_REPLAY", "-1", "max_replay"),
         ("HEARTBEAT", "0", "heartbeat"),
         ("RATE_LIMIT", "0", "rate limits"),
@@ -177,3 +181,20 @@ def test_the_event_loop_setting_picks_uvloop_or_the_stock_loop() -> None:
     finally:
         sys.modules.clear()
         sys.modules.update(modules)
+
+
+def test_history_bounds_come_from_flags_and_environment_and_reach_the_backend() -> None:
+    from party_sync.server import backend_settings
+
+    defaults = load(parse_flags(), env={})
+    assert (defaults.history_size, defaults.history_max_bytes, defaults.history_max_age) == (
+        300,
+        262_144,
+        1800.0,
+    )
+    env = {ENV_PREFIX + "HISTORY_MAX_BYTES": "0", ENV_PREFIX + "HISTORY_MAX_AGE": "0"}
+    unbounded = load(parse_flags("--history-size", "50"), env=env)  # 0 = no bound
+    limits = backend_settings(unbounded)
+    assert (limits.history_size, limits.history_max_bytes, limits.history_max_age) == (50, 0, 0.0)
+    given = load(parse_flags("--history-max-bytes", "4096", "--history-max-age", "90"), env=env)
+    assert (given.history_max_bytes, given.history_max_age) == (4096, 90.0)

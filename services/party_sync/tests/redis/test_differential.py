@@ -5,7 +5,10 @@
 Compared, after every step: what the call returned (events with their seq, type, payload and
 bytes; verdicts, claims, sweeps, refusals, booleans, exceptions), the frames each party's listener
 was given (events and direct messages, in order), and, when the story asks, the snapshot behind
-``system.hello`` and a replay from a resume point. Only what must differ is normalised:
+``system.hello``, a replay from a resume point and what history holds (the operators' view).
+History is bounded by count, bytes and age at once (``SETTINGS``), as the stories' time moves
+(virtual: both backends stamp events with the callers' ``now``), and by count alone in a second
+run (the plain header, unstamped entries). Only what must differ is normalised:
 
 - epochs are random per backend: each is replaced by the order it first appeared in (``E0``,
   ``E1``...), so a new epoch on one side only is still a difference;
@@ -36,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -61,10 +64,15 @@ from ps_testkit.redis_server import RedisServer
 
 pytestmark = pytest.mark.redis
 
-HISTORY = 12  # small, so that stories trim history and replays run out of it
+HISTORY = 6  # small, so that stories trim history and replays run out of it
+# and bytes and age bounds that bind too: ~5 events of ~400 bytes (a scene 2 alone is larger:
+# the newest is kept anyway), events older than two or three of the longest steps of time
+HISTORY_BYTES, HISTORY_AGE = 2000, 12.0
 SETTINGS = BackendSettings(
     narration_idle=5.0,
     history_size=HISTORY,
+    history_max_bytes=HISTORY_BYTES,
+    history_max_age=HISTORY_AGE,
     presence_ttl=10.0,
     action_timeout=2.0,
     action_record_ttl=10_000_000.0,  # beyond any story: Redis expires records on its own clock
@@ -127,6 +135,23 @@ WEIGHTED: list[tuple[int, st.SearchStrategy[tuple[Any, ...]]]] = [
     (1, st.tuples(st.just("scene"), party_, st.integers(1, 3))),
     (1, st.tuples(st.just("combat"), party_, st.booleans())),
     (1, st.tuples(st.just("party_state"), party_, st.sampled_from(["active", "wiped"]))),
+    # several of them in one step (publish_many), as an engine answers an action
+    (
+        2,
+        st.tuples(
+            st.just("many"),
+            party_,
+            st.lists(
+                st.one_of(
+                    st.tuples(st.just("result"), character_, action_),
+                    st.tuples(st.just("scene"), st.integers(1, 3)),
+                    st.tuples(st.just("combat"), st.booleans()),
+                ),
+                min_size=1,
+                max_size=3,
+            ),
+        ),
+    ),
     # the action ledger
     (3, st.tuples(st.just("begin"), party_, character_, action_, st.booleans())),
     (
@@ -162,6 +187,7 @@ WEIGHTED: list[tuple[int, st.SearchStrategy[tuple[Any, ...]]]] = [
         ),
     ),
     (1, st.tuples(st.just("runs"), party_)),
+    (2, st.tuples(st.just("held"), party_, st.integers(0, 3))),
     (1, st.tuples(st.just("direct"), party_, character_)),
     (
         3,
@@ -422,6 +448,14 @@ class Driver:
                 return n.event(await be.publish(party, msg, now))
 
             return Call(text, publish)
+        if kind == "many":
+            _, party, parts = op
+            msgs = [self._engine_message((k, party, *rest), now, trace)[1] for k, *rest in parts]
+
+            async def publish_many(be: Backend, n: Normaliser) -> Any:
+                return n.events(await be.publish_many(party, msgs, now))
+
+            return Call(text, publish_many)
         if kind == "begin":
             _, party, character, which, timed = op
             party, character, action = self.action(party, character, which)
@@ -555,6 +589,17 @@ class Driver:
                 return None if found is None else [n.data(d) for d in found]
 
             return Call(text, replay)
+        if kind == "held":  # what history holds, as the operators' API reads it
+            _, party, back = op
+
+            async def held(be: Backend, n: Normaliser) -> Any:
+                snap = await be.snapshot(party)
+                found = await be.admin.events(party, snap.seq - HISTORY - back, HISTORY + 5)
+                if found is None:
+                    return None
+                return found.last_seq, found.oldest_seq, [n.data(d) for d in found.events]
+
+            return Call(text, held)
         if kind == "runs":
             party = op[1]
 
@@ -605,7 +650,8 @@ class Driver:
                 "scene_number": n,
                 "scene_id": f"s{n}",
                 "title": f"Scene {n} — the gate",
-                "narration": 'A "gate" / a door.',
+                # scene 2 is larger than the history's bytes bound on its own
+                "narration": 'A "gate" / a door.' + (" A long road." * 400 if n == 2 else ""),
                 "options": [] if n == 3 else [{"id": "A", "label": "Open"}],
                 "kind": "story",
                 "progress": 0.5,
@@ -680,16 +726,20 @@ class Sides:
     driver: Driver
 
 
-async def _both(server: RedisServer) -> tuple[MemoryBackend, RedisBackend]:
+async def _both(
+    server: RedisServer, limits: BackendSettings = SETTINGS
+) -> tuple[MemoryBackend, RedisBackend]:
     server.command("FLUSHALL")
-    redis_backend = RedisBackend(RedisOptions(server.url, presence_grace=GRACE), SETTINGS)
+    redis_backend = RedisBackend(RedisOptions(server.url, presence_grace=GRACE), limits)
     await redis_backend.start()
-    return MemoryBackend(SETTINGS), redis_backend
+    return MemoryBackend(limits), redis_backend
 
 
-async def open_sides(server: RedisServer) -> tuple[Sides, Callable[[], Awaitable[None]]]:
+async def open_sides(
+    server: RedisServer, limits: BackendSettings = SETTINGS
+) -> tuple[Sides, Callable[[], Awaitable[None]]]:
     driver = Driver()
-    memory_backend, redis_backend = await _both(server)
+    memory_backend, redis_backend = await _both(server, limits)
     sides: list[Side] = []
     subscriptions: list[Any] = []
     for backend in (memory_backend, redis_backend):
@@ -776,10 +826,47 @@ DIFFERENTIAL = settings(
         ("due_votes",),
     ]
 )
+# Always played too: an engine's answers in one step (publish_many), the action's result with its
+# scene (the lock released, the action answered), the same again (the result stands, the scene is
+# sequenced again), a result given before the action began, and a result after its refusal.
+@example(
+    ops=[
+        ("connect", "p1", "aria", 0, 0),
+        ("begin", "p1", "aria", "1", True),
+        ("claim", "p1", "aria", "1", 1.0),
+        ("many", "p1", [("result", "aria", "1"), ("scene", 2)]),
+        ("many", "p1", [("result", "aria", "1"), ("scene", 1), ("combat", True)]),
+        ("snapshot", "p1"),
+        ("many", "p1", [("scene", 3), ("result", "borin", "2"), ("result", "borin", "2")]),
+        ("begin", "p1", "aria", "2", True),
+        ("advance", 5.0),
+        ("time_out", "p1", "aria", "2"),
+        ("many", "p1", [("result", "aria", "2")]),
+        ("snapshot", "p1"),
+        ("replay", "p1", 1, True),
+    ]
+)
 async def test_memory_and_redis_agree_on_generated_stories(
     redis_server: RedisServer, ops: list[tuple[Any, ...]]
 ) -> None:
     sides, close = await open_sides(redis_server)
+    try:
+        await play(ops, sides.memory, sides.redis, sides.driver)
+    finally:
+        await close()
+
+
+# History bounded by count alone: the plain "6" header of earlier versions, unstamped entries.
+COUNT_ONLY = replace(SETTINGS, history_max_bytes=0, history_max_age=0.0)
+
+
+@pytest.mark.timeout(600)
+@settings(DIFFERENTIAL, max_examples=100)
+@given(ops=stories(20, 60))
+async def test_memory_and_redis_agree_with_history_bounded_by_count_alone(
+    redis_server: RedisServer, ops: list[tuple[Any, ...]]
+) -> None:
+    sides, close = await open_sides(redis_server, COUNT_ONLY)
     try:
         await play(ops, sides.memory, sides.redis, sides.driver)
     finally:
@@ -882,3 +969,44 @@ async def test_marking_an_open_vote_applied_keeps_it_due(redis_server: RedisServ
 
 def _gone(redis_server: RedisServer, key: str) -> bool:
     return redis_server.command("EXISTS", key) == b":0\r\n"
+
+
+async def _held_after(
+    redis_server: RedisServer, limits: BackendSettings, times: Sequence[float]
+) -> list[list[int]]:
+    """The seqs each backend holds after scenes published at ``times`` (T0 + each)."""
+    memory, redis = await _both(redis_server, limits)
+    driver = Driver()
+    found = []
+    try:
+        for backend in (memory, redis):
+            for n, at in enumerate(times, start=1):
+                _, msg = driver._engine_message(("scene", "p1", 1 + n % 2), T0 + at, "t" * 32)
+                await backend.publish("p1", msg, T0 + at)
+            held = await backend.admin.events("p1", 0, 100)
+            assert held is not None
+            found.append([orjson.loads(e)["seq"] for e in held.events])
+    finally:
+        await redis.close()
+    return found
+
+
+async def test_the_edges_of_the_bytes_and_age_bounds_are_the_same_on_both(
+    redis_server: RedisServer,
+) -> None:
+    """An event exactly max_age old stays, one a millisecond older goes; the held events may make
+    exactly max_bytes. Both backends, to the millisecond and the byte."""
+    by_age = replace(SETTINGS, history_size=100, history_max_bytes=0, history_max_age=12.0)
+    assert await _held_after(redis_server, by_age, [0.0, 12.0]) == [[1, 2], [1, 2]]
+    assert await _held_after(redis_server, by_age, [0.0, 12.0, 12.001]) == [[2, 3], [2, 3]]
+    assert await _held_after(redis_server, by_age, [0.0, 1.0, 100.0]) == [[3], [3]]
+
+    sizes = []  # the encoded sizes of the three scenes (scene 2, seq 1..3: no bound binds)
+    unbounded = MemoryBackend(replace(SETTINGS, history_max_bytes=0, history_max_age=0.0))
+    for n in (1, 2, 3):
+        _, msg = Driver()._engine_message(("scene", "p1", 1 + n % 2), T0, "t" * 32)
+        sizes.append(len((await unbounded.publish("p1", msg, T0)).data))
+    exactly = replace(by_age, history_max_bytes=sizes[1] + sizes[2], history_max_age=0.0)
+    assert await _held_after(redis_server, exactly, [0.0, 0.0, 0.0]) == [[2, 3], [2, 3]]
+    less = replace(exactly, history_max_bytes=sizes[1] + sizes[2] - 1)
+    assert await _held_after(redis_server, less, [0.0, 0.0, 0.0]) == [[3], [3]]

@@ -29,7 +29,11 @@ from party_sync.core.votes import CastRefusal, VoteSpec
 class BackendSettings:
     """Limits shared by every backend."""
 
-    history_size: int = 1000
+    #: history per party (core/history.py HistoryBounds): events, encoded bytes (0 = no bound)
+    #: and seconds (0 = no bound); docs/redis.md "History" tells how the defaults were chosen
+    history_size: int = 300
+    history_max_bytes: int = 262_144
+    history_max_age: float = 1800.0
     presence_ttl: float = 30.0
     action_timeout: float = 10.0
     action_record_ttl: float = 600.0
@@ -93,6 +97,18 @@ class EventStream(Protocol):
         An ``action.result`` also completes its action in the ledger, in the same atomic step;
         a second ``action.result`` for an action that already has one is not published again: the
         first is returned (so an engine that re-sends after a redelivery cannot double it).
+        """
+        ...
+
+    async def publish_many(
+        self, party_id: str, messages: Sequence[dict[str, Any]], now: float
+    ) -> list[Event]:
+        """``publish`` for several events of one party, in one atomic step: they are sequenced
+        consecutively in their order, as by as many ``publish`` calls with nothing between them,
+        and delivered together (one message per node in Redis mode, so one write per member).
+        Every event is checked (encoding, fold) before any is recorded. A second
+        ``action.result`` of an action returns the first and the others are still published, as
+        ``publish`` would. Returns the events in the order given.
         """
         ...
 

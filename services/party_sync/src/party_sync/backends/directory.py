@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 import orjson
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace
+from party_sync.backends.redis_connect import RedisTarget, as_target, make_client
 from party_sync.protocol.errors import BackendUnavailable, PartySyncError
 from party_sync.protocol.ids import is_id
 from party_sync.protocol.types import PARTY_ACTOR
@@ -129,9 +129,13 @@ class MemoryDirectory:
 class RedisDirectory:
     """Memberships in Redis: one hash per party, ``character_id`` → JSON, no TTL (``keys.py``)."""
 
-    def __init__(self, url: str, prefix: str = DEFAULT_PREFIX, *, timeout: float = 2.0) -> None:
+    def __init__(
+        self, url: str | RedisTarget, prefix: str = DEFAULT_PREFIX, *, timeout: float = 2.0
+    ) -> None:
         self._keys = KeySpace(prefix)
-        self._client = Redis.from_url(url, socket_connect_timeout=timeout, socket_timeout=timeout)
+        self._client = make_client(
+            as_target(url, prefix), socket_connect_timeout=timeout, socket_timeout=timeout
+        )
 
     async def put(self, membership: Membership) -> None:
         value = orjson.dumps(
@@ -188,7 +192,7 @@ def _decode(party_id: str, character_id: str, raw: bytes | str) -> Membership:
     )
 
 
-def make_directory(redis_url: str | None, prefix: str = DEFAULT_PREFIX) -> Directory:
+def make_directory(redis_url: str | RedisTarget | None, prefix: str = DEFAULT_PREFIX) -> Directory:
     """``RedisDirectory`` when a Redis URL is configured, else ``MemoryDirectory``."""
     if redis_url:
         return RedisDirectory(redis_url, prefix)

@@ -13,8 +13,9 @@ A node-private channel, for the pub/sub liveness probe (``redis_bus``)::
 Keys of one party all carry the hash tag ``{party:<party_id>}``, so they live in one Redis Cluster
 slot and one Lua script may touch all of them::
 
-    <prefix>:{party:<id>}:meta        hash    epoch, seq (the top of the stream)
-    <prefix>:{party:<id>}:history     list    the last ``history_size`` encoded events, oldest first
+    <prefix>:{party:<id>}:meta        hash    epoch, seq (the top of the stream), hb (history bytes)
+    <prefix>:{party:<id>}:history     list    the newest encoded events (history bounds), oldest
+                                              first, maybe stamped (_lib.lua event_of)
     <prefix>:{party:<id>}:members     zset    character_id → seq of its join (roster order)
     <prefix>:{party:<id>}:names       hash    character_id → display_name
     <prefix>:{party:<id>}:online      set     character_ids online in the projection
@@ -43,6 +44,8 @@ Keys outside any party slot::
     <prefix>:vote-index                 zset  party_id → the deadline of its (last) vote, kept
                                               while it is open or ``unapplied`` holds a decision
     <prefix>:{run:<id>}:parties         set   the parties whose members connected for the run
+    <prefix>:fence                      string  ``<run_id>:<master_replid>`` of the Redis server the
+                                              data was last vouched for under (``redis_fence``)
 
 The admin API's (``redis_admin``)::
 
@@ -148,6 +151,9 @@ class KeySpace:
 
     def vote_index(self) -> str:
         return f"{self.prefix}:vote-index"
+
+    def fence(self) -> str:
+        return f"{self.prefix}:fence"
 
     def probe_channel(self, node_id: str) -> str:
         return f"{self.prefix}:probe:{node_id}"

@@ -82,17 +82,20 @@ class MemoryBackend:
         return party
 
     # -- the stream -------------------------------------------------------------------------
-    def _publish(self, party: MemoryParty, message: dict[str, Any], now: float) -> Event:
+    def _publish(
+        self, party: MemoryParty, message: dict[str, Any], now: float, body: bytes | None = None
+    ) -> Event:
         seq = party.log.top_seq + 1
         type_, payload = message["type"], message["payload"]
         if type_ == t.ACTION_RESULT:
             earlier = party.ledger.result_of(payload["action_id"])
             if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
                 return _decoded(party.party_id, earlier)
-        body = codec.encode(message)  # raises (an unencodable event) before anything is recorded
+        if body is None:  # raises (an unencodable event) before anything is recorded
+            body = codec.encode(message)  # (publish_many encoded it already)
         party.projection.apply(type_, payload, seq)  # raises before anything is recorded
         data = codec.with_seq(body, seq)
-        party.log.append(data)
+        party.log.append(data, now)
         party.last_active = now
         refused = type_ == t.ACTION_RESULT and party.ledger.complete(
             payload["action_id"], payload["character_id"], data, now
@@ -113,6 +116,15 @@ class MemoryBackend:
 
     async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
         return self._publish(self._party(party_id, now), message, now)
+
+    async def publish_many(
+        self, party_id: str, messages: Sequence[dict[str, Any]], now: float
+    ) -> list[Event]:
+        """One atomic step (no await between the events): each is delivered inline, so all in
+        this tick. Checked first: an event that cannot be encoded records none of them."""
+        bodies = [codec.encode(m) for m in messages]  # raises before anything is recorded
+        party = self._party(party_id, now)
+        return [self._publish(party, messages[i], now, body) for i, body in enumerate(bodies)]
 
     async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:
         """Nothing to do: in one process nobody listens on the run channel (the parties of the

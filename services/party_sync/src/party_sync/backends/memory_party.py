@@ -11,7 +11,7 @@ import secrets
 from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.core import votes
 from party_sync.core.actions import ActionLedger
-from party_sync.core.history import EventLog
+from party_sync.core.history import EventLog, HistoryBounds
 from party_sync.core.presence import Presence
 from party_sync.core.projection import Projection
 from party_sync.core.snapshot import Snapshot
@@ -37,7 +37,10 @@ class MemoryParty:
 
     def __init__(self, party_id: str, settings: BackendSettings, now: float) -> None:
         self.party_id = party_id
-        self.log = EventLog(secrets.token_hex(8), settings.history_size)
+        bounds = HistoryBounds(
+            settings.history_size, settings.history_max_bytes, settings.history_max_age
+        )
+        self.log = EventLog(secrets.token_hex(8), bounds)
         self.projection = Projection()
         self.presence = Presence(settings.presence_ttl)
         self.ledger = ActionLedger(settings.action_timeout, settings.action_record_ttl)

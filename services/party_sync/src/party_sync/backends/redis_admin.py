@@ -57,6 +57,9 @@ local last = math.min(top, first + tonumber(ARGV[2]) - 1)
 local out = {epoch, top, oldest}
 if first <= last then
   for _, data in ipairs(redis.call('LRANGE', KEYS[2], first - oldest, last - oldest)) do
+    if string.byte(data, 1) ~= 123 then  -- a stamped entry (_lib.lua event_of): its event
+      data = string.sub(data, (string.find(data, '{', 1, true)))
+    end
     out[#out + 1] = data
   end
 end

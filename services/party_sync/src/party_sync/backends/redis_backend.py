@@ -27,7 +27,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -35,6 +34,7 @@ from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus
+from party_sync.backends.redis_connect import RedisTarget, Sentinels, make_client
 from party_sync.backends.redis_presence import RedisPresence
 from party_sync.backends.redis_scripts import (
     Arg,
@@ -79,6 +79,7 @@ class RedisOptions:
 
     url: str
     prefix: str = DEFAULT_PREFIX
+    sentinels: Sentinels | None = None  # find the master through Sentinel (redis_connect.py)
     probe_interval: float = 5.0  # pub/sub silence before a probe; also the probe's deadline
     presence_grace: float = 5.0  # a node settles within grace (+ presence_ttl) or is presumed dead
     connect_timeout: float = 2.0
@@ -113,8 +114,8 @@ class RedisBackend:
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.metrics = metrics
         self.keys = KeySpace(options.prefix)
-        self.client = Redis.from_url(
-            options.url,
+        self.client = make_client(
+            RedisTarget(options.url, options.sentinels, options.prefix),
             protocol=2,  # plain arrays for pub/sub; the faster reader (docs/benchmarks.md)
             socket_connect_timeout=options.connect_timeout,
             socket_timeout=options.command_timeout,
@@ -130,6 +131,8 @@ class RedisBackend:
                 settings.action_record_ttl,
                 settings.presence_ttl,
                 settings.action_timeout,
+                settings.history_max_bytes,
+                settings.history_max_age,
             ),
             timeout=options.command_timeout,
         )
@@ -247,6 +250,51 @@ class RedisBackend:
                 extra={"trace_id": message["trace_id"], "action_id": action_id},
             )
         return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
+
+    async def publish_many(
+        self, party_id: str, messages: Sequence[dict[str, Any]], now: float
+    ) -> list[Event]:
+        """``publish_many.lua``: the events in one script call, one atomic step and one PUBLISH
+        (so one pub/sub message per node, delivered in one tick: one write per member)."""
+        if len(messages) == 1:
+            return [await self.publish(party_id, messages[0], now)]
+        if not messages:
+            return []
+        args: list[Arg] = [len(messages)]
+        bodies: list[bytes] = []
+        action_ids: list[str] = []
+        for message in messages:  # everything is checked before anything is recorded
+            type_, payload = message["type"], message["payload"]
+            fold = fold_args(type_, payload)
+            body = codec.encode(message)
+            bodies.append(body)
+            if type_ == t.ACTION_RESULT:
+                action_ids.append(payload["action_id"])
+            args += [body, type_, len(fold), *fold]
+        async with unavailable("publish"):
+            reply = await self.scripts.run(
+                "publish_many", party_id, now, args, action_ids=action_ids
+            )
+        events: list[Event] = []
+        for i, (message, body) in enumerate(zip(messages, bodies, strict=True)):
+            seq, extra = int(reply[1 + 2 * i]), reply[2 + 2 * i]
+            if seq == 0:  # the action already has a result: that one stands (as in memory)
+                events.append(event_from(party_id, bytes(extra)))
+                continue
+            if int(extra):
+                log.warning(
+                    "the engine applied an action after it had been refused (its deadline passed "
+                    "before the engine claimed it): the result stands",
+                    extra={
+                        "trace_id": message["trace_id"],
+                        "action_id": message["payload"]["action_id"],
+                    },
+                )
+            type_, payload = message["type"], message["payload"]
+            events.append(
+                Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
+            )
+        return events
 
     async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:
         await self._publish_raw(run_channel(campaign_run_id), codec.encode(message))

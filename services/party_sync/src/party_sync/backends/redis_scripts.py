@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import re
 import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from redis.exceptions import RedisError, ResponseError
 from party_sync.backends.keys import KeySpace, PartyKeys, party_channel
 from party_sync.backends.redis_batch import ScriptBatcher
 from party_sync.backends.redis_wire import Script, load_script
+from party_sync.core.history import HistoryBounds
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
 from party_sync.core.snapshot import Snapshot
 from party_sync.protocol import types as t
@@ -40,6 +42,7 @@ Arg = str | bytes | int | float
 
 PARTY_SCRIPTS = (
     "publish",
+    "publish_many",
     "connect",
     "disconnect",
     "settle",
@@ -60,6 +63,52 @@ PARTY_SCRIPTS = (
 
 def _source(name: str) -> str:
     return (resources.files("party_sync.backends") / "lua" / f"{name}.lua").read_text("utf-8")
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_DEFINES = re.compile(r"local\s+(?:function\s+)?([A-Za-z_][A-Za-z0-9_\s,]*?)\s*(?:=|\(|$)")
+
+
+def _words(lua: str) -> set[str]:
+    """The identifiers a piece of Lua uses (comments left out)."""
+    return set(_WORD.findall(re.sub(r"--[^\n]*", "", lua)))
+
+
+def prelude_for(lib: str, body: str) -> str:
+    """The part of ``_lib.lua`` that ``body`` needs: its header (the KEYS and ARGV locals, up to
+    the first ``local function``), then, in their order, only the top-level definitions that the
+    body uses, directly or through each other.
+
+    Each call of a script runs its whole prelude again (EVAL keeps no state between calls), so
+    every closure it creates is made, then collected, on every call: the full prelude cost about
+    43k instructions per call, most of a small script's cost (bench/analysis.md section 12). A
+    top-level definition starts at a line beginning with ``local`` and runs to the next one.
+    """
+    cut = lib.find("\nlocal function")
+    if cut < 0:
+        return lib
+    header, rest = lib[: cut + 1], lib[cut + 1 :]
+    chunks: list[tuple[set[str], str]] = []
+    for part in re.split(r"\n(?=local\s)", rest):
+        match = _DEFINES.match(part)
+        names = {n.strip() for n in match.group(1).split(",")} if match else set()
+        chunks.append((names, part))
+    wanted = _words(body)
+    chosen = [False] * len(chunks)
+    grew = True
+    while grew:  # the closure of what is used: a definition may use earlier ones
+        grew = False
+        for i, (names, part) in enumerate(chunks):
+            if not chosen[i] and (not names or names & wanted):
+                chosen[i] = True
+                wanted |= _words(part)
+                grew = True
+    return header + "\n".join(part for i, (_, part) in enumerate(chunks) if chosen[i])
+
+
+def script_text(lib: str, body: str) -> str:
+    """A party script as registered: the prelude it needs (``prelude_for``), then its body."""
+    return prelude_for(lib, body) + "\n" + body
 
 
 @contextlib.asynccontextmanager
@@ -83,6 +132,13 @@ class Limits:
     action_record_ttl: float
     presence_ttl: float
     action_timeout: float
+    #: the history's bytes and age bounds (0 = none), with history_size its HistoryBounds
+    history_max_bytes: int = 0
+    history_max_age: float = 0.0
+
+    @property
+    def history(self) -> HistoryBounds:
+        return HistoryBounds(self.history_size, self.history_max_bytes, self.history_max_age)
 
 
 class Scripts:
@@ -93,9 +149,10 @@ class Scripts:
     ) -> None:
         self.keys = keys
         self.limits = limits
+        self._history = limits.history.header()  # ARGV[4], parsed once by _lib.lua's prelude
         lib = _source("_lib")
         self._party: dict[str, Script] = {
-            name: client.register_script(lib + "\n" + _source(name)) for name in PARTY_SCRIPTS
+            name: client.register_script(script_text(lib, _source(name))) for name in PARTY_SCRIPTS
         }
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
@@ -122,25 +179,32 @@ class Scripts:
         return names
 
     def party_keys(
-        self, party_id: str, action_id: str | None = None, narration: bool = False
+        self,
+        party_id: str,
+        action_id: str | None = None,
+        narration: bool = False,
+        action_ids: Sequence[str] = (),
     ) -> list[str]:
         """A party script's KEYS: the party's keys (cached), then the action record's or the
-        narration hash's if the script needs one."""
+        narration hash's if the script needs one (or several action records: publish_many)."""
         keys = list(self._names(party_id)[0])
         if action_id is not None:
             keys.append(self.keys.action(party_id, action_id))
         elif narration:
             keys.append(self.keys.narration(party_id))
+        for other in action_ids:
+            keys.append(self.keys.action(party_id, other))
         return keys
 
     def header(self, party_id: str, now: float) -> list[Arg]:
-        """ARGV[1..6]: epoch candidate, channel, party_ttl ms, history size, now, record ttl ms."""
+        """ARGV[1..6]: epoch candidate, channel, party_ttl ms, history bounds (``"300"`` or
+        ``"300:262144:1800000"``: HistoryBounds.header), now, record ttl ms."""
         lim = self.limits
         return [
             f"{self._epoch_base}{next(self._epochs):x}",
             self._names(party_id)[1],
             int(lim.party_ttl * 1000),
-            lim.history_size,
+            self._history,
             f"{now:.6f}",
             int(max(lim.action_record_ttl, lim.action_timeout) * 1000),
         ]
@@ -154,10 +218,11 @@ class Scripts:
         *,
         action_id: str | None = None,
         narration: bool = False,
+        action_ids: Sequence[str] = (),
         client: Any = None,
     ) -> Any:
         """Call one party script (``client`` may be a pipeline, which queues it instead)."""
-        keys = self.party_keys(party_id, action_id, narration)
+        keys = self.party_keys(party_id, action_id, narration, action_ids)
         argv = [*self.header(party_id, now), *args]
         if client is None:  # shared with the other calls of this tick (redis_batch)
             return await self.batcher.run(self._party[name], keys, argv)

@@ -16,6 +16,10 @@ cut by a blip, loses messages for good). So a node never trusts it to be complet
 Wire format on ``party:<party_id>``, JSON only (never pickle: docs/security.md)::
 
     {"epoch":"<epoch>","event":<the event's envelope, seq first>}     written by _lib.lua append()
+    {"epoch":"<epoch>","lengths":[<bytes>, ...],"events":[<envelope>, ...]}
+                                          written by publish_many.lua: consecutive events of one
+                                          atomic step, sliced by their lengths (decoded once per
+                                          node, delivered in one go: one write per member)
     {"direct":"<character_id>","data":<a system.error envelope>}     written by encode_direct()
     {"transient":[<envelope>, ...]}       written by _lib.lua publish_transient(): action.accepted,
                                           action.failed, narration.delta (core/transient.py)
@@ -45,6 +49,8 @@ log = logging.getLogger(__name__)
 _EVENT_PREFIX = b'{"epoch":"'
 _TRANSIENT_PREFIX = b'{"transient":['
 _EVENT_SEPARATOR = b'","event":'
+_LENGTHS_SEPARATOR = b'","lengths":['
+_EVENTS_SEPARATOR = b'],"events":['
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,16 +77,40 @@ def encode_direct(character_id: str, data: bytes) -> bytes:
     return b'{"direct":' + orjson.dumps(character_id) + b',"data":' + data + b"}"
 
 
-def decode(party_id: str, raw: bytes) -> Sequenced | Direct | list[Transient] | None:
+def _events(raw: bytes, cut: int) -> list[bytes]:
+    """The events of a message of several (``publish_many.lua``), sliced by their lengths."""
+    if not raw.startswith(_LENGTHS_SEPARATOR, cut):
+        raise ValueError("not an event message")
+    start = cut + len(_LENGTHS_SEPARATOR)
+    end = raw.index(b"]", start)
+    at = end + len(_EVENTS_SEPARATOR)
+    if raw[end:at] != _EVENTS_SEPARATOR:
+        raise ValueError("not an event message")
+    out = []
+    for length in raw[start:end].split(b","):
+        stop = at + int(length)
+        out.append(raw[at:stop])
+        at = stop + 1  # past the comma between two events, or the closing bracket
+    if at != len(raw) - 1:  # the closing brace is all that is left
+        raise ValueError("the lengths do not match the events")
+    return out
+
+
+def decode(
+    party_id: str, raw: bytes
+) -> Sequenced | tuple[Sequenced, ...] | Direct | list[Transient] | None:
     """Parse one bus message; None (logged) for anything that is not ours."""
     try:
         if raw.startswith(_TRANSIENT_PREFIX):
             items = [from_message(m) for m in orjson.loads(raw)["transient"]]
             return [item for item in items if item is not None]
         if raw.startswith(_EVENT_PREFIX):
-            cut = raw.index(_EVENT_SEPARATOR, len(_EVENT_PREFIX))
-            data = raw[cut + len(_EVENT_SEPARATOR) : -1]
-            return Sequenced(raw[len(_EVENT_PREFIX) : cut].decode(), event_from(party_id, data))
+            cut = raw.index(b'"', len(_EVENT_PREFIX))
+            epoch = raw[len(_EVENT_PREFIX) : cut].decode()
+            if raw.startswith(_EVENT_SEPARATOR, cut):
+                data = raw[cut + len(_EVENT_SEPARATOR) : -1]
+                return Sequenced(epoch, event_from(party_id, data))
+            return tuple(Sequenced(epoch, event_from(party_id, d)) for d in _events(raw, cut))
         message = orjson.loads(raw)
         return Direct(message["direct"], orjson.dumps(message["data"]))
     except (ValueError, KeyError, TypeError):
@@ -140,24 +170,31 @@ class PartyStream:
                 self._tell(message)
             else:  # in channel order with the events being repaired (e.g. a result after it)
                 self.pending.append(message)
+        elif isinstance(message, tuple):  # consecutive events of one step (publish_many.lua)
+            for one in message:
+                self._live(one)
         elif message is not None:
-            if self.ready and self._apply(message):
-                return
-            self.pending.append(message)
-            if len(self.pending) > self._max_pending:
-                self.pending.clear()  # the catch-up fetches them from history instead
-            if self.ready:
-                self.ready = False
-                log.info(
-                    "pub/sub gap: repairing from history",
-                    extra={
-                        "party_id": self.party_id,
-                        "last_seq": self.last,
-                        "seq": message.event.seq,
-                        "trace_id": message.event.trace_id,  # the event that showed the gap
-                    },
-                )
-                self.catch_up_soon()
+            self._live(message)
+
+    def _live(self, message: Sequenced) -> None:
+        """A live event: delivered if it is the next one, else kept and the gap repaired."""
+        if self.ready and self._apply(message):
+            return
+        self.pending.append(message)
+        if len(self.pending) > self._max_pending:
+            self.pending.clear()  # the catch-up fetches them from history instead
+        if self.ready:
+            self.ready = False
+            log.info(
+                "pub/sub gap: repairing from history",
+                extra={
+                    "party_id": self.party_id,
+                    "last_seq": self.last,
+                    "seq": message.event.seq,
+                    "trace_id": message.event.trace_id,  # the event that showed the gap
+                },
+            )
+            self.catch_up_soon()
 
     def catch_up_soon(self) -> None:
         """Continuity is in doubt (a gap, a pub/sub reconnect): repair in the background."""

@@ -37,6 +37,7 @@ from party_sync.protocol.ids import ID_RULE, is_id, is_trace_id
 __all__ = [
     "ENGINE_EVENT_TYPES",
     "ActionRequest",
+    "BatchPublisher",
     "Claim",
     "Engine",
     "EngineLink",
@@ -53,8 +54,12 @@ __all__ = [
     "VoteStarter",
     "action_envelope",
     "new_vote_id",
+    "publish_all",
     "restate_engine",
 ]
+
+#: Several events of one party, in order: ``(type, payload)`` each (``publish_all``).
+Events = Sequence[tuple[str, Mapping[str, Any]]]
 
 ENGINE_EVENT_TYPES = frozenset({"action.result", "scene.update", "combat.update", "party.state"})
 
@@ -345,6 +350,7 @@ class EventPublisher(Protocol):
         """Publish one event (one of ``ENGINE_EVENT_TYPES``) to a party; returns its ``seq``.
 
         Raises ``party_sync.protocol.errors.InvalidEvent`` if the event breaks its schema.
+        Several events of one party at once (an action's result and scene): ``publish_all``.
         """
         ...
 
@@ -396,6 +402,48 @@ class EventPublisher(Protocol):
         ``InvalidEvent`` for a malformed one. ``Narration`` numbers the pieces for you.
         """
         ...
+
+
+@runtime_checkable
+class BatchPublisher(Protocol):
+    """An ``EventPublisher`` that can also publish several events of one party at once.
+
+    Engines call ``publish_all``, which uses ``publish_many`` where the publisher has it and
+    falls back to one ``publish`` per event for a publisher without a batch path (one written
+    before it, or the HTTP engine host: the events API takes one event per request).
+    """
+
+    async def publish_many(
+        self, party_id: str, events: Events, *, trace_id: str | None = None
+    ) -> list[int]:
+        """Publish ``events`` (``(type, payload)`` each, of ``ENGINE_EVENT_TYPES``) to a party,
+        in order, as consecutive ``publish`` calls would; returns their ``seq``s.
+
+        It is one atomic step (``BackendPublisher``: in the server, and in ``party-sync
+        engine-worker``): every event is checked first (``InvalidEvent``: none is
+        published), they get consecutive ``seq``s with nothing of another caller between them,
+        and members receive them together (in Redis mode: one script call, one pub/sub message,
+        one write per member, instead of a round trip per event). An ``action.result`` already
+        published for its action is not published again (its first ``seq`` is returned) and the
+        other events still are, as with ``publish``.
+        """
+        ...
+
+
+async def publish_all(
+    publisher: EventPublisher, party_id: str, events: Events, *, trace_id: str | None = None
+) -> list[int]:
+    """Publish several events of one party (an action's ``action.result`` and ``scene.update``,
+    say): one ``publish_many`` where the publisher has a batch path (``BatchPublisher``), else one
+    ``publish`` per event, in order. Returns their ``seq``s."""
+    many = getattr(publisher, "publish_many", None)  # (isinstance of a Protocol is slow)
+    if many is not None:
+        seqs: list[int] = await many(party_id, events, trace_id=trace_id)
+        return seqs
+    return [
+        await publisher.publish(party_id, type_, payload, trace_id=trace_id)
+        for type_, payload in events
+    ]
 
 
 class VoteStarter(ABC):

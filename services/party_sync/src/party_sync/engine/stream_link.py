@@ -27,12 +27,12 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from party_sync import tracing
+from party_sync.backends.redis_connect import RedisTarget, make_client
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
@@ -61,12 +61,12 @@ def entry(
 
 
 class StreamEngineLink:
-    def __init__(self, redis_url: str, stream: str, maxlen: int) -> None:
+    def __init__(self, redis_url: str | RedisTarget, stream: str, maxlen: int) -> None:
         self.stream = stream
         self.maxlen = maxlen
         # One retry on a fresh connection: after a Redis restart the pooled socket is dead. A
         # retried XADD may append the entry twice: harmless, delivery is at least once anyway.
-        self._redis = Redis.from_url(
+        self._redis = make_client(
             redis_url,
             socket_timeout=5.0,
             socket_connect_timeout=2.0,

@@ -33,6 +33,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from party_sync.backends.redis_connect import RedisTarget, make_client
 from party_sync.engine.health import EngineHealth, Episode, Periodic
 from party_sync.metrics import Metrics
 
@@ -221,7 +222,7 @@ class StreamMonitor:
     @classmethod
     def for_redis(
         cls,
-        redis_url: str,
+        redis_url: str | RedisTarget,
         stream: str,
         group: str = ENGINE_GROUP,
         *,
@@ -229,7 +230,7 @@ class StreamMonitor:
         bounds: Bounds | None = None,
         metrics: Metrics | None = None,
     ) -> StreamMonitor:
-        redis = Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        redis = make_client(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         bounds = bounds or Bounds()
 
         async def read() -> StreamReading:

@@ -3,7 +3,8 @@
 -- KEYS[1..11] are the party's keys in keys.PartyKeys order; KEYS[12] is an action record when
 -- a script needs one, or the party's narration hash (narrate, close_narration, snapshot). ARGV[1..6] is the common header (redis_scripts.header):
 --   1 epoch candidate (used only if the party has no history yet)   2 the party's channel
---   3 party_ttl in ms   4 history_size   5 now (Unix seconds)   6 action_record_ttl in ms
+--   3 party_ttl in ms   4 history bounds   5 now (Unix seconds)   6 action_record_ttl in ms
+-- ARGV[4] is "<size>" or "<size>:<max bytes>:<max age ms>" (0 = no bound; core/history.py).
 -- Everything one operation reads and writes is in one slot and one script, so it is atomic
 -- across nodes (docs/redis.md: one script allocates the next seq, appends, publishes).
 
@@ -11,7 +12,14 @@ local K_META, K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE = KEYS[1], KEYS[2], KEYS[3
 local K_STATE, K_PRESENCE, K_GONE, K_LOCKS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local K_VOTE, K_BALLOTS, K_ACTION = KEYS[10], KEYS[11], KEYS[12]
 local EPOCH_CANDIDATE, CHANNEL = ARGV[1], ARGV[2]
-local PARTY_TTL_MS, HISTORY_SIZE = tonumber(ARGV[3]), tonumber(ARGV[4])
+local PARTY_TTL_MS = tonumber(ARGV[3])
+local HISTORY_SIZE, HISTORY_BYTES, HISTORY_AGE_MS = string.match(ARGV[4], '^(%d+):(%d+):(%d+)$')
+if HISTORY_SIZE then
+  HISTORY_SIZE, HISTORY_BYTES = tonumber(HISTORY_SIZE), tonumber(HISTORY_BYTES)
+  HISTORY_AGE_MS = tonumber(HISTORY_AGE_MS)
+else  -- a plain count (what earlier versions send)
+  HISTORY_SIZE, HISTORY_BYTES, HISTORY_AGE_MS = tonumber(ARGV[4]), 0, 0
+end
 local NOW, RECORD_TTL_MS = tonumber(ARGV[5]), tonumber(ARGV[6])
 
 local function fmt_time(t)
@@ -221,19 +229,72 @@ local function written_by(kind)
   return NOTHING
 end
 
+-- A history entry is the event's encoded JSON. With a bytes or an age bound it is prefixed by
+-- "<stamp ms> <offset> " (offset: the bytes of the epoch's events recorded before it, counted in
+-- META's 'hb'), so trimming learns an entry's age and the bytes held from it to the newest by
+-- reading that entry alone. Readers take the JSON from its first '{' (event_of); an entry
+-- without the prefix (written by an earlier version, or with neither bound) is the JSON itself.
+local function event_of(entry)
+  if string.byte(entry, 1) == 123 then  -- '{'
+    return entry
+  end
+  return string.sub(entry, (string.find(entry, '{', 1, true)))
+end
+
+-- Append one event to the history and drop the oldest while more than HISTORY_SIZE are held or
+-- the oldest does not fit: the bytes from it to the newest exceed HISTORY_BYTES, or it is older
+-- than HISTORY_AGE_MS (an entry without a stamp fits neither). Never the newest. The rule of
+-- core/history.py to_drop, in the same milliseconds. Common path: 2 calls more than the count
+-- alone (HINCRBY, one LRANGE of the first 2 candidates); each further LRANGE doubles its window.
+local function hold(data)
+  if HISTORY_BYTES == 0 and HISTORY_AGE_MS == 0 then
+    if redis.call('RPUSH', K_HISTORY, data) > HISTORY_SIZE then
+      redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
+    end
+    return
+  end
+  local now_ms = math.floor(NOW * 1000)
+  local total = redis.call('HINCRBY', K_META, 'hb', #data)
+  local n = redis.call('RPUSH', K_HISTORY,
+    string.format('%.0f %.0f ', now_ms, total - #data) .. data)
+  local at, window = math.max(0, n - HISTORY_SIZE), 2
+  while at < n - 1 do
+    local fits = false
+    local last = math.min(at + window, n - 1) - 1  -- the newest (n - 1) is not a candidate
+    for _, entry in ipairs(redis.call('LRANGE', K_HISTORY, at, last)) do
+      local stamp, offset = string.match(entry, '^(%d+) (%d+) ')
+      fits = stamp ~= nil
+        and (HISTORY_BYTES == 0 or total - tonumber(offset) <= HISTORY_BYTES)
+        and (HISTORY_AGE_MS == 0 or now_ms - tonumber(stamp) <= HISTORY_AGE_MS)
+      if fits then
+        break
+      end
+      at = at + 1
+    end
+    if fits then
+      break
+    end
+    window = window * 2
+  end
+  if at > 0 then
+    redis.call('LTRIM', K_HISTORY, at, -1)
+  end
+end
+
 -- Sequence one event: next seq, splice it into the body (as codec.with_seq does), fold it,
 -- append it to the bounded history and publish it, all in this one atomic step, so pub/sub order
 -- is seq order and history never lacks a published event. ``also`` (optional): other party keys
--- the calling script wrote, for their expiry. Returns seq, data.
-local function append(epoch, body, kind, f, also)
+-- the calling script wrote, for their expiry. ``quiet`` (optional): do not publish it, the
+-- caller publishes it with others of the same step (publish_many.lua). Returns seq, data.
+local function append(epoch, body, kind, f, also, quiet)
   local seq = redis.call('HINCRBY', K_META, 'seq', 1)
   local data = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
   fold(seq, kind, f)
-  if redis.call('RPUSH', K_HISTORY, data) > HISTORY_SIZE then
-    redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
-  end
+  hold(data)
   touch_written(written_by(kind), also or NOTHING)
-  redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
+  if not quiet then
+    redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
+  end
   return seq, data
 end
 

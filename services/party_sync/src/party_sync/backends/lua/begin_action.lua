@@ -36,9 +36,10 @@ if until_ and until_ > NOW then
   return {'busy', holder}
 end
 local deadline = fmt_time(NOW + tonumber(ARGV[9]))
-redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW))
 if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
-  redis.call('HSET', record, 'd', deadline)
+  redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline)
+else
+  redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW))
 end
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
 redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id .. ' ' .. ARGV[13])

@@ -1,6 +1,7 @@
 -- range: the events after a seq, all or nothing (Backend.replay and the bus's gap repair); the
 -- rule of core/history.py can_resume. Read-only. ARGV[7] the epoch the caller counts in,
--- ARGV[8] its last seq, ARGV[9] the most events it accepts.
+-- ARGV[8] its last seq, ARGV[9] the most events it accepts. History entries are returned as
+-- their events (_lib.lua event_of: without the stamp an entry may carry).
 -- Returns {epoch or '', top} when it cannot be done, else {epoch, top, 'ok', events ...}.
 local epoch = redis.call('HGET', K_META, 'epoch')
 if not epoch then
@@ -19,7 +20,7 @@ end
 local out = {epoch, top, 'ok'}
 if missed > 0 then
   for _, data in ipairs(redis.call('LRANGE', K_HISTORY, after + 1 - oldest, -1)) do
-    out[#out + 1] = data
+    out[#out + 1] = event_of(data)
   end
 end
 return out

@@ -1,0 +1,72 @@
+-- publish_many: sequence several events of the party in one atomic step (Backend.publish_many),
+-- exactly as the same events published one after another by publish.lua, with nothing of
+-- another call between them, and ONE PUBLISH carrying them all:
+--   {"epoch":"<epoch>","lengths":[<bytes of each event>],"events":[<event>,<event>,...]}
+-- (redis_stream.py slices the events by their lengths; the message is also plain JSON).
+-- ARGV[7] the number of events; then per event: body, type, the count of its fold arguments,
+-- the fold arguments. KEYS[12], KEYS[13], ...: the action record of each action.result, in order.
+-- Returns {epoch ('' if nothing was sequenced), then per event: seq, 1 if it replaced a refusal
+-- else 0}, where a second result of one action (idempotent: not sequenced again) is
+-- {0, the earlier data}.
+local count = tonumber(ARGV[7])
+local epoch = nil  -- found (or started) by the first event sequenced, as publish.lua does
+local out = {''}
+local datas, lengths = {}, {}
+local at, record_at = 8, 12
+for _ = 1, count do
+  local body, kind, nfold = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
+  local f = {}
+  for i = 1, nfold do
+    f[i] = ARGV[at + 2 + i]
+  end
+  at = at + 3 + nfold
+  local record_key, record = nil, nil
+  if kind == 'action.result' then
+    record_key = KEYS[record_at]
+    record_at = record_at + 1
+    record = redis.call('HMGET', record_key, 'c', 'r', 'x')
+  end
+  if record and record[2] then  -- idempotent: this action's result stands, it is not sent again
+    out[#out + 1] = 0
+    out[#out + 1] = record[2]
+  else
+    epoch = epoch or ensure_epoch()
+    local seq, data = append(epoch, body, kind, f, nil, true)
+    datas[#datas + 1] = data
+    lengths[#lengths + 1] = string.format('%d', #data)
+    local refused = 0
+    if record then  -- core/actions.py ActionLedger.complete, as in publish.lua
+      local character_id = record[1]
+      if character_id then
+        redis.call('HSET', record_key, 'r', data)
+        if record[3] then
+          redis.call('HDEL', record_key, 'x')
+          refused = 1
+        end
+      else
+        character_id = f[2]
+        redis.call('HSET', record_key, 'c', character_id, 's', fmt_time(NOW), 'r', data)
+      end
+      redis.call('PEXPIRE', record_key, RECORD_TTL_MS)
+      -- release_lock(character_id, f[1]) and answered(f[1]) in one HDEL
+      local _, holder = read_lock(character_id)
+      if holder == f[1] then
+        redis.call('HDEL', K_LOCKS, character_id, '~' .. f[1])
+      else
+        redis.call('HDEL', K_LOCKS, '~' .. f[1])
+      end
+    end
+    out[#out + 1] = seq
+    out[#out + 1] = refused
+  end
+end
+if epoch then
+  out[1] = epoch
+end
+if #datas == 1 then
+  redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. datas[1] .. '}')
+elseif #datas > 1 then
+  redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","lengths":['
+    .. table.concat(lengths, ',') .. '],"events":[' .. table.concat(datas, ',') .. ']}')
+end
+return out

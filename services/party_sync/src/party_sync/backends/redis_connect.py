@@ -1,0 +1,169 @@
+"""Every Redis client party_sync makes is made here: one Redis named by a URL, or the master of a
+Redis Sentinel set (docs/redis.md, "Deployment topologies").
+
+``make_client(target, **kwargs)`` returns a redis-py asyncio ``Redis`` for either. With Sentinel it
+is redis-py's ``Sentinel.master_for``: every connection of its pool (``SentinelConnectionPool``),
+including the raw ones ``redis_wire`` takes from the pool's factory, asks the sentinels for the
+master's address when it connects, and a connection that finds the old master demoted
+(``READONLY``) disconnects, so the next attempt follows the failover by itself.
+
+How ``redis_url`` combines with Sentinel: the URL still switches Redis mode on and gives the
+master's username and password, the database number and client options (query string); its host
+and port are not used (the master's address comes from the sentinels). ``config.load`` makes it
+``redis://<master name>/0`` when only the sentinels are set. ``rediss://`` (TLS) and
+``unix://`` URLs are refused with Sentinel (not supported). The sentinels' own password, if they
+have one (``requirepass`` in sentinel.conf), is ``Sentinels.password``.
+
+Every connection, whatever the topology, runs the rollback fence (``redis_fence``) right after
+its handshake, before its first command: a new master (a promoted replica, a restarted process)
+that may have lost the newest writes gives every party a new epoch before anyone writes to it.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from redis.asyncio import Redis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+
+from party_sync.backends.keys import DEFAULT_PREFIX
+from party_sync.backends.redis_fence import fence_on_connect
+
+#: Seconds a sentinel has to answer (connect and each command) before the next one is asked.
+SENTINEL_TIMEOUT = 1.0
+
+
+class RedisSettings(Protocol):
+    """The settings a target is read from (``config.Settings`` has them)."""
+
+    @property
+    def redis_url(self) -> str | None: ...
+    @property
+    def redis_sentinels(self) -> tuple[str, ...]: ...
+    @property
+    def redis_sentinel_master(self) -> str | None: ...
+    @property
+    def redis_sentinel_password(self) -> str | None: ...
+    @property
+    def redis_prefix(self) -> str: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Sentinels:
+    """Where the sentinels are, the name they monitor the master under, their own password."""
+
+    addresses: tuple[tuple[str, int], ...]
+    master: str
+    password: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisTarget:
+    """Which Redis a client talks to. ``prefix``: the deployment's key prefix (its fence mark)."""
+
+    url: str
+    sentinels: Sentinels | None = None
+    prefix: str = DEFAULT_PREFIX
+
+    @classmethod
+    def of(cls, settings: RedisSettings) -> RedisTarget:
+        """The target ``settings`` name (``redis_url`` must be set: Redis mode)."""
+        if not settings.redis_url:
+            raise ValueError("no redis_url: not in Redis mode")
+        sentinels = None
+        if settings.redis_sentinels:
+            sentinels = Sentinels(
+                parse_addresses(settings.redis_sentinels),
+                settings.redis_sentinel_master or "",
+                settings.redis_sentinel_password,
+            )
+        return cls(settings.redis_url, sentinels, settings.redis_prefix)
+
+    def describe(self) -> str:
+        """For logs: where, without credentials."""
+        if self.sentinels is None:
+            parts = urlsplit(self.url)
+            return f"{parts.scheme}://{parts.hostname or ''}{_port(parts.port)}{parts.path}"
+        where = ",".join(f"{host}:{port}" for host, port in self.sentinels.addresses)
+        return f"sentinel {self.sentinels.master} via {where}"
+
+
+def _port(port: int | None) -> str:
+    return f":{port}" if port else ""
+
+
+def parse_addresses(values: tuple[str, ...] | list[str]) -> tuple[tuple[str, int], ...]:
+    """``host:port`` strings (``[v6]:port`` too) → pairs; ``ValueError`` says which is wrong."""
+    pairs: list[tuple[str, int]] = []
+    for value in values:
+        host, sep, port = value.strip().rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"not host:port: {value!r}")
+        pairs.append((host, int(port)))
+    if not pairs:
+        raise ValueError("no sentinel address")
+    return tuple(pairs)
+
+
+def sentinel_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot go with Sentinel, or None."""
+    scheme = urlsplit(url).scheme
+    if scheme == "rediss":
+        return "TLS (rediss://) to a Sentinel-managed master is not supported: use redis://"
+    if scheme != "redis":
+        return f"redis_url must be redis://[user:password@]<any host>/<db> with Sentinel, not {scheme}://"
+    return None
+
+
+def as_target(target: RedisTarget | str, prefix: str = DEFAULT_PREFIX) -> RedisTarget:
+    """A plain URL is a one-Redis target."""
+    return target if isinstance(target, RedisTarget) else RedisTarget(target, prefix=prefix)
+
+
+def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
+    """A redis-py asyncio client of ``target``'s Redis (its master, with Sentinel).
+
+    ``kwargs`` are redis-py's connection options (timeouts, retry, ``client_name``,
+    ``protocol``...), as for ``Redis.from_url``. Raises ``ValueError`` on a malformed URL.
+    """
+    target = as_target(target)
+    kwargs["redis_connect_func"] = functools.partial(fence_on_connect, prefix=target.prefix)
+    if target.sentinels is None:
+        return Redis.from_url(target.url, **kwargs)
+    problem = sentinel_url_problem(target.url)
+    if problem is not None:
+        raise ValueError(problem)
+    from_url: dict[str, Any] = dict(parse_url(target.url))
+    for unused in ("host", "port", "connection_class", "path"):
+        from_url.pop(unused, None)  # the master's address comes from the sentinels
+    sentinel_kwargs: dict[str, Any] = {
+        "socket_connect_timeout": SENTINEL_TIMEOUT,
+        "socket_timeout": SENTINEL_TIMEOUT,
+    }
+    if target.sentinels.password:
+        sentinel_kwargs["password"] = target.sentinels.password
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        list(target.sentinels.addresses), sentinel_kwargs=sentinel_kwargs
+    )
+    return sentinel.master_for(  # type: ignore[no-any-return]
+        target.sentinels.master,
+        redis_class=_SentinelRedis,
+        connection_pool_class=SentinelConnectionPool,
+        **{**from_url, **kwargs},
+    )
+
+
+class _SentinelRedis(Redis):
+    """The master's client; closing it closes the clients of the sentinels it asks too."""
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        pool = self.connection_pool
+        await super().aclose(close_connection_pool)
+        manager = getattr(pool, "sentinel_manager", None)
+        if isinstance(manager, Sentinel):
+            await manager.aclose()

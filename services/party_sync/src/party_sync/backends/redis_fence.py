@@ -1,0 +1,127 @@
+"""The rollback fence: a Redis that may have lost its newest writes never carries on a party's seq.
+
+Redis replication is asynchronous. When Sentinel promotes a replica, the writes the old master
+had not yet sent are gone, and a party's ``meta`` may say ``seq`` 40 where clients already saw 45.
+The next events would reuse seqs 41..45 with other content: a client that saw the old 43 and
+resumes from it, or a node that had not delivered it, would trust a history that is not the one
+the others saw. The same holds after a restart that reloads an older RDB or AOF file.
+
+So each Redis server is asked, on every new connection and before anything else is sent on it,
+whether its data was vouched for by the server it is now:
+
+- The server's identity is ``<run_id>:<master_replid>`` (``INFO``): ``run_id`` is new at every
+  start of the process, ``master_replid`` is new whenever a replica is promoted. Every failover or
+  restart changes it; nothing else does.
+- ``<prefix>:fence`` holds the identity the deployment's data was last vouched for under. It is
+  written on the master and replicated with everything else, so a promoted replica or a restarted
+  server finds the *old* identity there.
+- Equal: nothing to do (one ``GET``). Missing (a new or empty Redis, a FLUSHALL): nothing kept can
+  have been rolled back behind a client's back, so the mark is only written. Different: the server
+  may hold a rolled-back copy, so every party's ``meta`` is deleted (a ``SCAN`` of the
+  ``<prefix>:{party:*}:meta`` keys, in the same script) and the mark set to the new identity.
+
+A party without ``meta`` starts a new epoch at its next operation (``_lib.lua`` ``ensure_epoch``,
+which also drops the stale history and projection): nodes close the old epoch's connections with
+4003, resumes of the old epoch get a snapshot, presence refreshes re-announce who is connected and
+the engine re-states the party (the same path as a Redis restarted empty, docs/redis.md). Because
+the check is one Lua script, it is atomic: the first connection to a new master fences, every
+other one waits behind it in Redis and then finds the mark equal, and no party_sync command runs
+on the new master before the fence (every client party_sync makes comes from
+``redis_connect.make_client``, whose connections all run this hook). So no seq of an epoch that
+some client saw is ever published again with other content, on any node.
+
+A connection that lands on a replica (a demoted master Sentinel has not reconfigured yet, or a
+``redis_url`` naming a replica) is refused with ``ConnectionError``: redis-py then asks the
+sentinels again (or the caller retries), rather than reading a copy that is about to change.
+
+The hook is redis-py's ``redis_connect_func`` connection option (below its client API, like
+``redis_wire``): it replaces the connection's ``on_connect``, which it calls first, then sends the
+script with the connection's own ``send_command`` / ``read_response``.
+``tests/redis/test_redis_fence.py`` runs it against a real redis-server, so a redis-py upgrade
+that changes it fails there.
+
+Cost: one script of two ``INFO`` sections and a ``GET`` per new connection (connections are
+long-lived); the ``SCAN`` runs once per failover or restart and blocks that Redis for about the
+time of a ``SCAN`` over its keys (measured in docs/redis.md).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from redis.asyncio.connection import AbstractConnection
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from party_sync.backends.keys import KeySpace
+
+log = logging.getLogger(__name__)
+
+#: KEYS[1] the mark; ARGV[1] the SCAN pattern of every party's meta. Returns
+#: ``{outcome, parties fenced, identity}``; outcome 0 vouched, 1 marked (no mark yet), 2 fenced,
+#: -1 a replica (nothing done).
+FENCE_LUA = """
+local server = redis.call('INFO', 'server')
+local replication = redis.call('INFO', 'replication')
+local role = string.match(replication, 'role:(%a+)')
+local identity = (string.match(server, 'run_id:(%x+)') or '?') .. ':' ..
+  (string.match(replication, 'master_replid:(%x+)') or '?')
+if role ~= 'master' then
+  return {-1, 0, identity}
+end
+local mark = redis.call('GET', KEYS[1])
+if mark == identity then
+  return {0, 0, identity}
+end
+if not mark then
+  redis.call('SET', KEYS[1], identity)
+  return {1, 0, identity}
+end
+local cursor, fenced = '0', 0
+repeat
+  local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
+  cursor = page[1]
+  for _, key in ipairs(page[2]) do
+    fenced = fenced + redis.call('DEL', key)
+  end
+until cursor == '0'
+redis.call('SET', KEYS[1], identity)
+return {2, fenced, identity}
+"""
+
+_GLOB = re.compile(r"([*?\[\]\\])")
+
+VOUCHED, MARKED, FENCED, REPLICA = 0, 1, 2, -1
+
+
+def mark_key(prefix: str) -> str:
+    """``<prefix>:fence``: the identity of the server the deployment's data was vouched for."""
+    return KeySpace(prefix).fence()
+
+
+def meta_pattern(prefix: str) -> str:
+    """The ``SCAN MATCH`` pattern of every party's ``meta`` (the prefix's glob characters
+    escaped; party ids cannot contain ``}``: keys.py)."""
+    return _GLOB.sub(r"\\\1", prefix) + ":{party:*}:meta"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def fence_on_connect(conn: AbstractConnection, *, prefix: str) -> None:
+    """redis-py's ``redis_connect_func``: the usual handshake, then the fence (module doc)."""
+    await conn.on_connect()
+    await conn.send_command("EVAL", FENCE_LUA, 1, mark_key(prefix), meta_pattern(prefix))
+    reply = await conn.read_response()
+    outcome, fenced, identity = int(reply[0]), int(reply[1]), _text(reply[2])
+    if outcome == REPLICA:
+        raise RedisConnectionError(
+            f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')} is a replica "
+            "(party_sync writes to the master only)"
+        )
+    if outcome == FENCED:
+        log.warning(
+            "redis master changed (failover or restart): every party starts a new epoch",
+            extra={"parties": fenced, "redis_server": identity},
+        )

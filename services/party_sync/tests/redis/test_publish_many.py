@@ -1,0 +1,214 @@
+"""Several events of one party in one step (``Backend.publish_many``, ``publish_all``): one script
+call and ONE pub/sub message in Redis mode, decoded once, the events delivered together in seq
+order; every event checked before any is recorded; engines written against ``publish`` alone keep
+working. (The differential test compares the operation with the embedded backend on generated
+stories; here: what only Redis has, the wire, and the publishers.)"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import orjson
+import pytest
+from party_sync.backends.base import Backend, BackendSettings
+from party_sync.backends.memory import MemoryBackend
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.backends.redis_scripts import PARTY_SCRIPTS, _source, prelude_for
+from party_sync.backends.redis_stream import decode
+from party_sync.core.events import Event
+from party_sync.core.transient import Transient
+from party_sync.engine.http_host import ApiPublisher
+from party_sync.engine.interface import BatchPublisher, publish_all
+from party_sync.protocol.errors import InvalidEvent
+from party_sync.protocol.schemas import Contracts
+from party_sync.publishing import BackendPublisher
+from ps_testkit.client import wait_until
+from ps_testkit.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+PARTY = "p-many"
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+        self.ticks: list[int] = []  # the loop iteration each event came in
+        self.tick = 0
+
+    def on_event(self, event: Event) -> None:
+        self.events.append(event)
+        self.ticks.append(self.tick)
+
+    def on_direct(self, character_id: str, data: bytes) -> None:
+        return None
+
+    def on_resync(self) -> None:
+        return None
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        return None
+
+
+def result(action_id: str, character: str = "aria") -> dict[str, Any]:
+    return {
+        "action_id": action_id,
+        "character_id": character,
+        "action_type": "skill_check",
+        "outcome": "success",
+        "state": {"hp": 9, "max_hp": 10, "effects": [], "scene_flags": {}},
+    }
+
+
+def scene(n: int) -> dict[str, Any]:
+    return {
+        "scene_number": n,
+        "scene_id": f"s{n}",
+        "title": f"Scene {n} — «the gate»",
+        "narration": "Black water. \u2028 ✓",
+        "options": [{"id": "A", "label": "Open"}],
+        "kind": "story",
+    }
+
+
+@pytest.fixture
+async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
+    redis_server.command("FLUSHALL")
+    be = RedisBackend(RedisOptions(redis_server.url), BackendSettings())
+    await be.start()
+    try:
+        yield be
+    finally:
+        await be.close()
+
+
+async def counting_ticks(listener: Listener, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        listener.tick += 1
+        await asyncio.sleep(0)
+
+
+async def test_an_answer_is_one_message_on_the_channel_delivered_in_one_go(
+    backend: RedisBackend, redis_server: RedisServer
+) -> None:
+    listener = Listener()
+    subscription = await backend.subscribe(PARTY, listener)
+    raw = backend.client.pubsub()
+    await raw.subscribe(f"party:{PARTY}")
+    await raw.get_message(timeout=1.0)  # the subscribe confirmation
+    publisher = BackendPublisher(backend, Contracts(), lambda: 1000.0)
+    assert await backend.begin_action(PARTY, "aria", "a1", 1000.0) is not None
+    stop = asyncio.Event()
+    ticker = asyncio.ensure_future(counting_ticks(listener, stop))
+    try:
+        seqs = await publish_all(
+            publisher, PARTY, [("action.result", result("a1")), ("scene.update", scene(2))]
+        )
+        await wait_until(lambda: len(listener.events) == 2)
+    finally:
+        stop.set()
+        await ticker
+    assert seqs == [1, 2]
+    assert [(e.seq, e.type) for e in listener.events] == [(1, "action.result"), (2, "scene.update")]
+    assert listener.ticks[0] == listener.ticks[1]  # one message: one tick, one write per member
+    accepted = await raw.get_message(timeout=1.0)  # begin_action's action.accepted
+    assert accepted is not None and isinstance(decode(PARTY, accepted["data"]), list)
+    message = await raw.get_message(timeout=1.0)
+    assert message is not None
+    decoded = decode(PARTY, message["data"])
+    assert isinstance(decoded, tuple)
+    assert [s.event.data for s in decoded] == [e.data for e in listener.events]
+    assert orjson.loads(message["data"])["events"][1]["payload"]["title"] == "Scene 2 — «the gate»"
+    assert await raw.get_message(timeout=0.2) is None  # and nothing else
+    # the history has them as two events, the lock is released, the result is the final answer
+    _, top, events = await backend.range(PARTY, decoded[0].epoch, 0)
+    assert top == 2 and events == [e.data for e in listener.events]
+    verdict = await backend.begin_action(PARTY, "aria", "a1", 1001.0)
+    assert verdict.result == listener.events[0].data
+    assert (await backend.begin_action(PARTY, "aria", "a2", 1001.0)).decision.value == "accept"
+    await raw.aclose()  # type: ignore[no-untyped-call]
+    await subscription.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_an_invalid_event_publishes_none_of_them(
+    kind: str, redis_server: RedisServer
+) -> None:
+    redis_server.command("FLUSHALL")
+    be: Backend = (
+        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
+    )
+    await be.start()
+    try:
+        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+        with pytest.raises(InvalidEvent):
+            await publisher.publish_many(
+                PARTY, [("scene.update", scene(1)), ("scene.update", {"scene_number": "x"})]
+            )
+        with pytest.raises(InvalidEvent):  # valid, but not encodable: checked before, too
+            await publisher.publish_many(
+                PARTY, [("scene.update", scene(1)), ("action.result", result("a1") | {"x": 2**70})]
+            )
+        assert (await be.snapshot(PARTY, 1000.0)).seq == 0
+        assert await publisher.publish_many(PARTY, []) == []
+        assert await publisher.publish_many(PARTY, [("scene.update", scene(3))]) == [1]
+    finally:
+        await be.close()
+
+
+class OldPublisher:
+    """A publisher written before ``publish_many`` (a test double, a third party's)."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, str]] = []
+
+    async def publish(
+        self, party_id: str, type: str, payload: Mapping[str, Any], *, trace_id: str | None = None
+    ) -> int:
+        self.published.append((party_id, type))
+        return len(self.published)
+
+
+async def test_publish_all_falls_back_to_one_publish_per_event() -> None:
+    old = OldPublisher()
+    assert not isinstance(old, BatchPublisher)
+    seqs = await publish_all(old, PARTY, [("action.result", result("a1")), ("scene.update", {})])  # type: ignore[arg-type]
+    assert seqs == [1, 2]
+    assert old.published == [(PARTY, "action.result"), (PARTY, "scene.update")]
+
+
+async def test_the_backend_publisher_has_the_batch_path_the_http_host_has_not() -> None:
+    backend = MemoryBackend()
+    assert isinstance(BackendPublisher(backend, Contracts(), lambda: 0.0), BatchPublisher)
+    # the events API takes one event per request: publish_all publishes them one by one
+    assert not hasattr(ApiPublisher, "publish_many")
+
+
+def test_each_script_gets_the_prelude_it_uses_and_no_more() -> None:
+    lib = _source("_lib")
+    header = lib[: lib.index("\nlocal function")]
+    for name in PARTY_SCRIPTS:
+        prelude = prelude_for(lib, _source(name))
+        assert prelude.startswith(header)
+        assert len(prelude) < len(lib)
+    claim = prelude_for(lib, _source("claim_action"))
+    assert "local function release_lock" in claim and "local function parse_lock" in claim
+    assert "local function append" not in claim and "local function fold" not in claim
+    publish = prelude_for(lib, _source("publish"))
+    for needed in ("append", "fold", "touch", "touch_written", "ensure_epoch", "written_by"):
+        assert f"local function {needed}(" in publish
+    assert "local NOTHING" in publish and "local TOUCH_SLACK_MS" in publish
+
+
+def test_a_message_of_several_events_is_sliced_by_its_lengths() -> None:
+    one = b'{"seq":1,"type":"scene.update","payload":{"t":"\xc3\xa9,]"},"trace_id":"t"}'
+    two = b'{"seq":2,"type":"party.state","payload":{},"trace_id":"t"}'
+    raw = b'{"epoch":"E","lengths":[%d,%d],"events":[%s,%s]}' % (len(one), len(two), one, two)
+    decoded = decode(PARTY, raw)
+    assert isinstance(decoded, tuple)
+    assert [(s.epoch, s.event.seq, s.event.data) for s in decoded] == [("E", 1, one), ("E", 2, two)]
+    assert decoded[0].event.payload == {"t": "é,]"}
+    wrong = raw.replace(b"[%d," % len(one), b"[%d," % (len(one) - 1))
+    assert decode(PARTY, wrong) is None  # ignored (logged): the node repairs from history

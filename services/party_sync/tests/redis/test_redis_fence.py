@@ -1,0 +1,256 @@
+"""The rollback fence (``backends/redis_fence.py``) and the Sentinel settings
+(``backends/redis_connect.py``, ``config.py``), on a private redis-server.
+
+A failover or a restart is simulated here by the mark: the server's identity is what it is, and
+``<prefix>:fence`` says which identity the data was vouched for under. The real failover, with
+real lost writes, is ``tests/faults/test_sentinel.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+
+import pytest
+from party_sync import config
+from party_sync.backends.base import BackendSettings
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.backends.redis_connect import (
+    RedisTarget,
+    Sentinels,
+    make_client,
+    parse_addresses,
+)
+from party_sync.backends.redis_fence import mark_key, meta_pattern
+from party_sync.core.events import Event
+from party_sync.core.transient import Transient
+from party_sync.protocol.errors import ConfigError
+from ps_testkit.redis_sentinel import MASTER_NAME, SentinelSet
+from ps_testkit.redis_server import RedisServer, ping, redis_server_binary
+from ps_testkit.servers import free_port
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+pytestmark = pytest.mark.redis
+
+T0 = 1_800_000_000.0
+
+
+@pytest.fixture
+async def raw(redis: RedisServer) -> AsyncIterator[Redis]:
+    """A client that does not fence (redis-py's own, not ``make_client``)."""
+    client = Redis.from_url(redis.url)
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+async def _connect(url: str, prefix: str = "ps") -> None:
+    client = make_client(RedisTarget(url, prefix=prefix))
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+async def test_a_new_redis_is_marked_and_nothing_is_fenced(redis: RedisServer, raw: Redis) -> None:
+    await raw.hset("ps:{party:a}:meta", mapping={"epoch": "e1", "seq": 7})
+    await _connect(redis.url)
+    mark = await raw.get(mark_key("ps"))
+    assert mark is not None and b":" in mark
+    assert await raw.hget("ps:{party:a}:meta", "seq") == b"7"
+    await _connect(redis.url)  # the same server again: vouched, nothing changes
+    assert await raw.get(mark_key("ps")) == mark
+    assert await raw.hget("ps:{party:a}:meta", "seq") == b"7"
+
+
+async def test_another_servers_mark_fences_every_party_of_the_prefix(
+    redis: RedisServer, raw: Redis
+) -> None:
+    await raw.set(mark_key("ps"), "an-old-master:its-replid")  # as replicated, or reloaded
+    for party in ("a", "b", "c"):
+        await raw.hset(f"ps:{{party:{party}}}:meta", mapping={"epoch": "e1", "seq": 7})
+        await raw.rpush(f"ps:{{party:{party}}}:history", "event")
+    await raw.hset("other:{party:a}:meta", mapping={"epoch": "e9", "seq": 3})  # another prefix
+    await raw.hset("ps:{party:a}:action:meta", "c", "aria")  # an action record, not a meta
+    await _connect(redis.url)
+    assert [await raw.exists(f"ps:{{party:{p}}}:meta") for p in "abc"] == [0, 0, 0]
+    assert await raw.llen("ps:{party:a}:history") == 1  # dropped by the next ensure_epoch
+    assert await raw.hget("other:{party:a}:meta", "seq") == b"3"
+    assert await raw.hget("ps:{party:a}:action:meta", "c") == b"aria"
+    mark = await raw.get(mark_key("ps"))
+    assert mark is not None and mark != b"an-old-master:its-replid"
+
+
+async def test_a_fenced_party_starts_a_new_epoch_and_its_listeners_resync(
+    redis: RedisServer, raw: Redis
+) -> None:
+    """The node side: its stream of the party sees another epoch and resyncs its clients."""
+    backend = RedisBackend(
+        RedisOptions(redis.url, prefix="ps", probe_interval=0.5), BackendSettings()
+    )
+    await backend.start()
+    resyncs: list[str] = []
+
+    class Listener:
+        def on_event(self, event: Event) -> None: ...
+
+        def on_direct(self, character_id: str, data: bytes) -> None: ...
+
+        def on_transient(self, items: Sequence[Transient]) -> None: ...
+
+        def on_resync(self) -> None:
+            resyncs.append("resync")
+
+    try:
+        sub = await backend.subscribe("p1", Listener())
+        first = await backend.publish("p1", _event("one"), T0)
+        before = (await backend.snapshot("p1", T0)).epoch
+        await raw.set(mark_key("ps"), "an-old-master:its-replid")
+        await raw.client_kill_filter(_type="normal")  # every connection comes back: fenced
+        await raw.client_kill_filter(_type="pubsub")
+        for _ in range(200):
+            if resyncs:
+                break
+            await asyncio.sleep(0.02)  # polling the condition, bounded by the loop
+        assert resyncs, "the node's stream did not resync"
+        after = await backend.publish("p1", _event("two"), T0)
+        assert (await backend.snapshot("p1", T0)).epoch != before
+        assert first.seq == 1 and after.seq == 1
+        await sub.close()
+    finally:
+        await backend.close()
+
+
+def _event(text: str) -> dict[str, object]:
+    return {
+        "type": "party.state",
+        "timestamp": T0,
+        "trace_id": f"trace-{text}",
+        "payload": {"status": "active", "run_status": "in_progress", "characters": []},
+    }
+
+
+async def test_a_restart_that_reloads_its_data_fences(tmp_path: Path) -> None:
+    """A real restart with persistence (AOF): the data comes back, the run_id does not."""
+    port = free_port()
+    argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
+    argv += ["--appendonly", "yes", "--appendfsync", "always", "--dir", str(tmp_path)]
+    url = f"redis://127.0.0.1:{port}/0"
+    raw = Redis.from_url(url)
+    for attempt in range(2):
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(500):
+                if ping(port):
+                    break
+                await asyncio.sleep(0.01)  # polling the server's start, bounded
+            if attempt == 0:
+                await _connect(url)  # marks it
+                await raw.hset("ps:{party:a}:meta", mapping={"epoch": "e1", "seq": 7})
+            else:
+                assert await raw.hget("ps:{party:a}:meta", "seq") == b"7"  # reloaded
+                await _connect(url)
+                assert not await raw.exists("ps:{party:a}:meta")  # fenced: a new epoch next
+        finally:
+            await raw.connection_pool.disconnect()
+            proc.terminate()  # SIGTERM: Redis flushes its AOF and exits
+            proc.wait(timeout=10)
+    await raw.aclose()
+
+
+async def test_a_replica_is_refused(redis: RedisServer) -> None:
+    replica = RedisServer()
+    replica.start()
+    try:
+        replica.command("REPLICAOF", "127.0.0.1", str(redis.port))
+        with pytest.raises(RedisConnectionError, match="is a replica"):
+            await _connect(replica.url)
+    finally:
+        replica.close()
+
+
+def test_the_meta_pattern_escapes_the_prefix() -> None:
+    assert meta_pattern("ps") == "ps:{party:*}:meta"
+    assert meta_pattern("a*b[1]") == r"a\*b\[1\]:{party:*}:meta"
+
+
+# -- the settings ---------------------------------------------------------------------------------
+def _load(**env: str) -> config.Settings:
+    return config.load(None, env={f"PARTY_SYNC_{k.upper()}": v for k, v in env.items()})
+
+
+def test_sentinels_alone_turn_redis_mode_on() -> None:
+    settings = _load(redis_sentinels="10.0.0.1:26379, [::1]:26380", redis_sentinel_master="main")
+    assert settings.redis_url == "redis://main/0"
+    assert settings.resolved_engine_transport == "stream"
+    target = RedisTarget.of(settings)
+    assert target.sentinels is not None
+    assert target.sentinels.addresses == (("10.0.0.1", 26379), ("::1", 26380))
+    assert target.describe() == "sentinel main via 10.0.0.1:26379,::1:26380"
+
+
+def test_the_url_gives_the_password_and_db_with_sentinels() -> None:
+    settings = _load(
+        redis_sentinels="s1:26379",
+        redis_sentinel_master="main",
+        redis_url="redis://:pw@ignored:1/3",
+        redis_sentinel_password="sentinel-pw",
+    )
+    client = make_client(RedisTarget.of(settings))
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["password"], kwargs["db"]) == ("pw", 3)
+    assert "host" not in kwargs  # asked of the sentinels
+    assert settings.redis_sentinel_password == "sentinel-pw"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"redis_sentinels": "s1:26379"}, "needs redis_sentinel_master"),
+        ({"redis_sentinel_master": "main"}, "needs redis_sentinels"),
+        ({"redis_sentinels": "s1", "redis_sentinel_master": "m"}, "not host:port"),
+        ({"redis_sentinels": "s1:0", "redis_sentinel_master": "m"}, "not host:port"),
+        (
+            {"redis_sentinels": "s1:1", "redis_sentinel_master": "m", "redis_url": "rediss://x"},
+            "TLS",
+        ),
+        (
+            {"redis_sentinels": "s1:1", "redis_sentinel_master": "m", "redis_url": "unix:///s"},
+            "redis://",
+        ),
+    ],
+)
+def test_wrong_sentinel_settings_say_what_is_wrong(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        _load(**env)
+
+
+def test_addresses_parse() -> None:
+    assert parse_addresses(["h:1", "[fe80::1]:2"]) == (("h", 1), ("fe80::1", 2))
+    with pytest.raises(ValueError, match="no sentinel"):
+        parse_addresses([])
+
+
+async def test_a_client_finds_the_master_through_password_protected_sentinels() -> None:
+    sentinels = SentinelSet(password="s3cret")
+    await asyncio.to_thread(sentinels.start)
+    try:
+        addresses = parse_addresses(sentinels.addresses.split(","))
+        url = "redis://any-host/2"
+        good = make_client(RedisTarget(url, Sentinels(addresses, MASTER_NAME, "s3cret"), "ps"))
+        try:
+            await good.set("k", "v")
+            assert await good.get("k") == b"v"
+            assert good.connection_pool.connection_kwargs["db"] == 2
+        finally:
+            await good.aclose()
+        with sentinels.master().client() as r:
+            r.select(2)
+            assert r.get("k") == b"v"  # on the master, in db 2
+            assert r.get(mark_key("ps")) is not None  # and fenced (marked) there
+    finally:
+        await asyncio.to_thread(sentinels.close)
