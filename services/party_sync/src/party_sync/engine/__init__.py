@@ -14,6 +14,7 @@ from party_sync.engine.interface import (
     NarrationPiece,
     NarrationSender,
     RestateNotice,
+    publish_all,
     restate_engine,
 )
 
@@ -31,5 +32,6 @@ __all__ = [
     "NarrationPiece",
     "NarrationSender",
     "RestateNotice",
+    "publish_all",
     "restate_engine",
 ]
