@@ -62,6 +62,7 @@ from party_sync.core.commands import (
 )
 from party_sync.core.connection import Connection
 from party_sync.core.deadlines import Deadlines, Kind
+from party_sync.core.epochs import opens_epoch
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.presence import RefreshSchedule
@@ -255,7 +256,8 @@ class PartySessions:
         instead): its ``system.hello``, the replay, and what was buffered meanwhile."""
         out: Commands = []
         if join is not None:
-            out.append(Announce(conn.binding, join, snapshot.epoch, restate=join.seq == 1))
+            restate = opens_epoch(join)  # (core.epochs: other openings are the EpochWatch's)
+            out.append(Announce(conn.binding, join, snapshot.epoch, restate=restate))
         if resume is not None:
             self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
         resumed_from = resume.last_seq if replay is not None and resume is not None else None
@@ -812,11 +814,8 @@ class PartySessions:
             for event in rejoined:
                 binding = by_member.get((event.party_id, event.payload["character_id"]))
                 if binding is not None:  # seq 1: a new epoch, read from the snapshot
-                    out.append(
-                        Announce(
-                            binding, event, None if event.seq == 1 else "", restate=event.seq == 1
-                        )
-                    )
+                    opens = opens_epoch(event)
+                    out.append(Announce(binding, event, None if opens else "", restate=opens))
         out.append(SweepVotes(cmd.now, self.rules.action_timeout))
         return out
 
