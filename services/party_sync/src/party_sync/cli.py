@@ -8,9 +8,8 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from party_sync import __version__, config, devmode, logs
 from party_sync.auth import issue_token
@@ -300,13 +299,10 @@ def _engine_worker(args: argparse.Namespace) -> int:
     import signal
 
     from party_sync.backends.redis_connect import RedisTarget, make_client
+    from party_sync.engine.interface import RestateNotice, restate_engine
     from party_sync.engine.loader import load_engine
-    from party_sync.engine.stream_worker import (
-        OpenedEpochs,
-        StreamWorker,
-        WorkerOptions,
-        default_consumer,
-    )
+    from party_sync.engine.restating import EpochWatch
+    from party_sync.engine.stream_worker import StreamWorker, WorkerOptions, default_consumer
     from party_sync.protocol.schemas import Contracts
     from party_sync.publishing import BackendPublisher
     from party_sync.server import make_backend
@@ -335,37 +331,6 @@ def _engine_worker(args: argparse.Namespace) -> int:
         burst=args.burst,
     )
 
-    class WorkerPublisher(BackendPublisher):
-        """Reports every event it publishes (``OpenedEpochs``: an engine's event that opens an
-        epoch makes the worker ask its engine to re-state the party)."""
-
-        epochs: OpenedEpochs | None = None
-
-        async def publish(
-            self,
-            party_id: str,
-            type: str,
-            payload: Mapping[str, Any],
-            *,
-            trace_id: str | None = None,
-        ) -> int:
-            seq = await super().publish(party_id, type, payload, trace_id=trace_id)
-            if self.epochs is not None:
-                self.epochs.published(party_id, type, seq, trace_id)
-            return seq
-
-        async def publish_many(
-            self,
-            party_id: str,
-            events: Sequence[tuple[str, Mapping[str, Any]]],
-            *,
-            trace_id: str | None = None,
-        ) -> list[int]:
-            seqs = await super().publish_many(party_id, events, trace_id=trace_id)
-            if self.epochs is not None and seqs:
-                self.epochs.published(party_id, events[0][0], seqs[0], trace_id)
-            return seqs
-
     async def work() -> None:
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
@@ -379,10 +344,14 @@ def _engine_worker(args: argparse.Namespace) -> int:
             socket_connect_timeout=2.0,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),  # a stale pooled socket
         )
-        epochs = OpenedEpochs()
-        publisher = WorkerPublisher(backend, Contracts(), time.time)
-        publisher.epochs = epochs
-        worker = StreamWorker(engine, publisher, redis, options, epochs=epochs)
+
+        # the engine's events that open an epoch: the worker asks its own engine to re-state
+        async def restate(notice: RestateNotice) -> None:
+            await restate_engine(engine, notice)
+
+        watch = EpochWatch(backend, restate, time.time)
+        publisher = BackendPublisher(backend, Contracts(), time.time, watch)
+        worker = StreamWorker(engine, publisher, redis, options, watch=watch)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)

@@ -2,7 +2,9 @@
 
 It needs only a backend, the compiled contracts and a clock, so it serves the gateway (in-process
 engines, the HTTP events API) and ``party-sync engine-worker`` (engines fed by Redis Streams)
-alike. Every event is checked against its schema before the backend sequences it.
+alike. Every event is checked against its schema before the backend sequences it, and every
+sequenced event is shown to its ``watch`` (``engine.restating.EpochWatch``): one that opens a
+new epoch gets the engine asked to re-state the party, whichever transport the engine uses.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from party_sync import tracing
 from party_sync.backends.base import EngineSide, NarrationStore
 from party_sync.core import transient, votes
 from party_sync.core.actions import Claim
+from party_sync.core.epochs import opens_epoch
 from party_sync.core.events import Event
 from party_sync.engine.interface import (
     ENGINE_EVENT_TYPES,
@@ -28,6 +31,7 @@ from party_sync.engine.interface import (
     VoteRequest,
     VoteStarter,
 )
+from party_sync.engine.restating import EpochWatch
 from party_sync.protocol import codec, replies
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import (
@@ -105,15 +109,38 @@ class Narrator:
 
 
 class BackendPublisher(VoteStarter, NarrationSender):
-    """Implements the engine's ``EventPublisher`` (and a link's ``fail``) over a ``Backend``."""
+    """Implements the engine's ``EventPublisher`` (and a link's ``fail``) over a ``Backend``.
+
+    ``watch``: shown every event a publish sequenced (None: nobody asks for re-statements).
+    """
 
     def __init__(
-        self, backend: EngineSide, contracts: Contracts, clock: Callable[[], float]
+        self,
+        backend: EngineSide,
+        contracts: Contracts,
+        clock: Callable[[], float],
+        watch: EpochWatch | None = None,
     ) -> None:
         self.backend = backend
         self.contracts = contracts
         self.clock = clock
+        self.watch = watch
         self.narrator = Narrator(backend, clock)
+
+    def _opened(self, events: Sequence[Event]) -> None:
+        """Show ``events`` to the watch if one opens an epoch (checked here: every event passes)."""
+        watch = self.watch
+        if watch is not None:
+            for event in events:  # (a loop: cheaper than any() on an action's two events)
+                if opens_epoch(event):
+                    watch.published(events)
+                    return
+
+    async def publish_built(self, party_id: str, message: dict[str, Any]) -> Event:
+        """Sequence an envelope ``build`` made (the HTTP events API, run-wide events)."""
+        event = await self.backend.publish(party_id, message, self.clock())
+        self._opened((event,))
+        return event
 
     async def send_piece(self, piece: NarrationPiece) -> None:
         """``EventPublisher.narrate`` (``NarrationSender``): coalesced with the party's other
@@ -175,6 +202,8 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 event = await self.backend.publish(party_id, message, self.clock())
             except orjson.JSONEncodeError as exc:
                 raise InvalidEvent(f"{type} cannot be encoded: {exc}") from None
+            if event.seq == 1:  # opens_epoch, inlined
+                self._opened((event,))
             return event.seq
         # One span per published event (a child of the engine's action span).
         with tracing.span("publish " + type, attributes={"party_sync.party_id": party_id}) as span:
@@ -198,6 +227,7 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 published = await self.backend.publish_many(party_id, messages, self.clock())
             except orjson.JSONEncodeError as exc:
                 raise InvalidEvent(f"an event cannot be encoded: {exc}") from None
+            self._opened(published)
             return [event.seq for event in published]
         # One span per published event, as for publish() ("publish <type>"); they cover the same
         # single backend call, each inside the one before (a span is current until it ends).
@@ -221,6 +251,7 @@ class BackendPublisher(VoteStarter, NarrationSender):
             published = await self.backend.publish_many(party_id, messages, self.clock())
         except orjson.JSONEncodeError as exc:  # e.g. nested deeper than JSON can be encoded
             raise InvalidEvent(f"an event cannot be encoded: {exc}") from None
+        self._opened(published)
         return [event.seq for event in published]
 
     async def _publish(self, party_id: str, message: dict[str, Any]) -> int:
@@ -228,6 +259,7 @@ class BackendPublisher(VoteStarter, NarrationSender):
             event = await self.backend.publish(party_id, message, self.clock())
         except orjson.JSONEncodeError as exc:  # e.g. nested deeper than JSON can be encoded
             raise InvalidEvent(f"{message['type']} cannot be encoded: {exc}") from None
+        self._opened((event,))
         return event.seq
 
     async def reject(self, action: ActionRequest, message: str) -> None:
@@ -318,9 +350,12 @@ class BackendPublisher(VoteStarter, NarrationSender):
         run = request.campaign_run_id or await self.backend.party_run(party_id)
         if run is None:
             raise InvalidEvent(f"party {party_id} has no known campaign run: pass campaign_run_id")
-        return await self.backend.start_vote(
+        event = await self.backend.start_vote(
             party_id, spec, run, self.clock(), request.trace_id or codec.new_trace_id()
         )
+        if self.watch is not None:
+            self.watch.published((event,), run)
+        return event
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         return (await self.open_vote(request)).payload

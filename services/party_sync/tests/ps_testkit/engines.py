@@ -13,6 +13,7 @@ from party_sync.engine.interface import (
     EventPublisher,
     JoinNotice,
     RestateNotice,
+    publish_all,
 )
 
 Mode = Literal["answer", "reject", "crash", "silent"]
@@ -99,6 +100,36 @@ class ScriptedEngine:
 
     async def close(self) -> None:
         self.closed = True
+
+
+class RestatingEngine(ScriptedEngine):
+    """``ScriptedEngine`` that re-states as an engine with durable state does: on a restate
+    notice it records it, then publishes its current scene (the last ``scene.update`` it
+    published, if any) and ``party.state`` again through the normal sequenced path."""
+
+    def scene(self) -> dict[str, Any]:
+        return {
+            "scene_number": self.scene_number,
+            "scene_id": f"scene-{self.scene_number}",
+            "title": f"Scene {self.scene_number}",
+            "narration": "The story goes on.",
+            "options": [{"id": "A", "label": "Go on"}],
+            "kind": "story",
+        }
+
+    async def handle_restate(self, notice: RestateNotice) -> None:
+        await super().handle_restate(notice)
+        if self.scene_number == 0 or self.publisher is None:
+            return  # nothing played yet: nothing to re-state
+        state = {
+            "status": "active",
+            "run_status": "in_progress",
+            "scene_number": self.scene_number,
+            "characters": {},
+            "flags": {},
+        }
+        events = [("scene.update", self.scene()), ("party.state", state)]
+        await publish_all(self.publisher, notice.party_id, events, trace_id=notice.trace_id)
 
 
 class NodeEngine(ScriptedEngine):

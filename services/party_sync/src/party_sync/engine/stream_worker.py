@@ -10,7 +10,10 @@ broadcast once.
 
 Entry kinds (fields in ``stream_link``): ``action`` → ``Engine.handle_action``; ``join`` →
 ``Engine.handle_join``; ``restate`` → ``handle_restate`` through ``restate_engine`` (an engine
-without it ignores the notice).
+without it ignores the notice). When one of the engine's own events opens a party's new epoch
+(the party's state was lost while no member came back: a failover's fence, a flush), the worker
+asks its engine to re-state the party itself, after the entry (``watch``, a
+``engine.restating.EpochWatch`` its publisher shows every event to).
 
 **Claim before start.** Right before the engine gets an action, the worker asks party_sync
 (``publisher.claim``): ``START`` runs it; ``EXPIRED`` (it waited past its ``deadline``, field
@@ -62,10 +65,9 @@ from party_sync.engine.interface import (
     Engine,
     EngineRejected,
     LinkHost,
-    RestateNotice,
     restate_engine,
 )
-from party_sync.protocol import types as t
+from party_sync.engine.restating import EpochWatch
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 
 log = logging.getLogger(__name__)
@@ -100,29 +102,6 @@ def is_nogroup(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and str(exc).startswith("NOGROUP")
 
 
-class OpenedEpochs:
-    """Parties whose epoch the worker's engine opened with something else than a join.
-
-    An event that opens a party's epoch (seq 1) and is not a ``party.join`` means the party's
-    short-lived state was lost while no member had come back yet (the rollback fence after a Redis
-    failover or restart, a flush: docs/redis.md), so no node will ask for a re-statement (nodes do
-    on a join at seq 1). The worker's publisher reports each event it published (``published``),
-    and the worker asks its own engine to re-state those parties once the entry at hand is
-    handled (``StreamWorker.restate_opened``).
-
-    ``runs``: the campaign run of each party the worker handled an entry for (a RestateNotice
-    names it); ``opened``: party → trace_id of the event that opened its epoch, not yet restated.
-    """
-
-    def __init__(self) -> None:
-        self.runs: dict[str, str] = {}
-        self.opened: dict[str, str] = {}
-
-    def published(self, party_id: str, type_: str, seq: int, trace_id: str | None) -> None:
-        if seq == 1 and type_ != t.PARTY_JOIN:
-            self.opened[party_id] = trace_id or ""
-
-
 class StreamWorker:
     """One consumer of the actions stream; ``run`` until ``stop`` (or idle, in burst mode)."""
 
@@ -133,12 +112,13 @@ class StreamWorker:
         redis: Redis,
         options: WorkerOptions,
         *,
-        epochs: OpenedEpochs | None = None,
+        watch: EpochWatch | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
-        self.epochs = epochs  # None: the publisher does not report (no re-statement by the worker)
+        # the openings the publisher saw (None: it shows none; no re-statement by the worker)
+        self.watch = watch
         self.clock = clock
         self.redis = redis
         self.options = options
@@ -169,6 +149,8 @@ class StreamWorker:
                     if not self._group_ready:
                         await self._ensure_group()
                     busy = await self._round()
+                    # openings by the engine's events outside any entry (a timer of its own)
+                    await self.restate_opened()
                 except INFRA_ERRORS as exc:
                     self._failed(exc)
                     await self._pause(delay)
@@ -284,8 +266,8 @@ class StreamWorker:
             log.error("malformed entry on the actions stream; acknowledged and dropped")
             await self.redis.xack(o.stream, o.group, entry_id)
             return
-        if run_id and self.epochs is not None:
-            self.epochs.runs[party_id] = run_id
+        if run_id and self.watch is not None:
+            self.watch.knows(party_id, run_id)
         trace_id = str(envelope.get("trace_id", ""))
         try:
             if action is not None:
@@ -321,27 +303,11 @@ class StreamWorker:
         await self.restate_opened()
 
     async def restate_opened(self) -> None:
-        """Ask the engine to re-state every party whose epoch its events opened (see
-        ``OpenedEpochs``); its own events then come after, in the same epoch."""
-        epochs = self.epochs
-        if epochs is None:
-            return
-        while epochs.opened:
-            party_id, trace_id = epochs.opened.popitem()
-            run_id = epochs.runs.get(party_id)
-            if run_id is None:
-                continue  # never handled anything of it: nothing to re-state
-            log.info(
-                "the engine opened a new epoch: re-stating the party",
-                extra={"party_id": party_id, "trace_id": trace_id},
-            )
-            notice = RestateNotice(party_id, run_id, "", trace_id, at=self.clock())
-            try:
-                await restate_engine(self.engine, notice)
-            except Exception as exc:  # at least once: tried again after the next entry
-                epochs.opened.setdefault(party_id, trace_id)
-                log.warning("re-statement failed: %r", exc, extra={"party_id": party_id})
-                return
+        """Ask the engine to re-state every party whose new epoch its events opened
+        (``engine.restating.EpochWatch``: no gateway knows of those); its own events then come
+        after, in the same epoch. A failed re-statement is tried again after the next round."""
+        if self.watch is not None and self.watch.openings.pending:
+            await self.watch.restate_opened()
 
     async def _run_action(self, action: ActionRequest) -> None:
         try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
 from party_sync.backends.base import Backend
@@ -37,6 +37,7 @@ from party_sync.core.commands import (
     TimeOut,
     Unsubscribe,
 )
+from party_sync.core.events import Event
 from party_sync.core.session import PartySessions
 from party_sync.engine.interface import (
     ActionRequest,
@@ -188,6 +189,8 @@ class Executor:
             except BackendUnavailable:
                 core.settle_failed()
                 return
+            if left is not None:
+                self._published((left,), command.binding.campaign_run_id)
             core.settled(left is not None)
         elif type(command) is FailAction:
             with contextlib.suppress(BackendUnavailable):
@@ -208,11 +211,24 @@ class Executor:
         else:
             await self._background(command)
 
+    def _published(self, events: Sequence[Event], run: str | None = None) -> None:
+        """Events a backend call here sequenced: an epoch one opens (not a join: the core's
+        ``Announce``) gets the engine asked to re-state the party (``EpochWatch``)."""
+        watch = self.publisher.watch
+        if watch is not None and events:
+            watch.published(events, run)
+
+    def _known(self, party_id: str, run: str) -> None:
+        if self.publisher.watch is not None:
+            self.publisher.watch.knows(party_id, run)
+
     async def _client_step(self, command: Leave | CastVote) -> None:
         conn, message, core = command.conn, command.message, self.core
         try:
             if isinstance(command, Leave):
                 event = await self.backend.leave(conn.binding, command.now, message.trace_id)
+                if event is not None:
+                    self._published((event,), conn.binding.campaign_run_id)
                 commands = core.left(command, event)
             else:
                 refusal, events = await self.backend.cast_vote(
@@ -223,6 +239,7 @@ class Executor:
                     self.clock(),
                     message.trace_id,
                 )
+                self._published(events, conn.binding.campaign_run_id)
                 commands = core.vote_cast(command, refusal, events)
         except BackendUnavailable:
             commands = core.failed(conn, message, ErrorCode.BACKEND_UNAVAILABLE, self.clock())
@@ -242,6 +259,11 @@ class Executor:
         except BackendUnavailable:
             await self.run(self.core.open_failed(conn, self.clock()))
             return
+        # the run of the party (a re-statement names it) and a join opening its epoch (the
+        # core's Announce asks for that one)
+        if join is not None:
+            self._published((join,))
+        self._known(conn.party_id, conn.binding.campaign_run_id)
         commands = self.core.opened(
             conn, join=join, snapshot=snapshot, replay=replay, resume=resume, now=self.clock()
         )
@@ -254,8 +276,9 @@ class Executor:
             rejoined = None
             with self.tick("presence") as ok:
                 rejoined = await self.backend.refresh(command.connections, command.now)
+                self._published(rejoined)
                 if command.sweep:
-                    await self.backend.expire(command.now)
+                    self._published(await self.backend.expire(command.now))
                 ok.append(True)
             await self.run(core.refreshed(command, rejoined, ok=bool(ok)))
         elif type(command) is SweepVotes:
@@ -290,12 +313,16 @@ class Executor:
             except BackendUnavailable:  # the due-votes sweep finishes it once Redis is back
                 await self.run(core.vote_failed(command, self.clock()))
                 return
+            if event is not None:
+                self._published((event,))
             await self.run(core.vote_finished(command, event))
         elif type(command) is ApplyVote:
             finished = command.finished
             vote_id = finished.payload["vote_id"]
             try:
                 run = await self.backend.vote_run(finished.party_id, vote_id)
+                if run is not None:
+                    self._known(finished.party_id, run)
                 applied = finished.payload["applied"]
                 verdict = await self.backend.begin_action(
                     finished.party_id,

@@ -29,6 +29,7 @@ from party_sync.core.history import ResumePoint
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.core.session import PartySessions, Rules
 from party_sync.engine.interface import EngineLink
+from party_sync.engine.restating import EpochWatch
 from party_sync.gateway.executor import Executor, MetricsMeter
 from party_sync.gateway.hub import PartyHub
 from party_sync.gateway.session import REFUSALS, Session, Sink, carry_local
@@ -68,7 +69,10 @@ class Gateway:
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.metrics = metrics or Metrics(self.node_id)
         self.clock = clock
-        self.publisher = BackendPublisher(backend, contracts, clock)
+        # every epoch this node opens gets the engine asked to re-state the party, through the
+        # link (a task of its own: never inside the publish, or the engine's handle_action)
+        self.watch = EpochWatch(backend, link.notify_restate, clock, spawn=self._spawn)
+        self.publisher = BackendPublisher(backend, contracts, clock, self.watch)
         rules = Rules(
             action_timeout=settings.action_timeout,
             presence_grace=settings.presence_grace,
@@ -188,7 +192,9 @@ class Gateway:
         seqs: dict[str, int] = {}
         now = self.clock()
         for party_id in await self.backend.run_parties(campaign_run_id):
-            seqs[party_id] = (await self.backend.publish(party_id, message, now)).seq
+            event = await self.backend.publish(party_id, message, now)
+            self.watch.published((event,), campaign_run_id)  # (its state may just have gone)
+            seqs[party_id] = event.seq
         await self.backend.publish_run(campaign_run_id, message)
         return seqs
 

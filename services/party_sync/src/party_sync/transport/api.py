@@ -77,7 +77,7 @@ async def publish_party_event(request: web.Request) -> web.Response:
         trace_id=message["trace_id"],
         attributes={"party_sync.party_id": party_id},
     ):
-        event = await gateway.backend.publish(party_id, message, gateway.clock())
+        event = await gateway.publisher.publish_built(party_id, message)
     log.debug(
         "event published via API",
         extra={"trace_id": event.trace_id, "party_id": party_id, "seq": event.seq},

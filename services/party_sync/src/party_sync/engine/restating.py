@@ -1,0 +1,152 @@
+"""``EpochWatch``: every new epoch this process opens gets one re-statement request to the engine.
+
+The decision is ``core.epochs.Openings`` (pure); this is its adapter. Every caller that gets
+events back from a backend call reports them (``published``): ``BackendPublisher`` (an in-process
+engine's events, the HTTP events API, an engine's vote, an ``engine-worker``'s engine) and the
+gateway's executor (leaves, votes' events). An opening other than a join (joins are the party
+core's: ``Announce``) becomes a ``RestateNotice`` handed to ``request``:
+
+- on a gateway node, the engine link's ``notify_restate``, run as a task of its own (never inside
+  the publish that opened the epoch: an in-process engine is inside its own ``handle_action``
+  then, and may hold the lock its ``handle_restate`` takes), so every transport gets it as it
+  gets a join's: a plain call in-process, a ``restate`` entry on the actions stream, a POST to the
+  HTTP engine's notice URL;
+- in ``party-sync engine-worker``, its own engine's ``handle_restate``, after the entry at hand
+  (``StreamWorker`` calls ``restate_opened``): the worker's engine opened it, so no gateway knows.
+
+The notice names the party's campaign run: the one the reporting caller knew, else one this
+process learnt (a member's binding, an action it handed over), else the backend's record. With no
+run known anywhere (the fence deletes the record with ``meta``) the opening waits until this
+process learns the run (``knows``), and is logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from typing import Any, Protocol
+
+from party_sync.core.epochs import Opening, Openings
+from party_sync.core.events import Event
+from party_sync.core.snapshot import Snapshot
+from party_sync.engine.interface import RestateNotice
+from party_sync.protocol.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
+
+#: Attempts of a gateway's request before the opening waits for the next one (a backend error
+#: appending to the actions stream; the in-process and HTTP links do not raise).
+ATTEMPTS = 5
+#: The pause after the first failed attempt; doubled after each.
+FIRST_PAUSE = 0.1
+
+
+class PartyRecords(Protocol):
+    """What the watch reads from a backend (both have it): a party's epoch and recorded run."""
+
+    async def party_run(self, party_id: str) -> str | None: ...
+
+    async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot: ...
+
+
+class EpochWatch:
+    """The epoch openings of one process and their re-statement requests (module docstring).
+
+    ``spawn``: how a gateway runs the requests as tasks; None (the worker): only
+    ``restate_opened`` sends them.
+    """
+
+    def __init__(
+        self,
+        backend: PartyRecords,
+        request: Callable[[RestateNotice], Awaitable[object]],
+        clock: Callable[[], float],
+        *,
+        spawn: Callable[[Coroutine[Any, Any, Any]], object] | None = None,
+    ) -> None:
+        self.backend = backend
+        self.request = request
+        self.clock = clock
+        self.spawn = spawn
+        self.openings = Openings()
+        self.requested = 0  # re-statement requests sent (tests, logs)
+        self._draining = False
+
+    def knows(self, party_id: str, campaign_run_id: str) -> None:
+        """The party plays ``campaign_run_id`` (a member's binding, an action's run)."""
+        if self.openings.knows(party_id, campaign_run_id):
+            self._soon()
+
+    def published(self, events: Iterable[Event], campaign_run_id: str | None = None) -> None:
+        """Events one backend call of this process returned (sequenced by it, or returned as
+        standing); an opening among them gets its request."""
+        if self.openings.seen(events, campaign_run_id):
+            self._soon()
+
+    def _soon(self) -> None:
+        if self.spawn is not None and not self._draining:
+            self._draining = True
+            self.spawn(self._drain())
+
+    async def _drain(self) -> None:
+        pause = FIRST_PAUSE
+        try:
+            for attempt in range(ATTEMPTS):
+                if await self.restate_opened():
+                    if not self.openings.pending:
+                        return
+                    continue  # opened meanwhile
+                if attempt + 1 < ATTEMPTS:
+                    await asyncio.sleep(pause)  # a backoff, not a synchronisation
+                    pause *= 2
+            log.warning("re-statement requests not sent; they are sent with the next opening")
+        finally:
+            self._draining = False
+
+    async def restate_opened(self) -> bool:
+        """Ask for every due re-statement; False if one could not be asked (due again)."""
+        for opening in self.openings.take():
+            run = opening.campaign_run_id or await self._recorded_run(opening.party_id)
+            if run is None:
+                self.openings.park(opening)
+                log.warning(
+                    "a new epoch was opened but its campaign run is not known here: the "
+                    "party is re-stated once this node learns it (a member connects)",
+                    extra={"party_id": opening.party_id, "trace_id": opening.trace_id},
+                )
+                continue
+            self.openings.knows(opening.party_id, run)
+            if not await self._ask(opening, run):
+                return False
+        return True
+
+    async def _recorded_run(self, party_id: str) -> str | None:
+        try:
+            run = await self.backend.party_run(party_id)
+        except BackendUnavailable:
+            return None
+        return run or None
+
+    async def _ask(self, opening: Opening, run: str) -> bool:
+        try:
+            epoch = (await self.backend.snapshot(opening.party_id)).epoch
+        except BackendUnavailable:
+            epoch = ""  # informative only: the engine re-states the run's current state
+        log.info(
+            "new epoch: asking the engine to re-state the party",
+            extra={"party_id": opening.party_id, "trace_id": opening.trace_id, "epoch": epoch},
+        )
+        notice = RestateNotice(opening.party_id, run, epoch, opening.trace_id, at=self.clock())
+        try:
+            await self.request(notice)
+        except Exception as exc:
+            self.openings.again(opening)
+            log.warning(
+                "re-statement request failed: %r",
+                exc,
+                extra={"party_id": opening.party_id, "trace_id": opening.trace_id},
+            )
+            return False
+        self.requested += 1
+        return True
