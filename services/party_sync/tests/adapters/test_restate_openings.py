@@ -83,7 +83,7 @@ async def play_one_scene(srv: Running, engine: RestatingEngine) -> None:
     update = await a.until("scene.update")
     assert update["payload"]["scene_number"] == 1
     await leave(a)
-    await wait_until(lambda: len(engine.restates) == 1)
+    await wait_until(lambda: engine.restated == 1)
 
 
 def leaving(character: str) -> dict[str, Any]:
@@ -108,7 +108,7 @@ async def test_an_engine_event_opening_the_epoch_gets_the_party_restated_once() 
         # the engine's event comes first (a timer, a late answer): seq 1 of the new epoch
         seq = await engine.started.publish("p1", "party.state", STATE, trace_id="timer-1")
         assert seq == 1
-        await wait_until(lambda: len(engine.restates) == 2)
+        await wait_until(lambda: engine.restated == 2)  # and its events published
         notice = engine.restates[1]
         assert (notice.party_id, notice.campaign_run_id, notice.trace_id) == ("p1", "r1", "timer-1")
         b = await srv.connect("borin")
@@ -127,11 +127,11 @@ async def test_a_connected_member_converges_on_the_restated_scene() -> None:
         a, _ = await srv.join("aria")
         await a.act("act-1", "aria", "r1")
         await a.until("scene.update")
-        await wait_until(lambda: len(engine.restates) == 1)
+        await wait_until(lambda: engine.restated == 1)
         await lose_state(srv)
         await engine.started.publish("p1", "party.state", STATE, trace_id="late-1")
         assert await a.closed() == 4003  # a new epoch: resync
-        await wait_until(lambda: len(engine.restates) == 2)
+        await wait_until(lambda: engine.restated == 2)  # and its events published
         a2 = await srv.connect("aria")
         assert await scene_of(a2) == 1
         assert len(engine.restates) == 2
@@ -146,10 +146,10 @@ async def test_a_leave_opening_the_epoch_gets_the_party_restated_once() -> None:
         b, _ = await srv.join("borin")
         await a.act("act-1", "aria", "r1")
         await a.until("scene.update")
-        await wait_until(lambda: len(engine.restates) == 1)
+        await wait_until(lambda: engine.restated == 1)
         await lose_state(srv)
         await b.send(leaving("borin"))  # seq 1 of the new epoch
-        await wait_until(lambda: len(engine.restates) == 2)
+        await wait_until(lambda: engine.restated == 2)  # and its events published
         assert engine.restates[1].campaign_run_id == "r1"
         assert await a.closed() == 4003
         a2 = await srv.connect("aria")
@@ -168,11 +168,11 @@ async def test_a_ballot_opening_the_epoch_gets_the_party_restated_once() -> None
         await a.until("scene.update")
         vote = await engine.started.start_vote("p1", "Left or right?", OPTIONS, 30)
         await b.until("vote.started")
-        await wait_until(lambda: len(engine.restates) == 1)
+        await wait_until(lambda: engine.restated == 1)
         await lose_state(srv)
         cast = {"type": "vote.cast", "payload": {"vote_id": vote["vote_id"], "option": "A"}}
         await a.send(cast)  # its vote.update is seq 1 of the new epoch
-        await wait_until(lambda: len(engine.restates) == 2)
+        await wait_until(lambda: engine.restated == 2)  # and its events published
         assert await b.closed() == 4003
         b2 = await srv.connect("borin")
         assert await scene_of(b2) == 1

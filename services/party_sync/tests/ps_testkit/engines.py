@@ -105,7 +105,10 @@ class ScriptedEngine:
 class RestatingEngine(ScriptedEngine):
     """``ScriptedEngine`` that re-states as an engine with durable state does: on a restate
     notice it records it, then publishes its current scene (the last ``scene.update`` it
-    published, if any) and ``party.state`` again through the normal sequenced path."""
+    published, if any) and ``party.state`` again through the normal sequenced path.
+    ``restated``: the re-statements finished (their events published)."""
+
+    restated = 0
 
     def scene(self) -> dict[str, Any]:
         return {
@@ -120,6 +123,7 @@ class RestatingEngine(ScriptedEngine):
     async def handle_restate(self, notice: RestateNotice) -> None:
         await super().handle_restate(notice)
         if self.scene_number == 0 or self.publisher is None:
+            self.restated += 1
             return  # nothing played yet: nothing to re-state
         state = {
             "status": "active",
@@ -130,6 +134,7 @@ class RestatingEngine(ScriptedEngine):
         }
         events = [("scene.update", self.scene()), ("party.state", state)]
         await publish_all(self.publisher, notice.party_id, events, trace_id=notice.trace_id)
+        self.restated += 1
 
 
 class NodeEngine(ScriptedEngine):

@@ -87,7 +87,7 @@ async def play_one_scene(srv: Running, engine: RestatingEngine) -> tuple[Client,
     b, _ = await srv.join("borin")
     await a.act("act-1", "aria", "r1")
     assert (await b.until("scene.update", timeout=10))["payload"]["scene_number"] == 1
-    await wait_until(lambda: len(engine.restates) == 1, 10)  # the party's first epoch
+    await wait_until(lambda: engine.restated == 1, 10)  # the party's first epoch
     return a, b
 
 
@@ -101,7 +101,7 @@ async def test_a_leave_opening_the_epoch_reaches_the_worker_as_one_restate(
         await b.send(
             {"type": "party.leave", "payload": {"character_id": "borin"}}
         )  # seq 1 of the new epoch
-        await wait_until(lambda: len(engine.restates) == 2, 10)
+        await wait_until(lambda: engine.restated == 2, 10)  # and its events published
         assert engine.restates[1].campaign_run_id == "r1"
         assert await a.closed() == 4003
         a2 = await srv.connect("aria")
@@ -126,7 +126,7 @@ async def test_an_engine_event_outside_any_entry_opening_the_epoch_is_restated_o
         await lose_state(srv)
         seq = await engine.started.publish("p1", "party.state", STATE, trace_id="timer-1")
         assert seq == 1
-        await wait_until(lambda: len(engine.restates) == 2, 10)
+        await wait_until(lambda: engine.restated == 2, 10)  # and its events published
         assert engine.restates[1].trace_id == "timer-1"
         assert await a.closed() == 4003
         a2 = await srv.connect("aria")
@@ -146,7 +146,7 @@ async def test_an_engine_result_opening_the_epoch_is_restated_once(redis: RedisS
         await b.close()
         await lose_state(srv)
         await a.act("act-2", "aria", "r1")  # its result is seq 1 of the new epoch
-        await wait_until(lambda: len(engine.restates) == 2, 10)
+        await wait_until(lambda: engine.restated == 2, 10)  # and its events published
         assert await a.closed() == 4003
         a2 = await srv.connect("aria")
         assert await scene_of(a2) == 2
