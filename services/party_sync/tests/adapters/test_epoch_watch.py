@@ -117,3 +117,17 @@ async def test_a_result_returned_again_asks_for_nothing_more() -> None:
     await wait_until(lambda: len(requests.notices) == 1)
     await wait_until(lambda: not tasks)
     assert len(requests.notices) == 1
+
+
+async def test_a_failed_request_leaves_the_other_openings_due_too() -> None:
+    backend, requests = MemoryBackend(), Requests(failures=1)
+    watch = EpochWatch(backend, requests, time.time)  # no spawn: asked by restate_opened only
+    publisher = BackendPublisher(backend, CONTRACTS, time.time, watch)
+    for party in ("p1", "p2", "p3"):
+        watch.knows(party, "r1")
+        await publisher.publish(party, "party.state", STATE, trace_id="t-" + party)
+    assert not await watch.restate_opened()  # the first request fails
+    assert requests.notices == []
+    assert await watch.restate_opened()
+    assert sorted(n.party_id for n in requests.notices) == ["p1", "p2", "p3"]
+    assert not watch.openings.pending

@@ -105,8 +105,10 @@ class EpochWatch:
             self._draining = False
 
     async def restate_opened(self) -> bool:
-        """Ask for every due re-statement; False if one could not be asked (due again)."""
-        for opening in self.openings.take():
+        """Ask for every due re-statement; False if one could not be asked (it and the ones
+        after it are due again)."""
+        due = self.openings.take()
+        for i, opening in enumerate(due):
             run = opening.campaign_run_id or await self._recorded_run(opening.party_id)
             if run is None:
                 self.openings.park(opening)
@@ -118,6 +120,8 @@ class EpochWatch:
                 continue
             self.openings.knows(opening.party_id, run)
             if not await self._ask(opening, run):
+                for later in due[i:]:
+                    self.openings.again(later)
                 return False
         return True
 
@@ -141,7 +145,6 @@ class EpochWatch:
         try:
             await self.request(notice)
         except Exception as exc:
-            self.openings.again(opening)
             log.warning(
                 "re-statement request failed: %r",
                 exc,
