@@ -93,6 +93,15 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", ACTIONS_STREAM),
         help="the actions stream [env PARTY_SYNC_ACTIONS_STREAM] (party_sync:actions)",
     )
+    worker.add_argument(
+        "--actions-stream-partitions",
+        type=int,
+        default=None,
+        help="read this many partitions of the stream, <stream>:0 ... <stream>:N-1 (1: the one "
+        "stream); must be the serving nodes' count, else the worker refuses to start (not "
+        "with --burst, which drains the streams of an old count) "
+        "[env PARTY_SYNC_ACTIONS_STREAM_PARTITIONS] (1)",
+    )
     worker.add_argument("--group", default="campaign-engine", help="consumer group")
     worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
     worker.add_argument(
@@ -303,7 +312,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
     from party_sync.engine.loader import load_engine
     from party_sync.engine.stream_worker import (
         OpenedEpochs,
-        StreamWorker,
+        PartitionedWorker,
         WorkerOptions,
         default_consumer,
     )
@@ -316,6 +325,9 @@ def _engine_worker(args: argparse.Namespace) -> int:
         "PARTY_SYNC_REDIS_URL": args.redis_url,
         "PARTY_SYNC_REDIS_SENTINELS": args.redis_sentinels,
         "PARTY_SYNC_REDIS_SENTINEL_MASTER": args.redis_sentinel_master,
+        "PARTY_SYNC_ACTIONS_STREAM_PARTITIONS": (
+            None if args.actions_stream_partitions is None else str(args.actions_stream_partitions)
+        ),
     }
     env = {**os.environ, **{name: value for name, value in given.items() if value}}
     settings = config.load(None, env=env)
@@ -382,11 +394,18 @@ def _engine_worker(args: argparse.Namespace) -> int:
         epochs = OpenedEpochs()
         publisher = WorkerPublisher(backend, Contracts(), time.time)
         publisher.epochs = epochs
-        worker = StreamWorker(engine, publisher, redis, options, epochs=epochs)
+        worker = PartitionedWorker(
+            engine,
+            publisher,
+            redis,
+            options,
+            partitions=settings.actions_stream_partitions,
+            epochs=epochs,
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        print(f"engine worker {options.consumer} on {options.stream}", flush=True)
+        print(f"engine worker {options.consumer} on {', '.join(worker.streams)}", flush=True)
         try:
             await worker.run()
         finally:

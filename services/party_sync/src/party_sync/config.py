@@ -19,6 +19,8 @@ from party_sync.protocol.errors import ConfigError
 ENV_PREFIX = "PARTY_SYNC_"
 #: The most serving processes ``--workers`` may ask for.
 MAX_WORKERS = 256
+#: The most streams ``actions_stream_partitions`` may split the actions stream into.
+MAX_STREAM_PARTITIONS = 1024
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -105,6 +107,13 @@ class Settings:
         "Approximate cap of the actions stream (XADD MAXLEN ~): the oldest entries are trimmed, "
         "handled or not (an action trimmed before any worker started it is answered "
         "action_timeout at its deadline).",
+    )
+    actions_stream_partitions: int = _option(
+        1,
+        "Stream mode: split the actions stream into this many streams, <actions_stream>:0 ... "
+        "<actions_stream>:N-1, each party's entries in partition crc32(party_id) mod N (on a "
+        "Redis Cluster each partition is its own slot); 1 = the one stream <actions_stream>. "
+        "engine-worker must be given the same number (docs/engines.md).",
     )
     engine_url: str | None = _option(
         None,
@@ -459,6 +468,10 @@ def validate(settings: Settings) -> None:
             "engine_transport http needs engine_url",
         ),
         (settings.actions_stream_maxlen >= 1000, "actions_stream_maxlen must be >= 1000"),
+        (
+            1 <= settings.actions_stream_partitions <= MAX_STREAM_PARTITIONS,
+            f"actions_stream_partitions must be 1 to {MAX_STREAM_PARTITIONS}",
+        ),
     )
     for ok, message in checks:
         if not ok:

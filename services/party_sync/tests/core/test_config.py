@@ -115,6 +115,8 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("RATE_LIMIT", "0", "rate limits"),
         ("RATE_BURST", "0.5", "rate limits"),
         ("LOG_FORMAT", "xml", "log_format"),
+        ("ACTIONS_STREAM_PARTITIONS", "0", "actions_stream_partitions"),
+        ("ACTIONS_STREAM_PARTITIONS", "1025", "actions_stream_partitions"),
     ],
 )
 def test_an_out_of_range_environment_value_is_a_config_error(
