@@ -65,6 +65,12 @@ The engine transport's stream (its name is a public contract, so it carries no p
 configurable as ``actions_stream``)::
 
     party_sync:actions                  stream  accepted actions, read by engine workers
+                                                (actions_stream_partitions = 1, the default)
+    party_sync:actions:<i>              stream  partition i of N (actions_stream_partitions =
+                                                N > 1; i = crc32(party_id) mod N:
+                                                party_sync.engine.partitions), each its own slot
+    party_sync:actions:partitions       string  N, as the serving nodes last wrote it (engine
+                                                workers compare theirs with it)
 
 Identifiers are ``[A-Za-z0-9._:-]{1,64}`` (checked in tokens and schemas), so none can contain
 ``{``/``}`` and break a hash tag, nor a space (the lock value's separator).

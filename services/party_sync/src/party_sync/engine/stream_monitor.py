@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
 from party_sync.backends.redis_connect import RedisTarget, make_client
@@ -179,7 +179,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def read_stream(redis: Redis, stream: str, group: str, active_within: float) -> StreamReading:
+async def read_stream(
+    redis: Redis | RedisCluster, stream: str, group: str, active_within: float
+) -> StreamReading:
     """Read the stream and ``group``; Redis errors raise (a missing stream or group does not)."""
     seconds, micros = await redis.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000  # Redis's clock: the one in entry ids

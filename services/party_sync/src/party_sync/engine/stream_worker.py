@@ -61,7 +61,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
 from party_sync import tracing
@@ -142,7 +142,7 @@ class StreamWorker:
         self,
         engine: Engine,
         publisher: LinkHost,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         options: WorkerOptions,
         *,
         epochs: OpenedEpochs | None = None,
@@ -395,7 +395,7 @@ class PartitionedWorker:
         self,
         engine: Engine,
         publisher: LinkHost,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         options: WorkerOptions,
         *,
         partitions: int = 1,
