@@ -94,6 +94,12 @@ class Settings:
     redis_sentinel_password: str | None = _option(
         None, "Password of the sentinels themselves (requirepass in sentinel.conf), if any."
     )
+    redis_cluster: bool = _option(
+        False,
+        "redis_url names any node of a Redis Cluster (7.0 or later): party_sync discovers the "
+        "others, follows slot migrations and failovers, and publishes party events with sharded "
+        "pub/sub (SPUBLISH). Not with redis_sentinels.",
+    )
     engine_transport: str = _option(
         "auto",
         "How actions reach the engine: inprocess, stream (Redis Streams), http, or auto "
@@ -319,12 +325,15 @@ def options() -> list[tuple[str, str, str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
+        # A boolean flag alone means true (``--redis-cluster``); a value still works.
+        alone: dict[str, Any] = {"nargs": "?", "const": True} if f.type in ("bool", bool) else {}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
             type=_parser_for(f),
             help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]",
+            **alone,
         )
 
 
@@ -354,8 +363,23 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
 
 def _sentinel_problem(settings: Settings) -> str | None:
     """What is wrong with the Sentinel settings (docs/redis.md, "Deployment topologies")."""
-    from party_sync.backends.redis_connect import parse_addresses, sentinel_url_problem
+    from party_sync.backends.redis_connect import (
+        cluster_url_problem,
+        parse_addresses,
+        sentinel_url_problem,
+    )
 
+    if settings.redis_cluster and not settings.redis_url:
+        return "redis_cluster needs redis_url (any node of the cluster)"
+    if settings.redis_cluster and settings.redis_sentinels:
+        return (
+            "redis_cluster and redis_sentinels exclude each other: a Redis Cluster fails over "
+            "by itself (no Sentinel)"
+        )
+    if settings.redis_cluster and settings.redis_url:
+        problem = cluster_url_problem(settings.redis_url)
+        if problem is not None:
+            return problem
     if not settings.redis_sentinels:
         if settings.redis_sentinel_master:
             return "redis_sentinel_master needs redis_sentinels (host:port,host:port)"
