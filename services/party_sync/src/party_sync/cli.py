@@ -89,6 +89,12 @@ def _parser() -> argparse.ArgumentParser:
         help="the master's name in the sentinels [env PARTY_SYNC_REDIS_SENTINEL_MASTER]",
     )
     worker.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        default=None,
+        help="--redis-url names any node of a Redis Cluster [env PARTY_SYNC_REDIS_CLUSTER]",
+    )
+    worker.add_argument(
         "--stream",
         default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", ACTIONS_STREAM),
         help="the actions stream [env PARTY_SYNC_ACTIONS_STREAM] (party_sync:actions)",
@@ -308,7 +314,7 @@ def _engine_http(args: argparse.Namespace) -> int:
 def _engine_worker(args: argparse.Namespace) -> int:
     import signal
 
-    from party_sync.backends.redis_connect import RedisTarget, make_client
+    from party_sync.backends.redis_connect import RedisTarget, make_any_client
     from party_sync.engine.loader import load_engine
     from party_sync.engine.stream_worker import (
         OpenedEpochs,
@@ -325,6 +331,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         "PARTY_SYNC_REDIS_URL": args.redis_url,
         "PARTY_SYNC_REDIS_SENTINELS": args.redis_sentinels,
         "PARTY_SYNC_REDIS_SENTINEL_MASTER": args.redis_sentinel_master,
+        "PARTY_SYNC_REDIS_CLUSTER": "true" if args.redis_cluster else None,
         "PARTY_SYNC_ACTIONS_STREAM_PARTITIONS": (
             None if args.actions_stream_partitions is None else str(args.actions_stream_partitions)
         ),
@@ -385,7 +392,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         backend = make_backend(settings)
         await backend.start()
         # A short connect timeout: while Redis is down the worker retries (it never exits).
-        redis = make_client(
+        redis = make_any_client(
             RedisTarget.of(settings),
             socket_timeout=options.block + 5,
             socket_connect_timeout=2.0,

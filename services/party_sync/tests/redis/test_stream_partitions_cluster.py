@@ -1,13 +1,13 @@
 """A partitioned actions stream on a three-master Redis Cluster (the test kit's, no replicas).
 
 Four partitions (``<stream>:0..3`` hash to slots 506, 4571, 8632 and 12697: every master of the
-default slot split holds one or two). Entries are appended as the gateway's link writes them
-(``stream_link.entry`` into the party's partition), through redis-py's asyncio ``RedisCluster``;
-one ``PartitionedWorker`` reads through a ``RedisCluster`` too (each of its commands names one
-stream: no cross-slot command). It answers every action of every partition once; then one master
-is killed (no replica: its partitions are down, the cluster set to serve the rest) and the
-partitions on the other masters go on, while the dead one's loop retries; the master comes back
-empty and its partition is served again (the group re-created).
+default slot split holds one or two). The gateway's ``StreamEngineLink`` appends through a
+cluster client (``redis_cluster``: ``make_any_client``), and one ``PartitionedWorker`` reads
+through one too (each of its commands names one stream: no cross-slot command). It answers every
+action of every partition once; then one master is killed (no replica: its partition is down,
+the cluster set to serve the rest) and the partitions on the other masters go on, while the dead
+one's loop retries; the master comes back empty and its partition is served again (the group
+re-created).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from party_sync.engine.partitions import count_key, partition_of, stream_names, stream_of
-from party_sync.engine.stream_link import entry
+from party_sync.backends.redis_connect import RedisTarget, make_any_client
+from party_sync.engine.partitions import count_key, partition_of, stream_names
+from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
@@ -51,27 +52,40 @@ async def client(cluster: RedisCluster) -> AsyncIterator[AsyncRedisCluster]:
         await redis.aclose()
 
 
-async def append(client: AsyncRedisCluster, action_id: str, party_id: str) -> None:
-    """What the gateway's link does for an accepted action, on a cluster."""
-    action = make_action(action_id, party_id=party_id)
-    fields: Any = entry("action", party_id, action.campaign_run_id, dict(action.envelope))
-    await client.xadd(stream_of(STREAM, N, party_id), fields, maxlen=1000, approximate=True)
+@pytest.fixture
+async def link(cluster: RedisCluster) -> AsyncIterator[StreamEngineLink]:
+    target = RedisTarget(cluster.url, cluster=True)
+    running = StreamEngineLink(target, STREAM, 1000, partitions=N)
+    await running.start(RecordingHost())
+    try:
+        yield running
+    finally:
+        await running.close()
 
 
 async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dead_shard(
-    cluster: RedisCluster, client: AsyncRedisCluster
+    cluster: RedisCluster, client: AsyncRedisCluster, link: StreamEngineLink
 ) -> None:
     owners = {name: cluster.slot_owner(cluster.keyslot(name)) for name in STREAMS}
     assert {node.port for node in owners.values()} == {m.port for m in cluster.masters()}
-    await client.set(count_key(STREAM), str(N))
+    assert await client.get(count_key(STREAM)) == b"4"  # the link said N
+
+    async def append(action_id: str, party_id: str) -> None:
+        await link.submit(make_action(action_id, party_id=party_id))
+
     parties = [f"party-{n}" for n in range(40)]
     for party in parties:
-        await append(client, f"a-{party}", party)
+        await append(f"a-{party}", party)
+    for name in STREAMS:
+        assert await client.xlen(name) > 0
     host, engine = RecordingHost(), ScriptedEngine()
+    reader = make_any_client(
+        RedisTarget(cluster.url, cluster=True), socket_timeout=3.0, socket_connect_timeout=0.5
+    )
     worker = PartitionedWorker(
         engine,
         host,
-        client,
+        reader,
         WorkerOptions(stream=STREAM, consumer="w1", block=0.1, retry_max=0.2),
         partitions=N,
     )
@@ -93,7 +107,7 @@ async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dea
         cluster.stop_node(dead)
         alive = [p for p in parties if partition_of(p, N) not in down]
         for party in alive:
-            await append(client, f"b-{party}", party)
+            await append(f"b-{party}", party)
         await wait_until(lambda: len(host.results()) == len(parties) + len(alive), timeout=20)
         await wait_until(lambda: worker.loops[3].errors >= 1, timeout=20)  # it retries
         assert not task.done()
@@ -102,9 +116,10 @@ async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dea
         await asyncio.to_thread(cluster.restart, dead)
         late = next(p for p in parties if partition_of(p, N) == 3)
         await wait_until(lambda: worker.loops[3].errors > 0 and not worker.loops[3].degraded, 20)
-        await append(client, f"c-{late}", late)
+        await append(f"c-{late}", late)
         await wait_until(lambda: f"c-{late}" in host.results(), timeout=20)
         assert Counter(host.results())[f"c-{late}"] == 1
     finally:
         worker.stop()
         await asyncio.wait_for(task, 10)
+        await reader.aclose()

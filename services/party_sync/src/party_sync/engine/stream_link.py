@@ -40,7 +40,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 
 from party_sync import tracing
-from party_sync.backends.redis_connect import RedisTarget, make_client
+from party_sync.backends.redis_connect import RedisTarget, make_any_client
 from party_sync.engine import partitions as layout
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
@@ -81,7 +81,7 @@ class StreamEngineLink:
         self.streams = layout.stream_names(stream, partitions)
         # One retry on a fresh connection: after a Redis restart the pooled socket is dead. A
         # retried XADD may append the entry twice: harmless, delivery is at least once anyway.
-        self._redis = make_client(
+        self._redis = make_any_client(
             redis_url,
             socket_timeout=5.0,
             socket_connect_timeout=2.0,

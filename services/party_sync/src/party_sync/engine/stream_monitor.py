@@ -41,7 +41,7 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
-from party_sync.backends.redis_connect import RedisTarget, make_client
+from party_sync.backends.redis_connect import RedisTarget, make_any_client
 from party_sync.engine import partitions as layout
 from party_sync.engine.health import EngineHealth, Episode, Periodic
 from party_sync.metrics import Metrics
@@ -288,7 +288,7 @@ class StreamMonitor:
         metrics: Metrics | None = None,
         partitions: int = 1,
     ) -> StreamMonitor:
-        redis = make_client(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        redis = make_any_client(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         bounds = bounds or Bounds()
         streams = layout.stream_names(stream, partitions)
 
