@@ -21,6 +21,7 @@ import pytest
 from party_sync.backends.redis_connect import RedisTarget, make_any_client
 from party_sync.engine.partitions import count_key, partition_of, stream_names
 from party_sync.engine.stream_link import StreamEngineLink
+from party_sync.engine.stream_monitor import Condition, StreamMonitor
 from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
@@ -90,6 +91,7 @@ async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dea
         partitions=N,
     )
     task = asyncio.get_running_loop().create_task(worker.run())
+    monitor = StreamMonitor.for_redis(RedisTarget(cluster.url, cluster=True), STREAM, partitions=N)
     try:
         await wait_until(lambda: len(host.results()) == len(parties), timeout=15)
         assert Counter(host.results()) == Counter(f"a-{party}" for party in parties)
@@ -97,6 +99,11 @@ async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dea
             groups: Any = await client.xinfo_groups(name)
             assert [g["name"] for g in groups] == [b"campaign-engine"]
             assert int(groups[0]["pending"]) == 0
+        # The nodes' monitor reads every partition through its own cluster client.
+        assert await monitor.check_once() is Condition.OK
+        assert len(monitor.readings) == N
+        assert all(r.group_exists and r.active_consumers == 1 for r in monitor.readings)
+        assert monitor.reading is not None and monitor.reading.length == len(parties)
 
         # One shard down: the partitions of the two other masters are still served.
         for node in cluster.live():
@@ -111,6 +118,8 @@ async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dea
         await wait_until(lambda: len(host.results()) == len(parties) + len(alive), timeout=20)
         await wait_until(lambda: worker.loops[3].errors >= 1, timeout=20)  # it retries
         assert not task.done()
+        assert await monitor.check_once() is None  # a partition it cannot read: not ready
+        assert not monitor.health().ok and monitor.errors >= 1
 
         # The master comes back (empty: no persistence); its partition is served again.
         await asyncio.to_thread(cluster.restart, dead)
@@ -119,7 +128,9 @@ async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dea
         await append(f"c-{late}", late)
         await wait_until(lambda: f"c-{late}" in host.results(), timeout=20)
         assert Counter(host.results())[f"c-{late}"] == 1
+        assert await monitor.check_once() is Condition.OK
     finally:
         worker.stop()
         await asyncio.wait_for(task, 10)
         await reader.aclose()
+        await monitor.stop()
