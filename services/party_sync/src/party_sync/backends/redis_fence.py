@@ -132,16 +132,37 @@ def first_slot(cluster_nodes: str) -> int | None:
     return None
 
 
+def _is_replica(cluster_nodes: str) -> bool:
+    for line in cluster_nodes.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and "myself" in fields[2].split(","):
+            return "slave" in fields[2].split(",")
+    return False
+
+
 async def fence_cluster_on_connect(conn: AbstractConnection, *, prefix: str) -> None:
     """``fence_on_connect`` on a Redis Cluster node: each shard is fenced on its own (module doc,
     docs/redis.md "Redis Cluster"). Its identity is checked against the mark kept in the shard's
-    first slot; when it changed, the ``meta`` keys of that shard only are deleted. A replica, or
-    a master without slots, is let through untouched: redis-py reads the topology from any node,
-    and party_sync sends nothing else to a replica (a key command there is answered ``MOVED``)."""
-    await conn.on_connect()
+    first slot; when it changed, the ``meta`` keys of that shard only are deleted. A master
+    without slots is let through (it holds no party data). A connection to a replica is refused
+    (``ConnectionError``): redis-py would keep it in the node's pool and use it once the replica
+    is promoted, before any fence; redis-py reads the slot map from another node instead."""
+    try:
+        await conn.on_connect()
+    except RuntimeError as exc:  # uvloop: the peer closed the socket mid-handshake (a dead node)
+        raise RedisConnectionError(f"connection closed during the handshake: {exc}") from exc
     await conn.send_command("CLUSTER", "NODES")
-    slot = first_slot(_text(await conn.read_response()))
+    nodes = _text(await conn.read_response())
+    slot = first_slot(nodes)
     if slot is None:
+        if _is_replica(nodes):
+            # Refused, as on one Redis: redis-py keeps a connection it opened to a replica (to
+            # read the slot map) and would send it commands once that replica is promoted,
+            # before any fence ran on the new master. The slot map is read from another node.
+            raise RedisConnectionError(
+                f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')} is a replica "
+                "(party_sync talks to the masters only)"
+            )
         return
     mark = KeySpace(prefix).shard_fence(slot)
     await conn.send_command("EVAL", FENCE_CLUSTER_LUA, 1, mark, meta_pattern(prefix))

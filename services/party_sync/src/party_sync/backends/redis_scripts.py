@@ -31,7 +31,14 @@ import orjson
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterPipeline
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from party_sync.backends.keys import KeySpace, PartyKeys, party_channel
 from party_sync.backends.redis_batch import ScriptBatcher, ShardedBatcher
@@ -125,10 +132,13 @@ async def unavailable(what: str) -> AsyncIterator[None]:
     """Run Redis calls; any failure is ``BackendUnavailable`` (retryable for the client)."""
     try:
         yield
+    except (ClusterDownError, TryAgainError, AskError) as exc:  # a Cluster failing over or
+        # resharding (MOVED is an AskError): an outage of that shard, not a bug
+        raise BackendUnavailable(f"redis cluster unavailable during {what}: {exc}") from exc
     except ResponseError as exc:  # a script or command refused: a bug, not an outage; say so
         log.error("redis refused %s: %s", what, exc)
         raise BackendUnavailable(f"redis refused {what}") from exc
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         raise BackendUnavailable(f"redis unavailable during {what}") from exc
 
 

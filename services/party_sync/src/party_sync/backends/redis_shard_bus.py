@@ -33,7 +33,7 @@ from collections.abc import Callable
 from redis.asyncio import RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_bus import Bus, Handler
@@ -88,7 +88,7 @@ class ShardedBus:
     async def start(self, wait: float) -> None:
         """Connect to every master in the background; wait up to ``wait`` s for them."""
         loop = asyncio.get_running_loop()
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
+        with contextlib.suppress(RedisError, RedisClusterException, OSError, TimeoutError):
             async with asyncio.timeout(wait):
                 await self._client.initialize()
                 await self._reconcile(wait)
@@ -191,7 +191,7 @@ class ShardedBus:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._client.nodes_manager.initialize()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except Exception as exc:  # RedisClusterException is no RedisError: any, and later again
             log.warning("redis cluster: the slot map could not be read: %r", exc)
             return False
         return True
