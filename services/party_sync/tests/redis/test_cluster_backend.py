@@ -146,6 +146,7 @@ class Player:
         self.backend, self.party_id = backend, party_id
         self.published: list[Event] = []
         self.failures = 0
+        self.slowest = 0.0  # seconds, the longest publish call (a migration makes it wait)
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -161,12 +162,14 @@ class Player:
         n = 0
         while not self._stop.is_set():
             n += 1
+            began = time.monotonic()
             try:
                 event = await self.backend.publish(self.party_id, scene(n), time.time())
             except BackendUnavailable:
                 self.failures += 1
                 await asyncio.sleep(0.02)  # Redis is away: pace the retries, not a sync
                 continue
+            self.slowest = max(self.slowest, time.monotonic() - began)
             self.published.append(event)
             await asyncio.sleep(0)  # let the subscriber's reader run between two events
 
@@ -278,16 +281,19 @@ async def test_a_live_partys_slot_migrates_while_it_plays(on_cluster: RedisClust
         player = Player(n1, party)
         player.start()
         await wait_until(lambda: len(rec.events) >= 20)
+        began = time.monotonic()
         migration = await asyncio.to_thread(on_cluster.begin_migration, slot, target)
         moving = await asyncio.to_thread(migration.keys)
         assert len(moving) >= 2  # meta, history, state...: scripts get ASK / TRYAGAIN
         await asyncio.to_thread(migration.move, keys=moving[:1])
         await asyncio.to_thread(migration.move)
         await asyncio.to_thread(migration.finish)
+        window = time.monotonic() - began
         moved_at = len(player.published)
         await wait_until(lambda: len(rec.events) >= moved_at + 20, timeout=15)
         await player.stop()
         await wait_until(lambda: rec.seqs == [e.seq for e in player.published], timeout=10)
+    print(f"slot migration: {window:.3f}s, slowest publish {player.slowest:.3f}s")
     assert on_cluster.slot_owner(slot).port == target.port
     assert rec.resyncs == 0
     assert rec.seqs == list(range(1, len(rec.seqs) + 1))  # all, once, in order
