@@ -149,8 +149,11 @@ async def fence_cluster_on_connect(conn: AbstractConnection, *, prefix: str) -> 
     is promoted, before any fence; redis-py reads the slot map from another node instead."""
     try:
         await conn.on_connect()
-    except RuntimeError as exc:  # uvloop: the peer closed the socket mid-handshake (a dead node)
-        raise RedisConnectionError(f"connection closed during the handshake: {exc}") from exc
+    except (RuntimeError, AttributeError) as exc:
+        # A node dying or restarting under a handshake: uvloop's "handler is closed", or
+        # redis-py's writer already dropped (None) by a concurrent disconnect. Both are a lost
+        # connection, for the caller's retry, not a bug.
+        raise RedisConnectionError(f"connection lost during the handshake: {exc!r}") from exc
     await conn.send_command("CLUSTER", "NODES")
     nodes = _text(await conn.read_response())
     slot = first_slot(nodes)
