@@ -27,6 +27,7 @@ from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
+from redis.exceptions import SlotNotCoveredError
 
 pytestmark = pytest.mark.redis
 
@@ -303,3 +304,33 @@ async def test_one_partition_is_the_one_public_stream(redis: RedisServer) -> Non
     async with running(redis, host, engine, partitions=1) as worker:
         assert worker.streams == (STREAM,)
         await wait_until(lambda: len(host.results()) == 5, timeout=10)
+
+
+async def test_a_cluster_clients_own_errors_are_survived_like_redis_errors(
+    redis: RedisServer,
+) -> None:
+    """redis-py's cluster client raises ``SlotNotCoveredError`` (not a ``RedisError``) while a
+    shard is down: the round fails and is retried, the worker does not end."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    worker, client = worker_for(redis, host, engine, "w1")
+    real = client.xautoclaim
+    failures = [3]
+
+    async def xautoclaim(*args: Any, **kwargs: Any) -> Any:
+        if failures[0] > 0:
+            failures[0] -= 1
+            raise SlotNotCoveredError("slot not covered (a shard is down)")
+        return await real(*args, **kwargs)
+
+    client.xautoclaim = xautoclaim  # type: ignore[method-assign]
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        async with partitioned_link(redis) as link:
+            await link.submit(make_action("after-slot-error", party_id="party-1"))
+            await wait_until(lambda: host.results() == ["after-slot-error"], timeout=10)
+        assert worker.errors == 3
+        assert not task.done()
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()

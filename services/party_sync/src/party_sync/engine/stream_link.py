@@ -37,7 +37,7 @@ from typing import Any
 import orjson
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from party_sync import tracing
 from party_sync.backends.redis_connect import RedisTarget, make_any_client
@@ -99,7 +99,7 @@ class StreamEngineLink:
         key = layout.count_key(self.stream)
         try:
             before: Any = await self._redis.set(key, str(self.partitions), get=True)
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             log.debug("cannot write %s yet: %s", key, exc)
             return
         self._count_written = True
@@ -132,7 +132,7 @@ class StreamEngineLink:
                 maxlen=self.maxlen,
                 approximate=True,
             )
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             self.failures += 1
             self._count_written = False  # Redis may come back empty: say N again
             raise BackendUnavailable(f"cannot append to {stream}: {exc}") from None

@@ -62,7 +62,7 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from party_sync import tracing
 from party_sync.backends.keys import ACTIONS_STREAM
@@ -83,7 +83,9 @@ from party_sync.protocol.errors import BackendUnavailable, ConfigError, ErrorCod
 log = logging.getLogger(__name__)
 
 #: Errors of Redis or of party_sync's backend: the round is retried, the worker never stops.
-INFRA_ERRORS = (RedisError, BackendUnavailable, OSError, TimeoutError)
+#: (redis-py's cluster client raises ``RedisClusterException``, e.g. ``SlotNotCoveredError`` while
+#: a shard is down, which is not a ``RedisError``.)
+INFRA_ERRORS = (RedisError, RedisClusterException, BackendUnavailable, OSError, TimeoutError)
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
 
