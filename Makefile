@@ -10,7 +10,7 @@ JS_DEPS  := $(JS)/node_modules/.installed
 JS_BUILD := $(JS)/dist/.built
 JS_SOURCES := $(wildcard $(JS)/src/*.ts $(JS)/demo/* $(JS)/admin/* $(JS)/tsconfig*.json $(JS)/package.json)
 
-.PHONY: setup run test test-core test-security-long lint lock bench soak clean docs dist
+.PHONY: setup run test test-core test-cluster test-security-long lint lock bench soak clean docs dist
 
 ## setup: create .venv at the repository root with the locked dependencies and both packages (editable),
 ## and build the browser client and the demo page in clients/js (needs node and npm)
@@ -51,6 +51,12 @@ test: setup
 
 test-core: setup
 	$(BIN)/python -m pytest services/party_sync/tests/core
+
+## test-cluster: every test that runs on both backends (backend_kind) once more on a private Redis
+## Cluster (three masters), plus the cluster tier; `make test` runs the cluster tier only
+## (tests/redis/test_cluster_backend.py)
+test-cluster: setup
+	PS_TEST_REDIS_CLUSTER=1 $(BIN)/python -m pytest services/party_sync/tests -k "cluster"
 
 ## test-security-long: the security tier with many more generated cases (PS_SECURITY_EXAMPLES per
 ## fuzzer, default 1000) and the tests marked security_long; `make test` runs it with a CI budget

@@ -88,9 +88,24 @@ def _parser() -> argparse.ArgumentParser:
         help="the master's name in the sentinels [env PARTY_SYNC_REDIS_SENTINEL_MASTER]",
     )
     worker.add_argument(
+        "--redis-cluster",
+        action="store_true",
+        default=None,
+        help="--redis-url names any node of a Redis Cluster [env PARTY_SYNC_REDIS_CLUSTER]",
+    )
+    worker.add_argument(
         "--stream",
         default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", ACTIONS_STREAM),
         help="the actions stream [env PARTY_SYNC_ACTIONS_STREAM] (party_sync:actions)",
+    )
+    worker.add_argument(
+        "--actions-stream-partitions",
+        type=int,
+        default=None,
+        help="read this many partitions of the stream, <stream>:0 ... <stream>:N-1 (1: the one "
+        "stream); must be the serving nodes' count, else the worker refuses to start (not "
+        "with --burst, which drains the streams of an old count) "
+        "[env PARTY_SYNC_ACTIONS_STREAM_PARTITIONS] (1)",
     )
     worker.add_argument("--group", default="campaign-engine", help="consumer group")
     worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
@@ -298,11 +313,11 @@ def _engine_http(args: argparse.Namespace) -> int:
 def _engine_worker(args: argparse.Namespace) -> int:
     import signal
 
-    from party_sync.backends.redis_connect import RedisTarget, make_client
+    from party_sync.backends.redis_connect import RedisTarget, make_any_client
     from party_sync.engine.interface import RestateNotice, restate_engine
     from party_sync.engine.loader import load_engine
     from party_sync.engine.restating import EpochWatch
-    from party_sync.engine.stream_worker import StreamWorker, WorkerOptions, default_consumer
+    from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions, default_consumer
     from party_sync.protocol.schemas import Contracts
     from party_sync.publishing import BackendPublisher
     from party_sync.server import make_backend
@@ -312,6 +327,10 @@ def _engine_worker(args: argparse.Namespace) -> int:
         "PARTY_SYNC_REDIS_URL": args.redis_url,
         "PARTY_SYNC_REDIS_SENTINELS": args.redis_sentinels,
         "PARTY_SYNC_REDIS_SENTINEL_MASTER": args.redis_sentinel_master,
+        "PARTY_SYNC_REDIS_CLUSTER": "true" if args.redis_cluster else None,
+        "PARTY_SYNC_ACTIONS_STREAM_PARTITIONS": (
+            None if args.actions_stream_partitions is None else str(args.actions_stream_partitions)
+        ),
     }
     env = {**os.environ, **{name: value for name, value in given.items() if value}}
     settings = config.load(None, env=env)
@@ -338,7 +357,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         backend = make_backend(settings)
         await backend.start()
         # A short connect timeout: while Redis is down the worker retries (it never exits).
-        redis = make_client(
+        redis = make_any_client(
             RedisTarget.of(settings),
             socket_timeout=options.block + 5,
             socket_connect_timeout=2.0,
@@ -351,11 +370,18 @@ def _engine_worker(args: argparse.Namespace) -> int:
 
         watch = EpochWatch(backend, restate, time.time)
         publisher = BackendPublisher(backend, Contracts(), time.time, watch)
-        worker = StreamWorker(engine, publisher, redis, options, watch=watch)
+        worker = PartitionedWorker(
+            engine,
+            publisher,
+            redis,
+            options,
+            partitions=settings.actions_stream_partitions,
+            watch=watch,
+        )
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        print(f"engine worker {options.consumer} on {options.stream}", flush=True)
+        print(f"engine worker {options.consumer} on {', '.join(worker.streams)}", flush=True)
         try:
             await worker.run()
         finally:

@@ -19,6 +19,8 @@ from party_sync.protocol.errors import ConfigError
 ENV_PREFIX = "PARTY_SYNC_"
 #: The most serving processes ``--workers`` may ask for.
 MAX_WORKERS = 256
+#: The most streams ``actions_stream_partitions`` may split the actions stream into.
+MAX_STREAM_PARTITIONS = 1024
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -92,6 +94,12 @@ class Settings:
     redis_sentinel_password: str | None = _option(
         None, "Password of the sentinels themselves (requirepass in sentinel.conf), if any."
     )
+    redis_cluster: bool = _option(
+        False,
+        "redis_url names any node of a Redis Cluster (7.0 or later): party_sync discovers the "
+        "others, follows slot migrations and failovers, and publishes party events with sharded "
+        "pub/sub (SPUBLISH). Not with redis_sentinels.",
+    )
     engine_transport: str = _option(
         "auto",
         "How actions reach the engine: inprocess, stream (Redis Streams), http, or auto "
@@ -105,6 +113,13 @@ class Settings:
         "Approximate cap of the actions stream (XADD MAXLEN ~): the oldest entries are trimmed, "
         "handled or not (an action trimmed before any worker started it is answered "
         "action_timeout at its deadline).",
+    )
+    actions_stream_partitions: int = _option(
+        1,
+        "Stream mode: split the actions stream into this many streams, <actions_stream>:0 ... "
+        "<actions_stream>:N-1, each party's entries in partition crc32(party_id) mod N (on a "
+        "Redis Cluster each partition is its own slot); 1 = the one stream <actions_stream>. "
+        "engine-worker must be given the same number (docs/engines.md).",
     )
     engine_url: str | None = _option(
         None,
@@ -310,12 +325,15 @@ def options() -> list[tuple[str, str, str, Any]]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
+        # A boolean flag alone means true (``--redis-cluster``); a value still works.
+        alone: dict[str, Any] = {"nargs": "?", "const": True} if f.type in ("bool", bool) else {}
         parser.add_argument(
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
             type=_parser_for(f),
             help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]",
+            **alone,
         )
 
 
@@ -345,8 +363,23 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
 
 def _sentinel_problem(settings: Settings) -> str | None:
     """What is wrong with the Sentinel settings (docs/redis.md, "Deployment topologies")."""
-    from party_sync.backends.redis_connect import parse_addresses, sentinel_url_problem
+    from party_sync.backends.redis_connect import (
+        cluster_url_problem,
+        parse_addresses,
+        sentinel_url_problem,
+    )
 
+    if settings.redis_cluster and not settings.redis_url:
+        return "redis_cluster needs redis_url (any node of the cluster)"
+    if settings.redis_cluster and settings.redis_sentinels:
+        return (
+            "redis_cluster and redis_sentinels exclude each other: a Redis Cluster fails over "
+            "by itself (no Sentinel)"
+        )
+    if settings.redis_cluster and settings.redis_url:
+        problem = cluster_url_problem(settings.redis_url)
+        if problem is not None:
+            return problem
     if not settings.redis_sentinels:
         if settings.redis_sentinel_master:
             return "redis_sentinel_master needs redis_sentinels (host:port,host:port)"
@@ -459,6 +492,10 @@ def validate(settings: Settings) -> None:
             "engine_transport http needs engine_url",
         ),
         (settings.actions_stream_maxlen >= 1000, "actions_stream_maxlen must be >= 1000"),
+        (
+            1 <= settings.actions_stream_partitions <= MAX_STREAM_PARTITIONS,
+            f"actions_stream_partitions must be 1 to {MAX_STREAM_PARTITIONS}",
+        ),
     )
     for ok, message in checks:
         if not ok:

@@ -309,6 +309,44 @@ class Metrics:
             registry=self.registry,
         )
 
+    # Each partition of a partitioned actions stream (actions_stream_partitions > 1).
+    @cached_property
+    def stream_partition_length(self) -> Gauge:
+        return Gauge(
+            "party_sync_actions_stream_partition_length",
+            "Stream mode, partitioned: entries in one partition stream (<actions_stream>:<i>)",
+            ["partition"],
+            registry=self.registry,
+        )
+
+    @cached_property
+    def stream_partition_pending(self) -> Gauge:
+        return Gauge(
+            "party_sync_actions_stream_partition_pending",
+            "Stream mode, partitioned: entries of one partition delivered and not yet acknowledged",
+            ["partition"],
+            registry=self.registry,
+        )
+
+    @cached_property
+    def stream_partition_lag(self) -> Gauge:
+        return Gauge(
+            "party_sync_actions_stream_partition_lag",
+            "Stream mode, partitioned: entries of one partition not yet delivered to any worker",
+            ["partition"],
+            registry=self.registry,
+        )
+
+    @cached_property
+    def stream_partition_consumers_active(self) -> Gauge:
+        return Gauge(
+            "party_sync_actions_stream_partition_consumers_active",
+            "Stream mode, partitioned: consumers of the engine's group on one partition seen "
+            "reading recently (0 while actions wait there: no worker reads that partition)",
+            ["partition"],
+            registry=self.registry,
+        )
+
     # -- the engine link and the HTTP API --------------------------------------------------------
     def watch_link(self, transport: str, link: object) -> None:
         """Export ``link.failures`` as ``party_sync_engine_link_failures_total{transport}``."""

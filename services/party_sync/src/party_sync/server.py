@@ -76,6 +76,7 @@ def make_backend(
         options = RedisOptions(
             url=settings.redis_url,
             sentinels=RedisTarget.of(settings).sentinels,
+            cluster=settings.redis_cluster,
             prefix=settings.redis_prefix,
             probe_interval=settings.redis_probe_interval,
             command_timeout=settings.redis_command_timeout,

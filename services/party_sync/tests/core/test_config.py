@@ -115,6 +115,8 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("RATE_LIMIT", "0", "rate limits"),
         ("RATE_BURST", "0.5", "rate limits"),
         ("LOG_FORMAT", "xml", "log_format"),
+        ("ACTIONS_STREAM_PARTITIONS", "0", "actions_stream_partitions"),
+        ("ACTIONS_STREAM_PARTITIONS", "1025", "actions_stream_partitions"),
     ],
 )
 def test_an_out_of_range_environment_value_is_a_config_error(
@@ -198,3 +200,31 @@ def test_history_bounds_come_from_flags_and_environment_and_reach_the_backend() 
     assert (limits.history_size, limits.history_max_bytes, limits.history_max_age) == (50, 0, 0.0)
     given = load(parse_flags("--history-max-bytes", "4096", "--history-max-age", "90"), env=env)
     assert (given.history_max_bytes, given.history_max_age) == (4096, 90.0)
+
+
+def test_redis_cluster_is_a_flag_alone_or_with_a_value_or_the_environment() -> None:
+    url = ("--redis-url", "redis://127.0.0.1:7000")
+    assert load(parse_flags(*url, "--redis-cluster"), env={}).redis_cluster is True
+    assert load(parse_flags(*url, "--redis-cluster", "false"), env={}).redis_cluster is False
+    env = {"PARTY_SYNC_REDIS_URL": "redis://h:7000", "PARTY_SYNC_REDIS_CLUSTER": "true"}
+    assert load(parse_flags(), env=env).redis_cluster is True
+    assert load(parse_flags(), env={}).redis_cluster is False  # the default
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"PARTY_SYNC_REDIS_SENTINELS": "h:26379", "PARTY_SYNC_REDIS_SENTINEL_MASTER": "m"},
+            "exclude each other",
+        ),
+        ({}, "redis_cluster needs redis_url"),
+        ({"PARTY_SYNC_REDIS_URL": "redis://h:7000/2"}, "only database 0"),
+        ({"PARTY_SYNC_REDIS_URL": "unix:///tmp/redis.sock"}, "not unix://"),
+    ],
+)
+def test_redis_cluster_refuses_sentinel_no_url_another_db_and_unix_sockets(
+    env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(parse_flags(), env={"PARTY_SYNC_REDIS_CLUSTER": "true", **env})

@@ -10,7 +10,10 @@ from __future__ import annotations
 import re
 from importlib import resources
 
-from party_sync.backends.keys import PARTY_KEYS, KeySpace, PartyKeys
+import pytest
+from party_sync.backends.keys import PARTY_KEYS, KeySpace, PartyKeys, party_channel, slot_tag
+from party_sync.backends.redis_fence import first_slot
+from redis.crc import key_slot
 
 
 def test_the_party_keys_keep_their_names() -> None:
@@ -42,3 +45,29 @@ def test_the_keys_outside_the_scripts_keep_their_names() -> None:
     assert keys.unapplied("p1").startswith(keys.tag("p1") + ":")
     assert keys.vote_index() == "ps:vote-index"
     assert keys.directory("p1") == "ps:{party:p1}:directory"
+
+
+@pytest.mark.parametrize("slot", [0, 1, 5460, 5461, 10922, 10923, 16383])
+def test_a_slot_tag_puts_a_key_and_a_channel_in_that_slot(slot: int) -> None:
+    keys = KeySpace("ps")
+    assert key_slot(keys.shard_fence(slot).encode()) == slot
+    assert key_slot(keys.shard_probe_channel("n1", slot).encode()) == slot
+    assert keys.shard_fence(slot) == f"ps:fence:{{{slot_tag(slot)}}}"
+
+
+def test_the_party_channel_is_in_the_slot_of_the_partys_keys() -> None:
+    for party_id in ("p1", "mig", "a.b-c:d"):
+        slot = key_slot(party_channel(party_id).encode())
+        assert all(key_slot(k.encode()) == slot for k in KeySpace().party_keys(party_id))
+
+
+def test_the_fence_finds_the_first_slot_a_master_serves() -> None:
+    master = "id1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 5461-10922 0-3"
+    migrating = "id1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected [5->-id2] 7-9"
+    other = "id2 127.0.0.1:7001@17001 master - 0 0 2 connected 10923-16383"
+    replica = "id3 127.0.0.1:7002@17002 myself,slave id1 0 0 1 connected"
+    empty = "id4 127.0.0.1:7003@17003 myself,master - 0 0 4 connected"
+    assert first_slot(f"{other}\n{master}\n") == 5461
+    assert first_slot(migrating) == 7
+    assert first_slot(f"{master.replace('myself,', '')}\n{replica}") is None
+    assert first_slot(empty) is None

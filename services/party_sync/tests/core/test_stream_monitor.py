@@ -15,6 +15,8 @@ from party_sync.engine.stream_monitor import (
     StreamMonitor,
     StreamReading,
     assess,
+    assess_all,
+    combine,
     entry_age,
 )
 from party_sync.engine.stream_worker import WorkerOptions
@@ -239,3 +241,85 @@ async def test_stop_ends_a_periodic_task_whose_tick_swallowed_the_cancellation()
     await started.wait()
     async with asyncio.timeout(5):
         await periodic.stop()
+
+
+PARTS = ("party_sync:actions:0", "party_sync:actions:1", "party_sync:actions:2")
+
+
+def test_the_worst_partition_is_the_links_condition_with_its_own_detail() -> None:
+    assert assess_all((HEALTHY, HEALTHY, HEALTHY), PARTS, ENGINE_GROUP, BOUNDS)[0] is Condition.OK
+    # One partition nobody reads while actions wait there: the others being served hides nothing.
+    condition, detail = assess_all((HEALTHY, NO_GROUP_BACKLOG, STUCK), PARTS, ENGINE_GROUP, BOUNDS)
+    assert condition is Condition.WAITING
+    assert "party_sync:actions:1" in detail and "3 action(s) wait" in detail
+    condition, detail = assess_all((STUCK, HEALTHY, STUCK), PARTS, ENGINE_GROUP, BOUNDS)
+    assert condition is Condition.STUCK
+    assert "party_sync:actions:0" in detail and "1 more of the 3 partitions" in detail
+    # A partition without a worker is not OK even with nothing waiting yet.
+    condition, _ = assess_all((HEALTHY, NO_STREAM, HEALTHY), PARTS, ENGINE_GROUP, BOUNDS)
+    assert condition is Condition.NO_WORKER
+    with pytest.raises(ValueError, match="one reading per stream"):
+        assess_all((HEALTHY,), PARTS, ENGINE_GROUP, BOUNDS)
+
+
+def test_one_partition_is_assessed_exactly_as_before() -> None:
+    for reading in (NO_STREAM, NO_GROUP_BACKLOG, DEAD_WORKER, HEALTHY, STUCK):
+        assert assess_all((reading,), (STREAM,), ENGINE_GROUP, BOUNDS) == assess(
+            reading, STREAM, ENGINE_GROUP, BOUNDS
+        )
+        assert combine((reading,)) == reading
+
+
+def test_partitions_combine_into_sums_oldest_ages_and_the_fewest_active_consumers() -> None:
+    combined = combine((HEALTHY, DEAD_WORKER, NO_GROUP_BACKLOG))
+    assert combined.length == 5 + 5 + 3
+    assert combined.pending == 1
+    assert combined.undelivered == 2 + 3
+    assert combined.consumers == 2  # the most of any partition (each worker is in every group)
+    assert combined.active_consumers == 0  # some partition has none
+    assert combined.oldest_pending_age == 40.0
+    assert combined.oldest_undelivered_age == 12.0
+    assert combined.stream_exists and not combined.group_exists
+
+
+async def test_a_partitioned_monitor_exports_the_sums_and_each_partition() -> None:
+    metrics = Metrics("n1")
+
+    async def read() -> tuple[StreamReading, ...]:
+        return (HEALTHY, DEAD_WORKER, NO_GROUP_BACKLOG)
+
+    monitor = StreamMonitor(read, STREAM, metrics=metrics, bounds=BOUNDS, partitions=3)
+    assert monitor.streams == PARTS
+    assert await monitor.check_once() is Condition.WAITING
+    assert "party_sync:actions:1" in monitor.health().detail  # the first of the two waiting
+    assert sample(metrics, "party_sync_actions_stream_length") == 13
+    assert sample(metrics, "party_sync_actions_stream_lag") == 5
+    assert sample(metrics, "party_sync_actions_stream_consumers_active") == 0
+
+    def part(name: str, index: int) -> float | None:
+        return metrics.registry.get_sample_value(
+            f"party_sync_actions_stream_partition_{name}", {"partition": str(index)}
+        )
+
+    assert [part("length", i) for i in range(3)] == [5, 5, 3]
+    assert [part("lag", i) for i in range(3)] == [0, 2, 3]
+    assert [part("pending", i) for i in range(3)] == [0, 1, 0]
+    assert [part("consumers_active", i) for i in range(3)] == [1, 0, 0]
+
+
+async def test_one_partition_exports_no_partition_gauges() -> None:
+    metrics = Metrics("n1")
+    monitor = StreamMonitor(Readings(HEALTHY), STREAM, metrics=metrics, bounds=BOUNDS)
+    assert await monitor.check_once() is Condition.OK
+    names = {family.name for family in metrics.registry.collect()}
+    assert not any("partition" in name for name in names), names
+
+
+async def test_a_read_with_the_wrong_number_of_partitions_is_a_failed_check() -> None:
+    async def read() -> tuple[StreamReading, ...]:
+        return (HEALTHY, HEALTHY)
+
+    monitor = StreamMonitor(read, STREAM, bounds=BOUNDS, partitions=3)
+    assert await monitor.check_once() is None
+    assert monitor.errors == 1
+    assert not monitor.health().ok

@@ -125,6 +125,8 @@ class Running:
 #: Set by the ``backend_kind`` fixture: in-process servers given no ``redis_url`` (and no backend)
 #: run on this Redis instead of the embedded backend.
 redis_url_for_tests: str | None = None
+#: Set with it by ``backend_kind`` ``cluster``: ``redis_url_for_tests`` names a Redis Cluster node.
+redis_cluster_for_tests = False
 
 
 def make_settings(**overrides: Any) -> Settings:
@@ -147,7 +149,12 @@ async def serve_in_process(
         # The same behaviour suite on Redis; the engine stays in-process (not the stream default).
         auto = settings.engine_transport == "auto" and not settings.engine_url
         transport = "inprocess" if auto else settings.engine_transport
-        settings = replace(settings, redis_url=redis_url_for_tests, engine_transport=transport)
+        settings = replace(
+            settings,
+            redis_url=redis_url_for_tests,
+            redis_cluster=redis_cluster_for_tests,
+            engine_transport=transport,
+        )
     link = InProcessLink(engine) if engine is not None else None
     server = build_server(settings, link=link, backend=backend, dev_mode=dev_mode)
     # As `party-sync serve` starts it: with the connection limits (keep-alive, head deadline, caps).

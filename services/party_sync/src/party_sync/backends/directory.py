@@ -19,7 +19,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace
-from party_sync.backends.redis_connect import RedisTarget, as_target, make_client
+from party_sync.backends.redis_connect import RedisTarget, as_target, make_any_client
 from party_sync.protocol.errors import BackendUnavailable, PartySyncError
 from party_sync.protocol.ids import is_id
 from party_sync.protocol.types import PARTY_ACTOR
@@ -133,7 +133,7 @@ class RedisDirectory:
         self, url: str | RedisTarget, prefix: str = DEFAULT_PREFIX, *, timeout: float = 2.0
     ) -> None:
         self._keys = KeySpace(prefix)
-        self._client = make_client(
+        self._client = make_any_client(
             as_target(url, prefix), socket_connect_timeout=timeout, socket_timeout=timeout
         )
 

@@ -65,6 +65,28 @@ The engine transport's stream (its name is a public contract, so it carries no p
 configurable as ``actions_stream``)::
 
     party_sync:actions                  stream  accepted actions, read by engine workers
+                                                (actions_stream_partitions = 1, the default)
+    party_sync:actions:<i>              stream  partition i of N (actions_stream_partitions =
+                                                N > 1; i = crc32(party_id) mod N:
+                                                party_sync.engine.partitions), each its own slot
+    party_sync:actions:partitions       string  N, as the serving nodes last wrote it (engine
+                                                workers compare theirs with it)
+
+On a Redis Cluster (``redis_cluster``; docs/redis.md, "Redis Cluster") the names are the same and
+each lives in the slot its name (or hash tag) gives:
+
+- a party's keys, ``party:<id>`` (crc16 of ``party:<id>``, the same string as the keys' hash tag:
+  the party's scripts SPUBLISH on it in their own slot) and its ``block`` / ``directory`` /
+  ``unapplied`` / ``action`` / ``narration`` keys: the party's slot, so one shard per party;
+- ``run:<id>``, ``<prefix>:admin``, the indexes (``presence-index``, ``vote-index``,
+  ``party-index``, ``nodes``), each heartbeat ``<prefix>:node:<id>``: each a slot of its own name
+  (single-key commands, and pipelines without MULTI that redis-py splits per node);
+- instead of ``<prefix>:fence``, one mark per shard, in the first slot the shard's master serves::
+
+    <prefix>:fence:{<tag>}             string  the shard master's ``<run_id>:<master_replid>``
+    <prefix>:probe:<node_id>:{<tag>}   channel the node's probe on that shard (sharded pub/sub)
+
+  ``<tag>`` is ``slot_tag(slot)``: ``s<n>`` for the smallest n whose CRC16 is that slot.
 
 Identifiers are ``[A-Za-z0-9._:-]{1,64}`` (checked in tokens and schemas), so none can contain
 ``{``/``}`` and break a hash tag, nor a space (the lock value's separator).
@@ -72,8 +94,11 @@ Identifiers are ``[A-Za-z0-9._:-]{1,64}`` (checked in tokens and schemas), so no
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import NamedTuple
+
+from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 
 DEFAULT_PREFIX = "party_sync"
 
@@ -155,8 +180,16 @@ class KeySpace:
     def fence(self) -> str:
         return f"{self.prefix}:fence"
 
+    def shard_fence(self, slot: int) -> str:
+        """On a Redis Cluster: the fence mark of the shard that owns ``slot`` (its first)."""
+        return f"{self.prefix}:fence:{{{slot_tag(slot)}}}"
+
     def probe_channel(self, node_id: str) -> str:
         return f"{self.prefix}:probe:{node_id}"
+
+    def shard_probe_channel(self, node_id: str, slot: int) -> str:
+        """On a Redis Cluster: the node's probe channel on the shard that owns ``slot``."""
+        return f"{self.prefix}:probe:{node_id}:{{{slot_tag(slot)}}}"
 
     def admin_channel(self) -> str:
         return f"{self.prefix}:admin"
@@ -172,3 +205,16 @@ class KeySpace:
 
     def block(self, party_id: str, character_id: str) -> str:
         return f"{self.tag(party_id)}:block:{character_id}"
+
+
+@functools.lru_cache(maxsize=1024)
+def slot_tag(slot: int) -> str:
+    """The first of ``s0``, ``s1``, ... whose Cluster hash slot is ``slot``: a hash tag that puts
+    a key or sharded channel on the shard that owns ``slot`` (the shard's fence mark and probe
+    channel). About 16,000 CRC16s of a few bytes the first time (C: ``binascii.crc_hqx``)."""
+    if not 0 <= slot < REDIS_CLUSTER_HASH_SLOTS:
+        raise ValueError(f"not a cluster slot: {slot}")
+    n = 0
+    while key_slot(f"s{n}".encode()) != slot:
+        n += 1
+    return f"s{n}"

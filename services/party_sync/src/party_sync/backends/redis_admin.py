@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from party_sync.backends.base import (
     ActionInFlight,
@@ -38,7 +38,9 @@ from party_sync.backends.base import (
 )
 from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_bus import Bus
+from party_sync.backends.redis_connect import SlotClients
 from party_sync.backends.redis_scripts import snapshot_from, text, unavailable
+from party_sync.backends.redis_shard_bus import ShardedBus
 from party_sync.core.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
@@ -98,12 +100,17 @@ class RedisAdmin:
     Owned by the node's ``RedisBackend``, which gives it these three and nothing else.
     """
 
-    def __init__(self, client: Redis, keys: KeySpace, bus: Bus) -> None:
+    def __init__(self, client: Redis | RedisCluster, keys: KeySpace, bus: Bus | ShardedBus) -> None:
         self._client = client
         self._keys = keys
         self._bus = bus
         self._events = client.register_script(EVENTS_LUA)
+        self._slots = SlotClients(client) if isinstance(client, RedisCluster) else None
         self._watchers: list[CloseRequest] = []
+
+    async def close(self) -> None:
+        if self._slots is not None:
+            await self._slots.aclose()
 
     # -- parties --------------------------------------------------------------------------------
     async def _read(
@@ -111,7 +118,11 @@ class RedisAdmin:
     ) -> tuple[str | None, Snapshot, list[ActionInFlight], list[Any]] | None:
         """The party's run, projection, actions in flight (and live presence entries), or None."""
         keys = self._keys.party_keys(party_id)
-        async with unavailable("admin read"), self._client.pipeline(transaction=True) as pipe:
+        client = self._client
+        if self._slots is not None:  # a Cluster: MULTI on the party's master itself
+            async with unavailable("admin read"):
+                client = await self._slots.for_key(keys.meta)
+        async with unavailable("admin read"), client.pipeline(transaction=True) as pipe:
             pipe.hmget(keys.meta, ["epoch", "seq", "run"])
             pipe.zrange(keys.members, 0, -1)
             pipe.hgetall(keys.names)
@@ -222,7 +233,12 @@ class RedisAdmin:
             ids = sorted(
                 text(n) for n in await self._client.zrangebyscore(keys.nodes(), now, "+inf")
             )
-            bodies = await self._client.mget([keys.node(n) for n in ids]) if ids else []
+            # One GET each, pipelined: the heartbeats are in many slots (a Redis Cluster: no
+            # MGET across slots; RedisCluster's pipeline sends each node its own).
+            async with self._client.pipeline(transaction=False) as pipe:
+                for node_id in ids:
+                    pipe.get(keys.node(node_id))
+                bodies = await pipe.execute() if ids else []
         out: list[NodeInfo] = []
         for body in bodies:
             if body is None:
@@ -264,7 +280,11 @@ class RedisAdmin:
             "reason": reason,
         }
         async with unavailable("admin close"):
-            await self._client.publish(self._keys.admin_channel(), orjson.dumps({"close": request}))
+            message = orjson.dumps({"close": request})
+            if isinstance(self._client, RedisCluster):  # the nodes SSUBSCRIBE it (its shard)
+                await self._client.spublish(self._keys.admin_channel(), message)
+            else:
+                await self._client.publish(self._keys.admin_channel(), message)
 
     def _on_message(self, raw: bytes) -> None:
         try:

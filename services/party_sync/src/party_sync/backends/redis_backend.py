@@ -27,6 +27,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -34,7 +35,7 @@ from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus
-from party_sync.backends.redis_connect import RedisTarget, Sentinels, make_client
+from party_sync.backends.redis_connect import RedisTarget, Sentinels, make_any_client
 from party_sync.backends.redis_presence import RedisPresence
 from party_sync.backends.redis_scripts import (
     Arg,
@@ -45,6 +46,7 @@ from party_sync.backends.redis_scripts import (
     text,
     unavailable,
 )
+from party_sync.backends.redis_shard_bus import ShardedBus
 from party_sync.backends.redis_stream import PartyStream, RangeReply, encode_direct, event_from
 from party_sync.backends.redis_votes import RedisVotes
 from party_sync.core.actions import Claim, Decision, Sweep, Verdict
@@ -80,6 +82,7 @@ class RedisOptions:
     url: str
     prefix: str = DEFAULT_PREFIX
     sentinels: Sentinels | None = None  # find the master through Sentinel (redis_connect.py)
+    cluster: bool = False  # url names a node of a Redis Cluster (redis_shard_bus.py)
     probe_interval: float = 5.0  # pub/sub silence before a probe; also the probe's deadline
     presence_grace: float = 5.0  # a node settles within grace (+ presence_ttl) or is presumed dead
     connect_timeout: float = 2.0
@@ -114,12 +117,13 @@ class RedisBackend:
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.metrics = metrics
         self.keys = KeySpace(options.prefix)
-        self.client = make_client(
-            RedisTarget(options.url, options.sentinels, options.prefix),
+        self.client = make_any_client(
+            RedisTarget(options.url, options.sentinels, options.prefix, options.cluster),
             protocol=2,  # plain arrays for pub/sub; the faster reader (docs/benchmarks.md)
             socket_connect_timeout=options.connect_timeout,
             socket_timeout=options.command_timeout,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),  # one retry: a stale socket
+            # one retry: a stale socket (a cluster: also a failover's CLUSTERDOWN, then the map)
+            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1 if not options.cluster else 3),
             client_name=f"party_sync:{self.node_id}",
         )
         self.scripts = Scripts(
@@ -136,17 +140,30 @@ class RedisBackend:
             ),
             timeout=options.command_timeout,
         )
-        self.bus = Bus(
-            self.client.connection_pool,
-            self._publish_raw,
-            node_id=self.node_id,
-            probe_channel=self.keys.probe_channel(self.node_id),
-            probe_interval=options.probe_interval,
-            timeout=options.command_timeout,
-            on_reconnect=self._on_reconnect,
-            count_reconnect=self._count_reconnect,
-            observe_lag=self._observe_lag,
-        )
+        self.bus: Bus | ShardedBus
+        if isinstance(self.client, RedisCluster):
+            self.bus = ShardedBus(
+                self.client,
+                self.keys,
+                node_id=self.node_id,
+                probe_interval=options.probe_interval,
+                timeout=options.command_timeout,
+                on_reconnect=self._on_reconnect,
+                count_reconnect=self._count_reconnect,
+                observe_lag=self._observe_lag,
+            )
+        else:
+            self.bus = Bus(
+                self.client.connection_pool,
+                self._publish_raw,
+                node_id=self.node_id,
+                probe_channel=self.keys.probe_channel(self.node_id),
+                probe_interval=options.probe_interval,
+                timeout=options.command_timeout,
+                on_reconnect=self._on_reconnect,
+                count_reconnect=self._count_reconnect,
+                observe_lag=self._observe_lag,
+            )
         if metrics is not None:
             metrics.register_redis()  # the Redis-only families exist only in Redis mode
             batcher = self.scripts.batcher
@@ -195,6 +212,8 @@ class RedisBackend:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.scripts.batcher.close()
+        await self.votes.close()
+        await self.admin.close()
         await self.client.aclose()
 
     async def ready(self) -> bool:
@@ -228,8 +247,13 @@ class RedisBackend:
 
     # -- the stream -----------------------------------------------------------------------------
     async def _publish_raw(self, channel: str, data: bytes) -> None:
+        """PUBLISH; on a Redis Cluster SPUBLISH (the channel's shard only; ``run:<id>`` is
+        sharded by its own name)."""
         async with unavailable("publish"):
-            await self.client.publish(channel, data)
+            if isinstance(self.client, RedisCluster):
+                await self.client.spublish(channel, data)
+            else:
+                await self.client.publish(channel, data)
 
     async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
         type_, payload = message["type"], message["payload"]

@@ -19,19 +19,53 @@ than Redis's own work per script (measured in docs/benchmarks.md). The batch is 
 longer be matched) and fails its calls and the calls queued behind it, and the next call
 reconnects. An idle connection that Redis closed is noticed (EOF in its buffer) and replaced
 before a batch is sent on it.
+
+On a Redis Cluster (``ShardedBatcher``) the batching is per shard: one ``ScriptBatcher`` per
+master, each call routed by its first key's slot (every party script's keys share the party's
+hash tag, so one slot) through redis-py's slot map. A call answered ``MOVED`` (the slot moved: the
+map is patched), ``ASK`` (the slot is moving: ``ASKING`` and the script on the importing node, on
+a connection of their own), ``TRYAGAIN`` (some of its keys have moved, others not yet) or
+``CLUSTERDOWN`` (a failover in progress: the map is read again) is retried, with a short bounded
+backoff: Redis sends those errors *before* running a script, so a retried script runs once. A
+connection error or a timeout is not retried here (the script may have run): the call fails
+(``BackendUnavailable`` for its caller, which may retry) and the slot map is read again, so the
+next call finds a promoted replica.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError, ResponseError
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    MovedError,
+    NoScriptError,
+    ResponseError,
+    SlotNotCoveredError,
+    TryAgainError,
+)
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from party_sync.backends.redis_wire import RawConnection, Script, pack_evalsha
+from party_sync.backends.redis_wire import (
+    ConnectionSource,
+    NodeConnections,
+    RawConnection,
+    Script,
+    pack_asking_eval,
+    pack_evalsha,
+)
+
+log = logging.getLogger(__name__)
 
 _Call = tuple[Script, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 
@@ -39,8 +73,22 @@ _Call = tuple[Script, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
 class ScriptBatcher:
     """Every script call of a node, sent in batches on one connection (see the module)."""
 
-    def __init__(self, client: Redis, max_batch: int = 256, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        max_batch: int = 256,
+        timeout: float = 5.0,
+        *,
+        connections: ConnectionSource | None = None,
+    ) -> None:
+        """``connections``: where the batch connection comes from (default: ``client``'s pool;
+        a Cluster node's ``NodeConnections`` in ``ShardedBatcher``). ``client`` reloads a script
+        Redis lost (NOSCRIPT)."""
         self._client = client
+        if connections is None:
+            assert isinstance(client, Redis)
+            connections = client.connection_pool
+        self._connections = connections
         self._max_batch = max_batch
         self._timeout = timeout
         self._queue: list[_Call] = []
@@ -86,7 +134,7 @@ class ScriptBatcher:
                 conn = None
         if conn is None:
             # No socket timeout: the batch has one deadline (asyncio.timeout) instead.
-            conn = self._conn = RawConnection(self._client.connection_pool, timeout=False)
+            conn = self._conn = RawConnection(self._connections, timeout=False)
         return conn
 
     async def _drop(self) -> None:
@@ -156,3 +204,142 @@ class ScriptBatcher:
 def _fail(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+#: Tries of one call through redirections and TRYAGAIN / CLUSTERDOWN (backoff 0.05 s doubling to
+#: 0.5 s: about 4 s in all, the time a slot's keys or a failover take to settle in the tests).
+MAX_TRIES = 12
+
+#: Seconds between two reads of the slot map asked for by connection errors.
+REFRESH_EVERY = 0.25
+
+
+class ShardedBatcher:
+    """Every script call of a node on a Redis Cluster: one ``ScriptBatcher`` per master, each call
+    routed by its first key's slot, redirections retried (see the module)."""
+
+    def __init__(self, client: RedisCluster, max_batch: int = 256, timeout: float = 5.0) -> None:
+        self._client = client
+        self._max_batch = max_batch
+        self._timeout = timeout
+        self._shards: dict[str, ScriptBatcher] = {}
+        self._refresh: asyncio.Task[None] | None = None
+        self._refreshed = 0.0
+        self._closed = False
+        self._batches = self._calls = 0  # of shards dropped since
+        self.redirects = 0  # observability and tests: MOVED / ASK / TRYAGAIN / CLUSTERDOWN seen
+
+    @property
+    def batches(self) -> int:
+        return self._batches + sum(b.batches for b in self._shards.values())
+
+    @property
+    def calls(self) -> int:
+        return self._calls + sum(b.calls for b in self._shards.values())
+
+    def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
+        """Queue one script call on its shard; the future gets its reply (or its error)."""
+        return asyncio.ensure_future(self._run(script, keys, args))
+
+    def _shard(self, node: ClusterNode) -> ScriptBatcher:
+        batcher = self._shards.get(node.name)
+        if batcher is None:
+            batcher = self._shards[node.name] = ScriptBatcher(
+                self._client,
+                self._max_batch,
+                self._timeout,
+                connections=NodeConnections(node),
+            )
+        return batcher
+
+    async def _run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
+        if self._closed:
+            raise ConnectionError("the script batcher is closed")
+        key = keys[0]
+        slot = key_slot(key.encode() if isinstance(key, str) else key)
+        ask: AskError | None = None
+        last: Exception = TryAgainError("no try")
+        for attempt in range(MAX_TRIES):
+            try:
+                if ask is not None:
+                    redirect, ask = ask, None
+                    return await self._asking(redirect, script, keys, args)
+                await self._client.initialize()  # nothing once the slot map is known
+                node = _owner(self._client, slot)
+                return await self._shard(node).run(script, keys, args)
+            except MovedError as exc:  # before AskError: a subclass of it
+                last = exc
+                self.redirects += 1
+                await self._client.nodes_manager.move_slot(exc)
+            except AskError as exc:
+                last = ask = exc
+                self.redirects += 1
+            except (TryAgainError, ClusterDownError, SlotNotCoveredError) as exc:
+                last = exc
+                self.redirects += 1
+                if not isinstance(exc, TryAgainError):
+                    self.refresh_soon(force=True)
+                await asyncio.sleep(min(0.05 * 2**attempt, 0.5))
+            except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
+                self.refresh_soon()  # a dead master: the next calls find its replica
+                raise
+        raise last
+
+    async def _asking(
+        self, redirect: AskError, script: Script, keys: Sequence[Any], args: Sequence[Any]
+    ) -> Any:
+        """The call on the node the slot is being imported to, after ``ASKING`` (one write)."""
+        nodes = self._client.nodes_manager
+        node = nodes.get_node(host=redirect.host, port=redirect.port)
+        if node is None:
+            node = ClusterNode(redirect.host, redirect.port, **nodes.connection_kwargs)
+        conn = RawConnection(NodeConnections(node), timeout=False)
+        try:
+            async with asyncio.timeout(self._timeout):
+                await conn.connect()
+                await conn.send_packed(pack_asking_eval(script, keys, args))
+                await conn.read()  # +OK
+                return await conn.read()
+        finally:
+            await conn.close()
+
+    def refresh_soon(self, *, force: bool = False) -> None:
+        """Read the slot map again in the background (at most every ``REFRESH_EVERY`` s unless
+        ``force``); batchers of nodes that are no longer masters are closed."""
+        if self._closed or (self._refresh is not None and not self._refresh.done()):
+            return
+        now = time.monotonic()
+        if not force and now - self._refreshed < REFRESH_EVERY:
+            return
+        self._refreshed = now
+        self._refresh = asyncio.get_running_loop().create_task(self._reread())
+
+    async def _reread(self) -> None:
+        try:
+            await self._client.nodes_manager.initialize()
+        except Exception as exc:  # no node answers: the next failed call asks again
+            log.warning("redis cluster: the slot map could not be read: %r", exc)
+            return
+        masters = {n.name for n in self._client.get_primaries()}
+        for name in [name for name in self._shards if name not in masters]:
+            batcher = self._shards.pop(name)
+            self._batches += batcher.batches
+            self._calls += batcher.calls
+            await batcher.close()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._refresh is not None:
+            self._refresh.cancel()
+            await asyncio.gather(self._refresh, return_exceptions=True)
+        shards, self._shards = list(self._shards.values()), {}
+        for batcher in shards:
+            await batcher.close()
+
+
+def _owner(client: RedisCluster, slot: int) -> ClusterNode:
+    """The master serving ``slot`` in redis-py's map (``SlotNotCoveredError`` if none)."""
+    try:
+        return client.nodes_manager.get_node_from_slot(slot)
+    except KeyError:  # a map read while the cluster was down may lack the slot
+        raise SlotNotCoveredError(f"slot {slot} is not served") from None

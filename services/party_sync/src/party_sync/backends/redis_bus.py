@@ -14,6 +14,14 @@ the bus:
   ``probe_interval``, it publishes on the node's own probe channel and expects it back within
   ``probe_interval``; if it does not come, the reader is cancelled and the connection recreated.
 
+On a Redis Cluster (``sharded=True``, one ``Bus`` per master, managed by
+``redis_shard_bus.ShardedBus``) it speaks sharded pub/sub: ``SSUBSCRIBE`` / ``SUNSUBSCRIBE``, one
+channel per command (a command's channels must share a slot), ``smessage`` replies; an error reply
+(``MOVED``: the node no longer serves the channel's slot) fails the oldest subscription waiting
+for its confirmation instead of the connection; and a ``sunsubscribe`` Redis sends by itself (the
+channel's slot moved away, or the node was demoted) drops the channel here and is reported to
+``on_lost``, which subscribes it again where it now lives.
+
 It speaks RESP2 on a raw redis-py connection (``redis_wire.RawConnection``, hiredis parser) instead
 of redis-py's ``PubSub``, whose own retry and silent re-subscription would hide exactly the
 reconnects this node must see.
@@ -27,11 +35,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from redis.asyncio.connection import ConnectionPool
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from party_sync.backends.redis_scripts import unavailable
-from party_sync.backends.redis_wire import RawConnection
+from party_sync.backends.redis_wire import ConnectionSource, RawConnection
 from party_sync.protocol.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
@@ -44,7 +51,7 @@ class Bus:
 
     def __init__(
         self,
-        pool: ConnectionPool,
+        pool: ConnectionSource,
         publish: Callable[[str, bytes], Awaitable[Any]],
         *,
         node_id: str,
@@ -54,8 +61,21 @@ class Bus:
         on_reconnect: Callable[[], None],
         count_reconnect: Callable[[str], None],
         observe_lag: Callable[[float], None],
+        sharded: bool = False,
+        on_lost: Callable[[str], None] | None = None,
+        on_down: Callable[[], None] | None = None,
     ) -> None:
+        """``sharded``: a Cluster master's sharded pub/sub (module doc), ``on_lost(channel)`` when
+        Redis unsubscribed a channel by itself, ``on_down()`` when the connection failed."""
         self.connected = False
+        self.sharded = sharded
+        self._subscribe_cmd, self._unsubscribe_cmd = (
+            ("SSUBSCRIBE", "SUNSUBSCRIBE") if sharded else ("SUBSCRIBE", "UNSUBSCRIBE")
+        )
+        self._message_kind = b"smessage" if sharded else b"message"
+        self._confirm_kind = b"ssubscribe" if sharded else b"subscribe"
+        self._on_lost = on_lost
+        self._on_down = on_down
         self._pool = pool
         self._publish = publish
         self._name = f"party_sync:{node_id}:pubsub"
@@ -120,7 +140,7 @@ class Bus:
             conn = self._conn
             if self.connected and conn is not None:
                 with contextlib.suppress(RedisError, OSError):
-                    await conn.send("UNSUBSCRIBE", key)
+                    await conn.send(self._unsubscribe_cmd, key)
 
     async def _subscribe(self, conn: RawConnection, keys: list[bytes]) -> None:
         loop = asyncio.get_running_loop()
@@ -128,9 +148,47 @@ class Bus:
         for key in keys:
             self._waiters[key] = waiter = loop.create_future()
             waiters.append(waiter)
-        await conn.send("SUBSCRIBE", *keys)
+        if self.sharded:  # the channels of one SSUBSCRIBE must share a slot: one each
+            for key in keys:
+                await conn.send(self._subscribe_cmd, key)
+        else:
+            await conn.send(self._subscribe_cmd, *keys)
         async with asyncio.timeout(self._timeout):
             await asyncio.gather(*waiters)
+
+    async def _resubscribe(self, conn: RawConnection) -> None:
+        """The probe channel and every wanted channel on a fresh connection. Sharded: a channel
+        refused (``MOVED``: its slot is served elsewhere now) is dropped and given to
+        ``on_lost``; the probe refused fails the connection."""
+        if not self.sharded:
+            await self._subscribe(conn, [self._probe_key, *self._handlers])
+            return
+        await self._subscribe(conn, [self._probe_key])
+        keys = list(self._handlers)
+        if not keys:
+            return
+        loop = asyncio.get_running_loop()
+        waiters = []
+        for key in keys:
+            self._waiters[key] = waiter = loop.create_future()
+            waiters.append(waiter)
+            await conn.send(self._subscribe_cmd, key)
+        async with asyncio.timeout(self._timeout):
+            results = await asyncio.gather(*waiters, return_exceptions=True)
+        for key, result in zip(keys, results, strict=True):
+            if isinstance(result, ResponseError) and key in self._handlers:
+                del self._handlers[key]
+                if self._on_lost is not None:
+                    self._on_lost(key.decode())
+            elif isinstance(result, BaseException):
+                raise result
+
+    def channels(self) -> list[str]:
+        """The channels subscribed (or to be subscribed again on reconnect)."""
+        return [key.decode() for key in self._handlers]
+
+    def handler(self, channel: str) -> Handler | None:
+        return self._handlers.get(channel.encode())
 
     # -- the connection -------------------------------------------------------------------------
     async def _supervise(self) -> None:
@@ -146,7 +204,7 @@ class Bus:
                 await conn.read()
                 reader = loop.create_task(self._read(conn))
                 async with self._lock:
-                    await self._subscribe(conn, [self._probe_key, *self._handlers])
+                    await self._resubscribe(conn)
                     self._conn, self._reader, self.connected = conn, reader, True
                 self._ever.set()
                 if lost:
@@ -163,6 +221,8 @@ class Bus:
                 lost = lost or ("error" if self._ever.is_set() else "")
                 log.warning("redis pub/sub unavailable: %r", exc)
             finally:
+                if self._on_down is not None and not self._closing:
+                    self._on_down()
                 self.connected = False
                 self._conn = self._reader = None
                 self._fail_waiters()
@@ -186,13 +246,20 @@ class Bus:
         loop = asyncio.get_running_loop()
         handlers, waiters = self._handlers, self._waiters
         read = conn.read_push
+        message_kind, confirm_kind = self._message_kind, self._confirm_kind
         while True:
-            reply = await read()
+            try:
+                reply = await read()
+            except ResponseError as exc:
+                if not self.sharded:
+                    raise
+                self._refused(exc)  # MOVED for an SSUBSCRIBE: the connection is still in step
+                continue
             self._last_rx = loop.time()
             if not isinstance(reply, list) or len(reply) < 3:
                 continue
             kind, channel = reply[0], reply[1]
-            if kind == b"message":
+            if kind == message_kind:
                 if channel == self._probe_key:
                     self._on_probe()
                     continue
@@ -202,10 +269,24 @@ class Bus:
                         handler(reply[2])
                     except Exception:  # a bug in one party's handling must not stop the bus
                         log.exception("pub/sub handler failed", extra={"channel": channel})
-            elif kind == b"subscribe":
+            elif kind == confirm_kind:
                 waiter = waiters.pop(channel, None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(None)
+            elif kind == b"sunsubscribe" and channel in handlers:
+                # Not asked for (remove() drops the handler first): the slot moved away.
+                del handlers[channel]
+                if self._on_lost is not None:
+                    self._on_lost(channel.decode())
+
+    def _refused(self, exc: ResponseError) -> None:
+        """An error reply on the sharded connection: the oldest SSUBSCRIBE waiting is refused."""
+        for key, waiter in list(self._waiters.items()):
+            del self._waiters[key]
+            if not waiter.done():
+                waiter.set_exception(exc)
+                return
+        log.warning("redis pub/sub: an error reply nobody waited for: %r", exc)
 
     # -- the liveness probe ---------------------------------------------------------------------
     def _on_probe(self) -> None:

@@ -1,5 +1,5 @@
-"""Every Redis client party_sync makes is made here: one Redis named by a URL, or the master of a
-Redis Sentinel set (docs/redis.md, "Deployment topologies").
+"""Every Redis client party_sync makes is made here: one Redis named by a URL, the master of a
+Redis Sentinel set, or a Redis Cluster (docs/redis.md, "Deployment topologies").
 
 ``make_client(target, **kwargs)`` returns a redis-py asyncio ``Redis`` for either. With Sentinel it
 is redis-py's ``Sentinel.master_for``: every connection of its pool (``SentinelConnectionPool``),
@@ -14,6 +14,12 @@ and port are not used (the master's address comes from the sentinels). ``config.
 ``unix://`` URLs are refused with Sentinel (not supported). The sentinels' own password, if they
 have one (``requirepass`` in sentinel.conf), is ``Sentinels.password``.
 
+With ``redis_cluster`` (``RedisTarget.cluster``), ``make_cluster_client`` returns redis-py's
+asyncio ``RedisCluster``: the URL names any node (``redis://`` or ``rediss://``, db 0), the client
+reads the slot map from it and follows ``MOVED``/``ASK`` and failovers. ``make_any_client`` gives
+whichever the target needs, for code that uses only commands both have (single-key commands, and
+pipelines without MULTI, which RedisCluster splits per node).
+
 Every connection, whatever the topology, runs the rollback fence (``redis_fence``) right after
 its handshake, before its first command: a new master (a promoted replica, a restarted process)
 that may have lost the newest writes gives every party a new epoch before anyone writes to it.
@@ -26,12 +32,14 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from redis.asyncio import Redis
-from redis.asyncio.connection import parse_url
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.crc import key_slot
+from redis.exceptions import MovedError
 
 from party_sync.backends.keys import DEFAULT_PREFIX
-from party_sync.backends.redis_fence import fence_on_connect
+from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_connect
 
 #: Seconds a sentinel has to answer (connect and each command) before the next one is asked.
 SENTINEL_TIMEOUT = 1.0
@@ -50,6 +58,8 @@ class RedisSettings(Protocol):
     def redis_sentinel_password(self) -> str | None: ...
     @property
     def redis_prefix(self) -> str: ...
+    @property
+    def redis_cluster(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +73,13 @@ class Sentinels:
 
 @dataclass(frozen=True, slots=True)
 class RedisTarget:
-    """Which Redis a client talks to. ``prefix``: the deployment's key prefix (its fence mark)."""
+    """Which Redis a client talks to. ``prefix``: the deployment's key prefix (its fence mark);
+    ``cluster``: ``url`` names a node of a Redis Cluster."""
 
     url: str
     sentinels: Sentinels | None = None
     prefix: str = DEFAULT_PREFIX
+    cluster: bool = False
 
     @classmethod
     def of(cls, settings: RedisSettings) -> RedisTarget:
@@ -81,13 +93,14 @@ class RedisTarget:
                 settings.redis_sentinel_master or "",
                 settings.redis_sentinel_password,
             )
-        return cls(settings.redis_url, sentinels, settings.redis_prefix)
+        return cls(settings.redis_url, sentinels, settings.redis_prefix, settings.redis_cluster)
 
     def describe(self) -> str:
         """For logs: where, without credentials."""
         if self.sentinels is None:
             parts = urlsplit(self.url)
-            return f"{parts.scheme}://{parts.hostname or ''}{_port(parts.port)}{parts.path}"
+            where = f"{parts.scheme}://{parts.hostname or ''}{_port(parts.port)}{parts.path}"
+            return f"cluster via {where}" if self.cluster else where
         where = ",".join(f"{host}:{port}" for host, port in self.sentinels.addresses)
         return f"sentinel {self.sentinels.master} via {where}"
 
@@ -120,6 +133,19 @@ def sentinel_url_problem(url: str) -> str | None:
     return None
 
 
+def cluster_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name a Redis Cluster node, or None."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        return (
+            "redis_url must be redis[s]://[user:password@]<node host>:<port> with "
+            f"redis_cluster, not {parts.scheme}://"
+        )
+    if parts.path.strip("/") not in ("", "0"):
+        return "a Redis Cluster has only database 0: redis_url must end in /0 or nothing"
+    return None
+
+
 def as_target(target: RedisTarget | str, prefix: str = DEFAULT_PREFIX) -> RedisTarget:
     """A plain URL is a one-Redis target."""
     return target if isinstance(target, RedisTarget) else RedisTarget(target, prefix=prefix)
@@ -132,6 +158,8 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     ``protocol``...), as for ``Redis.from_url``. Raises ``ValueError`` on a malformed URL.
     """
     target = as_target(target)
+    if target.cluster:
+        raise ValueError("a Redis Cluster target: use make_cluster_client or make_any_client")
     kwargs["redis_connect_func"] = functools.partial(fence_on_connect, prefix=target.prefix)
     if target.sentinels is None:
         return Redis.from_url(target.url, **kwargs)
@@ -156,6 +184,71 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
         connection_pool_class=SentinelConnectionPool,
         **{**from_url, **kwargs},
     )
+
+
+def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
+    """A redis-py asyncio ``RedisCluster`` of the cluster ``target.url`` names a node of.
+
+    ``kwargs`` as for ``make_client``; ``retry`` is the cluster client's own (connection errors,
+    ``CLUSTERDOWN``: it refreshes the slot map and retries). Every connection to a master runs
+    the shard's fence (``redis_fence.fence_cluster_on_connect``). Raises ``ValueError`` on a URL
+    that cannot name a cluster node.
+    """
+    problem = cluster_url_problem(target.url)
+    if problem is not None:
+        raise ValueError(problem)
+    client = RedisCluster.from_url(target.url, **kwargs)
+    # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its
+    # connection options (one dict, shared with its NodesManager), the startup node from a copy.
+    fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
+    client.connection_kwargs["redis_connect_func"] = fence
+    for node in client.nodes_manager.startup_nodes.values():
+        node.connection_kwargs["redis_connect_func"] = fence
+    return client
+
+
+def make_any_client(target: RedisTarget | str, **kwargs: Any) -> Redis | RedisCluster:
+    """``make_cluster_client`` for a cluster target, else ``make_client``."""
+    target = as_target(target)
+    if target.cluster:
+        return make_cluster_client(target, **kwargs)
+    return make_client(target, **kwargs)
+
+
+class SlotClients:
+    """Plain clients of a Redis Cluster's masters, one per master, for the MULTI/EXEC steps of one
+    party (``redis_votes``' WATCH transactions, ``redis_admin``'s consistent read).
+
+    redis-py's asyncio ``RedisCluster`` runs a WATCH transaction's immediate commands on a thread
+    of their own (``asyncio.run`` in ``TransactionStrategy.execute_command``): not in this event
+    loop. A party's keys are all in one slot, so its transaction needs one node only: the master
+    that serves the slot, through an ordinary ``Redis`` client made with that node's connection
+    options (the fence hook included), whose pipeline also loads its scripts there. The caller
+    handles ``MOVED`` with ``moved`` (the slot map patched) and retries; ``ASK``/``TRYAGAIN``
+    (a migration) by retrying after a pause.
+    """
+
+    def __init__(self, cluster: RedisCluster) -> None:
+        self._cluster = cluster
+        self._clients: dict[str, Redis] = {}
+
+    async def for_key(self, key: str) -> Redis:
+        """The client of the master serving ``key``'s slot."""
+        await self._cluster.initialize()
+        node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+        client = self._clients.get(node.name)
+        if client is None:
+            pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+            client = self._clients[node.name] = Redis(connection_pool=pool)
+        return client
+
+    async def moved(self, exc: MovedError) -> None:
+        await self._cluster.nodes_manager.move_slot(exc)
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.aclose(close_connection_pool=True)
 
 
 class _SentinelRedis(Redis):

@@ -109,6 +109,76 @@ def _text(value: object) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+#: The fence on a Redis Cluster node: the same script, allowed to SCAN and DEL the ``meta`` keys
+#: of every slot the node serves (``allow-cross-slot-keys``; each key is on this node, so no
+#: ``MOVED``), with the shard's own mark as KEYS[1] (``KeySpace.shard_fence``).
+FENCE_CLUSTER_LUA = "#!lua flags=allow-cross-slot-keys\n" + FENCE_LUA
+
+
+def first_slot(cluster_nodes: str) -> int | None:
+    """The first slot this node serves as a master, from its ``CLUSTER NODES`` (the line flagged
+    ``myself``); None for a replica or a master without slots (it holds no party data)."""
+    for line in cluster_nodes.splitlines():
+        fields = line.split()
+        if len(fields) < 8 or "myself" not in fields[2].split(","):
+            continue
+        if "master" not in fields[2].split(","):
+            return None
+        for item in fields[8:]:
+            if item.startswith("["):  # a slot being migrated or imported: not (yet) ours
+                continue
+            return int(item.split("-")[0])
+        return None
+    return None
+
+
+def _is_replica(cluster_nodes: str) -> bool:
+    for line in cluster_nodes.splitlines():
+        fields = line.split()
+        if len(fields) > 2 and "myself" in fields[2].split(","):
+            return "slave" in fields[2].split(",")
+    return False
+
+
+async def fence_cluster_on_connect(conn: AbstractConnection, *, prefix: str) -> None:
+    """``fence_on_connect`` on a Redis Cluster node: each shard is fenced on its own (module doc,
+    docs/redis.md "Redis Cluster"). Its identity is checked against the mark kept in the shard's
+    first slot; when it changed, the ``meta`` keys of that shard only are deleted. A master
+    without slots is let through (it holds no party data). A connection to a replica is refused
+    (``ConnectionError``): redis-py would keep it in the node's pool and use it once the replica
+    is promoted, before any fence; redis-py reads the slot map from another node instead."""
+    try:
+        await conn.on_connect()
+    except (RuntimeError, AttributeError) as exc:
+        # A node dying or restarting under a handshake: uvloop's "handler is closed", or
+        # redis-py's writer already dropped (None) by a concurrent disconnect. Both are a lost
+        # connection, for the caller's retry, not a bug.
+        raise RedisConnectionError(f"connection lost during the handshake: {exc!r}") from exc
+    await conn.send_command("CLUSTER", "NODES")
+    nodes = _text(await conn.read_response())
+    slot = first_slot(nodes)
+    if slot is None:
+        if _is_replica(nodes):
+            # Refused, as on one Redis: redis-py keeps a connection it opened to a replica (to
+            # read the slot map) and would send it commands once that replica is promoted,
+            # before any fence ran on the new master. The slot map is read from another node.
+            raise RedisConnectionError(
+                f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')} is a replica "
+                "(party_sync talks to the masters only)"
+            )
+        return
+    mark = KeySpace(prefix).shard_fence(slot)
+    await conn.send_command("EVAL", FENCE_CLUSTER_LUA, 1, mark, meta_pattern(prefix))
+    reply = await conn.read_response()
+    outcome, fenced, identity = int(reply[0]), int(reply[1]), _text(reply[2])
+    if outcome == FENCED:
+        log.warning(
+            "redis cluster shard changed master (failover or restart): its parties start a new "
+            "epoch",
+            extra={"parties": fenced, "redis_server": identity, "slot": slot},
+        )
+
+
 async def fence_on_connect(conn: AbstractConnection, *, prefix: str) -> None:
     """redis-py's ``redis_connect_func``: the usual handshake, then the fence (module doc)."""
     await conn.on_connect()

@@ -28,7 +28,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import cast
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 
 from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_scripts import Arg, Scripts, text, unavailable
@@ -51,7 +51,7 @@ class RedisPresence:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         scripts: Scripts,
         keys: KeySpace,
         *,
@@ -197,8 +197,6 @@ class RedisPresence:
                     if next_look:
                         pipe.zadd(index, {party_id: float(next_look)})
                     else:
-                        await self._scripts.index_forget(
-                            keys=[index], args=[party_id, repr(float(score))], client=pipe
-                        )
+                        await self._scripts.forget_index(pipe, index, party_id, float(score))
                 await pipe.execute()
         return events

@@ -6,6 +6,11 @@ hash tag, one slot), so it is atomic across nodes: the Redis rendering of the pu
 prelude ``_lib.lua`` followed by its body, registered once as a redis-py ``Script`` (EVALSHA, with
 SCRIPT LOAD at start and again by redis-py after a Redis restart forgets them).
 
+On a Redis Cluster (``sharded``) every script is registered with its classic ``PUBLISH`` calls
+made ``SPUBLISH`` (sharded pub/sub: the party's channel ``party:<id>`` hashes to the same slot as
+its keys' tag ``{party:<id>}``, so the script publishes in its own slot, and the message goes to
+the subscribers of that shard only). The one-Redis scripts are unchanged, at no cost.
+
 ``unavailable()`` is the one place foreign exceptions are converted: every Redis or socket error
 becomes ``BackendUnavailable`` (style: "foreign exceptions are mapped at the edge").
 """
@@ -23,11 +28,20 @@ from importlib import resources
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 from party_sync.backends.keys import KeySpace, PartyKeys, party_channel
-from party_sync.backends.redis_batch import ScriptBatcher
+from party_sync.backends.redis_batch import ScriptBatcher, ShardedBatcher
 from party_sync.backends.redis_wire import Script, load_script
 from party_sync.core.history import HistoryBounds
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
@@ -106,9 +120,11 @@ def prelude_for(lib: str, body: str) -> str:
     return header + "\n".join(part for i, (_, part) in enumerate(chunks) if chosen[i])
 
 
-def script_text(lib: str, body: str) -> str:
-    """A party script as registered: the prelude it needs (``prelude_for``), then its body."""
-    return prelude_for(lib, body) + "\n" + body
+def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
+    """A party script as registered: the prelude it needs (``prelude_for``), then its body;
+    ``sharded`` (Redis Cluster): every ``PUBLISH`` of the party channel is ``SPUBLISH``."""
+    text = prelude_for(lib, body) + "\n" + body
+    return text.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") if sharded else text
 
 
 @contextlib.asynccontextmanager
@@ -116,10 +132,13 @@ async def unavailable(what: str) -> AsyncIterator[None]:
     """Run Redis calls; any failure is ``BackendUnavailable`` (retryable for the client)."""
     try:
         yield
+    except (ClusterDownError, TryAgainError, AskError) as exc:  # a Cluster failing over or
+        # resharding (MOVED is an AskError): an outage of that shard, not a bug
+        raise BackendUnavailable(f"redis cluster unavailable during {what}: {exc}") from exc
     except ResponseError as exc:  # a script or command refused: a bug, not an outage; say so
         log.error("redis refused %s: %s", what, exc)
         raise BackendUnavailable(f"redis refused {what}") from exc
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         raise BackendUnavailable(f"redis unavailable during {what}") from exc
 
 
@@ -145,18 +164,29 @@ class Scripts:
     """The registered scripts plus the KEYS and ARGV conventions of ``_lib.lua``."""
 
     def __init__(
-        self, client: Redis, keys: KeySpace, limits: Limits, *, timeout: float = 5.0
+        self,
+        client: Redis | RedisCluster,
+        keys: KeySpace,
+        limits: Limits,
+        *,
+        timeout: float = 5.0,
     ) -> None:
         self.keys = keys
         self.limits = limits
         self._history = limits.history.header()  # ARGV[4], parsed once by _lib.lua's prelude
         lib = _source("_lib")
+        sharded = isinstance(client, RedisCluster)
         self._party: dict[str, Script] = {
-            name: client.register_script(script_text(lib, _source(name))) for name in PARTY_SCRIPTS
+            name: client.register_script(script_text(lib, _source(name), sharded=sharded))
+            for name in PARTY_SCRIPTS
         }
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
-        self.batcher = ScriptBatcher(client, timeout=timeout)
+        self.batcher: ScriptBatcher | ShardedBatcher = (
+            ShardedBatcher(client, timeout=timeout)
+            if isinstance(client, RedisCluster)
+            else ScriptBatcher(client, timeout=timeout)
+        )
         # Per call: the party's eleven key names and its channel (cached, bounded), and an epoch
         # candidate unique to this process (random per process, then counted).
         self._party_names: dict[str, tuple[PartyKeys, str]] = {}
@@ -209,6 +239,17 @@ class Scripts:
             int(max(lim.action_record_ttl, lim.action_timeout) * 1000),
         ]
 
+    async def forget_index(
+        self, pipe: Pipeline | ClusterPipeline, index: str, party_id: str, score: float
+    ) -> None:
+        """Queue ``index_forget.lua`` on ``pipe``. In a Cluster pipeline as ``EVAL`` of its text:
+        redis-py does not load a Cluster pipeline's scripts first, and a promoted replica has
+        none cached (a small script, in the sweeps only)."""
+        if isinstance(pipe, ClusterPipeline):
+            pipe.eval(text(self.index_forget.script), 1, index, party_id, repr(score))
+        else:
+            await self.index_forget(keys=[index], args=[party_id, repr(score)], client=pipe)
+
     async def run(
         self,
         name: str,
@@ -226,6 +267,13 @@ class Scripts:
         argv = [*self.header(party_id, now), *args]
         if client is None:  # shared with the other calls of this tick (redis_batch)
             return await self.batcher.run(self._party[name], keys, argv)
+        if isinstance(client, ClusterPipeline):
+            # EVAL of the text, not EVALSHA: redis-py loads no scripts before a Cluster
+            # pipeline, and a promoted replica has none cached (NOSCRIPT would fail the whole
+            # pipeline). Redis finds the compiled script by the text's SHA1; the cost is the
+            # text on the wire, for the pipelined presence and vote steps only.
+            script = self._party[name]
+            return client.eval(text(script.script), len(keys), *keys, *argv)
         return await self._party[name](keys=keys, args=argv, client=client)
 
 

@@ -24,15 +24,18 @@ the sweep finds it; like the party's other keys, ``unapplied`` expires with ``me
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar, cast
 
 import orjson
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
-from redis.exceptions import WatchError
+from redis.asyncio.cluster import ClusterPipeline
+from redis.exceptions import AskError, MovedError, TryAgainError, WatchError
 
 from party_sync.backends.keys import KeySpace
+from party_sync.backends.redis_connect import SlotClients
 from party_sync.backends.redis_scripts import Scripts, fold_args, text, unavailable
 from party_sync.core import votes
 from party_sync.core.events import Event
@@ -70,7 +73,9 @@ def _load(fields: Mapping[Any, Any], ballots: Mapping[Any, Any]) -> votes.Vote |
 class _Txn:
     """One attempt: the watched state, and the events queued for the EXEC."""
 
-    def __init__(self, scripts: Scripts, pipe: Pipeline, party_id: str, now: float) -> None:
+    def __init__(
+        self, scripts: Scripts, pipe: Pipeline | ClusterPipeline, party_id: str, now: float
+    ) -> None:
         self.scripts, self.pipe, self.party_id, self.now = scripts, pipe, party_id, now
         self.messages: list[dict[str, Any]] = []
 
@@ -130,11 +135,17 @@ def _finished(vote: votes.Vote, reason: str, now: float) -> dict[str, Any]:
 class RedisVotes:
     """Votes of every party on Redis (``VoteStore``); one per ``RedisBackend``."""
 
-    def __init__(self, client: Redis, scripts: Scripts, keys: KeySpace) -> None:
+    def __init__(self, client: Redis | RedisCluster, scripts: Scripts, keys: KeySpace) -> None:
         self._client = client
         self._scripts = scripts
         self._keys = keys
         self._party_ttl = scripts.limits.party_ttl
+        # A Cluster: WATCH/MULTI on the party's master itself (redis_connect.SlotClients).
+        self._slots = SlotClients(client) if isinstance(client, RedisCluster) else None
+
+    async def close(self) -> None:
+        if self._slots is not None:
+            await self._slots.aclose()
 
     async def _transact(
         self,
@@ -148,7 +159,10 @@ class RedisVotes:
         online_key, vote_key, ballots_key = keys.online, keys.vote, keys.ballots
         async with unavailable("vote"):
             for _ in range(TRIES):
-                async with self._client.pipeline(transaction=True) as pipe:
+                client = self._client
+                if self._slots is not None:  # a Cluster: the slot's master, directly
+                    client = await self._slots.for_key(vote_key)
+                async with client.pipeline(transaction=True) as pipe:
                     try:
                         await pipe.watch(vote_key, ballots_key, online_key)
                         vote = _load(await pipe.hgetall(vote_key), await pipe.hgetall(ballots_key))
@@ -157,6 +171,11 @@ class RedisVotes:
                         return await decide(_Txn(self._scripts, pipe, party_id, now), vote, online)
                     except WatchError:
                         continue
+                    except MovedError as exc:  # the slot moved (or a failover): follow it
+                        assert self._slots is not None
+                        await self._slots.moved(exc)
+                    except (AskError, TryAgainError):  # the slot is migrating: wait for it
+                        await asyncio.sleep(0.05)
         raise BackendUnavailable("vote: too much contention, retry")
 
     async def party_run(self, party_id: str) -> str | None:
@@ -270,9 +289,7 @@ class RedisVotes:
                         if float(deadline) <= now:
                             due.append((party_id, text(vote_id)))
                     elif not pending:
-                        await self._scripts.index_forget(
-                            keys=[index], args=[party_id, repr(score)], client=pipe
-                        )
+                        await self._scripts.forget_index(pipe, index, party_id, score)
                 await pipe.execute()
         return due
 

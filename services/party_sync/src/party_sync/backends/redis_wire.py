@@ -28,11 +28,12 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
 from hiredis import pack_command
-from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
+from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 
 #: A registered Lua script (``Redis.register_script``).
@@ -56,14 +57,44 @@ def pack_evalsha(calls: Iterable[ScriptCall]) -> bytes:
     )
 
 
-async def load_script(client: Redis, script: Script) -> None:
+def pack_asking_eval(script: Script, keys: Sequence[Any], args: Sequence[Any]) -> bytes:
+    """``ASKING`` then ``EVAL`` of the script's text (not EVALSHA: the node a slot is moving to
+    may not have it cached yet), as one write: the answer to an ``ASK`` redirection of a Cluster
+    (both on one connection, as Redis requires)."""
+    return b"".join(
+        [pack_command(("ASKING",)), pack_command(("EVAL", script.script, len(keys), *keys, *args))]
+    )
+
+
+class ConnectionSource(Protocol):
+    """What a ``RawConnection`` is made from: a redis-py pool, or one Cluster node's options."""
+
+    def make_connection(self) -> Any: ...
+
+
+class NodeConnections:
+    """Connections to one node of a Redis Cluster, made as redis-py's ``ClusterNode`` makes its
+    own (its ``connection_class`` and ``connection_kwargs``: host, port, AUTH, TLS, timeouts and
+    the fence hook of ``redis_connect``), but outside its pool."""
+
+    __slots__ = ("node",)
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+
+    def make_connection(self) -> AbstractConnection:
+        return self.node.connection_class(**self.node.connection_kwargs)
+
+
+async def load_script(client: Redis | RedisCluster, script: Script) -> None:
     """``SCRIPT LOAD`` a registered script (so the first EVALSHA of a batch finds it)."""
     script.sha = await client.script_load(script.script)
 
 
 class RawConnection:
     """One connection of ``pool``'s kind (host, AUTH, SELECT, TLS, hiredis parser), outside the
-    pool: never checked out or back, owned and closed by its user.
+    pool: never checked out or back, owned and closed by its user. ``pool`` may be a redis-py
+    ``ConnectionPool`` or a Cluster node's ``NodeConnections``.
 
     ``timeout=False``: no socket timeout on reads or writes; the user bounds each exchange itself
     (the batcher's one ``asyncio.timeout`` per batch). Otherwise the pool's ``socket_timeout``
@@ -72,8 +103,8 @@ class RawConnection:
 
     __slots__ = ("_conn", "read", "read_push", "send")
 
-    def __init__(self, pool: ConnectionPool, *, timeout: bool = True) -> None:
-        conn: AbstractConnection = pool.make_connection()  # type: ignore[no-untyped-call]
+    def __init__(self, pool: ConnectionSource, *, timeout: bool = True) -> None:
+        conn: AbstractConnection = pool.make_connection()
         if not timeout:
             conn.socket_timeout = None
         self._conn = conn

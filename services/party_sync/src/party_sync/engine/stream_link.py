@@ -20,22 +20,33 @@ and never applied later.
 
 Restate notices (``notify_restate``) travel the same stream, so a party's lost state is re-stated
 by whichever worker is up, at least once.
+
+**Partitions** (``actions_stream_partitions`` = N, ``party_sync.engine.partitions``): with N > 1
+every entry of a party goes to the stream ``<stream>:<crc32(party_id) mod N>``, so one party's
+entries stay in order in one stream and, on a Redis Cluster, the streams spread over slots. The
+link writes N to ``<stream>:partitions`` when it starts (and again after an append failed: Redis
+may have come back empty), so engine workers can check they read the same partitions; it logs a
+WARNING when that key held another count (the partition count changed, or the nodes disagree).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import orjson
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from party_sync import tracing
-from party_sync.backends.redis_connect import RedisTarget, make_client
+from party_sync.backends.redis_connect import RedisTarget, make_any_client
+from party_sync.engine import partitions as layout
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def entry(
@@ -61,33 +72,70 @@ def entry(
 
 
 class StreamEngineLink:
-    def __init__(self, redis_url: str | RedisTarget, stream: str, maxlen: int) -> None:
+    def __init__(
+        self, redis_url: str | RedisTarget, stream: str, maxlen: int, *, partitions: int = 1
+    ) -> None:
         self.stream = stream
-        self.maxlen = maxlen
+        self.maxlen = maxlen  # per partition stream
+        self.partitions = partitions
+        self.streams = layout.stream_names(stream, partitions)
         # One retry on a fresh connection: after a Redis restart the pooled socket is dead. A
         # retried XADD may append the entry twice: harmless, delivery is at least once anyway.
-        self._redis = make_client(
+        self._redis = make_any_client(
             redis_url,
             socket_timeout=5.0,
             socket_connect_timeout=2.0,
             retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
+        self._count_written = False  # N is in <stream>:partitions (as far as this link knows)
 
     async def start(self, host: LinkHost) -> None:
-        return None
+        await self._write_count()
 
-    async def _append(self, fields: dict[str, bytes]) -> None:
+    async def _write_count(self) -> None:
+        """Write N to ``<stream>:partitions`` (best effort: Redis may be down; tried again at the
+        next append)."""
+        key = layout.count_key(self.stream)
+        try:
+            before: Any = await self._redis.set(key, str(self.partitions), get=True)
+        except (RedisError, RedisClusterException) as exc:
+            log.debug("cannot write %s yet: %s", key, exc)
+            return
+        self._count_written = True
+        previous = layout.parse_count(before)
+        if previous is not None and previous != self.partitions:
+            log.warning(
+                "the actions stream's partition count changed from %d to %d (%s): the entries "
+                "still in the old streams wait for an engine-worker with "
+                "--actions-stream-partitions %d (--burst drains them), and workers must use %d",
+                previous,
+                self.partitions,
+                key,
+                previous,
+                self.partitions,
+                extra={"stream": self.stream},
+            )
+
+    def stream_for(self, party_id: str) -> str:
+        """The stream ``party_id``'s entries go to."""
+        return layout.stream_of(self.stream, self.partitions, party_id)
+
+    async def _append(self, party_id: str, fields: dict[str, bytes]) -> None:
+        stream = self.stream_for(party_id)
+        if not self._count_written:
+            await self._write_count()
         try:
             await self._redis.xadd(
-                self.stream,
+                stream,
                 fields,  # type: ignore[arg-type]
                 maxlen=self.maxlen,
                 approximate=True,
             )
-        except RedisError as exc:
+        except (RedisError, RedisClusterException) as exc:
             self.failures += 1
-            raise BackendUnavailable(f"cannot append to {self.stream}: {exc}") from None
+            self._count_written = False  # Redis may come back empty: say N again
+            raise BackendUnavailable(f"cannot append to {stream}: {exc}") from None
 
     async def submit(self, action: ActionRequest) -> None:
         attributes = {"party_sync.action_id": action.action_id, "party_sync.transport": "stream"}
@@ -95,6 +143,7 @@ class StreamEngineLink:
             "engine.stream append", kind=tracing.SpanKind.PRODUCER, attributes=attributes
         ):
             await self._append(
+                action.party_id,
                 entry(
                     "action",
                     action.party_id,
@@ -102,16 +151,20 @@ class StreamEngineLink:
                     dict(action.envelope),
                     action.deadline,
                     tracing.traceparent(),
-                )
+                ),
             )
 
     async def notify_join(self, notice: JoinNotice) -> None:
         envelope = wire.join_envelope(notice)
-        await self._append(entry("join", notice.party_id, notice.campaign_run_id, envelope))
+        await self._append(
+            notice.party_id, entry("join", notice.party_id, notice.campaign_run_id, envelope)
+        )
 
     async def notify_restate(self, notice: RestateNotice) -> None:
         envelope = wire.restate_envelope(notice)
-        await self._append(entry("restate", notice.party_id, notice.campaign_run_id, envelope))
+        await self._append(
+            notice.party_id, entry("restate", notice.party_id, notice.campaign_run_id, envelope)
+        )
 
     async def close(self) -> None:
         await self._redis.aclose()

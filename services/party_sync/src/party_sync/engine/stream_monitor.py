@@ -20,20 +20,29 @@ worker has joined yet (workers create the group, from the stream's beginning).
 
 The pure part (:func:`assess`) takes a :class:`StreamReading` and decides; :func:`read_stream` and
 :class:`StreamMonitor` only talk to Redis and arm the timer.
+
+**Partitions** (``actions_stream_partitions`` = N > 1): every partition stream is read and
+assessed on its own (:func:`assess_all`: the worst partition's condition is the link's, so a
+partition no worker reads shows up even while the others are served); the existing gauges hold
+the partitions together (:func:`combine`: lengths, pending and lag summed, ages the oldest,
+``consumers`` the most and ``consumers_active`` the fewest of any partition), and
+``party_sync_actions_stream_partition_{length,pending,lag,consumers_active}{partition="<i>"}``
+each partition's own (only with N > 1).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
-from party_sync.backends.redis_connect import RedisTarget, make_client
+from party_sync.backends.redis_connect import RedisTarget, make_any_client
+from party_sync.engine import partitions as layout
 from party_sync.engine.health import EngineHealth, Episode, Periodic
 from party_sync.metrics import Metrics
 
@@ -116,6 +125,45 @@ def assess(
     )
 
 
+#: Which condition wins when partitions differ: the first of these that any partition is in.
+SEVERITY = (Condition.WAITING, Condition.STUCK, Condition.NO_WORKER, Condition.OK)
+
+
+def assess_all(
+    readings: Sequence[StreamReading], streams: Sequence[str], group: str, bounds: Bounds
+) -> tuple[Condition, str]:
+    """:func:`assess` over every partition (``readings[i]`` of ``streams[i]``): the worst
+    condition, with its partition's detail (and how many partitions share it)."""
+    if len(readings) != len(streams) or not readings:
+        raise ValueError("one reading per stream, at least one")
+    if len(readings) == 1:
+        return assess(readings[0], streams[0], group, bounds)
+    verdicts = [assess(r, name, group, bounds) for r, name in zip(readings, streams, strict=True)]
+    worst = min(verdicts, key=lambda verdict: SEVERITY.index(verdict[0]))
+    same = sum(1 for condition, _ in verdicts if condition is worst[0])
+    if same == 1:
+        return worst
+    return worst[0], f"{worst[1]} (and {same - 1} more of the {len(readings)} partitions)"
+
+
+def combine(readings: Sequence[StreamReading]) -> StreamReading:
+    """The partitions as one reading (the existing gauges): counts summed, ages the oldest,
+    ``consumers`` the most and ``active_consumers`` the fewest of any partition."""
+    if len(readings) == 1:
+        return readings[0]
+    return StreamReading(
+        stream_exists=any(r.stream_exists for r in readings),
+        group_exists=all(r.group_exists for r in readings),
+        length=sum(r.length for r in readings),
+        pending=sum(r.pending for r in readings),
+        undelivered=sum(r.undelivered for r in readings),
+        consumers=max(r.consumers for r in readings),
+        active_consumers=min(r.active_consumers for r in readings),
+        oldest_pending_age=max(r.oldest_pending_age for r in readings),
+        oldest_undelivered_age=max(r.oldest_undelivered_age for r in readings),
+    )
+
+
 def entry_age(entry_id: bytes | str, now_ms: int) -> float:
     """Seconds since the entry was appended (its id's first part is Redis's clock in ms)."""
     raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
@@ -131,7 +179,9 @@ def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
-async def read_stream(redis: Redis, stream: str, group: str, active_within: float) -> StreamReading:
+async def read_stream(
+    redis: Redis | RedisCluster, stream: str, group: str, active_within: float
+) -> StreamReading:
     """Read the stream and ``group``; Redis errors raise (a missing stream or group does not)."""
     seconds, micros = await redis.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000  # Redis's clock: the one in entry ids
@@ -189,12 +239,16 @@ async def read_stream(redis: Redis, stream: str, group: str, active_within: floa
     )
 
 
+Readings = StreamReading | Sequence[StreamReading]
+
+
 class StreamMonitor:
-    """The periodic task; ``read`` returns a fresh :class:`StreamReading` (Redis, or a fake)."""
+    """The periodic task; ``read`` returns a fresh :class:`StreamReading` (Redis, or a fake), or
+    one per partition stream (``partitions`` > 1: ``streams``, partition 0 first)."""
 
     def __init__(
         self,
-        read: Callable[[], Awaitable[StreamReading]],
+        read: Callable[[], Awaitable[Readings]],
         stream: str,
         group: str = ENGINE_GROUP,
         *,
@@ -202,8 +256,11 @@ class StreamMonitor:
         bounds: Bounds | None = None,
         metrics: Metrics | None = None,
         close: Callable[[], Awaitable[None]] | None = None,
+        partitions: int = 1,
     ) -> None:
         self.stream = stream
+        self.streams = layout.stream_names(stream, partitions)
+        self.readings: tuple[StreamReading, ...] = ()  # the last, one per partition
         self.group = group
         self.interval = interval
         self.bounds = bounds or Bounds()
@@ -229,12 +286,17 @@ class StreamMonitor:
         interval: float = 5.0,
         bounds: Bounds | None = None,
         metrics: Metrics | None = None,
+        partitions: int = 1,
     ) -> StreamMonitor:
-        redis = make_client(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        redis = make_any_client(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         bounds = bounds or Bounds()
+        streams = layout.stream_names(stream, partitions)
 
-        async def read() -> StreamReading:
-            return await read_stream(redis, stream, group, bounds.active_within)
+        async def read() -> tuple[StreamReading, ...]:
+            # One partition after the other: on a cluster each may be on another shard.
+            return tuple(
+                [await read_stream(redis, name, group, bounds.active_within) for name in streams]
+            )
 
         return cls(
             read,
@@ -244,6 +306,7 @@ class StreamMonitor:
             bounds=bounds,
             metrics=metrics,
             close=redis.aclose,
+            partitions=partitions,
         )
 
     def health(self) -> EngineHealth:
@@ -252,7 +315,10 @@ class StreamMonitor:
     async def check_once(self) -> Condition | None:
         """One look; the condition, or None when the stream could not be read (error counted)."""
         try:
-            reading = await self._read()
+            got = await self._read()
+            readings = (got,) if isinstance(got, StreamReading) else tuple(got)
+            if len(readings) != len(self.streams):
+                raise ValueError(f"{len(readings)} readings for {len(self.streams)} streams")
         except Exception as exc:  # Redis down, stalled, or worse: count, say once, carry on
             self.errors += 1
             if self.metrics is not None:
@@ -264,8 +330,9 @@ class StreamMonitor:
                 self.metrics.engine_link_ok.set(0)
             return None
         self._failing.fine(f"reading {self.stream} again", stream=self.stream)
-        condition, detail = assess(reading, self.stream, self.group, self.bounds)
-        self.reading, self.condition = reading, condition
+        reading = combine(readings)
+        condition, detail = assess_all(readings, self.streams, self.group, self.bounds)
+        self.reading, self.readings, self.condition = reading, readings, condition
         self._health = EngineHealth("stream", condition is Condition.OK, detail)
         extra = {"stream": self.stream, "group": self.group, "waiting": reading.waiting}
         if condition in (Condition.WAITING, Condition.STUCK):
@@ -287,6 +354,13 @@ class StreamMonitor:
         m.stream_consumers.set(reading.consumers)
         m.stream_consumers_active.set(reading.active_consumers)
         m.engine_link_ok.set(1 if condition is Condition.OK else 0)
+        if len(self.readings) > 1:
+            for index, one in enumerate(self.readings):
+                label = str(index)
+                m.stream_partition_length.labels(label).set(one.length)
+                m.stream_partition_pending.labels(label).set(one.pending)
+                m.stream_partition_lag.labels(label).set(one.undelivered)
+                m.stream_partition_consumers_active.labels(label).set(one.active_consumers)
 
     async def _tick(self) -> None:
         try:

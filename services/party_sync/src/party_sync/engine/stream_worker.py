@@ -38,6 +38,17 @@ answers ``NOGROUP``: the worker then re-creates the group (``XGROUP CREATE … 0
 stream, so actions appended since the restart are handled. After any failed round the worker
 first re-reads its own pending entries (``XREADGROUP … 0``) instead of waiting ``claim_idle`` for
 them.
+
+**Partitions** (``actions_stream_partitions`` = N > 1, ``party_sync.engine.partitions``):
+:class:`PartitionedWorker` runs one such read loop per partition stream (a cross-slot
+XREADGROUP over several streams is refused by a Redis Cluster), each with its own consumer group
+(created on that stream), its own XAUTOCLAIM and its own backoff, around one engine: a partition
+whose shard is down retries while the others go on. The engine then gets calls from several
+loops at once (for different parties; one party's entries are in one partition, handled in
+order), as over HTTP. Before it starts, the worker compares N with the count the serving nodes
+wrote (``<stream>:partitions``) and refuses to start when they differ (except in ``burst`` mode,
+which is how the streams of an old count are drained); while it runs it checks again every
+``count_check`` seconds and logs an ERROR once per episode of disagreement.
 """
 
 from __future__ import annotations
@@ -53,11 +64,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import orjson
-from redis.asyncio import Redis
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio import Redis, RedisCluster
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from party_sync import tracing
 from party_sync.backends.keys import ACTIONS_STREAM
+from party_sync.engine import partitions as layout
 from party_sync.engine import wire
 from party_sync.engine.interface import (
     ActionRequest,
@@ -68,12 +80,14 @@ from party_sync.engine.interface import (
     restate_engine,
 )
 from party_sync.engine.restating import EpochWatch
-from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+from party_sync.protocol.errors import BackendUnavailable, ConfigError, ErrorCode
 
 log = logging.getLogger(__name__)
 
 #: Errors of Redis or of party_sync's backend: the round is retried, the worker never stops.
-INFRA_ERRORS = (RedisError, BackendUnavailable, OSError, TimeoutError)
+#: (redis-py's cluster client raises ``RedisClusterException``, e.g. ``SlotNotCoveredError`` while
+#: a shard is down, which is not a ``RedisError``.)
+INFRA_ERRORS = (RedisError, RedisClusterException, BackendUnavailable, OSError, TimeoutError)
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
 
@@ -109,7 +123,7 @@ class StreamWorker:
         self,
         engine: Engine,
         publisher: LinkHost,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         options: WorkerOptions,
         *,
         watch: EpochWatch | None = None,
@@ -139,29 +153,33 @@ class StreamWorker:
         return self._degraded
 
     async def run(self) -> None:
-        o = self.options
         await self.engine.start(self.publisher)
-        log.info("engine worker consuming", extra={"stream": o.stream, "group": o.group})
-        delay = o.retry_min
         try:
-            while not self._stop.is_set():
-                try:
-                    if not self._group_ready:
-                        await self._ensure_group()
-                    busy = await self._round()
-                    # openings by the engine's events outside any entry (a timer of its own)
-                    await self.restate_opened()
-                except INFRA_ERRORS as exc:
-                    self._failed(exc)
-                    await self._pause(delay)
-                    delay = min(o.retry_max, delay * 2)
-                    continue
-                delay = o.retry_min
-                self._recovered()
-                if o.burst and not busy:
-                    return
+            await self.consume()
         finally:
             await self.engine.close()
+
+    async def consume(self) -> None:
+        """The read loop on ``options.stream`` (the engine already started; ``run`` does both)."""
+        o = self.options
+        log.info("engine worker consuming", extra={"stream": o.stream, "group": o.group})
+        delay = o.retry_min
+        while not self._stop.is_set():
+            try:
+                if not self._group_ready:
+                    await self._ensure_group()
+                busy = await self._round()
+                # openings by the engine's events outside any entry (a timer of its own)
+                await self.restate_opened()
+            except INFRA_ERRORS as exc:
+                self._failed(exc)
+                await self._pause(delay)
+                delay = min(o.retry_max, delay * 2)
+                continue
+            delay = o.retry_min
+            self._recovered()
+            if o.burst and not busy:
+                return
 
     async def _ensure_group(self) -> None:
         o = self.options
@@ -334,3 +352,107 @@ class StreamWorker:
         )
         deliveries = int(pending[0]["times_delivered"]) if pending else o.max_deliveries
         return deliveries >= o.max_deliveries
+
+
+class PartitionedWorker:
+    """Every partition of the actions stream: one :class:`StreamWorker` read loop per partition
+    stream (``loops``, partition 0 first), around one engine; ``run`` until ``stop`` (or, in
+    burst mode, until every partition is idle). With one partition it is one ``StreamWorker``."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        publisher: LinkHost,
+        redis: Redis | RedisCluster,
+        options: WorkerOptions,
+        *,
+        partitions: int = 1,
+        watch: EpochWatch | None = None,
+        clock: Callable[[], float] = time.time,
+        count_check: float = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.publisher = publisher
+        self.redis = redis
+        self.options = options
+        self.partitions = partitions
+        self.count_check = count_check  # seconds between two looks at <stream>:partitions
+        self.streams = layout.stream_names(options.stream, partitions)
+        self.loops = [
+            StreamWorker(
+                engine, publisher, redis, replace(options, stream=name), watch=watch, clock=clock
+            )
+            for name in self.streams
+        ]
+        self.mismatch: str | None = None  # what disagrees with the nodes' count, while it does
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for loop in self.loops:
+            loop.stop()
+
+    @property
+    def errors(self) -> int:
+        return sum(loop.errors for loop in self.loops)
+
+    @property
+    def skipped(self) -> int:
+        return sum(loop.skipped for loop in self.loops)
+
+    @property
+    def degraded(self) -> bool:
+        """True while some partition's rounds fail."""
+        return any(loop.degraded for loop in self.loops)
+
+    async def check_count(self) -> str | None:
+        """Compare N with the nodes' ``<stream>:partitions``: what is wrong, or None (they agree,
+        or no node has written it). Redis errors raise."""
+        raw = await self.redis.get(layout.count_key(self.options.stream))
+        return layout.mismatch(self.partitions, layout.parse_count(raw), self.options.stream)
+
+    async def run(self) -> None:
+        """Refuse to start on a partition mismatch (not in burst mode: draining old streams is
+        what it is for), then consume every partition."""
+        try:
+            problem = await self.check_count()
+        except INFRA_ERRORS as exc:  # Redis not there yet: the watcher looks again later
+            log.debug("cannot read the partition count yet: %s", exc)
+            problem = None
+        if problem is not None:
+            if not self.options.burst:
+                raise ConfigError(problem)
+            log.warning("burst mode despite a partition mismatch: %s", problem)
+        await self.engine.start(self.publisher)
+        tasks = [asyncio.create_task(loop.consume()) for loop in self.loops]
+        watcher = None if self.options.burst else asyncio.create_task(self._watch())
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                error = None if task.cancelled() else task.exception()
+                if error is not None:
+                    raise error  # a bug, not Redis (the loops survive those): end it all
+        finally:
+            self.stop()
+            for task in (*tasks, *([watcher] if watcher else [])):
+                task.cancel()
+            await asyncio.gather(*tasks, *([watcher] if watcher else []), return_exceptions=True)
+            await self.engine.close()
+
+    async def _watch(self) -> None:
+        """Every ``count_check`` seconds: does the nodes' count still agree? (ERROR once per
+        episode of disagreement, INFO when it is over; Redis errors are the loops' to report.)"""
+        while not self._stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self.count_check)
+            if self._stop.is_set():
+                return
+            try:
+                problem = await self.check_count()
+            except INFRA_ERRORS:
+                continue
+            if problem is not None and self.mismatch is None:
+                log.error("actions stream partitions disagree: %s", problem)
+            elif problem is None and self.mismatch is not None:
+                log.info("actions stream partitions agree with the serving nodes again")
+            self.mismatch = problem

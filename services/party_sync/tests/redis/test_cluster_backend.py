@@ -1,0 +1,336 @@
+"""party_sync on a Redis Cluster (``--redis-cluster``): three masters with a replica each, started
+by the test kit for the module (docs/redis.md, "Redis Cluster").
+
+- one gateway node end to end: join, action, result, scene, resume; every party event is
+  SPUBLISHed from its script (the masters ran no classic PUBLISH);
+- parties spread over every shard, each delivered on its shard's subscription;
+- two gateway nodes, a party with members on both, and a resume across nodes;
+- the slot of a live party migrated while it plays (ASK, TRYAGAIN, then MOVED for the scripts;
+  the subscription follows the slot): every event delivered once, in order, no resync;
+- the master of a live party's slot SIGKILLed and its replica promoted while the party plays:
+  the shard's fence gives the party a new epoch (the replica may have lost the newest writes),
+  listeners resync, nothing is delivered out of order or twice within an epoch, and the node
+  delivers again within ``FAILOVER_BOUND`` of the kill (measured, docs/redis.md).
+
+The whole behavioural suite (``backend_kind``) runs on a cluster with ``make test-cluster``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import pytest
+from party_sync.backends.base import BackendSettings
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.backends.redis_batch import ShardedBatcher
+from party_sync.backends.redis_scripts import PARTY_SCRIPTS, _source, script_text
+from party_sync.backends.redis_shard_bus import ShardedBus
+from party_sync.core.events import Event
+from party_sync.core.transient import Transient
+from party_sync.metrics import Metrics
+from party_sync.protocol import codec
+from party_sync.protocol.errors import BackendUnavailable
+from ps_testkit import servers
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.redis_cluster import RedisCluster
+from ps_testkit.servers import serve_in_process
+
+pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
+
+#: Seconds from a master's SIGKILL to the first event delivered again on the promoted replica
+#: (cluster-node-timeout 1 s in the kit; measured ~3 s, docs/redis.md).
+FAILOVER_BOUND = 10.0
+
+
+@pytest.fixture(scope="module")
+def kit() -> Iterator[RedisCluster]:
+    with RedisCluster(masters=3, replicas=1) as running:
+        yield running
+
+
+@pytest.fixture
+def on_cluster(kit: RedisCluster) -> Iterator[RedisCluster]:
+    """Every master flushed; in-process servers run on the cluster."""
+    for master in kit.masters():
+        master.call("FLUSHALL")
+    servers.redis_url_for_tests, servers.redis_cluster_for_tests = kit.url, True
+    try:
+        yield kit
+    finally:
+        servers.redis_url_for_tests, servers.redis_cluster_for_tests = None, False
+
+
+class Recorder:
+    """A ``PartyListener`` that keeps what it is given (with each event's epoch at delivery)."""
+
+    def __init__(self, backend: RedisBackend, party_id: str) -> None:
+        self.events: list[Event] = []
+        self.epochs: list[str] = []
+        self.resyncs = 0
+        self._backend, self._party_id = backend, party_id
+
+    @property
+    def seqs(self) -> list[int]:
+        return [e.seq for e in self.events]
+
+    def on_event(self, event: Event) -> None:
+        stream = self._backend._streams[self._party_id]  # the epoch it is delivered in
+        self.events.append(event)
+        self.epochs.append(stream.epoch or "")
+
+    def on_direct(self, character_id: str, data: bytes) -> None:
+        return None
+
+    def on_resync(self) -> None:
+        self.resyncs += 1
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        return None
+
+
+@contextlib.asynccontextmanager
+async def node(url: str, **options: Any) -> AsyncIterator[RedisBackend]:
+    b = RedisBackend(
+        RedisOptions(url, cluster=True, **options),
+        BackendSettings(presence_ttl=30.0),
+        metrics=Metrics("test"),
+    )
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.close()
+
+
+def scene(n: int) -> dict[str, Any]:
+    payload = {
+        "scene_number": n,
+        "scene_id": f"s{n}",
+        "title": "T",
+        "narration": "N",
+        "options": [],
+        "kind": "story",
+    }
+    return codec.envelope("scene.update", payload, ts=time.time())
+
+
+def commandstat(kit: RedisCluster, command: str) -> int:
+    """Calls of ``command`` on every master since the last CONFIG RESETSTAT (scripts' calls too)."""
+    total = 0
+    for master in kit.masters():
+        stats = master.info("commandstats").get(f"cmdstat_{command}")
+        if isinstance(stats, dict):
+            total += int(stats["calls"])
+    return total
+
+
+def in_order_per_epoch(rec: Recorder) -> None:
+    """Within each epoch: seqs from where it started, +1 each, none twice."""
+    by_epoch: dict[str, list[int]] = {}
+    for epoch, seq in zip(rec.epochs, rec.seqs, strict=True):
+        by_epoch.setdefault(epoch, []).append(seq)
+    for epoch, seqs in by_epoch.items():
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), (epoch, seqs)
+
+
+class Player:
+    """Publishes scene after scene into one party (as an engine would), retrying what Redis could
+    not take (``BackendUnavailable``), until stopped."""
+
+    def __init__(self, backend: RedisBackend, party_id: str) -> None:
+        self.backend, self.party_id = backend, party_id
+        self.published: list[Event] = []
+        self.failures = 0
+        self.slowest = 0.0  # seconds, the longest publish call (a migration makes it wait)
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._play())
+
+    async def stop(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+
+    async def _play(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            began = time.monotonic()
+            try:
+                event = await self.backend.publish(self.party_id, scene(n), time.time())
+            except BackendUnavailable:
+                self.failures += 1
+                await asyncio.sleep(0.02)  # Redis is away: pace the retries, not a sync
+                continue
+            self.slowest = max(self.slowest, time.monotonic() - began)
+            self.published.append(event)
+            await asyncio.sleep(0)  # let the subscriber's reader run between two events
+
+
+def test_cluster_scripts_spublish_where_one_redis_scripts_publish() -> None:
+    lib = _source("_lib")
+    published = 0
+    for name in PARTY_SCRIPTS:
+        plain = script_text(lib, _source(name))
+        sharded = script_text(lib, _source(name), sharded=True)
+        assert "'SPUBLISH'" not in plain
+        assert "'PUBLISH'" not in sharded
+        assert sharded.count("'SPUBLISH'") == plain.count("'PUBLISH'")
+        assert sharded.replace("'SPUBLISH'", "'PUBLISH'") == plain  # nothing else differs
+        published += plain.count("'PUBLISH'")
+    assert published > 0
+
+
+async def test_one_node_join_act_result_resume_with_sharded_pubsub_only(
+    on_cluster: RedisCluster,
+) -> None:
+    for master in on_cluster.masters():
+        master.call("CONFIG", "RESETSTAT")
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        b, hello_b = await srv.join("borin")
+        epoch, last = hello_b["payload"]["epoch"], hello_b["payload"]["seq"]
+        await a.until("party.join")
+        await a.act("act-1", "aria", "r1")
+        result = await b.expect("action.result")
+        assert result["payload"]["action_id"] == "act-1"
+        assert (await b.expect("scene.update"))["seq"] == result["seq"] + 1
+        await b.close()
+        await a.act("act-2", "aria", "r1")
+        await a.until("scene.update")
+        b, resumed = await srv.join("borin", epoch=epoch, last_seq=last)
+        p = resumed["payload"]
+        assert p["resumed"] is True and p["resumed_from"] == last
+        replay = [await b.recv() for _ in range(p["seq"] - last)]
+        assert [m["seq"] for m in replay] == list(range(last + 1, p["seq"] + 1))
+        assert "act-2" in [m["payload"].get("action_id") for m in replay]
+        await a.close()
+        await b.close()
+    assert commandstat(on_cluster, "spublish") > 0
+    assert commandstat(on_cluster, "publish") == 0  # never broadcast to every node
+
+
+async def test_parties_on_every_shard_are_each_delivered(on_cluster: RedisCluster) -> None:
+    parties = [f"p{i}" for i in range(24)]
+    async with node(on_cluster.url) as n1, node(on_cluster.url) as n2:
+        recorders = {p: Recorder(n2, p) for p in parties}
+        for p in parties:
+            await n2.subscribe(p, recorders[p])
+        for round_ in range(3):
+            for p in parties:
+                await n1.publish(p, scene(round_), time.time())
+        await wait_until(lambda: all(r.seqs == [1, 2, 3] for r in recorders.values()))
+        slots = {on_cluster.keyslot(f"party:{p}") for p in parties}
+        owners = {on_cluster.slot_owner(s).port for s in slots}
+        assert owners == {m.port for m in on_cluster.masters()}  # all three shards carry some
+        assert isinstance(n2.bus, ShardedBus) and n2.bus.connected
+        assert all(r.resyncs == 0 for r in recorders.values())
+
+
+async def test_two_nodes_one_party_members_on_both_and_resume_across(
+    on_cluster: RedisCluster,
+) -> None:
+    engine = ScriptedEngine()
+    async with (
+        serve_in_process(engine=engine) as srv1,
+        serve_in_process(engine=engine) as srv2,
+    ):
+        a, _ = await srv1.join("aria")
+        b, hello_b = await srv2.join("borin")
+        assert {m["character_id"] for m in hello_b["payload"]["members"]} == {"aria", "borin"}
+        await a.until("party.join")
+        await a.act("act-1", "aria", "r1", trace_id="trace-c-1")
+        result = await b.expect("action.result")
+        scene_b = await b.expect("scene.update")
+        assert result["payload"]["action_id"] == "act-1"
+        assert scene_b["trace_id"] == "trace-c-1" and scene_b["seq"] == result["seq"] + 1
+        assert (await a.until("scene.update"))["seq"] == scene_b["seq"]
+        epoch, last = hello_b["payload"]["epoch"], scene_b["seq"]
+        await b.close()
+        await a.act("act-2", "aria", "r1")
+        missed = await a.until("scene.update")
+        b, resumed = await srv1.join("borin", epoch=epoch, last_seq=last)  # the other node
+        p = resumed["payload"]
+        assert p["resumed"] is True and p["resumed_from"] == last
+        replay = [await b.recv() for _ in range(p["seq"] - last)]
+        assert replay[-1]["seq"] == missed["seq"] == p["seq"]
+        assert engine.count("act-1") == engine.count("act-2") == 1
+        await a.close()
+        await b.close()
+
+
+async def test_a_live_partys_slot_migrates_while_it_plays(on_cluster: RedisCluster) -> None:
+    party = "mig"
+    slot = on_cluster.keyslot(f"party:{party}")
+    source = on_cluster.slot_owner(slot)
+    target = next(m for m in on_cluster.masters() if m.port != source.port)
+    async with (
+        node(on_cluster.url, probe_interval=1.0) as n1,
+        node(on_cluster.url, probe_interval=1.0) as n2,
+    ):
+        rec = Recorder(n2, party)
+        await n2.subscribe(party, rec)
+        player = Player(n1, party)
+        player.start()
+        await wait_until(lambda: len(rec.events) >= 20)
+        began = time.monotonic()
+        migration = await asyncio.to_thread(on_cluster.begin_migration, slot, target)
+        moving = await asyncio.to_thread(migration.keys)
+        assert len(moving) >= 2  # meta, history, state...: scripts get ASK / TRYAGAIN
+        await asyncio.to_thread(migration.move, keys=moving[:1])
+        await asyncio.to_thread(migration.move)
+        await asyncio.to_thread(migration.finish)
+        window = time.monotonic() - began
+        moved_at = len(player.published)
+        await wait_until(lambda: len(rec.events) >= moved_at + 20, timeout=15)
+        await player.stop()
+        await wait_until(lambda: rec.seqs == [e.seq for e in player.published], timeout=10)
+    print(f"slot migration: {window:.3f}s, slowest publish {player.slowest:.3f}s")
+    assert on_cluster.slot_owner(slot).port == target.port
+    assert rec.resyncs == 0
+    assert rec.seqs == list(range(1, len(rec.seqs) + 1))  # all, once, in order
+    assert player.failures == 0  # redirections were retried inside the batcher
+    assert isinstance(n1.scripts.batcher, ShardedBatcher) and n1.scripts.batcher.redirects > 0
+    assert isinstance(n2.bus, ShardedBus) and n2.bus.moves >= 1  # the subscription followed
+
+
+async def test_a_killed_master_is_followed_with_a_new_epoch_never_a_rolled_back_seq(
+    on_cluster: RedisCluster,
+) -> None:
+    party = "fail"
+    slot = on_cluster.keyslot(f"party:{party}")
+    master = on_cluster.slot_owner(slot)
+    async with (
+        node(on_cluster.url, probe_interval=1.0, command_timeout=2.0) as n1,
+        node(on_cluster.url, probe_interval=1.0, command_timeout=2.0) as n2,
+    ):
+        rec = Recorder(n2, party)
+        await n2.subscribe(party, rec)
+        player = Player(n1, party)
+        player.start()
+        await wait_until(lambda: len(rec.events) >= 20)
+        before = (await n1.snapshot(party)).epoch
+        killed = time.monotonic()
+        promoted = await asyncio.to_thread(on_cluster.kill_master, master)
+        delivered = len(rec.events)
+        await wait_until(lambda: rec.resyncs >= 1 and len(rec.events) > delivered, timeout=15)
+        recovered = time.monotonic() - killed
+        settled = len(rec.events)
+        await wait_until(lambda: len(rec.events) >= settled + 20, timeout=10)
+        await player.stop()
+        after = (await n1.snapshot(party)).epoch
+        await wait_until(lambda: rec.events[-1].seq == player.published[-1].seq, timeout=10)
+    print(f"cluster failover: promoted {promoted.port}, delivering again {recovered:.2f}s after")
+    assert after != before  # the shard's fence: a new epoch on the promoted replica
+    assert set(rec.epochs) >= {before, after}
+    in_order_per_epoch(rec)
+    assert recovered < FAILOVER_BOUND
+    await asyncio.to_thread(on_cluster.restart, master)  # back, as the new master's replica
