@@ -106,7 +106,10 @@ def make_link(settings: Settings) -> EngineLink:
     if transport == "stream":
         assert settings.redis_url is not None
         return StreamEngineLink(
-            RedisTarget.of(settings), settings.actions_stream, settings.actions_stream_maxlen
+            RedisTarget.of(settings),
+            settings.actions_stream,
+            settings.actions_stream_maxlen,
+            partitions=settings.actions_stream_partitions,
         )
     return InProcessLink(load_engine(settings.engine))
 
@@ -161,6 +164,7 @@ def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> Heal
             ENGINE_GROUP,
             interval=ENGINE_WATCH_INTERVAL,
             metrics=metrics,
+            partitions=link.partitions,
         )
     if isinstance(link, HttpEngineLink):
         return HttpProbe(link.url, interval=ENGINE_WATCH_INTERVAL, metrics=metrics)

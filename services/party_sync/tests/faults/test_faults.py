@@ -152,7 +152,28 @@ async def test_pubsub_connections_killed_repeatedly() -> None:
 
 async def test_an_engine_worker_killed_while_another_runs() -> None:
     system = RedisSystem(scenario_directory("worker_sigkill"))
+    _verdict(
+        await run_scenario(
+            "worker_sigkill", "an engine worker killed with SIGKILL", system, _kill_worker(system)
+        )
+    )
 
+
+async def test_an_engine_worker_killed_while_another_runs_on_a_partitioned_stream() -> None:
+    """The same with ``actions_stream_partitions`` = 3: each worker runs three read loops; the
+    dead one's entries are reclaimed from its partition by the other (docs/engines.md)."""
+    system = RedisSystem(scenario_directory("worker_sigkill_partitioned"), partitions=3)
+    _verdict(
+        await run_scenario(
+            "worker_sigkill_partitioned",
+            "an engine worker killed with SIGKILL, actions stream in 3 partitions",
+            system,
+            _kill_worker(system),
+        )
+    )
+
+
+def _kill_worker(system: RedisSystem) -> Inject:
     async def inject(players: Sequence[Player]) -> FaultWindow:
         # Frozen first, until it holds entries (a read it had blocked on is still served by
         # Redis), then killed: it dies with actions delivered to it and never acknowledged.
@@ -170,9 +191,7 @@ async def test_an_engine_worker_killed_while_another_runs() -> None:
             start, time.monotonic(), {"killed": "worker1 (SIGKILL)", "pending_on_it": held}
         )
 
-    _verdict(
-        await run_scenario("worker_sigkill", "an engine worker killed with SIGKILL", system, inject)
-    )
+    return inject
 
 
 def _restart_embedded(system: EmbeddedSystem) -> Inject:

@@ -32,6 +32,7 @@ from typing import Any, Protocol
 import aiohttp
 from campaign_engine.store import open_store
 from party_sync.backends.keys import ACTIONS_STREAM
+from party_sync.engine.partitions import stream_names
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
@@ -263,10 +264,15 @@ class Base:
 
 
 class RedisSystem(Base):
-    """A private redis-server, two nodes (stream transport) and two engine workers."""
+    """A private redis-server, two nodes (stream transport) and two engine workers; with
+    ``partitions`` > 1 the actions stream is partitioned (``PARTY_SYNC_ACTIONS_STREAM_PARTITIONS``
+    for the nodes and the workers alike)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, partitions: int = 1) -> None:
         super().__init__(directory)
+        self.streams = stream_names(ACTIONS_STREAM, partitions)
+        if partitions > 1:
+            self.env["PARTY_SYNC_ACTIONS_STREAM_PARTITIONS"] = str(partitions)
         self.redis = RedisServer()
         self.ports = [free_port()]
         while len(self.ports) < 2:  # two distinct ports, even if the kernel hands one out twice
@@ -314,22 +320,30 @@ class RedisSystem(Base):
         return Redis.from_url(self.redis.url, socket_timeout=2.0, socket_connect_timeout=2.0)
 
     async def groups(self) -> list[str]:
-        """The consumer groups of the actions stream ([] if there is no stream yet)."""
+        """The consumer groups on every partition of the actions stream ([] if one has no
+        stream yet)."""
+        found: set[str] | None = None
         async with self.redis_client() as r:
-            try:
-                rows: Any = await r.xinfo_groups(ACTIONS_STREAM)
-            except ResponseError:  # no such key
-                return []
-        return [_text(row["name"]) for row in rows]
+            for stream in self.streams:
+                try:
+                    rows: Any = await r.xinfo_groups(stream)
+                except ResponseError:  # no such key
+                    return []
+                names = {_text(row["name"]) for row in rows}
+                found = names if found is None else found & names
+        return sorted(found or ())
 
     async def pending(self, consumer: str) -> int:
-        """Entries of the actions stream delivered to ``consumer`` and not acknowledged."""
+        """Entries of the actions stream (all partitions) delivered to ``consumer`` and not
+        acknowledged."""
+        total = 0
         async with self.redis_client() as r:
-            summary: Any = await r.xpending(ACTIONS_STREAM, WORKER_GROUP)
-        for row in summary.get("consumers") or ():
-            if _text(row["name"]) == consumer:
-                return int(row["pending"])
-        return 0
+            for stream in self.streams:
+                summary: Any = await r.xpending(stream, WORKER_GROUP)
+                for row in summary.get("consumers") or ():
+                    if _text(row["name"]) == consumer:
+                        total += int(row["pending"])
+        return total
 
     async def redis_pid(self) -> int:
         async with self.redis_client() as r:

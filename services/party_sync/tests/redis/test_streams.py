@@ -245,3 +245,40 @@ async def test_an_engine_worker_process_outlives_redis_down_at_start_and_an_empt
         finally:
             await link.close()
         assert proc.poll() is None
+
+
+PARTITIONS = ("--actions-stream-partitions", "3")
+
+
+async def test_a_node_and_a_worker_process_on_three_partitions(cluster: Cluster) -> None:
+    """``serve`` and ``engine-worker`` given the same count: the parties' actions go to their
+    partitions (several of them), every one is answered; a worker given another count refuses to
+    start, naming the nodes' count."""
+    from party_sync.engine.partitions import partition_of, stream_names
+
+    parties = [f"pp-{n}" for n in range(6)]
+    streams = stream_names(ACTIONS_STREAM, 3)
+    assert len({partition_of(p, 3) for p in parties}) == 3  # every partition has a party
+    async with cluster.node(*STREAM, *PARTITIONS) as node:
+        with worker(cluster, *PARTITIONS):
+            for n, party in enumerate(parties):
+                a, _ = await node.join("aria", party=party)
+                await a.act(f"pa-{n}", "aria", "r1")
+                result = await a.until("action.result", timeout=15)
+                assert result["payload"]["action_id"] == f"pa-{n}"
+                await a.close()
+        redis = Redis.from_url(cluster.redis.url)
+        try:
+            lengths = [int(await redis.xlen(name)) for name in streams]
+            assert await redis.xlen(ACTIONS_STREAM) == 0
+            assert await redis.get(f"{ACTIONS_STREAM}:partitions") == b"3"
+        finally:
+            await redis.aclose()
+        assert all(length > 0 for length in lengths), lengths
+        assert sorted(engine_calls(cluster.engine_dir)) == sorted(f"pa-{n}" for n in range(6))
+        with worker(cluster) as wrong:  # one partition, as by default
+            code = await asyncio.to_thread(wrong.wait, 20)
+            assert wrong.stderr is not None
+            error = wrong.stderr.read().decode()
+        assert code == 2, error
+        assert "--actions-stream-partitions 3" in error
