@@ -564,6 +564,151 @@ def render_party_memory(
     return "\n".join(out)
 
 
+CLUSTER = "party_sync-redis-cluster"
+SINGLE_REDIS = "party_sync-redis-1"
+#: The share of a Redis core a shard is planned to use: Redis runs commands on one thread and its
+#: latency grows fast near a full core; the rest is headroom for bursts and a promoted replica.
+SHARD_BUDGET = 0.5
+
+
+def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares ``y = fixed + per_unit × x`` (None with fewer than two distinct x)."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
+    return my - slope * mx, slope
+
+
+def cluster_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per offered rate (medians over the sweeps): the node's and every shard's CPU."""
+    rates: dict[float, list[dict[str, Any]]] = {}
+    for r in entry.get("runs") or []:
+        for s in steps_of(r):
+            if s.get("redis_cpu_shards"):
+                rates.setdefault(s["offered_delivered"], []).append(s)
+    rows = []
+    for rate in sorted(rates):
+        steps = rates[rate]
+        width = min(len(s["redis_cpu_shards"]) for s in steps)
+        shards = [_median(s["redis_cpu_shards"][i] for s in steps) or 0.0 for i in range(width)]
+        rows.append(
+            {
+                "offered": rate,
+                "actions": _median(s["rate_in"] for s in steps) or 0.0,
+                "delivered": _median(s["delivered_per_s"] for s in steps) or 0.0,
+                "p99_ms": _median(s["p99_ms"] for s in steps),
+                "ok": all(_ok(s, STRICT_MS) for s in steps),
+                "server_cpu": _median(s.get("server_cpu") for s in steps) or 0.0,
+                "shards": shards,
+            }
+        )
+    return rows
+
+
+def render_cluster(systems: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> str:
+    """The cluster row's cost per shard, and how many shards a load needs (from those costs)."""
+    entry = systems.get(CLUSTER)
+    out = ["### Redis Cluster: cost per shard, and how many shards a game needs", ""]
+    if not entry or not entry.get("available"):
+        reason = (entry or {}).get("reason", "not measured in this run")
+        return "\n".join([*out, f"_{CLUSTER}: {reason}_"])
+    rows = cluster_rows(entry)
+    if not rows:
+        return "\n".join([*out, "_No per-shard CPU was sampled._"])
+    n = len(rows[0]["shards"])
+    out.append(
+        f"`{CLUSTER}`: one party_sync node on a private Redis Cluster of {n} masters "
+        "(`redis-cli --cluster create`, slots split evenly, no replicas), every `redis-server` "
+        "pinned to the server's core like the single Redis; party_sync runs with "
+        "`--redis-cluster` and the benchmark's parties spread over the shards by their hash tag "
+        "`{party:<id>}`. CPU per delivered message of the node and of each shard, at every "
+        "offered rate of its sweep (medians over the sweeps):"
+    )
+    out.append("")
+    head = " | ".join(f"shard {i + 1} CPU, µs per msg" for i in range(n))
+    out.append(
+        f"| offered msgs/s | actions/s | p99 ms | node CPU, µs per msg | {head} | "
+        "all shards µs per action | busiest shard ÷ mean |"
+    )
+    out.append("|---:|---:|---:|---:|" + "---:|" * n + "---:|---:|")
+    for row in rows:
+        d = row["delivered"] or 1.0
+        cells = " | ".join(f"{_pct(c)}, {_ms(_us(c, d))}" for c in row["shards"])
+        total = sum(row["shards"])
+        skew = max(row["shards"]) / (total / n) if total else None
+        mark = "" if row["ok"] else " ✗"
+        out.append(
+            f"| {_k(row['offered'])}{mark} | {_k(row['actions'])} | {_ms(row['p99_ms'])} | "
+            f"{_pct(row['server_cpu'])}, {_ms(_us(row['server_cpu'], d))} | {cells} | "
+            f"{_ms(_us(total, row['actions']))} | {'–' if skew is None else f'{skew:.2f}'} |"
+        )
+    out.append("")
+    out.append("✗ = p99 above 10 ms or something lost at that step (left out of the fit below).")
+    ok = [row for row in rows if row["ok"] and row["actions"]]
+    redis_fit = _fit([(row["actions"], sum(row["shards"])) for row in ok])
+    node_fit = _fit([(row["actions"], row["server_cpu"]) for row in ok])
+    if redis_fit is None or node_fit is None or redis_fit[1] <= 0 or node_fit[1] <= 0:
+        out += ["", "_Too few sustained steps to fit the per-action costs; no sizing._"]
+        return "\n".join(out)
+    fixed, per_action = redis_fit[0] / n, redis_fit[1] * 1e6  # per shard; µs per action
+    node_per_action = node_fit[1] * 1e6
+    skew = _median(max(r["shards"]) / (sum(r["shards"]) / n) for r in ok if sum(r["shards"])) or 1
+    single = summaries.get(SINGLE_REDIS, {}).get("strict_redis_us_per_action")
+    capacity = max(0.0, SHARD_BUDGET - max(0.0, fixed)) * 1e6 / per_action
+    out += [
+        "",
+        "**Sizing, from these costs.** Each action touches only its party's shard (its keys "
+        "and its channel share the party's hash tag), so Redis's work grows with actions per "
+        "second, and spreads over the shards as the parties do. A straight-line fit of the "
+        f"sustained steps (Redis CPU summed over the {n} shards, and the node's CPU, against "
+        f"actions per second) gives **{_ms(per_action)} µs of Redis CPU per action** "
+        f"(plus {_pct(max(0.0, fixed))} of a core per shard at rest: cluster bus, cron)"
+        + (
+            f"; one Redis, same run: {_ms(single)} µs per action at its 10-ms rate"
+            if single
+            else ""
+        )
+        + f", and **{_ms(node_per_action)} µs of node CPU per action** (8 deliveries each). "
+        f"The busiest shard carried {skew:.2f}× the mean (the parties' slots are not spread "
+        f"perfectly; more parties spread better). Planning a shard at {_pct(SHARD_BUDGET)} of "
+        f"its core (Redis executes on one thread; the rest is headroom for bursts and for a "
+        f"replica promoted in a failover), one shard carries about **{_k(capacity / skew)} "
+        "actions per second**, so:",
+        "",
+        f"    shards = ceil(actions per second × {_ms(per_action)} µs × {skew:.2f} "
+        f"/ ({SHARD_BUDGET:.0%} × 10⁶ µs − {_pct(max(0.0, fixed))} of a core))",
+        f"    nodes  = ceil(actions per second × {_ms(node_per_action)} µs / (50 % × 10⁶ µs))",
+        "",
+        "and at least as many shards as memory asks: parties × Redis KiB per active party (the "
+        "memory table above; `make soak` gives the steady-state figure) ÷ the memory of one "
+        "shard. For example (one action per party every 10 s, the soak's pace):",
+        "",
+        "| parties | actions/s | Redis CPU, all shards | shards (CPU) | node CPU | nodes |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for parties in (2_500, 10_000, 50_000, 200_000):
+        actions = parties / 10
+        redis_cores = actions * per_action / 1e6
+        node_cores = actions * node_per_action / 1e6
+        shards = max(1, math.ceil(actions / (capacity / skew))) if capacity else None
+        nodes = max(1, math.ceil(node_cores / 0.5))
+        out.append(
+            f"| {parties:,} | {_k(actions)} | {_pct(redis_cores)} of a core | "
+            f"{shards if shards else '–'} | {_pct(node_cores)} of a core | {nodes} |"
+        )
+    out += [
+        "",
+        "A Redis Cluster needs three masters at least (`redis-cli --cluster create`), so below "
+        "that the count is three; the figures are this machine's (a core shared by the node "
+        "and the shards: on separate cores a shard's figure only improves).",
+    ]
+    return "\n".join(out)
+
+
 def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> str:
     meta = results["meta"]
     systems = results["systems"]
@@ -703,6 +848,9 @@ def render_markdown(results: dict[str, Any], plot_name: str, analysis: str) -> s
     add("")
     add(render_party_memory(systems, summaries, quick))
     add("")
+    if CLUSTER in systems:
+        add(render_cluster(systems, summaries))
+        add("")
     add("### Targets")
     add("")
     if quick:

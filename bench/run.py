@@ -324,6 +324,72 @@ def redis_server(workdir: Path, nice: int) -> Iterator[tuple[str, int]]:
         proc.stop()
 
 
+@contextlib.contextmanager
+def redis_cluster(workdir: Path, nice: int, masters: int) -> Iterator[tuple[list[str], list[int]]]:
+    """A private Redis Cluster of ``masters`` masters (no replicas) on free loopback ports.
+
+    Each ``redis-server`` runs with ``--cluster-enabled yes`` in its own directory, pinned like a
+    single Redis; ``redis-cli --cluster create`` assigns the slots evenly. Yields every node's URL
+    and pid (one per shard, in start order). Waits (bounded) until every node says
+    ``cluster_state:ok`` and routes all 16384 slots the same way.
+    """
+    import redis
+
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        raise RuntimeError("redis-server/redis-cli not found (apt-get install redis-server)")
+    ports: list[int] = []
+    while len(ports) < 2 * masters:  # a client port and a cluster-bus port per node
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    procs: list[Started] = []
+    try:
+        for i in range(masters):
+            port, bus = ports[2 * i], ports[2 * i + 1]
+            node_dir = workdir / f"cluster-{port}"
+            shutil.rmtree(node_dir, ignore_errors=True)
+            node_dir.mkdir(parents=True)
+            argv = [server, "--port", str(port), "--cluster-port", str(bus)]
+            argv += ["--bind", "127.0.0.1", "--cluster-enabled", "yes"]
+            argv += ["--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no"]
+            argv += ["--dir", str(node_dir), "--protected-mode", "yes"]
+            procs.append(Started("redis-cluster", argv, node_dir / "redis.log", SERVER_CPU, nice))
+            wait_port(port, procs[-1], 15)
+        nodes = [f"127.0.0.1:{ports[2 * i]}" for i in range(masters)]
+        done = subprocess.run(
+            [cli, "--cluster", "create", *nodes, "--cluster-replicas", "0", "--cluster-yes"],
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout[-1500:]!r}")
+        urls = [f"redis://{node}/0" for node in nodes]
+        deadline = time.monotonic() + 30
+        while True:
+            views = set()
+            ok = True
+            for url in urls:
+                client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+                try:
+                    info = client.execute_command("CLUSTER INFO")  # redis-py parses it: a dict
+                    ok = ok and info.get("cluster_state") == "ok"
+                    slots = client.execute_command("CLUSTER SLOTS")
+                    views.add(str(sorted((row[0], row[1], row[2][1]) for row in slots)))
+                finally:
+                    client.close()
+            if ok and len(views) == 1:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("the bench's Redis Cluster did not become stable in 30 s")
+            time.sleep(0.1)  # polling the cluster's state, bounded by the deadline
+        yield urls, [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            proc.stop()
+
+
 # -- sampling -------------------------------------------------------------------------------------
 def redis_memory(urls: Sequence[str]) -> dict[str, int] | None:
     """``used_memory`` and ``used_memory_rss`` (``INFO memory``) summed over ``urls``.
@@ -422,6 +488,7 @@ class Sampler:
             "t": time.monotonic(),
             "server": self._cpu(self.servers),
             "redis": self._cpu(self.redis),
+            "redis_shards": [self._cpu([proc]) for proc in self.redis],
             "loadgen": self._cpu([self.loadgen]),
             "busy": busy,
             "irq": irq,
@@ -440,6 +507,10 @@ class Sampler:
             "foreign_cpu": max(0.0, (b["busy"] - a["busy"]) - ours) / wall,
             "irq_cpu": (b["irq"] - a["irq"]) / wall,
             "steal_cpu": (b["steal"] - a["steal"]) / wall,
+            # Per redis-server (a Redis Cluster's shards, in start order); one entry otherwise.
+            "redis_cpu_shards": [
+                (y - x) / wall for x, y in zip(a["redis_shards"], b["redis_shards"], strict=True)
+            ],
         }
 
 
@@ -513,7 +584,12 @@ def serving(
         redis_url = ""
         redis_pids: list[int] = []
         redis_urls: list[str] = []
-        if system.redis:
+        if system.shards:
+            redis_urls, redis_pids = stack.enter_context(
+                redis_cluster(workdir, cfg.nice, system.shards)
+            )
+            redis_url = redis_urls[0]  # the client discovers the other shards from it
+        elif system.redis:
             redis_url, redis_pid = stack.enter_context(redis_server(workdir, cfg.nice))
             redis_pids = [redis_pid]
             redis_urls = [redis_url]
@@ -820,8 +896,8 @@ def run_narration(
         "systems": {},
     }
     for system in systems:
-        if system.kind != "party_sync" or system.nodes != 1:
-            continue  # the peers have no live narration; one node (embedded, Redis)
+        if system.kind != "party_sync" or system.nodes != 1 or system.shards:
+            continue  # the peers have no live narration; one node (embedded, one Redis)
         entry: dict[str, Any] = {
             "label": system.label,
             "kind": system.kind,
@@ -1216,6 +1292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "kind": system.kind,
             "nodes": system.nodes,
             "redis": system.redis,
+            "shards": system.shards,
             "note": system.note,
             "command": system.command,
             "runs": [],
@@ -1304,7 +1381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         results["profiles"] = {}
         for system in systems:
-            if system.kind != "party_sync" or system.nodes != 1:
+            if system.kind != "party_sync" or system.nodes != 1 or system.shards:
                 continue
             if not results["systems"].get(system.name, {}).get("available", cfg.probes_only):
                 continue

@@ -17,6 +17,10 @@ PS_COMMAND = "{python} -m party_sync serve --port {port} --engine bench.engine:c
 #: On Redis, the engine still runs in each server process and answers at once (the scenario), so
 #: the engine transport is pinned to in-process (``auto`` would pick a Redis stream + worker).
 PS_REDIS_ARGS = "--redis-url {redis_url} --engine-transport inprocess"
+#: On a Redis Cluster: ``{redis_url}`` names one node, party_sync discovers the others.
+PS_CLUSTER_ARGS = f"{PS_REDIS_ARGS} --redis-cluster"
+#: Masters of the benchmark's cluster (the smallest ``redis-cli --cluster create`` accepts).
+CLUSTER_SHARDS = 3
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class System:
     command: str  # a template, see the module docstring
     nodes: int = 1
     redis: bool = False
+    shards: int = 0  # > 0: a private Redis Cluster of that many masters instead of one Redis
     env: dict[str, str] = field(default_factory=dict)
     note: str = ""
     node_package: str = ""  # a Node.js package under the repository root, installed by `npm ci`
@@ -65,6 +70,17 @@ def all_systems(ps_command: str = PS_COMMAND, ps_env: dict[str, str] | None = No
             nodes=2,
             redis=True,
             env=env,
+        ),
+        System(
+            "party_sync-redis-cluster",
+            f"party_sync on a Redis Cluster of {CLUSTER_SHARDS} masters, 1 process",
+            "party_sync",
+            "party_sync",
+            f"{ps_command} {PS_CLUSTER_ARGS}",
+            redis=True,
+            shards=CLUSTER_SHARDS,
+            env=env,
+            note="every shard's redis-server pinned with the node, CPU reported per shard",
         ),
         System(
             "socketio-redis",
