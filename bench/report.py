@@ -694,7 +694,7 @@ def render_cluster(systems: dict[str, Any], summaries: dict[str, dict[str, Any]]
         actions = parties / 10
         redis_cores = actions * per_action / 1e6
         node_cores = actions * node_per_action / 1e6
-        shards = max(1, math.ceil(actions / (capacity / skew))) if capacity else None
+        shards = max(3, math.ceil(actions / (capacity / skew))) if capacity else None
         nodes = max(1, math.ceil(node_cores / 0.5))
         out.append(
             f"| {parties:,} | {_k(actions)} | {_pct(redis_cores)} of a core | "
@@ -702,8 +702,9 @@ def render_cluster(systems: dict[str, Any], summaries: dict[str, dict[str, Any]]
         )
     out += [
         "",
-        "A Redis Cluster needs three masters at least (`redis-cli --cluster create`), so below "
-        "that the count is three; the figures are this machine's (a core shared by the node "
+        "A Redis Cluster needs three masters at least (`redis-cli --cluster create`): the "
+        "shard count never goes below three (below that load, one Redis or Sentinel does); the "
+        "figures are this machine's (a core shared by the node "
         "and the shards: on separate cores a shard's figure only improves).",
     ]
     return "\n".join(out)
