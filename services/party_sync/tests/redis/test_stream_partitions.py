@@ -79,8 +79,10 @@ async def running(
         assert not task.done(), "the worker stopped on its own"
     finally:
         worker.stop()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:  # also when the worker ended with an error: no connection left to the GC
+            await client.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -283,6 +285,8 @@ async def test_a_running_worker_reports_a_count_that_changes_under_it(
     caplog.set_level(logging.INFO, WORKER_LOG)
     host, engine = RecordingHost(), ScriptedEngine()
     async with partitioned_link(redis), running(redis, host, engine) as worker:
+        # Past its start-up check (which refuses a mismatch) once it has started the engine.
+        await wait_until(lambda: engine.publisher is not None, timeout=10)
         assert worker.mismatch is None
         async with partitioned_link(redis, partitions=5):
             await wait_until(lambda: worker.mismatch is not None, timeout=10)
@@ -332,5 +336,7 @@ async def test_a_cluster_clients_own_errors_are_survived_like_redis_errors(
         assert not task.done()
     finally:
         worker.stop()
-        await asyncio.wait_for(task, 10)
-        await client.aclose()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:  # also when the worker ended with an error: no connection left to the GC
+            await client.aclose()
