@@ -575,12 +575,8 @@ def _fit(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
     """Least squares ``y = fixed + per_unit × x`` (None with fewer than two distinct x)."""
     if len({x for x, _ in points}) < 2:
         return None
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    slope = sum((x - mx) * (y - my) for x, y in points) / sxx
-    return my - slope * mx, slope
+    slope, intercept = statistics.linear_regression(*zip(*points, strict=True))
+    return intercept, slope
 
 
 def cluster_rows(entry: dict[str, Any]) -> list[dict[str, Any]]:
