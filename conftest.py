@@ -17,8 +17,9 @@ import pytest
 # database itself, so no test leaves files behind or sees another test's campaign runs.
 os.environ["CAMPAIGN_ENGINE_DATABASE_URL"] = "memory://"
 
-#: The party_sync fixtures (private redis-server, the memory/redis backend matrix, the Redis tier).
-pytest_plugins = ["ps_testkit.fixtures"]
+#: The party_sync fixtures (private redis-server, the memory/redis backend matrix, the Redis tier);
+#: ``hangs``: every asyncio task's stack printed just before a test times out.
+pytest_plugins = ["ps_testkit.fixtures", "ps_testkit.hangs"]
 
 
 @pytest.fixture(autouse=True)
