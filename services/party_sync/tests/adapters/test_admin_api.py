@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -254,3 +255,31 @@ async def test_every_admin_route_needs_the_key_and_checks_ids() -> None:
             assert (status, problem["error"]) == (400, "invalid_query"), query
         empty = await get(srv, "/api/v1/parties")
         assert empty == {"parties": [], "next_cursor": None}
+
+
+async def test_shutdown_ends_even_when_a_heartbeat_swallows_its_cancellation() -> None:
+    """redis-py can swallow a CancelledError mid-call. The heartbeat loop then went on beating
+    and the shutdown, awaiting it, hung for ever (a CI run timed out in a test's teardown on
+    Redis). Now the loop also stops on a flag, and the wait for it is bounded."""
+    stack = contextlib.AsyncExitStack()
+    async with stack:
+        srv = await stack.enter_async_context(
+            serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine())
+        )
+        assert srv.server is not None
+        view = srv.server.app[admin.ADMIN]
+        beating = asyncio.Event()
+        real = view.heartbeat
+
+        async def swallowing(*args: Any) -> None:
+            beating.set()
+            with contextlib.suppress(asyncio.CancelledError):  # as a library call might
+                await asyncio.sleep(1)
+            await real(*args)
+
+        view.heartbeat = swallowing  # type: ignore[method-assign,assignment]
+        await beating.wait()
+        beating.clear()
+        await beating.wait()  # the next beat is under way: the cancel will land in it
+        async with asyncio.timeout(20):  # the old code never got past this: the loop beat on
+            await stack.aclose()

@@ -68,6 +68,7 @@ from party_sync.metrics import Metrics, ReadCounter
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -208,9 +209,7 @@ class RedisBackend:
             stream.close()
         self._streams.clear()
         await self.bus.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks), what="a Redis backend task")
         await self.scripts.batcher.close()
         await self.votes.close()
         await self.admin.close()

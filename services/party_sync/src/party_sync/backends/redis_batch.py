@@ -64,6 +64,7 @@ from party_sync.backends.redis_wire import (
     pack_asking_eval,
     pack_evalsha,
 )
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +194,7 @@ class ScriptBatcher:
         self._closed = True
         pump = self._pump
         if pump is not None:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
+            await cancel_and_wait([pump], what="the script batcher")
         queue, self._queue = self._queue, []
         for *_, future in queue:
             _fail(future, ConnectionError("the script batcher is closed"))
@@ -330,8 +330,7 @@ class ShardedBatcher:
     async def close(self) -> None:
         self._closed = True
         if self._refresh is not None:
-            self._refresh.cancel()
-            await asyncio.gather(self._refresh, return_exceptions=True)
+            await cancel_and_wait([self._refresh], what="the slot map refresh")
         shards, self._shards = list(self._shards.values()), {}
         for batcher in shards:
             await batcher.close()

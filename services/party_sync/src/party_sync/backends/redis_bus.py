@@ -40,6 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.backends.redis_wire import ConnectionSource, RawConnection
 from party_sync.protocol.errors import BackendUnavailable
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +110,7 @@ class Bus:
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(self._tasks, what="the pub/sub connection")
 
     # -- channels -------------------------------------------------------------------------------
     async def add(self, channel: str, handler: Handler) -> None:
@@ -227,8 +226,7 @@ class Bus:
                 self._conn = self._reader = None
                 self._fail_waiters()
                 if reader is not None:
-                    reader.cancel()
-                    await asyncio.gather(reader, return_exceptions=True)
+                    await cancel_and_wait([reader], what="the pub/sub reader")
                 with contextlib.suppress(RedisError, OSError):
                     await conn.close(wait=True)
             if not self._closing:
@@ -296,7 +294,7 @@ class Bus:
 
     async def _probe(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:  # not only the cancel: redis-py may swallow one
             await asyncio.sleep(self._interval / 2)
             reader = self._reader
             if reader is None or loop.time() - self._last_rx < self._interval:

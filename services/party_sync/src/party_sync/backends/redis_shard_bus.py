@@ -40,6 +40,7 @@ from party_sync.backends.redis_bus import Bus, Handler
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.backends.redis_wire import NodeConnections
 from party_sync.protocol.errors import BackendUnavailable
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -99,8 +100,7 @@ class ShardedBus:
     async def close(self) -> None:
         self._closing = True
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            await cancel_and_wait([self._task], what="the cluster pub/sub watcher")
         buses, self._buses = list(self._buses.values()), {}
         for bus in buses:
             await bus.close()
@@ -199,7 +199,7 @@ class ShardedBus:
     async def _watch(self) -> None:
         """Reconcile on every wake-up, every ``probe_interval`` anyway, and more often while
         some channel is not placed or some master's connection is down."""
-        while True:
+        while not self._closing:  # not only the cancel: redis-py may swallow one
             unsettled = not self.connected or len(self._where) < len(self._handlers)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._interval / 4 if unsettled else self._interval):

@@ -60,6 +60,7 @@ from party_sync.engine import wire
 from party_sync.engine.inprocess import claim_until_answered
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import ErrorCode, PartySyncError
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -292,9 +293,7 @@ class HttpEngineLink:
             raise _Retryable(type(exc).__name__) from None
 
     async def close(self) -> None:
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await cancel_and_wait(list(self._tasks), what="an HTTP engine call")
         if self._http is not None:
             await self._http.close()
 

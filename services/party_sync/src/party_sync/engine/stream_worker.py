@@ -81,6 +81,7 @@ from party_sync.engine.interface import (
 )
 from party_sync.engine.restating import EpochWatch
 from party_sync.protocol.errors import BackendUnavailable, ConfigError, ErrorCode
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -434,9 +435,7 @@ class PartitionedWorker:
                     raise error  # a bug, not Redis (the loops survive those): end it all
         finally:
             self.stop()
-            for task in (*tasks, *([watcher] if watcher else [])):
-                task.cancel()
-            await asyncio.gather(*tasks, *([watcher] if watcher else []), return_exceptions=True)
+            await cancel_and_wait([*tasks, *([watcher] if watcher else [])], what="a worker loop")
             await self.engine.close()
 
     async def _watch(self) -> None:

@@ -39,11 +39,9 @@ from party_sync.protocol.errors import BackendUnavailable, ErrorCode, PartySyncE
 from party_sync.protocol.inbound import Inbound
 from party_sync.protocol.schemas import Contracts
 from party_sync.publishing import BackendPublisher
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
-
-#: Seconds ``stop()`` waits for the background tasks it cancelled.
-STOP_TIMEOUT = 5.0
 
 #: A deadline is handed to the core this long after it (wall clock and the loop's monotonic
 #: clock drift apart; a deadline is never reported early).
@@ -134,16 +132,8 @@ class Gateway:
     async def stop(self) -> None:
         """Release the timer, background tasks, the engine link and the backend."""
         self.core.stop()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # A cancellation can be swallowed inside a library call (redis-py does, now and
-            # then): a task that does not end in time is left behind rather than hanging the
-            # shutdown.
-            _, late = await asyncio.wait(tasks, timeout=STOP_TIMEOUT)
-            for task in late:
-                log.warning("a background task did not stop in time: %s", task.get_name())
+        # bounded: a task that swallowed its cancellation is left behind, never waited for
+        await cancel_and_wait(list(self._tasks), what="a gateway background task")
         await self.link.close()
         await self.backend.close()
 

@@ -42,6 +42,7 @@ from party_sync.gateway import Gateway
 from party_sync.problems import InvalidQuery, NotFound, OperatorBlocked, answer
 from party_sync.protocol.errors import BackendUnavailable, CloseCode
 from party_sync.protocol.ids import is_id
+from party_sync.tasks import cancel_and_wait
 from party_sync.transport import demo
 from party_sync.transport.appkeys import GATEWAY
 from party_sync.transport.edge import guarded
@@ -67,6 +68,9 @@ HEARTBEAT_INTERVAL: float | None = None
 ADMIN: Final = web.AppKey[AdminView]("admin_view")
 STARTED_AT: Final = web.AppKey("admin_started_at", float)
 _TASK: Final = web.AppKey[asyncio.Task[None]]("admin_task")
+#: Set at shutdown: the heartbeat loop ends at its next turn even if a Redis call swallowed the
+#: cancellation meant for it (it would otherwise beat for ever and hang the shutdown).
+_STOP: Final = web.AppKey[asyncio.Event]("admin_stop")
 ADMIN_DIR: Final = web.AppKey("admin_dir", Path)
 
 
@@ -291,8 +295,9 @@ async def _keep_alive(app: web.Application) -> None:
     gateway, view = app[GATEWAY], app[ADMIN]
     interval = HEARTBEAT_INTERVAL or max(0.1, gateway.settings.presence_ttl / 3)
     watch: Subscription | None = None
+    stop = app[_STOP]
     try:
-        while True:
+        while not stop.is_set():
             if watch is None:
                 with contextlib.suppress(BackendUnavailable):
                     watch = await view.watch_closes(gateway.close_character)
@@ -307,7 +312,9 @@ async def _keep_alive(app: web.Application) -> None:
                 pass  # the next beat; the node's entry outlives a few missed ones
             except Exception:
                 log.exception("node heartbeat failed")
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await stop.wait()
     finally:
         if watch is not None:
             with contextlib.suppress(Exception):
@@ -388,15 +395,15 @@ def add_routes(app: web.Application, gateway: Gateway, client_dir: Path | None =
 
     async def start(app: web.Application) -> None:
         app[STARTED_AT] = time.time()
-        app[_TASK] = asyncio.get_running_loop().create_task(_keep_alive(app))
+        app[_STOP] = asyncio.Event()
+        app[_TASK] = asyncio.get_running_loop().create_task(_keep_alive(app), name="node heartbeat")
 
     async def stop(app: web.Application) -> None:
         task = app.get(_TASK)
         if task is None:
             return
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        app[_STOP].set()
+        await cancel_and_wait([task], what="the node heartbeat")
         with contextlib.suppress(Exception):
             await app[ADMIN].forget_node(gateway.node_id)
 

@@ -1,0 +1,51 @@
+"""Stopping background tasks without letting one of them hang a shutdown.
+
+Every close path of the gateway, the backends, the engine links and the workers cancels the
+tasks it started and waits for them. An unbounded wait there (``gather`` after ``cancel``) hangs
+the whole shutdown, for ever, if one task does not end: a cancellation swallowed inside a
+library call (redis-py does, now and then), or a ``finally`` that awaits I/O on a dead peer.
+``cancel_and_wait`` bounds that wait, cancels a straggler once more, and names whatever is still
+running in a warning instead of waiting for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+log = logging.getLogger("party_sync.tasks")
+
+#: Seconds a stop waits for its cancelled tasks before it leaves them behind.
+STOP_TIMEOUT = 5.0
+
+
+async def cancel_and_wait(
+    tasks: Iterable[asyncio.Future[Any]],
+    *,
+    within: float = STOP_TIMEOUT,
+    what: str = "background task",
+) -> set[asyncio.Future[Any]]:
+    """Cancel ``tasks`` and wait up to ``within`` s for them to end (a task still running then
+    is cancelled again and given a tenth of it more). Returns the tasks left running, each named
+    in a warning. Errors the tasks ended with are not reported here (``cancel`` on a finished task
+    also silences asyncio's "exception was never retrieved"): a caller that cares logs them, in a
+    done-callback or after this returns."""
+    wanted = set(tasks)
+    for task in wanted:
+        task.cancel()
+    late: set[asyncio.Future[Any]] = {task for task in wanted if not task.done()}
+    for wait in (within, within / 10):
+        if not late:
+            break
+        _, late = await asyncio.wait(late, timeout=wait)
+        for task in late:
+            task.cancel()  # a swallowed cancellation: the task may be awaiting again since
+    for task in late:
+        name = task.get_name() if isinstance(task, asyncio.Task) else repr(task)
+        log.warning("%s did not stop in time: left running", what, extra={"task": name})
+    return late
+
+
+__all__ = ["STOP_TIMEOUT", "cancel_and_wait"]

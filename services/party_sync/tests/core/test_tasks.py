@@ -1,0 +1,80 @@
+"""``cancel_and_wait``: every close path's bounded stop (a task that swallows its cancellation
+must not hang a shutdown)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import pytest
+from party_sync.tasks import cancel_and_wait
+
+
+async def test_tasks_that_end_on_cancellation_are_all_waited_for() -> None:
+    ended: list[str] = []
+
+    async def polite(name: str) -> None:
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.append(name)
+
+    tasks = [asyncio.create_task(polite(n), name=n) for n in ("a", "b")]
+    await asyncio.sleep(0)  # both started
+    assert await cancel_and_wait(tasks) == set()
+    assert sorted(ended) == ["a", "b"] and all(t.cancelled() for t in tasks)
+
+
+async def test_a_cancellation_swallowed_once_is_repeated() -> None:
+    """redis-py can swallow a CancelledError mid-call; the task then awaits again."""
+    started = asyncio.Event()
+
+    async def swallows_once() -> None:
+        started.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(30)
+        await asyncio.sleep(30)  # the second cancel ends this one
+
+    task = asyncio.create_task(swallows_once())
+    await started.wait()
+    async with asyncio.timeout(5):
+        assert await cancel_and_wait([task], within=0.2) == set()
+    assert task.cancelled()
+
+
+async def test_a_task_that_never_ends_is_left_behind_and_named(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def stubborn() -> None:
+        started.set()
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await release.wait()
+
+    task = asyncio.create_task(stubborn(), name="stubborn-one")
+    await started.wait()
+    with caplog.at_level(logging.WARNING, logger="party_sync.tasks"):
+        async with asyncio.timeout(5):  # bounded: 0.2 s, then a tenth of it more
+            late = await cancel_and_wait([task], within=0.2, what="a test task")
+    assert late == {task} and not task.done()
+    [record] = caplog.records
+    assert record.getMessage() == "a test task did not stop in time: left running"
+    assert record.__dict__["task"] == "stubborn-one"
+    release.set()
+    await task
+
+
+async def test_finished_and_failed_tasks_and_no_tasks_at_all() -> None:
+    async def fails() -> None:
+        raise RuntimeError("boom")
+
+    failed = asyncio.create_task(fails())
+    done = asyncio.create_task(asyncio.sleep(0))
+    await asyncio.wait({failed, done})
+    assert await cancel_and_wait([failed, done]) == set()
+    assert await cancel_and_wait([]) == set()
+    assert isinstance(failed.exception(), RuntimeError)  # still there for a caller that cares
