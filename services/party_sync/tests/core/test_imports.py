@@ -33,13 +33,14 @@ LEVELS: tuple[dict[str, tuple[str, ...]], ...] = (
     {"core": ("party_sync.core",)},  # pure party rules: no await, no clock, no I/O
     {
         # Small leaf modules the server rooms share: tokens, Telegram initData, tracing, metrics,
-        # the development secret.
+        # the development secret, the bounded stop of background tasks.
         "support": (
             "party_sync.auth",
             "party_sync.initdata",
             "party_sync.tracing",
             "party_sync.metrics",
             "party_sync.devmode",
+            "party_sync.tasks",
         ),
         # The Python client library: it speaks the protocol and shares the core's rules, and
         # knows nothing of the server.

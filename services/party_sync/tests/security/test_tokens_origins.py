@@ -22,10 +22,16 @@ from ps_testkit.servers import SECRET, Running, make_settings, serve_in_process
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 ORIGIN = "https://game.example"
-NOW = int(time.time())
+
+
+def now() -> int:
+    """Tokens take the time when they are made: the full suite reaches this file more than ten
+    minutes (a token's life here) after import, and a token made at import had expired."""
+    return int(time.time())
 
 
 def claims(**overrides: Any) -> dict[str, Any]:
+    t = now()
     base: dict[str, Any] = {
         "sub": "user-1",
         "party_id": "p1",
@@ -33,8 +39,8 @@ def claims(**overrides: Any) -> dict[str, Any]:
         "character_id": "aria",
         "display_name": "Aria",
         "aud": "party_sync",
-        "iat": NOW,
-        "exp": NOW + 600,
+        "iat": t,
+        "exp": t + 600,
     }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
@@ -64,58 +70,62 @@ def _huge_exp() -> str:
     return raw_token({"alg": "HS256", "typ": "JWT"}, body)
 
 
-#: name → (query parameters, the expected status)
-TOKEN_CASES: dict[str, dict[str, str]] = {
-    "missing": {},
-    "empty": {"token": ""},
-    "garbage": {"token": "not-a-jwt"},
-    "two parts": {"token": "abc.def"},
-    "non-ascii": {"token": "ü.ü.ü"},
-    "expired": {"token": signed(exp=NOW - 120)},
-    "bad signature": {"token": jwt.encode(claims(), "another-secret-0123456789abcdef0123456")},
-    "previous-style secret not configured": {"token": jwt.encode(claims(), SECRET + "-old")},
-    "wrong audience": {"token": signed(aud="someone-else")},
-    "audience list without us": {"token": signed(aud=["a", "b"])},
-    "alg none unsigned": {
-        "token": raw_token({"alg": "none", "typ": "JWT"}, json.dumps(claims()), b"")
-    },
-    "alg none with a signature": {
-        "token": raw_token({"alg": "none", "typ": "JWT"}, json.dumps(claims()), b"sig")
-    },
-    "HS512 when only HS256 is accepted": {
-        "token": jwt.encode(claims(), SECRET * 2, algorithm="HS512")
-    },
-    "RS256 header over an HMAC signature (key confusion)": {
-        "token": raw_token({"alg": "RS256", "typ": "JWT"}, json.dumps(claims()))
-    },
-    "no exp": {"token": signed(exp=None)},
-    "no aud": {"token": signed(aud=None)},
-    "no party_id": {"token": signed(party_id=None)},
-    "no campaign_run_id": {"token": signed(campaign_run_id=None)},
-    "no character_id": {"token": signed(character_id=None)},
-    "huge exp (400 digits)": {"token": _huge_exp()},
-    "exp 1e300": {"token": signed(exp=1e300)},
-    "exp as a numeric string": {"token": signed(exp=str(NOW + 600))},
-    "exp true": {"token": signed(exp=True)},
-    "exp null": {"token": raw_token({"alg": "HS256"}, json.dumps({**claims(), "exp": None}))},
-    "exp an object": {"token": signed(exp={"n": NOW + 600})},
-    "exp negative": {"token": signed(exp=-1)},
-    "iat as a string": {"token": signed(iat="yesterday")},
-    "iat in the future": {"token": signed(iat=NOW + 3600)},
-    "nbf in the future": {"token": signed(nbf=NOW + 3600)},
-    "nbf 1e300": {"token": signed(nbf=1e300)},
-    "party id with a space": {"token": signed(party_id="p 1")},
-    "party id with a star": {"token": signed(party_id="p*")},
-    "party id with a newline": {"token": signed(party_id="p1\n")},
-    "party id with NUL": {"token": signed(party_id="p\x001")},
-    "party id non-ASCII": {"token": signed(party_id="pü")},
-    "party id of 65 characters": {"token": signed(party_id="p" * 65)},
-    "party id a number": {"token": signed(party_id=1)},
-    "character id 'party' (reserved)": {"token": signed(character_id="party")},
-    "character id a list": {"token": signed(character_id=["aria"])},
-    "run id empty": {"token": signed(campaign_run_id="")},
-    "sub a number": {"token": signed(sub=42)},
-}
+def token_cases() -> dict[str, dict[str, str]]:
+    """name → query parameters, made when a test runs: each token is bad for its named reason
+    only (made at import, a token meant to be bad for another reason had expired by the time
+    the full suite got here)."""
+    t = now()
+    return {
+        "missing": {},
+        "empty": {"token": ""},
+        "garbage": {"token": "not-a-jwt"},
+        "two parts": {"token": "abc.def"},
+        "non-ascii": {"token": "ü.ü.ü"},
+        "expired": {"token": signed(exp=t - 120)},
+        "bad signature": {"token": jwt.encode(claims(), "another-secret-0123456789abcdef0123456")},
+        "previous-style secret not configured": {"token": jwt.encode(claims(), SECRET + "-old")},
+        "wrong audience": {"token": signed(aud="someone-else")},
+        "audience list without us": {"token": signed(aud=["a", "b"])},
+        "alg none unsigned": {
+            "token": raw_token({"alg": "none", "typ": "JWT"}, json.dumps(claims()), b"")
+        },
+        "alg none with a signature": {
+            "token": raw_token({"alg": "none", "typ": "JWT"}, json.dumps(claims()), b"sig")
+        },
+        "HS512 when only HS256 is accepted": {
+            "token": jwt.encode(claims(), SECRET * 2, algorithm="HS512")
+        },
+        "RS256 header over an HMAC signature (key confusion)": {
+            "token": raw_token({"alg": "RS256", "typ": "JWT"}, json.dumps(claims()))
+        },
+        "no exp": {"token": signed(exp=None)},
+        "no aud": {"token": signed(aud=None)},
+        "no party_id": {"token": signed(party_id=None)},
+        "no campaign_run_id": {"token": signed(campaign_run_id=None)},
+        "no character_id": {"token": signed(character_id=None)},
+        "huge exp (400 digits)": {"token": _huge_exp()},
+        "exp 1e300": {"token": signed(exp=1e300)},
+        "exp as a numeric string": {"token": signed(exp=str(t + 600))},
+        "exp true": {"token": signed(exp=True)},
+        "exp null": {"token": raw_token({"alg": "HS256"}, json.dumps({**claims(), "exp": None}))},
+        "exp an object": {"token": signed(exp={"n": t + 600})},
+        "exp negative": {"token": signed(exp=-1)},
+        "iat as a string": {"token": signed(iat="yesterday")},
+        "iat in the future": {"token": signed(iat=t + 3600)},
+        "nbf in the future": {"token": signed(nbf=t + 3600)},
+        "nbf 1e300": {"token": signed(nbf=1e300)},
+        "party id with a space": {"token": signed(party_id="p 1")},
+        "party id with a star": {"token": signed(party_id="p*")},
+        "party id with a newline": {"token": signed(party_id="p1\n")},
+        "party id with NUL": {"token": signed(party_id="p\x001")},
+        "party id non-ASCII": {"token": signed(party_id="pü")},
+        "party id of 65 characters": {"token": signed(party_id="p" * 65)},
+        "party id a number": {"token": signed(party_id=1)},
+        "character id 'party' (reserved)": {"token": signed(character_id="party")},
+        "character id a list": {"token": signed(character_id=["aria"])},
+        "run id empty": {"token": signed(campaign_run_id="")},
+        "sub a number": {"token": signed(sub=42)},
+    }
 
 
 @pytest.fixture
@@ -125,12 +135,12 @@ async def srv() -> AsyncIterator[tuple[Running, ScriptedEngine]]:
         yield running, engine
 
 
-@pytest.mark.parametrize("name", list(TOKEN_CASES))
+@pytest.mark.parametrize("name", list(token_cases()))
 async def test_a_bad_token_gets_401_and_leaves_no_trace(
     srv: tuple[Running, ScriptedEngine], name: str
 ) -> None:
     running, engine = srv
-    params = TOKEN_CASES[name]
+    params = token_cases()[name]
     with capture_logs() as logs:
         assert await running.handshake_status(params) == 401, name
         header = {"Authorization": f"Bearer {params['token']}"} if params.get("token") else {}
@@ -153,7 +163,7 @@ async def test_a_good_token_in_the_query_or_the_header_is_accepted(
     assert (
         await running.handshake_status({}, headers={"Authorization": "Bearer " + signed()}) == 101
     )
-    assert await running.handshake_status({"token": signed(nbf=NOW - 5, iat=NOW - 5)}) == 101
+    assert await running.handshake_status({"token": signed(nbf=now() - 5, iat=now() - 5)}) == 101
 
 
 @pytest.mark.parametrize(
@@ -207,7 +217,7 @@ async def test_the_origin_allowlist(origin: str | None, token_ok: bool, status: 
     settings = make_settings(allowed_origins=(ORIGIN, "https://other.example"))
     async with serve_in_process(settings, engine=ScriptedEngine()) as running:
         headers = {"Origin": origin} if origin is not None else {}
-        params = {"token": signed() if token_ok else signed(exp=NOW - 120)}
+        params = {"token": signed() if token_ok else signed(exp=now() - 120)}
         assert await running.handshake_status(params, headers=headers) == status
 
 
