@@ -205,6 +205,10 @@ async def test_one_node_join_act_result_resume_with_sharded_pubsub_only(
         assert (await b.expect("scene.update"))["seq"] == result["seq"] + 1
         await b.close()
         await a.act("act-2", "aria", "r1")
+        # aria has not read act-1's answer yet: wait for act-2's, then its scene (a bare
+        # until("scene.update") found act-1's, and borin resumed before act-2 was sequenced)
+        while (await a.until("action.result"))["payload"]["action_id"] != "act-2":
+            pass
         await a.until("scene.update")
         b, resumed = await srv.join("borin", epoch=epoch, last_seq=last)
         p = resumed["payload"]
