@@ -26,6 +26,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from party_sync.metrics import Metrics
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -161,11 +162,8 @@ class Periodic:
         task, self._task = self._task, None
         if task is None:
             return
-        task.cancel()
-        await asyncio.wait({task}, timeout=self.stop_within)
-        if not task.done():  # the cancellation was swallowed and a tick is still running
-            task.cancel()
-            await asyncio.wait({task}, timeout=self.stop_within)
+        # bounded, cancelled twice: the first cancellation may be swallowed mid-tick
+        await cancel_and_wait([task], within=self.stop_within, what="a periodic task")
         if task.done() and not task.cancelled() and task.exception() is not None:
             log.error("periodic task ended with an error", exc_info=task.exception())
 

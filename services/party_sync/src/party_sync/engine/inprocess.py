@@ -32,6 +32,7 @@ from party_sync.engine.interface import (
     restate_engine,
 )
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +198,6 @@ class InProcessLink:
     async def close(self) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
-        for task in self._tasks:
-            task.cancel()
+        # what is still running is cancelled, and waited for (bounded) before the engine closes
+        await cancel_and_wait(list(self._tasks), what="an in-process engine call")
         await self.engine.close()
