@@ -20,7 +20,6 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -352,33 +351,15 @@ class Metrics:
         """Export ``link.failures`` as ``party_sync_engine_link_failures_total{transport}``."""
         LinkFailures(transport, link, self.registry)
 
-    def http_middleware(self) -> Middleware:
-        """An aiohttp middleware counting every answered request by method, route and status,
-        with its latency. The route is the matched resource's template (``canonical``), never
-        the raw path; an upgraded WebSocket (a session, not a request) is not counted."""
-        requests, latency = self.http_requests, self.http_latency
-
-        @web.middleware
-        async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-            started = time.perf_counter()
-            status = 500
-            try:
-                response = await handler(request)
-                status = response.status
-                if isinstance(response, web.WebSocketResponse) and status == 101:
-                    status = 0  # a WebSocket session: not a request to count
-                return response
-            except web.HTTPException as exc:
-                status = exc.status
-                raise
-            finally:
-                if status:
-                    resource = request.match_info.route.resource
-                    route = resource.canonical if resource is not None else UNMATCHED
-                    requests.labels(request.method, route, str(status)).inc()
-                    latency.labels(request.method, route).observe(time.perf_counter() - started)
-
-        return count_requests
+    def count_request(self, request: web.Request, status: int, started: float) -> None:
+        """One answered request (``status``, begun at ``time.perf_counter()`` ``started``) by
+        method, route and status, with its latency. The route is the matched resource's template
+        (``canonical``), never the raw path. Called by the server's edge middleware
+        (``transport/edge.py``), which leaves upgraded WebSockets (sessions) uncounted."""
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else UNMATCHED
+        self.http_requests.labels(request.method, route, str(status)).inc()
+        self.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
 
     def received(self, type_: str) -> None:
         """One client message of ``type_`` (per message: a dict increment)."""

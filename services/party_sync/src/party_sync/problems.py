@@ -286,11 +286,9 @@ def answer(request: web.Request, exc: Exception, render: Render = problem) -> we
 
 
 def answer_errors(render: Render = problem) -> Middleware:
-    """The middleware that answers what handlers raise, by ``PROBLEMS``, rendered by ``render``.
-
-    aiohttp's own ``HTTPException``s (a 404 for an unknown path, the WebSocket handshake's text
-    refusals) and ``TimeoutError`` (aiohttp's 504) pass through; so does anything raised once a
-    response is under way (an open WebSocket): no second answer can be sent then."""
+    """The middleware that answers what handlers raise, by ``PROBLEMS``, rendered by ``render``
+    (``answer_raised``; party_sync's own server applies it from its one edge middleware,
+    ``transport/edge.py``)."""
 
     @web.middleware
     async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -299,19 +297,30 @@ def answer_errors(render: Render = problem) -> Middleware:
         except (web.HTTPException, TimeoutError):
             raise
         except Exception as exc:
-            if request.writer.output_size > 0:
-                raise
-            response = answer(request, exc, render)
-            if response is None:
-                resource = request.match_info.route.resource
-                route = resource.canonical if resource is not None else "unmatched"
-                log.exception("unexpected error answering %s %s", request.method, route)
-                return render(INTERNAL.status, INTERNAL.code, INTERNAL.detail or "", None)
-            if isinstance(exc, BodyTimeout):
-                await _send_and_close(request, response)
-            return response
+            return await answer_raised(request, exc, render)
 
     return answer_errors
+
+
+async def answer_raised(
+    request: web.Request, exc: Exception, render: Render = problem
+) -> web.StreamResponse:
+    """The answer to ``exc``, raised by ``request``'s handler, by ``PROBLEMS``; called from an
+    ``except`` block that has already let aiohttp's own ``HTTPException``s (a 404 for an unknown
+    path, the WebSocket handshake's text refusals) and ``TimeoutError`` (aiohttp's 504) pass.
+    Re-raises ``exc`` once a response is under way (an open WebSocket): no second answer can be
+    sent then. An exception missing from the table is logged and answered 500."""
+    if request.writer.output_size > 0:
+        raise exc
+    response = answer(request, exc, render)
+    if response is None:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        log.error("unexpected error answering %s %s", request.method, route, exc_info=exc)
+        return render(INTERNAL.status, INTERNAL.code, INTERNAL.detail or "", None)
+    if isinstance(exc, BodyTimeout):
+        await _send_and_close(request, response)
+    return response
 
 
 async def _send_and_close(request: web.Request, response: web.Response) -> None:

@@ -20,13 +20,13 @@ from aiohttp import web
 from party_sync.auth import Claims, issue_token
 from party_sync.config import load
 from party_sync.protocol.errors import ConfigError
+from party_sync.transport.edge import edge_middleware
 from party_sync.transport.guard import (
     ConnectionGuard,
     GuardedConnection,
     Tally,
     address_key,
     guarded_connection,
-    track_requests,
     user_key,
 )
 from party_sync.transport.http import GUARD
@@ -317,7 +317,7 @@ async def test_a_handler_that_outlasts_the_head_deadline_is_not_cut() -> None:
         await release.wait()
         return web.Response(text="done")
 
-    app = web.Application(middlewares=[track_requests])
+    app = web.Application(middlewares=[edge_middleware()])
     app.router.add_get("/slow", slow)
     guard = ConnectionGuard(head_timeout=0.3, max_per_address=0, max_per_user=0)
     runner = web.AppRunner(app)

@@ -1,4 +1,13 @@
-"""The one API-key check of the HTTP API, and where routes find the rest of the edge.
+"""The one middleware of party_sync's server, the one API-key check of the HTTP API, and where
+routes find the rest of the edge.
+
+``edge_middleware`` is everything the server does around every request, in one coroutine frame:
+it tells the connection guard a complete head arrived (its deadline is met) and when the handler
+ends (``transport/guard.py``), answers what the handler raised by the one table
+(``problems.answer_raised``), and counts the answered request by route and status. One frame,
+not three middlewares, because an upgraded WebSocket is one request that lasts as long as the
+socket: each middleware stays suspended for that whole time, and three of them cost about half a
+KiB per open connection (bench/analysis.md, section 15).
 
 ``guarded(handler)`` is the only way a route asks for the server API key: the key (compared in
 constant time, before anything else is read: 401 ``unauthorized``), then the id rule
@@ -14,25 +23,70 @@ from __future__ import annotations
 
 import functools
 import hmac
+import time
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from party_sync.problems import (
     InvalidId,
     Refused,
+    Render,
     Unauthorized,
     answer,
+    answer_raised,
     problem,
     read_body,
     read_json,
 )
 from party_sync.protocol.ids import ID_RULE, is_id
 from party_sync.transport.appkeys import API_KEY
+from party_sync.transport.guard import guarded_connection
 
-__all__ = ["authorized", "guarded", "problem", "read_body", "read_json"]
+__all__ = ["authorized", "edge_middleware", "guarded", "problem", "read_body", "read_json"]
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: What counts an answered request: ``(request, status, started)`` (``Metrics.count_request``).
+CountRequest = Callable[[web.Request, int, float], None]
+
+
+def edge_middleware(count: CountRequest | None = None, render: Render = problem) -> Middleware:
+    """The server's one middleware (the module's docstring): head deadline, answers, counts.
+
+    In that order from the outside in, as three middlewares would be: the guard hears of the
+    request first and last, and a refusal is counted with the status it was answered with. An
+    upgraded WebSocket (101) is a session, not a request: it is not counted."""
+
+    @web.middleware
+    async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+        connection = guarded_connection(request)
+        if connection is not None:
+            connection.request_started()
+        started = time.perf_counter()
+        status = 500
+        try:
+            try:
+                response = await handler(request)
+            except (web.HTTPException, TimeoutError):
+                raise
+            except Exception as exc:
+                response = await answer_raised(request, exc, render)
+            status = response.status
+            if status == 101 and isinstance(response, web.WebSocketResponse):
+                status = 0
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            if connection is not None:
+                connection.request_finished()
+            if status and count is not None:
+                count(request, status, started)
+
+    return edge
 
 
 def authorized(request: web.Request) -> bool:

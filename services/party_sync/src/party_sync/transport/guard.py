@@ -10,10 +10,11 @@ patched). The wrapper
 - counts the connection under its peer address and, over ``max_connections_per_ip``, closes it
   at once: accepted then closed, no byte parsed, no aiohttp object made;
 - arms a head deadline when the connection opens, and again at the first byte that follows a
-  finished request on a keep-alive connection; ``track_requests`` (an app middleware, the first
-  place where aiohttp says "a complete head arrived") disarms it through
-  ``request.transport.get_protocol()``. A deadline that passes closes the socket: nothing sent,
-  half a request line, half the headers, one header every few seconds all end the same way.
+  finished request on a keep-alive connection; the server's edge middleware
+  (``transport/edge.py``: the first place where aiohttp says "a complete head arrived") disarms
+  it through ``request.transport.get_protocol()``. A deadline that passes closes the socket:
+  nothing sent, half a request line, half the headers, one header every few seconds all end the
+  same way.
 
 An upgraded WebSocket is one request that lasts as long as the socket, so neither deadline can
 reach it; its liveness is the heartbeat's job. Nothing here reads aiohttp internals: only the
@@ -29,12 +30,10 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-from collections.abc import Callable, Hashable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable
 from typing import Any, Final, cast
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from party_sync.auth import Claims
 
@@ -127,19 +126,21 @@ class ConnectionGuard:
 
         return build
 
-    @contextmanager
-    def websocket_slot(self, claims: Claims) -> Iterator[None]:
-        """Hold one of the user's WebSocket slots for the block; over the cap, a 429 instead."""
+    def take_websocket_slot(self, claims: Claims) -> Hashable:
+        """One of the user's WebSocket slots, to be given back with ``release_websocket_slot``
+        (in a ``finally``); over the cap, a 429 instead. Not a context manager: a WebSocket's
+        handler holds its slot as long as the socket is open, and a suspended generator frame
+        per open connection is memory for nothing."""
         key = user_key(claims)
         if not self.users.acquire(key):
             self.on_refused("per_user")
             raise web.HTTPTooManyRequests(
                 text=TOO_MANY_CONNECTIONS, content_type="application/json"
             )
-        try:
-            yield
-        finally:
-            self.users.release(key)
+        return key
+
+    def release_websocket_slot(self, key: Hashable) -> None:
+        self.users.release(key)
 
 
 class GuardedConnection(asyncio.Protocol):
@@ -200,7 +201,7 @@ class GuardedConnection(asyncio.Protocol):
         if inner is not None:
             inner.connection_lost(exc)
 
-    # -- what track_requests reports -------------------------------------------------------
+    # -- what the edge middleware reports -------------------------------------------------------
 
     def request_started(self) -> None:
         """A complete head arrived and its handler runs: the head deadline is met."""
@@ -236,16 +237,3 @@ def guarded_connection(request: web.BaseRequest) -> GuardedConnection | None:
     transport = request.transport
     protocol = transport.get_protocol() if transport is not None else None
     return protocol if isinstance(protocol, GuardedConnection) else None
-
-
-@web.middleware
-async def track_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Tells the connection a head is complete (its deadline is met) and when the handler ends."""
-    connection = guarded_connection(request)
-    if connection is None:
-        return await handler(request)
-    connection.request_started()
-    try:
-        return await handler(request)
-    finally:
-        connection.request_finished()

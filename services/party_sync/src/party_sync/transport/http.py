@@ -1,5 +1,6 @@
 """The aiohttp application: ``/ws``, ``/healthz``, ``/readyz``, ``/metrics``, and the routes of
-the other transport modules; what any handler raises is answered by ``problems.answer_errors``."""
+the other transport modules; what any handler raises is answered by the edge middleware
+(``transport/edge.py``, by the table of ``problems``)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from party_sync.gateway import Gateway
 from party_sync.protocol.errors import AuthError
 from party_sync.transport import admin, api, asyncapi, demo, members, openapi, telegram
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
-from party_sync.transport.guard import ConnectionGuard, track_requests
+from party_sync.transport.edge import edge_middleware
+from party_sync.transport.guard import ConnectionGuard
 from party_sync.transport.sink import FrameBatcher, WebSocketSink
 
 log = logging.getLogger(__name__)
@@ -53,8 +55,8 @@ def _resume_point(request: web.Request) -> ResumePoint | None:
     return ResumePoint(epoch, int(last_seq))
 
 
-async def websocket(request: web.Request) -> web.StreamResponse:
-    gateway = request.app[GATEWAY]
+async def _admit(request: web.Request, gateway: Gateway) -> Claims | web.StreamResponse:
+    """The handshake's checks: the origin (403), the token (401), an operator's block (403)."""
     settings = gateway.settings
     origin = request.headers.get("Origin")
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
@@ -66,42 +68,51 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         gateway.metrics.handshakes_refused.labels(str(exc.status)).inc()
         log.info("handshake refused", extra={"reason": exc.reason, "status": exc.status})
         raise web.HTTPUnauthorized(text=exc.reason) from None
-    refusal = await admin.handshake_refusal(request, claims)  # an operator's block: 403
-    if refusal is not None:
-        return refusal
-    with request.app[GUARD].websocket_slot(claims):  # over max_connections_per_user: 429
-        return await _serve_websocket(request, gateway, claims)
+    refusal = await admin.handshake_refusal(request, claims)
+    return claims if refusal is None else refusal
 
 
-async def _serve_websocket(
-    request: web.Request, gateway: Gateway, claims: Claims
-) -> web.WebSocketResponse:
-    settings = gateway.settings
-    ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat,
-        max_msg_size=settings.max_message_bytes * 4,  # between 1× and 4×: system.error, kept open
-        compress=False,  # no permessage-deflate: no decompression bombs, less CPU per frame
-        decode_text=False,
-        timeout=5.0,
-    )
-    await ws.prepare(request)
-    transport = request.transport
-    if transport is None:  # the client went away during the handshake
-        return ws
-    sink = WebSocketSink(ws, transport, settings.send_buffer_bytes, request.app[BATCHER])
-    session = await gateway.open(claims, sink, _resume_point(request))
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """``GET /ws``: admit, upgrade, then the session's receive loop until the socket closes.
+
+    One frame for the whole life of the socket (the checks run in ``_admit``, which has returned
+    by then; the user's slot is taken and given back without a context manager): every frame
+    that stays suspended while a WebSocket is open is memory per connection."""
+    gateway = request.app[GATEWAY]
+    admitted = await _admit(request, gateway)
+    if not isinstance(admitted, Claims):
+        return admitted
+    guard = request.app[GUARD]
+    slot = guard.take_websocket_slot(admitted)  # over max_connections_per_user: 429
     try:
-        async for msg in ws:
-            if session.closed:
-                break
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                await gateway.receive(session, msg.data)
-            elif msg.type is WSMsgType.ERROR:
-                break
+        settings = gateway.settings
+        ws = web.WebSocketResponse(
+            heartbeat=settings.heartbeat,
+            max_msg_size=settings.max_message_bytes * 4,  # 1×–4×: system.error, kept open
+            compress=False,  # no permessage-deflate: no decompression bombs, less CPU per frame
+            decode_text=False,
+            timeout=5.0,
+        )
+        await ws.prepare(request)
+        transport = request.transport
+        if transport is None:  # the client went away during the handshake
+            return ws
+        sink = WebSocketSink(ws, transport, settings.send_buffer_bytes, request.app[BATCHER])
+        session = await gateway.open(admitted, sink, _resume_point(request))
+        try:
+            async for msg in ws:
+                if session.closed:
+                    break
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                    await gateway.receive(session, msg.data)
+                elif msg.type is WSMsgType.ERROR:
+                    break
+        finally:
+            await gateway.connection_lost(session)
+            await sink.stop()
+        return ws
     finally:
-        await gateway.connection_lost(session)
-        await sink.stop()
-    return ws
+        guard.release_websocket_slot(slot)
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -181,11 +192,8 @@ def build_app(
     app[VERIFIER] = verifier
     app[BATCHER] = FrameBatcher()  # one flush per loop tick for all connections
     app[GUARD] = connection_guard(gateway)
-    app.middlewares.append(track_requests)  # request-head deadlines (transport/guard.py)
-    app.middlewares.append(gateway.metrics.http_middleware())  # requests by route and status
-    # Innermost: what a handler raises becomes its answer (problems.PROBLEMS) before the metrics
-    # count it, so a refusal is counted with its status.
-    app.middlewares.append(problems.answer_errors())
+    # Head deadlines, answers to what handlers raise, requests by route and status: one frame.
+    app.middlewares.append(edge_middleware(gateway.metrics.count_request))
     app[problems.BODY_TIMEOUT] = gateway.settings.request_body_timeout
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
