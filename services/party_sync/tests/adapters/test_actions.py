@@ -101,6 +101,8 @@ async def test_an_action_no_engine_started_by_its_deadline_is_refused_and_never_
             held.append(action)
 
         gateway.link.submit = hold  # type: ignore[method-assign]
+        # a link that does not start actions at once: its host claims, so acceptance does not
+        gateway.executor.claim_on_accept = False
         a, _ = await srv.join("aria")
         await a.act("late", "aria", "r1")
         err = await a.expect("system.error")

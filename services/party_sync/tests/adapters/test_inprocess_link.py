@@ -26,10 +26,28 @@ from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
 
 
-async def started(engine: ScriptedEngine, host: RecordingHost) -> InProcessLink:
-    link = InProcessLink(engine)
+async def started(
+    engine: ScriptedEngine, host: RecordingHost, *, claim_on_accept: bool = False
+) -> InProcessLink:
+    """The link as these tests drive it: by default claiming each action itself, right before
+    the engine starts (the gateway's claim on accept is tested on the backends and end to end)."""
+    link = InProcessLink(engine, claim_on_accept=claim_on_accept)
     await link.start(host)
     return link
+
+
+async def test_by_default_the_claim_rides_on_the_acceptance() -> None:
+    """The default link says so (the gateway then claims in ``begin_action``) and never asks
+    the host for a claim of its own: the engine starts at once."""
+    engine, host = ScriptedEngine(), RecordingHost(claims={"a1": Claim.EXPIRED})
+    link = InProcessLink(engine)
+    assert link.claims_on_accept
+    await link.start(host)
+    await link.submit(make_action("a1", deadline=4_000_000_000.0))
+    await wait_until(lambda: host.results() == ["a1"])
+    await link.close()
+    assert host.claimed == []
+    assert [a.action_id for a in engine.calls] == ["a1"]
 
 
 @pytest.mark.parametrize("claim", [Claim.EXPIRED, Claim.FINAL])
@@ -59,7 +77,7 @@ async def test_a_claim_that_never_answers_leaves_the_action_unstarted(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     engine, host = ScriptedEngine(), RecordingHost(claim_errors=1_000)
-    link = InProcessLink(engine, claim_patience=0.0)
+    link = InProcessLink(engine, claim_patience=0.0, claim_on_accept=False)
     await link.start(host)
     await link.submit(make_action("stuck"))
     await link.close()

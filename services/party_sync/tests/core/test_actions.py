@@ -122,6 +122,21 @@ def test_a_claimed_action_is_never_timed_out_only_its_lock_is_freed() -> None:
     )
 
 
+def test_an_action_claimed_on_acceptance_is_as_if_claimed_at_once() -> None:
+    """``begin(claimed=True)``: the in-process link's acceptance, the claim in the same step."""
+    claimed, plain = ledger(), ledger()
+    assert claimed.begin("aria", "a1", now=0.0, claimed=True).decision is Decision.ACCEPT
+    plain.begin("aria", "a1", now=0.0)
+    assert plain.claim("a1", 0.0, REFUSAL) == (Claim.START, None)
+    for led in (claimed, plain):
+        assert led.time_out("a1", TIMEOUT, REFUSAL) == (Sweep.STARTED, None)
+        assert led.claim("a1", TIMEOUT + 1, REFUSAL) == (Claim.START, None)
+        assert led.answer_of("a1") is None
+        assert led.in_flight(TIMEOUT + 1) == [
+            {"action_id": "a1", "character_id": "aria", "action_type": "choice"}
+        ]
+
+
 def test_a_redelivery_of_a_started_action_starts_again_even_after_its_deadline() -> None:
     led = ledger()
     led.begin("aria", "a1", now=0.0)

@@ -153,7 +153,8 @@ WEIGHTED: list[tuple[int, st.SearchStrategy[tuple[Any, ...]]]] = [
         ),
     ),
     # the action ledger
-    (3, st.tuples(st.just("begin"), party_, character_, action_, st.booleans())),
+    # (…, timed, claimed: the claim riding on the acceptance, as for the in-process link)
+    (3, st.tuples(st.just("begin"), party_, character_, action_, st.booleans(), st.booleans())),
     (
         2,
         st.tuples(
@@ -457,13 +458,13 @@ class Driver:
 
             return Call(text, publish_many)
         if kind == "begin":
-            _, party, character, which, timed = op
+            _, party, character, which, timed, claimed = op
             party, character, action = self.action(party, character, which)
             self.begun.append((party, character, action))
 
             async def begin(be: Backend, n: Normaliser) -> Any:
                 verdict = await be.begin_action(
-                    party, character, action, now, timed, "combat", trace_id=trace
+                    party, character, action, now, timed, "combat", trace_id=trace, claimed=claimed
                 )
                 return n.value(verdict)
 
@@ -832,13 +833,13 @@ DIFFERENTIAL = settings(
 @example(
     ops=[
         ("connect", "p1", "aria", 0, 0),
-        ("begin", "p1", "aria", "1", True),
+        ("begin", "p1", "aria", "1", True, False),
         ("claim", "p1", "aria", "1", 1.0),
         ("many", "p1", [("result", "aria", "1"), ("scene", 2)]),
         ("many", "p1", [("result", "aria", "1"), ("scene", 1), ("combat", True)]),
         ("snapshot", "p1"),
         ("many", "p1", [("scene", 3), ("result", "borin", "2"), ("result", "borin", "2")]),
-        ("begin", "p1", "aria", "2", True),
+        ("begin", "p1", "aria", "2", True, False),
         ("advance", 5.0),
         ("time_out", "p1", "aria", "2"),
         ("many", "p1", [("result", "aria", "2")]),

@@ -97,6 +97,26 @@ async def test_claim_without_a_record_goes_by_the_deadline_the_action_carries(
     assert await b.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.ACCEPT)
 
 
+async def test_an_action_claimed_on_acceptance_is_started_not_timed_out(backend: Backend) -> None:
+    """``begin_action(claimed=True)`` (the in-process link's acceptance) is begin and claim in one
+    step: the deadline's sweep frees the character and refuses nothing, a claim says START, and
+    the engine's answer is the one final answer. Without it the same sweep refuses the action."""
+    b = backend
+    assert await b.begin_action(PARTY, "aria", "a1", T0, claimed=True) == Verdict(Decision.ACCEPT)
+    assert await b.begin_action(PARTY, "borin", "b1", T0) == Verdict(Decision.ACCEPT)
+    assert await b.time_out_action(PARTY, "a1", DEADLINE + 1, TIMED_OUT) == (Sweep.STARTED, None)
+    assert await b.time_out_action(PARTY, "b1", DEADLINE + 1, TIMED_OUT) == (
+        Sweep.TIMED_OUT,
+        None,
+    )
+    assert await b.claim_action(PARTY, "a1", DEADLINE + 1, TIMED_OUT, DEADLINE) == (
+        Claim.START,
+        None,
+    )
+    assert await b.begin_action(PARTY, "aria", "a2", DEADLINE + 1) == Verdict(Decision.ACCEPT)
+    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 1) == Verdict(Decision.IN_FLIGHT)
+
+
 async def test_time_out_of_an_unknown_action_is_gone(backend: Backend) -> None:
     assert await backend.time_out_action("nowhere", "a1", T0, TIMED_OUT) == (Sweep.GONE, None)
     await backend.begin_action(PARTY, "aria", "a1", T0)

@@ -234,8 +234,11 @@ class ActionStore(Protocol):
         timed: bool = True,
         action_type: str = "choice",
         trace_id: str = "",
+        claimed: bool = False,
     ) -> Verdict:
-        """``ActionLedger.begin`` (``timed=False``: no deadline, for party_sync's own actions).
+        """``ActionLedger.begin`` (``timed=False``: no deadline, for party_sync's own actions;
+        ``claimed``: an accepted action is claimed in the same atomic step, as ``claim_action``
+        would, for a link that starts it at once).
 
         An accepted action is announced to every member (``action.accepted``, with
         ``action_type`` and ``trace_id``) in the same atomic step. Every refusal that becomes an

@@ -350,9 +350,10 @@ class MemoryBackend:
         timed: bool = True,
         action_type: str = "choice",
         trace_id: str = "",
+        claimed: bool = False,
     ) -> Verdict:
         party = self._party(party_id, now)
-        verdict = party.ledger.begin(character_id, action_id, now, timed, action_type)
+        verdict = party.ledger.begin(character_id, action_id, now, timed, action_type, claimed)
         if verdict.decision is Decision.ACCEPT and party.listeners:
             self._tell(party, [accepted(action_id, character_id, action_type, trace_id, now)])
         return verdict

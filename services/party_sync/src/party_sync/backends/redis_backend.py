@@ -503,6 +503,7 @@ class RedisBackend:
         timed: bool = True,
         action_type: str = "choice",
         trace_id: str = "",
+        claimed: bool = False,
     ) -> Verdict:
         # A call Redis runs later than half the command timeout after it was sent is refused by
         # the script ('stale'): the node has given up on it (or is about to), so it must not leave
@@ -521,6 +522,7 @@ class RedisBackend:
             1 if timed else 0,
             action_type,
             accepted(action_id, character_id, action_type, trace_id, now).data,
+            1 if claimed else 0,
         ]
         async with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)

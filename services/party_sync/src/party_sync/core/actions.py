@@ -120,8 +120,13 @@ class ActionLedger:
         now: float,
         timed: bool = True,
         action_type: str = "choice",
+        claimed: bool = False,
     ) -> Verdict:
         """Record a new action in flight (deadline ``now + action_timeout``), or say why not.
+
+        ``claimed``: an accepted action is also claimed in the same step (``claim`` would say
+        START at once): for an engine link that starts every action it is given at once
+        (``EngineLink.claims_on_accept``), so its claim costs no second step.
 
         ``timed=False``: no deadline (it is never refused with ``action_timeout``); for the actions
         party_sync makes itself, which nobody waits for and which must not be lost (a vote's).
@@ -147,7 +152,7 @@ class ActionLedger:
             now + self.record_ttl,
             self._next(),
             until if timed else math.inf,
-            False,
+            claimed,
         )
         self._locks[character_id] = (action_id, until, action_type)
         if not timed:

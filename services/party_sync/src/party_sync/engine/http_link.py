@@ -77,6 +77,9 @@ class _Retryable(PartySyncError):
 
 
 class HttpEngineLink:
+    #: The engine host claims each action right before it starts (``EngineLink``).
+    claims_on_accept = False
+
     def __init__(
         self,
         url: str,

@@ -82,13 +82,26 @@ async def _answered(host: LinkHost, action: ActionRequest) -> bool:
 
 
 class InProcessLink:
-    """Runs each accepted action as its own task, so a slow engine never blocks a connection."""
+    """Runs each accepted action as its own task, so a slow engine never blocks a connection.
+
+    The task starts the engine at once, so by default (``claim_on_accept``) the gateway claims
+    each action in the step that accepts it (``EngineLink.claims_on_accept``: one Redis script
+    call per action fewer) and the link does not claim it again. With ``claim_on_accept=False``
+    the link claims right before the engine starts, as the other links' hosts do (asked again
+    through a backend outage for up to ``claim_patience`` s).
+    """
 
     def __init__(
-        self, engine: Engine, *, close_timeout: float = 5.0, claim_patience: float = 60.0
+        self,
+        engine: Engine,
+        *,
+        close_timeout: float = 5.0,
+        claim_patience: float = 60.0,
+        claim_on_accept: bool = True,
     ) -> None:
         self.engine = engine
         self.claim_patience = claim_patience
+        self.claims_on_accept = claim_on_accept
         self._host: LinkHost | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._close_timeout = close_timeout
@@ -129,11 +142,12 @@ class InProcessLink:
     async def _run(self, action: ActionRequest) -> None:
         assert self._host is not None, "submit() before start()"
         extra = {"trace_id": action.trace_id, "action_id": action.action_id}
-        claim = await claim_until_answered(self._host, action, patience=self.claim_patience)
-        if claim is not Claim.START:
-            if claim is not None:
-                log.info("action not started: %s", claim.value, extra=extra)
-            return
+        if not self.claims_on_accept:
+            claim = await claim_until_answered(self._host, action, patience=self.claim_patience)
+            if claim is not Claim.START:
+                if claim is not None:
+                    log.info("action not started: %s", claim.value, extra=extra)
+                return
         refusal = await self._hand_over(action, extra)
         if refusal is not None:
             await self._refuse(action, *refusal, extra=extra)

@@ -72,6 +72,9 @@ def entry(
 
 
 class StreamEngineLink:
+    #: The stream worker claims each action right before it starts (``EngineLink``).
+    claims_on_accept = False
+
     def __init__(
         self, redis_url: str | RedisTarget, stream: str, maxlen: int, *, partitions: int = 1
     ) -> None:

@@ -103,6 +103,7 @@ class Executor:
         self.core = core
         self.backend = backend
         self.link = link
+        self.claim_on_accept = link.claims_on_accept  # the claim rides on begin_action
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
@@ -136,6 +137,7 @@ class Executor:
                 True,
                 payload["action_type"],
                 message.trace_id,
+                self.claim_on_accept,
             )
         except BackendUnavailable:
             verdict = None
@@ -332,6 +334,7 @@ class Executor:
                     timed=False,
                     action_type=applied.get("action_type", "choice"),
                     trace_id=finished.trace_id,
+                    claimed=self.claim_on_accept,
                 )
             except BackendUnavailable:
                 await self.run(core.vote_failed(command, self.clock()))

@@ -3,7 +3,9 @@
 -- ARGV[10] when the node sent this call (its wall clock, Unix seconds; NOW may be virtual in
 -- tests), ARGV[11] the most seconds after that this call may run and still accept, ARGV[12]
 -- '0' for an action without a deadline (party_sync's own: a vote's), else '1', ARGV[13] the
--- action_type, ARGV[14] its action.accepted envelope (published to every member if accepted).
+-- action_type, ARGV[14] its action.accepted envelope (published to every member if accepted),
+-- ARGV[15] '1' to claim an accepted action in the same step (as claim_action.lua would: the
+-- in-process link starts every action it is given at once), else '0'.
 -- Returns {'done', final answer} | {'in_flight'} | {'busy', blocking action_id} | {'accept'}
 -- | {'taken'} (another actor's action_id) | {'stale'}.
 --
@@ -37,7 +39,13 @@ if until_ and until_ > NOW then
 end
 local deadline = fmt_time(NOW + tonumber(ARGV[9]))
 if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
-  redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline)
+  if ARGV[15] == '1' then
+    redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline, 'g', '1')
+  else
+    redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline)
+  end
+elseif ARGV[15] == '1' then
+  redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'g', '1')
 else
   redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW))
 end
