@@ -21,9 +21,11 @@ from party_sync.engine.interface import (
     VoteStarter,
 )
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+from party_sync.server import build_server
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
+from ps_testkit.servers import make_settings
 
 
 async def started(
@@ -34,6 +36,28 @@ async def started(
     link = InProcessLink(engine, claim_on_accept=claim_on_accept)
     await link.start(host)
     return link
+
+
+class LinkOfBefore:
+    """An ``EngineLink`` written before ``claims_on_accept`` existed (an embedder's own)."""
+
+    async def start(self, host: Any) -> None: ...
+    async def submit(self, action: ActionRequest) -> None: ...
+    async def notify_join(self, notice: Any) -> None: ...
+    async def notify_restate(self, notice: Any) -> None: ...
+    async def close(self) -> None: ...
+
+
+def test_the_gateway_claims_on_acceptance_only_for_a_link_that_says_so() -> None:
+    """The attribute is optional: a link without it is served as before (its host claims)."""
+    settings = make_settings()
+
+    def claims_on_accept(link: Any) -> bool:
+        return bool(build_server(settings, link=link).gateway.executor.claim_on_accept)
+
+    assert claims_on_accept(InProcessLink(ScriptedEngine())) is True
+    assert claims_on_accept(InProcessLink(ScriptedEngine(), claim_on_accept=False)) is False
+    assert claims_on_accept(LinkOfBefore()) is False
 
 
 async def test_by_default_the_claim_rides_on_the_acceptance() -> None:

@@ -649,14 +649,14 @@ class LinkHost(EventPublisher, Protocol):
 class EngineLink(Protocol):
     """party_sync's side of an engine transport: where accepted actions go.
 
-    ``claims_on_accept``: True for a link that starts every action it is given at once, in this
-    process (the in-process link): the gateway then claims an action in the same atomic step
-    that accepts it (``begin_action(claimed=True)``), and the link does not claim it again.
-    Links to other processes (HTTP, Redis Streams) say False: their engine host claims right
-    before the engine starts, since an action may wait in between (a queue, a retry, an outage).
+    An optional attribute ``claims_on_accept`` (read with a default of False, so a link written
+    before it existed keeps working): True for a link that starts every action it is given at
+    once, in this process (the in-process link): the gateway then claims an action in the same
+    atomic step that accepts it (``begin_action(claimed=True)``), and the link does not claim it
+    again. Links to other processes (HTTP, Redis Streams) say False: their engine host claims
+    right before the engine starts, since an action may wait in between (a queue, a retry, an
+    outage).
     """
-
-    claims_on_accept: bool
 
     async def start(self, host: LinkHost) -> None: ...
 

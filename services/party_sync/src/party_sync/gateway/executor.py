@@ -103,7 +103,8 @@ class Executor:
         self.core = core
         self.backend = backend
         self.link = link
-        self.claim_on_accept = link.claims_on_accept  # the claim rides on begin_action
+        # the claim rides on begin_action (EngineLink: optional, False for links without it)
+        self.claim_on_accept = bool(getattr(link, "claims_on_accept", False))
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
