@@ -241,30 +241,41 @@ local function event_of(entry)
   return string.sub(entry, (string.find(entry, '{', 1, true)))
 end
 
--- Append one event to the history and drop the oldest while more than HISTORY_SIZE are held or
--- the oldest does not fit: the bytes from it to the newest exceed HISTORY_BYTES, or it is older
--- than HISTORY_AGE_MS (an entry without a stamp fits neither). Never the newest. The rule of
--- core/history.py to_drop, in the same milliseconds. Common path: 2 calls more than the count
--- alone (HINCRBY, one LRANGE of the first 2 candidates); each further LRANGE doubles its window.
-local function hold(data)
+-- Append events (their encoded JSON, oldest first) to the history and drop the oldest while more
+-- than HISTORY_SIZE are held or the oldest does not fit: the bytes from it to the newest exceed
+-- HISTORY_BYTES, or it is older than HISTORY_AGE_MS (an entry without a stamp fits neither).
+-- Never the newest. The rule of core/history.py to_drop, in the same milliseconds. Several events
+-- are appended with one RPUSH and trimmed once: the same history as one call per event, since
+-- every condition only grows with what is appended after an entry (its count, its bytes to the
+-- newest; its age is NOW's). Common path: 2 calls more than the count alone (HINCRBY, one
+-- LRANGE of the first 2 candidates); each further LRANGE doubles its window.
+local function hold_many(datas)
   if HISTORY_BYTES == 0 and HISTORY_AGE_MS == 0 then
-    if redis.call('RPUSH', K_HISTORY, data) > HISTORY_SIZE then
+    if redis.call('RPUSH', K_HISTORY, unpack(datas)) > HISTORY_SIZE then
       redis.call('LTRIM', K_HISTORY, -HISTORY_SIZE, -1)
     end
     return
   end
   local now_ms = math.floor(NOW * 1000)
-  local total = redis.call('HINCRBY', K_META, 'hb', #data)
-  local n = redis.call('RPUSH', K_HISTORY,
-    string.format('%.0f %.0f ', now_ms, total - #data) .. data)
+  local added = 0
+  for _, data in ipairs(datas) do
+    added = added + #data
+  end
+  local total = redis.call('HINCRBY', K_META, 'hb', added)
+  local entries, offset = {}, total - added
+  for i, data in ipairs(datas) do
+    entries[i] = string.format('%.0f %.0f ', now_ms, offset) .. data
+    offset = offset + #data
+  end
+  local n = redis.call('RPUSH', K_HISTORY, unpack(entries))
   local at, window = math.max(0, n - HISTORY_SIZE), 2
   while at < n - 1 do
     local fits = false
     local last = math.min(at + window, n - 1) - 1  -- the newest (n - 1) is not a candidate
     for _, entry in ipairs(redis.call('LRANGE', K_HISTORY, at, last)) do
-      local stamp, offset = string.match(entry, '^(%d+) (%d+) ')
+      local stamp, offset_of = string.match(entry, '^(%d+) (%d+) ')
       fits = stamp ~= nil
-        and (HISTORY_BYTES == 0 or total - tonumber(offset) <= HISTORY_BYTES)
+        and (HISTORY_BYTES == 0 or total - tonumber(offset_of) <= HISTORY_BYTES)
         and (HISTORY_AGE_MS == 0 or now_ms - tonumber(stamp) <= HISTORY_AGE_MS)
       if fits then
         break
@@ -281,20 +292,26 @@ local function hold(data)
   end
 end
 
--- Sequence one event: next seq, splice it into the body (as codec.with_seq does), fold it,
--- append it to the bounded history and publish it, all in this one atomic step, so pub/sub order
--- is seq order and history never lacks a published event. ``also`` (optional): other party keys
--- the calling script wrote, for their expiry. ``quiet`` (optional): do not publish it, the
--- caller publishes it with others of the same step (publish_many.lua). Returns seq, data.
-local function append(epoch, body, kind, f, also, quiet)
+-- Number one event: next seq, spliced into the body (as codec.with_seq does), folded into the
+-- projection. Returns seq, data. The caller holds it (hold_many), gives the keys it wrote their
+-- expiry (touch_written) and publishes it, in that order, in the same script (append, below, or
+-- publish_many.lua for several events at once).
+local function sequence(body, kind, f)
   local seq = redis.call('HINCRBY', K_META, 'seq', 1)
   local data = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
   fold(seq, kind, f)
-  hold(data)
+  return seq, data
+end
+
+-- Sequence one event: numbered and folded (sequence), appended to the bounded history, its keys'
+-- expiry given, and published, all in this one atomic step, so pub/sub order is seq order and
+-- history never lacks a published event. ``also`` (optional): other party keys the calling script
+-- wrote, for their expiry. Returns seq, data.
+local function append(epoch, body, kind, f, also)
+  local seq, data = sequence(body, kind, f)
+  hold_many({data})
   touch_written(written_by(kind), also or NOTHING)
-  if not quiet then
-    redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
-  end
+  redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
   return seq, data
 end
 

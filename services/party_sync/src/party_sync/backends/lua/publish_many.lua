@@ -12,6 +12,9 @@ local count = tonumber(ARGV[7])
 local epoch = nil  -- found (or started) by the first event sequenced, as publish.lua does
 local out = {''}
 local datas, lengths = {}, {}
+-- The keys the events wrote, each once, for one touch_written after the history is written
+-- (which is what append does per event: hold, then touch; one PTTL instead of one per event).
+local written, seen = {}, {}
 local at, record_at = 8, 12
 for _ = 1, count do
   local body, kind, nfold = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
@@ -31,8 +34,14 @@ for _ = 1, count do
     out[#out + 1] = record[2]
   else
     epoch = epoch or ensure_epoch()
-    local seq, data = append(epoch, body, kind, f, nil, true)
+    local seq, data = sequence(body, kind, f)
     datas[#datas + 1] = data
+    for _, key in ipairs(written_by(kind)) do
+      if not seen[key] then
+        seen[key] = true
+        written[#written + 1] = key
+      end
+    end
     lengths[#lengths + 1] = string.format('%d', #data)
     local refused = 0
     if record then  -- core/actions.py ActionLedger.complete, as in publish.lua
@@ -62,6 +71,10 @@ for _ = 1, count do
 end
 if epoch then
   out[1] = epoch
+end
+if #datas > 0 then
+  hold_many(datas)
+  touch_written(written, NOTHING)
 end
 if #datas == 1 then
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. datas[1] .. '}')
