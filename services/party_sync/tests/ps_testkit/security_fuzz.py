@@ -18,6 +18,7 @@ import itertools
 import os
 import string
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -294,15 +295,22 @@ async def _collect(client: Client, plan: list[tuple[Expected, Frame]], binding: 
     """Read until every frame of ``plan`` has its answer; ``open`` or ``ended``."""
     index = 0
     awaited: set[str] = set()  # action_ids that must get an action.result
-    results: set[str] = set()
+    # action.results per action_id: a frame repeating an action_id is answered by its own
+    # result (the final answer sent again) or by a race error, so each frame left needs one; a
+    # set would call the plan done at the first result while the repeat's answer (an
+    # action_in_flight decided before the result was recorded) is still on its way
+    results: Counter[str] = Counter()
     left = False
     last = plan[-1][0]
 
     def done() -> bool:
         rest = plan[index:]
-        if any(w.kind != "action" or w.action_id not in results for w, _ in rest):
+        if any(w.kind != "action" for w, _ in rest):
             return False
-        return awaited <= results and (last.kind != "leave" or left)
+        wanted = Counter(w.action_id for w, _ in rest)
+        if any(results[action_id or ""] < n for action_id, n in wanted.items()):
+            return False
+        return all(results[a] for a in awaited) and (last.kind != "leave" or left)
 
     while not done():
         try:
@@ -311,7 +319,7 @@ async def _collect(client: Client, plan: list[tuple[Expected, Frame]], binding: 
             return _closed(closed.code, plan, index, left)
         type_ = message["type"]
         if type_ == t.ACTION_RESULT:
-            results.add(message["payload"]["action_id"])
+            results[message["payload"]["action_id"]] += 1
         elif type_ == t.PARTY_LEAVE and message["payload"]["character_id"] == binding.character_id:
             assert last.kind == "leave", f"a leave nobody asked for: {message}"
             left = True

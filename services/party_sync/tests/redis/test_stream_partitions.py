@@ -236,7 +236,9 @@ async def test_a_partition_whose_reads_fail_does_not_stop_the_others(
             late = by_partition[1][0]
             await link.submit(make_action(f"late-{late}", party_id=late))
             await wait_until(lambda: f"late-{late}" in host.results(), timeout=10)
-            assert not worker.degraded
+            # the loop says it recovered once its round ends, which may be just after the
+            # engine's answer was recorded (a flake seen in a fresh-clone make test)
+            await wait_until(lambda: not worker.degraded, timeout=10)
     finally:
         await client.aclose()
     messages = [r.getMessage() for r in caplog.records if r.name == WORKER_LOG]
