@@ -135,9 +135,9 @@ async def rp_script_pipeline(ports, n_pipes, reps):
     return res
 
 
-async def rp_script_single(ports, n, reps):
-    rc = await rp_client(ports)
-    script = rc.register_script(LUA)
+def one_by_one(script, n):
+    """A pass of ``n`` script calls, each awaited before the next (both clients' script objects
+    are called as ``script(keys=[...])``)."""
 
     async def one_pass():
         r = None
@@ -145,7 +145,12 @@ async def rp_script_single(ports, n, reps):
             r = await script(keys=[key(i)])
         assert int(r) > 0
 
-    res = await timed(one_pass, reps, n)
+    return one_pass
+
+
+async def rp_script_single(ports, n, reps):
+    rc = await rp_client(ports)
+    res = await timed(one_by_one(rc.register_script(LUA), n), reps, n)
     await rc.aclose()
     return res
 
@@ -229,15 +234,7 @@ async def cd_script_pipeline(ports, n_pipes, reps, use_script_obj=False):
 async def cd_script_single(ports, n, reps):
     client = cd_client(ports)
     async with client:
-        script = client.register_script(LUA)
-
-        async def one_pass():
-            r = None
-            for i in range(n):
-                r = await script(keys=[key(i)])
-            assert int(r) > 0
-
-        return await timed(one_pass, reps, n)
+        return await timed(one_by_one(client.register_script(LUA), n), reps, n)
 
 
 async def cd_pubsub(ports, n_msgs, reps, mode):
