@@ -38,17 +38,14 @@ if until_ and until_ > NOW then
   return {'busy', holder}
 end
 local deadline = fmt_time(NOW + tonumber(ARGV[9]))
+local fields = {'c', character_id, 's', fmt_time(NOW)}
 if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
-  if ARGV[15] == '1' then
-    redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline, 'g', '1')
-  else
-    redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'd', deadline)
-  end
-elseif ARGV[15] == '1' then
-  redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW), 'g', '1')
-else
-  redis.call('HSET', record, 'c', character_id, 's', fmt_time(NOW))
+  fields[5], fields[6] = 'd', deadline
 end
+if ARGV[15] == '1' then  -- claimed with its acceptance
+  fields[#fields + 1], fields[#fields + 2] = 'g', '1'
+end
+redis.call('HSET', record, unpack(fields))
 redis.call('PEXPIRE', record, RECORD_TTL_MS)
 redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id .. ' ' .. ARGV[13])
 if ARGV[12] == '0' then  -- no deadline: listed in flight until its final answer (outlive())
