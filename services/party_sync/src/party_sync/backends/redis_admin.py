@@ -120,7 +120,7 @@ class RedisAdmin:
         keys = self._keys.party_keys(party_id)
         client = self._client
         if self._slots is not None:  # a Cluster: MULTI on the party's master itself
-            async with unavailable("admin read"):
+            with unavailable("admin read"):
                 client = await self._slots.for_key(keys.meta)
         async with unavailable("admin read"), client.pipeline(transaction=True) as pipe:
             pipe.hmget(keys.meta, ["epoch", "seq", "run"])
@@ -153,12 +153,12 @@ class RedisAdmin:
         out: list[PartySummary] = []
         while len(out) < limit:
             start = "-" if after is None else "(" + after
-            async with unavailable("admin parties"):
+            with unavailable("admin parties"):
                 ids = [text(p) for p in await self._client.zrangebylex(index, start, "+", 0, limit)]
             for party_id in ids:
                 read = await self._read(party_id, now, presence=False)
                 if read is None:  # its state expired: forget it
-                    async with unavailable("admin parties"):
+                    with unavailable("admin parties"):
                         await self._client.zrem(index, party_id)
                     continue
                 run, snap, actions, _ = read
@@ -192,7 +192,7 @@ class RedisAdmin:
 
     async def events(self, party_id: str, after_seq: int, limit: int) -> HeldEvents | None:
         keys = self._keys.party_keys(party_id)
-        async with unavailable("admin events"):
+        with unavailable("admin events"):
             reply = await self._events(keys=[keys.meta, keys.history], args=[after_seq, limit])
         if not reply:
             return None
@@ -229,7 +229,7 @@ class RedisAdmin:
 
     async def nodes(self, now: float) -> list[NodeInfo]:
         keys = self._keys
-        async with unavailable("admin nodes"):
+        with unavailable("admin nodes"):
             ids = sorted(
                 text(n) for n in await self._client.zrangebyscore(keys.nodes(), now, "+inf")
             )
@@ -258,14 +258,14 @@ class RedisAdmin:
     # -- disconnecting --------------------------------------------------------------------------
     async def block(self, party_id: str, character_id: str, until: float, now: float) -> None:
         key = self._keys.block(party_id, character_id)
-        async with unavailable("admin block"):
+        with unavailable("admin block"):
             if until > now:
                 await self._client.set(key, repr(until), pxat=int(until * 1000) + 1)
             else:
                 await self._client.delete(key)
 
     async def blocked_until(self, party_id: str, character_id: str, now: float) -> float | None:
-        async with unavailable("admin blocked"):
+        with unavailable("admin blocked"):
             value = await self._client.get(self._keys.block(party_id, character_id))
         if value is None:
             return None
@@ -279,7 +279,7 @@ class RedisAdmin:
             "code": code,
             "reason": reason,
         }
-        async with unavailable("admin close"):
+        with unavailable("admin close"):
             message = orjson.dumps({"close": request})
             if isinstance(self._client, RedisCluster):  # the nodes SSUBSCRIBE it (its shard)
                 await self._client.spublish(self._keys.admin_channel(), message)

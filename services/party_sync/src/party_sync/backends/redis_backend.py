@@ -248,7 +248,7 @@ class RedisBackend:
     async def _publish_raw(self, channel: str, data: bytes) -> None:
         """PUBLISH; on a Redis Cluster SPUBLISH (the channel's shard only; ``run:<id>`` is
         sharded by its own name)."""
-        async with unavailable("publish"):
+        with unavailable("publish"):
             if isinstance(self.client, RedisCluster):
                 await self.client.spublish(channel, data)
             else:
@@ -259,7 +259,7 @@ class RedisBackend:
         fold = fold_args(type_, payload)  # raises before anything is recorded
         body = codec.encode(message)
         action_id = payload["action_id"] if type_ == t.ACTION_RESULT else None
-        async with unavailable("publish"):
+        with unavailable("publish"):
             reply = await self.scripts.run(
                 "publish", party_id, now, [body, type_, *fold], action_id=action_id
             )
@@ -294,7 +294,7 @@ class RedisBackend:
             if type_ == t.ACTION_RESULT:
                 action_ids.append(payload["action_id"])
             args += [body, type_, len(fold), *fold]
-        async with unavailable("publish"):
+        with unavailable("publish"):
             reply = await self.scripts.run(
                 "publish_many", party_id, now, args, action_ids=action_ids
             )
@@ -379,7 +379,7 @@ class RedisBackend:
 
     async def run_parties(self, campaign_run_id: str) -> list[str]:
         """Parties recorded for the run on connect whose state still exists (as in memory)."""
-        async with unavailable("run_parties"):
+        with unavailable("run_parties"):
             members = await self.client.smembers(self.keys.run_parties(campaign_run_id))
             parties = sorted(text(p) for p in members)
             async with self.client.pipeline(transaction=False) as pipe:
@@ -390,7 +390,7 @@ class RedisBackend:
 
     async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot:
         now = time.time() if now is None else now
-        async with unavailable("snapshot"):
+        with unavailable("snapshot"):
             kept_ms = int(kept_for(self.settings.narration_idle) * 1000)
             reply = await self.scripts.run("snapshot", party_id, now, [kept_ms], narration=True)
         return snapshot_from(reply)
@@ -403,13 +403,13 @@ class RedisBackend:
         ``most`` defaults to the whole history (a node's gap repair takes whatever history has).
         """
         most = self.settings.history_size if most is None else most
-        async with unavailable("range"):
+        with unavailable("range"):
             reply = await self.scripts.run("range", party_id, 0.0, [epoch, after, most])
         events = [bytes(e) for e in reply[3:]] if len(reply) > 2 else None
         return text(reply[0]), int(reply[1]), events
 
     async def head(self, party_id: str) -> tuple[str, int]:
-        async with unavailable("head"):
+        with unavailable("head"):
             reply = await self.scripts.run("head", party_id, 0.0)
         return text(reply[0]), int(reply[1])
 
@@ -513,18 +513,18 @@ class RedisBackend:
         stale = self.options.command_timeout / 2
         self._measure_clock_soon()
         sent = time.time() + self._clock_offset
-        args: list[Arg] = [
+        args: list[Arg] = [  # numbers as text: hiredis formats a float slowly (~0.6 µs each)
             character_id,
             action_id,
-            self.settings.action_timeout,
-            sent,
-            stale,
-            1 if timed else 0,
+            repr(self.settings.action_timeout),
+            repr(sent),
+            repr(stale),
+            "1" if timed else "0",
             action_type,
             accepted(action_id, character_id, action_type, trace_id, now).data,
-            1 if claimed else 0,
+            "1" if claimed else "0",
         ]
-        async with unavailable("begin_action"):
+        with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
         decision = text(reply[0])
         if decision == "stale":
@@ -550,7 +550,7 @@ class RedisBackend:
             "" if deadline is None else repr(deadline),
             codec.rfc3339(now),
         ]
-        async with unavailable("claim_action"):
+        with unavailable("claim_action"):
             reply = await self.scripts.run("claim_action", party_id, now, args, action_id=action_id)
         claim = Claim(text(reply[0]))
         return claim, bytes(reply[1]) if claim is Claim.FINAL else None
@@ -559,7 +559,7 @@ class RedisBackend:
         self, party_id: str, action_id: str, now: float, refusal: bytes
     ) -> tuple[Sweep, bytes | None]:
         args: list[Arg] = [action_id, refusal, codec.rfc3339(now)]
-        async with unavailable("time_out_action"):
+        with unavailable("time_out_action"):
             reply = await self.scripts.run(
                 "time_out_action", party_id, now, args, action_id=action_id
             )
@@ -570,7 +570,7 @@ class RedisBackend:
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
     ) -> bool:
         args: list[Arg] = [action_id, character_id, refusal, codec.rfc3339(now)]
-        async with unavailable("refuse_action"):
+        with unavailable("refuse_action"):
             reply = await self.scripts.run(
                 "refuse_action", party_id, now, args, action_id=action_id
             )
@@ -598,7 +598,7 @@ class RedisBackend:
                 len(p.text),
                 p.frame,
             ]
-        async with unavailable("narrate"):
+        with unavailable("narrate"):
             reply = await self.scripts.run("narrate", party_id, now, args, narration=True)
         return [Outcome(text(o)) for o in reply]
 
@@ -608,6 +608,6 @@ class RedisBackend:
         idle = self.settings.narration_idle
         kept_ms = int(kept_for(idle) * 1000)
         args: list[Arg] = [stream_id, idle, codec.rfc3339(now), trace_id, kept_ms]
-        async with unavailable("close_narration"):
+        with unavailable("close_narration"):
             reply = await self.scripts.run("close_narration", party_id, now, args, narration=True)
         return float(text(reply[1])) if text(reply[0]) == "due" else None

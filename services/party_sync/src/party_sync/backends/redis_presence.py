@@ -125,7 +125,7 @@ class RedisPresence:
         args: list[Arg] = [binding.character_id, body]
         if script == "leave":  # the tombstone's lifetime (refresh.lua must not announce it again)
             args.append(self._ttl)
-        async with unavailable(script):
+        with unavailable(script):
             reply = await self._scripts.run(script, binding.party_id, now, args)
         seq = int(reply[0])
         if seq == 0:
@@ -150,7 +150,7 @@ class RedisPresence:
             return []
         ttl = self._ttl
         timestamp = codec.rfc3339(now)
-        async with unavailable("refresh"):
+        with unavailable("refresh"):
             async with self._client.pipeline(transaction=False) as pipe:
                 for party_id, pairs in by_party.items():
                     trace_prefix = codec.new_trace_id()[:24]  # the joins' trace ids, if any
@@ -173,7 +173,7 @@ class RedisPresence:
     async def expire(self, now: float) -> list[Event]:
         """Sweep the parties due in the index; returns the ``party.leave`` events it published."""
         index = self._keys.presence_index()
-        async with unavailable("expire"):
+        with unavailable("expire"):
             due = cast(
                 list[tuple[bytes, float]],
                 await self._client.zrangebyscore(

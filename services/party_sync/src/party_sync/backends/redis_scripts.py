@@ -17,12 +17,11 @@ becomes ``BackendUnavailable`` (style: "foreign exceptions are mapped at the edg
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import re
 import secrets
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -127,19 +126,42 @@ def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
     return text.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") if sharded else text
 
 
-@contextlib.asynccontextmanager
-async def unavailable(what: str) -> AsyncIterator[None]:
-    """Run Redis calls; any failure is ``BackendUnavailable`` (retryable for the client)."""
-    try:
-        yield
-    except (ClusterDownError, TryAgainError, AskError) as exc:  # a Cluster failing over or
-        # resharding (MOVED is an AskError): an outage of that shard, not a bug
-        raise BackendUnavailable(f"redis cluster unavailable during {what}: {exc}") from exc
-    except ResponseError as exc:  # a script or command refused: a bug, not an outage; say so
-        log.error("redis refused %s: %s", what, exc)
-        raise BackendUnavailable(f"redis refused {what}") from exc
-    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-        raise BackendUnavailable(f"redis unavailable during {what}") from exc
+class unavailable:  # lower case: used as a function, ``with unavailable("publish"):``
+    """Run Redis calls; any failure of Redis (a lost connection, a timeout, a Cluster failing
+    over, a refused command) is ``BackendUnavailable`` (retryable for the client).
+
+    A plain class, usable with ``with`` (the hot paths: no await is needed to translate an error)
+    and with ``async with`` (beside an async context manager on one line). Not
+    ``contextlib.asynccontextmanager``: that makes an async generator and its wrapper per use,
+    about 3 µs against 0.7 µs, twice per action in Redis mode."""
+
+    __slots__ = ("what",)
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is None:
+            return
+        what = self.what
+        if isinstance(exc, (ClusterDownError, TryAgainError, AskError)):
+            # a Cluster failing over or resharding (MOVED is an AskError): an outage of that
+            # shard, not a bug
+            raise BackendUnavailable(f"redis cluster unavailable during {what}: {exc}") from exc
+        if isinstance(exc, ResponseError):  # a script or command refused: a bug, not an outage
+            log.error("redis refused %s: %s", what, exc)
+            raise BackendUnavailable(f"redis refused {what}") from exc
+        if isinstance(exc, (RedisError, RedisClusterException, OSError, TimeoutError)):
+            raise BackendUnavailable(f"redis unavailable during {what}") from exc
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        self.__exit__(kind, exc, tb)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +196,9 @@ class Scripts:
         self.keys = keys
         self.limits = limits
         self._history = limits.history.header()  # ARGV[4], parsed once by _lib.lua's prelude
+        # ARGV[3] and ARGV[6] as text once (hiredis formats a number on every call)
+        self._party_ttl_ms = str(int(limits.party_ttl * 1000))
+        self._record_ttl_ms = str(int(max(limits.action_record_ttl, limits.action_timeout) * 1000))
         lib = _source("_lib")
         sharded = isinstance(client, RedisCluster)
         self._party: dict[str, Script] = {
@@ -195,7 +220,7 @@ class Scripts:
 
     async def load(self) -> None:
         """SCRIPT LOAD every script (redis-py also reloads one on NOSCRIPT)."""
-        async with unavailable("script load"):
+        with unavailable("script load"):
             for script in (*self._party.values(), self.index_forget):
                 await load_script(self._client, script)
 
@@ -229,14 +254,13 @@ class Scripts:
     def header(self, party_id: str, now: float) -> list[Arg]:
         """ARGV[1..6]: epoch candidate, channel, party_ttl ms, history bounds (``"300"`` or
         ``"300:262144:1800000"``: HistoryBounds.header), now, record ttl ms."""
-        lim = self.limits
         return [
             f"{self._epoch_base}{next(self._epochs):x}",
             self._names(party_id)[1],
-            int(lim.party_ttl * 1000),
+            self._party_ttl_ms,
             self._history,
             f"{now:.6f}",
-            int(max(lim.action_record_ttl, lim.action_timeout) * 1000),
+            self._record_ttl_ms,
         ]
 
     async def forget_index(

@@ -131,7 +131,7 @@ class ShardedBus:
         slot = key_slot(channel.encode())
         for attempt in range(ADD_TRIES):
             try:
-                async with unavailable("subscribe"):
+                with unavailable("subscribe"):
                     await self._client.initialize()
                     node = self._client.nodes_manager.get_node_from_slot(slot)
             except RedisError as exc:
@@ -179,7 +179,7 @@ class ShardedBus:
         return min(slot for slot, nodes in cache.items() if nodes and nodes[0].name == name)
 
     async def _spublish(self, channel: str, data: bytes) -> None:
-        async with unavailable("publish"):
+        with unavailable("publish"):
             await self._client.spublish(channel, data)
 
     def _lost(self, channel: str) -> None:

@@ -157,7 +157,7 @@ class RedisVotes:
         optimistic transaction), again on fresh data as long as another node got there first."""
         keys = self._keys.party_keys(party_id)
         online_key, vote_key, ballots_key = keys.online, keys.vote, keys.ballots
-        async with unavailable("vote"):
+        with unavailable("vote"):
             for _ in range(TRIES):
                 client = self._client
                 if self._slots is not None:  # a Cluster: the slot's master, directly
@@ -180,7 +180,7 @@ class RedisVotes:
 
     async def party_run(self, party_id: str) -> str | None:
         """The campaign run the party plays (recorded on connect)."""
-        async with unavailable("party_run"):
+        with unavailable("party_run"):
             run = await self._client.hget(self._keys.party_keys(party_id).meta, "run")
         return text(run) if run is not None else None
 
@@ -266,7 +266,7 @@ class RedisVotes:
         gone) and ``unapplied`` holds nothing (``unapplied_votes`` still needs it otherwise);
         unless another node indexed a new vote of it since (``index_forget``)."""
         index = self._keys.vote_index()
-        async with unavailable("due_votes"):
+        with unavailable("due_votes"):
             found = cast(
                 list[tuple[bytes, float]],
                 await self._client.zrangebyscore(index, "-inf", now, withscores=True),
@@ -294,7 +294,7 @@ class RedisVotes:
         return due
 
     async def vote_run(self, party_id: str, vote_id: str) -> str | None:
-        async with unavailable("vote_run"):
+        with unavailable("vote_run"):
             found, run = await self._client.hmget(
                 self._keys.party_keys(party_id).vote, ["vote_id", "run"]
             )
@@ -311,7 +311,7 @@ class RedisVotes:
         forgotten them, as the embedded backend forgets an idle party; the others' ``unapplied``
         is given ``meta``'s remaining time, so that it expires with the party."""
         index = self._keys.vote_index()
-        async with unavailable("unapplied_votes"):
+        with unavailable("unapplied_votes"):
             parties = [text(p) for p in await self._client.zrange(index, 0, -1)]
             if not parties:
                 return []
@@ -351,7 +351,7 @@ class RedisVotes:
         The party leaves the index once nothing else needs it there (as in ``due_votes``)."""
         unapplied = self._keys.unapplied(party_id)
         index = self._keys.vote_index()
-        async with unavailable("mark_vote_applied"):
+        with unavailable("mark_vote_applied"):
             if not await self._client.hdel(unapplied, vote_id):
                 return
             async with self._client.pipeline(transaction=False) as pipe:
