@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
-from party_sync.backends.redis_wire import RawConnection, load_script, pack_evalsha
+from party_sync.backends.redis_wire import RawConnection, ScriptCall, load_script, pack_evalsha
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -145,3 +145,82 @@ async def test_an_idle_connection_redis_closed_is_seen_as_stale(client: Redis) -
                 await asyncio.sleep(0.01)
     finally:
         await conn.close()
+
+
+async def test_read_replies_takes_a_batch_in_order_with_error_replies_as_values(
+    client: Redis,
+) -> None:
+    """The batcher's read: hiredis's reader under redis-py's parser, one await per socket read."""
+    echo, fail = client.register_script(ECHO), client.register_script(FAIL)
+    await client.script_flush()
+    await load_script(client, echo)
+    await load_script(client, fail)
+    conn = RawConnection(client.connection_pool, timeout=False)
+    try:
+        await conn.connect()
+        assert conn._hiredis() is not None  # the fast path is the one exercised here
+        big = "x" * 200_000  # replies larger than one socket read (64 KiB)
+        calls: list[ScriptCall] = [
+            (echo, [], ["a"], None),
+            (fail, [], [], None),
+            (echo, [], [big], None),
+            (echo, [], ["b"], None),
+        ]
+        await conn.send_packed(pack_evalsha(calls))
+        replies = await conn.read_replies(len(calls))
+        assert replies[0] == b"a"
+        assert isinstance(replies[1], ResponseError)
+        assert "refused on purpose" in str(replies[1])
+        assert replies[2:] == [big.encode(), b"b"]
+        await conn.send_packed(pack_evalsha([(echo, [], ["c"], None)]))
+        assert await conn.read_replies(1) == [b"c"]  # nothing left over from the first batch
+        await client.script_flush()
+        await conn.send_packed(pack_evalsha([(echo, [], ["d"], None)]))
+        (lost,) = await conn.read_replies(1)
+        assert isinstance(lost, NoScriptError)  # the batcher's cue to run it through redis-py
+    finally:
+        await conn.close()
+
+
+async def test_read_pushes_returns_every_message_received_and_waits_for_the_first(
+    client: Redis,
+) -> None:
+    conn = RawConnection(client.connection_pool)
+    try:
+        await conn.connect()
+        await conn.send("SUBSCRIBE", b"wire:burst")
+        assert await conn.read_pushes() == [[b"subscribe", b"wire:burst", 1]]
+        waiting = asyncio.ensure_future(conn.read_pushes())
+        await asyncio.sleep(0.3)  # longer than the pool's socket timeout: still waiting
+        assert not waiting.done()
+        async with client.pipeline(transaction=False) as pipe:
+            for i in range(50):
+                pipe.publish("wire:burst", f"m{i}")
+            await pipe.execute()
+        got = await waiting
+        while len(got) < 50:
+            got += await conn.read_pushes()
+        assert got == [[b"message", b"wire:burst", f"m{i}".encode()] for i in range(50)]
+    finally:
+        await conn.close(wait=True)
+
+
+async def test_read_replies_and_pushes_fail_as_a_connection_error_when_redis_closes(
+    client: Redis,
+) -> None:
+    for read in ("replies", "pushes"):
+        conn = RawConnection(client.connection_pool, timeout=False)
+        try:
+            await conn.connect()
+            await conn.send("CLIENT", "ID")
+            (connection_id,) = await conn.read_replies(1)
+            waiting = asyncio.ensure_future(
+                conn.read_replies(1) if read == "replies" else conn.read_pushes()
+            )
+            await asyncio.sleep(0.05)
+            assert await client.client_kill_filter(_id=str(connection_id)) == 1
+            with pytest.raises(redis.exceptions.ConnectionError):
+                async with asyncio.timeout(5):
+                    await waiting
+        finally:
+            await conn.close()

@@ -49,7 +49,6 @@ from redis.exceptions import (
     ClusterDownError,
     MovedError,
     NoScriptError,
-    ResponseError,
     SlotNotCoveredError,
     TryAgainError,
 )
@@ -148,17 +147,12 @@ class ScriptBatcher:
         self.batches += 1
         self.calls += len(batch)
         packed = pack_evalsha(batch)
-        replies: list[Any] = []
         try:
             async with asyncio.timeout(self._timeout):
                 conn = await self._connection()
                 await conn.send_packed(packed)
-                read = conn.read
-                for _ in batch:
-                    try:
-                        replies.append(await read())
-                    except ResponseError as exc:  # an error reply: the stream is still in step
-                        replies.append(exc)
+                # an error reply comes as its exception: the stream is still in step
+                replies = await conn.read_replies(len(batch))
         except BaseException as exc:  # the connection failed or timed out: every call failed
             await self._drop()
             # And so does every call queued behind it: they would each wait for a batch of their

@@ -122,7 +122,7 @@ class Bus:
                 raise BackendUnavailable("redis pub/sub is not connected")
             self._handlers[key] = handler
             try:
-                async with unavailable("subscribe"):
+                with unavailable("subscribe"):
                     await self._subscribe(conn, [key])
             except BackendUnavailable:
                 if self._handlers.get(key) == handler:
@@ -243,39 +243,39 @@ class Bus:
     async def _read(self, conn: RawConnection) -> None:
         loop = asyncio.get_running_loop()
         handlers, waiters = self._handlers, self._waiters
-        read = conn.read_push
+        read = conn.read_pushes  # every message already received, in one go
         message_kind, confirm_kind = self._message_kind, self._confirm_kind
         while True:
-            try:
-                reply = await read()
-            except ResponseError as exc:
-                if not self.sharded:
-                    raise
-                self._refused(exc)  # MOVED for an SSUBSCRIBE: the connection is still in step
-                continue
+            replies = await read()
             self._last_rx = loop.time()
-            if not isinstance(reply, list) or len(reply) < 3:
-                continue
-            kind, channel = reply[0], reply[1]
-            if kind == message_kind:
-                if channel == self._probe_key:
-                    self._on_probe()
+            for reply in replies:
+                if isinstance(reply, ResponseError):
+                    if not self.sharded:
+                        raise reply
+                    self._refused(reply)  # MOVED for an SSUBSCRIBE: still in step
                     continue
-                handler = handlers.get(channel)
-                if handler is not None:
-                    try:
-                        handler(reply[2])
-                    except Exception:  # a bug in one party's handling must not stop the bus
-                        log.exception("pub/sub handler failed", extra={"channel": channel})
-            elif kind == confirm_kind:
-                waiter = waiters.pop(channel, None)
-                if waiter is not None and not waiter.done():
-                    waiter.set_result(None)
-            elif kind == b"sunsubscribe" and channel in handlers:
-                # Not asked for (remove() drops the handler first): the slot moved away.
-                del handlers[channel]
-                if self._on_lost is not None:
-                    self._on_lost(channel.decode())
+                if not isinstance(reply, list) or len(reply) < 3:
+                    continue
+                kind, channel = reply[0], reply[1]
+                if kind == message_kind:
+                    if channel == self._probe_key:
+                        self._on_probe()
+                        continue
+                    handler = handlers.get(channel)
+                    if handler is not None:
+                        try:
+                            handler(reply[2])
+                        except Exception:  # a bug in one party's handling must not stop the bus
+                            log.exception("pub/sub handler failed", extra={"channel": channel})
+                elif kind == confirm_kind:
+                    waiter = waiters.pop(channel, None)
+                    if waiter is not None and not waiter.done():
+                        waiter.set_result(None)
+                elif kind == b"sunsubscribe" and channel in handlers:
+                    # Not asked for (remove() drops the handler first): the slot moved away.
+                    del handlers[channel]
+                    if self._on_lost is not None:
+                        self._on_lost(channel.decode())
 
     def _refused(self, exc: ResponseError) -> None:
         """An error reply on the sharded connection: the oldest SSUBSCRIBE waiting is refused."""

@@ -11,30 +11,42 @@ allows, for reasons measured in docs/benchmarks.md and explained in their module
 
 Both use a redis-py ``Connection`` taken straight from the pool's factory and its lower methods
 (``make_connection``, ``send_command``, ``send_packed_command``, ``read_response`` with
-``timeout=math.inf``, ``can_read``, ``disconnect``, the ``socket_timeout``
-attribute), and the ``sha`` and ``script`` attributes of redis-py's ``Script``. None of these is
+``timeout=math.inf``, ``can_read``, ``disconnect``, the ``socket_timeout`` attribute), the
+hiredis ``Reader`` and ``StreamReader`` of its parser (``_parser._reader``, ``_parser._stream``,
+and ``NOT_ENOUGH_DATA``, the reader's "no whole reply yet": a batch's replies and a burst of
+pub/sub messages are taken from hiredis in one loop, one await per socket read, where
+``read_response`` costs about 3 µs per reply; without hiredis's parser, ``read_response`` is
+used), and the ``sha`` and ``script`` attributes of redis-py's ``Script``. None of these is
 documented as stable, so they are wrapped here and nowhere else, and
-``tests/redis/test_redis_wire_contract.py`` exercises exactly them against a real redis-server:
-a redis-py upgrade that changes one fails there, loudly, rather than as a hang or a lost message
-in production. redis-py is pinned to the major version this was verified with (pyproject.toml).
+``tests/redis/test_redis_wire_contract.py`` exercises exactly them against a real redis-server: a
+redis-py upgrade that changes one fails there, loudly, rather than as a hang or a lost message in
+production. redis-py is pinned to the major version this was verified with (pyproject.toml).
 
-Costs: ``RawConnection`` binds redis-py's read methods once per connection, so reading a reply
-(once per script call, once per pub/sub message) costs what calling redis-py directly costs; a
-batch's write and ``pack_evalsha`` add one plain call per batch, not per call.
+Costs: a batch's replies and the pub/sub messages that arrived together are read in one loop
+over hiredis (``read_replies``, ``read_pushes``); a batch's write and ``pack_evalsha`` add one
+plain call per batch, not per call.
 """
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from functools import partial
 from typing import Any, Protocol
 
+from hiredis import Reader as HiredisReader
 from hiredis import pack_command
+from redis._parsers.hiredis import NOT_ENOUGH_DATA  # what its Reader returns for "not yet"
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+#: Bytes asked of the socket per read (redis-py's own read size).
+READ_SIZE = 65536
 
 #: A registered Lua script (``Redis.register_script``).
 Script = AsyncScript
@@ -125,6 +137,74 @@ class RawConnection:
     async def connect(self) -> None:
         """Connect (and AUTH, SELECT, HELLO as the pool's URL says)."""
         await self._conn.connect()  # type: ignore[no-untyped-call]
+
+    async def read_replies(self, count: int) -> list[Any]:
+        """The next ``count`` replies, an error reply as its exception (returned, not raised):
+        a batch's replies, with one await per socket read instead of one per reply."""
+        replies: list[Any] = []
+        reader = self._hiredis()
+        if reader is None:  # not hiredis's parser: redis-py's reads, one per reply
+            for _ in range(count):
+                try:
+                    replies.append(await self.read())
+                except ResponseError as exc:
+                    replies.append(exc)
+            return replies
+        gets = reader[0].gets
+        while len(replies) < count:
+            reply = gets()
+            if reply is NOT_ENOUGH_DATA:
+                await self._fill(reader)
+            elif isinstance(reply, RedisConnectionError):
+                raise reply
+            else:
+                replies.append(reply)
+        return replies
+
+    async def read_pushes(self) -> list[Any]:
+        """At least one reply, and every other one already received, however long the first
+        takes (pub/sub messages); an error reply as its exception (returned, not raised)."""
+        reader = self._hiredis()
+        if reader is None:
+            try:
+                return [await self.read_push()]
+            except ResponseError as exc:
+                return [exc]
+        gets = reader[0].gets
+        replies: list[Any] = []
+        while True:
+            reply = gets()
+            if reply is NOT_ENOUGH_DATA:
+                if replies:
+                    return replies
+                await self._fill(reader)
+            elif isinstance(reply, RedisConnectionError):
+                raise reply
+            else:
+                replies.append(reply)
+
+    def _hiredis(self) -> tuple[HiredisReader, asyncio.StreamReader] | None:
+        """The hiredis ``Reader`` of the connected connection and the ``StreamReader`` it is
+        fed from (redis-py's parser's ``_reader`` and ``_stream``), or None when redis-py does
+        not parse with hiredis."""
+        parser = self._conn._parser
+        reader = getattr(parser, "_reader", None)
+        stream = getattr(parser, "_stream", None)
+        if not isinstance(reader, HiredisReader) or not isinstance(stream, asyncio.StreamReader):
+            return None
+        return reader, stream
+
+    @staticmethod
+    async def _fill(reader: tuple[HiredisReader, asyncio.StreamReader]) -> None:
+        """Feed hiredis what the socket has (as redis-py's ``read_from_socket``); EOF or a
+        socket error is redis-py's ``ConnectionError``."""
+        try:
+            data = await reader[1].read(READ_SIZE)
+        except OSError as exc:
+            raise RedisConnectionError(f"Error while reading from redis: {exc.args}") from exc
+        if not data:
+            raise RedisConnectionError("Connection closed by server.")
+        reader[0].feed(data)
 
     def send_packed(self, data: bytes) -> Awaitable[None]:
         """Write already packed commands as they are (no health check: no extra round trip)."""
