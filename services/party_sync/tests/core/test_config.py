@@ -117,6 +117,9 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("LOG_FORMAT", "xml", "log_format"),
         ("ACTIONS_STREAM_PARTITIONS", "0", "actions_stream_partitions"),
         ("ACTIONS_STREAM_PARTITIONS", "1025", "actions_stream_partitions"),
+        ("REDIS_WRITE_DELAY", "-0.001", "redis_write_delay"),
+        ("REDIS_WRITE_DELAY", "0.05", "redis_write_delay"),
+        ("REDIS_WRITE_DELAY", "nan", "redis_write_delay"),
     ],
 )
 def test_an_out_of_range_environment_value_is_a_config_error(
@@ -228,3 +231,16 @@ def test_redis_cluster_refuses_sentinel_no_url_another_db_and_unix_sockets(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load(parse_flags(), env={"PARTY_SYNC_REDIS_CLUSTER": "true", **env})
+
+
+def test_the_redis_write_delay_is_off_by_default_and_reaches_the_script_batcher() -> None:
+    from party_sync.backends.redis_backend import RedisBackend
+    from party_sync.server import make_backend
+
+    assert load(parse_flags(), env={}).redis_write_delay == 0.0
+    env = {ENV_PREFIX + "REDIS_URL": "redis://127.0.0.1:1/0", ENV_PREFIX + "JWT_SECRET": "x" * 32}
+    settings = load(parse_flags("--redis-write-delay", "0.002"), env=env)
+    backend = make_backend(settings)  # nothing connects before start()
+    assert isinstance(backend, RedisBackend)
+    assert backend.options.write_delay == 0.002
+    assert backend.scripts.batcher._delay == 0.002

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 from party_sync.backends.redis_batch import ScriptBatcher
-from party_sync.backends.redis_wire import load_script
+from party_sync.backends.redis_wire import Script, load_script
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
@@ -38,6 +38,40 @@ async def test_calls_made_together_share_one_pipeline_and_keep_their_order(
         assert alone == 16
         assert batcher.batches == 2
         await batcher.close()
+    finally:
+        await client.aclose()
+
+
+async def _calls_a_few_ticks_apart(batcher: ScriptBatcher, incr: Script) -> list[int]:
+    """Three calls, each made a few event-loop ticks after the one before (so never in the same
+    tick: without a write delay the first leaves alone, before the others are made)."""
+    futures = []
+    for i in range(3):
+        futures.append(batcher.run(incr, ["batch:d"], [1]))
+        for _ in range(5):
+            await asyncio.sleep(0)  # ticks, not time: the batch of the first call has left
+        assert i > 0 or batcher.batches == (0 if batcher._delay else 1)
+    return list(await asyncio.gather(*futures))
+
+
+async def test_a_write_delay_puts_calls_of_the_next_moments_in_one_batch(
+    redis_server: RedisServer,
+) -> None:
+    client = Redis.from_url(redis_server.url)
+    try:
+        await client.delete("batch:d")
+        incr = client.register_script(INCR)
+        await load_script(client, incr)
+        at_once = ScriptBatcher(client)  # redis_write_delay 0: the calls of one tick only
+        assert await _calls_a_few_ticks_apart(at_once, incr) == [1, 2, 3]
+        assert at_once.batches >= 2
+        await at_once.close()
+        delayed = ScriptBatcher(client, delay=0.2)  # far longer than the few ticks between
+        assert await _calls_a_few_ticks_apart(delayed, incr) == [4, 5, 6]
+        assert (delayed.batches, delayed.calls) == (1, 3)  # one write, in the order made
+        assert await delayed.run(incr, ["batch:d"], [1]) == 7  # an idle batcher waits again
+        assert delayed.batches == 2
+        await delayed.close()
     finally:
         await client.aclose()
 

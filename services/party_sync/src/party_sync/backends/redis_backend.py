@@ -88,6 +88,7 @@ class RedisOptions:
     presence_grace: float = 5.0  # a node settles within grace (+ presence_ttl) or is presumed dead
     connect_timeout: float = 2.0
     command_timeout: float = 5.0
+    write_delay: float = 0.0  # seconds a script call waits for others to share its write
 
 
 class _Subscription:
@@ -140,6 +141,7 @@ class RedisBackend:
                 settings.history_max_age,
             ),
             timeout=options.command_timeout,
+            delay=options.write_delay,
         )
         self.bus: Bus | ShardedBus
         if isinstance(self.client, RedisCluster):

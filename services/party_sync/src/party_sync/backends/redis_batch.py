@@ -8,7 +8,10 @@ is on the wire (and, at the least, those of one event-loop tick) leave as one wr
 replies are read in order. Redis still runs every script atomically and in the order queued, so
 ordering and atomicity per call are unchanged (the order is now FIFO across ticks too); only the
 round trips are shared. Under load batches grow by themselves (Nagle-like, with no timer); an
-idle node sends a lone call at once.
+idle node sends a lone call at once, unless ``redis_write_delay`` is set: then the first call of
+an idle batcher waits that long, and every call made meanwhile goes in its batch (one write, one
+round trip and one wake-up of the node for all of them, for that much more latency; measured in
+docs/redis.md).
 
 What is written by hand, and why: the batch is packed with hiredis's C ``pack_command`` and sent
 on a raw redis-py connection (``redis_wire.RawConnection``, which keeps connecting, AUTH, SELECT,
@@ -80,10 +83,13 @@ class ScriptBatcher:
         timeout: float = 5.0,
         *,
         connections: ConnectionSource | None = None,
+        delay: float = 0.0,
     ) -> None:
         """``connections``: where the batch connection comes from (default: ``client``'s pool;
         a Cluster node's ``NodeConnections`` in ``ShardedBatcher``). ``client`` reloads a script
-        Redis lost (NOSCRIPT)."""
+        Redis lost (NOSCRIPT). ``delay``: seconds the first call of an idle batcher waits, so
+        that the calls of the next moments go in its batch (``redis_write_delay``; 0 = the
+        calls of one loop tick only)."""
         self._client = client
         if connections is None:
             assert isinstance(client, Redis)
@@ -91,6 +97,7 @@ class ScriptBatcher:
         self._connections = connections
         self._max_batch = max_batch
         self._timeout = timeout
+        self._delay = delay
         self._queue: list[_Call] = []
         self._pump: asyncio.Task[None] | None = None
         self._conn: RawConnection | None = None
@@ -112,6 +119,8 @@ class ScriptBatcher:
 
     async def _drain(self) -> None:
         try:
+            if self._delay:  # the write delay: calls of the next moments join this batch
+                await asyncio.sleep(self._delay)
             while self._queue:
                 batch = self._queue[: self._max_batch]
                 del self._queue[: self._max_batch]
@@ -212,10 +221,18 @@ class ShardedBatcher:
     """Every script call of a node on a Redis Cluster: one ``ScriptBatcher`` per master, each call
     routed by its first key's slot, redirections retried (see the module)."""
 
-    def __init__(self, client: RedisCluster, max_batch: int = 256, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        client: RedisCluster,
+        max_batch: int = 256,
+        timeout: float = 5.0,
+        *,
+        delay: float = 0.0,
+    ) -> None:
         self._client = client
         self._max_batch = max_batch
         self._timeout = timeout
+        self._delay = delay
         self._shards: dict[str, ScriptBatcher] = {}
         self._refresh: asyncio.Task[None] | None = None
         self._refreshed = 0.0
@@ -243,6 +260,7 @@ class ShardedBatcher:
                 self._max_batch,
                 self._timeout,
                 connections=NodeConnections(node),
+                delay=self._delay,
             )
         return batcher
 

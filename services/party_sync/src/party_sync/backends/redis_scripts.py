@@ -192,7 +192,9 @@ class Scripts:
         limits: Limits,
         *,
         timeout: float = 5.0,
+        delay: float = 0.0,
     ) -> None:
+        """``delay``: the batcher's write delay (``redis_write_delay``)."""
         self.keys = keys
         self.limits = limits
         self._history = limits.history.header()  # ARGV[4], parsed once by _lib.lua's prelude
@@ -208,9 +210,9 @@ class Scripts:
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
         self.batcher: ScriptBatcher | ShardedBatcher = (
-            ShardedBatcher(client, timeout=timeout)
+            ShardedBatcher(client, timeout=timeout, delay=delay)
             if isinstance(client, RedisCluster)
-            else ScriptBatcher(client, timeout=timeout)
+            else ScriptBatcher(client, timeout=timeout, delay=delay)
         )
         # Per call: the party's eleven key names and its channel (cached, bounded), and an epoch
         # candidate unique to this process (random per process, then counted).
