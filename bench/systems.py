@@ -62,6 +62,16 @@ def all_systems(ps_command: str = PS_COMMAND, ps_env: dict[str, str] | None = No
             env=env,
         ),
         System(
+            "party_sync-redis-1-delay",
+            "party_sync on Redis, 1 process, redis_write_delay 1 ms",
+            "party_sync",
+            "party_sync",
+            redis_cmd,
+            redis=True,
+            env={"PARTY_SYNC_REDIS_WRITE_DELAY": "0.001", **env},
+            note="the optional write delay (docs/redis.md): less CPU, more latency",
+        ),
+        System(
             "party_sync-redis-2",
             "party_sync on Redis, 2 processes (members of a party split across them)",
             "party_sync",
