@@ -42,6 +42,14 @@ async def test_calls_made_together_share_one_pipeline_and_keep_their_order(
         await client.aclose()
 
 
+async def _incr_on(client: Redis, key: str) -> Script:
+    """The INCR script, loaded, on a fresh ``key``."""
+    await client.delete(key)
+    incr = client.register_script(INCR)
+    await load_script(client, incr)
+    return incr
+
+
 async def _calls_a_few_ticks_apart(batcher: ScriptBatcher, incr: Script) -> list[int]:
     """Three calls, each made a few event-loop ticks after the one before (so never in the same
     tick: without a write delay the first leaves alone, before the others are made)."""
@@ -59,9 +67,7 @@ async def test_a_write_delay_puts_calls_of_the_next_moments_in_one_batch(
 ) -> None:
     client = Redis.from_url(redis_server.url)
     try:
-        await client.delete("batch:d")
-        incr = client.register_script(INCR)
-        await load_script(client, incr)
+        incr = await _incr_on(client, "batch:d")
         at_once = ScriptBatcher(client)  # redis_write_delay 0: the calls of one tick only
         assert await _calls_a_few_ticks_apart(at_once, incr) == [1, 2, 3]
         assert at_once.batches >= 2
@@ -79,9 +85,7 @@ async def test_a_write_delay_puts_calls_of_the_next_moments_in_one_batch(
 async def test_scripts_lost_by_redis_are_reloaded(redis_server: RedisServer) -> None:
     client = Redis.from_url(redis_server.url)
     try:
-        await client.delete("batch:m")
-        incr = client.register_script(INCR)
-        await load_script(client, incr)
+        incr = await _incr_on(client, "batch:m")
         await client.script_flush()  # as after a Redis restart
         batcher = ScriptBatcher(client)
         results = await asyncio.gather(*(batcher.run(incr, ["batch:m"], [2]) for _ in range(3)))
@@ -96,9 +100,7 @@ async def test_a_connection_redis_closed_while_idle_is_replaced_before_the_next_
 ) -> None:
     client = Redis.from_url(redis_server.url)
     try:
-        await client.delete("batch:k")
-        incr = client.register_script(INCR)
-        await load_script(client, incr)
+        incr = await _incr_on(client, "batch:k")
         batcher = ScriptBatcher(client)
         assert await batcher.run(incr, ["batch:k"], [1]) == 1
         assert batcher._conn is not None

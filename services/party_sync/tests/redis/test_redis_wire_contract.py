@@ -16,7 +16,13 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis
-from party_sync.backends.redis_wire import RawConnection, ScriptCall, load_script, pack_evalsha
+from party_sync.backends.redis_wire import (
+    RawConnection,
+    Script,
+    ScriptCall,
+    load_script,
+    pack_evalsha,
+)
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError, ResponseError
@@ -48,15 +54,21 @@ def test_redis_py_is_the_major_version_this_was_verified_with() -> None:
     )
 
 
-async def test_packed_evalsha_calls_are_answered_in_order_and_an_error_keeps_the_stream_in_step(
-    client: Redis,
-) -> None:
+async def _echo_and_fail(client: Redis) -> tuple[Script, Script]:
+    """ECHO and FAIL registered, every other script flushed, both loaded."""
     echo, fail = client.register_script(ECHO), client.register_script(FAIL)
-    # What EVALSHA is sent with: the script's SHA1 (Redis's script id, not a security use).
-    assert echo.sha == hashlib.sha1(ECHO.encode(), usedforsecurity=False).hexdigest()
     await client.script_flush()
     await load_script(client, echo)
     await load_script(client, fail)
+    return echo, fail
+
+
+async def test_packed_evalsha_calls_are_answered_in_order_and_an_error_keeps_the_stream_in_step(
+    client: Redis,
+) -> None:
+    echo, fail = await _echo_and_fail(client)
+    # What EVALSHA is sent with: the script's SHA1 (Redis's script id, not a security use).
+    assert echo.sha == hashlib.sha1(ECHO.encode(), usedforsecurity=False).hexdigest()
     conn = RawConnection(client.connection_pool, timeout=False)
     try:
         await conn.connect()
@@ -151,10 +163,7 @@ async def test_read_replies_takes_a_batch_in_order_with_error_replies_as_values(
     client: Redis,
 ) -> None:
     """The batcher's read: hiredis's reader under redis-py's parser, one await per socket read."""
-    echo, fail = client.register_script(ECHO), client.register_script(FAIL)
-    await client.script_flush()
-    await load_script(client, echo)
-    await load_script(client, fail)
+    echo, fail = await _echo_and_fail(client)
     conn = RawConnection(client.connection_pool, timeout=False)
     try:
         await conn.connect()
