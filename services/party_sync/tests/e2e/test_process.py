@@ -40,6 +40,31 @@ async def test_seed_flow_against_a_real_process_with_the_reference_engine() -> N
         await b.close()
 
 
+@pytest.mark.redis
+async def test_seed_flow_on_redis_with_a_write_delay(redis: RedisServer) -> None:
+    """``redis_write_delay`` (docs/redis.md) only holds script calls back: the seed's flow, an
+    action resent with its action_id, and the order of the events are as without it."""
+    args = ["--redis-url", redis.url, "--engine-transport", "inprocess"]
+    env = {"CAMPAIGN_ENGINE_SEED": "7", "PARTY_SYNC_REDIS_WRITE_DELAY": "0.005"}
+    async with serve_process(args, env=env) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        opening = await b.until("scene.update")
+        option = opening["payload"]["options"][0]["id"]
+        await a.act("wd-1", "aria", "r1", action_type="choice", payload={"option": option})
+        result = await b.until("action.result")
+        scene = await b.until("scene.update")
+        assert result["payload"]["action_id"] == "wd-1" and scene["seq"] == result["seq"] + 1
+        mine = await a.until("action.result")
+        assert mine["seq"] == result["seq"]
+        # a resend: the recorded result again, nothing applied twice
+        await a.act("wd-1", "aria", "r1", action_type="choice", payload={"option": option})
+        again = await a.until("action.result")
+        assert (again["seq"], again["payload"]) == (result["seq"], result["payload"])
+        await a.close()
+        await b.close()
+
+
 async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly() -> None:
     async with serve_process() as srv:
         a, _ = await srv.join("aria")
