@@ -233,3 +233,30 @@ async def test_read_replies_and_pushes_fail_as_a_connection_error_when_redis_clo
                     await waiting
         finally:
             await conn.close()
+
+
+async def test_without_hiredis_s_parser_the_reads_fall_back_to_redis_py(
+    redis_server: RedisServer,
+) -> None:
+    """A redis-py that parses in Python (no hiredis reader): the same answers, one read each."""
+    from redis._parsers import _AsyncRESP2Parser
+
+    client = Redis.from_url(redis_server.url, protocol=2, parser_class=_AsyncRESP2Parser)
+    try:
+        echo, fail = await _echo_and_fail(client)
+        conn = RawConnection(client.connection_pool, timeout=False)
+        try:
+            await conn.connect()
+            assert conn._hiredis() is None  # the fallback is the one exercised here
+            calls: list[ScriptCall] = [(echo, [], ["a"], None), (fail, [], [], None)]
+            await conn.send_packed(pack_evalsha(calls))
+            first, refused = await conn.read_replies(len(calls))
+            assert first == b"a" and isinstance(refused, ResponseError)
+            await conn.send("SUBSCRIBE", b"wire:slow")
+            assert await conn.read_pushes() == [[b"subscribe", b"wire:slow", 1]]
+            await client.publish("wire:slow", b"x")
+            assert await conn.read_pushes() == [[b"message", b"wire:slow", b"x"]]
+        finally:
+            await conn.close(wait=True)
+    finally:
+        await client.aclose()

@@ -141,47 +141,36 @@ class RawConnection:
     async def read_replies(self, count: int) -> list[Any]:
         """The next ``count`` replies, an error reply as its exception (returned, not raised):
         a batch's replies, with one await per socket read instead of one per reply."""
+        return await self._take(count, self.read)
+
+    async def read_pushes(self) -> list[Any]:
+        """At least one reply, and every other one already received, however long the first
+        takes (pub/sub messages); an error reply as its exception (returned, not raised)."""
+        return await self._take(None, self.read_push)
+
+    async def _take(self, count: int | None, read_one: Callable[[], Awaitable[Any]]) -> list[Any]:
+        """``count`` replies, or (None) at least one and all that are already here."""
         replies: list[Any] = []
         reader = self._hiredis()
         if reader is None:  # not hiredis's parser: redis-py's reads, one per reply
-            for _ in range(count):
+            for _ in range(1 if count is None else count):
                 try:
-                    replies.append(await self.read())
+                    replies.append(await read_one())
                 except ResponseError as exc:
                     replies.append(exc)
             return replies
         gets = reader[0].gets
-        while len(replies) < count:
+        while count is None or len(replies) < count:
             reply = gets()
             if reply is NOT_ENOUGH_DATA:
+                if count is None and replies:
+                    break
                 await self._fill(reader)
             elif isinstance(reply, RedisConnectionError):
                 raise reply
             else:
                 replies.append(reply)
         return replies
-
-    async def read_pushes(self) -> list[Any]:
-        """At least one reply, and every other one already received, however long the first
-        takes (pub/sub messages); an error reply as its exception (returned, not raised)."""
-        reader = self._hiredis()
-        if reader is None:
-            try:
-                return [await self.read_push()]
-            except ResponseError as exc:
-                return [exc]
-        gets = reader[0].gets
-        replies: list[Any] = []
-        while True:
-            reply = gets()
-            if reply is NOT_ENOUGH_DATA:
-                if replies:
-                    return replies
-                await self._fill(reader)
-            elif isinstance(reply, RedisConnectionError):
-                raise reply
-            else:
-                replies.append(reply)
 
     def _hiredis(self) -> tuple[HiredisReader, asyncio.StreamReader] | None:
         """The hiredis ``Reader`` of the connected connection and the ``StreamReader`` it is
