@@ -10,7 +10,7 @@ JS_DEPS  := $(JS)/node_modules/.installed
 JS_BUILD := $(JS)/dist/.built
 JS_SOURCES := $(wildcard $(JS)/src/*.ts $(JS)/demo/* $(JS)/admin/* $(JS)/tsconfig*.json $(JS)/package.json)
 
-.PHONY: setup run test test-core test-cluster test-security-long lint lock bench soak clean docs dist
+.PHONY: setup run test test-core test-cluster test-security-long lint lock bench bench-redis-cost soak clean docs dist
 
 ## setup: create .venv at the repository root with the locked dependencies and both packages (editable),
 ## and build the browser client and the demo page in clients/js (needs node and npm)
@@ -90,6 +90,11 @@ lock:
 ## (own locked environment in bench/.venv; full mode writes docs/benchmarks.md and docs/bench/)
 bench:
 	$(PYTHON) bench/run.py $(if $(QUICK),--quick,)
+
+## bench-redis-cost: Redis's instructions per action of the benchmark's scenario (redis-server under
+## valgrind's callgrind, the real gateway in process; exact where time is noisy: bench/redis_cost.py)
+bench-redis-cost: setup
+	$(BIN)/python -m bench.redis_cost $(REDIS_COST_ARGS)
 
 ## soak: 10,000 members in 2,500 parties of 4, one action per party every 10 s, for SOAK_MINUTES (default
 ## 10) on the embedded backend (REDIS=1: on Redis, its used_memory sampled too), the server's RSS sampled
