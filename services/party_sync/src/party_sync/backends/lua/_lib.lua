@@ -13,17 +13,25 @@ local K_STATE, K_PRESENCE, K_GONE, K_LOCKS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local K_VOTE, K_BALLOTS, K_ACTION = KEYS[10], KEYS[11], KEYS[12]
 local EPOCH_CANDIDATE, CHANNEL = ARGV[1], ARGV[2]
 local PARTY_TTL_MS = tonumber(ARGV[3])
+-- NOW_TEXT: now as the node sent it, which is fmt_time(NOW) (the node formats it '%.6f'), so a
+-- script writes the time it runs at without formatting a float again (each costs a printf).
+local NOW, NOW_TEXT, RECORD_TTL_MS = tonumber(ARGV[5]), ARGV[5], tonumber(ARGV[6])
+
+-- What this header holds is made on every call of every script (a script is run from its first
+-- line each time), so what only some scripts need is below, as definitions that prelude_for
+-- (redis_scripts.py) gives only to the scripts that use them.
+
+local function fmt_time(t)
+  return string.format('%.6f', t)
+end
+
+-- ARGV[4], the history bounds, for the scripts that hold events (hold_many).
 local HISTORY_SIZE, HISTORY_BYTES, HISTORY_AGE_MS = string.match(ARGV[4], '^(%d+):(%d+):(%d+)$')
 if HISTORY_SIZE then
   HISTORY_SIZE, HISTORY_BYTES = tonumber(HISTORY_SIZE), tonumber(HISTORY_BYTES)
   HISTORY_AGE_MS = tonumber(HISTORY_AGE_MS)
 else  -- a plain count (what earlier versions send)
   HISTORY_SIZE, HISTORY_BYTES, HISTORY_AGE_MS = tonumber(ARGV[4]), 0, 0
-end
-local NOW, RECORD_TTL_MS = tonumber(ARGV[5]), tonumber(ARGV[6])
-
-local function fmt_time(t)
-  return string.format('%.6f', t)
 end
 
 -- Every party key but the action records lives party_ttl after the last activity (give or take
@@ -89,7 +97,7 @@ end
 -- Characters with at least one live (unexpired) connection, as a set.
 local function live_characters()
   local live = {}
-  local entries = redis.call('ZRANGEBYSCORE', K_PRESENCE, '(' .. fmt_time(NOW), '+inf')
+  local entries = redis.call('ZRANGEBYSCORE', K_PRESENCE, '(' .. NOW_TEXT, '+inf')
   for _, entry in ipairs(entries) do
     live[character_of(entry)] = true
   end
@@ -264,7 +272,7 @@ local function hold_many(datas)
   local total = redis.call('HINCRBY', K_META, 'hb', added)
   local entries, offset = {}, total - added
   for i, data in ipairs(datas) do
-    entries[i] = string.format('%.0f %.0f ', now_ms, offset) .. data
+    entries[i] = string.format('%d %d %s', now_ms, offset, data)  -- integers: no float printf
     offset = offset + #data
   end
   local n = redis.call('RPUSH', K_HISTORY, unpack(entries))
@@ -298,7 +306,8 @@ end
 -- publish_many.lua for several events at once).
 local function sequence(body, kind, f)
   local seq = redis.call('HINCRBY', K_META, 'seq', 1)
-  local data = '{"seq":' .. string.format('%d', seq) .. ',' .. string.sub(body, 2)
+  -- one new string (a substring then a concatenation would make, and hash, two of the body's size)
+  local data = string.gsub(body, '^{', string.format('{"seq":%d,', seq), 1)
   fold(seq, kind, f)
   return seq, data
 end

@@ -38,7 +38,7 @@ if until_ and until_ > NOW then
   return {'busy', holder}
 end
 local deadline = fmt_time(NOW + tonumber(ARGV[9]))
-local fields = {'c', character_id, 's', fmt_time(NOW)}
+local fields = {'c', character_id, 's', NOW_TEXT}
 if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
   fields[5], fields[6] = 'd', deadline
 end

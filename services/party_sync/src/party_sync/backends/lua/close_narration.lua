@@ -19,10 +19,10 @@ if due > NOW then
 end
 local index = string.format('%d', tonumber(last) + 1)
 -- the last index stays the engine's: a late piece after it is 'ended', not a repeat
-redis.call('HSET', K_NARRATION, 'm:' .. id, last .. ' 1 ' .. fmt_time(NOW) .. ' ' .. held .. ' ' .. created)
+redis.call('HSET', K_NARRATION, 'm:' .. id, last .. ' 1 ' .. NOW_TEXT .. ' ' .. held .. ' ' .. created)
 redis.call('HDEL', K_NARRATION, 't:' .. id)
 redis.call('HINCRBY', K_NARRATION, 'o', -1)
-redis.call('HSET', K_NARRATION, 'w', fmt_time(NOW))
+redis.call('HSET', K_NARRATION, 'w', NOW_TEXT)
 redis.call('PEXPIRE', K_NARRATION, tonumber(ARGV[11]))
 local action = redis.call('HGET', K_NARRATION, 'a:' .. id)
 local tail = ''

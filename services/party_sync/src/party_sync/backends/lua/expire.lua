@@ -6,7 +6,7 @@
 -- ARGV[7] a trace id prefix (24 hex), ARGV[8] the envelopes' timestamp (RFC 3339).
 -- Returns {next presence expiry or '', data of each published leave ...}.
 local trace_prefix, timestamp = ARGV[7], ARGV[8]
-redis.call('ZREMRANGEBYSCORE', K_PRESENCE, '-inf', fmt_time(NOW))
+redis.call('ZREMRANGEBYSCORE', K_PRESENCE, '-inf', NOW_TEXT)
 local live = live_characters()
 local online = redis.call('SMEMBERS', K_ONLINE)
 table.sort(online)

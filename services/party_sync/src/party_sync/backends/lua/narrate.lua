@@ -76,7 +76,7 @@ for i = 12, #ARGV, 7 do
       end
       redis.call('HINCRBY', K_NARRATION, 'n', 1)
       redis.call('HSET', K_NARRATION, 'm:' .. id,
-        '0 ' .. done .. ' ' .. fmt_time(NOW) .. ' ' .. chars .. ' ' .. fmt_time(NOW), 't:' .. id, kept)
+        '0 ' .. done .. ' ' .. NOW_TEXT .. ' ' .. chars .. ' ' .. NOW_TEXT, 't:' .. id, kept)
       if action ~= '' then
         redis.call('HSET', K_NARRATION, 'a:' .. id, action)
       end
@@ -94,7 +94,7 @@ for i = 12, #ARGV, 7 do
       outcome = 'too_long'
     else
       redis.call('HSET', K_NARRATION, 'm:' .. id, string.format('%d', index) .. ' ' .. done .. ' '
-        .. fmt_time(NOW) .. ' ' .. string.format('%d', held + chars) .. ' ' .. created)
+        .. NOW_TEXT .. ' ' .. string.format('%d', held + chars) .. ' ' .. created)
       if done == '1' then
         redis.call('HDEL', K_NARRATION, 't:' .. id)
         redis.call('HINCRBY', K_NARRATION, 'o', -1)
@@ -109,7 +109,7 @@ for i = 12, #ARGV, 7 do
   outcomes[#outcomes + 1] = outcome
 end
 if #taken > 0 then
-  redis.call('HSET', K_NARRATION, 'w', fmt_time(NOW))
+  redis.call('HSET', K_NARRATION, 'w', NOW_TEXT)
   redis.call('PEXPIRE', K_NARRATION, KEPT_MS)
   publish_transient(table.concat(taken, ','))
 end

@@ -29,7 +29,7 @@ if kind == 'action.result' then
     end
   else
     character_id = f[2]
-    redis.call('HSET', K_ACTION, 'c', character_id, 's', fmt_time(NOW), 'r', data)
+    redis.call('HSET', K_ACTION, 'c', character_id, 's', NOW_TEXT, 'r', data)
   end
   redis.call('PEXPIRE', K_ACTION, RECORD_TTL_MS)
   release_lock(character_id, f[1])

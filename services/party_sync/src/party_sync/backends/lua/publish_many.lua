@@ -54,7 +54,7 @@ for _ = 1, count do
         end
       else
         character_id = f[2]
-        redis.call('HSET', record_key, 'c', character_id, 's', fmt_time(NOW), 'r', data)
+        redis.call('HSET', record_key, 'c', character_id, 's', NOW_TEXT, 'r', data)
       end
       redis.call('PEXPIRE', record_key, RECORD_TTL_MS)
       -- release_lock(character_id, f[1]) and answered(f[1]) in one HDEL
