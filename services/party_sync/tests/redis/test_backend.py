@@ -269,6 +269,22 @@ async def test_party_keys_always_expire_and_meta_expires_first(redis: RedisServe
         assert abs(found["state"] - found["meta"]) <= 50  # they expire together
         assert all(ms <= found["meta"] + 50 for ms in found.values())  # nothing outlives meta
 
+        # A write to a key that existed leaves its expiry alone (_lib.lua fold(): no PEXPIRE for
+        # a field that was there), and it still expires with meta; a new field of an existing
+        # key, or a key made again, gets meta's time as before.
+        await r.pexpire(keys["state"], found["meta"] - 1_000)  # as if its last PEXPIRE ran late
+        await b.publish("ttl", scene(2), now)
+        kept = await ttls()
+        assert found["meta"] - 1_100 <= kept["state"] <= found["meta"] - 1_000 + 50, kept
+        combat = {"active": True, "round": 1, "combatants": []}
+        await b.publish("ttl", codec.envelope("combat.update", combat, ts=now), now)
+        found = await ttls()  # 'combat' is a new field: the key is given meta's time again
+        assert abs(found["state"] - found["meta"]) <= 50, found
+        await r.delete(keys["state"])
+        await b.publish("ttl", scene(2), now)
+        found = await ttls()
+        assert abs(found["state"] - found["meta"]) <= 50
+
         # A character's last connection goes (the presence key is deleted with its last entry),
         # then comes back: the key it re-creates gets an expiry.
         await b.disconnect(Binding("ttl", "r", "aria", "Aria"), "c1", now)

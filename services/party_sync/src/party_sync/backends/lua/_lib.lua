@@ -1,7 +1,10 @@
 -- Shared prelude of every party script (redis_scripts.py prepends it to each script body).
 --
 -- KEYS[1..11] are the party's keys in keys.PartyKeys order; KEYS[12] is an action record when
--- a script needs one, or the party's narration hash (narrate, close_narration, snapshot). ARGV[1..6] is the common header (redis_scripts.header):
+-- a script needs one, or the party's narration hash (narrate, close_narration, snapshot). A script
+-- that names its keys only through the K_ locals below is given only those it names, in that order,
+-- and this header is rewritten to match (redis_scripts.key_layout: e.g. begin_action's K_LOCKS,
+-- K_ACTION = KEYS[1], KEYS[2]). ARGV[1..6] is the common header (redis_scripts.header):
 --   1 epoch candidate (used only if the party has no history yet)   2 the party's channel
 --   3 party_ttl in ms   4 history bounds   5 now (Unix seconds)   6 action_record_ttl in ms
 -- ARGV[4] is "<size>" or "<size>:<max bytes>:<max age ms>" (0 = no bound; core/history.py).
@@ -12,10 +15,12 @@ local K_META, K_HISTORY, K_MEMBERS, K_NAMES, K_ONLINE = KEYS[1], KEYS[2], KEYS[3
 local K_STATE, K_PRESENCE, K_GONE, K_LOCKS = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local K_VOTE, K_BALLOTS, K_ACTION = KEYS[10], KEYS[11], KEYS[12]
 local EPOCH_CANDIDATE, CHANNEL = ARGV[1], ARGV[2]
-local PARTY_TTL_MS = tonumber(ARGV[3])
--- NOW_TEXT: now as the node sent it, which is fmt_time(NOW) (the node formats it '%.6f'), so a
--- script writes the time it runs at without formatting a float again (each costs a printf).
-local NOW, NOW_TEXT, RECORD_TTL_MS = tonumber(ARGV[5]), ARGV[5], tonumber(ARGV[6])
+-- PARTY_TTL, RECORD_TTL: milliseconds as the node sent them (integers), what PEXPIRE takes: a
+-- number given to redis.call is formatted by a printf ('%.17g') on every call. NOW_TEXT: now as the
+-- node sent it, which is fmt_time(NOW) (the node formats it '%.6f'), so a script writes the time it
+-- runs at without formatting a float again.
+local PARTY_TTL, RECORD_TTL = ARGV[3], ARGV[6]
+local NOW, NOW_TEXT = tonumber(ARGV[5]), ARGV[5]
 
 -- What this header holds is made on every call of every script (a script is run from its first
 -- line each time), so what only some scripts need is below, as definitions that prelude_for
@@ -24,6 +29,10 @@ local NOW, NOW_TEXT, RECORD_TTL_MS = tonumber(ARGV[5]), ARGV[5], tonumber(ARGV[6
 local function fmt_time(t)
   return string.format('%.6f', t)
 end
+
+-- The same as numbers, for arithmetic.
+local PARTY_TTL_MS = tonumber(PARTY_TTL)
+local RECORD_TTL_MS = tonumber(RECORD_TTL)
 
 -- ARGV[4], the history bounds, for the scripts that hold events (hold_many).
 local HISTORY_SIZE, HISTORY_BYTES, HISTORY_AGE_MS = string.match(ARGV[4], '^(%d+):(%d+):(%d+)$')
@@ -38,7 +47,7 @@ end
 -- TOUCH_SLACK, below). touch() refreshes all eleven.
 local function touch()
   for i = 1, 11 do
-    redis.call('PEXPIRE', KEYS[i], PARTY_TTL_MS)
+    redis.call('PEXPIRE', KEYS[i], PARTY_TTL)
   end
 end
 
@@ -47,7 +56,10 @@ end
 -- most once per TOUCH_SLACK of activity. Otherwise it gives the keys it wrote (a key it re-created
 -- has no expiry yet) META's own remaining time: every key of the party still expires with META,
 -- together, between party_ttl minus TOUCH_SLACK and party_ttl after the last activity, and a
--- party without META starts a new history (ensure_epoch deletes the stale keys).
+-- party without META starts a new history (ensure_epoch deletes the stale keys). A key that
+-- existed before the write needs nothing: it already expires when META does (it was given META's
+-- time, or party_ttl with META in touch()), and a write keeps a key's expiry; so callers list only
+-- the keys a write may have created (fold() tells which).
 local TOUCH_SLACK_MS = math.min(60000, math.floor(PARTY_TTL_MS / 10))
 local function touch_written(written, also)
   local left = redis.call('PTTL', K_META)
@@ -55,6 +67,10 @@ local function touch_written(written, also)
     touch()
     return
   end
+  if #written + #also == 0 then
+    return
+  end
+  left = string.format('%d', left)  -- once, not by each redis.call (see PARTY_TTL)
   for _, key in ipairs(written) do
     redis.call('PEXPIRE', key, left)
   end
@@ -190,7 +206,9 @@ local function answered(action_id)
 end
 
 -- Fold one event into the projection: the rules of core/projection.py, field for field.
--- f holds the fold arguments prepared by redis_scripts.fold_args.
+-- f holds the fold arguments prepared by redis_scripts.fold_args. Returns true when the keys it
+-- wrote existed before (a field it set was there already), so they keep their expiry
+-- (touch_written); else nothing.
 local function fold(seq, kind, f)
   if kind == 'party.join' then
     redis.call('ZADD', K_MEMBERS, 'NX', seq, f[1])
@@ -203,11 +221,11 @@ local function fold(seq, kind, f)
       redis.call('HDEL', K_NAMES, f[1])
     end
   elseif kind == 'scene.update' then
-    redis.call('HSET', K_STATE, 'scene', f[1])
+    return redis.call('HSET', K_STATE, 'scene', f[1]) == 0
   elseif kind == 'combat.update' then
-    redis.call('HSET', K_STATE, 'combat', f[1])
+    return redis.call('HSET', K_STATE, 'combat', f[1]) == 0
   elseif kind == 'party.state' then
-    redis.call('HSET', K_STATE, 'party_state', f[1])
+    return redis.call('HSET', K_STATE, 'party_state', f[1]) == 0
   elseif kind == 'vote.started' then
     redis.call('HSET', K_STATE, 'vote_id', f[1], 'vote', f[2], 'vote_tallies', f[3],
       'vote_voted', 0, 'vote_eligible', redis.call('SCARD', K_ONLINE))
@@ -301,15 +319,15 @@ local function hold_many(datas)
 end
 
 -- Number one event: next seq, spliced into the body (as codec.with_seq does), folded into the
--- projection. Returns seq, data. The caller holds it (hold_many), gives the keys it wrote their
+-- projection. Returns seq, data, and fold()'s answer (true: the keys it wrote had an expiry). The
+-- caller holds it (hold_many), gives the keys it wrote their
 -- expiry (touch_written) and publishes it, in that order, in the same script (append, below, or
 -- publish_many.lua for several events at once).
 local function sequence(body, kind, f)
-  local seq = redis.call('HINCRBY', K_META, 'seq', 1)
+  local seq = redis.call('HINCRBY', K_META, 'seq', '1')
   -- one new string (a substring then a concatenation would make, and hash, two of the body's size)
   local data = string.gsub(body, '^{', string.format('{"seq":%d,', seq), 1)
-  fold(seq, kind, f)
-  return seq, data
+  return seq, data, fold(seq, kind, f)
 end
 
 -- Sequence one event: numbered and folded (sequence), appended to the bounded history, its keys'
@@ -317,9 +335,9 @@ end
 -- history never lacks a published event. ``also`` (optional): other party keys the calling script
 -- wrote, for their expiry. Returns seq, data.
 local function append(epoch, body, kind, f, also)
-  local seq, data = sequence(body, kind, f)
+  local seq, data, kept = sequence(body, kind, f)
   hold_many({data})
-  touch_written(written_by(kind), also or NOTHING)
+  touch_written(kept and NOTHING or written_by(kind), also or NOTHING)
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. data .. '}')
   return seq, data
 end

@@ -46,11 +46,11 @@ if ARGV[15] == '1' then  -- claimed with its acceptance
   fields[#fields + 1], fields[#fields + 2] = 'g', '1'
 end
 redis.call('HSET', record, unpack(fields))
-redis.call('PEXPIRE', record, RECORD_TTL_MS)
+redis.call('PEXPIRE', record, RECORD_TTL)
 redis.call('HSET', K_LOCKS, character_id, deadline .. ' ' .. action_id .. ' ' .. ARGV[13])
 if ARGV[12] == '0' then  -- no deadline: listed in flight until its final answer (outlive())
   outlive(action_id, deadline, character_id, ARGV[13], NOW)
 end
-redis.call('PEXPIRE', K_LOCKS, PARTY_TTL_MS)
+redis.call('PEXPIRE', K_LOCKS, PARTY_TTL)
 publish_transient(ARGV[14])
 return {'accept'}

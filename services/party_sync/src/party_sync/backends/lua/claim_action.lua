@@ -23,7 +23,7 @@ if found[5] then
 end
 if found[4] and NOW > tonumber(found[4]) then
   redis.call('HSET', record, 'x', ARGV[8])
-  redis.call('PEXPIRE', record, RECORD_TTL_MS)
+  redis.call('PEXPIRE', record, RECORD_TTL)
   release_lock(found[1], action_id)
   publish_failed(action_id, found[1], ARGV[8], ARGV[10])
   return {'expired'}

@@ -31,7 +31,7 @@ if kind == 'action.result' then
     character_id = f[2]
     redis.call('HSET', K_ACTION, 'c', character_id, 's', NOW_TEXT, 'r', data)
   end
-  redis.call('PEXPIRE', K_ACTION, RECORD_TTL_MS)
+  redis.call('PEXPIRE', K_ACTION, RECORD_TTL)
   release_lock(character_id, f[1])
   answered(f[1])
 end

@@ -34,9 +34,9 @@ for _ = 1, count do
     out[#out + 1] = record[2]
   else
     epoch = epoch or ensure_epoch()
-    local seq, data = sequence(body, kind, f)
+    local seq, data, kept = sequence(body, kind, f)
     datas[#datas + 1] = data
-    for _, key in ipairs(written_by(kind)) do
+    for _, key in ipairs(kept and NOTHING or written_by(kind)) do
       if not seen[key] then
         seen[key] = true
         written[#written + 1] = key
@@ -56,7 +56,7 @@ for _ = 1, count do
         character_id = f[2]
         redis.call('HSET', record_key, 'c', character_id, 's', NOW_TEXT, 'r', data)
       end
-      redis.call('PEXPIRE', record_key, RECORD_TTL_MS)
+      redis.call('PEXPIRE', record_key, RECORD_TTL)
       -- release_lock(character_id, f[1]) and answered(f[1]) in one HDEL
       local _, holder = read_lock(character_id)
       if holder == f[1] then

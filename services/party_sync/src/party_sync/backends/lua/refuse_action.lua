@@ -10,7 +10,7 @@ if found[2] or found[3] then
 end
 local character_id = found[1] or ARGV[8]
 redis.call('HSET', record, 'c', character_id, 'x', ARGV[9])
-redis.call('PEXPIRE', record, RECORD_TTL_MS)
+redis.call('PEXPIRE', record, RECORD_TTL)
 release_lock(character_id, action_id)
 answered(action_id)
 publish_failed(action_id, character_id, ARGV[9], ARGV[10])

@@ -30,6 +30,6 @@ if found[5] then  -- started: its answer comes from the engine; still in flight,
 end
 release_lock(found[1], action_id)
 redis.call('HSET', record, 'x', ARGV[8])
-redis.call('PEXPIRE', record, RECORD_TTL_MS)
+redis.call('PEXPIRE', record, RECORD_TTL)
 publish_failed(action_id, found[1], ARGV[8], ARGV[9])
 return {'timed_out'}
