@@ -202,12 +202,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=20, help="actions sent at once (20)")
     parser.add_argument("--redis-server", default=shutil.which("redis-server") or "redis-server")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--keep",
+        type=Path,
+        metavar="DIR",
+        help="write callgrind's dumps to DIR and keep them (callgrind_annotate reads them; a "
+        "redis-server built with symbols, e.g. from source, names Lua's own functions too)",
+    )
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         print("bench.redis_cost needs valgrind (apt-get install valgrind)", file=sys.stderr)
         return 2
-    with tempfile.TemporaryDirectory(prefix="redis-cost-") as tmp:
-        workdir = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        if args.keep is not None:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            workdir = args.keep.resolve()
+        else:
+            workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="redis-cost-")))
         with callgrind_redis(args.redis_server, workdir) as (port, pid):
             result = asyncio.run(play(port, pid, workdir, args.actions, args.warm, args.batch))
     if args.json:

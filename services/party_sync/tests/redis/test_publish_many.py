@@ -13,9 +13,16 @@ from typing import Any
 import orjson
 import pytest
 from party_sync.backends.base import Backend, BackendSettings
+from party_sync.backends.keys import PARTY_KEYS
 from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
-from party_sync.backends.redis_scripts import PARTY_SCRIPTS, _source, prelude_for
+from party_sync.backends.redis_scripts import (
+    PARTY_SCRIPTS,
+    _source,
+    key_layout,
+    prelude_for,
+    script_text,
+)
 from party_sync.backends.redis_stream import decode
 from party_sync.core.events import Event
 from party_sync.core.transient import Transient
@@ -200,6 +207,28 @@ def test_each_script_gets_the_prelude_it_uses_and_no_more() -> None:
     for needed in ("append", "fold", "touch", "touch_written", "ensure_epoch", "written_by"):
         assert f"local function {needed}(" in publish
     assert "local NOTHING" in publish and "local TOUCH_SLACK_MS" in publish
+
+
+def test_a_script_is_given_only_the_party_keys_it_names() -> None:
+    lib = _source("_lib")
+
+    def layout(name: str) -> list[str] | None:
+        found = key_layout(prelude_for(lib, _source(name)) + "\n" + _source(name))
+        return None if found is None else [PARTY_KEYS[i] for i in found]
+
+    assert layout("begin_action") == ["locks"]  # then its action record
+    assert layout("range") == ["meta", "history"]
+    for name in ("publish", "publish_many", "snapshot", "narrate"):  # touch(), KEYS[12], ...
+        assert layout(name) is None
+    begin = script_text(lib, _source("begin_action"))
+    assert "local K_LOCKS, K_ACTION = KEYS[1], KEYS[2]\n" in begin
+    assert "local K_META" not in begin
+    head = script_text(lib, _source("head"))  # more than four: the header's lines of four
+    first = "local K_META, K_HISTORY, K_MEMBERS, K_NAMES = KEYS[1], KEYS[2], KEYS[3], KEYS[4]\n"
+    second = "local K_ONLINE, K_STATE, K_VOTE, K_BALLOTS = KEYS[5], KEYS[6], KEYS[7], KEYS[8]\n"
+    assert first + second in head
+    publish = script_text(lib, _source("publish"))  # unchanged: all eleven, then KEYS[12]
+    assert lib[: lib.index("\nlocal EPOCH")] in publish
 
 
 def test_a_message_of_several_events_is_sliced_by_its_lengths() -> None:

@@ -39,7 +39,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from party_sync.backends.keys import KeySpace, PartyKeys, party_channel
+from party_sync.backends.keys import PARTY_KEYS, KeySpace, PartyKeys, party_channel
 from party_sync.backends.redis_batch import ScriptBatcher, ShardedBatcher
 from party_sync.backends.redis_wire import Script, load_script
 from party_sync.core.history import HistoryBounds
@@ -119,10 +119,49 @@ def prelude_for(lib: str, body: str) -> str:
     return header + "\n".join(part for i, (_, part) in enumerate(chunks) if chosen[i])
 
 
+#: The lines of ``_lib.lua``'s header that name the party's keys (``K_META = KEYS[1]``, ...).
+_KEY_LINES = re.compile(r"^local K_META,.*?KEYS\[12\]\n", re.S | re.M)
+#: ``_lib.lua``'s names of the party's keys, in ``PartyKeys`` order, then the extra key's.
+_KEY_NAMES = (*(f"K_{name.upper()}" for name in PARTY_KEYS), "K_ACTION")
+
+
+def key_layout(text: str) -> tuple[int, ...] | None:
+    """Which of the party's eleven keys a script (its prelude and body) is given, as indexes into
+    ``PartyKeys``: only those it names, when it names its keys only through ``_lib.lua``'s
+    ``K_`` locals; ``None`` (all eleven, then the extra ones from ``KEYS[12]``) when it reads
+    ``KEYS`` itself (``touch()``, an action record or the narration hash as ``KEYS[12]``).
+
+    Each key given to a script is a string Lua makes, and hashes, on every call (bench/analysis.md
+    section 18): ``begin_action`` uses two of the twelve.
+    """
+    code = re.sub(r"--[^\n]*", "", _KEY_LINES.sub("", text, count=1))
+    if "KEYS" in code:
+        return None
+    used = _words(code)
+    return tuple(i for i, name in enumerate(_KEY_NAMES[:-1]) if name in used)
+
+
+def _name_keys(text: str, layout: tuple[int, ...] | None) -> str:
+    """The script with its header naming the keys of ``layout`` in the order they are given."""
+    if layout is None:
+        return text
+    names = [_KEY_NAMES[i] for i in layout] + ["K_ACTION"]  # K_ACTION: the key after them
+    code = re.sub(r"--[^\n]*", "", _KEY_LINES.sub("", text, count=1))
+    names = [n for n in names if n in _words(code)]
+    lines = "".join(
+        f"local {', '.join(names[i : i + 4])} = "
+        f"{', '.join(f'KEYS[{i + j + 1}]' for j in range(len(names[i : i + 4])))}\n"
+        for i in range(0, len(names), 4)
+    )
+    return _KEY_LINES.sub(lambda _: lines, text, count=1)
+
+
 def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
-    """A party script as registered: the prelude it needs (``prelude_for``), then its body;
-    ``sharded`` (Redis Cluster): every ``PUBLISH`` of the party channel is ``SPUBLISH``."""
+    """A party script as registered: the prelude it needs (``prelude_for``), then its body, its
+    header naming only the keys it is given (``key_layout``); ``sharded`` (Redis Cluster): every
+    ``PUBLISH`` of the party channel is ``SPUBLISH``."""
     text = prelude_for(lib, body) + "\n" + body
+    text = _name_keys(text, key_layout(text))
     return text.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") if sharded else text
 
 
@@ -207,6 +246,11 @@ class Scripts:
             name: client.register_script(script_text(lib, _source(name), sharded=sharded))
             for name in PARTY_SCRIPTS
         }
+        # the party keys each script is given (key_layout; None: all eleven)
+        self._layout = {
+            name: key_layout(prelude_for(lib, _source(name)) + "\n" + _source(name))
+            for name in PARTY_SCRIPTS
+        }
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
         self.batcher: ScriptBatcher | ShardedBatcher = (
@@ -241,10 +285,13 @@ class Scripts:
         action_id: str | None = None,
         narration: bool = False,
         action_ids: Sequence[str] = (),
+        layout: tuple[int, ...] | None = None,
     ) -> list[str]:
-        """A party script's KEYS: the party's keys (cached), then the action record's or the
-        narration hash's if the script needs one (or several action records: publish_many)."""
-        keys = list(self._names(party_id)[0])
+        """A party script's KEYS: the party's keys (cached; those of ``layout`` if given: the
+        script's ``key_layout``), then the action record's or the narration hash's if the script
+        needs one (or several action records: publish_many)."""
+        names = self._names(party_id)[0]
+        keys = list(names) if layout is None else [names[i] for i in layout]
         if action_id is not None:
             keys.append(self.keys.action(party_id, action_id))
         elif narration:
@@ -289,7 +336,7 @@ class Scripts:
         client: Any = None,
     ) -> Any:
         """Call one party script (``client`` may be a pipeline, which queues it instead)."""
-        keys = self.party_keys(party_id, action_id, narration, action_ids)
+        keys = self.party_keys(party_id, action_id, narration, action_ids, self._layout[name])
         argv = [*self.header(party_id, now), *args]
         if client is None:  # shared with the other calls of this tick (redis_batch)
             return await self.batcher.run(self._party[name], keys, argv)
