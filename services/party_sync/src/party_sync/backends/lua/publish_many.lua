@@ -79,7 +79,14 @@ end
 if #datas == 1 then
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. datas[1] .. '}')
 elseif #datas > 1 then
-  redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","lengths":['
-    .. table.concat(lengths, ',') .. '],"events":[' .. table.concat(datas, ',') .. ']}')
+  -- one string made of all the parts (joining the events first, then the message, would make,
+  -- and hash, the events' bytes twice)
+  local parts = {'{"epoch":"', epoch, '","lengths":[', table.concat(lengths, ','), '],"events":['}
+  for i, data in ipairs(datas) do
+    parts[#parts + 1] = i > 1 and ',' or ''
+    parts[#parts + 1] = data
+  end
+  parts[#parts + 1] = ']}'
+  redis.call('PUBLISH', CHANNEL, table.concat(parts))
 end
 return out
