@@ -15,6 +15,26 @@ SECRET = "bench-secret-0123456789abcdef0123456789abcdef"  # noqa: S105 - loopbac
 RUN_ID = "bench-run"
 
 
+def redis_server_argv(binary: str, port: int, workdir: str) -> list[str]:
+    """A private redis-server's command line: loopback only, nothing saved, its files in
+    ``workdir`` (never the shared one on 6379)."""
+    return [
+        binary,
+        "--port",
+        str(port),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        workdir,
+        "--protected-mode",
+        "yes",
+    ]
+
+
 def free_port() -> int:
     """A TCP port that is free on 127.0.0.1 right now."""
     with socket.socket() as sock:

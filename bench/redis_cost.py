@@ -46,7 +46,7 @@ from party_sync.config import Settings
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.server import build_server
 
-from bench.common import RUN_ID, SECRET, free_port
+from bench.common import RUN_ID, SECRET, free_port, redis_server_argv
 from bench.hotpath import PARTIES, CountingSink, K, _request
 
 #: Frames one action gives the party: action.accepted, action.result, scene.update, to 4 members.
@@ -82,17 +82,7 @@ def callgrind_redis(binary: str, workdir: Path) -> Iterator[tuple[int, int]]:
         "valgrind",
         "--tool=callgrind",
         f"--callgrind-out-file={workdir}/callgrind.%p",
-        binary,
-        "--port",
-        str(port),
-        "--bind",
-        "127.0.0.1",
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(workdir),
+        *redis_server_argv(binary, port, str(workdir)),
     ]
     log_file = (workdir / "redis.log").open("wb")
     proc = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT)

@@ -55,6 +55,8 @@ LOADGEN_CPU = 1
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import redis_server_argv  # noqa: E402 - stdlib only, after the path is set
+
 
 # -- the environment ------------------------------------------------------------------------------
 def _env_digest() -> str:
@@ -298,21 +300,7 @@ def redis_server(workdir: Path, nice: int) -> Iterator[tuple[str, int]]:
     port = free_port()
     proc = Started(
         "redis-server",
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(workdir),
-            "--protected-mode",
-            "yes",
-        ],
+        redis_server_argv(binary, port, str(workdir)),
         workdir / f"redis-{port}.log",
         SERVER_CPU,
         nice,
