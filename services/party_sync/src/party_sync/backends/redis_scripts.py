@@ -138,7 +138,8 @@ def key_layout(text: str) -> tuple[int, ...] | None:
     if "KEYS" in code:
         return None
     used = _words(code)
-    return tuple(i for i, name in enumerate(_KEY_NAMES[:-1]) if name in used)
+    layout = tuple(i for i, name in enumerate(_KEY_NAMES[:-1]) if name in used)
+    return layout or None  # at least one key: a Cluster client routes a script by its keys
 
 
 def _name_keys(text: str, layout: tuple[int, ...] | None) -> str:
