@@ -320,9 +320,8 @@ end
 
 -- Number one event: next seq, spliced into the body (as codec.with_seq does), folded into the
 -- projection. Returns seq, data, and fold()'s answer (true: the keys it wrote had an expiry). The
--- caller holds it (hold_many), gives the keys it wrote their
--- expiry (touch_written) and publishes it, in that order, in the same script (append, below, or
--- publish_many.lua for several events at once).
+-- caller holds it (hold_many), gives the keys it wrote their expiry (touch_written) and publishes
+-- it, in that order, in the same script (append, below, or publish_many.lua for several events).
 local function sequence(body, kind, f)
   local seq = redis.call('HINCRBY', K_META, 'seq', '1')
   -- one new string (a substring then a concatenation would make, and hash, two of the body's size)
