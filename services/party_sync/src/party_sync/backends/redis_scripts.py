@@ -157,13 +157,23 @@ def _name_keys(text: str, layout: tuple[int, ...] | None) -> str:
     return _KEY_LINES.sub(lambda _: lines, text, count=1)
 
 
-def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
-    """A party script as registered: the prelude it needs (``prelude_for``), then its body, its
-    header naming only the keys it is given (``key_layout``); ``sharded`` (Redis Cluster): every
-    ``PUBLISH`` of the party channel is ``SPUBLISH``."""
+def party_script(
+    lib: str, body: str, *, sharded: bool = False
+) -> tuple[str, tuple[int, ...] | None]:
+    """A party script as registered, and the party keys it is given (``key_layout``): the prelude
+    it needs (``prelude_for``), then its body, its header naming only those keys; ``sharded``
+    (Redis Cluster): every ``PUBLISH`` of the party channel is ``SPUBLISH``."""
     text = prelude_for(lib, body) + "\n" + body
-    text = _name_keys(text, key_layout(text))
-    return text.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',") if sharded else text
+    layout = key_layout(text)
+    text = _name_keys(text, layout)
+    if sharded:
+        text = text.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+    return text, layout
+
+
+def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
+    """``party_script``'s text."""
+    return party_script(lib, body, sharded=sharded)[0]
 
 
 class unavailable:  # lower case: used as a function, ``with unavailable("publish"):``
@@ -243,15 +253,12 @@ class Scripts:
         self._record_ttl_ms = str(int(max(limits.action_record_ttl, limits.action_timeout) * 1000))
         lib = _source("_lib")
         sharded = isinstance(client, RedisCluster)
-        self._party: dict[str, Script] = {
-            name: client.register_script(script_text(lib, _source(name), sharded=sharded))
-            for name in PARTY_SCRIPTS
-        }
+        self._party: dict[str, Script] = {}
         # the party keys each script is given (key_layout; None: all eleven)
-        self._layout = {
-            name: key_layout(prelude_for(lib, _source(name)) + "\n" + _source(name))
-            for name in PARTY_SCRIPTS
-        }
+        self._layout: dict[str, tuple[int, ...] | None] = {}
+        for name in PARTY_SCRIPTS:
+            text, self._layout[name] = party_script(lib, _source(name), sharded=sharded)
+            self._party[name] = client.register_script(text)
         self.index_forget = client.register_script(_source("index_forget"))
         self._client = client
         self.batcher: ScriptBatcher | ShardedBatcher = (
