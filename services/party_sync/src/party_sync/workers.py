@@ -39,7 +39,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,7 +50,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from party_sync import config, logs
 from party_sync.config import Settings
-from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.errors import ConfigError, ListenError
 
 if TYPE_CHECKING:
     from party_sync.server import Server
@@ -376,10 +376,13 @@ class Worker:
         from party_sync.metrics import merge_workers
 
         @web.middleware
-        async def group_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+        def group_metrics(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
             resource = request.match_info.route.resource
             if resource is None or resource.canonical != "/metrics":
-                return await handler(request)
+                return handler(request)  # no frame of ours around it (a WebSocket's whole life)
+            return merged()
+
+        async def merged() -> web.StreamResponse:
             others = [i for i in range(1, self.count + 1) if i != self.index]
             texts = await asyncio.gather(*(self.sibling(i) for i in others))
             parts = sorted(
@@ -449,6 +452,9 @@ def worker_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"party-sync: configuration error: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"party-sync: {exc}", file=sys.stderr)
+        return 1
     finally:
         control.close()
     return 0

@@ -6,7 +6,7 @@ from typing import Any
 
 import orjson
 import pytest
-from ps_testkit.client import Closed
+from ps_testkit.client import Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process
 
@@ -117,3 +117,7 @@ async def test_a_frame_far_beyond_the_limit_closes_only_that_connection() -> Non
         await b.act("b-ok", "borin", "r1")
         assert (await b.until("action.result"))["payload"]["action_id"] == "b-ok"
         await b.close()
+        assert srv.server is not None  # the transport's close is counted like the server's own
+        registry = srv.server.gateway.metrics.registry
+        sample = ("party_sync_closes_total", {"code": "1009"})
+        await wait_until(lambda: registry.get_sample_value(*sample) == 1)

@@ -224,6 +224,34 @@ async def test_the_real_app_answers_an_unexpected_exception_with_a_500_problem()
         await listening.stop()
 
 
+async def test_the_routers_own_404_and_405_under_the_api_are_problems_elsewhere_unchanged() -> None:
+    server = build_server(make_settings(api_key=KEY))
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=2.0)
+    base = f"http://127.0.0.1:{listening.port}"
+    auth = {"Authorization": f"Bearer {KEY}"}
+    try:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(base + "/api/v1/unknown", headers=auth) as resp:
+                assert (resp.status, resp.content_type) == (404, "application/problem+json")
+                body = await resp.json(content_type=None)
+                assert (body["status"], body["error"], body["code"]) == (
+                    404,
+                    "not_found",
+                    "not_found",
+                )
+            async with http.post(base + "/api/v1/parties", headers=auth) as resp:
+                assert (resp.status, resp.content_type) == (405, "application/problem+json")
+                body = await resp.json(content_type=None)
+                assert (body["status"], body["error"]) == (405, "method_not_allowed")
+                assert "GET" in resp.headers["Allow"]
+            async with http.post(base + "/api/v1/dev/token", json={}) as resp:  # not dev mode
+                assert (resp.status, resp.content_type) == (404, "application/problem+json")
+            async with http.get(base + "/no/such/page") as resp:  # not the API: aiohttp's own
+                assert (resp.status, resp.content_type) == (404, "text/plain")
+    finally:
+        await listening.stop()
+
+
 # -- the table and the OpenAPI document say the same -------------------------------------------
 
 

@@ -73,6 +73,7 @@ async def test_http_requests_are_counted_by_route_template_and_status_with_laten
             assert resp.status == 404
         a, _ = await srv.join("aria")  # a WebSocket session is not a request to count
         await a.close()
+        assert await srv.handshake_status({"token": "forged"}) == 401  # a refused handshake is
         samples = await scrape(srv)
     requests = samples["party_sync_http_requests_total"]
     events = "/api/v1/parties/{party_id}/events"
@@ -82,7 +83,8 @@ async def test_http_requests_are_counted_by_route_template_and_status_with_laten
     assert requests[(("method", "GET"), ("route", "unmatched"), ("status", "404"))] == 1
     routes = {dict(labels)["route"] for labels in requests}
     assert not any("p-secret-17" in r or "/no/such" in r for r in routes), routes  # no raw paths
-    assert "/ws" not in routes
+    assert requests[(("method", "GET"), ("route", "/ws"), ("status", "401"))] == 1
+    assert {dict(labels)["status"] for labels in requests if ("route", "/ws") in labels} == {"401"}
     latency = samples["party_sync_http_request_duration_seconds_count"]
     assert latency[(("method", "POST"), ("route", events))] == 2
 

@@ -219,6 +219,48 @@ async def test_the_connection_over_the_per_address_cap_is_closed_at_once() -> No
             await close_quietly(w)
 
 
+async def test_an_upgraded_websocket_leaves_the_wrapper_but_stays_counted_until_it_ends() -> None:
+    """After the upgrade the guard hands the socket straight to aiohttp (no wrapper for the
+    socket's life), and the address still counts it: a closed session, a session the server
+    ends, and a connection cut without a close frame each give the address back exactly once."""
+    settings = make_settings(max_connections_per_ip=2, request_head_timeout=0.5, heartbeat=60.0)
+    async with serve_in_process(settings) as srv:
+        guard = guard_of(srv)
+        aria, _ = await srv.join("aria")
+        borin, borin_writer = await open_raw(srv)  # a WebSocket by hand, to cut it later
+        borin_writer.write(
+            f"GET /ws?token={token('borin')} HTTP/1.1\r\nHost: party\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(CLOSED_WITHIN):
+            head = await borin.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        await wait_until(lambda: guard.addresses.count("127.0.0.1") == 2)
+        # No wrapper left on an upgraded socket: the head deadline (0.5 s) cannot reach it, and
+        # a third connection from the address is still over the cap.
+        reader, writer = await open_raw(srv)
+        assert await closed_by_server(reader) == b""
+        await close_quietly(writer)
+        assert refused(srv, "per_address") == 1
+        await aria.send("{not json")
+        assert (await aria.until("system.error"))["payload"]["code"] == "bad_json"
+        # A clean close gives one back ...
+        await aria.close()
+        await wait_until(lambda: guard.addresses.count("127.0.0.1") == 1)
+        # ... and so does a connection cut with no close frame.
+        borin_writer.transport.abort()
+        await wait_until(lambda: guard.addresses.total == 0)
+        assert len(guard.addresses) == 0 and len(guard.users) == 0
+        # The whole allowance is back.
+        again, _ = await srv.join("aria")
+        other, _ = await srv.join("borin")
+        await wait_until(lambda: guard.addresses.count("127.0.0.1") == 2)
+        for client in (again, other):
+            await client.close()
+        await wait_until(lambda: guard.addresses.total == 0)
+
+
 # -- per user --------------------------------------------------------------------------------
 
 

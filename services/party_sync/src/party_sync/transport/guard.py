@@ -17,8 +17,11 @@ patched). The wrapper
   same way.
 
 An upgraded WebSocket is one request that lasts as long as the socket, so neither deadline can
-reach it; its liveness is the heartbeat's job. Nothing here reads aiohttp internals: only the
-asyncio protocol contract, ``AppRunner.server`` and middlewares.
+reach it; its liveness is the heartbeat's job. Once it is upgraded the wrapper steps aside:
+``hand_over`` gives the transport straight to aiohttp's protocol (asyncio's ``set_protocol``),
+so an open WebSocket costs no wrapper and no extra call per read, and the session's handler
+keeps the address counted until it ends (``ConnectionGuard.release_address``). Nothing here reads
+aiohttp internals: only the asyncio protocol contract, ``AppRunner.server`` and middlewares.
 
 The address is the socket's peer address (an IPv4 address, or the /64 of an IPv6 one, since one
 IPv6 host usually owns a whole /64). Behind a reverse proxy every client has the proxy's address:
@@ -142,6 +145,10 @@ class ConnectionGuard:
     def release_websocket_slot(self, key: Hashable) -> None:
         self.users.release(key)
 
+    def release_address(self, address: str) -> None:
+        """Give back the address a ``GuardedConnection.hand_over`` left counted."""
+        self.addresses.release(address)
+
 
 class GuardedConnection(asyncio.Protocol):
     """One accepted socket: counted under its address, closed if a request head is late, and
@@ -200,6 +207,20 @@ class GuardedConnection(asyncio.Protocol):
         inner, self._inner, self._transport = self._inner, None, None
         if inner is not None:
             inner.connection_lost(exc)
+
+    def hand_over(self) -> str | None:
+        """The request was upgraded (a WebSocket: one request for the socket's whole life):
+        give the transport straight to aiohttp's protocol and leave it. Returns the address the
+        connection is still counted under, for the session to give back with
+        ``ConnectionGuard.release_address`` when it ends (None: not counted, or already gone)."""
+        self._disarm()
+        transport, inner = self._transport, self._inner
+        if transport is None or inner is None or transport.is_closing():
+            return None  # closing: connection_lost comes here and gives the address back
+        address, self._address = self._address, None
+        self._inner = self._transport = None
+        transport.set_protocol(inner)
+        return address
 
     # -- what the edge middleware reports -------------------------------------------------------
 
