@@ -15,7 +15,7 @@ from party_sync import __version__, config, devmode, logs
 from party_sync.auth import issue_token
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
-from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.errors import ConfigError, ListenError
 
 log = logging.getLogger("party_sync")
 
@@ -381,9 +381,9 @@ def _engine_worker(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, worker.stop)
-        print(f"engine worker {options.consumer} on {', '.join(worker.streams)}", flush=True)
+        banner = f"engine worker {options.consumer} on {', '.join(worker.streams)}"
         try:
-            await worker.run()
+            await worker.run(on_started=lambda: print(banner, flush=True))
         finally:
             await redis.aclose()
             await backend.close()
@@ -412,6 +412,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"party-sync: configuration error: {exc}", file=sys.stderr)
         return 2
+    except ListenError as exc:
+        print(f"party-sync: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

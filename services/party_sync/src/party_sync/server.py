@@ -32,7 +32,7 @@ from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import ENGINE_GROUP, StreamMonitor
 from party_sync.gateway import Gateway
 from party_sync.metrics import Metrics
-from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.errors import ConfigError, ListenError
 from party_sync.protocol.schemas import Contracts
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
 
@@ -153,6 +153,18 @@ def describe_engine(settings: Settings, link: EngineLink) -> tuple[str, str]:
         engine = type(link.engine)
         return "inprocess", f"{engine.__module__}.{engine.__qualname__} ({settings.engine})"
     return type(link).__name__, type(link).__module__
+
+
+def unused_engine_setting(settings: Settings, transport: str) -> str | None:
+    """A warning when ``engine`` (``--engine``, ``PARTY_SYNC_ENGINE``) was set but the node does
+    not host an engine (its transport is the stream or HTTP, where the engine runs elsewhere)."""
+    default = Settings.__dataclass_fields__["engine"].default
+    if transport == "inprocess" or settings.engine == default:
+        return None
+    return (
+        f"engine {settings.engine} is not used: the engine transport is {transport} (the engine"
+        " runs elsewhere); set engine_transport to inprocess to host it in this node"
+    )
 
 
 def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> HealthSource:
@@ -295,6 +307,9 @@ async def start_serving(
             reuse_port=True if reuse_port else None,
             backlog=128,  # web.TCPSite's
         )
+    except OSError as exc:  # in use, not permitted, not an address of this host
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     except BaseException:
         await runner.cleanup()
         raise
@@ -347,6 +362,9 @@ async def run(
             **where,
         },
     )
+    unused = unused_engine_setting(settings, transport)
+    if unused is not None:
+        log.warning(unused)
     for line in on_ready or ():
         print(line, flush=True)
     if worker is not None:

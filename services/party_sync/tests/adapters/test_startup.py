@@ -11,7 +11,13 @@ from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import StreamMonitor
 from party_sync.metrics import Metrics
-from party_sync.server import backend_settings, describe_backend, describe_engine, watch_engine
+from party_sync.server import (
+    backend_settings,
+    describe_backend,
+    describe_engine,
+    unused_engine_setting,
+    watch_engine,
+)
 from ps_testkit.engines import ScriptedEngine
 
 REDIS = "redis://:hunter2@cache.local:6390/2?ssl_cert_reqs=none"
@@ -64,3 +70,13 @@ async def test_each_transport_gets_its_watcher() -> None:
     static = watch_engine(settings, InProcessLink(ScriptedEngine()), Metrics("n"))
     assert isinstance(static, StaticHealth)
     assert static.health().transport == "inprocess" and static.health().ok
+
+
+def test_an_engine_set_for_a_node_that_does_not_host_one_is_warned_about() -> None:
+    assert unused_engine_setting(Settings(), "stream") is None  # the default: nothing was set
+    mine = Settings(engine="my_game.engine:create")
+    assert unused_engine_setting(mine, "inprocess") is None  # hosted: used
+    for transport in ("stream", "http"):
+        warning = unused_engine_setting(mine, transport)
+        assert warning is not None
+        assert "my_game.engine:create is not used" in warning and transport in warning

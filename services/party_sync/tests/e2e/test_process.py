@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -143,6 +144,24 @@ def test_a_bad_setting_is_a_clear_configuration_error() -> None:
     assert proc.returncode == 2
     assert "configuration error" in proc.stderr and "nonexistent_module" in proc.stderr
     assert sys.executable  # the same interpreter as the tests
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_code_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*party_sync_command(), "serve", "--port", str(port)],
+            env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET},
+            capture_output=True,
+            text=True,
+            check=False,
+            timeout=60,
+        )
+    assert proc.returncode == 1
+    assert f"party-sync: cannot listen on 127.0.0.1:{port}: " in proc.stderr
+    assert "in use" in proc.stderr and "Traceback" not in proc.stderr
 
 
 async def test_dev_mode_serve_prints_two_ready_urls_that_work(tmp_path: Path) -> None:

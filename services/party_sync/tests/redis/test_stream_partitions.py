@@ -254,9 +254,11 @@ async def test_a_worker_refuses_to_start_with_another_count_than_the_nodes(
     host, engine = RecordingHost(), ScriptedEngine()
     worker, client = worker_for(redis, host, engine, "w1", partitions=1)
     try:
+        started: list[bool] = []
         with pytest.raises(ConfigError, match="--actions-stream-partitions 3"):
-            await worker.run()
+            await worker.run(on_started=lambda: started.append(True))
         assert engine.publisher is None  # refused before the engine started
+        assert started == []  # and before it said it had started (the banner)
     finally:
         await client.aclose()
 

@@ -412,9 +412,10 @@ class PartitionedWorker:
         raw = await self.redis.get(layout.count_key(self.options.stream))
         return layout.mismatch(self.partitions, layout.parse_count(raw), self.options.stream)
 
-    async def run(self) -> None:
+    async def run(self, on_started: Callable[[], None] | None = None) -> None:
         """Refuse to start on a partition mismatch (not in burst mode: draining old streams is
-        what it is for), then consume every partition."""
+        what it is for), then consume every partition (``on_started`` is called once the checks
+        have passed and the engine has started: where a banner belongs)."""
         try:
             problem = await self.check_count()
         except INFRA_ERRORS as exc:  # Redis not there yet: the watcher looks again later
@@ -425,6 +426,8 @@ class PartitionedWorker:
                 raise ConfigError(problem)
             log.warning("burst mode despite a partition mismatch: %s", problem)
         await self.engine.start(self.publisher)
+        if on_started is not None:
+            on_started()
         tasks = [asyncio.create_task(loop.consume()) for loop in self.loops]
         watcher = None if self.options.burst else asyncio.create_task(self._watch())
         try:

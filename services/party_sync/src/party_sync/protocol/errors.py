@@ -191,3 +191,8 @@ class EngineRejected(PartySyncError):
 
 class ConfigError(PartySyncError):
     """The configuration is unusable; the message says which setting and why."""
+
+
+class ListenError(PartySyncError):
+    """The server cannot listen on its address (in use, not permitted, not on this host); the
+    message names the address and the system's reason. ``party-sync serve`` exits 1 with it."""
