@@ -62,7 +62,7 @@ def test_the_monitor_watches_the_group_engine_workers_join_by_default() -> None:
     [
         (NO_STREAM, Condition.NO_WORKER, "does not exist yet"),
         (StreamReading(stream_exists=True, length=0), Condition.NO_WORKER, "no consumer group"),
-        (NO_GROUP_BACKLOG, Condition.WAITING, "3 action(s) wait"),
+        (NO_GROUP_BACKLOG, Condition.WAITING, "3 entries (actions and party notices) wait"),
         (DEAD_WORKER, Condition.WAITING, "none of the 1 consumer(s)"),
         (HEALTHY, Condition.OK, "1 engine worker(s) consume"),
         (STUCK, Condition.STUCK, "has waited 61s"),
@@ -150,7 +150,9 @@ async def test_no_worker_warns_once_shows_the_backlog_and_recovers(
         assert await monitor.check_once() is Condition.OK
     records = [(r.levelname, r.getMessage()) for r in caplog.records]
     assert len(records) == 2, records
-    assert records[0][0] == "WARNING" and "3 action(s) wait" in records[0][1]
+    assert (
+        records[0][0] == "WARNING" and "3 entries (actions and party notices) wait" in records[0][1]
+    )
     assert records[1][0] == "INFO" and "over" in records[1][1]
     assert monitor.health().ok
     assert sample(metrics, "party_sync_actions_stream_lag") == 0
@@ -251,7 +253,9 @@ def test_the_worst_partition_is_the_links_condition_with_its_own_detail() -> Non
     # One partition nobody reads while actions wait there: the others being served hides nothing.
     condition, detail = assess_all((HEALTHY, NO_GROUP_BACKLOG, STUCK), PARTS, ENGINE_GROUP, BOUNDS)
     assert condition is Condition.WAITING
-    assert "party_sync:actions:1" in detail and "3 action(s) wait" in detail
+    assert (
+        "party_sync:actions:1" in detail and "3 entries (actions and party notices) wait" in detail
+    )
     condition, detail = assess_all((STUCK, HEALTHY, STUCK), PARTS, ENGINE_GROUP, BOUNDS)
     assert condition is Condition.STUCK
     assert "party_sync:actions:0" in detail and "1 more of the 3 partitions" in detail

@@ -97,7 +97,10 @@ async def test_no_worker_shows_a_backlog_warns_once_and_a_worker_recovers_it(
             assert sample(metrics, "party_sync_engine_link_ok") == 0
             warnings = [r for r in caplog.records if r.levelname == "WARNING"]
             assert len(warnings) == 1
-            assert "3 action(s) wait on party_sync:actions" in warnings[0].getMessage()
+            assert (
+                "3 entries (actions and party notices) wait on party_sync:actions"
+                in warnings[0].getMessage()
+            )
             assert "no consumer group 'campaign-engine'" in warnings[0].getMessage()
 
             with engine_worker(redis, tmp_path) as worker:

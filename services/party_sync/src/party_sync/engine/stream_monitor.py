@@ -108,8 +108,8 @@ def assess(
         if reading.waiting:
             oldest = max(reading.oldest_pending_age, reading.oldest_undelivered_age)
             return Condition.WAITING, (
-                f"{reading.waiting} action(s) wait on {stream} (oldest {oldest:.0f}s) and no "
-                f"engine worker consumes it: {why}"
+                f"{_entries(reading.waiting)} (actions and party notices) wait on {stream} "
+                f"(oldest {oldest:.0f}s) and no engine worker consumes it: {why}"
             )
         return Condition.NO_WORKER, f"no engine worker consumes {stream}: {why}"
     oldest = max(reading.oldest_pending_age, reading.oldest_undelivered_age)
@@ -121,8 +121,14 @@ def assess(
         )
     return Condition.OK, (
         f"{reading.active_consumers} engine worker(s) consume {stream} "
-        f"({reading.waiting} action(s) waiting)"
+        f"({_entries(reading.waiting)} waiting)"
     )
+
+
+def _entries(count: int) -> str:
+    """``count`` stream entries, in words: each is an action or a party notice (a join, a
+    restate) that the engine reads from the same stream."""
+    return f"{count} entr{'y' if count == 1 else 'ies'}"
 
 
 #: Which condition wins when partitions differ: the first of these that any partition is in.
