@@ -659,7 +659,7 @@ export const messageExamples = {
         "limits": {
           "max_message_bytes": 65536,
           "action_timeout_ms": 10000,
-          "heartbeat_ms": 20000,
+          "heartbeat_ms": 25000,
           "narration_idle_ms": 30000
         }
       }
@@ -756,7 +756,7 @@ export const messageExamples = {
         "limits": {
           "max_message_bytes": 65536,
           "action_timeout_ms": 10000,
-          "heartbeat_ms": 20000,
+          "heartbeat_ms": 25000,
           "narration_idle_ms": 30000
         }
       }
@@ -792,7 +792,7 @@ export const messageExamples = {
         "limits": {
           "max_message_bytes": 65536,
           "action_timeout_ms": 10000,
-          "heartbeat_ms": 20000,
+          "heartbeat_ms": 25000,
           "narration_idle_ms": 30000
         }
       }
