@@ -50,8 +50,11 @@ async def test_an_engine_restarted_between_actions_continues_the_run(
     await engine.handle_action(action_request("choice", {"option": "leap"}, trace_id="t-leap"))
     assert second.last("scene.update")["scene_number"] == 1  # stayed: the counter did not move
     assert [o["id"] for o in second.last("scene.update")["options"]] == ["enter", "secret", "leap"]
-    await engine.handle_action(check)  # redelivered after the restart: nothing at all
-    assert second.types() == ["action.result", "scene.update", "party.state"]
+    await engine.handle_action(check)  # redelivered after the restart: only its answer again
+    assert second.types() == ["action.result", "scene.update", "party.state", "action.result"]
+    again = second.last("action.result")
+    assert (again["action_id"], again["outcome"]) == (check.action_id, "success")
+    assert again["roll"]["value"] == 15  # the roll it was applied with, not a new one
     await engine.close()
 
     third = RecordingPublisher()
@@ -98,8 +101,9 @@ async def test_events_left_unsent_survive_a_restart(durable_url: str) -> None:
     assert publisher.types() == ["action.result", "scene.update"]
     assert publisher.last("scene.update")["scene_number"] == 2
     assert {e.trace_id for e in publisher.published} == {action.trace_id}
-    await engine.handle_action(action)
-    assert len(publisher.published) == 2
+    await engine.handle_action(action)  # everything is out: only its action.result again
+    assert publisher.types() == ["action.result", "scene.update", "action.result"]
+    assert publisher.published[2].payload == publisher.published[0].payload
     assert len(await engine.chronicle("run-1")) == 1
     await engine.close()
 
@@ -220,7 +224,8 @@ async def test_the_same_action_in_two_engines_is_applied_once(store_url: str) ->
     await two.handle_action(action)  # lost the race, worked it out again: already applied
 
     assert pub_one.types() == ["action.result", "scene.update"]
-    assert pub_two.published == []
+    assert pub_two.types() == ["action.result"]  # its answer again (party_sync keeps the first)
+    assert pub_two.published[0].payload["action_id"] == action.action_id
     assert [d.action_id for d in await two.chronicle("run-1")] == [action.action_id]
     state = await two.run_state("run-1")
     assert state is not None and (state.scene_id, state.scene_number) == ("reef", 2)

@@ -215,8 +215,9 @@ async def test_the_partys_choice_moves_on_and_is_applied_once(
     assert (decision.character_id, decision.payload["vote_id"]) == ("party", "run-1.s2")
 
     published, chronicle = list(publisher.published), await engine.chronicle("run-1")
-    await engine.handle_action(vote)  # redelivered: nothing at all
-    assert publisher.published == published
+    await engine.handle_action(vote)  # redelivered: only its answer again
+    assert publisher.published[: len(published)] == published
+    assert [p.type for p in publisher.published[len(published) :]] == ["action.result"]
     assert await engine.run_state("run-1") == state
     assert await engine.chronicle("run-1") == chronicle
     assert publisher.vote_requests == []

@@ -5,7 +5,9 @@ the chronicles (L1 decisions, L2 scene summaries), and party_sync's ``EventPubli
 Per action:
 
 1. under the run's lock (actions of one run are applied one at a time, in arrival order), load
-   the run; an ``action_id`` already applied changes nothing and publishes nothing;
+   the run; an ``action_id`` already applied changes nothing: it publishes what a failure left
+   unsent, or else its ``action.result`` again (``_answer_again``: the answer for a party_sync
+   that lost its record of the action and took a client's resend as new), nothing more;
 2. parse the payload and apply the action to a *copy* of the state — a refusal
    (``EngineRejected``) therefore leaves no trace;
 3. commit the new state (with the ``action_id`` among the applied ones), the L1 decision, the L2
@@ -80,6 +82,7 @@ from campaign_engine.events import (
     MAX_ACTION_NARRATION,
     Event,
     action_events,
+    actor_state,
     clip,
     opening_events,
     party_state_if_changed,
@@ -191,6 +194,8 @@ class ReferenceEngine:
                     extra={"trace_id": action.trace_id},
                 )
                 await self._publish_outbox(state, action.party_id)
+            else:
+                await self._answer_again(state, action)
             return
         await self._settle_outbox(state, action.party_id)
         work = state.copy()
@@ -212,6 +217,51 @@ class ReferenceEngine:
         # action (applied now) publishes its events without narrating again.
         await self._narrate(work, action, state.scene_number)
         await self._publish_outbox(work, action.party_id)
+
+    async def _answer_again(self, state: RunState, action: ActionRequest) -> None:
+        """A delivery of an action applied earlier, all of whose events were published: publish
+        its ``action.result`` again, and nothing else (no die, no decision, no scene).
+
+        party_sync ignores it while it still holds the action's answer (the first result
+        stands). It is the answer when party_sync lost its own record (an embedded server
+        restarted, Redis restarted empty) and accepted a client's resend of the ``action_id``
+        as new: without it that resend would wait for ever. From the L1 decision (outcome,
+        roll, narration) and the actor's state as it is now (``action.result.state``)."""
+        publisher = self._publisher
+        if publisher is None:
+            raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
+        decision = next(
+            (
+                d
+                for d in reversed(await self.store.decisions(state.run_id))
+                if d.action_id == action.action_id
+            ),
+            None,
+        )
+        if decision is None:  # not in the chronicle (cannot happen: committed together)
+            log.warning("no decision of applied action %s to answer again", action.action_id)
+            return
+        payload: dict[str, object] = {
+            "action_id": decision.action_id,
+            "character_id": decision.character_id,
+            "action_type": decision.action_type,
+            "outcome": decision.outcome,
+            "state": actor_state(state, decision.character_id),
+            "narration": clip(decision.narration, MAX_ACTION_NARRATION),
+        }
+        if decision.roll is not None:
+            payload["roll"] = dict(decision.roll)
+        log.info(
+            "answering %s again (applied earlier)",
+            action.action_id,
+            extra={"trace_id": action.trace_id},
+        )
+        try:
+            await publisher.publish(
+                action.party_id, "action.result", payload, trace_id=action.trace_id
+            )
+        except InvalidEvent as exc:  # a bug of ours: the action stays applied; say so loudly
+            log.error("dropping an invalid repeated action.result: %s", exc)
 
     async def _narrate(self, work: RunState, action: ActionRequest, scene_before: int) -> None:
         """Write what is new live (if narration is on); never raises.

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from ps_testkit.client import Closed
 from ps_testkit.redis_server import RedisServer
-from ps_testkit.servers import SECRET, party_sync_command, serve_process
+from ps_testkit.servers import SECRET, free_port, party_sync_command, serve_process
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +39,43 @@ async def test_seed_flow_against_a_real_process_with_the_reference_engine() -> N
         assert scene["seq"] > result["seq"]
         await a.close()
         await b.close()
+
+
+async def test_a_resend_after_a_restart_that_lost_the_ledger_gets_its_answer(
+    tmp_path: Path,
+) -> None:
+    """The embedded server restarts (its ledger is gone, the reference engine's database is
+    not); the client resends an action it had been answered for, as clients do after a
+    reconnect. The new server takes it as new and the engine, which applied it already, answers
+    it again: the same result, once, and the character can act again."""
+    env = {
+        "CAMPAIGN_ENGINE_SEED": "7",
+        "CAMPAIGN_ENGINE_DATABASE_URL": f"sqlite:///{tmp_path / 'engine.sqlite3'}",
+    }
+    port = free_port()
+    async with serve_process(env=env, port=port) as srv:
+        a, _ = await srv.join("aria")
+        opening = await a.until("scene.update")
+        option = opening["payload"]["options"][0]["id"]
+        choice = {"option": option}
+        await a.act("lost-1", "aria", "r1", action_type="choice", payload=choice)
+        first = (await a.until("action.result"))["payload"]
+        await a.close()
+    async with serve_process(env=env, port=port) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("lost-1", "aria", "r1", action_type="choice", payload=choice)
+        again = (await a.until("action.result", timeout=15))["payload"]
+        assert again["action_id"] == "lost-1"
+        assert (again["outcome"], again["narration"]) == (first["outcome"], first["narration"])
+        await a.act("next-1", "aria", "r1")  # not busy: the lock went with the answer
+        while True:
+            message = await a.recv(timeout=15)
+            if message["type"] == "system.error":
+                assert message["payload"]["code"] != "character_busy", message
+            if message["type"] == "action.result":
+                assert message["payload"]["action_id"] == "next-1"
+                break
+        await a.close()
 
 
 @pytest.mark.redis
