@@ -92,7 +92,7 @@ async def probe(base: str, rounds: int, party: str) -> dict[str, Any]:
                     },
                 }
                 sent_at = time.monotonic()
-                await actor.send_bytes(orjson.dumps(body))
+                await actor.send_str(orjson.dumps(body).decode())
                 await _until(actor, "scene.update", trace)
                 n += 1
                 # Stay under the rate limit: 3 actors in turn, each at most PACE actions a second.

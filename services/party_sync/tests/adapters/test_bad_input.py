@@ -32,6 +32,10 @@ async def test_each_kind_of_bad_input_gets_its_code_and_the_connection_stays_usa
         cases: list[tuple[str | bytes, str]] = [
             ("{not json", "bad_json"),
             (b"\xff\xfe garbage", "bad_json"),
+            (  # a valid action, but in a binary frame: refused, never run (engine.calls below)
+                orjson.dumps({**VALID, "payload": {**VALID["payload"], "action_id": "bin-1"}}),
+                "bad_json",
+            ),
             ("[1, 2, 3]", "bad_message"),
             ('{"type": 5, "payload": {}}', "bad_message"),
             ('{"type": "action.request"}', "bad_message"),

@@ -264,7 +264,10 @@ async def play(srv: Running, case: list[Frame], timeout: float = 10.0) -> None:
     plan: list[tuple[Expected, Frame]] = []
     for frame in case:
         want = expect(frame.data, binding, MAX_BYTES)
-        if want.kind != "close" and not _text_ok(frame):
+        if want.kind != "close" and frame.binary:
+            # Messages are JSON in text frames: a binary one is refused whatever it holds.
+            want = Expected("error", "bad_json", codes=frozenset({"bad_json"}))
+        elif want.kind != "close" and not _text_ok(frame):
             # A text frame that is not UTF-8: refused as bad JSON, or closed with 1007.
             want = Expected("error", "bad_json", codes=frozenset({"bad_json"}))
             want.kind = "error-or-close"

@@ -159,7 +159,7 @@ async def test_a_deep_payload_is_refused_at_parse_time_with_a_final_code(
     connection goes on."""
     binding = fresh_binding()
     client = await connect(in_process, binding)
-    await client.ws.send_bytes(_deep_action("deep-1", levels, binding))
+    await client.ws.send_str(_deep_action("deep-1", levels, binding).decode())
     answer = await client.recv()
     while answer["type"] in ("party.join", "scene.update"):
         answer = await client.recv()
@@ -184,7 +184,7 @@ def _expected_deep() -> Any:
 async def test_a_reasonably_nested_payload_is_still_accepted(in_process: Running) -> None:
     binding = fresh_binding()
     client = await connect(in_process, binding)
-    await client.ws.send_bytes(_deep_action("nest-1", 16, binding))
+    await client.ws.send_str(_deep_action("nest-1", 16, binding).decode())
     result = await client.until("action.result")
     assert result["payload"]["action_id"] == "nest-1"
     await client.close()
@@ -203,7 +203,7 @@ async def test_a_deep_payload_on_the_stream_transport_is_refused_the_same_way(
     async with serve_process(args, env=env) as srv:
         binding = fresh_binding()
         client = await connect(srv, binding)
-        await client.ws.send_bytes(_deep_action("deep-s", 300, binding))
+        await client.ws.send_str(_deep_action("deep-s", 300, binding).decode())
         async with asyncio.timeout(15):
             answer = await client.until("system.error", timeout=15)
         assert answer["payload"]["in_reply_to"].get("action_id") == "deep-s", answer

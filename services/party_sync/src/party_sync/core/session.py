@@ -491,11 +491,19 @@ class PartySessions:
             return message
         return self.handle(conn, message, now)
 
-    def parse(self, conn: Connection, data: bytes | str, now: float) -> inbound.Inbound | Commands:
+    def parse(
+        self, conn: Connection, data: bytes | str, now: float, binary: bool = False
+    ) -> inbound.Inbound | Commands:
         """The first half of ``receive``: the rate limit and the checks of ``protocol.inbound``;
-        the message, or the commands refusing it."""
+        the message, or the commands refusing it. ``binary``: it came in a binary frame, which
+        is refused as ``bad_json`` whatever it holds (messages are JSON in text frames)."""
         if not conn.limits.admit(now):
             refusal = ProtocolError(ErrorCode.RATE_LIMITED, "slow down", **_about_raw(data))
+            return self.refuse(conn, refusal, now)
+        if binary:
+            refusal = ProtocolError(
+                ErrorCode.BAD_JSON, "a binary frame: send each message as JSON in a text frame"
+            )
             return self.refuse(conn, refusal, now)
         try:
             message = inbound.parse(data, self.contracts, self.rules.max_message_bytes)

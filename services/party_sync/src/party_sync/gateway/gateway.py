@@ -257,12 +257,13 @@ class Gateway:
             await hub.subscription.close()
 
     # -- inbound --------------------------------------------------------------------------------
-    async def receive(self, session: Session, data: bytes | str) -> None:
-        """Handle one client message. Never raises: every refusal becomes a ``system.error``."""
+    async def receive(self, session: Session, data: bytes | str, binary: bool = False) -> None:
+        """Handle one client message (``binary``: it came in a binary frame, refused as
+        ``bad_json``). Never raises: every refusal becomes a ``system.error``."""
         now = self.clock()
         message: Inbound | None = None
         try:
-            parsed = self.core.parse(session, data, now)
+            parsed = self.core.parse(session, data, now, binary)
             if isinstance(parsed, list):
                 carry_local(parsed)
                 return

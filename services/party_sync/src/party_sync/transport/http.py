@@ -149,8 +149,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if session.closed:
                 break
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+            if msg.type is WSMsgType.TEXT:
                 await gateway.receive(session, msg.data)
+            elif msg.type is WSMsgType.BINARY:  # refused (bad_json): messages are text frames
+                await gateway.receive(session, msg.data, binary=True)
             elif msg.type is WSMsgType.ERROR:
                 if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
                     gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)
