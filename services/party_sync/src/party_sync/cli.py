@@ -313,7 +313,7 @@ def _engine_http(args: argparse.Namespace) -> int:
 def _engine_worker(args: argparse.Namespace) -> int:
     import signal
 
-    from party_sync.backends.redis_connect import RedisTarget, make_any_client
+    from party_sync.backends.redis_connect import RedisTarget, make_any_client, stale_socket_retry
     from party_sync.engine.interface import RestateNotice, restate_engine
     from party_sync.engine.loader import load_engine
     from party_sync.engine.restating import EpochWatch
@@ -351,8 +351,6 @@ def _engine_worker(args: argparse.Namespace) -> int:
     )
 
     async def work() -> None:
-        from redis.asyncio.retry import Retry
-        from redis.backoff import ExponentialBackoff
 
         backend = make_backend(settings)
         await backend.start()
@@ -361,7 +359,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
             RedisTarget.of(settings),
             socket_timeout=options.block + 5,
             socket_connect_timeout=2.0,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),  # a stale pooled socket
+            retry=stale_socket_retry(),  # a stale pooled socket (not a timeout)
         )
 
         # the engine's events that open an epoch: the worker asks its own engine to re-state

@@ -3,9 +3,14 @@ with ``with`` and ``async with`` alike (no Redis needed: the errors are made her
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import pytest
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.backends.redis_connect import make_client
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.protocol.errors import BackendUnavailable
 from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
@@ -52,3 +57,93 @@ def test_a_refused_command_is_logged_as_a_bug(caplog: pytest.LogCaptureFixture) 
     with refused, unavailable("begin_action"):
         raise ResponseError("ERR wrong number of arguments")
     assert "redis refused begin_action" in caplog.text
+
+
+# -- a stalled Redis: one command timeout, not several -------------------------------------------
+
+
+async def _commands(reader: asyncio.StreamReader) -> AsyncIterator[list[bytes]]:
+    """The RESP commands a client sends (arrays of bulk strings), until it hangs up."""
+    with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+        while True:
+            count = int((await reader.readuntil(b"\r\n"))[1:-2])
+            command = []
+            for _ in range(count):
+                size = int((await reader.readuntil(b"\r\n"))[1:-2])
+                command.append((await reader.readexactly(size + 2))[:-2])
+            yield command
+
+
+def _reply(command: list[bytes]) -> bytes:
+    """What a healthy Redis would answer to the client's set-up: the fence's EVAL (vouched),
+    the rest OK."""
+    if command[0].upper() == b"EVAL":
+        return b"*3\r\n:0\r\n:0\r\n$1\r\nx\r\n"
+    return b"+OK\r\n"
+
+
+class SilentRedis:
+    """A TCP server that answers a client's set-up but never a GET (a stalled Redis, as
+    SIGSTOP makes one, but deterministic): it counts the GETs received."""
+
+    def __init__(self) -> None:
+        self.gets = 0
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            async for command in _commands(reader):
+                if command[0].upper() == b"GET":
+                    self.gets += 1
+                    continue  # stalled
+                writer.write(_reply(command))
+            writer.close()
+
+        self.server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_timed_out_command_is_not_sent_again() -> None:
+    """Every client party_sync makes of one Redis (``make_client``: the backend's, the stream
+    link's, the directory's, the monitors') gives a command that timed out up after one
+    ``socket_timeout``: redis-py's default would send it again, ten times, on new connections."""
+    silent = SilentRedis()
+    async with silent as url:
+        for client in (
+            make_client(url, socket_timeout=0.2, socket_connect_timeout=1.0),
+            RedisBackend(RedisOptions(url, command_timeout=0.2)).client,
+        ):
+            before = silent.gets
+            with pytest.raises(RedisTimeoutError):
+                await client.get("x")
+            assert silent.gets - before == 1
+            await client.aclose()
+
+
+async def test_a_command_on_a_broken_connection_is_sent_again_on_a_new_one() -> None:
+    """The retry that stays: a pooled socket that a Redis restart left dead."""
+    server = await asyncio.start_server(_answer_then_hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = make_client(f"redis://127.0.0.1:{port}/0", socket_timeout=2.0)
+    try:
+        assert await client.get("x") == b"1"  # the first connection answers, then closes
+        assert await client.get("x") == b"1"  # the dead socket, then a new one: answered
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def _answer_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Answer the set-up and one GET (``1``), then close the connection."""
+    async for command in _commands(reader):
+        if command[0].upper() == b"GET":
+            writer.write(b"$1\r\n1\r\n")
+            await writer.drain()
+            break
+        writer.write(_reply(command))
+    writer.close()

@@ -307,3 +307,21 @@ async def test_party_keys_always_expire_and_meta_expires_first(redis: RedisServe
         snapshot = await b.snapshot("ttl")
         assert snapshot.epoch != epoch and snapshot.members == [] and snapshot.scene is None
     await r.aclose()
+
+
+async def test_a_connect_redis_runs_too_late_registers_nothing(redis: RedisServer) -> None:
+    """As begin_action: a connect that Redis runs more than half the command timeout after the
+    node sent it (a stall; the handshake has been refused by then) registers no connection and
+    publishes no party.join; on time, the same call registers it."""
+    async with backend(redis.url, command_timeout=2.0) as b:
+        aria = Binding("p1", "r", "aria", "Aria")
+        now = time.time()
+        with pytest.raises(BackendUnavailable, match="too late"):
+            await b.presence.connect(aria, "c1", now, "t" * 32, sent=time.time() - 5, stale=1.0)
+        snapshot = await b.snapshot("p1")
+        assert [m for m in snapshot.members if m["character_id"] == "aria"] == []
+        assert snapshot.seq == 0  # nothing was published
+        join = await b.connect(aria, "c1", now, "t" * 32)  # on time (the node's own clock)
+        assert join is not None and join.type == "party.join"
+        snapshot = await b.snapshot("p1")
+        assert [m["online"] for m in snapshot.members if m["character_id"] == "aria"] == [True]

@@ -139,3 +139,37 @@ async def test_a_redis_that_lost_everything_makes_the_engine_restate_the_party(
         assert hello2["payload"]["epoch"] == new_epoch
         assert len(engine.restates) == 2
         await a.close()
+
+
+async def test_a_handshake_refused_during_a_stall_puts_no_one_online_afterwards(
+    redis: RedisServer,
+) -> None:
+    """A handshake during a stall is refused (1011), and whatever of it Redis runs when it wakes
+    up leaves no member behind: no party.join, no phantom online until presence expires. (Which
+    of the handshake's commands reach Redis depends on timing; the late connect itself is refused
+    by the script: test_backend.py, test_a_connect_redis_runs_too_late_registers_nothing.)"""
+    settings = make_settings(
+        redis_url=redis.url,
+        engine_transport="inprocess",
+        redis_command_timeout=COMMAND_TIMEOUT,
+        presence_ttl=30.0,
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        a, _ = await srv.join("aria")
+        with stalled(redis):
+            b = await srv.connect("borin")
+            assert await b.closed(timeout=10) == 1011  # refused: backend_unavailable
+            await asyncio.sleep(3 * COMMAND_TIMEOUT)  # hold the stall past the command timeout
+        await a.act("after", "aria", "r1")  # Redis is back, and ran what it had buffered
+        await a.until("action.result", timeout=10)
+        snapshot = await gateway.backend.snapshot("p1")
+        online = {m["character_id"]: m["online"] for m in snapshot.members}
+        assert online == {"aria": True}, online
+        assert not [
+            m
+            for m in a.received
+            if m["type"] == "party.join" and m["payload"]["character_id"] == "borin"
+        ]
+        await a.close()

@@ -35,7 +35,12 @@ from party_sync.backends.base import BackendSettings, PartyListener
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus
-from party_sync.backends.redis_connect import RedisTarget, Sentinels, make_any_client
+from party_sync.backends.redis_connect import (
+    RedisTarget,
+    Sentinels,
+    make_any_client,
+    stale_socket_retry,
+)
 from party_sync.backends.redis_presence import RedisPresence
 from party_sync.backends.redis_scripts import (
     Arg,
@@ -124,8 +129,13 @@ class RedisBackend:
             protocol=2,  # plain arrays for pub/sub; the faster reader (docs/benchmarks.md)
             socket_connect_timeout=options.connect_timeout,
             socket_timeout=options.command_timeout,
-            # one retry: a stale socket (a cluster: also a failover's CLUSTERDOWN, then the map)
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1 if not options.cluster else 3),
+            # one retry on a broken socket, none on a timeout (stale_socket_retry); a cluster:
+            # also a failover's CLUSTERDOWN, then the map (RedisCluster's own retry)
+            retry=(
+                Retry(ExponentialBackoff(cap=0.1, base=0.01), 3)
+                if options.cluster
+                else stale_socket_retry()
+            ),
             client_name=f"party_sync:{self.node_id}",
         )
         self.scripts = Scripts(
@@ -425,7 +435,16 @@ class RedisBackend:
     async def connect(
         self, binding: Binding, connection_id: str, now: float, trace_id: str
     ) -> Event | None:
-        return await self.presence.connect(binding, connection_id, now, trace_id)
+        # As begin_action: a call Redis runs past half the command timeout registers nothing.
+        self._measure_clock_soon()
+        return await self.presence.connect(
+            binding,
+            connection_id,
+            now,
+            trace_id,
+            sent=time.time() + self._clock_offset,
+            stale=self.options.command_timeout / 2,
+        )
 
     async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
         return await self.presence.disconnect(binding, connection_id, now)

@@ -34,8 +34,11 @@ from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError
 
 from party_sync.backends.keys import DEFAULT_PREFIX
@@ -151,15 +154,30 @@ def as_target(target: RedisTarget | str, prefix: str = DEFAULT_PREFIX) -> RedisT
     return target if isinstance(target, RedisTarget) else RedisTarget(target, prefix=prefix)
 
 
+def stale_socket_retry(retries: int = 1) -> Retry:
+    """The retry of a client of one Redis (or Sentinel's master): a command that fails on a
+    broken connection (a pooled socket a Redis restart left dead) is sent again on a new one,
+    ``retries`` times. A command that *timed out* is not: Redis is stalled or slow, another
+    ``socket_timeout`` would only double the wait before ``BackendUnavailable`` (the documented
+    bound is one ``command_timeout``), and the command may still run when Redis wakes up.
+    (redis-py's default retries timeouts too.)"""
+    return Retry(
+        ExponentialBackoff(cap=0.1, base=0.01), retries, supported_errors=(RedisConnectionError,)
+    )
+
+
 def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     """A redis-py asyncio client of ``target``'s Redis (its master, with Sentinel).
 
     ``kwargs`` are redis-py's connection options (timeouts, retry, ``client_name``,
-    ``protocol``...), as for ``Redis.from_url``. Raises ``ValueError`` on a malformed URL.
+    ``protocol``...), as for ``Redis.from_url``. Without a ``retry``, ``stale_socket_retry()``:
+    redis-py's own default retries a timed-out command ten times, so a stalled Redis would hold
+    a caller for eleven times its ``socket_timeout``. Raises ``ValueError`` on a malformed URL.
     """
     target = as_target(target)
     if target.cluster:
         raise ValueError("a Redis Cluster target: use make_cluster_client or make_any_client")
+    kwargs.setdefault("retry", stale_socket_retry())
     kwargs["redis_connect_func"] = functools.partial(fence_on_connect, prefix=target.prefix)
     if target.sentinels is None:
         return Redis.from_url(target.url, **kwargs)

@@ -24,6 +24,7 @@ by the ``RedisBackend`` that owns it; it knows nothing else of the backend.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import cast
@@ -37,6 +38,9 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
+from party_sync.protocol.errors import BackendUnavailable
+
+log = logging.getLogger(__name__)
 
 #: Parties swept per call at most (the rest on the next sweep, ``presence_ttl / 3`` later).
 SWEEP_BATCH = 1000
@@ -67,9 +71,20 @@ class RedisPresence:
         self._run_ttl_ms = int(idle_party_ttl * 1000)  # a run's party list lives as its parties
 
     async def connect(
-        self, binding: Binding, connection_id: str, now: float, trace_id: str
+        self,
+        binding: Binding,
+        connection_id: str,
+        now: float,
+        trace_id: str,
+        *,
+        sent: float | None = None,
+        stale: float = 0.0,
     ) -> Event | None:
-        """Register a connection; publish ``party.join`` if the character was offline."""
+        """Register a connection; publish ``party.join`` if the character was offline.
+
+        ``sent`` (Unix seconds on Redis's clock) and ``stale``: a call Redis runs more than
+        ``stale`` seconds after ``sent`` registers nothing and raises ``BackendUnavailable``
+        (Redis was stalled: the handshake has been refused by then)."""
         cid, name = binding.character_id, binding.display_name
         payload = {"character_id": cid, "display_name": name}
         body = codec.encode(codec.envelope(t.PARTY_JOIN, payload, ts=now, trace_id=trace_id))
@@ -82,6 +97,8 @@ class RedisPresence:
                 name,
                 ttl,
                 binding.campaign_run_id,
+                "0" if sent is None else repr(sent),
+                repr(stale),
             ]
             await self._scripts.run("connect", binding.party_id, now, args, client=pipe)
             pipe.zadd(self._keys.presence_index(), {binding.party_id: now + ttl}, lt=True)
@@ -90,6 +107,12 @@ class RedisPresence:
             pipe.pexpire(run_parties, self._run_ttl_ms)
             reply, *_ = await pipe.execute()
         seq = int(reply[0])
+        if seq < 0:
+            log.warning(
+                "redis ran connect late (a stall): refused it",
+                extra={"party_id": binding.party_id, "character_id": cid},
+            )
+            raise BackendUnavailable("redis ran connect too late: refused it")
         if seq == 0:
             return None
         return Event(

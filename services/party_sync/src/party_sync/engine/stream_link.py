@@ -35,12 +35,10 @@ import logging
 from typing import Any
 
 import orjson
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
 from party_sync import tracing
-from party_sync.backends.redis_connect import RedisTarget, make_any_client
+from party_sync.backends.redis_connect import RedisTarget, make_any_client, stale_socket_retry
 from party_sync.engine import partitions as layout
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
@@ -88,7 +86,7 @@ class StreamEngineLink:
             redis_url,
             socket_timeout=5.0,
             socket_connect_timeout=2.0,
-            retry=Retry(ExponentialBackoff(cap=0.1, base=0.01), 1),
+            retry=stale_socket_retry(),  # not after a timeout: one command_timeout, not two
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
         self._count_written = False  # N is in <stream>:partitions (as far as this link knows)
