@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from ps_testkit.client import Client
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.servers import Running, make_settings, serve_in_process
+from ps_testkit.servers import Running, make_settings, serve_in_process, token
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
@@ -96,3 +97,18 @@ async def test_resume_at_the_head_replays_nothing() -> None:
         assert (await b.expect("action.result"))["seq"] == last + 1
         await a.close()
         await b.close()
+
+
+async def test_a_last_seq_that_is_not_plain_ascii_digits_gets_a_snapshot() -> None:
+    """``last_seq`` is a decimal integer: other Unicode digits ("١" is 1 to Python's int) are
+    not read as one; the join still works, from a snapshot."""
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        b, hello = await srv.join("borin")
+        epoch = hello["payload"]["epoch"]
+        await b.close()
+        for odd in ("\u0661", "1\u0662", "+1", " 1", "1.0"):
+            params = {"token": token("borin"), "epoch": epoch, "last_seq": odd}
+            client = Client(await srv.http.ws_connect(srv.ws_url, params=params))
+            again = await client.expect("system.hello")
+            assert again["payload"]["resumed"] is False, odd
+            await client.close()

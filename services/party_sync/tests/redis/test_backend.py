@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -325,3 +326,28 @@ async def test_a_connect_redis_runs_too_late_registers_nothing(redis: RedisServe
         assert join is not None and join.type == "party.join"
         snapshot = await b.snapshot("p1")
         assert [m["online"] for m in snapshot.members if m["character_id"] == "aria"] == [True]
+
+
+async def test_a_pubsub_outage_is_one_warning_however_many_attempts_fail(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pub/sub connection retries until Redis is back (every second at most); an operator
+    reads one WARNING when it goes and one INFO when it is back, not one line per attempt."""
+    async with TcpProxy(redis.port) as proxy, backend(proxy.url) as b:
+        rec = Recorder()
+        await b.subscribe("p1", rec)
+        with caplog.at_level(logging.DEBUG, logger="party_sync.backends.redis_bus"):
+            proxy.refusing = True
+            proxy.cut()
+            await wait_until(lambda: proxy.refused >= 4, timeout=20)  # attempts that failed
+            proxy.refusing = False
+            await wait_until(
+                lambda: sample(b, "party_sync_redis_reconnects_total", cause="error") == 1
+            )
+        bus = [r for r in caplog.records if r.name == "party_sync.backends.redis_bus"]
+        warnings = [r for r in bus if r.levelno == logging.WARNING]
+        assert len(warnings) <= 2, [r.getMessage() for r in warnings]  # the loss, the first try
+        assert sum("unavailable" in r.getMessage() for r in warnings) == 1
+        assert [r.getMessage() for r in bus if r.levelno == logging.INFO] == [
+            "redis pub/sub reconnected"
+        ]

@@ -194,6 +194,7 @@ class Bus:
         """Connect, subscribe everything, read until it breaks; again, with backoff, forever."""
         loop = asyncio.get_running_loop()
         delay, lost = 0.05, ""
+        failures = 0  # attempts in a row that failed: one WARNING per outage, not one per try
         while not self._closing:
             conn = RawConnection(self._pool)
             reader: asyncio.Task[None] | None = None
@@ -208,8 +209,12 @@ class Bus:
                 self._ever.set()
                 if lost:
                     self._count_reconnect(lost)
-                    log.info("redis pub/sub reconnected", extra={"cause": lost})
+                    log.info(
+                        "redis pub/sub reconnected",
+                        extra={"cause": lost, "failed_attempts": failures},
+                    )
                     lost = ""
+                failures = 0
                 self._on_reconnect()  # every party stream repairs what it may have missed
                 delay = 0.05
                 await asyncio.wait({reader})
@@ -218,7 +223,11 @@ class Bus:
                     log.warning("redis pub/sub connection lost: %r", reader.exception())
             except (RedisError, OSError, TimeoutError, BackendUnavailable) as exc:
                 lost = lost or ("error" if self._ever.is_set() else "")
-                log.warning("redis pub/sub unavailable: %r", exc)
+                failures += 1
+                if failures == 1:
+                    log.warning("redis pub/sub unavailable (retrying until it is back): %r", exc)
+                else:
+                    log.debug("redis pub/sub still unavailable: %r", exc)
             finally:
                 if self._on_down is not None and not self._closing:
                     self._on_down()

@@ -62,7 +62,12 @@ def _token(request: web.Request, query: dict[str, str]) -> str:
 def _resume_point(query: dict[str, str]) -> ResumePoint | None:
     epoch = query.get("epoch")
     last_seq = query.get("last_seq")
-    if not epoch or last_seq is None or not last_seq.isdigit() or len(last_seq) > 18:
+    if (
+        not epoch
+        or last_seq is None
+        or not (last_seq.isascii() and last_seq.isdigit())  # "١" is a digit too, to str
+        or len(last_seq) > 18
+    ):
         return None
     return ResumePoint(epoch, int(last_seq))
 
