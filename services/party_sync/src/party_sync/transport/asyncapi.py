@@ -32,6 +32,16 @@ CLOSE_CODES: Final[dict[int, tuple[str, str]]] = {
         "Server going away (shutdown, deploy)",
         "Reconnect and resume (epoch, last_seq)",
     ),
+    CloseCode.PROTOCOL_ERROR: (
+        "The frame breaks the WebSocket protocol (RFC 6455: a bad opcode or reserved bit, an "
+        "oversized control frame)",
+        "Fix the client; reconnect",
+    ),
+    CloseCode.INVALID_DATA: (
+        "A text frame that is not UTF-8 (the transport may refuse it with this instead of "
+        "bad_json)",
+        "Fix the client; reconnect",
+    ),
     CloseCode.POLICY_VIOLATION: (
         "Policy violation: flooding or too much bad input",
         "Do not reconnect at once; back off, fix the client",
