@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
-from party_sync.backends.redis_connect import make_client
+from party_sync.backends.redis_connect import RedisTarget, Sentinels, make_client
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.protocol.errors import BackendUnavailable
 from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
@@ -86,14 +86,15 @@ class SilentRedis:
     """A TCP server that answers a client's set-up but never a GET (a stalled Redis, as
     SIGSTOP makes one, but deterministic): it counts the GETs received."""
 
-    def __init__(self) -> None:
-        self.gets = 0
+    def __init__(self, stalls: bytes = b"GET") -> None:
+        self.stalls = stalls  # the command it never answers
+        self.gets = 0  # how many of those it received
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> str:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             async for command in _commands(reader):
-                if command[0].upper() == b"GET":
+                if command[0].upper() == self.stalls:
                     self.gets += 1
                     continue  # stalled
                 writer.write(_reply(command))
@@ -147,3 +148,19 @@ async def _answer_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.Str
             break
         writer.write(_reply(command))
     writer.close()
+
+
+async def test_a_silent_sentinel_is_asked_once() -> None:
+    """The sentinels' own clients: a sentinel that does not answer costs one timeout per
+    attempt (then the next sentinel is asked), not redis-py's ten retries of it."""
+    silent = SilentRedis(stalls=b"SENTINEL")
+    async with silent as url:
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        sentinels = Sentinels((("127.0.0.1", port),), "mymaster")
+        client = make_client(RedisTarget("redis://127.0.0.1/0", sentinels), socket_timeout=0.2)
+        with pytest.raises(RedisConnectionError):  # MasterNotFoundError: no sentinel answered
+            await client.get("x")
+        # once per attempt: the command's one retry on a broken connection (MasterNotFoundError
+        # is a ConnectionError) asks again; redis-py's default asked it eleven times an attempt
+        assert silent.gets == 2
+        await client.aclose()

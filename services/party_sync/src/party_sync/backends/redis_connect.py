@@ -160,7 +160,9 @@ def stale_socket_retry(retries: int = 1) -> Retry:
     ``retries`` times. A command that *timed out* is not: Redis is stalled or slow, another
     ``socket_timeout`` would only double the wait before ``BackendUnavailable`` (the documented
     bound is one ``command_timeout``), and the command may still run when Redis wakes up.
-    (redis-py's default retries timeouts too.)"""
+    (redis-py's default retries timeouts too.) A Redis Cluster client (``RedisCluster``) takes
+    only the count from a ``Retry`` and retries timeouts whatever it says: there a timed-out
+    command is still sent again, up to that count."""
     return Retry(
         ExponentialBackoff(cap=0.1, base=0.01), retries, supported_errors=(RedisConnectionError,)
     )
@@ -190,6 +192,7 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     sentinel_kwargs: dict[str, Any] = {
         "socket_connect_timeout": SENTINEL_TIMEOUT,
         "socket_timeout": SENTINEL_TIMEOUT,
+        "retry": stale_socket_retry(),  # a silent sentinel costs one timeout, then the next one
     }
     if target.sentinels.password:
         sentinel_kwargs["password"] = target.sentinels.password

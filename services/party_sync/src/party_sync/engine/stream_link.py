@@ -86,7 +86,7 @@ class StreamEngineLink:
             redis_url,
             socket_timeout=5.0,
             socket_connect_timeout=2.0,
-            retry=stale_socket_retry(),  # not after a timeout: one command_timeout, not two
+            retry=stale_socket_retry(),  # not after a timeout (one Redis; a cluster retries it)
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
         self._count_written = False  # N is in <stream>:partitions (as far as this link knows)
