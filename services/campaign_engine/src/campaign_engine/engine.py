@@ -82,11 +82,11 @@ from campaign_engine.events import (
     MAX_ACTION_NARRATION,
     Event,
     action_events,
-    actor_state,
     clip,
     opening_events,
     party_state_if_changed,
     restate_events,
+    result_payload,
     scene_events,
 )
 from campaign_engine.game import Game
@@ -241,16 +241,15 @@ class ReferenceEngine:
         if decision is None:  # not in the chronicle (cannot happen: committed together)
             log.warning("no decision of applied action %s to answer again", action.action_id)
             return
-        payload: dict[str, object] = {
-            "action_id": decision.action_id,
-            "character_id": decision.character_id,
-            "action_type": decision.action_type,
-            "outcome": decision.outcome,
-            "state": actor_state(state, decision.character_id),
-            "narration": clip(decision.narration, MAX_ACTION_NARRATION),
-        }
-        if decision.roll is not None:
-            payload["roll"] = dict(decision.roll)
+        payload = result_payload(
+            state,
+            decision.action_id,
+            decision.character_id,
+            decision.action_type,
+            decision.outcome,
+            decision.narration,
+            decision.roll,
+        )
         log.info(
             "answering %s again (applied earlier)",
             action.action_id,

@@ -21,6 +21,7 @@ Texts are clipped to the schema's limits here, so no campaign text can make an e
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Final
 
 from campaign_engine.actions import PARTY_ACTOR
@@ -59,16 +60,33 @@ def actor_state(state: RunState, actor_id: str) -> dict[str, Any]:
 def action_result(
     state: RunState, action_id: str, actor_id: str, action_type: str, applied: Applied
 ) -> dict[str, Any]:
+    roll = applied.roll.to_payload() if applied.roll is not None else None
+    return result_payload(
+        state, action_id, actor_id, action_type, applied.outcome, applied.narration, roll
+    )
+
+
+def result_payload(
+    state: RunState,
+    action_id: str,
+    actor_id: str,
+    action_type: str,
+    outcome: str,
+    narration: str,
+    roll: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    """An ``action.result`` payload: what the action did, and the actor's state in ``state``
+    (after the action; for an answer given again, as it is now: ``ReferenceEngine``)."""
     payload: dict[str, Any] = {
         "action_id": action_id,
         "character_id": actor_id,
         "action_type": action_type,
-        "outcome": applied.outcome,
+        "outcome": outcome,
         "state": actor_state(state, actor_id),
-        "narration": clip(applied.narration, MAX_ACTION_NARRATION),
+        "narration": clip(narration, MAX_ACTION_NARRATION),
     }
-    if applied.roll is not None:
-        payload["roll"] = applied.roll.to_payload()
+    if roll is not None:
+        payload["roll"] = dict(roll)
     return payload
 
 

@@ -18,7 +18,7 @@ import orjson
 import pytest
 from ps_testkit.client import Closed
 from ps_testkit.redis_server import RedisServer
-from ps_testkit.servers import SECRET, free_port, party_sync_command, serve_process
+from ps_testkit.servers import SECRET, free_port, party_sync_command, run_serve, serve_process
 
 pytestmark = pytest.mark.e2e
 
@@ -170,14 +170,7 @@ def test_token_command_without_a_secret_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_a_bad_setting_is_a_clear_configuration_error() -> None:
-    proc = subprocess.run(
-        [*party_sync_command(), "serve", "--engine", "nonexistent_module:thing"],
-        env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
+    proc = run_serve("--engine", "nonexistent_module:thing")
     assert proc.returncode == 2
     assert "configuration error" in proc.stderr and "nonexistent_module" in proc.stderr
     assert sys.executable  # the same interpreter as the tests
@@ -188,14 +181,7 @@ def test_a_port_in_use_is_one_clear_line_and_exit_code_1() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = subprocess.run(
-            [*party_sync_command(), "serve", "--port", str(port)],
-            env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET},
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=60,
-        )
+        proc = run_serve(port=port)
     assert proc.returncode == 1
     assert f"party-sync: cannot listen on 127.0.0.1:{port}: " in proc.stderr
     assert "in use" in proc.stderr and "Traceback" not in proc.stderr

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from ps_testkit.client import Client, Closed, wait_until
 from ps_testkit.cluster import assert_ordered, wait_async
 from ps_testkit.redis_server import RedisServer
-from ps_testkit.servers import SECRET, Running, free_port, party_sync_command
+from ps_testkit.servers import SECRET, Running, free_port, party_sync_command, run_serve
 
 pytestmark = pytest.mark.e2e
 
@@ -398,17 +397,6 @@ async def test_development_mode_shares_one_secret_across_workers(
         process.send_signal(signal.SIGTERM)
         assert await process.wait() == 0
     assert await asyncio.to_thread((tmp_path / ".party_sync_dev_secret").is_file)
-
-
-def run_serve(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*party_sync_command(), "serve", "--port", str(free_port()), *args],
-        env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET, **(env or {})},
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
 
 
 @pytest.mark.parametrize(

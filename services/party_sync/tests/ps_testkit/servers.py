@@ -170,6 +170,21 @@ def party_sync_command() -> list[str]:
     return [sys.executable, "-m", "party_sync"]
 
 
+def run_serve(
+    *args: str, env: Mapping[str, str] | None = None, port: int | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """``party-sync serve ARGS`` run to its end (a start-up that must fail): its exit code and
+    output."""
+    return subprocess.run(
+        [*party_sync_command(), "serve", "--port", str(port or free_port()), *args],
+        env={**os.environ, "PARTY_SYNC_JWT_SECRET": SECRET, **(env or {})},
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=timeout,
+    )
+
+
 @contextlib.asynccontextmanager
 async def serve_process(
     args: list[str] | None = None,

@@ -154,10 +154,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
         async for msg in ws:
             if session.closed:
                 break
-            if msg.type is WSMsgType.TEXT:
-                await gateway.receive(session, msg.data)
-            elif msg.type is WSMsgType.BINARY:  # refused (bad_json): messages are text frames
-                await gateway.receive(session, msg.data, binary=True)
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):  # binary: refused (bad_json)
+                await gateway.receive(session, msg.data, msg.type is WSMsgType.BINARY)
             elif msg.type is WSMsgType.ERROR:
                 if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
                     gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)
