@@ -177,14 +177,23 @@ def _kill_worker(system: RedisSystem) -> Inject:
     async def inject(players: Sequence[Player]) -> FaultWindow:
         # Frozen first, until it holds entries (a read it had blocked on is still served by
         # Redis), then killed: it dies with actions delivered to it and never acknowledged.
+        # Frozen between two reads it has no read for Redis to serve: let it run, freeze again.
         worker1 = system.workers[0]
         start = time.monotonic()
-        worker1.signal(signal.SIGSTOP)
 
         async def holding() -> bool:
             return await system.pending("worker1") > 0
 
-        await poll(holding, 5.0, "worker1 to hold entries of the actions stream")
+        for attempt in range(1, 6):
+            worker1.signal(signal.SIGSTOP)
+            try:
+                await poll(holding, 2.0, "worker1 to hold entries of the actions stream")
+                break
+            except AssertionError:
+                if attempt == 5:
+                    raise
+                worker1.signal(signal.SIGCONT)
+                await asyncio.sleep(0.1)  # let it run into its next blocked read
         held = await system.pending("worker1")
         await worker1.kill()
         return FaultWindow(
