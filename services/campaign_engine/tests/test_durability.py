@@ -191,6 +191,9 @@ class RacingStore:
     async def decisions(self, run_id: str, *, scene_number: int | None = None) -> list[Decision]:
         return await self.inner.decisions(run_id, scene_number=scene_number)
 
+    async def decision(self, run_id: str, action_id: str) -> Decision | None:
+        return await self.inner.decision(run_id, action_id)
+
     async def summaries(self, run_id: str) -> list[SceneSummary]:
         return await self.inner.summaries(run_id)
 

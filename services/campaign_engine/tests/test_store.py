@@ -109,6 +109,14 @@ async def test_commits_append_decisions_in_order(store: RunStore) -> None:
     assert await store.decisions("run-1", scene_number=9) == []
 
 
+async def test_a_decision_is_found_by_its_action_id_in_its_run_only(store: RunStore) -> None:
+    state = sample_state()
+    await store.commit(state, [decision(1), decision(2)])
+    assert await store.decision("run-1", "act-2") == decision(2)
+    assert await store.decision("run-1", "act-9") is None
+    assert await store.decision("run-2", "act-1") is None
+
+
 async def test_scene_summaries_come_back_by_scene(store: RunStore) -> None:
     state = sample_state()
     await store.commit(state, [decision(1)], [summary(3)])

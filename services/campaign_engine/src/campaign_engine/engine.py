@@ -230,14 +230,7 @@ class ReferenceEngine:
         publisher = self._publisher
         if publisher is None:
             raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
-        decision = next(
-            (
-                d
-                for d in reversed(await self.store.decisions(state.run_id))
-                if d.action_id == action.action_id
-            ),
-            None,
-        )
+        decision = await self.store.decision(state.run_id, action.action_id)
         if decision is None:  # not in the chronicle (cannot happen: committed together)
             log.warning("no decision of applied action %s to answer again", action.action_id)
             return

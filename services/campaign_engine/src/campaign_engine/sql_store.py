@@ -235,6 +235,13 @@ class SqlRunStore(ABC):
         rows = await self._read(sql + " ORDER BY seq", params)
         return [Decision.from_dict(json.loads(entry)) for (entry,) in rows]
 
+    async def decision(self, run_id: str, action_id: str) -> Decision | None:
+        rows = await self._read(  # UNIQUE (run_id, action_id): its index answers
+            "SELECT entry FROM ce_l1_decisions WHERE run_id = ? AND action_id = ?",
+            [run_id, action_id],
+        )
+        return Decision.from_dict(json.loads(rows[0][0])) if rows else None
+
     async def summaries(self, run_id: str) -> list[SceneSummary]:
         rows = await self._read(
             "SELECT entry FROM ce_l2_scenes WHERE run_id = ? ORDER BY scene_number", [run_id]

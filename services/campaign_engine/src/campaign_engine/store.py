@@ -74,6 +74,10 @@ class RunStore(Protocol):
         """The run's L1 chronicle, oldest first (only one scene visit's, if ``scene_number``)."""
         ...
 
+    async def decision(self, run_id: str, action_id: str) -> Decision | None:
+        """The run's L1 decision of ``action_id`` (one at most: unique per run), or None."""
+        ...
+
     async def summaries(self, run_id: str) -> list[SceneSummary]:
         """The run's L2 chronicle, by scene number."""
         ...
@@ -145,6 +149,9 @@ class InMemoryRunStore:
             for d in self._chronicle.get(run_id, [])
             if scene_number is None or d.scene_number == scene_number
         ]
+
+    async def decision(self, run_id: str, action_id: str) -> Decision | None:
+        return next((d for d in self._chronicle.get(run_id, []) if d.action_id == action_id), None)
 
     async def summaries(self, run_id: str) -> list[SceneSummary]:
         return list(self._summaries.get(run_id, []))
