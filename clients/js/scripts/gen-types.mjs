@@ -191,11 +191,12 @@ const messages = messageFiles.map((file) => {
   if (`${type}.json` !== file) throw new Error(`${file}: type const ${type} does not match`);
   const required = new Set(schema.required ?? []);
   const ifRequiresSeq = (schema.if?.required ?? []).includes("seq");
-  const system = type.startsWith("system.");
-  // A message without seq that is not system.* goes one way or the other: its description says
-  // which ("Server → client, no seq, to every member …" for the transient party messages).
+  // A message without seq goes one way or the other: its description says which ("Server →
+  // client, no seq, to every member …" for the transient party messages; "Client → server" for
+  // a request, system.ping included).
   const direction = /^(Server|Client) → (server|client)/.exec(schemas[file].description ?? "");
   const fromServer = direction !== null && direction[1] === "Server";
+  const system = type.startsWith("system.") && (direction === null || fromServer);
   const noSeq = schema.properties.seq === false;
   if (!system && noSeq && direction === null) {
     throw new Error(`${file}: a message without seq must say "Server → client" or "Client → server"`);

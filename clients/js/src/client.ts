@@ -10,7 +10,11 @@
  *   and 403 (refused) stop it with a reason the page can put in words, instead of retrying
  *   forever;
  * - reconnecting with exponential backoff and full jitter, except after 1000 (left) and 1008
- *   (policy), where it stops;
+ *   (policy), where it stops; after an operator's disconnect (4004) it waits long first;
+ * - a link gone silent: a browser's WebSocket hides the server's pings, so after
+ *   `pingIntervalMs` without a message the client sends a `system.ping` and, if nothing at all
+ *   comes back within `pongTimeoutMs`, drops the connection and reconnects (resuming); a
+ *   handshake with no answer within `connectTimeoutMs` is dropped too;
  * - resuming: it remembers the epoch and the last seq it applied and reconnects with
  *   `epoch`/`last_seq`; a resumed hello keeps the local state and the replay is applied as usual;
  *   a snapshot hello replaces it;
@@ -84,6 +88,10 @@ export type FetchLike = (
 
 /** How long the client waits for the answer to a handshake probe. */
 export const PROBE_TIMEOUT_MS = 5000;
+/** Defaults of the liveness checks (`PartySyncClientOptions`). */
+export const DEFAULT_PING_INTERVAL_MS = 20_000;
+export const DEFAULT_PONG_TIMEOUT_MS = 10_000;
+export const DEFAULT_CONNECT_TIMEOUT_MS = 15_000;
 
 export interface Timers {
   setTimeout(callback: () => void, ms: number): unknown;
@@ -125,7 +133,21 @@ export interface PartySyncClientOptions {
    * null: never, then a refused token is only guessed from repeated failures).
    */
   fetch?: FetchLike | null;
-  /** Injectable for tests: the WebSocket class (default: the global one). */
+  /**
+   * After this many milliseconds without a message from the server, send a `system.ping`
+   * (default 20000; 0: never). A browser cannot see the server's WebSocket pings, so this is how
+   * a page finds a link gone silent (a phone that changed networks): no FIN, no error, nothing.
+   */
+  pingIntervalMs?: number;
+  /** A ping not answered (by anything) within this many milliseconds drops the link (10000). */
+  pongTimeoutMs?: number;
+  /** A connection with no hello (nor close) within this many milliseconds is dropped (15000;
+   * 0: never). */
+  connectTimeoutMs?: number;
+  /**
+   * The WebSocket class (default: the global one). Browsers, Deno, Bun and Node 22+ have one;
+   * on Node 18–21 pass the `ws` package's (`import WebSocket from "ws"`).
+   */
   WebSocket?: WebSocketConstructor;
   /** Injectable for tests: a number in [0, 1) (default Math.random). */
   random?: () => number;
@@ -156,6 +178,8 @@ interface Waiter<T> {
 }
 
 const OPEN = 1;
+/** After an error event, how long to wait for the close event before acting without it. */
+const ERROR_CLOSE_GRACE_MS = 1000;
 
 export class PartySyncClient extends Emitter<PartySyncEvents> {
   readonly #url: URL;
@@ -181,6 +205,11 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   /** Bumped for every attempt and hang-up: a stale async continuation compares and bails out. */
   #generation = 0;
   #timer: unknown = null;
+  /** The liveness timer of the current connection (`#watch`), apart from the stream's timer. */
+  #watchTimer: unknown = null;
+  readonly #pingIntervalMs: number;
+  readonly #pongTimeoutMs: number;
+  readonly #connectTimeoutMs: number;
   readonly #actions = new Map<string, Waiter<ActionResultMessage>>();
   readonly #votes = new Map<string, Waiter<VoteUpdateMessage>>();
   #connectWaiters: Array<Waiter<void>> = [];
@@ -195,7 +224,14 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       options.WebSocket ??
       (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket ??
       undefined;
-    if (WS === undefined) throw new TypeError("no WebSocket: pass options.WebSocket");
+    if (WS === undefined) {
+      throw new TypeError(
+        "no WebSocket in this runtime: pass options.WebSocket (on Node 18-21, the ws package's)",
+      );
+    }
+    this.#pingIntervalMs = Math.max(0, options.pingIntervalMs ?? DEFAULT_PING_INTERVAL_MS);
+    this.#pongTimeoutMs = Math.max(1, options.pongTimeoutMs ?? DEFAULT_PONG_TIMEOUT_MS);
+    this.#connectTimeoutMs = Math.max(0, options.connectTimeoutMs ?? DEFAULT_CONNECT_TIMEOUT_MS);
     this.#url = new URL(options.url);
     this.#getToken = options.getToken;
     this.#WebSocket = WS;
@@ -444,16 +480,58 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       return;
     }
     this.#ws = ws;
+    this.#watch(ws, "connect", this.#connectTimeoutMs);
     ws.onmessage = ((event: { data: unknown }) => {
-      if (this.#ws === ws) this.#run(this.#stream.receive(event.data));
+      if (this.#ws !== ws) return;
+      this.#watch(ws, "idle", this.#pingIntervalMs); // anything heard proves the link
+      this.#run(this.#stream.receive(event.data));
     }) as (event: never) => unknown;
     ws.onclose = ((event: { code?: number; reason?: string }) => {
       if (this.#ws !== ws) return;
       this.#ws = null;
+      this.#unwatch();
       this.#run(this.#stream.closed(event.code ?? 1006, event.reason ?? ""));
     }) as (event: never) => unknown;
-    ws.onerror = null; // a close event always follows an error
+    // A close event follows an error in browsers; some runtimes (Node 20's undici after a
+    // refused handshake) fire the error alone. Give the close a moment, then act without it.
+    ws.onerror = (() => {
+      if (this.#ws === ws) this.#watch(ws, "error", ERROR_CLOSE_GRACE_MS);
+    }) as (event: never) => unknown;
     ws.onopen = null; // the hello, not the upgrade, makes a connection usable
+  }
+
+  /**
+   * Arm the liveness timer of `ws` (replacing the one before): after `ms`, an `idle` link gets a
+   * `system.ping` and `pongTimeoutMs` more; a `connect`, `error` or `pong` wait that runs out
+   * drops the link as a network failure (1006). `ms` = 0: no timer.
+   */
+  #watch(ws: WebSocketLike, phase: "connect" | "idle" | "pong" | "error", ms: number): void {
+    this.#unwatch();
+    if (ms <= 0) return;
+    this.#watchTimer = this.#timers.setTimeout(() => {
+      this.#watchTimer = null;
+      if (this.#ws !== ws) return;
+      if (phase === "idle" && ws.readyState === OPEN) {
+        this.#send({ type: "system.ping", payload: {} });
+        this.#watch(ws, "pong", this.#pongTimeoutMs);
+        return;
+      }
+      this.#ws = null;
+      try {
+        ws.close();
+      } catch {
+        // already closing
+      }
+      const why = phase === "connect" ? "no answer to the handshake" : "no answer: link lost";
+      this.#run(this.#stream.closed(1006, phase === "error" ? "" : why));
+    }, ms);
+  }
+
+  #unwatch(): void {
+    if (this.#watchTimer !== null) {
+      this.#timers.clearTimeout(this.#watchTimer);
+      this.#watchTimer = null;
+    }
   }
 
   /**
@@ -511,6 +589,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   #hangUp(code: number | undefined, reason: string | undefined): void {
     const ws = this.#ws;
     this.#ws = null;
+    this.#unwatch();
     this.#generation += 1;
     if (ws === null || code === undefined) return;
     try {

@@ -185,7 +185,7 @@ export function parseServerMessage(data: unknown): ServerMessage | UnknownServer
   if (isSystemType(type)) {
     need(seq === undefined, `${type} must not carry seq`);
     if (type === "system.hello") checkHello(payload);
-    else checkError(payload);
+    else if (type === "system.error") checkError(payload);
     return value as unknown as ServerMessage;
   }
   if (isTransientType(type)) {

@@ -24,7 +24,8 @@
  *   answers a repeated `action_id` with the original result), a `system.error` about it too,
  *   except `action_in_flight` (the first attempt is still running: keep waiting);
  * - after a close: 1000 and 1008 stop, 4001 fetches a fresh token (or stops without a hook),
- *   anything else reconnects after `fullJitterDelay(attempt)`; a hello resets the attempt count;
+ *   4004 (an operator's disconnect) reconnects after half to all of the backoff's cap, anything
+ *   else after `fullJitterDelay(attempt)`; a hello resets the attempt count;
  *   failed handshakes in a row (a browser cannot see the HTTP 401 of a refused token) fetch a
  *   fresh token too;
  * - a handshake that failed (closed with 1006 before any hello) is probed when the shell can
@@ -81,6 +82,8 @@ export const CLOSE_NORMAL = 1000;
 export const CLOSE_POLICY = 1008;
 export const CLOSE_TOKEN_EXPIRED = 4001;
 export const CLOSE_RESYNC = 4003;
+/** An operator disconnected this character: reconnect, but not at once. */
+export const CLOSE_OPERATOR = 4004;
 /** What a browser reports for a connection that failed, a refused handshake included. */
 export const CLOSE_ABNORMAL = 1006;
 /** The code this client closes with when it drops a connection to resync. */
@@ -424,7 +427,9 @@ export class ClientStream {
       this.#resumeNext = false;
       out.push(emit("resync", { reason: "server" }));
     }
-    out.push(...this.#scheduleReconnect({ code, reason }));
+    const longWait =
+      code === CLOSE_OPERATOR ? Math.floor(this.#capMs * (0.5 + 0.5 * this.#random())) : null;
+    out.push(...this.#scheduleReconnect({ code, reason }, longWait));
     if (this.#probe && !hadHello && code === CLOSE_ABNORMAL) {
       this.#probing = { connection: this.#connection, token: this.#dialledWith };
       out.push({ type: "probe", connection: this.#connection });
@@ -464,9 +469,10 @@ export class ClientStream {
     return timer === "reconnect" ? [{ type: "open" }] : this.#stop("left", CLOSE_NORMAL);
   }
 
-  #scheduleReconnect(info: { code?: number; reason?: string }): Output[] {
+  #scheduleReconnect(info: { code?: number; reason?: string }, wait: number | null = null): Output[] {
     if (this.#status === "closed") return [];
-    const delayMs = fullJitterDelay(this.#attempt, this.#random, this.#baseMs, this.#capMs);
+    const delayMs =
+      wait ?? fullJitterDelay(this.#attempt, this.#random, this.#baseMs, this.#capMs);
     this.#attempt += 1;
     const resume = this.#resumeNext && this.#epoch !== null;
     this.#armed = "reconnect";

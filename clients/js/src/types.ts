@@ -551,6 +551,36 @@ export type SystemHelloMessage = {
 /** The payload of system.hello. */
 export type SystemHelloPayload = SystemHelloMessage["payload"];
 
+/** system.ping — is the connection alive?: Client → server (no seq): asks for a system.pong on this connection, which proves the link works both ways. For clients that cannot see the server's WebSocket ping frames (a browser's WebSocket hides them): a client that hears nothing, not even the pong, within its own timeout treats the connection as dead, drops it and reconnects (resuming). It changes nothing else and counts towards the rate limit like any message; one every 20-30 s is plenty. */
+export type SystemPingMessage = {
+  /** Message type, e.g. "action.request". */
+  type: "system.ping";
+  /** When the message was sent (UTC). */
+  timestamp?: Timestamp;
+  /** Correlation id (see docs/protocol.md). */
+  trace_id?: TraceId;
+  seq?: never;
+  /** Type-specific content. */
+  payload: Record<string, never>;
+};
+/** The payload of system.ping. */
+export type SystemPingPayload = SystemPingMessage["payload"];
+
+/** system.pong — the answer to a system.ping: Server → client, no seq, sent only to the connection whose system.ping it answers (its trace_id is the ping's, or a new one if the ping had none). Never sent unasked. */
+export type SystemPongMessage = {
+  /** Message type, e.g. "action.request". */
+  type: "system.pong";
+  /** When the message was sent (UTC). */
+  timestamp: Timestamp;
+  /** Correlation id (see docs/protocol.md). */
+  trace_id: TraceId;
+  seq?: never;
+  /** Type-specific content. */
+  payload: Record<string, never>;
+};
+/** The payload of system.pong. */
+export type SystemPongPayload = SystemPongMessage["payload"];
+
 /** vote.cast — a member's vote: Client → server (no seq): the connection's character votes for one option of an open vote. Accepted votes produce a vote.update party event; a refused vote gets a system.error (vote_unknown, vote_closed, vote_bad_option). */
 export type VoteCastMessage = {
   /** Message type, e.g. "action.request". */
@@ -686,6 +716,7 @@ export const PARTY_EVENT_TYPES = [
 export const SYSTEM_TYPES = [
   "system.error",
   "system.hello",
+  "system.pong",
 ] as const;
 /**
  * Server → client messages without seq to every member of a party: not part of the sequenced
@@ -700,6 +731,7 @@ export const TRANSIENT_TYPES = [
 export const CLIENT_TYPES = [
   "action.request",
   "party.leave",
+  "system.ping",
   "vote.cast",
 ] as const;
 export type PartyEventType = (typeof PARTY_EVENT_TYPES)[number];
@@ -730,9 +762,9 @@ export interface TransientMessageMap {
 /** Any transient server → client message (no seq, to every member). */
 export type TransientMessage = TransientMessageMap[TransientType];
 /** Any server → client message. */
-export type ServerMessage = SystemErrorMessage | SystemHelloMessage | TransientMessage | PartyEvent;
+export type ServerMessage = SystemErrorMessage | SystemHelloMessage | SystemPongMessage | TransientMessage | PartyEvent;
 /** Any client → server message. */
-export type ClientMessage = ActionRequestMessage | PartyLeaveRequest | VoteCastMessage;
+export type ClientMessage = ActionRequestMessage | PartyLeaveRequest | SystemPingMessage | VoteCastMessage;
 
 /** Every error code of system.error. */
 export const ERROR_CODES = [

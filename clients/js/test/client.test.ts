@@ -52,6 +52,8 @@ function harness(
     random: () => 0.5,
     makeId: () => `id-${++ids}`,
     fetch: null,
+    pingIntervalMs: 0, // the liveness checks have tests of their own
+    connectTimeoutMs: 0,
     ...options,
     ...(options.getToken !== undefined
       ? {
@@ -149,12 +151,13 @@ describe("reconnecting with backoff and full jitter", () => {
       socket.drop(1006); // refused before any hello
     }
     // ceilings 100, 200, 400, 500 (cap), 500; delays = random × ceiling
-    assert.deepEqual(h.timers.requested, [50, 50, 399, 50, 250]);
+    const delays = () => h.connections.filter((c) => c.delayMs !== undefined).map((c) => c.delayMs);
+    assert.deepEqual(delays(), [50, 50, 399, 50, 250]);
     const socket = await reconnect(h);
     socket.deliver(hello(0));
     assert.equal(h.client.status, "open");
     socket.drop(1001);
-    assert.equal(h.timers.requested.at(-1), 50, "back to the base ceiling after a hello");
+    assert.equal(delays().at(-1), 50, "back to the base ceiling after a hello");
     const statuses = h.connections.map((c) => c.status);
     assert.equal(statuses.at(-1), "reconnecting");
     assert.equal(h.connections.at(-1)?.code, 1001);
@@ -176,6 +179,88 @@ describe("reconnecting with backoff and full jitter", () => {
       await tick();
       assert.equal(FakeSocket.all.length, 1, `no reconnect after ${code}`);
     }
+  });
+});
+
+describe("a link gone silent", () => {
+  it("pings after an idle interval; anything heard keeps the link, silence drops and resumes", async () => {
+    const h = harness({ pingIntervalMs: 20_000, pongTimeoutMs: 10_000 });
+    await joined(h, 3);
+    const first = h.socket();
+    h.timers.advance(19_999);
+    assert.equal(first.sentOfType("system.ping").length, 0);
+    h.timers.advance(1);
+    assert.equal(first.sentOfType("system.ping").length, 1);
+    assertValidClientMessages(first);
+    first.deliver({ type: "system.pong", timestamp: "2026-11-25T21:00:30.000Z", trace_id: "t", payload: {} });
+    h.timers.advance(19_999); // the pong started a new idle interval
+    assert.equal(first.sentOfType("system.ping").length, 1);
+    h.timers.advance(1);
+    assert.equal(first.sentOfType("system.ping").length, 2);
+    h.timers.advance(10_000); // no answer at all: the link is dead
+    assert.ok(first.closedByClient !== null, "the dead socket is closed");
+    assert.equal(h.client.status, "reconnecting");
+    assert.equal(h.connections.at(-1)?.code, 1006);
+    const second = await reconnect(h);
+    assert.equal(second.query.get("last_seq"), "3", "it resumes");
+    first.drop(1006); // the dead socket's late close changes nothing
+    assert.equal(FakeSocket.all.length, 2);
+  });
+
+  it("an action sent into a silent link is sent again on the next connection, same id", async () => {
+    const h = harness({ pingIntervalMs: 5_000, pongTimeoutMs: 2_000 });
+    await joined(h);
+    const pending = h.client.sendAction("skill_check", {});
+    const first = h.socket();
+    assert.equal(first.sentOfType("action.request").length, 1);
+    h.timers.advance(7_000);
+    const second = await reconnect(h);
+    second.deliver(hello(0));
+    const resent = second.sentOfType("action.request");
+    assert.equal(resent[0]?.["payload"] && (resent[0]["payload"] as { action_id: string }).action_id, "id-1");
+    second.deliver(result(1, "id-1"));
+    assert.equal((await pending).payload.action_id, "id-1");
+  });
+
+  it("a handshake with no answer is dropped after connectTimeoutMs; 0 turns pings off", async () => {
+    const h = harness({ connectTimeoutMs: 15_000, pingIntervalMs: 0 });
+    void h.client.connect();
+    await tick();
+    h.timers.advance(15_000);
+    assert.equal(h.client.status, "reconnecting");
+    const socket = await reconnect(h);
+    socket.deliver(hello(0));
+    h.timers.advance(600_000);
+    assert.equal(socket.sentOfType("system.ping").length, 0);
+    assert.equal(h.client.status, "open");
+  });
+
+  it("an error event with no close after it (Node 20's WebSocket) still reconnects", async () => {
+    const h = harness();
+    void h.client.connect();
+    await tick();
+    const socket = h.socket();
+    (socket.onerror as ((e: unknown) => void) | null)?.({}); // and never a close event
+    h.timers.advance(1_000);
+    assert.equal(h.client.status, "reconnecting");
+    await reconnect(h);
+  });
+});
+
+describe("an operator's disconnect", () => {
+  it("4004 reconnects and resumes, after half to all of the backoff's cap", async () => {
+    const h = harness({ backoff: { baseMs: 500, capMs: 30_000 } });
+    await joined(h, 2);
+    h.socket().drop(4004, "disconnected by an operator");
+    const change = h.connections.at(-1);
+    assert.equal(change?.status, "reconnecting");
+    assert.equal(change?.delayMs, 22_500); // 30 000 × (0.5 + 0.5 × random 0.5)
+    h.timers.advance(22_499);
+    await tick();
+    assert.equal(FakeSocket.all.length, 1);
+    h.timers.advance(1);
+    await tick();
+    assert.equal(h.socket().query.get("last_seq"), "2");
   });
 });
 

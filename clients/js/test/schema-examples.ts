@@ -798,6 +798,25 @@ export const messageExamples = {
       }
     }
   ] satisfies T.SystemHelloMessage[],
+  "system.ping": [
+    {
+      "type": "system.ping",
+      "payload": {}
+    },
+    {
+      "type": "system.ping",
+      "trace_id": "client-aria-ping-7",
+      "payload": {}
+    }
+  ] satisfies T.SystemPingMessage[],
+  "system.pong": [
+    {
+      "type": "system.pong",
+      "timestamp": "2026-11-25T21:00:30.000Z",
+      "trace_id": "client-aria-ping-7",
+      "payload": {}
+    }
+  ] satisfies T.SystemPongMessage[],
   "vote.cast": [
     {
       "type": "vote.cast",

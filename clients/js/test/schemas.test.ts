@@ -125,8 +125,13 @@ describe("schema examples", () => {
         []) as string[];
       assert.ok(required.includes("seq") || conditional.includes("seq"), type);
     }
-    assert.deepEqual([...SYSTEM_TYPES].sort(), ["system.error", "system.hello"]);
-    assert.deepEqual([...CLIENT_TYPES].sort(), ["action.request", "party.leave", "vote.cast"]);
+    assert.deepEqual([...SYSTEM_TYPES].sort(), ["system.error", "system.hello", "system.pong"]);
+    assert.deepEqual([...CLIENT_TYPES].sort(), [
+      "action.request",
+      "party.leave",
+      "system.ping",
+      "vote.cast",
+    ]);
     assert.deepEqual([...TRANSIENT_TYPES].sort(), [
       "action.accepted",
       "action.failed",
@@ -140,7 +145,11 @@ describe("schema examples", () => {
     for (const code of RETRYABLE_ERROR_CODES) assert.ok(ERROR_CODES.includes(code));
     assert.equal(
       messageFiles.length,
-      PARTY_EVENT_TYPES.length + SYSTEM_TYPES.length + TRANSIENT_TYPES.length + 2,
+      PARTY_EVENT_TYPES.length +
+        SYSTEM_TYPES.length +
+        TRANSIENT_TYPES.length +
+        // the client-only requests (party.leave is an event too)
+        CLIENT_TYPES.filter((t) => !(PARTY_EVENT_TYPES as readonly string[]).includes(t)).length,
     );
   });
 

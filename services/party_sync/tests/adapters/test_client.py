@@ -28,6 +28,7 @@ from party_sync.client import (
 )
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
+from ps_testkit.proxy import TcpProxy
 from ps_testkit.servers import Running, make_settings, serve_in_process, token
 
 E = TypeVar("E")
@@ -157,6 +158,31 @@ async def test_an_action_pending_across_a_reconnect_happens_once() -> None:
         result = await asyncio.wait_for(acting, 5)
         assert result.action_id == "once-1"
         assert engine.count("once-1") == 1
+
+
+async def test_a_link_gone_silent_is_found_by_the_heartbeat_and_the_action_answered_once() -> None:
+    """No FIN, no RST: the proxy drops every byte both ways. The client's pings go unanswered,
+    it drops the link, reconnects (a new connection passes) and resends with the same id."""
+    engine = ScriptedEngine()
+    async with (
+        serve_in_process(engine=engine) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+    ):
+        client = PartyClient(
+            proxy.base.replace("http", "ws") + "/ws",
+            token=token("aria"),
+            transport=AiohttpTransport(srv.http, heartbeat=0.5),
+            backoff=Backoff(random=lambda: 0.0),
+        )
+        await client.connect()
+        seen = client.events()
+        assert proxy.stall() == 1
+        acting = asyncio.create_task(client.send_action("skill_check", action_id="hb-1"))
+        assert (await next_of(seen, Disconnected)).reconnecting is True
+        assert (await next_of(seen, Connected)).resumed is True
+        result = await asyncio.wait_for(acting, 5)
+        assert result.action_id == "hb-1" and engine.count("hb-1") == 1
+        await client.close()
 
 
 async def test_a_result_published_while_away_settles_the_action_from_the_replay() -> None:

@@ -15,6 +15,7 @@ from party_sync.client import (
     ClientClosed,
     Connected,
     ConnectRefused,
+    Disconnected,
     PartyClient,
     PartyEvent,
     Subscription,
@@ -300,4 +301,50 @@ async def test_a_401_fetches_a_new_token_from_the_provider() -> None:
     conn.push(hello(0))
     connected = await h.seen.next_of(Connected)
     assert connected.resumed is False
+    await h.client.close()
+
+
+async def test_a_fresh_token_refused_too_stops_the_client() -> None:
+    """The provider's tokens are not the server's (another secret): one refresh, then stop,
+    instead of dialling for ever."""
+    calls: list[int] = []
+
+    async def provider() -> str:
+        calls.append(1)
+        return f"bad-{len(calls)}"
+
+    h = Harness(token_provider=provider)
+    h.transport.plan = [401, 401, 401]
+    with pytest.raises(ConnectRefused) as refused:
+        await h.client.connect()
+    assert refused.value.status == 401 and calls == [1] and h.transport.attempts == 2
+
+
+async def test_an_expired_token_without_a_provider_says_so_and_does_not_reconnect() -> None:
+    h = Harness()
+    h.client.start()
+    conn = await h.transport.next()
+    conn.push(hello(0))
+    await h.client.connect()
+    conn.server_close(4001)
+    gone = await h.seen.next_of(Disconnected)
+    assert (gone.code, gone.reconnecting) == (4001, False)
+    await asyncio.wait_for(h.client.wait_closed(), 5)
+    assert isinstance(h.client.error, ClientClosed) and "token_provider" in str(h.client.error)
+    assert h.transport.attempts == 1 and h.delays == []
+
+
+async def test_an_operators_disconnect_waits_long_before_resuming() -> None:
+    h = Harness()
+    h.client.start()
+    conn = await h.transport.next()
+    conn.push(hello(2))
+    await h.client.connect()
+    conn.server_close(4004)
+    assert (await h.seen.next_of(Disconnected)).reconnecting is True
+    again = await h.transport.next()
+    assert h.delays == [22.5]  # half to all of the cap (30 s), random = 0.5; not 0.25
+    assert again.params == {"epoch": "ep", "last_seq": "2"}
+    again.push(hello(2, resumed_from=2))
+    await h.seen.next_of(Connected)
     await h.client.close()

@@ -44,7 +44,7 @@ BASE_URI = "https://schemas.rpg-bot.dev/party_sync/v1/"
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 
 #: Server → client, per connection: never a ``seq``.
-SYSTEM_TYPES = ("system.hello", "system.error")
+SYSTEM_TYPES = ("system.hello", "system.error", "system.pong")
 #: Server → client party events: always ``seq``, ``timestamp`` and ``trace_id``.
 EVENT_TYPES = (
     "party.join",
@@ -59,7 +59,7 @@ EVENT_TYPES = (
 #: Server → client, to every member outside the sequenced stream: never a ``seq``.
 TRANSIENT_TYPES = ("action.accepted", "action.failed", "narration.delta")
 #: Client → server only: never a ``seq``.
-CLIENT_TYPES = ("action.request", "vote.cast")
+CLIENT_TYPES = ("action.request", "vote.cast", "system.ping")
 #: Both directions (client: leave request without seq; server: event with seq and reason).
 BOTH_DIRECTIONS_TYPES = ("party.leave",)
 MESSAGE_TYPES = SYSTEM_TYPES + TRANSIENT_TYPES + EVENT_TYPES + CLIENT_TYPES + BOTH_DIRECTIONS_TYPES

@@ -10,7 +10,10 @@ front of a test Redis (``url``). What it can do to the connections through it:
   a client's reconnects fail until ``refusing`` is set back to False;
 - ``freeze_subscribers()`` makes every connection that has sent SUBSCRIBE stop receiving (its bytes
   from upstream are dropped) while its socket stays open: the wedged pub/sub reader of
-  centrifugo#1189, which only a liveness probe can notice. Connections made afterwards work.
+  centrifugo#1189, which only a liveness probe can notice. Connections made afterwards work;
+- ``stall()`` silences every current connection both ways (its bytes are dropped, no FIN, no
+  RST): a phone that changed networks, a NAT that forgot the flow. Connections made afterwards
+  work.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ class _Link:
     upstream: asyncio.StreamWriter
     subscriber: bool = False  # the client has sent SUBSCRIBE (Redis pub/sub)
     frozen: bool = False  # bytes from upstream are dropped
+    stalled: bool = False  # bytes both ways are dropped
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     def close(self) -> None:
@@ -98,6 +102,15 @@ class TcpProxy:
                 frozen += 1
         return frozen
 
+    def stall(self) -> int:
+        """Silence every current connection both ways (sockets stay open); returns how many."""
+        stalled = 0
+        for link in self._links:
+            if not link.stalled:
+                link.stalled = True
+                stalled += 1
+        return stalled
+
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
             self.refused += 1
@@ -129,7 +142,7 @@ class TcpProxy:
             while data := await reader.read(65536):
                 if upstream and not link.subscriber and _SUBSCRIBE.search(data):
                     link.subscriber = True
-                if not upstream and link.frozen:
+                if link.stalled or (not upstream and link.frozen):
                     continue  # the socket stays open; nothing gets through
                 writer.write(data)
                 await writer.drain()

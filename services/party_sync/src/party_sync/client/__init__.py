@@ -19,8 +19,11 @@ narration piece is reported once; every ``system.hello`` (after a reconnect too)
 
 It reconnects by itself (exponential backoff with full jitter), resumes from its last
 ``epoch``/``seq``, resyncs after a gap, refreshes its token through ``token_provider`` on close
-code 4001 or a 401 handshake, and resends pending actions with their same ``action_id``. It stops
-for good after close 1000 (left) or 1008 (policy).
+code 4001 or a 401 handshake (once: a fresh token refused too stops it), and resends pending
+actions with their same ``action_id``. After an operator's disconnect (4004) it waits half to all
+of the backoff's cap before resuming. It stops for good after close 1000 (left) or 1008 (policy).
+Its WebSocket pings (``AiohttpTransport(heartbeat=20.0)``) find a link gone silent (no FIN, no
+RST: a network change) within 1.5 × ``heartbeat``; it then reconnects and resumes.
 """
 
 from party_sync.client.client import PartyClient, TokenProvider

@@ -284,13 +284,16 @@ class PartyClient:
     async def _connect_loop(self) -> None:
         failures = 0  # consecutive attempts that did not reach a hello
         refresh = self._token is None
+        rejected = False  # the token in use was fetched because the one before was refused
+        later = False  # an operator's disconnect: wait long before the next attempt
         first = True
         while not self._closing:
             if not first:
                 if self._max_attempts is not None and failures >= self._max_attempts:
                     raise ClientClosed(f"gave up after {failures} failed attempts")
-                await self._sleep(self._backoff.delay(max(0, failures - 1)))
-            first = False
+                delay = self._backoff.long_delay() if later else None
+                await self._sleep(delay or self._backoff.delay(max(0, failures - 1)))
+            first = later = False
             if refresh:
                 if self._provider is None:
                     raise ClientClosed("the token expired and there is no token_provider")
@@ -309,9 +312,11 @@ class PartyClient:
             except HandshakeRejected as exc:
                 failures += 1
                 step = after_handshake(exc.status)
-                if step is Next.STOP or (step is Next.REFRESH and self._provider is None):
+                if step is Next.STOP or (
+                    step is Next.REFRESH and (self._provider is None or rejected)
+                ):  # a fresh token refused too: the provider's tokens are not the server's
                     raise ConnectRefused(exc.status, exc.reason) from None
-                refresh = step is Next.REFRESH
+                refresh = rejected = step is Next.REFRESH
                 continue
             except TransportError as exc:
                 log.info("party_sync client: connect failed", extra={"error": str(exc)})
@@ -319,11 +324,13 @@ class PartyClient:
                 continue
             hello_seen, step = await self._serve(conn)
             failures = 0 if hello_seen else failures + 1
+            rejected = rejected and not hello_seen
             if step is Next.STOP:
                 return
             if step is Next.RESYNC:
                 self.stream.resync()
             refresh = step is Next.REFRESH
+            later = step is Next.LATER
 
     async def _serve(self, conn: Connection) -> tuple[bool, Next]:
         """Read one connection until it ends; returns (a hello came, what to do next)."""
@@ -363,8 +370,11 @@ class PartyClient:
             return hello_seen, Next.RESYNC
         self.close_code = conn.close_code
         step = Next.STOP if self._closing else after_close(conn.close_code)
+        if step is Next.REFRESH and self._provider is None:
+            step = Next.STOP  # nothing to refresh the token with
+            self.error = ClientClosed("the token expired and there is no token_provider")
         if step is Next.STOP and not self._closing and self.stream.leave is None:
-            self.error = ClientClosed(
+            self.error = self.error or ClientClosed(
                 f"closed by the server with {conn.close_code}: {conn.close_reason}"
             )
         reconnecting = step is not Next.STOP

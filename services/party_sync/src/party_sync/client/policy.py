@@ -8,10 +8,11 @@ Close codes (docs/protocol.md, "Close codes"):
 | 1008 (policy violation: flooding, bad input) | stop: a client bug, retrying would repeat it |
 | 4001 (token expired) | fetch a fresh token, reconnect and resume |
 | 4003 (resync) | reconnect without a resume point |
+| 4004 (disconnected by an operator) | resume after a long wait (half to all of the cap) |
 | anything else (1001, 1006, 1009, 1011, 4002, ...) | reconnect and resume |
 
-Handshake answers: 401 → fetch a fresh token (when there is a provider), other 4xx → stop,
-anything else (5xx, network errors) → retry.
+Handshake answers: 401 → fetch a fresh token (when there is a provider; once: a fresh token
+refused again stops the client), other 4xx → stop, anything else (5xx, network errors) → retry.
 
 Backoff is exponential with **full jitter** (AWS Architecture Blog, "Exponential Backoff and
 Jitter"): attempt *n* waits ``uniform(0, min(cap, base * 2**n))``, so a crowd of clients cut off
@@ -33,6 +34,7 @@ class Next(Enum):
     RESUME = "resume"  # reconnect with epoch + last_seq
     RESYNC = "resync"  # reconnect without them
     REFRESH = "refresh"  # fetch a fresh token, then reconnect with epoch + last_seq
+    LATER = "later"  # resume, after a long wait (``Backoff.long_delay``)
 
 
 _AFTER_CLOSE = {
@@ -40,6 +42,7 @@ _AFTER_CLOSE = {
     CloseCode.POLICY_VIOLATION: Next.STOP,
     CloseCode.TOKEN_EXPIRED: Next.REFRESH,
     CloseCode.RESYNC: Next.RESYNC,
+    CloseCode.DISCONNECTED: Next.LATER,
 }
 
 
@@ -69,3 +72,7 @@ class Backoff:
         """The wait before attempt ``attempt`` (0 = the first retry)."""
         ceiling = min(self.cap, self.base * 2.0 ** min(attempt, 64))
         return self.random() * ceiling
+
+    def long_delay(self) -> float:
+        """The wait after an operator's disconnect (4004): half to all of ``cap``."""
+        return self.cap * (0.5 + 0.5 * self.random())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Protocol
+from typing import Final, Protocol
 
 import aiohttp
 
@@ -105,15 +105,26 @@ class AiohttpConnection:
         await self._ws.close(code=code)
 
 
+#: Seconds between the client's WebSocket pings (``AiohttpTransport(heartbeat=...)``).
+DEFAULT_HEARTBEAT: Final = 20.0
+
+
 class AiohttpTransport:
-    """WebSockets with aiohttp's client. Uses ``session`` if given, else makes (and closes) one."""
+    """WebSockets with aiohttp's client. Uses ``session`` if given, else makes (and closes) one.
+
+    ``heartbeat``: the client pings the server every so many seconds (WebSocket ping frames,
+    which the server answers) and drops a connection whose pong is not back within half that:
+    a link gone silent (a network change, a NAT that forgot the flow: no FIN, no RST) is found
+    within 1.5 × ``heartbeat`` and the client reconnects and resumes. None: no pings (a silent
+    link then stays "connected" until the operating system gives up on it, which can take many
+    minutes)."""
 
     def __init__(
         self,
         session: aiohttp.ClientSession | None = None,
         *,
         connect_timeout: float = 10.0,
-        heartbeat: float | None = None,
+        heartbeat: float | None = DEFAULT_HEARTBEAT,
     ) -> None:
         self._session = session
         self._own = session is None

@@ -516,6 +516,8 @@ class PartySessions:
         """The second half of ``receive``: a valid message from ``conn``."""
         if message.type == t.ACTION_REQUEST:
             return self._receive_action(conn, message, now)
+        if message.type == t.PING:  # to this connection only; nothing else changes
+            return [Send(codec.encode(replies.pong(now=now, trace_id=message.trace_id)), [conn])]
         if message.type == t.PARTY_LEAVE:
             if message.payload["character_id"] != conn.character_id:
                 forbidden = ProtocolError(

@@ -33,6 +33,11 @@ def error(
     return codec.envelope(t.ERROR, payload, ts=now, trace_id=trace_id)
 
 
+def pong(*, now: float, trace_id: str) -> dict[str, Any]:
+    """The ``system.pong`` answering a ``system.ping`` (its trace id, or one made for it)."""
+    return codec.envelope(t.PONG, {}, ts=now, trace_id=trace_id)
+
+
 def from_protocol_error(exc: ProtocolError, *, now: float) -> dict[str, Any]:
     return error(
         exc.code,

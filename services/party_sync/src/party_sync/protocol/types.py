@@ -8,6 +8,8 @@ PROTOCOL_VERSION: Final = 1
 
 HELLO: Final = "system.hello"
 ERROR: Final = "system.error"
+PING: Final = "system.ping"
+PONG: Final = "system.pong"
 PARTY_JOIN: Final = "party.join"
 PARTY_LEAVE: Final = "party.leave"
 PARTY_STATE: Final = "party.state"
@@ -24,7 +26,7 @@ ACTION_FAILED: Final = "action.failed"
 NARRATION_DELTA: Final = "narration.delta"
 
 #: Server → client messages that are not part of a party's stream: no ``seq``.
-SYSTEM_TYPES: Final = frozenset({HELLO, ERROR})
+SYSTEM_TYPES: Final = frozenset({HELLO, ERROR, PONG})
 
 #: Server → client messages to every member of a party that are not part of its sequenced
 #: stream either (no ``seq``, never replayed; ``system.hello`` restates what they tell).
@@ -45,8 +47,10 @@ EVENT_TYPES: Final = frozenset(
     }
 )
 
-#: What a client may send. ``party.leave`` flows both ways (a voluntary leave / the broadcast).
-CLIENT_TYPES: Final = frozenset({ACTION_REQUEST, PARTY_LEAVE, VOTE_CAST})
+#: What a client may send. ``party.leave`` flows both ways (a voluntary leave / the broadcast);
+#: ``system.ping`` asks for a ``system.pong`` (a liveness check for clients that cannot see the
+#: server's WebSocket pings).
+CLIENT_TYPES: Final = frozenset({ACTION_REQUEST, PARTY_LEAVE, VOTE_CAST, PING})
 
 #: Every type the protocol knows; anything else from a client is ``unknown_type``.
 ALL_TYPES: Final = SYSTEM_TYPES | TRANSIENT_TYPES | EVENT_TYPES | CLIENT_TYPES
