@@ -13,8 +13,10 @@ JWT-shaped strings, ``token=``-like query values, ``Authorization`` / ``Bearer``
 passwords and the configured secrets themselves (``protect``) are replaced by ``[redacted]`` in
 the message, its arguments, ``extra`` fields and the exception text. And because one anonymous
 client could otherwise write one ERROR traceback per malformed request, those records
-(``aiohttp.http_exceptions.BadHttpMessage`` and subclasses) become one WARNING line without
-traceback at most every ``BAD_REQUEST_LOG_INTERVAL`` seconds, carrying how many were left out.
+(``aiohttp.http_exceptions.BadHttpMessage`` and subclasses, and ``RequestPayloadError``: a body
+whose Content-Encoding does not decode, met again when aiohttp drains what a handler left
+unread) become one WARNING line without traceback at most every ``BAD_REQUEST_LOG_INTERVAL``
+seconds, carrying how many were left out.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from urllib.parse import quote
 
 import orjson
 from aiohttp.http_exceptions import BadHttpMessage
+from aiohttp.web_protocol import RequestPayloadError
 
 if TYPE_CHECKING:
     from party_sync.config import Settings
@@ -241,7 +244,7 @@ class MalformedRequestFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if not isinstance(error, BadHttpMessage):
+        if not isinstance(error, BadHttpMessage | RequestPayloadError):
             return True
         with self._lock:
             suppressed = self._gate.admit(self._clock())
@@ -249,7 +252,7 @@ class MalformedRequestFilter(logging.Filter):
             return False
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
         record.msg = (
-            "malformed HTTP request refused with 400 (%s); %d more since the last such line "
+            "malformed HTTP request refused (%s); %d more since the last such line "
             "(at most one per %gs)"
         )
         record.args = (type(error).__name__, suppressed, self._gate.interval)

@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
+from aiohttp.web_protocol import RequestPayloadError
 
 from party_sync import initdata
 from party_sync.backends.directory import InvalidMembership
@@ -370,6 +371,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise BodyTimeout(timeout) from None
+    except RequestPayloadError:  # a Content-Encoding that does not decode, a broken chunk
+        raise BadJson("the body does not decode as its headers say") from None
 
 
 def decode_body(body: bytes) -> Any:
