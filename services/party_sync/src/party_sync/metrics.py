@@ -159,8 +159,8 @@ class Metrics:
         self.connections_refused = Counter(
             "party_sync_connections_refused_total",
             "Connections turned away by a limit, by reason: per_address (closed at accept), "
-            "per_user (WebSocket handshake answered 429), head_timeout (no complete request "
-            "head in time)",
+            "per_user (WebSocket handshake answered 429), policy_cooldown (handshake answered "
+            "429 for a while after a 1008 close), head_timeout (no complete request head in time)",
             ["reason"],
             registry=r,
         )

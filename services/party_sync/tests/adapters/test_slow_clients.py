@@ -22,6 +22,7 @@ from party_sync.config import load
 from party_sync.protocol.errors import ConfigError
 from party_sync.transport.edge import edge_middleware
 from party_sync.transport.guard import (
+    POLICY_COOLDOWN,
     ConnectionGuard,
     GuardedConnection,
     Tally,
@@ -439,3 +440,49 @@ def test_settings_from_the_environment_and_their_checks() -> None:
     ):
         with pytest.raises(ConfigError):
             load(env={f"PARTY_SYNC_{name}": value})
+
+
+async def test_a_user_closed_for_flooding_is_refused_for_a_while_and_others_are_not() -> None:
+    """Reconnecting at once after each 1008 would buy a fresh allowance of bad messages with
+    every handshake: the user's handshakes get 429 policy_cooldown (Retry-After) for 10 s."""
+    settings = make_settings(rate_limit=5.0, rate_burst=10.0)
+    async with serve_in_process(settings) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        for _ in range(200):
+            try:
+                await a.send("{nope")
+            except ConnectionError:
+                break
+        assert await a.closed() == 1008
+        await wait_until(lambda: len(guard_of(srv)._cooldowns) == 1)  # the server's side ended
+        params = {"token": token("aria")}
+        async with srv.http.get(srv.ws_url, params=params) as resp:
+            assert resp.status == 429
+            assert await resp.json() == {"error": "policy_cooldown"}
+            assert 1 <= int(resp.headers["Retry-After"]) <= 10
+        assert refused(srv, "policy_cooldown") == 1
+        await b.send({"type": "system.ping", "trace_id": "still-here", "payload": {}})
+        assert (await b.until("system.pong"))["trace_id"] == "still-here"
+        cato, _ = await srv.join("cato")  # another user connects as usual
+        await cato.close()
+        await b.close()
+
+
+def test_a_cooldown_ends_and_expired_ones_are_forgotten() -> None:
+    now = [100.0]
+    guard = ConnectionGuard(
+        head_timeout=10, max_per_address=0, max_per_user=0, clock=lambda: now[0]
+    )
+    guard.penalize("u1")
+    assert guard.cooldown("u1") == POLICY_COOLDOWN and guard.cooldown("u2") == 0.0
+    now[0] += POLICY_COOLDOWN - 0.5
+    assert guard.cooldown("u1") == 0.5
+    now[0] += 0.5
+    assert guard.cooldown("u1") == 0.0
+    for i in range(1024):  # a full table drops what has expired before it grows
+        guard.penalize(f"old-{i}")
+    now[0] += POLICY_COOLDOWN
+    guard.penalize("new")
+    assert guard.cooldown("new") == POLICY_COOLDOWN
+    assert len(guard._cooldowns) == 1

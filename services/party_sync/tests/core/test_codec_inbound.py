@@ -27,7 +27,7 @@ from party_sync.protocol.errors import (
     ProtocolError,
 )
 from party_sync.protocol.inbound import Inbound, byte_length, parse
-from party_sync.protocol.schemas import Contracts
+from party_sync.protocol.schemas import Contracts, SchemaViolation, _bounded
 
 REPO_ROOT = Path(__file__).resolve().parents[4]
 SCHEMA_DIR = REPO_ROOT / "contracts" / "jsonschema" / "party_sync"
@@ -557,3 +557,64 @@ def test_a_too_large_action_names_its_action_id_when_it_stands_in_its_head() -> 
     junk = b'{"pad":"' + b"x" * 70_000 + b'","type":"action.request"}'
     error = refusal(junk, max_bytes=65536)
     assert (error.type, error.action_id) == (None, None)
+
+
+# --- explaining a violation costs little, whatever the message holds ----------------------------
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=80) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=200,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    payload=st.dictionaries(st.sampled_from(["vote_id", "option", "x", "y"]), _JSON_VALUES),
+    top=st.dictionaries(st.sampled_from(["trace_id", "seq", "z"]), _JSON_VALUES, max_size=2),
+)
+def test_the_verdict_is_the_full_validators_and_the_explanation_one_of_its_errors(
+    payload: dict[str, Any], top: dict[str, Any]
+) -> None:
+    """The explanation comes from a bounded copy: where it names a place, the full validator
+    finds an error there too."""
+    message = {"type": "vote.cast", "payload": payload, **top}
+    full = contracts()._validators["vote.cast"]
+    if full.is_valid(message):
+        contracts().validate("vote.cast", message)
+        return
+    with pytest.raises(SchemaViolation) as refused:
+        contracts().validate("vote.cast", message)
+    if refused.value.path:
+        paths = {".".join(map(str, e.instance_path)) for e in full.iter_errors(message)}
+        assert refused.value.path in paths, (refused.value, paths)
+
+
+def test_what_is_kept_of_a_message_to_explain_it_is_bounded() -> None:
+    big = {"k": list(range(1000)), "s": "x" * 5000, **{f"k{i}": i for i in range(500)}}
+    kept = _bounded({"a": [big, big]})
+    assert len(kept["a"][0]) == 128 and len(kept["a"][0]["k"]) == 64
+    assert len(kept["a"][0]["s"]) == 1024
+    assert _bounded({"a": [1, "b", None]}) == {"a": [1, "b", None]}
+
+
+def test_a_violation_only_past_what_is_kept_is_refused_with_a_plain_explanation(
+    tmp_path: Path,
+) -> None:
+    for name in ("envelope.json", "common.json"):
+        (tmp_path / name).write_text((SCHEMA_DIR / name).read_text())
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://schemas.rpg-bot.dev/party_sync/v1/test.list.json",
+        "type": "object",
+        "properties": {"items": {"type": "array", "items": {"type": "integer"}}},
+    }
+    (tmp_path / "test.list.json").write_text(json.dumps(schema))
+    checked = Contracts(tmp_path)
+    checked.validate("test.list", {"items": list(range(100))})
+    with pytest.raises(SchemaViolation) as early:
+        checked.validate("test.list", {"items": [*range(10), "x"]})
+    assert early.value.path == "items.10"
+    with pytest.raises(SchemaViolation) as late:  # the 81st item: past the 64 kept
+        checked.validate("test.list", {"items": [*range(80), "x"]})
+    assert (late.value.path, late.value.reason) == ("", "does not match its schema")

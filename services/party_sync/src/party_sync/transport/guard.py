@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import math
+import time
 from collections.abc import Callable, Hashable
 from typing import Any, Final, cast
 
@@ -42,6 +44,10 @@ from party_sync.auth import Claims
 
 #: Body of the 429 that refuses a WebSocket handshake over a cap (stable: clients match on it).
 TOO_MANY_CONNECTIONS: Final = json.dumps({"error": "too_many_connections"})
+#: Body of the 429 (with ``Retry-After``) that refuses a user's handshakes for ``POLICY_COOLDOWN``
+#: seconds after one of its connections was closed for flooding or bad input (1008).
+POLICY_COOLDOWN_BODY: Final = json.dumps({"error": "policy_cooldown"})
+POLICY_COOLDOWN: Final = 10.0
 
 
 class Tally:
@@ -114,11 +120,15 @@ class ConnectionGuard:
         max_per_address: int,
         max_per_user: int,
         on_refused: Callable[[str], None] = lambda reason: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.head_timeout = head_timeout
         self.addresses = Tally(max_per_address)
         self.users = Tally(max_per_user)
         self.on_refused = on_refused
+        self._clock = clock
+        #: user key → until when its handshakes are refused (``penalize``); expired ones pruned.
+        self._cooldowns: dict[Hashable, float] = {}
 
     def factory(self, make: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         """A protocol factory for ``loop.create_server`` that wraps ``make`` (aiohttp's
@@ -135,6 +145,14 @@ class ConnectionGuard:
         handler holds its slot as long as the socket is open, and a suspended generator frame
         per open connection is memory for nothing."""
         key = user_key(claims)
+        wait = self.cooldown(key)
+        if wait > 0:
+            self.on_refused("policy_cooldown")
+            raise web.HTTPTooManyRequests(
+                text=POLICY_COOLDOWN_BODY,
+                content_type="application/json",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         if not self.users.acquire(key):
             self.on_refused("per_user")
             raise web.HTTPTooManyRequests(
@@ -144,6 +162,27 @@ class ConnectionGuard:
 
     def release_websocket_slot(self, key: Hashable) -> None:
         self.users.release(key)
+
+    def penalize(self, key: Hashable) -> None:
+        """One of the user's connections was closed for flooding or bad input (1008): refuse its
+        handshakes on this node for ``POLICY_COOLDOWN`` seconds. A client that reconnects at
+        once after each such close would otherwise buy a fresh allowance of bad messages with
+        every handshake (the browser and Python clients stop on 1008)."""
+        now = self._clock()
+        if len(self._cooldowns) >= 1024:  # the expired ones go before the table grows
+            self._cooldowns = {k: t for k, t in self._cooldowns.items() if t > now}
+        self._cooldowns[key] = now + POLICY_COOLDOWN
+
+    def cooldown(self, key: Hashable) -> float:
+        """Seconds the user's handshakes are still refused for (0: none)."""
+        until = self._cooldowns.get(key)
+        if until is None:
+            return 0.0
+        wait = until - self._clock()
+        if wait <= 0:
+            del self._cooldowns[key]
+            return 0.0
+        return wait
 
     def release_address(self, address: str) -> None:
         """Give back the address a ``GuardedConnection.hand_over`` left counted."""

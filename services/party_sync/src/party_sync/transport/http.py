@@ -18,7 +18,7 @@ from party_sync.backends.directory import Directory, MemoryDirectory
 from party_sync.core.history import ResumePoint
 from party_sync.engine.health import EngineHealth
 from party_sync.gateway import Gateway, Session
-from party_sync.protocol.errors import AuthError
+from party_sync.protocol.errors import AuthError, CloseCode
 from party_sync.transport import admin, api, asyncapi, demo, members, openapi, telegram
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
 from party_sync.transport.edge import Edge, edge_middleware, session_handler
@@ -166,6 +166,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await sink.stop()
         finally:
             guard.release_websocket_slot(slot)
+            if sink.close_code == CloseCode.POLICY_VIOLATION:
+                guard.penalize(slot)
             if address is not None:
                 guard.release_address(address)
     return ws
@@ -228,7 +230,7 @@ def connection_guard(gateway: Gateway) -> ConnectionGuard:
 
     def refused(reason: str) -> None:
         counters.connections_refused.labels(reason).inc()
-        if reason == "per_user":
+        if reason in ("per_user", "policy_cooldown"):
             counters.handshakes_refused.labels("429").inc()
 
     return ConnectionGuard(

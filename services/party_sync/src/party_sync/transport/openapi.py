@@ -801,8 +801,17 @@ def _operations() -> dict[str, Any]:
                         },
                     },
                     "429": _json(
-                        _object({"error": {"type": "string", "const": "too_many_connections"}}),
-                        "max_connections_per_user WebSockets already open on this node",
+                        _object(
+                            {
+                                "error": {
+                                    "type": "string",
+                                    "enum": ["too_many_connections", "policy_cooldown"],
+                                }
+                            }
+                        ),
+                        "too_many_connections: max_connections_per_user WebSockets already open "
+                        "on this node; policy_cooldown (with Retry-After): one of this user's "
+                        "connections was closed with 1008 less than 10 s ago",
                     ),
                 },
             }

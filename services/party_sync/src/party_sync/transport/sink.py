@@ -79,6 +79,7 @@ class WebSocketSink:
         "_pending_bytes",
         "_transport",
         "_ws",
+        "close_code",
     )
 
     def __init__(
@@ -96,6 +97,7 @@ class WebSocketSink:
         self._pending_bytes = 0
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        self.close_code: int | None = None  # the code this side closed with, if it did
 
     def send(self, data: bytes) -> bool:
         transport = self._transport
@@ -130,6 +132,7 @@ class WebSocketSink:
             return
         self.flush()  # what was sent before the close goes out before the close frame
         self._closing = True
+        self.close_code = code
         self._close_task = asyncio.get_running_loop().create_task(
             self._close(code, reason.encode()[:120])
         )
