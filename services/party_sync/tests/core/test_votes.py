@@ -142,3 +142,14 @@ def test_a_vote_id_too_long_for_its_action_id_is_refused() -> None:
     with pytest.raises(votes.SpecError):
         votes.spec_from_json(body, "v" * (votes.MAX_VOTE_ID + 1))
     assert votes.action_id_for("v" * votes.MAX_VOTE_ID) == "vote:" + "v" * 59
+
+
+@pytest.mark.parametrize("timeout", ["10", " 5 ", "1e1", True, None, [5], 0, -1, 86_400.5])
+def test_a_vote_request_timeout_must_be_a_json_number_in_range(timeout: object) -> None:
+    """As /openapi.json says: a number in (0, 86400]; not a string, not a boolean."""
+    options = [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]
+    body = {"question": "Q?", "options": options, "timeout_s": timeout}
+    with pytest.raises(votes.SpecError, match="timeout_s"):
+        votes.spec_from_json(body, "v1")
+    for good in (0.5, 60, 86_400):
+        assert votes.spec_from_json({**body, "timeout_s": good}, "v1").timeout_s == good

@@ -102,6 +102,8 @@ async def test_a_client_that_never_reads_is_closed_with_4002_and_the_neighbour_i
         assert session.closed, "the slow client was never disconnected"
         await neighbour.served(srv, "after-flood")
         assert await close_code(slow, timeout=20) == 4002
+        closes = gateway.metrics.registry.get_sample_value  # counted once the session ended
+        await wait_until(lambda: closes("party_sync_closes_total", {"code": "4002"}) == 1.0)
     finally:
         await slow.close()
         await neighbour.close()

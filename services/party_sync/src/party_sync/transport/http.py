@@ -168,6 +168,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             guard.release_websocket_slot(slot)
             if sink.close_code == CloseCode.POLICY_VIOLATION:
                 guard.penalize(slot)
+            elif sink.close_code == CloseCode.SLOW_CONSUMER:  # the session's own (the core
+                gateway.metrics.closes.labels(str(CloseCode.SLOW_CONSUMER)).inc()  # counts its)
             if address is not None:
                 guard.release_address(address)
     return ws

@@ -18,6 +18,7 @@ import copy
 from typing import Any, Final
 
 from party_sync import __version__
+from party_sync.core.votes import MAX_TIMEOUT_S
 from party_sync.engine.interface import ENGINE_EVENT_TYPES, MAX_NARRATION_CHARS
 from party_sync.protocol.codec import MAX_DEPTH
 from party_sync.protocol.ids import ID_PATTERN, TRACE_ID_PATTERN
@@ -236,7 +237,7 @@ def vote_request(contracts: Contracts) -> dict[str, Any]:
         "description": (
             "A vote to open. `vote_id` defaults to a fresh one; `tie_rule` to first_listed "
             "(default_option needs `default_option`, one of the option ids, and nothing else "
-            "takes it); `timeout_s` is at most 3600. Fields not listed are ignored."
+            "takes it); `timeout_s` is at most 86400 (a day). Fields not listed are ignored."
         ),
         "required": ["question", "options", "timeout_s"],
         "properties": {
@@ -247,7 +248,7 @@ def vote_request(contracts: Contracts) -> dict[str, Any]:
             },
             "question": _rewrite(started["question"]),
             "options": _rewrite(started["options"]),
-            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": 3600},
+            "timeout_s": {"type": "number", "exclusiveMinimum": 0, "maximum": MAX_TIMEOUT_S},
             "tie_rule": _rewrite(started["tie_rule"]),
             "default_option": _ID,
             "campaign_run_id": _ID,
