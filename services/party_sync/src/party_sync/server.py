@@ -103,6 +103,7 @@ def make_link(settings: Settings) -> EngineLink:
             retries=settings.engine_http_retries,
             notice_url=settings.engine_notice_url,
             give_up_after=settings.action_record_ttl,
+            claim_patience=settings.action_record_ttl,
         )
     if transport == "stream":
         assert settings.redis_url is not None
@@ -112,7 +113,9 @@ def make_link(settings: Settings) -> EngineLink:
             settings.actions_stream_maxlen,
             partitions=settings.actions_stream_partitions,
         )
-    return InProcessLink(load_engine(settings.engine))
+    # Through a backend outage of any length an action is claimed and handed over again until
+    # answered, for as long as its record can take an answer (``action_record_ttl``).
+    return InProcessLink(load_engine(settings.engine), claim_patience=settings.action_record_ttl)
 
 
 def with_dev_secret(settings: Settings, kept: DevSecret | None = None) -> Settings:

@@ -223,3 +223,18 @@ async def test_a_publish_failing_after_the_engine_applied_an_action_is_never_tol
         assert len(await engine.chronicle("r1")) == 1  # applied once
     finally:
         await link.close()
+
+
+def test_the_server_hands_over_and_claims_for_as_long_as_an_answer_can_be_recorded() -> None:
+    """A Redis stall longer than a minute must not leave an applied action unanswered until its
+    record expires: the in-process and HTTP links keep asking (claims, hand-overs, refusals)
+    for the record's whole TTL, not a fixed minute."""
+    from party_sync.engine.http_link import HttpEngineLink
+    from party_sync.server import make_link
+
+    settings = make_settings(action_record_ttl=900.0)
+    link = make_link(settings)
+    assert isinstance(link, InProcessLink) and link.claim_patience == 900.0
+    http = make_link(make_settings(action_record_ttl=900.0, engine_url="http://engine.test/a"))
+    assert isinstance(http, HttpEngineLink)
+    assert (http.claim_patience, http.give_up_after) == (900.0, 900.0)

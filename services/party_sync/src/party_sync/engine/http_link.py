@@ -90,7 +90,7 @@ class HttpEngineLink:
         backoff_base: float = 0.1,
         backoff_max: float = 5.0,
         give_up_after: float = 600.0,
-        claim_patience: float = 60.0,
+        claim_patience: float = 600.0,
         rng: random.Random | None = None,
     ) -> None:
         self.url = url

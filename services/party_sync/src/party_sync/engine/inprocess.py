@@ -6,8 +6,9 @@ refused with ``action_timeout``) and ``FINAL`` (already answered) are dropped, s
 waited behind a slow event loop past its deadline is never applied after its sender was told it
 timed out. If the claim itself fails (the backend is unavailable), it is asked again with a capped
 backoff (``claim_until_answered``): a claim lost in a stall may still have been recorded, and then
-only the engine's answer is truthful. After ``claim_patience`` seconds without an answer the
-action is not started (logged at ERROR).
+only the engine's answer is truthful. After ``claim_patience`` seconds without an answer (the
+server gives it ``action_record_ttl``: after that the action's record, which takes its answer, is
+gone, and a resend is a new action) the action is not started (logged at ERROR).
 
 Notices are plain calls: ``notify_join`` → ``Engine.handle_join``, ``notify_restate`` →
 ``restate_engine`` (the engine's optional ``handle_restate``); an engine's exception there is
@@ -96,7 +97,7 @@ class InProcessLink:
         engine: Engine,
         *,
         close_timeout: float = 5.0,
-        claim_patience: float = 60.0,
+        claim_patience: float = 600.0,
         claim_on_accept: bool = True,
     ) -> None:
         self.engine = engine
@@ -160,7 +161,8 @@ class InProcessLink:
         If party_sync's own backend fails under the engine (its publish raises), the engine may
         have applied the action and not published it yet, so nothing final can be said: it is
         handed to the engine again (engines deduplicate by action_id and publish what they had
-        left) until it is answered, as a stream worker redelivers a pending entry.
+        left) until it is answered, as a stream worker redelivers a pending entry: through an
+        outage of any length within ``claim_patience`` (the action record's TTL).
         """
         assert self._host is not None
         give_up_at: float | None = None
