@@ -173,3 +173,34 @@ async def test_a_handshake_refused_during_a_stall_puts_no_one_online_afterwards(
             if m["type"] == "party.join" and m["payload"]["character_id"] == "borin"
         ]
         await a.close()
+
+
+async def test_the_timeout_sweep_logs_a_stall_once_and_its_end(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An action in flight whose deadline falls in a stall: its check fails at every retry,
+    counted each time but logged once, and the check that works again logs the recovery."""
+    settings = make_settings(
+        redis_url=redis.url,
+        engine_transport="inprocess",
+        redis_command_timeout=COMMAND_TIMEOUT,
+        action_timeout=0.5,
+    )
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()  # the action stays in flight
+    async with serve_in_process(settings, engine=engine) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        a, _ = await srv.join("aria")
+        await a.act("held", "aria", "r1")
+        await wait_until(lambda: engine.count("held") == 1)
+        with caplog.at_level("INFO", logger="party_sync"):
+            with stalled(redis):
+                await wait_until(lambda: errors(gateway, "action_timeouts") >= 2, timeout=10)
+            await wait_until(lambda: "action_timeouts" not in gateway.executor.failing, timeout=10)
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum(m.startswith("action_timeouts: backend unavailable") for m in messages) == 1
+        assert "action_timeouts: recovered" in messages
+        engine.gate.set()
+        assert (await a.until("action.result", timeout=10))["payload"]["action_id"] == "held"
+        await a.close()

@@ -204,9 +204,11 @@ class Executor:
                 outcome, answer = await self.backend.time_out_action(
                     action.party_id, action.action_id, command.now, command.refusal
                 )
-            except BackendUnavailable:
+            except BackendUnavailable as exc:
+                self.failed("action_timeouts", exc)  # counted by the core
                 await self.run(core.time_out_failed(command))
                 return
+            self.worked("action_timeouts")
             await self.run(core.timed_out(command, outcome, answer))
         elif type(command) is SendDirect:
             with contextlib.suppress(BackendUnavailable):
@@ -301,13 +303,11 @@ class Executor:
                 again = await self.backend.close_narration(
                     command.party_id, command.stream_id, self.clock(), command.trace_id
                 )
-            except BackendUnavailable:
+            except Exception as exc:  # a bug too is logged; the stream is looked at again
+                self.failed("narration", exc)  # counted by the core
                 await self.run(core.narration_failed(command))
                 return
-            except Exception:  # a bug: logged; the stream is looked at again (never dropped)
-                log.exception("closing an idle narration stream failed")
-                await self.run(core.narration_failed(command))
-                return
+            self.worked("narration")
             await self.run(core.narration_looked(command, again))
         elif type(command) is FinishVote:
             try:
@@ -402,13 +402,22 @@ class Executor:
             yield ok
         except Exception as exc:
             self.metrics.background_errors.labels(task).inc()
-            if task not in self.failing:
-                self.failing.add(task)
-                if isinstance(exc, BackendUnavailable):
-                    log.warning("%s: backend unavailable; retrying every tick", task)
-                else:
-                    log.exception("%s failed; retrying every tick", task)
+            self.failed(task, exc)
             return
-        if ok and task in self.failing:
+        if ok:
+            self.worked(task)
+
+    def failed(self, task: str, exc: BaseException) -> None:
+        """``task`` failed (counted by the caller): logged once per episode."""
+        if task not in self.failing:
+            self.failing.add(task)
+            if isinstance(exc, BackendUnavailable):
+                log.warning("%s: backend unavailable; retrying every tick", task)
+            else:
+                log.error("%s failed; retrying every tick", task, exc_info=exc)
+
+    def worked(self, task: str) -> None:
+        """``task`` worked: the end of its failing episode, if it was in one, is logged."""
+        if task in self.failing:
             self.failing.discard(task)
             log.info("%s: recovered", task)
