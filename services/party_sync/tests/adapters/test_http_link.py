@@ -303,6 +303,29 @@ async def test_a_restate_notice_is_retried_until_the_engine_takes_it() -> None:
         await idle(link)
 
 
+async def test_a_restate_notice_outlasts_an_engine_outage_longer_than_its_retries() -> None:
+    """Redis restarted empty while the engine was down: the notice that brings the parties'
+    scenes back is tried on (capped backoff, within give_up_after), not dropped after
+    ``retries``; a newer notice for the party replaces one still being tried."""
+    engine, host = ScriptedEngine(), RecordingHost()
+    engine.restate_failures = 8  # far more than the retries
+    async with (
+        serve(host_app(engine)) as base,
+        started_link(
+            host, f"{base}/actions", notice_url=f"{base}/notices", retries=1, give_up_after=60
+        ) as link,
+    ):
+        older = RestateNotice("p1", "r1", "epoch-4", "trace-r4")
+        newer = RestateNotice("p1", "r1", "epoch-5", "trace-r5")
+        other = RestateNotice("p2", "r2", "epoch-1", "trace-o1")
+        await link.notify_restate(older)
+        await link.notify_restate(other)
+        await link.notify_restate(newer)
+        await wait_until(lambda: sorted(n.epoch for n in engine.restates) == ["epoch-1", "epoch-5"])
+        await idle(link)
+    assert older not in engine.restates and link._restates == {}
+
+
 # --- the engine host -------------------------------------------------------------------------
 
 

@@ -105,6 +105,8 @@ class HttpEngineLink:
         self._host: LinkHost | None = None
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: The restate notice being delivered, per party: a newer one for the party replaces it.
+        self._restates: dict[str, asyncio.Task[Any]] = {}
         #: Attempts that failed: refused, timed out, dropped, 5xx (engine_link_failures_total).
         self.failures = 0
 
@@ -117,10 +119,11 @@ class HttpEngineLink:
                 "PARTY_SYNC_ENGINE_NOTICE_URL is unset"
             )
 
-    def _spawn(self, coro: Any) -> None:
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""
@@ -145,21 +148,56 @@ class HttpEngineLink:
         if self.notice_url is None:
             return
         body = {"kind": kind, "party_id": party_id, "campaign_run_id": run_id, "envelope": envelope}
-        self._spawn(self._deliver_notice(self.notice_url, body, trace_id))
+        if kind != "restate":  # a join is a hint: tried ``retries`` times
+            self._spawn(self._deliver_notice(self.notice_url, body, trace_id))
+            return
+        # A restate is what brings the party's scene back after party_sync lost it: it is tried
+        # until the engine takes it (within ``give_up_after``), through an engine outage too. A
+        # newer one for the same party (a later epoch) replaces one still being tried.
+        pending = self._restates.pop(party_id, None)
+        if pending is not None:
+            pending.cancel()
+        task = self._spawn(
+            self._deliver_notice(self.notice_url, body, trace_id, persist=self.give_up_after)
+        )
+        self._restates[party_id] = task
+        task.add_done_callback(
+            lambda done: (
+                self._restates.pop(party_id, None) if self._restates.get(party_id) is done else None
+            )
+        )
 
-    async def _deliver_notice(self, url: str, body: Mapping[str, Any], trace_id: str) -> None:
+    async def _deliver_notice(
+        self, url: str, body: Mapping[str, Any], trace_id: str, *, persist: float = 0.0
+    ) -> None:
+        """POST a notice, ``retries`` times; then, with ``persist`` seconds, on with the capped
+        backoff until that much time has passed since the first attempt."""
         extra = {"trace_id": trace_id, "party_id": body["party_id"]}
         headers = {"X-Trace-Id": trace_id, "Content-Type": "application/json"}
-        for attempt in range(self.retries + 1):
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + persist
+        attempt = 0
+        while True:
             try:
                 status, answer = await self._post(url, body, headers)
             except (_Unreached, _Retryable) as exc:
                 self.failures += 1
-                if attempt == self.retries:
+                if attempt >= self.retries and loop.time() >= give_up_at:
                     log.warning("%s notice not delivered: %s", body["kind"], exc, extra=extra)
                     return
+                if attempt == self.retries:
+                    log.warning(
+                        "%s notice not delivered yet (%s): trying on for up to %.0fs",
+                        body["kind"],
+                        exc,
+                        persist,
+                        extra=extra,
+                    )
                 await asyncio.sleep(self._backoff(attempt))
+                attempt += 1
                 continue
+            if attempt > self.retries:
+                log.info("%s notice delivered after %d attempts", body["kind"], attempt + 1)
             if status >= 400:
                 log.warning(
                     "the engine refused a %s notice (%d): %s",
