@@ -379,3 +379,28 @@ async def test_start_up_log_names_the_backend_and_the_stream_transport(
     assert entry["engine"] == f"Redis stream party_sync:actions on {redis.url}"
     assert entry["backend"] == f"redis {redis.url}"
     assert "campaign_engine" not in line
+
+
+@pytest.mark.redis
+async def test_sigterm_during_a_redis_stall_exits_within_the_shutdown_timeout(
+    redis: RedisServer,
+) -> None:
+    """README: "exits 0 after at most PARTY_SYNC_SHUTDOWN_TIMEOUT". Redis is stopped (SIGSTOP):
+    what the shutdown still asks of it (forget the node, close the backend) gets what is left
+    of the budget, not a command timeout (5 s) each."""
+    env = {"PARTY_SYNC_SHUTDOWN_TIMEOUT": "0.5", "PARTY_SYNC_REDIS_COMMAND_TIMEOUT": "5"}
+    async with serve_process(["--redis-url", redis.url], env=env) as srv:
+        a, _ = await srv.join("aria")
+        assert srv.process is not None and redis._proc is not None
+        os.kill(redis._proc.pid, signal.SIGSTOP)
+        try:
+            srv.process.send_signal(signal.SIGTERM)
+            try:
+                code = await a.closed(timeout=10)
+            except Closed as exc:
+                code = exc.code
+            assert code == 1001
+            # well under one command timeout (5 s): the budget (0.5 s) plus start-up slack
+            assert await asyncio.to_thread(srv.process.wait, 3) == 0
+        finally:
+            os.kill(redis._proc.pid, signal.SIGCONT)

@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 #: A deadline is handed to the core this long after it (wall clock and the loop's monotonic
 #: clock drift apart; a deadline is never reported early).
 TIMER_SLACK = 0.001
+#: The least the engine link and the backend get to close, past the shutdown budget.
+SHUTDOWN_MOMENT = 0.1
 
 
 class Gateway:
@@ -98,6 +100,7 @@ class Gateway:
         self._policy = LimitPolicy(settings.rate_limit, settings.rate_burst)
         self._idle = asyncio.Event()  # set whenever this node has no session
         self.timer: asyncio.Task[Any] | None = None  # the one timer, once started
+        self.shutdown_deadline: float | None = None  # loop time: the drain's + shutdown_timeout
 
     @property
     def sessions(self) -> list[Session]:
@@ -122,6 +125,7 @@ class Gateway:
 
     async def drain(self) -> None:
         """Stop taking part: tell every client to reconnect (1001) and wait for them to go."""
+        self.shutdown_deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
         carry_local(self.core.drain())
         if self.core.connections:
             self._idle.clear()
@@ -129,13 +133,25 @@ class Gateway:
                 async with asyncio.timeout(self.settings.shutdown_timeout):
                     await self._idle.wait()
 
+    def shutdown_left(self) -> float:
+        """Seconds left of ``shutdown_timeout`` since the drain began (all of it before)."""
+        if self.shutdown_deadline is None:
+            return self.settings.shutdown_timeout
+        return max(0.0, self.shutdown_deadline - asyncio.get_running_loop().time())
+
     async def stop(self) -> None:
-        """Release the timer, background tasks, the engine link and the backend."""
+        """Release the timer, background tasks, the engine link and the backend; what waits on
+        the backend gets what is left of ``shutdown_timeout`` (a stalled Redis must not hold
+        the exit for a command timeout), and at least a moment to close cleanly."""
         self.core.stop()
         # bounded: a task that swallowed its cancellation is left behind, never waited for
         await cancel_and_wait(list(self._tasks), what="a gateway background task")
-        await self.link.close()
-        await self.backend.close()
+        try:
+            async with asyncio.timeout(max(self.shutdown_left(), SHUTDOWN_MOMENT)):
+                await self.link.close()
+                await self.backend.close()
+        except TimeoutError:
+            log.warning("the engine link or the backend did not close in time: left behind")
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)

@@ -404,8 +404,11 @@ def add_routes(app: web.Application, gateway: Gateway, client_dir: Path | None =
             return
         app[_STOP].set()
         await cancel_and_wait([task], what="the node heartbeat")
+        # within what is left of shutdown_timeout (a stalled Redis must not hold the exit): if it
+        # cannot be said, the node's entry expires by itself (NODE_TTL_PERIODS heartbeats)
         with contextlib.suppress(Exception):
-            await app[ADMIN].forget_node(gateway.node_id)
+            async with asyncio.timeout(gateway.shutdown_left()):
+                await app[ADMIN].forget_node(gateway.node_id)
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)
