@@ -170,6 +170,34 @@ def unused_engine_setting(settings: Settings, transport: str) -> str | None:
     )
 
 
+#: Shortest secrets not warned about: an HS256 key of 32 bytes (RFC 7518 §3.2: at least the
+#: hash's size), an API key of 24 characters (what ``with_dev_secret`` makes: 18 random bytes).
+MIN_JWT_SECRET_BYTES = 32
+MIN_API_KEY_CHARS = 24
+
+
+def weak_secrets(settings: Settings) -> list[str]:
+    """Warnings for configured secrets short enough to guess offline (a signed token or a
+    request is all it takes to test guesses): the JWT secrets and the API key."""
+    found = []
+    for name, secret in (
+        ("PARTY_SYNC_JWT_SECRET", settings.jwt_secret),
+        ("PARTY_SYNC_JWT_PREVIOUS_SECRET", settings.jwt_previous_secret),
+    ):
+        if secret and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+            found.append(
+                f"{name} is {len(secret.encode())} bytes: use at least {MIN_JWT_SECRET_BYTES} "
+                "random bytes (e.g. openssl rand -base64 32); a short one can be guessed offline "
+                "from any token"
+            )
+    if settings.api_key and len(settings.api_key) < MIN_API_KEY_CHARS:
+        found.append(
+            f"PARTY_SYNC_API_KEY is {len(settings.api_key)} characters: use at least "
+            f"{MIN_API_KEY_CHARS} random ones (e.g. openssl rand -base64 24)"
+        )
+    return found
+
+
 def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> HealthSource:
     """What tells ``/readyz`` and the operator how the engine link is: the stream's backlog
     monitor, the HTTP engine URL's probe, or nothing to watch (in-process)."""
@@ -368,6 +396,8 @@ async def run(
     unused = unused_engine_setting(settings, transport)
     if unused is not None:
         log.warning(unused)
+    for weak in weak_secrets(settings):
+        log.warning(weak)
     for line in on_ready or ():
         print(line, flush=True)
     if worker is not None:

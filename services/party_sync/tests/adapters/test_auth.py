@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import jwt
@@ -78,3 +79,27 @@ async def test_origin_allowlist() -> None:
         assert await srv.handshake_status(params, headers={"Origin": "https://evil.example"}) == 403
         assert await srv.handshake_status(params, headers={"Origin": "https://app.example"}) == 101
         assert await srv.handshake_status(params) == 101  # non-browser clients send no Origin
+        # two Origin headers are no allowed origin, whichever comes first
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(srv.base.rsplit(":")[-1]))
+        writer.write(
+            (
+                f"GET /ws?token={params['token']} HTTP/1.1\r\nHost: x\r\n"
+                "Origin: https://app.example\r\nOrigin: https://evil.example\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            ).encode()
+        )
+        status_line = await reader.readline()
+        writer.close()
+        assert status_line.split()[1] == b"403", status_line
+
+
+async def test_a_token_taken_within_the_leeway_is_not_ended_at_once() -> None:
+    """The handshake takes a token up to 30 s past its exp (clock skew): its connection then
+    lives until then too, instead of getting token_expired and 4001 the moment it opens."""
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria", token_value=token("aria", ttl=-10.0))
+        await a.send({"type": "system.ping", "trace_id": "still-open", "payload": {}})
+        assert (await a.until("system.pong"))["trace_id"] == "still-open"
+        assert not [m for m in a.received if m["type"] == "system.error"]
+        await a.close()

@@ -244,3 +244,19 @@ def test_the_redis_write_delay_is_off_by_default_and_reaches_the_script_batcher(
     assert isinstance(backend, RedisBackend)
     assert backend.options.write_delay == 0.002
     assert backend.scripts.batcher._delay == 0.002
+
+
+def test_short_secrets_are_warned_about_and_generated_ones_are_not() -> None:
+    from party_sync.server import weak_secrets
+
+    weak = weak_secrets(Settings(jwt_secret="abc", api_key="k", jwt_previous_secret="x" * 31))
+    assert [w.split(" ", 1)[0] for w in weak] == [
+        "PARTY_SYNC_JWT_SECRET",
+        "PARTY_SYNC_JWT_PREVIOUS_SECRET",
+        "PARTY_SYNC_API_KEY",
+    ]
+    assert all("abc" not in w for w in weak)  # a warning never shows the secret
+    import secrets
+
+    strong = Settings(jwt_secret=secrets.token_urlsafe(32), api_key=secrets.token_urlsafe(24))
+    assert weak_secrets(strong) == [] and weak_secrets(Settings()) == []

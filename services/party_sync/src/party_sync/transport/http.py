@@ -77,7 +77,8 @@ async def _admit(
 ) -> Claims | web.StreamResponse:
     """The handshake's checks: the origin (403), the token (401), an operator's block (403)."""
     settings = gateway.settings
-    origin = request.headers.get("Origin")
+    origins = request.headers.getall("Origin", ())
+    origin = origins[0] if len(origins) == 1 else None if not origins else ""  # two: no origin
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         gateway.metrics.handshakes_refused.labels("403").inc()
         raise web.HTTPForbidden(text="origin not allowed")
