@@ -221,3 +221,30 @@ async def test_a_vote_its_node_could_not_hand_over_is_applied_by_the_sweep() -> 
         await wait_until(lambda: engine.count("vote:v-orphan") == 1)
         assert await gateway.backend.unapplied_votes(gateway.clock() + 60, 0) == []
         await a.close()
+
+
+async def test_one_characters_ballots_are_limited_over_all_its_connections() -> None:
+    """Each accepted ballot is a vote.update in the party's history: a member re-casting as
+    fast as its connections allow would push the others' resume points out of it. Five at
+    once, then one a second, per character; another member is not affected."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a1, _ = await srv.join("aria")
+        a2, _ = await srv.join("aria")  # a second tab of the same character
+        b, _ = await srv.join("borin")
+        c, _ = await srv.join("cato")  # three members: two ballots never finish the vote
+        assert (await start(srv, vote_id="v-spam"))[0] == 201
+        await b.until("vote.started")
+        for i in range(3):  # three from one tab, each accepted
+            await a2.send({**cast("v-spam", "AB"[i % 2]), "trace_id": f"s{i}"})
+            await b.until("vote.update")
+        for i in range(3, 13):  # then the other tab: the sixth ballot on is refused (bar one
+            await a1.send({**cast("v-spam", "AB"[i % 2]), "trace_id": f"s{i}"})  # a second
+        refused = await a1.until("system.error")  # may have given back)
+        assert refused["payload"]["code"] == "rate_limited"
+        assert refused["payload"]["in_reply_to"]["vote_id"] == "v-spam"
+        assert refused["payload"]["in_reply_to"]["trace_id"] in {f"s{i}" for i in range(5, 13)}
+        await b.send(cast("v-spam", "B"))  # another member votes as usual
+        while (await b.until("vote.update"))["payload"]["voted"] != 2:
+            pass
+        for client in (a1, a2, b, c):
+            await client.close()

@@ -65,6 +65,7 @@ from party_sync.core.deadlines import Deadlines, Kind
 from party_sync.core.epochs import opens_epoch
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
+from party_sync.core.limits import TokenBucket
 from party_sync.core.presence import RefreshSchedule
 from party_sync.core.sequence import SeqVerdict
 from party_sync.core.snapshot import Snapshot, hello
@@ -94,6 +95,11 @@ VOTE_CLOSE_DELAY: Final = 0.002
 
 #: The first pause before handing a vote's decision over again, doubled up to ``MAX_PAUSE``.
 FIRST_PAUSE: Final = 0.05
+#: A character's ballots (all its connections on this node): a burst, then one a second.
+BALLOT_BURST: Final = 5.0
+BALLOT_RATE: Final = 1.0
+#: Characters with a ballot bucket before the idle ones are forgotten.
+BALLOT_TABLE: Final = 1024
 MAX_PAUSE: Final = 1.0
 
 
@@ -166,6 +172,8 @@ class PartySessions:
         }
         self._on_earlier = on_earlier
         self._graces: dict[str, Binding] = {}  # connection id → its binding, in grace
+        #: (party, character) → its ballots' bucket (``_admit_ballot``), whatever its connections
+        self._ballots: dict[tuple[str, str], TokenBucket] = {}
         self._applying: dict[tuple[str, str], _Applying] = {}
         #: (party_id, stream_id) → when this node last saw a piece of that open narration stream
         self._narrating: dict[tuple[str, str], float] = {}
@@ -528,7 +536,29 @@ class PartySessions:
                 )
                 return self.refuse(conn, forbidden, now)
             return [Leave(conn, message, now)]
+        if not self._admit_ballot(conn, now):
+            too_fast = ProtocolError(
+                ErrorCode.RATE_LIMITED,
+                f"at most {BALLOT_BURST:g} ballots at once, then one every {1 / BALLOT_RATE:g} s",
+                vote_id=message.payload["vote_id"],
+                trace_id=message.client_trace_id,
+                type=t.VOTE_CAST,
+            )
+            return self.refuse(conn, too_fast, now)
         return [CastVote(conn, message, now)]
+
+    def _admit_ballot(self, conn: Connection, now: float) -> bool:
+        """Every accepted ballot is a sequenced ``vote.update`` to the whole party, kept in its
+        history: a character's ballots, over all its connections, are limited so that one
+        member cannot flood the history past what the others can resume from."""
+        key = (conn.party_id, conn.character_id)
+        bucket = self._ballots.get(key)
+        if bucket is None:
+            if len(self._ballots) >= BALLOT_TABLE:  # a full bucket is as good as none: forget
+                idle = now - BALLOT_BURST / BALLOT_RATE
+                self._ballots = {k: b for k, b in self._ballots.items() if b.updated > idle}
+            bucket = self._ballots[key] = TokenBucket(BALLOT_RATE, BALLOT_BURST)
+        return bucket.take(now)
 
     def refuse(self, conn: Connection, exc: ProtocolError, now: float) -> Commands:
         """Answer a refused message with its ``system.error``; bad or excess input is a strike,

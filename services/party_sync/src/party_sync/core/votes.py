@@ -201,7 +201,7 @@ def spec_from_json(body: Mapping[str, Any], vote_id: str) -> VoteSpec:
     """Build a spec from an API/engine request body; raises SpecError with a clear reason."""
     timeout = body.get("timeout_s")
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):  # not "10", not true
-        raise SpecError("timeout_s must be a number of seconds")
+        raise SpecError("bad vote request: timeout_s must be a number of seconds")
     try:
         options: Sequence[Mapping[str, Any]] = body["options"]
         spec = VoteSpec(
