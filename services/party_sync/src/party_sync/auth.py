@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Final
 
 import jwt
@@ -59,13 +59,6 @@ class Claims:
     display_name: str
     exp: float
     sub: str | None = None
-    #: The verifier's leeway: the token is accepted, and its connection lives, until exp + it
-    #: (a token taken within the leeway is not ended with 4001 the moment it opens).
-    leeway: float = 0.0
-
-    @property
-    def accepted_until(self) -> float:
-        return self.exp + self.leeway
 
 
 class TokenVerifier:
@@ -115,7 +108,7 @@ class TokenVerifier:
                 raise AuthError(401, "malformed token") from None
             now = (self._clock or wall_clock)()
             exp = check_times(payload, now, self._leeway)
-            return replace(_claims(payload, exp), leeway=self._leeway)
+            return _claims(payload, exp)
         raise AuthError(401, "bad token signature") from last_error
 
 

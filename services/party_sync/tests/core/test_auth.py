@@ -89,7 +89,6 @@ def test_an_issued_token_verifies_to_its_claims() -> None:
         display_name="Aria",
         exp=NOW + 120.0,
         sub="character:aria",
-        leeway=30.0,  # the default: taken (and its connection kept) until exp + 30 s
     )
     decoded = jwt.decode(
         tok, SECRET, algorithms=["HS256"], audience=AUDIENCE, options={"verify_exp": False}

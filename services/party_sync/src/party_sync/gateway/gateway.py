@@ -215,7 +215,7 @@ class Gateway:
             binding,
             sink,
             ConnectionLimits(self._policy),
-            claims.accepted_until,
+            claims.exp,
         )
         # from here on, live events are buffered for it
         commands = self.core.open(session, resume, self.clock())
