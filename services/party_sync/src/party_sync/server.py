@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import secrets
@@ -309,6 +310,15 @@ class Listening:
         await self.runner.cleanup()
 
 
+async def _in_budget(runner: web.AppRunner, gateway: Gateway, app: web.Application) -> None:
+    """The last shutdown hook: the requests still running get what is left of
+    ``shutdown_timeout`` (counted from the drain's start), not a whole one more, so that a
+    handler stuck on a stalled Redis cannot hold the exit past the documented bound. aiohttp
+    takes the wait from the runner's ``_shutdown_timeout`` (it sets it so itself, from a
+    site's), read in ``cleanup`` right after these hooks: the one use of its internals here."""
+    runner._shutdown_timeout = max(gateway.shutdown_left(), 0.01)  # 0 would mean no limit
+
+
 async def start_serving(
     server: Server, host: str, port: int, *, shutdown_timeout: float, reuse_port: bool = False
 ) -> Listening:
@@ -326,6 +336,7 @@ async def start_serving(
         handle_signals=False,
         keepalive_timeout=settings.keepalive_timeout,
     )
+    server.app.on_shutdown.append(functools.partial(_in_budget, runner, server.gateway))
     await runner.setup()
     assert runner.server is not None
     loop = asyncio.get_running_loop()
