@@ -238,3 +238,39 @@ def test_the_server_hands_over_and_claims_for_as_long_as_an_answer_can_be_record
     http = make_link(make_settings(action_record_ttl=900.0, engine_url="http://engine.test/a"))
     assert isinstance(http, HttpEngineLink)
     assert (http.claim_patience, http.give_up_after) == (900.0, 900.0)
+
+
+class _RestateOverStall(OldEngine):
+    """An engine whose re-statement meets party_sync's backend down ``failures`` times (its
+    publish raises BackendUnavailable), and one whose joins always do."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.restated: list[str] = []
+
+    async def handle_restate(self, notice: RestateNotice) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise BackendUnavailable("redis unavailable during publish")
+        self.restated.append(notice.epoch)
+
+    async def handle_join(self, notice: JoinNotice) -> None:
+        raise BackendUnavailable("redis unavailable during publish")
+
+
+async def test_a_restate_that_meets_a_backend_outage_is_tried_again_and_a_newer_one_wins(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Redis restarted empty and is still flapping: the notice that brings a party's scene back
+    is not lost with the first failed publish (a join, a hint, is dropped with a WARNING)."""
+    engine = _RestateOverStall(failures=4)
+    link = InProcessLink(engine, claim_patience=30.0)
+    await link.start(RecordingHost())
+    await link.notify_restate(RestateNotice("p1", "r1", "e-2", "trace-a"))
+    await link.notify_restate(RestateNotice("p1", "r1", "e-3", "trace-b"))  # replaces e-2
+    await link.notify_restate(RestateNotice("p2", "r2", "e-1", "trace-c"))
+    await wait_until(lambda: sorted(engine.restated) == ["e-1", "e-3"], timeout=10)
+    await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j"))
+    await link.close()
+    assert "e-2" not in engine.restated
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -10,9 +10,11 @@ only the engine's answer is truthful. After ``claim_patience`` seconds without a
 server gives it ``action_record_ttl``: after that the action's record, which takes its answer, is
 gone, and a resend is a new action) the action is not started (logged at ERROR).
 
-Notices are plain calls: ``notify_join`` → ``Engine.handle_join``, ``notify_restate`` →
-``restate_engine`` (the engine's optional ``handle_restate``); an engine's exception there is
-logged, never raised into the gateway.
+Notices are calls: ``notify_join`` → ``Engine.handle_join`` (a hint: once), ``notify_restate`` →
+``restate_engine`` (the engine's optional ``handle_restate``), which brings a party's scene back
+after party_sync lost it: if party_sync's own backend fails under it (the engine's publish
+raises), it is tried again with backoff, as a task, for up to ``claim_patience``, and a newer one
+for the party replaces it. An engine's exception there is logged, never raised into the gateway.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ class InProcessLink:
         self.claims_on_accept = claim_on_accept
         self._host: LinkHost | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._restates: dict[str, asyncio.Task[Any]] = {}  # per party, being tried again
         self._close_timeout = close_timeout
 
     async def start(self, host: LinkHost) -> None:
@@ -120,17 +123,55 @@ class InProcessLink:
     async def notify_join(self, notice: JoinNotice) -> None:
         try:
             await self.engine.handle_join(notice)
+        except INFRA_ERRORS as exc:  # party_sync's backend, not the engine: a hint, dropped
+            log.warning("join notice dropped: %s", exc, extra={"trace_id": notice.trace_id})
         except Exception:
             log.exception("engine failed on a join", extra={"trace_id": notice.trace_id})
 
     async def notify_restate(self, notice: RestateNotice) -> None:
+        extra = {"trace_id": notice.trace_id, "party_id": notice.party_id}
         try:
             await restate_engine(self.engine, notice)
+            return
+        except INFRA_ERRORS as exc:
+            log.warning("re-stating a party failed (%s): trying again", exc, extra=extra)
         except Exception:
-            log.exception(
-                "engine failed to re-state a party",
-                extra={"trace_id": notice.trace_id, "party_id": notice.party_id},
+            log.exception("engine failed to re-state a party", extra=extra)
+            return
+        pending = self._restates.pop(notice.party_id, None)
+        if pending is not None:
+            pending.cancel()
+        task = asyncio.get_running_loop().create_task(self._restate_again(notice, extra))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        self._restates[notice.party_id] = task
+        task.add_done_callback(
+            lambda done: (
+                self._restates.pop(notice.party_id, None)
+                if self._restates.get(notice.party_id) is done
+                else None
             )
+        )
+
+    async def _restate_again(self, notice: RestateNotice, extra: dict[str, str]) -> None:
+        """``restate_engine`` again while party_sync's backend fails under it (bounded)."""
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.claim_patience
+        pause, attempts = 0.05, 1
+        while loop.time() + pause <= give_up_at:
+            await asyncio.sleep(pause)
+            pause = min(1.0, pause * 2)
+            attempts += 1
+            try:
+                await restate_engine(self.engine, notice)
+            except INFRA_ERRORS:
+                continue
+            except Exception:
+                log.exception("engine failed to re-state a party", extra=extra)
+                return
+            log.info("party re-stated after %d attempts", attempts, extra=extra)
+            return
+        log.error("party not re-stated: the backend kept failing", extra=extra)
 
     async def _traced_run(self, action: ActionRequest) -> None:
         if not tracing.is_on():
@@ -212,6 +253,8 @@ class InProcessLink:
                 pause = min(1.0, pause * 2)
 
     async def close(self) -> None:
+        for retry in list(self._restates.values()):  # nothing new to say on the way out
+            retry.cancel()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
         # what is still running is cancelled, and waited for (bounded) before the engine closes
