@@ -320,12 +320,18 @@ async def test_a_fresh_token_refused_too_stops_the_client() -> None:
     assert refused.value.status == 401 and calls == [1] and h.transport.attempts == 2
 
 
-async def test_an_expired_token_without_a_provider_says_so_and_does_not_reconnect() -> None:
-    h = Harness()
+async def connected(h: Harness, seq: int) -> FakeConnection:
+    """Start ``h``'s client and answer its first connection with a hello at ``seq``."""
     h.client.start()
     conn = await h.transport.next()
-    conn.push(hello(0))
+    conn.push(hello(seq))
     await h.client.connect()
+    return conn
+
+
+async def test_an_expired_token_without_a_provider_says_so_and_does_not_reconnect() -> None:
+    h = Harness()
+    conn = await connected(h, 0)
     conn.server_close(4001)
     gone = await h.seen.next_of(Disconnected)
     assert (gone.code, gone.reconnecting) == (4001, False)
@@ -336,10 +342,7 @@ async def test_an_expired_token_without_a_provider_says_so_and_does_not_reconnec
 
 async def test_an_operators_disconnect_waits_long_before_resuming() -> None:
     h = Harness()
-    h.client.start()
-    conn = await h.transport.next()
-    conn.push(hello(2))
-    await h.client.connect()
+    conn = await connected(h, 2)
     conn.server_close(4004)
     assert (await h.seen.next_of(Disconnected)).reconnecting is True
     again = await h.transport.next()

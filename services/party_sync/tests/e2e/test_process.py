@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
-from ps_testkit.client import Closed
+from ps_testkit.client import Client, Closed
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import SECRET, free_port, party_sync_command, run_serve, serve_process
 
@@ -103,16 +103,20 @@ async def test_seed_flow_on_redis_with_a_write_delay(redis: RedisServer) -> None
         await b.close()
 
 
+async def close_code(client: Client) -> int | None:
+    """The code the server closes ``client`` with (bounded wait)."""
+    try:
+        return await client.closed(timeout=10)
+    except Closed as exc:
+        return exc.code
+
+
 async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly() -> None:
     async with serve_process() as srv:
         a, _ = await srv.join("aria")
         assert srv.process is not None
         srv.process.send_signal(signal.SIGTERM)
-        try:
-            code = await a.closed(timeout=10)
-        except Closed as exc:
-            code = exc.code
-        assert code == 1001
+        assert await close_code(a) == 1001
         returncode = await asyncio.to_thread(srv.process.wait, 15)
         assert returncode == 0
 
@@ -395,11 +399,7 @@ async def test_sigterm_during_a_redis_stall_exits_within_the_shutdown_timeout(
         os.kill(redis._proc.pid, signal.SIGSTOP)
         try:
             srv.process.send_signal(signal.SIGTERM)
-            try:
-                code = await a.closed(timeout=10)
-            except Closed as exc:
-                code = exc.code
-            assert code == 1001
+            assert await close_code(a) == 1001
             # the budget (2 s) and some slack; not the drain's 2 s, then the handlers' 2 s
             # more (aiohttp's own wait), then a command timeout (5 s) per step
             assert await asyncio.to_thread(srv.process.wait, 3.5) == 0

@@ -114,6 +114,14 @@ class Client:
         else:
             await self.ws.send_str(message)
 
+    async def flood(self, message: str, times: int = 200) -> None:
+        """Send ``message`` ``times`` times, or until the socket refuses (closed for it)."""
+        for _ in range(times):
+            try:
+                await self.send(message)
+            except ConnectionError:
+                return
+
     async def act(
         self,
         action_id: str,
