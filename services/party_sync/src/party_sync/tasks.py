@@ -49,3 +49,29 @@ async def cancel_and_wait(
 
 
 __all__ = ["STOP_TIMEOUT", "cancel_and_wait"]
+
+
+class LatestPerKey:
+    """At most one task per key: a newer one cancels the one before (a restate notice for a
+    party replaces one still being retried). A task leaves the table when it ends."""
+
+    def __init__(self) -> None:
+        self._tasks: dict[str, asyncio.Task[Any]] = {}
+
+    def put(self, key: str, task: asyncio.Task[Any]) -> None:
+        before = self._tasks.pop(key, None)
+        if before is not None:
+            before.cancel()
+        self._tasks[key] = task
+        task.add_done_callback(lambda done: self._forget(key, done))
+
+    def _forget(self, key: str, done: asyncio.Task[Any]) -> None:
+        if self._tasks.get(key) is done:
+            del self._tasks[key]
+
+    def cancel_all(self) -> None:
+        for task in list(self._tasks.values()):
+            task.cancel()
+
+    def __len__(self) -> int:
+        return len(self._tasks)

@@ -60,7 +60,7 @@ from party_sync.engine import wire
 from party_sync.engine.inprocess import claim_until_answered
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import ErrorCode, PartySyncError
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import LatestPerKey, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ class HttpEngineLink:
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         #: The restate notice being delivered, per party: a newer one for the party replaces it.
-        self._restates: dict[str, asyncio.Task[Any]] = {}
+        self._restates = LatestPerKey()
         #: Attempts that failed: refused, timed out, dropped, 5xx (engine_link_failures_total).
         self.failures = 0
 
@@ -154,18 +154,10 @@ class HttpEngineLink:
         # A restate is what brings the party's scene back after party_sync lost it: it is tried
         # until the engine takes it (within ``give_up_after``), through an engine outage too. A
         # newer one for the same party (a later epoch) replaces one still being tried.
-        pending = self._restates.pop(party_id, None)
-        if pending is not None:
-            pending.cancel()
         task = self._spawn(
             self._deliver_notice(self.notice_url, body, trace_id, persist=self.give_up_after)
         )
-        self._restates[party_id] = task
-        task.add_done_callback(
-            lambda done: (
-                self._restates.pop(party_id, None) if self._restates.get(party_id) is done else None
-            )
-        )
+        self._restates.put(party_id, task)
 
     async def _deliver_notice(
         self, url: str, body: Mapping[str, Any], trace_id: str, *, persist: float = 0.0

@@ -35,7 +35,7 @@ from party_sync.engine.interface import (
     restate_engine,
 )
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import LatestPerKey, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class InProcessLink:
         self.claims_on_accept = claim_on_accept
         self._host: LinkHost | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._restates: dict[str, asyncio.Task[Any]] = {}  # per party, being tried again
+        self._restates = LatestPerKey()  # per party, being tried again
         self._close_timeout = close_timeout
 
     async def start(self, host: LinkHost) -> None:
@@ -138,20 +138,10 @@ class InProcessLink:
         except Exception:
             log.exception("engine failed to re-state a party", extra=extra)
             return
-        pending = self._restates.pop(notice.party_id, None)
-        if pending is not None:
-            pending.cancel()
         task = asyncio.get_running_loop().create_task(self._restate_again(notice, extra))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        self._restates[notice.party_id] = task
-        task.add_done_callback(
-            lambda done: (
-                self._restates.pop(notice.party_id, None)
-                if self._restates.get(notice.party_id) is done
-                else None
-            )
-        )
+        self._restates.put(notice.party_id, task)
 
     async def _restate_again(self, notice: RestateNotice, extra: dict[str, str]) -> None:
         """``restate_engine`` again while party_sync's backend fails under it (bounded)."""
@@ -253,8 +243,7 @@ class InProcessLink:
                 pause = min(1.0, pause * 2)
 
     async def close(self) -> None:
-        for retry in list(self._restates.values()):  # nothing new to say on the way out
-            retry.cancel()
+        self._restates.cancel_all()  # nothing new to say on the way out
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
         # what is still running is cancelled, and waited for (bounded) before the engine closes
