@@ -178,6 +178,7 @@ interface Waiter<T> {
 }
 
 const OPEN = 1;
+type WatchPhase = "connect" | "idle" | "pong" | "error";
 /** After an error event, how long to wait for the close event before acting without it. */
 const ERROR_CLOSE_GRACE_MS = 1000;
 
@@ -207,6 +208,10 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   #timer: unknown = null;
   /** The liveness timer of the current connection (`#watch`), apart from the stream's timer. */
   #watchTimer: unknown = null;
+  #watchPhase: WatchPhase | null = null;
+  /** When the current connection last brought a message (`#now()`): the idle timer checks it
+   * when it fires, instead of being re-armed for every message. */
+  #heardAt = 0;
   readonly #pingIntervalMs: number;
   readonly #pongTimeoutMs: number;
   readonly #connectTimeoutMs: number;
@@ -483,7 +488,8 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     this.#watch(ws, "connect", this.#connectTimeoutMs);
     ws.onmessage = ((event: { data: unknown }) => {
       if (this.#ws !== ws) return;
-      this.#watch(ws, "idle", this.#pingIntervalMs); // anything heard proves the link
+      this.#heardAt = this.#now(); // anything heard proves the link
+      if (this.#watchPhase !== "idle") this.#watch(ws, "idle", this.#pingIntervalMs);
       this.#run(this.#stream.receive(event.data));
     }) as (event: never) => unknown;
     ws.onclose = ((event: { code?: number; reason?: string }) => {
@@ -501,16 +507,24 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   }
 
   /**
-   * Arm the liveness timer of `ws` (replacing the one before): after `ms`, an `idle` link gets a
-   * `system.ping` and `pongTimeoutMs` more; a `connect`, `error` or `pong` wait that runs out
-   * drops the link as a network failure (1006). `ms` = 0: no timer.
+   * Arm the liveness timer of `ws` (replacing the one before): an `idle` link silent for `ms`
+   * gets a `system.ping` and `pongTimeoutMs` more (one that heard something meanwhile waits out
+   * the rest of its interval); a `connect`, `error` or `pong` wait that runs out drops the link
+   * as a network failure (1006). `ms` = 0: no timer.
    */
-  #watch(ws: WebSocketLike, phase: "connect" | "idle" | "pong" | "error", ms: number): void {
+  #watch(ws: WebSocketLike, phase: WatchPhase, ms: number): void {
     this.#unwatch();
     if (ms <= 0) return;
+    this.#watchPhase = phase;
     this.#watchTimer = this.#timers.setTimeout(() => {
       this.#watchTimer = null;
+      this.#watchPhase = null;
       if (this.#ws !== ws) return;
+      const quiet = this.#now() - this.#heardAt;
+      if (phase === "idle" && quiet < this.#pingIntervalMs) {
+        this.#watch(ws, "idle", this.#pingIntervalMs - quiet);
+        return;
+      }
       if (phase === "idle" && ws.readyState === OPEN) {
         this.#send({ type: "system.ping", payload: {} });
         this.#watch(ws, "pong", this.#pongTimeoutMs);
@@ -528,6 +542,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   }
 
   #unwatch(): void {
+    this.#watchPhase = null;
     if (this.#watchTimer !== null) {
       this.#timers.clearTimeout(this.#watchTimer);
       this.#watchTimer = null;

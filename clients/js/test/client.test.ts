@@ -207,6 +207,21 @@ describe("a link gone silent", () => {
     assert.equal(FakeSocket.all.length, 2);
   });
 
+  it("the ping waits for a whole interval of silence, however the messages fall", async () => {
+    const h = harness({ pingIntervalMs: 20_000, pongTimeoutMs: 10_000 });
+    await joined(h, 0); // heard at 0
+    const socket = h.socket();
+    const pong = { type: "system.pong", timestamp: "2026-11-25T21:00:30.000Z", trace_id: "t", payload: {} };
+    h.timers.advance(5_000);
+    socket.deliver(pong); // heard at 5 s: the timer due at 20 s waits until 25 s
+    h.timers.advance(19_000);
+    socket.deliver(pong); // heard at 24 s, just before that
+    h.timers.advance(19_999); // 43.999 s: not 20 s of silence yet
+    assert.equal(socket.sentOfType("system.ping").length, 0);
+    h.timers.advance(1); // 44 s: 20 s since the last message
+    assert.equal(socket.sentOfType("system.ping").length, 1);
+  });
+
   it("an action sent into a silent link is sent again on the next connection, same id", async () => {
     const h = harness({ pingIntervalMs: 5_000, pongTimeoutMs: 2_000 });
     await joined(h);
