@@ -187,16 +187,22 @@ def weak_secrets(settings: Settings) -> list[str]:
     ):
         if secret and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
             found.append(
-                f"{name} is {len(secret.encode())} bytes: use at least {MIN_JWT_SECRET_BYTES} "
+                f"{name} is too short ({_count(len(secret.encode()), 'byte')}): use at least "
+                f"{MIN_JWT_SECRET_BYTES} "
                 "random bytes (e.g. openssl rand -base64 32); a short one can be guessed offline "
                 "from any token"
             )
     if settings.api_key and len(settings.api_key) < MIN_API_KEY_CHARS:
         found.append(
-            f"PARTY_SYNC_API_KEY is {len(settings.api_key)} characters: use at least "
+            f"PARTY_SYNC_API_KEY is too short ({_count(len(settings.api_key), 'character')}): "
+            f"use at least "
             f"{MIN_API_KEY_CHARS} random ones (e.g. openssl rand -base64 24)"
         )
     return found
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> HealthSource:

@@ -15,6 +15,7 @@ from party_sync.client import (
     ClientClosed,
     ClientEvent,
     Connected,
+    ConnectRefused,
     Disconnected,
     MemberLeft,
     PartyClient,
@@ -93,6 +94,15 @@ def seqs_after(events: list[ClientEvent]) -> list[int]:
             last = event.seq
             applied.append(event.seq)
     return applied
+
+
+async def test_a_refused_token_stops_the_client_with_the_servers_reason() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        client = make_client(srv, "aria", token=token("aria", secret="another-secret-" * 3))
+        with pytest.raises(ConnectRefused) as refused:
+            await client.connect()
+        assert refused.value.status == 401 and "token was refused" in str(refused.value)
+        await client.close()
 
 
 async def test_two_clients_act_and_both_see_the_result_and_the_scene() -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from party_sync.client.events import ActionResult, Connected, MemberJoined, ServerError
-from party_sync.client.policy import Backoff, Next, after_close, after_handshake
+from party_sync.client.policy import Backoff, Next, after_close, after_handshake, handshake_reason
 from party_sync.client.stream import (
     ActionDone,
     ActionError,
@@ -244,6 +244,13 @@ def test_what_each_close_code_means(code: int | None, step: Next) -> None:
 )
 def test_what_each_handshake_status_means(status: int, step: Next) -> None:
     assert after_handshake(status) is step
+
+
+def test_a_refused_handshake_reads_as_its_documented_reason() -> None:
+    assert "token was refused" in handshake_reason(401, fallback="Invalid response status")
+    assert handshake_reason(429, "10").endswith("; retry after 10 s")
+    assert handshake_reason(418, fallback="Invalid response status") == "Invalid response status"
+    assert handshake_reason(418) == "HTTP 418"
 
 
 @given(attempt=st.integers(0, 10_000), r=st.floats(0, 1, exclude_max=True))

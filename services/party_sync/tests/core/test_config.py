@@ -256,6 +256,7 @@ def test_short_secrets_are_warned_about_and_generated_ones_are_not() -> None:
         "PARTY_SYNC_API_KEY",
     ]
     assert all("abc" not in w for w in weak)  # a warning never shows the secret
+    assert "(1 character)" in weak[2] and "(3 bytes)" in weak[0]
     import secrets
 
     strong = Settings(jwt_secret=secrets.token_urlsafe(32), api_key=secrets.token_urlsafe(24))

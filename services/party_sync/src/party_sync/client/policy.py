@@ -46,6 +46,22 @@ _AFTER_CLOSE = {
 }
 
 
+#: What the server's handshake refusals mean (docs/protocol.md, "Connecting"); aiohttp's client
+#: keeps the status and headers of a refused upgrade, not its body.
+_HANDSHAKE_REASONS = {
+    401: "the token was refused (missing, invalid, expired, or signed with another secret)",
+    403: "forbidden (the page's Origin is not allowed, or an operator disconnected this player)",
+    429: "too many connections for this user on the node, or a cooldown after a 1008 close",
+    503: "the node is not ready or is shutting down",
+}
+
+
+def handshake_reason(status: int, retry_after: str | None = None, fallback: str = "") -> str:
+    """A readable reason for a handshake refused with HTTP ``status`` (pure)."""
+    reason = _HANDSHAKE_REASONS.get(status, fallback or f"HTTP {status}")
+    return f"{reason}; retry after {retry_after} s" if retry_after else reason
+
+
 def after_close(code: int | None) -> Next:
     """The next step after the server closed the connection with ``code`` (None: no code)."""
     return _AFTER_CLOSE.get(code or 0, Next.RESUME)

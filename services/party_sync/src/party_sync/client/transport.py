@@ -11,6 +11,7 @@ from typing import Final, Protocol
 
 import aiohttp
 
+from party_sync.client.policy import handshake_reason
 from party_sync.protocol.errors import PartySyncError
 
 ABNORMAL_CLOSURE = 1006  # RFC 6455: the connection ended without a close frame
@@ -145,7 +146,9 @@ class AiohttpTransport:
                     autoping=True,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            raise HandshakeRejected(exc.status, exc.message) from None
+            retry_after = exc.headers.get("Retry-After") if exc.headers else None
+            reason = handshake_reason(exc.status, retry_after, exc.message)
+            raise HandshakeRejected(exc.status, reason) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         return AiohttpConnection(ws)
