@@ -203,7 +203,8 @@ def test_the_url_gives_the_password_and_db_with_sentinels() -> None:
     client = make_client(RedisTarget.of(settings))
     kwargs = client.connection_pool.connection_kwargs
     assert (kwargs["password"], kwargs["db"]) == ("pw", 3)
-    assert "host" not in kwargs  # asked of the sentinels
+    # asked of the sentinels; the URL's host is not used, and nothing is reachable without them
+    assert (kwargs["host"], kwargs["port"]) == ("127.0.0.1", 0)
     assert settings.redis_sentinel_password == "sentinel-pw"
 
 
@@ -252,5 +253,34 @@ async def test_a_client_finds_the_master_through_password_protected_sentinels() 
             r.select(2)
             assert r.get("k") == b"v"  # on the master, in db 2
             assert r.get(mark_key("ps")) is not None  # and fenced (marked) there
+    finally:
+        await asyncio.to_thread(sentinels.close)
+
+
+async def test_a_sentinel_clients_connection_used_unopened_goes_to_the_master() -> None:
+    """redis-py opens a closed connection that is written to (``send_packed_command``) without
+    asking the sentinels; ``redis_connect._SentinelConnection`` makes it ask them. Before, the
+    script batcher's connection went to localhost:6379: whatever Redis listened there."""
+    from party_sync.backends.redis_wire import RawConnection
+
+    sentinels = SentinelSet()
+    await asyncio.to_thread(sentinels.start)
+    try:
+        addresses = parse_addresses(sentinels.addresses.split(","))
+        client = make_client(RedisTarget("redis://any-host/0", Sentinels(addresses, MASTER_NAME)))
+        try:
+            for explicit in (False, True):
+                conn = RawConnection(client.connection_pool)
+                if explicit:
+                    await conn.connect()
+                await conn.send_packed(b"*2\r\n$4\r\nINFO\r\n$6\r\nserver\r\n")
+                (info,) = await conn.read_replies(1)
+                await conn.close()
+                port = next(
+                    line.split(b":")[1] for line in info.split(b"\r\n") if b"tcp_port:" in line
+                )
+                assert int(port) == sentinels.master_port()
+        finally:
+            await client.aclose()
     finally:
         await asyncio.to_thread(sentinels.close)

@@ -144,6 +144,7 @@ class ScriptBatcher:
         if conn is None:
             # No socket timeout: the batch has one deadline (asyncio.timeout) instead.
             conn = self._conn = RawConnection(self._connections, timeout=False)
+            await conn.connect()  # the pool's own way (with Sentinel: the master it names)
         return conn
 
     async def _drop(self) -> None:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
-from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -187,8 +187,13 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     if problem is not None:
         raise ValueError(problem)
     from_url: dict[str, Any] = dict(parse_url(target.url))
-    for unused in ("host", "port", "connection_class", "path"):
-        from_url.pop(unused, None)  # the master's address comes from the sentinels
+    for unused in ("connection_class", "path"):
+        from_url.pop(unused, None)
+    # The master's address comes from the sentinels (_SentinelConnection). Should any path ever
+    # open a socket without asking them, it must fail, not reach redis-py's default localhost:6379
+    # (another Redis, perhaps another deployment's): port 0 is refused at once.
+    from_url["host"], from_url["port"] = "127.0.0.1", 0
+    from_url["connection_class"] = _SentinelConnection
     sentinel_kwargs: dict[str, Any] = {
         "socket_connect_timeout": SENTINEL_TIMEOUT,
         "socket_timeout": SENTINEL_TIMEOUT,
@@ -270,6 +275,37 @@ class SlotClients:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose(close_connection_pool=True)
+
+
+class _SentinelConnection(SentinelManagedConnection):
+    """A connection of the master's pool that asks the sentinels for the master's address
+    whenever it opens its socket, however it is opened.
+
+    redis-py 8's ``SentinelManagedConnection`` asks them in ``connect()`` only; a connection
+    that is used while closed (``send_packed_command`` on a new or dropped connection: what
+    ``redis_wire.RawConnection`` and a retried command do) reconnects through
+    ``connect_check_health``, to whatever ``host``/``port`` it holds: its last master (demoted
+    after a failover), or, never connected, redis-py's default localhost:6379. Here that path
+    goes through ``connect()`` too (sentinels, then ``connect_to``, which opens the socket).
+    The contract test is ``test_a_sentinel_clients_connection_used_unopened_goes_to_the_master``.
+    """
+
+    _addressed = False  # inside connect_to: the address was just taken from the sentinels
+
+    async def connect_to(self, address: Any) -> None:
+        self._addressed = True
+        try:
+            await super().connect_to(address)  # type: ignore[no-untyped-call]
+        finally:
+            self._addressed = False
+
+    async def connect_check_health(
+        self, check_health: bool = True, retry_socket_connect: bool = True
+    ) -> None:
+        if self._addressed or self.is_connected or not self.connection_pool.is_master:
+            await super().connect_check_health(check_health, retry_socket_connect)
+        else:
+            await self.connect()  # type: ignore[no-untyped-call]
 
 
 class _SentinelRedis(Redis):
