@@ -3,9 +3,28 @@
 from __future__ import annotations
 
 import importlib
+import os
+import sys
+from types import ModuleType
 
 from party_sync.engine.interface import Engine
 from party_sync.protocol.errors import ConfigError
+
+
+def _import(module_name: str) -> ModuleType:
+    """``module_name``, found where Python finds it, or else in the working directory: the
+    console scripts (``party-sync serve --engine mymodule:create_engine`` run next to
+    ``mymodule.py``) do not have it on ``sys.path`` as ``python -m`` does. It goes after what
+    is installed, so a file there never shadows an installed module."""
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        here = os.getcwd()
+        if exc.name != module_name.partition(".")[0] or here in sys.path:
+            raise
+        sys.path.append(here)
+        importlib.invalidate_caches()
+        return importlib.import_module(module_name)
 
 
 def load_engine(spec: str) -> Engine:
@@ -13,7 +32,7 @@ def load_engine(spec: str) -> Engine:
     if not sep or not module_name or not attr:
         raise ConfigError(f"engine must be MODULE:ATTR, got {spec!r}")
     try:
-        module = importlib.import_module(module_name)
+        module = _import(module_name)
     except ImportError as exc:
         raise ConfigError(f"cannot import engine module {module_name!r}: {exc}") from exc
     try:

@@ -1,0 +1,73 @@
+"""``engine.loader.load_engine``: ``MODULE:ATTR`` specs, their errors, and a module in the working
+directory (what a console script run next to ``mymodule.py`` is given)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from party_sync.engine.loader import load_engine
+from party_sync.protocol.errors import ConfigError
+
+ENGINE = """
+class Engine:
+    async def start(self, publisher): ...
+    async def handle_action(self, action): ...
+    async def handle_join(self, notice): ...
+    async def close(self): ...
+
+def create_engine():
+    return Engine()
+
+NOT_AN_ENGINE = 42
+"""
+
+
+@pytest.fixture
+def in_a_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working directory is ``tmp_path`` and, as for a console script, not on sys.path."""
+    monkeypatch.chdir(tmp_path)
+    here = str(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", here)])
+    return tmp_path
+
+
+def test_an_engine_module_in_the_working_directory_is_found(in_a_directory: Path) -> None:
+    (in_a_directory / "ps_loader_probe_engine.py").write_text(ENGINE)
+    try:
+        engine = load_engine("ps_loader_probe_engine:create_engine")
+        assert type(engine).__name__ == "Engine"
+        assert sys.path[-1] == str(in_a_directory)  # after what is installed: never shadows
+    finally:
+        sys.modules.pop("ps_loader_probe_engine", None)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("no_colon", "MODULE:ATTR"),
+        (":attr", "MODULE:ATTR"),
+        ("ps_no_such_module_anywhere:x", "cannot import engine module 'ps_no_such_module"),
+        ("ps_loader_bad_engine:missing", "has no attribute 'missing'"),
+        ("ps_loader_bad_engine:NOT_AN_ENGINE", "neither an Engine"),
+    ],
+)
+def test_a_bad_spec_is_a_configuration_error(in_a_directory: Path, spec: str, message: str) -> None:
+    (in_a_directory / "ps_loader_bad_engine.py").write_text(ENGINE)
+    try:
+        with pytest.raises(ConfigError, match=message):
+            load_engine(spec)
+    finally:
+        sys.modules.pop("ps_loader_bad_engine", None)
+
+
+def test_a_missing_import_inside_the_module_is_not_hidden(in_a_directory: Path) -> None:
+    (in_a_directory / "ps_loader_broken.py").write_text("import ps_missing_dependency_xyz\n")
+    try:
+        with pytest.raises(ConfigError, match="ps_missing_dependency_xyz"):
+            load_engine("ps_loader_broken:create_engine")
+    finally:
+        sys.modules.pop("ps_loader_broken", None)
+        assert os.getcwd() == str(in_a_directory)
