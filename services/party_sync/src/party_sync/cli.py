@@ -287,7 +287,13 @@ def _engine_http(args: argparse.Namespace) -> int:
     from party_sync.engine.http_host import ApiPublisher, build_host_app
     from party_sync.engine.loader import load_engine
 
-    logs.configure(os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO"), "json")
+    level = os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
+    if level.upper() not in config.LOG_LEVELS:
+        raise ConfigError(f"PARTY_SYNC_LOG_LEVEL must be one of {', '.join(config.LOG_LEVELS)}")
+    problem = config.http_url_problem("--party-sync-url", args.party_sync_url)
+    if problem is not None:
+        raise ConfigError(problem)
+    logs.configure(level, "json")
     _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
     logs.protect(api_key)

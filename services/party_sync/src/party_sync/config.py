@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlsplit
 
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.protocol.errors import ConfigError
@@ -19,6 +20,8 @@ from party_sync.protocol.errors import ConfigError
 ENV_PREFIX = "PARTY_SYNC_"
 #: The most serving processes ``--workers`` may ask for.
 MAX_WORKERS = 256
+#: The log levels log_level takes (any case).
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The most streams ``actions_stream_partitions`` may split the actions stream into.
 MAX_STREAM_PARTITIONS = 1024
 
@@ -200,7 +203,10 @@ class Settings:
         3600.0, "Lifetime in seconds of the tokens Telegram sign-in issues."
     )
     allowed_origins: tuple[str, ...] = _option(
-        (), "Allowed Origin values (comma-separated); empty allows any origin (development).", _csv
+        (),
+        "Allowed Origin values (comma-separated scheme://host[:port], exactly as browsers send "
+        "them; '*' is refused); empty allows any origin (development).",
+        _csv,
     )
     max_message_bytes: int = _option(65536, "Largest client message accepted, in bytes.")
     api_max_body_bytes: int = _option(
@@ -373,6 +379,49 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
     return settings
 
 
+def http_url_problem(name: str, url: str | None) -> str | None:
+    """Why ``url`` (setting ``name``) is not an http(s) URL with a host, or None (unset
+    included). The URL itself is not repeated: it may hold a password."""
+    if not url:
+        return None
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        scheme = f"{parts.scheme}://..." if parts.scheme else "no scheme"
+        return f"{name} must be an http:// or https:// URL with a host (got {scheme})"
+    return None
+
+
+def _origins_problem(origins: Sequence[str]) -> str | None:
+    """Why an ``allowed_origins`` entry can never equal a browser's ``Origin`` header
+    (``scheme://host[:port]``, nothing after it), or None: such an entry refuses every page."""
+    for origin in origins:
+        if origin == "*":
+            return (
+                "allowed_origins: '*' is not a wildcard here; list the pages' origins "
+                "(https://host[:port]), or leave allowed_origins empty to allow any (development)"
+            )
+        parts = urlsplit(origin)
+        if not parts.scheme or not parts.netloc or parts.path or parts.query or parts.fragment:
+            return (
+                f"allowed_origins: {origin!r} is not an origin: scheme://host[:port], with no "
+                "path or trailing slash (as browsers send it in the Origin header)"
+            )
+    return None
+
+
+def _redis_url_problem(url: str | None) -> str | None:
+    """What is wrong with ``redis_url`` as redis-py would read it, or None (unset included)."""
+    if not url:
+        return None
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        return f"redis_url: {exc}"
+    return None
+
+
 def _sentinel_problem(settings: Settings) -> str | None:
     """What is wrong with the Sentinel settings (docs/redis.md, "Deployment topologies")."""
     from party_sync.backends.redis_connect import (
@@ -492,6 +541,10 @@ def validate(settings: Settings) -> None:
         (settings.rate_limit > 0 and settings.rate_burst >= 1, "rate limits must be positive"),
         (settings.log_format in {"json", "text"}, "log_format must be json or text"),
         (
+            settings.log_level.upper() in LOG_LEVELS,
+            f"log_level must be one of {', '.join(LOG_LEVELS)}",
+        ),
+        (
             settings.event_loop in {"auto", "uvloop", "asyncio"},
             "event_loop must be auto, uvloop or asyncio",
         ),
@@ -516,6 +569,12 @@ def validate(settings: Settings) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
-    problem = _sentinel_problem(settings)
+    problem = (
+        _origins_problem(settings.allowed_origins)
+        or http_url_problem("engine_url", settings.engine_url)
+        or http_url_problem("engine_notice_url", settings.engine_notice_url)
+        or _redis_url_problem(settings.redis_url)
+        or _sentinel_problem(settings)
+    )
     if problem is not None:
         raise ConfigError(problem)

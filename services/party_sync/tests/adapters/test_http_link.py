@@ -189,6 +189,17 @@ async def test_an_engine_refusing_every_connection_ends_in_engine_unavailable() 
     assert host.failed == [("gone", ErrorCode.ENGINE_UNAVAILABLE)]
 
 
+@pytest.mark.parametrize("url", ["notaurl", "http:///actions"])
+async def test_a_url_no_request_can_leave_for_ends_in_engine_unavailable(url: str) -> None:
+    """(config refuses such URLs at start; the link, given one, still answers truthfully instead
+    of retrying for action_record_ttl as if the engine might have seen it)"""
+    host = RecordingHost()
+    async with started_link(host, url, retries=1) as link:
+        await link.submit(make_action("nowhere"))
+        await idle(link)
+    assert host.failed == [("nowhere", ErrorCode.ENGINE_UNAVAILABLE)]
+
+
 async def test_5xx_is_never_reported_as_a_failure_and_retried_until_the_action_is_final() -> None:
     api, host = ScriptedApi(answers=[503] * 1000), RecordingHost()
     async with serve(api.app()) as base, started_link(host, f"{base}/actions", retries=1) as link:

@@ -120,6 +120,16 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("REDIS_WRITE_DELAY", "-0.001", "redis_write_delay"),
         ("REDIS_WRITE_DELAY", "0.05", "redis_write_delay"),
         ("REDIS_WRITE_DELAY", "nan", "redis_write_delay"),
+        ("LOG_LEVEL", "LOUD", "log_level must be one of DEBUG"),
+        ("ALLOWED_ORIGINS", "*", "'\\*' is not a wildcard here"),
+        ("ALLOWED_ORIGINS", "https://a.example,https://b.example/", "not an origin"),
+        ("ALLOWED_ORIGINS", "a.example", "not an origin"),
+        ("REDIS_URL", "notaurl", "redis_url: Redis URL must specify"),
+        ("REDIS_URL", "redis://h:notaport/0", "redis_url: Port could not be cast"),
+        ("ENGINE_URL", "notaurl", "engine_url must be an http:// or https:// URL with a host"),
+        ("ENGINE_URL", "ftp://h/x", r"engine_url must be .* \(got ftp://\.\.\.\)"),
+        ("ENGINE_URL", "http:///actions", "engine_url must be"),
+        ("ENGINE_NOTICE_URL", "localhost:8000", "engine_notice_url must be"),
     ],
 )
 def test_an_out_of_range_environment_value_is_a_config_error(
@@ -127,6 +137,18 @@ def test_an_out_of_range_environment_value_is_a_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load(parse_flags(), env={ENV_PREFIX + var: value})
+
+
+def test_a_bad_url_error_never_repeats_the_url() -> None:
+    """A URL may carry a password: the error names the setting and the scheme only."""
+    for var in ("ENGINE_URL", "REDIS_URL"):
+        with pytest.raises(ConfigError) as refused:
+            load(parse_flags(), env={ENV_PREFIX + var: "mailto://user:hunter2@host/"})
+        assert "hunter2" not in str(refused.value)
+
+
+def test_a_lower_case_log_level_is_taken() -> None:
+    assert load(parse_flags(), env={ENV_PREFIX + "LOG_LEVEL": "debug"}).log_level == "debug"
 
 
 def test_an_out_of_range_flag_value_is_a_config_error() -> None:

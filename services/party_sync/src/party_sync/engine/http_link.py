@@ -20,8 +20,9 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
   says so for attempt 1); the player gets ``action_timeout``, true because it was never started;
 - other 4xx: final; the player gets ``action_rejected`` with the engine's ``detail`` (or the
   status);
-- connection refused (``aiohttp.ClientConnectorError``): the request never left; retried with
-  exponential backoff and full jitter up to ``engine_http_retries`` times. If *every* attempt was
+- connection refused (``aiohttp.ClientConnectorError``; or ``aiohttp.InvalidURL``): the request
+  never left; retried with exponential backoff and full jitter up to ``engine_http_retries``
+  times. If *every* attempt was
   refused like this, the player gets ``engine_unavailable``: true, the engine never saw it;
 - timeout after sending, 5xx, a dropped connection: the engine *may* have applied it, so the link
   never reports a failure. It keeps retrying (the engine deduplicates by ``action_id``) with
@@ -320,7 +321,7 @@ class HttpEngineLink:
                 if resp.status >= 500:
                     raise _Retryable(f"HTTP {resp.status}")
                 return resp.status, _parse(text)
-        except aiohttp.ClientConnectorError as exc:
+        except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # never sent
             raise _Unreached(type(exc).__name__) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise _Retryable(type(exc).__name__) from None
