@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
         "--new-game",
         action="store_true",
         help="start a new game: discard the development secret file (so, the old demo links) "
-        "and the in-process reference engine's SQLite database (make run NEW_GAME=1)",
+        "and the in-process reference engine's SQLite database "
+        "(in a checkout: make run NEW_GAME=1)",
     )
 
     host = commands.add_parser(
@@ -163,7 +164,7 @@ def _serve(args: argparse.Namespace) -> int:
         if kept is None:
             origin = "random, for this process only"
         elif kept.created:
-            origin = f"new, kept in {kept.path} for the next start (make run NEW_GAME=1 resets it)"
+            origin = f"new, kept in {kept.path} for the next start (--new-game resets it)"
         else:
             origin = f"the one kept in {kept.path}: earlier links still work"
         log.warning(
@@ -249,6 +250,9 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
 
 
 def _token(args: argparse.Namespace) -> int:
+    if not args.ttl > 0:  # also NaN
+        print("party-sync token: --ttl must be > 0 seconds", file=sys.stderr)
+        return 2
     secret = args.secret or os.environ.get("PARTY_SYNC_JWT_SECRET")
     if not secret:
         kept = devmode.read_existing(Path.cwd() / DEV_SECRET_FILE)
