@@ -6,8 +6,11 @@ import asyncio
 import functools
 import gc
 import logging
+import os
 import secrets
 import signal
+import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -293,10 +296,41 @@ class WorkerRole(Protocol):
 def serve(
     server: Server, *, on_ready: list[str] | None = None, worker: WorkerRole | None = None
 ) -> None:
-    """Run ``run(server)`` to its end on the configured event loop (``party-sync serve``)."""
+    """Run ``run(server)`` to its end on the configured event loop (``party-sync serve``); once
+    it is told to stop, the process exits by ``shutdown_timeout + EXIT_GRACE`` whatever still
+    runs (``arm_exit_watchdog``)."""
     factory = event_loop_factory(server.settings.event_loop)
     with asyncio.Runner(loop_factory=factory) as runner:
-        runner.run(run(server, on_ready=on_ready, worker=worker))
+        runner.run(run(server, on_ready=on_ready, worker=worker, on_stop=arm_exit_watchdog))
+
+
+#: Seconds past ``shutdown_timeout`` that a stopping process may take before its watchdog ends it.
+EXIT_GRACE = 2.0
+
+
+def arm_exit_watchdog(budget: float) -> None:
+    """End the process with exit code 1 if it is still alive ``budget + EXIT_GRACE`` s from now.
+
+    The drain and every close are bounded, but what they leave behind may not let the process
+    end: a thread that is not a daemon (an engine's database thread, a default-executor job)
+    holds the interpreter's exit for as long as it runs. A daemon timer thread still runs then,
+    and ends the process, once, loudly."""
+
+    def force() -> None:
+        alive = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        log.error(
+            "party_sync did not exit within shutdown_timeout + %.0f s: exiting now (exit code 1)",
+            EXIT_GRACE,
+            extra={"threads": alive},
+        )
+        sys.stderr.flush()
+        sys.stdout.flush()
+        os._exit(1)
+
+    timer = threading.Timer(budget + EXIT_GRACE, force)
+    timer.daemon = True
+    timer.name = "party_sync-exit-watchdog"
+    timer.start()
 
 
 @dataclass
@@ -365,12 +399,16 @@ async def start_serving(
 
 
 async def run(
-    server: Server, *, on_ready: list[str] | None = None, worker: WorkerRole | None = None
+    server: Server,
+    *,
+    on_ready: list[str] | None = None,
+    worker: WorkerRole | None = None,
+    on_stop: Callable[[float], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit.
 
     ``worker``: one worker of ``serve --workers N`` (SO_REUSEPORT; it also stops when its
-    supervisor is gone)."""
+    supervisor is gone). ``on_stop(shutdown_timeout)`` is called when the stop begins."""
     settings = server.settings
     listening = await start_serving(
         server,
@@ -421,6 +459,8 @@ async def run(
         await worker.started(server, stop.set)
     await stop.wait()
     log.info("party_sync shutting down")
+    if on_stop is not None:
+        on_stop(settings.shutdown_timeout)
     started = time.monotonic()
     await listening.stop()
     if worker is not None:

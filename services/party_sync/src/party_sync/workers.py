@@ -63,8 +63,10 @@ RESTART_DELAY_MIN = 0.5
 RESTART_DELAY_MAX = 30.0
 #: A worker that served this long before dying is restarted after ``RESTART_DELAY_MIN`` again.
 STABLE_AFTER = 60.0
-#: Seconds the parent waits, past ``shutdown_timeout``, for a draining worker before SIGKILL.
-DRAIN_GRACE = 10.0
+#: Seconds the parent waits, past ``shutdown_timeout``, for a draining worker before SIGKILL
+#: (a worker ends itself by ``server.EXIT_GRACE`` past it; this is for one that cannot run:
+#: stopped, or stuck outside Python). A worker killed so makes ``serve`` exit 1.
+DRAIN_GRACE = 5.0
 #: Seconds a worker waits for a sibling's metrics at scrape time.
 SCRAPE_TIMEOUT = 2.0
 
@@ -146,6 +148,7 @@ class Supervisor:
                             extra={"worker": slot.index, "pid": slot.process.pid},
                         )
                         self._signal(slot, signal.SIGKILL)
+                        self.failure = self.failure or 1
                 await asyncio.wait(late)
             for keeper in keepers:
                 if not keeper.cancelled() and keeper.exception() is not None:
@@ -195,6 +198,8 @@ class Supervisor:
                 log.exception("worker %d could not be started", slot.index)
                 returncode = None
             if self.stopping.is_set():
+                if returncode:  # it did not drain cleanly (its exit watchdog, or a kill)
+                    self.failure = self.failure or 1
                 return
             if not all(s.ready_once for s in self.slots):
                 # Before the group ever served: a worker that cannot start (a bad engine, a port

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +120,58 @@ async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly() -> None:
         assert await close_code(a) == 1001
         returncode = await asyncio.to_thread(srv.process.wait, 15)
         assert returncode == 0
+
+
+#: An in-process engine that never answers, with a thread that is not a daemon (as aiosqlite's
+#: is): the thread ends when the engine is closed, unless LEAK is set.
+HANGING_ENGINE = """
+import asyncio, os, threading
+
+class Engine:
+    async def start(self, publisher):
+        self.closed = threading.Event()
+        threading.Thread(target=self.closed.wait, name="engine-db", daemon=False).start()
+
+    async def handle_action(self, action):
+        await asyncio.Event().wait()  # mid-action for ever (a game master narrating)
+
+    async def handle_join(self, notice): ...
+
+    async def close(self):
+        if not os.environ.get("LEAK"):
+            self.closed.set()
+
+def create_engine():
+    return Engine()
+"""
+
+
+@pytest.mark.parametrize("leak", [False, True])
+async def test_sigterm_mid_action_exits_within_the_budget(tmp_path: Path, leak: bool) -> None:
+    """The in-process engine busy with an action at SIGTERM is cancelled and closed (its thread
+    ends: exit 0 within shutdown_timeout); an engine whose thread never ends cannot hold the
+    process past shutdown_timeout + EXIT_GRACE (2 s): exit 1, with an ERROR naming it."""
+    (tmp_path / "ps_hanging_engine.py").write_text(HANGING_ENGINE)
+    env = {"PYTHONPATH": str(tmp_path), "PARTY_SYNC_SHUTDOWN_TIMEOUT": "1"}
+    if leak:
+        env["LEAK"] = "1"
+    args = ["--engine", "ps_hanging_engine:create_engine"]
+    async with serve_process(args, env=env) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("a-1", "aria", "r1")
+        await a.expect("action.accepted")
+        assert srv.process is not None
+        signalled = time.monotonic()
+        srv.process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(srv.process.wait, 15)
+        took = time.monotonic() - signalled
+        assert srv.process.stderr is not None
+        log = srv.process.stderr.read().decode()
+    if leak:
+        assert returncode == 1 and 3.0 <= took < 6.0, (returncode, took)
+        assert "did not exit within shutdown_timeout" in log and "engine-db" in log
+    else:
+        assert returncode == 0 and took < 3.0, (returncode, took, log[-2000:])
 
 
 async def test_token_command_mints_a_token_the_server_accepts() -> None:

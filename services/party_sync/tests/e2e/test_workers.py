@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -310,6 +311,22 @@ async def test_sigterm_to_the_parent_drains_every_worker(
         assert len(drained) == 3  # each worker, then the parent
         assert not [e for e in group.logs if "restarting" in str(e.get("msg"))]
         assert not await asyncio.to_thread(group_dir.exists)
+
+
+async def test_a_worker_that_cannot_drain_is_killed_and_serve_exits_1(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """A worker that cannot run (SIGSTOP) when the group stops: killed DRAIN_GRACE (5 s) past
+    shutdown_timeout, and the exit code says the drain was not clean."""
+    async with workers_group(redis, tmp_path, "--shutdown-timeout", "1") as group:
+        pids = (await group.log(serving))["pids"]
+        os.kill(pids[1], signal.SIGSTOP)
+        started = time.monotonic()
+        group.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await group.process.wait() == 1
+        assert 5.0 <= time.monotonic() - started < 10.0
+        assert [e for e in group.logs if "did not drain" in str(e.get("msg"))]
 
 
 async def test_workers_leave_when_their_supervisor_is_killed(

@@ -73,6 +73,8 @@ async def claim_until_answered(
 
 #: Failures of party_sync's own infrastructure (not of the engine) seen through the engine.
 INFRA_ERRORS = (BackendUnavailable, OSError, TimeoutError)
+#: Seconds the engine's ``close`` gets on the way out, after its calls were cancelled.
+ENGINE_CLOSE_TIMEOUT = 1.0
 
 
 async def _answered(host: LinkHost, action: ActionRequest) -> bool:
@@ -244,8 +246,19 @@ class InProcessLink:
 
     async def close(self) -> None:
         self._restates.cancel_all()  # nothing new to say on the way out
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
-        # what is still running is cancelled, and waited for (bounded) before the engine closes
-        await cancel_and_wait(list(self._tasks), what="an in-process engine call")
-        await self.engine.close()
+        try:
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=self._close_timeout)
+        finally:
+            # Also when the caller's budget ran out during that wait (this is cancelled): what
+            # is still running is cancelled, and waited for (bounded), and the engine is closed
+            # (bounded): an engine left open can hold a thread of its own (a database's) that
+            # would keep the process from exiting.
+            await cancel_and_wait(
+                list(self._tasks), within=ENGINE_CLOSE_TIMEOUT, what="an in-process engine call"
+            )
+            try:
+                async with asyncio.timeout(ENGINE_CLOSE_TIMEOUT):
+                    await self.engine.close()
+            except TimeoutError:
+                log.warning("the in-process engine did not close in time: left behind")

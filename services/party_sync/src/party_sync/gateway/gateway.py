@@ -146,12 +146,13 @@ class Gateway:
         self.core.stop()
         # bounded: a task that swallowed its cancellation is left behind, never waited for
         await cancel_and_wait(list(self._tasks), what="a gateway background task")
-        try:
-            async with asyncio.timeout(max(self.shutdown_left(), SHUTDOWN_MOMENT)):
-                await self.link.close()
-                await self.backend.close()
-        except TimeoutError:
-            log.warning("the engine link or the backend did not close in time: left behind")
+        # each its own bound: the backend is closed even when the link was not in time
+        for closing, what in ((self.link, "the engine link"), (self.backend, "the backend")):
+            try:
+                async with asyncio.timeout(max(self.shutdown_left(), SHUTDOWN_MOMENT)):
+                    await closing.close()
+            except TimeoutError:
+                log.warning("%s did not close in time: left behind", what)
 
     def _spawn(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
         task = asyncio.get_running_loop().create_task(coro)
