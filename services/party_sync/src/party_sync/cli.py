@@ -330,7 +330,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
     from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions, default_consumer
     from party_sync.protocol.schemas import Contracts
     from party_sync.publishing import BackendPublisher
-    from party_sync.server import make_backend
+    from party_sync.server import arm_exit_watchdog, make_backend
 
     # The same settings as the gateway nodes (history size, TTLs, key prefix) from the environment.
     given = {
@@ -385,10 +385,17 @@ def _engine_worker(args: argparse.Namespace) -> int:
             options,
             partitions=settings.actions_stream_partitions,
             watch=watch,
+            stop_grace=settings.shutdown_timeout,
         )
+
+        def stop() -> None:
+            if not worker.stopping:
+                arm_exit_watchdog(settings.shutdown_timeout)
+            worker.stop()
+
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, worker.stop)
+            loop.add_signal_handler(sig, stop)
         banner = f"engine worker {options.consumer} on {', '.join(worker.streams)}"
         try:
             await worker.run(on_started=lambda: print(banner, flush=True))

@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 import pytest
 from ps_testkit.client import Client, Closed
+from ps_testkit.engines import HANGING_ENGINE
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import SECRET, free_port, party_sync_command, run_serve, serve_process
 
@@ -120,30 +121,6 @@ async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly() -> None:
         assert await close_code(a) == 1001
         returncode = await asyncio.to_thread(srv.process.wait, 15)
         assert returncode == 0
-
-
-#: An in-process engine that never answers, with a thread that is not a daemon (as aiosqlite's
-#: is): the thread ends when the engine is closed, unless LEAK is set.
-HANGING_ENGINE = """
-import asyncio, os, threading
-
-class Engine:
-    async def start(self, publisher):
-        self.closed = threading.Event()
-        threading.Thread(target=self.closed.wait, name="engine-db", daemon=False).start()
-
-    async def handle_action(self, action):
-        await asyncio.Event().wait()  # mid-action for ever (a game master narrating)
-
-    async def handle_join(self, notice): ...
-
-    async def close(self):
-        if not os.environ.get("LEAK"):
-            self.closed.set()
-
-def create_engine():
-    return Engine()
-"""
 
 
 @pytest.mark.parametrize("leak", [False, True])

@@ -186,3 +186,31 @@ def engine_restates(directory: Path) -> list[str]:
     for log in sorted(directory.glob("restates-*.log")):
         lines.extend(log.read_text().splitlines())
     return lines
+
+
+#: The source of a module ``create_engine``: an engine that never answers an action (it touches
+#: the file ``PS_MARK`` names, if set, when one starts), with a thread that is not a daemon (as
+#: aiosqlite's is): the thread ends when the engine is closed, unless ``LEAK`` is set. For the
+#: shutdown tests of ``serve`` and ``engine-worker``, written next to them as a module.
+HANGING_ENGINE = """
+import asyncio, os, threading
+
+class Engine:
+    async def start(self, publisher):
+        self.closed = threading.Event()
+        threading.Thread(target=self.closed.wait, name="engine-db", daemon=False).start()
+
+    async def handle_action(self, action):
+        if os.environ.get("PS_MARK"):
+            open(os.environ["PS_MARK"], "w").close()
+        await asyncio.Event().wait()  # mid-action for ever (a game master narrating)
+
+    async def handle_join(self, notice): ...
+
+    async def close(self):
+        if not os.environ.get("LEAK"):
+            self.closed.set()
+
+def create_engine():
+    return Engine()
+"""

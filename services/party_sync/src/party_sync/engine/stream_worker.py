@@ -371,12 +371,18 @@ class PartitionedWorker:
         watch: EpochWatch | None = None,
         clock: Callable[[], float] = time.time,
         count_check: float = 10.0,
+        stop_grace: float = 10.0,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
         self.redis = redis
         self.options = options
         self.partitions = partitions
+        #: Seconds the read loops get, once stopped, to finish the actions they are handling
+        #: before they are cancelled (an engine call that never returns must not hold the
+        #: worker; a cancelled action stays pending in the stream: another worker claims it).
+        self.stop_grace = stop_grace
+        self._tasks: list[asyncio.Task[None]] = []
         self.count_check = count_check  # seconds between two looks at <stream>:partitions
         self.streams = layout.stream_names(options.stream, partitions)
         self.loops = [
@@ -389,9 +395,28 @@ class PartitionedWorker:
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
+        first = not self._stop.is_set()
         self._stop.set()
         for loop in self.loops:
             loop.stop()
+        if first and self._tasks:
+            asyncio.get_running_loop().call_later(self.stop_grace, self._cut_short)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def _cut_short(self) -> None:
+        late = [task for task in self._tasks if not task.done()]
+        if late:
+            log.warning(
+                "%d read loop(s) still in an engine call %.0f s after the stop: cancelled (their "
+                "actions stay pending in the stream for another worker)",
+                len(late),
+                self.stop_grace,
+            )
+        for task in late:
+            task.cancel()
 
     @property
     def errors(self) -> int:
@@ -428,7 +453,9 @@ class PartitionedWorker:
         await self.engine.start(self.publisher)
         if on_started is not None:
             on_started()
-        tasks = [asyncio.create_task(loop.consume()) for loop in self.loops]
+        tasks = self._tasks = [asyncio.create_task(loop.consume()) for loop in self.loops]
+        if self._stop.is_set():  # stopped while starting
+            asyncio.get_running_loop().call_later(self.stop_grace, self._cut_short)
         watcher = None if self.options.burst else asyncio.create_task(self._watch())
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
