@@ -290,6 +290,7 @@ def _engine_http(args: argparse.Namespace) -> int:
 
     from party_sync.engine.http_host import ApiPublisher, build_host_app
     from party_sync.engine.loader import load_engine
+    from party_sync.server import arm_exit_watchdog
 
     level = os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
     if level.upper() not in config.LOG_LEVELS:
@@ -316,8 +317,33 @@ def _engine_http(args: argparse.Namespace) -> int:
     print(
         f"engine {args.engine} on {base}{args.path} (notices: {base}{args.notice_path})", flush=True
     )
-    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None)
+    budget = _shutdown_timeout()
+
+    async def arm(app: web.Application) -> None:  # the stop began (SIGTERM, SIGINT)
+        arm_exit_watchdog(budget)
+
+    app.on_shutdown.append(arm)
+    web.run_app(
+        app,
+        host=args.host,
+        port=args.port,
+        print=None,
+        access_log=None,
+        shutdown_timeout=budget,  # then the engine calls still running are cancelled
+    )
     return 0
+
+
+def _shutdown_timeout() -> float:
+    """``PARTY_SYNC_SHUTDOWN_TIMEOUT`` for the commands that take no other setting."""
+    raw = os.environ.get("PARTY_SYNC_SHUTDOWN_TIMEOUT", "10")
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0 or value == float("inf"):
+        raise ConfigError("PARTY_SYNC_SHUTDOWN_TIMEOUT must be a number of seconds >= 0")
+    return value
 
 
 def _engine_worker(args: argparse.Namespace) -> int:

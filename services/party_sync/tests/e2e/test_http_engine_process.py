@@ -6,8 +6,12 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
+from ps_testkit.client import wait_until
+from ps_testkit.engines import HANGING_ENGINE
 from ps_testkit.servers import free_port, party_sync_command, serve_process
 
 pytestmark = pytest.mark.e2e
@@ -67,3 +71,57 @@ async def test_seed_flow_with_the_reference_engine_behind_http() -> None:
         for stream in (engine.stdout, engine.stderr):
             if stream is not None:
                 stream.close()
+
+
+@pytest.mark.parametrize("leak", [False, True])
+async def test_sigterm_mid_action_ends_engine_http_within_the_budget(
+    tmp_path: Path, leak: bool
+) -> None:
+    """``engine-http`` stopped while its engine is inside an action that never returns: the
+    request is cancelled after PARTY_SYNC_SHUTDOWN_TIMEOUT, the engine closed (exit 0); a thread
+    of the engine's that never ends cannot hold it past the budget + 2 s (exit 1)."""
+    (tmp_path / "ps_hanging_engine.py").write_text(HANGING_ENGINE)
+    mark, logged = tmp_path / "started", tmp_path / "engine.log"
+    engine_port, ps_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(tmp_path),
+        "PS_MARK": str(mark),
+        "PARTY_SYNC_API_KEY": KEY,
+        "PARTY_SYNC_SHUTDOWN_TIMEOUT": "1",
+        **({"LEAK": "1"} if leak else {}),
+    }
+    argv = ["engine-http", "ps_hanging_engine:create_engine", "--port", str(engine_port)]
+    argv += ["--party-sync-url", f"http://127.0.0.1:{ps_port}"]
+    with logged.open("wb") as sink:
+        engine = subprocess.Popen(
+            [*party_sync_command(), *argv], env=env, stdout=subprocess.PIPE, stderr=sink
+        )
+    try:
+        assert engine.stdout is not None
+        assert b"on" in await asyncio.to_thread(engine.stdout.readline)
+        ps_env = {
+            "PARTY_SYNC_API_KEY": KEY,
+            "PARTY_SYNC_ENGINE_URL": f"http://127.0.0.1:{engine_port}/actions",
+        }
+        async with serve_process(["--port", str(ps_port)], env=ps_env, port=ps_port) as srv:
+            a, _ = await srv.join("aria")
+            await a.act("h-1", "aria", "r1")
+            await a.until("action.accepted")
+            await wait_until(mark.exists, timeout=20)
+            signalled = time.monotonic()
+            engine.send_signal(signal.SIGTERM)
+            returncode = await asyncio.to_thread(engine.wait, 20)
+            took = time.monotonic() - signalled
+    finally:
+        if engine.poll() is None:
+            engine.kill()
+            engine.wait(10)
+        if engine.stdout is not None:
+            engine.stdout.close()
+    log = logged.read_text()
+    if leak:
+        assert returncode == 1 and 3.0 <= took < 6.0, (returncode, took)
+        assert "did not exit within shutdown_timeout" in log and "engine-db" in log
+    else:
+        assert returncode == 0 and took < 3.0, (returncode, took, log[-2000:])
