@@ -290,6 +290,7 @@ def _engine_http(args: argparse.Namespace) -> int:
 
     from party_sync.engine.http_host import ApiPublisher, build_host_app
     from party_sync.engine.loader import load_engine
+    from party_sync.problems import RAW_BODIES
     from party_sync.server import arm_exit_watchdog
 
     level = os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
@@ -330,6 +331,7 @@ def _engine_http(args: argparse.Namespace) -> int:
         print=None,
         access_log=None,
         shutdown_timeout=budget,  # then the engine calls still running are cancelled
+        **RAW_BODIES,  # bodies are inflated by problems.read_body, bounded, or not at all
     )
     return 0
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -344,9 +345,30 @@ def _default_body_timeout() -> float:
     return Settings().request_body_timeout
 
 
+#: The Content-Encodings a body may come in (any case; none or ``identity``: as it is). The
+#: servers run with aiohttp's ``auto_decompress=False`` (``RAW_BODIES``): a body is inflated here,
+#: by the route's reader, never beyond the route's limit (a 1 MiB gzip of a gigabyte costs what
+#: its first ``limit`` bytes cost), and never when the route refuses before reading (a wrong key).
+DECODABLE: Final = frozenset({"gzip", "x-gzip", "deflate"})
+#: The server options that leave bodies as they came (for ``web.AppRunner`` / ``web.run_app``).
+RAW_BODIES: Final[Mapping[str, Any]] = {"auto_decompress": False}
+
+
+def _inflater(request: web.Request) -> Any:
+    """A zlib decompressor for the request's Content-Encoding, None for none; ``BadJson`` for an
+    encoding this server does not decode (as an undecodable body always was)."""
+    encoding = request.headers.get("Content-Encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return None
+    if encoding not in DECODABLE:
+        raise BadJson("the body's Content-Encoding is not gzip or deflate")
+    return zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, either
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """The whole request body; raises ``BodyTooLarge`` beyond ``limit`` bytes, ``BodyTimeout``
-    when it does not arrive within ``BODY_TIMEOUT``.
+    """The whole request body (inflated if it came gzip- or deflate-encoded); raises
+    ``BodyTooLarge`` beyond ``limit`` bytes (sent or inflated), ``BodyTimeout`` when it does not
+    arrive within ``BODY_TIMEOUT``, ``BadJson`` when its encoding does not decode.
 
     ``StreamReader.read(n)`` returns what has *arrived so far* (at most ``n``), so one call would
     cut a body that crosses a TCP segment boundary; this reads until the end of the body (or until
@@ -354,25 +376,42 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     """
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    inflater = _inflater(request)
     timeout = request.app.get(BODY_TIMEOUT)
     if timeout is None:
         timeout = _default_body_timeout()
     chunks: list[bytes] = []
-    size = 0
+    size = sent = 0
     try:
         async with asyncio.timeout(timeout):
             while True:
-                chunk = await request.content.read(limit + 1 - size)
-                if not chunk:
+                raw = await request.content.read(limit + 1 - sent)
+                if not raw:  # the end of the body
+                    if inflater is not None and not inflater.eof:
+                        raise BadJson("the body does not decode as its headers say")
                     return b"".join(chunks)
-                size += len(chunk)
+                sent += len(raw)
+                if sent > limit:
+                    raise BodyTooLarge(limit)
+                data = raw if inflater is None else _inflate(inflater, raw, limit + 1 - size)
+                size += len(data)
                 if size > limit:
                     raise BodyTooLarge(limit)
-                chunks.append(chunk)
+                chunks.append(data)
     except TimeoutError:
         raise BodyTimeout(timeout) from None
-    except RequestPayloadError:  # a Content-Encoding that does not decode, a broken chunk
+    except RequestPayloadError:  # a broken chunk
         raise BadJson("the body does not decode as its headers say") from None
+
+
+def _inflate(inflater: Any, data: bytes, room: int) -> bytes:
+    """At most ``room`` inflated bytes of ``data``: what does not fit stays in the inflater,
+    unread; the caller needs only to know that it is more than ``room``."""
+    try:
+        out: bytes = inflater.decompress(data, room)
+    except zlib.error:
+        raise BadJson("the body does not decode as its headers say") from None
+    return out
 
 
 def decode_body(body: bytes) -> Any:

@@ -36,6 +36,7 @@ from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import ENGINE_GROUP, StreamMonitor
 from party_sync.gateway import Gateway
 from party_sync.metrics import Metrics
+from party_sync.problems import RAW_BODIES
 from party_sync.protocol.errors import ConfigError, ListenError
 from party_sync.protocol.schemas import Contracts
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
@@ -375,6 +376,7 @@ async def start_serving(
         shutdown_timeout=shutdown_timeout,
         handle_signals=False,
         keepalive_timeout=settings.keepalive_timeout,
+        **RAW_BODIES,  # bodies are inflated by problems.read_body, bounded, or not at all
     )
     server.app.on_shutdown.append(functools.partial(_in_budget, runner, server.gateway))
     await runner.setup()

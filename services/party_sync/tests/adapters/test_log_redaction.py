@@ -87,14 +87,15 @@ def malformed_requests() -> dict[str, bytes]:
 
 def undecodable_bodies() -> dict[str, tuple[bytes, bytes]]:
     """Requests whose gzip or deflate body does not decode, each with the status it gets: a
-    route that reads the body says 400, one that does not answers as usual (aiohttp then meets
-    the broken body draining it)."""
+    route that reads the body says 400, one that does not answers as usual (the body is never
+    inflated: ``problems.RAW_BODIES``). ``Connection: close``: ``send_raw`` reads until EOF."""
     bodies: dict[str, tuple[bytes, bytes]] = {}
     for encoding in ("gzip", "deflate"):
         for path, status in (("/api/v1/auth/telegram", b"400"), ("/healthz", b"405")):
             raw = (
                 f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                 f"Authorization: Bearer {API_KEY}\r\nContent-Encoding: {encoding}\r\n"
+                "Connection: close\r\n"
                 "Content-Length: 10\r\n\r\n\x1f\x8b00000000"
             )
             bodies[f"{encoding}-{path}"] = (raw.encode("latin-1"), status)
