@@ -192,7 +192,9 @@ def issue_token(
     if problem is not None:
         raise ValueError(problem)
     claims: dict[str, Any] = {
-        "sub": sub or f"character:{character_id}",
+        # one player per character of a party: the same character id in another party is
+        # another player (the per-user limits and the 1008 cooldown count by sub)
+        "sub": sub or f"character:{party_id}/{character_id}",
         "party_id": party_id,
         "campaign_run_id": campaign_run_id,
         "character_id": character_id,

@@ -126,7 +126,11 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--character", required=True, help="character_id claim")
     token.add_argument("--name", required=True, help="display_name claim")
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
-    token.add_argument("--sub", default=None, help="sub claim (default character:<id>)")
+    token.add_argument(
+        "--sub",
+        default=None,
+        help="sub claim: the user the per-user limits count (default character:<party>/<id>)",
+    )
     token.add_argument(
         "--secret",
         default=None,

@@ -88,7 +88,7 @@ def test_an_issued_token_verifies_to_its_claims() -> None:
         character_id="aria",
         display_name="Aria",
         exp=NOW + 120.0,
-        sub="character:aria",
+        sub="character:party-1/aria",
     )
     decoded = jwt.decode(
         tok, SECRET, algorithms=["HS256"], audience=AUDIENCE, options={"verify_exp": False}

@@ -32,3 +32,27 @@ def test_token_refuses_a_lifetime_that_is_already_over(
 def test_token_mints_with_a_positive_lifetime(capsys: pytest.CaptureFixture[str]) -> None:
     assert main([*MINT, "--ttl", "60"]) == 0
     assert capsys.readouterr().out.count(".") == 2  # header.claims.signature
+
+
+def test_one_character_id_in_two_parties_is_two_users() -> None:
+    """The per-user connection limit and the 1008 cooldown count by ``sub``: a player flooding
+    as aria in one party must not lock out aria of another party."""
+    import jwt
+    from party_sync.auth import issue_token
+
+    subs = {
+        jwt.decode(
+            issue_token(
+                "s" * 32,
+                party_id=party,
+                campaign_run_id="r",
+                character_id="aria",
+                display_name="Aria",
+                now=0.0,
+                ttl=60.0,
+            ),
+            options={"verify_signature": False},
+        )["sub"]
+        for party in ("p1", "p2")
+    }
+    assert subs == {"character:p1/aria", "character:p2/aria"}
