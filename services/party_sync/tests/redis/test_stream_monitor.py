@@ -162,6 +162,40 @@ async def test_monitor_survives_redis_going_away_and_a_restart_that_loses_the_gr
         await monitor.stop()
 
 
+async def test_a_live_worker_with_nothing_to_read_stays_active(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Redis before 7.2 does not refresh a consumer's idle when a read finds nothing: a worker
+    polling an empty stream looked dead (readyz degraded, consumers_active 0) once it had been
+    quiet for active_within. Its heartbeats (``<stream>:workers``) keep it active."""
+    client = Redis.from_url(redis.url)
+    version = tuple(int(p) for p in (await client.info("server"))["redis_version"].split(".")[:2])
+    if version >= (7, 2):
+        await client.aclose()
+        pytest.skip("Redis 7.2 and later refresh idle on every read")
+    metrics = Metrics("n1")
+    bounds = Bounds(active_within=2.0, stuck_after=60.0)
+    monitor = StreamMonitor.for_redis(redis.url, STREAM, bounds=bounds, metrics=metrics)
+    try:
+        with engine_worker(redis, tmp_path):
+            await append_entries(client, 1)  # Redis 7.0 makes the consumer when it is given one
+            await check_until(monitor, Condition.OK)
+
+            async def idle_past_the_limit() -> bool:
+                consumers = await client.xinfo_consumers(STREAM, "campaign-engine")
+                return bool(consumers) and int(consumers[0]["idle"]) > 2500
+
+            async with asyncio.timeout(20):
+                while not await idle_past_the_limit():  # noqa: ASYNC110 (another process)
+                    await asyncio.sleep(0.1)
+            assert await monitor.check_once() is Condition.OK
+            assert sample(metrics, "party_sync_actions_stream_consumers_active") == 1
+            assert sample(metrics, "party_sync_actions_stream_consumers") == 1
+    finally:
+        await client.aclose()
+        await monitor.stop()
+
+
 async def test_readyz_names_a_missing_engine_worker_and_stays_200(redis: RedisServer) -> None:
     settings = make_settings(redis_url=redis.url, engine_transport="stream")
     async with serve_in_process(settings) as srv:

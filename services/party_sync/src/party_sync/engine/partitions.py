@@ -55,6 +55,14 @@ def count_key(stream: str) -> str:
     return f"{stream}:partitions"
 
 
+def workers_key(stream: str) -> str:
+    """The sorted set of the engine workers reading ``stream`` (consumer name → the wall-clock
+    millisecond of its last round): ``<stream>:workers``. Redis before 7.2 does not refresh a
+    consumer's ``idle`` (XINFO CONSUMERS) when a read finds nothing, so an idle but live worker
+    looks dead there; the monitor reads this instead (``stream_monitor.read_stream``)."""
+    return f"{stream}:workers"
+
+
 def parse_count(raw: bytes | str | None) -> int | None:
     """The count stored in :func:`count_key` (None: absent or not a positive number)."""
     if raw is None:

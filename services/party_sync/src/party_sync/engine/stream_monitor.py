@@ -11,12 +11,14 @@ summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered) and
   ``stuck_after``, and one INFO when that is over (:class:`~party_sync.engine.health.Episode`);
 - answers ``/readyz``'s engine part (degraded, not 503: the node still serves).
 
-A consumer's ``idle`` (XINFO CONSUMERS) is the time since it last asked for entries; a live
-``engine-worker`` asks every second (``XREADGROUP BLOCK 1000``), so a consumer idle for longer than
-``active_within`` is dead or wedged. Redis errors are counted
-(``party_sync_background_errors_total{task="stream_monitor"}``), logged once per episode, and the
-loop carries on. A missing stream or group (``no such key`` / ``NOGROUP``) is no error: no engine
-worker has joined yet (workers create the group, from the stream's beginning).
+A live ``engine-worker`` asks for entries every second (``XREADGROUP BLOCK 1000``) and notes
+that it did, at most once a second, in ``<stream>:workers`` (consumer → time); a worker whose last
+note, or whose ``idle`` (XINFO CONSUMERS: Redis 7.2 and later refresh it on every read, earlier
+ones only when entries are handed out), is older than ``active_within`` is dead or wedged.
+Redis errors are counted (``party_sync_background_errors_total{task="stream_monitor"}``), logged
+once per episode, and the loop carries on. A missing stream or group (``no such key`` /
+``NOGROUP``) is no error: no engine worker has joined yet (workers create the group, from the
+stream's beginning).
 
 The pure part (:func:`assess`) takes a :class:`StreamReading` and decides; :func:`read_stream` and
 :class:`StreamMonitor` only talk to Redis and arm the timer.
@@ -230,6 +232,13 @@ async def read_stream(
             return no_group
         raise
     limit_ms = active_within * 1000
+    # Workers' own heartbeats (Redis < 7.2 leaves a consumer's idle alone when a read finds
+    # nothing, and creates a consumer only when it is given an entry): one read within the
+    # limit, by either measure, makes a worker active.
+    key = layout.workers_key(stream)
+    beats = int(await redis.zcount(key, now_ms - int(limit_ms), "+inf"))
+    known = int(await redis.zcard(key))
+    by_idle = sum(1 for c in consumers if int(c["idle"]) <= limit_ms)
     pending = int(summary.get("pending") or 0)
     oldest = summary.get("min")
     return StreamReading(
@@ -238,8 +247,8 @@ async def read_stream(
         length=length,
         pending=pending,
         undelivered=int(lag),
-        consumers=len(consumers),
-        active_consumers=sum(1 for c in consumers if int(c["idle"]) <= limit_ms),
+        consumers=max(len(consumers), known),
+        active_consumers=max(by_idle, beats),
         oldest_pending_age=entry_age(oldest, now_ms) if pending and oldest else 0.0,
         oldest_undelivered_age=oldest_undelivered,
     )

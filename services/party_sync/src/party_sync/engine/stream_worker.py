@@ -84,6 +84,10 @@ from party_sync.protocol.errors import BackendUnavailable, ConfigError, ErrorCod
 from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+#: Seconds between two heartbeats of a read loop (``partitions.workers_key``).
+BEAT_INTERVAL = 1.0
+#: Seconds a heartbeat is kept: a worker silent that long is forgotten.
+BEAT_KEEP = 300.0
 
 #: Errors of Redis or of party_sync's backend: the round is retried, the worker never stops.
 #: (redis-py's cluster client raises ``RedisClusterException``, e.g. ``SlotNotCoveredError`` while
@@ -143,6 +147,7 @@ class StreamWorker:
         self._group_ready = False
         self._degraded = False
         self._own_cursor: str | None = "0"  # re-read our own pending entries from here
+        self._beaten_at = -BEAT_INTERVAL  # monotonic time of the last heartbeat (workers_key)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -233,6 +238,7 @@ class StreamWorker:
         """One round: our own pending entries first (after a failure), then reclaim idle
         entries, then read new ones. True if anything was handled."""
         o = self.options
+        await self._beat()
         entries: list[Entry] = []
         redelivery = True  # our own pending entries and reclaimed ones were delivered before
         if self._own_cursor is not None:
@@ -256,6 +262,7 @@ class StreamWorker:
         for entry_id, fields in entries:
             if self._stop.is_set():
                 break  # the rest stays pending: another worker (or our next start) takes it
+            await self._beat()  # a long batch is not a dead worker
             if not fields:  # trimmed or deleted while pending: nothing left to do
                 await self.redis.xack(o.stream, o.group, entry_id)
                 continue
@@ -267,6 +274,21 @@ class StreamWorker:
             ):
                 await self._handle(entry_id, fields, redelivery=redelivery)
         return bool(entries)
+
+    async def _beat(self) -> None:
+        """At most every ``BEAT_INTERVAL`` s: this consumer's name and the time in
+        ``partitions.workers_key`` (older names than ``BEAT_KEEP`` trimmed, the set expiring
+        with its last worker), for the monitor. Redis errors raise, as the round's own do."""
+        now = time.monotonic()
+        if now - self._beaten_at < BEAT_INTERVAL:
+            return
+        key, now_ms = layout.workers_key(self.options.stream), int(time.time() * 1000)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zadd(key, {self.options.consumer: now_ms})
+            pipe.zremrangebyscore(key, "-inf", now_ms - int(BEAT_KEEP * 1000))
+            pipe.pexpire(key, int(BEAT_KEEP * 1000))
+            await pipe.execute()
+        self._beaten_at = now
 
     async def _handle(
         self, entry_id: bytes, fields: Mapping[bytes, bytes], *, redelivery: bool = False
