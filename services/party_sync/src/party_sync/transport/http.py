@@ -124,7 +124,9 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
         if transport is None:  # the client went away during the handshake
             guard.release_websocket_slot(slot)
             return ws
-        sink = WebSocketSink(ws, transport, settings.send_buffer_bytes, request.app[BATCHER])
+        sink = WebSocketSink(
+            ws, transport, settings.send_buffer_bytes, request.app[BATCHER], guard, slot
+        )
         session = await gateway.open(admitted, sink, _resume_point(query))
     except BaseException:
         guard.release_websocket_slot(slot)
@@ -167,9 +169,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             await sink.stop()
         finally:
             guard.release_websocket_slot(slot)
-            if sink.close_code == CloseCode.POLICY_VIOLATION:
-                guard.penalize(slot)
-            elif sink.close_code == CloseCode.SLOW_CONSUMER:  # the session's own (the core
+            # (a 1008 was penalized by the sink, before its close frame left)
+            if sink.close_code == CloseCode.SLOW_CONSUMER:  # the session's own (the core
                 gateway.metrics.closes.labels(str(CloseCode.SLOW_CONSUMER)).inc()  # counts its)
             if address is not None:
                 guard.release_address(address)

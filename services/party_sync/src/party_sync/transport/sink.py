@@ -28,8 +28,18 @@ import asyncio
 import contextlib
 import logging
 import struct
+from collections.abc import Hashable
+from typing import Protocol
 
 from aiohttp import web
+
+#: RFC 6455's policy violation: the close that earns a handshake cooldown (transport/guard.py).
+POLICY_VIOLATION = 1008
+
+
+class Penalizer(Protocol):
+    def penalize(self, key: Hashable) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +84,12 @@ class WebSocketSink:
         "_batcher",
         "_close_task",
         "_closing",
+        "_guard",
         "_max_buffer",
         "_pending",
         "_pending_bytes",
         "_transport",
+        "_user",
         "_ws",
         "close_code",
     )
@@ -88,7 +100,13 @@ class WebSocketSink:
         transport: asyncio.Transport,
         max_buffer: int,
         batcher: FrameBatcher | None = None,
+        guard: Penalizer | None = None,
+        user: Hashable = None,
     ) -> None:
+        """``guard``/``user``: a close with 1008 calls ``guard.penalize(user)`` before the close
+        frame leaves, so that the client's next handshake, however quick, meets the cooldown."""
+        self._guard = guard
+        self._user = user
         self._ws = ws
         self._transport = transport
         self._max_buffer = max_buffer
@@ -133,6 +151,8 @@ class WebSocketSink:
         self.flush()  # what was sent before the close goes out before the close frame
         self._closing = True
         self.close_code = code
+        if code == POLICY_VIOLATION and self._guard is not None:
+            self._guard.penalize(self._user)
         self._close_task = asyncio.get_running_loop().create_task(
             self._close(code, reason.encode()[:120])
         )
