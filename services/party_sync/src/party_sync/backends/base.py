@@ -265,6 +265,16 @@ class ActionStore(Protocol):
         """Make ``refusal`` the action's final answer; False if it already has one."""
         ...
 
+    async def node_alive(self, node_id: str) -> bool:
+        """Whether the serving node ``node_id`` is still there (its heartbeat); this node is."""
+        ...
+
+    async def take_over(self, party_id: str, action_id: str, gone: str, now: float) -> bool:
+        """Claim for this node an action that the gone node ``gone`` claimed for its in-process
+        engine and never answered; True if this node now holds it (and gives it to its engine).
+        Only a backend shared by several nodes (Redis) ever reports a claimer (``Verdict``)."""
+        ...
+
 
 class NarrationStore(Protocol):
     """Live narration (``core.transient.NarrationBook``): pieces in, sent to every member."""

@@ -406,6 +406,12 @@ class MemoryBackend:
             self._failed(party, action_id, owner, refusal, now)
         return recorded
 
+    async def node_alive(self, node_id: str) -> bool:
+        return True  # one process: its in-process engine's actions die with it, and so does this
+
+    async def take_over(self, party_id: str, action_id: str, gone: str, now: float) -> bool:
+        return False  # never asked: this backend reports no claimer
+
     # -- narration --------------------------------------------------------------------------
     async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:
         party = self._party(party_id, now)

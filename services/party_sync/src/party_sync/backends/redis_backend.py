@@ -543,7 +543,7 @@ class RedisBackend:
             "1" if timed else "0",
             action_type,
             accepted(action_id, character_id, action_type, trace_id, now).data,
-            "1" if claimed else "0",
+            self.node_id if claimed else "0",  # the claimer: take_over() if this node is gone
         ]
         with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
@@ -560,7 +560,27 @@ class RedisBackend:
             return Verdict(verdict, result=bytes(reply[1]))
         if verdict is Decision.BUSY:
             return Verdict(verdict, blocking_action_id=text(reply[1]))
+        if verdict is Decision.IN_FLIGHT and len(reply) > 1 and reply[1]:
+            return Verdict(verdict, claimer=text(reply[1]))
         return Verdict(verdict)
+
+    async def take_over(self, party_id: str, action_id: str, gone: str, now: float) -> bool:
+        """Claim for this node an action that node ``gone`` claimed in-process (``take_over.lua``;
+        the caller has seen that ``gone``'s heartbeat expired): True if this node now holds it
+        and must hand it to its engine."""
+        with unavailable("take_over"):
+            reply = await self.scripts.run(
+                "take_over", party_id, now, [gone, self.node_id], action_id=action_id
+            )
+        return bool(int(reply))
+
+    async def node_alive(self, node_id: str) -> bool:
+        """Whether ``node_id``'s heartbeat (the admin registry's ``<prefix>:node:<id>``) is there.
+        A node's own id is always alive."""
+        if node_id == self.node_id:
+            return True
+        with unavailable("node_alive"):
+            return bool(await self.client.exists(self.keys.node(node_id)))
 
     async def claim_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None

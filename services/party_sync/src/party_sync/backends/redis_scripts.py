@@ -68,6 +68,7 @@ PARTY_SCRIPTS = (
     "begin_action",
     "claim_action",
     "refuse_action",
+    "take_over",
     "time_out_action",
     "narrate",
     "close_narration",

@@ -26,7 +26,7 @@ its deadline only frees the character's lock; its answer comes from the engine.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Final
 
@@ -72,6 +72,9 @@ class Verdict:
     decision: Decision
     result: bytes | None = None  # the original action.result when DONE
     blocking_action_id: str | None = None  # the action in flight when BUSY
+    # IN_FLIGHT: the node whose in-process engine holds it, if the backend knows (a hint for a
+    # take-over, not part of the decision: two backends' verdicts compare equal without it)
+    claimer: str | None = field(default=None, compare=False)
 
 
 _ACCEPTED: Final = Verdict(Decision.ACCEPT)  # the verdicts without data, made once

@@ -9,6 +9,7 @@ with ``internal_error``.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Iterator, Sequence
@@ -53,6 +54,8 @@ from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from party_sync.publishing import BackendPublisher
 
 log = logging.getLogger("party_sync.gateway.gateway")
+#: Seconds between two looks at a gone node's in-process action (``Executor._take_over``).
+TAKE_OVER_PAUSE = 1.0
 
 
 class MetricsMeter:
@@ -105,6 +108,8 @@ class Executor:
         self.link = link
         # the claim rides on begin_action (EngineLink: optional, False for links without it)
         self.claim_on_accept = bool(getattr(link, "claims_on_accept", False))
+        #: The id this node's claims carry in the backend (Redis: its node id), if it has one.
+        self.node_id: str | None = getattr(backend, "node_id", None)
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
@@ -152,6 +157,37 @@ class Executor:
             await self._submit(answer[0])
         else:
             await self.run(answer)
+            claimer = verdict.claimer if verdict is not None else None
+            if claimer and self.claim_on_accept and claimer != self.node_id:
+                self.spawn(self._take_over(conn.party_id, payload["action_id"], claimer))
+
+    async def _take_over(self, party_id: str, action_id: str, claimer: str) -> None:
+        """A resent action that another node's in-process engine claimed and has not answered:
+        if that node is gone (its heartbeat expired; looked at again until then, for as long as
+        this node waits on the action), this node claims it (``take_over``, atomic: one node
+        does) and gives it to its own engine, which deduplicates by ``action_id`` (the gone node
+        may have applied it). Its answer then comes as any action's does."""
+        key = (party_id, action_id)
+        while key in self.core.pending:
+            try:
+                if not await self.backend.node_alive(claimer):
+                    if await self.backend.take_over(party_id, action_id, claimer, self.clock()):
+                        pending = self.core.pending.get(key)
+                        if pending is not None:
+                            log.warning(
+                                "took over an action whose node is gone",
+                                extra={
+                                    "party_id": party_id,
+                                    "action_id": action_id,
+                                    "gone_node": claimer,
+                                    "trace_id": pending.trace_id,
+                                },
+                            )
+                            await self.link.submit(engine_action(pending))
+                    return
+            except BackendUnavailable:
+                pass  # look again
+            await asyncio.sleep(TAKE_OVER_PAUSE)
 
     async def _submit(self, command: Submit) -> None:
         try:

@@ -4,13 +4,15 @@
 -- tests), ARGV[11] the most seconds after that this call may run and still accept, ARGV[12]
 -- '0' for an action without a deadline (party_sync's own: a vote's), else '1', ARGV[13] the
 -- action_type, ARGV[14] its action.accepted envelope (published to every member if accepted),
--- ARGV[15] '1' to claim an accepted action in the same step (as claim_action.lua would: the
--- in-process link starts every action it is given at once), else '0'.
--- Returns {'done', final answer} | {'in_flight'} | {'busy', blocking action_id} | {'accept'}
--- | {'taken'} (another actor's action_id) | {'stale'}.
+-- ARGV[15] the id of the node that claims an accepted action in the same step (as claim_action.lua
+-- would: the in-process link starts every action it is given at once, in that node), else '0'.
+-- Returns {'done', final answer} | {'in_flight', its claimer ('' if none)} | {'busy', blocking
+-- action_id} | {'accept'} | {'taken'} (another actor's action_id) | {'stale'}.
 --
--- The record: c character, s began at, d deadline, g '1' once an engine host claimed it, r the
--- action.result, x a refusal (the final answer when there is no result; see refuse_action.lua).
+-- The record: c character, s began at, d deadline, g once an engine host claimed it (the node id
+-- of an in-process claim, so that another node may take the action over when that node is gone:
+-- take_over.lua; '1' for an engine host elsewhere), r the action.result, x a refusal (the final
+-- answer when there is no result; see refuse_action.lua).
 --
 -- 'stale': Redis ran this call long after the node sent it (Redis was stalled, and the node's
 -- command timed out and told the player backend_unavailable). Accepting it then would leave an
@@ -20,7 +22,7 @@ local clock = redis.call('TIME')
 if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[10]) + tonumber(ARGV[11]) then
   return {'stale'}
 end
-local found = redis.call('HMGET', record, 'c', 'r', 'x')
+local found = redis.call('HMGET', record, 'c', 'r', 'x', 'g')
 if found[1] and found[1] ~= character_id then
   return {'taken'}  -- another actor's id: nothing about it is told
 end
@@ -31,7 +33,7 @@ if found[3] then
   return {'done', found[3]}
 end
 if found[1] then
-  return {'in_flight'}
+  return {'in_flight', found[4] or ''}
 end
 local until_, holder = read_lock(character_id)
 if until_ and until_ > NOW then
@@ -42,8 +44,8 @@ local fields = {'c', character_id, 's', NOW_TEXT}
 if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
   fields[5], fields[6] = 'd', deadline
 end
-if ARGV[15] == '1' then  -- claimed with its acceptance
-  fields[#fields + 1], fields[#fields + 2] = 'g', '1'
+if ARGV[15] ~= '0' then  -- claimed with its acceptance, by that node
+  fields[#fields + 1], fields[#fields + 2] = 'g', ARGV[15]
 end
 redis.call('HSET', record, unpack(fields))
 redis.call('PEXPIRE', record, RECORD_TTL)

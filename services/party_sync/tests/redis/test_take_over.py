@@ -1,0 +1,59 @@
+"""An in-process engine's action whose node is gone: another node takes it over when the player
+resends it there (docs/redis.md, "Actions"): before, every resend got ``action_in_flight`` until
+the record expired (``action_record_ttl``, 10 minutes), and no final answer ever came."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from ps_testkit.client import wait_until
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import make_settings, serve_in_process
+
+pytestmark = [pytest.mark.redis, pytest.mark.e2e, pytest.mark.timeout(60)]
+
+
+async def test_a_gone_nodes_action_is_taken_over_on_a_resend(redis: RedisServer) -> None:
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess")
+    held, answering = ScriptedEngine(), ScriptedEngine()
+    held.gate = asyncio.Event()  # node A's engine never finishes it
+    async with serve_in_process(settings, engine=answering) as b:
+        async with serve_in_process(settings, engine=held) as a:
+            aria, _ = await a.join("aria")
+            await aria.act("t-1", "aria", "r1")
+            await aria.until("action.accepted")
+            await wait_until(lambda: len(held.calls) == 1)
+        # node A is gone (its heartbeat removed as it stopped); aria reconnects to node B
+        aria, hello = await b.join("aria")
+        assert [f["action_id"] for f in hello["payload"]["actions_in_flight"]] == ["t-1"]
+        await aria.act("t-1", "aria", "r1")
+        refusal = await aria.until("system.error")
+        assert refusal["payload"]["code"] == "action_in_flight"
+        result = await aria.until("action.result")
+        assert result["payload"]["action_id"] == "t-1"
+        assert [c.action_id for c in answering.calls] == ["t-1"]  # handed to B's engine once
+        await aria.act("t-1", "aria", "r1")  # and it is final now
+        assert (await aria.until("action.result"))["seq"] == result["seq"]
+
+
+async def test_a_live_nodes_action_is_not_taken_over(redis: RedisServer) -> None:
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess")
+    held, other = ScriptedEngine(), ScriptedEngine()
+    held.gate = asyncio.Event()
+    async with (
+        serve_in_process(settings, engine=held) as a,
+        serve_in_process(settings, engine=other) as b,
+    ):
+        aria, _ = await a.join("aria")
+        await aria.act("t-2", "aria", "r1")
+        await aria.until("action.accepted")
+        await wait_until(lambda: len(held.calls) == 1)
+        tab, _ = await b.join("aria")  # a second tab on the other node resends it
+        await tab.act("t-2", "aria", "r1")
+        assert (await tab.until("system.error"))["payload"]["code"] == "action_in_flight"
+        held.gate.set()  # A's engine answers: the one answer
+        result = await tab.until("action.result")
+        assert result["payload"]["action_id"] == "t-2"
+        assert other.calls == []
