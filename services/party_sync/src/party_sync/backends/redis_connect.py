@@ -27,9 +27,13 @@ that may have lost the newest writes gives every party a new epoch before anyone
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
+import logging
+import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -44,8 +48,13 @@ from redis.exceptions import MovedError
 from party_sync.backends.keys import DEFAULT_PREFIX
 from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_connect
 
+log = logging.getLogger(__name__)
+
 #: Seconds a sentinel has to answer (connect and each command) before the next one is asked.
 SENTINEL_TIMEOUT = 1.0
+#: Seconds between two questions to the sentinels about the master, while connections to it are
+#: open (``_MasterWatch``): how long one process may go on using a demoted master.
+MASTER_CHECK_INTERVAL = 1.0
 
 
 class RedisSettings(Protocol):
@@ -204,12 +213,16 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     sentinel = Sentinel(  # type: ignore[no-untyped-call]
         list(target.sentinels.addresses), sentinel_kwargs=sentinel_kwargs
     )
-    return sentinel.master_for(  # type: ignore[no-any-return]
+    client: Redis = sentinel.master_for(
         target.sentinels.master,
         redis_class=_SentinelRedis,
         connection_pool_class=SentinelConnectionPool,
         **{**from_url, **kwargs},
     )
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    _MasterWatch.of(pool).pools.add(pool)
+    return client
 
 
 def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
@@ -298,6 +311,8 @@ class _SentinelConnection(SentinelManagedConnection):
             await super().connect_to(address)  # type: ignore[no-untyped-call]
         finally:
             self._addressed = False
+        if self.connection_pool.is_master:
+            _MasterWatch.of(self.connection_pool).connected(self, tuple(address))
 
     async def connect_check_health(
         self, check_health: bool = True, retry_socket_connect: bool = True
@@ -306,6 +321,88 @@ class _SentinelConnection(SentinelManagedConnection):
             await super().connect_check_health(check_health, retry_socket_connect)
         else:
             await self.connect()  # type: ignore[no-untyped-call]
+
+
+class _MasterWatch:
+    """One process uses one master at a time (per set of sentinels and master name).
+
+    A connection keeps the master it connected to until it breaks; in a planned failover
+    (``SENTINEL FAILOVER``) the old master goes on accepting writes for seconds after the
+    sentinels named the new one, so a process's new connections (on the new master) and its old
+    ones (pooled, the script batcher's, the pub/sub one) would each write to their own master,
+    and an action begun on one would be timed out on the other. So every connection that opens
+    reports the master it reached, and while any is open the sentinels are asked every
+    ``MASTER_CHECK_INTERVAL`` s (through a pool: its idle connections are dropped by redis-py);
+    when the master changes, every connection of the process to another address is closed, and
+    reconnects, through the sentinels, to the new one (the rollback fence then gives its parties
+    a new epoch).
+    """
+
+    _all: ClassVar[dict[tuple[object, ...], _MasterWatch]] = {}  # a few, for the process's life
+
+    def __init__(self) -> None:
+        self.address: tuple[object, ...] | None = None
+        self.connections: weakref.WeakSet[_SentinelConnection] = weakref.WeakSet()
+        self.pools: weakref.WeakSet[SentinelConnectionPool] = weakref.WeakSet()
+        self._task: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # disconnects under way (kept referenced)
+
+    @classmethod
+    def of(cls, pool: Any) -> _MasterWatch:
+        manager = pool.sentinel_manager
+        sentinels = tuple(
+            (
+                c.connection_pool.connection_kwargs.get("host"),
+                c.connection_pool.connection_kwargs["port"],
+            )
+            for c in manager.sentinels
+        )
+        key = (sentinels, pool.service_name)
+        watch = cls._all.get(key)
+        if watch is None:
+            watch = cls._all[key] = cls()
+        return watch
+
+    def connected(self, connection: _SentinelConnection, address: tuple[object, ...]) -> None:
+        self.connections.add(connection)
+        self.moved_to(address)
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(
+                self._check(), name="sentinel master watch"
+            )
+
+    def moved_to(self, address: tuple[object, ...]) -> None:
+        old, self.address = self.address, address
+        if old is None or old == address:
+            return
+        stale = [c for c in self.connections if (c.host, c.port) != address and c.is_connected]
+        log.warning(
+            "redis sentinel: the master moved: closing this process's %d connection(s) to the "
+            "old one",
+            len(stale),
+            extra={"master": f"{address[0]}:{address[1]}"},
+        )
+        loop = asyncio.get_running_loop()
+        for connection in stale:
+            task = loop.create_task(_quietly_disconnect(connection))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _check(self) -> None:
+        while any(c.is_connected for c in self.connections):
+            await asyncio.sleep(MASTER_CHECK_INTERVAL)
+            for pool in list(self.pools):
+                try:
+                    address = await pool.get_master_address()  # type: ignore[no-untyped-call]
+                except Exception:  # no sentinel answers: the connections find out themselves
+                    break
+                self.moved_to(tuple(address))
+                break  # one pool asks for all (the others learn it as they reconnect)
+
+
+async def _quietly_disconnect(connection: _SentinelConnection) -> None:
+    with contextlib.suppress(Exception):
+        await connection.disconnect()
 
 
 class _SentinelRedis(Redis):
