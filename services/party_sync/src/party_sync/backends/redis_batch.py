@@ -66,6 +66,7 @@ from party_sync.backends.redis_wire import (
     pack_asking_eval,
     pack_evalsha,
 )
+from party_sync.engine.health import Episode
 from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -240,6 +241,9 @@ class ShardedBatcher:
         self._closed = False
         self._batches = self._calls = 0  # of shards dropped since
         self.redirects = 0  # observability and tests: MOVED / ASK / TRYAGAIN / CLUSTERDOWN seen
+        # one WARNING when the slot map cannot be read, one INFO when it can again (a master
+        # down: every retry, several a second, would log otherwise)
+        self._slot_map = Episode(log, "redis cluster: the slot map could not be read")
 
     @property
     def batches(self) -> int:
@@ -331,8 +335,9 @@ class ShardedBatcher:
         try:
             await self._client.nodes_manager.initialize()
         except Exception as exc:  # no node answers: the next failed call asks again
-            log.warning("redis cluster: the slot map could not be read: %r", exc)
+            self._slot_map.trouble("unreadable", repr(exc))
             return
+        self._slot_map.fine("read again")
         masters = {n.name for n in self._client.get_primaries()}
         for name in [name for name in self._shards if name not in masters]:
             batcher = self._shards.pop(name)

@@ -39,6 +39,7 @@ from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_bus import Bus, Handler
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.backends.redis_wire import NodeConnections
+from party_sync.engine.health import Episode
 from party_sync.protocol.errors import BackendUnavailable
 from party_sync.tasks import cancel_and_wait
 
@@ -71,6 +72,9 @@ class ShardedBus:
         self._on_reconnect = on_reconnect
         self._count_reconnect = count_reconnect
         self._observe_lag = observe_lag
+        # one WARNING when the slot map cannot be read, one INFO when it can again (a master
+        # down: every retry, several a second, would log otherwise)
+        self._slot_map = Episode(log, "redis cluster: the slot map could not be read")
         self._buses: dict[str, Bus] = {}  # master's name ("host:port") → its Bus
         self._probe_slots: dict[str, int] = {}  # master's name → the slot of its probe channel
         self._handlers: dict[str, Handler] = {}  # every wanted channel
@@ -192,8 +196,9 @@ class ShardedBus:
             async with asyncio.timeout(self._timeout):
                 await self._client.nodes_manager.initialize()
         except Exception as exc:  # RedisClusterException is no RedisError: any, and later again
-            log.warning("redis cluster: the slot map could not be read: %r", exc)
+            self._slot_map.trouble("unreadable", repr(exc))
             return False
+        self._slot_map.fine("read again")
         return True
 
     async def _watch(self) -> None:
