@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from party_sync.transport import admin
 from party_sync.transport.admin import CLOSE_DISCONNECTED
+from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process, token
 
@@ -48,6 +49,37 @@ async def listed(srv: Running, want: set[str], timeout: float = 5.0) -> list[dic
             if want <= {p["party_id"] for p in parties}:
                 return parties
             await asyncio.sleep(0.05)
+
+
+async def test_a_party_that_came_and_went_or_only_got_events_is_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Listed by the node's next heartbeat although no connection is open when it beats: a
+    member who joined and left between two beats, a party only published to (events API)."""
+    monkeypatch.setattr(admin, "HEARTBEAT_INTERVAL", 3600.0)  # one beat, at start: then ours
+    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        a, _ = await srv.join("aria", party="came", run="r9")
+        await a.close()
+        await wait_until(lambda: not gateway.sessions)
+        scene = {
+            "type": "scene.update",
+            "payload": {
+                "scene_number": 1,
+                "scene_id": "s",
+                "title": "T",
+                "narration": "N",
+                "options": [],
+                "kind": "story",
+            },
+        }
+        async with srv.http.post(
+            srv.base + "/api/v1/parties/published/events", json=scene, headers=AUTH
+        ) as resp:
+            assert resp.status == 202, await resp.text()
+        await admin.beat(srv.server.app, 60.0)
+        await listed(srv, {"came", "published"})
 
 
 async def test_parties_are_listed_with_their_numbers_and_paginated() -> None:

@@ -97,6 +97,9 @@ class Gateway:
         self._hubs: dict[str, PartyHub] = {}
         self._hub_ready: dict[str, asyncio.Future[PartyHub]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: Parties this node served since its last heartbeat (a member that came and went, an
+        #: event published through its API): listed by the next one (``transport/admin.py``).
+        self.touched: set[str] = set()
         self._policy = LimitPolicy(settings.rate_limit, settings.rate_burst)
         self._idle = asyncio.Event()  # set whenever this node has no session
         self.timer: asyncio.Task[Any] | None = None  # the one timer, once started
@@ -211,6 +214,7 @@ class Gateway:
         binding = Binding(
             claims.party_id, claims.campaign_run_id, claims.character_id, claims.display_name
         )
+        self.touched.add(claims.party_id)
         session = Session(  # "<node_id>.<random>": the admin API tells which node holds it
             f"{self.node_id}.{uuid.uuid4().hex}",
             binding,

@@ -291,6 +291,23 @@ async def handshake_refusal(request: web.Request, claims: Claims) -> web.Respons
 
 
 # -- the node's heartbeat and its close requests ---------------------------------------------------
+async def beat(app: web.Application, ttl: float) -> None:
+    """One heartbeat of this node: itself, and the parties it served since the last one (its
+    connections' and ``gateway.touched``), for ``ttl`` seconds. Raises ``BackendUnavailable``
+    (the parties are kept for the next one)."""
+    gateway, view = app[GATEWAY], app[ADMIN]
+    node = NodeInfo(
+        gateway.node_id, __version__, len(gateway.sessions), app[STARTED_AT], gateway.clock()
+    )
+    touched, gateway.touched = gateway.touched, set()
+    parties = sorted({s.party_id for s in gateway.sessions} | touched)
+    try:
+        await view.heartbeat(node, parties, ttl)
+    except BaseException:
+        gateway.touched |= touched
+        raise
+
+
 async def _keep_alive(app: web.Application) -> None:
     gateway, view = app[GATEWAY], app[ADMIN]
     interval = HEARTBEAT_INTERVAL or max(0.1, gateway.settings.presence_ttl / 3)
@@ -301,13 +318,8 @@ async def _keep_alive(app: web.Application) -> None:
             if watch is None:
                 with contextlib.suppress(BackendUnavailable):
                     watch = await view.watch_closes(gateway.close_character)
-            now = gateway.clock()
-            node = NodeInfo(
-                gateway.node_id, __version__, len(gateway.sessions), app[STARTED_AT], now
-            )
-            parties = sorted({s.party_id for s in gateway.sessions})
             try:
-                await view.heartbeat(node, parties, interval * NODE_TTL_PERIODS)
+                await beat(app, interval * NODE_TTL_PERIODS)
             except BackendUnavailable:
                 pass  # the next beat; the node's entry outlives a few missed ones
             except Exception:

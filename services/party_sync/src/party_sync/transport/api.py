@@ -78,6 +78,7 @@ async def publish_party_event(request: web.Request) -> web.Response:
         attributes={"party_sync.party_id": party_id},
     ):
         event = await gateway.publisher.publish_built(party_id, message)
+    gateway.touched.add(party_id)
     log.debug(
         "event published via API",
         extra={"trace_id": event.trace_id, "party_id": party_id, "seq": event.seq},
@@ -97,6 +98,7 @@ async def publish_run_event(request: web.Request) -> web.Response:
         attributes={"party_sync.campaign_run_id": run_id},
     ):
         seqs = await gateway.publish_to_run(run_id, message)
+    gateway.touched.update(seqs)
     return web.json_response({"parties": seqs}, status=202)
 
 
@@ -107,6 +109,7 @@ async def start_vote(request: web.Request) -> web.Response:
     try:
         with tracing.incoming("vote.start", request.headers, trace_id=vote.trace_id):
             event = await gateway.publisher.open_vote(vote)
+        gateway.touched.add(vote.party_id)
     except InvalidEvent as exc:  # the vote asked for, not an event the caller sent: invalid_vote
         raise votes.SpecError(str(exc)) from exc
     return web.json_response({**event.payload, "seq": event.seq}, status=201)
