@@ -242,6 +242,16 @@ def test_size_is_checked_first_and_the_limit_is_inclusive() -> None:
     assert refusal(padded, max_bytes=MAX - 1).code is ErrorCode.MESSAGE_TOO_LARGE
 
 
+@pytest.mark.parametrize("kind", sorted(t.CLIENT_TYPES))
+def test_a_too_large_message_names_its_type_and_trace_when_they_stand_plainly(kind: str) -> None:
+    big = b'{"type": "' + kind.encode() + b'", "trace_id": "tr-9", "payload": {"x": "'
+    big += b"y" * MAX + b'"}}'
+    error = refusal(big)
+    assert error.code is ErrorCode.MESSAGE_TOO_LARGE
+    assert (error.type, error.trace_id) == (kind, "tr-9")
+    assert refusal(b'{"type": "nope", "trace_id": "t"' + b" " * MAX + b"}").type is None
+
+
 def test_the_size_of_a_str_is_its_utf8_size() -> None:
     text = '"' + "é" * 600 + '"'  # 602 characters, 1202 UTF-8 bytes
     assert refusal(text, max_bytes=1201).code is ErrorCode.MESSAGE_TOO_LARGE

@@ -60,18 +60,27 @@ def about(message: object) -> dict[str, Any]:
 
 #: How much of a too-large message is looked at to name what it was (bounded work).
 _HEAD_BYTES = 4096
-_HEAD_TYPE = re.compile(rb'"type"\s*:\s*"(action\.request|vote\.cast|party\.leave)"')
+_HEAD_TYPE = re.compile(
+    rb'"type"\s*:\s*"('
+    + b"|".join(re.escape(kind.encode()) for kind in sorted(t.CLIENT_TYPES))
+    + rb')"'
+)
 _HEAD_IDS = re.compile(rb'"(action_id|vote_id)"\s*:\s*"([A-Za-z0-9._:-]{1,64})"')
+_HEAD_TRACE = re.compile(rb'"trace_id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
 
 
 def _about_head(data: bytes | str) -> dict[str, Any]:
-    """``about`` for a message too large to parse: its type and action or vote id, when they
-    stand plainly in its first 4 KiB (every error about an action names the action)."""
+    """``about`` for a message too large to parse: its client type, trace id and action or vote
+    id, when they stand plainly in its first 4 KiB (every error about an action names the
+    action, and carries the trace id of the message it answers)."""
     head = data[:_HEAD_BYTES] if isinstance(data, bytes) else data[:_HEAD_BYTES].encode()
     kind = _HEAD_TYPE.search(head)
     if kind is None:
         return {}
     found: dict[str, Any] = {"type": kind.group(1).decode()}
+    trace = _HEAD_TRACE.search(head)
+    if trace is not None:
+        found["trace_id"] = trace.group(1).decode()
     for match in _HEAD_IDS.finditer(head):
         key = match.group(1).decode()
         if (key == "action_id") == (found["type"] == t.ACTION_REQUEST) and key not in found:
