@@ -52,12 +52,22 @@ def test_a_member_may_change_their_vote_until_the_close() -> None:
     votes.cast(vote, "v1", "aria", "A", 1.0)
     votes.cast(vote, "v1", "aria", "C", 2.0)
     assert votes.tallies(vote) == {"A": 0, "B": 0, "C": 1}
-    assert votes.update_payload(vote, eligible=2) == {
+    assert votes.update_payload(vote, ["aria", "borin"]) == {
         "vote_id": "v1",
         "tallies": {"A": 0, "B": 0, "C": 1},
         "voted": 1,
         "eligible": 2,
     }
+
+
+def test_eligible_counts_the_online_and_those_who_voted_once_each() -> None:
+    """aria votes and goes offline, borin votes, cora (online) has not: 2 of 3, not 2 of 2."""
+    vote = votes.open_vote(spec(), now=0.0, trace_id="t")
+    votes.cast(vote, "v1", "aria", "A", 1.0)
+    votes.cast(vote, "v1", "borin", "B", 2.0)
+    update = votes.update_payload(vote, ["borin", "cora"])
+    assert (update["voted"], update["eligible"]) == (2, 3)
+    assert votes.due(vote, ["borin", "cora"], 2.0) is None  # still open: cora may vote
 
 
 def test_refused_casts_change_nothing() -> None:

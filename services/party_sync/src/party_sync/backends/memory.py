@@ -275,7 +275,7 @@ class MemoryBackend:
         if refusal is not None or party is None or vote is None:
             return refusal or votes.CastRefusal.UNKNOWN, []
         online = [c for c, m in party.projection.members.items() if m.online]
-        update = votes.update_payload(vote, len(online))
+        update = votes.update_payload(vote, online)
         events = [
             self._publish(
                 party, codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id), now

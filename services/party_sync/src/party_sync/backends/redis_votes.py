@@ -240,7 +240,7 @@ class RedisVotes:
                 return refusal or votes.CastRefusal.UNKNOWN, []
             keys = self._keys.party_keys(party_id)
             txn.pipe.hset(keys.ballots, character_id, option)
-            update = votes.update_payload(vote, len(online))
+            update = votes.update_payload(vote, online)
             await txn.publish(codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id))
             if votes.due(vote, online, now) == "all_voted":
                 finished = _finished(vote, "all_voted", now)

@@ -16,7 +16,7 @@ Rules (docs/protocol.md, *Votes*):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
@@ -172,12 +172,15 @@ def started_payload(vote: Vote, timestamp: str) -> dict[str, Any]:
     return payload
 
 
-def update_payload(vote: Vote, eligible: int) -> dict[str, Any]:
+def update_payload(vote: Vote, online: Collection[str]) -> dict[str, Any]:
+    """``vote.update``: ``eligible`` counts the members online and those who voted (a ballot
+    stands when its voter goes offline), each once: "2 of 3" while an online member has not
+    voted, never "2 of 2"."""
     return {
         "vote_id": vote.vote_id,
         "tallies": tallies(vote),
         "voted": len(vote.ballots),
-        "eligible": max(eligible, len(vote.ballots)),
+        "eligible": len(vote.ballots.keys() | set(online)),
     }
 
 
