@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from party_sync.transport import admin
 from party_sync.transport.admin import CLOSE_DISCONNECTED
+from ps_testkit.api_events import SCENE
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process, token
@@ -63,19 +64,8 @@ async def test_a_party_that_came_and_went_or_only_got_events_is_listed(
         a, _ = await srv.join("aria", party="came", run="r9")
         await a.close()
         await wait_until(lambda: not gateway.sessions)
-        scene = {
-            "type": "scene.update",
-            "payload": {
-                "scene_number": 1,
-                "scene_id": "s",
-                "title": "T",
-                "narration": "N",
-                "options": [],
-                "kind": "story",
-            },
-        }
         async with srv.http.post(
-            srv.base + "/api/v1/parties/published/events", json=scene, headers=AUTH
+            srv.base + "/api/v1/parties/published/events", json=SCENE, headers=AUTH
         ) as resp:
             assert resp.status == 202, await resp.text()
         await admin.beat(srv.server.app, 60.0)

@@ -15,22 +15,12 @@ from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from party_sync import problems
 from party_sync.problems import BadJson, BodyTooLarge, read_body
+from ps_testkit.api_events import SCENE
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process
 
 KEY = "api-key-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SCENE: dict[str, Any] = {
-    "type": "scene.update",
-    "payload": {
-        "scene_number": 1,
-        "scene_id": "gate",
-        "title": "The Gate",
-        "narration": "Rain on iron.",
-        "options": [{"id": "A", "label": "Knock"}],
-        "kind": "story",
-    },
-}
 
 
 def bomb(megabytes: int) -> bytes:

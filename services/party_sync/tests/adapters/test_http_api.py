@@ -12,6 +12,7 @@ from openapi_spec_validator import validate
 from party_sync.engine.http_host import ApiPublisher
 from party_sync.engine.interface import Narration
 from party_sync.protocol.errors import NarrationConflict
+from ps_testkit import api_events
 from ps_testkit.client import Client
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.raw_http import raw_request
@@ -22,18 +23,7 @@ pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 KEY = "api-key-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 
-SCENE: dict[str, Any] = {
-    "type": "scene.update",
-    "trace_id": "eng-trace-1",
-    "payload": {
-        "scene_number": 1,
-        "scene_id": "gate",
-        "title": "The Gate",
-        "narration": "Rain on iron.",
-        "options": [{"id": "A", "label": "Knock"}],
-        "kind": "story",
-    },
-}
+SCENE: dict[str, Any] = {**api_events.SCENE, "trace_id": "eng-trace-1"}
 
 
 async def post(

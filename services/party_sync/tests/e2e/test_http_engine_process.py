@@ -6,12 +6,10 @@ import asyncio
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
-from ps_testkit.client import wait_until
-from ps_testkit.engines import HANGING_ENGINE
+from ps_testkit.engines import HANGING_ENGINE, assert_stopped_in_budget, stop_mid_action
 from ps_testkit.servers import free_port, party_sync_command, serve_process
 
 pytestmark = pytest.mark.e2e
@@ -105,14 +103,7 @@ async def test_sigterm_mid_action_ends_engine_http_within_the_budget(
             "PARTY_SYNC_ENGINE_URL": f"http://127.0.0.1:{engine_port}/actions",
         }
         async with serve_process(["--port", str(ps_port)], env=ps_env, port=ps_port) as srv:
-            a, _ = await srv.join("aria")
-            await a.act("h-1", "aria", "r1")
-            await a.until("action.accepted")
-            await wait_until(mark.exists, timeout=20)
-            signalled = time.monotonic()
-            engine.send_signal(signal.SIGTERM)
-            returncode = await asyncio.to_thread(engine.wait, 20)
-            took = time.monotonic() - signalled
+            returncode, took = await stop_mid_action(srv, engine, mark, "h-1")
     finally:
         if engine.poll() is None:
             engine.kill()
@@ -120,8 +111,4 @@ async def test_sigterm_mid_action_ends_engine_http_within_the_budget(
         if engine.stdout is not None:
             engine.stdout.close()
     log = logged.read_text()
-    if leak:
-        assert returncode == 1 and 3.0 <= took < 6.0, (returncode, took)
-        assert "did not exit within shutdown_timeout" in log and "engine-db" in log
-    else:
-        assert returncode == 0 and took < 3.0, (returncode, took, log[-2000:])
+    assert_stopped_in_budget(returncode, took, log, leak)

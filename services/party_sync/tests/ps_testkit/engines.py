@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -214,3 +217,32 @@ class Engine:
 def create_engine():
     return Engine()
 """
+
+
+def assert_stopped_in_budget(returncode: int | None, took: float, log: str, leak: bool) -> None:
+    """A process running ``HANGING_ENGINE`` with ``PARTY_SYNC_SHUTDOWN_TIMEOUT=1``, signalled
+    ``took`` seconds before it ended: the engine closed, exit 0 within the budget (and a moment);
+    with ``LEAK``, its watchdog ended it 2 s past the budget, exit 1, naming the thread."""
+    if leak:
+        assert returncode == 1 and 3.0 <= took < 6.0, (returncode, took)
+        assert "did not exit within shutdown_timeout" in log and "engine-db" in log
+    else:
+        assert returncode == 0 and took < 3.0, (returncode, took, log[-2000:])
+
+
+async def stop_mid_action(
+    srv: Any, process: subprocess.Popen[bytes], mark: Path, action_id: str
+) -> tuple[int | None, float]:
+    """aria (on ``srv``, a ``servers.Running``) sends ``action_id``; once ``HANGING_ENGINE``
+    in ``process`` is inside it (``mark`` exists), SIGTERM ``process``: its exit code and the
+    seconds it took to end."""
+    from ps_testkit.client import wait_until
+
+    aria, _ = await srv.join("aria")
+    await aria.act(action_id, "aria", "r1")
+    await aria.until("action.accepted")
+    await wait_until(mark.exists, timeout=20)
+    signalled = time.monotonic()
+    process.send_signal(signal.SIGTERM)
+    returncode = await asyncio.to_thread(process.wait, 20)
+    return returncode, time.monotonic() - signalled

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from ps_testkit.api_events import SCENE
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import Running, make_settings, serve_in_process
@@ -15,17 +16,6 @@ pytestmark = pytest.mark.redis
 
 KEY = "api-key-0123456789abcdef0123456789"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-SCENE: dict[str, Any] = {
-    "type": "scene.update",
-    "payload": {
-        "scene_number": 1,
-        "scene_id": "gate",
-        "title": "The Gate",
-        "narration": "Rain on iron.",
-        "options": [{"id": "A", "label": "Knock"}],
-        "kind": "story",
-    },
-}
 
 
 def piece(index: int, text: str) -> dict[str, Any]:

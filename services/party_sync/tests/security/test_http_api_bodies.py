@@ -23,6 +23,7 @@ from urllib.parse import quote
 import orjson
 import pytest
 from party_sync.initdata import sign_init_data
+from ps_testkit.api_events import SCENE
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.security_raw import Raw, capture_logs, chunked, request_head
 from ps_testkit.servers import Running, make_settings, serve_in_process, serve_process, token
@@ -35,17 +36,6 @@ BOT = "7000000001:AAF-test-bot-token-of-party-sync"
 TG_ID = 279058397
 MAX_API_BODY = 262144  # api_max_body_bytes' default (the documented 256 KiB)
 
-SCENE: dict[str, Any] = {
-    "type": "scene.update",
-    "payload": {
-        "scene_number": 1,
-        "scene_id": "gate",
-        "title": "The Gate",
-        "narration": "Rain on iron.",
-        "options": [{"id": "A", "label": "Knock"}],
-        "kind": "story",
-    },
-}
 PIECE = {"stream_id": "n-1", "index": 0, "text": "Rain on iron.", "done": False}
 VOTE = {
     "question": "Which way?",
