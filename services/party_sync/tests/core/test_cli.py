@@ -6,7 +6,12 @@ import pytest
 from party_sync.cli import main
 
 #: ``party-sync token`` with every required flag (the claims' values do not matter here)
-MINT = ["token", *"--party p --run r --character c --name C".split(), "--secret", "s" * 32]
+MINT = [
+    "token",
+    *["--party", "p", "--run", "r", "--character", "c", "--name", "C"],
+    "--secret",
+    "s" * 32,
+]
 
 
 @pytest.mark.parametrize("ttl", ["-5", "0", "nan"])
