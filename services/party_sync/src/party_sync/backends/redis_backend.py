@@ -560,8 +560,10 @@ class RedisBackend:
             return Verdict(verdict, result=bytes(reply[1]))
         if verdict is Decision.BUSY:
             return Verdict(verdict, blocking_action_id=text(reply[1]))
-        if verdict is Decision.IN_FLIGHT and len(reply) > 1 and reply[1]:
-            return Verdict(verdict, claimer=text(reply[1]))
+        if verdict is Decision.IN_FLIGHT and len(reply) > 1:
+            claimer = text(reply[1])
+            if claimer not in ("", "1"):  # '1': an engine host elsewhere (claim_action.lua)
+                return Verdict(verdict, claimer=claimer)
         return Verdict(verdict)
 
     async def take_over(self, party_id: str, action_id: str, gone: str, now: float) -> bool:
