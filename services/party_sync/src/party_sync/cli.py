@@ -254,8 +254,8 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
 
 
 def _token(args: argparse.Namespace) -> int:
-    if not args.ttl > 0:  # also NaN
-        print("party-sync token: --ttl must be > 0 seconds", file=sys.stderr)
+    if not 0 < args.ttl < float("inf"):  # also NaN
+        print("party-sync token: --ttl must be a finite number > 0 seconds", file=sys.stderr)
         return 2
     secret = args.secret or os.environ.get("PARTY_SYNC_JWT_SECRET")
     if not secret:

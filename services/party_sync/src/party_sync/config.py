@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.protocol.errors import ConfigError
@@ -384,11 +384,24 @@ def http_url_problem(name: str, url: str | None) -> str | None:
     included). The URL itself is not repeated: it may hold a password."""
     if not url:
         return None
-    parts = urlsplit(url)
+    parts = _split(url)
+    if parts is None:
+        return f"{name} is not a URL (an unbalanced '[' or a bad port)"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         scheme = f"{parts.scheme}://..." if parts.scheme else "no scheme"
         return f"{name} must be an http:// or https:// URL with a host (got {scheme})"
     return None
+
+
+def _split(url: str) -> SplitResult | None:
+    """``urlsplit(url)`` with its port read (both raise ``ValueError`` on a malformed one), or
+    None for a string that is no URL."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (read for its ValueError)
+    except ValueError:
+        return None
+    return parts
 
 
 def _origins_problem(origins: Sequence[str]) -> str | None:
@@ -400,8 +413,14 @@ def _origins_problem(origins: Sequence[str]) -> str | None:
                 "allowed_origins: '*' is not a wildcard here; list the pages' origins "
                 "(https://host[:port]), or leave allowed_origins empty to allow any (development)"
             )
-        parts = urlsplit(origin)
-        if not parts.scheme or not parts.netloc or parts.path or parts.query or parts.fragment:
+        parts = _split(origin)
+        if (
+            parts is None
+            or not (parts.scheme and parts.netloc)
+            or parts.path
+            or parts.query
+            or parts.fragment
+        ):
             return (
                 f"allowed_origins: {origin!r} is not an origin: scheme://host[:port], with no "
                 "path or trailing slash (as browsers send it in the Origin header)"

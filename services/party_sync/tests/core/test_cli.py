@@ -14,13 +14,13 @@ MINT = [
 ]
 
 
-@pytest.mark.parametrize("ttl", ["-5", "0", "nan"])
+@pytest.mark.parametrize("ttl", ["-5", "0", "nan", "inf"])
 def test_token_refuses_a_lifetime_that_is_already_over(
     ttl: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert main([*MINT, "--ttl", ttl]) == 2
     out, err = capsys.readouterr()
-    assert out == "" and "--ttl must be > 0" in err
+    assert out == "" and "--ttl must be a finite number > 0" in err
 
 
 def test_token_mints_with_a_positive_lifetime(capsys: pytest.CaptureFixture[str]) -> None:

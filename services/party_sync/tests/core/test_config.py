@@ -130,6 +130,9 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("ENGINE_URL", "ftp://h/x", r"engine_url must be .* \(got ftp://\.\.\.\)"),
         ("ENGINE_URL", "http:///actions", "engine_url must be"),
         ("ENGINE_NOTICE_URL", "localhost:8000", "engine_notice_url must be"),
+        ("ENGINE_URL", "http://[::1/x", "engine_url is not a URL"),
+        ("ENGINE_URL", "http://host:99999/x", "engine_url is not a URL"),
+        ("ALLOWED_ORIGINS", "http://[x", "not an origin"),
     ],
 )
 def test_an_out_of_range_environment_value_is_a_config_error(

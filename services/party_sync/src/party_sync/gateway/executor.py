@@ -110,6 +110,7 @@ class Executor:
         self.claim_on_accept = bool(getattr(link, "claims_on_accept", False))
         #: The id this node's claims carry in the backend (Redis: its node id), if it has one.
         self.node_id: str | None = getattr(backend, "node_id", None)
+        self._taking_over: set[tuple[str, str]] = set()  # (party, action) watched for a take-over
         self.publisher = publisher
         self.metrics = metrics
         self.clock = clock
@@ -168,6 +169,16 @@ class Executor:
         does) and gives it to its own engine, which deduplicates by ``action_id`` (the gone node
         may have applied it). Its answer then comes as any action's does."""
         key = (party_id, action_id)
+        if key in self._taking_over:  # a resend while another resend's watch runs
+            return
+        self._taking_over.add(key)
+        try:
+            await self._watch_claimer(key, claimer)
+        finally:
+            self._taking_over.discard(key)
+
+    async def _watch_claimer(self, key: tuple[str, str], claimer: str) -> None:
+        party_id, action_id = key
         while key in self.core.pending:
             try:
                 if not await self.backend.node_alive(claimer):
