@@ -75,3 +75,36 @@ class LatestPerKey:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+class Episode:
+    """One kind of trouble, logged when it begins (WARNING) and when it ends (INFO), not per tick.
+
+    ``kind`` says which trouble it is: a WARNING again only when the kind changes (a detail with
+    figures in it changes every tick and must not log again).
+    """
+
+    def __init__(self, logger: logging.Logger, what: str) -> None:
+        self.logger = logger
+        self.what = what
+        self.kind: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.kind is not None
+
+    def trouble(self, kind: str, detail: str, **extra: Any) -> bool:
+        """Trouble of ``kind`` seen now; True (and one WARNING) if it begins or changes kind."""
+        if self.kind == kind:
+            return False
+        self.kind = kind
+        self.logger.warning("%s: %s", self.what, detail, extra={"condition": kind, **extra})
+        return True
+
+    def fine(self, detail: str, **extra: Any) -> bool:
+        """No trouble now; True (and one INFO) if that ends an episode."""
+        if self.kind is None:
+            return False
+        self.kind = None
+        self.logger.info("%s: over: %s", self.what, detail, extra={"condition": "ok", **extra})
+        return True

@@ -7,7 +7,7 @@ import contextlib
 import logging
 
 import pytest
-from party_sync.engine.health import Episode, HttpProbe, Periodic
+from party_sync.engine.health import HttpProbe, Periodic
 from party_sync.engine.stream_monitor import (
     ENGINE_GROUP,
     Bounds,
@@ -21,6 +21,7 @@ from party_sync.engine.stream_monitor import (
 )
 from party_sync.engine.stream_worker import WorkerOptions
 from party_sync.metrics import Metrics
+from party_sync.tasks import Episode
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 STREAM = "party_sync:actions"

@@ -66,8 +66,7 @@ from party_sync.backends.redis_wire import (
     pack_asking_eval,
     pack_evalsha,
 )
-from party_sync.engine.health import Episode
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import Episode, cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -39,9 +39,8 @@ from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_bus import Bus, Handler
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.backends.redis_wire import NodeConnections
-from party_sync.engine.health import Episode
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import Episode, cancel_and_wait
 
 log = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ Each transport has its own source:
 - HTTP: :class:`HttpProbe`, a TCP connect to the engine URL's host and port every few seconds
   (cheap, and it tells "nothing listens there" from "slow").
 
-Trouble is logged once per episode (:class:`Episode`): a WARNING when it begins, an INFO when it
-ends, never once per tick.
+Trouble is logged once per episode (:class:`~party_sync.tasks.Episode`): a WARNING when it
+begins, an INFO when it ends, never once per tick.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from party_sync.metrics import Metrics
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import Episode, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -82,39 +82,6 @@ def public_url(url: str) -> str:
         host = f"[{host}]"
     netloc = f"{host}:{port}" if port is not None else host
     return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
-
-
-class Episode:
-    """One kind of trouble, logged when it begins (WARNING) and when it ends (INFO), not per tick.
-
-    ``kind`` says which trouble it is: a WARNING again only when the kind changes (a detail with
-    figures in it changes every tick and must not log again).
-    """
-
-    def __init__(self, logger: logging.Logger, what: str) -> None:
-        self.logger = logger
-        self.what = what
-        self.kind: str | None = None
-
-    @property
-    def active(self) -> bool:
-        return self.kind is not None
-
-    def trouble(self, kind: str, detail: str, **extra: Any) -> bool:
-        """Trouble of ``kind`` seen now; True (and one WARNING) if it begins or changes kind."""
-        if self.kind == kind:
-            return False
-        self.kind = kind
-        self.logger.warning("%s: %s", self.what, detail, extra={"condition": kind, **extra})
-        return True
-
-    def fine(self, detail: str, **extra: Any) -> bool:
-        """No trouble now; True (and one INFO) if that ends an episode."""
-        if self.kind is None:
-            return False
-        self.kind = None
-        self.logger.info("%s: over: %s", self.what, detail, extra={"condition": "ok", **extra})
-        return True
 
 
 Connect = Callable[[str, int], Awaitable[None]]

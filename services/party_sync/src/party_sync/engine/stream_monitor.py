@@ -8,7 +8,7 @@ summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered) and
   consumers and consumers active recently (``party_sync_actions_stream_*``);
 - logs one WARNING when actions wait with no active consumer (no consumer group yet, or no
   consumer that read within ``active_within``) or when the oldest waits longer than
-  ``stuck_after``, and one INFO when that is over (:class:`~party_sync.engine.health.Episode`);
+  ``stuck_after``, and one INFO when that is over (:class:`~party_sync.tasks.Episode`);
 - answers ``/readyz``'s engine part (degraded, not 503: the node still serves).
 
 A live ``engine-worker`` asks for entries every second (``XREADGROUP BLOCK 1000``) and notes
@@ -45,8 +45,9 @@ from redis.exceptions import ResponseError
 
 from party_sync.backends.redis_connect import RedisTarget, make_any_client
 from party_sync.engine import partitions as layout
-from party_sync.engine.health import EngineHealth, Episode, Periodic
+from party_sync.engine.health import EngineHealth, Periodic
 from party_sync.metrics import Metrics
+from party_sync.tasks import Episode
 
 log = logging.getLogger(__name__)
 
