@@ -485,26 +485,10 @@ def _bot_ids_agree(settings: Settings) -> bool:
 
 
 def validate(settings: Settings) -> None:
-    durations = (
-        "presence_grace",
-        "presence_ttl",
-        "action_timeout",
-        "action_record_ttl",
-        "heartbeat",
-        "request_head_timeout",
-        "keepalive_timeout",
-        "rate_limit",
-        "rate_burst",
-        "shutdown_timeout",
-        "engine_http_timeout",
-        "telegram_max_age",
-        "telegram_token_ttl",
-        "request_body_timeout",
-        "narration_idle",
-    )
-    for name in durations:
-        if not math.isfinite(getattr(settings, name)):
-            raise ConfigError(f"{name} must be a finite number")
+    for option in fields(settings):
+        value = getattr(settings, option.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{option.name} must be a finite number")
     checks: Sequence[tuple[bool, str]] = (
         (0 < settings.port < 65536, "port must be 1..65535"),
         (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),

@@ -286,3 +286,16 @@ def test_short_secrets_are_warned_about_and_generated_ones_are_not() -> None:
 
     strong = Settings(jwt_secret=secrets.token_urlsafe(32), api_key=secrets.token_urlsafe(24))
     assert weak_secrets(strong) == [] and weak_secrets(Settings()) == []
+
+
+FLOAT_SETTINGS = [env for _, env, _, default in options() if isinstance(default, float)]
+
+
+@pytest.mark.parametrize("env_var", FLOAT_SETTINGS)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_no_duration_or_rate_setting_takes_infinity_or_nan(env_var: str, value: str) -> None:
+    # "inf" of redis_probe_interval or party_ttl once started a server that never probed
+    # again or handed Redis an expiry it refuses; every float setting is checked alike.
+    name = env_var.removeprefix(ENV_PREFIX).lower()
+    with pytest.raises(ConfigError, match=name):
+        load(parse_flags(), env={env_var: value})
