@@ -628,3 +628,31 @@ def test_a_violation_only_past_what_is_kept_is_refused_with_a_plain_explanation(
     with pytest.raises(SchemaViolation) as late:  # the 81st item: past the 64 kept
         checked.validate("test.list", {"items": [*range(80), "x"]})
     assert (late.value.path, late.value.reason) == ("", "does not match its schema")
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        # an id nested in the payload, before the real one
+        b'{"type":"action.request","payload":{"data":{"action_id":"inner"},"action_id":"outer"',
+        # a key-like text inside a string value, before the real one
+        b'{"type":"action.request","payload":{"text":"\\"action_id\\":\\"inner\\"",'
+        b'"action_id":"outer"',
+        # an id in an array, before the real one
+        b'{"type":"action.request","payload":{"list":[{"action_id":"inner"}],"action_id":"outer"',
+    ],
+)
+def test_a_too_large_action_is_named_by_its_own_id_not_a_nested_one(head: bytes) -> None:
+    big = head + b',"pad":"' + b"y" * MAX + b'"}}'
+    error = refusal(big)
+    assert (error.type, error.action_id) == (t.ACTION_REQUEST, "outer")
+
+
+def test_a_too_large_message_is_named_only_by_members_in_their_places() -> None:
+    # "type" inside the payload is not the message's type; an id at the top level is not the
+    # payload's; a trace id inside the payload is not the message's
+    nested = b'{"payload":{"type":"vote.cast","trace_id":"t-in","vote_id":"v"},"pad":"'
+    assert refusal(nested + b"y" * MAX + b'"}').type is None
+    top = b'{"type":"vote.cast","vote_id":"v-top","payload":{"pad":"'
+    error = refusal(top + b"y" * MAX + b'"}}')
+    assert (error.type, error.vote_id, error.trace_id) == ("vote.cast", None, None)

@@ -60,31 +60,63 @@ def about(message: object) -> dict[str, Any]:
 
 #: How much of a too-large message is looked at to name what it was (bounded work).
 _HEAD_BYTES = 4096
-_HEAD_TYPE = re.compile(
-    rb'"type"\s*:\s*"('
-    + b"|".join(re.escape(kind.encode()) for kind in sorted(t.CLIENT_TYPES))
-    + rb')"'
-)
-_HEAD_IDS = re.compile(rb'"(action_id|vote_id)"\s*:\s*"([A-Za-z0-9._:-]{1,64})"')
-_HEAD_TRACE = re.compile(rb'"trace_id"\s*:\s*"([A-Za-z0-9._:-]{1,128})"')
+#: The tokens of a JSON text that say where a member stands: a key (a string and its colon),
+#: any other string (skipped whole, so that braces inside it do not count), and the brackets.
+_HEAD_TOKENS = re.compile(rb'"((?:[^"\\]|\\.)*)"(\s*:)?|[{}\[\]]')
+_HEAD_STRING = re.compile(rb'\s*"([A-Za-z0-9._:-]{1,128})"')
+#: Where each named member must stand: the top level, or the top level's ``payload``.
+_HEAD_PLACES: dict[tuple[bytes, ...], str] = {
+    (b"type",): "type",
+    (b"trace_id",): "trace_id",
+    (b"payload", b"action_id"): "action_id",
+    (b"payload", b"vote_id"): "vote_id",
+}
+
+
+def _head_members(head: bytes) -> dict[str, str]:
+    """The plain string members of ``_HEAD_PLACES`` found in a JSON text's head, each by its
+    place (a ``payload.data.action_id`` is not the action's id), the first of each only."""
+    found: dict[str, str] = {}
+    path: list[bytes | None] = []  # the key of each open object (None: an array)
+    key: bytes | None = None  # the last key read in the innermost open object
+    for token in _HEAD_TOKENS.finditer(head):
+        text = token.group(0)
+        if text in (b"{", b"["):
+            # b"" marks the top-level object, None an array (nothing in one is looked at)
+            path.append(None if text == b"[" else (key if path else b""))
+            key = None
+        elif text in (b"}", b"]"):
+            if path:
+                path.pop()
+            key = None
+        elif token.group(2) is not None:  # a key
+            key = token.group(1)
+            if len(path) == 0 or path[0] != b"" or None in path:
+                continue
+            place = (*(step for step in path[1:] if step is not None), key)
+            name = _HEAD_PLACES.get(place)
+            value = _HEAD_STRING.match(head, token.end())
+            if name is not None and name not in found and value is not None:
+                found[name] = value.group(1).decode()
+    return found
 
 
 def _about_head(data: bytes | str) -> dict[str, Any]:
     """``about`` for a message too large to parse: its client type, trace id and action or vote
-    id, when they stand plainly in its first 4 KiB (every error about an action names the
-    action, and carries the trace id of the message it answers)."""
+    id, when they stand plainly, each in its place, in its first 4 KiB (every error about an
+    action names the action, and carries the trace id of the message it answers)."""
     head = data[:_HEAD_BYTES] if isinstance(data, bytes) else data[:_HEAD_BYTES].encode()
-    kind = _HEAD_TYPE.search(head)
-    if kind is None:
+    members = _head_members(head)
+    kind = members.get("type")
+    if kind not in t.CLIENT_TYPES:
         return {}
-    found: dict[str, Any] = {"type": kind.group(1).decode()}
-    trace = _HEAD_TRACE.search(head)
-    if trace is not None:
-        found["trace_id"] = trace.group(1).decode()
-    for match in _HEAD_IDS.finditer(head):
-        key = match.group(1).decode()
-        if (key == "action_id") == (found["type"] == t.ACTION_REQUEST) and key not in found:
-            found[key] = match.group(2).decode()
+    found: dict[str, Any] = {"type": kind}
+    if is_trace_id(members.get("trace_id")):
+        found["trace_id"] = members["trace_id"]
+    wanted = "action_id" if kind == t.ACTION_REQUEST else "vote_id"
+    value = members.get(wanted)
+    if value is not None and is_id(value):
+        found[wanted] = value
     return found
 
 
