@@ -59,6 +59,17 @@ class Claims:
     display_name: str
     exp: float
     sub: str | None = None
+    #: Seconds past ``exp`` a connection opened with the token lives: 0 for a token valid when
+    #: it was verified; the leeway for one taken within it (already past ``exp``).
+    grace: float = 0.0
+
+    @property
+    def ends_at(self) -> float:
+        """When a connection opened with the token ends (``token_expired``, 4001): at ``exp``,
+        or, for a token taken within the leeway, at the end of the leeway, the last instant a
+        handshake would still take it: never the moment it opens (a client whose clock says
+        "valid" would reconnect with it, and be closed again, in a loop)."""
+        return self.exp + self.grace
 
 
 class TokenVerifier:
@@ -108,7 +119,7 @@ class TokenVerifier:
                 raise AuthError(401, "malformed token") from None
             now = (self._clock or wall_clock)()
             exp = check_times(payload, now, self._leeway)
-            return _claims(payload, exp)
+            return _claims(payload, exp, self._leeway if exp <= now else 0.0)
         raise AuthError(401, "bad token signature") from last_error
 
 
@@ -140,7 +151,7 @@ def check_times(payload: dict[str, Any], now: float, leeway: float) -> float:
     return exp
 
 
-def _claims(payload: dict[str, Any], exp: float) -> Claims:
+def _claims(payload: dict[str, Any], exp: float, grace: float) -> Claims:
     ids = {}
     for name in ("party_id", "campaign_run_id", "character_id"):
         value = payload.get(name)
@@ -160,6 +171,7 @@ def _claims(payload: dict[str, Any], exp: float) -> Claims:
         display_name=clean_name(payload.get("display_name"), ids["character_id"]),
         exp=exp,
         sub=sub,
+        grace=grace,
     )
 
 

@@ -144,6 +144,20 @@ async def test_token_expiry_on_an_open_connection_closes_with_4001() -> None:
         await client.close()
 
 
+async def test_a_token_taken_within_the_leeway_is_not_closed_the_moment_it_opens() -> None:
+    # Expired 5 s ago by the server's clock, within the 30-s leeway: the handshake takes it,
+    # so the connection lives until the leeway ends; it used to get 4001 right after its
+    # hello, and a client whose own clock said "valid" reconnected with it in a loop.
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        late = await srv.connect("late", token_value=token("late", ttl=-5))
+        await late.expect("system.hello")
+        await late.act("after-hello", "late", "r1")
+        result = await late.expect("action.result")
+        assert result["payload"]["action_id"] == "after-hello"
+        assert not [m for m in late.received if m["type"] == "system.error"]
+        await late.close()
+
+
 # -- presence after a stall (docs/redis.md, "Guarantees") --------------------------------------
 
 

@@ -131,7 +131,16 @@ def test_a_token_expired_beyond_the_leeway_is_refused(age: float) -> None:
 @pytest.mark.parametrize("age", [1.0, MAX_LEEWAY - 1])
 def test_a_token_expired_within_the_leeway_is_accepted(age: float) -> None:
     tok = token(exp=int(NOW - age), iat=int(NOW - 600))
-    assert TokenVerifier([SECRET]).verify(tok).exp == NOW - age
+    claims = TokenVerifier([SECRET]).verify(tok)
+    assert claims.exp == NOW - age
+    # the connection it opens lives as long as a handshake would take the token: not closed
+    # with 4001 the moment it opens (the client, whose clock says "valid", would loop)
+    assert claims.ends_at == NOW - age + MAX_LEEWAY > NOW
+
+
+def test_a_connection_with_a_token_valid_when_verified_ends_at_its_exp() -> None:
+    tok = token(exp=int(NOW + 5), iat=int(NOW - 600))
+    assert TokenVerifier([SECRET], clock=lambda: NOW).verify(tok).ends_at == NOW + 5
 
 
 def test_the_leeway_is_capped_at_30_seconds() -> None:

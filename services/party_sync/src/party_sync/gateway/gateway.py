@@ -220,7 +220,7 @@ class Gateway:
             binding,
             sink,
             ConnectionLimits(self._policy),
-            claims.exp,
+            claims.ends_at,
         )
         # from here on, live events are buffered for it
         commands = self.core.open(session, resume, self.clock())
