@@ -63,6 +63,8 @@ RESTART_DELAY_MIN = 0.5
 RESTART_DELAY_MAX = 30.0
 #: A worker that served this long before dying is restarted after ``RESTART_DELAY_MIN`` again.
 STABLE_AFTER = 60.0
+#: The signals the parent stops its workers with (SIGINT: Ctrl-C reaches the whole group).
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 #: Seconds the parent waits, past ``shutdown_timeout``, for a draining worker before SIGKILL
 #: (a worker ends itself by ``server.EXIT_GRACE`` past it; this is for one that cannot run:
 #: stopped, or stuck outside Python). A worker killed so makes ``serve`` exit 1.
@@ -198,7 +200,10 @@ class Supervisor:
                 log.exception("worker %d could not be started", slot.index)
                 returncode = None
             if self.stopping.is_set():
-                if returncode:  # it did not drain cleanly (its exit watchdog, or a kill)
+                # A worker still starting (it never said it serves: no clients) that the stop
+                # signal ended before it could handle it stopped cleanly; any other non-zero
+                # code is a drain that was not (its exit watchdog, or a kill).
+                if returncode and not (slot.node is None and -returncode in _STOP_SIGNALS):
                     self.failure = self.failure or 1
                 return
             if not all(s.ready_once for s in self.slots):

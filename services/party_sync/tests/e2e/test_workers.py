@@ -313,6 +313,34 @@ async def test_sigterm_to_the_parent_drains_every_worker(
         assert not await asyncio.to_thread(group_dir.exists)
 
 
+def children(pid: int) -> set[int]:
+    """The processes ``pid`` started and that still run (Linux: /proc)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found |= {int(c) for c in (task / "children").read_text().split()}
+    return found
+
+
+async def test_sigterm_while_a_replacement_worker_starts_is_a_clean_stop(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """The stop signal reaches a restarted worker before it can handle it (still importing): it
+    never served anyone, so ``serve`` still exits 0 (it exited 1, as for a failed drain)."""
+    async with workers_group(redis, tmp_path) as group:
+        pids = (await group.log(serving))["pids"]
+        os.kill(pids[0], signal.SIGKILL)
+        await group.log(lambda e: "restarting it in" in str(e.get("msg")))
+        before = set(pids)
+        async with asyncio.timeout(10):
+            while not (children(group.process.pid) - before):
+                await asyncio.sleep(0.005)  # poll for the replacement's process, not a delay
+        group.process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            assert await group.process.wait() == 0
+        assert not [e for e in group.logs if "restarted" in str(e.get("msg"))]
+
+
 async def test_a_worker_that_cannot_drain_is_killed_and_serve_exits_1(
     redis: RedisServer, tmp_path: Path
 ) -> None:
