@@ -332,9 +332,8 @@ async def test_sigterm_while_a_replacement_worker_starts_is_a_clean_stop(
         os.kill(pids[0], signal.SIGKILL)
         await group.log(lambda e: "restarting it in" in str(e.get("msg")))
         before = set(pids)
-        async with asyncio.timeout(10):
-            while not (children(group.process.pid) - before):
-                await asyncio.sleep(0.005)  # poll for the replacement's process, not a delay
+        # the replacement's process exists (it takes about a second to import and serve)
+        await wait_until(lambda: bool(children(group.process.pid) - before), timeout=10)
         group.process.send_signal(signal.SIGTERM)
         async with asyncio.timeout(20):
             assert await group.process.wait() == 0
