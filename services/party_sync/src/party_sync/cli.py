@@ -20,6 +20,28 @@ from party_sync.protocol.errors import ConfigError, ListenError
 log = logging.getLogger("party_sync")
 
 
+def _seconds(text: str) -> float:
+    """An argparse type: a finite number of seconds > 0 (not inf, nan, 0 or negative)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):  # also NaN
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0 seconds, not {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    """An argparse type: a TCP port, 1..65535."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a port 1..65535, not {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="party-sync", description="party_sync realtime gateway")
     parser.add_argument("--version", action="version", version=f"party_sync {__version__}")
@@ -46,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     host.add_argument("engine", help="MODULE:ATTR of the engine (or a factory of one)")
     host.add_argument("--host", default="127.0.0.1", help="interface (127.0.0.1)")
-    host.add_argument("--port", type=int, default=8090, help="port (8090)")
+    host.add_argument("--port", type=_port, default=8090, help="port (8090)")
     host.add_argument(
         "--path", default="/actions", help="path party_sync POSTs actions to (/actions)"
     )
@@ -112,7 +134,7 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
     worker.add_argument(
         "--claim-idle",
-        type=float,
+        type=_seconds,
         default=30.0,
         help="seconds before a dead worker's pending actions are taken over (30)",
     )

@@ -50,3 +50,22 @@ def test_one_character_id_in_two_parties_is_two_users() -> None:
         for party in ("p1", "p2")
     }
     assert subs == {"character:p1/aria", "character:p2/aria"}
+
+
+@pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "soon"])
+def test_engine_worker_claim_idle_must_be_a_finite_positive_number(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 0 would take a live worker's entries at once; inf and nan failed later, in the loop
+    with pytest.raises(SystemExit) as stopped:
+        main(["engine-worker", "x:y", "--redis-url", "redis://h/0", "--claim-idle", value])
+    assert stopped.value.code == 2
+    assert "--claim-idle: must be a finite number > 0 seconds" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "-1", "http"])
+def test_engine_http_port_must_be_a_port(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["engine-http", "x:y", "--port", value])
+    assert stopped.value.code == 2
+    assert "--port: must be a port 1..65535" in capsys.readouterr().err
