@@ -167,8 +167,12 @@ def authorized(request: web.Request) -> bool:
     expected = request.app.get(API_KEY, "")
     header = request.headers.get("Authorization", "")
     given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    # compare_digest on equal-type bytes; an unset key matches nothing.
-    return bool(expected) and hmac.compare_digest(given.encode(), expected.encode())
+    # compare_digest on equal-type bytes; an unset key matches nothing. aiohttp decodes a header
+    # that is not UTF-8 with surrogate escapes: "surrogatepass" turns any of them into bytes
+    # that match no key, where a plain encode() raised (a 500 and a traceback, for anyone).
+    return bool(expected) and hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode()
+    )
 
 
 def check(request: web.Request) -> None:
