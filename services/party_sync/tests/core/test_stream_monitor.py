@@ -328,3 +328,39 @@ async def test_a_read_with_the_wrong_number_of_partitions_is_a_failed_check() ->
     assert await monitor.check_once() is None
     assert monitor.errors == 1
     assert not monitor.health().ok
+
+
+async def test_no_worker_with_nothing_waiting_warns_once_it_has_lasted_active_within(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An engine missing while the players are idle: degraded at once, and one WARNING once it
+    has lasted ``active_within`` (15 s: checks 0, 5, 10, 15 s), not at the first look; one INFO
+    when a worker reads again. README: "An engine that is missing or stuck shows in /readyz ...
+    in one WARNING when it begins and one INFO when it is over"."""
+    reads = Readings(NO_STREAM, NO_STREAM, NO_STREAM, NO_STREAM, NO_STREAM, HEALTHY)
+    monitor = StreamMonitor(reads, STREAM, interval=5.0, bounds=BOUNDS)
+    with caplog.at_level(logging.INFO, logger="party_sync.engine.stream_monitor"):
+        for _ in range(3):
+            assert await monitor.check_once() is Condition.NO_WORKER
+            assert not monitor.health().ok
+        assert caplog.records == []  # 10 s: workers may still be starting
+        assert await monitor.check_once() is Condition.NO_WORKER  # 15 s
+        assert await monitor.check_once() is Condition.NO_WORKER
+        assert await monitor.check_once() is Condition.OK
+    records = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in records] == ["WARNING", "INFO"], records
+    assert "no engine worker consumes party_sync:actions" in records[0][1]
+
+
+async def test_a_backlog_drained_with_still_no_worker_does_not_say_it_is_over(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reads = Readings(NO_GROUP_BACKLOG, NO_STREAM, HEALTHY)
+    monitor = StreamMonitor(reads, STREAM, interval=5.0, bounds=BOUNDS)
+    with caplog.at_level(logging.INFO, logger="party_sync.engine.stream_monitor"):
+        assert await monitor.check_once() is Condition.WAITING
+        assert await monitor.check_once() is Condition.NO_WORKER
+        assert await monitor.check_once() is Condition.OK
+    levels = [r.levelname for r in caplog.records]
+    assert levels == ["WARNING", "WARNING", "INFO"], caplog.records
+    assert "over" in caplog.records[-1].getMessage()

@@ -7,8 +7,10 @@ summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered) and
 - exports gauges: length, pending, lag (not yet delivered), oldest pending / undelivered age,
   consumers and consumers active recently (``party_sync_actions_stream_*``);
 - logs one WARNING when actions wait with no active consumer (no consumer group yet, or no
-  consumer that read within ``active_within``) or when the oldest waits longer than
-  ``stuck_after``, and one INFO when that is over (:class:`~party_sync.tasks.Episode`);
+  consumer that read within ``active_within``), when no consumer has been active for
+  ``active_within`` even with nothing waiting (an engine missing while the players are idle), or
+  when the oldest waits longer than ``stuck_after``, and one INFO when that is over
+  (:class:`~party_sync.tasks.Episode`);
 - answers ``/readyz``'s engine part (degraded, not 503: the node still serves).
 
 A live ``engine-worker`` asks for entries every second (``XREADGROUP BLOCK 1000``) and notes
@@ -90,6 +92,9 @@ class Condition(StrEnum):
     NO_WORKER = "no_worker"  # no active consumer, nothing waits (yet)
     WAITING = "waiting_no_worker"  # actions wait and no active consumer will take them
     STUCK = "stuck"  # consumers active, but the oldest action has waited too long
+
+
+_NO_WORKER = Condition.NO_WORKER
 
 
 def assess(
@@ -290,6 +295,7 @@ class StreamMonitor:
         self._alarm = Episode(log, "engine link")
         self._failing = Episode(log, "actions stream monitor cannot read Redis")
         self._periodic = Periodic(self._tick, interval)
+        self._no_worker_checks = 0  # consecutive checks that found no worker, nothing waiting
         self.checks = 0
 
     @classmethod
@@ -351,9 +357,15 @@ class StreamMonitor:
         self.reading, self.readings, self.condition = reading, readings, condition
         self._health = EngineHealth("stream", condition is Condition.OK, detail)
         extra = {"stream": self.stream, "group": self.group, "waiting": reading.waiting}
-        if condition in (Condition.WAITING, Condition.STUCK):
+        # No worker with nothing waiting: a WARNING too once it has lasted ``active_within``
+        # (checks spanning it; not at the first look, when the workers may be starting too).
+        self._no_worker_checks = self._no_worker_checks + 1 if condition is _NO_WORKER else 0
+        lasting = (self._no_worker_checks - 1) * self.interval >= self.bounds.active_within
+        if condition in (Condition.WAITING, Condition.STUCK) or (
+            condition is _NO_WORKER and (lasting or self._alarm.active)
+        ):
             self._alarm.trouble(condition.value, detail, **extra)
-        else:
+        elif condition is Condition.OK:
             self._alarm.fine(detail, **extra)
         self._export(reading, condition)
         return condition
