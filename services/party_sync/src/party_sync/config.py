@@ -208,11 +208,13 @@ class Settings:
         "them; '*' is refused); empty allows any origin (development).",
         _csv,
     )
-    max_message_bytes: int = _option(65536, "Largest client message accepted, in bytes.")
+    max_message_bytes: int = _option(
+        65536, "Largest client message accepted, in bytes (at least 1024)."
+    )
     api_max_body_bytes: int = _option(
         262144,
-        "Largest body of an event or vote published through the server API (/api/v1), in bytes; "
-        "larger gets 413.",
+        "Largest body of an event or vote published through the server API (/api/v1), in bytes "
+        "(at least 4096); larger gets 413.",
     )
     request_body_timeout: float = _option(
         30.0,
@@ -221,7 +223,8 @@ class Settings:
     )
     send_buffer_bytes: int = _option(
         1 << 20,
-        "Bytes that may wait for one slow client before it is disconnected (4002) and resumes.",
+        "Bytes that may wait for one slow client before it is disconnected (4002) and resumes "
+        "(at least 65536).",
     )
     presence_grace: float = _option(
         5.0, "Seconds after a character's last connection closes before party.leave is sent."
