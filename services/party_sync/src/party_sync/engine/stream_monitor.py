@@ -7,8 +7,8 @@ summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered) and
 - exports gauges: length, pending, lag (not yet delivered), oldest pending / undelivered age,
   consumers and consumers active recently (``party_sync_actions_stream_*``);
 - logs one WARNING when actions wait with no active consumer (no consumer group yet, or no
-  consumer that read within ``active_within``), when no consumer has been active for
-  ``active_within`` even with nothing waiting (an engine missing while the players are idle), or
+  consumer that read within ``active_within``), when there is still no active consumer at the
+  second look even with nothing waiting (an engine missing while the players are idle), or
   when the oldest waits longer than ``stuck_after``, and one INFO when that is over
   (:class:`~party_sync.tasks.Episode`);
 - answers ``/readyz``'s engine part (degraded, not 503: the node still serves).
@@ -357,10 +357,10 @@ class StreamMonitor:
         self.reading, self.readings, self.condition = reading, readings, condition
         self._health = EngineHealth("stream", condition is Condition.OK, detail)
         extra = {"stream": self.stream, "group": self.group, "waiting": reading.waiting}
-        # No worker with nothing waiting: a WARNING too once it has lasted ``active_within``
-        # (checks spanning it; not at the first look, when the workers may be starting too).
+        # No worker with nothing waiting: a WARNING too from the second look on (not at the
+        # first, when the workers may be starting beside this node).
         self._no_worker_checks = self._no_worker_checks + 1 if condition is _NO_WORKER else 0
-        lasting = (self._no_worker_checks - 1) * self.interval >= self.bounds.active_within
+        lasting = self._no_worker_checks >= 2
         if condition in (Condition.WAITING, Condition.STUCK) or (
             condition is _NO_WORKER and (lasting or self._alarm.active)
         ):
