@@ -20,13 +20,17 @@ from party_sync.protocol.errors import ConfigError, ListenError
 log = logging.getLogger("party_sync")
 
 
+def _finite_positive(value: float) -> bool:
+    return 0 < value < float("inf")  # false for NaN too
+
+
 def _seconds(text: str) -> float:
     """An argparse type: a finite number of seconds > 0 (not inf, nan, 0 or negative)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not 0 < value < float("inf"):  # also NaN
+    if not _finite_positive(value):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0 seconds, not {text!r}")
     return value
 
@@ -276,7 +280,7 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
 
 
 def _token(args: argparse.Namespace) -> int:
-    if not 0 < args.ttl < float("inf"):  # also NaN
+    if not _finite_positive(args.ttl):
         print("party-sync token: --ttl must be a finite number > 0 seconds", file=sys.stderr)
         return 2
     secret = args.secret or os.environ.get("PARTY_SYNC_JWT_SECRET")

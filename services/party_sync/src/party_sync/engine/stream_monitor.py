@@ -94,9 +94,6 @@ class Condition(StrEnum):
     STUCK = "stuck"  # consumers active, but the oldest action has waited too long
 
 
-_NO_WORKER = Condition.NO_WORKER
-
-
 def assess(
     reading: StreamReading, stream: str, group: str, bounds: Bounds
 ) -> tuple[Condition, str]:
@@ -359,10 +356,10 @@ class StreamMonitor:
         extra = {"stream": self.stream, "group": self.group, "waiting": reading.waiting}
         # No worker with nothing waiting: a WARNING too from the second look on (not at the
         # first, when the workers may be starting beside this node).
-        self._no_worker_checks = self._no_worker_checks + 1 if condition is _NO_WORKER else 0
-        lasting = self._no_worker_checks >= 2
+        no_worker = condition is Condition.NO_WORKER
+        self._no_worker_checks = self._no_worker_checks + 1 if no_worker else 0
         if condition in (Condition.WAITING, Condition.STUCK) or (
-            condition is _NO_WORKER and (lasting or self._alarm.active)
+            no_worker and (self._no_worker_checks >= 2 or self._alarm.active)
         ):
             self._alarm.trouble(condition.value, detail, **extra)
         elif condition is Condition.OK:
