@@ -93,6 +93,28 @@ def test_with_seq_puts_seq_first() -> None:
     ),
     seq=st.integers(min_value=0, max_value=2**53),
 )
+def test_seq_of_reads_back_what_with_seq_put_and_nothing_else(
+    message: dict[str, Any], seq: int
+) -> None:
+    body = orjson.dumps(message)
+    assert codec.seq_of(codec.with_seq(body, seq)) == seq
+    assert codec.seq_of(body) is None  # no seq first: a system.error, a hello
+
+
+@pytest.mark.parametrize(
+    "data", [b'{"seq":', b'{"seq":}', b'{"seq":12', b'{"seq":-1,"a":1}', b'{"seq":1x}', b""]
+)
+def test_seq_of_is_none_for_what_is_not_an_encoded_event(data: bytes) -> None:
+    assert codec.seq_of(data) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    message=st.dictionaries(
+        st.text(max_size=8).filter(lambda k: k != "seq"), json_values, max_size=6
+    ),
+    seq=st.integers(min_value=0, max_value=2**53),
+)
 def test_with_seq_of_an_encoded_message_decodes_to_the_message_plus_seq(
     message: dict[str, Any], seq: int
 ) -> None:

@@ -501,6 +501,49 @@ def test_a_started_action_is_looked_at_again_and_a_lost_answer_is_sent_again() -
     assert node.meter.counts[("action_answers", "resent")] == 1
 
 
+def test_a_stored_result_is_repeated_only_where_the_stream_already_passed_its_seq() -> None:
+    """docs/protocol.md: a resend's action.result "comes back with its original seq, which is
+    <= your last_seq". A connection behind it (its node's stream not there yet, or a stream of an
+    older epoch: Redis lost the party and the answer is the new epoch's) gets it from the stream,
+    in order, or is resynced by it: never a seq out of turn."""
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    node.act(aria, "a1")
+    node.answer(node.engine[0])
+    result = node.last(aria)
+    assert result["type"] == t.ACTION_RESULT
+    stored = done(node.backend.begin_action("p1", "aria", "a1", node.now, True)).result
+    assert stored is not None and codec.seq_of(stored) == result["seq"]
+    node.act(aria, "a1")  # passed: the same answer again
+    assert node.last(aria) == result
+    sent = len(node.frames[aria.id])
+    aria.tracker.last = result["seq"] - 1  # behind it (an older epoch's stream, a lagging one)
+    node.act(aria, "a1")
+    node.run(node.core.direct_received("p1", "aria", stored))  # from another node
+    assert len(node.frames[aria.id]) == sent and aria.id not in node.closes
+    aria.tracker.last = result["seq"]
+    node.run(node.core.direct_received("p1", "aria", stored))
+    assert node.last(aria) == result and len(node.frames[aria.id]) == sent + 1
+    refusal = codec.encode({"type": t.ERROR, "payload": {"code": "action_rejected"}})
+    aria.tracker.last = 0
+    node.run(node.core.direct_received("p1", "aria", refusal))  # no seq: always told
+    assert error_code(node.last(aria)) == "action_rejected"
+    assert node.types(borin)[-1] == t.ACTION_RESULT  # nothing direct reached another character
+
+
+def test_a_result_sent_again_at_the_deadline_waits_for_a_stream_that_is_behind() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    (pending,) = node.engine
+    done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
+    node.core.event_received = lambda event, now: ([], [])  # type: ignore[method-assign]
+    node.answer(pending)  # published, but this node's stream has not passed it yet
+    node.advance(5.01)  # the deadline finds it FINAL
+    assert node.meter.counts[("action_answers", "resent")] == 1
+    assert t.ACTION_RESULT not in node.types(aria)
+
+
 def test_a_deadline_met_while_the_backend_is_down_is_tried_again_until_it_answers() -> None:
     node = Node()
     aria = node.join("aria")

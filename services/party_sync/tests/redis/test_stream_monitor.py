@@ -105,9 +105,13 @@ async def test_no_worker_shows_a_backlog_warns_once_and_a_worker_recovers_it(
 
             with engine_worker(redis, tmp_path) as worker:
                 await check_until(monitor, Condition.OK)
-                # OK once the worker's group is active; it may not have read the three yet
+                # OK once the worker's group is active; it may not have read the three yet, nor
+                # acknowledged the last one read (lag 0 comes at the read, pending 0 at the ack)
                 async with asyncio.timeout(20):
-                    while sample(metrics, "party_sync_actions_stream_lag") != 0:
+                    while (
+                        sample(metrics, "party_sync_actions_stream_lag") != 0
+                        or sample(metrics, "party_sync_actions_stream_pending") != 0
+                    ):
                         await asyncio.sleep(0.1)  # bounded poll: another process reads
                         assert await monitor.check_once() is Condition.OK
                 infos = [r for r in caplog.records if r.levelname == "INFO"]

@@ -411,7 +411,7 @@ class PartySessions:
         party = self.parties.get(party_id)
         if party is None:
             return []
-        to = [c for c in party if c.character_id == character_id and not c.closed]
+        to = _repeat_to(data, [c for c in party if c.character_id == character_id and not c.closed])
         if b'"action_id"' in data:
             try:
                 action_id = codec.decode(data)["payload"]["in_reply_to"]["action_id"]
@@ -620,7 +620,9 @@ class PartySessions:
         decision = verdict.decision
         if decision is _DONE:
             assert verdict.result is not None
-            return [Send(verdict.result, [conn])]  # the final answer (same bytes), sender only
+            # the final answer (same bytes), sender only; a result its stream has not passed
+            # yet comes by the stream (``_repeat_to``)
+            return [Send(verdict.result, _repeat_to(verdict.result, [conn]))]
         if decision is _ACCEPT or decision is _IN_FLIGHT:
             deadline = now + self.rules.action_timeout
             pending = PendingAction(
@@ -714,7 +716,7 @@ class PartySessions:
         reconnected elsewhere) to every connection of the character."""
         conn = action.conn
         if conn is not None and not conn.closed:
-            return [Send(data, [conn])]
+            return [Send(data, _repeat_to(data, [conn]))]
         if action.character_id == t.PARTY_ACTOR:
             return []
         return [SendDirect(action.party_id, action.character_id, data)]
@@ -903,6 +905,23 @@ class PartySessions:
 
 def _now_of(cmd: BeginAction | Submit) -> float:
     return cmd.now if isinstance(cmd, BeginAction) else cmd.action.accepted
+
+
+def _repeat_to(data: bytes, conns: list[Connection]) -> list[Connection]:
+    """Which of ``conns`` a stored final answer goes to outside the stream (a resend's answer,
+    one sent again at the deadline, one from another node).
+
+    A refusal (no ``seq``) goes to every one. A sequenced ``action.result`` goes only where the
+    stream already passed its ``seq``: there it is the repeat docs/protocol.md promises ("its
+    original ``seq``, ≤ your ``last_seq``"). A connection behind it (still syncing, or its node's
+    stream not there yet) gets it from the stream, in order; one whose stream is of another epoch
+    (Redis lost the party's state and the answer is of the new epoch) is closed with 4003 by its
+    stream and takes the new snapshot. So no connection is ever given a ``seq`` out of turn.
+    """
+    seq = codec.seq_of(data)
+    if seq is None:
+        return conns
+    return [c for c in conns if c.buffer is None and seq <= c.tracker.last]
 
 
 def _action_refusal(message: inbound.Inbound, code: ErrorCode, text: str) -> ProtocolError:

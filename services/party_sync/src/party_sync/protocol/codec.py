@@ -119,6 +119,18 @@ def has_seq_prefix(data: bytes) -> bool:
     return data.startswith(_SEQ_PREFIX)
 
 
+def seq_of(data: bytes) -> int | None:
+    """The ``seq`` of an encoded party event (``with_seq`` put it first); None for a message
+    without one (``system.error``, ``system.hello``) or one that is not an encoded event."""
+    if not data.startswith(_SEQ_PREFIX):
+        return None
+    end = len(_SEQ_PREFIX)
+    while end < len(data) and 48 <= data[end] <= 57:  # ASCII digits
+        end += 1
+    digits = data[len(_SEQ_PREFIX) : end]
+    return int(digits) if digits and end < len(data) and data[end] in b",}" else None
+
+
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
 
 
