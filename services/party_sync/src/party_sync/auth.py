@@ -114,6 +114,9 @@ class TokenVerifier:
                 raise AuthError(401, "token not addressed to party_sync") from None
             except jwt.MissingRequiredClaimError as exc:
                 raise AuthError(401, f"token lacks the {exc.claim!r} claim") from None
+            except jwt.InvalidAlgorithmError:
+                # well formed, but its header names an algorithm not configured (or "none")
+                raise AuthError(401, "token algorithm not allowed") from None
             except (jwt.PyJWTError, ValueError, TypeError, OverflowError, RecursionError):
                 # Whatever a hostile token makes the decoder raise is a bad token, never a 500.
                 raise AuthError(401, "malformed token") from None

@@ -102,7 +102,32 @@ async def test_a_refused_token_stops_the_client_with_the_servers_reason() -> Non
         with pytest.raises(ConnectRefused) as refused:
             await client.connect()
         assert refused.value.status == 401 and "token was refused" in str(refused.value)
+        # which check failed, from the 401's WWW-Authenticate (RFC 6750)
+        assert refused.value.reason.startswith("bad token signature: ")
         await client.close()
+        # a client with its own HTTP session (the default) closes it when it stops for good,
+        # without close(): `async with PartyClient(...)` whose connect() raised leaves nothing
+        alone = PartyClient(srv.ws_url, token=token("aria", secret="another-secret-" * 3))
+        with pytest.raises(ConnectRefused):
+            await alone.connect()
+        assert alone._transport._session is None  # type: ignore[attr-defined]
+
+
+async def test_a_refused_handshake_names_the_check_in_www_authenticate() -> None:
+    import aiohttp
+
+    async with serve_in_process(engine=ScriptedEngine()) as srv, aiohttp.ClientSession() as http:
+        cases = {
+            "": 'Bearer realm="party_sync"',
+            "not-a-jwt": 'Bearer realm="party_sync", error="invalid_token", '
+            'error_description="malformed token"',
+            token("aria", secret="another-secret-" * 3): 'Bearer realm="party_sync", '
+            'error="invalid_token", error_description="bad token signature"',
+        }
+        for bad, challenge in cases.items():
+            async with http.get(srv.ws_url, params={"token": bad} if bad else {}) as response:
+                assert response.status == 401
+                assert response.headers["WWW-Authenticate"] == challenge
 
 
 async def test_two_clients_act_and_both_see_the_result_and_the_scene() -> None:

@@ -253,6 +253,15 @@ def test_a_refused_handshake_reads_as_its_documented_reason() -> None:
     assert handshake_reason(418) == "HTTP 418"
 
 
+@given(reason=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60))
+def test_the_servers_401_challenge_names_the_failed_check_in_the_reason(reason: str) -> None:
+    from party_sync.transport.http import bearer_challenge
+
+    said = handshake_reason(401, challenge=bearer_challenge(reason))
+    assert said.startswith(f"{reason}: ") and "token was refused" in said
+    assert handshake_reason(401, challenge=bearer_challenge(None)) == handshake_reason(401)
+
+
 @given(attempt=st.integers(0, 10_000), r=st.floats(0, 1, exclude_max=True))
 def test_backoff_is_full_jitter_under_an_exponential_ceiling(attempt: int, r: float) -> None:
     backoff = Backoff(base=0.5, cap=30.0, random=lambda: r)

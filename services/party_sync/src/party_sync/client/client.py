@@ -279,6 +279,10 @@ class PartyClient:
         except Exception as exc:
             error = exc
         finally:
+            # stopped for good (refused, gave up, closed): its own HTTP session goes first, so
+            # a client whose connect() raised has nothing left open behind it
+            with contextlib.suppress(Exception):
+                await self._transport.close()
             await self._stop(error)
 
     async def _connect_loop(self) -> None:

@@ -22,6 +22,7 @@ at once does not come back in lockstep.
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -56,9 +57,21 @@ _HANDSHAKE_REASONS = {
 }
 
 
-def handshake_reason(status: int, retry_after: str | None = None, fallback: str = "") -> str:
-    """A readable reason for a handshake refused with HTTP ``status`` (pure)."""
+_DESCRIPTION = re.compile(r'error_description="((?:[^"\\]|\\.)*)"')
+_ESCAPED = re.compile(r"\\(.)")
+
+
+def handshake_reason(
+    status: int, retry_after: str | None = None, fallback: str = "", challenge: str | None = None
+) -> str:
+    """A readable reason for a handshake refused with HTTP ``status`` (pure). ``challenge``: the
+    401's ``WWW-Authenticate`` header, whose ``error_description`` says which check the token
+    failed ("token expired", "bad token signature", ...)."""
     reason = _HANDSHAKE_REASONS.get(status, fallback or f"HTTP {status}")
+    found = _DESCRIPTION.search(challenge) if challenge else None
+    if found:
+        said = _ESCAPED.sub(r"\1", found.group(1))
+        reason = f"{said}: {reason}"
     return f"{reason}; retry after {retry_after} s" if retry_after else reason
 
 

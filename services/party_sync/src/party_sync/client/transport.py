@@ -146,8 +146,13 @@ class AiohttpTransport:
                     autoping=True,
                 )
         except aiohttp.WSServerHandshakeError as exc:
-            retry_after = exc.headers.get("Retry-After") if exc.headers else None
-            reason = handshake_reason(exc.status, retry_after, exc.message)
+            headers = exc.headers
+            reason = handshake_reason(
+                exc.status,
+                headers.get("Retry-After") if headers else None,
+                exc.message,
+                headers.get("WWW-Authenticate") if headers else None,
+            )
             raise HandshakeRejected(exc.status, reason) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc

@@ -72,6 +72,16 @@ def _resume_point(query: dict[str, str]) -> ResumePoint | None:
     return ResumePoint(epoch, int(last_seq))
 
 
+def bearer_challenge(reason: str | None) -> str:
+    """RFC 6750 §3: the 401's ``WWW-Authenticate``. No token: the bare challenge; a refused one:
+    ``invalid_token`` with the reason the body gives (a WebSocket client cannot read the body of
+    a failed handshake, but its library usually keeps the headers)."""
+    if reason is None:
+        return 'Bearer realm="party_sync"'
+    quoted = reason.encode("ascii", "replace").decode().replace("\\", "\\\\").replace('"', '\\"')
+    return f'Bearer realm="party_sync", error="invalid_token", error_description="{quoted}"'
+
+
 async def _admit(
     request: web.Request, gateway: Gateway, query: dict[str, str]
 ) -> Claims | web.StreamResponse:
@@ -87,7 +97,10 @@ async def _admit(
     except AuthError as exc:
         gateway.metrics.handshakes_refused.labels(str(exc.status)).inc()
         log.info("handshake refused", extra={"reason": exc.reason, "status": exc.status})
-        raise web.HTTPUnauthorized(text=exc.reason) from None
+        challenge = bearer_challenge(exc.reason if _token(request, query) else None)
+        raise web.HTTPUnauthorized(
+            text=exc.reason, headers={"WWW-Authenticate": challenge}
+        ) from None
     refusal = await admin.handshake_refusal(request, claims)
     return claims if refusal is None else refusal
 
