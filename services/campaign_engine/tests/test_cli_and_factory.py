@@ -40,6 +40,24 @@ def test_describe_validates_a_campaign_file(
     assert "no scene 'nowhere'" in capsys.readouterr().err
 
 
+def test_describe_into_a_pipe_closed_early_ends_without_a_traceback() -> None:
+    """`campaign-engine describe | head`: the reader leaves before the end."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "campaign_engine", "describe"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # gone before anything was written: the first write meets EPIPE
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1
+    assert err.decode() == ""
+
+
 def test_create_engine_defaults_to_the_built_in_campaign() -> None:
     engine = create_engine({})
     assert isinstance(engine, ReferenceEngine)

@@ -294,12 +294,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"else {DEFAULT_DATABASE_URL})",
     )
     args = parser.parse_args(argv)
-    if args.command == "chronicle":
-        return chronicle(args.run_id, args.database_url, args.json)
     try:
-        campaign = load_campaign(args.campaign) if args.campaign else builtin_campaign()
-    except CampaignError as exc:
-        print(f"campaign-engine: {exc}", file=sys.stderr)
-        return 2
-    describe(campaign, sys.stdout)
-    return 0
+        if args.command == "chronicle":
+            return chronicle(args.run_id, args.database_url, args.json)
+        try:
+            campaign = load_campaign(args.campaign) if args.campaign else builtin_campaign()
+        except CampaignError as exc:
+            print(f"campaign-engine: {exc}", file=sys.stderr)
+            return 2
+        describe(campaign, sys.stdout)
+        sys.stdout.flush()  # a closed pipe shows here, inside the try
+        return 0
+    except BrokenPipeError:
+        # the reader went away (`campaign-engine describe | head`): no traceback, and no second
+        # error when Python flushes stdout at exit (docs.python.org, "Note on SIGPIPE")
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1

@@ -150,7 +150,9 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--party", required=True, help="party_id claim")
     token.add_argument("--run", required=True, help="campaign_run_id claim")
     token.add_argument("--character", required=True, help="character_id claim")
-    token.add_argument("--name", required=True, help="display_name claim")
+    token.add_argument(
+        "--name", default=None, help="display_name claim (default: the character id)"
+    )
     token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
     token.add_argument(
         "--sub",
@@ -303,7 +305,7 @@ def _token(args: argparse.Namespace) -> int:
             party_id=args.party,
             campaign_run_id=args.run,
             character_id=args.character,
-            display_name=args.name,
+            display_name=args.character if args.name is None else args.name,
             now=time.time(),
             ttl=args.ttl,
             sub=args.sub,
@@ -311,7 +313,7 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an id or display name that breaks its rule
         print(f"party-sync token: {exc}", file=sys.stderr)
         return 2
-    print(token)
+    print(token, flush=True)  # a closed pipe shows here, inside main's try
     return 0
 
 
@@ -487,6 +489,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ListenError as exc:
         print(f"party-sync: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # stdout's reader went away (`party-sync token | head -c 10`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
 
 

@@ -28,6 +28,23 @@ def test_token_mints_with_a_positive_lifetime(capsys: pytest.CaptureFixture[str]
     assert capsys.readouterr().out.count(".") == 2  # header.claims.signature
 
 
+def test_token_display_name_defaults_to_the_character_id(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """README, Tokens: display_name is optional and defaults to the character id."""
+    import jwt
+
+    assert (
+        main(["token", "--party", "p", "--run", "r", "--character", "aria", "--secret", "s" * 32])
+        == 0
+    )
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["display_name"] == "aria"
+    assert main([*MINT, "--ttl", "60"]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["display_name"] == "C"
+
+
 def test_one_character_id_in_two_parties_is_two_users() -> None:
     """The per-user connection limit and the 1008 cooldown count by ``sub``: a player flooding
     as aria in one party must not lock out aria of another party."""
