@@ -168,6 +168,13 @@ class Redactor:
 _EXCEPTION_FORMATTER = logging.Formatter()
 
 
+#: ``extra=VERBATIM`` on a record whose message is made only of party_sync's own words and
+#: numbers (no argument, nothing from outside): its message is not scrubbed by value, so a weak
+#: secret that is also a word ("short") does not garble the very warning that it is too short.
+#: Its ``extra`` fields and exception text are scrubbed as always.
+VERBATIM: Final = {"party_sync_verbatim": True}
+
+
 def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
     """Scrub ``record`` in place: its message (arguments merged in), exception and stack text,
     and its ``extra`` fields. The exception is kept as text only (``exc_text``), which every
@@ -176,7 +183,8 @@ def redact_record(record: logging.LogRecord, redactor: Redactor) -> None:
         message = record.getMessage()
     except Exception:  # arguments that do not fit the format: keep both, scrubbed
         message = f"{record.msg!r} {record.args!r}"
-    record.msg = redactor.scrub(message)
+    own = record.__dict__.pop("party_sync_verbatim", False) is True and not record.args
+    record.msg = message if own and isinstance(record.msg, str) else redactor.scrub(message)
     record.args = ()
     if record.exc_info:
         text = record.exc_text or _EXCEPTION_FORMATTER.formatException(record.exc_info)

@@ -19,6 +19,7 @@ from typing import Protocol
 
 from aiohttp import web
 
+from party_sync import logs
 from party_sync.auth import TokenVerifier
 from party_sync.backends.base import Backend, BackendSettings
 from party_sync.backends.directory import make_directory
@@ -454,7 +455,7 @@ async def run(
     if unused is not None:
         log.warning(unused)
     for weak in weak_secrets(settings):
-        log.warning(weak)
+        log.warning(weak, extra=logs.VERBATIM)  # our words and lengths only: never a secret
     for line in on_ready or ():
         print(line, flush=True)
     if worker is not None:

@@ -116,6 +116,30 @@ def test_short_secrets_are_not_scrubbed_by_value_and_none_is_ignored() -> None:
     assert redactor.scrub("abc") == "abc"
 
 
+def test_our_own_warning_about_a_weak_secret_is_not_garbled_by_scrubbing_that_secret() -> None:
+    """A secret that is also a word ("short") would turn "… is too short …" into "… is too
+    [redacted] …": a message marked ``VERBATIM`` (our words and numbers only) is kept whole, its
+    extras are still scrubbed, and an unmarked record with the same text is scrubbed as always."""
+    from party_sync.config import Settings
+    from party_sync.server import weak_secrets
+
+    redactor = Redactor(["short"])
+    (warning,) = weak_secrets(Settings(api_key="short"))
+    record = logging.LogRecord("t", logging.WARNING, __file__, 1, warning, (), None)
+    record.__dict__.update(logs.VERBATIM, detail="key short")
+    redact_record(record, redactor)
+    assert record.getMessage() == warning and "too short (5 characters)" in warning
+    assert record.__dict__["detail"] == f"key {REDACTED}"
+    assert "party_sync_verbatim" not in record.__dict__  # not written out as a field
+    plain = logging.LogRecord("t", logging.WARNING, __file__, 1, warning, (), None)
+    redact_record(plain, redactor)
+    assert "short" not in plain.getMessage()
+    with_args = logging.LogRecord("t", logging.WARNING, __file__, 1, "%s", ("short",), None)
+    with_args.__dict__.update(logs.VERBATIM)  # an argument comes from outside: scrubbed anyway
+    redact_record(with_args, redactor)
+    assert with_args.getMessage() == REDACTED
+
+
 def _record(msg: str, *args: object, exc: BaseException | None = None) -> logging.LogRecord:
     exc_info = (type(exc), exc, exc.__traceback__) if exc is not None else None
     record = logging.LogRecord("t", logging.ERROR, __file__, 1, msg, args, exc_info)
