@@ -12,6 +12,7 @@ from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from party_sync.backends.base import BackendSettings
@@ -531,17 +532,69 @@ def test_a_stored_result_is_repeated_only_where_the_stream_already_passed_its_se
     assert node.types(borin)[-1] == t.ACTION_RESULT  # nothing direct reached another character
 
 
-def test_a_result_sent_again_at_the_deadline_waits_for_a_stream_that_is_behind() -> None:
+@pytest.mark.parametrize("stream", ["behind", "ahead of the verdict"])
+def test_a_result_found_at_the_deadline_is_left_to_the_live_senders_stream(stream: str) -> None:
+    """At the deadline the ledger has the action's result (FINAL) while its sender's connection
+    is live: the stream delivers it to that connection (behind: not yet, so it must not jump
+    ahead), or already did before the ledger's verdict reached the node (after a stall the
+    result can come first, and the action is watched anyway): sent once, never twice."""
     node = Node()
     aria = node.join("aria")
     node.act(aria, "a1")
     (pending,) = node.engine
     done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
-    node.core.event_received = lambda event, now: ([], [])  # type: ignore[method-assign]
-    node.answer(pending)  # published, but this node's stream has not passed it yet
+    received = node.core.event_received
+    held: list[Event] = []
+
+    def hold(event: Event, now: float) -> tuple[list[Connection], list[Command]]:
+        held.append(event)
+        return [], []
+
+    if stream == "behind":
+        node.core.event_received = hold  # type: ignore[method-assign]
+    node.answer(pending)
+    if stream != "behind":
+        assert pending.deadline is not None
+        node.core._watch(pending, pending.deadline)
     node.advance(5.01)  # the deadline finds it FINAL
-    assert node.meter.counts[("action_answers", "resent")] == 1
-    assert t.ACTION_RESULT not in node.types(aria)
+    assert ("action_answers", "resent") not in node.meter.counts
+    node.core.event_received = received  # type: ignore[method-assign]
+    for event in held:  # the stream catches up
+        Listener(node, "p1").on_event(event)
+    assert node.types(aria).count(t.ACTION_RESULT) == 1
+
+
+def test_a_connection_still_syncing_is_not_in_a_presence_refresh() -> None:
+    """Its Connect (in flight, maybe held by a stalled Redis) registers it or nothing; a refresh
+    naming it, run late, would announce a player whose handshake was refused meanwhile."""
+    node = Node()
+    aria = node.join("aria")
+    borin = Connection(
+        "n.syncing", Binding("p1", "r1", "borin", "Borin"), ConnectionLimits(LimitPolicy()), 1e12
+    )
+    (connect,) = node.core.open(borin, None, node.now)  # its Connect not answered yet
+    assert isinstance(connect, Connect)
+    refreshes: list[Refresh] = []
+    step = node.step
+
+    def spy(c: Any) -> list[Any]:
+        if isinstance(c, Refresh):
+            refreshes.append(c)
+        return step(c)
+
+    node.step = spy  # type: ignore[method-assign]
+    node.advance(RULES.presence_ttl)
+    named = [{i for _, i in r.connections} for r in refreshes]
+    assert {aria.id} in named and not any(borin.id in ids for ids in named)
+    snapshot = done(node.backend.snapshot("p1"))
+    node.run(
+        node.core.opened(
+            borin, join=None, snapshot=snapshot, replay=None, resume=None, now=node.now
+        )
+    )
+    refreshes.clear()
+    node.advance(RULES.presence_ttl)
+    assert {aria.id, borin.id} in [{i for _, i in r.connections} for r in refreshes]  # live
 
 
 def test_a_deadline_met_while_the_backend_is_down_is_tried_again_until_it_answers() -> None:

@@ -141,18 +141,25 @@ async def test_a_redis_that_lost_everything_makes_the_engine_restate_the_party(
         await a.close()
 
 
+@pytest.mark.parametrize(
+    ("presence_ttl", "command_timeout"),
+    [(30.0, COMMAND_TIMEOUT), (1.5, 2.0)],
+    ids=["no-refresh-in-the-stall", "refreshes-while-it-syncs"],
+)
 async def test_a_handshake_refused_during_a_stall_puts_no_one_online_afterwards(
-    redis: RedisServer,
+    redis: RedisServer, presence_ttl: float, command_timeout: float
 ) -> None:
     """A handshake during a stall is refused (1011), and whatever of it Redis runs when it wakes
     up leaves no member behind: no party.join, no phantom online until presence expires. (Which
     of the handshake's commands reach Redis depends on timing; the late connect itself is refused
-    by the script: test_backend.py, test_a_connect_redis_runs_too_late_registers_nothing.)"""
+    by the script: test_backend.py, test_a_connect_redis_runs_too_late_registers_nothing.) With
+    a short presence_ttl the node's presence ticks come while the handshake waits for Redis: a
+    connection still syncing is not in a refresh (the refresh, run late, would announce it)."""
     settings = make_settings(
         redis_url=redis.url,
         engine_transport="inprocess",
-        redis_command_timeout=COMMAND_TIMEOUT,
-        presence_ttl=30.0,
+        redis_command_timeout=command_timeout,
+        presence_ttl=presence_ttl,
     )
     async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
         assert srv.server is not None
@@ -161,7 +168,7 @@ async def test_a_handshake_refused_during_a_stall_puts_no_one_online_afterwards(
         with stalled(redis):
             b = await srv.connect("borin")
             assert await b.closed(timeout=10) == 1011  # refused: backend_unavailable
-            await asyncio.sleep(3 * COMMAND_TIMEOUT)  # hold the stall past the command timeout
+            await asyncio.sleep(3 * command_timeout)  # hold the stall past the command timeout
         await a.act("after", "aria", "r1")  # Redis is back, and ran what it had buffered
         await a.until("action.result", timeout=10)
         snapshot = await gateway.backend.snapshot("p1")

@@ -691,6 +691,12 @@ class PartySessions:
             return self._answer(action, cmd.refusal)
         if outcome is Sweep.FINAL:
             assert answer is not None
+            conn = action.conn
+            if conn is not None and not conn.closed and codec.seq_of(answer) is not None:
+                # an action.result, and its sender's connection is live: the stream gave it to
+                # that connection already (the result can reach the node before the ledger's
+                # verdict does, after a stall), or will, or resyncs it (another epoch)
+                return []
             self.meter.count("action_answers", "resent")
             return self._answer(action, answer)
         if outcome is Sweep.GONE:
@@ -836,10 +842,15 @@ class PartySessions:
         # ``tick_done`` arms the next tick when this one is over (ticks never overlap); should
         # its chain end some other way, this one comes anyway (presence must never stop)
         self._arm(Kind.PRESENCE, None, now + max(self.rules.presence_ttl, self._schedule.interval))
+        # Live connections only: one still syncing has its ``Connect`` in flight, which
+        # registers it (or, run too late by a stalled Redis, registers nothing: connect.lua).
+        # A refresh naming it could run after Redis wakes and announce a player whose handshake
+        # was refused meanwhile.
         connections = [
             (c.binding, c.id)
             for c in self.connections.values()
-            if not c.closed
+            if c.buffer is None
+            and not c.closed
             and (tick.slice is None or hash(c.party_id) % PRESENCE_SLICES == tick.slice)
         ]
         return [Refresh(connections, tick.sweep, now)]
