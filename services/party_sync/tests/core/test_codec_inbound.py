@@ -295,11 +295,23 @@ def test_byte_length(data: bytes | str, limit: int, size: int) -> None:
     assert byte_length(data, limit) == size
 
 
-@pytest.mark.parametrize("data", [b"", b"{", b'{"type": "vote.cast",}', b"\xff{}", "\ud800"])
-def test_bad_json(data: bytes | str) -> None:
+@pytest.mark.parametrize(
+    ("data", "why"),
+    [
+        (b"", "empty document"),
+        (b"{", "line 1 column"),
+        (b'{"type": "vote.cast",}', "line 1 column"),
+        (b"\xff{}", "UTF-8"),
+        ("\ud800", "surrogates"),
+        (b'{"type": "system.ping", "payload": {"n": 1' + b"0" * 400 + b"}}", "infinity"),
+        (b'{"type": "system.ping", "payload": {"n": "\\ud800"}}', "surrogate"),
+    ],
+)
+def test_bad_json(data: bytes | str, why: str) -> None:
     error = refusal(data)
     assert error.code is ErrorCode.BAD_JSON
     assert error.trace_id is None and error.type is None
+    assert error.message.startswith("message is not valid UTF-8 JSON (") and why in error.message
 
 
 @pytest.mark.parametrize("value", [[], "vote.cast", 1, None, True])

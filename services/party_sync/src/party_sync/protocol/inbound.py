@@ -138,8 +138,14 @@ def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
             f"message nests deeper than {codec.MAX_DEPTH} levels",
             **about(exc.value),
         ) from None
-    except ValueError:
-        raise ProtocolError(ErrorCode.BAD_JSON, "message is not valid UTF-8 JSON") from None
+    except ValueError as exc:
+        # orjson's reason says where and what ("unexpected character ... char 1", "number is
+        # infinity when parsed as double", "surrogates not allowed"), never the input itself
+        why = str(exc)[:160]
+        text = (
+            f"message is not valid UTF-8 JSON ({why})" if why else "message is not valid UTF-8 JSON"
+        )
+        raise ProtocolError(ErrorCode.BAD_JSON, text) from None
     if not isinstance(message, dict):
         raise ProtocolError(ErrorCode.BAD_MESSAGE, "message must be a JSON object")
     raw_trace = message.get("trace_id")
