@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     host.add_argument(
         "--party-sync-url",
         default=os.environ.get("PARTY_SYNC_URL", "http://127.0.0.1:8080"),
-        help="party_sync's base URL for publishing events [env PARTY_SYNC_URL]",
+        help="party_sync's base URL for publishing events; several nodes separated by commas "
+        "(the next is used when one cannot be reached) [env PARTY_SYNC_URL]",
     )
     host.add_argument(
         "--api-key",
@@ -320,7 +321,7 @@ def _token(args: argparse.Namespace) -> int:
 def _engine_http(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from party_sync.engine.http_host import ApiPublisher, base_urls, build_host_app
     from party_sync.engine.loader import load_engine
     from party_sync.problems import RAW_BODIES
     from party_sync.server import arm_exit_watchdog
@@ -328,9 +329,13 @@ def _engine_http(args: argparse.Namespace) -> int:
     level = os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
     if level.upper() not in config.LOG_LEVELS:
         raise ConfigError(f"PARTY_SYNC_LOG_LEVEL must be one of {', '.join(config.LOG_LEVELS)}")
-    problem = config.http_url_problem("--party-sync-url", args.party_sync_url)
-    if problem is not None:
-        raise ConfigError(problem)
+    urls = base_urls(args.party_sync_url)
+    if not urls:
+        raise ConfigError("--party-sync-url names no URL")
+    for url in urls:
+        problem = config.http_url_problem("--party-sync-url", url)
+        if problem is not None:
+            raise ConfigError(problem)
     logs.configure(level, "json")
     _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
@@ -342,7 +347,7 @@ def _engine_http(args: argparse.Namespace) -> int:
     engine = load_engine(args.engine)
     app = build_host_app(
         engine,
-        ApiPublisher(args.party_sync_url, api_key),
+        ApiPublisher(urls, api_key),
         args.path,
         notice_path=args.notice_path,
     )

@@ -234,3 +234,93 @@ async def test_publish_refused_is_invalid_event_and_a_timeout_is_not_retried() -
         with pytest.raises(TimeoutError):
             await publisher.publish("p1", "party.state", {})
     assert len(fake.requests) == 1  # it may have been published: never twice
+
+
+# -- several party_sync nodes: what a retry would send again goes to the next -----------------
+
+
+@contextlib.asynccontextmanager
+async def serving(fake: FakeApi) -> AsyncIterator[str]:
+    """``fake`` on a loopback port: its base URL."""
+    app = web.Application()
+    app.router.add_post("/api/v1/parties/{party_id}/{what}", fake.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+
+
+async def dead_url() -> str:
+    """A loopback URL nothing listens on (a node that died): connections are refused."""
+    async with serving(FakeApi()) as url:
+        pass
+    return url
+
+
+async def test_a_dead_node_is_passed_over_at_once_and_the_live_one_kept() -> None:
+    live = FakeApi(script=[202, 202, 201, 201])  # a vote is answered 201
+    dead = await dead_url()
+    async with serving(live) as url:
+        publisher = ApiPublisher(f"{dead}, {url}/", KEY, retries=0)  # PARTY_SYNC_URL's form
+        assert publisher.base_urls == [dead, url]
+        await publisher.open()
+        try:
+            assert await publisher.publish("p1", "party.state", {}) == 1  # retries=0: no backoff
+            await publisher.narrate("p1", "n-1", 0, "on")
+            await publisher.start_vote("p1", "Which way?", [{"id": "A", "label": "Left"}], 30.0)
+            assert publisher.base_url == url  # the node that answered is kept
+        finally:
+            await publisher.close()
+        voter = ApiPublisher([dead, url], KEY)  # a vote first: moved on, not retried
+        await voter.open()
+        try:
+            await voter.start_vote("p1", "Which way?", [{"id": "A", "label": "Left"}], 30.0)
+        finally:
+            await voter.close()
+    assert [path.rsplit("/", 1)[1] for path, _, _ in live.requests] == [
+        "events",
+        "narration",
+        "votes",
+        "votes",
+    ]
+
+
+async def test_a_5xx_is_sent_again_to_the_next_node_and_all_failing_is_unavailable() -> None:
+    sick, well = FakeApi(script=[503]), FakeApi()
+    async with serving(sick) as first, serving(well) as second:
+        publisher = ApiPublisher([first, second], KEY, retries=1)
+        await publisher.open()
+        try:
+            await publisher.publish("p1", "party.state", {})
+            assert (len(sick.requests), len(well.requests)) == (1, 1)
+        finally:
+            await publisher.close()
+    both = FakeApi(script=[503]), FakeApi(script=[503])
+    async with serving(both[0]) as first, serving(both[1]) as second:
+        publisher = ApiPublisher([first, second], KEY, retries=2)
+        await publisher.open()
+        try:
+            with pytest.raises(BackendUnavailable):
+                await publisher.publish("p1", "party.state", {})
+        finally:
+            await publisher.close()
+    # each node once, then the two retries around them
+    assert (len(both[0].requests), len(both[1].requests)) == (2, 2)
+
+
+async def test_a_publish_that_timed_out_is_not_sent_to_another_node_either() -> None:
+    slow, other = FakeApi(script=[HANG]), FakeApi()
+    async with serving(slow) as first, serving(other) as second:
+        publisher = ApiPublisher([first, second], KEY, timeout=0.3)
+        await publisher.open()
+        try:
+            with pytest.raises(TimeoutError):
+                await publisher.publish("p1", "party.state", {})
+        finally:
+            await publisher.close()
+    assert (len(slow.requests), len(other.requests)) == (1, 0)  # maybe published: never twice

@@ -86,3 +86,14 @@ def test_engine_http_port_must_be_a_port(value: str, capsys: pytest.CaptureFixtu
         main(["engine-http", "x:y", "--port", value])
     assert stopped.value.code == 2
     assert "--port: must be a port 1..65535" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "urls", ["http://a:1,ftp://b", ",", "http://a:1, nohost", "http://a:1,http://[b"]
+)
+def test_engine_http_checks_every_party_sync_url(
+    urls: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTY_SYNC_API_KEY", "k" * 32)
+    assert main(["engine-http", "x:y", "--party-sync-url", urls]) == 2
+    assert "--party-sync-url" in capsys.readouterr().err

@@ -18,7 +18,7 @@ KEY = "api-key-0123456789abcdef0123456789"
 
 
 async def test_seed_flow_with_the_reference_engine_behind_http() -> None:
-    engine_port, ps_port = free_port(), free_port()
+    engine_port, ps_port, dead_port = free_port(), free_port(), free_port()
     engine = subprocess.Popen(
         [
             *party_sync_command(),
@@ -26,8 +26,8 @@ async def test_seed_flow_with_the_reference_engine_behind_http() -> None:
             "campaign_engine:create_engine",
             "--port",
             str(engine_port),
-            "--party-sync-url",
-            f"http://127.0.0.1:{ps_port}",
+            "--party-sync-url",  # two nodes, the first gone: it publishes through the other
+            f"http://127.0.0.1:{dead_port},http://127.0.0.1:{ps_port}",
         ],
         env={
             **os.environ,

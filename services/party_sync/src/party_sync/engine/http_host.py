@@ -39,7 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import aiohttp
@@ -91,16 +91,44 @@ class ApiPublisher(VoteStarter, NarrationSender):
     0.2, 0.4 s, …), then raise ``BackendUnavailable``. ``narrate`` also retries a request that
     timed out, which ``publish`` cannot (the event may have been published: a retry would publish
     it twice): a narration piece party_sync already has is taken again and changes nothing.
+
+    ``base_url`` may name several party_sync nodes (a sequence, or one string with commas): a
+    request goes to the node that answered last; what a retry would send again (a 5xx, a failed
+    connection; for ``narrate`` a timeout) goes to the next node at once, each node once before
+    the backoff starts, then ``retries`` more attempts around them. So an engine whose node died
+    publishes through another one instead of losing the answer with it. A vote request, which
+    is not retried, moves on only when a node could not be reached at all.
     """
 
     def __init__(
-        self, base_url: str, api_key: str, *, retries: int = 3, timeout: float = 5.0
+        self,
+        base_url: str | Sequence[str],
+        api_key: str,
+        *,
+        retries: int = 3,
+        timeout: float = 5.0,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        self.base_url = base_url  # the setter takes one URL, a list, or commas
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._retries = retries
         self._timeout = timeout  # of each request (seconds)
         self._http: aiohttp.ClientSession | None = None
+
+    @property
+    def base_url(self) -> str:
+        """The node requests go to now (the one that answered last)."""
+        return self._bases[self._current]
+
+    @base_url.setter
+    def base_url(self, value: str | Sequence[str]) -> None:
+        urls = base_urls(value) if isinstance(value, str) else [u.rstrip("/") for u in value]
+        if not urls:
+            raise ValueError("ApiPublisher needs at least one party_sync URL")
+        self._bases, self._current = urls, 0
+
+    @property
+    def base_urls(self) -> list[str]:
+        return list(self._bases)
 
     async def open(self) -> None:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
@@ -120,8 +148,8 @@ class ApiPublisher(VoteStarter, NarrationSender):
         envelope: dict[str, Any] = {"type": type, "payload": dict(payload)}
         if trace_id:
             envelope["trace_id"] = trace_id
-        url = f"{self.base_url}/api/v1/parties/{party_id}/events"
-        status, body = await self._post(url, envelope, retry_on=(aiohttp.ClientError,))
+        path = f"/api/v1/parties/{party_id}/events"
+        status, body = await self._post(path, envelope, retry_on=(aiohttp.ClientError,))
         if status == 202:
             return int(orjson.loads(body)["seq"])
         if status is None:
@@ -133,9 +161,9 @@ class ApiPublisher(VoteStarter, NarrationSender):
         ``NarrationSender`` before anything is sent): 409 is ``NarrationConflict``, another 4xx
         ``InvalidEvent``."""
         party_id, stream_id, index = piece.party_id, piece.stream_id, piece.index
-        url = f"{self.base_url}/api/v1/parties/{party_id}/narration"
+        path = f"/api/v1/parties/{party_id}/narration"
         status, body = await self._post(
-            url, piece.to_json(), retry_on=(aiohttp.ClientError, TimeoutError)
+            path, piece.to_json(), retry_on=(aiohttp.ClientError, TimeoutError)
         )
         if status == 202:
             return
@@ -147,31 +175,47 @@ class ApiPublisher(VoteStarter, NarrationSender):
         raise InvalidEvent(f"party_sync refused the narration piece ({status}): {detail}")
 
     async def _post(
-        self, url: str, body: Mapping[str, Any], *, retry_on: tuple[type[Exception], ...]
+        self, path: str, body: Mapping[str, Any], *, retry_on: tuple[type[Exception], ...]
     ) -> tuple[int | None, bytes]:
-        """POST ``body``; the first answer below 500 (status, body), retrying a 5xx and the
-        errors ``retry_on`` lists; (None, b"") once the retries are spent."""
+        """POST ``body`` to ``path``; the first answer below 500 (status, body), retrying a 5xx
+        and the errors ``retry_on`` lists (on the next node, if there are several: class
+        docstring); (None, b"") once the retries are spent."""
         assert self._http is not None, "open() first"
         data = orjson.dumps(body)
-        for attempt in range(self._retries + 1):
+        nodes = len(self._bases)
+        attempts = self._retries + nodes  # each node once, then the retries
+        for attempt in range(attempts):
             try:
                 headers = tracing.with_traceparent(self._headers)
+                url = self.base_url + path
                 async with self._http.post(url, data=data, headers=headers) as resp:
                     answer = await resp.read()
                     if resp.status < 500:
                         return resp.status, answer
             except retry_on:
                 pass
-            if attempt < self._retries:
-                await asyncio.sleep(0.1 * 2**attempt)
+            self._current = (self._current + 1) % nodes
+            if attempt + 1 >= nodes and attempt + 1 < attempts:  # every node tried: back off
+                await asyncio.sleep(0.1 * 2 ** (attempt + 1 - nodes))
         return None, b""
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         """``POST /api/v1/parties/{party_id}/votes`` (party_sync checks the request)."""
         assert self._http is not None, "open() first"
         body = request.to_json()
-        url = f"{self.base_url}/api/v1/parties/{request.party_id}/votes"
+        path = f"/api/v1/parties/{request.party_id}/votes"
         headers = tracing.with_traceparent(self._headers)
+        for _ in range(len(self._bases) - 1):  # a node that cannot be reached: the next one
+            try:
+                return await self._request_vote(self.base_url + path, body, headers)
+            except aiohttp.ClientConnectorError:
+                self._current = (self._current + 1) % len(self._bases)
+        return await self._request_vote(self.base_url + path, body, headers)
+
+    async def _request_vote(
+        self, url: str, body: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> Mapping[str, Any]:
+        assert self._http is not None, "open() first"
         async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
             answer = orjson.loads(await resp.read())
             if resp.status == 201:
@@ -183,6 +227,12 @@ class ApiPublisher(VoteStarter, NarrationSender):
     async def reject(self, action: ActionRequest, message: str) -> None:
         # Over HTTP a refusal is the answer to the delivery itself (422).
         raise EngineRejected(message)
+
+
+def base_urls(value: str) -> list[str]:
+    """The party_sync URLs of ``--party-sync-url`` / ``PARTY_SYNC_URL``: one, or several
+    separated by commas (blanks around them ignored), each without a trailing slash."""
+    return [part.strip().rstrip("/") for part in value.split(",") if part.strip()]
 
 
 def _detail(body: bytes) -> str:
