@@ -98,6 +98,10 @@ def test_seq_of_reads_back_what_with_seq_put_and_nothing_else(
 ) -> None:
     body = orjson.dumps(message)
     assert codec.seq_of(codec.with_seq(body, seq)) == seq
+    for other in (0, seq // 2, seq + 10**6):  # a repeat's seq: the rest, byte for byte
+        assert codec.with_seq_replaced(codec.with_seq(body, seq), other) == codec.with_seq(
+            body, other
+        )
     assert codec.seq_of(body) is None  # no seq first: a system.error, a hello
 
 

@@ -502,11 +502,12 @@ def test_a_started_action_is_looked_at_again_and_a_lost_answer_is_sent_again() -
     assert node.meter.counts[("action_answers", "resent")] == 1
 
 
-def test_a_stored_result_is_repeated_only_where_the_stream_already_passed_its_seq() -> None:
-    """docs/protocol.md: a resend's action.result "comes back with its original seq, which is
-    <= your last_seq". A connection behind it (its node's stream not there yet, or a stream of an
-    older epoch: Redis lost the party and the answer is the new epoch's) gets it from the stream,
-    in order, or is resynced by it: never a seq out of turn."""
+def test_a_stored_result_goes_outside_the_stream_only_as_a_repeat() -> None:
+    """docs/protocol.md: a resend's action.result comes back as a repeat, with a seq <= your
+    last_seq: the original where the stream passed it; else (a node a moment behind, or an
+    answer of another epoch after Redis lost the party: no stream will bring it) the
+    connection's last seq, the rest the same bytes. The sender always gets it; no connection is
+    given a seq out of turn; a syncing one gets no frame before its hello."""
     node = Node()
     aria, borin = node.join("aria"), node.join("borin")
     node.act(aria, "a1")
@@ -517,27 +518,56 @@ def test_a_stored_result_is_repeated_only_where_the_stream_already_passed_its_se
     assert stored is not None and codec.seq_of(stored) == result["seq"]
     node.act(aria, "a1")  # passed: the same answer again
     assert node.last(aria) == result
-    sent = len(node.frames[aria.id])
-    aria.tracker.last = result["seq"] - 1  # behind it (an older epoch's stream, a lagging one)
-    node.act(aria, "a1")
-    node.run(node.core.direct_received("p1", "aria", stored))  # from another node
-    assert len(node.frames[aria.id]) == sent and aria.id not in node.closes
+    for last in (result["seq"] - 1, 0):  # behind it: a lagging stream, or another epoch's
+        aria.tracker.last = last
+        node.act(aria, "a1")
+        assert node.last(aria) == {**result, "seq": last}
+        node.run(node.core.direct_received("p1", "aria", stored))  # from another node
+        assert node.last(aria) == {**result, "seq": last}
+    assert aria.id not in node.closes
     aria.tracker.last = result["seq"]
-    node.run(node.core.direct_received("p1", "aria", stored))
-    assert node.last(aria) == result and len(node.frames[aria.id]) == sent + 1
+    sent = len(node.frames[aria.id])
     refusal = codec.encode({"type": t.ERROR, "payload": {"code": "action_rejected"}})
-    aria.tracker.last = 0
-    node.run(node.core.direct_received("p1", "aria", refusal))  # no seq: always told
+    node.run(node.core.direct_received("p1", "aria", refusal))  # no seq: as it is
     assert error_code(node.last(aria)) == "action_rejected"
+    assert len(node.frames[aria.id]) == sent + 1
+    syncing = Connection("n.s", aria.binding, ConnectionLimits(LimitPolicy()), 1e12)
+    node.core.open(syncing, None, node.now)  # its Connect not answered: no hello yet
+    node.run(node.core.direct_received("p1", "aria", stored))
+    assert syncing.id not in node.frames
     assert node.types(borin)[-1] == t.ACTION_RESULT  # nothing direct reached another character
 
 
+def test_the_server_s_repeat_is_settled_by_the_client_and_never_applied() -> None:
+    """The bundled client's side of the repeat above: settled by action_id, state untouched."""
+    from party_sync.client.stream import ActionDone, ClientStream
+
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.answer(node.engine[0])
+    result = node.last(aria)
+    hello = next(f for f in node.frames[aria.id] if f["type"] == t.HELLO)
+    stream = ClientStream()
+    # the client took a new epoch's snapshot, whose seq is below the old result's
+    stream.receive({**hello, "payload": {**hello["payload"], "seq": 0}})
+    stream.actions["a1"] = {"type": t.ACTION_REQUEST, "payload": {"action_id": "a1"}}
+    before = stream.last_seq
+    aria.tracker.last = 0
+    assert result["seq"] > 0
+    node.act(aria, "a1")
+    outs = stream.receive(node.last(aria))
+    assert [type(o) for o in outs] == [ActionDone] and stream.last_seq == before
+    assert "a1" not in stream.actions
+
+
 @pytest.mark.parametrize("stream", ["behind", "ahead of the verdict"])
-def test_a_result_found_at_the_deadline_is_left_to_the_live_senders_stream(stream: str) -> None:
+def test_a_result_found_at_the_deadline_reaches_its_live_sender_once(stream: str) -> None:
     """At the deadline the ledger has the action's result (FINAL) while its sender's connection
-    is live: the stream delivers it to that connection (behind: not yet, so it must not jump
-    ahead), or already did before the ledger's verdict reached the node (after a stall the
-    result can come first, and the action is watched anyway): sent once, never twice."""
+    is live. Behind (its stream has not passed the result): the sender is told now, as a repeat
+    (settled, not applied), and the event follows in order. Ahead of the verdict (after a stall
+    the result can reach the node before the ledger's verdict does, and the action is watched
+    anyway): the stream gave it already, nothing is sent twice."""
     node = Node()
     aria = node.join("aria")
     node.act(aria, "a1")
@@ -556,12 +586,19 @@ def test_a_result_found_at_the_deadline_is_left_to_the_live_senders_stream(strea
     if stream != "behind":
         assert pending.deadline is not None
         node.core._watch(pending, pending.deadline)
+    last = aria.tracker.last
     node.advance(5.01)  # the deadline finds it FINAL
-    assert ("action_answers", "resent") not in node.meter.counts
     node.core.event_received = received  # type: ignore[method-assign]
     for event in held:  # the stream catches up
         Listener(node, "p1").on_event(event)
-    assert node.types(aria).count(t.ACTION_RESULT) == 1
+    results = [f for f in node.frames[aria.id] if f["type"] == t.ACTION_RESULT]
+    if stream == "behind":
+        assert node.meter.counts[("action_answers", "resent")] == 1
+        assert [f["seq"] for f in results] == [last, last + 1]  # the repeat, then the event
+        assert {**results[0], "seq": last + 1} == results[1]
+    else:
+        assert ("action_answers", "resent") not in node.meter.counts
+        assert len(results) == 1
 
 
 def test_a_connection_still_syncing_is_not_in_a_presence_refresh() -> None:

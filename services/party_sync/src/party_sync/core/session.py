@@ -411,7 +411,7 @@ class PartySessions:
         party = self.parties.get(party_id)
         if party is None:
             return []
-        to = _repeat_to(data, [c for c in party if c.character_id == character_id and not c.closed])
+        to = [c for c in party if c.character_id == character_id and not c.closed]
         if b'"action_id"' in data:
             try:
                 action_id = codec.decode(data)["payload"]["in_reply_to"]["action_id"]
@@ -421,7 +421,7 @@ class PartySessions:
             if pending is not None and pending.character_id == character_id:
                 del self.pending[(party_id, pending.action_id)]
                 self.deadlines.cancel(Kind.ACTION, (party_id, pending.action_id))
-        return [Send(data, to)]
+        return _repeats(data, to)
 
     def transient_received(self, party_id: str, items: Sequence[Transient], now: float) -> Commands:
         """Messages for every member outside the stream (``core.transient``): sent at once to
@@ -620,9 +620,7 @@ class PartySessions:
         decision = verdict.decision
         if decision is _DONE:
             assert verdict.result is not None
-            # the final answer (same bytes), sender only; a result its stream has not passed
-            # yet comes by the stream (``_repeat_to``)
-            return [Send(verdict.result, _repeat_to(verdict.result, [conn]))]
+            return _repeats(verdict.result, [conn])  # the final answer, sender only
         if decision is _ACCEPT or decision is _IN_FLIGHT:
             deadline = now + self.rules.action_timeout
             pending = PendingAction(
@@ -692,10 +690,17 @@ class PartySessions:
         if outcome is Sweep.FINAL:
             assert answer is not None
             conn = action.conn
-            if conn is not None and not conn.closed and codec.seq_of(answer) is not None:
-                # an action.result, and its sender's connection is live: the stream gave it to
-                # that connection already (the result can reach the node before the ledger's
-                # verdict does, after a stall), or will, or resyncs it (another epoch)
+            seq = codec.seq_of(answer)
+            if (
+                conn is not None
+                and not conn.closed
+                and conn.buffer is None
+                and seq is not None
+                and seq <= conn.tracker.last
+            ):
+                # an action.result this very connection's stream already gave it (after a
+                # stall the result can reach the node before the ledger's verdict does, and
+                # the action is watched anyway): not sent twice
                 return []
             self.meter.count("action_answers", "resent")
             return self._answer(action, answer)
@@ -722,7 +727,7 @@ class PartySessions:
         reconnected elsewhere) to every connection of the character."""
         conn = action.conn
         if conn is not None and not conn.closed:
-            return [Send(data, _repeat_to(data, [conn]))]
+            return _repeats(data, [conn])
         if action.character_id == t.PARTY_ACTOR:
             return []
         return [SendDirect(action.party_id, action.character_id, data)]
@@ -918,21 +923,36 @@ def _now_of(cmd: BeginAction | Submit) -> float:
     return cmd.now if isinstance(cmd, BeginAction) else cmd.action.accepted
 
 
-def _repeat_to(data: bytes, conns: list[Connection]) -> list[Connection]:
-    """Which of ``conns`` a stored final answer goes to outside the stream (a resend's answer,
-    one sent again at the deadline, one from another node).
+def _repeats(data: bytes, conns: list[Connection]) -> Commands:
+    """A stored final answer sent to ``conns`` outside the stream (a resend's answer, one sent
+    again at the deadline, one from another node).
 
-    A refusal (no ``seq``) goes to every one. A sequenced ``action.result`` goes only where the
-    stream already passed its ``seq``: there it is the repeat docs/protocol.md promises ("its
-    original ``seq``, ≤ your ``last_seq``"). A connection behind it (still syncing, or its node's
-    stream not there yet) gets it from the stream, in order; one whose stream is of another epoch
-    (Redis lost the party's state and the answer is of the new epoch) is closed with 4003 by its
-    stream and takes the new snapshot. So no connection is ever given a ``seq`` out of turn.
+    A refusal (no ``seq``) goes as it is. A sequenced ``action.result`` goes as the *repeat*
+    docs/protocol.md promises, which a client settles by ``action_id`` and never applies: with
+    a ``seq`` at or below the connection's last one. Where the stream already passed its ``seq``
+    that is the original; where it has not (the node is a moment behind, and the event itself
+    follows in order; or the answer is of another epoch than the connection's, after Redis lost
+    the party's state, and no stream will ever bring it) it goes with the connection's last
+    ``seq`` instead. So the sender always gets its answer, and no connection is ever given a
+    ``seq`` out of turn. A connection still syncing gets nothing (no frame comes before its
+    hello); its client resends its pending actions after the hello.
     """
     seq = codec.seq_of(data)
     if seq is None:
-        return conns
-    return [c for c in conns if c.buffer is None and seq <= c.tracker.last]
+        return [Send(data, conns)] if conns else []
+    passed: list[Connection] = []
+    behind: dict[int, list[Connection]] = {}
+    for conn in conns:
+        if conn.buffer is not None:
+            continue
+        last = conn.tracker.last
+        if seq <= last:
+            passed.append(conn)
+        else:
+            behind.setdefault(last, []).append(conn)
+    out: Commands = [Send(data, passed)] if passed else []
+    out.extend(Send(codec.with_seq_replaced(data, last), to) for last, to in behind.items())
+    return out
 
 
 def _action_refusal(message: inbound.Inbound, code: ErrorCode, text: str) -> ProtocolError:

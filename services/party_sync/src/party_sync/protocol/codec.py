@@ -119,6 +119,14 @@ def has_seq_prefix(data: bytes) -> bool:
     return data.startswith(_SEQ_PREFIX)
 
 
+def with_seq_replaced(data: bytes, seq: int) -> bytes:
+    """An encoded party event (``seq_of(data)`` is not None) with its ``seq`` set to ``seq``."""
+    end = len(_SEQ_PREFIX)
+    while 48 <= data[end] <= 57:
+        end += 1
+    return b'{"seq":%d%b' % (seq, data[end:])
+
+
 def seq_of(data: bytes) -> int | None:
     """The ``seq`` of an encoded party event (``with_seq`` put it first); None for a message
     without one (``system.error``, ``system.hello``) or one that is not an encoded event."""
