@@ -314,7 +314,11 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an id or display name that breaks its rule
         print(f"party-sync token: {exc}", file=sys.stderr)
         return 2
-    print(token, flush=True)  # a closed pipe shows here, inside main's try
+    try:
+        print(token, flush=True)
+    except BrokenPipeError:  # stdout's reader went away (`party-sync token | head -c 10`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 1
     return 0
 
 
@@ -494,9 +498,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ListenError as exc:
         print(f"party-sync: {exc}", file=sys.stderr)
-        return 1
-    except BrokenPipeError:  # stdout's reader went away (`party-sync token | head -c 10`)
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return 1
 
 

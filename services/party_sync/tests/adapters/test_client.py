@@ -110,6 +110,7 @@ async def test_a_refused_token_stops_the_client_with_the_servers_reason() -> Non
         alone = PartyClient(srv.ws_url, token=token("aria", secret="another-secret-" * 3))
         with pytest.raises(ConnectRefused):
             await alone.connect()
+        await alone.wait_closed()
         assert alone._transport._session is None  # type: ignore[attr-defined]
 
 

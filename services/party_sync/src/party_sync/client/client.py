@@ -279,11 +279,11 @@ class PartyClient:
         except Exception as exc:
             error = exc
         finally:
-            # stopped for good (refused, gave up, closed): its own HTTP session goes first, so
-            # a client whose connect() raised has nothing left open behind it
+            await self._stop(error)  # no await inside: settles every waiter, whatever follows
+            # stopped for good (refused, gave up, closed): its own HTTP session goes too, so a
+            # client whose connect() raised leaves nothing open behind it
             with contextlib.suppress(Exception):
                 await self._transport.close()
-            await self._stop(error)
 
     async def _connect_loop(self) -> None:
         failures = 0  # consecutive attempts that did not reach a hello
