@@ -304,6 +304,11 @@ def answer_errors(render: Render = problem) -> Middleware:
     return answer_errors
 
 
+#: The access log's status for a request whose client left before it could be answered (nginx's
+#: "client closed request"; nothing is sent).
+CLIENT_GONE: Final = 499
+
+
 async def answer_raised(
     request: web.Request, exc: Exception, render: Render = problem
 ) -> web.StreamResponse:
@@ -314,6 +319,12 @@ async def answer_raised(
     sent then. An exception missing from the table is logged and answered 500."""
     if request.writer.output_size > 0:
         raise exc
+    if isinstance(exc, ConnectionResetError) and request.transport is None:
+        # The client went away before its answer (a WebSocket handshake given up while the
+        # node waited on a stalled Redis: aiohttp's ``prepare`` raises "Connection lost"). Not
+        # a server error: nobody is left to answer, and aiohttp drops a response it cannot send.
+        log.info("client went away during %s %s", request.method, request.path)
+        return web.Response(status=CLIENT_GONE)
     response = answer(request, exc, render)
     if response is None:
         resource = request.match_info.route.resource

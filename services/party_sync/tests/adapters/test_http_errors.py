@@ -8,6 +8,7 @@ document marks as needing the API key is wrapped by the one guard and refuses wi
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import json
@@ -190,6 +191,33 @@ async def test_an_unexpected_exception_is_a_500_without_internal_details(
         assert body == {"error": "internal_error", "detail": "internal error"}
     # ... but the operator's log has it, with the traceback.
     assert any(r.exc_info and secret in str(r.exc_info[1]) for r in caplog.records)
+
+
+async def test_a_client_gone_before_its_websocket_upgrade_is_no_server_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handshake given up while the node waited (a stalled Redis): aiohttp's ``prepare`` then
+    raises ConnectionResetError("Connection lost") (its protocol has no transport any more).
+    Nobody is left to answer: no ERROR, no 500 (499 in the access log); the same exception with
+    the client still there (a backend's connection reset) is a 500 and logged."""
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    def request(transport: asyncio.Transport | None) -> web.Request:
+        made = make_mocked_request("GET", "/ws", writer=mock.Mock(output_size=0))
+        made._protocol.transport = transport  # None: aiohttp lost the connection
+        return made
+
+    with caplog.at_level(logging.INFO, logger="party_sync.problems"):
+        gone = await problems.answer_raised(request(None), ConnectionResetError("Connection lost"))
+        assert gone.status == problems.CLIENT_GONE
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert any("client went away during GET /ws" in r.getMessage() for r in caplog.records)
+        alive = mock.Mock(spec=asyncio.Transport)
+        there = await problems.answer_raised(request(alive), ConnectionResetError("reset"))
+        assert there.status == 500
+        assert [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 async def test_aiohttp_own_http_exceptions_pass_through_unchanged() -> None:
