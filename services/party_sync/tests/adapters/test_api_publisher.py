@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -324,3 +325,60 @@ async def test_a_publish_that_timed_out_is_not_sent_to_another_node_either() -> 
         finally:
             await publisher.close()
     assert (len(slow.requests), len(other.requests)) == (1, 0)  # maybe published: never twice
+
+
+@contextlib.contextmanager
+def hanging_listener() -> Iterator[str]:
+    """A loopback URL whose connects hang (a host gone without refusing: SYNs dropped): a
+    listener whose accept queue is full and never served."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(0)
+    port = server.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(8):  # fill the queue; the rest of the connects wait
+            filler = socket.socket()
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+            fillers.append(filler)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        server.close()
+
+
+async def test_a_node_whose_connects_hang_is_passed_over_after_the_connect_timeout() -> None:
+    live = FakeApi(script=[202, 201])  # a vote is answered 201
+    with hanging_listener() as hanging:
+        async with serving(live) as url:
+            publisher = ApiPublisher([hanging, url], KEY, retries=0, timeout=1.0)
+            await publisher.open()
+            try:
+                assert await publisher.publish("p1", "party.state", {}) == 1
+                assert publisher.base_url == url
+                publisher._current = 0  # as if the hanging one had answered last
+                await publisher.start_vote("p1", "Which way?", [{"id": "A", "label": "L"}], 30.0)
+                assert publisher.base_url == url
+            finally:
+                await publisher.close()
+    assert len(live.requests) == 2
+
+
+async def test_requests_at_the_same_time_each_go_round_the_nodes_on_their_own() -> None:
+    """Ten publishes at once, the first node dead: each fails over to the live one by itself
+    (a shared pointer flipped by one request's failure does not send another back)."""
+    live = FakeApi()
+    dead = await dead_url()
+    async with serving(live) as url:
+        publisher = ApiPublisher([dead, url], KEY, retries=0)
+        await publisher.open()
+        try:
+            seqs = await asyncio.gather(
+                *(publisher.publish("p1", "party.state", {}) for _ in range(10))
+            )
+        finally:
+            await publisher.close()
+    assert sorted(seqs) == list(range(1, 11)) and publisher.base_url == url

@@ -79,6 +79,9 @@ CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 #: The largest delivery body read (aiohttp's own default request size, which bounded it before).
 MAX_BODY: Final = 1024**2
 
+#: Seconds ``ApiPublisher`` gives a TCP connect to a party_sync node before trying the next one.
+CONNECT_TIMEOUT: Final = 2.0
+
 DEADLINE_HEADER: Final = "X-Action-Deadline"
 ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
@@ -131,7 +134,14 @@ class ApiPublisher(VoteStarter, NarrationSender):
         return list(self._bases)
 
     async def open(self) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._timeout))
+        # A connect that hangs (a host gone without refusing: dropped SYNs) times out as
+        # aiohttp's ConnectionTimeoutError, a ClientError sent nothing, so it moves on to the next
+        # node like a refused one. No read timeout of aiohttp's own: past the connect, only
+        # ``total`` (a plain TimeoutError), which ``publish`` never sends again.
+        timeout = aiohttp.ClientTimeout(
+            total=self._timeout, sock_connect=min(self._timeout / 2, CONNECT_TIMEOUT)
+        )
+        self._http = aiohttp.ClientSession(timeout=timeout)
 
     async def close(self) -> None:
         if self._http is not None:
@@ -184,20 +194,29 @@ class ApiPublisher(VoteStarter, NarrationSender):
         data = orjson.dumps(body)
         nodes = len(self._bases)
         attempts = self._retries + nodes  # each node once, then the retries
+        first = self._current
         for attempt in range(attempts):
+            node = (first + attempt) % nodes  # this request's own way round the nodes
             try:
                 headers = tracing.with_traceparent(self._headers)
-                url = self.base_url + path
+                url = self._bases[node] + path
                 async with self._http.post(url, data=data, headers=headers) as resp:
                     answer = await resp.read()
                     if resp.status < 500:
+                        self._current = node  # the node that answered is kept
                         return resp.status, answer
             except retry_on:
                 pass
-            self._current = (self._current + 1) % nodes
+            self._failed(node)
             if attempt + 1 >= nodes and attempt + 1 < attempts:  # every node tried: back off
                 await asyncio.sleep(0.1 * 2 ** (attempt + 1 - nodes))
         return None, b""
+
+    def _failed(self, node: int) -> None:
+        """``node`` failed a request: the next requests start at the one after it, unless
+        another request (running at the same time) has already moved them elsewhere."""
+        if self._current == node:
+            self._current = (node + 1) % len(self._bases)
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         """``POST /api/v1/parties/{party_id}/votes`` (party_sync checks the request)."""
@@ -205,12 +224,19 @@ class ApiPublisher(VoteStarter, NarrationSender):
         body = request.to_json()
         path = f"/api/v1/parties/{request.party_id}/votes"
         headers = tracing.with_traceparent(self._headers)
-        for _ in range(len(self._bases) - 1):  # a node that cannot be reached: the next one
+        first, nodes = self._current, len(self._bases)
+        for attempt in range(nodes):  # a node that cannot be reached (nothing sent): the next
+            node = (first + attempt) % nodes
             try:
-                return await self._request_vote(self.base_url + path, body, headers)
-            except aiohttp.ClientConnectorError:
-                self._current = (self._current + 1) % len(self._bases)
-        return await self._request_vote(self.base_url + path, body, headers)
+                answer = await self._request_vote(self._bases[node] + path, body, headers)
+            except (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError):
+                self._failed(node)
+                if attempt + 1 == nodes:
+                    raise
+                continue
+            self._current = node
+            return answer
+        raise AssertionError("unreachable")  # (the last attempt returned or raised)
 
     async def _request_vote(
         self, url: str, body: Mapping[str, Any], headers: Mapping[str, str]
