@@ -225,11 +225,22 @@ class Gateway:
         # from here on, live events are buffered for it
         commands = self.core.open(session, resume, self.clock())
         try:
-            await self._hub(binding.party_id)
-        except BackendUnavailable:
-            await self.executor.run(self.core.open_failed(session, self.clock()))
-            return session
-        await self.executor.run(commands)
+            try:
+                await self._hub(binding.party_id)
+            except BackendUnavailable:
+                await self.executor.run(self.core.open_failed(session, self.clock()))
+                return session
+            await self.executor.run(commands)
+        except BaseException as exc:
+            # Anything else (a bug, a cancelled handshake): the core forgets the session at once,
+            # or it would stay there syncing, its buffer growing with every event of the party.
+            leftover = self.core.connection_lost(session, self.clock())
+            if not self.core.connections:
+                self._idle.set()
+            if not isinstance(exc, asyncio.CancelledError):
+                with contextlib.suppress(Exception):
+                    await self.executor.run(leftover)
+            raise
         return session
 
     async def connection_lost(self, session: Session) -> None:
