@@ -24,8 +24,8 @@
  * - actions: `sendAction()` makes the `action_id`, sends one action at a time (the server allows
  *   one in flight per character) and resolves with its `action.result` (or rejects with the
  *   `system.error` about it). After a reconnect the unanswered action is sent again with the same
- *   `action_id`: the server answers a finished one with its original result (a duplicate seq,
- *   still matched) and an in-flight one with `action_in_flight` (the client keeps waiting);
+ *   `action_id`: the server answers a finished one with its result as a repeat (a seq at or below
+ *   the last one: still matched, never applied) and an in-flight one with `action_in_flight` (the client keeps waiting);
  * - votes: `castVote()` resolves with the `vote.update` the ballot caused; unconfirmed ballots are
  *   cast again after a reconnect (the latest ballot counts, so a repeat is harmless);
  * - what is happening now: the actions in flight (`action.accepted` … `action.result` /

@@ -21,7 +21,7 @@
  * - requests wait until the connection has caught up with its hello: then one action at a time
  *   (the oldest unanswered, re-sent with its same `action_id` on every new connection) and every
  *   unconfirmed ballot go out; an `action.result` settles its action whatever its seq (the server
- *   answers a repeated `action_id` with the original result), a `system.error` about it too,
+ *   answers a repeated `action_id` with its result as a repeat, a seq at or below the last), a `system.error` about it too,
  *   except `action_in_flight` (the first attempt is still running: keep waiting);
  * - after a close: 1000 and 1008 stop, 4001 fetches a fresh token (or stops without a hook),
  *   4004 (an operator's disconnect) reconnects after half to all of the backoff's cap, anything

@@ -8,7 +8,8 @@ Rules (docs/protocol.md, "Resuming", "Gap detection", "Actions and idempotency")
 
 - after a hello, the next event must be ``last_seq + 1``; an event at or below ``last_seq`` is a
   duplicate and is dropped, except a repeated ``action.result`` that answers a pending action
-  (the server answers a resent ``action_id`` with its original result and seq);
+  (the server answers a resent ``action_id`` with its result as a repeat: its seq at or below
+  ``last_seq``, the original one or ``last_seq`` itself);
 - an event beyond ``last_seq + 1`` is a gap: the client resyncs (reconnects **without** a resume
   point and takes a fresh snapshot);
 - once the client has caught up with the hello (and any replay that follows it), it (re)sends

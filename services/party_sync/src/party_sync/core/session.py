@@ -934,8 +934,9 @@ def _repeats(data: bytes, conns: list[Connection]) -> Commands:
     follows in order; or the answer is of another epoch than the connection's, after Redis lost
     the party's state, and no stream will ever bring it) it goes with the connection's last
     ``seq`` instead. So the sender always gets its answer, and no connection is ever given a
-    ``seq`` out of turn. A connection still syncing gets nothing (no frame comes before its
-    hello); its client resends its pending actions after the hello.
+    ``seq`` out of turn. A connection still syncing gets no result (no event comes before its
+    hello; its client resends its pending actions after the hello); a refusal it gets as it is
+    (a client handles a ``system.error`` before its hello).
     """
     seq = codec.seq_of(data)
     if seq is None:
