@@ -64,21 +64,34 @@ class FakeApi:
 
 
 @contextlib.asynccontextmanager
-async def publisher_for(fake: FakeApi, **options: Any) -> AsyncIterator[ApiPublisher]:
+async def serving(fake: FakeApi) -> AsyncIterator[str]:
+    """``fake`` on a loopback port: its base URL."""
     app = web.Application()
     app.router.add_post("/api/v1/parties/{party_id}/{what}", fake.handle)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    publisher = ApiPublisher(f"http://127.0.0.1:{runner.addresses[0][1]}/", KEY, **options)
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        fake.release.set()
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def opened(publisher: ApiPublisher) -> AsyncIterator[ApiPublisher]:
     await publisher.open()
     try:
         yield publisher
     finally:
-        fake.release.set()
         await publisher.close()
-        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def publisher_for(fake: FakeApi, **options: Any) -> AsyncIterator[ApiPublisher]:
+    async with serving(fake) as url, opened(ApiPublisher(f"{url}/", KEY, **options)) as publisher:
+        yield publisher
 
 
 def test_the_api_publisher_is_an_event_publisher_with_narrate() -> None:
@@ -240,22 +253,6 @@ async def test_publish_refused_is_invalid_event_and_a_timeout_is_not_retried() -
 # -- several party_sync nodes: what a retry would send again goes to the next -----------------
 
 
-@contextlib.asynccontextmanager
-async def serving(fake: FakeApi) -> AsyncIterator[str]:
-    """``fake`` on a loopback port: its base URL."""
-    app = web.Application()
-    app.router.add_post("/api/v1/parties/{party_id}/{what}", fake.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        fake.release.set()
-        await runner.cleanup()
-
-
 async def dead_url() -> str:
     """A loopback URL nothing listens on (a node that died): connections are refused."""
     async with serving(FakeApi()) as url:
@@ -269,20 +266,14 @@ async def test_a_dead_node_is_passed_over_at_once_and_the_live_one_kept() -> Non
     async with serving(live) as url:
         publisher = ApiPublisher(f"{dead}, {url}/", KEY, retries=0)  # PARTY_SYNC_URL's form
         assert publisher.base_urls == [dead, url]
-        await publisher.open()
-        try:
+        async with opened(publisher):
             assert await publisher.publish("p1", "party.state", {}) == 1  # retries=0: no backoff
             await publisher.narrate("p1", "n-1", 0, "on")
             await publisher.start_vote("p1", "Which way?", [{"id": "A", "label": "Left"}], 30.0)
             assert publisher.base_url == url  # the node that answered is kept
-        finally:
-            await publisher.close()
-        voter = ApiPublisher([dead, url], KEY)  # a vote first: moved on, not retried
-        await voter.open()
-        try:
+        # a vote first: moved on to the next node, not retried
+        async with opened(ApiPublisher([dead, url], KEY)) as voter:
             await voter.start_vote("p1", "Which way?", [{"id": "A", "label": "Left"}], 30.0)
-        finally:
-            await voter.close()
     assert [path.rsplit("/", 1)[1] for path, _, _ in live.requests] == [
         "events",
         "narration",
@@ -293,37 +284,34 @@ async def test_a_dead_node_is_passed_over_at_once_and_the_live_one_kept() -> Non
 
 async def test_a_5xx_is_sent_again_to_the_next_node_and_all_failing_is_unavailable() -> None:
     sick, well = FakeApi(script=[503]), FakeApi()
-    async with serving(sick) as first, serving(well) as second:
-        publisher = ApiPublisher([first, second], KEY, retries=1)
-        await publisher.open()
-        try:
-            await publisher.publish("p1", "party.state", {})
-            assert (len(sick.requests), len(well.requests)) == (1, 1)
-        finally:
-            await publisher.close()
+    async with (
+        serving(sick) as first,
+        serving(well) as second,
+        opened(ApiPublisher([first, second], KEY, retries=1)) as publisher,
+    ):
+        await publisher.publish("p1", "party.state", {})
+        assert (len(sick.requests), len(well.requests)) == (1, 1)
     both = FakeApi(script=[503]), FakeApi(script=[503])
-    async with serving(both[0]) as first, serving(both[1]) as second:
-        publisher = ApiPublisher([first, second], KEY, retries=2)
-        await publisher.open()
-        try:
-            with pytest.raises(BackendUnavailable):
-                await publisher.publish("p1", "party.state", {})
-        finally:
-            await publisher.close()
+    async with (
+        serving(both[0]) as first,
+        serving(both[1]) as second,
+        opened(ApiPublisher([first, second], KEY, retries=2)) as publisher,
+    ):
+        with pytest.raises(BackendUnavailable):
+            await publisher.publish("p1", "party.state", {})
     # each node once, then the two retries around them
     assert (len(both[0].requests), len(both[1].requests)) == (2, 2)
 
 
 async def test_a_publish_that_timed_out_is_not_sent_to_another_node_either() -> None:
     slow, other = FakeApi(script=[HANG]), FakeApi()
-    async with serving(slow) as first, serving(other) as second:
-        publisher = ApiPublisher([first, second], KEY, timeout=0.3)
-        await publisher.open()
-        try:
-            with pytest.raises(TimeoutError):
-                await publisher.publish("p1", "party.state", {})
-        finally:
-            await publisher.close()
+    async with (
+        serving(slow) as first,
+        serving(other) as second,
+        opened(ApiPublisher([first, second], KEY, timeout=0.3)) as publisher,
+    ):
+        with pytest.raises(TimeoutError):
+            await publisher.publish("p1", "party.state", {})
     assert (len(slow.requests), len(other.requests)) == (1, 0)  # maybe published: never twice
 
 
@@ -353,17 +341,15 @@ def hanging_listener() -> Iterator[str]:
 async def test_a_node_whose_connects_hang_is_passed_over_after_the_connect_timeout() -> None:
     live = FakeApi(script=[202, 201])  # a vote is answered 201
     with hanging_listener() as hanging:
-        async with serving(live) as url:
-            publisher = ApiPublisher([hanging, url], KEY, retries=0, timeout=1.0)
-            await publisher.open()
-            try:
-                assert await publisher.publish("p1", "party.state", {}) == 1
-                assert publisher.base_url == url
-                publisher._current = 0  # as if the hanging one had answered last
-                await publisher.start_vote("p1", "Which way?", [{"id": "A", "label": "L"}], 30.0)
-                assert publisher.base_url == url
-            finally:
-                await publisher.close()
+        async with (
+            serving(live) as url,
+            opened(ApiPublisher([hanging, url], KEY, retries=0, timeout=1.0)) as publisher,
+        ):
+            assert await publisher.publish("p1", "party.state", {}) == 1
+            assert publisher.base_url == url
+            publisher._current = 0  # as if the hanging one had answered last
+            await publisher.start_vote("p1", "Which way?", [{"id": "A", "label": "L"}], 30.0)
+            assert publisher.base_url == url
     assert len(live.requests) == 2
 
 
@@ -372,13 +358,11 @@ async def test_requests_at_the_same_time_each_go_round_the_nodes_on_their_own() 
     (a shared pointer flipped by one request's failure does not send another back)."""
     live = FakeApi()
     dead = await dead_url()
-    async with serving(live) as url:
-        publisher = ApiPublisher([dead, url], KEY, retries=0)
-        await publisher.open()
-        try:
-            seqs = await asyncio.gather(
-                *(publisher.publish("p1", "party.state", {}) for _ in range(10))
-            )
-        finally:
-            await publisher.close()
+    async with (
+        serving(live) as url,
+        opened(ApiPublisher([dead, url], KEY, retries=0)) as publisher,
+    ):
+        seqs = await asyncio.gather(
+            *(publisher.publish("p1", "party.state", {}) for _ in range(10))
+        )
     assert sorted(seqs) == list(range(1, 11)) and publisher.base_url == url

@@ -86,13 +86,15 @@ def test_with_seq_puts_seq_first() -> None:
     assert not codec.has_seq_prefix(b'{ "seq":3}')
 
 
-@settings(max_examples=200, deadline=None)
-@given(
-    message=st.dictionaries(
-        st.text(max_size=8).filter(lambda k: k != "seq"), json_values, max_size=6
-    ),
-    seq=st.integers(min_value=0, max_value=2**53),
+#: Encodable JSON objects without a "seq" member, and the seqs a stream can give them.
+messages_without_seq = st.dictionaries(
+    st.text(max_size=8).filter(lambda k: k != "seq"), json_values, max_size=6
 )
+seqs = st.integers(min_value=0, max_value=2**53)
+
+
+@settings(max_examples=200, deadline=None)
+@given(message=messages_without_seq, seq=seqs)
 def test_seq_of_reads_back_what_with_seq_put_and_nothing_else(
     message: dict[str, Any], seq: int
 ) -> None:
@@ -113,12 +115,7 @@ def test_seq_of_is_none_for_what_is_not_an_encoded_event(data: bytes) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(
-    message=st.dictionaries(
-        st.text(max_size=8).filter(lambda k: k != "seq"), json_values, max_size=6
-    ),
-    seq=st.integers(min_value=0, max_value=2**53),
-)
+@given(message=messages_without_seq, seq=seqs)
 def test_with_seq_of_an_encoded_message_decodes_to_the_message_plus_seq(
     message: dict[str, Any], seq: int
 ) -> None:

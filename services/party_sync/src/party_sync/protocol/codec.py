@@ -8,6 +8,7 @@ costs one ``orjson.dumps`` however many members receive it, and the Redis Lua sc
 from __future__ import annotations
 
 import math
+import re
 import secrets
 import time
 from typing import Any, Final
@@ -119,24 +120,21 @@ def has_seq_prefix(data: bytes) -> bool:
     return data.startswith(_SEQ_PREFIX)
 
 
-def with_seq_replaced(data: bytes, seq: int) -> bytes:
-    """An encoded party event (``seq_of(data)`` is not None) with its ``seq`` set to ``seq``."""
-    end = len(_SEQ_PREFIX)
-    while 48 <= data[end] <= 57:
-        end += 1
-    return b'{"seq":%d%b' % (seq, data[end:])
+_SEQ_VALUE: Final = re.compile(rb'\{"seq":(\d+)[,}]')
 
 
 def seq_of(data: bytes) -> int | None:
     """The ``seq`` of an encoded party event (``with_seq`` put it first); None for a message
     without one (``system.error``, ``system.hello``) or one that is not an encoded event."""
-    if not data.startswith(_SEQ_PREFIX):
-        return None
-    end = len(_SEQ_PREFIX)
-    while end < len(data) and 48 <= data[end] <= 57:  # ASCII digits
-        end += 1
-    digits = data[len(_SEQ_PREFIX) : end]
-    return int(digits) if digits and end < len(data) and data[end] in b",}" else None
+    found = _SEQ_VALUE.match(data)
+    return int(found[1]) if found else None
+
+
+def with_seq_replaced(data: bytes, seq: int) -> bytes:
+    """An encoded party event (``seq_of(data)`` is not None) with its ``seq`` set to ``seq``."""
+    found = _SEQ_VALUE.match(data)
+    assert found is not None, "not an encoded party event"
+    return b'{"seq":%d%b' % (seq, data[found.end(1) :])
 
 
 _second: list[Any] = [None, ""]  # the last whole second formatted, and its text
