@@ -37,6 +37,12 @@ def _ephemeral_low() -> int:
         return 32768
 
 
+#: Every port ``free_port`` gave in this test session: never given twice. A port is free when
+#: it is chosen, not until its server binds it, and a test often chooses several before it starts
+#: any (a Sentinel system, then its nodes): without this, two of them could draw the same one.
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
     """A free loopback port for a server a test starts, chosen *below* the ephemeral range.
 
@@ -48,11 +54,14 @@ def free_port() -> int:
     high = max(10_001, _ephemeral_low())
     for _ in range(200):
         port = random.randrange(10_000, high)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as sock:
             try:
                 sock.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _HANDED_OUT.add(port)
             return port
     with socket.socket() as sock:  # a crowded machine: fall back to the kernel's choice
         sock.bind(("127.0.0.1", 0))
