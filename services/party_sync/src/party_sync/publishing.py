@@ -136,9 +136,12 @@ class BackendPublisher(VoteStarter, NarrationSender):
                     watch.published(events)
                     return
 
-    async def publish_built(self, party_id: str, message: dict[str, Any]) -> Event:
-        """Sequence an envelope ``build`` made (the HTTP events API, run-wide events)."""
-        event = await self.backend.publish(party_id, message, self.clock())
+    async def publish_built(
+        self, party_id: str, message: dict[str, Any], *, key: str | None = None
+    ) -> Event:
+        """Sequence an envelope ``build`` made (the HTTP events API, run-wide events); ``key``,
+        its ``Idempotency-Key`` (``Backend.publish``)."""
+        event = await self.backend.publish(party_id, message, self.clock(), key=key)
         self._opened((event,))
         return event
 

@@ -4,14 +4,17 @@ over party_sync's server API, against a scripted stand-in of that API on a loopb
 ``narrate`` posts each piece to ``POST /api/v1/parties/{party_id}/narration`` and retries what a
 retry cannot make worse (a 5xx, a lost connection, a timeout: party_sync takes a piece it already
 has again, with no effect); 409 is ``NarrationConflict``, another 4xx ``InvalidEvent``, retries
-spent ``BackendUnavailable``. ``publish`` keeps its own rule: a timeout is not retried (the event
-may have been published). The same calls against the real server are in ``test_http_api.py``.
+spent ``BackendUnavailable``. ``publish`` retries the same, each event under an
+``Idempotency-Key`` of its own, the same on every attempt (the server publishes an event once per
+key, so a retry of one whose answer was lost publishes nothing). The same calls against the real
+server are in ``test_http_api.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -237,17 +240,64 @@ async def test_publish_retries_a_5xx_and_returns_the_seq() -> None:
     }
 
 
-async def test_publish_refused_is_invalid_event_and_a_timeout_is_not_retried() -> None:
+async def test_publish_refused_is_invalid_event_and_is_not_retried() -> None:
     fake = FakeApi(script=[422])
     async with publisher_for(fake) as publisher:
         with pytest.raises(InvalidEvent, match="422"):
             await publisher.publish("p1", "party.state", {})
     assert len(fake.requests) == 1
+
+
+def keys_of(fake: FakeApi) -> list[str]:
+    return [headers["Idempotency-Key"] for _, headers, _ in fake.requests]
+
+
+async def test_a_publish_that_timed_out_or_was_cut_is_sent_again_under_its_own_key() -> None:
+    fake = FakeApi(script=[HANG, 503, 202, 202])
+    async with publisher_for(fake, retries=3, timeout=0.3) as publisher:
+        assert await publisher.publish("p1", "party.state", {}) == 3
+        assert await publisher.publish("p1", "party.state", {}) == 4
+    keys = keys_of(fake)
+    assert len(keys) == 4 and keys[0] == keys[1] == keys[2] != keys[3]  # one per event
+    assert all(re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", key) for key in keys)
     fake = FakeApi(script=[HANG])
-    async with publisher_for(fake, timeout=0.3) as publisher:
-        with pytest.raises(TimeoutError):
+    async with publisher_for(fake, retries=1, timeout=0.3) as publisher:
+        with pytest.raises(BackendUnavailable):
             await publisher.publish("p1", "party.state", {})
-    assert len(fake.requests) == 1  # it may have been published: never twice
+    assert len(set(keys_of(fake))) == 1 and len(fake.requests) == 2
+
+
+async def test_a_publish_whose_connection_dropped_after_it_was_sent_is_published_once() -> None:
+    """The node took the request and the connection dropped before its answer (a node killed
+    mid-request): the retry goes to the next node under the same key, and the party's stream
+    (one, shared by both, as on one Redis) holds the event once."""
+    published: dict[str, int] = {}  # key → seq: what the server side keeps
+
+    async def drop_after_publishing(request: web.Request) -> web.StreamResponse:
+        key = request.headers["Idempotency-Key"]
+        published.setdefault(key, len(published) + 1)
+        assert request.transport is not None
+        request.transport.close()  # published, then gone without an answer
+        return web.Response(status=202)
+
+    async def answer(request: web.Request) -> web.Response:
+        key = request.headers["Idempotency-Key"]
+        return web.json_response({"seq": published.setdefault(key, len(published) + 1)}, status=202)
+
+    async with contextlib.AsyncExitStack() as stack:
+        urls = []
+        for handler in (drop_after_publishing, answer):
+            app = web.Application()
+            app.router.add_post("/api/v1/parties/{party_id}/events", handler)
+            runner = web.AppRunner(app, shutdown_timeout=0.5)
+            await runner.setup()
+            stack.push_async_callback(runner.cleanup)
+            await web.TCPSite(runner, "127.0.0.1", 0).start()
+            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+        publisher = await stack.enter_async_context(opened(ApiPublisher(urls, KEY, retries=1)))
+        assert await publisher.publish("p1", "party.state", {}) == 1
+        assert await publisher.publish("p1", "party.state", {}) == 2
+    assert list(published.values()) == [1, 2]  # two events, each once
 
 
 # -- several party_sync nodes: what a retry would send again goes to the next -----------------
@@ -303,16 +353,17 @@ async def test_a_5xx_is_sent_again_to_the_next_node_and_all_failing_is_unavailab
     assert (len(both[0].requests), len(both[1].requests)) == (2, 2)
 
 
-async def test_a_publish_that_timed_out_is_not_sent_to_another_node_either() -> None:
+async def test_a_publish_that_timed_out_is_sent_to_the_next_node_under_its_key() -> None:
     slow, other = FakeApi(script=[HANG]), FakeApi()
     async with (
         serving(slow) as first,
         serving(other) as second,
         opened(ApiPublisher([first, second], KEY, timeout=0.3)) as publisher,
     ):
-        with pytest.raises(TimeoutError):
-            await publisher.publish("p1", "party.state", {})
-    assert (len(slow.requests), len(other.requests)) == (1, 0)  # maybe published: never twice
+        assert await publisher.publish("p1", "party.state", {}) == 1
+        assert publisher.base_url == second
+    assert (len(slow.requests), len(other.requests)) == (1, 1)
+    assert keys_of(slow) == keys_of(other)  # the same publish: a node that had it publishes none
 
 
 @contextlib.contextmanager

@@ -105,6 +105,66 @@ async def test_run_events_reach_every_party_of_the_run() -> None:
             await client.close()
 
 
+async def test_a_publish_sent_again_with_its_idempotency_key_is_answered_its_seq_once() -> None:
+    """An engine whose answer was lost (a dropped connection, a timeout) sends the request again
+    with the same ``Idempotency-Key``: the party gets the event once, both answers say its seq."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        keyed = {**AUTH, "Idempotency-Key": "pub-1"}
+        path = "/api/v1/parties/p1/events"
+        first = await post(srv, path, SCENE, keyed)
+        assert first == (202, {"seq": hello["payload"]["seq"] + 1})
+        assert await post(srv, path, SCENE, keyed) == first  # the retry: nothing published
+        other = {**SCENE, "payload": {**SCENE["payload"], "title": "Elsewhere"}}
+        # the key names the publish, not the body: a different body under it is the first one's
+        assert await post(srv, path, other, keyed) == first
+        # another key, and no key at all, publish as usual
+        second = await post(srv, path, other, {**AUTH, "Idempotency-Key": "pub-2"})
+        assert second == (202, {"seq": first[1]["seq"] + 1})
+        assert (await post(srv, path, SCENE, AUTH))[1] == {"seq": first[1]["seq"] + 2}
+        assert (await post(srv, path, SCENE, AUTH))[1] == {"seq": first[1]["seq"] + 3}
+        # a key is per party: p2 publishes under pub-1 on its own
+        status, _ = await post(srv, "/api/v1/parties/p2/events", SCENE, keyed)
+        assert status == 202
+        seqs = [(await a.expect("scene.update"))["seq"] for _ in range(4)]
+        assert seqs == [first[1]["seq"] + i for i in range(4)]  # p1's four, each once
+        await a.close()
+
+
+async def test_an_idempotency_key_that_breaks_the_rule_is_400_and_publishes_nothing() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        for key in ("", "a b", "k" * 129, "key*", "ключ"):
+            async with srv.http.post(
+                srv.base + "/api/v1/parties/p1/events",
+                json=SCENE,
+                headers={**AUTH, "Idempotency-Key": key.encode().decode("latin-1")},
+            ) as resp:
+                assert resp.status == 400, key
+                assert (await resp.json())["error"] == "invalid_id"
+        _, body = await post(srv, "/api/v1/parties/p1/events", SCENE, AUTH)
+        assert body == {"seq": hello["payload"]["seq"] + 1}  # nothing before it
+        await a.close()
+
+
+async def test_a_run_event_sent_again_with_its_key_reaches_each_party_once() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria", party="p1", run="r9")
+        keyed = {**AUTH, "Idempotency-Key": "run-pub-1"}
+        first = await post(srv, "/api/v1/runs/r9/events", SCENE, keyed)
+        b, hello_b = await srv.join("borin", party="p2", run="r9")  # joins between the tries
+        status, body = await post(srv, "/api/v1/runs/r9/events", SCENE, keyed)
+        assert status == 202
+        # p1 had it: its first seq; p2 had not: published there now
+        assert body["parties"] == {**first[1]["parties"], "p2": hello_b["payload"]["seq"] + 1}
+        assert (await a.expect("scene.update"))["seq"] == body["parties"]["p1"]
+        assert (await b.expect("scene.update"))["seq"] == body["parties"]["p2"]
+        await a.act("a1", "aria", "r9")  # aria's next messages are her action's: no repeat
+        assert (await a.expect("action.accepted"))["payload"]["action_id"] == "a1"
+        for client in (a, b):
+            await client.close()
+
+
 async def test_openapi_document_is_valid_and_lists_the_api() -> None:
     async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
         async with srv.http.get(srv.base + "/openapi.json") as resp:

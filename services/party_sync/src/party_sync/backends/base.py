@@ -91,12 +91,18 @@ class Lifecycle(Protocol):
 class EventStream(Protocol):
     """Each party's sequenced event stream, its history and projection, and its delivery."""
 
-    async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
+    async def publish(
+        self, party_id: str, message: dict[str, Any], now: float, *, key: str | None = None
+    ) -> Event:
         """Sequence one event (``message`` has no seq), record it, fold it, deliver it.
 
         An ``action.result`` also completes its action in the ledger, in the same atomic step;
         a second ``action.result`` for an action that already has one is not published again: the
         first is returned (so an engine that re-sends after a redelivery cannot double it).
+        ``key`` (the events API's ``Idempotency-Key``) does the same for any other event: the
+        first event published under it in the party is recorded for ``action_record_ttl``, and a
+        publish under that key in that time returns it and publishes nothing
+        (``core/published.py``). An ``action.result`` is kept by its ``action_id`` instead.
         """
         ...
 

@@ -27,16 +27,18 @@ slot and one Lua script may touch all of them::
     <prefix>:{party:<id>}:vote        hash    the current (or last) vote: spec, deadline, run, ...
     <prefix>:{party:<id>}:ballots     hash    character_id → option, for the current vote
     <prefix>:{party:<id>}:action:<action_id>   hash  c (character), s (started), r (result bytes)
+    <prefix>:{party:<id>}:published:<key>      hash  r: the event first published under that
+                                      ``Idempotency-Key`` (the events API; core/published.py)
     <prefix>:{party:<id>}:unapplied   hash    vote_id → "<finished_at> <vote.finished body>" of
                                       each finished vote whose action the engine was not yet given
     <prefix>:{party:<id>}:narration   hash    live narration streams (lua/narrate.lua):
                                       m:<stream_id> meta, t:<stream_id> text, a:<stream_id> action
 
 The first eleven (``PartyKeys``, in this order) expire together ``party_ttl`` after the party's last
-activity; an action record expires ``action_record_ttl`` after its last change; ``unapplied`` (not
-a script key: only ``redis_votes`` uses it) expires with the party too: ``party_ttl`` after its
-last write, set again to ``meta``'s remaining time by every votes sweep; ``narration`` expires
-twice ``narration_idle`` after its last piece.
+activity; an action record and a published key expire ``action_record_ttl`` after their last
+change; ``unapplied`` (not a script key: only ``redis_votes`` uses it) expires with the party
+too: ``party_ttl`` after its last write, set again to ``meta``'s remaining time by every votes
+sweep; ``narration`` expires twice ``narration_idle`` after its last piece.
 
 Keys outside any party slot::
 
@@ -154,6 +156,10 @@ class KeySpace:
 
     def action(self, party_id: str, action_id: str) -> str:
         return f"{self.tag(party_id)}:action:{action_id}"
+
+    def published(self, party_id: str, key: str) -> str:
+        """The event first published under an ``Idempotency-Key`` (the events API)."""
+        return f"{self.tag(party_id)}:published:{key}"
 
     def narration(self, party_id: str) -> str:
         """The party's live narration streams (not among ``PARTY_KEYS``: its own expiry)."""

@@ -83,13 +83,22 @@ class MemoryBackend:
 
     # -- the stream -------------------------------------------------------------------------
     def _publish(
-        self, party: MemoryParty, message: dict[str, Any], now: float, body: bytes | None = None
+        self,
+        party: MemoryParty,
+        message: dict[str, Any],
+        now: float,
+        body: bytes | None = None,
+        key: str | None = None,
     ) -> Event:
         seq = party.log.top_seq + 1
         type_, payload = message["type"], message["payload"]
         if type_ == t.ACTION_RESULT:
             earlier = party.ledger.result_of(payload["action_id"])
             if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
+                return _decoded(party.party_id, earlier)
+        elif key is not None:
+            earlier = party.published.first(key, now)
+            if earlier is not None:  # published under this key already: that one stands
                 return _decoded(party.party_id, earlier)
         if body is None:  # raises (an unencodable event) before anything is recorded
             body = codec.encode(message)  # (publish_many encoded it already)
@@ -100,6 +109,8 @@ class MemoryBackend:
         refused = type_ == t.ACTION_RESULT and party.ledger.complete(
             payload["action_id"], payload["character_id"], data, now
         )
+        if key is not None and type_ != t.ACTION_RESULT:
+            party.published.record(key, data, now)
         if refused:
             log.warning(
                 "the engine applied an action after it had been refused (its deadline "
@@ -114,8 +125,10 @@ class MemoryBackend:
                 log.exception("listener failed", extra={"trace_id": event.trace_id})
         return event
 
-    async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
-        return self._publish(self._party(party_id, now), message, now)
+    async def publish(
+        self, party_id: str, message: dict[str, Any], now: float, *, key: str | None = None
+    ) -> Event:
+        return self._publish(self._party(party_id, now), message, now, key=key)
 
     async def publish_many(
         self, party_id: str, messages: Sequence[dict[str, Any]], now: float
@@ -232,6 +245,7 @@ class MemoryBackend:
     async def expire(self, now: float) -> list[Event]:
         events: list[Event] = []
         for party_id, party in list(self._parties.items()):
+            party.published.collect(now)
             # by character id, as expire.lua does: simultaneous leaves get the same seqs on both
             for character_id in sorted(party.presence.expire(now)):
                 if party.projection.is_online(character_id):

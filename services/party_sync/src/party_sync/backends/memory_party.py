@@ -14,6 +14,7 @@ from party_sync.core.actions import ActionLedger
 from party_sync.core.history import EventLog, HistoryBounds
 from party_sync.core.presence import Presence
 from party_sync.core.projection import Projection
+from party_sync.core.published import PublishedKeys
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import NarrationBook
 
@@ -30,6 +31,7 @@ class MemoryParty:
         "party_id",
         "presence",
         "projection",
+        "published",
         "run_id",
         "unapplied",
         "vote",
@@ -45,6 +47,8 @@ class MemoryParty:
         self.presence = Presence(settings.presence_ttl)
         self.ledger = ActionLedger(settings.action_timeout, settings.action_record_ttl)
         self.narration = NarrationBook(settings.narration_idle)
+        # Idempotency-Key → the event first published under it (the events API)
+        self.published = PublishedKeys(settings.action_record_ttl)
         self.listeners: list[PartyListener] = []
         self.last_active = now
         self.run_id: str | None = None

@@ -266,17 +266,24 @@ class RedisBackend:
             else:
                 await self.client.publish(channel, data)
 
-    async def publish(self, party_id: str, message: dict[str, Any], now: float) -> Event:
+    async def publish(
+        self, party_id: str, message: dict[str, Any], now: float, *, key: str | None = None
+    ) -> Event:
         type_, payload = message["type"], message["payload"]
         fold = fold_args(type_, payload)  # raises before anything is recorded
         body = codec.encode(message)
         action_id = payload["action_id"] if type_ == t.ACTION_RESULT else None
         with unavailable("publish"):
             reply = await self.scripts.run(
-                "publish", party_id, now, [body, type_, *fold], action_id=action_id
+                "publish",
+                party_id,
+                now,
+                [body, type_, *fold],
+                action_id=action_id,
+                published=key if action_id is None else None,
             )
         seq = int(reply[0])
-        if seq == 0:  # the action already has a result: that one stands (as in memory)
+        if seq == 0:  # the action already has a result, or the key an event: it stands
             return event_from(party_id, bytes(reply[2]))
         if len(reply) > 2 and int(reply[2]):
             log.warning(

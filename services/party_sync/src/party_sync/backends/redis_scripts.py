@@ -343,9 +343,14 @@ class Scripts:
         narration: bool = False,
         action_ids: Sequence[str] = (),
         client: Any = None,
+        published: str | None = None,
     ) -> Any:
-        """Call one party script (``client`` may be a pipeline, which queues it instead)."""
+        """Call one party script (``client`` may be a pipeline, which queues it instead).
+        ``published``: an ``Idempotency-Key`` whose record is the script's record key
+        (``publish.lua``), in place of an action's."""
         keys = self.party_keys(party_id, action_id, narration, action_ids, self._layout[name])
+        if published is not None:
+            keys.append(self.keys.published(party_id, published))
         argv = [*self.header(party_id, now), *args]
         if client is None:  # shared with the other calls of this tick (redis_batch)
             return await self.batcher.run(self._party[name], keys, argv)

@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -83,6 +84,8 @@ MAX_BODY: Final = 1024**2
 CONNECT_TIMEOUT: Final = 2.0
 
 DEADLINE_HEADER: Final = "X-Action-Deadline"
+#: What makes a publish safe to send again (``transport/api.py``, ``core/published.py``).
+IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
 
@@ -90,10 +93,12 @@ class ApiPublisher(VoteStarter, NarrationSender):
     """``EventPublisher`` over party_sync's server API: ``POST /api/v1/parties/{party_id}/events``
     (``publish``), ``.../votes`` (``start_vote``) and ``.../narration`` (``narrate``).
 
-    ``publish`` and ``narrate`` retry a 5xx or a failed connection ``retries`` times (backoff 0.1,
-    0.2, 0.4 s, …), then raise ``BackendUnavailable``. ``narrate`` also retries a request that
-    timed out, which ``publish`` cannot (the event may have been published: a retry would publish
-    it twice): a narration piece party_sync already has is taken again and changes nothing.
+    ``publish`` and ``narrate`` retry a 5xx, a failed or dropped connection and a request that
+    timed out ``retries`` times (backoff 0.1, 0.2, 0.4 s, …), then raise ``BackendUnavailable``.
+    A retry cannot publish twice: each ``publish`` sends an ``Idempotency-Key`` of its own (the
+    same on every attempt), so a node that published the event before the answer was lost answers
+    the retry with the first seq and publishes nothing; a narration piece party_sync already has
+    is taken again and changes nothing.
 
     ``base_url`` may name several party_sync nodes (a sequence, or one string with commas): a
     request goes to the node that answered last; what a retry would send again (a 5xx, a failed
@@ -159,7 +164,12 @@ class ApiPublisher(VoteStarter, NarrationSender):
         if trace_id:
             envelope["trace_id"] = trace_id
         path = f"/api/v1/parties/{party_id}/events"
-        status, body = await self._post(path, envelope, retry_on=(aiohttp.ClientError,))
+        status, body = await self._post(
+            path,
+            envelope,
+            retry_on=(aiohttp.ClientError, TimeoutError),
+            key=uuid.uuid4().hex,  # one per event, the same on each attempt
+        )
         if status == 202:
             return int(orjson.loads(body)["seq"])
         if status is None:
@@ -185,20 +195,26 @@ class ApiPublisher(VoteStarter, NarrationSender):
         raise InvalidEvent(f"party_sync refused the narration piece ({status}): {detail}")
 
     async def _post(
-        self, path: str, body: Mapping[str, Any], *, retry_on: tuple[type[Exception], ...]
+        self,
+        path: str,
+        body: Mapping[str, Any],
+        *,
+        retry_on: tuple[type[Exception], ...],
+        key: str | None = None,
     ) -> tuple[int | None, bytes]:
-        """POST ``body`` to ``path``; the first answer below 500 (status, body), retrying a 5xx
-        and the errors ``retry_on`` lists (on the next node, if there are several: class
-        docstring); (None, b"") once the retries are spent."""
+        """POST ``body`` to ``path`` (with ``key`` as its ``Idempotency-Key``); the first answer
+        below 500 (status, body), retrying a 5xx and the errors ``retry_on`` lists (on the next
+        node, if there are several: class docstring); (None, b"") once the retries are spent."""
         assert self._http is not None, "open() first"
         data = orjson.dumps(body)
+        base = self._headers if key is None else {**self._headers, IDEMPOTENCY_KEY: key}
         nodes = len(self._bases)
         attempts = self._retries + nodes  # each node once, then the retries
         first = self._current
         for attempt in range(attempts):
             node = (first + attempt) % nodes  # this request's own way round the nodes
             try:
-                headers = tracing.with_traceparent(self._headers)
+                headers = tracing.with_traceparent(base)
                 url = self._bases[node] + path
                 async with self._http.post(url, data=data, headers=headers) as resp:
                     answer = await resp.read()

@@ -194,15 +194,20 @@ class Gateway:
                 if rest:
                     self._later(rest)
 
-    async def publish_to_run(self, campaign_run_id: str, message: dict[str, Any]) -> dict[str, int]:
+    async def publish_to_run(
+        self, campaign_run_id: str, message: dict[str, Any], *, key: str | None = None
+    ) -> dict[str, int]:
         """Publish a checked event into the stream of every party of a run; ``{party: seq}``.
 
         It is also sent on the run's channel (``run:<campaign_run_id>``) for other services.
+        ``key`` (an ``Idempotency-Key``) is each party's (``Backend.publish``): a retry publishes
+        only into the parties that did not have it yet, and answers every party's seq; the run's
+        channel is sent it again (at least once there).
         """
         seqs: dict[str, int] = {}
         now = self.clock()
         for party_id in await self.backend.run_parties(campaign_run_id):
-            event = await self.backend.publish(party_id, message, now)
+            event = await self.backend.publish(party_id, message, now, key=key)
             self.watch.published((event,), campaign_run_id)  # (its state may just have gone)
             seqs[party_id] = event.seq
         await self.backend.publish_run(campaign_run_id, message)

@@ -9,8 +9,12 @@ of that, for every route, and answer what a handler raises (``problems.PROBLEMS`
 ``invalid_event`` / ``invalid_vote``, 409 ``vote_open`` / ``narration_conflict``, 503
 ``backend_unavailable``). Published events go through the same validated, sequenced path as
 in-process engines' events, so they are ordered, recorded in history and resumable like every
-other event. Narration pieces (``POST .../narration``) go through the same
-``EventPublisher.narrate`` as an in-process engine's: not sequenced, but ordered per stream.
+other event. A publish sent with an ``Idempotency-Key`` header (the id alphabet, up to 128
+characters; 400 ``invalid_id`` otherwise) is safe to send again: the first event published under
+that key in the party is kept for ``action_record_ttl``, and a request with the same key in that
+time publishes nothing and is answered 202 with the first one's seq (``core/published.py``).
+Narration pieces (``POST .../narration``) go through the same ``EventPublisher.narrate`` as an
+in-process engine's: not sequenced, but ordered per stream.
 
 A ``traceparent`` header (W3C trace context; ``party-sync engine-http`` sends it) makes the
 publish a span of the caller's trace, i.e. of the action's (``party_sync.tracing``); without one,
@@ -28,7 +32,9 @@ from party_sync import tracing
 from party_sync.core import votes
 from party_sync.engine.interface import ENGINE_EVENT_TYPES, NarrationPiece, VoteRequest
 from party_sync.gateway import Gateway
+from party_sync.problems import InvalidId
 from party_sync.protocol.errors import InvalidEvent
+from party_sync.protocol.ids import is_trace_id
 from party_sync.transport.appkeys import API_KEY, GATEWAY
 from party_sync.transport.edge import guarded, read_json
 
@@ -67,9 +73,25 @@ def _build(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
     )
 
 
+#: The header that makes a publish safe to send again (``core/published.py``).
+IDEMPOTENCY_KEY = "Idempotency-Key"
+
+
+def _key(request: web.Request) -> str | None:
+    """The request's ``Idempotency-Key``, if it has one; 400 ``invalid_id`` if it breaks the
+    rule (the id alphabet, up to 128 characters: it becomes part of a Redis key name)."""
+    key = request.headers.get(IDEMPOTENCY_KEY)
+    if key is None:
+        return None
+    if not is_trace_id(key):
+        raise InvalidId(f"{IDEMPOTENCY_KEY} must match [A-Za-z0-9._:-]{{1,128}}")
+    return key
+
+
 async def publish_party_event(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     party_id = request.match_info["party_id"]
+    key = _key(request)
     message = _build(gateway, await _read_envelope(request))
     with tracing.incoming(
         "publish " + message["type"],
@@ -77,7 +99,7 @@ async def publish_party_event(request: web.Request) -> web.Response:
         trace_id=message["trace_id"],
         attributes={"party_sync.party_id": party_id},
     ):
-        event = await gateway.publisher.publish_built(party_id, message)
+        event = await gateway.publisher.publish_built(party_id, message, key=key)
     gateway.touched.add(party_id)
     log.debug(
         "event published via API",
@@ -90,6 +112,7 @@ async def publish_run_event(request: web.Request) -> web.Response:
     """A run-wide event: sequenced into the stream of every party playing the run."""
     gateway = request.app[GATEWAY]
     run_id = request.match_info["campaign_run_id"]
+    key = _key(request)
     message = _build(gateway, await _read_envelope(request))
     with tracing.incoming(
         "publish " + message["type"],
@@ -97,7 +120,7 @@ async def publish_run_event(request: web.Request) -> web.Response:
         trace_id=message["trace_id"],
         attributes={"party_sync.campaign_run_id": run_id},
     ):
-        seqs = await gateway.publish_to_run(run_id, message)
+        seqs = await gateway.publish_to_run(run_id, message, key=key)
     gateway.touched.update(seqs)
     return web.json_response({"parties": seqs}, status=202)
 

@@ -205,6 +205,21 @@ def event_body() -> dict[str, Any]:
     }
 
 
+_IDEMPOTENCY_KEY: Final = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": TRACE_ID_PATTERN},
+    "description": (
+        "Makes the request safe to send again (a dropped connection, a timeout, a 5xx): the "
+        "first event published under this key in a party is kept for action_record_ttl, and a "
+        "request with the same key in that time publishes nothing there and is answered 202 "
+        "with the first one's seq (an action.result is kept by its action_id instead). A key "
+        "that breaks the pattern is 400 invalid_id."
+    ),
+}
+
+
 def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, Any]:
     return {
         "post": {
@@ -212,7 +227,7 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
             "operationId": f"publish_{param.removesuffix('_id')}_event",
             "tags": ["events"],
             "security": _KEY,
-            "parameters": _path_params(param),
+            "parameters": [*_path_params(param), _IDEMPOTENCY_KEY],
             "requestBody": _body({"$ref": SCHEMAS + "EventBody"}),
             "responses": _with_body(
                 {

@@ -1,8 +1,10 @@
 -- publish: sequence one event of the party (Backend.publish).
 -- ARGV[7] body (the encoded envelope without seq), ARGV[8] type, ARGV[9..] fold arguments.
--- KEYS[12]: the action record, for an action.result (completed in the same atomic step).
+-- KEYS[12]: the action record, for an action.result (completed in the same atomic step); for
+-- another event, if given, the record of its Idempotency-Key (core/published.py: r, the event
+-- first published under the key).
 -- Returns {seq, epoch, 1 if it replaced a refusal else 0}, or {0, '', the earlier data} for a
--- second result of one action.
+-- second result of one action or a second publish under one key.
 local body, kind = ARGV[7], ARGV[8]
 local record = nil  -- the action record's {character, result, refusal}, for an action.result
 local refused = 0
@@ -10,6 +12,11 @@ if kind == 'action.result' then
   record = redis.call('HMGET', K_ACTION, 'c', 'r', 'x')
   if record[2] then  -- idempotent: a redelivered action's result is not sequenced nor sent again
     return {0, '', record[2]}
+  end
+elseif K_ACTION then  -- published under an Idempotency-Key: the first one stands
+  local first = redis.call('HGET', K_ACTION, 'r')
+  if first then
+    return {0, '', first}
   end
 end
 local f = {}
@@ -34,5 +41,8 @@ if kind == 'action.result' then
   redis.call('PEXPIRE', K_ACTION, RECORD_TTL)
   release_lock(character_id, f[1])
   answered(f[1])
+elseif K_ACTION then
+  redis.call('HSET', K_ACTION, 'r', data)
+  redis.call('PEXPIRE', K_ACTION, RECORD_TTL)
 end
 return {seq, epoch, refused}

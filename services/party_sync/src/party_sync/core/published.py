@@ -1,0 +1,57 @@
+"""Publishes made idempotent by the caller's key (the events API's ``Idempotency-Key``).
+
+An engine that publishes over HTTP cannot tell, when its connection drops after the request was
+sent, whether party_sync published the event: the node may have sequenced it and died before
+answering. Sending the request again with the same key is then safe: the first publish under a
+key is recorded (the event as sequenced) for ``record_ttl``, and a second one under that key in
+that time publishes nothing and answers with the first (its seq). The same rule as an action's
+result, which is kept per ``action_id`` (``core/actions.py``); Redis mode keeps the record in the
+party's slot and decides in the publish script (``lua/publish.lua``), atomically with the publish.
+
+A key follows the trace id rule (``protocol/ids.py is_trace_id``: the id alphabet, up to 128
+characters), checked where it comes in. Pure: time is passed in. Keys are collected oldest
+first, when they expire or more than ``max_keys`` are held.
+"""
+
+from __future__ import annotations
+
+
+class PublishedKeys:
+    """Per party: key → the event first published under it (encoded, with its seq), until
+    ``record_ttl`` after that publish."""
+
+    __slots__ = ("_events", "_expires", "max_keys", "record_ttl")
+
+    def __init__(self, record_ttl: float, max_keys: int = 10_000) -> None:
+        self.record_ttl = record_ttl
+        self.max_keys = max_keys
+        self._events: dict[str, bytes] = {}  # in publish order, like the expiries
+        self._expires: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def first(self, key: str, now: float) -> bytes | None:
+        """The event published under ``key``, if that was less than ``record_ttl`` ago."""
+        expires = self._expires.get(key)
+        if expires is None or expires <= now:
+            return None
+        return self._events[key]
+
+    def record(self, key: str, data: bytes, now: float) -> None:
+        """``data`` (the sequenced event) was published under ``key`` at ``now``."""
+        self._events.pop(key, None)  # an expired record of the key: now the newest
+        self._expires.pop(key, None)
+        self._events[key] = data
+        self._expires[key] = now + self.record_ttl
+        self.collect(now)
+
+    def collect(self, now: float) -> None:
+        """Forget expired keys, oldest first, and all but the newest ``max_keys``."""
+        expires = self._expires
+        while expires:
+            oldest = next(iter(expires))
+            if expires[oldest] > now and len(expires) <= self.max_keys:
+                return
+            del expires[oldest]
+            del self._events[oldest]
