@@ -59,8 +59,9 @@ def workers_count(value: str) -> int:
         raise ValueError(f"not a number of workers or auto: {value!r}") from None
 
 
-#: The longest ``redis_write_delay`` (seconds): a write delay is a latency cost paid twice per
-#: action; past a few milliseconds it buys nothing more (docs/redis.md).
+#: The longest ``redis_write_delay`` and ``client_write_delay`` (seconds): a write delay is a
+#: latency cost (the Redis one paid twice per action); past a few milliseconds it buys nothing more
+#: (docs/redis.md).
 MAX_WRITE_DELAY = 0.01
 
 
@@ -162,6 +163,14 @@ class Settings:
         "the next moments share one write, one round trip and one wake-up (0 = at once; at most "
         "0.01). Less CPU in the node and in Redis at moderate load, for up to two such delays "
         "more latency per action (docs/redis.md).",
+    )
+    client_write_delay: float = _option(
+        0.0,
+        "Seconds the frames for the clients wait before they are written, so that those of the "
+        "next moments share one write per connection (0 = at the end of the event-loop tick; at "
+        "most 0.01). Fewer system calls under load (in Redis mode an action's result and its "
+        "action.accepted then leave together), for up to that much more latency per message "
+        "(docs/benchmarks.md).",
     )
     redis_command_timeout: float = _option(
         5.0,
@@ -526,6 +535,10 @@ def validate(settings: Settings) -> None:
         (
             0 <= settings.redis_write_delay <= MAX_WRITE_DELAY,
             f"redis_write_delay must be 0..{MAX_WRITE_DELAY} seconds",
+        ),
+        (
+            0 <= settings.client_write_delay <= MAX_WRITE_DELAY,
+            f"client_write_delay must be 0..{MAX_WRITE_DELAY} seconds",
         ),
         (bool(settings.redis_prefix), "redis_prefix must not be empty"),
         (settings.telegram_max_age > 0, "telegram_max_age must be > 0"),

@@ -175,10 +175,12 @@ class _FakeWebSocket:
         return True
 
 
-def _sinks(n: int, buffered: int = 0, max_buffer: int = 1 << 20) -> tuple[list[Any], Any]:
+def _sinks(
+    n: int, buffered: int = 0, max_buffer: int = 1 << 20, delay: float = 0.0
+) -> tuple[list[Any], Any]:
     from party_sync.transport.sink import FrameBatcher, WebSocketSink
 
-    batcher = FrameBatcher()
+    batcher = FrameBatcher(delay)
     sinks = []
     for _ in range(n):
         transport = _FakeTransport(buffered)
@@ -202,6 +204,38 @@ async def test_frames_of_one_tick_leave_in_one_write_per_connection_in_order() -
     assert sinks[0].send(b"{}")  # a later tick: a new write
     await asyncio.sleep(0)
     assert sinks[0]._transport.writes == [expected, frame_header(2) + b"{}"]
+
+
+@pytest.mark.raw_frames
+async def test_with_a_client_write_delay_the_frames_of_later_ticks_share_the_write() -> None:
+    """``client_write_delay``: an action's result, a round trip after its ``action.accepted``
+    (Redis mode), leaves in the same write when it comes within the delay."""
+    from party_sync.transport.sink import frame_header
+
+    sinks, _ = _sinks(2, delay=0.2)
+    assert sinks[0].send(b"accepted")
+    for _ in range(3):  # later ticks, well within the delay
+        await asyncio.sleep(0)
+    assert sinks[0].send(b"result")
+    assert sinks[1].send(b"scene")
+    assert all(sink._transport.writes == [] for sink in sinks)
+    flushed = asyncio.Event()
+    write = sinks[1]._transport.write
+
+    def recorded(data: bytes) -> None:
+        write(data)
+        flushed.set()
+
+    sinks[1]._transport.write = recorded
+    async with asyncio.timeout(5):
+        await flushed.wait()  # the one flush, when the delay is over
+    assert sinks[0]._transport.writes == [
+        frame_header(8) + b"accepted" + frame_header(6) + b"result"
+    ]
+    assert sinks[1]._transport.writes == [frame_header(5) + b"scene"]
+    sinks[0].close(CloseCode.RESYNC, "resync")  # a close does not wait for the delay
+    await sinks[0].stop()
+    assert sinks[0]._transport.writes[-1] == b"CLOSE"
 
 
 @pytest.mark.raw_frames

@@ -81,11 +81,16 @@ async def test_a_resend_after_a_restart_that_lost_the_ledger_gets_its_answer(
 
 
 @pytest.mark.redis
-async def test_seed_flow_on_redis_with_a_write_delay(redis: RedisServer) -> None:
-    """``redis_write_delay`` (docs/redis.md) only holds script calls back: the seed's flow, an
-    action resent with its action_id, and the order of the events are as without it."""
+async def test_seed_flow_on_redis_with_write_delays(redis: RedisServer) -> None:
+    """``redis_write_delay`` (docs/redis.md) only holds script calls back, and
+    ``client_write_delay`` the frames for the clients: the seed's flow, an action resent with its
+    action_id, and the order of the events are as without them."""
     args = ["--redis-url", redis.url, "--engine-transport", "inprocess"]
-    env = {"CAMPAIGN_ENGINE_SEED": "7", "PARTY_SYNC_REDIS_WRITE_DELAY": "0.005"}
+    env = {
+        "CAMPAIGN_ENGINE_SEED": "7",
+        "PARTY_SYNC_REDIS_WRITE_DELAY": "0.005",
+        "PARTY_SYNC_CLIENT_WRITE_DELAY": "0.005",
+    }
     async with serve_process(args, env=env) as srv:
         a, _ = await srv.join("aria")
         b, _ = await srv.join("borin")

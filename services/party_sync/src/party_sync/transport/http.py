@@ -268,7 +268,8 @@ def build_app(
     app = web.Application()
     app[GATEWAY] = gateway
     app[VERIFIER] = verifier
-    app[BATCHER] = FrameBatcher()  # one flush per loop tick for all connections
+    # one flush per loop tick (or per client_write_delay) for all connections
+    app[BATCHER] = FrameBatcher(gateway.settings.client_write_delay)
     app[GUARD] = connection_guard(gateway)
     # Head deadlines, answers to what handlers raise, requests by route and status: one frame.
     app[EDGE] = edge_middleware(gateway.metrics.count_request)

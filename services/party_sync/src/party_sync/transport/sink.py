@@ -58,16 +58,26 @@ def frame_header(length: int) -> bytes:
 
 
 class FrameBatcher:
-    """One flush per event-loop tick for every sink that was given frames during the tick."""
+    """One flush per event-loop tick for every sink that was given frames during the tick.
 
-    __slots__ = ("_dirty",)
+    ``delay`` (``client_write_delay``, seconds; 0 = the end of the tick): the flush waits that
+    long after the first frame of a batch, so that what follows in the next moments (in Redis
+    mode an action's result arrives a round trip after its ``action.accepted``) leaves in the same
+    write. Fewer system calls per message under load, for up to ``delay`` more latency.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_delay", "_dirty")
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self._delay = delay
         self._dirty: list[WebSocketSink] = []
 
     def mark(self, sink: WebSocketSink) -> None:
         if not self._dirty:
-            asyncio.get_running_loop().call_soon(self.flush)
+            if self._delay > 0:
+                asyncio.get_running_loop().call_later(self._delay, self.flush)
+            else:
+                asyncio.get_running_loop().call_soon(self.flush)
         self._dirty.append(sink)
 
     def flush(self) -> None:
