@@ -43,6 +43,10 @@ _DECODE_OPTIONS: Final = {
     "verify_nbf": False,
 }
 
+#: The shortest HMAC secret not warned about (RFC 7518 §3.2: at least the hash size, 32 bytes
+#: for HS256); a shorter one can be guessed offline from any token.
+MIN_JWT_SECRET_BYTES = 32
+
 
 def wall_clock() -> float:
     """Unix time now (the default clock of ``TokenVerifier``; tests replace it)."""

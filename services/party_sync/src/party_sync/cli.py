@@ -6,13 +6,17 @@ import argparse
 import asyncio
 import logging
 import os
+import socket
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+from jwt.warnings import InsecureKeyLengthWarning
+
 from party_sync import __version__, config, devmode, logs
-from party_sync.auth import issue_token
+from party_sync.auth import MIN_JWT_SECRET_BYTES, issue_token
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
 from party_sync.protocol.errors import ConfigError, ListenError
@@ -86,7 +90,8 @@ def _parser() -> argparse.ArgumentParser:
         "--party-sync-url",
         default=os.environ.get("PARTY_SYNC_URL", "http://127.0.0.1:8080"),
         help="party_sync's base URL for publishing events; several nodes separated by commas "
-        "(the next is used when one cannot be reached) [env PARTY_SYNC_URL]",
+        "(the next is used when one cannot be reached) [env PARTY_SYNC_URL; default "
+        "http://127.0.0.1:8080]",
     )
     host.add_argument(
         "--api-key",
@@ -135,7 +140,9 @@ def _parser() -> argparse.ArgumentParser:
         "with --burst, which drains the streams of an old count) "
         "[env PARTY_SYNC_ACTIONS_STREAM_PARTITIONS] (1)",
     )
-    worker.add_argument("--group", default="campaign-engine", help="consumer group")
+    worker.add_argument(
+        "--group", default="campaign-engine", help="consumer group (default campaign-engine)"
+    )
     worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
     worker.add_argument(
         "--claim-idle",
@@ -238,12 +245,26 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def lan_address() -> str | None:
+    """This machine's address on its network (the one its default route leaves from), for the
+    links a ``--host 0.0.0.0`` server prints; None when there is no route. Nothing is sent: a UDP
+    socket's connect only picks the route."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # TEST-NET-1 (RFC 5737): never a real host
+            address = str(probe.getsockname()[0])
+    except OSError:
+        return None
+    return None if address.startswith(("0.", "127.")) else address
+
+
 def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> list[str]:
     """What ``--demo-tokens`` prints: a ready demo-page URL per character, and how to connect."""
     from party_sync.transport import demo
 
     assert settings.jwt_secret is not None
-    host = "127.0.0.1" if settings.host in ("0.0.0.0", "::", "") else settings.host  # noqa: S104
+    wildcard = settings.host in ("0.0.0.0", "::", "")  # noqa: S104
+    host = (lan_address() or "127.0.0.1") if wildcard else settings.host
     if ":" in host:
         host = f"[{host}]"
     base = f"http://{host}:{settings.port}"
@@ -252,6 +273,10 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
         f"party_sync is up on {base} (backend: {backend}). "
         f"Party {demo.DEMO_PARTY}: open one URL per player in a browser and play:",
     ]
+    if wildcard and host != "127.0.0.1":
+        lines[-1] += (
+            f" (listening on every address: this machine can use 127.0.0.1 instead of {host})"
+        )
     tokens: list[str] = []
     for character_id, name in demo.DEMO_CHARACTERS:
         token = issue_token(
@@ -300,17 +325,25 @@ def _token(args: argparse.Namespace) -> int:
             f"party-sync token: signed with the development secret in {kept.path}", file=sys.stderr
         )
         secret = kept.jwt_secret
-    try:
-        token = issue_token(
-            secret,
-            party_id=args.party,
-            campaign_run_id=args.run,
-            character_id=args.character,
-            display_name=args.character if args.name is None else args.name,
-            now=time.time(),
-            ttl=args.ttl,
-            sub=args.sub,
+    if len(secret.encode()) < MIN_JWT_SECRET_BYTES:  # as serve warns (PyJWT's own is noise)
+        print(
+            f"party-sync token: warning: the secret is shorter than {MIN_JWT_SECRET_BYTES} bytes "
+            "(a short one can be guessed offline from any token)",
+            file=sys.stderr,
         )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+            token = issue_token(
+                secret,
+                party_id=args.party,
+                campaign_run_id=args.run,
+                character_id=args.character,
+                display_name=args.character if args.name is None else args.name,
+                now=time.time(),
+                ttl=args.ttl,
+                sub=args.sub,
+            )
     except ValueError as exc:  # an id or display name that breaks its rule
         print(f"party-sync token: {exc}", file=sys.stderr)
         return 2
@@ -346,7 +379,8 @@ def _engine_http(args: argparse.Namespace) -> int:
     logs.protect(api_key)
     if not api_key:
         raise ConfigError(
-            "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY)"
+            "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY): the "
+            "one party-sync serve was given (a server in development mode prints its own at start)"
         )
     engine = load_engine(args.engine)
     app = build_host_app(
@@ -357,7 +391,9 @@ def _engine_http(args: argparse.Namespace) -> int:
     )
     base = f"http://{args.host}:{args.port}"
     print(
-        f"engine {args.engine} on {base}{args.path} (notices: {base}{args.notice_path})", flush=True
+        f"engine {args.engine} on {base}{args.path} (notices: {base}{args.notice_path}), "
+        f"publishing to {', '.join(urls)}",
+        flush=True,
     )
     budget = _shutdown_timeout()
 

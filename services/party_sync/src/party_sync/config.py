@@ -327,14 +327,29 @@ class Settings:
         return not self.jwt_secret
 
 
+def integer(text: str) -> int:
+    """An int setting (``int``'s own message names its internals: "invalid literal for int()")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
+
+
 def _parser_for(f: Any) -> Callable[[str], Any]:
     custom = f.metadata.get("parse")
     if custom is not None:
         return custom  # type: ignore[no-any-return]
     if f.type in ("int", int):
-        return int
+        return integer
     if f.type in ("float", float):
-        return float
+        return number
     if f.type in ("bool", bool):
         return _bool
     return str

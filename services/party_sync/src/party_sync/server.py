@@ -20,7 +20,7 @@ from typing import Protocol
 from aiohttp import web
 
 from party_sync import logs
-from party_sync.auth import TokenVerifier
+from party_sync.auth import MIN_JWT_SECRET_BYTES, TokenVerifier
 from party_sync.backends.base import Backend, BackendSettings
 from party_sync.backends.directory import make_directory
 from party_sync.backends.memory import MemoryBackend
@@ -178,7 +178,6 @@ def unused_engine_setting(settings: Settings, transport: str) -> str | None:
 
 #: Shortest secrets not warned about: an HS256 key of 32 bytes (RFC 7518 §3.2: at least the
 #: hash's size), an API key of 24 characters (what ``with_dev_secret`` makes: 18 random bytes).
-MIN_JWT_SECRET_BYTES = 32
 MIN_API_KEY_CHARS = 24
 
 

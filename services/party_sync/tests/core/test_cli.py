@@ -97,3 +97,53 @@ def test_engine_http_checks_every_party_sync_url(
     monkeypatch.setenv("PARTY_SYNC_API_KEY", "k" * 32)
     assert main(["engine-http", "x:y", "--party-sync-url", urls]) == 2
     assert "--party-sync-url" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("host", "lan", "link"),
+    [
+        ("0.0.0.0", "192.168.1.20", "http://192.168.1.20:8080/demo?token="),  # noqa: S104
+        ("0.0.0.0", None, "http://127.0.0.1:8080/demo?token="),  # noqa: S104
+        ("::", "10.0.0.7", "http://10.0.0.7:8080/demo?token="),
+        ("127.0.0.1", "192.168.1.20", "http://127.0.0.1:8080/demo?token="),
+    ],
+)
+def test_a_server_on_every_address_prints_links_another_device_can_open(
+    host: str, lan: str | None, link: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``make run HOST=0.0.0.0`` is how two phones play: its links name this machine's address on
+    the network, not 127.0.0.1 (which a phone cannot reach)."""
+    from party_sync import cli, config
+
+    monkeypatch.setattr(cli, "lan_address", lambda: lan)
+    settings = config.Settings(host=host, port=8080, jwt_secret="s" * 32, api_key="k" * 32)
+    lines = cli._demo_banner(settings, "memory", dev_mode=True)
+    links = [line for line in lines if "/demo?token=" in line]
+    assert len(links) == 2 and all(link in line for line in links)
+    assert ("this machine can use 127.0.0.1" in lines[1]) == (
+        lan is not None and host != "127.0.0.1"
+    )
+
+
+def test_the_lan_address_is_an_address_or_none() -> None:
+    import ipaddress
+
+    from party_sync.cli import lan_address
+
+    found = lan_address()
+    assert found is None or not ipaddress.ip_address(found).is_loopback
+
+
+def test_token_with_a_short_secret_warns_in_its_own_words(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyJWT's InsecureKeyLengthWarning would raise here
+        assert (
+            main(["token", "--secret", "x", "--party", "p", "--run", "r", "--character", "c"]) == 0
+        )
+    out, err = capsys.readouterr()
+    assert out.count(".") == 2  # the token
+    assert "shorter than 32 bytes" in err and "InsecureKeyLength" not in err

@@ -302,3 +302,15 @@ def test_no_duration_or_rate_setting_takes_infinity_or_nan(env_var: str, value: 
     name = env_var.removeprefix(ENV_PREFIX).lower()
     with pytest.raises(ConfigError, match=name):
         load(parse_flags(), env={env_var: value})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "said"),
+    [("PORT", "abc", "not a whole number: 'abc'"), ("HEARTBEAT", "soon", "not a number: 'soon'")],
+)
+def test_a_setting_that_is_not_a_number_says_so_in_plain_words(
+    name: str, value: str, said: str
+) -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(parse_flags(), env={ENV_PREFIX + name: value})
+    assert str(raised.value) == f"{ENV_PREFIX}{name}: {said}"

@@ -71,3 +71,18 @@ def test_a_missing_import_inside_the_module_is_not_hidden(in_a_directory: Path) 
     finally:
         sys.modules.pop("ps_loader_broken", None)
         assert os.getcwd() == str(in_a_directory)
+
+
+def test_the_reference_engine_missing_says_it_is_a_package_of_its_own(
+    in_a_directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The party_sync wheel installed alone: the default engine cannot be imported, and the
+    message says what it is and how to name another."""
+    monkeypatch.setitem(sys.modules, "campaign_engine", None)  # as if not installed
+    with pytest.raises(ConfigError) as raised:
+        load_engine("campaign_engine:create_engine")
+    message = str(raised.value)
+    assert "reference Campaign Engine" in message and "--engine MODULE:ATTR" in message
+    with pytest.raises(ConfigError) as other:
+        load_engine("not_installed_engine_xyz:create_engine")
+    assert "reference Campaign Engine" not in str(other.value)

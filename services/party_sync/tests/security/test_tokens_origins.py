@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -219,6 +220,33 @@ async def test_the_origin_allowlist(origin: str | None, token_ok: bool, status: 
         headers = {"Origin": origin} if origin is not None else {}
         params = {"token": signed() if token_ok else signed(exp=now() - 120)}
         assert await running.handshake_status(params, headers=headers) == status
+
+
+async def test_a_refused_origin_is_logged_once_as_a_warning_naming_it() -> None:
+    """A browser cannot read a refused handshake's status: the server's log says which origin
+    was kept out (once per origin; a flood of them adds no lines)."""
+    from party_sync.transport import http
+
+    http._ORIGINS_TOLD.clear()
+    settings = make_settings(allowed_origins=(ORIGIN,))
+    with capture_logs(logging.INFO) as logs:
+        async with serve_in_process(settings, engine=ScriptedEngine()) as running:
+            for _ in range(3):
+                for origin in ("http://localhost:8080", "https://evil.example"):
+                    headers = {"Origin": origin}
+                    assert (
+                        await running.handshake_status({"token": signed()}, headers=headers) == 403
+                    )
+            assert (
+                await running.handshake_status({"token": signed()}, headers={"Origin": ORIGIN})
+                == 101
+            )
+    told = [r for r in logs.records if "origin not in allowed_origins" in r.getMessage()]
+    assert [(r.levelname, getattr(r, "origin", None)) for r in told] == [
+        ("WARNING", "http://localhost:8080"),
+        ("WARNING", "https://evil.example"),
+    ]
+    http._ORIGINS_TOLD.clear()
 
 
 async def test_an_empty_allowlist_accepts_any_origin() -> None:

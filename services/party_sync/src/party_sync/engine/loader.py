@@ -10,6 +10,9 @@ from types import ModuleType
 from party_sync.engine.interface import Engine
 from party_sync.protocol.errors import ConfigError
 
+#: The reference Campaign Engine's package (the default ``engine``): a wheel of its own.
+REFERENCE_ENGINE = "campaign_engine"
+
 
 def _import(module_name: str) -> ModuleType:
     """``module_name``, found where Python finds it, or else in the working directory: the
@@ -34,7 +37,15 @@ def load_engine(spec: str) -> Engine:
     try:
         module = _import(module_name)
     except ImportError as exc:
-        raise ConfigError(f"cannot import engine module {module_name!r}: {exc}") from exc
+        hint = ""
+        if isinstance(exc, ModuleNotFoundError) and exc.name == REFERENCE_ENGINE:
+            hint = (
+                f" (the default engine, {REFERENCE_ENGINE}:create_engine, is the reference "
+                f"Campaign Engine: its own package, {REFERENCE_ENGINE}, installed beside "
+                "party_sync (README, Deploying); or name yours with --engine MODULE:ATTR / "
+                "PARTY_SYNC_ENGINE)"
+            )
+        raise ConfigError(f"cannot import engine module {module_name!r}: {exc}{hint}") from exc
     try:
         target = getattr(module, attr)
     except AttributeError:

@@ -82,6 +82,26 @@ def bearer_challenge(reason: str | None) -> str:
     return f'Bearer realm="party_sync", error="invalid_token", error_description="{quoted}"'
 
 
+#: The refused origins already logged (a browser cannot read a refused handshake's status, so
+#: the server's log is where a wrong ``allowed_origins`` shows): each once, at most this many.
+_ORIGINS_TOLD: set[str] = set()
+MAX_ORIGINS_TOLD = 64
+
+
+def _tell_refused_origin(origin: str) -> None:
+    """Log a refused ``Origin`` the first time it is seen (WARNING: a page is being kept out,
+    most often the operator's own, e.g. ``http://localhost:8080`` where ``http://127.0.0.1:8080``
+    is listed). Later refusals of it, and origins past ``MAX_ORIGINS_TOLD``, only count."""
+    if origin in _ORIGINS_TOLD or len(_ORIGINS_TOLD) >= MAX_ORIGINS_TOLD:
+        return
+    _ORIGINS_TOLD.add(origin)
+    log.warning(
+        "WebSocket handshake refused: origin not in allowed_origins (logged once per origin); "
+        "a browser cannot tell the page why, so it keeps reconnecting",
+        extra={"origin": origin[:200], "status": 403},
+    )
+
+
 async def _admit(
     request: web.Request, gateway: Gateway, query: dict[str, str]
 ) -> Claims | web.StreamResponse:
@@ -91,6 +111,7 @@ async def _admit(
     origin = origins[0] if len(origins) == 1 else None if not origins else ""  # two: no origin
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         gateway.metrics.handshakes_refused.labels("403").inc()
+        _tell_refused_origin(origin)
         raise web.HTTPForbidden(text="origin not allowed")
     try:
         claims = request.app[VERIFIER].verify(_token(request, query))
