@@ -10,17 +10,21 @@ JS_DEPS  := $(JS)/node_modules/.installed
 JS_BUILD := $(JS)/dist/.built
 JS_SOURCES := $(wildcard $(JS)/src/*.ts $(JS)/demo/* $(JS)/admin/* $(JS)/tsconfig*.json $(JS)/package.json)
 
-.PHONY: setup run test test-core test-cluster test-security-long lint lock bench bench-redis-cost soak clean docs dist
+.PHONY: setup system-deps run test test-core test-cluster test-security-long lint lock bench bench-redis-cost soak clean docs dist
 
 ## setup: create .venv at the repository root with the locked dependencies and both packages (editable),
 ## and build the browser client and the demo page in clients/js (needs node and npm)
-setup: $(STAMP) $(JS_BUILD)
+setup: system-deps $(STAMP) $(JS_BUILD)
+
+## system-deps: redis-server and chromium through apt when they are missing (checked on every
+## setup, so a failed install, say apt locked by another process, is tried again next time)
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server (needed by the tests)"; \
+		(apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || echo "warning: could not install redis-server: the Redis tests will fail (install it, then run make setup again)"; }
+	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (needed by the browser tests)"; \
+		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || echo "warning: could not install chromium: the browser tests will fail (install it, then run make setup again)"; }
 
 $(STAMP): requirements.lock services/party_sync/pyproject.toml services/campaign_engine/pyproject.toml
-	@command -v redis-server >/dev/null 2>&1 || { echo "installing redis-server (needed by the tests)"; \
-		(apt-get update -qq && apt-get install -y -qq redis-server) >/dev/null || echo "warning: could not install redis-server"; }
-	@command -v chromium >/dev/null 2>&1 || { echo "installing chromium (needed by the browser tests)"; \
-		(apt-get update -qq && apt-get install -y -qq chromium) >/dev/null || echo "warning: could not install chromium: the browser tests will fail"; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-deps -e services/party_sync -e services/campaign_engine
