@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -107,6 +108,65 @@ async def test_a_client_that_never_reads_is_closed_with_4002_and_the_neighbour_i
     finally:
         await slow.close()
         await neighbour.close()
+
+
+async def test_a_client_that_never_reads_is_let_go_without_reading_and_its_slot_is_free(
+    srv: Running,
+) -> None:
+    """The close frame of a 4002 cannot drain to a client that does not read: the close is
+    bounded (``sink.CLOSE_TIMEOUT``), then the socket is aborted, so the session ends, its
+    connection and its user's slot are given back, while the client still has not read a
+    byte (the test above reads before it checks, which would let a stuck close drain)."""
+    from party_sync.transport.http import GUARD
+
+    slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096)
+    slow.writer.transport.pause_reading()  # type: ignore[attr-defined]  # not even buffered
+    try:
+        assert srv.server is not None
+        gateway, guard = srv.server.gateway, srv.server.app[GUARD]
+        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
+        session = next(x for x in gateway.sessions if x.character_id == "aria")
+        for i in range(400):
+            await publish(srv, f"flood-{i}", 60_000)
+            if session.closed:
+                break
+        await wait_until(lambda: session.closed, timeout=10)
+        # nothing read from ``slow`` since: the server lets it go by itself
+        await wait_until(lambda: session not in gateway.sessions, timeout=20)
+        closes = gateway.metrics.registry.get_sample_value
+        await wait_until(lambda: closes("party_sync_closes_total", {"code": "4002"}) == 1.0)
+        await wait_until(lambda: guard.users.total == 0, timeout=10)  # aria's slot is free
+    finally:
+        await slow.close()
+
+
+async def test_a_ping_flood_then_a_reset_is_no_error_and_others_are_served(srv: Running) -> None:
+    """Pings sent without reading the pongs until the socket blocks, then a reset (RST): the
+    pong aiohttp owes finds the connection lost; that is the peer leaving, not an ERROR."""
+    import socket
+    import struct
+
+    from ps_testkit.security_raw import capture_logs
+
+    neighbour = Neighbour((await srv.join("borin"))[0])
+    ping = client_frame(b"P" * 125, opcode=0x9)
+    with capture_logs(logging.WARNING) as logs:
+        for _ in range(2):
+            flood = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096)
+            sock = flood.writer.get_extra_info("socket")
+            flood.writer.transport.pause_reading()  # type: ignore[attr-defined]  # no pong read
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                async with asyncio.timeout(3):  # until the server stops reading us
+                    while True:
+                        await flood.write(ping * 200)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            flood.writer.transport.abort()  # RST
+        await neighbour.served(srv, "after-ping-flood")
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        await wait_until(lambda: not any(x.character_id == "aria" for x in gateway.sessions))
+    assert logs.errors() == []
+    await neighbour.close()
 
 
 async def test_half_a_frame_is_closed_by_the_heartbeat_and_the_neighbour_is_served(

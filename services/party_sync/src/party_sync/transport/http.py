@@ -197,6 +197,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
                     gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)
                 break
+    except ConnectionError:
+        pass  # lost while aiohttp answered a ping (the pong's drain): the peer is gone
     finally:
         try:
             await gateway.connection_lost(session)

@@ -44,6 +44,9 @@ class Penalizer(Protocol):
 log = logging.getLogger(__name__)
 
 _TEXT = 0x81  # FIN + opcode 1 (text)
+#: Seconds a close handshake may take (its close frame drained, the peer's answer) before the
+#: socket is aborted: a peer that does not read would otherwise hold it open for ever.
+CLOSE_TIMEOUT = 3.0
 #: Frames waiting for the end of the tick are written at once when they reach this many bytes.
 EARLY_FLUSH_BYTES = 64 * 1024
 
@@ -168,12 +171,21 @@ class WebSocketSink:
         )
 
     async def _close(self, code: int, reason: bytes) -> None:
+        """The close handshake, bounded: aiohttp's ``close`` waits for the close frame to drain
+        without a limit, and a client that does not read (the reason for a 4002) never takes
+        it; the handler's read loop would then never end, and the connection, its user's slot
+        and its descriptor would stay. Past ``CLOSE_TIMEOUT`` the socket is aborted, which ends
+        the read loop and so the session."""
         try:
-            await self._ws.close(code=code, message=reason)
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self._ws.close(code=code, message=reason)
+        except TimeoutError:
+            self._transport.abort()
         except (ConnectionError, RuntimeError):
             pass  # the peer is gone already
         except Exception:
             log.exception("websocket close failed")
+            self._transport.abort()
 
     async def stop(self) -> None:
         """The connection is over: flush, let a pending close frame go out (bounded), stop."""
