@@ -299,6 +299,16 @@ class Settings:
         "Open WebSockets per token subject (sub; per character without one) on this node; "
         "more get HTTP 429 too_many_connections. 0 = unlimited.",
     )
+    handshake_rate_per_user: float = _option(
+        2.0,
+        "WebSocket sessions a user (token subject; per character without one) may open per "
+        "second on this node, sustained; past the burst, more get HTTP 429 too_many_handshakes "
+        "with Retry-After. Bounds a player who reconnects in a loop (each join and leave is an "
+        "event for the whole party). A handshake that fails costs nothing. 0 = unlimited.",
+    )
+    handshake_burst_per_user: float = _option(
+        30.0, "WebSocket sessions a user may open at once before handshake_rate_per_user applies."
+    )
     rate_limit: float = _option(30.0, "Messages per second a connection may send (sustained).")
     rate_burst: float = _option(60.0, "Messages a connection may send in a burst.")
     shutdown_timeout: float = _option(
@@ -572,6 +582,10 @@ def validate(settings: Settings) -> None:
         (settings.keepalive_timeout > 0, "keepalive_timeout must be > 0"),
         (settings.max_connections_per_ip >= 0, "max_connections_per_ip must be >= 0"),
         (settings.max_connections_per_user >= 0, "max_connections_per_user must be >= 0"),
+        (
+            settings.handshake_rate_per_user >= 0 and settings.handshake_burst_per_user >= 1,
+            "handshake_rate_per_user must be >= 0 and handshake_burst_per_user >= 1",
+        ),
         (settings.rate_limit > 0 and settings.rate_burst >= 1, "rate limits must be positive"),
         (settings.log_format in {"json", "text"}, "log_format must be json or text"),
         (

@@ -160,7 +160,8 @@ class Metrics:
             "party_sync_connections_refused_total",
             "Connections turned away by a limit, by reason: per_address (closed at accept), "
             "per_user (WebSocket handshake answered 429), policy_cooldown (handshake answered "
-            "429 for a while after a 1008 close), head_timeout (no complete request head in time)",
+            "429 for a while after a 1008 close), handshake_rate (429: the user opened sessions "
+            "too fast), head_timeout (no complete request head in time)",
             ["reason"],
             registry=r,
         )

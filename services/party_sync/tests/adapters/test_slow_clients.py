@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import pytest
@@ -464,6 +465,38 @@ async def test_a_user_closed_for_flooding_is_refused_for_a_while_and_others_are_
         cato, _ = await srv.join("cato")  # another user connects as usual
         await cato.close()
         await b.close()
+
+
+@pytest.mark.usefixtures("backend_kind")
+async def test_a_player_joining_and_leaving_in_a_loop_is_slowed_to_the_handshake_rate() -> None:
+    """One player connecting, leaving (``party.leave``: an event for every member) and
+    connecting again as fast as it can: past the burst its handshakes get 429
+    too_many_handshakes with Retry-After, so the party's stream, and its history (every other
+    member's resume window), fill at most at the rate; another user is not touched."""
+    settings = make_settings(handshake_rate_per_user=1.0, handshake_burst_per_user=5.0)
+    async with serve_in_process(settings) as srv:
+        borin, _ = await srv.join("borin")
+        opened = 0
+        for _ in range(5):
+            aria, _ = await srv.join("aria")
+            opened += 1
+            await aria.send({"type": "party.leave", "payload": {"character_id": "aria"}})
+            assert await aria.closed() == 1000
+        params = {"token": token("aria")}
+        async with srv.http.get(srv.ws_url, params=params) as resp:
+            assert resp.status == 429
+            assert await resp.json() == {"error": "too_many_handshakes"}
+            assert int(resp.headers["Retry-After"]) == 1
+        assert refused(srv, "handshake_rate") == 1
+        cato, _ = await srv.join("cato")  # another user: served as usual
+        seen: list[tuple[str, Any]] = []
+        while ("party.join", "cato") not in seen:  # everything up to cato's join
+            message = await borin.recv()
+            seen.append((message["type"], message["payload"].get("character_id")))
+        assert seen.count(("party.join", "aria")) == opened == 5
+        assert seen.count(("party.leave", "aria")) == 5
+        await cato.close()
+        await borin.close()
 
 
 def test_a_cooldown_ends_and_expired_ones_are_forgotten() -> None:

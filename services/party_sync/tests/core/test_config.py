@@ -123,6 +123,8 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("CLIENT_WRITE_DELAY", "-0.001", "client_write_delay"),
         ("CLIENT_WRITE_DELAY", "0.05", "client_write_delay"),
         ("CLIENT_WRITE_DELAY", "nan", "client_write_delay"),
+        ("HANDSHAKE_RATE_PER_USER", "-1", "handshake_rate_per_user"),
+        ("HANDSHAKE_BURST_PER_USER", "0.5", "handshake_burst_per_user"),
         ("LOG_LEVEL", "LOUD", "log_level must be one of DEBUG"),
         ("ALLOWED_ORIGINS", "*", "'\\*' is not a wildcard here"),
         ("ALLOWED_ORIGINS", "https://a.example,https://b.example/", "not an origin"),

@@ -6,7 +6,7 @@ import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from party_sync.core.limits import ConnectionLimits, LimitPolicy, TokenBucket
+from party_sync.core.limits import ConnectionLimits, KeyedBuckets, LimitPolicy, TokenBucket
 
 
 def takes(bucket: TokenBucket, now: float, n: int) -> int:
@@ -118,3 +118,49 @@ def test_calls_spaced_at_least_one_token_apart_are_all_admitted(
     for dt in dts:
         now += dt / rate * 1.0001  # a bit more than one token's worth of time
         assert bucket.take(now) is True
+
+
+def test_keyed_buckets_refuse_past_the_burst_then_refill_at_the_rate() -> None:
+    buckets = KeyedBuckets(rate=2.0, burst=3.0)
+    assert buckets.wait("u", 0.0) == 0.0  # never seen: a full bucket
+    for _ in range(3):
+        assert buckets.wait("u", 0.0) == 0.0
+        buckets.spend("u", 0.0)
+    assert buckets.wait("u", 0.0) == 0.5  # one token at 2/s
+    assert buckets.wait("other", 0.0) == 0.0  # per key
+    assert buckets.wait("u", 0.25) == 0.25
+    assert buckets.wait("u", 0.5) == 0.0
+    buckets.spend("u", 0.5)
+    assert buckets.wait("u", 0.5) == 0.5
+    assert buckets.wait("u", 100.0) == 0.0  # refilled (to the burst, no more)
+    for _ in range(3):
+        buckets.spend("u", 100.0)
+    assert buckets.wait("u", 100.0) > 0
+
+
+def test_keyed_buckets_forget_full_buckets_then_the_least_recently_used() -> None:
+    buckets = KeyedBuckets(rate=1.0, burst=2.0, max_keys=3)
+    for i in range(3):
+        buckets.spend(f"k{i}", 0.0)
+    buckets.spend("k3", 5.0)  # past max_keys: k0..k2 (full again by 5.0) are forgotten
+    assert len(buckets) == 1
+    for i in range(4, 8):  # none is full at 5.0: past max_keys the least recently used go
+        buckets.spend(f"k{i}", 5.0)
+        buckets.spend(f"k{i}", 5.0)
+    assert len(buckets) == 3
+    assert buckets.wait("k3", 5.0) == 0.0  # k3 forgotten: a full bucket again
+    assert all(buckets.wait(f"k{i}", 5.0) == 1.0 for i in (5, 6, 7))  # the newest kept, empty
+
+
+@given(st.lists(st.floats(min_value=0.0, max_value=2.0), min_size=1, max_size=60))
+def test_keyed_buckets_never_let_more_than_burst_plus_rate_times_time(gaps: list[float]) -> None:
+    """However the attempts are spaced, the sessions opened (an attempt spends only when
+    ``wait`` said 0) stay within burst + rate × elapsed."""
+    buckets = KeyedBuckets(rate=2.0, burst=5.0)
+    now, opened = 0.0, 0
+    for gap in gaps:
+        now += gap
+        if buckets.wait("u", now) == 0.0:
+            buckets.spend("u", now)
+            opened += 1
+        assert opened <= 5.0 + 2.0 * now + 1e-9

@@ -1,7 +1,9 @@
-"""Per-connection rate limits: token buckets with time passed in."""
+"""Rate limits: token buckets with time passed in (per connection, and per key: a user's
+handshakes)."""
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 
@@ -54,3 +56,57 @@ class ConnectionLimits:
     def strike(self, now: float) -> bool:
         """Count one bad or refused message; True when the connection must be closed."""
         return not self._strikes.take(now)
+
+
+class KeyedBuckets:
+    """A ``TokenBucket`` per key (``rate`` a second up to ``burst``), for the keys seen lately.
+
+    ``wait`` says how long until ``key`` has a token (0: it has one), ``spend`` takes one. Kept
+    apart because a handshake is refused when its user has no token left, but spends one only
+    once it opened a session (an attempt that failed, say during an outage, costs nothing). A
+    full bucket is the same as no bucket, so the table forgets full ones when it grows past
+    ``max_keys``, and then the least recently used.
+    """
+
+    __slots__ = ("_buckets", "burst", "max_keys", "rate")
+
+    def __init__(self, rate: float, burst: float, max_keys: int = 10_000) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.max_keys = max_keys
+        self._buckets: dict[Hashable, TokenBucket] = {}  # least recently used first
+
+    def __len__(self) -> int:
+        return len(self._buckets)
+
+    def wait(self, key: Hashable, now: float) -> float:
+        """Seconds until ``key`` has a whole token (0.0: it has one now)."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens = min(self.burst, bucket.tokens + max(0.0, now - bucket.updated) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def spend(self, key: Hashable, now: float) -> None:
+        """Take one of ``key``'s tokens (it may go below zero: ``wait`` then says how long)."""
+        bucket = self._buckets.pop(key, None)
+        if bucket is None:
+            bucket = TokenBucket(self.rate, self.burst, tokens=self.burst, updated=now)
+        bucket.tokens = min(self.burst, bucket.tokens + max(0.0, now - bucket.updated) * self.rate)
+        bucket.tokens -= 1.0
+        bucket.updated = now
+        self._buckets[key] = bucket  # the most recently used
+        if len(self._buckets) > self.max_keys:
+            self._collect(now)
+
+    def _collect(self, now: float) -> None:
+        buckets = self._buckets
+        for key in [
+            k for k, b in buckets.items() if self.wait(k, now) == 0.0 and self._full(b, now)
+        ]:
+            del buckets[key]
+        while len(buckets) > self.max_keys:
+            del buckets[next(iter(buckets))]
+
+    def _full(self, bucket: TokenBucket, now: float) -> bool:
+        return bucket.tokens + max(0.0, now - bucket.updated) * self.rate >= self.burst

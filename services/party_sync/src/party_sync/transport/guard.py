@@ -1,5 +1,5 @@
 """What an anonymous client may hold: a deadline for the request head, and caps on open
-connections per client address and open WebSockets per user.
+connections per client address and open WebSockets per user; and how fast a user may open them.
 
 aiohttp has no request-head timeout (its old ``slow_request_timeout`` is gone) and its idle
 ``keepalive_timeout`` only bounds the time *between* requests. So every accepted socket gets a
@@ -41,6 +41,7 @@ from typing import Any, Final, cast
 from aiohttp import web
 
 from party_sync.auth import Claims
+from party_sync.core.limits import KeyedBuckets
 
 #: Body of the 429 that refuses a WebSocket handshake over a cap (stable: clients match on it).
 TOO_MANY_CONNECTIONS: Final = json.dumps({"error": "too_many_connections"})
@@ -48,6 +49,9 @@ TOO_MANY_CONNECTIONS: Final = json.dumps({"error": "too_many_connections"})
 #: seconds after one of its connections was closed for flooding or bad input (1008).
 POLICY_COOLDOWN_BODY: Final = json.dumps({"error": "policy_cooldown"})
 POLICY_COOLDOWN: Final = 10.0
+#: Body of the 429 (with ``Retry-After``) that refuses a user's handshake past its rate
+#: (``handshake_rate_per_user``, ``handshake_burst_per_user``).
+TOO_MANY_HANDSHAKES: Final = json.dumps({"error": "too_many_handshakes"})
 
 
 class Tally:
@@ -119,12 +123,16 @@ class ConnectionGuard:
         head_timeout: float,
         max_per_address: int,
         max_per_user: int,
+        handshake_rate: float = 0.0,
+        handshake_burst: float = 1.0,
         on_refused: Callable[[str], None] = lambda reason: None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.head_timeout = head_timeout
         self.addresses = Tally(max_per_address)
         self.users = Tally(max_per_user)
+        #: the sessions each user opened lately (None: no handshake rate)
+        self.handshakes = KeyedBuckets(handshake_rate, handshake_burst) if handshake_rate else None
         self.on_refused = on_refused
         self._clock = clock
         #: user key → until when its handshakes are refused (``penalize``); expired ones pruned.
@@ -153,12 +161,26 @@ class ConnectionGuard:
                 content_type="application/json",
                 headers={"Retry-After": str(math.ceil(wait))},
             )
+        handshakes = self.handshakes
+        wait = handshakes.wait(key, self._clock()) if handshakes is not None else 0.0
+        if wait > 0:
+            self.on_refused("handshake_rate")
+            raise web.HTTPTooManyRequests(
+                text=TOO_MANY_HANDSHAKES,
+                content_type="application/json",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
         if not self.users.acquire(key):
             self.on_refused("per_user")
             raise web.HTTPTooManyRequests(
                 text=TOO_MANY_CONNECTIONS, content_type="application/json"
             )
         return key
+
+    def opened(self, key: Hashable) -> None:
+        """The user of slot ``key`` opened a session: one of its handshake tokens is spent."""
+        if self.handshakes is not None:
+            self.handshakes.spend(key, self._clock())
 
     def release_websocket_slot(self, key: Hashable) -> None:
         self.users.release(key)

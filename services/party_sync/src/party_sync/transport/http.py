@@ -165,6 +165,7 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
     except BaseException:
         guard.release_websocket_slot(slot)
         raise
+    guard.opened(slot)  # one of the user's handshakes (handshake_rate_per_user)
     return _Opened(ws, sink, session, slot)
 
 
@@ -270,13 +271,15 @@ def connection_guard(gateway: Gateway) -> ConnectionGuard:
 
     def refused(reason: str) -> None:
         counters.connections_refused.labels(reason).inc()
-        if reason in ("per_user", "policy_cooldown"):
+        if reason in ("per_user", "policy_cooldown", "handshake_rate"):
             counters.handshakes_refused.labels("429").inc()
 
     return ConnectionGuard(
         head_timeout=settings.request_head_timeout,
         max_per_address=settings.max_connections_per_ip,
         max_per_user=settings.max_connections_per_user,
+        handshake_rate=settings.handshake_rate_per_user,
+        handshake_burst=settings.handshake_burst_per_user,
         on_refused=refused,
     )
 
