@@ -239,6 +239,75 @@ async def _refused(srv: Running, character: str) -> None:
         assert 0 < int(resp.headers["Retry-After"]) <= 60
 
 
+async def test_a_block_check_the_backend_cannot_answer_admits_nobody(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Redis stalled during the operator-block check: the handshake is upgraded and closed with
+    1011 (retry) after ``backend_unavailable``, as when opening fails; never let through (a
+    blocked character was admitted when Redis came back between the check and the connect)."""
+    from party_sync.protocol.errors import BackendUnavailable
+
+    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+        b, _ = await srv.join("borin")
+        assert srv.server is not None
+        view = srv.server.app[admin.ADMIN]
+
+        async def unanswered(*args: Any) -> float | None:
+            raise BackendUnavailable("stalled")
+
+        monkeypatch.setattr(view, "blocked_until", unanswered)
+        eve = await srv.connect("eve")
+        error = await eve.expect("system.error")
+        assert error["payload"]["code"] == "backend_unavailable"
+        assert await eve.closed() == 1011
+        monkeypatch.undo()
+        cato, _ = await srv.join("cato")  # the check answers again: served as usual
+        seen = [(m["type"], m["payload"].get("character_id")) for m in [await b.recv()]]
+        assert seen == [("party.join", "cato")]  # eve was never announced
+        for client in (b, cato):
+            await client.close()
+
+
+async def test_a_client_gone_while_the_checks_ran_is_not_announced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The block check held by a stall past the moment the client gave up: the node does not
+    go on to register (and announce) a player whose socket is already closed."""
+    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+        b, _ = await srv.join("borin")
+        assert srv.server is not None
+        view = srv.server.app[admin.ADMIN]
+        real, asked, gone = view.blocked_until, asyncio.Event(), asyncio.Event()
+
+        async def slow(*args: Any) -> float | None:
+            asked.set()
+            await gone.wait()  # Redis answers only after the client has left
+            return await real(*args)
+
+        monkeypatch.setattr(view, "blocked_until", slow)
+        from party_sync.transport.http import GUARD
+
+        addresses = srv.server.app[GUARD].addresses
+        before = addresses.total
+        attempt = asyncio.ensure_future(srv.connect("eve"))
+        await asyncio.wait_for(asked.wait(), 5)
+        assert addresses.total == before + 1
+        attempt.cancel()  # the client gives up: its socket closes
+        with contextlib.suppress(BaseException):
+            await attempt
+        await wait_until(lambda: addresses.total == before)  # the server saw it close
+        gone.set()
+        monkeypatch.undo()
+        cato, _ = await srv.join("cato")
+        assert [(m["type"], m["payload"].get("character_id")) for m in [await b.recv()]] == [
+            ("party.join", "cato")
+        ]
+        gateway = srv.server.gateway
+        assert not any(s.character_id == "eve" for s in gateway.sessions)
+        for client in (b, cato):
+            await client.close()
+
+
 async def test_nodes_lists_this_node() -> None:
     async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
         assert srv.server is not None

@@ -214,8 +214,17 @@ class Gateway:
         return seqs
 
     # -- connections ----------------------------------------------------------------------------
-    async def open(self, claims: Claims, sink: Sink, resume: ResumePoint | None = None) -> Session:
-        """Bind a new connection, announce it, and send its ``system.hello`` (and any replay)."""
+    async def open(
+        self,
+        claims: Claims,
+        sink: Sink,
+        resume: ResumePoint | None = None,
+        *,
+        available: bool = True,
+    ) -> Session:
+        """Bind a new connection, announce it, and send its ``system.hello`` (and any replay).
+        ``available=False``: the backend failed the handshake's checks; the connection gets
+        ``backend_unavailable`` and close 1011 (retry) without touching it."""
         binding = Binding(
             claims.party_id, claims.campaign_run_id, claims.character_id, claims.display_name
         )
@@ -231,6 +240,8 @@ class Gateway:
         commands = self.core.open(session, resume, self.clock())
         try:
             try:
+                if not available:
+                    raise BackendUnavailable("the handshake's checks could not be made")
                 await self._hub(binding.party_id)
             except BackendUnavailable:
                 await self.executor.run(self.core.open_failed(session, self.clock()))

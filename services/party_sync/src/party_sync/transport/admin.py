@@ -270,16 +270,15 @@ async def list_nodes(request: web.Request) -> web.Response:
 async def handshake_refusal(request: web.Request, claims: Claims) -> web.Response | None:
     """403 ``disconnected_by_operator`` while an operator's block on the character holds.
 
-    Redis unreachable: no refusal here (the connection then fails on the backend anyway)."""
+    Raises ``BackendUnavailable`` when Redis cannot tell: the caller must not open the
+    connection then (it would admit a blocked character whenever Redis came back between this
+    check and the connection's registration)."""
     view = request.app.get(ADMIN)
     if view is None:
         return None
     gateway = request.app[GATEWAY]
     now = gateway.clock()
-    try:
-        until = await view.blocked_until(claims.party_id, claims.character_id, now)
-    except BackendUnavailable:
-        return None
+    until = await view.blocked_until(claims.party_id, claims.character_id, now)
     if until is None:
         return None
     gateway.metrics.handshakes_refused.labels("403").inc()

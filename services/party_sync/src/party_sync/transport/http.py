@@ -18,7 +18,7 @@ from party_sync.backends.directory import Directory, MemoryDirectory
 from party_sync.core.history import ResumePoint
 from party_sync.engine.health import EngineHealth
 from party_sync.gateway import Gateway, Session
-from party_sync.protocol.errors import AuthError, CloseCode
+from party_sync.protocol.errors import AuthError, BackendUnavailable, CloseCode
 from party_sync.transport import admin, api, asyncapi, demo, members, openapi, telegram
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
 from party_sync.transport.edge import Edge, edge_middleware, session_handler
@@ -102,9 +102,16 @@ def _tell_refused_origin(origin: str) -> None:
     )
 
 
+class _Admitted(NamedTuple):
+    claims: Claims
+    #: False when the backend could not say whether an operator blocked the character: the
+    #: connection is then upgraded and closed with 1011 (retry), as when opening it fails.
+    checked: bool
+
+
 async def _admit(
     request: web.Request, gateway: Gateway, query: dict[str, str]
-) -> Claims | web.StreamResponse:
+) -> _Admitted | web.StreamResponse:
     """The handshake's checks: the origin (403), the token (401), an operator's block (403)."""
     settings = gateway.settings
     origins = request.headers.getall("Origin", ())
@@ -122,8 +129,11 @@ async def _admit(
         raise web.HTTPUnauthorized(
             text=exc.reason, headers={"WWW-Authenticate": challenge}
         ) from None
-    refusal = await admin.handshake_refusal(request, claims)
-    return claims if refusal is None else refusal
+    try:
+        refusal = await admin.handshake_refusal(request, claims)
+    except BackendUnavailable:
+        return _Admitted(claims, checked=False)
+    return _Admitted(claims, checked=True) if refusal is None else refusal
 
 
 class _Opened(NamedTuple):
@@ -139,9 +149,15 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
     """Admit, take the user's slot, upgrade, open the session (run under the edge)."""
     gateway = request.app[GATEWAY]
     query = _query(request)
-    admitted = await _admit(request, gateway, query)
-    if not isinstance(admitted, Claims):
-        return admitted
+    admission = await _admit(request, gateway, query)
+    if not isinstance(admission, _Admitted):
+        return admission
+    admitted = admission.claims
+    peer = request.transport
+    if peer is None or peer.is_closing():
+        # the client left while the checks ran (a Redis stall held them): nothing to open, and
+        # registering it now would announce a player who is not there
+        return web.Response(status=499, text="client closed the request")
     guard = request.app[GUARD]
     slot = guard.take_websocket_slot(admitted)  # over max_connections_per_user: 429
     try:
@@ -161,7 +177,9 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
         sink = WebSocketSink(
             ws, transport, settings.send_buffer_bytes, request.app[BATCHER], guard, slot
         )
-        session = await gateway.open(admitted, sink, _resume_point(query))
+        session = await gateway.open(
+            admitted, sink, _resume_point(query), available=admission.checked
+        )
     except BaseException:
         guard.release_websocket_slot(slot)
         raise
