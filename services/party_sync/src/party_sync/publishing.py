@@ -126,6 +126,10 @@ class BackendPublisher(VoteStarter, NarrationSender):
         self.clock = clock
         self.watch = watch
         self.narrator = Narrator(backend, clock)
+        #: The serving node whose own link claims through this host (``EngineLink.node_bound``:
+        #: recorded with each claim, so another node takes the action over if this one dies);
+        #: None for an engine host in another process (a stream worker).
+        self.claimer: str | None = None
 
     def _opened(self, events: Sequence[Event]) -> None:
         """Show ``events`` to the watch if one opens an epoch (checked here: every event passes)."""
@@ -335,7 +339,7 @@ class BackendPublisher(VoteStarter, NarrationSender):
 
     async def _claim(self, action: ActionRequest, now: float, refusal: bytes) -> Claim:
         claim, _ = await self.backend.claim_action(
-            action.party_id, action.action_id, now, refusal, action.deadline
+            action.party_id, action.action_id, now, refusal, action.deadline, self.claimer
         )
         return claim
 

@@ -16,10 +16,12 @@ in ``artifacts/faults/<scenario>/``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from ps_testkit.fault_history import answers, sent_actions
@@ -31,7 +33,7 @@ from ps_testkit.fault_runner import (
     run_scenario,
     scenario_directory,
 )
-from ps_testkit.faults import EmbeddedSystem, RedisSystem, poll
+from ps_testkit.faults import EmbeddedSystem, HttpSystem, RedisSystem, poll
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -80,6 +82,41 @@ async def test_a_node_killed_its_players_move_to_the_other_node() -> None:
         return FaultWindow(start, time.monotonic(), {"killed": "node1 (SIGKILL)", "out": out})
 
     _verdict(await run_scenario("node_sigkill", "a node killed with SIGKILL", system, inject))
+
+
+async def test_a_node_killed_with_its_http_deliveries_another_node_takes_them_over() -> None:
+    """Engine behind HTTP: node 1 accepted actions and claimed them for its own HTTP link, and
+    dies (with the engine host, frozen meanwhile: one machine lost) before the engine answered.
+    Another node meets the players' resends, waits out node 1's heartbeat and takes the actions
+    over (they were stuck in flight until their records expired before), so every accepted
+    action still gets its one answer, applied once."""
+    system = HttpSystem(scenario_directory("http_node_sigkill"))
+
+    async def inject(players: Sequence[Player]) -> FaultWindow:
+        node1, engine = system.nodes[0], system.engine
+        assert engine is not None
+        on_node1 = [p for i, p in enumerate(players) if i % 2 == 0]
+        start = time.monotonic()
+        engine.signal(signal.SIGSTOP)  # node 1's deliveries wait in the engine's socket
+
+        async def action_out() -> bool:
+            return any(_open_actions(p) for p in on_node1)
+
+        await poll(action_out, 5.0, "an action out on node 1")
+        await asyncio.sleep(NODE_FROZEN)  # holding the fault: node 1 claims and delivers
+        out = sorted(a for p in on_node1 for a in _open_actions(p))
+        await node1.kill()
+        await engine.kill()
+        await system.start_engine()
+        return FaultWindow(
+            start, time.monotonic(), {"killed": "node1 and engine-http (SIGKILL)", "out": out}
+        )
+
+    _verdict(
+        await run_scenario(
+            "http_node_sigkill", "a node killed with its HTTP deliveries", system, inject
+        )
+    )
 
 
 def _restart_redis(system: RedisSystem) -> Inject:
@@ -235,3 +272,83 @@ async def test_the_embedded_server_restarted_while_idle_shows_the_scene_again() 
         quiet=True,
     )
     _verdict(report)
+
+
+async def test_a_vote_decision_whose_node_died_with_its_http_delivery_is_applied_once() -> None:
+    """Engine behind HTTP, frozen: the node that closed a vote claims its decision's action for
+    its own HTTP link, then dies with the engine host before the engine answered. The decision
+    was counted as applied when it was handed to the link, and was lost; now it stays unapplied
+    until the engine answers, and another node's votes sweep takes the action over from the dead
+    node: every member gets the decision's result once, and the engine applied it once."""
+    from ps_testkit.fault_history import events_with_epochs
+    from ps_testkit.fault_players import Player
+    from ps_testkit.fault_runner import CHARACTERS
+    from ps_testkit.faults import PARTY, RUN
+
+    system = HttpSystem(scenario_directory("http_vote_handover"))
+    players: list[Player] = []
+    try:
+        await system.start()
+        urls = system.urls
+        for i, character in enumerate(CHARACTERS):
+            mine = urls[i % 2 :] + urls[: i % 2]  # aria and cora on node 1
+            players.append(Player(character, mine, party=PARTY, run=RUN))
+        for player in players:
+            await player.connect()
+
+        async def scenes() -> bool:
+            return all(p.client.state.scene for p in players)
+
+        await poll(scenes, 20.0, "every player's scene")
+        body = {
+            "vote_id": "v-http",
+            "question": "Which way?",
+            "options": [{"id": "onward", "label": "On"}, {"id": "wander", "label": "Wander"}],
+            "timeout_s": 60,
+        }
+        url = f"http://127.0.0.1:{system.ports[1]}/api/v1/parties/{PARTY}/votes"
+        auth = {"Authorization": f"Bearer {HttpSystem.API_KEY}"}
+        async with system.http.post(url, json=body, headers=auth) as resp:
+            assert resp.status == 201, await resp.text()
+        engine = system.engine
+        assert engine is not None
+        for player in players:  # the vote must be open everywhere before the ballots
+            await poll(lambda p=player: _async(p.client.state.vote is not None), 10.0, "vote")
+        engine.signal(signal.SIGSTOP)
+        for player in (players[1], players[3], players[2], players[0]):  # node 1 closes it
+            await player.client.cast_vote("v-http", "onward")
+
+        async def finished() -> bool:
+            return all(p.client.state.vote is None for p in players)
+
+        await poll(finished, 10.0, "vote.finished everywhere")
+        await asyncio.sleep(NODE_FROZEN)  # holding the fault: node 1 hands the decision over
+        await system.nodes[0].kill()
+        await engine.kill()
+        await system.start_engine()
+
+        def results(player: Player) -> set[tuple[Any, Any]]:
+            """The decision's action.result as this player saw it: (epoch, seq), each once."""
+            return {
+                (item.epoch, item.message["seq"])
+                for item in events_with_epochs(player.history)
+                if item.message.get("type") == "action.result"
+                and item.message["payload"].get("action_id") == "vote:v-http"
+            }
+
+        async def answered() -> bool:
+            return all(results(p) for p in players)
+
+        await poll(answered, 30.0, "the decision's result for every player")
+        assert len({frozenset(results(p)) for p in players}) == 1  # the same one, everywhere
+        assert all(len(results(p)) == 1 for p in players)
+        assert (await system.chronicle()).count("vote:v-http") == 1
+    finally:
+        for player in players:
+            with contextlib.suppress(Exception):
+                await player.close()
+        await system.close()
+
+
+async def _async(value: bool) -> bool:
+    return value

@@ -3,6 +3,7 @@
 - ``RedisSystem``: a private ``redis-server``, two ``party-sync serve`` nodes on it (engine
   transport ``stream``) and two ``party-sync engine-worker``s hosting the reference engine, which
   share one SQLite database;
+- ``HttpSystem``: the same Redis and nodes with the engine behind ``party-sync engine-http``;
 - ``EmbeddedSystem``: one ``party-sync serve`` with no Redis and the reference engine in-process,
   on a SQLite database that outlives the process.
 
@@ -361,6 +362,45 @@ class RedisSystem(Base):
             await super().close()
         finally:
             await asyncio.to_thread(self.redis.close)
+
+
+class HttpSystem(RedisSystem):
+    """A private redis-server, two nodes (HTTP transport) and the reference engine behind one
+    ``party-sync engine-http``, which publishes its answers through both nodes (either one
+    that is alive). The engine host can be frozen, killed and started again."""
+
+    API_KEY = "api-key-faults-http-0123456789abcdef"
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.env["PARTY_SYNC_API_KEY"] = self.API_KEY
+        self.engine_port = free_port()
+        while self.engine_port in self.ports:
+            self.engine_port = free_port()
+        self.engine: Proc | None = None
+
+    async def start_engine(self) -> Proc:
+        nodes = ",".join(f"http://127.0.0.1:{p}" for p in self.ports)
+        args = ["engine-http", "campaign_engine:create_engine", "--port", str(self.engine_port)]
+        engine = self.engine = self.spawn("engine", [*args, "--party-sync-url", nodes])
+        base = f"http://127.0.0.1:{self.engine_port}"
+
+        async def listening() -> bool:
+            if not engine.alive:
+                raise AssertionError(f"engine-http exited: {engine.tail()}")
+            return await http_status(self.http, base + "/actions") is not None  # 405: it is up
+
+        await poll(listening, START_LIMIT, "engine-http to listen")
+        return engine
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.redis.start)
+        await self.start_engine()
+        base = f"http://127.0.0.1:{self.engine_port}"
+        args = ["--redis-url", self.redis.url, "--engine-transport", "http"]
+        args += ["--engine-url", f"{base}/actions", "--engine-notice-url", f"{base}/notices"]
+        starting = [self.start_server(f"node{i}", p, *args) for i, p in enumerate(self.ports, 1)]
+        self.nodes = list(await asyncio.gather(*starting))
 
 
 class EmbeddedSystem(Base):

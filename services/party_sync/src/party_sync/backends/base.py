@@ -254,9 +254,17 @@ class ActionStore(Protocol):
         ...
 
     async def claim_action(
-        self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
+        self,
+        party_id: str,
+        action_id: str,
+        now: float,
+        refusal: bytes,
+        deadline: float | None,
+        claimer: str | None = None,
     ) -> tuple[Claim, bytes | None]:
-        """An engine host is about to start the action (``ActionLedger.claim``): may it?"""
+        """An engine host is about to start the action (``ActionLedger.claim``): may it?
+        ``claimer``: the serving node whose own link delivers it (recorded, so that another
+        node takes it over if that node dies: ``take_over``); None for an engine host elsewhere."""
         ...
 
     async def time_out_action(
@@ -276,9 +284,10 @@ class ActionStore(Protocol):
         ...
 
     async def take_over(self, party_id: str, action_id: str, gone: str, now: float) -> bool:
-        """Claim for this node an action that the gone node ``gone`` claimed for its in-process
-        engine and never answered; True if this node now holds it (and gives it to its engine).
-        Only a backend shared by several nodes (Redis) ever reports a claimer (``Verdict``)."""
+        """Claim for this node an action that the gone node ``gone`` claimed for its own link
+        (its in-process engine, its HTTP link) and never answered; True if this node now holds
+        it (and gives it to its link). Only a backend shared by several nodes (Redis) ever
+        reports a claimer (``Verdict``)."""
         ...
 
 

@@ -386,7 +386,13 @@ class MemoryBackend:
             self._tell(party, [notice])
 
     async def claim_action(
-        self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
+        self,
+        party_id: str,
+        action_id: str,
+        now: float,
+        refusal: bytes,
+        deadline: float | None,
+        claimer: str | None = None,  # one process: nobody to take over from
     ) -> tuple[Claim, bytes | None]:
         party = self._parties.get(party_id)
         if party is None:  # the party's state is gone: the action may start unless it is late

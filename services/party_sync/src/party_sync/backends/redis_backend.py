@@ -592,13 +592,20 @@ class RedisBackend:
             return bool(await self.client.exists(self.keys.node(node_id)))
 
     async def claim_action(
-        self, party_id: str, action_id: str, now: float, refusal: bytes, deadline: float | None
+        self,
+        party_id: str,
+        action_id: str,
+        now: float,
+        refusal: bytes,
+        deadline: float | None,
+        claimer: str | None = None,
     ) -> tuple[Claim, bytes | None]:
         args: list[Arg] = [
             action_id,
             refusal,
             "" if deadline is None else repr(deadline),
             codec.rfc3339(now),
+            claimer or "",
         ]
         with unavailable("claim_action"):
             reply = await self.scripts.run("claim_action", party_id, now, args, action_id=action_id)

@@ -80,6 +80,8 @@ class _Retryable(PartySyncError):
 class HttpEngineLink:
     #: The engine host claims each action right before it starts (``EngineLink``).
     claims_on_accept = False
+    #: Its deliveries live in this node (``EngineLink``): its claims name the node.
+    node_bound = True
 
     def __init__(
         self,

@@ -96,6 +96,9 @@ class InProcessLink:
     through a backend outage for up to ``claim_patience`` s).
     """
 
+    #: Its engine runs in this node (``EngineLink``): its claims name the node.
+    node_bound = True
+
     def __init__(
         self,
         engine: Engine,

@@ -656,6 +656,12 @@ class EngineLink(Protocol):
     again. Links to other processes (HTTP, Redis Streams) say False: their engine host claims
     right before the engine starts, since an action may wait in between (a queue, a retry, an
     outage).
+
+    An optional attribute ``node_bound`` (default False): True for a link whose deliveries live
+    in this process (in-process, HTTP: an action handed to it is lost with the node, where a
+    stream entry outlives it). Its claims then name this node, so that if the node dies another
+    one takes the action over on the player's resend (``take_over``), and a vote's decision is
+    counted as applied only once the engine answered it.
     """
 
     async def start(self, host: LinkHost) -> None: ...

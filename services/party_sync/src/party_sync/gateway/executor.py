@@ -13,9 +13,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Iterator, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeGuard
 
 from party_sync.backends.base import Backend
+from party_sync.core.actions import Decision
 from party_sync.core.commands import (
     Announce,
     ApplyVote,
@@ -56,6 +58,8 @@ from party_sync.publishing import BackendPublisher
 log = logging.getLogger("party_sync.gateway.gateway")
 #: Seconds between two looks at a gone node's in-process action (``Executor._take_over``).
 TAKE_OVER_PAUSE = 1.0
+#: The vote actions a node remembers handing to its own link (one per finished vote).
+MAX_HANDED = 10_000
 
 
 class MetricsMeter:
@@ -110,6 +114,10 @@ class Executor:
         self.claim_on_accept = bool(getattr(link, "claims_on_accept", False))
         #: The id this node's claims carry in the backend (Redis: its node id), if it has one.
         self.node_id: str | None = getattr(backend, "node_id", None)
+        #: The link's deliveries live in this node (``EngineLink.node_bound``): lost with it.
+        self.node_bound = bool(getattr(link, "node_bound", False))
+        #: The vote actions this node handed to its link, newest last (``_apply_vote``).
+        self._handed: dict[str, None] = {}
         self._taking_over: set[tuple[str, str]] = set()  # (party, action) watched for a take-over
         self.publisher = publisher
         self.metrics = metrics
@@ -159,11 +167,18 @@ class Executor:
         else:
             await self.run(answer)
             claimer = verdict.claimer if verdict is not None else None
-            if claimer and self.claim_on_accept and claimer != self.node_id:
+            if self._another_node(claimer):
                 self.spawn(self._take_over(conn.party_id, payload["action_id"], claimer))
 
+    def _another_node(self, claimer: str | None) -> TypeGuard[str]:
+        """``claimer`` (of an action in flight) is another serving node, whose own link has the
+        action: it must be taken over if that node is gone. Not '1' (an engine host elsewhere,
+        e.g. a stream worker, whose entry outlives it) nor '' (accepted, not claimed yet)."""
+        return bool(claimer) and claimer != "1" and claimer != self.node_id
+
     async def _take_over(self, party_id: str, action_id: str, claimer: str) -> None:
-        """A resent action that another node's in-process engine claimed and has not answered:
+        """A resent action that another node claimed for its own link (its in-process engine,
+        its HTTP link) and has not answered:
         if that node is gone (its heartbeat expired; looked at again until then, for as long as
         this node waits on the action), this node claims it (``take_over``, atomic: one node
         does) and gives it to its own engine, which deduplicates by ``action_id`` (the gone node
@@ -178,23 +193,33 @@ class Executor:
             self._taking_over.discard(key)
 
     async def _watch_claimer(self, key: tuple[str, str], claimer: str) -> None:
+        """Look at ``claimer`` every ``TAKE_OVER_PAUSE`` while this node waits on the action, and
+        at least as long as a node's heartbeat takes to expire (``2 × presence_ttl``; it expires
+        ``4 × presence_ttl / 3`` after the last): a node killed just now still looks alive, and
+        the player's resend that started this watch may be its last (the sender's own wait ends
+        at the deadline). A claimer alive past that heartbeat is there: its link delivers."""
         party_id, action_id = key
-        while key in self.core.pending:
+        pending = self.core.pending.get(key)
+        if pending is None:
+            return
+        watch_until = self.clock() + 2 * self.core.rules.presence_ttl
+        while key in self.core.pending or self.clock() < watch_until:
             try:
                 if not await self.backend.node_alive(claimer):
                     if await self.backend.take_over(party_id, action_id, claimer, self.clock()):
-                        pending = self.core.pending.get(key)
-                        if pending is not None:
-                            log.warning(
-                                "took over an action whose node is gone",
-                                extra={
-                                    "party_id": party_id,
-                                    "action_id": action_id,
-                                    "gone_node": claimer,
-                                    "trace_id": pending.trace_id,
-                                },
-                            )
-                            await self.link.submit(engine_action(pending))
+                        log.warning(
+                            "took over an action whose node is gone",
+                            extra={
+                                "party_id": party_id,
+                                "action_id": action_id,
+                                "gone_node": claimer,
+                                "trace_id": pending.trace_id,
+                            },
+                        )
+                        # without its deadline: the gone node may have started (and the engine
+                        # applied) it, so it is a redelivery, never refused as late (the engine
+                        # deduplicates by action_id)
+                        await self.link.submit(replace(engine_action(pending), deadline=None))
                     return
             except BackendUnavailable:
                 pass  # look again
@@ -367,37 +392,77 @@ class Executor:
                 self._published((event,))
             await self.run(core.vote_finished(command, event))
         elif type(command) is ApplyVote:
-            finished = command.finished
-            vote_id = finished.payload["vote_id"]
-            try:
-                run = await self.backend.vote_run(finished.party_id, vote_id)
-                if run is not None:
-                    self._known(finished.party_id, run)
-                applied = finished.payload["applied"]
-                verdict = await self.backend.begin_action(
-                    finished.party_id,
-                    t.PARTY_ACTOR,
-                    applied["action_id"],
-                    command.now,
-                    timed=False,
-                    action_type=applied.get("action_type", "choice"),
-                    trace_id=finished.trace_id,
-                    claimed=self.claim_on_accept,
-                )
-            except BackendUnavailable:
-                await self.run(core.vote_failed(command, self.clock()))
-                return
-            await self.run(core.vote_verdict(command, run, verdict))
+            await self._apply_vote(command)
         elif type(command) is SubmitVote:
             finished = command.finished
             try:
                 if command.action is not None:
                     await self.link.submit(engine_action(command.action))
-                await self.backend.mark_vote_applied(finished.party_id, finished.payload["vote_id"])
+                    self._handed[command.action.action_id] = None
+                    while len(self._handed) > MAX_HANDED:
+                        del self._handed[next(iter(self._handed))]
+                if command.action is None or not self._volatile_votes():
+                    await self.backend.mark_vote_applied(
+                        finished.party_id, finished.payload["vote_id"]
+                    )
+                # else: handed to this node's own link, lost if the node dies: the decision
+                # stays unapplied until its action has its final answer (a later sweep's
+                # begin_action says DONE), or another node takes it over (_apply_vote)
             except BackendUnavailable:  # not handed over: tried again
                 await self.run(core.vote_failed(command, self.clock()))
                 return
             core.vote_applied(finished)
+
+    def _volatile_votes(self) -> bool:
+        """A decision handed to this node's link is lost with the node, and other nodes would
+        not know (a shared backend names claimers: Redis)."""
+        return self.node_bound and self.node_id is not None
+
+    async def _apply_vote(self, command: ApplyVote) -> None:
+        """A finished vote's decision: its action begun in the ledger, then handed over
+        (``core.vote_verdict``). An action already in flight with this node's link, or with
+        another serving node that is alive, is left to it; with a node that is gone, this node
+        takes it over first."""
+        core, finished = self.core, command.finished
+        vote_id = finished.payload["vote_id"]
+        try:
+            run = await self.backend.vote_run(finished.party_id, vote_id)
+            if run is not None:
+                self._known(finished.party_id, run)
+            action_id = finished.payload["applied"]["action_id"]
+            verdict = await self.backend.begin_action(
+                finished.party_id,
+                t.PARTY_ACTOR,
+                action_id,
+                command.now,
+                timed=False,
+                action_type=finished.payload["applied"].get("action_type", "choice"),
+                trace_id=finished.trace_id,
+                claimed=self.claim_on_accept,
+            )
+            claimer = verdict.claimer if verdict.decision is Decision.IN_FLIGHT else None
+            if claimer is not None and claimer == self.node_id and action_id in self._handed:
+                core.vote_applied(finished)  # this node's link has it: its answer will come
+                return
+            if self._another_node(claimer):
+                if await self.backend.node_alive(claimer) or not await self.backend.take_over(
+                    finished.party_id, action_id, claimer, self.clock()
+                ):
+                    core.vote_applied(finished)  # its node (or one that took it over) has it
+                    return
+                log.warning(
+                    "took over a vote's decision whose node is gone",
+                    extra={
+                        "party_id": finished.party_id,
+                        "vote_id": vote_id,
+                        "gone_node": claimer,
+                        "trace_id": finished.trace_id,
+                    },
+                )
+        except BackendUnavailable:
+            await self.run(core.vote_failed(command, self.clock()))
+            return
+        await self.run(core.vote_verdict(command, run, verdict))
 
     async def _announce(self, command: Announce) -> None:
         """Tell the engine of a ``party.join`` this node published; and, if that join opened a

@@ -122,6 +122,8 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
+        if self.executor.node_bound:  # its claims name this node (EngineLink.node_bound)
+            self.publisher.claimer = self.executor.node_id
         await self.link.start(self.publisher)
         self.core.start(self.clock())
         self.timer = self._spawn(self._timer())

@@ -2,7 +2,10 @@
 -- time_out_action on the same record: an action is started before its deadline or refused.
 -- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] refusal (action_timeout), ARGV[9] the
 -- deadline the action carries ('' if none; used when the record is gone), ARGV[10] now as an
--- RFC 3339 timestamp (for action.failed, published to every member when it expires here).
+-- RFC 3339 timestamp (for action.failed, published to every member when it expires here),
+-- ARGV[11] the claimer: the id of the serving node whose own link delivers the action (the HTTP
+-- link: another node may take it over once that node is gone, take_over.lua), or '' for an
+-- engine host elsewhere (a stream worker: its entry outlives it).
 -- Returns {'final', answer} | {'start'} | {'expired'}.
 local record, action_id = K_ACTION, ARGV[7]
 local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g')
@@ -28,5 +31,5 @@ if found[4] and NOW > tonumber(found[4]) then
   publish_failed(action_id, found[1], ARGV[8], ARGV[10])
   return {'expired'}
 end
-redis.call('HSET', record, 'g', '1')
+redis.call('HSET', record, 'g', ARGV[11] ~= '' and ARGV[11] or '1')
 return {'start'}
