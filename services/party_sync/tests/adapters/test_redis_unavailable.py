@@ -25,6 +25,11 @@ REDIS_FAILURES = [
     ResponseError("ERR refused"),
     OSError("no route"),
     TimeoutError(),
+    # uvloop, when redis-py writes on a transport that closed under it (Redis restarting)
+    RuntimeError(
+        "unable to perform operation on <TCPTransport closed=True reading=False>; "
+        "the handler is closed"
+    ),
 ]
 
 
@@ -44,6 +49,8 @@ async def test_a_redis_failure_becomes_backend_unavailable_with_either_with(
 async def test_other_errors_and_success_pass_through() -> None:
     with pytest.raises(KeyError), unavailable("publish"):
         raise KeyError("a bug stays a bug")
+    with pytest.raises(RuntimeError), unavailable("publish"):
+        raise RuntimeError("another RuntimeError is a bug too")
     with unavailable("publish"):
         value = 1
     async with unavailable("publish"):

@@ -177,6 +177,11 @@ def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
     return party_script(lib, body, sharded=sharded)[0]
 
 
+#: What uvloop's RuntimeError says about a transport that has closed ("unable to perform
+#: operation on <TCPTransport closed=True ...>; the handler is closed").
+_TRANSPORT_CLOSED = "unable to perform operation on"
+
+
 class unavailable:  # lower case: used as a function, ``with unavailable("publish"):``
     """Run Redis calls; any failure of Redis (a lost connection, a timeout, a Cluster failing
     over, a refused command) is ``BackendUnavailable`` (retryable for the client).
@@ -207,6 +212,10 @@ class unavailable:  # lower case: used as a function, ``with unavailable("publis
             raise BackendUnavailable(f"redis refused {what}") from exc
         if isinstance(exc, (RedisError, RedisClusterException, OSError, TimeoutError)):
             raise BackendUnavailable(f"redis unavailable during {what}") from exc
+        if isinstance(exc, RuntimeError) and _TRANSPORT_CLOSED in str(exc):
+            # uvloop's answer to a write on a transport that closed under redis-py (a connect
+            # racing Redis's restart): a lost connection, as asyncio's own ConnectionError is
+            raise BackendUnavailable(f"redis connection lost during {what}") from exc
 
     async def __aenter__(self) -> None:
         return None
