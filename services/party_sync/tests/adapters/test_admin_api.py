@@ -187,7 +187,7 @@ async def test_events_are_the_history_as_held_and_page_by_seq() -> None:
         assert [e["seq"] for e in rest["events"]] == list(range(start + 3, start + 7))
         empty = await get(srv, f"/api/v1/parties/p1/events?after_seq={start + 6}")
         assert (empty["events"], empty["next_after_seq"]) == ([], start + 6)
-        for query in ("after_seq=-1", "after_seq=x", "limit=0", "limit=1001"):
+        for query in ("after_seq=-1", "after_seq=x", "limit=0", "limit=1001", "limit=%EF%BC%91"):
             status, problem = await call(srv, "GET", f"/api/v1/parties/p1/events?{query}")
             assert (status, problem["error"]) == (400, "invalid_query"), query
         assert (await call(srv, "GET", "/api/v1/parties/none/events"))[0] == 404

@@ -164,7 +164,8 @@ def _int_query(
     raw = request.query.get(name)
     if raw is None:
         return default
-    if not raw.isdigit() or len(raw) > 18 or not low <= int(raw) <= high:
+    # ASCII digits only: str.isdigit and int() also take other scripts' digits ("１" is 1)
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18 or not low <= int(raw) <= high:
         raise InvalidQuery(f"{name}: {rule}")
     return int(raw)
 

@@ -64,9 +64,9 @@ class FrameBatcher:
     """One flush per event-loop tick for every sink that was given frames during the tick.
 
     ``delay`` (``client_write_delay``, seconds; 0 = the end of the tick): the flush waits that
-    long after the first frame of a batch, so that what follows in the next moments (in Redis
-    mode an action's result arrives a round trip after its ``action.accepted``) leaves in the same
-    write. Fewer system calls per message under load, for up to ``delay`` more latency.
+    long after the first frame of a batch, so that what follows in the next moments (the frames
+    of the party's other actions) leaves in the same write. Fewer system calls per message under
+    load, for up to ``delay`` more latency (measured: bench/analysis.md §21).
     """
 
     __slots__ = ("_delay", "_dirty")
