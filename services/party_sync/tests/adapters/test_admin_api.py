@@ -247,7 +247,11 @@ async def test_a_block_check_the_backend_cannot_answer_admits_nobody(
     blocked character was admitted when Redis came back between the check and the connect)."""
     from party_sync.protocol.errors import BackendUnavailable
 
-    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+    # one session per user and node, and no refill: a failed handshake must not spend it
+    settings = make_settings(
+        **SETTINGS, handshake_rate_per_user=0.001, handshake_burst_per_user=1.0
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
         b, _ = await srv.join("borin")
         assert srv.server is not None
         view = srv.server.app[admin.ADMIN]
@@ -264,7 +268,8 @@ async def test_a_block_check_the_backend_cannot_answer_admits_nobody(
         cato, _ = await srv.join("cato")  # the check answers again: served as usual
         seen = [(m["type"], m["payload"].get("character_id")) for m in [await b.recv()]]
         assert seen == [("party.join", "cato")]  # eve was never announced
-        for client in (b, cato):
+        eve_back, _ = await srv.join("eve")  # her 1011 cost no session of her allowance
+        for client in (b, cato, eve_back):
             await client.close()
 
 

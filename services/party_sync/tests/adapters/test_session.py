@@ -163,6 +163,10 @@ class _FakeTransport:
     def get_write_buffer_size(self) -> int:
         return self.buffered
 
+    def abort(self) -> None:
+        self.writes.append(b"ABORT")
+        self.closing = True
+
 
 class _FakeWebSocket:
     def __init__(self, transport: _FakeTransport) -> None:
@@ -236,6 +240,25 @@ async def test_with_a_client_write_delay_the_frames_of_later_ticks_share_the_wri
     sinks[0].close(CloseCode.RESYNC, "resync")  # a close does not wait for the delay
     await sinks[0].stop()
     assert sinks[0]._transport.writes[-1] == b"CLOSE"
+
+
+@pytest.mark.raw_frames
+async def test_a_close_that_cannot_finish_ends_with_an_abort_even_when_stop_gives_up() -> None:
+    """aiohttp's close waits for its close frame to drain, for ever with a peer that does not
+    read; ``stop`` (the session's end) waits 1 s for it, then cancels it: the socket is aborted
+    then too, not left open with its buffers."""
+    sinks, _ = _sinks(1)
+    sink = sinks[0]
+    hang = asyncio.Event()
+
+    async def never_drains(*, code: int, message: bytes) -> bool:
+        await hang.wait()
+        return True
+
+    sink._ws.close = never_drains
+    sink.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+    await sink.stop()  # gives up after 1 s
+    assert sink._transport.writes[-1] == b"ABORT"
 
 
 @pytest.mark.raw_frames

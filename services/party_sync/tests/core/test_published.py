@@ -1,4 +1,4 @@
-"""``PublishedKeys``: the first event under a key stands for ``record_ttl``; old keys are
+"""``PublishedKeys``: the first event's seq under a key stands for ``record_ttl``; old keys are
 collected by age and by count. Virtual time."""
 
 from __future__ import annotations
@@ -11,23 +11,23 @@ from party_sync.core.published import PublishedKeys
 def test_the_first_event_under_a_key_stands_until_its_ttl() -> None:
     keys = PublishedKeys(record_ttl=60.0)
     assert keys.first("k", 0.0) is None
-    keys.record("k", b'{"seq":1}', 10.0)
-    assert keys.first("k", 10.0) == b'{"seq":1}'
-    assert keys.first("k", 69.9) == b'{"seq":1}'
+    keys.record("k", 1, 10.0)
+    assert keys.first("k", 10.0) == 1
+    assert keys.first("k", 69.9) == 1
     assert keys.first("k", 70.0) is None  # expired: a publish under it is new again
-    keys.record("k", b'{"seq":7}', 70.0)
-    assert keys.first("k", 70.0) == b'{"seq":7}'
+    keys.record("k", 7, 70.0)
+    assert keys.first("k", 70.0) == 7
     assert keys.first("other", 70.0) is None
 
 
 def test_expired_keys_are_collected_oldest_first_and_the_count_is_bounded() -> None:
     keys = PublishedKeys(record_ttl=10.0, max_keys=3)
     for i in range(5):
-        keys.record(f"k{i}", b"%d" % i, float(i))
+        keys.record(f"k{i}", i, float(i))
     assert len(keys) == 3  # k0, k1 gone by count
-    assert [keys.first(f"k{i}", 4.0) for i in range(5)] == [None, None, b"2", b"3", b"4"]
+    assert [keys.first(f"k{i}", 4.0) for i in range(5)] == [None, None, 2, 3, 4]
     keys.collect(13.5)  # k2 (10 + 2 + ... expires at 12) and k3 (13) expired
-    assert len(keys) == 1 and keys.first("k4", 13.5) == b"4"
+    assert len(keys) == 1 and keys.first("k4", 13.5) == 4
 
 
 @given(
@@ -41,7 +41,7 @@ def test_a_key_answers_the_event_recorded_under_it_within_the_ttl(
 ) -> None:
     """Against a model: publishing under a key returns what the model says stands, else records."""
     keys = PublishedKeys(record_ttl=3.0, max_keys=1_000)
-    model: dict[str, tuple[bytes, float]] = {}
+    model: dict[str, tuple[int, float]] = {}
     now = 0.0
     for n, (key, step) in enumerate(steps):
         now += step
@@ -49,7 +49,6 @@ def test_a_key_answers_the_event_recorded_under_it_within_the_ttl(
         expected = kept[0] if kept is not None and kept[1] > now else None
         assert keys.first(key, now) == expected
         if expected is None:
-            data = b"%d" % n
-            keys.record(key, data, now)
-            model[key] = (data, now + 3.0)
+            keys.record(key, n, now)
+            model[key] = (n, now + 3.0)
     assert len(keys) <= len(model)

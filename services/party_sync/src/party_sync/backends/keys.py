@@ -27,8 +27,9 @@ slot and one Lua script may touch all of them::
     <prefix>:{party:<id>}:vote        hash    the current (or last) vote: spec, deadline, run, ...
     <prefix>:{party:<id>}:ballots     hash    character_id → option, for the current vote
     <prefix>:{party:<id>}:action:<action_id>   hash  c (character), s (started), r (result bytes)
-    <prefix>:{party:<id>}:published:<key>      hash  r: the event first published under that
-                                      ``Idempotency-Key`` (the events API; core/published.py)
+    <prefix>:{party:<id>}:published:<key>      hash  s: the seq of the event first published
+                                      under that ``Idempotency-Key`` (the events API;
+                                      core/published.py)
     <prefix>:{party:<id>}:unapplied   hash    vote_id → "<finished_at> <vote.finished body>" of
                                       each finished vote whose action the engine was not yet given
     <prefix>:{party:<id>}:narration   hash    live narration streams (lua/narrate.lua):

@@ -97,9 +97,17 @@ class MemoryBackend:
             if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
                 return _decoded(party.party_id, earlier)
         elif key is not None:
-            earlier = party.published.first(key, now)
-            if earlier is not None:  # published under this key already: that one stands
-                return _decoded(party.party_id, earlier)
+            first = party.published.first(key, now)
+            if first is not None:  # published under this key already: that one stands
+                again = codec.encode(message) if body is None else body
+                return Event(
+                    party.party_id,
+                    first,
+                    type_,
+                    payload,
+                    message["trace_id"],
+                    codec.with_seq(again, first),
+                )
         if body is None:  # raises (an unencodable event) before anything is recorded
             body = codec.encode(message)  # (publish_many encoded it already)
         party.projection.apply(type_, payload, seq)  # raises before anything is recorded
@@ -110,7 +118,7 @@ class MemoryBackend:
             payload["action_id"], payload["character_id"], data, now
         )
         if key is not None and type_ != t.ACTION_RESULT:
-            party.published.record(key, data, now)
+            party.published.record(key, seq, now)
         if refused:
             log.warning(
                 "the engine applied an action after it had been refused (its deadline "

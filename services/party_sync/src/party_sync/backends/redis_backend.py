@@ -283,8 +283,12 @@ class RedisBackend:
                 published=key if action_id is None else None,
             )
         seq = int(reply[0])
-        if seq == 0:  # the action already has a result, or the key an event: it stands
-            return event_from(party_id, bytes(reply[2]))
+        if seq == 0:
+            if text(reply[1]) == "key":  # published under this key already: its seq stands
+                first = int(reply[2])
+                trace_id = message["trace_id"]
+                return Event(party_id, first, type_, payload, trace_id, codec.with_seq(body, first))
+            return event_from(party_id, bytes(reply[2]))  # the action's result stands
         if len(reply) > 2 and int(reply[2]):
             log.warning(
                 "the engine applied an action after it had been refused (its deadline passed "

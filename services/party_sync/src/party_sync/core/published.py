@@ -3,8 +3,9 @@
 An engine that publishes over HTTP cannot tell, when its connection drops after the request was
 sent, whether party_sync published the event: the node may have sequenced it and died before
 answering. Sending the request again with the same key is then safe: the first publish under a
-key is recorded (the event as sequenced) for ``record_ttl``, and a second one under that key in
-that time publishes nothing and answers with the first (its seq). The same rule as an action's
+key is recorded (its seq: the answer, and all a retry needs; not the event, which history
+bounds by bytes and a record would not) for ``record_ttl``, and a second one under that key in
+that time publishes nothing and answers with the first one's seq. The same rule as an action's
 result, which is kept per ``action_id`` (``core/actions.py``); Redis mode keeps the record in the
 party's slot and decides in the publish script (``lua/publish.lua``), atomically with the publish.
 
@@ -17,32 +18,33 @@ from __future__ import annotations
 
 
 class PublishedKeys:
-    """Per party: key → the event first published under it (encoded, with its seq), until
-    ``record_ttl`` after that publish."""
+    """Per party: key → the seq of the event first published under it, until ``record_ttl``
+    after that publish."""
 
     __slots__ = ("_events", "_expires", "max_keys", "record_ttl")
 
     def __init__(self, record_ttl: float, max_keys: int = 10_000) -> None:
         self.record_ttl = record_ttl
         self.max_keys = max_keys
-        self._events: dict[str, bytes] = {}  # in publish order, like the expiries
+        self._events: dict[str, int] = {}  # seqs, in publish order, like the expiries
         self._expires: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._events)
 
-    def first(self, key: str, now: float) -> bytes | None:
-        """The event published under ``key``, if that was less than ``record_ttl`` ago."""
+    def first(self, key: str, now: float) -> int | None:
+        """The seq of the event published under ``key``, if that was less than ``record_ttl``
+        ago."""
         expires = self._expires.get(key)
         if expires is None or expires <= now:
             return None
         return self._events[key]
 
-    def record(self, key: str, data: bytes, now: float) -> None:
-        """``data`` (the sequenced event) was published under ``key`` at ``now``."""
+    def record(self, key: str, seq: int, now: float) -> None:
+        """The event ``seq`` was published under ``key`` at ``now``."""
         self._events.pop(key, None)  # an expired record of the key: now the newest
         self._expires.pop(key, None)
-        self._events[key] = data
+        self._events[key] = seq
         self._expires[key] = now + self.record_ttl
         self.collect(now)
 

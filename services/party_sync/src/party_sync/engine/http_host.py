@@ -102,7 +102,7 @@ class ApiPublisher(VoteStarter, NarrationSender):
 
     ``base_url`` may name several party_sync nodes (a sequence, or one string with commas): a
     request goes to the node that answered last; what a retry would send again (a 5xx, a failed
-    connection; for ``narrate`` a timeout) goes to the next node at once, each node once before
+    or dropped connection, a timeout) goes to the next node at once, each node once before
     the backoff starts, then ``retries`` more attempts around them. So an engine whose node died
     publishes through another one instead of losing the answer with it. A vote request, which
     is not retried, moves on only when a node could not be reached at all.
@@ -142,7 +142,7 @@ class ApiPublisher(VoteStarter, NarrationSender):
         # A connect that hangs (a host gone without refusing: dropped SYNs) times out as
         # aiohttp's ConnectionTimeoutError, a ClientError sent nothing, so it moves on to the next
         # node like a refused one. No read timeout of aiohttp's own: past the connect, only
-        # ``total`` (a plain TimeoutError), which ``publish`` never sends again.
+        # ``total`` (a plain TimeoutError), sent again under the same Idempotency-Key.
         timeout = aiohttp.ClientTimeout(
             total=self._timeout, sock_connect=min(self._timeout / 2, CONNECT_TIMEOUT)
         )

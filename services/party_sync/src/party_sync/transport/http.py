@@ -183,7 +183,8 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
     except BaseException:
         guard.release_websocket_slot(slot)
         raise
-    guard.opened(slot)  # one of the user's handshakes (handshake_rate_per_user)
+    if not session.closed:  # opened (a 1011 in an outage costs no handshake token)
+        guard.opened(slot)  # one of the user's handshakes (handshake_rate_per_user)
     return _Opened(ws, sink, session, slot)
 
 

@@ -148,7 +148,7 @@ _BAD_ID: Final = f"invalid_id: a path id breaks {ID_PATTERN} (checked right afte
 _BODY_CODES: Final = ("bad_json", "too_deep", "invalid_id")
 _BAD_BODY: Final = (
     f"bad_json (not UTF-8 JSON), too_deep (nested deeper than {MAX_DEPTH} levels), or "
-    "invalid_id (a path id breaks the id rule)"
+    "invalid_id (a path id, or an Idempotency-Key, breaks its rule)"
 )
 _SLOW_BODY: Final = _problem(
     "body_timeout: the body did not arrive within request_body_timeout (then closed)",

@@ -181,6 +181,9 @@ class WebSocketSink:
                 await self._ws.close(code=code, message=reason)
         except TimeoutError:
             self._transport.abort()
+        except asyncio.CancelledError:  # stop() gave up waiting for it: the same end
+            self._transport.abort()
+            raise
         except (ConnectionError, RuntimeError):
             pass  # the peer is gone already
         except Exception:
@@ -194,4 +197,6 @@ class WebSocketSink:
         if task is not None and not task.done():
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
-            task.cancel()
+            if not task.done():
+                task.cancel()  # _close aborts the socket on its way out
+                await asyncio.wait({task}, timeout=1.0)  # (a cancel of stop() itself propagates)

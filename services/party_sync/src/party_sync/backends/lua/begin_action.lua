@@ -10,8 +10,8 @@
 -- action_id} | {'accept'} | {'taken'} (another actor's action_id) | {'stale'}.
 --
 -- The record: c character, s began at, d deadline, g once an engine host claimed it (the node id
--- of an in-process claim, so that another node may take the action over when that node is gone:
--- take_over.lua; '1' for an engine host elsewhere), r the action.result, x a refusal (the final
+-- of a claim by a node's own link, in-process or HTTP, so that another node may take the action
+-- over when that node is gone: take_over.lua; '1' for an engine host elsewhere, a stream worker), r the action.result, x a refusal (the final
 -- answer when there is no result; see refuse_action.lua).
 --
 -- 'stale': Redis ran this call long after the node sent it (Redis was stalled, and the node's

@@ -1,10 +1,10 @@
 -- publish: sequence one event of the party (Backend.publish).
 -- ARGV[7] body (the encoded envelope without seq), ARGV[8] type, ARGV[9..] fold arguments.
 -- KEYS[12]: the action record, for an action.result (completed in the same atomic step); for
--- another event, if given, the record of its Idempotency-Key (core/published.py: r, the event
--- first published under the key).
--- Returns {seq, epoch, 1 if it replaced a refusal else 0}, or {0, '', the earlier data} for a
--- second result of one action or a second publish under one key.
+-- another event, if given, the record of its Idempotency-Key (core/published.py: s, the seq of
+-- the event first published under the key).
+-- Returns {seq, epoch, 1 if it replaced a refusal else 0}, {0, '', the earlier data} for a
+-- second result of one action, or {0, 'key', the first seq} for a second publish under one key.
 local body, kind = ARGV[7], ARGV[8]
 local record = nil  -- the action record's {character, result, refusal}, for an action.result
 local refused = 0
@@ -14,9 +14,9 @@ if kind == 'action.result' then
     return {0, '', record[2]}
   end
 elseif K_ACTION then  -- published under an Idempotency-Key: the first one stands
-  local first = redis.call('HGET', K_ACTION, 'r')
+  local first = redis.call('HGET', K_ACTION, 's')
   if first then
-    return {0, '', first}
+    return {0, 'key', first}
   end
 end
 local f = {}
@@ -42,7 +42,7 @@ if kind == 'action.result' then
   release_lock(character_id, f[1])
   answered(f[1])
 elseif K_ACTION then
-  redis.call('HSET', K_ACTION, 'r', data)
+  redis.call('HSET', K_ACTION, 's', seq)
   redis.call('PEXPIRE', K_ACTION, RECORD_TTL)
 end
 return {seq, epoch, refused}
