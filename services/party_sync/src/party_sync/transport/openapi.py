@@ -821,13 +821,19 @@ def _operations() -> dict[str, Any]:
                             {
                                 "error": {
                                     "type": "string",
-                                    "enum": ["too_many_connections", "policy_cooldown"],
+                                    "enum": [
+                                        "too_many_connections",
+                                        "policy_cooldown",
+                                        "too_many_handshakes",
+                                    ],
                                 }
                             }
                         ),
                         "too_many_connections: max_connections_per_user WebSockets already open "
                         "on this node; policy_cooldown (with Retry-After): one of this user's "
-                        "connections was closed with 1008 less than 10 s ago",
+                        "connections was closed with 1008 less than 10 s ago; too_many_handshakes "
+                        "(with Retry-After): the user opened sessions on this node faster than "
+                        "handshake_rate_per_user past handshake_burst_per_user",
                     ),
                 },
             }
