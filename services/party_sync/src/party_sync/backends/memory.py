@@ -23,6 +23,7 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.presence import announce_again
+from party_sync.core.published import repeated
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import Outcome, Piece, Transient, accepted, closing_piece, failed
 from party_sync.protocol import codec
@@ -100,14 +101,7 @@ class MemoryBackend:
             first = party.published.first(key, now)
             if first is not None:  # published under this key already: that one stands
                 again = codec.encode(message) if body is None else body
-                return Event(
-                    party.party_id,
-                    first,
-                    type_,
-                    payload,
-                    message["trace_id"],
-                    codec.with_seq(again, first),
-                )
+                return repeated(party.party_id, first, message, again)
         if body is None:  # raises (an unencodable event) before anything is recorded
             body = codec.encode(message)  # (publish_many encoded it already)
         party.projection.apply(type_, payload, seq)  # raises before anything is recorded

@@ -58,6 +58,7 @@ from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
+from party_sync.core.published import repeated
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
     MAX_KEPT_STREAMS,
@@ -285,9 +286,7 @@ class RedisBackend:
         seq = int(reply[0])
         if seq == 0:
             if text(reply[1]) == "key":  # published under this key already: its seq stands
-                first = int(reply[2])
-                trace_id = message["trace_id"]
-                return Event(party_id, first, type_, payload, trace_id, codec.with_seq(body, first))
+                return repeated(party_id, int(reply[2]), message, body)
             return event_from(party_id, bytes(reply[2]))  # the action's result stands
         if len(reply) > 2 and int(reply[2]):
             log.warning(

@@ -16,7 +16,14 @@ class TokenBucket:
     tokens: float = -1.0
     updated: float = 0.0
 
+    def level(self, now: float) -> float:
+        """The tokens there are at ``now`` (refilled since the last change; none taken)."""
+        if self.tokens < 0:  # never used: full
+            return self.burst
+        return min(self.burst, self.tokens + max(0.0, now - self.updated) * self.rate)
+
     def take(self, now: float, cost: float = 1.0) -> bool:
+        # ``level`` inlined: this runs for every client message
         if self.tokens < 0:  # first use: start full
             self.tokens = self.burst
             self.updated = now
@@ -82,31 +89,21 @@ class KeyedBuckets:
     def wait(self, key: Hashable, now: float) -> float:
         """Seconds until ``key`` has a whole token (0.0: it has one now)."""
         bucket = self._buckets.get(key)
-        if bucket is None:
-            return 0.0
-        tokens = min(self.burst, bucket.tokens + max(0.0, now - bucket.updated) * self.rate)
+        tokens = self.burst if bucket is None else bucket.level(now)
         return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
 
     def spend(self, key: Hashable, now: float) -> None:
-        """Take one of ``key``'s tokens (it may go below zero: ``wait`` then says how long)."""
+        """Take one of ``key``'s tokens. Never below 0 (a negative level is ``TokenBucket``'s
+        "never used"): two handshakes told ``wait`` 0 at once both open, the second for free."""
         bucket = self._buckets.pop(key, None)
-        if bucket is None:
-            bucket = TokenBucket(self.rate, self.burst, tokens=self.burst, updated=now)
-        bucket.tokens = min(self.burst, bucket.tokens + max(0.0, now - bucket.updated) * self.rate)
-        bucket.tokens -= 1.0
-        bucket.updated = now
-        self._buckets[key] = bucket  # the most recently used
+        level = self.burst if bucket is None else bucket.level(now)
+        self._buckets[key] = TokenBucket(self.rate, self.burst, max(0.0, level - 1.0), now)
         if len(self._buckets) > self.max_keys:
             self._collect(now)
 
     def _collect(self, now: float) -> None:
         buckets = self._buckets
-        for key in [
-            k for k, b in buckets.items() if self.wait(k, now) == 0.0 and self._full(b, now)
-        ]:
-            del buckets[key]
+        for key in [k for k, b in buckets.items() if b.level(now) >= self.burst]:
+            del buckets[key]  # full: the same as no bucket
         while len(buckets) > self.max_keys:
             del buckets[next(iter(buckets))]
-
-    def _full(self, bucket: TokenBucket, now: float) -> bool:
-        return bucket.tokens + max(0.0, now - bucket.updated) * self.rate >= self.burst

@@ -16,6 +16,18 @@ first, when they expire or more than ``max_keys`` are held.
 
 from __future__ import annotations
 
+from typing import Any
+
+from party_sync.core.events import Event
+from party_sync.protocol import codec
+
+
+def repeated(party_id: str, first: int, message: dict[str, Any], body: bytes) -> Event:
+    """A publish under a key that already has an event: the answer, as that event (its seq
+    ``first``) in this request's words (``body``: ``message`` encoded). Nothing is sequenced."""
+    data = codec.with_seq(body, first)
+    return Event(party_id, first, message["type"], message["payload"], message["trace_id"], data)
+
 
 class PublishedKeys:
     """Per party: key → the seq of the event first published under it, until ``record_ttl``

@@ -153,29 +153,27 @@ class ConnectionGuard:
         handler holds its slot as long as the socket is open, and a suspended generator frame
         per open connection is memory for nothing."""
         key = user_key(claims)
-        wait = self.cooldown(key)
-        if wait > 0:
-            self.on_refused("policy_cooldown")
-            raise web.HTTPTooManyRequests(
-                text=POLICY_COOLDOWN_BODY,
-                content_type="application/json",
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
+        self._refuse_for("policy_cooldown", POLICY_COOLDOWN_BODY, self.cooldown(key))
         handshakes = self.handshakes
-        wait = handshakes.wait(key, self._clock()) if handshakes is not None else 0.0
-        if wait > 0:
-            self.on_refused("handshake_rate")
-            raise web.HTTPTooManyRequests(
-                text=TOO_MANY_HANDSHAKES,
-                content_type="application/json",
-                headers={"Retry-After": str(math.ceil(wait))},
-            )
+        if handshakes is not None:
+            wait = handshakes.wait(key, self._clock())
+            self._refuse_for("handshake_rate", TOO_MANY_HANDSHAKES, wait)
         if not self.users.acquire(key):
             self.on_refused("per_user")
             raise web.HTTPTooManyRequests(
                 text=TOO_MANY_CONNECTIONS, content_type="application/json"
             )
         return key
+
+    def _refuse_for(self, reason: str, body: str, wait: float) -> None:
+        """HTTP 429 with ``body`` and ``Retry-After`` when the user must wait ``wait`` s (> 0)."""
+        if wait > 0:
+            self.on_refused(reason)
+            raise web.HTTPTooManyRequests(
+                text=body,
+                content_type="application/json",
+                headers={"Retry-After": str(math.ceil(wait))},
+            )
 
     def opened(self, key: Hashable) -> None:
         """The user of slot ``key`` opened a session: one of its handshake tokens is spent."""
