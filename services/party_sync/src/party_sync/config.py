@@ -387,7 +387,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             dest=f.name,
             default=None,
             type=_parser_for(f),
-            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]",
+            # argparse formats a help text with %: a literal one (a "%" in prose) is doubled
+            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]".replace("%", "%%"),
             **alone,
         )
 

@@ -147,3 +147,17 @@ def test_token_with_a_short_secret_warns_in_its_own_words(
     out, err = capsys.readouterr()
     assert out.count(".") == 2  # the token
     assert "shorter than 32 bytes" in err and "InsecureKeyLength" not in err
+
+
+@pytest.mark.parametrize("command", [[], ["serve"], ["token"], ["engine-http"], ["engine-worker"]])
+def test_every_help_prints(command: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """``--help`` of the command and of each subcommand prints its flags (a help text with a
+    literal ``%`` once made ``serve --help`` a traceback: argparse formats help with %)."""
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: ") and "--help" in out
+    if command == ["serve"]:
+        out = " ".join(out.split())  # argparse wraps the lines
+        assert "11-23 % CPU" in out and "[env PARTY_SYNC_CLIENT_WRITE_DELAY]" in out
