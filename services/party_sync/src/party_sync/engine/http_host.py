@@ -14,7 +14,9 @@ code is the same object that runs in-process; nothing in it knows about HTTP.
   ``action_timeout``, which is then true. A later attempt past its deadline *is* handed to the
   engine: an earlier one may have started it, and the engine deduplicates by ``action_id``;
 - 422: the engine refused the action (``EngineRejected``) or the body is invalid (final);
-- 500: the engine failed (party_sync retries; deduplication keeps the retry from applying twice).
+- 500 ``{"error": "engine_error"}``: the engine raised, so it did not apply the action (the engine
+  contract); party_sync retries it (deduplication keeps a retry from applying twice) and after
+  the fifth such answer tells the player ``engine_error``.
 
 Handlers raise; ``problems.answer_errors`` answers by the one table (``problems.PROBLEMS``),
 rendered as this host's ``{"error": <code>, "detail"}`` JSON. The body is read by

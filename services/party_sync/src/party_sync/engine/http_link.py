@@ -24,8 +24,12 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
   never left; retried with exponential backoff and full jitter up to ``engine_http_retries``
   times. If *every* attempt was
   refused like this, the player gets ``engine_unavailable``: true, the engine never saw it;
-- timeout after sending, 5xx, a dropped connection: the engine *may* have applied it, so the link
-  never reports a failure. It keeps retrying (the engine deduplicates by ``action_id``) with
+- 5xx ``{"error": "engine_error"}`` (what ``party-sync engine-http`` answers when the engine
+  raised, which by the engine contract means *not applied*): retried like any 5xx, and after the
+  fifth such answer (``ENGINE_FAILURES``, as the stream worker's fifth delivery) the player gets
+  ``engine_error``;
+- timeout after sending, another 5xx, a dropped connection: the engine *may* have applied it, so
+  the link never reports a failure. It keeps retrying (the engine deduplicates by ``action_id``) with
   capped backoff after the normal retries, asking ``claim`` between attempts, until the action has
   its final answer (``FINAL``: the engine's result arrived) or ``give_up_after`` seconds
   (``action_record_ttl``) pass; then it stops with an ERROR log and tells the player nothing false.
@@ -51,7 +55,7 @@ import logging
 import random
 from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any
+from typing import Any, Final
 
 import aiohttp
 import orjson
@@ -67,6 +71,8 @@ log = logging.getLogger(__name__)
 
 #: The error an engine host answers (409) for a first delivery past its deadline.
 EXPIRED = "expired"
+#: The error an engine host answers (500) when the engine raised (not applied).
+ENGINE_ERROR = ErrorCode.ENGINE_ERROR.value
 
 
 class _Unreached(PartySyncError):
@@ -75,6 +81,16 @@ class _Unreached(PartySyncError):
 
 class _Retryable(PartySyncError):
     """The request may have reached the engine (timeout after sending, 5xx, dropped connection)."""
+
+
+class _EngineFailed(_Retryable):
+    """A 5xx whose body is ``{"error": "engine_error"}``: the engine host says the engine raised
+    (``party-sync engine-http`` answers so), which by the engine contract means *not applied*."""
+
+
+#: The engine-failed answers after which the player gets ``engine_error`` (the stream worker's
+#: ``max_deliveries``: an engine that fails five times running is failing, not hiccuping).
+ENGINE_FAILURES: Final = 5
 
 
 class HttpEngineLink:
@@ -241,6 +257,7 @@ class HttpEngineLink:
         give_up_at = loop.time() + self.give_up_after
         reached = 0  # attempts that may have reached the engine
         attempt = 0
+        engine_failures = 0  # attempts the engine host answered "the engine raised"
         while True:
             headers["X-Delivery-Attempt"] = str(reached + 1)
             try:
@@ -252,6 +269,12 @@ class HttpEngineLink:
                 reached += 1
                 failure = exc
                 self.failures += 1
+                if isinstance(exc, _EngineFailed):
+                    engine_failures += 1
+                    if engine_failures >= ENGINE_FAILURES:
+                        log.error("engine failed %d times; giving up", engine_failures, extra=extra)
+                        await host.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
+                        return
             else:
                 if not _retry_answer(status, answer, reached):
                     await self._answered(host, action, status, answer)
@@ -320,9 +343,12 @@ class HttpEngineLink:
         try:
             async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
                 text = await resp.text()
+                answer = _parse(text)
                 if resp.status >= 500:
+                    if isinstance(answer, dict) and answer.get("error") == ENGINE_ERROR:
+                        raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
                     raise _Retryable(f"HTTP {resp.status}")
-                return resp.status, _parse(text)
+                return resp.status, answer
         except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # never sent
             raise _Unreached(type(exc).__name__) from None
         except (aiohttp.ClientError, TimeoutError) as exc:
