@@ -31,8 +31,9 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
 - timeout after sending, another 5xx, a dropped connection: the engine *may* have applied it, so
   the link never reports a failure. It keeps retrying (the engine deduplicates by
   ``action_id``) with capped backoff after the normal retries, asking ``claim`` between attempts,
-  until the action has its final answer (``FINAL``: the engine's result arrived) or ``give_up_after`` seconds
-  (``action_record_ttl``) pass; then it stops with an ERROR log and tells the player nothing false.
+  until the action has its final answer (``FINAL``: the engine's result arrived) or
+  ``give_up_after`` seconds (``action_record_ttl``) pass; then it stops with an ERROR log and
+  tells the player nothing false.
 
 party_sync never forwards an action twice on its own: a client's repeat is answered from the
 ledger.
