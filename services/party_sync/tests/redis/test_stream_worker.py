@@ -32,7 +32,11 @@ LOGGER = "party_sync.engine.stream_worker"
 
 @contextlib.asynccontextmanager
 async def running_worker(
-    redis: RedisServer, host: RecordingHost, engine: ScriptedEngine, **options: float
+    redis: RedisServer,
+    host: RecordingHost,
+    engine: ScriptedEngine,
+    consumer: str = "w1",
+    **options: float,
 ) -> AsyncIterator[StreamWorker]:
     client = Redis.from_url(redis.url, socket_timeout=3.0, socket_connect_timeout=0.5)
     worker = StreamWorker(
@@ -41,7 +45,7 @@ async def running_worker(
         client,
         WorkerOptions(
             stream=STREAM,
-            consumer="w1",
+            consumer=consumer,
             block=0.1,
             retry_max=0.2,
             **options,  # type: ignore[arg-type]
@@ -226,3 +230,32 @@ async def test_a_claim_failing_on_the_backend_leaves_the_entry_pending_until_it_
         # A redelivery is claimed on party_sync's record alone (see the worker's docstring).
         assert host.claimed[-1].deadline is None
         assert engine.calls[-1].deadline == 1_900_000_000.0
+
+
+async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: RedisServer) -> None:
+    """docs/engines.md: another worker takes over the entries of a worker that *dies*. A live
+    worker holding a batch (a slow action, and the entries waiting behind it in its batch) for
+    longer than ``claim_idle`` keeps them: a second worker once took them over, so each such
+    action reached two engines and the party got its events twice."""
+    host = RecordingHost()
+    slow, other = ScriptedEngine(), ScriptedEngine()
+    slow.gate = asyncio.Event()  # the first action waits: the others wait behind it
+    claim_idle = 0.6
+    async with (
+        stream_link(redis) as link,
+        running_worker(redis, host, slow, "w1", claim_idle=claim_idle),
+    ):
+        for n in range(3):
+            await link.submit(make_action(f"held-{n}"))
+        await wait_until(lambda: len(slow.calls) == 1, timeout=10)  # w1 holds all three
+        async with running_worker(redis, host, other, "w2", claim_idle=claim_idle) as second:
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 4 * claim_idle  # w2 looks several times past claim_idle
+            await wait_until(lambda: loop.time() > until and second.errors == 0, timeout=10)
+            assert other.calls == []
+            slow.gate.set()
+            await wait_until(lambda: len(host.results()) == 3, timeout=10)
+            await acknowledged(redis)
+        assert other.calls == []
+    assert sorted(host.results()) == ["held-0", "held-1", "held-2"]
+    assert [a.action_id for a in slow.calls] == ["held-0", "held-1", "held-2"]

@@ -3,7 +3,8 @@
 Each worker is a consumer of one consumer group. An entry is acknowledged (XACK) only after the
 engine has handled it: applied and published, or refused. A worker that dies holding entries
 leaves them pending; any worker reclaims them with XAUTOCLAIM once they have been idle for
-``claim_idle`` seconds. Delivery is therefore *at least once*; the engine must deduplicate by
+``claim_idle`` seconds. A live worker keeps the batch it holds its own (``KEEP_HELD`` every
+``claim_idle / 3``), however long its engine takes. Delivery is therefore *at least once*; the engine must deduplicate by
 ``action_id`` (the reference engine records it in the same transaction as the state change), and
 party_sync refuses to broadcast a second ``action.result`` for one action, so a result is
 broadcast once.
@@ -59,7 +60,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -93,6 +94,24 @@ BEAT_KEEP = 300.0
 #: (redis-py's cluster client raises ``RedisClusterException``, e.g. ``SlotNotCoveredError`` while
 #: a shard is down, which is not a ``RedisError``.)
 INFRA_ERRORS = (RedisError, RedisClusterException, BackendUnavailable, OSError, TimeoutError)
+
+#: Keeps the entries a worker holds (read, not yet acknowledged) its own while it works on them:
+#: each one still pending *for this consumer* is re-claimed with ``JUSTID``, which sets its idle
+#: time to 0 (and counts no delivery), so no other worker's XAUTOCLAIM takes it from a live
+#: worker. One that another worker took meanwhile (this one was frozen past ``claim_idle``) is
+#: left to it. KEYS[1] the stream; ARGV: group, consumer, the entry ids.
+KEEP_HELD = """
+local mine = {}
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    mine[#mine + 1] = ARGV[i]
+  end
+end
+if #mine > 0 then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+end
+return #mine
+"""
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
 
@@ -259,6 +278,36 @@ class StreamWorker:
                 o.group, o.consumer, {o.stream: ">"}, count=o.batch, block=block
             )
             entries = [e for _, items in read or () for e in items]
+        async with self._holding([entry_id for entry_id, _ in entries]):
+            await self._handle_all(entries, redelivery=redelivery)
+        return bool(entries)
+
+    @contextlib.asynccontextmanager
+    async def _holding(self, ids: list[bytes]) -> AsyncIterator[None]:
+        """While the batch ``ids`` is handled, keep its entries this worker's (``KEEP_HELD``
+        every ``claim_idle / 3``): one waiting behind a slow action, or a slow action itself, is
+        not a dead worker's (another worker once took such an entry over and the party got the
+        action's events twice)."""
+        if not ids:
+            yield
+            return
+        task = asyncio.get_running_loop().create_task(self._keep_held(ids))
+        try:
+            yield
+        finally:
+            await cancel_and_wait([task], what="the held entries' refresh")
+
+    async def _keep_held(self, ids: list[bytes]) -> None:
+        o = self.options
+        while True:
+            await asyncio.sleep(o.claim_idle / 3)
+            try:
+                await self.redis.eval(KEEP_HELD, 1, o.stream, o.group, o.consumer, *ids)
+            except INFRA_ERRORS as exc:  # the round's own commands report the outage
+                log.debug("could not refresh the held entries: %s", exc)
+
+    async def _handle_all(self, entries: list[Entry], *, redelivery: bool) -> None:
+        o = self.options
         for entry_id, fields in entries:
             if self._stop.is_set():
                 break  # the rest stays pending: another worker (or our next start) takes it
@@ -273,7 +322,6 @@ class StreamWorker:
                 attributes={"party_sync.entry_id": entry_id.decode()},
             ):
                 await self._handle(entry_id, fields, redelivery=redelivery)
-        return bool(entries)
 
     async def _beat(self) -> None:
         """At most every ``BEAT_INTERVAL`` s: this consumer's name and the time in
