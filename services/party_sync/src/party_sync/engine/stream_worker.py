@@ -4,7 +4,8 @@ Each worker is a consumer of one consumer group. An entry is acknowledged (XACK)
 engine has handled it: applied and published, or refused. A worker that dies holding entries
 leaves them pending; any worker reclaims them with XAUTOCLAIM once they have been idle for
 ``claim_idle`` seconds. A live worker keeps the batch it holds its own (``KEEP_HELD`` every
-``claim_idle / 3``), however long its engine takes. Delivery is therefore *at least once*; the engine must deduplicate by
+``claim_idle / 3``), however long its engine takes. Delivery is therefore *at least once*; the
+engine must deduplicate by
 ``action_id`` (the reference engine records it in the same transaction as the state change), and
 party_sync refuses to broadcast a second ``action.result`` for one action, so a result is
 broadcast once.
