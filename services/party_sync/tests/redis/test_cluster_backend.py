@@ -239,6 +239,26 @@ async def test_parties_on_every_shard_are_each_delivered(on_cluster: RedisCluste
         assert all(r.resyncs == 0 for r in recorders.values())
 
 
+async def test_a_node_whose_url_names_a_replica_joins_the_cluster(
+    on_cluster: RedisCluster,
+) -> None:
+    """README: ``redis_url`` names *any* node. A failover makes the named node a replica (and a
+    seed restarted after its shard failed over comes back as one): a node started then read
+    the slot map from it and serves; it was refused ("is a replica") and never became ready."""
+    replica = on_cluster.replicas_of(on_cluster.masters()[0])[0]
+    host, port = replica.address
+    async with node(f"redis://{host}:{port}/0") as n1, node(on_cluster.url) as n2:
+        recorders = {p: Recorder(n2, p) for p in ("r0", "r1", "r2", "r3", "r4", "r5")}
+        for p, rec in recorders.items():
+            await n2.subscribe(p, rec)
+        for p in recorders:
+            await n1.publish(p, scene(1), time.time())
+        await wait_until(lambda: all(r.seqs == [1] for r in recorders.values()))
+        assert n1.client.connection_kwargs["redis_connect_func"].keywords == {
+            "prefix": "party_sync"
+        }  # only the named node's own connection lets a replica through
+
+
 async def test_two_nodes_one_party_members_on_both_and_resume_across(
     on_cluster: RedisCluster,
 ) -> None:

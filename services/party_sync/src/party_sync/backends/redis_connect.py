@@ -241,8 +241,11 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
     client.connection_kwargs["redis_connect_func"] = fence
+    # The named node only reads the slot map (redis-py's startup node: its own object, never in
+    # the map it builds), so it may be a replica: a failover made it one (fence_cluster_on_connect).
+    seed = functools.partial(fence_cluster_on_connect, prefix=target.prefix, seed=True)
     for node in client.nodes_manager.startup_nodes.values():
-        node.connection_kwargs["redis_connect_func"] = fence
+        node.connection_kwargs["redis_connect_func"] = seed
     return client
 
 

@@ -140,13 +140,20 @@ def _is_replica(cluster_nodes: str) -> bool:
     return False
 
 
-async def fence_cluster_on_connect(conn: AbstractConnection, *, prefix: str) -> None:
+async def fence_cluster_on_connect(
+    conn: AbstractConnection, *, prefix: str, seed: bool = False
+) -> None:
     """``fence_on_connect`` on a Redis Cluster node: each shard is fenced on its own (module doc,
     docs/redis.md "Redis Cluster"). Its identity is checked against the mark kept in the shard's
     first slot; when it changed, the ``meta`` keys of that shard only are deleted. A master
     without slots is let through (it holds no party data). A connection to a replica is refused
     (``ConnectionError``): redis-py would keep it in the node's pool and use it once the replica
-    is promoted, before any fence; redis-py reads the slot map from another node instead."""
+    is promoted, before any fence; redis-py reads the slot map from another node instead.
+
+    ``seed``: the connection of the node ``redis_url`` names (redis-py's startup node), which
+    only ever reads the slot map (``CLUSTER SLOTS``; the commands go to the nodes of the map, each
+    an object and a pool of its own): a replica is let through, unfenced, so that a cluster whose
+    named node became a replica in a failover can still be joined through it."""
     try:
         await conn.on_connect()
     except (RuntimeError, AttributeError) as exc:
@@ -158,7 +165,7 @@ async def fence_cluster_on_connect(conn: AbstractConnection, *, prefix: str) -> 
     nodes = _text(await conn.read_response())
     slot = first_slot(nodes)
     if slot is None:
-        if _is_replica(nodes):
+        if _is_replica(nodes) and not seed:
             # Refused, as on one Redis: redis-py keeps a connection it opened to a replica (to
             # read the slot map) and would send it commands once that replica is promoted,
             # before any fence ran on the new master. The slot map is read from another node.
