@@ -39,6 +39,7 @@ from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_cluster import RedisCluster
 from ps_testkit.servers import serve_in_process
+from redis.asyncio import RedisCluster as AsyncRedisCluster
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -254,9 +255,11 @@ async def test_a_node_whose_url_names_a_replica_joins_the_cluster(
         for p in recorders:
             await n1.publish(p, scene(1), time.time())
         await wait_until(lambda: all(r.seqs == [1] for r in recorders.values()))
+        assert isinstance(n1.client, AsyncRedisCluster)
+        # only the named node's own connection lets a replica through
         assert n1.client.connection_kwargs["redis_connect_func"].keywords == {
             "prefix": "party_sync"
-        }  # only the named node's own connection lets a replica through
+        }
 
 
 async def test_two_nodes_one_party_members_on_both_and_resume_across(
