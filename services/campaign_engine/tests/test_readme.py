@@ -46,7 +46,9 @@ async def test_the_readme_example_engine_runs(
     await engine.start(publisher)
     action = action_request("skill_check", {})
     await engine.handle_action(action)
-    await engine.handle_action(action)  # idempotent
-    assert publisher.types() == ["action.result", "scene.update"]
+    await engine.handle_action(action)  # a repeat publishes its result again, nothing else
+    assert publisher.types() == ["action.result", "scene.update", "action.result"]
+    results = [p for p in publisher.published if p.type == "action.result"]
+    assert results[0].payload == results[1].payload
     with pytest.raises(EngineRejected):
         await engine.handle_action(action_request("choice", {"option": "x"}))

@@ -281,7 +281,9 @@ class ClientError(PartySyncError):
 class ActionFailed(ClientError):
     """The server refused an action or it failed (``code``: see the protocol's error codes).
 
-    With ``retryable`` True, sending it again later with the **same** ``action_id`` may work.
+    With ``retryable`` True, trying again later may work: as a new action (a new ``action_id``)
+    after ``action_timeout``, ``engine_error`` or ``engine_unavailable``, whose ``action_id``
+    only gets the same refusal back; with the same ``action_id`` after the others.
     """
 
     def __init__(self, action_id: str, error: ServerError) -> None:
