@@ -153,6 +153,13 @@ def _parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--burst", action="store_true", help="exit once the stream has nothing more to do"
     )
+    worker.add_argument(
+        "--keep-handled",
+        action="store_true",
+        help="leave handled entries in the stream (default: delete each once acknowledged; "
+        "keep them only for another consumer group reading the stream, which is then bounded "
+        "by actions_stream_maxlen alone)",
+    )
 
     token = commands.add_parser("token", help="print a connection token for the configured secret")
     token.add_argument("--party", required=True, help="party_id claim")
@@ -463,6 +470,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         consumer=args.consumer or default_consumer(),
         claim_idle=args.claim_idle,
         burst=args.burst,
+        keep_handled=args.keep_handled,
     )
 
     async def work() -> None:

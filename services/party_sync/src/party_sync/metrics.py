@@ -255,8 +255,8 @@ class Metrics:
     def stream_length(self) -> Gauge:
         return Gauge(
             "party_sync_actions_stream_length",
-            "Stream mode: entries in the actions stream (acknowledged ones included, up to "
-            "actions_stream_maxlen)",
+            "Stream mode: entries in the actions stream (workers delete what they handled, "
+            "unless --keep-handled; up to actions_stream_maxlen)",
             registry=self.registry,
         )
 

@@ -79,15 +79,16 @@ def make_action(
     run_id: str = "r1",
     character_id: str = "aria",
     trace_id: str | None = None,
+    payload: Mapping[str, Any] | None = None,
 ) -> ActionRequest:
-    """A valid accepted ``action.request`` as a link receives it."""
+    """A valid accepted ``action.request`` as a link receives it (``payload``: the action's)."""
     trace = trace_id or f"trace-{action_id}"
-    payload = {
+    request = {
         "action_id": action_id,
         "character_id": character_id,
         "campaign_run_id": run_id,
         "action_type": "skill_check",
-        "payload": {},
+        "payload": dict(payload or {}),
     }
-    envelope = action_envelope(payload, trace, ACCEPTED_AT)
+    envelope = action_envelope(request, trace, ACCEPTED_AT)
     return ActionRequest.from_envelope(party_id, envelope, deadline)

@@ -259,3 +259,34 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
         assert other.calls == []
     assert sorted(host.results()) == ["held-0", "held-1", "held-2"]
     assert [a.action_id for a in slow.calls] == ["held-0", "held-1", "held-2"]
+
+
+@pytest.mark.parametrize("keep_handled", [False, True])
+async def test_handled_entries_leave_the_stream_unless_kept(
+    redis: RedisServer, keep_handled: bool
+) -> None:
+    """The stream holds what is still to do: a handled entry (a result, a rejection, a skipped
+    one) is acknowledged and deleted. Kept, entries near the message size limit piled up by the
+    hundred thousand (``actions_stream_maxlen`` counts entries), one player could fill Redis."""
+    host = RecordingHost(claims={"late": Claim.EXPIRED})
+    engine = ScriptedEngine()
+    big = {"text": "x" * 60_000}
+    async with (
+        stream_link(redis) as link,
+        running_worker(redis, host, engine, keep_handled=keep_handled),
+    ):
+        for n in range(20):
+            await link.submit(make_action(f"big-{n}", payload=big))
+        await link.submit(make_action("late"))
+        await wait_until(lambda: len(host.results()) == 20, timeout=10)
+        await acknowledged(redis)
+    client = Redis.from_url(redis.url)
+    try:
+        length = await client.xlen(STREAM)
+        memory = await client.memory_usage(STREAM)
+    finally:
+        await client.aclose()
+    if keep_handled:
+        assert length == 21 and (memory or 0) > 20 * 60_000
+    else:
+        assert length == 0 and (memory or 0) < 60_000

@@ -132,6 +132,7 @@ class WorkerOptions:
     block: float = 1.0  # seconds one XREADGROUP may wait
     max_deliveries: int = 5
     burst: bool = False  # stop once the stream has nothing left for this worker (tests, cron)
+    keep_handled: bool = False  # leave handled entries in the stream (for another group)
     retry_min: float = 0.05  # first pause after a failed round (doubles up to retry_max)
     retry_max: float = 1.0  # longest pause between two attempts while Redis is unavailable
 
@@ -314,7 +315,7 @@ class StreamWorker:
                 break  # the rest stays pending: another worker (or our next start) takes it
             await self._beat()  # a long batch is not a dead worker
             if not fields:  # trimmed or deleted while pending: nothing left to do
-                await self.redis.xack(o.stream, o.group, entry_id)
+                await self._done(entry_id)
                 continue
             with tracing.incoming(
                 "engine.stream handle",
@@ -323,6 +324,20 @@ class StreamWorker:
                 attributes={"party_sync.entry_id": entry_id.decode()},
             ):
                 await self._handle(entry_id, fields, redelivery=redelivery)
+
+    async def _done(self, entry_id: bytes) -> None:
+        """The entry is handled (or never will be): acknowledged and, unless ``keep_handled``,
+        deleted in the same round trip. The stream then holds only what is still to do, so its
+        memory follows the backlog, not the traffic: ``actions_stream_maxlen`` counts entries,
+        and entries near the message size limit kept by the hundred thousand would fill Redis."""
+        o = self.options
+        if o.keep_handled:
+            await self.redis.xack(o.stream, o.group, entry_id)
+            return
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.xack(o.stream, o.group, entry_id)
+            pipe.xdel(o.stream, entry_id)
+            await pipe.execute()
 
     async def _beat(self) -> None:
         """At most every ``BEAT_INTERVAL`` s: this consumer's name and the time in
@@ -354,7 +369,7 @@ class StreamWorker:
             restate = wire.parse_restate(party_id, run_id, envelope) if kind == "restate" else None
         except (KeyError, ValueError, TypeError, AttributeError):
             log.error("malformed entry on the actions stream; acknowledged and dropped")
-            await self.redis.xack(o.stream, o.group, entry_id)
+            await self._done(entry_id)
             return
         if run_id and self.watch is not None:
             self.watch.knows(party_id, run_id)
@@ -374,7 +389,7 @@ class StreamWorker:
                         claim.value,
                         extra={"trace_id": trace_id, "action_id": action.action_id},
                     )
-                    await self.redis.xack(o.stream, o.group, entry_id)
+                    await self._done(entry_id)
                     self.skipped += 1
                     return
                 await self._run_action(action)
@@ -389,7 +404,7 @@ class StreamWorker:
         except Exception:
             await self._engine_failed(entry_id, action, trace_id)
             return
-        await self.redis.xack(o.stream, o.group, entry_id)
+        await self._done(entry_id)
         await self.restate_opened()
 
     async def restate_opened(self) -> None:
@@ -413,7 +428,7 @@ class StreamWorker:
             log.exception("engine failed; giving up", extra={"trace_id": trace_id})
             if action is not None:
                 await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
-            await self.redis.xack(o.stream, o.group, entry_id)
+            await self._done(entry_id)
         else:
             log.exception("engine failed; the entry stays pending", extra={"trace_id": trace_id})
 
