@@ -309,7 +309,6 @@ class StreamWorker:
                 log.debug("could not refresh the held entries: %s", exc)
 
     async def _handle_all(self, entries: list[Entry], *, redelivery: bool) -> None:
-        o = self.options
         for entry_id, fields in entries:
             if self._stop.is_set():
                 break  # the rest stays pending: another worker (or our next start) takes it
@@ -357,7 +356,6 @@ class StreamWorker:
     async def _handle(
         self, entry_id: bytes, fields: Mapping[bytes, bytes], *, redelivery: bool = False
     ) -> None:
-        o = self.options
         try:
             kind = fields[b"kind"].decode()
             party_id = fields[b"party_id"].decode()
@@ -423,7 +421,6 @@ class StreamWorker:
     async def _engine_failed(
         self, entry_id: bytes, action: ActionRequest | None, trace_id: str
     ) -> None:
-        o = self.options
         if await self._give_up(entry_id):
             log.exception("engine failed; giving up", extra={"trace_id": trace_id})
             if action is not None:
