@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
+from party_sync.engine import stream_link as stream_link_module
 from party_sync.engine.partitions import count_key, partition_of, stream_names
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions
@@ -261,6 +262,46 @@ async def test_a_worker_refuses_to_start_with_another_count_than_the_nodes(
         assert started == []  # and before it said it had started (the banner)
     finally:
         await client.aclose()
+
+
+async def test_the_nodes_count_comes_back_after_a_flush_with_no_append(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A flush (or an empty restart) that no append noticed took the count with it, and a worker
+    started with another count then ran silently on streams no node writes: the link writes it
+    again while it runs. Two links that disagree warn once per count, not at every write."""
+    monkeypatch.setattr(stream_link_module, "COUNT_REFRESH", 0.05)
+    caplog.set_level(logging.WARNING, LINK_LOG)
+    client = Redis.from_url(redis.url)
+    try:
+        async with partitioned_link(redis, partitions=3):
+            await client.flushall()
+            await wait_until_async(lambda: client.get(count_key(STREAM)), b"3")
+            host, engine = RecordingHost(), ScriptedEngine()
+            worker, reader = worker_for(redis, host, engine, "w1", partitions=1)
+            try:
+                with pytest.raises(ConfigError, match="--actions-stream-partitions 3"):
+                    await worker.run()
+            finally:
+                await reader.aclose()
+            async with partitioned_link(redis, partitions=4):
+                await wait_until_async(lambda: client.get(count_key(STREAM)), b"3")
+                await wait_until_async(lambda: client.get(count_key(STREAM)), b"4")
+                await wait_until_async(lambda: client.get(count_key(STREAM)), b"3")
+    finally:
+        await client.aclose()
+    changes = [r.getMessage() for r in caplog.records if "count changed" in r.getMessage()]
+    assert sorted(c.split(" (")[0] for c in changes) == [
+        "the actions stream's partition count changed from 3 to 4",
+        "the actions stream's partition count changed from 4 to 3",
+    ]
+
+
+async def wait_until_async(read: Any, value: bytes, timeout: float = 10.0) -> None:
+    """Poll ``read()`` (a coroutine function) until it returns ``value``."""
+    async with asyncio.timeout(timeout):  # a bounded poll of Redis state: no event to await
+        while await read() != value:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def test_burst_mode_drains_the_streams_of_an_old_count(

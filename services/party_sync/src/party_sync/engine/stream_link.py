@@ -24,13 +24,16 @@ by whichever worker is up, at least once.
 **Partitions** (``actions_stream_partitions`` = N, ``party_sync.engine.partitions``): with N > 1
 every entry of a party goes to the stream ``<stream>:<crc32(party_id) mod N>``, so one party's
 entries stay in order in one stream and, on a Redis Cluster, the streams spread over slots. The
-link writes N to ``<stream>:partitions`` when it starts (and again after an append failed: Redis
-may have come back empty), so engine workers can check they read the same partitions; it logs a
-WARNING when that key held another count (the partition count changed, or the nodes disagree).
+link writes N to ``<stream>:partitions`` when it starts, again after an append failed, and every
+``COUNT_REFRESH`` seconds while it runs (Redis may have come back empty, or been flushed without
+a failed command), so engine workers can check they read the same partitions; it logs a WARNING
+when that key held another count (the partition count changed, or the nodes disagree; once per
+count seen).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -43,8 +46,12 @@ from party_sync.engine import partitions as layout
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
+
+#: Seconds between two writes of the partition count while the link runs.
+COUNT_REFRESH = 5.0
 
 
 def entry(
@@ -90,9 +97,22 @@ class StreamEngineLink:
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
         self._count_written = False  # N is in <stream>:partitions (as far as this link knows)
+        self._counts_told: set[int] = set()  # other counts found there (warned once each)
+        self._refresh: asyncio.Task[None] | None = None
 
     async def start(self, host: LinkHost) -> None:
         await self._write_count()
+        self._refresh = asyncio.get_running_loop().create_task(self._keep_count())
+
+    async def _keep_count(self) -> None:
+        """Write the count again every ``COUNT_REFRESH`` s: a flushed or emptied Redis loses it
+        with no append failing, and a worker started then would not be checked against it."""
+        while True:
+            await asyncio.sleep(COUNT_REFRESH)
+            try:
+                await self._write_count()  # Redis errors: tried again next time
+            except Exception as exc:  # best effort: this task must outlive anything
+                log.debug("cannot write the partition count: %r", exc)
 
     async def _write_count(self) -> None:
         """Write N to ``<stream>:partitions`` (best effort: Redis may be down; tried again at the
@@ -105,7 +125,12 @@ class StreamEngineLink:
             return
         self._count_written = True
         previous = layout.parse_count(before)
-        if previous is not None and previous != self.partitions:
+        if (
+            previous is not None
+            and previous != self.partitions
+            and previous not in self._counts_told
+        ):
+            self._counts_told.add(previous)
             log.warning(
                 "the actions stream's partition count changed from %d to %d (%s): the entries "
                 "still in the old streams wait for an engine-worker with "
@@ -168,4 +193,6 @@ class StreamEngineLink:
         )
 
     async def close(self) -> None:
+        if self._refresh is not None:
+            await cancel_and_wait([self._refresh], what="the partition count's refresh")
         await self._redis.aclose()
