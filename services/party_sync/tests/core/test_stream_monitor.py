@@ -10,6 +10,7 @@ import pytest
 from party_sync.engine.health import HttpProbe, Periodic
 from party_sync.engine.stream_monitor import (
     ENGINE_GROUP,
+    QUICK,
     Bounds,
     Condition,
     StreamMonitor,
@@ -363,3 +364,29 @@ async def test_a_backlog_drained_with_still_no_worker_does_not_say_it_is_over(
     levels = [r.levelname for r in caplog.records]
     assert levels == ["WARNING", "WARNING", "INFO"], caplog.records
     assert "over" in caplog.records[-1].getMessage()
+
+
+async def test_a_worker_that_appears_just_after_the_node_starts_is_seen_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In its first interval a node re-checks a link that is not OK at each quick tick: the
+    stream and its worker often appear a moment after the node, and /readyz said degraded for
+    five seconds more. The quick re-checks are no looks: no WARNING for them."""
+    reads = Readings(NO_STREAM, NO_STREAM, NO_STREAM, HEALTHY, *[HEALTHY] * 100)
+    monitor = StreamMonitor(reads, STREAM, interval=30.0, bounds=BOUNDS)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with caplog.at_level(logging.INFO, logger="party_sync.engine.stream_monitor"):
+        await monitor.start()
+        try:
+            while monitor.condition is not Condition.OK:  # noqa: ASYNC110 (its own ticks)
+                await asyncio.sleep(0.01)
+            seen = loop.time() - started
+            checks = monitor.checks
+            await asyncio.sleep(3 * QUICK)  # OK now: no more quick re-checks
+            assert monitor.checks == checks
+        finally:
+            await monitor.stop()
+    assert seen < 10 * QUICK  # not the next look, 30 s on
+    assert checks == 4
+    assert [r.levelname for r in caplog.records] == []

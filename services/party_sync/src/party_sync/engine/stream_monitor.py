@@ -2,7 +2,9 @@
 
 With no engine worker, accepted actions wait in the stream and nothing else says so. Every serving
 node therefore looks at the stream every ``interval`` seconds (XINFO STREAM, XINFO GROUPS, XPENDING
-summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered) and
+summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered; in the node's first
+interval, every ``QUICK`` seconds while the link is not OK yet, so that a worker started beside
+the node makes ``/readyz`` ready at once) and
 
 - exports gauges: length, pending, lag (not yet delivered), oldest pending / undelivered age,
   consumers and consumers active recently (``party_sync_actions_stream_*``);
@@ -37,6 +39,7 @@ each partition's own (only with N > 1).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -52,6 +55,9 @@ from party_sync.metrics import Metrics
 from party_sync.tasks import Episode
 
 log = logging.getLogger(__name__)
+
+#: Seconds between the quick re-checks of a link that is not OK yet in the node's first interval.
+QUICK = 0.5
 
 #: The consumer group ``party-sync engine-worker`` joins by default (``--group``).
 ENGINE_GROUP = "campaign-engine"
@@ -291,7 +297,13 @@ class StreamMonitor:
         self._health = EngineHealth("stream", True, f"{stream}: not checked yet")
         self._alarm = Episode(log, "engine link")
         self._failing = Episode(log, "actions stream monitor cannot read Redis")
-        self._periodic = Periodic(self._tick, interval)
+        # Ticks every QUICK s at most: a look is due every ``interval``; in the node's first
+        # interval, while the link is not OK, it looks again at each tick (the stream and its
+        # workers often appear a moment after the node starts, and /readyz said degraded until
+        # the next look, five seconds on).
+        self._periodic = Periodic(self._tick, min(interval, QUICK))
+        self._next_look: float | None = None  # monotonic time of the next counted look
+        self._starting = True  # in the first interval, until the link is OK
         self._no_worker_checks = 0  # consecutive checks that found no worker, nothing waiting
         self.checks = 0
 
@@ -331,8 +343,10 @@ class StreamMonitor:
     def health(self) -> EngineHealth:
         return self._health
 
-    async def check_once(self) -> Condition | None:
-        """One look; the condition, or None when the stream could not be read (error counted)."""
+    async def check_once(self, *, look: bool = True) -> Condition | None:
+        """One look; the condition, or None when the stream could not be read (error counted).
+        ``look`` False: a quick re-check at start, not counted as a look for the no-worker
+        WARNING (it comes at the second look, one ``interval`` after the first)."""
         try:
             got = await self._read()
             readings = (got,) if isinstance(got, StreamReading) else tuple(got)
@@ -357,7 +371,10 @@ class StreamMonitor:
         # No worker with nothing waiting: a WARNING too from the second look on (not at the
         # first, when the workers may be starting beside this node).
         no_worker = condition is Condition.NO_WORKER
-        self._no_worker_checks = self._no_worker_checks + 1 if no_worker else 0
+        if not no_worker:
+            self._no_worker_checks = 0
+        elif look:
+            self._no_worker_checks += 1
         if condition in (Condition.WAITING, Condition.STUCK) or (
             no_worker and (self._no_worker_checks >= 2 or self._alarm.active)
         ):
@@ -388,8 +405,18 @@ class StreamMonitor:
                 m.stream_partition_consumers_active.labels(label).set(one.active_consumers)
 
     async def _tick(self) -> None:
+        now = time.monotonic()
+        due = self._next_look is None or now >= self._next_look
+        if due:
+            if self._next_look is not None:
+                self._starting = False  # the second look: the start is over
+            self._next_look = now + self.interval
+        elif not (self._starting and not self._health.ok):
+            return
         try:
-            await self.check_once()
+            await self.check_once(look=due)
+            if self._health.ok:
+                self._starting = False
         except Exception:  # a bug in the assessment must not end the monitor either
             if self.metrics is not None:
                 self.metrics.background_errors.labels("stream_monitor").inc()
@@ -399,6 +426,7 @@ class StreamMonitor:
         self.checks += 1
 
     async def start(self) -> None:
+        self._next_look, self._starting = None, True
         self._periodic.start()
 
     async def stop(self) -> None:
