@@ -127,6 +127,12 @@ def _parser() -> argparse.ArgumentParser:
         help="--redis-url names any node of a Redis Cluster [env PARTY_SYNC_REDIS_CLUSTER]",
     )
     worker.add_argument(
+        "--redis-cluster-nodes",
+        default=None,
+        help="more nodes of the cluster to join it through, host:port,host:port "
+        "[env PARTY_SYNC_REDIS_CLUSTER_NODES]",
+    )
+    worker.add_argument(
         "--stream",
         default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", ACTIONS_STREAM),
         help="the actions stream [env PARTY_SYNC_ACTIONS_STREAM] (party_sync:actions)",
@@ -450,6 +456,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         "PARTY_SYNC_REDIS_SENTINELS": args.redis_sentinels,
         "PARTY_SYNC_REDIS_SENTINEL_MASTER": args.redis_sentinel_master,
         "PARTY_SYNC_REDIS_CLUSTER": "true" if args.redis_cluster else None,
+        "PARTY_SYNC_REDIS_CLUSTER_NODES": args.redis_cluster_nodes,
         "PARTY_SYNC_ACTIONS_STREAM_PARTITIONS": (
             None if args.actions_stream_partitions is None else str(args.actions_stream_partitions)
         ),

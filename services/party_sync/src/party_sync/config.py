@@ -109,6 +109,13 @@ class Settings:
         "others, follows slot migrations and failovers, and publishes party events with sharded "
         "pub/sub (SPUBLISH). Not with redis_sentinels.",
     )
+    redis_cluster_nodes: tuple[str, ...] = _option(
+        (),
+        "Redis Cluster: more nodes to join it through (comma-separated host:port, with "
+        "redis_url's credentials and TLS), tried when the node redis_url names cannot be "
+        "reached; each only serves to read the slot map.",
+        _csv,
+    )
     engine_transport: str = _option(
         "auto",
         "How actions reach the engine: inprocess, stream (Redis Streams), http, or auto "
@@ -498,6 +505,13 @@ def _sentinel_problem(settings: Settings) -> str | None:
         problem = cluster_url_problem(settings.redis_url)
         if problem is not None:
             return problem
+    if settings.redis_cluster_nodes:
+        if not settings.redis_cluster:
+            return "redis_cluster_nodes needs redis_cluster"
+        try:
+            parse_addresses(settings.redis_cluster_nodes)
+        except ValueError as exc:
+            return f"redis_cluster_nodes: {exc} (expected host:port,host:port)"
     if not settings.redis_sentinels:
         if settings.redis_sentinel_master:
             return "redis_sentinel_master needs redis_sentinels (host:port,host:port)"

@@ -79,10 +79,12 @@ def make_backend(
 ) -> Backend:
     """The Redis backend when ``redis_url`` is set (docs/redis.md), else the embedded one."""
     if settings.redis_url:
+        target = RedisTarget.of(settings)
         options = RedisOptions(
             url=settings.redis_url,
-            sentinels=RedisTarget.of(settings).sentinels,
+            sentinels=target.sentinels,
             cluster=settings.redis_cluster,
+            seeds=target.seeds,
             prefix=settings.redis_prefix,
             probe_interval=settings.redis_probe_interval,
             command_timeout=settings.redis_command_timeout,

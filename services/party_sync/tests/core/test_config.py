@@ -263,6 +263,41 @@ def test_redis_cluster_refuses_sentinel_no_url_another_db_and_unix_sockets(
         load(parse_flags(), env={"PARTY_SYNC_REDIS_CLUSTER": "true", **env})
 
 
+def test_more_cluster_nodes_reach_every_cluster_client() -> None:
+    from party_sync.backends.redis_backend import RedisBackend
+    from party_sync.backends.redis_connect import RedisTarget
+    from party_sync.server import make_backend
+
+    env = {
+        ENV_PREFIX + "REDIS_URL": "redis://:pw@10.0.0.1:7000",
+        ENV_PREFIX + "REDIS_CLUSTER": "true",
+        ENV_PREFIX + "REDIS_CLUSTER_NODES": "10.0.0.2:7001, [::1]:7002",
+        ENV_PREFIX + "JWT_SECRET": "x" * 32,
+    }
+    settings = load(parse_flags(), env=env)
+    assert RedisTarget.of(settings).seeds == (("10.0.0.2", 7001), ("::1", 7002))
+    backend = make_backend(settings)  # nothing connects before start()
+    assert isinstance(backend, RedisBackend)
+    startup = backend.client.nodes_manager.startup_nodes  # type: ignore[union-attr]
+    assert sorted(startup) == ["10.0.0.1:7000", "10.0.0.2:7001", "::1:7002"]
+    assert {n.connection_kwargs.get("password") for n in startup.values()} == {"pw"}
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({ENV_PREFIX + "REDIS_URL": "redis://h:1"}, "redis_cluster_nodes needs redis_cluster"),
+        (
+            {ENV_PREFIX + "REDIS_URL": "redis://h:1", ENV_PREFIX + "REDIS_CLUSTER": "true"},
+            "redis_cluster_nodes: not host:port",
+        ),
+    ],
+)
+def test_more_cluster_nodes_need_a_cluster_and_addresses(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load(parse_flags(), env={ENV_PREFIX + "REDIS_CLUSTER_NODES": "h:1,nope", **env})
+
+
 def test_the_redis_write_delay_is_off_by_default_and_reaches_the_script_batcher() -> None:
     from party_sync.backends.redis_backend import RedisBackend
     from party_sync.server import make_backend

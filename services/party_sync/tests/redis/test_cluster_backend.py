@@ -38,7 +38,7 @@ from ps_testkit import servers
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_cluster import RedisCluster
-from ps_testkit.servers import serve_in_process
+from ps_testkit.servers import free_port, serve_in_process
 from redis.asyncio import RedisCluster as AsyncRedisCluster
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
@@ -260,6 +260,20 @@ async def test_a_node_whose_url_names_a_replica_joins_the_cluster(
         assert n1.client.connection_kwargs["redis_connect_func"].keywords == {
             "prefix": "party_sync"
         }
+
+
+async def test_a_node_joins_through_another_seed_when_the_named_node_is_gone(
+    on_cluster: RedisCluster,
+) -> None:
+    """``redis_cluster_nodes``: one node named is one node that can be gone (a host replaced);
+    the others listed are tried in turn, and each may be a replica."""
+    dead = f"redis://127.0.0.1:{free_port()}/0"
+    replica = on_cluster.replicas_of(on_cluster.masters()[1])[0]
+    async with node(dead, seeds=(replica.address,)) as n1, node(on_cluster.url) as n2:
+        rec = Recorder(n2, "seeded")
+        await n2.subscribe("seeded", rec)
+        await n1.publish("seeded", scene(1), time.time())
+        await wait_until(lambda: rec.seqs == [1])
 
 
 async def test_two_nodes_one_party_members_on_both_and_resume_across(

@@ -90,6 +90,7 @@ class RedisOptions:
     prefix: str = DEFAULT_PREFIX
     sentinels: Sentinels | None = None  # find the master through Sentinel (redis_connect.py)
     cluster: bool = False  # url names a node of a Redis Cluster (redis_shard_bus.py)
+    seeds: tuple[tuple[str, int], ...] = ()  # more nodes of the cluster to join it through
     probe_interval: float = 5.0  # pub/sub silence before a probe; also the probe's deadline
     presence_grace: float = 5.0  # a node settles within grace (+ presence_ttl) or is presumed dead
     connect_timeout: float = 2.0
@@ -126,7 +127,9 @@ class RedisBackend:
         self.metrics = metrics
         self.keys = KeySpace(options.prefix)
         self.client = make_any_client(
-            RedisTarget(options.url, options.sentinels, options.prefix, options.cluster),
+            RedisTarget(
+                options.url, options.sentinels, options.prefix, options.cluster, options.seeds
+            ),
             protocol=2,  # plain arrays for pub/sub; the faster reader (docs/benchmarks.md)
             socket_connect_timeout=options.connect_timeout,
             socket_timeout=options.command_timeout,

@@ -37,6 +37,7 @@ from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
@@ -72,6 +73,8 @@ class RedisSettings(Protocol):
     def redis_prefix(self) -> str: ...
     @property
     def redis_cluster(self) -> bool: ...
+    @property
+    def redis_cluster_nodes(self) -> tuple[str, ...]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +89,14 @@ class Sentinels:
 @dataclass(frozen=True, slots=True)
 class RedisTarget:
     """Which Redis a client talks to. ``prefix``: the deployment's key prefix (its fence mark);
-    ``cluster``: ``url`` names a node of a Redis Cluster."""
+    ``cluster``: ``url`` names a node of a Redis Cluster; ``seeds``: more nodes of it to join
+    it through when that one cannot be reached."""
 
     url: str
     sentinels: Sentinels | None = None
     prefix: str = DEFAULT_PREFIX
     cluster: bool = False
+    seeds: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def of(cls, settings: RedisSettings) -> RedisTarget:
@@ -105,7 +110,12 @@ class RedisTarget:
                 settings.redis_sentinel_master or "",
                 settings.redis_sentinel_password,
             )
-        return cls(settings.redis_url, sentinels, settings.redis_prefix, settings.redis_cluster)
+        seeds = (
+            parse_addresses(settings.redis_cluster_nodes) if settings.redis_cluster_nodes else ()
+        )
+        return cls(
+            settings.redis_url, sentinels, settings.redis_prefix, settings.redis_cluster, seeds
+        )
 
     def describe(self) -> str:
         """For logs: where, without credentials."""
@@ -131,7 +141,7 @@ def parse_addresses(values: tuple[str, ...] | list[str]) -> tuple[tuple[str, int
             raise ValueError(f"not host:port: {value!r}")
         pairs.append((host, int(port)))
     if not pairs:
-        raise ValueError("no sentinel address")
+        raise ValueError("no address")
     return tuple(pairs)
 
 
@@ -236,13 +246,16 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     problem = cluster_url_problem(target.url)
     if problem is not None:
         raise ValueError(problem)
+    if target.seeds:  # tried after the node the URL names, with its options (credentials, TLS)
+        kwargs["startup_nodes"] = [ClusterNode(host, port) for host, port in target.seeds]
     client = RedisCluster.from_url(target.url, **kwargs)
     # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
     client.connection_kwargs["redis_connect_func"] = fence
-    # The named node only reads the slot map (redis-py's startup node: its own object, never in
-    # the map it builds), so it may be a replica: a failover made it one (fence_cluster_on_connect).
+    # The named nodes only read the slot map (redis-py's startup nodes: objects of their own,
+    # never in the map it builds), so they may be replicas: a failover made them so
+    # (fence_cluster_on_connect).
     seed = functools.partial(fence_cluster_on_connect, prefix=target.prefix, seed=True)
     for node in client.nodes_manager.startup_nodes.values():
         node.connection_kwargs["redis_connect_func"] = seed
