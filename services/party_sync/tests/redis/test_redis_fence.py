@@ -232,7 +232,7 @@ def test_wrong_sentinel_settings_say_what_is_wrong(env: dict[str, str], message:
 
 def test_addresses_parse() -> None:
     assert parse_addresses(["h:1", "[fe80::1]:2"]) == (("h", 1), ("fe80::1", 2))
-    with pytest.raises(ValueError, match="no sentinel"):
+    with pytest.raises(ValueError, match="no address"):
         parse_addresses([])
 
 
