@@ -253,6 +253,14 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
             until = loop.time() + 4 * claim_idle  # w2 looks several times past claim_idle
             await wait_until(lambda: loop.time() > until and second.errors == 0, timeout=10)
             assert other.calls == []
+            # refreshed with JUSTID: still one delivery each (else a held action would reach
+            # max_deliveries while it waits, and fail at its first engine error)
+            client = Redis.from_url(redis.url)
+            try:
+                held = await client.xpending_range(STREAM, "campaign-engine", "-", "+", 10)
+            finally:
+                await client.aclose()
+            assert [(e["consumer"], e["times_delivered"]) for e in held] == [(b"w1", 1)] * 3
             slow.gate.set()
             await wait_until(lambda: len(host.results()) == 3, timeout=10)
             await acknowledged(redis)

@@ -102,16 +102,18 @@ INFRA_ERRORS = (RedisError, RedisClusterException, BackendUnavailable, OSError, 
 #: worker. One that another worker took meanwhile (this one was frozen past ``claim_idle``) is
 #: left to it. KEYS[1] the stream; ARGV: group, consumer, the entry ids.
 KEEP_HELD = """
-local mine = {}
+local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
 for i = 3, #ARGV do
   if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
-    mine[#mine + 1] = ARGV[i]
+    claim[#claim + 1] = ARGV[i]
   end
 end
-if #mine > 0 then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, unpack(mine))
+local mine = #claim - 5
+if mine > 0 then
+  claim[#claim + 1] = 'JUSTID'
+  redis.call(unpack(claim))
 end
-return #mine
+return mine
 """
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
@@ -307,6 +309,8 @@ class StreamWorker:
                 await self.redis.eval(KEEP_HELD, 1, o.stream, o.group, o.consumer, *ids)
             except INFRA_ERRORS as exc:  # the round's own commands report the outage
                 log.debug("could not refresh the held entries: %s", exc)
+            except Exception:  # not Redis: a bug; the batch must stay protected all the same
+                log.exception("refreshing the held entries failed; trying again")
 
     async def _handle_all(self, entries: list[Entry], *, redelivery: bool) -> None:
         for entry_id, fields in entries:
