@@ -18,9 +18,9 @@ import orjson
 import pytest
 from aiohttp import web
 from party_sync.engine.http_host import ApiPublisher, build_host_app
-from party_sync.engine.http_link import HttpEngineLink
-from party_sync.engine.interface import Claim, JoinNotice, RestateNotice
-from party_sync.protocol.errors import ErrorCode
+from party_sync.engine.http_link import ENGINE_FAILURES, HttpEngineLink
+from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
@@ -84,6 +84,8 @@ class ScriptedApi:
             return web.json_response({}, status=202)
         if answer == "expired":
             return web.json_response({"error": "expired"}, status=409)
+        if answer == "engine_error":  # what party-sync engine-http answers when the engine raised
+            return web.json_response({"error": "engine_error", "detail": "x"}, status=500)
         assert isinstance(answer, int)
         return web.json_response({"detail": f"status {answer}"}, status=answer)
 
@@ -213,6 +215,48 @@ async def test_5xx_is_never_reported_as_a_failure_and_retried_until_the_action_i
     assert attempts[:3] == ["1", "2", "3"]  # each 503 may have reached the engine
     # The checks for a final answer are made without the deadline (see http_link).
     assert all(a.deadline is None for a in host.claimed[1:])
+
+
+async def test_an_engine_that_raises_behind_the_host_ends_in_engine_error_like_on_the_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """docs/engines.md: raising means *not applied*, and the player gets ``engine_error`` on
+    every transport. ``party-sync engine-http`` answers 500 ``engine_error`` when the engine
+    raised; the link retries it (a passing failure) and fails the action after the fifth, as
+    the stream worker does after an entry's fifth delivery (it once retried for ten minutes and
+    told the player nothing)."""
+    engine = ScriptedEngine()
+    engine.mode = "crash"
+    host = RecordingHost()
+    async with (
+        serve(build_host_app(engine, ApiPublisher("http://127.0.0.1:9", "k"))) as base,
+        started_link(host, f"{base}/actions") as link,
+    ):
+        await link.submit(make_action("boom"))
+        await idle(link)
+    assert host.failed == [("boom", ErrorCode.ENGINE_ERROR)]
+    assert len(engine.calls) == ENGINE_FAILURES  # more than `retries` (2): its own count
+    assert any("giving up" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+
+
+async def test_an_engine_that_fails_a_few_times_then_answers_is_not_failed() -> None:
+    api = ScriptedApi(answers=["engine_error"] * (ENGINE_FAILURES - 1) + [202])
+    host = RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("flaky"))
+        await idle(link)
+    assert host.failed == [] and len(api.actions) == ENGINE_FAILURES
+
+
+async def test_another_5xx_never_counts_as_the_engine_failing() -> None:
+    """Only the engine host's own ``engine_error`` says "not applied": a proxy's 500 with another
+    body may follow an engine that applied the action, so it is never reported as a failure."""
+    api = ScriptedApi(answers=[*[500] * (ENGINE_FAILURES + 3), 503, 202])
+    host = RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("proxied"))
+        await idle(link)
+    assert host.failed == [] and len(api.actions) == ENGINE_FAILURES + 5
 
 
 async def test_a_delivery_that_may_have_reached_the_engine_gives_up_silently_after_the_bound(
@@ -358,6 +402,45 @@ def action_body(action_id: str, deadline: float | None = None) -> dict[str, Any]
     if deadline is not None:
         body["deadline"] = deadline
     return body
+
+
+class PublishFailsEngine(ScriptedEngine):
+    """Applies the action, then cannot publish it: party_sync is unreachable under it."""
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        self.calls.append(action)
+        raise BackendUnavailable("could not publish action.result to party p1")
+
+
+async def test_the_host_answers_a_publish_that_failed_under_the_engine_as_unknown_not_failed() -> (
+    None
+):
+    """An engine whose publish failed may have applied the action: not 500 ``engine_error``
+    (which says "not applied" and ends in engine_error for the player) but 503
+    ``backend_unavailable``, retried like any 5xx, as the in-process link retries it."""
+    engine = PublishFailsEngine()
+    host = RecordingHost()
+    async with serve(build_host_app(engine, ApiPublisher("http://127.0.0.1:9", "k"))) as base:
+        status, answer = await post(f"{base}/actions", action_body("applied"))
+        assert (status, answer["error"]) == (503, "backend_unavailable")
+        async with started_link(host, f"{base}/actions") as link:
+            await link.submit(make_action("applied"))
+            await wait_until(lambda: len(engine.calls) >= ENGINE_FAILURES + 3, timeout=10)
+            host.claims["applied"] = Claim.FINAL  # its result got through at last
+            await idle(link)
+    assert host.failed == []
+
+
+async def test_engine_errors_after_an_unknown_outcome_are_never_a_failure() -> None:
+    """After a timeout or another 5xx the engine may still be applying the action (a slow first
+    attempt): later ``engine_error`` answers (say, the engine's lock held by that attempt) do not
+    prove it was not applied."""
+    api = ScriptedApi(answers=[503] + ["engine_error"] * (ENGINE_FAILURES + 2) + [202])
+    host = RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("slow"))
+        await idle(link)
+    assert host.failed == [] and len(api.actions) == ENGINE_FAILURES + 4
 
 
 async def test_the_host_refuses_a_first_delivery_past_its_deadline_without_the_engine() -> None:

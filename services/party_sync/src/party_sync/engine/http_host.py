@@ -16,7 +16,10 @@ code is the same object that runs in-process; nothing in it knows about HTTP.
 - 422: the engine refused the action (``EngineRejected``) or the body is invalid (final);
 - 500 ``{"error": "engine_error"}``: the engine raised, so it did not apply the action (the engine
   contract); party_sync retries it (deduplication keeps a retry from applying twice) and after
-  the fifth such answer tells the player ``engine_error``.
+  the fifth such answer tells the player ``engine_error``;
+- 503 ``{"error": "backend_unavailable"}``: party_sync was unreachable under the engine (a publish
+  failed: ``BackendUnavailable``, an ``OSError`` or a timeout), so the engine may have applied it;
+  retried like any 5xx, never reported as a failure.
 
 Handlers raise; ``problems.answer_errors`` answers by the one table (``problems.PROBLEMS``),
 rendered as this host's ``{"error": <code>, "detail"}`` JSON. The body is read by
@@ -52,6 +55,7 @@ from aiohttp.typedefs import Handler
 
 from party_sync import problems, tracing
 from party_sync.engine import wire
+from party_sync.engine.inprocess import INFRA_ERRORS
 from party_sync.engine.interface import (
     ActionRequest,
     Engine,
@@ -347,6 +351,12 @@ async def receive_action(request: web.Request) -> web.Response:
         await engine.handle_action(action)
     except EngineRejected:
         raise  # 422 rejected, with the engine's reason
+    except INFRA_ERRORS as exc:
+        # party_sync unreachable under the engine (its publish failed): the engine may have
+        # applied the action, so this is no engine_error (which says "not applied") but 503
+        # backend_unavailable, retried like any 5xx (the in-process link does the same)
+        log.warning("backend failed under the engine: %s", exc, extra={"trace_id": action.trace_id})
+        raise BackendUnavailable(str(exc)[:300]) from exc
     except Exception as exc:
         log.exception("engine failed", extra={"trace_id": action.trace_id})
         raise EngineFailed() from exc

@@ -27,7 +27,8 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
 - 5xx ``{"error": "engine_error"}`` (what ``party-sync engine-http`` answers when the engine
   raised, which by the engine contract means *not applied*): retried like any 5xx, and after the
   fifth such answer (``ENGINE_FAILURES``, as the stream worker's fifth delivery) the player gets
-  ``engine_error``;
+  ``engine_error`` — unless an earlier attempt's outcome is unknown (a timeout, another 5xx, a
+  dropped connection: the engine may still be applying it), after which nothing is reported;
 - timeout after sending, another 5xx, a dropped connection: the engine *may* have applied it, so
   the link never reports a failure. It keeps retrying (the engine deduplicates by
   ``action_id``) with capped backoff after the normal retries, asking ``claim`` between attempts,
@@ -259,6 +260,7 @@ class HttpEngineLink:
         reached = 0  # attempts that may have reached the engine
         attempt = 0
         engine_failures = 0  # attempts the engine host answered "the engine raised"
+        unknown = False  # an attempt may have reached the engine with an unknown outcome
         while True:
             headers["X-Delivery-Attempt"] = str(reached + 1)
             try:
@@ -270,7 +272,9 @@ class HttpEngineLink:
                 reached += 1
                 failure = exc
                 self.failures += 1
-                if isinstance(exc, _EngineFailed):
+                if not isinstance(exc, _EngineFailed):
+                    unknown = True
+                elif not unknown:  # (after an unknown outcome, it may be applying it still)
                     engine_failures += 1
                     if engine_failures >= ENGINE_FAILURES:
                         log.error("engine failed %d times; giving up", engine_failures, extra=extra)
@@ -283,6 +287,7 @@ class HttpEngineLink:
                 # Not the engine's final word: a proxy's 408/425/429, or (after an attempt that
                 # may have reached the engine) e.g. 409 "this Idempotency-Key is in progress".
                 reached += 1
+                unknown = True
                 failure = _Retryable(f"HTTP {status}")
                 self.failures += 1
             attempt += 1
