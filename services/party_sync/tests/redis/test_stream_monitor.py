@@ -232,3 +232,40 @@ async def test_readyz_names_a_missing_engine_worker_and_stays_200(redis: RedisSe
                 status, body = await readyz()
         assert body["status"] == "unavailable"
         assert body["backend"] == {"name": "redis", "ok": False}
+
+
+async def test_the_backlog_is_counted_without_reading_it_when_redis_cannot_tell_the_lag(
+    redis: RedisServer,
+) -> None:
+    """Workers delete what they handled: with the newest delivered entry deleted while an older
+    one is pending, Redis reports no ``lag``. The undelivered count is then what is neither
+    pending nor deleted (it was counted by reading up to a thousand entries, each up to the
+    message size limit, at every look of every node)."""
+    client = Redis.from_url(redis.url)
+    try:
+        await client.xgroup_create("mon:actions", "campaign-engine", id="0", mkstream=True)
+        for n in range(3):
+            await client.xadd("mon:actions", {"n": str(n)})
+        read: Any = await client.xreadgroup("campaign-engine", "w1", {"mon:actions": ">"}, count=3)
+        newest = read[0][1][-1][0]
+        await client.xack("mon:actions", "campaign-engine", newest)
+        await client.xdel("mon:actions", newest)
+        for n in range(5):
+            await client.xadd("mon:actions", {"n": str(10 + n), "big": "x" * 1000})
+        groups: Any = await client.xinfo_groups("mon:actions")
+        assert groups[0]["lag"] is None  # the case: Redis cannot tell
+        monitor = StreamMonitor.for_redis(redis.url, "mon:actions")
+        await client.config_resetstat()
+        try:
+            await monitor.check_once()
+        finally:
+            await monitor.stop()
+        stats: Any = await client.info("commandstats")
+        # one XRANGE of one entry (the oldest undelivered's age), no scan of the backlog
+        assert stats["cmdstat_xrange"]["calls"] == 1
+    finally:
+        await client.aclose()
+    reading = monitor.reading
+    assert reading is not None
+    assert (reading.length, reading.pending, reading.undelivered) == (7, 2, 5)
+    assert reading.oldest_undelivered_age >= 0.0

@@ -61,8 +61,6 @@ QUICK = 0.5
 
 #: The consumer group ``party-sync engine-worker`` joins by default (``--group``).
 ENGINE_GROUP = "campaign-engine"
-#: With no ``lag`` from Redis (it cannot tell after trimming), count at most this many entries.
-LAG_SCAN = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,12 +223,14 @@ async def read_stream(
         consumers: list[dict[str, Any]] = await redis.xinfo_consumers(stream, group)
         summary: dict[str, Any] = await redis.xpending(stream, group)
         lag = found.get("lag")
-        if lag is None:  # Redis cannot tell (entries trimmed or deleted): count a bounded few
+        if lag is None:  # Redis cannot tell: the last delivered entry, or one after, was deleted
             if _text(last_delivered) == _text(info["last-generated-id"]):
                 lag = 0
             else:
-                ids = await redis.xrange(stream, f"({_text(last_delivered)}", "+", count=LAG_SCAN)
-                lag = len(ids or ())
+                # Workers delete what they handled (XACK + XDEL), never an entry still pending:
+                # what is left is pending or undelivered. (Reading the undelivered entries to
+                # count them would fetch up to the message size limit per entry, at every look.)
+                lag = max(0, length - int(summary.get("pending") or 0))
         oldest_undelivered = 0.0
         if lag:
             after = await redis.xrange(stream, f"({_text(last_delivered)}", "+", count=1)
