@@ -112,8 +112,8 @@ class Settings:
     redis_cluster_nodes: tuple[str, ...] = _option(
         (),
         "Redis Cluster: more nodes to join it through (comma-separated host:port, with "
-        "redis_url's credentials and TLS), tried when the node redis_url names cannot be "
-        "reached; each only serves to read the slot map.",
+        "redis_url's credentials and TLS): the slot map is read from any of them or the node "
+        "redis_url names, whichever answers (any may be down or a replica).",
         _csv,
     )
     engine_transport: str = _option(

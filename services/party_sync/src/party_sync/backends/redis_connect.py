@@ -246,7 +246,7 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     problem = cluster_url_problem(target.url)
     if problem is not None:
         raise ValueError(problem)
-    if target.seeds:  # tried after the node the URL names, with its options (credentials, TLS)
+    if target.seeds:  # tried with the node the URL names (any order), with its options
         kwargs["startup_nodes"] = [ClusterNode(host, port) for host, port in target.seeds]
     client = RedisCluster.from_url(target.url, **kwargs)
     # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its

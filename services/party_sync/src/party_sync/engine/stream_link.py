@@ -24,11 +24,11 @@ by whichever worker is up, at least once.
 **Partitions** (``actions_stream_partitions`` = N, ``party_sync.engine.partitions``): with N > 1
 every entry of a party goes to the stream ``<stream>:<crc32(party_id) mod N>``, so one party's
 entries stay in order in one stream and, on a Redis Cluster, the streams spread over slots. The
-link writes N to ``<stream>:partitions`` when it starts, again after an append failed, and every
-``COUNT_REFRESH`` seconds while it runs (Redis may have come back empty, or been flushed without
-a failed command), so engine workers can check they read the same partitions; it logs a WARNING
-when that key held another count (the partition count changed, or the nodes disagree; once per
-count seen).
+link writes N to ``<stream>:partitions`` when it starts and again after an append failed, and
+writes it every ``COUNT_REFRESH`` seconds while it runs if the key is missing (Redis may have come
+back empty, or been flushed without a failed command), so engine workers can check they read the
+same partitions; it logs a WARNING when that key held another count (the partition count
+changed, or the nodes disagree; once per count seen).
 """
 
 from __future__ import annotations
@@ -105,13 +105,17 @@ class StreamEngineLink:
         self._refresh = asyncio.get_running_loop().create_task(self._keep_count())
 
     async def _keep_count(self) -> None:
-        """Write the count again every ``COUNT_REFRESH`` s: a flushed or emptied Redis loses it
-        with no append failing, and a worker started then would not be checked against it."""
+        """Write the count again every ``COUNT_REFRESH`` s **if it is missing** (``SET NX``): a
+        flushed or emptied Redis loses it with no append failing, and a worker started then
+        would not be checked against it. Only a missing count: nodes of two counts during a
+        change of N do not overwrite each other every few seconds (each wrote its own at start,
+        with the warning)."""
+        key = layout.count_key(self.stream)
         while True:
             await asyncio.sleep(COUNT_REFRESH)
             try:
-                await self._write_count()  # Redis errors: tried again next time
-            except Exception as exc:  # best effort: this task must outlive anything
+                await self._redis.set(key, str(self.partitions), nx=True)
+            except Exception as exc:  # best effort (Redis down, ...): tried again next time
                 log.debug("cannot write the partition count: %r", exc)
 
     async def _write_count(self) -> None:

@@ -410,7 +410,9 @@ class StreamMonitor:
         if due:
             if self._next_look is not None:
                 self._starting = False  # the second look: the start is over
-            self._next_look = now + self.interval
+            # on the interval's beat (not a tick later each time), unless far behind (a slow look)
+            beat = self._next_look if self._next_look is not None else now
+            self._next_look = (beat if now - beat <= QUICK else now) + self.interval
         elif not (self._starting and not self._health.ok):
             return
         try:
