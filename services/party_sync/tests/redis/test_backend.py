@@ -16,7 +16,7 @@ from party_sync.backends.base import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
-from party_sync.core.transient import Transient
+from party_sync.core.transient import Outcome, Piece, Transient, piece
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
@@ -351,3 +351,33 @@ async def test_a_pubsub_outage_is_one_warning_however_many_attempts_fail(
         assert [r.getMessage() for r in bus if r.levelno == logging.INFO] == [
             "redis pub/sub reconnected"
         ]
+
+
+async def test_a_narration_call_redis_runs_too_late_changes_nothing(redis: RedisServer) -> None:
+    """A narrate (or close_narration) call that Redis runs long after the node sent it (a stall
+    or a network black hole) is refused: taken, its stale time became the hash's last write and
+    the next call forgot the whole narration record, the live stream with it (its next piece a
+    'gap', the hello without it, never closed)."""
+    async with backend(redis.url, command_timeout=2.0) as b:
+        now = time.time()
+
+        def live(index: int, at: float) -> Piece:
+            return piece(
+                "live", index, f"p{index} ", done=False, action_id=None, trace_id=None, now=at
+            )
+
+        assert await b.narrate("n1", [live(0, now)], now) == [Outcome.TAKEN]
+        late = now - 61.0  # sent (and stamped) 61 s ago: Redis runs it only now
+        offset = b._clock_offset
+        b._clock_offset = offset - 61.0
+        try:
+            stale = piece("other", 0, "x", done=False, action_id=None, trace_id=None, now=late)
+            with pytest.raises(BackendUnavailable, match="too late"):
+                await b.narrate("n1", [stale], late)
+            with pytest.raises(BackendUnavailable, match="too late"):
+                await b.close_narration("n1", "live", late + 60.0, "t" * 32)
+        finally:
+            b._clock_offset = offset
+        assert await b.narrate("n1", [live(1, now + 1)], now + 1) == [Outcome.TAKEN]
+        snapshot = await b.snapshot("n1")
+        assert [s["stream_id"] for s in snapshot.narration] == ["live"]

@@ -650,6 +650,7 @@ class RedisBackend:
             MAX_STREAM_CHARS,
             MAX_KEPT_STREAMS,
             int(kept_for(idle) * 1000),
+            *self._sent_by(),
         ]
         for p in pieces:
             args += [
@@ -663,14 +664,39 @@ class RedisBackend:
             ]
         with unavailable("narrate"):
             reply = await self.scripts.run("narrate", party_id, now, args, narration=True)
+        self._not_stale("narrate", party_id, reply)
         return [Outcome(text(o)) for o in reply]
+
+    def _sent_by(self) -> tuple[str, str]:
+        """When this call is sent, on Redis's clock, and how late Redis may run it (half the
+        command timeout, as ``begin_action``): the lateness guard of the narration scripts."""
+        self._measure_clock_soon()
+        return repr(time.time() + self._clock_offset), repr(self.options.command_timeout / 2)
+
+    @staticmethod
+    def _not_stale(script: str, party_id: str, reply: Any) -> None:
+        if reply and text(reply[0]) == "stale":
+            log.warning(
+                "redis ran %s too late (a stall): it changed nothing",
+                script,
+                extra={"party_id": party_id},
+            )
+            raise BackendUnavailable(f"redis ran {script} too late: refused it")
 
     async def close_narration(
         self, party_id: str, stream_id: str, now: float, trace_id: str
     ) -> float | None:
         idle = self.settings.narration_idle
         kept_ms = int(kept_for(idle) * 1000)
-        args: list[Arg] = [stream_id, idle, codec.rfc3339(now), trace_id, kept_ms]
+        args: list[Arg] = [
+            stream_id,
+            idle,
+            codec.rfc3339(now),
+            trace_id,
+            kept_ms,
+            *self._sent_by(),
+        ]
         with unavailable("close_narration"):
             reply = await self.scripts.run("close_narration", party_id, now, args, narration=True)
+        self._not_stale("close_narration", party_id, reply)
         return float(text(reply[1])) if text(reply[0]) == "due" else None

@@ -344,6 +344,13 @@ end
 -- The party's narration hash (narrate.lua describes it), forgotten when nothing was written to it
 -- for its keep time (core/transient.py kept_for): checked against NOW (the hash's PEXPIRE, set to
 -- the same time, is the backstop that frees the memory). A script that uses it calls this first.
+-- True when Redis runs this call more than `allowed` seconds after `sent` (both on Redis's clock:
+-- the node adds the offset it measured): Redis was stalled and the node has given up on it.
+local function too_late(sent, allowed)
+  local clock = redis.call('TIME')
+  return tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(sent) + tonumber(allowed)
+end
+
 local function narration_fresh(key, kept_ms)
   local written = redis.call('HGET', key, 'w')
   if written and tonumber(written) + kept_ms / 1000 <= NOW then

@@ -1,9 +1,15 @@
 -- close_narration: close a stream with no piece for narration_idle (NarrationBook.close_idle):
 -- its empty last piece (done) goes to every member. KEYS[12] the narration hash (narrate.lua
 -- describes it). ARGV[7] stream_id, ARGV[8] narration_idle (s), ARGV[9] now as an RFC 3339
--- timestamp, ARGV[10] the trace_id of the closing piece, ARGV[11] the hash's keep time in ms.
--- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended or unknown).
+-- timestamp, ARGV[10] the trace_id of the closing piece, ARGV[11] the hash's keep time in ms,
+-- ARGV[12] when the node sent this call and ARGV[13] the most seconds after that it may run
+-- (narrate.lua: a call Redis runs too late changes nothing).
+-- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended or unknown) |
+-- {'stale'}.
 local K_NARRATION, id = KEYS[12], ARGV[7]
+if too_late(ARGV[12], ARGV[13]) then
+  return {'stale'}
+end
 narration_fresh(K_NARRATION, tonumber(ARGV[11]))
 local meta = redis.call('HGET', K_NARRATION, 'm:' .. id)
 if not meta then

@@ -2,9 +2,14 @@
 -- and publish the taken ones to every member in one message (Backend.narrate).
 -- KEYS[12] the party's narration hash. ARGV[7] narration_idle (s), ARGV[8] the most open streams,
 -- ARGV[9] the most characters per stream, ARGV[10] the most streams kept, ARGV[11] the hash's
--- keep time in ms (kept_for); then 7 values per piece: stream_id, index, text, done ('1' or '0'),
--- action_id ('' for none), the text's length in characters, its narration.delta envelope.
--- Returns each piece's outcome (core/transient.py Outcome values).
+-- keep time in ms (kept_for), ARGV[12] when the node sent this call (Unix seconds, on Redis's
+-- clock), ARGV[13] the most seconds after that this call may still run; then 7 values per piece:
+-- stream_id, index, text, done ('1' or '0'), action_id ('' for none), the text's length in
+-- characters, its narration.delta envelope.
+-- Returns each piece's outcome (core/transient.py Outcome values), or {'stale'}: Redis ran the
+-- call too late (a stall; the node gave up on it), and nothing was taken. Its NOW is old: taken,
+-- its pieces would be published long after, and 'w' set back in time would make the next call
+-- forget the whole hash (narration_fresh), the live streams with it.
 --
 -- The hash: o the number of open streams, n the number of streams kept, w when it was last
 -- written (NOW); per stream m:<id> "<last index> <done 1|0> <updated> <characters> <created>",
@@ -15,6 +20,9 @@
 local K_NARRATION = KEYS[12]
 local IDLE, MAX_OPEN, MAX_CHARS = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local MAX_KEPT, KEPT_MS = tonumber(ARGV[10]), tonumber(ARGV[11])
+if too_late(ARGV[12], ARGV[13]) then
+  return {'stale'}
+end
 narration_fresh(K_NARRATION, KEPT_MS)
 
 local function forget(id)
@@ -52,7 +60,7 @@ local function make_room()
 end
 
 local taken, outcomes = {}, {}
-for i = 12, #ARGV, 7 do
+for i = 14, #ARGV, 7 do
   local id, index, text, done = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   local action, chars, frame = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
   local meta = redis.call('HGET', K_NARRATION, 'm:' .. id)
