@@ -381,3 +381,36 @@ async def test_a_narration_call_redis_runs_too_late_changes_nothing(redis: Redis
         assert await b.narrate("n1", [live(1, now + 1)], now + 1) == [Outcome.TAKEN]
         snapshot = await b.snapshot("n1")
         assert [s["stream_id"] for s in snapshot.narration] == ["live"]
+
+
+async def test_the_heartbeats_drop_expired_parties_from_the_index_without_any_listing(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``party-index`` has no TTL (it is every node's): a party whose state expired was dropped
+    only when an operator's listing met it, so with no listing it held every party ever served
+    (a soak: 332 dead parties after every key had expired). Each heartbeat now checks the next
+    few entries, round and round."""
+    from party_sync.backends import redis_admin
+    from party_sync.backends.base import NodeInfo
+
+    monkeypatch.setattr(redis_admin, "INDEX_SWEEP", 4)
+    parties = [f"ix{n:02d}" for n in range(10)]
+    async with backend(redis.url) as b:
+        now = time.time()
+        for party in parties:
+            await b.publish(party, scene(1), now)
+        node = NodeInfo(b.node_id, "test", 0, now, now)
+        await b.admin.heartbeat(node, parties, 30.0)
+        r = Redis.from_url(redis.url)
+        try:
+            index = b.keys.party_index()
+            assert await r.zcard(index) == 10
+            for party in parties[::2]:  # five expire
+                await r.delete(b.keys.party_keys(party).meta)
+            for _ in range(3):  # 3 × 4 entries: once round the index
+                await b.admin.heartbeat(node, [], 30.0)
+            members: Any = await r.zrange(index, 0, -1)
+            left = sorted(p.decode() for p in members)
+        finally:
+            await r.aclose()
+    assert left == parties[1::2]

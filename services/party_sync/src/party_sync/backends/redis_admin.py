@@ -3,7 +3,9 @@
 - Parties: every node's heartbeat adds the parties it serves to ``party-index`` (one sorted set,
   all scores 0, so it is read in ``party_id`` order and paginated by ``ZRANGE BYLEX``: the cursor
   is the last ``party_id`` of a page). A party whose state expired is dropped from the index when
-  a listing meets it. A party's numbers are read in one ``MULTI`` on its slot (all its keys share
+  a listing meets it, and by the heartbeats, each of which looks at the next ``INDEX_SWEEP``
+  entries (so the index follows the live parties without any listing). A party's numbers are
+  read in one ``MULTI`` on its slot (all its keys share
   the hash tag), never through ``snapshot.lua``, which would start a history for a party that
   just expired.
 - Nodes: each node writes ``node:<node_id>`` (its id, version, connection count, start time)
@@ -94,6 +96,10 @@ class _Watch:
             await close()
 
 
+#: Index entries each heartbeat checks for an expired party (``RedisAdmin._sweep_index``).
+INDEX_SWEEP: Final = 64
+
+
 class RedisAdmin:
     """``AdminView`` over Redis, for one node: reads with ``client``, close requests on ``bus``.
 
@@ -107,6 +113,7 @@ class RedisAdmin:
         self._events = client.register_script(EVENTS_LUA)
         self._slots = SlotClients(client) if isinstance(client, RedisCluster) else None
         self._watchers: list[CloseRequest] = []
+        self._swept_after: str | None = None  # the index sweep's cursor (None: from the start)
 
     async def close(self) -> None:
         if self._slots is not None:
@@ -219,6 +226,28 @@ class RedisAdmin:
             if parties:
                 pipe.zadd(keys.party_index(), dict.fromkeys(parties, 0), nx=True)
             await pipe.execute()
+        await self._sweep_index()
+
+    async def _sweep_index(self) -> None:
+        """The next ``INDEX_SWEEP`` parties of ``party-index`` (from where the last heartbeat
+        stopped, round and round): those whose state expired are dropped. Without it the index
+        (no TTL: it is every node's) kept every party ever served until a listing met it."""
+        index = self._keys.party_index()
+        start = "-" if self._swept_after is None else "(" + self._swept_after
+        with unavailable("admin index sweep"):
+            ids = [
+                text(p) for p in await self._client.zrangebylex(index, start, "+", 0, INDEX_SWEEP)
+            ]
+            self._swept_after = ids[-1] if len(ids) == INDEX_SWEEP else None
+            if not ids:
+                return
+            async with self._client.pipeline(transaction=False) as pipe:
+                for party_id in ids:
+                    pipe.exists(self._keys.party_keys(party_id).meta)
+                found = await pipe.execute()
+            gone = [party_id for party_id, alive in zip(ids, found, strict=True) if not alive]
+            if gone:
+                await self._client.zrem(index, *gone)
 
     async def forget_node(self, node_id: str) -> None:
         keys = self._keys
