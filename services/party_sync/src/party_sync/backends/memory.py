@@ -257,8 +257,10 @@ class MemoryBackend:
             if idle and not party.listeners and not party.presence.connection_count(now):
                 # its unapplied decisions go with it (Redis: ``unapplied`` expires with ``meta``)
                 del self._parties[party_id]
-                for parties in self._runs.values():
+                for run_id, parties in list(self._runs.items()):
                     parties.discard(party_id)
+                    if not parties:  # a run with no party left is forgotten (Redis: its key
+                        del self._runs[run_id]  # expires with its last party)
         return events
 
     # -- votes ------------------------------------------------------------------------------
