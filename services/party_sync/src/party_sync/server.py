@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import gc
 import logging
@@ -40,12 +41,48 @@ from party_sync.metrics import Metrics
 from party_sync.problems import RAW_BODIES
 from party_sync.protocol.errors import ConfigError, ListenError
 from party_sync.protocol.schemas import Contracts
+from party_sync.tasks import cancel_and_wait
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
 
 log = logging.getLogger("party_sync")
 
 #: Objects allocated (net) before a young-generation collection (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 10_000
+#: A full collection once this many connections (or half the open ones, if more) closed since
+#: the last, at most every GC_FULL_MIN_INTERVAL seconds (``full_collection_due``).
+GC_FULL_AFTER_CLOSED = 500
+GC_FULL_MIN_INTERVAL = 30.0
+
+
+def full_collection_due(closed: int, open_now: int, since_last: float) -> bool:
+    """Is a full collection due? A closed WebSocket leaves reference cycles (aiohttp's response,
+    protocol and transport; the exception that ended it, with its frames) that only a full
+    collection frees, and with the raised young threshold and everything frozen at start those
+    ran about once in twenty minutes under churn, never when idle: a soak held ~1,200 closed
+    connections' objects, RSS rising 60 MB with a steady number of players. Paced by closures
+    (its cost grows with the open connections, so with more open ones it waits for more)."""
+    return closed >= max(GC_FULL_AFTER_CLOSED, open_now // 2) and since_last >= GC_FULL_MIN_INTERVAL
+
+
+async def pace_full_collections(gateway: Gateway, stop: asyncio.Event, every: float = 10.0) -> None:
+    """Every ``every`` s, a full collection if ``full_collection_due``."""
+    loop = asyncio.get_running_loop()
+    collected_at, lost_then = loop.time(), gateway.core.lost
+    while not stop.is_set():
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(every):
+                await stop.wait()
+        now, lost = loop.time(), gateway.core.lost
+        if full_collection_due(lost - lost_then, len(gateway.core.connections), now - collected_at):
+            started = time.perf_counter()
+            freed = gc.collect()
+            log.debug(
+                "full collection after %d closed connections: %d objects in %.0f ms",
+                lost - lost_then,
+                freed,
+                (time.perf_counter() - started) * 1000,
+            )
+            collected_at, lost_then = loop.time(), lost
 
 
 #: Seconds between two looks at the engine link (stream backlog, HTTP engine URL).
@@ -430,6 +467,7 @@ async def run(
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    pacer = loop.create_task(pace_full_collections(server.gateway, stop))
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     backend = describe_backend(settings, server.gateway.backend)
@@ -462,6 +500,7 @@ async def run(
     if worker is not None:
         await worker.started(server, stop.set)
     await stop.wait()
+    await cancel_and_wait([pacer], what="the full collections' pacer")
     log.info("party_sync shutting down")
     if on_stop is not None:
         on_stop(settings.shutdown_timeout)

@@ -158,6 +158,7 @@ class PartySessions:
         self.meter = meter
         #: every connection of this node, by id
         self.connections: dict[str, Connection] = {}
+        self.lost = 0  # connections gone since start (the server paces full collections by it)
         #: party_id → its connections on this node (the fan-out set)
         self.parties: dict[str, set[Connection]] = {}
         #: (party_id, action_id) → the actions whose sender has no final answer yet
@@ -311,6 +312,7 @@ class PartySessions:
         conn.closed = True  # an answer owed to it goes to the character's other connections
         if self.connections.pop(conn.id, None) is None:
             return []
+        self.lost += 1
         self.meter.connections(len(self.connections))
         self.deadlines.cancel(Kind.TOKEN, conn.id)
         out: Commands = []
