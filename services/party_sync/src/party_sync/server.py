@@ -51,6 +51,7 @@ GC_YOUNG_THRESHOLD = 10_000
 #: A full collection once this many connections (or half the open ones, if more) closed since
 #: the last, at most every GC_FULL_MIN_INTERVAL seconds (``full_collection_due``).
 GC_FULL_AFTER_CLOSED = 500
+GC_FULL_AFTER_CLOSED_MAX = 2_000  # the garbage held between two (~50 KB per closed connection)
 GC_FULL_MIN_INTERVAL = 30.0
 
 
@@ -60,8 +61,10 @@ def full_collection_due(closed: int, open_now: int, since_last: float) -> bool:
     collection frees, and with the raised young threshold and everything frozen at start those
     ran about once in twenty minutes under churn, never when idle: a soak held ~1,200 closed
     connections' objects, RSS rising 60 MB with a steady number of players. Paced by closures
-    (its cost grows with the open connections, so with more open ones it waits for more)."""
-    return closed >= max(GC_FULL_AFTER_CLOSED, open_now // 2) and since_last >= GC_FULL_MIN_INTERVAL
+    (its cost grows with the open connections, so with more open ones it waits for more, up to
+    GC_FULL_AFTER_CLOSED_MAX: the garbage waiting is bounded too)."""
+    wanted = max(GC_FULL_AFTER_CLOSED, min(open_now // 2, GC_FULL_AFTER_CLOSED_MAX))
+    return closed >= wanted and since_last >= GC_FULL_MIN_INTERVAL
 
 
 async def pace_full_collections(gateway: Gateway, stop: asyncio.Event, every: float = 10.0) -> None:
@@ -75,12 +78,18 @@ async def pace_full_collections(gateway: Gateway, stop: asyncio.Event, every: fl
         now, lost = loop.time(), gateway.core.lost
         if full_collection_due(lost - lost_then, len(gateway.core.connections), now - collected_at):
             started = time.perf_counter()
-            freed = gc.collect()
-            log.debug(
+            try:
+                freed = gc.collect()
+            except Exception:  # (a finalizer's error: never the end of the pacer)
+                log.exception("full collection failed")
+                freed = -1
+            took = (time.perf_counter() - started) * 1000
+            log.log(
+                logging.INFO if took >= 100 else logging.DEBUG,
                 "full collection after %d closed connections: %d objects in %.0f ms",
                 lost - lost_then,
                 freed,
-                (time.perf_counter() - started) * 1000,
+                took,
             )
             collected_at, lost_then = loop.time(), lost
 

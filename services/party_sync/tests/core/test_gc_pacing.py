@@ -16,8 +16,10 @@ def test_a_full_collection_waits_for_enough_closures_and_time() -> None:
     assert not full_collection_due(499, 0, 1_000.0)  # too few closed
     assert full_collection_due(500, 0, 30.0)
     assert not full_collection_due(500, 0, 29.9)  # too soon after the last
-    assert not full_collection_due(4_999, 10_000, 60.0)  # half the open ones: 5,000
-    assert full_collection_due(5_000, 10_000, 60.0)
+    assert not full_collection_due(999, 2_000, 60.0)  # half the open ones: 1,000
+    assert full_collection_due(1_000, 2_000, 60.0)
+    assert not full_collection_due(1_999, 10_000, 60.0)  # at most 2,000 wait
+    assert full_collection_due(2_000, 10_000, 60.0)
 
 
 async def test_the_pacer_collects_after_churn_and_not_when_nothing_closed(

@@ -289,7 +289,7 @@ async def test_the_nodes_count_comes_back_after_a_flush_with_no_append(
                 assert await client.get(count_key(STREAM)) == b"4"
                 await client.delete(count_key(STREAM))  # lost again: whichever comes first
                 await wait_until_async(lambda: client.exists(count_key(STREAM)), 1)
-                written = await client.get(count_key(STREAM))
+                written: Any = await client.get(count_key(STREAM))
                 loop = asyncio.get_running_loop()
                 until = loop.time() + 10 * 0.05  # several refreshes of both links
                 while loop.time() < until:
@@ -301,6 +301,11 @@ async def test_the_nodes_count_comes_back_after_a_flush_with_no_append(
     assert [c.split(" (")[0] for c in changes] == [
         "the actions stream's partition count changed from 3 to 4",
     ]
+    disagree = [r.getMessage() for r in caplog.records if "disagree" in r.getMessage()]
+    if written == b"4":  # the 3-link finds 4: told once, however many refreshes
+        assert len(disagree) == 1 and "holds 4, this node writes 3" in disagree[0]
+    else:  # the 4-link finds 3, which it told of when it started (changed from 3 to 4)
+        assert disagree == []
 
 
 async def wait_until_async(read: Any, value: object, timeout: float = 10.0) -> None:

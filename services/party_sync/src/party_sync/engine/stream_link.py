@@ -108,15 +108,27 @@ class StreamEngineLink:
         """Write the count again every ``COUNT_REFRESH`` s **if it is missing** (``SET NX``): a
         flushed or emptied Redis loses it with no append failing, and a worker started then
         would not be checked against it. Only a missing count: nodes of two counts during a
-        change of N do not overwrite each other every few seconds (each wrote its own at start,
-        with the warning)."""
+        change of N do not overwrite each other every few seconds; a count of another node found
+        there is warned about once."""
         key = layout.count_key(self.stream)
         while True:
             await asyncio.sleep(COUNT_REFRESH)
             try:
-                await self._redis.set(key, str(self.partitions), nx=True)
+                there: Any = await self._redis.set(key, str(self.partitions), nx=True, get=True)
             except Exception as exc:  # best effort (Redis down, ...): tried again next time
                 log.debug("cannot write the partition count: %r", exc)
+                continue
+            other = layout.parse_count(there)
+            if other is not None and other != self.partitions and other not in self._counts_told:
+                self._counts_told.add(other)
+                log.warning(
+                    "the nodes disagree on the actions stream's partition count: %s holds %d, "
+                    "this node writes %d; workers check against the key",
+                    key,
+                    other,
+                    self.partitions,
+                    extra={"stream": self.stream},
+                )
 
     async def _write_count(self) -> None:
         """Write N to ``<stream>:partitions`` (best effort: Redis may be down; tried again at the

@@ -228,14 +228,18 @@ async def read_stream(
                 lag = 0
             else:
                 # Workers delete what they handled (XACK + XDEL), never an entry still pending:
-                # what is left is pending or undelivered. (Reading the undelivered entries to
-                # count them would fetch up to the message size limit per entry, at every look.)
-                lag = max(0, length - int(summary.get("pending") or 0))
+                # what is left is pending or undelivered (an estimate: workers of an earlier
+                # release leave handled entries, MAXLEN may trim pending ones). Reading the
+                # undelivered entries to count them would fetch up to the message size limit per
+                # entry, at every look; the one read below says whether there is any.
+                lag = -max(1, length - int(summary.get("pending") or 0))
         oldest_undelivered = 0.0
         if lag:
             after = await redis.xrange(stream, f"({_text(last_delivered)}", "+", count=1)
             first_id = after[0][0] if after else None
             oldest_undelivered = entry_age(first_id, now_ms) if first_id else 0.0
+            if lag < 0:  # the estimate: none at all if nothing follows the last delivered
+                lag = -lag if first_id else 0
     except ResponseError as exc:
         if _missing(exc):  # the group went away between two commands
             return no_group

@@ -341,9 +341,6 @@ local function append(epoch, body, kind, f, also)
   return seq, data
 end
 
--- The party's narration hash (narrate.lua describes it), forgotten when nothing was written to it
--- for its keep time (core/transient.py kept_for): checked against NOW (the hash's PEXPIRE, set to
--- the same time, is the backstop that frees the memory). A script that uses it calls this first.
 -- True when Redis runs this call more than `allowed` seconds after `sent` (both on Redis's clock:
 -- the node adds the offset it measured): Redis was stalled and the node has given up on it.
 local function too_late(sent, allowed)
@@ -351,9 +348,22 @@ local function too_late(sent, allowed)
   return tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(sent) + tonumber(allowed)
 end
 
+-- The party's narration hash (narrate.lua describes it), forgotten when nothing was written to it
+-- for its keep time (core/transient.py kept_for): checked against NOW (the hash's PEXPIRE, set to
+-- the same time, is the backstop that frees the memory). A script that uses it calls this first.
 local function narration_fresh(key, kept_ms)
   local written = redis.call('HGET', key, 'w')
   if written and tonumber(written) + kept_ms / 1000 <= NOW then
     redis.call('DEL', key)
   end
+end
+
+-- Note a write of the narration hash at NOW, never moving its time back: a call a little late, or
+-- from a node whose clock is behind, would otherwise make the next one forget the hash.
+local function narration_written(key, kept_ms)
+  local written = redis.call('HGET', key, 'w')
+  if not written or tonumber(written) < NOW then
+    redis.call('HSET', key, 'w', NOW_TEXT)
+  end
+  redis.call('PEXPIRE', key, kept_ms)
 end

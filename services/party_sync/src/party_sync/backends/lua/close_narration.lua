@@ -28,8 +28,7 @@ local index = string.format('%d', tonumber(last) + 1)
 redis.call('HSET', K_NARRATION, 'm:' .. id, last .. ' 1 ' .. NOW_TEXT .. ' ' .. held .. ' ' .. created)
 redis.call('HDEL', K_NARRATION, 't:' .. id)
 redis.call('HINCRBY', K_NARRATION, 'o', -1)
-redis.call('HSET', K_NARRATION, 'w', NOW_TEXT)
-redis.call('PEXPIRE', K_NARRATION, tonumber(ARGV[11]))
+narration_written(K_NARRATION, tonumber(ARGV[11]))
 local action = redis.call('HGET', K_NARRATION, 'a:' .. id)
 local tail = ''
 if action then

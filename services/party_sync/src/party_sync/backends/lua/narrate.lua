@@ -117,8 +117,7 @@ for i = 14, #ARGV, 7 do
   outcomes[#outcomes + 1] = outcome
 end
 if #taken > 0 then
-  redis.call('HSET', K_NARRATION, 'w', NOW_TEXT)
-  redis.call('PEXPIRE', K_NARRATION, KEPT_MS)
+  narration_written(K_NARRATION, KEPT_MS)
   publish_transient(table.concat(taken, ','))
 end
 return outcomes
