@@ -226,7 +226,8 @@ async def test_a_claim_failing_on_the_backend_leaves_the_entry_pending_until_it_
         # Re-read from the worker's own pending list after each failed round, not after
         # claim_idle (30 s here): the action is run as soon as the backend answers.
         await wait_until(lambda: host.results() == ["stalled"], timeout=10)
-        assert worker.errors == 2
+        # the two failed claims (a round may also fail on a slow first connect, under load)
+        assert host.claim_errors == 0 and worker.errors >= 2
         # A redelivery is claimed on party_sync's record alone (see the worker's docstring).
         assert host.claimed[-1].deadline is None
         assert engine.calls[-1].deadline == 1_900_000_000.0
