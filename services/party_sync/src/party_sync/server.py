@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import gc
 import logging
@@ -29,7 +28,14 @@ from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.backends.redis_connect import RedisTarget
 from party_sync.config import Settings
 from party_sync.devmode import DevSecret
-from party_sync.engine.health import EngineHealth, HealthSource, HttpProbe, StaticHealth, public_url
+from party_sync.engine.health import (
+    EngineHealth,
+    HealthSource,
+    HttpProbe,
+    Periodic,
+    StaticHealth,
+    public_url,
+)
 from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import EngineLink
@@ -41,7 +47,6 @@ from party_sync.metrics import Metrics
 from party_sync.problems import RAW_BODIES
 from party_sync.protocol.errors import ConfigError, ListenError
 from party_sync.protocol.schemas import Contracts
-from party_sync.tasks import cancel_and_wait
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
 
 log = logging.getLogger("party_sync")
@@ -67,31 +72,37 @@ def full_collection_due(closed: int, open_now: int, since_last: float) -> bool:
     return closed >= wanted and since_last >= GC_FULL_MIN_INTERVAL
 
 
-async def pace_full_collections(gateway: Gateway, stop: asyncio.Event, every: float = 10.0) -> None:
-    """Every ``every`` s, a full collection if ``full_collection_due``."""
-    loop = asyncio.get_running_loop()
-    collected_at, lost_then = loop.time(), gateway.core.lost
-    while not stop.is_set():
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(every):
-                await stop.wait()
-        now, lost = loop.time(), gateway.core.lost
-        if full_collection_due(lost - lost_then, len(gateway.core.connections), now - collected_at):
-            started = time.perf_counter()
-            try:
-                freed = gc.collect()
-            except Exception:  # (a finalizer's error: never the end of the pacer)
-                log.exception("full collection failed")
-                freed = -1
-            took = (time.perf_counter() - started) * 1000
-            log.log(
-                logging.INFO if took >= 100 else logging.DEBUG,
-                "full collection after %d closed connections: %d objects in %.0f ms",
-                lost - lost_then,
-                freed,
-                took,
-            )
-            collected_at, lost_then = loop.time(), lost
+class FullCollections:
+    """A full collection when ``full_collection_due``, looked at every ``every`` s."""
+
+    def __init__(self, gateway: Gateway, every: float = 10.0) -> None:
+        self.gateway = gateway
+        self.periodic = Periodic(self._tick, every)
+        self._collected_at = time.monotonic()
+        self._lost_then = gateway.core.lost
+
+    async def _tick(self) -> None:
+        now, lost = time.monotonic(), self.gateway.core.lost
+        closed = lost - self._lost_then
+        if not full_collection_due(
+            closed, len(self.gateway.core.connections), now - self._collected_at
+        ):
+            return
+        started = time.perf_counter()
+        try:
+            freed = gc.collect()
+        except Exception:  # (a finalizer's error: never the end of the pacing)
+            log.exception("full collection failed")
+            freed = -1
+        took = (time.perf_counter() - started) * 1000
+        log.log(
+            logging.INFO if took >= 100 else logging.DEBUG,
+            "full collection after %d closed connections: %d objects in %.0f ms",
+            closed,
+            freed,
+            took,
+        )
+        self._collected_at, self._lost_then = time.monotonic(), lost
 
 
 #: Seconds between two looks at the engine link (stream backlog, HTTP engine URL).
@@ -476,7 +487,8 @@ async def run(
     gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    pacer = loop.create_task(pace_full_collections(server.gateway, stop))
+    collections = FullCollections(server.gateway)
+    collections.periodic.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     backend = describe_backend(settings, server.gateway.backend)
@@ -509,7 +521,7 @@ async def run(
     if worker is not None:
         await worker.started(server, stop.set)
     await stop.wait()
-    await cancel_and_wait([pacer], what="the full collections' pacer")
+    await collections.periodic.stop()
     log.info("party_sync shutting down")
     if on_stop is not None:
         on_stop(settings.shutdown_timeout)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from party_sync import server
-from party_sync.server import full_collection_due, pace_full_collections
+from party_sync.server import FullCollections, full_collection_due
 
 
 def test_a_full_collection_waits_for_enough_closures_and_time() -> None:
@@ -36,8 +36,8 @@ async def test_the_pacer_collects_after_churn_and_not_when_nothing_closed(
     monkeypatch.setattr(gc, "collect", collect)
     core = SimpleNamespace(lost=0, connections={})
     gateway: Any = SimpleNamespace(core=core)
-    stop = asyncio.Event()
-    task = asyncio.get_running_loop().create_task(pace_full_collections(gateway, stop, every=0.01))
+    pacer = FullCollections(gateway, every=0.01)
+    pacer.periodic.start()
     try:
         for _ in range(5):  # nothing closed: never
             await asyncio.sleep(0.01)
@@ -49,5 +49,4 @@ async def test_the_pacer_collects_after_churn_and_not_when_nothing_closed(
             await asyncio.sleep(0.01)
         assert collections == [1]  # once: nothing closed since
     finally:
-        stop.set()
-        await asyncio.wait_for(task, 2)
+        await pacer.periodic.stop()

@@ -449,14 +449,9 @@ class RedisBackend:
         self, binding: Binding, connection_id: str, now: float, trace_id: str
     ) -> Event | None:
         # As begin_action: a call Redis runs past half the command timeout registers nothing.
-        self._measure_clock_soon()
+        sent, stale = self._sent_at()
         return await self.presence.connect(
-            binding,
-            connection_id,
-            now,
-            trace_id,
-            sent=time.time() + self._clock_offset,
-            stale=self.options.command_timeout / 2,
+            binding, connection_id, now, trace_id, sent=sent, stale=stale
         )
 
     async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
@@ -503,6 +498,14 @@ class RedisBackend:
     async def mark_vote_applied(self, party_id: str, vote_id: str) -> None:
         await self.votes.mark_vote_applied(party_id, vote_id)
 
+    def _sent_at(self) -> tuple[float, float]:
+        """The lateness guard's inputs for a script call sent now: when (on Redis's clock: this
+        node's plus the offset measured with TIME, so a node whose clock is off by seconds neither
+        refuses every call nor accepts late ones) and how many seconds later Redis may still run
+        it (half the command timeout: past it the node has given up, or is about to)."""
+        self._measure_clock_soon()
+        return time.time() + self._clock_offset, self.options.command_timeout / 2
+
     def _measure_clock_soon(self) -> None:
         """Measure Redis's clock against this node's at most every ``CLOCK_EVERY`` seconds, in
         the background (the first action after start uses an offset of 0)."""
@@ -544,9 +547,7 @@ class RedisBackend:
         # an action in flight that no engine was given. "Sent" is read on Redis's clock (this
         # node's clock plus the offset measured with TIME), so a node whose clock is off by
         # seconds neither refuses every action nor accepts late ones.
-        stale = self.options.command_timeout / 2
-        self._measure_clock_soon()
-        sent = time.time() + self._clock_offset
+        sent, stale = self._sent_at()
         args: list[Arg] = [  # numbers as text: hiredis formats a float slowly (~0.6 µs each)
             character_id,
             action_id,
@@ -668,10 +669,9 @@ class RedisBackend:
         return [Outcome(text(o)) for o in reply]
 
     def _sent_by(self) -> tuple[str, str]:
-        """When this call is sent, on Redis's clock, and how late Redis may run it (half the
-        command timeout, as ``begin_action``): the lateness guard of the narration scripts."""
-        self._measure_clock_soon()
-        return repr(time.time() + self._clock_offset), repr(self.options.command_timeout / 2)
+        """``_sent_at`` as script arguments (the narration scripts' lateness guard)."""
+        sent, stale = self._sent_at()
+        return repr(sent), repr(stale)
 
     @staticmethod
     def _not_stale(script: str, party_id: str, reply: Any) -> None:

@@ -33,7 +33,6 @@ changed, or the nodes disagree; once per count seen).
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
@@ -44,9 +43,9 @@ from party_sync import tracing
 from party_sync.backends.redis_connect import RedisTarget, make_any_client, stale_socket_retry
 from party_sync.engine import partitions as layout
 from party_sync.engine import wire
+from party_sync.engine.health import Periodic
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -98,37 +97,34 @@ class StreamEngineLink:
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
         self._count_written = False  # N is in <stream>:partitions (as far as this link knows)
         self._counts_told: set[int] = set()  # other counts found there (warned once each)
-        self._refresh: asyncio.Task[None] | None = None
+        self._refresh = Periodic(self._keep_count, COUNT_REFRESH)
 
     async def start(self, host: LinkHost) -> None:
         await self._write_count()
-        self._refresh = asyncio.get_running_loop().create_task(self._keep_count())
+        self._refresh.start()
 
     async def _keep_count(self) -> None:
-        """Write the count again every ``COUNT_REFRESH`` s **if it is missing** (``SET NX``): a
-        flushed or emptied Redis loses it with no append failing, and a worker started then
+        """Write the count again (every ``COUNT_REFRESH`` s) **if it is missing** (``SET NX``):
+        a flushed or emptied Redis loses it with no append failing, and a worker started then
         would not be checked against it. Only a missing count: nodes of two counts during a
         change of N do not overwrite each other every few seconds; a count of another node found
         there is warned about once."""
         key = layout.count_key(self.stream)
-        while True:
-            await asyncio.sleep(COUNT_REFRESH)
-            try:
-                there: Any = await self._redis.set(key, str(self.partitions), nx=True, get=True)
-            except Exception as exc:  # best effort (Redis down, ...): tried again next time
-                log.debug("cannot write the partition count: %r", exc)
-                continue
-            other = layout.parse_count(there)
-            if other is not None and other != self.partitions and other not in self._counts_told:
-                self._counts_told.add(other)
-                log.warning(
-                    "the nodes disagree on the actions stream's partition count: %s holds %d, "
-                    "this node writes %d; workers check against the key",
-                    key,
-                    other,
-                    self.partitions,
-                    extra={"stream": self.stream},
-                )
+        try:
+            there: Any = await self._redis.set(key, str(self.partitions), nx=True, get=True)
+        except Exception as exc:  # best effort (Redis down, ...): tried again next time
+            log.debug("cannot write the partition count: %r", exc)
+            return
+        other = self._first_told(there)
+        if other is not None:
+            log.warning(
+                "the nodes disagree on the actions stream's partition count: %s holds %d, "
+                "this node writes %d; workers check against the key",
+                key,
+                other,
+                self.partitions,
+                extra={"stream": self.stream},
+            )
 
     async def _write_count(self) -> None:
         """Write N to ``<stream>:partitions`` (best effort: Redis may be down; tried again at the
@@ -140,13 +136,8 @@ class StreamEngineLink:
             log.debug("cannot write %s yet: %s", key, exc)
             return
         self._count_written = True
-        previous = layout.parse_count(before)
-        if (
-            previous is not None
-            and previous != self.partitions
-            and previous not in self._counts_told
-        ):
-            self._counts_told.add(previous)
+        previous = self._first_told(before)
+        if previous is not None:
             log.warning(
                 "the actions stream's partition count changed from %d to %d (%s): the entries "
                 "still in the old streams wait for an engine-worker with "
@@ -158,6 +149,15 @@ class StreamEngineLink:
                 self.partitions,
                 extra={"stream": self.stream},
             )
+
+    def _first_told(self, found: Any) -> int | None:
+        """The other count ``found`` in the key, the first time this link meets it (to warn
+        about once), else None."""
+        other = layout.parse_count(found)
+        if other is None or other == self.partitions or other in self._counts_told:
+            return None
+        self._counts_told.add(other)
+        return other
 
     def stream_for(self, party_id: str) -> str:
         """The stream ``party_id``'s entries go to."""
@@ -209,6 +209,5 @@ class StreamEngineLink:
         )
 
     async def close(self) -> None:
-        if self._refresh is not None:
-            await cancel_and_wait([self._refresh], what="the partition count's refresh")
+        await self._refresh.stop()
         await self._redis.aclose()
