@@ -657,6 +657,66 @@ def test_an_answer_owed_to_a_lost_connection_goes_to_the_characters_other_ones()
     assert error_code(node.last(again)) == "action_timeout"
 
 
+@pytest.mark.parametrize("resend", [True, False])
+def test_a_sender_who_reconnected_and_has_its_result_is_not_sent_it_again_at_the_deadline(
+    resend: bool,
+) -> None:
+    """The sender drops while its action runs and resumes after the result was published: its
+    new connection has the result (the replay, and the answer to its resend). The watch the
+    lost connection left finds the result at the deadline: nothing more is sent (it was a
+    second, unasked copy)."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    (pending,) = node.engine
+    node.lose(aria)
+    node.now += 1.0
+    node.answer(pending)  # published while aria is away
+    again = node.join("aria")  # its snapshot stands for the resume's replay here
+    stored = done(node.backend.begin_action("p1", "aria", "a1", node.now, True)).result
+    assert stored is not None
+    seq = codec.seq_of(stored)
+    assert seq is not None and again.tracker.last >= seq
+    if resend:
+        node.act(again, "a1")  # the client resends its pending actions after the hello
+        assert node.last(again)["type"] == t.ACTION_RESULT
+    sent = len(node.frames.get(again.id, []))
+    node.advance(10.0)  # past the first acceptance's deadline
+    assert len(node.frames.get(again.id, [])) == sent
+
+
+def test_a_refusal_told_to_a_resend_is_not_told_again_at_the_deadline() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    refusal = codec.encode({"type": t.ERROR, "payload": {"code": "action_rejected"}})
+    assert done(node.backend.refuse_action("p1", "a1", "aria", refusal, node.now))
+    node.lose(aria)  # the refusal's direct message was lost with the connection
+    again = node.join("aria")
+    node.act(again, "a1")
+    assert error_code(node.last(again)) == "action_rejected"
+    sent = len(node.frames[again.id])
+    node.advance(10.0)
+    assert len(node.frames[again.id]) == sent
+
+
+def test_a_result_another_node_sends_reaches_only_the_connections_that_lack_it() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.answer(node.engine[0])
+    stored = done(node.backend.begin_action("p1", "aria", "a1", node.now, True)).result
+    assert stored is not None
+    other = node.join("aria")  # a second tab, opened after the result
+    sent = {c.id: len(node.frames[c.id]) for c in (aria, other)}
+    node.run(node.core.direct_received("p1", "aria", stored))
+    assert {c.id: len(node.frames[c.id]) for c in (aria, other)} == sent
+    other.tracker.last = (codec.seq_of(stored) or 0) - 1  # this one is a moment behind
+    node.run(node.core.direct_received("p1", "aria", stored))
+    assert len(node.frames[other.id]) == sent[other.id] + 1
+    assert len(node.frames[aria.id]) == sent[aria.id]
+
+
 # -- votes ---------------------------------------------------------------------------------------
 def _start_vote(node: Node, vote_id: str = "v1", timeout_s: float = 30.0) -> None:
     spec = votes.VoteSpec(vote_id, "Which way?", (("A", "Left"), ("B", "Right")), timeout_s)

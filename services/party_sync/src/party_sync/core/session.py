@@ -414,6 +414,11 @@ class PartySessions:
         if party is None:
             return []
         to = [c for c in party if c.character_id == character_id and not c.closed]
+        seq = codec.seq_of(data)
+        if seq is not None:
+            # a stored action.result: a connection whose stream already passed it has it (its
+            # sender resumed, or got it again by resending): only the others get the repeat
+            to = [c for c in to if c.buffer is not None or c.tracker.last < seq]
         if b'"action_id"' in data:
             try:
                 action_id = codec.decode(data)["payload"]["in_reply_to"]["action_id"]
@@ -622,7 +627,18 @@ class PartySessions:
         decision = verdict.decision
         if decision is _DONE:
             assert verdict.result is not None
-            return _repeats(verdict.result, [conn])  # the final answer, sender only
+            # The final answer, sender only. A watch left by a connection of its sender that is
+            # gone, or by this one, is done with: not told again at the deadline.
+            key = (conn.party_id, message.payload["action_id"])
+            watched = self.pending.get(key)
+            if (
+                watched is not None
+                and watched.character_id == conn.character_id
+                and (watched.conn is None or watched.conn is conn or watched.conn.closed)
+            ):
+                del self.pending[key]
+                self.deadlines.cancel(Kind.ACTION, key)
+            return _repeats(verdict.result, [conn])
         if decision is _ACCEPT or decision is _IN_FLIGHT:
             deadline = now + self.rules.action_timeout
             pending = PendingAction(
