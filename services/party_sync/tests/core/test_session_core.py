@@ -173,7 +173,7 @@ class Node:
                         p["character_id"],
                         p["action_id"],
                         c.now,
-                        True,
+                        c.timed,
                         p["action_type"],
                         c.message.trace_id,
                     )
@@ -715,6 +715,62 @@ def test_a_result_another_node_sends_reaches_only_the_connections_that_lack_it()
     node.run(node.core.direct_received("p1", "aria", stored))
     assert len(node.frames[other.id]) == sent[other.id] + 1
     assert len(node.frames[aria.id]) == sent[aria.id]
+
+
+@pytest.mark.parametrize("resent", ["before the first deadline", "after it"])
+def test_an_action_resent_after_the_backend_lost_its_record_is_never_timed_out(
+    resent: str,
+) -> None:
+    """Redis restarted empty while an engine (a stream worker, frozen) had started the action:
+    the record saying so is gone. The sender resends it (after its 4003 and new hello); the
+    ledger, empty, accepts it again. At the deadline nothing says an engine started it, yet one
+    did: an action_timeout would be false (the engine applies it afterwards). This node
+    accepted it before, so it is accepted without a deadline; its answer comes from the engine,
+    which deduplicates by action_id."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    assert len(node.engine) == 1
+    node.backend = MemoryBackend(BackendSettings(action_timeout=RULES.action_timeout))
+    node.subscribed.clear()  # the party's state is gone (a new epoch)
+    node.lose(aria)
+    again = node.join("aria")
+    if resent == "after it":
+        node.advance(RULES.action_timeout + 0.01)  # the first watch finds no record (GONE)
+        assert error_code(node.last(again)) == "backend_unavailable"
+    node.act(again, "a1")
+    assert node.types(again)[-1] == t.ACTION_ACCEPTED and len(node.engine) == 2
+    node.advance(3 * RULES.action_timeout)
+    assert "action_timeout" not in [
+        error_code(f) for f in node.frames[again.id] if f["type"] == t.ERROR
+    ]
+    assert ("action_answers", "timeout") not in node.meter.counts
+    node.answer(node.engine[1])  # the engine's answer (the first delivery's, deduplicated)
+    assert node.types(again)[-1] == t.ACTION_RESULT
+    node.act(again, "a2")  # the character is not held by it
+    assert node.types(again)[-1] == t.ACTION_ACCEPTED
+
+
+def test_an_action_this_node_never_accepted_is_timed_out_as_usual_after_a_state_loss() -> None:
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.backend = MemoryBackend(BackendSettings(action_timeout=RULES.action_timeout))
+    node.subscribed.clear()
+    node.lose(aria)
+    again = node.join("aria")
+    node.now += 1.0
+    node.act(again, "b1")  # a new action: refused at its deadline if nobody starts it
+    node.advance(RULES.action_timeout - 0.5)  # a1's old watch: GONE, told backend_unavailable
+    assert error_code(node.last(again)) == "backend_unavailable"
+    node.advance(1.0)
+    assert error_code(node.last(again)) == "action_timeout"
+    assert set(node.core.lost_actions) == {("p1", "a1")}
+    node.advance(700.0)
+    node.act(again, "a1")  # remembered for action_record_ttl only
+    node.advance(RULES.action_timeout + 0.01)
+    assert error_code(node.last(again)) == "action_timeout"
+    assert node.core.lost_actions == {}
 
 
 # -- votes ---------------------------------------------------------------------------------------

@@ -121,11 +121,14 @@ class Announce:
 
 @dataclass(slots=True)
 class BeginAction:
-    """``backend.begin_action`` for a client's ``action.request``; then ``action_verdict``."""
+    """``backend.begin_action`` for a client's ``action.request``; then ``action_verdict``.
+    ``timed``: False for an action this node accepted before whose record may be lost
+    (``PartySessions._timed``): accepted again, it has no deadline."""
 
     conn: Connection
     message: Inbound
     now: float
+    timed: bool = True
 
 
 @dataclass(slots=True)

@@ -84,6 +84,8 @@ _ACCEPT: Final = Decision.ACCEPT
 _DONE: Final = Decision.DONE
 _IN_FLIGHT: Final = Decision.IN_FLIGHT
 _ACTION: Final = Kind.ACTION
+#: the most actions ``PartySessions.lost_actions`` remembers (a Redis restart under heavy traffic)
+_MAX_LOST: Final = 10_000
 _DEBUG: Final = logging.DEBUG
 _DELTA: Final = t.NARRATION_DELTA
 
@@ -132,6 +134,7 @@ class Rules:
     max_message_bytes: int = 65536
     heartbeat: float = 25.0
     narration_idle: float = 30.0
+    action_record_ttl: float = 600.0
 
 
 @dataclass(slots=True)
@@ -163,6 +166,9 @@ class PartySessions:
         self.parties: dict[str, set[Connection]] = {}
         #: (party_id, action_id) → the actions whose sender has no final answer yet
         self.pending: dict[tuple[str, str], PendingAction] = {}
+        #: (party_id, action_id) → until when: actions this node accepted whose record the
+        #: backend then lost (its state was lost: Redis restarted empty), oldest first
+        self.lost_actions: dict[tuple[str, str], float] = {}
         self.deadlines = Deadlines()
         self.stopping = False
         self.limits = {
@@ -613,8 +619,32 @@ class PartySessions:
             # server-made ids (a finished vote is applied as "vote:<vote_id>") are unforgeable
             text = "action_ids starting with 'vote:' are reserved"
         else:
-            return [BeginAction(conn, message, now)]
+            return [BeginAction(conn, message, now, self._timed(conn, action_id, now))]
         return self.refuse(conn, _action_refusal(message, ErrorCode.FORBIDDEN, text), now)
+
+    def _timed(self, conn: Connection, action_id: str, now: float) -> bool:
+        """Whether the action may be refused at a deadline if no engine starts it by then: not
+        when this node accepted it before and the backend may have lost its record since (the
+        party's state was lost: Redis restarted empty). Then an engine may still be applying the
+        first delivery, and nothing the ledger holds now says so: an ``action_timeout`` would be
+        false. Such an action has no deadline; its answer comes from an engine (the engine
+        deduplicates by ``action_id``), like a vote's."""
+        key = (conn.party_id, action_id)
+        earlier = self.pending.get(key)
+        if earlier is not None:
+            return earlier.character_id != conn.character_id
+        if not self.lost_actions:
+            return True
+        self._forget_lost(now)
+        return key not in self.lost_actions
+
+    def _forget_lost(self, now: float) -> None:
+        lost = self.lost_actions
+        while lost:
+            key = next(iter(lost))
+            if lost[key] > now and len(lost) <= _MAX_LOST:
+                break
+            del lost[key]
 
     def action_verdict(self, cmd: BeginAction, verdict: Verdict | None) -> Commands:
         """The ledger's verdict on an ``action.request`` (None: the backend was unreachable)."""
@@ -723,6 +753,10 @@ class PartySessions:
             self.meter.count("action_answers", "resent")
             return self._answer(action, answer)
         if outcome is Sweep.GONE:
+            key = (action.party_id, action.action_id)
+            self.lost_actions.pop(key, None)
+            self.lost_actions[key] = now + self.rules.action_record_ttl
+            self._forget_lost(now)
             self.meter.count("errors", ErrorCode.BACKEND_UNAVAILABLE.value)
             text = "the party's state was lost: send the same action again to learn its outcome"
             gone = self._action_error(action, ErrorCode.BACKEND_UNAVAILABLE, text, now)

@@ -149,7 +149,7 @@ class Executor:
                 conn.character_id,
                 payload["action_id"],
                 command.now,
-                True,
+                command.timed,
                 payload["action_type"],
                 message.trace_id,
                 self.claim_on_accept,

@@ -80,6 +80,7 @@ class Gateway:
             max_message_bytes=settings.max_message_bytes,
             heartbeat=settings.heartbeat,
             narration_idle=settings.narration_idle,
+            action_record_ttl=settings.action_record_ttl,
         )
         self._wake = asyncio.Event()  # an earlier deadline was armed: the timer looks again
         self.core = PartySessions(rules, contracts, MetricsMeter(self.metrics), self._wake.set)
