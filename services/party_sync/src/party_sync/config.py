@@ -63,6 +63,26 @@ def workers_count(value: str) -> int:
 #: latency cost (the Redis one paid twice per action); past a few milliseconds it buys nothing more
 #: (docs/redis.md).
 MAX_WRITE_DELAY = 0.01
+#: The largest number any setting takes: durations (seconds) up to about 31 years, sizes and
+#: counts up to 2**31 - 1. Beyond, a value is a typo, and it overflows where it is used (a TTL in
+#: milliseconds for Redis, a size for aiohttp's C reader, a timer).
+MAX_SECONDS = 1e9
+MAX_COUNT = 2**31 - 1
+#: Durations Redis or the history keep in whole milliseconds: a positive value below one would
+#: round to 0 (a key that expires at once, or no bound at all).
+MILLISECOND_SETTINGS = frozenset(
+    {
+        "party_ttl",
+        "presence_ttl",
+        "action_record_ttl",
+        "action_timeout",
+        "narration_idle",
+        "history_max_age",
+        "presence_grace",
+        "redis_command_timeout",
+        "redis_probe_interval",
+    }
+)
 
 
 def _option(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
@@ -483,6 +503,11 @@ def _redis_url_problem(url: str | None) -> str | None:
         parse_url(url)
     except ValueError as exc:
         return f"redis_url: {exc}"
+    if not url.startswith("unix:"):
+        path = urlsplit(url).path.strip("/")
+        if path and not path.isdigit():
+            # redis-py ignores such a path and uses db 0: say so before anything is written there
+            return "redis_url: the path must be a database number (redis://host:port/0), or none"
     return None
 
 
@@ -541,7 +566,18 @@ def validate(settings: Settings) -> None:
         value = getattr(settings, option.name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{option.name} must be a finite number")
+        if isinstance(value, float) and value > MAX_SECONDS:
+            raise ConfigError(f"{option.name} must be at most {MAX_SECONDS:.0e}")
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+            raise ConfigError(f"{option.name} must be at most {MAX_COUNT}")
+        if option.name in MILLISECOND_SETTINGS and 0 < value < 0.001:
+            raise ConfigError(f"{option.name} must be at least 0.001 (one millisecond)")
     checks: Sequence[tuple[bool, str]] = (
+        (
+            bool(settings.host.strip()),
+            "host must not be empty (0.0.0.0 listens on every interface, 127.0.0.1 on this "
+            "machine only)",
+        ),
         (0 < settings.port < 65536, "port must be 1..65535"),
         (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),
         (

@@ -225,7 +225,14 @@ def describe_engine(settings: Settings, link: EngineLink) -> tuple[str, str]:
 
 def unused_engine_setting(settings: Settings, transport: str) -> str | None:
     """A warning when ``engine`` (``--engine``, ``PARTY_SYNC_ENGINE``) was set but the node does
-    not host an engine (its transport is the stream or HTTP, where the engine runs elsewhere)."""
+    not host an engine (its transport is the stream or HTTP, where the engine runs elsewhere), or
+    ``engine_url`` / ``engine_notice_url`` were set but the transport is not HTTP."""
+    if transport != "http" and (settings.engine_url or settings.engine_notice_url):
+        name = "engine_url" if settings.engine_url else "engine_notice_url"
+        return (
+            f"{name} is set but not used: the engine transport is {transport}; set "
+            "engine_transport to http (or auto) to deliver actions to the engine URL"
+        )
     default = Settings.__dataclass_fields__["engine"].default
     if transport == "inprocess" or settings.engine == default:
         return None

@@ -80,3 +80,13 @@ def test_an_engine_set_for_a_node_that_does_not_host_one_is_warned_about() -> No
         warning = unused_engine_setting(mine, transport)
         assert warning is not None
         assert "my_game.engine:create is not used" in warning and transport in warning
+
+
+def test_an_engine_url_the_transport_does_not_use_is_warned_about_without_the_url() -> None:
+    url = "http://user:s3cret@engine.internal:9000/actions"
+    for transport in ("inprocess", "stream"):
+        for settings in (Settings(engine_url=url), Settings(engine_notice_url=url)):
+            warning = unused_engine_setting(settings, transport)
+            assert warning is not None and "is set but not used" in warning
+            assert "s3cret" not in warning and "engine.internal" not in warning
+    assert unused_engine_setting(Settings(engine_url=url), "http") is None

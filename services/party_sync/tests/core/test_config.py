@@ -351,3 +351,60 @@ def test_a_setting_that_is_not_a_number_says_so_in_plain_words(
     with pytest.raises(ConfigError) as raised:
         load(parse_flags(), env={ENV_PREFIX + name: value})
     assert str(raised.value) == f"{ENV_PREFIX}{name}: {said}"
+
+
+NUMBER_SETTINGS = [
+    env
+    for _, env, _, default in options()
+    if isinstance(default, int | float) and not isinstance(default, bool)
+]
+
+
+@pytest.mark.parametrize("env_var", NUMBER_SETTINGS)
+@pytest.mark.parametrize("value", ["1e308", "99999999999999999999999"])
+def test_no_setting_takes_a_number_too_large_to_use(env_var: str, value: str) -> None:
+    """A huge value passed the lower bounds, then overflowed where it was used: every connection
+    failed (aiohttp's reader, the history's age in ms), a TTL for Redis, a timer thread, while
+    /readyz said ready. Each is a configuration error, naming the setting."""
+    name = env_var.removeprefix(ENV_PREFIX).lower()
+    if isinstance(Settings.__dataclass_fields__[name].default, int) and "e" in value:
+        value = str(10**30)  # an int setting refuses the float notation as it is
+    with pytest.raises(ConfigError, match=name):
+        load(parse_flags(), env={env_var: value})
+
+
+@pytest.mark.parametrize(
+    "name", ["party_ttl", "presence_ttl", "action_record_ttl", "history_max_age", "action_timeout"]
+)
+def test_a_duration_kept_in_milliseconds_is_not_rounded_to_nothing(name: str) -> None:
+    with pytest.raises(ConfigError, match=f"{name} must be at least 0.001"):
+        load(parse_flags(), env={ENV_PREFIX + name.upper(): "0.0001"})
+    load(parse_flags(), env={ENV_PREFIX + name.upper(): "0.001"})  # a millisecond is taken
+
+
+def test_an_empty_host_is_refused_not_every_interface() -> None:
+    with pytest.raises(ConfigError, match="host must not be empty"):
+        load(parse_flags(), env={ENV_PREFIX + "HOST": ""})
+    with pytest.raises(ConfigError, match="host must not be empty"):
+        load(parse_flags("--host", " "), env={})
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("redis://127.0.0.1:6379/abc", False),
+        ("redis://127.0.0.1:6379/0/x", False),
+        ("redis://127.0.0.1:6379/3", True),
+        ("redis://127.0.0.1:6379", True),
+        ("redis://127.0.0.1:6379/", True),
+        ("unix:///run/redis.sock?db=2", True),
+    ],
+)
+def test_a_redis_url_whose_path_is_not_a_db_number_is_refused(url: str, ok: bool) -> None:
+    """redis-py ignores such a path and writes to db 0 while the log names the path."""
+    if ok:
+        validate(Settings(redis_url=url))
+    else:
+        with pytest.raises(ConfigError, match="database number") as raised:
+            validate(Settings(redis_url=url))
+        assert url not in str(raised.value)
