@@ -568,7 +568,12 @@ def validate(settings: Settings) -> None:
             raise ConfigError(f"{option.name} must be a finite number")
         if isinstance(value, float) and value > MAX_SECONDS:
             raise ConfigError(f"{option.name} must be at most {MAX_SECONDS:.0e}")
-        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_COUNT:
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and value > MAX_COUNT
+            and option.name != "telegram_bot_id"  # an id, not a count: bounded below
+        ):
             raise ConfigError(f"{option.name} must be at most {MAX_COUNT}")
         if option.name in MILLISECOND_SETTINGS and 0 < value < 0.001:
             raise ConfigError(f"{option.name} must be at least 0.001 (one millisecond)")

@@ -144,7 +144,8 @@ class Metrics:
         )
         self.messages_out = TypeCounter(
             "party_sync_messages_out_total",
-            "Messages sent to clients (one per recipient), by type",
+            "Messages sent to clients (one per recipient), by type; the events of a resume's "
+            "replay are not counted by type",
             r,
         )
         self.errors = Counter(

@@ -25,13 +25,17 @@ async def test_health_readiness_and_metrics() -> None:
         a, _ = await srv.join("aria")
         await a.send("{bad")
         await a.expect("system.error")
+        b, _ = await srv.join("borin")
+        await a.expect("party.join")
         async with srv.http.get(srv.base + "/metrics") as resp:
             text = await resp.text()
-        assert "party_sync_connections 1.0" in text
+        assert "party_sync_connections 2.0" in text
         assert 'party_sync_errors_total{code="bad_json"} 1.0' in text
-        assert 'party_sync_messages_out_total{type="system.hello"} 1.0' in text
-        assert 'party_sync_messages_out_total{type="party.join"} 1.0' in text  # aria saw her join
+        assert 'party_sync_messages_out_total{type="system.hello"} 2.0' in text
+        # one frame: borin's join, to aria (each one's own join is in its hello, not sent)
+        assert 'party_sync_messages_out_total{type="party.join"} 1.0' in text
         await a.close()
+        await b.close()
 
 
 OK_ENGINE = EngineHealth("stream", True, "1 engine worker(s) consume party_sync:actions")

@@ -773,6 +773,29 @@ def test_an_action_this_node_never_accepted_is_timed_out_as_usual_after_a_state_
     assert node.core.lost_actions == {}
 
 
+def test_every_close_and_every_refusal_a_player_is_told_is_counted_once() -> None:
+    """party_sync_closes_total counted only some closes (not a resync's 4003, a failed open's
+    1011, a leave's 1000); party_sync_errors_total missed refusals made on another node or by
+    the engine (they arrive as direct messages); messages_out counted a party event for every
+    connection of the party, those that did not get it included."""
+    node = Node()
+    aria = node.join("aria")
+    refusal = codec.encode({"type": t.ERROR, "payload": {"code": "action_rejected"}})
+    node.run(node.core.direct_received("p1", "aria", refusal))
+    node.run(node.core.direct_received("p1", "nobody-here", refusal))  # not told here
+    assert node.meter.counts[("errors", "action_rejected")] == 1
+    node.unavailable = True
+    node.join("borin")  # its open fails: told backend_unavailable and closed with 1011
+    node.unavailable = False
+    assert node.meter.counts[("closes", str(CloseCode.INTERNAL_ERROR))] == 1
+    assert node.meter.counts[("errors", "backend_unavailable")] == 1
+    node.act(aria, "a1")
+    node.advance(RULES.action_timeout + 0.01)  # nobody started it: told action_timeout
+    assert node.meter.counts[("errors", "action_timeout")] == 1
+    node.run(node.core.drain())
+    assert node.meter.counts[("closes", str(CloseCode.GOING_AWAY))] == 1
+
+
 # -- votes ---------------------------------------------------------------------------------------
 def _start_vote(node: Node, vote_id: str = "v1", timeout_s: float = 30.0) -> None:
     spec = votes.VoteSpec(vote_id, "Which way?", (("A", "Left"), ("B", "Right")), timeout_s)

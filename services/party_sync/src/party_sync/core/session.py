@@ -225,8 +225,9 @@ class PartySessions:
             if conn is None:
                 return []
             error = self._error_bytes(ErrorCode.TOKEN_EXPIRED, "token expired: reconnect", now)
+            self.meter.count("errors", ErrorCode.TOKEN_EXPIRED.value)
             out: Commands = [Send(error, [conn])]
-            out.extend(self._close(conn, CloseCode.TOKEN_EXPIRED, "token expired", count=True))
+            out.extend(self._close(conn, CloseCode.TOKEN_EXPIRED, "token expired"))
             return out
         if kind is Kind.GRACE:
             binding = self._graces.pop(key, None)
@@ -309,6 +310,7 @@ class PartySessions:
     def open_failed(self, conn: Connection, now: float) -> Commands:
         """The backend could not be reached while opening: the client retries."""
         error = self._error_bytes(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable", now)
+        self.meter.count("errors", ErrorCode.BACKEND_UNAVAILABLE.value)
         out: Commands = [Send(error, [conn])]
         out.extend(self._close(conn, CloseCode.INTERNAL_ERROR, "backend unavailable: retry"))
         return out
@@ -354,7 +356,7 @@ class PartySessions:
         """An operator closes one character's connections here: how many, and the closes."""
         out: Commands = []
         for conn in self._of(party_id, character_id):
-            out.extend(self._close(conn, code, reason, count=True))
+            out.extend(self._close(conn, code, reason))
         return len(out), out
 
     def drain(self) -> Commands:
@@ -362,7 +364,6 @@ class PartySessions:
         self.stopping = True
         out: Commands = []
         for conn in list(self.connections.values()):
-            self.meter.count("closes", str(CloseCode.GOING_AWAY))
             out.extend(self._close(conn, CloseCode.GOING_AWAY, "server shutting down: reconnect"))
         return out
 
@@ -395,7 +396,7 @@ class PartySessions:
                 # The backend repairs gaps before delivering; reaching here means it could not.
                 out.extend(self._close(conn, CloseCode.RESYNC, "stream gap: resync"))
         type_ = event.type
-        self.meter.sent(type_, len(party))
+        self.meter.sent(type_, len(to))
         if type_ == t.ACTION_RESULT:
             pending = self.pending.pop((event.party_id, event.payload["action_id"]), None)
             if pending is not None:
@@ -434,6 +435,15 @@ class PartySessions:
             if pending is not None and pending.character_id == character_id:
                 del self.pending[(party_id, pending.action_id)]
                 self.deadlines.cancel(Kind.ACTION, (party_id, pending.action_id))
+        if to and seq is None and b'"system.error"' in data:
+            # a refusal made on whichever node (the engine's, a timeout, a failed link): counted
+            # where it reaches its player (its maker counts only what it sends itself)
+            try:
+                code = str(codec.decode(data)["payload"]["code"])
+            except (ValueError, KeyError, TypeError):
+                code = None
+            if code is not None:
+                self.meter.count("errors", code)
         return _repeats(data, to)
 
     def transient_received(self, party_id: str, items: Sequence[Transient], now: float) -> Commands:
@@ -593,9 +603,7 @@ class PartySessions:
         strike = exc.code in BAD_INPUT or exc.code is ErrorCode.RATE_LIMITED
         if strike and conn.limits.strike(now):
             out.extend(
-                self._close(
-                    conn, CloseCode.POLICY_VIOLATION, "too many bad or excess messages", count=True
-                )
+                self._close(conn, CloseCode.POLICY_VIOLATION, "too many bad or excess messages")
             )
         return out
 
@@ -715,8 +723,8 @@ class PartySessions:
 
     def fail_action(self, action: PendingAction, code: ErrorCode, text: str) -> Commands:
         """An action will never be applied: its refusal is its final answer (on whichever node);
-        if it cannot be recorded (Redis down), the deadline answers it."""
-        self.meter.count("errors", code.value)
+        if it cannot be recorded (Redis down), the deadline answers it. Counted in ``errors``
+        where it reaches its sender (``direct_received``)."""
         return [FailAction(action, code, text)]
 
     def _refuse_action(self, cmd: BeginAction | Submit, code: ErrorCode, text: str) -> Commands:
@@ -732,9 +740,8 @@ class PartySessions:
         """What the ledger found at the action's deadline (``Sweep``)."""
         action, now = cmd.action, cmd.now
         if outcome is Sweep.TIMED_OUT:
-            self.meter.count("errors", ErrorCode.ACTION_TIMEOUT.value)
             self.meter.count("action_answers", "timeout")
-            return self._answer(action, cmd.refusal)
+            return self._answer(action, cmd.refusal, ErrorCode.ACTION_TIMEOUT)
         if outcome is Sweep.FINAL:
             assert answer is not None
             conn = action.conn
@@ -757,10 +764,9 @@ class PartySessions:
             self.lost_actions.pop(key, None)
             self.lost_actions[key] = now + self.rules.action_record_ttl
             self._forget_lost(now)
-            self.meter.count("errors", ErrorCode.BACKEND_UNAVAILABLE.value)
             text = "the party's state was lost: send the same action again to learn its outcome"
             gone = self._action_error(action, ErrorCode.BACKEND_UNAVAILABLE, text, now)
-            return self._answer(action, gone)
+            return self._answer(action, gone, ErrorCode.BACKEND_UNAVAILABLE)
         # STARTED (its answer comes from the engine) / NOT_DUE: look again one timeout later
         if action.conn is not None and not action.conn.closed:
             self._watch(action, now + self.rules.action_timeout)
@@ -774,11 +780,16 @@ class PartySessions:
             self._watch(cmd.action, cmd.now + min(1.0, self.rules.action_timeout))
         return []
 
-    def _answer(self, action: PendingAction, data: bytes) -> Commands:
+    def _answer(
+        self, action: PendingAction, data: bytes, code: ErrorCode | None = None
+    ) -> Commands:
         """An action's answer to its sender: on its connection, or (closed: the player may have
-        reconnected elsewhere) to every connection of the character."""
+        reconnected elsewhere) to every connection of the character. A refusal (``code``) is
+        counted here when sent here, else where it arrives (``direct_received``)."""
         conn = action.conn
         if conn is not None and not conn.closed:
+            if code is not None:
+                self.meter.count("errors", code.value)
             return _repeats(data, [conn])
         if action.character_id == t.PARTY_ACTOR:
             return []
@@ -947,12 +958,12 @@ class PartySessions:
         party = self.parties.get(party_id, ())
         return [c for c in party if c.character_id == character_id and not c.closed]
 
-    def _close(self, conn: Connection, code: int, reason: str, count: bool = False) -> Commands:
+    def _close(self, conn: Connection, code: int, reason: str) -> Commands:
+        """Close ``conn`` with ``code`` (once), counted in ``party_sync_closes_total``."""
         if conn.closed:
             return []
         conn.closed = True
-        if count:
-            self.meter.count("closes", str(code))
+        self.meter.count("closes", str(code))
         return [Close(conn, code, reason)]
 
     def _error_bytes(self, code: ErrorCode, message: str, now: float) -> bytes:
