@@ -8,7 +8,9 @@
  * - a refused handshake: a browser's WebSocket reports only a failed connection (1006), so the
  *   client asks the same URL once over HTTP (`fetch`) to learn the status: 401 (a token refused)
  *   and 403 (refused) stop it with a reason the page can put in words, instead of retrying
- *   forever;
+ *   forever. Only a status the page can read counts: not across origins (the server adds no
+ *   CORS headers), and not an `Origin` outside `allowed_origins` (a same-origin GET carries no
+ *   `Origin`, so the probe gets 400): a page kept out by that list keeps reconnecting;
  * - reconnecting with exponential backoff and full jitter, except after 1000 (left) and 1008
  *   (policy), where it stops; after an operator's disconnect (4004) it waits long first;
  * - a link gone silent: a browser's WebSocket hides the server's pings, so after
@@ -552,7 +554,9 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   /**
    * Ask the URL of a failed handshake over HTTP (the same GET, without the upgrade): the server
    * answers it as it answered the handshake, 401 for a refused token, 403 for a refused
-   * connection, 400 (not a WebSocket request) when it would have accepted it.
+   * connection, 400 (not a WebSocket request) when it would have accepted it. Except for the
+   * `Origin`: the handshake carries the page's, a same-origin GET none, so a handshake refused
+   * for its origin is answered 400 here (and on another origin no answer can be read at all).
    */
   async #probe(connection: number): Promise<void> {
     const fetchStatus = this.#fetch;

@@ -20,7 +20,8 @@ export class PartySyncError extends Error {
 
 /** Why a client stopped for good (it will not reconnect by itself). */
 export type ClosedReason =
-  /** `leave()`, or the server closed with 1000 after this character left the party. */
+  /** The server closed with 1000: this character left the party (by `leave()`, or elsewhere).
+   *  Only this reason says the character was removed from the roster. */
   | "left"
   /** `close()` was called. */
   | "closed"
@@ -31,8 +32,11 @@ export type ClosedReason =
   /** The server refused the token (the handshake was answered 401: invalid, expired, for
    *  another server) and no `getToken` hook could give one it accepts. */
   | "unauthorized"
-  /** The server refused the connection for good (the handshake was answered 403, 404 or 410:
-   *  an origin not allowed, an operator's block, no such endpoint). `httpStatus` says which. */
+  /** The server refused the connection for good: the client's HTTP probe of the failed
+   *  handshake was answered 403, 404 or 410 (an operator's block, no such endpoint).
+   *  `httpStatus` says which. Never for an `Origin` outside `allowed_origins`: the browser sends
+   *  no `Origin` with the probe's same-origin GET (answered 400), and a page on another origin
+   *  cannot read the answer (no CORS), so such a page keeps reconnecting. */
   | "refused";
 
 /** The client stopped (see `reason`) before the request could be answered. */

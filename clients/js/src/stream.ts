@@ -23,6 +23,9 @@
  *   unconfirmed ballot go out; an `action.result` settles its action whatever its seq (the server
  *   answers a repeated `action_id` with its result as a repeat, a seq at or below the last), a `system.error` about it too,
  *   except `action_in_flight` (the first attempt is still running: keep waiting);
+ * - `leave()` sends `party.leave` on the live connection, or (offline) on the next one once it has
+ *   caught up, and again on every later one until the server's 1000 stops the client (`left`);
+ *   no 1000 within `LEAVE_WAIT_MS` drops the link and reconnects to say it again;
  * - after a close: 1000 and 1008 stop, 4001 fetches a fresh token (or stops without a hook),
  *   4004 (an operator's disconnect) reconnects after half to all of the backoff's cap, anything
  *   else after `fullJitterDelay(attempt)`; a hello resets the attempt count;
@@ -88,7 +91,10 @@ export const CLOSE_OPERATOR = 4004;
 export const CLOSE_ABNORMAL = 1006;
 /** The code this client closes with when it drops a connection to resync. */
 export const CLIENT_CLOSE_RESYNC = 4000;
-/** After `leave()`, how long to wait for the server's 1000 before stopping anyway. */
+/**
+ * After a `party.leave` went out, how long to wait for the server's 1000 before taking the link
+ * for dead: it is dropped and the leave is said again on the next connection.
+ */
 export const LEAVE_WAIT_MS = 5000;
 
 /** Statuses of a probed handshake that stop the client (`refused`): forbidden, no such endpoint. */
@@ -249,7 +255,10 @@ export class ClientStream {
   #failedHandshakes = 0;
   #armed: Timer | null = null;
   #resumeNext = true;
+  /** `leave()` was called: a `party.leave` goes out on every connection until the server's 1000. */
   #leaving = false;
+  /** The connection the `party.leave` was last sent on (0: never sent). */
+  #leaveSentOn = 0;
   #epoch: string | null = null;
   #lastSeq: number | null = null;
   /** After a resumed hello: the seq the replay reaches; requests wait until then. */
@@ -337,22 +346,31 @@ export class ClientStream {
     return this.due();
   }
 
-  /** `leave()`: say `party.leave` and wait for the server's 1000, or stop at once if offline. */
+  /**
+   * `leave()`: say `party.leave` and wait for the server's 1000 (which stops the client as
+   * `left`). Offline, it (re)connects and says it once the connection is live, like the Python
+   * client: only the server's 1000 means the character left. Should the client stop for another
+   * reason first (a refused handshake, 1008, `close()`), `closedReason` says which.
+   */
   leave(): Output[] {
     if (this.#status === "closed") return [];
     this.#leaving = true;
     if (this.#socket && this.#helloOn === this.#connection && this.#state !== null) {
-      this.#armed = "leave";
-      const message: ClientMessage = {
-        type: "party.leave",
-        payload: { character_id: this.#state.you },
-      };
-      return [
-        { type: "send", message },
-        { type: "arm", timer: "leave", delayMs: LEAVE_WAIT_MS },
-      ];
+      return this.#sendLeave(this.#state.you);
     }
-    return this.#stop("left");
+    // Not live: said by `due()` once the next connection has caught up with its hello.
+    return this.#status === "idle" ? this.start() : [];
+  }
+
+  #sendLeave(you: string): Output[] {
+    if (this.#leaveSentOn === this.#connection) return [];
+    this.#leaveSentOn = this.#connection;
+    this.#armed = "leave";
+    const message: ClientMessage = { type: "party.leave", payload: { character_id: you } };
+    return [
+      { type: "send", message },
+      { type: "arm", timer: "leave", delayMs: LEAVE_WAIT_MS },
+    ];
   }
 
   /** `close()`: disconnect and stop. */
@@ -411,7 +429,8 @@ export class ClientStream {
     this.#socket = false;
     const hadHello = this.#helloOn === this.#connection;
     if (this.#status === "closed") return [];
-    if (code === CLOSE_NORMAL || this.#leaving) return this.#stop("left", undefined, code, reason);
+    // Only the 1000 says the character left: after any other close a leave is said again.
+    if (code === CLOSE_NORMAL) return this.#stop("left", undefined, code, reason);
     if (code === CLOSE_POLICY) return this.#stop("policy", undefined, code, reason);
     if (code === CLOSE_TOKEN_EXPIRED) {
       if (!this.#canRefresh) return this.#stop("token_expired", undefined, code, reason);
@@ -466,7 +485,13 @@ export class ClientStream {
   timerFired(timer: Timer): Output[] {
     if (this.#armed !== timer || this.#status === "closed") return [];
     this.#armed = null;
-    return timer === "reconnect" ? [{ type: "open" }] : this.#stop("left", CLOSE_NORMAL);
+    if (timer === "reconnect") return [{ type: "open" }];
+    // No 1000 after the party.leave: take the link for dead and say the leave again.
+    this.#socket = false;
+    return [
+      { type: "hangUp", code: CLOSE_NORMAL, reason: "leave unconfirmed" },
+      ...this.#scheduleReconnect({ reason: "leave unconfirmed" }),
+    ];
   }
 
   #scheduleReconnect(info: { code?: number; reason?: string }, wait: number | null = null): Output[] {
@@ -849,6 +874,7 @@ export class ClientStream {
         message: { type: "vote.cast", trace_id: traceId, payload: { vote_id: voteId, option } },
       });
     }
+    if (this.#leaving) out.push(...this.#sendLeave(state.you));
     return out;
   }
 }

@@ -696,6 +696,44 @@ describe("leaving and closing", () => {
     assert.equal(FakeSocket.all.length, 1);
   });
 
+  it("leave() while offline reconnects, sends party.leave and settles only at the 1000", async () => {
+    const h = harness();
+    await joined(h);
+    h.socket().drop(1006);
+    assert.equal(h.client.status, "reconnecting");
+    let settled = false;
+    const left = h.client.leave().then(() => (settled = true));
+    await tick();
+    assert.equal(settled, false, "not settled while the server has not heard of it");
+    assert.notEqual(h.client.status, "closed");
+    const socket = await reconnect(h);
+    assert.deepEqual(socket.sentOfType("party.leave"), [], "not before the hello");
+    socket.deliver(hello(0, { resumed_from: 0 }));
+    const [sent] = socket.sentOfType("party.leave");
+    assert.deepEqual(sent?.["payload"], { character_id: "aria" });
+    assertValidClientMessages(socket);
+    await tick();
+    assert.equal(settled, false, "still waiting for the 1000");
+    socket.drop(1000);
+    await left;
+    assert.equal(h.client.closedReason, "left");
+    h.timers.advance(60_000);
+    await tick();
+    assert.equal(FakeSocket.all.length, 2, "no reconnect after the 1000");
+  });
+
+  it("leave() whose reconnect is refused settles with the refusal, not as left", async () => {
+    const h = harness({ fetch: async () => ({ status: 403 }) });
+    await joined(h);
+    h.socket().drop(1006);
+    const left = h.client.leave();
+    const socket = await reconnect(h);
+    socket.drop(1006); // the handshake failed: the probe learns 403
+    await left;
+    assert.equal(h.client.status, "closed");
+    assert.equal(h.client.closedReason, "refused");
+  });
+
   it("a listener that closes the client midway stops it: no reconnect", async () => {
     // The demo page closes the client from its tokenError listener when sign-in is refused.
     const h = harness({

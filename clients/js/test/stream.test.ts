@@ -674,27 +674,69 @@ describe("ClientStream: close codes, tokens and backoff", () => {
 });
 
 describe("ClientStream: leaving and closing", () => {
-  it("leave() online says party.leave and waits for the 1000; the wait ending stops it", () => {
+  it("leave() online says party.leave and waits for the 1000; the wait ending says it again", () => {
     const s = makeStream();
     online(s);
     const out = s.leave();
+    const leaveMessage = { type: "party.leave", payload: { character_id: "aria" } };
     assert.deepEqual(out, [
-      { type: "send", message: { type: "party.leave", payload: { character_id: "aria" } } },
+      { type: "send", message: leaveMessage },
       { type: "arm", timer: "leave", delayMs: LEAVE_WAIT_MS },
     ]);
+    assert.deepEqual(s.leave(), [], "said once per connection");
+    // No 1000 in time: the link is taken for dead, not the leave for done.
     const end = s.timerFired("leave");
-    assert.deepEqual(end.slice(0, 2), [{ type: "disarm" }, { type: "hangUp", code: 1000 }]);
-    assert.equal(s.closedReason, "left");
+    assert.deepEqual(kinds(end), ["hangUp", "status", "arm"]);
+    assert.equal(s.status, "reconnecting");
+    assert.equal(s.closedReason, null);
+    assert.deepEqual(kinds(s.timerFired("reconnect")), ["open"]);
+    assert.notEqual(s.dial(), null, "resumes");
+    const again = s.receive(frame(hello(0, { resumed_from: 0 })));
+    assert.deepEqual(sent(again), [leaveMessage], "said again on the next connection");
+    assert.deepEqual(statuses(s.closed(1000, "")).map((c) => c.closedReason), ["left"]);
   });
 
-  it("leave() online then any close stops as left; leave() offline stops at once", () => {
+  it("leave() online then a close other than 1000 reconnects and says it again", () => {
     const s = makeStream();
     online(s);
     s.leave();
-    assert.deepEqual(statuses(s.closed(1006, "")).map((c) => c.closedReason), ["left"]);
-    const offline = makeStream();
-    offline.start();
-    assert.deepEqual(kinds(offline.leave()), ["disarm", "hangUp", "status", "stopped"]);
+    const out = s.closed(1006, "");
+    assert.deepEqual(statuses(out).map((c) => c.status), ["reconnecting"]);
+    assert.deepEqual(kinds(s.timerFired("reconnect")), ["open"]);
+    s.dial();
+    const again = s.receive(frame(hello(0, { resumed_from: 0 })));
+    assert.deepEqual(
+      sent(again).map((m) => m.type),
+      ["party.leave"],
+    );
+    assert.deepEqual(statuses(s.closed(1000, "")).map((c) => c.closedReason), ["left"]);
+  });
+
+  it("leave() offline says party.leave once reconnected and stops only at the 1000", () => {
+    const s = makeStream();
+    online(s);
+    s.closed(1006, "");
+    assert.deepEqual(s.leave(), [], "nothing to send on, and not stopped");
+    assert.equal(s.status, "reconnecting");
+    assert.equal(s.closedReason, null);
+    s.timerFired("reconnect");
+    s.dial();
+    const out = s.receive(frame(hello(0, { resumed_from: 0 })));
+    assert.deepEqual(sent(out), [
+      { type: "party.leave", payload: { character_id: "aria" } },
+    ]);
+    assert.ok(out.some((o) => o.type === "arm" && o.timer === "leave"));
+    assert.deepEqual(statuses(s.closed(1000, "")).map((c) => c.closedReason), ["left"]);
+  });
+
+  it("leave() before connect() connects first; a refused handshake stops it as refused", () => {
+    const s = makeStream({ probeHandshakes: true });
+    assert.deepEqual(statuses(s.leave()).map((c) => c.status), ["connecting"]);
+    s.dial();
+    s.closed(1006, "");
+    const out = s.probed(1, 403);
+    assert.deepEqual(statuses(out).map((c) => [c.closedReason, c.httpStatus]), [["refused", 403]]);
+    assert.equal(s.closedReason, "refused", "not left: the leave was never said");
   });
 
   it("close() closes with 1000 and every later input is void", () => {
