@@ -1054,6 +1054,34 @@ def test_a_stream_left_open_is_closed_after_the_idle_time_once() -> None:
     assert _narrate(node, "n1", 3, "late") == ["gap"]
 
 
+@pytest.mark.parametrize("joined", ["before the pieces", "after them (from its hello)"])
+def test_a_stream_the_backend_forgot_before_closing_it_is_closed_for_the_members_here(
+    joined: str,
+) -> None:
+    """Redis stalled longer than the narration's keep time (2 x narration_idle): when it came
+    back, the hash had expired, close_narration found nothing, and the members connected all
+    along were never sent the closing piece (their screens showed the stream live until their
+    next hello). The node closes it for its own members, once, after the last index it saw."""
+    node = Node(rules=Rules(action_timeout=5.0, presence_grace=10.0, narration_idle=30.0))
+    aria = node.join("aria") if joined == "before the pieces" else None
+    _narrate(node, "n1", 0, "Once upon")
+    _narrate(node, "n1", 1, " a time")
+    if aria is None:
+        aria = node.join("aria")
+    node.backend.close_narration = (  # type: ignore[method-assign]
+        lambda party_id, stream_id, now, trace_id: _async(transient.GONE)
+    )
+    node.advance(31.0)
+    assert [d for d in _deltas(node, aria) if d[3]] == [("n1", 2, "", True)]
+    node.advance(120.0)
+    assert [d for d in _deltas(node, aria) if d[3]] == [("n1", 2, "", True)]  # once
+    assert not node.core._narrating  # not watched any more
+
+
+async def _async(value: Any) -> Any:
+    return value
+
+
 def test_a_reconnect_does_not_put_the_close_of_a_dead_stream_off() -> None:
     node = Node(rules=Rules(action_timeout=5.0, presence_grace=10.0, narration_idle=30.0))
     aria = node.join("aria")

@@ -211,3 +211,36 @@ async def test_the_timeout_sweep_logs_a_stall_once_and_its_end(
         engine.gate.set()
         assert (await a.until("action.result", timeout=10))["payload"]["action_id"] == "held"
         await a.close()
+
+
+async def test_a_stream_whose_hash_expired_in_a_stall_is_still_closed_for_the_members(
+    redis: RedisServer,
+) -> None:
+    """Redis stalled for longer than the narration's keep time (2 x narration_idle): when it is
+    back the narration hash has expired, and the members connected all along must still get
+    the stream's closing piece (docs/protocol.md: closed "to the members connected then")."""
+    import time
+
+    from party_sync.core import transient
+
+    settings = make_settings(
+        redis_url=redis.url,
+        engine_transport="inprocess",
+        redis_command_timeout=COMMAND_TIMEOUT,
+        narration_idle=1.0,  # kept_for: 2 s
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        backend = srv.server.gateway.backend
+        a, _ = await srv.join("aria")
+        piece = transient.piece(
+            "s1", 0, "The tide", done=False, action_id=None, trace_id=None, now=time.time()
+        )
+        await backend.narrate("p1", [piece], time.time())
+        first = await a.until("narration.delta")
+        assert first["payload"]["index"] == 0
+        with stalled(redis):
+            await asyncio.sleep(3.5)  # past the idle time and the keep time
+        pieces = await a.pieces("s1", timeout=10)
+        assert pieces[-1]["done"] is True and pieces[-1]["index"] == 1
+        assert [p["index"] for p in pieces] == [1]  # once, after the last one

@@ -301,9 +301,11 @@ class NarrationStore(Protocol):
 
     async def close_narration(
         self, party_id: str, stream_id: str, now: float, trace_id: str
-    ) -> float | None:
+    ) -> float | str | None:
         """Close the stream if it has had no piece for ``narration_idle`` (its empty last piece
-        goes to every member); when to look again if it had one since; None: nothing to do."""
+        goes to every member); when to look again if it had one since; None: nothing to do (it
+        is closed); ``core.transient.GONE``: the backend does not know the stream any more (its
+        keep time passed, say during a long stall), so whoever still shows it must close it."""
         ...
 
 

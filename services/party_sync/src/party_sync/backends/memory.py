@@ -25,7 +25,15 @@ from party_sync.core.history import ResumePoint
 from party_sync.core.presence import announce_again
 from party_sync.core.published import repeated
 from party_sync.core.snapshot import Snapshot
-from party_sync.core.transient import Outcome, Piece, Transient, accepted, closing_piece, failed
+from party_sync.core.transient import (
+    GONE,
+    Outcome,
+    Piece,
+    Transient,
+    accepted,
+    closing_piece,
+    failed,
+)
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import VoteConflict
@@ -448,10 +456,10 @@ class MemoryBackend:
 
     async def close_narration(
         self, party_id: str, stream_id: str, now: float, trace_id: str
-    ) -> float | None:
+    ) -> float | str | None:
         party = self._parties.get(party_id)
         if party is None:
-            return None
+            return GONE
         closed = party.narration.close_idle(stream_id, now)
         if not isinstance(closed, tuple):
             return closed

@@ -61,6 +61,7 @@ from party_sync.core.history import ResumePoint
 from party_sync.core.published import repeated
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
+    GONE,
     MAX_KEPT_STREAMS,
     MAX_OPEN_STREAMS,
     MAX_STREAM_CHARS,
@@ -685,7 +686,7 @@ class RedisBackend:
 
     async def close_narration(
         self, party_id: str, stream_id: str, now: float, trace_id: str
-    ) -> float | None:
+    ) -> float | str | None:
         idle = self.settings.narration_idle
         kept_ms = int(kept_for(idle) * 1000)
         args: list[Arg] = [
@@ -699,4 +700,7 @@ class RedisBackend:
         with unavailable("close_narration"):
             reply = await self.scripts.run("close_narration", party_id, now, args, narration=True)
         self._not_stale("close_narration", party_id, reply)
-        return float(text(reply[1])) if text(reply[0]) == "due" else None
+        answer = text(reply[0])
+        if answer == "due":
+            return float(text(reply[1]))
+        return GONE if answer == "gone" else None

@@ -32,7 +32,7 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from party_sync.core import votes
+from party_sync.core import transient, votes
 from party_sync.core.actions import Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.commands import (
@@ -184,6 +184,8 @@ class PartySessions:
         self._applying: dict[tuple[str, str], _Applying] = {}
         #: (party_id, stream_id) → when this node last saw a piece of that open narration stream
         self._narrating: dict[tuple[str, str], float] = {}
+        #: (party_id, stream_id) → the last index of it seen here, for the streams watched
+        self._narration_index: dict[tuple[str, str], int] = {}
         self._schedule = RefreshSchedule(max(0.15, rules.presence_ttl), PRESENCE_SLICES)
 
     # -- time -----------------------------------------------------------------------------------
@@ -299,6 +301,7 @@ class PartySessions:
             key = (conn.party_id, stream_id)
             if key not in self._narrating:
                 self._narrating[key] = now - self.rules.narration_idle
+                self._narration_index[key] = streams[stream_id]
                 self._arm(Kind.NARRATION, key, now)
         frames, gap = conn.go_live(last, streams)
         out.extend(Send(data, [conn]) for data in frames)
@@ -468,9 +471,11 @@ class PartySessions:
             if item.type == _DELTA:
                 if item.done:
                     self._narrating.pop((party_id, item.key), None)
+                    self._narration_index.pop((party_id, item.key), None)
                     self.deadlines.cancel(Kind.NARRATION, (party_id, item.key))
                 else:
                     self._watch_narration(party_id, item.key, now)
+                    self._narration_index[(party_id, item.key)] = item.position
             if live:
                 out.append(Send(item.data, live))
             meter.sent(item.type, len(live))
@@ -486,14 +491,22 @@ class PartySessions:
         """No connection of the party is left here: its streams are not watched from here."""
         for key in [k for k in self._narrating if k[0] == party_id]:
             del self._narrating[key]
+            self._narration_index.pop(key, None)
             self.deadlines.cancel(Kind.NARRATION, key)
 
-    def narration_looked(self, cmd: CloseNarration, due: float | None) -> Commands:
+    def narration_looked(self, cmd: CloseNarration, due: float | str | None) -> Commands:
         """The backend closed the stream (its closing piece is on its way), or it had ended, or
-        it had a piece this node has not seen yet: look again at ``due``."""
+        it had a piece this node has not seen yet: look again at ``due``. ``GONE``: the backend
+        forgot the stream (its keep time passed during a long stall) before anyone closed it:
+        this node closes it for its own members, who would show it open until their next hello."""
         key = (cmd.party_id, cmd.stream_id)
-        if due is None or cmd.party_id not in self.parties:
+        if due == transient.GONE and key in self._narrating and cmd.party_id in self.parties:
+            index = self._narration_index.get(key, -1) + 1
+            closing = transient.closing_piece(cmd.stream_id, index, None, cmd.trace_id, cmd.now)
+            return self.transient_received(cmd.party_id, [closing.transient()], cmd.now)
+        if due is None or isinstance(due, str) or cmd.party_id not in self.parties:
             self._narrating.pop(key, None)
+            self._narration_index.pop(key, None)
         else:
             self._narrating[key] = due - self.rules.narration_idle
             self._arm(Kind.NARRATION, key, due)

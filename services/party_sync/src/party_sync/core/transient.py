@@ -31,6 +31,11 @@ MAX_STREAM_CHARS: Final = 20_000
 MAX_KEPT_STREAMS: Final = 32
 
 
+#: ``close_narration``'s answer when the backend no longer knows the stream at all (not ended
+#: by a closing piece it published: forgotten, e.g. kept_for passed during a long Redis stall).
+GONE: Final = "gone"
+
+
 def kept_for(idle: float) -> float:
     """How long a party's narration is kept after its last change (the Redis hash's expiry)."""
     return max(1.0, 2 * idle)
@@ -257,12 +262,15 @@ class NarrationBook:
         self.written = now
         return Outcome.TAKEN
 
-    def close_idle(self, stream_id: str, now: float) -> tuple[int, str | None] | float | None:
+    def close_idle(self, stream_id: str, now: float) -> tuple[int, str | None] | float | str | None:
         """An open stream without a piece for ``idle`` seconds ends: ``(index, action_id)`` of
-        its closing piece. A stream written to since: when to look again. Else None."""
+        its closing piece. A stream written to since: when to look again. Ended: None. Not
+        known (never, or forgotten after ``kept_for``): ``GONE``."""
         self._expire(now)
         stream = self._streams.get(stream_id)
-        if stream is None or stream.done:
+        if stream is None:
+            return GONE
+        if stream.done:
             return None
         if stream.updated + self.idle > now:
             return stream.updated + self.idle

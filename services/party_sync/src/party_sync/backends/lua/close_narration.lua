@@ -4,8 +4,9 @@
 -- timestamp, ARGV[10] the trace_id of the closing piece, ARGV[11] the hash's keep time in ms,
 -- ARGV[12] when the node sent this call and ARGV[13] the most seconds after that it may run
 -- (narrate.lua: a call Redis runs too late changes nothing).
--- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended or unknown) |
--- {'stale'}.
+-- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended) | {'gone'} (not
+-- known: never, or forgotten after its keep time, say during a long stall: a node still showing
+-- it closes it for its own members) | {'stale'}.
 local K_NARRATION, id = KEYS[12], ARGV[7]
 if too_late(ARGV[12], ARGV[13]) then
   return {'stale'}
@@ -13,7 +14,7 @@ end
 narration_fresh(K_NARRATION, tonumber(ARGV[11]))
 local meta = redis.call('HGET', K_NARRATION, 'm:' .. id)
 if not meta then
-  return {'none'}
+  return {'gone'}
 end
 local last, ended, updated, held, created = string.match(meta, '^(%S+) (%S+) (%S+) (%S+) (%S+)$')
 if ended == '1' then
