@@ -12,11 +12,12 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Final
 
 from jwt.warnings import InsecureKeyLengthWarning
 
 from party_sync import __version__, config, devmode, logs
-from party_sync.auth import MIN_JWT_SECRET_BYTES, issue_token
+from party_sync.auth import MAX_TIMESTAMP, MIN_JWT_SECRET_BYTES, issue_token
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
 from party_sync.protocol.errors import ConfigError, ListenError
@@ -28,15 +29,43 @@ def _finite_positive(value: float) -> bool:
     return 0 < value < float("inf")  # false for NaN too
 
 
+#: The longest duration an option takes (10 years): beyond it a number is a mistake, and one
+#: like 1e308 overflows what it is turned into (milliseconds for Redis, a timer).
+MAX_SECONDS: Final = 10 * 365 * 86_400
+
+
 def _seconds(text: str) -> float:
-    """An argparse type: a finite number of seconds > 0 (not inf, nan, 0 or negative)."""
+    """An argparse type: a finite number of seconds > 0 (not inf, nan, 0 or negative), at most
+    ``MAX_SECONDS``."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not _finite_positive(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0 seconds, not {text!r}")
+    if not _finite_positive(value) or value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be a finite number > 0 seconds, at most {MAX_SECONDS} (10 years), not {text!r}"
+        )
     return value
+
+
+def _partitions(text: str) -> int:
+    """An argparse type: a count of actions-stream partitions, 1..``MAX_STREAM_PARTITIONS``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= config.MAX_STREAM_PARTITIONS:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number 1..{config.MAX_STREAM_PARTITIONS}, not {text!r}"
+        )
+    return value
+
+
+def _name(text: str) -> str:
+    """An argparse type: a name that is not empty (nor only blanks)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text
 
 
 def _port(text: str) -> int:
@@ -134,12 +163,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument(
         "--stream",
+        type=_name,
         default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", ACTIONS_STREAM),
         help="the actions stream [env PARTY_SYNC_ACTIONS_STREAM] (party_sync:actions)",
     )
     worker.add_argument(
         "--actions-stream-partitions",
-        type=int,
+        type=_partitions,
         default=None,
         help="read this many partitions of the stream, <stream>:0 ... <stream>:N-1 (1: the one "
         "stream); must be the serving nodes' count, else the worker refuses to start (not "
@@ -147,14 +177,19 @@ def _parser() -> argparse.ArgumentParser:
         "[env PARTY_SYNC_ACTIONS_STREAM_PARTITIONS] (1)",
     )
     worker.add_argument(
-        "--group", default="campaign-engine", help="consumer group (default campaign-engine)"
+        "--group",
+        type=_name,
+        default="campaign-engine",
+        help="consumer group (default campaign-engine)",
     )
-    worker.add_argument("--consumer", default=None, help="consumer name (default host-pid)")
+    worker.add_argument(
+        "--consumer", type=_name, default=None, help="consumer name (default host-pid)"
+    )
     worker.add_argument(
         "--claim-idle",
         type=_seconds,
         default=30.0,
-        help="seconds before a dead worker's pending actions are taken over (30)",
+        help="seconds before a dead worker's pending actions are taken over (30; at most 10 years)",
     )
     worker.add_argument(
         "--burst", action="store_true", help="exit once the stream has nothing more to do"
@@ -174,7 +209,12 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--name", default=None, help="display_name claim (default: the character id)"
     )
-    token.add_argument("--ttl", type=float, default=3600.0, help="lifetime in seconds (3600)")
+    token.add_argument(
+        "--ttl",
+        type=float,
+        default=3600.0,
+        help="lifetime in seconds (3600); the token must expire by the end of year 9999",
+    )
     token.add_argument(
         "--sub",
         default=None,
@@ -184,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
         "--secret",
         default=None,
         help="HMAC secret (default: $PARTY_SYNC_JWT_SECRET, else the development secret of a "
-        f"`party-sync serve` started in this directory: ./{DEV_SECRET_FILE})",
+        f"`party-sync serve` started in this directory: ./{DEV_SECRET_FILE}); signed with the "
+        "first of $PARTY_SYNC_JWT_ALGORITHMS (HS256)",
     )
     return parser
 
@@ -221,7 +262,7 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             origin = f"the one kept in {kept.path}: earlier links still work"
         log.warning(
-            "PARTY_SYNC_JWT_SECRET is not set: DEVELOPMENT secret (%s). Set a secret in "
+            "PARTY_SYNC_JWT_SECRET is not set (or empty): DEVELOPMENT secret (%s). Set a secret in "
             "production.",
             origin,
             extra={"dev_secret_file": str(kept.path) if kept else None},
@@ -320,9 +361,48 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
     return lines
 
 
+#: What ``party-sync token`` signs with (a server takes HMAC algorithms only: ``auth.py``).
+_HMAC_ALGORITHMS: Final = ("HS256", "HS384", "HS512")
+
+
+def _token_algorithm() -> str | None:
+    """The algorithm ``party-sync token`` signs with: the first of ``PARTY_SYNC_JWT_ALGORITHMS``
+    (what a server configured so accepts), HS256 when unset; None (after one line on stderr) for
+    a list a server would refuse."""
+    raw = os.environ.get("PARTY_SYNC_JWT_ALGORITHMS", "")
+    algorithms = tuple(part.strip() for part in raw.split(",") if part.strip()) or ("HS256",)
+    wrong = [name for name in algorithms if name not in _HMAC_ALGORITHMS]
+    if wrong:
+        print(
+            f"party-sync token: PARTY_SYNC_JWT_ALGORITHMS names {', '.join(map(repr, wrong))}: "
+            f"connection tokens are signed with an HMAC algorithm ({', '.join(_HMAC_ALGORITHMS)})",
+            file=sys.stderr,
+        )
+        return None
+    return algorithms[0]
+
+
 def _token(args: argparse.Namespace) -> int:
+    now = time.time()
     if not _finite_positive(args.ttl):
         print("party-sync token: --ttl must be a finite number > 0 seconds", file=sys.stderr)
+        return 2
+    if now + args.ttl > MAX_TIMESTAMP:
+        print(
+            f"party-sync token: --ttl is too long: the token must expire by the end of year 9999 "
+            f"(exp {MAX_TIMESTAMP}, the latest a server accepts), at most "
+            f"{int(MAX_TIMESTAMP - now)} seconds from now",
+            file=sys.stderr,
+        )
+        return 2
+    if args.secret is not None and not args.secret:
+        print(
+            "party-sync token: --secret is empty (leave it out to use $PARTY_SYNC_JWT_SECRET)",
+            file=sys.stderr,
+        )
+        return 2
+    algorithm = _token_algorithm()
+    if algorithm is None:
         return 2
     secret = args.secret or os.environ.get("PARTY_SYNC_JWT_SECRET")
     if not secret:
@@ -353,9 +433,10 @@ def _token(args: argparse.Namespace) -> int:
                 campaign_run_id=args.run,
                 character_id=args.character,
                 display_name=args.character if args.name is None else args.name,
-                now=time.time(),
+                now=now,
                 ttl=args.ttl,
                 sub=args.sub,
+                algorithm=algorithm,
             )
     except ValueError as exc:  # an id or display name that breaks its rule
         print(f"party-sync token: {exc}", file=sys.stderr)
@@ -368,24 +449,56 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engine_http(args: argparse.Namespace) -> int:
+def _route_problem(path: str, notice_path: str) -> str | None:
+    """Why ``--path`` / ``--notice-path`` cannot be the engine host's two routes, or None."""
     from aiohttp import web
 
-    from party_sync.engine.http_host import ApiPublisher, base_urls, build_host_app
+    for flag, value in (("--path", path), ("--notice-path", notice_path)):
+        if not value.startswith("/"):
+            return f"{flag} must start with '/' (got {value!r})"
+    if path == notice_path:
+        return f"--path and --notice-path must differ (both are {path!r})"
+
+    async def nothing(request: web.Request) -> web.Response:  # pragma: no cover (never called)
+        raise web.HTTPNotFound()
+
+    router = web.Application().router
+    for flag, value in (("--path", path), ("--notice-path", notice_path)):
+        try:
+            router.add_post(value, nothing)
+        except (ValueError, RuntimeError) as exc:  # a bad pattern; a route the other hides
+            return f"{flag} {value!r} cannot be a route: {exc}"
+    return None
+
+
+def _engine_http(args: argparse.Namespace) -> int:
+    from party_sync.engine.health import public_url
+    from party_sync.engine.http_host import (
+        ApiPublisher,
+        base_urls,
+        build_host_app,
+        credentials_problem,
+        run_host,
+    )
     from party_sync.engine.loader import load_engine
-    from party_sync.problems import RAW_BODIES
     from party_sync.server import arm_exit_watchdog
 
     level = os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
     if level.upper() not in config.LOG_LEVELS:
         raise ConfigError(f"PARTY_SYNC_LOG_LEVEL must be one of {', '.join(config.LOG_LEVELS)}")
+    problem = _route_problem(args.path, args.notice_path)
+    if problem is not None:
+        raise ConfigError(problem)
     urls = base_urls(args.party_sync_url)
     if not urls:
         raise ConfigError("--party-sync-url names no URL")
     for url in urls:
-        problem = config.http_url_problem("--party-sync-url", url)
+        problem = config.http_url_problem("--party-sync-url", url) or credentials_problem(
+            "--party-sync-url (PARTY_SYNC_URL)", url
+        )
         if problem is not None:
             raise ConfigError(problem)
+    budget = _shutdown_timeout()
     logs.configure(level, "json")
     _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
@@ -402,26 +515,22 @@ def _engine_http(args: argparse.Namespace) -> int:
         args.path,
         notice_path=args.notice_path,
     )
-    base = f"http://{args.host}:{args.port}"
-    print(
+    base = f"http://[{args.host}]:{args.port}" if ":" in args.host else None
+    base = base or f"http://{args.host}:{args.port}"
+    ready = (
         f"engine {args.engine} on {base}{args.path} (notices: {base}{args.notice_path}), "
-        f"publishing to {', '.join(urls)}",
-        flush=True,
+        f"publishing to {', '.join(public_url(url) for url in urls)}"  # never a password
     )
-    budget = _shutdown_timeout()
-
-    async def arm(app: web.Application) -> None:  # the stop began (SIGTERM, SIGINT)
-        arm_exit_watchdog(budget)
-
-    app.on_shutdown.append(arm)
-    web.run_app(
-        app,
-        host=args.host,
-        port=args.port,
-        print=None,
-        access_log=None,
-        shutdown_timeout=budget,  # then the engine calls still running are cancelled
-        **RAW_BODIES,  # bodies are inflated by problems.read_body, bounded, or not at all
+    # Bound first, then the ready line: a script waiting for it can connect at once.
+    asyncio.run(
+        run_host(
+            app,
+            args.host,
+            args.port,
+            shutdown_timeout=budget,  # then the engine calls still running are cancelled
+            on_ready=lambda: print(ready, flush=True),
+            on_stop=arm_exit_watchdog,  # the stop began (SIGTERM, SIGINT)
+        )
     )
     return 0
 
@@ -433,8 +542,11 @@ def _shutdown_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value >= 0 or value == float("inf"):
-        raise ConfigError("PARTY_SYNC_SHUTDOWN_TIMEOUT must be a number of seconds >= 0")
+    if not 0 <= value <= MAX_SECONDS:
+        raise ConfigError(
+            f"PARTY_SYNC_SHUTDOWN_TIMEOUT must be a number of seconds >= 0, at most {MAX_SECONDS} "
+            "(10 years)"
+        )
     return value
 
 

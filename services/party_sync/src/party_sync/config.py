@@ -164,7 +164,12 @@ class Settings:
     )
     engine_http_timeout: float = _option(5.0, "Seconds one HTTP delivery to the engine may take.")
     engine_http_retries: int = _option(
-        8, "Retries of an HTTP delivery after a connection error or a 5xx (backoff with jitter)."
+        8,
+        "Retries of an HTTP delivery to the engine while every attempt is refused at connect "
+        "time (then the player gets engine_unavailable), and of a join notice (backoff with full "
+        "jitter); once an attempt may have reached the engine (a 5xx, a timeout, a dropped "
+        "connection) an action is retried until it is answered or action_record_ttl passes, as "
+        "is a restate notice.",
     )
     engine_notice_url: str | None = _option(
         None,

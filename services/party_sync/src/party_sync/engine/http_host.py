@@ -14,12 +14,16 @@ code is the same object that runs in-process; nothing in it knows about HTTP.
   ``action_timeout``, which is then true. A later attempt past its deadline *is* handed to the
   engine: an earlier one may have started it, and the engine deduplicates by ``action_id``;
 - 422: the engine refused the action (``EngineRejected``) or the body is invalid (final);
-- 500 ``{"error": "engine_error"}``: the engine raised, so it did not apply the action (the engine
-  contract); party_sync retries it (deduplication keeps a retry from applying twice) and after
-  the fifth such answer tells the player ``engine_error``;
-- 503 ``{"error": "backend_unavailable"}``: party_sync was unreachable under the engine (a publish
-  failed: ``BackendUnavailable``, an ``OSError`` or a timeout), so the engine may have applied it;
-  retried like any 5xx, never reported as a failure.
+- 500 ``{"error": "engine_error"}``: the engine itself raised, so it did not apply the action
+  (the engine contract); party_sync retries it (deduplication keeps a retry from applying twice)
+  and after the fifth such answer tells the player ``engine_error``;
+- 503 ``{"error": "backend_unavailable"}``: a publish failed under the engine, so the engine may
+  have applied the action: any exception the engine let out that stems from one of its
+  ``ApiPublisher`` calls in this delivery (whatever its type: ``BackendUnavailable``, a refusal,
+  an error of the HTTP client; also inside an ``ExceptionGroup`` or as the ``__cause__`` /
+  ``__context__`` of what the engine raised), and ``BackendUnavailable``, an ``OSError`` or a
+  timeout; retried like any 5xx (the engine deduplicates by ``action_id`` and publishes again),
+  never reported as a failure.
 
 Handlers raise; ``problems.answer_errors`` answers by the one table (``problems.PROBLEMS``),
 rendered as this host's ``{"error": <code>, "detail"}`` JSON. The body is read by
@@ -43,10 +47,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from typing import Any, Final
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -55,6 +62,7 @@ from aiohttp.typedefs import Handler
 
 from party_sync import problems, tracing
 from party_sync.engine import wire
+from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import INFRA_ERRORS
 from party_sync.engine.interface import (
     ActionRequest,
@@ -66,12 +74,13 @@ from party_sync.engine.interface import (
     VoteStarter,
     restate_engine,
 )
-from party_sync.problems import DeadlinePassed, EngineFailed, InvalidDelivery, read_body
+from party_sync.problems import RAW_BODIES, DeadlinePassed, EngineFailed, InvalidDelivery, read_body
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import (
     BackendUnavailable,
     InvalidEvent,
+    ListenError,
     NarrationConflict,
     VoteConflict,
 )
@@ -94,6 +103,61 @@ DEADLINE_HEADER: Final = "X-Action-Deadline"
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
+#: What the ``ApiPublisher`` calls of the delivery being handled raised (``receive_action`` sets
+#: it around the engine's call; tasks the engine starts inherit it): what the engine lets out
+#: that stems from one of these is a publish that failed, not the engine's own failure.
+_PUBLISH_FAILURES: ContextVar[list[BaseException] | None] = ContextVar(
+    "party_sync_publish_failures", default=None
+)
+
+
+def _note_publish_failure(exc: BaseException) -> None:
+    failures = _PUBLISH_FAILURES.get()
+    if failures is not None:
+        failures.append(exc)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc``, its ``__cause__`` / ``__context__`` chain and the members of exception groups."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo += [e for e in (current.__cause__, current.__context__) if e is not None]
+        if isinstance(current, BaseExceptionGroup):
+            todo += current.exceptions
+
+
+def _publish_failed(exc: BaseException, failures: Sequence[BaseException]) -> bool:
+    """Does ``exc`` (what the engine raised) stem from a failed publish of this delivery, or is
+    it (or a member of its group) party_sync unreachable (``INFRA_ERRORS``)?"""
+    noted = {id(failure) for failure in failures}
+    if any(id(e) in noted for e in _chain(exc)):
+        return True
+    if isinstance(exc, BaseExceptionGroup):
+        return any(_publish_failed(member, ()) for member in exc.exceptions)
+    return isinstance(exc, INFRA_ERRORS)
+
+
+def credentials_problem(name: str, url: str) -> str | None:
+    """Why ``url`` (setting ``name``) cannot be a party_sync URL to publish to: one with a user
+    or password in it (the API key authenticates: aiohttp refuses both at once, on every
+    publish). None when it has none. The URL itself is not repeated."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None  # (config.http_url_problem says what is wrong with it)
+    if parts.username is None and parts.password is None:
+        return None
+    return (
+        f"{name} must not carry a user or password (user:password@): publishing authenticates "
+        "with party_sync's API key (--api-key or PARTY_SYNC_API_KEY)"
+    )
+
 
 class ApiPublisher(VoteStarter, NarrationSender):
     """``EventPublisher`` over party_sync's server API: ``POST /api/v1/parties/{party_id}/events``
@@ -111,7 +175,8 @@ class ApiPublisher(VoteStarter, NarrationSender):
     or dropped connection, a timeout) goes to the next node at once, each node once before
     the backoff starts, then ``retries`` more attempts around them. So an engine whose node died
     publishes through another one instead of losing the answer with it. A vote request, which
-    is not retried, moves on only when a node could not be reached at all.
+    is not retried, moves on only when a node could not be reached at all. A URL with a user or
+    password in it is refused (``ValueError``): the API key authenticates.
     """
 
     def __init__(
@@ -138,6 +203,10 @@ class ApiPublisher(VoteStarter, NarrationSender):
         urls = base_urls(value) if isinstance(value, str) else [u.rstrip("/") for u in value]
         if not urls:
             raise ValueError("ApiPublisher needs at least one party_sync URL")
+        for url in urls:
+            problem = credentials_problem("a party_sync URL", url)
+            if problem is not None:
+                raise ValueError(problem)
         self._bases, self._current = urls, 0
 
     @property
@@ -166,6 +235,15 @@ class ApiPublisher(VoteStarter, NarrationSender):
         *,
         trace_id: str | None = None,
     ) -> int:
+        try:
+            return await self._publish(party_id, type, payload, trace_id)
+        except Exception as exc:
+            _note_publish_failure(exc)
+            raise
+
+    async def _publish(
+        self, party_id: str, type: str, payload: Mapping[str, Any], trace_id: str | None
+    ) -> int:
         envelope: dict[str, Any] = {"type": type, "payload": dict(payload)}
         if trace_id:
             envelope["trace_id"] = trace_id
@@ -186,6 +264,13 @@ class ApiPublisher(VoteStarter, NarrationSender):
         """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``, checked by
         ``NarrationSender`` before anything is sent): 409 is ``NarrationConflict``, another 4xx
         ``InvalidEvent``."""
+        try:
+            await self._send_piece(piece)
+        except Exception as exc:
+            _note_publish_failure(exc)
+            raise
+
+    async def _send_piece(self, piece: NarrationPiece) -> None:
         party_id, stream_id, index = piece.party_id, piece.stream_id, piece.index
         path = f"/api/v1/parties/{party_id}/narration"
         status, body = await self._post(
@@ -229,6 +314,11 @@ class ApiPublisher(VoteStarter, NarrationSender):
                         return resp.status, answer
             except retry_on:
                 pass
+            except Exception as exc:  # a request the client cannot make: no retry would help
+                raise BackendUnavailable(
+                    f"cannot send to {public_url(self._bases[node])}: "
+                    f"{type(exc).__name__}: {str(exc)[:200]}"
+                ) from exc
             self._failed(node)
             if attempt + 1 >= nodes and attempt + 1 < attempts:  # every node tried: back off
                 await asyncio.sleep(0.1 * 2 ** (attempt + 1 - nodes))
@@ -242,6 +332,13 @@ class ApiPublisher(VoteStarter, NarrationSender):
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         """``POST /api/v1/parties/{party_id}/votes`` (party_sync checks the request)."""
+        try:
+            return await self._request_vote_any_node(request)
+        except Exception as exc:
+            _note_publish_failure(exc)
+            raise
+
+    async def _request_vote_any_node(self, request: VoteRequest) -> Mapping[str, Any]:
         assert self._http is not None, "open() first"
         body = request.to_json()
         path = f"/api/v1/parties/{request.party_id}/votes"
@@ -347,19 +444,30 @@ async def receive_action(request: web.Request) -> web.Response:
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
         )
         raise DeadlinePassed()
+    failures: list[BaseException] = []
+    noting = _PUBLISH_FAILURES.set(failures)
     try:
         await engine.handle_action(action)
     except EngineRejected:
         raise  # 422 rejected, with the engine's reason
-    except INFRA_ERRORS as exc:
-        # party_sync unreachable under the engine (its publish failed): the engine may have
-        # applied the action, so this is no engine_error (which says "not applied") but 503
-        # backend_unavailable, retried like any 5xx (the in-process link does the same)
-        log.warning("backend failed under the engine: %s", exc, extra={"trace_id": action.trace_id})
-        raise BackendUnavailable(str(exc)[:300]) from exc
     except Exception as exc:
-        log.exception("engine failed", extra={"trace_id": action.trace_id})
-        raise EngineFailed() from exc
+        if not _publish_failed(exc, failures):
+            log.exception("engine failed", extra={"trace_id": action.trace_id})
+            raise EngineFailed() from exc
+        # A publish failed under the engine (party_sync unreachable, or refusing it, or the
+        # request not even made): the engine may have applied the action, so this is no
+        # engine_error (which says "not applied") but 503 backend_unavailable, retried like
+        # any 5xx (the engine deduplicates by action_id and publishes again; the in-process
+        # link does the same)
+        log.warning(
+            "publishing failed under the engine: %s: %s",
+            type(exc).__name__,
+            str(exc)[:300],
+            extra={"trace_id": action.trace_id},
+        )
+        raise BackendUnavailable(f"publishing failed under the engine: {str(exc)[:300]}") from exc
+    finally:
+        _PUBLISH_FAILURES.reset(noting)
     return web.json_response({"status": "accepted"}, status=202)
 
 
@@ -425,3 +533,50 @@ def build_host_app(
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
     return app
+
+
+async def run_host(
+    app: web.Application,
+    host: str,
+    port: int,
+    *,
+    shutdown_timeout: float,
+    on_ready: Callable[[], None],
+    on_stop: Callable[[float], None],
+) -> None:
+    """Serve ``app`` on ``host:port`` until SIGTERM/SIGINT (``party-sync engine-http``).
+
+    ``on_ready`` is called once the socket listens (never before: a script waiting for the ready
+    line can connect at once); a bind that fails (the port in use, a host that is no address of
+    this machine) is ``ListenError``, after the app was cleaned up. At the stop, ``on_stop`` gets
+    ``shutdown_timeout``; the requests still running get that long, then are cancelled."""
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        access_log=None,
+        keepalive_timeout=75.0,  # web.run_app's
+        shutdown_timeout=shutdown_timeout,
+        **RAW_BODIES,  # bodies are inflated by problems.read_body, bounded, or not at all
+    )
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as exc:  # in use, not permitted, not an address of this host
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except BaseException:
+        await runner.cleanup()
+        raise
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        on_ready()
+        await stopping.wait()
+        on_stop(shutdown_timeout)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await runner.cleanup()

@@ -1,0 +1,262 @@
+"""``party-sync engine-http``, ``engine-worker`` and ``token``: what they refuse at start (one line
+on stderr, exit 2 for a setting, 1 for a port that cannot be listened on, never a traceback),
+when ``engine-http`` says it is ready (once it listens), and what ``token`` signs with."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jwt
+import pytest
+from party_sync import cli
+from party_sync.auth import MAX_TIMESTAMP
+from party_sync.cli import main
+from ps_testkit import servers
+
+KEY = "api-key-0123456789abcdef0123456789"
+SECRET = "s" * 64  # (long enough for HS512: PyJWT warns below)
+ENGINE = "ps_testkit.engines:node_engine"
+MINT = ["token", "--party", "p", "--run", "r", "--character", "c"]
+
+
+def one_line(err: str) -> str:
+    """``err`` is one line, no traceback: that line."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def host_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from party_sync import logs, server
+
+    monkeypatch.setenv("PS_ENGINE_DIR", str(tmp_path))  # (node_engine's)
+    monkeypatch.setenv("PARTY_SYNC_API_KEY", KEY)
+    monkeypatch.delenv("PARTY_SYNC_URL", raising=False)
+    monkeypatch.delenv("PARTY_SYNC_SHUTDOWN_TIMEOUT", raising=False)
+    # never a watchdog that ends the test process (os._exit) after a stop in process, nor the
+    # process's logging replaced (the other tests' caplog) or secrets added to its redaction
+    monkeypatch.setattr(server, "arm_exit_watchdog", lambda budget: None)
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(logs, "protect", lambda *secrets: None)
+
+
+@pytest.fixture
+def taken() -> Iterator[str]:
+    """A port something listens on: a command refused before it binds never finds out (one that
+    got as far as binding would fail there instead of serving for ever)."""
+    port = servers.free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+        sock.listen()
+        yield str(port)
+
+
+# --- engine-http --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--path", "nolead"], "--path must start with '/'"),
+        (["--notice-path", "notices"], "--notice-path must start with '/'"),
+        (["--path", "/a", "--notice-path", "/a"], "--path and --notice-path must differ"),
+        (["--path", "/{bad"], "--path '/{bad' cannot be a route"),
+    ],
+)
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_refuses_routes_it_cannot_serve_up_front(
+    flags: list[str], said: str, taken: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["engine-http", ENGINE, "--port", taken, *flags]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and said in one_line(err)
+
+
+@pytest.mark.parametrize("by", ["env", "flag"])
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_refuses_a_party_sync_url_with_credentials(
+    by: str, taken: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp cannot send the API key's Authorization header with credentials in the URL: every
+    publish failed, after the engine applied the action. Refused at start, and never printed."""
+    url = "http://127.0.0.1:9,http://user:hunter2@127.0.0.1:8080"
+    argv = ["engine-http", ENGINE, "--port", taken]
+    if by == "env":
+        monkeypatch.setenv("PARTY_SYNC_URL", url)
+    else:
+        argv += ["--party-sync-url", url]
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    line = one_line(err)
+    assert "must not carry a user or password" in line and "API key" in line
+    assert "hunter2" not in out + err
+
+
+@pytest.mark.parametrize("value", ["1e308", "inf", "-1", "soon"])
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_refuses_a_shutdown_timeout_beyond_ten_years(
+    value: str, taken: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTY_SYNC_SHUTDOWN_TIMEOUT", value)
+    assert main(["engine-http", ENGINE, "--port", taken]) == 2
+    assert "PARTY_SYNC_SHUTDOWN_TIMEOUT" in one_line(capsys.readouterr().err)
+
+
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_on_a_port_in_use_is_one_line_and_exit_1(
+    taken: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["engine-http", ENGINE, "--port", taken]) == 1
+    out, err = capsys.readouterr()
+    assert out == ""  # no ready line: it is not ready
+    assert f"cannot listen on 127.0.0.1:{taken}" in one_line(err)
+
+
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_on_a_host_that_is_no_address_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["engine-http", ENGINE, "--host", "bad host", "--port", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and "cannot listen on bad host:1" in one_line(err)
+
+
+class Ready(Exception):
+    """Raised by the stand-in for the ready line's print, to end the command there."""
+
+
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_prints_its_ready_line_once_it_listens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A script that waits for the ready line then connects must find the port open."""
+    port = servers.free_port()
+    seen: list[tuple[str, bool]] = []
+
+    def ready(*values: Any, **_: Any) -> None:
+        line = " ".join(map(str, values))
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=2).close()
+            listening = True
+        except OSError:
+            listening = False
+        seen.append((line, listening))
+        raise Ready
+
+    monkeypatch.setattr(cli, "print", ready, raising=False)
+    url = "http://127.0.0.1:9/?k=v"
+    with pytest.raises(Ready):
+        main(["engine-http", ENGINE, "--port", str(port), "--party-sync-url", url])
+    [(line, listening)] = seen
+    assert line.startswith(f"engine {ENGINE} on http://127.0.0.1:{port}/actions"), line
+    assert listening, "the ready line came before the port listened"
+    assert line.endswith("publishing to http://127.0.0.1:9/")  # (no query: it may hold a secret)
+
+
+# --- engine-worker ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("flags", "option"),
+    [
+        (["--claim-idle", "1e308"], "--claim-idle"),
+        (["--claim-idle", "315360001"], "--claim-idle"),
+        (["--stream", ""], "--stream"),
+        (["--stream", "  "], "--stream"),
+        (["--group", ""], "--group"),
+        (["--consumer", ""], "--consumer"),
+        (["--actions-stream-partitions", "0"], "--actions-stream-partitions"),
+        (["--actions-stream-partitions", "99999999999999999999"], "--actions-stream-partitions"),
+    ],
+)
+def test_engine_worker_refuses_an_option_out_of_bounds_naming_it(
+    flags: list[str], option: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["engine-worker", "x:y", "--redis-url", "redis://127.0.0.1:9/0", *flags])
+    assert stopped.value.code == 2
+    assert f"argument {option}:" in capsys.readouterr().err
+
+
+def test_engine_worker_refuses_an_empty_stream_from_the_environment(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTY_SYNC_ACTIONS_STREAM", "")
+    with pytest.raises(SystemExit) as stopped:
+        main(["engine-worker", "x:y", "--redis-url", "redis://127.0.0.1:9/0"])
+    assert stopped.value.code == 2
+    assert "argument --stream: must not be empty" in capsys.readouterr().err
+
+
+def test_ten_years_of_claim_idle_is_still_taken() -> None:
+    args = cli._parser().parse_args(["engine-worker", "x:y", "--claim-idle", "315360000"])
+    assert args.claim_idle == 315_360_000
+
+
+# --- token --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("algorithms", ["HS512", "HS384,HS256", " HS512 , HS256"])
+def test_token_signs_with_the_first_configured_algorithm(
+    algorithms: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server configured with HS512 only refuses an HS256 token."""
+    monkeypatch.setenv("PARTY_SYNC_JWT_ALGORITHMS", algorithms)
+    first = algorithms.split(",")[0].strip()
+    assert main([*MINT, "--secret", SECRET]) == 0
+    token = capsys.readouterr().out.strip()
+    assert jwt.get_unverified_header(token)["alg"] == first
+    jwt.decode(token, SECRET, algorithms=[first], audience="party_sync")
+
+
+def test_token_without_configured_algorithms_signs_hs256(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("PARTY_SYNC_JWT_ALGORITHMS", raising=False)
+    assert main([*MINT, "--secret", SECRET]) == 0
+    assert jwt.get_unverified_header(capsys.readouterr().out.strip())["alg"] == "HS256"
+
+
+@pytest.mark.parametrize("algorithms", ["RS256", "HS256,none", "ES256"])
+def test_token_refuses_algorithms_a_server_would_refuse(
+    algorithms: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTY_SYNC_JWT_ALGORITHMS", algorithms)
+    assert main([*MINT, "--secret", SECRET]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "PARTY_SYNC_JWT_ALGORITHMS" in one_line(err)
+
+
+@pytest.mark.parametrize("ttl", ["1e308", "1e12", str(MAX_TIMESTAMP)])
+def test_token_refuses_a_lifetime_past_the_latest_exp_a_server_takes(
+    ttl: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """docs/security.md: exp at most 253402300799 (year 9999); a later one is refused (401)."""
+    assert main([*MINT, "--secret", SECRET, "--ttl", ttl]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--ttl is too long" in one_line(err)
+
+
+def test_token_takes_a_lifetime_up_to_the_latest_exp(capsys: pytest.CaptureFixture[str]) -> None:
+    ttl = MAX_TIMESTAMP - time.time() - 3600
+    assert main([*MINT, "--secret", SECRET, "--ttl", str(ttl)]) == 0
+    claims = jwt.decode(capsys.readouterr().out.strip(), options={"verify_signature": False})
+    assert claims["exp"] <= MAX_TIMESTAMP
+
+
+def test_token_refuses_an_empty_secret_rather_than_the_environments(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PARTY_SYNC_JWT_SECRET", SECRET)
+    assert main([*MINT, "--secret", ""]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "--secret is empty" in one_line(err)
+
+
+def test_token_knows_the_algorithms_a_server_takes() -> None:
+    from party_sync import auth
+
+    assert set(cli._HMAC_ALGORITHMS) == auth._HMAC_ALGORITHMS
