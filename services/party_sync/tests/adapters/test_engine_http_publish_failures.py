@@ -74,19 +74,32 @@ async def test_a_publish_the_http_client_cannot_even_make_is_backend_unavailable
     assert "pw" not in str(answer)
 
 
-@pytest.mark.parametrize("refusal", [401, 422])
-async def test_a_publish_party_sync_refuses_is_backend_unavailable_not_engine_error(
-    refusal: int,
-) -> None:
-    """``InvalidEvent`` (a wrong API key: 401; an event refused: 422) raised by the publisher
-    after the engine applied the action: not "not applied"."""
+async def test_a_publish_party_sync_cannot_take_now_is_backend_unavailable() -> None:
+    """party_sync answering 5xx (unreachable behind it) after the engine applied the action:
+    503, retried (the engine publishes again), not "not applied"."""
     engine = ScriptedEngine()
-    async with serving(party_sync_api(refusal)) as api:
+    async with serving(party_sync_api(503)) as api:
         app = build_host_app(engine, ApiPublisher(api, KEY, retries=0))
         async with serving(app) as base:
             status, answer = await deliver(base, "applied-2")
     assert len(engine.calls) == 1
     assert (status, answer["error"]) == (503, "backend_unavailable")
+
+
+@pytest.mark.parametrize("refusal", [401, 409, 422])
+async def test_a_publish_refused_the_same_way_every_time_is_the_engines_failure(
+    refusal: int,
+) -> None:
+    """``InvalidEvent`` (a wrong API key: 401; an event refused: 422) or a conflict (409): the
+    same answer on every attempt, so retrying for action_record_ttl would only leave the player
+    waiting; it is the engine's failure (500 engine_error, told after the fifth), as in the
+    in-process and stream transports."""
+    engine = ScriptedEngine()
+    async with serving(party_sync_api(refusal)) as api:
+        app = build_host_app(engine, ApiPublisher(api, KEY, retries=0))
+        async with serving(app) as base:
+            status, answer = await deliver(base, "applied-2b")
+    assert (status, answer["error"]) == (500, "engine_error")
 
 
 class WrappingEngine(ScriptedEngine):
@@ -115,7 +128,7 @@ async def test_an_engine_error_that_stems_from_a_failed_publish_is_backend_unava
     how: str,
 ) -> None:
     engine = WrappingEngine(how)
-    async with serving(party_sync_api(401)) as api:
+    async with serving(party_sync_api(503)) as api:
         app = build_host_app(engine, ApiPublisher(api, KEY, retries=0))
         async with serving(app) as base:
             status, answer = await deliver(base, "applied-3")
@@ -126,7 +139,7 @@ async def test_the_engines_own_raise_is_still_engine_error() -> None:
     """Not applied, by the engine contract: 500 engine_error, whatever publishes succeeded or
     failed in other deliveries."""
     engine = ScriptedEngine()
-    async with serving(party_sync_api(401)) as api:
+    async with serving(party_sync_api(503)) as api:
         app = build_host_app(engine, ApiPublisher(api, KEY, retries=0))
         async with serving(app) as base:
             assert (await deliver(base, "applied-4"))[0] == 503  # a failed publish first

@@ -173,9 +173,10 @@ class Node:
                         p["character_id"],
                         p["action_id"],
                         c.now,
-                        c.timed,
+                        True,
                         p["action_type"],
                         c.message.trace_id,
+                        deadline_in=c.deadline_in,
                     )
                 )
             except BackendUnavailable:
@@ -717,16 +718,18 @@ def test_a_result_another_node_sends_reaches_only_the_connections_that_lack_it()
     assert len(node.frames[aria.id]) == sent[aria.id]
 
 
+@pytest.mark.parametrize("engine", ["answers", "never answers"])
 @pytest.mark.parametrize("resent", ["before the first deadline", "after it"])
-def test_an_action_resent_after_the_backend_lost_its_record_is_never_timed_out(
-    resent: str,
+def test_an_action_resent_after_the_backend_lost_its_record_has_a_longer_deadline(
+    resent: str, engine: str
 ) -> None:
     """Redis restarted empty while an engine (a stream worker, frozen) had started the action:
     the record saying so is gone. The sender resends it (after its 4003 and new hello); the
     ledger, empty, accepts it again. At the deadline nothing says an engine started it, yet one
     did: an action_timeout would be false (the engine applies it afterwards). This node
-    accepted it before, so it is accepted without a deadline; its answer comes from the engine,
-    which deduplicates by action_id."""
+    accepted it before, so its deadline is action_record_ttl / 4 away (150 s, not 5): its answer
+    comes from the engine, which deduplicates by action_id; with no engine at all it is still
+    told action_timeout then, not left waiting. The character's lock lapses as usual."""
     node = Node()
     aria = node.join("aria")
     node.act(aria, "a1")
@@ -745,10 +748,23 @@ def test_an_action_resent_after_the_backend_lost_its_record_is_never_timed_out(
         error_code(f) for f in node.frames[again.id] if f["type"] == t.ERROR
     ]
     assert ("action_answers", "timeout") not in node.meter.counts
-    node.answer(node.engine[1])  # the engine's answer (the first delivery's, deduplicated)
-    assert node.types(again)[-1] == t.ACTION_RESULT
     node.act(again, "a2")  # the character is not held by it
     assert node.types(again)[-1] == t.ACTION_ACCEPTED
+    if engine == "answers":
+        node.answer(node.engine[1])  # the engine's answer (the first delivery's, deduplicated)
+        assert [f["type"] for f in node.frames[again.id]].count(t.ACTION_RESULT) == 1
+        node.advance(600.0)
+        told = [
+            f["payload"]["in_reply_to"].get("action_id")
+            for f in node.frames[again.id]
+            if f["type"] == t.ERROR and f["payload"]["code"] == "action_timeout"
+        ]
+        assert told == ["a2"]  # a2, never started, times out; a1 was answered, once
+    else:
+        node.advance(600.0 / 4)
+        assert node.meter.counts[("action_answers", "timeout")] == 2  # a2's, then a1's
+        node.act(again, "a1")  # its final answer, again
+        assert error_code(node.last(again)) == "action_timeout"
 
 
 def test_an_action_this_node_never_accepted_is_timed_out_as_usual_after_a_state_loss() -> None:

@@ -226,3 +226,20 @@ async def test_a_node_whose_clock_is_off_by_seconds_still_accepts_actions(
         assert verdict == Verdict(Decision.ACCEPT)
     finally:
         await b.close()
+
+
+async def test_a_longer_deadline_holds_the_action_but_not_the_character(backend: Backend) -> None:
+    """``deadline_in`` (a resend of an action whose record Redis lost: core/session.py
+    ``_lost_deadline``): refused only at that deadline, the character's lock lapsing after
+    action_timeout as usual; on both backends alike."""
+    b = backend
+    later = 10 * TIMEOUT
+    assert await b.begin_action(PARTY, "aria", "a1", T0, deadline_in=later) == Verdict(
+        Decision.ACCEPT
+    )
+    assert await b.time_out_action(PARTY, "a1", DEADLINE + 1, TIMED_OUT) == (Sweep.NOT_DUE, None)
+    assert await b.begin_action(PARTY, "aria", "a2", DEADLINE + 1) == Verdict(Decision.ACCEPT)
+    assert await b.time_out_action(PARTY, "a1", T0 + later + 1, TIMED_OUT) == (
+        Sweep.TIMED_OUT,
+        None,
+    )

@@ -241,8 +241,11 @@ class ActionStore(Protocol):
         action_type: str = "choice",
         trace_id: str = "",
         claimed: bool = False,
+        deadline_in: float | None = None,
     ) -> Verdict:
-        """``ActionLedger.begin`` (``timed=False``: no deadline, for party_sync's own actions;
+        """``ActionLedger.begin`` (``deadline_in``: the deadline this many seconds from ``now``
+        instead of ``action_timeout``, the character's lock still lapsing after that;
+        ``timed=False``: no deadline, for party_sync's own actions;
         ``claimed``: an accepted action is claimed in the same atomic step, as ``claim_action``
         would, for a link that starts it at once).
 

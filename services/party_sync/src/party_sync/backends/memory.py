@@ -377,9 +377,12 @@ class MemoryBackend:
         action_type: str = "choice",
         trace_id: str = "",
         claimed: bool = False,
+        deadline_in: float | None = None,
     ) -> Verdict:
         party = self._party(party_id, now)
-        verdict = party.ledger.begin(character_id, action_id, now, timed, action_type, claimed)
+        verdict = party.ledger.begin(
+            character_id, action_id, now, timed, action_type, claimed, deadline_in
+        )
         if verdict.decision is Decision.ACCEPT and party.listeners:
             self._tell(party, [accepted(action_id, character_id, action_type, trace_id, now)])
         return verdict

@@ -542,6 +542,7 @@ class RedisBackend:
         action_type: str = "choice",
         trace_id: str = "",
         claimed: bool = False,
+        deadline_in: float | None = None,
     ) -> Verdict:
         # A call Redis runs later than half the command timeout after it was sent is refused by
         # the script ('stale'): the node has given up on it (or is about to), so it must not leave
@@ -560,6 +561,8 @@ class RedisBackend:
             accepted(action_id, character_id, action_type, trace_id, now).data,
             self.node_id if claimed else "0",  # the claimer: take_over() if this node is gone
         ]
+        if deadline_in is not None:
+            args.append(repr(deadline_in))
         with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
         decision = text(reply[0])

@@ -124,8 +124,11 @@ class ActionLedger:
         timed: bool = True,
         action_type: str = "choice",
         claimed: bool = False,
+        deadline_in: float | None = None,
     ) -> Verdict:
-        """Record a new action in flight (deadline ``now + action_timeout``), or say why not.
+        """Record a new action in flight (deadline ``now + action_timeout``, or ``now +
+        deadline_in``; the character's lock lapses after ``action_timeout`` either way), or say
+        why not.
 
         ``claimed``: an accepted action is also claimed in the same step (``claim`` would say
         START at once): for an engine link that starts every action it is given at once
@@ -149,12 +152,13 @@ class ActionLedger:
         if lock is not None and lock[1] > now:
             return Verdict(Decision.BUSY, blocking_action_id=lock[0])
         until = now + self.action_timeout
+        deadline = until if deadline_in is None else now + deadline_in
         self._flights[action_id] = (
             character_id,
             now,
             now + self.record_ttl,
             self._next(),
-            until if timed else math.inf,
+            deadline if timed else math.inf,
             claimed,
         )
         self._locks[character_id] = (action_id, until, action_type)

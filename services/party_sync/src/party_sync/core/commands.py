@@ -122,13 +122,13 @@ class Announce:
 @dataclass(slots=True)
 class BeginAction:
     """``backend.begin_action`` for a client's ``action.request``; then ``action_verdict``.
-    ``timed``: False for an action this node accepted before whose record may be lost
-    (``PartySessions._timed``): accepted again, it has no deadline."""
+    ``deadline_in``: for an action this node accepted before whose record may be lost
+    (``PartySessions._lost_deadline``), its longer deadline; None: ``action_timeout``."""
 
     conn: Connection
     message: Inbound
     now: float
-    timed: bool = True
+    deadline_in: float | None = None
 
 
 @dataclass(slots=True)

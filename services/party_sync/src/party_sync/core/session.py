@@ -640,24 +640,29 @@ class PartySessions:
             # server-made ids (a finished vote is applied as "vote:<vote_id>") are unforgeable
             text = "action_ids starting with 'vote:' are reserved"
         else:
-            return [BeginAction(conn, message, now, self._timed(conn, action_id, now))]
+            return [BeginAction(conn, message, now, self._lost_deadline(conn, action_id, now))]
         return self.refuse(conn, _action_refusal(message, ErrorCode.FORBIDDEN, text), now)
 
-    def _timed(self, conn: Connection, action_id: str, now: float) -> bool:
-        """Whether the action may be refused at a deadline if no engine starts it by then: not
-        when this node accepted it before and the backend may have lost its record since (the
-        party's state was lost: Redis restarted empty). Then an engine may still be applying the
-        first delivery, and nothing the ledger holds now says so: an ``action_timeout`` would be
-        false. Such an action has no deadline; its answer comes from an engine (the engine
-        deduplicates by ``action_id``), like a vote's."""
+    def _lost_deadline(self, conn: Connection, action_id: str, now: float) -> float | None:
+        """The longer deadline of an action this node accepted before whose record the backend
+        may have lost since (the party's state was lost: Redis restarted empty), or None. An
+        engine may still be applying its first delivery (a stream worker frozen mid-action), and
+        nothing the ledger holds says so: an ``action_timeout`` at the usual deadline could be
+        false. So its deadline is ``lost_action_deadline`` away (the engine deduplicates by
+        ``action_id`` and answers); only an engine frozen longer than that, or none at all,
+        ends it with ``action_timeout`` then. The character's lock lapses as usual."""
         key = (conn.party_id, action_id)
         earlier = self.pending.get(key)
         if earlier is not None:
-            return earlier.character_id != conn.character_id
-        if not self.lost_actions:
-            return True
-        self._forget_lost(now)
-        return key not in self.lost_actions
+            lost = earlier.character_id == conn.character_id
+        elif not self.lost_actions:
+            return None
+        else:
+            self._forget_lost(now)
+            lost = key in self.lost_actions
+        if not lost:
+            return None
+        return max(self.rules.action_timeout, self.rules.action_record_ttl / 4)
 
     def _forget_lost(self, now: float) -> None:
         lost = self.lost_actions
@@ -691,7 +696,9 @@ class PartySessions:
                 self.deadlines.cancel(Kind.ACTION, key)
             return _repeats(verdict.result, [conn])
         if decision is _ACCEPT or decision is _IN_FLIGHT:
-            deadline = now + self.rules.action_timeout
+            # (a longer deadline only for an acceptance: one IN_FLIGHT is the record's)
+            longer = cmd.deadline_in if decision is _ACCEPT else None
+            deadline = now + (longer or self.rules.action_timeout)
             pending = PendingAction(
                 conn,
                 conn.party_id,

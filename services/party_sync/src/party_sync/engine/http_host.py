@@ -17,13 +17,13 @@ code is the same object that runs in-process; nothing in it knows about HTTP.
 - 500 ``{"error": "engine_error"}``: the engine itself raised, so it did not apply the action
   (the engine contract); party_sync retries it (deduplication keeps a retry from applying twice)
   and after the fifth such answer tells the player ``engine_error``;
-- 503 ``{"error": "backend_unavailable"}``: a publish failed under the engine, so the engine may
-  have applied the action: any exception the engine let out that stems from one of its
-  ``ApiPublisher`` calls in this delivery (whatever its type: ``BackendUnavailable``, a refusal,
-  an error of the HTTP client; also inside an ``ExceptionGroup`` or as the ``__cause__`` /
-  ``__context__`` of what the engine raised), and ``BackendUnavailable``, an ``OSError`` or a
-  timeout; retried like any 5xx (the engine deduplicates by ``action_id`` and publishes again),
-  never reported as a failure.
+- 503 ``{"error": "backend_unavailable"}``: party_sync was unreachable under the engine (a
+  publish failed with ``BackendUnavailable`` — which the publisher also raises for a request
+  its HTTP client cannot make —, an ``OSError`` or a timeout; also as the ``__cause__`` /
+  ``__context__`` of what the engine raised, or inside an ``ExceptionGroup``), so the engine
+  may have applied the action; retried like any 5xx (the engine deduplicates by ``action_id``
+  and publishes again), never reported as a failure. A refusal that would be the same on every
+  attempt (an invalid event, a vote or narration conflict) is the engine's failure (500).
 
 Handlers raise; ``problems.answer_errors`` answers by the one table (``problems.PROBLEMS``),
 rendered as this host's ``{"error": <code>, "detail"}`` JSON. The body is read by
@@ -51,7 +51,6 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextvars import ContextVar
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -103,19 +102,6 @@ DEADLINE_HEADER: Final = "X-Action-Deadline"
 IDEMPOTENCY_KEY: Final = "Idempotency-Key"
 ATTEMPT_HEADER: Final = "X-Delivery-Attempt"
 
-#: What the ``ApiPublisher`` calls of the delivery being handled raised (``receive_action`` sets
-#: it around the engine's call; tasks the engine starts inherit it): what the engine lets out
-#: that stems from one of these is a publish that failed, not the engine's own failure.
-_PUBLISH_FAILURES: ContextVar[list[BaseException] | None] = ContextVar(
-    "party_sync_publish_failures", default=None
-)
-
-
-def _note_publish_failure(exc: BaseException) -> None:
-    failures = _PUBLISH_FAILURES.get()
-    if failures is not None:
-        failures.append(exc)
-
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc``, its ``__cause__`` / ``__context__`` chain and the members of exception groups."""
@@ -132,15 +118,14 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
             todo += current.exceptions
 
 
-def _publish_failed(exc: BaseException, failures: Sequence[BaseException]) -> bool:
-    """Does ``exc`` (what the engine raised) stem from a failed publish of this delivery, or is
-    it (or a member of its group) party_sync unreachable (``INFRA_ERRORS``)?"""
-    noted = {id(failure) for failure in failures}
-    if any(id(e) in noted for e in _chain(exc)):
-        return True
-    if isinstance(exc, BaseExceptionGroup):
-        return any(_publish_failed(member, ()) for member in exc.exceptions)
-    return isinstance(exc, INFRA_ERRORS)
+def _publish_failed(exc: BaseException) -> bool:
+    """Does ``exc`` (what the engine raised) stem from party_sync unreachable under it
+    (``INFRA_ERRORS``: a publish that may succeed if tried again; also as the cause or context
+    of what the engine raised, or in an exception group)? A refusal that would be the same on
+    every attempt (an invalid event, a vote or narration conflict, a payload that cannot be
+    encoded) is the engine's failure: retrying it for ``action_record_ttl`` would only delay the
+    player's answer."""
+    return any(isinstance(e, INFRA_ERRORS) for e in _chain(exc))
 
 
 def credentials_problem(name: str, url: str) -> str | None:
@@ -235,15 +220,6 @@ class ApiPublisher(VoteStarter, NarrationSender):
         *,
         trace_id: str | None = None,
     ) -> int:
-        try:
-            return await self._publish(party_id, type, payload, trace_id)
-        except Exception as exc:
-            _note_publish_failure(exc)
-            raise
-
-    async def _publish(
-        self, party_id: str, type: str, payload: Mapping[str, Any], trace_id: str | None
-    ) -> int:
         envelope: dict[str, Any] = {"type": type, "payload": dict(payload)}
         if trace_id:
             envelope["trace_id"] = trace_id
@@ -264,13 +240,6 @@ class ApiPublisher(VoteStarter, NarrationSender):
         """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``, checked by
         ``NarrationSender`` before anything is sent): 409 is ``NarrationConflict``, another 4xx
         ``InvalidEvent``."""
-        try:
-            await self._send_piece(piece)
-        except Exception as exc:
-            _note_publish_failure(exc)
-            raise
-
-    async def _send_piece(self, piece: NarrationPiece) -> None:
         party_id, stream_id, index = piece.party_id, piece.stream_id, piece.index
         path = f"/api/v1/parties/{party_id}/narration"
         status, body = await self._post(
@@ -332,13 +301,6 @@ class ApiPublisher(VoteStarter, NarrationSender):
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         """``POST /api/v1/parties/{party_id}/votes`` (party_sync checks the request)."""
-        try:
-            return await self._request_vote_any_node(request)
-        except Exception as exc:
-            _note_publish_failure(exc)
-            raise
-
-    async def _request_vote_any_node(self, request: VoteRequest) -> Mapping[str, Any]:
         assert self._http is not None, "open() first"
         body = request.to_json()
         path = f"/api/v1/parties/{request.party_id}/votes"
@@ -444,21 +406,18 @@ async def receive_action(request: web.Request) -> web.Response:
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
         )
         raise DeadlinePassed()
-    failures: list[BaseException] = []
-    noting = _PUBLISH_FAILURES.set(failures)
     try:
         await engine.handle_action(action)
     except EngineRejected:
         raise  # 422 rejected, with the engine's reason
     except Exception as exc:
-        if not _publish_failed(exc, failures):
+        if not _publish_failed(exc):
             log.exception("engine failed", extra={"trace_id": action.trace_id})
             raise EngineFailed() from exc
-        # A publish failed under the engine (party_sync unreachable, or refusing it, or the
-        # request not even made): the engine may have applied the action, so this is no
-        # engine_error (which says "not applied") but 503 backend_unavailable, retried like
-        # any 5xx (the engine deduplicates by action_id and publishes again; the in-process
-        # link does the same)
+        # A publish failed under the engine (party_sync unreachable, or the request not even
+        # made): the engine may have applied the action, so this is no engine_error (which
+        # says "not applied") but 503 backend_unavailable, retried like any 5xx (the engine
+        # deduplicates by action_id and publishes again; the in-process link does the same)
         log.warning(
             "publishing failed under the engine: %s: %s",
             type(exc).__name__,
@@ -466,8 +425,6 @@ async def receive_action(request: web.Request) -> web.Response:
             extra={"trace_id": action.trace_id},
         )
         raise BackendUnavailable(f"publishing failed under the engine: {str(exc)[:300]}") from exc
-    finally:
-        _PUBLISH_FAILURES.reset(noting)
     return web.json_response({"status": "accepted"}, status=202)
 
 

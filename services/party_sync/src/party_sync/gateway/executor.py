@@ -149,10 +149,11 @@ class Executor:
                 conn.character_id,
                 payload["action_id"],
                 command.now,
-                command.timed,
+                True,
                 payload["action_type"],
                 message.trace_id,
                 self.claim_on_accept,
+                command.deadline_in,
             )
         except BackendUnavailable:
             verdict = None

@@ -5,7 +5,9 @@
 -- '0' for an action without a deadline (party_sync's own: a vote's), else '1', ARGV[13] the
 -- action_type, ARGV[14] its action.accepted envelope (published to every member if accepted),
 -- ARGV[15] the id of the node that claims an accepted action in the same step (as claim_action.lua
--- would: the in-process link starts every action it is given at once, in that node), else '0'.
+-- would: the in-process link starts every action it is given at once, in that node), else '0';
+-- ARGV[16] (optional) the deadline in seconds from now when it is not action_timeout (the lock
+-- still lapses after action_timeout).
 -- Returns {'done', final answer} | {'in_flight', its claimer ('' if none)} | {'busy', blocking
 -- action_id} | {'accept'} | {'taken'} (another actor's action_id) | {'stale'}.
 --
@@ -42,7 +44,7 @@ end
 local deadline = fmt_time(NOW + tonumber(ARGV[9]))
 local fields = {'c', character_id, 's', NOW_TEXT}
 if ARGV[12] ~= '0' then  -- '0': party_sync's own action (a vote's): no deadline
-  fields[5], fields[6] = 'd', deadline
+  fields[5], fields[6] = 'd', ARGV[16] and fmt_time(NOW + tonumber(ARGV[16])) or deadline
 end
 if ARGV[15] ~= '0' then  -- claimed with its acceptance, by that node
   fields[#fields + 1], fields[#fields + 2] = 'g', ARGV[15]
