@@ -486,6 +486,11 @@ def _engine_http(args: argparse.Namespace) -> int:
     level = os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
     if level.upper() not in config.LOG_LEVELS:
         raise ConfigError(f"PARTY_SYNC_LOG_LEVEL must be one of {', '.join(config.LOG_LEVELS)}")
+    if not args.host.strip():
+        raise ConfigError(
+            "--host must not be empty (0.0.0.0 listens on every interface, 127.0.0.1 on this "
+            "machine only)"
+        )
     problem = _route_problem(args.path, args.notice_path)
     if problem is not None:
         raise ConfigError(problem)

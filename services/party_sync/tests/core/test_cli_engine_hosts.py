@@ -66,6 +66,7 @@ def taken() -> Iterator[str]:
         (["--notice-path", "notices"], "--notice-path must start with '/'"),
         (["--path", "/a", "--notice-path", "/a"], "--path and --notice-path must differ"),
         (["--path", "/{bad"], "--path '/{bad' cannot be a route"),
+        (["--host", ""], "--host must not be empty"),
     ],
 )
 @pytest.mark.usefixtures("host_env")
