@@ -45,9 +45,10 @@ from party_sync.engine.stream_monitor import ENGINE_GROUP, StreamMonitor
 from party_sync.gateway import Gateway
 from party_sync.metrics import Metrics
 from party_sync.problems import RAW_BODIES
-from party_sync.protocol.errors import ConfigError, ListenError
+from party_sync.protocol.errors import ConfigError
 from party_sync.protocol.schemas import Contracts
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
+from party_sync.transport.listen import listen
 
 log = logging.getLogger("party_sync")
 
@@ -448,21 +449,20 @@ async def start_serving(
     await runner.setup()
     assert runner.server is not None
     loop = asyncio.get_running_loop()
-    try:
-        listener = await loop.create_server(
+    listener = await listen(
+        runner,
+        host,
+        port,
+        functools.partial(
+            loop.create_server,
             server.app[GUARD].factory(runner.server),
             host,
             port,
             reuse_address=True,
             reuse_port=True if reuse_port else None,
             backlog=128,  # web.TCPSite's
-        )
-    except OSError as exc:  # in use, not permitted, not an address of this host
-        await runner.cleanup()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    except BaseException:
-        await runner.cleanup()
-        raise
+        ),
+    )
     return Listening(runner, listener)
 
 

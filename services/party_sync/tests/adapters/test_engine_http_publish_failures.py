@@ -8,8 +8,6 @@ raise is 500 ``engine_error`` (docs/engines.md, "Guarantee").
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -19,21 +17,9 @@ from aiohttp import web
 from party_sync.engine.http_host import ApiPublisher, build_host_app
 from party_sync.engine.interface import ActionRequest
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.hosts import make_action
+from ps_testkit.hosts import make_action, serving
 
 KEY = "api-key-0123456789abcdef0123456789"
-
-
-@contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await runner.cleanup()
 
 
 def party_sync_api(status: int) -> web.Application:

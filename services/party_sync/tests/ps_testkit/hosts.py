@@ -7,10 +7,12 @@ narration pieces (``narrated``, as ``NarrationPiece``) are recorded in order.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from aiohttp import web
 from party_sync.engine.interface import (
     ActionRequest,
     Claim,
@@ -92,3 +94,16 @@ def make_action(
     }
     envelope = action_envelope(request, trace, ACCEPTED_AT)
     return ActionRequest.from_envelope(party_id, envelope, deadline)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application) -> AsyncIterator[str]:
+    """``app`` on a loopback port of its own: its base URL (``http://127.0.0.1:<port>``)."""
+    runner = web.AppRunner(app, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()

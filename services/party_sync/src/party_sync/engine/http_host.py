@@ -79,11 +79,11 @@ from party_sync.protocol import types as t
 from party_sync.protocol.errors import (
     BackendUnavailable,
     InvalidEvent,
-    ListenError,
     NarrationConflict,
     VoteConflict,
 )
 from party_sync.protocol.schemas import Contracts, SchemaViolation
+from party_sync.transport.listen import listen
 
 log = logging.getLogger(__name__)
 
@@ -516,14 +516,7 @@ async def run_host(
         **RAW_BODIES,  # bodies are inflated by problems.read_body, bounded, or not at all
     )
     await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port).start()
-    except OSError as exc:  # in use, not permitted, not an address of this host
-        await runner.cleanup()
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    except BaseException:
-        await runner.cleanup()
-        raise
+    await listen(runner, host, port, web.TCPSite(runner, host, port).start)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
