@@ -30,10 +30,10 @@ import asyncio
 import functools
 import logging
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -48,6 +48,7 @@ from party_sync.protocol.errors import (
     BackendUnavailable,
     EngineRejected,
     InvalidEvent,
+    ListenError,
     NarrationConflict,
     PartySyncError,
     VoteConflict,
@@ -439,3 +440,22 @@ def decode_body(body: bytes) -> Any:
 async def read_json(request: web.Request, limit: int) -> Any:
     """``read_body`` then ``decode_body``: the JSON body, or the refusal raised."""
     return decode_body(await read_body(request, limit))
+
+
+T = TypeVar("T")
+
+
+async def listen(
+    runner: web.BaseRunner, host: str, port: int, start: Callable[[], Awaitable[T]]
+) -> T:
+    """``start()`` (bind and listen: ``serve``, ``engine-http``); on failure the runner is
+    cleaned up, and a port in use, a port not permitted or a host that is no address of this
+    machine is a ``ListenError`` (one line for the operator, no traceback)."""
+    try:
+        return await start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    except BaseException:
+        await runner.cleanup()
+        raise

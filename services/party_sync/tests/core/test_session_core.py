@@ -686,6 +686,31 @@ def test_a_sender_who_reconnected_and_has_its_result_is_not_sent_it_again_at_the
     assert len(node.frames.get(again.id, [])) == sent
 
 
+def test_a_refusal_that_came_while_its_sender_was_away_is_told_at_the_deadline() -> None:
+    """The engine refused the action while its sender had no connection (its direct message
+    reached nobody): the sender resumes without resending (a client that only resumes) and is
+    told at the action's deadline, once."""
+    node = Node()
+    aria = node.join("aria")
+    node.join("borin")
+    node.act(aria, "a1")
+    node.lose(aria)
+    refusal = codec.encode(
+        {
+            "type": t.ERROR,
+            "payload": {"code": "action_rejected", "in_reply_to": {"action_id": "a1"}},
+        }
+    )
+    assert done(node.backend.refuse_action("p1", "a1", "aria", refusal, node.now))
+    node.run(node.core.direct_received("p1", "aria", refusal))  # nobody of aria's here
+    again = node.join("aria")
+    node.advance(RULES.action_timeout + 0.01)
+    told = [f for f in node.frames[again.id] if f["type"] == t.ERROR]
+    assert [error_code(f) for f in told] == ["action_rejected"]
+    node.advance(60.0)
+    assert [f for f in node.frames[again.id] if f["type"] == t.ERROR] == told
+
+
 def test_a_refusal_told_to_a_resend_is_not_told_again_at_the_deadline() -> None:
     node = Node()
     aria = node.join("aria")

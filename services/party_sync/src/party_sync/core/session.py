@@ -418,8 +418,8 @@ class PartySessions:
         return to, out
 
     def direct_received(self, party_id: str, character_id: str, data: bytes) -> Commands:
-        """A message for one character's connections; if it answers an action, that action's
-        sender has its final answer (nothing left to watch)."""
+        """A message for one character's connections; if it answers an action and reaches a
+        connection of its sender here, that sender has its final answer (nothing left to watch)."""
         party = self.parties.get(party_id)
         if party is None:
             return []
@@ -435,7 +435,14 @@ class PartySessions:
             except (ValueError, KeyError, TypeError):
                 action_id = None
             pending = self.pending.get((party_id, action_id)) if action_id else None
-            if pending is not None and pending.character_id == character_id:
+            sender = pending.conn if pending is not None else None
+            # nothing left to watch once a connection of its sender here has it; a sender with
+            # none (away when it came) is told at the deadline instead (``timed_out``: FINAL)
+            if (
+                pending is not None
+                and pending.character_id == character_id
+                and (to or (sender is not None and not sender.closed))
+            ):
                 del self.pending[(party_id, pending.action_id)]
                 self.deadlines.cancel(Kind.ACTION, (party_id, pending.action_id))
         if to and seq is None and b'"system.error"' in data:

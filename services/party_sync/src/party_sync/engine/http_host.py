@@ -73,7 +73,14 @@ from party_sync.engine.interface import (
     VoteStarter,
     restate_engine,
 )
-from party_sync.problems import RAW_BODIES, DeadlinePassed, EngineFailed, InvalidDelivery, read_body
+from party_sync.problems import (
+    RAW_BODIES,
+    DeadlinePassed,
+    EngineFailed,
+    InvalidDelivery,
+    listen,
+    read_body,
+)
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import (
@@ -83,7 +90,6 @@ from party_sync.protocol.errors import (
     VoteConflict,
 )
 from party_sync.protocol.schemas import Contracts, SchemaViolation
-from party_sync.transport.listen import listen
 
 log = logging.getLogger(__name__)
 
