@@ -655,9 +655,10 @@ class PartySessions:
         may have lost since (the party's state was lost: Redis restarted empty), or None. An
         engine may still be applying its first delivery (a stream worker frozen mid-action), and
         nothing the ledger holds says so: an ``action_timeout`` at the usual deadline could be
-        false. So its deadline is ``lost_action_deadline`` away (the engine deduplicates by
-        ``action_id`` and answers); only an engine frozen longer than that, or none at all,
-        ends it with ``action_timeout`` then. The character's lock lapses as usual."""
+        false. So its deadline is ``action_record_ttl / 4`` away (at least ``action_timeout``;
+        the engine deduplicates by ``action_id`` and answers); only an engine frozen longer than
+        that, or none at all, ends it with ``action_timeout`` then. The character's lock lapses
+        as usual. Node-local: a resend that reaches another node gets the usual deadline."""
         key = (conn.party_id, action_id)
         earlier = self.pending.get(key)
         if earlier is not None:
