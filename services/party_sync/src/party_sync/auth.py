@@ -34,7 +34,7 @@ REQUIRED_CLAIMS: Final = ("exp", "aud", "party_id", "campaign_run_id", "characte
 #: Largest NumericDate accepted: 9999-12-31T23:59:59Z (exact as a float, fine for any timer).
 MAX_TIMESTAMP: Final = 253_402_300_799
 _TIME_CLAIMS: Final = ("exp", "iat", "nbf")
-_HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
+HMAC_ALGORITHMS: Final = frozenset({"HS256", "HS384", "HS512"})
 #: PyJWT's own time checks are off: ``check_times`` does them (see the module docstring).
 _DECODE_OPTIONS: Final = {
     "require": list(REQUIRED_CLAIMS),
@@ -89,9 +89,9 @@ class TokenVerifier:
         keys = [s for s in secrets if s]
         if not keys:
             raise ConfigError("no JWT secret configured")
-        if not algorithms or not set(algorithms) <= _HMAC_ALGORITHMS:
+        if not algorithms or not set(algorithms) <= HMAC_ALGORITHMS:
             # One key type per key: shared secrets only take HMAC algorithms (RFC 8725 §3.1).
-            raise ConfigError(f"JWT algorithms must be among {sorted(_HMAC_ALGORITHMS)}")
+            raise ConfigError(f"JWT algorithms must be among {sorted(HMAC_ALGORITHMS)}")
         self._keys = keys
         self._algorithms = list(algorithms)
         self._leeway = min(leeway, MAX_LEEWAY)

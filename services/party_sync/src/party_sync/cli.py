@@ -12,12 +12,11 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
 
 from jwt.warnings import InsecureKeyLengthWarning
 
 from party_sync import __version__, config, devmode, logs
-from party_sync.auth import MAX_TIMESTAMP, MIN_JWT_SECRET_BYTES, issue_token
+from party_sync.auth import HMAC_ALGORITHMS, MAX_TIMESTAMP, MIN_JWT_SECRET_BYTES, issue_token
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
 from party_sync.protocol.errors import ConfigError, ListenError
@@ -29,21 +28,16 @@ def _finite_positive(value: float) -> bool:
     return 0 < value < float("inf")  # false for NaN too
 
 
-#: The longest duration an option takes (10 years): beyond it a number is a mistake, and one
-#: like 1e308 overflows what it is turned into (milliseconds for Redis, a timer).
-MAX_SECONDS: Final = 10 * 365 * 86_400
-
-
 def _seconds(text: str) -> float:
     """An argparse type: a finite number of seconds > 0 (not inf, nan, 0 or negative), at most
-    ``MAX_SECONDS``."""
+    ``config.MAX_SECONDS`` (as every setting of ``serve``)."""
     try:
         value = float(text)
     except ValueError:
         value = float("nan")
-    if not _finite_positive(value) or value > MAX_SECONDS:
+    if not _finite_positive(value) or value > config.MAX_SECONDS:
         raise argparse.ArgumentTypeError(
-            f"must be a finite number > 0 seconds, at most {MAX_SECONDS} (10 years), not {text!r}"
+            f"must be a finite number > 0 seconds, at most {config.MAX_SECONDS:.0e}, not {text!r}"
         )
     return value
 
@@ -189,7 +183,7 @@ def _parser() -> argparse.ArgumentParser:
         "--claim-idle",
         type=_seconds,
         default=30.0,
-        help="seconds before a dead worker's pending actions are taken over (30; at most 10 years)",
+        help="seconds before a dead worker's pending actions are taken over (30; at most 1e9)",
     )
     worker.add_argument(
         "--burst", action="store_true", help="exit once the stream has nothing more to do"
@@ -361,21 +355,18 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
     return lines
 
 
-#: What ``party-sync token`` signs with (a server takes HMAC algorithms only: ``auth.py``).
-_HMAC_ALGORITHMS: Final = ("HS256", "HS384", "HS512")
-
-
 def _token_algorithm() -> str | None:
     """The algorithm ``party-sync token`` signs with: the first of ``PARTY_SYNC_JWT_ALGORITHMS``
     (what a server configured so accepts), HS256 when unset; None (after one line on stderr) for
     a list a server would refuse."""
     raw = os.environ.get("PARTY_SYNC_JWT_ALGORITHMS", "")
     algorithms = tuple(part.strip() for part in raw.split(",") if part.strip()) or ("HS256",)
-    wrong = [name for name in algorithms if name not in _HMAC_ALGORITHMS]
+    wrong = [name for name in algorithms if name not in HMAC_ALGORITHMS]
     if wrong:
         print(
             f"party-sync token: PARTY_SYNC_JWT_ALGORITHMS names {', '.join(map(repr, wrong))}: "
-            f"connection tokens are signed with an HMAC algorithm ({', '.join(_HMAC_ALGORITHMS)})",
+            "connection tokens are signed with an HMAC algorithm "
+            f"({', '.join(sorted(HMAC_ALGORITHMS))})",
             file=sys.stderr,
         )
         return None
@@ -487,10 +478,7 @@ def _engine_http(args: argparse.Namespace) -> int:
     if level.upper() not in config.LOG_LEVELS:
         raise ConfigError(f"PARTY_SYNC_LOG_LEVEL must be one of {', '.join(config.LOG_LEVELS)}")
     if not args.host.strip():
-        raise ConfigError(
-            "--host must not be empty (0.0.0.0 listens on every interface, 127.0.0.1 on this "
-            "machine only)"
-        )
+        raise ConfigError(f"--host {config.EMPTY_HOST}")
     problem = _route_problem(args.path, args.notice_path)
     if problem is not None:
         raise ConfigError(problem)
@@ -547,10 +535,10 @@ def _shutdown_timeout() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not 0 <= value <= MAX_SECONDS:
+    if not 0 <= value <= config.MAX_SECONDS:
         raise ConfigError(
-            f"PARTY_SYNC_SHUTDOWN_TIMEOUT must be a number of seconds >= 0, at most {MAX_SECONDS} "
-            "(10 years)"
+            "PARTY_SYNC_SHUTDOWN_TIMEOUT must be a number of seconds >= 0, at most "
+            f"{config.MAX_SECONDS:.0e}"
         )
     return value
 

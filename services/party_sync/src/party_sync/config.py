@@ -83,6 +83,10 @@ MILLISECOND_SETTINGS = frozenset(
         "redis_probe_interval",
     }
 )
+#: Why an empty host is refused (serve's host, engine-http's --host): it would listen everywhere.
+EMPTY_HOST = (
+    "must not be empty (0.0.0.0 listens on every interface, 127.0.0.1 on this machine only)"
+)
 
 
 def _option(default: Any, help: str, parse: Callable[[str], Any] | None = None) -> Any:
@@ -585,8 +589,7 @@ def validate(settings: Settings) -> None:
     checks: Sequence[tuple[bool, str]] = (
         (
             bool(settings.host.strip()),
-            "host must not be empty (0.0.0.0 listens on every interface, 127.0.0.1 on this "
-            "machine only)",
+            f"host {EMPTY_HOST}",
         ),
         (0 < settings.port < 65536, "port must be 1..65535"),
         (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),

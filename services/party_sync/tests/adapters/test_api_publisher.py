@@ -27,6 +27,7 @@ from party_sync.engine.http_host import ApiPublisher
 from party_sync.engine.interface import EventPublisher, Narration, NarrationPiece
 from party_sync.problems import problem_body
 from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, NarrationConflict
+from ps_testkit import hosts
 
 KEY = "api-key-0123456789abcdef0123456789"
 HANG = 0  # a scripted "status": never answer (the client times out)
@@ -71,15 +72,11 @@ async def serving(fake: FakeApi) -> AsyncIterator[str]:
     """``fake`` on a loopback port: its base URL."""
     app = web.Application()
     app.router.add_post("/api/v1/parties/{party_id}/{what}", fake.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        fake.release.set()
-        await runner.cleanup()
+    async with hosts.serving(app) as base:
+        try:
+            yield base
+        finally:
+            fake.release.set()
 
 
 @contextlib.asynccontextmanager
@@ -289,11 +286,7 @@ async def test_a_publish_whose_connection_dropped_after_it_was_sent_is_published
         for handler in (drop_after_publishing, answer):
             app = web.Application()
             app.router.add_post("/api/v1/parties/{party_id}/events", handler)
-            runner = web.AppRunner(app, shutdown_timeout=0.5)
-            await runner.setup()
-            stack.push_async_callback(runner.cleanup)
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            urls.append(f"http://127.0.0.1:{runner.addresses[0][1]}")
+            urls.append(await stack.enter_async_context(hosts.serving(app)))
         publisher = await stack.enter_async_context(opened(ApiPublisher(urls, KEY, retries=1)))
         assert await publisher.publish("p1", "party.state", {}) == 1
         assert await publisher.publish("p1", "party.state", {}) == 2

@@ -12,6 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from ps_testkit.client import wait_until
+from ps_testkit.hosts import serving
 from ps_testkit.servers import make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -84,15 +85,11 @@ async def gateway_api(fake: FakeGatewayApi) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/actions", fake.handle)
     app.router.add_post("/notices", fake.notice)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/actions"
-    finally:
-        await asyncio.gather(*fake.tasks, return_exceptions=True)
-        await runner.cleanup()
+    async with serving(app, shutdown_timeout=60.0) as base:
+        try:
+            yield f"{base}/actions"
+        finally:
+            await asyncio.gather(*fake.tasks, return_exceptions=True)
 
 
 async def test_action_reaches_the_engine_with_its_trace_and_the_result_comes_back() -> None:

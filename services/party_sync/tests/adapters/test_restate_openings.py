@@ -25,6 +25,7 @@ from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend
 from ps_testkit.client import Client, wait_until
 from ps_testkit.engines import RestatingEngine
+from ps_testkit.hosts import serving
 from ps_testkit.servers import Running, make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -257,15 +258,11 @@ async def http_engine(engine: HttpEngine) -> AsyncIterator[str]:
     app = web.Application()
     app.router.add_post("/actions", engine.action)
     app.router.add_post("/notices", engine.notice)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}"
-    finally:
-        await asyncio.gather(*engine.tasks, return_exceptions=True)
-        await runner.cleanup()
+    async with serving(app, shutdown_timeout=60.0) as base:
+        try:
+            yield base
+        finally:
+            await asyncio.gather(*engine.tasks, return_exceptions=True)
 
 
 async def test_over_http_an_engine_event_opening_the_epoch_sends_one_restate_notice() -> None:

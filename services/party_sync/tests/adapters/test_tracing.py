@@ -14,7 +14,6 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 
 import pytest
-from aiohttp import web
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -29,6 +28,7 @@ from party_sync.publishing import BackendPublisher
 from party_sync.server import make_backend
 from ps_testkit.client import Client, wait_until
 from ps_testkit.engines import ScriptedEngine
+from ps_testkit.hosts import serving
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import make_settings, serve_in_process, serve_process
 from redis.asyncio import Redis
@@ -146,14 +146,9 @@ async def test_an_action_through_the_redis_stream_and_a_worker_is_one_trace(
 @contextlib.asynccontextmanager
 async def engine_host(publisher: ApiPublisher) -> AsyncIterator[str]:
     """``party-sync engine-http``'s app, in this loop on a loopback port; yields its action URL."""
-    runner = web.AppRunner(build_host_app(ScriptedEngine(), publisher))
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    try:
-        yield f"http://127.0.0.1:{runner.addresses[0][1]}/actions"
-    finally:
-        await runner.cleanup()
+    app = build_host_app(ScriptedEngine(), publisher)
+    async with serving(app, shutdown_timeout=60.0) as base:
+        yield f"{base}/actions"
 
 
 async def test_an_action_over_http_and_back_through_the_events_api_is_one_trace(

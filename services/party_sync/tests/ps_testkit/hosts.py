@@ -97,9 +97,10 @@ def make_action(
 
 
 @contextlib.asynccontextmanager
-async def serving(app: web.Application) -> AsyncIterator[str]:
-    """``app`` on a loopback port of its own: its base URL (``http://127.0.0.1:<port>``)."""
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
+async def serving(app: web.Application, shutdown_timeout: float = 0.5) -> AsyncIterator[str]:
+    """``app`` on a loopback port of its own: its base URL (``http://127.0.0.1:<port>``).
+    ``shutdown_timeout``: how long requests still running at the end may take."""
+    runner = web.AppRunner(app, shutdown_timeout=shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
