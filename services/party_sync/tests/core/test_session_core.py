@@ -47,6 +47,7 @@ from party_sync.core.commands import (
 )
 from party_sync.core.connection import Connection
 from party_sync.core.events import Event
+from party_sync.core.history import ResumePoint
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.core.session import PartySessions, Rules
 from party_sync.core.transient import Transient
@@ -150,8 +151,9 @@ class Node:
                 snap = self.call(b.snapshot(c.conn.party_id, c.now))
             except BackendUnavailable:
                 return core.open_failed(c.conn, self.now)
+            # a resume is always answered with the snapshot here (no replay)
             return core.opened(
-                c.conn, join=join, snapshot=snap, replay=None, resume=None, now=self.now
+                c.conn, join=join, snapshot=snap, replay=None, resume=c.resume, now=self.now
             )
         if isinstance(c, Disconnect):
             try:
@@ -278,12 +280,18 @@ class Node:
                 self.run(commands)
         self.now = end
 
-    def join(self, character: str, party: str = "p1", expires_in: float = 3600.0) -> Connection:
+    def join(
+        self,
+        character: str,
+        party: str = "p1",
+        expires_in: float = 3600.0,
+        resume: ResumePoint | None = None,
+    ) -> Connection:
         binding = Binding(party, "r1", character, character.title())
         conn = Connection(
             f"n.{next(self.ids)}", binding, ConnectionLimits(LimitPolicy()), self.now + expires_in
         )
-        self.run(self.core.open(conn, None, self.now))
+        self.run(self.core.open(conn, resume, self.now))
         return conn
 
     def lose(self, conn: Connection) -> None:
@@ -790,6 +798,53 @@ def test_an_action_resent_after_the_backend_lost_its_record_has_a_longer_deadlin
         assert node.meter.counts[("action_answers", "timeout")] == 2  # a2's, then a1's
         node.act(again, "a1")  # its final answer, again
         assert error_code(node.last(again)) == "action_timeout"
+
+
+@pytest.mark.parametrize("engine", ["answers", "never answers"])
+def test_a_resend_after_a_state_loss_has_the_longer_deadline_on_any_node(engine: str) -> None:
+    """Redis restarted empty while a stream worker (frozen) applied an action node A had
+    accepted; the sender's reconnect reaches node B, which never saw the action. B cannot tell a
+    resend from a new action, but its member resumed from an epoch the backend no longer has:
+    what it sends within action_timeout of that resume gets the longer deadline (no false
+    action_timeout while the engine may still answer); later actions, and members whose epoch
+    stands, get the usual one."""
+    first = Node()
+    aria = first.join("aria")
+    old_epoch = first.frames[aria.id][0]["payload"]["epoch"]
+    first.act(aria, "a1")
+    assert len(first.engine) == 1
+    node = Node()  # another node, on the emptied backend
+    node.now = first.now + 1.0
+    borin = node.join("borin", resume=None)
+    borin_epoch = node.frames[borin.id][0]["payload"]["epoch"]
+    assert borin_epoch != old_epoch
+    again = node.join("aria", resume=ResumePoint(old_epoch, 3))
+    node.act(again, "a1")
+    assert node.types(again)[-1] == t.ACTION_ACCEPTED and len(node.engine) == 1
+    node.now += RULES.action_timeout + 0.01
+    node.act(again, "a2")  # past the window: a new action, usual deadline
+    current = node.join("borin", resume=ResumePoint(borin_epoch, 1))  # its epoch stands
+    node.act(current, "b1")
+    node.advance(3 * RULES.action_timeout)
+    timed_out = [
+        f["payload"]["in_reply_to"].get("action_id")
+        for conn in (again, current)
+        for f in node.frames[conn.id]
+        if f["type"] == t.ERROR and f["payload"]["code"] == "action_timeout"
+    ]
+    assert timed_out == ["a2", "b1"]
+    if engine == "answers":
+        node.answer(node.engine[0])  # the first delivery's answer, deduplicated by the engine
+        assert [f["type"] for f in node.frames[again.id]].count(t.ACTION_RESULT) == 1
+        node.advance(600.0)
+        assert [f["payload"]["code"] for f in node.frames[again.id] if f["type"] == t.ERROR] == [
+            "action_timeout"  # a2's only
+        ]
+    else:
+        node.advance(600.0 / 4)
+        node.act(again, "a1")
+        assert error_code(node.last(again)) == "action_timeout"
+    assert node.core.lost_members == {}
 
 
 def test_an_action_this_node_never_accepted_is_timed_out_as_usual_after_a_state_loss() -> None:

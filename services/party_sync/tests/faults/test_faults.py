@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import pytest
-from ps_testkit.fault_history import answers, sent_actions
+from ps_testkit.fault_history import answers, check_history, sent_actions
 from ps_testkit.fault_players import Player
 from ps_testkit.fault_runner import (
     FaultWindow,
@@ -33,7 +33,15 @@ from ps_testkit.fault_runner import (
     run_scenario,
     scenario_directory,
 )
-from ps_testkit.faults import EmbeddedSystem, HttpSystem, RedisSystem, poll
+from ps_testkit.faults import (
+    ACTION_TIMEOUT,
+    PARTY,
+    RUN,
+    EmbeddedSystem,
+    HttpSystem,
+    RedisSystem,
+    poll,
+)
 
 pytestmark = [pytest.mark.faults, pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -148,6 +156,76 @@ async def test_redis_restarted_empty_while_idle_the_engine_restates_the_scene() 
         quiet=True,
     )
     _verdict(report)
+
+
+async def test_redis_restarted_empty_while_the_engine_is_frozen_mid_action() -> None:
+    """Two faults at once (docs/redis.md, "Lost on purpose, and detected"): both engine workers
+    frozen while one applies an action (narrating it, after its commit), node 1 that accepted it
+    killed, Redis restarted empty. The player's client moves to node 2, resumes from the lost
+    epoch and resends the action; node 2 never saw it and Redis holds no record that an engine
+    started it. Held past ``action_timeout``, then the workers go on: the player gets one final
+    answer, the action's result (not ``action_timeout`` and then the result), applied once."""
+    system = RedisSystem(scenario_directory("redis_empty_engine_frozen"))
+    system.env["CAMPAIGN_ENGINE_NARRATION_SPEED"] = "20"  # a second or two per action
+    player: Player | None = None
+    try:
+        await system.start()
+        player = Player("aria", system.urls, party=PARTY, run=RUN)  # node 1 first
+        await player.connect()
+        client, history = player.client, player.history
+
+        async def offered() -> bool:
+            return bool((client.state.scene or {}).get("options"))
+
+        await poll(offered, 15.0, "a scene with options")
+        action_id = "aria-frozen"
+        sending = asyncio.ensure_future(
+            client.send_action("choice", {"option": "onward"}, action_id=action_id)
+        )
+
+        async def narrating() -> bool:
+            return any(
+                f.kind == "recv"
+                and f.message is not None
+                and f.message.get("type") == "narration.delta"
+                and f.message["payload"].get("action_id") == action_id
+                for f in history.frames
+            )
+
+        await poll(narrating, 15.0, "the engine narrating the action")
+        for worker in system.workers:
+            worker.signal(signal.SIGSTOP)
+        await system.nodes[0].kill()
+        await asyncio.to_thread(system.redis.stop)
+        await asyncio.to_thread(system.redis.start)
+        node2 = system.urls[0]
+
+        async def resent_on_node2() -> bool:
+            opened = [f.conn for f in history.frames if f.kind == "open" and f.url == node2]
+            return any(
+                f.kind == "sent"
+                and f.conn in opened
+                and f.message is not None
+                and f.message["payload"].get("action_id") == action_id
+                for f in history.frames
+            )
+
+        await poll(resent_on_node2, 20.0, "the resend on node 2")
+        await asyncio.sleep(3 * ACTION_TIMEOUT)  # holding the fault: the engine stays frozen
+        assert not sending.done(), "answered while the engine was frozen"
+        for worker in system.workers:
+            worker.signal(signal.SIGCONT)
+        async with asyncio.timeout(30.0):
+            await sending
+        told = [a.kind + a.code for a in answers(history)[action_id]]
+        assert set(told) == {"result"}, told
+        verdict = check_history([history], await system.chronicle())
+        assert not verdict.problems, verdict.problems
+        assert verdict.applied_once == 1, verdict.figures()
+    finally:
+        if player is not None:
+            await player.close()
+        await system.close()
 
 
 async def test_redis_paused_longer_than_the_command_timeout_and_presence_ttl() -> None:

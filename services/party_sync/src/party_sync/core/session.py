@@ -169,6 +169,10 @@ class PartySessions:
         #: (party_id, action_id) → until when: actions this node accepted whose record the
         #: backend then lost (its state was lost: Redis restarted empty), oldest first
         self.lost_actions: dict[tuple[str, str], float] = {}
+        #: (party_id, character_id) → until when: members whose connection here resumed from an
+        #: epoch the backend no longer has (their resends may be of actions another node
+        #: accepted before the loss), oldest first
+        self.lost_members: dict[tuple[str, str], float] = {}
         self.deadlines = Deadlines()
         self.stopping = False
         self.limits = {
@@ -276,6 +280,13 @@ class PartySessions:
         if join is not None:
             restate = opens_epoch(join)  # (core.epochs: other openings are the EpochWatch's)
             out.append(Announce(conn.binding, join, snapshot.epoch, restate=restate))
+        if resume is not None and resume.epoch != snapshot.epoch:
+            # the party's state was lost since this member last heard of it: what it resends
+            # now may have been started before the loss, on any node (``_lost_deadline``)
+            member = (conn.party_id, conn.character_id)
+            self.lost_members.pop(member, None)
+            self.lost_members[member] = now + self.rules.action_timeout
+            _forget_expired(self.lost_members, now)
         if resume is not None:
             self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
         resumed_from = resume.last_seq if replay is not None and resume is not None else None
@@ -651,34 +662,32 @@ class PartySessions:
         return self.refuse(conn, _action_refusal(message, ErrorCode.FORBIDDEN, text), now)
 
     def _lost_deadline(self, conn: Connection, action_id: str, now: float) -> float | None:
-        """The longer deadline of an action this node accepted before whose record the backend
-        may have lost since (the party's state was lost: Redis restarted empty), or None. An
-        engine may still be applying its first delivery (a stream worker frozen mid-action), and
-        nothing the ledger holds says so: an ``action_timeout`` at the usual deadline could be
-        false. So its deadline is ``action_record_ttl / 4`` away (at least ``action_timeout``;
-        the engine deduplicates by ``action_id`` and answers); only an engine frozen longer than
+        """The longer deadline of an action that may have been started before the backend lost
+        its record (the party's state was lost: Redis restarted empty), or None. An engine may
+        still be applying its first delivery (a stream worker frozen mid-action), and nothing
+        the ledger holds says so: an ``action_timeout`` at the usual deadline could be false.
+        So its deadline is ``action_record_ttl / 4`` away (at least ``action_timeout``; the
+        engine deduplicates by ``action_id`` and answers); only an engine frozen longer than
         that, or none at all, ends it with ``action_timeout`` then. The character's lock lapses
-        as usual. Node-local: a resend that reaches another node gets the usual deadline."""
+        as usual. Such an action is one this node accepted before (still watched, or found
+        GONE within ``action_record_ttl``), or one its member sends within ``action_timeout``
+        of resuming here from an epoch the backend no longer has: the resends of a client
+        whose first acceptance may have been on another node, which no node here knows of."""
         key = (conn.party_id, action_id)
         earlier = self.pending.get(key)
         if earlier is not None:
             lost = earlier.character_id == conn.character_id
-        elif not self.lost_actions:
-            return None
         else:
-            self._forget_lost(now)
-            lost = key in self.lost_actions
+            lost = False
+            if self.lost_actions:
+                _forget_expired(self.lost_actions, now)
+                lost = key in self.lost_actions
+            if not lost and self.lost_members:
+                _forget_expired(self.lost_members, now)
+                lost = (conn.party_id, conn.character_id) in self.lost_members
         if not lost:
             return None
         return max(self.rules.action_timeout, self.rules.action_record_ttl / 4)
-
-    def _forget_lost(self, now: float) -> None:
-        lost = self.lost_actions
-        while lost:
-            key = next(iter(lost))
-            if lost[key] > now and len(lost) <= _MAX_LOST:
-                break
-            del lost[key]
 
     def action_verdict(self, cmd: BeginAction, verdict: Verdict | None) -> Commands:
         """The ledger's verdict on an ``action.request`` (None: the backend was unreachable)."""
@@ -791,7 +800,7 @@ class PartySessions:
             key = (action.party_id, action.action_id)
             self.lost_actions.pop(key, None)
             self.lost_actions[key] = now + self.rules.action_record_ttl
-            self._forget_lost(now)
+            _forget_expired(self.lost_actions, now)
             text = "the party's state was lost: send the same action again to learn its outcome"
             gone = self._action_error(action, ErrorCode.BACKEND_UNAVAILABLE, text, now)
             return self._answer(action, gone, ErrorCode.BACKEND_UNAVAILABLE)
@@ -1083,3 +1092,13 @@ _VOTE_REFUSALS = {
     votes.CastRefusal.CLOSED: "this vote is closed",
     votes.CastRefusal.BAD_OPTION: "that option is not one of this vote's options",
 }
+
+
+def _forget_expired(until: dict[tuple[str, str], float], now: float) -> None:
+    """Drop the oldest entries of ``until`` (inserted in time order) that have expired, and any
+    past ``_MAX_LOST``."""
+    while until:
+        key = next(iter(until))
+        if until[key] > now and len(until) <= _MAX_LOST:
+            break
+        del until[key]
