@@ -215,6 +215,41 @@ def test_schema_file_is_a_valid_2020_12_schema_with_metadata(name: str) -> None:
     assert examples, "examples must not be empty"
 
 
+#: The largest integer every client can hold exactly (JavaScript's Number.MAX_SAFE_INTEGER).
+SAFE_INTEGER = 2**53 - 1
+
+
+def _integer_schemas(value: Any, where: str) -> list[tuple[str, dict[str, Any]]]:
+    if isinstance(value, list):
+        return [s for i, item in enumerate(value) for s in _integer_schemas(item, f"{where}/{i}")]
+    if not isinstance(value, dict):
+        return []
+    found = [(where, value)] if value.get("type") == "integer" else []
+    for key, item in value.items():
+        found += _integer_schemas(item, f"{where}/{key}")
+    return found
+
+
+@pytest.mark.parametrize("name", SCHEMA_FILES)
+def test_every_integer_is_bounded_to_the_safe_range(name: str) -> None:
+    """An integer field with no bound let an engine publish scene_number 1e20 (JSON Schema
+    counts an integral float as an integer): the server could not encode the party's snapshot
+    again, and every handshake of that party failed. Every integer is within ±(2^53 - 1)."""
+    for where, schema in _integer_schemas(_schema(name), name):
+        assert -SAFE_INTEGER <= schema.get("minimum", -(2**64)) <= SAFE_INTEGER, where
+        assert schema.get("maximum", 2**64) <= SAFE_INTEGER, where
+    if name == "scene.update.json":
+        example = copy.deepcopy(_schema(name)["examples"][0])
+        example["payload"]["scene_number"] = 1e20
+        validator = jsonschema_rs.validator_for(
+            _schema(name),
+            registry=jsonschema_rs.Registry(
+                [(_schema(n)["$id"], _schema(n)) for n in SCHEMA_FILES]
+            ),
+        )
+        assert not validator.is_valid(example)
+
+
 def test_jsonschema_rs_loads_every_file_with_one_registry() -> None:
     # The server's loading code, verbatim: one registry of all files, one validator per file.
     all_files = [_schema(name) for name in SCHEMA_FILES]

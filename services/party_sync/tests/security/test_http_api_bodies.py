@@ -161,6 +161,32 @@ async def test_a_150_kb_party_state_event_is_accepted(srv: Running) -> None:
     await client.close()
 
 
+@pytest.mark.parametrize(
+    "number", ["1e20", "1.0e20", "1e300", "18446744073709551616", "9007199254740992", "-1e20"]
+)
+async def test_an_integer_past_the_safe_range_is_refused_and_the_party_still_opens(
+    srv: Running, number: str
+) -> None:
+    """scene_number 1e20 was accepted (an integral float is an integer to JSON Schema) and
+    stored; the server could not encode that scene again (past 64 bits), so every handshake of
+    the party failed from then on, each with an ERROR traceback. An integer past ±(2^53 - 1)
+    is an invalid event (422); the party's last good scene stands."""
+    async with srv.http.post(
+        srv.base + "/api/v1/parties/p1/events", json=SCENE, headers=AUTH
+    ) as resp:
+        assert resp.status == 202
+    text = orjson.dumps(SCENE).decode().replace('"scene_number":1', f'"scene_number":{number}')
+    headers = {**AUTH, "Content-Type": "application/json"}
+    async with srv.http.post(
+        srv.base + "/api/v1/parties/p1/events", data=text, headers=headers
+    ) as resp:
+        assert resp.status == 422, await resp.text()
+        assert (await resp.json())["code"] == "invalid_event"
+    client, hello = await srv.join("aria")
+    assert hello["payload"]["scene"]["scene_number"] == 1
+    await client.close()
+
+
 @pytest.mark.parametrize(("method", "path", "body", "ok"), ROUTES)
 async def test_oversized_bodies_get_413(
     srv: Running, method: str, path: str, body: dict[str, Any], ok: int

@@ -349,7 +349,7 @@ def _narration() -> dict[str, Any]:
                         _object(
                             {
                                 "stream_id": _ID,
-                                "index": {"type": "integer", "minimum": 0},
+                                "index": {"type": "integer", "minimum": 0, "maximum": 2**53 - 1},
                             }
                         ),
                         "Taken (or taken before)",
