@@ -182,8 +182,10 @@ class Settings:
     )
     api_key: str | None = _option(
         None,
-        "Bearer key of the server API (/api/v1/...) used by engines and gateway_api; unset = "
-        "the API refuses every call (a random key is made in development mode).",
+        "Bearer key of the server API (/api/v1/...) used by engines and gateway_api, and sent "
+        "with every HTTP delivery to engine_url (the engine host checks it); unset = the API "
+        "refuses every call and the HTTP transport cannot start (a random key is made in "
+        "development mode).",
     )
     redis_prefix: str = _option(
         "party_sync", "Redis mode: prefix of every key (channels party:<id>, run:<id> have none)."

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hmac
 import logging
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
@@ -74,6 +75,19 @@ class Refused(PartySyncError):
 
 class Unauthorized(Refused):
     """The server API key is missing or wrong (``transport/edge.py guarded``)."""
+
+
+def bearer_matches(request: web.Request, expected: str) -> bool:
+    """True if the request's ``Authorization: Bearer`` is ``expected`` (constant-time; an empty
+    ``expected`` matches nothing). The server API and the engine host check keys with it."""
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
+    # compare_digest on equal-type bytes. aiohttp decodes a header that is not UTF-8 with
+    # surrogate escapes: "surrogatepass" turns any of them into bytes that match no key, where a
+    # plain encode() raised (a 500 and a traceback, for anyone).
+    return bool(expected) and hmac.compare_digest(
+        given.encode("utf-8", "surrogatepass"), expected.encode()
+    )
 
 
 class InvalidId(Refused):

@@ -162,6 +162,11 @@ def make_link(settings: Settings) -> EngineLink:
     transport = settings.resolved_engine_transport
     if transport == "http":
         assert settings.engine_url is not None
+        if not settings.api_key:
+            raise ConfigError(
+                "engine_transport http needs api_key (PARTY_SYNC_API_KEY): the engine publishes "
+                "through the server API with it, and each delivery to engine_url carries it"
+            )
         return HttpEngineLink(
             settings.engine_url,
             timeout=settings.engine_http_timeout,
@@ -169,6 +174,7 @@ def make_link(settings: Settings) -> EngineLink:
             notice_url=settings.engine_notice_url,
             give_up_after=settings.action_record_ttl,
             claim_patience=settings.action_record_ttl,
+            api_key=settings.api_key,
         )
     if transport == "stream":
         assert settings.redis_url is not None

@@ -40,7 +40,11 @@ async def deliver(base: str, action_id: str) -> tuple[int, Any]:
     body = {"party_id": "p1", "campaign_run_id": "r1", "envelope": dict(action.envelope)}
     async with (
         aiohttp.ClientSession() as http,
-        http.post(f"{base}/actions", data=orjson.dumps(body)) as resp,
+        http.post(
+            f"{base}/actions",
+            data=orjson.dumps(body),
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as resp,
     ):
         return resp.status, orjson.loads(await resp.read())
 

@@ -34,6 +34,8 @@ class FakeGatewayApi:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def handle(self, request: web.Request) -> web.Response:
+        # every delivery carries the server API key (an engine host checks it: docs/engines.md)
+        assert request.headers.get("Authorization") == f"Bearer {KEY}"
         body = await request.json()
         self.received.append((dict(request.headers), body))
         envelope = body["envelope"]
@@ -52,6 +54,7 @@ class FakeGatewayApi:
         return web.json_response({"status": "accepted"}, status=202)
 
     async def notice(self, request: web.Request) -> web.Response:
+        assert request.headers.get("Authorization") == f"Bearer {KEY}"
         self.notices.append(await request.json())
         return web.json_response({}, status=202)
 

@@ -42,17 +42,28 @@ async def serve(app: web.Application, port: int = 0) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
+#: The server API key the engine host publishes with, which the link's deliveries carry.
+HOST_KEY = "host-key-0123456789abcdef0123"
+
+
 def host_app(engine: ScriptedEngine) -> web.Application:
     # The engine stays silent (publishes nothing), so the API publisher is never used.
     engine.mode = "silent"
-    return build_host_app(engine, ApiPublisher("http://127.0.0.1:9", "unused-key"))
+    return build_host_app(engine, ApiPublisher("http://127.0.0.1:9", HOST_KEY))
 
 
 @contextlib.asynccontextmanager
 async def started_link(
     host: RecordingHost, url: str, **options: Any
 ) -> AsyncIterator[HttpEngineLink]:
-    options = {"timeout": 2.0, "retries": 2, "backoff_base": 0.001, "backoff_max": 0.01, **options}
+    options = {
+        "timeout": 2.0,
+        "retries": 2,
+        "backoff_base": 0.001,
+        "backoff_max": 0.01,
+        "api_key": HOST_KEY,
+        **options,
+    }
     link = HttpEngineLink(url, **options)
     await link.start(host)
     try:
@@ -229,7 +240,7 @@ async def test_an_engine_that_raises_behind_the_host_ends_in_engine_error_like_o
     engine.mode = "crash"
     host = RecordingHost()
     async with (
-        serve(build_host_app(engine, ApiPublisher("http://127.0.0.1:9", "k"))) as base,
+        serve(build_host_app(engine, ApiPublisher("http://127.0.0.1:9", HOST_KEY))) as base,
         started_link(host, f"{base}/actions") as link,
     ):
         await link.submit(make_action("boom"))
@@ -385,6 +396,8 @@ async def test_a_restate_notice_outlasts_an_engine_outage_longer_than_its_retrie
 
 
 async def post(url: str, body: dict[str, Any], **headers: str) -> tuple[int, Any]:
+    """POST to the engine host as party_sync does (with the key), plus ``headers``."""
+    headers = {"Authorization": f"Bearer {HOST_KEY}", **headers}
     async with (
         aiohttp.ClientSession() as http,
         http.post(url, data=orjson.dumps(body), headers=headers) as resp,
@@ -420,7 +433,7 @@ async def test_the_host_answers_a_publish_that_failed_under_the_engine_as_unknow
     ``backend_unavailable``, retried like any 5xx, as the in-process link retries it."""
     engine = PublishFailsEngine()
     host = RecordingHost()
-    async with serve(build_host_app(engine, ApiPublisher("http://127.0.0.1:9", "k"))) as base:
+    async with serve(build_host_app(engine, ApiPublisher("http://127.0.0.1:9", HOST_KEY))) as base:
         status, answer = await post(f"{base}/actions", action_body("applied"))
         assert (status, answer["error"]) == (503, "backend_unavailable")
         async with started_link(host, f"{base}/actions") as link:
@@ -506,3 +519,58 @@ async def test_the_host_serves_notices_on_their_own_path_and_actions_only_on_the
     assert engine.joins == [JoinNotice("p1", "r1", "aria", "Aria", "trace-j")]
     assert engine.restates == [RestateNotice("p1", "r1", "epoch-5", "trace-r")]
     assert engine.calls == []
+
+
+@pytest.mark.parametrize("path", ["/actions", "/notices"])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", "Basic aG9zdA==", "Bearer "])
+async def test_the_engine_host_refuses_a_delivery_without_the_key(
+    path: str, authorization: str | None
+) -> None:
+    """The engine host answered anyone: a POST with no credentials made the engine apply an
+    action for any character, or a party "vote" nobody held (character "party", action_id
+    "vote:…"). Every delivery must carry the server API key; without it, 401 before the body is
+    read, with a Bearer challenge, and the engine is never called."""
+    engine = ScriptedEngine()
+    engine.mode = "silent"  # (publishes nothing)
+    action = make_action("forged", party_id="p1")
+    body: dict[str, Any] = {"party_id": "p1", "campaign_run_id": "r1"}
+    if path == "/actions":
+        body["envelope"] = dict(action.envelope)
+    else:
+        body |= {"kind": "restate", "envelope": {"type": "party.restate", "payload": {}}}
+    headers = {} if authorization is None else {"Authorization": authorization}
+    async with (
+        serve(build_host_app(engine, ApiPublisher("http://127.0.0.1:9", HOST_KEY))) as base,
+        aiohttp.ClientSession() as http,
+    ):
+        async with http.post(base + path, data=orjson.dumps(body), headers=headers) as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"] == "unauthorized"
+            assert resp.headers["WWW-Authenticate"].startswith("Bearer ")
+        assert engine.calls == []
+        headers = {"Authorization": f"Bearer {HOST_KEY}"}
+        if path == "/actions":  # the same delivery with the key is the engine's
+            async with http.post(base + path, data=orjson.dumps(body), headers=headers) as resp:
+                assert resp.status == 202, await resp.text()
+            assert len(engine.calls) == 1
+
+
+async def test_a_delivery_refused_for_its_key_tells_the_player_engine_unavailable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """party_sync and the engine host disagree on the key: the engine never saw the action, so
+    the player gets engine_unavailable (not action_rejected, which would blame the game), and
+    one ERROR names the setting to fix."""
+    engine = ScriptedEngine()
+    host = RecordingHost()
+    async with (
+        serve(host_app(engine)) as base,
+        started_link(host, f"{base}/actions", api_key="another-key") as link,
+    ):
+        await link.submit(make_action("k1"))
+        await idle(link)
+    assert host.failed == [("k1", ErrorCode.ENGINE_UNAVAILABLE)]
+    assert host.rejected == []
+    assert engine.calls == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "PARTY_SYNC_API_KEY" in errors[0]

@@ -235,7 +235,9 @@ def test_the_server_hands_over_and_claims_for_as_long_as_an_answer_can_be_record
     settings = make_settings(action_record_ttl=900.0)
     link = make_link(settings)
     assert isinstance(link, InProcessLink) and link.claim_patience == 900.0
-    http = make_link(make_settings(action_record_ttl=900.0, engine_url="http://engine.test/a"))
+    http = make_link(
+        make_settings(action_record_ttl=900.0, engine_url="http://engine.test/a", api_key="k" * 24)
+    )
     assert isinstance(http, HttpEngineLink)
     assert (http.claim_patience, http.give_up_after) == (900.0, 900.0)
 

@@ -11,10 +11,12 @@ from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import StreamMonitor
 from party_sync.metrics import Metrics
+from party_sync.protocol.errors import ConfigError
 from party_sync.server import (
     backend_settings,
     describe_backend,
     describe_engine,
+    make_link,
     unused_engine_setting,
     watch_engine,
 )
@@ -90,3 +92,15 @@ def test_an_engine_url_the_transport_does_not_use_is_warned_about_without_the_ur
             assert warning is not None and "is set but not used" in warning
             assert "s3cret" not in warning and "engine.internal" not in warning
     assert unused_engine_setting(Settings(engine_url=url), "http") is None
+
+
+def test_the_http_transport_needs_the_api_key_it_signs_its_deliveries_with() -> None:
+    """Without a key the engine could not publish back, and its host refuses every delivery
+    (they carry the key): one configuration error at start, not an engine that never answers."""
+    url = "http://127.0.0.1:8090/actions"
+    with pytest.raises(ConfigError, match="PARTY_SYNC_API_KEY"):
+        make_link(Settings(engine_url=url))
+    link = make_link(Settings(engine_url=url, api_key="k" * 24))
+    assert isinstance(link, HttpEngineLink) and link._auth == {
+        "Authorization": "Bearer " + "k" * 24
+    }

@@ -4,6 +4,9 @@ It receives party_sync's POSTs, checks each envelope against the schemas, calls 
 gives the engine an ``EventPublisher`` that publishes through party_sync's server API. The engine
 code is the same object that runs in-process; nothing in it knows about HTTP.
 
+Every delivery carries ``Authorization: Bearer <PARTY_SYNC_API_KEY>``, the key the host publishes
+with (``keyed``): one without it is answered 401 ``unauthorized`` and never reaches the engine.
+
 ``POST /actions`` (``--path``): ``{"party_id", "campaign_run_id", "envelope": <action.request>,
 "deadline"?}`` with headers ``X-Action-Deadline`` (used when the body has no ``deadline``) and
 ``X-Delivery-Attempt``. Answers:
@@ -57,7 +60,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from party_sync import problems, tracing
 from party_sync.engine import wire
@@ -78,6 +81,8 @@ from party_sync.problems import (
     DeadlinePassed,
     EngineFailed,
     InvalidDelivery,
+    Unauthorized,
+    bearer_matches,
     listen,
     read_body,
 )
@@ -96,6 +101,8 @@ log = logging.getLogger(__name__)
 ENGINE: Final = web.AppKey("engine", Engine)
 CONTRACTS: Final = web.AppKey("contracts", Contracts)
 CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
+#: The ``WWW-Authenticate`` challenge of a delivery refused for its key (RFC 6750 §3).
+CHALLENGE: Final = 'Bearer realm="party_sync engine host"'
 
 #: The largest delivery body read (aiohttp's own default request size, which bounded it before).
 MAX_BODY: Final = 1024**2
@@ -179,6 +186,7 @@ class ApiPublisher(VoteStarter, NarrationSender):
         timeout: float = 5.0,
     ) -> None:
         self.base_url = base_url  # the setter takes one URL, a list, or commas
+        self.api_key = api_key  # also what party_sync's deliveries to this host must carry
         self._headers = {"Authorization": f"Bearer {api_key}", "Content-Type": "application/json"}
         self._retries = retries
         self._timeout = timeout  # of each request (seconds)
@@ -389,6 +397,21 @@ async def traced(request: web.Request, handler: Handler) -> web.StreamResponse:
         return response
 
 
+def keyed(api_key: str) -> Middleware:
+    """Every delivery must carry ``Authorization: Bearer <api_key>`` (the server API key, which
+    party_sync sends with each action and notice): without it, 401 ``unauthorized`` before the
+    body is read. Else anyone who can reach the host could make the engine apply an action for
+    any character, or a party "vote" nobody held."""
+
+    @web.middleware
+    async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if not bearer_matches(request, api_key):
+            raise Unauthorized(headers={"WWW-Authenticate": CHALLENGE})
+        return await handler(request)
+
+    return check
+
+
 #: What a delivery that cannot be read as one raises (answered 422 ``invalid``).
 _UNREADABLE: Final = (ValueError, KeyError, TypeError, SchemaViolation)
 
@@ -478,7 +501,9 @@ def build_host_app(
     seconds) decides whether a first delivery is past its deadline."""
     # Inside the span: a refusal is answered (problems.PROBLEMS, in this host's {"error", "detail"}
     # JSON) before the span records its status.
-    app = web.Application(middlewares=[traced, problems.answer_errors(problems.error_json)])
+    app = web.Application(
+        middlewares=[traced, problems.answer_errors(problems.error_json), keyed(publisher.api_key)]
+    )
     app[ENGINE] = engine
     app[CONTRACTS] = Contracts()
     app[CLOCK] = clock

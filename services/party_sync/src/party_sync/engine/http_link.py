@@ -5,7 +5,9 @@
     {"party_id": …, "campaign_run_id": …, "envelope": <the action.request envelope>,
      "deadline": <Unix seconds, absent if none>}
 
-Headers: ``X-Trace-Id`` (the trace), ``Idempotency-Key`` (the ``action_id``),
+Headers: ``Authorization: Bearer <PARTY_SYNC_API_KEY>`` (the engine host checks it: ``party-sync
+engine-http`` answers 401 without it), ``X-Trace-Id`` (the trace), ``Idempotency-Key`` (the
+``action_id``),
 ``X-Action-Deadline`` (the deadline again, decimal Unix seconds; absent if none),
 ``X-Delivery-Attempt``: 1 + the number of earlier attempts that *may have reached* the engine (an
 attempt refused at connect time did not), so ``1`` promises the engine has never seen the action,
@@ -18,6 +20,9 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
 - 2xx: delivered; the engine publishes its events through ``POST /api/v1/parties/{id}/events``;
 - 409 ``{"error": "expired"}``: the engine host did not start it, its deadline had passed (it only
   says so for attempt 1); the player gets ``action_timeout``, true because it was never started;
+- 401 / 403 to a first delivery: the host refused party_sync's key, not the action (it never
+  reached the engine): an ERROR log naming ``PARTY_SYNC_API_KEY``, and the player gets
+  ``engine_unavailable``;
 - other 4xx: final; the player gets ``action_rejected`` with the engine's ``detail`` (or the
   status);
 - connection refused (``aiohttp.ClientConnectorError``; or ``aiohttp.InvalidURL``): the request
@@ -45,7 +50,8 @@ action URL. Body::
     {"kind": "join" | "restate", "party_id": …, "campaign_run_id": …, "envelope": …}
 
 with a ``party.join`` envelope, or ``{"type": "party.restate", "timestamp", "trace_id",
-"payload": {"epoch": …}}`` (``party_sync.engine.wire``); header ``X-Trace-Id``. 2xx: delivered;
+"payload": {"epoch": …}}`` (``party_sync.engine.wire``); headers ``X-Trace-Id`` and
+``Authorization``. 2xx: delivered;
 4xx: refused (logged); connection errors and 5xx: retried like actions, then logged. With no
 notice URL, notices are not sent over HTTP at all (one INFO line at start says so).
 """
@@ -112,9 +118,12 @@ class HttpEngineLink:
         backoff_max: float = 5.0,
         give_up_after: float = 600.0,
         claim_patience: float = 600.0,
+        api_key: str | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.url = url
+        #: ``Authorization: Bearer <api_key>`` on every delivery (the engine host checks it)
+        self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.notice_url = notice_url
         self.timeout = timeout
         self.retries = retries
@@ -186,7 +195,7 @@ class HttpEngineLink:
         """POST a notice, ``retries`` times; then, with ``persist`` seconds, on with the capped
         backoff until that much time has passed since the first attempt."""
         extra = {"trace_id": trace_id, "party_id": body["party_id"]}
-        headers = {"X-Trace-Id": trace_id, "Content-Type": "application/json"}
+        headers = {"X-Trace-Id": trace_id, "Content-Type": "application/json", **self._auth}
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + persist
         attempt = 0
@@ -250,6 +259,7 @@ class HttpEngineLink:
             "X-Trace-Id": action.trace_id,
             "Idempotency-Key": action.action_id,
             "Content-Type": "application/json",
+            **self._auth,
         }
         if action.deadline is not None:
             body["deadline"] = action.deadline
@@ -336,6 +346,18 @@ class HttpEngineLink:
                 ErrorCode.ACTION_TIMEOUT,
                 "the engine did not start the action before its deadline: retry",
             )
+        elif status in REFUSED_KEY:
+            # The door, not the game: the engine never saw the action (a first delivery; a
+            # later one is retried by _retry_answer), so "unavailable" is the truth.
+            log.error(
+                "the engine refused party_sync's key (HTTP %d): give the engine host the same "
+                "PARTY_SYNC_API_KEY as party_sync",
+                status,
+                extra={"trace_id": action.trace_id, "action_id": action.action_id},
+            )
+            await host.fail(
+                action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unavailable: retry later"
+            )
         elif 400 <= status < 500:
             await host.reject(
                 action, _detail(answer) or f"the engine refused the action ({status})"
@@ -372,6 +394,9 @@ def _parse(text: str) -> Any:
     except ValueError:
         return text
 
+
+#: The engine host refused the key party_sync sent (``Authorization``), not the action.
+REFUSED_KEY = frozenset({401, 403})
 
 #: 4xx answers that say "later", whoever sends them (a proxy, a rate limiter).
 RETRY_STATUSES = frozenset({408, 425, 429})

@@ -25,7 +25,6 @@ here with ``problem`` (the RFC 9457 rendering) for the routes that import them f
 from __future__ import annotations
 
 import functools
-import hmac
 import time
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
@@ -39,6 +38,7 @@ from party_sync.problems import (
     Unauthorized,
     answer,
     answer_raised,
+    bearer_matches,
     problem,
     read_body,
     read_json,
@@ -164,15 +164,7 @@ def session_handler(handler: Handler) -> Handler:
 
 def authorized(request: web.Request) -> bool:
     """True if the request carries the configured API key (constant-time comparison)."""
-    expected = request.app.get(API_KEY, "")
-    header = request.headers.get("Authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else ""
-    # compare_digest on equal-type bytes; an unset key matches nothing. aiohttp decodes a header
-    # that is not UTF-8 with surrogate escapes: "surrogatepass" turns any of them into bytes
-    # that match no key, where a plain encode() raised (a 500 and a traceback, for anyone).
-    return bool(expected) and hmac.compare_digest(
-        given.encode("utf-8", "surrogatepass"), expected.encode()
-    )
+    return bearer_matches(request, request.app.get(API_KEY, ""))
 
 
 def check(request: web.Request) -> None:
