@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
@@ -375,3 +376,35 @@ async def test_a_killed_master_is_followed_with_a_new_epoch_never_a_rolled_back_
     in_order_per_epoch(rec)
     assert recovered < FAILOVER_BOUND
     await asyncio.to_thread(on_cluster.restart, master)  # back, as the new master's replica
+
+
+async def test_a_stalled_master_holds_a_call_to_another_shard_at_most_the_timeout() -> None:
+    """A probe: one master stopped (SIGSTOP, no replica) held a script call for a party on a
+    healthy master, and a new WebSocket's handshake, for the stall's whole length: redis-py's
+    cluster client read its slot map again, which met the stalled node. Every call is given up
+    after the command timeout, in all (BackendUnavailable: the client resends)."""
+    with RedisCluster(masters=3, replicas=0) as kit:
+        named, stalled = kit.masters()[:2]
+        party = next(
+            p
+            for p in (f"p{i}" for i in range(1000))
+            if kit.slot_owner(kit.keyslot(f"party:{p}")).port == named.port
+        )
+        async with node(named.url, command_timeout=1.0) as b:
+            await b.publish(party, scene(1), time.time())
+            assert stalled.proc is not None
+            stalled.proc.send_signal(signal.SIGSTOP)
+            try:
+                outcomes = []
+                for n in range(2, 12):  # past cluster-node-timeout: the cluster fails
+                    await asyncio.sleep(0.5)
+                    try:
+                        async with asyncio.timeout(4.0):  # the stall (20 s) held them before
+                            await b.publish(party, scene(n), time.time())  # a script
+                            await b.admin.blocked_until(party, "aria", time.time())  # a GET
+                        outcomes.append("answered")
+                    except BackendUnavailable:
+                        outcomes.append("unavailable")
+            finally:
+                stalled.proc.send_signal(signal.SIGCONT)
+        assert len(outcomes) == 10 and "unavailable" in outcomes, outcomes

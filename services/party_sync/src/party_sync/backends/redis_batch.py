@@ -271,6 +271,13 @@ class ShardedBatcher:
     async def _run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         if self._closed:
             raise ConnectionError("the script batcher is closed")
+        # One bound for the call in all (``redis_command_timeout``): its retries, and redis-py's
+        # slot-map reads, which meet a stalled master too. Without it a call to a healthy
+        # master waited out another master's whole stall, then ran late.
+        async with asyncio.timeout(self._timeout):
+            return await self._attempts(script, keys, args)
+
+    async def _attempts(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         key = keys[0]
         slot = key_slot(key.encode() if isinstance(key, str) else key)
         ask: AskError | None = None

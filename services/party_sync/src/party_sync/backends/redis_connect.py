@@ -235,6 +235,21 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     return client
 
 
+class BoundedRedisCluster(RedisCluster):
+    """redis-py's ``RedisCluster`` whose every command is given up after ``bound`` seconds *in
+    all* (its ``socket_timeout``: one ``redis_command_timeout``). The client retries a timeout
+    and re-reads its slot map on its own, and that read meets a stalled master as well: a command
+    for a healthy master waited out another master's whole stall, then ran late."""
+
+    bound: float | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self.bound is None:
+            return await super().execute_command(*args, **kwargs)
+        async with asyncio.timeout(self.bound):
+            return await super().execute_command(*args, **kwargs)
+
+
 def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     """A redis-py asyncio ``RedisCluster`` of the cluster ``target.url`` names a node of.
 
@@ -248,7 +263,9 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
         raise ValueError(problem)
     if target.seeds:  # tried with the node the URL names (any order), with its options
         kwargs["startup_nodes"] = [ClusterNode(host, port) for host, port in target.seeds]
-    client = RedisCluster.from_url(target.url, **kwargs)
+    client = BoundedRedisCluster.from_url(target.url, **kwargs)
+    assert isinstance(client, BoundedRedisCluster)
+    client.bound = kwargs.get("socket_timeout")
     # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)

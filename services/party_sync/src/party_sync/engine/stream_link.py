@@ -33,6 +33,7 @@ changed, or the nodes disagree; once per count seen).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -80,9 +81,18 @@ class StreamEngineLink:
     claims_on_accept = False
 
     def __init__(
-        self, redis_url: str | RedisTarget, stream: str, maxlen: int, *, partitions: int = 1
+        self,
+        redis_url: str | RedisTarget,
+        stream: str,
+        maxlen: int,
+        *,
+        partitions: int = 1,
+        timeout: float = 5.0,
     ) -> None:
+        """``timeout``: the most one append may take in all (``redis_command_timeout``), its
+        retries and a Cluster client's slot-map reads included."""
         self.stream = stream
+        self.timeout = timeout
         self.maxlen = maxlen  # per partition stream
         self.partitions = partitions
         self.streams = layout.stream_names(stream, partitions)
@@ -90,8 +100,8 @@ class StreamEngineLink:
         # retried XADD may append the entry twice: harmless, delivery is at least once anyway.
         self._redis = make_any_client(
             redis_url,
-            socket_timeout=5.0,
-            socket_connect_timeout=2.0,
+            socket_timeout=timeout,
+            socket_connect_timeout=min(2.0, timeout),
             retry=stale_socket_retry(),  # not after a timeout (one Redis; a cluster retries it)
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
@@ -168,13 +178,16 @@ class StreamEngineLink:
         if not self._count_written:
             await self._write_count()
         try:
-            await self._redis.xadd(
-                stream,
-                fields,  # type: ignore[arg-type]
-                maxlen=self.maxlen,
-                approximate=True,
-            )
-        except (RedisError, RedisClusterException) as exc:
+            # One bound for the whole append: a Cluster client retries and re-reads its slot
+            # map on its own, and a read of it that meets a stalled master waited out the stall.
+            async with asyncio.timeout(self.timeout):
+                await self._redis.xadd(
+                    stream,
+                    fields,  # type: ignore[arg-type]
+                    maxlen=self.maxlen,
+                    approximate=True,
+                )
+        except (RedisError, RedisClusterException, TimeoutError) as exc:
             self.failures += 1
             self._count_written = False  # Redis may come back empty: say N again
             raise BackendUnavailable(f"cannot append to {stream}: {exc}") from None
