@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 from party_sync.backends.redis_batch import ScriptBatcher
 from party_sync.backends.redis_wire import Script, load_script
+from ps_testkit.client import wait_until
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 pytestmark = pytest.mark.redis
@@ -144,4 +147,41 @@ async def test_when_a_batch_times_out_the_calls_queued_behind_it_fail_with_it(
         await batcher.close()
     finally:
         await client.client_unpause()
+        await client.aclose()
+
+
+async def test_after_a_batch_timed_out_calls_fail_at_once_until_redis_answers_a_probe(
+    redis_server: RedisServer,
+) -> None:
+    """A stall made every call wait out a timeout of its own, so each WebSocket's messages, its
+    pings among them, waited one timeout apiece behind the one before (pongs 14 s late in a 30-s
+    stall). Once a batch timed out, calls are refused at once (nothing sent), while a PING waits
+    in Redis; its answer, the moment Redis wakes, lets calls through again."""
+    client = Redis.from_url(redis_server.url)
+    stopped = False
+    try:
+        incr = await _incr_on(client, "batch:s")
+        batcher = ScriptBatcher(client, timeout=0.3)
+        proc = redis_server._proc
+        assert proc is not None
+        proc.send_signal(signal.SIGSTOP)  # stalled
+        stopped = True
+        with pytest.raises(TimeoutError):
+            await batcher.run(incr, ["batch:s"], [1])
+        sent = batcher.batches
+        refused = await asyncio.gather(
+            *(batcher.run(incr, ["batch:s"], [1]) for _ in range(3)), return_exceptions=True
+        )
+        assert all(isinstance(r, RedisConnectionError) for r in refused), refused
+        assert batcher.batches == sent  # refused without a batch (or a timeout) of their own
+        proc.send_signal(signal.SIGCONT)
+        stopped = False
+        await wait_until(lambda: not batcher._down, timeout=5)
+        # the timed-out call may have run when Redis woke (its caller was told "unavailable",
+        # not "not done"); the refused ones never reached Redis
+        assert await batcher.run(incr, ["batch:s"], [1]) <= 2
+        await batcher.close()
+    finally:
+        if stopped and redis_server._proc is not None:
+            redis_server._proc.send_signal(signal.SIGCONT)
         await client.aclose()

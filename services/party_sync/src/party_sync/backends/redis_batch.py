@@ -21,7 +21,10 @@ than Redis's own work per script (measured in docs/benchmarks.md). The batch is 
 ``asyncio.timeout``; a batch that fails or times out drops the connection (its replies can no
 longer be matched) and fails its calls and the calls queued behind it, and the next call
 reconnects. An idle connection that Redis closed is noticed (EOF in its buffer) and replaced
-before a batch is sent on it.
+before a batch is sent on it. A batch that timed out or lost its connection says Redis is not
+answering: from then on calls fail at once (not each after a timeout of its own, which piled up
+behind every socket's messages in a stall, its pings unanswered for ever longer) while a probe
+PINGs Redis every ``PROBE_EVERY`` s; the first answer lets calls through again.
 
 On a Redis Cluster (``ShardedBatcher``) the batching is per shard: one ``ScriptBatcher`` per
 master, each call routed by its first key's slot (every party script's keys share the party's
@@ -44,6 +47,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from hiredis import pack_command
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.cluster import ClusterNode
 from redis.crc import key_slot
@@ -68,9 +72,21 @@ from party_sync.backends.redis_wire import (
 )
 from party_sync.tasks import Episode, cancel_and_wait
 
+#: The probe's command, packed once.
+PING = pack_command(("PING",))
+
 log = logging.getLogger(__name__)
 
 _Call = tuple[Script, Sequence[Any], Sequence[Any], "asyncio.Future[Any]"]
+
+#: What makes a batch's failure say "Redis is not answering" (not a refusal of one script).
+_UNANSWERED = (TimeoutError, OSError, RedisConnectionError, RedisTimeoutError)
+#: Seconds between two probes (a PING) of a batcher whose Redis stopped answering.
+PROBE_EVERY = 0.25
+#: The longest one probe waits for its PONG: a PING in a stalled Redis's socket is answered the
+#: moment it wakes (so calls go through again at once), and a connection that breaks ends the
+#: wait sooner; a shorter wait would only drop the PING Redis is about to answer.
+PROBE_PATIENCE = 30.0
 
 
 class ScriptBatcher:
@@ -102,6 +118,10 @@ class ScriptBatcher:
         self._pump: asyncio.Task[None] | None = None
         self._conn: RawConnection | None = None
         self._closed = False
+        #: Redis stopped answering (a batch timed out or its connection failed): calls fail at
+        #: once, not each after a timeout of its own, until the probe's PING is answered
+        self._down = False
+        self._probe: asyncio.Task[None] | None = None
         self.batches = 0  # observability and tests: batches sent
         self.calls = 0
 
@@ -111,6 +131,11 @@ class ScriptBatcher:
         future: asyncio.Future[Any] = loop.create_future()
         if self._closed:
             future.set_exception(ConnectionError("the script batcher is closed"))
+            return future
+        if self._down:
+            # A stall: one call per connection every timeout piled up behind each socket's
+            # messages (its pings unanswered for ever longer); now the caller hears at once.
+            future.set_exception(RedisConnectionError("redis is not answering (probing it)"))
             return future
         self._queue.append((script, keys, args, future))
         if self._pump is None:  # starts next tick: this tick's calls go together
@@ -165,6 +190,8 @@ class ScriptBatcher:
                 replies = await conn.read_replies(len(batch))
         except BaseException as exc:  # the connection failed or timed out: every call failed
             await self._drop()
+            if isinstance(exc, _UNANSWERED) and not self._closed:
+                self._mark_down()
             # And so does every call queued behind it: they would each wait for a batch of their
             # own to fail in turn (k batches: k timeouts). They are retryable for their callers,
             # and the next call connects afresh.
@@ -181,6 +208,29 @@ class ScriptBatcher:
                 _fail(call[3], reply)
             elif not call[3].done():
                 call[3].set_result(reply)
+
+    def _mark_down(self) -> None:
+        """Redis stopped answering: fail calls at once and PING it until it answers."""
+        self._down = True
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.get_running_loop().create_task(self._probing())
+
+    async def _probing(self) -> None:
+        """PING on the batch connection (a fresh one after each failure, ``PROBE_EVERY`` s
+        apart) until Redis answers; then calls go through again."""
+        while self._down and not self._closed:
+            try:
+                async with asyncio.timeout(max(self._timeout, PROBE_PATIENCE)):
+                    conn = await self._connection()
+                    await conn.send_packed(PING)
+                    await conn.read_replies(1)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await self._drop()
+                await asyncio.sleep(PROBE_EVERY)
+                continue
+            self._down = False
 
     async def _direct(self, call: _Call) -> None:
         script, keys, args, future = call
@@ -199,6 +249,8 @@ class ScriptBatcher:
         pump = self._pump
         if pump is not None:
             await cancel_and_wait([pump], what="the script batcher")
+        if self._probe is not None:
+            await cancel_and_wait([self._probe], what="the script batcher's probe")
         queue, self._queue = self._queue, []
         for *_, future in queue:
             _fail(future, ConnectionError("the script batcher is closed"))
