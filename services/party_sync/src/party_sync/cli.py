@@ -19,7 +19,7 @@ from party_sync import __version__, config, devmode, logs
 from party_sync.auth import HMAC_ALGORITHMS, MAX_TIMESTAMP, MIN_JWT_SECRET_BYTES, issue_token
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
-from party_sync.protocol.errors import ConfigError, ListenError
+from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError
 
 log = logging.getLogger("party_sync")
 
@@ -652,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"party-sync: configuration error: {exc}", file=sys.stderr)
         return 2
-    except ListenError as exc:
+    except (ListenError, EngineStartError) as exc:
         print(f"party-sync: {exc}", file=sys.stderr)
         return 1
 

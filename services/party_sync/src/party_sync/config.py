@@ -597,7 +597,13 @@ def validate(settings: Settings) -> None:
         (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),
         (
             settings.workers == 1 or bool(settings.redis_url),
-            f"workers {settings.workers} needs the Redis backend (redis_url): the embedded "
+            f"workers {settings.workers}"
+            + (
+                " (as many as auto gives here: the CPUs this process may use)"
+                if settings.workers == usable_cpus()
+                else ""
+            )
+            + " needs the Redis backend (redis_url): the embedded "
             "backend keeps every party in one process, and workers would share no state "
             "(use --workers 1, or set PARTY_SYNC_REDIS_URL)",
         ),

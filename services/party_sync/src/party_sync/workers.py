@@ -50,7 +50,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from party_sync import config, logs
 from party_sync.config import Settings
-from party_sync.protocol.errors import ConfigError, ListenError
+from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError
 
 if TYPE_CHECKING:
     from party_sync.server import Server
@@ -462,7 +462,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"party-sync: configuration error: {exc}", file=sys.stderr)
         return 2
-    except ListenError as exc:
+    except (ListenError, EngineStartError) as exc:
         print(f"party-sync: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 import pytest
 from party_sync.backends.memory import MemoryBackend
 from party_sync.config import Settings
 from party_sync.engine.health import HttpProbe, StaticHealth, public_url
 from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.inprocess import InProcessLink
+from party_sync.engine.interface import start_engine
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import StreamMonitor
 from party_sync.metrics import Metrics
-from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.errors import ConfigError, EngineStartError
 from party_sync.server import (
     backend_settings,
     describe_backend,
@@ -21,6 +25,7 @@ from party_sync.server import (
     watch_engine,
 )
 from ps_testkit.engines import ScriptedEngine
+from ps_testkit.hosts import RecordingHost
 
 REDIS = "redis://:hunter2@cache.local:6390/2?ssl_cert_reqs=none"
 
@@ -104,3 +109,18 @@ def test_the_http_transport_needs_the_api_key_it_signs_its_deliveries_with() -> 
     assert isinstance(link, HttpEngineLink) and link._auth == {
         "Authorization": "Bearer " + "k" * 24
     }
+
+
+async def test_an_engine_that_cannot_start_is_one_line_not_a_traceback(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reference engine with an unreachable database made serve print 55 lines of chained
+    tracebacks; what start() raises is EngineStartError, naming it (main: one line, exit 1)."""
+
+    class Unstartable(ScriptedEngine):
+        async def start(self, publisher: Any) -> None:
+            raise OSError("connection to 127.0.0.1:1 refused")
+
+    with pytest.raises(EngineStartError, match=r"could not start: OSError: connection to"):
+        await start_engine(Unstartable(), RecordingHost())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

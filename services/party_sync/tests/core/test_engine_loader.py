@@ -86,3 +86,13 @@ def test_the_reference_engine_missing_says_it_is_a_package_of_its_own(
     with pytest.raises(ConfigError) as other:
         load_engine("not_installed_engine_xyz:create_engine")
     assert "reference Campaign Engine" not in str(other.value)
+
+
+def test_a_factory_refusing_its_settings_is_a_configuration_error(in_a_directory: Path) -> None:
+    """CAMPAIGN_ENGINE_SEED=abc made serve, engine-http and engine-worker die with a 20-line
+    traceback; a factory's ValueError is a setting's problem: one line, exit 2."""
+    (in_a_directory / "picky_engine.py").write_text(
+        "def create():\n    raise ValueError('PICKY_SEED must be an integer, got \\'abc\\'')\n"
+    )
+    with pytest.raises(ConfigError, match="picky_engine:create: PICKY_SEED must be an integer"):
+        load_engine("picky_engine:create")

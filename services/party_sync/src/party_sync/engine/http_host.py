@@ -75,6 +75,7 @@ from party_sync.engine.interface import (
     VoteRequest,
     VoteStarter,
     restate_engine,
+    start_engine,
 )
 from party_sync.problems import (
     RAW_BODIES,
@@ -512,7 +513,11 @@ def build_host_app(
 
     async def on_startup(app: web.Application) -> None:
         await publisher.open()
-        await engine.start(publisher)
+        try:
+            await start_engine(engine, publisher)
+        except BaseException:
+            await publisher.close()  # no cleanup follows a failed start-up
+            raise
 
     async def on_cleanup(app: web.Application) -> None:
         await engine.close()

@@ -33,6 +33,7 @@ from party_sync.engine.interface import (
     LinkHost,
     RestateNotice,
     restate_engine,
+    start_engine,
 )
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from party_sync.tasks import LatestPerKey, cancel_and_wait
@@ -117,7 +118,7 @@ class InProcessLink:
 
     async def start(self, host: LinkHost) -> None:
         self._host = host
-        await self.engine.start(host)
+        await start_engine(self.engine, host)
 
     async def submit(self, action: ActionRequest) -> None:
         # The task copies the current context: with tracing on, the action's span is its parent.

@@ -15,6 +15,7 @@ party_sync makes no game decision: it delivers each accepted ``action.request`` 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 import uuid
 from abc import ABC, abstractmethod
@@ -27,11 +28,14 @@ from party_sync.core.actions import Claim
 from party_sync.protocol import codec
 from party_sync.protocol.errors import (  # EngineRejected, NarrationConflict: re-exported
     EngineRejected,
+    EngineStartError,
     ErrorCode,
     InvalidEvent,
     NarrationConflict,
 )
 from party_sync.protocol.ids import ID_RULE, is_id, is_trace_id
+
+_log = logging.getLogger(__name__)
 
 #: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
 __all__ = [
@@ -614,6 +618,18 @@ class Engine(Protocol):
     async def close(self) -> None:
         """Release resources; no call follows."""
         ...
+
+
+async def start_engine(engine: Engine, publisher: EventPublisher) -> None:
+    """``engine.start(publisher)``; what it raises is ``EngineStartError``, one line naming it
+    (the traceback is logged at DEBUG): a bad database URL is a setting, not a crash."""
+    try:
+        await engine.start(publisher)
+    except Exception as exc:
+        _log.debug("the engine failed to start", exc_info=True)
+        raise EngineStartError(
+            f"the engine could not start: {type(exc).__name__}: {str(exc)[:500]}"
+        ) from None
 
 
 async def restate_engine(engine: Engine, notice: RestateNotice) -> bool:

@@ -50,7 +50,10 @@ def load_engine(spec: str) -> Engine:
         target = getattr(module, attr)
     except AttributeError:
         raise ConfigError(f"module {module_name!r} has no attribute {attr!r}") from None
-    engine = target if isinstance(target, Engine) else target() if callable(target) else None
+    try:
+        engine = target if isinstance(target, Engine) else target() if callable(target) else None
+    except ValueError as exc:  # a factory's word for a bad setting (CAMPAIGN_ENGINE_SEED=abc)
+        raise ConfigError(f"{spec}: {exc}") from None
     if not isinstance(engine, Engine):
         raise ConfigError(f"{spec} is neither an Engine nor a factory of one")
     return engine

@@ -80,6 +80,7 @@ from party_sync.engine.interface import (
     EngineRejected,
     LinkHost,
     restate_engine,
+    start_engine,
 )
 from party_sync.engine.restating import EpochWatch
 from party_sync.protocol.errors import BackendUnavailable, ConfigError, ErrorCode
@@ -182,7 +183,7 @@ class StreamWorker:
         return self._degraded
 
     async def run(self) -> None:
-        await self.engine.start(self.publisher)
+        await start_engine(self.engine, self.publisher)
         try:
             await self.consume()
         finally:
@@ -537,7 +538,7 @@ class PartitionedWorker:
             if not self.options.burst:
                 raise ConfigError(problem)
             log.warning("burst mode despite a partition mismatch: %s", problem)
-        await self.engine.start(self.publisher)
+        await start_engine(self.engine, self.publisher)
         if on_started is not None:
             on_started()
         tasks = self._tasks = [asyncio.create_task(loop.consume()) for loop in self.loops]

@@ -195,6 +195,11 @@ class ConfigError(PartySyncError):
     """The configuration is unusable; the message says which setting and why."""
 
 
+class EngineStartError(PartySyncError):
+    """The engine raised in ``start`` (its database unreachable, say): the message names what
+    it raised. ``serve``, ``engine-http`` and ``engine-worker`` exit 1 with it, in one line."""
+
+
 class ListenError(PartySyncError):
     """The server cannot listen on its address (in use, not permitted, not on this host); the
     message names the address and the system's reason. ``party-sync serve`` exits 1 with it."""
