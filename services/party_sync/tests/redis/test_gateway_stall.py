@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 from collections.abc import Iterator
@@ -255,3 +256,39 @@ async def test_a_stream_whose_hash_expired_in_a_stall_is_still_closed_for_the_me
         pieces = await a.pieces("s1", timeout=10)
         assert pieces[-1]["done"] is True and pieces[-1]["index"] == 1
         assert [p["index"] for p in pieces] == [1]  # once, after the last one
+
+
+async def test_presence_says_recovered_only_once_redis_answers_again(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A probe's log: "presence: recovered" 1.2 s after "presence: backend unavailable", with
+    Redis still down: a tick with no connection to refresh asks Redis nothing, and counted as
+    one that worked. Now only a tick that reached Redis ends the episode."""
+    settings = make_settings(
+        redis_url=redis.url,
+        engine_transport="inprocess",
+        redis_command_timeout=COMMAND_TIMEOUT,
+        presence_ttl=1.5,
+    )
+    caplog.set_level(logging.INFO, logger="party_sync.gateway")
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        ticks = 0
+        tick_done = gateway.core.tick_done
+
+        def counted(now: float) -> None:
+            nonlocal ticks
+            ticks += 1
+            tick_done(now)
+
+        gateway.core.tick_done = counted  # type: ignore[method-assign]
+        with stalled(redis):
+            await wait_until(lambda: errors(gateway, "presence") >= 1, timeout=15)
+            after = ticks
+            await wait_until(lambda: ticks >= after + 10, timeout=15)  # ticks with nothing to ask
+            assert "presence: backend unavailable; retrying every tick" in caplog.messages
+            assert "presence: recovered" not in caplog.messages
+        a, _ = await srv.join("aria")  # a tick that asks Redis again
+        await wait_until(lambda: "presence: recovered" in caplog.messages, timeout=15)
+        await a.close()

@@ -352,13 +352,17 @@ class Executor:
         core = self.core
         if type(command) is Refresh:
             rejoined = None
+            # A tick with no connection to refresh and no sweep asks nothing of the backend: it
+            # proves nothing, so it ends no failing episode ("recovered" while Redis was down).
+            asks = bool(command.connections) or command.sweep
             with self.tick("presence") as ok:
                 rejoined = await self.backend.refresh(command.connections, command.now)
                 self._published(rejoined)
                 if command.sweep:
                     self._published(await self.backend.expire(command.now))
-                ok.append(True)
-            await self.run(core.refreshed(command, rejoined, ok=bool(ok)))
+                if asks:
+                    ok.append(True)
+            await self.run(core.refreshed(command, rejoined, ok=bool(ok) or not asks))
         elif type(command) is SweepVotes:
             try:
                 with self.tick("votes") as ok:
