@@ -176,7 +176,8 @@ async def test_after_a_batch_timed_out_calls_fail_at_once_until_redis_answers_a_
         assert batcher.batches == sent  # refused without a batch (or a timeout) of their own
         proc.send_signal(signal.SIGCONT)
         stopped = False
-        await wait_until(lambda: not batcher._down, timeout=5)
+        assert batcher.down
+        await wait_until(lambda: not batcher.down, timeout=5)
         # the timed-out call may have run when Redis woke (its caller was told "unavailable",
         # not "not done"); the refused ones never reached Redis
         assert await batcher.run(incr, ["batch:s"], [1]) <= 2

@@ -233,8 +233,9 @@ class RedisBackend:
         await self.client.aclose()
 
     async def ready(self) -> bool:
-        """Ready while the pub/sub connection is up and Redis answers a PING."""
-        if not self.bus.connected:
+        """Ready while the pub/sub connection is up and Redis answers a PING (not while the
+        script connection knows Redis stopped answering: no wait for a PING to time out)."""
+        if not self.bus.connected or self.scripts.batcher.down:
             return False
         try:
             async with asyncio.timeout(self.options.connect_timeout):

@@ -209,6 +209,11 @@ class ScriptBatcher:
             elif not call[3].done():
                 call[3].set_result(reply)
 
+    @property
+    def down(self) -> bool:
+        """Redis stopped answering this batcher and has not answered its probe yet."""
+        return self._down
+
     def _mark_down(self) -> None:
         """Redis stopped answering: fail calls at once and PING it until it answers."""
         self._down = True
@@ -303,6 +308,11 @@ class ShardedBatcher:
     @property
     def calls(self) -> int:
         return self._calls + sum(b.calls for b in self._shards.values())
+
+    @property
+    def down(self) -> bool:
+        """A master stopped answering (its batcher is probing it)."""
+        return any(b.down for b in self._shards.values())
 
     def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one script call on its shard; the future gets its reply (or its error)."""
