@@ -292,3 +292,33 @@ async def test_presence_says_recovered_only_once_redis_answers_again(
         a, _ = await srv.join("aria")  # a tick that asks Redis again
         await wait_until(lambda: "presence: recovered" in caplog.messages, timeout=15)
         await a.close()
+
+
+async def test_in_a_stall_the_node_knows_of_a_new_connection_is_refused_without_a_timeout(
+    redis: RedisServer,
+) -> None:
+    """Once a call timed out, the node knows Redis is not answering: each message is refused at
+    once (no timeout apiece: a player's pings no longer wait behind them), and so is a new
+    connection (its operator-block check waited a whole timeout before the 1011)."""
+    timeout = 3.0
+    settings = make_settings(
+        redis_url=redis.url, engine_transport="inprocess", redis_command_timeout=timeout
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        with stalled(redis):
+            await a.act("first", "aria", "r1")
+            assert (await a.expect("system.error", timeout=3 * timeout))["payload"][
+                "code"
+            ] == "backend_unavailable"  # after one timeout
+            async with asyncio.timeout(timeout / 2):  # not one more timeout each
+                await a.act("second", "aria", "r1")
+                error = await a.expect("system.error")
+                assert error["payload"]["code"] == "backend_unavailable"
+                await a.send({"type": "system.ping", "trace_id": "still-here", "payload": {}})
+                assert (await a.expect("system.pong"))["trace_id"] == "still-here"
+                b = await srv.connect("borin")
+                refused = await b.expect("system.error")
+                assert refused["payload"]["code"] == "backend_unavailable"
+                assert await b.closed() == 1011
+        await a.close()

@@ -44,6 +44,7 @@ from party_sync.backends.redis_connect import SlotClients
 from party_sync.backends.redis_scripts import snapshot_from, text, unavailable
 from party_sync.backends.redis_shard_bus import ShardedBus
 from party_sync.core.snapshot import Snapshot
+from party_sync.protocol.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,17 @@ class RedisAdmin:
     Owned by the node's ``RedisBackend``, which gives it these three and nothing else.
     """
 
-    def __init__(self, client: Redis | RedisCluster, keys: KeySpace, bus: Bus | ShardedBus) -> None:
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        keys: KeySpace,
+        bus: Bus | ShardedBus,
+        unanswered: Callable[[], bool] = lambda: False,
+    ) -> None:
+        """``unanswered``: the node knows Redis stopped answering (its script connection is
+        probing it): a handshake's block check is refused at once, not after a timeout."""
         self._client = client
+        self._unanswered = unanswered
         self._keys = keys
         self._bus = bus
         self._events = client.register_script(EVENTS_LUA)
@@ -294,6 +304,8 @@ class RedisAdmin:
                 await self._client.delete(key)
 
     async def blocked_until(self, party_id: str, character_id: str, now: float) -> float | None:
+        if self._unanswered():  # (a new connection is refused 1011 at once, not in 5 s)
+            raise BackendUnavailable("redis is not answering (probing it)")
         with unavailable("admin blocked"):
             value = await self._client.get(self._keys.block(party_id, character_id))
         if value is None:

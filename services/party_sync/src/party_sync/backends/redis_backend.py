@@ -206,7 +206,9 @@ class RedisBackend:
             idle_party_ttl=settings.idle_party_ttl,
         )
         self.votes = RedisVotes(self.client, self.scripts, self.keys)
-        self.admin = RedisAdmin(self.client, self.keys, self.bus)  # the operators' view
+        batcher = self.scripts.batcher
+        # the operators' view
+        self.admin = RedisAdmin(self.client, self.keys, self.bus, lambda: batcher.down)
         self._streams: dict[str, PartyStream] = {}
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
