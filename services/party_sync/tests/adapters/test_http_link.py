@@ -574,3 +574,21 @@ async def test_a_delivery_refused_for_its_key_tells_the_player_engine_unavailabl
     assert engine.calls == []
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "PARTY_SYNC_API_KEY" in errors[0]
+
+
+async def test_a_403_from_an_engine_stays_a_refusal_of_the_action() -> None:
+    """Only 401 says "your key": an engine behind its own service may answer 403 for a game
+    rule ("not allowed here"); the player gets action_rejected with its detail, not a "retry
+    later" about a key that is fine."""
+
+    async def forbid(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "not allowed here"}, status=403)
+
+    app = web.Application()
+    app.router.add_post("/actions", forbid)
+    host = RecordingHost()
+    async with serve(app) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("f1"))
+        await idle(link)
+    assert host.rejected == [("f1", "not allowed here")]
+    assert host.failed == []

@@ -112,10 +112,11 @@ class RedisAdmin:
         client: Redis | RedisCluster,
         keys: KeySpace,
         bus: Bus | ShardedBus,
-        unanswered: Callable[[], bool] = lambda: False,
+        unanswered: Callable[[str], bool] = lambda key: False,
     ) -> None:
-        """``unanswered``: the node knows Redis stopped answering (its script connection is
-        probing it): a handshake's block check is refused at once, not after a timeout."""
+        """``unanswered(key)``: the node knows the Redis that serves ``key`` stopped answering
+        (its script connection is probing it): a handshake's block check is refused at once,
+        not after a timeout."""
         self._client = client
         self._unanswered = unanswered
         self._keys = keys
@@ -304,10 +305,11 @@ class RedisAdmin:
                 await self._client.delete(key)
 
     async def blocked_until(self, party_id: str, character_id: str, now: float) -> float | None:
-        if self._unanswered():  # (a new connection is refused 1011 at once, not in 5 s)
+        key = self._keys.block(party_id, character_id)
+        if self._unanswered(key):  # (a new connection is refused 1011 at once, not in 5 s)
             raise BackendUnavailable("redis is not answering (probing it)")
         with unavailable("admin blocked"):
-            value = await self._client.get(self._keys.block(party_id, character_id))
+            value = await self._client.get(key)
         if value is None:
             return None
         until = float(text(value))

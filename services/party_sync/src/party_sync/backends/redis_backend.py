@@ -208,7 +208,7 @@ class RedisBackend:
         self.votes = RedisVotes(self.client, self.scripts, self.keys)
         batcher = self.scripts.batcher
         # the operators' view
-        self.admin = RedisAdmin(self.client, self.keys, self.bus, lambda: batcher.down)
+        self.admin = RedisAdmin(self.client, self.keys, self.bus, batcher.down_for)
         self._streams: dict[str, PartyStream] = {}
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()

@@ -44,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from hiredis import pack_command
@@ -100,12 +100,17 @@ class ScriptBatcher:
         *,
         connections: ConnectionSource | None = None,
         delay: float = 0.0,
+        on_probe_failed: Callable[[], None] | None = None,
     ) -> None:
         """``connections``: where the batch connection comes from (default: ``client``'s pool;
         a Cluster node's ``NodeConnections`` in ``ShardedBatcher``). ``client`` reloads a script
         Redis lost (NOSCRIPT). ``delay``: seconds the first call of an idle batcher waits, so
         that the calls of the next moments go in its batch (``redis_write_delay``; 0 = the
-        calls of one loop tick only)."""
+        calls of one loop tick only). ``on_probe_failed``: called after each probe that got no
+        answer (``ShardedBatcher``: read the slot map again, so that a master that is no longer
+        one has its batcher closed)."""
+        self._on_probe_failed = on_probe_failed
+        self._episode = Episode(log, "redis is not answering the script connection")
         self._client = client
         if connections is None:
             assert isinstance(client, Redis)
@@ -214,6 +219,10 @@ class ScriptBatcher:
         """Redis stopped answering this batcher and has not answered its probe yet."""
         return self._down
 
+    def down_for(self, key: str) -> bool:
+        """Whether the Redis that serves ``key`` stopped answering (one Redis: ``down``)."""
+        return self._down
+
     def _mark_down(self) -> None:
         """Redis stopped answering: fail calls at once and PING it until it answers."""
         self._down = True
@@ -231,11 +240,17 @@ class ScriptBatcher:
                     await conn.read_replies(1)
             except asyncio.CancelledError:
                 raise
-            except Exception:
+            except Exception as exc:
+                # once per episode, with the cause (a WRONGPASS after a password change, a node
+                # that refuses connections, a stall)
+                self._episode.trouble(type(exc).__name__, repr(exc)[:300])
                 await self._drop()
+                if self._on_probe_failed is not None:
+                    self._on_probe_failed()
                 await asyncio.sleep(PROBE_EVERY)
                 continue
             self._down = False
+            self._episode.fine("it answers again")
 
     async def _direct(self, call: _Call) -> None:
         script, keys, args, future = call
@@ -311,8 +326,19 @@ class ShardedBatcher:
 
     @property
     def down(self) -> bool:
-        """A master stopped answering (its batcher is probing it)."""
-        return any(b.down for b in self._shards.values())
+        """Every master stopped answering (each one's batcher is probing it): one master down
+        is an outage of its parties only (``down_for``), not of the node."""
+        masters = [self._shards.get(n.name) for n in self._client.get_primaries()]
+        return bool(masters) and all(b is not None and b.down for b in masters)
+
+    def down_for(self, key: str) -> bool:
+        """The master that serves ``key`` (by redis-py's slot map) stopped answering."""
+        try:
+            node = _owner(self._client, key_slot(key.encode()))
+        except Exception:  # the slot map lacks the slot: the call would find out
+            return False
+        batcher = self._shards.get(node.name)
+        return batcher is not None and batcher.down
 
     def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one script call on its shard; the future gets its reply (or its error)."""
@@ -327,6 +353,7 @@ class ShardedBatcher:
                 self._timeout,
                 connections=NodeConnections(node),
                 delay=self._delay,
+                on_probe_failed=self.refresh_soon,
             )
         return batcher
 

@@ -20,7 +20,7 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
 - 2xx: delivered; the engine publishes its events through ``POST /api/v1/parties/{id}/events``;
 - 409 ``{"error": "expired"}``: the engine host did not start it, its deadline had passed (it only
   says so for attempt 1); the player gets ``action_timeout``, true because it was never started;
-- 401 / 403 to a first delivery: the host refused party_sync's key, not the action (it never
+- 401 to a first delivery: the host refused party_sync's key, not the action (it never
   reached the engine): an ERROR log naming ``PARTY_SYNC_API_KEY``, and the player gets
   ``engine_unavailable``;
 - other 4xx: final; the player gets ``action_rejected`` with the engine's ``detail`` (or the
@@ -395,8 +395,9 @@ def _parse(text: str) -> Any:
         return text
 
 
-#: The engine host refused the key party_sync sent (``Authorization``), not the action.
-REFUSED_KEY = frozenset({401, 403})
+#: The engine host refused the key party_sync sent (``Authorization``), not the action (a 403
+#: stays a refusal of the action: engines answer "not allowed" so).
+REFUSED_KEY = frozenset({401})
 
 #: 4xx answers that say "later", whoever sends them (a proxy, a rate limiter).
 RETRY_STATUSES = frozenset({408, 425, 429})

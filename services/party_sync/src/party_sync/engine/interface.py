@@ -27,6 +27,7 @@ from party_sync.core import votes
 from party_sync.core.actions import Claim
 from party_sync.protocol import codec
 from party_sync.protocol.errors import (  # EngineRejected, NarrationConflict: re-exported
+    ConfigError,
     EngineRejected,
     EngineStartError,
     ErrorCode,
@@ -625,6 +626,8 @@ async def start_engine(engine: Engine, publisher: EventPublisher) -> None:
     (the traceback is logged at DEBUG): a bad database URL is a setting, not a crash."""
     try:
         await engine.start(publisher)
+    except ConfigError:
+        raise  # a setting the engine refused: exit 2, as every setting
     except Exception as exc:
         _log.debug("the engine failed to start", exc_info=True)
         raise EngineStartError(
