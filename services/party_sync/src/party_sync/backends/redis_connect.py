@@ -45,6 +45,7 @@ from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MovedError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from party_sync.backends.keys import DEFAULT_PREFIX
 from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_connect
@@ -246,8 +247,11 @@ class BoundedRedisCluster(RedisCluster):
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         if self.bound is None:
             return await super().execute_command(*args, **kwargs)
-        async with asyncio.timeout(self.bound):
-            return await super().execute_command(*args, **kwargs)
+        try:
+            async with asyncio.timeout(self.bound):
+                return await super().execute_command(*args, **kwargs)
+        except TimeoutError as exc:  # a Redis error, as its callers expect
+            raise RedisTimeoutError(f"no answer within {self.bound}s in all") from exc
 
 
 def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:

@@ -284,9 +284,7 @@ class PartySessions:
             # the party's state was lost since this member last heard of it: what it resends
             # now may have been started before the loss, on any node (``_lost_deadline``)
             member = (conn.party_id, conn.character_id)
-            self.lost_members.pop(member, None)
-            self.lost_members[member] = now + self.rules.action_timeout
-            _forget_expired(self.lost_members, now)
+            _remember(self.lost_members, member, now + self.rules.action_timeout, now)
         if resume is not None:
             self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
         resumed_from = resume.last_seq if replay is not None and resume is not None else None
@@ -798,9 +796,7 @@ class PartySessions:
             return self._answer(action, answer)
         if outcome is Sweep.GONE:
             key = (action.party_id, action.action_id)
-            self.lost_actions.pop(key, None)
-            self.lost_actions[key] = now + self.rules.action_record_ttl
-            _forget_expired(self.lost_actions, now)
+            _remember(self.lost_actions, key, now + self.rules.action_record_ttl, now)
             text = "the party's state was lost: send the same action again to learn its outcome"
             gone = self._action_error(action, ErrorCode.BACKEND_UNAVAILABLE, text, now)
             return self._answer(action, gone, ErrorCode.BACKEND_UNAVAILABLE)
@@ -1092,6 +1088,15 @@ _VOTE_REFUSALS = {
     votes.CastRefusal.CLOSED: "this vote is closed",
     votes.CastRefusal.BAD_OPTION: "that option is not one of this vote's options",
 }
+
+
+def _remember(
+    until: dict[tuple[str, str], float], key: tuple[str, str], due: float, now: float
+) -> None:
+    """Keep ``key`` in ``until`` until ``due`` (as its newest entry), forgetting what expired."""
+    until.pop(key, None)
+    until[key] = due
+    _forget_expired(until, now)
 
 
 def _forget_expired(until: dict[tuple[str, str], float], now: float) -> None:

@@ -346,9 +346,10 @@ class HttpEngineLink:
                 ErrorCode.ACTION_TIMEOUT,
                 "the engine did not start the action before its deadline: retry",
             )
-        elif status in REFUSED_KEY:
+        elif status == 401:
             # The door, not the game: the engine never saw the action (a first delivery; a
-            # later one is retried by _retry_answer), so "unavailable" is the truth.
+            # later one is retried by _retry_answer), so "unavailable" is the truth. (A 403
+            # stays a refusal of the action: engines answer "not allowed" so.)
             log.error(
                 "the engine refused party_sync's key (HTTP %d): give the engine host the same "
                 "PARTY_SYNC_API_KEY as party_sync",
@@ -394,10 +395,6 @@ def _parse(text: str) -> Any:
     except ValueError:
         return text
 
-
-#: The engine host refused the key party_sync sent (``Authorization``), not the action (a 403
-#: stays a refusal of the action: engines answer "not allowed" so).
-REFUSED_KEY = frozenset({401})
 
 #: 4xx answers that say "later", whoever sends them (a proxy, a rate limiter).
 RETRY_STATUSES = frozenset({408, 425, 429})
