@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from jwt.warnings import InsecureKeyLengthWarning
 
@@ -73,8 +74,16 @@ def _port(text: str) -> int:
     return value
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error is two lines (what is wrong, and where the options are)
+    instead of the whole usage first: ``serve``'s usage alone is 57 lines, above the error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="party-sync", description="party_sync realtime gateway")
+    parser = _Parser(prog="party-sync", description="party_sync realtime gateway")
     parser.add_argument("--version", action="version", version=f"party_sync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -161,3 +161,26 @@ def test_every_help_prints(command: list[str], capsys: pytest.CaptureFixture[str
     if command == ["serve"]:
         out = " ".join(out.split())  # argparse wraps the lines
         assert "11-23 % CPU" in out and "[env PARTY_SYNC_CLIENT_WRITE_DELAY]" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "prog"),
+    [
+        (["serve", "--port", "abc"], "party-sync serve"),
+        (["bogus"], "party-sync"),
+        (["engine-worker", "--no-such-flag"], "party-sync engine-worker"),
+    ],
+)
+def test_a_bad_flag_is_two_lines_not_the_whole_usage(
+    argv: list[str], prog: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped flag says what is wrong and where the options are, exit 2; argparse's default
+    put ``serve``'s 57-line usage above the one line that matters."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 2, err
+    assert lines[0].startswith(f"{prog}: error: ")
+    assert lines[1] == f"(see {prog} --help)"
