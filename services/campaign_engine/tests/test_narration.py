@@ -16,6 +16,7 @@ import pytest
 from campaign_engine import narration
 from campaign_engine.campaign import Campaign, builtin_campaign
 from campaign_engine.engine import ENV_NARRATION_SPEED, ReferenceEngine, create_engine
+from campaign_engine.store import open_store
 from campaign_engine.testing import (
     MAX_OPEN_STREAMS,
     NarrationPiece,
@@ -309,3 +310,55 @@ def test_make_run_narrates_at_a_pleasant_speed_and_only_the_in_process_reference
             untouched, engine_in_process=in_process, engine_spec=other
         )
         assert untouched == {}
+
+
+async def test_a_worker_woken_after_another_took_its_action_over_publishes_nothing_stale(
+    store_url: str,
+) -> None:
+    """Two stream workers share one database. The first commits the party's row to the reef and
+    is stopped while it narrates (frozen past the stream's claim-idle time); the second is given
+    the action again, finds it applied and publishes its events, and the party acts on at the
+    reef. The first wakes: it must not publish its copy of the events (its ``scene.update`` is
+    the harbor's answer, the party's scene of before): a fault probe saw such a copy take a
+    party back to an old scene while it voted in the next one."""
+    shared = open_store(store_url)
+    other = shared if store_url == "memory://" else open_store(store_url)
+    row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
+    look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
+    second = ReferenceEngine(builtin_campaign(), seed=2, store=other)
+    pub_two = RecordingPublisher()
+    taken_over = False
+
+    async def frozen(delay: float) -> None:  # the first worker's narration pauses
+        nonlocal taken_over
+        if not taken_over:
+            taken_over = True
+            await second.handle_action(row)  # redelivered: applied already, its events go out
+            await second.handle_action(look)  # the party acts on, at the reef
+        await asyncio.sleep(0)
+
+    first = ReferenceEngine(
+        builtin_campaign(), seed=1, store=shared, narration_speed=SPEED, sleep=frozen
+    )
+    pub_one = RecordingPublisher()
+    await first.start(pub_one)
+    await second.start(pub_two)
+    await first.handle_join(join_notice("aria"))
+    await first.handle_join(join_notice("bram"))
+    pub_one.clear()
+
+    await first.handle_action(row)
+
+    assert taken_over and pub_one.narrated  # it narrated, and was overtaken meanwhile
+    assert pub_one.types() == []  # and published nothing after it woke
+    assert pub_two.types()[:2] == ["action.result", "scene.update"]  # the row's, by the second
+    assert pub_two.published[0].payload["action_id"] == row.action_id
+    assert pub_two.last("scene.update")["scene_number"] == 2
+    assert [d.action_id for d in await second.chronicle("run-1")] == [
+        row.action_id,
+        look.action_id,
+    ]
+    state = await second.run_state("run-1")
+    assert state is not None and state.outbox == []
+    await first.close()
+    await second.close()

@@ -216,7 +216,27 @@ class ReferenceEngine:
         # Committed first: a crash while narrating loses nothing, and a redelivery of the
         # action (applied now) publishes its events without narrating again.
         await self._narrate(work, action, state.scene_number)
-        await self._publish_outbox(work, action.party_id)
+        unsent = await self._still_unsent(work)
+        if unsent.outbox:
+            await self._publish_outbox(unsent, action.party_id)
+
+    async def _still_unsent(self, work: RunState) -> RunState:
+        """The state whose outbox to publish now that the action is committed (and narrated):
+        ``work``, unless another process committed the run meanwhile. That is a worker that took
+        this action over while this one was stopped (frozen past the stream's claim-idle time)
+        and published its events, or a later action that published or dropped them: then the
+        stored state, whose outbox holds only what is still unsent. ``work``'s copy would send
+        the scene of then after the party moved on."""
+        stored = await self.store.load(work.run_id)
+        if stored is None or stored.version == work.version:
+            return work
+        log.info(
+            "run %s moved on in another process since this action was committed; publishing "
+            "only what is still unsent (%d event(s))",
+            work.run_id,
+            len(stored.outbox),
+        )
+        return stored
 
     async def _answer_again(self, state: RunState, action: ActionRequest) -> None:
         """A delivery of an action applied earlier, all of whose events were published: publish

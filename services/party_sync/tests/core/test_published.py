@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
-from party_sync.core.published import PublishedKeys
+from party_sync.core.published import PublishedKeys, replayed
 
 
 def test_the_first_event_under_a_key_stands_until_its_ttl() -> None:
@@ -52,3 +52,29 @@ def test_a_key_answers_the_event_recorded_under_it_within_the_ttl(
             keys.record(key, n, now)
             model[key] = (n, now + 3.0)
     assert len(keys) <= len(model)
+
+
+def _message(kind: str, action_id: str = "") -> dict[str, object]:
+    payload = {"action_id": action_id} if kind == "action.result" else {}
+    return {"type": kind, "payload": payload, "trace_id": "t"}
+
+
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["action.result", "scene.update"]), st.sampled_from("abc")),
+        max_size=6,
+    ),
+    st.sets(st.sampled_from("abc")),
+)
+def test_an_answer_is_a_replay_only_when_every_result_in_it_is_out_already(
+    events: list[tuple[str, str]], answered: set[str]
+) -> None:
+    """``replayed``: a late copy of an answer (publish nothing) exactly when it holds a result
+    and every result's action has one already; the earlier results in their places."""
+    messages = [_message(kind, a) for kind, a in events]
+    found = replayed(messages, lambda a: f"r-{a}".encode() if a in answered else None)
+    results = [a for kind, a in events if kind == "action.result"]
+    if not results or any(a not in answered for a in results):
+        assert found is None
+        return
+    assert found == [f"r-{a}".encode() if kind == "action.result" else None for kind, a in events]

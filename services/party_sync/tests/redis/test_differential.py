@@ -828,8 +828,9 @@ DIFFERENTIAL = settings(
     ]
 )
 # Always played too: an engine's answers in one step (publish_many), the action's result with its
-# scene (the lock released, the action answered), the same again (the result stands, the scene is
-# sequenced again), a result given before the action began, and a result after its refusal.
+# scene (the lock released, the action answered), the same again (a late copy of the whole
+# answer: nothing of it is sequenced), an answer with one result seen and one new (sequenced but
+# the old result), a result given before the action began, and a result after its refusal.
 @example(
     ops=[
         ("connect", "p1", "aria", 0, 0),
@@ -837,6 +838,8 @@ DIFFERENTIAL = settings(
         ("claim", "p1", "aria", "1", 1.0),
         ("many", "p1", [("result", "aria", "1"), ("scene", 2)]),
         ("many", "p1", [("result", "aria", "1"), ("scene", 1), ("combat", True)]),
+        ("snapshot", "p1"),
+        ("many", "p1", [("scene", 1), ("result", "aria", "1"), ("result", "borin", "3")]),
         ("snapshot", "p1"),
         ("many", "p1", [("scene", 3), ("result", "borin", "2"), ("result", "borin", "2")]),
         ("begin", "p1", "aria", "2", True, False),

@@ -165,6 +165,61 @@ async def test_an_invalid_event_publishes_none_of_them(
         await be.close()
 
 
+PARTY_STATE = {
+    "status": "active",
+    "run_status": "in_progress",
+    "scene_number": 1,
+    "characters": {"aria": {"hp": 9, "max_hp": 10, "effects": []}},
+    "flags": {},
+}
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_late_copy_of_a_whole_answer_publishes_nothing(
+    kind: str, redis_server: RedisServer
+) -> None:
+    """A stream worker frozen while another took its action over, then woken, publishes its
+    answer again: its result is the one already out (ignored) and its ``scene.update`` is the
+    scene as it was then, which a later action moved on from. Nothing of that copy may go out:
+    the party would be taken back to the old scene (a fault probe saw it, seq 12 restating
+    scene 1 while the party was voting in scene 2). An answer with one new result goes out."""
+    redis_server.command("FLUSHALL")
+    be: Backend = (
+        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
+    )
+    await be.start()
+    listener = Listener()
+    subscription = await be.subscribe(PARTY, listener)
+    try:
+        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+        for action_id in ("a1", "a2"):
+            assert await be.begin_action(PARTY, "aria", action_id, 1000.0) is not None
+        answer = [("action.result", result("a1")), ("scene.update", scene(1))]
+        assert await publisher.publish_many(PARTY, answer) == [1, 2]
+        later = [("action.result", result("a2")), ("scene.update", scene(2))]
+        assert await publisher.publish_many(PARTY, later) == [3, 4]
+        await wait_until(lambda: len(listener.events) == 4)
+        # the late copy (a scene it carries last): the first result's seq, the rest not published
+        copy = [("scene.update", scene(1)), *answer, ("party.state", PARTY_STATE)]
+        assert await publisher.publish_many(PARTY, copy) == [0, 1, 0, 0]
+        snap = await be.snapshot(PARTY, 1000.0)
+        assert snap.seq == 4 and snap.scene is not None and snap.scene["scene_number"] == 2
+        # one new result among them: the answer is published (the old result is not)
+        assert await be.begin_action(PARTY, "borin", "b1", 1000.0) is not None
+        mixed = [*answer, ("action.result", result("b1", "borin"))]
+        assert await publisher.publish_many(PARTY, mixed) == [1, 5, 6]
+        await wait_until(lambda: len(listener.events) == 6)
+        assert [(e.seq, e.type) for e in listener.events[4:]] == [
+            (5, "scene.update"),
+            (6, "action.result"),
+        ]
+        snap = await be.snapshot(PARTY, 1000.0)
+        assert snap.scene is not None and snap.scene["scene_number"] == 1
+    finally:
+        await subscription.close()
+        await be.close()
+
+
 class OldPublisher:
     """A publisher written before ``publish_many`` (a test double, a third party's)."""
 

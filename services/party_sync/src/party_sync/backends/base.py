@@ -114,7 +114,10 @@ class EventStream(Protocol):
         and delivered together (one message per node in Redis mode, so one write per member).
         Every event is checked (encoding, fold) before any is recorded. A second
         ``action.result`` of an action returns the first and the others are still published, as
-        ``publish`` would. Returns the events in the order given.
+        ``publish`` would, except in a late copy of a whole answer (every ``action.result`` of the
+        call already has its result, ``core.published.replayed``): then nothing is published, the
+        results return the first ones and the other events come back unpublished (seq 0).
+        Returns the events in the order given.
         """
         ...
 

@@ -23,7 +23,7 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.presence import announce_again
-from party_sync.core.published import repeated
+from party_sync.core.published import repeated, replayed, unpublished
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
     GONE,
@@ -147,6 +147,12 @@ class MemoryBackend:
         this tick. Checked first: an event that cannot be encoded records none of them."""
         bodies = [codec.encode(m) for m in messages]  # raises before anything is recorded
         party = self._party(party_id, now)
+        earlier = replayed(messages, party.ledger.result_of)
+        if earlier is not None:  # a late copy of an answer published whole already
+            return [
+                _decoded(party_id, data) if data is not None else unpublished(party_id, m, body)
+                for m, body, data in zip(messages, bodies, earlier, strict=True)
+            ]
         return [self._publish(party, messages[i], now, body) for i, body in enumerate(bodies)]
 
     async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:

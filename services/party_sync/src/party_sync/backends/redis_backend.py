@@ -58,7 +58,7 @@ from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
-from party_sync.core.published import repeated
+from party_sync.core.published import repeated, unpublished
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
     GONE,
@@ -331,7 +331,10 @@ class RedisBackend:
         for i, (message, body) in enumerate(zip(messages, bodies, strict=True)):
             seq, extra = int(reply[1 + 2 * i]), reply[2 + 2 * i]
             if seq == 0:  # the action already has a result: that one stands (as in memory)
-                events.append(event_from(party_id, bytes(extra)))
+                if extra:
+                    events.append(event_from(party_id, bytes(extra)))
+                else:  # another event of a replayed answer: not published
+                    events.append(unpublished(party_id, message, body))
                 continue
             if int(extra):
                 log.warning(

@@ -16,10 +16,12 @@ first, when they expire or more than ``max_keys`` are held.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from party_sync.core.events import Event
 from party_sync.protocol import codec
+from party_sync.protocol import types as t
 
 
 def repeated(party_id: str, first: int, message: dict[str, Any], body: bytes) -> Event:
@@ -27,6 +29,37 @@ def repeated(party_id: str, first: int, message: dict[str, Any], body: bytes) ->
     ``first``) in this request's words (``body``: ``message`` encoded). Nothing is sequenced."""
     data = codec.with_seq(body, first)
     return Event(party_id, first, message["type"], message["payload"], message["trace_id"], data)
+
+
+def replayed(
+    messages: Sequence[Mapping[str, Any]], result_of: Callable[[str], bytes | None]
+) -> list[bytes | None] | None:
+    """Whether an engine's answer (``Backend.publish_many``'s events) is a late copy of one
+    published already: it holds action results and every one of their actions already has its
+    result (``result_of``: the recorded result of an ``action_id``, or None). Then, per event,
+    the earlier result (None for the other events: none of them is published again); else None.
+
+    The first answer was one atomic step, so its other events went out with its result; a copy
+    (a worker frozen while another took its action over, woken after) is at best the same and at
+    worst out of date: its ``scene.update`` would take the party back. ``lua/publish_many.lua``
+    decides the same in Redis."""
+    earlier: list[bytes | None] = []
+    results = 0
+    for message in messages:
+        if message["type"] != t.ACTION_RESULT:
+            earlier.append(None)
+            continue
+        first = result_of(message["payload"]["action_id"])
+        if first is None:
+            return None
+        earlier.append(first)
+        results += 1
+    return earlier if results else None
+
+
+def unpublished(party_id: str, message: Mapping[str, Any], body: bytes) -> Event:
+    """An event of a replayed answer, which was not published: seq 0, ``body`` (no seq)."""
+    return Event(party_id, 0, message["type"], message["payload"], message["trace_id"], body)
 
 
 class PublishedKeys:

@@ -430,7 +430,10 @@ class BatchPublisher(Protocol):
         and members receive them together (in Redis mode: one script call, one pub/sub message,
         one write per member, instead of a round trip per event). An ``action.result`` already
         published for its action is not published again (its first ``seq`` is returned) and the
-        other events still are, as with ``publish``.
+        other events still are, as with ``publish``; but when every ``action.result`` of the call
+        was published already, the call is a late copy of an answer that went out whole (a
+        worker that was frozen while another took its action over), and none of its events is
+        published (the others' ``seq`` is 0).
         """
         ...
 

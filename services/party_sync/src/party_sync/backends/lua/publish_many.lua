@@ -8,7 +8,38 @@
 -- Returns {epoch ('' if nothing was sequenced), then per event: seq, 1 if it replaced a refusal
 -- else 0}, where a second result of one action (idempotent: not sequenced again) is
 -- {0, the earlier data}.
+--
+-- A replayed answer publishes nothing: when the call holds action results and every one of their
+-- actions already had its result before it, each result is {0, the earlier data} and every other
+-- event {0, ''} (not sequenced). The first answer was one atomic step too, so its other events
+-- went out with it; what a late copy of it carries (a worker that was frozen while another took
+-- its action over, then woke) is at best the same and at worst out of date.
 local count = tonumber(ARGV[7])
+-- The action records the results name, read once (a second result of one action in this call
+-- reads its record again below, after the first wrote it).
+local records, results, answered = {}, 0, 0
+do
+  local at_, record_at_ = 8, 12
+  for i = 1, count do
+    if ARGV[at_ + 1] == 'action.result' then
+      records[i] = redis.call('HMGET', KEYS[record_at_], 'c', 'r', 'x')
+      results = results + 1
+      if records[i][2] then
+        answered = answered + 1
+      end
+      record_at_ = record_at_ + 1
+    end
+    at_ = at_ + 3 + tonumber(ARGV[at_ + 2])
+  end
+end
+if results > 0 and answered == results then
+  local out = {''}
+  for i = 1, count do
+    out[#out + 1] = 0
+    out[#out + 1] = records[i] and records[i][2] or ''
+  end
+  return out
+end
 local epoch = nil  -- found (or started) by the first event sequenced, as publish.lua does
 local out = {''}
 local datas, lengths = {}, {}
@@ -16,7 +47,8 @@ local datas, lengths = {}, {}
 -- (which is what append does per event: hold, then touch; one PTTL instead of one per event).
 local written, seen = {}, {}
 local at, record_at = 8, 12
-for _ = 1, count do
+local reread = {}
+for index = 1, count do
   local body, kind, nfold = ARGV[at], ARGV[at + 1], tonumber(ARGV[at + 2])
   local f = {}
   for i = 1, nfold do
@@ -27,7 +59,11 @@ for _ = 1, count do
   if kind == 'action.result' then
     record_key = KEYS[record_at]
     record_at = record_at + 1
-    record = redis.call('HMGET', record_key, 'c', 'r', 'x')
+    record = records[index]
+    if reread[record_key] then  -- this call wrote it already (two results of one action)
+      record = redis.call('HMGET', record_key, 'c', 'r', 'x')
+    end
+    reread[record_key] = true
   end
   if record and record[2] then  -- idempotent: this action's result stands, it is not sent again
     out[#out + 1] = 0
