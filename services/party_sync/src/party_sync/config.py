@@ -638,6 +638,7 @@ def validate(settings: Settings) -> None:
             f"client_write_delay must be 0..{MAX_WRITE_DELAY} seconds",
         ),
         (bool(settings.redis_prefix), "redis_prefix must not be empty"),
+        (bool(settings.actions_stream.strip()), "actions_stream must not be empty"),
         (settings.telegram_max_age > 0, "telegram_max_age must be > 0"),
         (
             settings.telegram_bot_id is None or 0 < settings.telegram_bot_id < 2**63,

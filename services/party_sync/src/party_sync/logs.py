@@ -21,11 +21,13 @@ seconds, carrying how many were left out.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import sys
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterable
 from typing import IO, TYPE_CHECKING, Any, Final
 from urllib.parse import quote
@@ -285,14 +287,30 @@ def protect(*secrets: str | None) -> None:
 
 
 def secrets_of(settings: Settings) -> tuple[str | None, ...]:
-    """The credentials among the settings: the API key, both JWT secrets, the bot token."""
+    """The credentials among the settings: the API key, both JWT secrets, the bot token, the
+    Sentinel password, and the password in ``redis_url`` by value too (the URL form is scrubbed
+    anyway; the bare value may come back quoted by a library, a peer's header, an error)."""
     return (
         settings.api_key,
         settings.jwt_secret,
         settings.jwt_previous_secret,
         settings.telegram_bot_token,
         settings.redis_sentinel_password,
+        *_url_password(settings.redis_url),
     )
+
+
+def _url_password(url: str | None) -> tuple[str, ...]:
+    """A URL's password as written and percent-decoded (both, when they differ)."""
+    if not url:
+        return ()
+    try:
+        password = urllib.parse.urlsplit(url).password
+    except ValueError:  # not a URL config accepts; nothing to take from it
+        return ()
+    if not password:
+        return ()
+    return (password, urllib.parse.unquote(password))
 
 
 class JsonFormatter(logging.Formatter):
@@ -310,7 +328,25 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             entry["exc"] = record.exc_text
-        return orjson.dumps(entry, default=str).decode()
+        try:
+            return orjson.dumps(entry, default=str).decode()
+        except TypeError:
+            # What orjson cannot write: a lone surrogate (a request header that is not UTF-8,
+            # which Python decodes with surrogateescape; a peer can send one), an integer past
+            # 64 bits. The line must still be one JSON object, the record not lost.
+            return json.dumps(_writable(entry), default=lambda o: _writable(str(o)))
+
+
+def _writable(value: Any) -> Any:
+    """``value`` with every lone surrogate of its text written out as ``\\udcXX`` (so a log
+    reader gets valid UTF-8 JSON, and sees which bytes were sent)."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_writable(k): _writable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_writable(v) for v in value]
+    return value
 
 
 def configure(

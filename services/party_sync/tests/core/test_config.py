@@ -408,3 +408,13 @@ def test_a_redis_url_whose_path_is_not_a_db_number_is_refused(url: str, ok: bool
         with pytest.raises(ConfigError, match="database number") as raised:
             validate(Settings(redis_url=url))
         assert url not in str(raised.value)
+
+
+@pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_actions_stream_is_refused(value: str) -> None:
+    """The nodes would append to a stream no ``engine-worker`` can be told to read (its
+    ``--stream`` refuses an empty name): every action would end in ``action_timeout``."""
+    with pytest.raises(ConfigError, match="actions_stream must not be empty"):
+        load(parse_flags(), env={ENV_PREFIX + "ACTIONS_STREAM": value})
+    with pytest.raises(ConfigError, match="actions_stream must not be empty"):
+        load(parse_flags("--actions-stream", value), env={})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from party_sync.engine.loader import load_engine
-from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.errors import ConfigError, EngineStartError
 
 ENGINE = """
 class Engine:
@@ -96,3 +96,34 @@ def test_a_factory_refusing_its_settings_is_a_configuration_error(in_a_directory
     )
     with pytest.raises(ConfigError, match="picky_engine:create: PICKY_SEED must be an integer"):
         load_engine("picky_engine:create")
+
+
+@pytest.mark.parametrize(
+    ("source", "spec", "message"),
+    [
+        (
+            "def create():\n    raise RuntimeError('MY_ENGINE_TOKEN is not set')\n",
+            "failing_engine:create",
+            "failing_engine:create: RuntimeError: MY_ENGINE_TOKEN is not set",
+        ),
+        ("def create(:\n", "failing_engine:create", "importing 'failing_engine': SyntaxError"),
+        (
+            "raise KeyError('MY_ENGINE_TOKEN')\n",
+            "failing_engine:create",
+            "importing 'failing_engine': KeyError: 'MY_ENGINE_TOKEN'",
+        ),
+        ("", "json:dumps", "json:dumps: TypeError"),  # a callable that is no factory
+    ],
+)
+def test_an_engine_that_raises_as_it_loads_is_one_line_not_a_traceback(
+    in_a_directory: Path, source: str, spec: str, message: str
+) -> None:
+    """A factory (or the module, as it is imported) that raises something other than a
+    ValueError stopped ``serve`` with a 22-line traceback (49 for a syntax error) where the
+    README promises one line: ``party-sync: the engine could not start: …`` (exit 1)."""
+    (in_a_directory / "failing_engine.py").write_text(source)
+    with pytest.raises(EngineStartError) as raised:
+        load_engine(spec)
+    assert str(raised.value).startswith("the engine could not start: " + message)
+    assert "\n" not in str(raised.value)
+    sys.modules.pop("failing_engine", None)

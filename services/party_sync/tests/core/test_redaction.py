@@ -13,7 +13,7 @@ import pytest
 from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, InvalidHeader
 from hypothesis import given
 from hypothesis import strategies as st
-from party_sync import logs
+from party_sync import config, logs
 from party_sync.logs import (
     REDACTED,
     JsonFormatter,
@@ -264,3 +264,44 @@ def test_configure_scrubs_every_logger_and_protects_the_secrets_given() -> None:
         if isinstance(f, MalformedRequestFilter)
     ]
     assert len(limiters) == 1
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["https://e1.example\udce9", "\ud800", 2**70, {"nested": "x\udcff"}],
+)
+def test_a_record_orjson_cannot_write_is_still_one_json_line(value: object) -> None:
+    """A request header that is not UTF-8 (Python decodes it with surrogateescape: a refused
+    ``Origin`` is logged) made the formatter raise: logging printed ``--- Logging error ---`` and
+    a traceback on stderr, and the warning itself was lost."""
+    record = logging.LogRecord("party_sync", logging.WARNING, __file__, 1, "refused", (), None)
+    record.origin = value
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    entry = orjson.loads(line)  # valid UTF-8 JSON: the bytes written out, not dropped
+    assert entry["msg"] == "refused" and "origin" in entry
+
+
+@pytest.mark.parametrize(
+    ("url", "found"),
+    [
+        (
+            "redis://:RedisPassw0rd%21XYZ@127.0.0.1:6390/0",
+            ("RedisPassw0rd%21XYZ", "RedisPassw0rd!XYZ"),
+        ),
+        ("rediss://user:PlainPassword123@h:6390", ("PlainPassword123", "PlainPassword123")),
+        ("redis://127.0.0.1:6390/0", ()),
+        (None, ()),
+    ],
+)
+def test_the_redis_password_is_a_secret_by_value_too(
+    url: str | None, found: tuple[str, ...]
+) -> None:
+    """Only the URL form (``redis://:pw@``) was scrubbed: a bare password (a client that sent it
+    as a WebSocket subprotocol, logged by aiohttp) went to the log verbatim."""
+    settings = config.load(None, env={"PARTY_SYNC_REDIS_URL": url} if url else {})
+    secrets = [s for s in logs.secrets_of(settings) if s]
+    assert tuple(secrets) == found
+    if found:
+        redactor = Redactor(secrets)
+        assert found[1] not in redactor.scrub(f"Client protocols ['chat', '{found[1]}']")

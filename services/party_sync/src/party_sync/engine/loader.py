@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 import sys
 from types import ModuleType
 
 from party_sync.engine.interface import Engine
-from party_sync.protocol.errors import ConfigError
+from party_sync.protocol.errors import ConfigError, EngineStartError
+
+log = logging.getLogger(__name__)
 
 #: The reference Campaign Engine's package (the default ``engine``): a wheel of its own.
 REFERENCE_ENGINE = "campaign_engine"
@@ -46,6 +49,8 @@ def load_engine(spec: str) -> Engine:
                 "PARTY_SYNC_ENGINE)"
             )
         raise ConfigError(f"cannot import engine module {module_name!r}: {exc}{hint}") from exc
+    except Exception as exc:  # the module raised as it ran (a SyntaxError, a missing setting)
+        raise _could_not_start(f"importing {module_name!r}", exc) from None
     try:
         target = getattr(module, attr)
     except AttributeError:
@@ -54,6 +59,17 @@ def load_engine(spec: str) -> Engine:
         engine = target if isinstance(target, Engine) else target() if callable(target) else None
     except ValueError as exc:  # a factory's word for a bad setting (CAMPAIGN_ENGINE_SEED=abc)
         raise ConfigError(f"{spec}: {exc}") from None
+    except Exception as exc:  # anything else it raised (or a callable that is no factory)
+        raise _could_not_start(spec, exc) from None
     if not isinstance(engine, Engine):
         raise ConfigError(f"{spec} is neither an Engine nor a factory of one")
     return engine
+
+
+def _could_not_start(what: str, exc: Exception) -> EngineStartError:
+    """What the engine's code raised while it was loaded, in one line (as ``start_engine``
+    says what ``start`` raised); the traceback at DEBUG."""
+    log.debug("the engine failed to load", exc_info=exc)
+    return EngineStartError(
+        f"the engine could not start: {what}: {type(exc).__name__}: {str(exc)[:500]}"
+    )
