@@ -39,6 +39,7 @@ from party_sync.backends.redis_connect import (
     RedisTarget,
     Sentinels,
     make_any_client,
+    refuse_misconfiguration,
     stale_socket_retry,
 )
 from party_sync.backends.redis_presence import RedisPresence
@@ -127,10 +128,11 @@ class RedisBackend:
         self.node_id = node_id or uuid.uuid4().hex[:12]
         self.metrics = metrics
         self.keys = KeySpace(options.prefix)
+        self.target = RedisTarget(
+            options.url, options.sentinels, options.prefix, options.cluster, options.seeds
+        )
         self.client = make_any_client(
-            RedisTarget(
-                options.url, options.sentinels, options.prefix, options.cluster, options.seeds
-            ),
+            self.target,
             protocol=2,  # plain arrays for pub/sub; the faster reader (docs/benchmarks.md)
             socket_connect_timeout=options.connect_timeout,
             socket_timeout=options.command_timeout,
@@ -217,6 +219,7 @@ class RedisBackend:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        await refuse_misconfiguration(self.target, self.options.connect_timeout)
         with contextlib.suppress(BackendUnavailable):  # Redis may be down: the bus keeps trying
             await self.scripts.load()
         self._clock_due = time.monotonic() + CLOCK_EVERY

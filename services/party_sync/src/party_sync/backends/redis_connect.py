@@ -43,12 +43,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
+from redis.exceptions import AuthenticationError, MovedError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from party_sync.backends.keys import DEFAULT_PREFIX
 from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_connect
+from party_sync.protocol.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -451,3 +452,60 @@ class _SentinelRedis(Redis):
         manager = getattr(pool, "sentinel_manager", None)
         if isinstance(manager, Sentinel):
             await manager.aclose()
+
+
+#: What Redis answers when a request's credentials will never do (redis-py raises most of them as
+#: ``AuthenticationError``; a server's own words, for what it raises as a plain ``ResponseError``).
+_REFUSED_CREDENTIALS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password")
+
+
+async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> None:
+    """Ask Redis once, at start, whether these settings can ever work, and raise ``ConfigError``
+    (one line, exit 2) when its answer says they cannot: it refuses the credentials, it has no
+    such database, or it is a Redis Cluster node while ``redis_cluster`` is not set (or the other
+    way round). Each of these used to start a node that retried for ever (every handshake
+    ``backend_unavailable``; with a Cluster node not even ``/readyz`` said so). Anything else
+    passes, and the node starts and retries as through any outage: Redis not reachable yet,
+    a sentinel that does not know the master yet, a timeout, a command the user may not run."""
+    if target.sentinels is not None:
+        client = make_client(target, socket_timeout=wait, socket_connect_timeout=wait, protocol=2)
+    else:  # one node, or the node of a Cluster that redis_url names: asked as one Redis
+        client = Redis.from_url(
+            target.url, socket_timeout=wait, socket_connect_timeout=wait, retry=None, protocol=2
+        )
+    whose = "redis_url's (or a sentinel's)" if target.sentinels is not None else "redis_url's"
+    try:
+        async with asyncio.timeout(wait * 2):
+            info = await client.info("cluster")
+    except AuthenticationError as exc:
+        raise ConfigError(f"Redis refused {whose} credentials: {_said(exc)}") from None
+    except ResponseError as exc:
+        said = _said(exc)
+        if "DB index" in said:
+            path = urlsplit(target.url).path.strip("/") or "0"
+            raise ConfigError(f"redis_url names database {path}: Redis says {said!r}") from None
+        if any(words in said for words in _REFUSED_CREDENTIALS):
+            raise ConfigError(f"Redis refused {whose} credentials: {said}") from None
+        return
+    except (RedisError, OSError, TimeoutError):
+        return
+    finally:
+        with contextlib.suppress(Exception):
+            await client.aclose()
+    enabled = str(info.get("cluster_enabled", "0")) == "1"
+    if enabled and not target.cluster:
+        raise ConfigError(
+            "redis_url names a node of a Redis Cluster: set redis_cluster "
+            "(PARTY_SYNC_REDIS_CLUSTER=true, --redis-cluster); without it every party that node "
+            "does not hold is refused (MOVED)"
+        )
+    if target.cluster and not enabled:
+        raise ConfigError(
+            "redis_cluster is set, but the Redis redis_url names is not in cluster mode "
+            "(cluster_enabled:0): for one Redis, leave redis_cluster unset"
+        )
+
+
+def _said(exc: Exception) -> str:
+    """An error's text, one line, short."""
+    return " ".join(str(exc).split())[:300]

@@ -1,0 +1,126 @@
+"""Redis settings that can never work stop the start with one line (exit 2), instead of a node
+that starts and retries for ever: credentials Redis refuses, a database it does not have, a
+Cluster node without ``redis_cluster`` (every party it does not hold refused with MOVED, and
+``/readyz`` said ready) or ``redis_cluster`` on a Redis that is not one. A Redis that does not
+answer yet is an outage, not a setting: the node starts and waits for it, as before."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from party_sync.backends.redis_connect import RedisTarget, refuse_misconfiguration
+from party_sync.protocol.errors import ConfigError
+from ps_testkit.redis_server import RedisServer, ping, redis_server_binary
+from ps_testkit.servers import free_port, run_serve
+
+pytestmark = pytest.mark.redis
+
+USER, PASSWORD = "probe", "right-password-0123"
+
+
+@pytest.fixture
+def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
+    """The shared private server with an ACL user of its own (the default user untouched)."""
+    redis_server.command("ACL", "SETUSER", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all")
+    try:
+        yield redis_server
+    finally:
+        redis_server.command("ACL", "DELUSER", USER)
+
+
+@pytest.fixture(scope="module")
+def cluster_node() -> Iterator[int]:
+    """One redis-server in cluster mode (no slots needed: only INFO is asked)."""
+    port = free_port()
+    work = Path(tempfile.mkdtemp(prefix="ps-cluster-node-"))
+    proc = subprocess.Popen(
+        [
+            redis_server_binary(),
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--cluster-enabled",
+            "yes",
+            "--dir",
+            str(work),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not ping(port):
+            assert time.monotonic() < deadline and proc.poll() is None, "no cluster node"
+            time.sleep(0.01)  # polling a condition (PING answered), bounded
+        yield port
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def url(server: RedisServer, credentials: str = "", db: int = 0) -> str:
+    return f"redis://{credentials}127.0.0.1:{server.port}/{db}"
+
+
+@pytest.mark.parametrize(
+    ("credentials", "db", "refused"),
+    [
+        (f"{USER}:wrong-password@", 0, "refused redis_url's credentials"),
+        ("nobody:whatever@", 0, "refused redis_url's credentials"),
+        (f"{USER}:{PASSWORD}@", 99, "redis_url names database 99"),
+        ("", 16, "redis_url names database 16"),
+        (f"{USER}:{PASSWORD}@", 0, None),
+        ("", 3, None),
+    ],
+)
+async def test_settings_redis_says_can_never_work_are_a_configuration_error(
+    with_user: RedisServer, credentials: str, db: int, refused: str | None
+) -> None:
+    target = RedisTarget(url(with_user, credentials, db))
+    if refused is None:
+        await refuse_misconfiguration(target)
+        return
+    with pytest.raises(ConfigError, match=refused) as raised:
+        await refuse_misconfiguration(target)
+    assert "wrong-password" not in str(raised.value) and PASSWORD not in str(raised.value)
+
+
+async def test_cluster_mode_must_match_the_redis(
+    redis_server: RedisServer, cluster_node: int
+) -> None:
+    node = f"redis://127.0.0.1:{cluster_node}/0"
+    with pytest.raises(ConfigError, match="names a node of a Redis Cluster: set redis_cluster"):
+        await refuse_misconfiguration(RedisTarget(node))
+    await refuse_misconfiguration(RedisTarget(node, cluster=True))
+    with pytest.raises(ConfigError, match="redis_cluster is set, but"):
+        await refuse_misconfiguration(RedisTarget(redis_server.url, cluster=True))
+
+
+async def test_a_redis_that_does_not_answer_is_an_outage_not_a_setting() -> None:
+    await refuse_misconfiguration(RedisTarget(f"redis://127.0.0.1:{free_port()}/0"), 0.5)
+
+
+def test_serve_with_a_password_redis_refuses_stops_with_one_line(with_user: RedisServer) -> None:
+    proc = run_serve(env={"PARTY_SYNC_REDIS_URL": url(with_user, f"{USER}:not-it-0123@")})
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("party-sync: configuration error: Redis refused redis_url's credentials")
+    assert "Traceback" not in proc.stderr and "not-it-0123" not in proc.stderr
+
+
+def test_serve_pointed_at_a_cluster_node_without_redis_cluster_stops(cluster_node: int) -> None:
+    proc = run_serve(env={"PARTY_SYNC_REDIS_URL": f"redis://127.0.0.1:{cluster_node}/0"})
+    assert proc.returncode == 2, proc.stderr
+    assert "set redis_cluster (PARTY_SYNC_REDIS_CLUSTER=true" in proc.stderr.splitlines()[-1]
