@@ -96,7 +96,7 @@ class LinkFailures(Collector):
         family = CounterMetricFamily(
             "party_sync_engine_link_failures",
             "Failed attempts to hand something to the engine, by transport (http: a delivery "
-            "refused, timed out or answered 5xx; stream: an append to the actions stream that "
+            "refused, timed out, answered 5xx, or its key refused (401); stream: an append to the actions stream that "
             "failed)",
             labels=["transport"],
         )

@@ -295,7 +295,12 @@ def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> Heal
             partitions=link.partitions,
         )
     if isinstance(link, HttpEngineLink):
-        return HttpProbe(link.url, interval=ENGINE_WATCH_INTERVAL, metrics=metrics)
+        return HttpProbe(
+            link.url,
+            interval=ENGINE_WATCH_INTERVAL,
+            metrics=metrics,
+            refused=lambda: link.key_refused,
+        )
     transport, what = describe_engine(settings, link)
     return StaticHealth(EngineHealth(transport, True, what))
 

@@ -17,10 +17,14 @@ import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from party_sync import config
+from party_sync.engine.health import HttpProbe
 from party_sync.engine.http_host import ApiPublisher, build_host_app
 from party_sync.engine.http_link import ENGINE_FAILURES, HttpEngineLink
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
+from party_sync.metrics import Metrics
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+from party_sync.server import make_link, watch_engine
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
@@ -576,6 +580,57 @@ async def test_a_delivery_refused_for_its_key_tells_the_player_engine_unavailabl
     assert len(errors) == 1 and "PARTY_SYNC_API_KEY" in errors[0]
 
 
+async def test_a_refused_key_shows_in_readiness_and_metrics_and_logs_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The key was the most likely slip (two shells, two hosts) and monitoring showed nothing:
+    ``/readyz`` said the engine was ok, ``engine_link_ok`` 1, ``engine_link_failures_total``
+    0, and one ERROR per action. Now the link is down for readiness while the host refuses the
+    key, each refusal counts as a failure, the ERROR is once per episode, and it is over (INFO)
+    when the host takes a delivery again."""
+    caplog.set_level(logging.INFO)
+    keys = {"accepted": "another-key"}
+
+    async def door(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {keys['accepted']}":
+            return web.json_response({"error": "unauthorized"}, status=401)
+        return web.json_response({}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/actions", door)
+    app.router.add_post("/notices", door)
+    metrics = Metrics("n1")
+    host = RecordingHost()
+    async with (
+        serve(app) as base,
+        started_link(
+            host, f"{base}/actions", notice_url=f"{base}/notices", api_key=HOST_KEY
+        ) as link,
+    ):
+        probe = HttpProbe(link.url, metrics=metrics, refused=lambda: link.key_refused)
+        assert await probe.probe_once() and probe.health().ok
+        for action_id in ("k1", "k2", "k3"):
+            await link.submit(make_action(action_id))
+        await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j"))
+        await idle(link)
+        assert [code for _, code in host.failed] == [ErrorCode.ENGINE_UNAVAILABLE] * 3
+        assert link.failures == 4
+        assert await probe.probe_once()  # the URL accepts connections...
+        health = probe.health()  # ...but nothing gets through
+        assert not health.ok and "PARTY_SYNC_API_KEY" in health.detail
+        assert "HTTP 401" in health.detail
+        assert metrics.engine_link_ok._value.get() == 0
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "PARTY_SYNC_API_KEY" in errors[0]
+
+        keys["accepted"] = HOST_KEY  # the operator gives the host the right key
+        await link.submit(make_action("k4"))
+        await idle(link)
+        assert link.key_refused is None and probe.health().ok
+        assert await probe.probe_once() and metrics.engine_link_ok._value.get() == 1
+        assert any("takes party_sync's API key again" in r.getMessage() for r in caplog.records)
+
+
 async def test_a_403_from_an_engine_stays_a_refusal_of_the_action() -> None:
     """Only 401 says "your key": an engine behind its own service may answer 403 for a game
     rule ("not allowed here"); the player gets action_rejected with its detail, not a "retry
@@ -592,3 +647,17 @@ async def test_a_403_from_an_engine_stays_a_refusal_of_the_action() -> None:
         await idle(link)
     assert host.rejected == [("f1", "not allowed here")]
     assert host.failed == []
+
+
+def test_the_server_watches_the_links_key() -> None:
+    """``/readyz``'s engine health is the probe ``watch_engine`` makes: it reads the link's."""
+    settings = config.load(
+        None,
+        env={"PARTY_SYNC_ENGINE_URL": "http://127.0.0.1:9/actions", "PARTY_SYNC_API_KEY": HOST_KEY},
+    )
+    link = make_link(settings)
+    assert isinstance(link, HttpEngineLink)
+    source = watch_engine(settings, link, Metrics("n1"))
+    assert source.health().ok
+    link.key_refused = "the engine host refused party_sync's API key (HTTP 401)"
+    assert not source.health().ok and "HTTP 401" in source.health().detail

@@ -140,6 +140,9 @@ class HttpProbe:
 
     It does not POST (that would be an action); a listening socket that answers 5xx is seen by
     the link's own retries. Unreachable since the last probe → degraded, one WARNING per episode.
+    ``refused`` (the link's ``key_refused``): what the engine host said when it last refused
+    party_sync's API key, else None; degraded too while it says so (the URL accepts connections,
+    but no action gets through).
     """
 
     def __init__(
@@ -151,8 +154,10 @@ class HttpProbe:
         metrics: Metrics | None = None,
         connect: Connect = tcp_connect,
         clock: Callable[[], float] = time.monotonic,
+        refused: Callable[[], str | None] = lambda: None,
     ) -> None:
         parts = urlsplit(url)
+        self._refused = refused
         self.url = public_url(url)
         self.host = parts.hostname or "127.0.0.1"
         default_port = 443 if parts.scheme == "https" else 80
@@ -173,6 +178,11 @@ class HttpProbe:
 
     def health(self) -> EngineHealth:
         if self._down_since is None:
+            refused = self._refused()
+            if refused is not None:
+                return EngineHealth(
+                    "http", False, f"{self.url}: {refused} (PARTY_SYNC_API_KEY differs)"
+                )
             return EngineHealth("http", True, self.url)
         down_for = self._clock() - self._down_since
         detail = f"{self.url} unreachable for {down_for:.0f}s ({self._failure})"
@@ -194,7 +204,7 @@ class HttpProbe:
             return False
         self._down_since = None
         self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)
-        self._set_ok(True)
+        self._set_ok(self._refused() is None)
         return True
 
     def _set_ok(self, ok: bool) -> None:

@@ -137,8 +137,13 @@ class HttpEngineLink:
         self._tasks: set[asyncio.Task[Any]] = set()
         #: The restate notice being delivered, per party: a newer one for the party replaces it.
         self._restates = LatestPerKey()
-        #: Attempts that failed: refused, timed out, dropped, 5xx (engine_link_failures_total).
+        #: Attempts that failed: refused, timed out, dropped, 5xx, the key refused (401)
+        #: (engine_link_failures_total).
         self.failures = 0
+        #: What the engine host said when it last refused party_sync's key (401), until it
+        #: takes a delivery again: the link is then down for ``/readyz`` (``HttpProbe``) and
+        #: ``engine_link_ok``, though the engine URL accepts connections.
+        self.key_refused: str | None = None
 
     async def start(self, host: LinkHost) -> None:
         self._host = host
@@ -220,6 +225,11 @@ class HttpEngineLink:
                 continue
             if attempt > self.retries:
                 log.info("%s notice delivered after %d attempts", body["kind"], attempt + 1)
+            if status == 401:
+                self.failures += 1
+                self._refused_key(f"a {body['kind']} notice", status, extra)
+                return
+            self._key_taken()
             if status >= 400:
                 log.warning(
                     "the engine refused a %s notice (%d): %s",
@@ -340,29 +350,50 @@ class HttpEngineLink:
     async def _answered(
         self, host: LinkHost, action: ActionRequest, status: int, answer: Any
     ) -> None:
+        if status == 401:
+            # The door, not the game: the engine never saw the action (a first delivery; a
+            # later one is retried by _retry_answer), so "unavailable" is the truth. (A 403
+            # stays a refusal of the action: engines answer "not allowed" so.)
+            self.failures += 1
+            extra = {"trace_id": action.trace_id, "action_id": action.action_id}
+            self._refused_key("an action", status, extra)
+            await host.fail(
+                action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unavailable: retry later"
+            )
+            return
+        self._key_taken()
         if status == 409 and isinstance(answer, dict) and answer.get("error") == EXPIRED:
             await host.fail(
                 action,
                 ErrorCode.ACTION_TIMEOUT,
                 "the engine did not start the action before its deadline: retry",
             )
-        elif status == 401:
-            # The door, not the game: the engine never saw the action (a first delivery; a
-            # later one is retried by _retry_answer), so "unavailable" is the truth. (A 403
-            # stays a refusal of the action: engines answer "not allowed" so.)
-            log.error(
-                "the engine refused party_sync's key (HTTP %d): give the engine host the same "
-                "PARTY_SYNC_API_KEY as party_sync",
-                status,
-                extra={"trace_id": action.trace_id, "action_id": action.action_id},
-            )
-            await host.fail(
-                action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unavailable: retry later"
-            )
         elif 400 <= status < 500:
             await host.reject(
                 action, _detail(answer) or f"the engine refused the action ({status})"
             )
+
+    def _refused_key(self, what: str, status: int, extra: Mapping[str, str]) -> None:
+        """The engine host answered 401: one ERROR when this begins (naming the setting), then
+        DEBUG per delivery until a delivery is taken again."""
+        began = self.key_refused is None
+        self.key_refused = f"the engine host refused party_sync's API key (HTTP {status})"
+        if began:
+            log.error(
+                "the engine refused party_sync's key (HTTP %d, on %s): give the engine host the "
+                "same PARTY_SYNC_API_KEY as party_sync (logged once until it takes one again)",
+                status,
+                what,
+                extra=dict(extra),
+            )
+        else:
+            log.debug("the engine refused party_sync's key (HTTP %d)", status, extra=dict(extra))
+
+    def _key_taken(self) -> None:
+        """A delivery got an answer past the key check: the key is right (again)."""
+        if self.key_refused is not None:
+            self.key_refused = None
+            log.info("the engine host takes party_sync's API key again")
 
     async def _post(
         self, url: str, body: Mapping[str, Any], headers: Mapping[str, str]
