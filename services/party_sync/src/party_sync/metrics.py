@@ -96,8 +96,8 @@ class LinkFailures(Collector):
         family = CounterMetricFamily(
             "party_sync_engine_link_failures",
             "Failed attempts to hand something to the engine, by transport (http: a delivery "
-            "refused, timed out, answered 5xx, or its key refused (401); stream: an append to the actions stream that "
-            "failed)",
+            "refused, timed out, answered 5xx, or its key refused (401); stream: an append to "
+            "the actions stream that failed)",
             labels=["transport"],
         )
         family.add_metric([self.transport], float(getattr(self.link, "failures", 0)))
