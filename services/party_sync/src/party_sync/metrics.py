@@ -18,6 +18,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import cached_property
+from typing import Final
 
 from aiohttp import web
 from prometheus_client import (
@@ -35,9 +36,35 @@ from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
 from party_sync import __version__
+from party_sync.core.limits import TokenBucket
 
 #: The ``route`` label of a request that matched no route (never the raw path: unbounded).
 UNMATCHED = "unmatched"
+
+#: The ``method`` label's values; any other method a client sends (the HTTP parser takes any
+#: token: ``PROPFIND``, ``BREW``...) is counted as ``other``, so no client can grow the exposition
+#: (and the cost of each scrape) by inventing methods.
+METHODS: Final = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+OTHER_METHOD = "other"
+
+#: Fresh renders of ``/metrics`` a second (and the burst) beyond which a scrape is answered with
+#: the last rendering: a render is milliseconds of the event loop, so a flood of scrapes from
+#: anyone who can reach the port must not take the loop from the players. A scraper every few
+#: seconds, or a test that scrapes after each step, always gets a fresh one.
+RENDERS_PER_SECOND: Final = 4.0
+RENDER_BURST: Final = 8.0
+
+
+class ScrapeGate:
+    """Whether a scrape gets a fresh rendering (``fresh``; then ``last`` is set to it) or the
+    last one again, by a token bucket of renders (time passed in)."""
+
+    def __init__(self, rate: float = RENDERS_PER_SECOND, burst: float = RENDER_BURST) -> None:
+        self._bucket = TokenBucket(rate, burst)
+        self.last: bytes | None = None
+
+    def fresh(self, now: float) -> bool:
+        return self.last is None or self._bucket.take(now)
 
 
 class ReadCounter(Collector):
@@ -107,6 +134,7 @@ class LinkFailures(Collector):
 class Metrics:
     def __init__(self, node: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self.scrapes = ScrapeGate()
         r = self.registry
         # The process (CPU seconds, resident memory, open and maximum descriptors, start time;
         # where /proc exists) and the Python runtime (python_info).
@@ -360,8 +388,9 @@ class Metrics:
         (``transport/edge.py``), which leaves upgraded WebSockets (sessions) uncounted."""
         resource = request.match_info.route.resource
         route = resource.canonical if resource is not None else UNMATCHED
-        self.http_requests.labels(request.method, route, str(status)).inc()
-        self.http_latency.labels(request.method, route).observe(time.perf_counter() - started)
+        method = request.method if request.method in METHODS else OTHER_METHOD
+        self.http_requests.labels(method, route, str(status)).inc()
+        self.http_latency.labels(method, route).observe(time.perf_counter() - started)
 
     def received(self, type_: str) -> None:
         """One client message of ``type_`` (per message: a dict increment)."""
@@ -372,7 +401,11 @@ class Metrics:
         self.messages_out.inc(type_, recipients)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition; under a flood of scrapes, the last one again (``ScrapeGate``)."""
+        gate = self.scrapes
+        if gate.fresh(time.monotonic()) or gate.last is None:
+            gate.last = generate_latest(self.registry)
+        return gate.last
 
 
 # -- serve --workers N: one exposition for the whole group ----------------------------------------

@@ -383,7 +383,7 @@ class Worker:
 
     def middleware(self, render: Callable[[], bytes]) -> Middleware:
         """``GET /metrics`` answered for the whole group (innermost: counted like any route)."""
-        from party_sync.metrics import merge_workers
+        from party_sync.metrics import ScrapeGate, merge_workers
 
         @web.middleware
         def group_metrics(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
@@ -392,13 +392,17 @@ class Worker:
                 return handler(request)  # no frame of ours around it (a WebSocket's whole life)
             return merged()
 
+        gate = ScrapeGate()  # a flood of scrapes gets the last merged exposition again
+
         async def merged() -> web.StreamResponse:
-            others = [i for i in range(1, self.count + 1) if i != self.index]
-            texts = await asyncio.gather(*(self.sibling(i) for i in others))
-            parts = sorted(
-                [(self.index, render()), *zip(others, texts, strict=True)], key=lambda p: p[0]
-            )
-            body = merge_workers(parts, self.count)
+            body = gate.last
+            if body is None or gate.fresh(time.monotonic()):
+                others = [i for i in range(1, self.count + 1) if i != self.index]
+                texts = await asyncio.gather(*(self.sibling(i) for i in others))
+                parts = sorted(
+                    [(self.index, render()), *zip(others, texts, strict=True)], key=lambda p: p[0]
+                )
+                body = gate.last = merge_workers(parts, self.count)
             return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
         return group_metrics
