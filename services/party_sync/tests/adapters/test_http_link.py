@@ -306,7 +306,7 @@ async def test_refused_attempts_do_not_count_and_the_host_refuses_a_late_first_d
     """The engine host comes up only after the link's first attempts were refused, and after the
     action's deadline: the first POST that reaches it is still attempt 1, so it answers 409
     expired without calling the engine, and the player's ``action_timeout`` is true."""
-    caplog.set_level(logging.INFO, "party_sync.engine.http_link")
+    caplog.set_level(logging.DEBUG, "party_sync.engine.http_link")
     port = free_port()
     engine, host = ScriptedEngine(), RecordingHost()
     url = f"http://127.0.0.1:{port}/actions"
@@ -319,6 +319,31 @@ async def test_refused_attempts_do_not_count_and_the_host_refuses_a_late_first_d
             await idle(link)
     assert host.failed == [("late", ErrorCode.ACTION_TIMEOUT)]
     assert engine.calls == []
+
+
+async def test_an_engine_that_is_down_is_one_warning_and_one_info_not_lines_per_action(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The HTTP engine down for 20 s with two players acting once a second wrote 55 INFO retry
+    lines and a WARNING per action (README: "one WARNING when it begins and one INFO when it is
+    over"). Each player still gets engine_unavailable; the details are at DEBUG."""
+    caplog.set_level(logging.INFO, "party_sync.engine.http_link")
+    port = free_port()
+    engine, host = ScriptedEngine(), RecordingHost()
+    url = f"http://127.0.0.1:{port}/actions"
+    async with started_link(host, url, notice_url=url.replace("actions", "notices")) as link:
+        for i in range(5):
+            await link.submit(make_action(f"down-{i}"))
+        await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j"))
+        await idle(link)
+        assert [code for _, code in host.failed] == [ErrorCode.ENGINE_UNAVAILABLE] * 5
+        async with serve(host_app(engine), port):
+            await link.submit(make_action("back"))
+            await idle(link)
+    assert [c.action_id for c in engine.calls] == ["back"]
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert "engine_unavailable" in lines[0][1] and "again" in lines[1][1]
 
 
 async def test_notices_go_to_the_notice_url_never_to_the_action_url() -> None:

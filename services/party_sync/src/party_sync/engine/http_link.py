@@ -70,10 +70,11 @@ import orjson
 
 from party_sync import tracing
 from party_sync.engine import wire
+from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import claim_until_answered
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import ErrorCode, PartySyncError
-from party_sync.tasks import LatestPerKey, cancel_and_wait
+from party_sync.tasks import Episode, LatestPerKey, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +145,10 @@ class HttpEngineLink:
         #: takes a delivery again: the link is then down for ``/readyz`` (``HttpProbe``) and
         #: ``engine_link_ok``, though the engine URL accepts connections.
         self.key_refused: str | None = None
+        #: Deliveries given up because the engine never answered (one WARNING when they begin,
+        #: one INFO when a delivery is answered again; each one's details at DEBUG): an engine
+        #: that is down must not write a line per action and per retry.
+        self._unreachable = Episode(log, "engine deliveries")
 
     async def start(self, host: LinkHost) -> None:
         self._host = host
@@ -209,10 +214,18 @@ class HttpEngineLink:
                 status, answer = await self._post(url, body, headers)
             except (_Unreached, _Retryable) as exc:
                 self.failures += 1
+                if attempt >= self.retries and isinstance(exc, _Unreached):
+                    self._engine_unreachable(exc)  # once per episode, for actions and notices
                 if attempt >= self.retries and loop.time() >= give_up_at:
-                    log.warning("%s notice not delivered: %s", body["kind"], exc, extra=extra)
+                    log.log(
+                        logging.DEBUG if self._unreachable.active else logging.WARNING,
+                        "%s notice not delivered: %s",
+                        body["kind"],
+                        exc,
+                        extra=extra,
+                    )
                     return
-                if attempt == self.retries:
+                if attempt == self.retries and not self._unreachable.active:
                     log.warning(
                         "%s notice not delivered yet (%s): trying on for up to %.0fs",
                         body["kind"],
@@ -313,7 +326,8 @@ class HttpEngineLink:
             attempt += 1
             if attempt > self.retries:
                 if not reached:  # it never left party_sync: "unavailable" is the truth
-                    log.warning("engine unreachable, giving up: %s", failure, extra=extra)
+                    if not self._engine_unreachable(failure):
+                        log.debug("engine unreachable, giving up: %s", failure, extra=extra)
                     await host.fail(
                         action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unreachable: retry"
                     )
@@ -330,7 +344,7 @@ class HttpEngineLink:
                     )
                     return
             delay = self._backoff(attempt - 1)
-            log.info(
+            log.debug(
                 "engine delivery failed (%s); retry %d in %.2fs",
                 failure,
                 attempt,
@@ -389,8 +403,22 @@ class HttpEngineLink:
         else:
             log.debug("the engine refused party_sync's key (HTTP %d)", status, extra=dict(extra))
 
+    def _engine_unreachable(self, failure: Exception) -> bool:
+        """Deliveries are given up because nothing answers at the engine's address: True (and
+        one WARNING) when that begins."""
+        return self._unreachable.trouble(
+            "unreachable",
+            f"the engine is unreachable ({failure}): each action is answered engine_unavailable, "
+            "and notices are not delivered, until it is back",
+            engine_url=public_url(self.url),
+        )
+
     def _key_taken(self) -> None:
-        """A delivery got an answer past the key check: the key is right (again)."""
+        """A delivery got an answer past the key check: the key is right (again), and the
+        engine answers."""
+        self._unreachable.fine(
+            "the engine answers deliveries again", engine_url=public_url(self.url)
+        )
         if self.key_refused is not None:
             self.key_refused = None
             log.info("the engine host takes party_sync's API key again")
