@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -345,8 +346,9 @@ async def test_a_live_partys_slot_migrates_while_it_plays(on_cluster: RedisClust
 
 
 async def test_a_killed_master_is_followed_with_a_new_epoch_never_a_rolled_back_seq(
-    on_cluster: RedisCluster,
+    on_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, "party_sync")
     party = "fail"
     slot = on_cluster.keyslot(f"party:{party}")
     master = on_cluster.slot_owner(slot)
@@ -377,12 +379,40 @@ async def test_a_killed_master_is_followed_with_a_new_epoch_never_a_rolled_back_
         await wait_until(lambda: f"127.0.0.1:{master.port}" not in batcher._shards, timeout=10)
         await wait_until(lambda: not batcher.down, timeout=10)
         assert not batcher.down_for(n1.keys.tag(party))
+        # every "lost" WARNING has its ending: a failover replaced the master, so the dead
+        # master's connections never reconnect; they say so when they are retired (an operator
+        # saw "lost" and "not answering" and no line after them, 6 minutes on)
+        for lost, over in (
+            (
+                ("redis pub/sub connection lost", "redis pub/sub unavailable"),
+                ("redis pub/sub reconnected", "redis pub/sub: over"),
+            ),
+            (
+                ("redis is not answering the script connection: ",),
+                ("redis is not answering the script connection: over",),
+            ),
+        ):
+            await wait_until(lambda b=lost, e=over: _ended(caplog.records, b, e), timeout=10)
     print(f"cluster failover: promoted {promoted.port}, delivering again {recovered:.2f}s after")
     assert after != before  # the shard's fence: a new epoch on the promoted replica
     assert set(rec.epochs) >= {before, after}
     in_order_per_epoch(rec)
     assert recovered < FAILOVER_BOUND
     await asyncio.to_thread(on_cluster.restart, master)  # back, as the new master's replica
+
+
+def _ended(
+    records: list[logging.LogRecord], began: tuple[str, ...], ended: tuple[str, ...]
+) -> bool:
+    """No WARNING starting with one of ``began`` after the last INFO starting with ``ended``."""
+    last_warning = last_info = -1
+    for i, record in enumerate(records):
+        message = record.getMessage()
+        if message.startswith(ended) and record.levelno == logging.INFO:
+            last_info = i
+        elif message.startswith(began) and record.levelno == logging.WARNING:
+            last_warning = i
+    return last_warning < last_info or last_warning == -1
 
 
 async def test_a_stalled_master_holds_a_call_to_another_shard_at_most_the_timeout() -> None:

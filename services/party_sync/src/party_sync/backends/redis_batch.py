@@ -264,6 +264,12 @@ class ScriptBatcher:
         if not future.done():
             future.set_result(result)
 
+    async def retire(self, reason: str) -> None:
+        """Close it for good, saying why (``reason``) if it was logged as not answering: a
+        Cluster master a failover replaced (its "over" would never come otherwise)."""
+        self._episode.fine(reason)
+        await self.close()
+
     async def close(self) -> None:
         self._closed = True
         pump = self._pump
@@ -438,7 +444,10 @@ class ShardedBatcher:
             batcher = self._shards.pop(name)
             self._batches += batcher.batches
             self._calls += batcher.calls
-            await batcher.close()
+            await batcher.retire(
+                f"{name} is no longer a master: its parties' calls go to the master that "
+                "serves their slots now"
+            )
 
     async def close(self) -> None:
         self._closed = True

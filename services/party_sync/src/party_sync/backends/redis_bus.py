@@ -97,6 +97,9 @@ class Bus:
         self._ever = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        #: The connection was lost (or never made) and not made again yet: its WARNING was
+        #: logged and its "reconnected" INFO is owed (``retire`` says it if it never comes).
+        self.troubled = False
 
     async def start(self, wait: float) -> None:
         """Connect in the background; wait up to ``wait`` s for the first connection."""
@@ -111,6 +114,15 @@ class Bus:
     async def close(self) -> None:
         self._closing = True
         await cancel_and_wait(self._tasks, what="the pub/sub connection")
+
+    async def retire(self, reason: str) -> None:
+        """Close it for good, saying why (``reason``) if its loss was logged and its reconnect
+        never will be: a Cluster master a failover replaced, whose channels are subscribed on
+        the new master (the operator's "lost" WARNING then has its ending)."""
+        if self.troubled:
+            self.troubled = False
+            log.info("redis pub/sub: over: %s", reason, extra={"cause": "failover"})
+        await self.close()
 
     # -- channels -------------------------------------------------------------------------------
     async def add(self, channel: str, handler: Handler) -> None:
@@ -207,6 +219,7 @@ class Bus:
                     await self._resubscribe(conn)
                     self._conn, self._reader, self.connected = conn, reader, True
                 self._ever.set()
+                self.troubled = False
                 if lost:
                     self._count_reconnect(lost)
                     log.info(
@@ -220,11 +233,13 @@ class Bus:
                 await asyncio.wait({reader})
                 lost = "probe" if reader.cancelled() else "error"
                 if not reader.cancelled():
+                    self.troubled = True
                     log.warning("redis pub/sub connection lost: %r", reader.exception())
             except (RedisError, OSError, TimeoutError, BackendUnavailable) as exc:
                 lost = lost or ("error" if self._ever.is_set() else "")
                 failures += 1
                 if failures == 1:
+                    self.troubled = True
                     log.warning("redis pub/sub unavailable (retrying until it is back): %r", exc)
                 else:
                     log.debug("redis pub/sub still unavailable: %r", exc)

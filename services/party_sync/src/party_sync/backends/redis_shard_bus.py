@@ -233,7 +233,12 @@ class ShardedBus:
                     for channel in bus.channels():
                         if self._where.get(channel) == name:
                             del self._where[channel]
-                    await bus.close()
+                    if bus.troubled:  # lost, not back: a failover replaced it
+                        self._count_reconnect("failover")
+                    await bus.retire(
+                        f"{name} is no longer the master of its slots: its channels are "
+                        "subscribed on the master that serves them now"
+                    )
             for node in masters.values():
                 await self._bus(node, wait)
             moved = 0
