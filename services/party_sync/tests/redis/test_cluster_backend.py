@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import time
@@ -392,7 +393,7 @@ async def test_a_killed_master_is_followed_with_a_new_epoch_never_a_rolled_back_
                 ("redis is not answering the script connection: over",),
             ),
         ):
-            await wait_until(lambda b=lost, e=over: _ended(caplog.records, b, e), timeout=10)
+            await wait_until(functools.partial(_ended, caplog.records, lost, over), timeout=10)
     print(f"cluster failover: promoted {promoted.port}, delivering again {recovered:.2f}s after")
     assert after != before  # the shard's fence: a new epoch on the promoted replica
     assert set(rec.epochs) >= {before, after}
