@@ -152,7 +152,7 @@ class Settings:
         100_000,
         "Approximate cap of the actions stream (XADD MAXLEN ~): the oldest entries are trimmed, "
         "handled or not (an action trimmed before any worker started it is answered "
-        "action_timeout at its deadline).",
+        "action_timeout at its deadline). At least 1000.",
     )
     actions_stream_partitions: int = _option(
         1,
@@ -192,8 +192,9 @@ class Settings:
     )
     redis_probe_interval: float = _option(
         5.0,
-        "Redis mode: seconds of pub/sub silence before a liveness probe; a probe not back "
-        "within it replaces the pub/sub connection.",
+        "Redis mode: seconds of pub/sub silence before a liveness probe; a probe published but "
+        "not back within it replaces the pub/sub connection (a probe Redis could not even take, "
+        "down or stalled, replaces nothing: that is an outage, not a broken connection).",
     )
     redis_write_delay: float = _option(
         0.0,

@@ -210,10 +210,13 @@ def describe_backend(settings: Settings, backend: Backend) -> str:
 
 
 def _redis_where(settings: Settings) -> str:
-    """Where Redis is, without credentials: the URL's host, or the Sentinel set."""
+    """Where Redis is, without credentials: the URL's host (a Cluster's: "cluster via" it), or
+    the Sentinel set."""
     assert settings.redis_url is not None
     if settings.redis_sentinels:
         return RedisTarget.of(settings).describe()
+    if settings.redis_cluster:
+        return f"cluster via {public_url(settings.redis_url)}"
     return public_url(settings.redis_url)
 
 

@@ -63,6 +63,25 @@ async def test_bearer_header_is_accepted() -> None:
         await client.close()
 
 
+async def test_which_token_counts_is_the_header_then_the_first_query_parameter() -> None:
+    """As README, Tokens, says (a proxy checking tokens must check the same one): the Bearer
+    header over ``?token=``, and the first of two ``token`` parameters."""
+    from ps_testkit.client import Client
+
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        both = await srv.http.ws_connect(
+            srv.ws_url + "?token=" + token("borin"),
+            headers={"Authorization": f"Bearer {token('aria')}"},
+        )
+        client = Client(both)
+        assert (await client.expect("system.hello"))["payload"]["you"] == "aria"
+        await client.close()
+        two = await srv.http.ws_connect(f"{srv.ws_url}?token={token('borin')}&token=forged")
+        client = Client(two)
+        assert (await client.expect("system.hello"))["payload"]["you"] == "borin"
+        await client.close()
+
+
 async def test_previous_secret_still_verifies_during_rotation() -> None:
     old = "old-secret-0123456789abcdef0123456789abcd"
     settings = make_settings(jwt_previous_secret=old)

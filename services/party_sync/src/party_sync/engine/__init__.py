@@ -17,21 +17,25 @@ from party_sync.engine.interface import (
     publish_all,
     restate_engine,
 )
+from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
 
 __all__ = [
     "ENGINE_EVENT_TYPES",
     "ActionRequest",
+    "BackendUnavailable",
     "Claim",
     "Engine",
     "EngineLink",
     "EngineRejected",
     "EventPublisher",
+    "InvalidEvent",
     "JoinNotice",
     "Narration",
     "NarrationConflict",
     "NarrationPiece",
     "NarrationSender",
     "RestateNotice",
+    "VoteConflict",
     "publish_all",
     "restate_engine",
 ]
