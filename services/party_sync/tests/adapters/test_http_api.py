@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from openapi_spec_validator import validate
 from party_sync.engine.http_host import ApiPublisher
-from party_sync.engine.interface import Narration
+from party_sync.engine.interface import Narration, publish_all
 from party_sync.protocol.errors import NarrationConflict
 from ps_testkit import api_events
 from ps_testkit.client import Client
@@ -371,6 +371,82 @@ async def test_an_http_engine_streams_through_the_api_publisher() -> None:
             (3, "", True),
         ]
         assert {(p["stream_id"], p.get("action_id")) for p in got} == {("n-http", "a-7")}
+        await a.close()
+
+
+def result_event(action_id: str) -> dict[str, Any]:
+    payload = {
+        "action_id": action_id,
+        "character_id": "aria",
+        "action_type": "skill_check",
+        "outcome": "success",
+        "state": {"hp": 9, "max_hp": 10, "effects": [], "scene_flags": {}},
+    }
+    return {"type": "action.result", "trace_id": "eng-batch", "payload": payload}
+
+
+def scene_event(number: int) -> dict[str, Any]:
+    payload = {**api_events.SCENE["payload"], "scene_number": number}
+    return {"type": "scene.update", "trace_id": "eng-batch", "payload": payload}
+
+
+async def test_a_batch_is_published_in_one_step_and_a_late_copy_publishes_nothing() -> None:
+    """``POST .../events/batch``: an HTTP engine's whole answer in one atomic step (the route
+    ``ApiPublisher.publish_many`` uses), so a late copy of it (an engine host frozen while its
+    action was taken over, woken after the party moved on) cannot take the party back."""
+    batch = "/api/v1/parties/p1/events/batch"
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        top = hello["payload"]["seq"]
+        answer = {"events": [result_event("b-1"), scene_event(2)]}
+        status, body = await post(srv, batch, answer, AUTH)
+        assert (status, body) == (202, {"seqs": [top + 1, top + 2]})
+        got = [await a.expect("action.result"), await a.expect("scene.update")]
+        assert [e["seq"] for e in got] == [top + 1, top + 2]
+        status, body = await post(srv, batch, {"events": [scene_event(3)]}, AUTH)  # moves on
+        assert (status, body) == (202, {"seqs": [top + 3]})
+        assert (await a.expect("scene.update"))["payload"]["scene_number"] == 3
+        status, body = await post(srv, batch, answer, AUTH)  # the late copy
+        assert (status, body) == (202, {"seqs": [top + 1, 0]})
+        assert srv.server is not None
+        backend = srv.server.gateway.backend
+        snapshot = await backend.snapshot("p1")
+        assert snapshot.seq == top + 3 and snapshot.scene is not None
+        assert snapshot.scene["scene_number"] == 3
+        # refused whole, nothing published: one invalid event, a key, too many, not a list
+        bad_scene = {"type": "scene.update", "payload": {"scene_number": "x"}}
+        for body_, headers in (
+            ({"events": [result_event("b-2"), bad_scene]}, AUTH),
+            ({"events": [result_event("b-2")]}, {**AUTH, "Idempotency-Key": "k-1"}),
+            ({"events": [scene_event(4)] * 33}, AUTH),
+            ({"events": []}, AUTH),
+            ([scene_event(4)], AUTH),
+            ({"events": [scene_event(4)], "extra": 1}, AUTH),
+        ):
+            status, problem = await post(srv, batch, body_, headers)
+            assert status == 422 and problem["error"] == "invalid_event", problem
+        assert (await backend.snapshot("p1")).seq == top + 3
+        status, _ = await post(srv, batch, answer)  # the key first, as on every route
+        assert status == 401
+        await a.close()
+
+
+async def test_an_http_engines_answer_goes_in_one_batch_through_the_api_publisher() -> None:
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, hello = await srv.join("aria")
+        top = hello["payload"]["seq"]
+        publisher = ApiPublisher(srv.base, KEY)
+        await publisher.open()
+        try:
+            events = [(e["type"], e["payload"]) for e in (result_event("c-1"), scene_event(2))]
+            assert await publish_all(publisher, "p1", events, trace_id="t-c") == [top + 1, top + 2]
+            # sent again (a retry whose answer was lost, a woken copy): nothing new
+            assert await publish_all(publisher, "p1", events, trace_id="t-c") == [top + 1, 0]
+            # without a result: one by one, each under its own Idempotency-Key
+            assert await publish_all(publisher, "p1", events[1:]) == [top + 3]
+        finally:
+            await publisher.close()
+        assert [(await a.until("scene.update"))["seq"] for _ in range(2)] == [top + 2, top + 3]
         await a.close()
 
 

@@ -241,11 +241,11 @@ async def test_publish_all_falls_back_to_one_publish_per_event() -> None:
     assert old.published == [(PARTY, "action.result"), (PARTY, "scene.update")]
 
 
-async def test_the_backend_publisher_has_the_batch_path_the_http_host_has_not() -> None:
+async def test_the_backend_publisher_and_the_http_hosts_have_the_batch_path() -> None:
     backend = MemoryBackend()
     assert isinstance(BackendPublisher(backend, Contracts(), lambda: 0.0), BatchPublisher)
-    # the events API takes one event per request: publish_all publishes them one by one
-    assert not hasattr(ApiPublisher, "publish_many")
+    # over the events API's batch route (test_http_api.py)
+    assert isinstance(ApiPublisher("http://127.0.0.1:9", "k" * 24), BatchPublisher)
 
 
 def test_each_script_gets_the_prelude_it_uses_and_no_more() -> None:

@@ -67,6 +67,7 @@ from party_sync.engine import wire
 from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import INFRA_ERRORS
 from party_sync.engine.interface import (
+    MAX_BATCH_EVENTS,
     ActionRequest,
     Engine,
     EngineRejected,
@@ -192,6 +193,7 @@ class ApiPublisher(VoteStarter, NarrationSender):
         self._retries = retries
         self._timeout = timeout  # of each request (seconds)
         self._http: aiohttp.ClientSession | None = None
+        self._no_batch = False  # the node answered the batch route 404/405: an earlier version
 
     @property
     def base_url(self) -> str:
@@ -250,6 +252,47 @@ class ApiPublisher(VoteStarter, NarrationSender):
         if status is None:
             raise BackendUnavailable(f"could not publish {type} to party {party_id}")
         raise InvalidEvent(f"party_sync refused the event ({status}): {body[:300]!r}")
+
+    async def publish_many(
+        self,
+        party_id: str,
+        events: Sequence[tuple[str, Mapping[str, Any]]],
+        *,
+        trace_id: str | None = None,
+    ) -> list[int]:
+        """``BatchPublisher.publish_many`` over ``POST /api/v1/parties/{party_id}/events/batch``:
+        the events in one atomic step (and one request), when they hold an ``action.result``
+        (then a retry is safe without an ``Idempotency-Key``: a copy of an answer that went out
+        whole publishes nothing) and number at most ``MAX_BATCH_EVENTS``; else, or against a
+        party_sync without the route (404 or 405), one ``publish`` each, in order."""
+        batch = (
+            not self._no_batch
+            and 1 < len(events) <= MAX_BATCH_EVENTS
+            and any(type_ == t.ACTION_RESULT for type_, _ in events)
+        )
+        if batch:
+            envelopes: list[dict[str, Any]] = []
+            for type_, payload in events:
+                envelope: dict[str, Any] = {"type": type_, "payload": dict(payload)}
+                if trace_id:
+                    envelope["trace_id"] = trace_id
+                envelopes.append(envelope)
+            path = f"/api/v1/parties/{party_id}/events/batch"
+            status, body = await self._post(
+                path, {"events": envelopes}, retry_on=(aiohttp.ClientError, TimeoutError)
+            )
+            if status == 202:
+                return [int(seq) for seq in orjson.loads(body)["seqs"]]
+            if status is None:
+                raise BackendUnavailable(f"could not publish {len(events)} events to {party_id}")
+            if status not in (404, 405):
+                raise InvalidEvent(f"party_sync refused the events ({status}): {body[:300]!r}")
+            self._no_batch = True  # an earlier party_sync: one by one from now on
+            log.info("party_sync has no batch route (HTTP %d): publishing one by one", status)
+        return [
+            await self.publish(party_id, type_, payload, trace_id=trace_id)
+            for type_, payload in events
+        ]
 
     async def send_piece(self, piece: NarrationPiece) -> None:
         """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``, checked by

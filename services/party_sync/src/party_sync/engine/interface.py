@@ -263,6 +263,10 @@ class VoteRequest:
 #: The most characters a narration stream holds (its pieces together); docs/protocol.md.
 MAX_NARRATION_CHARS = 20_000
 
+#: The most events one ``POST /api/v1/parties/{party_id}/events/batch`` holds (an engine's
+#: answer is a handful; ``ApiPublisher.publish_many`` sends a longer one in several).
+MAX_BATCH_EVENTS = 32
+
 
 def new_stream_id() -> str:
     """A narration stream id for a ``Narration`` made without one."""
@@ -415,7 +419,9 @@ class BatchPublisher(Protocol):
 
     Engines call ``publish_all``, which uses ``publish_many`` where the publisher has it and
     falls back to one ``publish`` per event for a publisher without a batch path (one written
-    before it, or the HTTP engine host: the events API takes one event per request).
+    before it). ``ApiPublisher`` (the HTTP engine host's) sends an answer that holds an
+    ``action.result`` in one request; other events one by one, each under its own
+    ``Idempotency-Key``.
     """
 
     async def publish_many(

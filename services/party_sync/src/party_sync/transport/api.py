@@ -30,7 +30,12 @@ from aiohttp import web
 
 from party_sync import tracing
 from party_sync.core import votes
-from party_sync.engine.interface import ENGINE_EVENT_TYPES, NarrationPiece, VoteRequest
+from party_sync.engine.interface import (
+    ENGINE_EVENT_TYPES,
+    MAX_BATCH_EVENTS,
+    NarrationPiece,
+    VoteRequest,
+)
 from party_sync.gateway import Gateway
 from party_sync.problems import InvalidId
 from party_sync.protocol.errors import InvalidEvent
@@ -48,7 +53,10 @@ async def _read_json(request: web.Request) -> Any:
 
 
 async def _read_envelope(request: web.Request) -> dict[str, Any]:
-    message = await _read_json(request)
+    return _envelope(await _read_json(request))
+
+
+def _envelope(message: Any) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("type"), str):
         raise InvalidEvent("body must be an envelope object with a type")
     if "seq" in message:
@@ -106,6 +114,40 @@ async def publish_party_event(request: web.Request) -> web.Response:
         extra={"trace_id": event.trace_id, "party_id": party_id, "seq": event.seq},
     )
     return web.json_response({"seq": event.seq}, status=202)
+
+
+async def publish_party_events(request: web.Request) -> web.Response:
+    """Several events of one party in one atomic step (``BatchPublisher.publish_many``): an
+    engine's whole answer, e.g. ``action.result`` then ``scene.update``. Every event is checked
+    before any is published (one invalid: 422, none published); they get consecutive seqs and
+    reach the members together. 202 ``{"seqs": [...]}`` (0 for an event not published because
+    the call is a late copy of an answer already published whole: every ``action.result`` in it
+    was published already). No ``Idempotency-Key``: a batch that holds an ``action.result`` is
+    safe to send again as it is (the copy publishes nothing); send other events one by one,
+    each with its key."""
+    gateway = request.app[GATEWAY]
+    party_id = request.match_info["party_id"]
+    if request.headers.get(IDEMPOTENCY_KEY) is not None:
+        raise InvalidEvent(
+            f"{IDEMPOTENCY_KEY} is not taken by the batch route: a batch holding an "
+            "action.result is safe to send again; publish other events one by one with a key"
+        )
+    body = await _read_json(request)
+    if not isinstance(body, dict) or set(body) != {"events"}:
+        raise InvalidEvent('body must be {"events": [<envelope>, ...]}')
+    events = body["events"]
+    if not isinstance(events, list) or not 1 <= len(events) <= MAX_BATCH_EVENTS:
+        raise InvalidEvent(f"events must be a list of 1 to {MAX_BATCH_EVENTS} envelopes")
+    messages = [_build(gateway, _envelope(event)) for event in events]
+    with tracing.incoming(
+        "publish batch",
+        request.headers,
+        trace_id=messages[0]["trace_id"],
+        attributes={"party_sync.party_id": party_id, "party_sync.batch": len(messages)},
+    ):
+        seqs = await gateway.publisher.publish_many_built(party_id, messages)
+    gateway.touched.add(party_id)
+    return web.json_response({"seqs": seqs}, status=202)
 
 
 async def publish_run_event(request: web.Request) -> web.Response:
@@ -166,6 +208,7 @@ def add_routes(app: web.Application, api_key: str | None) -> None:
     if api_key:
         app[API_KEY] = api_key
     app.router.add_post("/api/v1/parties/{party_id}/events", guarded(publish_party_event))
+    app.router.add_post("/api/v1/parties/{party_id}/events/batch", guarded(publish_party_events))
     app.router.add_post("/api/v1/runs/{campaign_run_id}/events", guarded(publish_run_event))
     app.router.add_post("/api/v1/parties/{party_id}/votes", guarded(start_vote))
     app.router.add_post("/api/v1/parties/{party_id}/narration", guarded(narrate))

@@ -19,7 +19,11 @@ from typing import Any, Final
 
 from party_sync import __version__
 from party_sync.core.votes import MAX_TIMEOUT_S
-from party_sync.engine.interface import ENGINE_EVENT_TYPES, MAX_NARRATION_CHARS
+from party_sync.engine.interface import (
+    ENGINE_EVENT_TYPES,
+    MAX_BATCH_EVENTS,
+    MAX_NARRATION_CHARS,
+)
 from party_sync.protocol.codec import MAX_DEPTH
 from party_sync.protocol.ids import ID_PATTERN, TRACE_ID_PATTERN
 from party_sync.protocol.schemas import Contracts
@@ -235,6 +239,69 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
                     "422": _problem(
                         "invalid_event: not a valid event of a publishable type (the detail "
                         "says why)",
+                        "invalid_event",
+                    ),
+                    "503": _UNAVAILABLE,
+                },
+                "api_max_body_bytes",
+            ),
+        }
+    }
+
+
+def _publish_batch() -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": (
+                "Publish several events of one party in one atomic step (an engine's whole "
+                "answer: its action.result and scene.update, say)"
+            ),
+            "description": (
+                "Every event is checked before any is published (one invalid: 422, none "
+                "published); they get consecutive seqs and reach the members together. A batch "
+                "whose every action.result was published already is a late copy of an answer "
+                "that went out whole: none of it is published (seq 0 for each event but the "
+                "results, which give their first seq). No Idempotency-Key (422 with one): a "
+                "batch holding an action.result is safe to send again as it is."
+            ),
+            "operationId": "publish_party_events",
+            "tags": ["events"],
+            "security": _KEY,
+            "parameters": _path_params("party_id"),
+            "requestBody": _body(
+                {
+                    "type": "object",
+                    "required": ["events"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "events": {
+                            "type": "array",
+                            "minItems": 1,
+                            "maxItems": MAX_BATCH_EVENTS,
+                            "items": {"$ref": SCHEMAS + "EventBody"},
+                        }
+                    },
+                }
+            ),
+            "responses": _with_body(
+                {
+                    "202": _json(
+                        _object(
+                            {
+                                "seqs": {
+                                    "type": "array",
+                                    "items": {"type": "integer", "minimum": 0},
+                                    "description": "each event's seq, in order (0: not "
+                                    "published, a late copy)",
+                                }
+                            }
+                        ),
+                        "Published",
+                    ),
+                    "422": _problem(
+                        f"invalid_event: a body that is not a list of 1 to {MAX_BATCH_EVENTS} "
+                        "valid events of publishable types, or an Idempotency-Key given (the "
+                        "detail says which)",
                         "invalid_event",
                     ),
                     "503": _UNAVAILABLE,
@@ -1003,6 +1070,7 @@ def document(contracts: Contracts, *, dev_mode: bool = False) -> dict[str, Any]:
                 ),
                 **_admin().pop("/api/v1/parties/{party_id}/events"),
             },
+            "/api/v1/parties/{party_id}/events/batch": _publish_batch(),
             "/api/v1/runs/{campaign_run_id}/events": _publish(
                 "Publish an event to every party of a campaign run",
                 "campaign_run_id",
