@@ -396,3 +396,26 @@ async def test_a_cluster_clients_own_errors_are_survived_like_redis_errors(
             await asyncio.wait_for(task, 10)
         finally:  # also when the worker ended with an error: no connection left to the GC
             await client.aclose()
+
+
+async def test_the_banner_waits_until_every_partition_is_read() -> None:
+    """``engine worker <consumer> on <streams>`` is the line a script waits for (README: printed
+    "once it serves"); with Redis down at start it was printed at once, while the worker could
+    read nothing. Now once every partition's group is there."""
+    down = RedisServer()  # its own server, stopped until the worker has tried it
+    host, engine = RecordingHost(), ScriptedEngine()
+    worker, client = worker_for(down, host, engine, "w-banner")
+    started: list[bool] = []
+    run = asyncio.ensure_future(worker.run(on_started=lambda: started.append(True)))
+    try:
+        await wait_until(lambda: all(loop.errors >= 1 for loop in worker.loops), timeout=10)
+        assert started == []  # nothing to read from yet: it does not say it serves
+        await asyncio.to_thread(down.start)
+        await wait_until(lambda: started == [True], timeout=10)
+        assert all(loop.serving.is_set() for loop in worker.loops)
+    finally:
+        worker.stop()
+        await run
+        await client.aclose()
+        down.close()
+    assert started == [True]  # once

@@ -169,6 +169,8 @@ class StreamWorker:
         self.errors = 0  # rounds that failed on Redis or the backend (all survived)
         self.groups_created = 0  # times this worker created the consumer group
         self._group_ready = False
+        #: Set once its group was found or made: it reads the stream (the banner waits for it)
+        self.serving = asyncio.Event()
         self._degraded = False
         self._own_cursor: str | None = "0"  # re-read our own pending entries from here
         self._beaten_at = -BEAT_INTERVAL  # monotonic time of the last heartbeat (workers_key)
@@ -228,6 +230,7 @@ class StreamWorker:
                     extra={"stream": o.stream},
                 )
         self._group_ready = True
+        self.serving.set()
 
     def _failed(self, exc: BaseException) -> None:
         self.errors += 1
@@ -539,12 +542,14 @@ class PartitionedWorker:
                 raise ConfigError(problem)
             log.warning("burst mode despite a partition mismatch: %s", problem)
         await start_engine(self.engine, self.publisher)
-        if on_started is not None:
-            on_started()
         tasks = self._tasks = [asyncio.create_task(loop.consume()) for loop in self.loops]
+        helpers: list[asyncio.Task[None]] = []
+        if on_started is not None:  # once every partition's group is there: it serves
+            helpers.append(asyncio.create_task(self._announce(on_started)))
         if self._stop.is_set():  # stopped while starting
             asyncio.get_running_loop().call_later(self.stop_grace, self._cut_short)
-        watcher = None if self.options.burst else asyncio.create_task(self._watch())
+        if not self.options.burst:
+            helpers.append(asyncio.create_task(self._watch()))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
             for task in done:
@@ -553,8 +558,14 @@ class PartitionedWorker:
                     raise error  # a bug, not Redis (the loops survive those): end it all
         finally:
             self.stop()
-            await cancel_and_wait([*tasks, *([watcher] if watcher else [])], what="a worker loop")
+            await cancel_and_wait([*tasks, *helpers], what="a worker loop")
             await self.engine.close()
+
+    async def _announce(self, on_started: Callable[[], None]) -> None:
+        """``on_started()`` once every loop reads its stream as a consumer of its group (Redis
+        down at start: once it answers, not before: the banner says the worker serves)."""
+        await asyncio.gather(*(loop.serving.wait() for loop in self.loops))
+        on_started()
 
     async def _watch(self) -> None:
         """Every ``count_check`` seconds: does the nodes' count still agree? (ERROR once per
