@@ -38,8 +38,10 @@ def ping(port: int, timeout: float = 0.5) -> bool:
 class RedisServer:
     """One redis-server process on a free loopback port; restartable on the same port."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
+        """``extra``: more ``redis-server`` arguments (``("--cluster-enabled", "yes")``)."""
         self.port = port or free_port()
+        self.extra = extra
         self._dir = Path(tempfile.mkdtemp(prefix="ps-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
 
@@ -69,6 +71,7 @@ class RedisServer:
                 str(self._dir),
                 "--logfile",
                 str(self._dir / "redis.log"),
+                *self.extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -6,17 +6,12 @@ answer yet is an outage, not a setting: the node starts and waits for it, as bef
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from party_sync.backends.redis_connect import RedisTarget, refuse_misconfiguration
 from party_sync.protocol.errors import ConfigError
-from ps_testkit.redis_server import RedisServer, ping, redis_server_binary
+from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import free_port, run_serve
 
 pytestmark = pytest.mark.redis
@@ -37,37 +32,12 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
 @pytest.fixture(scope="module")
 def cluster_node() -> Iterator[int]:
     """One redis-server in cluster mode (no slots needed: only INFO is asked)."""
-    port = free_port()
-    work = Path(tempfile.mkdtemp(prefix="ps-cluster-node-"))
-    proc = subprocess.Popen(
-        [
-            redis_server_binary(),
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--cluster-enabled",
-            "yes",
-            "--dir",
-            str(work),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    node = RedisServer(extra=("--cluster-enabled", "yes"))
+    node.start()
     try:
-        deadline = time.monotonic() + 10
-        while not ping(port):
-            assert time.monotonic() < deadline and proc.poll() is None, "no cluster node"
-            time.sleep(0.01)  # polling a condition (PING answered), bounded
-        yield port
+        yield node.port
     finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        shutil.rmtree(work, ignore_errors=True)
+        node.close()
 
 
 def url(server: RedisServer, credentials: str = "", db: int = 0) -> str:
