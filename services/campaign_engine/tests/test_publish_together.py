@@ -26,6 +26,7 @@ class BatchingPublisher(RecordingPublisher):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.steps: list[list[str]] = []
+        self.keys: list[str | None] = []  # each step's key
 
     async def publish_many(
         self,
@@ -33,11 +34,13 @@ class BatchingPublisher(RecordingPublisher):
         events: Sequence[tuple[str, Mapping[str, Any]]],
         *,
         trace_id: str | None = None,
+        key: str | None = None,
     ) -> list[int]:
         if self.fail_next > 0:
             self.fail_next -= 1
             raise PublishFailed("publish_many failed (scripted)")
         self.steps.append([type_ for type_, _ in events])
+        self.keys.append(key)
         return [
             await self.publish(party_id, type_, payload, trace_id=trace_id)
             for type_, payload in events

@@ -54,6 +54,7 @@ action is simply worked out again on the newer state — or found applied alread
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import random
@@ -216,27 +217,36 @@ class ReferenceEngine:
         # Committed first: a crash while narrating loses nothing, and a redelivery of the
         # action (applied now) publishes its events without narrating again.
         await self._narrate(work, action, state.scene_number)
-        unsent = await self._still_unsent(work)
-        if unsent.outbox:
-            await self._publish_outbox(unsent, action.party_id)
+        await self._publish_committed(work, action.party_id)
 
-    async def _still_unsent(self, work: RunState) -> RunState:
-        """The state whose outbox to publish now that the action is committed (and narrated):
-        ``work``, unless another process committed the run meanwhile. That is a worker that took
-        this action over while this one was stopped (frozen past the stream's claim-idle time)
-        and published its events, or a later action that published or dropped them: then the
-        stored state, whose outbox holds only what is still unsent. ``work``'s copy would send
-        the scene of then after the party moved on."""
+    async def _publish_committed(self, work: RunState, party_id: str) -> None:
+        """Publish the outbox ``work`` committed (an action's, a join's, a re-statement's), after
+        it was committed (and, for an action, narrated).
+
+        If another process committed the run meanwhile, ``work``'s copy of the outbox is out of
+        date: a worker that took this message over while this one was stopped (frozen past the
+        stream's claim-idle time) published its events, then the party moved on; publishing the
+        copy would send the scene of then after a newer one. Then only what the stored outbox
+        still holds *of this message's own events* is published (nothing, when the one that took
+        it over, or the next message's settling, published them); another message's events
+        there are that message's to publish (its process may be narrating it right now)."""
         stored = await self.store.load(work.run_id)
         if stored is None or stored.version == work.version:
-            return work
+            await self._publish_outbox(work, party_id)
+            return
+        mine = {(event.action_id, event.trace_id) for event in work.outbox}
+        left = [e for e in stored.outbox if (e.action_id, e.trace_id) in mine]
         log.info(
-            "run %s moved on in another process since this action was committed; publishing "
-            "only what is still unsent (%d event(s))",
+            "run %s moved on in another process since this message was committed: publishing "
+            "%d of its %d event(s), the rest were published meanwhile",
             work.run_id,
-            len(stored.outbox),
+            len(left),
+            len(work.outbox),
         )
-        return stored
+        if left:
+            others = [e for e in stored.outbox if (e.action_id, e.trace_id) not in mine]
+            stored.outbox = left
+            await self._publish_outbox(stored, party_id, keep=others)
 
     async def _answer_again(self, state: RunState, action: ActionRequest) -> None:
         """A delivery of an action applied earlier, all of whose events were published: publish
@@ -332,7 +342,7 @@ class ReferenceEngine:
             return
         work.outbox = [OutboxEvent("", t, p, notice.trace_id) for t, p in events]
         await self.store.commit(work)
-        await self._publish_outbox(work, notice.party_id)
+        await self._publish_committed(work, notice.party_id)
 
     async def _handle_restate(self, notice: RestateNotice) -> None:
         extra = {"trace_id": notice.trace_id}
@@ -364,7 +374,7 @@ class ReferenceEngine:
             notice.epoch,
             extra=extra,
         )
-        await self._publish_outbox(work, notice.party_id)
+        await self._publish_committed(work, notice.party_id)
 
     # --- for the CLI, tests and the chronicles ---------------------------------------------
 
@@ -471,8 +481,11 @@ class ReferenceEngine:
         )
         return events, decision
 
-    async def _publish_outbox(self, state: RunState, party_id: str) -> None:
-        """Publish the outbox in order; commit what is left (nothing, unless publishing failed)."""
+    async def _publish_outbox(
+        self, state: RunState, party_id: str, *, keep: list[OutboxEvent] | None = None
+    ) -> None:
+        """Publish the outbox in order; commit what is left (nothing, unless publishing failed),
+        followed by ``keep`` (other messages' events, not published here)."""
         publisher = self._publisher
         if publisher is None:
             raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
@@ -501,6 +514,8 @@ class ReferenceEngine:
                 if event.type == "party.state":
                     state.published_party_state = event.payload
         finally:
+            if keep:
+                state.outbox.extend(keep)
             try:
                 await self.store.commit(state)
             except CommitConflict:  # another process moved the run on: its state stands
@@ -508,23 +523,32 @@ class ReferenceEngine:
 
     @staticmethod
     async def _publish_together(publisher: EventPublisher, state: RunState, party_id: str) -> bool:
-        """The outbox's leading events (up to a vote request) in one atomic step, where the
-        publisher has one (``BatchPublisher``: in Redis mode one script call and one message to
-        the members instead of a round trip each). False when there is nothing to batch or one
-        of them is invalid: the caller then goes one by one (and drops the invalid one only).
-        A publishing error leaves all of them in the outbox (none was published)."""
+        """The outbox's leading events of one message (up to a vote request) in one atomic step,
+        where the publisher has one (``BatchPublisher``: in Redis mode one script call and one
+        message to the members instead of a round trip each), under the message's key
+        (``outbox_key``): a copy of them published again (by a process that was frozen while
+        another published them) publishes nothing. False when there is nothing to batch or one
+        of them is invalid: the caller then goes one by one (and drops the invalid one only). A
+        publishing error leaves all of them in the outbox (none was published)."""
         many = getattr(publisher, "publish_many", None)  # BatchPublisher (isinstance is slow)
         if many is None:
             return False
         run: list[OutboxEvent] = []
         for event in state.outbox:
-            if event.type == votes.VOTE_START or (run and event.trace_id != run[0].trace_id):
+            if event.type == votes.VOTE_START or (
+                run and (event.trace_id, event.action_id) != (run[0].trace_id, run[0].action_id)
+            ):
                 break
             run.append(event)
-        if len(run) < 2:
+        if not run:
             return False
         try:
-            await many(party_id, [(e.type, e.payload) for e in run], trace_id=run[0].trace_id)
+            await many(
+                party_id,
+                [(e.type, e.payload) for e in run],
+                trace_id=run[0].trace_id,
+                key=outbox_key(run[0]),
+            )
         except InvalidEvent:
             return False
         del state.outbox[: len(run)]
@@ -548,6 +572,15 @@ class ReferenceEngine:
             votes.abandon(state)
             state.outbox.clear()
             await self.store.commit(state)
+
+
+def outbox_key(event: OutboxEvent) -> str:
+    """The key the events of one message (an action, a join, a re-statement) are published
+    under (``BatchPublisher.publish_many``'s ``key``): the same for every copy of them, another
+    for each message. From the message's ``action_id`` and ``trace_id``, hashed to fit the key
+    rule (the id alphabet, up to 128 characters)."""
+    digest = hashlib.blake2b(f"{event.action_id}\n{event.trace_id}".encode(), digest_size=16)
+    return "ce-" + digest.hexdigest()
 
 
 def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:

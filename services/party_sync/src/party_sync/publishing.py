@@ -40,6 +40,7 @@ from party_sync.protocol.errors import (
     InvalidEvent,
     NarrationConflict,
 )
+from party_sync.protocol.ids import is_trace_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
 
 log = logging.getLogger(__name__)
@@ -225,13 +226,19 @@ class BackendPublisher(VoteStarter, NarrationSender):
         events: Sequence[tuple[str, Mapping[str, Any]]],
         *,
         trace_id: str | None = None,
+        key: str | None = None,
     ) -> list[int]:
         """``BatchPublisher.publish_many``: every event checked, then one backend call (one
-        atomic step, one script call and one pub/sub message in Redis mode)."""
+        atomic step, one script call and one pub/sub message in Redis mode); ``key``, the
+        call's ``Idempotency-Key`` (``Backend.publish_many``)."""
+        if key is not None and not is_trace_id(key):
+            raise InvalidEvent("key must match [A-Za-z0-9._:-]{1,128}")
         messages = [self.build(type_, payload, trace_id) for type_, payload in events]
         if not tracing.is_on():  # _publish_many inlined: every action's answer takes this path
             try:
-                published = await self.backend.publish_many(party_id, messages, self.clock())
+                published = await self.backend.publish_many(
+                    party_id, messages, self.clock(), key=key
+                )
             except orjson.JSONEncodeError as exc:
                 raise InvalidEvent(f"an event cannot be encoded: {exc}") from None
             self._opened(published)
@@ -247,19 +254,23 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 stack.enter_context(tracing.span("publish " + m["type"], attributes=attributes))
                 for m in messages
             ]
-            seqs = await self._publish_many(party_id, messages)
+            seqs = await self._publish_many(party_id, messages, key)
             for span, seq in zip(spans, seqs, strict=True):
                 if span is not None:
                     span.set_attribute("party_sync.seq", seq)
             return seqs
 
-    async def publish_many_built(self, party_id: str, messages: list[dict[str, Any]]) -> list[int]:
+    async def publish_many_built(
+        self, party_id: str, messages: list[dict[str, Any]], key: str | None = None
+    ) -> list[int]:
         """``publish_many`` of envelopes ``build`` made (the events API's batch route)."""
-        return await self._publish_many(party_id, messages)
+        return await self._publish_many(party_id, messages, key)
 
-    async def _publish_many(self, party_id: str, messages: list[dict[str, Any]]) -> list[int]:
+    async def _publish_many(
+        self, party_id: str, messages: list[dict[str, Any]], key: str | None = None
+    ) -> list[int]:
         try:
-            published = await self.backend.publish_many(party_id, messages, self.clock())
+            published = await self.backend.publish_many(party_id, messages, self.clock(), key=key)
         except orjson.JSONEncodeError as exc:  # e.g. nested deeper than JSON can be encoded
             raise InvalidEvent(f"an event cannot be encoded: {exc}") from None
         self._opened(published)

@@ -220,6 +220,37 @@ async def test_a_late_copy_of_a_whole_answer_publishes_nothing(
         await be.close()
 
 
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_an_answer_under_a_key_is_published_once(
+    kind: str, redis_server: RedisServer
+) -> None:
+    """An answer without an action.result (to a join, a re-statement) has nothing to be known
+    by but the key its engine gives it: a copy under the same key (a worker woken after another
+    published it, a retry whose answer was lost) publishes nothing and gets the first seqs."""
+    redis_server.command("FLUSHALL")
+    be: Backend = (
+        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
+    )
+    await be.start()
+    try:
+        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+        join = [("scene.update", scene(1)), ("party.state", PARTY_STATE)]
+        assert await publisher.publish_many(PARTY, join, key="join-1") == [1, 2]
+        assert await publisher.publish_many(PARTY, [("scene.update", scene(2))]) == [3]
+        assert await publisher.publish_many(PARTY, join, key="join-1") == [1, 2]  # the copy
+        one = [("scene.update", scene(1))]
+        assert await publisher.publish_many(PARTY, one, key="join-1") == [1]
+        assert await publisher.publish_many(PARTY, one, key="solo") == [4]  # one event, keyed
+        assert await publisher.publish_many(PARTY, one, key="solo") == [4]
+        snap = await be.snapshot(PARTY, 1000.0)
+        assert snap.seq == 4 and snap.scene is not None and snap.scene["scene_number"] == 1
+        assert await publisher.publish_many(PARTY, join, key="join-2") == [5, 6]  # another key
+        with pytest.raises(InvalidEvent):
+            await publisher.publish_many(PARTY, join, key="not a key")
+    finally:
+        await be.close()
+
+
 class OldPublisher:
     """A publisher written before ``publish_many`` (a test double, a third party's)."""
 

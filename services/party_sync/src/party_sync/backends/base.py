@@ -107,7 +107,12 @@ class EventStream(Protocol):
         ...
 
     async def publish_many(
-        self, party_id: str, messages: Sequence[dict[str, Any]], now: float
+        self,
+        party_id: str,
+        messages: Sequence[dict[str, Any]],
+        now: float,
+        *,
+        key: str | None = None,
     ) -> list[Event]:
         """``publish`` for several events of one party, in one atomic step: they are sequenced
         consecutively in their order, as by as many ``publish`` calls with nothing between them,
@@ -117,7 +122,9 @@ class EventStream(Protocol):
         ``publish`` would, except in a late copy of a whole answer (every ``action.result`` of the
         call already has its result, ``core.published.replayed``): then nothing is published, the
         results return the first ones and the other events come back unpublished (seq 0).
-        Returns the events in the order given.
+        ``key`` (an ``Idempotency-Key``) does for the whole call what it does for ``publish``:
+        a call under a key that already has one publishes nothing and returns each event with
+        the seq the same event of that call got. Returns the events in the order given.
         """
         ...
 

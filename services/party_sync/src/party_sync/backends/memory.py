@@ -141,7 +141,12 @@ class MemoryBackend:
         return self._publish(self._party(party_id, now), message, now, key=key)
 
     async def publish_many(
-        self, party_id: str, messages: Sequence[dict[str, Any]], now: float
+        self,
+        party_id: str,
+        messages: Sequence[dict[str, Any]],
+        now: float,
+        *,
+        key: str | None = None,
     ) -> list[Event]:
         """One atomic step (no await between the events): each is delivered inline, so all in
         this tick. Checked first: an event that cannot be encoded records none of them."""
@@ -153,7 +158,19 @@ class MemoryBackend:
                 _decoded(party_id, data) if data is not None else unpublished(party_id, m, body)
                 for m, body, data in zip(messages, bodies, earlier, strict=True)
             ]
-        return [self._publish(party, messages[i], now, body) for i, body in enumerate(bodies)]
+        if key is not None and len(messages) == 1:  # as one publish under the key
+            return [self._publish(party, messages[0], now, bodies[0], key=key)]
+        first = None if key is None else party.published.first(key, now)
+        if first is not None:  # the call under this key was published: each event's seq in it
+            return [
+                repeated(party_id, first + i, m, body)
+                for i, (m, body) in enumerate(zip(messages, bodies, strict=True))
+            ]
+        top = party.log.top_seq
+        events = [self._publish(party, messages[i], now, body) for i, body in enumerate(bodies)]
+        if key is not None and party.log.top_seq > top:  # the first event it sequenced
+            party.published.record(key, top + 1, now)
+        return events
 
     async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:
         """Nothing to do: in one process nobody listens on the run channel (the parties of the

@@ -307,12 +307,17 @@ class RedisBackend:
         return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
 
     async def publish_many(
-        self, party_id: str, messages: Sequence[dict[str, Any]], now: float
+        self,
+        party_id: str,
+        messages: Sequence[dict[str, Any]],
+        now: float,
+        *,
+        key: str | None = None,
     ) -> list[Event]:
         """``publish_many.lua``: the events in one script call, one atomic step and one PUBLISH
         (so one pub/sub message per node, delivered in one tick: one write per member)."""
         if len(messages) == 1:
-            return [await self.publish(party_id, messages[0], now)]
+            return [await self.publish(party_id, messages[0], now, key=key)]
         if not messages:
             return []
         args: list[Arg] = [len(messages)]
@@ -328,11 +333,14 @@ class RedisBackend:
             args += [body, type_, len(fold), *fold]
         with unavailable("publish"):
             reply = await self.scripts.run(
-                "publish_many", party_id, now, args, action_ids=action_ids
+                "publish_many", party_id, now, args, action_ids=action_ids, published=key
             )
         events: list[Event] = []
         for i, (message, body) in enumerate(zip(messages, bodies, strict=True)):
             seq, extra = int(reply[1 + 2 * i]), reply[2 + 2 * i]
+            if seq < 0:  # the key's call was published already: this event's seq in it
+                events.append(repeated(party_id, int(extra), message, body))
+                continue
             if seq == 0:  # the action already has a result: that one stands (as in memory)
                 if extra:
                     events.append(event_from(party_id, bytes(extra)))

@@ -259,40 +259,46 @@ class ApiPublisher(VoteStarter, NarrationSender):
         events: Sequence[tuple[str, Mapping[str, Any]]],
         *,
         trace_id: str | None = None,
+        key: str | None = None,
     ) -> list[int]:
         """``BatchPublisher.publish_many`` over ``POST /api/v1/parties/{party_id}/events/batch``:
-        the events in one atomic step (and one request), when they hold an ``action.result``
-        (then a retry is safe without an ``Idempotency-Key``: a copy of an answer that went out
-        whole publishes nothing) and number at most ``MAX_BATCH_EVENTS``; else, or against a
-        party_sync without the route (404 or 405), one ``publish`` each, in order."""
-        batch = (
-            not self._no_batch
-            and 1 < len(events) <= MAX_BATCH_EVENTS
-            and any(type_ == t.ACTION_RESULT for type_, _ in events)
-        )
-        if batch:
+        the events in one atomic step and one request, under ``key`` (else a fresh one, the same
+        on every attempt: a retry of a batch whose answer was lost publishes nothing), in
+        batches of at most ``MAX_BATCH_EVENTS``. Against a party_sync without the route (404 or
+        405): one ``publish`` each, in order."""
+        if self._no_batch or not events:
+            return [
+                await self.publish(party_id, type_, payload, trace_id=trace_id)
+                for type_, payload in events
+            ]
+        key = key or uuid.uuid4().hex
+        seqs: list[int] = []
+        for start in range(0, len(events), MAX_BATCH_EVENTS):
+            part = events[start : start + MAX_BATCH_EVENTS]
             envelopes: list[dict[str, Any]] = []
-            for type_, payload in events:
+            for type_, payload in part:
                 envelope: dict[str, Any] = {"type": type_, "payload": dict(payload)}
                 if trace_id:
                     envelope["trace_id"] = trace_id
                 envelopes.append(envelope)
             path = f"/api/v1/parties/{party_id}/events/batch"
             status, body = await self._post(
-                path, {"events": envelopes}, retry_on=(aiohttp.ClientError, TimeoutError)
+                path,
+                {"events": envelopes},
+                retry_on=(aiohttp.ClientError, TimeoutError),
+                key=key if start == 0 else f"{key[:120]}.{start}",
             )
             if status == 202:
-                return [int(seq) for seq in orjson.loads(body)["seqs"]]
+                seqs += [int(seq) for seq in orjson.loads(body)["seqs"]]
+                continue
             if status is None:
-                raise BackendUnavailable(f"could not publish {len(events)} events to {party_id}")
-            if status not in (404, 405):
-                raise InvalidEvent(f"party_sync refused the events ({status}): {body[:300]!r}")
-            self._no_batch = True  # an earlier party_sync: one by one from now on
-            log.info("party_sync has no batch route (HTTP %d): publishing one by one", status)
-        return [
-            await self.publish(party_id, type_, payload, trace_id=trace_id)
-            for type_, payload in events
-        ]
+                raise BackendUnavailable(f"could not publish {len(part)} events to {party_id}")
+            if status in (404, 405) and start == 0:
+                self._no_batch = True  # an earlier party_sync: one by one from now on
+                log.info("party_sync has no batch route (HTTP %d): publishing one by one", status)
+                return await self.publish_many(party_id, events, trace_id=trace_id)
+            raise InvalidEvent(f"party_sync refused the events ({status}): {body[:300]!r}")
+        return seqs
 
     async def send_piece(self, piece: NarrationPiece) -> None:
         """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``, checked by

@@ -419,13 +419,17 @@ class BatchPublisher(Protocol):
 
     Engines call ``publish_all``, which uses ``publish_many`` where the publisher has it and
     falls back to one ``publish`` per event for a publisher without a batch path (one written
-    before it). ``ApiPublisher`` (the HTTP engine host's) sends an answer that holds an
-    ``action.result`` in one request; other events one by one, each under its own
-    ``Idempotency-Key``.
+    before it). ``ApiPublisher`` (the HTTP engine host's) sends them in one request to the events
+    API's batch route.
     """
 
     async def publish_many(
-        self, party_id: str, events: Events, *, trace_id: str | None = None
+        self,
+        party_id: str,
+        events: Events,
+        *,
+        trace_id: str | None = None,
+        key: str | None = None,
     ) -> list[int]:
         """Publish ``events`` (``(type, payload)`` each, of ``ENGINE_EVENT_TYPES``) to a party,
         in order, as consecutive ``publish`` calls would; returns their ``seq``s.
@@ -440,19 +444,34 @@ class BatchPublisher(Protocol):
         was published already, the call is a late copy of an answer that went out whole (a
         worker that was frozen while another took its action over), and none of its events is
         published (the others' ``seq`` is 0).
+
+        ``key`` (the id alphabet, up to 128 characters) names the answer, for one without an
+        ``action.result`` to know it by (a join's, a re-statement's): the first call under a key
+        in a party is kept for ``action_record_ttl``, and another call under it in that time
+        publishes nothing and returns the seqs the first one's events got. Give the same key to
+        every copy of one answer (another process's, a retry's) and a different one to each
+        answer.
         """
         ...
 
 
 async def publish_all(
-    publisher: EventPublisher, party_id: str, events: Events, *, trace_id: str | None = None
+    publisher: EventPublisher,
+    party_id: str,
+    events: Events,
+    *,
+    trace_id: str | None = None,
+    key: str | None = None,
 ) -> list[int]:
     """Publish several events of one party (an action's ``action.result`` and ``scene.update``,
     say): one ``publish_many`` where the publisher has a batch path (``BatchPublisher``), else one
-    ``publish`` per event, in order. Returns their ``seq``s."""
+    ``publish`` per event, in order (``key`` is then not used). Returns their ``seq``s."""
     many = getattr(publisher, "publish_many", None)  # (isinstance of a Protocol is slow)
     if many is not None:
-        seqs: list[int] = await many(party_id, events, trace_id=trace_id)
+        if key is None:  # (a batch path written before keys takes no key argument)
+            seqs: list[int] = await many(party_id, events, trace_id=trace_id)
+        else:
+            seqs = await many(party_id, events, trace_id=trace_id, key=key)
         return seqs
     return [
         await publisher.publish(party_id, type_, payload, trace_id=trace_id)

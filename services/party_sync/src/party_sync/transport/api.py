@@ -122,16 +122,11 @@ async def publish_party_events(request: web.Request) -> web.Response:
     before any is published (one invalid: 422, none published); they get consecutive seqs and
     reach the members together. 202 ``{"seqs": [...]}`` (0 for an event not published because
     the call is a late copy of an answer already published whole: every ``action.result`` in it
-    was published already). No ``Idempotency-Key``: a batch that holds an ``action.result`` is
-    safe to send again as it is (the copy publishes nothing); send other events one by one,
-    each with its key."""
+    was published already). With an ``Idempotency-Key``, a call under a key that already has
+    one publishes nothing and answers the seqs its events got, as the single route does."""
     gateway = request.app[GATEWAY]
     party_id = request.match_info["party_id"]
-    if request.headers.get(IDEMPOTENCY_KEY) is not None:
-        raise InvalidEvent(
-            f"{IDEMPOTENCY_KEY} is not taken by the batch route: a batch holding an "
-            "action.result is safe to send again; publish other events one by one with a key"
-        )
+    key = _key(request)
     body = await _read_json(request)
     if not isinstance(body, dict) or set(body) != {"events"}:
         raise InvalidEvent('body must be {"events": [<envelope>, ...]}')
@@ -145,7 +140,7 @@ async def publish_party_events(request: web.Request) -> web.Response:
         trace_id=messages[0]["trace_id"],
         attributes={"party_sync.party_id": party_id, "party_sync.batch": len(messages)},
     ):
-        seqs = await gateway.publisher.publish_many_built(party_id, messages)
+        seqs = await gateway.publisher.publish_many_built(party_id, messages, key)
     gateway.touched.add(party_id)
     return web.json_response({"seqs": seqs}, status=202)
 

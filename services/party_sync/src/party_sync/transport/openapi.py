@@ -261,13 +261,14 @@ def _publish_batch() -> dict[str, Any]:
                 "published); they get consecutive seqs and reach the members together. A batch "
                 "whose every action.result was published already is a late copy of an answer "
                 "that went out whole: none of it is published (seq 0 for each event but the "
-                "results, which give their first seq). No Idempotency-Key (422 with one): a "
-                "batch holding an action.result is safe to send again as it is."
+                "results, which give their first seq). Under an Idempotency-Key, a call whose key "
+                "has a call already publishes nothing and answers the seqs that call's events "
+                "got: a batch is safe to send again."
             ),
             "operationId": "publish_party_events",
             "tags": ["events"],
             "security": _KEY,
-            "parameters": _path_params("party_id"),
+            "parameters": [*_path_params("party_id"), _IDEMPOTENCY_KEY],
             "requestBody": _body(
                 {
                     "type": "object",
@@ -300,8 +301,7 @@ def _publish_batch() -> dict[str, Any]:
                     ),
                     "422": _problem(
                         f"invalid_event: a body that is not a list of 1 to {MAX_BATCH_EVENTS} "
-                        "valid events of publishable types, or an Idempotency-Key given (the "
-                        "detail says which)",
+                        "valid events of publishable types (the detail says why)",
                         "invalid_event",
                     ),
                     "503": _UNAVAILABLE,

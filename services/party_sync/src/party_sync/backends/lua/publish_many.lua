@@ -4,7 +4,9 @@
 --   {"epoch":"<epoch>","lengths":[<bytes of each event>],"events":[<event>,<event>,...]}
 -- (redis_stream.py slices the events by their lengths; the message is also plain JSON).
 -- ARGV[7] the number of events; then per event: body, type, the count of its fold arguments,
--- the fold arguments. KEYS[12], KEYS[13], ...: the action record of each action.result, in order.
+-- the fold arguments. KEYS[12], KEYS[13], ...: the action record of each action.result, in order;
+-- then, for a call made under an Idempotency-Key, that key's record (core/published.py: s, the
+-- seq of the first event of the call first published under the key).
 -- Returns {epoch ('' if nothing was sequenced), then per event: seq, 1 if it replaced a refusal
 -- else 0}, where a second result of one action (idempotent: not sequenced again) is
 -- {0, the earlier data}.
@@ -40,7 +42,23 @@ if results > 0 and answered == results then
   end
   return out
 end
+-- A call under a key that has its call already: nothing again; per event {-1, the seq the same
+-- event of that call got} (the first call was one atomic step: consecutive seqs).
+local K_KEYED = nil
+if #KEYS > 11 + results then
+  K_KEYED = KEYS[#KEYS]
+  local first = redis.call('HGET', K_KEYED, 's')
+  if first then
+    local out = {''}
+    for i = 1, count do
+      out[#out + 1] = -1
+      out[#out + 1] = tonumber(first) + i - 1
+    end
+    return out
+  end
+end
 local epoch = nil  -- found (or started) by the first event sequenced, as publish.lua does
+local first_seq = nil  -- the seq of the first event sequenced (the key's record)
 local out = {''}
 local datas, lengths = {}, {}
 -- The keys the events wrote, each once, for one touch_written after the history is written
@@ -101,6 +119,7 @@ for index = 1, count do
         redis.call('HDEL', K_LOCKS, '~' .. f[1])
       end
     end
+    first_seq = first_seq or seq
     out[#out + 1] = seq
     out[#out + 1] = refused
   end
@@ -111,6 +130,10 @@ end
 if #datas > 0 then
   hold_many(datas)
   touch_written(written, NOTHING)
+  if K_KEYED then
+    redis.call('HSET', K_KEYED, 's', first_seq)
+    redis.call('PEXPIRE', K_KEYED, RECORD_TTL)
+  end
 end
 if #datas == 1 then
   redis.call('PUBLISH', CHANNEL, '{"epoch":"' .. epoch .. '","event":' .. datas[1] .. '}')
