@@ -28,7 +28,7 @@ from party_sync.core.events import Event
 from party_sync.core.transient import Transient
 from party_sync.engine.http_host import ApiPublisher
 from party_sync.engine.interface import BatchPublisher, publish_all
-from party_sync.protocol.errors import InvalidEvent
+from party_sync.protocol.errors import InvalidEvent, NarrationConflict
 from party_sync.protocol.schemas import Contracts
 from party_sync.publishing import BackendPublisher
 from ps_testkit.client import wait_until
@@ -327,3 +327,34 @@ def test_a_message_of_several_events_is_sliced_by_its_lengths() -> None:
     assert decoded[0].event.payload == {"t": "é,]"}
     wrong = raw.replace(b"[%d," % len(one), b"[%d," % (len(one) - 1))
     assert decode(PARTY, wrong) is None  # ignored (logged): the node repairs from history
+
+
+@pytest.mark.parametrize("kind", ["memory", "redis"])
+async def test_a_new_piece_of_an_answered_actions_narration_is_refused(
+    kind: str, redis_server: RedisServer
+) -> None:
+    """The final text went out with the action's result: an engine woken after another one
+    answered the action, narrating on, sent pieces that reached every member after the party
+    had moved on (a fault probe saw 29 of them, 4 s after the next scene). A new piece of that
+    action's narration is refused (``NarrationConflict``); a retry of one taken still is not."""
+    redis_server.command("FLUSHALL")
+    be: Backend = (
+        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
+    )
+    await be.start()
+    try:
+        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+        assert await be.begin_action(PARTY, "aria", "a1", 1000.0) is not None
+        await publisher.narrate(PARTY, "n-1", 0, "Black ", action_id="a1")
+        await publisher.narrate(PARTY, "n-1", 1, "water ", action_id="a1")
+        await publisher.narrate(PARTY, "n-2", 0, "Elsewhere ", action_id="other")
+        await publish_all(publisher, PARTY, [("action.result", result("a1"))])
+        await publisher.narrate(PARTY, "n-1", 1, "water ", action_id="a1")  # a retry: taken
+        with pytest.raises(NarrationConflict, match="result was published"):
+            await publisher.narrate(PARTY, "n-1", 2, "rises.", action_id="a1")
+        with pytest.raises(NarrationConflict, match="result was published"):
+            await publisher.narrate(PARTY, "n-3", 0, "A new stream", action_id="a1")
+        await publisher.narrate(PARTY, "n-2", 1, "goes on.", action_id="other")  # not answered
+        await publisher.narrate(PARTY, "n-4", 0, "No action", done=True)
+    finally:
+        await be.close()

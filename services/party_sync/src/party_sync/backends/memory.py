@@ -474,7 +474,13 @@ class MemoryBackend:
     async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:
         party = self._party(party_id, now)
         party.last_active = now
-        outcomes = [party.narration.take(p, now) for p in pieces]
+        ledger = party.ledger
+        outcomes = [
+            party.narration.take(
+                p, now, p.action_id is not None and ledger.result_of(p.action_id) is not None
+            )
+            for p in pieces
+        ]
         taken = [p.transient() for p, o in zip(pieces, outcomes, strict=True) if o is Outcome.TAKEN]
         if taken:
             self._tell(party, taken)

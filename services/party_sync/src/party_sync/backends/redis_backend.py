@@ -684,8 +684,11 @@ class RedisBackend:
                 len(p.text),
                 p.frame,
             ]
+        actions = list(dict.fromkeys(p.action_id for p in pieces if p.action_id))
         with unavailable("narrate"):
-            reply = await self.scripts.run("narrate", party_id, now, args, narration=True)
+            reply = await self.scripts.run(
+                "narrate", party_id, now, args, narration=True, action_ids=actions
+            )
         self._not_stale("narrate", party_id, reply)
         return [Outcome(text(o)) for o in reply]
 

@@ -175,6 +175,7 @@ class Outcome(Enum):
     ENDED = "ended"  # the stream had its last piece (or was closed as idle)
     TOO_LONG = "too_long"  # the stream would hold more than MAX_STREAM_CHARS
     TOO_MANY = "too_many"  # a new stream that stays open while MAX_OPEN_STREAMS are open
+    ANSWERED = "answered"  # a new piece narrating an action whose result was published
 
     @property
     def accepted(self) -> bool:
@@ -187,6 +188,7 @@ REASONS: Final[Mapping[Outcome, str]] = {
     Outcome.ENDED: "the stream has ended (its last piece was sent, or it was closed as idle)",
     Outcome.TOO_LONG: f"the stream would hold more than {MAX_STREAM_CHARS} characters",
     Outcome.TOO_MANY: f"the party has {MAX_OPEN_STREAMS} open narration streams",
+    Outcome.ANSWERED: "its action's result was published: the narration of it is over",
 }
 
 
@@ -225,10 +227,14 @@ class NarrationBook:
             self._streams.clear()
             self._open = 0
 
-    def take(self, p: Piece, now: float) -> Outcome:
-        """Apply one piece; the outcome says whether to send it."""
+    def take(self, p: Piece, now: float, answered: bool = False) -> Outcome:
+        """Apply one piece; the outcome says whether to send it. ``answered``: the piece's action
+        has its result published, so a piece the stream does not have yet is refused (the final
+        text went out; an engine woken after another answered the action narrates on)."""
         self._expire(now)
         stream = self._streams.get(p.stream_id)
+        if answered and (stream is None or p.index > stream.last):
+            return Outcome.ANSWERED
         if stream is None:
             if p.index != 0:
                 return Outcome.GAP

@@ -5,7 +5,9 @@
 -- keep time in ms (kept_for), ARGV[12] when the node sent this call (Unix seconds, on Redis's
 -- clock), ARGV[13] the most seconds after that this call may still run; then 7 values per piece:
 -- stream_id, index, text, done ('1' or '0'), action_id ('' for none), the text's length in
--- characters, its narration.delta envelope.
+-- characters, its narration.delta envelope. KEYS[13], KEYS[14], ...: the action record of each
+-- action the pieces name, in the order they are first named: a new piece of an action whose
+-- result was published is refused ('answered'; a piece the stream has is still a 'repeat').
 -- Returns each piece's outcome (core/transient.py Outcome values), or {'stale'}: Redis ran the
 -- call too late (a stall; the node gave up on it), and nothing was taken. Its NOW is old: taken,
 -- its pieces would be published long after, and 'w' set back in time would make the next call
@@ -59,13 +61,29 @@ local function make_room()
   end
 end
 
+-- Whether an action's result was published (its record has r), each action read once.
+local answered_, next_record = {}, 13
+local function answered(action)
+  local known = answered_[action]
+  if known == nil then
+    local record = KEYS[next_record]
+    next_record = next_record + 1
+    known = record ~= nil and redis.call('HEXISTS', record, 'r') == 1
+    answered_[action] = known
+  end
+  return known
+end
+
 local taken, outcomes = {}, {}
 for i = 14, #ARGV, 7 do
   local id, index, text, done = ARGV[i], tonumber(ARGV[i + 1]), ARGV[i + 2], ARGV[i + 3]
   local action, chars, frame = ARGV[i + 4], tonumber(ARGV[i + 5]), ARGV[i + 6]
   local meta = redis.call('HGET', K_NARRATION, 'm:' .. id)
   local outcome = 'taken'
-  if not meta then
+  if action ~= '' and answered(action)
+    and not (meta and index <= tonumber(string.match(meta, '^(%S+)'))) then
+    outcome = 'answered'
+  elseif not meta then
     if index ~= 0 then
       outcome = 'gap'
     elseif done ~= '1' and tonumber(redis.call('HGET', K_NARRATION, 'o') or '0') >= MAX_OPEN then
