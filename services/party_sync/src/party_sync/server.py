@@ -303,6 +303,8 @@ def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> Heal
             interval=ENGINE_WATCH_INTERVAL,
             metrics=metrics,
             refused=lambda: link.key_refused,
+            silent_since=lambda: link.silent_since,
+            stuck_after=max(10.0, 2 * link.timeout),
         )
     transport, what = describe_engine(settings, link)
     return StaticHealth(EngineHealth(transport, True, what))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -605,6 +606,54 @@ async def test_a_delivery_refused_for_its_key_tells_the_player_engine_unavailabl
     assert len(errors) == 1 and "PARTY_SYNC_API_KEY" in errors[0]
 
 
+async def test_an_engine_host_that_answers_nothing_shows_in_readiness(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A frozen engine host (SIGSTOP) still accepts connections (the kernel does), so the TCP
+    probe saw it as up: /readyz said ready, engine_link_ok 1, no WARNING, while every delivery
+    timed out and the players waited. Now: degraded once no delivery was answered for
+    ``stuck_after``, one WARNING, and over at the first answer."""
+    caplog.set_level(logging.INFO, "party_sync.engine.health")
+    frozen = asyncio.Event()
+
+    async def door(request: web.Request) -> web.Response:
+        if not frozen.is_set():
+            await asyncio.sleep(30)  # frozen: the request is taken and never answered
+        return web.json_response({}, status=202)
+
+    app = web.Application()
+    app.router.add_post("/actions", door)
+    metrics = Metrics("n1")
+    now = [1000.0]
+    host = RecordingHost()
+    async with (
+        serve(app) as base,
+        started_link(host, f"{base}/actions", timeout=0.2, retries=50) as link,
+    ):
+        probe = HttpProbe(
+            link.url,
+            metrics=metrics,
+            clock=lambda: now[0],
+            silent_since=lambda: None if link.silent_since is None else now[0] - 11,
+            stuck_after=10.0,
+        )
+        assert await probe.probe_once() and probe.health().ok
+        await link.submit(make_action("s1"))
+        await wait_until(lambda: link.silent_since is not None, timeout=10)
+        assert await probe.probe_once()  # it accepts connections...
+        health = probe.health()  # ...and answers nothing
+        assert not health.ok and "answered no delivery for 11s" in health.detail
+        assert metrics.engine_link_ok._value.get() == 0
+        frozen.set()  # SIGCONT: the retry is answered
+        await wait_until(lambda: link.silent_since is None, timeout=10)
+        assert await probe.probe_once() and probe.health().ok
+        assert metrics.engine_link_ok._value.get() == 1
+        await idle(link)
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert "stuck or frozen" in lines[0][1]
+
+
 async def test_a_refused_key_shows_in_readiness_and_metrics_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -684,5 +733,8 @@ def test_the_server_watches_the_links_key() -> None:
     assert isinstance(link, HttpEngineLink)
     source = watch_engine(settings, link, Metrics("n1"))
     assert source.health().ok
+    link.silent_since = time.monotonic() - 60  # a delivery sent a minute ago, not answered
+    assert not source.health().ok and "stuck or frozen" in source.health().detail
+    link.silent_since = None
     link.key_refused = "the engine host refused party_sync's API key (HTTP 401)"
     assert not source.health().ok and "HTTP 401" in source.health().detail

@@ -155,9 +155,14 @@ class HttpProbe:
         connect: Connect = tcp_connect,
         clock: Callable[[], float] = time.monotonic,
         refused: Callable[[], str | None] = lambda: None,
+        silent_since: Callable[[], float | None] = lambda: None,
+        stuck_after: float = 10.0,
     ) -> None:
         parts = urlsplit(url)
         self._refused = refused
+        self._silent_since = silent_since  # (time.monotonic(), like clock's default)
+        self.stuck_after = stuck_after
+        self._stuck = Episode(log, "engine URL not answering")
         self.url = public_url(url)
         self.host = parts.hostname or "127.0.0.1"
         default_port = 443 if parts.scheme == "https" else 80
@@ -176,12 +181,29 @@ class HttpProbe:
         self._periodic = Periodic(self._tick, interval)
         self._broken = False
 
+    def _silent_for(self) -> float | None:
+        """Seconds the engine host has answered no delivery (sent, not answered in time), if
+        that is over ``stuck_after``."""
+        since = self._silent_since()
+        if since is None:
+            return None
+        silent = self._clock() - since
+        return silent if silent >= self.stuck_after else None
+
     def health(self) -> EngineHealth:
         if self._down_since is None:
             refused = self._refused()
             if refused is not None:
                 return EngineHealth(
                     "http", False, f"{self.url}: {refused} (PARTY_SYNC_API_KEY differs)"
+                )
+            silent = self._silent_for()
+            if silent is not None:
+                return EngineHealth(
+                    "http",
+                    False,
+                    f"{self.url} accepts connections but has answered no delivery for "
+                    f"{silent:.0f}s (the engine host is stuck or frozen)",
                 )
             return EngineHealth("http", True, self.url)
         down_for = self._clock() - self._down_since
@@ -204,7 +226,17 @@ class HttpProbe:
             return False
         self._down_since = None
         self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)
-        self._set_ok(self._refused() is None)
+        silent = self._silent_for()
+        if silent is not None:
+            self._stuck.trouble(
+                "stuck",
+                f"{self.url} accepts connections but has answered no delivery for "
+                f"{silent:.0f}s: the engine host is stuck or frozen",
+                engine_url=self.url,
+            )
+        else:
+            self._stuck.fine(f"{self.url} answers deliveries again", engine_url=self.url)
+        self._set_ok(self._refused() is None and silent is None)
         return True
 
     def _set_ok(self, ok: bool) -> None:

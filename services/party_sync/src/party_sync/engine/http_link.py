@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Mapping
 from dataclasses import replace
 from typing import Any, Final
@@ -145,6 +146,10 @@ class HttpEngineLink:
         #: takes a delivery again: the link is then down for ``/readyz`` (``HttpProbe``) and
         #: ``engine_link_ok``, though the engine URL accepts connections.
         self.key_refused: str | None = None
+        #: ``time.monotonic()`` when a delivery that got no answer in time was sent, until one
+        #: gets an answer: an engine host that accepts connections and answers nothing (frozen,
+        #: or stuck) shows in ``/readyz`` through it (``HttpProbe``).
+        self.silent_since: float | None = None
         #: Deliveries given up because the engine never answered (one WARNING when they begin,
         #: one INFO when a delivery is answered again; each one's details at DEBUG): an engine
         #: that is down must not write a line per action and per retry.
@@ -333,6 +338,7 @@ class HttpEngineLink:
                     )
                     return
                 if await self._answered_meanwhile(host, action):
+                    self.silent_since = None  # its engine answered it: the host is not stuck
                     log.info("the action was answered while its delivery was retried", extra=extra)
                     return
                 if loop.time() >= give_up_at:
@@ -432,6 +438,7 @@ class HttpEngineLink:
             async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
                 text = await resp.text()
                 answer = _parse(text)
+                self.silent_since = None  # it answers (whatever it says)
                 if resp.status >= 500:
                     if isinstance(answer, dict) and answer.get("error") == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
@@ -439,7 +446,11 @@ class HttpEngineLink:
                 return resp.status, answer
         except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # never sent
             raise _Unreached(type(exc).__name__) from None
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except TimeoutError:  # sent, and no answer in time: a stuck engine host, if it lasts
+            if self.silent_since is None:
+                self.silent_since = time.monotonic() - self.timeout
+            raise _Retryable("TimeoutError") from None
+        except aiohttp.ClientError as exc:
             raise _Retryable(type(exc).__name__) from None
 
     async def close(self) -> None:
