@@ -23,10 +23,14 @@ USER, PASSWORD = "probe", "right-password-0123"
 def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
     """The shared private server with an ACL user of its own (the default user untouched)."""
     redis_server.command("ACL", "SETUSER", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all")
+    for name, denied in (("noscript", "-@scripting"), ("noinfo", "-info")):
+        redis_server.command(
+            "ACL", "SETUSER", name, "on", f">{PASSWORD}", "~*", "&*", "+@all", denied
+        )
     try:
         yield redis_server
     finally:
-        redis_server.command("ACL", "DELUSER", USER)
+        redis_server.command("ACL", "DELUSER", USER, "noscript", "noinfo")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +55,8 @@ def url(server: RedisServer, credentials: str = "", db: int = 0) -> str:
         ("nobody:whatever@", 0, "refused redis_url's credentials"),
         (f"{USER}:{PASSWORD}@", 99, "redis_url names database 99"),
         ("", 16, "redis_url names database 16"),
+        (f"noscript:{PASSWORD}@", 0, "may not run what party_sync needs"),
+        (f"noinfo:{PASSWORD}@", 0, "may not run what party_sync needs"),
         (f"{USER}:{PASSWORD}@", 0, None),
         ("", 3, None),
     ],

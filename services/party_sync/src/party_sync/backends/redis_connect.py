@@ -43,7 +43,13 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff
 from redis.crc import key_slot
-from redis.exceptions import AuthenticationError, MovedError, RedisError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    MovedError,
+    NoPermissionError,
+    RedisError,
+    ResponseError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -462,11 +468,13 @@ _REFUSED_CREDENTIALS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid user
 async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> None:
     """Ask Redis once, at start, whether these settings can ever work, and raise ``ConfigError``
     (one line, exit 2) when its answer says they cannot: it refuses the credentials, it has no
-    such database, or it is a Redis Cluster node while ``redis_cluster`` is not set (or the other
-    way round). Each of these used to start a node that retried for ever (every handshake
-    ``backend_unavailable``; with a Cluster node not even ``/readyz`` said so). Anything else
-    passes, and the node starts and retries as through any outage: Redis not reachable yet,
-    a sentinel that does not know the master yet, a timeout, a command the user may not run."""
+    such database, the user may not run what party_sync needs (``INFO``, which every
+    connection's fence runs; a Lua script, which everything party_sync writes is), or it is a
+    Redis Cluster node while ``redis_cluster`` is not set (or the other way round). Each of these
+    used to start a node that retried for ever (every handshake ``backend_unavailable``; with a
+    Cluster node not even ``/readyz`` said so). Anything else passes, and the node starts and
+    retries as through any outage: Redis not reachable yet, a sentinel that does not know the
+    master yet, a timeout."""
     if target.sentinels is not None:
         client = make_client(target, socket_timeout=wait, socket_connect_timeout=wait, protocol=2)
     else:  # one node, or the node of a Cluster that redis_url names: asked as one Redis
@@ -477,6 +485,7 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
     try:
         async with asyncio.timeout(wait * 2):
             info = await client.info("cluster")
+            await client.eval("return 1", 0)
     except AuthenticationError as exc:
         raise ConfigError(f"Redis refused {whose} credentials: {_said(exc)}") from None
     except ResponseError as exc:
@@ -486,6 +495,12 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
             raise ConfigError(f"redis_url names database {path}: Redis says {said!r}") from None
         if any(words in said for words in _REFUSED_CREDENTIALS):
             raise ConfigError(f"Redis refused {whose} credentials: {said}") from None
+        if isinstance(exc, NoPermissionError) or said.startswith("NOPERM"):
+            raise ConfigError(
+                f"redis_url's user may not run what party_sync needs ({said}): give it at least "
+                "+@read +@write +@scripting +@pubsub +@stream +@connection +info +time on its "
+                "keys and channels (or +@all)"
+            ) from None
         return
     except (RedisError, OSError, TimeoutError):
         return

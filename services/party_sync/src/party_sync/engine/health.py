@@ -31,6 +31,10 @@ from party_sync.tasks import Episode, cancel_and_wait
 log = logging.getLogger(__name__)
 
 
+#: The most characters of an ``EngineHealth`` detail ``/readyz`` shows.
+MAX_DETAIL = 300
+
+
 @dataclass(frozen=True, slots=True)
 class EngineHealth:
     """``transport``: inprocess / stream / http; ``ok``: the link looks able to answer actions;
@@ -41,7 +45,10 @@ class EngineHealth:
     detail: str
 
     def as_json(self) -> dict[str, Any]:
-        return {"transport": self.transport, "ok": self.ok, "detail": self.detail}
+        """For ``/readyz``: the detail is cut at ``MAX_DETAIL`` characters (an exception's text
+        can be kilobytes of a library's internals)."""
+        detail = self.detail if len(self.detail) <= MAX_DETAIL else self.detail[:MAX_DETAIL] + "…"
+        return {"transport": self.transport, "ok": self.ok, "detail": detail}
 
 
 class HealthSource(Protocol):

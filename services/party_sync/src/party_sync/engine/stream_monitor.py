@@ -360,7 +360,8 @@ class StreamMonitor:
             self.errors += 1
             if self.metrics is not None:
                 self.metrics.background_errors.labels("stream_monitor").inc()
-            detail = f"cannot read {self.stream}: {type(exc).__name__}: {exc}"
+            said = " ".join(str(exc).split())[:200]  # (redis-py's Sentinel errors run to KiB)
+            detail = f"cannot read {self.stream}: {type(exc).__name__}: {said}"
             self._failing.trouble(type(exc).__name__, detail, stream=self.stream)
             self._health = EngineHealth("stream", False, detail)
             if self.metrics is not None:
