@@ -334,7 +334,9 @@ class JsonFormatter(logging.Formatter):
             # What orjson cannot write: a lone surrogate (a request header that is not UTF-8,
             # which Python decodes with surrogateescape; a peer can send one), an integer past
             # 64 bits. The line must still be one JSON object, the record not lost.
-            return json.dumps(_writable(entry), default=lambda o: _writable(str(o)))
+            return json.dumps(
+                _writable(entry), default=lambda o: _writable(str(o)), separators=(",", ":")
+            )
 
 
 def _writable(value: Any) -> Any:
