@@ -55,10 +55,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import os
 import random
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
 from party_sync.engine import (
@@ -547,7 +548,7 @@ class ReferenceEngine:
                 party_id,
                 [(e.type, e.payload) for e in run],
                 trace_id=run[0].trace_id,
-                key=outbox_key(run[0]),
+                key=outbox_key(run),
             )
         except InvalidEvent:
             return False
@@ -574,12 +575,16 @@ class ReferenceEngine:
             await self.store.commit(state)
 
 
-def outbox_key(event: OutboxEvent) -> str:
-    """The key the events of one message (an action, a join, a re-statement) are published
-    under (``BatchPublisher.publish_many``'s ``key``): the same for every copy of them, another
-    for each message. From the message's ``action_id`` and ``trace_id``, hashed to fit the key
-    rule (the id alphabet, up to 128 characters)."""
-    digest = hashlib.blake2b(f"{event.action_id}\n{event.trace_id}".encode(), digest_size=16)
+def outbox_key(run: Sequence[OutboxEvent]) -> str:
+    """The key a run of one message's events (an action's, a join's, a re-statement's) is
+    published under (``BatchPublisher.publish_many``'s ``key``): the same for every copy of those
+    events (another process's, a retry's), another for anything else. From the message's
+    ``action_id`` and ``trace_id`` and the events themselves, hashed to fit the key rule (the id
+    alphabet, up to 128 characters)."""
+    first = run[0]
+    identity = [first.action_id, first.trace_id, [[e.type, e.payload] for e in run]]
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
+    digest = hashlib.blake2b(text.encode(), digest_size=16)
     return "ce-" + digest.hexdigest()
 
 
