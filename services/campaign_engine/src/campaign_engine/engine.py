@@ -68,6 +68,7 @@ from party_sync.engine import (
     EventPublisher,
     JoinNotice,
     RestateNotice,
+    publish_all,
 )
 from party_sync.protocol.errors import InvalidEvent
 
@@ -248,6 +249,20 @@ class ReferenceEngine:
             others = [e for e in stored.outbox if (e.action_id, e.trace_id) not in mine]
             stored.outbox = left
             await self._publish_outbox(stored, party_id, keep=others)
+            return
+        # Published meanwhile, or dropped (a process that settled them before its own message
+        # could not publish them): the action's result again, alone, so that its player is
+        # answered either way; party_sync publishes it only if it is not out yet (a scene of
+        # then is not sent: the party may have moved on).
+        publisher = self._publisher
+        for event in work.outbox:
+            if event.type == "action.result" and publisher is not None:
+                try:
+                    await publisher.publish(
+                        party_id, event.type, event.payload, trace_id=event.trace_id
+                    )
+                except Exception:
+                    log.warning("could not publish %s's result again", event.action_id)
 
     async def _answer_again(self, state: RunState, action: ActionRequest) -> None:
         """A delivery of an action applied earlier, all of whose events were published: publish
@@ -544,7 +559,8 @@ class ReferenceEngine:
         if not run:
             return False
         try:
-            await many(
+            await publish_all(
+                publisher,
                 party_id,
                 [(e.type, e.payload) for e in run],
                 trace_id=run[0].trace_id,

@@ -345,7 +345,9 @@ def _writable(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode("utf-8", "backslashreplace").decode("utf-8")
     if isinstance(value, dict):
-        return {_writable(k): _writable(v) for k, v in value.items()}
+        return {
+            _writable(k) if isinstance(k, str) else str(k): _writable(v) for k, v in value.items()
+        }
     if isinstance(value, list | tuple):
         return [_writable(v) for v in value]
     return value

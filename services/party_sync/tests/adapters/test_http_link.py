@@ -733,8 +733,14 @@ def test_the_server_watches_the_links_key() -> None:
     assert isinstance(link, HttpEngineLink)
     source = watch_engine(settings, link, Metrics("n1"))
     assert source.health().ok
-    link.silent_since = time.monotonic() - 60  # a delivery sent a minute ago, not answered
+    link._last_attempt = time.monotonic()  # deliveries go on...
+    link._silent_since = time.monotonic() - 60  # ...and none was answered for a minute
     assert not source.health().ok and "stuck or frozen" in source.health().detail
-    link.silent_since = None
-    link.key_refused = "the engine host refused party_sync's API key (HTTP 401)"
+    link._silent_since = None
+    link._key_refused = "the engine host refused party_sync's API key (HTTP 401)"
     assert not source.health().ok and "HTTP 401" in source.health().detail
+    # nothing delivered for long: what the last attempts met no longer says anything (the
+    # operator fixed the key, the host was restarted): ready again, with no traffic needed
+    link._last_attempt = time.monotonic() - 120
+    link._silent_since = time.monotonic() - 180
+    assert source.health().ok

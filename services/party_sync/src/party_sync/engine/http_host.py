@@ -159,6 +159,10 @@ def credentials_problem(name: str, url: str) -> str | None:
     )
 
 
+#: Seconds before ``ApiPublisher`` tries the batch route again after a 404/405.
+NO_BATCH_RETRY: Final = 60.0
+
+
 class ApiPublisher(VoteStarter, NarrationSender):
     """``EventPublisher`` over party_sync's server API: ``POST /api/v1/parties/{party_id}/events``
     (``publish``), ``.../votes`` (``start_vote``) and ``.../narration`` (``narrate``).
@@ -193,7 +197,9 @@ class ApiPublisher(VoteStarter, NarrationSender):
         self._retries = retries
         self._timeout = timeout  # of each request (seconds)
         self._http: aiohttp.ClientSession | None = None
-        self._no_batch = False  # the node answered the batch route 404/405: an earlier version
+        #: Until when (``time.monotonic()``) batches go one by one: a node answered the batch
+        #: route 404/405 (an earlier version)
+        self._no_batch = float("-inf")
 
     @property
     def base_url(self) -> str:
@@ -263,42 +269,40 @@ class ApiPublisher(VoteStarter, NarrationSender):
     ) -> list[int]:
         """``BatchPublisher.publish_many`` over ``POST /api/v1/parties/{party_id}/events/batch``:
         the events in one atomic step and one request, under ``key`` (else a fresh one, the same
-        on every attempt: a retry of a batch whose answer was lost publishes nothing), in
-        batches of at most ``MAX_BATCH_EVENTS``. Against a party_sync without the route (404 or
-        405): one ``publish`` each, in order."""
-        if self._no_batch or not events:
+        on every attempt: a retry of a batch whose answer was lost publishes nothing). More than
+        ``MAX_BATCH_EVENTS`` events, or a party_sync without the route (404 or 405; asked again
+        after ``NO_BATCH_RETRY`` seconds): one ``publish`` each, in order, each under a key of
+        its own."""
+        if not events or len(events) > MAX_BATCH_EVENTS or time.monotonic() < self._no_batch:
             return [
                 await self.publish(party_id, type_, payload, trace_id=trace_id)
                 for type_, payload in events
             ]
-        key = key or uuid.uuid4().hex
-        seqs: list[int] = []
-        for start in range(0, len(events), MAX_BATCH_EVENTS):
-            part = events[start : start + MAX_BATCH_EVENTS]
-            envelopes: list[dict[str, Any]] = []
-            for type_, payload in part:
-                envelope: dict[str, Any] = {"type": type_, "payload": dict(payload)}
-                if trace_id:
-                    envelope["trace_id"] = trace_id
-                envelopes.append(envelope)
-            path = f"/api/v1/parties/{party_id}/events/batch"
-            status, body = await self._post(
-                path,
-                {"events": envelopes},
-                retry_on=(aiohttp.ClientError, TimeoutError),
-                key=key if start == 0 else f"{key[:120]}.{start}",
-            )
-            if status == 202:
-                seqs += [int(seq) for seq in orjson.loads(body)["seqs"]]
-                continue
-            if status is None:
-                raise BackendUnavailable(f"could not publish {len(part)} events to {party_id}")
-            if status in (404, 405) and start == 0:
-                self._no_batch = True  # an earlier party_sync: one by one from now on
-                log.info("party_sync has no batch route (HTTP %d): publishing one by one", status)
-                return await self.publish_many(party_id, events, trace_id=trace_id)
-            raise InvalidEvent(f"party_sync refused the events ({status}): {body[:300]!r}")
-        return seqs
+        envelopes: list[dict[str, Any]] = []
+        for type_, payload in events:
+            envelope: dict[str, Any] = {"type": type_, "payload": dict(payload)}
+            if trace_id:
+                envelope["trace_id"] = trace_id
+            envelopes.append(envelope)
+        path = f"/api/v1/parties/{party_id}/events/batch"
+        status, body = await self._post(
+            path,
+            {"events": envelopes},
+            retry_on=(aiohttp.ClientError, TimeoutError),
+            key=key or uuid.uuid4().hex,
+        )
+        if status == 202:
+            return [int(seq) for seq in orjson.loads(body)["seqs"]]
+        if status is None:
+            raise BackendUnavailable(f"could not publish {len(events)} events to {party_id}")
+        if status in (404, 405):  # an earlier party_sync (or a node of one, mid-upgrade)
+            self._no_batch = time.monotonic() + NO_BATCH_RETRY
+            log.info("party_sync has no batch route (HTTP %d): publishing one by one", status)
+            return [
+                await self.publish(party_id, type_, payload, trace_id=trace_id)
+                for type_, payload in events
+            ]
+        raise InvalidEvent(f"party_sync refused the events ({status}): {body[:300]!r}")
 
     async def send_piece(self, piece: NarrationPiece) -> None:
         """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``, checked by

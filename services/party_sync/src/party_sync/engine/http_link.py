@@ -102,6 +102,10 @@ class _EngineFailed(_Retryable):
 #: ``max_deliveries``: an engine that fails five times running is failing, not hiccuping).
 ENGINE_FAILURES: Final = 5
 
+#: Seconds after the last delivery attempt that a refused API key still marks the link down
+#: (``HttpEngineLink.key_refused``).
+KEY_MEMORY: Final = 60.0
+
 
 class HttpEngineLink:
     #: The engine host claims each action right before it starts (``EngineLink``).
@@ -145,11 +149,14 @@ class HttpEngineLink:
         #: What the engine host said when it last refused party_sync's key (401), until it
         #: takes a delivery again: the link is then down for ``/readyz`` (``HttpProbe``) and
         #: ``engine_link_ok``, though the engine URL accepts connections.
-        self.key_refused: str | None = None
+        self._key_refused: str | None = None
         #: ``time.monotonic()`` when a delivery that got no answer in time was sent, until one
         #: gets an answer: an engine host that accepts connections and answers nothing (frozen,
         #: or stuck) shows in ``/readyz`` through it (``HttpProbe``).
-        self.silent_since: float | None = None
+        self._silent_since: float | None = None
+        #: ``time.monotonic()`` of the last delivery attempt: what the attempts met describes
+        #: the engine host only while they go on (``key_refused``, ``silent_since``).
+        self._last_attempt = float("-inf")
         #: Deliveries given up because the engine never answered (one WARNING when they begin,
         #: one INFO when a delivery is answered again; each one's details at DEBUG): an engine
         #: that is down must not write a line per action and per retry.
@@ -338,7 +345,7 @@ class HttpEngineLink:
                     )
                     return
                 if await self._answered_meanwhile(host, action):
-                    self.silent_since = None  # its engine answered it: the host is not stuck
+                    self._silent_since = None  # its engine answered it: the host is not stuck
                     log.info("the action was answered while its delivery was retried", extra=extra)
                     return
                 if loop.time() >= give_up_at:
@@ -393,11 +400,29 @@ class HttpEngineLink:
                 action, _detail(answer) or f"the engine refused the action ({status})"
             )
 
+    @property
+    def key_refused(self) -> str | None:
+        """What the engine host said when it refused party_sync's key (401), while deliveries
+        go on: within ``KEY_MEMORY`` seconds of the last attempt (the operator may have fixed
+        the key since; with no delivery, nothing says so)."""
+        if time.monotonic() - self._last_attempt > KEY_MEMORY:
+            return None
+        return self._key_refused
+
+    @property
+    def silent_since(self) -> float | None:
+        """``time.monotonic()`` when a delivery that got no answer in time was sent, while no
+        delivery got one since and attempts go on (a stuck or frozen host); None once nothing
+        has been tried for longer than an attempt and its backoff take."""
+        if time.monotonic() - self._last_attempt > self.timeout + self.backoff_max + 1.0:
+            return None
+        return self._silent_since
+
     def _refused_key(self, what: str, status: int, extra: Mapping[str, str]) -> None:
         """The engine host answered 401: one ERROR when this begins (naming the setting), then
         DEBUG per delivery until a delivery is taken again."""
-        began = self.key_refused is None
-        self.key_refused = f"the engine host refused party_sync's API key (HTTP {status})"
+        began = self._key_refused is None
+        self._key_refused = f"the engine host refused party_sync's API key (HTTP {status})"
         if began:
             log.error(
                 "the engine refused party_sync's key (HTTP %d, on %s): give the engine host the "
@@ -425,8 +450,8 @@ class HttpEngineLink:
         self._unreachable.fine(
             "the engine answers deliveries again", engine_url=public_url(self.url)
         )
-        if self.key_refused is not None:
-            self.key_refused = None
+        if self._key_refused is not None:
+            self._key_refused = None
             log.info("the engine host takes party_sync's API key again")
 
     async def _post(
@@ -434,11 +459,12 @@ class HttpEngineLink:
     ) -> tuple[int, Any]:
         """POST; (status, parsed JSON body or its text). Raises ``_Unreached``/``_Retryable``."""
         assert self._http is not None
+        self._last_attempt = time.monotonic()
         try:
             async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
                 text = await resp.text()
                 answer = _parse(text)
-                self.silent_since = None  # it answers (whatever it says)
+                self._silent_since = None  # it answers (whatever it says)
                 if resp.status >= 500:
                     if isinstance(answer, dict) and answer.get("error") == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
@@ -447,8 +473,8 @@ class HttpEngineLink:
         except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # never sent
             raise _Unreached(type(exc).__name__) from None
         except TimeoutError:  # sent, and no answer in time: a stuck engine host, if it lasts
-            if self.silent_since is None:
-                self.silent_since = time.monotonic() - self.timeout
+            if self._silent_since is None:
+                self._silent_since = time.monotonic() - self.timeout
             raise _Retryable("TimeoutError") from None
         except aiohttp.ClientError as exc:
             raise _Retryable(type(exc).__name__) from None

@@ -15,6 +15,7 @@ party_sync makes no game decision: it delivers each accepted ``action.request`` 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import time
 import uuid
@@ -468,7 +469,7 @@ async def publish_all(
     ``publish`` per event, in order (``key`` is then not used). Returns their ``seq``s."""
     many = getattr(publisher, "publish_many", None)  # (isinstance of a Protocol is slow)
     if many is not None:
-        if key is None:  # (a batch path written before keys takes no key argument)
+        if key is None or not _takes_key(many):  # (a batch path written before keys)
             seqs: list[int] = await many(party_id, events, trace_id=trace_id)
         else:
             seqs = await many(party_id, events, trace_id=trace_id, key=key)
@@ -477,6 +478,27 @@ async def publish_all(
         await publisher.publish(party_id, type_, payload, trace_id=trace_id)
         for type_, payload in events
     ]
+
+
+_TAKES_KEY: dict[Any, bool] = {}
+
+
+def _takes_key(method: Any) -> bool:
+    """Whether a ``publish_many`` takes ``key`` (one written before keys does not); asked once
+    per implementation."""
+    function = getattr(method, "__func__", method)
+    known = _TAKES_KEY.get(function)
+    if known is None:
+        try:
+            parameters = inspect.signature(method).parameters.values()
+        except (TypeError, ValueError):
+            known = False
+        else:
+            known = any(
+                p.name == "key" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
+            )
+        _TAKES_KEY[function] = known
+    return known
 
 
 class VoteStarter(ABC):
