@@ -91,6 +91,22 @@ async def backend(redis_server: RedisServer) -> AsyncIterator[RedisBackend]:
         await be.close()
 
 
+@pytest.fixture(params=["memory", "redis"])
+async def be(request: pytest.FixtureRequest, redis_server: RedisServer) -> AsyncIterator[Backend]:
+    """A started backend of each kind (Redis: the shared private server, flushed)."""
+    redis_server.command("FLUSHALL")
+    started: Backend = (
+        MemoryBackend()
+        if request.param == "memory"
+        else RedisBackend(RedisOptions(redis_server.url))
+    )
+    await started.start()
+    try:
+        yield started
+    finally:
+        await started.close()
+
+
 async def counting_ticks(listener: Listener, stop: asyncio.Event) -> None:
     while not stop.is_set():
         listener.tick += 1
@@ -139,30 +155,19 @@ async def test_an_answer_is_one_message_on_the_channel_delivered_in_one_go(
     await subscription.close()
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_an_invalid_event_publishes_none_of_them(
-    kind: str, redis_server: RedisServer
-) -> None:
-    redis_server.command("FLUSHALL")
-    be: Backend = (
-        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
-    )
-    await be.start()
-    try:
-        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
-        with pytest.raises(InvalidEvent):
-            await publisher.publish_many(
-                PARTY, [("scene.update", scene(1)), ("scene.update", {"scene_number": "x"})]
-            )
-        with pytest.raises(InvalidEvent):  # valid, but not encodable: checked before, too
-            await publisher.publish_many(
-                PARTY, [("scene.update", scene(1)), ("action.result", result("a1") | {"x": 2**70})]
-            )
-        assert (await be.snapshot(PARTY, 1000.0)).seq == 0
-        assert await publisher.publish_many(PARTY, []) == []
-        assert await publisher.publish_many(PARTY, [("scene.update", scene(3))]) == [1]
-    finally:
-        await be.close()
+async def test_an_invalid_event_publishes_none_of_them(be: Backend) -> None:
+    publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+    with pytest.raises(InvalidEvent):
+        await publisher.publish_many(
+            PARTY, [("scene.update", scene(1)), ("scene.update", {"scene_number": "x"})]
+        )
+    with pytest.raises(InvalidEvent):  # valid, but not encodable: checked before, too
+        await publisher.publish_many(
+            PARTY, [("scene.update", scene(1)), ("action.result", result("a1") | {"x": 2**70})]
+        )
+    assert (await be.snapshot(PARTY, 1000.0)).seq == 0
+    assert await publisher.publish_many(PARTY, []) == []
+    assert await publisher.publish_many(PARTY, [("scene.update", scene(3))]) == [1]
 
 
 PARTY_STATE = {
@@ -174,81 +179,59 @@ PARTY_STATE = {
 }
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_a_late_copy_of_a_whole_answer_publishes_nothing(
-    kind: str, redis_server: RedisServer
-) -> None:
+async def test_a_late_copy_of_a_whole_answer_publishes_nothing(be: Backend) -> None:
     """A stream worker frozen while another took its action over, then woken, publishes its
     answer again: its result is the one already out (ignored) and its ``scene.update`` is the
     scene as it was then, which a later action moved on from. Nothing of that copy may go out:
     the party would be taken back to the old scene (a fault probe saw it, seq 12 restating
     scene 1 while the party was voting in scene 2). An answer with one new result goes out."""
-    redis_server.command("FLUSHALL")
-    be: Backend = (
-        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
-    )
-    await be.start()
     listener = Listener()
     subscription = await be.subscribe(PARTY, listener)
-    try:
-        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
-        for action_id in ("a1", "a2"):
-            assert await be.begin_action(PARTY, "aria", action_id, 1000.0) is not None
-        answer = [("action.result", result("a1")), ("scene.update", scene(1))]
-        assert await publisher.publish_many(PARTY, answer) == [1, 2]
-        later = [("action.result", result("a2")), ("scene.update", scene(2))]
-        assert await publisher.publish_many(PARTY, later) == [3, 4]
-        await wait_until(lambda: len(listener.events) == 4)
-        # the late copy (a scene it carries last): the first result's seq, the rest not published
-        copy = [("scene.update", scene(1)), *answer, ("party.state", PARTY_STATE)]
-        assert await publisher.publish_many(PARTY, copy) == [0, 1, 0, 0]
-        snap = await be.snapshot(PARTY, 1000.0)
-        assert snap.seq == 4 and snap.scene is not None and snap.scene["scene_number"] == 2
-        # one new result among them: the answer is published (the old result is not)
-        assert await be.begin_action(PARTY, "borin", "b1", 1000.0) is not None
-        mixed = [*answer, ("action.result", result("b1", "borin"))]
-        assert await publisher.publish_many(PARTY, mixed) == [1, 5, 6]
-        await wait_until(lambda: len(listener.events) == 6)
-        assert [(e.seq, e.type) for e in listener.events[4:]] == [
-            (5, "scene.update"),
-            (6, "action.result"),
-        ]
-        snap = await be.snapshot(PARTY, 1000.0)
-        assert snap.scene is not None and snap.scene["scene_number"] == 1
-    finally:
-        await subscription.close()
-        await be.close()
+    publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+    for action_id in ("a1", "a2"):
+        assert await be.begin_action(PARTY, "aria", action_id, 1000.0) is not None
+    answer = [("action.result", result("a1")), ("scene.update", scene(1))]
+    assert await publisher.publish_many(PARTY, answer) == [1, 2]
+    later = [("action.result", result("a2")), ("scene.update", scene(2))]
+    assert await publisher.publish_many(PARTY, later) == [3, 4]
+    await wait_until(lambda: len(listener.events) == 4)
+    # the late copy (a scene it carries last): the first result's seq, the rest not published
+    copy = [("scene.update", scene(1)), *answer, ("party.state", PARTY_STATE)]
+    assert await publisher.publish_many(PARTY, copy) == [0, 1, 0, 0]
+    snap = await be.snapshot(PARTY, 1000.0)
+    assert snap.seq == 4 and snap.scene is not None and snap.scene["scene_number"] == 2
+    # one new result among them: the answer is published (the old result is not)
+    assert await be.begin_action(PARTY, "borin", "b1", 1000.0) is not None
+    mixed = [*answer, ("action.result", result("b1", "borin"))]
+    assert await publisher.publish_many(PARTY, mixed) == [1, 5, 6]
+    await wait_until(lambda: len(listener.events) == 6)
+    assert [(e.seq, e.type) for e in listener.events[4:]] == [
+        (5, "scene.update"),
+        (6, "action.result"),
+    ]
+    snap = await be.snapshot(PARTY, 1000.0)
+    assert snap.scene is not None and snap.scene["scene_number"] == 1
+    await subscription.close()
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_an_answer_under_a_key_is_published_once(
-    kind: str, redis_server: RedisServer
-) -> None:
+async def test_an_answer_under_a_key_is_published_once(be: Backend) -> None:
     """An answer without an action.result (to a join, a re-statement) has nothing to be known
     by but the key its engine gives it: a copy under the same key (a worker woken after another
     published it, a retry whose answer was lost) publishes nothing and gets the first seqs."""
-    redis_server.command("FLUSHALL")
-    be: Backend = (
-        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
-    )
-    await be.start()
-    try:
-        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
-        join = [("scene.update", scene(1)), ("party.state", PARTY_STATE)]
-        assert await publisher.publish_many(PARTY, join, key="join-1") == [1, 2]
-        assert await publisher.publish_many(PARTY, [("scene.update", scene(2))]) == [3]
-        assert await publisher.publish_many(PARTY, join, key="join-1") == [1, 2]  # the copy
-        one = [("scene.update", scene(1))]
-        assert await publisher.publish_many(PARTY, one, key="join-1") == [1]
-        assert await publisher.publish_many(PARTY, one, key="solo") == [4]  # one event, keyed
-        assert await publisher.publish_many(PARTY, one, key="solo") == [4]
-        snap = await be.snapshot(PARTY, 1000.0)
-        assert snap.seq == 4 and snap.scene is not None and snap.scene["scene_number"] == 1
-        assert await publisher.publish_many(PARTY, join, key="join-2") == [5, 6]  # another key
-        with pytest.raises(InvalidEvent):
-            await publisher.publish_many(PARTY, join, key="not a key")
-    finally:
-        await be.close()
+    publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+    join = [("scene.update", scene(1)), ("party.state", PARTY_STATE)]
+    assert await publisher.publish_many(PARTY, join, key="join-1") == [1, 2]
+    assert await publisher.publish_many(PARTY, [("scene.update", scene(2))]) == [3]
+    assert await publisher.publish_many(PARTY, join, key="join-1") == [1, 2]  # the copy
+    one = [("scene.update", scene(1))]
+    assert await publisher.publish_many(PARTY, one, key="join-1") == [1]
+    assert await publisher.publish_many(PARTY, one, key="solo") == [4]  # one event, keyed
+    assert await publisher.publish_many(PARTY, one, key="solo") == [4]
+    snap = await be.snapshot(PARTY, 1000.0)
+    assert snap.seq == 4 and snap.scene is not None and snap.scene["scene_number"] == 1
+    assert await publisher.publish_many(PARTY, join, key="join-2") == [5, 6]  # another key
+    with pytest.raises(InvalidEvent):
+        await publisher.publish_many(PARTY, join, key="not a key")
 
 
 class OldPublisher:
@@ -329,32 +312,21 @@ def test_a_message_of_several_events_is_sliced_by_its_lengths() -> None:
     assert decode(PARTY, wrong) is None  # ignored (logged): the node repairs from history
 
 
-@pytest.mark.parametrize("kind", ["memory", "redis"])
-async def test_a_new_piece_of_an_answered_actions_narration_is_refused(
-    kind: str, redis_server: RedisServer
-) -> None:
+async def test_a_new_piece_of_an_answered_actions_narration_is_refused(be: Backend) -> None:
     """The final text went out with the action's result: an engine woken after another one
     answered the action, narrating on, sent pieces that reached every member after the party
     had moved on (a fault probe saw 29 of them, 4 s after the next scene). A new piece of that
     action's narration is refused (``NarrationConflict``); a retry of one taken still is not."""
-    redis_server.command("FLUSHALL")
-    be: Backend = (
-        MemoryBackend() if kind == "memory" else RedisBackend(RedisOptions(redis_server.url))
-    )
-    await be.start()
-    try:
-        publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
-        assert await be.begin_action(PARTY, "aria", "a1", 1000.0) is not None
-        await publisher.narrate(PARTY, "n-1", 0, "Black ", action_id="a1")
-        await publisher.narrate(PARTY, "n-1", 1, "water ", action_id="a1")
-        await publisher.narrate(PARTY, "n-2", 0, "Elsewhere ", action_id="other")
-        await publish_all(publisher, PARTY, [("action.result", result("a1"))])
-        await publisher.narrate(PARTY, "n-1", 1, "water ", action_id="a1")  # a retry: taken
-        with pytest.raises(NarrationConflict, match="result was published"):
-            await publisher.narrate(PARTY, "n-1", 2, "rises.", action_id="a1")
-        with pytest.raises(NarrationConflict, match="result was published"):
-            await publisher.narrate(PARTY, "n-3", 0, "A new stream", action_id="a1")
-        await publisher.narrate(PARTY, "n-2", 1, "goes on.", action_id="other")  # not answered
-        await publisher.narrate(PARTY, "n-4", 0, "No action", done=True)
-    finally:
-        await be.close()
+    publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+    assert await be.begin_action(PARTY, "aria", "a1", 1000.0) is not None
+    await publisher.narrate(PARTY, "n-1", 0, "Black ", action_id="a1")
+    await publisher.narrate(PARTY, "n-1", 1, "water ", action_id="a1")
+    await publisher.narrate(PARTY, "n-2", 0, "Elsewhere ", action_id="other")
+    await publish_all(publisher, PARTY, [("action.result", result("a1"))])
+    await publisher.narrate(PARTY, "n-1", 1, "water ", action_id="a1")  # a retry: taken
+    with pytest.raises(NarrationConflict, match="result was published"):
+        await publisher.narrate(PARTY, "n-1", 2, "rises.", action_id="a1")
+    with pytest.raises(NarrationConflict, match="result was published"):
+        await publisher.narrate(PARTY, "n-3", 0, "A new stream", action_id="a1")
+    await publisher.narrate(PARTY, "n-2", 1, "goes on.", action_id="other")  # not answered
+    await publisher.narrate(PARTY, "n-4", 0, "No action", done=True)

@@ -163,6 +163,15 @@ def credentials_problem(name: str, url: str) -> str | None:
 NO_BATCH_RETRY: Final = 60.0
 
 
+def _envelope(type_: str, payload: Mapping[str, Any], trace_id: str | None) -> dict[str, Any]:
+    """An event as the events API takes it (party_sync fills in the timestamp, and the trace id
+    when there is none)."""
+    envelope: dict[str, Any] = {"type": type_, "payload": dict(payload)}
+    if trace_id:
+        envelope["trace_id"] = trace_id
+    return envelope
+
+
 class ApiPublisher(VoteStarter, NarrationSender):
     """``EventPublisher`` over party_sync's server API: ``POST /api/v1/parties/{party_id}/events``
     (``publish``), ``.../votes`` (``start_vote``) and ``.../narration`` (``narrate``).
@@ -243,13 +252,10 @@ class ApiPublisher(VoteStarter, NarrationSender):
         *,
         trace_id: str | None = None,
     ) -> int:
-        envelope: dict[str, Any] = {"type": type, "payload": dict(payload)}
-        if trace_id:
-            envelope["trace_id"] = trace_id
         path = f"/api/v1/parties/{party_id}/events"
         status, body = await self._post(
             path,
-            envelope,
+            _envelope(type, payload, trace_id),
             retry_on=(aiohttp.ClientError, TimeoutError),
             key=uuid.uuid4().hex,  # one per event, the same on each attempt
         )
@@ -273,36 +279,26 @@ class ApiPublisher(VoteStarter, NarrationSender):
         ``MAX_BATCH_EVENTS`` events, or a party_sync without the route (404 or 405; asked again
         after ``NO_BATCH_RETRY`` seconds): one ``publish`` each, in order, each under a key of
         its own."""
-        if not events or len(events) > MAX_BATCH_EVENTS or time.monotonic() < self._no_batch:
-            return [
-                await self.publish(party_id, type_, payload, trace_id=trace_id)
-                for type_, payload in events
-            ]
-        envelopes: list[dict[str, Any]] = []
-        for type_, payload in events:
-            envelope: dict[str, Any] = {"type": type_, "payload": dict(payload)}
-            if trace_id:
-                envelope["trace_id"] = trace_id
-            envelopes.append(envelope)
-        path = f"/api/v1/parties/{party_id}/events/batch"
-        status, body = await self._post(
-            path,
-            {"events": envelopes},
-            retry_on=(aiohttp.ClientError, TimeoutError),
-            key=key or uuid.uuid4().hex,
-        )
-        if status == 202:
-            return [int(seq) for seq in orjson.loads(body)["seqs"]]
-        if status is None:
-            raise BackendUnavailable(f"could not publish {len(events)} events to {party_id}")
-        if status in (404, 405):  # an earlier party_sync (or a node of one, mid-upgrade)
+        if events and len(events) <= MAX_BATCH_EVENTS and time.monotonic() >= self._no_batch:
+            status, body = await self._post(
+                f"/api/v1/parties/{party_id}/events/batch",
+                {"events": [_envelope(type_, payload, trace_id) for type_, payload in events]},
+                retry_on=(aiohttp.ClientError, TimeoutError),
+                key=key or uuid.uuid4().hex,
+            )
+            if status == 202:
+                return [int(seq) for seq in orjson.loads(body)["seqs"]]
+            if status is None:
+                raise BackendUnavailable(f"could not publish {len(events)} events to {party_id}")
+            if status not in (404, 405):
+                raise InvalidEvent(f"party_sync refused the events ({status}): {body[:300]!r}")
+            # an earlier party_sync (or a node of one, mid-upgrade): one by one for a while
             self._no_batch = time.monotonic() + NO_BATCH_RETRY
             log.info("party_sync has no batch route (HTTP %d): publishing one by one", status)
-            return [
-                await self.publish(party_id, type_, payload, trace_id=trace_id)
-                for type_, payload in events
-            ]
-        raise InvalidEvent(f"party_sync refused the events ({status}): {body[:300]!r}")
+        return [
+            await self.publish(party_id, type_, payload, trace_id=trace_id)
+            for type_, payload in events
+        ]
 
     async def send_piece(self, piece: NarrationPiece) -> None:
         """``POST /api/v1/parties/{party_id}/narration`` (``EventPublisher.narrate``, checked by
