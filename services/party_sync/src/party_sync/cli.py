@@ -239,6 +239,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync")  # off unless OTEL_* asks for an exporter
+    _refuse_redis_misconfiguration(settings)  # before a file is written or an engine loaded
     workdir = Path.cwd()
     if args.new_game:
         removed = devmode.new_game(
@@ -584,6 +585,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         )
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync-engine-worker")
+    _refuse_redis_misconfiguration(settings)  # before the engine opens its store
     engine = load_engine(args.engine)
     options = WorkerOptions(
         stream=args.stream,
@@ -639,6 +641,16 @@ def _engine_worker(args: argparse.Namespace) -> int:
 
     asyncio.run(work())
     return 0
+
+
+def _refuse_redis_misconfiguration(settings: config.Settings) -> None:
+    """Redis settings that can never work (credentials, database, ACL, cluster mode) stop the
+    command before it writes anything (a development secret, an engine's database): the backend
+    asks again when it starts, which is what a program embedding the gateway gets."""
+    if settings.redis_url:
+        from party_sync.backends.redis_connect import RedisTarget, refuse_misconfiguration
+
+        asyncio.run(refuse_misconfiguration(RedisTarget.of(settings)))
 
 
 def _tracing(service_name: str) -> None:

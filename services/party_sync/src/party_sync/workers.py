@@ -114,6 +114,7 @@ class Supervisor:
     failure: int | None = field(init=False, default=None)
     group_dir: Path = field(init=False)
     ready_changed: asyncio.Event = field(init=False)  # a worker said it serves
+    ready_changed_first: asyncio.Event = field(init=False)  # the first worker said it serves
 
     def __post_init__(self) -> None:
         self.slots = [Slot(index) for index in range(1, self.settings.workers + 1)]
@@ -125,6 +126,7 @@ class Supervisor:
     async def _run(self) -> int:
         self.stopping = asyncio.Event()
         self.ready_changed = asyncio.Event()
+        self.ready_changed_first = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, sig)
@@ -162,6 +164,7 @@ class Supervisor:
 
     def _stop(self, sig: signal.Signals | None = None) -> None:
         self.stopping.set()
+        self.ready_changed_first.set()  # the workers still waiting for the first: none to start
 
     def _signal(self, slot: Slot, sig: signal.Signals) -> None:
         if slot.process is not None and slot.process.returncode is None:
@@ -191,7 +194,14 @@ class Supervisor:
             print(line, flush=True)
 
     async def _keep(self, slot: Slot) -> None:
-        """Run slot's worker, and start it again each time it dies, until the group stops."""
+        """Run slot's worker, and start it again each time it dies, until the group stops.
+
+        The first worker starts alone: the others start once it serves. A setting that can never
+        work (Redis refusing the credentials, an engine that does not import) then stops the group
+        with that worker's one error, instead of the same error from every worker."""
+        first = self.slots[0]
+        while slot is not first and not first.ready_once and not self.stopping.is_set():
+            await self.ready_changed_first.wait()
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
@@ -216,7 +226,7 @@ class Supervisor:
                     extra={"worker": slot.index, "returncode": returncode},
                 )
                 self.failure = returncode if returncode and returncode > 0 else 1
-                self.stopping.set()
+                self._stop()
                 return
             if time.monotonic() - started >= STABLE_AFTER:
                 slot.delay = RESTART_DELAY_MIN
@@ -299,6 +309,8 @@ class Supervisor:
                 )
                 slot.ready_once = True
                 self.ready_changed.set()
+                if slot is self.slots[0]:
+                    self.ready_changed_first.set()
             else:
                 said.cancel()
             return await exited

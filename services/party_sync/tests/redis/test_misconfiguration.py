@@ -88,11 +88,22 @@ async def test_a_redis_that_does_not_answer_is_an_outage_not_a_setting() -> None
     await refuse_misconfiguration(RedisTarget(f"redis://127.0.0.1:{free_port()}/0"), 0.5)
 
 
-def test_serve_with_a_password_redis_refuses_stops_with_one_line(with_user: RedisServer) -> None:
-    proc = run_serve(env={"PARTY_SYNC_REDIS_URL": url(with_user, f"{USER}:not-it-0123@")})
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_a_password_redis_refuses_stops_with_one_line(
+    with_user: RedisServer, workers: str
+) -> None:
+    proc = run_serve(
+        env={
+            "PARTY_SYNC_REDIS_URL": url(with_user, f"{USER}:not-it-0123@"),
+            "PARTY_SYNC_WORKERS": workers,
+        }
+    )
     assert proc.returncode == 2, proc.stderr
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("party-sync: configuration error: Redis refused redis_url's credentials")
+    errors = [line for line in proc.stderr.splitlines() if "configuration error" in line]
+    assert len(errors) == 1, proc.stderr  # with two workers too: the first starts alone
+    assert errors[0].startswith(
+        "party-sync: configuration error: Redis refused redis_url's credentials"
+    )
     assert "Traceback" not in proc.stderr and "not-it-0123" not in proc.stderr
 
 
@@ -100,3 +111,19 @@ def test_serve_pointed_at_a_cluster_node_without_redis_cluster_stops(cluster_nod
     proc = run_serve(env={"PARTY_SYNC_REDIS_URL": f"redis://127.0.0.1:{cluster_node}/0"})
     assert proc.returncode == 2, proc.stderr
     assert "set redis_cluster (PARTY_SYNC_REDIS_CLUSTER=true" in proc.stderr.splitlines()[-1]
+
+
+def test_engine_worker_asks_redis_before_it_loads_its_engine(
+    with_user: RedisServer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The engine (which may open its store, say a SQLite file) is not loaded for a worker that
+    can never serve: the Redis error, not the engine's."""
+    from party_sync import logs
+    from party_sync.cli import main
+
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+    bad = url(with_user, f"{USER}:not-it-0123@")
+    assert main(["engine-worker", "nonexistent_module:thing", "--redis-url", bad]) == 2
+    err = capsys.readouterr().err
+    assert "Redis refused redis_url's credentials" in err and "nonexistent_module" not in err
+    assert "not-it-0123" not in err
