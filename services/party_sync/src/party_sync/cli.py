@@ -20,7 +20,7 @@ from party_sync import __version__, config, devmode, logs
 from party_sync.auth import HMAC_ALGORITHMS, MAX_TIMESTAMP, MIN_JWT_SECRET_BYTES, issue_token
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
-from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError
+from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError, one_line
 
 log = logging.getLogger("party_sync")
 
@@ -82,6 +82,28 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
 
+def _log_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--log-level`` and ``--log-format``, as ``serve`` takes them (the same environment)."""
+    parser.add_argument(
+        "--log-level",
+        type=_log_level,
+        default=None,
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL [env PARTY_SYNC_LOG_LEVEL] (INFO)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("json", "text"),
+        default=None,
+        help="json (one object per line) or text [env PARTY_SYNC_LOG_FORMAT] (json)",
+    )
+
+
+def _log_level(value: str) -> str:
+    if value.upper() not in config.LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(config.LOG_LEVELS)}")
+    return value.upper()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="party-sync", description="party_sync realtime gateway")
     parser.add_argument("--version", action="version", version=f"party_sync {__version__}")
@@ -130,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="party_sync's server API key [env PARTY_SYNC_API_KEY]",
     )
+    _log_arguments(host)
 
     worker = commands.add_parser(
         "engine-worker",
@@ -204,6 +227,7 @@ def _parser() -> argparse.ArgumentParser:
         "keep them only for another consumer group reading the stream, which is then bounded "
         "by actions_stream_maxlen alone)",
     )
+    _log_arguments(worker)
 
     token = commands.add_parser("token", help="print a connection token for the configured secret")
     token.add_argument("--party", required=True, help="party_id claim")
@@ -440,7 +464,7 @@ def _token(args: argparse.Namespace) -> int:
                 algorithm=algorithm,
             )
     except ValueError as exc:  # an id or display name that breaks its rule
-        print(f"party-sync token: {exc}", file=sys.stderr)
+        print(f"party-sync token: {one_line(exc)}", file=sys.stderr)
         return 2
     try:
         print(token, flush=True)
@@ -484,9 +508,12 @@ def _engine_http(args: argparse.Namespace) -> int:
     from party_sync.engine.loader import load_engine
     from party_sync.server import arm_exit_watchdog
 
-    level = os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
+    level = args.log_level or os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
     if level.upper() not in config.LOG_LEVELS:
         raise ConfigError(f"PARTY_SYNC_LOG_LEVEL must be one of {', '.join(config.LOG_LEVELS)}")
+    log_format = args.log_format or os.environ.get("PARTY_SYNC_LOG_FORMAT", "json")
+    if log_format not in ("json", "text"):
+        raise ConfigError("PARTY_SYNC_LOG_FORMAT must be json or text")
     if not args.host.strip():
         raise ConfigError(f"--host {config.EMPTY_HOST}")
     problem = _route_problem(args.path, args.notice_path)
@@ -502,7 +529,7 @@ def _engine_http(args: argparse.Namespace) -> int:
         if problem is not None:
             raise ConfigError(problem)
     budget = _shutdown_timeout()
-    logs.configure(level, "json")
+    logs.configure(level, log_format)
     _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
     logs.protect(api_key)
@@ -575,6 +602,8 @@ def _engine_worker(args: argparse.Namespace) -> int:
         "PARTY_SYNC_ACTIONS_STREAM_PARTITIONS": (
             None if args.actions_stream_partitions is None else str(args.actions_stream_partitions)
         ),
+        "PARTY_SYNC_LOG_LEVEL": args.log_level,
+        "PARTY_SYNC_LOG_FORMAT": args.log_format,
     }
     env = {**os.environ, **{name: value for name, value in given.items() if value}}
     settings = config.load(None, env=env)
@@ -671,10 +700,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return commands[args.command](args)
     except ConfigError as exc:
-        print(f"party-sync: configuration error: {exc}", file=sys.stderr)
+        print(f"party-sync: configuration error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (ListenError, EngineStartError) as exc:
-        print(f"party-sync: {exc}", file=sys.stderr)
+        print(f"party-sync: {one_line(exc)}", file=sys.stderr)
         return 1
 
 

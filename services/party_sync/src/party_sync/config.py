@@ -103,8 +103,8 @@ class Settings:
         1,
         "Serving processes on the port (SO_REUSEPORT), each a full node of the Redis backend, "
         "supervised by the serve process (a worker that dies is restarted, its players resume; "
-        "SIGTERM drains them all); auto = the CPUs this process may use. More than 1 needs "
-        "redis_url. 1 = no supervisor: the serve process serves.",
+        f"SIGTERM drains them all); auto = the CPUs this process may use; at most {MAX_WORKERS}. "
+        "More than 1 needs redis_url. 1 = no supervisor: the serve process serves.",
         workers_count,
     )
     engine: str = _option(
@@ -598,13 +598,7 @@ def validate(settings: Settings) -> None:
         (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),
         (
             settings.workers == 1 or bool(settings.redis_url),
-            f"workers {settings.workers}"
-            + (
-                " (as many as auto gives here: the CPUs this process may use)"
-                if settings.workers == usable_cpus()
-                else ""
-            )
-            + " needs the Redis backend (redis_url): the embedded "
+            f"workers {settings.workers} needs the Redis backend (redis_url): the embedded "
             "backend keeps every party in one process, and workers would share no state "
             "(use --workers 1, or set PARTY_SYNC_REDIS_URL)",
         ),

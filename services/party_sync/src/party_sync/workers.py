@@ -50,7 +50,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from party_sync import config, logs
 from party_sync.config import Settings
-from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError
+from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError, one_line
 
 if TYPE_CHECKING:
     from party_sync.server import Server
@@ -476,10 +476,10 @@ def worker_main(argv: list[str] | None = None) -> int:
         server.app.middlewares.append(worker.middleware(metrics.render))
         serve(server, worker=worker)
     except ConfigError as exc:
-        print(f"party-sync: configuration error: {exc}", file=sys.stderr)
+        print(f"party-sync: configuration error: {one_line(exc)}", file=sys.stderr)
         return 2
     except (ListenError, EngineStartError) as exc:
-        print(f"party-sync: {exc}", file=sys.stderr)
+        print(f"party-sync: {one_line(exc)}", file=sys.stderr)
         return 1
     finally:
         control.close()

@@ -98,6 +98,42 @@ def test_engine_http_refuses_a_party_sync_url_with_credentials(
     assert "hunter2" not in out + err
 
 
+@pytest.mark.usefixtures("host_env")
+def test_an_engine_error_with_line_breaks_of_its_own_is_printed_on_one_line(
+    taken: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database driver's message carries its hint on a second, tab-indented line."""
+    from party_sync.engine import loader
+    from party_sync.protocol.errors import EngineStartError
+
+    def refuse(spec: str) -> None:
+        raise EngineStartError(
+            "the engine could not start: OperationalError: connection refused\n"
+            "\tIs the server running on that host and accepting TCP/IP connections?"
+        )
+
+    monkeypatch.setattr(loader, "load_engine", refuse)
+    assert main(["engine-http", ENGINE, "--port", taken]) == 1
+    line = one_line(capsys.readouterr().err)
+    assert line.endswith(
+        "connection refused Is the server running on that host and accepting TCP/IP connections?"
+    ), line
+
+
+@pytest.mark.parametrize("command", ["engine-http", "engine-worker"])
+def test_the_engine_hosts_take_log_level_and_format_as_serve_does(
+    command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = cli._parser().parse_args(
+        [command, "x:y", "--log-level", "debug", "--log-format", "text"]
+    )
+    assert (args.engine, args.log_level, args.log_format) == ("x:y", "DEBUG", "text")
+    with pytest.raises(SystemExit) as stopped:
+        main([command, "x:y", "--log-level", "LOUD"])
+    assert stopped.value.code == 2
+    assert "argument --log-level: must be one of DEBUG" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("value", ["1e308", "inf", "-1", "soon"])
 @pytest.mark.usefixtures("host_env")
 def test_engine_http_refuses_a_shutdown_timeout_beyond_the_settings_bound(

@@ -22,6 +22,7 @@ from party_sync.backends.redis_connect import (
     Sentinels,
     make_client,
     parse_addresses,
+    refuse_misconfiguration,
 )
 from party_sync.backends.redis_fence import mark_key, meta_pattern
 from party_sync.core.events import Event
@@ -255,6 +256,32 @@ async def test_a_client_finds_the_master_through_password_protected_sentinels() 
             assert r.get(mark_key("ps")) is not None  # and fenced (marked) there
     finally:
         await asyncio.to_thread(sentinels.close)
+
+
+SENTINEL_PASSWORD = "s3cret"
+
+
+async def test_a_master_name_no_sentinel_monitors_is_a_configuration_error() -> None:
+    """A typo in redis_sentinel_master (or the sentinels' password) stops the start with one
+    line; sentinels that do not answer are an outage (the node starts and waits)."""
+    sentinels = SentinelSet(password=SENTINEL_PASSWORD)
+    await asyncio.to_thread(sentinels.start)
+    try:
+        addresses = parse_addresses(sentinels.addresses.split(","))
+
+        def target(master: str, password: str | None = SENTINEL_PASSWORD) -> RedisTarget:
+            return RedisTarget("redis://any-host/0", Sentinels(addresses, master, password))
+
+        await refuse_misconfiguration(target(MASTER_NAME))
+        with pytest.raises(ConfigError, match="no sentinel monitors a master named 'nosuch'") as e:
+            await refuse_misconfiguration(target("nosuch"))
+        assert f"they monitor '{MASTER_NAME}'" in str(e.value)
+        with pytest.raises(ConfigError, match="a sentinel refused redis_sentinel_password"):
+            await refuse_misconfiguration(target(MASTER_NAME, "wrong-0123"))
+    finally:
+        await asyncio.to_thread(sentinels.close)
+    nobody = Sentinels(((("127.0.0.1", free_port()),)), "nosuch")
+    await refuse_misconfiguration(RedisTarget("redis://any-host/0", nobody), 0.5)
 
 
 async def test_a_sentinel_clients_connection_used_unopened_goes_to_the_master() -> None:

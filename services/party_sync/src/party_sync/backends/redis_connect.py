@@ -476,6 +476,7 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
     retries as through any outage: Redis not reachable yet, a sentinel that does not know the
     master yet, a timeout."""
     if target.sentinels is not None:
+        await _refuse_unknown_master(target.sentinels)
         client = make_client(target, socket_timeout=wait, socket_connect_timeout=wait, protocol=2)
     else:  # one node, or the node of a Cluster that redis_url names: asked as one Redis
         client = Redis.from_url(
@@ -519,6 +520,60 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
             "redis_cluster is set, but the Redis redis_url names is not in cluster mode "
             "(cluster_enabled:0): for one Redis, leave redis_cluster unset"
         )
+
+
+async def _refuse_unknown_master(sentinels: Sentinels) -> None:
+    """A master name no sentinel monitors, while the sentinels that answer monitor others, is a
+    typo, not an outage: ``ConfigError`` naming the ones they do. Sentinels that monitor nothing
+    yet (still being set up), or that do not answer, are an outage: the node starts and waits."""
+    monitored: set[str] = set()
+    for host, port in sentinels.addresses:
+        client = Redis(
+            host=host,
+            port=port,
+            password=sentinels.password,
+            socket_timeout=SENTINEL_TIMEOUT,
+            socket_connect_timeout=SENTINEL_TIMEOUT,
+            retry=None,
+            protocol=2,
+        )
+        try:
+            async with asyncio.timeout(SENTINEL_TIMEOUT * 2):
+                masters = await client.execute_command("SENTINEL", "MASTERS")
+        except AuthenticationError as exc:
+            raise ConfigError(f"a sentinel refused redis_sentinel_password: {_said(exc)}") from None
+        except (RedisError, OSError, TimeoutError):
+            continue
+        finally:
+            with contextlib.suppress(Exception):
+                await client.aclose()
+        names = _master_names(masters)
+        if sentinels.master in names:
+            return
+        monitored |= names
+    if monitored:
+        raise ConfigError(
+            f"no sentinel monitors a master named {sentinels.master!r} "
+            f"(redis_sentinel_master); they monitor {', '.join(sorted(map(repr, monitored)))}"
+        )
+
+
+def _master_names(masters: Any) -> set[str]:
+    """The names in ``SENTINEL MASTERS``' answer (a list of flat name/value lists; redis-py may
+    already have parsed it into a dict by name)."""
+    if isinstance(masters, dict):
+        return {str(name) for name in masters}
+    names: set[str] = set()
+    for entry in masters if isinstance(masters, list) else ():
+        if isinstance(entry, dict):
+            names.add(str(entry.get("name", "")))
+            continue
+        fields = list(entry)
+        for key, value in zip(fields[::2], fields[1::2], strict=False):
+            if (key.decode() if isinstance(key, bytes) else key) == "name":
+                names.add(value.decode() if isinstance(value, bytes) else str(value))
+    names.discard("")
+    return names
 
 
 def _said(exc: Exception) -> str:

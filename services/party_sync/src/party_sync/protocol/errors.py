@@ -203,3 +203,9 @@ class EngineStartError(PartySyncError):
 class ListenError(PartySyncError):
     """The server cannot listen on its address (in use, not permitted, not on this host); the
     message names the address and the system's reason. ``party-sync serve`` exits 1 with it."""
+
+
+def one_line(error: BaseException | str) -> str:
+    """An error's text as the one line a command prints for it: a library's message may carry
+    line breaks of its own (a database driver's hint on a second line, tab-indented)."""
+    return " ".join(str(error).split())
