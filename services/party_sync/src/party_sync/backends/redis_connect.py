@@ -41,7 +41,7 @@ from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import ConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
@@ -534,12 +534,12 @@ async def _refuse_unknown_master(sentinels: Sentinels) -> None:
             password=sentinels.password,
             socket_timeout=SENTINEL_TIMEOUT,
             socket_connect_timeout=SENTINEL_TIMEOUT,
-            retry=None,
+            retry=Retry(NoBackoff(), 0),
             protocol=2,
         )
         try:
             async with asyncio.timeout(SENTINEL_TIMEOUT * 2):
-                masters = await client.execute_command("SENTINEL", "MASTERS")
+                masters = await client.sentinel_masters()
         except AuthenticationError as exc:
             raise ConfigError(f"a sentinel refused redis_sentinel_password: {_said(exc)}") from None
         except (RedisError, OSError, TimeoutError):
