@@ -585,6 +585,41 @@ async def test_the_engine_host_refuses_a_delivery_without_the_key(
             assert len(engine.calls) == 1
 
 
+async def test_the_engine_host_tells_its_operator_of_refused_keys_once_a_minute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A party_sync whose key differs was refused in silence on the host's side: one WARNING
+    (with a count, never the key sent), then at most one a minute, however many come."""
+    engine = ScriptedEngine()
+    async with (
+        serve(host_app(engine)) as base,
+        aiohttp.ClientSession() as http,
+    ):
+        with caplog.at_level(logging.INFO, logger="party_sync.engine.http_host"):
+            for _ in range(20):
+                headers = {"Authorization": "Bearer wrong-key-9876"}
+                async with http.post(base + "/actions", data=b"{}", headers=headers) as resp:
+                    assert resp.status == 401
+    lines = [r for r in caplog.records if "without this host's API key" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelname == "WARNING"
+    assert "refused 1 delivery" in lines[0].getMessage()
+    assert "wrong-key-9876" not in caplog.text and HOST_KEY not in caplog.text
+
+
+def test_refused_keys_are_counted_between_two_lines(caplog: pytest.LogCaptureFixture) -> None:
+    from party_sync.engine.http_host import RefusalLog
+
+    refusals = RefusalLog(every=60)
+    with caplog.at_level(logging.INFO, logger="party_sync.engine.http_host"):
+        for now in (0.0, 1.0, 30.0, 59.0, 61.0, 62.0, 200.0):
+            refusals.refused("10.0.0.7", now)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3
+    assert said[0].startswith("refused 1 delivery") and "10.0.0.7" in said[0]
+    assert said[1].startswith("refused 4 delivery")  # 1, 30, 59 and 61
+    assert said[2].startswith("refused 2 delivery")  # 62 and 200
+
+
 async def test_a_delivery_refused_for_its_key_tells_the_player_engine_unavailable(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -224,8 +224,10 @@ async def test_http_probe_degrades_while_the_engine_url_refuses(
         assert "http://engine.local:8090/actions unreachable" in health.detail
         assert "pw" not in health.detail and "key" not in health.detail
         assert sample(metrics, "party_sync_engine_link_ok") == 0
+        assert probe._periodic.interval == 1.0  # looked at every second while down
         assert await probe.probe_once()
     assert probe.health().ok
+    assert probe._periodic.interval == 5.0  # and every interval again once it is back
     assert seen == [("engine.local", 8090)] * 3
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
 

@@ -22,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
 from party_sync.metrics import Metrics
@@ -142,6 +142,10 @@ class Periodic:
             log.error("periodic task ended with an error", exc_info=task.exception())
 
 
+#: Seconds between two probes of an engine URL that is down (``HttpProbe``).
+DOWN_INTERVAL: Final = 1.0
+
+
 class HttpProbe:
     """HTTP transport: is anything listening at the engine URL? (a TCP connect every ``interval``)
 
@@ -226,12 +230,16 @@ class HttpProbe:
             self._failure = type(exc).__name__
             if self._down_since is None:
                 self._down_since = self._clock()
+            # while it is down, looked at every second: /readyz tells its return (or what the
+            # host says then: a refused key) within a second, not a whole interval later
+            self._periodic.interval = min(self.interval, DOWN_INTERVAL)
             self._episode.trouble(
                 "unreachable", f"{self.url} ({self._failure})", engine_url=self.url
             )
             self._set_ok(False)
             return False
         self._down_since = None
+        self._periodic.interval = self.interval
         self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)
         silent = self._silent_for()
         if silent is not None:

@@ -453,13 +453,46 @@ def keyed(api_key: str) -> Middleware:
     body is read. Else anyone who can reach the host could make the engine apply an action for
     any character, or a party "vote" nobody held."""
 
+    refusals = RefusalLog()
+
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
         if not bearer_matches(request, api_key):
+            refusals.refused(request.remote, time.monotonic())
             raise Unauthorized(headers={"WWW-Authenticate": CHALLENGE})
         return await handler(request)
 
     return check
+
+
+#: Seconds between two WARNINGs about deliveries refused for their key (``RefusalLog``).
+REFUSAL_LOG_EVERY: Final = 60.0
+
+
+class RefusalLog:
+    """The deliveries the host refused for their key, told to its operator: a WARNING at the
+    first, then at most one a minute with the count since (a party_sync whose key differs sends
+    every action and notice; anyone else's requests must not flood the log either). Never the
+    key a request carried."""
+
+    def __init__(self, every: float = REFUSAL_LOG_EVERY) -> None:
+        self.every = every
+        self._next = 0.0
+        self._count = 0
+
+    def refused(self, remote: str | None, now: float) -> None:
+        self._count += 1
+        if now < self._next:
+            return
+        log.warning(
+            "refused %d delivery(ies) without this host's API key (the latest from %s): "
+            "party_sync must send the PARTY_SYNC_API_KEY this host was given (at most one line "
+            "a minute)",
+            self._count,
+            remote or "an unknown address",
+            extra={"refused": self._count, "remote": remote},
+        )
+        self._count, self._next = 0, now + self.every
 
 
 #: What a delivery that cannot be read as one raises (answered 422 ``invalid``).
