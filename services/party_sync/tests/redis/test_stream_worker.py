@@ -270,6 +270,58 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
     assert [a.action_id for a in slow.calls] == ["held-0", "held-1", "held-2"]
 
 
+async def consumers_and_beats(redis: RedisServer) -> tuple[list[bytes], list[bytes]]:
+    """The group's consumers and the workers' heartbeats (``partitions.workers_key``)."""
+    from party_sync.engine.partitions import workers_key
+
+    client = Redis.from_url(redis.url)
+    try:
+        consumers = await client.xinfo_consumers(STREAM, WorkerOptions().group)
+        beats: list[bytes] = await client.zrange(workers_key(STREAM), 0, -1)  # type: ignore[assignment]
+    finally:
+        await client.aclose()
+    return sorted(c["name"] for c in consumers), sorted(beats)
+
+
+async def test_a_stopped_worker_leaves_its_group_unless_entries_are_pending_for_it(
+    redis: RedisServer,
+) -> None:
+    """An operator stopping a worker (a rolling deploy) saw /readyz say it consumed for another
+    15 s, while actions sent meanwhile timed out: a clean stop now takes its heartbeat and its
+    consumer away, but never a consumer that still holds entries (deleting it would drop them:
+    another worker claims them after claim_idle)."""
+    host = RecordingHost()
+    async with stream_link(redis) as link:
+        async with running_worker(redis, host, ScriptedEngine(), "leaver"):
+            await link.submit(make_action("before-the-stop"))
+            await wait_until(lambda: host.results() == ["before-the-stop"], timeout=10)
+            await acknowledged(redis)
+            assert await consumers_and_beats(redis) == ([b"leaver"], [b"leaver"])
+        assert await consumers_and_beats(redis) == ([], [])
+
+        # a worker stopped while it holds entries: its consumer stays, with them
+        slow = ScriptedEngine()
+        slow.gate = asyncio.Event()
+        client = Redis.from_url(redis.url, socket_timeout=3.0)
+        worker = StreamWorker(
+            slow, host, client, WorkerOptions(stream=STREAM, consumer="holder", block=0.1)
+        )
+        task = asyncio.get_running_loop().create_task(worker.run())
+        try:
+            for n in range(3):
+                await link.submit(make_action(f"held-{n}"))
+            await wait_until(lambda: len(slow.calls) == 1, timeout=10)
+            worker.stop()
+            slow.gate.set()  # the first ends; the two behind it stay pending
+            await asyncio.wait_for(task, 10)
+        finally:
+            await client.aclose()
+        assert (await consumers_and_beats(redis))[0] == [b"holder"]
+        async with running_worker(redis, host, ScriptedEngine(), "heir", claim_idle=0.2):
+            await wait_until(lambda: len(host.results()) == 4, timeout=10)
+            await acknowledged(redis)
+
+
 @pytest.mark.parametrize("keep_handled", [False, True])
 async def test_handled_entries_leave_the_stream_unless_kept(
     redis: RedisServer, keep_handled: bool

@@ -63,7 +63,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -116,6 +116,20 @@ if mine > 0 then
 end
 return mine
 """
+
+#: A stopping worker leaves its group when nothing is pending for it: it deletes its consumer
+#: (which would drop its pending entries: so only when it holds none, checked in the same step).
+#: KEYS[1] the stream; ARGV[1] the group, ARGV[2] the consumer. Returns 1 if it left.
+LEAVE = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2]) > 0 then
+  return 0
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 1
+"""
+
+#: Seconds a stopping worker gives Redis to take its leave (``StreamWorker.leave``).
+LEAVE_WITHIN: Final = 2.0
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
 
@@ -211,7 +225,23 @@ class StreamWorker:
             delay = o.retry_min
             self._recovered()
             if o.burst and not busy:
-                return
+                break
+        await self.leave()
+
+    async def leave(self) -> None:
+        """A clean stop: this worker's heartbeat goes, and its consumer with it when nothing is
+        pending for it, so the nodes' monitor (``/readyz``, ``party_sync_actions_stream_consumers
+        _active``) sees it gone at its next look, not ``active_within`` later. Best effort: an
+        entry still pending keeps the consumer (another worker claims it after ``claim_idle``),
+        and Redis not answering leaves both to age out as a dead worker's would."""
+        o = self.options
+        try:
+            async with asyncio.timeout(LEAVE_WITHIN):
+                await self.redis.zrem(layout.workers_key(o.stream), o.consumer)
+                if self._group_ready:
+                    await self.redis.eval(LEAVE, 1, o.stream, o.group, o.consumer)
+        except INFRA_ERRORS as exc:
+            log.debug("could not take leave of %s: %s", o.stream, exc)
 
     async def _ensure_group(self) -> None:
         o = self.options
