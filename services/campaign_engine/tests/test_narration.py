@@ -312,6 +312,167 @@ def test_make_run_narrates_at_a_pleasant_speed_and_only_the_in_process_reference
         assert untouched == {}
 
 
+async def test_a_second_worker_waits_for_the_first_ones_narration_and_its_events(
+    store_url: str,
+) -> None:
+    """Two stream workers share one database; the party's two players act at once. The first
+    worker narrates its action; the second, given the other action, found the first's events
+    unpublished and published them itself: the narration stopped at its first piece (party_sync
+    refuses a piece of an answered action), and the first then published the result again,
+    which party_sync took as new after a Redis restarted empty (a fault probe saw a result
+    twice). Now the second waits for the first's events, as a second message waits in one
+    process, and the narration, then the events, go out whole and in order."""
+    shared = open_store(store_url)
+    other = shared if store_url == "memory://" else open_store(store_url)
+    now = [1_000_000.0]
+    party_sync = RecordingPublisher()  # the one party_sync both workers publish to
+    row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
+    look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
+    second = ReferenceEngine(
+        builtin_campaign(),
+        seed=2,
+        store=other,
+        narration_speed=SPEED,
+        sleep=Clock().sleep,
+        clock=lambda: now[0],
+    )
+    behind: list[asyncio.Task[None]] = []
+
+    async def writing(delay: float) -> None:  # the first worker's narration, in virtual time
+        if not behind:  # the other player's action reaches the second worker meanwhile
+            behind.append(asyncio.create_task(second.handle_action(look)))
+            await asyncio.sleep(0.2)  # (real time: it loads the run and finds the events)
+        now[0] += delay
+        await asyncio.sleep(0)
+
+    first = ReferenceEngine(
+        builtin_campaign(),
+        seed=1,
+        store=shared,
+        narration_speed=SPEED,
+        sleep=writing,
+        clock=lambda: now[0],
+    )
+    await first.start(party_sync)
+    await second.start(party_sync)
+    await first.handle_join(join_notice("aria"))
+    await first.handle_join(join_notice("bram"))
+    party_sync.clear()
+
+    await first.handle_action(row)
+    await asyncio.wait_for(behind[0], 10)
+
+    pieces = [p for p in party_sync.narrated if p.action_id == row.action_id]
+    assert len(pieces) > 3 and pieces[-1].done  # written to its end
+    timeline = party_sync.timeline
+    first_event = next(i for i, x in enumerate(timeline) if isinstance(x, Published))
+    assert timeline[:first_event] == pieces  # the row's whole narration, before any event
+    assert timeline[first_event].payload["action_id"] == row.action_id  # type: ignore[union-attr]
+    results = [p.payload["action_id"] for p in party_sync.published if p.type == "action.result"]
+    assert results == [row.action_id, look.action_id]  # each once, the row's first
+    state = await first.run_state("run-1")
+    assert state is not None and state.outbox == [] and state.narrating_until is None
+    await first.close()
+    await second.close()
+
+
+async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_ends(
+    store_url: str,
+) -> None:
+    """The first worker dies while it narrates (never publishes): the second waits until the
+    lease the first took on its events runs out, then publishes them before its own."""
+    shared = open_store(store_url)
+    other = shared if store_url == "memory://" else open_store(store_url)
+    now = [1_000_000.0]
+    party_sync = RecordingPublisher()
+    row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
+    look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
+    died = asyncio.Event()
+
+    async def dying(delay: float) -> None:
+        died.set()
+        await asyncio.Event().wait()  # never returns: cancelled below, as a killed worker
+
+    first = ReferenceEngine(
+        builtin_campaign(),
+        seed=1,
+        store=shared,
+        narration_speed=SPEED,
+        sleep=dying,
+        clock=lambda: now[0],
+    )
+    second = ReferenceEngine(
+        builtin_campaign(), seed=2, store=other, narration_speed=SPEED, clock=lambda: now[0]
+    )
+    await first.start(party_sync)
+    await second.start(RecordingPublisher())
+    await first.handle_join(join_notice("aria"))
+    await first.handle_join(join_notice("bram"))
+    dead = asyncio.create_task(first.handle_action(row))
+    await asyncio.wait_for(died.wait(), 10)
+    dead.cancel()
+    state = await first.run_state("run-1")
+    assert state is not None and state.outbox and state.narrating_until is not None
+    waiting = asyncio.create_task(second.handle_action(look))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # the lease holds
+    now[0] = state.narrating_until + 0.01  # it runs out
+    await asyncio.wait_for(waiting, 10)
+    state = await first.run_state("run-1")
+    assert state is not None and state.outbox == [] and row.action_id in state.applied
+    await first.close()
+    await second.close()
+
+
+async def test_a_narrator_whose_events_another_worker_dropped_answers_its_player(
+    store_url: str,
+) -> None:
+    """The first worker is frozen mid-narration past its lease; the second settles the first's
+    events but cannot publish them (party_sync unreachable) and drops them. The first wakes: its
+    action's result alone goes out, so that its player is answered (the scene of then is not)."""
+    shared = open_store(store_url)
+    other = shared if store_url == "memory://" else open_store(store_url)
+    now = [1_000_000.0]
+    row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
+    look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
+    unreachable = RecordingPublisher()
+    unreachable.fail_next = 1_000
+    second = ReferenceEngine(builtin_campaign(), seed=2, store=other, clock=lambda: now[0])
+    frozen = False
+
+    async def freezing(delay: float) -> None:
+        nonlocal frozen
+        if not frozen:
+            frozen = True
+            now[0] += 60  # frozen past its lease
+            with pytest.raises(PublishFailed):
+                await second.handle_action(look)  # settles (drops) the row's events, then fails
+        await asyncio.sleep(0)
+
+    first = ReferenceEngine(
+        builtin_campaign(),
+        seed=1,
+        store=shared,
+        narration_speed=SPEED,
+        sleep=freezing,
+        clock=lambda: now[0],
+    )
+    party_sync = RecordingPublisher()
+    await first.start(party_sync)
+    await second.start(unreachable)
+    await first.handle_join(join_notice("aria"))
+    await first.handle_join(join_notice("bram"))
+    party_sync.clear()
+    await first.handle_action(row)
+    assert frozen
+    assert party_sync.types() == ["action.result"]
+    assert party_sync.published[0].payload["action_id"] == row.action_id
+    state = await first.run_state("run-1")
+    assert state is not None and row.action_id in state.dropped
+    await first.close()
+    await second.close()
+
+
 async def test_a_worker_woken_after_another_took_its_action_over_publishes_nothing_stale(
     store_url: str,
 ) -> None:
@@ -350,10 +511,9 @@ async def test_a_worker_woken_after_another_took_its_action_over_publishes_nothi
     await first.handle_action(row)
 
     assert taken_over and pub_one.narrated  # it narrated, and was overtaken meanwhile
-    # after it woke: no scene of then; only the action's result again, which party_sync
-    # ignores when it is out already (it answers the player if the result was dropped)
-    assert pub_one.types() == ["action.result"]
-    assert pub_one.published[0].payload["action_id"] == row.action_id
+    # after it woke: nothing, not even the action's result again (the second published it:
+    # after a Redis restarted empty party_sync would not know it, and the party got it twice)
+    assert pub_one.types() == []
     assert pub_two.types()[:2] == ["action.result", "scene.update"]  # the row's, by the second
     assert pub_two.published[0].payload["action_id"] == row.action_id
     assert pub_two.last("scene.update")["scene_number"] == 2

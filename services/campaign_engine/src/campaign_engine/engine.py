@@ -59,6 +59,7 @@ import json
 import logging
 import os
 import random
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -115,6 +116,13 @@ ENV_NARRATION_SPEED = "CAMPAIGN_ENGINE_NARRATION_SPEED"
 COMMIT_ATTEMPTS = 8
 #: Seconds: the first pause between attempts is up to twice this, doubling (full jitter).
 COMMIT_BACKOFF = 0.005
+#: Seconds a narrating process may take beyond its narration's own pauses (publishing the pieces,
+#: then the events) before another process publishes the outbox it left (``narrating_until``).
+NARRATION_LEASE_SLACK = 3.0
+#: Seconds between two looks at a run whose outbox another process is narrating.
+NARRATION_POLL = 0.05
+#: How many dropped actions a run remembers (``RunState.dropped``).
+MAX_DROPPED = 32
 
 
 class ReferenceEngine:
@@ -130,12 +138,14 @@ class ReferenceEngine:
         vote_timeout_s: float | None = None,
         narration_speed: float | None = None,
         sleep: narration.Sleep = asyncio.sleep,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``rng`` wins over ``seed``; with neither, dice come from a system-seeded generator.
         ``store`` (default: a new ``InMemoryRunStore``) belongs to the engine: ``start`` opens it,
         ``close`` closes it. ``vote_timeout_s`` overrides the campaign's party vote timeouts.
         ``narration_speed`` (characters per second; None or 0: off, the default) narrates each
-        action's scene text live before its events; ``sleep`` paces it (tests: virtual time)."""
+        action's scene text live before its events; ``sleep`` paces it (tests: virtual time);
+        ``clock`` (wall-clock seconds) dates the lease a narrating process holds on its outbox."""
         self.campaign = campaign or builtin_campaign()
         self.rng = rng if rng is not None else random.Random(seed)
         self.store: RunStore = store if store is not None else InMemoryRunStore()
@@ -145,6 +155,7 @@ class ReferenceEngine:
             raise ValueError(f"narration_speed must be in [0, {narration.MAX_SPEED}]")
         self.narration_speed = narration_speed or None
         self._sleep = sleep
+        self._clock = clock
         self._publisher: EventPublisher | None = None
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -200,11 +211,20 @@ class ReferenceEngine:
             else:
                 await self._answer_again(state, action)
             return
-        await self._settle_outbox(state, action.party_id)
+        state = await self._settle_outbox(state, action.party_id)
+        if action.action_id in state.applied:  # applied by another process while we waited
+            await self._answer_again(state, action)
+            return
         work = state.copy()
         events, decision = self._apply(work, action)  # may raise EngineRejected
         summaries = await self._summaries(work, decision)
         work.outbox = [OutboxEvent(action.action_id, t, p, action.trace_id) for t, p in events]
+        text = self._narration_text(work, action, state.scene_number)
+        work.narrating_until = (
+            self._clock() + narration.duration(text, self.narration_speed) + NARRATION_LEASE_SLACK
+            if text and self.narration_speed is not None and self._publisher is not None
+            else None
+        )
         await self.store.commit(work, [decision], summaries)  # may raise CommitConflict
         log.info(
             "applied %s %s by %s: %s (decision %d%s)",
@@ -217,8 +237,19 @@ class ReferenceEngine:
             extra={"trace_id": action.trace_id},
         )
         # Committed first: a crash while narrating loses nothing, and a redelivery of the
-        # action (applied now) publishes its events without narrating again.
-        await self._narrate(work, action, state.scene_number)
+        # action (applied now) publishes its events without narrating again. Another process
+        # with a message of this run waits for these events until ``narrating_until`` (then it
+        # publishes them itself: this one is gone or stuck), so they are not sent mid-narration.
+        if text and self.narration_speed is not None and self._publisher is not None:
+            await narration.narrate(
+                self._publisher,
+                action.party_id,
+                text,
+                speed=self.narration_speed,
+                action_id=action.action_id,
+                trace_id=action.trace_id,
+                sleep=self._sleep,
+            )
         await self._publish_committed(work, action.party_id)
 
     async def _publish_committed(self, work: RunState, party_id: str) -> None:
@@ -250,13 +281,19 @@ class ReferenceEngine:
             stored.outbox = left
             await self._publish_outbox(stored, party_id, keep=others)
             return
-        # Published meanwhile, or dropped (a process that settled them before its own message
-        # could not publish them): the action's result again, alone, so that its player is
-        # answered either way; party_sync publishes it only if it is not out yet (a scene of
-        # then is not sent: the party may have moved on).
+        # Published meanwhile (by a process that took this message over, or settled it after
+        # this one's lease ran out): nothing. Dropped (a process that settled them before its
+        # own message could not publish them): the action's result again, alone, so that its
+        # player is answered; party_sync publishes it only if it is not out yet (a scene of then
+        # is not sent: the party may have moved on). Never a result that went out: after a
+        # Redis restarted empty party_sync no longer knows it, and the party would get it twice.
         publisher = self._publisher
         for event in work.outbox:
-            if event.type == "action.result" and publisher is not None:
+            if (
+                event.type == "action.result"
+                and publisher is not None
+                and event.action_id in stored.dropped
+            ):
                 try:
                     await publisher.publish(
                         party_id, event.type, event.payload, trace_id=event.trace_id
@@ -301,16 +338,16 @@ class ReferenceEngine:
         except InvalidEvent as exc:  # a bug of ours: the action stays applied; say so loudly
             log.error("dropping an invalid repeated action.result: %s", exc)
 
-    async def _narrate(self, work: RunState, action: ActionRequest, scene_before: int) -> None:
-        """Write what is new live (if narration is on); never raises.
+    def _narration_text(self, work: RunState, action: ActionRequest, scene_before: int) -> str:
+        """What is new, to be written live (if narration is on; else ``""``).
 
         A new scene: its whole ``scene.update`` text (what happened, then the scene), which the
         final event then states exactly. The same scene: only what happened (the
         ``action.result``'s text, which leads the ``scene.update``'s), not the scene's
         description again, which every member has read already.
         """
-        if self.narration_speed is None or self._publisher is None:
-            return
+        if self.narration_speed is None:
+            return ""
         texts = {
             e.type: e.payload.get("narration")
             for e in work.outbox
@@ -322,17 +359,7 @@ class ReferenceEngine:
             if same_scene
             else texts.get("scene.update") or texts.get("action.result")
         )
-        if not isinstance(text, str) or not text:
-            return
-        await narration.narrate(
-            self._publisher,
-            action.party_id,
-            text,
-            speed=self.narration_speed,
-            action_id=action.action_id,
-            trace_id=action.trace_id,
-            sleep=self._sleep,
-        )
+        return text if isinstance(text, str) else ""
 
     async def _handle_join(self, notice: JoinNotice) -> None:
         try:
@@ -340,7 +367,7 @@ class ReferenceEngine:
         except EngineRejected:
             log.warning("ignoring a join to run %s from another party", notice.campaign_run_id)
             return
-        await self._settle_outbox(state, notice.party_id)
+        state = await self._settle_outbox(state, notice.party_id)
         work = state.copy()
         started = self.game.start(work)
         new = notice.character_id != PARTY_ACTOR and notice.character_id not in work.characters
@@ -371,7 +398,7 @@ class ReferenceEngine:
                 "ignoring a re-statement of run %s for another party", state.run_id, extra=extra
             )
             return
-        await self._settle_outbox(state, notice.party_id)
+        state = await self._settle_outbox(state, notice.party_id)
         work = state.copy()
         events = restate_events(self.game, work)
         if vote := votes.replan(self.game, work, timeout_s=self.vote_timeout_s):
@@ -530,6 +557,8 @@ class ReferenceEngine:
                 if event.type == "party.state":
                     state.published_party_state = event.payload
         finally:
+            if not state.outbox and not keep:
+                state.narrating_until = None  # nothing left to narrate (keep: another's lease)
             if keep:
                 state.outbox.extend(keep)
             try:
@@ -574,10 +603,35 @@ class ReferenceEngine:
                 state.published_party_state = event.payload
         return True
 
-    async def _settle_outbox(self, state: RunState, party_id: str) -> None:
-        """Before a new action: publish an earlier action's leftovers once, else drop them."""
+    async def _settle_outbox(self, state: RunState, party_id: str) -> RunState:
+        """Before a new message of the run: publish an earlier message's leftovers once, else
+        drop them; the run's state as it is then (newer than ``state`` if it waited).
+
+        Leftovers another process is narrating (``narrating_until`` not past) are that
+        process's to publish once its narration ends: this one waits for them (the run's next
+        message would wait as long in one process, behind its lock), and publishes them itself
+        only if they are still there when the lease runs out (that process died or is stuck).
+        Published here, they would end the narration mid-sentence (party_sync refuses a piece of
+        an answered action)."""
+        waited = False
+        while state.outbox and state.narrating_until is not None:
+            left = state.narrating_until - self._clock()
+            if left <= 0:
+                break
+            if not waited:
+                log.info(
+                    "run %s: waiting up to %.1f s for the events another process narrates",
+                    state.run_id,
+                    left,
+                )
+                waited = True
+            await asyncio.sleep(min(NARRATION_POLL, left))
+            fresh = await self.store.load(state.run_id)
+            if fresh is None:
+                break
+            state = fresh
         if not state.outbox:
-            return
+            return state
         try:
             await self._publish_outbox(state, party_id)
         except Exception:
@@ -587,8 +641,12 @@ class ReferenceEngine:
                 exc_info=True,
             )
             votes.abandon(state)
+            dropped = {e.action_id for e in state.outbox if e.type == "action.result"}
+            state.dropped = [*state.dropped, *sorted(dropped)][-MAX_DROPPED:]
             state.outbox.clear()
+            state.narrating_until = None
             await self.store.commit(state)
+        return state
 
 
 def outbox_key(run: Sequence[OutboxEvent]) -> str:

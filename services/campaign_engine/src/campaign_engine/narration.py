@@ -64,6 +64,14 @@ def parse_speed(text: str, name: str) -> float | None:
     return speed or None
 
 
+def duration(text: str, speed: float) -> float:
+    """Seconds ``narrate`` takes to write ``text`` at ``speed`` (its pauses; not the publishing):
+    at most ``MAX_NARRATION_SECONDS``."""
+    if not pieces(text) or speed <= 0:
+        return 0.0
+    return len(text) / max(speed, len(text) / MAX_NARRATION_SECONDS)
+
+
 async def narrate(
     publisher: EventPublisher,
     party_id: str,

@@ -184,6 +184,12 @@ class RunState:
     outbox: list[OutboxEvent] = field(default_factory=list)
     published_party_state: dict[str, Any] | None = None
     vote: VoteState | None = None  # the latest party vote the engine asked for
+    #: Wall-clock time (Unix seconds) until which the process that committed the outbox is
+    #: narrating it live: another process leaves the outbox to it until then (engine.py).
+    narrating_until: float | None = None
+    #: The action_ids whose unpublished events a process dropped (the last few, engine.py): only
+    #: their results are published again by a process that finds its events gone.
+    dropped: list[str] = field(default_factory=list)
     version: int = field(default=0, compare=False)  # the store's token, not part of the document
 
     @property
@@ -209,6 +215,8 @@ class RunState:
             "outbox": [e.to_dict() for e in self.outbox],
             "published_party_state": self.published_party_state,
             "vote": self.vote.to_dict() if self.vote else None,
+            "narrating_until": self.narrating_until,
+            "dropped": list(self.dropped),
         }
 
     @classmethod
@@ -229,6 +237,8 @@ class RunState:
             outbox=[OutboxEvent.from_dict(e) for e in data["outbox"]],
             published_party_state=data["published_party_state"],
             vote=VoteState.from_dict(data["vote"]) if data.get("vote") else None,  # absent: older
+            narrating_until=data.get("narrating_until"),  # (absent in older documents)
+            dropped=list(data.get("dropped") or ()),
         )
 
     def copy(self) -> RunState:
