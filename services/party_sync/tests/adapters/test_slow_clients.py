@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -261,6 +262,59 @@ async def test_an_upgraded_websocket_leaves_the_wrapper_but_stays_counted_until_
         for client in (again, other):
             await client.close()
         await wait_until(lambda: guard.addresses.total == 0)
+
+
+async def test_a_client_that_floods_pings_and_never_reads_is_closed_and_its_socket_freed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hostile probe: a client that sends pings and never reads is written only aiohttp's
+    pongs; once its buffers filled, the pongs' drain blocked aiohttp's reading and its heartbeat
+    for ever, and the socket, its slot and megabytes of kernel buffers stayed for the client's
+    whole life. The reader watch closes it (4002) and aborts the socket; a neighbour is served."""
+    from party_sync.transport import http
+
+    monkeypatch.setattr(http, "READER_WATCH_EVERY", 0.2)
+    monkeypatch.setattr(http, "READER_PATIENCE_MIN", 0.5)
+    settings = make_settings(heartbeat=1.0)
+    async with serve_in_process(settings) as srv, neighbour_session() as neighbour:
+        assert srv.server is not None
+        gateway, guard = srv.server.gateway, guard_of(srv)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills at once
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port_of(srv)))
+        reader, writer = await asyncio.open_connection(sock=sock)
+        writer.write(
+            f"GET /ws?token={token('borin')} HTTP/1.1\r\nHost: party\r\nUpgrade: websocket\r\n"
+            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        async with asyncio.timeout(CLOSED_WITHIN):
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101")
+        await wait_until(lambda: len(gateway.sessions) == 1)
+        ping = b"\x89" + bytes((0x80 | 125,)) + b"\x00" * 4 + b"x" * 125  # masked, key 0
+
+        async def flood() -> None:
+            with contextlib.suppress(ConnectionError):
+                while not writer.is_closing():
+                    writer.write(ping * 256)
+                    await writer.drain()  # blocks once the server stops reading
+
+        flooding = asyncio.create_task(flood())
+        try:
+            # never read: the server must end it by itself, socket and slot included
+            await wait_until(lambda: not gateway.sessions, timeout=CLOSED_WITHIN * 2)
+            await wait_until(lambda: guard.addresses.total == 0, timeout=CLOSED_WITHIN)
+            closes = gateway.metrics.registry.get_sample_value(
+                "party_sync_closes_total", {"code": "4002"}
+            )
+            assert closes == 1
+            await neighbour_served(srv, neighbour)
+        finally:
+            flooding.cancel()
+            await asyncio.gather(flooding, return_exceptions=True)
+            writer.transport.abort()
 
 
 # -- per user --------------------------------------------------------------------------------

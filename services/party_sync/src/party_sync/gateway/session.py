@@ -51,6 +51,11 @@ class Session(Connection):
         self._sink = sink
         self._gone = False
 
+    @property
+    def sink(self) -> Sink:
+        """The transport's side of this connection."""
+        return self._sink
+
     def send(self, data: bytes) -> bool:
         if self._gone:
             return False

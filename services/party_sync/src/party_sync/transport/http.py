@@ -5,6 +5,7 @@ the other transport modules; what any handler raises is answered by the edge mid
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Hashable
 from typing import Any, NamedTuple
 from urllib.parse import parse_qsl
@@ -16,7 +17,7 @@ from party_sync import problems
 from party_sync.auth import Claims, TokenVerifier
 from party_sync.backends.directory import Directory, MemoryDirectory
 from party_sync.core.history import ResumePoint
-from party_sync.engine.health import EngineHealth
+from party_sync.engine.health import EngineHealth, Periodic
 from party_sync.gateway import Gateway, Session
 from party_sync.protocol.errors import AuthError, BackendUnavailable, CloseCode
 from party_sync.transport import admin, api, asyncapi, demo, members, openapi, telegram
@@ -303,6 +304,47 @@ def connection_guard(gateway: Gateway) -> ConnectionGuard:
     )
 
 
+#: Seconds between two looks at every connection's write buffer (``ReaderWatch``).
+READER_WATCH_EVERY = 5.0
+#: The least patience with a peer that takes nothing (seconds; else the heartbeat's period).
+READER_PATIENCE_MIN = 10.0
+
+
+class ReaderWatch:
+    """Every ``READER_WATCH_EVERY`` seconds: each open WebSocket whose peer has taken nothing of
+    what it is written for ``patience`` seconds (``WebSocketSink.not_reading``) is closed with
+    4002, like a slow consumer, and its socket aborted if the close frame is not taken either.
+    A peer that flooded pings and never read held its socket, its slot and megabytes of kernel
+    buffers for ever: aiohttp's heartbeat was stuck behind the pongs' drain."""
+
+    def __init__(self, gateway: Gateway, patience: float) -> None:
+        self.gateway = gateway
+        self.patience = patience
+        self._periodic = Periodic(self._look, READER_WATCH_EVERY)
+
+    async def _look(self) -> None:
+        try:
+            now = time.monotonic()
+            for session in self.gateway.sessions:
+                sink = session.sink
+                if isinstance(sink, WebSocketSink) and sink.not_reading(now, self.patience):
+                    log.info(
+                        "closing a connection whose client took nothing for %.0f s",
+                        self.patience,
+                        extra={"connection_id": session.id},
+                    )
+                    session.close(CloseCode.SLOW_CONSUMER, "not reading: reconnect and resume")
+        except Exception:  # never die: the next look tries again
+            self.gateway.metrics.background_errors.labels("reader_watch").inc()
+            log.exception("looking for connections that do not read failed")
+
+    def start(self) -> None:
+        self._periodic.start()
+
+    async def stop(self) -> None:
+        await self._periodic.stop()
+
+
 def build_app(
     gateway: Gateway,
     verifier: TokenVerifier,
@@ -336,10 +378,14 @@ def build_app(
     app.router.add_get("/openapi.json", openapi_json)
     asyncapi.add_routes(app, gateway.contracts)  # GET /asyncapi.json: the /ws protocol
 
+    watch = ReaderWatch(gateway, patience=max(gateway.settings.heartbeat, READER_PATIENCE_MIN))
+
     async def on_startup(app: web.Application) -> None:
         await gateway.start()
+        watch.start()
 
     async def on_shutdown(app: web.Application) -> None:
+        await watch.stop()
         await gateway.drain()
 
     async def on_cleanup(app: web.Application) -> None:

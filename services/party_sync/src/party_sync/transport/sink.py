@@ -101,6 +101,7 @@ class WebSocketSink:
         "_max_buffer",
         "_pending",
         "_pending_bytes",
+        "_stuck_since",
         "_transport",
         "_user",
         "_ws",
@@ -129,6 +130,24 @@ class WebSocketSink:
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
         self.close_code: int | None = None  # the code this side closed with, if it did
+        self._stuck_since: float | None = None  # when the buffer was first seen over its mark
+
+    def not_reading(self, now: float, patience: float) -> bool:
+        """True when the peer has not taken what this side writes for ``patience`` seconds:
+        the transport's buffer over its high-water mark at every look since (``ReaderWatch``).
+
+        ``send`` sees a client that does not read only when the server writes frames of its
+        own; a peer that floods pings and never reads is written only aiohttp's pongs, whose
+        drain then blocks aiohttp's heartbeat as well: nothing else would ever end it."""
+        transport = self._transport
+        if self._closing or transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
+            self._stuck_since = None
+            return False
+        if self._stuck_since is None:
+            self._stuck_since = now
+        return now - self._stuck_since >= patience
 
     def send(self, data: bytes) -> bool:
         transport = self._transport
