@@ -48,6 +48,7 @@ from party_sync.problems import RAW_BODIES, listen
 from party_sync.protocol.errors import ConfigError
 from party_sync.protocol.schemas import Contracts
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
+from party_sync.transport.parser_errors import quiet
 
 log = logging.getLogger("party_sync")
 
@@ -471,7 +472,7 @@ async def start_serving(
         port,
         functools.partial(
             loop.create_server,
-            server.app[GUARD].factory(runner.server),
+            server.app[GUARD].factory(quiet(runner.server)),
             host,
             port,
             reuse_address=True,
