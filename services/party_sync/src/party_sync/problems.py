@@ -48,6 +48,7 @@ from party_sync.protocol import codec
 from party_sync.protocol.errors import (
     BackendUnavailable,
     EngineRejected,
+    IdempotencyKeyReused,
     InvalidEvent,
     ListenError,
     NarrationConflict,
@@ -199,6 +200,7 @@ PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
     SpecError: Problem(422, "invalid_vote"),
     VoteConflict: Problem(409, "vote_open"),
     NarrationConflict: Problem(409, "narration_conflict"),  # an InvalidEvent, answered apart
+    IdempotencyKeyReused: Problem(422, "idempotency_key_reused"),  # an InvalidEvent too
     # memberships (transport/members.py) and the admin API (transport/admin.py)
     InvalidMembership: Problem(422, "invalid_membership"),
     InvalidDisplayName: Problem(422, "invalid_display_name"),

@@ -432,6 +432,22 @@ async def test_a_batch_is_published_in_one_step_and_a_late_copy_publishes_nothin
         assert await post(srv, batch, joined, keyed) == (202, {"seqs": [top + 4, top + 5]})
         assert await post(srv, batch, joined, keyed) == (202, {"seqs": [top + 4, top + 5]})
         assert (await backend.snapshot("p1")).seq == top + 5  # the second sent nothing
+        # the key's request had another number of events (a hostile probe: a single event,
+        # then three under its key, was answered three seqs of which two were never published)
+        single = {**AUTH, "Idempotency-Key": "single-1"}
+        assert await post(srv, "/api/v1/parties/p1/events", scene_event(7), single) == (
+            202,
+            {"seq": top + 6},
+        )
+        longer = {"events": [scene_event(7), scene_event(8), scene_event(9)]}
+        for path, body_, headers in (
+            (batch, longer, single),
+            (batch, {"events": [scene_event(5)]}, keyed),
+            (batch, {"events": [scene_event(5)] * 3}, keyed),
+        ):
+            status, problem = await post(srv, path, body_, headers)
+            assert status == 422 and problem["code"] == "idempotency_key_reused", problem
+        assert (await backend.snapshot("p1")).seq == top + 6  # nothing of them published
         await a.close()
 
 

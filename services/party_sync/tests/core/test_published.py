@@ -78,3 +78,21 @@ def test_an_answer_is_a_replay_only_when_every_result_in_it_is_out_already(
         assert found is None
         return
     assert found == [f"r-{a}".encode() if kind == "action.result" else None for kind, a in events]
+
+
+def test_a_request_of_another_shape_under_a_key_is_refused() -> None:
+    from party_sync.core.published import shape
+    from party_sync.protocol.errors import IdempotencyKeyReused
+
+    keys = PublishedKeys(record_ttl=60.0)
+    one, three = shape([{}]), shape([{}, {}, {}])
+    keys.record("k", 4, 0.0, one)
+    assert keys.first("k", 1.0, one) == 4
+    assert keys.first("k", 1.0) == 4  # (a caller that does not say: as before)
+    try:
+        keys.first("k", 1.0, three)
+    except IdempotencyKeyReused:
+        pass
+    else:
+        raise AssertionError("a batch of three under a single event's key was answered")
+    assert keys.first("k", 61.0, three) is None  # expired: the key is free again

@@ -28,7 +28,7 @@ from party_sync.core.events import Event
 from party_sync.core.transient import Transient
 from party_sync.engine.http_host import ApiPublisher
 from party_sync.engine.interface import BatchPublisher, publish_all
-from party_sync.protocol.errors import InvalidEvent, NarrationConflict
+from party_sync.protocol.errors import IdempotencyKeyReused, InvalidEvent, NarrationConflict
 from party_sync.protocol.schemas import Contracts
 from party_sync.publishing import BackendPublisher
 from ps_testkit.client import wait_until
@@ -224,7 +224,9 @@ async def test_an_answer_under_a_key_is_published_once(be: Backend) -> None:
     assert await publisher.publish_many(PARTY, [("scene.update", scene(2))]) == [3]
     assert await publisher.publish_many(PARTY, join, key="join-1") == [1, 2]  # the copy
     one = [("scene.update", scene(1))]
-    assert await publisher.publish_many(PARTY, one, key="join-1") == [1]
+    # the key's call was another (here: its first event alone): refused, nothing published
+    with pytest.raises(IdempotencyKeyReused):
+        await publisher.publish_many(PARTY, one, key="join-1")
     assert await publisher.publish_many(PARTY, one, key="solo") == [4]  # one event, keyed
     assert await publisher.publish_many(PARTY, one, key="solo") == [4]
     snap = await be.snapshot(PARTY, 1000.0)
@@ -232,6 +234,17 @@ async def test_an_answer_under_a_key_is_published_once(be: Backend) -> None:
     assert await publisher.publish_many(PARTY, join, key="join-2") == [5, 6]  # another key
     with pytest.raises(InvalidEvent):
         await publisher.publish_many(PARTY, join, key="not a key")
+    # a single event, then a batch under its key (a hostile probe: answered [4, 5, 6], two
+    # seqs never published, the next publish then got 5), and a batch then a longer one
+    for n, (first, then) in enumerate(((one, join + one), (join, join + join))):
+        sent = await publisher.publish_many(PARTY, first, key=f"reused-{n}")
+        with pytest.raises(IdempotencyKeyReused):
+            await publisher.publish_many(PARTY, then, key=f"reused-{n}")
+        assert await publisher.publish_many(PARTY, first, key=f"reused-{n}") == sent
+    # as many events, other bodies: the key names the publish (the documented retry answer)
+    assert await publisher.publish_many(PARTY, list(reversed(join)), key="reused-1") == [8, 9]
+    snap = await be.snapshot(PARTY, 1000.0)
+    assert snap.seq == 6 + 1 + 2  # only the first request under each key was published
 
 
 class OldPublisher:

@@ -23,7 +23,7 @@ from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.presence import announce_again
-from party_sync.core.published import repeated, replayed, unpublished
+from party_sync.core.published import repeated, replayed, shape, unpublished
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
     GONE,
@@ -106,7 +106,7 @@ class MemoryBackend:
             if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
                 return _decoded(party.party_id, earlier)
         elif key is not None:
-            first = party.published.first(key, now)
+            first = party.published.first(key, now, shape([message]))  # (may raise)
             if first is not None:  # published under this key already: that one stands
                 again = codec.encode(message) if body is None else body
                 return repeated(party.party_id, first, message, again)
@@ -120,7 +120,7 @@ class MemoryBackend:
             payload["action_id"], payload["character_id"], data, now
         )
         if key is not None and type_ != t.ACTION_RESULT:
-            party.published.record(key, seq, now)
+            party.published.record(key, seq, now, shape([message]))
         if refused:
             log.warning(
                 "the engine applied an action after it had been refused (its deadline "
@@ -160,7 +160,8 @@ class MemoryBackend:
             ]
         if key is not None and len(messages) == 1:  # as one publish under the key
             return [self._publish(party, messages[0], now, bodies[0], key=key)]
-        first = None if key is None else party.published.first(key, now)
+        request = "" if key is None else shape(messages)
+        first = None if key is None else party.published.first(key, now, request)  # (may raise)
         if first is not None:  # the call under this key was published: each event's seq in it
             return [
                 repeated(party_id, first + i, m, body)
@@ -169,7 +170,7 @@ class MemoryBackend:
         top = party.log.top_seq
         events = [self._publish(party, messages[i], now, body) for i, body in enumerate(bodies)]
         if key is not None and party.log.top_seq > top:  # the first event it sequenced
-            party.published.record(key, top + 1, now)
+            party.published.record(key, top + 1, now, request)
         return events
 
     async def publish_run(self, campaign_run_id: str, message: dict[str, Any]) -> None:

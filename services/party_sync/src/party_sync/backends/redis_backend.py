@@ -59,7 +59,7 @@ from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
-from party_sync.core.published import repeated, unpublished
+from party_sync.core.published import REUSED, repeated, shape, unpublished
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
     GONE,
@@ -75,7 +75,7 @@ from party_sync.core.votes import CastRefusal, VoteSpec
 from party_sync.metrics import Metrics, ReadCounter
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
-from party_sync.protocol.errors import BackendUnavailable
+from party_sync.protocol.errors import BackendUnavailable, IdempotencyKeyReused
 from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -284,18 +284,20 @@ class RedisBackend:
         fold = fold_args(type_, payload)  # raises before anything is recorded
         body = codec.encode(message)
         action_id = payload["action_id"] if type_ == t.ACTION_RESULT else None
+        keyed = key if action_id is None else None
+        args: list[Arg] = [body, type_, *fold]
+        if keyed is not None:
+            args.append(shape([message]))
         with unavailable("publish"):
             reply = await self.scripts.run(
-                "publish",
-                party_id,
-                now,
-                [body, type_, *fold],
-                action_id=action_id,
-                published=key if action_id is None else None,
+                "publish", party_id, now, args, action_id=action_id, published=keyed
             )
         seq = int(reply[0])
         if seq == 0:
-            if text(reply[1]) == "key":  # published under this key already: its seq stands
+            said = text(reply[1])
+            if said == "reused":
+                raise IdempotencyKeyReused(REUSED)
+            if said == "key":  # published under this key already: its seq stands
                 return repeated(party_id, int(reply[2]), message, body)
             return event_from(party_id, bytes(reply[2]))  # the action's result stands
         if len(reply) > 2 and int(reply[2]):
@@ -331,10 +333,14 @@ class RedisBackend:
             if type_ == t.ACTION_RESULT:
                 action_ids.append(payload["action_id"])
             args += [body, type_, len(fold), *fold]
+        if key is not None:
+            args.append(shape(messages))
         with unavailable("publish"):
             reply = await self.scripts.run(
                 "publish_many", party_id, now, args, action_ids=action_ids, published=key
             )
+        if text(reply[0]) == "!reused":
+            raise IdempotencyKeyReused(REUSED)
         events: list[Event] = []
         for i, (message, body) in enumerate(zip(messages, bodies, strict=True)):
             seq, extra = int(reply[1 + 2 * i]), reply[2 + 2 * i]

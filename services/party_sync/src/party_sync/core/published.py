@@ -22,6 +22,21 @@ from typing import Any
 from party_sync.core.events import Event
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
+from party_sync.protocol.errors import IdempotencyKeyReused
+
+#: ``IdempotencyKeyReused``'s words.
+REUSED = (
+    "the Idempotency-Key was used within action_record_ttl for a request of another number of "
+    "events: nothing of this one was published"
+)
+
+
+def shape(messages: Sequence[Mapping[str, Any]]) -> str:
+    """What a request under a key is compared by with a later request under that key: its
+    number of events. A retry answered the first request's seqs must have as many events (the
+    key names the publish, not its bodies, which a retry may make anew); one with another number
+    is another request (``IdempotencyKeyReused``): its seqs would not be its events'."""
+    return str(len(messages))
 
 
 def repeated(party_id: str, first: int, message: dict[str, Any], body: bytes) -> Event:
@@ -63,33 +78,39 @@ def unpublished(party_id: str, message: Mapping[str, Any], body: bytes) -> Event
 
 
 class PublishedKeys:
-    """Per party: key → the seq of the event first published under it, until ``record_ttl``
-    after that publish."""
+    """Per party: key → the seq of the (first) event published under it and the request's
+    ``shape``, until ``record_ttl`` after that publish."""
 
     __slots__ = ("_events", "_expires", "max_keys", "record_ttl")
 
     def __init__(self, record_ttl: float, max_keys: int = 10_000) -> None:
         self.record_ttl = record_ttl
         self.max_keys = max_keys
-        self._events: dict[str, int] = {}  # seqs, in publish order, like the expiries
+        #: seq and shape, in publish order, like the expiries
+        self._events: dict[str, tuple[int, str]] = {}
         self._expires: dict[str, float] = {}
 
     def __len__(self) -> int:
         return len(self._events)
 
-    def first(self, key: str, now: float) -> int | None:
+    def first(self, key: str, now: float, request: str = "") -> int | None:
         """The seq of the event published under ``key``, if that was less than ``record_ttl``
-        ago."""
+        ago. ``request``: this request's ``shape``; another request's under the key raises
+        ``IdempotencyKeyReused``."""
         expires = self._expires.get(key)
         if expires is None or expires <= now:
             return None
-        return self._events[key]
+        seq, published = self._events[key]
+        if request and published and request != published:
+            raise IdempotencyKeyReused(REUSED)
+        return seq
 
-    def record(self, key: str, seq: int, now: float) -> None:
-        """The event ``seq`` was published under ``key`` at ``now``."""
+    def record(self, key: str, seq: int, now: float, request: str = "") -> None:
+        """The event ``seq`` (the first of the request ``request``) was published under ``key``
+        at ``now``."""
         self._events.pop(key, None)  # an expired record of the key: now the newest
         self._expires.pop(key, None)
-        self._events[key] = seq
+        self._events[key] = (seq, request)
         self._expires[key] = now + self.record_ttl
         self.collect(now)
 

@@ -17,7 +17,12 @@ from party_sync.engine.interface import (
     publish_all,
     restate_engine,
 )
-from party_sync.protocol.errors import BackendUnavailable, InvalidEvent, VoteConflict
+from party_sync.protocol.errors import (
+    BackendUnavailable,
+    IdempotencyKeyReused,
+    InvalidEvent,
+    VoteConflict,
+)
 
 __all__ = [
     "ENGINE_EVENT_TYPES",
@@ -28,6 +33,7 @@ __all__ = [
     "EngineLink",
     "EngineRejected",
     "EventPublisher",
+    "IdempotencyKeyReused",
     "InvalidEvent",
     "JoinNotice",
     "Narration",

@@ -161,6 +161,13 @@ class NarrationConflict(InvalidEvent):
     not a conflict: it is accepted again and changes nothing."""
 
 
+class IdempotencyKeyReused(InvalidEvent):
+    """A publish under an ``Idempotency-Key`` that was used, within ``action_record_ttl``, for
+    another request: other events, or another number of them (the API answers 422
+    ``idempotency_key_reused``). Nothing of it is published: answering the first request's seqs
+    would say these events were published when they were not."""
+
+
 class AuthError(PartySyncError):
     """A refused handshake. ``status`` is the HTTP status to answer (401 or 403)."""
 

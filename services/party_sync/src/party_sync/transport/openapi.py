@@ -238,8 +238,10 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
                     "202": _json(accepted, "Published"),
                     "422": _problem(
                         "invalid_event: not a valid event of a publishable type (the detail "
-                        "says why)",
+                        "says why); idempotency_key_reused: the Idempotency-Key was used, within "
+                        "action_record_ttl, for a batch of several events (nothing published)",
                         "invalid_event",
+                        "idempotency_key_reused",
                     ),
                     "503": _UNAVAILABLE,
                 },
@@ -263,7 +265,8 @@ def _publish_batch() -> dict[str, Any]:
                 "that went out whole: none of it is published (seq 0 for each event but the "
                 "results, which give their first seq). Under an Idempotency-Key, a call whose key "
                 "has a call already publishes nothing and answers the seqs that call's events "
-                "got: a batch is safe to send again."
+                "got: a batch is safe to send again (with as many events: a call of another "
+                "number under the key is refused, 422 idempotency_key_reused)."
             ),
             "operationId": "publish_party_events",
             "tags": ["events"],
@@ -301,8 +304,12 @@ def _publish_batch() -> dict[str, Any]:
                     ),
                     "422": _problem(
                         f"invalid_event: a body that is not a list of 1 to {MAX_BATCH_EVENTS} "
-                        "valid events of publishable types (the detail says why)",
+                        "valid events of publishable types (the detail says why); "
+                        "idempotency_key_reused: the Idempotency-Key was used, within "
+                        "action_record_ttl, for a call of another number of events (nothing "
+                        "published: its seqs could not be this call's)",
                         "invalid_event",
+                        "idempotency_key_reused",
                     ),
                     "503": _UNAVAILABLE,
                 },

@@ -2,10 +2,16 @@
 -- ARGV[7] body (the encoded envelope without seq), ARGV[8] type, ARGV[9..] fold arguments.
 -- KEYS[12]: the action record, for an action.result (completed in the same atomic step); for
 -- another event, if given, the record of its Idempotency-Key (core/published.py: s, the seq of
--- the event first published under the key).
+-- the event first published under the key; f, that request's shape: its number of events), and then the last
+-- ARGV is this request's shape (not a fold argument).
 -- Returns {seq, epoch, 1 if it replaced a refusal else 0}, {0, '', the earlier data} for a
--- second result of one action, or {0, 'key', the first seq} for a second publish under one key.
+-- second result of one action, {0, 'key', the first seq} for a second publish under one key,
+-- or {0, 'reused', the first seq} when the key's request had another number of events.
 local body, kind = ARGV[7], ARGV[8]
+local last, request = #ARGV, nil
+if K_ACTION and kind ~= 'action.result' then
+  request, last = ARGV[#ARGV], #ARGV - 1
+end
 local record = nil  -- the action record's {character, result, refusal}, for an action.result
 local refused = 0
 if kind == 'action.result' then
@@ -14,13 +20,16 @@ if kind == 'action.result' then
     return {0, '', record[2]}
   end
 elseif K_ACTION then  -- published under an Idempotency-Key: the first one stands
-  local first = redis.call('HGET', K_ACTION, 's')
-  if first then
-    return {0, 'key', first}
+  local first = redis.call('HMGET', K_ACTION, 's', 'f')
+  if first[1] then
+    if first[2] and first[2] ~= request then
+      return {0, 'reused', first[1]}
+    end
+    return {0, 'key', first[1]}
   end
 end
 local f = {}
-for i = 9, #ARGV do
+for i = 9, last do
   f[#f + 1] = ARGV[i]
 end
 local epoch = ensure_epoch()
@@ -42,7 +51,7 @@ if kind == 'action.result' then
   release_lock(character_id, f[1])
   answered(f[1])
 elseif K_ACTION then
-  redis.call('HSET', K_ACTION, 's', seq)
+  redis.call('HSET', K_ACTION, 's', seq, 'f', request)
   redis.call('PEXPIRE', K_ACTION, RECORD_TTL)
 end
 return {seq, epoch, refused}

@@ -6,7 +6,9 @@
 -- ARGV[7] the number of events; then per event: body, type, the count of its fold arguments,
 -- the fold arguments. KEYS[12], KEYS[13], ...: the action record of each action.result, in order;
 -- then, for a call made under an Idempotency-Key, that key's record (core/published.py: s, the
--- seq of the first event of the call first published under the key).
+-- seq of the first event of the call first published under the key; f, that call's shape: its number of events),
+-- and then the last ARGV, after the events, is this call's shape. A call under a key whose
+-- call had another number of events returns {'!reused'} and publishes nothing.
 -- Returns {epoch ('' if nothing was sequenced), then per event: seq, 1 if it replaced a refusal
 -- else 0}, where a second result of one action (idempotent: not sequenced again) is
 -- {0, the earlier data}.
@@ -47,7 +49,11 @@ end
 local K_KEYED = nil
 if #KEYS > 11 + results then
   K_KEYED = KEYS[#KEYS]
-  local first = redis.call('HGET', K_KEYED, 's')
+  local found = redis.call('HMGET', K_KEYED, 's', 'f')
+  local first = found[1]
+  if first and found[2] and found[2] ~= ARGV[#ARGV] then
+    return {'!reused'}
+  end
   if first then
     local out = {''}
     for i = 1, count do
@@ -131,7 +137,7 @@ if #datas > 0 then
   hold_many(datas)
   touch_written(written, NOTHING)
   if K_KEYED then
-    redis.call('HSET', K_KEYED, 's', first_seq)
+    redis.call('HSET', K_KEYED, 's', first_seq, 'f', ARGV[#ARGV])
     redis.call('PEXPIRE', K_KEYED, RECORD_TTL)
   end
 end
