@@ -30,7 +30,7 @@ from campaign_engine.testing import (
 from hypothesis import given
 from hypothesis import strategies as st
 from party_sync import devmode
-from party_sync.engine import NarrationConflict
+from party_sync.engine import EngineRejected, NarrationConflict
 
 SPEED = 80.0
 
@@ -372,6 +372,72 @@ async def test_a_second_worker_waits_for_the_first_ones_narration_and_its_events
     assert results == [row.action_id, look.action_id]  # each once, the row's first
     state = await first.run_state("run-1")
     assert state is not None and state.outbox == [] and state.narrating_until is None
+    await first.close()
+    await second.close()
+
+
+@pytest.mark.parametrize("refused", [False, True])
+async def test_a_waiting_worker_is_not_overtaken_by_the_narrators_next_message(
+    store_url: str, refused: bool
+) -> None:
+    """A fault probe: the narrating worker's next message, queued in its own process, committed
+    the moment the first one's events were out, while the other worker polled; the other
+    worker's action waited through narration after narration (12 to 26 s). The waiting worker
+    takes a place in the run's line, and the narrator's next message waits behind it."""
+    shared = open_store(store_url)
+    other = shared if store_url == "memory://" else open_store(store_url)
+    now = [1_000_000.0]
+    party_sync = RecordingPublisher()
+    checks = {
+        name: action_request("skill_check", {}, character_id=name, trace_id=f"t-{name}")
+        for name in ("aria", "bram", "cora")
+    }
+    if refused:  # the waiting worker's action is refused: its place in line goes with it
+        checks["bram"] = action_request(
+            "choice", {"option": "nowhere"}, character_id="bram", trace_id="t-bram"
+        )
+    second = ReferenceEngine(
+        builtin_campaign(),
+        seed=2,
+        store=other,
+        narration_speed=SPEED,
+        sleep=Clock().sleep,
+        clock=lambda: now[0],
+    )
+    behind: list[asyncio.Task[None]] = []
+
+    async def writing(delay: float) -> None:  # the first worker narrates aria's check
+        if not behind:
+            behind.append(asyncio.create_task(second.handle_action(checks["bram"])))
+            await asyncio.sleep(0.2)  # (real time: bram's worker finds the lease, takes its place)
+            behind.append(asyncio.create_task(first.handle_action(checks["cora"])))
+        now[0] += delay
+        await asyncio.sleep(0.01)
+
+    first = ReferenceEngine(
+        builtin_campaign(),
+        seed=1,
+        store=shared,
+        narration_speed=SPEED,
+        sleep=writing,
+        clock=lambda: now[0],
+    )
+    await first.start(party_sync)
+    await second.start(party_sync)
+    for name in checks:
+        await first.handle_join(join_notice(name))
+    party_sync.clear()
+
+    await first.handle_action(checks["aria"])
+    ended = await asyncio.wait_for(asyncio.gather(*behind, return_exceptions=True), 20)
+    assert isinstance(ended[0], EngineRejected) if refused else ended[0] is None
+    assert ended[1] is None
+
+    results = [p.payload["character_id"] for p in party_sync.published if p.type == "action.result"]
+    # in the order they reached the workers
+    assert results == (["aria", "cora"] if refused else ["aria", "bram", "cora"])
+    state = await first.run_state("run-1")
+    assert state is not None and state.waiter is None and state.outbox == []
     await first.close()
     await second.close()
 

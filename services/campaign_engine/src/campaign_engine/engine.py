@@ -54,12 +54,14 @@ action is simply worked out again on the newer state — or found applied alread
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -121,6 +123,8 @@ COMMIT_BACKOFF = 0.005
 NARRATION_LEASE_SLACK = 3.0
 #: Seconds between two looks at a run whose outbox another process is narrating.
 NARRATION_POLL = 0.05
+#: Seconds a process gives the store to take back its place in a run's line.
+LEAVE_LINE_WITHIN = 2.0
 #: How many dropped actions a run remembers (``RunState.dropped``).
 MAX_DROPPED = 32
 
@@ -156,6 +160,8 @@ class ReferenceEngine:
         self.narration_speed = narration_speed or None
         self._sleep = sleep
         self._clock = clock
+        self._id = uuid.uuid4().hex  # this process's name in a run's line (RunState.waiter)
+        self._in_line: set[str] = set()  # the runs where it took a place in line
         self._publisher: EventPublisher | None = None
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -215,7 +221,7 @@ class ReferenceEngine:
         if action.action_id in state.applied:  # applied by another process while we waited
             await self._answer_again(state, action)
             return
-        work = state.copy()
+        work = self._take_turn(state.copy())
         events, decision = self._apply(work, action)  # may raise EngineRejected
         summaries = await self._summaries(work, decision)
         work.outbox = [OutboxEvent(action.action_id, t, p, action.trace_id) for t, p in events]
@@ -266,6 +272,9 @@ class ReferenceEngine:
         stored = await self.store.load(work.run_id)
         if stored is None or stored.version == work.version:
             await self._publish_outbox(work, party_id)
+            return
+        if stored.outbox == work.outbox:  # only another process's place in line was written
+            await self._publish_outbox(stored, party_id)
             return
         mine = {(event.action_id, event.trace_id) for event in work.outbox}
         left = [e for e in stored.outbox if (e.action_id, e.trace_id) in mine]
@@ -368,7 +377,7 @@ class ReferenceEngine:
             log.warning("ignoring a join to run %s from another party", notice.campaign_run_id)
             return
         state = await self._settle_outbox(state, notice.party_id)
-        work = state.copy()
+        work = self._take_turn(state.copy())
         started = self.game.start(work)
         new = notice.character_id != PARTY_ACTOR and notice.character_id not in work.characters
         changed = self.game.register(work, notice.character_id, notice.display_name)
@@ -399,7 +408,7 @@ class ReferenceEngine:
             )
             return
         state = await self._settle_outbox(state, notice.party_id)
-        work = state.copy()
+        work = self._take_turn(state.copy())
         events = restate_events(self.game, work)
         if vote := votes.replan(self.game, work, timeout_s=self.vote_timeout_s):
             events.append(vote)  # last, after the scene it is about
@@ -438,17 +447,41 @@ class ReferenceEngine:
         self, handle: Callable[[_T], Awaitable[None]], message: _T, run_id: str
     ) -> None:
         """``handle(message)``, again on the newer state if another process committed first."""
-        for attempt in range(1, COMMIT_ATTEMPTS + 1):
-            try:
-                await handle(message)
+        try:
+            for attempt in range(1, COMMIT_ATTEMPTS + 1):
+                try:
+                    await handle(message)
+                    return
+                except CommitConflict:
+                    if attempt == COMMIT_ATTEMPTS:
+                        raise
+                    log.info("run %s changed in another process; working it out again", run_id)
+                    # Two workers that keep colliding on one run must not retry in lockstep: a
+                    # short random pause (full jitter, doubling) lets one of them commit first.
+                    await asyncio.sleep(random.uniform(0, COMMIT_BACKOFF * 2**attempt))
+        finally:
+            if run_id in self._in_line:  # it waited: its place must not outlive the message
+                self._in_line.discard(run_id)
+                await self._leave_line(run_id)
+
+    async def _leave_line(self, run_id: str) -> None:
+        """Give up this process's place in the run's line if a message ended without committing
+        (refused, nothing to publish, failed); never raises (the place expires anyway)."""
+        try:
+            async with asyncio.timeout(LEAVE_LINE_WITHIN):
+                await self._clear_place(run_id)
+        except Exception:
+            log.warning("could not give up a place in run %s's line", run_id, exc_info=True)
+
+    async def _clear_place(self, run_id: str) -> None:
+        for _ in range(COMMIT_ATTEMPTS):
+            state = await self.store.load(run_id)
+            if state is None or state.waiter != self._id:
                 return
-            except CommitConflict:
-                if attempt == COMMIT_ATTEMPTS:
-                    raise
-                log.info("run %s changed in another process; working it out again", run_id)
-                # Two workers that keep colliding on one run must not retry in lockstep: a
-                # short random pause (full jitter, doubling) lets one of them commit first.
-                await asyncio.sleep(random.uniform(0, COMMIT_BACKOFF * 2**attempt))
+            state.waiter = state.waiter_until = None
+            with contextlib.suppress(CommitConflict):
+                await self.store.commit(state)
+                return
 
     async def _summaries(self, after: RunState, decision: Decision) -> list[SceneSummary]:
         """The L2 entries ``decision`` writes: none unless it moved the party to another scene."""
@@ -603,6 +636,12 @@ class ReferenceEngine:
                 state.published_party_state = event.payload
         return True
 
+    def _take_turn(self, work: RunState) -> RunState:
+        """``work`` with this process's place in the run's line given up (it commits now)."""
+        if work.waiter == self._id:
+            work.waiter = work.waiter_until = None
+        return work
+
     async def _settle_outbox(self, state: RunState, party_id: str) -> RunState:
         """Before a new message of the run: publish an earlier message's leftovers once, else
         drop them; the run's state as it is then (newer than ``state`` if it waited).
@@ -614,18 +653,30 @@ class ReferenceEngine:
         Published here, they would end the narration mid-sentence (party_sync refuses a piece of
         an answered action)."""
         waited = False
-        while state.outbox and state.narrating_until is not None:
-            left = state.narrating_until - self._clock()
-            if left <= 0:
+        while True:
+            now = self._clock()
+            leased = bool(state.outbox) and (state.narrating_until or 0.0) > now
+            behind = state.waiter not in (None, self._id) and (state.waiter_until or 0.0) > now
+            if not leased and not behind:
                 break
+            if leased and not behind and state.waiter != self._id:
+                # First in line: said in the run, so that the narrating process's next message
+                # waits behind this one instead of overtaking it again and again.
+                turn = state.copy()
+                turn.waiter = self._id
+                turn.waiter_until = (state.narrating_until or now) + NARRATION_LEASE_SLACK
+                with contextlib.suppress(CommitConflict):  # another was first: looked at again
+                    await self.store.commit(turn)
+                    state = turn
+                    self._in_line.add(state.run_id)
             if not waited:
                 log.info(
-                    "run %s: waiting up to %.1f s for the events another process narrates",
+                    "run %s: waiting for the events another process narrates (its lease: %.1f s)",
                     state.run_id,
-                    left,
+                    max(0.0, (state.narrating_until or now) - now),
                 )
                 waited = True
-            await asyncio.sleep(min(NARRATION_POLL, left))
+            await asyncio.sleep(NARRATION_POLL)
             fresh = await self.store.load(state.run_id)
             if fresh is None:
                 break

@@ -190,6 +190,10 @@ class RunState:
     #: The action_ids whose unpublished events a process dropped (the last few, engine.py): only
     #: their results are published again by a process that finds its events gone.
     dropped: list[str] = field(default_factory=list)
+    #: The process first in line for the run while another narrates (engine.py), and until when
+    #: its place holds: the narrating process's next message waits behind it (fair turns).
+    waiter: str | None = None
+    waiter_until: float | None = None
     version: int = field(default=0, compare=False)  # the store's token, not part of the document
 
     @property
@@ -217,6 +221,8 @@ class RunState:
             "vote": self.vote.to_dict() if self.vote else None,
             "narrating_until": self.narrating_until,
             "dropped": list(self.dropped),
+            "waiter": self.waiter,
+            "waiter_until": self.waiter_until,
         }
 
     @classmethod
@@ -239,6 +245,8 @@ class RunState:
             vote=VoteState.from_dict(data["vote"]) if data.get("vote") else None,  # absent: older
             narrating_until=data.get("narrating_until"),  # (absent in older documents)
             dropped=list(data.get("dropped") or ()),
+            waiter=data.get("waiter"),
+            waiter_until=data.get("waiter_until"),
         )
 
     def copy(self) -> RunState:
