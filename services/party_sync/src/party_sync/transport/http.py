@@ -333,7 +333,10 @@ class ReaderWatch:
                         self.patience,
                         extra={"connection_id": session.id},
                     )
-                    session.close(CloseCode.SLOW_CONSUMER, "not reading: reconnect and resume")
+                    if sink.closing:  # a close began (ours, or aiohttp's heartbeat): it waits
+                        sink.abort()  # for a drain that never comes
+                    else:
+                        session.close(CloseCode.SLOW_CONSUMER, "not reading: reconnect and resume")
         except Exception:  # never die: the next look tries again
             self.gateway.metrics.background_errors.labels("reader_watch").inc()
             log.exception("looking for connections that do not read failed")

@@ -138,10 +138,10 @@ class WebSocketSink:
 
         ``send`` sees a client that does not read only when the server writes frames of its
         own; a peer that floods pings and never reads is written only aiohttp's pongs, whose
-        drain then blocks aiohttp's heartbeat as well: nothing else would ever end it."""
+        drain then blocks aiohttp's reading as well: nothing else would ever end it. (aiohttp's
+        heartbeat, when its period is short, does close the transport, but a close waits for the
+        buffer to drain, which such a peer never lets happen: a closing transport counts too.)"""
         transport = self._transport
-        if self._closing or transport.is_closing():
-            return False
         if transport.get_write_buffer_size() <= transport.get_write_buffer_limits()[1]:
             self._stuck_since = None
             return False
@@ -188,6 +188,15 @@ class WebSocketSink:
         self._close_task = asyncio.get_running_loop().create_task(
             self._close(code, reason.encode()[:120])
         )
+
+    @property
+    def closing(self) -> bool:
+        """This side began to close the connection, or its transport is closing."""
+        return self._closing or self._transport.is_closing()
+
+    def abort(self) -> None:
+        """Drop the socket now (what it holds unsent is discarded): the read loop ends."""
+        self._transport.abort()
 
     async def _close(self, code: int, reason: bytes) -> None:
         """The close handshake, bounded: aiohttp's ``close`` waits for the close frame to drain
