@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
 from campaign_engine import narration
 from campaign_engine.campaign import Campaign, builtin_campaign
 from campaign_engine.engine import ENV_NARRATION_SPEED, ReferenceEngine, create_engine
+from campaign_engine.state import RunState
 from campaign_engine.store import open_store
 from campaign_engine.testing import (
     MAX_OPEN_STREAMS,
@@ -312,6 +313,61 @@ def test_make_run_narrates_at_a_pleasant_speed_and_only_the_in_process_reference
         assert untouched == {}
 
 
+class Workers:
+    """Two engine processes (stream workers) on one database, on one virtual wall clock
+    (``now``): ``first`` narrates with ``sleep`` (the test's hook into its narration), ``second``
+    at once (or not at all: ``second_speed`` None). Joins ``characters`` through the first."""
+
+    def __init__(
+        self,
+        store_url: str,
+        sleep: Callable[[float], Awaitable[None]],
+        *,
+        second_speed: float | None = SPEED,
+    ) -> None:
+        shared = open_store(store_url)
+        other = shared if store_url == "memory://" else open_store(store_url)
+        self.now = [1_000_000.0]
+        clock = self.clock
+        self.first = ReferenceEngine(
+            builtin_campaign(),
+            seed=1,
+            store=shared,
+            narration_speed=SPEED,
+            sleep=sleep,
+            clock=clock,
+        )
+        self.second = ReferenceEngine(
+            builtin_campaign(),
+            seed=2,
+            store=other,
+            narration_speed=second_speed,
+            sleep=Clock().sleep,
+            clock=clock,
+        )
+
+    def clock(self) -> float:
+        return self.now[0]
+
+    async def start(
+        self, first: RecordingPublisher, second: RecordingPublisher, *characters: str
+    ) -> None:
+        await self.first.start(first)
+        await self.second.start(second)
+        for name in characters:
+            await self.first.handle_join(join_notice(name))
+        first.clear()
+
+    async def run_state(self) -> RunState:
+        state = await self.first.run_state("run-1")
+        assert state is not None
+        return state
+
+    async def close(self) -> None:
+        await self.first.close()
+        await self.second.close()
+
+
 async def test_a_second_worker_waits_for_the_first_ones_narration_and_its_events(
     store_url: str,
 ) -> None:
@@ -322,44 +378,21 @@ async def test_a_second_worker_waits_for_the_first_ones_narration_and_its_events
     which party_sync took as new after a Redis restarted empty (a fault probe saw a result
     twice). Now the second waits for the first's events, as a second message waits in one
     process, and the narration, then the events, go out whole and in order."""
-    shared = open_store(store_url)
-    other = shared if store_url == "memory://" else open_store(store_url)
-    now = [1_000_000.0]
     party_sync = RecordingPublisher()  # the one party_sync both workers publish to
     row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
     look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
-    second = ReferenceEngine(
-        builtin_campaign(),
-        seed=2,
-        store=other,
-        narration_speed=SPEED,
-        sleep=Clock().sleep,
-        clock=lambda: now[0],
-    )
     behind: list[asyncio.Task[None]] = []
 
     async def writing(delay: float) -> None:  # the first worker's narration, in virtual time
         if not behind:  # the other player's action reaches the second worker meanwhile
-            behind.append(asyncio.create_task(second.handle_action(look)))
+            behind.append(asyncio.create_task(workers.second.handle_action(look)))
             await asyncio.sleep(0.2)  # (real time: it loads the run and finds the events)
-        now[0] += delay
+        workers.now[0] += delay
         await asyncio.sleep(0)
 
-    first = ReferenceEngine(
-        builtin_campaign(),
-        seed=1,
-        store=shared,
-        narration_speed=SPEED,
-        sleep=writing,
-        clock=lambda: now[0],
-    )
-    await first.start(party_sync)
-    await second.start(party_sync)
-    await first.handle_join(join_notice("aria"))
-    await first.handle_join(join_notice("bram"))
-    party_sync.clear()
-
-    await first.handle_action(row)
+    workers = Workers(store_url, writing)
+    await workers.start(party_sync, party_sync, "aria", "bram")
+    await workers.first.handle_action(row)
     await asyncio.wait_for(behind[0], 10)
 
     pieces = [p for p in party_sync.narrated if p.action_id == row.action_id]
@@ -370,10 +403,9 @@ async def test_a_second_worker_waits_for_the_first_ones_narration_and_its_events
     assert timeline[first_event].payload["action_id"] == row.action_id  # type: ignore[union-attr]
     results = [p.payload["action_id"] for p in party_sync.published if p.type == "action.result"]
     assert results == [row.action_id, look.action_id]  # each once, the row's first
-    state = await first.run_state("run-1")
-    assert state is not None and state.outbox == [] and state.narrating_until is None
-    await first.close()
-    await second.close()
+    state = await workers.run_state()
+    assert state.outbox == [] and state.narrating_until is None
+    await workers.close()
 
 
 @pytest.mark.parametrize("refused", [False, True])
@@ -384,9 +416,6 @@ async def test_a_waiting_worker_is_not_overtaken_by_the_narrators_next_message(
     the moment the first one's events were out, while the other worker polled; the other
     worker's action waited through narration after narration (12 to 26 s). The waiting worker
     takes a place in the run's line, and the narrator's next message waits behind it."""
-    shared = open_store(store_url)
-    other = shared if store_url == "memory://" else open_store(store_url)
-    now = [1_000_000.0]
     party_sync = RecordingPublisher()
     checks = {
         name: action_request("skill_check", {}, character_id=name, trace_id=f"t-{name}")
@@ -396,39 +425,19 @@ async def test_a_waiting_worker_is_not_overtaken_by_the_narrators_next_message(
         checks["bram"] = action_request(
             "choice", {"option": "nowhere"}, character_id="bram", trace_id="t-bram"
         )
-    second = ReferenceEngine(
-        builtin_campaign(),
-        seed=2,
-        store=other,
-        narration_speed=SPEED,
-        sleep=Clock().sleep,
-        clock=lambda: now[0],
-    )
     behind: list[asyncio.Task[None]] = []
 
     async def writing(delay: float) -> None:  # the first worker narrates aria's check
         if not behind:
-            behind.append(asyncio.create_task(second.handle_action(checks["bram"])))
+            behind.append(asyncio.create_task(workers.second.handle_action(checks["bram"])))
             await asyncio.sleep(0.2)  # (real time: bram's worker finds the lease, takes its place)
-            behind.append(asyncio.create_task(first.handle_action(checks["cora"])))
-        now[0] += delay
+            behind.append(asyncio.create_task(workers.first.handle_action(checks["cora"])))
+        workers.now[0] += delay
         await asyncio.sleep(0.01)
 
-    first = ReferenceEngine(
-        builtin_campaign(),
-        seed=1,
-        store=shared,
-        narration_speed=SPEED,
-        sleep=writing,
-        clock=lambda: now[0],
-    )
-    await first.start(party_sync)
-    await second.start(party_sync)
-    for name in checks:
-        await first.handle_join(join_notice(name))
-    party_sync.clear()
-
-    await first.handle_action(checks["aria"])
+    workers = Workers(store_url, writing)
+    await workers.start(party_sync, party_sync, *checks)
+    await workers.first.handle_action(checks["aria"])
     ended = await asyncio.wait_for(asyncio.gather(*behind, return_exceptions=True), 20)
     assert isinstance(ended[0], EngineRejected) if refused else ended[0] is None
     assert ended[1] is None
@@ -436,10 +445,9 @@ async def test_a_waiting_worker_is_not_overtaken_by_the_narrators_next_message(
     results = [p.payload["character_id"] for p in party_sync.published if p.type == "action.result"]
     # in the order they reached the workers
     assert results == (["aria", "cora"] if refused else ["aria", "bram", "cora"])
-    state = await first.run_state("run-1")
-    assert state is not None and state.waiter is None and state.outbox == []
-    await first.close()
-    await second.close()
+    state = await workers.run_state()
+    assert state.waiter is None and state.outbox == []
+    await workers.close()
 
 
 async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_ends(
@@ -447,10 +455,6 @@ async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_
 ) -> None:
     """The first worker dies while it narrates (never publishes): the second waits until the
     lease the first took on its events runs out, then publishes them before its own."""
-    shared = open_store(store_url)
-    other = shared if store_url == "memory://" else open_store(store_url)
-    now = [1_000_000.0]
-    party_sync = RecordingPublisher()
     row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
     look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
     died = asyncio.Event()
@@ -459,35 +463,21 @@ async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_
         died.set()
         await asyncio.Event().wait()  # never returns: cancelled below, as a killed worker
 
-    first = ReferenceEngine(
-        builtin_campaign(),
-        seed=1,
-        store=shared,
-        narration_speed=SPEED,
-        sleep=dying,
-        clock=lambda: now[0],
-    )
-    second = ReferenceEngine(
-        builtin_campaign(), seed=2, store=other, narration_speed=SPEED, clock=lambda: now[0]
-    )
-    await first.start(party_sync)
-    await second.start(RecordingPublisher())
-    await first.handle_join(join_notice("aria"))
-    await first.handle_join(join_notice("bram"))
-    dead = asyncio.create_task(first.handle_action(row))
+    workers = Workers(store_url, dying)
+    await workers.start(RecordingPublisher(), RecordingPublisher(), "aria", "bram")
+    dead = asyncio.create_task(workers.first.handle_action(row))
     await asyncio.wait_for(died.wait(), 10)
     dead.cancel()
-    state = await first.run_state("run-1")
-    assert state is not None and state.outbox and state.narrating_until is not None
-    waiting = asyncio.create_task(second.handle_action(look))
+    state = await workers.run_state()
+    assert state.outbox and state.narrating_until is not None
+    waiting = asyncio.create_task(workers.second.handle_action(look))
     await asyncio.sleep(0.2)
     assert not waiting.done()  # the lease holds
-    now[0] = state.narrating_until + 0.01  # it runs out
+    workers.now[0] = state.narrating_until + 0.01  # it runs out
     await asyncio.wait_for(waiting, 10)
-    state = await first.run_state("run-1")
-    assert state is not None and state.outbox == [] and row.action_id in state.applied
-    await first.close()
-    await second.close()
+    state = await workers.run_state()
+    assert state.outbox == [] and row.action_id in state.applied
+    await workers.close()
 
 
 async def test_a_narrator_whose_events_another_worker_dropped_answers_its_player(
@@ -496,47 +486,30 @@ async def test_a_narrator_whose_events_another_worker_dropped_answers_its_player
     """The first worker is frozen mid-narration past its lease; the second settles the first's
     events but cannot publish them (party_sync unreachable) and drops them. The first wakes: its
     action's result alone goes out, so that its player is answered (the scene of then is not)."""
-    shared = open_store(store_url)
-    other = shared if store_url == "memory://" else open_store(store_url)
-    now = [1_000_000.0]
     row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
     look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
     unreachable = RecordingPublisher()
     unreachable.fail_next = 1_000
-    second = ReferenceEngine(builtin_campaign(), seed=2, store=other, clock=lambda: now[0])
     frozen = False
 
     async def freezing(delay: float) -> None:
         nonlocal frozen
         if not frozen:
             frozen = True
-            now[0] += 60  # frozen past its lease
-            with pytest.raises(PublishFailed):
-                await second.handle_action(look)  # settles (drops) the row's events, then fails
+            workers.now[0] += 60  # frozen past its lease
+            with pytest.raises(PublishFailed):  # settles (drops) the row's events, then fails
+                await workers.second.handle_action(look)
         await asyncio.sleep(0)
 
-    first = ReferenceEngine(
-        builtin_campaign(),
-        seed=1,
-        store=shared,
-        narration_speed=SPEED,
-        sleep=freezing,
-        clock=lambda: now[0],
-    )
+    workers = Workers(store_url, freezing, second_speed=None)
     party_sync = RecordingPublisher()
-    await first.start(party_sync)
-    await second.start(unreachable)
-    await first.handle_join(join_notice("aria"))
-    await first.handle_join(join_notice("bram"))
-    party_sync.clear()
-    await first.handle_action(row)
+    await workers.start(party_sync, unreachable, "aria", "bram")
+    await workers.first.handle_action(row)
     assert frozen
     assert party_sync.types() == ["action.result"]
     assert party_sync.published[0].payload["action_id"] == row.action_id
-    state = await first.run_state("run-1")
-    assert state is not None and row.action_id in state.dropped
-    await first.close()
-    await second.close()
+    assert row.action_id in (await workers.run_state()).dropped
+    await workers.close()
 
 
 async def test_a_worker_woken_after_another_took_its_action_over_publishes_nothing_stale(

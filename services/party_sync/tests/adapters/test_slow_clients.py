@@ -104,6 +104,18 @@ async def neighbour_served(srv: Running, http: aiohttp.ClientSession) -> None:
         assert resp.status == 200
 
 
+async def upgrade(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, who: str) -> None:
+    """A WebSocket handshake by hand on a raw socket, as ``who``: answered 101."""
+    writer.write(
+        f"GET /ws?token={token(who)} HTTP/1.1\r\nHost: party\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    async with asyncio.timeout(CLOSED_WITHIN):
+        head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+
+
 async def close_quietly(writer: asyncio.StreamWriter) -> None:
     writer.close()
     with contextlib.suppress(ConnectionError):
@@ -231,14 +243,7 @@ async def test_an_upgraded_websocket_leaves_the_wrapper_but_stays_counted_until_
         guard = guard_of(srv)
         aria, _ = await srv.join("aria")
         borin, borin_writer = await open_raw(srv)  # a WebSocket by hand, to cut it later
-        borin_writer.write(
-            f"GET /ws?token={token('borin')} HTTP/1.1\r\nHost: party\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        async with asyncio.timeout(CLOSED_WITHIN):
-            head = await borin.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101")
+        await upgrade(borin, borin_writer, "borin")
         await wait_until(lambda: guard.addresses.count("127.0.0.1") == 2)
         # No wrapper left on an upgraded socket: the head deadline (0.5 s) cannot reach it, and
         # a third connection from the address is still over the cap.
@@ -287,14 +292,7 @@ async def test_a_client_that_floods_pings_and_never_reads_is_closed_and_its_sock
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port_of(srv)))
         reader, writer = await asyncio.open_connection(sock=sock)
-        writer.write(
-            f"GET /ws?token={token('borin')} HTTP/1.1\r\nHost: party\r\nUpgrade: websocket\r\n"
-            "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n".encode()
-        )
-        async with asyncio.timeout(CLOSED_WITHIN):
-            head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 101")
+        await upgrade(reader, writer, "borin")
         await wait_until(lambda: len(gateway.sessions) == 1)
         ping = b"\x89" + bytes((0x80 | 125,)) + b"\x00" * 4 + b"x" * 125  # masked, key 0
 
