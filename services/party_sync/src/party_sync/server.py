@@ -306,6 +306,7 @@ def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> Heal
             refused=lambda: link.key_refused,
             silent_since=lambda: link.silent_since,
             stuck_after=max(10.0, 2 * link.timeout),
+            back=link.host_restarted,
         )
     transport, what = describe_engine(settings, link)
     return StaticHealth(EngineHealth(transport, True, what))

@@ -731,6 +731,10 @@ async def test_a_refused_key_shows_in_readiness_and_metrics_and_logs_once(
         assert metrics.engine_link_ok._value.get() == 0
         errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "PARTY_SYNC_API_KEY" in errors[0]
+        refusal = link.key_refused
+        link.host_restarted()  # (the probe saw the URL come back: another host process)
+        assert link.key_refused is None
+        link._key_refused = refusal  # as it was, for the rest of the test
 
         keys["accepted"] = HOST_KEY  # the operator gives the host the right key
         await link.submit(make_action("k4"))

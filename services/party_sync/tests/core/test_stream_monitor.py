@@ -232,6 +232,25 @@ async def test_http_probe_degrades_while_the_engine_url_refuses(
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
 
 
+async def test_http_probe_tells_the_link_when_the_engine_url_is_back() -> None:
+    """An operator fixed the key and restarted the engine host: /readyz said the key was refused
+    for another minute (no delivery came to say otherwise). A URL that accepts connections again
+    after it did not is a restarted host: the link forgets what the host of before said."""
+    up = [True, False, False, True, True]
+    backs: list[int] = []
+
+    async def connect(host: str, port: int) -> None:
+        if not up.pop(0):
+            raise ConnectionRefusedError
+
+    probe = HttpProbe(
+        "http://engine.local:8090/actions", connect=connect, back=lambda: backs.append(1)
+    )
+    for _ in range(5):
+        await probe.probe_once()
+    assert backs == [1]  # once, when it came back; not while up, nor while down
+
+
 async def test_stop_ends_a_periodic_task_whose_tick_swallowed_the_cancellation() -> None:
     """redis-py can swallow a CancelledError mid-connect; the monitor must stop all the same
     (``party-sync serve`` in stream mode hung on a SIGTERM right after start-up)."""

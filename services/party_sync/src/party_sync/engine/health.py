@@ -153,7 +153,8 @@ class HttpProbe:
     the link's own retries. Unreachable since the last probe → degraded, one WARNING per episode.
     ``refused`` (the link's ``key_refused``): what the engine host said when it last refused
     party_sync's API key, else None; degraded too while it says so (the URL accepts connections,
-    but no action gets through).
+    but no action gets through). ``back`` is called when the URL accepts connections again after
+    it did not: the host restarted, perhaps with the right key (the link forgets the refusal).
     """
 
     def __init__(
@@ -168,9 +169,11 @@ class HttpProbe:
         refused: Callable[[], str | None] = lambda: None,
         silent_since: Callable[[], float | None] = lambda: None,
         stuck_after: float = 10.0,
+        back: Callable[[], None] = lambda: None,
     ) -> None:
         parts = urlsplit(url)
         self._refused = refused
+        self._back = back  # the URL accepts connections again after it did not (a restart)
         self._silent_since = silent_since  # (time.monotonic(), like clock's default)
         self.stuck_after = stuck_after
         self._stuck = Episode(log, "engine URL not answering")
@@ -238,6 +241,8 @@ class HttpProbe:
             )
             self._set_ok(False)
             return False
+        if self._down_since is not None:
+            self._back()  # what the host said before it went down is not what it says now
         self._down_since = None
         self._periodic.interval = self.interval
         self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)

@@ -409,6 +409,14 @@ class HttpEngineLink:
             return None
         return self._key_refused
 
+    def host_restarted(self) -> None:
+        """The engine URL accepts connections again after it did not (``HttpProbe``): a
+        refusal of the key was the host of before's, and is forgotten (the operator restarted
+        it, perhaps with the right key); the next delivery says what this one thinks."""
+        if self._key_refused is not None:
+            self._key_refused = None
+            log.info("the engine host restarted: its earlier refusal of the key is forgotten")
+
     @property
     def silent_since(self) -> float | None:
         """``time.monotonic()`` when a delivery that got no answer in time was sent, while no
