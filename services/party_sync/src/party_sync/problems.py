@@ -37,8 +37,10 @@ from http import HTTPStatus
 from typing import Any, Final, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
-from aiohttp.web_protocol import RequestPayloadError
+from aiohttp.web_protocol import RequestHandler, RequestPayloadError
+from aiohttp.web_request import BaseRequest
 
 from party_sync import initdata
 from party_sync.backends.directory import InvalidMembership
@@ -475,3 +477,86 @@ async def listen(
     except BaseException:
         await runner.cleanup()
         raise
+
+
+# -- requests aiohttp's HTTP parser refuses ---------------------------------------------------
+# aiohttp answers such a request (a header with a control character, a request line over 8190
+# bytes, a bad status line...) with a text/plain 400 that quotes the raw bytes it refused: a token
+# in the query string, an Authorization header. That goes back only to its sender, but a proxy or
+# CDN that logs or caches error bodies keeps the secret, and the body has no stable code. Here it
+# is a refusal like every other (``problem`` for the server, ``error_json`` for the engine host):
+# the status, ``bad_request`` (or the status's own code), the parser's error *name*, never its
+# text. This leans on ``aiohttp.web_protocol.RequestHandler.handle_error``, which aiohttp calls
+# with the parser's exception but does not document, and on ``BaseSite`` internals
+# (``QuietTCPSite``); ``test_http_errors.py`` sends such requests to the real server and engine
+# host and fails if aiohttp changes. The logging stays aiohttp's, behind
+# ``logs.MalformedRequestFilter``.
+
+#: A refused request's code by its status (anything else: ``bad_request``).
+CODES: Final = {413: "too_large", 431: "headers_too_large"}
+
+
+class QuietRequestHandler(RequestHandler):
+    """aiohttp's protocol for one connection, answering a request its parser refused with a
+    problem document instead of a text quoting the request."""
+
+    __slots__ = ()  # the same layout: an aiohttp handler can become one (``quiet``)
+    render: Callable[[int, str, str], web.Response] = staticmethod(problem)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or not isinstance(exc, HttpProcessingError):
+            return super().handle_error(request, status, exc, message)
+        super().handle_error(request, status, exc, "")  # logs it; raises if a reply began
+        response = self.render(
+            status,
+            CODES.get(status, "bad_request"),
+            f"malformed HTTP request ({type(exc).__name__})",
+        )
+        response.force_close()
+        return response
+
+
+class QuietEngineHostHandler(QuietRequestHandler):
+    """The same for ``party-sync engine-http``, in the engine host's words (``{"error",
+    "detail"}``, ``error_json``)."""
+
+    __slots__ = ()
+    render = staticmethod(error_json)
+
+
+def quiet(
+    make: Callable[[], asyncio.Protocol], kind: type[QuietRequestHandler] = QuietRequestHandler
+) -> Callable[[], asyncio.Protocol]:
+    """``make`` (aiohttp's ``runner.server``), whose handlers answer parser refusals quietly."""
+
+    def build() -> asyncio.Protocol:
+        handler = make()
+        if type(handler) is RequestHandler:
+            handler.__class__ = kind
+        return handler
+
+    return build
+
+
+class QuietTCPSite(web.TCPSite):
+    """``web.TCPSite`` whose connections answer parser refusals quietly (the engine host's).
+    Leans on ``BaseSite`` internals (``_server``, ``_host``, ``_port``, ``_backlog``,
+    ``_reuse_address``), checked by ``test_http_errors.py`` against the real engine host."""
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            quiet(server, QuietEngineHostHandler),
+            self._host,
+            self._port,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+        )

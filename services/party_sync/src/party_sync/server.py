@@ -44,11 +44,10 @@ from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import ENGINE_GROUP, StreamMonitor
 from party_sync.gateway import Gateway
 from party_sync.metrics import Metrics
-from party_sync.problems import RAW_BODIES, listen
+from party_sync.problems import RAW_BODIES, listen, quiet
 from party_sync.protocol.errors import ConfigError
 from party_sync.protocol.schemas import Contracts
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
-from party_sync.transport.parser_errors import quiet
 
 log = logging.getLogger("party_sync")
 

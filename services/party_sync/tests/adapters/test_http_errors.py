@@ -30,7 +30,7 @@ from party_sync.protocol.errors import BackendUnavailable, PartySyncError
 from party_sync.protocol.schemas import Contracts
 from party_sync.server import build_server, start_serving
 from party_sync.transport import edge, openapi
-from ps_testkit.servers import make_settings
+from ps_testkit.servers import free_port, make_settings
 
 KEY = "api-key-0123456789abcdef0123456789"
 PUBLIC_DETAIL = "a sentence written for clients"
@@ -255,43 +255,73 @@ async def test_the_real_app_answers_an_unexpected_exception_with_a_500_problem()
 SECRET_IN_REQUEST = "eyJhbGciOiJIUzI1NiJ9.secret-payload-0123.sig"
 
 
+PARSER_REFUSES = [
+    # a header value with a control character: aiohttp quoted the whole header
+    f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET_IN_REQUEST}\x01\r\n\r\n",
+    # a request line over aiohttp's 8190 bytes: it quoted its start, the token in the query
+    f"GET /ws?token={SECRET_IN_REQUEST}{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n",
+    # a bad version in the request line
+    f"GET /ws?token={SECRET_IN_REQUEST} HTTP/9.Z\r\nHost: x\r\n\r\n",
+]
+
+
 @pytest.mark.parametrize(
-    "request_bytes",
-    [
-        # a header value with a control character: aiohttp quoted the whole header
-        f"GET /healthz HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {SECRET_IN_REQUEST}\x01\r\n"
-        "\r\n",
-        # a request line over aiohttp's 8190 bytes: it quoted its start, the token in the query
-        f"GET /ws?token={SECRET_IN_REQUEST}{'a' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n",
-        # a bad version in the request line
-        f"GET /ws?token={SECRET_IN_REQUEST} HTTP/9.Z\r\nHost: x\r\n\r\n",
-    ],
-    ids=["header", "long_line", "bad_version"],
+    "request_bytes", PARSER_REFUSES, ids=["header", "long_line", "bad_version"]
 )
 async def test_a_request_the_parser_refuses_is_a_problem_that_quotes_nothing(
     request_bytes: str,
 ) -> None:
     """A hostile probe: aiohttp's own 400 was text/plain quoting the refused request line or
     header (a token, an API key) back, with no stable code. Now a problem document with the
-    parser's error name only (transport/parser_errors.py, which leans on aiohttp's
+    parser's error name only (problems.quiet, which leans on aiohttp's
     ``handle_error``: this fails if aiohttp stops calling it so)."""
     server = build_server(make_settings(api_key=KEY))
     listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=2.0)
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", listening.port)
-        writer.write(request_bytes.encode("latin-1"))
-        async with asyncio.timeout(10):
-            answer = await reader.read()  # the server closes the connection after it
-        writer.close()
-        head, _, body = answer.partition(b"\r\n\r\n")
-        assert head.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
+        head, document = await refused(listening.port, request_bytes)
         assert b"application/problem+json" in head
-        document = json.loads(body)
         assert document["code"] == document["error"] == "bad_request"
         assert document["detail"].startswith("malformed HTTP request (")
-        assert SECRET_IN_REQUEST.encode() not in answer
     finally:
         await listening.stop()
+
+
+@pytest.mark.parametrize(
+    "request_bytes", PARSER_REFUSES, ids=["header", "long_line", "bad_version"]
+)
+async def test_the_engine_host_answers_what_its_parser_refuses_quoting_nothing(
+    request_bytes: str,
+) -> None:
+    """The same for ``party-sync engine-http`` (its own ``{"error", "detail"}``): its 400 quoted
+    a delivery's Authorization header, the API key, back (a docs check)."""
+    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from ps_testkit.engines import ScriptedEngine
+
+    app = build_host_app(ScriptedEngine(), ApiPublisher("http://127.0.0.1:9", KEY))
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_port()
+    await problems.QuietTCPSite(runner, "127.0.0.1", port).start()
+    try:
+        head, document = await refused(port, request_bytes)
+        assert b"application/json" in head
+        assert document["error"] == "bad_request"
+        assert document["detail"].startswith("malformed HTTP request (")
+    finally:
+        await runner.cleanup()
+
+
+async def refused(port: int, request_bytes: str) -> tuple[bytes, Any]:
+    """Send ``request_bytes`` raw; the 400's head and JSON body (neither quoting the secret)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request_bytes.encode("latin-1"))
+    async with asyncio.timeout(10):
+        answer = await reader.read()  # the server closes the connection after it
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
+    assert SECRET_IN_REQUEST.encode() not in answer
+    return head, json.loads(body)
 
 
 async def test_the_routers_own_404_and_405_under_the_api_are_problems_elsewhere_unchanged() -> None:

@@ -634,7 +634,7 @@ async def run_host(
         **RAW_BODIES,  # bodies are inflated by problems.read_body, bounded, or not at all
     )
     await runner.setup()
-    await listen(runner, host, port, web.TCPSite(runner, host, port).start)
+    await listen(runner, host, port, problems.QuietTCPSite(runner, host, port).start)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
