@@ -358,6 +358,13 @@ class Workers:
             await self.first.handle_join(join_notice(name))
         first.clear()
 
+    async def in_line(self) -> None:
+        """Until the second worker has found the first's events and taken its place in the
+        run's line (a bounded poll of the store: no event to await across two engines)."""
+        async with asyncio.timeout(10):
+            while (await self.run_state()).waiter is None:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+
     async def run_state(self) -> RunState:
         state = await self.first.run_state("run-1")
         assert state is not None
@@ -386,7 +393,7 @@ async def test_a_second_worker_waits_for_the_first_ones_narration_and_its_events
     async def writing(delay: float) -> None:  # the first worker's narration, in virtual time
         if not behind:  # the other player's action reaches the second worker meanwhile
             behind.append(asyncio.create_task(workers.second.handle_action(look)))
-            await asyncio.sleep(0.2)  # (real time: it loads the run and finds the events)
+            await workers.in_line()  # it loads the run and finds the events
         workers.now[0] += delay
         await asyncio.sleep(0)
 
@@ -430,10 +437,10 @@ async def test_a_waiting_worker_is_not_overtaken_by_the_narrators_next_message(
     async def writing(delay: float) -> None:  # the first worker narrates aria's check
         if not behind:
             behind.append(asyncio.create_task(workers.second.handle_action(checks["bram"])))
-            await asyncio.sleep(0.2)  # (real time: bram's worker finds the lease, takes its place)
+            await workers.in_line()  # bram's worker finds the lease, takes its place
             behind.append(asyncio.create_task(workers.first.handle_action(checks["cora"])))
         workers.now[0] += delay
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0)
 
     workers = Workers(store_url, writing)
     await workers.start(party_sync, party_sync, *checks)
@@ -471,7 +478,7 @@ async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_
     state = await workers.run_state()
     assert state.outbox and state.narrating_until is not None
     waiting = asyncio.create_task(workers.second.handle_action(look))
-    await asyncio.sleep(0.2)
+    await workers.in_line()
     assert not waiting.done()  # the lease holds
     workers.now[0] = state.narrating_until + 0.01  # it runs out
     await asyncio.wait_for(waiting, 10)

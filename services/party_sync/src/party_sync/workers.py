@@ -114,7 +114,7 @@ class Supervisor:
     failure: int | None = field(init=False, default=None)
     group_dir: Path = field(init=False)
     ready_changed: asyncio.Event = field(init=False)  # a worker said it serves
-    ready_changed_first: asyncio.Event = field(init=False)  # the first worker said it serves
+    others_may_start: asyncio.Event = field(init=False)  # the first serves (or the group stops)
 
     def __post_init__(self) -> None:
         self.slots = [Slot(index) for index in range(1, self.settings.workers + 1)]
@@ -126,7 +126,7 @@ class Supervisor:
     async def _run(self) -> int:
         self.stopping = asyncio.Event()
         self.ready_changed = asyncio.Event()
-        self.ready_changed_first = asyncio.Event()
+        self.others_may_start = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop, sig)
@@ -164,7 +164,7 @@ class Supervisor:
 
     def _stop(self, sig: signal.Signals | None = None) -> None:
         self.stopping.set()
-        self.ready_changed_first.set()  # the workers still waiting for the first: none to start
+        self.others_may_start.set()  # the workers still waiting for the first: none to start
 
     def _signal(self, slot: Slot, sig: signal.Signals) -> None:
         if slot.process is not None and slot.process.returncode is None:
@@ -201,7 +201,7 @@ class Supervisor:
         with that worker's one error, instead of the same error from every worker."""
         first = self.slots[0]
         while slot is not first and not first.ready_once and not self.stopping.is_set():
-            await self.ready_changed_first.wait()
+            await self.others_may_start.wait()
         while not self.stopping.is_set():
             started = time.monotonic()
             try:
@@ -310,7 +310,7 @@ class Supervisor:
                 slot.ready_once = True
                 self.ready_changed.set()
                 if slot is self.slots[0]:
-                    self.ready_changed_first.set()
+                    self.others_may_start.set()
             else:
                 said.cancel()
             return await exited
