@@ -126,7 +126,6 @@ class PartyNarrator:
         party_id: str,
         control: Mapping[str, Any],
         *,
-        action_id: str,
         trace_id: str,
     ) -> None:
         self.publisher = publisher
@@ -138,7 +137,6 @@ class PartyNarrator:
         self.seconds = min(float(control.get("max_seconds", 60.0)), MAX_NARRATION_SECONDS)
         if not (self.rate > 0 and 1 <= self.min_pieces <= self.max_pieces):
             raise ValueError(f"bad narration control: {dict(control)}")
-        self.action_id = action_id
         self.trace_id = trace_id
         self.rng = random.Random(f"{control.get('seed', 0)}:{party_id}")
         self.streams = 0
@@ -188,11 +186,14 @@ class PartyNarrator:
         try:
             while not self.stopping:
                 length = self.rng.randint(self.min_pieces, self.max_pieces)
+                # Not under the control action: its result ("started") is published at once,
+                # and party_sync refuses a piece of an answered action's narration (it is over
+                # with its action). The streams are the party's own narration, which costs
+                # party_sync the same per piece.
                 story = Narration(
                     self.publisher,
                     self.party_id,
                     f"{self.tag}-{self.streams}",
-                    action_id=self.action_id,
                     trace_id=self.trace_id,
                 )
                 self.streams += 1
@@ -269,9 +270,7 @@ class BenchEngine:
         if running is not None:  # a start while running (a lost stop) ends the old one first
             await running.stop()
         if op == "start":
-            narrator = PartyNarrator(
-                publisher, party, control, action_id=action.action_id, trace_id=action.trace_id
-            )
+            narrator = PartyNarrator(publisher, party, control, trace_id=action.trace_id)
             self._narrators[party] = narrator
             narrator.start()
             flags: dict[str, Any] = {"narration": "started"}

@@ -1030,7 +1030,7 @@ def _print_step(name: str, step: dict[str, Any]) -> None:
             f"max {step['max_ms']:7.1f} ms engine lag99 {step['engine_lag_p99_ms']:6.2f} ms "
             f"lost {step['lost']} dup {step['duplicates']} ooo {step['out_of_order']} "
             f"err {sum(step['errors'].values())} srv {cpu:4.0%} "
-            f"({cpu / max(delivered, 1e-9) * 1e6:5.1f} µs/delta) "
+            f"({f'{cpu / delivered * 1e6:5.1f}' if delivered > 0 else '  n/a'} µs/delta) "
             f"redis {step.get('redis_cpu', 0):4.0%} calls/piece "
             f"{calls / max(step['pieces_written_per_s'], 1e-9):4.2f} "
             f"lg {lg['cpu']:4.0%} lag99 {lg['loop_lag_p99_ms']:5.1f}ms "
@@ -1393,7 +1393,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     report.write_all(results, out, quick=cfg.quick)
     print(f"bench: done in {elapsed} s; wrote {out}", flush=True)
-    return 0
+    broken = delivered_nothing(results)
+    for line in broken:
+        print(f"bench: {line}", file=sys.stderr, flush=True)
+    return 1 if broken else 0
+
+
+def delivered_nothing(results: dict[str, Any]) -> list[str]:
+    """The systems of this run whose every step delivered nothing: the harness or the system is
+    broken (an overloaded system still delivers some), so the run fails instead of reporting a
+    rate of 0 as a measurement. One line each, with the step's first errors."""
+    lines = []
+    sections = [("actions", results.get("systems") or {})]
+    sections.append(("narration", (results.get("narration") or {}).get("systems") or {}))
+    for scenario, systems in sections:
+        for name, entry in systems.items():
+            steps = [step for run in entry.get("runs") or [] for step in run.get("steps") or []]
+            if not entry.get("available") or not steps:
+                continue
+            if any(step.get("delivered_per_s") for step in steps):
+                continue
+            errors = sorted({kind for step in steps for kind in step.get("errors") or {}})
+            lines.append(
+                f"{name} delivered nothing in the {scenario} scenario "
+                f"({len(steps)} steps; errors: {', '.join(errors) or 'none'})"
+            )
+    return lines
 
 
 if __name__ == "__main__":
