@@ -79,6 +79,31 @@ async def test_schema_violation_names_the_field() -> None:
         await a.close()
 
 
+@pytest.mark.parametrize("mode", ["reject", "crash"])
+async def test_the_refusal_of_an_accepted_action_carries_the_trace_of_its_acceptance(
+    mode: str,
+) -> None:
+    """docs/protocol.md (trace_id): a refusal that is an accepted action's final answer says in
+    ``in_reply_to.trace_id`` the action's trace id, its ``action.accepted``'s (the server's when
+    the client sent none; the client's own when it sent one)."""
+    engine = ScriptedEngine()
+    engine.mode = mode  # type: ignore[assignment]
+    async with serve_in_process(engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        for n, sent in enumerate((None, "tv-own")):
+            payload = {**VALID["payload"], "action_id": f"refused-{n}"}
+            await a.send({**VALID, "payload": payload, **({"trace_id": sent} if sent else {})})
+            accepted = await a.expect("action.accepted")
+            err = await a.expect("system.error")
+            assert err["payload"]["code"] in {"action_rejected", "engine_error"}
+            assert err["payload"]["in_reply_to"]["action_id"] == f"refused-{n}"
+            assert err["payload"]["in_reply_to"]["trace_id"] == accepted["trace_id"]
+            assert err["trace_id"] == accepted["trace_id"]
+            if sent is not None:
+                assert accepted["trace_id"] == sent
+        await a.close()
+
+
 async def test_a_flooding_client_is_closed_with_1008_and_others_are_unaffected() -> None:
     engine = ScriptedEngine()
     settings = make_settings(rate_limit=5.0, rate_burst=10.0)
