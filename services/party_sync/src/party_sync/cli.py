@@ -10,7 +10,7 @@ import socket
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -78,8 +78,20 @@ class _Parser(argparse.ArgumentParser):
     """argparse's parser, whose error is two lines (what is wrong, and where the options are)
     instead of the whole usage first: ``serve``'s usage alone is 57 lines, above the error."""
 
+    #: The subcommands' parsers by name (``_parser``), so that an argument no command takes is
+    #: refused by the command's own parser, which names it (``party-sync serve: error: …``).
+    commands: Mapping[str, argparse.ArgumentParser]
+
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
+
+    def parse_command(self, argv: Sequence[str] | None) -> argparse.Namespace:
+        """``parse_args``, with an unrecognized argument refused by its command's parser."""
+        args, extra = self.parse_known_args(argv)
+        if extra:
+            chosen = self.commands.get(getattr(args, "command", None) or "", self)
+            chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+        return args
 
 
 def _log_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,10 +116,11 @@ def _log_level(value: str) -> str:
     return value.upper()
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> _Parser:
     parser = _Parser(prog="party-sync", description="party_sync realtime gateway")
     parser.add_argument("--version", action="version", version=f"party_sync {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    parser.commands = commands.choices
 
     serve = commands.add_parser("serve", help="run the WebSocket gateway")
     config.add_arguments(serve)
@@ -258,7 +271,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from party_sync.server import build_server, serve, with_dev_secret
+    from party_sync.server import build_server, make_link, serve, with_dev_secret
 
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
@@ -277,6 +290,15 @@ def _serve(args: argparse.Namespace) -> int:
             extra={"removed": [str(path) for path in removed]},
         )
     dev_mode = settings.dev_mode
+    link = None
+    if settings.resolved_engine_transport == "inprocess":
+        if dev_mode:  # the reference engine in this process writes its narration live
+            devmode.narrate_by_default(
+                os.environ, engine_in_process=True, engine_spec=settings.engine
+            )
+        # Loaded before a development secret is written: the engine's own settings (its
+        # CAMPAIGN_ENGINE_* variables) stop a start that cannot work with nothing left behind.
+        link = make_link(settings)
     kept = None
     if dev_mode:
         try:
@@ -303,12 +325,6 @@ def _serve(args: argparse.Namespace) -> int:
             "!" * 72,
         ]
         print("\n".join(banner), file=sys.stderr, flush=True)
-    if dev_mode:  # the reference engine in this process writes its narration live
-        devmode.narrate_by_default(
-            os.environ,
-            engine_in_process=settings.resolved_engine_transport == "inprocess",
-            engine_spec=settings.engine,
-        )
     settings = with_dev_secret(settings, kept)
     # Known only now (a development secret and API key are made late): never log them.
     logs.protect(*logs.secrets_of(settings))
@@ -319,7 +335,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         lines = _demo_banner(settings, "redis", dev_mode) if args.demo_tokens else []
         return start_group(settings, dev_mode=dev_mode, on_ready=lines)
-    server = build_server(settings, dev_mode=dev_mode)
+    server = build_server(settings, dev_mode=dev_mode, link=link)
     lines = (
         _demo_banner(settings, server.gateway.backend.name, dev_mode) if args.demo_tokens else []
     )
@@ -430,6 +446,7 @@ def _token(args: argparse.Namespace) -> int:
     if algorithm is None:
         return 2
     secret = args.secret or os.environ.get("PARTY_SYNC_JWT_SECRET")
+    kept = None
     if not secret:
         kept = devmode.read_existing(Path.cwd() / DEV_SECRET_FILE)
         if kept is None:
@@ -439,9 +456,6 @@ def _token(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
-        print(
-            f"party-sync token: signed with the development secret in {kept.path}", file=sys.stderr
-        )
         secret = kept.jwt_secret
     if len(secret.encode()) < MIN_JWT_SECRET_BYTES:  # as serve warns (PyJWT's own is noise)
         print(
@@ -466,6 +480,10 @@ def _token(args: argparse.Namespace) -> int:
     except ValueError as exc:  # an id or display name that breaks its rule
         print(f"party-sync token: {one_line(exc)}", file=sys.stderr)
         return 2
+    if kept is not None:  # said once the token is made (not before a refusal)
+        print(
+            f"party-sync token: signed with the development secret in {kept.path}", file=sys.stderr
+        )
     try:
         print(token, flush=True)
     except BrokenPipeError:  # stdout's reader went away (`party-sync token | head -c 10`)
@@ -532,11 +550,21 @@ def _engine_http(args: argparse.Namespace) -> int:
     logs.configure(level, log_format)
     _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
+    if not api_key:  # beside a development server: the key it keeps (as `token` takes its secret)
+        kept = devmode.read_existing(Path.cwd() / DEV_SECRET_FILE)
+        if kept is not None:
+            api_key = kept.api_key
+            log.warning(
+                "no API key given: using the DEVELOPMENT key of the server whose secret is in %s "
+                "(set PARTY_SYNC_API_KEY in production)",
+                kept.path,
+            )
     logs.protect(api_key)
     if not api_key:
         raise ConfigError(
-            "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY): the "
-            "one party-sync serve was given (a server in development mode prints its own at start)"
+            "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY): the one "
+            f"party-sync serve was given. A development server keeps its own in {DEV_SECRET_FILE}: "
+            "start engine-http in the server's directory to use it (serve --demo-tokens prints it)"
         )
     engine = load_engine(args.engine)
     app = build_host_app(
@@ -690,7 +718,7 @@ def _tracing(service_name: str) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_command(argv)
     commands = {
         "serve": _serve,
         "token": _token,

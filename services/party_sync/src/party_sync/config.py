@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 from urllib.parse import SplitResult, urlsplit
 
+from party_sync.auth import HMAC_ALGORITHMS
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.protocol.errors import ConfigError
 
@@ -24,6 +25,8 @@ MAX_WORKERS = 256
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 #: The most streams ``actions_stream_partitions`` may split the actions stream into.
 MAX_STREAM_PARTITIONS = 1024
+#: Seconds between a worker's beats to its supervisor (``serve --workers``; ``worker_timeout``).
+WORKER_BEAT = 1.0
 
 
 def _csv(value: str) -> tuple[str, ...]:
@@ -37,6 +40,21 @@ def _bool(value: str) -> bool:
     if lowered in {"0", "false", "no", "off", ""}:
         return False
     raise ValueError(f"not a boolean: {value!r}")
+
+
+def integer(text: str) -> int:
+    """An int setting (``int``'s own message names its internals: "invalid literal for int()")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"not a whole number: {text!r}") from None
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"not a number: {text!r}") from None
 
 
 def usable_cpus() -> int:
@@ -106,6 +124,13 @@ class Settings:
         f"SIGTERM drains them all); auto = the CPUs this process may use; at most {MAX_WORKERS}. "
         "More than 1 needs redis_url. 1 = no supervisor: the serve process serves.",
         workers_count,
+    )
+    worker_timeout: float = _option(
+        10.0,
+        "With workers > 1: seconds a worker may go without telling the supervisor it runs (it "
+        "does every second, from its event loop) before it is killed and started again: a worker "
+        "that is stopped (SIGSTOP) or whose loop is stuck still takes new connections on the "
+        "shared port, which would wait for it.",
     )
     engine: str = _option(
         "campaign_engine:create_engine",
@@ -237,7 +262,7 @@ class Settings:
         "Telegram bot id: checks initData's Ed25519 signature (third-party validation, pinned to "
         "this bot) and enables sign-in without the bot token; with the bot token too, a present "
         "signature must verify as well as the hash.",
-        int,
+        integer,
     )
     telegram_test_env: bool = _option(
         False,
@@ -358,7 +383,7 @@ class Settings:
         "Event loop of the server: uvloop, asyncio (the stock loop), or auto (uvloop when it "
         "is installed, else asyncio).",
     )
-    log_level: str = _option("INFO", "Log level (DEBUG, INFO, WARNING, ERROR).")
+    log_level: str = _option("INFO", "Log level (DEBUG, INFO, WARNING, ERROR, CRITICAL).")
     log_format: str = _option("json", "Log format: json (one object per line) or text.")
 
     @property
@@ -374,21 +399,6 @@ class Settings:
     def dev_mode(self) -> bool:
         """Development mode: no secret configured (a random one is made, loudly)."""
         return not self.jwt_secret
-
-
-def integer(text: str) -> int:
-    """An int setting (``int``'s own message names its internals: "invalid literal for int()")."""
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"not a whole number: {text!r}") from None
-
-
-def number(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise ValueError(f"not a number: {text!r}") from None
 
 
 def _parser_for(f: Any) -> Callable[[str], Any]:
@@ -552,6 +562,8 @@ def _sentinel_problem(settings: Settings) -> str | None:
     if not settings.redis_sentinels:
         if settings.redis_sentinel_master:
             return "redis_sentinel_master needs redis_sentinels (host:port,host:port)"
+        if settings.redis_sentinel_password:
+            return "redis_sentinel_password needs redis_sentinels (host:port,host:port)"
         return None
     try:
         parse_addresses(settings.redis_sentinels)
@@ -562,6 +574,18 @@ def _sentinel_problem(settings: Settings) -> str | None:
     if not settings.redis_url:
         return "redis_sentinels needs redis_url or none at all (it is set from the master name)"
     return sentinel_url_problem(settings.redis_url)
+
+
+def _is_bot_token(token: str) -> bool:
+    """``<bot id>:<secret>``, the form of every bot token (never quoted in an error)."""
+    bot_id, sep, secret = token.partition(":")
+    return bool(sep) and bot_id.isdigit() and bool(secret) and not any(c.isspace() for c in token)
+
+
+def _is_engine_spec(spec: str) -> bool:
+    """``MODULE:ATTR`` (``engine.loader.load_engine`` imports it)."""
+    module_name, sep, attr = spec.partition(":")
+    return bool(sep and module_name.strip() and attr.strip())
 
 
 def _bot_ids_agree(settings: Settings) -> bool:
@@ -596,6 +620,11 @@ def validate(settings: Settings) -> None:
         ),
         (0 < settings.port < 65536, "port must be 1..65535"),
         (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),
+        (
+            settings.worker_timeout >= WORKER_BEAT * 3,
+            f"worker_timeout must be at least {WORKER_BEAT * 3:g} seconds (a worker beats "
+            f"every {WORKER_BEAT:g} s)",
+        ),
         (
             settings.workers == 1 or bool(settings.redis_url),
             f"workers {settings.workers} needs the Redis backend (redis_url): the embedded "
@@ -643,7 +672,17 @@ def validate(settings: Settings) -> None:
             not settings.telegram_test_env or settings.telegram_bot_id is not None,
             "telegram_test_env needs telegram_bot_id",
         ),
+        (
+            settings.telegram_bot_token is None or _is_bot_token(settings.telegram_bot_token),
+            "telegram_bot_token must be a bot token as @BotFather gives it: <bot id>:<secret>",
+        ),
         (_bot_ids_agree(settings), "telegram_bot_id differs from the id in telegram_bot_token"),
+        (
+            bool(settings.jwt_algorithms) and set(settings.jwt_algorithms) <= HMAC_ALGORITHMS,
+            f"jwt_algorithms must be among {', '.join(sorted(HMAC_ALGORITHMS))} (connection "
+            "tokens are signed with a shared secret)",
+        ),
+        (_is_engine_spec(settings.engine), f"engine must be MODULE:ATTR, got {settings.engine!r}"),
         (settings.telegram_token_ttl > 0, "telegram_token_ttl must be > 0"),
         (settings.heartbeat > 0, "heartbeat must be > 0"),
         (settings.request_head_timeout > 0, "request_head_timeout must be > 0"),

@@ -51,6 +51,7 @@ from aiohttp.typedefs import Handler, Middleware
 from party_sync import config, logs
 from party_sync.config import Settings
 from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError, one_line
+from party_sync.tasks import cancel_and_wait
 
 if TYPE_CHECKING:
     from party_sync.server import Server
@@ -252,6 +253,35 @@ class Supervisor:
                 await asyncio.wait_for(self.stopping.wait(), delay)
             slot.restarts += 1
 
+    async def _watch(self, slot: Slot, reader: asyncio.StreamReader) -> None:
+        """Kill slot's worker once it has gone ``worker_timeout`` without a beat (it beats every
+        ``WORKER_BEAT`` seconds from its event loop): stopped, or its loop stuck. The kernel goes
+        on handing it new connections on the shared port, which would wait for it; killed, it is
+        restarted as a worker that died, and its players resume on any worker. Not while the
+        group drains: the drain has its own deadline (``DRAIN_GRACE``)."""
+        timeout = self.settings.worker_timeout
+        while True:
+            try:
+                line = await asyncio.wait_for(reader.readline(), timeout)
+            except TimeoutError:
+                if self.stopping.is_set():
+                    continue
+                process = slot.process
+                log.error(
+                    "worker %d (pid %s) has not run for %.0f s (stopped, or its event loop is "
+                    "stuck): killed",
+                    slot.index,
+                    process.pid if process else None,
+                    timeout,
+                    extra={"worker": slot.index, "pid": process.pid if process else None},
+                )
+                self._signal(slot, signal.SIGKILL)
+                return
+            except (ConnectionError, ValueError):  # (a line past the reader's limit: no beat)
+                return
+            if not line:  # the worker closed its end: it is exiting
+                return
+
     async def _run_worker(self, slot: Slot) -> int:
         """Start slot's worker, hand it its settings, wait for it to end; its exit code."""
         parent_end, child_end = socket.socketpair()
@@ -293,6 +323,7 @@ class Supervisor:
             await asyncio.wait({exited, said}, return_when=asyncio.FIRST_COMPLETED)
             if said.done() and not said.exception() and said.result():
                 ready = orjson.loads(said.result())
+                watch = asyncio.create_task(self._watch(slot, reader))
                 slot.node = ready.get("node")
                 log.info(
                     "worker %d %s (pid %d, node %s)",
@@ -311,8 +342,11 @@ class Supervisor:
                 self.ready_changed.set()
                 if slot is self.slots[0]:
                     self.others_may_start.set()
-            else:
-                said.cancel()
+                try:
+                    return await exited
+                finally:
+                    watch.cancel()
+            said.cancel()
             return await exited
         finally:
             writer.close()
@@ -331,6 +365,9 @@ class Worker:
     group_dir: Path
     control: socket.socket
     _metrics_server: asyncio.Server | None = None
+    _beating: asyncio.Task[None] | None = None
+    #: The supervisor is gone (killed): this worker drains without it.
+    orphaned: bool = False
 
     @property
     def own_socket(self) -> Path:
@@ -363,19 +400,36 @@ class Worker:
             if not data:  # the supervisor is gone: drain, as on SIGTERM
                 loop.remove_reader(self.control.fileno())
                 log.warning("the supervisor is gone: draining")
+                self.orphaned = True
                 stop()
 
         loop.add_reader(self.control.fileno(), parent_said)
         message = {"ready": True, "node": server.gateway.node_id, "pid": os.getpid()}
         with contextlib.suppress(OSError):
             await loop.sock_sendall(self.control, orjson.dumps(message) + b"\n")
+        self._beating = loop.create_task(self._beat())
+
+    async def _beat(self) -> None:
+        """Tell the supervisor every ``WORKER_BEAT`` seconds that this loop runs (``_watch``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(config.WORKER_BEAT)
+            try:
+                await loop.sock_sendall(self.control, b"{}\n")
+            except OSError:  # the supervisor is gone (parent_said drains)
+                return
 
     async def stopped(self) -> None:
+        if self._beating is not None:
+            await cancel_and_wait([self._beating], what="the worker's beat")
         if self._metrics_server is not None:
             self._metrics_server.close()
             await self._metrics_server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.own_socket.unlink()
+        if self.orphaned:  # nobody else will remove the group's directory: the last one out does
+            with contextlib.suppress(OSError):  # (not empty: a sibling still drains)
+                self.group_dir.rmdir()
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.control.fileno())
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from party_sync.cli import main
 
@@ -169,6 +171,8 @@ def test_every_help_prints(command: list[str], capsys: pytest.CaptureFixture[str
         (["serve", "--port", "abc"], "party-sync serve"),
         (["bogus"], "party-sync"),
         (["engine-worker", "--no-such-flag"], "party-sync engine-worker"),
+        (["serve", "--no-such-flag"], "party-sync serve"),
+        ([*MINT, "--no-such-flag"], "party-sync token"),
     ],
 )
 def test_a_bad_flag_is_two_lines_not_the_whole_usage(
@@ -184,3 +188,40 @@ def test_a_bad_flag_is_two_lines_not_the_whole_usage(
     assert len(lines) == 2, err
     assert lines[0].startswith(f"{prog}: error: ")
     assert lines[1] == f"(see {prog} --help)"
+
+
+@pytest.mark.parametrize(
+    ("env", "said"),
+    [
+        ({"CAMPAIGN_ENGINE_SEED": "abc"}, "CAMPAIGN_ENGINE_SEED must be an integer"),
+        ({"CAMPAIGN_ENGINE_VOTE_TIMEOUT": "-1"}, "CAMPAIGN_ENGINE_VOTE_TIMEOUT must be"),
+        ({"PARTY_SYNC_ENGINE": "bogus"}, "engine must be MODULE:ATTR"),
+        ({"PARTY_SYNC_ENGINE": "no_such_module_x:make"}, "cannot import engine module"),
+        ({"PARTY_SYNC_JWT_ALGORITHMS": "RS256"}, "jwt_algorithms must be among"),
+    ],
+)
+def test_serve_refuses_a_late_checked_setting_with_one_line_and_nothing_written(
+    env: dict[str, str],
+    said: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """Development mode (no secret): a setting the engine or the verifier checks stops the start
+    before the development secret is written (its WARNING was a second line; the file stayed)."""
+    import os
+
+    from party_sync import logs
+
+    for name in list(os.environ):
+        if name.startswith(("PARTY_SYNC_", "CAMPAIGN_ENGINE_")):
+            monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(logs, "protect", lambda *secrets: None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["serve", "--port", "9"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and said in err[0], err
+    assert list(tmp_path.iterdir()) == []

@@ -291,3 +291,67 @@ def test_token_refuses_an_empty_secret_rather_than_the_environments(
     assert main([*MINT, "--secret", ""]) == 2
     out, err = capsys.readouterr()
     assert out == "" and "--secret is empty" in one_line(err)
+
+
+def test_token_with_the_development_secret_says_so_only_for_a_token_it_made(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A refused id is one line: no "signed with the development secret" before it."""
+    from party_sync import devmode
+
+    monkeypatch.delenv("PARTY_SYNC_JWT_SECRET", raising=False)
+    monkeypatch.delenv("PARTY_SYNC_JWT_ALGORITHMS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    kept = devmode.load_or_create(tmp_path / devmode.DEV_SECRET_FILE)
+    assert main(["token", "--party", "p", "--run", "r", "--character", "not an id"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "signed with" not in one_line(err)
+    assert main(MINT) == 0
+    out, err = capsys.readouterr()
+    assert jwt.decode(out.strip(), kept.jwt_secret, algorithms=["HS256"], audience="party_sync")
+    assert f"signed with the development secret in {kept.path}" in one_line(err)
+
+
+class Published(Exception):
+    """What the stand-in publisher raises once it has its key."""
+
+
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_beside_a_development_server_takes_its_api_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No key given, in the directory of a development ``serve``: the key that server keeps (a
+    development server prints it only with --demo-tokens)."""
+    from party_sync import devmode
+    from party_sync.engine import http_host
+
+    monkeypatch.delenv("PARTY_SYNC_API_KEY")
+    monkeypatch.chdir(tmp_path)
+    kept = devmode.load_or_create(tmp_path / devmode.DEV_SECRET_FILE)
+    keys: list[str] = []
+
+    def publisher(urls: Any, api_key: str) -> None:
+        keys.append(api_key)
+        raise Published
+
+    monkeypatch.setattr(http_host, "ApiPublisher", publisher)
+    argv = ["engine-http", ENGINE, "--port", str(servers.free_port())]
+    with pytest.raises(Published):
+        main([*argv, "--party-sync-url", "http://127.0.0.1:9"])
+    assert keys == [kept.api_key]
+    monkeypatch.setenv("PARTY_SYNC_API_KEY", KEY)  # a key given wins
+    with pytest.raises(Published):
+        main([*argv, "--party-sync-url", "http://127.0.0.1:9"])
+    assert keys == [kept.api_key, KEY]
+
+
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_without_a_key_says_where_a_development_server_keeps_its_own(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("PARTY_SYNC_API_KEY")
+    monkeypatch.chdir(tmp_path)
+    argv = ["engine-http", ENGINE, "--party-sync-url", "http://127.0.0.1:9"]
+    assert main([*argv, "--port", str(servers.free_port())]) == 2
+    said = one_line(capsys.readouterr().err)
+    assert "--api-key or PARTY_SYNC_API_KEY" in said and ".party_sync_dev_secret" in said

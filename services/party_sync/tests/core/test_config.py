@@ -138,6 +138,15 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("ENGINE_URL", "http://[::1/x", "engine_url is not a URL"),
         ("ENGINE_URL", "http://host:99999/x", "engine_url is not a URL"),
         ("ALLOWED_ORIGINS", "http://[x", "not an origin"),
+        ("JWT_ALGORITHMS", "RS256", "jwt_algorithms must be among HS256, HS384, HS512"),
+        ("JWT_ALGORITHMS", "HS256,none", "jwt_algorithms must be among"),
+        ("JWT_ALGORITHMS", ",", "jwt_algorithms must be among"),
+        ("ENGINE", "bogus", "engine must be MODULE:ATTR, got 'bogus'"),
+        ("ENGINE", "module:", "engine must be MODULE:ATTR"),
+        ("TELEGRAM_BOT_TOKEN", "bogus", "telegram_bot_token must be a bot token"),
+        ("TELEGRAM_BOT_TOKEN", "abc:def", "telegram_bot_token must be a bot token"),
+        ("TELEGRAM_BOT_TOKEN", "123:", "telegram_bot_token must be a bot token"),
+        ("REDIS_SENTINEL_PASSWORD", "x", "redis_sentinel_password needs redis_sentinels"),
     ],
 )
 def test_an_out_of_range_environment_value_is_a_config_error(
@@ -145,6 +154,12 @@ def test_an_out_of_range_environment_value_is_a_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load(parse_flags(), env={ENV_PREFIX + var: value})
+
+
+def test_a_refused_bot_token_is_never_quoted() -> None:
+    with pytest.raises(ConfigError) as raised:
+        load(parse_flags(), env={ENV_PREFIX + "TELEGRAM_BOT_TOKEN": "not-a-token-SECRETPART"})
+    assert "SECRETPART" not in str(raised.value)
 
 
 def test_a_bad_url_error_never_repeats_the_url() -> None:
@@ -343,7 +358,11 @@ def test_no_duration_or_rate_setting_takes_infinity_or_nan(env_var: str, value: 
 
 @pytest.mark.parametrize(
     ("name", "value", "said"),
-    [("PORT", "abc", "not a whole number: 'abc'"), ("HEARTBEAT", "soon", "not a number: 'soon'")],
+    [
+        ("PORT", "abc", "not a whole number: 'abc'"),
+        ("HEARTBEAT", "soon", "not a number: 'soon'"),
+        ("TELEGRAM_BOT_ID", "bogus", "not a whole number: 'bogus'"),
+    ],
 )
 def test_a_setting_that_is_not_a_number_says_so_in_plain_words(
     name: str, value: str, said: str

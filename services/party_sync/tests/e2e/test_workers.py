@@ -191,6 +191,10 @@ async def spread(group: Group) -> tuple[Client, Client, str, str]:
     raise AssertionError("every connection landed on one worker")
 
 
+def is_dir(path: str) -> bool:
+    return os.path.isdir(path)
+
+
 def pids_by_node(group: Group) -> dict[str, int]:
     return {
         e["node"]: e["pid"]
@@ -358,11 +362,34 @@ async def test_a_worker_that_cannot_drain_is_killed_and_serve_exits_1(
         assert [e for e in group.logs if "did not drain" in str(e.get("msg"))]
 
 
+async def test_a_frozen_worker_is_killed_and_restarted_and_new_connections_are_served(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """A stopped worker (SIGSTOP; a loop stuck the same) keeps its share of the port's new
+    connections, which would hang: past worker_timeout without a beat it is killed and started
+    again, and every new connection is served."""
+    async with workers_group(redis, tmp_path, "--worker-timeout", "3") as group:
+        pids = (await group.log(serving))["pids"]
+        os.kill(pids[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        frozen = await group.log(lambda e: "has not run for" in str(e.get("msg")))
+        assert frozen["worker"] == 2 and frozen["pid"] == pids[1]
+        assert 3.0 <= time.monotonic() - stopped < 10.0
+        again = await group.log(lambda e: str(e.get("msg", "")).startswith("worker 2 restarted"))
+        assert again["pid"] != pids[1]
+        for n in range(8):  # the port's new connections, spread over both workers, all served
+            client, hello = await group.running.join(POOL[n % len(POOL)])
+            assert hello["type"] == "system.hello"
+            await client.close()
+
+
 async def test_workers_leave_when_their_supervisor_is_killed(
     redis: RedisServer, tmp_path: Path
 ) -> None:
     async with workers_group(redis, tmp_path) as group:
-        pids = (await group.log(serving))["pids"]
+        served = await group.log(serving)
+        pids, group_dir = served["pids"], str(served["group_dir"])
+        assert is_dir(group_dir)
         group.process.kill()
         await group.process.wait()
 
@@ -374,6 +401,7 @@ async def test_workers_leave_when_their_supervisor_is_killed(
             return "State:\tZ" in status
 
         await wait_until(lambda: all(gone(pid) for pid in pids), timeout=20)
+        assert not is_dir(group_dir)  # the last worker out removed it (not the supervisor)
 
 
 async def test_auto_is_the_number_of_usable_cpus(redis: RedisServer, tmp_path: Path) -> None:
