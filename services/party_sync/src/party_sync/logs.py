@@ -232,6 +232,40 @@ class RateGate:
         return suppressed
 
 
+class ClientProtocolsFilter(logging.Filter):
+    """For the ``aiohttp.websocket`` logger: aiohttp's WARNING "Client protocols [...] don't
+    overlap server-known ones" quotes every subprotocol the client offered, text a client writes
+    (a token put there, up to the header's size, in pieces no pattern recognises): it says how
+    many, not which, at most once per ``interval``; every other record passes untouched."""
+
+    def __init__(
+        self,
+        interval: float = BAD_REQUEST_LOG_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self._gate = RateGate(interval)
+        self._clock = clock
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if "Client protocols" not in str(record.msg) or not isinstance(args, tuple):
+            return True
+        with self._lock:
+            suppressed = self._gate.admit(self._clock())
+        if suppressed is None:
+            return False
+        offered = args[1] if len(args) > 1 and isinstance(args[1], list | tuple) else ()
+        record.msg = (
+            "%s: none of the %d WebSocket subprotocols the client offered is one this server "
+            "speaks (not quoted: a client writes them); %d more since the last such line (at "
+            "most one per %gs)"
+        )
+        record.args = (args[0] if args else None, len(offered), suppressed, self._gate.interval)
+        return True
+
+
 class MalformedRequestFilter(logging.Filter):
     """For the ``aiohttp.server`` logger: a request refused by the HTTP parser (400) becomes a
     WARNING (or stays DEBUG) without traceback and without the request's bytes, at most once
@@ -378,3 +412,7 @@ def configure(
     for old in [f for f in server_logger.filters if isinstance(f, MalformedRequestFilter)]:
         server_logger.removeFilter(old)
     server_logger.addFilter(MalformedRequestFilter())
+    ws_logger = logging.getLogger("aiohttp.websocket")
+    for old_filter in [f for f in ws_logger.filters if isinstance(f, ClientProtocolsFilter)]:
+        ws_logger.removeFilter(old_filter)
+    ws_logger.addFilter(ClientProtocolsFilter())

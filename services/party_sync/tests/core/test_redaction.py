@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from party_sync import config, logs
 from party_sync.logs import (
     REDACTED,
+    ClientProtocolsFilter,
     JsonFormatter,
     MalformedRequestFilter,
     RateGate,
@@ -223,6 +224,38 @@ def test_malformed_requests_log_one_warning_per_interval_without_the_request() -
     assert limiter.filter(quiet) and quiet.levelno == logging.DEBUG
 
 
+def test_the_client_protocols_warning_says_how_many_not_which_once_per_interval() -> None:
+    """aiohttp quotes every subprotocol a client offers; a token split at its dots (three
+    protocols) matched no redaction pattern and was logged whole."""
+    clock = _Clock()
+    limiter = ClientProtocolsFilter(interval=60.0, clock=clock)
+    pieces = TOKEN.split(".")
+
+    def record() -> logging.LogRecord:
+        return logging.LogRecord(
+            "aiohttp.websocket",
+            logging.WARNING,
+            __file__,
+            1,
+            "%s: Client protocols %r don’t overlap server-known ones %r",
+            ("10.0.0.7", pieces, ()),
+            None,
+        )
+
+    passed = [r for r in (record() for _ in range(50)) if limiter.filter(r)]
+    assert len(passed) == 1
+    said = passed[0].getMessage()
+    assert all(piece not in said for piece in pieces), said
+    assert said.startswith("10.0.0.7: none of the 3 WebSocket subprotocols")
+    clock.now += 60.0
+    later = record()
+    assert limiter.filter(later) and "49 more since the last" in later.getMessage()
+    other = logging.LogRecord(
+        "aiohttp.websocket", logging.WARNING, __file__, 1, "x %s", ("y",), None
+    )
+    assert limiter.filter(other) and other.getMessage() == "x y"
+
+
 def test_other_errors_of_aiohttp_pass_untouched() -> None:
     limiter = MalformedRequestFilter(interval=60.0, clock=_Clock())
     for _ in range(3):
@@ -235,9 +268,10 @@ def test_other_errors_of_aiohttp_pass_untouched() -> None:
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     server = logging.getLogger("aiohttp.server")
-    saved = (root.handlers[:], root.level, server.filters[:])
+    ws = logging.getLogger("aiohttp.websocket")
+    saved = (root.handlers[:], root.level, server.filters[:], ws.filters[:])
     yield
-    root.handlers[:], server.filters[:] = saved[0], saved[2]
+    root.handlers[:], server.filters[:], ws.filters[:] = saved[0], saved[2], saved[3]
     root.setLevel(saved[1])
 
 
