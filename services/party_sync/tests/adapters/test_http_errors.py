@@ -450,3 +450,52 @@ def test_a_refusal_class_is_a_party_sync_error_with_headers() -> None:
     exc = problems.NotFound("no such party")
     assert isinstance(exc, Refused) and isinstance(exc, PartySyncError)
     assert (str(exc), dict(exc.headers)) == ("no such party", {})
+
+
+ACTION_ENVELOPE: dict[str, Any] = {
+    "type": "action.request",
+    "timestamp": "2026-11-25T21:04:05Z",
+    "trace_id": "t-1",
+    "payload": {
+        "action_id": "a1",
+        "character_id": "aria",
+        "campaign_run_id": "r1",
+        "action_type": "skill_check",
+        "payload": {},
+    },
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "said"),
+    [
+        ("/actions", [1, 2], 'expected a JSON object {"party_id"'),
+        ("/actions", "text", 'expected a JSON object {"party_id"'),
+        ("/actions", {"party_id": "p1"}, "missing field 'envelope': expected a JSON object"),
+        ("/actions", {"envelope": ACTION_ENVELOPE}, "missing field 'party_id'"),
+        ("/actions", {"party_id": "p 1", "envelope": ACTION_ENVELOPE}, "party_id: ids must"),
+        ("/actions", {"party_id": 5, "envelope": ACTION_ENVELOPE}, "party_id: ids must"),
+        ("/actions", {"party_id": "p1", "envelope": [1]}, "expected an action.request envelope"),
+        ("/notices", [1], 'expected a JSON object {"kind"'),
+        ("/notices", {"kind": "join", "party_id": "p1"}, "missing field 'envelope'"),
+        ("/notices", {"kind": "join", "party_id": "x/y", "envelope": {}}, "party_id: ids must"),
+        ("/notices", {"kind": "join", "party_id": "p1", "envelope": 3}, "expected kind join"),
+    ],
+)
+async def test_the_engine_host_says_what_a_delivery_lacks_in_its_own_words(
+    path: str, body: Any, said: str
+) -> None:
+    """422 ``invalid`` with a detail about the delivery, not the Python error that found it out
+    (``'envelope'``, ``list indices must be integers or slices, not str``: hostile probe)."""
+    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from ps_testkit.engines import ScriptedEngine
+
+    engine = ScriptedEngine()
+    app = build_host_app(engine, ApiPublisher("http://127.0.0.1:9", KEY))
+    async with TestClient(TestServer(app)) as client:
+        headers = {"Authorization": f"Bearer {KEY}", "X-Delivery-Attempt": "1"}
+        resp = await client.post(path, json=body, headers=headers)
+        answer = await resp.json()
+    assert resp.status == 422 and answer["error"] == "invalid", answer
+    assert answer["detail"].startswith(said) or said in answer["detail"], answer
+    assert "indices" not in answer["detail"] and not engine.calls

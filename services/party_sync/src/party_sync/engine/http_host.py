@@ -96,6 +96,7 @@ from party_sync.protocol.errors import (
     NarrationConflict,
     VoteConflict,
 )
+from party_sync.protocol.ids import ID_RULE, is_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
 
 log = logging.getLogger(__name__)
@@ -496,7 +497,31 @@ class RefusalLog:
 
 
 #: What a delivery that cannot be read as one raises (answered 422 ``invalid``).
-_UNREADABLE: Final = (ValueError, KeyError, TypeError, SchemaViolation)
+_UNREADABLE: Final = (ValueError, KeyError, TypeError, IndexError, SchemaViolation)
+
+
+def _unreadable(exc: Exception, shape: str) -> InvalidDelivery:
+    """The 422 for a body that is no delivery, in words of the delivery (``shape``: what it must
+    be), not of the Python error that found out (``'envelope'``, ``list indices must be …``)."""
+    if isinstance(exc, SchemaViolation | ValueError) and not isinstance(exc, KeyError):
+        return InvalidDelivery(str(exc)[:300])
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        return InvalidDelivery(f"missing field {exc.args[0][:64]!r}: expected {shape}")
+    return InvalidDelivery(f"expected {shape}")
+
+
+_ACTION_SHAPE: Final = 'a JSON object {"party_id": id, "envelope": an action.request envelope}'
+_NOTICE_SHAPE: Final = (
+    'a JSON object {"kind": "join" | "restate", "party_id": id, "campaign_run_id", "envelope"}'
+)
+
+
+def _party_id(body: Mapping[str, Any]) -> str:
+    """The delivery's ``party_id``, an id by the protocol's rule."""
+    party_id = body["party_id"]
+    if not isinstance(party_id, str) or not is_id(party_id):
+        raise ValueError(f"party_id: {ID_RULE}")
+    return party_id
 
 
 async def receive_action(request: web.Request) -> web.Response:
@@ -506,12 +531,13 @@ async def receive_action(request: web.Request) -> web.Response:
     try:
         body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads
         envelope = body["envelope"]
-        if not isinstance(body.get("party_id"), str) or envelope["type"] != t.ACTION_REQUEST:
+        party_id = _party_id(body)
+        if not isinstance(envelope, dict) or envelope.get("type") != t.ACTION_REQUEST:
             raise ValueError("expected an action.request envelope and a party_id")
         contracts.validate(t.ACTION_REQUEST, envelope)
-        action = wire.parse_action(body["party_id"], envelope, _deadline(request, body))
+        action = wire.parse_action(party_id, envelope, _deadline(request, body))
     except _UNREADABLE as exc:
-        raise InvalidDelivery(str(exc)[:300]) from exc
+        raise _unreadable(exc, _ACTION_SHAPE) from exc
     if action.deadline is not None and clock() > action.deadline and _first_attempt(request):
         log.info(
             "action not started: past its deadline",
@@ -547,17 +573,17 @@ async def receive_notice(request: web.Request) -> web.Response:
     raw = await read_body(request, MAX_BODY)
     try:
         body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads
-        kind, party_id, envelope = body["kind"], body["party_id"], body["envelope"]
+        kind, party_id, envelope = body["kind"], _party_id(body), body["envelope"]
         run_id = str(body.get("campaign_run_id") or "")
-        if not isinstance(party_id, str) or kind not in ("join", "restate"):
-            raise ValueError("expected kind join or restate and a party_id")
+        if kind not in ("join", "restate") or not isinstance(envelope, dict):
+            raise ValueError("expected kind join or restate, a party_id and an envelope")
         if kind == "join":
             contracts.validate(t.PARTY_JOIN, {**envelope, "seq": 1})
             join = wire.parse_join(party_id, run_id, envelope)
         else:
             restate = wire.parse_restate(party_id, run_id, envelope)
     except _UNREADABLE as exc:
-        raise InvalidDelivery(str(exc)[:300]) from exc
+        raise _unreadable(exc, _NOTICE_SHAPE) from exc
     try:
         if kind == "join":
             await engine.handle_join(join)
