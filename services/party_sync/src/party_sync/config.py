@@ -309,7 +309,9 @@ class Settings:
         10.0, "Seconds a character's action may stay in flight before the character is freed."
     )
     action_record_ttl: float = _option(
-        600.0, "Seconds an action_id is remembered (repeats get the original result)."
+        600.0,
+        "Seconds an action_id is remembered (repeats get the original result); at least "
+        "action_timeout.",
     )
     narration_idle: float = _option(
         30.0,
@@ -639,6 +641,11 @@ def validate(settings: Settings) -> None:
         (settings.presence_ttl > 0, "presence_ttl must be > 0"),
         (settings.action_timeout > 0, "action_timeout must be > 0"),
         (settings.action_record_ttl > 0, "action_record_ttl must be > 0"),
+        (
+            settings.action_record_ttl >= settings.action_timeout,
+            "action_record_ttl must be at least action_timeout: an action's record must outlive "
+            "its deadline (a resend after the record expired would be a new action, run again)",
+        ),
         (settings.narration_idle > 0, "narration_idle must be > 0"),
         (settings.shutdown_timeout >= 0, "shutdown_timeout must be >= 0"),
         (settings.engine_http_timeout > 0, "engine_http_timeout must be > 0"),

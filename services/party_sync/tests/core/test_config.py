@@ -156,6 +156,13 @@ def test_an_out_of_range_environment_value_is_a_config_error(
         load(parse_flags(), env={ENV_PREFIX + var: value})
 
 
+def test_an_action_record_must_outlive_the_actions_deadline() -> None:
+    env = {ENV_PREFIX + "ACTION_RECORD_TTL": "5", ENV_PREFIX + "ACTION_TIMEOUT": "10"}
+    with pytest.raises(ConfigError, match="action_record_ttl must be at least action_timeout"):
+        load(parse_flags(), env=env)
+    assert load(parse_flags(), env={**env, ENV_PREFIX + "ACTION_TIMEOUT": "5"}).action_timeout == 5
+
+
 def test_a_refused_bot_token_is_never_quoted() -> None:
     with pytest.raises(ConfigError) as raised:
         load(parse_flags(), env={ENV_PREFIX + "TELEGRAM_BOT_TOKEN": "not-a-token-SECRETPART"})
@@ -398,7 +405,9 @@ def test_no_setting_takes_a_number_too_large_to_use(env_var: str, value: str) ->
 def test_a_duration_kept_in_milliseconds_is_not_rounded_to_nothing(name: str) -> None:
     with pytest.raises(ConfigError, match=f"{name} must be at least 0.001"):
         load(parse_flags(), env={ENV_PREFIX + name.upper(): "0.0001"})
-    load(parse_flags(), env={ENV_PREFIX + name.upper(): "0.001"})  # a millisecond is taken
+    # a millisecond is taken (an action's record outliving its deadline: action_timeout too)
+    also = {ENV_PREFIX + "ACTION_TIMEOUT": "0.001"} if name == "action_record_ttl" else {}
+    load(parse_flags(), env={ENV_PREFIX + name.upper(): "0.001", **also})
 
 
 def test_an_empty_host_is_refused_not_every_interface() -> None:
