@@ -1385,6 +1385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         results["narration"] = run_narration(systems, cfg, workdir, results["meta"])
         results["narration"]["meta"]["elapsed_s"] = round(time.monotonic() - narration_from, 1)
     elapsed = results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
+    broken = delivered_nothing(results)  # this run's systems only (before an earlier run's merge)
     if cfg.merge:
         merge(
             results,
@@ -1393,7 +1394,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     report.write_all(results, out, quick=cfg.quick)
     print(f"bench: done in {elapsed} s; wrote {out}", flush=True)
-    broken = delivered_nothing(results)
     for line in broken:
         print(f"bench: {line}", file=sys.stderr, flush=True)
     return 1 if broken else 0

@@ -291,14 +291,18 @@ def _serve(args: argparse.Namespace) -> int:
         )
     dev_mode = settings.dev_mode
     link = None
-    if settings.resolved_engine_transport == "inprocess":
+    if settings.resolved_engine_transport == "inprocess" and settings.workers == 1:
         if dev_mode:  # the reference engine in this process writes its narration live
             devmode.narrate_by_default(
                 os.environ, engine_in_process=True, engine_spec=settings.engine
             )
         # Loaded before a development secret is written: the engine's own settings (its
         # CAMPAIGN_ENGINE_* variables) stop a start that cannot work with nothing left behind.
+        # (With workers, each loads its own, and the supervisor serves nothing: the first
+        # worker says once what is wrong.)
         link = make_link(settings)
+    elif dev_mode and settings.resolved_engine_transport == "inprocess":
+        devmode.narrate_by_default(os.environ, engine_in_process=True, engine_spec=settings.engine)
     kept = None
     if dev_mode:
         try:
@@ -550,7 +554,8 @@ def _engine_http(args: argparse.Namespace) -> int:
     logs.configure(level, log_format)
     _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
-    if not api_key:  # beside a development server: the key it keeps (as `token` takes its secret)
+    if not api_key and not os.environ.get("PARTY_SYNC_JWT_SECRET"):
+        # beside a development server: the key it keeps (as `token` takes its secret there)
         kept = devmode.read_existing(Path.cwd() / DEV_SECRET_FILE)
         if kept is not None:
             api_key = kept.api_key

@@ -130,7 +130,7 @@ class Settings:
         "With workers > 1: seconds a worker may go without telling the supervisor it runs (it "
         "does every second, from its event loop) before it is killed and started again: a worker "
         "that is stopped (SIGSTOP) or whose loop is stuck still takes new connections on the "
-        "shared port, which would wait for it.",
+        "shared port, which would wait for it. 0 = no watch (a debugger may stop a worker).",
     )
     engine: str = _option(
         "campaign_engine:create_engine",
@@ -564,8 +564,6 @@ def _sentinel_problem(settings: Settings) -> str | None:
     if not settings.redis_sentinels:
         if settings.redis_sentinel_master:
             return "redis_sentinel_master needs redis_sentinels (host:port,host:port)"
-        if settings.redis_sentinel_password:
-            return "redis_sentinel_password needs redis_sentinels (host:port,host:port)"
         return None
     try:
         parse_addresses(settings.redis_sentinels)
@@ -623,9 +621,9 @@ def validate(settings: Settings) -> None:
         (0 < settings.port < 65536, "port must be 1..65535"),
         (1 <= settings.workers <= MAX_WORKERS, f"workers must be 1..{MAX_WORKERS} or auto"),
         (
-            settings.worker_timeout >= WORKER_BEAT * 3,
-            f"worker_timeout must be at least {WORKER_BEAT * 3:g} seconds (a worker beats "
-            f"every {WORKER_BEAT:g} s)",
+            settings.worker_timeout == 0 or settings.worker_timeout >= WORKER_BEAT * 3,
+            f"worker_timeout must be 0 (no watch) or at least {WORKER_BEAT * 3:g} seconds (a "
+            f"worker beats every {WORKER_BEAT:g} s)",
         ),
         (
             settings.workers == 1 or bool(settings.redis_url),
@@ -680,7 +678,7 @@ def validate(settings: Settings) -> None:
             "telegram_test_env needs telegram_bot_id",
         ),
         (
-            settings.telegram_bot_token is None or _is_bot_token(settings.telegram_bot_token),
+            not settings.telegram_bot_token or _is_bot_token(settings.telegram_bot_token),
             "telegram_bot_token must be a bot token as @BotFather gives it: <bot id>:<secret>",
         ),
         (_bot_ids_agree(settings), "telegram_bot_id differs from the id in telegram_bot_token"),
@@ -689,7 +687,10 @@ def validate(settings: Settings) -> None:
             f"jwt_algorithms must be among {', '.join(sorted(HMAC_ALGORITHMS))} (connection "
             "tokens are signed with a shared secret)",
         ),
-        (_is_engine_spec(settings.engine), f"engine must be MODULE:ATTR, got {settings.engine!r}"),
+        (
+            settings.resolved_engine_transport != "inprocess" or _is_engine_spec(settings.engine),
+            f"engine must be MODULE:ATTR, got {settings.engine!r}",
+        ),
         (settings.telegram_token_ttl > 0, "telegram_token_ttl must be > 0"),
         (settings.heartbeat > 0, "heartbeat must be > 0"),
         (settings.request_head_timeout > 0, "request_head_timeout must be > 0"),

@@ -256,13 +256,17 @@ class ClientProtocolsFilter(logging.Filter):
             suppressed = self._gate.admit(self._clock())
         if suppressed is None:
             return False
-        offered = args[1] if len(args) > 1 and isinstance(args[1], list | tuple) else ()
+        # None of aiohttp's arguments is kept: their positions changed between versions (the
+        # client's address came first from 3.11.14 on), and the client's protocols are the
+        # one list among them (aiohttp makes the server's a tuple).
+        offered = next((len(arg) for arg in args if isinstance(arg, list)), 0)
+        remote = args[0] if len(args) == 3 and isinstance(args[0], str) else "a client"
         record.msg = (
             "%s: none of the %d WebSocket subprotocols the client offered is one this server "
             "speaks (not quoted: a client writes them); %d more since the last such line (at "
             "most one per %gs)"
         )
-        record.args = (args[0] if args else None, len(offered), suppressed, self._gate.interval)
+        record.args = (remote, offered, suppressed, self._gate.interval)
         return True
 
 

@@ -258,28 +258,42 @@ class Supervisor:
         ``WORKER_BEAT`` seconds from its event loop): stopped, or its loop stuck. The kernel goes
         on handing it new connections on the shared port, which would wait for it; killed, it is
         restarted as a worker that died, and its players resume on any worker. Not while the
-        group drains: the drain has its own deadline (``DRAIN_GRACE``)."""
-        timeout = self.settings.worker_timeout
+        group drains (the drain has its own deadline, ``DRAIN_GRACE``), nor with
+        ``worker_timeout`` 0.
+
+        Silence is judged twice: past the timeout, the worker gets two beats' time more. The
+        supervisor may itself not have run meanwhile (the whole group stopped and resumed
+        together: Ctrl-Z then ``fg``, a paused container), and then every worker's timer has run
+        out at once, while each beats again within ``WORKER_BEAT`` of running."""
+        timeout = self.settings.worker_timeout or None
+
+        async def beat(wait: float | None) -> bytes | None:
+            """The next line (b"" at the end), or None if none came within ``wait``."""
+            try:
+                return await asyncio.wait_for(reader.readline(), wait)
+            except TimeoutError:
+                return None
+
         while True:
             try:
-                line = await asyncio.wait_for(reader.readline(), timeout)
-            except TimeoutError:
-                if self.stopping.is_set():
-                    continue
-                process = slot.process
-                log.error(
-                    "worker %d (pid %s) has not run for %.0f s (stopped, or its event loop is "
-                    "stuck): killed",
-                    slot.index,
-                    process.pid if process else None,
-                    timeout,
-                    extra={"worker": slot.index, "pid": process.pid if process else None},
-                )
-                self._signal(slot, signal.SIGKILL)
+                line = await beat(timeout)
+                if line is None and not self.stopping.is_set():
+                    line = await beat(2 * config.WORKER_BEAT)  # the last chance
+                    if line is None and not self.stopping.is_set():
+                        process = slot.process
+                        log.error(
+                            "worker %d (pid %s) has not run for %.0f s (stopped, or its event "
+                            "loop is stuck): killed",
+                            slot.index,
+                            process.pid if process else None,
+                            (timeout or 0) + 2 * config.WORKER_BEAT,
+                            extra={"worker": slot.index, "pid": process.pid if process else None},
+                        )
+                        self._signal(slot, signal.SIGKILL)
+                        return
+            except (OSError, ValueError):  # (ValueError: a line past the reader's limit)
                 return
-            except (ConnectionError, ValueError):  # (a line past the reader's limit: no beat)
-                return
-            if not line:  # the worker closed its end: it is exiting
+            if line == b"":  # the worker closed its end: it is exiting
                 return
 
     async def _run_worker(self, slot: Slot) -> int:
@@ -345,7 +359,7 @@ class Supervisor:
                 try:
                     return await exited
                 finally:
-                    watch.cancel()
+                    await cancel_and_wait([watch], what="the worker's watch")
             said.cancel()
             return await exited
         finally:
@@ -386,7 +400,10 @@ class Worker:
         path = self.own_socket
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a dead predecessor's
-        self._metrics_server = await asyncio.start_unix_server(serve_metrics, path=str(path))
+        try:
+            self._metrics_server = await asyncio.start_unix_server(serve_metrics, path=str(path))
+        except OSError as exc:  # the group's directory is gone (its supervisor died meanwhile)
+            log.warning("cannot serve this worker's metrics to the group: %s", exc)
         loop = asyncio.get_running_loop()
         self.control.setblocking(False)
 
@@ -427,9 +444,9 @@ class Worker:
             await self._metrics_server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
             self.own_socket.unlink()
-        if self.orphaned:  # nobody else will remove the group's directory: the last one out does
-            with contextlib.suppress(OSError):  # (not empty: a sibling still drains)
-                self.group_dir.rmdir()
+        if self.orphaned:  # nobody else will remove the group's directory (nor a dead slot's
+            # socket in it): the first orphan out does; siblings still draining need it no more
+            shutil.rmtree(self.group_dir, ignore_errors=True)
         with contextlib.suppress(ValueError, OSError):
             asyncio.get_running_loop().remove_reader(self.control.fileno())
 

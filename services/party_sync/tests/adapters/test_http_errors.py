@@ -480,6 +480,21 @@ ACTION_ENVELOPE: dict[str, Any] = {
         ("/notices", {"kind": "join", "party_id": "p1"}, "missing field 'envelope'"),
         ("/notices", {"kind": "join", "party_id": "x/y", "envelope": {}}, "party_id: ids must"),
         ("/notices", {"kind": "join", "party_id": "p1", "envelope": 3}, "expected kind join"),
+        (
+            "/actions",
+            {"party_id": "p1", "envelope": ACTION_ENVELOPE, "deadline": "abc"},
+            "a deadline is a number of seconds",
+        ),
+        (
+            "/notices",
+            {
+                "kind": "restate",
+                "party_id": "p1",
+                "envelope": {"type": "x", "timestamp": "yesterday", "trace_id": "t", "payload": {}},
+            },
+            "",
+        ),
+        ("/actions", b"\xff\xfe{", "the body is not JSON"),
     ],
 )
 async def test_the_engine_host_says_what_a_delivery_lacks_in_its_own_words(
@@ -494,8 +509,13 @@ async def test_the_engine_host_says_what_a_delivery_lacks_in_its_own_words(
     app = build_host_app(engine, ApiPublisher("http://127.0.0.1:9", KEY))
     async with TestClient(TestServer(app)) as client:
         headers = {"Authorization": f"Bearer {KEY}", "X-Delivery-Attempt": "1"}
-        resp = await client.post(path, json=body, headers=headers)
+        if isinstance(body, bytes):
+            resp = await client.post(path, data=body, headers=headers)
+        else:
+            resp = await client.post(path, json=body, headers=headers)
         answer = await resp.json()
     assert resp.status == 422 and answer["error"] == "invalid", answer
     assert answer["detail"].startswith(said) or said in answer["detail"], answer
-    assert "indices" not in answer["detail"] and not engine.calls
+    for python_words in ("indices", "isoformat", "convert string", "surrogates", "UTF-8: "):
+        assert python_words not in answer["detail"], answer
+    assert not engine.calls

@@ -355,3 +355,20 @@ def test_engine_http_without_a_key_says_where_a_development_server_keeps_its_own
     assert main([*argv, "--port", str(servers.free_port())]) == 2
     said = one_line(capsys.readouterr().err)
     assert "--api-key or PARTY_SYNC_API_KEY" in said and ".party_sync_dev_secret" in said
+
+
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_beside_a_configured_server_never_takes_a_development_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With PARTY_SYNC_JWT_SECRET set the server is no development server: a stale dev file
+    beside it is not its key (it would be refused: 401 on every publish)."""
+    from party_sync import devmode
+
+    monkeypatch.delenv("PARTY_SYNC_API_KEY")
+    monkeypatch.setenv("PARTY_SYNC_JWT_SECRET", SECRET)
+    monkeypatch.chdir(tmp_path)
+    devmode.load_or_create(tmp_path / devmode.DEV_SECRET_FILE)
+    argv = ["engine-http", ENGINE, "--party-sync-url", "http://127.0.0.1:9"]
+    assert main([*argv, "--port", str(servers.free_port())]) == 2
+    assert "--api-key or PARTY_SYNC_API_KEY" in one_line(capsys.readouterr().err)

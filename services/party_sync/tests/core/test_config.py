@@ -146,7 +146,7 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("TELEGRAM_BOT_TOKEN", "bogus", "telegram_bot_token must be a bot token"),
         ("TELEGRAM_BOT_TOKEN", "abc:def", "telegram_bot_token must be a bot token"),
         ("TELEGRAM_BOT_TOKEN", "123:", "telegram_bot_token must be a bot token"),
-        ("REDIS_SENTINEL_PASSWORD", "x", "redis_sentinel_password needs redis_sentinels"),
+        ("WORKER_TIMEOUT", "2", "worker_timeout must be 0 \\(no watch\\) or at least 3"),
     ],
 )
 def test_an_out_of_range_environment_value_is_a_config_error(
@@ -161,6 +161,21 @@ def test_an_action_record_must_outlive_the_actions_deadline() -> None:
     with pytest.raises(ConfigError, match="action_record_ttl must be at least action_timeout"):
         load(parse_flags(), env=env)
     assert load(parse_flags(), env={**env, ENV_PREFIX + "ACTION_TIMEOUT": "5"}).action_timeout == 5
+
+
+def test_settings_a_deployment_leaves_empty_or_unused_are_not_refused() -> None:
+    """An empty bot token is no bot token (sign-in answers 503), as before; the engine spec is
+    checked only where an engine is hosted in-process; the watchdog can be turned off."""
+    env = {
+        ENV_PREFIX + "TELEGRAM_BOT_TOKEN": "",
+        ENV_PREFIX + "ENGINE": "",
+        ENV_PREFIX + "ENGINE_URL": "http://engine.test/actions",
+        ENV_PREFIX + "WORKER_TIMEOUT": "0",
+    }
+    settings = load(parse_flags(), env=env)
+    assert not settings.telegram_bot_token and settings.worker_timeout == 0
+    with pytest.raises(ConfigError, match="engine must be MODULE:ATTR"):
+        load(parse_flags(), env={ENV_PREFIX + "ENGINE": ""})  # in-process: it is the engine
 
 
 def test_a_refused_bot_token_is_never_quoted() -> None:

@@ -250,6 +250,21 @@ def test_the_client_protocols_warning_says_how_many_not_which_once_per_interval(
     clock.now += 60.0
     later = record()
     assert limiter.filter(later) and "49 more since the last" in later.getMessage()
+    # aiohttp before 3.11.14 logged (client's protocols, server's), without the address first
+    old_form = logging.LogRecord(
+        "aiohttp.websocket",
+        logging.WARNING,
+        __file__,
+        1,
+        "Client protocols %r don’t overlap server-known ones %r",
+        (pieces, ("party_sync",)),
+        None,
+    )
+    clock.now += 60.0
+    assert limiter.filter(old_form)
+    said = old_form.getMessage()
+    assert all(piece not in said for piece in pieces), said
+    assert said.startswith("a client: none of the 3 WebSocket subprotocols"), said
     other = logging.LogRecord(
         "aiohttp.websocket", logging.WARNING, __file__, 1, "x %s", ("y",), None
     )

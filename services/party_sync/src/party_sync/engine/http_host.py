@@ -503,7 +503,9 @@ _UNREADABLE: Final = (ValueError, KeyError, TypeError, IndexError, SchemaViolati
 def _unreadable(exc: Exception, shape: str) -> InvalidDelivery:
     """The 422 for a body that is no delivery, in words of the delivery (``shape``: what it must
     be), not of the Python error that found out (``'envelope'``, ``list indices must be …``)."""
-    if isinstance(exc, SchemaViolation | ValueError) and not isinstance(exc, KeyError):
+    if isinstance(exc, orjson.JSONDecodeError):  # (its text quotes the body's bytes)
+        return InvalidDelivery("the body is not JSON (UTF-8)")
+    if isinstance(exc, SchemaViolation | ValueError):
         return InvalidDelivery(str(exc)[:300])
     if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
         return InvalidDelivery(f"missing field {exc.args[0][:64]!r}: expected {shape}")

@@ -49,7 +49,10 @@ def parse_deadline(raw: object) -> float | None:
         raw = raw.decode()
     if not isinstance(raw, (str, int, float)):
         raise ValueError("a deadline is a number of seconds")
-    value = float(raw)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("a deadline is a number of seconds (Unix time)") from None
     if not math.isfinite(value):
         raise ValueError("a deadline must be finite")
     return value
@@ -79,7 +82,10 @@ def _unix(timestamp: object) -> float:
     """An envelope's RFC 3339 ``timestamp`` as Unix seconds; raises ``ValueError``/``TypeError``."""
     if not isinstance(timestamp, str):
         raise TypeError("timestamp must be an RFC 3339 string")
-    moment = datetime.fromisoformat(timestamp)
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except ValueError:
+        raise ValueError("timestamp must be an RFC 3339 time (2026-11-25T21:04:05Z)") from None
     if moment.tzinfo is None:
         raise ValueError("timestamp must carry its offset (Z)")
     return moment.timestamp()
