@@ -159,5 +159,8 @@ async def test_a_failover_that_lost_events_gives_a_new_epoch_never_a_rolled_back
     _verdict(report)
     ended = {p.character: p.client.state.epoch for p in playing}
     assert all(e and e != evidence["epoch"] for e in ended.values()), ended
-    logs = "".join(p.tail(100_000) for p in system.procs() if p.name.startswith("node"))
-    assert "every party starts a new epoch" in logs  # the fence did it, not an expiry
+    # The fence did it, not an expiry: in whichever process reached the new master first (a
+    # node, or an engine worker: its connections run the fence too; the others then find the
+    # mark equal and say nothing).
+    logs = "".join(p.tail(100_000) for p in system.procs())
+    assert "every party starts a new epoch" in logs
