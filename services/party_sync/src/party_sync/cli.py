@@ -277,18 +277,6 @@ def _serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync")  # off unless OTEL_* asks for an exporter
     _refuse_redis_misconfiguration(settings)  # before a file is written or an engine loaded
-    workdir = Path.cwd()
-    if args.new_game:
-        removed = devmode.new_game(
-            workdir,
-            engine_in_process=settings.resolved_engine_transport == "inprocess",
-            engine_spec=settings.engine,
-            environ=dict(os.environ),
-        )
-        log.warning(
-            "--new-game: a new game starts (the old demo links no longer work)",
-            extra={"removed": [str(path) for path in removed]},
-        )
     dev_mode = settings.dev_mode
     link = None
     if settings.resolved_engine_transport == "inprocess" and settings.workers == 1:
@@ -303,6 +291,19 @@ def _serve(args: argparse.Namespace) -> int:
         link = make_link(settings)
     elif dev_mode and settings.resolved_engine_transport == "inprocess":
         devmode.narrate_by_default(os.environ, engine_in_process=True, engine_spec=settings.engine)
+    workdir = Path.cwd()
+    # (after the checks above: a start refused for a setting discards nothing)
+    if args.new_game:
+        removed = devmode.new_game(
+            workdir,
+            engine_in_process=settings.resolved_engine_transport == "inprocess",
+            engine_spec=settings.engine,
+            environ=dict(os.environ),
+        )
+        log.warning(
+            "--new-game: a new game starts (the old demo links no longer work)",
+            extra={"removed": [str(path) for path in removed]},
+        )
     kept = None
     if dev_mode:
         try:
@@ -560,8 +561,9 @@ def _engine_http(args: argparse.Namespace) -> int:
         if kept is not None:
             api_key = kept.api_key
             log.warning(
-                "no API key given: using the DEVELOPMENT key of the server whose secret is in %s "
-                "(set PARTY_SYNC_API_KEY in production)",
+                "no API key given: using the DEVELOPMENT key kept in %s, the key of a development "
+                "server started there without PARTY_SYNC_API_KEY (set PARTY_SYNC_API_KEY in "
+                "production)",
                 kept.path,
             )
     logs.protect(api_key)

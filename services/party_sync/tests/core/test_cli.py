@@ -225,3 +225,28 @@ def test_serve_refuses_a_late_checked_setting_with_one_line_and_nothing_written(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and said in err[0], err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_new_game_refused_for_a_setting_discards_nothing(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``--new-game`` with a setting that stops the start: the old game (its secret, its
+    database) is still there, and the refusal is the one line (re-probe: both were gone)."""
+    import os
+
+    from party_sync import devmode, logs
+
+    for name in list(os.environ):
+        if name.startswith(("PARTY_SYNC_", "CAMPAIGN_ENGINE_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("CAMPAIGN_ENGINE_SEED", "abc")
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(logs, "protect", lambda *secrets: None)
+    monkeypatch.chdir(tmp_path)
+    devmode.load_or_create(tmp_path / devmode.DEV_SECRET_FILE)
+    (tmp_path / "campaign_engine.sqlite3").write_bytes(b"the old game")
+    before = sorted(path.name for path in tmp_path.iterdir())
+    assert main(["serve", "--port", "9", "--new-game"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "CAMPAIGN_ENGINE_SEED" in err[0], err
+    assert sorted(path.name for path in tmp_path.iterdir()) == before
