@@ -89,8 +89,14 @@ class _Parser(argparse.ArgumentParser):
         """``parse_args``, with an unrecognized argument refused by its command's parser."""
         args, extra = self.parse_known_args(argv)
         if extra:
-            chosen = self.commands.get(getattr(args, "command", None) or "", self)
-            chosen.error(f"unrecognized arguments: {' '.join(extra)}")
+            command = getattr(args, "command", None) or ""
+            given = list(sys.argv[1:] if argv is None else argv)
+            # the command's own only when they all come after its name (else before it: ours)
+            after = given[given.index(command) + 1 :] if command in given else []
+            mine = command in self.commands and all(arg in after for arg in extra)
+            (self.commands[command] if mine else self).error(
+                f"unrecognized arguments: {' '.join(extra)}"
+            )
         return args
 
 

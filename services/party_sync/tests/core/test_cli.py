@@ -173,6 +173,7 @@ def test_every_help_prints(command: list[str], capsys: pytest.CaptureFixture[str
         (["engine-worker", "--no-such-flag"], "party-sync engine-worker"),
         (["serve", "--no-such-flag"], "party-sync serve"),
         ([*MINT, "--no-such-flag"], "party-sync token"),
+        (["--no-such-flag", "serve"], "party-sync"),
     ],
 )
 def test_a_bad_flag_is_two_lines_not_the_whole_usage(
