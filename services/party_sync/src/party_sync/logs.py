@@ -232,11 +232,8 @@ class RateGate:
         return suppressed
 
 
-class ClientProtocolsFilter(logging.Filter):
-    """For the ``aiohttp.websocket`` logger: aiohttp's WARNING "Client protocols [...] don't
-    overlap server-known ones" quotes every subprotocol the client offered, text a client writes
-    (a token put there, up to the header's size, in pieces no pattern recognises): it says how
-    many, not which, at most once per ``interval``; every other record passes untouched."""
+class _GatedFilter(logging.Filter):
+    """A filter that lets the records it rewrites through at most once per ``interval``."""
 
     def __init__(
         self,
@@ -248,12 +245,23 @@ class ClientProtocolsFilter(logging.Filter):
         self._clock = clock
         self._lock = threading.Lock()
 
+    def _admit(self) -> int | None:
+        """None: this one is left out (counted); else the number left out since the last."""
+        with self._lock:
+            return self._gate.admit(self._clock())
+
+
+class ClientProtocolsFilter(_GatedFilter):
+    """For the ``aiohttp.websocket`` logger: aiohttp's WARNING "Client protocols [...] don't
+    overlap server-known ones" quotes every subprotocol the client offered, text a client writes
+    (a token put there, up to the header's size, in pieces no pattern recognises): it says how
+    many, not which, at most once per ``interval``; every other record passes untouched."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         args = record.args
         if "Client protocols" not in str(record.msg) or not isinstance(args, tuple):
             return True
-        with self._lock:
-            suppressed = self._gate.admit(self._clock())
+        suppressed = self._admit()
         if suppressed is None:
             return False
         # None of aiohttp's arguments is kept: their positions changed between versions (the
@@ -270,7 +278,7 @@ class ClientProtocolsFilter(logging.Filter):
         return True
 
 
-class MalformedRequestFilter(logging.Filter):
+class MalformedRequestFilter(_GatedFilter):
     """For the ``aiohttp.server`` logger: a request refused by the HTTP parser (400) becomes a
     WARNING (or stays DEBUG) without traceback and without the request's bytes, at most once
     per ``interval``; every other record passes untouched.
@@ -280,22 +288,11 @@ class MalformedRequestFilter(logging.Filter):
     an anonymous client could write one ERROR traceback per request it sends.
     """
 
-    def __init__(
-        self,
-        interval: float = BAD_REQUEST_LOG_INTERVAL,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        super().__init__()
-        self._gate = RateGate(interval)
-        self._clock = clock
-        self._lock = threading.Lock()
-
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if not isinstance(error, BadHttpMessage | RequestPayloadError):
             return True
-        with self._lock:
-            suppressed = self._gate.admit(self._clock())
+        suppressed = self._admit()
         if suppressed is None:
             return False
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
