@@ -411,3 +411,31 @@ async def test_a_worker_that_appears_just_after_the_node_starts_is_seen_at_once(
     assert seen < 10 * QUICK  # not the next look, 30 s on
     assert checks == 4
     assert [r.levelname for r in caplog.records] == []
+
+
+async def test_after_redis_could_not_be_read_a_link_not_ok_yet_is_looked_at_quickly() -> None:
+    """After a stall the workers' notes are old until they reconnect and read: the first look
+    finds no worker. /readyz said degraded until the next look, an interval on, with the
+    workers long back (fault probe: 1.5-3 s, up to an interval); now quick re-looks, which stop
+    once it is OK, and none while Redis cannot be read."""
+    down = ConnectionError("redis is stalled")
+    reads = Readings(HEALTHY, down, DEAD_WORKER, DEAD_WORKER, HEALTHY, *[HEALTHY] * 100)
+    monitor = StreamMonitor(reads, STREAM, interval=2.5, bounds=BOUNDS)
+    loop = asyncio.get_running_loop()
+    await monitor.start()
+    try:
+        while monitor.checks < 2:  # noqa: ASYNC110 (its own ticks: the OK look, the failed one)
+            await asyncio.sleep(0.01)
+        assert not monitor.health().ok and len(reads.items) == 103  # no quick look while down
+        while monitor.checks < 3:  # noqa: ASYNC110 (the next look: no active worker yet)
+            await asyncio.sleep(0.01)
+        assert monitor.condition not in (None, Condition.OK), monitor.condition
+        back = loop.time()
+        while monitor.condition is not Condition.OK:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+        assert loop.time() - back < 2.5 - 0.1  # quick looks (every QUICK), not the next look
+        checks = monitor.checks
+        await asyncio.sleep(2 * QUICK)  # OK now: no more quick re-checks before the next look
+        assert monitor.checks == checks
+    finally:
+        await monitor.stop()

@@ -4,7 +4,8 @@ With no engine worker, accepted actions wait in the stream and nothing else says
 node therefore looks at the stream every ``interval`` seconds (XINFO STREAM, XINFO GROUPS, XPENDING
 summary, XINFO CONSUMERS; an XRANGE of one entry when some wait undelivered; in the node's first
 interval, every ``QUICK`` seconds while the link is not OK yet, so that a worker started beside
-the node makes ``/readyz`` ready at once) and
+the node makes ``/readyz`` ready at once; so too in the interval after Redis could not be read,
+while the workers reconnect) and
 
 - exports gauges: length, pending, lag (not yet delivered), oldest pending / undelivered age,
   consumers and consumers active recently (``party_sync_actions_stream_*``);
@@ -308,6 +309,11 @@ class StreamMonitor:
         self._periodic = Periodic(self._tick, min(interval, QUICK))
         self._next_look: float | None = None  # monotonic time of the next counted look
         self._starting = True  # in the first interval, until the link is OK
+        # Redis could not be read, and now can: the workers could not note their reads meanwhile
+        # (they reconnect too), so a link that is not OK yet is looked at again at each quick
+        # tick until it is, or until the next look (a long stall said "degraded" for up to an
+        # interval after it, with the workers already back).
+        self._after_outage = False
         self._no_worker_checks = 0  # consecutive checks that found no worker, nothing waiting
         self.checks = 0
 
@@ -367,6 +373,8 @@ class StreamMonitor:
             if self.metrics is not None:
                 self.metrics.engine_link_ok.set(0)
             return None
+        if self._failing.active:
+            self._after_outage = True
         self._failing.fine(f"reading {self.stream} again", stream=self.stream)
         reading = combine(readings)
         condition, detail = assess_all(readings, self.streams, self.group, self.bounds)
@@ -415,15 +423,16 @@ class StreamMonitor:
         if due:
             if self._next_look is not None:
                 self._starting = False  # the second look: the start is over
+                self._after_outage = False  # (set again by this look if it is the first read)
             # on the interval's beat (not a tick later each time), unless far behind (a slow look)
             beat = self._next_look if self._next_look is not None else now
             self._next_look = (beat if now - beat <= QUICK else now) + self.interval
-        elif not (self._starting and not self._health.ok):
+        elif not ((self._starting or self._after_outage) and not self._health.ok):
             return
         try:
             await self.check_once(look=due)
             if self._health.ok:
-                self._starting = False
+                self._starting = self._after_outage = False
         except Exception:  # a bug in the assessment must not end the monitor either
             if self.metrics is not None:
                 self.metrics.background_errors.labels("stream_monitor").inc()
