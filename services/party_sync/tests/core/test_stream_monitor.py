@@ -429,7 +429,8 @@ async def test_after_redis_could_not_be_read_a_link_not_ok_yet_is_looked_at_quic
         assert not monitor.health().ok and len(reads.items) == 103  # no quick look while down
         while monitor.checks < 3:  # noqa: ASYNC110 (the next look: no active worker yet)
             await asyncio.sleep(0.01)
-        assert monitor.condition not in (None, Condition.OK), monitor.condition
+        first = monitor.condition
+        assert first is not None and first is not Condition.OK, first
         back = loop.time()
         while monitor.condition is not Condition.OK:  # noqa: ASYNC110
             await asyncio.sleep(0.01)
