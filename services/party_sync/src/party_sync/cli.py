@@ -574,10 +574,15 @@ def _engine_http(args: argparse.Namespace) -> int:
             )
     logs.protect(api_key)
     if not api_key:
+        development = (
+            "PARTY_SYNC_JWT_SECRET is set, so no development key is taken"
+            if os.environ.get("PARTY_SYNC_JWT_SECRET")
+            else f"a development server keeps its own in {DEV_SECRET_FILE}: start engine-http "
+            "in the server's directory to use it (serve --demo-tokens prints it)"
+        )
         raise ConfigError(
             "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY): the one "
-            f"party-sync serve was given. A development server keeps its own in {DEV_SECRET_FILE}: "
-            "start engine-http in the server's directory to use it (serve --demo-tokens prints it)"
+            f"party-sync serve was given; {development}"
         )
     engine = load_engine(args.engine)
     app = build_host_app(

@@ -127,10 +127,11 @@ class Settings:
     )
     worker_timeout: float = _option(
         10.0,
-        "With workers > 1: seconds a worker may go without telling the supervisor it runs (it "
+        "With workers > 1: seconds (0 = no watch, else at least 3) a worker may go without "
+        "telling the supervisor it runs (it "
         "does every second, from its event loop) before it is killed and started again: a worker "
         "that is stopped (SIGSTOP) or whose loop is stuck still takes new connections on the "
-        "shared port, which would wait for it. 0 = no watch (a debugger may stop a worker).",
+        "shared port, which would wait for it. 0 suits a worker held in a debugger.",
     )
     engine: str = _option(
         "campaign_engine:create_engine",

@@ -371,4 +371,5 @@ def test_engine_http_beside_a_configured_server_never_takes_a_development_key(
     devmode.load_or_create(tmp_path / devmode.DEV_SECRET_FILE)
     argv = ["engine-http", ENGINE, "--party-sync-url", "http://127.0.0.1:9"]
     assert main([*argv, "--port", str(servers.free_port())]) == 2
-    assert "--api-key or PARTY_SYNC_API_KEY" in one_line(capsys.readouterr().err)
+    said = one_line(capsys.readouterr().err)
+    assert "--api-key or PARTY_SYNC_API_KEY" in said and "PARTY_SYNC_JWT_SECRET is set" in said

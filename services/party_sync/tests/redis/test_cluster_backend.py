@@ -460,3 +460,25 @@ async def test_a_stalled_master_holds_a_call_to_another_shard_at_most_the_timeou
                 stalled.proc.send_signal(signal.SIGCONT)
             await wait_until(lambda: not batcher.down_for(b.keys.tag(far)), timeout=10)
         assert len(outcomes) == 10, outcomes
+
+
+async def test_one_master_lost_leaves_the_node_ready_for_the_other_masters_parties() -> None:
+    """docs/redis.md: one master not answering is an outage of its parties, not of the node nor
+    of ``/readyz`` (unless every master is down). A killed master's pub/sub connection was lost,
+    and readiness asked for every master's (docs check: 503 until its replica took over)."""
+    with RedisCluster(masters=3, replicas=0) as kit:
+        named, victim = kit.masters()[:2]
+        async with node(named.url, probe_interval=1.0, command_timeout=1.0) as b:
+            bus = b.bus
+            assert isinstance(bus, ShardedBus)
+            await wait_until(lambda: bus.connected, timeout=10)
+            assert await b.ready()
+            kit.stop_node(victim)
+            await wait_until(lambda: not bus.connected, timeout=15)  # its pub/sub is lost
+            assert bus.serving and await b.ready()
+        async with node(named.url, probe_interval=1.0, command_timeout=1.0) as b:
+            for master in kit.masters():  # every master down: not ready
+                if master is not victim:
+                    kit.stop_node(master)
+            await wait_until(lambda: not b.bus.serving, timeout=15)
+            assert not await b.ready()

@@ -239,8 +239,9 @@ class RedisBackend:
 
     async def ready(self) -> bool:
         """Ready while the pub/sub connection is up and Redis answers a PING (not while the
-        script connection knows Redis stopped answering: no wait for a PING to time out)."""
-        if not self.bus.connected or self.scripts.batcher.down:
+        script connection knows Redis stopped answering: no wait for a PING to time out). On a
+        Cluster: while some master's are (one master lost is an outage of its parties only)."""
+        if not self.bus.serving or self.scripts.batcher.down:
             return False
         try:
             async with asyncio.timeout(self.options.connect_timeout):

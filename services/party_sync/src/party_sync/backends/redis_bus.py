@@ -101,6 +101,11 @@ class Bus:
         #: logged and its "reconnected" INFO is owed (``retire`` says it if it never comes).
         self.troubled = False
 
+    @property
+    def serving(self) -> bool:
+        """The node can deliver its parties' messages (``RedisBackend.ready``): connected."""
+        return self.connected
+
     async def start(self, wait: float) -> None:
         """Connect in the background; wait up to ``wait`` s for the first connection."""
         loop = asyncio.get_running_loop()

@@ -89,6 +89,12 @@ class ShardedBus:
         """Every master's pub/sub connection is up (each carries some of the parties)."""
         return bool(self._buses) and all(bus.connected for bus in self._buses.values())
 
+    @property
+    def serving(self) -> bool:
+        """Some master's pub/sub connection is up: the node serves the parties of those masters
+        (one master lost is an outage of its parties, not of the node: ``/readyz``)."""
+        return any(bus.connected for bus in self._buses.values())
+
     async def start(self, wait: float) -> None:
         """Connect to every master in the background; wait up to ``wait`` s for them."""
         loop = asyncio.get_running_loop()
