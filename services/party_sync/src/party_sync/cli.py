@@ -285,18 +285,17 @@ def _serve(args: argparse.Namespace) -> int:
     _refuse_redis_misconfiguration(settings)  # before a file is written or an engine loaded
     dev_mode = settings.dev_mode
     link = None
-    if settings.resolved_engine_transport == "inprocess" and settings.workers == 1:
+    if settings.resolved_engine_transport == "inprocess":
         if dev_mode:  # the reference engine in this process writes its narration live
             devmode.narrate_by_default(
                 os.environ, engine_in_process=True, engine_spec=settings.engine
             )
-        # Loaded before a development secret is written: the engine's own settings (its
-        # CAMPAIGN_ENGINE_* variables) stop a start that cannot work with nothing left behind.
-        # (With workers, each loads its own, and the supervisor serves nothing: the first
-        # worker says once what is wrong.)
-        link = make_link(settings)
-    elif dev_mode and settings.resolved_engine_transport == "inprocess":
-        devmode.narrate_by_default(os.environ, engine_in_process=True, engine_spec=settings.engine)
+        if settings.workers == 1:
+            # Loaded before a development secret is written: the engine's own settings (its
+            # CAMPAIGN_ENGINE_* variables) stop a start that cannot work with nothing left
+            # behind. (With workers, each loads its own, and the supervisor serves nothing: the
+            # first worker says once what is wrong.)
+            link = make_link(settings)
     workdir = Path.cwd()
     # (after the checks above: a start refused for a setting discards nothing)
     if args.new_game:
@@ -561,7 +560,8 @@ def _engine_http(args: argparse.Namespace) -> int:
     logs.configure(level, log_format)
     _tracing("party-sync-engine-http")
     api_key = args.api_key or os.environ.get("PARTY_SYNC_API_KEY")
-    if not api_key and not os.environ.get("PARTY_SYNC_JWT_SECRET"):
+    configured = bool(os.environ.get("PARTY_SYNC_JWT_SECRET"))  # no development server
+    if not api_key and not configured:
         # beside a development server: the key it keeps (as `token` takes its secret there)
         kept = devmode.read_existing(Path.cwd() / DEV_SECRET_FILE)
         if kept is not None:
@@ -576,7 +576,7 @@ def _engine_http(args: argparse.Namespace) -> int:
     if not api_key:
         development = (
             "PARTY_SYNC_JWT_SECRET is set, so no development key is taken"
-            if os.environ.get("PARTY_SYNC_JWT_SECRET")
+            if configured
             else f"a development server keeps its own in {DEV_SECRET_FILE}: start engine-http "
             "in the server's directory to use it (serve --demo-tokens prints it)"
         )

@@ -128,10 +128,10 @@ class Settings:
     worker_timeout: float = _option(
         10.0,
         "With workers > 1: seconds (0 = no watch, else at least 3) a worker may go without "
-        "telling the supervisor it runs (it "
-        "does every second, from its event loop) before it is killed and started again: a worker "
-        "that is stopped (SIGSTOP) or whose loop is stuck still takes new connections on the "
-        "shared port, which would wait for it. 0 suits a worker held in a debugger.",
+        "telling the supervisor it runs (it does every second, from its event loop) before it is "
+        "killed and started again: a worker that is stopped (SIGSTOP) or whose loop is stuck "
+        "still takes new connections on the shared port, which would wait for it. 0 suits a "
+        "worker held in a debugger.",
     )
     engine: str = _option(
         "campaign_engine:create_engine",
@@ -583,10 +583,11 @@ def _is_bot_token(token: str) -> bool:
     return bool(sep) and bot_id.isdigit() and bool(secret) and not any(c.isspace() for c in token)
 
 
-def _is_engine_spec(spec: str) -> bool:
-    """``MODULE:ATTR`` (``engine.loader.load_engine`` imports it)."""
+def engine_spec_parts(spec: str) -> tuple[str, str] | None:
+    """``MODULE:ATTR`` as (module, attribute), or None for a spec of another form (the one rule,
+    checked at start and by ``engine.loader.load_engine``)."""
     module_name, sep, attr = spec.partition(":")
-    return bool(sep and module_name.strip() and attr.strip())
+    return (module_name, attr) if sep and module_name.strip() and attr.strip() else None
 
 
 def _bot_ids_agree(settings: Settings) -> bool:
@@ -689,7 +690,8 @@ def validate(settings: Settings) -> None:
             "tokens are signed with a shared secret)",
         ),
         (
-            settings.resolved_engine_transport != "inprocess" or _is_engine_spec(settings.engine),
+            settings.resolved_engine_transport != "inprocess"
+            or engine_spec_parts(settings.engine) is not None,
             f"engine must be MODULE:ATTR, got {settings.engine!r}",
         ),
         (settings.telegram_token_ttl > 0, "telegram_token_ttl must be > 0"),

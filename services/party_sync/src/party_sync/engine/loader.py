@@ -8,6 +8,7 @@ import os
 import sys
 from types import ModuleType
 
+from party_sync.config import engine_spec_parts
 from party_sync.engine.interface import Engine
 from party_sync.protocol.errors import ConfigError, EngineStartError
 
@@ -34,9 +35,10 @@ def _import(module_name: str) -> ModuleType:
 
 
 def load_engine(spec: str) -> Engine:
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
+    parts = engine_spec_parts(spec)
+    if parts is None:
         raise ConfigError(f"engine must be MODULE:ATTR, got {spec!r}")
+    module_name, attr = parts
     try:
         module = _import(module_name)
     except ImportError as exc:
