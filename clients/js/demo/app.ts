@@ -1278,6 +1278,11 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
   });
   c.on("resync", (info) => note(`Resync (${info.reason}): taking a fresh snapshot`, { detail: true }));
   c.on("tokenError", (error) => {
+    if (error instanceof SignInRefused && c.tokenWanted === null) {
+      // Asked only because connections failed (a restart?): the token in hand is still good.
+      note("Could not sign in again; going on with the current session…", { detail: true });
+      return;
+    }
     if (error instanceof SignInRefused) {
       // Refused for good (stale initData, not a member, ...): stop instead of retrying.
       c.close();

@@ -275,6 +275,16 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     return this.#closedReason;
   }
 
+  /**
+   * Why the next connection attempt fetches a fresh token first (`getToken(reason)`), or null
+   * when it dials with the token it has. Read in a `tokenError` listener: null there means the
+   * failed fetch was not needed (the handshakes that failed may have been a server that was down,
+   * and the current token's `exp` has not passed): the client goes on with its token.
+   */
+  get tokenWanted(): TokenReason | null {
+    return this.#stream.tokenRequest(this.#now());
+  }
+
   /** The party state (null before the first hello). */
   get state(): PartySnapshot | null {
     return this.#state;
@@ -466,7 +476,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       await this.#fetchToken(this.#stream.tokenRequest(this.#now()));
     } catch (error) {
       if (generation !== this.#generation || this.status === "closed") return;
-      this.#run(this.#stream.tokenFailed(error));
+      this.#run(this.#stream.tokenFailed(error, this.#now()));
       return;
     }
     if (generation !== this.#generation || this.status === "closed") return;

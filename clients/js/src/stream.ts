@@ -242,6 +242,8 @@ export class ClientStream {
   /** Tokens fetched because one was refused, since the last hello. */
   #rejectedRefreshes = 0;
   #tokenReason: TokenReason | null;
+  /** The "rejected" reason is only a guess from failed handshakes (no 401 was seen). */
+  #rejectionGuessed = false;
   #status: ConnectionStatus = "idle";
   #lifecycle = 0;
   #closedReason: ClosedReason | null = null;
@@ -399,12 +401,28 @@ export class ClientStream {
     if (this.#tokenReason === "rejected") this.#rejectedRefreshes += 1;
     this.#token = token;
     this.#tokenReason = null;
+    this.#rejectionGuessed = false;
     this.#failedHandshakes = 0;
   }
 
-  /** No token could be had: tell the application and try again later. */
-  tokenFailed(error: unknown): Output[] {
+  /**
+   * No token could be had: tell the application and try again later (`now` as in
+   * `tokenRequest`). When the fresh token was wanted only because handshakes failed (the server
+   * may just have been down: a browser cannot tell a refused connection from a refused token)
+   * and the current token's `exp` has not passed, the next attempt dials with the current token,
+   * and a fresh one is asked for again after as many failed handshakes: a sign-in that fails
+   * (an old `initData`) never keeps a player with a good token out.
+   */
+  tokenFailed(error: unknown, now: number): Output[] {
     if (this.#status === "closed") return [];
+    if (this.#tokenReason === "rejected" && this.#rejectionGuessed && this.#token !== null) {
+      const expiry = tokenExpiry(this.#token);
+      if (expiry === null || expiry > now) {
+        this.#tokenReason = null;
+        this.#rejectionGuessed = false;
+        this.#failedHandshakes = 0;
+      }
+    }
     return [emit("tokenError", error), ...this.#scheduleReconnect({})];
   }
 
@@ -438,6 +456,7 @@ export class ClientStream {
     } else if (!hadHello) {
       this.#failedHandshakes += 1;
       if (this.#canRefresh && this.#failedHandshakes >= this.#refreshAfter) {
+        if (this.#tokenReason !== "rejected") this.#rejectionGuessed = true;
         this.#tokenReason = "rejected";
       }
     }
@@ -469,6 +488,7 @@ export class ClientStream {
       if (this.#token !== probing.token) return []; // a fresh token is in use already
       if (this.#canRefresh && this.#rejectedRefreshes === 0) {
         this.#tokenReason = "rejected"; // the next attempt fetches a fresh one
+        this.#rejectionGuessed = false; // a 401: the server said so
         return [];
       }
       return this.#stop("unauthorized", CLOSE_NORMAL, undefined, undefined, status);

@@ -570,6 +570,52 @@ describe("tokens", () => {
   });
 });
 
+describe("a server that was down and a sign-in that fails", () => {
+  it("dials again with the token it has while its exp has not passed", async () => {
+    const h = harness({
+      token: fakeToken("good", 99_999_999),
+      getToken: () => {
+        throw new Error("init_data_expired");
+      },
+    });
+    const errors: unknown[] = [];
+    const wanted: (TokenReason | null)[] = [];
+    h.client.on("tokenError", (e) => {
+      errors.push(e);
+      wanted.push(h.client.tokenWanted);
+    });
+    await joined(h);
+    h.socket().drop(); // the server went away
+    for (let i = 0; i < 2; i++) (await reconnect(h)).drop(); // refused while it restarts
+    // The guess that the token was refused: getToken fails, the next attempt uses the old one.
+    h.timers.advance(60_000);
+    await tick();
+    assert.deepEqual(h.tokenCalls, ["rejected"]);
+    assert.equal(errors.length, 1);
+    assert.deepEqual(wanted, [null], "the listener learns that the client goes on");
+    const back = await reconnect(h);
+    assert.equal(tokenExpiry(back.query.get("token") ?? ""), 99_999_999_000);
+    back.deliver(hello(0));
+    await tick();
+    assert.equal(h.client.status, "open");
+  });
+
+  it("a token past its exp is still wanted after a failed fetch (tokenWanted says so)", async () => {
+    const h = harness({
+      token: fakeToken("old", 1000), // exp in 1970: past by the harness's clock too
+      getToken: () => {
+        throw new Error("init_data_expired");
+      },
+    });
+    const wanted: (TokenReason | null)[] = [];
+    h.client.on("tokenError", () => wanted.push(h.client.tokenWanted));
+    void h.client.connect();
+    await tick();
+    assert.deepEqual(wanted, ["expired"]);
+    assert.equal(FakeSocket.all.length, 0, "never dialled with the expired token");
+  });
+});
+
 describe("party state and typed events", () => {
   it("maintains the members from presence events", async () => {
     const h = harness();

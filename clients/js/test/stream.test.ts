@@ -608,10 +608,53 @@ describe("ClientStream: close codes, tokens and backoff", () => {
     const s = makeStream({ token: null, canRefreshToken: true });
     s.start();
     const error = new Error("sign-in unavailable");
-    const out = s.tokenFailed(error);
+    const out = s.tokenFailed(error, 0);
     assert.deepEqual(kinds(out), ["emit:tokenError", "status", "arm"]);
     assert.deepEqual(emitted(out, "tokenError"), [error]);
     assert.equal(s.tokenRequest(0), "initial", "still wanted");
+  });
+
+  it("a failed fetch after failed handshakes goes on with the current token until its exp", () => {
+    for (const [exp, now, fallsBack] of [
+      [undefined, 5e9, true], // no exp: still good
+      [1000, 999_999, true], // exp not passed yet
+      [1000, 1_000_000, false], // exp passed: a fresh one is still wanted
+    ] as const) {
+      const s = makeStream({ token: fakeToken("x", exp), canRefreshToken: true });
+      s.start();
+      for (let i = 0; i < 2; i++) {
+        s.dial();
+        s.closed(1006, ""); // the server is down: a browser cannot tell it from a 401
+        s.timerFired("reconnect");
+      }
+      assert.equal(s.tokenRequest(0), "rejected", "the guess after 2 failed handshakes");
+      const out = s.tokenFailed(new Error("init_data_expired"), now);
+      assert.deepEqual(kinds(out), ["emit:tokenError", "status", "arm"]);
+      assert.equal(s.tokenRequest(0) === null, fallsBack, `exp ${exp}, now ${now}`);
+      if (!fallsBack) continue;
+      // Two more failed handshakes and it asks again.
+      s.timerFired("reconnect");
+      s.dial();
+      s.closed(1006, "");
+      assert.equal(s.tokenRequest(0), null);
+      s.timerFired("reconnect");
+      s.dial();
+      s.closed(1006, "");
+      assert.equal(s.tokenRequest(0), "rejected");
+    }
+  });
+
+  it("a 401 the probe learnt is not a guess: a failed fetch does not go back to the token", () => {
+    const s = makeStream({ token: fakeToken("x"), canRefreshToken: true, probeHandshakes: true });
+    s.start();
+    s.dial();
+    const out = s.closed(1006, "");
+    const probe = out.find((o) => o.type === "probe");
+    assert.ok(probe !== undefined && probe.type === "probe");
+    s.probed(probe.connection, 401);
+    assert.equal(s.tokenRequest(0), "rejected");
+    s.tokenFailed(new Error("sign-in down"), 0);
+    assert.equal(s.tokenRequest(0), "rejected", "still wanted");
   });
 
   it("backoff delays stay in [0, min(cap, base·2^n)) and restart after a hello (property)", () => {
@@ -750,7 +793,7 @@ describe("ClientStream: leaving and closing", () => {
     assert.deepEqual(s.leave(), []);
     assert.deepEqual(s.receive(frame(scene(1, 1))), []);
     assert.deepEqual(s.closed(1006, ""), []);
-    assert.deepEqual(s.tokenFailed(new Error("x")), []);
+    assert.deepEqual(s.tokenFailed(new Error("x"), 0), []);
     assert.equal(s.lifecycle, lifecycle);
   });
 
