@@ -207,6 +207,13 @@ def _parser() -> _Parser:
         "[env PARTY_SYNC_REDIS_CLUSTER_NODES]",
     )
     worker.add_argument(
+        "--redis-prefix",
+        type=_name,
+        default=None,
+        help="the prefix of party_sync's keys, the serving nodes' [env PARTY_SYNC_REDIS_PREFIX] "
+        "(party_sync); the actions stream's name is --stream, whatever the prefix",
+    )
+    worker.add_argument(
         "--stream",
         type=_name,
         default=os.environ.get("PARTY_SYNC_ACTIONS_STREAM", ACTIONS_STREAM),
@@ -645,6 +652,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         "PARTY_SYNC_REDIS_SENTINEL_MASTER": args.redis_sentinel_master,
         "PARTY_SYNC_REDIS_CLUSTER": "true" if args.redis_cluster else None,
         "PARTY_SYNC_REDIS_CLUSTER_NODES": args.redis_cluster_nodes,
+        "PARTY_SYNC_REDIS_PREFIX": args.redis_prefix,
         "PARTY_SYNC_ACTIONS_STREAM_PARTITIONS": (
             None if args.actions_stream_partitions is None else str(args.actions_stream_partitions)
         ),

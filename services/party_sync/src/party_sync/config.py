@@ -214,7 +214,9 @@ class Settings:
         "development mode).",
     )
     redis_prefix: str = _option(
-        "party_sync", "Redis mode: prefix of every key (channels party:<id>, run:<id> have none)."
+        "party_sync",
+        "Redis mode: prefix of every key (channels party:<id>, run:<id> and the actions stream, "
+        "public names, have none: deployments sharing a Redis set their own actions_stream).",
     )
     redis_probe_interval: float = _option(
         5.0,

@@ -284,3 +284,34 @@ async def test_a_node_and_a_worker_process_on_three_partitions(cluster: Cluster)
             error = wrong.stderr.read().decode()
         assert code == 2, error
         assert "--actions-stream-partitions 3" in error
+
+
+async def test_a_deployment_under_its_own_prefix_and_stream_beside_the_default_one(
+    cluster: Cluster,
+) -> None:
+    """docs/redis.md, ``redis_prefix``: deployments sharing a Redis each set their own prefix and
+    actions stream; ``engine-worker --redis-prefix`` answers in its nodes' keys. A worker of the
+    default deployment runs beside it and takes none of its actions."""
+    own = ("--redis-prefix", "otherdep", "--actions-stream", "otherdep:actions")
+    async with cluster.node(*STREAM, *own) as node:
+        with (
+            worker(cluster),
+            worker(cluster, "--redis-prefix", "otherdep", "--stream", "otherdep:actions"),
+        ):
+            a, _ = await node.join("aria", party="op-1")
+            await a.act("op-act", "aria", "r1")
+            result = await a.until("action.result", timeout=15)
+            assert result["payload"]["action_id"] == "op-act"
+            await a.act("op-act", "aria", "r1")  # its record, in this prefix, holds the answer
+            again = await a.until("action.result", timeout=10)
+            assert again["payload"] == result["payload"]
+            await a.close()
+        redis = Redis.from_url(cluster.redis.url)
+        try:
+            assert await redis.keys("otherdep:{party:op-1}:*")
+            assert not await redis.keys("party_sync:*{party:op-1}*")
+            assert int((await redis.xinfo_stream("otherdep:actions"))["entries-added"]) > 0
+            # the default deployment's stream (its worker made it): nothing ever added
+            assert int((await redis.xinfo_stream(ACTIONS_STREAM))["entries-added"]) == 0
+        finally:
+            await redis.aclose()
