@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
-from party_sync.engine.interface import Claim, RestateNotice
+from party_sync.engine.interface import Claim, JoinNotice, RestateNotice
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_worker import StreamWorker, WorkerOptions
 from party_sync.protocol.errors import ErrorCode
@@ -215,6 +215,82 @@ async def test_an_action_that_keeps_failing_ends_in_engine_error(redis: RedisSer
     async with running_worker(redis, host, engine, max_deliveries=1), stream_link(redis) as link:
         await link.submit(make_action("boom"))
         await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)], timeout=10)
+
+
+async def test_an_action_that_raises_is_tried_again_soon_and_ends_in_engine_error(
+    redis: RedisServer,
+) -> None:
+    """docs/engines.md: retried until its max_deliveries-th delivery, then engine_error. The
+    worker tries a failed entry again itself after 1, 2, ... s, not only once XAUTOCLAIM finds it
+    idle for claim_idle (30 s here): the player was told after about 4 x claim_idle."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    engine.mode = "crash"
+    async with running_worker(redis, host, engine, max_deliveries=3), stream_link(redis) as link:
+        await link.submit(make_action("boom"))
+        await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)], timeout=15)
+        assert engine.count("boom") == 3
+        await acknowledged(redis)
+
+
+async def deliver_to_a_dead_worker(redis: RedisServer, times: int) -> None:
+    """Every entry of the test stream delivered ``times`` times to consumer ``dead``, never
+    acknowledged: as if each delivery had ended its worker (an engine that exits)."""
+    client = Redis.from_url(redis.url)
+    group = WorkerOptions().group
+    try:
+        await client.xgroup_create(STREAM, group, id="0", mkstream=True)
+        await client.xreadgroup(group, "dead", {STREAM: ">"})
+        for _ in range(times - 1):
+            await client.xreadgroup(group, "dead", {STREAM: "0"})
+        pending = await client.xpending_range(STREAM, group, min="-", max="+", count=10)
+        assert {int(p["times_delivered"]) for p in pending} == {times}
+    finally:
+        await client.aclose()
+
+
+async def test_an_entry_that_ended_every_worker_it_reached_is_not_run_again(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An action (or notice) whose every delivery ended its worker process (os._exit, the OOM
+    killer) was taken over by each fresh worker, which died in turn: for ever, the player never
+    answered (engine probe: 45 deliveries in 45 s). Past max_deliveries it is acknowledged
+    without running it, and the action's player gets engine_error."""
+    caplog.set_level(logging.ERROR, LOGGER)
+    host, engine = RecordingHost(), ScriptedEngine()
+    async with stream_link(redis) as link:
+        await link.submit(make_action("poison"))
+        await link.notify_join(JoinNotice("p1", "r1", "kay", "Kay", "trace-join-poison"))
+    await deliver_to_a_dead_worker(redis, 5)
+    async with running_worker(redis, host, engine, claim_idle=0.2, max_deliveries=5):
+        await wait_until(lambda: host.failed == [("poison", ErrorCode.ENGINE_ERROR)], timeout=10)
+        await acknowledged(redis)
+        assert engine.calls == [] and engine.joins == []
+        await link_then_answered(redis, host, engine)
+    errors = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert sum("delivered more than 5 times" in m for m in errors) == 2, errors
+
+
+async def link_then_answered(
+    redis: RedisServer, host: RecordingHost, engine: ScriptedEngine
+) -> None:
+    """The worker goes on: a new action is run and answered."""
+    async with stream_link(redis) as link:
+        await link.submit(make_action("after"))
+    await wait_until(lambda: "after" in host.results(), timeout=10)
+    assert [c.action_id for c in engine.calls] == ["after"]
+
+
+async def test_an_entry_delivered_exactly_max_deliveries_times_is_still_run(
+    redis: RedisServer,
+) -> None:
+    """The limit counts deliveries that ended without an answer: the fifth is still run."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    async with stream_link(redis) as link:
+        await link.submit(make_action("last-chance"))
+    await deliver_to_a_dead_worker(redis, 4)  # the worker's XAUTOCLAIM is the fifth
+    async with running_worker(redis, host, engine, claim_idle=0.2, max_deliveries=5):
+        await wait_until(lambda: host.results() == ["last-chance"], timeout=10)
+        assert host.failed == []
 
 
 async def test_a_claim_failing_on_the_backend_leaves_the_entry_pending_until_it_answers(

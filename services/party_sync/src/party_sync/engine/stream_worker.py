@@ -187,6 +187,9 @@ class StreamWorker:
         self.serving = asyncio.Event()
         self._degraded = False
         self._own_cursor: str | None = "0"  # re-read our own pending entries from here
+        #: When (monotonic) to re-read our own pending entries after the engine failed on one
+        #: (``_engine_failed``: a short backoff instead of waiting ``claim_idle`` for XAUTOCLAIM)
+        self._retry_own_at: float | None = None
         self._beaten_at = -BEAT_INTERVAL  # monotonic time of the last heartbeat (workers_key)
         self._stop = asyncio.Event()
 
@@ -298,6 +301,9 @@ class StreamWorker:
         await self._beat()
         entries: list[Entry] = []
         redelivery = True  # our own pending entries and reclaimed ones were delivered before
+        if self._retry_own_at is not None and time.monotonic() >= self._retry_own_at:
+            self._retry_own_at = None
+            self._own_cursor = self._own_cursor or "0"
         if self._own_cursor is not None:
             read: Any = await self.redis.xreadgroup(
                 o.group, o.consumer, {o.stream: self._own_cursor}, count=o.batch
@@ -410,6 +416,11 @@ class StreamWorker:
         if run_id and self.watch is not None:
             self.watch.knows(party_id, run_id)
         trace_id = str(envelope.get("trace_id", ""))
+        # Delivered max_deliveries times already and never acknowledged: every delivery raised or
+        # ended its worker (an engine that exits, is killed by the OOM killer, or hangs past
+        # claim_idle on this entry). Not run again: a poison entry would otherwise take down
+        # every worker that takes it over, for ever, and its player would never get an answer.
+        exhausted = redelivery and await self._deliveries(entry_id) > self.options.max_deliveries
         try:
             if action is not None:
                 # A redelivery may have been started by a worker that died: if party_sync lost
@@ -428,7 +439,13 @@ class StreamWorker:
                     await self._done(entry_id)
                     self.skipped += 1
                     return
+                if exhausted:
+                    await self._exhausted(entry_id, action, kind, trace_id)
+                    return
                 await self._run_action(action)
+            elif exhausted:
+                await self._exhausted(entry_id, None, kind, trace_id)
+                return
             elif join is not None:
                 await self.engine.handle_join(join)
             elif restate is not None:
@@ -459,21 +476,43 @@ class StreamWorker:
     async def _engine_failed(
         self, entry_id: bytes, action: ActionRequest | None, trace_id: str
     ) -> None:
-        if await self._give_up(entry_id):
+        deliveries = await self._deliveries(entry_id)
+        if deliveries >= self.options.max_deliveries:
             log.exception("engine failed; giving up", extra={"trace_id": trace_id})
             if action is not None:
                 await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
             await self._done(entry_id)
         else:
             log.exception("engine failed; the entry stays pending", extra={"trace_id": trace_id})
+            # tried again by this worker after 1, 2, 4 ... s (at most claim_idle), not only
+            # when XAUTOCLAIM finds it idle: engine_error comes in seconds, not minutes
+            wait = min(float(2 ** max(0, deliveries - 1)), self.options.claim_idle)
+            due = time.monotonic() + wait
+            self._retry_own_at = due if self._retry_own_at is None else min(self._retry_own_at, due)
 
-    async def _give_up(self, entry_id: bytes) -> bool:
+    async def _exhausted(
+        self, entry_id: bytes, action: ActionRequest | None, kind: str, trace_id: str
+    ) -> None:
+        """An entry delivered more than ``max_deliveries`` times: acknowledged without running
+        it; an action's player gets ``engine_error`` (its claim said it had no answer yet)."""
+        log.error(
+            "%s entry delivered more than %d times, never acknowledged (each delivery failed "
+            "or ended its worker); giving up without running it",
+            kind,
+            self.options.max_deliveries,
+            extra={"trace_id": trace_id},
+        )
+        if action is not None:
+            await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
+        await self._done(entry_id)
+
+    async def _deliveries(self, entry_id: bytes) -> int:
+        """How many times the entry was delivered (``max_deliveries`` if it is not pending)."""
         o = self.options
         pending = await self.redis.xpending_range(
             o.stream, o.group, min=entry_id, max=entry_id, count=1
         )
-        deliveries = int(pending[0]["times_delivered"]) if pending else o.max_deliveries
-        return deliveries >= o.max_deliveries
+        return int(pending[0]["times_delivered"]) if pending else o.max_deliveries
 
 
 class PartitionedWorker:
