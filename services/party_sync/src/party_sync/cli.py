@@ -43,6 +43,23 @@ def _seconds(text: str) -> float:
     return value
 
 
+#: The most entries ``engine-worker --batch`` may take at once.
+MAX_WORKER_BATCH = 1000
+
+
+def _batch(text: str) -> int:
+    """An argparse type: entries an engine worker takes at once, 1..``MAX_WORKER_BATCH``."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= MAX_WORKER_BATCH:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number 1..{MAX_WORKER_BATCH}, not {text!r}"
+        )
+    return value
+
+
 def _partitions(text: str) -> int:
     """An argparse type: a count of actions-stream partitions, 1..``MAX_STREAM_PARTITIONS``."""
     try:
@@ -242,6 +259,14 @@ def _parser() -> _Parser:
         type=_seconds,
         default=30.0,
         help="seconds before a dead worker's pending actions are taken over (30; at most 1e9)",
+    )
+    worker.add_argument(
+        "--batch",
+        type=_batch,
+        default=1,
+        help="entries to take from the stream at once (1: the default, a worker takes one action "
+        "at a time and an idle worker the next; more: fewer round trips to Redis, but the "
+        "entries taken wait behind a slow one while other workers may be idle; at most 1000)",
     )
     worker.add_argument(
         "--burst", action="store_true", help="exit once the stream has nothing more to do"
@@ -675,6 +700,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         group=args.group,
         consumer=args.consumer or default_consumer(),
         claim_idle=args.claim_idle,
+        batch=args.batch,
         burst=args.burst,
         keep_handled=args.keep_handled,
     )

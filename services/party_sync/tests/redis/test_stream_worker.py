@@ -311,7 +311,7 @@ async def test_a_claim_failing_on_the_backend_leaves_the_entry_pending_until_it_
 
 async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: RedisServer) -> None:
     """docs/engines.md: another worker takes over the entries of a worker that *dies*. A live
-    worker holding a batch (a slow action, and the entries waiting behind it in its batch) for
+    worker holding a batch (``--batch 3``: a slow action, and the entries waiting behind it) for
     longer than ``claim_idle`` keeps them: a second worker once took them over, so each such
     action reached two engines and the party got its events twice."""
     host = RecordingHost()
@@ -320,7 +320,7 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
     claim_idle = 1.5  # refreshed every 0.5 s: a loaded machine may stall the loop a while
     async with (
         stream_link(redis) as link,
-        running_worker(redis, host, slow, "w1", claim_idle=claim_idle),
+        running_worker(redis, host, slow, "w1", claim_idle=claim_idle, batch=3),
     ):
         for n in range(3):
             await link.submit(make_action(f"held-{n}"))
@@ -344,6 +344,36 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
         assert other.calls == []
     assert sorted(host.results()) == ["held-0", "held-1", "held-2"]
     assert [a.action_id for a in slow.calls] == ["held-0", "held-1", "held-2"]
+
+
+async def test_by_default_a_free_worker_takes_what_waits_behind_a_slow_action(
+    redis: RedisServer,
+) -> None:
+    """Engine probe: a worker took 16 entries at once and ran them one after another, so three
+    quick actions of other parties waited behind an 8-s one (and timed out) while a second worker
+    sat idle. A worker now takes one entry at a time (``--batch 1``, the default): the slow
+    action stays its own (held past claim_idle, never run twice), the others go to the free one."""
+    host = RecordingHost()
+    slow, other = ScriptedEngine(), ScriptedEngine()
+    slow.gate = asyncio.Event()
+    claim_idle = 1.5
+    async with stream_link(redis) as link:
+        await link.submit(make_action("slow-0"))
+        for n in range(3):
+            await link.submit(make_action(f"quick-{n}"))
+    async with running_worker(redis, host, slow, "w1", claim_idle=claim_idle):
+        await wait_until(lambda: len(slow.calls) == 1, timeout=10)  # all four waited for it
+        async with running_worker(redis, host, other, "w2", claim_idle=claim_idle):
+            await wait_until(lambda: len(host.results()) == 3, timeout=10)
+            assert sorted(a.action_id for a in other.calls) == ["quick-0", "quick-1", "quick-2"]
+            loop = asyncio.get_running_loop()
+            until = loop.time() + 2 * claim_idle  # the slow one, held past claim_idle: w1's
+            await wait_until(lambda: loop.time() > until, timeout=10)
+            slow.gate.set()
+            await wait_until(lambda: len(host.results()) == 4, timeout=10)
+            await acknowledged(redis)
+    assert [a.action_id for a in slow.calls] == ["slow-0"]
+    assert "slow-0" not in [a.action_id for a in other.calls]
 
 
 async def consumers_and_beats(redis: RedisServer) -> tuple[list[bytes], list[bytes]]:
@@ -380,7 +410,7 @@ async def test_a_stopped_worker_leaves_its_group_unless_entries_are_pending_for_
         slow.gate = asyncio.Event()
         client = Redis.from_url(redis.url, socket_timeout=3.0)
         worker = StreamWorker(
-            slow, host, client, WorkerOptions(stream=STREAM, consumer="holder", block=0.1)
+            slow, host, client, WorkerOptions(stream=STREAM, consumer="holder", block=0.1, batch=3)
         )
         task = asyncio.get_running_loop().create_task(worker.run())
         try:

@@ -145,7 +145,9 @@ class WorkerOptions:
     group: str = "campaign-engine"
     consumer: str = field(default_factory=lambda: default_consumer())
     claim_idle: float = 30.0  # seconds before another worker may take over a pending entry
-    batch: int = 16
+    #: Entries taken at once (own pending, reclaimed, new). 1: an entry waits in the stream,
+    #: where any free worker takes it, not behind a slow action in a busy worker's batch.
+    batch: int = 1
     block: float = 1.0  # seconds one XREADGROUP may wait
     max_deliveries: int = 5
     burst: bool = False  # stop once the stream has nothing left for this worker (tests, cron)
