@@ -153,7 +153,7 @@ async def test_a_result_after_a_refusal_replaces_it_and_is_logged(
         event = await b.publish(PARTY, result("a1"), DEADLINE + 1)
         again = await b.publish(PARTY, result("a1"), DEADLINE + 2)
     assert event.seq == 1 and (again.seq, again.data) == (1, event.data)
-    replaced = [r for r in caplog.records if "after it had been refused" in r.getMessage()]
+    replaced = [r for r in caplog.records if "had already refused" in r.getMessage()]
     assert len(replaced) == 1, caplog.records
     done = Verdict(Decision.DONE, result=event.data)
     assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 3) == done

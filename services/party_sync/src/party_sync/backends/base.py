@@ -12,6 +12,7 @@ Events reach a node's listeners in seq order with no gap: a backend that receive
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -470,3 +471,14 @@ class AdminView(Protocol):
     async def watch_closes(self, callback: CloseRequest) -> Subscription:
         """Deliver close requests meant for this node's connections to ``callback``."""
         ...
+
+
+def warn_result_after_refusal(logger: logging.Logger, trace_id: str, action_id: str) -> None:
+    """The one WARNING of both backends for an ``action.result`` published for an action that
+    already had a final refusal (docs/engines.md, *A result after a refusal*)."""
+    logger.warning(
+        "the engine published a result for an action party_sync had already refused "
+        "(action_timeout, action_rejected, engine_error or engine_unavailable, told to its "
+        "player): it applied the action, so the result stands as the action's answer",
+        extra={"trace_id": trace_id, "action_id": action_id},
+    )

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from party_sync.backends.base import BackendSettings, PartyListener
+from party_sync.backends.base import BackendSettings, PartyListener, warn_result_after_refusal
 from party_sync.backends.memory_admin import MemoryAdmin
 from party_sync.backends.memory_party import MemoryParty
 from party_sync.core import votes
@@ -122,11 +122,7 @@ class MemoryBackend:
         if key is not None and type_ != t.ACTION_RESULT:
             party.published.record(key, seq, now, shape([message]))
         if refused:
-            log.warning(
-                "the engine applied an action after it had been refused (its deadline "
-                "passed before the engine claimed it): the result stands",
-                extra={"trace_id": message["trace_id"], "action_id": payload["action_id"]},
-            )
+            warn_result_after_refusal(log, message["trace_id"], payload["action_id"])
         event = Event(party.party_id, seq, type_, payload, message["trace_id"], data)
         for listener in list(party.listeners):
             try:

@@ -31,7 +31,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from party_sync.backends.base import BackendSettings, PartyListener
+from party_sync.backends.base import BackendSettings, PartyListener, warn_result_after_refusal
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus
@@ -302,11 +302,7 @@ class RedisBackend:
                 return repeated(party_id, int(reply[2]), message, body)
             return event_from(party_id, bytes(reply[2]))  # the action's result stands
         if len(reply) > 2 and int(reply[2]):
-            log.warning(
-                "the engine applied an action after it had been refused (its deadline passed "
-                "before the engine claimed it): the result stands",
-                extra={"trace_id": message["trace_id"], "action_id": action_id},
-            )
+            warn_result_after_refusal(log, message["trace_id"], action_id)
         return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
 
     async def publish_many(
@@ -355,14 +351,7 @@ class RedisBackend:
                     events.append(unpublished(party_id, message, body))
                 continue
             if int(extra):
-                log.warning(
-                    "the engine applied an action after it had been refused (its deadline passed "
-                    "before the engine claimed it): the result stands",
-                    extra={
-                        "trace_id": message["trace_id"],
-                        "action_id": message["payload"]["action_id"],
-                    },
-                )
+                warn_result_after_refusal(log, message["trace_id"], message["payload"]["action_id"])
             type_, payload = message["type"], message["payload"]
             events.append(
                 Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
