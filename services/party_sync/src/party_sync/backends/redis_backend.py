@@ -302,7 +302,7 @@ class RedisBackend:
                 return repeated(party_id, int(reply[2]), message, body)
             return event_from(party_id, bytes(reply[2]))  # the action's result stands
         if len(reply) > 2 and int(reply[2]):
-            warn_result_after_refusal(log, message["trace_id"], action_id)
+            warn_result_after_refusal(log, message["trace_id"], str(action_id))
         return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
 
     async def publish_many(
