@@ -254,3 +254,31 @@ async def test_one_characters_ballots_are_limited_over_all_its_connections() -> 
             pass
         for client in (a1, a2, b, c):
             await client.close()
+
+
+async def test_refused_ballots_spend_none_of_the_characters_ballots() -> None:
+    """docs/protocol.md: 5 ballots at once, counted because each accepted one is a vote.update
+    in the history. Ballots refused (an option the vote does not have) make none: three of them,
+    then five good ones, are all taken (protocol probe: the last three were rate_limited)."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        c, _ = await srv.join("cato")  # three members: two ballots never finish the vote
+        assert (await start(srv, vote_id="v-bad"))[0] == 201
+        await a.until("vote.started")
+        for i in range(3):
+            await a.send({**cast("v-bad", "Z"), "trace_id": f"bad{i}"})
+            refused = await a.until("system.error")
+            assert refused["payload"]["code"] == "vote_bad_option"
+        for i in range(5):
+            await a.send({**cast("v-bad", "AB"[i % 2]), "trace_id": f"good{i}"})
+        for i in range(5):
+            update = await b.until("vote.update")
+            assert update["trace_id"] == f"good{i}"
+        updates = 0
+        while updates < 5:  # the voter's own stream: its five updates, and no refusal
+            message = await a.recv()
+            assert message["type"] != "system.error", message
+            updates += message["type"] == "vote.update"
+        for client in (a, b, c):
+            await client.close()

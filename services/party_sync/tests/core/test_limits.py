@@ -42,6 +42,16 @@ def test_cost_is_spent_whole_or_not_at_all() -> None:
     assert bucket.take(0.0, cost=4.0) is False  # more than burst: never
 
 
+def test_a_token_given_back_can_be_taken_again_but_never_past_burst() -> None:
+    bucket = TokenBucket(rate=1.0, burst=3.0)
+    bucket.give_back()  # never used: full already, nothing changes
+    assert takes(bucket, 0.0, 10) == 3
+    bucket.give_back()
+    assert takes(bucket, 0.0, 10) == 1
+    bucket.give_back(5.0)
+    assert takes(bucket, 0.0, 10) == 3
+
+
 def test_a_clock_going_backwards_mints_no_tokens() -> None:
     bucket = TokenBucket(rate=1.0, burst=2.0)
     takes(bucket, 100.0, 2)

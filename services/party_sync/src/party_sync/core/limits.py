@@ -35,6 +35,12 @@ class TokenBucket:
             return True
         return False
 
+    def give_back(self, cost: float = 1.0) -> None:
+        """Return what ``take`` spent on something that turned out not to count (up to
+        ``burst``)."""
+        if self.tokens >= 0:
+            self.tokens = min(self.burst, self.tokens + cost)
+
 
 @dataclass(frozen=True, slots=True)
 class LimitPolicy:

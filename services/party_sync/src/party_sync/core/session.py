@@ -838,6 +838,11 @@ class PartySessions:
         self, cmd: CastVote, refusal: votes.CastRefusal | None, events: Sequence[Event]
     ) -> Commands:
         if refusal is not None:
+            # a refused ballot is no vote.update in the history: it spends none of the
+            # character's ballots (the connection's own rate limit and strikes still count it)
+            bucket = self._ballots.get((cmd.conn.party_id, cmd.conn.character_id))
+            if bucket is not None:
+                bucket.give_back()
             error = ProtocolError(
                 ErrorCode(refusal.value),
                 _VOTE_REFUSALS[refusal],
