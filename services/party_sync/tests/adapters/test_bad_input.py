@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import select
+import socket
 from typing import Any
 
 import orjson
 import pytest
 from ps_testkit.client import Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.servers import make_settings, serve_in_process
+from ps_testkit.security_raw import client_frame, ws_handshake
+from ps_testkit.servers import make_settings, serve_in_process, token
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
@@ -146,3 +150,75 @@ async def test_a_frame_far_beyond_the_limit_closes_only_that_connection() -> Non
         registry = srv.server.gateway.metrics.registry
         sample = ("party_sync_closes_total", {"code": "1009"})
         await wait_until(lambda: registry.get_sample_value(*sample) == 1)
+
+
+def _server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of every whole server frame in ``data`` (after the HTTP 101 head)."""
+    data = data[data.index(b"\r\n\r\n") + 4 :] if b"\r\n\r\n" in data else b""
+    frames = []
+    while len(data) >= 2:
+        size, at = data[1] & 0x7F, 2
+        if size == 126:
+            size, at = int.from_bytes(data[2:4], "big"), 4
+        elif size == 127:
+            size, at = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < at + size:
+            break
+        frames.append((data[0] & 0x0F, data[at : at + size]))
+        data = data[at + size :]
+    return frames
+
+
+def _closed(data: bytes) -> bool:
+    return any(opcode == 0x8 for opcode, _ in _server_frames(data))
+
+
+def _flood_then_keep_sending(base: str, path: str) -> tuple[bytes, bool]:
+    """A client that sends bad input, one frame per answer, until the server's close frame,
+    then, as a flooding client does, sends more: what it read up to the close frame, and
+    whether the server ended the connection before the client's own close frame."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(ws_handshake(path))
+        received = b""
+        while not any(opcode == 0x1 for opcode, _ in _server_frames(received)):
+            received += sock.recv(1 << 20)  # the hello
+        while not _closed(received):
+            assert len(received) < 1 << 20, "never closed"
+            answers = len(_server_frames(received))
+            sock.sendall(client_frame(b"{bad"))  # then wait for its answer: the server waits
+            while len(_server_frames(received)) == answers:  # for the next frame meanwhile
+                chunk = sock.recv(1 << 20)
+                assert chunk, "the connection ended before the close frame"
+                received += chunk
+        for _ in range(20):  # still flooding after the server's close frame
+            sock.sendall(client_frame(b"{bad"))
+        # The server reads on (and drops) what still comes until the client's close frame: a
+        # socket closed with data still arriving is reset, and a reset can take with it what
+        # the client had not read yet (a flood's errors and its 1008 arrived as 1006).
+        ready, _, _ = select.select([sock], [], [], 0.5)
+        ended_early = bool(ready) and sock.recv(1 << 20, socket.MSG_PEEK) == b""
+        sock.sendall(client_frame(b"\x03\xe8", opcode=0x8))  # the client's close
+        return received, ended_early
+
+
+async def test_a_flooding_client_still_reads_its_errors_and_the_1008() -> None:
+    """Protocol probe: a client closed for bad input that was still sending when the close came
+    sometimes got neither its errors nor the close frame (1006): aiohttp, woken from receive()
+    by a close from another task, shut the socket at once, without waiting for the client's
+    close frame, and the frames still arriving made the kernel answer with a reset, which can
+    drop what the client had not read. A close decided while a message is handled is now made
+    by the handler, which reads on until the client's close frame (RFC 6455 7.1.1)."""
+    async with serve_in_process(make_settings(), engine=ScriptedEngine()) as srv:
+        for attempt in range(3):
+            path = "/ws?token=" + token(f"flood{attempt}")
+            received, ended_early = await asyncio.to_thread(
+                _flood_then_keep_sending, srv.base, path
+            )
+            assert not ended_early, "closed before the client's close frame"
+            frames = _server_frames(received)
+            closes = [payload for opcode, payload in frames if opcode == 0x8]
+            assert closes, (attempt, received[-300:])
+            assert int.from_bytes(closes[0][:2], "big") == 1008
+            errors = [p for opcode, p in frames if opcode == 0x1 and b'"system.error"' in p]
+            assert errors and all(b"bad_json" in e or b"rate_limited" in e for e in errors)

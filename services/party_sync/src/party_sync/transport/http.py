@@ -213,7 +213,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             if session.closed:
                 break
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):  # binary: refused (bad_json)
-                await gateway.receive(session, msg.data, msg.type is WSMsgType.BINARY)
+                sink.handling = True  # a close decided meanwhile waits for stop() (sink.close)
+                try:
+                    await gateway.receive(session, msg.data, msg.type is WSMsgType.BINARY)
+                finally:
+                    sink.handling = False
+                if sink.closing:  # it closed the connection (or the peer went): stop() closes
+                    break
             elif msg.type is WSMsgType.ERROR:
                 if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
                     gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)

@@ -97,6 +97,7 @@ class WebSocketSink:
         "_batcher",
         "_close_task",
         "_closing",
+        "_deferred",
         "_guard",
         "_max_buffer",
         "_pending",
@@ -106,6 +107,7 @@ class WebSocketSink:
         "_user",
         "_ws",
         "close_code",
+        "handling",
     )
 
     def __init__(
@@ -129,6 +131,11 @@ class WebSocketSink:
         self._pending_bytes = 0
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
+        #: The close frame's reason, when the close was left to ``stop`` (``handling``)
+        self._deferred: bytes | None = None
+        #: True while the connection's handler handles a message of the client (not waiting in
+        #: ``receive``): a close decided meanwhile is made by the handler itself (``stop``)
+        self.handling = False
         self.close_code: int | None = None  # the code this side closed with, if it did
         self._stuck_since: float | None = None  # when the buffer was first seen over its mark
 
@@ -185,6 +192,15 @@ class WebSocketSink:
         self.close_code = code
         if code == POLICY_VIOLATION and self._guard is not None:
             self._guard.penalize(self._user)
+        if self.handling:
+            # The handler is not waiting in aiohttp's receive(): it stops reading after this
+            # message and closes in ``stop``, which reads what the client still sends until its
+            # close frame. A close() from another task while receive() waits wakes it, and
+            # aiohttp then closes the socket at once: with the client's frames still arriving,
+            # the kernel answers them with a reset, and the client loses what it had not read
+            # yet, this side's close frame included (a flood's 1008 arrived as 1006).
+            self._deferred = reason.encode()[:120]
+            return
         self._close_task = asyncio.get_running_loop().create_task(
             self._close(code, reason.encode()[:120])
         )
@@ -221,6 +237,10 @@ class WebSocketSink:
     async def stop(self) -> None:
         """The connection is over: flush, let a pending close frame go out (bounded), stop."""
         self.flush()
+        if self._deferred is not None and self.close_code is not None:
+            reason, self._deferred = self._deferred, None
+            await self._close(self.close_code, reason)  # bounded by CLOSE_TIMEOUT
+            return
         task = self._close_task
         if task is not None and not task.done():
             with contextlib.suppress(asyncio.TimeoutError):
