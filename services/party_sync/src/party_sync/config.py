@@ -389,7 +389,11 @@ class Settings:
         "is installed, else asyncio).",
     )
     log_level: str = _option("INFO", "Log level (DEBUG, INFO, WARNING, ERROR, CRITICAL).")
-    log_format: str = _option("json", "Log format: json (one object per line) or text.")
+    log_format: str = _option(
+        "json",
+        "Log format: json (one object per line) or text (one line: the message, then the "
+        "fields, trace_id=... party_id=...).",
+    )
 
     @property
     def resolved_engine_transport(self) -> str:
@@ -517,7 +521,30 @@ def _origins_problem(origins: Sequence[str]) -> str | None:
                 f"allowed_origins: {origin!r} is not an origin: scheme://host[:port], with no "
                 "path or trailing slash (as browsers send it in the Origin header)"
             )
+        if parts.username is not None or parts.password is not None:
+            return f"allowed_origins: an origin has no user or password (got one in {origin!r})"
+        canonical = _serialized_origin(parts)
+        if origin != canonical:
+            return (
+                f"allowed_origins: {origin!r} is never what a browser sends; it sends "
+                f"{canonical!r} (scheme and host in lower case, no default port)"
+            )
     return None
+
+
+#: The port a browser leaves out of an Origin (RFC 6454 4: the scheme's default).
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _serialized_origin(parts: SplitResult) -> str:
+    """The origin as a browser serializes it (RFC 6454 6.1): the scheme and host in lower case
+    (``hostname`` lower-cases it), the port only when it is not the scheme's default."""
+    scheme, host, port = parts.scheme.lower(), parts.hostname or "", parts.port
+    if ":" in host:  # an IPv6 literal keeps its brackets
+        host = f"[{host}]"
+    if port is None or port == _DEFAULT_PORTS.get(scheme):
+        return f"{scheme}://{host}"
+    return f"{scheme}://{host}:{port}"
 
 
 def _redis_url_problem(url: str | None) -> str | None:

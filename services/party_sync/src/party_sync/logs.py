@@ -374,6 +374,34 @@ class JsonFormatter(logging.Formatter):
             )
 
 
+class TextFormatter(logging.Formatter):
+    """``log_format`` text: one line for a person to read, with the record's fields (the
+    ``extra``: ``trace_id``, ``party_id``, ``code`` ...) after the message as ``key=value``, as
+    the JSON lines carry them (a value with a space or a quote is written as a JSON string)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = [
+            f"{key}={_text_value(value)}"
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD and value is not None
+        ]
+        if not fields:
+            return line
+        first, newline, rest = line.partition("\n")  # a traceback stays below the line
+        return f"{first} {' '.join(fields)}{newline}{rest}"
+
+
+def _text_value(value: Any) -> str:
+    text = value if isinstance(value, str) else str(value)
+    if text and not any(c.isspace() or c in '"=' for c in text):
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
 def _writable(value: Any) -> Any:
     """``value`` with every lone surrogate of its text written out as ``\\udcXX`` (so a log
     reader gets valid UTF-8 JSON, and sees which bytes were sent)."""
@@ -402,7 +430,7 @@ def configure(
         formatter: logging.Formatter = JsonFormatter()
         formatter.converter = time.gmtime
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        formatter = TextFormatter()
     handler.setFormatter(formatter)
     handler.addFilter(RedactingFilter(REDACTOR))
     protect(*secrets)

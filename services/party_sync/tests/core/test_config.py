@@ -138,6 +138,11 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("ENGINE_URL", "http://[::1/x", "engine_url is not a URL"),
         ("ENGINE_URL", "http://host:99999/x", "engine_url is not a URL"),
         ("ALLOWED_ORIGINS", "http://[x", "not an origin"),
+        # no browser sends these (RFC 6454): a silent 403 for the page that was meant
+        ("ALLOWED_ORIGINS", "HTTPS://App.Example", "it sends 'https://app.example'"),
+        ("ALLOWED_ORIGINS", "https://app.example:443", "it sends 'https://app.example'"),
+        ("ALLOWED_ORIGINS", "http://a.example:80", "it sends 'http://a.example'"),
+        ("ALLOWED_ORIGINS", "http://user:pw@app.example", "an origin has no user or password"),
         ("JWT_ALGORITHMS", "RS256", "jwt_algorithms must be among HS256, HS384, HS512"),
         ("JWT_ALGORITHMS", "HS256,none", "jwt_algorithms must be among"),
         ("JWT_ALGORITHMS", ",", "jwt_algorithms must be among"),
@@ -154,6 +159,19 @@ def test_an_out_of_range_environment_value_is_a_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=message):
         load(parse_flags(), env={ENV_PREFIX + var: value})
+
+
+@pytest.mark.parametrize(
+    "origins",
+    [
+        "https://app.example",
+        "http://localhost:8080",
+        "https://app.example:8443",
+        "http://[::1]:3000",
+    ],
+)
+def test_origins_as_browsers_send_them_are_accepted(origins: str) -> None:
+    assert load(parse_flags(), env={ENV_PREFIX + "ALLOWED_ORIGINS": origins}).allowed_origins
 
 
 def test_an_action_record_must_outlive_the_actions_deadline() -> None:

@@ -315,6 +315,31 @@ def test_configure_scrubs_every_logger_and_protects_the_secrets_given() -> None:
     assert len(limiters) == 1
 
 
+def test_text_lines_carry_the_records_fields_scrubbed_like_the_json_ones() -> None:
+    """log_format text printed only the message: a refusal's code, its trace id and party were
+    lost (security probe), where the JSON line has them."""
+    stream = io.StringIO()
+    logs.configure("INFO", "text", stream=stream)
+    logging.getLogger("party_sync.core.session").info(
+        "message refused",
+        extra={"trace_id": "t-1", "party_id": "p1", "code": "bad_json", "detail": f"a {TOKEN}"},
+    )
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        logging.getLogger("x").exception("failed", extra={"trace_id": "t-2"})
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(
+        f'message refused trace_id=t-1 party_id=p1 code=bad_json detail="a {REDACTED}"'
+    ), lines[0]
+    assert SIGNATURE not in stream.getvalue()
+    assert (
+        lines[1].endswith("failed trace_id=t-2")
+        and lines[2] == "Traceback (most recent call last):"
+    )
+    logs.configure("INFO", "json", stream=io.StringIO())
+
+
 @pytest.mark.parametrize(
     "value",
     ["https://e1.example\udce9", "\ud800", 2**70, {"nested": "x\udcff"}],

@@ -278,6 +278,9 @@ async def test_a_master_name_no_sentinel_monitors_is_a_configuration_error() -> 
         assert f"they monitor '{MASTER_NAME}'" in str(e.value)
         with pytest.raises(ConfigError, match="a sentinel refused redis_sentinel_password"):
             await refuse_misconfiguration(target(MASTER_NAME, "wrong-0123"))
+        # none given: not said to be refused (security probe), but missing
+        with pytest.raises(ConfigError, match="require a password and redis_sentinel_password is"):
+            await refuse_misconfiguration(target(MASTER_NAME, None))
     finally:
         await asyncio.to_thread(sentinels.close)
     nobody = Sentinels(((("127.0.0.1", free_port()),)), "nosuch")

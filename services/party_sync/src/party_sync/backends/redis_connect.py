@@ -541,6 +541,11 @@ async def _refuse_unknown_master(sentinels: Sentinels) -> None:
             async with asyncio.timeout(SENTINEL_TIMEOUT * 2):
                 masters = await client.sentinel_masters()
         except AuthenticationError as exc:
+            if sentinels.password is None:
+                raise ConfigError(
+                    f"the sentinels require a password and redis_sentinel_password is unset "
+                    f"(PARTY_SYNC_REDIS_SENTINEL_PASSWORD): {_said(exc)}"
+                ) from None
             raise ConfigError(f"a sentinel refused redis_sentinel_password: {_said(exc)}") from None
         except (RedisError, OSError, TimeoutError):
             continue
