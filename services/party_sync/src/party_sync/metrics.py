@@ -242,6 +242,14 @@ class Metrics:
             registry=r,
         )
         self.engine_link_ok.set(1)
+        # The backend, as /readyz asks it (transport/http.py BackendWatch), every few seconds
+        self.backend_ok = Gauge(
+            "party_sync_backend_ok",
+            "1 while the backend answers as /readyz asks it (Redis: the pub/sub connection up "
+            "and a PING answered; embedded: always), else 0; looked at every 5 s",
+            registry=r,
+        )
+        self.backend_ok.set(1)
         self.info = Gauge("party_sync_node_info", "This node", ["node"], registry=r)
         self.info.labels(node).set(1)
 

@@ -52,3 +52,33 @@ async def test_with_redis_down_narration_and_events_are_503_then_taken_again(
                 await asyncio.sleep(0.05)  # (a bounded poll: no event says "reconnected")
         assert (await post(srv, narration, piece(0, "After ")))[0] == 202  # taken: 202 again
         assert (await post(srv, narration, piece(1, "again.")))[0] == 202
+
+
+async def test_metrics_say_when_the_backend_is_down_and_when_it_is_back(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Security and operator probe: during a Redis outage /metrics showed nothing of it (only
+    /readyz did). ``party_sync_backend_ok`` follows what /readyz asks, every few seconds."""
+    from party_sync.transport import http
+
+    monkeypatch.setattr(http, "BACKEND_WATCH_EVERY", 0.1)
+    settings = make_settings(
+        api_key=KEY, redis_url=redis.url, engine_transport="inprocess", redis_command_timeout=0.5
+    )
+
+    async def backend_ok(srv: Running) -> str:
+        async with srv.http.get(srv.base + "/metrics") as resp:
+            text = await resp.text()
+        return next(line for line in text.splitlines() if line.startswith("party_sync_backend_ok"))
+
+    async def until(srv: Running, value: str) -> None:
+        async with asyncio.timeout(15):
+            while (await backend_ok(srv)).split()[-1] != value:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # (a bounded poll of the exposition)
+
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        await until(srv, "1.0")
+        redis.stop()
+        await until(srv, "0.0")
+        redis.start()
+        await until(srv, "1.0")

@@ -316,7 +316,23 @@ READER_WATCH_EVERY = 5.0
 READER_PATIENCE_MIN = 10.0
 
 
-class ReaderWatch:
+class _Watch:
+    """A look every ``every`` seconds (``_look``), from start to stop (``Periodic``)."""
+
+    def __init__(self, every: float) -> None:
+        self._periodic = Periodic(self._look, every)
+
+    async def _look(self) -> None:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        self._periodic.start()
+
+    async def stop(self) -> None:
+        await self._periodic.stop()
+
+
+class ReaderWatch(_Watch):
     """Every ``READER_WATCH_EVERY`` seconds: each open WebSocket whose peer has taken nothing of
     what it is written for ``patience`` seconds (``WebSocketSink.not_reading``) is closed with
     4002, like a slow consumer, and its socket aborted if the close frame is not taken either.
@@ -324,9 +340,9 @@ class ReaderWatch:
     buffers for ever: aiohttp's heartbeat was stuck behind the pongs' drain."""
 
     def __init__(self, gateway: Gateway, patience: float) -> None:
+        super().__init__(READER_WATCH_EVERY)
         self.gateway = gateway
         self.patience = patience
-        self._periodic = Periodic(self._look, READER_WATCH_EVERY)
 
     async def _look(self) -> None:
         try:
@@ -347,11 +363,28 @@ class ReaderWatch:
             self.gateway.metrics.background_errors.labels("reader_watch").inc()
             log.exception("looking for connections that do not read failed")
 
-    def start(self) -> None:
-        self._periodic.start()
 
-    async def stop(self) -> None:
-        await self._periodic.stop()
+#: Seconds between two looks at the backend for ``party_sync_backend_ok`` (``BackendWatch``).
+BACKEND_WATCH_EVERY = 5.0
+
+
+class BackendWatch(_Watch):
+    """Every ``BACKEND_WATCH_EVERY`` seconds: ``party_sync_backend_ok`` set from the backend's
+    readiness (what ``/readyz`` asks), so a dashboard sees an outage from ``/metrics`` alone;
+    a stall reads as 0 within a look plus the backend's connect timeout."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        super().__init__(BACKEND_WATCH_EVERY)
+        self.gateway = gateway
+
+    async def _look(self) -> None:
+        try:
+            ok = await self.gateway.backend.ready()
+        except Exception:  # ready() says False for a Redis error; anything else is a bug
+            self.gateway.metrics.background_errors.labels("backend_watch").inc()
+            log.exception("looking at the backend failed")
+            ok = False
+        self.gateway.metrics.backend_ok.set(1 if ok else 0)
 
 
 def build_app(
@@ -388,13 +421,16 @@ def build_app(
     asyncapi.add_routes(app, gateway.contracts)  # GET /asyncapi.json: the /ws protocol
 
     watch = ReaderWatch(gateway, patience=max(gateway.settings.heartbeat, READER_PATIENCE_MIN))
+    backend_watch = BackendWatch(gateway)
 
     async def on_startup(app: web.Application) -> None:
         await gateway.start()
         watch.start()
+        backend_watch.start()
 
     async def on_shutdown(app: web.Application) -> None:
         await watch.stop()
+        await backend_watch.stop()
         await gateway.drain()
 
     async def on_cleanup(app: web.Application) -> None:
