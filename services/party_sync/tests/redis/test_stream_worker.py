@@ -232,6 +232,32 @@ async def test_an_action_that_raises_is_tried_again_soon_and_ends_in_engine_erro
         await acknowledged(redis)
 
 
+async def test_a_burst_worker_tries_its_failed_entries_again_before_it_stops(
+    redis: RedisServer,
+) -> None:
+    """--burst stops once nothing is left to do: an entry the engine failed on and that this
+    worker is to try again is not done (code review: it stopped with the entry pending). Two
+    failing entries each get their own retries, then engine_error."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    engine.mode = "crash"
+    async with stream_link(redis) as link:
+        await link.submit(make_action("first"))
+        await link.submit(make_action("second"))
+    client = Redis.from_url(redis.url, socket_timeout=3.0)
+    options = WorkerOptions(stream=STREAM, consumer="b1", block=0.1, burst=True, max_deliveries=3)
+    worker = StreamWorker(engine, host, client, options)
+    try:
+        await asyncio.wait_for(worker.run(), 30)
+    finally:
+        await client.aclose()
+    assert sorted(host.failed) == [
+        ("first", ErrorCode.ENGINE_ERROR),
+        ("second", ErrorCode.ENGINE_ERROR),
+    ]
+    assert engine.count("first") == 3 and engine.count("second") == 3
+    await acknowledged(redis)
+
+
 async def deliver_to_a_dead_worker(redis: RedisServer, times: int) -> None:
     """Every entry of the test stream delivered ``times`` times to consumer ``dead``, never
     acknowledged: as if each delivery had ended its worker (an engine that exits)."""
@@ -374,6 +400,38 @@ async def test_by_default_a_free_worker_takes_what_waits_behind_a_slow_action(
             await acknowledged(redis)
     assert [a.action_id for a in slow.calls] == ["slow-0"]
     assert "slow-0" not in [a.action_id for a in other.calls]
+
+
+async def test_a_dead_workers_entry_behind_many_held_by_live_workers_is_taken_over(
+    redis: RedisServer,
+) -> None:
+    """Code review: XAUTOCLAIM looks at COUNT x 10 pending entries per call, and the worker
+    always began at 0-0: with one entry at a time (batch 1), ten entries held by live workers
+    at the head of the pending list hid a dead worker's entry behind them for good (its player
+    never answered). The look now goes on from XAUTOCLAIM's cursor."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    async with stream_link(redis) as link:
+        for n in range(10):
+            await link.submit(make_action(f"held-{n}"))
+        await link.submit(make_action("orphan"))
+    client = Redis.from_url(redis.url)
+    group = WorkerOptions().group
+    try:
+        await client.xgroup_create(STREAM, group, id="0", mkstream=True)
+        for n in range(10):  # live workers, each holding one (just refreshed: not idle)
+            await client.xreadgroup(group, f"live{n}", {STREAM: ">"}, count=1)
+        read: Any = await client.xreadgroup(group, "dead", {STREAM: ">"}, count=1)
+        orphan_id = read[0][1][0][0]
+        # idle for a minute: its worker is gone
+        await client.xclaim(STREAM, group, "dead", 0, [orphan_id], idle=60_000, justid=True)
+        async with running_worker(redis, host, engine, claim_idle=30.0):
+            await wait_until(lambda: host.results() == ["orphan"], timeout=10)
+        pending = await client.xpending_range(STREAM, group, min="-", max="+", count=20)
+        assert sorted(p["consumer"] for p in pending) == sorted(
+            f"live{n}".encode() for n in range(10)
+        )
+    finally:
+        await client.aclose()
 
 
 async def consumers_and_beats(redis: RedisServer) -> tuple[list[bytes], list[bytes]]:

@@ -102,6 +102,21 @@ INFRA_ERRORS = (RedisError, RedisClusterException, BackendUnavailable, OSError, 
 #: time to 0 (and counts no delivery), so no other worker's XAUTOCLAIM takes it from a live
 #: worker. One that another worker took meanwhile (this one was frozen past ``claim_idle``) is
 #: left to it. KEYS[1] the stream; ARGV: group, consumer, the entry ids.
+#: Deliver again to this consumer (XCLAIM, one delivery more) those of the given entries still
+#: pending for it, with their fields. ARGV: group, consumer, ids.
+RETRY_OWN = """
+local out = {}
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    local got = redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i])
+    if got[1] then
+      out[#out + 1] = got[1]
+    end
+  end
+end
+return out
+"""
+
 KEEP_HELD = """
 local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
 for i = 3, #ARGV do
@@ -127,6 +142,10 @@ end
 redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
+
+#: XAUTOCLAIM calls a round may make while they claim nothing (each looks at ``batch`` x 10
+#: pending entries), before it reads new entries; the next round goes on from there.
+RECLAIM_CALLS: Final = 20
 
 #: Seconds a stopping worker gives Redis to take its leave (``StreamWorker.leave``).
 LEAVE_WITHIN: Final = 2.0
@@ -189,9 +208,10 @@ class StreamWorker:
         self.serving = asyncio.Event()
         self._degraded = False
         self._own_cursor: str | None = "0"  # re-read our own pending entries from here
-        #: When (monotonic) to re-read our own pending entries after the engine failed on one
-        #: (``_engine_failed``: a short backoff instead of waiting ``claim_idle`` for XAUTOCLAIM)
-        self._retry_own_at: float | None = None
+        self._claim_cursor = "0-0"  # where the next XAUTOCLAIM goes on looking (``_reclaim``)
+        #: Entries the engine failed on, each to be tried again by this worker at its time
+        #: (monotonic; ``_engine_failed``: a short backoff, not ``claim_idle`` for XAUTOCLAIM)
+        self._retries: dict[bytes, float] = {}
         self._beaten_at = -BEAT_INTERVAL  # monotonic time of the last heartbeat (workers_key)
         self._stop = asyncio.Event()
 
@@ -230,7 +250,10 @@ class StreamWorker:
             delay = o.retry_min
             self._recovered()
             if o.burst and not busy:
-                break
+                wait = self.next_retry_in()
+                if wait is None:
+                    break
+                await self._pause(wait)  # a failed entry to try again: not done yet
         await self.leave()
 
     async def leave(self) -> None:
@@ -272,6 +295,7 @@ class StreamWorker:
         if is_nogroup(exc):
             self._group_ready = False
         self._own_cursor = "0"  # whatever we were holding is handled first when Redis is back
+        self._claim_cursor = "0-0"  # (an emptied Redis has new ids: look from the start)
         if not self._degraded:
             self._degraded = True
             log.warning(
@@ -303,9 +327,8 @@ class StreamWorker:
         await self._beat()
         entries: list[Entry] = []
         redelivery = True  # our own pending entries and reclaimed ones were delivered before
-        if self._retry_own_at is not None and time.monotonic() >= self._retry_own_at:
-            self._retry_own_at = None
-            self._own_cursor = self._own_cursor or "0"
+        if self._own_cursor is None and self._retries:
+            entries = await self._retry_due()
         if self._own_cursor is not None:
             read: Any = await self.redis.xreadgroup(
                 o.group, o.consumer, {o.stream: self._own_cursor}, count=o.batch
@@ -313,10 +336,7 @@ class StreamWorker:
             entries = [e for _, items in read or () for e in items]
             self._own_cursor = entries[-1][0].decode() if len(entries) >= o.batch else None
         if not entries:
-            claimed = await self.redis.xautoclaim(
-                o.stream, o.group, o.consumer, int(o.claim_idle * 1000), "0-0", count=o.batch
-            )
-            entries = [e for e in claimed[1] if e]
+            entries = await self._reclaim()
         if not entries:
             redelivery = False
             block = None if o.burst else int(o.block * 1000)
@@ -327,6 +347,51 @@ class StreamWorker:
         async with self._holding([entry_id for entry_id, _ in entries]):
             await self._handle_all(entries, redelivery=redelivery)
         return bool(entries)
+
+    async def _retry_due(self) -> list[Entry]:
+        """The failed entries whose time has come (up to ``batch``), delivered again to this
+        worker (``RETRY_OWN``: one delivery more each), those still pending for it: another
+        worker may have taken one over meanwhile."""
+        now = time.monotonic()
+        due = [entry_id for entry_id, at in self._retries.items() if at <= now][
+            : self.options.batch
+        ]
+        if not due:
+            return []
+        for entry_id in due:
+            del self._retries[entry_id]
+        o = self.options
+        got: Any = await self.redis.eval(RETRY_OWN, 1, o.stream, o.group, o.consumer, *due)
+        return [(entry[0], dict(zip(entry[1][::2], entry[1][1::2], strict=True))) for entry in got]
+
+    def next_retry_in(self) -> float | None:
+        """Seconds until the next failed entry is due again (None: none waits)."""
+        if not self._retries:
+            return None
+        return max(0.0, min(self._retries.values()) - time.monotonic())
+
+    async def _reclaim(self) -> list[Entry]:
+        """Entries idle for ``claim_idle`` (a dead worker's), up to ``batch``. XAUTOCLAIM looks at
+        ``COUNT`` x 10 pending entries per call: from where the last call stopped (its cursor),
+        a few calls a round, so entries held by live workers at the head of the pending list
+        (slow actions, kept by ``KEEP_HELD``) never hide a dead worker's behind them."""
+        o = self.options
+        for _ in range(RECLAIM_CALLS):
+            cursor, claimed = (
+                await self.redis.xautoclaim(
+                    o.stream,
+                    o.group,
+                    o.consumer,
+                    int(o.claim_idle * 1000),
+                    self._claim_cursor,
+                    count=o.batch,
+                )
+            )[:2]
+            self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+            entries = [e for e in claimed if e]
+            if entries or self._claim_cursor == "0-0":
+                return entries
+        return []
 
     @contextlib.asynccontextmanager
     async def _holding(self, ids: list[bytes]) -> AsyncIterator[None]:
@@ -375,6 +440,7 @@ class StreamWorker:
         deleted in the same round trip. The stream then holds only what is still to do, so its
         memory follows the backlog, not the traffic: ``actions_stream_maxlen`` counts entries,
         and entries near the message size limit kept by the hundred thousand would fill Redis."""
+        self._retries.pop(entry_id, None)  # (reclaimed and handled before its retry came)
         o = self.options
         if o.keep_handled:
             await self.redis.xack(o.stream, o.group, entry_id)
@@ -419,8 +485,8 @@ class StreamWorker:
             self.watch.knows(party_id, run_id)
         trace_id = str(envelope.get("trace_id", ""))
         # Delivered max_deliveries times already and never acknowledged: every delivery raised or
-        # ended its worker (an engine that exits, is killed by the OOM killer, or hangs past
-        # claim_idle on this entry). Not run again: a poison entry would otherwise take down
+        # ended its worker (an engine that exits, is killed by the OOM killer, or a process
+        # frozen past claim_idle on this entry). Not run again: a poison entry would otherwise take down
         # every worker that takes it over, for ever, and its player would never get an answer.
         exhausted = redelivery and await self._deliveries(entry_id) > self.options.max_deliveries
         try:
@@ -489,8 +555,7 @@ class StreamWorker:
             # tried again by this worker after 1, 2, 4 ... s (at most claim_idle), not only
             # when XAUTOCLAIM finds it idle: engine_error comes in seconds, not minutes
             wait = min(float(2 ** max(0, deliveries - 1)), self.options.claim_idle)
-            due = time.monotonic() + wait
-            self._retry_own_at = due if self._retry_own_at is None else min(self._retry_own_at, due)
+            self._retries[entry_id] = time.monotonic() + wait
 
     async def _exhausted(
         self, entry_id: bytes, action: ActionRequest | None, kind: str, trace_id: str
