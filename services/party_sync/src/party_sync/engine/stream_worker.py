@@ -484,10 +484,10 @@ class StreamWorker:
         if run_id and self.watch is not None:
             self.watch.knows(party_id, run_id)
         trace_id = str(envelope.get("trace_id", ""))
-        # Delivered max_deliveries times already and never acknowledged: every delivery raised or
-        # ended its worker (an engine that exits, is killed by the OOM killer, or a process
-        # frozen past claim_idle on this entry). Not run again: a poison entry would otherwise take down
-        # every worker that takes it over, for ever, and its player would never get an answer.
+        # Delivered max_deliveries times already and never acknowledged: every delivery raised
+        # or ended its worker (an engine that exits, is killed by the OOM killer, or a process
+        # frozen past claim_idle on this entry). Not run again: a poison entry would otherwise
+        # take down every worker that takes it over, for ever, and its player never be answered.
         exhausted = redelivery and await self._deliveries(entry_id) > self.options.max_deliveries
         try:
             if action is not None:
