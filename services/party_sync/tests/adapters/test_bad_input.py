@@ -222,3 +222,36 @@ async def test_a_flooding_client_still_reads_its_errors_and_the_1008() -> None:
             assert int.from_bytes(closes[0][:2], "big") == 1008
             errors = [p for opcode, p in frames if opcode == 0x1 and b'"system.error"' in p]
             assert errors and all(b"bad_json" in e or b"rate_limited" in e for e in errors)
+
+
+async def test_a_close_decided_while_handling_goes_out_before_the_cleanup_after_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Code review: the close left to the handler waited for its cleanup (``connection_lost``:
+    backend round trips, seconds through a Redis stall), and a cleanup that raised or was
+    cancelled lost it. The frame now goes as soon as the handler stops reading."""
+    from party_sync.gateway.gateway import Gateway
+
+    released = asyncio.Event()
+    original = Gateway.connection_lost
+
+    async def slow_cleanup(self: Gateway, session: Any) -> None:
+        await released.wait()
+        await original(self, session)
+
+    monkeypatch.setattr(Gateway, "connection_lost", slow_cleanup)
+    async with serve_in_process(make_settings(), engine=ScriptedEngine()) as srv:
+        client, _ = await srv.join("aria")
+        await client.flood("{bad", times=100)
+
+        async def until_closed() -> None:
+            while True:
+                await client.recv(5)
+
+        try:
+            async with asyncio.timeout(5):
+                with pytest.raises(Closed) as closed:
+                    await until_closed()
+            assert closed.value.code == 1008
+        finally:
+            released.set()

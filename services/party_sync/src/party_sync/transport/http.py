@@ -227,9 +227,12 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     except ConnectionError:
         pass  # lost while aiohttp answered a ping (the pong's drain): the peer is gone
     finally:
+        sink.reading_stopped()  # a close decided while a message was handled: its frame now
         try:
-            await gateway.connection_lost(session)
-            await sink.stop()
+            try:
+                await gateway.connection_lost(session)
+            finally:
+                await sink.stop()
         finally:
             guard.release_websocket_slot(slot)
             # (a 1008 was penalized by the sink, before its close frame left)

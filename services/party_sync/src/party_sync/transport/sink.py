@@ -194,11 +194,12 @@ class WebSocketSink:
             self._guard.penalize(self._user)
         if self.handling:
             # The handler is not waiting in aiohttp's receive(): it stops reading after this
-            # message and closes in ``stop``, which reads what the client still sends until its
-            # close frame. A close() from another task while receive() waits wakes it, and
-            # aiohttp then closes the socket at once: with the client's frames still arriving,
-            # the kernel answers them with a reset, and the client loses what it had not read
-            # yet, this side's close frame included (a flood's 1008 arrived as 1006).
+            # message and starts the close then (``reading_stopped``), which reads what the
+            # client still sends until its close frame. A close() from another task while
+            # receive() waits wakes it, and aiohttp then closes the socket at once: with the
+            # client's frames still arriving, the kernel answers them with a reset, and the
+            # client loses what it had not read yet, this side's close frame included (a
+            # flood's 1008 arrived as 1006).
             self._deferred = reason.encode()[:120]
             return
         self._close_task = asyncio.get_running_loop().create_task(
@@ -234,17 +235,25 @@ class WebSocketSink:
             log.exception("websocket close failed")
             self._transport.abort()
 
-    async def stop(self) -> None:
-        """The connection is over: flush, let a pending close frame go out (bounded), stop."""
-        self.flush()
+    def reading_stopped(self) -> None:
+        """The handler reads no more (its loop ended): a close it left for this (``handling``)
+        starts now, in a task of its own, so its frame does not wait for the rest of the
+        handler's cleanup (a backend round trip, or several through a stall)."""
         if self._deferred is not None and self.close_code is not None:
             reason, self._deferred = self._deferred, None
-            await self._close(self.close_code, reason)  # bounded by CLOSE_TIMEOUT
-            return
+            self.flush()
+            self._close_task = asyncio.get_running_loop().create_task(
+                self._close(self.close_code, reason)
+            )
+
+    async def stop(self) -> None:
+        """The connection is over: flush, let a pending close frame go out (bounded), stop."""
+        self.reading_stopped()  # (the handler says so first; this is for any other caller)
+        self.flush()
         task = self._close_task
         if task is not None and not task.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(task), timeout=1.0)
+            with contextlib.suppress(asyncio.TimeoutError):  # _close is bounded: CLOSE_TIMEOUT
+                await asyncio.wait_for(asyncio.shield(task), timeout=CLOSE_TIMEOUT + 1.0)
             if not task.done():
                 task.cancel()  # _close aborts the socket on its way out
                 await asyncio.wait({task}, timeout=1.0)  # (a cancel of stop() itself propagates)
