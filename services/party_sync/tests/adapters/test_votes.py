@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from party_sync.protocol.errors import BackendUnavailable
-from ps_testkit.client import wait_until
+from ps_testkit.client import Closed, wait_until
 from ps_testkit.cluster import wait_async
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process
@@ -282,3 +282,27 @@ async def test_refused_ballots_spend_none_of_the_characters_ballots() -> None:
             updates += message["type"] == "vote.update"
         for client in (a, b, c):
             await client.close()
+
+
+async def test_refused_ballots_without_end_close_the_connection() -> None:
+    """Code review: a refused ballot gives its token back, and each costs a backend call; so
+    refused ballots are strikes, as bad input is: sent without end they end in a 1008."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        for i in range(40):
+            try:
+                await a.send({**cast(f"v-none-{i}", "A"), "trace_id": f"x{i}"})
+            except ConnectionError:
+                break
+        codes: list[str] = []
+
+        async def errors_until_closed() -> None:
+            while True:
+                message = await a.recv()
+                if message["type"] == "system.error":
+                    codes.append(message["payload"]["code"])
+
+        with pytest.raises(Closed) as closed:
+            await errors_until_closed()
+        assert closed.value.code == 1008
+        assert codes and set(codes) <= {"vote_unknown", "rate_limited"}

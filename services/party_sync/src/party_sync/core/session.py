@@ -612,9 +612,12 @@ class PartySessions:
             bucket = self._ballots[key] = TokenBucket(BALLOT_RATE, BALLOT_BURST)
         return bucket.take(now)
 
-    def refuse(self, conn: Connection, exc: ProtocolError, now: float) -> Commands:
-        """Answer a refused message with its ``system.error``; bad or excess input is a strike,
-        and too many strikes close the connection (1008)."""
+    def refuse(
+        self, conn: Connection, exc: ProtocolError, now: float, *, strike: bool = False
+    ) -> Commands:
+        """Answer a refused message with its ``system.error``; bad or excess input (or what
+        the caller says counts as such: ``strike``) is a strike, and too many strikes close the
+        connection (1008)."""
         self.meter.count("errors", exc.code.value)
         log.info(
             "message refused",
@@ -629,7 +632,7 @@ class PartySessions:
             Send(codec.encode(replies.from_protocol_error(exc, now=now)), [conn]),
             Refused(exc.code),
         ]
-        strike = exc.code in BAD_INPUT or exc.code is ErrorCode.RATE_LIMITED
+        strike = strike or exc.code in BAD_INPUT or exc.code is ErrorCode.RATE_LIMITED
         if strike and conn.limits.strike(now):
             out.extend(
                 self._close(conn, CloseCode.POLICY_VIOLATION, "too many bad or excess messages")
@@ -839,7 +842,8 @@ class PartySessions:
     ) -> Commands:
         if refusal is not None:
             # a refused ballot is no vote.update in the history: it spends none of the
-            # character's ballots (the connection's own rate limit and strikes still count it)
+            # character's ballots; it is a strike instead (each cost a backend call: refused
+            # ones sent as fast as the connection may, for ever, must end in a 1008)
             bucket = self._ballots.get((cmd.conn.party_id, cmd.conn.character_id))
             if bucket is not None:
                 bucket.give_back()
@@ -850,7 +854,7 @@ class PartySessions:
                 trace_id=cmd.message.client_trace_id,
                 type=t.VOTE_CAST,
             )
-            return self.refuse(cmd.conn, error, cmd.now)
+            return self.refuse(cmd.conn, error, cmd.now, strike=True)
         out: Commands = []
         for event in events:
             if event.type == t.VOTE_FINISHED:
