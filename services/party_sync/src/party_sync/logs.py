@@ -383,23 +383,41 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        """One line per record (a newline or another control character in the message or a
+        field is written escaped, so no text a peer sent can forge a line or drive a
+        terminal), then the traceback, if any, below it."""
+        record.message = _one_line(record.getMessage())
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         fields = [
             f"{key}={_text_value(value)}"
             for key, value in record.__dict__.items()
             if key not in _STANDARD and value is not None
         ]
-        if not fields:
-            return line
-        first, newline, rest = line.partition("\n")  # a traceback stays below the line
-        return f"{first} {' '.join(fields)}{newline}{rest}"
+        if fields:
+            line = f"{line} {' '.join(fields)}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            line = f"{line}\n{record.exc_text}"
+        if record.stack_info:
+            line = f"{line}\n{self.formatStack(record.stack_info)}"
+        return line
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with its control characters (newlines included) written as escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 def _text_value(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
-    if text and not any(c.isspace() or c in '"=' for c in text):
+    if text and not any(c.isspace() or c in '"=' or _CONTROL.match(c) for c in text):
         return text
-    return json.dumps(text, ensure_ascii=False)
+    return json.dumps(text, ensure_ascii=False)  # (escapes the control characters too)
 
 
 def _writable(value: Any) -> Any:

@@ -337,6 +337,17 @@ def test_text_lines_carry_the_records_fields_scrubbed_like_the_json_ones() -> No
         lines[1].endswith("failed trace_id=t-2")
         and lines[2] == "Traceback (most recent call last):"
     )
+    # text a peer sent cannot forge a line, nor reach a terminal raw (code review)
+    stream.truncate(0)
+    stream.seek(0)
+    logging.getLogger("x").warning(
+        "engine said %s", "ok\n2026-01-01 ERROR forged", extra={"origin": "\x1b[31mred"}
+    )
+    out = stream.getvalue()
+    assert out.count("\n") == 1 and "\x1b" not in out, out
+    assert out.rstrip("\n").endswith(
+        'engine said ok\\n2026-01-01 ERROR forged origin="\\u001b[31mred"'
+    ), out
     logs.configure("INFO", "json", stream=io.StringIO())
 
 
