@@ -7,6 +7,7 @@ Precedence: command-line flag, then environment variable, then default.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -523,6 +524,9 @@ def _origins_problem(origins: Sequence[str]) -> str | None:
             )
         if parts.username is not None or parts.password is not None:
             return f"allowed_origins: an origin has no user or password (got one in {origin!r})"
+        host_problem = _origin_host_problem(parts)
+        if host_problem is not None:
+            return f"allowed_origins: {origin!r}: {host_problem}"
         canonical = _serialized_origin(parts)
         if origin != canonical:
             return (
@@ -534,6 +538,39 @@ def _origins_problem(origins: Sequence[str]) -> str | None:
 
 #: The port a browser leaves out of an Origin (RFC 6454 4: the scheme's default).
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _origin_host_problem(parts: SplitResult) -> str | None:
+    """Why no browser's Origin can have this scheme and host (WHATWG URL: a host is sent in
+    ASCII, an IP address in its one written form), or None."""
+    scheme, host = parts.scheme.lower(), parts.hostname or ""
+    if scheme in ("ws", "wss"):
+        return "a page's origin is http:// or https:// (ws:// is the WebSocket endpoint's URL)"
+    if "%" in host:
+        return "no percent-encoding or zone id in an origin's host"
+    if not host.isascii():
+        try:
+            ascii_host = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            ascii_host = "xn--..."
+        return f"browsers send the host in ASCII (punycode): {ascii_host}"
+    if ":" in host:  # an IPv6 literal: browsers write it compressed, in lower case
+        try:
+            written = ipaddress.IPv6Address(host).compressed
+        except ValueError:
+            return "not an IPv6 address"
+        if written != host:
+            return f"browsers write this address [{written}]"
+        return None
+    last = host.rstrip(".").rsplit(".", 1)[-1]
+    if last and (last.isdigit() or last.startswith("0x")):  # an IPv4 address (WHATWG URL)
+        try:
+            dotted = str(ipaddress.IPv4Address(host))
+        except ValueError:
+            return "browsers send an IPv4 address as four decimal numbers (a.b.c.d)"
+        if dotted != host:
+            return f"browsers write this address {dotted}"
+    return None
 
 
 def _serialized_origin(parts: SplitResult) -> str:
