@@ -719,6 +719,38 @@ def test_a_refusal_that_came_while_its_sender_was_away_is_told_at_the_deadline()
     assert [f for f in node.frames[again.id] if f["type"] == t.ERROR] == told
 
 
+def test_a_refusal_reaching_a_connection_twice_unasked_is_told_once() -> None:
+    """Fault probe: the sender moved to another node before the engine's refusal came; it got
+    the refusal there, and again about a timeout later from the node that accepted the action
+    (its deadline's resend to the character's channel: that node cannot know). A connection is
+    told a final refusal once; a resend of the action is still answered."""
+    node = Node()
+    aria = node.join("aria")
+    refusal = codec.encode(
+        {
+            "type": t.ERROR,
+            "payload": {"code": "action_rejected", "in_reply_to": {"action_id": "a1"}},
+        }
+    )
+    for _ in range(2):
+        node.run(node.core.direct_received("p1", "aria", refusal))
+    assert [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR] == [
+        "action_rejected"
+    ]
+    other = codec.encode(
+        {
+            "type": t.ERROR,
+            "payload": {"code": "engine_error", "in_reply_to": {"action_id": "a2"}},
+        }
+    )
+    node.run(node.core.direct_received("p1", "aria", other))  # another action's: told
+    assert error_code(node.last(aria)) == "engine_error"
+    again = node.join("aria")  # another connection: told once too
+    node.run(node.core.direct_received("p1", "aria", refusal))
+    assert error_code(node.last(again)) == "action_rejected"
+    assert len([f for f in node.frames[aria.id] if f["type"] == t.ERROR]) == 2
+
+
 def test_a_refusal_told_to_a_resend_is_not_told_again_at_the_deadline() -> None:
     node = Node()
     aria = node.join("aria")

@@ -32,6 +32,10 @@ class Offer(Enum):
     GAP = "gap"  # events are missing before it: the connection must resync
 
 
+#: Final refusals a connection remembers having been told (``Connection.tell_once``).
+TOLD_KEEP = 16
+
+
 class Connection:
     """A connection bound to its token's party, run and character (``binding``)."""
 
@@ -44,6 +48,7 @@ class Connection:
         "id",
         "limits",
         "party_id",
+        "told",
         "tracker",
     )
 
@@ -61,6 +66,24 @@ class Connection:
         self.tracker = SeqTracker(0)
         self.buffer: list[Event | Transient] | None = []  # None once live
         self.closed = False
+        #: The actions whose final refusal reached this connection unasked (``tell_once``)
+        self.told: dict[str, None] | None = None
+
+    def tell_once(self, action_id: str) -> bool:
+        """True the first time the final refusal of ``action_id`` comes to this connection from
+        the character's channel; False after (the last ``TOLD_KEEP`` actions are remembered).
+        A refusal goes there from the node that made it, and again at the action's deadline
+        from the node that accepted it when its sender had moved to another node meanwhile:
+        that node cannot know the sender was told."""
+        told = self.told
+        if told is None:
+            told = self.told = {}
+        elif action_id in told:
+            return False
+        told[action_id] = None
+        if len(told) > TOLD_KEEP:
+            del told[next(iter(told))]
+        return True
 
     def offer(self, event: Event) -> Offer:
         """Offer the next party event (``PartySessions`` inlines the common case)."""

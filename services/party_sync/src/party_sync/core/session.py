@@ -454,6 +454,10 @@ class PartySessions:
             ):
                 del self.pending[(party_id, pending.action_id)]
                 self.deadlines.cancel(Kind.ACTION, (party_id, pending.action_id))
+            if action_id and seq is None and b'"system.error"' in data:
+                # a final refusal: once per connection (the same again from another node's
+                # deadline is not news to a connection it reached already)
+                to = [c for c in to if c.tell_once(str(action_id))]
         if to and seq is None and b'"system.error"' in data:
             # a refusal made on whichever node (the engine's, a timeout, a failed link): counted
             # where it reaches its player (its maker counts only what it sends itself)
