@@ -268,6 +268,12 @@ export class ClientStream {
   #state: PartySnapshot | null = null;
   readonly #actions = new Map<string, Pending<ActionRequest>>();
   readonly #votes: Array<Pending<BallotRequest>> = [];
+  /**
+   * Ballots never sent on a connection because a later one for the same vote was pending too
+   * (cast offline, or before a reconnect): only the later one goes, and these settle with its
+   * answer. Keyed by the trace id of the ballot that replaced them.
+   */
+  readonly #replaced = new Map<string, BallotRequest[]>();
   /** Streams this client dropped and actions it saw answered: a late repeat changes nothing. */
   readonly #finishedStreams = new RecentIds();
   readonly #settledActions = new RecentIds();
@@ -544,6 +550,7 @@ export class ClientStream {
     if (httpStatus !== undefined) change.httpStatus = httpStatus;
     this.#actions.clear();
     this.#votes.length = 0;
+    this.#replaced.clear();
     return [
       { type: "disarm" },
       closeCode === undefined ? { type: "hangUp" } : { type: "hangUp", code: closeCode },
@@ -741,9 +748,19 @@ export class ClientStream {
       if (index >= 0) {
         this.#votes.splice(index, 1);
         out.push({ type: "voteFailed", traceId, error });
+        for (const old of this.#takeReplaced(traceId)) {
+          out.push({ type: "voteFailed", traceId: old.traceId, error });
+        }
       }
     }
     return out;
+  }
+
+  /** The ballots the one with `traceId` replaced (they settle with its answer). */
+  #takeReplaced(traceId: string): BallotRequest[] {
+    const behind = this.#replaced.get(traceId) ?? [];
+    this.#replaced.delete(traceId);
+    return behind;
   }
 
   #event(event: PartyEvent | UnknownPartyEvent): Output[] {
@@ -791,6 +808,9 @@ export class ClientStream {
         this.#votes.splice(mine, 1);
         state = withOwnBallot(state, vote.request.voteId, vote.request.option);
         out.push({ type: "voteDone", traceId: vote.request.traceId, update: event });
+        for (const old of this.#takeReplaced(vote.request.traceId)) {
+          out.push({ type: "voteDone", traceId: old.traceId, update: event });
+        }
       }
     }
     this.#state = state;
@@ -884,6 +904,21 @@ export class ClientStream {
         },
       } as ActionRequestMessage;
       out.push({ type: "send", message });
+    }
+    // One ballot per vote: a later one for the same vote replaces those not sent on this
+    // connection (the server counts the last ballot only; sending them all after a reconnect
+    // would only spend the character's ballots, or make refusals: vote_closed, say).
+    const latest = new Map<string, Pending<BallotRequest>>();
+    for (const vote of this.#votes) latest.set(vote.request.voteId, vote);
+    for (let i = this.#votes.length - 1; i >= 0; i--) {
+      const vote = this.#votes[i]!;
+      const last = latest.get(vote.request.voteId)!;
+      if (vote === last || vote.sentOn === connection) continue;
+      this.#votes.splice(i, 1);
+      const behind = this.#replaced.get(last.request.traceId) ?? [];
+      behind.unshift(vote.request, ...(this.#replaced.get(vote.request.traceId) ?? []));
+      this.#replaced.delete(vote.request.traceId);
+      this.#replaced.set(last.request.traceId, behind);
     }
     for (const vote of this.#votes) {
       if (vote.sentOn === connection) continue;

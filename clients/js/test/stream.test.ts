@@ -533,10 +533,44 @@ describe("ClientStream: ballots", () => {
     const batch = s.receive(frame(hello(0, { resumed_from: 0 })));
     assert.deepEqual(batch.at(-1), { type: "flush" });
     assert.equal(sent(batch).length, 0, "nothing decided before the listeners ran");
-    // A `hello` listener changes its mind: the older ballot is re-cast first, then the new one.
+    // A `hello` listener changes its mind: the new ballot replaces the older one, not sent.
     const fromListener = s.addVote({ voteId: "v1", option: "right", traceId: "new" });
-    assert.deepEqual(sent(fromListener).map((m) => m.trace_id), ["old", "new"]);
+    assert.deepEqual(sent(fromListener).map((m) => m.trace_id), ["new"]);
     assert.deepEqual(s.due(), [], "the batch's flush finds nothing left");
+  });
+
+  it("ballots cast offline: only the last for each vote is sent, and the others settle with it", () => {
+    const s = makeStream();
+    online(s);
+    deliver(s, started);
+    s.closed(1006, "");
+    for (const [option, traceId] of [["left", "b1"], ["right", "b2"], ["left", "b3"]] as const) {
+      s.addVote({ voteId: "v1", option, traceId });
+    }
+    s.addVote({ voteId: "v2", option: "yes", traceId: "c1" });
+    s.timerFired("reconnect");
+    s.dial();
+    const after = s.receive(frame(hello(1, { resumed_from: 1 })));
+    assert.deepEqual(sent([...after, ...s.due()]).map((m) => m.trace_id), ["b3", "c1"]);
+    const update = event("vote.update", 2, { vote_id: "v1", tallies: { left: 1, right: 0 }, voted: 1, eligible: 2 }, "b3");
+    const done = deliver(s, update).filter((o) => o.type === "voteDone");
+    assert.deepEqual(done.map((o) => (o.type === "voteDone" ? o.traceId : "")), ["b3", "b1", "b2"]);
+    assert.equal(s.state?.vote?.your_vote, "left");
+    // a refusal of the last settles the ones it replaced the same way
+    s.closed(1006, "");
+    s.addVote({ voteId: "v1", option: "right", traceId: "d1" });
+    s.addVote({ voteId: "v1", option: "left", traceId: "d2" });
+    s.timerFired("reconnect");
+    s.dial();
+    const again = s.receive(frame(hello(2, { resumed_from: 2 })));
+    assert.deepEqual(sent([...again, ...s.due()]).map((m) => m.trace_id), ["c1", "d2"]);
+    const refused = s.receive(
+      frame(systemError("vote_closed", { type: "vote.cast", trace_id: "d2", vote_id: "v1" })),
+    );
+    assert.deepEqual(
+      refused.filter((o) => o.type === "voteFailed").map((o) => (o.type === "voteFailed" ? o.traceId : "")),
+      ["d2", "d1"],
+    );
   });
 
   it("an unconfirmed ballot is cast again on the next connection; a refusal settles it", () => {

@@ -186,6 +186,45 @@ def test_ballots_are_settled_by_their_trace_id() -> None:
     assert open_vote(stream) is None and stream.state.last_vote is not None
 
 
+def test_ballots_cast_offline_send_only_the_last_per_vote_and_settle_with_it() -> None:
+    """Re-probe: a voter whose client queued ballots while offline sent them all after the
+    reconnect; the vote had closed, and the refusals, strikes now, closed it with 1008. Only the
+    last ballot of each vote is sent (the server counts the last only); the others settle with
+    its answer."""
+    stream = ClientStream()
+    stream.receive(hello(3))
+    options = [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]
+    stream.receive(
+        event(4, "vote.started", vote_id="v1", question="?", options=options, deadline="d")
+    )
+    stream.connection_lost()
+
+    def cast(trace_id: str, option: str, vote_id: str = "v1") -> dict[str, Any]:
+        return {
+            "type": "vote.cast",
+            "trace_id": trace_id,
+            "payload": {"vote_id": vote_id, "option": option},
+        }
+
+    for trace_id, option in (("c1", "a"), ("c2", "b"), ("c3", "a")):
+        assert stream.add_vote(cast(trace_id, option)) is False  # offline: sent at catch-up
+    stream.add_vote(cast("w1", "x", vote_id="v2"))
+    out = stream.receive(hello(4, resumed_from=4))
+    assert [o.message["trace_id"] for o in out if isinstance(o, Send)] == ["c3", "w1"]
+    update = event(5, "vote.update", "c3", vote_id="v1", tallies={"a": 1, "b": 0}, voted=1)
+    update["payload"]["eligible"] = 2
+    done = [o.trace_id for o in stream.receive(update) if isinstance(o, VoteDone)]
+    assert done == ["c3", "c1", "c2"]
+    assert stream.state.vote is not None and stream.state.vote["your_vote"] == "a"
+    stream.connection_lost()
+    stream.add_vote(cast("d1", "b"))
+    stream.add_vote(cast("d2", "a"))
+    out = stream.receive(hello(5, resumed_from=5))
+    assert [o.message["trace_id"] for o in out if isinstance(o, Send)] == ["w1", "d2"]
+    out = stream.receive(error("vote_closed", type="vote.cast", trace_id="d2", vote_id="v1"))
+    assert [o.trace_id for o in out if isinstance(o, VoteError)] == ["d2", "d1"]
+
+
 def test_roster_scene_combat_and_party_state_follow_the_events() -> None:
     stream = ClientStream()
     stream.receive(hello(3))

@@ -113,6 +113,9 @@ class ClientStream:
         self.live = False  # caught up on this connection: requests go out as they are made
         self.actions: dict[str, dict[str, Any]] = {}  # pending action.request, by action_id
         self.votes: dict[str, dict[str, Any]] = {}  # pending vote.cast, by trace_id
+        #: Ballots never sent because a later one for the same vote was pending too (cast
+        #: offline): by the trace_id of the one that replaced them; they settle with its answer
+        self.replaced: dict[str, list[str]] = {}
         self.leave: dict[str, Any] | None = None  # a party.leave to (re)send until closed
         self._tracker: SeqTracker | None = None  # None until this connection's hello
         self._hello_seq = 0
@@ -192,6 +195,7 @@ class ClientStream:
             ballot = self.votes.pop(event.trace_id)["payload"]
             self.state.voted(ballot["vote_id"], ballot["option"])
             out.append(VoteDone(event.trace_id, event))
+            out.extend(VoteDone(old, event) for old in self.replaced.pop(event.trace_id, ()))
         out.extend(self._catch_up())
         return out
 
@@ -301,10 +305,28 @@ class ClientStream:
             return []
         self.live = True
         out: list[Output] = [Send(m) for m in self.actions.values()]
-        out.extend(Send(m) for m in self.votes.values())
+        out.extend(Send(m) for m in self._last_ballots())
         if self.leave is not None:
             out.append(Send(self.leave))
         return out
+
+    def _last_ballots(self) -> list[dict[str, Any]]:
+        """The pending ballots to cast again: the last for each vote (the server counts the
+        last only; all of them would only spend the character's ballots, or make refusals:
+        vote_closed, say); the others are replaced by it, and settle with its answer."""
+        last: dict[str, str] = {}
+        for trace_id, message in self.votes.items():
+            last[message["payload"]["vote_id"]] = trace_id
+        behind_last = [
+            trace_id
+            for trace_id, message in self.votes.items()
+            if last[message["payload"]["vote_id"]] != trace_id
+        ]
+        for trace_id in behind_last:
+            latest = last[self.votes.pop(trace_id)["payload"]["vote_id"]]
+            behind = self.replaced.setdefault(latest, [])
+            behind += [trace_id, *self.replaced.pop(trace_id, ())]
+        return [self.votes[trace_id] for trace_id in last.values()]
 
     def _error(self, error: ServerError) -> list[Output]:
         out: list[Output] = [Emit(error)]
@@ -320,7 +342,11 @@ class ClientStream:
         if error.in_reply_to.get("type") == t.VOTE_CAST and isinstance(trace_id, str):
             ballot = self.votes.pop(trace_id, None)
             if ballot is not None:
-                out.append(VoteError(trace_id, ballot["payload"]["vote_id"], error))
+                vote_id = ballot["payload"]["vote_id"]
+                out.append(VoteError(trace_id, vote_id, error))
+                out.extend(
+                    VoteError(old, vote_id, error) for old in self.replaced.pop(trace_id, ())
+                )
         return out
 
 
