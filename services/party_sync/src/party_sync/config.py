@@ -549,11 +549,11 @@ def _origin_host_problem(parts: SplitResult) -> str | None:
     if "%" in host:
         return "no percent-encoding or zone id in an origin's host"
     if not host.isascii():
-        try:
-            ascii_host = host.encode("idna").decode("ascii")
-        except UnicodeError:
-            ascii_host = "xn--..."
-        return f"browsers send the host in ASCII (punycode): {ascii_host}"
+        # (the ASCII form is not given: Python's codec is IDNA 2003, browsers use UTS 46, and
+        # they differ, e.g. for ß)
+        return "browsers send the host in ASCII (punycode, xn--...): write it so"
+    if "*" in host or any(c.isspace() for c in host):
+        return "no wildcard or space in an origin's host: list each origin"
     if ":" in host:  # an IPv6 literal: browsers write it compressed, in lower case
         try:
             written = ipaddress.IPv6Address(host).compressed

@@ -386,14 +386,18 @@ class TextFormatter(logging.Formatter):
         """One line per record (a newline or another control character in the message or a
         field is written escaped, so no text a peer sent can forge a line or drive a
         terminal), then the traceback, if any, below it."""
-        record.message = _one_line(record.getMessage())
-        record.asctime = self.formatTime(record, self.datefmt)
-        line = self.formatMessage(record)
         fields = [
             f"{key}={_text_value(value)}"
             for key, value in record.__dict__.items()
             if key not in _STANDARD and value is not None
         ]
+        message = record.getMessage()
+        if fields and ("=" in message or '"' in message):
+            # quoted, so no text in it (a request path, say) passes for one of the fields
+            message = json.dumps(message, ensure_ascii=False)
+        record.message = _one_line(message)
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
         if fields:
             line = f"{line} {' '.join(fields)}"
         if record.exc_info and not record.exc_text:
@@ -405,7 +409,9 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+#: Characters a text line writes escaped: C0 and C1 controls, and the Unicode line breaks
+#: some viewers split on (NEL, LINE and PARAGRAPH SEPARATOR).
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def _one_line(text: str) -> str:
@@ -417,7 +423,8 @@ def _text_value(value: Any) -> str:
     text = value if isinstance(value, str) else str(value)
     if text and not any(c.isspace() or c in '"=' or _CONTROL.match(c) for c in text):
         return text
-    return json.dumps(text, ensure_ascii=False)  # (escapes the control characters too)
+    # JSON escapes the C0 controls; the others as _one_line does
+    return _one_line(json.dumps(text, ensure_ascii=False))
 
 
 def _writable(value: Any) -> Any:

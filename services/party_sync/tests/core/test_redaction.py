@@ -348,6 +348,16 @@ def test_text_lines_carry_the_records_fields_scrubbed_like_the_json_ones() -> No
     assert out.rstrip("\n").endswith(
         'engine said ok\\n2026-01-01 ERROR forged origin="\\u001b[31mred"'
     ), out
+    # a message that could pass for fields is quoted; C1 controls and Unicode line breaks too
+    stream.truncate(0)
+    stream.seek(0)
+    logging.getLogger("aiohttp.access").info(
+        "GET /x status=200 remote=10.0.0.1\x9b31m\u2028next", extra={"status": 404}
+    )
+    out = stream.getvalue()
+    assert out.rstrip("\n").endswith(
+        'aiohttp.access: "GET /x status=200 remote=10.0.0.1\\x9b31m\\u2028next" status=404'
+    ), out
     logs.configure("INFO", "json", stream=io.StringIO())
 
 
