@@ -701,6 +701,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         consumer=args.consumer or default_consumer(),
         claim_idle=args.claim_idle,
         batch=args.batch,
+        prefix=settings.redis_prefix,
         burst=args.burst,
         keep_handled=args.keep_handled,
     )

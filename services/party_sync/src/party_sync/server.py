@@ -184,6 +184,7 @@ def make_link(settings: Settings) -> EngineLink:
             settings.actions_stream_maxlen,
             partitions=settings.actions_stream_partitions,
             timeout=settings.redis_command_timeout,
+            prefix=settings.redis_prefix,
         )
     # Through a backend outage of any length an action is claimed and handed over again until
     # answered, for as long as its record can take an answer (``action_record_ttl``).

@@ -434,6 +434,37 @@ async def test_a_dead_workers_entry_behind_many_held_by_live_workers_is_taken_ov
         await client.aclose()
 
 
+async def test_a_worker_runs_no_entry_of_another_deployment(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Re-probe: a worker given the wrong --redis-prefix claimed another deployment's action on
+    its own keys (no record: taken for an emptied Redis), ran it, and published the result into
+    ITS deployment's party of the same id. Entries name their deployment (``prefix``); a worker
+    runs only its own's (and those of nodes that write none)."""
+    caplog.set_level(logging.ERROR, LOGGER)
+    host, engine = RecordingHost(), ScriptedEngine()
+
+    async def submit(prefix: str | None, action_id: str) -> None:
+        link = StreamEngineLink(redis.url, STREAM, 1000, prefix=prefix)
+        try:
+            await link.submit(make_action(action_id))
+        finally:
+            await link.close()
+
+    async with running_worker(redis, host, engine, prefix="depA") as worker:  # type: ignore[arg-type]
+        await submit("depB", "theirs-1")
+        await submit("depB", "theirs-2")
+        await submit("depA", "ours")
+        await submit(None, "unmarked")  # a node of an earlier version
+        await wait_until(lambda: sorted(host.results()) == ["ours", "unmarked"], timeout=10)
+        await acknowledged(redis)
+        assert worker.foreign == 2
+    assert sorted(c.action_id for c in engine.calls) == ["ours", "unmarked"]
+    assert host.failed == [] and [c.action_id for c in host.claimed].count("theirs-1") == 0
+    errors = [r.getMessage() for r in caplog.records if r.name == LOGGER]
+    assert len(errors) == 1 and "redis_prefix 'depB'" in errors[0], errors
+
+
 async def consumers_and_beats(redis: RedisServer) -> tuple[list[bytes], list[bytes]]:
     """The group's consumers and the workers' heartbeats (``partitions.workers_key``)."""
     from party_sync.engine.partitions import workers_key

@@ -10,7 +10,10 @@ Entry fields (all strings; never pickle):
 - ``deadline`` (actions only, absent when the action has none): decimal Unix seconds after which
   the action must not be *started* (``ActionRequest.deadline``);
 - ``traceparent`` (optional; only while tracing is on): the W3C trace context of the append, so
-  the worker's spans join the action's trace (``party_sync.tracing``).
+  the worker's spans join the action's trace (``party_sync.tracing``);
+- ``prefix`` (optional): the appending node's ``redis_prefix``, the deployment the entry is of;
+  ``party-sync engine-worker`` runs none of another deployment's (a worker given the wrong
+  ``--redis-prefix`` would answer in other keys: another deployment's party of the same id).
 
 Engines consume the stream with a consumer group (``party-sync engine-worker``): delivery is at
 least once, an entry stays pending until the engine acknowledges it, and a dead worker's entries
@@ -87,9 +90,12 @@ class StreamEngineLink:
         *,
         partitions: int = 1,
         timeout: float = 5.0,
+        prefix: str | None = None,
     ) -> None:
-        """``timeout``: the most one append may wait for Redis (``redis_command_timeout``)."""
+        """``timeout``: the most one append may wait for Redis (``redis_command_timeout``);
+        ``prefix``: this deployment's ``redis_prefix``, written in each entry (``prefix``)."""
         self.stream = stream
+        self._prefix = None if prefix is None else prefix.encode()
         self.maxlen = maxlen  # per partition stream
         self.partitions = partitions
         self.streams = layout.stream_names(stream, partitions)
@@ -172,6 +178,8 @@ class StreamEngineLink:
 
     async def _append(self, party_id: str, fields: dict[str, bytes]) -> None:
         stream = self.stream_for(party_id)
+        if self._prefix is not None:
+            fields["prefix"] = self._prefix
         if not self._count_written:
             await self._write_count()
         try:

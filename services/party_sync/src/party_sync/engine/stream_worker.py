@@ -147,6 +147,9 @@ return 1
 #: pending entries), before it reads new entries; the next round goes on from there.
 RECLAIM_CALLS: Final = 20
 
+#: Seconds between two ERROR lines about entries of another deployment (``_foreign``).
+FOREIGN_LOG_INTERVAL: Final = 60.0
+
 #: Seconds a stopping worker gives Redis to take its leave (``StreamWorker.leave``).
 LEAVE_WITHIN: Final = 2.0
 
@@ -173,6 +176,9 @@ class WorkerOptions:
     keep_handled: bool = False  # leave handled entries in the stream (for another group)
     retry_min: float = 0.05  # first pause after a failed round (doubles up to retry_max)
     retry_max: float = 1.0  # longest pause between two attempts while Redis is unavailable
+    #: This worker's ``redis_prefix`` (the deployment whose keys it answers in): an entry whose
+    #: ``prefix`` field names another is not run (None: no check)
+    prefix: str | None = None
 
 
 def is_nogroup(exc: BaseException) -> bool:
@@ -201,6 +207,8 @@ class StreamWorker:
         self.redis = redis
         self.options = options
         self.skipped = 0  # actions acknowledged without running them (claim EXPIRED / FINAL)
+        self.foreign = 0  # entries of another deployment (their prefix), acknowledged, not run
+        self._foreign_said_at = -FOREIGN_LOG_INTERVAL
         self.errors = 0  # rounds that failed on Redis or the backend (all survived)
         self.groups_created = 0  # times this worker created the consumer group
         self._group_ready = False
@@ -348,6 +356,26 @@ class StreamWorker:
             await self._handle_all(entries, redelivery=redelivery)
         return bool(entries)
 
+    def _foreign(self, prefix: str, kind: str, trace_id: str) -> None:
+        """An entry of another deployment (its ``prefix`` field): acknowledged without running
+        it, so nothing is answered in this worker's keys (another deployment's party of the
+        same id); its own nodes answer an action ``action_timeout`` at its deadline (nobody
+        started it). One ERROR a minute, with the count."""
+        self.foreign += 1
+        now = time.monotonic()
+        if now - self._foreign_said_at < FOREIGN_LOG_INTERVAL:
+            return
+        self._foreign_said_at = now
+        log.error(
+            "%s entry of the deployment with redis_prefix %r, but this worker's is %r: not run "
+            "(%d so far; give the worker that deployment's --redis-prefix and --stream)",
+            kind,
+            prefix,
+            self.options.prefix,
+            self.foreign,
+            extra={"trace_id": trace_id, "stream": self.options.stream},
+        )
+
     async def _retry_due(self) -> list[Entry]:
         """The failed entries whose time has come (up to ``batch``), delivered again to this
         worker (``RETRY_OWN``: one delivery more each), those still pending for it: another
@@ -481,9 +509,14 @@ class StreamWorker:
             log.error("malformed entry on the actions stream; acknowledged and dropped")
             await self._done(entry_id)
             return
+        trace_id = str(envelope.get("trace_id", ""))
+        written_by = fields.get(b"prefix", b"").decode(errors="replace")
+        if written_by and self.options.prefix is not None and written_by != self.options.prefix:
+            self._foreign(written_by, kind, trace_id)
+            await self._done(entry_id)
+            return
         if run_id and self.watch is not None:
             self.watch.knows(party_id, run_id)
-        trace_id = str(envelope.get("trace_id", ""))
         # Delivered max_deliveries times already and never acknowledged: every delivery raised
         # or ended its worker (an engine that exits, is killed by the OOM killer, or a process
         # frozen past claim_idle on this entry). Not run again: a poison entry would otherwise
