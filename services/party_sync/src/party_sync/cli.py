@@ -47,30 +47,24 @@ def _seconds(text: str) -> float:
 MAX_WORKER_BATCH = 1000
 
 
+def _count(text: str, most: int) -> int:
+    """A whole number 1..``most`` written in ASCII digits (``int`` also takes ``1_000`` and
+    other scripts' digits, which no operator means)."""
+    digits = text.strip()
+    value = int(digits) if digits.isascii() and digits.isdigit() else 0
+    if not 1 <= value <= most:
+        raise argparse.ArgumentTypeError(f"must be a whole number 1..{most}, not {text!r}")
+    return value
+
+
 def _batch(text: str) -> int:
     """An argparse type: entries an engine worker takes at once, 1..``MAX_WORKER_BATCH``."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= MAX_WORKER_BATCH:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number 1..{MAX_WORKER_BATCH}, not {text!r}"
-        )
-    return value
+    return _count(text, MAX_WORKER_BATCH)
 
 
 def _partitions(text: str) -> int:
     """An argparse type: a count of actions-stream partitions, 1..``MAX_STREAM_PARTITIONS``."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= config.MAX_STREAM_PARTITIONS:
-        raise argparse.ArgumentTypeError(
-            f"must be a whole number 1..{config.MAX_STREAM_PARTITIONS}, not {text!r}"
-        )
-    return value
+    return _count(text, config.MAX_STREAM_PARTITIONS)
 
 
 def _name(text: str) -> str:
