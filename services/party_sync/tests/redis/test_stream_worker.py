@@ -465,6 +465,61 @@ async def test_a_worker_runs_no_entry_of_another_deployment(
     assert len(errors) == 1 and "redis_prefix 'depB'" in errors[0], errors
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"kind": "zzz", "party_id": "hp1", "envelope": "[1,2]", "prefix": "depA"},
+        {"kind": "zzz", "party_id": "hp1", "envelope": "null"},
+        {"kind": "action", "party_id": "hp1", "envelope": '"text"', "prefix": "other"},
+        {"kind": "join", "party_id": "hp1", "envelope": "7"},
+    ],
+)
+async def test_a_forged_entry_is_dropped_and_the_worker_goes_on(
+    redis: RedisServer, fields: dict[str, str]
+) -> None:
+    """Hostile-input probe: one XADD whose envelope is JSON but no object ([1, 2], null, a
+    string) ended every worker that read it (an AttributeError outside the parse's guard), and
+    each one started after it. It is malformed: acknowledged, nothing run or published."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    client = Redis.from_url(redis.url)
+    try:
+        await client.xadd(STREAM, fields)  # type: ignore[arg-type]
+    finally:
+        await client.aclose()
+    async with running_worker(redis, host, engine, prefix="depA") as worker:  # type: ignore[arg-type]
+        await asyncio.wait_for(worker.serving.wait(), 10)
+        await acknowledged(redis)
+        async with stream_link(redis) as link:
+            await link.submit(make_action("after"))
+        await wait_until(lambda: host.results() == ["after"], timeout=10)
+    assert [c.action_id for c in engine.calls] == ["after"] and host.failed == []
+
+
+async def test_a_bug_on_one_entry_leaves_it_pending_then_drops_it_and_the_worker_goes_on(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever raises while an entry is handled outside the engine (a bug) must not end the
+    worker: every worker taking the entry over would end in turn. It stays pending, is taken
+    again after claim_idle, and is dropped at max_deliveries."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    original = StreamWorker._handle
+
+    async def buggy(self: StreamWorker, entry_id: bytes, fields: Any, **kw: Any) -> None:
+        if fields.get(b"kind") == b"join":
+            raise RuntimeError("a bug")
+        await original(self, entry_id, fields, **kw)
+
+    monkeypatch.setattr(StreamWorker, "_handle", buggy)
+    async with stream_link(redis) as link:
+        await link.notify_join(JoinNotice("p1", "r1", "kay", "Kay", "trace-join-bug"))
+    async with running_worker(redis, host, engine, claim_idle=0.2, max_deliveries=3) as worker:
+        await asyncio.wait_for(worker.serving.wait(), 10)
+        await acknowledged(redis)
+        async with stream_link(redis) as link:
+            await link.submit(make_action("after-bug"))
+        await wait_until(lambda: host.results() == ["after-bug"], timeout=10)
+
+
 async def consumers_and_beats(redis: RedisServer) -> tuple[list[bytes], list[bytes]]:
     """The group's consumers and the workers' heartbeats (``partitions.workers_key``)."""
     from party_sync.engine.partitions import workers_key

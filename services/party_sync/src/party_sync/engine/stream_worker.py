@@ -461,7 +461,21 @@ class StreamWorker:
                 kind=tracing.SpanKind.CONSUMER,
                 attributes={"party_sync.entry_id": entry_id.decode()},
             ):
-                await self._handle(entry_id, fields, redelivery=redelivery)
+                try:
+                    await self._handle(entry_id, fields, redelivery=redelivery)
+                except INFRA_ERRORS:
+                    raise  # Redis or the backend: the round fails, the entry stays pending
+                except Exception:  # a bug on one entry must not end the worker (each worker
+                    await self._unexpected(entry_id)  # taking it over would end in turn)
+
+    async def _unexpected(self, entry_id: bytes) -> None:
+        """Handling an entry raised outside the engine (a bug): it stays pending, for another
+        try after ``claim_idle``, and is dropped once delivered ``max_deliveries`` times."""
+        if await self._deliveries(entry_id) >= self.options.max_deliveries:
+            log.exception("handling a stream entry failed again; acknowledged and dropped")
+            await self._done(entry_id)
+        else:
+            log.exception("handling a stream entry failed; it stays pending")
 
     async def _done(self, entry_id: bytes) -> None:
         """The entry is handled (or never will be): acknowledged and, unless ``keep_handled``,
@@ -501,6 +515,8 @@ class StreamWorker:
             party_id = fields[b"party_id"].decode()
             run_id = fields.get(b"campaign_run_id", b"").decode()
             envelope: dict[str, Any] = orjson.loads(fields[b"envelope"])
+            if not isinstance(envelope, dict):  # any JSON value parses: [1, 2], "text", null
+                raise TypeError("the envelope is not a JSON object")
             deadline = wire.parse_deadline(fields.get(b"deadline"))
             action = wire.parse_action(party_id, envelope, deadline) if kind == "action" else None
             join = wire.parse_join(party_id, run_id, envelope) if kind == "join" else None
