@@ -494,6 +494,22 @@ def test_an_action_nobody_started_is_refused_at_its_deadline_and_the_refusal_is_
     assert error_code(node.last(aria)) == "action_timeout"
 
 
+def test_an_action_timeout_reaches_every_tab_of_its_character_once() -> None:
+    """docs/protocol.md (system.error): the final refusal of an accepted action goes to every
+    open connection of its character, as an engine's does; a node's own action_timeout went to
+    the sending tab only (new-user probe)."""
+    node = Node()
+    tab1, tab2 = node.join("aria"), node.join("aria")
+    borin = node.join("borin")
+    node.act(tab1, "a1")
+    node.advance(RULES.action_timeout + 0.01)
+    for tab in (tab1, tab2):
+        errors = [error_code(f) for f in node.frames[tab.id] if f["type"] == t.ERROR]
+        assert errors == ["action_timeout"], (tab.id, errors)
+    assert t.ERROR not in node.types(borin)  # another character: only action.failed
+    assert node.types(borin)[-1] == t.ACTION_FAILED
+
+
 def test_a_started_action_is_looked_at_again_and_a_lost_answer_is_sent_again() -> None:
     node = Node()
     aria = node.join("aria")

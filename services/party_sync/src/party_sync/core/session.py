@@ -783,7 +783,14 @@ class PartySessions:
         action, now = cmd.action, cmd.now
         if outcome is Sweep.TIMED_OUT:
             self.meter.count("action_answers", "timeout")
-            return self._answer(action, cmd.refusal, ErrorCode.ACTION_TIMEOUT)
+            out = self._answer(action, cmd.refusal, ErrorCode.ACTION_TIMEOUT)
+            conn = action.conn
+            if conn is not None and not conn.closed and action.character_id != t.PARTY_ACTOR:
+                # the character's other tabs, on every node, as an engine's refusal reaches
+                # them (docs/protocol.md, system.error); the sender has it already
+                conn.tell_once(action.action_id)
+                out.append(SendDirect(action.party_id, action.character_id, cmd.refusal))
+            return out
         if outcome is Sweep.FINAL:
             assert answer is not None
             conn = action.conn
