@@ -560,7 +560,7 @@ def _origin_host_problem(parts: SplitResult) -> str | None:
         except ValueError:
             return "not an IPv6 address"
         if written != host:
-            return f"browsers write this address [{written}]"
+            return f"browsers send {_serialized_origin(parts, f'[{written}]')}"
         return None
     last = host.rstrip(".").rsplit(".", 1)[-1]
     if last and (last.isdigit() or last.startswith("0x")):  # an IPv4 address (WHATWG URL)
@@ -569,16 +569,19 @@ def _origin_host_problem(parts: SplitResult) -> str | None:
         except ValueError:
             return "browsers send an IPv4 address as four decimal numbers (a.b.c.d)"
         if dotted != host:
-            return f"browsers write this address {dotted}"
+            return f"browsers send {_serialized_origin(parts, dotted)}"
     return None
 
 
-def _serialized_origin(parts: SplitResult) -> str:
+def _serialized_origin(parts: SplitResult, host: str | None = None) -> str:
     """The origin as a browser serializes it (RFC 6454 6.1): the scheme and host in lower case
-    (``hostname`` lower-cases it), the port only when it is not the scheme's default."""
-    scheme, host, port = parts.scheme.lower(), parts.hostname or "", parts.port
-    if ":" in host:  # an IPv6 literal keeps its brackets
-        host = f"[{host}]"
+    (``hostname`` lower-cases it), the port only when it is not the scheme's default; ``host``
+    as given when given (written as a browser writes it already)."""
+    scheme, port = parts.scheme.lower(), parts.port
+    if host is None:
+        host = parts.hostname or ""
+        if ":" in host:  # an IPv6 literal keeps its brackets
+            host = f"[{host}]"
     if port is None or port == _DEFAULT_PORTS.get(scheme):
         return f"{scheme}://{host}"
     return f"{scheme}://{host}:{port}"

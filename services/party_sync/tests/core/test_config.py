@@ -148,7 +148,17 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("ALLOWED_ORIGINS", "https://*.example.com", "no wildcard or space"),
         ("ALLOWED_ORIGINS", "https://ex ample.com", "no wildcard or space"),
         ("ALLOWED_ORIGINS", "https://BÜCHER.example", r"in ASCII \(punycode"),
-        ("ALLOWED_ORIGINS", "https://[0:0:0:0:0:0:0:1]", r"write this address \[::1\]"),
+        (
+            "ALLOWED_ORIGINS",
+            "https://[0:0:0:0:0:0:0:1]",
+            r"browsers send 'https://\[::1\]'|browsers send https://\[::1\]",
+        ),
+        ("ALLOWED_ORIGINS", "http://[0:0::1]:8080", r"browsers send http://\[::1\]:8080"),
+        (
+            "ALLOWED_ORIGINS",
+            "http://127.000.0.1:8080",
+            r"browsers send http://127\.0\.0\.1:8080|four decimal",
+        ),
         ("ALLOWED_ORIGINS", "https://[::ffff:127.0.0.1]", r"\[::ffff:7f00:1\]"),
         ("ALLOWED_ORIGINS", "https://127.1", "four decimal numbers"),
         ("ALLOWED_ORIGINS", "https://0x7f.0.0.1", "four decimal numbers"),
