@@ -297,6 +297,7 @@ def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> Heal
             interval=ENGINE_WATCH_INTERVAL,
             metrics=metrics,
             partitions=link.partitions,
+            prefix=settings.redis_prefix,
         )
     if isinstance(link, HttpEngineLink):
         return HttpProbe(

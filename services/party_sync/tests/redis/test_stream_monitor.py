@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 from party_sync.engine.stream_monitor import Bounds, Condition, StreamMonitor
 from party_sync.metrics import Metrics
+from ps_testkit.client import wait_until
 from ps_testkit.cluster import TESTS_DIR
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import make_settings, party_sync_command, serve_in_process
@@ -269,3 +270,45 @@ async def test_the_backlog_is_counted_without_reading_it_when_redis_cannot_tell_
     assert reading is not None
     assert (reading.length, reading.pending, reading.undelivered) == (7, 2, 5)
     assert reading.oldest_undelivered_age >= 0.0
+
+
+async def test_a_worker_that_drops_this_deployments_entries_shows_in_the_monitor(
+    redis: RedisServer,
+) -> None:
+    """New-user probe: a worker given the wrong --redis-prefix runs none of this deployment's
+    entries (they carry its prefix), so every action times out, while the node said ready and
+    engine_link_ok 1 (a live consumer, nothing waiting). The worker marks the stream, and the
+    node's monitor says foreign_worker until the mark lapses."""
+    from party_sync.engine.stream_link import StreamEngineLink
+    from party_sync.engine.stream_worker import StreamWorker, WorkerOptions
+    from ps_testkit.engines import ScriptedEngine
+    from ps_testkit.hosts import RecordingHost, make_action
+
+    metrics = Metrics("n1")
+    monitor = StreamMonitor.for_redis(redis.url, STREAM, metrics=metrics, prefix="depA")
+    link = StreamEngineLink(redis.url, STREAM, 1000, prefix="depA")
+    client = Redis.from_url(redis.url, socket_timeout=3.0)
+    host, engine = RecordingHost(), ScriptedEngine()
+    worker = StreamWorker(
+        engine,
+        host,
+        client,
+        WorkerOptions(stream=STREAM, consumer="wrong", block=0.1, prefix="depB"),
+    )
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        await asyncio.wait_for(worker.serving.wait(), 10)
+        await link.submit(make_action("lost"))
+        await wait_until(lambda: worker.foreign == 1, timeout=10)
+        assert await monitor.check_once() is Condition.FOREIGN
+        assert "redis_prefix 'depB'" in monitor.health().detail
+        assert not monitor.health().ok and sample(metrics, "party_sync_engine_link_ok") == 0
+        await client.delete("party_sync:actions:foreign:depA")  # the mark lapsed
+        assert await monitor.check_once() is Condition.OK
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+        await link.close()
+        await monitor.stop()
+    assert engine.calls == []

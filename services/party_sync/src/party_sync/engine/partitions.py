@@ -55,6 +55,17 @@ def count_key(stream: str) -> str:
     return f"{stream}:partitions"
 
 
+def foreign_key(stream: str, prefix: str) -> str:
+    """``<stream>:foreign:<prefix>``: set (for ``FOREIGN_TTL`` s) by an engine worker that met an
+    entry of the deployment whose ``redis_prefix`` is ``prefix`` and ran none (its own prefix
+    is another), to the worker's prefix; that deployment's nodes read it (the monitor)."""
+    return f"{stream}:foreign:{prefix}"
+
+
+#: Seconds a worker's foreign mark lasts after the last entry it dropped.
+FOREIGN_TTL = 120
+
+
 def workers_key(stream: str) -> str:
     """The sorted set of the engine workers reading ``stream`` (consumer name → the wall-clock
     millisecond of its last round): ``<stream>:workers``. Redis before 7.2 does not refresh a

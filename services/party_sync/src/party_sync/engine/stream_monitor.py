@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
@@ -77,6 +77,9 @@ class StreamReading:
     active_consumers: int = 0
     oldest_pending_age: float = 0.0
     oldest_undelivered_age: float = 0.0
+    #: The ``redis_prefix`` of an engine worker that drops this deployment's entries (another
+    #: deployment's worker on this stream, or one given the wrong ``--redis-prefix``), or ""
+    foreign: str = ""
 
     @property
     def waiting(self) -> int:
@@ -97,12 +100,19 @@ class Condition(StrEnum):
     NO_WORKER = "no_worker"  # no active consumer, nothing waits (yet)
     WAITING = "waiting_no_worker"  # actions wait and no active consumer will take them
     STUCK = "stuck"  # consumers active, but the oldest action has waited too long
+    FOREIGN = "foreign_worker"  # a worker of another deployment takes our entries and drops them
 
 
 def assess(
     reading: StreamReading, stream: str, group: str, bounds: Bounds
 ) -> tuple[Condition, str]:
     """What an operator should know about ``reading``: the condition and a one-line detail."""
+    if reading.foreign:
+        return Condition.FOREIGN, (
+            f"an engine worker with redis_prefix {reading.foreign!r} takes this deployment's "
+            f"entries from {stream} and runs none of them (another deployment's worker, or one "
+            "given the wrong --redis-prefix or --stream): its actions will time out"
+        )
     if not reading.group_exists or reading.active_consumers == 0:
         if not reading.stream_exists:
             why = f"stream {stream} does not exist yet"
@@ -142,7 +152,13 @@ def _entries(count: int) -> str:
 
 
 #: Which condition wins when partitions differ: the first of these that any partition is in.
-SEVERITY = (Condition.WAITING, Condition.STUCK, Condition.NO_WORKER, Condition.OK)
+SEVERITY = (
+    Condition.FOREIGN,
+    Condition.WAITING,
+    Condition.STUCK,
+    Condition.NO_WORKER,
+    Condition.OK,
+)
 
 
 def assess_all(
@@ -177,6 +193,7 @@ def combine(readings: Sequence[StreamReading]) -> StreamReading:
         active_consumers=min(r.active_consumers for r in readings),
         oldest_pending_age=max(r.oldest_pending_age for r in readings),
         oldest_undelivered_age=max(r.oldest_undelivered_age for r in readings),
+        foreign=next((r.foreign for r in readings if r.foreign), ""),
     )
 
 
@@ -196,9 +213,24 @@ def _text(value: bytes | str) -> str:
 
 
 async def read_stream(
+    redis: Redis | RedisCluster,
+    stream: str,
+    group: str,
+    active_within: float,
+    prefix: str | None = None,
+) -> StreamReading:
+    """Read the stream and ``group`` (and, given this deployment's ``prefix``, whether a worker
+    of another drops its entries); Redis errors raise (a missing stream or group does not)."""
+    reading = await _read_stream(redis, stream, group, active_within)
+    if prefix is None:
+        return reading
+    foreign = await redis.get(layout.foreign_key(stream, prefix))
+    return reading if not foreign else replace(reading, foreign=_text(foreign))
+
+
+async def _read_stream(
     redis: Redis | RedisCluster, stream: str, group: str, active_within: float
 ) -> StreamReading:
-    """Read the stream and ``group``; Redis errors raise (a missing stream or group does not)."""
     seconds, micros = await redis.time()
     now_ms = int(seconds) * 1000 + int(micros) // 1000  # Redis's clock: the one in entry ids
     try:
@@ -328,7 +360,10 @@ class StreamMonitor:
         bounds: Bounds | None = None,
         metrics: Metrics | None = None,
         partitions: int = 1,
+        prefix: str | None = None,
     ) -> StreamMonitor:
+        """``prefix``: this deployment's ``redis_prefix``, to learn of a worker that drops its
+        entries (``partitions.foreign_key``)."""
         redis = make_any_client(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
         bounds = bounds or Bounds()
         streams = layout.stream_names(stream, partitions)
@@ -336,7 +371,10 @@ class StreamMonitor:
         async def read() -> tuple[StreamReading, ...]:
             # One partition after the other: on a cluster each may be on another shard.
             return tuple(
-                [await read_stream(redis, name, group, bounds.active_within) for name in streams]
+                [
+                    await read_stream(redis, name, group, bounds.active_within, prefix)
+                    for name in streams
+                ]
             )
 
         return cls(
@@ -388,7 +426,7 @@ class StreamMonitor:
             self._no_worker_checks = 0
         elif look:
             self._no_worker_checks += 1
-        if condition in (Condition.WAITING, Condition.STUCK) or (
+        if condition in (Condition.WAITING, Condition.STUCK, Condition.FOREIGN) or (
             no_worker and (self._no_worker_checks >= 2 or self._alarm.active)
         ):
             self._alarm.trouble(condition.value, detail, **extra)

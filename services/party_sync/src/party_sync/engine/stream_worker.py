@@ -529,6 +529,12 @@ class StreamWorker:
         written_by = fields.get(b"prefix", b"").decode(errors="replace")
         if written_by and self.options.prefix is not None and written_by != self.options.prefix:
             self._foreign(written_by, kind, trace_id)
+            # that deployment's nodes say so in /readyz (its actions will time out)
+            await self.redis.set(
+                layout.foreign_key(self.options.stream, written_by),
+                self.options.prefix,
+                ex=layout.FOREIGN_TTL,
+            )
             await self._done(entry_id)
             return
         if run_id and self.watch is not None:
