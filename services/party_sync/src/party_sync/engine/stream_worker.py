@@ -83,6 +83,7 @@ from party_sync.engine.interface import (
     start_engine,
 )
 from party_sync.engine.restating import EpochWatch
+from party_sync.logs import RateGate
 from party_sync.protocol.errors import BackendUnavailable, ConfigError, ErrorCode
 from party_sync.tasks import cancel_and_wait
 
@@ -208,7 +209,7 @@ class StreamWorker:
         self.options = options
         self.skipped = 0  # actions acknowledged without running them (claim EXPIRED / FINAL)
         self.foreign = 0  # entries of another deployment (their prefix), acknowledged, not run
-        self._foreign_said_at = -FOREIGN_LOG_INTERVAL
+        self._foreign_gate = RateGate(FOREIGN_LOG_INTERVAL)
         self.errors = 0  # rounds that failed on Redis or the backend (all survived)
         self.groups_created = 0  # times this worker created the consumer group
         self._group_ready = False
@@ -362,10 +363,8 @@ class StreamWorker:
         same id); its own nodes answer an action ``action_timeout`` at its deadline (nobody
         started it). One ERROR a minute, with the count."""
         self.foreign += 1
-        now = time.monotonic()
-        if now - self._foreign_said_at < FOREIGN_LOG_INTERVAL:
+        if self._foreign_gate.admit(time.monotonic()) is None:
             return
-        self._foreign_said_at = now
         log.error(
             "%s entry of the deployment with redis_prefix %r, but this worker's is %r: not run "
             "(%d so far; give the worker that deployment's --redis-prefix and --stream)",
@@ -602,9 +601,7 @@ class StreamWorker:
         deliveries = await self._deliveries(entry_id)
         if deliveries >= self.options.max_deliveries:
             log.exception("engine failed; giving up", extra={"trace_id": trace_id})
-            if action is not None:
-                await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
-            await self._done(entry_id)
+            await self._give_up(entry_id, action)
         else:
             log.exception("engine failed; the entry stays pending", extra={"trace_id": trace_id})
             # tried again by this worker after 1, 2, 4 ... s (at most claim_idle), not only
@@ -624,6 +621,10 @@ class StreamWorker:
             self.options.max_deliveries,
             extra={"trace_id": trace_id},
         )
+        await self._give_up(entry_id, action)
+
+    async def _give_up(self, entry_id: bytes, action: ActionRequest | None) -> None:
+        """No more deliveries: an action's player gets ``engine_error``; the entry is done."""
         if action is not None:
             await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
         await self._done(entry_id)

@@ -131,10 +131,11 @@ class WebSocketSink:
         self._pending_bytes = 0
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
-        #: The close frame's reason, when the close was left to ``stop`` (``handling``)
+        #: The close frame's reason, when the close was left to the handler (``handling``)
         self._deferred: bytes | None = None
         #: True while the connection's handler handles a message of the client (not waiting in
-        #: ``receive``): a close decided meanwhile is made by the handler itself (``stop``)
+        #: ``receive``): a close decided meanwhile starts when it stops reading
+        #: (``reading_stopped``)
         self.handling = False
         self.close_code: int | None = None  # the code this side closed with, if it did
         self._stuck_since: float | None = None  # when the buffer was first seen over its mark
@@ -202,9 +203,10 @@ class WebSocketSink:
             # flood's 1008 arrived as 1006).
             self._deferred = reason.encode()[:120]
             return
-        self._close_task = asyncio.get_running_loop().create_task(
-            self._close(code, reason.encode()[:120])
-        )
+        self._start_close(code, reason.encode()[:120])
+
+    def _start_close(self, code: int, reason: bytes) -> None:
+        self._close_task = asyncio.get_running_loop().create_task(self._close(code, reason))
 
     @property
     def closing(self) -> bool:
@@ -242,9 +244,7 @@ class WebSocketSink:
         if self._deferred is not None and self.close_code is not None:
             reason, self._deferred = self._deferred, None
             self.flush()
-            self._close_task = asyncio.get_running_loop().create_task(
-                self._close(self.close_code, reason)
-            )
+            self._start_close(self.close_code, reason)
 
     async def stop(self) -> None:
         """The connection is over: flush, let a pending close frame go out (bounded), stop."""
