@@ -105,9 +105,12 @@ class ScriptedApi:
         assert isinstance(answer, int)
         return web.json_response({"detail": f"status {answer}"}, status=answer)
 
+    notice_answers: list[int] = field(default_factory=list)
+
     async def notice(self, request: web.Request) -> web.Response:
         self.notices.append((dict(request.headers), orjson.loads(await request.read())))
-        return web.json_response({}, status=202)
+        status = self.notice_answers.pop(0) if self.notice_answers else 202
+        return web.json_response({"detail": f"status {status}"}, status=status)
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -420,6 +423,35 @@ async def test_a_restate_notice_outlasts_an_engine_outage_longer_than_its_retrie
         await wait_until(lambda: sorted(n.epoch for n in engine.restates) == ["epoch-1", "epoch-5"])
         await idle(link)
     assert older not in engine.restates and len(link._restates) == 0
+
+
+@pytest.mark.parametrize(
+    ("last", "said", "never"),
+    [
+        (202, "restate notice delivered after 4 attempts", "refused"),
+        (401, "refused party_sync's key", "notice delivered"),
+        (422, "the engine refused a restate notice (422) after 4 attempts", "notice delivered"),
+    ],
+)
+async def test_a_notice_retried_past_its_retries_is_logged_as_what_its_last_answer_said(
+    caplog: pytest.LogCaptureFixture, last: int, said: str, never: str
+) -> None:
+    """Three 503s, then the last answer: "delivered" only when the engine took it (an engine
+    host that refused the key, or the notice, did not get it delivered)."""
+    api, host = ScriptedApi(notice_answers=[503, 503, 503, last]), RecordingHost()
+    caplog.set_level(logging.INFO, logger="party_sync")
+    async with (
+        serve(api.app()) as base,
+        started_link(
+            host, f"{base}/actions", notice_url=f"{base}/notices", retries=1, give_up_after=30
+        ) as link,
+    ):
+        await link.notify_restate(RestateNotice("p1", "r1", "epoch-4", "trace-r4"))
+        await wait_until(lambda: len(api.notices) == 4)
+        await idle(link)
+    messages = [r.getMessage() for r in caplog.records if r.name.startswith("party_sync.engine")]
+    assert any(said in m for m in messages), messages
+    assert not any(never in m for m in messages), messages
 
 
 # --- the engine host -------------------------------------------------------------------------

@@ -248,8 +248,6 @@ class HttpEngineLink:
                 await asyncio.sleep(self._backoff(attempt))
                 attempt += 1
                 continue
-            if attempt > self.retries:
-                log.info("%s notice delivered after %d attempts", body["kind"], attempt + 1)
             if status == 401:
                 self.failures += 1
                 self._refused_key(f"a {body['kind']} notice", status, extra)
@@ -257,12 +255,15 @@ class HttpEngineLink:
             self._key_taken()
             if status >= 400:
                 log.warning(
-                    "the engine refused a %s notice (%d): %s",
+                    "the engine refused a %s notice (%d) after %d attempts: %s",
                     body["kind"],
                     status,
+                    attempt + 1,
                     _detail(answer),
                     extra=extra,
                 )
+            elif attempt > self.retries:
+                log.info("%s notice delivered after %d attempts", body["kind"], attempt + 1)
             return
 
     async def _traced_delivery(self, action: ActionRequest) -> None:
