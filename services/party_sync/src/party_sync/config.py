@@ -245,6 +245,12 @@ class Settings:
         "Redis mode: seconds one Redis command may take before the node treats Redis as "
         "unavailable (the client gets backend_unavailable; everything retries by itself).",
     )
+    redis_max_connections: int = _option(
+        100,
+        "Redis mode: pooled connections a node opens to Redis at most (per master with a "
+        "Cluster), besides the script batcher's and pub/sub's; when all are busy a command "
+        "waits for one, within redis_command_timeout.",
+    )
     jwt_secret: str | None = _option(
         None,
         "HMAC secret for connection tokens; unset = development mode: a random secret, kept in "
@@ -729,6 +735,7 @@ def validate(settings: Settings) -> None:
         (settings.party_ttl > 0, "party_ttl must be > 0"),
         (settings.redis_probe_interval > 0, "redis_probe_interval must be > 0"),
         (settings.redis_command_timeout > 0, "redis_command_timeout must be > 0"),
+        (settings.redis_max_connections >= 1, "redis_max_connections must be >= 1"),
         (
             0 <= settings.redis_write_delay <= MAX_WRITE_DELAY,
             f"redis_write_delay must be 0..{MAX_WRITE_DELAY} seconds",

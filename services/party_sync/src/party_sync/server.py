@@ -145,6 +145,7 @@ def make_backend(
             prefix=settings.redis_prefix,
             probe_interval=settings.redis_probe_interval,
             command_timeout=settings.redis_command_timeout,
+            max_connections=settings.redis_max_connections,
             write_delay=settings.redis_write_delay,
             presence_grace=settings.presence_grace,
         )

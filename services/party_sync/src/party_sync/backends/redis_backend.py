@@ -36,6 +36,7 @@ from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, ru
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus
 from party_sync.backends.redis_connect import (
+    DEFAULT_MAX_CONNECTIONS,
     RedisTarget,
     Sentinels,
     make_any_client,
@@ -97,6 +98,7 @@ class RedisOptions:
     presence_grace: float = 5.0  # a node settles within grace (+ presence_ttl) or is presumed dead
     connect_timeout: float = 2.0
     command_timeout: float = 5.0
+    max_connections: int = DEFAULT_MAX_CONNECTIONS  # the command pool's (redis_connect.py)
     write_delay: float = 0.0  # seconds a script call waits for others to share its write
 
 
@@ -136,6 +138,7 @@ class RedisBackend:
             protocol=2,  # plain arrays for pub/sub; the faster reader (docs/benchmarks.md)
             socket_connect_timeout=options.connect_timeout,
             socket_timeout=options.command_timeout,
+            max_connections=options.max_connections,
             # one retry on a broken socket, none on a timeout (stale_socket_retry); a cluster:
             # also a failover's CLUSTERDOWN, then the map (RedisCluster's own retry)
             retry=(

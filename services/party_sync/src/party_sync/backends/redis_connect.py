@@ -20,6 +20,15 @@ reads the slot map from it and follows ``MOVED``/``ASK`` and failovers. ``make_a
 whichever the target needs, for code that uses only commands both have (single-key commands, and
 pipelines without MULTI, which RedisCluster splits per node).
 
+Every client's pool is bounded (``max_connections``, ``redis_max_connections``: 100 by default) and
+*waits* for a free connection when all are busy, up to the client's ``socket_timeout`` (one
+``redis_command_timeout``), before it fails as Redis being unavailable: redis-py's own pools
+raise ``MaxConnectionsError`` at once instead, which turned a burst of handshakes (a node's
+players reconnecting after a restart) into ``backend_unavailable`` for all but the first hundred.
+One Redis and Sentinel use redis-py's ``BlockingConnectionPool`` (with Sentinel, mixed into its
+``SentinelConnectionPool``); redis-py has no waiting pool for a Cluster, so ``BoundedRedisCluster``
+holds a semaphore of as many slots around each command and pipeline (its nodes' pools are as large).
+
 Every connection, whatever the topology, runs the rollback fence (``redis_fence``) right after
 its handshake, before its first command: a new master (a promoted replica, a restarted process)
 that may have lost the newest writes gives every party a new epoch before anyone writes to it.
@@ -29,16 +38,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import functools
 import logging
 import weakref
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
-from redis.asyncio.cluster import ClusterNode
-from redis.asyncio.connection import ConnectionPool, parse_url
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -47,6 +58,7 @@ from redis.exceptions import (
     AuthenticationError,
     MovedError,
     NoPermissionError,
+    RedisClusterException,
     RedisError,
     ResponseError,
 )
@@ -58,6 +70,12 @@ from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_c
 from party_sync.protocol.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+#: Connections one client opens at most (``redis_max_connections``), besides the raw ones of the
+#: script batcher and pub/sub (``redis_wire``); a command that finds them all busy waits.
+DEFAULT_MAX_CONNECTIONS = 100
+#: Seconds a command waits for a free connection when its client has no ``socket_timeout``.
+POOL_WAIT = 5.0
 
 #: Seconds a sentinel has to answer (connect and each command) before the next one is asked.
 SENTINEL_TIMEOUT = 1.0
@@ -208,8 +226,10 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
         raise ValueError("a Redis Cluster target: use make_cluster_client or make_any_client")
     kwargs.setdefault("retry", stale_socket_retry())
     kwargs["redis_connect_func"] = functools.partial(fence_on_connect, prefix=target.prefix)
+    kwargs["max_connections"] = kwargs.get("max_connections") or DEFAULT_MAX_CONNECTIONS
+    kwargs["timeout"] = kwargs.get("socket_timeout") or POOL_WAIT  # the wait for a connection
     if target.sentinels is None:
-        return Redis.from_url(target.url, **kwargs)
+        return Redis.from_pool(BlockingConnectionPool.from_url(target.url, **kwargs))
     problem = sentinel_url_problem(target.url)
     if problem is not None:
         raise ValueError(problem)
@@ -234,7 +254,7 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     client: Redis = sentinel.master_for(
         target.sentinels.master,
         redis_class=_SentinelRedis,
-        connection_pool_class=SentinelConnectionPool,
+        connection_pool_class=_WaitingSentinelPool,
         **{**from_url, **kwargs},
     )
     pool = client.connection_pool
@@ -243,22 +263,68 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     return client
 
 
+#: Set while a task runs a command or pipeline of a ``BoundedRedisCluster`` in one of its slots:
+#: a pipeline resends a redirected command through the client, which must not wait for a second
+#: slot (with every slot held by such pipelines, none would ever be free).
+_HOLDING_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "party_sync_redis_slot", default=False
+)
+
+
+class _WaitingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+    """The master's pool with Sentinel: redis-py's ``SentinelConnectionPool`` (the master's
+    address from the sentinels) that waits for a free connection as ``BlockingConnectionPool``
+    does, instead of raising ``MaxConnectionsError``."""
+
+
 class BoundedRedisCluster(RedisCluster):
     """redis-py's ``RedisCluster`` whose every command is given up after ``bound`` seconds *in
     all* (its ``socket_timeout``: one ``redis_command_timeout``). The client retries a timeout
     and re-reads its slot map on its own, and that read meets a stalled master as well: a command
-    for a healthy master waited out another master's whole stall, then ran late."""
+    for a healthy master waited out another master's whole stall, then ran late.
+
+    At most ``max_connections`` commands and pipelines run at once (``slots``); more wait for
+    one to end, within the same bound. A node's pool is that large, so it never raises
+    ``MaxConnectionsError`` (which redis-py's cluster raises at once when a node's pool is full).
+    """
 
     bound: float | None = None
+    slots: asyncio.Semaphore | None = None
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if self.bound is None:
-            return await super().execute_command(*args, **kwargs)
+        return await self.bounded(super().execute_command(*args, **kwargs))
+
+    async def bounded(self, call: Coroutine[Any, Any, Any]) -> Any:
+        """``call``'s result, run when a slot is free, all within ``bound`` seconds."""
         try:
             async with asyncio.timeout(self.bound):
-                return await super().execute_command(*args, **kwargs)
+                if self.slots is None or _HOLDING_SLOT.get():
+                    return await call  # (a pipeline's resend of a redirected command: its slot)
+                async with self.slots:
+                    _HOLDING_SLOT.set(True)  # this task's; reset as the task's context ends
+                    try:
+                        return await call
+                    finally:
+                        _HOLDING_SLOT.set(False)
         except TimeoutError as exc:  # a Redis error, as its callers expect
             raise RedisTimeoutError(f"no answer within {self.bound}s in all") from exc
+        finally:
+            call.close()  # never awaited when the wait for a slot timed out
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        return _BoundedPipeline(self, transaction)  # type: ignore[abstract]  # as redis-py makes its own
+
+
+class _BoundedPipeline(ClusterPipeline):
+    """A pipeline of ``BoundedRedisCluster``: it holds one of the client's slots while it runs."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self.cluster_client
+        assert isinstance(client, BoundedRedisCluster)
+        run = super().execute(raise_on_error, allow_redirections)
+        return await client.bounded(run)
 
 
 def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
@@ -274,9 +340,11 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
         raise ValueError(problem)
     if target.seeds:  # tried with the node the URL names (any order), with its options
         kwargs["startup_nodes"] = [ClusterNode(host, port) for host, port in target.seeds]
+    kwargs["max_connections"] = kwargs.get("max_connections") or DEFAULT_MAX_CONNECTIONS
     client = BoundedRedisCluster.from_url(target.url, **kwargs)
     assert isinstance(client, BoundedRedisCluster)
     client.bound = kwargs.get("socket_timeout")
+    client.slots = asyncio.Semaphore(kwargs["max_connections"])
     # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
@@ -321,7 +389,11 @@ class SlotClients:
         node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
         client = self._clients.get(node.name)
         if client is None:
-            pool = ConnectionPool(connection_class=node.connection_class, **node.connection_kwargs)
+            pool = BlockingConnectionPool(
+                connection_class=node.connection_class,
+                timeout=node.connection_kwargs.get("socket_timeout") or POOL_WAIT,
+                **{**node.connection_kwargs, "max_connections": DEFAULT_MAX_CONNECTIONS},
+            )
             client = self._clients[node.name] = Redis(connection_pool=pool)
         return client
 
