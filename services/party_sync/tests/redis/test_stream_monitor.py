@@ -272,6 +272,45 @@ async def test_the_backlog_is_counted_without_reading_it_when_redis_cannot_tell_
     assert reading.oldest_undelivered_age >= 0.0
 
 
+@pytest.mark.parametrize("delivered_all", [True, False])
+async def test_a_lag_redis_overcounts_is_not_reported_as_waiting_entries(
+    redis: RedisServer, delivered_all: bool
+) -> None:
+    """Redis's ``lag`` is entries-added minus the group's entries-read; after a Sentinel failover
+    the promoted replica's group counted 935 on an empty stream, for good, and the node reported
+    935 entries waiting (``/readyz``, ``party_sync_actions_stream_lag``, and with no worker the
+    "entries wait and no worker" warning). The same count, made here with ``XGROUP SETID ...
+    ENTRIESREAD``: everything delivered reads 0; otherwise no more than the stream holds."""
+    client = Redis.from_url(redis.url)
+    try:
+        await client.xgroup_create("lag:actions", "campaign-engine", id="0", mkstream=True)
+        for n in range(6):
+            await client.xadd("lag:actions", {"n": str(n)})
+        read: Any = await client.xreadgroup("campaign-engine", "w1", {"lag:actions": ">"}, count=6)
+        ids = [entry_id for entry_id, _ in read[0][1]]
+        await client.xack("lag:actions", "campaign-engine", *ids)
+        await client.xdel("lag:actions", *ids)
+        if not delivered_all:
+            await client.xadd("lag:actions", {"n": "late"})
+        last = ids[-1].decode()
+        await client.execute_command(  # type: ignore[no-untyped-call]
+            "XGROUP", "SETID", "lag:actions", "campaign-engine", last, "ENTRIESREAD", "1"
+        )
+        groups: Any = await client.xinfo_groups("lag:actions")
+        assert groups[0]["lag"] == (5 if delivered_all else 6)  # the overcount, as after a failover
+        monitor = StreamMonitor.for_redis(redis.url, "lag:actions")
+        try:
+            await monitor.check_once()
+        finally:
+            await monitor.stop()
+    finally:
+        await client.aclose()
+    reading = monitor.reading
+    assert reading is not None
+    assert reading.undelivered == (0 if delivered_all else 1)
+    assert reading.length == (0 if delivered_all else 1)
+
+
 async def test_a_worker_that_drops_this_deployments_entries_shows_in_the_monitor(
     redis: RedisServer,
 ) -> None:
