@@ -247,9 +247,10 @@ class Settings:
     )
     redis_max_connections: int = _option(
         100,
-        "Redis mode: pooled connections a node opens to Redis at most (per master with a "
-        "Cluster), besides the script batcher's and pub/sub's; when all are busy a command "
-        "waits for one, within redis_command_timeout.",
+        "Redis mode: connections each Redis client of a node (its commands', the engine stream "
+        "link's, the membership directory's) keeps at most (per master with a Cluster), besides "
+        "the script batcher's and pub/sub's; when all are busy a command waits for one, within "
+        "redis_command_timeout.",
     )
     jwt_secret: str | None = _option(
         None,

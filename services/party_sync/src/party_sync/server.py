@@ -186,6 +186,7 @@ def make_link(settings: Settings) -> EngineLink:
             partitions=settings.actions_stream_partitions,
             timeout=settings.redis_command_timeout,
             prefix=settings.redis_prefix,
+            max_connections=settings.redis_max_connections,
         )
     # Through a backend outage of any length an action is claimed and handed over again until
     # answered, for as long as its record can take an answer (``action_record_ttl``).
@@ -337,7 +338,9 @@ def build_server(
         backend = make_backend(settings, node_id=node_id, metrics=metrics)
     gateway = Gateway(settings, backend, link, contracts, metrics=metrics, node_id=node_id)
     directory = make_directory(
-        RedisTarget.of(settings) if settings.redis_url else None, settings.redis_prefix
+        RedisTarget.of(settings) if settings.redis_url else None,
+        settings.redis_prefix,
+        max_connections=settings.redis_max_connections,
     )
     app = build_app(gateway, verifier, directory, dev_mode=dev_mode)
     health = watch_engine(settings, link, metrics)

@@ -22,6 +22,7 @@ from party_sync.backends.redis_connect import (
     make_any_client,
     parse_addresses,
 )
+from party_sync.transport.appkeys import DIRECTORY
 from ps_testkit.client import Client
 from ps_testkit.redis_cluster import RedisCluster
 from ps_testkit.redis_sentinel import MASTER_NAME, SentinelSet
@@ -161,3 +162,25 @@ async def test_a_burst_of_handshakes_is_served_with_a_small_pool(
         assert by_kind("system.hello:") == 300, sorted(set(firsts))
         for client in clients:
             await client.ws.close()
+
+
+async def test_the_setting_bounds_every_pool_of_a_node(redis: RedisServer) -> None:
+    """``redis_max_connections`` reaches the node's command pool, its stream link's and its
+    membership directory's (the script batcher's and pub/sub's connections are one each)."""
+    from party_sync.backends.directory import RedisDirectory
+    from party_sync.backends.redis_backend import RedisBackend
+    from party_sync.engine.stream_link import StreamEngineLink
+    from party_sync.server import build_server
+
+    settings = replace(
+        make_settings(), redis_url=redis.url, engine_transport="stream", redis_max_connections=7
+    )
+    server = build_server(settings)
+    gateway = server.gateway
+    assert isinstance(gateway.backend, RedisBackend)
+    assert isinstance(gateway.link, StreamEngineLink)
+    directory = server.app[DIRECTORY]
+    assert isinstance(directory, RedisDirectory)
+    clients = [gateway.backend.client, gateway.link._redis, directory._client]
+    assert all(isinstance(client, Redis) for client in clients)
+    assert [getattr(c.connection_pool, "max_connections", None) for c in clients] == [7, 7, 7]

@@ -130,11 +130,19 @@ class RedisDirectory:
     """Memberships in Redis: one hash per party, ``character_id`` → JSON, no TTL (``keys.py``)."""
 
     def __init__(
-        self, url: str | RedisTarget, prefix: str = DEFAULT_PREFIX, *, timeout: float = 2.0
+        self,
+        url: str | RedisTarget,
+        prefix: str = DEFAULT_PREFIX,
+        *,
+        timeout: float = 2.0,
+        max_connections: int | None = None,
     ) -> None:
         self._keys = KeySpace(prefix)
         self._client = make_any_client(
-            as_target(url, prefix), socket_connect_timeout=timeout, socket_timeout=timeout
+            as_target(url, prefix),
+            socket_connect_timeout=timeout,
+            socket_timeout=timeout,
+            max_connections=max_connections,
         )
 
     async def put(self, membership: Membership) -> None:
@@ -192,8 +200,13 @@ def _decode(party_id: str, character_id: str, raw: bytes | str) -> Membership:
     )
 
 
-def make_directory(redis_url: str | RedisTarget | None, prefix: str = DEFAULT_PREFIX) -> Directory:
+def make_directory(
+    redis_url: str | RedisTarget | None,
+    prefix: str = DEFAULT_PREFIX,
+    *,
+    max_connections: int | None = None,
+) -> Directory:
     """``RedisDirectory`` when a Redis URL is configured, else ``MemoryDirectory``."""
     if redis_url:
-        return RedisDirectory(redis_url, prefix)
+        return RedisDirectory(redis_url, prefix, max_connections=max_connections)
     return MemoryDirectory()

@@ -91,8 +91,10 @@ class StreamEngineLink:
         partitions: int = 1,
         timeout: float = 5.0,
         prefix: str | None = None,
+        max_connections: int | None = None,
     ) -> None:
         """``timeout``: the most one append may wait for Redis (``redis_command_timeout``);
+        ``max_connections``: its pool's bound (``redis_max_connections``; redis_connect.py);
         ``prefix``: this deployment's ``redis_prefix``, written in each entry (``prefix``)."""
         self.stream = stream
         self._prefix = None if prefix is None else prefix.encode()
@@ -105,6 +107,7 @@ class StreamEngineLink:
             redis_url,
             socket_timeout=timeout,
             socket_connect_timeout=min(2.0, timeout),
+            max_connections=max_connections,
             retry=stale_socket_retry(),  # not after a timeout (one Redis; a cluster retries it)
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
