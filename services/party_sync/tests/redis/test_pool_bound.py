@@ -181,6 +181,8 @@ async def test_the_setting_bounds_every_pool_of_a_node(redis: RedisServer) -> No
     assert isinstance(gateway.link, StreamEngineLink)
     directory = server.app[DIRECTORY]
     assert isinstance(directory, RedisDirectory)
-    clients = [gateway.backend.client, gateway.link._redis, directory._client]
-    assert all(isinstance(client, Redis) for client in clients)
-    assert [getattr(c.connection_pool, "max_connections", None) for c in clients] == [7, 7, 7]
+    bounds = []
+    for client in (gateway.backend.client, gateway.link._redis, directory._client):
+        assert isinstance(client, Redis)
+        bounds.append(client.connection_pool.max_connections)
+    assert bounds == [7, 7, 7]
