@@ -253,17 +253,18 @@ class HttpEngineLink:
                 self._refused_key(f"a {body['kind']} notice", status, extra)
                 return
             self._key_taken()
+            tries = f" after {attempt + 1} attempts" if attempt else ""
             if status >= 400:
                 log.warning(
-                    "the engine refused a %s notice (%d) after %d attempts: %s",
+                    "the engine refused a %s notice (%d)%s: %s",
                     body["kind"],
                     status,
-                    attempt + 1,
+                    tries,
                     _detail(answer),
                     extra=extra,
                 )
             elif attempt > self.retries:
-                log.info("%s notice delivered after %d attempts", body["kind"], attempt + 1)
+                log.info("%s notice delivered%s", body["kind"], tries, extra=extra)
             return
 
     async def _traced_delivery(self, action: ActionRequest) -> None:

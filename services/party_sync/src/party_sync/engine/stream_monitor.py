@@ -255,28 +255,27 @@ async def _read_stream(
     try:
         consumers: list[dict[str, Any]] = await redis.xinfo_consumers(stream, group)
         summary: dict[str, Any] = await redis.xpending(stream, group)
+        # Redis's lag is entries-added minus the group's entries-read, and that count is not to
+        # be trusted either way: after a failover (a promoted replica's group) it was found 935
+        # on an empty stream, for good; it can be 0 with entries waiting; and it is absent
+        # (None) when an entry at or after the last delivered one was deleted. So it is checked
+        # against the stream itself: whether anything follows the last delivered entry (one
+        # XRANGE of one entry; reading them all to count would fetch up to the message size
+        # limit per entry, at every look), and at most what is neither pending nor deleted
+        # (workers delete what they handled, XACK + XDEL, never an entry still pending).
         lag = found.get("lag")
-        if _text(last_delivered) == _text(info["last-generated-id"]):
-            # Everything was delivered, whatever Redis's lag says: it is entries-added minus the
-            # group's entries-read, and after a failover (a promoted replica's group) the count
-            # was found hundreds too high on an empty stream, for good.
-            lag = 0
-        elif lag is None:  # Redis cannot tell: the last delivered entry, or one after, was deleted
-            # Workers delete what they handled (XACK + XDEL), never an entry still pending: what
-            # is left is pending or undelivered (an estimate: workers of an earlier release leave
-            # handled entries, MAXLEN may trim pending ones). Reading the undelivered entries to
-            # count them would fetch up to the message size limit per entry, at every look; the
-            # one read below says whether there is any.
-            lag = max(1, length - int(summary.get("pending") or 0))
         oldest_undelivered = 0.0
-        if lag:
+        if _text(last_delivered) == _text(info["last-generated-id"]):
+            lag = 0  # everything was delivered
+        else:
             after = await redis.xrange(stream, f"({_text(last_delivered)}", "+", count=1)
             first_id = after[0][0] if after else None
-            oldest_undelivered = entry_age(first_id, now_ms) if first_id else 0.0
-            if not first_id:  # nothing follows the last delivered: none waits, whatever the count
+            if not first_id:  # nothing follows the last delivered: none waits
                 lag = 0
-            # Redis's count (or the estimate) is at most what the stream holds.
-            lag = min(abs(lag), length)
+            else:
+                oldest_undelivered = entry_age(first_id, now_ms)
+                most = max(1, length - int(summary.get("pending") or 0))
+                lag = most if lag is None else min(max(int(lag), 1), most)
     except ResponseError as exc:
         if _missing(exc):  # the group went away between two commands
             return no_group
