@@ -710,6 +710,11 @@ def _engine_worker(args: argparse.Namespace) -> int:
             socket_timeout=options.block + 5,
             socket_connect_timeout=2.0,
             retry=stale_socket_retry(),  # a stale pooled socket (not a timeout)
+            # each partition's read holds a connection for its whole XREADGROUP BLOCK: room for
+            # them all, and for the acks and claims beside them
+            max_connections=max(
+                settings.redis_max_connections, settings.actions_stream_partitions + 16
+            ),
         )
 
         # the engine's events that open an epoch: the worker asks its own engine to re-state

@@ -10,13 +10,18 @@ alike (1,099 of 1,200 on one Redis; 901 of 1,200 on a Cluster of three masters).
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from party_sync.backends.redis_connect import (
+    BoundedRedisCluster,
     RedisTarget,
     Sentinels,
     make_any_client,
@@ -24,11 +29,13 @@ from party_sync.backends.redis_connect import (
 )
 from party_sync.transport.appkeys import DIRECTORY
 from ps_testkit.client import Client
+from ps_testkit.cluster import TESTS_DIR
 from ps_testkit.redis_cluster import RedisCluster
 from ps_testkit.redis_sentinel import MASTER_NAME, SentinelSet
 from ps_testkit.redis_server import RedisServer
-from ps_testkit.servers import make_settings, serve_in_process, token
+from ps_testkit.servers import make_settings, party_sync_command, serve_in_process, token
 from redis.asyncio import Redis
+from redis.crc import key_slot
 from redis.exceptions import RedisError
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
@@ -98,7 +105,9 @@ async def test_a_burst_of_commands_waits_for_the_pool_instead_of_failing(
         assert failures == []
         assert answers[:60] == [None] * 60
         assert all(a == [True, b"v"] for a in answers[60:])
-        assert 1 <= await named_connections(ports) <= 3 * len(ports)
+        # (on a Cluster, one more: the seed node's, which read the slot map)
+        seed = 1 if redis_target.cluster else 0
+        assert 1 <= await named_connections(ports) <= 3 * len(ports) + seed
     finally:
         await client.aclose()
 
@@ -186,3 +195,118 @@ async def test_the_setting_bounds_every_pool_of_a_node(redis: RedisServer) -> No
         assert isinstance(client, Redis)
         bounds.append(client.connection_pool.max_connections)
     assert bounds == [7, 7, 7]
+
+
+async def test_a_command_waiting_for_a_connection_is_bounded_in_all(redis: RedisServer) -> None:
+    """One budget, ``socket_timeout``, for the wait for a connection and Redis's answer together
+    (the Cluster client's rule): a command queued behind a slow one is given up at the bound, not
+    after waiting one bound for a connection and another for Redis."""
+    client = make_any_client(RedisTarget(redis.url), max_connections=1, socket_timeout=1.0)
+    try:
+        first = asyncio.ensure_future(client.blpop(["slow:empty"], timeout=0.8))
+        await asyncio.sleep(0)  # (the first takes the only connection)
+        started = time.monotonic()
+        with pytest.raises(RedisError):
+            await client.blpop(["slow:empty"], timeout=0.8)
+        assert time.monotonic() - started < 1.4  # 1.6 s before: 0.8 waiting, 0.8 in Redis
+        assert await first is None
+    finally:
+        await client.aclose()
+
+
+async def test_a_stalled_master_does_not_hold_up_another_masters_commands(
+    redis_cluster_kit: RedisCluster,
+) -> None:
+    """A Cluster's bound is per master: with one master paused (``CLIENT PAUSE``), commands for
+    it fill its slots and wait, and commands for the other masters still answer at once (one
+    slot count for the whole client made them wait out the stall: ~1 s each, measured)."""
+    client = make_any_client(
+        RedisTarget(redis_cluster_kit.url, cluster=True), max_connections=4, socket_timeout=3.0
+    )
+    assert isinstance(client, BoundedRedisCluster)
+    try:
+        await client.initialize()
+        by_master: dict[str, list[str]] = {}
+        for n in range(200):
+            key = f"{{party:s{n}}}:k"
+            node = client.nodes_manager.get_node_from_slot(key_slot(key.encode()))
+            by_master.setdefault(node.name, []).append(key)
+        (paused_name, paused_keys), *others = sorted(by_master.items())
+        paused = next(
+            m for m in redis_cluster_kit.masters() if m.address[1] == int(paused_name.split(":")[1])
+        )
+        paused.call("CLIENT", "PAUSE", "1500", "ALL")
+        stalled = [asyncio.ensure_future(client.get(key)) for key in paused_keys[:8]]
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        healthy = [client.set(key, "v") for _, keys in others for key in keys[:8]]
+        assert all(await asyncio.gather(*healthy))
+        assert time.monotonic() - started < 0.5
+        assert await asyncio.gather(*stalled) == [None] * 8  # answered once the pause ended
+    finally:
+        await client.aclose()
+
+
+async def test_an_engine_worker_reads_every_partition_whatever_the_pool_setting(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """Each partition's read holds a connection for its whole XREADGROUP BLOCK: an engine-worker
+    of 120 partitions has room for them all even with ``redis_max_connections`` 2 (its pool is
+    at least the partitions and some; a pool of 2 would leave 118 partitions without a read).
+    (Its pool was redis-py's 100 whatever the setting; with a pool that waits, the partitions past
+    the hundredth read late rather than never, so this guards the sizing, not that change.)"""
+    from party_sync.engine.partitions import stream_names
+
+    partitions = 120
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p
+        ),
+        "PS_ENGINE_DIR": str(tmp_path),
+        "PARTY_SYNC_LOG_LEVEL": "WARNING",
+        "PARTY_SYNC_REDIS_MAX_CONNECTIONS": "2",
+    }
+    argv = [
+        *party_sync_command(),
+        "engine-worker",
+        "ps_testkit.engines:node_engine",
+        "--redis-url",
+        redis.url,
+        "--actions-stream-partitions",
+        str(partitions),
+    ]
+    log = tmp_path / "worker.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=sink)
+    client = Redis.from_url(redis.url)
+    names = stream_names("party_sync:actions", partitions)
+    try:
+
+        async def groups_made() -> bool:
+            return all([await client.exists(name) for name in names])
+
+        async with asyncio.timeout(60):
+            while not await groups_made():
+                assert proc.poll() is None, log.read_text()
+                await asyncio.sleep(0.1)
+        for name in names:  # an entry it acknowledges without calling the engine
+            await client.xadd(name, {"kind": "noop", "party_id": "p", "envelope": "{}"})
+
+        async def delivered() -> int:
+            count = 0
+            for name in names:
+                groups: Any = await client.xinfo_groups(name)
+                info: Any = await client.xinfo_stream(name)
+                count += groups[0]["last-delivered-id"] == info["last-generated-id"]
+            return count
+
+        async with asyncio.timeout(60):
+            while (done := await delivered()) < partitions:
+                assert proc.poll() is None, log.read_text()
+                await asyncio.sleep(0.2)
+        assert done == partitions
+    finally:
+        await client.aclose()
+        proc.terminate()
+        proc.wait(20)

@@ -27,7 +27,10 @@ raise ``MaxConnectionsError`` at once instead, which turned a burst of handshake
 players reconnecting after a restart) into ``backend_unavailable`` for all but the first hundred.
 One Redis and Sentinel use redis-py's ``BlockingConnectionPool`` (with Sentinel, mixed into its
 ``SentinelConnectionPool``); redis-py has no waiting pool for a Cluster, so ``BoundedRedisCluster``
-holds a semaphore of as many slots around each command and pipeline (its nodes' pools are as large).
+holds a semaphore per master, of as many slots, around each command and pipeline for that master
+(its nodes' pools are as large): a stalled master's commands never hold up another master's.
+And a command is given up after ``socket_timeout`` *in all*, its wait for a connection included
+(``BoundedRedis``, ``BoundedRedisCluster``), not one timeout for the wait and another for Redis.
 
 Every connection, whatever the topology, runs the rollback fence (``redis_fence``) right after
 its handshake, before its first command: a new master (a promoted replica, a restarted process)
@@ -42,12 +45,13 @@ import contextvars
 import functools
 import logging
 import weakref
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
+from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
 from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
@@ -229,7 +233,10 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     kwargs["max_connections"] = kwargs.get("max_connections") or DEFAULT_MAX_CONNECTIONS
     kwargs["timeout"] = kwargs.get("socket_timeout") or POOL_WAIT  # the wait for a connection
     if target.sentinels is None:
-        return Redis.from_pool(BlockingConnectionPool.from_url(target.url, **kwargs))
+        plain = BoundedRedis.from_pool(BlockingConnectionPool.from_url(target.url, **kwargs))
+        assert isinstance(plain, BoundedRedis)
+        plain.bound = kwargs.get("socket_timeout")
+        return plain
     problem = sentinel_url_problem(target.url)
     if problem is not None:
         raise ValueError(problem)
@@ -257,15 +264,58 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
         connection_pool_class=_WaitingSentinelPool,
         **{**from_url, **kwargs},
     )
+    assert isinstance(client, _SentinelRedis)
+    client.bound = kwargs.get("socket_timeout")
     pool = client.connection_pool
     assert isinstance(pool, SentinelConnectionPool)
     _MasterWatch.of(pool).pools.add(pool)
     return client
 
 
-#: Set while a task runs a command or pipeline of a ``BoundedRedisCluster`` in one of its slots:
-#: a pipeline resends a redirected command through the client, which must not wait for a second
-#: slot (with every slot held by such pipelines, none would ever be free).
+async def within(bound: float | None, call: Coroutine[Any, Any, Any]) -> Any:
+    """``call``'s result, given up after ``bound`` seconds in all (``None``: no bound) as a Redis
+    timeout, as callers of redis-py expect. redis-py disconnects a connection whose reply a
+    cancellation cut short, and its pools take back a connection whose wait was cancelled."""
+    try:
+        async with asyncio.timeout(bound):
+            return await call
+    except TimeoutError as exc:
+        raise RedisTimeoutError(f"no answer within {bound}s in all") from exc
+    finally:
+        call.close()  # (never awaited when the timeout came first; a no-op once it ran)
+
+
+class BoundedRedis(Redis):
+    """redis-py's ``Redis`` whose every command and pipeline is given up after ``bound`` seconds
+    in all (its ``socket_timeout``: one ``redis_command_timeout``), the wait for a free pooled
+    connection included: with every connection busy (a stalled Redis), a command waited once
+    for a connection and again for Redis, twice the bound."""
+
+    bound: float | None = None
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        command = super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
+        return await within(self.bound, command)
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any | None = None) -> Pipeline:
+        pipe = _BoundedRedisPipeline(
+            self.connection_pool, self.response_callbacks, transaction, shard_hint
+        )
+        pipe.bound = self.bound
+        return pipe
+
+
+class _BoundedRedisPipeline(Pipeline):
+    bound: float | None = None
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        answers: list[Any] = await within(self.bound, super().execute(raise_on_error))
+        return answers
+
+
+#: Set while a task runs a command or pipeline of a ``BoundedRedisCluster`` in a master's slot:
+#: what it does meanwhile through the client (a pipeline resends a redirected command) must not
+#: wait for another slot (with every slot held so, none would ever be free).
 _HOLDING_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "party_sync_redis_slot", default=False
 )
@@ -283,33 +333,53 @@ class BoundedRedisCluster(RedisCluster):
     and re-reads its slot map on its own, and that read meets a stalled master as well: a command
     for a healthy master waited out another master's whole stall, then ran late.
 
-    At most ``max_connections`` commands and pipelines run at once (``slots``); more wait for
-    one to end, within the same bound. A node's pool is that large, so it never raises
-    ``MaxConnectionsError`` (which redis-py's cluster raises at once when a node's pool is full).
+    At most ``per_master`` commands and pipelines run at once on each master (a semaphore per
+    master, by node name); more wait for one to end, within the same bound. A node's pool is that
+    large, so it never raises ``MaxConnectionsError`` (which redis-py's cluster raises at once
+    when a node's pool is full), and a stalled master's waiting commands hold no other master's
+    slots.
     """
 
     bound: float | None = None
-    slots: asyncio.Semaphore | None = None
+    per_master: int = DEFAULT_MAX_CONNECTIONS
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        return await self.bounded(super().execute_command(*args, **kwargs))
+        return await within(self.bound, self._ready_then(super().execute_command(*args, **kwargs)))
 
-    async def bounded(self, call: Coroutine[Any, Any, Any]) -> Any:
-        """``call``'s result, run when a slot is free, all within ``bound`` seconds."""
+    async def _ready_then(self, call: Coroutine[Any, Any, Any]) -> Any:
+        # The slot map read first, once for all (initialize takes a lock): commands made before
+        # it, many at once, each ran redis-py's own start-up path and overfilled a node's pool
+        # (MaxConnectionsError within the bound; none once initialized: test_pool_bound).
         try:
-            async with asyncio.timeout(self.bound):
-                if self.slots is None or _HOLDING_SLOT.get():
-                    return await call  # (a pipeline's resend of a redirected command: its slot)
-                async with self.slots:
-                    _HOLDING_SLOT.set(True)  # this task's; reset as the task's context ends
-                    try:
-                        return await call
-                    finally:
-                        _HOLDING_SLOT.set(False)
-        except TimeoutError as exc:  # a Redis error, as its callers expect
-            raise RedisTimeoutError(f"no answer within {self.bound}s in all") from exc
+            await self.initialize()
+            return await call
         finally:
-            call.close()  # never awaited when the wait for a slot timed out
+            call.close()
+
+    async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
+        # Every command of the client meets its master here, with the master known.
+        async with self.slots_of([target_node.name]):
+            return await super()._execute_command(target_node, *args, **kwargs)
+
+    @contextlib.asynccontextmanager
+    async def slots_of(self, names: Iterable[str]) -> AsyncIterator[None]:
+        """A slot of each of these masters (taken in one order: no two callers wait on each
+        other), held while the body runs; none if this task holds slots already."""
+        if _HOLDING_SLOT.get():
+            yield
+            return
+        semaphores: dict[str, asyncio.Semaphore] = self.__dict__.setdefault("_slots", {})
+        async with contextlib.AsyncExitStack() as held:
+            for name in sorted(set(names)):
+                semaphore = semaphores.get(name)
+                if semaphore is None:
+                    semaphore = semaphores[name] = asyncio.Semaphore(self.per_master)
+                await held.enter_async_context(semaphore)
+            token = _HOLDING_SLOT.set(True)
+            try:
+                yield
+            finally:
+                _HOLDING_SLOT.reset(token)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         if shard_hint:
@@ -318,13 +388,33 @@ class BoundedRedisCluster(RedisCluster):
 
 
 class _BoundedPipeline(ClusterPipeline):
-    """A pipeline of ``BoundedRedisCluster``: it holds one of the client's slots while it runs."""
+    """A pipeline of ``BoundedRedisCluster``: it holds a slot of each master its commands' keys
+    live on while it runs, all within the client's bound."""
+
+    def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) > 1:
+            self.__dict__.setdefault("_keys", []).append(args[1])
+        return super().execute_command(*args, **kwargs)
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
         client = self.cluster_client
         assert isinstance(client, BoundedRedisCluster)
-        run = super().execute(raise_on_error, allow_redirections)
-        return await client.bounded(run)
+        keys, self.__dict__["_keys"] = self.__dict__.get("_keys", []), []
+        return await within(
+            client.bound, self._run(client, keys, raise_on_error, allow_redirections)
+        )
+
+    async def _run(
+        self, client: BoundedRedisCluster, keys: list[Any], raise_on_error: bool, redirect: bool
+    ) -> Any:
+        await client.initialize()
+        masters: set[str] = set()
+        for key in keys:
+            with contextlib.suppress(Exception):  # no master now: redis-py's execute says why
+                slot = key_slot(client.encoder.encode(key))  # type: ignore[no-untyped-call]
+                masters.add(client.nodes_manager.get_node_from_slot(slot).name)
+        async with client.slots_of(masters):
+            return await super().execute(raise_on_error, redirect)
 
 
 def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
@@ -344,7 +434,7 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     client = BoundedRedisCluster.from_url(target.url, **kwargs)
     assert isinstance(client, BoundedRedisCluster)
     client.bound = kwargs.get("socket_timeout")
-    client.slots = asyncio.Semaphore(kwargs["max_connections"])
+    client.per_master = kwargs["max_connections"]
     # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
@@ -382,6 +472,8 @@ class SlotClients:
     def __init__(self, cluster: RedisCluster) -> None:
         self._cluster = cluster
         self._clients: dict[str, Redis] = {}
+        #: Each master's client pools as many connections as the cluster client's (the setting).
+        self._per_master = getattr(cluster, "per_master", DEFAULT_MAX_CONNECTIONS)
 
     async def for_key(self, key: str) -> Redis:
         """The client of the master serving ``key``'s slot."""
@@ -392,7 +484,7 @@ class SlotClients:
             pool = BlockingConnectionPool(
                 connection_class=node.connection_class,
                 timeout=node.connection_kwargs.get("socket_timeout") or POOL_WAIT,
-                **{**node.connection_kwargs, "max_connections": DEFAULT_MAX_CONNECTIONS},
+                **{**node.connection_kwargs, "max_connections": self._per_master},
             )
             client = self._clients[node.name] = Redis(connection_pool=pool)
         return client
@@ -521,7 +613,7 @@ async def _quietly_disconnect(connection: _SentinelConnection) -> None:
         await connection.disconnect()
 
 
-class _SentinelRedis(Redis):
+class _SentinelRedis(BoundedRedis):
     """The master's client; closing it closes the clients of the sentinels it asks too."""
 
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
