@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -13,7 +14,7 @@ from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.backends.redis_connect import RedisTarget, Sentinels, make_client
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.protocol.errors import BackendUnavailable
-from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
+from redis.exceptions import ClusterDownError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -164,10 +165,20 @@ async def test_a_silent_sentinel_is_asked_once() -> None:
     async with silent as url:
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         sentinels = Sentinels((("127.0.0.1", port),), "mymaster")
-        client = make_client(RedisTarget("redis://127.0.0.1/0", sentinels), socket_timeout=0.2)
-        with pytest.raises(RedisConnectionError):  # MasterNotFoundError: no sentinel answered
-            await client.get("x")
-        # once per attempt: the command's one retry on a broken connection (MasterNotFoundError
-        # is a ConnectionError) asks again; redis-py's default asked it eleven times an attempt
-        assert silent.gets == 2
-        await client.aclose()
+        client = make_client(RedisTarget("redis://127.0.0.1/0", sentinels), socket_timeout=2.5)
+        try:
+            with pytest.raises(RedisConnectionError):  # MasterNotFoundError: none answered
+                await client.get("x")
+            # once per attempt (SENTINEL_TIMEOUT, 1 s): the command's one retry on a broken
+            # connection (MasterNotFoundError is a ConnectionError) asks again; redis-py's
+            # default asked it eleven times an attempt
+            assert silent.gets == 2
+            # and never past the command's bound in all (socket_timeout), asking included
+            short = make_client(RedisTarget("redis://127.0.0.1/0", sentinels), socket_timeout=0.2)
+            started = time.monotonic()
+            with pytest.raises(RedisError):
+                await short.get("x")
+            assert time.monotonic() - started < 1.0
+            await short.aclose()
+        finally:
+            await client.aclose()
