@@ -6,7 +6,9 @@ import asyncio
 
 import pytest
 from party_sync.core.actions import Claim
+from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import ActionRequest
+from party_sync.protocol.errors import BackendUnavailable
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import make_settings, serve_in_process
@@ -254,3 +256,38 @@ async def test_an_unexpected_failure_answers_internal_error_and_the_connection_g
         assert err["payload"]["in_reply_to"]["action_id"] == "oops-1"
         await a.act("fine-1", "aria", "r1")
         assert (await a.expect("action.result"))["payload"]["action_id"] == "fine-1"
+
+
+class FlakyLink(InProcessLink):
+    """The in-process link whose first ``failures`` appends fail as an unreachable actions stream
+    would (a stream link whose partition's master is down for a moment)."""
+
+    def __init__(self, engine: ScriptedEngine, failures: int) -> None:
+        super().__init__(engine)
+        self.failures = failures
+        self.calls = 0
+
+    async def submit(self, action: ActionRequest) -> None:
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise BackendUnavailable("the actions stream is not answering")
+        await super().submit(action)
+
+
+async def test_an_action_the_link_could_not_append_is_appended_again_before_its_deadline() -> None:
+    """The append of an accepted action failed (its stream's master failed over): the player is
+    told ``backend_unavailable`` (not final), the node appends it again with backoff, and the
+    action is answered, once, instead of timing out at its deadline (cluster probe: 29 actions
+    of parties on healthy masters timed out after their partition's master failed over)."""
+    engine = ScriptedEngine()
+    link = FlakyLink(engine, failures=2)
+    async with serve_in_process(make_settings(action_timeout=10.0), link=link) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("again-1", "aria", "r1")
+        err = await a.expect("system.error")
+        assert err["payload"]["code"] == "backend_unavailable"
+        result = await a.expect("action.result", timeout=8.0)
+        assert result["payload"]["action_id"] == "again-1"
+        assert engine.count("again-1") == 1
+        assert link.calls == 3
+        await a.close()

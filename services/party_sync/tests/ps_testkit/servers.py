@@ -20,7 +20,7 @@ from party_sync.auth import issue_token
 from party_sync.backends.base import Backend
 from party_sync.config import Settings
 from party_sync.engine.inprocess import InProcessLink
-from party_sync.engine.interface import Engine
+from party_sync.engine.interface import Engine, EngineLink
 from party_sync.server import Server, build_server, start_serving
 
 from ps_testkit.client import Client
@@ -150,6 +150,7 @@ async def serve_in_process(
     engine: Engine | None = None,
     backend: Backend | None = None,
     dev_mode: bool = False,
+    link: EngineLink | None = None,
 ) -> AsyncIterator[Running]:
     """The real app on a real loopback port, in this event loop (``dev_mode``: with the
     development-only routes, as when no secret is configured)."""
@@ -164,7 +165,8 @@ async def serve_in_process(
             redis_cluster=redis_cluster_for_tests,
             engine_transport=transport,
         )
-    link = InProcessLink(engine) if engine is not None else None
+    if link is None and engine is not None:
+        link = InProcessLink(engine)
     server = build_server(settings, link=link, backend=backend, dev_mode=dev_mode)
     # As `party-sync serve` starts it: with the connection limits (keep-alive, head deadline, caps).
     listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=2.0)

@@ -92,6 +92,12 @@ def engine_action(action: PendingAction) -> ActionRequest:
     return ActionRequest.from_envelope(action.party_id, envelope, action.deadline)
 
 
+#: Seconds before an action the link could not append is appended again (then doubling, at most
+#: ``APPEND_RETRY_MAX``), until its deadline (``Executor._append_again``).
+APPEND_RETRY_FIRST = 0.25
+APPEND_RETRY_MAX = 2.0
+
+
 class Executor:
     """Runs commands against the backend, the engine link and the publisher (module docstring)."""
 
@@ -231,11 +237,40 @@ class Executor:
             await self.link.submit(engine_action(command.action))
         except BackendUnavailable:
             await self.run(self.core.submit_failed(command, unavailable=True))
+            self.spawn(self._append_again(command))
         except Exception:
             log.exception(
                 "engine link refused an action", extra={"trace_id": command.message.trace_id}
             )
             await self.run(self.core.submit_failed(command, unavailable=False))
+
+    async def _append_again(self, command: Submit) -> None:
+        """An accepted action the link could not append (its actions stream's Redis, or that
+        partition's master, not answering): appended again, with backoff, until it is or its
+        deadline passes. Its player was told ``backend_unavailable`` (not final): a resend meets
+        it in flight, and it is answered once an engine takes it, instead of timing out after a
+        failover of a few seconds. An append that did run before it failed leaves a second
+        entry, which the engine host's claim drops (delivery is at least once)."""
+        action = command.action
+        deadline = action.deadline
+        if deadline is None:
+            return
+        delay = APPEND_RETRY_FIRST
+        while self.clock() + delay < deadline:
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, APPEND_RETRY_MAX)
+            try:
+                await self.link.submit(engine_action(action))
+            except BackendUnavailable:
+                continue
+            except Exception:
+                log.exception("engine link refused an action", extra={"trace_id": action.trace_id})
+                return
+            log.info(
+                "action appended again after Redis came back",
+                extra={"trace_id": action.trace_id, "action_id": action.action_id},
+            )
+            return
 
     async def _run_one(self, command: Command) -> None:
         core = self.core
