@@ -151,3 +151,29 @@ async def test_an_action_an_engine_works_on_past_its_deadline_is_still_listed_in
         _, after = await srv.join("cyra")
         assert after["payload"]["actions_in_flight"] == []
         assert not [m for m in aria.received if m["type"] == "action.failed"]
+
+
+async def test_a_stream_its_engine_left_open_is_over_with_its_actions_result() -> None:
+    """The engine's last pieces failed (a Redis stall: ``narrate`` raised) and it published the
+    result, as engines.md tells it to: the stream narrating that action is closed right after
+    the result (its empty last piece), not ``narration_idle`` later, and a hello after it lists
+    no stream (stall probe: the hello listed it for 14 s after the result, then it closed)."""
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(make_settings(narration_idle=30.0), engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        borin, _ = await srv.join("borin")
+        await aria.act("a-1", "aria", "r1")
+        await wait_until(lambda: engine.count("a-1") == 1)
+        story = Narration(engine.started, "p1", "n1", action_id="a-1")
+        await story.write("The gate ")
+        engine.gate.set()  # the result, with the stream still open
+        await borin.until("action.result", timeout=5.0)
+        before = [m["payload"] for m in borin.received if m["type"] == "narration.delta"]
+        assert [(p["index"], p["text"], p["done"]) for p in before] == [(0, "The gate ", False)]
+        pieces = await borin.pieces("n1", timeout=5.0)  # (30 s before: narration_idle)
+        assert [(p["index"], p["text"], p["done"]) for p in pieces] == [(1, "", True)]
+        _, later = await srv.join("cyra")
+        assert later["payload"]["narration"] == []
+        with pytest.raises(NarrationConflict):
+            await story.write("too late")

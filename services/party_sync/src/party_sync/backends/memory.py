@@ -484,12 +484,12 @@ class MemoryBackend:
         return outcomes
 
     async def close_narration(
-        self, party_id: str, stream_id: str, now: float, trace_id: str
+        self, party_id: str, stream_id: str, now: float, trace_id: str, answered: bool = False
     ) -> float | str | None:
         party = self._parties.get(party_id)
         if party is None:
             return GONE
-        closed = party.narration.close_idle(stream_id, now)
+        closed = party.narration.close_idle(stream_id, now, answered)
         if not isinstance(closed, tuple):
             return closed
         index, action_id = closed

@@ -707,7 +707,7 @@ class RedisBackend:
             raise BackendUnavailable(f"redis ran {script} too late: refused it")
 
     async def close_narration(
-        self, party_id: str, stream_id: str, now: float, trace_id: str
+        self, party_id: str, stream_id: str, now: float, trace_id: str, answered: bool = False
     ) -> float | str | None:
         idle = self.settings.narration_idle
         kept_ms = int(kept_for(idle) * 1000)
@@ -718,6 +718,7 @@ class RedisBackend:
             trace_id,
             kept_ms,
             *self._sent_by(),
+            "1" if answered else "0",
         ]
         with unavailable("close_narration"):
             reply = await self.scripts.run("close_narration", party_id, now, args, narration=True)

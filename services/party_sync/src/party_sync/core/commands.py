@@ -246,6 +246,7 @@ class CloseNarration:
     stream_id: str
     now: float
     trace_id: str
+    answered: bool = False  # its action's result is out: closed at once (over with its action)
 
 
 Command = (

@@ -190,6 +190,10 @@ class PartySessions:
         self._narrating: dict[tuple[str, str], float] = {}
         #: (party_id, stream_id) → the last index of it seen here, for the streams watched
         self._narration_index: dict[tuple[str, str], int] = {}
+        #: party_id → stream_id → the action_id it narrates, for the streams watched that do
+        self._narration_action: dict[str, dict[str, str]] = {}
+        #: (party_id, stream_id) of watched streams whose action has its result out (closed now)
+        self._narration_over: set[tuple[str, str]] = set()
         self._schedule = RefreshSchedule(max(0.15, rules.presence_ttl), PRESENCE_SLICES)
 
     # -- time -----------------------------------------------------------------------------------
@@ -248,11 +252,12 @@ class PartySessions:
             seen = self._narrating.get(key)
             if seen is None:
                 return []
-            if seen + self.rules.narration_idle > now:
+            over = key in self._narration_over
+            if seen + self.rules.narration_idle > now and not over:
                 self._arm(Kind.NARRATION, key, seen + self.rules.narration_idle)
                 return []
             party_id, stream_id = key
-            return [CloseNarration(party_id, stream_id, now, codec.new_trace_id())]
+            return [CloseNarration(party_id, stream_id, now, codec.new_trace_id(), over)]
         return self._presence_tick(now)
 
     # -- connections ----------------------------------------------------------------------------
@@ -303,6 +308,10 @@ class PartySessions:
             out.extend(Send(data, [conn]) for data in replay)
             last = max(last, resume.last_seq + len(replay))
         streams = {s["stream_id"]: s["index"] for s in snapshot.narration}
+        for stream in snapshot.narration:
+            if isinstance(stream.get("action_id"), str):
+                actions = self._narration_action.setdefault(conn.party_id, {})
+                actions[stream["stream_id"]] = stream["action_id"]
         for stream_id in streams:
             # Not seen here yet: when its last piece came is the backend's to say, so it is
             # asked at once (``close_narration`` closes it or says when to look again); a
@@ -414,6 +423,7 @@ class PartySessions:
             if pending is not None:
                 self.deadlines.cancel(_ACTION, (pending.party_id, pending.action_id))
                 self.meter.engine_latency(max(0.0, now - pending.accepted))
+            out.extend(self._narration_answered(event.party_id, event.payload["action_id"], now))
         elif type_ == t.VOTE_STARTED:
             key = (event.party_id, event.payload["vote_id"])
             if (Kind.VOTE, key) not in self.deadlines:
@@ -492,10 +502,13 @@ class PartySessions:
                 if item.done:
                     self._narrating.pop((party_id, item.key), None)
                     self._narration_index.pop((party_id, item.key), None)
+                    self._unwatch_action(party_id, item.key)
                     self.deadlines.cancel(Kind.NARRATION, (party_id, item.key))
                 else:
                     self._watch_narration(party_id, item.key, now)
                     self._narration_index[(party_id, item.key)] = item.position
+                    if item.action is not None:
+                        self._narration_action.setdefault(party_id, {})[item.key] = item.action
             if live:
                 out.append(Send(item.data, live))
             meter.sent(item.type, len(live))
@@ -512,7 +525,31 @@ class PartySessions:
         for key in [k for k in self._narrating if k[0] == party_id]:
             del self._narrating[key]
             self._narration_index.pop(key, None)
+            self._unwatch_action(*key)
             self.deadlines.cancel(Kind.NARRATION, key)
+
+    def _unwatch_action(self, party_id: str, stream_id: str) -> None:
+        actions = self._narration_action.get(party_id)
+        if actions is not None:
+            actions.pop(stream_id, None)
+            if not actions:
+                del self._narration_action[party_id]
+        self._narration_over.discard((party_id, stream_id))
+
+    def _narration_answered(self, party_id: str, action_id: str, now: float) -> Commands:
+        """The action's result is out: a stream narrating it that is still open here is over
+        with it (the engine did not end it: its last pieces failed, say during a Redis stall),
+        so it is closed now rather than when idle, and the hello stops listing it."""
+        actions = self._narration_action.get(party_id)
+        if not actions:
+            return []
+        out: Commands = []
+        for stream_id, narrated in actions.items():
+            key = (party_id, stream_id)
+            if narrated == action_id and key in self._narrating:
+                self._narration_over.add(key)
+                out.append(CloseNarration(party_id, stream_id, now, codec.new_trace_id(), True))
+        return out
 
     def narration_looked(self, cmd: CloseNarration, due: float | str | None) -> Commands:
         """The backend closed the stream (its closing piece is on its way), or it had ended, or
@@ -527,6 +564,7 @@ class PartySessions:
         if due is None or isinstance(due, str) or cmd.party_id not in self.parties:
             self._narrating.pop(key, None)
             self._narration_index.pop(key, None)
+            self._unwatch_action(*key)
         else:
             self._narrating[key] = due - self.rules.narration_idle
             self._arm(Kind.NARRATION, key, due)

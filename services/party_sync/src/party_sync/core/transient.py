@@ -50,6 +50,7 @@ class Transient(NamedTuple):
     key: str  # narration.delta: the stream_id; action.*: the action_id
     position: int = 0  # narration.delta: the piece's index
     done: bool = False  # narration.delta: the last piece
+    action: str | None = None  # narration.delta: the action_id it narrates, if any
 
 
 def _frame(type_: str, payload: dict[str, Any], trace_id: str | None, now: float) -> bytes:
@@ -110,7 +111,9 @@ class Piece:
     frame: bytes
 
     def transient(self) -> Transient:
-        return Transient(t.NARRATION_DELTA, self.frame, self.stream_id, self.index, self.done)
+        return Transient(
+            t.NARRATION_DELTA, self.frame, self.stream_id, self.index, self.done, self.action_id
+        )
 
 
 def piece(
@@ -150,19 +153,23 @@ def parse(data: bytes) -> Transient | None:
 def from_message(message: Any, data: bytes | None = None) -> Transient | None:
     """A transient message from its decoded envelope (``data``: its encoding, made here if not
     given); None for anything else."""
+    action = None
     try:
         type_, p = message["type"], message["payload"]
         if type_ == t.NARRATION_DELTA:
             key, index, done = p["stream_id"], int(p["index"]), p["done"] is True
+            narrated = p.get("action_id")
+            action = narrated if isinstance(narrated, str) else None
         elif type_ in (t.ACTION_ACCEPTED, t.ACTION_FAILED):
             key, index, done = p["action_id"], 0, False
         else:
             return None
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         return None
     if not isinstance(key, str):
         return None
-    return Transient(type_, orjson.dumps(message) if data is None else data, key, index, done)
+    encoded = orjson.dumps(message) if data is None else data
+    return Transient(type_, encoded, key, index, done, action)
 
 
 # -- a party's narration streams -------------------------------------------------------------
@@ -268,17 +275,20 @@ class NarrationBook:
         self.written = now
         return Outcome.TAKEN
 
-    def close_idle(self, stream_id: str, now: float) -> tuple[int, str | None] | float | str | None:
+    def close_idle(
+        self, stream_id: str, now: float, answered: bool = False
+    ) -> tuple[int, str | None] | float | str | None:
         """An open stream without a piece for ``idle`` seconds ends: ``(index, action_id)`` of
         its closing piece. A stream written to since: when to look again. Ended: None. Not
-        known (never, or forgotten after ``kept_for``): ``GONE``."""
+        known (never, or forgotten after ``kept_for``): ``GONE``. ``answered``: the action it
+        narrates has its result published: it ends now, idle or not (over with its action)."""
         self._expire(now)
         stream = self._streams.get(stream_id)
         if stream is None:
             return GONE
         if stream.done:
             return None
-        if stream.updated + self.idle > now:
+        if stream.updated + self.idle > now and not answered:
             return stream.updated + self.idle
         # its last index stays the engine's: a late piece after it is ENDED, not a repeat
         stream.done, stream.parts, stream.updated = True, [], now

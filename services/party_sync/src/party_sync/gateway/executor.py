@@ -413,7 +413,11 @@ class Executor:
         elif type(command) is CloseNarration:
             try:
                 again = await self.backend.close_narration(
-                    command.party_id, command.stream_id, self.clock(), command.trace_id
+                    command.party_id,
+                    command.stream_id,
+                    self.clock(),
+                    command.trace_id,
+                    answered=command.answered,
                 )
             except Exception as exc:  # a bug too is logged; the stream is looked at again
                 self.failed("narration", exc)  # counted by the core

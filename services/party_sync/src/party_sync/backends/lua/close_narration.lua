@@ -3,7 +3,8 @@
 -- describes it). ARGV[7] stream_id, ARGV[8] narration_idle (s), ARGV[9] now as an RFC 3339
 -- timestamp, ARGV[10] the trace_id of the closing piece, ARGV[11] the hash's keep time in ms,
 -- ARGV[12] when the node sent this call and ARGV[13] the most seconds after that it may run
--- (narrate.lua: a call Redis runs too late changes nothing).
+-- (narrate.lua: a call Redis runs too late changes nothing); ARGV[14] '1' when the action the
+-- stream narrates has its result out: closed now, idle or not (over with its action).
 -- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended) | {'gone'} (not
 -- known: never, or forgotten after its keep time, say during a long stall: a node still showing
 -- it closes it for its own members) | {'stale'}.
@@ -21,7 +22,7 @@ if ended == '1' then
   return {'none'}
 end
 local due = tonumber(updated) + tonumber(ARGV[8])
-if due > NOW then
+if due > NOW and ARGV[14] ~= '1' then
   return {'due', fmt_time(due)}
 end
 local index = string.format('%d', tonumber(last) + 1)
