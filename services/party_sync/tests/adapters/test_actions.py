@@ -262,15 +262,18 @@ class FlakyLink(InProcessLink):
     """The in-process link whose first ``failures`` appends fail as an unreachable actions stream
     would (a stream link whose partition's master is down for a moment)."""
 
-    def __init__(self, engine: ScriptedEngine, failures: int) -> None:
+    def __init__(self, engine: ScriptedEngine, failures: int, then_refuse: bool = False) -> None:
         super().__init__(engine)
         self.failures = failures
+        self.then_refuse = then_refuse
         self.calls = 0
 
     async def submit(self, action: ActionRequest) -> None:
         self.calls += 1
         if self.calls <= self.failures:
             raise BackendUnavailable("the actions stream is not answering")
+        if self.then_refuse:
+            raise RuntimeError("the link refuses it")
         await super().submit(action)
 
 
@@ -290,4 +293,21 @@ async def test_an_action_the_link_could_not_append_is_appended_again_before_its_
         assert result["payload"]["action_id"] == "again-1"
         assert engine.count("again-1") == 1
         assert link.calls == 3
+        await a.close()
+
+
+async def test_an_action_the_link_refuses_when_appended_again_gets_its_final_answer() -> None:
+    """The append failed, then the link refused the action when it was appended again: that
+    refusal is its final answer (``engine_unavailable``, as on a first attempt), not a wait for
+    its deadline."""
+    engine = ScriptedEngine()
+    link = FlakyLink(engine, failures=1, then_refuse=True)
+    async with serve_in_process(make_settings(action_timeout=30.0), link=link) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("refused-1", "aria", "r1")
+        first = await a.expect("system.error")
+        assert first["payload"]["code"] == "backend_unavailable"
+        final = await a.expect("system.error", timeout=5.0)
+        assert final["payload"]["code"] == "engine_unavailable"
+        assert engine.count("refused-1") == 0
         await a.close()

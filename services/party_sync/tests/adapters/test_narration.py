@@ -177,3 +177,26 @@ async def test_a_stream_its_engine_left_open_is_over_with_its_actions_result() -
         assert later["payload"]["narration"] == []
         with pytest.raises(NarrationConflict):
             await story.write("too late")
+
+
+async def test_a_stream_over_with_its_action_is_closed_for_the_next_member_to_connect() -> None:
+    """No node watched the stream when its action's result came out (its members had all gone):
+    the next member to connect gets its empty last piece at once after the hello, not
+    ``narration_idle`` later (the backend, asked with the action the hello names, finds it
+    answered)."""
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(make_settings(narration_idle=30.0), engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        await aria.act("a-2", "aria", "r1")
+        await wait_until(lambda: engine.count("a-2") == 1)
+        story = Narration(engine.started, "p1", "n2", action_id="a-2")
+        await story.write("The bridge ")
+        await aria.close()
+        engine.gate.set()
+        await wait_until(lambda: "a-2" in engine.answered)
+        cyra, _ = await srv.join("cyra")
+        pieces = await cyra.pieces("n2", timeout=5.0)
+        assert [(p["index"], p["text"], p["done"]) for p in pieces] == [(1, "", True)]
+        _, later = await srv.join("dara")
+        assert later["payload"]["narration"] == []

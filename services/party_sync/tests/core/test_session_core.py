@@ -1213,7 +1213,7 @@ def test_a_stream_the_backend_forgot_before_closing_it_is_closed_for_the_members
     if aria is None:
         aria = node.join("aria")
     node.backend.close_narration = (  # type: ignore[method-assign]
-        lambda party_id, stream_id, now, trace_id, answered=False: _async(transient.GONE)
+        lambda party_id, stream_id, now, trace_id, action_id=None: _async(transient.GONE)
     )
     node.advance(31.0)
     assert [d for d in _deltas(node, aria) if d[3]] == [("n1", 2, "", True)]

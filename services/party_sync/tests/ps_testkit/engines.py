@@ -38,6 +38,7 @@ class ScriptedEngine:
         self.gate: asyncio.Event | None = None
         self.mode: Mode = "answer"
         self.scene_number = 0
+        self.answered: list[str] = []  # the actions whose result and scene it published
         self.publisher: EventPublisher | None = None
         self.closed = False
 
@@ -97,6 +98,7 @@ class ScriptedEngine:
         await self.publisher.publish(
             action.party_id, "scene.update", scene, trace_id=action.trace_id
         )
+        self.answered.append(action.action_id)
 
     def count(self, action_id: str) -> int:
         return sum(1 for call in self.calls if call.action_id == action_id)

@@ -310,3 +310,54 @@ async def test_an_engine_worker_reads_every_partition_whatever_the_pool_setting(
         await client.aclose()
         proc.terminate()
         proc.wait(20)
+
+
+async def test_a_cluster_pipeline_of_scripts_takes_its_keys_masters_slots(
+    redis_cluster_kit: RedisCluster,
+) -> None:
+    """A pipelined script's keys come after its text and their count (the party scripts go so):
+    its master's slot is the one taken, so a burst of them never overfills that master's pool
+    (the script text's own slot was taken, on another master: ``MaxConnectionsError``)."""
+    client = make_any_client(
+        RedisTarget(redis_cluster_kit.url, cluster=True), max_connections=2, socket_timeout=10.0
+    )
+
+    async def scripted(i: int) -> object:
+        async with client.pipeline(transaction=False) as pipe:
+            pipe.eval("return redis.call('INCR', KEYS[1])", 1, "{party:e1}:n")
+            return await pipe.execute()
+
+    async def plain(i: int) -> object:
+        return await client.blpop(["{party:e1}:empty"], timeout=0.05)
+
+    try:
+        answers = await asyncio.gather(
+            *(scripted(i) for i in range(40)),
+            *(plain(i) for i in range(40)),
+            return_exceptions=True,
+        )
+        assert [a for a in answers if isinstance(a, BaseException)] == []
+        assert sorted(a[0] for a in answers if isinstance(a, list)) == list(range(1, 41))
+    finally:
+        await client.aclose()
+
+
+async def test_a_watch_transaction_cut_short_is_bounded_in_all(redis: RedisServer) -> None:
+    """A vote's WATCH transaction whose EXEC Redis does not answer is given up at the bound, its
+    cleanup included (redis-py's UNWATCH reconnected and waited once more: twice the bound)."""
+    client = make_any_client(RedisTarget(redis.url), socket_timeout=1.0)
+    pauser = Redis(port=redis.port)
+    try:
+        async with client.pipeline(transaction=True) as pipe:
+            await pipe.watch("w:k")
+            pipe.multi()  # type: ignore[no-untyped-call]
+            pipe.set("w:k", "v")
+            await pauser.execute_command("CLIENT", "PAUSE", "3000", "ALL")  # type: ignore[no-untyped-call]
+            started = time.monotonic()
+            with pytest.raises(RedisError):
+                await pipe.execute()
+            assert time.monotonic() - started < 1.6
+    finally:
+        await pauser.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
+        await pauser.aclose()
+        await client.aclose()

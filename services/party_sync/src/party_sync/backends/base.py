@@ -314,14 +314,20 @@ class NarrationStore(Protocol):
         ...
 
     async def close_narration(
-        self, party_id: str, stream_id: str, now: float, trace_id: str, answered: bool = False
+        self,
+        party_id: str,
+        stream_id: str,
+        now: float,
+        trace_id: str,
+        action_id: str | None = None,
     ) -> float | str | None:
         """Close the stream if it has had no piece for ``narration_idle`` (its empty last piece
         goes to every member); when to look again if it had one since; None: nothing to do (it
         is closed); ``core.transient.GONE``: the backend does not know the stream any more (its
         keep time passed, say during a long stall), so whoever still shows it must close it.
-        ``answered``: the action the stream narrates has its result out: close it now, idle or
-        not (a narration is over with its action)."""
+        ``action_id``: the action the stream narrates, as the caller knows it: if the stream does
+        narrate it and its result is out, the stream is closed now, idle or not (a narration is
+        over with its action)."""
         ...
 
 

@@ -484,12 +484,18 @@ class MemoryBackend:
         return outcomes
 
     async def close_narration(
-        self, party_id: str, stream_id: str, now: float, trace_id: str, answered: bool = False
+        self,
+        party_id: str,
+        stream_id: str,
+        now: float,
+        trace_id: str,
+        action_id: str | None = None,
     ) -> float | str | None:
         party = self._parties.get(party_id)
         if party is None:
             return GONE
-        closed = party.narration.close_idle(stream_id, now, answered)
+        answered = action_id is not None and party.ledger.result_of(action_id) is not None
+        closed = party.narration.close_idle(stream_id, now, action_id if answered else None)
         if not isinstance(closed, tuple):
             return closed
         index, action_id = closed

@@ -707,7 +707,12 @@ class RedisBackend:
             raise BackendUnavailable(f"redis ran {script} too late: refused it")
 
     async def close_narration(
-        self, party_id: str, stream_id: str, now: float, trace_id: str, answered: bool = False
+        self,
+        party_id: str,
+        stream_id: str,
+        now: float,
+        trace_id: str,
+        action_id: str | None = None,
     ) -> float | str | None:
         idle = self.settings.narration_idle
         kept_ms = int(kept_for(idle) * 1000)
@@ -718,10 +723,17 @@ class RedisBackend:
             trace_id,
             kept_ms,
             *self._sent_by(),
-            "1" if answered else "0",
+            action_id or "",
         ]
         with unavailable("close_narration"):
-            reply = await self.scripts.run("close_narration", party_id, now, args, narration=True)
+            reply = await self.scripts.run(
+                "close_narration",
+                party_id,
+                now,
+                args,
+                narration=True,
+                action_ids=[action_id] if action_id else [],
+            )
         self._not_stale("close_narration", party_id, reply)
         answer = text(reply[0])
         if answer == "due":

@@ -312,6 +312,14 @@ class _BoundedRedisPipeline(Pipeline):
         answers: list[Any] = await within(self.bound, super().execute(raise_on_error))
         return answers
 
+    async def reset(self) -> None:  # type: ignore[override]  # Pipeline.reset, not RESET
+        # A WATCH transaction cut short by the bound (in EXEC, say) left its connection
+        # disconnected: a new socket watches nothing, and UNWATCH would reconnect and wait again,
+        # past the bound (redis-py sends it whenever ``watching``).
+        if self.watching and self.connection is not None and not self.connection.is_connected:
+            self.watching = False
+        await super().reset()  # type: ignore[no-untyped-call]
+
 
 #: Set while a task runs a command or pipeline of a ``BoundedRedisCluster`` in a master's slot:
 #: what it does meanwhile through the client (a pipeline resends a redirected command) must not
@@ -389,29 +397,33 @@ class BoundedRedisCluster(RedisCluster):
 
 class _BoundedPipeline(ClusterPipeline):
     """A pipeline of ``BoundedRedisCluster``: it holds a slot of each master its commands' keys
-    live on while it runs, all within the client's bound."""
+    live on while it runs, all within the client's bound (each command's slot found as redis-py
+    finds it: a script's keys come after its text and their count)."""
 
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        if len(args) > 1:
-            self.__dict__.setdefault("_keys", []).append(args[1])
+        self.__dict__.setdefault("_commands", []).append(args)
         return super().execute_command(*args, **kwargs)
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
         client = self.cluster_client
         assert isinstance(client, BoundedRedisCluster)
-        keys, self.__dict__["_keys"] = self.__dict__.get("_keys", []), []
+        commands, self.__dict__["_commands"] = self.__dict__.get("_commands", []), []
         return await within(
-            client.bound, self._run(client, keys, raise_on_error, allow_redirections)
+            client.bound, self._run(client, commands, raise_on_error, allow_redirections)
         )
 
     async def _run(
-        self, client: BoundedRedisCluster, keys: list[Any], raise_on_error: bool, redirect: bool
+        self,
+        client: BoundedRedisCluster,
+        commands: list[tuple[Any, ...]],
+        raise_on_error: bool,
+        redirect: bool,
     ) -> Any:
         await client.initialize()
         masters: set[str] = set()
-        for key in keys:
+        for args in commands:
             with contextlib.suppress(Exception):  # no master now: redis-py's execute says why
-                slot = key_slot(client.encoder.encode(key))  # type: ignore[no-untyped-call]
+                slot = await client._determine_slot(*args)
                 masters.add(client.nodes_manager.get_node_from_slot(slot).name)
         async with client.slots_of(masters):
             return await super().execute(raise_on_error, redirect)

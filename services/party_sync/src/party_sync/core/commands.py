@@ -246,7 +246,9 @@ class CloseNarration:
     stream_id: str
     now: float
     trace_id: str
-    answered: bool = False  # its action's result is out: closed at once (over with its action)
+    #: the action it narrates as this node knows it: the backend closes the stream at once if
+    #: that action has its result out (over with its action), idle or not
+    action_id: str | None = None
 
 
 Command = (

@@ -252,12 +252,12 @@ class PartySessions:
             seen = self._narrating.get(key)
             if seen is None:
                 return []
-            over = key in self._narration_over
-            if seen + self.rules.narration_idle > now and not over:
+            if seen + self.rules.narration_idle > now and key not in self._narration_over:
                 self._arm(Kind.NARRATION, key, seen + self.rules.narration_idle)
                 return []
             party_id, stream_id = key
-            return [CloseNarration(party_id, stream_id, now, codec.new_trace_id(), over)]
+            action = self._narration_action.get(party_id, {}).get(stream_id)
+            return [CloseNarration(party_id, stream_id, now, codec.new_trace_id(), action)]
         return self._presence_tick(now)
 
     # -- connections ----------------------------------------------------------------------------
@@ -548,7 +548,8 @@ class PartySessions:
             key = (party_id, stream_id)
             if narrated == action_id and key in self._narrating:
                 self._narration_over.add(key)
-                out.append(CloseNarration(party_id, stream_id, now, codec.new_trace_id(), True))
+                trace = codec.new_trace_id()
+                out.append(CloseNarration(party_id, stream_id, now, trace, action_id))
         return out
 
     def narration_looked(self, cmd: CloseNarration, due: float | str | None) -> Commands:

@@ -276,19 +276,20 @@ class NarrationBook:
         return Outcome.TAKEN
 
     def close_idle(
-        self, stream_id: str, now: float, answered: bool = False
+        self, stream_id: str, now: float, answered: str | None = None
     ) -> tuple[int, str | None] | float | str | None:
         """An open stream without a piece for ``idle`` seconds ends: ``(index, action_id)`` of
         its closing piece. A stream written to since: when to look again. Ended: None. Not
-        known (never, or forgotten after ``kept_for``): ``GONE``. ``answered``: the action it
-        narrates has its result published: it ends now, idle or not (over with its action)."""
+        known (never, or forgotten after ``kept_for``): ``GONE``. ``answered``: an action whose
+        result was published: a stream narrating it ends now, idle or not (over with it)."""
         self._expire(now)
         stream = self._streams.get(stream_id)
         if stream is None:
             return GONE
         if stream.done:
             return None
-        if stream.updated + self.idle > now and not answered:
+        over = answered is not None and stream.action_id == answered
+        if stream.updated + self.idle > now and not over:
             return stream.updated + self.idle
         # its last index stays the engine's: a late piece after it is ENDED, not a repeat
         stream.done, stream.parts, stream.updated = True, [], now

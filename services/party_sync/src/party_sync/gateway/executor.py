@@ -263,8 +263,9 @@ class Executor:
                 await self.link.submit(engine_action(action))
             except BackendUnavailable:
                 continue
-            except Exception:
+            except Exception:  # refused: its final answer, as on the first attempt
                 log.exception("engine link refused an action", extra={"trace_id": action.trace_id})
+                await self.run(self.core.submit_failed(command, unavailable=False))
                 return
             log.info(
                 "action appended again after Redis came back",
@@ -417,7 +418,7 @@ class Executor:
                     command.stream_id,
                     self.clock(),
                     command.trace_id,
-                    answered=command.answered,
+                    action_id=command.action_id,
                 )
             except Exception as exc:  # a bug too is logged; the stream is looked at again
                 self.failed("narration", exc)  # counted by the core

@@ -3,8 +3,10 @@
 -- describes it). ARGV[7] stream_id, ARGV[8] narration_idle (s), ARGV[9] now as an RFC 3339
 -- timestamp, ARGV[10] the trace_id of the closing piece, ARGV[11] the hash's keep time in ms,
 -- ARGV[12] when the node sent this call and ARGV[13] the most seconds after that it may run
--- (narrate.lua: a call Redis runs too late changes nothing); ARGV[14] '1' when the action the
--- stream narrates has its result out: closed now, idle or not (over with its action).
+-- (narrate.lua: a call Redis runs too late changes nothing); ARGV[14] the action the caller
+-- knows the stream narrates ('' if none) and KEYS[13] its record: if the stream does narrate it
+-- and its result is out (the record has r), the stream is closed now, idle or not (over with
+-- its action).
 -- Returns {'closed', index} | {'due', when to look again} | {'none'} (ended) | {'gone'} (not
 -- known: never, or forgotten after its keep time, say during a long stall: a node still showing
 -- it closes it for its own members) | {'stale'}.
@@ -22,7 +24,10 @@ if ended == '1' then
   return {'none'}
 end
 local due = tonumber(updated) + tonumber(ARGV[8])
-if due > NOW and ARGV[14] ~= '1' then
+local over = ARGV[14] ~= '' and KEYS[13] ~= nil
+  and redis.call('HGET', K_NARRATION, 'a:' .. id) == ARGV[14]
+  and redis.call('HEXISTS', KEYS[13], 'r') == 1
+if due > NOW and not over then
   return {'due', fmt_time(due)}
 end
 local index = string.format('%d', tonumber(last) + 1)
