@@ -303,7 +303,7 @@ def _parser() -> _Parser:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from party_sync.server import build_server, make_link, serve, with_dev_secret
+    from party_sync.server import build_server, make_link, new_node_id, serve, with_dev_secret
 
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
@@ -311,6 +311,7 @@ def _serve(args: argparse.Namespace) -> int:
     _refuse_redis_misconfiguration(settings)  # before a file is written or an engine loaded
     dev_mode = settings.dev_mode
     link = None
+    node_id = new_node_id()
     if settings.resolved_engine_transport == "inprocess":
         if dev_mode:  # the reference engine in this process writes its narration live
             devmode.narrate_by_default(
@@ -321,7 +322,7 @@ def _serve(args: argparse.Namespace) -> int:
             # CAMPAIGN_ENGINE_* variables) stop a start that cannot work with nothing left
             # behind. (With workers, each loads its own, and the supervisor serves nothing: the
             # first worker says once what is wrong.)
-            link = make_link(settings)
+            link = make_link(settings, node_id)
     workdir = Path.cwd()
     # (after the checks above: a start refused for a setting discards nothing)
     if args.new_game:
@@ -371,7 +372,7 @@ def _serve(args: argparse.Namespace) -> int:
 
         lines = _demo_banner(settings, "redis", dev_mode) if args.demo_tokens else []
         return start_group(settings, dev_mode=dev_mode, on_ready=lines)
-    server = build_server(settings, dev_mode=dev_mode, link=link)
+    server = build_server(settings, dev_mode=dev_mode, link=link, node_id=node_id)
     lines = (
         _demo_banner(settings, server.gateway.backend.name, dev_mode) if args.demo_tokens else []
     )

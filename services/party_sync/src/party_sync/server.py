@@ -158,7 +158,12 @@ def make_backend(
     return MemoryBackend(backend_settings(settings))
 
 
-def make_link(settings: Settings) -> EngineLink:
+def new_node_id() -> str:
+    """A node's id: in its Redis keys, its metrics and its connections' names."""
+    return uuid.uuid4().hex[:12]
+
+
+def make_link(settings: Settings, node_id: str | None = None) -> EngineLink:
     """The engine transport (``engine_transport``; ``auto``: http, else stream, else in-process)."""
     transport = settings.resolved_engine_transport
     if transport == "http":
@@ -187,6 +192,7 @@ def make_link(settings: Settings) -> EngineLink:
             timeout=settings.redis_command_timeout,
             prefix=settings.redis_prefix,
             max_connections=settings.redis_max_connections,
+            client_name=None if node_id is None else f"party_sync:{node_id}:engine-link",
         )
     # Through a backend outage of any length an action is claimed and handed over again until
     # answered, for as long as its record can take an answer (``action_record_ttl``).
@@ -321,18 +327,20 @@ def build_server(
     link: EngineLink | None = None,
     backend: Backend | None = None,
     dev_mode: bool = False,
+    node_id: str | None = None,
 ) -> Server:
     """``dev_mode``: no secret was configured (``with_dev_secret`` made one), so the
-    development-only routes exist (``POST /api/v1/dev/token`` mints demo tokens)."""
+    development-only routes exist (``POST /api/v1/dev/token`` mints demo tokens). ``node_id``:
+    this node's id (``new_node_id``), when a link made for it was given; else a new one."""
     if not settings.jwt_secret:
         raise ConfigError("build_server needs a JWT secret (see with_dev_secret)")
     verifier = TokenVerifier(
         [settings.jwt_secret, settings.jwt_previous_secret or ""], settings.jwt_algorithms
     )
     contracts = Contracts()
+    node_id = node_id or new_node_id()
     if link is None:
-        link = make_link(settings)
-    node_id = uuid.uuid4().hex[:12]
+        link = make_link(settings, node_id)
     metrics = Metrics(node_id)
     if backend is None:
         backend = make_backend(settings, node_id=node_id, metrics=metrics)
@@ -341,6 +349,7 @@ def build_server(
         RedisTarget.of(settings) if settings.redis_url else None,
         settings.redis_prefix,
         max_connections=settings.redis_max_connections,
+        client_name=f"party_sync:{node_id}:directory",
     )
     app = build_app(gateway, verifier, directory, dev_mode=dev_mode)
     health = watch_engine(settings, link, metrics)

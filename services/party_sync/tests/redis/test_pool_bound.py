@@ -361,3 +361,33 @@ async def test_a_watch_transaction_cut_short_is_bounded_in_all(redis: RedisServe
         await pauser.execute_command("CLIENT", "UNPAUSE")  # type: ignore[no-untyped-call]
         await pauser.aclose()
         await client.aclose()
+
+
+async def test_a_nodes_engine_link_connections_carry_its_name(redis: RedisServer) -> None:
+    """``CLIENT LIST`` names a node's stream-link connections ``party_sync:<node_id>:engine-link``
+    (they were unnamed: the operator could not tell whose they were)."""
+    settings = replace(make_settings(), redis_url=redis.url, engine_transport="stream")
+    async with serve_in_process(settings) as running:
+        client, _ = await running.join("aria")
+        await client.act("named-1", "aria", "r1")
+        raw = Redis(port=redis.port)
+        try:
+
+            async def names() -> list[str]:
+                listing = await raw.execute_command("CLIENT", "LIST")  # type: ignore[no-untyped-call]
+                text = listing.decode() if isinstance(listing, bytes) else str(listing)
+                return [
+                    f.split("=", 1)[1]
+                    for line in text.splitlines()
+                    for f in line.split()
+                    if f.startswith("name=")
+                ]
+
+            async with asyncio.timeout(10):
+                while not any(n.endswith(":engine-link") for n in await names()):  # noqa: ASYNC110
+                    await asyncio.sleep(0.05)
+            node = next(n for n in await names() if n.endswith(":engine-link")).split(":")[1]
+            assert f"party_sync:{node}" in await names()  # the same node's command connections
+        finally:
+            await raw.aclose()
+        await client.close()

@@ -136,6 +136,7 @@ class RedisDirectory:
         *,
         timeout: float = 2.0,
         max_connections: int | None = None,
+        client_name: str | None = None,
     ) -> None:
         self._keys = KeySpace(prefix)
         self._client = make_any_client(
@@ -143,6 +144,7 @@ class RedisDirectory:
             socket_connect_timeout=timeout,
             socket_timeout=timeout,
             max_connections=max_connections,
+            client_name=client_name,
         )
 
     async def put(self, membership: Membership) -> None:
@@ -205,8 +207,11 @@ def make_directory(
     prefix: str = DEFAULT_PREFIX,
     *,
     max_connections: int | None = None,
+    client_name: str | None = None,
 ) -> Directory:
     """``RedisDirectory`` when a Redis URL is configured, else ``MemoryDirectory``."""
     if redis_url:
-        return RedisDirectory(redis_url, prefix, max_connections=max_connections)
+        return RedisDirectory(
+            redis_url, prefix, max_connections=max_connections, client_name=client_name
+        )
     return MemoryDirectory()

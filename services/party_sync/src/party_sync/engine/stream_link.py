@@ -92,9 +92,11 @@ class StreamEngineLink:
         timeout: float = 5.0,
         prefix: str | None = None,
         max_connections: int | None = None,
+        client_name: str | None = None,
     ) -> None:
         """``timeout``: the most one append may wait for Redis (``redis_command_timeout``);
         ``max_connections``: its pool's bound (``redis_max_connections``; redis_connect.py);
+        ``client_name``: its connections' name in ``CLIENT LIST``;
         ``prefix``: this deployment's ``redis_prefix``, written in each entry (``prefix``)."""
         self.stream = stream
         self._prefix = None if prefix is None else prefix.encode()
@@ -108,6 +110,7 @@ class StreamEngineLink:
             socket_timeout=timeout,
             socket_connect_timeout=min(2.0, timeout),
             max_connections=max_connections,
+            client_name=client_name,
             retry=stale_socket_retry(),  # not after a timeout (one Redis; a cluster retries it)
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
