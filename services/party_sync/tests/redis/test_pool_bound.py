@@ -28,7 +28,7 @@ from party_sync.backends.redis_connect import (
     parse_addresses,
 )
 from party_sync.transport.appkeys import DIRECTORY
-from ps_testkit.client import Client
+from ps_testkit.client import Client, wait_until
 from ps_testkit.cluster import TESTS_DIR
 from ps_testkit.redis_cluster import RedisCluster
 from ps_testkit.redis_sentinel import MASTER_NAME, SentinelSet
@@ -41,6 +41,8 @@ from redis.exceptions import RedisError
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
 NAME = "pool-bound"
+#: an unlocked semaphore, for a master whose semaphore does not exist yet
+FREE = asyncio.Semaphore(1)
 
 
 @pytest.fixture(params=["one", "sentinel", "cluster"])
@@ -204,7 +206,18 @@ async def test_a_command_waiting_for_a_connection_is_bounded_in_all(redis: Redis
     client = make_any_client(RedisTarget(redis.url), max_connections=1, socket_timeout=1.0)
     try:
         first = asyncio.ensure_future(client.blpop(["slow:empty"], timeout=0.8))
-        await asyncio.sleep(0)  # (the first takes the only connection)
+        watcher = Redis(port=redis.port)
+        try:  # the first holds the only connection, blocked in Redis
+
+            async def blocked() -> bool:
+                info: Any = await watcher.info("clients")
+                return int(info["blocked_clients"]) == 1
+
+            async with asyncio.timeout(5):
+                while not await blocked():  # noqa: ASYNC110 (a state of Redis)
+                    await asyncio.sleep(0.005)
+        finally:
+            await watcher.aclose()
         started = time.monotonic()
         with pytest.raises(RedisError):
             await client.blpop(["slow:empty"], timeout=0.8)
@@ -237,7 +250,7 @@ async def test_a_stalled_master_does_not_hold_up_another_masters_commands(
         )
         paused.call("CLIENT", "PAUSE", "1500", "ALL")
         stalled = [asyncio.ensure_future(client.get(key)) for key in paused_keys[:8]]
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: client.semaphores.get(paused_name, FREE).locked())
         started = time.monotonic()
         healthy = [client.set(key, "v") for _, keys in others for key in keys[:8]]
         assert all(await asyncio.gather(*healthy))

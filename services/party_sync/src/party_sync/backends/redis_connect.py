@@ -230,13 +230,9 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
         raise ValueError("a Redis Cluster target: use make_cluster_client or make_any_client")
     kwargs.setdefault("retry", stale_socket_retry())
     kwargs["redis_connect_func"] = functools.partial(fence_on_connect, prefix=target.prefix)
-    kwargs["max_connections"] = kwargs.get("max_connections") or DEFAULT_MAX_CONNECTIONS
-    kwargs["timeout"] = kwargs.get("socket_timeout") or POOL_WAIT  # the wait for a connection
+    kwargs = _waiting(kwargs)
     if target.sentinels is None:
-        plain = BoundedRedis.from_pool(BlockingConnectionPool.from_url(target.url, **kwargs))
-        assert isinstance(plain, BoundedRedis)
-        plain.bound = kwargs.get("socket_timeout")
-        return plain
+        return BoundedRedis.on(BlockingConnectionPool.from_url(target.url, **kwargs))
     problem = sentinel_url_problem(target.url)
     if problem is not None:
         raise ValueError(problem)
@@ -272,6 +268,16 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     return client
 
 
+def _waiting(options: dict[str, Any]) -> dict[str, Any]:
+    """Connection ``options`` for a pool of at most ``max_connections`` (default
+    ``DEFAULT_MAX_CONNECTIONS``) that waits up to the ``socket_timeout`` for a free one."""
+    return {
+        **options,
+        "max_connections": options.get("max_connections") or DEFAULT_MAX_CONNECTIONS,
+        "timeout": options.get("socket_timeout") or POOL_WAIT,  # the wait for a connection
+    }
+
+
 async def within(bound: float | None, call: Coroutine[Any, Any, Any]) -> Any:
     """``call``'s result, given up after ``bound`` seconds in all (``None``: no bound) as a Redis
     timeout, as callers of redis-py expect. redis-py disconnects a connection whose reply a
@@ -292,6 +298,14 @@ class BoundedRedis(Redis):
     for a connection and again for Redis, twice the bound."""
 
     bound: float | None = None
+
+    @classmethod
+    def on(cls, pool: BlockingConnectionPool) -> BoundedRedis:
+        """A client of ``pool`` (closed with it), bounded by its connections' ``socket_timeout``."""
+        client = cls.from_pool(pool)
+        assert isinstance(client, BoundedRedis)
+        client.bound = pool.connection_kwargs.get("socket_timeout")
+        return client
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         command = super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
@@ -350,19 +364,18 @@ class BoundedRedisCluster(RedisCluster):
 
     bound: float | None = None
     per_master: int = DEFAULT_MAX_CONNECTIONS
+    #: each master's semaphore of ``per_master`` slots, by node name (``make_cluster_client``)
+    semaphores: dict[str, asyncio.Semaphore]
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        return await within(self.bound, self._ready_then(super().execute_command(*args, **kwargs)))
+        return await within(self.bound, self._initialized_then(*args, **kwargs))
 
-    async def _ready_then(self, call: Coroutine[Any, Any, Any]) -> Any:
+    async def _initialized_then(self, *args: Any, **kwargs: Any) -> Any:
         # The slot map read first, once for all (initialize takes a lock): commands made before
         # it, many at once, each ran redis-py's own start-up path and overfilled a node's pool
         # (MaxConnectionsError within the bound; none once initialized: test_pool_bound).
-        try:
-            await self.initialize()
-            return await call
-        finally:
-            call.close()
+        await self.initialize()
+        return await super().execute_command(*args, **kwargs)
 
     async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
         # Every command of the client meets its master here, with the master known.
@@ -376,12 +389,11 @@ class BoundedRedisCluster(RedisCluster):
         if _HOLDING_SLOT.get():
             yield
             return
-        semaphores: dict[str, asyncio.Semaphore] = self.__dict__.setdefault("_slots", {})
         async with contextlib.AsyncExitStack() as held:
             for name in sorted(set(names)):
-                semaphore = semaphores.get(name)
+                semaphore = self.semaphores.get(name)
                 if semaphore is None:
-                    semaphore = semaphores[name] = asyncio.Semaphore(self.per_master)
+                    semaphore = self.semaphores[name] = asyncio.Semaphore(self.per_master)
                 await held.enter_async_context(semaphore)
             token = _HOLDING_SLOT.set(True)
             try:
@@ -400,14 +412,18 @@ class _BoundedPipeline(ClusterPipeline):
     live on while it runs, all within the client's bound (each command's slot found as redis-py
     finds it: a script's keys come after its text and their count)."""
 
+    def __init__(self, client: BoundedRedisCluster, transaction: Any | None = None) -> None:
+        super().__init__(client, transaction)
+        self._queued: list[tuple[Any, ...]] = []  # the commands' arguments, to find their slots
+
     def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        self.__dict__.setdefault("_commands", []).append(args)
+        self._queued.append(args)
         return super().execute_command(*args, **kwargs)
 
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
         client = self.cluster_client
         assert isinstance(client, BoundedRedisCluster)
-        commands, self.__dict__["_commands"] = self.__dict__.get("_commands", []), []
+        commands, self._queued = self._queued, []
         return await within(
             client.bound, self._run(client, commands, raise_on_error, allow_redirections)
         )
@@ -447,6 +463,7 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     assert isinstance(client, BoundedRedisCluster)
     client.bound = kwargs.get("socket_timeout")
     client.per_master = kwargs["max_connections"]
+    client.semaphores = {}
     # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
@@ -493,12 +510,11 @@ class SlotClients:
         node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
         client = self._clients.get(node.name)
         if client is None:
+            options = {**node.connection_kwargs, "max_connections": self._per_master}
             pool = BlockingConnectionPool(
-                connection_class=node.connection_class,
-                timeout=node.connection_kwargs.get("socket_timeout") or POOL_WAIT,
-                **{**node.connection_kwargs, "max_connections": self._per_master},
+                connection_class=node.connection_class, **_waiting(options)
             )
-            client = self._clients[node.name] = Redis(connection_pool=pool)
+            client = self._clients[node.name] = BoundedRedis.on(pool)
         return client
 
     async def moved(self, exc: MovedError) -> None:

@@ -233,16 +233,24 @@ class Executor:
             await asyncio.sleep(TAKE_OVER_PAUSE)
 
     async def _submit(self, command: Submit) -> None:
-        try:
-            await self.link.submit(engine_action(command.action))
-        except BackendUnavailable:
+        if await self._appended(command) is False:
             await self.run(self.core.submit_failed(command, unavailable=True))
             self.spawn(self._append_again(command))
+
+    async def _appended(self, command: Submit) -> bool | None:
+        """Give the accepted action to the link: True once taken; False if its actions stream
+        could not be reached (not final); None if the link refused it, which is its final
+        answer (``engine_unavailable``), sent here."""
+        action = command.action
+        try:
+            await self.link.submit(engine_action(action))
+        except BackendUnavailable:
+            return False
         except Exception:
-            log.exception(
-                "engine link refused an action", extra={"trace_id": command.message.trace_id}
-            )
+            log.exception("engine link refused an action", extra={"trace_id": action.trace_id})
             await self.run(self.core.submit_failed(command, unavailable=False))
+            return None
+        return True
 
     async def _append_again(self, command: Submit) -> None:
         """An accepted action the link could not append (its actions stream's Redis, or that
@@ -259,19 +267,14 @@ class Executor:
         while self.clock() + delay < deadline:
             await asyncio.sleep(delay)
             delay = min(delay * 2, APPEND_RETRY_MAX)
-            try:
-                await self.link.submit(engine_action(action))
-            except BackendUnavailable:
-                continue
-            except Exception:  # refused: its final answer, as on the first attempt
-                log.exception("engine link refused an action", extra={"trace_id": action.trace_id})
-                await self.run(self.core.submit_failed(command, unavailable=False))
+            appended = await self._appended(command)
+            if appended is not False:
+                if appended:
+                    log.info(
+                        "action appended again after Redis came back",
+                        extra={"trace_id": action.trace_id, "action_id": action.action_id},
+                    )
                 return
-            log.info(
-                "action appended again after Redis came back",
-                extra={"trace_id": action.trace_id, "action_id": action.action_id},
-            )
-            return
 
     async def _run_one(self, command: Command) -> None:
         core = self.core
