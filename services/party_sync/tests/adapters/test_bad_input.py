@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import select
 import socket
+import threading
 from typing import Any
 
 import orjson
@@ -222,6 +223,58 @@ async def test_a_flooding_client_still_reads_its_errors_and_the_1008() -> None:
             assert int.from_bytes(closes[0][:2], "big") == 1008
             errors = [p for opcode, p in frames if opcode == 0x1 and b'"system.error"' in p]
             assert errors and all(b"bad_json" in e or b"rate_limited" in e for e in errors)
+
+
+def _keep_sending_past_a_close(base: str, path: str, hello: threading.Event) -> tuple[bytes, bool]:
+    """A client that, once it has its hello (``hello`` set), waits for the server's close frame
+    and sends on after it: what it read up to the close frame, and whether the server ended the
+    connection before the client's own close frame."""
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(ws_handshake(path))
+        received = b""
+        while not any(opcode == 0x1 for opcode, _ in _server_frames(received)):
+            received += sock.recv(1 << 20)
+        hello.set()
+        while not _closed(received):
+            chunk = sock.recv(1 << 20)
+            assert chunk, "the connection ended before the close frame"
+            received += chunk
+        ping = b'{"type":"system.ping","payload":{}}'
+        for _ in range(20):  # a client that was sending when the close came
+            sock.sendall(client_frame(ping))
+        ready, _, _ = select.select([sock], [], [], 0.5)
+        ended_early = bool(ready) and sock.recv(1 << 20, socket.MSG_PEEK) == b""
+        sock.sendall(client_frame(b"\x03\xe8", opcode=0x8))
+        return received, ended_early
+
+
+@pytest.mark.parametrize("why", ["operator", "token"])
+async def test_a_close_decided_while_the_server_waits_reads_on_until_the_clients_close(
+    why: str,
+) -> None:
+    """Earlier notes (left alone until now): a close decided while the server waited for the
+    client's next message (an operator's 4004, a token's 4001, a 4002 or a drain's 1001) was
+    made by aiohttp woken in receive(), which shut the socket right after the close frame; a
+    client still sending then got a reset, and could lose the close frame (1006). The handler
+    now starts every close when it stops reading, and reads on until the client's close frame,
+    as for a close decided while it handles a message."""
+    code = {"operator": 4004, "token": 4001}[why]
+    async with serve_in_process(make_settings(), engine=ScriptedEngine()) as srv:
+        ttl = 2.0 if why == "token" else 3600.0
+        path = "/ws?token=" + token("aria", ttl=ttl)
+        hello = threading.Event()
+        sending = asyncio.create_task(
+            asyncio.to_thread(_keep_sending_past_a_close, srv.base, path, hello)
+        )
+        await wait_until(hello.is_set)
+        if why == "operator":
+            assert srv.server is not None
+            assert srv.server.gateway.close_character("p1", "aria", code, "by an operator") == 1
+        received, ended_early = await sending
+        assert not ended_early, "closed before the client's close frame"
+        closes = [payload for opcode, payload in _server_frames(received) if opcode == 0x8]
+        assert closes and int.from_bytes(closes[0][:2], "big") == code
 
 
 async def test_a_close_decided_while_handling_goes_out_before_the_cleanup_after_it(

@@ -208,9 +208,10 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     address = connection.hand_over() if connection is not None else None
     del connection
     gateway, guard = request.app[GATEWAY], request.app[GUARD]
+    sink.reading = True  # a close decided from now on is started when this loop ends
     try:
         async for msg in ws:
-            if session.closed:
+            if session.closed:  # (a close wakes receive() with sink.STOP_READING)
                 break
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):  # binary: refused (bad_json)
                 sink.handling = True  # a close decided meanwhile waits for stop() (sink.close)

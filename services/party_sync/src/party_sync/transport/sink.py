@@ -31,7 +31,7 @@ import struct
 from collections.abc import Hashable
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import WSMessage, WSMsgType, web
 
 #: RFC 6455's policy violation: the close that earns a handshake cooldown (transport/guard.py).
 POLICY_VIOLATION = 1008
@@ -49,6 +49,11 @@ _TEXT = 0x81  # FIN + opcode 1 (text)
 CLOSE_TIMEOUT = 3.0
 #: Frames waiting for the end of the tick are written at once when they reach this many bytes.
 EARLY_FLUSH_BYTES = 64 * 1024
+
+
+#: What the handler's ``receive()`` returns when this side closes the connection while the handler
+#: waits for the client's next message (``WebSocketSink._stop_reading``).
+STOP_READING = WSMessage(WSMsgType.ERROR, ConnectionAbortedError("closing"), None)
 
 
 def frame_header(length: int) -> bytes:
@@ -108,6 +113,7 @@ class WebSocketSink:
         "_ws",
         "close_code",
         "handling",
+        "reading",
     )
 
     def __init__(
@@ -137,6 +143,10 @@ class WebSocketSink:
         #: ``receive``): a close decided meanwhile starts when it stops reading
         #: (``reading_stopped``)
         self.handling = False
+        #: True while the connection's handler runs its read loop (``websocket`` in http.py):
+        #: a close decided meanwhile is started by the handler once it stops reading, so that
+        #: it reads on until the client's close frame
+        self.reading = False
         self.close_code: int | None = None  # the code this side closed with, if it did
         self._stuck_since: float | None = None  # when the buffer was first seen over its mark
 
@@ -193,17 +203,47 @@ class WebSocketSink:
         self.close_code = code
         if code == POLICY_VIOLATION and self._guard is not None:
             self._guard.penalize(self._user)
-        if self.handling:
-            # The handler is not waiting in aiohttp's receive(): it stops reading after this
-            # message and starts the close then (``reading_stopped``), which reads what the
-            # client still sends until its close frame. A close() from another task while
-            # receive() waits wakes it, and aiohttp then closes the socket at once: with the
-            # client's frames still arriving, the kernel answers them with a reset, and the
-            # client loses what it had not read yet, this side's close frame included (a
-            # flood's 1008 arrived as 1006).
+        if self.handling or self.reading:
+            # The handler's read loop is running: it starts the close once it stops reading
+            # (``reading_stopped``), and aiohttp's close then reads what the client still sends
+            # until its close frame. A close() from another task while receive() waits wakes it,
+            # and aiohttp then closes the socket at once: with the client's frames still
+            # arriving, the kernel answers them with a reset, and the client loses what it had
+            # not read yet, this side's close frame included (a flood's 1008, an operator's 4004
+            # arrived as 1006).
             self._deferred = reason.encode()[:120]
+            if not self.handling:  # it waits in receive() (or is about to): wake it
+                self._stop_reading()
             return
         self._start_close(code, reason.encode()[:120])
+
+    def _stop_reading(self) -> None:
+        """Make the handler's pending (or next) ``receive()`` return ``STOP_READING``, after
+        the messages aiohttp has already parsed.
+
+        This is the one place that leans on aiohttp's internals: the response's message queue
+        (``_reader``, a ``WebSocketDataQueue``, whose ``feed_data(message, size)`` is how
+        aiohttp's own ``close()`` wakes a waiting ``receive()``). An ``ERROR`` message is
+        returned to the caller as it is. Guarded by
+        tests/adapters/test_bad_input.py (closes decided while the handler waits)."""
+        reader = getattr(self._ws, "_reader", None)
+        if reader is None:  # not prepared (cannot happen once the handler reads): close now
+            self._start_close_deferred()
+            return
+        reader.feed_data(STOP_READING, 0)
+        # A handler that never gets back to receive() (stuck in aiohttp's pong drain under a
+        # peer that does not read) would never start the close: the socket is aborted then.
+        asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._still_reading)
+
+    def _still_reading(self) -> None:
+        if self.reading:
+            self._transport.abort()
+
+    def _start_close_deferred(self) -> None:
+        if self._deferred is not None and self.close_code is not None:
+            reason, self._deferred = self._deferred, None
+            self.flush()
+            self._start_close(self.close_code, reason)
 
     def _start_close(self, code: int, reason: bytes) -> None:
         self._close_task = asyncio.get_running_loop().create_task(self._close(code, reason))
@@ -238,13 +278,11 @@ class WebSocketSink:
             self._transport.abort()
 
     def reading_stopped(self) -> None:
-        """The handler reads no more (its loop ended): a close it left for this (``handling``)
-        starts now, in a task of its own, so its frame does not wait for the rest of the
-        handler's cleanup (a backend round trip, or several through a stall)."""
-        if self._deferred is not None and self.close_code is not None:
-            reason, self._deferred = self._deferred, None
-            self.flush()
-            self._start_close(self.close_code, reason)
+        """The handler reads no more (its loop ended): a close it left for this (``handling``,
+        ``reading``) starts now, in a task of its own, so its frame does not wait for the rest
+        of the handler's cleanup (a backend round trip, or several through a stall)."""
+        self.reading = False
+        self._start_close_deferred()
 
     async def stop(self) -> None:
         """The connection is over: flush, let a pending close frame go out (bounded), stop."""
