@@ -45,6 +45,8 @@ def _seconds(text: str) -> float:
 
 #: The most entries ``engine-worker --batch`` may take at once.
 MAX_WORKER_BATCH = 1000
+#: The most read loops ``engine-worker --concurrency`` may run per stream.
+MAX_CONCURRENCY = 256
 
 
 def _count(text: str, most: int) -> int:
@@ -60,6 +62,11 @@ def _count(text: str, most: int) -> int:
 def _batch(text: str) -> int:
     """An argparse type: entries an engine worker takes at once, 1..``MAX_WORKER_BATCH``."""
     return _count(text, MAX_WORKER_BATCH)
+
+
+def _concurrency(text: str) -> int:
+    """An argparse type: read loops an engine worker runs per stream, 1..``MAX_CONCURRENCY``."""
+    return _count(text, MAX_CONCURRENCY)
 
 
 def _partitions(text: str) -> int:
@@ -261,6 +268,15 @@ def _parser() -> _Parser:
         help="entries to take from the stream at once (1: the default, a worker takes one action "
         "at a time and an idle worker the next; more: fewer round trips to Redis, but the "
         "entries taken wait behind a slow one while other workers may be idle; at most 1000)",
+    )
+    worker.add_argument(
+        "--concurrency",
+        type=_concurrency,
+        default=1,
+        help="actions this worker's engine handles at once, per partition (1: one at a time; "
+        "N: N read loops, each a consumer of its own, <consumer>/1 ... <consumer>/N, as N "
+        "workers would be; for an engine that waits on I/O, e.g. a language model; at most "
+        f"{MAX_CONCURRENCY})",
     )
     worker.add_argument(
         "--burst", action="store_true", help="exit once the stream has nothing more to do"
@@ -714,7 +730,8 @@ def _engine_worker(args: argparse.Namespace) -> int:
             # each partition's read holds a connection for its whole XREADGROUP BLOCK: room for
             # them all, and for the acks and claims beside them
             max_connections=max(
-                settings.redis_max_connections, settings.actions_stream_partitions + 16
+                settings.redis_max_connections,
+                settings.actions_stream_partitions * args.concurrency + 16,
             ),
         )
 
@@ -730,6 +747,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
             redis,
             options,
             partitions=settings.actions_stream_partitions,
+            concurrency=args.concurrency,
             watch=watch,
             stop_grace=settings.shutdown_timeout,
         )
@@ -743,6 +761,8 @@ def _engine_worker(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
         banner = f"engine worker {options.consumer} on {', '.join(worker.streams)}"
+        if args.concurrency > 1:
+            banner += f" ({args.concurrency} read loops each)"
         try:
             await worker.run(on_started=lambda: print(banner, flush=True))
         finally:

@@ -76,6 +76,7 @@ def test_one_character_id_in_two_parties_is_two_users() -> None:
     [
         *[("--batch", 1000, v) for v in ["0", "-1", "1001", "2.5", "many", "1_000", "\u0663", ""]],
         *[("--actions-stream-partitions", 1024, v) for v in ["0", "1025", "1_000", "\u0663"]],
+        *[("--concurrency", 256, v) for v in ["0", "-2", "257", "1.5", "\u0663"]],
     ],
 )
 def test_engine_worker_counts_are_whole_numbers_in_their_range(

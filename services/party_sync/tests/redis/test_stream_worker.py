@@ -14,9 +14,9 @@ from typing import Any
 
 import orjson
 import pytest
-from party_sync.engine.interface import Claim, JoinNotice, RestateNotice
+from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
 from party_sync.engine.stream_link import StreamEngineLink
-from party_sync.engine.stream_worker import StreamWorker, WorkerOptions
+from party_sync.engine.stream_worker import PartitionedWorker, StreamWorker, WorkerOptions
 from party_sync.protocol.errors import ErrorCode
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
@@ -400,6 +400,76 @@ async def test_by_default_a_free_worker_takes_what_waits_behind_a_slow_action(
             await acknowledged(redis)
     assert [a.action_id for a in slow.calls] == ["slow-0"]
     assert "slow-0" not in [a.action_id for a in other.calls]
+
+
+class SortingEngine(ScriptedEngine):
+    """Actions whose id starts with ``boom`` raise, ``slow`` wait for ``hold``, others answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = asyncio.Event()
+        self.tried: list[str] = []  # every call, in order
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        self.tried.append(action.action_id)
+        if action.action_id.startswith("boom"):
+            raise RuntimeError("the engine failed")
+        if action.action_id.startswith("slow"):
+            await self.hold.wait()
+        await super().handle_action(action)
+
+
+async def test_a_failed_entry_is_tried_again_at_its_time_by_a_free_worker_when_its_own_is_busy(
+    redis: RedisServer,
+) -> None:
+    """Engine probe: the worker whose engine raised on an entry took the next one, another
+    party's 20-s action, and tried the failed entry again only after it (the player heard
+    engine_error after 34.5 s, not the ~15 s documented; "each failed entry on its own clock").
+    The failed entry is now offered to every worker from the time of its next try."""
+    host, busy, free = RecordingHost(), SortingEngine(), SortingEngine()
+    async with stream_link(redis) as link:
+        await link.submit(make_action("boom-1", party_id="q0"))
+        async with running_worker(redis, host, busy, "w1", max_deliveries=3):  # claim_idle 30
+            await wait_until(lambda: busy.tried == ["boom-1"], timeout=10)  # it failed on boom-1
+            await link.submit(make_action("slow-1", party_id="q1"))
+            await wait_until(lambda: busy.tried == ["boom-1", "slow-1"], 10)  # and holds slow-1
+            async with running_worker(redis, host, free, "w2", max_deliveries=3):
+                await wait_until(lambda: host.failed == [("boom-1", ErrorCode.ENGINE_ERROR)], 15)
+                assert free.tried == ["boom-1", "boom-1"]
+                assert not host.results()  # slow-1 still held by w1, never taken from it
+                busy.hold.set()
+                await wait_until(lambda: len(host.results()) == 1, timeout=10)
+                await acknowledged(redis)
+    assert "slow-1" not in free.tried
+
+
+async def test_a_worker_with_concurrency_handles_that_many_actions_at_once(
+    redis: RedisServer,
+) -> None:
+    """``engine-worker --concurrency N``: N read loops per stream, each a consumer of its own
+    (``<consumer>/1`` ...), around one engine: a slow action holds up one loop, not the party
+    behind it, and a failed entry goes on being tried while the slow one waits."""
+    host, engine = RecordingHost(), SortingEngine()
+    client = Redis.from_url(redis.url, socket_timeout=3.0, socket_connect_timeout=0.5)
+    options = WorkerOptions(stream=STREAM, consumer="w", block=0.1, max_deliveries=3)
+    worker = PartitionedWorker(engine, host, client, options, concurrency=2)
+    assert [loop.options.consumer for loop in worker.loops] == ["w/1", "w/2"]
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        async with stream_link(redis) as link:
+            await link.submit(make_action("slow-1", party_id="q1"))
+            await wait_until(lambda: engine.tried == ["slow-1"], 10)
+            await link.submit(make_action("quick-1", party_id="q2"))
+            await link.submit(make_action("boom-1", party_id="q0"))
+            await wait_until(lambda: host.failed == [("boom-1", ErrorCode.ENGINE_ERROR)], 15)
+            assert host.results() == ["quick-1"]
+            engine.hold.set()
+            await wait_until(lambda: len(host.results()) == 2, timeout=10)
+            await acknowledged(redis)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
 
 
 async def test_a_dead_workers_entry_behind_many_held_by_live_workers_is_taken_over(

@@ -148,6 +148,19 @@ return 1
 #: pending entries), before it reads new entries; the next round goes on from there.
 RECLAIM_CALLS: Final = 20
 
+#: An entry the engine failed on, offered to every worker from the time of its next try: if it is
+#: still pending for this consumer, its idle time is set to ``claim_idle`` minus that wait
+#: (``XCLAIM … IDLE … JUSTID``: no delivery counted), so any free worker's (or read loop's)
+#: XAUTOCLAIM takes it once the wait is over, while this one is busy with a slow action. KEYS[1]
+#: the stream; ARGV: group, consumer, the entry id, the idle time in ms.
+OFFER_AT = """
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) > 0 then
+  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
+  return 1
+end
+return 0
+"""
+
 #: Seconds between two ERROR lines about entries of another deployment (``_foreign``).
 FOREIGN_LOG_INTERVAL: Final = 60.0
 
@@ -606,8 +619,15 @@ class StreamWorker:
             log.exception("engine failed; the entry stays pending", extra={"trace_id": trace_id})
             # tried again by this worker after 1, 2, 4 ... s (at most claim_idle), not only
             # when XAUTOCLAIM finds it idle: engine_error comes in seconds, not minutes
-            wait = min(float(2 ** max(0, deliveries - 1)), self.options.claim_idle)
+            o = self.options
+            wait = min(float(2 ** max(0, deliveries - 1)), o.claim_idle)
             self._retries[entry_id] = time.monotonic() + wait
+            # ... or by any other free worker at that time, should this one be busy then
+            idle_ms = max(0, int((o.claim_idle - wait) * 1000))
+            try:
+                await self.redis.eval(OFFER_AT, 1, o.stream, o.group, o.consumer, entry_id, idle_ms)
+            except INFRA_ERRORS as exc:  # this worker still tries it at its time
+                log.debug("could not offer a failed entry to the other workers: %s", exc)
 
     async def _exhausted(
         self, entry_id: bytes, action: ActionRequest | None, kind: str, trace_id: str
@@ -638,10 +658,20 @@ class StreamWorker:
         return int(pending[0]["times_delivered"]) if pending else o.max_deliveries
 
 
+def consumers(name: str, concurrency: int) -> list[str]:
+    """The consumer names of a worker's read loops on one stream: ``name`` alone, or
+    ``<name>/1`` … ``<name>/<concurrency>`` (each loop is a consumer of its own, exactly as a
+    worker process of its own would be)."""
+    if concurrency <= 1:
+        return [name]
+    return [f"{name}/{i}" for i in range(1, concurrency + 1)]
+
+
 class PartitionedWorker:
-    """Every partition of the actions stream: one :class:`StreamWorker` read loop per partition
-    stream (``loops``, partition 0 first), around one engine; ``run`` until ``stop`` (or, in
-    burst mode, until every partition is idle). With one partition it is one ``StreamWorker``."""
+    """Every partition of the actions stream: ``concurrency`` :class:`StreamWorker` read loops
+    per partition stream (``loops``, partition 0 first), around one engine; ``run`` until
+    ``stop`` (or, in burst mode, until every partition is idle). With one partition and a
+    concurrency of 1 it is one ``StreamWorker``."""
 
     def __init__(
         self,
@@ -651,6 +681,7 @@ class PartitionedWorker:
         options: WorkerOptions,
         *,
         partitions: int = 1,
+        concurrency: int = 1,
         watch: EpochWatch | None = None,
         clock: Callable[[], float] = time.time,
         count_check: float = 10.0,
@@ -670,9 +701,15 @@ class PartitionedWorker:
         self.streams = layout.stream_names(options.stream, partitions)
         self.loops = [
             StreamWorker(
-                engine, publisher, redis, replace(options, stream=name), watch=watch, clock=clock
+                engine,
+                publisher,
+                redis,
+                replace(options, stream=name, consumer=consumer),
+                watch=watch,
+                clock=clock,
             )
             for name in self.streams
+            for consumer in consumers(options.consumer, concurrency)
         ]
         self.mismatch: str | None = None  # what disagrees with the nodes' count, while it does
         self._stop = asyncio.Event()
