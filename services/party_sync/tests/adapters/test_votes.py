@@ -154,6 +154,25 @@ async def test_a_reconnecting_member_sees_the_open_vote_and_their_own_ballot() -
         await b.close()
 
 
+async def test_the_hello_counts_the_open_votes_eligible_members_as_they_are_now() -> None:
+    """Demo probe: members who came online after a vote's last ballot got ``eligible`` 1 in
+    their hello with four members online (the count of the vote's start), until the next
+    ballot. The hello counts as ``vote.update`` does: the members online and those who voted."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        assert (await start(srv, vote_id="v-e"))[0] == 201
+        await a.until("vote.started")
+        b, hello_b = await srv.join("borin")
+        assert hello_b["payload"]["vote"]["eligible"] == 2
+        await b.send(cast("v-e", "A"))
+        assert (await a.until("vote.update"))["payload"]["eligible"] == 2
+        await b.close()  # borin voted: still counted, offline
+        c, hello_c = await srv.join("cara")
+        assert hello_c["payload"]["vote"]["eligible"] == 3
+        await a.close()
+        await c.close()
+
+
 async def test_in_process_engines_start_votes_through_the_publisher() -> None:
     engine = ScriptedEngine()
     async with serve_in_process(engine=engine) as srv:

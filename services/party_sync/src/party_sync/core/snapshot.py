@@ -44,7 +44,11 @@ def hello(
 ) -> dict[str, Any]:
     vote: dict[str, Any] | None = None
     if snapshot.vote is not None:
-        vote = {**snapshot.vote, "your_vote": your_vote}
+        # ``eligible`` as ``vote.update`` counts it (core/votes.py), now: the vote's record has
+        # the count of its last ballot, and members may have come online since
+        online = {m["character_id"] for m in snapshot.members if m.get("online")}
+        eligible = len(snapshot.ballots.keys() | online)
+        vote = {**snapshot.vote, "eligible": eligible, "your_vote": your_vote}
     payload: dict[str, Any] = {
         "protocol": t.PROTOCOL_VERSION,
         "party_id": binding.party_id,
