@@ -1025,6 +1025,14 @@ function onResultForBanner(actionId: string): void {
 
 // --- actions ------------------------------------------------------------------------------------
 
+/** Refusals that are the action's final answer: it was not and never will be applied, so trying
+ *  again is a new action (a new action_id). Any other retryable refusal (backend_unavailable:
+ *  the outcome is unknown) is tried again under the same action_id (``unsettled``). */
+const FINAL = new Set(["action_timeout", "engine_error", "engine_unavailable"]);
+
+/** The player's last action whose refusal was not final, with the action_id it went under. */
+let unsettled: { key: string; actionId: string } | null = null;
+
 function act(
   type: "choice" | "combat" | "skill_check",
   payload: Record<string, unknown>,
@@ -1034,7 +1042,11 @@ function act(
   const c = client;
   if (c === null || !actionsEnabled()) return;
   clearError(where);
-  const actionId = newId();
+  // The same action again after a refusal that is not final (the first send may still be
+  // applied): under the same action_id, which the server applies at most once (docs/protocol.md).
+  const key = `${type} ${JSON.stringify(payload)}`;
+  const actionId = unsettled !== null && unsettled.key === key ? unsettled.actionId : newId();
+  unsettled = null;
   mine = { actionId, said, where };
   myActions.set(actionId, { said, where });
   while (myActions.size > 64) myActions.delete(myActions.keys().next().value ?? "");
@@ -1045,6 +1057,9 @@ function act(
       : c.sendAction(type, payload, { actionId });
   sent
     .catch((error: unknown) => {
+      if (error instanceof PartySyncError && error.retryable && !FINAL.has(error.code)) {
+        unsettled = { key, actionId };
+      }
       const { text, code } = failureText(error);
       showError(where, text, code);
     })

@@ -22,8 +22,10 @@ import pytest
 from campaign_engine import ReferenceEngine
 from party_sync.auth import issue_token
 from party_sync.engine.interface import ActionRequest
+from party_sync.protocol.errors import BackendUnavailable
 from playwright.async_api import Browser, expect
 from ps_testkit.browser import Player, chromium, open_player, screenshot
+from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.proxy import TcpProxy
 from ps_testkit.servers import SECRET, Running, make_settings, serve_in_process
@@ -289,6 +291,48 @@ async def test_a_refused_action_is_explained_once_next_to_it(browser: Browser) -
         await screenshot(aria, "refused-action", "1-error-in-place")
         aria.assert_clean()
         borin.assert_clean()
+
+
+async def test_trying_an_action_again_after_backend_unavailable_keeps_its_action_id(
+    browser: Browser, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Demo probe: after ``backend_unavailable`` (the outcome unknown: the first send may still
+    be applied) the player's second click went out under a new action_id, which the docs say
+    could apply the action twice. The demo now tries the same action again under its id."""
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        assert srv.server is not None
+        backend = srv.server.gateway.backend
+        original = backend.begin_action
+        tried: list[str] = []
+
+        async def unavailable_once(
+            party_id: str, character_id: str, action_id: str, *args: Any, **kwargs: Any
+        ) -> Any:
+            tried.append(action_id)
+            if len(tried) == 1:  # Redis did not answer: the player hears backend_unavailable
+                raise BackendUnavailable("redis is not answering")
+            return await original(party_id, character_id, action_id, *args, **kwargs)
+
+        monkeypatch.setattr(backend, "begin_action", unavailable_once)
+        aria = await open_player(browser, "aria", page_url(srv.base, token("aria", "Aria")))
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        await publish_scene(srv, 1, "The Gate", ["Force the gate"])
+        gate = aria.page.get_by_role("button", name="Force the gate")
+        await gate.click()
+        error = aria.page.locator("#scene-error")
+        await expect(error).to_have_attribute("data-code", "backend_unavailable")
+        await gate.click()
+        await expect(error).to_be_hidden()
+        await wait_until(lambda: len(engine.calls) == 1)
+        assert tried == [tried[0], tried[0]]
+        assert engine.calls[0].action_id == tried[0]
+        # After an answer, the next action: a new action_id, as before
+        await publish_scene(srv, 2, "The Yard", ["Go on"])
+        await aria.page.get_by_role("button", name="Go on").click()
+        await wait_until(lambda: len(tried) == 3)
+        assert tried[2] != tried[0]
+        aria.assert_clean()
 
 
 BadLink = Callable[[], str]
