@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from campaign_engine.engine import ReferenceEngine
 from campaign_engine.testing import RecordingPublisher, ScriptedRandom, action_request, join_notice
@@ -324,3 +326,18 @@ async def test_a_late_join_names_a_character_that_acted_first(
     await engine.handle_join(join_notice("zed", party_id="party-2"))  # another party: ignored
     assert publisher.published == []
     assert await engine.run_state("run-1") == state
+
+
+async def test_joins_to_another_partys_run_are_logged_once_a_minute_with_their_count(
+    engine: ReferenceEngine, publisher: RecordingPublisher, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Security probe: one WARNING per such join (1,485 in a few minutes of tokens minted for
+    another party's run): now one a minute, the next one saying how many it left out."""
+    await engine.handle_action(action_request("skill_check", {}, character_id="cy"))
+    with caplog.at_level(logging.WARNING, logger="campaign_engine"):
+        for n in range(50):
+            await engine.handle_join(join_notice(f"zed{n}", party_id="party-2"))
+    lines = [r.getMessage() for r in caplog.records if "another party" in r.getMessage()]
+    assert lines == [
+        "ignoring a join to run run-1 from another party (0 more since the last such line)"
+    ]

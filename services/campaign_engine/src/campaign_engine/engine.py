@@ -73,6 +73,7 @@ from party_sync.engine import (
     RestateNotice,
     publish_all,
 )
+from party_sync.logs import RateGate
 from party_sync.protocol.errors import InvalidEvent
 
 from campaign_engine import narration, votes
@@ -106,6 +107,8 @@ from campaign_engine.store import (
 )
 
 log = logging.getLogger("campaign_engine")
+#: Seconds between two WARNING lines about joins to another party's run (each with the count).
+FOREIGN_JOIN_LOG_INTERVAL = 60.0
 _T = TypeVar("_T")
 
 ENV_SEED = "CAMPAIGN_ENGINE_SEED"
@@ -164,6 +167,8 @@ class ReferenceEngine:
         self._in_line: set[str] = set()  # the runs where it took a place in line
         self._publisher: EventPublisher | None = None
         self._locks: dict[str, asyncio.Lock] = {}
+        #: one WARNING a minute about joins to another party's run, not one per join
+        self._foreign_joins = RateGate(FOREIGN_JOIN_LOG_INTERVAL)
 
     # --- Engine protocol -------------------------------------------------------------------
 
@@ -374,7 +379,14 @@ class ReferenceEngine:
         try:
             state = await self._load(notice.campaign_run_id, notice.party_id)
         except EngineRejected:
-            log.warning("ignoring a join to run %s from another party", notice.campaign_run_id)
+            suppressed = self._foreign_joins.admit(time.monotonic())
+            if suppressed is not None:
+                log.warning(
+                    "ignoring a join to run %s from another party (%d more since the last "
+                    "such line)",
+                    notice.campaign_run_id,
+                    suppressed,
+                )
             return
         state = await self._settle_outbox(state, notice.party_id)
         work = self._take_turn(state.copy())

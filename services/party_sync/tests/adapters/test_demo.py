@@ -22,6 +22,9 @@ async def test_the_page_and_its_assets_are_served_with_a_strict_policy() -> None
             csp = resp.headers["Content-Security-Policy"]
             assert resp.headers["Referrer-Policy"] == "no-referrer"  # URLs carry tokens
         assert '<script type="importmap">' in html and "/demo/app.js" in html
+        # an icon of its own (empty, inline): a page that names none makes the browser ask for
+        # /favicon.ico, a 404 in every player's console (demo probe)
+        assert '<link rel="icon" href="data:," />' in html
         assert "default-src 'self'" in csp and "'sha256-" in csp and "unsafe-inline" not in csp
         assert "connect-src 'self'" in csp
         for path in ("/demo/app.js", "/demo/lib/index.js", "/demo/lib/client.js"):
