@@ -26,6 +26,7 @@ from party_sync.backends.redis_connect import (
     Sentinels,
     make_any_client,
     parse_addresses,
+    stream_read_keys,
 )
 from party_sync.transport.appkeys import DIRECTORY
 from ps_testkit.client import Client, wait_until
@@ -404,3 +405,34 @@ async def test_a_nodes_engine_link_connections_carry_its_name(redis: RedisServer
         finally:
             await raw.aclose()
         await client.close()
+
+
+@pytest.mark.parametrize(
+    ("command", "args", "keys"),
+    [
+        ("XREADGROUP", ("GROUP", "g", "c", "STREAMS", "s1", ">"), ["s1"]),
+        (
+            b"xreadgroup",
+            (b"GROUP", b"g", b"c", b"COUNT", 1, b"BLOCK", 1000, b"STREAMS", b"s", b">"),
+            [b"s"],
+        ),
+        (
+            "XREADGROUP",
+            ("GROUP", "streams", "STREAMS", "NOACK", "STREAMS", "a", "b", "0", "0"),
+            ["a", "b"],
+        ),
+        ("XREAD", ("COUNT", "5", "STREAMS", "k", "0-0"), ["k"]),
+        ("XREAD", ("STREAMS", "k"), None),  # a key without its id: not a read Redis runs
+        ("XREADGROUP", ("GROUP", "g"), None),
+        ("XREAD", ("BOGUS", "STREAMS", "k", "0"), None),
+        ("GET", ("k",), None),
+    ],
+)
+def test_a_stream_reads_keys_are_found_without_asking_a_node(
+    command: Any, args: tuple[Any, ...], keys: list[Any] | None
+) -> None:
+    """redis-py asks one fixed node for the keys of XREAD/XREADGROUP (COMMAND GETKEYS): while
+    that master was stalled, every read of every partition waited (test_stream_partitions_
+    cluster). They are read from the arguments, the group and consumer names skipped even when
+    they are the word STREAMS; anything else is left to redis-py (None)."""
+    assert stream_read_keys(command, args) == keys

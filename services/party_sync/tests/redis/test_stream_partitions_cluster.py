@@ -13,8 +13,10 @@ re-created).
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -23,6 +25,7 @@ from party_sync.engine.partitions import count_key, partition_of, stream_names
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import Condition, StreamMonitor
 from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions
+from party_sync.protocol.errors import BackendUnavailable
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
@@ -137,3 +140,59 @@ async def test_a_worker_on_a_cluster_consumes_every_partition_and_survives_a_dea
         await asyncio.wait_for(task, 10)
         await reader.aclose()
         await monitor.stop()
+
+
+async def test_a_stalled_master_holds_up_only_its_own_partitions(
+    cluster: RedisCluster, link: StreamEngineLink
+) -> None:
+    """Cluster probe: while one master was stopped (SIGSTOP: its sockets accept and never
+    answer), actions of partitions on the *healthy* masters waited for the whole stall, in
+    three ways: redis-py asks one fixed node for an XREADGROUP's keys (``COMMAND GETKEYS``),
+    so every read loop waited on that node; a read loop's heartbeat key
+    (``<stream>:<i>:workers``) hashes to another master than its stream; and after one failed
+    append the link wrote the partition count (its key on yet another master) before every
+    append. Each master is stopped in turn: the partitions of the other two are served
+    meanwhile."""
+    for node in cluster.live():
+        node.call("CONFIG", "SET", "cluster-require-full-coverage", "no")
+    owners = {name: cluster.slot_owner(cluster.keyslot(name)) for name in STREAMS}
+    counted = cluster.slot_owner(cluster.keyslot(count_key(STREAM)))
+    host, engine = RecordingHost(), ScriptedEngine()
+    reader = make_any_client(
+        RedisTarget(cluster.url, cluster=True), socket_timeout=3.0, socket_connect_timeout=0.5
+    )
+    worker = PartitionedWorker(
+        engine, host, reader, WorkerOptions(stream=STREAM, consumer="w1"), partitions=N
+    )
+    task = asyncio.get_running_loop().create_task(worker.run())
+    parties = [f"party-{n}" for n in range(40)]
+
+    def answered(wanted: set[str]) -> bool:
+        return wanted <= set(host.results())
+
+    try:
+        for party in parties[:8]:  # every loop reads (and has beaten) before the first stall
+            await link.submit(make_action(f"warm-{party}", party_id=party))
+        await wait_until(lambda: len(host.results()) == 8, timeout=15)
+        for round_, master in enumerate(cluster.masters()):
+            on_it = [p for p in parties if owners[STREAMS[partition_of(p, N)]].port == master.port]
+            healthy = [p for p in parties if p not in on_it][:6]
+            assert master.proc is not None
+            master.proc.send_signal(signal.SIGSTOP)
+            try:
+                if master.port == counted.port:  # an append that fails: the count is said again
+                    with pytest.raises(BackendUnavailable):
+                        await link.submit(make_action(f"lost-{round_}", party_id=on_it[0]))
+                wanted = [f"r{round_}-{party}" for party in healthy]
+                # all appended and answered while the master is still stopped (it resumes below;
+                # each append waiting out a command timeout first takes 30 s)
+                async with asyncio.timeout(15):
+                    for action_id, party in zip(wanted, healthy, strict=True):
+                        await link.submit(make_action(action_id, party_id=party))
+                    await wait_until(partial(answered, set(wanted)), timeout=15)
+            finally:
+                master.proc.send_signal(signal.SIGCONT)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 15)
+        await reader.aclose()

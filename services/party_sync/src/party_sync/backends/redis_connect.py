@@ -45,7 +45,7 @@ import contextvars
 import functools
 import logging
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 from urllib.parse import urlsplit
@@ -349,6 +349,46 @@ class _WaitingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
     does, instead of raising ``MaxConnectionsError``."""
 
 
+def _word(arg: Any) -> str | None:
+    """An argument as an upper-case word (None: not text)."""
+    if isinstance(arg, bytes | bytearray | memoryview):
+        try:
+            return bytes(arg).decode("ascii").upper()
+        except UnicodeDecodeError:
+            return None
+    return arg.upper() if isinstance(arg, str) else None
+
+
+def stream_read_keys(command: Any, args: Sequence[Any]) -> list[Any] | None:
+    """The stream keys of an ``XREAD`` or ``XREADGROUP`` (``args`` after the command's name), as
+    Redis reads them: after the options (``GROUP g c``, ``COUNT n``, ``BLOCK ms``, ``NOACK``),
+    ``STREAMS k1 … kn id1 … idn``. None for any other command, or arguments not in that form
+    (redis-py then finds the keys its own way)."""
+    name = _word(command)
+    if name == "XREADGROUP":
+        if len(args) < 3 or _word(args[0]) != "GROUP":
+            return None
+        at = 3
+    elif name == "XREAD":
+        at = 0
+    else:
+        return None
+    while at < len(args):
+        word = _word(args[at])
+        if word in ("COUNT", "BLOCK"):
+            at += 2
+        elif word == "NOACK":
+            at += 1
+        elif word == "STREAMS":
+            rest = args[at + 1 :]
+            if not rest or len(rest) % 2:
+                return None
+            return list(rest[: len(rest) // 2])
+        else:
+            return None
+    return None
+
+
 class BoundedRedisCluster(RedisCluster):
     """redis-py's ``RedisCluster`` whose every command is given up after ``bound`` seconds *in
     all* (its ``socket_timeout``: one ``redis_command_timeout``). The client retries a timeout
@@ -376,6 +416,18 @@ class BoundedRedisCluster(RedisCluster):
         # (MaxConnectionsError within the bound; none once initialized: test_pool_bound).
         await self.initialize()
         return await super().execute_command(*args, **kwargs)
+
+    async def _determine_slot(self, command: str, *args: Any) -> int:
+        # redis-py asks a node for the keys of a "movable keys" command (COMMAND GETKEYS), always
+        # the same one: while that master was stalled, every XREADGROUP of an engine worker, on
+        # every partition, waited for it (cluster probe). A stream read's keys are read here.
+        keys = stream_read_keys(command, args)
+        if keys is None:
+            return int(await super()._determine_slot(command, *args))
+        slots = {self.keyslot(key) for key in keys}
+        if len(slots) != 1:
+            raise RedisClusterException(f"{command} - all keys must map to the same key slot")
+        return slots.pop()
 
     async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
         # Every command of the client meets its master here, with the master known.

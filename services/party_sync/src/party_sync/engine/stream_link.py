@@ -36,6 +36,7 @@ changed, or the nodes disagree; once per count seen).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -49,6 +50,7 @@ from party_sync.engine import wire
 from party_sync.engine.health import Periodic
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,7 @@ class StreamEngineLink:
         self._count_written = False  # N is in <stream>:partitions (as far as this link knows)
         self._counts_told: set[int] = set()  # other counts found there (warned once each)
         self._refresh = Periodic(self._keep_count, COUNT_REFRESH)
+        self._counting: asyncio.Task[None] | None = None  # the count being written again
 
     async def start(self, host: LinkHost) -> None:
         await self._write_count()
@@ -151,7 +154,7 @@ class StreamEngineLink:
         key = layout.count_key(self.stream)
         try:
             before: Any = await self._redis.set(key, str(self.partitions), get=True)
-        except (RedisError, RedisClusterException) as exc:
+        except (RedisError, RedisClusterException, OSError) as exc:
             log.debug("cannot write %s yet: %s", key, exc)
             return
         self._count_written = True
@@ -186,8 +189,12 @@ class StreamEngineLink:
         stream = self.stream_for(party_id)
         if self._prefix is not None:
             fields["prefix"] = self._prefix
-        if not self._count_written:
-            await self._write_count()
+        if not self._count_written and (self._counting is None or self._counting.done()):
+            # Said again beside the append, not before it: on a Redis Cluster the count's key is
+            # on whichever master its name hashes to, and while that master was stalled every
+            # append, of every partition, first waited out a command timeout on it (cluster
+            # probe). Best effort, one write at a time, as at start.
+            self._counting = asyncio.get_running_loop().create_task(self._write_count())
         try:
             # (on a Cluster bounded in all, retries included: redis_connect.BoundedRedisCluster)
             await self._redis.xadd(
@@ -232,4 +239,6 @@ class StreamEngineLink:
 
     async def close(self) -> None:
         await self._refresh.stop()
+        if self._counting is not None:
+            await cancel_and_wait([self._counting], what="the partition count's write")
         await self._redis.aclose()

@@ -235,6 +235,7 @@ class StreamWorker:
         #: (monotonic; ``_engine_failed``: a short backoff, not ``claim_idle`` for XAUTOCLAIM)
         self._retries: dict[bytes, float] = {}
         self._beaten_at = -BEAT_INTERVAL  # monotonic time of the last heartbeat (workers_key)
+        self._beating: asyncio.Task[None] | None = None  # the heartbeat being written
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -254,6 +255,17 @@ class StreamWorker:
 
     async def consume(self) -> None:
         """The read loop on ``options.stream`` (the engine already started; ``run`` does both)."""
+        try:
+            await self._consume()
+        finally:  # (cancelled, say: its heartbeat goes with it)
+            await self._stop_beating()
+
+    async def _stop_beating(self) -> None:
+        if self._beating is not None:
+            await cancel_and_wait([self._beating], within=1.0, what="the worker's heartbeat")
+            self._beating = None
+
+    async def _consume(self) -> None:
         o = self.options
         log.info("engine worker consuming", extra={"stream": o.stream, "group": o.group})
         delay = o.retry_min
@@ -285,6 +297,7 @@ class StreamWorker:
         entry still pending keeps the consumer (another worker claims it after ``claim_idle``),
         and Redis not answering leaves both to age out as a dead worker's would."""
         o = self.options
+        await self._stop_beating()  # (a beat still on its way must not come after the ZREM)
         try:
             async with asyncio.timeout(LEAVE_WITHIN):
                 await self.redis.zrem(layout.workers_key(o.stream), o.consumer)
@@ -507,17 +520,33 @@ class StreamWorker:
     async def _beat(self) -> None:
         """At most every ``BEAT_INTERVAL`` s: this consumer's name and the time in
         ``partitions.workers_key`` (older names than ``BEAT_KEEP`` trimmed, the set expiring
-        with its last worker), for the monitor. Redis errors raise, as the round's own do."""
+        with its last worker), for the monitor; written by a task of its own, one at a time.
+
+        The loop never waits for it: on a Redis Cluster that key is on whichever master its
+        name hashes to, not the stream's (``<stream>:1:workers`` and ``<stream>:1`` are in
+        different slots), and a stalled master held a healthy partition's loop for the whole
+        stall (cluster probe). A beat that fails is tried again at the next interval; the
+        round's own commands report an outage."""
         now = time.monotonic()
         if now - self._beaten_at < BEAT_INTERVAL:
             return
-        key, now_ms = layout.workers_key(self.options.stream), int(time.time() * 1000)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.zadd(key, {self.options.consumer: now_ms})
-            pipe.zremrangebyscore(key, "-inf", now_ms - int(BEAT_KEEP * 1000))
-            pipe.pexpire(key, int(BEAT_KEEP * 1000))
-            await pipe.execute()
+        if self._beating is not None and not self._beating.done():
+            return  # the last one still waits for its master
         self._beaten_at = now
+        self._beating = asyncio.get_running_loop().create_task(self._write_beat())
+
+    async def _write_beat(self) -> None:
+        key, now_ms = layout.workers_key(self.options.stream), int(time.time() * 1000)
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(key, {self.options.consumer: now_ms})
+                pipe.zremrangebyscore(key, "-inf", now_ms - int(BEAT_KEEP * 1000))
+                pipe.pexpire(key, int(BEAT_KEEP * 1000))
+                await pipe.execute()
+        except INFRA_ERRORS as exc:
+            log.debug("could not write the heartbeat of %s: %s", self.options.stream, exc)
+        except Exception:  # not Redis: a bug; the next interval tries again
+            log.exception("writing the worker's heartbeat failed")
 
     async def _handle(
         self, entry_id: bytes, fields: Mapping[bytes, bytes], *, redelivery: bool = False
@@ -541,12 +570,16 @@ class StreamWorker:
         written_by = fields.get(b"prefix", b"").decode(errors="replace")
         if written_by and self.options.prefix is not None and written_by != self.options.prefix:
             self._foreign(written_by, kind, trace_id)
-            # that deployment's nodes say so in /readyz (its actions will time out)
-            await self.redis.set(
-                layout.foreign_key(self.options.stream, written_by),
-                self.options.prefix,
-                ex=layout.FOREIGN_TTL,
-            )
+            # that deployment's nodes say so in /readyz (its actions will time out); best effort:
+            # on a Redis Cluster the key may be on another master than the stream, a stalled one
+            try:
+                await self.redis.set(
+                    layout.foreign_key(self.options.stream, written_by),
+                    self.options.prefix,
+                    ex=layout.FOREIGN_TTL,
+                )
+            except INFRA_ERRORS as exc:
+                log.debug("could not say so in %s: %s", self.options.stream, exc)
             await self._done(entry_id)
             return
         if run_id and self.watch is not None:
