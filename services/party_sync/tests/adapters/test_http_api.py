@@ -73,18 +73,35 @@ async def test_invalid_events_get_422_with_the_reason_and_publish_nothing() -> N
             ({**SCENE, "type": "system.hello"}, "system.hello"),
             ({**SCENE, "extra": 1}, "extra"),
             ([1, 2], "envelope"),
+            # contract probe: an empty trace_id was taken for a missing one (the narration and
+            # vote bodies refuse it), a number was dropped
+            ({**SCENE, "trace_id": ""}, "trace_id"),
+            ({**SCENE, "trace_id": 7}, "trace_id"),
+            ({**SCENE, "trace_id": "has spaces"}, "trace_id"),
+            ({**SCENE, "timestamp": 7}, "timestamp"),
+            ({**SCENE, "timestamp": "yesterday"}, "timestamp"),
         ]
         for body, word in cases:
             status, problem = await post(srv, "/api/v1/parties/p1/events", body, AUTH)
             assert status == 422, body
             assert word in problem["detail"], problem
+        for path in ("/api/v1/parties/p1/events/batch", "/api/v1/runs/r1/events"):
+            empty = {**SCENE, "trace_id": ""}
+            body = {"events": [empty]} if path.endswith("batch") else empty
+            status, problem = await post(srv, path, body, AUTH)
+            assert status == 422 and "trace_id" in problem["detail"], (path, problem)
         async with srv.http.post(
             srv.base + "/api/v1/parties/p1/events", data=b"{nope", headers=AUTH
         ) as resp:
             assert resp.status == 400
-        # nothing was published: the next event continues right after the hello
-        status, body = await post(srv, "/api/v1/parties/p1/events", SCENE, AUTH)
+        # nothing was published: the next event continues right after the hello (a null
+        # trace_id is a missing one, as in the narration and vote bodies: party_sync makes one)
+        status, body = await post(
+            srv, "/api/v1/parties/p1/events", {**SCENE, "trace_id": None}, AUTH
+        )
         assert body["seq"] == hello["payload"]["seq"] + 1
+        event = await a.expect("scene.update")
+        assert event["seq"] == body["seq"] and len(event["trace_id"]) == 32
         await a.close()
 
 
@@ -292,6 +309,10 @@ async def test_a_piece_that_cannot_follow_is_409_narration_conflict() -> None:
         status, _, _ = await narrate(srv, {"stream_id": "n-2", "index": 0, "text": "Then"})
         assert status == 202
         assert [p["stream_id"] for p in await deltas(a, 1)] == ["n-2"]  # n-2 starts at 0
+        # an index of 1.0 is JSON Schema's integer 1, as in the events (contract probe: 422)
+        status, _, _ = await narrate(srv, {"stream_id": "n-2", "index": 1.0, "text": " on"})
+        assert status == 202
+        assert [p["index"] for p in await deltas(a, 1)] == [1]
         await a.close()
 
 
@@ -307,6 +328,7 @@ MALFORMED_PIECES: list[tuple[Any, str]] = [
     (piece(-1, "x"), "index"),
     ({**piece(0, "x"), "index": "0"}, "index"),
     ({**piece(0, "x"), "index": 1.5}, "index"),
+    ({**piece(0, "x"), "index": -1.0}, "index"),
     ({**piece(0, "x"), "index": True}, "index"),
     ({**piece(0, "x"), "text": 5}, "text"),
     (piece(0, "x" * 20_001), "text"),

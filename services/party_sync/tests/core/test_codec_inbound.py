@@ -370,6 +370,14 @@ def test_server_only_types_are_refused_before_their_schema(type_: str) -> None:
         {**action_request(), "timestamp": "2026-11-25 21:00:40"},
         {"type": t.PARTY_LEAVE, "payload": {"character_id": "aria", "reason": "left"}},
         {"type": t.VOTE_CAST, "payload": {"vote_id": "v1"}},
+        # contract probe: valid by party.leave's schema as the server's copy (seq, reason)
+        {
+            "type": t.PARTY_LEAVE,
+            "seq": 3,
+            "timestamp": "2026-01-01T00:00:00Z",
+            "trace_id": "t1",
+            "payload": {"character_id": "aria", "reason": "left"},
+        },
     ],
 )
 def test_schema_violations(message: dict[str, Any]) -> None:

@@ -334,10 +334,13 @@ class NarrationPiece:
         missing = [k for k in ("stream_id", "index", "text") if k not in body]
         if missing:
             raise InvalidEvent(f"missing fields: {missing}")
+        index = body["index"]
+        if isinstance(index, float) and index.is_integer() and index >= 0:
+            index = int(index)  # JSON Schema's integer, as in the events (1.0 is 1)
         return cls(
             party_id,
             body["stream_id"],
-            body["index"],
+            index,
             body["text"],
             body.get("done", False),
             body.get("action_id"),

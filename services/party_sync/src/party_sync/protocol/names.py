@@ -34,12 +34,31 @@ from typing import Any, Final
 MAX_NAME_CHARS: Final = 64
 
 _SEPARATORS: Final = "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f\x85\u2028\u2029"
-_REFUSED: Final = re.compile(
-    "[\x00-\x1f\x7f-\x9f\u2028\u2029"
-    "\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069"
-    "\u200b\u2060-\u2064\u206a-\u206f\ufeff\ufff9-\ufffb"
-    "\ud800-\udfff]"
+#: The refused characters (see the module), as code point ranges.
+_REFUSED_RANGES: Final = (
+    (0x00, 0x1F),
+    (0x7F, 0x9F),
+    (0x2028, 0x2029),
+    (0x061C, 0x061C),
+    (0x200E, 0x200F),
+    (0x202A, 0x202E),
+    (0x2066, 0x2069),
+    (0x200B, 0x200B),
+    (0x2060, 0x2064),
+    (0x206A, 0x206F),
+    (0xFEFF, 0xFEFF),
+    (0xFFF9, 0xFFFB),
+    (0xD800, 0xDFFF),
 )
+#: Those ranges as the body of a regular expression's class, in ``\uXXXX`` escapes (which
+#: Python's ``re`` and ECMA-262, JSON Schema's dialect, read alike).
+_CLASS: Final = "".join(
+    f"\\u{lo:04X}" if lo == hi else f"\\u{lo:04X}-\\u{hi:04X}" for lo, hi in _REFUSED_RANGES
+)
+_REFUSED: Final = re.compile(f"[{_CLASS}]")
+#: The rule's characters as a JSON Schema ``pattern`` (the API's description of the issuing side;
+#: a blank name is refused too).
+NAME_PATTERN: Final = f"^[^{_CLASS}]*$"
 
 
 def name_problem(value: Any) -> str | None:

@@ -171,6 +171,8 @@ def _int_query(
 
 
 _NO_PARTY: Final = "no such party (or its state expired)"
+#: The largest ``after_seq`` (its OpenAPI maximum): far beyond any party's history.
+MAX_AFTER_SEQ: Final = 10**15
 
 
 # -- routes ----------------------------------------------------------------------------------------
@@ -204,7 +206,9 @@ async def get_party(request: web.Request) -> web.Response:
 
 
 async def get_events(request: web.Request) -> web.StreamResponse:
-    after = _int_query(request, "after_seq", 0, 0, 10**15, "a non-negative integer")
+    after = _int_query(
+        request, "after_seq", 0, 0, MAX_AFTER_SEQ, f"an integer from 0 to {MAX_AFTER_SEQ}"
+    )
     limit = _int_query(
         request, "limit", DEFAULT_EVENTS, 1, MAX_EVENTS, f"an integer from 1 to {MAX_EVENTS}"
     )

@@ -72,12 +72,18 @@ def _build(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
     unknown = set(message) - {"type", "timestamp", "trace_id", "payload"}
     if unknown:
         raise InvalidEvent(f"unknown envelope fields: {sorted(unknown)}")
+    # absent or null: party_sync fills it in (as the narration and vote bodies); anything else
+    # is checked (an empty trace_id was taken for a missing one, a number dropped)
+    if trace_id is not None and not is_trace_id(trace_id):
+        raise InvalidEvent("trace_id must match [A-Za-z0-9._:-]{1,128}")
+    if timestamp is not None and not isinstance(timestamp, str):
+        raise InvalidEvent("timestamp must be an RFC 3339 string")
     return gateway.publisher.build(
         message["type"],
         message["payload"],
-        trace_id if isinstance(trace_id, str) else None,
+        trace_id,
         allowed=ENGINE_EVENT_TYPES,
-        timestamp=timestamp if isinstance(timestamp, str) else None,
+        timestamp=timestamp,
     )
 
 

@@ -26,13 +26,21 @@ from party_sync.engine.interface import (
 )
 from party_sync.protocol.codec import MAX_DEPTH
 from party_sync.protocol.ids import ID_PATTERN, TRACE_ID_PATTERN
+from party_sync.protocol.names import NAME_PATTERN
 from party_sync.protocol.schemas import Contracts
+from party_sync.transport.admin import MAX_AFTER_SEQ
 
 #: Where bundled schemas live in both documents (OpenAPI and AsyncAPI use the same place).
 SCHEMAS: Final = "#/components/schemas/"
 PROBLEM_JSON: Final = "application/problem+json"
 
 _ID: Final = {"type": "string", "pattern": ID_PATTERN}
+#: A body's optional ``trace_id``: absent or null, party_sync makes one; else the id alphabet.
+TRACE_ID_FIELD: Final = {
+    "type": ["string", "null"],
+    "pattern": TRACE_ID_PATTERN,
+    "description": "The trace this call belongs to; absent or null: party_sync makes one.",
+}
 _KEY: Final[list[dict[str, list[str]]]] = [{"apiKey": []}]
 
 
@@ -193,7 +201,7 @@ def event_body() -> dict[str, Any]:
                 "properties": {
                     "type": {"type": "string", "const": type_},
                     "timestamp": {"$ref": SCHEMAS + "common.timestamp"},
-                    "trace_id": {"type": "string", "pattern": TRACE_ID_PATTERN},
+                    "trace_id": TRACE_ID_FIELD,
                     "payload": payload_ref(type_),
                 },
             }
@@ -326,7 +334,8 @@ def vote_request(contracts: Contracts) -> dict[str, Any]:
         "description": (
             "A vote to open. `vote_id` defaults to a fresh one; `tie_rule` to first_listed "
             "(default_option needs `default_option`, one of the option ids, and nothing else "
-            "takes it); `timeout_s` is at most 86400 (a day). Fields not listed are ignored."
+            "takes it); `timeout_s` is at most 86400 (a day); the options' ids are unique. "
+            "Fields not listed are ignored."
         ),
         "required": ["question", "options", "timeout_s"],
         "properties": {
@@ -341,7 +350,7 @@ def vote_request(contracts: Contracts) -> dict[str, Any]:
             "tie_rule": _rewrite(started["tie_rule"]),
             "default_option": _ID,
             "campaign_run_id": _ID,
-            "trace_id": {"type": "string", "pattern": TRACE_ID_PATTERN},
+            "trace_id": TRACE_ID_FIELD,
         },
     }
 
@@ -386,7 +395,7 @@ def narration_piece(contracts: Contracts) -> dict[str, Any]:
     payload = contracts.documents["narration.delta"]["properties"]["payload"]
     properties: dict[str, Any] = _rewrite(copy.deepcopy(payload["properties"]))
     properties["done"] = {**properties["done"], "default": False}
-    properties["trace_id"] = {"type": "string", "pattern": TRACE_ID_PATTERN}
+    properties["trace_id"] = TRACE_ID_FIELD
     return {
         "type": "object",
         "description": (
@@ -451,7 +460,16 @@ def _narration() -> dict[str, Any]:
 
 _MEMBERSHIP_FIELDS: Final[dict[str, Any]] = {
     "telegram_user_id": {"type": "integer", "minimum": 1},
-    "display_name": {"type": "string", "minLength": 1, "maxLength": 64},
+    "display_name": {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": 64,
+        "pattern": NAME_PATTERN,
+        "description": (
+            "Plain text on one line: no control, line-break, bidi or invisible characters, and "
+            "not blank (invalid_display_name)."
+        ),
+    },
     "campaign_run_id": _ID,
 }
 
@@ -650,7 +668,11 @@ def _admin() -> dict[str, Any]:
             "PartyPage",
             [
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 500}, "Default 50"),
-                _query("cursor", _ID, "The next_cursor of the previous page"),
+                _query(
+                    "cursor",
+                    {"anyOf": [_ID, {"type": "string", "maxLength": 0}]},
+                    "The next_cursor of the previous page (empty or absent: the first page)",
+                ),
             ],
         ),
         "/api/v1/parties/{party_id}": get(
@@ -667,7 +689,11 @@ def _admin() -> dict[str, Any]:
             "EventPage",
             [
                 *_path_params("party_id"),
-                _query("after_seq", {"type": "integer", "minimum": 0}, "Events after it"),
+                _query(
+                    "after_seq",
+                    {"type": "integer", "minimum": 0, "maximum": MAX_AFTER_SEQ},
+                    "Events after it",
+                ),
                 _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}, "Default 100"),
             ],
             **{"404": no_party},
