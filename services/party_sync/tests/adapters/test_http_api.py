@@ -7,6 +7,7 @@ import json
 import re
 from typing import Any
 
+import jsonschema  # type: ignore[import-untyped]
 import pytest
 from openapi_spec_validator import validate
 from party_sync.engine.http_host import ApiPublisher
@@ -192,6 +193,20 @@ async def test_openapi_document_is_valid_and_lists_the_api() -> None:
             "/api/v1/parties/{party_id}/events",
             "/api/v1/runs/{campaign_run_id}/events",
         } <= set(spec["paths"])
+        # What the server refuses or takes, the document says (contract probe: schemathesis
+        # found a name with a control character valid by it, an empty cursor invalid by it).
+        name = spec["components"]["schemas"]["MembershipBody"]["properties"]["display_name"]
+        for good in ("Aria", "Ár ✨ 👩‍🚀", "<b>"):
+            jsonschema.validate(good, name)
+        for bad in ("A\u0002B", "a\u202eb", "line\nbreak", "\u200b"):
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate(bad, name)
+        parameters = spec["paths"]["/api/v1/parties"]["get"]["parameters"]
+        cursor = next(p for p in parameters if p["name"] == "cursor")["schema"]
+        jsonschema.validate("", cursor)
+        jsonschema.validate("party-9", cursor)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate("a b", cursor)
 
 
 # -- live narration: POST /api/v1/parties/{party_id}/narration ---------------------------------
