@@ -1033,6 +1033,12 @@ const FINAL = new Set(["action_timeout", "engine_error", "engine_unavailable"]);
 /** The player's last action whose refusal was not final, with the action_id it went under. */
 let unsettled: { key: string; actionId: string } | null = null;
 
+/** An action got its final answer after all (it was applied, or refused for good, through the
+ *  party's events): the same click again is a new action. */
+function settled(actionId: string): void {
+  if (unsettled !== null && unsettled.actionId === actionId) unsettled = null;
+}
+
 function act(
   type: "choice" | "combat" | "skill_check",
   payload: Record<string, unknown>,
@@ -1239,6 +1245,7 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       }
       case "action.result": {
         const p = event.payload;
+        settled(p.action_id);
         onResultForBanner(p.action_id);
         // My action went through: an error shown about that place is old news.
         const own = myActions.get(p.action_id);
@@ -1272,6 +1279,7 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
     if (message.payload.character_id === PARTY_ACTOR) partyDeciding = true;
   });
   c.on("actionFailed", (message) => {
+    settled(message.payload.action_id);
     if (message.payload.character_id === PARTY_ACTOR) {
       // The party's choice was refused: the scene stays as it is, its options are open again.
       partyDeciding = false;

@@ -249,7 +249,7 @@ def _keep_sending_past_a_close(base: str, path: str, hello: threading.Event) -> 
         return received, ended_early
 
 
-@pytest.mark.parametrize("why", ["operator", "token"])
+@pytest.mark.parametrize("why", ["operator", "token", "drain"])
 async def test_a_close_decided_while_the_server_waits_reads_on_until_the_clients_close(
     why: str,
 ) -> None:
@@ -259,7 +259,7 @@ async def test_a_close_decided_while_the_server_waits_reads_on_until_the_clients
     client still sending then got a reset, and could lose the close frame (1006). The handler
     now starts every close when it stops reading, and reads on until the client's close frame,
     as for a close decided while it handles a message."""
-    code = {"operator": 4004, "token": 4001}[why]
+    code = {"operator": 4004, "token": 4001, "drain": 1001}[why]
     async with serve_in_process(make_settings(), engine=ScriptedEngine()) as srv:
         ttl = 2.0 if why == "token" else 3600.0
         path = "/ws?token=" + token("aria", ttl=ttl)
@@ -268,10 +268,16 @@ async def test_a_close_decided_while_the_server_waits_reads_on_until_the_clients
             asyncio.to_thread(_keep_sending_past_a_close, srv.base, path, hello)
         )
         await wait_until(hello.is_set)
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        draining = None
         if why == "operator":
-            assert srv.server is not None
-            assert srv.server.gateway.close_character("p1", "aria", code, "by an operator") == 1
+            assert gateway.close_character("p1", "aria", code, "by an operator") == 1
+        elif why == "drain":  # SIGTERM's first step: every client told to reconnect elsewhere
+            draining = asyncio.create_task(gateway.drain())
         received, ended_early = await sending
+        if draining is not None:
+            await draining
         assert not ended_early, "closed before the client's close frame"
         closes = [payload for opcode, payload in _server_frames(received) if opcode == 0x8]
         assert closes and int.from_bytes(closes[0][:2], "big") == code

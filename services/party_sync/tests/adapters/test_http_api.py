@@ -201,6 +201,13 @@ async def test_openapi_document_is_valid_and_lists_the_api() -> None:
         for bad in ("A\u0002B", "a\u202eb", "line\nbreak", "\u200b"):
             with pytest.raises(jsonschema.ValidationError):
                 jsonschema.validate(bad, name)
+        # as ECMA-262 reads it without the u flag (JavaScript's RegExp): in UTF-16 code units,
+        # an emoji is two surrogates, and the name is still taken (code review)
+        units = "Aria 😀".encode("utf-16-le")
+        as_units = "".join(
+            chr(int.from_bytes(units[i : i + 2], "little")) for i in range(0, len(units), 2)
+        )
+        assert re.fullmatch(name["pattern"], as_units)
         parameters = spec["paths"]["/api/v1/parties"]["get"]["parameters"]
         cursor = next(p for p in parameters if p["name"] == "cursor")["schema"]
         jsonschema.validate("", cursor)

@@ -443,6 +443,27 @@ async def test_a_failed_entry_is_tried_again_at_its_time_by_a_free_worker_when_i
     assert "slow-1" not in free.tried
 
 
+async def test_a_failed_entry_of_a_batch_is_offered_too_not_kept_with_the_rest(
+    redis: RedisServer,
+) -> None:
+    """Code review: with ``--batch 2`` the batch's refresh (``KEEP_HELD`` every claim_idle / 3)
+    still named the failed entry and set its idle time back to 0, undoing the offer: no free
+    worker could take it while the rest of the batch was handled."""
+    host, busy, free = RecordingHost(), SortingEngine(), SortingEngine()
+    async with stream_link(redis) as link:
+        await link.submit(make_action("boom-1", party_id="q0"))
+        await link.submit(make_action("slow-1", party_id="q1"))
+        options: dict[str, float] = {"max_deliveries": 3, "claim_idle": 3.0}
+        async with running_worker(redis, host, busy, "w1", batch=2, **options):
+            await wait_until(lambda: busy.tried == ["boom-1", "slow-1"], 10)  # both taken
+            async with running_worker(redis, host, free, "w2", **options):
+                await wait_until(lambda: host.failed == [("boom-1", ErrorCode.ENGINE_ERROR)], 15)
+                assert free.tried == ["boom-1", "boom-1"] and not host.results()
+                busy.hold.set()
+                await wait_until(lambda: host.results() == ["slow-1"], timeout=10)
+                await acknowledged(redis)
+
+
 async def test_a_worker_with_concurrency_handles_that_many_actions_at_once(
     redis: RedisServer,
 ) -> None:

@@ -236,6 +236,7 @@ class StreamWorker:
         self._retries: dict[bytes, float] = {}
         self._beaten_at = -BEAT_INTERVAL  # monotonic time of the last heartbeat (workers_key)
         self._beating: asyncio.Task[None] | None = None  # the heartbeat being written
+        self._held: list[bytes] = []  # the batch being handled, kept this worker's (_holding)
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -455,16 +456,20 @@ class StreamWorker:
         if not ids:
             yield
             return
+        self._held = ids  # (an entry the engine failed on leaves it: _engine_failed)
         task = asyncio.get_running_loop().create_task(self._keep_held(ids))
         try:
             yield
         finally:
+            self._held = []
             await cancel_and_wait([task], what="the held entries' refresh")
 
     async def _keep_held(self, ids: list[bytes]) -> None:
         o = self.options
         while True:
             await asyncio.sleep(o.claim_idle / 3)
+            if not ids:
+                continue
             try:
                 await self.redis.eval(KEEP_HELD, 1, o.stream, o.group, o.consumer, *ids)
             except INFRA_ERRORS as exc:  # the round's own commands report the outage
@@ -655,7 +660,10 @@ class StreamWorker:
             o = self.options
             wait = min(float(2 ** max(0, deliveries - 1)), o.claim_idle)
             self._retries[entry_id] = time.monotonic() + wait
-            # ... or by any other free worker at that time, should this one be busy then
+            # ... or by any other free worker at that time, should this one be busy then (no
+            # longer kept with the rest of its batch, whose refresh would reset its idle time)
+            with contextlib.suppress(ValueError):
+                self._held.remove(entry_id)
             idle_ms = max(0, int((o.claim_idle - wait) * 1000))
             try:
                 await self.redis.eval(OFFER_AT, 1, o.stream, o.group, o.consumer, entry_id, idle_ms)

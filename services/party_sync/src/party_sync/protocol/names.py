@@ -48,16 +48,19 @@ _REFUSED_RANGES: Final = (
     (0x206A, 0x206F),
     (0xFEFF, 0xFEFF),
     (0xFFF9, 0xFFFB),
-    (0xD800, 0xDFFF),
 )
-#: Those ranges as the body of a regular expression's class, in ``\uXXXX`` escapes (which
+#: Lone surrogates (not text, and not encodable as UTF-8).
+_SURROGATES: Final = "\\uD800-\\uDFFF"
+#: The ranges as the body of a regular expression's class, in ``\uXXXX`` escapes (which
 #: Python's ``re`` and ECMA-262, JSON Schema's dialect, read alike).
 _CLASS: Final = "".join(
     f"\\u{lo:04X}" if lo == hi else f"\\u{lo:04X}-\\u{hi:04X}" for lo, hi in _REFUSED_RANGES
 )
-_REFUSED: Final = re.compile(f"[{_CLASS}]")
+_REFUSED: Final = re.compile(f"[{_CLASS}{_SURROGATES}]")
 #: The rule's characters as a JSON Schema ``pattern`` (the API's description of the issuing side;
-#: a blank name is refused too).
+#: a blank name is refused too). Without the surrogates: an ECMA-262 pattern without the ``u``
+#: flag reads an emoji as two of them (and refused every emoji name); a lone one never gets
+#: here (the JSON decoder refuses it).
 NAME_PATTERN: Final = f"^[^{_CLASS}]*$"
 
 
