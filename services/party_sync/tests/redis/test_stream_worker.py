@@ -16,6 +16,7 @@ import orjson
 import pytest
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
 from party_sync.engine.stream_link import StreamEngineLink
+from party_sync.engine.stream_monitor import read_stream
 from party_sync.engine.stream_worker import PartitionedWorker, StreamWorker, WorkerOptions
 from party_sync.protocol.errors import ErrorCode
 from ps_testkit.client import wait_until
@@ -137,6 +138,34 @@ async def test_the_worker_recreates_its_group_when_redis_comes_back_empty(
         assert engine.count("after") == 1
     warnings = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.WARNING]
     assert 1 <= len(warnings) <= 2  # the episode, and the group that had to be made again
+
+
+async def test_a_worker_of_many_loops_says_once_that_its_group_was_made_again(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Concurrency probe: the "was missing ... created it again" WARNING came from a loop that
+    had made the group once before, and with ``--concurrency`` the loop that made it again was
+    mostly another one: an operator lost the sign that Redis came back empty. Any loop that had
+    the group and makes it again says so (the others find it there)."""
+    caplog.set_level(logging.INFO, LOGGER)
+    host, engine = RecordingHost(), ScriptedEngine()
+    client = Redis.from_url(redis.url, socket_timeout=3.0, socket_connect_timeout=0.5)
+    options = WorkerOptions(stream=STREAM, consumer="w", block=0.1, retry_max=0.2)
+    worker = PartitionedWorker(engine, host, client, options, concurrency=4)
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        async with stream_link(redis) as link:
+            await link.submit(make_action("before"))
+            await wait_until(lambda: host.results() == ["before"], timeout=10)
+            await asyncio.to_thread(redis.restart)
+            await link.submit(make_action("after"))
+            await wait_until(lambda: host.results() == ["before", "after"], timeout=15)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+    made_again = [r for r in caplog.records if "created it again" in r.getMessage()]
+    assert len(made_again) == 1, [r.getMessage() for r in made_again]
 
 
 @pytest.mark.parametrize("claim", [Claim.EXPIRED, Claim.FINAL])
@@ -491,6 +520,42 @@ async def test_a_worker_with_concurrency_handles_that_many_actions_at_once(
         worker.stop()
         await asyncio.wait_for(task, 10)
         await client.aclose()
+
+
+async def test_a_loop_in_a_long_engine_call_still_counts_as_an_active_consumer(
+    redis: RedisServer,
+) -> None:
+    """Concurrency probe: a worker's loop busy in a long engine call reads nothing for that long
+    (its heartbeat was written per read, its idle refreshed only every claim_idle / 3) and the
+    monitor took the larger of its two counts, not their union: a live worker of 8 loops was
+    "4 consumers", and with a long claim_idle "no engine worker consumes it"."""
+    host, engine = RecordingHost(), SortingEngine()
+    client = Redis.from_url(redis.url, socket_timeout=3.0, socket_connect_timeout=0.5)
+    reader = Redis.from_url(redis.url)
+    options = WorkerOptions(stream=STREAM, consumer="w", block=0.1, claim_idle=60.0)
+    worker = PartitionedWorker(engine, host, client, options, concurrency=2)
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        async with stream_link(redis) as link:
+            await link.submit(make_action("slow-1", party_id="q1"))
+            await wait_until(lambda: engine.tried == ["slow-1"], 10)
+
+            async def busy_past_the_limit() -> bool:  # the busy loop read nothing for 1.5 s
+                consumers: Any = await reader.xinfo_consumers(STREAM, WorkerOptions().group)
+                return any(int(c["pending"]) and int(c["idle"]) > 1500 for c in consumers)
+
+            async with asyncio.timeout(10):
+                while not await busy_past_the_limit():  # noqa: ASYNC110 (Redis's own clock)
+                    await asyncio.sleep(0.05)
+            reading = await read_stream(reader, STREAM, WorkerOptions().group, active_within=1.0)
+            assert reading.active_consumers == 2, reading
+            engine.hold.set()
+            await wait_until(lambda: host.results() == ["slow-1"], timeout=10)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, 10)
+        await client.aclose()
+        await reader.aclose()
 
 
 async def test_a_dead_workers_entry_behind_many_held_by_live_workers_is_taken_over(

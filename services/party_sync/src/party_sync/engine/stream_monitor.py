@@ -282,12 +282,15 @@ async def _read_stream(
         raise
     limit_ms = active_within * 1000
     # Workers' own heartbeats (Redis < 7.2 leaves a consumer's idle alone when a read finds
-    # nothing, and creates a consumer only when it is given an entry): one read within the
-    # limit, by either measure, makes a worker active.
+    # nothing, and creates a consumer only when it is given an entry): a consumer seen within
+    # the limit by either measure is active, each counted once (the larger of the two counts
+    # missed the busy ones when others were idle).
     key = layout.workers_key(stream)
-    beats = int(await redis.zcount(key, now_ms - int(limit_ms), "+inf"))
+    beating: Any = await redis.zrangebyscore(key, now_ms - int(limit_ms), "+inf")
     known = int(await redis.zcard(key))
-    by_idle = sum(1 for c in consumers if int(c["idle"]) <= limit_ms)
+    active = {_text(name) for name in beating} | {
+        _text(c["name"]) for c in consumers if int(c["idle"]) <= limit_ms
+    }
     pending = int(summary.get("pending") or 0)
     oldest = summary.get("min")
     return StreamReading(
@@ -297,7 +300,7 @@ async def _read_stream(
         pending=pending,
         undelivered=int(lag),
         consumers=max(len(consumers), known),
-        active_consumers=max(by_idle, beats),
+        active_consumers=len(active),
         oldest_pending_age=entry_age(oldest, now_ms) if pending and oldest else 0.0,
         oldest_undelivered_age=oldest_undelivered,
     )

@@ -226,6 +226,7 @@ class StreamWorker:
         self.errors = 0  # rounds that failed on Redis or the backend (all survived)
         self.groups_created = 0  # times this worker created the consumer group
         self._group_ready = False
+        self._had_group = False  # found or made once: one made again says Redis lost it
         #: Set once its group was found or made: it reads the stream (the banner waits for it)
         self.serving = asyncio.Event()
         self._degraded = False
@@ -234,8 +235,7 @@ class StreamWorker:
         #: Entries the engine failed on, each to be tried again by this worker at its time
         #: (monotonic; ``_engine_failed``: a short backoff, not ``claim_idle`` for XAUTOCLAIM)
         self._retries: dict[bytes, float] = {}
-        self._beaten_at = -BEAT_INTERVAL  # monotonic time of the last heartbeat (workers_key)
-        self._beating: asyncio.Task[None] | None = None  # the heartbeat being written
+        self._beating: asyncio.Task[None] | None = None  # the heartbeat (workers_key) task
         self._held: list[bytes] = []  # the batch being handled, kept this worker's (_holding)
         self._stop = asyncio.Event()
 
@@ -268,7 +268,10 @@ class StreamWorker:
 
     async def _consume(self) -> None:
         o = self.options
-        log.info("engine worker consuming", extra={"stream": o.stream, "group": o.group})
+        log.info(
+            "engine worker consuming",
+            extra={"stream": o.stream, "group": o.group, "consumer": o.consumer},
+        )
         delay = o.retry_min
         while not self._stop.is_set():
             try:
@@ -316,14 +319,16 @@ class StreamWorker:
                 raise
         else:
             self.groups_created += 1
-            if self.groups_created > 1:
+            # the group this loop read from is gone (the warning comes from whichever loop, or
+            # worker, makes it again; the others find it there: BUSYGROUP)
+            if self._had_group:
                 log.warning(
                     "consumer group %s was missing (Redis restarted empty or was flushed): "
                     "created it again",
                     o.group,
                     extra={"stream": o.stream},
                 )
-        self._group_ready = True
+        self._group_ready = self._had_group = True
         self.serving.set()
 
     def _failed(self, exc: BaseException) -> None:
@@ -338,7 +343,7 @@ class StreamWorker:
                 "actions stream unavailable (%s: %s); retrying until it answers",
                 type(exc).__name__,
                 exc,
-                extra={"stream": self.options.stream},
+                extra={"stream": self.options.stream, "consumer": self.options.consumer},
             )
         else:
             log.debug("actions stream still unavailable: %s", exc)
@@ -349,7 +354,7 @@ class StreamWorker:
             log.info(
                 "actions stream recovered (%d failed rounds so far)",
                 self.errors,
-                extra={"stream": self.options.stream},
+                extra={"stream": self.options.stream, "consumer": self.options.consumer},
             )
 
     async def _pause(self, seconds: float) -> None:
@@ -481,7 +486,6 @@ class StreamWorker:
         for entry_id, fields in entries:
             if self._stop.is_set():
                 break  # the rest stays pending: another worker (or our next start) takes it
-            await self._beat()  # a long batch is not a dead worker
             if not fields:  # trimmed or deleted while pending: nothing left to do
                 await self._done(entry_id)
                 continue
@@ -523,22 +527,26 @@ class StreamWorker:
             await pipe.execute()
 
     async def _beat(self) -> None:
-        """At most every ``BEAT_INTERVAL`` s: this consumer's name and the time in
-        ``partitions.workers_key`` (older names than ``BEAT_KEEP`` trimmed, the set expiring
-        with its last worker), for the monitor; written by a task of its own, one at a time.
+        """This consumer's name and the time in ``partitions.workers_key`` every
+        ``BEAT_INTERVAL`` s for as long as the loop runs (older names than ``BEAT_KEEP`` trimmed,
+        the set expiring with its last worker), for the monitor; by a task of its own, started
+        here if it is not running.
 
-        The loop never waits for it: on a Redis Cluster that key is on whichever master its
-        name hashes to, not the stream's (``<stream>:1:workers`` and ``<stream>:1`` are in
-        different slots), and a stalled master held a healthy partition's loop for the whole
-        stall (cluster probe). A beat that fails is tried again at the next interval; the
-        round's own commands report an outage."""
-        now = time.monotonic()
-        if now - self._beaten_at < BEAT_INTERVAL:
-            return
-        if self._beating is not None and not self._beating.done():
-            return  # the last one still waits for its master
-        self._beaten_at = now
-        self._beating = asyncio.get_running_loop().create_task(self._write_beat())
+        It beats while the loop waits on its engine too: a loop in a long engine call (a
+        language model's minute) read nothing for that long and was counted gone, and with
+        ``--concurrency`` a worker's busy loops were (probe: "no engine worker consumes it" on
+        a live worker). The loop never waits for it either: on a Redis Cluster that key is on
+        whichever master its name hashes to, not the stream's (``<stream>:1:workers`` and
+        ``<stream>:1`` are in different slots), and a stalled master held a healthy partition's
+        loop for the whole stall (cluster probe). A beat that fails is tried again at the next
+        interval; the round's own commands report an outage."""
+        if self._beating is None or self._beating.done():
+            self._beating = asyncio.get_running_loop().create_task(self._beat_forever())
+
+    async def _beat_forever(self) -> None:
+        while True:
+            await self._write_beat()
+            await asyncio.sleep(BEAT_INTERVAL)
 
     async def _write_beat(self) -> None:
         key, now_ms = layout.workers_key(self.options.stream), int(time.time() * 1000)
