@@ -170,9 +170,15 @@ async def serve_in_process(
     server = build_server(settings, link=link, backend=backend, dev_mode=dev_mode)
     # As `party-sync serve` starts it: with the connection limits (keep-alive, head deadline, caps).
     listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=2.0)
-    async with aiohttp.ClientSession() as http:
+    http = aiohttp.ClientSession()
+    try:
+        yield Running(f"http://127.0.0.1:{listening.port}", http, server=server)
+    finally:
         try:
-            yield Running(f"http://127.0.0.1:{listening.port}", http, server=server)
+            # The test's clients go first: one that reads nothing never answers the drain's
+            # close frame, and the server waits for that answer (the close handshake, bounded
+            # at 3 s) before it ends the connection. A test of the drain drains in its body.
+            await http.close()
         finally:
             await listening.stop()
 
