@@ -475,7 +475,7 @@ async def test_a_failed_entry_is_tried_again_at_its_time_by_a_free_worker_when_i
 async def test_a_failed_entry_of_a_batch_is_offered_too_not_kept_with_the_rest(
     redis: RedisServer,
 ) -> None:
-    """Code review: with ``--batch 2`` the batch's refresh (``KEEP_HELD`` every claim_idle / 3)
+    """Code review: with ``--batch 2`` the batch's refresh (``SET_IDLE`` every claim_idle / 3)
     still named the failed entry and set its idle time back to 0, undoing the offer: no free
     worker could take it while the rest of the batch was handled."""
     host, busy, free = RecordingHost(), SortingEngine(), SortingEngine()

@@ -35,7 +35,7 @@ from party_sync.protocol.errors import (  # EngineRejected, NarrationConflict: r
     InvalidEvent,
     NarrationConflict,
 )
-from party_sync.protocol.ids import ID_RULE, is_id, is_trace_id
+from party_sync.protocol.ids import ID_RULE, TRACE_ID_RULE, is_id, is_trace_id
 
 _log = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class VoteRequest:
         if run is not None and not is_id(run):
             raise votes.SpecError(f"campaign_run_id: {ID_RULE}")
         if trace is not None and not is_trace_id(trace):
-            raise votes.SpecError("trace_id must match [A-Za-z0-9._:-]{1,128}")
+            raise votes.SpecError(TRACE_ID_RULE)
         given = body.get("vote_id")
         spec = votes.spec_from_json(body, str(given) if given else new_vote_id())
         return cls.from_spec(party_id, spec, campaign_run_id=run, trace_id=trace)
@@ -306,7 +306,7 @@ class NarrationPiece:
         if self.action_id is not None and not is_id(self.action_id):
             raise InvalidEvent(f"action_id: {ID_RULE}")
         if self.trace_id is not None and not is_trace_id(self.trace_id):
-            raise InvalidEvent("trace_id must match [A-Za-z0-9._:-]{1,128}")
+            raise InvalidEvent(TRACE_ID_RULE)
         return self
 
     def to_json(self) -> dict[str, Any]:

@@ -3,7 +3,7 @@
 Each worker is a consumer of one consumer group. An entry is acknowledged (XACK) only after the
 engine has handled it: applied and published, or refused. A worker that dies holding entries
 leaves them pending; any worker reclaims them with XAUTOCLAIM once they have been idle for
-``claim_idle`` seconds. A live worker keeps the batch it holds its own (``KEEP_HELD`` every
+``claim_idle`` seconds. A live worker keeps the batch it holds its own (``SET_IDLE`` every
 ``claim_idle / 3``), however long its engine takes. Delivery is therefore *at least once*; the
 engine must deduplicate by
 ``action_id`` (the reference engine records it in the same transaction as the state change), and
@@ -98,11 +98,6 @@ BEAT_KEEP = 300.0
 #: a shard is down, which is not a ``RedisError``.)
 INFRA_ERRORS = (RedisError, RedisClusterException, BackendUnavailable, OSError, TimeoutError)
 
-#: Keeps the entries a worker holds (read, not yet acknowledged) its own while it works on them:
-#: each one still pending *for this consumer* is re-claimed with ``JUSTID``, which sets its idle
-#: time to 0 (and counts no delivery), so no other worker's XAUTOCLAIM takes it from a live
-#: worker. One that another worker took meanwhile (this one was frozen past ``claim_idle``) is
-#: left to it. KEYS[1] the stream; ARGV: group, consumer, the entry ids.
 #: Deliver again to this consumer (XCLAIM, one delivery more) those of the given entries still
 #: pending for it, with their fields. ARGV: group, consumer, ids.
 RETRY_OWN = """
@@ -118,15 +113,25 @@ end
 return out
 """
 
-KEEP_HELD = """
+#: Sets the idle time of those of the given entries still pending *for this consumer*, re-claimed
+#: with ``JUSTID`` (no delivery counted); one that another worker took meanwhile (this one was
+#: frozen past ``claim_idle``) is left to it. Idle 0 keeps the entries a worker holds (read, not
+#: yet acknowledged) its own while it works on them: no other worker's XAUTOCLAIM takes them from
+#: a live worker. ``claim_idle`` minus a wait offers an entry the engine failed on to every
+#: worker from the time of its next try (``_engine_failed``): any free worker's (or read loop's)
+#: XAUTOCLAIM takes it then, while this one is busy with a slow action. KEYS[1] the stream;
+#: ARGV: group, consumer, the idle time in ms, the entry ids. Returns how many it set.
+SET_IDLE = """
 local claim = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
     claim[#claim + 1] = ARGV[i]
   end
 end
 local mine = #claim - 5
 if mine > 0 then
+  claim[#claim + 1] = 'IDLE'
+  claim[#claim + 1] = ARGV[3]
   claim[#claim + 1] = 'JUSTID'
   redis.call(unpack(claim))
 end
@@ -147,19 +152,6 @@ return 1
 #: XAUTOCLAIM calls a round may make while they claim nothing (each looks at ``batch`` x 10
 #: pending entries), before it reads new entries; the next round goes on from there.
 RECLAIM_CALLS: Final = 20
-
-#: An entry the engine failed on, offered to every worker from the time of its next try: if it is
-#: still pending for this consumer, its idle time is set to ``claim_idle`` minus that wait
-#: (``XCLAIM … IDLE … JUSTID``: no delivery counted), so any free worker's (or read loop's)
-#: XAUTOCLAIM takes it once the wait is over, while this one is busy with a slow action. KEYS[1]
-#: the stream; ARGV: group, consumer, the entry id, the idle time in ms.
-OFFER_AT = """
-if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1, ARGV[2]) > 0 then
-  redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[3], 'IDLE', ARGV[4], 'JUSTID')
-  return 1
-end
-return 0
-"""
 
 #: Seconds between two ERROR lines about entries of another deployment (``_foreign``).
 FOREIGN_LOG_INTERVAL: Final = 60.0
@@ -433,7 +425,7 @@ class StreamWorker:
         """Entries idle for ``claim_idle`` (a dead worker's), up to ``batch``. XAUTOCLAIM looks at
         ``COUNT`` x 10 pending entries per call: from where the last call stopped (its cursor),
         a few calls a round, so entries held by live workers at the head of the pending list
-        (slow actions, kept by ``KEEP_HELD``) never hide a dead worker's behind them."""
+        (slow actions, kept by ``SET_IDLE``) never hide a dead worker's behind them."""
         o = self.options
         for _ in range(RECLAIM_CALLS):
             cursor, claimed = (
@@ -454,7 +446,7 @@ class StreamWorker:
 
     @contextlib.asynccontextmanager
     async def _holding(self, ids: list[bytes]) -> AsyncIterator[None]:
-        """While the batch ``ids`` is handled, keep its entries this worker's (``KEEP_HELD``
+        """While the batch ``ids`` is handled, keep its entries this worker's (``SET_IDLE``
         every ``claim_idle / 3``): one waiting behind a slow action, or a slow action itself, is
         not a dead worker's (another worker once took such an entry over and the party got the
         action's events twice)."""
@@ -476,7 +468,7 @@ class StreamWorker:
             if not ids:
                 continue
             try:
-                await self.redis.eval(KEEP_HELD, 1, o.stream, o.group, o.consumer, *ids)
+                await self.redis.eval(SET_IDLE, 1, o.stream, o.group, o.consumer, 0, *ids)
             except INFRA_ERRORS as exc:  # the round's own commands report the outage
                 log.debug("could not refresh the held entries: %s", exc)
             except Exception:  # not Redis: a bug; the batch must stay protected all the same
@@ -674,7 +666,7 @@ class StreamWorker:
                 self._held.remove(entry_id)
             idle_ms = max(0, int((o.claim_idle - wait) * 1000))
             try:
-                await self.redis.eval(OFFER_AT, 1, o.stream, o.group, o.consumer, entry_id, idle_ms)
+                await self.redis.eval(SET_IDLE, 1, o.stream, o.group, o.consumer, idle_ms, entry_id)
             except INFRA_ERRORS as exc:  # this worker still tries it at its time
                 log.debug("could not offer a failed entry to the other workers: %s", exc)
 

@@ -26,6 +26,8 @@ _TRACE_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 #: What a refusal says about the rule (no echo of the refused value).
 ID_RULE: Final = "ids must match [A-Za-z0-9._:-]{1,64}"
+#: The refusal of a ``trace_id`` that breaks ``TRACE_ID_PATTERN`` (every body that takes one).
+TRACE_ID_RULE: Final = "trace_id must match [A-Za-z0-9._:-]{1,128}"
 
 
 def is_id(value: Any) -> TypeGuard[str]:

@@ -39,7 +39,7 @@ from party_sync.engine.interface import (
 from party_sync.gateway import Gateway
 from party_sync.problems import InvalidId
 from party_sync.protocol.errors import InvalidEvent
-from party_sync.protocol.ids import is_trace_id
+from party_sync.protocol.ids import TRACE_ID_RULE, is_trace_id
 from party_sync.transport.appkeys import API_KEY, GATEWAY
 from party_sync.transport.edge import guarded, read_json
 
@@ -75,7 +75,7 @@ def _build(gateway: Gateway, message: dict[str, Any]) -> dict[str, Any]:
     # absent or null: party_sync fills it in (as the narration and vote bodies); anything else
     # is checked (an empty trace_id was taken for a missing one, a number dropped)
     if trace_id is not None and not is_trace_id(trace_id):
-        raise InvalidEvent("trace_id must match [A-Za-z0-9._:-]{1,128}")
+        raise InvalidEvent(TRACE_ID_RULE)
     if timestamp is not None and not isinstance(timestamp, str):
         raise InvalidEvent("timestamp must be an RFC 3339 string")
     return gateway.publisher.build(

@@ -137,7 +137,7 @@ class WebSocketSink:
         self._pending_bytes = 0
         self._closing = False
         self._close_task: asyncio.Task[None] | None = None
-        #: The close frame's reason, when the close was left to the handler (``handling``)
+        #: The close frame's reason, when the close was left to the handler (``reading``)
         self._deferred: bytes | None = None
         #: True while the connection's handler handles a message of the client (not waiting in
         #: ``receive``): a close decided meanwhile starts when it stops reading
@@ -203,14 +203,14 @@ class WebSocketSink:
         self.close_code = code
         if code == POLICY_VIOLATION and self._guard is not None:
             self._guard.penalize(self._user)
-        if self.handling or self.reading:
-            # The handler's read loop is running: it starts the close once it stops reading
-            # (``reading_stopped``), and aiohttp's close then reads what the client still sends
-            # until its close frame. A close() from another task while receive() waits wakes it,
-            # and aiohttp then closes the socket at once: with the client's frames still
-            # arriving, the kernel answers them with a reset, and the client loses what it had
-            # not read yet, this side's close frame included (a flood's 1008, an operator's 4004
-            # arrived as 1006).
+        if self.reading:
+            # The handler's read loop is running (``handling`` is only ever set within it): it
+            # starts the close once it stops reading (``reading_stopped``), and aiohttp's close
+            # then reads what the client still sends until its close frame. A close() from
+            # another task while receive() waits wakes it, and aiohttp then closes the socket at
+            # once: with the client's frames still arriving, the kernel answers them with a
+            # reset, and the client loses what it had not read yet, this side's close frame
+            # included (a flood's 1008, an operator's 4004 arrived as 1006).
             self._deferred = reason.encode()[:120]
             if not self.handling:  # it waits in receive() (or is about to): wake it
                 self._stop_reading()
@@ -278,8 +278,8 @@ class WebSocketSink:
             self._transport.abort()
 
     def reading_stopped(self) -> None:
-        """The handler reads no more (its loop ended): a close it left for this (``handling``,
-        ``reading``) starts now, in a task of its own, so its frame does not wait for the rest
+        """The handler reads no more (its loop ended): a close it left for this (``reading``)
+        starts now, in a task of its own, so its frame does not wait for the rest
         of the handler's cleanup (a backend round trip, or several through a stall)."""
         self.reading = False
         self._start_close_deferred()
