@@ -89,6 +89,27 @@ def test_a_resend_answered_with_the_original_result_is_one_answer() -> None:
     assert verdict.answered_once == 1
 
 
+def test_a_repeat_sent_with_the_last_seq_before_its_event_is_one_answer() -> None:
+    """docs/protocol.md: a repeat whose seq the connection's stream has not passed yet carries
+    the connection's last seq (here 11, which is another event), and the event follows in
+    order. One answer, and no (epoch, seq) seen two ways (a failover run's false alarm)."""
+    a = Recorder("aria").open().hello(10).act("a-1").event(11, "party.join", who="borin")
+    a.act("a-1").result(11, "a-1").result(12, "a-1")
+    b = Recorder("borin").open().hello(10).event(11, "party.join", who="borin").result(12, "a-1")
+    verdict = check_history([a.history, b.history], ["a-1"])
+    assert verdict.problems == []
+    assert verdict.answered_once == 1
+    # A repeat of another epoch's result, with its original seq: not the stream's event there.
+    c = Recorder("cora").open().hello(20, epoch="ep-2").act("a-1").result(5, "a-1")
+    d = Recorder("dain").open().hello(4, epoch="ep-2").event(5, title="Gate")
+    assert check_consistency([c.history, d.history]) == []
+    # Two different results are still two answers, whatever seq the repeat carries.
+    e = Recorder("aria").open().hello(10).act("a-1").event(11)
+    e.act("a-1").result(11, "a-1").event(12, "action.result", action_id="a-1", other=True)
+    verdict = check_history([e.history], ["a-1"])
+    assert any("a-1 answered 2 ways" in p for p in verdict.problems)
+
+
 def test_an_action_never_answered_is_lost_and_said_to_be_applied_when_it_was() -> None:
     a = Recorder("aria").open().hello(0).act("a-1").act("a-2").error("a-2", "action_in_flight")
     verdict = check_history([a.history], ["a-2"])

@@ -15,7 +15,9 @@ checks (docs/redis.md, "Faults, measured"):
   hello continues the client's own last seq of that epoch; a non-resumed hello is a fresh
   snapshot, a resync); a repeated ``action.result`` (the original answer to a resend) is the
   only event allowed at an old seq;
-- across all clients, one ``(epoch, seq)`` is one message;
+- across all clients, one ``(epoch, seq)`` is one message (a repeat is not that event: it
+  carries its original seq or, docs/protocol.md, the connection's last seq when its stream has
+  not passed the original or the answer is of another epoch);
 - at the end every online client's state is what a fresh ``system.hello`` shows, and that hello
   has a scene with options (``converged``).
 """
@@ -71,13 +73,16 @@ class Answer:
 
 @dataclass(frozen=True, slots=True)
 class Seen:
-    """A received party event with the epoch of the connection it came on."""
+    """A received party event with the epoch of the connection it came on. ``repeat``: an
+    ``action.result`` at or below the connection's last seq (a resend's answer, not an event of
+    the stream)."""
 
     character_id: str
     conn: int
     at: float
     epoch: str
     message: Mapping[str, Any]
+    repeat: bool = False
 
 
 def _action_id(message: Mapping[str, Any] | None) -> str | None:
@@ -107,29 +112,51 @@ def sent_actions(history: ClientHistory) -> dict[str, float]:
 def events_with_epochs(history: ClientHistory) -> list[Seen]:
     """The client's received events (messages with a seq), each with its connection's epoch."""
     epochs: dict[int, str] = {}
+    last: dict[int, int] = {}  # per connection, after its hello
     seen: list[Seen] = []
     for frame in history.frames:
         if frame.kind != "recv" or frame.message is None:
             continue
         message = frame.message
         if message.get("type") == "system.hello":
-            epochs[frame.conn] = str(message["payload"]["epoch"])
+            p = message["payload"]
+            epochs[frame.conn] = str(p["epoch"])
+            last[frame.conn] = int(p["resumed_from"] if p["resumed"] else p["seq"])
         elif "seq" in message:
             epoch = epochs.get(frame.conn, "")
-            seen.append(Seen(history.character_id, frame.conn, frame.at, epoch, message))
+            seq = int(message["seq"])
+            had = last.get(frame.conn)
+            repeat = message.get("type") == "action.result" and had is not None and seq <= had
+            if not repeat:
+                last[frame.conn] = seq if had is None else max(had, seq)
+            seen.append(Seen(history.character_id, frame.conn, frame.at, epoch, message, repeat))
     return seen
 
 
+def _without_seq(message: Mapping[str, Any]) -> str:
+    """A message's identity apart from its seq (a repeat may carry another one)."""
+    return repr(sorted((k, repr(v)) for k, v in message.items() if k != "seq"))
+
+
 def answers(history: ClientHistory) -> dict[str, list[Answer]]:
-    """The final answers each of this client's own actions got *at this client*."""
+    """The final answers each of this client's own actions got *at this client*. A repeat that
+    is, but for its seq, a result this client also got in its stream is that answer (sent with
+    the connection's last seq because the stream had not passed it: it followed in order)."""
     mine = sent_actions(history)
     found: dict[str, list[Answer]] = defaultdict(list)
-    for item in events_with_epochs(history):
+    items = events_with_epochs(history)
+    in_stream = {
+        _without_seq(item.message): (item.epoch, int(item.message["seq"]))
+        for item in items
+        if item.message.get("type") == "action.result" and not item.repeat
+    }
+    for item in items:
         action_id = _action_id(item.message)
         if item.message.get("type") == "action.result" and action_id in mine:
-            found[action_id].append(
-                Answer("result", item.at, epoch=item.epoch, seq=int(item.message["seq"]))
-            )
+            epoch, seq = item.epoch, int(item.message["seq"])
+            if item.repeat:
+                epoch, seq = in_stream.get(_without_seq(item.message), (epoch, seq))
+            found[action_id].append(Answer("result", item.at, epoch=epoch, seq=seq))
     for frame in history.frames:
         if frame.kind == "recv" and frame.message and frame.message.get("type") == "system.error":
             action_id = _action_id(frame.message)
@@ -205,11 +232,15 @@ def check_seqs(history: ClientHistory) -> list[str]:
 
 
 def check_consistency(histories: Sequence[ClientHistory]) -> list[str]:
-    """One ``(epoch, seq)`` is one message, whoever received it and however often."""
+    """One ``(epoch, seq)`` is one message, whoever received it and however often. A repeat is
+    not the stream's event at its seq (it may carry the connection's last seq, or be of another
+    epoch): ``answers`` checks it instead."""
     first: dict[tuple[str, int], Seen] = {}
     problems: list[str] = []
     for history in histories:
         for item in events_with_epochs(history):
+            if item.repeat:
+                continue
             key = (item.epoch, int(item.message["seq"]))
             earlier = first.setdefault(key, item)
             if earlier.message != item.message:
