@@ -10,13 +10,15 @@ single server does (the hot path's counters stay plain integers), and ``/metrics
 reports the whole group: the worker asks every other worker for its own exposition (over a Unix
 socket in the group's private directory) and ``merge_workers`` puts them side by side, every
 sample labelled with its ``worker`` (1..N), plus ``party_sync_workers`` and
-``party_sync_worker_up{worker}``.
+``party_sync_worker_up{worker}``. The families that describe what the group shares (the actions
+stream's, ``GROUP_WIDE``: every worker reads the same stream) come from one worker only, so that
+a sum over ``worker`` is the stream's figure, not N times it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from functools import cached_property
 from typing import Final
 
@@ -420,6 +422,13 @@ class Metrics:
 #: The label that tells the workers of one ``serve --workers N`` group apart.
 WORKER_LABEL = "worker"
 
+#: Families that describe what every worker of a group sees alike (the actions stream, read from
+#: Redis by each worker's monitor): given by one worker, the lowest-numbered that answered.
+GROUP_WIDE: Final = ("party_sync_actions_stream_",)
+
+#: The family the supervisor's counts replace (``merge_workers``' ``restarts``).
+RESTARTS_FAMILY: Final = "party_sync_worker_restarts"
+
 
 class WorkerRestarts(Collector):
     """``party_sync_worker_restarts_total``: how many times the supervisor restarted this worker
@@ -445,12 +454,20 @@ class _Families(Collector):
         yield from self.families
 
 
-def merge_workers(expositions: Sequence[tuple[int, bytes | None]], count: int) -> bytes:
+def merge_workers(
+    expositions: Sequence[tuple[int, bytes | None]],
+    count: int,
+    restarts: Mapping[int, int] | None = None,
+) -> bytes:
     """One exposition of a ``serve --workers`` group from each worker's own (``None``: that
     worker did not answer, e.g. while it is restarted): every sample of every family gets the
     label ``worker``, and ``party_sync_workers`` (N) and ``party_sync_worker_up{worker}`` say
-    which workers are in it. Run at scrape time only (a parse of a few hundred lines each)."""
+    which workers are in it; a ``GROUP_WIDE`` family is taken from the first worker that has it
+    (by number). ``restarts``: the supervisor's restart count of each worker, reported for every
+    worker, a dead one too (else each worker's own count, absent while it is down). Run at
+    scrape time only (a parse of a few hundred lines each)."""
     families: dict[str, Metric] = {}
+    given: dict[str, int] = {}  # a GROUP_WIDE family: the worker whose samples it has
     up = GaugeMetricFamily(
         "party_sync_worker_up",
         "serve --workers: 1 if this worker's metrics are in this scrape, 0 if it did not answer "
@@ -462,6 +479,11 @@ def merge_workers(expositions: Sequence[tuple[int, bytes | None]], count: int) -
         if text is None:
             continue
         for family in text_string_to_metric_families(text.decode()):
+            if restarts is not None and family.name == RESTARTS_FAMILY:
+                continue
+            shared = family.name.startswith(GROUP_WIDE)
+            if shared and given.setdefault(family.name, worker) != worker:
+                continue
             merged = families.get(family.name)
             if merged is None:
                 merged = Metric(family.name, family.documentation, family.type, family.unit)
@@ -476,9 +498,19 @@ def merge_workers(expositions: Sequence[tuple[int, bytes | None]], count: int) -
                         sample.exemplar,
                     )
                 )
+    extra: list[Metric] = []
+    if restarts is not None:
+        counted = CounterMetricFamily(
+            RESTARTS_FAMILY,
+            "serve --workers: times the supervisor restarted this worker after it died",
+            labels=[WORKER_LABEL],
+        )
+        for worker in range(1, count + 1):
+            counted.add_metric([str(worker)], float(restarts.get(worker, 0)))
+        extra.append(counted)
     group = GaugeMetricFamily(
         "party_sync_workers", "serve --workers: serving processes of this group", value=count
     )
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families([*families.values(), group, up]))
+    registry.register(_Families([*families.values(), *extra, group, up]))
     return generate_latest(registry)

@@ -74,6 +74,25 @@ DRAIN_GRACE = 5.0
 SCRAPE_TIMEOUT = 2.0
 
 
+def restarts_file(group_dir: Path) -> Path:
+    """The supervisor's count of restarts per worker (JSON, a list by worker number), which any
+    worker's ``/metrics`` reports for every worker, one that is down too."""
+    return group_dir / "restarts.json"
+
+
+def read_restarts(group_dir: Path, count: int) -> dict[int, int] | None:
+    """``restarts_file``'s counts by worker (None: unreadable, e.g. the supervisor is gone)."""
+    try:
+        listed = orjson.loads(restarts_file(group_dir).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+    if not isinstance(listed, list) or len(listed) != count:
+        return None
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in listed):
+        return None
+    return {index: int(n) for index, n in enumerate(listed, start=1)}
+
+
 def worker_socket(group_dir: Path, index: int) -> Path:
     """Where worker ``index`` serves its own metrics to its siblings."""
     return group_dir / f"worker-{index}.sock"
@@ -133,6 +152,7 @@ class Supervisor:
             loop.add_signal_handler(sig, self._stop, sig)
         self.group_dir = Path(tempfile.mkdtemp(prefix="party-sync-workers-"))  # mode 0700
         try:
+            self._write_restarts()
             keepers = [asyncio.create_task(self._keep(slot)) for slot in self.slots]
             announce = asyncio.create_task(self._announce())
             await self.stopping.wait()
@@ -162,6 +182,17 @@ class Supervisor:
         finally:
             shutil.rmtree(self.group_dir, ignore_errors=True)
         return self.failure or 0
+
+    def _write_restarts(self) -> None:
+        """Write the restart counts for the workers' ``/metrics`` (atomically: a scrape never
+        reads half a file). A failure only leaves the previous counts."""
+        target = restarts_file(self.group_dir)
+        partial = target.with_suffix(".tmp")
+        try:
+            partial.write_bytes(orjson.dumps([slot.restarts for slot in self.slots]))
+            partial.replace(target)
+        except OSError as exc:
+            log.warning("could not write the workers' restart counts: %s", exc)
 
     def _stop(self, sig: signal.Signals | None = None) -> None:
         self.stopping.set()
@@ -252,6 +283,7 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), delay)
             slot.restarts += 1
+            self._write_restarts()
 
     async def _watch(self, slot: Slot, reader: asyncio.StreamReader) -> None:
         """Kill slot's worker once it has gone ``worker_timeout`` without a beat (it beats every
@@ -485,7 +517,8 @@ class Worker:
                 parts = sorted(
                     [(self.index, render()), *zip(others, texts, strict=True)], key=lambda p: p[0]
                 )
-                body = gate.last = merge_workers(parts, self.count)
+                restarts = read_restarts(self.group_dir, self.count)
+                body = gate.last = merge_workers(parts, self.count, restarts)
             return web.Response(body=body, content_type="text/plain", charset="utf-8")
 
         return group_metrics

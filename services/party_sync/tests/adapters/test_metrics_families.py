@@ -182,3 +182,64 @@ def test_a_flood_of_scrapes_renders_at_most_the_gates_rate() -> None:
     first = metrics.render()
     metrics.build_info.labels("x").set(1)  # a change: the next scrapes see it (tokens left)
     assert metrics.render() != first
+
+
+def _exposition(worker: int, *, stream_lag: float, restarts: int) -> bytes:
+    return (
+        "# HELP party_sync_connections Open connections\n"
+        "# TYPE party_sync_connections gauge\n"
+        f"party_sync_connections {10 * worker}\n"
+        "# HELP party_sync_actions_stream_lag Stream mode: entries not yet delivered\n"
+        "# TYPE party_sync_actions_stream_lag gauge\n"
+        f"party_sync_actions_stream_lag {stream_lag}\n"
+        "# HELP party_sync_actions_stream_partition_lag Stream mode, partitioned\n"
+        "# TYPE party_sync_actions_stream_partition_lag gauge\n"
+        f'party_sync_actions_stream_partition_lag{{partition="0"}} {stream_lag}\n'
+        "# HELP party_sync_worker_restarts_total serve --workers: restarts\n"
+        "# TYPE party_sync_worker_restarts_total counter\n"
+        f"party_sync_worker_restarts_total {restarts}\n"
+    ).encode()
+
+
+def _samples(text: bytes) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text.decode()):
+        for sample in family.samples:
+            labels = tuple(sorted(sample.labels.items()))
+            samples.setdefault(sample.name, {})[labels] = sample.value
+    return samples
+
+
+def test_a_worker_group_reports_the_shared_stream_once_and_every_workers_restarts() -> None:
+    """serve --workers (probe): every worker reads the one actions stream, so a sum over
+    ``worker`` counted it N times; and a dead worker's restart count was absent (each worker
+    served its own) until it came back, already counted."""
+    from party_sync.metrics import merge_workers
+
+    parts = [
+        (1, None),  # down: being restarted
+        (2, _exposition(2, stream_lag=7, restarts=0)),
+        (3, _exposition(3, stream_lag=8, restarts=4)),
+    ]
+    samples = _samples(merge_workers(parts, 3, {1: 2, 2: 0, 3: 4}))
+    assert samples["party_sync_connections"] == {(("worker", "2"),): 20, (("worker", "3"),): 30}
+    assert samples["party_sync_actions_stream_lag"] == {(("worker", "2"),): 7}
+    assert samples["party_sync_actions_stream_partition_lag"] == {
+        (("partition", "0"), ("worker", "2")): 7
+    }
+    assert samples["party_sync_worker_restarts_total"] == {
+        (("worker", "1"),): 2,
+        (("worker", "2"),): 0,
+        (("worker", "3"),): 4,
+    }
+    assert samples["party_sync_worker_up"] == {
+        (("worker", "1"),): 0,
+        (("worker", "2"),): 1,
+        (("worker", "3"),): 1,
+    }
+    # Without the supervisor's counts (it is gone): each worker's own, as before.
+    alone = _samples(merge_workers(parts, 3))
+    assert alone["party_sync_worker_restarts_total"] == {
+        (("worker", "2"),): 0,
+        (("worker", "3"),): 4,
+    }

@@ -265,6 +265,15 @@ async def test_a_killed_worker_is_restarted_and_its_players_resume(
             lambda e: "restarting it in" in str(e.get("msg")) and e.get("pid") == pid
         )
         assert dead["returncode"] == -signal.SIGKILL and dead["node"] == node_b
+        # While it is down its restart count is still reported (the supervisor's: probe, it was
+        # absent until the worker came back, already counted).
+        down = (("worker", str(dead["worker"])),)
+        samples = await group.scrape()
+        if samples["party_sync_worker_up"][down] == 0:
+            assert set(samples["party_sync_worker_restarts_total"]) == {
+                (("worker", "1"),),
+                (("worker", "2"),),
+            }
         # While b is away, a (on the other worker) acts: b must get it on resuming.
         option = scene["payload"]["options"][0]["id"]
         await a.act("w-2", "aria", "r1", action_type="choice", payload={"option": option})
