@@ -110,6 +110,7 @@ soak:
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache artifacts dist $(JS)/node_modules $(JS)/dist
 
-## docs: regenerate the generated parts of the docs (the README's settings table)
+## docs: regenerate the generated parts of the docs (the README's settings table, docs/metrics.md)
 docs: setup
 	$(BIN)/python scripts/settings_table.py README.md
+	$(BIN)/python scripts/metrics_table.py docs/metrics.md

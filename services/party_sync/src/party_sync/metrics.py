@@ -260,6 +260,21 @@ class Metrics:
         """The Redis backend's families, at 0 until something happens (called by the backend)."""
         _ = (self.pubsub_gaps, self.redis_reconnects, self.pubsub_lag)  # a first read registers
 
+    def register_script_counts(self, batches: Callable[[], int], calls: Callable[[], int]) -> None:
+        """The Redis backend's pipelined script writes and calls, read from its batcher."""
+        ReadCounter(
+            "party_sync_redis_script_batches_total",
+            "Writes of pipelined script calls to Redis (calls / batches = calls per write)",
+            batches,
+            self.registry,
+        )
+        ReadCounter(
+            "party_sync_redis_script_calls_total",
+            "Lua script calls sent to Redis",
+            calls,
+            self.registry,
+        )
+
     @cached_property
     def pubsub_gaps(self) -> Counter:
         # Redis mode (backends/redis_*): pub/sub continuity and health (docs/redis.md).

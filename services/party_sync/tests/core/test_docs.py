@@ -28,6 +28,24 @@ def test_readme_settings_table_is_generated_from_config() -> None:
     assert module.render(README) == README, "README settings table is stale: run `make docs`"
 
 
+def test_the_metrics_reference_is_generated_from_the_metrics_module() -> None:
+    """docs/metrics.md lists every family a node exports (the operator's probe found families
+    no document named)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "metrics_table", ROOT / "scripts/metrics_table.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    document = (ROOT / "docs" / "metrics.md").read_text(encoding="utf-8")
+    assert module.render(document) == document, "docs/metrics.md is stale: run `make docs`"
+    for name in ("party_sync_node_info", "party_sync_actions_stream_consumers_active"):
+        assert f"`{name}`" in document
+    assert "docs/metrics.md" in README
+
+
 def test_readme_gives_the_two_commands_and_ci_runs_the_test_one() -> None:
     assert "make run" in README and "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text(encoding="utf-8")

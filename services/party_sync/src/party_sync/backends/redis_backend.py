@@ -73,7 +73,7 @@ from party_sync.core.transient import (
     kept_for,
 )
 from party_sync.core.votes import CastRefusal, VoteSpec
-from party_sync.metrics import Metrics, ReadCounter
+from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, IdempotencyKeyReused
@@ -190,18 +190,7 @@ class RedisBackend:
         if metrics is not None:
             metrics.register_redis()  # the Redis-only families exist only in Redis mode
             batcher = self.scripts.batcher
-            ReadCounter(
-                "party_sync_redis_script_batches_total",
-                "Writes of pipelined script calls to Redis (calls / batches = calls per write)",
-                lambda: batcher.batches,
-                metrics.registry,
-            )
-            ReadCounter(
-                "party_sync_redis_script_calls_total",
-                "Lua script calls sent to Redis",
-                lambda: batcher.calls,
-                metrics.registry,
-            )
+            metrics.register_script_counts(lambda: batcher.batches, lambda: batcher.calls)
         self.presence = RedisPresence(
             self.client,
             self.scripts,
