@@ -287,6 +287,30 @@ async def test_a_master_name_no_sentinel_monitors_is_a_configuration_error() -> 
     await refuse_misconfiguration(RedisTarget("redis://any-host/0", nobody), 0.5)
 
 
+async def test_a_redis_listed_as_a_sentinel_is_a_configuration_error(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Redis's own port given as redis_sentinels (new user's probe): it answers "unknown
+    command 'SENTINEL'" and can never work; the node used to start and wait for ever with
+    MasterNotFoundError warnings. Listed beside real sentinels: a warning names it."""
+    plain = (("127.0.0.1", redis.port),)
+    target = RedisTarget("redis://any-host/0", Sentinels(plain, MASTER_NAME))
+    with pytest.raises(ConfigError, match="which is not a Redis Sentinel") as e:
+        await refuse_misconfiguration(target, 0.5)
+    assert f"127.0.0.1:{redis.port}" in str(e.value)
+    sentinels = SentinelSet()
+    await asyncio.to_thread(sentinels.start)
+    try:
+        addresses = (*plain, *parse_addresses(sentinels.addresses.split(",")))
+        with caplog.at_level("WARNING", logger="party_sync.backends.redis_connect"):
+            await refuse_misconfiguration(
+                RedisTarget("redis://any-host/0", Sentinels(addresses, MASTER_NAME)), 0.5
+            )
+        assert any("not a Redis Sentinel" in r.getMessage() for r in caplog.records)
+    finally:
+        await asyncio.to_thread(sentinels.close)
+
+
 async def test_a_sentinel_clients_connection_used_unopened_goes_to_the_master() -> None:
     """redis-py opens a closed connection that is written to (``send_packed_command``) without
     asking the sentinels; ``redis_connect._SentinelConnection`` makes it ask them. Before, the

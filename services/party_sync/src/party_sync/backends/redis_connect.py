@@ -769,8 +769,13 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
 async def _refuse_unknown_master(sentinels: Sentinels) -> None:
     """A master name no sentinel monitors, while the sentinels that answer monitor others, is a
     typo, not an outage: ``ConfigError`` naming the ones they do. Sentinels that monitor nothing
-    yet (still being set up), or that do not answer, are an outage: the node starts and waits."""
+    yet (still being set up), or that do not answer, are an outage: the node starts and waits.
+    An address that answers as a Redis but not as a sentinel (``unknown command 'SENTINEL'``: a
+    Redis's own port listed by mistake) can never work either: ``ConfigError`` when no listed
+    address is a sentinel, a warning naming it when others are."""
     monitored: set[str] = set()
+    not_sentinels: list[str] = []
+    sentinels_seen, found = 0, False
     for host, port in sentinels.addresses:
         client = Redis(
             host=host,
@@ -791,16 +796,35 @@ async def _refuse_unknown_master(sentinels: Sentinels) -> None:
                     f"(PARTY_SYNC_REDIS_SENTINEL_PASSWORD): {_said(exc)}"
                 ) from None
             raise ConfigError(f"a sentinel refused redis_sentinel_password: {_said(exc)}") from None
+        except ResponseError as exc:
+            if "unknown command" in str(exc).lower():
+                not_sentinels.append(f"{host}:{port}")
+            continue
         except (RedisError, OSError, TimeoutError):
             continue
         finally:
             with contextlib.suppress(Exception):
                 await client.aclose()
+        sentinels_seen += 1
         names = _master_names(masters)
         if sentinels.master in names:
-            return
+            found = True
+            break
         monitored |= names
-    if monitored:
+    if not_sentinels and not sentinels_seen:
+        raise ConfigError(
+            f"redis_sentinels lists {', '.join(not_sentinels)}, which "
+            f"{'is' if len(not_sentinels) == 1 else 'are'} not a Redis Sentinel (answering "
+            "\"unknown command 'SENTINEL'\"): list the sentinels' addresses (port 26379 by "
+            "default), not the Redis servers'"
+        )
+    if not_sentinels:
+        log.warning(
+            "redis_sentinels lists %s, which is not a Redis Sentinel (unknown command "
+            "'SENTINEL'): only the other addresses can work",
+            ", ".join(not_sentinels),
+        )
+    if not found and monitored:
         raise ConfigError(
             f"no sentinel monitors a master named {sentinels.master!r} "
             f"(redis_sentinel_master); they monitor {', '.join(sorted(map(repr, monitored)))}"
