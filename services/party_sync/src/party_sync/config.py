@@ -211,8 +211,8 @@ class Settings:
         None,
         "Bearer key of the server API (/api/v1/...) used by engines and gateway_api, and sent "
         "with every HTTP delivery to engine_url (the engine host checks it); unset = the API "
-        "refuses every call and the HTTP transport cannot start (a random key is made in "
-        "development mode).",
+        "refuses every call (401, saying the API is off; the start logs it) and the HTTP "
+        "transport cannot start (a random key is made in development mode).",
     )
     redis_prefix: str = _option(
         "party_sync",

@@ -91,6 +91,22 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], _Replacement], ...]] = (
         _keep_prefix_and_at,
     ),
 )
+#: redis-py's repr of a client (a Sentinel's "No master found" names each sentinel so, with every
+#: connection setting: a kilobyte each, its host and port deep inside): shortened to
+#: ``<Redis host:port>`` (linear: its parts never overlap, and a ')' ends the settings).
+_REDIS_CLIENT: Final = re.compile(
+    r"<redis\.[\w.]*Redis\(<redis\.[\w.]*ConnectionPool\(<redis\.[\w.]*Connection\("
+    r"(?P<args>(?:[^<>()]|\([^<>()]*+\)|<[^<>]*+>)*+)\)>\)>\)>"
+)
+_HOST, _PORT = re.compile(r"(?:^|,)host=([^,]+)"), re.compile(r"(?:^|,)port=(\d+)")
+
+
+def _short_client(match: re.Match[str]) -> str:
+    settings = match.group("args")
+    host, port = _HOST.search(settings), _PORT.search(settings)
+    return f"<Redis {host.group(1)}:{port.group(1)}>" if host and port else "<Redis>"
+
+
 #: Every pattern needs one of these: text without any (most ids and short fields) is skipped.
 _MAYBE = re.compile(r"(?i)[:=.]|bearer")
 # Runs of base64url characters and dots, each matched from its first character only.
@@ -148,6 +164,8 @@ class Redactor:
         exact = self._exact
         if exact is not None:
             text = exact.sub(REDACTED, text)
+        if "<redis." in text:  # (not a credential: a kilobyte of a client's settings)
+            text = _REDIS_CLIENT.sub(_short_client, text)
         if not _MAYBE.search(text):
             return text
         for pattern, replacement in _PATTERNS:

@@ -77,7 +77,16 @@ class Refused(PartySyncError):
 
 
 class Unauthorized(Refused):
-    """The server API key is missing or wrong (``transport/edge.py guarded``)."""
+    """The server API key is missing or wrong (``transport/edge.py guarded``), or this server
+    has none, which turns its API off (said so: a caller's key is not the problem then)."""
+
+    WRONG_KEY: Final = "missing or wrong API key"
+    NO_KEY: Final = (
+        "the server API is off: this server has no API key configured (PARTY_SYNC_API_KEY)"
+    )
+
+    def __init__(self, detail: str = WRONG_KEY, **kwargs: Any) -> None:
+        super().__init__(detail, **kwargs)
 
 
 def bearer_matches(request: web.Request, expected: str) -> bool:
@@ -190,7 +199,7 @@ class Problem:
 #: (``transport/openapi.py``) describes the same statuses and codes; a test holds them equal.
 PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
     # every route of the server API: the key, the path ids, the body, the backend
-    Unauthorized: Problem(401, "unauthorized", "missing or wrong API key"),
+    Unauthorized: Problem(401, "unauthorized"),  # WRONG_KEY, or NO_KEY
     InvalidId: Problem(400, "invalid_id"),
     BodyTooLarge: Problem(413, "too_large"),
     BodyTimeout: Problem(408, "body_timeout"),

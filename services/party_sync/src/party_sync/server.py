@@ -290,6 +290,21 @@ def weak_secrets(settings: Settings) -> list[str]:
     return found
 
 
+def api_off(settings: Settings) -> tuple[int, str] | None:
+    """The log level and line that say the server API is off (no ``api_key``): a WARNING when
+    Telegram sign-in is configured, which needs its memberships (``PUT .../members/...``), else
+    INFO (an in-process engine may need no API); None with a key."""
+    if settings.api_key:
+        return None
+    telegram = bool(settings.telegram_bot_token or settings.telegram_bot_id)
+    line = (
+        "PARTY_SYNC_API_KEY is unset: the server API (events, votes, narration, memberships, "
+        "the admin API) answers every call 401"
+        + (", so no membership can be registered for Telegram sign-in" if telegram else "")
+    )
+    return (logging.WARNING if telegram else logging.INFO), line
+
+
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
@@ -555,6 +570,9 @@ async def run(
         log.warning(unused)
     for weak in weak_secrets(settings):
         log.warning(weak, extra=logs.VERBATIM)  # our words and lengths only: never a secret
+    off = api_off(settings)
+    if off is not None:
+        log.log(off[0], off[1], extra=logs.VERBATIM)
     for line in on_ready or ():
         print(line, flush=True)
     if worker is not None:

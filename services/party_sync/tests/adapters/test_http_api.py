@@ -56,11 +56,34 @@ async def test_the_key_is_checked_before_anything_else() -> None:
 
 
 async def test_no_configured_key_refuses_every_call() -> None:
+    """...and says why (new user's probe: "missing or wrong API key" sent them looking for the
+    right key, while the server had none); the start says so once."""
     async with serve_in_process(make_settings(api_key=None), engine=ScriptedEngine()) as srv:
-        status, _ = await post(
-            srv, "/api/v1/parties/p1/events", SCENE, {"Authorization": "Bearer "}
-        )
-        assert status == 401
+        for given in ("Bearer ", f"Bearer {KEY}"):
+            status, body = await post(
+                srv, "/api/v1/parties/p1/events", SCENE, {"Authorization": given}
+            )
+            assert status == 401
+            assert body["error"] == "unauthorized"
+            assert body["detail"] == (
+                "the server API is off: this server has no API key configured (PARTY_SYNC_API_KEY)"
+            )
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        status, body = await post(srv, "/api/v1/parties/p1/events", SCENE, {"Authorization": "x"})
+        assert (status, body["detail"]) == (401, "missing or wrong API key")
+
+
+def test_the_start_says_when_the_server_api_is_off() -> None:
+    import logging
+
+    from party_sync.server import api_off
+
+    assert api_off(make_settings(api_key=KEY)) is None
+    level, line = api_off(make_settings(api_key=None)) or (0, "")
+    assert level == logging.INFO and "PARTY_SYNC_API_KEY is unset" in line
+    telegram = make_settings(api_key=None, telegram_bot_token="123456:" + "a" * 35)
+    level, line = api_off(telegram) or (0, "")
+    assert level == logging.WARNING and "Telegram sign-in" in line
 
 
 async def test_invalid_events_get_422_with_the_reason_and_publish_nothing() -> None:

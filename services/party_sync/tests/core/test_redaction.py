@@ -103,13 +103,47 @@ def test_a_password_in_a_url_is_scrubbed() -> None:
         "http://" * 15_000,
         "bearer " * 15_000,
         "token=" * 15_000,
+        "<redis.Redis(<redis.ConnectionPool(<redis.Connection(" + "(a<" * 30_000,
+        "<redis.Redis(<redis.ConnectionPool(<redis.Connection(" * 5_000,
     ],
-    ids=["ey", "dots", "long-jwt", "authorization", "quoted", "urls", "bearer", "token="],
+    ids=[
+        "ey",
+        "dots",
+        "long-jwt",
+        "authorization",
+        "quoted",
+        "urls",
+        "bearer",
+        "token=",
+        "repr",
+        "reprs",
+    ],
 )
 def test_scrubbing_stays_linear_on_hostile_text(text: str) -> None:
     started = time.perf_counter()
     REDACTOR.scrub(text)
     assert time.perf_counter() - started < 1.0  # ~0.02 s here; quadratic would take minutes
+
+
+def test_a_redis_clients_repr_is_shortened_to_its_address() -> None:
+    """redis-py's "No master found" names each sentinel by its client's repr, a kilobyte of
+    settings (new user's probe: the one line about it was cut off before the address)."""
+    settings = (
+        "db=0,username=<REDACTED>,password=<REDACTED>,socket_timeout=5,retry=<redis.asyncio."
+        "retry.Retry object at 0x7f3765ddf110>,driver_info=DriverInfo(name='redis-py', "
+        "lib_version='8.1.0', _upstream=[]),host=127.0.0.1,port=30293,socket_keepalive=True"
+    )
+    client = (
+        "<redis.asyncio.client.Redis(<redis.asyncio.connection.ConnectionPool(<redis.asyncio."
+        f"connection.Connection({settings})>)>)>"
+    )
+    said = f"No master found for 'mymaster' : {client} - network:ConnectionError, {client} - x"
+    assert REDACTOR.scrub(said) == (
+        "No master found for 'mymaster' : <Redis 127.0.0.1:30293> - network:ConnectionError, "
+        "<Redis 127.0.0.1:30293> - x"
+    )
+    unknown = client.replace("host=127.0.0.1,", "")
+    assert REDACTOR.scrub(unknown) == "<Redis>"
 
 
 def test_short_secrets_are_not_scrubbed_by_value_and_none_is_ignored() -> None:

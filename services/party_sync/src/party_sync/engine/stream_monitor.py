@@ -49,6 +49,7 @@ from typing import Any
 from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import ResponseError
 
+from party_sync import logs
 from party_sync.backends.redis_connect import RedisTarget, make_any_client
 from party_sync.engine import partitions as layout
 from party_sync.engine.health import EngineHealth, Periodic
@@ -410,7 +411,7 @@ class StreamMonitor:
             self.errors += 1
             if self.metrics is not None:
                 self.metrics.background_errors.labels("stream_monitor").inc()
-            said = " ".join(str(exc).split())[:200]  # (redis-py's Sentinel errors run to KiB)
+            said = logs.REDACTOR.scrub(" ".join(str(exc).split()))[:300]  # (redis-py's reprs)
             detail = f"cannot read {self.stream}: {type(exc).__name__}: {said}"
             self._failing.trouble(type(exc).__name__, detail, stream=self.stream)
             self._health = EngineHealth("stream", False, detail)

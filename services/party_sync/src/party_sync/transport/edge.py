@@ -171,7 +171,9 @@ def check(request: web.Request) -> None:
     """Raise ``Unauthorized`` without the key, then ``InvalidId`` for the first path parameter
     that breaks the id rule."""
     if not authorized(request):
-        raise Unauthorized()
+        raise Unauthorized(
+            Unauthorized.WRONG_KEY if API_KEY in request.app else Unauthorized.NO_KEY
+        )
     for name, value in request.match_info.items():
         if not is_id(value):
             raise InvalidId(f"{name}: {ID_RULE}")
