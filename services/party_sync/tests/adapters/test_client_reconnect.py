@@ -270,6 +270,19 @@ async def test_max_attempts_gives_up() -> None:
     assert h.transport.attempts == 3
 
 
+async def test_failing_connects_are_said_as_a_warning_from_the_third(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A wrong URL or a server that is down (new user's probe: the client retried in silence)."""
+    h = Harness(max_attempts=4)
+    h.transport.plan = ["down"] * 10
+    with caplog.at_level("INFO", logger="party_sync.client.client"), pytest.raises(ClientClosed):
+        await h.client.connect()
+    said = [(r.levelname, r.getMessage()) for r in caplog.records if "cannot connect" in r.message]
+    assert [level for level, _ in said] == ["INFO", "INFO", "WARNING", "INFO"]
+    assert "3 attempts in a row, retrying" in said[2][1]
+
+
 async def test_a_401_without_a_provider_is_final_and_403_always_is() -> None:
     h = Harness()
     h.transport.plan = [401]

@@ -15,7 +15,7 @@ import inspect
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -54,6 +54,9 @@ from party_sync.client.transport import (
 from party_sync.protocol import types as t
 
 log = logging.getLogger(__name__)
+
+#: Consecutive failed connects after which the client says so as a WARNING (then every 20th).
+WARN_AFTER_FAILURES: Final = 3
 
 TokenProvider = Callable[[], Awaitable[str]]
 Callback = Callable[[Any], Awaitable[None] | None]
@@ -323,8 +326,18 @@ class PartyClient:
                 refresh = rejected = step is Next.REFRESH
                 continue
             except TransportError as exc:
-                log.info("party_sync client: connect failed", extra={"error": str(exc)})
                 failures += 1
+                # Said as a WARNING on the 3rd failure in a row, then every 20th: a wrong URL or a
+                # server that is down would otherwise retry in silence (new user's probe).
+                loud = failures == WARN_AFTER_FAILURES or failures % 20 == 0
+                log.log(
+                    logging.WARNING if loud else logging.INFO,
+                    "party_sync client: cannot connect to %s (%s): %d attempts in a row, retrying",
+                    self.url.partition("?")[0],  # (a query might carry a token)
+                    exc,
+                    failures,
+                    extra={"error": str(exc)},
+                )
                 continue
             hello_seen, step = await self._serve(conn)
             failures = 0 if hello_seen else failures + 1
