@@ -281,6 +281,22 @@ def test_max_records_evicts_the_oldest_records_first() -> None:
     assert led.begin("c0", "x", now=7.0).decision is Decision.ACCEPT
 
 
+def test_results_of_actions_nobody_began_are_bounded_without_a_begin() -> None:
+    """The server API publishes action.results for actions no player began here; records were
+    collected only by the next begin, so a party where nobody acted kept every one (bounds
+    probe: 100k records, 64 MiB, never freed)."""
+    led = ledger(max_records=100)
+    for i in range(1_000):
+        led.complete(f"api-{i}", "aria", b"R", now=float(i) / 100)
+        led.refuse(f"no-{i}", "aria", REFUSAL, now=float(i) / 100)
+        assert len(led) <= 100
+    assert led.state_of("api-999") is Decision.DONE  # the newest is kept
+    led = ledger()
+    led.complete("api-1", "aria", b"R", now=0.0)
+    led.complete("api-2", "aria", b"R", now=RECORD_TTL + 1.0)  # api-1's record expired meanwhile
+    assert led.state_of("api-1") is None and len(led) == 1
+
+
 def test_completion_moves_a_record_to_the_back_of_the_eviction_order() -> None:
     led = ledger(max_records=2)
     led.begin("c0", "a0", now=0.0)
@@ -321,7 +337,8 @@ class LedgerModel:
     docstrings, not from the code.
 
     Records live record_ttl since begin or since their final answer, and are collected oldest
-    first by the next begin (at most max_records kept before an insert); a record's deadline is
+    first by the next begin (at most max_records kept before an insert) and after every final
+    answer recorded (at most max_records kept after it); a record's deadline is
     begin + action_timeout. A character's lock (action, until deadline) is taken by an accepted
     begin and released when that action gets its final answer, when the sweep finds it started,
     or when its record is collected.
@@ -372,6 +389,7 @@ class LedgerModel:
         owner = rec.character if rec is not None else c
         self.records[a] = Rec(owner, now + self.ttl, self._next_stamp(), 0.0, True, answer, refused)
         self._release(owner, a)
+        self.collect(now)  # a final answer is a record added too: bounded by max_records and TTL
 
     def claim(
         self, a: str, now: float, refusal: bytes, deadline: float | None

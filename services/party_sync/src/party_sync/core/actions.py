@@ -257,6 +257,7 @@ class ActionLedger:
         self._release(owner, action_id)
         if self._outliving:
             self._outliving.pop(action_id, None)
+        self._collect(now)  # (the newest record: never the one collected)
         return True
 
     def complete(self, action_id: str, character_id: str, result: bytes, now: float) -> bool:
@@ -282,6 +283,10 @@ class ActionLedger:
         self._release(owner, action_id)
         if self._outliving:
             self._outliving.pop(action_id, None)
+        # Bounded here too, not only at the next begin: results published through the server
+        # API for actions no player began (bounds probe: 100k records in a party where nobody
+        # acted, 64 MiB, kept for ever).
+        self._collect(now)
         return refused
 
     def result_of(self, action_id: str) -> bytes | None:
