@@ -22,7 +22,7 @@ async def test_an_unreadable_slot_map_is_one_warning_per_episode(
             raise ConnectionError("no node answers")
 
     client = SimpleNamespace(
-        nodes_manager=SimpleNamespace(initialize=initialize), get_primaries=list
+        nodes_manager=SimpleNamespace(initialize=initialize, startup_nodes={}), get_primaries=list
     )
     batcher = ShardedBatcher(client)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="party_sync"):

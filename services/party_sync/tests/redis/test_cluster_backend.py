@@ -482,3 +482,96 @@ async def test_one_master_lost_leaves_the_node_ready_for_the_other_masters_parti
                     kit.stop_node(master)
             await wait_until(lambda: not b.bus.serving, timeout=15)
             assert not await b.ready()
+
+
+async def test_a_stalled_master_with_a_replica_holds_up_only_its_own_parties_and_is_left() -> None:
+    """Failover probe: a master SIGSTOPped (its replica promoted a few seconds later) while other
+    calls of the node's cluster client met it. redis-py then read its slot map again before every
+    call, from its known nodes one after another in a random order, each for a command timeout:
+    calls for healthy masters' parties waited behind it (begin_action refused as run late), the
+    stalled master's parties kept being sent to it after its replica took over, and /readyz asked
+    one node (503 for the whole cluster). Now the map is read in the background from nodes that
+    answer, calls use the map they have, and readiness asks every master."""
+    with RedisCluster(masters=3, replicas=1) as kit:
+        named, stalled = kit.masters()[:2]
+
+        def party_on(master: Any) -> str:
+            return next(
+                p
+                for p in (f"p{i}" for i in range(1000))
+                if kit.slot_owner(kit.keyslot(f"party:{p}")).port == master.port
+            )
+
+        near, far = party_on(named), party_on(stalled)
+        far_slot = kit.keyslot(f"party:{far}")
+        async with node(named.url, command_timeout=2.0) as b:
+            await b.publish(near, scene(1), time.time())
+            await b.publish(far, scene(1), time.time())
+            assert stalled.proc is not None
+            calls: list[tuple[str, float, float, str]] = []  # (what, began, took, outcome)
+            stop = asyncio.Event()
+
+            async def keep(what: str, call: Any) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    began = time.monotonic()
+                    try:
+                        async with asyncio.timeout(8.0):
+                            outcome = str(await call(n))
+                    except Exception as exc:
+                        outcome = type(exc).__name__
+                    calls.append((what, began, time.monotonic() - began, outcome))
+                    await asyncio.sleep(0.1)
+
+            async def act(party: str, n: int) -> str:
+                verdict = await b.begin_action(party, f"c{n}", f"{party}-{n}", time.time())
+                await b.publish(party, scene(n + 1), time.time())
+                return verdict.decision.value
+
+            async def get(n: int) -> str:  # a plain command of the cluster client, to far's master
+                await b.client.get(f"{{party:{far}}}:probe")
+                return "accept"
+
+            async def ready(n: int) -> str:
+                return "accept" if await b.ready() else "not ready"
+
+            def promoted() -> bool:
+                with contextlib.suppress(Exception):
+                    return kit.slot_owner(far_slot).port != stalled.port
+                return False
+
+            stalled.proc.send_signal(signal.SIGSTOP)
+            stopped = time.monotonic()
+            tasks = [
+                asyncio.create_task(keep(what, call))
+                for what, call in (
+                    ("near", functools.partial(act, near)),
+                    ("far", functools.partial(act, far)),
+                    ("get", get),
+                    ("ready", ready),
+                )
+            ]
+            try:
+                await wait_until(promoted, timeout=20)
+                taken_over = time.monotonic()
+                await asyncio.sleep(6.0)  # the old master still stopped all along
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks)
+                stalled.proc.send_signal(signal.SIGCONT)
+        # The cluster refuses keyed calls (CLUSTERDOWN) from about cluster-node-timeout after
+        # the stop until the replica took over: calls made then may be refused. Any other call
+        # of a healthy master's party, and readiness, is answered at once.
+        down_from = stopped + kit_node_timeout() * 0.8
+        for what, began, took, outcome in calls:
+            if what in ("near", "ready") and not down_from <= began <= taken_over + 0.5:
+                assert (outcome, took < 1.0) == ("accept", True), (what, began - stopped, took)
+            if began >= taken_over + 1.0:  # the stalled master's parties are on its replica now
+                assert outcome == "accept", (what, began - stopped, took, outcome)
+
+
+def kit_node_timeout() -> float:
+    from ps_testkit.redis_cluster import NODE_TIMEOUT_MS
+
+    return NODE_TIMEOUT_MS / 1000

@@ -39,6 +39,7 @@ from party_sync.backends.redis_connect import (
     DEFAULT_MAX_CONNECTIONS,
     RedisTarget,
     Sentinels,
+    answering,
     make_any_client,
     refuse_misconfiguration,
     stale_socket_retry,
@@ -236,6 +237,10 @@ class RedisBackend:
         if not self.bus.serving or self.scripts.batcher.down:
             return False
         try:
+            if isinstance(self.client, RedisCluster):  # any master (a PING went to one node:
+                # a stalled master made /readyz 503 for the whole cluster; failover probe)
+                masters = self.client.get_primaries()
+                return bool(await answering(masters, self.options.connect_timeout))
             async with asyncio.timeout(self.options.connect_timeout):
                 return bool(await self.client.ping())
         except Exception:

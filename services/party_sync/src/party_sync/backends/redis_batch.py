@@ -62,6 +62,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from party_sync.backends.redis_connect import read_slot_map
 from party_sync.backends.redis_wire import (
     ConnectionSource,
     NodeConnections,
@@ -344,7 +345,12 @@ class ShardedBatcher:
         except Exception:  # the slot map lacks the slot: the call would find out
             return False
         batcher = self._shards.get(node.name)
-        return batcher is not None and batcher.down
+        if batcher is None or not batcher.down:
+            return False
+        # Refused at once: the map is read again meanwhile (its replica may serve the slot now;
+        # the batcher's own PING waits out a stalled master, PROBE_PATIENCE)
+        self.refresh_soon()
+        return True
 
     def run(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> asyncio.Future[Any]:
         """Queue one script call on its shard; the future gets its reply (or its error)."""
@@ -434,7 +440,7 @@ class ShardedBatcher:
 
     async def _reread(self) -> None:
         try:
-            await self._client.nodes_manager.initialize()
+            await read_slot_map(self._client)  # from a node that answers (not a stalled one)
         except Exception as exc:  # no node answers: the next failed call asks again
             self._slot_map.trouble("unreadable", repr(exc))
             return
@@ -448,6 +454,11 @@ class ShardedBatcher:
                 f"{name} is no longer a master: its parties' calls go to the master that "
                 "serves their slots now"
             )
+        if any(b.down for b in self._shards.values()) and not self._closed:
+            # A master the map still names is not answering: read the map again soon, until
+            # its replica is named (a failover) or it answers again (failover probe: a stalled
+            # master's parties kept being refused after its replica took over)
+            asyncio.get_running_loop().call_later(REFRESH_EVERY, self.refresh_soon)
 
     async def close(self) -> None:
         self._closed = True

@@ -389,6 +389,74 @@ def stream_read_keys(command: Any, args: Sequence[Any]) -> list[Any] | None:
     return None
 
 
+#: Seconds a read of a Redis Cluster's slot map waits for the nodes it asks to answer a PING (it
+#: then asks one that did for the map): a node that answers takes milliseconds; one that does not
+#: is a stalled or dead node, which redis-py would otherwise ask first, for a whole command timeout.
+MAP_PING_WAIT = 1.0
+
+#: Once one node answered, how much longer the others are given (the map is read from the first).
+_MAP_PING_GRACE = 0.05
+
+#: Seconds between two background reads of the slot map (``BoundedRedisCluster.refresh_slot_map``).
+MAP_REFRESH_EVERY = 0.25
+
+
+async def answering(nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT) -> list[ClusterNode]:
+    """The ``nodes`` that answer a PING, in the order they did: every node is asked at once, and
+    once one has answered the others get ``_MAP_PING_GRACE`` more (none answered within ``wait``:
+    []). A stalled node is not waited for."""
+    if not nodes:
+        return []
+    pings = {asyncio.ensure_future(_ping(node)): node for node in nodes}
+    answered: list[ClusterNode] = []
+    try:
+        pending = set(pings)
+        deadline = asyncio.get_running_loop().time() + wait
+        while pending:
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                break
+            done, pending = await asyncio.wait(
+                pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
+            )
+            answered.extend(pings[t] for t in done if not t.cancelled() and t.result())
+            if answered:
+                deadline = min(deadline, asyncio.get_running_loop().time() + _MAP_PING_GRACE)
+    finally:
+        for task in pings:
+            task.cancel()
+        await asyncio.gather(*pings, return_exceptions=True)
+    return answered
+
+
+async def _ping(node: ClusterNode) -> bool:
+    try:
+        return bool(await node.execute_command("PING"))
+    except Exception:  # (a dead node: not answering)
+        return False
+
+
+async def read_slot_map(client: RedisCluster, wait: float = MAP_PING_WAIT) -> None:
+    """Read ``client``'s slot map again, from a node that answers. redis-py asks its known nodes
+    one after another, in a random order, each for up to a whole command timeout: one stalled
+    node held every read (and every call that waited for one) that long (failover probe: 4-6 s
+    for parties of healthy masters, and a stalled master's parties not following its promoted
+    replica while reads kept meeting it). Here only the nodes that answer a PING are asked (all
+    of them if none does, as redis-py would); the nodes the map names are known again after."""
+    nodes = client.nodes_manager
+    known = dict(nodes.startup_nodes)
+    live = await answering(list(known.values()), wait)
+    if not live or len(live) == len(known):
+        await nodes.initialize()
+        return
+    nodes.startup_nodes = {node.name: node for node in live}
+    try:
+        await nodes.initialize()
+    finally:  # (redis-py puts every node of the map back in; the ones it does not know stay)
+        for name, node in known.items():
+            nodes.startup_nodes.setdefault(name, node)
+
+
 class BoundedRedisCluster(RedisCluster):
     """redis-py's ``RedisCluster`` whose every command is given up after ``bound`` seconds *in
     all* (its ``socket_timeout``: one ``redis_command_timeout``). The client retries a timeout
@@ -406,6 +474,60 @@ class BoundedRedisCluster(RedisCluster):
     per_master: int = DEFAULT_MAX_CONNECTIONS
     #: each master's semaphore of ``per_master`` slots, by node name (``make_cluster_client``)
     semaphores: dict[str, asyncio.Semaphore]
+    _refreshing: asyncio.Task[None] | None = None
+    _refreshed_at: float = -MAP_REFRESH_EVERY
+
+    async def initialize(
+        self,
+        additional_startup_nodes_info: list[tuple[str, int]] | None = None,
+        last_failed_node_name: str | None = None,
+    ) -> RedisCluster:
+        """The slot map, read at the first call (every call waits for it). Asked again later
+        (redis-py asks after a node failed or the cluster was down), it is read again in the
+        background (``refresh_slot_map``) and every call meanwhile uses the map it has: a call
+        for a healthy master's slots goes through at once, not after a read that may meet a
+        stalled node (see ``read_slot_map``); one for a stalled master's times out as before."""
+        if self._initialize and self.nodes_manager.slots_cache and self.commands_parser.commands:
+            if self.get_default_node() is None:  # (redis-py's aclose unset it: any master)
+                primaries = self.get_primaries()
+                if primaries:
+                    self.set_default_node(primaries[0])
+            self.refresh_slot_map()
+            return self
+        return await super().initialize(additional_startup_nodes_info, last_failed_node_name)
+
+    def refresh_slot_map(self) -> None:
+        """Read the slot map again in the background, at most every ``MAP_REFRESH_EVERY`` s."""
+        task = self._refreshing
+        if task is not None and not task.done():
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() - self._refreshed_at < MAP_REFRESH_EVERY:
+            return
+        self._refreshed_at = loop.time()
+        self._refreshing = loop.create_task(self._refresh())
+
+    async def _refresh(self) -> None:
+        try:
+            await read_slot_map(self, min(self.bound or MAP_PING_WAIT, MAP_PING_WAIT))
+            live = await answering(self.get_primaries())
+        except Exception as exc:  # no node answers: the next call that fails asks again
+            log.debug("redis cluster: the slot map could not be read again: %s", exc)
+            return
+        if live:
+            self.set_default_node(live[0])  # (keyless commands: a master that answers)
+        self._initialize = False
+
+    async def aclose(self) -> None:
+        # Also redis-py's own step after CLUSTERDOWN: it closes every connection, and the next
+        # call reads the map again (initialize); a read under way is left to that one.
+        task, self._refreshing = self._refreshing, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        self._initialize = False  # (else redis-py's aclose closes nothing)
+        await super().aclose()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
         return await within(self.bound, self._initialized_then(*args, **kwargs))

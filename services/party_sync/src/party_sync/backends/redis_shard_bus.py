@@ -37,6 +37,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_bus import Bus, Handler
+from party_sync.backends.redis_connect import read_slot_map
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.backends.redis_wire import NodeConnections
 from party_sync.protocol.errors import BackendUnavailable
@@ -199,7 +200,7 @@ class ShardedBus:
     async def _refresh(self) -> bool:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._client.nodes_manager.initialize()
+                await read_slot_map(self._client)  # from a node that answers
         except Exception as exc:  # RedisClusterException is no RedisError: any, and later again
             self._slot_map.trouble("unreadable", repr(exc))
             return False
