@@ -176,6 +176,29 @@ async def test_another_4xx_is_a_rejection() -> None:
     assert host.failed == []
 
 
+@pytest.mark.parametrize(
+    ("answers", "expected"),
+    [
+        ([422], ("rejected", "status 422")),
+        (["expired"], ("failed", ErrorCode.ACTION_TIMEOUT)),
+        (["engine_error"] * ENGINE_FAILURES, ("failed", ErrorCode.ENGINE_ERROR)),
+    ],
+)
+async def test_a_refusal_that_cannot_be_recorded_yet_is_recorded_once_the_backend_answers(
+    answers: list[int | str], expected: tuple[str, object]
+) -> None:
+    """HTTP probe: the engine refused an action while Redis was stalled; recording the refusal
+    raised BackendUnavailable, the delivery task died with it, and the action (claimed: no
+    timeout would answer it) stayed in flight for good. Now it is recorded once Redis answers."""
+    api, host = ScriptedApi(answers=list(answers)), RecordingHost(refusal_errors=3)
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("s", deadline=PAST if answers == ["expired"] else None))
+        await idle(link)
+    kind, what = expected
+    recorded = host.rejected if kind == "rejected" else host.failed
+    assert recorded == [("s", what)] and host.refusal_errors == 0
+
+
 async def test_a_4xx_after_an_attempt_that_may_have_reached_the_engine_is_not_a_rejection() -> None:
     """Review finding: the first attempt timed out while the engine was applying the action; the
     retry's 409 ("this Idempotency-Key is in progress") must not tell the player "rejected"."""

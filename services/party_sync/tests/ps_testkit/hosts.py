@@ -32,6 +32,7 @@ ACCEPTED_AT = 1_767_225_600.0
 class RecordingHost(VoteStarter, NarrationSender):
     claims: dict[str, Claim] = field(default_factory=dict)
     claim_errors: int = 0
+    refusal_errors: int = 0  # reject/fail raise BackendUnavailable this many times first
     claimed: list[ActionRequest] = field(default_factory=list)
     published: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
@@ -59,10 +60,17 @@ class RecordingHost(VoteStarter, NarrationSender):
     async def send_piece(self, piece: NarrationPiece) -> None:
         self.narrated.append(piece)
 
+    def _stalled(self) -> None:
+        if self.refusal_errors > 0:
+            self.refusal_errors -= 1
+            raise BackendUnavailable("the backend is stalled")
+
     async def reject(self, action: ActionRequest, message: str) -> None:
+        self._stalled()
         self.rejected.append((action.action_id, message))
 
     async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
+        self._stalled()
         self.failed.append((action.action_id, code))
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:

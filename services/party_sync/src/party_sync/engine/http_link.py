@@ -72,7 +72,7 @@ import orjson
 from party_sync import tracing
 from party_sync.engine import wire
 from party_sync.engine.health import public_url
-from party_sync.engine.inprocess import claim_until_answered
+from party_sync.engine.inprocess import claim_until_answered, refuse_until_recorded
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import ErrorCode, PartySyncError
 from party_sync.tasks import Episode, LatestPerKey, cancel_and_wait
@@ -325,7 +325,7 @@ class HttpEngineLink:
                     engine_failures += 1
                     if engine_failures >= ENGINE_FAILURES:
                         log.error("engine failed %d times; giving up", engine_failures, extra=extra)
-                        await host.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
+                        await self._refuse(action, ErrorCode.ENGINE_ERROR, "the engine failed")
                         return
             else:
                 if not _retry_answer(status, answer, reached):
@@ -342,7 +342,7 @@ class HttpEngineLink:
                 if not reached:  # it never left party_sync: "unavailable" is the truth
                     if not self._engine_unreachable(failure):
                         log.debug("engine unreachable, giving up: %s", failure, extra=extra)
-                    await host.fail(
+                    await self._refuse(
                         action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unreachable: retry"
                     )
                     return
@@ -386,21 +386,29 @@ class HttpEngineLink:
             self.failures += 1
             extra = {"trace_id": action.trace_id, "action_id": action.action_id}
             self._refused_key("an action", status, extra)
-            await host.fail(
+            await self._refuse(
                 action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unavailable: retry later"
             )
             return
         self._key_taken()
         if status == 409 and isinstance(answer, dict) and answer.get("error") == EXPIRED:
-            await host.fail(
+            await self._refuse(
                 action,
                 ErrorCode.ACTION_TIMEOUT,
                 "the engine did not start the action before its deadline: retry",
             )
         elif 400 <= status < 500:
-            await host.reject(
-                action, _detail(answer) or f"the engine refused the action ({status})"
+            await self._refuse(
+                action,
+                ErrorCode.ACTION_REJECTED,
+                _detail(answer) or f"the engine refused the action ({status})",
             )
+
+    async def _refuse(self, action: ActionRequest, code: ErrorCode, text: str) -> None:
+        """The action's final answer, a refusal, recorded through a backend outage too (it was
+        claimed: no timeout would answer it instead)."""
+        assert self._host is not None
+        await refuse_until_recorded(self._host, action, code, text, patience=self.claim_patience)
 
     @property
     def key_refused(self) -> str | None:

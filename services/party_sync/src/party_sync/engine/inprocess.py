@@ -72,6 +72,46 @@ async def claim_until_answered(
         return claim
 
 
+async def refuse_until_recorded(
+    host: LinkHost,
+    action: ActionRequest,
+    code: ErrorCode,
+    text: str,
+    *,
+    patience: float,
+    pause_max: float = 1.0,
+) -> None:
+    """``host.fail(action, code, text)`` (``host.reject`` for ``action_rejected``), asked again
+    while the backend fails, for up to
+    ``patience`` s: a refusal is the final answer of an action an engine host started, which no
+    timeout will ever answer instead (HTTP probe: a 422 that came back during a Redis stall was
+    lost, and the action stayed in flight for good). Never raises."""
+    extra = {"trace_id": action.trace_id, "action_id": action.action_id}
+    loop = asyncio.get_running_loop()
+    give_up_at: float | None = None
+    pause, failures = 0.05, 0
+    while True:
+        try:
+            if code is ErrorCode.ACTION_REJECTED:
+                await host.reject(action, text)
+            else:
+                await host.fail(action, code, text)
+        except Exception as exc:
+            failures += 1
+            if give_up_at is None:  # (the common case, recorded at once, needs no clock)
+                give_up_at = loop.time() + patience
+                log.warning("cannot record a refusal (%s); again", exc, extra=extra)
+            if loop.time() + pause > give_up_at:
+                log.error("could not record the refusal: %s", exc, extra=extra)
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause_max, pause * 2)
+            continue
+        if failures:
+            log.info("refusal recorded after %d failed attempts", failures, extra=extra)
+        return
+
+
 #: Failures of party_sync's own infrastructure (not of the engine) seen through the engine.
 INFRA_ERRORS = (BackendUnavailable, OSError, TimeoutError)
 #: Seconds the engine's ``close`` gets on the way out, after its calls were cancelled.
@@ -188,7 +228,8 @@ class InProcessLink:
                 return
         refusal = await self._hand_over(action, extra)
         if refusal is not None:
-            await self._refuse(action, *refusal, extra=extra)
+            # (the action is started: no timeout would ever answer it instead)
+            await refuse_until_recorded(self._host, action, *refusal, patience=self.claim_patience)
 
     async def _hand_over(
         self, action: ActionRequest, extra: dict[str, str]
@@ -227,26 +268,6 @@ class InProcessLink:
             except Exception:  # an engine that raises did not apply the action (the contract)
                 log.exception("engine failed on an action", extra=extra)
                 return ErrorCode.ENGINE_ERROR, "the engine failed: retry"
-
-    async def _refuse(
-        self, action: ActionRequest, code: ErrorCode, text: str, *, extra: dict[str, str]
-    ) -> None:
-        """Record the refusal as the action's final answer, through a backend outage too (the
-        action is started: no timeout would ever answer it instead). Never raises."""
-        assert self._host is not None
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.claim_patience
-        pause = 0.05
-        while True:
-            try:
-                await self._host.fail(action, code, text)
-                return
-            except Exception as exc:
-                if loop.time() + pause > give_up_at:
-                    log.error("could not record the refusal: %s", exc, extra=extra)
-                    return
-                await asyncio.sleep(pause)
-                pause = min(1.0, pause * 2)
 
     async def close(self) -> None:
         self._restates.cancel_all()  # nothing new to say on the way out
