@@ -12,13 +12,32 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from typing import Any
 
 log = logging.getLogger("party_sync.tasks")
 
 #: Seconds a stop waits for its cancelled tasks before it leaves them behind.
 STOP_TIMEOUT = 5.0
+
+
+def spawn_kept(
+    tasks: set[asyncio.Task[Any]], coro: Coroutine[Any, Any, Any], what: str
+) -> asyncio.Task[Any]:
+    """``coro`` as a task kept in ``tasks`` until it ends; if it ends with an exception, that
+    is logged (ERROR, with its traceback, naming ``what``) rather than left to asyncio's "Task
+    exception was never retrieved", which says it only when the task is collected, if at all
+    (HTTP probe: a delivery that died on a stalled Redis left only that line)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+
+    def ended(done: asyncio.Task[Any]) -> None:
+        tasks.discard(done)
+        if not done.cancelled() and done.exception() is not None:
+            log.error("%s failed", what, exc_info=done.exception())
+
+    task.add_done_callback(ended)
+    return task
 
 
 async def cancel_and_wait(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 import pytest
 from party_sync.tasks import cancel_and_wait
@@ -78,3 +79,26 @@ async def test_finished_and_failed_tasks_and_no_tasks_at_all() -> None:
     assert await cancel_and_wait([failed, done]) == set()
     assert await cancel_and_wait([]) == set()
     assert isinstance(failed.exception(), RuntimeError)  # still there for a caller that cares
+
+
+async def test_a_kept_task_that_fails_is_logged_and_forgotten(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from party_sync.tasks import spawn_kept
+
+    async def fails() -> None:
+        raise RuntimeError("the backend is stalled")
+
+    async def ends() -> None:
+        return None
+
+    tasks: set[asyncio.Task[Any]] = set()
+    with caplog.at_level("ERROR", logger="party_sync.tasks"):
+        failing = spawn_kept(tasks, fails(), "a delivery")
+        spawn_kept(tasks, ends(), "a delivery")
+        await asyncio.wait(set(tasks))
+        await asyncio.sleep(0)  # (done callbacks run on the next loop turn)
+    assert tasks == set() and failing.done()
+    [record] = caplog.records
+    assert record.getMessage() == "a delivery failed"
+    assert record.exc_info is not None and "stalled" in str(record.exc_info[1])

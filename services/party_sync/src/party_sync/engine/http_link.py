@@ -75,7 +75,7 @@ from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import claim_until_answered, refuse_until_recorded
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import ErrorCode, PartySyncError
-from party_sync.tasks import Episode, LatestPerKey, cancel_and_wait
+from party_sync.tasks import Episode, LatestPerKey, cancel_and_wait, spawn_kept
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,7 @@ class HttpEngineLink:
             )
 
     def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+        return spawn_kept(self._tasks, coro, "an HTTP engine delivery")
 
     def _backoff(self, attempt: int) -> float:
         """Full jitter: uniform in [0, min(max, base * 2**attempt)]."""

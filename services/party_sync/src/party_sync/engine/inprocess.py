@@ -36,7 +36,7 @@ from party_sync.engine.interface import (
     start_engine,
 )
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
-from party_sync.tasks import LatestPerKey, cancel_and_wait
+from party_sync.tasks import LatestPerKey, cancel_and_wait, spawn_kept
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,7 @@ class InProcessLink:
 
     async def submit(self, action: ActionRequest) -> None:
         # The task copies the current context: with tracing on, the action's span is its parent.
-        task = asyncio.get_running_loop().create_task(self._traced_run(action))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        spawn_kept(self._tasks, self._traced_run(action), "an in-process engine call")
 
     async def notify_join(self, notice: JoinNotice) -> None:
         try:
@@ -184,9 +182,7 @@ class InProcessLink:
         except Exception:
             log.exception("engine failed to re-state a party", extra=extra)
             return
-        task = asyncio.get_running_loop().create_task(self._restate_again(notice, extra))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = spawn_kept(self._tasks, self._restate_again(notice, extra), "a re-statement")
         self._restates.put(notice.party_id, task)
 
     async def _restate_again(self, notice: RestateNotice, extra: dict[str, str]) -> None:
