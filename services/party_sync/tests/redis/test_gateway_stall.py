@@ -18,6 +18,7 @@ import pytest
 from party_sync.gateway import Gateway
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
+from ps_testkit.faults import poll
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import make_settings, serve_in_process
 
@@ -322,3 +323,28 @@ async def test_in_a_stall_the_node_knows_of_a_new_connection_is_refused_without_
                 assert refused["payload"]["code"] == "backend_unavailable"
                 assert await b.closed() == 1011
         await a.close()
+
+
+async def test_in_a_stall_readyz_says_503_within_a_probes_usual_timeout(
+    redis: RedisServer,
+) -> None:
+    """Operator and HTTP probes: before any call timed out, each /readyz waited its PING's whole
+    connect_timeout (2 s) and a readiness probe with the usual 1-s timeout saw a timeout instead
+    of the 503. Several checks at once share one PING; once Redis answers, ready again."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess")
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+
+        async def readyz() -> int:
+            async with srv.http.get(srv.base + "/readyz") as resp:
+                return resp.status
+
+        assert await readyz() == 200
+        with stalled(redis):
+            async with asyncio.timeout(1.5):  # the probe's 1 s, and the machine's noise
+                statuses = await asyncio.gather(*(readyz() for _ in range(5)))
+            assert statuses == [503] * 5
+
+        async def ready_again() -> bool:
+            return await readyz() == 200
+
+        await poll(ready_again, 10.0, "/readyz 200 once Redis answers")

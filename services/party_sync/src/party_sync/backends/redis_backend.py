@@ -85,6 +85,10 @@ log = logging.getLogger(__name__)
 #: Seconds between measurements of Redis's clock against this node's.
 CLOCK_EVERY = 30.0
 
+#: Seconds a readiness check waits for Redis's answer to its PING (``RedisBackend.ready``): under
+#: a probe's usual 1-s timeout, so that in a stall /readyz answers 503 rather than nothing.
+READY_WAIT = 0.9
+
 
 @dataclass(frozen=True, slots=True)
 class RedisOptions:
@@ -209,6 +213,7 @@ class RedisBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
         self._clock_due = 0.0  # monotonic time of the next measurement
+        self._ready_ping: asyncio.Future[bool] | None = None  # the readiness PING under way
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -225,6 +230,8 @@ class RedisBackend:
         self._streams.clear()
         await self.bus.close()
         await cancel_and_wait(list(self._tasks), what="a Redis backend task")
+        if self._ready_ping is not None:
+            await cancel_and_wait([self._ready_ping], what="the readiness PING")
         await self.scripts.batcher.close()
         await self.votes.close()
         await self.admin.close()
@@ -236,11 +243,26 @@ class RedisBackend:
         Cluster: while some master's are (one master lost is an outage of its parties only)."""
         if not self.bus.serving or self.scripts.batcher.down:
             return False
+        wait = min(READY_WAIT, self.options.connect_timeout)
+        if isinstance(self.client, RedisCluster):  # any master (a PING went to one node: a
+            # stalled master made /readyz 503 for the whole cluster; failover probe)
+            try:
+                return bool(await answering(self.client.get_primaries(), wait))
+            except Exception:
+                return False
+        # One PING at a time, shared by the readiness checks that come meanwhile, and waited
+        # for at most READY_WAIT: in a stall, /readyz says 503 within a probe's usual 1-s timeout
+        # (it took the whole connect_timeout, 2 s, each: probes saw timeouts, not the 503).
+        ping = self._ready_ping
+        if ping is None or ping.done():
+            ping = self._ready_ping = asyncio.ensure_future(self._ping())
         try:
-            if isinstance(self.client, RedisCluster):  # any master (a PING went to one node:
-                # a stalled master made /readyz 503 for the whole cluster; failover probe)
-                masters = self.client.get_primaries()
-                return bool(await answering(masters, self.options.connect_timeout))
+            return await asyncio.wait_for(asyncio.shield(ping), wait)
+        except TimeoutError:
+            return False
+
+    async def _ping(self) -> bool:
+        try:
             async with asyncio.timeout(self.options.connect_timeout):
                 return bool(await self.client.ping())
         except Exception:
