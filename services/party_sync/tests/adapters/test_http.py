@@ -38,7 +38,9 @@ async def test_health_readiness_and_metrics() -> None:
         await b.close()
 
 
-OK_ENGINE = EngineHealth("stream", True, "1 engine worker(s) consume party_sync:actions")
+OK_ENGINE = EngineHealth(
+    "stream", True, "1 consumer(s) (engine-worker read loops) consume party_sync:actions"
+)
 NO_WORKER = EngineHealth("stream", False, "no engine worker consumes party_sync:actions")
 
 

@@ -66,7 +66,7 @@ def test_the_monitor_watches_the_group_engine_workers_join_by_default() -> None:
         (StreamReading(stream_exists=True, length=0), Condition.NO_WORKER, "no consumer group"),
         (NO_GROUP_BACKLOG, Condition.WAITING, "3 entries (actions and party notices) wait"),
         (DEAD_WORKER, Condition.WAITING, "none of the 1 consumer(s)"),
-        (HEALTHY, Condition.OK, "1 engine worker(s) consume"),
+        (HEALTHY, Condition.OK, "1 consumer(s) (engine-worker read loops) consume"),
         (STUCK, Condition.STUCK, "has waited 61s"),
     ],
 )

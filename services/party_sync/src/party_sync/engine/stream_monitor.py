@@ -138,10 +138,10 @@ def assess(
         return Condition.STUCK, (
             f"the oldest action on {stream} has waited {oldest:.0f}s "
             f"({reading.pending} pending, {reading.undelivered} undelivered, "
-            f"{reading.active_consumers} active engine worker(s))"
+            f"{reading.active_consumers} active consumer(s): engine-worker read loops)"
         )
     return Condition.OK, (
-        f"{reading.active_consumers} engine worker(s) consume {stream} "
+        f"{reading.active_consumers} consumer(s) (engine-worker read loops) consume {stream} "
         f"({_entries(reading.waiting)} waiting)"
     )
 
