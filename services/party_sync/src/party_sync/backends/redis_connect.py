@@ -72,6 +72,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from party_sync.backends.keys import DEFAULT_PREFIX
 from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_connect
 from party_sync.protocol.errors import ConfigError
+from party_sync.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -519,13 +520,11 @@ class BoundedRedisCluster(RedisCluster):
         self._initialize = False
 
     async def aclose(self) -> None:
-        # Also redis-py's own step after CLUSTERDOWN: it closes every connection, and the next
-        # call reads the map again (initialize); a read under way is left to that one.
+        # Also redis-py's own step after CLUSTERDOWN or many MOVED: it closes every connection,
+        # and the next call asks for the map again (initialize); a read under way is stopped.
         task, self._refreshing = self._refreshing, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(BaseException):
-                await task
+        if task is not None:
+            await cancel_and_wait([task], what="the slot map refresh")
         self._initialize = False  # (else redis-py's aclose closes nothing)
         await super().aclose()
 
