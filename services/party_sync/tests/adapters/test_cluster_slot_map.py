@@ -21,9 +21,16 @@ async def test_an_unreadable_slot_map_is_one_warning_per_episode(
         if failing[0]:
             raise ConnectionError("no node answers")
 
-    client = SimpleNamespace(
-        nodes_manager=SimpleNamespace(initialize=initialize, startup_nodes={}), get_primaries=list
+    async def ping(*args: object) -> bool:
+        return True
+
+    node = SimpleNamespace(
+        name="127.0.0.1:7000", execute_command=ping
+    )  # answers: asked for the map
+    manager = SimpleNamespace(
+        initialize=initialize, startup_nodes={node.name: node}, slots_cache={}
     )
+    client = SimpleNamespace(nodes_manager=manager, get_primaries=list)
     batcher = ShardedBatcher(client)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="party_sync"):
         for _ in range(5):
@@ -33,3 +40,53 @@ async def test_an_unreadable_slot_map_is_one_warning_per_episode(
         await batcher._reread()
     said = [(r.levelname, r.getMessage()[:60]) for r in caplog.records]
     assert [level for level, _ in said] == ["WARNING", "INFO"], said
+
+
+async def test_the_map_is_read_only_from_nodes_that_answer_and_only_when_it_changed() -> None:
+    """A stalled node is never asked for the map (redis-py asks its nodes one after another,
+    each for a command timeout, holding the map's lock); the same map is not read again (a read
+    reconnects every pooled connection)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import pytest
+    from party_sync.backends.redis_connect import read_slot_map
+    from redis.exceptions import RedisClusterException
+
+    stalled = asyncio.Event()
+    slots: list[list[object]] = [[0, 16383, [b"127.0.0.1", 7001, b"id"]]]
+    inits: list[list[str]] = []
+
+    def node(port: int, *, answers: bool) -> SimpleNamespace:
+        async def execute_command(*args: object) -> object:
+            if not answers:
+                await stalled.wait()  # never set: a SIGSTOPped node
+            return slots if args[0] == "CLUSTER SLOTS" else True
+
+        return SimpleNamespace(name=f"127.0.0.1:{port}", host="127.0.0.1", port=port,
+                               execute_command=execute_command)  # fmt: skip
+
+    async def initialize() -> None:
+        inits.append(sorted(manager.startup_nodes))
+
+    live, dead = node(7001, answers=True), node(7002, answers=False)
+    manager = SimpleNamespace(
+        startup_nodes={live.name: live, dead.name: dead},
+        slots_cache={},
+        initialize=initialize,
+        remap_host_port=lambda host, port: (host, port),
+    )
+    client = SimpleNamespace(nodes_manager=manager)
+    await read_slot_map(client, wait=0.5)  # type: ignore[arg-type]
+    assert inits == [["127.0.0.1:7001"]]  # asked of the node that answers only
+    assert set(manager.startup_nodes) == {live.name, dead.name}  # both known again after
+    manager.slots_cache = {slot: [live] for slot in range(16384)}
+    await read_slot_map(client, wait=0.5)  # type: ignore[arg-type]
+    assert len(inits) == 1  # the same map: not read again
+    slots[0][2] = [b"127.0.0.1", 7003, b"id2"]  # a failover: another master
+    await read_slot_map(client, wait=0.5)  # type: ignore[arg-type]
+    assert len(inits) == 2
+    manager.startup_nodes = {dead.name: dead}
+    with pytest.raises(RedisClusterException, match="no node"):
+        await read_slot_map(client, wait=0.2)  # type: ignore[arg-type]
+    assert len(inits) == 2

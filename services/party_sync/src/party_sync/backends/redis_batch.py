@@ -375,8 +375,19 @@ class ShardedBatcher:
         # One bound for the call in all (``redis_command_timeout``): its retries, and redis-py's
         # slot-map reads, which meet a stalled master too. Without it a call to a healthy
         # master waited out another master's whole stall, then ran late.
-        async with asyncio.timeout(self._timeout):
-            return await self._attempts(script, keys, args)
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await self._attempts(script, keys, args)
+        except TimeoutError:
+            self._trouble()
+            raise
+
+    def _trouble(self) -> None:
+        """A master did not answer: this map, and every cluster client's, read again."""
+        self.refresh_soon()  # a dead master: the next calls find its replica
+        note = getattr(self._client, "note_trouble", None)  # (BoundedRedisCluster's)
+        if note is not None:
+            note()
 
     async def _attempts(self, script: Script, keys: Sequence[Any], args: Sequence[Any]) -> Any:
         key = keys[0]
@@ -405,7 +416,7 @@ class ShardedBatcher:
                     self.refresh_soon(force=True)
                 await asyncio.sleep(min(0.05 * 2**attempt, 0.5))
             except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
-                self.refresh_soon()  # a dead master: the next calls find its replica
+                self._trouble()
                 raise
         raise last
 

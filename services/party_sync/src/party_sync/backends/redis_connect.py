@@ -57,6 +57,7 @@ from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.cluster import get_node_name
 from redis.crc import key_slot
 from redis.exceptions import (
     AuthenticationError,
@@ -68,6 +69,7 @@ from redis.exceptions import (
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.utils import str_if_bytes
 
 from party_sync.backends.keys import DEFAULT_PREFIX
 from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_connect
@@ -401,6 +403,15 @@ _MAP_PING_GRACE = 0.05
 #: Seconds between two background reads of the slot map (``BoundedRedisCluster.refresh_slot_map``).
 MAP_REFRESH_EVERY = 0.25
 
+#: Seconds after a cluster node last failed to answer during which every cluster client of the
+#: process reads its slot map again every ``MAP_REFRESH_EVERY`` s (``note_trouble``): a failover
+#: a few seconds later is then followed within that period by every client, not only by one
+#: whose own call met the dead node after the promotion.
+MAP_WATCH = 10.0
+
+#: The cluster clients of this process (``note_trouble`` tells them all).
+_CLUSTER_CLIENTS: weakref.WeakSet[BoundedRedisCluster] = weakref.WeakSet()
+
 
 async def answering(nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT) -> list[ClusterNode]:
     """The ``nodes`` that answer a PING, in the order they did: every node is asked at once, and
@@ -447,7 +458,11 @@ async def read_slot_map(client: RedisCluster, wait: float = MAP_PING_WAIT) -> No
     nodes = client.nodes_manager
     known = dict(nodes.startup_nodes)
     live = await answering(list(known.values()), wait)
-    if not live or len(live) == len(known):
+    if not live:  # (not every node, one after another: a stalled one would hold the lock)
+        raise RedisClusterException("no node of the cluster answers a PING")
+    if nodes.slots_cache and await _map_unchanged(nodes, live[0]):
+        return  # (redis-py's read would reconnect every pooled connection: a fence each)
+    if len(live) == len(known):
         await nodes.initialize()
         return
     nodes.startup_nodes = {node.name: node for node in live}
@@ -456,6 +471,27 @@ async def read_slot_map(client: RedisCluster, wait: float = MAP_PING_WAIT) -> No
     finally:  # (redis-py puts every node of the map back in; the ones it does not know stay)
         for name, node in known.items():
             nodes.startup_nodes.setdefault(name, node)
+
+
+async def _map_unchanged(nodes: Any, node: ClusterNode) -> bool:
+    """Whether ``node``'s ``CLUSTER SLOTS`` names the same master for every slot as the map
+    ``nodes`` (redis-py's ``NodesManager``) has (False if it cannot tell)."""
+    try:
+        ranges = await node.execute_command("CLUSTER SLOTS")
+        cache = nodes.slots_cache
+        covered = 0
+        for entry in ranges:
+            first, last, primary = int(entry[0]), int(entry[1]), entry[2]
+            host = str_if_bytes(primary[0]) or node.host
+            name = get_node_name(*nodes.remap_host_port(host, int(primary[1])))
+            for slot in range(first, last + 1):
+                owners = cache.get(slot)
+                if not owners or owners[0].name != name:
+                    return False
+            covered += last - first + 1
+        return covered == len(cache)
+    except Exception:  # an answer of another shape: read the map as redis-py does
+        return False
 
 
 class BoundedRedisCluster(RedisCluster):
@@ -477,6 +513,8 @@ class BoundedRedisCluster(RedisCluster):
     semaphores: dict[str, asyncio.Semaphore]
     _refreshing: asyncio.Task[None] | None = None
     _refreshed_at: float = -MAP_REFRESH_EVERY
+    _trouble_until: float = 0.0  # the event loop's time until which the map is read repeatedly
+    _loop: asyncio.AbstractEventLoop | None = None  # the one this client runs in
 
     async def initialize(
         self,
@@ -488,6 +526,9 @@ class BoundedRedisCluster(RedisCluster):
         background (``refresh_slot_map``) and every call meanwhile uses the map it has: a call
         for a healthy master's slots goes through at once, not after a read that may meet a
         stalled node (see ``read_slot_map``); one for a stalled master's times out as before."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            _CLUSTER_CLIENTS.add(self)
         if self._initialize and self.nodes_manager.slots_cache and self.commands_parser.commands:
             if self.get_default_node() is None:  # (redis-py's aclose unset it: any master)
                 primaries = self.get_primaries()
@@ -508,16 +549,37 @@ class BoundedRedisCluster(RedisCluster):
         self._refreshed_at = loop.time()
         self._refreshing = loop.create_task(self._refresh())
 
+    def note_trouble(self) -> None:
+        """A node of the cluster did not answer (a call timed out or lost its connection): every
+        cluster client of this process reads its slot map again now, and every
+        ``MAP_REFRESH_EVERY`` s until ``MAP_WATCH`` s after the last such failure. A call that is
+        cut short by its bound never reaches redis-py's own handling of a timeout, which would
+        ask for the map: a stalled master's stream partition kept being appended to after its
+        replica took over (failover probe), and an engine worker's calls for that master's
+        parties, sent after the promotion, went to it and waited out a timeout each."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + MAP_WATCH
+        for client in list(_CLUSTER_CLIENTS):
+            if client._loop is loop:  # (a client of a loop that has ended is left alone)
+                client._trouble_until = max(client._trouble_until, until)
+                client.refresh_slot_map()
+
     async def _refresh(self) -> None:
-        try:
-            await read_slot_map(self, min(self.bound or MAP_PING_WAIT, MAP_PING_WAIT))
-            live = await answering(self.get_primaries())
-        except Exception as exc:  # no node answers: the next call that fails asks again
-            log.debug("redis cluster: the slot map could not be read again: %s", exc)
-            return
-        if live:
-            self.set_default_node(live[0])  # (keyless commands: a master that answers)
-        self._initialize = False
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                await read_slot_map(self, min(self.bound or MAP_PING_WAIT, MAP_PING_WAIT))
+                live = await answering(self.get_primaries())
+            except Exception as exc:  # no node answers: asked again (below, or by a call)
+                log.debug("redis cluster: the slot map could not be read again: %s", exc)
+            else:
+                if live:
+                    self.set_default_node(live[0])  # (keyless commands: a master that answers)
+                self._initialize = False
+            self._refreshed_at = loop.time()
+            if loop.time() + MAP_REFRESH_EVERY > self._trouble_until:
+                return
+            await asyncio.sleep(MAP_REFRESH_EVERY)
 
     async def aclose(self) -> None:
         # Also redis-py's own step after CLUSTERDOWN or many MOVED: it closes every connection,
@@ -529,7 +591,11 @@ class BoundedRedisCluster(RedisCluster):
         await super().aclose()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        return await within(self.bound, self._initialized_then(*args, **kwargs))
+        try:
+            return await within(self.bound, self._initialized_then(*args, **kwargs))
+        except (RedisConnectionError, RedisTimeoutError):
+            self.note_trouble()
+            raise
 
     async def _initialized_then(self, *args: Any, **kwargs: Any) -> Any:
         # The slot map read first, once for all (initialize takes a lock): commands made before
@@ -597,9 +663,13 @@ class _BoundedPipeline(ClusterPipeline):
         client = self.cluster_client
         assert isinstance(client, BoundedRedisCluster)
         commands, self._queued = self._queued, []
-        return await within(
-            client.bound, self._run(client, commands, raise_on_error, allow_redirections)
-        )
+        try:
+            return await within(
+                client.bound, self._run(client, commands, raise_on_error, allow_redirections)
+            )
+        except (RedisConnectionError, RedisTimeoutError):
+            client.note_trouble()
+            raise
 
     async def _run(
         self,
