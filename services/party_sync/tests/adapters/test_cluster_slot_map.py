@@ -6,7 +6,7 @@ import pytest
 
 
 async def test_an_unreadable_slot_map_is_one_warning_per_episode(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A Cluster master down: every retry (several a second) failed to read the slot map and
     logged a WARNING each time; now one when it begins and one INFO when it is over."""
@@ -31,6 +31,9 @@ async def test_an_unreadable_slot_map_is_one_warning_per_episode(
         initialize=initialize, startup_nodes={node.name: node}, slots_cache={}
     )
     client = SimpleNamespace(nodes_manager=manager, get_primaries=list)
+    from party_sync.backends import redis_connect
+
+    monkeypatch.setattr(redis_connect, "_ask", lambda node, *args: node.execute_command(*args))
     batcher = ShardedBatcher(client)  # type: ignore[arg-type]
     with caplog.at_level(logging.INFO, logger="party_sync"):
         for _ in range(5):
@@ -42,16 +45,21 @@ async def test_an_unreadable_slot_map_is_one_warning_per_episode(
     assert [level for level, _ in said] == ["WARNING", "INFO"], said
 
 
-async def test_the_map_is_read_only_from_nodes_that_answer_and_only_when_it_changed() -> None:
+async def test_the_map_is_read_only_from_nodes_that_answer_and_only_when_it_changed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A stalled node is never asked for the map (redis-py asks its nodes one after another,
     each for a command timeout, holding the map's lock); the same map is not read again (a read
     reconnects every pooled connection)."""
     import asyncio
     from types import SimpleNamespace
 
-    import pytest
+    from party_sync.backends import redis_connect
     from party_sync.backends.redis_connect import read_slot_map
     from redis.exceptions import RedisClusterException
+
+    # (the nodes are asked on connections of their own: here, the fakes' own method)
+    monkeypatch.setattr(redis_connect, "_ask", lambda node, *args: node.execute_command(*args))
 
     stalled = asyncio.Event()
     slots: list[list[object]] = [[0, 16383, [b"127.0.0.1", 7001, b"id"]]]
@@ -61,7 +69,7 @@ async def test_the_map_is_read_only_from_nodes_that_answer_and_only_when_it_chan
         async def execute_command(*args: object) -> object:
             if not answers:
                 await stalled.wait()  # never set: a SIGSTOPped node
-            return slots if args[0] == "CLUSTER SLOTS" else True
+            return slots if args[:2] == ("CLUSTER", "SLOTS") else True
 
         return SimpleNamespace(name=f"127.0.0.1:{port}", host="127.0.0.1", port=port,
                                execute_command=execute_command)  # fmt: skip

@@ -443,9 +443,24 @@ async def answering(nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT) -
 
 async def _ping(node: ClusterNode) -> bool:
     try:
-        return bool(await node.execute_command("PING"))
+        return bool(await _ask(node, "PING"))
     except Exception:  # (a dead node: not answering)
         return False
+
+
+async def _ask(node: ClusterNode, *args: Any) -> Any:
+    """``args`` on a connection of its own to ``node``, closed after (also when the caller gives
+    up on it): not one of the node's pool, whose size the commands count on (a PING under a burst
+    took the connection a command waited for, which then failed at once) and whose connections a
+    call cut short in its handshake leaves unclosed. Without the fence hook: it only asks."""
+    options = {k: v for k, v in node.connection_kwargs.items() if k != "redis_connect_func"}
+    conn = node.connection_class(**options)
+    try:
+        await conn.connect()  # type: ignore[no-untyped-call]
+        await conn.send_command(*args)
+        return await conn.read_response()
+    finally:
+        await asyncio.shield(conn.disconnect())
 
 
 async def read_slot_map(client: RedisCluster, wait: float = MAP_PING_WAIT) -> None:
@@ -477,7 +492,7 @@ async def _map_unchanged(nodes: Any, node: ClusterNode) -> bool:
     """Whether ``node``'s ``CLUSTER SLOTS`` names the same master for every slot as the map
     ``nodes`` (redis-py's ``NodesManager``) has (False if it cannot tell)."""
     try:
-        ranges = await node.execute_command("CLUSTER SLOTS")
+        ranges = await _ask(node, "CLUSTER", "SLOTS")
         cache = nodes.slots_cache
         covered = 0
         for entry in ranges:
@@ -526,7 +541,7 @@ class BoundedRedisCluster(RedisCluster):
         background (``refresh_slot_map``) and every call meanwhile uses the map it has: a call
         for a healthy master's slots goes through at once, not after a read that may meet a
         stalled node (see ``read_slot_map``); one for a stalled master's times out as before."""
-        if self._loop is None:
+        if self not in _CLUSTER_CLIENTS:  # (again after an aclose, if it is used again)
             self._loop = asyncio.get_running_loop()
             _CLUSTER_CLIENTS.add(self)
         if self._initialize and self.nodes_manager.slots_cache and self.commands_parser.commands:
@@ -584,6 +599,7 @@ class BoundedRedisCluster(RedisCluster):
     async def aclose(self) -> None:
         # Also redis-py's own step after CLUSTERDOWN or many MOVED: it closes every connection,
         # and the next call asks for the map again (initialize); a read under way is stopped.
+        _CLUSTER_CLIENTS.discard(self)  # (note_trouble would open it again: a closed client)
         task, self._refreshing = self._refreshing, None
         if task is not None:
             await cancel_and_wait([task], what="the slot map refresh")
