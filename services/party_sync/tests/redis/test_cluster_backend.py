@@ -424,14 +424,7 @@ async def test_a_stalled_master_holds_a_call_to_another_shard_at_most_the_timeou
     with RedisCluster(masters=3, replicas=0) as kit:
         named, stalled = kit.masters()[:2]
 
-        def party_on(master: Any) -> str:
-            return next(
-                p
-                for p in (f"p{i}" for i in range(1000))
-                if kit.slot_owner(kit.keyslot(f"party:{p}")).port == master.port
-            )
-
-        party, far = party_on(named), party_on(stalled)
+        party, far = party_on(kit, named), party_on(kit, stalled)
         async with node(named.url, command_timeout=1.0) as b:
             batcher = b.scripts.batcher
             assert isinstance(batcher, ShardedBatcher)
@@ -495,14 +488,7 @@ async def test_a_stalled_master_with_a_replica_holds_up_only_its_own_parties_and
     with RedisCluster(masters=3, replicas=1) as kit:
         named, stalled = kit.masters()[:2]
 
-        def party_on(master: Any) -> str:
-            return next(
-                p
-                for p in (f"p{i}" for i in range(1000))
-                if kit.slot_owner(kit.keyslot(f"party:{p}")).port == master.port
-            )
-
-        near, far = party_on(named), party_on(stalled)
+        near, far = party_on(kit, named), party_on(kit, stalled)
         far_slot = kit.keyslot(f"party:{far}")
         async with node(named.url, command_timeout=2.0) as b:
             await b.publish(near, scene(1), time.time())
@@ -569,6 +555,15 @@ async def test_a_stalled_master_with_a_replica_holds_up_only_its_own_parties_and
                 assert (outcome, took < 1.0) == ("accept", True), (what, began - stopped, took)
             if began >= taken_over + 1.0:  # the stalled master's parties are on its replica now
                 assert outcome == "accept", (what, began - stopped, took, outcome)
+
+
+def party_on(kit: RedisCluster, master: Any) -> str:
+    """A party id whose slot ``master`` serves."""
+    return next(
+        p
+        for p in (f"p{i}" for i in range(1000))
+        if kit.slot_owner(kit.keyslot(f"party:{p}")).port == master.port
+    )
 
 
 def kit_node_timeout() -> float:
