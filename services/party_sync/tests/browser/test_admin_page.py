@@ -56,7 +56,8 @@ async def test_an_operator_follows_a_party_and_disconnects_a_player() -> None:
         row = page.locator(f"#parties tr[data-party={PARTY}]")
         await expect(row.locator("td[data-online]")).to_have_text("2/2")
         await expect(page.locator("#nodes tr")).to_have_count(1)
-        await expect(page.locator("#nodes td[data-connections]")).to_have_text("2")
+        # (a node's count is its heartbeat's, every presence_ttl / 3 = 10 s: README)
+        await expect(page.locator("#nodes td[data-connections]")).to_have_text("2", timeout=25_000)
         await screenshot(admin, name, "2-overview")
 
         # Follow the party: its events so far, then new ones live.

@@ -106,4 +106,6 @@ async def test_a_kept_task_that_fails_is_logged_and_forgotten() -> None:
     assert tasks == set() and failing.done()
     [record] = records
     assert record.getMessage() == "a delivery failed"
-    assert record.exc_info is not None and "stalled" in str(record.exc_info[1])
+    # (the traceback as text once a server of an earlier test installed the redacting filter)
+    said = str(record.exc_info[1]) if record.exc_info else record.exc_text or ""
+    assert "stalled" in said

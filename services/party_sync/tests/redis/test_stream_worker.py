@@ -372,7 +372,8 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
     host = RecordingHost()
     slow, other = ScriptedEngine(), ScriptedEngine()
     slow.gate = asyncio.Event()  # the first action waits: the others wait behind it
-    claim_idle = 1.5  # refreshed every 0.5 s: a loaded machine may stall the loop a while
+    claim_idle = 3.0  # refreshed every 1 s: a loaded machine may stall the loop a while (a
+    # full suite beside other work once stalled it past 1.5 s: w2 took the entries)
     async with (
         stream_link(redis) as link,
         running_worker(redis, host, slow, "w1", claim_idle=claim_idle, batch=3),
@@ -383,7 +384,7 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
         async with running_worker(redis, host, other, "w2", claim_idle=claim_idle) as second:
             loop = asyncio.get_running_loop()
             until = loop.time() + 4 * claim_idle  # w2 looks several times past claim_idle
-            await wait_until(lambda: loop.time() > until and second.errors == 0, timeout=10)
+            await wait_until(lambda: loop.time() > until and second.errors == 0, timeout=20)
             assert other.calls == []
             # refreshed with JUSTID: still one delivery each (else a held action would reach
             # max_deliveries while it waits, and fail at its first engine error)

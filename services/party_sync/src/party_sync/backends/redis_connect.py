@@ -459,8 +459,8 @@ async def _ask(node: ClusterNode, *args: Any) -> Any:
         await conn.connect()  # type: ignore[no-untyped-call]
         await conn.send_command(*args)
         return await conn.read_response()
-    finally:
-        await asyncio.shield(conn.disconnect())
+    finally:  # (nowait: the socket is closed at once, also in a task being cancelled)
+        await conn.disconnect(nowait=True)
 
 
 async def read_slot_map(client: RedisCluster, wait: float = MAP_PING_WAIT) -> None:
