@@ -421,11 +421,12 @@ async def answering(nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT) -
         return []
     pings = {asyncio.ensure_future(_ping(node)): node for node in nodes}
     answered: list[ClusterNode] = []
+    loop = asyncio.get_running_loop()
     try:
         pending = set(pings)
-        deadline = asyncio.get_running_loop().time() + wait
+        deadline = loop.time() + wait
         while pending:
-            left = deadline - asyncio.get_running_loop().time()
+            left = deadline - loop.time()
             if left <= 0:
                 break
             done, pending = await asyncio.wait(
@@ -433,7 +434,7 @@ async def answering(nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT) -
             )
             answered.extend(pings[t] for t in done if not t.cancelled() and t.result())
             if answered:
-                deadline = min(deadline, asyncio.get_running_loop().time() + _MAP_PING_GRACE)
+                deadline = min(deadline, loop.time() + _MAP_PING_GRACE)
     finally:
         for task in pings:
             task.cancel()
