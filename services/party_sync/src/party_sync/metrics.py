@@ -227,6 +227,12 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        self.actions_overdue = Counter(
+            "party_sync_actions_overdue_total",
+            "Actions an engine started that had no answer at their deadline (each counted once; "
+            "the engine is slower than action_timeout, or ended without publishing the result)",
+            registry=r,
+        )
         # Background work (docs/architecture.md, "Recovery"): a periodic task that meets an
         # error counts it here, logs once per episode and carries on.
         self.background_errors = Counter(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import pytest
 from party_sync.core.actions import Claim
@@ -138,6 +139,42 @@ async def test_an_action_an_engine_started_is_never_timed_out_but_frees_the_char
         result = await a.expect("action.result")
         assert result["payload"]["action_id"] == "slow"
         assert engine.count("slow") == 1
+        await a.close()
+
+
+async def test_an_engine_that_ends_without_publishing_is_told_to_the_operator_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outside probe: an engine whose handler returned without publishing the result left its
+    player waiting, and neither the log nor /metrics said so. At the deadline the action is
+    counted (party_sync_actions_overdue_total) and one WARNING names it; later looks at the same
+    action count nothing more."""
+    engine = ScriptedEngine()
+    engine.mode = "silent"
+    async with serve_in_process(make_settings(action_timeout=0.2), engine=engine) as srv:
+        assert srv.server is not None
+        registry = srv.server.gateway.metrics.registry
+
+        def overdue() -> float | None:
+            return registry.get_sample_value("party_sync_actions_overdue_total")
+
+        a, _ = await srv.join("aria")
+        await a.act("mute", "aria", "r1")
+        await wait_until(lambda: overdue() == 1.0)
+        await wait_until(
+            lambda: any(
+                r.levelno == logging.WARNING and "no answer at their deadline" in r.getMessage()
+                for r in caplog.records
+            )
+        )
+        (record,) = [r for r in caplog.records if "no answer at their deadline" in r.getMessage()]
+        assert "mute" in record.getMessage() and "PARTY_SYNC_ACTION_TIMEOUT" in record.getMessage()
+        await a.act("mute2", "aria", "r1")  # the character is free again; another one
+        await wait_until(lambda: overdue() == 2.0)
+        # (the second within a minute of the first: counted, not logged again)
+        assert (
+            len([r for r in caplog.records if "no answer at their deadline" in r.getMessage()]) == 1
+        )
         await a.close()
 
 

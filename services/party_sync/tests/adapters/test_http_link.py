@@ -214,6 +214,23 @@ async def test_a_4xx_after_an_attempt_that_may_have_reached_the_engine_is_not_a_
     assert host.rejected == [] and host.failed == []
 
 
+async def test_a_slow_engine_whose_answer_came_is_not_sent_the_action_again() -> None:
+    """Outside probe: an engine slower than the link's timeout published its result after the
+    second delivery, and was sent the action six more times (the answer was looked for only once
+    the retries ran out): each retry after an attempt that may have reached the engine first
+    asks whether the action has its answer."""
+    api, host = ScriptedApi(answers=["hang"] * 20), RecordingHost()
+    async with serve(api.app()) as base:
+        async with started_link(host, f"{base}/actions", timeout=0.2, retries=8) as link:
+            await link.submit(make_action("slow"))
+            await wait_until(lambda: len(api.actions) >= 2, timeout=10)
+            host.claims["slow"] = Claim.FINAL  # the engine published its result meanwhile
+            await idle(link)
+        api.release.set()
+    assert len(api.actions) <= 3  # at most the attempt already under way when it came
+    assert host.failed == [] and host.rejected == []
+
+
 @pytest.mark.parametrize("status", [408, 425, 429])
 async def test_a_later_status_is_retried_even_on_a_first_attempt(status: int) -> None:
     api, host = ScriptedApi(answers=[status]), RecordingHost()

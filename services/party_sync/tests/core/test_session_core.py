@@ -91,6 +91,9 @@ class Meter:
     def engine_latency(self, seconds: float) -> None:
         self.latencies.append(seconds)
 
+    def overdue(self, party_id: str, action_id: str, trace_id: str) -> None:
+        self.count("overdue", action_id)
+
 
 class Node:
     """The gateway's job, synchronously: commands in, backend calls, answers fed back."""
@@ -525,6 +528,34 @@ def test_a_started_action_is_looked_at_again_and_a_lost_answer_is_sent_again() -
     node.advance(5.0)
     assert error_code(node.last(aria)) == "action_rejected"
     assert node.meter.counts[("action_answers", "resent")] == 1
+
+
+def test_a_started_action_without_an_answer_at_its_deadline_is_told_to_the_operator_once() -> None:
+    """Outside probe: an engine that returned without publishing the result left its player
+    waiting and nothing in the log. The first look past the deadline finds it started and
+    unanswered: the meter is told once (a WARNING and a counter), not at every later look; an
+    action answered in time, or timed out, is not overdue."""
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    node.act(aria, "a1")
+    node.act(borin, "b1")
+    first, second = node.engine
+    for pending in (first, second):
+        claim, _ = done(
+            node.backend.claim_action("p1", pending.action_id, node.now, b"{}", pending.deadline)
+        )
+        assert claim is Claim.START
+    node.answer(second)  # b1 answered in time
+    node.advance(RULES.action_timeout + 0.01)
+    assert node.meter.counts.get(("overdue", "a1")) == 1
+    for _ in range(3):  # still unanswered at every later look: not told again
+        node.advance(RULES.action_timeout)
+    assert node.meter.counts.get(("overdue", "a1")) == 1
+    assert ("overdue", "b1") not in node.meter.counts
+    node.act(borin, "b2")  # nobody starts it: timed out, which is its answer, not overdue
+    node.advance(RULES.action_timeout + 0.01)
+    assert error_code(node.last(borin)) == "action_timeout"
+    assert ("overdue", "b2") not in node.meter.counts
 
 
 def test_a_stored_result_goes_outside_the_stream_only_as_a_repeat() -> None:

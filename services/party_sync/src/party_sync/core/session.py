@@ -123,6 +123,9 @@ class Meter(Protocol):
 
     def engine_latency(self, seconds: float) -> None: ...
 
+    def overdue(self, party_id: str, action_id: str, trace_id: str) -> None:
+        """An action an engine started had no answer at its deadline (once per action)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Rules:
@@ -854,6 +857,12 @@ class PartySessions:
             gone = self._action_error(action, ErrorCode.BACKEND_UNAVAILABLE, text, now)
             return self._answer(action, gone, ErrorCode.BACKEND_UNAVAILABLE)
         # STARTED (its answer comes from the engine) / NOT_DUE: look again one timeout later
+        if (
+            outcome is Sweep.STARTED
+            and action.deadline is not None
+            and now < action.deadline + self.rules.action_timeout
+        ):  # the first look past its deadline: told once, however long the engine takes
+            self.meter.overdue(action.party_id, action.action_id, action.trace_id)
         if action.conn is not None and not action.conn.closed:
             self._watch(action, now + self.rules.action_timeout)
         return []

@@ -335,6 +335,14 @@ class HttpEngineLink:
                 failure = _Retryable(f"HTTP {status}")
                 self.failures += 1
             attempt += 1
+            # An attempt may have reached the engine: before sending it again, ask whether its
+            # answer came meanwhile (a slow engine that published after our timeout). Asked
+            # before every retry, not only once the retries ran out: each delivery of an action
+            # that has its answer is work, and money (a language model), for the engine.
+            if reached and await self._answered_meanwhile(host, action):
+                self._silent_since = None  # its engine answered it: the host is not stuck
+                log.info("the action was answered while its delivery was retried", extra=extra)
+                return
             if attempt > self.retries:
                 if not reached:  # it never left party_sync: "unavailable" is the truth
                     if not self._engine_unreachable(failure):
@@ -342,10 +350,6 @@ class HttpEngineLink:
                     await self._refuse(
                         action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unreachable: retry"
                     )
-                    return
-                if await self._answered_meanwhile(host, action):
-                    self._silent_since = None  # its engine answered it: the host is not stuck
-                    log.info("the action was answered while its delivery was retried", extra=extra)
                     return
                 if loop.time() >= give_up_at:
                     log.error(

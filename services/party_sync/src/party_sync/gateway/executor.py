@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from typing import Any, TypeGuard
@@ -50,6 +51,7 @@ from party_sync.engine.interface import (
     action_envelope,
 )
 from party_sync.gateway.session import carry_local
+from party_sync.logs import RateGate
 from party_sync.metrics import Metrics
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
@@ -60,15 +62,27 @@ log = logging.getLogger("party_sync.gateway.gateway")
 TAKE_OVER_PAUSE = 1.0
 #: The vote actions a node remembers handing to its own link (one per finished vote).
 MAX_HANDED = 10_000
+#: Seconds between two WARNINGs about actions an engine left unanswered past their deadline.
+OVERDUE_LOG_EVERY = 60.0
 
 
 class MetricsMeter:
     """``core.session.Meter`` over the node's Prometheus families (same names and labels); the
     per-message methods are the families' own bound methods (no call layer on the hot path)."""
 
-    __slots__ = ("_families", "connections", "engine_latency", "received", "sent")
+    __slots__ = (
+        "_families",
+        "_overdue",
+        "_overdue_gate",
+        "connections",
+        "engine_latency",
+        "received",
+        "sent",
+    )
 
     def __init__(self, metrics: Metrics) -> None:
+        self._overdue = metrics.actions_overdue
+        self._overdue_gate = RateGate(OVERDUE_LOG_EVERY)
         self.received = metrics.received
         self.sent = metrics.sent
         self.engine_latency = metrics.engine_latency.observe
@@ -84,6 +98,24 @@ class MetricsMeter:
 
     def count(self, family: str, label: str) -> None:
         self._families[family].labels(label).inc()
+
+    def overdue(self, party_id: str, action_id: str, trace_id: str) -> None:
+        """Counted, and told to the operator at most once a minute (the player is left waiting:
+        an engine that returned without publishing the result is a bug only the log shows)."""
+        self._overdue.inc()
+        since = self._overdue_gate.admit(time.monotonic())
+        if since is None:
+            return
+        log.warning(
+            "%d action(s) an engine started had no answer at their deadline (the latest: %s "
+            "in party %s): the engine is slower than PARTY_SYNC_ACTION_TIMEOUT, or ended "
+            "without publishing the action's result; its player waits for it (at most one line "
+            "a minute; party_sync_actions_overdue_total counts them)",
+            since + 1,
+            action_id,
+            party_id,
+            extra={"trace_id": trace_id, "action_id": action_id, "party_id": party_id},
+        )
 
 
 def engine_action(action: PendingAction) -> ActionRequest:
