@@ -317,6 +317,33 @@ async def test_a_401_fetches_a_new_token_from_the_provider() -> None:
     await h.client.close()
 
 
+async def test_a_plain_token_provider_is_called_like_an_async_one() -> None:
+    """Outside probe: ``token_provider=lambda: token`` (the JS client takes a plain function)
+    failed every attempt with "object str can't be used in 'await' expression", logged as a
+    passing failure, for ever."""
+    tokens = iter(["t1", "t2"])
+    h = Harness(token_provider=lambda: next(tokens), token=None)
+    h.transport.plan = [401]
+    h.client.start()
+    conn = await h.transport.next()
+    assert conn.token == "t2"
+    conn.push(hello(0))
+    await h.seen.next_of(Connected)
+    await h.client.close()
+
+
+@pytest.mark.parametrize("given", [None, b"bytes", ""])
+async def test_a_token_provider_that_gives_no_token_stops_the_client_and_says_so(
+    given: object,
+) -> None:
+    """A provider that returns no token is a programming error no retry mends: the client
+    stops with ``ClientClosed`` naming it, instead of dialling for ever."""
+    h = Harness(token_provider=lambda: given, token=None)
+    with pytest.raises(ClientClosed, match="token_provider returned"):
+        await h.client.connect()
+    assert h.transport.attempts == 0
+
+
 async def test_a_fresh_token_refused_too_stops_the_client() -> None:
     """The provider's tokens are not the server's (another secret): one refresh, then stop,
     instead of dialling for ever."""

@@ -58,16 +58,31 @@ log = logging.getLogger(__name__)
 #: Consecutive failed connects after which the client says so as a WARNING (then every 20th).
 WARN_AFTER_FAILURES: Final = 3
 
-TokenProvider = Callable[[], Awaitable[str]]
+TokenProvider = Callable[[], Awaitable[str] | str]
 Callback = Callable[[Any], Awaitable[None] | None]
+
+
+async def _token_from(provider: TokenProvider) -> str:
+    """A fresh token from ``provider``, which may be async or plain (as the JS client's may).
+
+    What it raises is taken as passing (its sign-in service may be down); a provider that gives
+    no token at all is a programming error that no retry mends: ``ClientClosed`` says so."""
+    token = provider()
+    if inspect.isawaitable(token):
+        token = await token
+    if not isinstance(token, str) or not token:
+        raise ClientClosed(
+            f"token_provider returned {type(token).__name__}, not a token (a non-empty str)"
+        )
+    return token
 
 
 class PartyClient:
     """One character's connection to its party (the token says which party and character).
 
     ``url`` is the WebSocket endpoint, e.g. ``ws://127.0.0.1:8080/ws``. Give ``token``, or a
-    ``token_provider`` (an async callable returning a fresh token: called at start if there is
-    no token, and again after close code 4001 or a handshake answered 401), or both.
+    ``token_provider`` (a callable returning a fresh token, plain or async: called at start if
+    there is no token, and again after close code 4001 or a handshake answered 401), or both.
     ``transport``, ``backoff`` and ``sleep`` are injectable for tests; ``max_attempts`` bounds
     consecutive failed connection attempts (None: try forever).
     """
@@ -305,7 +320,9 @@ class PartyClient:
                 if self._provider is None:
                     raise ClientClosed("the token expired and there is no token_provider")
                 try:
-                    self._token = await self._provider()
+                    self._token = await _token_from(self._provider)
+                except ClientClosed:
+                    raise
                 except Exception:
                     log.warning("party_sync client: token_provider failed", exc_info=True)
                     failures += 1
