@@ -329,6 +329,7 @@ def watch_engine(settings: Settings, link: EngineLink, metrics: Metrics) -> Heal
             metrics=metrics,
             refused=lambda: link.key_refused,
             silent_since=lambda: link.silent_since,
+            failing=lambda: link.failing,
             stuck_after=max(10.0, 2 * link.timeout),
             back=link.host_restarted,
         )

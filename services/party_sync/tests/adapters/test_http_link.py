@@ -761,6 +761,55 @@ async def test_an_engine_host_that_answers_nothing_shows_in_readiness(
     assert "stuck or frozen" in lines[0][1]
 
 
+def failing(link: HttpEngineLink) -> tuple[float, str] | None:
+    """``link.failing``, read afresh (an attribute read would be narrowed by mypy)."""
+    return link.failing
+
+
+async def test_an_engine_host_that_answers_every_delivery_with_an_error_shows_in_readiness(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Outside probe: an engine answering 500 to every delivery for 30 s left /readyz "ready"
+    and engine_link_ok 1 while every action waited on the link's retries. Now: degraded once
+    every answer for ``stuck_after`` was a 5xx, one WARNING, over at the first other answer; a
+    5xx among other answers is not failing."""
+    caplog.set_level(logging.INFO, "party_sync.engine.health")
+    answers: list[int | str] = [500, 500, 500, 500, 202, 503, 202]
+    api, host = ScriptedApi(answers=answers), RecordingHost()
+    metrics = Metrics("n1")
+    now = [1000.0]
+    async with (
+        serve(api.app()) as base,
+        started_link(host, f"{base}/actions", retries=50) as link,
+    ):
+        probe = HttpProbe(
+            link.url,
+            metrics=metrics,
+            clock=lambda: now[0],
+            failing=lambda: None if failing(link) is None else (now[0] - 11, "HTTP 500"),
+            stuck_after=10.0,
+        )
+        assert failing(link) is None
+        await link.submit(make_action("f1"))
+        await wait_until(lambda: len(api.actions) >= 2, timeout=10)
+        assert failing(link) is not None
+        assert link.failing is not None and link.failing[1] == "HTTP 500"
+        assert await probe.probe_once()  # it accepts connections, and answers only errors
+        health = probe.health()
+        assert not health.ok and "every delivery for 11s with an error (HTTP 500)" in health.detail
+        assert metrics.engine_link_ok._value.get() == 0
+        await idle(link)  # the fifth attempt is taken (202): over
+        assert failing(link) is None
+        assert await probe.probe_once() and probe.health().ok
+        assert metrics.engine_link_ok._value.get() == 1
+        await link.submit(make_action("f2"))  # one 503 between two answers: not failing
+        await idle(link)
+        assert failing(link) is None and probe.health().ok
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
+    assert "with an error (HTTP 500)" in lines[0][1]
+
+
 async def test_a_refused_key_shows_in_readiness_and_metrics_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -848,6 +897,9 @@ def test_the_server_watches_the_links_key() -> None:
     link._silent_since = time.monotonic() - 60  # ...and none was answered for a minute
     assert not source.health().ok and "stuck or frozen" in source.health().detail
     link._silent_since = None
+    link._failing_since, link._failing_status = time.monotonic() - 60, 502  # errors only
+    assert not source.health().ok and "with an error (HTTP 502)" in source.health().detail
+    link._failing_since = None
     link._key_refused = "the engine host refused party_sync's API key (HTTP 401)"
     assert not source.health().ok and "HTTP 401" in source.health().detail
     # nothing delivered for long: what the last attempts met no longer says anything (the

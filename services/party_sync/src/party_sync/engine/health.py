@@ -168,6 +168,7 @@ class HttpProbe:
         clock: Callable[[], float] = time.monotonic,
         refused: Callable[[], str | None] = lambda: None,
         silent_since: Callable[[], float | None] = lambda: None,
+        failing: Callable[[], tuple[float, str] | None] = lambda: None,
         stuck_after: float = 10.0,
         back: Callable[[], None] = lambda: None,
     ) -> None:
@@ -175,6 +176,7 @@ class HttpProbe:
         self._refused = refused
         self._back = back  # the URL accepts connections again after it did not (a restart)
         self._silent_since = silent_since  # (time.monotonic(), like clock's default)
+        self._failing = failing  # (since, what): every answer a 5xx since then (the link's)
         self.stuck_after = stuck_after
         self._stuck = Episode(log, "engine URL not answering")
         self.url = public_url(url)
@@ -195,14 +197,23 @@ class HttpProbe:
         self._periodic = Periodic(self._tick, interval)
         self._broken = False
 
-    def _silent_for(self) -> float | None:
-        """Seconds the engine host has answered no delivery (sent, not answered in time), if
-        that is over ``stuck_after``."""
+    def _stuck_for(self) -> str | None:
+        """What is wrong with an engine host that accepts connections, for ``stuck_after`` or
+        longer: it has answered no delivery (sent, not answered in time), or has answered every
+        one with a 5xx (the engine failing every action; the link retries them); else None."""
         since = self._silent_since()
-        if since is None:
-            return None
-        silent = self._clock() - since
-        return silent if silent >= self.stuck_after else None
+        if since is not None and self._clock() - since >= self.stuck_after:
+            return (
+                f"{self.url} accepts connections but has answered no delivery for "
+                f"{self._clock() - since:.0f}s (the engine host is stuck or frozen)"
+            )
+        failing = self._failing()
+        if failing is not None and self._clock() - failing[0] >= self.stuck_after:
+            return (
+                f"{self.url} has answered every delivery for {self._clock() - failing[0]:.0f}s "
+                f"with an error ({failing[1]}): the engine fails; its actions wait, retried"
+            )
+        return None
 
     def health(self) -> EngineHealth:
         if self._down_since is None:
@@ -211,14 +222,9 @@ class HttpProbe:
                 return EngineHealth(
                     "http", False, f"{self.url}: {refused} (PARTY_SYNC_API_KEY differs)"
                 )
-            silent = self._silent_for()
-            if silent is not None:
-                return EngineHealth(
-                    "http",
-                    False,
-                    f"{self.url} accepts connections but has answered no delivery for "
-                    f"{silent:.0f}s (the engine host is stuck or frozen)",
-                )
+            stuck = self._stuck_for()
+            if stuck is not None:
+                return EngineHealth("http", False, stuck)
             return EngineHealth("http", True, self.url)
         down_for = self._clock() - self._down_since
         detail = f"{self.url} unreachable for {down_for:.0f}s ({self._failure})"
@@ -246,17 +252,13 @@ class HttpProbe:
         self._down_since = None
         self._periodic.interval = self.interval
         self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)
-        silent = self._silent_for()
-        if silent is not None:
-            self._stuck.trouble(
-                "stuck",
-                f"{self.url} accepts connections but has answered no delivery for "
-                f"{silent:.0f}s: the engine host is stuck or frozen",
-                engine_url=self.url,
-            )
+        stuck = self._stuck_for()
+        if stuck is not None:
+            # the kind (the detail's start) changes only between "no answer" and "errors"
+            self._stuck.trouble(stuck.split(" for ")[0], stuck, engine_url=self.url)
         else:
             self._stuck.fine(f"{self.url} answers deliveries again", engine_url=self.url)
-        self._set_ok(self._refused() is None and silent is None)
+        self._set_ok(self._refused() is None and stuck is None)
         return True
 
     def _set_ok(self, ok: bool) -> None:

@@ -154,6 +154,10 @@ class HttpEngineLink:
         #: gets an answer: an engine host that accepts connections and answers nothing (frozen,
         #: or stuck) shows in ``/readyz`` through it (``HttpProbe``).
         self._silent_since: float | None = None
+        #: ``time.monotonic()`` of the first of the 5xx answers the host has given since its last
+        #: other answer, and the latest one's status (``failing``)
+        self._failing_since: float | None = None
+        self._failing_status = 0
         #: ``time.monotonic()`` of the last delivery attempt: what the attempts met describes
         #: the engine host only while they go on (``key_refused``, ``silent_since``).
         self._last_attempt = float("-inf")
@@ -437,6 +441,18 @@ class HttpEngineLink:
             return None
         return self._silent_since
 
+    @property
+    def failing(self) -> tuple[float, str] | None:
+        """(``time.monotonic()`` since when, what) while every delivery the host answered since
+        then was answered 5xx (the engine, or a proxy before it, failing every action) and
+        attempts go on; None after another answer, or once nothing has been tried for longer
+        than an attempt and its backoff take."""
+        if self._failing_since is None:
+            return None
+        if time.monotonic() - self._last_attempt > self.timeout + self.backoff_max + 1.0:
+            return None
+        return self._failing_since, f"HTTP {self._failing_status}"
+
     def _refused_key(self, what: str, status: int, extra: Mapping[str, str]) -> None:
         """The engine host answered 401: one ERROR when this begins (naming the setting), then
         DEBUG per delivery until a delivery is taken again."""
@@ -484,7 +500,12 @@ class HttpEngineLink:
                 text = await resp.text()
                 answer = _parse(text)
                 self._silent_since = None  # it answers (whatever it says)
-                if resp.status >= 500:
+                if resp.status < 500:
+                    self._failing_since = None
+                else:
+                    if self._failing_since is None:
+                        self._failing_since = self._last_attempt
+                    self._failing_status = resp.status
                     if isinstance(answer, dict) and answer.get("error") == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
                     raise _Retryable(f"HTTP {resp.status}")
