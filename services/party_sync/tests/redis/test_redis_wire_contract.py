@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 from collections.abc import AsyncIterator
 
 import pytest
@@ -61,6 +62,51 @@ async def _echo_and_fail(client: Redis) -> tuple[Script, Script]:
     await load_script(client, echo)
     await load_script(client, fail)
     return echo, fail
+
+
+def _params(method: object) -> list[tuple[str, object, object]]:
+    signature = inspect.signature(method)  # type: ignore[arg-type]
+    return [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+
+
+def test_the_redis_py_internals_the_cluster_and_sentinel_clients_override_are_as_verified() -> None:
+    """Besides ``redis_wire``, three places lean on redis-py below its client API, each with a
+    behaviour test of its own (tests/redis/test_cluster_*.py, test_sentinel_*.py, the fence's):
+    ``BoundedRedisCluster`` overrides ``RedisCluster._determine_slot`` and ``_execute_command``,
+    ``_SentinelConnection`` overrides ``connect_to`` and ``connect_check_health`` (redis_connect),
+    and the fence is redis-py's ``redis_connect_func`` connection option (redis_fence). Their
+    names and signatures are pinned here, so an upgrade that renames or reshapes one fails by
+    name, not as a hang in a failover test."""
+    from redis.asyncio.cluster import RedisCluster
+    from redis.asyncio.connection import AbstractConnection
+    from redis.asyncio.sentinel import SentinelManagedConnection
+
+    positional, var, keywords = (
+        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+        inspect.Parameter.VAR_POSITIONAL,
+        inspect.Parameter.VAR_KEYWORD,
+    )
+    empty = inspect.Parameter.empty
+    overridden = {
+        RedisCluster._determine_slot: [
+            ("self", positional, empty), ("command", positional, empty), ("args", var, empty),
+        ],
+        RedisCluster._execute_command: [
+            ("self", positional, empty), ("target_node", positional, empty),
+            ("args", var, empty), ("kwargs", keywords, empty),
+        ],
+        SentinelManagedConnection.connect_to: [
+            ("self", positional, empty), ("address", positional, empty),
+        ],
+        SentinelManagedConnection.connect_check_health: [
+            ("self", positional, empty), ("check_health", positional, True),
+            ("retry_socket_connect", positional, True),
+        ],
+    }  # fmt: skip
+    for method, expected in overridden.items():
+        assert inspect.iscoroutinefunction(method), method
+        assert _params(method) == expected, method
+    assert "redis_connect_func" in inspect.signature(AbstractConnection.__init__).parameters
 
 
 async def test_packed_evalsha_calls_are_answered_in_order_and_an_error_keeps_the_stream_in_step(
