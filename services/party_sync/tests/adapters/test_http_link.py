@@ -385,7 +385,11 @@ async def test_an_engine_that_is_down_is_one_warning_and_one_info_not_lines_per_
             await link.submit(make_action("back"))
             await idle(link)
     assert [c.action_id for c in engine.calls] == ["back"]
-    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    lines = [
+        (r.levelno, r.getMessage())
+        for r in caplog.records
+        if r.name == "party_sync.engine.http_link"
+    ]
     assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
     assert "engine_unavailable" in lines[0][1] and "again" in lines[1][1]
 
@@ -756,7 +760,9 @@ async def test_an_engine_host_that_answers_nothing_shows_in_readiness(
         assert await probe.probe_once() and probe.health().ok
         assert metrics.engine_link_ok._value.get() == 1
         await idle(link)
-    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    lines = [
+        (r.levelno, r.getMessage()) for r in caplog.records if r.name == "party_sync.engine.health"
+    ]
     assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
     assert "stuck or frozen" in lines[0][1]
 
@@ -805,7 +811,9 @@ async def test_an_engine_host_that_answers_every_delivery_with_an_error_shows_in
         await link.submit(make_action("f2"))  # one 503 between two answers: not failing
         await idle(link)
         assert failing(link) is None and probe.health().ok
-    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    lines = [
+        (r.levelno, r.getMessage()) for r in caplog.records if r.name == "party_sync.engine.health"
+    ]
     assert [level for level, _ in lines] == [logging.WARNING, logging.INFO], lines
     assert "with an error (HTTP 500)" in lines[0][1]
 

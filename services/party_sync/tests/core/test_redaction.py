@@ -313,8 +313,11 @@ def test_other_errors_of_aiohttp_pass_untouched() -> None:
         assert record.levelno == logging.ERROR and record.exc_info is not None
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def restore_logging() -> Iterator[None]:
+    """Every test here leaves the process's logging as it found it (``logs.configure`` sets the
+    root logger's level and handler: left at INFO, it let other tests' caplog see every INFO
+    line of every library)."""
     root = logging.getLogger()
     server = logging.getLogger("aiohttp.server")
     ws = logging.getLogger("aiohttp.websocket")
