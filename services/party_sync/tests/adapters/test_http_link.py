@@ -225,9 +225,10 @@ async def test_a_slow_engine_whose_answer_came_is_not_sent_the_action_again() ->
             await link.submit(make_action("slow"))
             await wait_until(lambda: len(api.actions) >= 2, timeout=10)
             host.claims["slow"] = Claim.FINAL  # the engine published its result meanwhile
+            sent = len(api.actions)
             await idle(link)
         api.release.set()
-    assert len(api.actions) <= 3  # at most the attempt already under way when it came
+    assert len(api.actions) <= sent + 1  # at most the attempt already under way when it came
     assert host.failed == [] and host.rejected == []
 
 
@@ -780,7 +781,7 @@ async def test_an_engine_host_that_answers_every_delivery_with_an_error_shows_in
     every answer for ``stuck_after`` was a 5xx, one WARNING, over at the first other answer; a
     5xx among other answers is not failing."""
     caplog.set_level(logging.INFO, "party_sync.engine.health")
-    answers: list[int | str] = [500, 500, 500, 500, 202, 503, 202]
+    answers: list[int | str] = [500, 500, 500, 500, "hang", 503, 202]
     api, host = ScriptedApi(answers=answers), RecordingHost()
     metrics = Metrics("n1")
     now = [1000.0]
@@ -797,13 +798,14 @@ async def test_an_engine_host_that_answers_every_delivery_with_an_error_shows_in
         )
         assert failing(link) is None
         await link.submit(make_action("f1"))
-        await wait_until(lambda: len(api.actions) >= 2, timeout=10)
+        await wait_until(lambda: len(api.actions) == 5, timeout=10)  # the fifth is held
         assert failing(link) is not None
         assert link.failing is not None and link.failing[1] == "HTTP 500"
         assert await probe.probe_once()  # it accepts connections, and answers only errors
         health = probe.health()
         assert not health.ok and "every delivery for 11s with an error (HTTP 500)" in health.detail
         assert metrics.engine_link_ok._value.get() == 0
+        api.release.set()
         await idle(link)  # the fifth attempt is taken (202): over
         assert failing(link) is None
         assert await probe.probe_once() and probe.health().ok
