@@ -444,6 +444,22 @@ def options() -> list[tuple[str, str, str, Any]]:
     ]
 
 
+def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``parse`` as an argparse type: its ``ValueError`` message is what the flag's error says
+    (argparse shows only an ``ArgumentTypeError``'s own: else "invalid _bool value: 'x'"), the
+    same words as the environment variable's."""
+
+    def flag_type(text: str) -> Any:
+        try:
+            return parse(text)
+        except argparse.ArgumentTypeError:
+            raise
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return flag_type
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         # A boolean flag alone means true (``--redis-cluster``); a value still works.
@@ -452,7 +468,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             "--" + f.name.replace("_", "-"),
             dest=f.name,
             default=None,
-            type=_parser_for(f),
+            type=_flag_type(_parser_for(f)),
             # argparse formats a help text with %: a literal one (a "%" in prose) is doubled
             help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]".replace("%", "%%"),
             **alone,

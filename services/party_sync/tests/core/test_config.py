@@ -249,6 +249,30 @@ def test_an_unparsable_flag_value_is_refused_by_the_argument_parser() -> None:
 
 
 @pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--redis-cluster", "maybe", "not a boolean: 'maybe'"),
+        ("--telegram-test-env", "maybe", "not a boolean: 'maybe'"),
+        ("--workers", "abc", "not a number of workers or auto: 'abc'"),
+        ("--port", "eighty", "not a whole number: 'eighty'"),
+        ("--action-timeout", "soon", "not a number: 'soon'"),
+    ],
+)
+def test_an_unparsable_flag_value_says_what_the_environment_variable_says(
+    flag: str, value: str, says: str
+) -> None:
+    """Deployment probe: ``--redis-cluster maybe`` said "invalid _bool value: 'maybe'" (the
+    parse function's name), ``--workers abc`` "invalid workers_count value", where the same
+    value in the environment said what is wrong."""
+    with pytest.raises(argparse.ArgumentError) as refused:
+        parse_flags(flag, value)
+    assert str(refused.value) == f"argument {flag}: {says}"
+    env = ENV_PREFIX + flag.removeprefix("--").replace("-", "_").upper()
+    with pytest.raises(ConfigError, match=f"^{env}: {says}$"):
+        load(parse_flags(), env={env: value})
+
+
+@pytest.mark.parametrize(
     ("port", "ok"), [(1, True), (65535, True), (0, False), (65536, False), (-5, False)]
 )
 def test_validate_port_bounds(port: int, ok: bool) -> None:
