@@ -197,19 +197,20 @@ class HttpProbe:
         self._periodic = Periodic(self._tick, interval)
         self._broken = False
 
-    def _stuck_for(self) -> str | None:
+    def _stuck_for(self) -> tuple[str, str] | None:
         """What is wrong with an engine host that accepts connections, for ``stuck_after`` or
-        longer: it has answered no delivery (sent, not answered in time), or has answered every
-        one with a 5xx (the engine failing every action; the link retries them); else None."""
+        longer, as (kind, detail): it has answered no delivery (sent, not answered in time), or
+        has answered every one with a 5xx (the engine failing every action; the link retries
+        them); else None."""
         since = self._silent_since()
         if since is not None and self._clock() - since >= self.stuck_after:
-            return (
+            return "stuck", (
                 f"{self.url} accepts connections but has answered no delivery for "
                 f"{self._clock() - since:.0f}s (the engine host is stuck or frozen)"
             )
         failing = self._failing()
         if failing is not None and self._clock() - failing[0] >= self.stuck_after:
-            return (
+            return "failing", (
                 f"{self.url} has answered every delivery for {self._clock() - failing[0]:.0f}s "
                 f"with an error ({failing[1]}): the engine fails; its actions wait, retried"
             )
@@ -224,7 +225,7 @@ class HttpProbe:
                 )
             stuck = self._stuck_for()
             if stuck is not None:
-                return EngineHealth("http", False, stuck)
+                return EngineHealth("http", False, stuck[1])
             return EngineHealth("http", True, self.url)
         down_for = self._clock() - self._down_since
         detail = f"{self.url} unreachable for {down_for:.0f}s ({self._failure})"
@@ -254,8 +255,7 @@ class HttpProbe:
         self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)
         stuck = self._stuck_for()
         if stuck is not None:
-            # the kind (the detail's start) changes only between "no answer" and "errors"
-            self._stuck.trouble(stuck.split(" for ")[0], stuck, engine_url=self.url)
+            self._stuck.trouble(*stuck, engine_url=self.url)
         else:
             self._stuck.fine(f"{self.url} answers deliveries again", engine_url=self.url)
         self._set_ok(self._refused() is None and stuck is None)
