@@ -352,7 +352,9 @@ class Settings:
         3600.0, "Seconds a party's state and history are kept after its last activity."
     )
     max_replay: int = _option(
-        300, "Most events replayed on resume; a larger gap gets a fresh snapshot."
+        300,
+        "Most events replayed on resume; a larger gap gets a fresh snapshot. At most "
+        "history_size (a resume replays only what the history holds; above it, a start WARNING).",
     )
     heartbeat: float = _option(25.0, "Seconds between WebSocket pings; no pong in time closes.")
     request_head_timeout: float = _option(

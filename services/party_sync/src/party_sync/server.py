@@ -261,6 +261,18 @@ def unused_engine_setting(settings: Settings, transport: str) -> str | None:
     )
 
 
+def capped_replay(settings: Settings) -> str | None:
+    """A warning when ``max_replay`` is above ``history_size``: a resume replays only what the
+    history holds, so the setting promises more than it can give."""
+    if settings.max_replay <= settings.history_size:
+        return None
+    return (
+        f"max_replay ({settings.max_replay}) is above history_size ({settings.history_size}): a "
+        f"resume replays at most the {settings.history_size} events a party's history holds; "
+        "raise history_size, or lower max_replay to say what you get"
+    )
+
+
 #: Shortest secrets not warned about: an HS256 key of 32 bytes (RFC 7518 §3.2: at least the
 #: hash's size), an API key of 24 characters (what ``with_dev_secret`` makes: 18 random bytes).
 MIN_API_KEY_CHARS = 24
@@ -566,9 +578,9 @@ async def run(
             **where,
         },
     )
-    unused = unused_engine_setting(settings, transport)
-    if unused is not None:
-        log.warning(unused)
+    for unused in (unused_engine_setting(settings, transport), capped_replay(settings)):
+        if unused is not None:
+            log.warning(unused)
     for weak in weak_secrets(settings):
         log.warning(weak, extra=logs.VERBATIM)  # our words and lengths only: never a secret
     off = api_off(settings)

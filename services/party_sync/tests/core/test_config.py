@@ -414,6 +414,18 @@ def test_the_redis_write_delay_is_off_by_default_and_reaches_the_script_batcher(
     assert backend.scripts.batcher._delay == 0.002
 
 
+def test_a_max_replay_above_the_history_is_warned_about() -> None:
+    """Deployment probe: ``--max-replay 1000`` beside ``history_size`` 300 was taken without a
+    word; a resume can replay only what the history holds."""
+    from party_sync.server import capped_replay
+
+    assert capped_replay(Settings()) is None  # the defaults: 300 and 300
+    assert capped_replay(Settings(max_replay=10, history_size=50)) is None
+    warning = capped_replay(Settings(max_replay=1000))
+    assert warning is not None
+    assert warning.startswith("max_replay (1000) is above history_size (300)")
+
+
 def test_short_secrets_are_warned_about_and_generated_ones_are_not() -> None:
     from party_sync.server import weak_secrets
 
