@@ -4,6 +4,7 @@ arrives in several segments must be read whole)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 from typing import Any
@@ -25,6 +26,28 @@ async def raw_request(
     pause after each (so the server sees them arrive separately); the status and the JSON body."""
     host, port = srv.base.removeprefix("http://").split(":")
     reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        return await _exchange(
+            reader, writer, host, port, method, path, body, headers, pieces, chunked
+        )
+    finally:  # on every path: a writer left open warns when collected after its loop closed
+        writer.close()
+        with contextlib.suppress(ConnectionError, OSError):
+            await writer.wait_closed()
+
+
+async def _exchange(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    host: str,
+    port: str,
+    method: str,
+    path: str,
+    body: bytes,
+    headers: dict[str, str] | None,
+    pieces: int,
+    chunked: bool,
+) -> tuple[int, Any]:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     framing = {"Transfer-Encoding": "chunked"} if chunked else {"Content-Length": str(len(body))}
@@ -49,7 +72,6 @@ async def raw_request(
         writer.write(b"0\r\n\r\n")
     await writer.drain()
     response = await asyncio.wait_for(reader.read(), timeout=10)
-    writer.close()
     head_bytes, _, payload = response.partition(b"\r\n\r\n")
     status = int(head_bytes.split(b" ", 2)[1])
     if b"transfer-encoding: chunked" in head_bytes.lower():

@@ -374,12 +374,13 @@ async def test_a_live_worker_keeps_the_entries_it_holds_past_claim_idle(redis: R
     slow.gate = asyncio.Event()  # the first action waits: the others wait behind it
     claim_idle = 3.0  # refreshed every 1 s: a loaded machine may stall the loop a while (a
     # full suite beside other work once stalled it past 1.5 s: w2 took the entries)
-    async with (
-        stream_link(redis) as link,
-        running_worker(redis, host, slow, "w1", claim_idle=claim_idle, batch=3),
-    ):
+    async with stream_link(redis) as link:
+        # all three in the stream before w1 reads (its group is made from id 0): one read of
+        # --batch 3 takes them all (appended while w1 ran, the third once came after w1's read
+        # and was never w1's: w2 read it, rightly, and the test failed)
         for n in range(3):
             await link.submit(make_action(f"held-{n}"))
+    async with running_worker(redis, host, slow, "w1", claim_idle=claim_idle, batch=3):
         await wait_until(lambda: len(slow.calls) == 1, timeout=10)  # w1 holds all three
         async with running_worker(redis, host, other, "w2", claim_idle=claim_idle) as second:
             loop = asyncio.get_running_loop()
