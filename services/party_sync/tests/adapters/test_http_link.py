@@ -793,14 +793,13 @@ async def test_an_engine_host_that_answers_every_delivery_with_an_error_shows_in
             link.url,
             metrics=metrics,
             clock=lambda: now[0],
-            failing=lambda: None if failing(link) is None else (now[0] - 11, "HTTP 500"),
+            failing=lambda: None if (f := failing(link)) is None else (now[0] - 11, f[1]),
             stuck_after=10.0,
         )
         assert failing(link) is None
         await link.submit(make_action("f1"))
         await wait_until(lambda: len(api.actions) == 5, timeout=10)  # the fifth is held
-        assert failing(link) is not None
-        assert link.failing is not None and link.failing[1] == "HTTP 500"
+        assert (f := failing(link)) is not None and f[1] == "HTTP 500"
         assert await probe.probe_once()  # it accepts connections, and answers only errors
         health = probe.health()
         assert not health.ok and "every delivery for 11s with an error (HTTP 500)" in health.detail

@@ -243,11 +243,6 @@ def test_an_out_of_range_flag_value_is_a_config_error() -> None:
         load(parse_flags("--port", "0"), env={})
 
 
-def test_an_unparsable_flag_value_is_refused_by_the_argument_parser() -> None:
-    with pytest.raises(argparse.ArgumentError):
-        parse_flags("--port", "eighty")
-
-
 @pytest.mark.parametrize(
     ("flag", "value", "says"),
     [

@@ -437,9 +437,7 @@ class HttpEngineLink:
         """``time.monotonic()`` when a delivery that got no answer in time was sent, while no
         delivery got one since and attempts go on (a stuck or frozen host); None once nothing
         has been tried for longer than an attempt and its backoff take."""
-        if time.monotonic() - self._last_attempt > self.timeout + self.backoff_max + 1.0:
-            return None
-        return self._silent_since
+        return None if self._attempts_over() else self._silent_since
 
     @property
     def failing(self) -> tuple[float, str] | None:
@@ -447,11 +445,14 @@ class HttpEngineLink:
         then was answered 5xx (the engine, or a proxy before it, failing every action) and
         attempts go on; None after another answer, or once nothing has been tried for longer
         than an attempt and its backoff take."""
-        if self._failing_since is None:
-            return None
-        if time.monotonic() - self._last_attempt > self.timeout + self.backoff_max + 1.0:
+        if self._failing_since is None or self._attempts_over():
             return None
         return self._failing_since, f"HTTP {self._failing_status}"
+
+    def _attempts_over(self) -> bool:
+        """Nothing tried for longer than an attempt and its backoff take: what the last attempts
+        met no longer describes the host (``silent_since``, ``failing``)."""
+        return time.monotonic() - self._last_attempt > self.timeout + self.backoff_max + 1.0
 
     def _refused_key(self, what: str, status: int, extra: Mapping[str, str]) -> None:
         """The engine host answered 401: one ERROR when this begins (naming the setting), then
