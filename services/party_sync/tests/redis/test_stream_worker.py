@@ -18,7 +18,7 @@ from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, Restat
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import read_stream
 from party_sync.engine.stream_worker import PartitionedWorker, StreamWorker, WorkerOptions
-from party_sync.protocol.errors import ErrorCode
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
@@ -287,16 +287,16 @@ async def test_a_burst_worker_tries_its_failed_entries_again_before_it_stops(
     await acknowledged(redis)
 
 
-async def deliver_to_a_dead_worker(redis: RedisServer, times: int) -> None:
-    """Every entry of the test stream delivered ``times`` times to consumer ``dead``, never
+async def deliver_to_a_dead_worker(redis: RedisServer, times: int, consumer: str = "dead") -> None:
+    """Every entry of the test stream delivered ``times`` times to ``consumer``, never
     acknowledged: as if each delivery had ended its worker (an engine that exits)."""
     client = Redis.from_url(redis.url)
     group = WorkerOptions().group
     try:
         await client.xgroup_create(STREAM, group, id="0", mkstream=True)
-        await client.xreadgroup(group, "dead", {STREAM: ">"})
+        await client.xreadgroup(group, consumer, {STREAM: ">"})
         for _ in range(times - 1):
-            await client.xreadgroup(group, "dead", {STREAM: "0"})
+            await client.xreadgroup(group, consumer, {STREAM: "0"})
         pending = await client.xpending_range(STREAM, group, min="-", max="+", count=10)
         assert {int(p["times_delivered"]) for p in pending} == {times}
     finally:
@@ -333,6 +333,60 @@ async def link_then_answered(
         await link.submit(make_action("after"))
     await wait_until(lambda: "after" in host.results(), timeout=10)
     assert [c.action_id for c in engine.calls] == ["after"]
+
+
+class BackendFailingEngine(ScriptedEngine):
+    """Applies each action, then its publish fails on party_sync's backend (``BackendUnavailable``,
+    as in a Redis failover) the first ``failures`` times."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            self.calls.append(action)
+            raise BackendUnavailable("redis unavailable during publish")
+        await super().handle_action(action)
+
+
+@pytest.mark.parametrize("where", ["claim", "publish"])
+async def test_rounds_failed_on_the_backend_count_no_delivery(
+    redis: RedisServer, where: str
+) -> None:
+    """cluster probe: a master killed under a worker; the engine applied an action, its publish
+    failed on the backend, and the worker's failed rounds each re-read the entry (XREADGROUP …
+    0, one delivery each): after five of them, within three seconds, the player got
+    engine_error about the applied action. docs/engines.md: a backend failure under the engine
+    says nothing final; the action is handed to the engine again until it is answered. Seven
+    failed rounds against max_deliveries 5: still answered, never refused."""
+    failures = 7
+    host = RecordingHost(claim_errors=failures if where == "claim" else 0)
+    engine = BackendFailingEngine(failures if where == "publish" else 0)
+    async with running_worker(redis, host, engine, max_deliveries=5) as worker:
+        async with stream_link(redis) as link:
+            await link.submit(make_action("failover"))
+        await wait_until(lambda: host.results() == ["failover"], timeout=15)
+        assert host.failed == [] and worker.errors >= failures
+        assert engine.count("failover") == (failures + 1 if where == "publish" else 1)
+        await acknowledged(redis)
+
+
+async def test_a_worker_counts_a_delivery_for_what_a_worker_of_its_name_left_pending(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The re-read at start is a delivery: a worker of the same consumer name (--consumer) may
+    have died on the entry, as the dead worker of the test above did each time."""
+    caplog.set_level(logging.ERROR, LOGGER)
+    host, engine = RecordingHost(), ScriptedEngine()
+    async with stream_link(redis) as link:
+        await link.submit(make_action("poison"))
+    await deliver_to_a_dead_worker(redis, 5, consumer="w1")
+    async with running_worker(redis, host, engine, consumer="w1", max_deliveries=5):
+        await wait_until(lambda: host.failed == [("poison", ErrorCode.ENGINE_ERROR)], timeout=10)
+        await acknowledged(redis)
+        assert engine.calls == []
 
 
 async def test_an_entry_delivered_exactly_max_deliveries_times_is_still_run(

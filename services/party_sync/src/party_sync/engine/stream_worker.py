@@ -38,8 +38,12 @@ round that works again logs INFO "recovered". When Redis comes back *empty* ever
 answers ``NOGROUP``: the worker then re-creates the group (``XGROUP CREATE … 0 MKSTREAM``; a
 ``BUSYGROUP`` from another worker that was quicker is fine) and reads from the start of the new
 stream, so actions appended since the restart are handled. After any failed round the worker
-first re-reads its own pending entries (``XREADGROUP … 0``) instead of waiting ``claim_idle`` for
-them.
+first re-reads its own pending entries instead of waiting ``claim_idle`` for them, counting no
+delivery (``READ_OWN``): ``max_deliveries`` counts the deliveries that failed in the engine or
+ended their worker, not Redis's or the backend's outages (a failover's few seconds of failed
+rounds once gave a player ``engine_error`` about an applied action). The re-read at start, of
+entries a worker of the same consumer name left, counts one each (that worker may have died on
+one).
 
 **Partitions** (``actions_stream_partitions`` = N > 1, ``party_sync.engine.partitions``):
 :class:`PartitionedWorker` runs one such read loop per partition stream (a cross-slot
@@ -138,6 +142,31 @@ end
 return mine
 """
 
+#: This consumer's own pending entries after ``ARGV[3]`` (exclusive; '0': from the first), up to
+#: ``ARGV[4]``, with their fields (false for one trimmed or deleted meanwhile), re-claimed with
+#: ``JUSTID``: their idle time starts again (no other worker takes them while this one handles
+#: them) and NO delivery is counted. What a failed round re-reads: its entries failed on Redis or
+#: on party_sync's backend, not in the engine, and ``max_deliveries`` counts only deliveries that
+#: failed in the engine or ended their worker (``XREADGROUP … 0`` would count one each time: five
+#: failed rounds in a Redis failover's three seconds gave a player ``engine_error`` about an
+#: action the engine had applied). KEYS[1] the stream; ARGV: group, consumer, after, count.
+READ_OWN = """
+local start = ARGV[3] == '0' and '-' or '(' .. ARGV[3]
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], start, '+', tonumber(ARGV[4]), ARGV[2])
+if #pending == 0 then
+  return {}
+end
+local claim, out = {'XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0}, {}
+for i, entry in ipairs(pending) do
+  claim[#claim + 1] = entry[1]
+  local got = redis.call('XRANGE', KEYS[1], entry[1], entry[1])
+  out[i] = {entry[1], got[1] and got[1][2] or false}
+end
+claim[#claim + 1] = 'JUSTID'
+redis.call(unpack(claim))
+return out
+"""
+
 #: A stopping worker leaves its group when nothing is pending for it: it deletes its consumer
 #: (which would drop its pending entries: so only when it holds none, checked in the same step).
 #: KEYS[1] the stream; ARGV[1] the group, ARGV[2] the consumer. Returns 1 if it left.
@@ -223,6 +252,9 @@ class StreamWorker:
         self.serving = asyncio.Event()
         self._degraded = False
         self._own_cursor: str | None = "0"  # re-read our own pending entries from here
+        #: The re-read at start (a worker of this name may have died holding these entries)
+        #: is under way; once it is done, a re-read follows a failed round (``_read_own``)
+        self._own_at_start = True
         self._claim_cursor = "0-0"  # where the next XAUTOCLAIM goes on looking (``_reclaim``)
         #: Entries the engine failed on, each to be tried again by this worker at its time
         #: (monotonic; ``_engine_failed``: a short backoff, not ``claim_idle`` for XAUTOCLAIM)
@@ -363,23 +395,38 @@ class StreamWorker:
         if self._own_cursor is None and self._retries:
             entries = await self._retry_due()
         if self._own_cursor is not None:
-            read: Any = await self.redis.xreadgroup(
-                o.group, o.consumer, {o.stream: self._own_cursor}, count=o.batch
-            )
-            entries = [e for _, items in read or () for e in items]
+            entries = await self._read_own(self._own_cursor)
             self._own_cursor = entries[-1][0].decode() if len(entries) >= o.batch else None
+            self._own_at_start = self._own_at_start and self._own_cursor is not None
         if not entries:
             entries = await self._reclaim()
         if not entries:
             redelivery = False
             block = None if o.burst else int(o.block * 1000)
-            read = await self.redis.xreadgroup(
+            read: Any = await self.redis.xreadgroup(
                 o.group, o.consumer, {o.stream: ">"}, count=o.batch, block=block
             )
             entries = [e for _, items in read or () for e in items]
         async with self._holding([entry_id for entry_id, _ in entries]):
             await self._handle_all(entries, redelivery=redelivery)
         return bool(entries)
+
+    async def _read_own(self, after: str) -> list[Entry]:
+        """This consumer's pending entries after ``after``: at its start, those a worker of the
+        same name left (``XREADGROUP … 0``: a delivery each, since that worker may have died
+        on one); after a failed round, those this worker held (``READ_OWN``: no delivery
+        counted, the failure was Redis's or the backend's)."""
+        o = self.options
+        if self._own_at_start:
+            read: Any = await self.redis.xreadgroup(
+                o.group, o.consumer, {o.stream: after}, count=o.batch
+            )
+            return [e for _, items in read or () for e in items]
+        got: Any = await self.redis.eval(READ_OWN, 1, o.stream, o.group, o.consumer, after, o.batch)
+        return [
+            (entry_id, dict(zip(raw[::2], raw[1::2], strict=True)) if raw else None)
+            for entry_id, raw in got
+        ]
 
     def _foreign(self, prefix: str, kind: str, trace_id: str) -> None:
         """An entry of another deployment (its ``prefix`` field): acknowledged without running
