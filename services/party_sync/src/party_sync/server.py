@@ -193,6 +193,7 @@ def make_link(settings: Settings, node_id: str | None = None) -> EngineLink:
             prefix=settings.redis_prefix,
             max_connections=settings.redis_max_connections,
             client_name=None if node_id is None else f"party_sync:{node_id}:engine-link",
+            give_up_after=settings.action_record_ttl,
         )
     # Through a backend outage of any length an action is claimed and handed over again until
     # answered, for as long as its record can take an answer (``action_record_ttl``).

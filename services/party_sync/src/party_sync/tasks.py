@@ -88,6 +88,12 @@ class LatestPerKey:
         if self._tasks.get(key) is done:
             del self._tasks[key]
 
+    def cancel(self, key: str) -> None:
+        """The task of ``key``, if any, cancelled (a newer one took its place elsewhere)."""
+        before = self._tasks.pop(key, None)
+        if before is not None:
+            before.cancel()
+
     def cancel_all(self) -> None:
         for task in list(self._tasks.values()):
             task.cancel()

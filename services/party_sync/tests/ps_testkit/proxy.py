@@ -11,6 +11,9 @@ front of a test Redis (``url``). What it can do to the connections through it:
 - ``freeze_subscribers()`` makes every connection that has sent SUBSCRIBE stop receiving (its bytes
   from upstream are dropped) while its socket stays open: the wedged pub/sub reader of
   centrifugo#1189, which only a liveness probe can notice. Connections made afterwards work;
+- ``reset()`` resets every open connection towards the client (a TCP RST: a NAT or conntrack
+  timeout, a resetting proxy, a crashed host), which the client notices only when it next
+  writes; the upstream side is closed;
 - ``stall()`` silences every current connection both ways (its bytes are dropped, no FIN, no
   RST): a phone that changed networks, a NAT that forgot the flow. Connections made afterwards
   work.
@@ -21,6 +24,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+import socket
+import struct
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -90,6 +95,19 @@ class TcpProxy:
         links = list(self._links)
         self._links.clear()
         for link in links:
+            link.close()
+        return len(links)
+
+    def reset(self) -> int:
+        """Reset every open connection towards its client (RST, not FIN: ``SO_LINGER`` 0);
+        returns how many there were."""
+        links = list(self._links)
+        self._links.clear()
+        for link in links:
+            sock = link.client.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            link.client.transport.abort()
             link.close()
         return len(links)
 

@@ -227,6 +227,27 @@ async def test_a_restate_notice_reaches_the_engine_through_the_stream(redis: Red
         await acknowledged(redis)
 
 
+async def test_a_restate_notice_whose_append_failed_is_appended_once_redis_answers(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """docs/redis.md: restate notices are at least once. Cluster probe: the append of a party's
+    notice met its partition's master failing over; the node logged "not delivered" and nobody
+    asked the engine again, so the party's members had no scene. The link appends it again."""
+    caplog.set_level(logging.INFO, "party_sync.engine.stream_link")
+    host, engine = RecordingHost(), ScriptedEngine()
+    notice = RestateNotice("p1", "r1", "epoch-4", "trace-restate-3")
+    async with stream_link(redis) as link:
+        redis.stop()
+        await link.notify_restate(notice)  # failed: tried again in the background, not raised
+        await asyncio.to_thread(redis.start)
+        async with running_worker(redis, host, engine):
+            await wait_until(lambda: engine.restates == [notice], timeout=15)
+            await acknowledged(redis)
+    messages = [r.getMessage() for r in caplog.records if r.name.endswith("stream_link")]
+    assert any("trying again" in m for m in messages), messages
+    assert any("appended after" in m for m in messages), messages
+
+
 async def test_a_failing_restate_is_retried_from_the_pending_list(redis: RedisServer) -> None:
     host, engine = RecordingHost(), ScriptedEngine()
     engine.restate_failures = 1

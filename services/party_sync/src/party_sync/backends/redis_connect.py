@@ -47,13 +47,18 @@ import logging
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import ClusterNode, ClusterPipeline
-from redis.asyncio.connection import BlockingConnectionPool, parse_url
+from redis.asyncio.connection import (
+    AbstractConnection,
+    BlockingConnectionPool,
+    Connection,
+    parse_url,
+)
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool, SentinelManagedConnection
 from redis.backoff import ExponentialBackoff, NoBackoff
@@ -220,6 +225,50 @@ def stale_socket_retry(retries: int = 1) -> Retry:
     )
 
 
+#: What uvloop's RuntimeError says about a write on a transport that has closed ("unable to
+#: perform operation on <TCPTransport closed=True ...>; the handler is closed").
+TRANSPORT_CLOSED = "unable to perform operation on"
+
+
+class _LostWhenClosed(AbstractConnection):
+    """A redis-py asyncio connection whose write on a socket the peer has reset (a pooled
+    connection that a NAT or conntrack timeout, a resetting proxy or a crashed Redis host left
+    dead, unnoticed until the next command) is a lost connection, ``ConnectionError``, as it
+    is on the stock loop, not uvloop's ``RuntimeError``: so the client's retry sends the command
+    again on a new connection (``stale_socket_retry``; a Cluster client re-reads its slot map),
+    and every caller sees Redis unavailable. (Partition probe: the RuntimeError went past the
+    actions stream's append, whose player was told engine_unavailable, final, with the engine
+    and Redis both well.) Mixed into every connection class here (``lost_aware``)."""
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:
+            if TRANSPORT_CLOSED not in str(exc):
+                raise
+            # (redis-py has disconnected it: the next use opens a new socket)
+            raise RedisConnectionError(f"connection lost: {exc}") from exc
+
+
+_Conn = TypeVar("_Conn", bound=AbstractConnection)
+_LOST_AWARE: dict[type[Any], type[Any]] = {}
+
+
+def lost_aware(kind: type[_Conn]) -> type[_Conn]:
+    """``kind`` (a redis-py asyncio connection class: plain, TLS, Unix socket) with
+    ``_LostWhenClosed``, one class per kind."""
+    if issubclass(kind, _LostWhenClosed):
+        return kind
+    made = _LOST_AWARE.get(kind)
+    if made is None:
+        made = _LOST_AWARE[kind] = type(
+            kind.__name__, (_LostWhenClosed, kind), {"__module__": __name__}
+        )
+    return made
+
+
 def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     """A redis-py asyncio client of ``target``'s Redis (its master, with Sentinel).
 
@@ -235,7 +284,10 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
     kwargs["redis_connect_func"] = functools.partial(fence_on_connect, prefix=target.prefix)
     kwargs = _waiting(kwargs)
     if target.sentinels is None:
-        return BoundedRedis.on(BlockingConnectionPool.from_url(target.url, **kwargs))
+        # (BlockingConnectionPool.from_url, with the URL's connection class made lost_aware)
+        options: dict[str, Any] = {**kwargs, **parse_url(target.url)}
+        options["connection_class"] = lost_aware(options.get("connection_class", Connection))
+        return BoundedRedis.on(BlockingConnectionPool(**options))
     problem = sentinel_url_problem(target.url)
     if problem is not None:
         raise ValueError(problem)
@@ -728,12 +780,15 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
     client.connection_kwargs["redis_connect_func"] = fence
+    options = client.connection_kwargs
+    options["connection_class"] = lost_aware(options.get("connection_class", Connection))
     # The named nodes only read the slot map (redis-py's startup nodes: objects of their own,
     # never in the map it builds), so they may be replicas: a failover made them so
     # (fence_cluster_on_connect).
     seed = functools.partial(fence_cluster_on_connect, prefix=target.prefix, seed=True)
     for node in client.nodes_manager.startup_nodes.values():
         node.connection_kwargs["redis_connect_func"] = seed
+        node.connection_class = lost_aware(node.connection_class)
     return client
 
 
@@ -786,7 +841,7 @@ class SlotClients:
             await client.aclose(close_connection_pool=True)
 
 
-class _SentinelConnection(SentinelManagedConnection):
+class _SentinelConnection(_LostWhenClosed, SentinelManagedConnection):
     """A connection of the master's pool that asks the sentinels for the master's address
     whenever it opens its socket, however it is opened.
 

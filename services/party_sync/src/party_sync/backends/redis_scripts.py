@@ -41,6 +41,7 @@ from redis.exceptions import (
 
 from party_sync.backends.keys import PARTY_KEYS, KeySpace, PartyKeys, party_channel
 from party_sync.backends.redis_batch import ScriptBatcher, ShardedBatcher
+from party_sync.backends.redis_connect import TRANSPORT_CLOSED
 from party_sync.backends.redis_wire import Script, load_script
 from party_sync.core.history import HistoryBounds
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
@@ -177,11 +178,6 @@ def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
     return party_script(lib, body, sharded=sharded)[0]
 
 
-#: What uvloop's RuntimeError says about a transport that has closed ("unable to perform
-#: operation on <TCPTransport closed=True ...>; the handler is closed").
-_TRANSPORT_CLOSED = "unable to perform operation on"
-
-
 class unavailable:  # lower case: used as a function, ``with unavailable("publish"):``
     """Run Redis calls; any failure of Redis (a lost connection, a timeout, a Cluster failing
     over, a refused command) is ``BackendUnavailable`` (retryable for the client).
@@ -212,7 +208,7 @@ class unavailable:  # lower case: used as a function, ``with unavailable("publis
             raise BackendUnavailable(f"redis refused {what}") from exc
         if isinstance(exc, (RedisError, RedisClusterException, OSError, TimeoutError)):
             raise BackendUnavailable(f"redis unavailable during {what}") from exc
-        if isinstance(exc, RuntimeError) and _TRANSPORT_CLOSED in str(exc):
+        if isinstance(exc, RuntimeError) and TRANSPORT_CLOSED in str(exc):
             # uvloop's answer to a write on a transport that closed under redis-py (a connect
             # racing Redis's restart): a lost connection, as asyncio's own ConnectionError is
             raise BackendUnavailable(f"redis connection lost during {what}") from exc

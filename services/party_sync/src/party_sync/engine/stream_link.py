@@ -22,7 +22,10 @@ an action that waited past its deadline (no worker running) is refused with ``ac
 and never applied later.
 
 Restate notices (``notify_restate``) travel the same stream, so a party's lost state is re-stated
-by whichever worker is up, at least once.
+by whichever worker is up, at least once: a notice whose append fails (its partition's Redis or
+master down, stalled, failing over) is appended again in the background, with a capped backoff,
+until it is or ``give_up_after`` (``action_record_ttl``) has passed, as the HTTP link tries a
+notice (a newer notice for the party replaces one still being tried).
 
 **Partitions** (``actions_stream_partitions`` = N, ``party_sync.engine.partitions``): with N > 1
 every entry of a party goes to the stream ``<stream>:<crc32(party_id) mod N>``, so one party's
@@ -50,12 +53,16 @@ from party_sync.engine import wire
 from party_sync.engine.health import Periodic
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import LatestPerKey, cancel_and_wait, spawn_kept
 
 log = logging.getLogger(__name__)
 
 #: Seconds between two writes of the partition count while the link runs.
 COUNT_REFRESH = 5.0
+#: Seconds before a restate notice whose append failed is appended again, then doubling up to
+#: ``RESTATE_RETRY_MAX``.
+RESTATE_RETRY_FIRST = 0.05
+RESTATE_RETRY_MAX = 2.0
 
 
 def entry(
@@ -95,8 +102,10 @@ class StreamEngineLink:
         prefix: str | None = None,
         max_connections: int | None = None,
         client_name: str | None = None,
+        give_up_after: float = 600.0,
     ) -> None:
         """``timeout``: the most one append may wait for Redis (``redis_command_timeout``);
+        ``give_up_after``: how long a restate notice is appended again (``action_record_ttl``);
         ``max_connections``: its pool's bound (``redis_max_connections``; redis_connect.py);
         ``client_name``: its connections' name in ``CLIENT LIST``;
         ``prefix``: this deployment's ``redis_prefix``, written in each entry (``prefix``)."""
@@ -120,6 +129,9 @@ class StreamEngineLink:
         self._counts_told: set[int] = set()  # other counts found there (warned once each)
         self._refresh = Periodic(self._keep_count, COUNT_REFRESH)
         self._counting: asyncio.Task[None] | None = None  # the count being written again
+        self.give_up_after = give_up_after
+        self._restates = LatestPerKey()  # per party, a notice being appended again
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, host: LinkHost) -> None:
         await self._write_count()
@@ -232,12 +244,54 @@ class StreamEngineLink:
         )
 
     async def notify_restate(self, notice: RestateNotice) -> None:
+        """Append the notice; if that fails, append it again in the background (returns)."""
+        try:
+            await self._append_restate(notice)
+        except BackendUnavailable as exc:
+            log.warning(
+                "re-state notice not appended (%s): trying again",
+                exc,
+                extra={"trace_id": notice.trace_id, "party_id": notice.party_id},
+            )
+            task = spawn_kept(self._tasks, self._restate_again(notice), "a re-state notice")
+            self._restates.put(notice.party_id, task)
+        else:
+            self._restates.cancel(notice.party_id)  # an older one still tried: this is newer
+
+    async def _append_restate(self, notice: RestateNotice) -> None:
         envelope = wire.restate_envelope(notice)
         await self._append(
             notice.party_id, entry("restate", notice.party_id, notice.campaign_run_id, envelope)
         )
 
+    async def _restate_again(self, notice: RestateNotice) -> None:
+        """The notice appended again, with a capped backoff, until it is or ``give_up_after``
+        has passed since the first attempt."""
+        extra = {"trace_id": notice.trace_id, "party_id": notice.party_id}
+        loop = asyncio.get_running_loop()
+        give_up_at = loop.time() + self.give_up_after
+        pause, attempts = RESTATE_RETRY_FIRST, 1
+        while loop.time() + pause <= give_up_at:
+            await asyncio.sleep(pause)
+            pause = min(RESTATE_RETRY_MAX, pause * 2)
+            attempts += 1
+            try:
+                await self._append_restate(notice)
+            except BackendUnavailable:
+                continue
+            log.info("re-state notice appended after %d attempts", attempts, extra=extra)
+            return
+        log.error(
+            "re-state notice never appended in %.0f s (%d attempts): given up",
+            self.give_up_after,
+            attempts,
+            extra=extra,
+        )
+
     async def close(self) -> None:
+        self._restates.cancel_all()  # nothing new to say on the way out
+        if self._tasks:
+            await cancel_and_wait(list(self._tasks), what="the re-state notices' appends")
         await self._refresh.stop()
         if self._counting is not None:
             await cancel_and_wait([self._counting], what="the partition count's write")

@@ -1,0 +1,88 @@
+"""Pooled Redis connections that the network reset under a node (a NAT or conntrack timeout, a
+resetting proxy, a crashed Redis host): the next command on one is sent again on a new
+connection, on the loop party_sync runs on (uvloop), for every client party_sync makes.
+
+Partition probe: uvloop answers a write on a reset socket with a ``RuntimeError`` ("unable to
+perform operation on <TCPTransport closed=True ...>"), not a ``ConnectionError``; redis-py's
+retry let it through, and the actions stream's append turned it into a final
+``engine_unavailable`` for valid actions, with the engine and Redis both well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+import uvloop
+from party_sync.backends.redis_connect import (
+    RedisTarget,
+    _LostWhenClosed,
+    _SentinelConnection,
+    make_client,
+    make_cluster_client,
+)
+from party_sync.engine.stream_link import StreamEngineLink
+from ps_testkit.hosts import make_action
+from ps_testkit.proxy import TcpProxy
+from ps_testkit.redis_server import RedisServer
+
+pytestmark = pytest.mark.redis
+
+#: Connections opened at once before the reset: several pooled ones, each to be found dead.
+PARALLEL = 5
+
+
+async def _after_a_reset(proxy: TcpProxy, call: Callable[[int], Awaitable[object]]) -> list[object]:
+    """``call`` PARALLEL times at once (a pool of several connections), the connections reset,
+    then ``call`` on each of them in turn: what each returned (or the exception it raised)."""
+    await asyncio.gather(*(call(i) for i in range(PARALLEL)))
+    assert proxy.reset() >= 2
+    outcomes: list[object] = []
+    for i in range(PARALLEL):
+        try:
+            outcomes.append(await call(i))
+        except Exception as exc:  # (what the caller would have seen)
+            outcomes.append(exc)
+    return outcomes
+
+
+def test_a_command_on_a_reset_pooled_connection_is_sent_again(redis: RedisServer) -> None:
+    async def scenario() -> list[object]:
+        async with TcpProxy(redis.port) as proxy:
+            client = make_client(proxy.url, socket_timeout=2.0)
+            try:
+                await client.set("key", "value")
+                return await _after_a_reset(proxy, lambda _: client.get("key"))
+            finally:
+                await client.aclose()
+
+    assert uvloop.run(scenario()) == [b"value"] * PARALLEL
+
+
+def test_an_append_on_a_reset_connection_is_made_not_refused(redis: RedisServer) -> None:
+    async def scenario() -> tuple[list[object], int]:
+        async with TcpProxy(redis.port) as proxy:
+            link = StreamEngineLink(proxy.url, "test:actions", 1000)
+            try:
+                outcomes = await _after_a_reset(
+                    proxy, lambda i: link.submit(make_action(f"action-{i}"))
+                )
+                return outcomes, link.failures
+            finally:
+                await link.close()
+
+    outcomes, failures = uvloop.run(scenario())
+    assert outcomes == [None] * PARALLEL and failures == 0
+
+
+def test_every_kind_of_client_connection_treats_a_reset_socket_as_lost() -> None:
+    """The cluster client (its nodes, its startup nodes) and Sentinel's connections too; made
+    without connecting (no cluster needed to build the client)."""
+    cluster = make_cluster_client(RedisTarget("redis://127.0.0.1:7000/0", cluster=True))
+    assert issubclass(cluster.connection_kwargs["connection_class"], _LostWhenClosed)
+    for node in cluster.nodes_manager.startup_nodes.values():
+        assert issubclass(node.connection_class, _LostWhenClosed)
+    assert issubclass(_SentinelConnection, _LostWhenClosed)
+    tls = make_client("rediss://127.0.0.1:6380/0")
+    assert issubclass(tls.connection_pool.connection_class, _LostWhenClosed)
