@@ -40,6 +40,10 @@ from prometheus_client.samples import Sample
 from party_sync import __version__
 from party_sync.core.limits import TokenBucket
 
+#: The Content-Type of ``/metrics``, one process's or a ``--workers`` group's merged one: the
+#: Prometheus text format 0.0.4 (docs/metrics.md), which ``generate_latest`` writes.
+EXPOSITION_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
+
 #: The ``route`` label of a request that matched no route (never the raw path: unbounded).
 UNMATCHED = "unmatched"
 

@@ -498,7 +498,7 @@ class Worker:
 
     def middleware(self, render: Callable[[], bytes]) -> Middleware:
         """``GET /metrics`` answered for the whole group (innermost: counted like any route)."""
-        from party_sync.metrics import ScrapeGate, merge_workers
+        from party_sync.metrics import EXPOSITION_TYPE, ScrapeGate, merge_workers
 
         @web.middleware
         def group_metrics(request: web.Request, handler: Handler) -> Awaitable[web.StreamResponse]:
@@ -519,7 +519,7 @@ class Worker:
                 )
                 restarts = read_restarts(self.group_dir, self.count)
                 body = gate.last = merge_workers(parts, self.count, restarts)
-            return web.Response(body=body, content_type="text/plain", charset="utf-8")
+            return web.Response(body=body, headers={"Content-Type": EXPOSITION_TYPE})
 
         return group_metrics
 

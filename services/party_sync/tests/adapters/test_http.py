@@ -29,6 +29,8 @@ async def test_health_readiness_and_metrics() -> None:
         await a.expect("party.join")
         async with srv.http.get(srv.base + "/metrics") as resp:
             text = await resp.text()
+            # docs/metrics.md: the Prometheus text format 0.0.4
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
         assert "party_sync_connections 2.0" in text
         assert 'party_sync_errors_total{code="bad_json"} 1.0' in text
         assert 'party_sync_messages_out_total{type="system.hello"} 2.0' in text

@@ -102,6 +102,8 @@ class Group:
     async def scrape(self) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
         async with self.http.get(self.running.base + "/metrics") as resp:
             assert resp.status == 200
+            # as one process's (workers probe: the group's said no format version)
+            assert resp.headers["Content-Type"] == "text/plain; version=0.0.4; charset=utf-8"
             text = await resp.text()
         samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
         for family in text_string_to_metric_families(text):

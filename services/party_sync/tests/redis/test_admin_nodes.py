@@ -70,6 +70,10 @@ async def test_either_node_lists_both_and_a_disconnect_reaches_the_other(cluster
         for node in (n1, n2):  # the block holds on every node
             params = {"token": token("borin", party="p2")}
             assert await node.handshake_status(params) == 403
+        # A plain disconnect meanwhile says the block that still holds (it said null).
+        status, body = await call(n2, "DELETE", "/api/v1/parties/p2/members/borin/connections")
+        assert (status, body["blocked_until"]) == (202, until)
+        assert await n1.handshake_status({"token": token("borin", party="p2")}) == 403
         assert not a.ws.closed and not c.ws.closed
 
         # The events are the same whichever node is asked.
@@ -79,3 +83,18 @@ async def test_either_node_lists_both_and_a_disconnect_reaches_the_other(cluster
         assert one["events"][-1]["type"] == "party.leave"
         for client in (a, c):
             await client.close()
+
+
+async def test_a_party_whose_node_stopped_before_its_next_heartbeat_is_listed(
+    cluster: Cluster,
+) -> None:
+    """README: a new party appears in the listing within one heartbeat period. A node that
+    stops first (a drain, a deploy) says its parties on the way out: the party was never listed
+    (its state lived on for party_ttl)."""
+    async with cluster.node("--api-key", KEY) as n1:
+        # a heartbeat every 20 s: the node stops long before its next one
+        async with cluster.node("--api-key", KEY, "--presence-ttl", "60") as n2:
+            a, _ = await n2.join("aria", party="brief")
+            await a.close()
+        body = await get(n1, "/api/v1/parties")
+        assert [p["party_id"] for p in body["parties"]] == ["brief"]

@@ -249,7 +249,10 @@ async def disconnect(request: web.Request) -> web.Response:
     if until is not None:  # first: a client that reconnects at once is refused already
         await view.block(party_id, character_id, until, now)
     await view.request_close(party_id, character_id, CLOSE_DISCONNECTED, CLOSE_REASON)
-    blocked = until if until is not None and until > now else None
+    if until is not None:
+        blocked = until if until > now else None
+    else:  # the block in force, if an earlier request set one (operator probe: it said null)
+        blocked = await view.blocked_until(party_id, character_id, now)
     log.info(
         "character disconnected by an operator",
         extra={"party_id": party_id, "character_id": character_id, "until": blocked},
@@ -424,6 +427,10 @@ def add_routes(app: web.Application, gateway: Gateway, client_dir: Path | None =
         # cannot be said, the node's entry expires by itself (NODE_TTL_PERIODS heartbeats)
         with contextlib.suppress(Exception):
             async with asyncio.timeout(gateway.shutdown_left()):
+                if gateway.touched:  # parties served since the last beat: listed all the same
+                    # (operator probe: a party whose only node stopped within its first
+                    # heartbeat period was never listed)
+                    await beat(app, HEARTBEAT_INTERVAL or gateway.settings.presence_ttl)
                 await app[ADMIN].forget_node(gateway.node_id)
 
     app.on_startup.append(start)

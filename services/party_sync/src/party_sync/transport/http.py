@@ -19,6 +19,7 @@ from party_sync.backends.directory import Directory, MemoryDirectory
 from party_sync.core.history import ResumePoint
 from party_sync.engine.health import EngineHealth, Periodic
 from party_sync.gateway import Gateway, Session
+from party_sync.metrics import EXPOSITION_TYPE
 from party_sync.protocol.errors import AuthError, BackendUnavailable, CloseCode
 from party_sync.transport import admin, api, asyncapi, demo, members, openapi, telegram
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
@@ -286,7 +287,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     body = request.app[GATEWAY].metrics.render()
-    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4"})
+    return web.Response(body=body, headers={"Content-Type": EXPOSITION_TYPE})
 
 
 #: The connection limits of this server (``server.start_serving`` wraps every socket with it).

@@ -827,7 +827,11 @@ def _admin_schemas() -> dict[str, Any]:
                 "party_id": _ID,
                 "character_id": _ID,
                 "close_code": {"type": "integer", "const": 4004},
-                "blocked_until": {"type": ["number", "null"]},
+                "blocked_until": {
+                    "type": ["number", "null"],
+                    "description": "The block in force after this request (Unix seconds), or "
+                    "null: until=0 lifts it, no until keeps an earlier one",
+                },
             }
         ),
         "NodeList": _object(
