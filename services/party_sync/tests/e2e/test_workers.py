@@ -543,3 +543,26 @@ def test_a_worker_that_cannot_start_stops_the_group_with_its_code(redis: RedisSe
     errors = [line for line in proc.stderr.splitlines() if "configuration error" in line]
     # the first worker starts alone: one error, not one per worker
     assert len(errors) == 1 and "nonexistent_module" in errors[0], proc.stderr
+
+
+async def test_a_second_group_on_the_port_of_a_running_one_is_refused(
+    redis: RedisServer, tmp_path: Path
+) -> None:
+    """As ``serve`` is refused a port in use: SO_REUSEPORT let a second group listen beside the
+    first (workers probe: two groups on one port, each with its own Redis, the clients split
+    between them, one party with two seq streams)."""
+    async with workers_group(redis, tmp_path) as group:
+        proc = await asyncio.to_thread(
+            run_serve,
+            "--workers",
+            "2",
+            "--redis-url",
+            redis.url,
+            "--engine-transport",
+            "inprocess",
+            port=group.port,
+        )
+        assert proc.returncode == 1, proc.stderr
+        assert f"cannot listen on 127.0.0.1:{group.port}" in proc.stderr
+        assert "in use" in proc.stderr
+        assert (await group.scrape())["party_sync_workers"][()] == 2.0
