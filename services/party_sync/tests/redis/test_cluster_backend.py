@@ -346,6 +346,66 @@ async def test_a_live_partys_slot_migrates_while_it_plays(on_cluster: RedisClust
     assert isinstance(n2.bus, ShardedBus) and n2.bus.moves >= 1  # the subscription followed
 
 
+def reconnects(backend: RedisBackend) -> float:
+    """The node's pub/sub reconnections so far (``party_sync_redis_reconnects_total``)."""
+    assert backend.metrics is not None
+    total = 0.0
+    for family in backend.metrics.redis_reconnects.collect():
+        for sample in family.samples:
+            if sample.name.endswith("_total"):
+                total += float(sample.value)
+    return total
+
+
+async def test_resharding_a_masters_first_slots_leaves_its_other_parties_alone(
+    on_cluster: RedisCluster,
+) -> None:
+    """docs/redis.md: a party waits for its own slot's migration; other parties are not
+    affected. Cluster probe: ``redis-cli --cluster reshard`` moves a master's slots one by one
+    from its lowest up; the node's liveness probe was in the master's first slot, so each slot
+    moved put the probe in the next one, still migrating (``ASK``): the master's new pub/sub
+    connection could not subscribe it, and every party on that master waited for the whole
+    resharding. Here its first two slots move in turn while a party of another slot plays."""
+    party = "stay"
+    slot = on_cluster.keyslot(f"party:{party}")
+    master = on_cluster.slot_owner(slot)
+    first = min(start for start, _, port in on_cluster.slot_map(master) if port == master.port)
+    assert slot not in (first, first + 1)
+    target = next(m for m in on_cluster.masters() if m.port != master.port)
+    async with (
+        node(on_cluster.url, probe_interval=0.5) as n1,
+        node(on_cluster.url, probe_interval=0.5) as n2,
+    ):
+        rec = Recorder(n2, party)
+        await n2.subscribe(party, rec)
+        player = Player(n1, party)
+        player.start()
+        await wait_until(lambda: len(rec.events) >= 20)
+        one = await asyncio.to_thread(on_cluster.begin_migration, first, target)
+        two = await asyncio.to_thread(on_cluster.begin_migration, first + 1, target)
+        await asyncio.to_thread(one.move)
+        await asyncio.to_thread(one.finish)
+        # the next slot migrating for several probe intervals (the fault lasts): the party's
+        # events go on arriving all the while
+        began, delivered = time.monotonic(), len(rec.events)
+        await wait_until(
+            lambda: time.monotonic() > began + 4 * 0.5 and len(rec.events) >= delivered + 60,
+            timeout=15,
+        )
+        await asyncio.to_thread(two.move)
+        await asyncio.to_thread(two.finish)
+        moved_at = len(player.published)
+        await wait_until(lambda: len(rec.events) >= moved_at + 60, timeout=15)
+        await player.stop()
+        await wait_until(lambda: rec.seqs == [e.seq for e in player.published], timeout=10)
+        lost = reconnects(n2)
+    for moved in (first, first + 1):  # as it was, for the other tests
+        await asyncio.to_thread(on_cluster.migrate_slot, moved, master)
+    assert rec.resyncs == 0
+    assert rec.seqs == list(range(1, len(rec.seqs) + 1))
+    assert lost == 0  # the master's pub/sub connection stayed up throughout
+
+
 async def test_a_killed_master_is_followed_with_a_new_epoch_never_a_rolled_back_seq(
     on_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
 ) -> None:

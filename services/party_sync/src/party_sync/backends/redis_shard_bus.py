@@ -6,7 +6,7 @@ node keeps one ``redis_bus.Bus`` (``sharded=True``) per master, and ``SSUBSCRIBE
 on the master that serves its slot, as redis-py's slot map says. The ``Bus`` does what it does on
 one Redis (confirmed subscriptions, re-subscription after a reconnect, the liveness probe, which
 here runs on every master's connection: the node's probe channel on that shard is
-``KeySpace.shard_probe_channel``, in the master's first slot).
+``KeySpace.shard_probe_channel``, in the master's last slot, the last a resharding moves).
 
 Topology changes are followed by ``_reconcile``: read the slot map again, start a ``Bus`` for a
 new master, close the one of a node that is no longer a master, and subscribe every channel whose
@@ -163,7 +163,7 @@ class ShardedBus:
         bus = self._buses.get(node.name)
         if bus is not None:
             return bus
-        slot = self._first_slot(node.name)
+        slot = self._probe_slot(node.name)
         channel = self._keys.shard_probe_channel(self._node_id, slot)
         bus = Bus(
             NodeConnections(node),
@@ -184,9 +184,14 @@ class ShardedBus:
         await bus.start(wait=self._timeout if wait is None else wait)
         return bus
 
-    def _first_slot(self, name: str) -> int:
+    def _probe_slot(self, name: str) -> int:
+        """The slot of the master's probe channel: its *last* slot. A resharding (``redis-cli
+        --cluster reshard`` or ``rebalance``) moves a master's slots from its lowest up, and
+        once the probe's slot is migrating the probe goes to the other master (``ASK``): the
+        connection was judged dead, every party on that master waited for the whole
+        resharding, not only those whose slots moved (cluster probe: 4.4 s)."""
         cache = self._client.nodes_manager.slots_cache
-        return min(slot for slot, nodes in cache.items() if nodes and nodes[0].name == name)
+        return max(slot for slot, nodes in cache.items() if nodes and nodes[0].name == name)
 
     async def _spublish(self, channel: str, data: bytes) -> None:
         with unavailable("publish"):

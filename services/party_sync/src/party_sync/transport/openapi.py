@@ -379,7 +379,11 @@ def _vote(contracts: Contracts) -> dict[str, Any]:
             "responses": _with_body(
                 {
                     "201": _json({"$ref": SCHEMAS + "VoteStarted"}, "The vote is open"),
-                    "409": _problem("vote_open: the party already has an open vote", "vote_open"),
+                    "409": _problem(
+                        "vote_open: the party already has an open vote, or already voted "
+                        "under this vote_id",
+                        "vote_open",
+                    ),
                     "422": _problem("invalid_vote: the detail says why", "invalid_vote"),
                     "503": _UNAVAILABLE,
                 },
