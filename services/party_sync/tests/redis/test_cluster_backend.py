@@ -406,6 +406,47 @@ async def test_resharding_a_masters_first_slots_leaves_its_other_parties_alone(
     assert lost == 0  # the master's pub/sub connection stayed up throughout
 
 
+async def test_a_fence_mark_moved_in_by_a_resharding_is_no_failover(
+    on_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each shard's fence mark is in its first slot. A resharding that moved another master's
+    first slot, mark and all, below this master's first slot made that mark this shard's: its
+    next new connection found another identity there, took it for a failover and gave every
+    party of the shard a new epoch (a resync for all their players, their slots unmoved;
+    cluster probe). The mark names the master that wrote it; a live master's mark is rewritten,
+    not fenced."""
+    caplog.set_level(logging.INFO, "party_sync.backends.redis_fence")
+    masters = sorted(on_cluster.masters(), key=lambda m: min(on_cluster.slot_map(m))[0])
+    source, target = masters[0], masters[1]  # source serves slot 0: below all of target's
+    lowest = min(s for s, _, port in on_cluster.slot_map(source) if port == source.port)
+    party = next(
+        p
+        for p in (f"dest{i}" for i in range(200))
+        if on_cluster.slot_owner(on_cluster.keyslot(f"party:{p}")).port == target.port
+    )
+    async with node(on_cluster.url) as n1:
+        for master in masters:  # a connection to each master: each shard's mark written
+            other = next(
+                p
+                for p in (f"any{i}" for i in range(200))
+                if on_cluster.slot_owner(on_cluster.keyslot(f"party:{p}")).port == master.port
+            )
+            await n1.publish(other, scene(1), time.time())
+        await n1.publish(party, scene(1), time.time())
+        before = (await n1.snapshot(party)).epoch
+    await asyncio.to_thread(on_cluster.migrate_slot, lowest, target)
+    try:
+        async with node(on_cluster.url) as n2:  # new connections to the target: its fence runs
+            await n2.publish(party, scene(2), time.time())
+            after = await n2.snapshot(party)
+    finally:
+        await asyncio.to_thread(on_cluster.migrate_slot, lowest, source)
+    assert after.epoch == before and after.seq == 2
+    messages = [r.getMessage() for r in caplog.records]
+    assert not any("changed master" in m for m in messages), messages
+    assert any("came from another master" in m for m in messages), messages
+
+
 async def test_a_killed_master_is_followed_with_a_new_epoch_never_a_rolled_back_seq(
     on_cluster: RedisCluster, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -57,10 +57,8 @@ from party_sync.backends.keys import KeySpace
 
 log = logging.getLogger(__name__)
 
-#: KEYS[1] the mark; ARGV[1] the SCAN pattern of every party's meta. Returns
-#: ``{outcome, parties fenced, identity}``; outcome 0 vouched, 1 marked (no mark yet), 2 fenced,
-#: -1 a replica (nothing done).
-FENCE_LUA = """
+#: The server's identity and role, the start of both fence scripts (``identity``, ``role``).
+_IDENTITY_LUA = """
 local server = redis.call('INFO', 'server')
 local replication = redis.call('INFO', 'replication')
 local role = string.match(replication, 'role:(%a+)')
@@ -69,14 +67,10 @@ local identity = (string.match(server, 'run_id:(%x+)') or '?') .. ':' ..
 if role ~= 'master' then
   return {-1, 0, identity}
 end
-local mark = redis.call('GET', KEYS[1])
-if mark == identity then
-  return {0, 0, identity}
-end
-if not mark then
-  redis.call('SET', KEYS[1], identity)
-  return {1, 0, identity}
-end
+"""
+
+#: Every party's ``meta`` deleted (``fenced`` counts them), the end of both fence scripts.
+_SCAN_LUA = """
 local cursor, fenced = '0', 0
 repeat
   local page = redis.call('SCAN', cursor, 'MATCH', ARGV[1], 'COUNT', 1000)
@@ -85,13 +79,33 @@ repeat
     fenced = fenced + redis.call('DEL', key)
   end
 until cursor == '0'
+"""
+
+#: KEYS[1] the mark; ARGV[1] the SCAN pattern of every party's meta. Returns
+#: ``{outcome, parties fenced, identity}``; outcome 0 vouched, 1 marked (no mark yet), 2 fenced,
+#: -1 a replica (nothing done).
+FENCE_LUA = (
+    _IDENTITY_LUA
+    + """
+local mark = redis.call('GET', KEYS[1])
+if mark == identity then
+  return {0, 0, identity}
+end
+if not mark then
+  redis.call('SET', KEYS[1], identity)
+  return {1, 0, identity}
+end
+"""
+    + _SCAN_LUA
+    + """
 redis.call('SET', KEYS[1], identity)
 return {2, fenced, identity}
 """
+)
 
 _GLOB = re.compile(r"([*?\[\]\\])")
 
-VOUCHED, MARKED, FENCED, REPLICA = 0, 1, 2, -1
+VOUCHED, MARKED, FENCED, REPLICA, MIGRATED = 0, 1, 2, -1, 3
 
 
 def mark_key(prefix: str) -> str:
@@ -112,7 +126,39 @@ def _text(value: object) -> str:
 #: The fence on a Redis Cluster node: the same script, allowed to SCAN and DEL the ``meta`` keys
 #: of every slot the node serves (``allow-cross-slot-keys``; each key is on this node, so no
 #: ``MOVED``), with the shard's own mark as KEYS[1] (``KeySpace.shard_fence``).
-FENCE_CLUSTER_LUA = "#!lua flags=allow-cross-slot-keys\n" + FENCE_LUA
+#:
+#: The shard's mark is ``<identity> <cluster node id of its writer>`` (a mark of an older version,
+#: the identity alone, is vouched for as it is). ARGV[2] this node's cluster id, ARGV[3] the ids of
+#: the cluster's other masters that serve slots and are not failing, each between spaces. A mark
+#: another such master wrote came with the slot it is in, moved here by a resharding (the slot
+#: that was that master's first became this one's): this shard's data was not rolled back, so
+#: the mark is rewritten without fencing (outcome 3). A mark of this node's own id under another
+#: identity (a restart), or of a master that failed or is a replica now (a failover), fences.
+FENCE_CLUSTER_LUA = (
+    "#!lua flags=allow-cross-slot-keys\n"
+    + _IDENTITY_LUA
+    + """
+local mark = redis.call('GET', KEYS[1])
+local written = identity .. ' ' .. ARGV[2]
+if mark == written or mark == identity then
+  return {0, 0, identity}
+end
+if not mark then
+  redis.call('SET', KEYS[1], written)
+  return {1, 0, identity}
+end
+local writer = string.match(mark, ' (%S+)$')
+if writer and writer ~= ARGV[2] and string.find(ARGV[3], ' ' .. writer .. ' ', 1, true) then
+  redis.call('SET', KEYS[1], written)
+  return {3, 0, identity}
+end
+"""
+    + _SCAN_LUA
+    + """
+redis.call('SET', KEYS[1], written)
+return {2, fenced, identity}
+"""
+)
 
 
 def first_slot(cluster_nodes: str) -> int | None:
@@ -130,6 +176,26 @@ def first_slot(cluster_nodes: str) -> int | None:
             return int(item.split("-")[0])
         return None
     return None
+
+
+def cluster_ids(cluster_nodes: str) -> tuple[str, str]:
+    """From ``CLUSTER NODES``: this node's id, and the ids of the *other* masters that serve
+    slots and are not failing, each between spaces (``FENCE_CLUSTER_LUA``'s ARGV[3])."""
+    mine, others = "", []
+    for line in cluster_nodes.splitlines():
+        fields = line.split()
+        if len(fields) < 8:
+            continue
+        flags = set(fields[2].split(","))
+        if "myself" in flags:
+            mine = fields[0]
+        elif (
+            "master" in flags
+            and not flags & {"fail", "fail?", "handshake", "noaddr"}
+            and any(not item.startswith("[") for item in fields[8:])
+        ):
+            others.append(fields[0])
+    return mine, " " + " ".join(others) + " "
 
 
 def _is_replica(cluster_nodes: str) -> bool:
@@ -175,9 +241,16 @@ async def fence_cluster_on_connect(
             )
         return
     mark = KeySpace(prefix).shard_fence(slot)
-    await conn.send_command("EVAL", FENCE_CLUSTER_LUA, 1, mark, meta_pattern(prefix))
+    mine, others = cluster_ids(nodes)
+    await conn.send_command("EVAL", FENCE_CLUSTER_LUA, 1, mark, meta_pattern(prefix), mine, others)
     reply = await conn.read_response()
     outcome, fenced, identity = int(reply[0]), int(reply[1]), _text(reply[2])
+    if outcome == MIGRATED:
+        log.info(
+            "redis cluster shard's first slot came from another master (a resharding): its "
+            "fence mark is this master's now, no new epoch",
+            extra={"redis_server": identity, "slot": slot},
+        )
     if outcome == FENCED:
         log.warning(
             "redis cluster shard changed master (failover or restart): its parties start a new "
