@@ -49,6 +49,11 @@ log = logging.getLogger(__name__)
 #: The refusal passed to a claim made before the action's deadline, which cannot record one.
 NOT_LATE = b""
 
+#: Seconds a refusal's delivery to its sender is tried again while Redis cannot take it, and the
+#: first pause between two tries (doubling); past that the deadline sweep sends it (``_tell``).
+TELL_PATIENCE = 3.0
+TELL_FIRST_PAUSE = 0.05
+
 
 class Narrator:
     """Narration pieces coalesced per party per event-loop tick: the pieces of one party that
@@ -318,7 +323,7 @@ class BackendPublisher(VoteStarter, NarrationSender):
             )
         if recorded and action.character_id != t.PARTY_ACTOR:
             # a party-level action (a vote's result) has no connection to tell
-            await self.backend.send_direct(action.party_id, action.character_id, data)
+            await self._tell(action, data)
 
     async def claim(self, action: ActionRequest) -> Claim:
         """Right before an engine starts ``action`` (``LinkHost.claim``): START, EXPIRED, FINAL.
@@ -349,8 +354,33 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 extra={"trace_id": action.trace_id, "action_id": action.action_id},
             )
             if action.character_id != t.PARTY_ACTOR:
-                await self.backend.send_direct(action.party_id, action.character_id, data)
+                await self._tell(action, data)
         return claim
+
+    async def _tell(self, action: ActionRequest, data: bytes) -> None:
+        """Send ``action``'s refusal, already its final answer in the ledger, to its sender
+        (``send_direct``: not in history). If Redis cannot take it now (a resharding's moment, a
+        failover), it is tried again for up to ``TELL_PATIENCE`` s, then left to the deadline
+        sweep and any resend, which send it again: never raised, the action is answered. (It
+        was raised: the engine host's retry then found the action FINAL and said nothing, so a
+        refusal lost in a resharding reached its player only at the deadline; cluster probe.)"""
+        loop = asyncio.get_running_loop()
+        give_up_at, pause = loop.time() + TELL_PATIENCE, TELL_FIRST_PAUSE
+        while True:
+            try:
+                await self.backend.send_direct(action.party_id, action.character_id, data)
+                return
+            except BackendUnavailable as exc:
+                if loop.time() + pause > give_up_at:
+                    log.warning(
+                        "refusal not delivered (%s): its sender gets it at the action's deadline "
+                        "or on a resend",
+                        exc,
+                        extra={"trace_id": action.trace_id, "action_id": action.action_id},
+                    )
+                    return
+            await asyncio.sleep(pause)
+            pause *= 2
 
     async def _claim(self, action: ActionRequest, now: float, refusal: bytes) -> Claim:
         claim, _ = await self.backend.claim_action(

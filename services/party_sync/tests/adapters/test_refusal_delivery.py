@@ -1,0 +1,56 @@
+"""A refusal is the action's final answer in the ledger, then sent to its sender
+(``send_direct``, not in history). Cluster probe: in a resharding the send failed once, the
+failure was raised to the engine host, whose retry found the action final and said nothing: the
+player heard of it only at the deadline sweep, 10 s later. The send is now tried again for a
+moment; past that it is left to the sweep, and never raised (the action is answered)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+from party_sync.backends.memory import MemoryBackend
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+from party_sync.protocol.schemas import Contracts
+from party_sync.publishing import BackendPublisher
+from ps_testkit.hosts import make_action
+
+
+class FlakyDirect(MemoryBackend):
+    """The embedded backend whose ``send_direct`` fails the first ``failures`` times."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.sent: list[tuple[str, str, bytes]] = []
+
+    async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise BackendUnavailable("redis cluster unavailable during publish: TRYAGAIN")
+        self.sent.append((party_id, character_id, data))
+
+
+async def test_a_refusal_whose_send_failed_a_moment_reaches_its_sender() -> None:
+    backend = FlakyDirect(failures=2)
+    publisher = BackendPublisher(backend, Contracts(), time.time)
+    await publisher.fail(make_action("a1"), ErrorCode.ENGINE_ERROR, "the engine failed")
+    [(party_id, character_id, data)] = backend.sent
+    assert (party_id, character_id) == ("p1", "aria")
+    assert b'"engine_error"' in data and b'"a1"' in data
+
+
+async def test_a_refusal_that_cannot_be_sent_is_left_to_the_sweep_not_raised(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr("party_sync.publishing.TELL_PATIENCE", 0.2)
+    backend = FlakyDirect(failures=1_000)
+    publisher = BackendPublisher(backend, Contracts(), time.time)
+    with caplog.at_level(logging.WARNING, "party_sync.publishing"):
+        await publisher.reject(make_action("a2"), "no such option")  # returns
+    assert backend.sent == []
+    assert any("refusal not delivered" in r.getMessage() for r in caplog.records)
+    # the refusal is the action's final answer all the same: a second one records nothing
+    await publisher.fail(make_action("a2"), ErrorCode.ENGINE_ERROR, "later")
+    assert backend.sent == []
