@@ -766,6 +766,41 @@ def test_a_refusal_that_came_while_its_sender_was_away_is_told_at_the_deadline()
     assert [f for f in node.frames[again.id] if f["type"] == t.ERROR] == told
 
 
+def test_when_messages_may_be_lost_pending_actions_are_looked_at_at_once() -> None:
+    """Partition probe: actions sent as Redis came back were refused by the engine in
+    milliseconds, but the refusal (sent to the sender only, in no history) went out while the
+    node's pub/sub was not subscribed yet: the sender heard at the deadline, 10 s later. When
+    the backend says messages may have been lost, every pending action is looked at now: a
+    final answer reaches its sender at once; one still in flight is timed out at its own
+    deadline, and one started is not yet overdue."""
+    node = Node()
+    aria, borin, cora = node.join("aria"), node.join("borin"), node.join("cora")
+    node.act(aria, "a1")
+    node.act(borin, "b1")
+    node.act(cora, "c1")
+    claim, _ = done(node.backend.claim_action("p1", "c1", node.now, b"{}", node.engine[2].deadline))
+    assert claim is Claim.START
+    refusal = codec.encode(
+        {
+            "type": t.ERROR,
+            "payload": {"code": "action_rejected", "in_reply_to": {"action_id": "a1"}},
+        }
+    )
+    assert done(node.backend.refuse_action("p1", "a1", "aria", refusal, node.now))  # not heard
+    node.advance(1.0)
+    node.core.answers_may_be_lost(node.now)
+    node.advance(0.001)
+    assert error_code(node.last(aria)) == "action_rejected"
+    assert not [f for f in node.frames[borin.id] if f["type"] == t.ERROR]
+    assert ("overdue", "c1") not in node.meter.counts
+    node.advance(RULES.action_timeout - 1.0)  # b1's own deadline, not a timeout after the look
+    assert error_code(node.last(borin)) == "action_timeout"
+    assert node.meter.counts.get(("overdue", "c1")) == 1
+    assert [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR] == [
+        "action_rejected"
+    ]
+
+
 def test_a_refusal_reaching_a_connection_twice_unasked_is_told_once() -> None:
     """Fault probe: the sender moved to another node before the engine's refusal came; it got
     the refusal there, and again about a timeout later from the node that accepted the action

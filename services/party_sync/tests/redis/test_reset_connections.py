@@ -15,6 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 import uvloop
+from party_sync.backends.base import BackendSettings
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.backends.redis_connect import (
     RedisTarget,
     _LostWhenClosed,
@@ -23,9 +25,11 @@ from party_sync.backends.redis_connect import (
     make_cluster_client,
 )
 from party_sync.engine.stream_link import StreamEngineLink
+from ps_testkit.client import wait_until
 from ps_testkit.hosts import make_action
 from ps_testkit.proxy import TcpProxy
 from ps_testkit.redis_server import RedisServer
+from redis.asyncio import Redis
 
 pytestmark = pytest.mark.redis
 
@@ -86,3 +90,23 @@ def test_every_kind_of_client_connection_treats_a_reset_socket_as_lost() -> None
     assert issubclass(_SentinelConnection, _LostWhenClosed)
     tls = make_client("rediss://127.0.0.1:6380/0")
     assert issubclass(tls.connection_pool.connection_class, _LostWhenClosed)
+
+
+async def test_a_replaced_pubsub_connection_tells_the_gateway_messages_may_be_lost(
+    redis: RedisServer,
+) -> None:
+    """The backend's ``when_messages_lost`` hook (the gateway then looks at its pending actions
+    at once: a refusal sent to one character is in no history) runs when pub/sub reconnects."""
+    backend = RedisBackend(RedisOptions(redis.url), BackendSettings(presence_ttl=30.0))
+    await backend.start()
+    told: list[bool] = []
+    try:
+        backend.when_messages_lost(lambda: told.append(True))
+        client = Redis.from_url(redis.url)
+        try:
+            assert await client.client_kill_filter(_type="pubsub") >= 1
+        finally:
+            await client.aclose()
+        await wait_until(lambda: bool(told), timeout=10)
+    finally:
+        await backend.close()

@@ -209,6 +209,8 @@ class RedisBackend:
         # the operators' view
         self.admin = RedisAdmin(self.client, self.keys, self.bus, batcher.down_for)
         self._streams: dict[str, PartyStream] = {}
+        #: Told when a pub/sub connection was replaced (``when_messages_lost``)
+        self._lost_hooks: list[Callable[[], None]] = []
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
@@ -427,10 +429,20 @@ class RedisBackend:
         stream.close()
         await self.bus.remove(party_channel(stream.party_id), stream.feed)
 
+    def when_messages_lost(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` whenever a pub/sub connection was replaced (the gateway looks at its
+        pending actions again: a refusal sent to one character is in no history)."""
+        self._lost_hooks.append(hook)
+
     def _on_reconnect(self) -> None:
         """The pub/sub connection was replaced: messages may have been lost meanwhile."""
         for stream in self._streams.values():
             stream.catch_up_soon()  # a first catch-up still running just looks once more
+        for hook in self._lost_hooks:
+            try:
+                hook()
+            except Exception:  # a bug there must not stop the pub/sub's reconnection
+                log.exception("a lost-messages hook failed")
 
     async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
         await self._publish_raw(party_channel(party_id), encode_direct(character_id, data))

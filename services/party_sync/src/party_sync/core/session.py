@@ -820,6 +820,16 @@ class PartySessions:
         self.pending[key] = pending
         self._arm(_ACTION, key, due)
 
+    def answers_may_be_lost(self, now: float) -> None:
+        """The backend's messages to this node may have been lost (its pub/sub connection was
+        replaced): every pending action of this node's connections is looked at now, not at
+        its deadline, so that a final answer published meanwhile (an engine's refusal, sent to
+        its sender only, in no history) reaches its sender at once (partition probe: actions
+        sent as Redis came back, refused by the engine in milliseconds, were answered at their
+        deadline, 10 s later). A look before the deadline changes nothing else (``timed_out``)."""
+        for key in self.pending:
+            self._arm(_ACTION, key, now)
+
     def timed_out(self, cmd: TimeOut, outcome: Sweep, answer: bytes | None) -> Commands:
         """What the ledger found at the action's deadline (``Sweep``)."""
         action, now = cmd.action, cmd.now
@@ -856,15 +866,19 @@ class PartySessions:
             text = "the party's state was lost: send the same action again to learn its outcome"
             gone = self._action_error(action, ErrorCode.BACKEND_UNAVAILABLE, text, now)
             return self._answer(action, gone, ErrorCode.BACKEND_UNAVAILABLE)
-        # STARTED (its answer comes from the engine) / NOT_DUE: look again one timeout later
+        # STARTED (its answer comes from the engine) / NOT_DUE: look again one timeout later,
+        # or, looked at before its deadline (``answers_may_be_lost``), at its deadline
+        early = action.deadline is not None and now < action.deadline
         if (
             outcome is Sweep.STARTED
+            and not early
             and action.deadline is not None
             and now < action.deadline + self.rules.action_timeout
         ):  # the first look past its deadline: told once, however long the engine takes
             self.meter.overdue(action.party_id, action.action_id, action.trace_id)
         if action.conn is not None and not action.conn.closed:
-            self._watch(action, now + self.rules.action_timeout)
+            due = action.deadline if early and action.deadline is not None else None
+            self._watch(action, now + self.rules.action_timeout if due is None else due)
         return []
 
     def time_out_failed(self, cmd: TimeOut) -> Commands:

@@ -123,11 +123,19 @@ class Gateway:
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start()
+        # (Redis mode: told when its pub/sub connection was replaced, messages perhaps lost)
+        when_lost = getattr(self.backend, "when_messages_lost", None)
+        if when_lost is not None:
+            when_lost(self._messages_lost)
         if self.executor.node_bound:  # its claims name this node (EngineLink.node_bound)
             self.publisher.claimer = self.executor.node_id
         await self.link.start(self.publisher)
         self.core.start(self.clock())
         self.timer = self._spawn(self._timer())
+
+    def _messages_lost(self) -> None:
+        if not self.core.stopping:
+            self.core.answers_may_be_lost(self.clock())
 
     async def drain(self) -> None:
         """Stop taking part: tell every client to reconnect (1001) and wait for them to go."""
