@@ -360,17 +360,21 @@ class BackendPublisher(VoteStarter, NarrationSender):
     async def _tell(self, action: ActionRequest, data: bytes) -> None:
         """Send ``action``'s refusal, already its final answer in the ledger, to its sender
         (``send_direct``: not in history). If Redis cannot take it now (a resharding's moment, a
-        failover), it is tried again for up to ``TELL_PATIENCE`` s, then left to the deadline
-        sweep and any resend, which send it again: never raised, the action is answered. (It
+        failover), it is tried again for up to ``TELL_PATIENCE`` s after the first failure
+        (which may have taken a whole command timeout), then left to the deadline sweep and
+        any resend, which send it again: never raised, the action is answered. (It
         was raised: the engine host's retry then found the action FINAL and said nothing, so a
         refusal lost in a resharding reached its player only at the deadline; cluster probe.)"""
         loop = asyncio.get_running_loop()
-        give_up_at, pause = loop.time() + TELL_PATIENCE, TELL_FIRST_PAUSE
+        give_up_at: float | None = None  # from the first failure: it may have taken a whole
+        pause = TELL_FIRST_PAUSE  # command timeout (a resharding held one 5 s; cluster probe)
         while True:
             try:
                 await self.backend.send_direct(action.party_id, action.character_id, data)
                 return
             except BackendUnavailable as exc:
+                if give_up_at is None:
+                    give_up_at = loop.time() + TELL_PATIENCE
                 if loop.time() + pause > give_up_at:
                     log.warning(
                         "refusal not delivered (%s): its sender gets it at the action's deadline "

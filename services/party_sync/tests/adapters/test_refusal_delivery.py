@@ -6,6 +6,7 @@ moment; past that it is left to the sweep, and never raised (the action is answe
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -20,14 +21,16 @@ from ps_testkit.hosts import make_action
 class FlakyDirect(MemoryBackend):
     """The embedded backend whose ``send_direct`` fails the first ``failures`` times."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, slow: float = 0.0) -> None:
         super().__init__()
         self.failures = failures
+        self.slow = slow  # seconds each failure takes (a command timeout)
         self.sent: list[tuple[str, str, bytes]] = []
 
     async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
         if self.failures > 0:
             self.failures -= 1
+            await asyncio.sleep(self.slow)
             raise BackendUnavailable("redis cluster unavailable during publish: TRYAGAIN")
         self.sent.append((party_id, character_id, data))
 
@@ -54,3 +57,16 @@ async def test_a_refusal_that_cannot_be_sent_is_left_to_the_sweep_not_raised(
     # the refusal is the action's final answer all the same: a second one records nothing
     await publisher.fail(make_action("a2"), ErrorCode.ENGINE_ERROR, "later")
     assert backend.sent == []
+
+
+async def test_a_send_that_failed_after_a_whole_timeout_is_still_tried_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Cluster probe: in a resharding the first send waited out the 5-s command timeout, longer
+    than the whole patience, and was never tried again: the player heard at the deadline. The
+    patience counts from the first failure."""
+    monkeypatch.setattr("party_sync.publishing.TELL_PATIENCE", 0.2)
+    backend = FlakyDirect(failures=1, slow=0.3)
+    publisher = BackendPublisher(backend, Contracts(), time.time)
+    await publisher.reject(make_action("a3"), "no such option")
+    assert [character for _, character, _ in backend.sent] == ["aria"]
