@@ -429,8 +429,9 @@ def add_routes(app: web.Application, gateway: Gateway, client_dir: Path | None =
             async with asyncio.timeout(gateway.shutdown_left()):
                 if gateway.touched:  # parties served since the last beat: listed all the same
                     # (operator probe: a party whose only node stopped within its first
-                    # heartbeat period was never listed)
-                    await beat(app, HEARTBEAT_INTERVAL or gateway.settings.presence_ttl)
+                    # heartbeat period was never listed); the node leaves the list regardless
+                    with contextlib.suppress(BackendUnavailable):
+                        await beat(app, HEARTBEAT_INTERVAL or gateway.settings.presence_ttl)
                 await app[ADMIN].forget_node(gateway.node_id)
 
     app.on_startup.append(start)
