@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -42,6 +43,7 @@ from party_sync.protocol.errors import (
 )
 from party_sync.protocol.ids import is_trace_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
+from party_sync.tasks import retried
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +51,9 @@ log = logging.getLogger(__name__)
 #: The refusal passed to a claim made before the action's deadline, which cannot record one.
 NOT_LATE = b""
 
-#: Seconds a refusal's delivery to its sender is tried again while Redis cannot take it, and the
-#: first pause between two tries (doubling); past that the deadline sweep sends it (``_tell``).
+#: Seconds a refusal's delivery to its sender is tried again while Redis cannot take it, from
+#: its first failure; past that the deadline sweep sends it (``_tell``).
 TELL_PATIENCE = 3.0
-TELL_FIRST_PAUSE = 0.05
 
 
 class Narrator:
@@ -365,26 +366,23 @@ class BackendPublisher(VoteStarter, NarrationSender):
         any resend, which send it again: never raised, the action is answered. (It
         was raised: the engine host's retry then found the action FINAL and said nothing, so a
         refusal lost in a resharding reached its player only at the deadline; cluster probe.)"""
-        loop = asyncio.get_running_loop()
-        give_up_at: float | None = None  # from the first failure: it may have taken a whole
-        pause = TELL_FIRST_PAUSE  # command timeout (a resharding held one 5 s; cluster probe)
-        while True:
-            try:
-                await self.backend.send_direct(action.party_id, action.character_id, data)
-                return
-            except BackendUnavailable as exc:
-                if give_up_at is None:
-                    give_up_at = loop.time() + TELL_PATIENCE
-                if loop.time() + pause > give_up_at:
-                    log.warning(
-                        "refusal not delivered (%s): its sender gets it at the action's deadline "
-                        "or on a resend",
-                        exc,
-                        extra={"trace_id": action.trace_id, "action_id": action.action_id},
-                    )
-                    return
-            await asyncio.sleep(pause)
-            pause *= 2
+        send = functools.partial(
+            self.backend.send_direct, action.party_id, action.character_id, data
+        )
+        try:
+            await send()
+            return
+        except BackendUnavailable as exc:
+            failure = exc  # (the patience counts from here: this try may have taken a whole
+            # command timeout; a resharding held one 5 s, cluster probe)
+        if await retried(send, BackendUnavailable, patience=TELL_PATIENCE, cap=TELL_PATIENCE):
+            return
+        log.warning(
+            "refusal not delivered (%s): its sender gets it at the action's deadline or on a "
+            "resend",
+            failure,
+            extra={"trace_id": action.trace_id, "action_id": action.action_id},
+        )
 
     async def _claim(self, action: ActionRequest, now: float, refusal: bytes) -> Claim:
         claim, _ = await self.backend.claim_action(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any
 
 log = logging.getLogger("party_sync.tasks")
@@ -68,6 +68,34 @@ async def cancel_and_wait(
 
 
 __all__ = ["STOP_TIMEOUT", "cancel_and_wait"]
+
+
+async def retried(
+    attempt: Callable[[], Awaitable[Any]],
+    retryable: type[BaseException] | tuple[type[BaseException], ...],
+    *,
+    patience: float,
+    first: float = 0.05,
+    cap: float = 1.0,
+) -> int | None:
+    """After an attempt that failed: ``attempt()`` again, after a pause (``first``, doubling up
+    to ``cap``) each time it raises ``retryable``, until it works (the number of attempts, the
+    failed one before this call included) or the next pause would end more than ``patience``
+    seconds from now (None). Any other exception is raised. (A restate notice to any engine
+    link, a refusal to its sender: what must get through an outage of a few seconds.)"""
+    loop = asyncio.get_running_loop()
+    give_up_at = loop.time() + patience
+    pause, attempts = first, 1
+    while loop.time() + pause <= give_up_at:
+        await asyncio.sleep(pause)
+        pause = min(cap, pause * 2)
+        attempts += 1
+        try:
+            await attempt()
+        except retryable:
+            continue
+        return attempts
+    return None
 
 
 class LatestPerKey:

@@ -20,6 +20,7 @@ for the party replaces it. An engine's exception there is logged, never raised i
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -36,7 +37,7 @@ from party_sync.engine.interface import (
     start_engine,
 )
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
-from party_sync.tasks import LatestPerKey, cancel_and_wait, spawn_kept
+from party_sync.tasks import LatestPerKey, cancel_and_wait, retried, spawn_kept
 
 log = logging.getLogger(__name__)
 
@@ -187,23 +188,19 @@ class InProcessLink:
 
     async def _restate_again(self, notice: RestateNotice, extra: dict[str, str]) -> None:
         """``restate_engine`` again while party_sync's backend fails under it (bounded)."""
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.claim_patience
-        pause, attempts = 0.05, 1
-        while loop.time() + pause <= give_up_at:
-            await asyncio.sleep(pause)
-            pause = min(1.0, pause * 2)
-            attempts += 1
-            try:
-                await restate_engine(self.engine, notice)
-            except INFRA_ERRORS:
-                continue
-            except Exception:
-                log.exception("engine failed to re-state a party", extra=extra)
-                return
-            log.info("party re-stated after %d attempts", attempts, extra=extra)
+        try:
+            attempts = await retried(
+                functools.partial(restate_engine, self.engine, notice),
+                INFRA_ERRORS,
+                patience=self.claim_patience,
+            )
+        except Exception:
+            log.exception("engine failed to re-state a party", extra=extra)
             return
-        log.error("party not re-stated: the backend kept failing", extra=extra)
+        if attempts is None:
+            log.error("party not re-stated: the backend kept failing", extra=extra)
+        else:
+            log.info("party re-stated after %d attempts", attempts, extra=extra)
 
     async def _traced_run(self, action: ActionRequest) -> None:
         if not tracing.is_on():

@@ -40,6 +40,7 @@ changed, or the nodes disagree; once per count seen).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from typing import Any
 
@@ -53,7 +54,7 @@ from party_sync.engine import wire
 from party_sync.engine.health import Periodic
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import LatestPerKey, cancel_and_wait, spawn_kept
+from party_sync.tasks import LatestPerKey, cancel_and_wait, retried, spawn_kept
 
 log = logging.getLogger(__name__)
 
@@ -266,27 +267,23 @@ class StreamEngineLink:
 
     async def _restate_again(self, notice: RestateNotice) -> None:
         """The notice appended again, with a capped backoff, until it is or ``give_up_after``
-        has passed since the first attempt."""
+        has passed."""
         extra = {"trace_id": notice.trace_id, "party_id": notice.party_id}
-        loop = asyncio.get_running_loop()
-        give_up_at = loop.time() + self.give_up_after
-        pause, attempts = RESTATE_RETRY_FIRST, 1
-        while loop.time() + pause <= give_up_at:
-            await asyncio.sleep(pause)
-            pause = min(RESTATE_RETRY_MAX, pause * 2)
-            attempts += 1
-            try:
-                await self._append_restate(notice)
-            except BackendUnavailable:
-                continue
-            log.info("re-state notice appended after %d attempts", attempts, extra=extra)
-            return
-        log.error(
-            "re-state notice never appended in %.0f s (%d attempts): given up",
-            self.give_up_after,
-            attempts,
-            extra=extra,
+        attempts = await retried(
+            functools.partial(self._append_restate, notice),
+            BackendUnavailable,
+            patience=self.give_up_after,
+            first=RESTATE_RETRY_FIRST,
+            cap=RESTATE_RETRY_MAX,
         )
+        if attempts is None:
+            log.error(
+                "re-state notice never appended in %.0f s: given up",
+                self.give_up_after,
+                extra=extra,
+            )
+        else:
+            log.info("re-state notice appended after %d attempts", attempts, extra=extra)
 
     async def close(self) -> None:
         self._restates.cancel_all()  # nothing new to say on the way out
