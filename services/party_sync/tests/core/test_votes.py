@@ -7,6 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from party_sync.core import votes
 from party_sync.core.votes import CastRefusal, SpecError, VoteSpec
+from party_sync.engine.interface import VoteRequest
 
 ABC = (("A", "Storm the gate"), ("B", "Sneak round"), ("C", "Parley"))
 
@@ -163,3 +164,31 @@ def test_a_vote_request_timeout_must_be_a_json_number_in_range(timeout: object) 
         votes.spec_from_json(body, "v1")
     for good in (0.5, 60, 86_400):
         assert votes.spec_from_json({**body, "timeout_s": good}, "v1").timeout_s == good
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"question": 42},
+        {"question": ["Q?"]},
+        {"question": None},
+        {"options": {"a": "A", "b": "B"}},
+        {"options": [{"id": 1, "label": "A"}, {"id": "b", "label": "B"}]},
+        {"options": [{"id": "a", "label": {"x": 1}}, {"id": "b", "label": "B"}]},
+        {"options": [{"id": "a"}, {"id": "b", "label": "B"}]},
+        {"tie_rule": 0},
+        {"tie_rule": "default_option", "default_option": 7},
+        {"vote_id": 123},
+        {"vote_id": True},
+    ],
+)
+def test_a_vote_request_field_of_the_wrong_type_is_refused_not_coerced(
+    change: dict[str, object],
+) -> None:
+    """/openapi.json's VoteRequest: question, labels, option ids, tie_rule, default_option and
+    vote_id are strings. A number or an object is refused (422 invalid_vote), not shown to the
+    players as its Python repr (a question of ``{"x": 1}`` used to become "{'x': 1}")."""
+    options = [{"id": "a", "label": "A"}, {"id": "b", "label": "B"}]
+    body: dict[str, object] = {"question": "Q?", "options": options, "timeout_s": 5, **change}
+    with pytest.raises(votes.SpecError, match="bad vote request"):
+        VoteRequest.from_json("p1", body)

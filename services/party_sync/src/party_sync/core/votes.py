@@ -16,7 +16,7 @@ Rules (docs/protocol.md, *Votes*):
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Final
@@ -200,23 +200,36 @@ def finished_payload(vote: Vote, outcome: Outcome) -> dict[str, Any]:
     }
 
 
-def spec_from_json(body: Mapping[str, Any], vote_id: str) -> VoteSpec:
+def _strings(*values: object, nullable: bool = False) -> bool:
+    return all(isinstance(v, str) or (nullable and v is None) for v in values)
+
+
+def spec_from_json(body: Mapping[str, Any], vote_id: object) -> VoteSpec:
     """Build a spec from an API/engine request body; raises SpecError with a clear reason."""
     timeout = body.get("timeout_s")
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):  # not "10", not true
         raise SpecError("bad vote request: timeout_s must be a number of seconds")
-    try:
-        options: Sequence[Mapping[str, Any]] = body["options"]
-        spec = VoteSpec(
-            vote_id=vote_id,
-            question=str(body["question"]),
-            options=tuple((str(o["id"]), str(o["label"])) for o in options),
-            timeout_s=float(body["timeout_s"]),
-            tie_rule=str(body.get("tie_rule", "first_listed")),
-            default_option=body.get("default_option"),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SpecError(f"bad vote request: {exc!r}") from None
+    if not isinstance(vote_id, str):
+        raise SpecError("bad vote request: vote_id must be a string")
+    missing = [k for k in ("question", "options") if k not in body]
+    if missing:
+        raise SpecError(f"bad vote request: missing fields: {missing}")
+    options = body["options"]
+    if not isinstance(options, list) or any(
+        not isinstance(o, Mapping) or not _strings(o.get("id"), o.get("label")) for o in options
+    ):
+        raise SpecError("bad vote request: options must be a list of {id, label} strings")
+    tie_rule, default = body.get("tie_rule", "first_listed"), body.get("default_option")
+    if not _strings(body["question"], tie_rule) or not _strings(default, nullable=True):
+        raise SpecError("bad vote request: question, tie_rule and default_option must be strings")
+    spec = VoteSpec(
+        vote_id=vote_id,
+        question=body["question"],
+        options=tuple((o["id"], o["label"]) for o in options),
+        timeout_s=float(timeout),
+        tie_rule=tie_rule,
+        default_option=default,
+    )
     if not _ID.fullmatch(vote_id) or any(not _ID.fullmatch(o[0]) for o in spec.options):
         raise SpecError("vote_id and option ids must match [A-Za-z0-9._:-]{1,64}")
     if len(vote_id) > MAX_VOTE_ID:  # "vote:<vote_id>" must stay a whole id: never cut, never shared
