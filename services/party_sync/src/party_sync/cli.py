@@ -319,12 +319,17 @@ def _parser() -> _Parser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from party_sync.problems import check_port_free
     from party_sync.server import build_server, make_link, new_node_id, serve, with_dev_secret
 
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync")  # off unless OTEL_* asks for an exporter
     _refuse_redis_misconfiguration(settings)  # before a file is written or an engine loaded
+    # A port in use is refused before anything is discarded or written: `--new-game` beside a
+    # running server removed its development secret and the engine's database, then could
+    # not listen (its links stopped working; the running engine wrote to a deleted file).
+    check_port_free(settings.host, settings.port)
     dev_mode = settings.dev_mode
     link = None
     node_id = new_node_id()

@@ -30,6 +30,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import socket
 import zlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -569,3 +570,33 @@ class QuietTCPSite(web.TCPSite):
             backlog=self._backlog,
             reuse_address=self._reuse_address,
         )
+
+
+def check_port_free(host: str, port: int) -> None:
+    """``ListenError`` if anything listens on ``host:port`` already, as ``serve`` says when it
+    cannot listen; checked before a start discards or writes anything (``--new-game`` removed
+    the running server's secret and database, then could not listen). The workers listen
+    with SO_REUSEPORT, which lets another process of the same user listen on the port beside
+    them, so a second group started on it (a deploy that did not stop the old one) was taken,
+    and the kernel split the clients between the two, each with its own Redis (workers
+    probe). A trial bind without SO_REUSEPORT is refused while any socket listens there. Port
+    0 (each worker a port of its own) is not checked."""
+    if port == 0:
+        return
+    try:
+        addresses = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as trial:
+            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the workers do
+            if family == socket.AF_INET6:
+                trial.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                trial.bind(address)
+            except OSError as exc:
+                raise ListenError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+                ) from None

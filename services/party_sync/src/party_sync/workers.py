@@ -50,6 +50,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from party_sync import config, logs
 from party_sync.config import Settings
+from party_sync.problems import check_port_free
 from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError, one_line
 from party_sync.tasks import cancel_and_wait
 
@@ -596,34 +597,6 @@ def start_group(settings: Settings, *, dev_mode: bool, on_ready: list[str]) -> i
         raise ConfigError("start_group needs workers > 1")
     check_port_free(settings.host, settings.port)
     return Supervisor(settings, dev_mode=dev_mode, on_ready=on_ready).run()
-
-
-def check_port_free(host: str, port: int) -> None:
-    """``ListenError`` if anything listens on ``host:port`` already, as ``serve`` says when it
-    cannot listen: the workers listen with SO_REUSEPORT, which lets another process of the same
-    user listen on the port beside them, so a second group started on it (a deploy that did
-    not stop the old one) was taken, and the kernel split the clients between the two, each
-    with its own Redis (workers probe). A trial bind without SO_REUSEPORT is refused while any
-    socket listens there. Port 0 (each worker a port of its own) is not checked."""
-    if port == 0:
-        return
-    try:
-        addresses = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise ListenError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    for family, kind, proto, _, address in addresses:
-        with socket.socket(family, kind, proto) as trial:
-            trial.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the workers do
-            if family == socket.AF_INET6:
-                trial.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            try:
-                trial.bind(address)
-            except OSError as exc:
-                raise ListenError(
-                    f"cannot listen on {host}:{port}: {exc.strerror or exc}"
-                ) from None
 
 
 if __name__ == "__main__":

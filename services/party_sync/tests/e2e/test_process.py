@@ -380,6 +380,35 @@ async def test_make_run_links_survive_a_restart_until_a_new_game(tmp_path: Path)
             assert value not in server.log  # the secret and the key are never logged
 
 
+async def test_new_game_on_a_port_in_use_discards_nothing(tmp_path: Path) -> None:
+    """``make run NEW_GAME=1`` while ``make run`` is still up: refused for the port before
+    anything is discarded or written (it removed the running server's secret and database,
+    then could not listen: the running server's links and the engine's game were lost)."""
+    async with dev_server(tmp_path) as running:
+        secret = (tmp_path / ".party_sync_dev_secret").read_bytes()
+        database = (tmp_path / "campaign_engine.sqlite3").stat().st_ino
+        second = await asyncio.create_subprocess_exec(
+            *party_sync_command(),
+            "serve",
+            "--port",
+            str(running.port),
+            "--new-game",
+            env=dev_env(),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+        )
+        async with asyncio.timeout(20):
+            _, err = await second.communicate()
+        assert second.returncode == 1
+        assert "address already in use" in err.decode().lower()
+        assert "a new game starts" not in err.decode()
+        assert "DEVELOPMENT" not in err.decode()  # refused before the banner, too
+        assert (tmp_path / ".party_sync_dev_secret").read_bytes() == secret
+        assert (tmp_path / "campaign_engine.sqlite3").stat().st_ino == database
+        assert await handshake(running.port, running.tokens[0]) == 101
+
+
 @pytest.mark.redis
 async def test_start_up_log_names_the_backend_and_the_stream_transport(
     redis: RedisServer,
