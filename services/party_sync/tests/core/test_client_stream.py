@@ -287,6 +287,7 @@ def test_what_each_handshake_status_means(status: int, step: Next) -> None:
 
 def test_a_refused_handshake_reads_as_its_documented_reason() -> None:
     assert "token was refused" in handshake_reason(401, fallback="Invalid response status")
+    assert "no WebSocket endpoint" in handshake_reason(404, fallback="Invalid response status")
     assert handshake_reason(429, "10").endswith("; retry after 10 s")
     assert handshake_reason(418, fallback="Invalid response status") == "Invalid response status"
     assert handshake_reason(418) == "HTTP 418"

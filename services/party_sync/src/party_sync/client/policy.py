@@ -52,6 +52,7 @@ _AFTER_CLOSE = {
 _HANDSHAKE_REASONS = {
     401: "the token was refused (missing, invalid, expired, or signed with another secret)",
     403: "forbidden (the page's Origin is not allowed, or an operator disconnected this player)",
+    404: "no WebSocket endpoint at this URL (party_sync serves it at /ws: ws://host:port/ws)",
     429: "too many connections for this user on the node, or a cooldown after a 1008 close",
     503: "the node is not ready or is shutting down",
 }
