@@ -11,7 +11,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -249,6 +249,31 @@ async def test_an_engine_refusing_every_connection_ends_in_engine_unavailable() 
         await link.submit(make_action("gone"))
         await idle(link)
     assert host.failed == [("gone", ErrorCode.ENGINE_UNAVAILABLE)]
+
+
+async def test_a_taken_over_action_is_never_delivered_as_attempt_one() -> None:
+    """An action taken over from a node that died with it (``redelivery``): that node may have
+    delivered it, and the engine applied it. ``X-Delivery-Attempt: 1`` promises the engine
+    never saw it (docs/engines.md), so the take-over's first POST says 2 (it said 1: HTTP probe,
+    a node killed with a delivery in flight)."""
+    api, host = ScriptedApi(), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(replace(make_action("again"), redelivery=True))
+        await idle(link)
+    [(headers, _)] = api.actions
+    assert headers["X-Delivery-Attempt"] == "2"
+
+
+async def test_a_taken_over_action_is_not_refused_as_unreachable() -> None:
+    """Its first delivery (by the dead node) may have reached the engine: an engine unreachable
+    now is no proof it was never applied, so no ``engine_unavailable`` (a false answer); it is
+    retried until ``give_up_after``, as after any attempt that may have reached the engine."""
+    host = RecordingHost()
+    url = f"http://127.0.0.1:{free_port()}/actions"  # nothing listens: refused at connect
+    async with started_link(host, url, retries=2, give_up_after=0.2) as link:
+        await link.submit(replace(make_action("again"), redelivery=True))
+        await idle(link)
+    assert host.failed == [] and host.rejected == []
 
 
 @pytest.mark.parametrize("url", ["notaurl", "http:///actions"])

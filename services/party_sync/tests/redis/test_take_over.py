@@ -34,6 +34,7 @@ async def test_a_gone_nodes_action_is_taken_over_on_a_resend(redis: RedisServer)
         result = await aria.until("action.result")
         assert result["payload"]["action_id"] == "t-1"
         assert [c.action_id for c in answering.calls] == ["t-1"]  # handed to B's engine once
+        assert answering.calls[0].redelivery  # A may have started it: not "never seen"
         await aria.act("t-1", "aria", "r1")  # and it is final now
         assert (await aria.until("action.result"))["seq"] == result["seq"]
 

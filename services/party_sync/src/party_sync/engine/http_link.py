@@ -305,10 +305,13 @@ class HttpEngineLink:
         tracing.inject(headers)  # traceparent, while tracing is on
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.give_up_after
-        reached = 0  # attempts that may have reached the engine
+        # attempts that may have reached the engine: a taken-over action's dead node may have
+        # delivered it (and the engine applied it), so it is never "attempt 1, never seen" and
+        # never refused as unreachable
+        reached = 1 if action.redelivery else 0
         attempt = 0
         engine_failures = 0  # attempts the engine host answered "the engine raised"
-        unknown = False  # an attempt may have reached the engine with an unknown outcome
+        unknown = action.redelivery  # an attempt may have reached the engine, outcome unknown
         while True:
             headers["X-Delivery-Attempt"] = str(reached + 1)
             try:

@@ -91,6 +91,10 @@ class ActionRequest:
     #: action nobody started by then with ``action_timeout``, a promise that it is never applied
     #: (docs/engines.md, "Deadlines"). None: no deadline (tests, hand-made requests).
     deadline: float | None = None
+    #: An earlier delivery of this acceptance may have reached the engine: an action taken over
+    #: from a node that died with it (the HTTP link's ``X-Delivery-Attempt`` is then 2 or more,
+    #: never the "never seen" 1, and its outcome is unknown from the start).
+    redelivery: bool = False
 
     @classmethod
     def from_envelope(

@@ -258,7 +258,8 @@ class Executor:
                         # without its deadline: the gone node may have started (and the engine
                         # applied) it, so it is a redelivery, never refused as late (the engine
                         # deduplicates by action_id)
-                        await self.link.submit(replace(engine_action(pending), deadline=None))
+                        again = replace(engine_action(pending), deadline=None, redelivery=True)
+                        await self.link.submit(again)
                     return
             except BackendUnavailable:
                 pass  # look again
