@@ -670,7 +670,31 @@ def test_a_violation_only_past_what_is_kept_is_refused_with_a_plain_explanation(
     assert early.value.path == "items.10"
     with pytest.raises(SchemaViolation) as late:  # the 81st item: past the 64 kept
         checked.validate("test.list", {"items": [*range(80), "x"]})
-    assert (late.value.path, late.value.reason) == ("", "does not match its schema")
+    assert late.value.path == ""
+    assert late.value.reason.startswith("does not match its schema: an array or object of more")
+
+
+def test_a_string_too_long_for_its_schema_is_explained_by_its_field_and_limit(
+    tmp_path: Path,
+) -> None:
+    """A string breaks its ``maxLength`` only past the 1,024 characters kept for the first
+    explanation: the 422 said "does not match its schema" and named nothing (HTTP probe: a
+    4,001-character ``narration`` of an ``action.result``)."""
+    for name in ("envelope.json", "common.json"):
+        (tmp_path / name).write_text((SCHEMA_DIR / name).read_text())
+    schema = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$id": "https://schemas.rpg-bot.dev/party_sync/v1/test.text.json",
+        "type": "object",
+        "properties": {"payload": {"properties": {"narration": {"maxLength": 4000}}}},
+    }
+    (tmp_path / "test.text.json").write_text(json.dumps(schema))
+    checked = Contracts(tmp_path)
+    checked.validate("test.text", {"payload": {"narration": "n" * 4000}})
+    with pytest.raises(SchemaViolation) as refused:
+        checked.validate("test.text", {"payload": {"narration": "n" * 4001}})
+    assert refused.value.path == "payload.narration"
+    assert "longer than 4000" in refused.value.reason
 
 
 @pytest.mark.parametrize(

@@ -89,12 +89,21 @@ class Contracts:
         # failing instance converted back to Python, which for a 64-KiB array or object under
         # an unexpected key costs milliseconds (about 3.5 ms against 2 µs for the verdict): a
         # client must not buy that much CPU with each bad message.
-        try:
-            validator.validate(_bounded(message))
-        except jsonschema_rs.ValidationError as exc:
-            path = ".".join(str(part) for part in exc.instance_path)
-            raise SchemaViolation(path, _short(exc.message)) from None
-        raise SchemaViolation("", "does not match its schema")  # only in what was left out
+        # Strings whole the second time: a string over ``_KEEP_CHARS`` that breaks its
+        # ``maxLength`` (a 4,001-character narration) is cheap to convert, and was explained
+        # as nothing at all.
+        for chars in (_KEEP_CHARS, None):
+            try:
+                validator.validate(_bounded(message, chars))
+            except jsonschema_rs.ValidationError as exc:
+                path = ".".join(str(part) for part in exc.instance_path)
+                raise SchemaViolation(path, _short(exc.message)) from None
+        raise SchemaViolation(  # only in the items or keys left out of the explanation
+            "",
+            f"does not match its schema: an array or object of more than {_KEEP_ITEMS} items "
+            f"or {_KEEP_KEYS} keys breaks its schema (more items or keys than it allows, or a "
+            "bad one among them)",
+        )
 
     def is_valid(self, type_: str, message: Mapping[str, Any]) -> bool:
         validator = self._validators.get(type_)
@@ -105,18 +114,24 @@ class Contracts:
 _KEEP_KEYS, _KEEP_ITEMS, _KEEP_CHARS = 128, 64, 1024
 
 
-def _bounded(value: Any) -> Any:
+def _bounded(value: Any, chars: int | None = _KEEP_CHARS) -> Any:
     """``value`` with at most ``_KEEP_KEYS`` keys per object, ``_KEEP_ITEMS`` items per array and
-    ``_KEEP_CHARS`` characters per string (the first ones), for explaining a violation cheaply.
-    (Messages are nesting-bounded before they are validated: ``codec.decode_bounded``.)"""
+    ``chars`` characters per string (the first ones; None: whole), for explaining a violation
+    cheaply. (Messages are nesting-bounded before they are validated: ``codec.decode_bounded``.)"""
     if isinstance(value, dict):
-        return {key: _bounded(item) for key, item in islice(value.items(), _KEEP_KEYS)}
+        return {key: _bounded(item, chars) for key, item in islice(value.items(), _KEEP_KEYS)}
     if isinstance(value, list):
-        return [_bounded(item) for item in value[:_KEEP_ITEMS]]
-    if isinstance(value, str) and len(value) > _KEEP_CHARS:
-        return value[:_KEEP_CHARS]
+        return [_bounded(item, chars) for item in value[:_KEEP_ITEMS]]
+    if isinstance(value, str) and chars is not None and len(value) > chars:
+        return value[:chars]
     return value
 
 
 def _short(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    """``text`` in at most ``limit`` characters: its middle elided, since jsonschema-rs's
+    messages begin with the failing value and end with the rule it broke ("is longer than
+    4000 characters")."""
+    if len(text) <= limit:
+        return text
+    tail = limit // 3
+    return text[: limit - tail - 1] + "…" + text[-tail:]
