@@ -166,7 +166,8 @@ class Node:
             return core.disconnected(c.conn, last, c.now)
         if isinstance(c, Settle):
             try:
-                return core.settled(self.call(b.settle(c.binding, c.now, c.trace_id)) is not None)
+                left = self.call(b.settle(c.binding, c.now, c.trace_id, c.since))
+                return core.settled(left is not None)
             except BackendUnavailable:
                 return core.settle_failed()
         if isinstance(c, BeginAction):
@@ -415,6 +416,40 @@ def test_a_reconnect_within_the_grace_period_stays_online() -> None:
     node.advance(20)
     assert node.members() == {"aria": True, "borin": True}
     assert node.meter.counts[("settles", "stayed")] == 1
+
+
+def test_a_second_blip_while_the_first_grace_runs_out_is_no_leave_and_no_join() -> None:
+    """The first blip's grace ends while a second blip is under way: void, since the player
+    came back after it began (it announced leave and join for a player away 0.3 s)."""
+    node = Node()
+    borin = node.join("borin")
+    aria = node.join("aria")
+    node.lose(aria)
+    node.advance(0.2)
+    aria = node.join("aria")
+    node.advance(9.6)
+    node.lose(aria)  # at 9.8: the first grace ends at 10
+    node.advance(0.3)
+    assert node.members() == {"aria": True, "borin": True}
+    node.join("aria")  # back at 10.1
+    node.advance(20)
+    assert node.members() == {"aria": True, "borin": True}
+    assert t.PARTY_LEAVE not in node.types(borin)
+
+
+def test_a_close_after_a_blip_leaves_a_whole_grace_after_the_close() -> None:
+    node = Node()
+    node.join("borin")
+    aria = node.join("aria")
+    node.lose(aria)
+    node.advance(0.2)
+    aria = node.join("aria")
+    node.advance(1.7)
+    node.lose(aria)  # at 1.9: the player closed the game
+    node.advance(9.9)  # 11.8: the first grace is over (10), the second is not (11.9)
+    assert node.members() == {"aria": True, "borin": True}
+    node.advance(0.2)
+    assert node.members() == {"aria": False, "borin": True}
 
 
 def test_the_last_connection_of_a_party_drops_its_subscription() -> None:

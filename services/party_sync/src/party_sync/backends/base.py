@@ -169,8 +169,15 @@ class PresenceStore(Protocol):
         """Forget a connection; True if the character has no live connection left anywhere."""
         ...
 
-    async def settle(self, binding: Binding, now: float, trace_id: str) -> Event | None:
-        """After the grace period: publish ``party.leave`` (disconnected) if still unconnected."""
+    async def settle(
+        self, binding: Binding, now: float, trace_id: str, since: float | None = None
+    ) -> Event | None:
+        """After the grace period: publish ``party.leave`` (disconnected) if still unconnected.
+
+        ``since``: the ``now`` of the ``disconnect`` that began this grace. A grace is void
+        once the character connected again after it began, even if that connection is gone
+        too (a second blip): the later disconnect's own grace settles it, on whichever node
+        (a reconnect within grace produces neither a leave nor a join). None: no such check."""
         ...
 
     async def leave(self, binding: Binding, now: float, trace_id: str) -> Event | None:

@@ -241,11 +241,15 @@ class MemoryBackend:
             party, codec.envelope(t.PARTY_LEAVE, payload, ts=now, trace_id=trace_id), now
         )
 
-    async def settle(self, binding: Binding, now: float, trace_id: str) -> Event | None:
+    async def settle(
+        self, binding: Binding, now: float, trace_id: str, since: float | None = None
+    ) -> Event | None:
         party = self._parties.get(binding.party_id)
         if party is None:
             return None
         cid = binding.character_id
+        if since is not None and not party.presence.grace_is_current(cid, since):
+            return None
         if party.presence.is_connected(cid, now) or not party.projection.is_online(cid):
             return None
         return self._leave(party, cid, t.LEAVE_DISCONNECTED, now, trace_id)

@@ -502,8 +502,10 @@ class RedisBackend:
     async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
         return await self.presence.disconnect(binding, connection_id, now)
 
-    async def settle(self, binding: Binding, now: float, trace_id: str) -> Event | None:
-        return await self.presence.settle(binding, now, trace_id)
+    async def settle(
+        self, binding: Binding, now: float, trace_id: str, since: float | None = None
+    ) -> Event | None:
+        return await self.presence.settle(binding, now, trace_id, since)
 
     async def leave(self, binding: Binding, now: float, trace_id: str) -> Event | None:
         return await self.presence.leave(binding, now, trace_id)

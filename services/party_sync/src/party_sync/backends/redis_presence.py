@@ -122,24 +122,34 @@ class RedisPresence:
     async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
         """Forget a connection (its character settles within grace, by any node); True if the
         character has no live connection left."""
-        deadline = now + self._grace + self._ttl
+        deadline = self._gone_deadline(now)
         async with unavailable("disconnect"), self._client.pipeline(transaction=False) as pipe:
-            args = [_entry(binding, connection_id), binding.character_id, f"{deadline:.6f}"]
+            args = [_entry(binding, connection_id), binding.character_id, deadline]
             await self._scripts.run("disconnect", binding.party_id, now, args, client=pipe)
-            pipe.zadd(self._keys.presence_index(), {binding.party_id: deadline}, lt=True)
+            pipe.zadd(self._keys.presence_index(), {binding.party_id: float(deadline)}, lt=True)
             last, _ = await pipe.execute()
         return bool(int(last))
 
-    async def settle(self, binding: Binding, now: float, trace_id: str) -> Event | None:
-        """After grace: ``party.leave`` (disconnected) unless the character is connected again."""
-        return await self._leave(binding, now, trace_id, t.LEAVE_DISCONNECTED)
+    def _gone_deadline(self, disconnected: float) -> str:
+        """What ``disconnect`` at ``disconnected`` writes in ``gone``: the time by which its node
+        settles the character (else the sweep does), and the grace's mark for ``settle``."""
+        return f"{disconnected + self._grace + self._ttl:.6f}"
+
+    async def settle(
+        self, binding: Binding, now: float, trace_id: str, since: float | None = None
+    ) -> Event | None:
+        """After grace: ``party.leave`` (disconnected) unless the character is connected again,
+        or connected and disconnected again since ``since`` (``gone`` holds another deadline:
+        that later grace settles it)."""
+        mark = "" if since is None else self._gone_deadline(since)
+        return await self._leave(binding, now, trace_id, t.LEAVE_DISCONNECTED, mark)
 
     async def leave(self, binding: Binding, now: float, trace_id: str) -> Event | None:
         """A voluntary leave: ``party.leave`` (left) if the character is a member."""
         return await self._leave(binding, now, trace_id, t.LEAVE_LEFT)
 
     async def _leave(
-        self, binding: Binding, now: float, trace_id: str, reason: str
+        self, binding: Binding, now: float, trace_id: str, reason: str, mark: str = ""
     ) -> Event | None:
         """``party.leave``: ``disconnected`` after grace (settle.lua), ``left`` (leave.lua)."""
         payload = {"character_id": binding.character_id, "reason": reason}
@@ -148,6 +158,8 @@ class RedisPresence:
         args: list[Arg] = [binding.character_id, body]
         if script == "leave":  # the tombstone's lifetime (refresh.lua must not announce it again)
             args.append(self._ttl)
+        else:
+            args.append(mark)
         with unavailable(script):
             reply = await self._scripts.run(script, binding.party_id, now, args)
         seq = int(reply[0])

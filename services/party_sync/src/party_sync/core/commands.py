@@ -106,6 +106,7 @@ class Settle:
     binding: Binding
     now: float
     trace_id: str
+    since: float | None = None  # when its grace began (the disconnect's now)
 
 
 @dataclass(slots=True)

@@ -44,6 +44,8 @@ class Presence:
         self.ttl = ttl
         self._connections: dict[str, dict[str, float]] = {}
         self._left: dict[str, float] = {}  # character → until when its voluntary leave holds
+        # character → when its last connection closed (its grace began); a connection drops it
+        self._gone: dict[str, float] = {}
 
     def connect(self, character_id: str, connection_id: str, now: float) -> bool:
         """Register a connection; True if it is the character's only live one."""
@@ -51,6 +53,7 @@ class Presence:
         live[connection_id] = now + self.ttl
         self._connections[character_id] = live
         self._left.pop(character_id, None)  # a new connection is a rejoin
+        self._gone.pop(character_id, None)  # any grace begun before it is void
         return len(live) == 1
 
     def disconnect(self, character_id: str, connection_id: str, now: float) -> bool:
@@ -59,8 +62,19 @@ class Presence:
         live.pop(connection_id, None)
         if not live:
             self._connections.pop(character_id, None)
+            self._gone[character_id] = now
             return True
         return False
+
+    def grace_is_current(self, character_id: str, since: float) -> bool:
+        """Whether the grace begun at ``since`` is the character's latest: no connection of it
+        opened since (then closed again, starting a grace of its own). Mirrored in settle.lua
+        (the ``gone`` deadline that ``disconnect`` wrote)."""
+        gone = self._gone.get(character_id)
+        if gone is not None and gone != since:
+            return False
+        self._gone.pop(character_id, None)  # settled now, one way or the other
+        return True
 
     def refresh(self, character_id: str, connection_id: str, now: float) -> None:
         """Heartbeat: push a live connection's expiry forward (a forgotten one is re-added).

@@ -185,7 +185,8 @@ class PartySessions:
             "narration_idle_ms": max(1, int(rules.narration_idle * 1000)),
         }
         self._on_earlier = on_earlier
-        self._graces: dict[str, Binding] = {}  # connection id → its binding, in grace
+        # connection id → its binding and when its grace began (its disconnect's now)
+        self._graces: dict[str, tuple[Binding, float]] = {}
         #: (party, character) → its ballots' bucket (``_admit_ballot``), whatever its connections
         self._ballots: dict[tuple[str, str], TokenBucket] = {}
         self._applying: dict[tuple[str, str], _Applying] = {}
@@ -243,8 +244,11 @@ class PartySessions:
             out.extend(self._close(conn, CloseCode.TOKEN_EXPIRED, "token expired"))
             return out
         if kind is Kind.GRACE:
-            binding = self._graces.pop(key, None)
-            return [] if binding is None else [Settle(binding, now, codec.new_trace_id())]
+            grace = self._graces.pop(key, None)
+            if grace is None:
+                return []
+            binding, since = grace
+            return [Settle(binding, now, codec.new_trace_id(), since)]
         if kind is Kind.VOTE:
             party_id, vote_id = key
             return [FinishVote(party_id, vote_id, now)]
@@ -361,7 +365,7 @@ class PartySessions:
     def disconnected(self, conn: Connection, last: bool, now: float) -> Commands:
         """``last``: it was its character's last live connection: its grace period starts."""
         if last and not self.stopping:
-            self._graces[conn.id] = conn.binding
+            self._graces[conn.id] = (conn.binding, now)
             self._arm(Kind.GRACE, conn.id, now + self.rules.presence_grace)
         return []
 

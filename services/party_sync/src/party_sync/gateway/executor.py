@@ -333,7 +333,9 @@ class Executor:
             self.spawn(self._announce(command))
         elif type(command) is Settle:
             try:
-                left = await self.backend.settle(command.binding, command.now, command.trace_id)
+                left = await self.backend.settle(
+                    command.binding, command.now, command.trace_id, command.since
+                )
             except BackendUnavailable:
                 core.settle_failed()
                 return
