@@ -13,6 +13,7 @@ from campaign_engine.testing import (
     action_request,
     join_notice,
 )
+from party_sync.protocol.errors import BackendUnavailable
 
 
 async def test_a_redelivered_action_publishes_what_a_failure_left_unsent(
@@ -71,6 +72,37 @@ async def test_leftovers_that_still_fail_are_dropped_and_the_game_goes_on(
     assert publisher.last("party.state")["characters"]["aria"]["hp"] == 1
     state = await arena_engine.run_state("run-1")
     assert state is not None and state.outbox == []
+
+
+async def test_leftovers_wait_while_party_sync_is_unavailable_and_go_out_after_it(
+    engine: ReferenceEngine, publisher: RecordingPublisher
+) -> None:
+    """party_sync unreachable (a Redis stall): an earlier action's events that could not be
+    published are not dropped by the next message, which fails with them (its transport gives
+    it again). Dropped, a party whose next action was refused (no scene of its own) stayed on
+    the old scene for good while the engine was a scene ahead (recovery probe, a 15-s stall)."""
+    await engine.handle_join(join_notice("aria"))
+    publisher.clear()
+    publisher.fail_as = BackendUnavailable
+    first = action_request("choice", {"option": "row"})  # moves the party to scene 2
+    publisher.fail_next = 1
+    with pytest.raises(BackendUnavailable):
+        await engine.handle_action(first)
+    publisher.fail_next = 1  # still down when the next message comes
+    second = action_request("skill_check", {})
+    with pytest.raises(BackendUnavailable):
+        await engine.handle_action(second)
+    state = await engine.run_state("run-1")
+    assert state is not None
+    assert [e.type for e in state.outbox][:2] == ["action.result", "scene.update"]  # kept
+    assert publisher.published == []
+
+    await engine.handle_action(second)  # party_sync is back: the transport gives it again
+    assert [(e.type, e.trace_id) for e in publisher.published[:2]] == [
+        ("action.result", first.trace_id),
+        ("scene.update", first.trace_id),
+    ]
+    assert publisher.last("scene.update")["scene_number"] == 2  # the screens follow the game
 
 
 async def test_concurrent_actions_of_one_run_apply_one_at_a_time(

@@ -20,7 +20,10 @@ applies one twice (party_sync redelivers with the same ``action_id``). If publis
 unpublished rest is kept — durably, with the state: a redelivery of that same action, even to a
 restarted engine, publishes it (and only it); the next *other* action first tries once more and
 otherwise drops it (logged), because its own ``scene.update`` and ``party.state`` bring every
-client back to the current state anyway, and a stale event must never block the game.
+client back to the current state anyway, and a stale event must never block the game — except
+while party_sync is unavailable (``BackendUnavailable``: its Redis stalled or restarting): then
+the leftovers wait and the next action fails with them (its transport gives it again), since a
+refused next action publishes no scene and the screens would stay behind the game for good.
 
 Party votes (``votes.py``): an action that brings the party into a ``party_vote`` scene also
 commits a ``vote.start`` entry at the end of its outbox; publishing reaches it after the action's
@@ -74,7 +77,7 @@ from party_sync.engine import (
     publish_all,
 )
 from party_sync.logs import RateGate
-from party_sync.protocol.errors import InvalidEvent
+from party_sync.protocol.errors import BackendUnavailable, InvalidEvent
 
 from campaign_engine import narration, votes
 from campaign_engine.actions import PARTY_ACTOR, Choice, parse_action
@@ -697,6 +700,17 @@ class ReferenceEngine:
             return state
         try:
             await self._publish_outbox(state, party_id)
+        except BackendUnavailable:
+            # party_sync is unreachable (its Redis stalled or restarting): the leftovers wait,
+            # and so does this message (its transport gives it again: the stream's worker and
+            # the HTTP host without counting a delivery, the in-process link after a pause).
+            # Dropped, they were lost for good when this message published no scene of its own
+            # (a refused action): the party's screens stayed a scene behind the game.
+            log.info(
+                "party_sync unavailable: %d unpublished event(s) of an earlier action wait",
+                len(state.outbox),
+            )
+            raise
         except Exception:
             log.warning(
                 "dropping %d unpublished event(s) of an earlier action",

@@ -87,7 +87,8 @@ class RecordingPublisher(VoteStarter, NarrationSender):
     """An in-memory ``EventPublisher`` that records every event (and every rejection).
 
     ``check`` is called with each event before it is recorded (e.g. a JSON Schema validation that
-    raises); ``fail_next`` makes the next *n* publishes raise :class:`PublishFailed` instead.
+    raises); ``fail_next`` makes the next *n* publishes raise :class:`PublishFailed` instead (or
+    ``fail_as``, e.g. party_sync's ``BackendUnavailable``, what its publishers raise in an outage).
     Like party_sync's, ``seq`` counts per party from 1.
 
     Votes: every ``start_vote`` call is recorded in ``vote_requests``. As party_sync does, it
@@ -119,6 +120,7 @@ class RecordingPublisher(VoteStarter, NarrationSender):
         self.published: list[Published] = []
         self.rejected: list[tuple[ActionRequest, str]] = []
         self.fail_next = 0
+        self.fail_as: Callable[[str], Exception] = PublishFailed
         self.vote_requests: list[VoteRequest] = []
         self.open_votes: dict[str, OpenVote] = {}
         self.fail_next_vote: Exception | None = None
@@ -141,7 +143,7 @@ class RecordingPublisher(VoteStarter, NarrationSender):
             raise ValueError(f"an engine may not publish {type!r}")
         if self.fail_next > 0:
             self.fail_next -= 1
-            raise PublishFailed(f"publish of {type} failed (scripted)")
+            raise self.fail_as(f"publish of {type} failed (scripted)")
         seq = self._seq.get(party_id, 0) + 1
         event = Published(party_id, type, payload, trace_id, seq)
         if self.check is not None:
