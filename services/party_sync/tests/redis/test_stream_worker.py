@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
 import pytest
+from party_sync.backends import redis_fence
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import read_stream
@@ -391,6 +393,37 @@ async def test_rounds_failed_on_the_backend_count_no_delivery(
         await wait_until(lambda: host.results() == ["failover"], timeout=15)
         assert host.failed == [] and worker.errors >= failures
         assert engine.count("failover") == (failures + 1 if where == "publish" else 1)
+        await acknowledged(redis)
+
+
+async def test_a_new_redis_server_makes_a_worker_read_its_own_pending_entries_again(
+    redis: RedisServer,
+) -> None:
+    """A planned Sentinel failover (clients probe): a worker's acknowledgement written to the
+    old master in its last second was lost with it, so the entry, handled and answered, was
+    still pending for that worker on the promoted replica. Nothing read it again until another
+    worker's reclaim, ``claim_idle`` (30 s) later: the engine got the action again, the party its
+    result again then, and its sender ``character_busy`` meanwhile. A connection meeting a Redis
+    server this process never met (``redis_fence.SERVERS``) now makes each loop re-read its own
+    pending entries at its next round (no delivery counted)."""
+    host, engine = RecordingHost(), ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with running_worker(redis, host, engine, claim_idle=60.0):
+        async with stream_link(redis) as link:
+            await link.submit(make_action("slow"))
+            await wait_until(lambda: len(engine.calls) == 1, timeout=10)  # the worker is busy
+            await link.submit(make_action("lost-ack"))
+        # pending for the worker, which does not know it: its acknowledgement was lost
+        client = Redis.from_url(redis.url)
+        try:
+            read: Any = await client.xreadgroup(WorkerOptions().group, "w1", {STREAM: ">"})
+        finally:
+            await client.aclose()
+        assert len(read[0][1]) == 1
+        redis_fence.SERVERS.met(f"promoted-replica-{uuid.uuid4()}")  # as a connection records it
+        engine.gate.set()
+        await wait_until(lambda: sorted(host.results()) == ["lost-ack", "slow"], timeout=10)
+        assert host.failed == []
         await acknowledged(redis)
 
 

@@ -57,6 +57,29 @@ from party_sync.backends.keys import KeySpace
 
 log = logging.getLogger(__name__)
 
+
+class ServersMet:
+    """The Redis servers this process's connections have met, by identity (``<run_id>:<master
+    _replid>``, new at every restart and every promotion). ``count`` grows when a connection
+    lands on one never met before: a failover or a restart, and each master of a cluster once.
+    What a process wrote to the server it had just before may be lost (asynchronous replication:
+    a promoted replica lacks the old master's last writes), so an engine worker re-reads its own
+    pending entries when it grows (``StreamWorker``): an acknowledgement lost in a failover
+    otherwise left its entry to another worker's reclaim, ``claim_idle`` later."""
+
+    def __init__(self) -> None:
+        self._seen: set[str] = set()
+        self.count = 0
+
+    def met(self, identity: str) -> None:
+        if identity and identity not in self._seen:
+            self._seen.add(identity)
+            self.count += 1
+
+
+#: This process's (every client party_sync makes runs the fence hooks below on each connection).
+SERVERS = ServersMet()
+
 #: The server's identity and role, the start of both fence scripts (``identity``, ``role``).
 _IDENTITY_LUA = """
 local server = redis.call('INFO', 'server')
@@ -245,6 +268,7 @@ async def fence_cluster_on_connect(
     await conn.send_command("EVAL", FENCE_CLUSTER_LUA, 1, mark, meta_pattern(prefix), mine, others)
     reply = await conn.read_response()
     outcome, fenced, identity = int(reply[0]), int(reply[1]), _text(reply[2])
+    SERVERS.met(identity)
     if outcome == MIGRATED:
         log.info(
             "redis cluster shard's first slot came from another master (a resharding): its "
@@ -270,6 +294,7 @@ async def fence_on_connect(conn: AbstractConnection, *, prefix: str) -> None:
             f"{getattr(conn, 'host', '?')}:{getattr(conn, 'port', '?')} is a replica "
             "(party_sync writes to the master only)"
         )
+    SERVERS.met(identity)
     if outcome == FENCED:
         log.warning(
             "redis master changed (failover or restart): every party starts a new epoch",

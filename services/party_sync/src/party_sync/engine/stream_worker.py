@@ -74,6 +74,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from party_sync import tracing
+from party_sync.backends import redis_fence
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.engine import partitions as layout
 from party_sync.engine import wire
@@ -261,6 +262,8 @@ class StreamWorker:
         self._retries: dict[bytes, float] = {}
         self._beating: asyncio.Task[None] | None = None  # the heartbeat (workers_key) task
         self._held: list[bytes] = []  # the batch being handled, kept this worker's (_holding)
+        #: ``redis_fence.SERVERS.count`` at the start of the last round (None: no round yet)
+        self._servers: int | None = None
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -389,6 +392,7 @@ class StreamWorker:
         """One round: our own pending entries first (after a failure), then reclaim idle
         entries, then read new ones. True if anything was handled."""
         o = self.options
+        self._after_a_new_server()
         await self._beat()
         entries: list[Entry] = []
         redelivery = True  # our own pending entries and reclaimed ones were delivered before
@@ -410,6 +414,26 @@ class StreamWorker:
         async with self._holding([entry_id for entry_id, _ in entries]):
             await self._handle_all(entries, redelivery=redelivery)
         return bool(entries)
+
+    def _after_a_new_server(self) -> None:
+        """A connection of this process met a Redis server it never met before since the last
+        round began (a failover, a restart): what this worker wrote to the old one in its last
+        moments may be lost, its acknowledgements too (a promoted replica lacks the old
+        master's last writes). So its own pending entries are read again now (``READ_OWN``, no
+        delivery counted), as after a failed round, not left to another worker's reclaim
+        ``claim_idle`` later (clients probe, a planned Sentinel failover: actions answered in
+        its last second were handed to the engine again 30 s later, their results sent to the
+        party again then, and their senders refused ``character_busy`` meanwhile). A round is
+        handled whole before the next begins, so this loop holds no entry now."""
+        servers = redis_fence.SERVERS.count
+        if self._servers is not None and servers != self._servers and self._own_cursor is None:
+            log.info(
+                "a new Redis server (failover or restart): re-reading this worker's own pending "
+                "entries",
+                extra={"stream": self.options.stream, "consumer": self.options.consumer},
+            )
+            self._own_cursor = "0"
+        self._servers = servers
 
     async def _read_own(self, after: str) -> list[Entry]:
         """This consumer's pending entries after ``after``: at its start, those a worker of the
