@@ -333,6 +333,29 @@ async def test_an_engine_that_fails_a_few_times_then_answers_is_not_failed() -> 
     assert host.failed == [] and len(api.actions) == ENGINE_FAILURES
 
 
+async def test_an_engine_error_after_the_engine_published_its_answer_is_no_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An engine host that published the result, then answered ``engine_error`` (its fifth):
+    the player has the answer; the link logged ERROR "engine failed 5 times; giving up" all
+    the same (HTTP probe). It looks once more before it gives up."""
+    host = RecordingHost()
+
+    @dataclass
+    class PublishingOnTheLast(ScriptedApi):
+        async def action(self, request: web.Request) -> web.Response:
+            if len(self.actions) == ENGINE_FAILURES - 1:  # the fifth: published, then failed
+                host.claims["late"] = Claim.FINAL
+            return await super().action(request)
+
+    api = PublishingOnTheLast(answers=["engine_error"] * ENGINE_FAILURES)
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("late"))
+        await idle(link)
+    assert host.failed == [] and len(api.actions) == ENGINE_FAILURES
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
 async def test_another_5xx_never_counts_as_the_engine_failing() -> None:
     """Only the engine host's own ``engine_error`` says "not applied": a proxy's 500 with another
     body may follow an engine that applied the action, so it is never reported as a failure."""

@@ -328,6 +328,11 @@ class HttpEngineLink:
                 elif not unknown:  # (after an unknown outcome, it may be applying it still)
                     engine_failures += 1
                     if engine_failures >= ENGINE_FAILURES:
+                        if await self._answered_meanwhile(host, action):
+                            # an engine host that published, then answered engine_error: the
+                            # player has its answer; nothing failed that anyone must look at
+                            log.info("the action was answered meanwhile", extra=extra)
+                            return
                         log.error("engine failed %d times; giving up", engine_failures, extra=extra)
                         await self._refuse(action, ErrorCode.ENGINE_ERROR, "the engine failed")
                         return
