@@ -208,7 +208,7 @@ class Metrics:
         )
         self.closes = Counter(
             "party_sync_closes_total",
-            "Connections closed by the server, by close code",
+            "Connections closed by the server, by close code (1006: dropped by the heartbeat)",
             ["code"],
             registry=r,
         )

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -136,6 +137,63 @@ async def test_a_client_that_never_reads_is_let_go_without_reading_and_its_slot_
         closes = gateway.metrics.registry.get_sample_value
         await wait_until(lambda: closes("party_sync_closes_total", {"code": "4002"}) == 1.0)
         await wait_until(lambda: guard.users.total == 0, timeout=10)  # aria's slot is free
+    finally:
+        await slow.close()
+
+
+def unsent_orphans(base: str) -> list[str]:
+    """The server's sockets on ``base``'s port in FIN-WAIT-1 that still hold unsent bytes
+    (``/proc/net/tcp``): a socket closed with data queued for a peer that does not read."""
+    port = int(base.rsplit(":", 1)[1].split("/")[0])
+    found = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, state, queues = fields[1], fields[3], fields[4]
+        fin_wait_1 = state == "04"
+        if int(local.split(":")[1], 16) == port and fin_wait_1 and int(queues.split(":")[0], 16):
+            found.append(line)
+    return found
+
+
+async def test_a_client_that_reads_nothing_is_dropped_by_the_heartbeat_with_nothing_left(
+    srv: Running,
+) -> None:
+    """No pong and no reads, with events queued for it (less than the send buffer, so no 4002):
+    the heartbeat drops it, counted as 1006, and the socket leaves nothing behind in the kernel
+    (it stayed orphaned in FIN-WAIT-1 with its unsent events for as long as the peer kept its
+    end open: slow-clients probe, about 676 KB each, the process's limits not counting it)."""
+    stuck = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096)
+    stuck.writer.transport.pause_reading()  # type: ignore[attr-defined]  # not even buffered
+    try:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
+        for i in range(10):  # ~100 KB: queued in the kernel, far under the send buffer
+            await publish(srv, f"queued-{i}", 10_000)
+        await wait_until(lambda: not gateway.sessions, timeout=10 * HEARTBEAT)
+        closes = gateway.metrics.registry.get_sample_value
+        await wait_until(lambda: closes("party_sync_closes_total", {"code": "1006"}) == 1.0)
+        await wait_until(lambda: not unsent_orphans(srv.base), timeout=5)
+    finally:
+        await stuck.close()
+
+
+async def test_a_slow_consumer_let_go_leaves_nothing_unsent_in_the_kernel(srv: Running) -> None:
+    """The 4002 path: its close frame cannot drain, the socket is dropped with a reset, so the
+    kernel keeps no orphan holding what was queued for it."""
+    slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096)
+    slow.writer.transport.pause_reading()  # type: ignore[attr-defined]
+    try:
+        assert srv.server is not None
+        gateway = srv.server.gateway
+        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
+        session = next(x for x in gateway.sessions if x.character_id == "aria")
+        for i in range(400):
+            await publish(srv, f"flood-{i}", 60_000)
+            if session.closed:
+                break
+        await wait_until(lambda: session not in gateway.sessions, timeout=20)
+        await wait_until(lambda: not unsent_orphans(srv.base), timeout=5)
     finally:
         await slow.close()
 

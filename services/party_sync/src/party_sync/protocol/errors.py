@@ -106,6 +106,7 @@ class CloseCode:
     NORMAL = 1000  # after a voluntary party.leave
     GOING_AWAY = 1001  # server shutdown: reconnect (and resume) elsewhere
     PROTOCOL_ERROR = 1002  # a frame breaks RFC 6455 (the transport refused it)
+    ABNORMAL_CLOSURE = 1006  # no close frame: the heartbeat's pong did not come (dropped)
     INVALID_DATA = 1007  # a text frame that is not UTF-8 (the transport may refuse it so)
     POLICY_VIOLATION = 1008  # flooding or too much bad input
     MESSAGE_TOO_BIG = 1009  # a frame far beyond the size limit (the transport refused it)

@@ -50,6 +50,11 @@ CLOSE_CODES: Final[dict[int, tuple[str, str]]] = {
         "A frame far over the size limit",
         "Reconnect; do not resend that message",
     ),
+    CloseCode.ABNORMAL_CLOSURE: (
+        "No close frame: the heartbeat's pong did not come in time and the server dropped the "
+        "connection (a link gone silent, or a client that reads nothing)",
+        "Reconnect and resume",
+    ),
     CloseCode.INTERNAL_ERROR: ("Internal error", "Reconnect with backoff and resume"),
     CloseCode.TOKEN_EXPIRED: ("Token expired", "Fetch a new token, reconnect (and resume)"),
     CloseCode.SLOW_CONSUMER: (

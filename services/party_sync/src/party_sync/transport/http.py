@@ -25,7 +25,11 @@ from party_sync.transport import admin, api, asyncapi, demo, members, openapi, t
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
 from party_sync.transport.edge import Edge, edge_middleware, session_handler
 from party_sync.transport.guard import ConnectionGuard, guarded_connection
-from party_sync.transport.sink import FrameBatcher, WebSocketSink
+from party_sync.transport.sink import DroppingWebSocketResponse, FrameBatcher, WebSocketSink
+
+#: ``party_sync_closes_total``'s code for a connection its heartbeat dropped (no pong in time: a
+#: peer gone, or one that reads nothing): RFC 6455's 1006, no close frame (it would not be read).
+HEARTBEAT_CLOSE = str(CloseCode.ABNORMAL_CLOSURE)
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +168,7 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
     slot = guard.take_websocket_slot(admitted)  # over max_connections_per_user: 429
     try:
         settings = gateway.settings
-        ws = web.WebSocketResponse(
+        ws = DroppingWebSocketResponse(  # a heartbeat without pong: dropped with a reset
             heartbeat=settings.heartbeat,
             max_msg_size=settings.max_message_bytes * 4,  # 1×–4×: system.error, kept open
             compress=False,  # no permessage-deflate: no decompression bombs, less CPU per frame
@@ -225,6 +229,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
             elif msg.type is WSMsgType.ERROR:
                 if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
                     gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)
+                elif isinstance(msg.data, TimeoutError):  # its heartbeat: no pong in time,
+                    gateway.metrics.closes.labels(HEARTBEAT_CLOSE).inc()  # dropped (no frame)
                 break
     except ConnectionError:
         pass  # lost while aiohttp answered a ping (the pong's drain): the peer is gone

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import struct
 from collections.abc import Hashable
 from typing import Protocol
@@ -54,6 +55,44 @@ EARLY_FLUSH_BYTES = 64 * 1024
 #: What the handler's ``receive()`` returns when this side closes the connection while the handler
 #: waits for the client's next message (``WebSocketSink._stop_reading``).
 STOP_READING = WSMessage(WSMsgType.ERROR, ConnectionAbortedError("closing"), None)
+
+
+#: ``SO_LINGER`` on, with a zero timeout: ``close`` resets the connection and frees what the
+#: kernel still held unsent for the peer.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
+
+
+def reset_on_close(transport: object) -> None:
+    """Make the socket's close a reset (RST) that discards what it still holds unsent. For a peer
+    that does not read (a stuck client, a slow consumer let go, a heartbeat without pong): a
+    plain close left the socket orphaned in the kernel, FIN-WAIT-1 with up to its whole send
+    buffer (0.6–2.8 MB measured) for as long as the peer kept its end open, beyond any limit
+    of the process (slow-clients probe: 200 such clients held about 135 MB of kernel memory)."""
+    get_extra_info = getattr(transport, "get_extra_info", None)
+    sock = get_extra_info("socket") if get_extra_info is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):  # (closed already, or not a TCP socket)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
+
+
+def drop(transport: asyncio.Transport) -> None:
+    """Drop the socket now, discarding what it holds unsent, in the process and in the kernel."""
+    reset_on_close(transport)
+    transport.abort()
+
+
+class DroppingWebSocketResponse(web.WebSocketResponse):
+    """aiohttp's ``WebSocketResponse`` whose heartbeat, when no pong comes, drops the socket with
+    a reset (``reset_on_close``) instead of closing it with its unsent frames still queued in the
+    kernel for a peer that does not read. Leans on aiohttp's ``_handle_ping_pong_exception``
+    (3.10+), the one place its heartbeat closes the transport; tests/security/
+    test_slow_clients.py fails if it stops being called."""
+
+    def _handle_ping_pong_exception(self, exc: BaseException) -> None:
+        request = self._req
+        if isinstance(exc, TimeoutError) and request is not None:
+            reset_on_close(request.transport)
+        super()._handle_ping_pong_exception(exc)
 
 
 def frame_header(length: int) -> bytes:
@@ -237,7 +276,7 @@ class WebSocketSink:
 
     def _still_reading(self) -> None:
         if self.reading:
-            self._transport.abort()
+            drop(self._transport)
 
     def _start_close_deferred(self) -> None:
         if self._deferred is not None and self.close_code is not None:
@@ -255,7 +294,7 @@ class WebSocketSink:
 
     def abort(self) -> None:
         """Drop the socket now (what it holds unsent is discarded): the read loop ends."""
-        self._transport.abort()
+        drop(self._transport)
 
     async def _close(self, code: int, reason: bytes) -> None:
         """The close handshake, bounded: aiohttp's ``close`` waits for the close frame to drain
@@ -267,15 +306,15 @@ class WebSocketSink:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self._ws.close(code=code, message=reason)
         except TimeoutError:
-            self._transport.abort()
+            drop(self._transport)
         except asyncio.CancelledError:  # stop() gave up waiting for it: the same end
-            self._transport.abort()
+            drop(self._transport)
             raise
         except (ConnectionError, RuntimeError):
             pass  # the peer is gone already
         except Exception:
             log.exception("websocket close failed")
-            self._transport.abort()
+            drop(self._transport)
 
     def reading_stopped(self) -> None:
         """The handler reads no more (its loop ended): a close it left for this (``reading``)
