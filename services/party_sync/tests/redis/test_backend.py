@@ -242,6 +242,30 @@ async def test_a_node_dying_in_the_grace_period_still_gets_its_player_out(
         assert await b1.settle(aria, now + 4, "t" * 32) is None  # exactly once
 
 
+async def test_a_party_connected_past_its_runs_list_ttl_stays_in_the_run(
+    redis: RedisServer,
+) -> None:
+    """``{run:<id>}:parties`` got ``idle_party_ttl`` at a connect and was renewed by nothing
+    else: a party whose members stayed connected longer (an hour by default) left its run's list
+    while it played on, and the run's events (``POST /api/v1/runs/{id}/events``) stopped
+    reaching it (leak probe). Each presence refresh renews it, as the party's own keys are."""
+    async with backend(redis.url) as b:
+        aria = Binding("p1", "r1", "aria", "Aria")
+        now = time.time()
+        await b.connect(aria, "c1", now, "t" * 32)
+        key = b.keys.run_parties("r1")
+        r = Redis.from_url(redis.url)
+        try:
+            await r.pexpire(key, 50)  # (as if most of idle_party_ttl had passed)
+            await b.refresh([(aria, "c1")], now + 10)
+            assert await r.pttl(key) > 3_000_000  # renewed to idle_party_ttl (an hour)
+            await r.delete(key)  # (as if it had expired before this refresh)
+            await b.refresh([(aria, "c1")], now + 20)
+        finally:
+            await r.aclose()
+        assert await b.run_parties("r1") == ["p1"]
+
+
 async def test_party_keys_always_expire_and_meta_expires_first(redis: RedisServer) -> None:
     from party_sync.backends.keys import PARTY_KEYS
 

@@ -173,8 +173,10 @@ class RedisPresence:
         """Push this node's connections' expiries forward, one script per party, one round trip.
 
         Returns the ``party.join`` events refresh.lua published for characters that were not online
-        any more although a connection of theirs is live (see its header); rare, so the party's run
-        is recorded in ``run_parties`` (as ``connect`` does) only for the parties that had one.
+        any more although a connection of theirs is live (see its header). Each party's place in
+        its run's ``run_parties`` is renewed too (as ``connect`` records it): the list lives as
+        its parties do, and a party whose members stayed connected past ``idle_party_ttl`` since
+        they connected was dropped from it (leak probe: its run-wide events stopped reaching it).
         """
         by_party: dict[str, list[Arg]] = defaultdict(list)
         runs: dict[str, str] = {}
@@ -192,17 +194,13 @@ class RedisPresence:
                     args = [ttl, trace_prefix, timestamp, runs[party_id], *pairs]
                     await self._scripts.run("refresh", party_id, now, args, client=pipe)
                     pipe.zadd(self._keys.presence_index(), {party_id: now + ttl}, lt=True)
+                    run_parties = self._keys.run_parties(runs[party_id])
+                    pipe.sadd(run_parties, party_id)
+                    pipe.pexpire(run_parties, self._run_ttl_ms)
                 replies = await pipe.execute()
             events: list[Event] = []
-            for party_id, reply in zip(by_party, replies[::2], strict=True):
+            for party_id, reply in zip(by_party, replies[::4], strict=True):
                 events.extend(event_from(party_id, bytes(data)) for data in reply[1:])
-            if events:
-                async with self._client.pipeline(transaction=False) as pipe:
-                    for party_id in dict.fromkeys(e.party_id for e in events):
-                        run_parties = self._keys.run_parties(runs[party_id])
-                        pipe.sadd(run_parties, party_id)
-                        pipe.pexpire(run_parties, self._run_ttl_ms)
-                    await pipe.execute()
         return events
 
     async def expire(self, now: float) -> list[Event]:
