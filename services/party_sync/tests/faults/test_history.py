@@ -138,6 +138,21 @@ def test_the_same_refusal_twice_is_one_answer_and_true_when_not_applied() -> Non
     assert verdict.refusals == {"backend_unavailable": 1}
 
 
+def test_backend_unavailable_is_no_answer_beside_a_result_and_no_false_failure() -> None:
+    """About an action, ``backend_unavailable`` says its outcome is unknown (docs/protocol.md):
+    a node that accepted it and could not append it to its stream says so and appends it again;
+    the engine may apply it. Not a false failure, and not a second answer beside its result."""
+    a = Recorder("aria").open().hello(0).act("a-1").error("a-1", "backend_unavailable")
+    a.result(1, "a-1")
+    verdict = check_history([a.history], ["a-1"])
+    assert verdict.problems == [] and verdict.answered_once == 1 and verdict.results == 1
+    alone = Recorder("cora").open().hello(0).act("c-7").error("c-7", "backend_unavailable")
+    verdict = check_history([alone.history], ["c-7"])
+    assert verdict.problems == [] and verdict.false_failures == 0
+    timeout = Recorder("dana").open().hello(0).act("d-1").error("d-1", "action_timeout")
+    assert check_history([timeout.history], ["d-1"]).false_failures == 1  # final: still caught
+
+
 def test_applied_twice_and_a_result_the_chronicle_lacks_are_caught() -> None:
     a = Recorder("aria").open().hello(0).act("a-1").result(1, "a-1").result(2, "b-9")
     verdict = check_history([a.history], ["a-1", "a-1"])

@@ -33,6 +33,11 @@ FrameKind = Literal["open", "sent", "recv", "close"]
 
 #: Not a final answer: the first attempt is still running, its answer will come.
 IN_FLIGHT = "action_in_flight"
+#: Errors that, about an action, say its outcome is unknown (docs/protocol.md: "not final ... send
+#: the same action_id again to learn it"): never a false failure, and not a second answer beside
+#: the one that came (a node that accepted an action and could not append it to its stream says
+#: so, then appends it again in the background: the engine may well apply it).
+OUTCOME_UNKNOWN = frozenset({"backend_unavailable"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,6 +314,9 @@ def check_history(
             if times > 1:
                 verdict.problems.append(f"{name}: {action_id} applied {times} times")
             final = distinct(got.get(action_id, []))
+            known = [a for a in final if a.code not in OUTCOME_UNKNOWN]
+            if known:
+                final = known
             if not final:
                 verdict.lost += 1
                 verdict.lost_applied += bool(times)
@@ -329,7 +337,7 @@ def check_history(
             else:
                 verdict.refusals[first.code] = verdict.refusals.get(first.code, 0) + 1
             for answer in final:
-                if answer.kind == "error" and times:
+                if answer.kind == "error" and times and answer.code not in OUTCOME_UNKNOWN:
                     verdict.false_failures += 1
                     verdict.problems.append(
                         f"{name}: told {answer.code} about {action_id}, which the chronicle "
