@@ -279,8 +279,9 @@ async def test_failing_connects_are_said_as_a_warning_from_the_third(
     with caplog.at_level("INFO", logger="party_sync.client.client"), pytest.raises(ClientClosed):
         await h.client.connect()
     said = [(r.levelname, r.getMessage()) for r in caplog.records if "cannot connect" in r.message]
-    assert [level for level, _ in said] == ["INFO", "INFO", "WARNING", "INFO"]
+    assert [level for level, _ in said] == ["INFO", "INFO", "WARNING", "WARNING"]
     assert "3 attempts in a row, retrying" in said[2][1]
+    assert "4 attempts in a row, giving up (max_attempts)" in said[3][1]  # (said "retrying")
 
 
 async def test_a_401_without_a_provider_is_final_and_403_always_is() -> None:

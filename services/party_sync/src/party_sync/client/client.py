@@ -346,13 +346,15 @@ class PartyClient:
                 failures += 1
                 # Said as a WARNING on the 3rd failure in a row, then every 20th: a wrong URL or a
                 # server that is down would otherwise retry in silence (new user's probe).
-                loud = failures == WARN_AFTER_FAILURES or failures % 20 == 0
+                last = self._max_attempts is not None and failures >= self._max_attempts
+                loud = failures == WARN_AFTER_FAILURES or failures % 20 == 0 or last
                 log.log(
                     logging.WARNING if loud else logging.INFO,
-                    "party_sync client: cannot connect to %s (%s): %d attempts in a row, retrying",
+                    "party_sync client: cannot connect to %s (%s): %d attempts in a row, %s",
                     self.url.partition("?")[0],  # (a query might carry a token)
                     exc,
                     failures,
+                    "giving up (max_attempts)" if last else "retrying",
                     extra={"error": str(exc)},
                 )
                 continue
