@@ -707,8 +707,11 @@ class ReferenceEngine:
             # Dropped, they were lost for good when this message published no scene of its own
             # (a refused action): the party's screens stayed a scene behind the game.
             log.info(
-                "party_sync unavailable: %d unpublished event(s) of an earlier action wait",
+                "party_sync unavailable: %d unpublished event(s) of an earlier action of run %s "
+                "wait",
                 len(state.outbox),
+                state.run_id,
+                extra={"run_id": state.run_id, "action_id": state.outbox[0].action_id},
             )
             raise
         except Exception:
