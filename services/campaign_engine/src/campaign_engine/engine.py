@@ -711,7 +711,7 @@ class ReferenceEngine:
                 "wait",
                 len(state.outbox),
                 state.run_id,
-                extra={"run_id": state.run_id, "action_id": state.outbox[0].action_id},
+                extra={"run_id": state.run_id, "outbox": len(state.outbox)},
             )
             raise
         except Exception:
