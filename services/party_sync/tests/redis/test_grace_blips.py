@@ -60,15 +60,22 @@ async def online(node: Backend, now: float) -> set[str]:
     return {m["character_id"] for m in snapshot.members if m["online"]}
 
 
+async def a_blip_then_back(a: Backend, b: Backend) -> float:
+    """Borin and Aria play on ``a``; Aria's link drops at t0 (a's grace begins) and she is back
+    0.2 s later on ``b``. Returns t0."""
+    t0 = time.time()
+    await a.connect(BORIN, "b1", t0, TRACE)
+    await a.connect(ARIA, "c1", t0, TRACE)
+    assert await a.disconnect(ARIA, "c1", t0)
+    await b.connect(ARIA, "c2", t0 + 0.2, TRACE)
+    return t0
+
+
 async def test_a_second_blip_within_the_first_grace_is_no_leave(
     nodes: tuple[Backend, Backend],
 ) -> None:
     a, b = nodes
-    t0 = time.time()
-    await a.connect(BORIN, "b1", t0, TRACE)
-    await a.connect(ARIA, "c1", t0, TRACE)
-    assert await a.disconnect(ARIA, "c1", t0)  # blip 1: the grace of a (t0) begins
-    await b.connect(ARIA, "c2", t0 + 0.2, TRACE)  # back, on either node
+    t0 = await a_blip_then_back(a, b)  # blip 1: the grace of a (t0) began
     assert await b.disconnect(ARIA, "c2", t0 + 4.8)  # blip 2: the grace of b (t0 + 4.8)
     # a's grace is over while blip 2 is under way: void, the player came back after it began
     assert await a.settle(ARIA, t0 + GRACE, TRACE, since=t0) is None
@@ -81,11 +88,7 @@ async def test_a_close_after_a_blip_leaves_a_whole_grace_after_the_close(
     nodes: tuple[Backend, Backend],
 ) -> None:
     a, b = nodes
-    t0 = time.time()
-    await a.connect(BORIN, "b1", t0, TRACE)
-    await a.connect(ARIA, "c1", t0, TRACE)
-    assert await a.disconnect(ARIA, "c1", t0)
-    await b.connect(ARIA, "c2", t0 + 0.2, TRACE)
+    t0 = await a_blip_then_back(a, b)
     assert await b.disconnect(ARIA, "c2", t0 + 1.9)  # the player closes the game
     assert await a.settle(ARIA, t0 + GRACE, TRACE, since=t0) is None  # 3.1 s after: too early
     leave = await b.settle(ARIA, t0 + 1.9 + GRACE, TRACE, since=t0 + 1.9)

@@ -137,6 +137,8 @@ async def test_a_client_that_never_reads_is_let_go_without_reading_and_its_slot_
         closes = gateway.metrics.registry.get_sample_value
         await wait_until(lambda: closes("party_sync_closes_total", {"code": "4002"}) == 1.0)
         await wait_until(lambda: guard.users.total == 0, timeout=10)  # aria's slot is free
+        # dropped with a reset: nothing queued for it stays behind in the kernel either
+        await wait_until(lambda: not unsent_orphans(srv.base), timeout=5)
     finally:
         await slow.close()
 
@@ -176,26 +178,6 @@ async def test_a_client_that_reads_nothing_is_dropped_by_the_heartbeat_with_noth
         await wait_until(lambda: not unsent_orphans(srv.base), timeout=5)
     finally:
         await stuck.close()
-
-
-async def test_a_slow_consumer_let_go_leaves_nothing_unsent_in_the_kernel(srv: Running) -> None:
-    """The 4002 path: its close frame cannot drain, the socket is dropped with a reset, so the
-    kernel keeps no orphan holding what was queued for it."""
-    slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096)
-    slow.writer.transport.pause_reading()  # type: ignore[attr-defined]
-    try:
-        assert srv.server is not None
-        gateway = srv.server.gateway
-        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
-        session = next(x for x in gateway.sessions if x.character_id == "aria")
-        for i in range(400):
-            await publish(srv, f"flood-{i}", 60_000)
-            if session.closed:
-                break
-        await wait_until(lambda: session not in gateway.sessions, timeout=20)
-        await wait_until(lambda: not unsent_orphans(srv.base), timeout=5)
-    finally:
-        await slow.close()
 
 
 async def test_a_ping_flood_then_a_reset_is_no_error_and_others_are_served(srv: Running) -> None:

@@ -228,9 +228,7 @@ class VoteRequest:
         if trace is not None and not is_trace_id(trace):
             raise votes.SpecError(TRACE_ID_RULE)
         given = body.get("vote_id")
-        spec = votes.spec_from_json(
-            body, given if given is not None and given != "" else new_vote_id()
-        )
+        spec = votes.spec_from_json(body, new_vote_id() if given in (None, "") else given)
         return cls.from_spec(party_id, spec, campaign_run_id=run, trace_id=trace)
 
     @classmethod

@@ -62,14 +62,13 @@ STOP_READING = WSMessage(WSMsgType.ERROR, ConnectionAbortedError("closing"), Non
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 
-def reset_on_close(transport: object) -> None:
+def reset_on_close(transport: asyncio.BaseTransport | None) -> None:
     """Make the socket's close a reset (RST) that discards what it still holds unsent. For a peer
     that does not read (a stuck client, a slow consumer let go, a heartbeat without pong): a
     plain close left the socket orphaned in the kernel, FIN-WAIT-1 with up to its whole send
     buffer (0.6–2.8 MB measured) for as long as the peer kept its end open, beyond any limit
     of the process (slow-clients probe: 200 such clients held about 135 MB of kernel memory)."""
-    get_extra_info = getattr(transport, "get_extra_info", None)
-    sock = get_extra_info("socket") if get_extra_info is not None else None
+    sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None:
         with contextlib.suppress(OSError):  # (closed already, or not a TCP socket)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
@@ -89,9 +88,8 @@ class DroppingWebSocketResponse(web.WebSocketResponse):
     test_slow_clients.py fails if it stops being called."""
 
     def _handle_ping_pong_exception(self, exc: BaseException) -> None:
-        request = self._req
-        if isinstance(exc, TimeoutError) and request is not None:
-            reset_on_close(request.transport)
+        if isinstance(exc, TimeoutError) and self._req is not None:
+            reset_on_close(self._req.transport)
         super()._handle_ping_pong_exception(exc)
 
 
