@@ -168,6 +168,9 @@ class _FakeTransport:
         self.writes.append(b"ABORT")
         self.closing = True
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default  # no socket (a real transport gives its socket, for SO_LINGER)
+
 
 class _FakeWebSocket:
     def __init__(self, transport: _FakeTransport) -> None:
