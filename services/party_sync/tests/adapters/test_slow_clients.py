@@ -92,6 +92,27 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
         return int(lines[0].split()[1]), await reader.readexactly(length)
 
 
+async def served_on_a_new_socket(srv: Running) -> Stream:
+    """A new raw socket whose first request (``GET_HEALTHZ``) was answered 200. Once in CI
+    (one full run of many; not reproduced in about 170 runs of it under CPU load) the loopback
+    socket of this exchange was reset before its answer could be read; a reset there says
+    nothing about what these tests check (what the server does *after* an answer), so the
+    exchange is tried once more on another socket. A server that resets it every time fails."""
+    for attempt in (1, 2):
+        reader, writer = await open_raw(srv)
+        writer.write(GET_HEALTHZ)
+        try:
+            status, _ = await read_response(reader)
+        except ConnectionResetError:
+            await close_quietly(writer)
+            if attempt == 2:
+                raise
+            continue
+        assert status == 200
+        return reader, writer
+    raise AssertionError("unreachable")
+
+
 @contextlib.asynccontextmanager
 async def neighbour_session() -> AsyncIterator[aiohttp.ClientSession]:
     connector = aiohttp.TCPConnector(local_addr=(NEIGHBOUR, 0))
@@ -162,9 +183,7 @@ async def test_the_next_request_on_a_keep_alive_connection_has_its_own_head_dead
     # close this connection.
     settings = make_settings(request_head_timeout=0.5, keepalive_timeout=30.0)
     async with serve_in_process(settings) as srv:
-        reader, writer = await open_raw(srv)
-        writer.write(GET_HEALTHZ)
-        assert (await read_response(reader))[0] == 200
+        reader, writer = await served_on_a_new_socket(srv)
         writer.write(GET_HEALTHZ)  # a second complete request is served as usual
         assert (await read_response(reader))[0] == 200
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: ")
@@ -176,9 +195,7 @@ async def test_the_next_request_on_a_keep_alive_connection_has_its_own_head_dead
 async def test_an_idle_keep_alive_connection_is_closed() -> None:
     settings = make_settings(request_head_timeout=30.0, keepalive_timeout=0.5)
     async with serve_in_process(settings) as srv:
-        reader, writer = await open_raw(srv)
-        writer.write(GET_HEALTHZ)
-        assert (await read_response(reader))[0] == 200
+        reader, writer = await served_on_a_new_socket(srv)
         assert await closed_by_server(reader) == b""
         assert refused(srv, "head_timeout") == 0  # the idle timeout, not the head deadline
         await close_quietly(writer)
