@@ -23,6 +23,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +32,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from party_sync.backends import redis_fence
 from party_sync.backends.base import BackendSettings, PartyListener, warn_result_after_refusal
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
@@ -88,6 +90,25 @@ CLOCK_EVERY = 30.0
 #: Seconds a readiness check waits for Redis's answer to its PING (``RedisBackend.ready``): under
 #: a probe's usual 1-s timeout, so that in a stall /readyz answers 503 rather than nothing.
 READY_WAIT = 0.9
+
+#: How long (seconds) and how many of the final answers it wrote a node keeps, to write them again
+#: on the next Redis server its connections meet (``RedisBackend._write_lost_answers``). What a
+#: failover loses is the old master's last second or two; the node meets the new one within a
+#: second of the switch.
+ANSWERS_KEPT_FOR = 10.0
+ANSWERS_KEPT = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """A final answer this node wrote: an ``action.result`` (``message``), else a refusal."""
+
+    at: float  # time.monotonic() when it was written
+    party_id: str
+    action_id: str
+    message: dict[str, Any] | None = None
+    character_id: str = ""
+    refusal: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -216,6 +237,11 @@ class RedisBackend:
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
         self._clock_due = 0.0  # monotonic time of the next measurement
         self._ready_ping: asyncio.Future[bool] | None = None  # the readiness PING under way
+        #: The final answers this node wrote lately, and how many Redis servers this process had
+        #: met when they were last made sure of (``_write_lost_answers``).
+        self._answers: deque[_Answer] = deque(maxlen=ANSWERS_KEPT)
+        self._answers_servers = redis_fence.SERVERS.count
+        self._rewriting: asyncio.Future[None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -324,6 +350,8 @@ class RedisBackend:
             return event_from(party_id, bytes(reply[2]))  # the action's result stands
         if len(reply) > 2 and int(reply[2]):
             warn_result_after_refusal(log, message["trace_id"], str(action_id))
+        if action_id is not None:
+            self._answered(_Answer(time.monotonic(), party_id, action_id, message))
         return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
 
     async def publish_many(
@@ -371,9 +399,11 @@ class RedisBackend:
                 else:  # another event of a replayed answer: not published
                     events.append(unpublished(party_id, message, body))
                 continue
-            if int(extra):
-                warn_result_after_refusal(log, message["trace_id"], message["payload"]["action_id"])
             type_, payload = message["type"], message["payload"]
+            if int(extra):
+                warn_result_after_refusal(log, message["trace_id"], payload["action_id"])
+            if type_ == t.ACTION_RESULT:
+                self._answered(_Answer(time.monotonic(), party_id, payload["action_id"], message))
             events.append(
                 Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
             )
@@ -434,8 +464,66 @@ class RedisBackend:
         pending actions again: a refusal sent to one character is in no history)."""
         self._lost_hooks.append(hook)
 
+    # -- answers lost with an old Redis server ---------------------------------------------------
+    def _answered(self, answer: _Answer) -> None:
+        answers = self._answers
+        answers.append(answer)
+        while answers[0].at < answer.at - ANSWERS_KEPT_FOR:
+            answers.popleft()
+
+    async def _write_lost_answers(self) -> None:
+        """Once this process has met a Redis server it never met (``redis_fence.SERVERS``: a
+        failover, a restart), write again every final answer this node wrote in the last
+        ``ANSWERS_KEPT_FOR`` seconds that the server lacks: asynchronous replication may have
+        lost the old master's last writes, and with an answer the release of its character's
+        lock. The players had the answer from the old master, but on the new one the action
+        stayed claimed, and its actor's next actions were refused ``character_busy`` until its
+        deadline. Only an action whose record is there, claimed and unanswered, is written again
+        (an empty Redis lost the records and the locks together: nothing waits). A result goes
+        through ``publish`` again, so the party may get it twice, the same answer, as after a
+        stream worker's re-delivery (docs/redis.md); a refusal through ``refuse_action``.
+        Called before an action is begun and when the pub/sub connection was replaced; one
+        pass at a time, and a pass that meets an outage is made again at the next call."""
+        if redis_fence.SERVERS.count == self._answers_servers:
+            return
+        if self._rewriting is None or self._rewriting.done():
+            self._rewriting = self._spawn(self._rewrite(redis_fence.SERVERS.count))
+        with contextlib.suppress(Exception):  # (logged by the pass; the caller goes on)
+            await asyncio.shield(self._rewriting)
+
+    async def _rewrite(self, servers: int) -> None:
+        since = time.monotonic() - ANSWERS_KEPT_FOR
+        try:
+            for answer in [a for a in self._answers if a.at >= since]:
+                await self._write_again(answer)
+        except BackendUnavailable as exc:
+            log.warning("answers lost with an old redis server not written again yet: %s", exc)
+            return
+        self._answers_servers = servers
+
+    async def _write_again(self, answer: _Answer) -> None:
+        party_id, action_id = answer.party_id, answer.action_id
+        with unavailable("a lost answer's check"):
+            claimer, result, refusal = await self.client.hmget(
+                self.keys.action(party_id, action_id), ["c", "r", "x"]
+            )
+        if claimer is None or result is not None or refusal is not None:
+            return  # answered there, or no record at all
+        log.warning(
+            "an action's answer was lost with the old redis server: written again",
+            extra={"party_id": party_id, "action_id": action_id},
+        )
+        if answer.message is not None:
+            await self.publish(party_id, answer.message, time.time())
+        else:
+            await self.refuse_action(
+                party_id, action_id, answer.character_id, answer.refusal, time.time()
+            )
+
     def _on_reconnect(self) -> None:
         """The pub/sub connection was replaced: messages may have been lost meanwhile."""
+        if redis_fence.SERVERS.count != self._answers_servers:
+            self._spawn(self._write_lost_answers())
         for stream in self._streams.values():
             stream.catch_up_soon()  # a first catch-up still running just looks once more
         for hook in self._lost_hooks:
@@ -609,6 +697,8 @@ class RedisBackend:
         ]
         if deadline_in is not None:
             args.append(repr(deadline_in))
+        if redis_fence.SERVERS.count != self._answers_servers:
+            await self._write_lost_answers()  # (its lock may be one of them)
         with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
         decision = text(reply[0])
@@ -688,7 +778,12 @@ class RedisBackend:
             reply = await self.scripts.run(
                 "refuse_action", party_id, now, args, action_id=action_id
             )
-        return bool(int(reply))
+        refused = bool(int(reply))
+        if refused:
+            self._answered(
+                _Answer(time.monotonic(), party_id, action_id, None, character_id, refusal)
+            )
+        return refused
 
     # -- narration ------------------------------------------------------------------------------
     async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:

@@ -1,0 +1,101 @@
+"""A node's last answers lost in a failover are written again on the server it meets next.
+
+Redis replication is asynchronous: a promoted replica may lack what the old master took in its
+last second. For an action answered by a node's own link (in-process or HTTP) that was the
+action's result (or refusal) and the release of its character's lock: the players had the answer
+from the old master, but on the new one the record stayed claimed with no answer, and every next
+action of its actor was refused ``character_busy`` until the lost action's deadline (up to
+``action_timeout``; clients probe, Sentinel failover). The promoted replica is simulated here:
+the record and the lock are put back as they were before the answer (``DUMP`` / ``RESTORE``),
+and the process is told it met a Redis server it never met (``redis_fence.SERVERS``), as its
+connections' fence hook tells it."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+from party_sync.backends import redis_fence
+from party_sync.backends.keys import KeySpace
+from ps_testkit.client import Client
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import Running, make_settings, serve_in_process
+from redis.asyncio import Redis
+
+pytestmark = [pytest.mark.redis]
+
+KEYS = KeySpace()
+
+
+async def answered_then_lost(srv: Running, engine: ScriptedEngine, redis: RedisServer) -> Client:
+    """aria's action ``first`` answered, then its answer lost as in a failover: its record and
+    her lock as the promoted replica would have them (accepted, not answered)."""
+    aria, _ = await srv.join("aria")
+    engine.gate = asyncio.Event()
+    await aria.act("first", "aria", "r1")
+    await aria.until("action.accepted")
+    record, locks = KEYS.action("p1", "first"), KEYS.party_keys("p1").locks
+    client = Redis.from_url(redis.url)
+    try:
+        before = {key: await client.dump(key) for key in (record, locks)}
+        engine.gate.set()
+        result = await aria.until("action.result")
+        assert result["payload"]["action_id"] == "first"
+        await aria.until("scene.update")
+        for key, dumped in before.items():  # what the old master's last second wrote is lost
+            assert dumped is not None
+            await client.restore(key, 0, dumped, replace=True)
+        assert await client.hget(record, "r") is None
+    finally:
+        await client.aclose()
+    redis_fence.SERVERS.met(f"promoted-replica-{uuid.uuid4()}")  # as a connection records it
+    return aria
+
+
+async def answer(client: Client) -> tuple[str, str]:
+    """The next final answer the client gets: its type, and its action or its error code."""
+    while True:
+        message = await client.recv()
+        if message["type"] == "action.result":
+            return message["type"], message["payload"]["action_id"]
+        if message["type"] == "system.error":
+            return message["type"], message["payload"]["code"]
+
+
+async def test_the_actor_s_next_action_is_not_refused_busy_after_a_lost_answer(
+    redis: RedisServer,
+) -> None:
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess", action_timeout=30.0)
+    engine = ScriptedEngine()
+    async with serve_in_process(settings, engine=engine) as srv:
+        aria = await answered_then_lost(srv, engine, redis)
+        await aria.act("second", "aria", "r1")
+        # The lost result is written again first (the party may see it twice, as after a
+        # stream worker's re-delivery: the same answer), then the next action is accepted.
+        answers = [await answer(aria), await answer(aria)]
+        assert answers == [("action.result", "first"), ("action.result", "second")]
+        assert [call.action_id for call in engine.calls] == ["first", "second"]
+        await aria.close()
+
+
+async def test_a_lost_answer_is_written_again_when_the_pub_sub_connection_comes_back(
+    redis: RedisServer,
+) -> None:
+    """Nobody acts: the record is answered again anyway once the node's pub/sub connection is
+    replaced (a failover replaces it), so a resend gets its answer, not a wait."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess", action_timeout=30.0)
+    engine = ScriptedEngine()
+    async with serve_in_process(settings, engine=engine) as srv:
+        aria = await answered_then_lost(srv, engine, redis)
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        again = await aria.until("action.result", timeout=10)
+        assert again["payload"]["action_id"] == "first"
+        client = Redis.from_url(redis.url)
+        try:
+            assert await client.hget(KEYS.action("p1", "first"), "r") is not None
+            assert not await client.hexists(KEYS.party_keys("p1").locks, "aria")
+        finally:
+            await client.aclose()
+        await aria.close()
