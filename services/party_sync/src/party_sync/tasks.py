@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 log = logging.getLogger("party_sync.tasks")
 
@@ -67,7 +69,38 @@ async def cancel_and_wait(
     return late
 
 
-__all__ = ["STOP_TIMEOUT", "cancel_and_wait"]
+#: Seconds ``bounded`` gives a call past its bound, once cancelled, before it leaves it behind.
+LEFT_BEHIND_AFTER = 0.1
+
+
+async def bounded(call: Coroutine[Any, Any, T], seconds: float, *, what: str) -> T:
+    """``call``'s result, or ``TimeoutError`` once ``seconds`` have passed, even when ``call``
+    does not end at its cancellation. ``asyncio.timeout`` cancels the task and then waits for
+    the awaited code to end, and code can swallow a cancellation: Python 3.11's
+    ``asyncio.wait_for`` does when it comes as its inner future completes (gh-86296), and
+    redis-py writes every command through one. So a bound of 0 (nothing left of a shutdown's
+    budget) around a command to a stalled Redis waited out the whole command timeout, 5 s
+    (workers probe: a stopping node's last heartbeat held its exit past ``shutdown_timeout``,
+    and a worker of ``--workers`` was killed for it). Here ``call`` runs as a task of its own,
+    not started at all when ``seconds`` is 0; past the bound it is cancelled and given
+    ``LEFT_BEHIND_AFTER`` (``cancel_and_wait``: cancelled once more, then left running, named in
+    a warning)."""
+    if seconds <= 0:
+        call.close()
+        raise TimeoutError(f"{what}: no time left")
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=seconds)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if task in done:
+        return task.result()
+    await cancel_and_wait([task], within=LEFT_BEHIND_AFTER, what=what)
+    raise TimeoutError(f"{what}: not done within {seconds:.2f}s")
+
+
+__all__ = ["STOP_TIMEOUT", "bounded", "cancel_and_wait"]
 
 
 async def retried(

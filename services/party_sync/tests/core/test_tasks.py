@@ -1,5 +1,5 @@
-"""``cancel_and_wait``: every close path's bounded stop (a task that swallows its cancellation
-must not hang a shutdown)."""
+"""``cancel_and_wait`` and ``bounded``: every close path's bounded stop (a task that swallows its
+cancellation must not hang a shutdown)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 import pytest
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import bounded, cancel_and_wait
 
 
 async def test_tasks_that_end_on_cancellation_are_all_waited_for() -> None:
@@ -109,3 +109,62 @@ async def test_a_kept_task_that_fails_is_logged_and_forgotten() -> None:
     # (the traceback as text once a server of an earlier test installed the redacting filter)
     said = str(record.exc_info[1]) if record.exc_info else record.exc_text or ""
     assert "stalled" in said
+
+
+async def test_bounded_gives_up_at_its_bound_on_a_call_that_swallows_its_cancellation() -> None:
+    """As Python 3.11's ``asyncio.wait_for`` swallows a cancellation that comes as its inner
+    future completes (redis-py sends every command through one): ``asyncio.timeout(0)`` around
+    such a call waited for all of it (a stopping node's last heartbeat on a stalled Redis: the
+    whole command timeout)."""
+    loop = asyncio.get_running_loop()
+    calls: list[str] = []
+
+    async def swallows_then_waits() -> str:
+        calls.append("started")
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.sleep(0)  # the cancellation lands here and is lost
+        await asyncio.sleep(30)  # then the call waits on: a command timeout
+        return "late"
+
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await bounded(swallows_then_waits(), 0.05, what="a swallowing call")
+    assert loop.time() - started < 1.0  # not the 30 s it waits on (a bound, not a speed)
+    assert calls == ["started"]
+    # nothing left of a budget: the call is not even started
+    calls.clear()
+    with pytest.raises(TimeoutError):
+        await bounded(swallows_then_waits(), 0.0, what="a call with no budget")
+    assert calls == []
+
+
+async def test_bounded_returns_the_result_or_raises_the_error_of_a_call_in_time() -> None:
+    async def answer() -> int:
+        await asyncio.sleep(0)
+        return 42
+
+    async def fails() -> None:
+        await asyncio.sleep(0)
+        raise ValueError("no")
+
+    assert await bounded(answer(), 1.0, what="a quick call") == 42
+    with pytest.raises(ValueError, match="no"):
+        await bounded(fails(), 1.0, what="a failing call")
+
+
+async def test_bounded_cancelled_from_outside_cancels_its_call() -> None:
+    started, ended = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> None:
+        started.set()
+        try:
+            await asyncio.sleep(30)
+        finally:
+            ended.set()
+
+    outer = asyncio.ensure_future(bounded(slow(), 30.0, what="a slow call"))
+    await started.wait()
+    outer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await outer
+    await asyncio.wait_for(ended.wait(), 1.0)

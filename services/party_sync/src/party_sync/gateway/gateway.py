@@ -39,7 +39,7 @@ from party_sync.protocol.errors import BackendUnavailable, ErrorCode, PartySyncE
 from party_sync.protocol.inbound import Inbound
 from party_sync.protocol.schemas import Contracts
 from party_sync.publishing import BackendPublisher
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import bounded, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +162,10 @@ class Gateway:
         await cancel_and_wait(list(self._tasks), what="a gateway background task")
         # each its own bound: the backend is closed even when the link was not in time
         for closing, what in ((self.link, "the engine link"), (self.backend, "the backend")):
-            try:
-                async with asyncio.timeout(max(self.shutdown_left(), SHUTDOWN_MOMENT)):
-                    await closing.close()
+            try:  # (tasks.bounded: a close that swallows its cancellation is left behind)
+                await bounded(
+                    closing.close(), max(self.shutdown_left(), SHUTDOWN_MOMENT), what=what
+                )
             except TimeoutError:
                 log.warning("%s did not close in time: left behind", what)
 

@@ -42,7 +42,7 @@ from party_sync.gateway import Gateway
 from party_sync.problems import InvalidQuery, NotFound, OperatorBlocked, answer
 from party_sync.protocol.errors import BackendUnavailable, CloseCode
 from party_sync.protocol.ids import is_id
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import bounded, cancel_and_wait
 from party_sync.transport import demo
 from party_sync.transport.appkeys import GATEWAY
 from party_sync.transport.edge import guarded
@@ -315,6 +315,17 @@ async def beat(app: web.Application, ttl: float) -> None:
         raise
 
 
+async def _last_words(app: web.Application) -> None:
+    """A stopping node's last heartbeat, if it served parties since the one before (operator
+    probe: a party whose only node stopped within its first heartbeat period was never listed),
+    then it leaves the list of nodes, whatever that beat did."""
+    gateway = app[GATEWAY]
+    if gateway.touched:
+        with contextlib.suppress(BackendUnavailable):
+            await beat(app, HEARTBEAT_INTERVAL or gateway.settings.presence_ttl)
+    await app[ADMIN].forget_node(gateway.node_id)
+
+
 async def _keep_alive(app: web.Application) -> None:
     gateway, view = app[GATEWAY], app[ADMIN]
     interval = HEARTBEAT_INTERVAL or max(0.1, gateway.settings.presence_ttl / 3)
@@ -423,16 +434,11 @@ def add_routes(app: web.Application, gateway: Gateway, client_dir: Path | None =
             return
         app[_STOP].set()
         await cancel_and_wait([task], what="the node heartbeat")
-        # within what is left of shutdown_timeout (a stalled Redis must not hold the exit): if it
-        # cannot be said, the node's entry expires by itself (NODE_TTL_PERIODS heartbeats)
+        # within what is left of shutdown_timeout (a stalled Redis must not hold the exit: tasks.
+        # bounded, not asyncio.timeout): if it cannot be said, the node's entry expires by
+        # itself (NODE_TTL_PERIODS heartbeats)
         with contextlib.suppress(Exception):
-            async with asyncio.timeout(gateway.shutdown_left()):
-                if gateway.touched:  # parties served since the last beat: listed all the same
-                    # (operator probe: a party whose only node stopped within its first
-                    # heartbeat period was never listed); the node leaves the list regardless
-                    with contextlib.suppress(BackendUnavailable):
-                        await beat(app, HEARTBEAT_INTERVAL or gateway.settings.presence_ttl)
-                await app[ADMIN].forget_node(gateway.node_id)
+            await bounded(_last_words(app), gateway.shutdown_left(), what="the node's last beat")
 
     app.on_startup.append(start)
     app.on_shutdown.append(stop)

@@ -48,6 +48,9 @@ _TEXT = 0x81  # FIN + opcode 1 (text)
 #: Seconds a close handshake may take (its close frame drained, the peer's answer) before the
 #: socket is aborted: a peer that does not read would otherwise hold it open for ever.
 CLOSE_TIMEOUT = 3.0
+#: Seconds a close decided while the handler handles one of the client's messages waits for that
+#: handling to end before its frame goes out anyway (``WebSocketSink._handled_too_long``).
+HANDLING_PATIENCE = 0.5
 #: Frames waiting for the end of the tick are written at once when they reach this many bytes.
 EARLY_FLUSH_BYTES = 64 * 1024
 
@@ -251,8 +254,20 @@ class WebSocketSink:
             self._deferred = reason.encode()[:120]
             if not self.handling:  # it waits in receive() (or is about to): wake it
                 self._stop_reading()
+            else:  # it handles a message: a moment, not the whole of a slow call
+                asyncio.get_running_loop().call_later(HANDLING_PATIENCE, self._handled_too_long)
             return
         self._start_close(code, reason.encode()[:120])
+
+    def _handled_too_long(self) -> None:
+        """The handler still handles the message it had when the close was decided (a call on a
+        stalled Redis waits up to its command timeout, 5 s): the close frame goes out now, and
+        aiohttp's close reads on until the client's (what the client sends meanwhile is dropped,
+        as after any close frame). A drain's 1001 waited for that call: with a
+        ``shutdown_timeout`` below the command timeout, players got no close frame at all
+        (1006), and a worker of ``--workers`` overran its budget (workers probe)."""
+        if self.handling:
+            self._start_close_deferred()
 
     def _stop_reading(self) -> None:
         """Make the handler's pending (or next) ``receive()`` return ``STOP_READING``, after
