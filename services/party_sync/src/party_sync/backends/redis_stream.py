@@ -217,8 +217,17 @@ class PartyStream:
         answers or the stream is closed.
         """
         delay = 0.05
+        fruitless = 0  # looks in a row that delivered nothing
         while not self.closed:
+            if fruitless > 1:
+                # Never a busy loop. (Memory probe: under eviction a live message of an epoch
+                # Redis no longer had stayed first in line, and this loop read history about
+                # 2,500 times a second for minutes; the party's new connections on that node
+                # never got their hello.)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
             self._again = False
+            before = (self.epoch, self.last)
             try:
                 epoch, top, events = await self._source.range(
                     self.party_id, self.epoch or "", self.last
@@ -228,17 +237,17 @@ class PartyStream:
             except BackendUnavailable:
                 if initial:
                     raise
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                fruitless = max(fruitless + 1, 2)  # a pause before each try while it is away
                 continue
             if events is None:
                 if self._restart(epoch, top):
+                    fruitless += 1
                     continue  # a new epoch: deliver it from its first event
             elif events:
-                before = self.last
+                delivered = self.last
                 for data in events:
                     self._apply(Sequenced(epoch, event_from(self.party_id, data)))
-                delivered = self.last - before
+                delivered = self.last - delivered
                 if delivered and not initial:
                     self._count_gap("repaired")
                     log.info(
@@ -248,6 +257,15 @@ class PartyStream:
             if self._drain() and not self._again:
                 self.ready = True
                 return
+            if self.epoch == before[0] and self.last > before[1]:
+                fruitless, delay = 0, 0.05
+                continue
+            fruitless += 1
+            if fruitless > 2:  # history, read again, still does not lead to what waits
+                self._skip_unreachable()
+                if self._drain() and not self._again:
+                    self.ready = True
+                    return
 
     def _restart(self, epoch: str, top: int) -> bool:
         """History cannot give what is missing. True if the stream should read ``epoch`` anew.
@@ -273,6 +291,34 @@ class PartyStream:
             return True
         self.last = top
         return False
+
+    def _skip_unreachable(self) -> None:
+        """History, read twice, does not lead to the first live message waiting: drop waiting
+        messages of another epoch (a lost one; a new one is read from history when its next
+        event shows it), and past a gap history cannot fill (Redis lost what lies between:
+        eviction), the listeners resync and the stream goes on from that message."""
+        pending = self.pending
+        while pending:
+            first = pending[0]
+            if isinstance(first, list):
+                pending.popleft()
+                self._tell(first)
+            elif first.epoch != self.epoch:
+                pending.popleft()
+            else:
+                self._count_gap("resync")
+                log.warning(
+                    "party stream: history lacks what precedes a live event: clients resync",
+                    extra={
+                        "party_id": self.party_id,
+                        "last_seq": self.last,
+                        "seq": first.event.seq,
+                    },
+                )
+                for listener in list(self.listeners):
+                    listener.on_resync()
+                self.last = first.event.seq - 1
+                return
 
     def _tell(self, items: list[Transient]) -> None:
         for listener in list(self.listeners):

@@ -1,0 +1,117 @@
+"""``PartyStream``'s catch-up (backends/redis_stream.py) against a history that cannot lead to the
+live message waiting first in line: it must end, not read history again and again at full speed.
+
+Memory probe (Redis at ``maxmemory`` with ``allkeys-lru``): eviction left a node's stream with a
+live message that history could not lead to, and its catch-up read history about 2,500 times a
+second for minutes after memory was back; the party's new connections on that node never got
+their hello."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Sequence
+
+from party_sync.backends.redis_stream import PartyStream, RangeReply, Sequenced
+from party_sync.core.events import Event
+from party_sync.core.transient import Transient
+
+
+class History:
+    """A party's history that has ``epoch`` up to ``top`` and nothing after it (a fake source)."""
+
+    def __init__(self, epoch: str, top: int) -> None:
+        self.epoch, self.top = epoch, top
+        self.reads = 0
+
+    async def range(self, party_id: str, epoch: str, after: int) -> RangeReply:
+        self.reads += 1
+        await asyncio.sleep(0)
+        if epoch != self.epoch or after > self.top:
+            return self.epoch, self.top, None
+        return self.epoch, self.top, [event(n).data for n in range(after + 1, self.top + 1)]
+
+    async def head(self, party_id: str) -> tuple[str, int]:
+        return self.epoch, self.top
+
+
+class Listener:
+    def __init__(self) -> None:
+        self.seqs: list[int] = []
+        self.resyncs = 0
+
+    def on_event(self, ev: Event) -> None:
+        self.seqs.append(ev.seq)
+
+    def on_direct(self, character_id: str, data: bytes) -> None:
+        pass
+
+    def on_resync(self) -> None:
+        self.resyncs += 1
+
+    def on_transient(self, items: Sequence[Transient]) -> None:
+        pass
+
+
+def event(seq: int) -> Event:
+    data = b'{"type":"scene.update","seq":%d,"payload":{},"trace_id":"t%d"}' % (seq, seq)
+    return Event("p1", seq, "scene.update", {}, f"t{seq}", data)
+
+
+def stream_at(history: History, epoch: str, last: int) -> tuple[PartyStream, Listener]:
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Awaitable[None]) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+        return task
+
+    stream = PartyStream(
+        "p1", history, count_gap=lambda outcome: None, max_pending=1000, spawn=spawn
+    )
+    stream.epoch, stream.last, stream.ready = epoch, last, True
+    listener = Listener()
+    stream.listeners.append(listener)
+    return stream, listener
+
+
+async def caught_up(stream: PartyStream) -> None:
+    """The catch-up ends (within a bound far above its pauses) and the stream is live."""
+    task = stream._task
+    assert task is not None
+    await asyncio.wait_for(asyncio.shield(task), 10)
+    assert stream.ready
+
+
+async def test_a_live_message_of_an_epoch_history_no_longer_has_is_dropped() -> None:
+    history = History("ep-now", 5)
+    stream, listener = stream_at(history, "ep-now", 5)
+    stream.pending.append(Sequenced("ep-lost", event(9)))  # of an epoch Redis lost
+    stream.catch_up_soon()
+    await caught_up(stream)
+    assert history.reads <= 4  # a few looks, then given up: not thousands
+    assert listener.seqs == [] and listener.resyncs == 0
+    stream._live(Sequenced("ep-now", event(6)))  # the next event is delivered as usual
+    assert listener.seqs == [6]
+    stream.close()
+
+
+async def test_a_gap_history_cannot_fill_resyncs_the_clients_and_goes_on() -> None:
+    history = History("ep-now", 5)  # history lost 6..8 (eviction), the live stream has 9
+    stream, listener = stream_at(history, "ep-now", 5)
+    stream.pending.append(Sequenced("ep-now", event(9)))
+    stream.catch_up_soon()
+    await caught_up(stream)
+    assert history.reads <= 4
+    assert listener.resyncs == 1 and listener.seqs == [9]
+    stream.close()
+
+
+async def test_a_gap_history_fills_is_repaired_at_once_without_a_pause() -> None:
+    history = History("ep-now", 9)
+    stream, listener = stream_at(history, "ep-now", 5)
+    stream.pending.append(Sequenced("ep-now", event(9)))
+    stream.catch_up_soon()
+    await caught_up(stream)
+    assert history.reads == 1 and listener.seqs == [6, 7, 8, 9] and listener.resyncs == 0
+    stream.close()
