@@ -36,6 +36,8 @@ import orjson
 from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 
+from party_sync.core.limits import RateGate as RateGate  # (its home before: kept importable)
+
 if TYPE_CHECKING:
     from party_sync.config import Settings
 
@@ -229,25 +231,6 @@ class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         redact_record(record, self.redactor)
         return True
-
-
-class RateGate:
-    """At most one admission per ``interval`` (a pure decision: ``now`` is passed in); counts
-    what it refuses and hands the count to the next admission."""
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self._next = float("-inf")
-        self._suppressed = 0
-
-    def admit(self, now: float) -> int | None:
-        """``None``: refused (counted). Else admitted, with the number refused since the last."""
-        if now < self._next:
-            self._suppressed += 1
-            return None
-        self._next = now + self.interval
-        suppressed, self._suppressed = self._suppressed, 0
-        return suppressed
 
 
 class _GatedFilter(logging.Filter):

@@ -14,12 +14,12 @@ from aiohttp.http_exceptions import BadHttpMethod, BadStatusLine, InvalidHeader
 from hypothesis import given
 from hypothesis import strategies as st
 from party_sync import config, logs
+from party_sync.core.limits import RateGate
 from party_sync.logs import (
     REDACTED,
     ClientProtocolsFilter,
     JsonFormatter,
     MalformedRequestFilter,
-    RateGate,
     Redactor,
     redact_record,
 )

@@ -48,6 +48,7 @@ from party_sync.backends.redis_connect import (
 )
 from party_sync.backends.redis_presence import RedisPresence
 from party_sync.backends.redis_scripts import (
+    REFUSALS,
     Arg,
     Limits,
     Scripts,
@@ -237,6 +238,7 @@ class RedisBackend:
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
         self._clock_due = 0.0  # monotonic time of the next measurement
         self._ready_ping: asyncio.Future[bool] | None = None  # the readiness PING under way
+        self._started = time.monotonic()
         #: The final answers this node wrote lately, and how many Redis servers this process had
         #: met when they were last made sure of (``_write_lost_answers``).
         self._answers: deque[_Answer] = deque(maxlen=ANSWERS_KEPT)
@@ -271,6 +273,8 @@ class RedisBackend:
         Cluster: while some master's are (one master lost is an outage of its parties only)."""
         if not self.bus.serving or self.scripts.batcher.down:
             return False
+        if REFUSALS.refusing(time.monotonic(), self._started) is not None:
+            return False  # it answers, and refuses writes (out of memory, a replica...)
         wait = min(READY_WAIT, self.options.connect_timeout)
         if isinstance(self.client, RedisCluster):  # any master (a PING went to one node: a
             # stalled master made /readyz 503 for the whole cluster; failover probe)

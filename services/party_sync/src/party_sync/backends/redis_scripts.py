@@ -21,10 +21,11 @@ import itertools
 import logging
 import re
 import secrets
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from redis.asyncio import Redis, RedisCluster
@@ -44,6 +45,7 @@ from party_sync.backends.redis_batch import ScriptBatcher, ShardedBatcher
 from party_sync.backends.redis_connect import TRANSPORT_CLOSED
 from party_sync.backends.redis_wire import Script, load_script
 from party_sync.core.history import HistoryBounds
+from party_sync.core.limits import RateGate
 from party_sync.core.projection import DEFAULT_RUN_STATUS, DEFAULT_STATUS
 from party_sync.core.snapshot import Snapshot
 from party_sync.protocol import types as t
@@ -178,6 +180,69 @@ def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
     return party_script(lib, body, sharded=sharded)[0]
 
 
+#: The first word of a refusal that says Redis cannot take writes now, whatever is asked: out of
+#: memory under ``noeviction``, a replica, a failed save (``stop-writes-on-bgsave-error``), too
+#: few replicas (``min-replicas-to-write``), a master gone, loading its data, a script running.
+STATE_REFUSALS: Final = frozenset(
+    {"OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING", "BUSY"}
+)
+#: Seconds a refusal of Redis's state keeps the node not ready (``RedisBackend.ready``), and
+#: between two log lines about refusals (each says how many more came meanwhile).
+REFUSED_FOR = 5.0
+
+
+class Refusals:
+    """The commands Redis refused, for this process: logged at most once per ``REFUSED_FOR``
+    (memory probe: Redis at ``maxmemory`` under ``noeviction`` refused every write, and each
+    player's message and each connection wrote one ERROR line with the refusal: hundreds in
+    seconds), and when Redis last refused for its state (``STATE_REFUSALS``: the node is not
+    ready meanwhile; ``/readyz`` said "ready" while every action was refused)."""
+
+    def __init__(self) -> None:
+        self._gate = RateGate(REFUSED_FOR)
+        self.state_refused_at = float("-inf")  # time.monotonic() of the last one
+        self.state_reason = ""
+
+    def refused(self, what: str, exc: ResponseError) -> None:
+        now = time.monotonic()
+        reason = str(exc)
+        # redis-py takes the code off the text of the ones it has a class for (OOM, READONLY...)
+        code = getattr(exc, "status_code", None) or reason.split(" ", 1)[0]
+        if not reason.startswith(code):
+            reason = f"{code} {reason}"
+        state = code in STATE_REFUSALS
+        if state:
+            self.state_refused_at, self.state_reason = now, reason
+        more = self._gate.admit(now)
+        if more is None:
+            return
+        if state:  # an outage of Redis's making: the calls fail as in a stall, and say so
+            log.warning(
+                "redis refuses writes: %s (refused %s; %d more refusals since the last such line)",
+                reason,
+                what,
+                more,
+            )
+        else:  # a script or command refused: a bug, not an outage
+            log.error(
+                "redis refused %s: %s (%d more refusals since the last such line)",
+                what,
+                reason,
+                more,
+            )
+
+    def refusing(self, now: float, since: float = float("-inf")) -> str | None:
+        """Why Redis refuses writes, if it did within the last ``REFUSED_FOR`` seconds (and
+        after ``since``: a backend asks about its own lifetime only)."""
+        if since < self.state_refused_at > now - REFUSED_FOR:
+            return self.state_reason
+        return None
+
+
+#: This process's (``unavailable`` counts every refusal here).
+REFUSALS = Refusals()
+
+
 class unavailable:  # lower case: used as a function, ``with unavailable("publish"):``
     """Run Redis calls; any failure of Redis (a lost connection, a timeout, a Cluster failing
     over, a refused command) is ``BackendUnavailable`` (retryable for the client).
@@ -203,8 +268,8 @@ class unavailable:  # lower case: used as a function, ``with unavailable("publis
             # a Cluster failing over or resharding (MOVED is an AskError): an outage of that
             # shard, not a bug
             raise BackendUnavailable(f"redis cluster unavailable during {what}: {exc}") from exc
-        if isinstance(exc, ResponseError):  # a script or command refused: a bug, not an outage
-            log.error("redis refused %s: %s", what, exc)
+        if isinstance(exc, ResponseError):  # a command refused: Redis's state, or a bug of ours
+            REFUSALS.refused(what, exc)
             raise BackendUnavailable(f"redis refused {what}") from exc
         if isinstance(exc, (RedisError, RedisClusterException, OSError, TimeoutError)):
             raise BackendUnavailable(f"redis unavailable during {what}") from exc

@@ -113,3 +113,22 @@ class KeyedBuckets:
             del buckets[key]  # full: the same as no bucket
         while len(buckets) > self.max_keys:
             del buckets[next(iter(buckets))]
+
+
+class RateGate:
+    """At most one admission per ``interval`` (a pure decision: ``now`` is passed in); counts
+    what it refuses and hands the count to the next admission."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._next = float("-inf")
+        self._suppressed = 0
+
+    def admit(self, now: float) -> int | None:
+        """``None``: refused (counted). Else admitted, with the number refused since the last."""
+        if now < self._next:
+            self._suppressed += 1
+            return None
+        self._next = now + self.interval
+        suppressed, self._suppressed = self._suppressed, 0
+        return suppressed

@@ -76,6 +76,7 @@ from redis.exceptions import RedisClusterException, RedisError, ResponseError
 from party_sync import tracing
 from party_sync.backends import redis_fence
 from party_sync.backends.keys import ACTIONS_STREAM
+from party_sync.core.limits import RateGate
 from party_sync.engine import partitions as layout
 from party_sync.engine import wire
 from party_sync.engine.interface import (
@@ -88,7 +89,6 @@ from party_sync.engine.interface import (
     start_engine,
 )
 from party_sync.engine.restating import EpochWatch
-from party_sync.logs import RateGate
 from party_sync.protocol.errors import BackendUnavailable, ConfigError, ErrorCode
 from party_sync.tasks import cancel_and_wait
 

@@ -42,6 +42,7 @@ from party_sync.core.commands import (
     Unsubscribe,
 )
 from party_sync.core.events import Event
+from party_sync.core.limits import RateGate
 from party_sync.core.session import PartySessions
 from party_sync.engine.interface import (
     ActionRequest,
@@ -51,7 +52,6 @@ from party_sync.engine.interface import (
     action_envelope,
 )
 from party_sync.gateway.session import carry_local
-from party_sync.logs import RateGate
 from party_sync.metrics import Metrics
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode

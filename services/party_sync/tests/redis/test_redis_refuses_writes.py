@@ -1,0 +1,58 @@
+"""A Redis that answers but refuses every write: out of memory under ``noeviction`` (memory probe).
+
+Players are told ``backend_unavailable`` as in a stall and lose nothing; ``/readyz`` says 503
+(it said "ready" while every action was refused); the refusals are logged as one WARNING per
+``REFUSED_FOR`` naming the reason (it was one ERROR per player message, hundreds in seconds);
+everything is back on its own once memory is."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from party_sync.backends.redis_scripts import REFUSED_FOR
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.faults import poll
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import make_settings, serve_in_process
+
+pytestmark = [pytest.mark.redis]
+
+
+async def test_out_of_memory_is_an_outage_players_and_readyz_see_and_one_line_says(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, "party_sync.backends.redis_scripts")
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess")
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+
+        async def readyz() -> int:
+            async with srv.http.get(srv.base + "/readyz") as resp:
+                return resp.status
+
+        aria, _ = await srv.join("aria")
+        assert await readyz() == 200
+        redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+        redis.command("CONFIG", "SET", "maxmemory", "1")  # every write refused: OOM
+        try:
+            for n in range(8):
+                await aria.act(f"oom-{n}", "aria", "r1")
+                error = await aria.until("system.error")
+                assert error["payload"]["code"] == "backend_unavailable"
+                assert error["payload"]["in_reply_to"]["action_id"] == f"oom-{n}"
+            assert await readyz() == 503
+        finally:
+            redis.command("CONFIG", "SET", "maxmemory", "0")
+        lines = [r for r in caplog.records if "redis refuse" in r.getMessage()]
+        assert len(lines) == 1, [r.getMessage() for r in lines]  # 8 refusals, one line
+        assert lines[0].levelno == logging.WARNING and "OOM" in lines[0].getMessage()
+
+        async def ready_again() -> bool:
+            return await readyz() == 200
+
+        await poll(ready_again, REFUSED_FOR + 5.0, "/readyz 200 once Redis takes writes")
+        for n in range(8):  # the same actions, sent again: each answered once
+            await aria.act(f"oom-{n}", "aria", "r1")
+            result = await aria.until("action.result")
+            assert result["payload"]["action_id"] == f"oom-{n}"
+        await aria.close()
