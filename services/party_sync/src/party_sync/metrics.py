@@ -257,8 +257,9 @@ class Metrics:
         # The backend, as /readyz asks it (transport/http.py BackendWatch), every few seconds
         self.backend_ok = Gauge(
             "party_sync_backend_ok",
-            "1 while the backend answers as /readyz asks it (Redis: the pub/sub connection up "
-            "and a PING answered; embedded: always), else 0; looked at every 5 s",
+            "1 while the backend answers as /readyz asks it (Redis: the pub/sub connection up, "
+            "a PING answered, no write refused for Redis's state (OOM, READONLY...) in the last "
+            "5 s; embedded: always), else 0; looked at every 5 s",
             registry=r,
         )
         self.backend_ok.set(1)
