@@ -9,11 +9,11 @@ their hello."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 
 from party_sync.backends.redis_stream import PartyStream, RangeReply, Sequenced
 from party_sync.core.events import Event
-from party_sync.core.transient import Transient
+from ps_testkit.listeners import Recorder
 
 
 class History:
@@ -34,30 +34,12 @@ class History:
         return self.epoch, self.top
 
 
-class Listener:
-    def __init__(self) -> None:
-        self.seqs: list[int] = []
-        self.resyncs = 0
-
-    def on_event(self, ev: Event) -> None:
-        self.seqs.append(ev.seq)
-
-    def on_direct(self, character_id: str, data: bytes) -> None:
-        pass
-
-    def on_resync(self) -> None:
-        self.resyncs += 1
-
-    def on_transient(self, items: Sequence[Transient]) -> None:
-        pass
-
-
 def event(seq: int) -> Event:
     data = b'{"type":"scene.update","seq":%d,"payload":{},"trace_id":"t%d"}' % (seq, seq)
     return Event("p1", seq, "scene.update", {}, f"t{seq}", data)
 
 
-def stream_at(history: History, epoch: str, last: int) -> tuple[PartyStream, Listener]:
+def stream_at(history: History, epoch: str, last: int) -> tuple[PartyStream, Recorder]:
     tasks: set[asyncio.Task[None]] = set()
 
     def spawn(coro: Awaitable[None]) -> asyncio.Task[None]:
@@ -70,7 +52,7 @@ def stream_at(history: History, epoch: str, last: int) -> tuple[PartyStream, Lis
         "p1", history, count_gap=lambda outcome: None, max_pending=1000, spawn=spawn
     )
     stream.epoch, stream.last, stream.ready = epoch, last, True
-    listener = Listener()
+    listener = Recorder()
     stream.listeners.append(listener)
     return stream, listener
 

@@ -446,48 +446,32 @@ async def test_start_up_log_names_the_backend_and_the_stream_transport(
 
 
 @pytest.mark.redis
-async def test_sigterm_during_a_redis_stall_exits_within_the_shutdown_timeout(
-    redis: RedisServer,
+@pytest.mark.parametrize("in_flight", [False, True], ids=["idle", "action-in-flight"])
+async def test_sigterm_during_a_redis_stall_says_1001_and_exits_within_the_shutdown_timeout(
+    redis: RedisServer, in_flight: bool
 ) -> None:
-    """README: "exits 0 after at most PARTY_SYNC_SHUTDOWN_TIMEOUT". Redis is stopped (SIGSTOP):
-    what the shutdown still asks of it (forget the node, close the backend) gets what is left
-    of the budget, not a command timeout (5 s) each."""
-    env = {"PARTY_SYNC_SHUTDOWN_TIMEOUT": "2", "PARTY_SYNC_REDIS_COMMAND_TIMEOUT": "5"}
-    async with serve_process(["--redis-url", redis.url], env=env) as srv:
-        a, _ = await srv.join("aria")
-        assert srv.process is not None and redis._proc is not None
-        os.kill(redis._proc.pid, signal.SIGSTOP)
-        try:
-            srv.process.send_signal(signal.SIGTERM)
-            assert await close_code(a) == 1001
-            # the budget (2 s) and some slack; not the drain's 2 s, then the handlers' 2 s
-            # more (aiohttp's own wait), then a command timeout (5 s) per step
-            assert await asyncio.to_thread(srv.process.wait, 3.5) == 0
-        finally:
-            os.kill(redis._proc.pid, signal.SIGCONT)
-
-
-@pytest.mark.redis
-async def test_sigterm_during_a_redis_stall_with_an_action_in_flight_still_says_1001(
-    redis: RedisServer,
-) -> None:
-    """Workers probe: a player's action waiting on the stalled Redis at SIGTERM held the
-    connection's 1001 until that call's command timeout (5 s) was over: with a shutdown_timeout
-    below it, the players got no close frame (1006), and a worker of ``--workers`` overran its
-    budget. The close frame goes out while the call still waits."""
+    """README: 1001 to every client and "exits 0 after at most PARTY_SYNC_SHUTDOWN_TIMEOUT".
+    Redis is stopped (SIGSTOP): what the shutdown still asks of it (forget the node, close the
+    backend) gets what is left of the budget, not a command timeout (5 s) each. With a player's
+    action waiting on the stalled Redis (workers probe), its 1001 waited for that call's command
+    timeout: with a shutdown_timeout below it, the players got no close frame (1006), and the
+    node's last heartbeat then held the exit past the budget (exit 1; a worker of ``--workers``
+    was killed for it)."""
     env = {"PARTY_SYNC_SHUTDOWN_TIMEOUT": "3", "PARTY_SYNC_REDIS_COMMAND_TIMEOUT": "5"}
     async with serve_process(["--redis-url", redis.url], env=env) as srv:
         a, _ = await srv.join("aria")
         assert srv.process is not None and redis._proc is not None
         os.kill(redis._proc.pid, signal.SIGSTOP)
         try:
-            await a.act("stalled", "aria", "r1")  # its handler waits on Redis (begin_action)
-            await asyncio.sleep(0.3)  # (let it reach Redis: there is nothing to wait on)
+            if in_flight:
+                await a.act("stalled", "aria", "r1")  # its handler waits on Redis
+                await asyncio.sleep(0.3)  # (let it reach Redis: there is nothing to wait on)
             started = time.monotonic()
             srv.process.send_signal(signal.SIGTERM)
             assert await close_code(a) == 1001
             assert time.monotonic() - started < 2.0  # not after the command timeout (5 s)
-            # exit 0 within the budget (3 s) and some slack: not killed by the watchdog at 5 s
+            # exit 0 within the budget (3 s) and some slack: not the drain's 3 s, then aiohttp's
+            # own wait, then a command timeout (5 s) per step; not the watchdog's exit 1 at 5 s
             assert await asyncio.to_thread(srv.process.wait, 4.5) == 0
         finally:
             os.kill(redis._proc.pid, signal.SIGCONT)

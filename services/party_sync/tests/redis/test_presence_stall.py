@@ -15,7 +15,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
 import pytest
@@ -24,9 +24,9 @@ from party_sync.backends.keys import DEFAULT_PREFIX, PARTY_KEYS, KeySpace
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
-from party_sync.core.transient import Transient
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import BackendUnavailable
+from ps_testkit import listeners
 from ps_testkit.client import Client, wait_until
 from ps_testkit.cluster import Cluster, assert_ordered, wait_async, wait_ready
 from ps_testkit.redis_server import RedisServer
@@ -41,24 +41,8 @@ ARIA = Binding("p1", "r1", "aria", "Aria")
 BORIN = Binding("p1", "r1", "borin", "Borin")
 
 
-class Recorder:
-    """A ``PartyListener`` that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.resyncs = 0
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def on_direct(self, character_id: str, data: bytes) -> None:
-        pass
-
-    def on_resync(self) -> None:
-        self.resyncs += 1
-
-    def on_transient(self, items: Sequence[Transient]) -> None:
-        pass
+class Recorder(listeners.Recorder):
+    """What the party's stream gave, and its presence events."""
 
     def presence(self) -> list[tuple[str, str, str]]:
         return [
