@@ -107,8 +107,8 @@ class _Answer:
     at: float  # time.monotonic() when it was written
     party_id: str
     action_id: str
-    message: dict[str, Any] | None = None
-    character_id: str = ""
+    message: dict[str, Any] | None
+    character_id: str  # the actor (whose lock the answer released)
     refusal: bytes = b""
 
 
@@ -355,7 +355,8 @@ class RedisBackend:
         if len(reply) > 2 and int(reply[2]):
             warn_result_after_refusal(log, message["trace_id"], str(action_id))
         if action_id is not None:
-            self._answered(_Answer(time.monotonic(), party_id, action_id, message))
+            actor = str(payload.get("character_id", ""))
+            self._answered(_Answer(time.monotonic(), party_id, action_id, message, actor))
         return Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
 
     async def publish_many(
@@ -407,7 +408,9 @@ class RedisBackend:
             if int(extra):
                 warn_result_after_refusal(log, message["trace_id"], payload["action_id"])
             if type_ == t.ACTION_RESULT:
-                self._answered(_Answer(time.monotonic(), party_id, payload["action_id"], message))
+                actor = str(payload.get("character_id", ""))
+                answer = _Answer(time.monotonic(), party_id, payload["action_id"], message, actor)
+                self._answered(answer)
             events.append(
                 Event(party_id, seq, type_, payload, message["trace_id"], codec.with_seq(body, seq))
             )
@@ -475,7 +478,7 @@ class RedisBackend:
         while answers[0].at < answer.at - ANSWERS_KEPT_FOR:
             answers.popleft()
 
-    async def _write_lost_answers(self) -> None:
+    def _write_lost_answers(self) -> asyncio.Future[None] | None:
         """Once this process has met a Redis server it never met (``redis_fence.SERVERS``: a
         failover, a restart), write again every final answer this node wrote in the last
         ``ANSWERS_KEPT_FOR`` seconds that the server lacks: asynchronous replication may have
@@ -486,14 +489,16 @@ class RedisBackend:
         (an empty Redis lost the records and the locks together: nothing waits). A result goes
         through ``publish`` again, so the party may get it twice, the same answer, as after a
         stream worker's re-delivery (docs/redis.md); a refusal through ``refuse_action``.
-        Called before an action is begun and when the pub/sub connection was replaced; one
-        pass at a time, and a pass that meets an outage is made again at the next call."""
+        Started when an action is begun and when the pub/sub connection was replaced; the
+        action waits for it only if its character's lock may be one of them. One pass at a
+        time; a pass that meets an outage is made again at the next start.
+
+        Returns the pass under way, if there is one."""
         if redis_fence.SERVERS.count == self._answers_servers:
-            return
+            return None
         if self._rewriting is None or self._rewriting.done():
             self._rewriting = self._spawn(self._rewrite(redis_fence.SERVERS.count))
-        with contextlib.suppress(Exception):  # (logged by the pass; the caller goes on)
-            await asyncio.shield(self._rewriting)
+        return self._rewriting
 
     async def _rewrite(self, servers: int) -> None:
         since = time.monotonic() - ANSWERS_KEPT_FOR
@@ -502,6 +507,9 @@ class RedisBackend:
                 await self._write_again(answer)
         except BackendUnavailable as exc:
             log.warning("answers lost with an old redis server not written again yet: %s", exc)
+            return
+        except Exception:  # a bug: the next start tries again
+            log.exception("writing again the answers lost with an old redis server failed")
             return
         self._answers_servers = servers
 
@@ -526,8 +534,7 @@ class RedisBackend:
 
     def _on_reconnect(self) -> None:
         """The pub/sub connection was replaced: messages may have been lost meanwhile."""
-        if redis_fence.SERVERS.count != self._answers_servers:
-            self._spawn(self._write_lost_answers())
+        self._write_lost_answers()
         for stream in self._streams.values():
             stream.catch_up_soon()  # a first catch-up still running just looks once more
         for hook in self._lost_hooks:
@@ -702,7 +709,12 @@ class RedisBackend:
         if deadline_in is not None:
             args.append(repr(deadline_in))
         if redis_fence.SERVERS.count != self._answers_servers:
-            await self._write_lost_answers()  # (its lock may be one of them)
+            rewriting = self._write_lost_answers()
+            if rewriting is not None and any(  # its lock may be one of them
+                a.party_id == party_id and a.character_id == character_id for a in self._answers
+            ):
+                with contextlib.suppress(Exception):  # (the pass logs what it met)
+                    await asyncio.shield(rewriting)
         with unavailable("begin_action"):
             reply = await self.scripts.run("begin_action", party_id, now, args, action_id=action_id)
         decision = text(reply[0])
