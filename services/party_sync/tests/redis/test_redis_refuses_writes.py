@@ -10,11 +10,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-from party_sync.backends.redis_scripts import REFUSED_FOR
+from party_sync.backends.redis_scripts import REFUSED_FOR, Refusals
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.faults import poll
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import make_settings, serve_in_process
+from redis.exceptions import OutOfMemoryError, ResponseError
 
 pytestmark = [pytest.mark.redis]
 
@@ -56,3 +57,38 @@ async def test_out_of_memory_is_an_outage_players_and_readyz_see_and_one_line_sa
             result = await aria.until("action.result")
             assert result["payload"]["action_id"] == f"oom-{n}"
         await aria.close()
+
+
+def test_refusals_are_one_line_per_interval_and_each_count_is_told_where_it_belongs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Memory probe: the refusals after an episode's last line were told with the first line of
+    the next episode, minutes later, as if they were its own."""
+    caplog.set_level(logging.WARNING, "party_sync.backends.redis_scripts")
+    refusals, oom = Refusals(), OutOfMemoryError("command not allowed", status_code="OOM")
+    for tick in range(12):  # an episode: a refusal every second for 12 s
+        refusals.refused("begin_action", oom, now=100.0 + tick)
+    assert refusals.refusing(111.0) == "OOM command not allowed"
+    assert refusals.refusing(111.0 + REFUSED_FOR) is None  # ready again 5 s after the last
+    refusals.refused("publish", oom, now=400.0)  # the next episode, minutes later
+    refusals.refused("range", ResponseError("ERR bad script"), now=900.0)  # a bug of ours
+    lines = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert lines == [
+        ("WARNING", "redis refuses writes: OOM command not allowed (refused begin_action)"),
+        (
+            "WARNING",
+            "redis refuses writes: OOM command not allowed (refused begin_action; 4 more since "
+            "the last such line)",
+        ),
+        (
+            "WARNING",
+            "redis refuses writes: OOM command not allowed (refused begin_action; 4 more since "
+            "the last such line)",
+        ),
+        (
+            "WARNING",
+            "redis refuses writes: OOM command not allowed (refused publish; 1 more after the "
+            "last line of the one before, 289 s ago)",
+        ),
+        ("ERROR", "redis refused range: ERR bad script"),
+    ]

@@ -202,9 +202,10 @@ class Refusals:
         self._gate = RateGate(REFUSED_FOR)
         self.state_refused_at = float("-inf")  # time.monotonic() of the last one
         self.state_reason = ""
+        self._last_at = float("-inf")  # of any refusal
 
-    def refused(self, what: str, exc: ResponseError) -> None:
-        now = time.monotonic()
+    def refused(self, what: str, exc: ResponseError, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
         reason = str(exc)
         # redis-py takes the code off the text of the ones it has a class for (OOM, READONLY...)
         code = getattr(exc, "status_code", None) or reason.split(" ", 1)[0]
@@ -213,23 +214,20 @@ class Refusals:
         state = code in STATE_REFUSALS
         if state:
             self.state_refused_at, self.state_reason = now, reason
+        quiet, self._last_at = now - self._last_at, now
         more = self._gate.admit(now)
         if more is None:
             return
+        if not more:
+            counted = ""
+        elif quiet > REFUSED_FOR:  # a new episode: the count is the end of the one before
+            counted = f"; {more} more after the last line of the one before, {quiet:.0f} s ago"
+        else:
+            counted = f"; {more} more since the last such line"
         if state:  # an outage of Redis's making: the calls fail as in a stall, and say so
-            log.warning(
-                "redis refuses writes: %s (refused %s; %d more refusals since the last such line)",
-                reason,
-                what,
-                more,
-            )
+            log.warning("redis refuses writes: %s (refused %s%s)", reason, what, counted)
         else:  # a script or command refused: a bug, not an outage
-            log.error(
-                "redis refused %s: %s (%d more refusals since the last such line)",
-                what,
-                reason,
-                more,
-            )
+            log.error("redis refused %s: %s%s", what, reason, counted)
 
     def refusing(self, now: float, since: float = float("-inf")) -> str | None:
         """Why Redis refuses writes, if it did within the last ``REFUSED_FOR`` seconds (and
