@@ -15,7 +15,7 @@ from ps_testkit.engines import ScriptedEngine
 from ps_testkit.faults import poll
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import make_settings, serve_in_process
-from redis.exceptions import OutOfMemoryError, ResponseError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 
 pytestmark = [pytest.mark.redis]
 
@@ -92,3 +92,11 @@ def test_refusals_are_one_line_per_interval_and_each_count_is_told_where_it_belo
         ),
         ("ERROR", "redis refused range: ERR bad script"),
     ]
+
+
+def test_a_read_only_refusal_is_logged_but_leaves_the_node_ready() -> None:
+    """READONLY is an old master's answer in a failover's second; the connections follow the
+    failover by themselves, so it does not make /readyz say 503 for 5 s on every node."""
+    refusals = Refusals()
+    refusals.refused("publish", ReadOnlyError("You can't write", status_code="READONLY"), now=10)
+    assert refusals.refusing(10.5) is None

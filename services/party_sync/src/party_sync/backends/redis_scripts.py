@@ -186,6 +186,11 @@ def script_text(lib: str, body: str, *, sharded: bool = False) -> str:
 STATE_REFUSALS: Final = frozenset(
     {"OOM", "READONLY", "MISCONF", "NOREPLICAS", "MASTERDOWN", "LOADING", "BUSY"}
 )
+#: Those that make the node not ready: all but READONLY, the old master's answer in a failover's
+#: second, which the connections follow by themselves (``redis_connect``): the node serves
+#: again within that second, and 503s from every node for 5 s after it would take the whole
+#: service out of a load balancer for longer than the failover did.
+NOT_READY_REFUSALS: Final = STATE_REFUSALS - {"READONLY"}
 #: Seconds a refusal of Redis's state keeps the node not ready (``RedisBackend.ready``), and
 #: between two log lines about refusals (each says how many more came meanwhile).
 REFUSED_FOR = 5.0
@@ -212,7 +217,7 @@ class Refusals:
         if not reason.startswith(code):
             reason = f"{code} {reason}"
         state = code in STATE_REFUSALS
-        if state:
+        if code in NOT_READY_REFUSALS:
             self.state_refused_at, self.state_reason = now, reason
         quiet, self._last_at = now - self._last_at, now
         more = self._gate.admit(now)
