@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from party_sync.backends import redis_scripts
 from party_sync.backends.redis_scripts import REFUSED_FOR, Refusals
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.faults import poll
@@ -21,8 +22,10 @@ pytestmark = [pytest.mark.redis]
 
 
 async def test_out_of_memory_is_an_outage_players_and_readyz_see_and_one_line_says(
-    redis: RedisServer, caplog: pytest.LogCaptureFixture
+    redis: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # (refusals are counted per process: this test's own, not those of the tests before it)
+    monkeypatch.setattr(redis_scripts, "REFUSALS", Refusals())
     caplog.set_level(logging.WARNING, "party_sync.backends.redis_scripts")
     settings = make_settings(redis_url=redis.url, engine_transport="inprocess")
     async with serve_in_process(settings, engine=ScriptedEngine()) as srv:

@@ -32,7 +32,7 @@ from redis.asyncio import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from party_sync.backends import redis_fence
+from party_sync.backends import redis_fence, redis_scripts
 from party_sync.backends.base import BackendSettings, PartyListener, warn_result_after_refusal
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
@@ -48,7 +48,6 @@ from party_sync.backends.redis_connect import (
 )
 from party_sync.backends.redis_presence import RedisPresence
 from party_sync.backends.redis_scripts import (
-    REFUSALS,
     Arg,
     Limits,
     Scripts,
@@ -273,7 +272,7 @@ class RedisBackend:
         Cluster: while some master's are (one master lost is an outage of its parties only)."""
         if not self.bus.serving or self.scripts.batcher.down:
             return False
-        if REFUSALS.refusing(time.monotonic(), self._started) is not None:
+        if redis_scripts.REFUSALS.refusing(time.monotonic(), self._started) is not None:
             return False  # it answers, and refuses writes (out of memory, a replica...)
         wait = min(READY_WAIT, self.options.connect_timeout)
         if isinstance(self.client, RedisCluster):  # any master (a PING went to one node: a
