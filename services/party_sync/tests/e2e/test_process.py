@@ -19,6 +19,7 @@ import orjson
 import pytest
 from ps_testkit.client import Client, Closed
 from ps_testkit.engines import HANGING_ENGINE, assert_stopped_in_budget
+from ps_testkit.faults import poll
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import SECRET, free_port, party_sync_command, run_serve, serve_process
 
@@ -465,7 +466,13 @@ async def test_sigterm_during_a_redis_stall_says_1001_and_exits_within_the_shutd
         try:
             if in_flight:
                 await a.act("stalled", "aria", "r1")  # its handler waits on Redis
-                await asyncio.sleep(0.3)  # (let it reach Redis: there is nothing to wait on)
+
+                async def handled() -> bool:  # (counted as its handling begins)
+                    async with srv.http.get(srv.base + "/metrics") as resp:
+                        text = await resp.text()
+                    return 'party_sync_messages_in_total{type="action.request"} 1.0' in text
+
+                await poll(handled, 5.0, "the action received")
             started = time.monotonic()
             srv.process.send_signal(signal.SIGTERM)
             assert await close_code(a) == 1001

@@ -9,10 +9,13 @@ from party_sync.core.transient import Transient
 
 
 class Recorder:
-    """The events in the order given, and how many times the clients were told to resync."""
+    """Everything given, in order: the events, the direct messages, the transient ones, and how
+    many times the clients were told to resync."""
 
     def __init__(self) -> None:
         self.events: list[Event] = []
+        self.directs: list[tuple[str, bytes]] = []
+        self.transients: list[Transient] = []
         self.resyncs = 0
 
     @property
@@ -23,10 +26,10 @@ class Recorder:
         self.events.append(event)
 
     def on_direct(self, character_id: str, data: bytes) -> None:
-        pass
+        self.directs.append((character_id, data))
 
     def on_resync(self) -> None:
         self.resyncs += 1
 
     def on_transient(self, items: Sequence[Transient]) -> None:
-        pass
+        self.transients.extend(items)

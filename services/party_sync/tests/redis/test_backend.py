@@ -8,50 +8,24 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from party_sync.backends.base import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.binding import Binding
-from party_sync.core.events import Event
-from party_sync.core.transient import Outcome, Piece, Transient, piece
+from party_sync.core.transient import Outcome, Piece, piece
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
 from ps_testkit.client import wait_until
+from ps_testkit.listeners import Recorder
 from ps_testkit.proxy import TcpProxy
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
 
 pytestmark = pytest.mark.redis
-
-
-class Recorder:
-    """A ``PartyListener`` that keeps everything it is given."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self.directs: list[tuple[str, bytes]] = []
-        self.transients: list[Transient] = []
-        self.resyncs = 0
-
-    @property
-    def seqs(self) -> list[int]:
-        return [e.seq for e in self.events]
-
-    def on_event(self, event: Event) -> None:
-        self.events.append(event)
-
-    def on_direct(self, character_id: str, data: bytes) -> None:
-        self.directs.append((character_id, data))
-
-    def on_resync(self) -> None:
-        self.resyncs += 1
-
-    def on_transient(self, items: Sequence[Transient]) -> None:
-        self.transients.extend(items)
 
 
 @contextlib.asynccontextmanager

@@ -23,7 +23,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -33,11 +33,10 @@ from party_sync.backends.redis_batch import ShardedBatcher
 from party_sync.backends.redis_scripts import PARTY_SCRIPTS, _source, script_text
 from party_sync.backends.redis_shard_bus import ShardedBus
 from party_sync.core.events import Event
-from party_sync.core.transient import Transient
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
-from ps_testkit import servers
+from ps_testkit import listeners, servers
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_cluster import RedisCluster
@@ -69,32 +68,18 @@ def on_cluster(kit: RedisCluster) -> Iterator[RedisCluster]:
         servers.redis_url_for_tests, servers.redis_cluster_for_tests = None, False
 
 
-class Recorder:
-    """A ``PartyListener`` that keeps what it is given (with each event's epoch at delivery)."""
+class Recorder(listeners.Recorder):
+    """What the party's stream gave, with each event's epoch at delivery."""
 
     def __init__(self, backend: RedisBackend, party_id: str) -> None:
-        self.events: list[Event] = []
+        super().__init__()
         self.epochs: list[str] = []
-        self.resyncs = 0
         self._backend, self._party_id = backend, party_id
-
-    @property
-    def seqs(self) -> list[int]:
-        return [e.seq for e in self.events]
 
     def on_event(self, event: Event) -> None:
         stream = self._backend._streams[self._party_id]  # the epoch it is delivered in
-        self.events.append(event)
+        super().on_event(event)
         self.epochs.append(stream.epoch or "")
-
-    def on_direct(self, character_id: str, data: bytes) -> None:
-        return None
-
-    def on_resync(self) -> None:
-        self.resyncs += 1
-
-    def on_transient(self, items: Sequence[Transient]) -> None:
-        return None
 
 
 @contextlib.asynccontextmanager
