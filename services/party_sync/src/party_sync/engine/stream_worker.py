@@ -234,6 +234,7 @@ class StreamWorker:
         *,
         watch: EpochWatch | None = None,
         clock: Callable[[], float] = time.time,
+        had_groups: set[str] | None = None,
     ) -> None:
         self.engine = engine
         self.publisher = publisher
@@ -248,7 +249,10 @@ class StreamWorker:
         self.errors = 0  # rounds that failed on Redis or the backend (all survived)
         self.groups_created = 0  # times this worker created the consumer group
         self._group_ready = False
-        self._had_group = False  # found or made once: one made again says Redis lost it
+        #: The streams whose group this worker found or made once, shared by the read loops of
+        #: one worker: one made again says Redis lost it, whichever loop makes it (a loop that
+        #: had not read yet when Redis restarted empty may be the one)
+        self._had_groups = had_groups if had_groups is not None else set()
         #: Set once its group was found or made: it reads the stream (the banner waits for it)
         self.serving = asyncio.Event()
         self._degraded = False
@@ -346,16 +350,17 @@ class StreamWorker:
                 raise
         else:
             self.groups_created += 1
-            # the group this loop read from is gone (the warning comes from whichever loop, or
-            # worker, makes it again; the others find it there: BUSYGROUP)
-            if self._had_group:
+            # the group this worker read from is gone (the warning comes from whichever of its
+            # loops, or whichever worker, makes it again; the others find it: BUSYGROUP)
+            if o.stream in self._had_groups:
                 log.warning(
                     "consumer group %s was missing (Redis restarted empty or was flushed): "
                     "created it again",
                     o.group,
                     extra={"stream": o.stream},
                 )
-        self._group_ready = self._had_group = True
+        self._group_ready = True
+        self._had_groups.add(o.stream)
         self.serving.set()
 
     def _failed(self, exc: BaseException) -> None:
@@ -811,6 +816,7 @@ class PartitionedWorker:
         self._tasks: list[asyncio.Task[None]] = []
         self.count_check = count_check  # seconds between two looks at <stream>:partitions
         self.streams = layout.stream_names(options.stream, partitions)
+        had_groups: set[str] = set()  # (one for the loops: StreamWorker._had_groups)
         self.loops = [
             StreamWorker(
                 engine,
@@ -819,6 +825,7 @@ class PartitionedWorker:
                 replace(options, stream=name, consumer=consumer),
                 watch=watch,
                 clock=clock,
+                had_groups=had_groups,
             )
             for name in self.streams
             for consumer in consumers(options.consumer, concurrency)
