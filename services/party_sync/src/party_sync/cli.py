@@ -745,6 +745,9 @@ def _engine_worker(args: argparse.Namespace) -> int:
             await restate_engine(engine, notice)
 
         watch = EpochWatch(backend, restate, time.time)
+        # (the backend's own publications, an answer lost in a failover written again, may
+        # open an epoch too: the worker's rounds send the re-statement, ``restate_opened``)
+        watch.follow(backend)
         publisher = BackendPublisher(backend, Contracts(), time.time, watch)
         worker = PartitionedWorker(
             engine,

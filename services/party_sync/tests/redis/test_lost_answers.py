@@ -18,7 +18,7 @@ import uuid
 import pytest
 from party_sync.backends import redis_fence
 from party_sync.backends.keys import KeySpace
-from ps_testkit.client import Client
+from ps_testkit.client import Client, Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import Running, make_settings, serve_in_process
@@ -99,3 +99,32 @@ async def test_a_lost_answer_is_written_again_when_the_pub_sub_connection_comes_
         finally:
             await client.aclose()
         await aria.close()
+
+
+async def test_a_lost_answer_written_again_into_a_new_epoch_gets_the_party_re_stated(
+    redis: RedisServer,
+) -> None:
+    """On a new master the fence has deleted every party's ``meta``: the answer written again is
+    the first event of the party's new epoch, and the engine is asked to re-state the party, as
+    for any other opening (before: nobody was told, and the party stayed without its scene and
+    its run status; Sentinel fault tier, planned failover)."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess", action_timeout=30.0)
+    engine = ScriptedEngine()
+    async with serve_in_process(settings, engine=engine) as srv:
+        aria = await answered_then_lost(srv, engine, redis)
+        asked = len(engine.restates)  # (the party's first join opened its first epoch)
+        client = Redis.from_url(redis.url)
+        try:
+            await client.delete(KEYS.party_keys("p1").meta)  # as the fence does on a new master
+        finally:
+            await client.aclose()
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        with pytest.raises(Closed) as closed:  # the old epoch's connection: 4003, then a resume
+            await aria.until("action.result", timeout=10)
+        assert closed.value.code == 4003
+        await wait_until(lambda: len(engine.restates) == asked + 1, timeout=10)
+        notice = engine.restates[-1]
+        assert (notice.party_id, notice.campaign_run_id) == ("p1", "r1")
+        bob, hello = await srv.join("bob")
+        assert hello["payload"]["seq"] >= 2  # the answer written again opened it (seq 1)
+        await bob.close()

@@ -232,6 +232,8 @@ class RedisBackend:
         self._streams: dict[str, PartyStream] = {}
         #: Told when a pub/sub connection was replaced (``when_messages_lost``)
         self._lost_hooks: list[Callable[[], None]] = []
+        #: Told of the events this backend published on its own (``when_published``)
+        self._published_hooks: list[Callable[[Sequence[Event]], object]] = []
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
@@ -470,6 +472,13 @@ class RedisBackend:
         pending actions again: a refusal sent to one character is in no history)."""
         self._lost_hooks.append(hook)
 
+    def when_published(self, hook: Callable[[Sequence[Event]], object]) -> None:
+        """Call ``hook`` with the events this backend published on its own, not for a caller
+        (an answer lost with an old Redis server, written again: ``_write_lost_answers``). On a
+        new master that is often the first event of the party's new epoch, which the engine must
+        be asked to re-state like any other opening (``EpochWatch.published``)."""
+        self._published_hooks.append(hook)
+
     # -- answers lost with an old Redis server ---------------------------------------------------
     def _answered(self, answer: _Answer) -> None:
         answers = self._answers
@@ -525,7 +534,12 @@ class RedisBackend:
             extra={"party_id": party_id, "action_id": action_id},
         )
         if answer.message is not None:
-            await self.publish(party_id, answer.message, time.time())
+            event = await self.publish(party_id, answer.message, time.time())
+            for hook in self._published_hooks:
+                try:
+                    hook((event,))
+                except Exception:  # a bug there must not stop the pass
+                    log.exception("a published-events hook failed")
         else:
             await self.refuse_action(
                 party_id, action_id, answer.character_id, answer.refusal, time.time()

@@ -73,6 +73,14 @@ class EpochWatch:
         self.requested = 0  # re-statement requests sent (tests, logs)
         self._draining = False
 
+    def follow(self, backend: object) -> None:
+        """Also report the events ``backend`` publishes on its own, for no caller (Redis: an
+        answer lost in a failover written again, often the first event of a new epoch;
+        ``RedisBackend.when_published``). A backend without such events is left alone."""
+        when_published = getattr(backend, "when_published", None)
+        if when_published is not None:
+            when_published(self.published)
+
     def knows(self, party_id: str, campaign_run_id: str) -> None:
         """The party plays ``campaign_run_id`` (a member's binding, an action's run)."""
         if self.openings.knows(party_id, campaign_run_id):

@@ -127,6 +127,8 @@ class Gateway:
         when_lost = getattr(self.backend, "when_messages_lost", None)
         if when_lost is not None:
             when_lost(self._messages_lost)
+        # (and of events it published on its own, which may open an epoch: re-stated as any)
+        self.watch.follow(self.backend)
         if self.executor.node_bound:  # its claims name this node (EngineLink.node_bound)
             self.publisher.claimer = self.executor.node_id
         await self.link.start(self.publisher)
