@@ -13,11 +13,19 @@ connections' fence hook tells it."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 
 import pytest
 from party_sync.backends import redis_fence
+from party_sync.backends.base import BackendSettings
 from party_sync.backends.keys import KeySpace
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core.actions import Decision
+from party_sync.engine.interface import RestateNotice
+from party_sync.engine.restating import EpochWatch
+from party_sync.metrics import Metrics
+from party_sync.protocol import codec
 from ps_testkit.client import Client, Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_server import RedisServer
@@ -128,3 +136,49 @@ async def test_a_lost_answer_written_again_into_a_new_epoch_gets_the_party_re_st
         bob, hello = await srv.join("bob")
         assert hello["payload"]["seq"] >= 2  # the answer written again opened it (seq 1)
         await bob.close()
+
+
+async def test_an_engine_worker_s_lost_answer_written_again_is_an_opening_of_its_watch(
+    redis: RedisServer,
+) -> None:
+    """The same in an ``engine-worker`` process: its engine's answers are written by its own
+    backend, which writes them again after a failover; its ``EpochWatch`` (``follow``) is told
+    of the opening, and its next round asks its engine to re-state the party."""
+    notices: list[RestateNotice] = []
+
+    async def request(notice: RestateNotice) -> None:
+        notices.append(notice)
+
+    b = RedisBackend(RedisOptions(redis.url), BackendSettings(), metrics=Metrics("test"))
+    await b.start()
+    client = Redis.from_url(redis.url)
+    try:
+        watch = EpochWatch(b, request, time.time)
+        watch.follow(b)
+        watch.knows("p1", "r1")  # (the worker learns it from the action's entry)
+        verdict = await b.begin_action("p1", "aria", "first", time.time())
+        assert verdict.decision is Decision.ACCEPT
+        record, locks = KEYS.action("p1", "first"), KEYS.party_keys("p1").locks
+        before = {key: await client.dump(key) for key in (record, locks)}
+        payload = {
+            "action_id": "first",
+            "character_id": "aria",
+            "action_type": "choice",
+            "outcome": "success",
+            "state": {},
+        }
+        await b.publish("p1", codec.envelope("action.result", payload, ts=time.time()), time.time())
+        for key, dumped in before.items():
+            assert dumped is not None
+            await client.restore(key, 0, dumped, replace=True)
+        await client.delete(KEYS.party_keys("p1").meta)  # as the fence does on a new master
+        redis_fence.SERVERS.met(f"promoted-replica-{uuid.uuid4()}")
+        assert not watch.openings.pending
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        await wait_until(lambda: watch.openings.pending, timeout=10)
+        assert await watch.restate_opened()
+        assert [(n.party_id, n.campaign_run_id) for n in notices] == [("p1", "r1")]
+        assert await client.hget(record, "r") is not None
+    finally:
+        await client.aclose()
+        await b.close()
