@@ -5,7 +5,8 @@ Two checks exist (core.telegram.org/bots/webapps); party_sync runs the ones it i
 **First-party** ("Validating data received via the Mini App"), with the bot token:
 
 1. parse the raw query string **once** (``parse_qsl(..., strict_parsing=True)``) and refuse
-   duplicate keys, so no second parser can see different fields than the one that was checked;
+   duplicate keys and invalid percent escapes (``%`` not followed by two hex digits), so no
+   second parser can see different fields than the one that was checked;
 2. remove ``hash``; sort the remaining ``key=value`` pairs by key and join them with ``"\\n"``:
    the *data-check string* (``signature``, when present, stays in it: the HMAC covers it);
 3. ``secret_key = HMAC-SHA256(key=b"WebAppData", msg=bot_token)`` (the raw 32 bytes);
@@ -59,6 +60,9 @@ MAX_CLOCK_SKEW: Final = 30.0
 MAX_FIELDS: Final = 32
 
 _KEY = re.compile(r"^[A-Za-z0-9_]{1,64}$")
+#: A ``%`` that does not start an escape of two hex digits: ``parse_qsl`` keeps it as text,
+#: where another parser may not (refused: one reading only)
+_BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _HASH = re.compile(r"^[0-9a-f]{64}$")
 _DIGITS = re.compile(r"^[0-9]{1,12}$")
 #: An Ed25519 signature is 64 bytes: 86 base64url characters without padding.
@@ -144,6 +148,8 @@ def parse_fields(raw: str) -> dict[str, str]:
     """Parse the query string strictly, once; refuse duplicates and ambiguous keys or values."""
     if len(raw.encode()) > MAX_INIT_DATA_BYTES:
         raise InitDataError(400, MALFORMED, "too long")
+    if _BAD_ESCAPE.search(raw):
+        raise InitDataError(400, MALFORMED, "bad percent escape")
     try:
         pairs = parse_qsl(
             raw,

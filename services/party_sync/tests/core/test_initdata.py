@@ -151,6 +151,21 @@ def test_malformed_query_strings_are_refused(raw: str) -> None:
     refused(raw, 400, MALFORMED)
 
 
+@pytest.mark.parametrize("escape", ["%zz", "%", "%4", "%4g", "%%41"])
+def test_an_invalid_percent_escape_is_refused_even_when_signed_as_written(escape: str) -> None:
+    """``parse_qsl`` keeps an invalid escape as literal text: signed that way it verified (a
+    second parser may decode it otherwise), and added to signed data it was a bad hash (401)
+    rather than malformed (400)."""
+    pairs = fields()
+    signed = {**pairs, "x": escape}
+    raw = encode([*signed.items(), ("hash", telegram_hash(signed))]).replace(
+        quote(escape, safe=""), escape
+    )
+    assert escape in raw
+    refused(raw, 400, MALFORMED)
+    refused(init_data(pairs) + "&x=" + escape, 400, MALFORMED)
+
+
 def test_an_empty_string_has_no_hash() -> None:
     refused("", 401, INVALID)
 
