@@ -29,6 +29,7 @@ import contextlib
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -270,7 +271,15 @@ async def disconnect(request: web.Request) -> web.Response:
 
 async def list_nodes(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    nodes = await request.app[ADMIN].nodes(gateway.clock())
+    now = gateway.clock()
+    nodes = await request.app[ADMIN].nodes(now)
+    # the answering node tells its own count as it is now, not as of its last heartbeat (the
+    # others', in Redis mode, are as of theirs: every presence_ttl / 3)
+    live = len(gateway.sessions)
+    nodes = [
+        replace(n, connections=live, seen_at=now) if n.node_id == gateway.node_id else n
+        for n in nodes
+    ]
     return web.json_response({"nodes": [node_json(n, gateway.node_id) for n in nodes]})
 
 
