@@ -115,8 +115,16 @@ def _record_finish(
         keys.party_keys(party_id).vote, mapping={"finished": "1", "finished_at": repr(now)}
     )
     unapplied = keys.unapplied(party_id)
-    txn.pipe.hset(unapplied, vote.vote_id, repr(now).encode() + b" " + codec.encode(finished))
+    # The run goes with the decision (an extra member of the kept envelope, never published):
+    # the fence deletes the party's recorded run with ``meta`` and a new epoch drops the vote
+    # record, while the decision may still be waiting (``vote_run``).
+    kept = {**finished, KEPT_RUN: vote.campaign_run_id} if vote.campaign_run_id else finished
+    txn.pipe.hset(unapplied, vote.vote_id, repr(now).encode() + b" " + codec.encode(kept))
     txn.pipe.pexpire(unapplied, max(1, int(party_ttl * 1000)))
+
+
+#: The member of a kept ``vote.finished`` envelope (in ``unapplied``) that names its run.
+KEPT_RUN = "campaign_run_id"
 
 
 def _unapplied_entry(vote_id: Any, value: Any) -> tuple[float, str, bytes]:
@@ -294,15 +302,20 @@ class RedisVotes:
         return due
 
     async def vote_run(self, party_id: str, vote_id: str) -> str | None:
+        """The vote's run: its record's, else the one kept with its decision (the record is
+        gone with a new epoch, or is a newer vote's), else the party's."""
         with unavailable("vote_run"):
             found, run = await self._client.hmget(
                 self._keys.party_keys(party_id).vote, ["vote_id", "run"]
             )
-        if found is None or text(found) != vote_id or not run:
-            # a decision kept after a newer vote started (the party's current vote is another
-            # one), or a vote without a run of its own: the party's run
-            return await self.party_run(party_id)
-        return text(run)
+            if found is not None and text(found) == vote_id and run:
+                return text(run)
+            value = await self._client.hget(self._keys.unapplied(party_id), vote_id)
+        if value is not None:
+            kept = codec.decode(_unapplied_entry(vote_id, value)[2]).get(KEPT_RUN)
+            if isinstance(kept, str) and kept:
+                return kept
+        return await self.party_run(party_id)
 
     async def unapplied_votes(self, now: float, older_than: float) -> list[Event]:
         """``vote.finished`` of votes closed at least ``older_than`` ago whose action was not
@@ -332,6 +345,8 @@ class RedisVotes:
                         if at > now - older_than:
                             continue
                         message = codec.decode(body)
+                        if message.pop(KEPT_RUN, None) is not None:  # (ours, not the event's)
+                            body = codec.encode(message)
                         events.append(
                             Event(
                                 party_id,

@@ -512,6 +512,8 @@ class Executor:
             run = await self.backend.vote_run(finished.party_id, vote_id)
             if run is not None:
                 self._known(finished.party_id, run)
+            elif self.publisher.watch is not None:  # what this process learnt of the party
+                run = self.publisher.watch.openings.run_of(finished.party_id)
             action_id = finished.payload["applied"]["action_id"]
             verdict = await self.backend.begin_action(
                 finished.party_id,

@@ -1,0 +1,55 @@
+"""A finished vote's decision still waiting to be handed over survives the rollback fence.
+
+With an in-process or HTTP link a node keeps a handed-over vote's decision in the party's
+``unapplied`` hash until its votes sweep confirms it (``executor._volatile_votes``). After a
+failover the fence deletes every ``meta`` (and with it the party's recorded run, written again
+only when a member connects), and the party's vote record may by then be a newer vote's: the sweep
+found no run for the decision, logged ERROR "finished vote without a run" and dropped it (Sentinel
+probe, in-process engine: every vote finished shortly before a failover). The run is kept with the
+decision itself."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from party_sync.backends.base import BackendSettings
+from party_sync.backends.keys import KeySpace
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
+from party_sync.core.votes import VoteSpec
+from party_sync.metrics import Metrics
+from party_sync.protocol import codec
+from ps_testkit.redis_server import RedisServer
+from redis.asyncio import Redis
+
+pytestmark = [pytest.mark.redis]
+
+KEYS = KeySpace()
+OPTIONS = (("L", "Left"), ("R", "Right"))
+
+
+async def test_a_kept_decision_knows_its_run_after_the_fence_and_a_newer_vote(
+    redis: RedisServer,
+) -> None:
+    b = RedisBackend(RedisOptions(redis.url), BackendSettings(), metrics=Metrics("test"))
+    await b.start()
+    client = Redis.from_url(redis.url)
+    try:
+        now = time.time()
+        scene = {"scene_number": 1, "scene_id": "s1", "title": "T", "narration": "N"}
+        await b.publish("p1", codec.envelope("scene.update", scene, ts=now), now)  # the party
+        await b.start_vote("p1", VoteSpec("v1", "Which way?", OPTIONS, 0.1), "r1", now, "t1")
+        finished = await b.finish_vote("p1", "v1", now + 1)
+        assert finished is not None and finished.type == "vote.finished"
+        # a newer vote replaces the party's vote record (the decision of v1 is still kept)
+        await b.start_vote("p1", VoteSpec("v2", "And now?", OPTIONS, 30), "r1", now + 2, "t2")
+        await client.delete(KEYS.party_keys("p1").meta)  # as the fence does on a new master
+        # the new epoch's first event (it drops the vote record with the old epoch's state)
+        await b.publish("p1", codec.envelope("scene.update", scene, ts=now + 3), now + 3)
+        assert await b.party_run("p1") is None
+        assert await b.vote_run("p1", "v1") == "r1"
+        (kept,) = await b.unapplied_votes(now + 60, older_than=0)
+        assert kept.payload["vote_id"] == "v1"
+    finally:
+        await client.aclose()
+        await b.close()
