@@ -139,13 +139,15 @@ class BackendPublisher(VoteStarter, NarrationSender):
         self.claimer: str | None = None
 
     def _opened(self, events: Sequence[Event]) -> None:
-        """Show ``events`` to the watch if one opens an epoch (checked here: every event passes)."""
+        """Show ``events`` to the watch if one opens an epoch (checked here: every event passes),
+        else tell it they were written (``EpochWatch.writes_may_be_lost``)."""
         watch = self.watch
         if watch is not None:
             for event in events:  # (a loop: cheaper than any() on an action's two events)
                 if opens_epoch(event):
-                    watch.published(events)
+                    watch.published(events)  # (noted as written there)
                     return
+            watch.wrote(events)
 
     async def publish_built(
         self, party_id: str, message: dict[str, Any], *, key: str | None = None

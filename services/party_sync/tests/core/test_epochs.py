@@ -106,3 +106,34 @@ def test_what_it_remembers_is_bounded() -> None:
     for opening in waiting.take():
         waiting.park(opening)
     assert waiting.parked == ["b", "c"]
+
+
+def test_writes_lost_with_an_old_server_make_the_recent_parties_due_once() -> None:
+    """After a failover, every party this process wrote to in the window is due a re-statement
+    (its writes may have gone to the old master), with its run where known; older ones are not,
+    and nothing is due twice."""
+    openings = Openings()
+    openings.knows("p1", "r1")
+    openings.knows("p2", "r2")
+    openings.wrote([event(5, party="old")], at=100.0)
+    openings.wrote([event(7, party="p1"), event(8, party="p1")], at=103.0)
+    openings.wrote([event(9, party="p2")], at=104.0)
+    openings.wrote([event(3, party="p3")], at=104.5)  # run not known here
+    assert not openings.pending
+    assert openings.writes_lost(now=106.0, window=5.0, trace_id="tr") == 3
+    assert sorted(openings.take(), key=lambda o: o.party_id) == [
+        Opening("p1", "tr", "r1"),
+        Opening("p2", "tr", "r2"),
+        Opening("p3", "tr", None),
+    ]
+    assert openings.take() == []
+    assert openings.writes_lost(now=120.0, window=5.0, trace_id="tr2") == 0
+
+
+def test_a_party_written_again_counts_from_its_last_write() -> None:
+    openings = Openings()
+    openings.wrote([event(1, party="p1")], at=10.0)
+    openings.wrote([event(1, party="p2")], at=11.0)
+    openings.wrote([event(2, party="p1")], at=20.0)  # p1 again: now the newest
+    assert openings.writes_lost(now=21.0, window=5.0, trace_id="tr") == 1
+    assert [o.party_id for o in openings.take()] == ["p1"]

@@ -182,3 +182,26 @@ async def test_an_engine_worker_s_lost_answer_written_again_is_an_opening_of_its
     finally:
         await client.aclose()
         await b.close()
+
+
+async def test_a_party_written_just_before_a_new_server_is_re_stated_again(
+    redis: RedisServer,
+) -> None:
+    """What a node wrote in the moment before its connections moved to a new master may have
+    gone to the old one and be lost with it: an engine's re-statement posted to a node that
+    moved later than the node that fenced was (HTTP link probe: the party stayed without a scene
+    until the next failover). Once the node meets a new server, the engine is asked to re-state
+    every party it wrote to in the last seconds; a party written to long before is not."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess")
+    engine = ScriptedEngine()
+    async with serve_in_process(settings, engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        await aria.act("first", "aria", "r1")
+        await aria.until("scene.update")  # the engine wrote to p1 just now
+        asked = len(engine.restates)
+        redis_fence.SERVERS.met(f"promoted-replica-{uuid.uuid4()}")
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        await wait_until(lambda: len(engine.restates) == asked + 1, timeout=10)
+        notice = engine.restates[-1]
+        assert (notice.party_id, notice.campaign_run_id) == ("p1", "r1")
+        await aria.close()

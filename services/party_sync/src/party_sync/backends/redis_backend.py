@@ -234,6 +234,9 @@ class RedisBackend:
         self._lost_hooks: list[Callable[[], None]] = []
         #: Told of the events this backend published on its own (``when_published``)
         self._published_hooks: list[Callable[[Sequence[Event]], object]] = []
+        #: Told once this process's connections met a Redis server they never met
+        #: (``when_new_server``)
+        self._new_server_hooks: list[Callable[[], object]] = []
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
@@ -479,6 +482,12 @@ class RedisBackend:
         be asked to re-state like any other opening (``EpochWatch.published``)."""
         self._published_hooks.append(hook)
 
+    def when_new_server(self, hook: Callable[[], object]) -> None:
+        """Call ``hook`` once this process's connections met a Redis server they never met (a
+        failover, a restart: ``redis_fence.SERVERS``), after the lost answers were written again
+        (``_write_lost_answers``): what it wrote just before may be lost with the old master."""
+        self._new_server_hooks.append(hook)
+
     # -- answers lost with an old Redis server ---------------------------------------------------
     def _answered(self, answer: _Answer) -> None:
         answers = self._answers
@@ -520,6 +529,11 @@ class RedisBackend:
             log.exception("writing again the answers lost with an old redis server failed")
             return
         self._answers_servers = servers
+        for hook in self._new_server_hooks:
+            try:
+                hook()
+            except Exception:  # a bug there must not stop the others
+                log.exception("a new-server hook failed")
 
     async def _write_again(self, answer: _Answer) -> None:
         party_id, action_id = answer.party_id, answer.action_id

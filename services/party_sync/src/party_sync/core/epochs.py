@@ -87,6 +87,8 @@ class Openings:
         self._last: _Bounded[bytes] = _Bounded(remembered)  # party → its last opening's bytes
         self._due: dict[str, str] = {}  # party → trace id of the opening, not requested yet
         self._parked: _Bounded[str] = _Bounded(remembered)  # party → trace id; run unknown
+        #: party → when this process last wrote an event of it (newest last: ``writes_lost``)
+        self._wrote: _Bounded[float] = _Bounded(remembered)
 
     def knows(self, party_id: str, campaign_run_id: str) -> bool:
         """Remember the party's run; True if that makes a parked opening due."""
@@ -125,6 +127,26 @@ class Openings:
             self._due[party_id] = event.trace_id
             new = True
         return new
+
+    def wrote(self, events: Iterable[Event], at: float) -> None:
+        """This process wrote ``events`` (sequenced by its backend call) at ``at``."""
+        for event in events:
+            self._wrote.put(event.party_id, at)
+
+    def writes_lost(self, now: float, window: float, trace_id: str) -> int:
+        """This process met a Redis server it never met (a failover, a restart): what it wrote
+        in the last ``window`` seconds may have gone to the old master after the new one took
+        over, and be lost with it (a re-statement the engine had just made, a scene). Every
+        party it wrote to since is due a re-statement (the engine re-states the run's current
+        state: at least once is safe); how many."""
+        due = 0
+        for party_id, at in reversed(self._wrote.items()):  # newest first
+            if at < now - window:
+                break
+            self._parked.pop(party_id, None)
+            self._due.setdefault(party_id, trace_id)
+            due += 1
+        return due
 
     def take(self) -> list[Opening]:
         """The openings due, each once, with the run this process knows (else None)."""

@@ -24,17 +24,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, Protocol
 
 from party_sync.core.epochs import Opening, Openings
 from party_sync.core.events import Event
 from party_sync.core.snapshot import Snapshot
 from party_sync.engine.interface import RestateNotice
+from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
 
 log = logging.getLogger(__name__)
 
+#: Seconds before this process met a new Redis server in which what it wrote may have gone to the
+#: old master and been lost (``writes_may_be_lost``): a process moves its connections within
+#: about a second of the sentinels naming a new master (``redis_connect``), and a node whose
+#: engine posts to another node may lag it by as much again.
+LOST_WRITES_WINDOW = 5.0
 #: Attempts of a gateway's request before the opening waits for the next one (a backend error
 #: appending to the actions stream; the in-process and HTTP links do not raise).
 ATTEMPTS = 5
@@ -80,6 +86,28 @@ class EpochWatch:
         when_published = getattr(backend, "when_published", None)
         if when_published is not None:
             when_published(self.published)
+        when_new_server = getattr(backend, "when_new_server", None)
+        if when_new_server is not None:
+            when_new_server(self.writes_may_be_lost)
+
+    def wrote(self, events: Sequence[Event]) -> None:
+        """Events this process wrote (every publish; ``writes_may_be_lost``)."""
+        self.openings.wrote(events, self.clock())
+
+    def writes_may_be_lost(self) -> None:
+        """This process met a Redis server it never met: ask the engine to re-state every party
+        it wrote to in the last ``LOST_WRITES_WINDOW`` seconds (``Openings.writes_lost``; before,
+        an engine's re-statement that reached a node still on the old master was lost with it,
+        and the party stayed without a scene until the next failover: HTTP link probe)."""
+        due = self.openings.writes_lost(self.clock(), LOST_WRITES_WINDOW, codec.new_trace_id())
+        if due:
+            log.warning(
+                "a new redis server: asking the engine to re-state the %d part(ies) this "
+                "process wrote to in the last %.0f s (the old master may have lost those writes)",
+                due,
+                LOST_WRITES_WINDOW,
+            )
+            self._soon()
 
     def knows(self, party_id: str, campaign_run_id: str) -> None:
         """The party plays ``campaign_run_id`` (a member's binding, an action's run)."""
@@ -89,6 +117,7 @@ class EpochWatch:
     def published(self, events: Iterable[Event], campaign_run_id: str | None = None) -> None:
         """Events one backend call of this process returned (sequenced by it, or returned as
         standing); an opening among them gets its request."""
+        self.openings.wrote(events, self.clock())
         if self.openings.seen(events, campaign_run_id):
             self._soon()
 
