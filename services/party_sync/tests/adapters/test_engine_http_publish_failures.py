@@ -8,15 +8,18 @@ raise is 500 ``engine_error`` (docs/engines.md, "Guarantee").
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
 import aiohttp
 import orjson
 import pytest
 from aiohttp import web
+from party_sync.engine import wire
 from party_sync.engine.http_host import ApiPublisher, build_host_app
-from party_sync.engine.interface import ActionRequest
-from ps_testkit.engines import ScriptedEngine
+from party_sync.engine.interface import ActionRequest, RestateNotice
+from ps_testkit.engines import RestatingEngine, ScriptedEngine
 from ps_testkit.hosts import make_action, serving
 
 KEY = "api-key-0123456789abcdef0123456789"
@@ -154,3 +157,36 @@ def test_the_api_publisher_refuses_a_url_with_credentials(url: str) -> None:
     with pytest.raises(ValueError, match="API key") as refused:
         ApiPublisher(url, KEY)
     assert "pw" not in str(refused.value) and "secret" not in str(refused.value)
+
+
+async def test_a_re_statement_party_sync_cannot_take_now_is_503_and_no_error_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A notice whose handling publishes (a re-statement) while party_sync cannot take events
+    (Redis down behind it): 503 ``backend_unavailable``, which the link tries again, and one
+    WARNING, not an ERROR with a traceback (HTTP link probe, Redis restarted empty: an outage
+    logged as a bug)."""
+    caplog.set_level(logging.WARNING, "party_sync.engine.http_host")
+    engine = RestatingEngine()
+    engine.scene_number = 2  # it has a scene to re-state
+    async with serving(party_sync_api(503)) as api:
+        publisher = ApiPublisher(api, KEY, retries=0)
+        engine.publisher = publisher
+        app = build_host_app(engine, publisher)
+        async with serving(app) as base:
+            notice = RestateNotice("p1", "r1", "ep-1", "0" * 32, at=time.time())
+            envelope = wire.restate_envelope(notice)
+            body = {"kind": "restate", "party_id": "p1", "campaign_run_id": "r1"}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(
+                    f"{base}/notices",
+                    data=orjson.dumps({**body, "envelope": envelope}),
+                    headers={"Authorization": f"Bearer {KEY}"},
+                ) as resp,
+            ):
+                status, answer = resp.status, orjson.loads(await resp.read())
+    assert (status, answer["error"]) == (503, "backend_unavailable")
+    assert len(engine.restates) == 1
+    levels = [r.levelno for r in caplog.records if r.name == "party_sync.engine.http_host"]
+    assert logging.ERROR not in levels and logging.WARNING in levels

@@ -593,10 +593,21 @@ async def receive_notice(request: web.Request) -> web.Response:
         else:
             handled = await restate_engine(engine, restate)
     except Exception as exc:
-        log.exception(
-            "engine failed on a %s notice", kind, extra={"trace_id": envelope["trace_id"]}
+        if not _publish_failed(exc):
+            log.exception(
+                "engine failed on a %s notice", kind, extra={"trace_id": envelope["trace_id"]}
+            )
+            raise EngineFailed() from exc
+        # party_sync unreachable under the engine (Redis down, say): an outage, not a bug, so
+        # no traceback; 503, which the link retries for a re-statement (a join is a hint)
+        log.warning(
+            "publishing failed under the engine on a %s notice: %s: %s",
+            kind,
+            type(exc).__name__,
+            str(exc)[:300],
+            extra={"trace_id": envelope["trace_id"]},
         )
-        raise EngineFailed() from exc
+        raise BackendUnavailable(f"publishing failed under the engine: {str(exc)[:300]}") from exc
     return web.json_response({"status": "accepted" if handled else "ignored"}, status=202)
 
 
