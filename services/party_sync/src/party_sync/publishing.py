@@ -147,7 +147,8 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 if opens_epoch(event):
                     watch.published(events)  # (noted as written there)
                     return
-            watch.wrote(events)
+            if events:
+                watch.wrote(events[0].party_id)  # (one party per call)
 
     async def publish_built(
         self, party_id: str, message: dict[str, Any], *, key: str | None = None
@@ -218,8 +219,10 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 event = await self.backend.publish(party_id, message, self.clock())
             except orjson.JSONEncodeError as exc:
                 raise InvalidEvent(f"{type} cannot be encoded: {exc}") from None
-            if event.seq == 1:  # opens_epoch, inlined
+            if event.seq == 1:  # opens_epoch, inlined (it checks the rest)
                 self._opened((event,))
+            elif self.watch is not None:
+                self.watch.wrote(party_id)
             return event.seq
         # One span per published event (a child of the engine's action span).
         with tracing.span("publish " + type, attributes={"party_sync.party_id": party_id}) as span:

@@ -14,7 +14,7 @@ from party_sync.engine.http_host import ApiPublisher
 from party_sync.engine.interface import Narration, publish_all
 from party_sync.protocol.errors import NarrationConflict
 from ps_testkit import api_events
-from ps_testkit.client import Client
+from ps_testkit.client import Client, wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.raw_http import raw_request
 from ps_testkit.servers import Running, make_settings, serve_in_process
@@ -170,6 +170,32 @@ async def test_a_publish_sent_again_with_its_idempotency_key_is_answered_its_seq
         seqs = [(await a.expect("scene.update"))["seq"] for _ in range(4)]
         assert seqs == [first[1]["seq"] + i for i in range(4)]  # p1's four, each once
         await a.close()
+
+
+async def test_an_epoch_opening_publish_sent_again_under_its_key_asks_no_second_re_statement() -> (
+    None
+):
+    """The first event of a party's epoch, published through the API, gets the engine asked to
+    re-state the party once. Sent again under its key it is answered as the event that stands
+    (seq 1 again, in the new request's bytes): before, that was a new opening, and an engine
+    re-stating under its own keys asked for the next re-statement itself, without end (HTTP
+    link probe after failovers: hundreds a minute per party)."""
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        keyed = {**AUTH, "Idempotency-Key": "open-1"}
+        path = "/api/v1/parties/p9/events"
+        assert srv.server is not None
+        srv.server.gateway.watch.knows("p9", "r9")  # (a member's binding says so on a node)
+        assert await post(srv, path, SCENE, keyed) == (202, {"seq": 1})
+        await wait_until(lambda: len(engine.restates) == 1)
+        later = {**SCENE, "payload": {**SCENE["payload"], "title": "Later"}}
+        for body in (SCENE, later):  # the same words or others: the event that stands
+            assert await post(srv, path, body, keyed) == (202, {"seq": 1})
+        watch = srv.server.gateway.watch
+        # an opening seen is due, and its drain flagged, before the answer: wait for it to end
+        await wait_until(lambda: not watch._draining and not watch.openings.pending)
+        assert watch.requested == 1
+        assert len(engine.restates) == 1
 
 
 async def test_an_idempotency_key_that_breaks_the_rule_is_400_and_publishes_nothing() -> None:

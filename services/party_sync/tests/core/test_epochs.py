@@ -115,10 +115,10 @@ def test_writes_lost_with_an_old_server_make_the_recent_parties_due_once() -> No
     openings = Openings()
     openings.knows("p1", "r1")
     openings.knows("p2", "r2")
-    openings.wrote([event(5, party="old")], at=100.0)
-    openings.wrote([event(7, party="p1"), event(8, party="p1")], at=103.0)
-    openings.wrote([event(9, party="p2")], at=104.0)
-    openings.wrote([event(3, party="p3")], at=104.5)  # run not known here
+    openings.wrote("old", at=100.0)
+    openings.wrote("p1", at=103.0)
+    openings.wrote("p2", at=104.0)
+    openings.wrote("p3", at=104.5)  # run not known here
     assert not openings.pending
     assert openings.writes_lost(now=106.0, window=5.0, trace_id="tr") == 3
     assert sorted(openings.take(), key=lambda o: o.party_id) == [
@@ -132,8 +132,32 @@ def test_writes_lost_with_an_old_server_make_the_recent_parties_due_once() -> No
 
 def test_a_party_written_again_counts_from_its_last_write() -> None:
     openings = Openings()
-    openings.wrote([event(1, party="p1")], at=10.0)
-    openings.wrote([event(1, party="p2")], at=11.0)
-    openings.wrote([event(2, party="p1")], at=20.0)  # p1 again: now the newest
+    openings.wrote("p1", at=10.0)
+    openings.wrote("p2", at=11.0)
+    openings.wrote("p1", at=20.0)  # p1 again: now the newest
     assert openings.writes_lost(now=21.0, window=5.0, trace_id="tr") == 1
     assert [o.party_id for o in openings.take()] == ["p1"]
+
+
+def test_what_it_remembers_of_its_writes_is_bounded_to_the_newest() -> None:
+    openings = Openings(remembered=10)
+    for i in range(25):
+        openings.wrote(f"p{i}", at=float(i))
+    assert openings.writes_lost(now=24.0, window=2.0, trace_id="tr") == 3  # p22, p23, p24
+    assert len(openings._wrote) <= 10
+
+
+def test_an_event_returned_as_standing_opens_nothing_whatever_its_bytes() -> None:
+    """A publish under a key already used returns the event that stands (seq 1 here) in this
+    request's words, so its bytes differ from the first answer's. Seen as an opening, each
+    re-statement the engine made under its keys asked for the next one, without end (HTTP link
+    probe: hundreds of re-statements a minute per party)."""
+    openings = Openings()
+    openings.knows("p1", "r1")
+    first = event(1, "scene.update", trace="t1")
+    assert openings.seen([first])
+    openings.take()
+    again = Event("p1", 1, "scene.update", first.payload, "t2", first.data + b" ", True)
+    assert not opens_epoch(again)
+    assert not openings.seen([again])
+    assert openings.take() == []

@@ -39,8 +39,10 @@ REMEMBERED = 10_000
 
 
 def opens_epoch(event: Event) -> bool:
-    """The event is the first of its party's epoch (a new or lost party state)."""
-    return event.seq == 1
+    """The event is the first of its party's epoch (a new or lost party state), sequenced by
+    the call that returned it (one returned as standing, under a key already used, opened
+    nothing now: its bytes differ from the first answer's, so ``Openings`` could not tell)."""
+    return event.seq == 1 and not event.standing
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +89,10 @@ class Openings:
         self._last: _Bounded[bytes] = _Bounded(remembered)  # party → its last opening's bytes
         self._due: dict[str, str] = {}  # party → trace id of the opening, not requested yet
         self._parked: _Bounded[str] = _Bounded(remembered)  # party → trace id; run unknown
-        #: party → when this process last wrote an event of it (newest last: ``writes_lost``)
-        self._wrote: _Bounded[float] = _Bounded(remembered)
+        #: party → when this process last wrote an event of it (``writes_lost``): a plain dict
+        #: (one assignment per publish), halved to the newest when it outgrows ``remembered``
+        self._wrote: dict[str, float] = {}
+        self._remembered = remembered
 
     def knows(self, party_id: str, campaign_run_id: str) -> bool:
         """Remember the party's run; True if that makes a parked opening due."""
@@ -128,10 +132,13 @@ class Openings:
             new = True
         return new
 
-    def wrote(self, events: Iterable[Event], at: float) -> None:
-        """This process wrote ``events`` (sequenced by its backend call) at ``at``."""
-        for event in events:
-            self._wrote.put(event.party_id, at)
+    def wrote(self, party_id: str, at: float) -> None:
+        """This process wrote an event of ``party_id`` at ``at``."""
+        wrote = self._wrote
+        wrote[party_id] = at
+        if len(wrote) > self._remembered:
+            newest = sorted(wrote.items(), key=lambda item: item[1])[len(wrote) // 2 :]
+            self._wrote = dict(newest)
 
     def writes_lost(self, now: float, window: float, trace_id: str) -> int:
         """This process met a Redis server it never met (a failover, a restart): what it wrote
@@ -140,9 +147,10 @@ class Openings:
         party it wrote to since is due a re-statement (the engine re-states the run's current
         state: at least once is safe); how many."""
         due = 0
-        for party_id, at in reversed(self._wrote.items()):  # newest first
+        for party_id, at in list(self._wrote.items()):
             if at < now - window:
-                break
+                del self._wrote[party_id]  # (older than any window: never due for this)
+                continue
             self._parked.pop(party_id, None)
             self._due.setdefault(party_id, trace_id)
             due += 1

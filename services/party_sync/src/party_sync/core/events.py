@@ -20,3 +20,6 @@ class Event(NamedTuple):
     payload: Mapping[str, Any]
     trace_id: str
     data: bytes
+    #: Returned as the event that stands, not sequenced by this call (a publish under a key
+    #: already used: ``core.published.repeated``): never a new epoch's opening
+    standing: bool = False

@@ -43,7 +43,9 @@ def repeated(party_id: str, first: int, message: dict[str, Any], body: bytes) ->
     """A publish under a key that already has an event: the answer, as that event (its seq
     ``first``) in this request's words (``body``: ``message`` encoded). Nothing is sequenced."""
     data = codec.with_seq(body, first)
-    return Event(party_id, first, message["type"], message["payload"], message["trace_id"], data)
+    return Event(
+        party_id, first, message["type"], message["payload"], message["trace_id"], data, True
+    )
 
 
 def replayed(

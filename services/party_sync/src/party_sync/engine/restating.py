@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
 from party_sync.core.epochs import Opening, Openings
@@ -90,9 +90,9 @@ class EpochWatch:
         if when_new_server is not None:
             when_new_server(self.writes_may_be_lost)
 
-    def wrote(self, events: Sequence[Event]) -> None:
-        """Events this process wrote (every publish; ``writes_may_be_lost``)."""
-        self.openings.wrote(events, self.clock())
+    def wrote(self, party_id: str) -> None:
+        """This process wrote an event of ``party_id`` (every publish: ``writes_may_be_lost``)."""
+        self.openings.wrote(party_id, self.clock())
 
     def writes_may_be_lost(self) -> None:
         """This process met a Redis server it never met: ask the engine to re-state every party
@@ -117,7 +117,9 @@ class EpochWatch:
     def published(self, events: Iterable[Event], campaign_run_id: str | None = None) -> None:
         """Events one backend call of this process returned (sequenced by it, or returned as
         standing); an opening among them gets its request."""
-        self.openings.wrote(events, self.clock())
+        now = self.clock()
+        for event in events:
+            self.openings.wrote(event.party_id, now)
         if self.openings.seen(events, campaign_run_id):
             self._soon()
 
