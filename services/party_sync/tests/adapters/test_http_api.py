@@ -193,7 +193,7 @@ async def test_an_epoch_opening_publish_sent_again_under_its_key_asks_no_second_
             assert await post(srv, path, body, keyed) == (202, {"seq": 1})
         watch = srv.server.gateway.watch
         # an opening seen is due, and its drain flagged, before the answer: wait for it to end
-        await wait_until(lambda: not watch._draining and not watch.openings.pending)
+        await wait_until(lambda: watch.settled)
         assert watch.requested == 1
         assert len(engine.restates) == 1
 

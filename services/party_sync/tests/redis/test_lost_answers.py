@@ -191,7 +191,7 @@ async def test_a_party_written_just_before_a_new_server_is_re_stated_again(
     gone to the old one and be lost with it: an engine's re-statement posted to a node that
     moved later than the node that fenced was (HTTP link probe: the party stayed without a scene
     until the next failover). Once the node meets a new server, the engine is asked to re-state
-    every party it wrote to in the last seconds; a party written to long before is not."""
+    every party it wrote to in the last seconds (the window itself: tests/core/test_epochs.py)."""
     settings = make_settings(redis_url=redis.url, engine_transport="inprocess")
     engine = ScriptedEngine()
     async with serve_in_process(settings, engine=engine) as srv:

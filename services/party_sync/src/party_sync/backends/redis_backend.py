@@ -99,6 +99,15 @@ ANSWERS_KEPT_FOR = 10.0
 ANSWERS_KEPT = 4096
 
 
+def _tell(hooks: Sequence[Callable[..., object]], what: str, *args: Any) -> None:
+    """Call each hook with ``args``; one that raises (a bug) is logged and stops no other."""
+    for hook in hooks:
+        try:
+            hook(*args)
+        except Exception:
+            log.exception("%s failed", what)
+
+
 @dataclass(frozen=True, slots=True)
 class _Answer:
     """A final answer this node wrote: an ``action.result`` (``message``), else a refusal."""
@@ -529,11 +538,7 @@ class RedisBackend:
             log.exception("writing again the answers lost with an old redis server failed")
             return
         self._answers_servers = servers
-        for hook in self._new_server_hooks:
-            try:
-                hook()
-            except Exception:  # a bug there must not stop the others
-                log.exception("a new-server hook failed")
+        _tell(self._new_server_hooks, "a new-server hook")
 
     async def _write_again(self, answer: _Answer) -> None:
         party_id, action_id = answer.party_id, answer.action_id
@@ -549,11 +554,7 @@ class RedisBackend:
         )
         if answer.message is not None:
             event = await self.publish(party_id, answer.message, time.time())
-            for hook in self._published_hooks:
-                try:
-                    hook((event,))
-                except Exception:  # a bug there must not stop the pass
-                    log.exception("a published-events hook failed")
+            _tell(self._published_hooks, "a published-events hook", (event,))
         else:
             await self.refuse_action(
                 party_id, action_id, answer.character_id, answer.refusal, time.time()
@@ -564,11 +565,7 @@ class RedisBackend:
         self._write_lost_answers()
         for stream in self._streams.values():
             stream.catch_up_soon()  # a first catch-up still running just looks once more
-        for hook in self._lost_hooks:
-            try:
-                hook()
-            except Exception:  # a bug there must not stop the pub/sub's reconnection
-                log.exception("a lost-messages hook failed")
+        _tell(self._lost_hooks, "a lost-messages hook")  # (never stops the reconnection)
 
     async def send_direct(self, party_id: str, character_id: str, data: bytes) -> None:
         await self._publish_raw(party_channel(party_id), encode_direct(character_id, data))

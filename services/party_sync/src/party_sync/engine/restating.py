@@ -109,6 +109,11 @@ class EpochWatch:
             )
             self._soon()
 
+    @property
+    def settled(self) -> bool:
+        """No re-statement is due and none is being asked for (tests wait for it)."""
+        return not self._draining and not self.openings.pending
+
     def knows(self, party_id: str, campaign_run_id: str) -> None:
         """The party plays ``campaign_run_id`` (a member's binding, an action's run)."""
         if self.openings.knows(party_id, campaign_run_id):
