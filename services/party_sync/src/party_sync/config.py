@@ -197,7 +197,8 @@ class Settings:
     engine_http_retries: int = _option(
         8,
         "Retries of an HTTP delivery to the engine while every attempt is refused at connect "
-        "time (then the player gets engine_unavailable), and of a join notice (backoff with full "
+        "time (then the player gets engine_unavailable; action_timeout at the action's deadline "
+        "if that comes first), and of a join notice (backoff with full "
         "jitter); once an attempt may have reached the engine (a 5xx, a timeout, a dropped "
         "connection) an action is retried until it is answered or action_record_ttl passes, as "
         "is a restate notice.",

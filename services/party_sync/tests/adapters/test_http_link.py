@@ -393,25 +393,49 @@ async def test_a_timeout_after_sending_counts_as_reached_and_the_retry_is_attemp
     assert host.failed == []
 
 
-async def test_refused_attempts_do_not_count_and_the_host_refuses_a_late_first_delivery(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    """The engine host comes up only after the link's first attempts were refused, and after the
-    action's deadline: the first POST that reaches it is still attempt 1, so it answers 409
-    expired without calling the engine, and the player's ``action_timeout`` is true."""
+async def test_refused_attempts_do_not_count(caplog: pytest.LogCaptureFixture) -> None:
+    """The engine host comes up only after the link's first attempts were refused: the first
+    POST that reaches it is still attempt 1 (``X-Delivery-Attempt``), the engine's promise that
+    it has never seen the action."""
     caplog.set_level(logging.DEBUG, "party_sync.engine.http_link")
     port = free_port()
-    engine, host = ScriptedEngine(), RecordingHost()
+    api, host = ScriptedApi(), RecordingHost()
     url = f"http://127.0.0.1:{port}/actions"
     async with started_link(host, url, retries=1000, backoff_base=0.02, backoff_max=0.05) as link:
-        await link.submit(make_action("late", deadline=PAST))
+        await link.submit(make_action("late", deadline=FUTURE))
         await wait_until(
             lambda: any("retry 2 " in r.getMessage() for r in caplog.records), timeout=10
         )
-        async with serve(host_app(engine), port):
+        async with serve(api.app(), port):
             await idle(link)
-    assert host.failed == [("late", ErrorCode.ACTION_TIMEOUT)]
-    assert engine.calls == []
+    assert [h["X-Delivery-Attempt"] for h, _ in api.actions] == ["1"]
+    assert host.failed == []
+
+
+async def test_an_engine_unreachable_until_the_deadline_is_action_timeout_at_the_deadline(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every attempt refused at connect time, and the action's deadline comes before the retries
+    run out: the player gets ``action_timeout`` (true: never started, now too late; what the
+    host answers a first delivery after its deadline), at the deadline, not ``engine_unavailable``
+    when the retries are spent (an outside probe saw it 1.4-2 s after the deadline, the player
+    waiting)."""
+    caplog.set_level(logging.DEBUG, "party_sync.engine.http_link")
+    port = free_port()
+    host = RecordingHost()
+    url = f"http://127.0.0.1:{port}/actions"
+    deadline = time.time() + 0.3
+    # retries that would outlast the test's patience: only the deadline can end this delivery
+    async with started_link(
+        host, url, retries=100_000, backoff_base=0.02, backoff_max=0.05
+    ) as link:
+        await link.submit(make_action("doomed", deadline=deadline))
+        await idle(link)
+        answered = time.time()
+        await link.submit(make_action("gone", deadline=PAST))  # refused once, then answered
+        await idle(link)
+    assert host.failed == [("doomed", ErrorCode.ACTION_TIMEOUT), ("gone", ErrorCode.ACTION_TIMEOUT)]
+    assert answered >= deadline  # never before it
 
 
 async def test_an_engine_that_is_down_is_one_warning_and_one_info_not_lines_per_action(

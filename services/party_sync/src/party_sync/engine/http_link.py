@@ -29,6 +29,8 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
   never left; retried with exponential backoff and full jitter up to ``engine_http_retries``
   times. If *every* attempt was
   refused like this, the player gets ``engine_unavailable``: true, the engine never saw it;
+  never retried past the action's deadline: at the deadline the player gets ``action_timeout``
+  (what the engine host answers a first delivery after it);
 - 5xx ``{"error": "engine_error"}`` (what ``party-sync engine-http`` answers when the engine
   raised, which by the engine contract means *not applied*): retried like any 5xx, and after the
   fifth such answer (``ENGINE_FAILURES``, as the stream worker's fifth delivery) the player gets
@@ -355,6 +357,18 @@ class HttpEngineLink:
                 self._silent_since = None  # its engine answered it: the host is not stuck
                 log.info("the action was answered while its delivery was retried", extra=extra)
                 return
+            if not reached and _past(action.deadline):
+                # never delivered, and now too late to start: the engine host would answer a
+                # first delivery 409 expired; the truth is the same without it, and at the
+                # deadline, not when the retries run out
+                if not self._engine_unreachable(failure):
+                    log.debug("engine unreachable until the deadline: %s", failure, extra=extra)
+                await self._refuse(
+                    action,
+                    ErrorCode.ACTION_TIMEOUT,
+                    "the engine was unreachable until the action's deadline: retry",
+                )
+                return
             if attempt > self.retries:
                 if not reached:  # it never left party_sync: "unavailable" is the truth
                     if not self._engine_unreachable(failure):
@@ -372,6 +386,8 @@ class HttpEngineLink:
                     )
                     return
             delay = self._backoff(attempt - 1)
+            if not reached and action.deadline is not None:  # not past it, asleep
+                delay = min(delay, max(0.0, action.deadline - time.time()))
             log.debug(
                 "engine delivery failed (%s); retry %d in %.2fs",
                 failure,
@@ -555,6 +571,11 @@ def _retry_answer(status: int, answer: Any, reached: int) -> bool:
         return True
     expired = status == 409 and isinstance(answer, dict) and answer.get("error") == EXPIRED
     return reached > 0 and status != 422 and not expired
+
+
+def _past(deadline: float | None) -> bool:
+    """An action's deadline (Unix seconds, the engine host's clock too) has passed."""
+    return deadline is not None and time.time() >= deadline
 
 
 def _detail(answer: Any) -> str | None:
