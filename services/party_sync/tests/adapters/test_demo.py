@@ -43,9 +43,14 @@ async def test_the_page_and_its_assets_are_served_with_a_strict_policy() -> None
         ):
             async with srv.http.get(srv.base + path) as resp:
                 assert resp.status == 404, path
-        async with srv.http.get(srv.base + "/demo/?token=x", allow_redirects=False) as resp:
-            assert resp.status == 308
-            assert resp.headers["Location"] == "/demo?token=x"
+        # a typed trailing slash, on both pages (/admin/ was 404: outside new-user probe)
+        for page in ("/demo", "/admin"):
+            async with srv.http.get(f"{srv.base}{page}/?token=x", allow_redirects=False) as resp:
+                assert resp.status == 308, page
+                assert resp.headers["Location"] == f"{page}?token=x"
+            async with srv.http.get(f"{srv.base}{page}/") as resp:
+                assert resp.status == 200, page
+                assert resp.content_type == "text/html"
 
 
 async def test_production_mode_has_no_token_minting() -> None:

@@ -423,6 +423,7 @@ def add_routes(app: web.Application, gateway: Gateway, client_dir: Path | None =
     if root is not None:
         app[ADMIN_DIR] = root
         app.router.add_get("/admin", page)
+        app.router.add_get("/admin/", demo.without_slash("/admin"))
         app.router.add_get("/admin/app.js", app_js)
         app.router.add_get("/admin/admin.css", stylesheet)
     else:

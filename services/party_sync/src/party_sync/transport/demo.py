@@ -22,6 +22,7 @@ import hashlib
 import logging
 import re
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -127,9 +128,14 @@ async def page(request: web.Request) -> web.StreamResponse:
     return web.Response(text=html, content_type="text/html", headers=headers)
 
 
-async def page_slash(request: web.Request) -> web.StreamResponse:
-    location = "/demo" + (f"?{request.query_string}" if request.query_string else "")
-    raise web.HTTPPermanentRedirect(location)
+def without_slash(path: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """A handler for ``<path>/``: 308 to ``path``, the query kept (a typed trailing slash)."""
+
+    async def redirect(request: web.Request) -> web.StreamResponse:
+        query = request.query_string
+        raise web.HTTPPermanentRedirect(path + (f"?{query}" if query else ""))
+
+    return redirect
 
 
 async def config_json(request: web.Request) -> web.Response:
@@ -226,7 +232,7 @@ def add_routes(app: web.Application, *, dev_mode: bool, client_dir: Path | None 
     else:
         app[DEMO_DIR] = root
         app.router.add_get("/demo", page)
-        app.router.add_get("/demo/", page_slash)
+        app.router.add_get("/demo/", without_slash("/demo"))
         app.router.add_get("/demo/config.json", config_json)
         app.router.add_get("/demo/app.js", app_js)
         app.router.add_get("/demo/lib/{name}", lib_module)

@@ -737,6 +737,11 @@ def _admin() -> dict[str, Any]:
                 "503": _text("Not built (make setup)"),
             },
         ),
+        "/admin/": _plain(
+            "Redirects to /admin (query kept)",
+            "admin_page_slash",
+            {"308": {"description": "To /admin"}},
+        ),
         "/admin/app.js": _plain(
             "The admin page's script",
             "admin_app",
