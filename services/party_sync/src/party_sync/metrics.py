@@ -237,6 +237,13 @@ class Metrics:
             "the engine is slower than action_timeout, or ended without publishing the result)",
             registry=r,
         )
+        self.actions_forgotten = Counter(
+            "party_sync_actions_forgotten_total",
+            "Actions an engine started that still had no answer when their record expired "
+            "(action_record_ttl after acceptance): the engine ended without publishing the "
+            "result; party_sync stopped waiting for them and told their player nothing",
+            registry=r,
+        )
         # Background work (docs/architecture.md, "Recovery"): a periodic task that meets an
         # error counts it here, logs once per episode and carries on.
         self.background_errors = Counter(

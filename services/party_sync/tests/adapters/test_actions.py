@@ -178,6 +178,32 @@ async def test_an_engine_that_ends_without_publishing_is_told_to_the_operator_on
         await a.close()
 
 
+async def test_an_action_its_engine_never_answers_is_forgotten_without_a_false_word() -> None:
+    """Outside probe (Redis, stream workers, an engine that returns without publishing): when
+    the action's record expired (action_record_ttl after acceptance) its sender was told
+    backend_unavailable "the party's state was lost: send the same action again", untrue, and
+    the resend it invited was forwarded to the engine again. Now the node stops waiting for it,
+    counts it (party_sync_actions_forgotten_total), and says nothing to the player."""
+    engine = ScriptedEngine()
+    engine.mode = "silent"
+    settings = make_settings(action_timeout=0.2, action_record_ttl=1.0)
+    async with serve_in_process(settings, engine=engine) as srv:
+        assert srv.server is not None
+        registry = srv.server.gateway.metrics.registry
+
+        def forgotten() -> float | None:
+            return registry.get_sample_value("party_sync_actions_forgotten_total")
+
+        a, _ = await srv.join("aria")
+        await a.act("mute", "aria", "r1")
+        await wait_until(lambda: forgotten() == 1.0)
+        await a.send({"type": "system.ping", "payload": {}})
+        assert (await a.expect("system.pong"))["type"] == "system.pong"  # and nothing before
+        assert not [m for m in a.received if m["type"] == "system.error"]
+        assert engine.count("mute") == 1
+        await a.close()
+
+
 async def test_engine_rejection_reaches_the_actor_and_is_the_final_answer() -> None:
     engine = ScriptedEngine()
     engine.mode = "reject"

@@ -94,6 +94,9 @@ class Meter:
     def overdue(self, party_id: str, action_id: str, trace_id: str) -> None:
         self.count("overdue", action_id)
 
+    def forgotten(self, party_id: str, action_id: str, trace_id: str) -> None:
+        self.count("forgotten", action_id)
+
 
 class Node:
     """The gateway's job, synchronously: commands in, backend calls, answers fed back."""
@@ -1016,6 +1019,39 @@ def test_an_action_this_node_never_accepted_is_timed_out_as_usual_after_a_state_
     node.advance(RULES.action_timeout + 0.01)
     assert error_code(node.last(again)) == "action_timeout"
     assert node.core.lost_actions == {}
+
+
+def test_an_action_its_engine_never_answers_is_forgotten_with_its_record_not_called_lost() -> None:
+    """An engine started the action and never published its answer (a broken contract). At the
+    deadline it is counted overdue; when its record expires with its age (action_record_ttl),
+    the node stops waiting: counted, and nothing said to the player. It was told
+    backend_unavailable "the party's state was lost: send the same action again", untrue (the
+    state was not lost), and the resend it invited was accepted and forwarded again (outside
+    probe, an engine that returns without publishing)."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    pending = node.engine[0]
+    claim, _ = done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
+    assert claim is Claim.START  # started, and never answered
+    node.advance(RULES.action_record_ttl + 3 * RULES.action_timeout)
+    assert [f for f in node.frames[aria.id] if f["type"] == t.ERROR] == []
+    assert node.meter.counts[("overdue", "a1")] == 1
+    assert node.meter.counts[("forgotten", "a1")] == 1
+    assert node.core.lost_actions == {} and node.core.pending == {}
+
+
+def test_a_record_lost_before_its_age_is_still_told_as_lost() -> None:
+    """The other side of the line: the record gone before action_record_ttl (the state lost)
+    is told backend_unavailable, and a resend is remembered as a lost action's."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    node.backend = MemoryBackend(BackendSettings(action_timeout=RULES.action_timeout))
+    node.advance(RULES.action_timeout + 0.01)
+    assert error_code(node.last(aria)) == "backend_unavailable"
+    assert set(node.core.lost_actions) == {("p1", "a1")}
+    assert ("forgotten", "a1") not in node.meter.counts
 
 
 def test_every_close_and_every_refusal_a_player_is_told_is_counted_once() -> None:

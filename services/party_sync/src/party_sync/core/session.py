@@ -126,6 +126,10 @@ class Meter(Protocol):
     def overdue(self, party_id: str, action_id: str, trace_id: str) -> None:
         """An action an engine started had no answer at its deadline (once per action)."""
 
+    def forgotten(self, party_id: str, action_id: str, trace_id: str) -> None:
+        """An action an engine started still had no answer when its record expired
+        (``action_record_ttl`` after its acceptance): party_sync stops waiting for it."""
+
 
 @dataclass(frozen=True, slots=True)
 class Rules:
@@ -864,6 +868,16 @@ class PartySessions:
                 return []
             self.meter.count("action_answers", "resent")
             return self._answer(action, answer)
+        if (
+            outcome is Sweep.GONE or outcome is Sweep.STARTED
+        ) and now >= action.accepted + self.rules.action_record_ttl:
+            # Its record expired with its age (or, in the embedded ledger, is about to be
+            # collected), unanswered: an engine started it (or it would have timed out) and
+            # never published its answer in ``action_record_ttl``. Nothing true can be said to
+            # its sender (it may have been applied; the state was not lost): the operator is
+            # told, the player nothing (as the HTTP link at that age).
+            self.meter.forgotten(action.party_id, action.action_id, action.trace_id)
+            return []
         if outcome is Sweep.GONE:
             key = (action.party_id, action.action_id)
             _remember(self.lost_actions, key, now + self.rules.action_record_ttl, now)

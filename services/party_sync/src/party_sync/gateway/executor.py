@@ -72,6 +72,8 @@ class MetricsMeter:
 
     __slots__ = (
         "_families",
+        "_forgotten",
+        "_forgotten_gate",
         "_overdue",
         "_overdue_gate",
         "connections",
@@ -83,6 +85,8 @@ class MetricsMeter:
     def __init__(self, metrics: Metrics) -> None:
         self._overdue = metrics.actions_overdue
         self._overdue_gate = RateGate(OVERDUE_LOG_EVERY)
+        self._forgotten = metrics.actions_forgotten
+        self._forgotten_gate = RateGate(OVERDUE_LOG_EVERY)
         self.received = metrics.received
         self.sent = metrics.sent
         self.engine_latency = metrics.engine_latency.observe
@@ -111,6 +115,26 @@ class MetricsMeter:
             "in party %s): the engine is slower than PARTY_SYNC_ACTION_TIMEOUT, or ended "
             "without publishing the action's result; its player waits for it (at most one line "
             "a minute; party_sync_actions_overdue_total counts them)",
+            since + 1,
+            action_id,
+            party_id,
+            extra={"trace_id": trace_id, "action_id": action_id, "party_id": party_id},
+        )
+
+    def forgotten(self, party_id: str, action_id: str, trace_id: str) -> None:
+        """Counted, and told to the operator at most once a minute: the engine broke its
+        contract (an action it started never got its result) and the player was told nothing
+        (nothing true can be said)."""
+        self._forgotten.inc()
+        since = self._forgotten_gate.admit(time.monotonic())
+        if since is None:
+            return
+        log.warning(
+            "%d action(s) an engine started still had no answer when their record expired "
+            "(PARTY_SYNC_ACTION_RECORD_TTL; the latest: %s in party %s): the engine ended "
+            "without publishing the action's result; party_sync stops waiting for it and its "
+            "player is told nothing (at most one line a minute; "
+            "party_sync_actions_forgotten_total counts them)",
             since + 1,
             action_id,
             party_id,
