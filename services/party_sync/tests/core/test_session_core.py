@@ -839,6 +839,45 @@ def test_when_messages_may_be_lost_pending_actions_are_looked_at_at_once() -> No
     ]
 
 
+@pytest.mark.parametrize("first", ["the channel", "the look", "a resend"])
+def test_a_refusal_that_crosses_the_look_after_a_failover_is_told_once(first: str) -> None:
+    """Cluster probe: during a failover the engine refused an action; the node, told that
+    messages may have been lost, looked at its pending actions at once, and the sender got the
+    same action_rejected twice, 2 ms apart (once from the character's channel, once from the
+    look that found it final). Whatever comes first (the channel, the look, the answer to a
+    resend), the connection is told once unasked; a resend still gets its answer."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    refusal = codec.encode(
+        {
+            "type": t.ERROR,
+            "payload": {"code": "action_rejected", "in_reply_to": {"action_id": "a1"}},
+        }
+    )
+    assert done(node.backend.refuse_action("p1", "a1", "aria", refusal, node.now))
+    node.core.answers_may_be_lost(node.now)
+    (looking,) = node.core.deadlines_reached(node.now)  # the look, launched (a backend call)
+    if first == "the channel":
+        node.run(node.core.direct_received("p1", "aria", refusal))
+        node.run(looking)  # the look was under way: it finds the action final
+    elif first == "the look":
+        node.run(looking)
+        node.run(node.core.direct_received("p1", "aria", refusal))
+    else:
+        node.act(aria, "a1")  # the resend's answer
+        node.run(looking)
+        node.run(node.core.direct_received("p1", "aria", refusal))
+    node.advance(2 * RULES.action_timeout)
+    assert [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR] == [
+        "action_rejected"
+    ]
+    node.act(aria, "a1")  # asked: answered again
+    assert [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR] == [
+        "action_rejected"
+    ] * 2
+
+
 def test_a_refusal_reaching_a_connection_twice_unasked_is_told_once() -> None:
     """Fault probe: the sender moved to another node before the engine's refusal came; it got
     the refusal there, and again about a timeout later from the node that accepted the action

@@ -766,6 +766,8 @@ class PartySessions:
             ):
                 del self.pending[key]
                 self.deadlines.cancel(Kind.ACTION, key)
+            if codec.seq_of(verdict.result) is None:  # a refusal: asked for, and now told
+                conn.tell_once(message.payload["action_id"])
             return _repeats(verdict.result, [conn])
         if decision is _ACCEPT or decision is _IN_FLIGHT:
             # (a longer deadline only for an acceptance: one IN_FLIGHT is the record's)
@@ -865,6 +867,17 @@ class PartySessions:
                 # an action.result this very connection's stream already gave it (after a
                 # stall the result can reach the node before the ledger's verdict does, and
                 # the action is watched anyway): not sent twice
+                return []
+            if (
+                seq is None
+                and conn is not None
+                and not conn.closed
+                and not conn.tell_once(action.action_id)
+            ):
+                # a final refusal that reached this connection already (from the character's
+                # channel, as this look was under way, or as the answer to a resend): a failover
+                # makes the node look at once while the refusal is on its way (outside Cluster
+                # probe: one action_rejected twice, 2 ms apart)
                 return []
             self.meter.count("action_answers", "resent")
             return self._answer(action, answer)
