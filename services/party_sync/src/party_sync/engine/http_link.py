@@ -499,8 +499,9 @@ class HttpEngineLink:
         one WARNING) when that begins."""
         return self._unreachable.trouble(
             "unreachable",
-            f"the engine is unreachable ({failure}): each action is answered engine_unavailable, "
-            "and notices are not delivered, until it is back",
+            f"the engine is unreachable ({failure}): each action is answered engine_unavailable "
+            "(action_timeout if its deadline comes first), and notices are not delivered, until "
+            "it is back",
             engine_url=public_url(self.url),
         )
 
