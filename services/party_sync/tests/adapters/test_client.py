@@ -148,6 +148,21 @@ async def test_two_clients_act_and_both_see_the_result_and_the_scene() -> None:
         assert a.state.you == "aria" and a.state.campaign_run_id == "r1"
 
 
+async def test_concurrent_actions_of_one_client_are_sent_one_at_a_time_and_all_answered() -> None:
+    """Outside client probe: three concurrent send_action calls: the first resolved, the other
+    two raised ActionFailed character_busy (the server allows one action in flight per
+    character); the browser library queues them. Now each is sent once the one before it is
+    answered, and all three resolve, in order."""
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv, connected(srv, "aria") as a:
+        results = await asyncio.gather(
+            *(a.send_action("skill_check", action_id=f"c-{i}") for i in range(3))
+        )
+        assert [r.action_id for r in results] == ["c-0", "c-1", "c-2"]
+        assert [r.seq for r in results] == sorted(r.seq for r in results)
+        assert [engine.count(f"c-{i}") for i in range(3)] == [1, 1, 1]
+
+
 async def test_a_dropped_connection_resumes_and_misses_nothing() -> None:
     gate = asyncio.Event()
 
@@ -300,6 +315,8 @@ async def test_leave_stops_the_client_for_good() -> None:
         assert not [s for s in srv.server.gateway.sessions if s.character_id == "aria"]
         with pytest.raises(ClientClosed):
             await a.send_action("skill_check")
+        with pytest.raises(ClientClosed):  # (it returned the stale state: outside client probe)
+            await a.connect()
 
 
 async def test_a_policy_close_is_not_retried() -> None:

@@ -164,6 +164,27 @@ def test_action_in_flight_keeps_waiting_other_errors_settle() -> None:
     assert isinstance(emitted(stream.receive(error("rate_limited")))[0], ServerError)
 
 
+def test_actions_go_out_one_at_a_time_in_order() -> None:
+    """Outside client probe: three concurrent send_action calls went out at once, and the server
+    answered the second and third character_busy (one in flight per character); the browser
+    library sends the oldest pending action, and the next once it is answered."""
+    stream = ClientStream()
+    stream.receive(hello(3))
+    assert stream.add_action(action("a1")) is True
+    assert stream.add_action(action("a2")) is False  # waits for a1's answer
+    assert stream.add_action(action("a3")) is False
+    out = stream.receive(result(4, "a1"))
+    assert [o for o in out if isinstance(o, Send)] == [Send(action("a2"))]
+    out = stream.receive(error("engine_error", type="action.request", action_id="a2"))
+    assert [o for o in out if isinstance(o, Send)] == [Send(action("a3"))]
+    stream.connection_lost()  # a3 unanswered: resent alone after the next hello, once
+    assert stream.add_action(action("a4")) is False
+    out = stream.receive(hello(4, resumed_from=4))
+    assert [o for o in out if isinstance(o, Send)] == [Send(action("a3"))]
+    assert stream.drop_action("a3") == [Send(action("a4"))]  # its caller gave up: the next
+    assert stream.drop_action("a3") == []
+
+
 def test_ballots_are_settled_by_their_trace_id() -> None:
     stream = ClientStream()
     stream.receive(hello(3))

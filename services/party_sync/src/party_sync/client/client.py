@@ -141,11 +141,14 @@ class PartyClient:
         """Start, and return the state once the first ``system.hello`` arrived.
 
         Raises ``ConnectRefused`` when the server refuses for good (e.g. 401 with no provider),
-        ``ClientClosed`` when the client stopped first.
+        ``ClientClosed`` when the client stopped first (before its first hello, or since: a
+        stopped client does not connect again; ``error`` says why it stopped).
         """
         self.start()
         assert self._hello is not None
         await asyncio.shield(self._hello)
+        if self._stopped:
+            raise ClientClosed(f"the client has stopped: {self.error or 'closed'}")
         return self.state
 
     async def close(self) -> None:
@@ -217,7 +220,9 @@ class PartyClient:
         """Act, and return the ``action.result``; raises ``ActionFailed`` if refused or failed.
 
         The ``action_id`` (a new UUID unless given) is kept across reconnects: the action is
-        resent with it until answered, and the server forwards it to the engine once.
+        resent with it until answered, and the server forwards it to the engine once. Actions
+        go out one at a time, in order (the server allows one in flight per character): one
+        made while another is unanswered is sent once that one is answered.
         """
         await self._ready()
         action_id = action_id or uuid.uuid4().hex
@@ -242,7 +247,9 @@ class PartyClient:
             return await future
         finally:
             self._actions.pop(action_id, None)
-            self.stream.actions.pop(action_id, None)  # cancelled: stop resending it
+            # cancelled: stop resending it, and the next pending action goes out instead
+            for out in self.stream.drop_action(action_id):
+                await self._carry_out(out)
 
     async def cast_vote(self, vote_id: str, option: str) -> VoteUpdated:
         """Vote (or change the ballot); returns the ``vote.update`` it caused.

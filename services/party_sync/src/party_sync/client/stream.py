@@ -12,9 +12,12 @@ Rules (docs/protocol.md, "Resuming", "Gap detection", "Actions and idempotency")
   ``last_seq``, the original one or ``last_seq`` itself);
 - an event beyond ``last_seq + 1`` is a gap: the client resyncs (reconnects **without** a resume
   point and takes a fresh snapshot);
+- actions go out one at a time, in order, as the browser library sends them (the server allows
+  one in flight per character: a second one sent meanwhile would only get ``character_busy``):
+  the oldest pending action, and the next once it is answered;
 - once the client has caught up with the hello (and any replay that follows it), it (re)sends
-  every pending action with its **same** ``action_id``, so an action happens once however many
-  reconnects it lives through; a ``system.error`` for a pending action settles it, except
+  the oldest pending action with its **same** ``action_id``, so an action happens once however
+  many reconnects it lives through; a ``system.error`` for a pending action settles it, except
   ``action_in_flight``, which means the first attempt is still running: keep waiting.
 
 Transient messages (``action.accepted``, ``action.failed``, ``narration.delta``: no ``seq``,
@@ -121,6 +124,8 @@ class ClientStream:
         self._hello_seq = 0
         self._finished_streams = RecentIds()  # dropped: a late piece must not bring one back
         self._settled_actions = RecentIds()  # answered: a late action.accepted changes nothing
+        #: The pending action sent on this connection (one at a time: the oldest)
+        self._sent_action: str | None = None
 
     # -- connections ----------------------------------------------------------------------------
     def resume_point(self) -> tuple[str, int] | None:
@@ -132,6 +137,7 @@ class ClientStream:
     def connection_lost(self) -> None:
         self._tracker = None
         self.live = False
+        self._sent_action = None
 
     def resync(self) -> None:
         """Forget the resume point: the next hello will be a full snapshot."""
@@ -140,9 +146,32 @@ class ClientStream:
 
     # -- requests -------------------------------------------------------------------------------
     def add_action(self, message: dict[str, Any]) -> bool:
-        """Track a pending ``action.request``; True if it should be sent now (else at catch-up)."""
-        self.actions[message["payload"]["action_id"]] = message
-        return self.live
+        """Track a pending ``action.request``; True if it should be sent now (else once the
+        actions before it are answered, or at catch-up)."""
+        action_id = message["payload"]["action_id"]
+        self.actions[action_id] = message
+        return self._may_send(action_id)
+
+    def _may_send(self, action_id: str) -> bool:
+        """``action_id`` is the oldest pending action and not sent on this connection yet: True,
+        and it counts as sent."""
+        if not self.live or self._sent_action == action_id or next(iter(self.actions)) != action_id:
+            return False
+        self._sent_action = action_id
+        return True
+
+    def _next_action(self) -> list[Output]:
+        """The oldest pending action, if it is due on this connection."""
+        if not self.actions:
+            return []
+        head = next(iter(self.actions))
+        return [Send(self.actions[head])] if self._may_send(head) else []
+
+    def drop_action(self, action_id: str) -> list[Output]:
+        """Stop tracking a pending action (its caller gave up): the next one may go out."""
+        if self.actions.pop(action_id, None) is None:
+            return []
+        return self._next_action()
 
     def add_vote(self, message: dict[str, Any]) -> bool:
         self.votes[message["trace_id"]] = message
@@ -179,7 +208,7 @@ class ClientStream:
             if isinstance(event, ActionResult):
                 self._answered(event.action_id)  # not in flight either way
                 if self._settled(event.action_id):
-                    return [ActionDone(event.action_id, event)]
+                    return [ActionDone(event.action_id, event), *self._next_action()]
             return []
         self.state.apply(event.type, seq, event.payload)
         self.last_seq = seq
@@ -191,6 +220,7 @@ class ClientStream:
         out: list[Output] = [Emit(event)]
         if isinstance(event, ActionResult) and self._settled(event.action_id):
             out.append(ActionDone(event.action_id, event))
+            out.extend(self._next_action())
         elif isinstance(event, VoteUpdated) and event.trace_id in self.votes:
             ballot = self.votes.pop(event.trace_id)["payload"]
             self.state.voted(ballot["vote_id"], ballot["option"])
@@ -304,7 +334,7 @@ class ClientStream:
         if self.live or self._tracker is None or self._tracker.last < self._hello_seq:
             return []
         self.live = True
-        out: list[Output] = [Send(m) for m in self.actions.values()]
+        out: list[Output] = self._next_action()
         out.extend(Send(m) for m in self._last_ballots())
         if self.leave is not None:
             out.append(Send(self.leave))
@@ -338,6 +368,7 @@ class ClientStream:
         ):
             del self.actions[action_id]
             out.append(ActionError(action_id, error))
+            out.extend(self._next_action())
         trace_id = error.in_reply_to.get("trace_id")
         if error.in_reply_to.get("type") == t.VOTE_CAST and isinstance(trace_id, str):
             ballot = self.votes.pop(trace_id, None)
