@@ -312,6 +312,12 @@ def test_a_refused_handshake_reads_as_its_documented_reason() -> None:
     assert handshake_reason(429, "10").endswith("; retry after 10 s")
     assert handshake_reason(418, fallback="Invalid response status") == "Invalid response status"
     assert handshake_reason(418) == "HTTP 418"
+    # a 403 with Retry-After is an operator's block (outside client probe: the reason named
+    # both causes; the server's body, which says which, is not readable through aiohttp)
+    assert handshake_reason(403, "16") == (
+        "an operator disconnected this player (disconnected_by_operator); retry after 16 s"
+    )
+    assert "Origin is not allowed" in handshake_reason(403)
 
 
 @given(reason=st.text(alphabet=st.characters(min_codepoint=32, max_codepoint=126), max_size=60))

@@ -69,6 +69,8 @@ def handshake_reason(
     401's ``WWW-Authenticate`` header, whose ``error_description`` says which check the token
     failed ("token expired", "bad token signature", ...)."""
     reason = _HANDSHAKE_REASONS.get(status, fallback or f"HTTP {status}")
+    if status == 403 and retry_after:  # only an operator's block says until when
+        reason = "an operator disconnected this player (disconnected_by_operator)"
     found = _DESCRIPTION.search(challenge) if challenge else None
     if found:
         said = _ESCAPED.sub(r"\1", found.group(1))
