@@ -15,7 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
-from typing import Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from party_sync.backends.base import Backend
 from party_sync.core.actions import Decision
@@ -57,6 +57,9 @@ from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from party_sync.publishing import BackendPublisher
 
+if TYPE_CHECKING:
+    from prometheus_client import Counter
+
 log = logging.getLogger("party_sync.gateway.gateway")
 #: Seconds between two looks at a gone node's in-process action (``Executor._take_over``).
 TAKE_OVER_PAUSE = 1.0
@@ -66,27 +69,58 @@ MAX_HANDED = 10_000
 OVERDUE_LOG_EVERY = 60.0
 
 
+class _EngineLapse:
+    """An action an engine left unanswered at some point: counted on ``counter``, and told to
+    the operator at most once a minute (``what``: the line, with the count, the latest action
+    and its party; the player is told nothing false, so only the log and /metrics show it)."""
+
+    __slots__ = ("_counter", "_gate", "_what")
+
+    def __init__(self, counter: Counter, what: str) -> None:
+        self._counter = counter
+        self._gate = RateGate(OVERDUE_LOG_EVERY)
+        self._what = what
+
+    def __call__(self, party_id: str, action_id: str, trace_id: str) -> None:
+        self._counter.inc()
+        since = self._gate.admit(time.monotonic())
+        if since is not None:
+            extra = {"trace_id": trace_id, "action_id": action_id, "party_id": party_id}
+            log.warning(self._what, since + 1, action_id, party_id, extra=extra)
+
+
 class MetricsMeter:
     """``core.session.Meter`` over the node's Prometheus families (same names and labels); the
     per-message methods are the families' own bound methods (no call layer on the hot path)."""
 
     __slots__ = (
         "_families",
-        "_forgotten",
-        "_forgotten_gate",
-        "_overdue",
-        "_overdue_gate",
         "connections",
         "engine_latency",
+        "forgotten",
+        "overdue",
         "received",
         "sent",
     )
 
     def __init__(self, metrics: Metrics) -> None:
-        self._overdue = metrics.actions_overdue
-        self._overdue_gate = RateGate(OVERDUE_LOG_EVERY)
-        self._forgotten = metrics.actions_forgotten
-        self._forgotten_gate = RateGate(OVERDUE_LOG_EVERY)
+        #: an engine that returned without publishing the result is a bug only the log shows
+        self.overdue = _EngineLapse(
+            metrics.actions_overdue,
+            "%d action(s) an engine started had no answer at their deadline (the latest: %s "
+            "in party %s): the engine is slower than PARTY_SYNC_ACTION_TIMEOUT, or ended "
+            "without publishing the action's result; its player waits for it (at most one line "
+            "a minute; party_sync_actions_overdue_total counts them)",
+        )
+        #: the engine broke its contract, and nothing true can be said to the player
+        self.forgotten = _EngineLapse(
+            metrics.actions_forgotten,
+            "%d action(s) an engine started still had no answer when their record expired "
+            "(PARTY_SYNC_ACTION_RECORD_TTL; the latest: %s in party %s): the engine ended "
+            "without publishing the action's result; party_sync stops waiting for it and its "
+            "player is told nothing (at most one line a minute; "
+            "party_sync_actions_forgotten_total counts them)",
+        )
         self.received = metrics.received
         self.sent = metrics.sent
         self.engine_latency = metrics.engine_latency.observe
@@ -102,44 +136,6 @@ class MetricsMeter:
 
     def count(self, family: str, label: str) -> None:
         self._families[family].labels(label).inc()
-
-    def overdue(self, party_id: str, action_id: str, trace_id: str) -> None:
-        """Counted, and told to the operator at most once a minute (the player is left waiting:
-        an engine that returned without publishing the result is a bug only the log shows)."""
-        self._overdue.inc()
-        since = self._overdue_gate.admit(time.monotonic())
-        if since is None:
-            return
-        log.warning(
-            "%d action(s) an engine started had no answer at their deadline (the latest: %s "
-            "in party %s): the engine is slower than PARTY_SYNC_ACTION_TIMEOUT, or ended "
-            "without publishing the action's result; its player waits for it (at most one line "
-            "a minute; party_sync_actions_overdue_total counts them)",
-            since + 1,
-            action_id,
-            party_id,
-            extra={"trace_id": trace_id, "action_id": action_id, "party_id": party_id},
-        )
-
-    def forgotten(self, party_id: str, action_id: str, trace_id: str) -> None:
-        """Counted, and told to the operator at most once a minute: the engine broke its
-        contract (an action it started never got its result) and the player was told nothing
-        (nothing true can be said)."""
-        self._forgotten.inc()
-        since = self._forgotten_gate.admit(time.monotonic())
-        if since is None:
-            return
-        log.warning(
-            "%d action(s) an engine started still had no answer when their record expired "
-            "(PARTY_SYNC_ACTION_RECORD_TTL; the latest: %s in party %s): the engine ended "
-            "without publishing the action's result; party_sync stops waiting for it and its "
-            "player is told nothing (at most one line a minute; "
-            "party_sync_actions_forgotten_total counts them)",
-            since + 1,
-            action_id,
-            party_id,
-            extra={"trace_id": trace_id, "action_id": action_id, "party_id": party_id},
-        )
 
 
 def engine_action(action: PendingAction) -> ActionRequest:
