@@ -319,6 +319,17 @@ async def test_leave_stops_the_client_for_good() -> None:
             await a.connect()
 
 
+async def test_close_reports_the_normal_closure_it_made() -> None:
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        client = make_client(srv, "aria")
+        await client.connect()
+        seen = client.events()
+        await asyncio.wait_for(client.close(), 5)
+        gone = await next_of(seen, Disconnected)  # (it said 1006: outside client probe)
+        assert (gone.code, gone.reconnecting) == (1000, False)
+        assert client.close_code == 1000 and client.error is None
+
+
 async def test_a_policy_close_is_not_retried() -> None:
     async with serve_in_process(engine=ScriptedEngine()) as srv:
         client = make_client(srv, "aria")

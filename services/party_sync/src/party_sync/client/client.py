@@ -45,6 +45,7 @@ from party_sync.client.stream import (
 )
 from party_sync.client.subscription import Subscription
 from party_sync.client.transport import (
+    ABNORMAL_CLOSURE,
     AiohttpTransport,
     Connection,
     HandshakeRejected,
@@ -411,8 +412,11 @@ class PartyClient:
                 await conn.close(1000)
             await self._dispatch(Disconnected(None, resync, True))
             return hello_seen, Next.RESYNC
-        self.close_code = conn.close_code
-        step = Next.STOP if self._closing else after_close(conn.close_code)
+        code = conn.close_code
+        if self._closing and code in (None, ABNORMAL_CLOSURE):
+            code = 1000  # our own close(): the socket may end before the server's echo is read
+        self.close_code = code
+        step = Next.STOP if self._closing else after_close(code)
         if step is Next.REFRESH and self._provider is None:
             step = Next.STOP  # nothing to refresh the token with
             self.error = ClientClosed("the token expired and there is no token_provider")
@@ -421,7 +425,7 @@ class PartyClient:
                 f"closed by the server with {conn.close_code}: {conn.close_reason}"
             )
         reconnecting = step is not Next.STOP
-        await self._dispatch(Disconnected(conn.close_code, conn.close_reason, reconnecting))
+        await self._dispatch(Disconnected(code, conn.close_reason, reconnecting))
         return hello_seen, step
 
     async def _carry_out(self, out: Output) -> None:
