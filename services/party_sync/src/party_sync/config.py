@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 from party_sync.auth import HMAC_ALGORITHMS
 from party_sync.backends.keys import ACTIONS_STREAM
@@ -622,13 +622,56 @@ def _redis_url_problem(url: str | None) -> str | None:
     try:
         parse_url(url)
     except ValueError as exc:
-        return f"redis_url: {exc}"
+        if "@" not in url:  # no credentials: redis-py's words name what is wrong
+            return f"redis_url: {exc}"
+        # with credentials its words may quote a piece of the password ("Port could not be
+        # cast to integer value as '<the part before a />'"): the URL is not repeated
+        return (
+            "redis_url is not a URL redis-py can read (redis[s]://[user:password@]host:port/db "
+            "or unix://[user:password@]/path?db=N); a user name or password holding / # ? @ : % "
+            "must be percent-encoded (%2F %23 %3F %40 %3A %25)"
+        )
+    unknown = _unknown_redis_options(url)
+    if unknown:
+        scheme = urlsplit(url).scheme
+        return (
+            f"redis_url: {', '.join(unknown)}: not an option of a {scheme}:// connection "
+            '(docs/redis.md, "Credentials, TLS and ACL"; the ssl_* options need rediss://)'
+        )
+    if url.startswith("unix:") and not urlsplit(url).path.strip("/"):
+        return (
+            "redis_url: a unix:// URL needs the socket's path (unix://[user:password@]/path/to/"
+            "redis.sock?db=N); a user name or password holding / # ? @ : % must be "
+            "percent-encoded (%2F %23 %3F %40 %3A %25)"
+        )
     if not url.startswith("unix:"):
         path = urlsplit(url).path.strip("/")
         if path and not path.isdigit():
             # redis-py ignores such a path and uses db 0: say so before anything is written there
             return "redis_url: the path must be a database number (redis://host:port/0), or none"
     return None
+
+
+def _unknown_redis_options(url: str) -> list[str]:
+    """The names in ``url``'s query that redis-py's connection for its scheme does not take:
+    redis-py passes every one to the connection, whose constructor then raised ``TypeError``
+    at the first connect (a traceback at start). A connection object is made for each name,
+    as redis-py would make it; nothing connects."""
+    from redis.asyncio.connection import Connection, parse_url
+
+    unknown = []
+    for name, value in parse_qsl(urlsplit(url).query):
+        options: dict[str, Any] = dict(
+            parse_url(url.partition("?")[0] + "?" + urlencode({name: value}))
+        )
+        kind = options.pop("connection_class", Connection)
+        try:
+            kind(**options)
+        except TypeError:
+            unknown.append(name[:40])
+        except ValueError:
+            pass  # a value redis-py refuses when it connects says so itself, as before
+    return unknown
 
 
 def _sentinel_problem(settings: Settings) -> str | None:

@@ -163,6 +163,16 @@ class LatestPerKey:
         return len(self._tasks)
 
 
+def described(exc: BaseException, limit: int = 300) -> str:
+    """An exception for a log line: its class and its text, on one line, at most ``limit``
+    characters ("ConnectionError: Error 1 connecting to 10.0.0.5:6380. [SSL:
+    CERTIFICATE_VERIFY_FAILED] ..."). Not its ``repr``: redis-py 8's says only
+    ``network:ConnectionError``, which cannot tell a certificate, a password or a stall apart.
+    (The log handler's redactor still scrubs every record.)"""
+    text = " ".join(str(exc).split())
+    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:limit]
+
+
 class Episode:
     """One kind of trouble, logged when it begins (WARNING) and when it ends (INFO), not per tick.
 

@@ -17,6 +17,19 @@ from ps_testkit.servers import free_port, run_serve
 pytestmark = pytest.mark.redis
 
 USER, PASSWORD = "probe", "right-password-0123"
+#: docs/redis.md, "Credentials and ACL": the least a user needs.
+LEAST_COMMANDS = (
+    "+@read",
+    "+@write",
+    "+@scripting",
+    "+@pubsub",
+    "+@stream",
+    "+@connection",
+    "+info",
+    "+time",
+)
+LEAST_KEYS = ("~party_sync:*",)
+LEAST_CHANNELS = ("&party:*", "&run:*", "&party_sync:*")
 
 
 @pytest.fixture
@@ -27,10 +40,28 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
         redis_server.command(
             "ACL", "SETUSER", name, "on", f">{PASSWORD}", "~*", "&*", "+@all", denied
         )
+    # no channels at all; no key under the prefix (it timed out for ever: redis variants probe)
+    redis_server.command("ACL", "SETUSER", "nochan", "on", f">{PASSWORD}", "~*", "+@all")
+    redis_server.command(
+        "ACL", "SETUSER", "nokeys", "on", f">{PASSWORD}", "~other:*", "&*", "+@all"
+    )
+    # what docs/redis.md gives as the least a user needs
+    redis_server.command(
+        "ACL",
+        "SETUSER",
+        "least",
+        "on",
+        f">{PASSWORD}",
+        *LEAST_KEYS,
+        *LEAST_CHANNELS,
+        *LEAST_COMMANDS,
+    )
     try:
         yield redis_server
     finally:
-        redis_server.command("ACL", "DELUSER", USER, "noscript", "noinfo")
+        redis_server.command(
+            "ACL", "DELUSER", USER, "noscript", "noinfo", "nochan", "nokeys", "least"
+        )
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +88,9 @@ def url(server: RedisServer, credentials: str = "", db: int = 0) -> str:
         ("", 16, "redis_url names database 16"),
         (f"noscript:{PASSWORD}@", 0, "may not run what party_sync needs"),
         (f"noinfo:{PASSWORD}@", 0, "may not run what party_sync needs"),
+        (f"nochan:{PASSWORD}@", 0, "may not run what party_sync needs .*channels &party"),
+        (f"nokeys:{PASSWORD}@", 0, "may not run what party_sync needs .*keys ~party_sync"),
+        (f"least:{PASSWORD}@", 0, None),
         (f"{USER}:{PASSWORD}@", 0, None),
         ("", 3, None),
     ],
@@ -65,6 +99,42 @@ async def test_settings_redis_says_can_never_work_are_a_configuration_error(
     with_user: RedisServer, credentials: str, db: int, refused: str | None
 ) -> None:
     target = RedisTarget(url(with_user, credentials, db))
+    if refused is None:
+        await refuse_misconfiguration(target)
+        return
+    with pytest.raises(ConfigError, match=refused) as raised:
+        await refuse_misconfiguration(target)
+    assert "wrong-password" not in str(raised.value) and PASSWORD not in str(raised.value)
+
+
+@pytest.fixture(scope="module")
+def unix_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[RedisServer, str]]:
+    """A redis-server with a password, on a Unix socket too."""
+    path = str(tmp_path_factory.mktemp("unix") / "redis.sock")
+    server = RedisServer(extra=("--unixsocket", path))
+    server.start()
+    server.command("CONFIG", "SET", "requirepass", PASSWORD)  # (start() checks with a PING)
+    try:
+        yield server, path
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize(
+    ("credentials", "query", "refused"),
+    [
+        (":wrong-password@", "", "refused redis_url's credentials"),
+        (f":{PASSWORD}@", "?db=99", "redis_url names database 99"),
+        ("", "", "refused redis_url's credentials"),
+        (f":{PASSWORD}@", "?db=3", None),
+    ],
+)
+async def test_a_unix_socket_is_asked_the_same(
+    unix_server: tuple[RedisServer, str], credentials: str, query: str, refused: str | None
+) -> None:
+    """Over a Unix socket redis-py wraps AUTH's and SELECT's refusals in a ConnectionError: they
+    were taken for an outage, and the node retried for ever (redis variants probe)."""
+    target = RedisTarget(f"unix://{credentials}{unix_server[1]}{query}")
     if refused is None:
         await refuse_misconfiguration(target)
         return

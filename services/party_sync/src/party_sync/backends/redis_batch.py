@@ -71,7 +71,7 @@ from party_sync.backends.redis_wire import (
     pack_asking_eval,
     pack_evalsha,
 )
-from party_sync.tasks import Episode, cancel_and_wait
+from party_sync.tasks import Episode, cancel_and_wait, described
 
 #: The probe's command, packed once.
 PING = pack_command(("PING",))
@@ -244,7 +244,7 @@ class ScriptBatcher:
             except Exception as exc:
                 # once per episode, with the cause (a WRONGPASS after a password change, a node
                 # that refuses connections, a stall)
-                self._episode.trouble(type(exc).__name__, repr(exc)[:300])
+                self._episode.trouble(type(exc).__name__, described(exc))
                 await self._drop()
                 if self._on_probe_failed is not None:
                     self._on_probe_failed()
@@ -453,7 +453,7 @@ class ShardedBatcher:
         try:
             await read_slot_map(self._client)  # from a node that answers (not a stalled one)
         except Exception as exc:  # no node answers: the next failed call asks again
-            self._slot_map.trouble("unreadable", repr(exc))
+            self._slot_map.trouble("unreadable", described(exc))
             return
         self._slot_map.fine("read again")
         masters = {n.name for n in self._client.get_primaries()}

@@ -40,7 +40,7 @@ from redis.exceptions import RedisError, ResponseError
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.backends.redis_wire import ConnectionSource, RawConnection
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import cancel_and_wait, described
 
 log = logging.getLogger(__name__)
 
@@ -239,15 +239,22 @@ class Bus:
                 lost = "probe" if reader.cancelled() else "error"
                 if not reader.cancelled():
                     self.troubled = True
-                    log.warning("redis pub/sub connection lost: %r", reader.exception())
+                    ended = reader.exception()
+                    log.warning(
+                        "redis pub/sub connection lost: %s",
+                        described(ended) if ended is not None else "it ended",
+                    )
             except (RedisError, OSError, TimeoutError, BackendUnavailable) as exc:
                 lost = lost or ("error" if self._ever.is_set() else "")
                 failures += 1
                 if failures == 1:
                     self.troubled = True
-                    log.warning("redis pub/sub unavailable (retrying until it is back): %r", exc)
+                    log.warning(
+                        "redis pub/sub unavailable (retrying until it is back): %s",
+                        described(exc),
+                    )
                 else:
-                    log.debug("redis pub/sub still unavailable: %r", exc)
+                    log.debug("redis pub/sub still unavailable: %s", described(exc))
             finally:
                 if self._on_down is not None and not self._closing:
                     self._on_down()
@@ -313,7 +320,7 @@ class Bus:
             if not waiter.done():
                 waiter.set_exception(exc)
                 return
-        log.warning("redis pub/sub: an error reply nobody waited for: %r", exc)
+        log.warning("redis pub/sub: an error reply nobody waited for: %s", described(exc))
 
     # -- the liveness probe ---------------------------------------------------------------------
     def _on_probe(self) -> None:

@@ -48,7 +48,7 @@ import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.client import Pipeline
@@ -76,7 +76,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import str_if_bytes
 
-from party_sync.backends.keys import DEFAULT_PREFIX
+from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_fence import fence_cluster_on_connect, fence_on_connect
 from party_sync.protocol.errors import ConfigError
 from party_sync.tasks import cancel_and_wait
@@ -976,12 +976,13 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
     """Ask Redis once, at start, whether these settings can ever work, and raise ``ConfigError``
     (one line, exit 2) when its answer says they cannot: it refuses the credentials, it has no
     such database, the user may not run what party_sync needs (``INFO``, which every
-    connection's fence runs; a Lua script, which everything party_sync writes is), or it is a
+    connection's fence runs; a Lua script, which everything party_sync writes is), may not touch
+    the keys under ``redis_prefix`` or may not subscribe to party_sync's channels, or it is a
     Redis Cluster node while ``redis_cluster`` is not set (or the other way round). Each of these
     used to start a node that retried for ever (every handshake ``backend_unavailable``; with a
     Cluster node not even ``/readyz`` said so). Anything else passes, and the node starts and
     retries as through any outage: Redis not reachable yet, a sentinel that does not know the
-    master yet, a timeout."""
+    master yet, a timeout, a certificate it cannot verify (logged with its reason)."""
     if target.sentinels is not None:
         await _refuse_unknown_master(target.sentinels)
         client = make_client(target, socket_timeout=wait, socket_connect_timeout=wait, protocol=2)
@@ -991,31 +992,26 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
         )
     whose = "redis_url's (or a sentinel's)" if target.sentinels is not None else "redis_url's"
     try:
-        async with asyncio.timeout(wait * 2):
+        async with asyncio.timeout(wait * 4):
             info = await client.info("cluster")
+            _refuse_cluster_mismatch(target, str(info.get("cluster_enabled", "0")) == "1")
             await client.eval("return 1", 0)
-    except AuthenticationError as exc:
-        raise ConfigError(f"Redis refused {whose} credentials: {_said(exc)}") from None
-    except ResponseError as exc:
-        said = _said(exc)
-        if "DB index" in said:
-            path = urlsplit(target.url).path.strip("/") or "0"
-            raise ConfigError(f"redis_url names database {path}: Redis says {said!r}") from None
-        if any(words in said for words in _REFUSED_CREDENTIALS):
-            raise ConfigError(f"Redis refused {whose} credentials: {said}") from None
-        if isinstance(exc, NoPermissionError) or said.startswith("NOPERM"):
-            raise ConfigError(
-                f"redis_url's user may not run what party_sync needs ({said}): give it at least "
-                "+@read +@write +@scripting +@pubsub +@stream +@connection +info +time on its "
-                "keys and channels (or +@all)"
-            ) from None
+            await _may_subscribe(client, target.prefix)
+            if not target.cluster:  # (on a Cluster the key may live on another shard: MOVED)
+                await client.exists(KeySpace(target.prefix).fence())
+    except RedisError as exc:
+        refusal = _refusal(_unwrapped(exc), target, whose)
+        if refusal is not None:
+            raise refusal from None
         return
-    except (RedisError, OSError, TimeoutError):
+    except (OSError, TimeoutError):
         return
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
-    enabled = str(info.get("cluster_enabled", "0")) == "1"
+
+
+def _refuse_cluster_mismatch(target: RedisTarget, enabled: bool) -> None:
     if enabled and not target.cluster:
         raise ConfigError(
             "redis_url names a node of a Redis Cluster: set redis_cluster "
@@ -1027,6 +1023,64 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
             "redis_cluster is set, but the Redis redis_url names is not in cluster mode "
             "(cluster_enabled:0): for one Redis, leave redis_cluster unset"
         )
+
+
+async def _may_subscribe(client: Redis, prefix: str) -> None:
+    """SUBSCRIBE (and leave at once) one channel of each kind party_sync listens on, so that a
+    user without ``&party:* &run:* &<prefix>:*`` is refused now (NOPERM), not later by a pub/sub
+    connection that only times out. Nothing is published."""
+    names = KeySpace(prefix)
+    channels = (
+        party_channel(_ACL_PROBE),
+        run_channel(_ACL_PROBE),
+        names.probe_channel(_ACL_PROBE),
+        names.admin_channel(),
+    )
+    pubsub = client.pubsub()
+    try:
+        await pubsub.subscribe(*channels)
+        for _ in channels:  # the confirmations; a refusal is an error reply, raised here
+            await pubsub.get_message(timeout=None)
+    finally:
+        with contextlib.suppress(Exception):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+#: The id in the channel names ``_may_subscribe`` tries (never a party's: ids have no ``~``).
+_ACL_PROBE = "~acl-check"
+
+
+def _unwrapped(exc: RedisError) -> RedisError:
+    """The refusal inside a ``ConnectionError``: over a Unix socket redis-py runs AUTH and SELECT
+    inside the connect and wraps what they raise (a refused password, a missing database)."""
+    cause = exc.__cause__
+    if type(exc) is RedisConnectionError and isinstance(cause, RedisError):
+        return cause
+    return exc
+
+
+def _refusal(exc: RedisError, target: RedisTarget, whose: str) -> ConfigError | None:
+    """The ``ConfigError`` Redis's refusal ``exc`` means, or None (an outage, or not a setting)."""
+    said = _said(exc)
+    if isinstance(exc, AuthenticationError):
+        return ConfigError(f"Redis refused {whose} credentials: {said}")
+    if not isinstance(exc, ResponseError):
+        return None
+    if "DB index" in said or "Invalid Database" in said:
+        path = urlsplit(target.url).path.strip("/") or "0"
+        if target.url.startswith("unix:"):
+            path = dict(parse_qsl(urlsplit(target.url).query)).get("db", "0")
+        return ConfigError(f"redis_url names database {path}: Redis says {said!r}")
+    if any(words in said for words in _REFUSED_CREDENTIALS):
+        return ConfigError(f"Redis refused {whose} credentials: {said}")
+    if isinstance(exc, NoPermissionError) or said.startswith("NOPERM"):
+        return ConfigError(
+            f"redis_url's user may not run what party_sync needs ({said}): give it at least "
+            f"+@read +@write +@scripting +@pubsub +@stream +@connection +info +time, the keys "
+            f"~{target.prefix}:* (and the actions stream's, ~party_sync:actions*) and the "
+            f"channels &party:* &run:* &{target.prefix}:* (or +@all ~* &*; docs/redis.md)"
+        )
+    return None
 
 
 async def _refuse_unknown_master(sentinels: Sentinels) -> None:

@@ -41,7 +41,7 @@ from party_sync.backends.redis_connect import read_slot_map
 from party_sync.backends.redis_scripts import unavailable
 from party_sync.backends.redis_wire import NodeConnections
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import Episode, cancel_and_wait
+from party_sync.tasks import Episode, cancel_and_wait, described
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ class ShardedBus:
             async with asyncio.timeout(self._timeout):
                 await read_slot_map(self._client)  # from a node that answers
         except Exception as exc:  # RedisClusterException is no RedisError: any, and later again
-            self._slot_map.trouble("unreadable", repr(exc))
+            self._slot_map.trouble("unreadable", described(exc))
             return False
         self._slot_map.fine("read again")
         return True
@@ -271,7 +271,9 @@ class ShardedBus:
                 try:
                     await self._place(channel, handler)
                 except BackendUnavailable as exc:
-                    log.info("redis cluster pub/sub: %s not placed yet: %r", channel, exc)
+                    log.info(
+                        "redis cluster pub/sub: %s not placed yet: %s", channel, described(exc)
+                    )
                     continue
                 moved += 1
             if moved:

@@ -54,7 +54,7 @@ from party_sync.engine import wire
 from party_sync.engine.health import Periodic
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import LatestPerKey, cancel_and_wait, retried, spawn_kept
+from party_sync.tasks import LatestPerKey, cancel_and_wait, described, retried, spawn_kept
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,7 @@ class StreamEngineLink:
         try:
             there: Any = await self._redis.set(key, str(self.partitions), nx=True, get=True)
         except Exception as exc:  # best effort (Redis down, ...): tried again next time
-            log.debug("cannot write the partition count: %r", exc)
+            log.debug("cannot write the partition count: %s", described(exc))
             return
         other = self._first_told(there)
         if other is not None:
