@@ -49,7 +49,7 @@ from party_sync.core.connection import Connection
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
-from party_sync.core.session import PartySessions, Rules
+from party_sync.core.session import OVERDUE_GRACE, PartySessions, Rules
 from party_sync.core.transient import Transient
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
@@ -585,6 +585,8 @@ def test_a_started_action_without_an_answer_at_its_deadline_is_told_to_the_opera
         assert claim is Claim.START
     node.answer(second)  # b1 answered in time
     node.advance(RULES.action_timeout + 0.01)
+    assert ("overdue", "a1") not in node.meter.counts  # an answer may be on its way
+    node.advance(OVERDUE_GRACE)
     assert node.meter.counts.get(("overdue", "a1")) == 1
     for _ in range(3):  # still unanswered at every later look: not told again
         node.advance(RULES.action_timeout)
@@ -594,6 +596,33 @@ def test_a_started_action_without_an_answer_at_its_deadline_is_told_to_the_opera
     node.advance(RULES.action_timeout + 0.01)
     assert error_code(node.last(borin)) == "action_timeout"
     assert ("overdue", "b2") not in node.meter.counts
+
+
+def test_a_started_action_refused_at_its_deadline_is_not_called_overdue() -> None:
+    """The HTTP link claims an action before its first delivery; when every attempt is refused
+    at connect, it answers action_timeout at the deadline. The node's look at that deadline came
+    first and counted the action overdue, with a WARNING that "its player waits for it", while
+    the player had its answer (outside engine probe: 3 of 5 runs). A started action is called
+    overdue only once a moment past its deadline brought no answer."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    pending = node.engine[0]
+    claim, _ = done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
+    assert claim is Claim.START
+    node.advance(RULES.action_timeout)  # the node's look at the deadline comes first
+    timeout = codec.encode(
+        {
+            "type": t.ERROR,
+            "payload": {"code": "action_timeout", "in_reply_to": {"action_id": "a1"}},
+        }
+    )
+    assert done(node.backend.refuse_action("p1", "a1", "aria", timeout, node.now))
+    node.advance(OVERDUE_GRACE + RULES.action_timeout)
+    assert ("overdue", "a1") not in node.meter.counts
+    assert [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR] == [
+        "action_timeout"
+    ]
 
 
 def test_a_stored_result_goes_outside_the_stream_only_as_a_repeat() -> None:
@@ -833,6 +862,7 @@ def test_when_messages_may_be_lost_pending_actions_are_looked_at_at_once() -> No
     assert ("overdue", "c1") not in node.meter.counts
     node.advance(RULES.action_timeout - 1.0)  # b1's own deadline, not a timeout after the look
     assert error_code(node.last(borin)) == "action_timeout"
+    node.advance(OVERDUE_GRACE)
     assert node.meter.counts.get(("overdue", "c1")) == 1
     assert [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR] == [
         "action_rejected"

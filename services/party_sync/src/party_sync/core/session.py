@@ -144,6 +144,11 @@ class Rules:
     action_record_ttl: float = 600.0
 
 
+#: Seconds past its deadline before a started, unanswered action is called overdue
+#: (``PartySessions._overdue_grace``).
+OVERDUE_GRACE = 1.0
+
+
 @dataclass(slots=True)
 class _Applying:
     """A finished vote this node is handing over, retried until ``give_up_at``."""
@@ -900,17 +905,29 @@ class PartySessions:
         # STARTED (its answer comes from the engine) / NOT_DUE: look again one timeout later,
         # or, looked at before its deadline (``answers_may_be_lost``), at its deadline
         early = action.deadline is not None and now < action.deadline
-        if (
-            outcome is Sweep.STARTED
-            and not early
-            and action.deadline is not None
-            and now < action.deadline + self.rules.action_timeout
-        ):  # the first look past its deadline: told once, however long the engine takes
-            self.meter.overdue(action.party_id, action.action_id, action.trace_id)
+        if outcome is Sweep.STARTED and not early and action.deadline is not None:
+            grace = self._overdue_grace()
+            if now < action.deadline + grace:
+                # an answer made at the deadline may be on its way (the HTTP link's
+                # action_timeout for an engine it never reached, an engine's last-moment
+                # result): looked at again just after, before it is called overdue (it was
+                # counted overdue, "its player waits", as the link's timeout went out: outside
+                # engine probe)
+                if action.conn is not None and not action.conn.closed:
+                    self._watch(action, action.deadline + grace)
+                return []
+            if now < action.deadline + grace + self.rules.action_timeout:
+                # the first look past its deadline: told once, however long the engine takes
+                self.meter.overdue(action.party_id, action.action_id, action.trace_id)
         if action.conn is not None and not action.conn.closed:
             due = action.deadline if early and action.deadline is not None else None
             self._watch(action, now + self.rules.action_timeout if due is None else due)
         return []
+
+    def _overdue_grace(self) -> float:
+        """How long past its deadline a started action's answer may still be on its way before
+        it is called overdue: a second, or half the timeout if that is shorter."""
+        return min(OVERDUE_GRACE, self.rules.action_timeout / 2)
 
     def time_out_failed(self, cmd: TimeOut) -> Commands:
         """Redis was unreachable at the deadline: look again soon; this never gives up."""
