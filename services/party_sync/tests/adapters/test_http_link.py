@@ -988,3 +988,26 @@ def test_the_server_watches_the_links_key() -> None:
     link._last_attempt = time.monotonic() - 120
     link._silent_since = time.monotonic() - 180
     assert source.health().ok
+
+
+@pytest.mark.parametrize(
+    ("body", "shown"),
+    [
+        (
+            {"error": "invalid_action", "message": "target is out of range"},
+            "target is out of range",
+        ),
+        ({"error": "invalid_action", "detail": "too far", "message": "x"}, "too far"),
+        ({"error": "invalid_action"}, "invalid_action"),
+        ("plain words", "plain words"),
+        ({"error": 3}, None),
+    ],
+)
+def test_a_refusal_shows_the_engine_s_sentence_before_its_code(
+    body: object, shown: str | None
+) -> None:
+    """Outside engine probe: ``{"error": "invalid_action", "message": "target is out of
+    range"}`` showed the player only ``invalid_action``."""
+    from party_sync.engine.http_link import _detail
+
+    assert _detail(body) == shown

@@ -580,11 +580,14 @@ def _past(deadline: float | None) -> bool:
 
 
 def _detail(answer: Any) -> str | None:
-    """The human reason in an engine's error body (``detail``, ``error`` or ``message``)."""
+    """The human reason in an engine's error body: its ``detail``, else its ``message`` (the
+    sentence beside an ``error`` code: ``{"error": "invalid_action", "message": "target is out
+    of range"}`` showed only the code: outside engine probe), else its ``error``; or a text
+    body."""
     if isinstance(answer, str):
         return answer[:300] or None
     if isinstance(answer, dict):
-        for key in ("detail", "error", "message"):
+        for key in ("detail", "message", "error"):
             if isinstance(answer.get(key), str):
                 return str(answer[key])[:300]
     return None
