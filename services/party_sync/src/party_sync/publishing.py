@@ -318,6 +318,11 @@ class BackendPublisher(VoteStarter, NarrationSender):
         refusal lost on the way is never a player left waiting); if the action already has its
         final answer (a result, or an earlier refusal), nothing is sent.
         """
+        await self.refuse(action, code, message)
+
+    async def refuse(self, action: ActionRequest, code: ErrorCode, message: str) -> bool:
+        """``fail``, saying whether the refusal became the action's final answer (False: it
+        had one already, and nothing was sent)."""
         log.info(
             "action refused",
             extra={"trace_id": action.trace_id, "party_id": action.party_id, "code": code.value},
@@ -330,6 +335,7 @@ class BackendPublisher(VoteStarter, NarrationSender):
         if recorded and action.character_id != t.PARTY_ACTOR:
             # a party-level action (a vote's result) has no connection to tell
             await self._tell(action, data)
+        return bool(recorded)
 
     async def claim(self, action: ActionRequest) -> Claim:
         """Right before an engine starts ``action`` (``LinkHost.claim``): START, EXPIRED, FINAL.

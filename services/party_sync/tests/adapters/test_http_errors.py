@@ -433,7 +433,7 @@ async def test_every_route_that_needs_the_key_refuses_without_it_through_the_one
 ) -> None:
     server = build_server(make_settings(api_key=KEY))
     routes, keyed, guard = _routes(server.app), _keyed_operations(), _guard_code()
-    assert len(keyed) == 14  # 5 publishing, votes and narration, 4 memberships, 5 admin
+    assert len(keyed) == 16  # 5 publishing, votes and narration, 2 claims, 4 memberships, 5 admin
     assert ("POST", "/api/v1/parties/{party_id}/narration") in keyed
     guarded = {op for op, handler in routes.items() if getattr(handler, "__code__", None) is guard}
     assert guarded == keyed  # the guard is the only key check, on exactly these routes

@@ -24,22 +24,27 @@ an envelope ``trace_id`` that is a W3C trace id names the trace.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 
 from party_sync import tracing
 from party_sync.core import votes
+from party_sync.engine import wire
 from party_sync.engine.interface import (
     ENGINE_EVENT_TYPES,
     MAX_BATCH_EVENTS,
+    ActionRequest,
     NarrationPiece,
     VoteRequest,
 )
 from party_sync.gateway import Gateway
-from party_sync.problems import InvalidId
-from party_sync.protocol.errors import InvalidEvent
+from party_sync.problems import InvalidId, InvalidRequest
+from party_sync.protocol import codec
+from party_sync.protocol import types as t
+from party_sync.protocol.errors import ErrorCode, InvalidEvent
 from party_sync.protocol.ids import TRACE_ID_RULE, is_trace_id
+from party_sync.protocol.schemas import SchemaViolation
 from party_sync.transport.appkeys import API_KEY, GATEWAY
 from party_sync.transport.edge import guarded, read_json
 
@@ -205,6 +210,76 @@ async def narrate(request: web.Request) -> web.Response:
     return web.json_response({"stream_id": piece.stream_id, "index": piece.index}, status=202)
 
 
+#: The refusals an engine makes of an action it was handed (``POST .../refusal``).
+ENGINE_REFUSALS: Final = {
+    code.value: code for code in (ErrorCode.ACTION_REJECTED, ErrorCode.ENGINE_ERROR)
+}
+#: The most characters of a refusal's ``detail`` its player is shown.
+MAX_DETAIL = 500
+
+
+def _handed_action(request: web.Request, body: Any, fields: frozenset[str]) -> ActionRequest:
+    """The action an engine was handed, from the body's ``envelope`` (the stream entry's field:
+    the ``action.request`` as an object, or its JSON text as the entry holds it) and
+    ``deadline`` (the entry's: decimal Unix seconds, as text or a number); its party and
+    ``action_id`` are the path's. 422 ``invalid_request`` for anything else."""
+    if not isinstance(body, dict) or not set(body) <= fields or "envelope" not in body:
+        raise InvalidRequest(f"body must be an object with {sorted(fields)} (envelope required)")
+    party_id, action_id = request.match_info["party_id"], request.match_info["action_id"]
+    try:
+        envelope = body["envelope"]
+        if isinstance(envelope, str):
+            envelope = codec.decode_bounded(envelope.encode())
+        if not isinstance(envelope, dict) or envelope.get("type") != t.ACTION_REQUEST:
+            raise ValueError("envelope must be the action.request the engine was handed")
+        request.app[GATEWAY].contracts.validate(t.ACTION_REQUEST, envelope)
+        action = wire.parse_action(party_id, envelope, wire.parse_deadline(body.get("deadline")))
+    except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
+        raise InvalidRequest(f"envelope: {str(exc)[:200]}") from None
+    if action.action_id != action_id:
+        raise InvalidRequest("the envelope's action_id is not the one in the path")
+    return action
+
+
+async def claim_action(request: web.Request) -> web.Response:
+    """An engine is about to start an action it read from the actions stream: may it? 200
+    ``{"claim": "start" | "expired" | "final"}``, atomic with party_sync's own timeout, as
+    ``party-sync engine-worker`` claims (``LinkHost.claim``): ``start`` runs it (a second claim
+    of a started action starts it again: a redelivery, the engine deduplicates by
+    ``action_id``); ``expired``: its deadline passed before anyone started it, and it is refused
+    now with ``action_timeout``; ``final``: it has its answer already. Skip it on either."""
+    gateway = request.app[GATEWAY]
+    body = await _read_json(request)
+    action = _handed_action(request, body, frozenset({"envelope", "deadline"}))
+    if action.deadline is None:
+        raise InvalidRequest("deadline is required: the entry's deadline field")
+    with tracing.incoming("claim", request.headers, trace_id=action.trace_id):
+        claim = await gateway.publisher.claim(action)
+    return web.json_response({"claim": claim.value})
+
+
+async def refuse_action(request: web.Request) -> web.Response:
+    """An engine will not apply an action it was handed: ``action_rejected`` (the game's rules
+    refuse it; ``detail`` is shown to its player) or ``engine_error`` (it failed). The refusal
+    becomes the action's final answer, told to its sender (and ``action.failed`` to the party);
+    200 ``{"recorded": true}``, or ``false`` when the action had its answer already (nothing is
+    sent: a retried refusal is safe)."""
+    gateway = request.app[GATEWAY]
+    body = await _read_json(request)
+    action = _handed_action(request, body, frozenset({"envelope", "deadline", "code", "detail"}))
+    code, detail = body.get("code"), body.get("detail", "")
+    if code not in ENGINE_REFUSALS:
+        raise InvalidRequest(f"code must be one of {sorted(ENGINE_REFUSALS)}")
+    if not isinstance(detail, str):
+        raise InvalidRequest("detail must be a string")
+    text = detail[:MAX_DETAIL] or (
+        "the engine refused the action" if code == "action_rejected" else "the engine failed"
+    )
+    with tracing.incoming("refuse", request.headers, trace_id=action.trace_id):
+        recorded = await gateway.publisher.refuse(action, ENGINE_REFUSALS[code], text)
+    return web.json_response({"recorded": recorded})
+
+
 def add_routes(app: web.Application, api_key: str | None) -> None:
     if api_key:
         app[API_KEY] = api_key
@@ -213,3 +288,9 @@ def add_routes(app: web.Application, api_key: str | None) -> None:
     app.router.add_post("/api/v1/runs/{campaign_run_id}/events", guarded(publish_run_event))
     app.router.add_post("/api/v1/parties/{party_id}/votes", guarded(start_vote))
     app.router.add_post("/api/v1/parties/{party_id}/narration", guarded(narrate))
+    app.router.add_post(
+        "/api/v1/parties/{party_id}/actions/{action_id}/claim", guarded(claim_action)
+    )
+    app.router.add_post(
+        "/api/v1/parties/{party_id}/actions/{action_id}/refusal", guarded(refuse_action)
+    )

@@ -460,6 +460,99 @@ def _narration() -> dict[str, Any]:
     }
 
 
+def _handed_envelope() -> dict[str, Any]:
+    return {
+        "description": (
+            "The action.request envelope the engine was handed: the actions stream entry's "
+            "`envelope` field as it is (its JSON text), or that JSON as an object."
+        ),
+        "oneOf": [{"type": "string"}, {"$ref": SCHEMAS + "action.request"}],
+    }
+
+
+def _entry_deadline() -> dict[str, Any]:
+    return {
+        "description": "The entry's `deadline` field (decimal Unix seconds), as text or a number.",
+        "oneOf": [{"type": "string"}, {"type": "number"}],
+    }
+
+
+def _engine_action(
+    summary: str, description: str, op: str, body: dict[str, Any], answer: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "description": description,
+            "operationId": op,
+            "tags": ["engines"],
+            "security": _KEY,
+            "parameters": _path_params("party_id", "action_id"),
+            "requestBody": _body(body),
+            "responses": _with_body(
+                {
+                    "200": answer,
+                    "422": _problem(
+                        "invalid_request: not the action.request the engine was handed, an "
+                        "action_id other than the path's, or a field missing or of another kind",
+                        "invalid_request",
+                    ),
+                    "503": _UNAVAILABLE,
+                },
+                "api_max_body_bytes",
+            ),
+        }
+    }
+
+
+def _claim() -> dict[str, Any]:
+    return _engine_action(
+        "Claim an action an engine read from the actions stream, right before starting it",
+        "Atomic with party_sync's own timeout, as party-sync engine-worker claims (docs/"
+        "engines.md, An engine in another language): start runs it (a claim of an action "
+        "already started starts it again: a redelivery, deduplicated by action_id); expired: "
+        "its deadline passed before anyone started it, and it is refused now with "
+        "action_timeout; final: it has its answer already. On expired and final, acknowledge "
+        "the entry without running it.",
+        "claimAction",
+        _object(
+            {"envelope": _handed_envelope(), "deadline": _entry_deadline()},
+        ),
+        _json(
+            _object({"claim": {"type": "string", "enum": ["start", "expired", "final"]}}),
+            "What to do with the action",
+        ),
+    )
+
+
+def _refusal() -> dict[str, Any]:
+    return _engine_action(
+        "Refuse an action an engine was handed: its final answer",
+        "action_rejected (the game's rules refuse it; `detail` is shown to its player, up to "
+        "500 characters) or engine_error (the engine failed). The refusal becomes the action's "
+        "final answer: its sender gets system.error with that code and every member "
+        "action.failed; a resend of the action_id gets it again. A retried refusal is safe.",
+        "refuseAction",
+        {
+            **_object(
+                {
+                    "envelope": _handed_envelope(),
+                    "deadline": _entry_deadline(),
+                    "code": {"type": "string", "enum": ["action_rejected", "engine_error"]},
+                    "detail": {"type": "string"},
+                },
+                required=["envelope", "code"],
+            ),
+            "additionalProperties": False,
+        },
+        _json(
+            _object({"recorded": {"type": "boolean"}}),
+            "recorded: true when the refusal became the action's answer, false when the action "
+            "had its answer already (nothing was sent)",
+        ),
+    )
+
+
 # -- memberships (transport/members.py) and Telegram sign-in (transport/telegram.py) ----------
 
 _MEMBERSHIP_FIELDS: Final[dict[str, Any]] = {
@@ -1132,6 +1225,8 @@ def document(contracts: Contracts, *, dev_mode: bool = False) -> dict[str, Any]:
             ),
             "/api/v1/parties/{party_id}/votes": _vote(contracts),
             "/api/v1/parties/{party_id}/narration": _narration(),
+            "/api/v1/parties/{party_id}/actions/{action_id}/claim": _claim(),
+            "/api/v1/parties/{party_id}/actions/{action_id}/refusal": _refusal(),
             **_members(),
             **{k: v for k, v in _admin().items() if k != "/api/v1/parties/{party_id}/events"},
             **_operations(),

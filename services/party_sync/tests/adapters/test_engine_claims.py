@@ -1,0 +1,186 @@
+"""An engine that reads the actions stream in another language claims and refuses over HTTP
+(``POST /api/v1/parties/{party_id}/actions/{action_id}/claim`` and ``.../refusal``: docs/
+engines.md, "An engine in another language"), as ``party-sync engine-worker`` does through the
+ledger: a foreign worker written from the docs could neither (outside engine probe: its result,
+published 2 s after the deadline, reached the party after the player was told
+``action_timeout``, and it could only refuse by saying nothing)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from party_sync.engine import wire
+from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
+from ps_testkit.client import Client
+from ps_testkit.servers import Running, make_settings, serve_in_process
+
+pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
+
+KEY = "api-key-0123456789abcdef0123456789"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+class HeldLink:
+    """A link to a queue that a foreign worker reads (as the actions stream is): it hands over
+    nothing by itself and claims nothing; the test plays the worker."""
+
+    claims_on_accept = False
+
+    def __init__(self) -> None:
+        self.actions: asyncio.Queue[ActionRequest] = asyncio.Queue()
+
+    async def start(self, host: LinkHost) -> None:
+        pass
+
+    async def submit(self, action: ActionRequest) -> None:
+        self.actions.put_nowait(action)
+
+    async def notify_join(self, notice: JoinNotice) -> None:
+        pass
+
+    async def notify_restate(self, notice: RestateNotice) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+def entry(action: ActionRequest) -> dict[str, Any]:
+    """The body fields a worker copies from the stream entry (the envelope as its JSON text)."""
+    assert action.deadline is not None
+    from party_sync.protocol import codec
+
+    return {
+        "envelope": codec.encode(dict(action.envelope)).decode(),
+        "deadline": wire.format_deadline(action.deadline),
+    }
+
+
+async def post(srv: Running, path: str, body: Any) -> tuple[int, Any]:
+    async with srv.http.post(srv.base + path, json=body, headers=AUTH) as resp:
+        return resp.status, await resp.json()
+
+
+def claim_path(action_id: str) -> str:
+    return f"/api/v1/parties/p1/actions/{action_id}/claim"
+
+
+def refusal_path(action_id: str) -> str:
+    return f"/api/v1/parties/p1/actions/{action_id}/refusal"
+
+
+def result(action: ActionRequest) -> dict[str, Any]:
+    return {
+        "type": "action.result",
+        "trace_id": action.trace_id,
+        "payload": {
+            "action_id": action.action_id,
+            "character_id": action.character_id,
+            "action_type": action.action_type,
+            "outcome": "success",
+            "state": {"hp": 10, "effects": [], "scene_flags": {}},
+        },
+    }
+
+
+async def acted(a: Client, link: HeldLink, action_id: str) -> ActionRequest:
+    await a.act(action_id, "aria", "r1")
+    await a.expect("action.accepted")
+    async with asyncio.timeout(5):
+        return await link.actions.get()
+
+
+async def test_a_claimed_action_is_answered_by_its_published_result() -> None:
+    link = HeldLink()
+    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
+        a, _ = await srv.join("aria")
+        action = await acted(a, link, "x1")
+        assert await post(srv, claim_path("x1"), entry(action)) == (200, {"claim": "start"})
+        # a second claim (the worker died and another took the entry over) starts it again
+        assert await post(srv, claim_path("x1"), entry(action)) == (200, {"claim": "start"})
+        status, _ = await post(srv, "/api/v1/parties/p1/events/batch", {"events": [result(action)]})
+        assert status == 202
+        assert (await a.expect("action.result"))["payload"]["action_id"] == "x1"
+        assert await post(srv, claim_path("x1"), entry(action)) == (200, {"claim": "final"})
+        await a.close()
+
+
+async def test_a_refusal_is_the_final_answer_told_once() -> None:
+    link = HeldLink()
+    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await a.until("party.join")  # borin's
+        action = await acted(a, link, "x2")
+        assert (await post(srv, claim_path("x2"), entry(action)))[1] == {"claim": "start"}
+        body = {**entry(action), "code": "action_rejected", "detail": "the door is too far"}
+        assert await post(srv, refusal_path("x2"), body) == (200, {"recorded": True})
+        error = await a.expect("system.error")
+        assert error["payload"]["code"] == "action_rejected"
+        assert "the door is too far" in error["payload"]["message"]
+        failed = await b.until("action.failed")
+        assert failed["payload"]["action_id"] == "x2"
+        # the same refusal again (the worker retried): nothing is sent twice
+        assert await post(srv, refusal_path("x2"), body) == (200, {"recorded": False})
+        assert await post(srv, claim_path("x2"), entry(action)) == (200, {"claim": "final"})
+        await a.act("x3", "aria", "r1")  # the character is free again; nothing else came first
+        assert (await a.expect("action.accepted"))["payload"]["action_id"] == "x3"
+        await a.close()
+        await b.close()
+
+
+async def test_an_engine_error_is_final_without_a_claim() -> None:
+    link = HeldLink()
+    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
+        a, _ = await srv.join("aria")
+        action = await acted(a, link, "x4")
+        body = {"envelope": dict(action.envelope), "code": "engine_error"}  # an object, too
+        assert await post(srv, refusal_path("x4"), body) == (200, {"recorded": True})
+        error = await a.expect("system.error")
+        assert error["payload"]["code"] == "engine_error"
+        await a.close()
+
+
+async def test_an_action_nobody_claimed_in_time_is_final_for_a_late_worker() -> None:
+    link = HeldLink()
+    settings = make_settings(api_key=KEY, action_timeout=0.3)
+    async with serve_in_process(settings, link=link) as srv:
+        a, _ = await srv.join("aria")
+        action = await acted(a, link, "x5")
+        assert (await a.expect("system.error"))["payload"]["code"] == "action_timeout"
+        assert await post(srv, claim_path("x5"), entry(action)) == (200, {"claim": "final"})
+        body = {**entry(action), "code": "engine_error"}
+        assert await post(srv, refusal_path("x5"), body) == (200, {"recorded": False})
+        await a.close()
+
+
+async def test_what_is_not_the_handed_action_is_refused_422() -> None:
+    link = HeldLink()
+    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
+        a, _ = await srv.join("aria")
+        action = await acted(a, link, "x6")
+        good = entry(action)
+        envelope = dict(action.envelope)
+        for path, body in (
+            (claim_path("other"), good),  # not the path's action_id
+            (claim_path("x6"), {"deadline": good["deadline"]}),  # no envelope
+            (claim_path("x6"), {"envelope": good["envelope"]}),  # a claim needs the deadline
+            (claim_path("x6"), {**good, "extra": 1}),
+            (claim_path("x6"), {**good, "deadline": "soon"}),
+            (claim_path("x6"), {**good, "envelope": "{not json"}),
+            (claim_path("x6"), {**good, "envelope": {**envelope, "type": "scene.update"}}),
+            (claim_path("x6"), {**good, "envelope": {**envelope, "payload": {}}}),
+            (claim_path("x6"), [good]),
+            (refusal_path("x6"), {**good, "code": "action_timeout"}),  # not an engine's
+            (refusal_path("x6"), {**good}),  # no code
+            (refusal_path("x6"), {**good, "code": "engine_error", "detail": 7}),
+        ):
+            status, answer = await post(srv, path, body)
+            assert (status, answer["error"]) == (422, "invalid_request"), (path, body, answer)
+        async with srv.http.post(srv.base + claim_path("x6"), json=good) as resp:
+            assert resp.status == 401  # the API key, as every route of the server API
+        # nothing of that changed the action: it is still to be claimed
+        assert await post(srv, claim_path("x6"), good) == (200, {"claim": "start"})
+        await a.close()
