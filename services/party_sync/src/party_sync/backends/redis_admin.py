@@ -99,6 +99,8 @@ class _Watch:
 
 #: Index entries each heartbeat checks for an expired party (``RedisAdmin._sweep_index``).
 INDEX_SWEEP: Final = 64
+#: The most batches of ``INDEX_SWEEP`` one heartbeat sweeps (while half of each was gone).
+INDEX_SWEEP_ROUNDS: Final = 16
 
 
 class RedisAdmin:
@@ -242,7 +244,18 @@ class RedisAdmin:
     async def _sweep_index(self) -> None:
         """The next ``INDEX_SWEEP`` parties of ``party-index`` (from where the last heartbeat
         stopped, round and round): those whose state expired are dropped. Without it the index
-        (no TTL: it is every node's) kept every party ever served until a listing met it."""
+        (no TTL: it is every node's) kept every party ever served until a listing met it. While
+        at least half of a full batch was gone, the next batch is looked at too, up to
+        ``INDEX_SWEEP_ROUNDS`` batches a heartbeat: 64 a heartbeat did not keep up with parties
+        that come and go faster than that (hygiene probe: 3,800 entries for 2,800 live parties
+        under churn, still 1,700 two minutes after the last one left)."""
+        for _ in range(INDEX_SWEEP_ROUNDS):
+            looked, gone = await self._sweep_index_batch()
+            if looked < INDEX_SWEEP or gone * 2 < looked:
+                return
+
+    async def _sweep_index_batch(self) -> tuple[int, int]:
+        """One batch of the sweep: (parties looked at, parties dropped)."""
         index = self._keys.party_index()
         start = "-" if self._swept_after is None else "(" + self._swept_after
         with unavailable("admin index sweep"):
@@ -251,7 +264,7 @@ class RedisAdmin:
             ]
             self._swept_after = ids[-1] if len(ids) == INDEX_SWEEP else None
             if not ids:
-                return
+                return 0, 0
             async with self._client.pipeline(transaction=False) as pipe:
                 for party_id in ids:
                     pipe.exists(self._keys.party_keys(party_id).meta)
@@ -259,6 +272,7 @@ class RedisAdmin:
             gone = [party_id for party_id, alive in zip(ids, found, strict=True) if not alive]
             if gone:
                 await self._client.zrem(index, *gone)
+        return len(ids), len(gone)
 
     async def forget_node(self, node_id: str) -> None:
         keys = self._keys
