@@ -869,3 +869,38 @@ async def test_handled_entries_leave_the_stream_unless_kept(
         assert length == 21 and (memory or 0) > 20 * 60_000
     else:
         assert length == 0 and (memory or 0) < 60_000
+
+
+async def test_consumers_gone_for_good_leave_the_group(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hygiene probe: a worker killed without its leave stayed a consumer of the group for ever
+    (each OOM kill or pod restart one more). A consumer that holds nothing and has been idle for
+    long leaves the group; one holding entries stays (they are for a take-over), and so does
+    the worker itself."""
+    from party_sync.engine import stream_worker
+
+    monkeypatch.setattr(stream_worker, "forget_after", lambda claim_idle: 0.3)
+    monkeypatch.setattr(stream_worker, "FORGET_INTERVAL", 0.05)
+    client = Redis.from_url(redis.url)
+    group = WorkerOptions().group
+    host, engine = RecordingHost(), ScriptedEngine()
+
+    async def names() -> set[str]:
+        listed: Any = await client.xinfo_consumers(STREAM, group)
+        return {c["name"].decode() for c in listed}
+
+    try:
+        async with stream_link(redis) as link:
+            await link.submit(make_action("held"))
+        await client.xgroup_create(STREAM, group, id="0", mkstream=True)
+        await client.xreadgroup(group, "holder", {STREAM: ">"})  # holds "held", for a take-over
+        await client.xgroup_createconsumer(STREAM, group, "gone")  # (a worker that read nothing)
+        assert await names() == {"holder", "gone"}
+        async with running_worker(redis, host, engine, claim_idle=60.0):
+            async with asyncio.timeout(10):
+                while await names() != {"holder", "w1"}:  # noqa: ASYNC110 (a bounded poll)
+                    await asyncio.sleep(0.05)
+            assert host.results() == []  # "held" is not the worker's to take (idle < 60 s)
+    finally:
+        await client.aclose()

@@ -74,7 +74,7 @@ from redis.asyncio import Redis, RedisCluster
 from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from party_sync import tracing
-from party_sync.backends import redis_fence
+from party_sync.backends import redis_fence, shared_settings
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.core.limits import RateGate
 from party_sync.engine import partitions as layout
@@ -179,6 +179,39 @@ redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
 return 1
 """
 
+#: Consumers that hold nothing and were idle for ``ARGV[2]`` ms leave the group (a worker killed
+#: without its leave, an OOM kill, a pod restarted under a new name: each was a consumer for
+#: ever; hygiene probe). Atomic with the check: a consumer is deleted only holding nothing, and a
+#: live one so deleted (Redis before 7.2 does not refresh an idle reader's ``idle``) is made
+#: again by its next read. KEYS[1] the stream; ARGV[1] the group, ARGV[2] the idle time in ms,
+#: ARGV[3] the caller (kept). Returns how many left.
+FORGET_DEAD = """
+local gone = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local name, pending, idle
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name ~= ARGV[3] and pending == 0 and idle >= tonumber(ARGV[2]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    gone = gone + 1
+  end
+end
+return gone
+"""
+#: Seconds between two looks for consumers to forget (``FORGET_DEAD``), per read loop; and the
+#: least idle time a consumer holding nothing must have to be forgotten.
+FORGET_INTERVAL: Final = 60.0
+FORGET_IDLE: Final = 600.0
+
+
+def forget_after(claim_idle: float) -> float:
+    """The least idle time of a consumer holding nothing that ``FORGET_DEAD`` deletes."""
+    return max(FORGET_IDLE, 10 * claim_idle)
+
+
 #: XAUTOCLAIM calls a round may make while they claim nothing (each looks at ``batch`` x 10
 #: pending entries), before it reads new entries; the next round goes on from there.
 RECLAIM_CALLS: Final = 20
@@ -261,6 +294,7 @@ class StreamWorker:
         #: is under way; once it is done, a re-read follows a failed round (``_read_own``)
         self._own_at_start = True
         self._claim_cursor = "0-0"  # where the next XAUTOCLAIM goes on looking (``_reclaim``)
+        self._forget_at = 0.0  # when to look for consumers gone for good (``_forget_dead``)
         #: Entries the engine failed on, each to be tried again by this worker at its time
         #: (monotonic; ``_engine_failed``: a short backoff, not ``claim_idle`` for XAUTOCLAIM)
         self._retries: dict[bytes, float] = {}
@@ -409,6 +443,7 @@ class StreamWorker:
             self._own_at_start = self._own_at_start and self._own_cursor is not None
         if not entries:
             entries = await self._reclaim()
+            await self._forget_dead()
         if not entries:
             redelivery = False
             block = None if o.burst else int(o.block * 1000)
@@ -496,6 +531,25 @@ class StreamWorker:
         if not self._retries:
             return None
         return max(0.0, min(self._retries.values()) - time.monotonic())
+
+    async def _forget_dead(self) -> None:
+        """Every ``FORGET_INTERVAL`` s: consumers holding nothing and idle for
+        ``max(FORGET_IDLE, 10 × claim_idle)`` leave the group (``FORGET_DEAD``), so that the
+        group lists the workers there are, not every one there ever was."""
+        now = time.monotonic()
+        if now < self._forget_at:
+            return
+        self._forget_at = now + FORGET_INTERVAL
+        o = self.options
+        idle_ms = int(forget_after(o.claim_idle) * 1000)
+        gone: Any = await self.redis.eval(FORGET_DEAD, 1, o.stream, o.group, idle_ms, o.consumer)
+        if gone:
+            log.info(
+                "consumers gone for good (holding nothing, idle %.0fs) left the group: %d",
+                idle_ms / 1000,
+                int(gone),
+                extra={"stream": o.stream},
+            )
 
     async def _reclaim(self) -> list[Entry]:
         """Entries idle for ``claim_idle`` (a dead worker's), up to ``batch``. XAUTOCLAIM looks at
@@ -803,8 +857,15 @@ class PartitionedWorker:
         clock: Callable[[], float] = time.time,
         count_check: float = 10.0,
         stop_grace: float = 10.0,
+        shared: tuple[str, Mapping[str, float]] | None = None,
     ) -> None:
+        """``shared``: the key of the nodes' shared settings and the values this worker writes
+        with (``backends/shared_settings.py``): compared every ``count_check`` s, a WARNING
+        once they differ (a restart takes the nodes' new ones)."""
         self.engine = engine
+        self.shared = shared
+        self.settings_differ: str | None = None
+        self.settings_looks = 0  # how often they were compared
         self.publisher = publisher
         self.redis = redis
         self.options = options
@@ -932,3 +993,26 @@ class PartitionedWorker:
             elif problem is None and self.mismatch is not None:
                 log.info("actions stream partitions agree with the serving nodes again")
             self.mismatch = problem
+            await self._compare_settings()
+
+    async def _compare_settings(self) -> None:
+        """Do the nodes' shared settings still equal the ones this worker writes with?"""
+        if self.shared is None:
+            return
+        key, mine = self.shared
+        try:
+            theirs = shared_settings.decode(await self.redis.get(key))
+        except INFRA_ERRORS:
+            return
+        self.settings_looks += 1
+        differ = None if theirs is None else "; ".join(shared_settings.differences(mine, theirs))
+        if differ and differ != self.settings_differ:
+            log.warning(
+                "the gateway nodes' settings changed (%s: %s): this worker writes with the ones "
+                "it started with until it is restarted",
+                key,
+                differ,
+            )
+        elif not differ and self.settings_differ:
+            log.info("the gateway nodes' settings equal this worker's again")
+        self.settings_differ = differ or None
