@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -12,7 +13,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from jwt.warnings import InsecureKeyLengthWarning
 
@@ -677,6 +678,8 @@ def _shutdown_timeout() -> float:
 def _engine_worker(args: argparse.Namespace) -> int:
     import signal
 
+    from party_sync.backends import shared_settings
+    from party_sync.backends.keys import KeySpace
     from party_sync.backends.redis_connect import RedisTarget, make_any_client, stale_socket_retry
     from party_sync.engine.interface import RestateNotice, restate_engine
     from party_sync.engine.loader import load_engine
@@ -710,6 +713,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync-engine-worker")
     _refuse_redis_misconfiguration(settings)  # before the engine opens its store
+    settings = _take_nodes_settings(settings)
     engine = load_engine(args.engine)
     options = WorkerOptions(
         stream=args.stream,
@@ -758,6 +762,10 @@ def _engine_worker(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             watch=watch,
             stop_grace=settings.shutdown_timeout,
+            shared=(
+                KeySpace(settings.redis_prefix).settings(),
+                shared_settings.values_of(settings),
+            ),
         )
 
         def stop() -> None:
@@ -779,6 +787,54 @@ def _engine_worker(args: argparse.Namespace) -> int:
 
     asyncio.run(work())
     return 0
+
+
+def _take_nodes_settings(settings: config.Settings) -> config.Settings:
+    """An engine worker writes into the parties' keys with the nodes' history bounds and TTLs
+    (``backends/shared_settings.py``): those in ``<prefix>:settings``, said in one line when
+    they differ from its own; its own when no node has written them yet (or Redis does not
+    answer yet), said too."""
+    from party_sync.backends import shared_settings
+    from party_sync.backends.keys import KeySpace
+    from party_sync.backends.redis_connect import RedisTarget, make_any_client
+    from party_sync.tasks import described
+
+    key = KeySpace(settings.redis_prefix).settings()
+
+    async def read() -> Any:
+        redis = make_any_client(
+            RedisTarget.of(settings), socket_timeout=2.0, socket_connect_timeout=2.0
+        )
+        try:
+            return await redis.get(key)
+        finally:
+            await redis.aclose()
+
+    try:
+        theirs = shared_settings.decode(asyncio.run(read()))
+    except Exception as exc:  # Redis not answering yet: the worker waits for it anyway
+        log.warning(
+            "cannot read the nodes' settings (%s) yet: %s; writing with this process's own "
+            "(PARTY_SYNC_* history bounds and TTLs)",
+            key,
+            described(exc),
+        )
+        return settings
+    if theirs is None:
+        log.info(
+            "no gateway node has written its settings (%s) yet: writing with this process's own "
+            "history bounds and TTLs",
+            key,
+        )
+        return settings
+    differ = shared_settings.differences(shared_settings.values_of(settings), theirs)
+    if differ:
+        log.warning(
+            "writing with the gateway nodes' settings, which differ from this process's own: %s",
+            "; ".join(differ),
+            extra={"key": key},
+        )
+    return dataclasses.replace(settings, **theirs)  # type: ignore[arg-type]
 
 
 def _refuse_redis_misconfiguration(settings: config.Settings) -> None:

@@ -21,8 +21,10 @@ from aiohttp import web
 
 from party_sync import logs
 from party_sync.auth import MIN_JWT_SECRET_BYTES, TokenVerifier
+from party_sync.backends import shared_settings
 from party_sync.backends.base import Backend, BackendSettings
 from party_sync.backends.directory import make_directory
+from party_sync.backends.keys import KeySpace
 from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.backends.redis_connect import RedisTarget
@@ -194,6 +196,10 @@ def make_link(settings: Settings, node_id: str | None = None) -> EngineLink:
             max_connections=settings.redis_max_connections,
             client_name=None if node_id is None else f"party_sync:{node_id}:engine-link",
             give_up_after=settings.action_record_ttl,
+            shared=(
+                KeySpace(settings.redis_prefix).settings(),
+                shared_settings.encode(shared_settings.values_of(settings)),
+            ),
         )
     # Through a backend outage of any length an action is claimed and handed over again until
     # answered, for as long as its record can take an answer (``action_record_ttl``).

@@ -49,6 +49,9 @@ Keys outside any party slot::
     <prefix>:{run:<id>}:parties         set   the parties whose members connected for the run
     <prefix>:fence                      string  ``<run_id>:<master_replid>`` of the Redis server the
                                               data was last vouched for under (``redis_fence``)
+    <prefix>:settings                   string  the nodes' history bounds and TTLs (JSON), which
+                                              engine workers take (``shared_settings``; written
+                                              with the actions stream link only)
 
 The admin API's (``redis_admin``)::
 
@@ -186,6 +189,10 @@ class KeySpace:
 
     def fence(self) -> str:
         return f"{self.prefix}:fence"
+
+    def settings(self) -> str:
+        """The nodes' shared settings, for engine workers (``shared_settings``)."""
+        return f"{self.prefix}:settings"
 
     def shard_fence(self, slot: int) -> str:
         """On a Redis Cluster: the fence mark of the shard that owns ``slot`` (its first)."""

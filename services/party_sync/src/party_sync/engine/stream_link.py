@@ -48,6 +48,7 @@ import orjson
 from redis.exceptions import RedisClusterException, RedisError
 
 from party_sync import tracing
+from party_sync.backends import shared_settings
 from party_sync.backends.redis_connect import RedisTarget, make_any_client, stale_socket_retry
 from party_sync.engine import partitions as layout
 from party_sync.engine import wire
@@ -104,8 +105,11 @@ class StreamEngineLink:
         max_connections: int | None = None,
         client_name: str | None = None,
         give_up_after: float = 600.0,
+        shared: tuple[str, bytes] | None = None,
     ) -> None:
-        """``timeout``: the most one append may wait for Redis (``redis_command_timeout``);
+        """``shared``: the key and value of the nodes' shared settings (``shared_settings``),
+        written when the link starts and again if it goes missing, for the engine workers;
+        ``timeout``: the most one append may wait for Redis (``redis_command_timeout``);
         ``give_up_after``: how long a restate notice is appended again (``action_record_ttl``);
         ``max_connections``: its pool's bound (``redis_max_connections``; redis_connect.py);
         ``client_name``: its connections' name in ``CLIENT LIST``;
@@ -133,12 +137,45 @@ class StreamEngineLink:
         self.give_up_after = give_up_after
         self._restates = LatestPerKey()  # per party, a notice being appended again
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._shared = shared
+        self._shared_told: set[bytes] = set()  # other nodes' settings found there (told once)
 
     async def start(self, host: LinkHost) -> None:
         await self._write_count()
+        await self._write_shared(only_if_missing=False)
         self._refresh.start()
 
+    async def _write_shared(self, *, only_if_missing: bool) -> None:
+        """Write this node's shared settings for the workers: when the link starts (the newest
+        node's count), and every ``COUNT_REFRESH`` s if missing (an emptied Redis); another
+        node's, found there, is warned about once (the nodes disagree: workers take one)."""
+        if self._shared is None:
+            return
+        key, value = self._shared
+        try:
+            there: Any = await self._redis.set(key, value, nx=only_if_missing, get=True)
+        except Exception as exc:  # best effort (Redis down, ...): tried again next time
+            log.debug("cannot write %s yet: %s", key, described(exc))
+            return
+        found = shared_settings.decode(there)
+        mine = shared_settings.decode(value)
+        if found is None or mine is None or there in self._shared_told:
+            return
+        differ = shared_settings.differences(mine, found)
+        if differ:
+            self._shared_told.add(there)
+            log.warning(
+                "the settings engine workers write with differ between the nodes, or changed "
+                "(%s held: %s): workers take the last written; give every node the same values",
+                key,
+                "; ".join(differ),
+            )
+
     async def _keep_count(self) -> None:
+        await self._write_shared(only_if_missing=True)
+        await self._keep_partition_count()
+
+    async def _keep_partition_count(self) -> None:
         """Write the count again (every ``COUNT_REFRESH`` s) **if it is missing** (``SET NX``):
         a flushed or emptied Redis loses it with no append failing, and a worker started then
         would not be checked against it. Only a missing count: nodes of two counts during a
