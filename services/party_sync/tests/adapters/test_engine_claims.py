@@ -8,6 +8,8 @@ published 2 s after the deadline, reached the party after the player was told
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -85,6 +87,18 @@ def result(action: ActionRequest) -> dict[str, Any]:
     }
 
 
+@contextlib.asynccontextmanager
+async def aria_in_a_party(**settings: Any) -> AsyncIterator[tuple[Running, HeldLink, Client]]:
+    """A server whose actions wait for a foreign worker (the test), and aria joined to p1."""
+    link = HeldLink()
+    async with serve_in_process(make_settings(api_key=KEY, **settings), link=link) as srv:
+        a, _ = await srv.join("aria")
+        try:
+            yield srv, link, a
+        finally:
+            await a.close()
+
+
 async def acted(a: Client, link: HeldLink, action_id: str) -> ActionRequest:
     await a.act(action_id, "aria", "r1")
     await a.expect("action.accepted")
@@ -93,9 +107,7 @@ async def acted(a: Client, link: HeldLink, action_id: str) -> ActionRequest:
 
 
 async def test_a_claimed_action_is_answered_by_its_published_result() -> None:
-    link = HeldLink()
-    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
-        a, _ = await srv.join("aria")
+    async with aria_in_a_party() as (srv, link, a):
         action = await acted(a, link, "x1")
         assert await post(srv, claim_path("x1"), entry(action)) == (200, {"claim": "start"})
         # a second claim (the worker died and another took the entry over) starts it again
@@ -104,13 +116,10 @@ async def test_a_claimed_action_is_answered_by_its_published_result() -> None:
         assert status == 202
         assert (await a.expect("action.result"))["payload"]["action_id"] == "x1"
         assert await post(srv, claim_path("x1"), entry(action)) == (200, {"claim": "final"})
-        await a.close()
 
 
 async def test_a_refusal_is_the_final_answer_told_once() -> None:
-    link = HeldLink()
-    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
-        a, _ = await srv.join("aria")
+    async with aria_in_a_party() as (srv, link, a):
         b, _ = await srv.join("borin")
         await a.until("party.join")  # borin's
         action = await acted(a, link, "x2")
@@ -127,39 +136,29 @@ async def test_a_refusal_is_the_final_answer_told_once() -> None:
         assert await post(srv, claim_path("x2"), entry(action)) == (200, {"claim": "final"})
         await a.act("x3", "aria", "r1")  # the character is free again; nothing else came first
         assert (await a.expect("action.accepted"))["payload"]["action_id"] == "x3"
-        await a.close()
         await b.close()
 
 
 async def test_an_engine_error_is_final_without_a_claim() -> None:
-    link = HeldLink()
-    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
-        a, _ = await srv.join("aria")
+    async with aria_in_a_party() as (srv, link, a):
         action = await acted(a, link, "x4")
         body = {"envelope": dict(action.envelope), "code": "engine_error"}  # an object, too
         assert await post(srv, refusal_path("x4"), body) == (200, {"recorded": True})
         error = await a.expect("system.error")
         assert error["payload"]["code"] == "engine_error"
-        await a.close()
 
 
 async def test_an_action_nobody_claimed_in_time_is_final_for_a_late_worker() -> None:
-    link = HeldLink()
-    settings = make_settings(api_key=KEY, action_timeout=0.3)
-    async with serve_in_process(settings, link=link) as srv:
-        a, _ = await srv.join("aria")
+    async with aria_in_a_party(action_timeout=0.3) as (srv, link, a):
         action = await acted(a, link, "x5")
         assert (await a.expect("system.error"))["payload"]["code"] == "action_timeout"
         assert await post(srv, claim_path("x5"), entry(action)) == (200, {"claim": "final"})
         body = {**entry(action), "code": "engine_error"}
         assert await post(srv, refusal_path("x5"), body) == (200, {"recorded": False})
-        await a.close()
 
 
 async def test_what_is_not_the_handed_action_is_refused_422() -> None:
-    link = HeldLink()
-    async with serve_in_process(make_settings(api_key=KEY), link=link) as srv:
-        a, _ = await srv.join("aria")
+    async with aria_in_a_party() as (srv, link, a):
         action = await acted(a, link, "x6")
         good = entry(action)
         envelope = dict(action.envelope)
@@ -183,4 +182,3 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
             assert resp.status == 401  # the API key, as every route of the server API
         # nothing of that changed the action: it is still to be claimed
         assert await post(srv, claim_path("x6"), good) == (200, {"claim": "start"})
-        await a.close()

@@ -75,6 +75,17 @@ def cluster_node() -> Iterator[int]:
         node.close()
 
 
+async def refused_or_not(target: RedisTarget, refused: str | None) -> None:
+    """``target`` passes (``refused`` None) or is a ``ConfigError`` matching ``refused`` that
+    names no password."""
+    if refused is None:
+        await refuse_misconfiguration(target)
+        return
+    with pytest.raises(ConfigError, match=refused) as raised:
+        await refuse_misconfiguration(target)
+    assert "wrong-password" not in str(raised.value) and PASSWORD not in str(raised.value)
+
+
 def url(server: RedisServer, credentials: str = "", db: int = 0) -> str:
     return f"redis://{credentials}127.0.0.1:{server.port}/{db}"
 
@@ -99,12 +110,7 @@ async def test_settings_redis_says_can_never_work_are_a_configuration_error(
     with_user: RedisServer, credentials: str, db: int, refused: str | None
 ) -> None:
     target = RedisTarget(url(with_user, credentials, db))
-    if refused is None:
-        await refuse_misconfiguration(target)
-        return
-    with pytest.raises(ConfigError, match=refused) as raised:
-        await refuse_misconfiguration(target)
-    assert "wrong-password" not in str(raised.value) and PASSWORD not in str(raised.value)
+    await refused_or_not(target, refused)
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +141,7 @@ async def test_a_unix_socket_is_asked_the_same(
     """Over a Unix socket redis-py wraps AUTH's and SELECT's refusals in a ConnectionError: they
     were taken for an outage, and the node retried for ever (redis variants probe)."""
     target = RedisTarget(f"unix://{credentials}{unix_server[1]}{query}")
-    if refused is None:
-        await refuse_misconfiguration(target)
-        return
-    with pytest.raises(ConfigError, match=refused) as raised:
-        await refuse_misconfiguration(target)
-    assert "wrong-password" not in str(raised.value) and PASSWORD not in str(raised.value)
+    await refused_or_not(target, refused)
 
 
 async def test_cluster_mode_must_match_the_redis(
