@@ -337,17 +337,21 @@ class BackendPublisher(VoteStarter, NarrationSender):
             await self._tell(action, data)
         return bool(recorded)
 
-    async def claim(self, action: ActionRequest) -> Claim:
+    async def claim(self, action: ActionRequest, *, trusted: bool = True) -> Claim:
         """Right before an engine starts ``action`` (``LinkHost.claim``): START, EXPIRED, FINAL.
 
         EXPIRED: its deadline passed before anyone started it; it is refused now with
-        ``action_timeout`` (told to its sender here) and must not run.
+        ``action_timeout`` (told to its sender here) and must not run. ``trusted`` False: the
+        action's deadline came from outside (the server API's claim) and may not be the one
+        its record holds.
         """
         now = self.clock()
         # The refusal is recorded only past the deadline; the record's deadline is the one the
         # action carries (both made at acceptance), so before it the claim can only START or be
-        # FINAL: the refusal is not built on the way of every action.
-        late = action.deadline is None or now > action.deadline
+        # FINAL: the refusal is not built on the way of every action. A deadline from outside
+        # may be another (a worker's in milliseconds): the refusal is built whatever it says,
+        # or an EXPIRED by the record's own deadline recorded an empty answer (reverify probe).
+        late = not trusted or action.deadline is None or now > action.deadline
         data = (
             self.refusal(action, ErrorCode.ACTION_TIMEOUT, "no engine started it in time")
             if late

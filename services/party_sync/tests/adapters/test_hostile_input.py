@@ -217,7 +217,7 @@ ROUTES = [
 
 
 def test_the_api_has_the_routes_the_test_drives() -> None:
-    assert len(ROUTES) == 9
+    assert len(ROUTES) == 11
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -250,3 +250,24 @@ async def test_a_longer_deadline_holds_the_action_but_not_the_character(backend:
         Sweep.TIMED_OUT,
         None,
     )
+
+
+@pytest.mark.parametrize("given", [DEADLINE * 1000, DEADLINE + 100])
+async def test_a_claim_from_outside_with_another_deadline_records_the_timeout(
+    backend: Backend, given: float
+) -> None:
+    """The server API's claim takes the deadline a foreign worker sends (one in milliseconds,
+    say). Past the record's own deadline the claim is EXPIRED, and it recorded the empty marker
+    the publisher passes when it believes the action is not late: every member got an empty
+    frame instead of action_timeout, and every resend too (reverify engine probe)."""
+    from party_sync.protocol.schemas import Contracts
+    from party_sync.publishing import BackendPublisher
+    from ps_testkit.hosts import make_action
+
+    assert await backend.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.ACCEPT)
+    publisher = BackendPublisher(backend, Contracts(), lambda: DEADLINE + 1)
+    action = make_action("a1", deadline=given, party_id=PARTY)
+    assert await publisher.claim(action, trusted=False) is Claim.EXPIRED
+    claim, answer = await backend.claim_action(PARTY, "a1", DEADLINE + 2, b"x", DEADLINE)
+    assert claim is Claim.FINAL and answer is not None
+    assert codec.decode(answer)["payload"]["code"] == "action_timeout"

@@ -222,18 +222,27 @@ def _handed_action(request: web.Request, body: Any, fields: frozenset[str]) -> A
     """The action an engine was handed, from the body's ``envelope`` (the stream entry's field:
     the ``action.request`` as an object, or its JSON text as the entry holds it) and
     ``deadline`` (the entry's: decimal Unix seconds, as text or a number); its party and
-    ``action_id`` are the path's. 422 ``invalid_request`` for anything else."""
-    if not isinstance(body, dict) or not set(body) <= fields or "envelope" not in body:
-        raise InvalidRequest(f"body must be an object with {sorted(fields)} (envelope required)")
+    ``action_id`` are the path's. 422 ``invalid_request`` for anything else, naming the field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest(f"body must be a JSON object with {sorted(fields)}")
+    unknown = sorted(set(body) - fields)
+    if unknown:
+        raise InvalidRequest(f"unknown fields {unknown[:8]}: the body holds {sorted(fields)}")
+    if "envelope" not in body:
+        raise InvalidRequest("envelope is required: the entry's envelope field")
     party_id, action_id = request.match_info["party_id"], request.match_info["action_id"]
+    try:
+        deadline = wire.parse_deadline(body.get("deadline"))
+    except ValueError as exc:
+        raise InvalidRequest(f"deadline: {exc}") from None
     try:
         envelope = body["envelope"]
         if isinstance(envelope, str):
             envelope = codec.decode_bounded(envelope.encode())
         if not isinstance(envelope, dict) or envelope.get("type") != t.ACTION_REQUEST:
-            raise ValueError("envelope must be the action.request the engine was handed")
+            raise ValueError("not the action.request the engine was handed")
         request.app[GATEWAY].contracts.validate(t.ACTION_REQUEST, envelope)
-        action = wire.parse_action(party_id, envelope, wire.parse_deadline(body.get("deadline")))
+        action = wire.parse_action(party_id, envelope, deadline)
     except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
         raise InvalidRequest(f"envelope: {str(exc)[:200]}") from None
     if action.action_id != action_id:
@@ -254,7 +263,7 @@ async def claim_action(request: web.Request) -> web.Response:
     if action.deadline is None:
         raise InvalidRequest("deadline is required: the entry's deadline field")
     with tracing.incoming("claim", request.headers, trace_id=action.trace_id):
-        claim = await gateway.publisher.claim(action)
+        claim = await gateway.publisher.claim(action, trusted=False)
     return web.json_response({"claim": claim.value})
 
 

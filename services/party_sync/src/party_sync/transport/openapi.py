@@ -509,15 +509,16 @@ def _claim() -> dict[str, Any]:
     return _engine_action(
         "Claim an action an engine read from the actions stream, right before starting it",
         "Atomic with party_sync's own timeout, as party-sync engine-worker claims (docs/"
-        "engines.md, An engine in another language): start runs it (a claim of an action "
+        "engines.md, A stream worker in another language): start runs it (a claim of an action "
         "already started starts it again: a redelivery, deduplicated by action_id); expired: "
         "its deadline passed before anyone started it, and it is refused now with "
         "action_timeout; final: it has its answer already. On expired and final, acknowledge "
         "the entry without running it.",
         "claimAction",
-        _object(
-            {"envelope": _handed_envelope(), "deadline": _entry_deadline()},
-        ),
+        {
+            **_object({"envelope": _handed_envelope(), "deadline": _entry_deadline()}),
+            "additionalProperties": False,
+        },
         _json(
             _object({"claim": {"type": "string", "enum": ["start", "expired", "final"]}}),
             "What to do with the action",
@@ -528,8 +529,9 @@ def _claim() -> dict[str, Any]:
 def _refusal() -> dict[str, Any]:
     return _engine_action(
         "Refuse an action an engine was handed: its final answer",
-        "action_rejected (the game's rules refuse it; `detail` is shown to its player, up to "
-        "500 characters) or engine_error (the engine failed). The refusal becomes the action's "
+        "action_rejected (the game's rules refuse it) or engine_error (the engine failed); "
+        "`detail` is shown to the player with either (its first 500 characters: keep internal "
+        "errors out of it). The refusal becomes the action's "
         "final answer: its sender gets system.error with that code and every member "
         "action.failed; a resend of the action_id gets it again. A retried refusal is safe.",
         "refuseAction",
