@@ -326,7 +326,9 @@ def _serve(args: argparse.Namespace) -> int:
     settings = config.load(args)
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync")  # off unless OTEL_* asks for an exporter
-    _refuse_redis_misconfiguration(settings)  # before a file is written or an engine loaded
+    _refuse_redis_misconfiguration(  # before a file is written or an engine loaded
+        settings, stream=settings.resolved_engine_transport == "stream"
+    )
     # A port in use is refused before anything is discarded or written: `--new-game` beside a
     # running server removed its development secret and the engine's database, then could
     # not listen (its links stopped working; the running engine wrote to a deleted file).
@@ -712,7 +714,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
         )
     logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
     _tracing("party-sync-engine-worker")
-    _refuse_redis_misconfiguration(settings)  # before the engine opens its store
+    _refuse_redis_misconfiguration(settings, stream=True)  # before the engine opens its store
     settings = _take_nodes_settings(settings)
     engine = load_engine(args.engine)
     options = WorkerOptions(
@@ -837,14 +839,21 @@ def _take_nodes_settings(settings: config.Settings) -> config.Settings:
     return dataclasses.replace(settings, **theirs)  # type: ignore[arg-type]
 
 
-def _refuse_redis_misconfiguration(settings: config.Settings) -> None:
+def _refuse_redis_misconfiguration(settings: config.Settings, *, stream: bool = False) -> None:
     """Redis settings that can never work (credentials, database, ACL, cluster mode) stop the
     command before it writes anything (a development secret, an engine's database): the backend
-    asks again when it starts, which is what a program embedding the gateway gets."""
+    asks again when it starts, which is what a program embedding the gateway gets. ``stream``:
+    the actions stream is used too (stream mode, ``engine-worker``): may the user read it?"""
     if settings.redis_url:
         from party_sync.backends.redis_connect import RedisTarget, refuse_misconfiguration
+        from party_sync.engine.partitions import stream_names
 
-        asyncio.run(refuse_misconfiguration(RedisTarget.of(settings)))
+        streams = (
+            stream_names(settings.actions_stream, settings.actions_stream_partitions)[:1]
+            if stream
+            else ()
+        )
+        asyncio.run(refuse_misconfiguration(RedisTarget.of(settings), streams=streams))
 
 
 def _tracing(service_name: str) -> None:

@@ -10,9 +10,10 @@ import argparse
 import ipaddress
 import math
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 from party_sync.auth import HMAC_ALGORITHMS
@@ -613,39 +614,66 @@ def _serialized_origin(parts: SplitResult, host: str | None = None) -> str:
     return f"{scheme}://{host}:{port}"
 
 
+#: What every refusal of a malformed ``redis_url`` ends with: the likely cause.
+_ENCODE_HINT: Final = (
+    "a user name or password holding / # ? @ : % must be percent-encoded (%2F %23 %3F %40 %3A %25)"
+)
+#: redis-py's own words about an option's value: they name the option, nothing of the URL.
+_BAD_OPTION_VALUE: Final = re.compile(r"Invalid value for '[A-Za-z0-9_]{1,40}' in connection URL\.")
+#: The URL options that name a file party_sync can check for at start.
+_FILE_OPTIONS: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
+
+
 def _redis_url_problem(url: str | None) -> str | None:
-    """What is wrong with ``redis_url`` as redis-py would read it, or None (unset included)."""
+    """What is wrong with ``redis_url`` as redis-py would read it, or None (unset included).
+    No refusal repeats the URL or any part of it that may be a password's."""
     if not url:
         return None
     from redis.asyncio.connection import parse_url
 
+    parts = urlsplit(url)
+    tcp = parts.scheme in ("redis", "rediss")
+    if (
+        parts.fragment
+        or "#" in url
+        or "@" in parts.query
+        or ("@" in parts.path if tcp else "@/" in parts.path)
+    ):
+        # a Redis URL has no fragment, and its credentials come before the host: a '#', or an
+        # '@' after the host, is a password not encoded, whose first part would be read as
+        # the host, the port or an option (and logged as such), or which would leave no host
+        # at all: localhost:6379 without a password (redis variants probe)
+        return f"redis_url is not a URL redis-py can read: {_ENCODE_HINT}"
     try:
         parse_url(url)
     except ValueError as exc:
-        if "@" not in url:  # no credentials: redis-py's words name what is wrong
-            return f"redis_url: {exc}"
+        if "@" not in url or _BAD_OPTION_VALUE.fullmatch(str(exc)):
+            return f"redis_url: {exc}"  # redis-py's words, which name no credential
         # with credentials its words may quote a piece of the password ("Port could not be
         # cast to integer value as '<the part before a />'"): the URL is not repeated
         return (
             "redis_url is not a URL redis-py can read (redis[s]://[user:password@]host:port/db "
-            "or unix://[user:password@]/path?db=N); a user name or password holding / # ? @ : % "
-            "must be percent-encoded (%2F %23 %3F %40 %3A %25)"
+            f"or unix://[user:password@]/path?db=N); {_ENCODE_HINT}"
         )
+    if tcp and not parts.hostname:
+        return f"redis_url names no host (redis[s]://[user:password@]host:port/db); {_ENCODE_HINT}"
     unknown = _unknown_redis_options(url)
     if unknown:
-        scheme = urlsplit(url).scheme
         return (
-            f"redis_url: {', '.join(unknown)}: not an option of a {scheme}:// connection "
+            f"redis_url: {', '.join(unknown)}: not an option of a {parts.scheme}:// connection "
             '(docs/redis.md, "Credentials, TLS and ACL"; the ssl_* options need rediss://)'
         )
-    if url.startswith("unix:") and not urlsplit(url).path.strip("/"):
+    options = dict(parse_qsl(parts.query))
+    for name in _FILE_OPTIONS:
+        if name in options and not os.path.isfile(options[name]):
+            return f"redis_url: {name} names no readable file: {options[name][:200]}"
+    if url.startswith("unix:") and not parts.path.strip("/"):
         return (
             "redis_url: a unix:// URL needs the socket's path (unix://[user:password@]/path/to/"
-            "redis.sock?db=N); a user name or password holding / # ? @ : % must be "
-            "percent-encoded (%2F %23 %3F %40 %3A %25)"
+            f"redis.sock?db=N); {_ENCODE_HINT}"
         )
     if not url.startswith("unix:"):
-        path = urlsplit(url).path.strip("/")
+        path = parts.path.strip("/")
         if path and not path.isdigit():
             # redis-py ignores such a path and uses db 0: say so before anything is written there
             return "redis_url: the path must be a database number (redis://host:port/0), or none"

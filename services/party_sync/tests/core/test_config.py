@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import string
 from dataclasses import fields
 
@@ -525,7 +526,7 @@ def test_a_redis_url_whose_path_is_not_a_db_number_is_refused(url: str, ok: bool
     if ok:
         validate(Settings(redis_url=url))
     else:
-        with pytest.raises(ConfigError, match=r"database number|socket's path") as raised:
+        with pytest.raises(ConfigError, match=r"database number|percent-encoded") as raised:
             validate(Settings(redis_url=url))
         assert url not in str(raised.value) and "cret" not in str(raised.value)
 
@@ -559,3 +560,39 @@ def test_a_redis_url_refused_never_repeats_its_password(
     except ConfigError as exc:
         said = str(exc)
     assert head not in said and tail not in said
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:#Secr3tA@127.0.0.1:6379/0",  # no host left: localhost:6379, no password
+        "redis://:?Secr3tB@127.0.0.1:6379/0",
+        "redis://user:#Secr3tC@127.0.0.1:6379/0",  # host "user"
+        "redis://u:23555#Secr3tD@127.0.0.1:6379/0",  # host "u", port 23555: logged
+        "redis://:23555?abc=Secr3tE@127.0.0.1:6379/0",  # an option "abc": named
+        "unix://:pa/Secr3tF@/run/redis.sock",  # the socket path "/Secr3tF@/run/...": logged
+    ],
+)
+def test_a_password_not_encoded_is_refused_whole(url: str) -> None:
+    """Redis variants probe: a password beginning with # or ? left no host (redis-py used
+    localhost:6379 without a password), and other positions turned parts of it into the host,
+    the port, an option or the socket path, each then printed."""
+    with pytest.raises(ConfigError, match="percent-encoded") as raised:
+        validate(Settings(redis_url=url))
+    assert "Secr3t" not in str(raised.value) and "23555" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("rediss://:pw@h:1/0?ssl_min_version=TLSv1_2", "Invalid value for 'ssl_min_version'"),
+        ("rediss://:pw@h:1/0?ssl_ca_certs=/nonexistent/ca.pem", "ssl_ca_certs names no readable"),
+        ("unix://:pw@/run/redis@1/redis.sock?db=2", None),  # an '@' in a socket path
+    ],
+)
+def test_an_option_s_value_is_named_with_credentials_too(url: str, said: str | None) -> None:
+    if said is None:
+        validate(Settings(redis_url=url))
+        return
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        validate(Settings(redis_url=url))

@@ -45,6 +45,14 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
     redis_server.command(
         "ACL", "SETUSER", "nokeys", "on", f">{PASSWORD}", "~other:*", "&*", "+@all"
     )
+    # the prefix's keys but not the actions stream's; no stream commands (redis variants probe:
+    # serve said ready and every action got backend_unavailable, the worker retried for ever)
+    redis_server.command(
+        "ACL", "SETUSER", "gameonly", "on", f">{PASSWORD}", "~game:*", "&*", "+@all"
+    )
+    redis_server.command(
+        "ACL", "SETUSER", "nostream", "on", f">{PASSWORD}", "~*", "&*", "+@all", "-@stream"
+    )
     # what docs/redis.md gives as the least a user needs
     redis_server.command(
         "ACL",
@@ -60,7 +68,16 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
         yield redis_server
     finally:
         redis_server.command(
-            "ACL", "DELUSER", USER, "noscript", "noinfo", "nochan", "nokeys", "least"
+            "ACL",
+            "DELUSER",
+            USER,
+            "noscript",
+            "noinfo",
+            "nochan",
+            "nokeys",
+            "least",
+            "gameonly",
+            "nostream",
         )
 
 
@@ -111,6 +128,26 @@ async def test_settings_redis_says_can_never_work_are_a_configuration_error(
 ) -> None:
     target = RedisTarget(url(with_user, credentials, db))
     await refused_or_not(target, refused)
+
+
+@pytest.mark.parametrize(
+    ("credentials", "prefix", "refused"),
+    [
+        (f"gameonly:{PASSWORD}@", "game", r"keys ~game:\* \(and the actions stream's"),
+        (f"nostream:{PASSWORD}@", "party_sync", "may not run what party_sync needs"),
+        (f"least:{PASSWORD}@", "party_sync", None),
+    ],
+)
+async def test_in_stream_mode_the_actions_stream_is_asked_too(
+    with_user: RedisServer, credentials: str, prefix: str, refused: str | None
+) -> None:
+    target = RedisTarget(url(with_user, credentials), prefix=prefix)
+    await refuse_misconfiguration(target)  # without the stream: these pass
+    if refused is None:
+        await refuse_misconfiguration(target, streams=("party_sync:actions",))
+        return
+    with pytest.raises(ConfigError, match=refused):
+        await refuse_misconfiguration(target, streams=("party_sync:actions",))
 
 
 @pytest.fixture(scope="module")

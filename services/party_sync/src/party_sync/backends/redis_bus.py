@@ -212,6 +212,7 @@ class Bus:
         loop = asyncio.get_running_loop()
         delay, lost = 0.05, ""
         failures = 0  # attempts in a row that failed: one WARNING per outage, not one per try
+        told = ""  # the kind of failure the last WARNING named: another kind is a WARNING too
         while not self._closing:
             conn = RawConnection(self._pool)
             reader: asyncio.Task[None] | None = None
@@ -232,7 +233,7 @@ class Bus:
                         extra={"cause": lost, "failed_attempts": failures},
                     )
                     lost = ""
-                failures = 0
+                failures, told = 0, ""
                 self._on_reconnect()  # every party stream repairs what it may have missed
                 delay = 0.05
                 await asyncio.wait({reader})
@@ -247,7 +248,11 @@ class Bus:
             except (RedisError, OSError, TimeoutError, BackendUnavailable) as exc:
                 lost = lost or ("error" if self._ever.is_set() else "")
                 failures += 1
-                if failures == 1:
+                if type(exc).__name__ != told:
+                    # the first failure, or one of another kind: a restart refused connections,
+                    # then refused the password (which said so only at DEBUG: redis variants
+                    # probe)
+                    told = type(exc).__name__
                     self.troubled = True
                     log.warning(
                         "redis pub/sub unavailable (retrying until it is back): %s",

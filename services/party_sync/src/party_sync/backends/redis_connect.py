@@ -972,12 +972,15 @@ class _SentinelRedis(BoundedRedis):
 _REFUSED_CREDENTIALS = ("NOAUTH", "WRONGPASS", "invalid password", "invalid username-password")
 
 
-async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> None:
+async def refuse_misconfiguration(
+    target: RedisTarget, wait: float = 2.0, *, streams: Sequence[str] = ()
+) -> None:
     """Ask Redis once, at start, whether these settings can ever work, and raise ``ConfigError``
     (one line, exit 2) when its answer says they cannot: it refuses the credentials, it has no
     such database, the user may not run what party_sync needs (``INFO``, which every
     connection's fence runs; a Lua script, which everything party_sync writes is), may not touch
-    the keys under ``redis_prefix`` or may not subscribe to party_sync's channels, or it is a
+    the keys under ``redis_prefix``, may not read the actions stream (``streams``: its first
+    partition, in stream mode) or may not subscribe to party_sync's channels, or it is a
     Redis Cluster node while ``redis_cluster`` is not set (or the other way round). Each of these
     used to start a node that retried for ever (every handshake ``backend_unavailable``; with a
     Cluster node not even ``/readyz`` said so). Anything else passes, and the node starts and
@@ -997,8 +1000,10 @@ async def refuse_misconfiguration(target: RedisTarget, wait: float = 2.0) -> Non
             _refuse_cluster_mismatch(target, str(info.get("cluster_enabled", "0")) == "1")
             await client.eval("return 1", 0)
             await _may_subscribe(client, target.prefix)
-            if not target.cluster:  # (on a Cluster the key may live on another shard: MOVED)
+            if not target.cluster:  # (on a Cluster the keys may live on another shard: MOVED)
                 await client.exists(KeySpace(target.prefix).fence())
+                for stream in streams:  # its key and the stream commands (XLEN is @stream)
+                    await client.xlen(stream)
     except RedisError as exc:
         refusal = _refusal(_unwrapped(exc), target, whose)
         if refusal is not None:
