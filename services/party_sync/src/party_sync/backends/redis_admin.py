@@ -3,8 +3,9 @@
 - Parties: every node's heartbeat adds the parties it serves to ``party-index`` (one sorted set,
   all scores 0, so it is read in ``party_id`` order and paginated by ``ZRANGE BYLEX``: the cursor
   is the last ``party_id`` of a page). A party whose state expired is dropped from the index when
-  a listing meets it, and by the heartbeats, each of which looks at the next ``INDEX_SWEEP``
-  entries (so the index follows the live parties without any listing). A party's numbers are
+  a listing meets it, and by the heartbeats, each of which looks at ``INDEX_SWEEP`` entries
+  from a random one on, and more while many were gone (so the index follows the live parties
+  without any listing). A party's numbers are
   read in one ``MULTI`` on its slot (all its keys share
   the hash tag), never through ``snapshot.lua``, which would start a history for a party that
   just expired.
@@ -99,7 +100,7 @@ class _Watch:
 
 #: Index entries each heartbeat checks for an expired party (``RedisAdmin._sweep_index``).
 INDEX_SWEEP: Final = 64
-#: The most batches of ``INDEX_SWEEP`` one heartbeat sweeps (while half of each was gone).
+#: The most batches of ``INDEX_SWEEP`` one heartbeat sweeps (while a quarter of each was gone).
 INDEX_SWEEP_ROUNDS: Final = 16
 
 
@@ -126,7 +127,8 @@ class RedisAdmin:
         self._events = client.register_script(EVENTS_LUA)
         self._slots = SlotClients(client) if isinstance(client, RedisCluster) else None
         self._watchers: list[CloseRequest] = []
-        self._swept_after: str | None = None  # the index sweep's cursor (None: from the start)
+        self._swept_after: str | None = None  # where the cursor sweeps go on (None: the start)
+        self._sweeps = 0  # heartbeats' sweeps so far: odd ones from the cursor, even at random
 
     async def close(self) -> None:
         if self._slots is not None:
@@ -242,29 +244,46 @@ class RedisAdmin:
         await self._sweep_index()
 
     async def _sweep_index(self) -> None:
-        """The next ``INDEX_SWEEP`` parties of ``party-index`` (from where the last heartbeat
-        stopped, round and round): those whose state expired are dropped. Without it the index
-        (no TTL: it is every node's) kept every party ever served until a listing met it. While
-        at least half of a full batch was gone, the next batch is looked at too, up to
-        ``INDEX_SWEEP_ROUNDS`` batches a heartbeat: 64 a heartbeat did not keep up with parties
-        that come and go faster than that (hygiene probe: 3,800 entries for 2,800 live parties
-        under churn, still 1,700 two minutes after the last one left)."""
-        for _ in range(INDEX_SWEEP_ROUNDS):
-            looked, gone = await self._sweep_index_batch()
-            if looked < INDEX_SWEEP or gone * 2 < looked:
-                return
-
-    async def _sweep_index_batch(self) -> tuple[int, int]:
-        """One batch of the sweep: (parties looked at, parties dropped)."""
+        """Parties of ``party-index`` whose state expired are dropped, ``INDEX_SWEEP`` entries
+        at a time, and the next batch too while at least a quarter of one was gone (or it
+        ended at the end of the index: on from the start), up to ``INDEX_SWEEP_ROUNDS``
+        batches a heartbeat. Every other heartbeat starts where the last such one stopped, so
+        the sweep goes round the whole index; the others start at a random entry
+        (``ZRANDMEMBER``). Without a sweep the index (no TTL: it is every node's) kept every
+        party ever served until a listing met it; with one batch from a cursor alone it fell
+        behind parties that come and go fast, and for good when their ids grow (``p-1``,
+        ``p-10``, ``p-100``, ...: each new id lands just ahead of the cursor, which then
+        never reaches the expired ones behind it; hygiene probes: 10,000 entries for 2,400
+        live parties, rising). A random start finds expired entries wherever the ids put
+        them."""
         index = self._keys.party_index()
-        start = "-" if self._swept_after is None else "(" + self._swept_after
+        self._sweeps += 1
+        if self._sweeps % 2:
+            start = "-" if self._swept_after is None else "(" + self._swept_after
+        else:
+            with unavailable("admin index sweep"):
+                first: Any = await self._client.zrandmember(index)
+            if first is None:
+                return
+            start = "[" + text(first)
+        for _ in range(INDEX_SWEEP_ROUNDS):
+            looked, gone, last = await self._sweep_index_batch(start)
+            if self._sweeps % 2:
+                self._swept_after = last
+            if looked == 0 or (last is not None and gone * 4 < looked):
+                return
+            start = "-" if last is None else "(" + last  # on from there; round to the start
+
+    async def _sweep_index_batch(self, start: str) -> tuple[int, int, str | None]:
+        """One batch of the sweep from ``start``: (parties looked at, parties dropped, the last
+        one looked at, or None if the batch reached the end of the index)."""
+        index = self._keys.party_index()
         with unavailable("admin index sweep"):
             ids = [
                 text(p) for p in await self._client.zrangebylex(index, start, "+", 0, INDEX_SWEEP)
             ]
-            self._swept_after = ids[-1] if len(ids) == INDEX_SWEEP else None
             if not ids:
-                return 0, 0
+                return 0, 0, None
             async with self._client.pipeline(transaction=False) as pipe:
                 for party_id in ids:
                     pipe.exists(self._keys.party_keys(party_id).meta)
@@ -272,7 +291,7 @@ class RedisAdmin:
             gone = [party_id for party_id, alive in zip(ids, found, strict=True) if not alive]
             if gone:
                 await self._client.zrem(index, *gone)
-        return len(ids), len(gone)
+        return len(ids), len(gone), ids[-1] if len(ids) == INDEX_SWEEP else None
 
     async def forget_node(self, node_id: str) -> None:
         keys = self._keys
