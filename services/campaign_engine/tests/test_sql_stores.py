@@ -19,6 +19,7 @@ from campaign_engine.store import (
     StoreUnavailable,
     open_store,
     redact,
+    scrub,
 )
 from campaign_engine.testing import RecordingPublisher
 
@@ -61,6 +62,17 @@ def test_redact_hides_only_the_password() -> None:
     )
     assert redact("postgresql://u@h/d") == "postgresql://u@h/d"
     assert redact("sqlite:///a.db") == "sqlite:///a.db"
+
+
+@pytest.mark.parametrize("password", ["Secr3tA/xx", "Secr3t#B", "Secr3t?C=1", "Se@cr3tD:99"])
+def test_a_password_not_encoded_is_hidden_whole(password: str) -> None:
+    """Outside probe: ``postgresql://u:Secr3tA/xx@host/db`` was shown whole in the engine's
+    start error (urlsplit takes the '/' for the end of the host part); a driver's message may
+    quote a piece of it (as a host or port) too."""
+    url = f"postgresql://u:{password}@127.0.0.1:1/db"
+    assert redact(url) == "postgresql://u:***@127.0.0.1:1/db"
+    said = scrub(f"failed to resolve host 'u': invalid port {password.split('/')[0]}", url)
+    assert "Secr3t" not in said and "cr3t" not in said
 
 
 async def test_the_schema_is_versioned_and_reopening_migrates_nothing(durable_url: str) -> None:

@@ -38,7 +38,7 @@ from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from campaign_engine.sql_store import SqlRunStore
-from campaign_engine.store import StoreUnavailable, redact
+from campaign_engine.store import StoreUnavailable, redact, scrub
 
 # --- SQLite --------------------------------------------------------------------------------------
 
@@ -197,7 +197,8 @@ class PostgresRunStore(SqlRunStore):
                 self.conninfo, connect_timeout=int(CONNECT_TIMEOUT_S)
             )
         except psycopg.Error as exc:
-            raise StoreUnavailable(f"{self.url}: cannot connect ({exc})") from exc
+            said = scrub(str(exc), self.conninfo)
+            raise StoreUnavailable(f"{self.url}: cannot connect ({said})") from exc
         await probe.close()
         pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
             self.conninfo,
@@ -213,7 +214,8 @@ class PostgresRunStore(SqlRunStore):
             await pool.open(wait=True, timeout=CONNECT_TIMEOUT_S)
         except (PoolTimeout, psycopg.Error) as exc:
             await pool.close()
-            raise StoreUnavailable(f"{self.url}: cannot connect ({exc})") from exc
+            said = scrub(str(exc), self.conninfo)
+            raise StoreUnavailable(f"{self.url}: cannot connect ({said})") from exc
         self._pool = pool
 
     async def _disconnect(self) -> None:

@@ -19,9 +19,9 @@ the state survives serialisation, and no caller can change a stored run by mutat
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Sequence
 from typing import Any, Final, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 from campaign_engine.chronicle import Decision, SceneSummary
 from campaign_engine.state import RunState
@@ -158,13 +158,30 @@ class InMemoryRunStore:
 
 
 def redact(url: str) -> str:
-    """``url`` without its password, fit for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """``url`` without its password, fit for logs and messages. The credentials are what stands
+    between ``scheme://`` and the last ``@`` (a password with an unencoded ``/``, ``#`` or ``?``
+    is not where ``urlsplit`` looks for it, and was shown whole)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
         return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = netloc[0].split(":", 1)[0]
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc[1]}"))
+    credentials, _, tail = rest.rpartition("@")
+    if ":" not in credentials:
+        return url  # a user name, no password
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{tail}"
+
+
+def scrub(text: str, url: str) -> str:
+    """``text`` (a driver's error about ``url``) with ``url``'s password, and every piece of it
+    a parser may have split off (at ``/ # ? @ :``), replaced by ``***``."""
+    _, sep, rest = url.partition("://")
+    credentials = rest.rpartition("@")[0] if sep else ""
+    password = credentials.split(":", 1)[1] if ":" in credentials else ""
+    if not password:
+        return text
+    pieces = {password, *re.split(r"[/#?@:]", password)}
+    for piece in sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True):
+        text = text.replace(piece, "***")
+    return text
 
 
 def open_store(url: str | None = None, *, create: bool = True) -> RunStore:
