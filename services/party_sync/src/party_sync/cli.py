@@ -750,11 +750,11 @@ def _engine_worker(args: argparse.Namespace) -> int:
         async def restate(notice: RestateNotice) -> None:
             await restate_engine(engine, notice)
 
-        watch = EpochWatch(backend, restate, time.time)
+        watch = EpochWatch(backend, restate, backend.clock)  # Redis's clock, as the nodes
         # (the backend's own publications, an answer lost in a failover written again, may
         # open an epoch too: the worker's rounds send the re-statement, ``restate_opened``)
         watch.follow(backend)
-        publisher = BackendPublisher(backend, Contracts(), time.time, watch)
+        publisher = BackendPublisher(backend, Contracts(), backend.clock, watch)
         worker = PartitionedWorker(
             engine,
             publisher,
@@ -763,6 +763,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
             partitions=settings.actions_stream_partitions,
             concurrency=args.concurrency,
             watch=watch,
+            clock=backend.clock,
             stop_grace=settings.shutdown_timeout,
             shared=(
                 KeySpace(settings.redis_prefix).settings(),

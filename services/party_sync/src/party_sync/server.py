@@ -379,7 +379,9 @@ def build_server(
     metrics = Metrics(node_id)
     if backend is None:
         backend = make_backend(settings, node_id=node_id, metrics=metrics)
-    gateway = Gateway(settings, backend, link, contracts, metrics=metrics, node_id=node_id)
+    gateway = Gateway(
+        settings, backend, link, contracts, metrics=metrics, node_id=node_id, clock=backend.clock
+    )
     directory = make_directory(
         RedisTarget.of(settings) if settings.redis_url else None,
         settings.redis_prefix,

@@ -667,6 +667,37 @@ async def test_the_host_reads_the_deadline_from_the_header_too() -> None:
         assert (status, answer["error"]) == (422, "invalid")
 
 
+async def test_the_host_judges_the_deadline_by_the_time_left_not_by_its_own_clock() -> None:
+    """Clock skew probe: a host 6 s ahead of the nodes (action timeout 4 s) answered every first
+    delivery 409 expired: the deadline came on the nodes' clock and was read on the host's. The
+    link says how much time was left when it sent the delivery; the host's deadline is its
+    receipt plus that (the engine gets it on the host's clock too)."""
+    engine = ScriptedEngine()
+    async with serve(host_app(engine)) as base:
+        headers = {"X-Delivery-Attempt": "1", "X-Action-Time-Left": "3.000"}
+        before = time.time()
+        status, _ = await post(f"{base}/actions", action_body("skew", PAST), **headers)
+        assert status == 202  # PAST by the host's clock, 3 s left by the sender's
+        deadline = engine.calls[0].deadline
+        assert deadline is not None and before + 3 <= deadline <= time.time() + 3
+        headers["X-Action-Time-Left"] = "0.000"  # none left when it was sent
+        status, answer = await post(f"{base}/actions", action_body("late", FUTURE), **headers)
+        assert (status, answer["error"]) == (409, "expired")
+        headers["X-Action-Time-Left"] = "soon"  # not a number: the deadline as given
+        status, _ = await post(f"{base}/actions", action_body("odd", FUTURE), **headers)
+        assert status == 202
+
+
+async def test_the_link_says_the_time_left_by_its_host_s_clock() -> None:
+    api = ScriptedApi()
+    host = RecordingHost()
+    host.clock = lambda: 1_000.0  # type: ignore[attr-defined]  # the deployment's clock
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("t", deadline=1_004.25))
+        await idle(link)
+    assert api.actions[0][0]["X-Action-Time-Left"] == "4.250"
+
+
 async def test_the_host_serves_notices_on_their_own_path_and_actions_only_on_theirs() -> None:
     engine = ScriptedEngine()
     join_envelope = {

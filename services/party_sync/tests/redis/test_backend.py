@@ -439,3 +439,20 @@ async def test_the_index_sweep_keeps_up_with_parties_that_come_and_go_fast(
             await r.aclose()
     # wherever it started, it went on (round the end) until a batch held no more expired ones
     assert [m.decode() for m in members] == ["p-2"]
+
+
+async def test_the_backend_keeps_time_by_redis_s_clock(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Clock skew probe: a stream worker 6 s ahead of the nodes (action timeout 4 s) claimed
+    every action past its deadline (the deadline was made on the node's clock, the claim read
+    on the worker's): each was refused action_timeout in 10 ms. The nodes and the workers keep
+    time by Redis's clock (``backend.clock``, which the gateway and ``engine-worker`` use)."""
+    real = time.time
+    caplog.set_level(logging.WARNING, "party_sync.backends.redis_backend")
+    async with backend(redis.url) as b:
+        assert abs(b.clock() - real()) < 0.5
+        monkeypatch.setattr(time, "time", lambda: real() + 6.0)  # this machine 6 s ahead
+        await b._measure_clock()
+        assert abs(b.clock() - real()) < 0.5
+    assert any("differ by -6.0s" in r.getMessage() for r in caplog.records)

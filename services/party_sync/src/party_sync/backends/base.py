@@ -362,7 +362,12 @@ class Backend(
     Protocol,
 ):
     """Shared party state and the event bus: every part. All times are Unix seconds passed in by
-    the caller. ``MemoryBackend`` and ``RedisBackend`` implement it."""
+    the caller, read from ``clock()``. ``MemoryBackend`` and ``RedisBackend`` implement it."""
+
+    def clock(self) -> float:
+        """Now, as every process of the deployment reads it (Unix seconds): the machine's clock
+        for the embedded backend, Redis's for the Redis backend (``RedisBackend.clock``)."""
+        ...
 
 
 # -- the operators' view (the admin API, transport/admin.py) ---------------------------------------

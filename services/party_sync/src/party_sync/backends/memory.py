@@ -75,6 +75,9 @@ class MemoryBackend:
         self._runs: dict[str, set[str]] = {}  # campaign_run_id → party ids
         self.admin = MemoryAdmin(self._parties)  # the operators' view (AdminView)
 
+    def clock(self) -> float:
+        return time.time()
+
     async def start(self) -> None:
         return None
 

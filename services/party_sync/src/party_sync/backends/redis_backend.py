@@ -258,6 +258,15 @@ class RedisBackend:
         self._answers_servers = redis_fence.SERVERS.count
         self._rewriting: asyncio.Future[None] | None = None
 
+    def clock(self) -> float:
+        """Now, on Redis's clock: this process's plus the offset measured with ``TIME`` (every
+        ``CLOCK_EVERY`` s). The gateway nodes and the engine workers of a deployment keep time
+        by it (deadlines, presence, votes, event times), so a machine whose clock is off by
+        seconds neither times out every action its engine host claims (a worker ahead by the
+        action timeout refused every action in 10 ms: clock skew probe) nor expires the other
+        nodes' players (presence flapping) nor ends votes early."""
+        return time.time() + self._clock_offset
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await refuse_misconfiguration(self.target, self.options.connect_timeout)
@@ -553,11 +562,11 @@ class RedisBackend:
             extra={"party_id": party_id, "action_id": action_id},
         )
         if answer.message is not None:
-            event = await self.publish(party_id, answer.message, time.time())
+            event = await self.publish(party_id, answer.message, self.clock())
             _tell(self._published_hooks, "a published-events hook", (event,))
         else:
             await self.refuse_action(
-                party_id, action_id, answer.character_id, answer.refusal, time.time()
+                party_id, action_id, answer.character_id, answer.refusal, self.clock()
             )
 
     def _on_reconnect(self) -> None:
@@ -582,7 +591,7 @@ class RedisBackend:
         return [p for p, alive in zip(parties, exists, strict=True) if alive]
 
     async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with unavailable("snapshot"):
             kept_ms = int(kept_for(self.settings.narration_idle) * 1000)
             reply = await self.scripts.run("snapshot", party_id, now, [kept_ms], narration=True)
@@ -674,7 +683,7 @@ class RedisBackend:
         refuses every call nor accepts late ones) and how many seconds later Redis may still run
         it (half the command timeout: past it the node has given up, or is about to)."""
         self._measure_clock_soon()
-        return time.time() + self._clock_offset, self.options.command_timeout / 2
+        return self.clock(), self.options.command_timeout / 2
 
     def _measure_clock_soon(self) -> None:
         """Measure Redis's clock against this node's at most every ``CLOCK_EVERY`` seconds, in
@@ -697,7 +706,12 @@ class RedisBackend:
             return
         offset = seconds + micros / 1e6 - (before + after) / 2
         if abs(offset - self._clock_offset) > 1.0:
-            log.warning("this node's clock and Redis's differ by %.1fs", offset)
+            log.warning(
+                "this process's clock and Redis's differ by %.1fs: party_sync keeps time by "
+                "Redis's (deadlines, presence, votes); an HTTP engine host's clock must still "
+                "agree with it (docs/engines.md, Deadlines): set up NTP on this machine",
+                offset,
+            )
         self._clock_offset = offset
 
     # -- actions --------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import signal
 import time
 import uuid
@@ -423,6 +424,25 @@ def _deadline(request: web.Request, body: Mapping[str, Any]) -> float | None:
     return wire.parse_deadline(raw if raw is not None else request.headers.get(DEADLINE_HEADER))
 
 
+def _rebased(request: web.Request, body: Mapping[str, Any], now: float) -> float | None:
+    """The action's deadline on this host's clock: now (its receipt) plus the seconds the
+    sender says were left (``X-Action-Time-Left``), so that a host whose clock is ahead of the
+    deployment's does not take every action for expired (clock skew probe: a host 6 s ahead
+    answered every first delivery 409 with a 4-s timeout). Without the header (an older
+    sender), the deadline as given."""
+    deadline = _deadline(request, body)
+    raw = request.headers.get(wire.TIME_LEFT_HEADER)
+    if deadline is None or raw is None:
+        return deadline
+    try:
+        left = float(raw)
+    except ValueError:
+        return deadline
+    if not math.isfinite(left) or left < 0:
+        return deadline
+    return now + left
+
+
 def _first_attempt(request: web.Request) -> bool:
     """``X-Delivery-Attempt: 1``: no earlier delivery of this action can have reached us."""
     return request.headers.get(ATTEMPT_HEADER, "").strip() == "1"
@@ -537,7 +557,7 @@ async def receive_action(request: web.Request) -> web.Response:
         if not isinstance(envelope, dict) or envelope.get("type") != t.ACTION_REQUEST:
             raise ValueError("expected an action.request envelope and a party_id")
         contracts.validate(t.ACTION_REQUEST, envelope)
-        action = wire.parse_action(party_id, envelope, _deadline(request, body))
+        action = wire.parse_action(party_id, envelope, _rebased(request, body, clock()))
     except _UNREADABLE as exc:
         raise _unreadable(exc, _ACTION_SHAPE) from exc
     if action.deadline is not None and clock() > action.deadline and _first_attempt(request):

@@ -64,7 +64,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from typing import Any, Final
 
@@ -128,6 +128,7 @@ class HttpEngineLink:
         claim_patience: float = 600.0,
         api_key: str | None = None,
         rng: random.Random | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
         #: ``Authorization: Bearer <api_key>`` on every delivery (the engine host checks it)
@@ -140,6 +141,8 @@ class HttpEngineLink:
         self.give_up_after = give_up_after
         self.claim_patience = claim_patience
         self._rng = rng or random.Random()
+        #: Now, by the deployment's clock (the backend's: Redis's in Redis mode), as deadlines
+        self.clock = clock
         self._host: LinkHost | None = None
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -170,6 +173,11 @@ class HttpEngineLink:
 
     async def start(self, host: LinkHost) -> None:
         self._host = host
+        # the host's clock, when it has one (the gateway's publisher: the backend's, Redis's in
+        # Redis mode), so that deadlines are read on the clock they were made by
+        host_clock = getattr(host, "clock", None)
+        if callable(host_clock):
+            self.clock = host_clock
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
         if self.notice_url is None:
             log.info(
@@ -316,6 +324,11 @@ class HttpEngineLink:
         unknown = action.redelivery  # an attempt may have reached the engine, outcome unknown
         while True:
             headers["X-Delivery-Attempt"] = str(reached + 1)
+            if action.deadline is not None:
+                # the time left, by the deployment's clock: a host whose own clock is off
+                # judges the deadline by it, not by comparing clocks (clock skew probe)
+                left = max(0.0, action.deadline - self.clock())
+                headers[wire.TIME_LEFT_HEADER] = f"{left:.3f}"
             try:
                 status, answer = await self._post(self.url, body, headers)
             except _Unreached as exc:
@@ -357,7 +370,7 @@ class HttpEngineLink:
                 self._silent_since = None  # its engine answered it: the host is not stuck
                 log.info("the action was answered while its delivery was retried", extra=extra)
                 return
-            if not reached and _past(action.deadline):
+            if not reached and _past(action.deadline, self.clock()):
                 # never delivered, and now too late to start: the engine host would answer a
                 # first delivery 409 expired; the truth is the same without it, and at the
                 # deadline, not when the retries run out
@@ -387,7 +400,7 @@ class HttpEngineLink:
                     return
             delay = self._backoff(attempt - 1)
             if not reached and action.deadline is not None:  # not past it, asleep
-                delay = min(delay, max(0.0, action.deadline - time.time()))
+                delay = min(delay, max(0.0, action.deadline - self.clock()))
             log.debug(
                 "engine delivery failed (%s); retry %d in %.2fs",
                 failure,
@@ -574,9 +587,9 @@ def _retry_answer(status: int, answer: Any, reached: int) -> bool:
     return reached > 0 and status != 422 and not expired
 
 
-def _past(deadline: float | None) -> bool:
-    """An action's deadline (Unix seconds, the engine host's clock too) has passed."""
-    return deadline is not None and time.time() >= deadline
+def _past(deadline: float | None, now: float) -> bool:
+    """An action's deadline (Unix seconds, the deployment's clock) has passed."""
+    return deadline is not None and now >= deadline
 
 
 def _detail(answer: Any) -> str | None:

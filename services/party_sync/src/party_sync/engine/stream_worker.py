@@ -671,7 +671,9 @@ class StreamWorker:
             await asyncio.sleep(BEAT_INTERVAL)
 
     async def _write_beat(self) -> None:
-        key, now_ms = layout.workers_key(self.options.stream), int(time.time() * 1000)
+        # (the clock the nodes' monitor reads it with is Redis's: so is the worker's, from its
+        # backend, when ``engine-worker`` runs it)
+        key, now_ms = layout.workers_key(self.options.stream), int(self.clock() * 1000)
         try:
             async with self.redis.pipeline(transaction=False) as pipe:
                 pipe.zadd(key, {self.options.consumer: now_ms})

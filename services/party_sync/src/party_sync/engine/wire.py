@@ -31,6 +31,12 @@ from party_sync.protocol import types as t
 PARTY_RESTATE: Final = "party.restate"
 
 
+#: The HTTP link's header: seconds left before the action's deadline when the delivery was sent
+#: (decimal), so that the engine host judges the deadline by its own receipt time, whatever its
+#: clock (``http_host._rebased``).
+TIME_LEFT_HEADER: Final = "X-Action-Time-Left"
+
+
 def format_deadline(deadline: float) -> str:
     """A deadline as decimal Unix seconds (``repr`` keeps every digit of the float)."""
     return repr(float(deadline))
