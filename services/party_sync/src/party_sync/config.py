@@ -633,12 +633,7 @@ def _redis_url_problem(url: str | None) -> str | None:
 
     parts = urlsplit(url)
     tcp = parts.scheme in ("redis", "rediss")
-    if (
-        parts.fragment
-        or "#" in url
-        or "@" in parts.query
-        or ("@" in parts.path if tcp else "@/" in parts.path)
-    ):
+    if "#" in url or "@" in parts.query or ("@" in parts.path if tcp else "@/" in parts.path):
         # a Redis URL has no fragment, and its credentials come before the host: a '#', or an
         # '@' after the host, is a password not encoded, whose first part would be read as
         # the host, the port or an option (and logged as such), or which would leave no host

@@ -152,11 +152,9 @@ async def test_an_engine_that_ends_without_publishing_is_told_to_the_operator_on
     engine = ScriptedEngine()
     engine.mode = "silent"
     async with serve_in_process(make_settings(action_timeout=0.2), engine=engine) as srv:
-        assert srv.server is not None
-        registry = srv.server.gateway.metrics.registry
 
         def overdue() -> float | None:
-            return registry.get_sample_value("party_sync_actions_overdue_total")
+            return srv.metric("party_sync_actions_overdue_total")
 
         a, _ = await srv.join("aria")
         await a.act("mute", "aria", "r1")
@@ -188,15 +186,9 @@ async def test_an_action_its_engine_never_answers_is_forgotten_without_a_false_w
     engine.mode = "silent"
     settings = make_settings(action_timeout=0.2, action_record_ttl=1.0)
     async with serve_in_process(settings, engine=engine) as srv:
-        assert srv.server is not None
-        registry = srv.server.gateway.metrics.registry
-
-        def forgotten() -> float | None:
-            return registry.get_sample_value("party_sync_actions_forgotten_total")
-
         a, _ = await srv.join("aria")
         await a.act("mute", "aria", "r1")
-        await wait_until(lambda: forgotten() == 1.0)
+        await wait_until(lambda: srv.metric("party_sync_actions_forgotten_total") == 1.0)
         await a.send({"type": "system.ping", "payload": {}})
         assert (await a.expect("system.pong"))["type"] == "system.pong"  # and nothing before
         assert not [m for m in a.received if m["type"] == "system.error"]

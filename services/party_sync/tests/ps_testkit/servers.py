@@ -95,6 +95,14 @@ class Running:
     server: Server | None = None
     process: subprocess.Popen[bytes] | None = None
 
+    def metric(self, name: str, labels: Mapping[str, str] | None = None) -> float | None:
+        """A sample of the in-process server's metrics (None: not counted yet)."""
+        assert self.server is not None, "an in-process server"
+        value: float | None = self.server.gateway.metrics.registry.get_sample_value(
+            name, dict(labels or {})
+        )
+        return value
+
     @property
     def ws_url(self) -> str:
         return self.base.replace("http://", "ws://") + "/ws"

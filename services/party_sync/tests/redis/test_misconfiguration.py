@@ -133,7 +133,7 @@ async def test_settings_redis_says_can_never_work_are_a_configuration_error(
 @pytest.mark.parametrize(
     ("credentials", "prefix", "refused"),
     [
-        (f"gameonly:{PASSWORD}@", "game", r"keys ~game:\* \(and the actions stream's"),
+        (f"gameonly:{PASSWORD}@", "game", r"keys ~game:\* and the actions stream's"),
         (f"nostream:{PASSWORD}@", "party_sync", "may not run what party_sync needs"),
         (f"least:{PASSWORD}@", "party_sync", None),
     ],

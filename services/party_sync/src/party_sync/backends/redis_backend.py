@@ -683,16 +683,7 @@ class RedisBackend:
         node's plus the offset measured with TIME, so a node whose clock is off by seconds neither
         refuses every call nor accepts late ones) and how many seconds later Redis may still run
         it (half the command timeout: past it the node has given up, or is about to)."""
-        self._measure_clock_soon()
         return self.clock(), self.options.command_timeout / 2
-
-    def _measure_clock_soon(self) -> None:
-        """Measure Redis's clock against this node's at most every ``CLOCK_EVERY`` seconds, in
-        the background (the first action after start uses an offset of 0)."""
-        due = time.monotonic()
-        if due >= self._clock_due:
-            self._clock_due = due + CLOCK_EVERY
-            self._spawn(self._measure_clock())
 
     async def _keep_clock(self) -> None:
         """Measure the offset again every ``CLOCK_EVERY`` s, traffic or not: a clock stepped
@@ -701,9 +692,8 @@ class RedisBackend:
         timed out in 10 ms 65 s after a 6-s step, with no word)."""
         while True:
             await asyncio.sleep(max(0.0, self._clock_due - time.monotonic()))
-            if time.monotonic() >= self._clock_due:
-                self._clock_due = time.monotonic() + CLOCK_EVERY
-                await self._measure_clock()
+            self._clock_due = time.monotonic() + CLOCK_EVERY
+            await self._measure_clock()  # (one that fails sets the next a second away)
 
     async def _measure_clock(self) -> None:
         try:

@@ -1082,7 +1082,7 @@ def _refusal(exc: RedisError, target: RedisTarget, whose: str) -> ConfigError | 
         return ConfigError(
             f"redis_url's user may not run what party_sync needs ({said}): give it at least "
             f"+@read +@write +@scripting +@pubsub +@stream +@connection +info +time, the keys "
-            f"~{target.prefix}:* (and the actions stream's, ~party_sync:actions*) and the "
+            f"~{target.prefix}:* and the actions stream's (~party_sync:actions* by default), the "
             f"channels &party:* &run:* &{target.prefix}:* (or +@all ~* &*; docs/redis.md)"
         )
     return None

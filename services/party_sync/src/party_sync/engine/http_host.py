@@ -554,10 +554,7 @@ async def receive_action(request: web.Request) -> web.Response:
         body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads
         envelope = body["envelope"]
         party_id = _party_id(body)
-        if not isinstance(envelope, dict) or envelope.get("type") != t.ACTION_REQUEST:
-            raise ValueError("expected an action.request envelope and a party_id")
-        contracts.validate(t.ACTION_REQUEST, envelope)
-        action = wire.parse_action(party_id, envelope, _rebased(request, body, clock()))
+        action = wire.parse_action(party_id, envelope, _rebased(request, body, clock()), contracts)
     except _UNREADABLE as exc:
         raise _unreadable(exc, _ACTION_SHAPE) from exc
     if action.deadline is not None and clock() > action.deadline and _first_attempt(request):

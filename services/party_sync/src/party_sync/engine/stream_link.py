@@ -138,6 +138,7 @@ class StreamEngineLink:
         self._restates = LatestPerKey()  # per party, a notice being appended again
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shared = shared
+        self._shared_values = None if shared is None else shared_settings.decode(shared[1])
         self._shared_told: set[bytes] = set()  # other nodes' settings found there (told once)
 
     async def start(self, host: LinkHost) -> None:
@@ -147,7 +148,7 @@ class StreamEngineLink:
 
     async def _write_shared(self, *, only_if_missing: bool) -> None:
         """Write this node's shared settings for the workers: when the link starts (the newest
-        node's count), and every ``COUNT_REFRESH`` s if missing (an emptied Redis); another
+        node's values), and every ``COUNT_REFRESH`` s if missing (an emptied Redis); another
         node's, found there, is warned about once (the nodes disagree: workers take one)."""
         if self._shared is None:
             return
@@ -157,8 +158,7 @@ class StreamEngineLink:
         except Exception as exc:  # best effort (Redis down, ...): tried again next time
             log.debug("cannot write %s yet: %s", key, described(exc))
             return
-        found = shared_settings.decode(there)
-        mine = shared_settings.decode(value)
+        found, mine = shared_settings.decode(there), self._shared_values
         if found is None or mine is None or there in self._shared_told:
             return
         differ = shared_settings.differences(mine, found)

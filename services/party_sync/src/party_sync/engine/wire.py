@@ -26,6 +26,7 @@ from typing import Any, Final
 from party_sync.engine.interface import ActionRequest, JoinNotice, RestateNotice
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
+from party_sync.protocol.schemas import Contracts
 
 #: The envelope type of a restate notice (engine transports only; never sent to clients).
 PARTY_RESTATE: Final = "party.restate"
@@ -123,9 +124,17 @@ def parse_restate(party_id: str, run_id: str, envelope: Mapping[str, Any]) -> Re
 
 
 def parse_action(
-    party_id: str, envelope: Mapping[str, Any], deadline: float | None
+    party_id: str,
+    envelope: Any,
+    deadline: float | None,
+    contracts: Contracts | None = None,
 ) -> ActionRequest:
-    """Raises ``KeyError``/``TypeError``/``ValueError`` for a malformed envelope."""
-    if envelope.get("type") != t.ACTION_REQUEST:
-        raise ValueError("not an action.request")
+    """The ``ActionRequest`` of an ``action.request`` envelope, checked against its schema
+    first when ``contracts`` are given (an envelope from outside: a delivery to the engine
+    host, a claim through the server API). Raises ``KeyError``/``TypeError``/``ValueError``
+    (``SchemaViolation`` with ``contracts``) for anything else."""
+    if not isinstance(envelope, Mapping) or envelope.get("type") != t.ACTION_REQUEST:
+        raise ValueError("not an action.request envelope")
+    if contracts is not None:
+        contracts.validate(t.ACTION_REQUEST, envelope)
     return ActionRequest.from_envelope(party_id, envelope, deadline)

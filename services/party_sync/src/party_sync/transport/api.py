@@ -41,7 +41,6 @@ from party_sync.engine.interface import (
 from party_sync.gateway import Gateway
 from party_sync.problems import InvalidId, InvalidRequest
 from party_sync.protocol import codec
-from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, InvalidEvent
 from party_sync.protocol.ids import TRACE_ID_RULE, is_trace_id
 from party_sync.protocol.schemas import SchemaViolation
@@ -239,10 +238,7 @@ def _handed_action(request: web.Request, body: Any, fields: frozenset[str]) -> A
         envelope = body["envelope"]
         if isinstance(envelope, str):
             envelope = codec.decode_bounded(envelope.encode())
-        if not isinstance(envelope, dict) or envelope.get("type") != t.ACTION_REQUEST:
-            raise ValueError("not the action.request the engine was handed")
-        request.app[GATEWAY].contracts.validate(t.ACTION_REQUEST, envelope)
-        action = wire.parse_action(party_id, envelope, deadline)
+        action = wire.parse_action(party_id, envelope, deadline, request.app[GATEWAY].contracts)
     except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
         raise InvalidRequest(f"envelope: {str(exc)[:200]}") from None
     if action.action_id != action_id:
