@@ -134,7 +134,7 @@ def parse_action(
     host, a claim through the server API). Raises ``KeyError``/``TypeError``/``ValueError``
     (``SchemaViolation`` with ``contracts``) for anything else."""
     if not isinstance(envelope, Mapping) or envelope.get("type") != t.ACTION_REQUEST:
-        raise ValueError("not an action.request envelope")
+        raise ValueError("expected an action.request envelope")
     if contracts is not None:
         contracts.validate(t.ACTION_REQUEST, envelope)
     return ActionRequest.from_envelope(party_id, envelope, deadline)
