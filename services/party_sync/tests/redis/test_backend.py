@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -349,6 +350,39 @@ async def test_a_pubsub_outage_is_one_warning_however_many_attempts_fail(
         assert [r.getMessage() for r in bus if r.levelno == logging.INFO] == [
             "redis pub/sub reconnected"
         ]
+
+
+async def test_a_pubsub_outage_whose_cause_changes_is_told_again(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Redis variants re-check: a restart refused connections, then refused the password, and
+    the second cause was told only at DEBUG. One WARNING per kind of failure, not per try."""
+    password = "a-new-password-0123"
+    async with TcpProxy(redis.port) as proxy, backend(proxy.url) as b:
+        await b.subscribe("p1", Recorder())
+        try:
+            with caplog.at_level(logging.DEBUG, logger="party_sync.backends.redis_bus"):
+                proxy.refusing = True
+                proxy.cut()
+                await wait_until(lambda: proxy.refused >= 2, timeout=20)
+                redis.command("CONFIG", "SET", "requirepass", password)
+                proxy.refusing = False
+                await wait_until(
+                    lambda: any("AuthenticationError" in r.getMessage() for r in caplog.records),
+                    timeout=20,
+                )
+        finally:
+            with socket.create_connection(("127.0.0.1", redis.port), timeout=5) as sock:
+                sock.sendall(f'AUTH {password}\r\nCONFIG SET requirepass ""\r\n'.encode())
+                sock.recv(64)
+        warnings = [
+            r.getMessage()
+            for r in caplog.records
+            if r.name == "party_sync.backends.redis_bus" and r.levelno == logging.WARNING
+        ]
+        unavailable = [w for w in warnings if "unavailable" in w]
+        assert len(unavailable) == 2, warnings  # refused, then the password: each once
+        assert "AuthenticationError" in unavailable[1] and password not in " ".join(warnings)
 
 
 async def test_a_narration_call_redis_runs_too_late_changes_nothing(redis: RedisServer) -> None:
