@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+import types
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import pytest
+from campaign_engine import engine as engine_module
 from campaign_engine import narration
 from campaign_engine.campaign import Campaign, builtin_campaign
 from campaign_engine.engine import ENV_NARRATION_SPEED, ReferenceEngine, create_engine
@@ -324,11 +327,13 @@ class Workers:
         sleep: Callable[[float], Awaitable[None]],
         *,
         second_speed: float | None = SPEED,
+        own_clocks: bool = True,
     ) -> None:
+        """``own_clocks`` False: the engines are given no clock (they take their publisher's)."""
         shared = open_store(store_url)
         other = shared if store_url == "memory://" else open_store(store_url)
         self.now = [1_000_000.0]
-        clock = self.clock
+        clock = self.clock if own_clocks else None
         self.first = ReferenceEngine(
             builtin_campaign(),
             seed=1,
@@ -484,6 +489,40 @@ async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_
     await asyncio.wait_for(waiting, 10)
     state = await workers.run_state()
     assert state.outbox == [] and row.action_id in state.applied
+    await workers.close()
+
+
+async def test_the_lease_is_kept_by_party_sync_s_clock_not_by_each_machine_s(
+    store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers on machines whose clocks disagree (a code reading: a worker a few seconds behind
+    takes a live narration's lease for ended, one ahead waits past it): the engines keep their
+    leases by the clock party_sync gives their publishers (Redis's), whatever the machine's
+    reads (here: 1970). The lease holds while it runs by that clock and ends when it does."""
+    machine = types.SimpleNamespace(time=lambda: 0.0, monotonic=time.monotonic)
+    monkeypatch.setattr(engine_module, "time", machine)
+    row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
+    look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
+    died = asyncio.Event()
+
+    async def dying(delay: float) -> None:
+        died.set()
+        await asyncio.Event().wait()  # never returns: cancelled below, as a killed worker
+
+    workers = Workers(store_url, dying, own_clocks=False)
+    party_sync = RecordingPublisher(clock=workers.clock)
+    await workers.start(party_sync, RecordingPublisher(clock=workers.clock), "aria", "bram")
+    dead = asyncio.create_task(workers.first.handle_action(row))
+    await asyncio.wait_for(died.wait(), 10)
+    dead.cancel()
+    state = await workers.run_state()
+    assert state.narrating_until is not None and state.narrating_until > workers.now[0]
+    waiting = asyncio.create_task(workers.second.handle_action(look))
+    await workers.in_line()
+    assert not waiting.done()  # the lease holds
+    workers.now[0] = state.narrating_until + 0.01  # it runs out, by party_sync's clock
+    await asyncio.wait_for(waiting, 10)
+    assert (await workers.run_state()).outbox == []
     await workers.close()
 
 

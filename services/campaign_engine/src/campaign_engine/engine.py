@@ -148,14 +148,18 @@ class ReferenceEngine:
         vote_timeout_s: float | None = None,
         narration_speed: float | None = None,
         sleep: narration.Sleep = asyncio.sleep,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         """``rng`` wins over ``seed``; with neither, dice come from a system-seeded generator.
         ``store`` (default: a new ``InMemoryRunStore``) belongs to the engine: ``start`` opens it,
         ``close`` closes it. ``vote_timeout_s`` overrides the campaign's party vote timeouts.
         ``narration_speed`` (characters per second; None or 0: off, the default) narrates each
         action's scene text live before its events; ``sleep`` paces it (tests: virtual time);
-        ``clock`` (wall-clock seconds) dates the lease a narrating process holds on its outbox."""
+        ``clock`` (wall-clock seconds) dates the lease a narrating process holds on its outbox;
+        None (the default): the publisher's ``clock`` when it has one, party_sync's (Redis's in
+        Redis mode, the same for every node, worker and engine host), else ``time.time``. A
+        lease is compared by other processes, on other machines: by each machine's own clock,
+        workers a few seconds apart took one another's live narration for abandoned."""
         self.campaign = campaign or builtin_campaign()
         self.rng = rng if rng is not None else random.Random(seed)
         self.store: RunStore = store if store is not None else InMemoryRunStore()
@@ -165,7 +169,8 @@ class ReferenceEngine:
             raise ValueError(f"narration_speed must be in [0, {narration.MAX_SPEED}]")
         self.narration_speed = narration_speed or None
         self._sleep = sleep
-        self._clock = clock
+        self._chosen_clock = clock
+        self._clock: Callable[[], float] = clock or time.time
         self._id = uuid.uuid4().hex  # this process's name in a run's line (RunState.waiter)
         self._in_line: set[str] = set()  # the runs where it took a place in line
         self._publisher: EventPublisher | None = None
@@ -180,6 +185,8 @@ class ReferenceEngine:
         await self.store.open()
         log.info("campaign engine storage: %s", self.store.url)
         self._publisher = publisher
+        if self._chosen_clock is None:
+            self._clock = publisher_clock(publisher)
 
     async def close(self) -> None:
         self._publisher = None
@@ -740,6 +747,13 @@ def outbox_key(run: Sequence[OutboxEvent]) -> str:
     text = json.dumps(identity, sort_keys=True, separators=(",", ":"))
     digest = hashlib.blake2b(text.encode(), digest_size=16)
     return "ce-" + digest.hexdigest()
+
+
+def publisher_clock(publisher: EventPublisher) -> Callable[[], float]:
+    """The publisher's ``clock()`` (Unix seconds on party_sync's clock) if it has one, else
+    this machine's."""
+    clock = getattr(publisher, "clock", None)
+    return clock if callable(clock) else time.time
 
 
 def create_engine(environ: Mapping[str, str] | None = None) -> ReferenceEngine:

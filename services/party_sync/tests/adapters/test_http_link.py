@@ -688,6 +688,28 @@ async def test_the_host_judges_the_deadline_by_the_time_left_not_by_its_own_cloc
         assert status == 202
 
 
+async def test_the_host_s_publisher_keeps_party_sync_s_clock_from_the_deliveries() -> None:
+    """The engines on an HTTP host compare times across machines (the reference engine's
+    narration lease, in the database its hosts share): the publisher's ``clock()`` is
+    party_sync's, heard from each delivery (its deadline less the time left), not the host's."""
+    engine = ScriptedEngine()
+    engine.mode = "silent"
+    host_clock = [5_000.0]  # this machine's clock, far from the deployment's
+    publisher = ApiPublisher("http://127.0.0.1:9", HOST_KEY, local=lambda: host_clock[0])
+    assert publisher.clock() == 5_000.0  # nothing heard yet: its own
+    app = build_host_app(engine, publisher, clock=lambda: host_clock[0])
+    async with serve(app) as base:
+        headers = {"X-Delivery-Attempt": "1", "X-Action-Time-Left": "3.000"}
+        status, _ = await post(f"{base}/actions", action_body("a", 1_000_003.0), **headers)
+        assert status == 202
+        assert publisher.clock() == 1_000_000.0  # sent with 3 s left of 1_000_003
+        host_clock[0] += 2.5
+        assert publisher.clock() == 1_000_002.5  # and on, at this machine's pace
+        headers["X-Action-Time-Left"] = "soon"  # nothing to hear from
+        status, _ = await post(f"{base}/actions", action_body("b", FUTURE), **headers)
+        assert status == 202 and publisher.clock() == 1_000_002.5
+
+
 async def test_the_link_says_the_time_left_by_its_host_s_clock() -> None:
     api = ScriptedApi()
     host = RecordingHost()

@@ -105,6 +105,7 @@ log = logging.getLogger(__name__)
 ENGINE: Final = web.AppKey("engine", Engine)
 CONTRACTS: Final = web.AppKey("contracts", Contracts)
 CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
+PUBLISHER: Final[web.AppKey[ApiPublisher]] = web.AppKey("publisher")
 #: The ``WWW-Authenticate`` challenge of a delivery refused for its key (RFC 6750 §3).
 CHALLENGE: Final = 'Bearer realm="party_sync engine host"'
 
@@ -192,6 +193,10 @@ class ApiPublisher(VoteStarter, NarrationSender):
     publishes through another one instead of losing the answer with it. A vote request, which
     is not retried, moves on only when a node could not be reached at all. A URL with a user or
     password in it is refused (``ValueError``): the API key authenticates.
+
+    ``clock()`` is party_sync's clock as this host last heard it (``heard``: a delivery's
+    deadline less its ``X-Action-Time-Left``), ``local`` (Unix seconds) before the first: the
+    time engines compare across processes (the reference engine's narration lease).
     """
 
     def __init__(
@@ -201,6 +206,7 @@ class ApiPublisher(VoteStarter, NarrationSender):
         *,
         retries: int = 3,
         timeout: float = 5.0,
+        local: Callable[[], float] = time.time,
     ) -> None:
         self.base_url = base_url  # the setter takes one URL, a list, or commas
         self.api_key = api_key  # also what party_sync's deliveries to this host must carry
@@ -211,6 +217,19 @@ class ApiPublisher(VoteStarter, NarrationSender):
         #: Until when (``time.monotonic()``) batches go one by one: a node answered the batch
         #: route 404/405 (an earlier version)
         self._no_batch = float("-inf")
+        self._local = local
+        self._offset = 0.0  # party_sync's clock less ``local``, as last heard
+
+    def clock(self) -> float:
+        """Now on party_sync's clock (Unix seconds), as far as this host has heard it."""
+        return self._local() + self._offset
+
+    def heard(self, sender_now: float, local_now: float) -> None:
+        """party_sync's clock read ``sender_now`` when ``local`` read ``local_now`` (a delivery:
+        its deadline less the time it says was left, at its receipt; the transfer's own time
+        is a few milliseconds, far below anything compared)."""
+        if math.isfinite(sender_now - local_now):
+            self._offset = sender_now - local_now
 
     @property
     def base_url(self) -> str:
@@ -424,12 +443,14 @@ def _deadline(request: web.Request, body: Mapping[str, Any]) -> float | None:
     return wire.parse_deadline(raw if raw is not None else request.headers.get(DEADLINE_HEADER))
 
 
-def _rebased(request: web.Request, body: Mapping[str, Any], now: float) -> float | None:
+def _rebased(
+    request: web.Request, body: Mapping[str, Any], now: float, publisher: ApiPublisher
+) -> float | None:
     """The action's deadline on this host's clock: now (its receipt) plus the seconds the
     sender says were left (``X-Action-Time-Left``), so that a host whose clock is ahead of the
     deployment's does not take every action for expired (clock skew probe: a host 6 s ahead
     answered every first delivery 409 with a 4-s timeout). Without the header (an older
-    sender), the deadline as given."""
+    sender), the deadline as given. The publisher hears the sender's clock from the two."""
     deadline = _deadline(request, body)
     raw = request.headers.get(wire.TIME_LEFT_HEADER)
     if deadline is None or raw is None:
@@ -440,6 +461,7 @@ def _rebased(request: web.Request, body: Mapping[str, Any], now: float) -> float
         return deadline
     if not math.isfinite(left) or left < 0:
         return deadline
+    publisher.heard(deadline - left, now)
     return now + left
 
 
@@ -549,12 +571,14 @@ def _party_id(body: Mapping[str, Any]) -> str:
 async def receive_action(request: web.Request) -> web.Response:
     """``POST /actions``: one ``action.request`` (see the module docstring for the answers)."""
     engine, contracts, clock = request.app[ENGINE], request.app[CONTRACTS], request.app[CLOCK]
+    publisher = request.app[PUBLISHER]
     raw = await read_body(request, MAX_BODY)
     try:
         body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads
         envelope = body["envelope"]
         party_id = _party_id(body)
-        action = wire.parse_action(party_id, envelope, _rebased(request, body, clock()), contracts)
+        deadline = _rebased(request, body, clock(), publisher)
+        action = wire.parse_action(party_id, envelope, deadline, contracts)
     except _UNREADABLE as exc:
         raise _unreadable(exc, _ACTION_SHAPE) from exc
     if action.deadline is not None and clock() > action.deadline and _first_attempt(request):
@@ -646,6 +670,7 @@ def build_host_app(
     app[ENGINE] = engine
     app[CONTRACTS] = Contracts()
     app[CLOCK] = clock
+    app[PUBLISHER] = publisher
     app.router.add_post(path, receive_action)
     app.router.add_post(notice_path, receive_notice)
 

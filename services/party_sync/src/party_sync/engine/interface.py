@@ -354,7 +354,12 @@ class NarrationPiece:
 
 @runtime_checkable
 class EventPublisher(Protocol):
-    """How an engine publishes. Every call goes through the same sequenced, validated path."""
+    """How an engine publishes. Every call goes through the same sequenced, validated path.
+
+    The publishers party_sync gives ``Engine.start`` also have ``clock() -> float``: now on
+    party_sync's clock (Unix seconds; Redis's in Redis mode), for an engine that compares times
+    across its processes (docs/engines.md, *One clock*). Not part of this protocol: a publisher
+    of one's own (a test's) need not have it."""
 
     async def publish(
         self,
