@@ -329,13 +329,16 @@ class BackendPublisher(VoteStarter, NarrationSender):
         )
         data = self.refusal(action, code, message)
         with tracing.span("refuse", attributes={"party_sync.error_code": code.value}):
-            recorded = await self.backend.refuse_action(
+            sender = await self.backend.refuse_action(
                 action.party_id, action.action_id, action.character_id, data, self.clock()
             )
-        if recorded and action.character_id != t.PARTY_ACTOR:
-            # a party-level action (a vote's result) has no connection to tell
-            await self._tell(action, data)
-        return bool(recorded)
+        if sender is not None and sender != t.PARTY_ACTOR:
+            # told to the character whose action it is, by its record: a refusal through the
+            # server API names its action in an envelope from outside (API probe: a wrong
+            # character_id there sent another player the error); a party-level action (a
+            # vote's result) has no connection to tell
+            await self._tell(action, sender, data)
+        return sender is not None
 
     async def claim(self, action: ActionRequest, *, trusted: bool = True) -> Claim:
         """Right before an engine starts ``action`` (``LinkHost.claim``): START, EXPIRED, FINAL.
@@ -359,21 +362,23 @@ class BackendPublisher(VoteStarter, NarrationSender):
         )
         if tracing.is_on():
             with tracing.span("claim", attributes={"party_sync.action_id": action.action_id}) as s:
-                claim = await self._claim(action, now, data)
+                claim, sender = await self._claim(action, now, data)
                 if s is not None:
                     s.set_attribute("party_sync.claim", claim.value)
         else:
-            claim = await self._claim(action, now, data)
+            claim, sender = await self._claim(action, now, data)
         if claim is Claim.EXPIRED:
             log.info(
                 "action expired before an engine started it",
                 extra={"trace_id": action.trace_id, "action_id": action.action_id},
             )
-            if action.character_id != t.PARTY_ACTOR:
-                await self._tell(action, data)
+            # its record's character (as ``refuse``); with no record (lost), the action's own
+            sender = sender or action.character_id
+            if sender != t.PARTY_ACTOR:
+                await self._tell(action, sender, data)
         return claim
 
-    async def _tell(self, action: ActionRequest, data: bytes) -> None:
+    async def _tell(self, action: ActionRequest, sender: str, data: bytes) -> None:
         """Send ``action``'s refusal, already its final answer in the ledger, to its sender
         (``send_direct``: not in history). If Redis cannot take it now (a resharding's moment, a
         failover), it is tried again for up to ``TELL_PATIENCE`` s after the first failure
@@ -381,9 +386,7 @@ class BackendPublisher(VoteStarter, NarrationSender):
         any resend, which send it again: never raised, the action is answered. (It
         was raised: the engine host's retry then found the action FINAL and said nothing, so a
         refusal lost in a resharding reached its player only at the deadline; cluster probe.)"""
-        send = functools.partial(
-            self.backend.send_direct, action.party_id, action.character_id, data
-        )
+        send = functools.partial(self.backend.send_direct, action.party_id, sender, data)
         try:
             await send()
             return
@@ -399,11 +402,14 @@ class BackendPublisher(VoteStarter, NarrationSender):
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
         )
 
-    async def _claim(self, action: ActionRequest, now: float, refusal: bytes) -> Claim:
-        claim, _ = await self.backend.claim_action(
+    async def _claim(
+        self, action: ActionRequest, now: float, refusal: bytes
+    ) -> tuple[Claim, str | None]:
+        """The claim, and for an EXPIRED one refused now the character whose action it is."""
+        claim, said = await self.backend.claim_action(
             action.party_id, action.action_id, now, refusal, action.deadline, self.claimer
         )
-        return claim
+        return claim, said if isinstance(said, str) else None
 
     async def open_vote(self, request: VoteRequest) -> Event:
         """Open the vote ``request`` asks for: its ``vote.started`` event (with its ``seq``).

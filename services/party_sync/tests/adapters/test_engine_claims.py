@@ -175,6 +175,9 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
             (refusal_path("x6"), {**good, "code": "action_timeout"}),  # not an engine's
             (refusal_path("x6"), {**good}),  # no code
             (refusal_path("x6"), {**good, "code": "engine_error", "detail": 7}),
+            # API probe: a code that is a list or an object was a 500 with a traceback
+            (refusal_path("x6"), {**good, "code": ["action_rejected"]}),
+            (refusal_path("x6"), {**good, "code": {}}),
         ):
             status, answer = await post(srv, path, body)
             assert (status, answer["error"]) == (422, "invalid_request"), (path, body, answer)
@@ -182,3 +185,34 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
             assert resp.status == 401  # the API key, as every route of the server API
         # nothing of that changed the action: it is still to be claimed
         assert await post(srv, claim_path("x6"), good) == (200, {"claim": "start"})
+
+
+async def test_a_refusal_goes_to_the_actions_sender_whatever_the_envelope_names() -> None:
+    """API probe: a refusal whose envelope named another character than the sender's (an
+    engine's slip) sent that character the ``system.error`` for an action it never sent, and
+    left the sender to hear of it only at the deadline. The sender is the action's record's;
+    the envelope only names the action (an expired claim the same: tests/redis/
+    test_ledger_parity.py)."""
+    async with aria_in_a_party() as (srv, link, a):
+        b, _ = await srv.join("borin")
+        await a.until("party.join")  # borin's
+        action = await acted(a, link, "x7")
+        envelope = dict(action.envelope)
+        body = {
+            **entry(action),
+            "envelope": {**envelope, "payload": {**envelope["payload"], "character_id": "borin"}},
+            "code": "action_rejected",
+            "detail": "not now",
+        }
+        assert await post(srv, refusal_path("x7"), body) == (200, {"recorded": True})
+        error = await a.expect("system.error")
+        assert error["payload"]["code"] == "action_rejected"
+        assert error["payload"]["in_reply_to"]["action_id"] == "x7"
+        failed = await b.until("action.failed")
+        assert failed["payload"]["character_id"] == "aria"
+        await b.act("y1", "borin", "r1")  # and borin was told nothing: next comes his own
+        async with asyncio.timeout(5):
+            while (frame := await b.recv())["type"] != "action.accepted":
+                assert frame["type"] != "system.error", frame
+        assert frame["payload"]["action_id"] == "y1"
+        await b.close()

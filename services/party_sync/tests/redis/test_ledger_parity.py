@@ -26,7 +26,7 @@ from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.protocol import codec
-from party_sync.protocol.errors import BackendUnavailable
+from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from ps_testkit.redis_server import RedisServer
 
 TIMEOUT = 2.0
@@ -81,7 +81,7 @@ async def test_claim_without_a_record_goes_by_the_deadline_the_action_carries(
 ) -> None:
     b = backend
 
-    async def claims() -> list[tuple[Claim, bytes | None]]:
+    async def claims() -> list[tuple[Claim, bytes | str | None]]:
         return [
             await b.claim_action(PARTY, "a1", T0, TIMED_OUT, None),
             await b.claim_action(PARTY, "a1", DEADLINE, TIMED_OUT, DEADLINE),
@@ -165,9 +165,51 @@ async def test_a_result_after_a_refusal_replaces_it_and_is_logged(
         Sweep.FINAL,
         event.data,
     )
-    assert await b.refuse_action(PARTY, "a1", "aria", FAILED, DEADLINE + 3) is False
+    assert await b.refuse_action(PARTY, "a1", "aria", FAILED, DEADLINE + 3) is None
     assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 4) == done
     assert await b.begin_action(PARTY, "aria", "a2", DEADLINE + 4) == Verdict(Decision.ACCEPT)
+
+
+async def test_an_expired_claim_and_a_refusal_name_the_sender_of_the_record(
+    backend: Backend,
+) -> None:
+    """The server API's claim and refusal name their action in an envelope from outside, whose
+    character may not be the sender (API probe: a refusal naming borin sent borin the error for
+    aria's action). Both answer with the record's character, and the publisher tells that one;
+    without a record, the one the caller names (its action's, as the entry says)."""
+    from party_sync.protocol.schemas import Contracts
+    from party_sync.publishing import BackendPublisher
+    from ps_testkit.hosts import make_action
+
+    b = backend
+    assert await b.begin_action(PARTY, "aria", "a1", T0) == Verdict(Decision.ACCEPT)
+    assert await b.begin_action(PARTY, "borin", "b1", T0) == Verdict(Decision.ACCEPT)
+    assert await b.claim_action(PARTY, "a1", DEADLINE + 1, TIMED_OUT, DEADLINE) == (
+        Claim.EXPIRED,
+        "aria",
+    )
+    assert await b.refuse_action(PARTY, "b1", "aria", FAILED, T0 + 1) == "borin"
+    assert await b.refuse_action(PARTY, "b1", "aria", FAILED, T0 + 2) is None  # answered
+    assert await b.claim_action(PARTY, "z1", DEADLINE + 1, TIMED_OUT, DEADLINE) == (
+        Claim.EXPIRED,
+        None,
+    )
+    assert await b.refuse_action(PARTY, "z2", "cara", FAILED, T0 + 1) == "cara"
+
+    told: list[str] = []
+
+    async def send_direct(party_id: str, character_id: str, data: bytes) -> None:
+        told.append(character_id)
+
+    b.send_direct = send_direct  # type: ignore[method-assign]
+    assert await b.begin_action(PARTY, "aria", "a2", T0 + 1) == Verdict(Decision.ACCEPT)
+    assert await b.begin_action(PARTY, "borin", "b2", T0 + 1) == Verdict(Decision.ACCEPT)
+    publisher = BackendPublisher(b, Contracts(), lambda: DEADLINE + 2)
+    claimed = make_action("a2", character_id="borin", deadline=DEADLINE + 1, party_id=PARTY)
+    assert await publisher.claim(claimed, trusted=False) is Claim.EXPIRED
+    refused = make_action("b2", character_id="aria", party_id=PARTY)
+    assert await publisher.refuse(refused, ErrorCode.ENGINE_ERROR, "failed") is True
+    assert told == ["aria", "borin"]
 
 
 # -- Redis only: a stall, a skewed clock -----------------------------------------------------------

@@ -282,10 +282,13 @@ class ActionStore(Protocol):
         refusal: bytes,
         deadline: float | None,
         claimer: str | None = None,
-    ) -> tuple[Claim, bytes | None]:
+    ) -> tuple[Claim, bytes | str | None]:
         """An engine host is about to start the action (``ActionLedger.claim``): may it?
         ``claimer``: the serving node whose own link delivers it (recorded, so that another
-        node takes it over if that node dies: ``take_over``); None for an engine host elsewhere."""
+        node takes it over if that node dies: ``take_over``); None for an engine host elsewhere.
+        ``(FINAL, its final answer)``, ``(START, None)``, ``(EXPIRED, the character whose action
+        it is)`` when the refusal was recorded now (the record's: not one the caller names), or
+        ``(EXPIRED, None)`` when there was no record (lost) and the carried deadline passed."""
         ...
 
     async def time_out_action(
@@ -296,8 +299,10 @@ class ActionStore(Protocol):
 
     async def refuse_action(
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
-    ) -> bool:
-        """Make ``refusal`` the action's final answer; False if it already has one."""
+    ) -> str | None:
+        """Make ``refusal`` the action's final answer: the character whose action it is (the
+        record's; ``character_id`` only when there is no record), or None if it already has one
+        (nothing changed). A caller from outside may name another character than the sender."""
         ...
 
     async def node_alive(self, node_id: str) -> bool:

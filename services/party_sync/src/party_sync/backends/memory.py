@@ -435,7 +435,7 @@ class MemoryBackend:
         refusal: bytes,
         deadline: float | None,
         claimer: str | None = None,  # one process: nobody to take over from
-    ) -> tuple[Claim, bytes | None]:
+    ) -> tuple[Claim, bytes | str | None]:
         party = self._parties.get(party_id)
         if party is None:  # the party's state is gone: the action may start unless it is late
             late = deadline is not None and now > deadline
@@ -444,6 +444,7 @@ class MemoryBackend:
         claim, answer = party.ledger.claim(action_id, now, refusal, deadline)
         if claim is Claim.EXPIRED and character_id is not None:
             self._failed(party, action_id, character_id, refusal, now)
+            return claim, character_id
         return claim, answer
 
     async def time_out_action(
@@ -460,13 +461,13 @@ class MemoryBackend:
 
     async def refuse_action(
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
-    ) -> bool:
+    ) -> str | None:
         party = self._party(party_id, now)
         owner = party.ledger.character_of(action_id) or character_id
-        recorded = party.ledger.refuse(action_id, character_id, refusal, now)
-        if recorded:
-            self._failed(party, action_id, owner, refusal, now)
-        return recorded
+        if not party.ledger.refuse(action_id, owner, refusal, now):
+            return None
+        self._failed(party, action_id, owner, refusal, now)
+        return owner
 
     async def node_alive(self, node_id: str) -> bool:
         return True  # one process: its in-process engine's actions die with it, and so does this

@@ -804,7 +804,7 @@ class RedisBackend:
         refusal: bytes,
         deadline: float | None,
         claimer: str | None = None,
-    ) -> tuple[Claim, bytes | None]:
+    ) -> tuple[Claim, bytes | str | None]:
         args: list[Arg] = [
             action_id,
             refusal,
@@ -815,7 +815,9 @@ class RedisBackend:
         with unavailable("claim_action"):
             reply = await self.scripts.run("claim_action", party_id, now, args, action_id=action_id)
         claim = Claim(text(reply[0]))
-        return claim, bytes(reply[1]) if claim is Claim.FINAL else None
+        if len(reply) < 2:
+            return claim, None
+        return claim, bytes(reply[1]) if claim is Claim.FINAL else text(reply[1])
 
     async def time_out_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes
@@ -830,18 +832,17 @@ class RedisBackend:
 
     async def refuse_action(
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float
-    ) -> bool:
+    ) -> str | None:
         args: list[Arg] = [action_id, character_id, refusal, codec.rfc3339(now)]
         with unavailable("refuse_action"):
             reply = await self.scripts.run(
                 "refuse_action", party_id, now, args, action_id=action_id
             )
-        refused = bool(int(reply))
-        if refused:
-            self._answered(
-                _Answer(time.monotonic(), party_id, action_id, None, character_id, refusal)
-            )
-        return refused
+        if reply == 0:
+            return None
+        owner = text(reply)
+        self._answered(_Answer(time.monotonic(), party_id, action_id, None, owner, refusal))
+        return owner
 
     # -- narration ------------------------------------------------------------------------------
     async def narrate(self, party_id: str, pieces: Sequence[Piece], now: float) -> list[Outcome]:

@@ -273,7 +273,7 @@ async def refuse_action(request: web.Request) -> web.Response:
     body = await _read_json(request)
     action = _handed_action(request, body, frozenset({"envelope", "deadline", "code", "detail"}))
     code, detail = body.get("code"), body.get("detail", "")
-    if code not in ENGINE_REFUSALS:
+    if not isinstance(code, str) or code not in ENGINE_REFUSALS:  # (a list is unhashable)
         raise InvalidRequest(f"code must be one of {sorted(ENGINE_REFUSALS)}")
     if not isinstance(detail, str):
         raise InvalidRequest("detail must be a string")

@@ -6,7 +6,8 @@
 -- ARGV[11] the claimer: the id of the serving node whose own link delivers the action (the HTTP
 -- link: another node may take it over once that node is gone, take_over.lua), or '' for an
 -- engine host elsewhere (a stream worker: its entry outlives it).
--- Returns {'final', answer} | {'start'} | {'expired'}.
+-- Returns {'final', answer} | {'start'} | {'expired', the record's character} (refused now) |
+-- {'expired'} (no record: nothing recorded).
 local record, action_id = K_ACTION, ARGV[7]
 local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g')
 if found[2] then
@@ -29,7 +30,7 @@ if found[4] and NOW > tonumber(found[4]) then
   redis.call('PEXPIRE', record, RECORD_TTL)
   release_lock(found[1], action_id)
   publish_failed(action_id, found[1], ARGV[8], ARGV[10])
-  return {'expired'}
+  return {'expired', found[1]}
 end
 redis.call('HSET', record, 'g', ARGV[11] ~= '' and ARGV[11] or '1')
 return {'start'}

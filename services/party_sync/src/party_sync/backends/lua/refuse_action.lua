@@ -2,7 +2,8 @@
 -- answer (a resend of the action_id gets it for the record's TTL). Nothing changes if it already
 -- has one. KEYS[12] the action record, ARGV[7] action_id, ARGV[8] character_id, ARGV[9] refusal,
 -- ARGV[10] now as an RFC 3339 timestamp (for action.failed, published to every member).
--- Returns 1 if the refusal was recorded, 0 if the action already had its final answer.
+-- Returns the character whose action it is (the record's; ARGV[8] only without a record) if the
+-- refusal was recorded, 0 if the action already had its final answer.
 local record, action_id = K_ACTION, ARGV[7]
 local found = redis.call('HMGET', record, 'c', 'r', 'x')
 if found[2] or found[3] then
@@ -14,4 +15,4 @@ redis.call('PEXPIRE', record, RECORD_TTL)
 release_lock(character_id, action_id)
 answered(action_id)
 publish_failed(action_id, character_id, ARGV[9], ARGV[10])
-return 1
+return character_id
