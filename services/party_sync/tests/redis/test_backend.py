@@ -493,4 +493,31 @@ async def test_the_backend_keeps_time_by_redis_s_clock(
         # actions or connections came, never in an engine worker: clock skew re-check)
         monkeypatch.setattr(time, "time", lambda: real() + 6.0)
         await wait_until(lambda: abs(b.clock() - real()) < 0.5, timeout=5)
-    assert any("minus this process's: -6.0s" in r.getMessage() for r in caplog.records)
+    assert any(
+        "minus this process's: -6.0s (it was 0.0s)" in r.getMessage() for r in caplog.records
+    )
+
+
+async def test_a_refused_time_is_said_not_taken_for_an_outage(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Docs probe: a user without +time kept each process on its own clock with no word (the
+    start refuses such a user now; this is one whose +time is taken away later): one WARNING,
+    however often it is refused, saying what to grant."""
+    from party_sync.backends import redis_backend
+
+    caplog.set_level(logging.WARNING, "party_sync.backends.redis_backend")
+    monkeypatch.setattr(redis_backend, "CLOCK_EVERY", 0.05)
+    redis.command("ACL", "SETUSER", "clocky", "on", ">pw-0123456789", "~*", "&*", "+@all")
+    try:
+        async with backend(f"redis://clocky:pw-0123456789@127.0.0.1:{redis.port}/0"):
+            redis.command("ACL", "SETUSER", "clocky", "-time")
+
+            def refused() -> list[str]:
+                return [r.getMessage() for r in caplog.records if "refuses TIME" in r.getMessage()]
+
+            await wait_until(lambda: bool(refused()), timeout=5)
+            await asyncio.sleep(0.3)  # several more refusals (CLOCK_EVERY 0.05 s): no more words
+    finally:
+        redis.command("ACL", "DELUSER", "clocky")
+    assert len(refused()) == 1 and "give the user +time" in refused()[0]

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import pytest
 from party_sync.backends.redis_connect import RedisTarget, refuse_misconfiguration
 from party_sync.protocol.errors import ConfigError
+from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_server import RedisServer
-from ps_testkit.servers import free_port, run_serve
+from ps_testkit.servers import free_port, make_settings, run_serve, serve_in_process
 
 pytestmark = pytest.mark.redis
 
@@ -22,6 +23,7 @@ LEAST_COMMANDS = (
     "+@read",
     "+@write",
     "+@scripting",
+    "+@transaction",
     "+@pubsub",
     "+@stream",
     "+@connection",
@@ -36,7 +38,12 @@ LEAST_CHANNELS = ("&party:*", "&run:*", "&party_sync:*")
 def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
     """The shared private server with an ACL user of its own (the default user untouched)."""
     redis_server.command("ACL", "SETUSER", USER, "on", f">{PASSWORD}", "~*", "&*", "+@all")
-    for name, denied in (("noscript", "-@scripting"), ("noinfo", "-info")):
+    for name, denied in (
+        ("noscript", "-@scripting"),
+        ("noinfo", "-info"),
+        ("notime", "-time"),  # docs probe: the one clock silently off
+        ("nomulti", "-@transaction"),  # docs probe: votes and the admin listing 503
+    ):
         redis_server.command(
             "ACL", "SETUSER", name, "on", f">{PASSWORD}", "~*", "&*", "+@all", denied
         )
@@ -73,6 +80,8 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
             USER,
             "noscript",
             "noinfo",
+            "notime",
+            "nomulti",
             "nochan",
             "nokeys",
             "least",
@@ -116,6 +125,8 @@ def url(server: RedisServer, credentials: str = "", db: int = 0) -> str:
         ("", 16, "redis_url names database 16"),
         (f"noscript:{PASSWORD}@", 0, "may not run what party_sync needs"),
         (f"noinfo:{PASSWORD}@", 0, "may not run what party_sync needs"),
+        (f"notime:{PASSWORD}@", 0, "may not run what party_sync needs .*'time'"),
+        (f"nomulti:{PASSWORD}@", 0, "may not run what party_sync needs .*'(watch|multi)'"),
         (f"nochan:{PASSWORD}@", 0, "may not run what party_sync needs .*channels &party"),
         (f"nokeys:{PASSWORD}@", 0, "may not run what party_sync needs .*keys ~party_sync"),
         (f"least:{PASSWORD}@", 0, None),
@@ -128,6 +139,45 @@ async def test_settings_redis_says_can_never_work_are_a_configuration_error(
 ) -> None:
     target = RedisTarget(url(with_user, credentials, db))
     await refused_or_not(target, refused)
+
+
+async def test_a_node_whose_user_has_the_least_acl_serves_every_route(
+    with_user: RedisServer,
+) -> None:
+    """The least ACL docs/redis.md gives is enough for all a node does, not only for its start
+    (docs probe: with it, votes and the admin listing were 503, the transactions refused): an
+    action and its answer, a vote to its end, narration, the admin listing and a party."""
+    key = "api-key-0123456789abcdef0123456789"
+    auth = {"Authorization": f"Bearer {key}"}
+    settings = make_settings(
+        redis_url=url(with_user, f"least:{PASSWORD}@"), engine_transport="inprocess", api_key=key
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        await a.until("party.join")
+        await a.act("x1", "aria", "r1")
+        assert (await a.until("action.result"))["payload"]["action_id"] == "x1"
+        options = [{"id": "A", "label": "Left"}, {"id": "B", "label": "Right"}]
+        vote = {"question": "Which way?", "options": options, "timeout_s": 30, "vote_id": "v1"}
+        async with srv.http.post(
+            f"{srv.base}/api/v1/parties/p1/votes", json=vote, headers=auth
+        ) as r:
+            assert r.status == 201, await r.text()
+        for client in (a, b):
+            await client.until("vote.started")
+            await client.send({"type": "vote.cast", "payload": {"vote_id": "v1", "option": "B"}})
+        assert (await a.until("vote.finished"))["payload"]["winner"] == "B"
+        piece = {"stream_id": "s1", "index": 0, "text": "The gate", "done": True}
+        async with srv.http.post(
+            f"{srv.base}/api/v1/parties/p1/narration", json=piece, headers=auth
+        ) as r:
+            assert r.status == 202, await r.text()
+        for path in ("/api/v1/parties", "/api/v1/parties/p1"):
+            async with srv.http.get(srv.base + path, headers=auth) as r:
+                assert r.status == 200, (path, await r.text())
+        await a.close()
+        await b.close()
 
 
 @pytest.mark.parametrize(

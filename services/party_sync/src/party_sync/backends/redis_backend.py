@@ -31,6 +31,7 @@ from typing import Any
 from redis.asyncio import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import ResponseError
 
 from party_sync.backends import redis_fence, redis_scripts
 from party_sync.backends.base import BackendSettings, PartyListener, warn_result_after_refusal
@@ -80,7 +81,7 @@ from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, IdempotencyKeyReused
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import cancel_and_wait, described
 
 log = logging.getLogger(__name__)
 
@@ -249,6 +250,8 @@ class RedisBackend:
         self._opening: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._clock_offset = 0.0  # Redis's clock minus this node's (measured with TIME)
+        self._clock_measured = False  # once, at least (the first WARNING has no "it was")
+        self._clock_refused = False  # Redis refused TIME (said once, until it answers again)
         self._clock_due = 0.0  # monotonic time of the next measurement
         self._ready_ping: asyncio.Future[bool] | None = None  # the readiness PING under way
         self._started = time.monotonic()
@@ -701,22 +704,36 @@ class RedisBackend:
             async with asyncio.timeout(self.options.command_timeout):
                 seconds, micros = await self.client.time()
             after = time.time()
+        except ResponseError as exc:  # refused, not away (NOPERM: a user without +time)
+            if not self._clock_refused:
+                self._clock_refused = True
+                log.warning(
+                    "Redis refuses TIME (%s): this process keeps time by its own clock, not "
+                    "Redis's, so deadlines, presence and votes are off by as much as the two "
+                    "differ: give the user +time (docs/redis.md, ACL)",
+                    described(exc),
+                )
+            self._clock_due = time.monotonic() + CLOCK_EVERY
+            return
         except Exception:  # Redis away: keep the last offset; measured again later
             self._clock_due = time.monotonic() + 1.0
             return
+        self._clock_refused = False
         if after - before > 0.5:  # too slow a round trip to say anything precise
             return
         offset = seconds + micros / 1e6 - (before + after) / 2
         if abs(offset - self._clock_offset) > 1.0:
+            was = f"it was {self._clock_offset:.1f}s" if self._clock_measured else "at start"
             log.warning(
-                "Redis's clock minus this process's: %.1fs (it was %.1fs): party_sync keeps time "
-                "by Redis's (deadlines, presence, votes); an HTTP engine host of your own that "
+                "Redis's clock minus this process's: %.1fs (%s): party_sync keeps time by "
+                "Redis's (deadlines, presence, votes); an HTTP engine host of your own that "
                 "does not read X-Action-Time-Left needs its clock close to it "
                 "(docs/engines.md, Deadlines): set up NTP on this machine",
                 offset,
-                self._clock_offset,
+                was,
             )
         self._clock_offset = offset
+        self._clock_measured = True
 
     # -- actions --------------------------------------------------------------------------------
     async def begin_action(

@@ -978,7 +978,8 @@ async def refuse_misconfiguration(
     """Ask Redis once, at start, whether these settings can ever work, and raise ``ConfigError``
     (one line, exit 2) when its answer says they cannot: it refuses the credentials, it has no
     such database, the user may not run what party_sync needs (``INFO``, which every
-    connection's fence runs; a Lua script, which everything party_sync writes is), may not touch
+    connection's fence runs; a Lua script, which everything party_sync writes is; ``TIME``, the
+    clock; a transaction, as votes and the admin listing run them), may not touch
     the keys under ``redis_prefix``, may not read the actions stream (``streams``: its first
     partition, in stream mode) or may not subscribe to party_sync's channels, or it is a
     Redis Cluster node while ``redis_cluster`` is not set (or the other way round). Each of these
@@ -999,9 +1000,10 @@ async def refuse_misconfiguration(
             info = await client.info("cluster")
             _refuse_cluster_mismatch(target, str(info.get("cluster_enabled", "0")) == "1")
             await client.eval("return 1", 0)
+            await client.time()  # the clock every node and worker keeps (docs/engines.md)
             await _may_subscribe(client, target.prefix)
             if not target.cluster:  # (on a Cluster the keys may live on another shard: MOVED)
-                await client.exists(KeySpace(target.prefix).fence())
+                await _may_watch(client, KeySpace(target.prefix).fence())
                 for stream in streams:  # its key and the stream commands (XLEN is @stream)
                     await client.xlen(stream)
     except RedisError as exc:
@@ -1028,6 +1030,18 @@ def _refuse_cluster_mismatch(target: RedisTarget, enabled: bool) -> None:
             "redis_cluster is set, but the Redis redis_url names is not in cluster mode "
             "(cluster_enabled:0): for one Redis, leave redis_cluster unset"
         )
+
+
+async def _may_watch(client: Redis, key: str) -> None:
+    """``WATCH`` a key under the prefix, then ``MULTI``, ``EXISTS`` it, ``EXEC``: the keys, and
+    the transactions votes and the admin listing run (docs probe: a user without @transaction
+    started, and every vote and the admin page were 503 backend_unavailable). Nothing is
+    written."""
+    async with client.pipeline(transaction=True) as pipe:
+        await pipe.watch(key)
+        pipe.multi()  # type: ignore[no-untyped-call]
+        pipe.exists(key)
+        await pipe.execute()
 
 
 async def _may_subscribe(client: Redis, prefix: str) -> None:
@@ -1081,7 +1095,8 @@ def _refusal(exc: RedisError, target: RedisTarget, whose: str) -> ConfigError | 
     if isinstance(exc, NoPermissionError) or said.startswith("NOPERM"):
         return ConfigError(
             f"redis_url's user may not run what party_sync needs ({said}): give it at least "
-            f"+@read +@write +@scripting +@pubsub +@stream +@connection +info +time, the keys "
+            f"+@read +@write +@scripting +@transaction +@pubsub +@stream +@connection +info "
+            f"+time, the keys "
             f"~{target.prefix}:* and the actions stream's (~party_sync:actions* by default), the "
             f"channels &party:* &run:* &{target.prefix}:* (or +@all ~* &*; docs/redis.md)"
         )
