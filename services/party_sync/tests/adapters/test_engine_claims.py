@@ -181,6 +181,12 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
         ):
             status, answer = await post(srv, path, body)
             assert (status, answer["error"]) == (422, "invalid_request"), (path, body, answer)
+        no_trace = {k: v for k, v in envelope.items() if k != "trace_id"}
+        status, answer = await post(srv, claim_path("x6"), {**good, "envelope": no_trace})
+        assert (status, answer["detail"]) == (
+            422,
+            "envelope: no 'trace_id' field (copy the entry's)",
+        )
         async with srv.http.post(srv.base + claim_path("x6"), json=good) as resp:
             assert resp.status == 401  # the API key, as every route of the server API
         # nothing of that changed the action: it is still to be claimed

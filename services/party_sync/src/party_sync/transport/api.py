@@ -239,7 +239,9 @@ def _handed_action(request: web.Request, body: Any, fields: frozenset[str]) -> A
         if isinstance(envelope, str):
             envelope = codec.decode_bounded(envelope.encode())
         action = wire.parse_action(party_id, envelope, deadline, request.app[GATEWAY].contracts)
-    except (ValueError, KeyError, TypeError, SchemaViolation) as exc:
+    except KeyError as exc:  # (its text is the bare name: "envelope: 'trace_id'", docs probe)
+        raise InvalidRequest(f"envelope: no {str(exc)[:100]} field (copy the entry's)") from None
+    except (ValueError, TypeError, SchemaViolation) as exc:
         raise InvalidRequest(f"envelope: {str(exc)[:200]}") from None
     if action.action_id != action_id:
         raise InvalidRequest("the envelope's action_id is not the one in the path")
