@@ -730,6 +730,8 @@ def _engine_worker(args: argparse.Namespace) -> int:
 
     async def work() -> None:
 
+        from party_sync.backends.redis_backend import RedisBackend
+
         backend = make_backend(settings)
         await backend.start()
         # A short connect timeout: while Redis is down the worker retries (it never exits).
@@ -769,6 +771,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
                 KeySpace(settings.redis_prefix).settings(),
                 shared_settings.values_of(settings),
             ),
+            adopt=backend.adopt if isinstance(backend, RedisBackend) else None,
         )
 
         def stop() -> None:

@@ -9,16 +9,20 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import pytest
 from party_sync import cli
 from party_sync.backends import shared_settings
+from party_sync.backends.base import BackendSettings
 from party_sync.backends.keys import KeySpace
+from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.config import Settings
 from party_sync.engine import stream_link as stream_link_module
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions
+from party_sync.protocol import codec
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost
@@ -117,3 +121,58 @@ async def test_a_running_worker_warns_once_when_the_nodes_settings_change(
     ]
     assert len(warnings) == 1 and "party_ttl 120 (this process: 60)" in warnings[0], warnings
     assert any("equal this worker's again" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_running_worker_takes_the_nodes_new_settings(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rolling-upgrade probe: a worker started while one node ran with a history of 50 kept
+    trimming to 50 after every node was back on 300, until it was restarted (resumes that fitted
+    got a snapshot). ``engine-worker`` gives its backend's ``adopt``: the worker writes with the
+    nodes' values from its next look at them, and says which changed."""
+    caplog.set_level(logging.INFO, "party_sync.engine.stream_worker")
+    client = Redis.from_url(redis.url, socket_timeout=3.0)
+    values = shared_settings.values_of(NODES)
+    b = RedisBackend(
+        RedisOptions(redis.url),
+        BackendSettings(history_size=50, action_record_ttl=20.0, idle_party_ttl=60.0),
+    )
+    await b.start()
+    worker = PartitionedWorker(
+        ScriptedEngine(),
+        RecordingHost(),
+        client,
+        WorkerOptions(stream=STREAM, consumer="w1", block=0.1),
+        count_check=0.05,
+        shared=(KEY, values),
+        adopt=b.adopt,
+    )
+    task = asyncio.get_running_loop().create_task(worker.run())
+    changed = dataclasses.replace(NODES, party_ttl=120.0, history_size=3)
+    try:
+        async with node_link(redis, changed):  # every node restarted with these
+            await wait_until(lambda: b.settings.history_size == 3, timeout=10)
+            for n in range(6):
+                payload = {"scene_number": n, "scene_id": f"s{n}", "title": "T", "narration": "N"}
+                message = codec.envelope(
+                    "scene.update", {**payload, "options": [], "kind": "story"}, ts=time.time()
+                )
+                await b.publish("p-adopt", message, time.time())
+            meta, history = b.keys.party_keys("p-adopt")[:2]
+            assert await client.llen(history) == 3  # trimmed to the nodes' bound
+            assert 60_000 < await client.pttl(meta) <= 120_000  # the nodes' party_ttl
+            assert worker.settings_differ is None  # nothing left to tell
+    finally:
+        worker.stop()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            await client.aclose()
+            await b.close()
+    said = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "party_sync.engine.stream_worker"
+    ]
+    assert len(said) == 1 and "from now on" in said[0], said
+    assert "party_ttl 120 (this process: 60)" in said[0] and "history_size 3" in said[0]

@@ -24,8 +24,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -148,6 +148,18 @@ class _Subscription:
             await close()
 
 
+def _limits(settings: BackendSettings) -> Limits:
+    return Limits(
+        settings.history_size,
+        settings.idle_party_ttl,
+        settings.action_record_ttl,
+        settings.presence_ttl,
+        settings.action_timeout,
+        settings.history_max_bytes,
+        settings.history_max_age,
+    )
+
+
 class RedisBackend:
     """All parties, shared through Redis; one instance per gateway node."""
 
@@ -187,15 +199,7 @@ class RedisBackend:
         self.scripts = Scripts(
             self.client,
             self.keys,
-            Limits(
-                settings.history_size,
-                settings.idle_party_ttl,
-                settings.action_record_ttl,
-                settings.presence_ttl,
-                settings.action_timeout,
-                settings.history_max_bytes,
-                settings.history_max_age,
-            ),
+            _limits(settings),
             timeout=options.command_timeout,
             delay=options.write_delay,
         )
@@ -260,6 +264,23 @@ class RedisBackend:
         self._answers: deque[_Answer] = deque(maxlen=ANSWERS_KEPT)
         self._answers_servers = redis_fence.SERVERS.count
         self._rewriting: asyncio.Future[None] | None = None
+
+    def adopt(self, values: Mapping[str, float]) -> None:
+        """Write with the gateway nodes' shared settings (``shared_settings.SHARED``: history
+        bounds and TTLs) from the next call on: an engine worker's backend, when the nodes'
+        change (a worker kept the values it started with until restarted, and trimmed history
+        to a bound the nodes had given up: rolling-upgrade probe). The parts a worker writes
+        with; presence, which only nodes keep, is not among them."""
+        self.settings = replace(
+            self.settings,
+            history_size=int(values["history_size"]),
+            history_max_bytes=int(values["history_max_bytes"]),
+            history_max_age=float(values["history_max_age"]),
+            action_record_ttl=float(values["action_record_ttl"]),
+            idle_party_ttl=float(values["party_ttl"]),
+            narration_idle=float(values["narration_idle"]),
+        )
+        self.scripts.adopt(_limits(self.settings))
 
     def clock(self) -> float:
         """Now, on Redis's clock: this process's plus the offset measured with ``TIME`` (every

@@ -309,6 +309,15 @@ class Limits:
 class Scripts:
     """The registered scripts plus the KEYS and ARGV conventions of ``_lib.lua``."""
 
+    def adopt(self, limits: Limits) -> None:
+        """Write with ``limits`` from the next call on (an engine worker takes the nodes'
+        settings when they change: ``RedisBackend.adopt``)."""
+        self.limits = limits
+        self._history = limits.history.header()  # ARGV[4], parsed once by _lib.lua's prelude
+        # ARGV[3] and ARGV[6] as text once (hiredis formats a number on every call)
+        self._party_ttl_ms = str(int(limits.party_ttl * 1000))
+        self._record_ttl_ms = str(int(max(limits.action_record_ttl, limits.action_timeout) * 1000))
+
     def __init__(
         self,
         client: Redis | RedisCluster,
@@ -320,11 +329,7 @@ class Scripts:
     ) -> None:
         """``delay``: the batcher's write delay (``redis_write_delay``)."""
         self.keys = keys
-        self.limits = limits
-        self._history = limits.history.header()  # ARGV[4], parsed once by _lib.lua's prelude
-        # ARGV[3] and ARGV[6] as text once (hiredis formats a number on every call)
-        self._party_ttl_ms = str(int(limits.party_ttl * 1000))
-        self._record_ttl_ms = str(int(max(limits.action_record_ttl, limits.action_timeout) * 1000))
+        self.adopt(limits)
         lib = _source("_lib")
         sharded = isinstance(client, RedisCluster)
         self._party: dict[str, Script] = {}

@@ -147,7 +147,6 @@ class RedisVotes:
         self._client = client
         self._scripts = scripts
         self._keys = keys
-        self._party_ttl = scripts.limits.party_ttl
         # A Cluster: WATCH/MULTI on the party's master itself (redis_connect.SlotClients).
         self._slots = SlotClients(client) if isinstance(client, RedisCluster) else None
 
@@ -253,7 +252,7 @@ class RedisVotes:
             if votes.due(vote, online, now) == "all_voted":
                 finished = _finished(vote, "all_voted", now)
                 await txn.publish(finished)
-                _record_finish(txn, self._keys, vote, finished, self._party_ttl)
+                _record_finish(txn, self._keys, vote, finished, self._scripts.limits.party_ttl)
             return None, txn.events(await txn.pipe.execute())
 
         return await self._transact(party_id, now, decide)
@@ -264,7 +263,7 @@ class RedisVotes:
                 return None
             finished = _finished(vote, "timeout", now)
             await txn.publish(finished)
-            _record_finish(txn, self._keys, vote, finished, self._party_ttl)
+            _record_finish(txn, self._keys, vote, finished, self._scripts.limits.party_ttl)
             return txn.events(await txn.pipe.execute())[0]
 
         return await self._transact(party_id, now, decide)

@@ -7,7 +7,9 @@ worker read only its own environment) wrote action records that lived ``action_r
 600 s where the nodes said 20, and kept parties for an hour where they said a minute, without a
 word (outside hygiene probe). So the nodes publish theirs in ``<prefix>:settings`` (with the
 actions stream link: only a deployment with stream workers needs it), and a worker takes them
-when it starts, and says so; one that finds them changed later warns that a restart takes them.
+when it starts, and says so; one that finds them changed later takes them then (it kept its
+own until restarted: a rolling-upgrade probe saw history trimmed to a bound the nodes had given
+up), and says so.
 
 Pure: the encoding and the comparison. The nodes' stream link writes the key, the worker's
 command reads it.

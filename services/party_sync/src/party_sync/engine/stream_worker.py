@@ -860,12 +860,16 @@ class PartitionedWorker:
         count_check: float = 10.0,
         stop_grace: float = 10.0,
         shared: tuple[str, Mapping[str, float]] | None = None,
+        adopt: Callable[[Mapping[str, float]], None] | None = None,
     ) -> None:
         """``shared``: the key of the nodes' shared settings and the values this worker writes
-        with (``backends/shared_settings.py``): compared every ``count_check`` s, a WARNING
-        once they differ (a restart takes the nodes' new ones)."""
+        with (``backends/shared_settings.py``): compared every ``count_check`` s; when they
+        differ, ``adopt`` is given the nodes' (``RedisBackend.adopt``: the worker writes with
+        them from then on) with a WARNING naming each change; without ``adopt``, a WARNING
+        once that a restart takes them."""
         self.engine = engine
         self.shared = shared
+        self._adopt = adopt
         self.settings_differ: str | None = None
         self.settings_looks = 0  # how often they were compared
         self.publisher = publisher
@@ -1008,6 +1012,16 @@ class PartitionedWorker:
             return
         self.settings_looks += 1
         differ = None if theirs is None else "; ".join(shared_settings.differences(mine, theirs))
+        if differ and theirs is not None and self._adopt is not None:
+            self._adopt(theirs)
+            self.shared = (key, theirs)
+            log.warning(
+                "the gateway nodes' settings changed (%s: %s): this worker writes with theirs "
+                "from now on",
+                key,
+                differ,
+            )
+            return
         if differ and differ != self.settings_differ:
             log.warning(
                 "the gateway nodes' settings changed (%s: %s): this worker writes with the ones "
