@@ -8,8 +8,9 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -25,6 +26,24 @@ from redis.asyncio import Redis
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
 STREAM = ("--engine-transport", "stream")
+
+
+async def _lengths(r: Redis, streams: list[str]) -> list[int]:
+    return [int(await r.xlen(name)) for name in streams]
+
+
+async def until_redis(
+    cluster: Cluster, read: Callable[[Redis], Awaitable[Any]], expected: Any, timeout: float = 15
+) -> None:
+    """Until ``read`` (of the cluster's Redis) returns ``expected``: a bounded poll of state in
+    another process, with no event to await."""
+    redis = Redis.from_url(cluster.redis.url)
+    try:
+        async with asyncio.timeout(timeout):
+            while await read(redis) != expected:  # noqa: ASYNC110 (a bounded poll)
+                await asyncio.sleep(0.02)
+    finally:
+        await redis.aclose()
 
 
 @contextlib.contextmanager
@@ -267,6 +286,9 @@ async def test_a_node_and_a_worker_process_on_three_partitions(cluster: Cluster)
                 result = await a.until("action.result", timeout=15)
                 assert result["payload"]["action_id"] == f"pa-{n}"
                 await a.close()
+            # the worker deletes an entry once it has handled it, a moment after the result
+            # went out (a stop at once, on a loaded machine, found one left: [1, 0, 0])
+            await until_redis(cluster, lambda r: _lengths(r, streams), [0, 0, 0])
         redis = Redis.from_url(cluster.redis.url)
         try:
             # entries ever added to each (the worker deleted the ones it handled)
@@ -306,6 +328,9 @@ async def test_a_deployment_under_its_own_prefix_and_stream_beside_the_default_o
             again = await a.until("action.result", timeout=10)
             assert again["payload"] == result["payload"]
             await a.close()
+            # the default worker has made its stream (on a loaded machine it had not started
+            # yet when the test was over: "no such key")
+            await until_redis(cluster, lambda r: r.exists(ACTIONS_STREAM), 1)
         redis = Redis.from_url(cluster.redis.url)
         try:
             assert await redis.keys("otherdep:{party:op-1}:*")
