@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 STREAM = ("--engine-transport", "stream")
 
 
-async def _lengths(r: Redis, streams: list[str]) -> list[int]:
+async def _lengths(r: Redis, streams: Sequence[str]) -> list[int]:
     return [int(await r.xlen(name)) for name in streams]
 
 
