@@ -115,6 +115,34 @@ async def test_a_burst_of_commands_waits_for_the_pool_instead_of_failing(
         await client.aclose()
 
 
+@pytest.mark.parametrize("target", ["one", "sentinel"], indirect=True)
+async def test_the_connections_a_burst_opened_are_closed_once_unused(
+    target: tuple[RedisTarget, list[int]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Soak probe: 300 players leaving at once (each a presence command of its own) left a
+    node with 100 connections to Redis, idle for good (redis-py's pools never shrink). A pool
+    closes those unused for ``IDLE_CLOSE_AFTER`` beyond the ``IDLE_KEPT`` last used, as it is
+    used on (a node's heartbeats use it every few seconds)."""
+    from party_sync.backends import redis_connect
+
+    monkeypatch.setattr(redis_connect, "IDLE_CLOSE_AFTER", 0.3)
+    monkeypatch.setattr(redis_connect, "IDLE_CHECK_EVERY", 0.05)
+    redis_target, ports = target
+    client = make_any_client(
+        redis_target, max_connections=30, socket_timeout=10.0, client_name=NAME
+    )
+    try:
+        await asyncio.gather(*(client.blpop([f"empty{i}"], timeout=0.1) for i in range(30)))
+        assert await named_connections(ports) == 30  # the burst's
+        async with asyncio.timeout(10):
+            while await named_connections(ports) > redis_connect.IDLE_KEPT:
+                await client.ping()  # the pool in use, as by a node's heartbeats
+                await asyncio.sleep(0.05)
+        assert await client.ping()  # and what is kept still serves
+    finally:
+        await client.aclose()
+
+
 async def test_a_command_that_never_gets_a_connection_fails_within_its_timeout(
     redis: RedisServer,
 ) -> None:

@@ -44,6 +44,7 @@ import contextlib
 import contextvars
 import functools
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
@@ -287,7 +288,7 @@ def make_client(target: RedisTarget | str, **kwargs: Any) -> Redis:
         # (BlockingConnectionPool.from_url, with the URL's connection class made lost_aware)
         options: dict[str, Any] = {**kwargs, **parse_url(target.url)}
         options["connection_class"] = lost_aware(options.get("connection_class", Connection))
-        return BoundedRedis.on(BlockingConnectionPool(**options))
+        return BoundedRedis.on(IdleClosingPool(**options))
     problem = sentinel_url_problem(target.url)
     if problem is not None:
         raise ValueError(problem)
@@ -398,7 +399,55 @@ _HOLDING_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar(
 )
 
 
-class _WaitingSentinelPool(SentinelConnectionPool, BlockingConnectionPool):
+#: Seconds a pooled connection may stay unused before it is closed, beyond the ``IDLE_KEPT``
+#: most recently used; how often a pool looks (on a connection's release: a node's pools are
+#: used every few seconds by its heartbeats).
+IDLE_CLOSE_AFTER = 120.0
+IDLE_CHECK_EVERY = 30.0
+IDLE_KEPT = 4
+
+
+class IdleClosingPool(BlockingConnectionPool):
+    """redis-py's waiting pool that closes the connections a burst opened once they have been
+    unused for ``IDLE_CLOSE_AFTER`` s (keeping the ``IDLE_KEPT`` most recently used): a pool
+    grows to the commands in flight at once and redis-py never shrinks it (soak probe: 300
+    players leaving at once left a node with 100 idle connections to Redis for good).
+
+    Leans on redis-py's ``ConnectionPool._available_connections`` (5.x to 8.x: a list whose
+    ``pop()`` takes the newest, so the oldest idle ones are at its front); the closing is
+    synchronous with the list (nothing can take a connection meanwhile)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._idle_since: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
+        self._next_idle_check = time.monotonic() + IDLE_CHECK_EVERY
+
+    async def release(self, connection: Any) -> None:
+        now = time.monotonic()
+        self._idle_since[connection] = now
+        await super().release(connection)
+        if now >= self._next_idle_check:
+            self._next_idle_check = now + IDLE_CHECK_EVERY
+            await self._close_idle(now)
+
+    async def _close_idle(self, now: float) -> None:
+        available: list[Any] = self._available_connections
+        spare = len(available) - IDLE_KEPT
+        if spare <= 0:
+            return
+        stale = [
+            c for c in available[:spare] if now - self._idle_since.get(c, now) >= IDLE_CLOSE_AFTER
+        ]
+        for connection in stale:
+            available.remove(connection)
+        for connection in stale:
+            with contextlib.suppress(Exception):
+                await connection.disconnect(nowait=True)
+        if stale:
+            log.debug("closed %d Redis connections idle for %.0f s", len(stale), IDLE_CLOSE_AFTER)
+
+
+class _WaitingSentinelPool(SentinelConnectionPool, IdleClosingPool):
     """The master's pool with Sentinel: redis-py's ``SentinelConnectionPool`` (the master's
     address from the sentinels) that waits for a free connection as ``BlockingConnectionPool``
     does, instead of raising ``MaxConnectionsError``."""
@@ -826,9 +875,7 @@ class SlotClients:
         client = self._clients.get(node.name)
         if client is None:
             options = {**node.connection_kwargs, "max_connections": self._per_master}
-            pool = BlockingConnectionPool(
-                connection_class=node.connection_class, **_waiting(options)
-            )
+            pool = IdleClosingPool(connection_class=node.connection_class, **_waiting(options))
             client = self._clients[node.name] = BoundedRedis.on(pool)
         return client
 
