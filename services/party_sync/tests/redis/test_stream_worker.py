@@ -835,7 +835,9 @@ async def test_a_stopped_worker_leaves_its_group_unless_entries_are_pending_for_
         finally:
             await client.aclose()
         assert (await consumers_and_beats(redis))[0] == [b"holder"]
-        async with running_worker(redis, host, ScriptedEngine(), "heir", claim_idle=0.2):
+        # handed back: the next worker takes them at once, not claim_idle (30 s) later (soak
+        # probe: an action read by a worker being stopped was refused action_timeout at 10 s)
+        async with running_worker(redis, host, ScriptedEngine(), "heir", claim_idle=30.0):
             await wait_until(lambda: len(host.results()) == 4, timeout=10)
             await acknowledged(redis)
 

@@ -452,8 +452,23 @@ class StreamWorker:
             )
             entries = [e for _, items in read or () for e in items]
         async with self._holding([entry_id for entry_id, _ in entries]):
-            await self._handle_all(entries, redelivery=redelivery)
+            left = await self._handle_all(entries, redelivery=redelivery)
+        if left:
+            await self._hand_back(left)
         return bool(entries)
+
+    async def _hand_back(self, entry_ids: list[bytes]) -> None:
+        """Entries this stopping worker read and will not handle: made idle for
+        ``claim_idle`` (``SET_IDLE``), so the next worker to look takes them over at once, not
+        ``claim_idle`` later (soak probe: an action read by a worker being stopped waited 30 s
+        for another and was refused ``action_timeout`` at 10 s). Best effort: if Redis does not
+        answer they are taken over after ``claim_idle`` all the same."""
+        o = self.options
+        idle_ms = int(o.claim_idle * 1000)
+        try:
+            await self.redis.eval(SET_IDLE, 1, o.stream, o.group, o.consumer, idle_ms, *entry_ids)
+        except INFRA_ERRORS as exc:
+            log.debug("could not hand back the entries read while stopping: %s", exc)
 
     def _after_a_new_server(self) -> None:
         """A connection of this process met a Redis server it never met before since the last
@@ -604,10 +619,11 @@ class StreamWorker:
             except Exception:  # not Redis: a bug; the batch must stay protected all the same
                 log.exception("refreshing the held entries failed; trying again")
 
-    async def _handle_all(self, entries: list[Entry], *, redelivery: bool) -> None:
-        for entry_id, fields in entries:
-            if self._stop.is_set():
-                break  # the rest stays pending: another worker (or our next start) takes it
+    async def _handle_all(self, entries: list[Entry], *, redelivery: bool) -> list[bytes]:
+        """Handle ``entries`` in order; the ids of those left when the worker was stopped."""
+        for n, (entry_id, fields) in enumerate(entries):
+            if self._stop.is_set():  # the rest stays pending: handed back (_hand_back)
+                return [left for left, _ in entries[n:]]
             if not fields:  # trimmed or deleted while pending: nothing left to do
                 await self._done(entry_id)
                 continue
@@ -623,6 +639,7 @@ class StreamWorker:
                     raise  # Redis or the backend: the round fails, the entry stays pending
                 except Exception:  # a bug on one entry must not end the worker (each worker
                     await self._unexpected(entry_id)  # taking it over would end in turn)
+        return []
 
     async def _unexpected(self, entry_id: bytes) -> None:
         """Handling an entry raised outside the engine (a bug): it stays pending, for another
