@@ -462,11 +462,16 @@ async def test_a_waiting_worker_is_not_overtaken_by_the_narrators_next_message(
     await workers.close()
 
 
+@pytest.mark.parametrize("clock", ["the engines'", "the publishers'"])
 async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_ends(
-    store_url: str,
+    store_url: str, clock: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first worker dies while it narrates (never publishes): the second waits until the
-    lease the first took on its events runs out, then publishes them before its own."""
+    lease the first took on its events runs out, then publishes them before its own.
+
+    By the clock the engines are given, or else by their publishers' (party_sync's: Redis's),
+    whatever the machine's reads (here: 1970): workers on machines whose clocks disagree took a
+    live narration's lease for ended, or waited past its end (a code reading)."""
     row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
     look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
     died = asyncio.Event()
@@ -475,8 +480,13 @@ async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_
         died.set()
         await asyncio.Event().wait()  # never returns: cancelled below, as a killed worker
 
-    workers = Workers(store_url, dying)
-    await workers.start(RecordingPublisher(), RecordingPublisher(), "aria", "bram")
+    own = clock == "the engines'"
+    if not own:
+        machine = types.SimpleNamespace(time=lambda: 0.0, monotonic=time.monotonic)
+        monkeypatch.setattr(engine_module, "time", machine)
+    workers = Workers(store_url, dying, own_clocks=own)
+    publishers = RecordingPublisher(clock=workers.clock), RecordingPublisher(clock=workers.clock)
+    await workers.start(*publishers, "aria", "bram")
     dead = asyncio.create_task(workers.first.handle_action(row))
     await asyncio.wait_for(died.wait(), 10)
     dead.cancel()
@@ -489,40 +499,6 @@ async def test_a_narrator_that_never_returns_holds_the_run_only_until_its_lease_
     await asyncio.wait_for(waiting, 10)
     state = await workers.run_state()
     assert state.outbox == [] and row.action_id in state.applied
-    await workers.close()
-
-
-async def test_the_lease_is_kept_by_party_sync_s_clock_not_by_each_machine_s(
-    store_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Workers on machines whose clocks disagree (a code reading: a worker a few seconds behind
-    takes a live narration's lease for ended, one ahead waits past it): the engines keep their
-    leases by the clock party_sync gives their publishers (Redis's), whatever the machine's
-    reads (here: 1970). The lease holds while it runs by that clock and ends when it does."""
-    machine = types.SimpleNamespace(time=lambda: 0.0, monotonic=time.monotonic)
-    monkeypatch.setattr(engine_module, "time", machine)
-    row = action_request("choice", {"option": "row"}, character_id="aria", trace_id="t-row")
-    look = action_request("skill_check", {}, character_id="bram", trace_id="t-look")
-    died = asyncio.Event()
-
-    async def dying(delay: float) -> None:
-        died.set()
-        await asyncio.Event().wait()  # never returns: cancelled below, as a killed worker
-
-    workers = Workers(store_url, dying, own_clocks=False)
-    party_sync = RecordingPublisher(clock=workers.clock)
-    await workers.start(party_sync, RecordingPublisher(clock=workers.clock), "aria", "bram")
-    dead = asyncio.create_task(workers.first.handle_action(row))
-    await asyncio.wait_for(died.wait(), 10)
-    dead.cancel()
-    state = await workers.run_state()
-    assert state.narrating_until is not None and state.narrating_until > workers.now[0]
-    waiting = asyncio.create_task(workers.second.handle_action(look))
-    await workers.in_line()
-    assert not waiting.done()  # the lease holds
-    workers.now[0] = state.narrating_until + 0.01  # it runs out, by party_sync's clock
-    await asyncio.wait_for(waiting, 10)
-    assert (await workers.run_state()).outbox == []
     await workers.close()
 
 

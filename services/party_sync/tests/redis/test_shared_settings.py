@@ -48,6 +48,28 @@ async def node_link(redis: RedisServer, settings: Settings) -> AsyncIterator[Str
         await link.close()
 
 
+@contextlib.asynccontextmanager
+async def working(worker: PartitionedWorker, client: Redis) -> AsyncIterator[None]:
+    """``worker`` running; stopped (and ``client`` closed) at the end."""
+    task = asyncio.get_running_loop().create_task(worker.run())
+    try:
+        yield
+    finally:
+        worker.stop()
+        try:
+            await asyncio.wait_for(task, 10)
+        finally:
+            await client.aclose()
+
+
+def worker_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "party_sync.engine.stream_worker"
+    ]
+
+
 async def held(client: Redis) -> dict[str, float] | None:
     return shared_settings.decode(await client.get(KEY))
 
@@ -97,28 +119,16 @@ async def test_a_running_worker_warns_once_when_the_nodes_settings_change(
         count_check=0.05,
         shared=(KEY, shared_settings.values_of(NODES)),
     )
-    task = asyncio.get_running_loop().create_task(worker.run())
-    try:
+    async with working(worker, client), node_link(redis, NODES):
+        await wait_until(lambda: engine.publisher is not None, timeout=10)
+        changed = dataclasses.replace(NODES, party_ttl=120.0)
+        async with node_link(redis, changed):  # a node restarted with another value
+            await wait_until(lambda: worker.settings_differ is not None, timeout=10)
+            looked = worker.settings_looks
+            await wait_until(lambda: worker.settings_looks >= looked + 4, timeout=10)
         async with node_link(redis, NODES):
-            await wait_until(lambda: engine.publisher is not None, timeout=10)
-            changed = dataclasses.replace(NODES, party_ttl=120.0)
-            async with node_link(redis, changed):  # a node restarted with another value
-                await wait_until(lambda: worker.settings_differ is not None, timeout=10)
-                looked = worker.settings_looks
-                await wait_until(lambda: worker.settings_looks >= looked + 4, timeout=10)
-            async with node_link(redis, NODES):
-                await wait_until(lambda: worker.settings_differ is None, timeout=10)
-    finally:
-        worker.stop()
-        try:
-            await asyncio.wait_for(task, 10)
-        finally:
-            await client.aclose()
-    warnings = [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "party_sync.engine.stream_worker"
-    ]
+            await wait_until(lambda: worker.settings_differ is None, timeout=10)
+    warnings = worker_warnings(caplog)
     assert len(warnings) == 1 and "party_ttl 120 (this process: 60)" in warnings[0], warnings
     assert any("equal this worker's again" in r.getMessage() for r in caplog.records)
 
@@ -147,10 +157,9 @@ async def test_a_running_worker_takes_the_nodes_new_settings(
         shared=(KEY, values),
         adopt=b.adopt,
     )
-    task = asyncio.get_running_loop().create_task(worker.run())
     changed = dataclasses.replace(NODES, party_ttl=120.0, history_size=3)
     try:
-        async with node_link(redis, changed):  # every node restarted with these
+        async with working(worker, client), node_link(redis, changed):  # every node restarted
             await wait_until(lambda: b.settings.history_size == 3, timeout=10)
             for n in range(6):
                 payload = {"scene_number": n, "scene_id": f"s{n}", "title": "T", "narration": "N"}
@@ -163,16 +172,7 @@ async def test_a_running_worker_takes_the_nodes_new_settings(
             assert 60_000 < await client.pttl(meta) <= 120_000  # the nodes' party_ttl
             assert worker.settings_differ is None  # nothing left to tell
     finally:
-        worker.stop()
-        try:
-            await asyncio.wait_for(task, 10)
-        finally:
-            await client.aclose()
-            await b.close()
-    said = [
-        r.getMessage()
-        for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "party_sync.engine.stream_worker"
-    ]
+        await b.close()
+    said = worker_warnings(caplog)
     assert len(said) == 1 and "from now on" in said[0], said
     assert "party_ttl 120 (this process: 60)" in said[0] and "history_size 3" in said[0]
