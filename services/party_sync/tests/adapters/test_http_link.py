@@ -23,6 +23,7 @@ from party_sync.engine.health import HttpProbe
 from party_sync.engine.http_host import ApiPublisher, build_host_app
 from party_sync.engine.http_link import ENGINE_FAILURES, HttpEngineLink
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
+from party_sync.engine.wire import join_envelope
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
 from party_sync.server import make_link, watch_engine
@@ -488,6 +489,8 @@ async def test_notices_go_to_the_notice_url_never_to_the_action_url() -> None:
     assert restate["envelope"]["trace_id"] == "trace-r"
     assert restate["envelope"]["payload"] == {"epoch": "epoch-9"}
     assert {headers["X-Trace-Id"] for headers, _ in api.notices} == {"trace-j", "trace-r"}
+    # party_sync's clock as it sent them (the link's host's), for the engines' leases
+    assert all(abs(float(h["X-Party-Sync-Time"]) - time.time()) < 60 for h, _ in api.notices)
 
 
 async def test_without_a_notice_url_notices_are_not_sent_and_the_start_says_so(
@@ -691,7 +694,9 @@ async def test_the_host_judges_the_deadline_by_the_time_left_not_by_its_own_cloc
 async def test_the_host_s_publisher_keeps_party_sync_s_clock_from_the_deliveries() -> None:
     """The engines on an HTTP host compare times across machines (the reference engine's
     narration lease, in the database its hosts share): the publisher's ``clock()`` is
-    party_sync's, heard from each delivery (its deadline less the time left), not the host's."""
+    party_sync's, heard from every delivery (``X-Party-Sync-Time``; from an older sender, an
+    action's deadline less its time left), not the host's. Notices too: a host that had handled
+    no action yet judged another host's lease by its own clock on a join (lease probe)."""
     engine = ScriptedEngine()
     engine.mode = "silent"
     host_clock = [5_000.0]  # this machine's clock, far from the deployment's
@@ -699,15 +704,26 @@ async def test_the_host_s_publisher_keeps_party_sync_s_clock_from_the_deliveries
     assert publisher.clock() == 5_000.0  # nothing heard yet: its own
     app = build_host_app(engine, publisher, clock=lambda: host_clock[0])
     async with serve(app) as base:
+        join = {
+            "kind": "join",
+            "party_id": "p1",
+            "campaign_run_id": "r1",
+            "envelope": join_envelope(JoinNotice("p1", "r1", "aria", "Aria", "t-j")),
+        }
+        status, _ = await post(f"{base}/notices", join, **{"X-Party-Sync-Time": "999000.000"})
+        assert status == 202 and publisher.clock() == 999_000.0  # a notice, before any action
         headers = {"X-Delivery-Attempt": "1", "X-Action-Time-Left": "3.000"}
         status, _ = await post(f"{base}/actions", action_body("a", 1_000_003.0), **headers)
         assert status == 202
-        assert publisher.clock() == 1_000_000.0  # sent with 3 s left of 1_000_003
+        assert publisher.clock() == 1_000_000.0  # an older sender: 3 s left of 1_000_003
         host_clock[0] += 2.5
         assert publisher.clock() == 1_000_002.5  # and on, at this machine's pace
         headers["X-Action-Time-Left"] = "soon"  # nothing to hear from
         status, _ = await post(f"{base}/actions", action_body("b", FUTURE), **headers)
         assert status == 202 and publisher.clock() == 1_000_002.5
+        headers["X-Party-Sync-Time"] = "1000010.500"  # said outright: taken first
+        status, _ = await post(f"{base}/actions", action_body("c", FUTURE), **headers)
+        assert status == 202 and publisher.clock() == 1_000_010.5
 
 
 async def test_the_link_says_the_time_left_by_its_host_s_clock() -> None:
@@ -718,6 +734,7 @@ async def test_the_link_says_the_time_left_by_its_host_s_clock() -> None:
         await link.submit(make_action("t", deadline=1_004.25))
         await idle(link)
     assert api.actions[0][0]["X-Action-Time-Left"] == "4.250"
+    assert api.actions[0][0]["X-Party-Sync-Time"] == "1000.000"
 
 
 async def test_the_host_serves_notices_on_their_own_path_and_actions_only_on_theirs() -> None:

@@ -498,6 +498,33 @@ async def test_the_backend_keeps_time_by_redis_s_clock(
     )
 
 
+async def test_a_slow_first_measure_of_the_clock_is_made_again_soon(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lease probe: a worker whose first TIME took over 0.5 s (a slow link at start) dropped
+    it and measured again only ``CLOCK_EVERY`` (30 s) later, on its own clock meanwhile (5 s
+    off: live narrations cut). A measure too slow to trust is made again a second later."""
+    real = time.time
+    monkeypatch.setattr(time, "time", lambda: real() + 6.0)  # this machine: 6 s ahead
+    b = RedisBackend(RedisOptions(redis.url), BackendSettings())
+    slow = [2]  # the first two answers come late
+
+    async def late_time() -> Any:
+        answer = await original()
+        if slow[0]:
+            slow[0] -= 1
+            await asyncio.sleep(0.6)
+        return answer
+
+    original = b.client.time
+    b.client.time = late_time  # type: ignore[method-assign]
+    await b.start()
+    try:
+        await wait_until(lambda: abs(b.clock() - real()) < 0.5, timeout=5)
+    finally:
+        await b.close()
+
+
 async def test_a_refused_time_is_said_not_taken_for_an_outage(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

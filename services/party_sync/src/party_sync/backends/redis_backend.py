@@ -740,11 +740,12 @@ class RedisBackend:
             self._clock_due = time.monotonic() + 1.0
             return
         self._clock_refused = False
-        if after - before > 0.5:  # too slow a round trip to say anything precise
-            return
+        if after - before > 0.5:  # too slow a round trip to say anything precise: again soon
+            self._clock_due = time.monotonic() + 1.0  # (not CLOCK_EVERY later: a slow first
+            return  # measure left a worker on its own clock for 30 s, lease probe)
         offset = seconds + micros / 1e6 - (before + after) / 2
         if abs(offset - self._clock_offset) > 1.0:
-            was = f"it was {self._clock_offset:.1f}s" if self._clock_measured else "at start"
+            was = f"it was {self._clock_offset:.1f}s" if self._clock_measured else "first measure"
             log.warning(
                 "Redis's clock minus this process's: %.1fs (%s): party_sync keeps time by "
                 "Redis's (deadlines, presence, votes); an HTTP engine host of your own that "

@@ -443,26 +443,49 @@ def _deadline(request: web.Request, body: Mapping[str, Any]) -> float | None:
     return wire.parse_deadline(raw if raw is not None else request.headers.get(DEADLINE_HEADER))
 
 
-def _rebased(
-    request: web.Request, body: Mapping[str, Any], now: float, publisher: ApiPublisher
-) -> float | None:
+def _seconds(request: web.Request, header: str) -> float | None:
+    """A header's decimal seconds (finite, not negative), or None."""
+    raw = request.headers.get(header)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def _rebased(request: web.Request, body: Mapping[str, Any], now: float) -> float | None:
     """The action's deadline on this host's clock: now (its receipt) plus the seconds the
     sender says were left (``X-Action-Time-Left``), so that a host whose clock is ahead of the
     deployment's does not take every action for expired (clock skew probe: a host 6 s ahead
     answered every first delivery 409 with a 4-s timeout). Without the header (an older
-    sender), the deadline as given. The publisher hears the sender's clock from the two."""
+    sender), the deadline as given."""
     deadline = _deadline(request, body)
-    raw = request.headers.get(wire.TIME_LEFT_HEADER)
-    if deadline is None or raw is None:
+    left = _seconds(request, wire.TIME_LEFT_HEADER)
+    if deadline is None or left is None:
         return deadline
-    try:
-        left = float(raw)
-    except ValueError:
-        return deadline
-    if not math.isfinite(left) or left < 0:
-        return deadline
-    publisher.heard(deadline - left, now)
     return now + left
+
+
+def _hear_clock(request: web.Request, body: Mapping[str, Any] | None, now: float) -> None:
+    """Tell the host's publisher party_sync's clock, as this delivery says it: its
+    ``X-Party-Sync-Time``, else (an action from an older sender) its deadline less the time
+    it says was left. Every delivery, notices too: a host that had handled no action yet
+    judged another host's narration lease by its own clock on a join notice (lease probe: a
+    host 5 s ahead cut a live narration short)."""
+    publisher = request.app[PUBLISHER]
+    sent = _seconds(request, wire.CLOCK_HEADER)
+    if sent is None and body is not None:
+        left = _seconds(request, wire.TIME_LEFT_HEADER)
+        try:
+            deadline = _deadline(request, body)
+        except ValueError:
+            deadline = None
+        if deadline is not None and left is not None:
+            sent = deadline - left
+    if sent is not None:
+        publisher.heard(sent, now)
 
 
 def _first_attempt(request: web.Request) -> bool:
@@ -571,14 +594,14 @@ def _party_id(body: Mapping[str, Any]) -> str:
 async def receive_action(request: web.Request) -> web.Response:
     """``POST /actions``: one ``action.request`` (see the module docstring for the answers)."""
     engine, contracts, clock = request.app[ENGINE], request.app[CONTRACTS], request.app[CLOCK]
-    publisher = request.app[PUBLISHER]
     raw = await read_body(request, MAX_BODY)
     try:
         body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads
         envelope = body["envelope"]
         party_id = _party_id(body)
-        deadline = _rebased(request, body, clock(), publisher)
-        action = wire.parse_action(party_id, envelope, deadline, contracts)
+        now = clock()
+        _hear_clock(request, body, now)
+        action = wire.parse_action(party_id, envelope, _rebased(request, body, now), contracts)
     except _UNREADABLE as exc:
         raise _unreadable(exc, _ACTION_SHAPE) from exc
     if action.deadline is not None and clock() > action.deadline and _first_attempt(request):
@@ -613,6 +636,7 @@ async def receive_notice(request: web.Request) -> web.Response:
     """``POST /notices``: ``{"kind": "join" | "restate", "party_id", "campaign_run_id",
     "envelope"}``; 202 handled (or ignored: an engine without ``handle_restate``)."""
     engine, contracts = request.app[ENGINE], request.app[CONTRACTS]
+    _hear_clock(request, None, request.app[CLOCK]())
     raw = await read_body(request, MAX_BODY)
     try:
         body = codec.decode_bounded(raw)  # nesting bounded, as every body party_sync reads

@@ -233,6 +233,7 @@ class HttpEngineLink:
         give_up_at = loop.time() + persist
         attempt = 0
         while True:
+            headers[wire.CLOCK_HEADER] = f"{self.clock():.3f}"
             try:
                 status, answer = await self._post(url, body, headers)
             except (_Unreached, _Retryable) as exc:
@@ -324,6 +325,7 @@ class HttpEngineLink:
         unknown = action.redelivery  # an attempt may have reached the engine, outcome unknown
         while True:
             headers["X-Delivery-Attempt"] = str(reached + 1)
+            headers[wire.CLOCK_HEADER] = f"{self.clock():.3f}"
             if action.deadline is not None:
                 # the time left, by the deployment's clock: a host whose own clock is off
                 # judges the deadline by it, not by comparing clocks (clock skew probe)

@@ -36,6 +36,10 @@ PARTY_RESTATE: Final = "party.restate"
 #: (decimal), so that the engine host judges the deadline by its own receipt time, whatever its
 #: clock (``http_host._rebased``).
 TIME_LEFT_HEADER: Final = "X-Action-Time-Left"
+#: The HTTP link's header on every delivery (actions and notices): party_sync's clock when it was
+#: sent (Unix seconds, decimal), for an engine host whose engines compare times across processes
+#: (``ApiPublisher.clock``: the reference engine's narration lease).
+CLOCK_HEADER: Final = "X-Party-Sync-Time"
 
 
 def format_deadline(deadline: float) -> str:
