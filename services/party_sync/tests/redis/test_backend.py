@@ -517,7 +517,7 @@ async def test_a_slow_first_measure_of_the_clock_is_made_again_soon(
         return answer
 
     original = b.client.time
-    b.client.time = late_time  # type: ignore[method-assign]
+    b.client.time = late_time  # type: ignore[method-assign,assignment]
     await b.start()
     try:
         await wait_until(lambda: abs(b.clock() - real()) < 0.5, timeout=5)
