@@ -525,15 +525,16 @@ async def test_a_slow_first_measure_of_the_clock_is_made_again_soon(
         await b.close()
 
 
-async def test_a_refused_time_is_said_not_taken_for_an_outage(
+async def test_a_time_refused_while_running_is_one_error_naming_the_grant(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Docs probe: a user without +time kept each process on its own clock with no word (the
-    start refuses such a user now; this is one whose +time is taken away later): one WARNING,
-    however often it is refused, saying what to grant."""
+    start refuses such a user now; this is one whose +time is taken away later): one ERROR,
+    however often it is refused, saying what fails (the scripts read TIME too: every
+    handshake and action, re-check) and what to grant."""
     from party_sync.backends import redis_backend
 
-    caplog.set_level(logging.WARNING, "party_sync.backends.redis_backend")
+    caplog.set_level(logging.ERROR, "party_sync.backends.redis_backend")
     monkeypatch.setattr(redis_backend, "CLOCK_EVERY", 0.05)
     redis.command("ACL", "SETUSER", "clocky", "on", ">pw-0123456789", "~*", "&*", "+@all")
     try:
@@ -548,3 +549,4 @@ async def test_a_refused_time_is_said_not_taken_for_an_outage(
     finally:
         redis.command("ACL", "DELUSER", "clocky")
     assert len(refused()) == 1 and "give the user +time" in refused()[0]
+    assert "handshakes and actions fail" in refused()[0]

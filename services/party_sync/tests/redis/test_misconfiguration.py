@@ -43,6 +43,8 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
         ("noinfo", "-info"),
         ("notime", "-time"),  # docs probe: the one clock silently off
         ("nomulti", "-@transaction"),  # docs probe: votes and the admin listing 503
+        ("noexec", "-exec"),  # re-check: an EXECABORT hid the refusal
+        ("nomultionly", "-multi"),  # re-check: "EXEC without MULTI" hid it
     ):
         redis_server.command(
             "ACL", "SETUSER", name, "on", f">{PASSWORD}", "~*", "&*", "+@all", denied
@@ -82,6 +84,8 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
             "noinfo",
             "notime",
             "nomulti",
+            "noexec",
+            "nomultionly",
             "nochan",
             "nokeys",
             "least",
@@ -127,6 +131,8 @@ def url(server: RedisServer, credentials: str = "", db: int = 0) -> str:
         (f"noinfo:{PASSWORD}@", 0, "may not run what party_sync needs"),
         (f"notime:{PASSWORD}@", 0, "may not run what party_sync needs .*'time'"),
         (f"nomulti:{PASSWORD}@", 0, "may not run what party_sync needs .*'(watch|multi)'"),
+        (f"noexec:{PASSWORD}@", 0, "may not run what party_sync needs .*'exec'"),
+        (f"nomultionly:{PASSWORD}@", 0, "may not run what party_sync needs .*'multi'"),
         (f"nochan:{PASSWORD}@", 0, "may not run what party_sync needs .*channels &party"),
         (f"nokeys:{PASSWORD}@", 0, "may not run what party_sync needs .*keys ~party_sync"),
         (f"least:{PASSWORD}@", 0, None),

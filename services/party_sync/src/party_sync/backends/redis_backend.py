@@ -725,13 +725,13 @@ class RedisBackend:
             async with asyncio.timeout(self.options.command_timeout):
                 seconds, micros = await self.client.time()
             after = time.time()
-        except ResponseError as exc:  # refused, not away (NOPERM: a user without +time)
+        except ResponseError as exc:  # refused, not away (NOPERM: +time taken from the user)
             if not self._clock_refused:
                 self._clock_refused = True
-                log.warning(
-                    "Redis refuses TIME (%s): this process keeps time by its own clock, not "
-                    "Redis's, so deadlines, presence and votes are off by as much as the two "
-                    "differ: give the user +time (docs/redis.md, ACL)",
+                log.error(  # (an outage, not a skew: re-check)
+                    "Redis refuses TIME (%s): party_sync's scripts read Redis's clock too, so "
+                    "handshakes and actions fail until the user may run it again: give the "
+                    "user +time (docs/redis.md, ACL)",
                     described(exc),
                 )
             self._clock_due = time.monotonic() + CLOCK_EVERY

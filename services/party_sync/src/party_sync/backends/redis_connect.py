@@ -1080,15 +1080,24 @@ def _refuse_cluster_mismatch(target: RedisTarget, enabled: bool) -> None:
 
 
 async def _may_watch(client: Redis, key: str) -> None:
-    """``WATCH`` a key under the prefix, then ``MULTI``, ``EXISTS`` it, ``EXEC``: the keys, and
-    the transactions votes and the admin listing run (docs probe: a user without @transaction
-    started, and every vote and the admin page were 503 backend_unavailable). Nothing is
-    written."""
-    async with client.pipeline(transaction=True) as pipe:
-        await pipe.watch(key)
-        pipe.multi()  # type: ignore[no-untyped-call]
-        pipe.exists(key)
-        await pipe.execute()
+    """``WATCH`` a key under the prefix, then ``MULTI``, ``EXISTS`` it, ``EXEC``, each reply
+    read on its own: the keys, and the transactions votes and the admin listing run (docs probe:
+    a user without @transaction started, and every vote and the admin page were 503
+    backend_unavailable; re-check: without only ``multi`` or ``exec`` the refusal hid behind
+    "EXEC without MULTI" or an EXECABORT). The first refusal is raised (``NoPermissionError``).
+    Nothing is written; the connection is closed with the client."""
+    single = client.client()  # one connection: a transaction's commands go on one
+    try:
+        for command in (("WATCH", key), ("MULTI",), ("EXISTS", key), ("EXEC",)):
+            try:
+                await single.execute_command(*command)  # type: ignore[no-untyped-call]
+            except NoPermissionError:
+                raise
+            except ResponseError as exc:  # an EXECABORT of one, or what follows one (EXEC
+                if "NOPERM" in str(exc):  # without MULTI): raised as the refusal it is
+                    raise NoPermissionError(str(exc)) from None
+    finally:
+        await single.aclose()
 
 
 async def _may_subscribe(client: Redis, prefix: str) -> None:
@@ -1139,7 +1148,7 @@ def _refusal(exc: RedisError, target: RedisTarget, whose: str) -> ConfigError | 
         return ConfigError(f"redis_url names database {path}: Redis says {said!r}")
     if any(words in said for words in _REFUSED_CREDENTIALS):
         return ConfigError(f"Redis refused {whose} credentials: {said}")
-    if isinstance(exc, NoPermissionError) or said.startswith("NOPERM"):
+    if isinstance(exc, NoPermissionError) or "NOPERM" in said:
         return ConfigError(
             f"redis_url's user may not run what party_sync needs ({said}): give it at least "
             f"+@read +@write +@scripting +@transaction +@pubsub +@stream +@connection +info "
