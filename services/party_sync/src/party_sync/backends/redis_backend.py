@@ -740,10 +740,12 @@ class RedisBackend:
             self._clock_due = time.monotonic() + 1.0
             return
         self._clock_refused = False
-        if after - before > 0.5:  # too slow a round trip to say anything precise: again soon
-            self._clock_due = time.monotonic() + 1.0  # (not CLOCK_EVERY later: a slow first
-            return  # measure left a worker on its own clock for 30 s, lease probe)
         offset = seconds + micros / 1e6 - (before + after) / 2
+        took = after - before
+        if took > 0.5:  # too slow to be precise: measured again a second later (not CLOCK_EVERY:
+            self._clock_due = time.monotonic() + 1.0  # lease probe), and taken meanwhile only
+            if abs(offset - self._clock_offset) <= took:  # if it says more than its error
+                return  # (a worker 5 s off, its TIME slow for seconds at start, cut narrations)
         if abs(offset - self._clock_offset) > 1.0:
             was = f"it was {self._clock_offset:.1f}s" if self._clock_measured else "first measure"
             log.warning(
