@@ -72,6 +72,19 @@ async def test_a_party_that_came_and_went_or_only_got_events_is_listed(
         await listed(srv, {"came", "published"})
 
 
+async def test_a_party_is_listed_as_soon_as_a_member_connects(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Re-check: on Redis a party that had just connected was missing from the listing until
+    its node's next heartbeat (up to presence_ttl / 3 later)."""
+    monkeypatch.setattr(admin, "HEARTBEAT_INTERVAL", 3600.0)  # one beat, at start
+    async with serve_in_process(make_settings(**SETTINGS), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria", party="just-now", run="r9")
+        parties = (await get(srv, "/api/v1/parties"))["parties"]
+        assert "just-now" in {p["party_id"] for p in parties}
+        await a.close()
+
+
 async def test_parties_are_listed_with_their_numbers_and_paginated() -> None:
     engine = ScriptedEngine()
     async with serve_in_process(make_settings(**SETTINGS), engine=engine) as srv:

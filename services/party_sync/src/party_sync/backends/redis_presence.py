@@ -102,6 +102,9 @@ class RedisPresence:
             ]
             await self._scripts.run("connect", binding.party_id, now, args, client=pipe)
             pipe.zadd(self._keys.presence_index(), {binding.party_id: now + ttl}, lt=True)
+            # listed at once (re-check: a party that had just connected was missing from the
+            # admin listing until its node's next heartbeat, up to presence_ttl / 3)
+            pipe.zadd(self._keys.party_index(), {binding.party_id: 0}, nx=True)
             run_parties = self._keys.run_parties(binding.campaign_run_id)
             pipe.sadd(run_parties, binding.party_id)
             pipe.pexpire(run_parties, self._run_ttl_ms)
