@@ -8,14 +8,23 @@ engines sharing one in-memory store).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 import pytest
 from campaign_engine.campaign import Campaign, builtin_campaign
 from campaign_engine.chronicle import SceneSummary
 from campaign_engine.engine import ReferenceEngine, create_engine
 from campaign_engine.state import RunState
-from campaign_engine.store import CommitConflict, Decision, InMemoryRunStore, RunStore, open_store
+from campaign_engine.store import (
+    CommitConflict,
+    CommitOutcomeUnknown,
+    Decision,
+    InMemoryRunStore,
+    RunStore,
+    open_store,
+)
 from campaign_engine.testing import (
     PublishFailed,
     RecordingPublisher,
@@ -79,6 +88,54 @@ async def test_an_engine_restarted_between_actions_continues_the_run(
     assert (gate.scene_id, gate.outcome, gate.decisions) == ("gate", "moved_on", [1, 2, 3])
     assert (gate.next_scene_id, gate.next_scene_number) == ("won", 2)
     assert (ending.scene_number, ending.outcome, ending.trace_id) == (2, "ending", "t-door")
+    await engine.close()
+
+
+async def test_a_commit_whose_outcome_is_unknown_is_never_told_as_not_applied(
+    durable_url: str, arena_campaign: Campaign, dice: ScriptedRandom
+) -> None:
+    """Engine DB probe: the database connection lost after the COMMIT was applied, before its
+    reply: the engine raised, which says *not applied*, and the in-process link told the
+    player ``engine_error`` while the run had moved on. The engine raises
+    ``CommitOutcomeUnknown`` (a ``TimeoutError``: every party_sync host hands the action again),
+    and so on every attempt that cannot tell (the database still down), until one settles it:
+    applied, its result published once."""
+    store: Any = open_store(durable_url)
+    engine = ReferenceEngine(arena_campaign, rng=dice, store=store)
+    publisher = RecordingPublisher()
+    await engine.start(publisher)
+    await engine.handle_join(join_notice("aria", "Aria"))
+    publisher.clear()
+    check = action_request("skill_check", {}, trace_id="t-check")
+    dice.push(15)
+    real_transaction, real_load = store._transaction, store.load
+
+    @contextlib.asynccontextmanager
+    async def reply_lost(**options: Any) -> AsyncIterator[Any]:
+        async with real_transaction(**options) as tx:
+            yield tx
+        raise ConnectionError("server closed the connection unexpectedly")  # after COMMIT
+
+    async def down(run_id: str) -> Any:
+        raise RuntimeError("couldn't get a connection after 10.00 sec")
+
+    store._transaction = reply_lost
+    with pytest.raises(CommitOutcomeUnknown) as raised:
+        await engine.handle_action(check)
+    assert isinstance(raised.value, TimeoutError)
+    store._transaction, store.load = real_transaction, down
+    with pytest.raises(CommitOutcomeUnknown):  # cannot tell: not "not applied" either
+        await engine.handle_action(check)
+    store.load = real_load
+    assert publisher.types() == []
+    await engine.handle_action(check)  # it had landed: answered from the run, once
+    assert publisher.types() == ["action.result", "scene.update", "party.state"]
+    assert publisher.last("action.result")["action_id"] == check.action_id
+    assert len(await store.decisions("run-1")) == 1
+    store.load = down  # settled: a failure now is an ordinary one again
+    other = action_request("choice", {"option": "leap"}, trace_id="t-leap")
+    with pytest.raises(RuntimeError):
+        await engine.handle_action(other)
     await engine.close()
 
 

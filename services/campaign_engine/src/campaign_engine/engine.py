@@ -103,6 +103,7 @@ from campaign_engine.game import Game
 from campaign_engine.state import OutboxEvent, RunState, changes
 from campaign_engine.store import (
     CommitConflict,
+    CommitOutcomeUnknown,
     Decision,
     InMemoryRunStore,
     RunStore,
@@ -127,6 +128,8 @@ COMMIT_BACKOFF = 0.005
 #: Seconds a narrating process may take beyond its narration's own pauses (publishing the pieces,
 #: then the events) before another process publishes the outbox it left (``narrating_until``).
 NARRATION_LEASE_SLACK = 3.0
+#: Actions remembered as having had a commit of unknown outcome (``handle_action``).
+UNSURE_KEPT = 10_000
 #: Seconds between two looks at a run whose outbox another process is narrating.
 NARRATION_POLL = 0.05
 #: Seconds a process gives the store to take back its place in a run's line.
@@ -177,6 +180,9 @@ class ReferenceEngine:
         self._locks: dict[str, asyncio.Lock] = {}
         #: one WARNING a minute about joins to another party's run, not one per join
         self._foreign_joins = RateGate(FOREIGN_JOIN_LOG_INTERVAL)
+        #: Actions whose commit had an unknown outcome, until an attempt settles them (bounded:
+        #: the oldest go first; one beyond it is answered by its next attempt's reload anyway)
+        self._unsure: dict[str, None] = {}
 
     # --- Engine protocol -------------------------------------------------------------------
 
@@ -193,9 +199,31 @@ class ReferenceEngine:
         await self.store.close()
 
     async def handle_action(self, action: ActionRequest) -> None:
+        """Apply and publish ``action``. A commit whose outcome is unknown (the database lost
+        mid-``COMMIT``) raises ``CommitOutcomeUnknown``, and so does every later failure of the
+        same action until one attempt settles it: raising anything else means *not applied*,
+        which could then be false (engine DB probe)."""
         self._started()
+        action_id = action.action_id
         async with self._lock(action.campaign_run_id):
-            await self._retrying(self._handle_action, action, action.campaign_run_id)
+            try:
+                await self._retrying(self._handle_action, action, action.campaign_run_id)
+            except (CommitOutcomeUnknown, EngineRejected) as exc:
+                if isinstance(exc, CommitOutcomeUnknown):
+                    self._unsure[action_id] = None
+                    if len(self._unsure) > UNSURE_KEPT:
+                        del self._unsure[next(iter(self._unsure))]
+                else:  # refused on the reloaded run: so an earlier commit did not land
+                    self._unsure.pop(action_id, None)
+                raise
+            except Exception as exc:
+                if action_id in self._unsure:
+                    raise CommitOutcomeUnknown(
+                        f"an earlier commit of action {action_id} may have landed, and this "
+                        f"attempt could not tell: {type(exc).__name__}"
+                    ) from exc
+                raise
+            self._unsure.pop(action_id, None)
 
     async def handle_join(self, notice: JoinNotice) -> None:
         """Start the run if needed and register the character; never restarts a run.

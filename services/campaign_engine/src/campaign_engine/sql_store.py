@@ -41,7 +41,12 @@ from typing import Any, Final, Protocol
 
 from campaign_engine.chronicle import Decision, SceneSummary
 from campaign_engine.state import RunState
-from campaign_engine.store import CommitConflict, StoreUnavailable, check_records
+from campaign_engine.store import (
+    CommitConflict,
+    CommitOutcomeUnknown,
+    StoreUnavailable,
+    check_records,
+)
 
 MIGRATIONS: Final[tuple[tuple[int, tuple[str, ...]], ...]] = (
     (
@@ -177,6 +182,7 @@ class SqlRunStore(ABC):
     ) -> None:
         check_records(state, decisions, summaries)
         stamp, document = now(), dumps(state.to_dict())
+        committing = False  # every statement ran: what fails now is the COMMIT itself
         try:
             async with self._transaction() as tx:
                 columns = [state.party_id, state.status, state.scene_id, state.scene_number]
@@ -218,10 +224,16 @@ class SqlRunStore(ABC):
                             *(dumps(s.to_dict()), stamp),
                         ],
                     )
+                committing = True
         except Exception as exc:
             if self._is_unique_violation(exc):
                 raise CommitConflict(
                     f"run {state.run_id!r}: a decision or scene summary is already recorded"
+                ) from exc
+            if committing:
+                raise CommitOutcomeUnknown(
+                    f"run {state.run_id!r}: the commit failed ({type(exc).__name__}); it may "
+                    "have landed"
                 ) from exc
             raise
         state.version += 1

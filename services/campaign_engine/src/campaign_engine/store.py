@@ -37,6 +37,15 @@ class CommitConflict(Exception):
     and try again: the reloaded state says whether the action is now applied."""
 
 
+class CommitOutcomeUnknown(TimeoutError):
+    """The database failed while committing (the connection lost with the ``COMMIT`` sent): the
+    commit may have landed or not. Not a refusal ("raising means not applied", the engine
+    contract): a ``TimeoutError``, which every party_sync host takes for an outcome it cannot
+    know yet and hands the action to the engine again, whose reloaded run then says (engine
+    DB probe: a commit whose reply was lost was told to its player as ``engine_error``, not
+    applied, while the run had moved on)."""
+
+
 class StoreUnavailable(Exception):
     """The database cannot be opened (a missing SQLite file, PostgreSQL unreachable, a bad URL)."""
 
@@ -214,6 +223,7 @@ def open_store(url: str | None = None, *, create: bool = True) -> RunStore:
 __all__ = [
     "DEFAULT_DATABASE_URL",
     "CommitConflict",
+    "CommitOutcomeUnknown",
     "Decision",
     "InMemoryRunStore",
     "RunStore",
