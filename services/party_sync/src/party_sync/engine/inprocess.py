@@ -255,7 +255,13 @@ class InProcessLink:
                         "action left unanswered: the backend kept failing (%s)", exc, extra=extra
                     )
                     return None
-                log.warning("backend failed under the engine (%s); again", exc, extra=extra)
+                log.warning(  # (party_sync's backend under it, or the engine's own database)
+                    "the engine could not tell whether it applied the action (%s: %s): handed "
+                    "to it again",
+                    type(exc).__name__,
+                    exc,
+                    extra=extra,
+                )
                 await asyncio.sleep(pause)
                 pause = min(1.0, pause * 2)
             except Exception:  # an engine that raises did not apply the action (the contract)
