@@ -1086,7 +1086,9 @@ async def _may_watch(client: Redis, key: str) -> None:
     backend_unavailable; re-check: without only ``multi`` or ``exec`` the refusal hid behind
     "EXEC without MULTI" or an EXECABORT). The first refusal is raised (``NoPermissionError``).
     Nothing is written; the connection is closed with the client."""
-    single = client.client()  # one connection: a transaction's commands go on one
+    # One connection, for a transaction's commands go on one; a plain client of the same pool
+    # (closing a Sentinel's own client class would close its sentinels' clients too).
+    single = Redis(connection_pool=client.connection_pool, single_connection_client=True)
     try:
         for command in (("WATCH", key), ("MULTI",), ("EXISTS", key), ("EXEC",)):
             try:
