@@ -208,13 +208,13 @@ class ReferenceEngine:
         async with self._lock(action.campaign_run_id):
             try:
                 await self._retrying(self._handle_action, action, action.campaign_run_id)
-            except (CommitOutcomeUnknown, EngineRejected) as exc:
-                if isinstance(exc, CommitOutcomeUnknown):
-                    self._unsure[action_id] = None
-                    if len(self._unsure) > UNSURE_KEPT:
-                        del self._unsure[next(iter(self._unsure))]
-                else:  # refused on the reloaded run: so an earlier commit did not land
-                    self._unsure.pop(action_id, None)
+            except CommitOutcomeUnknown:
+                self._unsure[action_id] = None
+                if len(self._unsure) > UNSURE_KEPT:
+                    del self._unsure[next(iter(self._unsure))]  # the oldest
+                raise
+            except EngineRejected:  # refused on the reloaded run: an earlier commit did not land
+                self._unsure.pop(action_id, None)
                 raise
             except Exception as exc:
                 if action_id in self._unsure:

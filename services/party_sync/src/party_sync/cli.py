@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import socket
@@ -13,7 +14,7 @@ import time
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from jwt.warnings import InsecureKeyLengthWarning
 
@@ -22,6 +23,9 @@ from party_sync.auth import HMAC_ALGORITHMS, MAX_TIMESTAMP, MIN_JWT_SECRET_BYTES
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
 from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError, one_line
+
+if TYPE_CHECKING:
+    from party_sync.backends.redis_backend import RedisBackend
 
 log = logging.getLogger("party_sync")
 
@@ -771,7 +775,11 @@ def _engine_worker(args: argparse.Namespace) -> int:
                 KeySpace(settings.redis_prefix).settings(),
                 shared_settings.values_of(settings),
             ),
-            adopt=backend.adopt if isinstance(backend, RedisBackend) else None,
+            adopt=(
+                functools.partial(_adopt_nodes_settings, backend, settings)
+                if isinstance(backend, RedisBackend)
+                else None
+            ),
         )
 
         def stop() -> None:
@@ -793,6 +801,16 @@ def _engine_worker(args: argparse.Namespace) -> int:
 
     asyncio.run(work())
     return 0
+
+
+def _adopt_nodes_settings(
+    backend: RedisBackend, settings: config.Settings, theirs: Mapping[str, float]
+) -> None:
+    """A running worker's backend writes with the nodes' shared settings ``theirs`` from now on
+    (its other settings stay)."""
+    from party_sync.server import backend_settings
+
+    backend.adopt(backend_settings(dataclasses.replace(settings, **theirs)))  # type: ignore[arg-type]
 
 
 def _take_nodes_settings(settings: config.Settings) -> config.Settings:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -15,7 +16,6 @@ from collections.abc import AsyncIterator
 import pytest
 from party_sync import cli
 from party_sync.backends import shared_settings
-from party_sync.backends.base import BackendSettings
 from party_sync.backends.keys import KeySpace
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.config import Settings
@@ -23,6 +23,7 @@ from party_sync.engine import stream_link as stream_link_module
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions
 from party_sync.protocol import codec
+from party_sync.server import backend_settings
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost
@@ -138,15 +139,13 @@ async def test_a_running_worker_takes_the_nodes_new_settings(
 ) -> None:
     """Rolling-upgrade probe: a worker started while one node ran with a history of 50 kept
     trimming to 50 after every node was back on 300, until it was restarted (resumes that fitted
-    got a snapshot). ``engine-worker`` gives its backend's ``adopt``: the worker writes with the
-    nodes' values from its next look at them, and says which changed."""
+    got a snapshot). ``engine-worker`` has its backend adopt them (``cli._adopt_nodes_settings``):
+    the worker writes with the nodes' values from its next look at them, and says which
+    changed."""
     caplog.set_level(logging.INFO, "party_sync.engine.stream_worker")
     client = Redis.from_url(redis.url, socket_timeout=3.0)
     values = shared_settings.values_of(NODES)
-    b = RedisBackend(
-        RedisOptions(redis.url),
-        BackendSettings(history_size=50, action_record_ttl=20.0, idle_party_ttl=60.0),
-    )
+    b = RedisBackend(RedisOptions(redis.url), backend_settings(NODES))
     await b.start()
     worker = PartitionedWorker(
         ScriptedEngine(),
@@ -155,7 +154,7 @@ async def test_a_running_worker_takes_the_nodes_new_settings(
         WorkerOptions(stream=STREAM, consumer="w1", block=0.1),
         count_check=0.05,
         shared=(KEY, values),
-        adopt=b.adopt,
+        adopt=functools.partial(cli._adopt_nodes_settings, b, NODES),
     )
     changed = dataclasses.replace(NODES, party_ttl=120.0, history_size=3)
     try:

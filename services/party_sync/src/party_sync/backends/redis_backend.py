@@ -24,8 +24,8 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import RedisCluster
@@ -265,22 +265,14 @@ class RedisBackend:
         self._answers_servers = redis_fence.SERVERS.count
         self._rewriting: asyncio.Future[None] | None = None
 
-    def adopt(self, values: Mapping[str, float]) -> None:
-        """Write with the gateway nodes' shared settings (``shared_settings.SHARED``: history
-        bounds and TTLs) from the next call on: an engine worker's backend, when the nodes'
-        change (a worker kept the values it started with until restarted, and trimmed history
-        to a bound the nodes had given up: rolling-upgrade probe). The parts a worker writes
-        with; presence, which only nodes keep, is not among them."""
-        self.settings = replace(
-            self.settings,
-            history_size=int(values["history_size"]),
-            history_max_bytes=int(values["history_max_bytes"]),
-            history_max_age=float(values["history_max_age"]),
-            action_record_ttl=float(values["action_record_ttl"]),
-            idle_party_ttl=float(values["party_ttl"]),
-            narration_idle=float(values["narration_idle"]),
-        )
-        self.scripts.adopt(_limits(self.settings))
+    def adopt(self, settings: BackendSettings) -> None:
+        """Write with ``settings`` (history bounds and TTLs) from the next call on: an engine
+        worker's backend, when the gateway nodes' shared settings change (a worker kept the
+        values it started with until restarted, and trimmed history to a bound the nodes had
+        given up: rolling-upgrade probe). The parts a worker writes with; presence, which only
+        nodes keep, keeps its own."""
+        self.settings = settings
+        self.scripts.adopt(_limits(settings))
 
     def clock(self) -> float:
         """Now, on Redis's clock: this process's plus the offset measured with ``TIME`` (every

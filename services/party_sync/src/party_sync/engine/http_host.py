@@ -194,9 +194,10 @@ class ApiPublisher(VoteStarter, NarrationSender):
     is not retried, moves on only when a node could not be reached at all. A URL with a user or
     password in it is refused (``ValueError``): the API key authenticates.
 
-    ``clock()`` is party_sync's clock as this host last heard it (``heard``: a delivery's
-    deadline less its ``X-Action-Time-Left``), ``local`` (Unix seconds) before the first: the
-    time engines compare across processes (the reference engine's narration lease).
+    ``clock()`` is party_sync's clock as this host last heard it (``heard``: every delivery's
+    ``X-Party-Sync-Time``, or an older sender's action deadline less its time left), ``local``
+    (Unix seconds) before the first: the time engines compare across processes (the reference
+    engine's narration lease).
     """
 
     def __init__(
@@ -225,9 +226,9 @@ class ApiPublisher(VoteStarter, NarrationSender):
         return self._local() + self._offset
 
     def heard(self, sender_now: float, local_now: float) -> None:
-        """party_sync's clock read ``sender_now`` when ``local`` read ``local_now`` (a delivery:
-        its deadline less the time it says was left, at its receipt; the transfer's own time
-        is a few milliseconds, far below anything compared)."""
+        """party_sync's clock read ``sender_now`` when ``local`` read ``local_now`` (a delivery's
+        sending time, at its receipt; the transfer's own time is a few milliseconds, far below
+        anything compared)."""
         if math.isfinite(sender_now - local_now):
             self._offset = sender_now - local_now
 
