@@ -115,12 +115,12 @@ _MAYBE = re.compile(r"(?i)[:=.]|bearer")
 _DOTTED = re.compile(r"(?<![A-Za-z0-9_.-])\.*+[A-Za-z0-9_-]++(?:\.[A-Za-z0-9_-]*+)+")
 
 
-def _looks_like_jwt(a: str, b: str, c: str) -> bool:
-    """Three dot-separated segments of a JWS (RFC 7515 compact form): the header and payload are
-    base64url JSON objects, so they start with "ey" ('{"') or "ew" ('{' and whitespace); ``a``
-    may carry a prefix glued on (``\\x7feyJ...`` in a repr). Or any three long segments."""
-    if min(len(a), len(b), len(c)) >= 16:
-        return True
+def _looks_like_jws_head(a: str, b: str) -> bool:
+    """Two dot-separated segments that start a JWS (RFC 7515 compact form): the header and
+    payload are base64url JSON objects, so they start with "ey" ('{"') or "ew" ('{' and
+    whitespace); ``a`` may carry a prefix glued on (``\\x7feyJ...`` in a repr). A token cut
+    short (a log field bounded to 200 characters, security probe: an ``Origin`` that was a
+    token) has no signature left but is still a token's claims: scrubbed too."""
     if len(b) < 8 or b[:2] not in ("ey", "ew"):
         return False
     starts = [at for at in (a.find("ey"), a.find("ew")) if at >= 0]
@@ -128,9 +128,12 @@ def _looks_like_jwt(a: str, b: str, c: str) -> bool:
 
 
 def _scrub_jwt(match: re.Match[str]) -> str:
+    """A dotted run that holds a JWS's start, or any three long segments, is scrubbed whole."""
     run = match.group()
     parts = run.split(".")
-    if any(_looks_like_jwt(*parts[i : i + 3]) for i in range(len(parts) - 2)):
+    if any(_looks_like_jws_head(parts[i], parts[i + 1]) for i in range(len(parts) - 1)):
+        return REDACTED
+    if any(min(map(len, parts[i : i + 3])) >= 16 for i in range(len(parts) - 2)):
         return REDACTED
     return run
 

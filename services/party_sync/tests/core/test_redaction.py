@@ -73,6 +73,16 @@ def test_a_token_or_a_key_anywhere_in_any_text_is_scrubbed(prefix: str, suffix: 
     assert leaks(REDACTOR.scrub(prefix + BOT + suffix)) == []
 
 
+@pytest.mark.parametrize("keep", [200, 120, 60, len(TOKEN.split(".")[0]) + 9])
+def test_a_token_cut_short_is_scrubbed_too(keep: int) -> None:
+    """A log field bounded in length (the refused ``Origin``, 200 characters) can cut a token
+    before its signature: its header and claims are still not logged (security probe)."""
+    cut = TOKEN[:keep]
+    scrubbed = REDACTOR.scrub(f"origin refused: https://x.example/{cut}")
+    assert TOKEN.split(".")[1][:8] not in scrubbed, scrubbed
+    assert scrubbed == f"origin refused: https://x.example/{REDACTED}"
+
+
 @pytest.mark.parametrize(
     "text",
     [
