@@ -168,9 +168,29 @@ def described(exc: BaseException, limit: int = 300) -> str:
     characters ("ConnectionError: Error 1 connecting to 10.0.0.5:6380. [SSL:
     CERTIFICATE_VERIFY_FAILED] ..."). Not its ``repr``: redis-py 8's says only
     ``network:ConnectionError``, which cannot tell a certificate, a password or a stall apart.
-    (The log handler's redactor still scrubs every record.)"""
+    (The log handler's redactor still scrubs every record.)
+
+    A wrapper that hides what it wraps gets its first cause's words after it: redis-py's Cluster
+    client says "Cluster mode is not enabled on this node" for any error reply to ``CLUSTER
+    SLOTS``, a ``NOPERM`` too (cluster probe: a user without ``cluster|slots`` read as a
+    misconfigured cluster)."""
     text = " ".join(str(exc).split())
-    return (f"{type(exc).__name__}: {text}" if text else type(exc).__name__)[:limit]
+    line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    root = _root_cause(exc)
+    said = " ".join(str(root).split())
+    if root is not exc and said and said not in text:
+        line = f"{line} (from {type(root).__name__}: {said})"
+    return line[:limit]
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost exception ``exc`` was raised from, or while handling (a few levels)."""
+    for _ in range(8):
+        inner = exc.__cause__ or (None if exc.__suppress_context__ else exc.__context__)
+        if inner is None:
+            break
+        exc = inner
+    return exc
 
 
 class Episode:

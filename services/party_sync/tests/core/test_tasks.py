@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 import pytest
-from party_sync.tasks import bounded, cancel_and_wait
+from party_sync.tasks import bounded, cancel_and_wait, described
 
 
 async def test_tasks_that_end_on_cancellation_are_all_waited_for() -> None:
@@ -168,3 +168,34 @@ async def test_bounded_cancelled_from_outside_cancels_its_call() -> None:
     with pytest.raises(asyncio.CancelledError):
         await outer
     await asyncio.wait_for(ended.wait(), 1.0)
+
+
+def test_a_wrapper_is_described_with_the_reply_it_hides() -> None:
+    """redis-py's Cluster client raises "Cluster mode is not enabled on this node" for any error
+    reply to CLUSTER SLOTS, a NOPERM too, inside "cannot be connected": the log names the
+    reply (cluster probe: the ACL's refusal read as a misconfigured cluster)."""
+    from redis.exceptions import NoPermissionError, RedisClusterException
+
+    def hidden() -> None:
+        try:
+            raise NoPermissionError("User x has no permissions to run the 'cluster|slots' command")
+        except NoPermissionError:
+            raise RedisClusterException("Cluster mode is not enabled on this node")  # noqa: B904
+
+    try:
+        try:
+            hidden()
+        except RedisClusterException as exc:
+            raise RedisClusterException(f"Redis Cluster cannot be connected: {exc}") from exc
+    except RedisClusterException as outer:
+        line = described(outer)
+    assert line.startswith("RedisClusterException: Redis Cluster cannot be connected: Cluster mode")
+    assert line.endswith("(from NoPermissionError: User x has no permissions to run the "
+                         "'cluster|slots' command)")  # fmt: skip
+    # a cause whose words the wrapper already says, or none, adds nothing
+    refused = ConnectionError("Error 111: Connection refused")
+    refused.__cause__ = OSError("Connection refused")
+    assert described(refused) == "ConnectionError: Error 111: Connection refused"
+    timed_out = TimeoutError()
+    timed_out.__cause__ = asyncio.CancelledError()
+    assert described(timed_out) == "TimeoutError"

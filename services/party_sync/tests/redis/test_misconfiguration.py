@@ -29,6 +29,8 @@ LEAST_COMMANDS = (
     "+@connection",
     "+info",
     "+time",
+    "+cluster|slots",
+    "+cluster|nodes",
 )
 LEAST_KEYS = ("~party_sync:*",)
 LEAST_CHANNELS = ("&party:*", "&run:*", "&party_sync:*")
@@ -95,14 +97,20 @@ def with_user(redis_server: RedisServer) -> Iterator[RedisServer]:
 
 
 @pytest.fixture(scope="module")
-def cluster_node() -> Iterator[int]:
-    """One redis-server in cluster mode (no slots needed: only INFO is asked)."""
+def cluster_server() -> Iterator[RedisServer]:
+    """One redis-server in cluster mode (no slots needed: only INFO and the CLUSTER reads are
+    asked)."""
     node = RedisServer(extra=("--cluster-enabled", "yes"))
     node.start()
     try:
-        yield node.port
+        yield node
     finally:
         node.close()
+
+
+@pytest.fixture(scope="module")
+def cluster_node(cluster_server: RedisServer) -> int:
+    return cluster_server.port
 
 
 async def refused_or_not(target: RedisTarget, refused: str | None) -> None:
@@ -246,6 +254,34 @@ async def test_cluster_mode_must_match_the_redis(
     await refuse_misconfiguration(RedisTarget(node, cluster=True))
     with pytest.raises(ConfigError, match="redis_cluster is set, but"):
         await refuse_misconfiguration(RedisTarget(redis_server.url, cluster=True))
+
+
+@pytest.mark.parametrize(
+    ("denied", "refused"),
+    [
+        ((), None),
+        (("-cluster|slots",), "may not run .*'cluster\\|slots'.*\\+cluster\\|slots"),
+        (("-cluster|nodes",), "may not run .*'cluster\\|nodes'.*\\+cluster\\|nodes"),
+    ],
+)
+async def test_on_a_cluster_the_least_acl_includes_its_slot_map_and_fence_reads(
+    cluster_server: RedisServer, denied: tuple[str, ...], refused: str | None
+) -> None:
+    """The documented least ACL once lacked ``cluster|slots`` and ``cluster|nodes``: on a Cluster
+    the node started, /readyz was 503 for ever and redis-py said "Cluster mode is not enabled on
+    this node" (cluster probe). Now it is in the line, and a user without either is refused at
+    start, naming what to grant."""
+    cluster_server.command(
+        "ACL", "SETUSER", "leastc", "reset", "on", f">{PASSWORD}", *LEAST_KEYS,
+        *LEAST_CHANNELS, *LEAST_COMMANDS, *denied,
+    )  # fmt: skip
+    try:
+        target = RedisTarget(
+            f"redis://leastc:{PASSWORD}@127.0.0.1:{cluster_server.port}/0", cluster=True
+        )
+        await refused_or_not(target, refused)
+    finally:
+        cluster_server.command("ACL", "DELUSER", "leastc")
 
 
 async def test_a_redis_that_does_not_answer_is_an_outage_not_a_setting() -> None:

@@ -48,7 +48,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol, TypeVar
+from typing import Any, ClassVar, Final, Protocol, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
 from redis.asyncio import Redis, RedisCluster
@@ -1046,6 +1046,9 @@ async def refuse_misconfiguration(
         async with asyncio.timeout(wait * 4):
             info = await client.info("cluster")
             _refuse_cluster_mismatch(target, str(info.get("cluster_enabled", "0")) == "1")
+            if target.cluster:  # the slot map (redis-py) and the shard's fence mark (its first
+                for ask in CLUSTER_READS:  # slot) read them on every connection
+                    await client.execute_command(*ask)  # type: ignore[no-untyped-call]
             await client.eval("return 1", 0)
             await client.time()  # the clock every node and worker keeps (docs/engines.md)
             await _may_subscribe(client, target.prefix)
@@ -1063,6 +1066,13 @@ async def refuse_misconfiguration(
     finally:
         with contextlib.suppress(Exception):
             await client.aclose()
+
+
+#: What every connection to a Cluster node asks besides its commands: redis-py's slot map
+#: (``CLUSTER SLOTS``) and the shard's fence (``CLUSTER NODES``, redis_fence). A user refused
+#: either never connects, and redis-py says "Cluster mode is not enabled on this node" (cluster
+#: probe: the documented ACL lacked them, and the node ran with /readyz 503 for ever).
+CLUSTER_READS: Final = (("CLUSTER", "SLOTS"), ("CLUSTER", "NODES"))
 
 
 def _refuse_cluster_mismatch(target: RedisTarget, enabled: bool) -> None:
@@ -1151,10 +1161,11 @@ def _refusal(exc: RedisError, target: RedisTarget, whose: str) -> ConfigError | 
     if any(words in said for words in _REFUSED_CREDENTIALS):
         return ConfigError(f"Redis refused {whose} credentials: {said}")
     if isinstance(exc, NoPermissionError) or "NOPERM" in said:
+        cluster = " +cluster|slots +cluster|nodes" if target.cluster else ""
         return ConfigError(
             f"redis_url's user may not run what party_sync needs ({said}): give it at least "
             f"+@read +@write +@scripting +@transaction +@pubsub +@stream +@connection +info "
-            f"+time, the keys "
+            f"+time{cluster}, the keys "
             f"~{target.prefix}:* and the actions stream's (~party_sync:actions* by default), the "
             f"channels &party:* &run:* &{target.prefix}:* (or +@all ~* &*; docs/redis.md)"
         )
