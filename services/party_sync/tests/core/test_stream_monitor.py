@@ -251,6 +251,38 @@ async def test_http_probe_tells_the_link_when_the_engine_url_is_back() -> None:
     assert backs == [1]  # once, when it came back; not while up, nor while down
 
 
+async def test_http_probe_looks_every_second_while_the_host_refuses_the_key() -> None:
+    """A host restarted with the right key closed its port for about two seconds, between two
+    5-s probes: /readyz went on saying the key was refused (outage promises probe). While the
+    link is degraded the probe looks every second, so such a restart is seen."""
+    up = [True, True, False, True, True]
+    refusal: list[str | None] = [None]
+    backs: list[int] = []
+
+    async def connect(host: str, port: int) -> None:
+        if not up.pop(0):
+            raise ConnectionRefusedError
+
+    def back() -> None:
+        backs.append(1)
+        refusal[0] = None  # (the link forgets the refusal)
+
+    probe = HttpProbe(
+        "http://engine.local:8090/actions",
+        connect=connect,
+        refused=lambda: refusal[0],
+        back=back,
+    )
+    assert await probe.probe_once() and probe._periodic.interval == 5.0
+    refusal[0] = "the engine host refused party_sync's API key (HTTP 401)"
+    assert await probe.probe_once() and not probe.health().ok
+    assert probe._periodic.interval == 1.0  # degraded: every second
+    assert not await probe.probe_once()  # the operator restarts the host...
+    assert await probe.probe_once()  # ...a second later it is back, with the right key
+    assert backs == [1] and probe.health().ok
+    assert probe._periodic.interval == 5.0
+
+
 async def test_stop_ends_a_periodic_task_whose_tick_swallowed_the_cancellation() -> None:
     """redis-py can swallow a CancelledError mid-connect; the monitor must stop all the same
     (``party-sync serve`` in stream mode hung on a SIGTERM right after start-up)."""

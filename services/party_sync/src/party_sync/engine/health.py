@@ -251,14 +251,19 @@ class HttpProbe:
         if self._down_since is not None:
             self._back()  # what the host said before it went down is not what it says now
         self._down_since = None
-        self._periodic.interval = self.interval
         self._episode.fine(f"{self.url} accepts connections again", engine_url=self.url)
         stuck = self._stuck_for()
         if stuck is not None:
             self._stuck.trouble(*stuck, engine_url=self.url)
         else:
             self._stuck.fine(f"{self.url} answers deliveries again", engine_url=self.url)
-        self._set_ok(self._refused() is None and stuck is None)
+        ok = self._refused() is None and stuck is None
+        # Degraded (its key refused, stuck, failing): looked at every second too, so that a
+        # restart that closed the port for a second or two is seen (outage promises probe: a
+        # host restarted with the right key between two 5-s probes was still "refusing the
+        # key" until a delivery came), and the metric follows /readyz within a second.
+        self._periodic.interval = self.interval if ok else min(self.interval, DOWN_INTERVAL)
+        self._set_ok(ok)
         return True
 
     def _set_ok(self, ok: bool) -> None:
