@@ -6,12 +6,16 @@ answer yet is an outage, not a setting: the node starts and waits for it, as bef
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import pytest
+from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.backends.redis_connect import RedisTarget, refuse_misconfiguration
-from party_sync.protocol.errors import ConfigError
+from party_sync.engine.stream_link import StreamEngineLink
+from party_sync.protocol.errors import BackendUnavailable, ConfigError
 from ps_testkit.engines import ScriptedEngine
+from ps_testkit.hosts import make_action
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import free_port, make_settings, run_serve, serve_in_process
 
@@ -327,3 +331,30 @@ def test_engine_worker_asks_redis_before_it_loads_its_engine(
     err = capsys.readouterr().err
     assert "Redis refused redis_url's credentials" in err and "nonexistent_module" not in err
     assert "not-it-0123" not in err
+
+
+async def test_an_append_redis_refuses_is_one_warning_with_its_reply(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """XADD taken from a running node's user: players got backend_unavailable and the node
+    logged only INFO lines (recheck probe; docs/redis.md: a refused command is "logged with
+    Redis's reply"). Now one WARNING names the reply, and one INFO its end."""
+    redis_server.command(
+        "ACL", "SETUSER", "noxadd", "on", f">{PASSWORD}", "~*", "&*", "+@all", "-xadd"
+    )
+    link = StreamEngineLink(url(redis_server, f"noxadd:{PASSWORD}@"), ACTIONS_STREAM, 1000)
+    caplog.set_level(logging.INFO, logger="party_sync.engine.stream_link")
+    try:
+        for action_id in ("x1", "x2"):
+            with pytest.raises(BackendUnavailable):
+                await link.submit(make_action(action_id))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert "NoPermissionError" in warnings[0] and "'xadd'" in warnings[0], warnings[0]
+        assert PASSWORD not in warnings[0]
+        redis_server.command("ACL", "SETUSER", "noxadd", "+xadd")
+        await link.submit(make_action("x3"))
+        assert any("takes appends" in r.getMessage() for r in caplog.records)
+    finally:
+        await link.close()
+        redis_server.command("ACL", "DELUSER", "noxadd")

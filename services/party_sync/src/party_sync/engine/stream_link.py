@@ -45,7 +45,7 @@ import logging
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
 from party_sync import tracing
 from party_sync.backends import shared_settings
@@ -55,7 +55,14 @@ from party_sync.engine import wire
 from party_sync.engine.health import Periodic
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
 from party_sync.protocol.errors import BackendUnavailable
-from party_sync.tasks import LatestPerKey, cancel_and_wait, described, retried, spawn_kept
+from party_sync.tasks import (
+    Episode,
+    LatestPerKey,
+    cancel_and_wait,
+    described,
+    retried,
+    spawn_kept,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +137,10 @@ class StreamEngineLink:
             retry=stale_socket_retry(),  # not after a timeout (one Redis; a cluster retries it)
         )
         self.failures = 0  # appends that failed (party_sync_engine_link_failures_total)
+        # Redis answered an append with an error (a NOPERM, an OOM): one WARNING with its reply
+        # (recheck probe: with XADD taken from the user, players got backend_unavailable and
+        # the node logged nothing but INFO lines); an outage is told by the backend's own.
+        self._refused = Episode(log, "actions stream append refused")
         self._count_written = False  # N is in <stream>:partitions (as far as this link knows)
         self._counts_told: set[int] = set()  # other counts found there (warned once each)
         self._refresh = Periodic(self._keep_count, COUNT_REFRESH)
@@ -256,7 +267,16 @@ class StreamEngineLink:
         except (RedisError, RedisClusterException) as exc:
             self.failures += 1
             self._count_written = False  # Redis may come back empty: say N again
+            if isinstance(exc, ResponseError):
+                self._refused.trouble(
+                    type(exc).__name__,
+                    f"Redis refused XADD to {stream}: {described(exc)}; each action is "
+                    "answered backend_unavailable until it takes them (docs/redis.md, ACL)",
+                    stream=stream,
+                )
             raise BackendUnavailable(f"cannot append to {stream}: {exc}") from None
+        if self._refused.active:
+            self._refused.fine(f"Redis takes appends to {stream} again", stream=stream)
 
     async def submit(self, action: ActionRequest) -> None:
         attributes = {"party_sync.action_id": action.action_id, "party_sync.transport": "stream"}
