@@ -19,6 +19,9 @@ def test_what_a_node_writes_is_what_a_worker_reads() -> None:
     assert shared_settings.differences(values, values) == []
     other = {**values, "party_ttl": 90.0}
     assert shared_settings.differences(values, other) == ["party_ttl 90 (this process: 60)"]
+    assert shared_settings.differences(values, other, "until now") == [
+        "party_ttl 90 (until now: 60)"
+    ]
 
 
 @pytest.mark.parametrize(

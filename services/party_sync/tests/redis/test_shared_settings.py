@@ -174,4 +174,4 @@ async def test_a_running_worker_takes_the_nodes_new_settings(
         await b.close()
     said = worker_warnings(caplog)
     assert len(said) == 1 and "from now on" in said[0], said
-    assert "party_ttl 120 (this process: 60)" in said[0] and "history_size 3" in said[0]
+    assert "party_ttl 120 (until now: 60)" in said[0] and "history_size 3" in said[0]

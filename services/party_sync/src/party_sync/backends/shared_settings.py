@@ -65,10 +65,14 @@ def decode(raw: Any) -> dict[str, float] | None:
     return values
 
 
-def differences(own: Mapping[str, float], theirs: Mapping[str, float]) -> list[str]:
-    """``name theirs (this process: own)`` for each shared setting that differs."""
+def differences(
+    own: Mapping[str, float], theirs: Mapping[str, float], own_is: str = "this process"
+) -> list[str]:
+    """``name theirs (this process: own)`` for each shared setting that differs (``own_is``
+    says what ``own`` is: a worker that took the nodes' settings before writes "until now",
+    not its own environment's values)."""
     return [
-        f"{name} {theirs[name]:g} (this process: {own[name]:g})"
+        f"{name} {theirs[name]:g} ({own_is}: {own[name]:g})"
         for name in SHARED
         if float(theirs[name]) != float(own[name])
     ]

@@ -1036,7 +1036,7 @@ class PartitionedWorker:
                 "the gateway nodes' settings changed (%s: %s): this worker writes with theirs "
                 "from now on",
                 key,
-                differ,
+                "; ".join(shared_settings.differences(mine, theirs, "until now")),
             )
             return
         if differ and differ != self.settings_differ:
