@@ -72,6 +72,19 @@ def test_a_refused_command_is_logged_as_a_bug(
     assert "redis refused begin_action" in caplog.text
 
 
+def test_exec_without_multi_says_the_multi_was_refused(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user without MULTI: redis-py raises EXEC's reply, "EXEC without MULTI", which hid the
+    NOPERM (recheck probe). The line says what it means."""
+    monkeypatch.setattr(redis_scripts, "REFUSALS", redis_scripts.Refusals())
+    caplog.set_level(logging.ERROR)
+    with pytest.raises(BackendUnavailable), unavailable("vote"):
+        raise ResponseError("EXEC without MULTI")
+    assert "EXEC without MULTI (Redis refused the MULTI before it" in caplog.text
+    assert "+@transaction" in caplog.text
+
+
 # -- a stalled Redis: one command timeout, not several -------------------------------------------
 
 

@@ -216,6 +216,11 @@ class Refusals:
         code = getattr(exc, "status_code", None) or reason.split(" ", 1)[0]
         if not reason.startswith(code):
             reason = f"{code} {reason}"
+        if "EXEC without MULTI" in reason:  # redis-py raises EXEC's reply, not MULTI's
+            reason += (
+                " (Redis refused the MULTI before it, most likely a NOPERM: give the user "
+                "+@transaction; its commands then ran one by one, not as one transaction)"
+            )
         state = code in STATE_REFUSALS
         if code in NOT_READY_REFUSALS:
             self.state_refused_at, self.state_reason = now, reason
