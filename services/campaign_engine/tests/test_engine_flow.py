@@ -140,8 +140,39 @@ async def test_an_unknown_option_is_rejected_and_leaves_no_trace(
         await engine.handle_action(action_request("choice", {"option": "tide_path"}))
 
     assert publisher.published == []
-    assert await engine.run_state("run-1") == before
+    after = await engine.run_state("run-1")
+    assert after is not None and before is not None
+    assert len(after.refused) == 2  # remembered, to be refused again the same way
+    after.refused.clear()
+    assert after == before  # and nothing else changed
     assert await engine.chronicle("run-1") == []
+
+
+async def test_an_action_refused_before_is_refused_again_not_worked_out_anew(
+    arena_engine: ReferenceEngine, publisher: RecordingPublisher, dice: ScriptedRandom
+) -> None:
+    """Chaos probe: party_sync lost its record of a refusal (Redis restarted empty), a client
+    resent the same action_id once the party had moved on, and the engine worked it out again
+    on the newer state and applied it, after the player and the party had been told it failed.
+    A refused action_id is refused again with the same text, whatever the state is now."""
+    dice.push(11)
+    await arena_engine.handle_action(action_request("skill_check", {}, action_id="a1"))
+    second = action_request("skill_check", {}, action_id="a2")
+    with pytest.raises(EngineRejected, match="already made a skill check") as first:
+        await arena_engine.handle_action(second)
+    dice.push(2)
+    await arena_engine.handle_action(action_request("choice", {"option": "leap"}, action_id="a3"))
+    assert publisher.last("scene.update")["scene_id"] == "pit"  # a new scene: a check is fine
+    chronicle, published = await arena_engine.chronicle("run-1"), list(publisher.published)
+    dice.push(11)
+    with pytest.raises(EngineRejected) as again:
+        await arena_engine.handle_action(second)  # resent after party_sync forgot the refusal
+    assert str(again.value) == str(first.value)
+    assert await arena_engine.chronicle("run-1") == chronicle  # not applied
+    assert publisher.published == published
+    # a new action_id is worked out on the state as it is
+    await arena_engine.handle_action(action_request("skill_check", {}, action_id="a4"))
+    assert publisher.last("action.result")["action_id"] == "a4"
 
 
 @pytest.mark.parametrize(

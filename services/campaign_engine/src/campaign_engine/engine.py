@@ -9,7 +9,10 @@ Per action:
    unsent, or else its ``action.result`` again (``_answer_again``: the answer for a party_sync
    that lost its record of the action and took a client's resend as new), nothing more;
 2. parse the payload and apply the action to a *copy* of the state — a refusal
-   (``EngineRejected``) therefore leaves no trace;
+   (``EngineRejected``) therefore changes nothing in the game; it is remembered (the run's
+   latest ``REFUSED_KEPT``, committed) and an ``action_id`` refused before is refused the same
+   way, not worked out again on a newer state: party_sync's record of the refusal may be lost
+   (an empty Redis) and the player was told it failed;
 3. commit the new state (with the ``action_id`` among the applied ones), the L1 decision, the L2
    summary of the scene it ended (if it moved the party on) and the action's events (the
    *outbox*, inside the state) in one store transaction, *then* publish the events in order, and
@@ -260,12 +263,25 @@ class ReferenceEngine:
             else:
                 await self._answer_again(state, action)
             return
+        refusal = state.refused.get(action.action_id)
+        if refusal is not None:  # refused before: the same answer, not a new decision
+            log.info(
+                "refusing %s again, as before: %s",
+                action.action_id,
+                refusal,
+                extra={"trace_id": action.trace_id},
+            )
+            raise EngineRejected(refusal)
         state = await self._settle_outbox(state, action.party_id)
         if action.action_id in state.applied:  # applied by another process while we waited
             await self._answer_again(state, action)
             return
         work = self._take_turn(state.copy())
-        events, decision = self._apply(work, action)  # may raise EngineRejected
+        try:
+            events, decision = self._apply(work, action)
+        except EngineRejected as refused:
+            await self._remember_refusal(state, action, str(refused))
+            raise
         summaries = await self._summaries(work, decision)
         work.outbox = [OutboxEvent(action.action_id, t, p, action.trace_id) for t, p in events]
         text = self._narration_text(work, action, state.scene_number)
@@ -685,6 +701,16 @@ class ReferenceEngine:
             if event.type == "party.state":
                 state.published_party_state = event.payload
         return True
+
+    async def _remember_refusal(self, state: RunState, action: ActionRequest, text: str) -> None:
+        """Commit that the game refused ``action``, so that it is refused the same way when it
+        is handed again: party_sync's own record of the refusal can be lost (an empty Redis, a
+        restarted embedded server), and a resend was then worked out on the newer state and
+        applied, after the player and the party had been told it failed (chaos probe). A
+        conflict works the action out again on the newer state (``_retrying``)."""
+        record = self._take_turn(state.copy())
+        record.remember_refusal(action.action_id, text)
+        await self.store.commit(record)  # may raise CommitConflict
 
     def _take_turn(self, work: RunState) -> RunState:
         """``work`` with this process's place in the run's line given up (it commits now)."""

@@ -23,6 +23,10 @@ RunStatus = Literal["pending", "in_progress", "finished"]
 #: open already); off: it could not be started, characters choose; done: the party's choice came.
 VoteStatus = Literal["requested", "open", "off", "done"]
 
+#: Refusals a run remembers (``RunState.refused``): minutes of a party's play, far more than a
+#: resend after party_sync lost its records of actions needs, and a few kilobytes of state.
+REFUSED_KEPT = 100
+
 DOWNED = "downed"
 DEFENDING = "defending"
 INSPIRED = "inspired"
@@ -180,6 +184,9 @@ class RunState:
     checked: list[str] = field(default_factory=list)  # who made a plain check in this scene
     combat: CombatState | None = None
     applied: set[str] = field(default_factory=set)  # action_ids already applied
+    #: The last ``REFUSED_KEPT`` action_ids the game refused, with the refusal's text, oldest
+    #: first: one handed again is refused the same way, not worked out again (engine.py).
+    refused: dict[str, str] = field(default_factory=dict)
     decisions: int = 0  # L1 entries recorded (the next one gets decisions + 1)
     outbox: list[OutboxEvent] = field(default_factory=list)
     published_party_state: dict[str, Any] | None = None
@@ -215,6 +222,7 @@ class RunState:
             "checked": list(self.checked),
             "combat": self.combat.to_dict() if self.combat else None,
             "applied": sorted(self.applied),
+            "refused": [[action_id, text] for action_id, text in self.refused.items()],
             "decisions": self.decisions,
             "outbox": [e.to_dict() for e in self.outbox],
             "published_party_state": self.published_party_state,
@@ -239,6 +247,7 @@ class RunState:
             checked=list(data["checked"]),
             combat=CombatState.from_dict(data["combat"]) if data["combat"] else None,
             applied=set(data["applied"]),
+            refused={str(a): str(t) for a, t in data.get("refused") or ()},  # (absent: older)
             decisions=int(data["decisions"]),
             outbox=[OutboxEvent.from_dict(e) for e in data["outbox"]],
             published_party_state=data["published_party_state"],
@@ -248,6 +257,13 @@ class RunState:
             waiter=data.get("waiter"),
             waiter_until=data.get("waiter_until"),
         )
+
+    def remember_refusal(self, action_id: str, text: str) -> None:
+        """Remember that the game refused ``action_id`` (the ``REFUSED_KEPT`` latest)."""
+        self.refused.pop(action_id, None)
+        self.refused[action_id] = text[:300]
+        while len(self.refused) > REFUSED_KEPT:
+            del self.refused[next(iter(self.refused))]
 
     def copy(self) -> RunState:
         """A deep, independent copy (an action works on one and is committed only if applied)."""
