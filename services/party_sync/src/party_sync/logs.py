@@ -110,7 +110,11 @@ def _short_client(match: re.Match[str]) -> str:
 
 
 #: Every pattern needs one of these: text without any (most ids and short fields) is skipped.
-_MAYBE = re.compile(r"(?i)[:=.]|bearer")
+_MAYBE = re.compile(r"(?i)[:=.]|bearer|eyJ")
+#: A base64url run that starts as JSON does ('{"' is "eyJ"): a JWS's header or payload on its
+#: own, or cut short before its dot (recheck probe: a bounded log field cut a token's header
+#: in two; a payload alone names the party and the character).
+_JSON_B64 = re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]{8,}+(?:\.[A-Za-z0-9_-]*+)*+")
 # Runs of base64url characters and dots, each matched from its first character only.
 _DOTTED = re.compile(r"(?<![A-Za-z0-9_.-])\.*+[A-Za-z0-9_-]++(?:\.[A-Za-z0-9_-]*+)+")
 
@@ -175,7 +179,8 @@ class Redactor:
             return text
         for pattern, replacement in _PATTERNS:
             text = pattern.sub(replacement, text)
-        return _DOTTED.sub(_scrub_jwt, text)
+        text = _DOTTED.sub(_scrub_jwt, text)
+        return _JSON_B64.sub(REDACTED, text) if "eyJ" in text else text
 
     def scrub_value(self, value: Any) -> Any:
         """Strings scrubbed; lists, tuples and dicts scrubbed inside; anything else as is."""

@@ -73,7 +73,12 @@ def test_a_token_or_a_key_anywhere_in_any_text_is_scrubbed(prefix: str, suffix: 
     assert leaks(REDACTOR.scrub(prefix + BOT + suffix)) == []
 
 
-@pytest.mark.parametrize("keep", [200, 120, 60, len(TOKEN.split(".")[0]) + 9])
+@pytest.mark.parametrize(
+    "keep",
+    [200, 120, 60, len(TOKEN.split(".")[0]) + 9]
+    + [len(TOKEN.split(".")[0]) + n for n in range(7)]  # its header, a dot, a little more
+    + [12, 20],  # inside its header
+)
 def test_a_token_cut_short_is_scrubbed_too(keep: int) -> None:
     """A log field bounded in length (the refused ``Origin``, 200 characters) can cut a token
     before its signature: its header and claims are still not logged (security probe)."""
@@ -81,6 +86,14 @@ def test_a_token_cut_short_is_scrubbed_too(keep: int) -> None:
     scrubbed = REDACTOR.scrub(f"origin refused: https://x.example/{cut}")
     assert TOKEN.split(".")[1][:8] not in scrubbed, scrubbed
     assert scrubbed == f"origin refused: https://x.example/{REDACTED}"
+
+
+def test_a_tokens_header_or_payload_alone_is_scrubbed() -> None:
+    header, payload, _ = TOKEN.split(".")
+    for part in (header, payload):
+        scrubbed = REDACTOR.scrub(f"origin https://x.example/p/{part} refused")
+        assert scrubbed == f"origin https://x.example/p/{REDACTED} refused", scrubbed
+        assert REDACTOR.scrub(part) == REDACTED
 
 
 @pytest.mark.parametrize(
