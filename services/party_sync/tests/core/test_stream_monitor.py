@@ -472,3 +472,17 @@ async def test_after_redis_could_not_be_read_a_link_not_ok_yet_is_looked_at_quic
         assert monitor.checks == checks
     finally:
         await monitor.stop()
+
+
+def test_the_http_links_gauge_agrees_with_readiness_when_asked() -> None:
+    """engine_link_ok lagged /readyz by up to a probe interval after a refused key (recheck
+    probe): /metrics asks the probe's health first, which sets the gauge to agree."""
+    refusal: list[str | None] = [None]
+    metrics = Metrics("n1")
+    probe = HttpProbe(
+        "http://engine.local:8090/actions", metrics=metrics, refused=lambda: refusal[0]
+    )
+    assert probe.health().ok and sample(metrics, "party_sync_engine_link_ok") == 1
+    refusal[0] = "the engine host refused party_sync's API key (HTTP 401)"  # a delivery's 401
+    assert not probe.health().ok
+    assert sample(metrics, "party_sync_engine_link_ok") == 0  # no probe tick needed

@@ -217,6 +217,14 @@ class HttpProbe:
         return None
 
     def health(self) -> EngineHealth:
+        """What /readyz says of the link, now; ``engine_link_ok`` is set to agree (/metrics asks
+        this before it renders: the gauge lagged /readyz by up to a probe interval after a
+        refused key, recheck probe)."""
+        health = self._health()
+        self._set_ok(health.ok)
+        return health
+
+    def _health(self) -> EngineHealth:
         if self._down_since is None:
             refused = self._refused()
             if refused is not None:

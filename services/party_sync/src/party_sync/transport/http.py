@@ -292,6 +292,9 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    source = request.app.get(ENGINE_HEALTH)
+    if source is not None:
+        source()  # (a gauge it keeps, engine_link_ok, brought up to date as /readyz sees it)
     body = request.app[GATEWAY].metrics.render()
     return web.Response(body=body, headers={"Content-Type": EXPOSITION_TYPE})
 
