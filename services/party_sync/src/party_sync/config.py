@@ -300,7 +300,8 @@ class Settings:
     api_max_body_bytes: int = _option(
         262144,
         "Largest body of an event or vote published through the server API (/api/v1), in bytes "
-        "(at least 4096); larger gets 413.",
+        "(at least 4096); larger gets 413. Bounds every event too, whatever publishes it (an "
+        "in-process or stream engine: InvalidEvent past this and 4096 bytes of envelope).",
     )
     request_body_timeout: float = _option(
         30.0,

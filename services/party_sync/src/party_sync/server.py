@@ -22,7 +22,7 @@ from aiohttp import web
 from party_sync import logs
 from party_sync.auth import MIN_JWT_SECRET_BYTES, TokenVerifier
 from party_sync.backends import shared_settings
-from party_sync.backends.base import Backend, BackendSettings
+from party_sync.backends.base import EVENT_OVERHEAD, Backend, BackendSettings
 from party_sync.backends.directory import make_directory
 from party_sync.backends.keys import KeySpace
 from party_sync.backends.memory import MemoryBackend
@@ -130,6 +130,7 @@ def backend_settings(settings: Settings) -> BackendSettings:
         action_record_ttl=settings.action_record_ttl,
         idle_party_ttl=settings.party_ttl,
         narration_idle=settings.narration_idle,
+        max_event_bytes=settings.api_max_body_bytes + EVENT_OVERHEAD,
     )
 
 

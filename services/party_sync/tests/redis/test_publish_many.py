@@ -170,6 +170,28 @@ async def test_an_invalid_event_publishes_none_of_them(be: Backend) -> None:
     assert await publisher.publish_many(PARTY, [("scene.update", scene(3))]) == [1]
 
 
+async def test_an_event_larger_than_the_bound_is_refused_and_records_nothing(
+    be: Backend,
+) -> None:
+    """An in-process engine's 5 MB ``party.state`` was taken: live members were closed 4002 and
+    every snapshot after it carried it, past the bundled client's frame limit (engine probe).
+    An event is bounded like an API body (``api_max_body_bytes`` and its envelope), on both
+    backends, alone or in a batch, checked before anything is recorded."""
+    publisher = BackendPublisher(be, Contracts(), lambda: 1000.0)
+    limit = be.settings.max_event_bytes  # type: ignore[attr-defined]
+
+    def state(flags: int) -> dict[str, Any]:  # each flag "f000001":true, 16 bytes
+        return PARTY_STATE | {"flags": {f"f{i:06}": True for i in range(flags)}}
+
+    huge = state(limit // 15)
+    with pytest.raises(InvalidEvent, match=f"an event may be at most {limit}"):
+        await publisher.publish(PARTY, "party.state", huge)
+    with pytest.raises(InvalidEvent, match="an event may be at most"):
+        await publisher.publish_many(PARTY, [("scene.update", scene(1)), ("party.state", huge)])
+    assert (await be.snapshot(PARTY, 1000.0)).seq == 0
+    assert await publisher.publish(PARTY, "party.state", state(limit // 17 - 100)) == 1
+
+
 PARTY_STATE = {
     "status": "active",
     "run_status": "in_progress",

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 from party_sync.core.actions import Claim, Sweep, Verdict
 from party_sync.core.binding import Binding
@@ -24,6 +24,24 @@ from party_sync.core.history import ResumePoint
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import Outcome, Piece, Transient
 from party_sync.core.votes import CastRefusal, VoteSpec
+from party_sync.protocol import codec
+from party_sync.protocol.errors import InvalidEvent
+
+#: Bytes an event's envelope adds to what an API body of it holds (type, timestamp, trace_id,
+#: seq: ``max_event_bytes``).
+EVENT_OVERHEAD: Final = 4096
+
+
+def checked_body(message: dict[str, Any], limit: int) -> bytes:
+    """``message`` encoded (``codec.encode``), or ``InvalidEvent`` when it is larger than
+    ``limit`` bytes (``BackendSettings.max_event_bytes``): raised before anything is recorded."""
+    body = codec.encode(message)
+    if len(body) > limit:
+        raise InvalidEvent(
+            f"{message['type']} is {len(body)} bytes encoded: an event may be at most {limit} "
+            "(api_max_body_bytes and its envelope)"
+        )
+    return body
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +59,10 @@ class BackendSettings:
     idle_party_ttl: float = 3600.0
     #: a narration stream without a new piece for this long is closed (docs/protocol.md)
     narration_idle: float = 30.0
+    #: the most encoded bytes of one event (``api_max_body_bytes`` and the envelope's own
+    #: fields): an in-process engine's 5 MB ``party.state`` was taken, and every member's
+    #: client, and every snapshot after it, carried it (engine probe)
+    max_event_bytes: int = 262_144 + EVENT_OVERHEAD
 
 
 class PartyListener(Protocol):

@@ -14,7 +14,12 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from party_sync.backends.base import BackendSettings, PartyListener, warn_result_after_refusal
+from party_sync.backends.base import (
+    BackendSettings,
+    PartyListener,
+    checked_body,
+    warn_result_after_refusal,
+)
 from party_sync.backends.memory_admin import MemoryAdmin
 from party_sync.backends.memory_party import MemoryParty
 from party_sync.core import votes
@@ -113,8 +118,8 @@ class MemoryBackend:
             if first is not None:  # published under this key already: that one stands
                 again = codec.encode(message) if body is None else body
                 return repeated(party.party_id, first, message, again)
-        if body is None:  # raises (an unencodable event) before anything is recorded
-            body = codec.encode(message)  # (publish_many encoded it already)
+        if body is None:  # raises (unencodable, too large) before anything is recorded
+            body = checked_body(message, self.settings.max_event_bytes)  # (or publish_many)
         party.projection.apply(type_, payload, seq)  # raises before anything is recorded
         data = codec.with_seq(body, seq)
         party.log.append(data, now)
@@ -149,7 +154,8 @@ class MemoryBackend:
     ) -> list[Event]:
         """One atomic step (no await between the events): each is delivered inline, so all in
         this tick. Checked first: an event that cannot be encoded records none of them."""
-        bodies = [codec.encode(m) for m in messages]  # raises before anything is recorded
+        limit = self.settings.max_event_bytes  # (checked: raises before anything is recorded)
+        bodies = [checked_body(m, limit) for m in messages]
         party = self._party(party_id, now)
         earlier = replayed(messages, party.ledger.result_of)
         if earlier is not None:  # a late copy of an answer published whole already

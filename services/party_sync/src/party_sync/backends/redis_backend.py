@@ -34,7 +34,12 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ResponseError
 
 from party_sync.backends import redis_fence, redis_scripts
-from party_sync.backends.base import BackendSettings, PartyListener, warn_result_after_refusal
+from party_sync.backends.base import (
+    BackendSettings,
+    PartyListener,
+    checked_body,
+    warn_result_after_refusal,
+)
 from party_sync.backends.keys import DEFAULT_PREFIX, KeySpace, party_channel, run_channel
 from party_sync.backends.redis_admin import RedisAdmin
 from party_sync.backends.redis_bus import Bus
@@ -373,7 +378,7 @@ class RedisBackend:
     ) -> Event:
         type_, payload = message["type"], message["payload"]
         fold = fold_args(type_, payload)  # raises before anything is recorded
-        body = codec.encode(message)
+        body = checked_body(message, self.settings.max_event_bytes)
         action_id = payload["action_id"] if type_ == t.ACTION_RESULT else None
         keyed = key if action_id is None else None
         args: list[Arg] = [body, type_, *fold]
@@ -418,7 +423,7 @@ class RedisBackend:
         for message in messages:  # everything is checked before anything is recorded
             type_, payload = message["type"], message["payload"]
             fold = fold_args(type_, payload)
-            body = codec.encode(message)
+            body = checked_body(message, self.settings.max_event_bytes)
             bodies.append(body)
             if type_ == t.ACTION_RESULT:
                 action_ids.append(payload["action_id"])
