@@ -15,7 +15,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import web
 
@@ -454,12 +454,17 @@ def arm_exit_watchdog(budget: float) -> None:
     holds the interpreter's exit for as long as it runs. A daemon timer thread still runs then,
     and ends the process, once, loudly."""
 
+    try:
+        loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+    except RuntimeError:
+        loop = None
+
     def force() -> None:
         alive = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
         log.error(
             "party_sync did not exit within shutdown_timeout + %.0f s: exiting now (exit code 1)",
             EXIT_GRACE,
-            extra={"threads": alive},
+            extra={"threads": alive, "tasks": _tasks_left(loop)},
         )
         sys.stderr.flush()
         sys.stdout.flush()
@@ -469,6 +474,36 @@ def arm_exit_watchdog(budget: float) -> None:
     timer.daemon = True
     timer.name = "party_sync-exit-watchdog"
     timer.start()
+
+
+def _tasks_left(loop: asyncio.AbstractEventLoop | None, most: int = 10) -> list[str]:
+    """The coroutines still running on ``loop`` (read from the watchdog's thread: a diagnostic,
+    so a set changing meanwhile gives an empty list): an engine's call that swallows its
+    cancellation holds the runner's exit as a thread does (engine probe: the ERROR named only
+    the main thread)."""
+    if loop is None:
+        return []
+    try:
+        tasks = list(asyncio.all_tasks(loop))
+    except RuntimeError:
+        return []
+    names = sorted(_awaiting(t) for t in tasks)
+    return names[:most] + ([f"... {len(names) - most} more"] if len(names) > most else [])
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """A task as the chain of coroutines it waits in, outermost first ("InProcessLink._traced_run
+    → ... → Engine.handle_action → Event.wait"; at most eight)."""
+    coro: Any = task.get_coro()
+    chain = [getattr(coro, "__qualname__", task.get_name())]
+    for _ in range(64):
+        coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None)
+        if coro is None or not hasattr(coro, "__qualname__"):
+            break
+        chain.append(coro.__qualname__)
+    if len(chain) > 8:
+        chain = [*chain[:3], "...", *chain[-4:]]
+    return " → ".join(chain)
 
 
 @dataclass

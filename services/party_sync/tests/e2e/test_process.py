@@ -129,14 +129,18 @@ async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly() -> None:
         assert returncode == 0
 
 
-@pytest.mark.parametrize("leak", [False, True])
-async def test_sigterm_mid_action_exits_within_the_budget(tmp_path: Path, leak: bool) -> None:
+@pytest.mark.parametrize("leak", [False, True, "swallow"])
+async def test_sigterm_mid_action_exits_within_the_budget(tmp_path: Path, leak: bool | str) -> None:
     """The in-process engine busy with an action at SIGTERM is cancelled and closed (its thread
-    ends: exit 0 within shutdown_timeout); an engine whose thread never ends cannot hold the
-    process past shutdown_timeout + EXIT_GRACE (2 s): exit 1, with an ERROR naming it."""
+    ends: exit 0 within shutdown_timeout); an engine whose thread never ends, or whose call
+    swallows its cancellation, cannot hold the process past shutdown_timeout + EXIT_GRACE
+    (2 s): exit 1, with an ERROR naming the thread or the coroutine (engine probe: it named only
+    the main thread)."""
     (tmp_path / "ps_hanging_engine.py").write_text(HANGING_ENGINE)
     env = {"PYTHONPATH": str(tmp_path), "PARTY_SYNC_SHUTDOWN_TIMEOUT": "1"}
-    if leak:
+    if leak == "swallow":
+        env["SWALLOW"] = "1"
+    elif leak:
         env["LEAK"] = "1"
     args = ["--engine", "ps_hanging_engine:create_engine"]
     async with serve_process(args, env=env) as srv:
@@ -150,7 +154,8 @@ async def test_sigterm_mid_action_exits_within_the_budget(tmp_path: Path, leak: 
         took = time.monotonic() - signalled
         assert srv.process.stderr is not None
         log = srv.process.stderr.read().decode()
-    assert_stopped_in_budget(returncode, took, log, leak)
+    named = "Engine.handle_action" if leak == "swallow" else "engine-db"
+    assert_stopped_in_budget(returncode, took, log, bool(leak), named)
 
 
 async def test_token_command_mints_a_token_the_server_accepts() -> None:
