@@ -225,6 +225,50 @@ async def test_a_publish_failing_after_the_engine_applied_an_action_is_never_tol
         await link.close()
 
 
+async def test_an_engine_that_cannot_tell_is_handed_the_action_again_with_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An engine that raises TimeoutError (it cannot tell whether it applied) gets the action
+    again, a second apart at most, until it answers: one WARNING per action, not one per retry
+    (engine probe: a line a second for up to ten minutes)."""
+
+    class Unsure:
+        def __init__(self) -> None:
+            self.calls = 0
+            self.publisher: Any = None
+
+        async def start(self, publisher: Any) -> None:
+            self.publisher = publisher
+
+        async def handle_action(self, action: ActionRequest) -> None:
+            self.calls += 1
+            if self.calls < 5:
+                raise TimeoutError("the engine's database did not answer")
+            await self.publisher.publish(
+                action.party_id, "action.result", {"action_id": action.action_id}
+            )
+
+        async def handle_join(self, notice: JoinNotice) -> None:
+            return None
+
+        async def close(self) -> None:
+            return None
+
+    caplog.set_level(logging.DEBUG, logger="party_sync.engine.inprocess")
+    engine, host = Unsure(), _FlakyPublishHost()
+    link = InProcessLink(engine)
+    await link.start(host)
+    try:
+        await link.submit(make_action("u1", deadline=time.time() + 30))
+        await wait_until(lambda: "action.result" in host.events, timeout=10)
+    finally:
+        await link.close()
+    said = [r for r in caplog.records if "could not tell whether it applied" in r.getMessage()]
+    assert engine.calls == 5 and len(said) == 4
+    assert [r.levelno for r in said] == [logging.WARNING] + [logging.DEBUG] * 3
+    assert host.answers == []
+
+
 def test_the_server_hands_over_and_claims_for_as_long_as_an_answer_can_be_recorded() -> None:
     """A Redis stall longer than a minute must not leave an applied action unanswered until its
     record expires: the in-process and HTTP links keep asking (claims, hand-overs, refusals)

@@ -255,9 +255,12 @@ class InProcessLink:
                         "action left unanswered: the backend kept failing (%s)", exc, extra=extra
                     )
                     return None
-                log.warning(  # (party_sync's backend under it, or the engine's own database)
+                # (party_sync's backend under it, or the engine's own database); once per action
+                # at WARNING, then DEBUG: a second a retry, for up to claim_patience (engine probe)
+                log.log(
+                    logging.WARNING if pause == 0.05 else logging.DEBUG,
                     "the engine could not tell whether it applied the action (%s: %s): handed "
-                    "to it again",
+                    "to it again until it can (said once per action)",
                     type(exc).__name__,
                     exc,
                     extra=extra,
