@@ -422,9 +422,14 @@ class BackendPublisher(VoteStarter, NarrationSender):
         except votes.SpecError as exc:
             raise InvalidEvent(str(exc)) from None
         party_id = request.party_id
-        run = request.campaign_run_id or await self.backend.party_run(party_id)
+        known = await self.backend.party_run(party_id)
+        run = request.campaign_run_id or known
         if run is None:
             raise InvalidEvent(f"party {party_id} has no known campaign run: pass campaign_run_id")
+        if known is not None and run != known:  # (votes probe: it ran, and its decision was
+            raise InvalidEvent(  # then refused by the engine, after vote.finished)
+                f"campaign_run_id {run!r} is not the run party {party_id} plays ({known!r})"
+            )
         event = await self.backend.start_vote(
             party_id, spec, run, self.clock(), request.trace_id or codec.new_trace_id()
         )

@@ -113,6 +113,11 @@ async def test_one_open_vote_per_party_and_bad_requests() -> None:
         status, problem = await start(srv, party="p1", options=OPTIONS[:1])
         assert (status, problem["error"]) == (422, "invalid_vote")  # checked before the conflict
         assert (await start(srv, party="nobody"))[0] == 422  # no known run for that party
+        # another run than the party plays: its decision would be refused by the engine after
+        # vote.finished said it was applied (votes probe)
+        status, problem = await start(srv, campaign_run_id="r-other")
+        assert (status, problem["error"]) == (422, "invalid_vote"), problem
+        assert "is not the run party p1 plays" in problem["detail"]
         async with srv.http.post(f"{srv.base}/api/v1/parties/p1/votes", json={}) as r:
             assert r.status == 401
         await a.close()
