@@ -79,6 +79,35 @@ async def test_a_vote_runs_to_all_voted_and_its_winner_reaches_the_engine_once()
             await c.close()
 
 
+async def test_a_member_leaving_finishes_a_vote_every_member_still_online_voted() -> None:
+    """Votes probe: aria and borin voted, cara left the party (or dropped offline for good), and
+    the vote waited for its deadline: a minute of nobody to wait for. A ``party.leave`` now
+    finishes it when the members still online have all voted (``all_voted``), once."""
+    engine = ScriptedEngine()
+    async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        c, _ = await srv.join("cara")
+        assert (await start(srv, vote_id="v-leave", timeout_s=300))[0] == 201
+        for member in (a, b, c):
+            await member.until("vote.started")
+        await a.send(cast("v-leave", "A"))
+        await b.send(cast("v-leave", "A"))
+        await a.until("vote.update")
+        update = await a.until("vote.update")
+        assert (update["payload"]["voted"], update["payload"]["eligible"]) == (2, 3)  # not cara
+        await c.send({"type": "party.leave", "payload": {"character_id": "cara"}})
+        finished = await a.until("vote.finished")
+        p = finished["payload"]
+        assert (p["winner"], p["reason"], p["vote_id"]) == ("A", "all_voted", "v-leave")
+        await b.until("vote.finished")
+        result = await a.until("action.result")
+        assert result["payload"]["action_id"] == "vote:v-leave"
+        assert [call.action_id for call in engine.calls] == ["vote:v-leave"]  # applied once
+        for member in (a, b, c):
+            await member.close()
+
+
 async def test_the_deadline_finishes_it_with_the_tie_rule() -> None:
     engine = ScriptedEngine()
     async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:

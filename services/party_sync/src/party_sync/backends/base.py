@@ -244,7 +244,9 @@ class VoteStore(Protocol):
         ...
 
     async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
-        """At the deadline: publish ``vote.finished`` (timeout) unless it already finished.
+        """Publish ``vote.finished`` if the vote is due: at the deadline (``timeout``), or when
+        every member still online has voted (``all_voted``: a member left since the last
+        ballot); unless it already finished.
 
         Exactly one caller, on whichever node, gets the event; the others get None.
         """

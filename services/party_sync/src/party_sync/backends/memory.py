@@ -378,9 +378,11 @@ class MemoryBackend:
         vote = party.vote if party is not None else None
         if party is None or vote is None or vote.vote_id != vote_id:
             return None
-        if votes.due(vote, (), now) != "timeout":
+        online = [c for c, m in party.projection.members.items() if m.online]
+        reason = votes.due(vote, online, now)  # the deadline, or all still online voted
+        if reason is None:
             return None
-        return self._finish(party, vote, "timeout", now)
+        return self._finish(party, vote, reason, now)
 
     async def due_votes(self, now: float) -> list[tuple[str, str]]:
         return [

@@ -259,9 +259,12 @@ class RedisVotes:
 
     async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
         async def decide(txn: _Txn, vote: votes.Vote | None, online: list[str]) -> Event | None:
-            if vote is None or vote.vote_id != vote_id or votes.due(vote, (), now) != "timeout":
+            if vote is None or vote.vote_id != vote_id:
                 return None
-            finished = _finished(vote, "timeout", now)
+            reason = votes.due(vote, online, now)  # the deadline, or all still online voted
+            if reason is None:
+                return None
+            finished = _finished(vote, reason, now)
             await txn.publish(finished)
             _record_finish(txn, self._keys, vote, finished, self._scripts.limits.party_ttl)
             return txn.events(await txn.pipe.execute())[0]

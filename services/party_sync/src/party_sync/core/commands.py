@@ -189,8 +189,9 @@ class CastVote:
 
 @dataclass(slots=True)
 class FinishVote:
-    """A vote's deadline passed: ``backend.finish_vote``; then ``vote_finished`` (or
-    ``vote_failed``)."""
+    """A vote's deadline passed, or a member left while it was open: ``backend.finish_vote``
+    (finished if it is due: the deadline, or every member still online voted); then
+    ``vote_finished`` (or ``vote_failed``)."""
 
     party_id: str
     vote_id: str

@@ -205,6 +205,10 @@ class PartySessions:
         self._narration_index: dict[tuple[str, str], int] = {}
         #: party_id → stream_id → the action_id it narrates, for the streams watched that do
         self._narration_action: dict[str, dict[str, str]] = {}
+        #: The open vote of each party with connections here (``vote.started``, a hello's
+        #: snapshot): a ``party.leave`` asks the backend whether the members still online have
+        #: all voted (votes probe: a member leaving left the others waiting for the deadline)
+        self._open_votes: dict[str, str] = {}
         #: (party_id, stream_id) of watched streams whose action has its result out (closed now)
         self._narration_over: set[tuple[str, str]] = set()
         self._schedule = RefreshSchedule(max(0.15, rules.presence_ttl), PRESENCE_SLICES)
@@ -306,6 +310,8 @@ class PartySessions:
             # now may have been started before the loss, on any node (``_lost_deadline``)
             member = (conn.party_id, conn.character_id)
             _remember(self.lost_members, member, now + self.rules.action_timeout, now)
+        if snapshot.vote is not None and isinstance(snapshot.vote.get("vote_id"), str):
+            self._open_votes[conn.party_id] = snapshot.vote["vote_id"]
         if resume is not None:
             self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
         resumed_from = resume.last_seq if replay is not None and resume is not None else None
@@ -368,6 +374,7 @@ class PartySessions:
                 del self.parties[conn.party_id]
                 out.append(Unsubscribe(conn.party_id))
                 self._forget_narration(conn.party_id)
+                self._open_votes.pop(conn.party_id, None)
         out.append(Disconnect(conn, now))
         return out
 
@@ -442,14 +449,21 @@ class PartySessions:
             out.extend(self._narration_answered(event.party_id, event.payload["action_id"], now))
         elif type_ == t.VOTE_STARTED:
             key = (event.party_id, event.payload["vote_id"])
+            self._open_votes[event.party_id] = event.payload["vote_id"]
             if (Kind.VOTE, key) not in self.deadlines:
                 deadline = datetime.fromisoformat(event.payload["deadline"]).timestamp()
                 self._arm(Kind.VOTE, key, max(deadline, now) + VOTE_CLOSE_DELAY)
         elif type_ == t.VOTE_FINISHED:
             self.deadlines.cancel(Kind.VOTE, (event.party_id, event.payload["vote_id"]))
-        elif type_ == t.PARTY_LEAVE and event.payload.get("reason") == t.LEAVE_LEFT:
-            for conn in self._of(event.party_id, event.payload["character_id"]):
-                out.extend(self._close(conn, CloseCode.NORMAL, "left the party"))
+            if self._open_votes.get(event.party_id) == event.payload["vote_id"]:
+                del self._open_votes[event.party_id]
+        elif type_ == t.PARTY_LEAVE:
+            if event.payload.get("reason") == t.LEAVE_LEFT:
+                for conn in self._of(event.party_id, event.payload["character_id"]):
+                    out.extend(self._close(conn, CloseCode.NORMAL, "left the party"))
+            vote_id = self._open_votes.get(event.party_id)
+            if vote_id is not None:  # those still online may all have voted: finished then
+                out.append(FinishVote(event.party_id, vote_id, now))
         return to, out
 
     def direct_received(self, party_id: str, character_id: str, data: bytes) -> Commands:
