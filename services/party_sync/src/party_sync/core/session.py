@@ -312,6 +312,8 @@ class PartySessions:
             _remember(self.lost_members, member, now + self.rules.action_timeout, now)
         if snapshot.vote is not None and isinstance(snapshot.vote.get("vote_id"), str):
             self._open_votes[conn.party_id] = snapshot.vote["vote_id"]
+        else:  # (one that finished while no event of it came here)
+            self._open_votes.pop(conn.party_id, None)
         if resume is not None:
             self.meter.count("resumes", "resumed" if replay is not None else "snapshot")
         resumed_from = resume.last_seq if replay is not None and resume is not None else None
