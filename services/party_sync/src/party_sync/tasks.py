@@ -170,7 +170,8 @@ def described(exc: BaseException, limit: int = 300) -> str:
     ``network:ConnectionError``, which cannot tell a certificate, a password or a stall apart.
     (The log handler's redactor still scrubs every record.)
 
-    A wrapper that hides what it wraps gets its first cause's words after it: redis-py's Cluster
+    A wrapper that hides what it wraps gets its innermost cause's words after it (unless they
+    are in its own text already): redis-py's Cluster
     client says "Cluster mode is not enabled on this node" for any error reply to ``CLUSTER
     SLOTS``, a ``NOPERM`` too (cluster probe: a user without ``cluster|slots`` read as a
     misconfigured cluster)."""

@@ -333,7 +333,7 @@ class MemoryBackend:
         refusal = votes.cast(vote, vote_id, character_id, option, now)
         if refusal is not None or party is None or vote is None:
             return refusal or votes.CastRefusal.UNKNOWN, []
-        online = [c for c, m in party.projection.members.items() if m.online]
+        online = party.projection.online()
         update = votes.update_payload(vote, online)
         events = [
             self._publish(
@@ -378,7 +378,7 @@ class MemoryBackend:
         vote = party.vote if party is not None else None
         if party is None or vote is None or vote.vote_id != vote_id:
             return None
-        online = [c for c, m in party.projection.members.items() if m.online]
+        online = party.projection.online()
         reason = votes.due(vote, online, now)  # the deadline, or all still online voted
         if reason is None:
             return None

@@ -1046,8 +1046,8 @@ async def refuse_misconfiguration(
         async with asyncio.timeout(wait * 4):
             info = await client.info("cluster")
             _refuse_cluster_mismatch(target, str(info.get("cluster_enabled", "0")) == "1")
-            if target.cluster:  # the slot map (redis-py) and the shard's fence mark (its first
-                for ask in CLUSTER_READS:  # slot) read them on every connection
+            if target.cluster:  # what every Cluster connection reads (CLUSTER_READS)
+                for ask in CLUSTER_READS:
                     await client.execute_command(*ask)  # type: ignore[no-untyped-call]
             await client.eval("return 1", 0)
             await client.time()  # the clock every node and worker keeps (docs/engines.md)

@@ -71,6 +71,10 @@ class Projection:
             vote=dict(vote) if vote else None,
         )
 
+    def online(self) -> list[str]:
+        """The characters online now (a vote's eligible members, with those who voted)."""
+        return [character_id for character_id, m in self.members.items() if m.online]
+
     def is_online(self, character_id: str) -> bool:
         member = self.members.get(character_id)
         return member is not None and member.online

@@ -238,6 +238,7 @@ class InProcessLink:
         assert self._host is not None
         give_up_at: float | None = None
         pause = 0.05
+        told = False  # the WARNING of an engine that cannot tell: once per action
         while True:
             try:
                 await self.engine.handle_action(action)
@@ -258,13 +259,14 @@ class InProcessLink:
                 # (party_sync's backend under it, or the engine's own database); once per action
                 # at WARNING, then DEBUG: a second a retry, for up to claim_patience (engine probe)
                 log.log(
-                    logging.WARNING if pause == 0.05 else logging.DEBUG,
+                    logging.DEBUG if told else logging.WARNING,
                     "the engine could not tell whether it applied the action (%s: %s): handed "
                     "to it again until it can (said once per action)",
                     type(exc).__name__,
                     exc,
                     extra=extra,
                 )
+                told = True
                 await asyncio.sleep(pause)
                 pause = min(1.0, pause * 2)
             except Exception:  # an engine that raises did not apply the action (the contract)
