@@ -35,12 +35,22 @@ def ping(port: int, timeout: float = 0.5) -> bool:
         return False
 
 
+class _ExitedError(RuntimeError):
+    """The redis-server process exited before it answered PING."""
+
+
 class RedisServer:
     """One redis-server process on a free loopback port; restartable on the same port."""
 
     def __init__(self, port: int | None = None, extra: tuple[str, ...] = ()) -> None:
-        """``extra``: more ``redis-server`` arguments (``("--cluster-enabled", "yes")``)."""
+        """``extra``: more ``redis-server`` arguments (``("--cluster-enabled", "yes")``).
+
+        In cluster mode the bus port is a free port of its own (``--cluster-port``): Redis's
+        default, the client port plus 10000, may be taken (a failed start, exit 1, seen in CI).
+        """
         self.port = port or free_port()
+        if "--cluster-enabled" in extra and "--cluster-port" not in extra:
+            extra = (*extra, "--cluster-port", str(free_port()))
         self.extra = extra
         self._dir = Path(tempfile.mkdtemp(prefix="ps-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
@@ -54,6 +64,27 @@ class RedisServer:
         return self._proc is not None and self._proc.poll() is None
 
     def start(self, timeout: float = 10.0) -> None:
+        """Start and wait for PING. In cluster mode a start that fails at once (its bus port
+        taken since it was chosen) is tried again on a new bus port, twice; the client port,
+        which a test may have read already, is kept."""
+        for attempt in range(3):
+            try:
+                self._start_once(timeout)
+                return
+            except _ExitedError:
+                if "--cluster-port" not in self.extra or attempt == 2:
+                    raise
+                extra = list(self.extra)
+                extra[extra.index("--cluster-port") + 1] = str(free_port())
+                self.extra = tuple(extra)
+
+    def _log_tail(self) -> str:
+        try:
+            return (self._dir / "redis.log").read_text(errors="replace")[-1500:]
+        except OSError:
+            return "(no log)"
+
+    def _start_once(self, timeout: float) -> None:
         if self.running:
             return
         self._proc = subprocess.Popen(
@@ -79,7 +110,10 @@ class RedisServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self._proc.returncode}")
+                raise _ExitedError(
+                    f"redis-server on port {self.port} exited with {self._proc.returncode}; "
+                    f"its log ends: {self._log_tail()}"
+                )
             if ping(self.port):
                 return
             time.sleep(0.01)  # polling a condition (the server answering PING), bounded
