@@ -111,3 +111,25 @@ async def test_origin_allowlist() -> None:
         status_line = await reader.readline()
         writer.close()
         assert status_line.split()[1] == b"403", status_line
+
+
+async def test_a_websocket_version_other_than_13_is_answered_426_with_the_version_spoken() -> None:
+    """RFC 6455 §4.2.2: drafts 7 and 8 (which aiohttp alone would upgrade) and unknown versions
+    get 426 and ``Sec-WebSocket-Version: 13``; a version 13 upgrade is unaffected."""
+    async with serve_in_process(make_settings(), engine=ScriptedEngine()) as srv:
+        base = {
+            "Upgrade": "websocket",
+            "Connection": "Upgrade",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+        }
+        url = f"{srv.ws_url.replace('ws://', 'http://')}?token={token('aria')}"
+        for version in ("8", "7", "14", "abc"):
+            async with srv.http.get(url, headers={**base, "Sec-WebSocket-Version": version}) as r:
+                assert r.status == 426, version
+                assert r.headers["Sec-WebSocket-Version"] == "13"
+                assert "version 13" in await r.text()
+        async with srv.http.get(url, headers={**base, "Sec-WebSocket-Version": "13"}) as r:
+            assert r.status == 101
+        assert await srv.handshake_status({"token": token("aria")}) == 101
+        metrics = await (await srv.http.get(f"{srv.base}/metrics")).text()
+        assert 'party_sync_handshakes_refused_total{status="426"} 4.0' in metrics

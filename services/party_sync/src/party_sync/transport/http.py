@@ -151,9 +151,31 @@ class _Opened(NamedTuple):
     slot: Hashable
 
 
+def _unsupported_version(request: web.Request, gateway: Gateway) -> web.Response | None:
+    """RFC 6455 §4.2.2: a WebSocket upgrade asking for a version other than 13 is answered 426
+    with the version spoken here (aiohttp alone would upgrade drafts 7 and 8 as if 13)."""
+    version = request.headers.get("Sec-WebSocket-Version")
+    if (
+        version is None
+        or version == "13"
+        or "websocket" not in request.headers.get("Upgrade", "").lower()
+    ):
+        return None  # a missing header or a plain GET: aiohttp's own 400 says what is missing
+    gateway.metrics.handshakes_refused.labels("426").inc()
+    return web.Response(
+        status=426,
+        text="unsupported WebSocket version: this server speaks version 13 (RFC 6455)",
+        headers={"Sec-WebSocket-Version": "13"},
+    )
+
+
 async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
-    """Admit, take the user's slot, upgrade, open the session (run under the edge)."""
+    """Check the version, admit, take the user's slot, upgrade, open the session (run under
+    the edge)."""
     gateway = request.app[GATEWAY]
+    unsupported = _unsupported_version(request, gateway)
+    if unsupported is not None:
+        return unsupported
     query = _query(request)
     admission = await _admit(request, gateway, query)
     if not isinstance(admission, _Admitted):
