@@ -96,6 +96,21 @@ def test_a_tokens_header_or_payload_alone_is_scrubbed() -> None:
         assert REDACTOR.scrub(part) == REDACTED
 
 
+@pytest.mark.parametrize("dot", ["%2E", "%2e"])
+@pytest.mark.parametrize("keep", [None, 200, 120])
+def test_a_token_whose_dots_are_percent_encoded_is_scrubbed_whole(
+    dot: str, keep: int | None
+) -> None:
+    """Re-check probe: a token written with ``%2E`` for its dots (in an ``Origin``, a query
+    string) had its header scrubbed and its payload logged."""
+    header, payload, _ = TOKEN.split(".")
+    encoded = dot.join(TOKEN.split("."))[:keep]
+    for before in ("https://b.example/", "https://b.example/?t%3D", "x%22"):
+        scrubbed = REDACTOR.scrub(f"origin refused: {before}{encoded}")
+        assert scrubbed == f"origin refused: {before}{REDACTED}", scrubbed
+        assert payload[:8] not in scrubbed and header[:8] not in scrubbed
+
+
 @pytest.mark.parametrize(
     "text",
     [
