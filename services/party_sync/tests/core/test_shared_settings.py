@@ -47,5 +47,23 @@ def test_a_key_that_is_not_a_nodes_is_ignored(raw: Any) -> None:
 def test_any_value_is_taken_whole_or_not_at_all(data: dict[str, Any]) -> None:
     decoded = shared_settings.decode(orjson.dumps(data))
     if decoded is not None:
-        assert set(decoded) == set(shared_settings.SHARED)
+        assert set(shared_settings.SHARED) - shared_settings.OPTIONAL <= set(decoded)
+        assert set(decoded) <= set(shared_settings.SHARED)
         assert all(value >= 0 for value in decoded.values())
+
+
+def test_a_key_written_by_a_node_of_an_earlier_release_is_taken_without_the_newer_settings() -> (
+    None
+):
+    """``api_max_body_bytes`` joined the shared settings later: a key without it is still the
+    nodes' (the worker keeps its own bound for it), and is no difference."""
+    values = shared_settings.values_of(Settings(api_max_body_bytes=4096))
+    older = {name: value for name, value in values.items() if name != "api_max_body_bytes"}
+    decoded = shared_settings.decode(orjson.dumps(older))
+    assert decoded == older
+    assert shared_settings.differences(values, decoded) == []
+    newer = shared_settings.decode(shared_settings.encode(values))
+    assert newer is not None and newer["api_max_body_bytes"] == 4096
+    assert shared_settings.differences(shared_settings.values_of(Settings()), newer) == [
+        "api_max_body_bytes 4096 (this process: 262144)"
+    ]

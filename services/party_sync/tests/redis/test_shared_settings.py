@@ -23,6 +23,7 @@ from party_sync.engine import stream_link as stream_link_module
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_worker import PartitionedWorker, WorkerOptions
 from party_sync.protocol import codec
+from party_sync.protocol.errors import InvalidEvent
 from party_sync.server import backend_settings
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
@@ -34,7 +35,9 @@ pytestmark = pytest.mark.redis
 
 STREAM = "test:shared-actions"
 KEY = KeySpace("party_sync").settings()
-NODES = dataclasses.replace(Settings(), party_ttl=60.0, action_record_ttl=20.0, history_size=50)
+NODES = dataclasses.replace(
+    Settings(), party_ttl=60.0, action_record_ttl=20.0, history_size=50, api_max_body_bytes=65536
+)
 
 
 @contextlib.asynccontextmanager
@@ -96,6 +99,7 @@ async def test_a_worker_writes_with_the_nodes_settings_and_says_so(
     finally:
         await client.aclose()
     assert (taken.party_ttl, taken.action_record_ttl, taken.history_size) == (60.0, 20.0, 50)
+    assert taken.api_max_body_bytes == 65536  # the events' bound too (re-check probe)
     assert taken.redis_url == own.redis_url  # nothing else taken
     said = [
         r.getMessage()
@@ -104,6 +108,7 @@ async def test_a_worker_writes_with_the_nodes_settings_and_says_so(
     ]
     assert len(said) == 1 and "party_ttl 60 (this process: 3600)" in said[0], said
     assert "action_record_ttl 20 (this process: 600)" in said[0]
+    assert "api_max_body_bytes 65536 (this process: 262144)" in said[0]
 
 
 async def test_a_running_worker_warns_once_when_the_nodes_settings_change(
@@ -156,7 +161,7 @@ async def test_a_running_worker_takes_the_nodes_new_settings(
         shared=(KEY, values),
         adopt=functools.partial(cli._adopt_nodes_settings, b, NODES),
     )
-    changed = dataclasses.replace(NODES, party_ttl=120.0, history_size=3)
+    changed = dataclasses.replace(NODES, party_ttl=120.0, history_size=3, api_max_body_bytes=4096)
     try:
         async with working(worker, client), node_link(redis, changed):  # every node restarted
             await wait_until(lambda: b.settings.history_size == 3, timeout=10)
@@ -170,6 +175,11 @@ async def test_a_running_worker_takes_the_nodes_new_settings(
             assert await client.llen(history) == 3  # trimmed to the nodes' bound
             assert 60_000 < await client.pttl(meta) <= 120_000  # the nodes' party_ttl
             assert worker.settings_differ is None  # nothing left to tell
+            # the nodes' bound of one event (re-check probe: a worker published 20 kB events
+            # into a deployment whose nodes refused any over 8 kB)
+            big = codec.envelope("party.state", {"flag": "x" * 9000}, ts=time.time())
+            with pytest.raises(InvalidEvent, match="at most 8192"):
+                await b.publish("p-adopt", big, time.time())
     finally:
         await b.close()
     said = worker_warnings(caplog)

@@ -30,9 +30,14 @@ SHARED: Final = (
     "action_record_ttl",
     "party_ttl",
     "narration_idle",
+    # the bound of one event (with its envelope: ``BackendSettings.max_event_bytes``): a worker
+    # with its own default published events a node's engines could not (re-check probe)
+    "api_max_body_bytes",
 )
 #: The integer ones (the others are seconds, floats).
-_INTEGERS: Final = frozenset({"history_size", "history_max_bytes"})
+_INTEGERS: Final = frozenset({"history_size", "history_max_bytes", "api_max_body_bytes"})
+#: Those a node of an earlier release does not write: a worker keeps its own for them.
+OPTIONAL: Final = frozenset({"api_max_body_bytes"})
 
 
 def values_of(settings: object) -> dict[str, float]:
@@ -59,6 +64,8 @@ def decode(raw: Any) -> dict[str, float] | None:
     values: dict[str, float] = {}
     for name in SHARED:
         value = data.get(name)
+        if value is None and name in OPTIONAL:
+            continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             return None
         values[name] = int(value) if name in _INTEGERS else float(value)
@@ -70,12 +77,12 @@ def differences(
 ) -> list[str]:
     """``name theirs (this process: own)`` for each shared setting that differs (``own_is``
     says what ``own`` is: a worker that took the nodes' settings before writes "until now",
-    not its own environment's values)."""
+    not its own environment's values). A setting ``theirs`` lacks (``OPTIONAL``) is not one."""
     return [
         f"{name} {theirs[name]:g} ({own_is}: {own[name]:g})"
         for name in SHARED
-        if float(theirs[name]) != float(own[name])
+        if name in theirs and float(theirs[name]) != float(own[name])
     ]
 
 
-__all__ = ["SHARED", "decode", "differences", "encode", "values_of"]
+__all__ = ["OPTIONAL", "SHARED", "decode", "differences", "encode", "values_of"]

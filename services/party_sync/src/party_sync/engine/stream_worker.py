@@ -1031,7 +1031,7 @@ class PartitionedWorker:
         differ = None if theirs is None else "; ".join(shared_settings.differences(mine, theirs))
         if differ and theirs is not None and self._adopt is not None:
             self._adopt(theirs)
-            self.shared = (key, theirs)
+            self.shared = (key, {**mine, **theirs})  # (a setting an older node lacks: kept)
             log.warning(
                 "the gateway nodes' settings changed (%s: %s): this worker writes with theirs "
                 "from now on",
