@@ -53,3 +53,34 @@ async def test_a_kept_decision_knows_its_run_after_the_fence_and_a_newer_vote(
     finally:
         await client.aclose()
         await b.close()
+
+
+async def test_a_vote_whose_transaction_ran_unannounced_is_still_swept(redis: RedisServer) -> None:
+    """Docs probe: ``multi`` taken from a running user makes Redis run a vote's transaction one
+    command at a time and refuse only its EXEC. The start then failed before it indexed the
+    party, so no sweep ever finished the vote or handed its decision over, even after ``multi``
+    was given back. The party is indexed before anything of the vote is written."""
+    admin = Redis.from_url(redis.url)
+    redis.command("ACL", "SETUSER", "voter", "on", ">pw-voter-1", "~*", "&*", "+@all")
+    url = f"redis://voter:pw-voter-1@127.0.0.1:{redis.port}/0"
+    b = RedisBackend(RedisOptions(url), BackendSettings(), metrics=Metrics("test"))
+    await b.start()
+    try:
+        now = time.time()
+        scene = {"scene_number": 1, "scene_id": "s1", "title": "T", "narration": "N"}
+        await b.publish("p1", codec.envelope("scene.update", scene, ts=now), now)
+        redis.command("ACL", "SETUSER", "voter", "-multi")
+        with pytest.raises(Exception, match="redis refused vote"):
+            await b.start_vote("p1", VoteSpec("v1", "Which way?", OPTIONS, 5), "r1", now, "t1")
+        redis.command("ACL", "SETUSER", "voter", "+multi")
+        assert await admin.hget(KEYS.party_keys("p1").vote, "vote_id") == b"v1"  # it ran
+        assert await b.due_votes(now + 1) == []  # not due yet
+        assert await b.due_votes(now + 6) == [("p1", "v1")]  # the sweep finds it
+        finished = await b.finish_vote("p1", "v1", now + 6)
+        assert finished is not None and finished.payload["reason"] == "timeout"
+        (kept,) = await b.unapplied_votes(now + 60, older_than=0)  # and its decision
+        assert kept.payload["vote_id"] == "v1"
+    finally:
+        await b.close()
+        redis.command("ACL", "DELUSER", "voter")
+        await admin.aclose()
