@@ -114,12 +114,12 @@ _MAYBE = re.compile(r"(?i)[:=.]|bearer|eyJ")
 #: A base64url run that starts as JSON does ('{"' is "eyJ"): a JWS's header or payload on its
 #: own, or cut short before its dot (recheck probe: a bounded log field cut a token's header
 #: in two; a payload alone names the party and the character).
-#: A percent-encoded character before it or a percent-encoded dot inside it (``%2E``) counts as
-#: a separator (re-check probe: a token whose dots were written %2E, in an ``Origin``, left its
-#: payload in the log after the header was scrubbed).
+#: A percent-encoded character before it or a percent-encoded dot inside it (``%2E``, or twice
+#: encoded, ``%252E``) counts as a separator (re-check probe: a token whose dots were written
+#: %2E, in an ``Origin``, left its payload in the log after the header was scrubbed).
 _JSON_B64 = re.compile(
     r"(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2}))eyJ[A-Za-z0-9_-]{8,}+"
-    r"(?:(?:\.|%2[Ee])[A-Za-z0-9_-]*+)*+"
+    r"(?:(?:\.|%2[Ee]|%252[Ee])[A-Za-z0-9_-]*+)*+"
 )
 # Runs of base64url characters and dots, each matched from its first character only.
 _DOTTED = re.compile(r"(?<![A-Za-z0-9_.-])\.*+[A-Za-z0-9_-]++(?:\.[A-Za-z0-9_-]*+)+")

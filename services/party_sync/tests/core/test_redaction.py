@@ -96,7 +96,7 @@ def test_a_tokens_header_or_payload_alone_is_scrubbed() -> None:
         assert REDACTOR.scrub(part) == REDACTED
 
 
-@pytest.mark.parametrize("dot", ["%2E", "%2e"])
+@pytest.mark.parametrize("dot", ["%2E", "%2e", "%252E"])
 @pytest.mark.parametrize("keep", [None, 200, 120])
 def test_a_token_whose_dots_are_percent_encoded_is_scrubbed_whole(
     dot: str, keep: int | None
