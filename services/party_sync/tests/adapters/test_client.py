@@ -163,6 +163,19 @@ async def test_concurrent_actions_of_one_client_are_sent_one_at_a_time_and_all_a
         assert [engine.count(f"c-{i}") for i in range(3)] == [1, 1, 1]
 
 
+async def test_an_action_sent_again_under_its_id_gets_its_result_again() -> None:
+    """Soak probe: an ``action_id`` sent again on the same connection (after a refusal that is
+    not final, or to learn its result) was never put on the wire: the call waited until a
+    reconnect. The server answers the repeat with the original result; the engine ran it once."""
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv, connected(srv, "aria") as a:
+        first = await a.send_action("skill_check", action_id="again-1")
+        async with asyncio.timeout(10):
+            repeat = await a.send_action("skill_check", action_id="again-1")
+        assert (repeat.action_id, repeat.seq) == (first.action_id, first.seq)
+        assert engine.count("again-1") == 1
+
+
 async def test_a_dropped_connection_resumes_and_misses_nothing() -> None:
     gate = asyncio.Event()
 

@@ -185,6 +185,36 @@ def test_actions_go_out_one_at_a_time_in_order() -> None:
     assert stream.drop_action("a3") == []
 
 
+@pytest.mark.parametrize(
+    "answer",
+    [
+        error("backend_unavailable", type="action.request", action_id="a1"),
+        error("character_busy", type="action.request", action_id="a1"),
+        result(4, "a1"),
+        None,  # its caller gave up (drop_action)
+    ],
+)
+def test_an_action_sent_again_under_its_id_on_the_same_connection_goes_out(
+    answer: dict[str, Any] | None,
+) -> None:
+    """Soak probe: after a refusal that is not final (``backend_unavailable``), the README's
+    resend with the same ``action_id`` was never put on the wire (it still counted as sent on
+    this connection), and its caller waited until a reconnect. A result asked for again, or an
+    action its caller gave up on and sends again, likewise."""
+    stream = ClientStream()
+    stream.receive(hello(3))
+    assert stream.add_action(action("a1")) is True
+    if answer is None:
+        assert stream.drop_action("a1") == []
+    else:
+        stream.receive(answer)
+    assert "a1" not in stream.actions
+    assert stream.add_action(action("a1")) is True  # sent again, once
+    assert stream.add_action(action("a2")) is False  # (one at a time still)
+    out = stream.receive(error("backend_unavailable", type="action.request", action_id="a1"))
+    assert [o for o in out if isinstance(o, Send)] == [Send(action("a2"))]
+
+
 def test_ballots_are_settled_by_their_trace_id() -> None:
     stream = ClientStream()
     stream.receive(hello(3))

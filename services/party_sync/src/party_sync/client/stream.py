@@ -169,9 +169,18 @@ class ClientStream:
 
     def drop_action(self, action_id: str) -> list[Output]:
         """Stop tracking a pending action (its caller gave up): the next one may go out."""
-        if self.actions.pop(action_id, None) is None:
+        if self._remove_action(action_id) is None:
             return []
         return self._next_action()
+
+    def _remove_action(self, action_id: str) -> dict[str, Any] | None:
+        """Stop tracking a pending action (answered, refused, given up). It no longer counts as
+        sent on this connection: the same ``action_id`` sent again (after a refusal that is not
+        final, as the README says, or to learn a result again) goes out (soak probe: a resend
+        after ``backend_unavailable`` was never sent, and its caller waited until a reconnect)."""
+        if self._sent_action == action_id:
+            self._sent_action = None
+        return self.actions.pop(action_id, None)
 
     def add_vote(self, message: dict[str, Any]) -> bool:
         self.votes[message["trace_id"]] = message
@@ -231,7 +240,7 @@ class ClientStream:
 
     def _settled(self, action_id: str) -> bool:
         """Forget a pending action that was just answered; False if it was not pending."""
-        return self.actions.pop(action_id, None) is not None
+        return self._remove_action(action_id) is not None
 
     def _answered(self, action_id: str) -> None:
         self._settled_actions.add(action_id)
@@ -366,7 +375,7 @@ class ClientStream:
             and action_id in self.actions
             and error.code != ErrorCode.ACTION_IN_FLIGHT  # still running: its result will come
         ):
-            del self.actions[action_id]
+            self._remove_action(action_id)
             out.append(ActionError(action_id, error))
             out.extend(self._next_action())
         trace_id = error.in_reply_to.get("trace_id")
