@@ -84,3 +84,57 @@ async def test_a_vote_whose_transaction_ran_unannounced_is_still_swept(redis: Re
         await b.close()
         redis.command("ACL", "DELUSER", "voter")
         await admin.aclose()
+
+
+@pytest.mark.parametrize("closed_by", ["deadline", "all_voted"])
+async def test_a_vote_closed_as_the_first_event_of_a_new_epoch_leaves_the_party_able_to_vote(
+    redis: RedisServer, closed_by: str
+) -> None:
+    """Sentinel probe: a vote that closed as the first event of a new epoch (the fence had
+    deleted ``meta``) left a vote record of ``finished`` alone (written after the publish that
+    dropped the record with the old epoch); every later vote, ballot and sweep of the party then
+    failed (KeyError 'spec': 500s, tracebacks) for as long as it played."""
+    b = RedisBackend(RedisOptions(redis.url), BackendSettings(), metrics=Metrics("test"))
+    await b.start()
+    client = Redis.from_url(redis.url)
+    try:
+        now = time.time()
+        scene = {"scene_number": 1, "scene_id": "s1", "title": "T", "narration": "N"}
+        await b.publish("p1", codec.envelope("scene.update", scene, ts=now), now)
+        await client.sadd(KEYS.party_keys("p1").online, "aria")
+        await b.start_vote("p1", VoteSpec("v1", "Which way?", OPTIONS, 2), "r1", now, "t1")
+        await client.delete(KEYS.party_keys("p1").meta)  # as the fence does on a new master
+        if closed_by == "deadline":
+            finished = await b.finish_vote("p1", "v1", now + 3)
+            assert finished is not None
+        else:
+            refusal, events = await b.cast_vote("p1", "aria", "v1", "L", now + 1, "t2")
+            assert refusal is None and events[-1].type == "vote.finished"
+        record = await client.hgetall(KEYS.party_keys("p1").vote)
+        assert b"finished" not in record or b"spec" in record, record  # never a part of one
+        await b.start_vote("p1", VoteSpec("v2", "And now?", OPTIONS, 30), "r1", now + 4, "t3")
+        assert await b.cast_vote("p1", "aria", "v2", "R", now + 5, "t4") is not None
+        (kept,) = await b.unapplied_votes(now + 60, older_than=0)  # the decision is kept
+        assert kept.payload["vote_id"] == "v1"
+    finally:
+        await client.aclose()
+        await b.close()
+
+
+async def test_a_part_of_a_vote_record_left_by_an_earlier_version_is_no_vote(
+    redis: RedisServer,
+) -> None:
+    b = RedisBackend(RedisOptions(redis.url), BackendSettings(), metrics=Metrics("test"))
+    await b.start()
+    client = Redis.from_url(redis.url)
+    try:
+        now = time.time()
+        scene = {"scene_number": 1, "scene_id": "s1", "title": "T", "narration": "N"}
+        await b.publish("p2", codec.envelope("scene.update", scene, ts=now), now)
+        await client.hset(KEYS.party_keys("p2").vote, mapping={"finished": "1", "finished_at": "1"})
+        assert await b.finish_vote("p2", "v0", now) is None
+        await b.start_vote("p2", VoteSpec("v1", "Which way?", OPTIONS, 30), "r1", now, "t1")
+        assert await client.hget(KEYS.party_keys("p2").vote, "vote_id") == b"v1"
+    finally:
+        await client.aclose()
+        await b.close()

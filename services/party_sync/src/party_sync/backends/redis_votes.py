@@ -44,13 +44,19 @@ from party_sync.protocol import types as t
 from party_sync.protocol.errors import BackendUnavailable, VoteConflict
 
 T = TypeVar("T")
+#: The fields of a whole vote record (``start_vote``).
+_RECORD = frozenset({"vote_id", "spec", "started", "deadline", "trace_id", "run", "finished"})
 TRIES = 20  # optimistic retries under contention before giving up (retryable for the caller)
 
 
 def _load(fields: Mapping[Any, Any], ballots: Mapping[Any, Any]) -> votes.Vote | None:
+    """The vote record, or None if there is none, or only part of one (written by an earlier
+    version after its vote's record went with an epoch: a vote started now replaces it)."""
     if not fields:
         return None
     f = {text(k): text(v) for k, v in fields.items()}
+    if not _RECORD.issubset(f):
+        return None
     spec = orjson.loads(f["spec"])
     return votes.Vote(
         votes.VoteSpec(
@@ -109,7 +115,12 @@ def _record_finish(
     body is kept in ``unapplied`` (by vote id) until its action has been handed to the engine
     (``mark_vote_applied``), so that any node can hand it over if the one that closed it could
     not (``unapplied_votes``): a decision announced is never lost. ``unapplied`` lives as long as
-    the party (the publish just refreshed it; the sweep keeps it in step with ``meta``)."""
+    the party (the publish refreshes it; the sweep keeps it in step with ``meta``).
+
+    Queued *before* the ``vote.finished`` publish: a publish that opens a new epoch (the party's
+    ``meta`` gone: a failover's fence, an emptied Redis) deletes the vote record, and a mark
+    written after it made a record of ``finished`` alone, which no node could read again, so
+    the party could never vote again (Sentinel probe: 500s on every later vote)."""
     now, party_id = txn.now, txn.party_id
     txn.pipe.hset(
         keys.party_keys(party_id).vote, mapping={"finished": "1", "finished_at": repr(now)}
@@ -259,11 +270,14 @@ class RedisVotes:
             keys = self._keys.party_keys(party_id)
             txn.pipe.hset(keys.ballots, character_id, option)
             update = votes.update_payload(vote, online)
-            await txn.publish(codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id))
+            finished = None
             if votes.due(vote, online, now) == "all_voted":
                 finished = _finished(vote, "all_voted", now)
-                await txn.publish(finished)
+                # (before the publishes: either may open a new epoch, see _record_finish)
                 _record_finish(txn, self._keys, vote, finished, self._scripts.limits.party_ttl)
+            await txn.publish(codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=trace_id))
+            if finished is not None:
+                await txn.publish(finished)
             return None, txn.events(await txn.pipe.execute())
 
         return await self._transact(party_id, now, decide)
@@ -276,8 +290,8 @@ class RedisVotes:
             if reason is None:
                 return None
             finished = _finished(vote, reason, now)
-            await txn.publish(finished)
             _record_finish(txn, self._keys, vote, finished, self._scripts.limits.party_ttl)
+            await txn.publish(finished)
             return txn.events(await txn.pipe.execute())[0]
 
         return await self._transact(party_id, now, decide)
