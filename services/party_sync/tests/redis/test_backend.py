@@ -415,6 +415,37 @@ async def test_a_narration_call_redis_runs_too_late_changes_nothing(redis: Redis
         assert [s["stream_id"] for s in snapshot.narration] == ["live"]
 
 
+@contextlib.asynccontextmanager
+async def half_expired_index(
+    url: str, prefix: str
+) -> AsyncIterator[tuple[RedisBackend, Any, Redis, list[str]]]:
+    """A backend whose heartbeat indexed ten parties (``<prefix>00`` … ``09``), the even ones
+    since expired (their ``meta`` deleted); the heartbeat's node, a plain client, the parties.
+    The sweep looks at 4 index entries a batch."""
+    from party_sync.backends.base import NodeInfo
+
+    parties = [f"{prefix}{n:02d}" for n in range(10)]
+    async with backend(url) as b:
+        now = time.time()
+        for party in parties:
+            await b.publish(party, scene(1), now)
+        node = NodeInfo(b.node_id, "test", 0, now, now)
+        await b.admin.heartbeat(node, parties, 30.0)
+        r = Redis.from_url(url)
+        try:
+            assert await r.zcard(b.keys.party_index()) == 10
+            for party in parties[::2]:  # five expire
+                await r.delete(b.keys.party_keys(party).meta)
+            yield b, node, r, parties
+        finally:
+            await r.aclose()
+
+
+async def indexed(b: RedisBackend, r: Redis) -> list[str]:
+    members: Any = await r.zrange(b.keys.party_index(), 0, -1)
+    return sorted(p.decode() for p in members)
+
+
 async def test_the_heartbeats_drop_expired_parties_from_the_index_without_any_listing(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -423,29 +454,12 @@ async def test_the_heartbeats_drop_expired_parties_from_the_index_without_any_li
     (a soak: 332 dead parties after every key had expired). Each heartbeat now checks the next
     few entries, round and round."""
     from party_sync.backends import redis_admin
-    from party_sync.backends.base import NodeInfo
 
     monkeypatch.setattr(redis_admin, "INDEX_SWEEP", 4)
-    parties = [f"ix{n:02d}" for n in range(10)]
-    async with backend(redis.url) as b:
-        now = time.time()
-        for party in parties:
-            await b.publish(party, scene(1), now)
-        node = NodeInfo(b.node_id, "test", 0, now, now)
-        await b.admin.heartbeat(node, parties, 30.0)
-        r = Redis.from_url(redis.url)
-        try:
-            index = b.keys.party_index()
-            assert await r.zcard(index) == 10
-            for party in parties[::2]:  # five expire
-                await r.delete(b.keys.party_keys(party).meta)
-            for _ in range(3):  # 3 × 4 entries: once round the index
-                await b.admin.heartbeat(node, [], 30.0)
-            members: Any = await r.zrange(index, 0, -1)
-            left = sorted(p.decode() for p in members)
-        finally:
-            await r.aclose()
-    assert left == parties[1::2]
+    async with half_expired_index(redis.url, "ix") as (b, node, r, parties):
+        for _ in range(3):  # 3 × 4 entries: once round the index
+            await b.admin.heartbeat(node, [], 30.0)
+        assert await indexed(b, r) == parties[1::2]
 
 
 async def test_a_sweep_whose_batch_ends_on_the_last_entry_goes_round_to_the_start(
@@ -455,33 +469,18 @@ async def test_a_sweep_whose_batch_ends_on_the_last_entry_goes_round_to_the_star
     the sweep stopped there instead of going round to the start: the expired entries before
     its start waited for later heartbeats (the test above failed once so, 2 of 5 left)."""
     from party_sync.backends import redis_admin
-    from party_sync.backends.base import NodeInfo
 
     monkeypatch.setattr(redis_admin, "INDEX_SWEEP", 4)
-    parties = [f"iy{n:02d}" for n in range(10)]
-    async with backend(redis.url) as b:
-        now = time.time()
-        for party in parties:
-            await b.publish(party, scene(1), now)
-        node = NodeInfo(b.node_id, "test", 0, now, now)
-        await b.admin.heartbeat(node, parties, 30.0)
-        r = Redis.from_url(redis.url)
-        try:
-            for party in parties[::2]:
-                await r.delete(b.keys.party_keys(party).meta)
+    async with half_expired_index(redis.url, "iy") as (b, node, r, parties):
 
-            async def from_iy06(key: str) -> bytes:
-                return b"iy06"  # a batch from there ends on iy09, the last entry
+        async def from_iy06(key: str) -> bytes:
+            return b"iy06"  # a batch from there ends on iy09, the last entry
 
-            admin: Any = b.admin
-            monkeypatch.setattr(admin._client, "zrandmember", from_iy06)
-            admin._sweeps = 1  # the next heartbeat's sweep starts at a random entry
-            await b.admin.heartbeat(node, [], 30.0)
-            members: Any = await r.zrange(b.keys.party_index(), 0, -1)
-            left = sorted(p.decode() for p in members)
-        finally:
-            await r.aclose()
-    assert left == parties[1::2]
+        admin: Any = b.admin
+        monkeypatch.setattr(admin._client, "zrandmember", from_iy06)
+        admin._sweeps = 1  # the next heartbeat's sweep starts at a random entry
+        await b.admin.heartbeat(node, [], 30.0)
+        assert await indexed(b, r) == parties[1::2]
 
 
 async def test_the_index_sweep_keeps_up_with_parties_that_come_and_go_fast(
