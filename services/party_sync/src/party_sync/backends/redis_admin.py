@@ -270,9 +270,13 @@ class RedisAdmin:
             looked, gone, last = await self._sweep_index_batch(start)
             if self._sweeps % 2:
                 self._swept_after = last
-            if looked == 0:  # past the end (the last batch ended on it): round to the start,
-                if start == "-":  # once (it stopped there, and the entries before its start
-                    return  # waited a heartbeat more: a test saw 2 of 5 expired left)
+            if looked == 0:
+                # Past the end (the batch before ended exactly on the last entry): on from the
+                # start, as a batch that reaches the end goes on. It stopped here, and the
+                # entries before where it began waited for later heartbeats (a test saw 2 of 5
+                # expired parties left). An empty index from the start: nothing to sweep.
+                if start == "-":
+                    return
                 start = "-"
                 continue
             if last is not None and gone * 4 < looked:
