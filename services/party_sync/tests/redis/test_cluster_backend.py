@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
+from party_sync.backends import redis_connect
 from party_sync.backends.base import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.backends.redis_batch import ShardedBatcher
@@ -42,6 +43,7 @@ from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_cluster import RedisCluster
 from ps_testkit.servers import free_port, serve_in_process
 from redis.asyncio import RedisCluster as AsyncRedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -226,6 +228,31 @@ async def test_parties_on_every_shard_are_each_delivered(on_cluster: RedisCluste
         assert owners == {m.port for m in on_cluster.masters()}  # all three shards carry some
         assert isinstance(n2.bus, ShardedBus) and n2.bus.connected
         assert all(r.resyncs == 0 for r in recorders.values())
+
+
+async def test_a_closed_node_stays_closed_when_called_late(on_cluster: RedisCluster) -> None:
+    """A call after the node closed (a task still running at shutdown) raises ``ConnectionError``:
+    redis-py's cluster client opened itself again at the next call after any ``aclose``, and the
+    client left so was never closed ("Unclosed RedisCluster client" at a later garbage
+    collection, which pytest turns into a failure). redis-py's own ``aclose`` inside a call
+    (after ``CLUSTERDOWN``) still lets the next call open it again."""
+    async with node(on_cluster.url) as n:
+        await n.publish("p-late", scene(1), time.time())
+        client = n.client
+        assert isinstance(client, redis_connect.BoundedRedisCluster)
+        token = redis_connect._IN_CALL.set(True)  # as redis-py closes it within a call
+        try:
+            await client.aclose()
+        finally:
+            redis_connect._IN_CALL.reset(token)
+        await n.publish("p-late", scene(2), time.time())  # opened again
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await client.get("party:{p-late}:meta")
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await client.pipeline().get("party:{p-late}:meta").execute()
+    with pytest.raises(BackendUnavailable):
+        await n.publish("p-late", scene(3), time.time())
+    assert client._initialize  # (redis-py's "not open": nothing to close, nothing to warn of)
 
 
 async def test_a_node_whose_url_names_a_replica_joins_the_cluster(

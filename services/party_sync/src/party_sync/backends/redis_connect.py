@@ -397,6 +397,12 @@ class _BoundedRedisPipeline(Pipeline):
 _HOLDING_SLOT: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "party_sync_redis_slot", default=False
 )
+#: Set while a command or pipeline of a ``BoundedRedisCluster`` runs: an ``aclose`` then is
+#: redis-py's own (after ``CLUSTERDOWN`` or many ``MOVED``: the next call reads the map again),
+#: any other is its owner's, for good.
+_IN_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "party_sync_redis_call", default=False
+)
 
 
 #: Seconds a pooled connection may stay unused before it is closed, beyond the ``IDLE_KEPT``
@@ -632,6 +638,11 @@ class BoundedRedisCluster(RedisCluster):
     _refreshed_at: float = -MAP_REFRESH_EVERY
     _trouble_until: float = 0.0  # the event loop's time until which the map is read repeatedly
     _loop: asyncio.AbstractEventLoop | None = None  # the one this client runs in
+    #: Closed by its owner: a call then raises ``ConnectionError``. redis-py's client opens
+    #: itself again at the next call after any ``aclose`` (a call that came late, from a task
+    #: still running at shutdown, left a client nobody would close: "Unclosed RedisCluster
+    #: client" at a later garbage collection, which failed a test run).
+    _closed: bool = False
 
     async def initialize(
         self,
@@ -643,6 +654,8 @@ class BoundedRedisCluster(RedisCluster):
         background (``refresh_slot_map``) and every call meanwhile uses the map it has: a call
         for a healthy master's slots goes through at once, not after a read that may meet a
         stalled node (see ``read_slot_map``); one for a stalled master's times out as before."""
+        if self._closed:
+            raise RedisConnectionError("the Redis Cluster client is closed")
         if self not in _CLUSTER_CLIENTS:  # (again after an aclose, if it is used again)
             self._loop = asyncio.get_running_loop()
             _CLUSTER_CLIENTS.add(self)
@@ -658,7 +671,7 @@ class BoundedRedisCluster(RedisCluster):
     def refresh_slot_map(self) -> None:
         """Read the slot map again in the background, at most every ``MAP_REFRESH_EVERY`` s."""
         task = self._refreshing
-        if task is not None and not task.done():
+        if self._closed or (task is not None and not task.done()):
             return
         loop = asyncio.get_running_loop()
         if loop.time() - self._refreshed_at < MAP_REFRESH_EVERY:
@@ -701,6 +714,8 @@ class BoundedRedisCluster(RedisCluster):
     async def aclose(self) -> None:
         # Also redis-py's own step after CLUSTERDOWN or many MOVED: it closes every connection,
         # and the next call asks for the map again (initialize); a read under way is stopped.
+        # Outside a call, its owner's: for good.
+        self._closed = self._closed or not _IN_CALL.get()
         _CLUSTER_CLIENTS.discard(self)  # (note_trouble would open it again: a closed client)
         task, self._refreshing = self._refreshing, None
         if task is not None:
@@ -709,11 +724,16 @@ class BoundedRedisCluster(RedisCluster):
         await super().aclose()
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise RedisConnectionError("the Redis Cluster client is closed")
+        token = _IN_CALL.set(True)
         try:
             return await within(self.bound, self._initialized_then(*args, **kwargs))
         except (RedisConnectionError, RedisTimeoutError):
             self.note_trouble()
             raise
+        finally:
+            _IN_CALL.reset(token)
 
     async def _initialized_then(self, *args: Any, **kwargs: Any) -> Any:
         # The slot map read first, once for all (initialize takes a lock): commands made before
@@ -781,6 +801,9 @@ class _BoundedPipeline(ClusterPipeline):
         client = self.cluster_client
         assert isinstance(client, BoundedRedisCluster)
         commands, self._queued = self._queued, []
+        if client._closed:
+            raise RedisConnectionError("the Redis Cluster client is closed")
+        token = _IN_CALL.set(True)
         try:
             return await within(
                 client.bound, self._run(client, commands, raise_on_error, allow_redirections)
@@ -788,6 +811,8 @@ class _BoundedPipeline(ClusterPipeline):
         except (RedisConnectionError, RedisTimeoutError):
             client.note_trouble()
             raise
+        finally:
+            _IN_CALL.reset(token)
 
     async def _run(
         self,
@@ -865,11 +890,15 @@ class SlotClients:
     def __init__(self, cluster: RedisCluster) -> None:
         self._cluster = cluster
         self._clients: dict[str, Redis] = {}
+        self._closed = False
         #: Each master's client pools as many connections as the cluster client's (the setting).
         self._per_master = getattr(cluster, "per_master", DEFAULT_MAX_CONNECTIONS)
 
     async def for_key(self, key: str) -> Redis:
-        """The client of the master serving ``key``'s slot."""
+        """The client of the master serving ``key``'s slot (``ConnectionError`` once closed: a
+        client made then would never be)."""
+        if self._closed:
+            raise RedisConnectionError("the Redis Cluster clients are closed")
         await self._cluster.initialize()
         node = self._cluster.nodes_manager.get_node_from_slot(key_slot(key.encode()))
         client = self._clients.get(node.name)
@@ -883,6 +912,7 @@ class SlotClients:
         await self._cluster.nodes_manager.move_slot(exc)
 
     async def aclose(self) -> None:
+        self._closed = True
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose(close_connection_pool=True)
