@@ -37,6 +37,7 @@ from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import make_settings, party_sync_command, serve_in_process, token
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
@@ -78,6 +79,29 @@ async def named_connections(ports: list[int]) -> int:
         finally:
             await raw.aclose()
     return count
+
+
+async def test_a_closed_client_refuses_a_late_call_instead_of_opening_again(
+    target: tuple[RedisTarget, list[int]],
+) -> None:
+    """A call on a client its owner closed (a task still running at shutdown) raises
+    ``ConnectionError`` and opens no connection: redis-py's clients open themselves again at
+    the next call, and what they open then nobody closes (an "Unclosed RedisCluster client" at
+    a later garbage collection failed a test run)."""
+    redis_target, ports = target
+    client = make_any_client(redis_target, socket_timeout=5.0, client_name=NAME)
+    await client.set("{party:late}:k", "v")
+    await client.aclose()
+    async with asyncio.timeout(5.0):  # (Redis sees the closes a moment later)
+        while await named_connections(ports):  # noqa: ASYNC110 (state in another process)
+            await asyncio.sleep(0.01)
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await client.get("{party:late}:k")
+    pipe = client.pipeline(transaction=False)
+    pipe.get("{party:late}:k")
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await pipe.execute()
+    assert await named_connections(ports) == 0
 
 
 async def test_a_burst_of_commands_waits_for_the_pool_instead_of_failing(

@@ -354,6 +354,9 @@ class BoundedRedis(Redis):
     for a connection and again for Redis, twice the bound."""
 
     bound: float | None = None
+    #: Closed (``aclose``): a call then raises ``ConnectionError``; redis-py's pool would open a
+    #: new connection for it, which nobody would close (as ``BoundedRedisCluster._closed``).
+    _closed: bool = False
 
     @classmethod
     def on(cls, pool: BlockingConnectionPool) -> BoundedRedis:
@@ -364,6 +367,8 @@ class BoundedRedis(Redis):
         return client
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise RedisConnectionError("the Redis client is closed")
         command = super().execute_command(*args, **kwargs)  # type: ignore[no-untyped-call]
         return await within(self.bound, command)
 
@@ -372,13 +377,21 @@ class BoundedRedis(Redis):
             self.connection_pool, self.response_callbacks, transaction, shard_hint
         )
         pipe.bound = self.bound
+        pipe.owner = self
         return pipe
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        self._closed = True
+        await super().aclose(close_connection_pool)
 
 
 class _BoundedRedisPipeline(Pipeline):
     bound: float | None = None
+    owner: BoundedRedis | None = None
 
     async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        if self.owner is not None and self.owner._closed:
+            raise RedisConnectionError("the Redis client is closed")
         answers: list[Any] = await within(self.bound, super().execute(raise_on_error))
         return answers
 
