@@ -205,3 +205,43 @@ async def test_a_party_written_just_before_a_new_server_is_re_stated_again(
         notice = engine.restates[-1]
         assert (notice.party_id, notice.campaign_run_id) == ("p1", "r1")
         await aria.close()
+
+
+async def test_a_lost_refusal_written_again_is_told_to_its_sender(redis: RedisServer) -> None:
+    """A refusal written again on a new server is told to its sender again, not only published
+    to the party as ``action.failed``: the first ``system.error`` may have reached no node (a
+    PUBLISH during a failover reaches only the nodes still subscribed to the old master: none;
+    Sentinel probe), and before, its sender waited for the action's deadline. A connection that
+    had it already is not sent it twice."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess", action_timeout=30.0)
+    engine = ScriptedEngine()
+    engine.mode = "reject"
+    async with serve_in_process(settings, engine=engine) as srv:
+        aria, _ = await srv.join("aria")
+        engine.gate = asyncio.Event()
+        await aria.act("first", "aria", "r1")
+        await aria.until("action.accepted")
+        record, locks = KEYS.action("p1", "first"), KEYS.party_keys("p1").locks
+        client = Redis.from_url(redis.url)
+        try:
+            before = {key: await client.dump(key) for key in (record, locks)}
+            engine.gate.set()
+            assert await answer(aria) == ("system.error", "action_rejected")
+            for key, dumped in before.items():  # the old master's last writes, lost
+                assert dumped is not None
+                await client.restore(key, 0, dumped, replace=True)
+            again, _ = await srv.join("aria")  # her other tab, which never had it
+            redis_fence.SERVERS.met(f"promoted-replica-{uuid.uuid4()}")
+            redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+            told = await again.until("system.error", timeout=10)
+            assert told["payload"]["code"] == "action_rejected"
+            assert told["payload"]["in_reply_to"]["action_id"] == "first"
+            assert await client.hget(record, "x") is not None  # refused there again
+            await aria.act("second", "aria", "r1")  # not told twice: the next is the answer
+            refused = await aria.until("system.error", timeout=10)
+            assert refused["payload"]["in_reply_to"]["action_id"] == "second"
+            assert [call.action_id for call in engine.calls] == ["first", "second"]
+        finally:
+            await client.aclose()
+        await aria.close()
+        await again.close()

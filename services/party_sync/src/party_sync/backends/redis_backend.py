@@ -545,7 +545,8 @@ class RedisBackend:
         deadline. Only an action whose record is there, claimed and unanswered, is written again
         (an empty Redis lost the records and the locks together: nothing waits). A result goes
         through ``publish`` again, so the party may get it twice, the same answer, as after a
-        stream worker's re-delivery (docs/redis.md); a refusal through ``refuse_action``.
+        stream worker's re-delivery (docs/redis.md); a refusal through ``refuse_action``, and
+        told to its sender again (a connection that had it already is not sent it twice).
         Started when an action is begun and when the pub/sub connection was replaced; the
         action waits for it only if its character's lock may be one of them. One pass at a
         time; a pass that meets an outage is made again at the next start.
@@ -587,9 +588,15 @@ class RedisBackend:
             event = await self.publish(party_id, answer.message, self.clock())
             _tell(self._published_hooks, "a published-events hook", (event,))
         else:
-            await self.refuse_action(
+            sender = await self.refuse_action(
                 party_id, action_id, answer.character_id, answer.refusal, self.clock()
             )
+            if sender is not None and sender != t.PARTY_ACTOR:
+                # told to its sender again, as the first time (``Publisher.refuse``): the
+                # script publishes only the party's ``action.failed``, and the first
+                # ``system.error`` may have reached no node (a PUBLISH during a failover reaches
+                # the nodes still subscribed to the old master: none; Sentinel probe)
+                await self.send_direct(party_id, sender, answer.refusal)
 
     def _on_reconnect(self) -> None:
         """The pub/sub connection was replaced: messages may have been lost meanwhile."""
