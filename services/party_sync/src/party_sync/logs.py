@@ -117,12 +117,21 @@ _MAYBE = re.compile(r"(?i)[:=.]|bearer|eyJ")
 #: A percent-encoded character before it or a percent-encoded dot inside it (``%2E``, or twice
 #: encoded, ``%252E``) counts as a separator (re-check probe: a token whose dots were written
 #: %2E, in an ``Origin``, left its payload in the log after the header was scrubbed).
+#: A dot, or one percent-encoded any number of times (``%2E``, ``%252E``, ``%25252E``...: a path
+#: is decoded once before it is logged; re-check probe: a token in a path, its dots encoded
+#: three times and a character glued before it, was logged whole).
+_SEP: Final = r"(?:\.|%(?:25)*+2[Ee])"
+_SPLIT: Final = re.compile(_SEP)
 _JSON_B64 = re.compile(
     r"(?:(?<![A-Za-z0-9_-])|(?<=%[0-9A-Fa-f]{2}))eyJ[A-Za-z0-9_-]{8,}+"
-    r"(?:(?:\.|%2[Ee]|%252[Ee])[A-Za-z0-9_-]*+)*+"
+    rf"(?:{_SEP}[A-Za-z0-9_-]*+)*+"
 )
-# Runs of base64url characters and dots, each matched from its first character only.
-_DOTTED = re.compile(r"(?<![A-Za-z0-9_.-])\.*+[A-Za-z0-9_-]++(?:\.[A-Za-z0-9_-]*+)+")
+# Runs of base64url characters and dots, each matched from its first character only (a
+# percent-encoded character before one is no part of it: ``%3DeyJ...`` starts at "eyJ").
+_DOTTED = re.compile(
+    r"(?:(?<![A-Za-z0-9_.%-])(?<!%[0-9A-Fa-f])|(?<=%[0-9A-Fa-f]{2}))"
+    rf"\.*+[A-Za-z0-9_-]++(?:{_SEP}[A-Za-z0-9_-]*+)+"
+)
 
 
 def _looks_like_jws_head(a: str, b: str) -> bool:
@@ -140,7 +149,7 @@ def _looks_like_jws_head(a: str, b: str) -> bool:
 def _scrub_jwt(match: re.Match[str]) -> str:
     """A dotted run that holds a JWS's start, or any three long segments, is scrubbed whole."""
     run = match.group()
-    parts = run.split(".")
+    parts = _SPLIT.split(run)
     if any(_looks_like_jws_head(parts[i], parts[i + 1]) for i in range(len(parts) - 1)):
         return REDACTED
     if any(min(map(len, parts[i : i + 3])) >= 16 for i in range(len(parts) - 2)):

@@ -96,7 +96,7 @@ def test_a_tokens_header_or_payload_alone_is_scrubbed() -> None:
         assert REDACTOR.scrub(part) == REDACTED
 
 
-@pytest.mark.parametrize("dot", ["%2E", "%2e", "%252E"])
+@pytest.mark.parametrize("dot", ["%2E", "%2e", "%252E", "%25252E", "%2525252e"])
 @pytest.mark.parametrize("keep", [None, 200, 120])
 def test_a_token_whose_dots_are_percent_encoded_is_scrubbed_whole(
     dot: str, keep: int | None
@@ -109,6 +109,26 @@ def test_a_token_whose_dots_are_percent_encoded_is_scrubbed_whole(
         scrubbed = REDACTOR.scrub(f"origin refused: {before}{encoded}")
         assert scrubbed == f"origin refused: {before}{REDACTED}", scrubbed
         assert payload[:8] not in scrubbed and header[:8] not in scrubbed
+
+
+@given(
+    depth=st.integers(0, 5),
+    lower=st.booleans(),
+    glue=st.from_regex(r"[A-Za-z0-9_-]{0,4}", fullmatch=True),
+    before=st.sampled_from(["GET /", "origin https://", "origin https://o4-", " ", ""]),
+)
+def test_a_token_glued_to_what_precedes_it_is_scrubbed_however_its_dots_are_encoded(
+    depth: int, lower: bool, glue: str, before: str
+) -> None:
+    """Re-check probe: a path ``/x-<token>`` with its dots encoded three times (``%25252E``:
+    logged as ``%252E``, aiohttp decodes a path once), or an ``Origin`` so, was logged whole:
+    the header was not at a boundary, and an encoded dot was no separator. Nothing of the
+    header, payload or signature is left, however many times the dots were encoded."""
+    dot = "." if depth == 0 else "%" + "25" * (depth - 1) + ("2e" if lower else "2E")
+    header, payload, signature = TOKEN.split(".")
+    scrubbed = REDACTOR.scrub(f"{before}{glue}{dot.join((header, payload, signature))} 404")
+    for part in (header, payload, signature):
+        assert part[8:24] not in scrubbed, scrubbed
 
 
 @pytest.mark.parametrize(
