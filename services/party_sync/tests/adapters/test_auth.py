@@ -131,5 +131,29 @@ async def test_a_websocket_version_other_than_13_is_answered_426_with_the_versio
         async with srv.http.get(url, headers={**base, "Sec-WebSocket-Version": "13"}) as r:
             assert r.status == 101
         assert await srv.handshake_status({"token": token("aria")}) == 101
+        # none at all, or 13 named beside another (in either order: aiohttp reads the first)
+        port = int(srv.base.rsplit(":")[-1])
+        for lines in (
+            "",
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 8\r\n",
+            "Sec-WebSocket-Version: 8\r\nSec-WebSocket-Version: 13\r\n",
+        ):
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                (
+                    f"GET /ws?token={token('aria')} HTTP/1.1\r\nHost: x\r\n"
+                    f"Upgrade: websocket\r\nConnection: Upgrade\r\n{lines}"
+                    "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+                ).encode()
+            )
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            writer.close()
+            assert head.split()[1] == "426", (lines, head)
+            assert "Sec-WebSocket-Version: 13" in head
+        # an upgrade aiohttp refuses (no key): its 400, counted
+        headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
+        async with srv.http.get(url, headers=headers) as r:
+            assert r.status == 400
         metrics = await (await srv.http.get(f"{srv.base}/metrics")).text()
-        assert 'party_sync_handshakes_refused_total{status="426"} 4.0' in metrics
+        assert 'party_sync_handshakes_refused_total{status="426"} 7.0' in metrics
+        assert 'party_sync_handshakes_refused_total{status="400"} 1.0' in metrics

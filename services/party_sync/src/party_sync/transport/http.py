@@ -153,14 +153,14 @@ class _Opened(NamedTuple):
 
 def _unsupported_version(request: web.Request, gateway: Gateway) -> web.Response | None:
     """RFC 6455 §4.2.2: a WebSocket upgrade asking for a version other than 13 is answered 426
-    with the version spoken here (aiohttp alone would upgrade drafts 7 and 8 as if 13)."""
-    version = request.headers.get("Sec-WebSocket-Version")
-    if (
-        version is None
-        or version == "13"
-        or "websocket" not in request.headers.get("Upgrade", "").lower()
-    ):
-        return None  # a missing header or a plain GET: aiohttp's own 400 says what is missing
+    with the version spoken here (aiohttp alone would upgrade drafts 7 and 8 as if 13); one
+    that names none, or names it twice with another (``13`` then ``8`` was upgraded, ``8`` then
+    ``13`` refused: aiohttp reads the first), too (a missing one was aiohttp's 400, uncounted)."""
+    if "websocket" not in request.headers.get("Upgrade", "").lower():
+        return None  # a plain GET: aiohttp's own 400 says what is missing
+    versions = request.headers.getall("Sec-WebSocket-Version", ())
+    if versions and all(version.strip() == "13" for version in versions):
+        return None
     gateway.metrics.handshakes_refused.labels("426").inc()
     return web.Response(
         status=426,
@@ -197,7 +197,11 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
             decode_text=False,
             timeout=5.0,
         )
-        await ws.prepare(request)
+        try:
+            await ws.prepare(request)
+        except web.HTTPException as exc:  # not a WebSocket handshake (no key, say): aiohttp's
+            gateway.metrics.handshakes_refused.labels(str(exc.status)).inc()
+            raise
         transport = request.transport
         if transport is None:  # the client went away during the handshake
             guard.release_websocket_slot(slot)
