@@ -21,6 +21,7 @@ from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.core.votes import VoteSpec
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec
+from party_sync.protocol.errors import VoteConflict
 from ps_testkit.redis_server import RedisServer
 from redis.asyncio import Redis
 
@@ -135,3 +136,31 @@ async def test_a_part_of_a_vote_record_left_by_an_earlier_version_is_no_vote(
         assert await b.finish_vote("p2", "v0", now) is None
         await b.start_vote("p2", VoteSpec("v1", "Which way?", OPTIONS, 30), "r1", now, "t1")
         assert await client.hget(KEYS.party_keys("p2").vote, "vote_id") == b"v1"
+
+
+async def test_a_vote_started_as_the_first_event_of_a_new_epoch_can_be_voted_and_finishes(
+    redis: RedisServer,
+) -> None:
+    """Re-check probe: a vote started just after a FLUSHALL (its ``vote.started`` the first event
+    of the party's new epoch) had its record deleted by that very publish, which drops the old
+    epoch's vote: announced and shown open, its ballots refused ``vote_unknown``, never finished,
+    and the next vote not refused as a second one."""
+    now = time.time()
+    async with party(redis.url, "p3", now) as (b, client):
+        keys = KEYS.party_keys("p3")
+        await client.delete(keys.meta)  # as an emptied Redis (or a failover's fence) leaves it
+        started = await b.start_vote(
+            "p3", VoteSpec("v1", "Which way?", OPTIONS, 5), "r1", now, "t1"
+        )
+        assert started.type == "vote.started" and started.seq == 1  # it opened the epoch
+        record = await client.hgetall(keys.vote)
+        assert record[b"vote_id"] == b"v1" and b"spec" in record, record
+        assert 0 < await client.pttl(keys.vote) <= 3_600_000  # it expires with the party
+        with pytest.raises(VoteConflict):  # it is open: no second vote
+            await b.start_vote("p3", VoteSpec("v2", "And?", OPTIONS, 5), "r1", now + 1, "t2")
+        await client.sadd(keys.online, "aria", "bran")
+        refusal, events = await b.cast_vote("p3", "aria", "v1", "L", now + 1, "t3")
+        assert refusal is None and [e.type for e in events] == ["vote.update"]
+        assert await b.due_votes(now + 6) == [("p3", "v1")]  # the sweep finds it
+        finished = await b.finish_vote("p3", "v1", now + 6)
+        assert finished is not None and finished.payload["winner"] == "L"

@@ -214,6 +214,13 @@ class RedisVotes:
             payload = votes.started_payload(vote, codec.rfc3339(vote.deadline))
             keys = self._keys.party_keys(party_id)
             txn.pipe.delete(keys.ballots, keys.vote)  # the last vote's record goes with its ballots
+            # The record after the publish: a vote.started that opens a new epoch (the party's
+            # ``meta`` gone: an emptied Redis, a failover's fence) deletes the party's vote
+            # record with the old epoch's state, and took the one written before it: the vote
+            # was announced, its ballots refused ``vote_unknown``, and it never finished
+            # (re-check probe: a vote started just after a FLUSHALL). Given the party's lifetime
+            # itself (the publish gives a key it wrote ``meta``'s; this one it did not write).
+            await txn.publish(codec.envelope(t.VOTE_STARTED, payload, ts=now, trace_id=trace_id))
             txn.pipe.hset(
                 keys.vote,
                 mapping={
@@ -234,7 +241,7 @@ class RedisVotes:
                     "finished": "0",
                 },
             )
-            await txn.publish(codec.envelope(t.VOTE_STARTED, payload, ts=now, trace_id=trace_id))
+            txn.pipe.pexpire(keys.vote, max(1, int(self._scripts.limits.party_ttl * 1000)))
             events = txn.events(await txn.pipe.execute())
             # (again, plain: a sweep that read the party's older score, and forgets it by that
             # score, leaves this vote indexed)
