@@ -389,10 +389,14 @@ class Settings:
         "event for the whole party). A handshake that fails costs nothing. 0 = unlimited.",
     )
     handshake_burst_per_user: float = _option(
-        30.0, "WebSocket sessions a user may open at once before handshake_rate_per_user applies."
+        30.0,
+        "WebSocket sessions a user may open at once before handshake_rate_per_user applies "
+        "(at least 1).",
     )
-    rate_limit: float = _option(30.0, "Messages per second a connection may send (sustained).")
-    rate_burst: float = _option(60.0, "Messages a connection may send in a burst.")
+    rate_limit: float = _option(
+        30.0, "Messages per second a connection may send (sustained; more than 0)."
+    )
+    rate_burst: float = _option(60.0, "Messages a connection may send in a burst (at least 1).")
     shutdown_timeout: float = _option(
         10.0, "Seconds to wait for clients to close on SIGTERM/SIGINT."
     )
@@ -867,7 +871,8 @@ def validate(settings: Settings) -> None:
             settings.handshake_rate_per_user >= 0 and settings.handshake_burst_per_user >= 1,
             "handshake_rate_per_user must be >= 0 and handshake_burst_per_user >= 1",
         ),
-        (settings.rate_limit > 0 and settings.rate_burst >= 1, "rate limits must be positive"),
+        (settings.rate_limit > 0, "rate_limit must be > 0"),
+        (settings.rate_burst >= 1, "rate_burst must be >= 1"),
         (settings.log_format in {"json", "text"}, "log_format must be json or text"),
         (
             settings.log_level.upper() in LOG_LEVELS,

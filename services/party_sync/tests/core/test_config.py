@@ -116,8 +116,8 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("HISTORY_MAX_AGE", "nan", "history_max_age"),
         ("MAX_REPLAY", "-1", "max_replay"),
         ("HEARTBEAT", "0", "heartbeat"),
-        ("RATE_LIMIT", "0", "rate limits"),
-        ("RATE_BURST", "0.5", "rate limits"),
+        ("RATE_LIMIT", "0", "rate_limit must be > 0"),
+        ("RATE_BURST", "0.5", "rate_burst must be >= 1"),  # (0.5 is positive: named, probe)
         ("LOG_FORMAT", "xml", "log_format"),
         ("ACTIONS_STREAM_PARTITIONS", "0", "actions_stream_partitions"),
         ("ACTIONS_STREAM_PARTITIONS", "1025", "actions_stream_partitions"),
