@@ -31,6 +31,7 @@ from party_sync.backends import redis_connect
 from party_sync.backends.base import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.backends.redis_batch import ShardedBatcher
+from party_sync.backends.redis_connect import RedisTarget
 from party_sync.backends.redis_scripts import PARTY_SCRIPTS, _source, script_text
 from party_sync.backends.redis_shard_bus import ShardedBus
 from party_sync.core.events import Event
@@ -253,6 +254,27 @@ async def test_a_closed_node_stays_closed_when_called_late(on_cluster: RedisClus
     with pytest.raises(BackendUnavailable):
         await n.publish("p-late", scene(3), time.time())
     assert client._initialize  # (redis-py's "not open": nothing to close, nothing to warn of)
+
+
+async def test_a_cluster_client_whose_closer_is_cancelled_still_closes(
+    on_cluster: RedisCluster,
+) -> None:
+    """An owner's close cancelled while it waits (a shutdown bounded in time; here: for the
+    client's lock, as a call reading the slot map holds it) is carried to its end: cut short,
+    it left the client open for good, to be reported unclosed at a garbage collection."""
+    client = redis_connect.make_cluster_client(RedisTarget(on_cluster.url, cluster=True))
+    await client.set("{p-close}:k", "v")
+    lock = client._lock = client._lock or asyncio.Lock()
+    async with lock:  # as a call holds it
+        closing = asyncio.ensure_future(client.aclose())
+        await asyncio.sleep(0)  # (it waits for the lock now)
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+        assert not client._initialize  # (still open: the lock is held)
+    await wait_until(lambda: client._initialize)  # closed all the same
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await client.get("{p-close}:k")
 
 
 async def test_a_node_whose_url_names_a_replica_joins_the_cluster(

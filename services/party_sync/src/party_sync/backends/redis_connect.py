@@ -630,6 +630,13 @@ async def _map_unchanged(nodes: Any, node: ClusterNode) -> bool:
         return False
 
 
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """A shielded close's outcome, read even when nobody awaits it any more (its closer was
+    cancelled): a failure is logged, not left to "exception was never retrieved"."""
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("closing a Redis Cluster client failed: %s", future.exception())
+
+
 class BoundedRedisCluster(RedisCluster):
     """redis-py's ``RedisCluster`` whose every command is given up after ``bound`` seconds *in
     all* (its ``socket_timeout``: one ``redis_command_timeout``). The client retries a timeout
@@ -656,6 +663,7 @@ class BoundedRedisCluster(RedisCluster):
     #: still running at shutdown, left a client nobody would close: "Unclosed RedisCluster
     #: client" at a later garbage collection, which failed a test run).
     _closed: bool = False
+    _closing: asyncio.Future[None] | None = None  # the owner's close, once begun
 
     async def initialize(
         self,
@@ -725,10 +733,21 @@ class BoundedRedisCluster(RedisCluster):
             await asyncio.sleep(MAP_REFRESH_EVERY)
 
     async def aclose(self) -> None:
-        # Also redis-py's own step after CLUSTERDOWN or many MOVED: it closes every connection,
-        # and the next call asks for the map again (initialize); a read under way is stopped.
-        # Outside a call, its owner's: for good.
-        self._closed = self._closed or not _IN_CALL.get()
+        """Also redis-py's own step after ``CLUSTERDOWN`` or many ``MOVED`` (within a call): it
+        closes every connection, and the next call asks for the map again (initialize). Outside
+        a call, its owner's: for good, and carried to its end even if the owner is cancelled
+        meanwhile (a shutdown bounded in time, while a call holds the client's lock or a map
+        read is being stopped): cut short there, the client stayed open for good."""
+        if _IN_CALL.get():
+            await self._close()
+            return
+        self._closed = True
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._close())
+            self._closing.add_done_callback(_retrieved)
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         _CLUSTER_CLIENTS.discard(self)  # (note_trouble would open it again: a closed client)
         task, self._refreshing = self._refreshing, None
         if task is not None:
