@@ -38,8 +38,9 @@ KEYS = KeySpace()
 
 
 async def answered_then_lost(srv: Running, engine: ScriptedEngine, redis: RedisServer) -> Client:
-    """aria's action ``first`` answered, then its answer lost as in a failover: its record and
-    her lock as the promoted replica would have them (accepted, not answered)."""
+    """aria's action ``first`` answered (refused, if the engine rejects), then its answer lost
+    as in a failover: its record and her lock as the promoted replica would have them
+    (accepted, not answered)."""
     aria, _ = await srv.join("aria")
     engine.gate = asyncio.Event()
     await aria.act("first", "aria", "r1")
@@ -49,13 +50,16 @@ async def answered_then_lost(srv: Running, engine: ScriptedEngine, redis: RedisS
     try:
         before = {key: await client.dump(key) for key in (record, locks)}
         engine.gate.set()
-        result = await aria.until("action.result")
-        assert result["payload"]["action_id"] == "first"
-        await aria.until("scene.update")
+        if engine.mode == "reject":
+            assert await answer(aria) == ("system.error", "action_rejected")
+        else:
+            result = await aria.until("action.result")
+            assert result["payload"]["action_id"] == "first"
+            await aria.until("scene.update")
         for key, dumped in before.items():  # what the old master's last second wrote is lost
             assert dumped is not None
             await client.restore(key, 0, dumped, replace=True)
-        assert await client.hget(record, "r") is None
+        assert await client.hget(record, "r") is None and await client.hget(record, "x") is None
     finally:
         await client.aclose()
     redis_fence.SERVERS.met(f"promoted-replica-{uuid.uuid4()}")  # as a connection records it
@@ -217,31 +221,20 @@ async def test_a_lost_refusal_written_again_is_told_to_its_sender(redis: RedisSe
     engine = ScriptedEngine()
     engine.mode = "reject"
     async with serve_in_process(settings, engine=engine) as srv:
-        aria, _ = await srv.join("aria")
-        engine.gate = asyncio.Event()
-        await aria.act("first", "aria", "r1")
-        await aria.until("action.accepted")
-        record, locks = KEYS.action("p1", "first"), KEYS.party_keys("p1").locks
+        aria = await answered_then_lost(srv, engine, redis)
+        again, _ = await srv.join("aria")  # her other tab, which never had it
+        redis.command("CLIENT", "KILL", "TYPE", "pubsub")
+        told = await again.until("system.error", timeout=10)
+        assert told["payload"]["code"] == "action_rejected"
+        assert told["payload"]["in_reply_to"]["action_id"] == "first"
         client = Redis.from_url(redis.url)
         try:
-            before = {key: await client.dump(key) for key in (record, locks)}
-            engine.gate.set()
-            assert await answer(aria) == ("system.error", "action_rejected")
-            for key, dumped in before.items():  # the old master's last writes, lost
-                assert dumped is not None
-                await client.restore(key, 0, dumped, replace=True)
-            again, _ = await srv.join("aria")  # her other tab, which never had it
-            redis_fence.SERVERS.met(f"promoted-replica-{uuid.uuid4()}")
-            redis.command("CLIENT", "KILL", "TYPE", "pubsub")
-            told = await again.until("system.error", timeout=10)
-            assert told["payload"]["code"] == "action_rejected"
-            assert told["payload"]["in_reply_to"]["action_id"] == "first"
-            assert await client.hget(record, "x") is not None  # refused there again
-            await aria.act("second", "aria", "r1")  # not told twice: the next is the answer
-            refused = await aria.until("system.error", timeout=10)
-            assert refused["payload"]["in_reply_to"]["action_id"] == "second"
-            assert [call.action_id for call in engine.calls] == ["first", "second"]
+            assert await client.hget(KEYS.action("p1", "first"), "x") is not None  # again
         finally:
             await client.aclose()
+        await aria.act("second", "aria", "r1")  # not told twice: the next is the answer
+        refused = await aria.until("system.error", timeout=10)
+        assert refused["payload"]["in_reply_to"]["action_id"] == "second"
+        assert [call.action_id for call in engine.calls] == ["first", "second"]
         await aria.close()
         await again.close()
