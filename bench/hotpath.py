@@ -42,6 +42,7 @@ K = 4
 
 class CountingSink:
     __slots__ = ("frames",)
+    lost = False  # (Sink: the client is never gone)
 
     def __init__(self) -> None:
         self.frames = 0

@@ -23,9 +23,10 @@ class FakeSink:
         self.sent: list[bytes] = []
         self.capacity = capacity
         self.closed: tuple[int, str] | None = None
+        self.lost = False
 
     def send(self, data: bytes) -> bool:
-        if len(self.sent) >= self.capacity:
+        if self.lost or len(self.sent) >= self.capacity:
             return False
         self.sent.append(data)
         return True
@@ -91,6 +92,21 @@ def test_a_gap_closes_with_resync_instead_of_delivering_out_of_order() -> None:
     deliver(core, 3)
     assert sink.sent == []
     assert sink.closed is not None and sink.closed[0] == CloseCode.RESYNC
+
+
+def test_a_client_gone_is_no_slow_consumer() -> None:
+    """A send to a client whose transport is closing (a reset peer) marks the session gone,
+    with no close of its own: every such peer was closed (and counted) 4002, slow consumer
+    (churn probe)."""
+    sink = FakeSink()
+    s, core = session(sink)
+    live(core, s, 0, sink)
+    deliver(core, 1)
+    sink.lost = True
+    deliver(core, 2)
+    assert sink.sent == [b"e1"]
+    assert sink.closed is None
+    assert s.closed
 
 
 def test_a_full_send_queue_disconnects_the_slow_client() -> None:

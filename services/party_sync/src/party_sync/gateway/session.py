@@ -21,7 +21,13 @@ class Sink(Protocol):
     """The transport's side of a connection."""
 
     def send(self, data: bytes) -> bool:
-        """Queue one text frame without waiting; False if the send queue is full."""
+        """Queue one text frame without waiting; False if the send queue is full (or the
+        client is gone: ``lost``)."""
+        ...
+
+    @property
+    def lost(self) -> bool:
+        """The client went away: its transport is closing or closed, and nothing reaches it."""
         ...
 
     def close(self, code: int, reason: str) -> None:
@@ -60,6 +66,12 @@ class Session(Connection):
         if self._gone:
             return False
         if not self._sink.send(data):
+            if self._sink.lost:
+                # the client went away (a reset, a close under way): no close to send, and no
+                # slow consumer (every reset peer was counted a 4002 close: churn probe); the
+                # handler's loop ends with the transport and tells the gateway
+                self.closed = self._gone = True
+                return False
             # a slow consumer: its queue is full; it resumes from where it got to
             self.close(CloseCode.SLOW_CONSUMER, "send queue full: reconnect and resume")
             return False

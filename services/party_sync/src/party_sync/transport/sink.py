@@ -207,6 +207,10 @@ class WebSocketSink:
             self._stuck_since = now
         return now - self._stuck_since >= patience
 
+    @property
+    def lost(self) -> bool:
+        return self._transport.is_closing() and not self._closing
+
     def send(self, data: bytes) -> bool:
         transport = self._transport
         if self._closing or transport.is_closing():
