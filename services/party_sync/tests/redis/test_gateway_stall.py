@@ -195,6 +195,27 @@ async def test_a_handshake_refused_during_a_stall_puts_no_one_online_afterwards(
         await a.close()
 
 
+async def test_a_handshake_refused_during_a_stall_closes_with_the_full_handshake(
+    redis: RedisServer,
+) -> None:
+    """The 1011 of a handshake the backend could not open is the full close handshake
+    (docs/protocol.md): a client that reads the ``system.error`` and then closes, without
+    reading on, gets 1011. The server read the socket while that close was under way, and
+    aiohttp then closed the socket at once: the client's close frame met a reset, 1006 (churn
+    probe: every such connection in a Redis outage)."""
+    settings = make_settings(
+        redis_url=redis.url, engine_transport="inprocess", redis_command_timeout=COMMAND_TIMEOUT
+    )
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        with stalled(redis):
+            b = await srv.connect("borin")
+            error = await b.until("system.error", timeout=10)
+            assert error["payload"]["code"] == "backend_unavailable"
+            await asyncio.sleep(0.3)  # (not reading: the close frame waits in the socket)
+            await b.ws.close()
+            assert b.ws.close_code == 1011, b.ws.exception()
+
+
 async def test_the_timeout_sweep_logs_a_stall_once_and_its_end(
     redis: RedisServer, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -241,23 +241,28 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     gateway, guard = request.app[GATEWAY], request.app[GUARD]
     sink.reading = True  # a close decided from now on is started when this loop ends
     try:
-        async for msg in ws:
-            if session.closed:  # (a close wakes receive() with sink.STOP_READING)
-                break
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):  # binary: refused (bad_json)
-                sink.handling = True  # a close decided meanwhile waits for stop() (sink.close)
-                try:
-                    await gateway.receive(session, msg.data, msg.type is WSMsgType.BINARY)
-                finally:
-                    sink.handling = False
-                if sink.closing:  # it closed the connection (or the peer went): stop() closes
+        # A close decided while it opened (an outage's 1011) is under way already: a read now
+        # would cut its handshake short (aiohttp's close, finding a receive() waiting, wakes it
+        # and closes the socket at once: a client that then sent its close frame met a reset,
+        # 1006; churn probe). Not read: stop() lets that close read the client's frame.
+        if sink.close_code is None:
+            async for msg in ws:
+                if session.closed:  # (a close wakes receive() with sink.STOP_READING)
                     break
-            elif msg.type is WSMsgType.ERROR:
-                if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
-                    gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)
-                elif isinstance(msg.data, TimeoutError):  # its heartbeat: no pong in time,
-                    gateway.metrics.closes.labels(HEARTBEAT_CLOSE).inc()  # dropped (no frame)
-                break
+                if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):  # binary: refused (bad_json)
+                    sink.handling = True  # a close decided meanwhile waits for stop() (sink.close)
+                    try:
+                        await gateway.receive(session, msg.data, msg.type is WSMsgType.BINARY)
+                    finally:
+                        sink.handling = False
+                    if sink.closing:  # it closed the connection (or the peer went): stop() closes
+                        break
+                elif msg.type is WSMsgType.ERROR:
+                    if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
+                        gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)
+                    elif isinstance(msg.data, TimeoutError):  # its heartbeat: no pong in time,
+                        gateway.metrics.closes.labels(HEARTBEAT_CLOSE).inc()  # dropped (no frame)
+                    break
     except ConnectionError:
         pass  # lost while aiohttp answered a ping (the pong's drain): the peer is gone
     finally:
