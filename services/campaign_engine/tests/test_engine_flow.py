@@ -372,3 +372,15 @@ async def test_joins_to_another_partys_run_are_logged_once_a_minute_with_their_c
     assert lines == [
         "ignoring a join to run run-1 from another party (0 more since the last such line)"
     ]
+
+
+async def test_a_runs_lock_goes_once_nothing_holds_it(
+    engine: ReferenceEngine, publisher: RecordingPublisher
+) -> None:
+    """The engine serialises each run with a lock of its own; a plain dict kept one for every
+    run the process ever served (churn probe)."""
+    for n in range(5):
+        await engine.handle_join(join_notice("aria", party_id=f"party-{n}", run_id=f"run-{n}"))
+    assert len(engine._locks) == 0
+    held = engine._lock("run-0")
+    assert engine._lock("run-0") is held  # one lock per run while it is in use

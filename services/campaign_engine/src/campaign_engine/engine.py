@@ -68,6 +68,7 @@ import os
 import random
 import time
 import uuid
+import weakref
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TypeVar
 
@@ -180,7 +181,9 @@ class ReferenceEngine:
         self._id = uuid.uuid4().hex  # this process's name in a run's line (RunState.waiter)
         self._in_line: set[str] = set()  # the runs where it took a place in line
         self._publisher: EventPublisher | None = None
-        self._locks: dict[str, asyncio.Lock] = {}
+        #: One lock per run while anything holds or waits for it: a run's lock goes once its
+        #: last user lets go (a plain dict kept one for every run the process ever served).
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         #: one WARNING a minute about joins to another party's run, not one per join
         self._foreign_joins = RateGate(FOREIGN_JOIN_LOG_INTERVAL)
         #: Actions whose commit had an unknown outcome, until an attempt settles them (bounded:
@@ -565,7 +568,10 @@ class ReferenceEngine:
             raise RuntimeError("ReferenceEngine.start(publisher) must be called first")
 
     def _lock(self, run_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(run_id, asyncio.Lock())
+        lock = self._locks.get(run_id)
+        if lock is None:
+            lock = self._locks[run_id] = asyncio.Lock()
+        return lock
 
     async def _load(self, run_id: str, party_id: str) -> RunState:
         state = await self.store.load(run_id)
