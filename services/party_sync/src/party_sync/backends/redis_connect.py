@@ -675,8 +675,7 @@ class BoundedRedisCluster(RedisCluster):
         background (``refresh_slot_map``) and every call meanwhile uses the map it has: a call
         for a healthy master's slots goes through at once, not after a read that may meet a
         stalled node (see ``read_slot_map``); one for a stalled master's times out as before."""
-        if self._closed:
-            raise RedisConnectionError("the Redis Cluster client is closed")
+        self.check_open()
         if self not in _CLUSTER_CLIENTS:  # (again after an aclose, if it is used again)
             self._loop = asyncio.get_running_loop()
             _CLUSTER_CLIENTS.add(self)
@@ -755,9 +754,14 @@ class BoundedRedisCluster(RedisCluster):
         self._initialize = False  # (else redis-py's aclose closes nothing)
         await super().aclose()
 
-    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+    def check_open(self) -> None:
+        """Raise ``ConnectionError`` if its owner closed it (before a call's ``note_trouble``,
+        which a refused call must not set off)."""
         if self._closed:
             raise RedisConnectionError("the Redis Cluster client is closed")
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        self.check_open()
         token = _IN_CALL.set(True)
         try:
             return await within(self.bound, self._initialized_then(*args, **kwargs))
@@ -833,8 +837,7 @@ class _BoundedPipeline(ClusterPipeline):
         client = self.cluster_client
         assert isinstance(client, BoundedRedisCluster)
         commands, self._queued = self._queued, []
-        if client._closed:
-            raise RedisConnectionError("the Redis Cluster client is closed")
+        client.check_open()
         token = _IN_CALL.set(True)
         try:
             return await within(

@@ -131,7 +131,12 @@ def _record_finish(
     # record, while the decision may still be waiting (``vote_run``).
     kept = {**finished, KEPT_RUN: vote.campaign_run_id} if vote.campaign_run_id else finished
     txn.pipe.hset(unapplied, vote.vote_id, repr(now).encode() + b" " + codec.encode(kept))
-    txn.pipe.pexpire(unapplied, max(1, int(party_ttl * 1000)))
+    txn.pipe.pexpire(unapplied, _ms(party_ttl))
+
+
+def _ms(seconds: float) -> int:
+    """A key's lifetime in whole milliseconds, at least 1 (``PEXPIRE``)."""
+    return max(1, int(seconds * 1000))
 
 
 #: The member of a kept ``vote.finished`` envelope (in ``unapplied``) that names its run.
@@ -241,7 +246,7 @@ class RedisVotes:
                     "finished": "0",
                 },
             )
-            txn.pipe.pexpire(keys.vote, max(1, int(self._scripts.limits.party_ttl * 1000)))
+            txn.pipe.pexpire(keys.vote, _ms(self._scripts.limits.party_ttl))
             events = txn.events(await txn.pipe.execute())
             # (again, plain: a sweep that read the party's older score, and forgets it by that
             # score, leaves this vote indexed)
