@@ -488,10 +488,12 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
     """Build ``Settings`` from flags (if given), then the environment, then defaults."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}  # a given setting's flag or variable, named in its errors
     for f in fields(Settings):
         given = getattr(args, f.name, None) if args is not None else None
         if given is not None:
             values[f.name] = given
+            sources[f.name] = "--" + f.name.replace("_", "-")
             continue
         raw = env.get(ENV_PREFIX + f.name.upper())
         if raw is None:
@@ -500,12 +502,35 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
             values[f.name] = _parser_for(f)(raw)
         except ValueError as exc:
             raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None
+        sources[f.name] = ENV_PREFIX + f.name.upper()
     if values.get("redis_sentinels") and not values.get("redis_url"):
         # Sentinel mode needs no URL: Redis mode is on, db 0, no password (redis_connect.py).
         values["redis_url"] = f"redis://{values.get('redis_sentinel_master') or 'sentinel'}/0"
     settings = Settings(**values)
-    validate(settings)
+    try:
+        validate(settings)
+    except ConfigError as exc:
+        raise ConfigError(with_sources(str(exc), sources)) from None
     return settings
+
+
+_SETTING_WORD = re.compile(r"(?<![\w-])([a-z][a-z0-9]*(?:_[a-z0-9]+)*)(?![\w-])")
+
+
+def with_sources(message: str, sources: Mapping[str, str]) -> str:
+    """``message`` (a check's words, which name settings as ``Settings`` does: ``rate_limit``)
+    followed by where each setting it names was given, when not by default (a new-user probe:
+    ``PARTY_SYNC_RATE_LIMIT=0`` said "rate_limit must be > 0", in no words the user had typed).
+    Only the flag or variable: never its value (a URL or a secret)."""
+    named = []
+    for match in _SETTING_WORD.finditer(message):
+        word = match.group(1)
+        if "_" not in word and match.start() > 0:  # "host", "engine": a setting only as the subject
+            continue
+        source = sources.get(word)
+        if source is not None and source not in named:
+            named.append(source)
+    return f"{message} (set by {', '.join(named)})" if named else message
 
 
 def http_url_problem(name: str, url: str | None) -> str | None:

@@ -242,6 +242,42 @@ def test_a_lower_case_log_level_is_taken() -> None:
     assert load(parse_flags(), env={ENV_PREFIX + "LOG_LEVEL": "debug"}).log_level == "debug"
 
 
+@pytest.mark.parametrize(
+    ("env", "flags", "says"),
+    [
+        ({"RATE_LIMIT": "0"}, (), "rate_limit must be > 0 (set by PARTY_SYNC_RATE_LIMIT)"),
+        ({}, ("--rate-limit", "0"), "rate_limit must be > 0 (set by --rate-limit)"),
+        ({}, ("--port", "0"), "port must be 1..65535 (set by --port)"),
+        ({"PRESENCE_GRACE": "nan"}, (), "(set by PARTY_SYNC_PRESENCE_GRACE)"),
+        # two settings named, both given, one way each
+        (
+            {"ACTION_RECORD_TTL": "5"},
+            ("--action-timeout", "10"),
+            "(set by PARTY_SYNC_ACTION_RECORD_TTL, --action-timeout)",
+        ),
+        # one given, one by default: only the given one is named
+        ({"ACTION_RECORD_TTL": "5"}, (), "run again) (set by PARTY_SYNC_ACTION_RECORD_TTL)"),
+        # the message's prose ("--workers 1", "PARTY_SYNC_REDIS_URL") is not a setting's name
+        ({"WORKERS": "2"}, (), "PARTY_SYNC_REDIS_URL) (set by PARTY_SYNC_WORKERS)"),
+    ],
+)
+def test_a_refused_value_is_named_by_the_flag_or_variable_that_gave_it(
+    env: dict[str, str], flags: tuple[str, ...], says: str
+) -> None:
+    """New-user probe: ``PARTY_SYNC_RATE_LIMIT=0`` was refused as "rate_limit must be > 0", in
+    no words the user had typed; the flag or variable is named now (never its value)."""
+    with pytest.raises(ConfigError) as refused:
+        load(parse_flags(*flags), env={ENV_PREFIX + k: v for k, v in env.items()})
+    assert str(refused.value).endswith(says)
+
+
+def test_a_refused_url_names_its_variable_and_never_its_password() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load(parse_flags(), env={ENV_PREFIX + "REDIS_URL": "mailto://user:hunter2@host/"})
+    assert "hunter2" not in str(refused.value)
+    assert str(refused.value).endswith("(set by PARTY_SYNC_REDIS_URL)")
+
+
 def test_an_out_of_range_flag_value_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="port"):
         load(parse_flags("--port", "0"), env={})
