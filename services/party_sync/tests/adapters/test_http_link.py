@@ -178,6 +178,38 @@ async def test_another_4xx_is_a_rejection() -> None:
 
 
 @pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("text/plain", "Aktion ungültig".encode("latin-1")),  # no charset: read as UTF-8
+        ("text/plain; charset=no-such-charset", b"bad \xff reason"),
+        ("application/json", b'{"detail": "bad \xff reason"}'),
+        ("text/plain; charset=utf-8", b"half a character \xe2\x82"),
+    ],
+)
+async def test_a_refusal_whose_body_is_not_what_its_charset_says_is_still_a_refusal(
+    content_type: str, body: bytes
+) -> None:
+    """Recheck probe: an engine's 400 in Latin-1 (``text/plain``, no charset) made reading the
+    body raise ``UnicodeDecodeError``: the delivery ended there, the player never had an
+    answer and a resend was ``action_in_flight`` for good. Undecodable bytes are U+FFFD."""
+    host = RecordingHost()
+
+    async def refuse(request: web.Request) -> web.Response:
+        await request.read()
+        return web.Response(status=400, body=body, headers={"Content-Type": content_type})
+
+    app = web.Application()
+    app.router.add_post("/actions", refuse)
+    async with serve(app) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("u"))
+        await idle(link)
+    assert [action_id for action_id, _ in host.rejected] == ["u"]
+    (reason,) = [reason for _, reason in host.rejected]
+    assert "reason" in reason or "ung" in reason or "character" in reason
+    assert host.failed == []
+
+
+@pytest.mark.parametrize(
     ("answers", "expected"),
     [
         ([422], ("rejected", "status 422")),

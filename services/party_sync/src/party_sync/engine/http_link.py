@@ -538,7 +538,9 @@ class HttpEngineLink:
         self._last_attempt = time.monotonic()
         try:
             async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
-                text = await resp.text()
+                # bytes its charset (or UTF-8) cannot read are U+FFFD: a refusal in Latin-1
+                # raised here, and the player never had an answer (recheck probe)
+                text = await resp.text(errors="replace")
                 answer = _parse(text)
                 self._silent_since = None  # it answers (whatever it says)
                 if resp.status < 500:
