@@ -598,6 +598,32 @@ def test_a_started_action_without_an_answer_at_its_deadline_is_told_to_the_opera
     assert ("overdue", "b2") not in node.meter.counts
 
 
+@pytest.mark.parametrize("lost_at", [0.0, 0.5, 1.0, 1.0 + OVERDUE_GRACE / 2])
+def test_a_started_action_is_told_to_the_operator_whether_or_not_its_sender_stayed(
+    lost_at: float,
+) -> None:
+    """Recheck probe: an engine that answered 202 and never published was counted overdue while
+    its player stayed connected, and not at all once the player had left (before or after the
+    deadline): the node stopped looking at an action whose connection was closed. The count
+    is the operator's, and so is ``forgotten`` when its record ends unanswered. ``lost_at``:
+    when the sender's connection goes, in fractions of the timeout."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    pending = node.engine[0]
+    claim, _ = done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
+    assert claim is Claim.START
+    node.advance(lost_at * RULES.action_timeout)
+    node.lose(aria)
+    node.advance(RULES.action_timeout * (1.0 - lost_at) + OVERDUE_GRACE + 0.01)
+    assert node.meter.counts.get(("overdue", "a1")) == 1
+    for _ in range(3):  # not told again at later looks
+        node.advance(RULES.action_timeout)
+    assert node.meter.counts.get(("overdue", "a1")) == 1
+    node.advance(RULES.action_record_ttl)
+    assert node.meter.counts.get(("forgotten", "a1")) == 1
+
+
 def test_a_started_action_refused_at_its_deadline_is_not_called_overdue() -> None:
     """The HTTP link claims an action before its first delivery; when every attempt is refused
     at connect, it answers action_timeout at the deadline. The node's look at that deadline came

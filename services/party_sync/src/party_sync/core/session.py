@@ -928,16 +928,19 @@ class PartySessions:
                 # action_timeout for an engine it never reached, an engine's last-moment
                 # result): looked at again just after, before it is called overdue (it was
                 # counted overdue, "its player waits", as the link's timeout went out: outside
-                # engine probe)
-                if action.conn is not None and not action.conn.closed:
-                    self._watch(action, action.deadline + grace)
+                # engine probe). Its sender gone or not: the operator's count does not depend
+                # on the player staying (recheck probe: an engine that answered 202 and never
+                # published was not counted once its player had left)
+                self._watch(action, action.deadline + grace)
                 return []
             if now < action.deadline + grace + self.rules.action_timeout:
                 # the first look past its deadline: told once, however long the engine takes
                 self.meter.overdue(action.party_id, action.action_id, action.trace_id)
-        if action.conn is not None and not action.conn.closed:
-            due = action.deadline if early and action.deadline is not None else None
-            self._watch(action, now + self.rules.action_timeout if due is None else due)
+        # watched on until its answer, its timeout or its record's end (``forgotten``), with or
+        # without its sender: an answer owed to a closed connection goes to the character's
+        # other connections (``_answer``), and the operator's counts need the looks
+        due = action.deadline if early and action.deadline is not None else None
+        self._watch(action, now + self.rules.action_timeout if due is None else due)
         return []
 
     def _overdue_grace(self) -> float:
