@@ -131,12 +131,14 @@ async def test_a_websocket_version_other_than_13_is_answered_426_with_the_versio
         async with srv.http.get(url, headers={**base, "Sec-WebSocket-Version": "13"}) as r:
             assert r.status == 101
         assert await srv.handshake_status({"token": token("aria")}) == 101
-        # none at all, or 13 named beside another (in either order: aiohttp reads the first)
+        # none at all, or 13 named beside another (in either order: aiohttp reads the first),
+        # or the header twice (RFC 6455 §11.3.5: not more than once in a request)
         port = int(srv.base.rsplit(":")[-1])
         for lines in (
             "",
             "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 8\r\n",
             "Sec-WebSocket-Version: 8\r\nSec-WebSocket-Version: 13\r\n",
+            "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Version: 13\r\n",
         ):
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
             writer.write(
@@ -155,5 +157,5 @@ async def test_a_websocket_version_other_than_13_is_answered_426_with_the_versio
         async with srv.http.get(url, headers=headers) as r:
             assert r.status == 400
         metrics = await (await srv.http.get(f"{srv.base}/metrics")).text()
-        assert 'party_sync_handshakes_refused_total{status="426"} 7.0' in metrics
+        assert 'party_sync_handshakes_refused_total{status="426"} 8.0' in metrics
         assert 'party_sync_handshakes_refused_total{status="400"} 1.0' in metrics

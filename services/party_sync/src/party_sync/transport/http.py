@@ -155,11 +155,13 @@ def _unsupported_version(request: web.Request, gateway: Gateway) -> web.Response
     """RFC 6455 §4.2.2: a WebSocket upgrade asking for a version other than 13 is answered 426
     with the version spoken here (aiohttp alone would upgrade drafts 7 and 8 as if 13); one
     that names none, or names it twice with another (``13`` then ``8`` was upgraded, ``8`` then
-    ``13`` refused: aiohttp reads the first), too (a missing one was aiohttp's 400, uncounted)."""
+    ``13`` refused: aiohttp reads the first), too (a missing one was aiohttp's 400, uncounted),
+    and one that sends the header more than once, even twice 13 (§11.3.5: not more than once
+    in a request; ``13, 13`` on one line was refused, on two lines upgraded)."""
     if "websocket" not in request.headers.get("Upgrade", "").lower():
         return None  # a plain GET: aiohttp's own 400 says what is missing
     versions = request.headers.getall("Sec-WebSocket-Version", ())
-    if versions and all(version.strip() == "13" for version in versions):
+    if len(versions) == 1 and versions[0].strip() == "13":
         return None
     gateway.metrics.handshakes_refused.labels("426").inc()
     return web.Response(
