@@ -34,6 +34,7 @@ def test_any_message_makes_a_valid_encodable_error(message: str, code: ErrorCode
     assert not any(unicodedata.category(char) in ("Cc", "Cs", "Zl", "Zp") for char in said)
     assert not set(said) & set(BIDI)
     assert said == said.strip()
+    assert any(unicodedata.category(char)[0] not in "CMZ" for char in said)  # something to see
     assert error["payload"]["retryable"] is (code in RETRYABLE)  # type: ignore[index]
 
 
@@ -52,6 +53,8 @@ def test_a_plain_message_is_sent_as_written(message: str) -> None:
         ("lone \ud800 surrogate", "lone \ufffd surrogate"),
         ("", "action rejected"),
         (" \t\n ", "action rejected"),
+        ("\u00a0\u200b\ufeff", "action rejected"),  # nothing to see (recheck probe)
+        ("\u200b\u0301\u2060 ok", "\u200b\u0301\u2060 ok"),  # something to see: kept
         ("x" * 501, "x" * 499 + "…"),
         ("é" * 500, "é" * 500),
     ],

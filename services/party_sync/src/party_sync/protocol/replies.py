@@ -23,7 +23,8 @@ def readable(message: str, code: ErrorCode) -> str:
     passes its own words): control characters (newlines, escapes, NUL) become spaces, runs of
     white space one space (none at either end), bidirectional controls are dropped, a lone
     surrogate (which no JSON encoder takes) becomes U+FFFD, and the text is cut to
-    ``MESSAGE_MAX`` characters (ending in "…"); an empty message says its code."""
+    ``MESSAGE_MAX`` characters (ending in "…"); a message with nothing to see (empty, or only
+    spaces, format characters and combining marks) says its code."""
     if (
         message.isascii()
         and message.isprintable()
@@ -43,7 +44,9 @@ def readable(message: str, code: ErrorCode) -> str:
             char = "\ufffd"
         kept.append(char)
     said = " ".join("".join(kept).split())
-    if not said:
+    if not any(unicodedata.category(char)[0] not in "CMZ" for char in said):
+        # nothing to see: empty, or only format characters (zero-width spaces, a BOM),
+        # combining marks and spaces (recheck probe: a message of U+200B U+FEFF was sent)
         return code.value.replace("_", " ")
     return said if len(said) <= MESSAGE_MAX else said[: MESSAGE_MAX - 1].rstrip() + "…"
 
