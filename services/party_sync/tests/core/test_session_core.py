@@ -624,6 +624,33 @@ def test_a_started_action_is_told_to_the_operator_whether_or_not_its_sender_stay
     assert node.meter.counts.get(("forgotten", "a1")) == 1
 
 
+@pytest.mark.parametrize("restarted", [False, True])
+def test_resends_more_often_than_the_timeout_do_not_put_the_timeout_off(restarted: bool) -> None:
+    """Engine probe: an action no engine started, whose node restarted, was resent by its
+    client every 3 s with a 4 s timeout and never answered: each resend (``action_in_flight``)
+    moved the node's look to a full timeout after it. A resend keeps the watch's time: the
+    sender gets ``action_timeout`` one timeout after the first send this node saw."""
+    node = Node()
+    aria = node.join("aria")
+    node.act(aria, "a1")
+    assert node.engine  # accepted; nobody starts it
+    if restarted:  # the node is gone; a new one on the same backend meets the resends
+        node = Node(backend=node.backend)
+        node.now = T0
+        aria = node.join("aria")
+    first = node.now
+    while node.now < first + 3 * RULES.action_timeout and not any(
+        f["type"] == t.ERROR and f["payload"]["code"] == "action_timeout"
+        for f in node.frames[aria.id]
+    ):
+        node.act(aria, "a1")
+        assert error_code(node.last(aria)) in ("action_in_flight", "action_timeout")
+        node.advance(0.75 * RULES.action_timeout)
+    codes = [error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR]
+    assert "action_timeout" in codes, codes
+    assert node.now <= first + 1.5 * RULES.action_timeout
+
+
 def test_a_started_action_refused_at_its_deadline_is_not_called_overdue() -> None:
     """The HTTP link claims an action before its first delivery; when every attempt is refused
     at connect, it answers action_timeout at the deadline. The node's look at that deadline came

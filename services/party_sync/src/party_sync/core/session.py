@@ -790,6 +790,18 @@ class PartySessions:
             if codec.seq_of(verdict.result) is None:  # a refusal: asked for, and now told
                 conn.tell_once(message.payload["action_id"])
             return _repeats(verdict.result, [conn])
+        if decision is _IN_FLIGHT:
+            key = (conn.party_id, message.payload["action_id"])
+            earlier = self.pending.get(key)
+            if earlier is not None and earlier.character_id == conn.character_id:
+                # Already watched here (an earlier send or resend): its answer goes to this
+                # connection now, and the watch keeps its time. A resend used to move the look
+                # to a full timeout after it: a client resending more often than that pushed
+                # the timeout away for ever (engine probe: an action whose node restarted, no
+                # worker running, resent every 3 s with a 4 s timeout, never answered).
+                earlier.conn = conn
+                text = "this action is already being processed"
+                return self._refuse_action(cmd, ErrorCode.ACTION_IN_FLIGHT, text)
         if decision is _ACCEPT or decision is _IN_FLIGHT:
             # (a longer deadline only for an acceptance: one IN_FLIGHT is the record's)
             longer = cmd.deadline_in if decision is _ACCEPT else None
