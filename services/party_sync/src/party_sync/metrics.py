@@ -233,8 +233,10 @@ class Metrics:
         )
         self.actions_overdue = Counter(
             "party_sync_actions_overdue_total",
-            "Actions an engine started that had no answer at their deadline (each counted once; "
-            "the engine is slower than action_timeout, or ended without publishing the result)",
+            "Actions an engine started that had no answer at their deadline (each counted once "
+            "by the node that accepted it, whether or not its player stayed, and once by a node "
+            "its player resent it to; the engine is slower than action_timeout, or ended without "
+            "publishing the result)",
             registry=r,
         )
         self.actions_forgotten = Counter(
