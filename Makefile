@@ -51,7 +51,7 @@ run: setup
 ## end to end against real processes and a private redis-server, the demo page in headless chromium)
 test: setup
 	cd $(JS) && npm test
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 test-core: setup
 	$(BIN)/python -m pytest services/party_sync/tests/core
