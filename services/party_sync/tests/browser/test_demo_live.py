@@ -730,3 +730,30 @@ async def test_an_error_goes_away_when_the_fight_moves_on_or_the_next_action_goe
             "Scene 9: The Clearing",
         ], story
         aria.assert_clean()
+
+
+async def test_long_words_stay_within_a_phones_width(browser: Browser) -> None:
+    """XSS probe: a display name of 64 letters without a space (the longest a token may carry),
+    an option label holding a URL, names and labels of the length the schemas allow made the
+    page 1,107 px (and with the longest labels 53,032 px) wide on a 390 px phone: nothing
+    broke a long word. Every text the page shows stays within the screen's width."""
+    word = "W" * 64
+    long_label = "see https://example.org/" + "a" * 80 + " then " + "b" * 190
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        aria = await open_player(browser, "long-words", page_url(srv.base, token("aria", word)))
+        borin = await open_player(browser, "long-words", page_url(srv.base, token("borin", word)))
+        for player in (aria, borin):
+            await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
+        await publish_scene(srv, 1, "T" * 120, [long_label[:200], "Wait"])
+        await expect(aria.page.get_by_role("button", name="Wait")).to_be_visible()
+        fight = combat(1, 9)
+        fight["combatants"][2]["name"] = "N" * 150
+        await api(srv, "events", {"type": "combat.update", "payload": fight})
+        await expect(aria.page.locator("#combat")).to_be_visible()
+        await narrate(srv, "s-long", 0, "x" * 300, done=True, action="a-long")
+        widths = await aria.page.evaluate(
+            "[document.documentElement.scrollWidth, window.innerWidth]"
+        )
+        await screenshot(aria, "long-words", "1-phone")
+        assert widths[0] <= widths[1], widths
+        aria.assert_clean()
