@@ -210,6 +210,42 @@ async def test_a_refusal_whose_body_is_not_what_its_charset_says_is_still_a_refu
 
 
 @pytest.mark.parametrize(
+    "head",
+    [
+        # cut short: the connection closes 95 bytes before the body's end
+        b"Content-Type: text/plain\r\nContent-Length: 100\r\n\r\nshort",
+        # a gzip body that is no gzip
+        b"Content-Type: text/plain\r\nContent-Encoding: gzip\r\nContent-Length: 10\r\n\r\n"
+        b"0123456789",
+    ],
+)
+async def test_a_refusal_whose_body_cannot_be_read_is_still_a_refusal(head: bytes) -> None:
+    """Fix-check probe: a 400 whose body was cut short or was a broken gzip raised while it
+    was read, so the attempt counted as failed and was tried again; once an attempt may have
+    reached the engine only a 422 is final, and the player waited until the record expired.
+    The status is the engine's word: the refusal is final, with a reason of its own."""
+    host = RecordingHost()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nConnection: close\r\n" + head)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with started_link(host, f"http://127.0.0.1:{port}/actions") as link:
+            await link.submit(make_action("c"))
+            await idle(link)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert host.rejected == [("c", "the engine refused the action (400)")]
+    assert host.failed == []
+
+
+@pytest.mark.parametrize(
     ("answers", "expected"),
     [
         ([422], ("rejected", "status 422")),

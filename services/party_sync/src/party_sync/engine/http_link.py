@@ -538,10 +538,7 @@ class HttpEngineLink:
         self._last_attempt = time.monotonic()
         try:
             async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
-                # bytes its charset (or UTF-8) cannot read are U+FFFD: a refusal in Latin-1
-                # raised here, and the player never had an answer (recheck probe)
-                text = await resp.text(errors="replace")
-                answer = _parse(text)
+                answer = _parse(await _body_text(resp))
                 self._silent_since = None  # it answers (whatever it says)
                 if resp.status < 500:
                     self._failing_since = None
@@ -566,6 +563,21 @@ class HttpEngineLink:
         await cancel_and_wait(list(self._tasks), what="an HTTP engine call")
         if self._http is not None:
             await self._http.close()
+
+
+async def _body_text(resp: aiohttp.ClientResponse) -> str:
+    """The answer's body as text: bytes its charset (or UTF-8) cannot read as U+FFFD (recheck
+    probe: a refusal in Latin-1 raised ``UnicodeDecodeError``, the delivery ended there and the
+    player never had an answer). Below 500 the status is the engine's word and the body only
+    its reason: a body that cannot be read (cut short, a broken gzip) is an empty one, not a
+    failed attempt (fix-check probe: such a 400 was tried again until the record expired, as
+    only a 422 is final once an attempt may have reached the engine)."""
+    try:
+        return await resp.text(errors="replace")
+    except aiohttp.ClientPayloadError:
+        if resp.status < 500:
+            return ""
+        raise  # a 5xx is tried again anyway (``_Retryable``)
 
 
 def _parse(text: str) -> Any:
