@@ -661,7 +661,13 @@ def _redis_url_problem(url: str | None) -> str | None:
         return None
     from redis.asyncio.connection import parse_url
 
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # an unbalanced '[' (fix-check probe: a traceback, not this line)
+        return (
+            "redis_url is not a URL (an unbalanced '[': an IPv6 host is written "
+            f"redis://[::1]:6379/0; and {_ENCODE_HINT})"
+        )
     tcp = parts.scheme in ("redis", "rediss")
     if "#" in url or "@" in parts.query or ("@" in parts.path if tcp else "@/" in parts.path):
         # a Redis URL has no fragment, and its credentials come before the host: a '#', or an

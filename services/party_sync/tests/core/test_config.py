@@ -271,9 +271,18 @@ def test_a_refused_value_is_named_by_the_flag_or_variable_that_gave_it(
     assert str(refused.value).endswith(says)
 
 
-def test_a_refused_url_names_its_variable_and_never_its_password() -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        "mailto://user:hunter2@host/",
+        # urlsplit's ValueError was a traceback, not a configuration error (fix-check probe)
+        "rediss://user:hunter2@[::1/0",
+        "redis://:hunter2@[::1",
+    ],
+)
+def test_a_refused_url_names_its_variable_and_never_its_password(url: str) -> None:
     with pytest.raises(ConfigError) as refused:
-        load(parse_flags(), env={ENV_PREFIX + "REDIS_URL": "mailto://user:hunter2@host/"})
+        load(parse_flags(), env={ENV_PREFIX + "REDIS_URL": url})
     assert "hunter2" not in str(refused.value)
     assert str(refused.value).endswith("(set by PARTY_SYNC_REDIS_URL)")
 
