@@ -109,8 +109,9 @@ def _short_client(match: re.Match[str]) -> str:
     return f"<Redis {host.group(1)}:{port.group(1)}>" if host and port else "<Redis>"
 
 
-#: Every pattern needs one of these: text without any (most ids and short fields) is skipped.
-_MAYBE = re.compile(r"(?i)[:=.]|bearer|eyJ")
+#: Every pattern needs one of these: text without any (most ids and short fields) is skipped. (A
+#: dot percent-encoded is one: a token cut before its "eyJ", its dots %2E, had none; fix-check.)
+_MAYBE = re.compile(r"(?i)[:=.]|%(?:25)*+2e|bearer|eyJ")
 #: A base64url run that starts as JSON does ('{"' is "eyJ"): a JWS's header or payload on its
 #: own, or cut short before its dot (recheck probe: a bounded log field cut a token's header
 #: in two; a payload alone names the party and the character).
@@ -147,11 +148,26 @@ def _looks_like_jws_head(a: str, b: str) -> bool:
     return bool(starts) and len(a) - min(starts) >= 10
 
 
+#: The lengths of an HMAC signature in base64url (HS256, HS384, HS512), the last part of a JWS.
+_SIGNATURE_LENGTHS: Final = frozenset({43, 64, 86})
+
+
+def _looks_like_jws_tail(a: str, b: str) -> bool:
+    """A long segment then a signature: a token's payload, cut anywhere before its end or with
+    something glued before it, and its signature (fix-check probe: ``/x-<payload[5:]>.<sig>``
+    was logged whole, and the five characters cut off are the same in every token)."""
+    return len(b) in _SIGNATURE_LENGTHS and len(a) >= 16
+
+
 def _scrub_jwt(match: re.Match[str]) -> str:
-    """A dotted run that holds a JWS's start, or any three long segments, is scrubbed whole."""
+    """A dotted run that holds a JWS's start or its end, or any three long segments, is
+    scrubbed whole."""
     run = match.group()
     parts = _SPLIT.split(run)
-    if any(_looks_like_jws_head(parts[i], parts[i + 1]) for i in range(len(parts) - 1)):
+    if any(
+        _looks_like_jws_head(parts[i], parts[i + 1]) or _looks_like_jws_tail(parts[i], parts[i + 1])
+        for i in range(len(parts) - 1)
+    ):
         return REDACTED
     if any(min(map(len, parts[i : i + 3])) >= 16 for i in range(len(parts) - 2)):
         return REDACTED

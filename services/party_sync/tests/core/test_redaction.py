@@ -134,6 +134,23 @@ def test_a_token_glued_to_what_precedes_it_is_scrubbed_however_its_dots_are_enco
         assert part[8:24] not in scrubbed, scrubbed
 
 
+@given(
+    cut=st.integers(0, 60),
+    glue=st.from_regex(r"[A-Za-z0-9_~ /-]{0,4}", fullmatch=True),
+    depth=st.integers(0, 2),
+)
+def test_a_payload_cut_anywhere_with_its_signature_is_scrubbed(
+    cut: int, glue: str, depth: int
+) -> None:
+    """Fix-check probe: ``/x-<payload[5:]>.<signature>`` was logged whole; the five characters
+    cut off (``eyJzd``, from ``{"sub``) are the same in every token, so that was the token. A
+    payload cut anywhere (with at least 16 characters left) beside its signature is scrubbed."""
+    _, payload, signature = TOKEN.split(".")
+    dot = "." if depth == 0 else "%" + "25" * (depth - 1) + "2E"
+    scrubbed = REDACTOR.scrub(f"GET /q{glue}{payload[cut:]}{dot}{signature} 404")
+    assert signature[:16] not in scrubbed and signature[-16:] not in scrubbed, scrubbed
+
+
 @pytest.mark.parametrize(
     "text",
     [
