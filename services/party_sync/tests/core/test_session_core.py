@@ -651,6 +651,29 @@ def test_resends_more_often_than_the_timeout_do_not_put_the_timeout_off(restarte
     assert node.now <= first + 1.5 * RULES.action_timeout
 
 
+def test_a_resend_on_another_node_ends_with_its_record_not_with_a_lost_state() -> None:
+    """Fix-check probe: an action accepted on node A, its player resending it on node B (after
+    a reconnect), an engine that started it and never published: at the end of the record B
+    told the player "the party's state was lost" (B watched it from the resend, so the record's
+    end came too early to be its age). B watches it by its record's age: the operator is told
+    it was forgotten, the player nothing, as on A."""
+    a = Node()
+    aria_a = a.join("aria")
+    a.act(aria_a, "a1")
+    pending = a.engine[0]
+    claim, _ = done(a.backend.claim_action("p1", "a1", a.now, b"{}", pending.deadline))
+    assert claim is Claim.START
+    b = Node(backend=a.backend)
+    b.now = a.now + 0.25 * RULES.action_record_ttl  # the player comes back a while later
+    aria_b = b.join("aria")
+    b.act(aria_b, "a1")
+    assert error_code(b.last(aria_b)) == "action_in_flight"
+    b.advance(RULES.action_record_ttl)
+    assert b.meter.counts.get(("forgotten", "a1")) == 1
+    codes = [error_code(f) for f in b.frames[aria_b.id] if f["type"] == t.ERROR]
+    assert codes == ["action_in_flight"], codes
+
+
 def test_a_started_action_refused_at_its_deadline_is_not_called_overdue() -> None:
     """The HTTP link claims an action before its first delivery; when every attempt is refused
     at connect, it answers action_timeout at the deadline. The node's look at that deadline came

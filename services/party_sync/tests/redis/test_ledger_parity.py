@@ -114,7 +114,9 @@ async def test_an_action_claimed_on_acceptance_is_started_not_timed_out(backend:
         None,
     )
     assert await b.begin_action(PARTY, "aria", "a2", DEADLINE + 1) == Verdict(Decision.ACCEPT)
-    assert await b.begin_action(PARTY, "aria", "a1", DEADLINE + 1) == Verdict(Decision.IN_FLIGHT)
+    again = await b.begin_action(PARTY, "aria", "a1", DEADLINE + 1)
+    assert again == Verdict(Decision.IN_FLIGHT)
+    assert again.began == T0  # when it was accepted: a node meeting the resend watches its age
 
 
 async def test_time_out_of_an_unknown_action_is_gone(backend: Backend) -> None:

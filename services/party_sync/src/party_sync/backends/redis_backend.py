@@ -165,6 +165,15 @@ def _limits(settings: BackendSettings) -> Limits:
     )
 
 
+def _began(raw: Any) -> float | None:
+    """An action record's ``s`` (when it began, as the script wrote it), or None: an older
+    record, or none."""
+    try:
+        return float(text(raw)) if raw else None
+    except ValueError:
+        return None
+
+
 class RedisBackend:
     """All parties, shared through Redis; one instance per gateway node."""
 
@@ -818,9 +827,11 @@ class RedisBackend:
         if verdict is Decision.BUSY:
             return Verdict(verdict, blocking_action_id=text(reply[1]))
         if verdict is Decision.IN_FLIGHT and len(reply) > 1:
-            claimer = text(reply[1])
-            if claimer not in ("", "1"):  # '1': an engine host elsewhere (claim_action.lua)
-                return Verdict(verdict, claimer=claimer)
+            claimer: str | None = text(reply[1])
+            if claimer in ("", "1"):  # '1': an engine host elsewhere (claim_action.lua)
+                claimer = None
+            began = _began(reply[2]) if len(reply) > 2 else None
+            return Verdict(verdict, claimer=claimer, began=began)
         return Verdict(verdict)
 
     async def take_over(self, party_id: str, action_id: str, gone: str, now: float) -> bool:

@@ -75,6 +75,11 @@ class Verdict:
     # IN_FLIGHT: the node whose in-process engine holds it, if the backend knows (a hint for a
     # take-over, not part of the decision: two backends' verdicts compare equal without it)
     claimer: str | None = field(default=None, compare=False)
+    # IN_FLIGHT: when the action was accepted (the record's, on the ledger's clock), if the
+    # backend says: a node that meets a resend of another node's action watches it by the age
+    # of its record, not from the resend (fix-check probe: at the record's end it took the
+    # record's absence for a lost state and told the player so)
+    began: float | None = field(default=None, compare=False)
 
 
 _ACCEPTED: Final = Verdict(Decision.ACCEPT)  # the verdicts without data, made once
@@ -147,7 +152,9 @@ class ActionLedger:
             return Verdict(Decision.DONE, result=result)
         flight = self._flights.get(action_id)
         if flight is not None:
-            return _IN_FLIGHT if flight[_CHARACTER] == character_id else _TAKEN
+            if flight[_CHARACTER] != character_id:
+                return _TAKEN
+            return Verdict(Decision.IN_FLIGHT, began=flight[1])
         lock = self._locks.get(character_id)
         if lock is not None and lock[1] > now:
             return Verdict(Decision.BUSY, blocking_action_id=lock[0])

@@ -813,7 +813,8 @@ class PartySessions:
                 message.payload["action_id"],
                 message.payload,
                 message.trace_id,
-                now,
+                # an action accepted elsewhere is as old as its record (its end is not a loss)
+                now if decision is _ACCEPT or verdict.began is None else min(now, verdict.began),
                 deadline,
             )
             self._watch(pending, deadline)

@@ -8,7 +8,7 @@
 -- would: the in-process link starts every action it is given at once, in that node), else '0';
 -- ARGV[16] (optional) the deadline in seconds from now when it is not action_timeout (the lock
 -- still lapses after action_timeout).
--- Returns {'done', final answer} | {'in_flight', its claimer ('' if none)} | {'busy', blocking
+-- Returns {'done', final answer} | {'in_flight', its claimer ('' if none), when it began} | {'busy', blocking
 -- action_id} | {'accept'} | {'taken'} (another actor's action_id) | {'stale'}.
 --
 -- The record: c character, s began at, d deadline, g once an engine host claimed it (the node id
@@ -24,7 +24,7 @@ local clock = redis.call('TIME')
 if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[10]) + tonumber(ARGV[11]) then
   return {'stale'}
 end
-local found = redis.call('HMGET', record, 'c', 'r', 'x', 'g')
+local found = redis.call('HMGET', record, 'c', 'r', 'x', 'g', 's')
 if found[1] and found[1] ~= character_id then
   return {'taken'}  -- another actor's id: nothing about it is told
 end
@@ -35,7 +35,7 @@ if found[3] then
   return {'done', found[3]}
 end
 if found[1] then
-  return {'in_flight', found[4] or ''}
+  return {'in_flight', found[4] or '', found[5] or ''}
 end
 local until_, holder = read_lock(character_id)
 if until_ and until_ > NOW then
