@@ -710,7 +710,13 @@ def _engine_worker(args: argparse.Namespace) -> int:
         "PARTY_SYNC_LOG_FORMAT": args.log_format,
     }
     env = {**os.environ, **{name: value for name, value in given.items() if value}}
-    settings = config.load(None, env=env)
+    # (a flag whose default is its variable's value was not given as a flag)
+    as_flags = {
+        name.removeprefix(config.ENV_PREFIX).lower()
+        for name, value in given.items()
+        if value and value != os.environ.get(name)
+    }
+    settings = config.load(None, env=env, flags=as_flags)
     if not settings.redis_url:
         raise ConfigError(
             "engine-worker needs --redis-url (or PARTY_SYNC_REDIS_URL), or --redis-sentinels "

@@ -11,7 +11,7 @@ import ipaddress
 import math
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
 from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
@@ -484,8 +484,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         )
 
 
-def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None) -> Settings:
-    """Build ``Settings`` from flags (if given), then the environment, then defaults."""
+def load(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Collection[str] = (),
+) -> Settings:
+    """Build ``Settings`` from flags (if given), then the environment, then defaults.
+    ``flags``: settings another command took as its own flags and passed in ``env``, named in
+    an error by their flag (``engine-worker --redis-url``), not by the variable."""
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}  # a given setting's flag or variable, named in its errors
@@ -502,7 +508,9 @@ def load(args: argparse.Namespace | None = None, env: Mapping[str, str] | None =
             values[f.name] = _parser_for(f)(raw)
         except ValueError as exc:
             raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}: {exc}") from None
-        sources[f.name] = ENV_PREFIX + f.name.upper()
+        sources[f.name] = (
+            "--" + f.name.replace("_", "-") if f.name in flags else ENV_PREFIX + f.name.upper()
+        )
     if values.get("redis_sentinels") and not values.get("redis_url"):
         # Sentinel mode needs no URL: Redis mode is on, db 0, no password (redis_connect.py).
         values["redis_url"] = f"redis://{values.get('redis_sentinel_master') or 'sentinel'}/0"

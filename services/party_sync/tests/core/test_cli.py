@@ -88,6 +88,22 @@ def test_engine_worker_counts_are_whole_numbers_in_their_range(
     assert f"{flag}: must be a whole number 1..{most}" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("by_flag", [True, False])
+def test_engine_worker_names_the_flag_or_the_variable_that_gave_a_refused_value(
+    by_flag: bool, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fix-check probe: ``engine-worker --redis-url redis://h/x`` said "(set by
+    PARTY_SYNC_REDIS_URL)", a variable nobody had set (the worker passes its flags on as the
+    environment)."""
+    monkeypatch.delenv("PARTY_SYNC_REDIS_URL", raising=False)
+    flags = ["--redis-url", "redis://h/x"] if by_flag else []
+    if not by_flag:
+        monkeypatch.setenv("PARTY_SYNC_REDIS_URL", "redis://h/x")
+    assert main(["engine-worker", "x:y", *flags]) == 2
+    said = "--redis-url" if by_flag else "PARTY_SYNC_REDIS_URL"
+    assert capsys.readouterr().err.rstrip().endswith(f"(set by {said})")
+
+
 @pytest.mark.parametrize("value", ["-5", "0", "nan", "inf", "soon"])
 def test_engine_worker_claim_idle_must_be_a_finite_positive_number(
     value: str, capsys: pytest.CaptureFixture[str]
