@@ -312,14 +312,18 @@ class Node:
     ) -> None:
         self.send(conn, action(action_id, character or conn.character_id, run))
 
-    def answer(self, pending: PendingAction) -> None:
-        """The engine claims the action and publishes its result (an engine host's job)."""
+    def start(self, pending: PendingAction) -> None:
+        """An engine host claims the action (START), and has said nothing yet."""
         claim, _ = done(
             self.backend.claim_action(
                 pending.party_id, pending.action_id, self.now, b"{}", pending.deadline
             )
         )
         assert claim is Claim.START
+
+    def answer(self, pending: PendingAction) -> None:
+        """The engine claims the action and publishes its result (an engine host's job)."""
+        self.start(pending)
         result = codec.envelope(
             t.ACTION_RESULT,
             {
@@ -610,9 +614,7 @@ def test_a_started_action_is_told_to_the_operator_whether_or_not_its_sender_stay
     node = Node()
     aria = node.join("aria")
     node.act(aria, "a1")
-    pending = node.engine[0]
-    claim, _ = done(node.backend.claim_action("p1", "a1", node.now, b"{}", pending.deadline))
-    assert claim is Claim.START
+    node.start(node.engine[0])
     node.advance(lost_at * RULES.action_timeout)
     node.lose(aria)
     node.advance(RULES.action_timeout * (1.0 - lost_at) + OVERDUE_GRACE + 0.01)
@@ -658,11 +660,8 @@ def test_a_resend_on_another_node_ends_with_its_record_not_with_a_lost_state() -
     end came too early to be its age). B watches it by its record's age: the operator is told
     it was forgotten, the player nothing, as on A."""
     a = Node()
-    aria_a = a.join("aria")
-    a.act(aria_a, "a1")
-    pending = a.engine[0]
-    claim, _ = done(a.backend.claim_action("p1", "a1", a.now, b"{}", pending.deadline))
-    assert claim is Claim.START
+    a.act(a.join("aria"), "a1")
+    a.start(a.engine[0])
     b = Node(backend=a.backend)
     b.now = a.now + 0.25 * RULES.action_record_ttl  # the player comes back a while later
     aria_b = b.join("aria")

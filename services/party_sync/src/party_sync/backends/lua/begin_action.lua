@@ -24,7 +24,7 @@ local clock = redis.call('TIME')
 if tonumber(clock[1]) + tonumber(clock[2]) / 1000000 > tonumber(ARGV[10]) + tonumber(ARGV[11]) then
   return {'stale'}
 end
-local found = redis.call('HMGET', record, 'c', 'r', 'x', 'g', 's')
+local found = redis.call('HMGET', record, 'c', 'r', 'x', 'g')
 if found[1] and found[1] ~= character_id then
   return {'taken'}  -- another actor's id: nothing about it is told
 end
@@ -35,7 +35,8 @@ if found[3] then
   return {'done', found[3]}
 end
 if found[1] then
-  return {'in_flight', found[4] or '', found[5] or ''}
+  -- (its start read only here: a resend's, not every action's, cost)
+  return {'in_flight', found[4] or '', redis.call('HGET', record, 's') or ''}
 end
 local until_, holder = read_lock(character_id)
 if until_ and until_ > NOW then
