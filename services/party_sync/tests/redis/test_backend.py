@@ -510,6 +510,20 @@ async def test_the_index_sweep_keeps_up_with_parties_that_come_and_go_fast(
     assert [m.decode() for m in members] == ["p-2"]
 
 
+def test_a_clock_offset_is_written_to_a_tenth_with_no_sign_on_a_zero() -> None:
+    """A fresh-clone run failed on "(it was -0.0s)": a first offset of a few negative
+    milliseconds, written with its sign."""
+    from party_sync.backends.redis_backend import _tenths
+
+    assert [_tenths(x) for x in (-0.04, 0.04, -0.0, -6.0, 5.96)] == [
+        "0.0",
+        "0.0",
+        "0.0",
+        "-6.0",
+        "6.0",
+    ]
+
+
 async def test_the_backend_keeps_time_by_redis_s_clock(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -165,6 +165,11 @@ def _limits(settings: BackendSettings) -> Limits:
     )
 
 
+def _tenths(seconds: float) -> str:
+    """Seconds to a tenth, a zero without a sign ("0.0", never "-0.0")."""
+    return f"{round(seconds, 1) + 0.0:.1f}"
+
+
 def _began(raw: Any) -> float | None:
     """An action record's ``s`` (when it began, as the script wrote it), or None: an older
     record, or none."""
@@ -760,13 +765,18 @@ class RedisBackend:
             if abs(offset - self._clock_offset) <= took:  # if it says more than its error
                 return  # (a worker 5 s off, its TIME slow for seconds at start, cut narrations)
         if abs(offset - self._clock_offset) > 1.0:
-            was = f"it was {self._clock_offset:.1f}s" if self._clock_measured else "first measure"
+            # (rounded first, with no sign for a zero: -0.04 s was written "-0.0s")
+            was = (
+                f"it was {_tenths(self._clock_offset)}s"
+                if self._clock_measured
+                else "first measure"
+            )
             log.warning(
-                "Redis's clock minus this process's: %.1fs (%s): party_sync keeps time by "
+                "Redis's clock minus this process's: %ss (%s): party_sync keeps time by "
                 "Redis's (deadlines, presence, votes); an HTTP engine host of your own that "
                 "does not read X-Action-Time-Left needs its clock close to it "
                 "(docs/engines.md, Deadlines): set up NTP on this machine",
-                offset,
+                _tenths(offset),
                 was,
             )
         self._clock_offset = offset
