@@ -178,16 +178,17 @@ async def test_another_4xx_is_a_rejection() -> None:
 
 
 @pytest.mark.parametrize(
-    ("content_type", "body"),
+    ("content_type", "body", "reason"),
     [
-        ("text/plain", "Aktion ungültig".encode("latin-1")),  # no charset: read as UTF-8
-        ("text/plain; charset=no-such-charset", b"bad \xff reason"),
-        ("application/json", b'{"detail": "bad \xff reason"}'),
-        ("text/plain; charset=utf-8", b"half a character \xe2\x82"),
+        # no charset: read as UTF-8
+        ("text/plain", "Aktion ungültig".encode("latin-1"), "Aktion ung\ufffdltig"),
+        ("text/plain; charset=no-such-charset", b"bad \xff reason", "bad \ufffd reason"),
+        ("application/json", b'{"detail": "bad \xff reason"}', "bad \ufffd reason"),
+        ("text/plain; charset=utf-8", b"half a character \xe2\x82", "half a character \ufffd"),
     ],
 )
 async def test_a_refusal_whose_body_is_not_what_its_charset_says_is_still_a_refusal(
-    content_type: str, body: bytes
+    content_type: str, body: bytes, reason: str
 ) -> None:
     """Recheck probe: an engine's 400 in Latin-1 (``text/plain``, no charset) made reading the
     body raise ``UnicodeDecodeError``: the delivery ended there, the player never had an
@@ -203,9 +204,7 @@ async def test_a_refusal_whose_body_is_not_what_its_charset_says_is_still_a_refu
     async with serve(app) as base, started_link(host, f"{base}/actions") as link:
         await link.submit(make_action("u"))
         await idle(link)
-    assert [action_id for action_id, _ in host.rejected] == ["u"]
-    (reason,) = [reason for _, reason in host.rejected]
-    assert "reason" in reason or "ung" in reason or "character" in reason
+    assert host.rejected == [("u", reason)]
     assert host.failed == []
 
 
