@@ -277,6 +277,34 @@ async def test_a_cluster_client_whose_closer_is_cancelled_still_closes(
         await client.get("{p-close}:k")
 
 
+async def test_a_cluster_clients_close_cut_short_by_its_loops_end_leaves_nothing_open(
+    on_cluster: RedisCluster,
+) -> None:
+    """The owner's close carried on in the background, but the event loop ended first (it
+    cancels every task: a test's loop, a process's shutdown) while the close waited for the
+    client's lock: the client stayed open with its sockets, "Unclosed RedisCluster client" at
+    a later garbage collection (a CI run failed on it). Cut short, every socket is closed at
+    once and the client counts as closed."""
+    client = redis_connect.make_cluster_client(RedisTarget(on_cluster.url, cluster=True))
+    assert isinstance(client, redis_connect.BoundedRedisCluster)
+    await client.set("{p-cut}:k", "v")
+    connections = [c for node in client.get_nodes() for c in node._connections]
+    assert any(c.is_connected for c in connections)
+    lock = client._lock = client._lock or asyncio.Lock()
+    async with lock:  # as a call reading the slot map holds it
+        owner = asyncio.ensure_future(client.aclose())
+        await wait_until(lambda: client._closing is not None)
+        closing = client._closing
+        assert closing is not None
+        closing.cancel()  # as the loop's end cancels every task
+        with pytest.raises(asyncio.CancelledError):
+            await owner
+    assert client._initialize  # (redis-py's "not open": nothing to warn of)
+    assert not any(c.is_connected for c in connections)
+    with pytest.raises(RedisConnectionError, match="closed"):
+        await client.get("{p-cut}:k")
+
+
 async def test_a_node_whose_url_names_a_replica_joins_the_cluster(
     on_cluster: RedisCluster,
 ) -> None:

@@ -748,11 +748,30 @@ class BoundedRedisCluster(RedisCluster):
 
     async def _close(self) -> None:
         _CLUSTER_CLIENTS.discard(self)  # (note_trouble would open it again: a closed client)
-        task, self._refreshing = self._refreshing, None
-        if task is not None:
-            await cancel_and_wait([task], what="the slot map refresh")
-        self._initialize = False  # (else redis-py's aclose closes nothing)
-        await super().aclose()
+        try:
+            task, self._refreshing = self._refreshing, None
+            if task is not None:
+                await cancel_and_wait([task], what="the slot map refresh")
+            self._initialize = False  # (else redis-py's aclose closes nothing)
+            await super().aclose()
+        except BaseException:
+            # Cut short (its event loop ending cancels every task: the close waited for the
+            # lock a stalled map read held) or failed: every socket is closed here, at once,
+            # and the client is marked closed, not left open with its connections.
+            self._drop_connections()
+            raise
+
+    def _drop_connections(self) -> None:
+        """Close every connection of every node now, without waiting (redis-py's own
+        ``disconnect`` outside a task does the same). Leans on redis-py's ``ClusterNode``
+        (``_connections``) and ``AbstractConnection._close`` (5.x to 8.x)."""
+        manager = self.nodes_manager
+        for nodes in (manager.nodes_cache, manager.startup_nodes):
+            for node in list(nodes.values()):
+                for connection in list(getattr(node, "_connections", ())):
+                    with contextlib.suppress(Exception):
+                        connection._close()
+        self._initialize = True  # (closed: what redis-py's aclose sets before it disconnects)
 
     def check_open(self) -> None:
         """Raise ``ConnectionError`` if its owner closed it (before a call's ``note_trouble``,

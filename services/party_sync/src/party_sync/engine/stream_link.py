@@ -344,9 +344,11 @@ class StreamEngineLink:
 
     async def close(self) -> None:
         self._restates.cancel_all()  # nothing new to say on the way out
-        if self._tasks:
-            await cancel_and_wait(list(self._tasks), what="the re-state notices' appends")
-        await self._refresh.stop()
-        if self._counting is not None:
-            await cancel_and_wait([self._counting], what="the partition count's write")
-        await self._redis.aclose()
+        try:
+            if self._tasks:
+                await cancel_and_wait(list(self._tasks), what="the re-state notices' appends")
+            await self._refresh.stop()
+            if self._counting is not None:
+                await cancel_and_wait([self._counting], what="the partition count's write")
+        finally:  # (closed even when a step before failed or the close was cancelled)
+            await self._redis.aclose()

@@ -491,6 +491,8 @@ class StreamMonitor:
         self._periodic.start()
 
     async def stop(self) -> None:
-        await self._periodic.stop()
-        if self._close is not None:
-            await self._close()
+        try:
+            await self._periodic.stop()
+        finally:  # (its client closed even when the stop was cancelled)
+            if self._close is not None:
+                await self._close()
