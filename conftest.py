@@ -19,7 +19,7 @@ os.environ["CAMPAIGN_ENGINE_DATABASE_URL"] = "memory://"
 
 #: The party_sync fixtures (private redis-server, the memory/redis backend matrix, the Redis tier);
 #: ``hangs``: every asyncio task's stack printed just before a test times out.
-pytest_plugins = ["ps_testkit.fixtures", "ps_testkit.hangs"]
+pytest_plugins = ["ps_testkit.fixtures", "ps_testkit.hangs", "ps_testkit.leaks"]
 
 
 @pytest.fixture(autouse=True)
