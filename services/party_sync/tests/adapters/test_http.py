@@ -78,3 +78,32 @@ async def test_readyz_is_unavailable_while_draining() -> None:
             body = await resp.json()
         assert body["status"] == "unavailable" and body["draining"] is True
         srv.server.gateway.stopping = False
+
+
+async def test_every_answer_says_nosniff() -> None:
+    """``X-Content-Type-Options: nosniff`` on every HTTP answer, not only the demo's and
+    /admin's pages (browser-surfaces probe: the API's JSON and problems had none): the probes,
+    /metrics, the descriptions, the API's answers and problems, aiohttp's own 404 and 405, a
+    WebSocket handshake refused."""
+    async with serve_in_process(engine=ScriptedEngine(), dev_mode=True) as srv:
+        asked = [
+            ("GET", "/healthz", None),
+            ("GET", "/readyz", None),
+            ("GET", "/metrics", None),
+            ("GET", "/openapi.json", None),
+            ("GET", "/asyncapi.json", None),
+            ("GET", "/demo", None),
+            ("GET", "/nowhere", None),  # aiohttp's 404
+            ("GET", "/api/v1/nowhere", None),  # the API's 404 problem
+            ("DELETE", "/healthz", None),  # 405
+            ("POST", "/api/v1/parties/p1/events", {"junk": True}),  # 401 problem
+            ("POST", "/api/v1/dev/token", {"party_id": "p1"}),  # a 4xx problem
+            ("POST", "/api/v1/dev/token", {"character_id": "aria"}),
+            ("GET", "/ws", None),  # not an upgrade
+        ]
+        statuses = set()
+        for method, path, body in asked:
+            async with srv.http.request(method, srv.base + path, json=body) as resp:
+                statuses.add(resp.status // 100)
+                assert resp.headers.get("X-Content-Type-Options") == "nosniff", (method, path)
+        assert statuses >= {2, 4}

@@ -434,6 +434,14 @@ class BackendWatch(_Watch):
         self.gateway.metrics.backend_ok.set(1 if ok else 0)
 
 
+async def _never_sniffed(request: web.Request, response: web.StreamResponse) -> None:
+    """``X-Content-Type-Options: nosniff`` on every answer (the API's JSON and problems, the
+    probes, /metrics, aiohttp's own 404 and 405), as the demo and /admin pages had it: a browser
+    never reads a body as another type than the one it is sent as (an echoed value in a JSON
+    error read as a script or a style sheet)."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
 def build_app(
     gateway: Gateway,
     verifier: TokenVerifier,
@@ -450,6 +458,7 @@ def build_app(
     # Head deadlines, answers to what handlers raise, requests by route and status: one frame.
     app[EDGE] = edge_middleware(gateway.metrics.count_request)
     app.middlewares.append(app[EDGE])
+    app.on_response_prepare.append(_never_sniffed)
     app[problems.BODY_TIMEOUT] = gateway.settings.request_body_timeout
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
