@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Final
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 from party_sync.auth import HMAC_ALGORITHMS
 from party_sync.backends.keys import ACTIONS_STREAM
@@ -658,13 +658,17 @@ _ENCODE_HINT: Final = (
 )
 #: redis-py's own words about an option's value: they name the option, nothing of the URL.
 _BAD_OPTION_VALUE: Final = re.compile(r"Invalid value for '[A-Za-z0-9_]{1,40}' in connection URL\.")
+#: A Redis host: a DNS name (underscores too: container names), an IPv4 address, or an IPv6
+#: address (brackets removed by urlsplit) with an optional zone.
+_HOST: Final = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?")
 #: The URL options that name a file party_sync can check for at start.
 _FILE_OPTIONS: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
 
-def _redis_url_problem(url: str | None) -> str | None:
+def _redis_url_problem(url: str | None, *, host_used: bool = True) -> str | None:
     """What is wrong with ``redis_url`` as redis-py would read it, or None (unset included).
-    No refusal repeats the URL or any part of it that may be a password's."""
+    No refusal repeats the URL or any part of it that may be a password's. ``host_used``:
+    False with Sentinel (the host is the master's name, or not used at all)."""
     if not url:
         return None
     from redis.asyncio.connection import parse_url
@@ -696,6 +700,13 @@ def _redis_url_problem(url: str | None) -> str | None:
         )
     if tcp and not parts.hostname:
         return f"redis_url names no host (redis[s]://[user:password@]host:port/db); {_ENCODE_HINT}"
+    if tcp and host_used and not _HOST.fullmatch(unquote(parts.hostname or "")):
+        # a space, a bracket, a quote: no resolver finds it, and the node would only say so
+        # later, as "Redis unavailable", again and again (the host is not repeated here)
+        return (
+            "redis_url: the host is neither a name (letters, digits, '.', '-', '_') nor an IP "
+            f"address (an IPv6 address in brackets: redis://[::1]:6379/0); {_ENCODE_HINT}"
+        )
     unknown = _unknown_redis_options(url)
     if unknown:
         return (
@@ -946,7 +957,7 @@ def validate(settings: Settings) -> None:
         _origins_problem(settings.allowed_origins)
         or http_url_problem("engine_url", settings.engine_url)
         or http_url_problem("engine_notice_url", settings.engine_notice_url)
-        or _redis_url_problem(settings.redis_url)
+        or _redis_url_problem(settings.redis_url, host_used=not settings.redis_sentinels)
         or _sentinel_problem(settings)
     )
     if problem is not None:

@@ -135,6 +135,9 @@ def test_an_unparsable_environment_value_is_a_config_error_naming_the_variable(
         ("ALLOWED_ORIGINS", "a.example", "not an origin"),
         ("REDIS_URL", "notaurl", "redis_url: Redis URL must specify"),
         ("REDIS_URL", "redis://h:notaport/0", "redis_url: Port could not be cast"),
+        # no resolver finds such a host: said at start, not as "Redis unavailable" for ever
+        ("REDIS_URL", "redis://red is:6379/0", "redis_url: the host is neither a name"),
+        ("REDIS_URL", "redis://u:p@ho%5Dst:6379/0", "redis_url: the host is neither a name"),
         ("ENGINE_URL", "notaurl", "engine_url must be an http:// or https:// URL with a host"),
         ("ENGINE_URL", "ftp://h/x", r"engine_url must be .* \(got ftp://\.\.\.\)"),
         ("ENGINE_URL", "http:///actions", "engine_url must be"),
