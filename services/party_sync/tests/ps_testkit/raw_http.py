@@ -43,12 +43,13 @@ async def raw_request(
         writer.write("\r\n".join(lines).encode())
         size = -(-len(body) // pieces) if body else 0
         parts = [body[i : i + size] for i in range(0, len(body), size)] if body else []
-        for part in parts:
+        for i, part in enumerate(parts):
             writer.write(b"%x\r\n%b\r\n" % (len(part), part) if chunked else part)
             await writer.drain()
-            # The stimulus, not a synchronisation: a gap between segments is what the finding
-            # is about (the old handler read only what had arrived by then).
-            await asyncio.sleep(0.05)
+            if chunked or i < len(parts) - 1:  # (nothing follows a plain body's last part)
+                # The stimulus, not a synchronisation: a gap between segments is what the
+                # finding is about (the old handler read only what had arrived by then).
+                await asyncio.sleep(0.05)
         if chunked:
             writer.write(b"0\r\n\r\n")
         await writer.drain()
