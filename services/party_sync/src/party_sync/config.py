@@ -658,9 +658,10 @@ _ENCODE_HINT: Final = (
 )
 #: redis-py's own words about an option's value: they name the option, nothing of the URL.
 _BAD_OPTION_VALUE: Final = re.compile(r"Invalid value for '[A-Za-z0-9_]{1,40}' in connection URL\.")
-#: A Redis host: a DNS name (underscores too: container names), an IPv4 address, or an IPv6
-#: address (brackets removed by urlsplit) with an optional zone.
-_HOST: Final = re.compile(r"[A-Za-z0-9._-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?")
+#: A Redis host: a DNS name (underscores too: container names; letters beyond ASCII too: the
+#: resolver's IDNA encoding takes them), an IPv4 address, or an IPv6 address (brackets removed by
+#: urlsplit) with an optional zone.
+_HOST: Final = re.compile(r"[\w.-]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*(?:%[A-Za-z0-9._-]+)?")
 #: The URL options that name a file party_sync can check for at start.
 _FILE_OPTIONS: Final = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile")
 
