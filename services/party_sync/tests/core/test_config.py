@@ -601,13 +601,18 @@ def test_a_redis_url_refused_never_repeats_its_password(
     """A password with a character that must be percent-encoded, not encoded (a base64 one holds
     ``/``): redis-py's parse error quoted the part before it ("Port could not be cast to integer
     value as '<head>'"; redis variants probe). Refused or not, no part of it is said."""
-    url = f"redis://{user}:{head}{odd}{tail}@127.0.0.1:6379/0"
-    said = ""
-    try:
-        validate(Settings(redis_url=url))
-    except ConfigError as exc:
-        said = str(exc)
-    assert head not in said and tail not in said
+
+    def said(head: str, tail: str) -> str:
+        try:
+            validate(Settings(redis_url=f"redis://{user}:{head}{odd}{tail}@127.0.0.1:6379/0"))
+        except ConfigError as exc:
+            return str(exc)
+        return ""
+
+    # The answer does not depend on the password's letters: it is the same for another password
+    # of the same shape. (Not "no piece of it is in the answer": hypothesis draws from the
+    # module's own words, and a password "password" is in every hint about passwords.)
+    assert said(head, tail) == said("x" * len(head), "y" * len(tail))
 
 
 @pytest.mark.parametrize(
