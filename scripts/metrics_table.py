@@ -25,6 +25,7 @@ START, END = "<!-- metrics:start -->", "<!-- metrics:end -->"
 MODES = (
     ("party_sync_actions_stream_partition_", "stream mode, partitioned"),
     ("party_sync_actions_stream_", "stream mode"),
+    ("party_sync_redis_cluster_", "Redis Cluster"),
     ("party_sync_redis_", "Redis"),
     ("party_sync_pubsub_", "Redis"),
     ("party_sync_worker", "`--workers` > 1"),

@@ -316,6 +316,19 @@ class Metrics:
         )
 
     @cached_property
+    def cluster_masters(self) -> Gauge:
+        # Redis Cluster only (backends/redis_backend.py _watch_masters): /readyz stays 200 while
+        # one master answers, so a shard down shows here, not to a load balancer.
+        return Gauge(
+            "party_sync_redis_cluster_masters",
+            "Redis Cluster masters in this node's slot map (state=known) and those of them that "
+            "answered a PING within 1 s (state=answering); looked at every 5 s. answering < known: "
+            "the parties of the masters that do not answer get backend_unavailable",
+            ["state"],
+            registry=self.registry,
+        )
+
+    @cached_property
     def pubsub_lag(self) -> Histogram:
         return Histogram(
             "party_sync_pubsub_lag_seconds",

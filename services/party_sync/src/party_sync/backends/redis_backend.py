@@ -96,6 +96,10 @@ CLOCK_EVERY = 30.0
 #: Seconds a readiness check waits for Redis's answer to its PING (``RedisBackend.ready``): under
 #: a probe's usual 1-s timeout, so that in a stall /readyz answers 503 rather than nothing.
 READY_WAIT = 0.9
+#: Seconds between two counts of a Redis Cluster's masters that answer (``_watch_masters``), and
+#: how long each is given to answer a PING.
+MASTERS_EVERY = 5.0
+MASTERS_WAIT = 1.0
 
 #: How long (seconds) and how many of the final answers it wrote a node keeps, to write them again
 #: on the next Redis server its connections meet (``RedisBackend._write_lost_answers``). What a
@@ -310,6 +314,8 @@ class RedisBackend:
         self._clock_due = time.monotonic() + CLOCK_EVERY
         await self._measure_clock()  # never raises (Redis down: measured again later)
         self._spawn(self._keep_clock())
+        if isinstance(self.client, RedisCluster) and self.metrics is not None:
+            self._spawn(self._watch_masters(self.client, self.metrics))
         await self.bus.start(wait=self.options.connect_timeout)
 
     async def close(self) -> None:
@@ -731,6 +737,26 @@ class RedisBackend:
         refuses every call nor accepts late ones) and how many seconds later Redis may still run
         it (half the command timeout: past it the node has given up, or is about to)."""
         return self.clock(), self.options.command_timeout / 2
+
+    async def _watch_masters(self, client: RedisCluster, metrics: Metrics) -> None:
+        """``party_sync_redis_cluster_masters`` every ``MASTERS_EVERY`` s: the masters of the
+        slot map, and those that answer a PING within ``MASTERS_WAIT`` (each asked on its own
+        connection). ``/readyz`` stays 200 while one master answers (a master lost is an outage
+        of its parties only), so a shard down shows here. Survives anything a look raises."""
+        known, live = (
+            metrics.cluster_masters.labels("known"),
+            metrics.cluster_masters.labels("answering"),
+        )
+        while True:
+            try:
+                primaries = client.get_primaries()
+                answered = await answering(primaries, MASTERS_WAIT, everyone=True)
+            except Exception as exc:  # (no slot map yet: nothing known, nothing answering)
+                log.debug("redis cluster: the masters could not be counted: %s", exc)
+                primaries, answered = [], []
+            known.set(len(primaries))
+            live.set(len(answered))
+            await asyncio.sleep(MASTERS_EVERY)
 
     async def _keep_clock(self) -> None:
         """Measure the offset again every ``CLOCK_EVERY`` s, traffic or not: a clock stepped

@@ -533,10 +533,13 @@ MAP_WATCH = 10.0
 _CLUSTER_CLIENTS: weakref.WeakSet[BoundedRedisCluster] = weakref.WeakSet()
 
 
-async def answering(nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT) -> list[ClusterNode]:
+async def answering(
+    nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT, *, everyone: bool = False
+) -> list[ClusterNode]:
     """The ``nodes`` that answer a PING, in the order they did: every node is asked at once, and
     once one has answered the others get ``_MAP_PING_GRACE`` more (none answered within ``wait``:
-    []). A stalled node is not waited for."""
+    []). A stalled node is not waited for. ``everyone``: each is given the whole ``wait`` (a
+    count of those that answer, not the first one to use)."""
     if not nodes:
         return []
     pings = {asyncio.ensure_future(_ping(node)): node for node in nodes}
@@ -553,7 +556,7 @@ async def answering(nodes: Sequence[ClusterNode], wait: float = MAP_PING_WAIT) -
                 pending, timeout=left, return_when=asyncio.FIRST_COMPLETED
             )
             answered.extend(pings[t] for t in done if not t.cancelled() and t.result())
-            if answered:
+            if answered and not everyone:
                 deadline = min(deadline, loop.time() + _MAP_PING_GRACE)
     finally:
         for task in pings:
