@@ -758,10 +758,13 @@ class BoundedRedisCluster(RedisCluster):
             self._initialize = False  # (else redis-py's aclose closes nothing)
             await super().aclose()
         except BaseException:
-            # Cut short (its event loop ending cancels every task: the close waited for the
-            # lock a stalled map read held) or failed: every socket is closed here, at once,
-            # and the client is marked closed, not left open with its connections.
-            self._drop_connections()
+            # The owner's close cut short (its event loop ending cancels every task: the close
+            # waited for the lock a stalled map read held) or failed: every socket is closed
+            # here, at once, and the client is marked closed, not left open with its
+            # connections. (redis-py's own close within a call, cut short, is left as it was:
+            # the client is still in use, and its next call closes and reads the map again.)
+            if self._closed:
+                self._drop_connections()
             raise
 
     def _drop_connections(self) -> None:
