@@ -521,15 +521,19 @@ class QuietRequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         if status >= 500 or not isinstance(exc, HttpProcessingError):
-            return super().handle_error(request, status, exc, message)
-        super().handle_error(request, status, exc, "")  # logs it; raises if a reply began
-        response = self.render(
-            status,
-            CODES.get(status, "bad_request"),
-            f"malformed HTTP request ({type(exc).__name__})",
-        )
-        response.force_close()
-        return response
+            answer = super().handle_error(request, status, exc, message)
+        else:
+            super().handle_error(request, status, exc, "")  # logs it; raises if a reply began
+            answer = self.render(
+                status,
+                CODES.get(status, "bad_request"),
+                f"malformed HTTP request ({type(exc).__name__})",
+            )
+            answer.force_close()
+        # (answered outside the app: its on_response_prepare, which says it on every other
+        # answer, is not called for a request that was never parsed)
+        answer.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return answer
 
 
 class QuietEngineHostHandler(QuietRequestHandler):

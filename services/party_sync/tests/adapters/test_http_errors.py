@@ -326,6 +326,8 @@ async def refused(port: int, request_bytes: str) -> tuple[bytes, Any]:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
     assert SECRET_IN_REQUEST.encode() not in answer
+    # answered before the app saw a request (no on_response_prepare): nosniff all the same
+    assert b"\r\nx-content-type-options: nosniff" in head.lower(), head
     return head, json.loads(body)
 
 

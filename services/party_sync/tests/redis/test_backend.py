@@ -601,3 +601,31 @@ async def test_a_time_refused_while_running_is_one_error_naming_the_grant(
         redis.command("ACL", "DELUSER", "clocky")
     assert len(refused()) == 1 and "give the user +time" in refused()[0]
     assert "handshakes and actions fail" in refused()[0]
+
+
+@pytest.mark.parametrize("how", ["fails", "cancelled"])
+async def test_a_close_whose_first_step_fails_still_takes_every_step(
+    redis: RedisServer, how: str
+) -> None:
+    """Review finding: only the client's close was sure to run; a first step that failed (or a
+    close cancelled there) left the backend's tasks running (a Cluster node's count of its
+    masters kept opening connections to every master after the client was closed)."""
+    b = RedisBackend(RedisOptions(redis.url), BackendSettings(), metrics=Metrics("test"))
+    await b.start()
+    tasks = list(b._tasks)
+    assert tasks
+
+    close_bus = b.bus.close
+
+    async def broken() -> None:
+        await close_bus()  # (closed all the same: nothing of it left for a later collection)
+        if how == "cancelled":
+            raise asyncio.CancelledError
+        raise RuntimeError("the bus could not close")
+
+    b.bus.close = broken  # type: ignore[method-assign]
+    with pytest.raises(asyncio.CancelledError if how == "cancelled" else RuntimeError):
+        await b.close()
+    assert all(task.done() for task in tasks)
+    with pytest.raises(Exception, match="closed"):
+        await b.client.ping()

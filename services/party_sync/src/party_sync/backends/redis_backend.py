@@ -322,19 +322,27 @@ class RedisBackend:
         """Every step is taken; the client is closed last even if a step before it failed or
         the close was cancelled (a shutdown bounded in time): a client left open kept its
         connections, and warned "Unclosed RedisCluster client" at a later garbage collection."""
-        try:
-            for stream in self._streams.values():
-                stream.close()
-            self._streams.clear()
-            await self.bus.close()
-            await cancel_and_wait(list(self._tasks), what="a Redis backend task")
-            if self._ready_ping is not None:
-                await cancel_and_wait([self._ready_ping], what="the readiness PING")
-            await self.scripts.batcher.close()
-            await self.votes.close()
-            await self.admin.close()
-        finally:
-            await self.client.aclose()
+        for stream in self._streams.values():
+            stream.close()
+        self._streams.clear()
+        ping = self._ready_ping
+        steps: list[Callable[[], Awaitable[object]]] = [
+            self.bus.close,
+            lambda: cancel_and_wait(list(self._tasks), what="a Redis backend task"),
+            lambda: cancel_and_wait([ping] if ping is not None else [], what="the readiness PING"),
+            self.scripts.batcher.close,
+            self.votes.close,
+            self.admin.close,
+            self.client.aclose,
+        ]
+        first: BaseException | None = None
+        for step in steps:  # each taken, whatever the one before raised (a cancellation too)
+            try:
+                await step()
+            except BaseException as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     async def ready(self) -> bool:
         """Ready while the pub/sub connection is up and Redis answers a PING (not while the
@@ -747,7 +755,7 @@ class RedisBackend:
             metrics.cluster_masters.labels("known"),
             metrics.cluster_masters.labels("answering"),
         )
-        while True:
+        while not getattr(client, "_closed", False):  # (a BoundedRedisCluster closed: done)
             try:
                 primaries = client.get_primaries()
                 answered = await answering(primaries, MASTERS_WAIT, everyone=True)
