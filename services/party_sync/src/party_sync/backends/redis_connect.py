@@ -719,13 +719,22 @@ class BoundedRedisCluster(RedisCluster):
 
     async def _refresh(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
+        me = asyncio.current_task()
+        while self._refreshing is me:  # (else stopped, its cancellation lost: see below)
             try:
                 await read_slot_map(self, min(self.bound or MAP_PING_WAIT, MAP_PING_WAIT))
                 live = await answering(self.get_primaries())
             except Exception as exc:  # no node answers: asked again (below, or by a call)
                 log.debug("redis cluster: the slot map could not be read again: %s", exc)
             else:
+                if self._refreshing is not me:
+                    # Stopped meanwhile (the client closed), and the cancellation did not reach
+                    # this task: a read cut short by it inside redis-py can end as a timeout, a
+                    # failed read, and the loop went on. Its map must not open the client again
+                    # (a closed client marked open: "Unclosed RedisCluster client", a CI run).
+                    if self._closed:
+                        self._drop_connections()
+                    return
                 if live:
                     self.set_default_node(live[0])  # (keyless commands: a master that answers)
                 self._initialize = False
