@@ -506,6 +506,14 @@ async def listen(
 CODES: Final = {413: "too_large", 431: "headers_too_large"}
 
 
+def never_sniffed(response: web.StreamResponse) -> None:
+    """``X-Content-Type-Options: nosniff`` on ``response`` (every answer of the server says it:
+    ``transport/http.py`` for the app's, ``QuietRequestHandler`` for a request never parsed): a
+    browser never reads a body as another type than the one it is sent as (an echoed value in a
+    JSON error read as a script or a style sheet)."""
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+
+
 class QuietRequestHandler(RequestHandler):
     """aiohttp's protocol for one connection, answering a request its parser refused with a
     problem document instead of a text quoting the request."""
@@ -532,7 +540,7 @@ class QuietRequestHandler(RequestHandler):
             answer.force_close()
         # (answered outside the app: its on_response_prepare, which says it on every other
         # answer, is not called for a request that was never parsed)
-        answer.headers.setdefault("X-Content-Type-Options", "nosniff")
+        never_sniffed(answer)
         return answer
 
 

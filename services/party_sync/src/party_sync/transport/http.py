@@ -435,11 +435,9 @@ class BackendWatch(_Watch):
 
 
 async def _never_sniffed(request: web.Request, response: web.StreamResponse) -> None:
-    """``X-Content-Type-Options: nosniff`` on every answer (the API's JSON and problems, the
-    probes, /metrics, aiohttp's own 404 and 405), as the demo and /admin pages had it: a browser
-    never reads a body as another type than the one it is sent as (an echoed value in a JSON
-    error read as a script or a style sheet)."""
-    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    """nosniff on every answer of the app (the API's JSON and problems, the probes, /metrics,
+    aiohttp's own 404 and 405), as the demo and /admin pages had it (``problems.never_sniffed``)."""
+    problems.never_sniffed(response)
 
 
 def build_app(
