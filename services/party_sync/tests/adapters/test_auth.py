@@ -152,10 +152,61 @@ async def test_a_websocket_version_other_than_13_is_answered_426_with_the_versio
             writer.close()
             assert head.split()[1] == "426", (lines, head)
             assert "Sec-WebSocket-Version: 13" in head
-        # an upgrade aiohttp refuses (no key): its 400, counted
+        # an upgrade without a key: 400, counted
         headers = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13"}
         async with srv.http.get(url, headers=headers) as r:
             assert r.status == 400
         metrics = await (await srv.http.get(f"{srv.base}/metrics")).text()
         assert 'party_sync_handshakes_refused_total{status="426"} 8.0' in metrics
         assert 'party_sync_handshakes_refused_total{status="400"} 1.0' in metrics
+
+
+async def test_an_upgrade_that_is_no_websocket_handshake_is_400_before_the_token_is_read() -> None:
+    """Security probe: an upgrade without ``Sec-WebSocket-Key`` (or with one that is not the
+    base64 of 16 bytes) was told 401 without a token, and with one, aiohttp's 400 "Handshake
+    error: '<the client's key>'": docs/protocol.md says 400, before the token is read, like the
+    426. The key is sent once (RFC 6455 §11.3.1); ``Connection`` names ``Upgrade`` (§4.2.1). The
+    answer never repeats what the client sent."""
+    async with serve_in_process(make_settings(), engine=ScriptedEngine()) as srv:
+        port = int(srv.base.rsplit(":")[-1])
+
+        async def status(query: str, lines: str) -> tuple[str, str]:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                (
+                    f"GET /ws{query} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+                    f"Sec-WebSocket-Version: 13\r\n{lines}\r\n"
+                ).encode()
+            )
+            head = (await reader.readuntil(b"\r\n\r\n")).decode()
+            _, _, length = head.lower().partition("content-length:")
+            size = int(length.split("\r\n")[0]) if length else 0  # (none on a 101)
+            body = (await reader.readexactly(size)).decode() if size else ""
+            writer.close()
+            return head.split()[1], body
+
+        good = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        upgrade = "Connection: Upgrade\r\n"
+        for query in ("", f"?token={token('aria')}"):
+            for lines in (
+                upgrade,  # no key
+                upgrade + "Sec-WebSocket-Key: shortKEYsaid\r\n",
+                upgrade + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ\r\n",  # 15 bytes... no pad
+                upgrade + "Sec-WebSocket-Key: QUFBQUFBQUFBQUFBQUFBQUFB\r\n",  # 18 bytes
+                upgrade + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZ\u00e9==\r\n",  # not ASCII
+                upgrade + good + good,  # twice
+                "Connection: keep-alive\r\n" + good,  # Connection does not name Upgrade
+                good,  # no Connection
+            ):
+                said, body = await status(query, lines)
+                assert said == "400", (query, lines, said, body)
+                assert "not a WebSocket handshake" in body, body
+                assert "shortKEYsaid" not in body and "QUFB" not in body and "dGhl" not in body
+        # a valid handshake is unaffected (Connection may name more than Upgrade)
+        said, _ = await status(
+            f"?token={token('aria')}", "Connection: keep-alive, Upgrade\r\n" + good
+        )
+        assert said == "101"
+        assert (await status("", upgrade + good))[0] == "401"  # then the token is read
+        metrics = await (await srv.http.get(f"{srv.base}/metrics")).text()
+        assert 'party_sync_handshakes_refused_total{status="400"} 16.0' in metrics

@@ -4,10 +4,11 @@ the other transport modules; what any handler raises is answered by the edge mid
 
 from __future__ import annotations
 
+import base64
 import logging
 import time
 from collections.abc import Callable, Hashable
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 from urllib.parse import parse_qsl
 
 from aiohttp import WebSocketError, WSMsgType, web
@@ -26,6 +27,9 @@ from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
 from party_sync.transport.edge import Edge, edge_middleware, session_handler
 from party_sync.transport.guard import ConnectionGuard, guarded_connection
 from party_sync.transport.sink import DroppingWebSocketResponse, FrameBatcher, WebSocketSink
+
+if TYPE_CHECKING:  # (aiohttp's request headers; multidict comes with aiohttp)
+    from multidict import CIMultiDictProxy
 
 #: ``party_sync_closes_total``'s code for a connection its heartbeat dropped (no pong in time: a
 #: peer gone, or one that reads nothing): RFC 6455's 1006, no close frame (it would not be read).
@@ -151,33 +155,62 @@ class _Opened(NamedTuple):
     slot: Hashable
 
 
-def _unsupported_version(request: web.Request, gateway: Gateway) -> web.Response | None:
-    """RFC 6455 §4.2.2: a WebSocket upgrade asking for a version other than 13 is answered 426
-    with the version spoken here (aiohttp alone would upgrade drafts 7 and 8 as if 13); one
-    that names none, or names it twice with another (``13`` then ``8`` was upgraded, ``8`` then
-    ``13`` refused: aiohttp reads the first), too (a missing one was aiohttp's 400, uncounted),
-    and one that sends the header more than once, even twice 13 (§11.3.5: not more than once
-    in a request; ``13, 13`` on one line was refused, on two lines upgraded)."""
-    if "websocket" not in request.headers.get("Upgrade", "").lower():
+#: What a WebSocket upgrade that is not a valid RFC 6455 handshake is told (never its headers).
+NOT_VERSION_13: Final = "unsupported WebSocket version: this server speaks version 13 (RFC 6455)"
+NO_CONNECTION_UPGRADE: Final = (
+    "not a WebSocket handshake: the Connection header must name Upgrade (RFC 6455 §4.2.1)"
+)
+BAD_KEY: Final = (
+    "not a WebSocket handshake: Sec-WebSocket-Key must be sent once, the base64 of 16 bytes "
+    "(RFC 6455 §4.2.1)"
+)
+
+
+def _is_key(value: str) -> bool:
+    """aiohttp's own test of a key (``base64.b64decode``, 16 bytes), which would otherwise
+    refuse it after the token was read."""
+    try:
+        return len(base64.b64decode(value)) == 16
+    except ValueError:  # not base64, or not ASCII (binascii.Error is a ValueError)
+        return False
+
+
+def handshake_refusal(headers: CIMultiDictProxy[str]) -> tuple[int, str] | None:
+    """Pure: the status and text a WebSocket upgrade is refused with before its token is read,
+    or None (a plain GET, or a valid RFC 6455 handshake).
+
+    RFC 6455 §4.2.2: an upgrade asking for a version other than 13 is answered 426 with the
+    version spoken here (aiohttp alone would upgrade drafts 7 and 8 as if 13); one that names
+    none, or names it twice with another (``13`` then ``8`` was upgraded, ``8`` then ``13``
+    refused: aiohttp reads the first), too, and one that sends the header more than once, even
+    twice 13 (§11.3.5: not more than once in a request). An upgrade whose ``Connection`` does not
+    name ``Upgrade``, or without one valid ``Sec-WebSocket-Key`` (§4.2.1, §11.3.1) is 400 here
+    too (security probe: it was aiohttp's 400 after the token was checked, so a client without a
+    token was told 401 instead, and its text repeated the client's key)."""
+    if "websocket" not in headers.get("Upgrade", "").lower():
         return None  # a plain GET: aiohttp's own 400 says what is missing
-    versions = request.headers.getall("Sec-WebSocket-Version", ())
-    if len(versions) == 1 and versions[0].strip() == "13":
-        return None
-    gateway.metrics.handshakes_refused.labels("426").inc()
-    return web.Response(
-        status=426,
-        text="unsupported WebSocket version: this server speaks version 13 (RFC 6455)",
-        headers={"Sec-WebSocket-Version": "13"},
-    )
+    versions = headers.getall("Sec-WebSocket-Version", ())
+    if len(versions) != 1 or versions[0].strip() != "13":
+        return 426, NOT_VERSION_13
+    connection = ",".join(headers.getall("Connection", ())).lower().split(",")
+    if "upgrade" not in (token.strip() for token in connection):
+        return 400, NO_CONNECTION_UPGRADE
+    keys = headers.getall("Sec-WebSocket-Key", ())
+    if len(keys) != 1 or not _is_key(keys[0]):
+        return 400, BAD_KEY
+    return None
 
 
 async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
     """Check the version, admit, take the user's slot, upgrade, open the session (run under
     the edge)."""
     gateway = request.app[GATEWAY]
-    unsupported = _unsupported_version(request, gateway)
-    if unsupported is not None:
-        return unsupported
+    refusal = handshake_refusal(request.headers)
+    if refusal is not None:
+        status, text = refusal
+        gateway.metrics.handshakes_refused.labels(str(status)).inc()
+        spoken = {"Sec-WebSocket-Version": "13"} if status == 426 else None
+        return web.Response(status=status, text=text, headers=spoken)
     query = _query(request)
     admission = await _admit(request, gateway, query)
     if not isinstance(admission, _Admitted):
