@@ -137,7 +137,8 @@ class Settings:
     )
     engine: str = _option(
         "campaign_engine:create_engine",
-        "Campaign Engine to host in-process, as MODULE:ATTR (an Engine or a factory of one).",
+        "Campaign Engine to host in-process, as MODULE:ATTR (an Engine, a factory of one, or "
+        "its class).",
     )
     redis_url: str | None = _option(
         None, "Redis URL; unset = the embedded in-memory backend (one process)."

@@ -44,6 +44,21 @@ def test_an_engine_module_in_the_working_directory_is_found(in_a_directory: Path
         sys.modules.pop("ps_loader_probe_engine", None)
 
 
+def test_an_engine_class_is_a_factory_of_its_engines(in_a_directory: Path) -> None:
+    """New-user probe: ``--engine echo_engine:EchoEngine`` (the class, not a factory function)
+    passed the runtime protocol check as it was (the class has the methods) and failed at start:
+    "start() missing 1 required positional argument: 'publisher'". The class is called; an
+    instance named so is taken as it is."""
+    (in_a_directory / "ps_loader_class_engine.py").write_text(ENGINE + "\nTHE_ONE = Engine()\n")
+    try:
+        engine = load_engine("ps_loader_class_engine:Engine")
+        assert type(engine).__name__ == "Engine" and not isinstance(engine, type)
+        module = sys.modules["ps_loader_class_engine"]
+        assert load_engine("ps_loader_class_engine:THE_ONE") is module.THE_ONE
+    finally:
+        sys.modules.pop("ps_loader_class_engine", None)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
