@@ -108,12 +108,58 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n(see {self.prog} --help)\n")
 
+    def options(self) -> tuple[frozenset[str], frozenset[str]]:
+        """Every option string of this parser, and those that take exactly one value (the one
+        place that reads argparse's list of actions)."""
+        actions = self._actions
+        return (
+            frozenset(o for a in actions for o in a.option_strings),
+            frozenset(o for a in actions if a.nargs is None for o in a.option_strings),
+        )
+
+    def glue_dashed_values(self, given: Sequence[str]) -> list[str]:
+        """``--api-key -Xk3…`` as ``--api-key=-Xk3…``: argparse reads a value that begins with
+        ``-`` as an option ("expected one argument"), and ``secrets.token_urlsafe`` makes such a
+        key once in 64 (new-user probe: docs/engines.md's ``--api-key "$PARTY_SYNC_API_KEY"``
+        failed so). A value is glued to its option unless it is one of the command's options
+        (or an abbreviation of one), so ``--api-key --port 1`` is still refused."""
+        at = next((i for i, arg in enumerate(given) if arg in self.commands), None)
+        if at is None:
+            return list(given)
+        parser = self.commands[given[at]]
+        if not isinstance(parser, _Parser):
+            return list(given)
+        every, valued = parser.options()
+
+        def an_option(arg: str) -> bool:
+            name = arg.partition("=")[0]
+            return name in every or (
+                name.startswith("--") and len(name) > 2 and any(o.startswith(name) for o in every)
+            )
+
+        out, rest = list(given[: at + 1]), list(given[at + 1 :])
+        i = 0
+        while i < len(rest):
+            arg = rest[i]
+            if arg == "--":  # what follows is positional
+                out.extend(rest[i:])
+                break
+            value = rest[i + 1] if i + 1 < len(rest) else ""
+            if arg in valued and value.startswith("-") and not an_option(value):
+                out.append(f"{arg}={value}")
+                i += 2
+                continue
+            out.append(arg)
+            i += 1
+        return out
+
     def parse_command(self, argv: Sequence[str] | None) -> argparse.Namespace:
-        """``parse_args``, with an unrecognized argument refused by its command's parser."""
-        args, extra = self.parse_known_args(argv)
+        """``parse_args``, with an unrecognized argument refused by its command's parser, and a
+        value that begins with ``-`` taken as its option's (``glue_dashed_values``)."""
+        given = self.glue_dashed_values(list(sys.argv[1:] if argv is None else argv))
+        args, extra = self.parse_known_args(given)
         if extra:
             command = getattr(args, "command", None) or ""
-            given = list(sys.argv[1:] if argv is None else argv)
             # the command's own only when they all come after its name (else before it: ours)
             after = given[given.index(command) + 1 :] if command in given else []
             mine = command in self.commands and all(arg in after for arg in extra)

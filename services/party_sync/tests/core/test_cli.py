@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import string
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from party_sync.cli import main
 
 #: ``party-sync token`` with every required flag (the claims' values do not matter here)
@@ -284,3 +287,44 @@ def test_serve_new_game_refused_for_a_setting_discards_nothing(
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "CAMPAIGN_ENGINE_SEED" in err[0], err
     assert sorted(path.name for path in tmp_path.iterdir()) == before
+
+
+_URLSAFE = string.ascii_letters + string.digits + "-_"
+
+
+@given(st.text(alphabet=_URLSAFE, min_size=1, max_size=43).filter(lambda s: s[0] != "-"))
+def test_a_value_that_begins_with_a_dash_is_its_options(rest: str) -> None:
+    """New-user probe: docs/engines.md's ``--api-key "$PARTY_SYNC_API_KEY"`` with a key from
+    ``secrets.token_urlsafe`` failed once in 64 ("argument --api-key: expected one argument"):
+    argparse read a key that begins with ``-`` as an option. Every command takes it as the
+    value (a key beginning with ``--`` too, unless it names one of the command's options)."""
+    from party_sync.cli import _parser
+
+    for value in ("-" + rest, "--" + rest + "Z"):
+        if value == "-h" or any(o.startswith(value) for o in ("--help", "--host", "--port")):
+            continue
+        serve = _parser().parse_command(["serve", "--api-key", value, "--port", "1234"])
+        assert serve.api_key == value and serve.port == 1234
+        serve = _parser().parse_command(["serve", "--jwt-secret", value])
+        assert serve.jwt_secret == value
+        host = _parser().parse_command(["engine-http", "x:y", "--api-key", value])
+        assert host.api_key == value
+        mint = _parser().parse_command([*MINT[:-1], value])
+        assert mint.secret == value
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["serve", "--api-key", "--port", "1"],  # the value forgotten: still refused
+        ["serve", "--api-key", "--po", "1"],  # (an abbreviation of an option is one)
+        ["serve", "--api-key"],
+    ],
+)
+def test_an_option_after_an_option_that_wants_a_value_is_still_refused(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2
+    assert "argument --api-key: expected one argument" in capsys.readouterr().err
