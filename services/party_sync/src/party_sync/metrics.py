@@ -174,7 +174,10 @@ class Metrics:
             "party_sync_parties", "Parties with connections on this node", registry=r
         )
         self.messages_in = TypeCounter(
-            "party_sync_messages_in_total", "Client messages received, by type", r
+            "party_sync_messages_in_total",
+            "Client messages received that passed the schema check, by type (one refused is "
+            "counted in party_sync_errors_total by its code)",
+            r,
         )
         self.messages_out = TypeCounter(
             "party_sync_messages_out_total",
