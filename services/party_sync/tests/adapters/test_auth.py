@@ -191,7 +191,7 @@ async def test_an_upgrade_that_is_no_websocket_handshake_is_400_before_the_token
             for lines in (
                 upgrade,  # no key
                 upgrade + "Sec-WebSocket-Key: shortKEYsaid\r\n",
-                upgrade + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ\r\n",  # 15 bytes... no pad
+                upgrade + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ\r\n",  # unpadded: no base64
                 upgrade + "Sec-WebSocket-Key: QUFBQUFBQUFBQUFBQUFBQUFB\r\n",  # 18 bytes
                 upgrade + "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZ\u00e9==\r\n",  # not ASCII
                 upgrade + good + good,  # twice

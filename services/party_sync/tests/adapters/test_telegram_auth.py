@@ -62,11 +62,17 @@ async def sign_in(
         return resp.status, await resp.json()
 
 
-async def test_valid_init_data_gives_a_token_that_connects_as_the_member() -> None:
+async def test_valid_init_data_gives_a_token_that_connects_as_the_member(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     async with server(telegram_token_ttl=600.0) as srv:
         before = time.time()
-        status, body = await sign_in(srv, init_data())
+        with caplog.at_level(logging.INFO, logger="party_sync.transport.telegram"):
+            status, body = await sign_in(srv, init_data())
         assert status == 200, body
+        # the log names the user as the token does (security probe: it said the bare number)
+        (said,) = [r for r in caplog.records if r.getMessage() == "telegram sign-in"]
+        assert said.__dict__["sub"] == f"telegram:{TG_ID}"
         assert set(body) == {"token", "expires_at"}
         assert before + 599 <= body["expires_at"] <= time.time() + 601
         assert srv.server is not None

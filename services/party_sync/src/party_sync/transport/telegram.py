@@ -133,12 +133,13 @@ async def sign_in(request: web.Request) -> web.Response:
         display_name=clean_name(membership.display_name, membership.character_id),
         now=now,
         ttl=ttl,
-        sub=f"telegram:{verified.user.id}",
+        sub=(sub := f"telegram:{verified.user.id}"),
         algorithm=settings.jwt_algorithms[0],
     )
+    # the user as the token names it (security probe: the bare number, another form than every
+    # other line that names a user by its ``sub``)
     log.info(
-        "telegram sign-in",
-        extra={"party_id": party_id, "character_id": character_id, "sub": verified.user.id},
+        "telegram sign-in", extra={"party_id": party_id, "character_id": character_id, "sub": sub}
     )
     return web.json_response({"token": token, "expires_at": int(now + ttl)}, headers=NO_STORE)
 
