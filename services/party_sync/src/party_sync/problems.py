@@ -145,6 +145,15 @@ class BadJson(Refused):
     """The body is not UTF-8 JSON."""
 
 
+class UnsupportedEncoding(BadJson):
+    """The body's ``Content-Encoding`` is one this server does not decode: ``bad_json`` (400, as
+    documented) with a detail that says so, and ``Accept-Encoding`` naming those it decodes (RFC
+    9110 §12.5.3; the detail said "body is not valid UTF-8 JSON")."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail, headers={"Accept-Encoding": ACCEPTED_ENCODINGS})
+
+
 class TelegramNotConfigured(Refused):
     """Telegram sign-in has neither a bot token nor a bot id (``transport/telegram.py``)."""
 
@@ -206,6 +215,11 @@ PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
     BodyTimeout: Problem(408, "body_timeout"),
     codec.TooDeep: Problem(400, "too_deep", f"body nests deeper than {codec.MAX_DEPTH} levels"),
     BadJson: Problem(400, "bad_json", "body is not valid UTF-8 JSON"),
+    UnsupportedEncoding: Problem(
+        400,
+        "bad_json",
+        "the body's Content-Encoding is not one this server decodes: gzip, deflate or none",
+    ),
     BackendUnavailable: Problem(503, "backend_unavailable", "the backend is unreachable; retry"),
     # publishing, votes and narration (transport/api.py)
     InvalidEvent: Problem(422, "invalid_event"),
@@ -390,18 +404,21 @@ def _default_body_timeout() -> float:
 #: by the route's reader, never beyond the route's limit (a 1 MiB gzip of a gigabyte costs what
 #: its first ``limit`` bytes cost), and never when the route refuses before reading (a wrong key).
 DECODABLE: Final = frozenset({"gzip", "x-gzip", "deflate"})
+#: What ``Accept-Encoding`` says to a body in another (``UnsupportedEncoding``).
+ACCEPTED_ENCODINGS: Final = "gzip, deflate"
 #: The server options that leave bodies as they came (for ``web.AppRunner`` / ``web.run_app``).
 RAW_BODIES: Final[Mapping[str, Any]] = {"auto_decompress": False}
 
 
 def _inflater(request: web.Request) -> Any:
-    """A zlib decompressor for the request's Content-Encoding, None for none; ``BadJson`` for an
-    encoding this server does not decode (as an undecodable body always was)."""
+    """A zlib decompressor for the request's Content-Encoding, None for none;
+    ``UnsupportedEncoding`` (400 ``bad_json``, saying why) for an encoding this server does
+    not decode."""
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     if encoding in ("", "identity"):
         return None
     if encoding not in DECODABLE:
-        raise BadJson("the body's Content-Encoding is not gzip or deflate")
+        raise UnsupportedEncoding()
     return zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, either
 
 

@@ -14,7 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import make_mocked_request
 from party_sync import problems
-from party_sync.problems import BadJson, BodyTooLarge, read_body
+from party_sync.problems import BadJson, BodyTooLarge, UnsupportedEncoding, read_body
 from ps_testkit.api_events import SCENE
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import Running, make_settings, serve_in_process
@@ -79,13 +79,21 @@ async def test_a_bomb_is_inflated_no_further_than_the_limit(
     [
         (gzip.compress(b"{}")[:-9], "gzip"),  # cut short
         (b"\x1f\x8b00000000", "gzip"),  # not gzip
-        (b"{}", "br"),  # not decoded here
-        (b"{}", "gzip, gzip"),
+        (b"{}", "deflate"),
     ],
 )
 async def test_a_body_that_does_not_decode_is_bad_json(body: bytes, encoding: str) -> None:
     with pytest.raises(BadJson):
         await read_with(body, encoding, 4096)
+
+
+@pytest.mark.parametrize("encoding", ["br", "zstd", "compress", "gzip, gzip", "gzip;q=1"])
+async def test_an_encoding_not_decoded_here_is_bad_json_that_says_so(encoding: str) -> None:
+    """400 ``bad_json`` as documented, with ``Accept-Encoding`` (RFC 9110 §12.5.3) and a detail
+    that names the encodings decoded (it said "body is not valid UTF-8 JSON")."""
+    with pytest.raises(UnsupportedEncoding) as refused:
+        await read_with(b"{}", encoding, 4096)
+    assert refused.value.headers == {"Accept-Encoding": "gzip, deflate"}
 
 
 async def post(srv: Running, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
@@ -106,5 +114,12 @@ async def test_the_api_takes_gzip_and_refuses_a_bomb_at_its_limit_or_before_read
         assert (status, problem["code"]) == (413, "too_large")
         status, problem = await post(srv, bomb(64), gz)  # no key: never read
         assert (status, problem["code"]) == (401, "unauthorized")
-        status, problem = await post(srv, b"{}", {**AUTH, "Content-Encoding": "br"})
-        assert (status, problem["code"]) == (400, "bad_json")
+        async with srv.http.post(
+            srv.base + "/api/v1/parties/p1/events",
+            data=b"{}",
+            headers={**AUTH, "Content-Type": "application/json", "Content-Encoding": "br"},
+        ) as resp:
+            problem = await resp.json(content_type=None)
+            assert (resp.status, problem["code"]) == (400, "bad_json")
+            assert resp.headers["Accept-Encoding"] == "gzip, deflate"
+            assert "gzip, deflate" in problem["detail"]
