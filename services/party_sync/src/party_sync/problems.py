@@ -154,6 +154,17 @@ class UnsupportedEncoding(BadJson):
         super().__init__(detail, headers={"Accept-Encoding": ACCEPTED_ENCODINGS})
 
 
+class ShuttingDown(Refused):
+    """The server began to shut down while this request's body was still arriving. From then on
+    the HTTP server reads nothing more of a connection (aiohttp drops what a closing connection
+    sends), so the body could never arrive whole: the request is answered at once, applied
+    nowhere, instead of waiting out ``shutdown_timeout`` and being cut without an answer (ops
+    probe). ``Retry-After``: send it again, to another node."""
+
+    def __init__(self, detail: str = "") -> None:
+        super().__init__(detail, headers={"Retry-After": "1"})
+
+
 class TelegramNotConfigured(Refused):
     """Telegram sign-in has neither a bot token nor a bot id (``transport/telegram.py``)."""
 
@@ -221,6 +232,12 @@ PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
         "the body's Content-Encoding is not one this server decodes: gzip, deflate or none",
     ),
     BackendUnavailable: Problem(503, "backend_unavailable", "the backend is unreachable; retry"),
+    ShuttingDown: Problem(
+        503,
+        "shutting_down",
+        "this server is shutting down and stopped reading the body: nothing was applied; "
+        "send the request again (another node takes it)",
+    ),
     # publishing, votes and narration (transport/api.py)
     InvalidEvent: Problem(422, "invalid_event"),
     SpecError: Problem(422, "invalid_vote"),
@@ -394,6 +411,31 @@ async def _send_and_close(request: web.Request, response: web.Response) -> None:
 BODY_TIMEOUT: Final = web.AppKey("body_timeout", float)
 
 
+#: The requests whose body ``read_body`` is reading now (``answer_bodies_at_shutdown``).
+#: (By ``id``: a request is not hashable.)
+_READING: Final = web.AppKey("party_sync.reading_bodies", dict)
+
+
+class _CutShort(PartySyncError):
+    """What a body's stream raises once the server began to shut down (``ShuttingDown``)."""
+
+
+def answer_bodies_at_shutdown(app: web.Application) -> None:
+    """At the first step of ``app``'s shutdown, every request whose body is still arriving is
+    answered 503 ``shutting_down`` (``ShuttingDown``): its stream is ended with an error, which
+    ``read_body`` turns into that refusal. Both HTTP servers call it (party_sync's and the
+    engine host's)."""
+    reading: dict[int, BaseRequest] = {}
+    app[_READING] = reading
+
+    async def cut_short(app: web.Application) -> None:
+        for request in list(reading.values()):
+            if not request.content.is_eof():  # (arrived whole: it is read to its end)
+                request.content.set_exception(_CutShort())
+
+    app.on_shutdown.insert(0, cut_short)
+
+
 @functools.cache
 def _default_body_timeout() -> float:
     return Settings().request_body_timeout
@@ -434,6 +476,19 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     inflater = _inflater(request)
+    reading: dict[int, BaseRequest] | None = request.app.get(_READING)
+    if reading is None:
+        return await _read_body(request, limit, inflater)
+    reading[id(request)] = request
+    try:
+        return await _read_body(request, limit, inflater)
+    except _CutShort:
+        raise ShuttingDown() from None
+    finally:
+        del reading[id(request)]
+
+
+async def _read_body(request: web.Request, limit: int, inflater: Any) -> bytes:
     timeout = request.app.get(BODY_TIMEOUT)
     if timeout is None:
         timeout = _default_body_timeout()

@@ -30,6 +30,7 @@ from party_sync.protocol.errors import BackendUnavailable, PartySyncError
 from party_sync.protocol.schemas import Contracts
 from party_sync.server import build_server, start_serving
 from party_sync.transport import edge, openapi
+from ps_testkit.client import wait_until
 from ps_testkit.servers import free_port, make_settings
 
 KEY = "api-key-0123456789abcdef0123456789"
@@ -530,3 +531,86 @@ async def test_the_engine_host_says_what_a_delivery_lacks_in_its_own_words(
     for python_words in python_words_seen:
         assert python_words not in answer["detail"], answer
     assert not engine.calls
+
+
+# -- a body still arriving when the server shuts down ------------------------------------------
+
+
+async def _half_sent(port: int, path: str, body: bytes) -> tuple[asyncio.StreamReader, Any]:
+    """A POST to ``path`` with the API key whose body has sent its first 10 bytes only."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(
+        (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        + body[:10]
+    )
+    await writer.drain()
+    return reader, writer
+
+
+async def _answer_after_rest(reader: asyncio.StreamReader, writer: Any, body: bytes) -> bytes:
+    """Send the rest of the body, then read the answer (to the connection's end)."""
+    writer.write(body[10:])
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    return answer
+
+
+async def test_a_body_still_arriving_at_shutdown_is_answered_at_once_and_applied_nowhere() -> None:
+    """Ops probe: an API request whose body was still arriving at SIGTERM got no answer at all,
+    and held the exit for the whole ``shutdown_timeout``: aiohttp reads nothing more of a
+    connection once the server is closing, so the body never arrived whole and the handler
+    waited for it until it was cancelled. Now it is 503 ``shutting_down`` with Retry-After at
+    once (nothing was applied: the engine sends it again, to another node), and the node stops
+    without waiting out the timeout."""
+    server = build_server(make_settings(api_key=KEY, shutdown_timeout=30.0))
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=30.0)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        body = json.dumps({"type": "scene.update", "payload": {"scene_id": "late"}}).encode()
+        reader, writer = await _half_sent(listening.port, "/api/v1/parties/p1/events", body)
+        await wait_until(lambda: bool(server.app[problems._READING]))
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(listening.stop())
+        answer = await asyncio.wait_for(_answer_after_rest(reader, writer, body), 10)
+        head, _, document = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503"), answer
+        assert b"Retry-After: 1" in head
+        assert json.loads(document)["code"] == "shutting_down"
+        await asyncio.wait_for(stopping, 10)
+        assert asyncio.get_running_loop().time() - started < 10  # not the 30-s timeout
+    finally:
+        if stopping is None:
+            await listening.stop()
+
+
+async def test_the_engine_host_answers_a_delivery_still_arriving_at_shutdown() -> None:
+    """The engine host (``party-sync engine-http``) too: 503 ``shutting_down`` at once, the
+    engine never called; ``HttpEngineLink`` retries a 503 (docs/engines.md)."""
+    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from ps_testkit.engines import ScriptedEngine
+
+    engine = ScriptedEngine()
+    app = build_host_app(engine, ApiPublisher("http://127.0.0.1:9", KEY, retries=0))
+    runner = web.AppRunner(app, shutdown_timeout=30.0)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        port = runner.addresses[0][1]
+        body = json.dumps({"party_id": "p1", "action": {"type": "action.request"}}).encode()
+        reader, writer = await _half_sent(port, "/actions", body)
+        await wait_until(lambda: bool(app[problems._READING]))
+        stopping = asyncio.create_task(runner.cleanup())
+        answer = await asyncio.wait_for(_answer_after_rest(reader, writer, body), 10)
+        assert answer.startswith(b"HTTP/1.1 503"), answer
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"] == "shutting_down"
+        await asyncio.wait_for(stopping, 10)
+        assert engine.answered == []
+    finally:
+        if stopping is None:
+            await runner.cleanup()

@@ -698,6 +698,7 @@ def build_host_app(
     app[PUBLISHER] = publisher
     app.router.add_post(path, receive_action)
     app.router.add_post(notice_path, receive_notice)
+    problems.answer_bodies_at_shutdown(app)  # a body still arriving at SIGTERM: 503 at once
 
     async def on_startup(app: web.Application) -> None:
         await publisher.open()

@@ -491,6 +491,7 @@ def build_app(
     app.middlewares.append(app[EDGE])
     app.on_response_prepare.append(_never_sniffed)
     app[problems.BODY_TIMEOUT] = gateway.settings.request_body_timeout
+    problems.answer_bodies_at_shutdown(app)  # a body still arriving at SIGTERM: 503 at once
     app.router.add_get("/ws", websocket)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)

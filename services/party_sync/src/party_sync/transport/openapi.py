@@ -167,6 +167,10 @@ _SLOW_BODY: Final = _problem(
     "body_timeout",
 )
 _UNAVAILABLE: Final = _problem("The backend is unreachable; retry", "backend_unavailable")
+_SHUTTING_DOWN: Final = (
+    "shutting_down (with Retry-After): the server began to shut down while the body was still "
+    "arriving; nothing was applied: send it again (another node takes it)"
+)
 
 
 def _too_large(limit: str) -> dict[str, Any]:
@@ -175,13 +179,18 @@ def _too_large(limit: str) -> dict[str, Any]:
 
 def _with_body(responses: dict[str, Any], limit: str) -> dict[str, Any]:
     """``responses`` plus the refusals of ``problems.read_json`` (after the key and the path
-    ids)."""
+    ids); 503 is ``backend_unavailable`` or ``shutting_down``."""
     return {
         **responses,
         "400": _problem(_BAD_BODY, *_BODY_CODES),
         "401": _UNAUTHORIZED,
         "408": _SLOW_BODY,
         "413": _too_large(limit),
+        "503": _problem(
+            f"backend_unavailable (the backend is unreachable; retry), or {_SHUTTING_DOWN}",
+            "backend_unavailable",
+            "shutting_down",
+        ),
     }
 
 
@@ -711,9 +720,10 @@ def _members() -> dict[str, Any]:
                     "408": _SLOW_BODY,
                     "413": _too_large("16384 bytes"),
                     "503": _problem(
-                        "telegram_not_configured, or backend_unavailable",
+                        f"telegram_not_configured, backend_unavailable, or {_SHUTTING_DOWN}",
                         "telegram_not_configured",
                         "backend_unavailable",
+                        "shutting_down",
                         headers=no_store,
                     ),
                 },
@@ -1121,6 +1131,7 @@ def _demo(dev_mode: bool) -> dict[str, Any]:
                     "400": _problem("bad_json, or too_deep", "bad_json", "too_deep"),
                     "408": _SLOW_BODY,
                     "413": _too_large("4096 bytes"),
+                    "503": _problem(_SHUTTING_DOWN, "shutting_down"),
                     "422": _problem(
                         "invalid_request (the detail says which field), or invalid_display_name",
                         "invalid_request",
