@@ -135,10 +135,17 @@ async def test_the_deadline_finishes_it_with_the_tie_rule() -> None:
 async def test_one_open_vote_per_party_and_bad_requests() -> None:
     async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
         a, _ = await srv.join("aria")
-        assert (await start(srv))[0] == 201
+        status, first = await start(srv)
+        assert status == 201
         status, problem = await start(srv)
         assert status == 409
         assert problem["error"] == "vote_open"
+        # the open vote is named (ops probe: an engine whose start's answer was lost could not
+        # tell its own vote from another's), and so is the same start sent again
+        assert problem["detail"] == f"the party already has an open vote: {first['vote_id']}"
+        status, problem = await start(srv, vote_id=first["vote_id"])
+        assert (status, problem["error"]) == (409, "vote_open")
+        assert problem["detail"].startswith(f"vote {first['vote_id']} is open already")
         status, problem = await start(srv, party="p1", options=OPTIONS[:1])
         assert (status, problem["error"]) == (422, "invalid_vote")  # checked before the conflict
         assert (await start(srv, party="nobody"))[0] == 422  # no known run for that party

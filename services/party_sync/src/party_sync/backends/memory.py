@@ -313,10 +313,9 @@ class MemoryBackend:
         self, party_id: str, spec: votes.VoteSpec, campaign_run_id: str, now: float, trace_id: str
     ) -> Event:
         party = self._party(party_id, now)
-        if party.vote is not None and not party.vote.finished:
-            raise VoteConflict(f"party {party_id} already has an open vote")
-        if party.vote is not None and party.vote.vote_id == spec.vote_id:
-            raise VoteConflict(f"vote {spec.vote_id} already ran")
+        conflict = votes.start_conflict(party.vote, spec)
+        if conflict is not None:
+            raise VoteConflict(conflict)
         vote = votes.open_vote(spec, now, trace_id, campaign_run_id)
         payload = votes.started_payload(vote, codec.rfc3339(vote.deadline))
         event = self._publish(

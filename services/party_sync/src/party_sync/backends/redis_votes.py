@@ -211,10 +211,9 @@ class RedisVotes:
         self, party_id: str, spec: votes.VoteSpec, run: str, now: float, trace_id: str
     ) -> Event:
         async def decide(txn: _Txn, current: votes.Vote | None, online: list[str]) -> Event:
-            if current is not None and not current.finished:
-                raise VoteConflict(f"party {party_id} already has an open vote")
-            if current is not None and current.vote_id == spec.vote_id:
-                raise VoteConflict(f"vote {spec.vote_id} already ran")
+            conflict = votes.start_conflict(current, spec)
+            if conflict is not None:
+                raise VoteConflict(conflict)
             vote = votes.open_vote(spec, now, trace_id, run)
             payload = votes.started_payload(vote, codec.rfc3339(vote.deadline))
             keys = self._keys.party_keys(party_id)

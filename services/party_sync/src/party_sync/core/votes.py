@@ -101,6 +101,20 @@ def open_vote(spec: VoteSpec, now: float, trace_id: str, campaign_run_id: str = 
     return Vote(spec, now, now + spec.timeout_s, trace_id, campaign_run_id)
 
 
+def start_conflict(current: Vote | None, spec: VoteSpec) -> str | None:
+    """Why ``spec`` may not open now (``VoteConflict``'s detail), or None: the party's vote is
+    still open, or ``spec`` reuses the id of the vote it finished (``vote:<vote_id>`` names one
+    decision, applied once). The open vote is named, so an engine that sends its start again
+    (its answer was lost) can tell that its own vote is the one open (ops probe)."""
+    if current is not None and not current.finished:
+        if current.vote_id == spec.vote_id:
+            return f"vote {spec.vote_id} is open already (this start, or one with its vote_id)"
+        return f"the party already has an open vote: {current.vote_id}"
+    if current is not None and current.vote_id == spec.vote_id:
+        return f"vote {spec.vote_id} already ran"
+    return None
+
+
 def tallies(vote: Vote) -> dict[str, int]:
     counts = dict.fromkeys(vote.option_ids, 0)
     for option in vote.ballots.values():
