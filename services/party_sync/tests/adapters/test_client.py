@@ -163,6 +163,22 @@ async def test_concurrent_actions_of_one_client_are_sent_one_at_a_time_and_all_a
         assert [engine.count(f"c-{i}") for i in range(3)] == [1, 1, 1]
 
 
+async def test_an_action_id_or_trace_id_that_breaks_the_rule_is_refused_before_it_is_sent() -> None:
+    """Clients probe: ``send_action(action_id="x" * 65)`` got a ``schema_violation`` that could
+    not name the action; the call, and every action after it, waited for ever. Refused at once
+    now, nothing sent, and the next action goes out."""
+    engine = ScriptedEngine()
+    async with serve_in_process(engine=engine) as srv, connected(srv, "aria") as a:
+        for bad in ("x" * 65, "bad id!", "é"):
+            with pytest.raises(ValueError, match="action_id"):
+                await a.send_action("skill_check", action_id=bad)
+        with pytest.raises(ValueError, match="trace_id"):
+            await a.send_action("skill_check", trace_id="t" * 129)
+        async with asyncio.timeout(10):
+            done = await a.send_action("skill_check", action_id="after-1")
+        assert done.action_id == "after-1" and engine.count("after-1") == 1
+
+
 async def test_an_action_sent_again_under_its_id_gets_its_result_again() -> None:
     """Soak probe: an ``action_id`` sent again on the same connection (after a refusal that is
     not final, or to learn its result) was never put on the wire: the call waited until a

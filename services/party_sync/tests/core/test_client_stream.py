@@ -164,6 +164,29 @@ def test_action_in_flight_keeps_waiting_other_errors_settle() -> None:
     assert isinstance(emitted(stream.receive(error("rate_limited")))[0], ServerError)
 
 
+def test_an_error_naming_no_action_id_settles_the_action_sent_with_its_trace_id() -> None:
+    """Clients probe: a ``schema_violation`` about an ``action.request`` whose ``action_id``
+    broke the rule names it by ``trace_id`` only; the action, and every one behind it, waited
+    for ever. It settles that action; an error about another message with that trace_id, or
+    without one, settles nothing."""
+    stream = ClientStream()
+    stream.receive(hello(3))
+    first = {**action("a1"), "trace_id": "t-1"}
+    second = {**action("a2"), "trace_id": "t-2"}
+    stream.add_action(first)
+    stream.add_action(second)
+    assert [
+        type(o) for o in stream.receive(error("schema_violation", trace_id="t-2", type="vote.cast"))
+    ] == [Emit]
+    assert [type(o) for o in stream.receive(error("schema_violation", type="action.request"))] == [
+        Emit
+    ]
+    out = stream.receive(error("schema_violation", trace_id="t-1", type="action.request"))
+    assert isinstance(out[1], ActionError) and out[1].action_id == "a1"
+    assert [o for o in out if isinstance(o, Send)] == [Send(second)]
+    assert list(stream.actions) == ["a2"]
+
+
 def test_actions_go_out_one_at_a_time_in_order() -> None:
     """Outside client probe: three concurrent send_action calls went out at once, and the server
     answered the second and third character_busy (one in flight per character); the browser

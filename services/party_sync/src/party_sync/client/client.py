@@ -52,6 +52,7 @@ from party_sync.client.transport import (
     Transport,
     TransportError,
 )
+from party_sync.protocol import ids
 from party_sync.protocol import types as t
 
 log = logging.getLogger(__name__)
@@ -225,13 +226,20 @@ class PartyClient:
         go out one at a time, in order (the server allows one in flight per character): one
         made while another is unanswered is sent once that one is answered.
         """
-        await self._ready()
         action_id = action_id or uuid.uuid4().hex
+        trace_id = trace_id or uuid.uuid4().hex
+        # Refused here: the server's schema_violation could not say which action it is about, and
+        # the action, and every one behind it, waited for ever (clients probe).
+        if not ids.is_id(action_id):
+            raise ValueError(f"action_id: {ids.ID_RULE}, got {action_id!r}")
+        if not ids.is_trace_id(trace_id):
+            raise ValueError(f"{ids.TRACE_ID_RULE}, got {trace_id!r}")
+        await self._ready()
         if action_id in self._actions:
             return await asyncio.shield(self._actions[action_id])
         message = {
             "type": t.ACTION_REQUEST,
-            "trace_id": trace_id or uuid.uuid4().hex,
+            "trace_id": trace_id,
             "payload": {
                 "action_id": action_id,
                 "character_id": self.state.you,

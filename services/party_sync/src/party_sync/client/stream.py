@@ -370,6 +370,18 @@ class ClientStream:
     def _error(self, error: ServerError) -> list[Output]:
         out: list[Output] = [Emit(error)]
         action_id = error.in_reply_to.get("action_id")
+        trace_id = error.in_reply_to.get("trace_id")
+        if (
+            action_id is None
+            and isinstance(trace_id, str)
+            and error.in_reply_to.get("type") == t.ACTION_REQUEST
+        ):
+            # an action.request whose action_id the server could not read (it broke the schema)
+            # is named by its trace_id only: it settles that action, which otherwise waited for
+            # ever with every action behind it (clients probe)
+            action_id = next(
+                (a for a, sent in self.actions.items() if sent.get("trace_id") == trace_id), None
+            )
         if (
             isinstance(action_id, str)
             and action_id in self.actions
@@ -378,7 +390,6 @@ class ClientStream:
             self._remove_action(action_id)
             out.append(ActionError(action_id, error))
             out.extend(self._next_action())
-        trace_id = error.in_reply_to.get("trace_id")
         if error.in_reply_to.get("type") == t.VOTE_CAST and isinstance(trace_id, str):
             ballot = self.votes.pop(trace_id, None)
             if ballot is not None:
