@@ -105,6 +105,12 @@ const defaultTimers: Timers = {
   clearTimeout: (handle) => globalThis.clearTimeout(handle as ReturnType<typeof setTimeout>),
 };
 
+/** The rule of every id of the protocol (docs/protocol.md): an `action_id` breaking it is refused
+ * before it is sent. */
+const ID_RULE = /^[A-Za-z0-9._:-]{1,64}$/;
+/** The rule of a `trace_id` (the id alphabet, up to 128 characters). */
+const TRACE_ID_RULE = /^[A-Za-z0-9._:-]{1,128}$/;
+
 /** A random UUID v4: `crypto.randomUUID()`, or `getRandomValues` outside secure contexts. */
 export function randomId(): string {
   const c = globalThis.crypto;
@@ -336,11 +342,22 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   ): Promise<ActionResultMessage> {
     if (this.status === "closed") return this.#closedError();
     const actionId = options.actionId ?? this.#makeId();
+    if (!ID_RULE.test(actionId)) {
+      // refused here: the server could not even say which action its schema_violation is about
+      return Promise.reject(
+        new TypeError(`action_id must be 1-64 of [A-Za-z0-9._:-], got ${JSON.stringify(actionId)}`),
+      );
+    }
+    const traceId = options.traceId ?? this.#makeId();
+    if (!TRACE_ID_RULE.test(traceId)) {
+      return Promise.reject(
+        new TypeError(`trace_id must be 1-128 of [A-Za-z0-9._:-], got ${JSON.stringify(traceId)}`),
+      );
+    }
     if (this.#actions.has(actionId)) {
       return Promise.reject(new Error(`action ${actionId} is already pending`));
     }
     return new Promise<ActionResultMessage>((resolve, reject) => {
-      const traceId = options.traceId ?? this.#makeId();
       this.#actions.set(actionId, { resolve, reject });
       this.#run(this.#stream.addAction({ actionId, type, payload: { ...payload }, traceId }));
     });

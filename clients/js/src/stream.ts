@@ -733,7 +733,14 @@ export class ClientStream {
   #error(error: SystemErrorMessage): Output[] {
     const out: Output[] = [emit("error", error)];
     const p = error.payload;
-    const actionId = p.in_reply_to.action_id;
+    // An error about an action.request whose action_id the server could not read (it broke the
+    // schema) names it by the request's trace_id only: matched so, it settles that action
+    // instead of leaving it, and every action behind it, waiting for ever (clients probe).
+    const actionId =
+      p.in_reply_to.action_id ??
+      (p.in_reply_to.type === "action.request" && p.in_reply_to.trace_id !== null
+        ? this.#actionByTrace(p.in_reply_to.trace_id)
+        : undefined);
     if (actionId !== undefined) {
       // action_in_flight: the first attempt is still running, its result will come.
       if (this.#actions.has(actionId) && p.code !== "action_in_flight") {
@@ -754,6 +761,14 @@ export class ClientStream {
       }
     }
     return out;
+  }
+
+  /** The pending action sent with `traceId`, if any. */
+  #actionByTrace(traceId: string): string | undefined {
+    for (const [actionId, pending] of this.#actions) {
+      if (pending.request.traceId === traceId) return actionId;
+    }
+    return undefined;
   }
 
   /** The ballots the one with `traceId` replaced (they settle with its answer). */

@@ -407,6 +407,24 @@ describe("actions", () => {
     client.close();
   });
 
+  it("refuses an action_id that breaks the protocol's id rule before sending it", async () => {
+    // clients probe: the server's schema_violation could not name it, and it waited for ever
+    const h = harness();
+    await joined(h);
+    for (const bad of ["x".repeat(65), "bad id!", ""]) {
+      await assert.rejects(h.client.sendAction("skill_check", {}, { actionId: bad }), TypeError);
+    }
+    await assert.rejects(
+      h.client.sendAction("skill_check", {}, { traceId: "t".repeat(129) }),
+      TypeError,
+    );
+    assert.deepEqual(h.socket().sentOfType("action.request"), []);
+    const ok = h.client.sendAction("skill_check", {}, { actionId: "a.b:c-d_9" });
+    assert.equal(h.socket().sentOfType("action.request").length, 1);
+    h.socket().deliver(result(1, "a.b:c-d_9"));
+    await ok;
+  });
+
   it("is rejected with the system.error about its action_id", async () => {
     const h = harness();
     await joined(h);

@@ -389,6 +389,28 @@ describe("ClientStream: pending actions", () => {
     assert.equal(s.pendingActions, 0);
   });
 
+  it("an error naming no action_id settles the action sent with its trace_id", () => {
+    // clients probe: a schema_violation about an action.request whose action_id broke the rule
+    // names it by trace_id only; the action (and every one behind it) waited for ever
+    const s = makeStream();
+    online(s);
+    s.addAction(action("a"));
+    s.addAction(action("b"));
+    const out = s.receive(
+      frame(systemError("schema_violation", { trace_id: "t-a", type: "action.request" })),
+    );
+    assert.deepEqual(kinds(out), ["emit:error", "actionFailed", "send"]);
+    const failed = out[1];
+    assert.ok(failed?.type === "actionFailed" && failed.actionId === "a");
+    assert.deepEqual(sentActionIds(out), ["b"]);
+    // another message's error with that trace_id settles nothing
+    const other = s.receive(
+      frame(systemError("schema_violation", { trace_id: "t-b", type: "vote.cast" })),
+    );
+    assert.deepEqual(kinds(other), ["emit:error"]);
+    assert.ok(s.hasAction("b"));
+  });
+
   it("re-sends the unanswered one with the same id on each new connection, once caught up", () => {
     const s = makeStream();
     online(s);
