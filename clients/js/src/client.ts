@@ -52,6 +52,7 @@ import type {
   ActionResultMessage,
   ActionType,
   ClientMessage,
+  SystemErrorMessage,
   VoteUpdateMessage,
 } from "./types.js";
 
@@ -450,6 +451,9 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       case "actionFailed":
         this.#takeAction(output.actionId)?.reject(new PartySyncError(output.error));
         return;
+      case "actionTooLarge":
+        this.#takeAction(output.actionId)?.reject(new PartySyncError(tooLarge(output)));
+        return;
       case "voteDone":
         this.#takeVote(output.traceId)?.resolve(output.update);
         return;
@@ -655,4 +659,28 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       // the connection is going away: its close event reconnects and sends again
     }
   }
+}
+
+/** The `message_too_large` refusal of an action too large for this server (the hello's
+ * `limits`), made here: the words and shape the server gives one under 4x its limit (over that,
+ * it closes the connection, and the resend after each reconnect was closed again, for ever). */
+function tooLarge(too: {
+  actionId: string;
+  traceId: string;
+  size: number;
+  limit: number;
+}): SystemErrorMessage {
+  return {
+    type: "system.error",
+    timestamp: new Date().toISOString(),
+    trace_id: too.traceId,
+    payload: {
+      code: "message_too_large",
+      message:
+        `the action is ${too.size} bytes encoded; this server takes messages of at most ` +
+        `${too.limit} bytes (system.hello limits.max_message_bytes)`,
+      retryable: false,
+      in_reply_to: { trace_id: too.traceId, type: "action.request", action_id: too.actionId },
+    },
+  };
 }

@@ -146,6 +146,8 @@ export type Output =
   | { type: "ready" }
   | { type: "actionDone"; actionId: string; result: ActionResultMessage }
   | { type: "actionFailed"; actionId: string; error: SystemErrorMessage }
+  /** An action larger than the server's limit (the hello's): failed without being sent. */
+  | { type: "actionTooLarge"; actionId: string; traceId: string; size: number; limit: number }
   | { type: "voteDone"; traceId: string; update: VoteUpdateMessage }
   | { type: "voteFailed"; traceId: string; error: SystemErrorMessage }
   /** Stopped for good: reject what is still waiting with `ClientClosedError(reason)`. */
@@ -903,10 +905,10 @@ export class ClientStream {
     const out: Output[] = [];
     const connection = this.#connection;
     // One action in flight at a time: the oldest unanswered one.
-    const head = this.#actions.values().next();
-    if (!head.done && head.value.sentOn !== connection) {
+    for (;;) {
+      const head = this.#actions.values().next();
+      if (head.done || head.value.sentOn === connection) break;
       const { request } = head.value;
-      head.value.sentOn = connection;
       const message = {
         type: "action.request",
         trace_id: request.traceId,
@@ -918,7 +920,20 @@ export class ClientStream {
           payload: request.payload,
         },
       } as ActionRequestMessage;
+      const size = new TextEncoder().encode(JSON.stringify(message)).length;
+      if (size > state.limits.max_message_bytes) {
+        // One the server could never take (over 4x its limit it closes the connection, and the
+        // resend after each reconnect was closed again, for ever): failed here, as the server
+        // says it of one under that bound, and the next action goes out.
+        this.#actions.delete(request.actionId);
+        const limit = state.limits.max_message_bytes;
+        const { actionId, traceId } = request;
+        out.push({ type: "actionTooLarge", actionId, traceId, size, limit });
+        continue;
+      }
+      head.value.sentOn = connection;
       out.push({ type: "send", message });
+      break;
     }
     // One ballot per vote: a later one for the same vote replaces those not sent on this
     // connection (the server counts the last ballot only; sending them all after a reconnect

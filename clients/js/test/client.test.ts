@@ -407,7 +407,7 @@ describe("actions", () => {
     client.close();
   });
 
-  it("refuses an action_id that breaks the protocol's id rule before sending it", async () => {
+  it("refuses an action_id that breaks the id rule, or too large an action, unsent", async () => {
     // clients probe: the server's schema_violation could not name it, and it waited for ever
     const h = harness();
     await joined(h);
@@ -417,6 +417,11 @@ describe("actions", () => {
     await assert.rejects(
       h.client.sendAction("skill_check", {}, { traceId: "t".repeat(129) }),
       TypeError,
+    );
+    // larger than the hello's limits.max_message_bytes: refused as the server would, unsent
+    await assert.rejects(
+      h.client.sendAction("skill_check", { skill: "x".repeat(300_000) }),
+      (e: unknown) => e instanceof PartySyncError && e.code === "message_too_large" && !e.retryable,
     );
     assert.deepEqual(h.socket().sentOfType("action.request"), []);
     const ok = h.client.sendAction("skill_check", {}, { actionId: "a.b:c-d_9" });

@@ -389,6 +389,26 @@ describe("ClientStream: pending actions", () => {
     assert.equal(s.pendingActions, 0);
   });
 
+  it("an action larger than the server's limit fails here, and the next one goes out", () => {
+    // clients probe class: over 4x the limit the server closes (1009), and the resend after each
+    // reconnect was closed again, for ever
+    const s = makeStream();
+    online(s);
+    const big = { ...action("big"), payload: { skill: "x".repeat(70_000) } };
+    s.addAction(big);
+    assert.equal(s.pendingActions, 0);
+    const out = s.addAction(action("b"));
+    assert.deepEqual(sentActionIds(out), ["b"]);
+    const failedHere = makeStream();
+    online(failedHere);
+    const early = failedHere.addAction(big);
+    assert.deepEqual(kinds(early), ["actionTooLarge"]);
+    const failed = early[0];
+    assert.ok(failed?.type === "actionTooLarge" && failed.actionId === "big");
+    assert.equal(failed.limit, 65536);
+    assert.ok(failed.size > 70_000);
+  });
+
   it("an error naming no action_id settles the action sent with its trace_id", () => {
     // clients probe: a schema_violation about an action.request whose action_id broke the rule
     // names it by trace_id only; the action (and every one behind it) waited for ever

@@ -174,6 +174,10 @@ async def test_an_action_id_or_trace_id_that_breaks_the_rule_is_refused_before_i
                 await a.send_action("skill_check", action_id=bad)
         with pytest.raises(ValueError, match="trace_id"):
             await a.send_action("skill_check", trace_id="t" * 129)
+        # larger than the server takes (over 4x its limit it closes the connection, and the
+        # resend after every reconnect was closed again): refused, with the limit
+        with pytest.raises(ValueError, match="at most 65536 bytes"):
+            await a.send_action("skill_check", {"skill": "x" * 300_000}, action_id="too-big")
         async with asyncio.timeout(10):
             done = await a.send_action("skill_check", action_id="after-1")
         assert done.action_id == "after-1" and engine.count("after-1") == 1

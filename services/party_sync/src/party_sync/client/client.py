@@ -248,6 +248,14 @@ class PartyClient:
                 "payload": payload or {},
             },
         }
+        # One the server could never take (it closes the connection over 4x its limit, and
+        # the resend after each reconnect would be closed again, for ever) is refused here.
+        size, limit = len(orjson.dumps(message)), self.state.limits.get("max_message_bytes")
+        if isinstance(limit, int) and size > limit:
+            raise ValueError(
+                f"the action is {size} bytes encoded; this server takes messages of at most "
+                f"{limit} bytes (system.hello limits.max_message_bytes)"
+            )
         future: asyncio.Future[ActionResult] = asyncio.get_running_loop().create_future()
         self._actions[action_id] = future
         try:
