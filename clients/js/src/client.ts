@@ -367,6 +367,16 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   /** Vote for `option` in the open vote `voteId`; resolves with the `vote.update` it caused. */
   castVote(voteId: string, option: string): Promise<VoteUpdateMessage> {
     if (this.status === "closed") return this.#closedError();
+    for (const [name, value] of [
+      ["voteId", voteId],
+      ["option", option],
+    ] as const) {
+      if (!ID_RULE.test(value)) {
+        // (a huge one was resent after every 1009 close, for ever)
+        const shown = JSON.stringify(value.slice(0, 80));
+        return Promise.reject(new TypeError(`${name} must be 1-64 of [A-Za-z0-9._:-], got ${shown}`));
+      }
+    }
     return new Promise<VoteUpdateMessage>((resolve, reject) => {
       const traceId = this.#makeId();
       this.#votes.set(traceId, { resolve, reject });

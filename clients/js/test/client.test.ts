@@ -423,6 +423,9 @@ describe("actions", () => {
       h.client.sendAction("skill_check", { skill: "x".repeat(300_000) }),
       (e: unknown) => e instanceof PartySyncError && e.code === "message_too_large" && !e.retryable,
     );
+    await assert.rejects(h.client.castVote("v-1", "x".repeat(300_000)), TypeError);
+    await assert.rejects(h.client.castVote("bad vote", "A"), TypeError);
+    assert.deepEqual(h.socket().sentOfType("vote.cast"), []);
     assert.deepEqual(h.socket().sentOfType("action.request"), []);
     const ok = h.client.sendAction("skill_check", {}, { actionId: "a.b:c-d_9" });
     assert.equal(h.socket().sentOfType("action.request").length, 1);

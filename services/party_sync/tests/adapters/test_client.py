@@ -178,6 +178,10 @@ async def test_an_action_id_or_trace_id_that_breaks_the_rule_is_refused_before_i
         # resend after every reconnect was closed again): refused, with the limit
         with pytest.raises(ValueError, match="at most 65536 bytes"):
             await a.send_action("skill_check", {"skill": "x" * 300_000}, action_id="too-big")
+        with pytest.raises(ValueError, match="option"):
+            await a.cast_vote("v-1", "x" * 300_000)
+        with pytest.raises(ValueError, match="vote_id"):
+            await a.cast_vote("bad vote", "A")
         async with asyncio.timeout(10):
             done = await a.send_action("skill_check", action_id="after-1")
         assert done.action_id == "after-1" and engine.count("after-1") == 1

@@ -271,8 +271,12 @@ class PartyClient:
     async def cast_vote(self, vote_id: str, option: str) -> VoteUpdated:
         """Vote (or change the ballot); returns the ``vote.update`` it caused.
 
-        Raises ``VoteRefused`` (``vote_unknown``, ``vote_closed``, ``vote_bad_option``).
+        Raises ``VoteRefused`` (``vote_unknown``, ``vote_closed``, ``vote_bad_option``), and
+        ``ValueError`` before sending for a ``vote_id`` or ``option`` that breaks the id rule.
         """
+        for name, value in (("vote_id", vote_id), ("option", option)):
+            if not ids.is_id(value):  # (a huge one was resent after every 1009, for ever)
+                raise ValueError(f"{name}: {ids.ID_RULE}, got {value[:80]!r}")
         await self._ready()
         trace_id = uuid.uuid4().hex
         message = {
