@@ -106,11 +106,16 @@ const defaultTimers: Timers = {
   clearTimeout: (handle) => globalThis.clearTimeout(handle as ReturnType<typeof setTimeout>),
 };
 
-/** The rule of every id of the protocol (docs/protocol.md): an `action_id` breaking it is refused
- * before it is sent. */
-const ID_RULE = /^[A-Za-z0-9._:-]{1,64}$/;
-/** The rule of a `trace_id` (the id alphabet, up to 128 characters). */
-const TRACE_ID_RULE = /^[A-Za-z0-9._:-]{1,128}$/;
+/**
+ * Why `value` breaks the protocol's id rule (docs/protocol.md: the id alphabet, 1–64 characters;
+ * a trace id up to 128), or null. An id breaking it is refused before it is sent: the server's
+ * `schema_violation` could not name the request, and a huge one was resent after every 1009.
+ */
+function badId(name: string, value: string, most = 64): TypeError | null {
+  if (value.length <= most && /^[A-Za-z0-9._:-]+$/.test(value)) return null;
+  const shown = JSON.stringify(value.slice(0, 80));
+  return new TypeError(`${name} must be 1-${most} of [A-Za-z0-9._:-], got ${shown}`);
+}
 
 /** A random UUID v4: `crypto.randomUUID()`, or `getRandomValues` outside secure contexts. */
 export function randomId(): string {
@@ -343,18 +348,9 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   ): Promise<ActionResultMessage> {
     if (this.status === "closed") return this.#closedError();
     const actionId = options.actionId ?? this.#makeId();
-    if (!ID_RULE.test(actionId)) {
-      // refused here: the server could not even say which action its schema_violation is about
-      return Promise.reject(
-        new TypeError(`action_id must be 1-64 of [A-Za-z0-9._:-], got ${JSON.stringify(actionId)}`),
-      );
-    }
     const traceId = options.traceId ?? this.#makeId();
-    if (!TRACE_ID_RULE.test(traceId)) {
-      return Promise.reject(
-        new TypeError(`trace_id must be 1-128 of [A-Za-z0-9._:-], got ${JSON.stringify(traceId)}`),
-      );
-    }
+    const bad = badId("action_id", actionId) ?? badId("trace_id", traceId, 128);
+    if (bad !== null) return Promise.reject(bad);
     if (this.#actions.has(actionId)) {
       return Promise.reject(new Error(`action ${actionId} is already pending`));
     }
@@ -367,16 +363,8 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   /** Vote for `option` in the open vote `voteId`; resolves with the `vote.update` it caused. */
   castVote(voteId: string, option: string): Promise<VoteUpdateMessage> {
     if (this.status === "closed") return this.#closedError();
-    for (const [name, value] of [
-      ["voteId", voteId],
-      ["option", option],
-    ] as const) {
-      if (!ID_RULE.test(value)) {
-        // (a huge one was resent after every 1009 close, for ever)
-        const shown = JSON.stringify(value.slice(0, 80));
-        return Promise.reject(new TypeError(`${name} must be 1-64 of [A-Za-z0-9._:-], got ${shown}`));
-      }
-    }
+    const bad = badId("voteId", voteId) ?? badId("option", option);
+    if (bad !== null) return Promise.reject(bad);
     return new Promise<VoteUpdateMessage>((resolve, reject) => {
       const traceId = this.#makeId();
       this.#votes.set(traceId, { resolve, reject });

@@ -159,6 +159,9 @@ export type Output =
  * event), the status moves on (`lifecycle` changes) and the rest of these are void, so a stopped
  * client neither reports `reconnecting` nor dials again.
  */
+/** Measures an action's encoded size against the hello's `limits.max_message_bytes`. */
+const UTF8 = new TextEncoder();
+
 export const CONNECTION_OUTPUTS: ReadonlySet<Output["type"]> = new Set([
   "status",
   "send",
@@ -920,7 +923,7 @@ export class ClientStream {
           payload: request.payload,
         },
       } as ActionRequestMessage;
-      const size = new TextEncoder().encode(JSON.stringify(message)).length;
+      const size = UTF8.encode(JSON.stringify(message)).length;
       if (size > state.limits.max_message_bytes) {
         // One the server could never take (over 4x its limit it closes the connection, and the
         // resend after each reconnect was closed again, for ever): failed here, as the server

@@ -63,13 +63,9 @@ def load_engine(spec: str) -> Engine:
         # passes for the class itself too, whose methods are its attributes (new-user probe:
         # ``--engine echo_engine:EchoEngine`` failed with "start() missing 1 required positional
         # argument: 'publisher'").
-        engine: object = (
-            target
-            if isinstance(target, Engine) and not isinstance(target, type)
-            else target()
-            if callable(target)
-            else None
-        )
+        engine: object = target
+        if isinstance(target, type) or not isinstance(target, Engine):
+            engine = target() if callable(target) else None
     except ValueError as exc:  # a factory's word for a bad setting (CAMPAIGN_ENGINE_SEED=abc)
         raise ConfigError(f"{spec}: {exc}") from None
     except Exception as exc:  # anything else it raised (or a callable that is no factory)
