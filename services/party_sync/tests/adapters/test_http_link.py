@@ -103,6 +103,8 @@ class ScriptedApi:
             return web.json_response({"error": "expired"}, status=409)
         if answer == "engine_error":  # what party-sync engine-http answers when the engine raised
             return web.json_response({"error": "engine_error", "detail": "x"}, status=500)
+        if answer == "shutting_down":  # engine-http, a body still arriving at its SIGTERM
+            return web.json_response({"error": "shutting_down", "detail": "x"}, status=503)
         assert isinstance(answer, int)
         return web.json_response({"detail": f"status {answer}"}, status=answer)
 
@@ -316,6 +318,26 @@ async def test_an_engine_refusing_every_connection_ends_in_engine_unavailable() 
     async with started_link(host, url, retries=2) as link:
         await link.submit(make_action("gone"))
         await idle(link)
+    assert host.failed == [("gone", ErrorCode.ENGINE_UNAVAILABLE)]
+
+
+async def test_an_engine_host_shutting_down_is_not_reached_like_a_refused_connection() -> None:
+    """503 ``shutting_down`` is what ``party-sync engine-http`` answers a body still arriving
+    when it began to shut down: the engine never saw it. The next POST is still attempt 1, and
+    a host that says so to every attempt ends in ``engine_unavailable`` (it was an unknown
+    outcome: retried silently until ``give_up_after``, the player told nothing)."""
+    api, host = ScriptedApi(answers=["shutting_down"]), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions") as link:
+        await link.submit(make_action("later", deadline=FUTURE))
+        await idle(link)
+    assert [h["X-Delivery-Attempt"] for h, _ in api.actions] == ["1", "1"]
+    assert host.failed == [] and host.rejected == []
+
+    api, host = ScriptedApi(answers=["shutting_down"] * 3), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions", retries=2) as link:
+        await link.submit(make_action("gone", deadline=FUTURE))
+        await idle(link)
+    assert len(api.actions) == 3
     assert host.failed == [("gone", ErrorCode.ENGINE_UNAVAILABLE)]
 
 

@@ -25,8 +25,9 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
   ``engine_unavailable``;
 - other 4xx: final; the player gets ``action_rejected`` with the engine's ``detail`` (or the
   status);
-- connection refused (``aiohttp.ClientConnectorError``; or ``aiohttp.InvalidURL``): the request
-  never left; retried with exponential backoff and full jitter up to ``engine_http_retries``
+- connection refused (``aiohttp.ClientConnectorError``; or ``aiohttp.InvalidURL``), or 503
+  ``{"error": "shutting_down"}`` (the engine host read no whole body): the request never reached
+  the engine; retried with exponential backoff and full jitter up to ``engine_http_retries``
   times. If *every* attempt was
   refused like this, the player gets ``engine_unavailable``: true, the engine never saw it;
   never retried past the action's deadline: at the deadline the player gets ``action_timeout``
@@ -85,6 +86,9 @@ log = logging.getLogger(__name__)
 EXPIRED = "expired"
 #: The error an engine host answers (500) when the engine raised (not applied).
 ENGINE_ERROR = ErrorCode.ENGINE_ERROR.value
+#: The error an engine host answers (503) to a body still arriving when it began to shut down
+#: (``problems.answer_bodies_at_shutdown``): the engine never saw the action.
+SHUTTING_DOWN: Final = "shutting_down"
 
 
 class _Unreached(PartySyncError):
@@ -546,8 +550,13 @@ class HttpEngineLink:
                     if self._failing_since is None:
                         self._failing_since = self._last_attempt
                     self._failing_status = resp.status
-                    if isinstance(answer, dict) and answer.get("error") == ENGINE_ERROR:
+                    if _error_of(answer) == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
+                    if resp.status == 503 and _error_of(answer) == SHUTTING_DOWN:
+                        # the host read no whole body: the engine never saw it, like a refused
+                        # connection (it was counted as an unknown outcome: no engine_unavailable
+                        # for ever, only silence until give_up_after)
+                        raise _Unreached(f"HTTP 503 {SHUTTING_DOWN}")
                     raise _Retryable(f"HTTP {resp.status}")
                 return resp.status, answer
         except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # never sent
@@ -620,3 +629,8 @@ def _detail(answer: Any) -> str | None:
             if isinstance(answer.get(key), str):
                 return str(answer[key])[:300]
     return None
+
+
+def _error_of(answer: Any) -> Any:
+    """The ``error`` of a JSON object answer (None for any other answer)."""
+    return answer.get("error") if isinstance(answer, dict) else None
