@@ -673,6 +673,28 @@ def test_a_resend_on_another_node_ends_with_its_record_not_with_a_lost_state() -
     assert codes == ["action_in_flight"], codes
 
 
+def test_a_resend_on_another_node_past_the_deadline_of_an_action_nobody_started_ends_at_once() -> (
+    None
+):
+    """Docs probe: an action accepted on node A, which died before any engine started it; its
+    player reconnected to node B after the deadline and resent it: ``action_in_flight``, then
+    ``action_timeout`` one whole timeout after the resend (nobody else looks at a dead node's
+    action). B looks at it by its record's age: its deadline is past, so at once."""
+    a = Node()
+    a.act(a.join("aria"), "a1")
+    assert a.engine  # accepted; never started
+    b = Node(backend=a.backend)  # A is gone (its watch with it)
+    b.now = a.now + 1.5 * RULES.action_timeout
+    borin = b.join("borin")
+    aria_b = b.join("aria")
+    b.act(aria_b, "a1")
+    b.advance(0)
+    codes = [error_code(f) for f in b.frames[aria_b.id] if f["type"] == t.ERROR]
+    assert codes == ["action_in_flight", "action_timeout"], codes
+    assert [f["payload"]["action_id"] for f in b.frames[borin.id] if f["type"] == "action.failed"]
+    assert b.meter.counts.get(("action_answers", "timeout")) == 1
+
+
 def test_a_started_action_refused_at_its_deadline_is_not_called_overdue() -> None:
     """The HTTP link claims an action before its first delivery; when every attempt is refused
     at connect, it answers action_timeout at the deadline. The node's look at that deadline came

@@ -806,6 +806,13 @@ class PartySessions:
             # (a longer deadline only for an acceptance: one IN_FLIGHT is the record's)
             longer = cmd.deadline_in if decision is _ACCEPT else None
             deadline = now + (longer or self.rules.action_timeout)
+            if decision is _IN_FLIGHT and verdict.began is not None:
+                # Accepted elsewhere (a node that may be gone, with nobody left to look at it):
+                # looked at by its record's age, at once if that says its deadline is past (docs
+                # probe: a dead node's action, never started, was answered action_timeout one
+                # whole timeout after the resend). A record with a longer deadline is NOT_DUE
+                # then, and looked at again later; the ledger decides, so an early look is true.
+                deadline = min(deadline, verdict.began + self.rules.action_timeout)
             pending = PendingAction(
                 conn,
                 conn.party_id,
