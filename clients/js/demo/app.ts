@@ -241,15 +241,21 @@ function clearError(where: Where): void {
 
 // --- tokens -----------------------------------------------------------------------------------
 
-/** A sign-in endpoint refused (4xx): retrying the same request cannot help. */
+/** A sign-in endpoint refused (4xx, or a 5xx no retry cures): retrying cannot help. */
 class SignInRefused extends Error {
   constructor(
     message: string,
     readonly status: number,
+    readonly code: string,
   ) {
     super(message);
   }
 }
+
+/** 5xx answers of the sign-in endpoints that stay until the operator acts: a server without a
+ * bot token answers every Telegram sign-in 503 `telegram_not_configured` (the page retried it
+ * for ever behind "Reconnecting…": demo probe). */
+const LASTING_SIGN_IN_ERRORS: ReadonlySet<string> = new Set(["telegram_not_configured"]);
 
 async function postJson(path: string, body: unknown): Promise<Record<string, unknown>> {
   const response = await fetch(path, {
@@ -261,8 +267,8 @@ async function postJson(path: string, body: unknown): Promise<Record<string, unk
   if (!response.ok) {
     const code = typeof data["error"] === "string" ? data["error"] : response.statusText;
     const message = `${path}: ${response.status} ${code}`;
-    if (response.status >= 400 && response.status < 500) {
-      throw new SignInRefused(message, response.status);
+    if ((response.status >= 400 && response.status < 500) || LASTING_SIGN_IN_ERRORS.has(code)) {
+      throw new SignInRefused(message, response.status, code);
     }
     throw new Error(message);
   }
@@ -932,6 +938,18 @@ interface Described {
   kind?: string;
 }
 
+/** The scene the story log's last heading names. */
+let loggedScene: { id: string; number: number } | null = null;
+
+/** Whether a scene.update opens a chapter of the story log: not the scene its last heading
+ * names, restated (after a server restart the snapshot has no scene, and the engine's
+ * re-statement of the scene the party was in was logged as a new one: demo probe). */
+function newChapter(scene: Scene): boolean {
+  const fresh = loggedScene?.id !== scene.scene_id || loggedScene.number !== scene.scene_number;
+  loggedScene = { id: scene.scene_id, number: scene.scene_number };
+  return fresh;
+}
+
 /** Whether a scene.update moves the party to another scene (engines restate the current one). */
 function newScene(state: PartySnapshot | null, scene: Scene): boolean {
   return state?.scene?.scene_id !== scene.scene_id || state.sceneNumber !== scene.scene_number;
@@ -954,7 +972,7 @@ function describe(state: PartySnapshot | null, event: PartyEvent | UnknownPartyE
     case "scene.update":
       return {
         text: `Scene ${event.payload.scene_number}: ${event.payload.title}`,
-        detail: !newScene(state, event.payload),
+        detail: !newChapter(event.payload),
         kind: "chapter",
       };
     case "combat.update": {
@@ -1172,6 +1190,7 @@ function closedProblem(change: ConnectionChange): string | null {
 
 function wire(c: PartySyncClient, cfg: DemoConfig): void {
   let online = false;
+  let signInTrouble = false; // a failed sign-in was told since the last hello
   c.on("connection", (change) => {
     setStatus(change.status, connectionText(change));
     if (change.delayMs !== undefined) {
@@ -1199,6 +1218,7 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
     updateButtons();
   });
   c.on("hello", ({ message, resumed }: HelloInfo) => {
+    signInTrouble = false;
     clockOffsetMs = Date.parse(message.timestamp) - Date.now();
     const p = message.payload;
     const item = note(
@@ -1209,6 +1229,7 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
     if (!resumed && p.scene !== null && log.querySelector("li:not(.detail)") === null) {
       // A story log that starts here starts with the scene the party is in.
       note(`Scene ${p.scene.scene_number}: ${p.scene.title}`, { kind: "chapter" });
+      loggedScene = { id: p.scene.scene_id, number: p.scene.scene_number };
     }
     if (p.vote !== null) voteOptions.set(p.vote.vote_id, p.vote.options);
     if (!resumed) {
@@ -1310,14 +1331,22 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       // Refused for good (stale initData, not a member, ...): stop instead of retrying.
       c.close();
       signIn(
-        error.status === 401
-          ? "Sign-in expired or invalid: close and reopen the Mini App."
-          : `Sign-in refused (${error.message}).`,
+        error.code === "telegram_not_configured"
+          ? "This server does not take Telegram sign-ins (it is not set up for them): tell the game's operator."
+          : error.status === 401
+            ? "Sign-in expired or invalid: close and reopen the Mini App."
+            : `Sign-in refused (${error.message}).`,
         "Sign-in refused",
       );
       return;
     }
-    note("Could not sign in yet; trying again…", { kind: "error", detail: true });
+    // Told once in plain sight (the page has nothing else to show until it signs in: demo
+    // probe), then only among the details while the retries go on.
+    note(`Could not sign in yet (${String(error instanceof Error ? error.message : error)}); trying again…`, {
+      kind: "error",
+      detail: signInTrouble,
+    });
+    signInTrouble = true;
   });
 }
 

@@ -9,6 +9,7 @@ refused links: test_demo_live.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -342,3 +343,95 @@ async def test_a_refused_telegram_sign_in_stops_and_says_so() -> None:
         await expect(page.locator("#signin-text")).to_contain_text("reopen the Mini App")
         await expect(page.locator("#status")).to_have_attribute("data-status", "closed")
         assert len(calls) == 1, "a refused sign-in is not retried"
+
+
+async def test_a_server_without_telegram_sign_in_says_so_instead_of_reconnecting() -> None:
+    """Demo probe: a server with no bot token answers every Telegram sign-in 503
+    ``telegram_not_configured``; the page retried it for ever, a blank page saying
+    "Reconnecting…", its one explanation hidden among the details. No retry cures that: the page
+    stops and says so."""
+    async with (
+        serve_in_process(make_settings(api_key=KEY), engine=ReferenceEngine(seed=3)) as srv,
+        chromium() as browser,
+    ):
+        page = await (await browser.new_context(viewport={"width": 390, "height": 844})).new_page()
+        calls: list[int] = []
+        page.on(
+            "response",
+            lambda r: calls.append(r.status) if r.url.endswith("/api/v1/auth/telegram") else None,
+        )
+        await page.add_init_script(
+            "window.Telegram = {WebApp: {initData: " + json.dumps(INIT_DATA) + "}};"
+        )
+        await page.goto(f"{srv.base}/demo?party=tg-party&character=aria")
+        await expect(page.locator("#signin-text")).to_contain_text(
+            "does not take Telegram sign-ins"
+        )
+        await expect(page.locator("#status")).to_have_attribute("data-status", "closed")
+        assert calls == [503], "a sign-in the server cannot take is not retried"
+
+
+async def test_a_sign_in_that_fails_for_a_while_is_told_in_plain_sight_once() -> None:
+    """A 5xx that may pass (party_sync's backend unreachable): retried, and said once where the
+    player sees it (it was only among the details), not once per retry."""
+    async with (
+        serve_in_process(make_settings(api_key=KEY), engine=ReferenceEngine(seed=3)) as srv,
+        chromium() as browser,
+    ):
+        page = await (await browser.new_context(viewport={"width": 390, "height": 844})).new_page()
+        answers = [503, 503]
+
+        async def sign_in(route: Route) -> None:
+            if answers:
+                body = json.dumps({"error": "backend_unavailable", "detail": "retry"})
+                await route.fulfill(
+                    status=answers.pop(), content_type="application/json", body=body
+                )
+                return
+            body = json.dumps({"token": token("aria", "Aria", party="tg-party", run="tg-run")})
+            await route.fulfill(status=200, content_type="application/json", body=body)
+
+        await page.route("**/api/v1/auth/telegram", sign_in)
+        await page.add_init_script(
+            "window.Telegram = {WebApp: {initData: " + json.dumps(INIT_DATA) + "}};"
+        )
+        await page.goto(
+            f"{srv.base}/demo?party=tg-party&character=aria&backoff_base_ms=100&backoff_cap_ms=300"
+        )
+        await expect(page.locator("#status")).to_have_attribute("data-status", "open")
+        told = [
+            line
+            for line in await page.locator("#log li:visible").all_inner_texts()
+            if "Could not sign in yet" in line
+        ]
+        assert len(told) == 1 and "backend_unavailable" in told[0], told
+
+
+async def test_a_scene_restated_after_a_server_restart_is_not_a_new_chapter() -> None:
+    """Demo probe: after a restart (the embedded backend's state is gone) the first page back got
+    a hello with no scene, then the engine's re-statement of the scene the party was in, which
+    it logged as a new chapter: the heading twice in the story log."""
+    engine = ReferenceEngine(seed=11)  # the engine keeps the game across party_sync's restart
+    heading = "Scene 1: The Drowned Harbor"
+    async with contextlib.AsyncExitStack() as stack:
+        browser = await stack.enter_async_context(chromium())
+        old = serve_in_process(make_settings(api_key=KEY), engine=engine)
+        srv = await old.__aenter__()
+        proxy = await stack.enter_async_context(TcpProxy(int(srv.base.rsplit(":", 1)[1])))
+        aria = await open_player(browser, "aria", page_url(proxy.base, token("aria", "Aria")))
+        await expect(aria.page.locator("#scene-title")).to_have_text("The Drowned Harbor")
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        scenes = aria.page.locator("#log li[data-type='scene.update']")
+        before = await scenes.count()
+        assert (await visible_log(aria)).count(heading) == 1
+        await old.__aexit__(None, None, None)  # the server stops: its state goes with it
+        again = await stack.enter_async_context(
+            serve_in_process(make_settings(api_key=KEY), engine=engine)
+        )
+        proxy.upstream = ("127.0.0.1", int(again.base.rsplit(":", 1)[1]))
+        await expect(aria.page.locator("#log li[data-hello-seq]")).to_have_count(2)
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        # the engine's re-statement has arrived (a scene.update in the log, among the details)
+        await expect(scenes).to_have_count(before + 1)
+        await expect(aria.page.locator("#scene-title")).to_have_text("The Drowned Harbor")
+        assert (await visible_log(aria)).count(heading) == 1, await visible_log(aria)
