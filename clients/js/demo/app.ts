@@ -41,6 +41,9 @@ import {
   type Option,
 } from "@rpg-bot/party-sync-client";
 
+/** The close code of an operator's disconnect (docs/protocol.md, close codes). */
+const CLOSE_OPERATOR = 4004;
+
 interface DemoConfig {
   dev_mode: boolean;
   ws_path: string;
@@ -1196,7 +1199,12 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
     if (change.delayMs !== undefined) {
       $("status").title = `next attempt in ${(change.delayMs / 1000).toFixed(1)} s`;
     }
-    if (change.status === "reconnecting" && online) {
+    if (change.status === "reconnecting" && change.code === CLOSE_OPERATOR) {
+      // (the client waits a while before it reconnects: it said only "Reconnecting…": demo probe)
+      note("An operator disconnected you from the party; reconnecting in a while…", {
+        kind: "error",
+      });
+    } else if (change.status === "reconnecting" && online) {
       const why = change.code !== undefined ? ` (${change.code})` : "";
       note(`Connection lost${why}; reconnecting${change.resume ? " to resume" : ""}…`, {
         detail: true,

@@ -757,3 +757,20 @@ async def test_long_words_stay_within_a_phones_width(browser: Browser) -> None:
         await screenshot(aria, "long-words", "1-phone")
         assert widths[0] <= widths[1], widths
         aria.assert_clean()
+
+
+async def test_an_operators_disconnect_is_said_in_plain_sight(browser: Browser) -> None:
+    """Demo probe: disconnected by an operator (4004, no block), the page said only
+    "Reconnecting…" while the client waited before reconnecting; it says why, and comes back."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ReferenceEngine(seed=3)) as srv:
+        aria = await open_player(browser, "aria", page_url(srv.base, token("aria", "Aria")))
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        async with srv.http.delete(
+            f"{srv.base}/api/v1/parties/{PARTY}/members/aria/connections",
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as response:
+            assert response.status == 202, await response.text()
+        told = aria.page.locator("#log li:visible", has_text="An operator disconnected you")
+        await expect(told).to_have_count(1)
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        aria.assert_clean()
