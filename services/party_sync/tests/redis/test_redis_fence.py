@@ -15,11 +15,13 @@ from pathlib import Path
 
 import pytest
 from party_sync import config
+from party_sync.backends import redis_connect
 from party_sync.backends.base import BackendSettings
 from party_sync.backends.redis_backend import RedisBackend, RedisOptions
 from party_sync.backends.redis_connect import (
     RedisTarget,
     Sentinels,
+    _MasterWatch,
     make_client,
     parse_addresses,
     refuse_misconfiguration,
@@ -338,3 +340,57 @@ async def test_a_sentinel_clients_connection_used_unopened_goes_to_the_master() 
             await client.aclose()
     finally:
         await asyncio.to_thread(sentinels.close)
+
+
+def test_a_process_keeps_one_master_watch_whatever_order_its_sentinels_answered_in() -> None:
+    """redis-py's ``discover_master`` moves the sentinel that answered to the front of its list.
+    The watch was keyed by that list's order: after a sentinel failed to answer once, the
+    pool's connections reported to a new watch that knew no pool to ask the sentinels through,
+    and a planned failover was followed only when the old master dropped the connections, 10 s
+    later (scale-out probe). (No socket is opened here.)"""
+    addresses = (("127.0.0.1", 1), ("127.0.0.1", 2), ("127.0.0.1", 3))
+    client = make_client(RedisTarget("redis://any-host/0", Sentinels(addresses, "m"), "ps"))
+    pool = client.connection_pool
+    watch = _MasterWatch.of(pool)
+    assert pool in watch.pools
+    manager = pool.sentinel_manager  # type: ignore[attr-defined]
+    manager.sentinels[0], manager.sentinels[2] = manager.sentinels[2], manager.sentinels[0]
+    assert _MasterWatch.of(pool) is watch
+
+
+class _Pool:
+    def __init__(self, answer: tuple[str, int] | None) -> None:
+        self.answer, self.asked = answer, 0
+
+    async def get_master_address(self) -> tuple[str, int]:
+        self.asked += 1
+        if self.answer is None:
+            raise RedisConnectionError("no sentinel answers this pool")
+        return self.answer
+
+
+class _Connection:
+    def __init__(self, port: int) -> None:
+        self.host, self.port, self.is_connected = "127.0.0.1", port, True
+
+    async def disconnect(self) -> None:
+        self.is_connected = False
+
+
+async def test_the_master_watch_asks_the_next_pool_when_one_cannot_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One pool whose sentinels do not answer (a closed client's, kept alive) no longer stops
+    the watch: the next pool is asked, and the connections to the old master are closed."""
+    monkeypatch.setattr(redis_connect, "MASTER_CHECK_INTERVAL", 0.01)
+    watch = _MasterWatch()
+    broken, good = _Pool(None), _Pool(("127.0.0.1", 2))
+    watch.pools = [broken, good]  # type: ignore[assignment]  # (in this order: the broken first)
+    old = _Connection(1)
+    watch.connected(old, ("127.0.0.1", 1))  # type: ignore[arg-type]
+    for _ in range(500):
+        if not old.is_connected:
+            break
+        await asyncio.sleep(0.01)
+    assert not old.is_connected and good.asked >= 1
+    assert watch.address == ("127.0.0.1", 2)

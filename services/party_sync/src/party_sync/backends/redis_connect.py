@@ -1047,14 +1047,19 @@ class _MasterWatch:
     @classmethod
     def of(cls, pool: Any) -> _MasterWatch:
         manager = pool.sentinel_manager
-        sentinels = tuple(
+        # Sorted: redis-py's discover_master moves the sentinel that answered to the front of
+        # the list, so in the list's order a pool's key changed after a sentinel failed to
+        # answer once, and its connections then reported to a new watch that knew no pool to
+        # ask: the process followed a planned failover only when the old master dropped its
+        # connections, 10 s later (scale-out probe, three failovers running)
+        sentinels = sorted(
             (
-                c.connection_pool.connection_kwargs.get("host"),
-                c.connection_pool.connection_kwargs["port"],
+                str(c.connection_pool.connection_kwargs.get("host")),
+                int(c.connection_pool.connection_kwargs["port"]),
             )
             for c in manager.sentinels
         )
-        key = (sentinels, pool.service_name)
+        key = (tuple(sentinels), pool.service_name)
         watch = cls._all.get(key)
         if watch is None:
             watch = cls._all[key] = cls()
@@ -1091,8 +1096,9 @@ class _MasterWatch:
             for pool in list(self.pools):
                 try:
                     address = await pool.get_master_address()  # type: ignore[no-untyped-call]
-                except Exception:  # no sentinel answers: the connections find out themselves
-                    break
+                except Exception as exc:  # no sentinel answers this pool: the next one is asked
+                    log.debug("redis sentinel: asking for the master failed: %s", exc)
+                    continue
                 self.moved_to(tuple(address))
                 break  # one pool asks for all (the others learn it as they reconnect)
 
