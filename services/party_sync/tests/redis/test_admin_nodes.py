@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from party_sync.backends.base import NodeInfo
+from party_sync.transport import admin
+from ps_testkit.client import wait_until
 from ps_testkit.cluster import Cluster, wait_async
-from ps_testkit.servers import Running, token
+from ps_testkit.engines import ScriptedEngine
+from ps_testkit.redis_server import RedisServer
+from ps_testkit.servers import Running, make_settings, serve_in_process, token
 
 pytestmark = [pytest.mark.redis, pytest.mark.e2e]
 
@@ -98,3 +106,54 @@ async def test_a_party_whose_node_stopped_before_its_next_heartbeat_is_listed(
             await a.close()
         body = await get(n1, "/api/v1/parties")
         assert [p["party_id"] for p in body["parties"]] == ["brief"]
+
+
+async def test_nodes_with_different_settings_say_so_once_and_list_them(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nodes started with different flags or environments (a presence grace, a replay bound)
+    gave players different behaviour by the node they landed on, without a word. Each node's
+    heartbeat carries the settings every node should share; a node finding another's different
+    says so, once, and ``/api/v1/nodes`` lists them."""
+    monkeypatch.setattr(admin, "HEARTBEAT_INTERVAL", 0.05)
+    caplog.set_level(logging.WARNING, "party_sync.transport.admin")
+    base = make_settings(api_key=KEY, redis_url=redis.url, engine_transport="inprocess")
+    async with (
+        serve_in_process(base, engine=ScriptedEngine()) as n1,
+        serve_in_process(
+            replace(base, presence_grace=30.0, max_replay=50), engine=ScriptedEngine()
+        ) as n2,
+    ):
+        assert n1.server is not None and n2.server is not None
+        one, two = n1.server.gateway.node_id, n2.server.gateway.node_id
+
+        def told() -> list[str]:
+            return [r.getMessage() for r in caplog.records if "other settings" in r.getMessage()]
+
+        await wait_until(lambda: len(told()) >= 2, timeout=10)
+        beats = (await get(n1, "/api/v1/nodes"))["nodes"]
+        await asyncio.sleep(0.3)  # several more heartbeats: nothing told again
+        lines = told()
+        assert len(lines) == 2, lines
+        assert any(f"node {two} " in line for line in lines)
+        assert any(f"node {one} " in line for line in lines)
+        for line in lines:
+            assert "presence_grace" in line and "max_replay" in line
+            assert "action_timeout" not in line  # the same on both
+        settings = {n["node_id"]: n["settings"] for n in beats}
+        assert settings[two]["presence_grace"] == 30.0 and settings[two]["max_replay"] == 50
+        assert settings[one]["presence_grace"] == base.presence_grace
+
+
+def test_the_comparison_tells_each_difference_once_and_ignores_nodes_that_send_none() -> None:
+    own = {"presence_ttl": 30.0, "max_replay": 300}
+    compared = admin.SettingsCompared("me", own)
+    old = NodeInfo("old", "0.1", 0, 0.0, 0.0)  # an earlier release: no settings
+    other = NodeInfo("b", "1", 0, 0.0, 0.0, {"presence_ttl": 60.0, "max_replay": 300})
+    me = NodeInfo("me", "1", 0, 0.0, 0.0, {"presence_ttl": 1.0})
+    assert compared.differences([old, other, me]) == [("b", "presence_ttl 60 (this node: 30)")]
+    assert compared.differences([old, other, me]) == []
+    changed = NodeInfo("b", "1", 0, 0.0, 0.0, {"presence_ttl": 60.0, "max_replay": 10})
+    assert compared.differences([changed]) == [
+        ("b", "presence_ttl 60 (this node: 30); max_replay 10 (this node: 300)")
+    ]

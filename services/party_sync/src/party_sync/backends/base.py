@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
 from party_sync.core.actions import Claim, Sweep, Verdict
@@ -468,6 +468,9 @@ class NodeInfo:
     connections: int
     started_at: float
     seen_at: float
+    #: the settings every node should share (``shared_settings.NODES``; empty from a node of an
+    #: earlier release)
+    settings: Mapping[str, float] = field(default_factory=dict, compare=False)
 
 
 #: ``(party_id, character_id, close code, reason)``: close that character's connections here.

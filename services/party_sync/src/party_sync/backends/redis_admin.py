@@ -29,6 +29,7 @@ from typing import Any, Final
 import orjson
 from redis.asyncio import Redis, RedisCluster
 
+from party_sync.backends import shared_settings
 from party_sync.backends.base import (
     ActionInFlight,
     CloseRequest,
@@ -232,6 +233,7 @@ class RedisAdmin:
                 "connections": node.connections,
                 "started_at": node.started_at,
                 "seen_at": node.seen_at,
+                "settings": dict(node.settings),
             }
         )
         async with unavailable("admin heartbeat"), self._client.pipeline(False) as pipe:
@@ -331,6 +333,7 @@ class RedisAdmin:
                     NodeInfo(
                         str(d["node_id"]), str(d["version"]), int(d["connections"]),
                         float(d["started_at"]), float(d["seen_at"]),
+                        shared_settings.decode_nodes(d.get("settings")),
                     )
                 )  # fmt: skip
             except (ValueError, KeyError, TypeError):

@@ -34,15 +34,48 @@ SHARED: Final = (
     # with its own default published events a node's engines could not (re-check probe)
     "api_max_body_bytes",
 )
+#: The settings every gateway node should share: what a player meets must not depend on the node
+#: its connection landed on (presence and its grace, an action's deadline and record, what a
+#: resume replays, the history, the message limit). Each node's heartbeat carries them
+#: (``<prefix>:node:<id>``, ``settings``); a node that finds another's different says so, once
+#: (nodes started with different flags or environments did it without a word).
+NODES: Final = (
+    "presence_ttl",
+    "presence_grace",
+    "action_timeout",
+    "action_record_ttl",
+    "party_ttl",
+    "history_size",
+    "history_max_bytes",
+    "history_max_age",
+    "max_replay",
+    "narration_idle",
+    "max_message_bytes",
+)
 #: The integer ones (the others are seconds, floats).
-_INTEGERS: Final = frozenset({"history_size", "history_max_bytes", "api_max_body_bytes"})
+_INTEGERS: Final = frozenset(
+    {"history_size", "history_max_bytes", "api_max_body_bytes", "max_replay", "max_message_bytes"}
+)
 #: Those a node of an earlier release does not write: a worker keeps its own for them.
 OPTIONAL: Final = frozenset({"api_max_body_bytes"})
 
 
-def values_of(settings: object) -> dict[str, float]:
-    """The shared settings of ``settings`` (an object with those attributes)."""
-    return {name: getattr(settings, name) for name in SHARED}
+def values_of(settings: object, names: tuple[str, ...] = SHARED) -> dict[str, float]:
+    """The shared settings of ``settings`` (an object with those attributes): ``SHARED``, or
+    ``NODES``."""
+    return {name: getattr(settings, name) for name in names}
+
+
+def decode_nodes(raw: Any) -> dict[str, float]:
+    """The ``NODES`` settings in a heartbeat's ``settings`` (a node of an earlier release sends
+    none: empty; a value that is not a number is left out)."""
+    if not isinstance(raw, dict):
+        return {}
+    return {
+        name: int(value) if name in _INTEGERS else float(value)
+        for name in NODES
+        if isinstance(value := raw.get(name), (int, float)) and not isinstance(value, bool)
+    }
 
 
 def encode(values: Mapping[str, float]) -> bytes:
@@ -73,16 +106,29 @@ def decode(raw: Any) -> dict[str, float] | None:
 
 
 def differences(
-    own: Mapping[str, float], theirs: Mapping[str, float], own_is: str = "this process"
+    own: Mapping[str, float],
+    theirs: Mapping[str, float],
+    own_is: str = "this process",
+    names: tuple[str, ...] = SHARED,
 ) -> list[str]:
     """``name theirs (this process: own)`` for each shared setting that differs (``own_is``
     says what ``own`` is: a worker that took the nodes' settings before writes "until now",
-    not its own environment's values). A setting ``theirs`` lacks (``OPTIONAL``) is not one."""
+    not its own environment's values). A setting ``theirs`` lacks (``OPTIONAL``, or a node of
+    an earlier release) is not one."""
     return [
         f"{name} {theirs[name]:g} ({own_is}: {own[name]:g})"
-        for name in SHARED
-        if name in theirs and float(theirs[name]) != float(own[name])
+        for name in names
+        if name in theirs and name in own and float(theirs[name]) != float(own[name])
     ]
 
 
-__all__ = ["OPTIONAL", "SHARED", "decode", "differences", "encode", "values_of"]
+__all__ = [
+    "NODES",
+    "OPTIONAL",
+    "SHARED",
+    "decode",
+    "decode_nodes",
+    "differences",
+    "encode",
+    "values_of",
+]

@@ -38,6 +38,7 @@ from aiohttp import web
 
 from party_sync import __version__
 from party_sync.auth import Claims
+from party_sync.backends import shared_settings
 from party_sync.backends.base import AdminView, NodeInfo, PartyDetail, PartySummary, Subscription
 from party_sync.gateway import Gateway
 from party_sync.problems import InvalidQuery, NotFound, OperatorBlocked, answer
@@ -154,6 +155,7 @@ def node_json(n: NodeInfo, this_node: str) -> dict[str, Any]:
         "started_at": n.started_at,
         "seen_at": n.seen_at,
         "self": n.node_id == this_node,
+        "settings": dict(n.settings),
     }
 
 
@@ -313,7 +315,12 @@ async def beat(app: web.Application, ttl: float) -> None:
     (the parties are kept for the next one)."""
     gateway, view = app[GATEWAY], app[ADMIN]
     node = NodeInfo(
-        gateway.node_id, __version__, len(gateway.sessions), app[STARTED_AT], gateway.clock()
+        gateway.node_id,
+        __version__,
+        len(gateway.sessions),
+        app[STARTED_AT],
+        gateway.clock(),
+        shared_settings.values_of(gateway.settings, shared_settings.NODES),
     )
     touched, gateway.touched = gateway.touched, set()
     parties = sorted({s.party_id for s in gateway.sessions} | touched)
@@ -335,11 +342,51 @@ async def _last_words(app: web.Application) -> None:
     await app[ADMIN].forget_node(gateway.node_id)
 
 
+class SettingsCompared:
+    """The other nodes' settings (``shared_settings.NODES``, from their heartbeats) compared
+    with this node's: one WARNING per node and set of differences (pure: the nodes are passed
+    in)."""
+
+    def __init__(self, node_id: str, own: dict[str, float]) -> None:
+        self.node_id, self.own = node_id, own
+        self._told: set[tuple[str, str]] = set()
+
+    def differences(self, nodes: list[NodeInfo]) -> list[tuple[str, str]]:
+        """``(node_id, what differs)`` for each node not told about yet."""
+        found = []
+        for node in nodes:
+            if node.node_id == self.node_id:
+                continue
+            what = "; ".join(
+                shared_settings.differences(
+                    self.own, node.settings, "this node", shared_settings.NODES
+                )
+            )
+            if what and (node.node_id, what) not in self._told:
+                self._told.add((node.node_id, what))
+                found.append((node.node_id, what))
+        return found
+
+
+async def _compare_settings(app: web.Application, compared: SettingsCompared) -> None:
+    gateway = app[GATEWAY]
+    for node_id, what in compared.differences(await app[ADMIN].nodes(gateway.clock())):
+        log.warning(
+            "node %s runs with other settings than this node: %s; give every node the same "
+            "values (what a player meets must not depend on the node it lands on)",
+            node_id,
+            what,
+        )
+
+
 async def _keep_alive(app: web.Application) -> None:
     gateway, view = app[GATEWAY], app[ADMIN]
     interval = HEARTBEAT_INTERVAL or max(0.1, gateway.settings.presence_ttl / 3)
     watch: Subscription | None = None
     stop = app[_STOP]
+    compared = SettingsCompared(
+        gateway.node_id, shared_settings.values_of(gateway.settings, shared_settings.NODES)
+    )
     try:
         while not stop.is_set():
             if watch is None:
@@ -347,6 +394,7 @@ async def _keep_alive(app: web.Application) -> None:
                     watch = await view.watch_closes(gateway.close_character)
             try:
                 await beat(app, interval * NODE_TTL_PERIODS)
+                await _compare_settings(app, compared)
             except BackendUnavailable:
                 pass  # the next beat; the node's entry outlives a few missed ones
             except Exception:

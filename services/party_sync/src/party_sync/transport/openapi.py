@@ -960,6 +960,16 @@ def _admin_schemas() -> dict[str, Any]:
                             "started_at": number,
                             "seen_at": number,
                             "self": {"type": "boolean"},
+                            "settings": {
+                                "type": "object",
+                                "description": "The settings every node should share "
+                                "(presence_ttl, presence_grace, action_timeout, "
+                                "action_record_ttl, party_ttl, history_size, history_max_bytes, "
+                                "history_max_age, max_replay, narration_idle, "
+                                "max_message_bytes), as this node's heartbeat says; empty "
+                                "from a node of an earlier release",
+                                "additionalProperties": {"type": "number"},
+                            },
                         }
                     ),
                 }
