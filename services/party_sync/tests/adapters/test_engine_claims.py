@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from party_sync.engine import wire
 from party_sync.engine.interface import ActionRequest, JoinNotice, LinkHost, RestateNotice
+from party_sync.protocol import codec
 from ps_testkit.client import Client
 from ps_testkit.servers import Running, make_settings, serve_in_process
 
@@ -52,8 +53,6 @@ class HeldLink:
 def entry(action: ActionRequest) -> dict[str, Any]:
     """The body fields a worker copies from the stream entry (the envelope as its JSON text)."""
     assert action.deadline is not None
-    from party_sync.protocol import codec
-
     return {
         "envelope": codec.encode(dict(action.envelope)).decode(),
         "deadline": wire.format_deadline(action.deadline),
@@ -157,6 +156,40 @@ async def test_an_action_nobody_claimed_in_time_is_final_for_a_late_worker() -> 
         assert await post(srv, refusal_path("x5"), body) == (200, {"recorded": False})
 
 
+@pytest.mark.parametrize("deadline", ["absent", None, ""])
+async def test_a_finished_votes_party_action_is_claimed_without_a_deadline(
+    deadline: str | None,
+) -> None:
+    """A finished vote's party action (``vote:<vote_id>``) has no deadline, so its stream entry
+    has no ``deadline`` field: the claim refused it (422 "deadline is required"), and a worker
+    in another language could never apply the party's decision (engine developer probe)."""
+    async with aria_in_a_party() as (srv, link, a):
+        spec = {
+            "question": "Which way?",
+            "options": [{"id": "A", "label": "Left"}, {"id": "B", "label": "Right"}],
+            "timeout_s": 30,
+            "vote_id": "v1",
+        }
+        status, _ = await post(srv, "/api/v1/parties/p1/votes", spec)
+        assert status == 201
+        await a.send({"type": "vote.cast", "payload": {"vote_id": "v1", "option": "B"}})
+        async with asyncio.timeout(5):
+            action = await link.actions.get()
+        assert action.action_id == "vote:v1" and action.deadline is None
+        body: dict[str, Any] = {"envelope": codec.encode(dict(action.envelope)).decode()}
+        if deadline != "absent":
+            body["deadline"] = deadline
+        path = claim_path("vote:v1")
+        assert await post(srv, path, body) == (200, {"claim": "start"})
+        decided = result(action)
+        decided["payload"]["state"] = {"effects": [], "scene_flags": {}}  # a party's: no HP
+        status, _ = await post(srv, "/api/v1/parties/p1/events/batch", {"events": [decided]})
+        assert status == 202
+        answer = await a.until("action.result")
+        assert answer["payload"]["action_id"] == "vote:v1"
+        assert await post(srv, path, body) == (200, {"claim": "final"})
+
+
 async def test_what_is_not_the_handed_action_is_refused_422() -> None:
     async with aria_in_a_party() as (srv, link, a):
         action = await acted(a, link, "x6")
@@ -165,7 +198,9 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
         for path, body in (
             (claim_path("other"), good),  # not the path's action_id
             (claim_path("x6"), {"deadline": good["deadline"]}),  # no envelope
-            (claim_path("x6"), {"envelope": good["envelope"]}),  # a claim needs the deadline
+            # a claim needs the deadline (only a party action has none)
+            (claim_path("x6"), {"envelope": good["envelope"]}),
+            (claim_path("x6"), {**good, "deadline": None}),
             (claim_path("x6"), {**good, "extra": 1}),
             (claim_path("x6"), {**good, "deadline": "soon"}),
             (claim_path("x6"), {**good, "envelope": "{not json"}),

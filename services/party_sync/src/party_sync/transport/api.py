@@ -41,6 +41,7 @@ from party_sync.engine.interface import (
 from party_sync.gateway import Gateway
 from party_sync.problems import InvalidId, InvalidRequest
 from party_sync.protocol import codec
+from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, InvalidEvent
 from party_sync.protocol.ids import TRACE_ID_RULE, is_trace_id
 from party_sync.protocol.schemas import SchemaViolation
@@ -258,8 +259,16 @@ async def claim_action(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     body = await _read_json(request)
     action = _handed_action(request, body, frozenset({"envelope", "deadline"}))
-    if action.deadline is None:
-        raise InvalidRequest("deadline is required: the entry's deadline field")
+    if action.deadline is None and action.character_id != t.PARTY_ACTOR:
+        # Only a party action (a finished vote's decision, ``vote:<vote_id>``) has no deadline
+        # (a worker in another language could not claim one: the party's decision was never
+        # applied; engine developer probe). Another's entry has one, and it decides when the
+        # action's record is gone (an emptied Redis): a claim without it could start an action
+        # long past its deadline.
+        raise InvalidRequest(
+            "deadline is required: the entry's deadline field (only a party action, "
+            "character_id 'party', has none)"
+        )
     with tracing.incoming("claim", request.headers, trace_id=action.trace_id):
         claim = await gateway.publisher.claim(action, trusted=False)
     return web.json_response({"claim": claim.value})

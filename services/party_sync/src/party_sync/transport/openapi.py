@@ -481,8 +481,10 @@ def _handed_envelope() -> dict[str, Any]:
 
 def _entry_deadline() -> dict[str, Any]:
     return {
-        "description": "The entry's `deadline` field (decimal Unix seconds), as text or a number.",
-        "oneOf": [{"type": "string"}, {"type": "number"}],
+        "description": "The entry's `deadline` field (decimal Unix seconds), as text or a number; "
+        "absent, null or empty only for an entry that has none (a finished vote's party action, "
+        "character_id party); required for every other claim.",
+        "oneOf": [{"type": "string"}, {"type": "number"}, {"type": "null"}],
     }
 
 
@@ -525,7 +527,10 @@ def _claim() -> dict[str, Any]:
         "the entry without running it.",
         "claimAction",
         {
-            **_object({"envelope": _handed_envelope(), "deadline": _entry_deadline()}),
+            **_object(
+                {"envelope": _handed_envelope(), "deadline": _entry_deadline()},
+                required=["envelope"],
+            ),
             "additionalProperties": False,
         },
         _json(
