@@ -257,3 +257,43 @@ async def test_a_refusal_goes_to_the_actions_sender_whatever_the_envelope_names(
                 assert frame["type"] != "system.error", frame
         assert frame["payload"]["action_id"] == "y1"
         await b.close()
+
+
+@pytest.mark.parametrize("route", ["events", "events/batch"])
+async def test_a_result_naming_another_character_is_refused_and_records_nothing(
+    route: str,
+) -> None:
+    """Engine developer probe: an ``action.result`` naming borin for aria's action was taken
+    (202): it reached every member under the wrong name and settled aria's action. It is
+    refused (422 ``invalid_event``, saying whose action it is), nothing of the call is
+    recorded, and the right result is taken after it."""
+
+    def call(*events: dict[str, Any]) -> Any:
+        return events[0] if route == "events" else {"events": list(events)}
+
+    async with aria_in_a_party() as (srv, link, a):
+        action = await acted(a, link, "x9")
+        wrong = result(action)
+        wrong["payload"]["character_id"] = "borin"
+        scene = {
+            "type": "scene.update",
+            "payload": {
+                "scene_number": 2,
+                "scene_id": "s-2",
+                "title": "The Reef Gate",
+                "narration": "Waves.",
+                "options": [],
+                "kind": "story",
+            },
+        }
+        events = (wrong,) if route == "events" else (scene, wrong)
+        status, answer = await post(srv, f"/api/v1/parties/p1/{route}", call(*events))
+        assert (status, answer["error"]) == (422, "invalid_event"), answer
+        assert "'aria'" in answer["detail"] and "'borin'" in answer["detail"], answer
+        await a.act("x10", "aria", "r1")  # aria's action is still in flight: she is busy
+        assert (await a.expect("system.error"))["payload"]["code"] == "character_busy"
+        status, _ = await post(srv, f"/api/v1/parties/p1/{route}", call(result(action)))
+        assert status == 202
+        got = await a.until("action.result")
+        assert got["payload"]["character_id"] == "aria"
+        assert got["seq"] == 2  # (1: aria's join) nothing of the refused call was sequenced

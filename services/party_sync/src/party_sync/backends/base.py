@@ -525,6 +525,17 @@ class AdminView(Protocol):
         ...
 
 
+def another_actor(payload: Mapping[str, Any], owner: str) -> str:
+    """Why both backends refuse an ``action.result`` that names another character than its
+    action's (an engine's slip: it reached every member and settled the action under the wrong
+    name; engine developer probe). Nothing of it is recorded."""
+    return (
+        f"action.result names character {str(payload.get('character_id'))[:64]!r}, but action "
+        f"{str(payload.get('action_id'))[:64]!r} is {owner[:64]!r}'s: a result carries its "
+        "action's character_id"
+    )
+
+
 def warn_result_after_refusal(logger: logging.Logger, trace_id: str, action_id: str) -> None:
     """The one WARNING of both backends for an ``action.result`` published for an action that
     already had a final refusal (docs/engines.md, *A result after a refusal*)."""

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from party_sync.backends.base import (
     BackendSettings,
     PartyListener,
+    another_actor,
     checked_body,
     warn_result_after_refusal,
 )
@@ -41,7 +42,7 @@ from party_sync.core.transient import (
 )
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
-from party_sync.protocol.errors import VoteConflict
+from party_sync.protocol.errors import InvalidEvent, VoteConflict
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,7 @@ class MemoryBackend:
             earlier = party.ledger.result_of(payload["action_id"])
             if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
                 return _decoded(party.party_id, earlier)
+            _same_actor(party, payload)
         elif key is not None:
             first = party.published.first(key, now, shape([message]))  # (may raise)
             if first is not None:  # published under this key already: that one stands
@@ -172,6 +174,13 @@ class MemoryBackend:
                 repeated(party_id, first + i, m, body)
                 for i, (m, body) in enumerate(zip(messages, bodies, strict=True))
             ]
+        for message in messages:  # (as publish_many.lua: before anything is recorded)
+            payload = message["payload"]
+            if (
+                message["type"] == t.ACTION_RESULT
+                and party.ledger.result_of(payload["action_id"]) is None
+            ):
+                _same_actor(party, payload)
         top = party.log.top_seq
         events = [self._publish(party, messages[i], now, body) for i, body in enumerate(bodies)]
         if key is not None and party.log.top_seq > top:  # the first event it sequenced
@@ -516,3 +525,10 @@ class MemoryBackend:
         index, action_id = closed
         self._tell(party, [closing_piece(stream_id, index, action_id, trace_id, now).transient()])
         return None
+
+
+def _same_actor(party: MemoryParty, payload: Mapping[str, Any]) -> None:
+    """``InvalidEvent`` for an ``action.result`` naming another character than its action's."""
+    owner = party.ledger.actor_of(payload["action_id"])
+    if owner is not None and owner != payload["character_id"]:
+        raise InvalidEvent(another_actor(payload, owner))

@@ -37,6 +37,7 @@ from party_sync.backends import redis_fence, redis_scripts
 from party_sync.backends.base import (
     BackendSettings,
     PartyListener,
+    another_actor,
     checked_body,
     warn_result_after_refusal,
 )
@@ -85,7 +86,7 @@ from party_sync.core.votes import CastRefusal, VoteSpec
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
-from party_sync.protocol.errors import BackendUnavailable, IdempotencyKeyReused
+from party_sync.protocol.errors import BackendUnavailable, IdempotencyKeyReused, InvalidEvent
 from party_sync.tasks import cancel_and_wait, described
 
 log = logging.getLogger(__name__)
@@ -428,6 +429,8 @@ class RedisBackend:
                 raise IdempotencyKeyReused(REUSED)
             if said == "key":  # published under this key already: its seq stands
                 return repeated(party_id, int(reply[2]), message, body)
+            if said == "actor":
+                raise InvalidEvent(another_actor(payload, text(reply[2])))
             return event_from(party_id, bytes(reply[2]))  # the action's result stands
         if len(reply) > 2 and int(reply[2]):
             warn_result_after_refusal(log, message["trace_id"], str(action_id))
@@ -469,6 +472,10 @@ class RedisBackend:
             )
         if text(reply[0]) == "!reused":
             raise IdempotencyKeyReused(REUSED)
+        if text(reply[0]) == "!actor":
+            raise InvalidEvent(
+                another_actor(messages[int(reply[1]) - 1]["payload"], text(reply[2]))
+            )
         events: list[Event] = []
         for i, (message, body) in enumerate(zip(messages, bodies, strict=True)):
             seq, extra = int(reply[1 + 2 * i]), reply[2 + 2 * i]

@@ -296,6 +296,14 @@ class ActionLedger:
         self._collect(now)
         return refused
 
+    def actor_of(self, action_id: str) -> str | None:
+        """The character of an action the ledger holds without a result (in flight, or
+        refused), else None."""
+        flight = self._flights.get(action_id)
+        if flight is not None:
+            return flight[_CHARACTER]
+        return self._owners.get(action_id) if action_id in self._refused else None
+
     def result_of(self, action_id: str) -> bytes | None:
         """The stored ``action.result`` of a finished action (not a refusal)."""
         if action_id in self._refused:

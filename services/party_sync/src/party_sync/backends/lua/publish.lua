@@ -6,7 +6,9 @@
 -- ARGV is this request's shape (not a fold argument).
 -- Returns {seq, epoch, 1 if it replaced a refusal else 0}, {0, '', the earlier data} for a
 -- second result of one action, {0, 'key', the first seq} for a second publish under one key,
--- or {0, 'reused', the first seq} when the key's request had another number of events.
+-- or {0, 'reused', the first seq} when the key's request had another number of events, or
+-- {0, 'actor', the record's character} for a result naming another character than the
+-- action's (nothing recorded).
 local body, kind = ARGV[7], ARGV[8]
 local last, request = #ARGV, nil
 if K_ACTION and kind ~= 'action.result' then
@@ -18,6 +20,9 @@ if kind == 'action.result' then
   record = redis.call('HMGET', K_ACTION, 'c', 'r', 'x')
   if record[2] then  -- idempotent: a redelivered action's result is not sequenced nor sent again
     return {0, '', record[2]}
+  end
+  if record[1] and record[1] ~= ARGV[10] then  -- another character's action: an engine's slip
+    return {0, 'actor', record[1]}
   end
 elseif K_ACTION then  -- published under an Idempotency-Key: the first one stands
   local first = redis.call('HMGET', K_ACTION, 's', 'f')

@@ -8,7 +8,9 @@
 -- then, for a call made under an Idempotency-Key, that key's record (core/published.py: s, the
 -- seq of the first event of the call first published under the key; f, that call's shape: its number of events),
 -- and then the last ARGV, after the events, is this call's shape. A call under a key whose
--- call had another number of events returns {'!reused'} and publishes nothing.
+-- call had another number of events returns {'!reused'} and publishes nothing; a result naming
+-- another character than its action's returns {'!actor', its index (1-based), the record's
+-- character} and publishes nothing.
 -- Returns {epoch ('' if nothing was sequenced), then per event: seq, 1 if it replaced a refusal
 -- else 0}, where a second result of one action (idempotent: not sequenced again) is
 -- {0, the earlier data}.
@@ -30,6 +32,8 @@ do
       results = results + 1
       if records[i][2] then
         answered = answered + 1
+      elseif records[i][1] and records[i][1] ~= ARGV[at_ + 4] then  -- another's action
+        return {'!actor', i, records[i][1]}
       end
       record_at_ = record_at_ + 1
     end
