@@ -1192,6 +1192,9 @@ function closedProblem(change: ConnectionChange): string | null {
 }
 
 function wire(c: PartySyncClient, cfg: DemoConfig): void {
+  // The network is back: the reconnect is made now, not at the end of its backoff (up to 30 s:
+  // demo probe).
+  window.addEventListener("online", () => c.reconnectNow());
   let online = false;
   let signInTrouble = false; // a failed sign-in was told since the last hello
   c.on("connection", (change) => {

@@ -360,6 +360,15 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     });
   }
 
+  /**
+   * Reconnect now if a reconnect waits on its backoff (e.g. on the browser's `online` event: the
+   * network is back); nothing otherwise, nor while the server asked the client to wait (after an
+   * operator's disconnect).
+   */
+  reconnectNow(): void {
+    this.#run(this.#stream.retryNow());
+  }
+
   /** Vote for `option` in the open vote `voteId`; resolves with the `vote.update` it caused. */
   castVote(voteId: string, option: string): Promise<VoteUpdateMessage> {
     if (this.status === "closed") return this.#closedError();

@@ -261,6 +261,7 @@ export class ClientStream {
   #attempt = 0;
   #failedHandshakes = 0;
   #armed: Timer | null = null;
+  #serverWait = false; // the armed reconnect waits as the server asked (4004): not cut short
   #resumeNext = true;
   /** `leave()` was called: a `party.leave` goes out on every connection until the server's 1000. */
   #leaving = false;
@@ -525,10 +526,24 @@ export class ClientStream {
     ];
   }
 
+  /**
+   * Try the reconnect now instead of at the end of its backoff (the network is back: the page's
+   * `online` event). Nothing if no reconnect waits, or if the wait is the server's (after an
+   * operator's disconnect, 4004).
+   */
+  retryNow(): Output[] {
+    if (this.#armed !== "reconnect" || this.#status !== "reconnecting" || this.#serverWait) {
+      return [];
+    }
+    this.#armed = null;
+    return [{ type: "disarm" }, { type: "open" }];
+  }
+
   #scheduleReconnect(info: { code?: number; reason?: string }, wait: number | null = null): Output[] {
     if (this.#status === "closed") return [];
     const delayMs =
       wait ?? fullJitterDelay(this.#attempt, this.#random, this.#baseMs, this.#capMs);
+    this.#serverWait = wait !== null;
     this.#attempt += 1;
     const resume = this.#resumeNext && this.#epoch !== null;
     this.#armed = "reconnect";

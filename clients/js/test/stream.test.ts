@@ -939,3 +939,19 @@ describe("ClientStream: no I/O", () => {
     }
   });
 });
+
+describe("ClientStream: reconnecting now", () => {
+  it("retryNow opens a waiting reconnect at once, once; not the server's wait, not when open", () => {
+    const s = makeStream();
+    online(s, 2);
+    assert.deepEqual(s.retryNow(), [], "open: nothing to do");
+    s.closed(1006, "");
+    assert.deepEqual(kinds(s.retryNow()), ["disarm", "open"]);
+    assert.deepEqual(s.retryNow(), [], "the attempt is under way");
+    assert.deepEqual(s.timerFired("reconnect"), [], "the cancelled timer does nothing");
+    assert.deepEqual(s.dial(), { epoch: "ep-1", lastSeq: 2 }, "it resumes as the timer would");
+    s.closed(4004, "operator");
+    assert.deepEqual(s.retryNow(), [], "an operator's disconnect waits as the server asked");
+    assert.deepEqual(kinds(s.timerFired("reconnect")), ["open"]);
+  });
+});

@@ -435,3 +435,25 @@ async def test_a_scene_restated_after_a_server_restart_is_not_a_new_chapter() ->
         await expect(scenes).to_have_count(before + 1)
         await expect(aria.page.locator("#scene-title")).to_have_text("The Drowned Harbor")
         assert (await visible_log(aria)).count(heading) == 1, await visible_log(aria)
+
+
+async def test_the_page_reconnects_at_once_when_the_network_comes_back() -> None:
+    """Demo probe: back online, the page waited out its backoff (up to 30 s). The browser's
+    ``online`` event makes it reconnect now (``reconnectNow``). The backoff here is ten minutes:
+    only the event can bring the page back within the test's wait."""
+    async with (
+        serve_in_process(make_settings(api_key=KEY), engine=ReferenceEngine(seed=3)) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+        chromium() as browser,
+    ):
+        url = (
+            f"{proxy.base}/demo?token={token('aria', 'Aria')}"
+            "&backoff_base_ms=600000&backoff_cap_ms=600000"
+        )
+        aria = await open_player(browser, "aria", url)
+        status = aria.page.locator("#status")
+        await expect(status).to_have_attribute("data-status", "open")
+        assert proxy.cut() >= 1
+        await expect(status).to_have_attribute("data-status", "reconnecting")
+        await aria.page.evaluate("window.dispatchEvent(new Event('online'))")
+        await expect(status).to_have_attribute("data-status", "open", timeout=5_000)
