@@ -1318,7 +1318,15 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       if ($("vote-result").dataset["voteAction"] === message.payload.action_id) hideVoteBanner();
     }
     const state = c.state;
-    if (state !== null && message.payload.character_id === state.you) return; // shown in place
+    if (state !== null && message.payload.character_id === state.you) {
+      if (myActions.has(message.payload.action_id)) return; // this page's: shown in place
+      // The same character's from another tab or device: this page said nothing (demo probe).
+      const sentence = errorSentence(message.payload.code);
+      note(`Your action from another tab or device was not resolved: ${sentence}`, {
+        kind: "error",
+      });
+      return;
+    }
     const who = nameOf(state, message.payload.character_id);
     note(`${who}'s action was not resolved: ${errorSentence(message.payload.code)}`, {
       kind: "error",

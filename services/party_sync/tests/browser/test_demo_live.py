@@ -265,7 +265,9 @@ async def test_a_refused_action_is_explained_once_next_to_it(browser: Browser) -
     async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:
         aria = await open_player(browser, "aria", page_url(srv.base, token("aria", "Aria")))
         borin = await open_player(browser, "borin", page_url(srv.base, token("borin", "Borin")))
-        for player in (aria, borin):
+        # aria's second tab: it did not send the action, and is told of its refusal all the same
+        other_tab = await open_player(browser, "aria-2", page_url(srv.base, token("aria", "Aria")))
+        for player in (aria, borin, other_tab):
             await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
         await publish_scene(srv, 1, "The Gate", ["Force the gate"])
         await aria.page.get_by_role("button", name="Force the gate").click()
@@ -288,9 +290,15 @@ async def test_a_refused_action_is_explained_once_next_to_it(browser: Browser) -
             "Aria's action was not resolved: The game master won't allow that."
         )
         await expect(aria.page.get_by_role("button", name="Force the gate")).to_be_enabled()
+        await expect(other_tab.page.locator("#log li:visible").last).to_have_text(
+            "Your action from another tab or device was not resolved: "
+            "The game master won't allow that."
+        )
+        await expect(aria.page.get_by_text("from another tab")).to_have_count(0)
         await screenshot(aria, "refused-action", "1-error-in-place")
         aria.assert_clean()
         borin.assert_clean()
+        other_tab.assert_clean()
 
 
 async def test_trying_an_action_again_after_backend_unavailable_keeps_its_action_id(
