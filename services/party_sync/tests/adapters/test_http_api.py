@@ -129,6 +129,33 @@ async def test_invalid_events_get_422_with_the_reason_and_publish_nothing() -> N
         await a.close()
 
 
+async def test_an_action_result_is_never_published_run_wide() -> None:
+    """Re-check probe: run-wide, an action.result became a pre-published answer in every other
+    party of the run, and a refusal in one party (another character's action) left the parties
+    before it published under a 422. An action is one party's: 422, nothing published."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria", party="p1", run="r9")
+        b, _ = await srv.join("borin", party="p2", run="r9")
+        result = {
+            "type": "action.result",
+            "payload": {
+                "action_id": "w1",
+                "character_id": "aria",
+                "action_type": "choice",
+                "outcome": "success",
+                "state": {"hp": 10, "effects": [], "scene_flags": {}},
+            },
+        }
+        status, body = await post(srv, "/api/v1/runs/r9/events", result, AUTH)
+        assert (status, body["error"]) == (422, "invalid_event"), body
+        assert "/api/v1/parties/{party_id}/events" in body["detail"]
+        await b.act("w1", "borin", "r9")  # w1 is nobody's yet in p2: borin's action goes on
+        assert (await b.expect("action.accepted"))["payload"]["action_id"] == "w1"
+        assert (await b.expect("action.result"))["payload"]["character_id"] == "borin"
+        for client in (a, b):
+            await client.close()
+
+
 async def test_run_events_reach_every_party_of_the_run() -> None:
     async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
         a, _ = await srv.join("aria", party="p1", run="r9")

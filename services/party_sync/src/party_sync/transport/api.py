@@ -162,6 +162,15 @@ async def publish_run_event(request: web.Request) -> web.Response:
     run_id = request.match_info["campaign_run_id"]
     key = _key(request)
     message = _build(gateway, await _read_envelope(request))
+    if message["type"] == t.ACTION_RESULT:
+        # An action is one party's: run-wide its result became a pre-published answer in every
+        # other party of the run (a later action of that id there answered by it, or refused
+        # forbidden), and a refusal met in one party (another character's action) left the
+        # parties before it published under a 422 (re-check probe).
+        raise InvalidEvent(
+            "an action.result belongs to its action's party: publish it with "
+            "POST /api/v1/parties/{party_id}/events"
+        )
     with tracing.incoming(
         "publish " + message["type"],
         request.headers,

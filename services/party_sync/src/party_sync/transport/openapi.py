@@ -1239,7 +1239,8 @@ def document(contracts: Contracts, *, dev_mode: bool = False) -> dict[str, Any]:
             },
             "/api/v1/parties/{party_id}/events/batch": _publish_batch(),
             "/api/v1/runs/{campaign_run_id}/events": _publish(
-                "Publish an event to every party of a campaign run",
+                "Publish an event to every party of a campaign run (any engine event but "
+                "action.result, which is its action's party's: 422 invalid_event)",
                 "campaign_run_id",
                 _object(
                     {
