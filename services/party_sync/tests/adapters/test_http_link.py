@@ -341,6 +341,19 @@ async def test_an_engine_host_shutting_down_is_not_reached_like_a_refused_connec
     assert host.failed == [("gone", ErrorCode.ENGINE_UNAVAILABLE)]
 
 
+async def test_an_engine_that_failed_then_cannot_be_reached_ends_in_engine_error() -> None:
+    """Re-check probe: an ``engine_error`` (the engine raised: not applied), then every attempt
+    unreached (503 ``shutting_down``): nothing can have been applied, yet the link went silent
+    until ``give_up_after`` and logged "it may have been applied". The player is told
+    ``engine_error``."""
+    api, host = ScriptedApi(answers=["engine_error"] + ["shutting_down"] * 10), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions", retries=2) as link:
+        await link.submit(make_action("broken", deadline=FUTURE))
+        await idle(link)
+    assert host.failed == [("broken", ErrorCode.ENGINE_ERROR)]
+    assert len(api.actions) == 3
+
+
 async def test_a_taken_over_action_is_never_delivered_as_attempt_one() -> None:
     """An action taken over from a node that died with it (``redelivery``): that node may have
     delivered it, and the engine applied it. ``X-Delivery-Attempt: 1`` promises the engine

@@ -37,6 +37,8 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
   fifth such answer (``ENGINE_FAILURES``, as the stream worker's fifth delivery) the player gets
   ``engine_error`` — unless an earlier attempt's outcome is unknown (a timeout, another 5xx, a
   dropped connection: the engine may still be applying it), after which nothing is reported;
+  after such answers, a host that cannot be reached any more until the retries run out is
+  ``engine_error`` too (nothing was applied);
 - timeout after sending, another 5xx, a dropped connection: the engine *may* have applied it, so
   the link never reports a failure. It keeps retrying (the engine deduplicates by
   ``action_id``) with capped backoff after the normal retries, asking ``claim`` between attempts,
@@ -395,6 +397,18 @@ class HttpEngineLink:
                     await self._refuse(
                         action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unreachable: retry"
                     )
+                    return
+                if not unknown and isinstance(failure, _Unreached):
+                    # Every attempt that reached the host was answered "the engine raised" (not
+                    # applied), and now it cannot be reached: nothing can have been applied, so
+                    # the truth is told (it was silence until give_up_after, then an ERROR
+                    # saying "it may have been applied": re-check probe)
+                    log.error(
+                        "engine failed %d time(s), then unreachable; giving up",
+                        engine_failures,
+                        extra=extra,
+                    )
+                    await self._refuse(action, ErrorCode.ENGINE_ERROR, "the engine failed")
                     return
                 if loop.time() >= give_up_at:
                     log.error(
