@@ -346,7 +346,8 @@ async def test_an_engine_that_failed_then_cannot_be_reached_ends_in_engine_error
     unreached (503 ``shutting_down``): nothing can have been applied, yet the link went silent
     until ``give_up_after`` and logged "it may have been applied". The player is told
     ``engine_error``."""
-    api, host = ScriptedApi(answers=["engine_error"] + ["shutting_down"] * 10), RecordingHost()
+    answers: list[int | str] = ["engine_error", *["shutting_down"] * 10]
+    api, host = ScriptedApi(answers=answers), RecordingHost()
     async with serve(api.app()) as base, started_link(host, f"{base}/actions", retries=2) as link:
         await link.submit(make_action("broken", deadline=FUTURE))
         await idle(link)
