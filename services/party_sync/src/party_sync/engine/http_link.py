@@ -558,6 +558,12 @@ class HttpEngineLink:
             async with self._http.post(url, data=orjson.dumps(body), headers=headers) as resp:
                 answer = _parse(await _body_text(resp))
                 self._silent_since = None  # it answers (whatever it says)
+                if resp.status == 503 and _error_of(answer) == SHUTTING_DOWN:
+                    # the host read no whole body: the engine never saw it, like a refused
+                    # connection (it was counted as an unknown outcome: no engine_unavailable
+                    # for ever, only silence until give_up_after); a host restarting, not one
+                    # failing: not counted towards "answers every delivery with a 5xx"
+                    raise _Unreached(f"HTTP 503 {SHUTTING_DOWN}")
                 if resp.status < 500:
                     self._failing_since = None
                 else:
@@ -566,11 +572,6 @@ class HttpEngineLink:
                     self._failing_status = resp.status
                     if _error_of(answer) == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
-                    if resp.status == 503 and _error_of(answer) == SHUTTING_DOWN:
-                        # the host read no whole body: the engine never saw it, like a refused
-                        # connection (it was counted as an unknown outcome: no engine_unavailable
-                        # for ever, only silence until give_up_after)
-                        raise _Unreached(f"HTTP 503 {SHUTTING_DOWN}")
                     raise _Retryable(f"HTTP {resp.status}")
                 return resp.status, answer
         except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # never sent
