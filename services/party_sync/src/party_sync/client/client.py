@@ -250,7 +250,8 @@ class PartyClient:
         }
         # One the server could never take (it closes the connection over 4x its limit, and
         # the resend after each reconnect would be closed again, for ever) is refused here.
-        size, limit = len(orjson.dumps(message)), self.state.limits.get("max_message_bytes")
+        data = orjson.dumps(message)  # (encoded once: the size check's bytes are what is sent)
+        size, limit = len(data), self.state.limits.get("max_message_bytes")
         if isinstance(limit, int) and size > limit:
             raise ValueError(
                 f"the action is {size} bytes encoded; this server takes messages of at most "
@@ -260,7 +261,7 @@ class PartyClient:
         self._actions[action_id] = future
         try:
             if self.stream.add_action(message):
-                await self._send(message)
+                await self._send(message, data)
             return await future
         finally:
             self._actions.pop(action_id, None)
@@ -308,12 +309,12 @@ class PartyClient:
             raise ClientClosed("the client has stopped")
         await self.connect()
 
-    async def _send(self, message: dict[str, Any]) -> None:
+    async def _send(self, message: dict[str, Any], data: bytes | None = None) -> None:
         conn = self._conn
         if conn is None:
             return  # still pending: sent again once reconnected
         with contextlib.suppress(TransportError):
-            await conn.send(orjson.dumps(message).decode())
+            await conn.send((orjson.dumps(message) if data is None else data).decode())
 
     # -- the connection loop --------------------------------------------------------------------
     async def _run(self) -> None:
