@@ -343,8 +343,8 @@ async def test_leave_stops_the_client_for_good() -> None:
         a = make_client(srv, "aria")
         await a.connect()
         seen = b.events()
-        await asyncio.wait_for(a.leave(), 5)
-        assert a.close_code == 1000 and a.error is None
+        assert await asyncio.wait_for(a.leave(), 5) is True
+        assert a.close_code == 1000 and a.error is None and a.left
         left = await next_of(seen, MemberLeft)
         assert (left.character_id, left.reason) == ("aria", "left")
         assert "aria" not in b.state.members
@@ -354,6 +354,32 @@ async def test_leave_stops_the_client_for_good() -> None:
             await a.send_action("skill_check")
         with pytest.raises(ClientClosed):  # (it returned the stale state: outside client probe)
             await a.connect()
+
+
+async def test_a_leave_that_never_reached_the_server_says_so() -> None:
+    """Client probe: the server gone, ``leave()`` and then ``close()`` while it reconnected:
+    ``leave()`` returned as after a leave, with the character not removed. It returns False
+    then (True only after the server's 1000)."""
+    async with (
+        serve_in_process(engine=ScriptedEngine()) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+    ):
+        a = PartyClient(
+            proxy.base.replace("http", "ws") + "/ws",
+            token=token("aria"),
+            transport=AiohttpTransport(srv.http),
+            backoff=Backoff(random=lambda: 0.0),
+        )
+        await a.connect()
+        seen = a.events()
+        proxy.refusing = True
+        proxy.cut()
+        assert (await next_of(seen, Disconnected)).reconnecting is True
+        leaving = asyncio.create_task(a.leave())
+        await asyncio.sleep(0.05)
+        await a.close()
+        assert await asyncio.wait_for(leaving, 5) is False
+        assert not a.left
 
 
 async def test_close_reports_the_normal_closure_it_made() -> None:

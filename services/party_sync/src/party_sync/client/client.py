@@ -112,6 +112,8 @@ class PartyClient:
         self.stream = ClientStream()
         self.error: BaseException | None = None  # why the client stopped, unless asked to
         self.close_code: int | None = None  # the last close code the server sent
+        #: the server closed with 1000 after ``leave()``: the character was removed
+        self.left = False
         self._conn: Connection | None = None
         self._task: asyncio.Task[None] | None = None
         self._hello: asyncio.Future[None] | None = None
@@ -295,14 +297,22 @@ class PartyClient:
             self._votes.pop(trace_id, None)
             self.stream.votes.pop(trace_id, None)
 
-    async def leave(self) -> None:
-        """Leave the party for good (the server then closes with 1000) and stop."""
+    async def leave(self) -> bool:
+        """Leave the party for good (the server then closes with 1000) and stop.
+
+        Offline, it is sent once the client has reconnected (again on every new connection until
+        the server's 1000). True once the server closed with 1000 after it: the character was
+        removed from the roster. False when the client stopped for another reason first
+        (``close()``, a refused handshake, ``max_attempts``): the character was not removed, and
+        ``error`` says why unless it was ``close()`` (the same as the JS client's
+        ``closedReason``)."""
         await self._ready()
         message = {"type": t.PARTY_LEAVE, "payload": {"character_id": self.state.you}}
         if self.stream.set_leave(message):
             await self._send(message)
         await self.wait_closed()
         await self._transport.close()
+        return self.left
 
     async def _ready(self) -> None:
         if self._stopped or self._closing:
@@ -437,6 +447,8 @@ class PartyClient:
         if self._closing and code in (None, ABNORMAL_CLOSURE):
             code = 1000  # our own close(): the socket may end before the server's echo is read
         self.close_code = code
+        if not self._closing and self.stream.leave is not None and conn.close_code == 1000:
+            self.left = True  # the server's answer to the leave: removed
         step = Next.STOP if self._closing else after_close(code)
         if step is Next.REFRESH and self._provider is None:
             step = Next.STOP  # nothing to refresh the token with
