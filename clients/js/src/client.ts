@@ -229,7 +229,10 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   readonly #pingIntervalMs: number;
   readonly #pongTimeoutMs: number;
   readonly #connectTimeoutMs: number;
-  readonly #actions = new Map<string, Waiter<ActionResultMessage>>();
+  readonly #actions = new Map<
+    string,
+    Waiter<ActionResultMessage> & { promise: Promise<ActionResultMessage> }
+  >();
   readonly #votes = new Map<string, Waiter<VoteUpdateMessage>>();
   #connectWaiters: Array<Waiter<void>> = [];
   #leaveWaiters: Array<() => void> = [];
@@ -351,13 +354,18 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     const traceId = options.traceId ?? this.#makeId();
     const bad = badId("action_id", actionId) ?? badId("trace_id", traceId, 128);
     if (bad !== null) return Promise.reject(bad);
-    if (this.#actions.has(actionId)) {
-      return Promise.reject(new Error(`action ${actionId} is already pending`));
-    }
-    return new Promise<ActionResultMessage>((resolve, reject) => {
-      this.#actions.set(actionId, { resolve, reject });
-      this.#run(this.#stream.addAction({ actionId, type, payload: { ...payload }, traceId }));
+    // The same action again while it is pending (a double click): it joins the pending call,
+    // as the Python client's does (it was a plain Error, which the README's own error handling
+    // took for fatal: client probe).
+    const pending = this.#actions.get(actionId);
+    if (pending !== undefined) return pending.promise;
+    let settle: Waiter<ActionResultMessage> = { resolve: () => {}, reject: () => {} };
+    const promise = new Promise<ActionResultMessage>((resolve, reject) => {
+      settle = { resolve, reject };
     });
+    this.#actions.set(actionId, { ...settle, promise });
+    this.#run(this.#stream.addAction({ actionId, type, payload: { ...payload }, traceId }));
+    return promise;
   }
 
   /**

@@ -395,6 +395,21 @@ describe("actions", () => {
     assert.equal(answer.seq, 1);
   });
 
+  it("the same actionId again while pending joins the pending call (sent once)", async () => {
+    const h = harness();
+    await joined(h);
+    const first = h.client.sendAction("skill_check", {}, { actionId: "dup-1" });
+    const again = h.client.sendAction("skill_check", {}, { actionId: "dup-1" });
+    assert.equal(again, first);
+    assert.equal(h.socket().sentOfType("action.request").length, 1);
+    h.socket().deliver(result(1, "dup-1"));
+    assert.equal((await again).payload.action_id, "dup-1");
+    // answered: the same id is a new call (answered by the server from its ledger)
+    const later = h.client.sendAction("skill_check", {}, { actionId: "dup-1" });
+    assert.notEqual(later, first);
+    assert.equal(h.socket().sentOfType("action.request").length, 2);
+  });
+
   it("uses crypto.randomUUID by default", async () => {
     FakeSocket.reset();
     const client = new PartySyncClient({ url: "ws://x/ws", token: "t", WebSocket: FakeSocket });
