@@ -434,3 +434,19 @@ async def test_votes_are_cast_and_followed() -> None:
         await b.cast_vote(started.vote_id, "R")
         finished = await next_of(seen, VoteFinished)
         assert finished.winner == "R" and a.state.vote is None
+
+
+async def test_a_callback_can_be_removed() -> None:
+    async with (
+        serve_in_process(engine=ScriptedEngine()) as srv,
+        connected(srv, "aria") as a,
+    ):
+        seen: list[str] = []
+        off = a.on(ActionResult, lambda e: seen.append(e.action_id))
+        await a.send_action("skill_check", action_id="cb-1")
+        await wait_until(lambda: seen == ["cb-1"])
+        off()
+        off()  # twice: nothing more
+        await a.send_action("skill_check", action_id="cb-2")
+        await a.send_action("skill_check", action_id="cb-3")
+        assert seen == ["cb-1"]

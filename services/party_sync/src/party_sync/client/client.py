@@ -196,14 +196,26 @@ class PartyClient:
         with contextlib.suppress(ValueError):
             self._subscriptions.remove(sub)
 
-    def on(self, kind: type[Any], callback: Callback) -> None:
-        """Call ``callback(event)`` (sync or async) for every event of class ``kind``."""
-        self._callbacks.append((kind, callback))
+    def on(self, kind: type[Any], callback: Callback) -> Callable[[], None]:
+        """Call ``callback(event)`` (sync or async) for every event of class ``kind``; returns
+        a function that removes it.
+
+        Callbacks run in the client's read loop, one after another, and an async one is
+        awaited there: keep them short (a callback that waits holds up reading, and the server
+        closes a connection that falls behind, 4002); start a task for longer work."""
+        entry = (kind, callback)
+        self._callbacks.append(entry)
+
+        def off() -> None:
+            if entry in self._callbacks:
+                self._callbacks.remove(entry)
+
+        return off
 
     async def _dispatch(self, event: ClientEvent) -> None:
         for sub in self._subscriptions:
             sub.put(event)
-        for kind, callback in self._callbacks:
+        for kind, callback in list(self._callbacks):  # (one may remove itself)
             if isinstance(event, kind):
                 try:
                     result = callback(event)
@@ -226,7 +238,13 @@ class PartyClient:
         The ``action_id`` (a new UUID unless given) is kept across reconnects: the action is
         resent with it until answered, and the server forwards it to the engine once. Actions
         go out one at a time, in order (the server allows one in flight per character): one
-        made while another is unanswered is sent once that one is answered.
+        made while another is unanswered is sent once that one is answered. The same
+        ``action_id`` again while it is pending joins that call.
+
+        Cancelled (``asyncio.wait_for``, a task cancelled), the call stops resending the action
+        and the next pending one goes out; an action already sent may still be applied: its
+        character stays busy until its answer or ``action_timeout`` (an action meanwhile gets
+        ``character_busy``), and its events reach the party as any action's.
         """
         action_id = action_id or uuid.uuid4().hex
         trace_id = trace_id or uuid.uuid4().hex

@@ -225,6 +225,7 @@ class NarrationDelta:
 class Connected:
     """A ``system.hello`` arrived: ``resumed`` = the missed events follow, else a new snapshot.
 
+    ``hello`` is the hello's ``payload`` (docs/protocol.md, system.hello), not the whole message.
     Either way the state's ``actions_in_flight`` and ``narration`` are the hello's now (open
     streams with their text so far; their next pieces follow as ``NarrationDelta``)."""
 
