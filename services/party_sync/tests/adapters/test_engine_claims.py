@@ -297,3 +297,31 @@ async def test_a_result_naming_another_character_is_refused_and_records_nothing(
         got = await a.until("action.result")
         assert got["payload"]["character_id"] == "aria"
         assert got["seq"] == 2  # (1: aria's join) nothing of the refused call was sequenced
+
+
+async def test_a_keyed_retry_is_answered_by_its_key_before_any_check_of_its_result() -> None:
+    """Review: the key names the publish, not its body (docs/engines.md): a retry under a key
+    whose call was published gets that call's seqs, on both backends (Redis refused it first
+    when it held a result naming another character; the embedded backend answered the key)."""
+    async with aria_in_a_party() as (srv, link, a):
+        action = await acted(a, link, "k1")
+        scene = {
+            "type": "scene.update",
+            "payload": {
+                "scene_number": 2,
+                "scene_id": "s-2",
+                "title": "The Reef Gate",
+                "narration": "Waves.",
+                "options": [],
+                "kind": "story",
+            },
+        }
+        keyed = {**AUTH, "Idempotency-Key": "call-1"}
+        path = srv.base + "/api/v1/parties/p1/events/batch"
+        async with srv.http.post(path, json={"events": [scene, scene]}, headers=keyed) as r:
+            assert r.status == 202
+            first = await r.json()
+        wrong = result(action)
+        wrong["payload"]["character_id"] = "borin"
+        async with srv.http.post(path, json={"events": [scene, wrong]}, headers=keyed) as r:
+            assert (r.status, await r.json()) == (202, first)

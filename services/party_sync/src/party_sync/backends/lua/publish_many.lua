@@ -24,6 +24,7 @@ local count = tonumber(ARGV[7])
 -- The action records the results name, read once (a second result of one action in this call
 -- reads its record again below, after the first wrote it).
 local records, results, answered = {}, 0, 0
+local other_actor = nil  -- the first result naming another character than its action's
 do
   local at_, record_at_ = 8, 12
   for i = 1, count do
@@ -32,8 +33,8 @@ do
       results = results + 1
       if records[i][2] then
         answered = answered + 1
-      elseif records[i][1] and records[i][1] ~= ARGV[at_ + 4] then  -- another's action
-        return {'!actor', i, records[i][1]}
+      elseif not other_actor and records[i][1] and records[i][1] ~= ARGV[at_ + 4] then
+        other_actor = {'!actor', i, records[i][1]}  -- refused after the key's answer, if any
       end
       record_at_ = record_at_ + 1
     end
@@ -66,6 +67,9 @@ if #KEYS > 11 + results then
     end
     return out
   end
+end
+if other_actor then  -- (as the memory backend: a key's answer, then this refusal)
+  return other_actor
 end
 local epoch = nil  -- found (or started) by the first event sequenced, as publish.lua does
 local first_seq = nil  -- the seq of the first event sequenced (the key's record)
