@@ -352,7 +352,19 @@ async def test_an_engine_that_failed_then_cannot_be_reached_ends_in_engine_error
         await link.submit(make_action("broken", deadline=FUTURE))
         await idle(link)
     assert host.failed == [("broken", ErrorCode.ENGINE_ERROR)]
-    assert len(api.actions) == 3
+    assert len(api.actions) == 4  # the engine_error, then 1 + retries unreached in a row
+
+
+async def test_one_unreached_attempt_after_engine_errors_is_not_giving_up() -> None:
+    """Review: past the retries (engine_error answers count as attempts), one refused attempt
+    (a host restarting) ended the action in engine_error at once; the host gets as many
+    attempts in a row as a host down gets, and its answer then stands."""
+    answers: list[int | str] = [*["engine_error"] * 3, "shutting_down", 202]
+    api, host = ScriptedApi(answers=answers), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions", retries=2) as link:
+        await link.submit(make_action("blip", deadline=FUTURE))
+        await idle(link)
+    assert host.failed == [] and len(api.actions) == 5
 
 
 async def test_a_taken_over_action_is_never_delivered_as_attempt_one() -> None:

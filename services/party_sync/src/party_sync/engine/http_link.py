@@ -328,6 +328,7 @@ class HttpEngineLink:
         reached = 1 if action.redelivery else 0
         attempt = 0
         engine_failures = 0  # attempts the engine host answered "the engine raised"
+        unreached_run = 0  # attempts in a row that cannot have reached the engine
         unknown = action.redelivery  # an attempt may have reached the engine, outcome unknown
         while True:
             headers["X-Delivery-Attempt"] = str(reached + 1)
@@ -342,7 +343,9 @@ class HttpEngineLink:
             except _Unreached as exc:
                 failure: Exception = exc
                 self.failures += 1
+                unreached_run += 1
             except _Retryable as exc:
+                unreached_run = 0
                 reached += 1
                 failure = exc
                 self.failures += 1
@@ -365,6 +368,7 @@ class HttpEngineLink:
                     return
                 # Not the engine's final word: a proxy's 408/425/429, or (after an attempt that
                 # may have reached the engine) e.g. 409 "this Idempotency-Key is in progress".
+                unreached_run = 0
                 reached += 1
                 unknown = True
                 failure = _Retryable(f"HTTP {status}")
@@ -398,11 +402,12 @@ class HttpEngineLink:
                         action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unreachable: retry"
                     )
                     return
-                if not unknown and isinstance(failure, _Unreached):
+                if not unknown and unreached_run > self.retries:
                     # Every attempt that reached the host was answered "the engine raised" (not
-                    # applied), and now it cannot be reached: nothing can have been applied, so
-                    # the truth is told (it was silence until give_up_after, then an ERROR
-                    # saying "it may have been applied": re-check probe)
+                    # applied), and then as many attempts in a row as a host down gets could not
+                    # reach it: nothing can have been applied, so the truth is told (it was
+                    # silence until give_up_after, then an ERROR saying "it may have been
+                    # applied": re-check probe)
                     log.error(
                         "engine failed %d time(s), then unreachable; giving up",
                         engine_failures,
