@@ -157,3 +157,8 @@ def test_the_comparison_tells_each_difference_once_and_ignores_nodes_that_send_n
     assert compared.differences([changed]) == [
         ("b", "presence_ttl 60 (this node: 30); max_replay 10 (this node: 300)")
     ]
+    agrees = NodeInfo("b", "1", 0, 0.0, 0.0, {"presence_ttl": 30.0, "max_replay": 300})
+    assert compared.differences([agrees]) == []
+    assert compared.differences([changed]) == [  # differs again: told again
+        ("b", "presence_ttl 60 (this node: 30); max_replay 10 (this node: 300)")
+    ]

@@ -349,11 +349,13 @@ class SettingsCompared:
 
     def __init__(self, node_id: str, own: dict[str, float]) -> None:
         self.node_id, self.own = node_id, own
-        self._told: set[tuple[str, str]] = set()
+        self._told: dict[str, str] = {}  # node → the differences last told (the live nodes')
 
     def differences(self, nodes: list[NodeInfo]) -> list[tuple[str, str]]:
-        """``(node_id, what differs)`` for each node not told about yet."""
+        """``(node_id, what differs)`` for each node whose differences changed since they were
+        last told (a node that agrees again is forgotten: told again if it differs again)."""
         found = []
+        told: dict[str, str] = {}
         for node in nodes:
             if node.node_id == self.node_id:
                 continue
@@ -362,9 +364,11 @@ class SettingsCompared:
                     self.own, node.settings, "this node", shared_settings.NODES
                 )
             )
-            if what and (node.node_id, what) not in self._told:
-                self._told.add((node.node_id, what))
-                found.append((node.node_id, what))
+            if what:
+                told[node.node_id] = what
+                if self._told.get(node.node_id) != what:
+                    found.append((node.node_id, what))
+        self._told = told  # (nodes gone are forgotten with it)
         return found
 
 
