@@ -72,6 +72,20 @@ def refusal_path(action_id: str) -> str:
     return f"/api/v1/parties/p1/actions/{action_id}/refusal"
 
 
+#: An event to publish beside a result (an engine's answer is often both).
+SCENE: dict[str, Any] = {
+    "type": "scene.update",
+    "payload": {
+        "scene_number": 2,
+        "scene_id": "s-2",
+        "title": "The Reef Gate",
+        "narration": "Waves.",
+        "options": [],
+        "kind": "story",
+    },
+}
+
+
 def result(action: ActionRequest) -> dict[str, Any]:
     return {
         "type": "action.result",
@@ -275,17 +289,7 @@ async def test_a_result_naming_another_character_is_refused_and_records_nothing(
         action = await acted(a, link, "x9")
         wrong = result(action)
         wrong["payload"]["character_id"] = "borin"
-        scene = {
-            "type": "scene.update",
-            "payload": {
-                "scene_number": 2,
-                "scene_id": "s-2",
-                "title": "The Reef Gate",
-                "narration": "Waves.",
-                "options": [],
-                "kind": "story",
-            },
-        }
+        scene = SCENE
         events = (wrong,) if route == "events" else (scene, wrong)
         status, answer = await post(srv, f"/api/v1/parties/p1/{route}", call(*events))
         assert (status, answer["error"]) == (422, "invalid_event"), answer
@@ -305,17 +309,7 @@ async def test_a_keyed_retry_is_answered_by_its_key_before_any_check_of_its_resu
     when it held a result naming another character; the embedded backend answered the key)."""
     async with aria_in_a_party() as (srv, link, a):
         action = await acted(a, link, "k1")
-        scene = {
-            "type": "scene.update",
-            "payload": {
-                "scene_number": 2,
-                "scene_id": "s-2",
-                "title": "The Reef Gate",
-                "narration": "Waves.",
-                "options": [],
-                "kind": "story",
-            },
-        }
+        scene = SCENE
         keyed = {**AUTH, "Idempotency-Key": "call-1"}
         path = srv.base + "/api/v1/parties/p1/events/batch"
         async with srv.http.post(path, json={"events": [scene, scene]}, headers=keyed) as r:
