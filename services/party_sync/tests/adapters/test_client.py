@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import pytest
 from party_sync.client import (
+    ActionFailed,
     ActionResult,
     AiohttpTransport,
     Backoff,
@@ -161,6 +162,47 @@ async def test_concurrent_actions_of_one_client_are_sent_one_at_a_time_and_all_a
         assert [r.action_id for r in results] == ["c-0", "c-1", "c-2"]
         assert [r.seq for r in results] == sorted(r.seq for r in results)
         assert [engine.count(f"c-{i}") for i in range(3)] == [1, 1, 1]
+
+
+async def test_a_call_cancelled_leaves_the_calls_that_joined_its_action_waiting() -> None:
+    """Cancelling one ``send_action`` call cancelled the action's shared future: every call that
+    had joined it under the same ``action_id`` raised ``CancelledError`` though nobody cancelled
+    it. The others wait on for the answer now; the action is sent once and answered."""
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()  # hold the action in flight
+    async with serve_in_process(engine=engine) as srv, connected(srv, "aria") as a:
+        first = asyncio.create_task(a.send_action("skill_check", action_id="j-1"))
+        await wait_until(lambda: engine.count("j-1") == 1)
+        joined = asyncio.create_task(a.send_action("skill_check", action_id="j-1"))
+        await asyncio.sleep(0)  # (the joined call is waiting)
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert not joined.done()
+        engine.gate.set()
+        async with asyncio.timeout(10):
+            result = await joined
+        assert result.action_id == "j-1" and engine.count("j-1") == 1
+
+
+async def test_every_call_of_an_action_cancelled_lets_the_next_action_go_out() -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    async with serve_in_process(engine=engine) as srv, connected(srv, "aria") as a:
+        calls = [asyncio.create_task(a.send_action("skill_check", action_id="k-1"))]
+        await wait_until(lambda: engine.count("k-1") == 1)
+        calls.append(asyncio.create_task(a.send_action("skill_check", action_id="k-1")))
+        queued = asyncio.create_task(a.send_action("skill_check", action_id="k-2"))
+        await asyncio.sleep(0)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+        # k-2 went out at once (k-1 still in flight on the server: its character is busy, as
+        # send_action's docstring says), not after k-1's answer
+        with pytest.raises(ActionFailed) as refused:
+            async with asyncio.timeout(10):
+                await queued
+        assert refused.value.code == "character_busy" and engine.count("k-1") == 1
 
 
 async def test_an_action_id_or_trace_id_that_breaks_the_rule_is_refused_before_it_is_sent() -> None:

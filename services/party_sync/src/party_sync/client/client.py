@@ -120,6 +120,7 @@ class PartyClient:
         self._closing = False
         self._stopped = False
         self._actions: dict[str, asyncio.Future[ActionResult]] = {}
+        self._action_callers: dict[str, int] = {}  # the calls waiting for each pending action
         self._votes: dict[str, asyncio.Future[VoteUpdated]] = {}
         self._subscriptions: list[Subscription] = []
         self._callbacks: list[tuple[type[Any], Callback]] = []
@@ -242,9 +243,11 @@ class PartyClient:
         ``action_id`` again while it is pending joins that call.
 
         Cancelled (``asyncio.wait_for``, a task cancelled), the call stops resending the action
-        and the next pending one goes out; an action already sent may still be applied: its
-        character stays busy until its answer or ``action_timeout`` (an action meanwhile gets
-        ``character_busy``), and its events reach the party as any action's.
+        and the next pending one goes out, once no other call that joined it still waits (a
+        joined call goes on waiting for the answer when another is cancelled); an action
+        already sent may still be applied: its character stays busy until its answer or
+        ``action_timeout`` (an action meanwhile gets ``character_busy``), and its events reach
+        the party as any action's.
         """
         action_id = action_id or uuid.uuid4().hex
         trace_id = trace_id or uuid.uuid4().hex
@@ -256,7 +259,8 @@ class PartyClient:
             raise ValueError(f"{ids.TRACE_ID_RULE}, got {trace_id!r}")
         await self._ready()
         if action_id in self._actions:
-            return await asyncio.shield(self._actions[action_id])
+            self._action_callers[action_id] += 1
+            return await self._await_action(action_id, self._actions[action_id])
         message = {
             "type": t.ACTION_REQUEST,
             "trace_id": trace_id,
@@ -279,13 +283,32 @@ class PartyClient:
             )
         future: asyncio.Future[ActionResult] = asyncio.get_running_loop().create_future()
         self._actions[action_id] = future
+        self._action_callers[action_id] = 1
         try:
             if self.stream.add_action(message):
                 await self._send(message, data)
-            return await future
+        except BaseException:
+            await self._release_action(action_id, future)
+            raise
+        return await self._await_action(action_id, future)
+
+    async def _await_action(
+        self, action_id: str, future: asyncio.Future[ActionResult]
+    ) -> ActionResult:
+        # Each call waits through a shield: one call cancelled does not cancel the action for
+        # the others that joined it (clients probe); the last one gone stops resending it.
+        try:
+            return await asyncio.shield(future)
         finally:
+            await self._release_action(action_id, future)
+
+    async def _release_action(self, action_id: str, future: asyncio.Future[ActionResult]) -> None:
+        self._action_callers[action_id] -= 1
+        if self._action_callers[action_id] == 0:
+            del self._action_callers[action_id]
             self._actions.pop(action_id, None)
-            # cancelled: stop resending it, and the next pending action goes out instead
+            future.cancel()  # (nobody waits for it any more; a no-op once settled)
+            # every caller cancelled: stop resending it, and the next pending action goes out
             for out in self.stream.drop_action(action_id):
                 await self._carry_out(out)
 
