@@ -181,8 +181,9 @@ class Metrics:
         )
         self.messages_out = TypeCounter(
             "party_sync_messages_out_total",
-            "Messages sent to clients (one per recipient), by type; the events of a resume's "
-            "replay are not counted by type",
+            "Messages sent to clients (one per recipient), by type, system.error and "
+            "system.pong included; the events of a resume's replay, and those a connection "
+            "got while its hello was being made, are not counted by type",
             r,
         )
         self.errors = Counter(

@@ -80,7 +80,7 @@ class Meter:
         self.count("in", type_)
 
     def sent(self, type_: str, recipients: int = 1) -> None:
-        self.count("out", type_)
+        self.counts[("out", type_)] = self.counts.get(("out", type_), 0) + recipients
 
     def count(self, family: str, label: str) -> None:
         self.counts[(family, label)] = self.counts.get((family, label), 0) + 1
@@ -1241,6 +1241,29 @@ def test_every_close_and_every_refusal_a_player_is_told_is_counted_once() -> Non
     assert node.meter.counts[("errors", "action_timeout")] == 1
     node.run(node.core.drain())
     assert node.meter.counts[("closes", str(CloseCode.GOING_AWAY))] == 1
+
+
+def test_messages_out_counts_every_frame_sent_by_its_type() -> None:
+    """Operator probe: ``party_sync_messages_out_total`` (docs/metrics.md: "Messages sent to
+    clients (one per recipient), by type") left out every ``system.error`` and ``system.pong``,
+    and the answers sent again to a resend (a stored ``action.result``)."""
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    node.send(aria, {"type": t.PING, "payload": {}})
+    node.run(node.core.receive(aria, b"{bad", node.now))  # bad_json
+    node.act(aria, "a1")
+    node.act(borin, "b1", character="aria")  # forbidden: another character
+    node.answer(node.engine[0])
+    node.act(aria, "a1")  # after its result: the result again, to aria only
+    refusal = codec.encode({"type": t.ERROR, "payload": {"code": "action_rejected"}})
+    node.run(node.core.direct_received("p1", "borin", refusal))  # made on another node
+    sent: dict[str, int] = {}
+    for frames in node.frames.values():
+        for frame in frames:
+            sent[frame["type"]] = sent.get(frame["type"], 0) + 1
+    counted = {label: n for (family, label), n in node.meter.counts.items() if family == "out"}
+    assert counted == sent
+    assert {t.PONG, t.ERROR, t.ACTION_RESULT} <= set(sent)
 
 
 # -- votes ---------------------------------------------------------------------------------------

@@ -253,6 +253,7 @@ class PartySessions:
                 return []
             error = self._error_bytes(ErrorCode.TOKEN_EXPIRED, "token expired: reconnect", now)
             self.meter.count("errors", ErrorCode.TOKEN_EXPIRED.value)
+            self.meter.sent(t.ERROR)
             out: Commands = [Send(error, [conn])]
             out.extend(self._close(conn, CloseCode.TOKEN_EXPIRED, "token expired"))
             return out
@@ -356,6 +357,7 @@ class PartySessions:
         """The backend could not be reached while opening: the client retries."""
         error = self._error_bytes(ErrorCode.BACKEND_UNAVAILABLE, "backend unavailable", now)
         self.meter.count("errors", ErrorCode.BACKEND_UNAVAILABLE.value)
+        self.meter.sent(t.ERROR)
         out: Commands = [Send(error, [conn])]
         out.extend(self._close(conn, CloseCode.INTERNAL_ERROR, "backend unavailable: retry"))
         return out
@@ -509,7 +511,7 @@ class PartySessions:
                 code = None
             if code is not None:
                 self.meter.count("errors", code)
-        return _repeats(data, to)
+        return self._repeats(data, to)
 
     def transient_received(self, party_id: str, items: Sequence[Transient], now: float) -> Commands:
         """Messages for every member outside the stream (``core.transient``): sent at once to
@@ -652,6 +654,7 @@ class PartySessions:
         if message.type == t.ACTION_REQUEST:
             return self._receive_action(conn, message, now)
         if message.type == t.PING:  # to this connection only; nothing else changes
+            self.meter.sent(t.PONG)
             return [Send(codec.encode(replies.pong(now=now, trace_id=message.trace_id)), [conn])]
         if message.type == t.PARTY_LEAVE:
             if message.payload["character_id"] != conn.character_id:
@@ -694,6 +697,7 @@ class PartySessions:
         the caller says counts as such: ``strike``) is a strike, and too many strikes close the
         connection (1008)."""
         self.meter.count("errors", exc.code.value)
+        self.meter.sent(t.ERROR)
         log.info(
             "message refused",
             extra={
@@ -789,7 +793,7 @@ class PartySessions:
                 self.deadlines.cancel(Kind.ACTION, key)
             if codec.seq_of(verdict.result) is None:  # a refusal: asked for, and now told
                 conn.tell_once(message.payload["action_id"])
-            return _repeats(verdict.result, [conn])
+            return self._repeats(verdict.result, [conn])
         if decision is _IN_FLIGHT:
             key = (conn.party_id, message.payload["action_id"])
             earlier = self.pending.get(key)
@@ -986,7 +990,7 @@ class PartySessions:
         if conn is not None and not conn.closed:
             if code is not None:
                 self.meter.count("errors", code.value)
-            return _repeats(data, [conn])
+            return self._repeats(data, [conn])
         if action.character_id == t.PARTY_ACTOR:
             return []
         return [SendDirect(action.party_id, action.character_id, data)]
@@ -1167,6 +1171,15 @@ class PartySessions:
         conn.closed = True
         self.meter.count("closes", str(code))
         return [Close(conn, code, reason)]
+
+    def _repeats(self, data: bytes, conns: list[Connection]) -> Commands:
+        """``_repeats``, counted in ``party_sync_messages_out_total`` by what it sends: a final
+        refusal (``system.error``) or a stored ``action.result``."""
+        out = _repeats(data, conns)
+        recipients = sum(len(cmd.to) for cmd in out if isinstance(cmd, Send))
+        if recipients:
+            self.meter.sent(t.ERROR if codec.seq_of(data) is None else t.ACTION_RESULT, recipients)
+        return out
 
     def _error_bytes(self, code: ErrorCode, message: str, now: float) -> bytes:
         return codec.encode(replies.error(code, message, now=now))
