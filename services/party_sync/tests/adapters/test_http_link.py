@@ -367,6 +367,28 @@ async def test_one_unreached_attempt_after_engine_errors_is_not_giving_up() -> N
     assert host.failed == [] and len(api.actions) == 5
 
 
+async def test_a_party_decision_outlasts_an_engine_outage_longer_than_its_retries() -> None:
+    """Votes probe: the HTTP engine down when a vote closed: its decision's action (``vote:<id>``,
+    the party's, no deadline) was refused ``engine_unavailable`` after the retries, and the
+    decision every member saw in ``vote.finished`` never reached the engine, though
+    docs/protocol.md says it is never lost. It is retried with capped backoff until the engine
+    answers; a second hand-over of it meanwhile (a sweep) does not deliver it twice."""
+    api, host = ScriptedApi(), RecordingHost()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/actions"  # nothing listens yet: refused at connect
+    decision = make_action("vote:v1", character_id="party")
+    async with started_link(host, url, retries=1) as link:
+        await link.submit(decision)
+        await wait_until(lambda: link.failures > 4)  # far past its retries, still tried
+        await link.submit(decision)  # handed over again meanwhile
+        assert host.failed == [] and len(link._tasks) == 1
+        async with serve(api.app(), port):
+            await idle(link)
+    [(headers, body)] = api.actions
+    assert body["envelope"]["payload"]["action_id"] == "vote:v1"
+    assert headers["X-Delivery-Attempt"] == "1" and host.failed == []
+
+
 async def test_a_taken_over_action_is_never_delivered_as_attempt_one() -> None:
     """An action taken over from a node that died with it (``redelivery``): that node may have
     delivered it, and the engine applied it. ``X-Delivery-Attempt: 1`` promises the engine

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from party_sync.backends.base import BackendSettings
 from party_sync.backends.memory import MemoryBackend
 from party_sync.core import transient, votes
-from party_sync.core.actions import Claim
+from party_sync.core.actions import Claim, Decision, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.commands import (
     Announce,
@@ -1321,6 +1321,34 @@ def test_a_characters_action_in_flight_does_not_hold_back_the_votes_decision() -
     node.act(aria, "busy")  # aria's action holds no party lock: the vote's action still runs
     node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
     assert [a.action_id for a in node.engine] == ["busy", "vote:v1"]
+
+
+def test_a_decision_already_in_flight_is_handed_over_as_a_redelivery() -> None:
+    """Votes probe: a vote's action taken over from a node killed after it delivered it went to
+    the engine as a first delivery (``X-Delivery-Attempt: 1``, "never seen"), while the first
+    one was still running; a refusal of it would have said "never applied". A decision whose
+    action the ledger has in flight is handed over as ``again`` (the gateway makes it a
+    ``redelivery``); a first hand-over is not."""
+    node = Node()
+    aria = node.join("aria")
+    _start_vote(node)
+    submits: list[SubmitVote] = []
+    step = node.step
+
+    def seen(c: Command) -> list[Command]:
+        if isinstance(c, SubmitVote):
+            submits.append(c)
+        return step(c)
+
+    node.step = seen  # type: ignore[method-assign]
+    node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
+    (first,) = submits
+    assert first.action is not None and first.again is False
+    again = node.core.vote_verdict(
+        ApplyVote(first.finished, node.now, False), "r1", Verdict(Decision.IN_FLIGHT)
+    )
+    [handed] = again
+    assert isinstance(handed, SubmitVote) and handed.action is not None and handed.again is True
 
 
 def test_a_decision_the_backend_could_not_take_is_retried_then_left_to_the_sweep() -> None:

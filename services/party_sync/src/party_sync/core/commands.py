@@ -217,6 +217,9 @@ class SubmitVote:
     finished: Event
     action: PendingAction | None
     retry: bool
+    #: the action was in flight already (handed over before, maybe by a node that died): an
+    #: earlier delivery may have reached the engine (``ActionRequest.redelivery``)
+    again: bool = False
 
 
 @dataclass(slots=True)

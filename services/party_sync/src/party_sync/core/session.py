@@ -1079,7 +1079,8 @@ class PartySessions:
             now,
             None,
         )
-        return [SubmitVote(finished, action, cmd.retry)]
+        again = verdict.decision is Decision.IN_FLIGHT
+        return [SubmitVote(finished, action, cmd.retry, again)]
 
     def vote_applied(self, finished: Event) -> Commands:
         key = (finished.party_id, finished.payload["vote_id"])

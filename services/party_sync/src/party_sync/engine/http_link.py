@@ -29,9 +29,11 @@ Before the first POST the link claims the action (``LinkHost.claim``): only ``ST
   ``{"error": "shutting_down"}`` (the engine host read no whole body): the request never reached
   the engine; retried with exponential backoff and full jitter up to ``engine_http_retries``
   times. If *every* attempt was
-  refused like this, the player gets ``engine_unavailable``: true, the engine never saw it;
-  never retried past the action's deadline: at the deadline the player gets ``action_timeout``
-  (what the engine host answers a first delivery after it);
+  refused like this, the player gets ``engine_unavailable``: true, the engine never saw it (a
+  party's decision, a finished vote's ``choice`` action with no deadline, is never refused so:
+  it is retried with capped backoff until the engine answers, the decision the party saw in
+  ``vote.finished`` kept); never retried past the action's deadline: at the deadline the
+  player gets ``action_timeout`` (what the engine host answers a first delivery after it);
 - 5xx ``{"error": "engine_error"}`` (what ``party-sync engine-http`` answers when the engine
   raised, which by the engine contract means *not applied*): retried like any 5xx, and after the
   fifth such answer (``ENGINE_FAILURES``, as the stream worker's fifth delivery) the player gets
@@ -79,6 +81,7 @@ from party_sync.engine import wire
 from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import claim_until_answered, refuse_until_recorded
 from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
+from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, PartySyncError
 from party_sync.tasks import Episode, LatestPerKey, cancel_and_wait, spawn_kept
 
@@ -152,6 +155,9 @@ class HttpEngineLink:
         self._host: LinkHost | None = None
         self._http: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        #: The party decisions being delivered (``(party_id, action_id)``): one kept waiting for
+        #: an engine that is down is not handed over again by a later sweep meanwhile.
+        self._decisions: set[tuple[str, str]] = set()
         #: The restate notice being delivered, per party: a newer one for the party replaces it.
         self._restates = LatestPerKey()
         #: Attempts that failed: refused, timed out, dropped, 5xx, the key refused (401)
@@ -201,6 +207,14 @@ class HttpEngineLink:
         )
 
     async def submit(self, action: ActionRequest) -> None:
+        if _is_decision(action):
+            key = (action.party_id, action.action_id)
+            if key in self._decisions:
+                return  # (its delivery goes on)
+            self._decisions.add(key)
+            task = self._spawn(self._traced_delivery(action))
+            task.add_done_callback(lambda _: self._decisions.discard(key))
+            return
         self._spawn(self._traced_delivery(action))
 
     async def notify_join(self, notice: JoinNotice) -> None:
@@ -330,6 +344,12 @@ class HttpEngineLink:
         engine_failures = 0  # attempts the engine host answered "the engine raised"
         unreached_run = 0  # attempts in a row that cannot have reached the engine
         unknown = action.redelivery  # an attempt may have reached the engine, outcome unknown
+        # A party's decision (a finished vote's ``choice``: no deadline, nobody waits for it) is
+        # never refused as unreachable: "engine_unavailable" would end it, and the decision the
+        # party saw in vote.finished would never reach the engine (votes probe). It is delivered
+        # once the engine answers (docs/protocol.md, Votes, "Applied").
+        decision = _is_decision(action)
+        kept = False  # said once: the decision waits for the engine
         while True:
             headers["X-Delivery-Attempt"] = str(reached + 1)
             headers[wire.CLOCK_HEADER] = f"{self.clock():.3f}"
@@ -395,14 +415,24 @@ class HttpEngineLink:
                 )
                 return
             if attempt > self.retries:
-                if not reached:  # it never left party_sync: "unavailable" is the truth
+                if not reached and decision:
+                    self._engine_unreachable(failure)
+                    if not kept:
+                        kept = True
+                        log.warning(
+                            "engine unreachable (%s): the party's decision is kept and "
+                            "delivered once the engine answers",
+                            failure,
+                            extra=extra,
+                        )
+                elif not reached:  # it never left party_sync: "unavailable" is the truth
                     if not self._engine_unreachable(failure):
                         log.debug("engine unreachable, giving up: %s", failure, extra=extra)
                     await self._refuse(
                         action, ErrorCode.ENGINE_UNAVAILABLE, "the engine is unreachable: retry"
                     )
                     return
-                if not unknown and unreached_run > self.retries:
+                elif not unknown and unreached_run > self.retries:
                     # Every attempt that reached the host was answered "the engine raised" (not
                     # applied), and then as many attempts in a row as a host down gets could not
                     # reach it: nothing can have been applied, so the truth is told (it was
@@ -415,7 +445,7 @@ class HttpEngineLink:
                     )
                     await self._refuse(action, ErrorCode.ENGINE_ERROR, "the engine failed")
                     return
-                if loop.time() >= give_up_at:
+                elif loop.time() >= give_up_at:
                     log.error(
                         "engine delivery abandoned after %.0fs (it may have been applied: the "
                         "player is told nothing)",
@@ -630,6 +660,11 @@ def _retry_answer(status: int, answer: Any, reached: int) -> bool:
         return True
     expired = status == 409 and isinstance(answer, dict) and answer.get("error") == EXPIRED
     return reached > 0 and status != 422 and not expired
+
+
+def _is_decision(action: ActionRequest) -> bool:
+    """A party's decision: a finished vote's ``choice`` action (no deadline, nobody waits)."""
+    return action.deadline is None and action.character_id == t.PARTY_ACTOR
 
 
 def _past(deadline: float | None, now: float) -> bool:

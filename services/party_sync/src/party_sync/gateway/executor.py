@@ -500,7 +500,10 @@ class Executor:
             finished = command.finished
             try:
                 if command.action is not None:
-                    await self.link.submit(engine_action(command.action))
+                    request = engine_action(command.action)
+                    if command.again:  # an earlier delivery may have reached the engine
+                        request = replace(request, redelivery=True)
+                    await self.link.submit(request)
                     self._handed[command.action.action_id] = None
                     while len(self._handed) > MAX_HANDED:
                         del self._handed[next(iter(self._handed))]
