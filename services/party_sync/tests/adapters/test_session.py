@@ -193,10 +193,12 @@ class _FakeWebSocket:
     def __init__(self, transport: _FakeTransport) -> None:
         self.transport = transport
         self.closed_with: tuple[int, bytes] | None = None
+        self.close_code: int | None = None  # (aiohttp's: the peer's answer, 1006 if none)
 
     async def close(self, *, code: int, message: bytes) -> bool:
         self.transport.writes.append(b"CLOSE")
         self.closed_with = (code, message)
+        self.close_code = 1000  # the peer answered
         return True
 
 

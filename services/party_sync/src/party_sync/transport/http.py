@@ -26,7 +26,13 @@ from party_sync.transport import admin, api, asyncapi, demo, members, openapi, t
 from party_sync.transport.appkeys import BATCHER, GATEWAY, VERIFIER
 from party_sync.transport.edge import Edge, edge_middleware, session_handler
 from party_sync.transport.guard import ConnectionGuard, guarded_connection
-from party_sync.transport.sink import DroppingWebSocketResponse, FrameBatcher, WebSocketSink
+from party_sync.transport.sink import (
+    CLOSE_PATIENCE,
+    CLOSE_TIMEOUT,
+    DroppingWebSocketResponse,
+    FrameBatcher,
+    WebSocketSink,
+)
 
 if TYPE_CHECKING:  # (aiohttp's request headers; multidict comes with aiohttp)
     from multidict import CIMultiDictProxy
@@ -230,7 +236,9 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
             max_msg_size=settings.max_message_bytes * 4,  # 1×–4×: system.error, kept open
             compress=False,  # no permessage-deflate: no decompression bombs, less CPU per frame
             decode_text=False,
-            timeout=5.0,
+            # the close handshake's wait for the peer's close frame: bounded by the sink, which
+            # aborts a close that makes no progress for CLOSE_TIMEOUT (or past CLOSE_PATIENCE)
+            timeout=CLOSE_PATIENCE + CLOSE_TIMEOUT,
         )
         try:
             await ws.prepare(request)

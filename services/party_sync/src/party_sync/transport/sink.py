@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
 import struct
+import termios
 from collections.abc import Hashable
 from typing import Protocol
 
@@ -36,6 +38,8 @@ from aiohttp import WSMessage, WSMsgType, web
 
 #: RFC 6455's policy violation: the close that earns a handshake cooldown (transport/guard.py).
 POLICY_VIOLATION = 1008
+#: The code aiohttp's ``close`` sets when no close frame came back from the peer.
+ABNORMAL = 1006
 
 
 class Penalizer(Protocol):
@@ -45,9 +49,17 @@ class Penalizer(Protocol):
 log = logging.getLogger(__name__)
 
 _TEXT = 0x81  # FIN + opcode 1 (text)
-#: Seconds a close handshake may take (its close frame drained, the peer's answer) before the
-#: socket is aborted: a peer that does not read would otherwise hold it open for ever.
+#: Seconds a close handshake may go without progress (nothing of what waits for the peer, its
+#: close frame included, taken by it; or, all taken, no answer) before the socket is aborted: a
+#: peer that does not read would otherwise hold it open for ever.
 CLOSE_TIMEOUT = 3.0
+#: Seconds a close handshake may take in all while the peer keeps reading, slowly: a slow
+#: consumer closed with 4002 that reads on gets its close frame (it got 1006 when the frames
+#: before it took more than ``CLOSE_TIMEOUT`` to drain: narration probe).
+CLOSE_PATIENCE = 30.0
+#: ``ioctl`` asking a socket's bytes not yet taken by the peer (Linux ``SIOCOUTQ``); None where
+#: unknown (then only the process's own buffer is looked at).
+_OUTQ: int | None = getattr(termios, "TIOCOUTQ", None)
 #: Seconds a close decided while the handler handles one of the client's messages waits for that
 #: handling to end before its frame goes out anyway (``WebSocketSink._handled_too_long``).
 HANDLING_PATIENCE = 0.5
@@ -313,16 +325,47 @@ class WebSocketSink:
         """Drop the socket now (what it holds unsent is discarded): the read loop ends."""
         drop(self._transport)
 
+    def _unsent(self) -> int:
+        """Bytes written for the peer that it has not taken yet: the transport's buffer, plus
+        the kernel's send queue where the system says (Linux)."""
+        size = self._transport.get_write_buffer_size()
+        sock = self._transport.get_extra_info("socket")
+        if _OUTQ is None or sock is None:
+            return size
+        try:
+            queued = fcntl.ioctl(sock.fileno(), _OUTQ, b"\0\0\0\0")
+        except (OSError, ValueError):  # (closed already, or not a socket that says)
+            return size
+        return size + int(struct.unpack("i", queued)[0])
+
     async def _close(self, code: int, reason: bytes) -> None:
         """The close handshake, bounded: aiohttp's ``close`` waits for the close frame to drain
         without a limit, and a client that does not read (the reason for a 4002) never takes
         it; the handler's read loop would then never end, and the connection, its user's slot
-        and its descriptor would stay. Past ``CLOSE_TIMEOUT`` the socket is aborted, which ends
-        the read loop and so the session."""
+        and its descriptor would stay. The socket is aborted, which ends the read loop and so
+        the session, once ``CLOSE_TIMEOUT`` passes without the peer taking any of what waits
+        for it, or ``CLOSE_PATIENCE`` in all (a peer that took everything and never answers
+        the close frame is let go then)."""
+        loop = asyncio.get_running_loop()
+        closing = loop.create_task(self._ws.close(code=code, message=reason))
+        give_up = loop.time() + CLOSE_PATIENCE
+        left = self._unsent()
         try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self._ws.close(code=code, message=reason)
-        except TimeoutError:
+            while True:
+                await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+                if closing.done():
+                    closing.result()
+                    if self._ws.close_code == ABNORMAL:
+                        # aiohttp gave up on the peer (its writer failed) and closed the
+                        # transport: nothing it held may stay queued in the kernel
+                        drop(self._transport)
+                    return
+                now_left = self._unsent()
+                if (0 < left <= now_left) or loop.time() >= give_up:
+                    break  # the peer took nothing for CLOSE_TIMEOUT (or far too slowly)
+                # (all taken by the peer's kernel: its application may still be reading its way
+                # to the close frame; its answer is waited for, within CLOSE_PATIENCE)
+                left = now_left
             drop(self._transport)
         except asyncio.CancelledError:  # stop() gave up waiting for it: the same end
             drop(self._transport)
@@ -332,6 +375,12 @@ class WebSocketSink:
         except Exception:
             log.exception("websocket close failed")
             drop(self._transport)
+        finally:
+            if not closing.done():
+                closing.cancel()
+                await asyncio.wait({closing})
+            if not closing.cancelled():
+                closing.exception()  # (retrieved: its end was this one's)
 
     def reading_stopped(self) -> None:
         """The handler reads no more (its loop ended): a close it left for this (``reading``)
@@ -346,8 +395,8 @@ class WebSocketSink:
         self.flush()
         task = self._close_task
         if task is not None and not task.done():
-            with contextlib.suppress(asyncio.TimeoutError):  # _close is bounded: CLOSE_TIMEOUT
-                await asyncio.wait_for(asyncio.shield(task), timeout=CLOSE_TIMEOUT + 1.0)
+            with contextlib.suppress(asyncio.TimeoutError):  # _close is bounded: CLOSE_PATIENCE
+                await asyncio.wait_for(asyncio.shield(task), timeout=CLOSE_PATIENCE + 1.0)
             if not task.done():
                 task.cancel()  # _close aborts the socket on its way out
                 await asyncio.wait({task}, timeout=1.0)  # (a cancel of stop() itself propagates)
