@@ -370,6 +370,25 @@ async def connected(h: Harness, seq: int) -> FakeConnection:
     return conn
 
 
+@pytest.mark.parametrize("refusal", [401, 403])
+async def test_a_client_that_stops_while_reconnecting_says_so_with_a_last_disconnected(
+    refusal: int,
+) -> None:
+    """Clients probe: cut off, then its handshake refused (its token expired meanwhile, no
+    ``token_provider``): the client stopped, but the last ``Disconnected`` the app had said
+    ``reconnecting`` (the JS client says "closed"): an app showed "reconnecting" for ever."""
+    h = Harness()
+    conn = await connected(h, 0)
+    h.transport.plan = [refusal]
+    conn.server_close(1006)
+    cut = await h.seen.next_of(Disconnected)
+    assert cut.reconnecting is True
+    await asyncio.wait_for(h.client.wait_closed(), 5)
+    stopped = await h.seen.next_of(Disconnected)
+    assert stopped.reconnecting is False and str(refusal) in stopped.reason
+    assert isinstance(h.client.error, ConnectRefused)
+
+
 async def test_an_expired_token_without_a_provider_says_so_and_does_not_reconnect() -> None:
     h = Harness()
     conn = await connected(h, 0)

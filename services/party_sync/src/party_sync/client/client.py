@@ -120,6 +120,8 @@ class PartyClient:
         self._closing = False
         self._stopped = False
         self._actions: dict[str, asyncio.Future[ActionResult]] = {}
+        #: the last ``Disconnected`` the app was given said ``reconnecting``
+        self._told_reconnecting = False
         self._action_callers: dict[str, int] = {}  # the calls waiting for each pending action
         self._votes: dict[str, asyncio.Future[VoteUpdated]] = {}
         self._subscriptions: list[Subscription] = []
@@ -377,7 +379,7 @@ class PartyClient:
         except Exception as exc:
             error = exc
         finally:
-            await self._stop(error)  # no await inside: settles every waiter, whatever follows
+            await self._stop(error)  # settles every waiter before its first await
             # stopped for good (refused, gave up, closed): its own HTTP session goes too, so a
             # client whose connect() raised leaves nothing open behind it
             with contextlib.suppress(Exception):
@@ -482,6 +484,7 @@ class PartyClient:
             log.info("party_sync client: resync", extra={"reason": resync})
             with contextlib.suppress(Exception):
                 await conn.close(1000)
+            self._told_reconnecting = True
             await self._dispatch(Disconnected(None, resync, True))
             return hello_seen, Next.RESYNC
         code = conn.close_code
@@ -499,6 +502,7 @@ class PartyClient:
                 f"closed by the server with {conn.close_code}: {conn.close_reason}"
             )
         reconnecting = step is not Next.STOP
+        self._told_reconnecting = reconnecting
         await self._dispatch(Disconnected(code, conn.close_reason, reconnecting))
         return hello_seen, step
 
@@ -530,6 +534,13 @@ class PartyClient:
         if self._hello is not None and not self._hello.done():
             self._hello.set_exception(reason)
             self._hello.exception()  # retrieved: no "never retrieved" warning if nobody waits
+        if self._told_reconnecting:
+            # The app was last told "reconnecting" and the client stopped while it tried (a
+            # handshake refused, max_attempts, close()): it is told the end too (clients probe:
+            # it showed "reconnecting" for ever).
+            self._told_reconnecting = False
+            with contextlib.suppress(Exception):
+                await self._dispatch(Disconnected(self.close_code, str(reason), False))
         for sub in self._subscriptions:
             sub.put(None)
 
