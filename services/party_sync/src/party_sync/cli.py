@@ -706,7 +706,7 @@ def _engine_http(args: argparse.Namespace) -> int:
             args.port,
             shutdown_timeout=budget,  # then the engine calls still running are cancelled
             on_ready=lambda: print(ready, flush=True),
-            on_stop=arm_exit_watchdog,  # the stop began (SIGTERM, SIGINT)
+            on_stop=arm_exit_watchdog,  # the stop began (SIGTERM, SIGINT, SIGHUP)
         )
     )
     return 0
@@ -728,8 +728,6 @@ def _shutdown_timeout() -> float:
 
 
 def _engine_worker(args: argparse.Namespace) -> int:
-    import signal
-
     from party_sync.backends import shared_settings
     from party_sync.backends.keys import KeySpace
     from party_sync.backends.redis_connect import RedisTarget, make_any_client, stale_socket_retry
@@ -740,6 +738,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
     from party_sync.protocol.schemas import Contracts
     from party_sync.publishing import BackendPublisher
     from party_sync.server import arm_exit_watchdog, make_backend
+    from party_sync.tasks import STOP_SIGNALS
 
     # The same settings as the gateway nodes (history size, TTLs, key prefix) from the environment.
     given = {
@@ -840,7 +839,7 @@ def _engine_worker(args: argparse.Namespace) -> int:
             worker.stop()
 
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, stop)
         banner = f"engine worker {options.consumer} on {', '.join(worker.streams)}"
         if args.concurrency > 1:

@@ -399,7 +399,7 @@ class Settings:
     )
     rate_burst: float = _option(60.0, "Messages a connection may send in a burst (at least 1).")
     shutdown_timeout: float = _option(
-        10.0, "Seconds to wait for clients to close on SIGTERM/SIGINT."
+        10.0, "Seconds to wait for clients to close on SIGTERM/SIGINT/SIGHUP."
     )
     event_loop: str = _option(
         "auto",

@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 import secrets
-import signal
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ from party_sync.metrics import Metrics
 from party_sync.problems import RAW_BODIES, listen, quiet
 from party_sync.protocol.errors import ConfigError
 from party_sync.protocol.schemas import Contracts
+from party_sync.tasks import STOP_SIGNALS
 from party_sync.transport.http import ENGINE_HEALTH, GUARD, RedactingAccessLogger, build_app
 
 log = logging.getLogger("party_sync")
@@ -578,7 +578,7 @@ async def run(
     worker: WorkerRole | None = None,
     on_stop: Callable[[float], None] | None = None,
 ) -> None:
-    """Serve until SIGTERM/SIGINT, then drain (1001 to every client) and exit.
+    """Serve until SIGTERM/SIGINT/SIGHUP, then drain (1001 to every client) and exit.
 
     ``worker``: one worker of ``serve --workers N`` (SO_REUSEPORT; it also stops when its
     supervisor is gone). ``on_stop(shutdown_timeout)`` is called when the stop begins."""
@@ -601,7 +601,7 @@ async def run(
     loop = asyncio.get_running_loop()
     collections = FullCollections(server.gateway)
     collections.periodic.start()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     backend = describe_backend(settings, server.gateway.backend)
     transport, engine = describe_engine(settings, server.gateway.link)

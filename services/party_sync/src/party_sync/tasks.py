@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
@@ -21,6 +22,10 @@ log = logging.getLogger("party_sync.tasks")
 
 #: Seconds a stop waits for its cancelled tasks before it leaves them behind.
 STOP_TIMEOUT = 5.0
+#: The signals every party_sync process drains and stops on: SIGTERM (an orchestrator), SIGINT
+#: (Ctrl-C), SIGHUP (its terminal gone: it ended the process at once, no drain, its clients got
+#: 1006 instead of 1001; operator probe).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def spawn_kept(

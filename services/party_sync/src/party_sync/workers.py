@@ -17,7 +17,7 @@ the workers. The parent (``Supervisor``) serves nothing itself:
   port and resume, on any worker (the protocol's resume);
 - a worker that exits before the whole group ever served (a bad engine, a port in use) stops
   the group: the parent exits with that worker's code (2 for a configuration error);
-- SIGTERM or SIGINT to the parent drains every worker (SIGTERM: each closes its clients with
+- SIGTERM, SIGINT or SIGHUP to the parent drains every worker (SIGTERM: each closes its clients with
   1001 within ``shutdown_timeout``), then the parent removes the group's directory and exits 0;
 - a worker whose parent is gone (even killed) sees its end of the socket pair close, and drains.
 
@@ -52,7 +52,7 @@ from party_sync import config, logs
 from party_sync.config import Settings
 from party_sync.problems import check_port_free
 from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError, one_line
-from party_sync.tasks import cancel_and_wait
+from party_sync.tasks import STOP_SIGNALS, cancel_and_wait
 
 if TYPE_CHECKING:
     from party_sync.server import Server
@@ -66,7 +66,7 @@ RESTART_DELAY_MAX = 30.0
 #: A worker that served this long before dying is restarted after ``RESTART_DELAY_MIN`` again.
 STABLE_AFTER = 60.0
 #: The signals the parent stops its workers with (SIGINT: Ctrl-C reaches the whole group).
-_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+_STOP_SIGNALS = frozenset(STOP_SIGNALS)
 #: Seconds the parent waits, past ``shutdown_timeout``, for a draining worker before SIGKILL
 #: (a worker ends itself by ``server.EXIT_GRACE`` past it; this is for one that cannot run:
 #: stopped, or stuck outside Python). A worker killed so makes ``serve`` exit 1.
@@ -149,7 +149,7 @@ class Supervisor:
         self.ready_changed = asyncio.Event()
         self.others_may_start = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in STOP_SIGNALS:
             loop.add_signal_handler(sig, self._stop, sig)
         self.group_dir = Path(tempfile.mkdtemp(prefix="party-sync-workers-"))  # mode 0700
         try:

@@ -119,11 +119,14 @@ async def close_code(client: Client) -> int | None:
         return exc.code
 
 
-async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly() -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly(sig: signal.Signals) -> None:
+    """SIGHUP (the terminal gone) ended the process at once: exit 129, no drain, clients got
+    1006 instead of 1001 (operator probe). It drains as SIGTERM and SIGINT do."""
     async with serve_process() as srv:
         a, _ = await srv.join("aria")
         assert srv.process is not None
-        srv.process.send_signal(signal.SIGTERM)
+        srv.process.send_signal(sig)
         assert await close_code(a) == 1001
         returncode = await asyncio.to_thread(srv.process.wait, 15)
         assert returncode == 0

@@ -301,19 +301,21 @@ async def test_a_killed_worker_is_restarted_and_its_players_resume(
         await b2.close()
 
 
-@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("stop", ["sigterm", "ctrl-c", "hangup"])
 async def test_sigterm_to_the_parent_drains_every_worker(
     redis: RedisServer, tmp_path: Path, stop: str
 ) -> None:
-    """SIGTERM to ``serve``; or Ctrl-C in a terminal: SIGINT to every process of the group."""
-    async with workers_group(redis, tmp_path, new_session=stop == "ctrl-c") as group:
+    """SIGTERM to ``serve``; or Ctrl-C in a terminal: SIGINT to every process of the group;
+    or the terminal gone: SIGHUP to every process of the group (it killed the parent at once,
+    exit 129, without a line: operator probe)."""
+    async with workers_group(redis, tmp_path, new_session=stop != "sigterm") as group:
         group_dir = Path((await group.log(serving))["group_dir"])
         assert await asyncio.to_thread(group_dir.is_dir)
         a, b, _, _ = await spread(group)
         if stop == "sigterm":
             group.process.send_signal(signal.SIGTERM)
         else:
-            os.killpg(group.process.pid, signal.SIGINT)
+            os.killpg(group.process.pid, signal.SIGINT if stop == "ctrl-c" else signal.SIGHUP)
         for client in (a, b):
             try:
                 code = await client.closed(timeout=10)

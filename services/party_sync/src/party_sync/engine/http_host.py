@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -99,6 +98,7 @@ from party_sync.protocol.errors import (
 )
 from party_sync.protocol.ids import ID_RULE, is_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
+from party_sync.tasks import STOP_SIGNALS
 
 log = logging.getLogger(__name__)
 
@@ -726,7 +726,7 @@ async def run_host(
     on_ready: Callable[[], None],
     on_stop: Callable[[float], None],
 ) -> None:
-    """Serve ``app`` on ``host:port`` until SIGTERM/SIGINT (``party-sync engine-http``).
+    """Serve ``app`` on ``host:port`` until SIGTERM/SIGINT/SIGHUP (``party-sync engine-http``).
 
     ``on_ready`` is called once the socket listens (never before: a script waiting for the ready
     line can connect at once); a bind that fails (the port in use, a host that is no address of
@@ -744,7 +744,7 @@ async def run_host(
     await listen(runner, host, port, problems.QuietTCPSite(runner, host, port).start)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
-    signals = (signal.SIGTERM, signal.SIGINT)
+    signals = STOP_SIGNALS
     for sig in signals:
         loop.add_signal_handler(sig, stopping.set)
     try:
