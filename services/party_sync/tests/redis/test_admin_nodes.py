@@ -108,6 +108,23 @@ async def test_a_party_whose_node_stopped_before_its_next_heartbeat_is_listed(
         assert [p["party_id"] for p in body["parties"]] == ["brief"]
 
 
+async def test_the_answering_node_lists_itself_when_redis_lost_the_list(cluster: Cluster) -> None:
+    """Operator probe: after an empty restart of Redis, ``GET /api/v1/nodes`` answered
+    ``{"nodes": []}`` until the node's next heartbeat (README: "the answering node's connection
+    count is live"). The node that answers is serving: it lists itself, live."""
+    async with cluster.node("--api-key", KEY, "--presence-ttl", "60") as n1:  # beats every 20 s
+        a, _ = await n1.join("aria", party="p1")
+        await wait_async(lambda: _listed(n1))
+        cluster.redis.command("FLUSHALL")  # the list of nodes is gone with the rest
+        [me] = (await get(n1, "/api/v1/nodes"))["nodes"]
+        assert me["self"] is True and me["connections"] == 1
+        await a.close()
+
+
+async def _listed(node: Running) -> bool:
+    return len((await get(node, "/api/v1/nodes"))["nodes"]) == 1
+
+
 async def test_nodes_with_different_settings_say_so_once_and_list_them(
     redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

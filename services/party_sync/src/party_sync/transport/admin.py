@@ -29,7 +29,6 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -275,13 +274,13 @@ async def list_nodes(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
     now = gateway.clock()
     nodes = await request.app[ADMIN].nodes(now)
-    # the answering node tells its own count as it is now, not as of its last heartbeat (the
-    # others', in Redis mode, are as of theirs: every presence_ttl / 3)
-    live = len(gateway.sessions)
-    nodes = [
-        replace(n, connections=live, seen_at=now) if n.node_id == gateway.node_id else n
-        for n in nodes
-    ]
+    # the answering node tells itself as it is now, not as of its last heartbeat (the others',
+    # in Redis mode, are as of theirs: every presence_ttl / 3); listed even before its next
+    # heartbeat when Redis lost the list (an empty restart: operator probe, it was missing)
+    own = own_node(request.app)
+    nodes = sorted(
+        [n for n in nodes if n.node_id != gateway.node_id] + [own], key=lambda n: n.node_id
+    )
     return web.json_response({"nodes": [node_json(n, gateway.node_id) for n in nodes]})
 
 
@@ -309,12 +308,10 @@ async def handshake_refusal(request: web.Request, claims: Claims) -> web.Respons
 
 
 # -- the node's heartbeat and its close requests ---------------------------------------------------
-async def beat(app: web.Application, ttl: float) -> None:
-    """One heartbeat of this node: itself, and the parties it served since the last one (its
-    connections' and ``gateway.touched``), for ``ttl`` seconds. Raises ``BackendUnavailable``
-    (the parties are kept for the next one)."""
-    gateway, view = app[GATEWAY], app[ADMIN]
-    node = NodeInfo(
+def own_node(app: web.Application) -> NodeInfo:
+    """This node as it is now."""
+    gateway = app[GATEWAY]
+    return NodeInfo(
         gateway.node_id,
         __version__,
         len(gateway.sessions),
@@ -322,6 +319,14 @@ async def beat(app: web.Application, ttl: float) -> None:
         gateway.clock(),
         shared_settings.values_of(gateway.settings, shared_settings.NODES),
     )
+
+
+async def beat(app: web.Application, ttl: float) -> None:
+    """One heartbeat of this node: itself, and the parties it served since the last one (its
+    connections' and ``gateway.touched``), for ``ttl`` seconds. Raises ``BackendUnavailable``
+    (the parties are kept for the next one)."""
+    gateway, view = app[GATEWAY], app[ADMIN]
+    node = own_node(app)
     touched, gateway.touched = gateway.touched, set()
     parties = sorted({s.party_id for s in gateway.sessions} | touched)
     try:
