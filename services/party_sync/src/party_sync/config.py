@@ -783,6 +783,8 @@ def _sentinel_problem(settings: Settings) -> str | None:
     if not settings.redis_sentinels:
         if settings.redis_sentinel_master:
             return "redis_sentinel_master needs redis_sentinels (host:port,host:port)"
+        if settings.redis_sentinel_password:  # (it was ignored without a word: new user probe)
+            return "redis_sentinel_password needs redis_sentinels (host:port,host:port)"
         return None
     try:
         parse_addresses(settings.redis_sentinels)

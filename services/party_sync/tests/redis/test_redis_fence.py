@@ -216,6 +216,8 @@ def test_the_url_gives_the_password_and_db_with_sentinels() -> None:
     [
         ({"redis_sentinels": "s1:26379"}, "needs redis_sentinel_master"),
         ({"redis_sentinel_master": "main"}, "needs redis_sentinels"),
+        # it was ignored without a word (new user probe)
+        ({"redis_sentinel_password": "pw", "redis_url": "redis://h:1"}, "needs redis_sentinels"),
         ({"redis_sentinels": "s1", "redis_sentinel_master": "m"}, "not host:port"),
         ({"redis_sentinels": "s1:0", "redis_sentinel_master": "m"}, "not host:port"),
         (
