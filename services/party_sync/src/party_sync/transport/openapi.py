@@ -349,9 +349,15 @@ def vote_request(contracts: Contracts) -> dict[str, Any]:
         "required": ["question", "options", "timeout_s"],
         "properties": {
             "vote_id": {
-                **_ID,
-                "maxLength": 59,
-                "description": "At most 59 characters: the vote is applied as `vote:<vote_id>`.",
+                "anyOf": [
+                    {**_ID, "maxLength": 59},
+                    {"type": "string", "maxLength": 0},
+                    {"type": "null"},
+                ],
+                "description": (
+                    "At most 59 characters: the vote is applied as `vote:<vote_id>`. Absent, "
+                    "null or empty: a fresh one is made."
+                ),
             },
             "question": _rewrite(started["question"]),
             "options": _rewrite(started["options"]),
