@@ -157,6 +157,18 @@ class _Parser(argparse.ArgumentParser):
         """``parse_args``, with an unrecognized argument refused by its command's parser, and a
         value that begins with ``-`` taken as its option's (``glue_dashed_values``)."""
         given = self.glue_dashed_values(list(sys.argv[1:] if argv is None else argv))
+        if not any(arg in self.commands for arg in given):
+            # no command: argparse would say only that one is required (new user probe:
+            # ``party-sync --bogus`` never named ``--bogus``)
+            known, _ = self.options()
+            unknown = [
+                arg
+                for arg in given
+                if arg.startswith("-")
+                and not any(o.startswith(arg.partition("=")[0]) for o in known)
+            ]
+            if unknown:
+                self.error(f"unrecognized arguments: {' '.join(unknown)}")
         args, extra = self.parse_known_args(given)
         if extra:
             command = getattr(args, "command", None) or ""

@@ -328,3 +328,16 @@ def test_an_option_after_an_option_that_wants_a_value_is_still_refused(
         main(argv)
     assert exited.value.code == 2
     assert "argument --api-key: expected one argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--bogus"], ["--bogus=1", "-x"], ["--port", "1"]])
+def test_an_option_without_a_command_is_named(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """New user probe: ``party-sync --bogus`` said only "the following arguments are required:
+    command", never naming ``--bogus``."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert f"unrecognized arguments: {' '.join(a for a in argv if a.startswith('-'))}" in err
