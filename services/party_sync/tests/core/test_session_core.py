@@ -57,6 +57,7 @@ from party_sync.protocol.errors import BackendUnavailable, CloseCode
 from party_sync.protocol.schemas import Contracts
 
 T = TypeVar("T")
+C = TypeVar("C", bound=Command)
 T0 = 1_800_000_000.0
 RULES = Rules(action_timeout=5.0, presence_grace=10.0, presence_ttl=30.0)
 CONTRACTS = Contracts()
@@ -119,6 +120,19 @@ class Node:
         self.core.start(self.now)
 
     # -- the driver -----------------------------------------------------------------------------
+    def recorded(self, kind: type[C]) -> list[C]:
+        """From now on, every command of class ``kind`` the node carries out, in order."""
+        seen: list[C] = []
+        step = self.step
+
+        def recording(c: Command) -> list[Command]:
+            if isinstance(c, kind):
+                seen.append(c)
+            return step(c)
+
+        self.step = recording  # type: ignore[method-assign]
+        return seen
+
     def run(self, commands: list[Command]) -> None:
         for command in commands:
             self.run(self.step(command))
@@ -831,15 +845,7 @@ def test_a_connection_still_syncing_is_not_in_a_presence_refresh() -> None:
     )
     (connect,) = node.core.open(borin, None, node.now)  # its Connect not answered yet
     assert isinstance(connect, Connect)
-    refreshes: list[Refresh] = []
-    step = node.step
-
-    def spy(c: Any) -> list[Any]:
-        if isinstance(c, Refresh):
-            refreshes.append(c)
-        return step(c)
-
-    node.step = spy  # type: ignore[method-assign]
+    refreshes = node.recorded(Refresh)
     node.advance(RULES.presence_ttl)
     named = [{i for _, i in r.connections} for r in refreshes]
     assert {aria.id} in named and not any(borin.id in ids for ids in named)
@@ -1332,15 +1338,7 @@ def test_a_decision_already_in_flight_is_handed_over_as_a_redelivery() -> None:
     node = Node()
     aria = node.join("aria")
     _start_vote(node)
-    submits: list[SubmitVote] = []
-    step = node.step
-
-    def seen(c: Command) -> list[Command]:
-        if isinstance(c, SubmitVote):
-            submits.append(c)
-        return step(c)
-
-    node.step = seen  # type: ignore[method-assign]
+    submits = node.recorded(SubmitVote)
     node.send(aria, {"type": t.VOTE_CAST, "payload": {"vote_id": "v1", "option": "A"}})
     (first,) = submits
     assert first.action is not None and first.again is False

@@ -92,6 +92,21 @@ async def publish(srv: Running, marker: str, size: int) -> None:
         assert resp.status == 202, await resp.text()
 
 
+async def flooded(srv: Running, character: str) -> Any:
+    """Big events for ``character``'s party until the server closed its session (slow)."""
+    assert srv.server is not None
+    gateway = srv.server.gateway
+    await wait_until(lambda: any(x.character_id == character for x in gateway.sessions))
+    session = next(x for x in gateway.sessions if x.character_id == character)
+    for i in range(400):  # at most ~24 MB: far past any socket buffer on loopback
+        await publish(srv, f"flood-{i}", 60_000)
+        if session.closed:
+            break
+    # the last frames leave at the end of a loop tick: the close may follow the last publish
+    await wait_until(lambda: session.closed, timeout=10)
+    return session
+
+
 async def test_a_client_that_never_reads_is_closed_with_4002_and_the_neighbour_is_served(
     srv: Running,
 ) -> None:
@@ -100,15 +115,7 @@ async def test_a_client_that_never_reads_is_closed_with_4002_and_the_neighbour_i
     try:
         assert srv.server is not None
         gateway = srv.server.gateway
-        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
-        session = next(x for x in gateway.sessions if x.character_id == "aria")
-        for i in range(400):  # at most ~24 MB: far past any socket buffer on loopback
-            await publish(srv, f"flood-{i}", 60_000)
-            if session.closed:
-                break
-        # the last frames leave at the end of a loop tick: the close may follow the last publish
-        await wait_until(lambda: session.closed, timeout=10)
-        assert session.closed, "the slow client was never disconnected"
+        await flooded(srv, "aria")
         await neighbour.served(srv, "after-flood")
         assert await close_code(slow, timeout=20) == 4002
         await slow.write(client_frame(b"\x0f\xa2", opcode=0x8))  # its answer, as a client's
@@ -131,13 +138,7 @@ async def test_a_slow_client_that_reads_on_gets_its_4002_however_long_the_backlo
     try:
         assert srv.server is not None
         gateway = srv.server.gateway
-        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
-        session = next(x for x in gateway.sessions if x.character_id == "aria")
-        for i in range(400):
-            await publish(srv, f"flood-{i}", 60_000)
-            if session.closed:
-                break
-        await wait_until(lambda: session.closed, timeout=10)
+        await flooded(srv, "aria")
         code = None
         async with asyncio.timeout(60):
             while code is None:
@@ -167,13 +168,7 @@ async def test_a_client_that_never_reads_is_let_go_without_reading_and_its_slot_
     try:
         assert srv.server is not None
         gateway, guard = srv.server.gateway, srv.server.app[GUARD]
-        await wait_until(lambda: any(x.character_id == "aria" for x in gateway.sessions))
-        session = next(x for x in gateway.sessions if x.character_id == "aria")
-        for i in range(400):
-            await publish(srv, f"flood-{i}", 60_000)
-            if session.closed:
-                break
-        await wait_until(lambda: session.closed, timeout=10)
+        session = await flooded(srv, "aria")
         # nothing read from ``slow`` since: the server lets it go by itself
         await wait_until(lambda: session not in gateway.sessions, timeout=20)
         closes = gateway.metrics.registry.get_sample_value
