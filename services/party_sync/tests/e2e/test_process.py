@@ -21,7 +21,15 @@ from ps_testkit.client import Client, Closed
 from ps_testkit.engines import HANGING_ENGINE, assert_stopped_in_budget
 from ps_testkit.faults import poll
 from ps_testkit.redis_server import RedisServer
-from ps_testkit.servers import SECRET, free_port, party_sync_command, run_serve, serve_process
+from ps_testkit.security_raw import read_frame, ws_open
+from ps_testkit.servers import (
+    SECRET,
+    free_port,
+    party_sync_command,
+    run_serve,
+    serve_process,
+    token,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -129,6 +137,57 @@ async def test_sigterm_tells_clients_to_reconnect_and_exits_cleanly(sig: signal.
         srv.process.send_signal(sig)
         assert await close_code(a) == 1001
         returncode = await asyncio.to_thread(srv.process.wait, 15)
+        assert returncode == 0
+
+
+async def test_a_frozen_client_does_not_hold_the_drain_past_its_budget() -> None:
+    """Re-check probe: a client frozen after its hello (its kernel takes the close frame, it
+    never answers) held its close for 30 s: the drain overran shutdown_timeout and the process
+    ended with exit code 1. Its close waits CLOSE_TIMEOUT for the answer, never past the
+    drain's end: exit 0."""
+    async with serve_process() as srv:
+        frozen = await ws_open(srv.base, "/ws?token=" + token("aria"))
+        async with asyncio.timeout(10):
+            assert (await read_frame(frozen.reader)).opcode == 0x1  # its hello; then nothing
+        assert srv.process is not None
+        srv.process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(srv.process.wait, 30)
+        await frozen.close()
+        assert returncode == 0
+
+
+async def test_a_slow_reader_does_not_hold_the_drain_past_its_budget() -> None:
+    """A client that keeps reading, slowly, behind a backlog of megabytes: its close may wait
+    while it makes progress (its 4002 or 1001 reaches it), but never past the drain's budget
+    (README: "exits 0 after at most PARTY_SYNC_SHUTDOWN_TIMEOUT")."""
+    key = "api-key-drain-0123456789abcdef0123"
+    args = ["--api-key", key, "--shutdown-timeout", "2", "--send-buffer-bytes", str(16 << 20)]
+    async with serve_process(args) as srv:
+        slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096, limit=1 << 16)
+        async with asyncio.timeout(10):
+            assert (await read_frame(slow.reader)).opcode == 0x1  # its hello
+        pad = {"pad": "x" * 60_000}
+        payload = {"status": "drain", "run_status": "in_progress", "flags": pad}
+        event = {"type": "party.state", "payload": payload}
+        headers = {"Authorization": f"Bearer {key}"}
+        for _ in range(60):  # about 3.6 MB for it: minutes at its pace
+            url = srv.base + "/api/v1/parties/p1/events"
+            async with srv.http.post(url, json=event, headers=headers) as resp:
+                assert resp.status == 202, await resp.text()
+
+        async def read_slowly() -> None:
+            with contextlib.suppress(Exception):
+                for _ in range(10_000):
+                    if (await read_frame(slow.reader)).opcode == 0x8:
+                        return
+                    await asyncio.sleep(0.5)  # about 120 KB/s (pacing, not a wait)
+
+        reading = asyncio.create_task(read_slowly())
+        assert srv.process is not None
+        srv.process.send_signal(signal.SIGTERM)
+        returncode = await asyncio.to_thread(srv.process.wait, 30)
+        reading.cancel()
+        await slow.close()
         assert returncode == 0
 
 

@@ -26,14 +26,16 @@ class Raw:
     writer: asyncio.StreamWriter
 
     @classmethod
-    async def open(cls, base: str, *, rcvbuf: int | None = None) -> Raw:
+    async def open(cls, base: str, *, rcvbuf: int | None = None, limit: int = 1 << 22) -> Raw:
+        """``limit``: what the reader buffers before it stops reading the socket (a small one
+        leaves the rest in the kernel, as a client application that reads slowly does)."""
         parts = urlsplit(base)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if rcvbuf is not None:  # a small receive window: a client that never reads fills fast
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
-        reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+        reader, writer = await asyncio.open_connection(sock=sock, limit=limit)
         return cls(reader, writer)
 
     async def write(self, data: bytes) -> None:
@@ -166,9 +168,9 @@ async def read_frame(reader: asyncio.StreamReader) -> ServerFrame:
     return ServerFrame(first & 0x0F, await reader.readexactly(size))
 
 
-async def ws_open(base: str, path: str, *, rcvbuf: int | None = None) -> Raw:
+async def ws_open(base: str, path: str, *, rcvbuf: int | None = None, limit: int = 1 << 22) -> Raw:
     """A raw WebSocket connection after a successful (101) handshake."""
-    raw = await Raw.open(base, rcvbuf=rcvbuf)
+    raw = await Raw.open(base, rcvbuf=rcvbuf, limit=limit)
     await raw.write(ws_handshake(path))
     async with asyncio.timeout(10):
         head = await raw.reader.readuntil(b"\r\n\r\n")

@@ -134,7 +134,8 @@ async def test_a_slow_client_that_reads_on_gets_its_4002_however_long_the_backlo
     the frames queued before the close frame (the send buffer, the kernel's) took longer than
     that to drain at its pace. The close now waits while the client takes what waits for it,
     so it gets the 4002 that docs/protocol.md promises (and resumes)."""
-    slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096)
+    # (a reader that buffers little: what it has not read stays queued in the server's socket)
+    slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096, limit=1 << 16)
     try:
         assert srv.server is not None
         gateway = srv.server.gateway

@@ -250,7 +250,13 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
             guard.release_websocket_slot(slot)
             return ws
         sink = WebSocketSink(
-            ws, transport, settings.send_buffer_bytes, request.app[BATCHER], guard, slot
+            ws,
+            transport,
+            settings.send_buffer_bytes,
+            request.app[BATCHER],
+            guard,
+            slot,
+            close_by=lambda: gateway.shutdown_deadline,
         )
         session = await gateway.open(
             admitted, sink, _resume_point(query), available=admission.checked

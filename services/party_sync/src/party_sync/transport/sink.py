@@ -31,7 +31,7 @@ import logging
 import socket
 import struct
 import termios
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from aiohttp import WSMessage, WSMsgType, web
@@ -152,6 +152,7 @@ class FrameBatcher:
 class WebSocketSink:
     __slots__ = (
         "_batcher",
+        "_close_by",
         "_close_task",
         "_closing",
         "_deferred",
@@ -176,9 +177,12 @@ class WebSocketSink:
         batcher: FrameBatcher | None = None,
         guard: Penalizer | None = None,
         user: Hashable = None,
+        close_by: Callable[[], float | None] = lambda: None,
     ) -> None:
         """``guard``/``user``: a close with 1008 calls ``guard.penalize(user)`` before the close
-        frame leaves, so that the client's next handshake, however quick, meets the cooldown."""
+        frame leaves, so that the client's next handshake, however quick, meets the cooldown.
+        ``close_by``: the loop time a drain must end by, once one began (else None)."""
+        self._close_by = close_by
         self._guard = guard
         self._user = user
         self._ws = ws
@@ -344,15 +348,19 @@ class WebSocketSink:
         it; the handler's read loop would then never end, and the connection, its user's slot
         and its descriptor would stay. The socket is aborted, which ends the read loop and so
         the session, once ``CLOSE_TIMEOUT`` passes without the peer taking any of what waits
-        for it, or ``CLOSE_PATIENCE`` in all (a peer that took everything and never answers
-        the close frame is let go then)."""
+        for it (a peer whose kernel took everything, close frame included, has that long to
+        answer), ``CLOSE_PATIENCE`` in all, and never past the end of a drain (``close_by``)."""
         loop = asyncio.get_running_loop()
         closing = loop.create_task(self._ws.close(code=code, message=reason))
         give_up = loop.time() + CLOSE_PATIENCE
         left = self._unsent()
         try:
             while True:
-                await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+                wait = CLOSE_TIMEOUT
+                drained_by = self._close_by()
+                if drained_by is not None:  # (a close never outlasts the drain's budget)
+                    wait = max(0.0, min(wait, drained_by - loop.time()))
+                await asyncio.wait({closing}, timeout=wait)
                 if closing.done():
                     closing.result()
                     if self._ws.close_code == ABNORMAL:
@@ -361,10 +369,15 @@ class WebSocketSink:
                         drop(self._transport)
                     return
                 now_left = self._unsent()
-                if (0 < left <= now_left) or loop.time() >= give_up:
-                    break  # the peer took nothing for CLOSE_TIMEOUT (or far too slowly)
-                # (all taken by the peer's kernel: its application may still be reading its way
-                # to the close frame; its answer is waited for, within CLOSE_PATIENCE)
+                drained_by = self._close_by()  # a drain's end, if one began
+                if (
+                    now_left >= left
+                    or loop.time() >= give_up
+                    or (drained_by is not None and loop.time() >= drained_by)
+                ):
+                    # the peer took nothing for CLOSE_TIMEOUT (a frozen one whose kernel took
+                    # everything included: its answer never came), or far too slowly
+                    break
                 left = now_left
             drop(self._transport)
         except asyncio.CancelledError:  # stop() gave up waiting for it: the same end
