@@ -117,6 +117,19 @@ class _Parser(argparse.ArgumentParser):
             frozenset(o for a in actions if a.nargs is None for o in a.option_strings),
         )
 
+    def unknown_options(self, given: Sequence[str]) -> list[str]:
+        """The arguments in ``given`` that look like options and are none of this parser's,
+        nor an abbreviation of one (a value that follows its option is never one: values that
+        begin with ``-`` are glued to theirs first, ``glue_dashed_values``)."""
+        known, _ = self.options()
+        return [
+            arg
+            for arg in given
+            if arg.startswith("-")
+            and arg != "-"
+            and not any(o.startswith(arg.partition("=")[0]) for o in known)
+        ]
+
     def glue_dashed_values(self, given: Sequence[str]) -> list[str]:
         """``--api-key -Xk3…`` as ``--api-key=-Xk3…``: argparse reads a value that begins with
         ``-`` as an option ("expected one argument"), and ``secrets.token_urlsafe`` makes such a
@@ -157,18 +170,18 @@ class _Parser(argparse.ArgumentParser):
         """``parse_args``, with an unrecognized argument refused by its command's parser, and a
         value that begins with ``-`` taken as its option's (``glue_dashed_values``)."""
         given = self.glue_dashed_values(list(sys.argv[1:] if argv is None else argv))
-        if not any(arg in self.commands for arg in given):
-            # no command: argparse would say only that one is required (new user probe:
-            # ``party-sync --bogus`` never named ``--bogus``)
-            known, _ = self.options()
-            unknown = [
-                arg
-                for arg in given
-                if arg.startswith("-")
-                and not any(o.startswith(arg.partition("=")[0]) for o in known)
-            ]
-            if unknown:
-                self.error(f"unrecognized arguments: {' '.join(unknown)}")
+        # An unknown option is named first: argparse would say only what is required and
+        # missing (new user probe: ``party-sync --bogus`` never named ``--bogus``, nor did
+        # ``party-sync token --bogus``)
+        at = next((i for i, arg in enumerate(given) if arg in self.commands), len(given))
+        parts: list[tuple[argparse.ArgumentParser, list[str]]] = [(self, given[:at])]
+        if at < len(given):
+            parts.append((self.commands[given[at]], given[at + 1 :]))
+        for parser, args_of in parts:
+            if isinstance(parser, _Parser):
+                unknown = parser.unknown_options(args_of)
+                if unknown:
+                    parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args, extra = self.parse_known_args(given)
         if extra:
             command = getattr(args, "command", None) or ""
