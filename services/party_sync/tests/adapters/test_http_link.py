@@ -389,6 +389,30 @@ async def test_a_party_decision_outlasts_an_engine_outage_longer_than_its_retrie
     assert headers["X-Delivery-Attempt"] == "1" and host.failed == []
 
 
+async def test_after_an_engine_outage_a_party_decision_goes_before_the_party_s_next_action() -> (
+    None
+):
+    """Chaos probe: the engine back after an outage got a member's choice (sent at once) before
+    the party's decision (still in its backoff); the reference engine, which lets members
+    choose again once a vote's result is long overdue, applied the member's choice instead of
+    the vote's. A party's actions wait for its decision to reach the engine (within their
+    deadlines); another party's do not."""
+    api, host = ScriptedApi(), RecordingHost()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/actions"
+    async with started_link(host, url, retries=1, backoff_max=30.0) as link:
+        await link.submit(make_action("vote:v1", character_id="party"))
+        await wait_until(lambda: link.failures >= 2)  # past its retries: in a long backoff
+        await link.submit(make_action("choice-1", deadline=FUTURE))
+        await link.submit(make_action("other-1", party_id="p2", deadline=FUTURE))
+        async with serve(api.app(), port):
+            await wait_until(lambda: len(api.actions) == 3, timeout=10)
+            await idle(link)
+    order = [body["envelope"]["payload"]["action_id"] for _, body in api.actions]
+    assert order.index("vote:v1") < order.index("choice-1")
+    assert host.failed == []
+
+
 async def test_a_taken_over_action_is_never_delivered_as_attempt_one() -> None:
     """An action taken over from a node that died with it (``redelivery``): that node may have
     delivered it, and the engine applied it. ``X-Delivery-Attempt: 1`` promises the engine
@@ -590,12 +614,13 @@ async def test_an_engine_that_is_down_is_one_warning_and_one_info_not_lines_per_
         for i in range(5):
             await link.submit(make_action(f"down-{i}"))
         await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j"))
-        await idle(link)
+        await wait_until(lambda: len(host.failed) == 5)  # (the join is tried on)
         assert [code for _, code in host.failed] == [ErrorCode.ENGINE_UNAVAILABLE] * 5
         async with serve(host_app(engine), port):
             await link.submit(make_action("back"))
             await idle(link)
     assert [c.action_id for c in engine.calls] == ["back"]
+    assert [j.character_id for j in engine.joins] == ["aria"]  # once the engine was back
     lines = [
         (r.levelno, r.getMessage())
         for r in caplog.records
@@ -657,6 +682,28 @@ async def test_a_restate_notice_is_retried_until_the_engine_takes_it() -> None:
         await link.notify_restate(notice)
         await wait_until(lambda: engine.restates == [notice])
         await idle(link)
+
+
+async def test_a_join_notice_outlasts_an_engine_outage_longer_than_its_retries() -> None:
+    """Chaos probe: a party formed while the engine host was down never got its opening scene:
+    its join notice was dropped after the retries, and the reference engine starts a run with
+    its first member's join (the restate notice that came later found no run). A join is tried
+    on like a restate, and a newer one of the same character replaces one still tried."""
+    api, host = ScriptedApi(), RecordingHost()
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    async with started_link(
+        host, f"{base}/actions", notice_url=f"{base}/notices", retries=1, give_up_after=60
+    ) as link:
+        await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j1"))
+        await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-j2"))
+        await link.notify_join(JoinNotice("p1", "r1", "borin", "Borin", "trace-j3"))
+        await wait_until(lambda: link.failures >= 6)  # far past its retries
+        async with serve(api.app(), port):
+            await wait_until(lambda: len(api.notices) == 2, timeout=10)
+            await idle(link)
+    traces = sorted(headers["X-Trace-Id"] for headers, _ in api.notices)
+    assert traces == ["trace-j2", "trace-j3"]
 
 
 async def test_a_restate_notice_outlasts_an_engine_outage_longer_than_its_retries() -> None:

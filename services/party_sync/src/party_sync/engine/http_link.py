@@ -59,13 +59,16 @@ action URL. Body::
 with a ``party.join`` envelope, or ``{"type": "party.restate", "timestamp", "trace_id",
 "payload": {"epoch": …}}`` (``party_sync.engine.wire``); headers ``X-Trace-Id`` and
 ``Authorization``. 2xx: delivered;
-4xx: refused (logged); connection errors and 5xx: retried like actions, then logged. With no
+4xx: refused (logged); connection errors and 5xx: retried like actions, and on with the capped
+backoff for up to ``give_up_after`` (an engine that was down gets them once it is back), then
+logged. With no
 notice URL, notices are not sent over HTTP at all (one INFO line at start says so).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -158,8 +161,20 @@ class HttpEngineLink:
         #: The party decisions being delivered (``(party_id, action_id)``): one kept waiting for
         #: an engine that is down is not handed over again by a later sweep meanwhile.
         self._decisions: set[tuple[str, str]] = set()
+        #: Per party with a decision not yet with the engine: set once none is (delivered, or
+        #: an attempt that may have reached it). The party's other actions wait for it (within
+        #: their deadlines), so that after an engine outage the
+        #: decision the party saw in vote.finished reaches the engine before a member's choice
+        #: made after it (chaos probe: an engine that lets members choose again once a vote's
+        #: result is long overdue applied a member's choice instead of the party's).
+        self._decision_gates: dict[str, asyncio.Event] = {}
+        #: Set (and replaced) whenever an attempt gets the engine host's answer: a decision
+        #: waiting out its backoff for an engine that was down goes at once.
+        self._answering = asyncio.Event()
         #: The restate notice being delivered, per party: a newer one for the party replaces it.
         self._restates = LatestPerKey()
+        #: The join notice being delivered, per party and character: a newer one replaces it.
+        self._joins = LatestPerKey()
         #: Attempts that failed: refused, timed out, dropped, 5xx, the key refused (401)
         #: (engine_link_failures_total).
         self.failures = 0
@@ -212,10 +227,32 @@ class HttpEngineLink:
             if key in self._decisions:
                 return  # (its delivery goes on)
             self._decisions.add(key)
+            gate = self._decision_gates.setdefault(action.party_id, asyncio.Event())
+            gate.clear()
             task = self._spawn(self._traced_delivery(action))
-            task.add_done_callback(lambda _: self._decisions.discard(key))
+            task.add_done_callback(lambda _: self._decision_ended(key))
             return
         self._spawn(self._traced_delivery(action))
+
+    def _decision_ended(self, key: tuple[str, str]) -> None:
+        self._decisions.discard(key)
+        if not any(p == key[0] for p, _ in self._decisions):
+            self._open_gate(key[0])
+
+    def _open_gate(self, party_id: str) -> None:
+        gate = self._decision_gates.pop(party_id, None)
+        if gate is not None:
+            gate.set()
+
+    async def _after_decisions(self, action: ActionRequest) -> None:
+        """Wait while a decision of the action's party is being delivered, at most until the
+        action's deadline (then its claim says it expired: never started)."""
+        gate = self._decision_gates.get(action.party_id)
+        if gate is None or _is_decision(action):
+            return
+        left = None if action.deadline is None else max(0.0, action.deadline - self.clock())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(gate.wait(), left)
 
     async def notify_join(self, notice: JoinNotice) -> None:
         envelope = wire.join_envelope(notice)
@@ -231,16 +268,19 @@ class HttpEngineLink:
         if self.notice_url is None:
             return
         body = {"kind": kind, "party_id": party_id, "campaign_run_id": run_id, "envelope": envelope}
-        if kind != "restate":  # a join is a hint: tried ``retries`` times
-            self._spawn(self._deliver_notice(self.notice_url, body, trace_id))
-            return
-        # A restate is what brings the party's scene back after party_sync lost it: it is tried
-        # until the engine takes it (within ``give_up_after``), through an engine outage too. A
-        # newer one for the same party (a later epoch) replaces one still being tried.
+        # A restate is what brings the party's scene back after party_sync lost it, and a join
+        # is what starts a new run in an engine that waits for its first member (the reference
+        # engine does: a party formed while the engine was down never got its opening scene,
+        # chaos probe): each is tried until the engine takes it (within ``give_up_after``),
+        # through an engine outage too. A newer restate for the same party (a later epoch), or
+        # join of the same character, replaces one still being tried.
         task = self._spawn(
             self._deliver_notice(self.notice_url, body, trace_id, persist=self.give_up_after)
         )
-        self._restates.put(party_id, task)
+        if kind == "restate":
+            self._restates.put(party_id, task)
+        else:
+            self._joins.put(f"{party_id}\n{envelope['payload']['character_id']}", task)
 
     async def _deliver_notice(
         self, url: str, body: Mapping[str, Any], trace_id: str, *, persist: float = 0.0
@@ -252,12 +292,14 @@ class HttpEngineLink:
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + persist
         attempt = 0
+        unreached_only = True  # every failed attempt met no engine host at all
         while True:
             headers[wire.CLOCK_HEADER] = f"{self.clock():.3f}"
             try:
                 status, answer = await self._post(url, body, headers)
             except (_Unreached, _Retryable) as exc:
                 self.failures += 1
+                unreached_only = unreached_only and isinstance(exc, _Unreached)
                 if attempt >= self.retries and isinstance(exc, _Unreached):
                     self._engine_unreachable(exc)  # once per episode, for actions and notices
                 if attempt >= self.retries and loop.time() >= give_up_at:
@@ -296,7 +338,9 @@ class HttpEngineLink:
                     extra=extra,
                 )
             elif attempt > self.retries:
-                log.info("%s notice delivered%s", body["kind"], tries, extra=extra)
+                # (after an outage only: its WARNING and INFO lines say it for every notice)
+                level = logging.DEBUG if unreached_only else logging.INFO
+                log.log(level, "%s notice delivered%s", body["kind"], tries, extra=extra)
             return
 
     async def _traced_delivery(self, action: ActionRequest) -> None:
@@ -314,6 +358,7 @@ class HttpEngineLink:
         host = self._host
         assert host is not None, "submit() before start()"
         extra = {"trace_id": action.trace_id, "action_id": action.action_id}
+        await self._after_decisions(action)
         claim = await claim_until_answered(host, action, patience=self.claim_patience)
         if claim is not Claim.START:
             if claim is not None:
@@ -367,6 +412,8 @@ class HttpEngineLink:
             except _Retryable as exc:
                 unreached_run = 0
                 reached += 1
+                if decision:  # it may be with the engine: the party's actions go on
+                    self._open_gate(action.party_id)
                 failure = exc
                 self.failures += 1
                 if not isinstance(exc, _EngineFailed):
@@ -391,6 +438,8 @@ class HttpEngineLink:
                 unreached_run = 0
                 reached += 1
                 unknown = True
+                if decision:
+                    self._open_gate(action.party_id)
                 failure = _Retryable(f"HTTP {status}")
                 self.failures += 1
             attempt += 1
@@ -463,7 +512,12 @@ class HttpEngineLink:
                 delay,
                 extra=extra,
             )
-            await asyncio.sleep(delay)
+            if decision and not reached:  # the engine answering again ends the wait
+                answering = self._answering
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(answering.wait(), delay)
+            else:
+                await asyncio.sleep(delay)
 
     async def _answered_meanwhile(self, host: LinkHost, action: ActionRequest) -> bool:
         try:
@@ -576,6 +630,8 @@ class HttpEngineLink:
     def _key_taken(self) -> None:
         """A delivery got an answer past the key check: the key is right (again), and the
         engine answers."""
+        self._answering.set()  # (wakes the decisions waiting for it)
+        self._answering = asyncio.Event()
         self._unreachable.fine(
             "the engine answers deliveries again", engine_url=public_url(self.url)
         )
