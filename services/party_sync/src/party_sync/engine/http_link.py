@@ -622,8 +622,8 @@ class HttpEngineLink:
         return self._unreachable.trouble(
             "unreachable",
             f"the engine is unreachable ({failure}): each action is answered engine_unavailable "
-            "(action_timeout if its deadline comes first), and notices are not delivered, until "
-            "it is back",
+            "(action_timeout if its deadline comes first; a party's vote decision is kept), and "
+            "notices are held and tried on, until it is back",
             engine_url=public_url(self.url),
         )
 
