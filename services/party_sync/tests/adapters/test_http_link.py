@@ -413,6 +413,21 @@ async def test_after_an_engine_outage_a_party_decision_goes_before_the_party_s_n
     assert host.failed == []
 
 
+async def test_with_the_engine_up_a_slow_decision_holds_back_no_action() -> None:
+    """The party's actions wait for its decision only after the decision could not reach the
+    engine: one the engine takes long to apply (the engine host answers once it applied it)
+    holds nothing back."""
+    api, host = ScriptedApi(answers=["hang"]), RecordingHost()
+    async with serve(api.app()) as base, started_link(host, f"{base}/actions", timeout=30) as link:
+        await link.submit(make_action("vote:v1", character_id="party"))
+        await wait_until(lambda: len(api.actions) == 1)
+        await link.submit(make_action("skill-1", deadline=FUTURE))
+        await wait_until(lambda: len(api.actions) == 2)  # while the decision is being applied
+        api.release.set()
+        await idle(link)
+    assert host.failed == []
+
+
 async def test_a_taken_over_action_is_never_delivered_as_attempt_one() -> None:
     """An action taken over from a node that died with it (``redelivery``): that node may have
     delivered it, and the engine applied it. ``X-Delivery-Attempt: 1`` promises the engine

@@ -161,12 +161,13 @@ class HttpEngineLink:
         #: The party decisions being delivered (``(party_id, action_id)``): one kept waiting for
         #: an engine that is down is not handed over again by a later sweep meanwhile.
         self._decisions: set[tuple[str, str]] = set()
-        #: Per party with a decision not yet with the engine: set once none is (delivered, or
-        #: an attempt that may have reached it). The party's other actions wait for it (within
-        #: their deadlines), so that after an engine outage the
+        #: Per party whose decision could not reach the engine (it was down): set once that
+        #: decision is delivered (or an attempt may have reached the engine). The party's other
+        #: actions wait for it (within their deadlines), so that after an engine outage the
         #: decision the party saw in vote.finished reaches the engine before a member's choice
         #: made after it (chaos probe: an engine that lets members choose again once a vote's
-        #: result is long overdue applied a member's choice instead of the party's).
+        #: result is long overdue applied a member's choice instead of the party's). With the
+        #: engine up, nothing waits.
         self._decision_gates: dict[str, asyncio.Event] = {}
         #: Set (and replaced) whenever an attempt gets the engine host's answer: a decision
         #: waiting out its backoff for an engine that was down goes at once.
@@ -227,8 +228,6 @@ class HttpEngineLink:
             if key in self._decisions:
                 return  # (its delivery goes on)
             self._decisions.add(key)
-            gate = self._decision_gates.setdefault(action.party_id, asyncio.Event())
-            gate.clear()
             task = self._spawn(self._traced_delivery(action))
             task.add_done_callback(lambda _: self._decision_ended(key))
             return
@@ -409,6 +408,8 @@ class HttpEngineLink:
                 failure: Exception = exc
                 self.failures += 1
                 unreached_run += 1
+                if decision and not reached:  # the party's next actions wait for it now
+                    self._decision_gates.setdefault(action.party_id, asyncio.Event())
             except _Retryable as exc:
                 unreached_run = 0
                 reached += 1
