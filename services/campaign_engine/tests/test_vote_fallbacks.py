@@ -107,8 +107,12 @@ async def test_a_vote_already_open_is_logged_and_waited_for_until_it_lapses(
         await engine.handle_action(
             action_request("choice", {"option": "wade"}, timestamp="2026-11-25T21:05:10.000Z")
         )
-    await engine.handle_action(  # 60 s + 10 s of grace later: the characters choose
-        action_request("choice", {"option": "wade"}, timestamp="2026-11-25T21:05:16.000Z")
+    with pytest.raises(EngineRejected, match=REFUSED):  # a minute past its deadline: waited
+        await engine.handle_action(
+            action_request("choice", {"option": "wade"}, timestamp="2026-11-25T21:06:06.000Z")
+        )
+    await engine.handle_action(  # 60 s + 300 s of grace later: the characters choose
+        action_request("choice", {"option": "wade"}, timestamp="2026-11-25T21:10:06.000Z")
     )
     assert publisher.last("scene.update")["scene_id"] == "claws"
 

@@ -22,8 +22,10 @@ that party_sync runs (``EventPublisher.start_vote``; protocol-v1, *Votes*). The 
    (``<vote_id>.r2``, …). A party choice naming another vote of this run (an earlier scene's) is
    refused: it no longer applies.
 5. A vote never blocks the game: once the server time of a character's choice is more than
-   ``VOTE_GRACE_S`` past the vote's deadline without the party's choice having come (party_sync
-   restarted and forgot the vote), characters choose again.
+   ``VOTE_GRACE_S`` (5 minutes) past the vote's deadline without the party's choice having come
+   (party_sync forgot the vote and no restate came, rule 6), characters choose again. Not
+   sooner: party_sync keeps a decision through an engine outage, and delivers it once the
+   engine is back.
 6. When party_sync lost the party's state (``engine.handle_restate``), the vote it ran died with
    it: :func:`replan` asks for the same vote again (same id, ballot and timeout), with the
    re-stated scene it is about.
@@ -51,7 +53,12 @@ log = logging.getLogger("campaign_engine")
 #: The outbox entry that starts a vote (engine-internal: it is never published as an event).
 VOTE_START: Final = "vote.start"
 #: How long past a vote's deadline its result may still be waited for before characters choose.
-VOTE_GRACE_S: Final = 10.0
+#: Longer than an engine outage: party_sync keeps a finished vote's decision until it reached
+#: the engine, and a member's choice sent as the engine came back (through another gateway
+#: node, say) overturned the vote's decision with 10 s here (scale-out probe). A vote party_sync
+#: forgot with the party's state is asked for again at once (the restate, rule 6); this is the
+#: way out when no restate came.
+VOTE_GRACE_S: Final = 300.0
 #: party_sync names the vote's action ``vote:<vote_id>`` and cuts action ids at 64 characters.
 MAX_VOTE_ID: Final = 64 - len("vote:")
 BLOCKING: Final = ("requested", "open")
