@@ -85,7 +85,9 @@ def reset_on_close(transport: asyncio.BaseTransport | None) -> None:
     of the process (slow-clients probe: 200 such clients held about 135 MB of kernel memory)."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None:
-        with contextlib.suppress(OSError):  # (closed already, or not a TCP socket)
+        # (closed already, or not a TCP socket; uvloop's socket of a closed transport raises
+        # ValueError, "negative file descriptor": memory probe, an ERROR per close)
+        with contextlib.suppress(OSError, ValueError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
 
 
