@@ -174,7 +174,7 @@ async def test_a_call_cancelled_leaves_the_calls_that_joined_its_action_waiting(
         first = asyncio.create_task(a.send_action("skill_check", action_id="j-1"))
         await wait_until(lambda: engine.count("j-1") == 1)
         joined = asyncio.create_task(a.send_action("skill_check", action_id="j-1"))
-        await asyncio.sleep(0)  # (the joined call is waiting)
+        await wait_until(lambda: a._action_callers.get("j-1") == 2)  # (it joined the call)
         first.cancel()
         with pytest.raises(asyncio.CancelledError):
             await first
@@ -193,7 +193,7 @@ async def test_every_call_of_an_action_cancelled_lets_the_next_action_go_out() -
         await wait_until(lambda: engine.count("k-1") == 1)
         calls.append(asyncio.create_task(a.send_action("skill_check", action_id="k-1")))
         queued = asyncio.create_task(a.send_action("skill_check", action_id="k-2"))
-        await asyncio.sleep(0)
+        await wait_until(lambda: a._action_callers.get("k-1") == 2 and "k-2" in a._actions)
         for call in calls:
             call.cancel()
         await asyncio.gather(*calls, return_exceptions=True)

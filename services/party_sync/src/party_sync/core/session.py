@@ -511,7 +511,7 @@ class PartySessions:
                 code = None
             if code is not None:
                 self.meter.count("errors", code)
-        return self._repeats(data, to)
+        return self._counted_repeats(data, to)
 
     def transient_received(self, party_id: str, items: Sequence[Transient], now: float) -> Commands:
         """Messages for every member outside the stream (``core.transient``): sent at once to
@@ -793,7 +793,7 @@ class PartySessions:
                 self.deadlines.cancel(Kind.ACTION, key)
             if codec.seq_of(verdict.result) is None:  # a refusal: asked for, and now told
                 conn.tell_once(message.payload["action_id"])
-            return self._repeats(verdict.result, [conn])
+            return self._counted_repeats(verdict.result, [conn])
         if decision is _IN_FLIGHT:
             key = (conn.party_id, message.payload["action_id"])
             earlier = self.pending.get(key)
@@ -990,7 +990,7 @@ class PartySessions:
         if conn is not None and not conn.closed:
             if code is not None:
                 self.meter.count("errors", code.value)
-            return self._repeats(data, [conn])
+            return self._counted_repeats(data, [conn])
         if action.character_id == t.PARTY_ACTOR:
             return []
         return [SendDirect(action.party_id, action.character_id, data)]
@@ -1173,7 +1173,7 @@ class PartySessions:
         self.meter.count("closes", str(code))
         return [Close(conn, code, reason)]
 
-    def _repeats(self, data: bytes, conns: list[Connection]) -> Commands:
+    def _counted_repeats(self, data: bytes, conns: list[Connection]) -> Commands:
         """``_repeats``, counted in ``party_sync_messages_out_total`` by what it sends: a final
         refusal (``system.error``) or a stored ``action.result``."""
         out = _repeats(data, conns)

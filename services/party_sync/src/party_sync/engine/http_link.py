@@ -273,22 +273,19 @@ class HttpEngineLink:
         # chaos probe): each is tried until the engine takes it (within ``give_up_after``),
         # through an engine outage too. A newer restate for the same party (a later epoch), or
         # join of the same character, replaces one still being tried.
-        task = self._spawn(
-            self._deliver_notice(self.notice_url, body, trace_id, persist=self.give_up_after)
-        )
+        task = self._spawn(self._deliver_notice(self.notice_url, body, trace_id))
         if kind == "restate":
             self._restates.put(party_id, task)
         else:
             self._joins.put(f"{party_id}\n{envelope['payload']['character_id']}", task)
 
-    async def _deliver_notice(
-        self, url: str, body: Mapping[str, Any], trace_id: str, *, persist: float = 0.0
-    ) -> None:
-        """POST a notice, ``retries`` times; then, with ``persist`` seconds, on with the capped
-        backoff until that much time has passed since the first attempt."""
+    async def _deliver_notice(self, url: str, body: Mapping[str, Any], trace_id: str) -> None:
+        """POST a notice, ``retries`` times, then on with the capped backoff until
+        ``give_up_after`` seconds have passed since the first attempt."""
         extra = {"trace_id": trace_id, "party_id": body["party_id"]}
         headers = {"X-Trace-Id": trace_id, "Content-Type": "application/json", **self._auth}
         loop = asyncio.get_running_loop()
+        persist = self.give_up_after
         give_up_at = loop.time() + persist
         attempt = 0
         unreached_only = True  # every failed attempt met no engine host at all
