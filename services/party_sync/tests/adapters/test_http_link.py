@@ -1024,6 +1024,31 @@ async def test_the_engine_host_tells_its_operator_of_refused_keys_once_a_minute(
     assert "wrong-key-9876" not in caplog.text and HOST_KEY not in caplog.text
 
 
+async def test_a_request_for_no_delivery_route_is_not_counted_as_a_refused_delivery(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A load balancer's probe (``GET /``, ``GET /healthz``) or a scanner is no party_sync
+    delivery: answered 404/405 without the key, and no WARNING that blames party_sync's key."""
+    engine = ScriptedEngine()
+    async with (
+        serve(host_app(engine)) as base,
+        aiohttp.ClientSession() as http,
+    ):
+        with caplog.at_level(logging.INFO, logger="party_sync.engine.http_host"):
+            for method, path, status in (
+                ("GET", "/", 404),
+                ("GET", "/healthz", 404),
+                ("GET", "/actions", 405),
+            ):
+                async with http.request(method, base + path) as resp:
+                    assert resp.status == status, path
+            async with http.post(base + "/actions", data=b"{}") as resp:
+                assert resp.status == 401  # a delivery route still needs the key
+    lines = [r for r in caplog.records if "without this host's API key" in r.getMessage()]
+    assert len(lines) == 1 and "refused 1 delivery" in lines[0].getMessage()
+    assert engine.calls == []
+
+
 def test_refused_keys_are_counted_between_two_lines(caplog: pytest.LogCaptureFixture) -> None:
     from party_sync.engine.http_host import RefusalLog
 

@@ -524,6 +524,10 @@ def keyed(api_key: str) -> Middleware:
 
     @web.middleware
     async def check(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.match_info.http_exception is not None:
+            # No delivery: a path or method the host does not serve (a load balancer's probe,
+            # a scanner) is answered 404/405 as it is, and not counted as a refused delivery.
+            return await handler(request)
         if not bearer_matches(request, api_key):
             refusals.refused(request.remote, time.monotonic())
             raise Unauthorized(headers={"WWW-Authenticate": CHALLENGE})
