@@ -11,7 +11,7 @@ export type Id = string;
 /** A character's name as shown to players. */
 export type DisplayName = string;
 
-/** RFC 3339 date-time in UTC with a literal Z (no offsets), 0-9 fractional digits, e.g. 2026-11-25T21:04:05.123Z. */
+/** RFC 3339 date-time in UTC with a literal Z (no offsets), 0-9 fractional digits, e.g. 2026-11-25T21:04:05.123Z. The pattern alone decides: a day that exists (February 29 only in a leap year), second 60 only as a leap second at 23:59:60; it accepts exactly what format date-time checking accepts of this form. */
 export type Timestamp = string;
 
 /** Correlation id of a request and everything it causes (1-128 characters of A-Z a-z 0-9 . _ : -). */
@@ -647,7 +647,7 @@ export type VoteStartedMessage = {
         vote_id: Id;
         question: string;
         options: Option[];
-        /** Duration of the vote in seconds. */
+        /** Duration of the vote in seconds (at most a day). */
         timeout_s: number;
         /** When the vote closes (UTC). */
         deadline: Timestamp;
@@ -660,7 +660,7 @@ export type VoteStartedMessage = {
         vote_id: Id;
         question: string;
         options: Option[];
-        /** Duration of the vote in seconds. */
+        /** Duration of the vote in seconds (at most a day). */
         timeout_s: number;
         /** When the vote closes (UTC). */
         deadline: Timestamp;

@@ -533,8 +533,8 @@ def decode_body(body: bytes) -> Any:
         return codec.decode_bounded(body)
     except codec.TooDeep:
         raise
-    except ValueError:
-        raise BadJson() from None
+    except ValueError as exc:  # (why, as a WebSocket message's bad_json says it)
+        raise BadJson(f"body is not valid UTF-8 JSON ({codec.undecodable(body, exc)})") from None
 
 
 async def read_json(request: web.Request, limit: int) -> Any:

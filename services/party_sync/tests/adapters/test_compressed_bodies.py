@@ -123,3 +123,22 @@ async def test_the_api_takes_gzip_and_refuses_a_bomb_at_its_limit_or_before_read
             assert (resp.status, problem["code"]) == (400, "bad_json")
             assert resp.headers["Accept-Encoding"] == "gzip, deflate"
             assert "gzip, deflate" in problem["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"NaN", "expected a JSON value: line 1 column 1"),
+        (b'{"a": 1e309}', "number is infinity when parsed as double"),
+        (b'"\\ud800"', "no low surrogate in string"),
+        (b"\xff{}", "not UTF-8 at byte 0"),
+    ],
+)
+def test_a_body_that_is_no_json_is_told_why_like_a_websocket_message(body: bytes, why: str) -> None:
+    """The HTTP API's bad_json said "body is not valid UTF-8 JSON" for NaN, 1e309 or a lone
+    surrogate, valid UTF-8 all (schema probe); it says where and what the parser stopped at, as
+    a WebSocket message's bad_json does, never the body itself."""
+    with pytest.raises(BadJson) as refused:
+        problems.decode_body(body)
+    assert why in str(refused.value)
+    assert str(refused.value).startswith("body is not valid UTF-8 JSON (")

@@ -33,6 +33,8 @@ from typing import Any
 import jsonschema  # type: ignore[import-untyped]
 import jsonschema_rs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from party_sync.protocol.errors import CloseCode
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
@@ -512,14 +514,64 @@ def test_timestamp_must_be_utc_with_z(timestamp: str) -> None:
     _assert_invalid("party.join.json", event)
 
 
-def test_timestamp_is_format_checked() -> None:
-    # The pattern cannot know February has no 30th; format checking does. The server validates
-    # without validate_formats, so this is only a check of the formats, not the server's behaviour.
+@pytest.mark.parametrize(
+    "timestamp",
+    [
+        "2026-02-30T21:04:05Z",
+        "2026-11-31T10:00:00Z",
+        "2023-02-29T00:00:00Z",
+        "1900-02-29T00:00:00Z",
+        "2026-11-25T21:39:60Z",
+        "2026-11-25T23:58:60Z",
+    ],
+)
+def test_the_timestamp_pattern_alone_refuses_a_day_or_second_that_does_not_exist(
+    timestamp: str,
+) -> None:
+    """The server checks ``format: date-time``; a client that validates with the schemas only
+    (2020-12 treats ``format`` as an annotation) must refuse the same: the pattern does it, so
+    the schemas win with any validator. (The pattern used to allow November 31 and second 60 of
+    any minute, which the server refused as ``schema_violation``.)"""
     event = _example("party.join")
-    event["timestamp"] = "2026-02-30T21:04:05Z"
-    verdicts = _verdicts("party.join.json", event)
-    assert not verdicts["jsonschema"]
-    assert not verdicts["jsonschema_rs(validate_formats)"]
+    event["timestamp"] = timestamp
+    _assert_invalid("party.join.json", event)
+
+
+@pytest.mark.parametrize(
+    "timestamp",
+    ["2024-02-29T00:00:00Z", "2000-02-29T23:59:60.5Z", "2026-11-30T23:59:60Z"],
+)
+def test_the_timestamp_pattern_takes_leap_days_and_the_leap_second(timestamp: str) -> None:
+    event = _example("party.join")
+    event["timestamp"] = timestamp
+    _assert_valid("party.join.json", event)
+
+
+TIMESTAMP = BASE_URI + "common.json#/$defs/timestamp"
+
+
+@settings(max_examples=2000, deadline=None)
+@given(
+    year=st.integers(0, 9999),
+    month=st.integers(0, 13),
+    day=st.integers(0, 32),
+    hour=st.integers(0, 24),
+    minute=st.integers(0, 60),
+    second=st.integers(0, 61),
+    fraction=st.sampled_from(["", ".5", ".123456789"]),
+)
+def test_the_timestamp_pattern_accepts_exactly_what_format_checking_accepts(
+    year: int, month: int, day: int, hour: int, minute: int, second: int, fraction: str
+) -> None:
+    """Of strings in the shape ``YYYY-MM-DDTHH:MM:SS[.f]Z``, the pattern (every validator) and
+    ``format: date-time`` checking (the server's jsonschema_rs) agree on every one."""
+    stamp = f"{year:04d}-{month:02d}-{day:02d}T{hour:02d}:{minute:02d}:{second:02d}{fraction}Z"
+    pattern_says = _rs_validator(TIMESTAMP, False).is_valid(stamp)
+    format_says = jsonschema_rs.validator_for(
+        {"type": "string", "format": "date-time"}, validate_formats=True
+    ).is_valid(stamp)
+    assert pattern_says == format_says, stamp
+    assert _rs_validator(TIMESTAMP, True).is_valid(stamp) == format_says, stamp
 
 
 @pytest.mark.parametrize("action_id", ["act aria 7", "", "a" * 65, "act/aria", "act-ariá"])

@@ -78,6 +78,20 @@ def decode_bounded(data: bytes | str, max_depth: int = MAX_DEPTH) -> Any:
     return value
 
 
+def undecodable(data: bytes | str, exc: ValueError) -> str:
+    """Why ``data`` is not UTF-8 JSON, from the decoder's error: orjson's reason says where and
+    what ("unexpected character ... char 1", "number is infinity when parsed as double"), never
+    the input itself; for bytes that are not UTF-8 it says "surrogates not allowed" at char 0,
+    so those are named here instead (the byte where UTF-8 breaks)."""
+    why = str(exc)[:160]
+    if isinstance(data, bytes):
+        try:
+            data.decode()
+        except UnicodeDecodeError as bad:
+            why = f"not UTF-8 at byte {bad.start}"
+    return why
+
+
 def _openings(data: bytes | str) -> int:
     """An upper bound of the nesting depth of ``data`` (brackets inside strings count too)."""
     if isinstance(data, str):

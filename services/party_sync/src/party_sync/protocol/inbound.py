@@ -139,15 +139,7 @@ def parse(data: bytes | str, contracts: Contracts, max_bytes: int) -> Inbound:
             **about(exc.value),
         ) from None
     except ValueError as exc:
-        # orjson's reason says where and what ("unexpected character ... char 1", "number is
-        # infinity when parsed as double"), never the input itself; for bytes that are not
-        # UTF-8 it says "surrogates not allowed" at char 0, so those are named here instead
-        why = str(exc)[:160]
-        if isinstance(data, bytes):
-            try:
-                data.decode()
-            except UnicodeDecodeError as bad:
-                why = f"not UTF-8 at byte {bad.start}"
+        why = codec.undecodable(data, exc)
         text = (
             f"message is not valid UTF-8 JSON ({why})" if why else "message is not valid UTF-8 JSON"
         )

@@ -197,10 +197,11 @@ def _with_body(responses: dict[str, Any], limit: str) -> dict[str, Any]:
 # -- the server API: publishing, votes and narration (transport/api.py) ---------------------
 
 
-def event_body() -> dict[str, Any]:
-    """What an engine publishes: an envelope of an engine event type, without ``seq``."""
+def event_body(but: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """What an engine publishes: an envelope of an engine event type (not one of ``but``),
+    without ``seq``."""
     variants = []
-    for type_ in sorted(ENGINE_EVENT_TYPES):
+    for type_ in sorted(ENGINE_EVENT_TYPES - but):
         variants.append(
             {
                 "title": type_,
@@ -209,7 +210,10 @@ def event_body() -> dict[str, Any]:
                 "additionalProperties": False,
                 "properties": {
                     "type": {"type": "string", "const": type_},
-                    "timestamp": {"$ref": SCHEMAS + "common.timestamp"},
+                    "timestamp": {
+                        "anyOf": [{"$ref": SCHEMAS + "common.timestamp"}, {"type": "null"}],
+                        "description": "When it happened; absent or null: party_sync's clock.",
+                    },
                     "trace_id": TRACE_ID_FIELD,
                     "payload": payload_ref(type_),
                 },
@@ -241,7 +245,9 @@ _IDEMPOTENCY_KEY: Final = {
 }
 
 
-def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, Any]:
+def _publish(
+    summary: str, param: str, accepted: dict[str, Any], body: str = "EventBody"
+) -> dict[str, Any]:
     return {
         "post": {
             "summary": summary,
@@ -249,7 +255,7 @@ def _publish(summary: str, param: str, accepted: dict[str, Any]) -> dict[str, An
             "tags": ["events"],
             "security": _KEY,
             "parameters": [*_path_params(param), _IDEMPOTENCY_KEY],
-            "requestBody": _body({"$ref": SCHEMAS + "EventBody"}),
+            "requestBody": _body({"$ref": SCHEMAS + body}),
             "responses": _with_body(
                 {
                     "202": _json(accepted, "Published"),
@@ -414,6 +420,10 @@ def narration_piece(contracts: Contracts) -> dict[str, Any]:
     payload = contracts.documents["narration.delta"]["properties"]["payload"]
     properties: dict[str, Any] = _rewrite(copy.deepcopy(payload["properties"]))
     properties["done"] = {**properties["done"], "default": False}
+    properties["action_id"] = {
+        "anyOf": [properties["action_id"], {"type": "null"}],
+        "description": "The action this narration answers; absent or null: none (a scene's).",
+    }
     properties["trace_id"] = TRACE_ID_FIELD
     return {
         "type": "object",
@@ -481,7 +491,11 @@ def _handed_envelope() -> dict[str, Any]:
             "The action.request envelope the engine was handed: the actions stream entry's "
             "`envelope` field as it is (its JSON text), or that JSON as an object."
         ),
-        "oneOf": [{"type": "string"}, {"$ref": SCHEMAS + "action.request"}],
+        "oneOf": [
+            {"type": "string"},
+            # (the entry's envelope always has the trace_id party_sync gave the action)
+            {"allOf": [{"$ref": SCHEMAS + "action.request"}, {"required": ["trace_id"]}]},
+        ],
     }
 
 
@@ -1257,6 +1271,7 @@ def document(contracts: Contracts, *, dev_mode: bool = False) -> dict[str, Any]:
                         }
                     }
                 ),
+                body="RunEventBody",
             ),
             "/api/v1/parties/{party_id}/votes": _vote(contracts),
             "/api/v1/parties/{party_id}/narration": _narration(),
@@ -1278,6 +1293,7 @@ def document(contracts: Contracts, *, dev_mode: bool = False) -> dict[str, Any]:
             "schemas": {
                 "Problem": problem_schema(),
                 "EventBody": event_body(),
+                "RunEventBody": event_body(but=frozenset({"action.result"})),
                 "VoteRequest": vote_request(contracts),
                 "VoteStarted": vote_started(contracts),
                 "NarrationPiece": narration_piece(contracts),
