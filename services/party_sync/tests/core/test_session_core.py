@@ -1444,6 +1444,20 @@ def test_drain_closes_everyone_with_going_away_and_arms_no_grace() -> None:
     assert node.members() == {"aria": True, "borin": True}  # the new node's clients come back
 
 
+def test_a_connection_lost_while_draining_hands_its_grace_over() -> None:
+    """A draining node will not run the grace timers of the connections it closes: their
+    ``Disconnect`` says so (``handover``), and the backend's other nodes settle them."""
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    lost = node.core.connection_lost(borin, node.now)
+    assert [c.handover for c in lost if isinstance(c, Disconnect)] == [False]
+    node.run(lost)
+    node.run(node.core.drain())
+    lost = node.core.connection_lost(aria, node.now)
+    assert [c.handover for c in lost if isinstance(c, Disconnect)] == [True]
+    node.run(lost)
+
+
 def test_excess_messages_are_refused_and_too_many_strikes_close_the_connection() -> None:
     node = Node()
     aria = node.join("aria")

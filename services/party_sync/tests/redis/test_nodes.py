@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import signal
+
 import pytest
 from ps_testkit.client import Client, wait_until
 from ps_testkit.cluster import Cluster, assert_ordered
@@ -118,3 +121,22 @@ async def test_resume_on_another_node_gets_exactly_the_missed_events_then_live(
         for client in (a, b):
             assert_ordered(client)
             await client.close()
+
+
+async def test_a_drained_nodes_player_leaves_at_the_end_of_grace_not_a_presence_ttl_later(
+    cluster: Cluster,
+) -> None:
+    """SIGTERM drains a node: its players are told to reconnect (1001) and the node exits
+    without running their grace timers. It hands them over: a player who does not come back
+    leaves at the grace's end, swept by another node (reason ``expired``). It stayed online
+    for grace + presence_ttl (35 s with the defaults), as if its node had died (browser
+    probe). The draining node here has a presence_ttl of 60 s, so only the handover is in time."""
+    async with cluster.node() as n1, cluster.node("--presence-ttl", "60") as n2:
+        a, b = await _pair(n1, n2)
+        assert n2.process is not None
+        n2.process.send_signal(signal.SIGTERM)
+        left = await a.until("party.leave", timeout=15)
+        assert left["payload"] == {"character_id": "borin", "reason": "expired"}
+        assert await asyncio.to_thread(n2.process.wait, 10) == 0
+        await b.close()
+        await a.close()

@@ -187,8 +187,12 @@ class PresenceStore(Protocol):
         """Register a connection; publish and return ``party.join`` if the character was offline."""
         ...
 
-    async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
-        """Forget a connection; True if the character has no live connection left anywhere."""
+    async def disconnect(
+        self, binding: Binding, connection_id: str, now: float, *, handover: bool = False
+    ) -> bool:
+        """Forget a connection; True if the character has no live connection left anywhere.
+        ``handover``: this node is stopping (a drain), so its grace timer will not run: where
+        other nodes share the presence, one of them settles the character at the grace's end."""
         ...
 
     async def settle(

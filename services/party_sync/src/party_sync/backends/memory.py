@@ -246,7 +246,10 @@ class MemoryBackend:
             party, codec.envelope(t.PARTY_JOIN, payload, ts=now, trace_id=trace_id), now
         )
 
-    async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
+    async def disconnect(
+        self, binding: Binding, connection_id: str, now: float, *, handover: bool = False
+    ) -> bool:
+        # (handover: no other node; the process and its presence end with the drain)
         party = self._party(binding.party_id, now)
         party.last_active = now
         return party.presence.disconnect(binding.character_id, connection_id, now)

@@ -700,8 +700,10 @@ class RedisBackend:
             binding, connection_id, now, trace_id, sent=sent, stale=stale
         )
 
-    async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
-        return await self.presence.disconnect(binding, connection_id, now)
+    async def disconnect(
+        self, binding: Binding, connection_id: str, now: float, *, handover: bool = False
+    ) -> bool:
+        return await self.presence.disconnect(binding, connection_id, now, handover=handover)
 
     async def settle(
         self, binding: Binding, now: float, trace_id: str, since: float | None = None

@@ -122,10 +122,14 @@ class RedisPresence:
             binding.party_id, seq, t.PARTY_JOIN, payload, trace_id, codec.with_seq(body, seq)
         )
 
-    async def disconnect(self, binding: Binding, connection_id: str, now: float) -> bool:
+    async def disconnect(
+        self, binding: Binding, connection_id: str, now: float, *, handover: bool = False
+    ) -> bool:
         """Forget a connection (its character settles within grace, by any node); True if the
-        character has no live connection left."""
-        deadline = self._gone_deadline(now)
+        character has no live connection left. ``handover`` (a draining node, which will not
+        settle it): the deadline is the grace's own end, and the next sweep after it announces
+        the leave (``expired``), not ``presence_ttl`` later as for a node that died."""
+        deadline = f"{now + self._grace:.6f}" if handover else self._gone_deadline(now)
         async with unavailable("disconnect"), self._client.pipeline(transaction=False) as pipe:
             args = [_entry(binding, connection_id), binding.character_id, deadline]
             await self._scripts.run("disconnect", binding.party_id, now, args, client=pipe)

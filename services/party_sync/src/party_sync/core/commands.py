@@ -92,10 +92,13 @@ class Connect:
 
 @dataclass(slots=True)
 class Disconnect:
-    """``backend.disconnect``; then ``disconnected(conn, last)`` (nothing if it fails)."""
+    """``backend.disconnect``; then ``disconnected(conn, last)`` (nothing if it fails).
+    ``handover``: this node is stopping and will not settle the grace (the backend's other
+    nodes do, at its end)."""
 
     conn: Connection
     now: float
+    handover: bool = False
 
 
 @dataclass(slots=True)

@@ -379,7 +379,7 @@ class PartySessions:
                 out.append(Unsubscribe(conn.party_id))
                 self._forget_narration(conn.party_id)
                 self._open_votes.pop(conn.party_id, None)
-        out.append(Disconnect(conn, now))
+        out.append(Disconnect(conn, now, handover=self.stopping))
         return out
 
     def disconnected(self, conn: Connection, last: bool, now: float) -> Commands:

@@ -342,7 +342,7 @@ class Executor:
         elif type(command) is Disconnect:
             try:
                 last = await self.backend.disconnect(
-                    command.conn.binding, command.conn.id, command.now
+                    command.conn.binding, command.conn.id, command.now, handover=command.handover
                 )
             except BackendUnavailable:
                 return  # presence expires by itself (presence_ttl)
