@@ -845,12 +845,15 @@ async def test_the_host_refuses_a_first_delivery_past_its_deadline_without_the_e
         )
         assert (status, answer["error"]) == (409, "expired")
         assert engine.calls == []
-        # A later attempt may follow one that started it: the engine gets it (and deduplicates).
+        # A later attempt may follow one that started it: the engine gets it (and deduplicates)
+        # as a redelivery, whose deadline no longer applies.
         status, _ = await post(
             f"{base}/actions", action_body("old", PAST), **{"X-Delivery-Attempt": "2"}
         )
         assert status == 202
-        assert [(a.action_id, a.deadline) for a in engine.calls] == [("old", PAST)]
+        assert [(a.action_id, a.deadline, a.redelivery) for a in engine.calls] == [
+            ("old", None, True)
+        ]
 
 
 async def test_the_host_reads_the_deadline_from_the_header_too() -> None:
@@ -967,6 +970,73 @@ async def test_the_host_serves_notices_on_their_own_path_and_actions_only_on_the
     assert engine.joins == [JoinNotice("p1", "r1", "aria", "Aria", "trace-j")]
     assert engine.restates == [RestateNotice("p1", "r1", "epoch-5", "trace-r")]
     assert engine.calls == []
+
+
+def joined(caplog: pytest.LogCaptureFixture) -> int:
+    """The deliveries that found their action running on the host and wait for its call."""
+    return sum("this host is still running" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_later_attempt_of_an_action_still_running_joins_its_call(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """party_sync's HTTP timeout sends attempt 2, 3, … of a slow action: the host called the
+    engine again for each while the first call still ran (engines probe: four overlapping calls
+    of one action, each past its deadline and none marked a redelivery). A later attempt now
+    waits for the running call and answers as it does; once that call is over, a later attempt
+    is handed to the engine again as a redelivery (no deadline: it may have been started)."""
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    action = make_action("slow", party_id="p1", deadline=PAST)
+    body = {"party_id": "p1", "campaign_run_id": "r1", "envelope": dict(action.envelope)}
+
+    async def deliver(http: aiohttp.ClientSession, base: str, attempt: int) -> int:
+        headers = {"Authorization": f"Bearer {HOST_KEY}", "X-Delivery-Attempt": str(attempt)}
+        async with http.post(base + "/actions", data=orjson.dumps(body), headers=headers) as resp:
+            return resp.status
+
+    async with serve(host_app(engine)) as base, aiohttp.ClientSession() as http:
+        # (attempt 2 past the deadline: attempt 1 may have reached the engine, so it runs)
+        first = asyncio.create_task(deliver(http, base, 2))
+        await wait_until(lambda: len(engine.calls) == 1)
+        with caplog.at_level(logging.INFO, logger="party_sync.engine.http_host"):
+            later = [asyncio.create_task(deliver(http, base, n)) for n in (3, 4)]
+            await wait_until(lambda: joined(caplog) == 2)
+        assert len(engine.calls) == 1 and not any(t.done() for t in (first, *later))
+        engine.gate.set()
+        assert [await t for t in (first, *later)] == [202, 202, 202]
+        assert len(engine.calls) == 1
+        call = engine.calls[0]
+        assert call.redelivery and call.deadline is None
+        assert await deliver(http, base, 5) == 202  # over: the engine deduplicates a new call
+        assert len(engine.calls) == 2 and engine.calls[1].redelivery
+
+
+async def test_a_later_attempt_shares_the_running_calls_refusal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()
+    action = make_action("no", party_id="p1")
+    body = {"party_id": "p1", "campaign_run_id": "r1", "envelope": dict(action.envelope)}
+
+    async def deliver(http: aiohttp.ClientSession, base: str, attempt: int) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {HOST_KEY}", "X-Delivery-Attempt": str(attempt)}
+        async with http.post(base + "/actions", data=orjson.dumps(body), headers=headers) as resp:
+            return resp.status, await resp.json()
+
+    async with serve(host_app(engine)) as base, aiohttp.ClientSession() as http:
+        engine.mode = "reject"
+        first = asyncio.create_task(deliver(http, base, 1))
+        await wait_until(lambda: len(engine.calls) == 1)
+        with caplog.at_level(logging.INFO, logger="party_sync.engine.http_host"):
+            second = asyncio.create_task(deliver(http, base, 2))
+            await wait_until(lambda: joined(caplog) == 1)
+        engine.gate.set()
+        answers = [await first, await second]
+    assert [status for status, _ in answers] == [422, 422]
+    assert answers[0][1] == answers[1][1]
+    assert len(engine.calls) == 1 and not engine.calls[0].redelivery
 
 
 @pytest.mark.parametrize("path", ["/actions", "/notices"])

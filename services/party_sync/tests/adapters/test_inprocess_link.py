@@ -235,6 +235,7 @@ async def test_an_engine_that_cannot_tell_is_handed_the_action_again_with_one_wa
     class Unsure:
         def __init__(self) -> None:
             self.calls = 0
+            self.seen: list[tuple[bool, bool]] = []  # (redelivery, no deadline) of each call
             self.publisher: Any = None
 
         async def start(self, publisher: Any) -> None:
@@ -242,6 +243,7 @@ async def test_an_engine_that_cannot_tell_is_handed_the_action_again_with_one_wa
 
         async def handle_action(self, action: ActionRequest) -> None:
             self.calls += 1
+            self.seen.append((action.redelivery, action.deadline is None))
             if self.calls < 5:
                 raise TimeoutError("the engine's database did not answer")
             await self.publisher.publish(
@@ -267,6 +269,8 @@ async def test_an_engine_that_cannot_tell_is_handed_the_action_again_with_one_wa
     assert engine.calls == 5 and len(said) == 4
     assert [r.levelno for r in said] == [logging.WARNING] + [logging.DEBUG] * 3
     assert host.answers == []
+    # the first call is the start, each one after it a redelivery (it may have applied it)
+    assert engine.seen == [(False, False)] + [(True, True)] * 4
 
 
 def test_the_server_hands_over_and_claims_for_as_long_as_an_answer_can_be_recorded() -> None:

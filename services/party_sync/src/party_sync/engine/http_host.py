@@ -54,6 +54,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, Final
 from urllib.parse import urlsplit
 
@@ -98,7 +99,7 @@ from party_sync.protocol.errors import (
 )
 from party_sync.protocol.ids import ID_RULE, is_id
 from party_sync.protocol.schemas import Contracts, SchemaViolation
-from party_sync.tasks import STOP_SIGNALS
+from party_sync.tasks import STOP_SIGNALS, cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,9 @@ ENGINE: Final = web.AppKey("engine", Engine)
 CONTRACTS: Final = web.AppKey("contracts", Contracts)
 CLOCK: Final[web.AppKey[Callable[[], float]]] = web.AppKey("clock")
 PUBLISHER: Final[web.AppKey[ApiPublisher]] = web.AppKey("publisher")
+#: The engine calls running now, by ``(party_id, action_id)``: a delivery of an action still
+#: running here joins its call (``receive_action``).
+RUNNING: Final[web.AppKey[dict[tuple[str, str], asyncio.Task[None]]]] = web.AppKey("running")
 #: The ``WWW-Authenticate`` challenge of a delivery refused for its key (RFC 6750 §3).
 CHALLENGE: Final = 'Bearer realm="party_sync engine host"'
 
@@ -609,12 +613,50 @@ async def receive_action(request: web.Request) -> web.Response:
         action = wire.parse_action(party_id, envelope, _rebased(request, body, now), contracts)
     except _UNREADABLE as exc:
         raise _unreadable(exc, _ACTION_SHAPE) from exc
-    if action.deadline is not None and clock() > action.deadline and _first_attempt(request):
+    first = _first_attempt(request)
+    if action.deadline is not None and clock() > action.deadline and first:
         log.info(
             "action not started: past its deadline",
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
         )
         raise DeadlinePassed()
+    # A later attempt (party_sync's HTTP timeout, a lost answer, a node taking over) may find the
+    # action still running here: it waits for that call and answers as it does, instead of
+    # handing the engine the same action again while it works on it (engines probe: four
+    # overlapping calls of one slow action). Otherwise it is a redelivery: an earlier attempt
+    # may have reached the engine, which deduplicates by action_id, and no deadline applies.
+    running = request.app[RUNNING]
+    key = (action.party_id, action.action_id)
+    call = running.get(key)
+    if call is None:
+        if not first:
+            action = replace(action, deadline=None, redelivery=True)
+        call = asyncio.get_running_loop().create_task(_run_action(engine, action))
+        running[key] = call
+        call.add_done_callback(lambda done: _forget(running, key, done))
+    else:
+        log.info(
+            "a delivery of an action this host is still running: it waits for that call",
+            extra={"trace_id": action.trace_id, "action_id": action.action_id},
+        )
+    # (shielded: a request cut short, say by party_sync's timeout, never cancels the engine)
+    await asyncio.shield(call)
+    return web.json_response({"status": "accepted"}, status=202)
+
+
+def _forget(
+    running: dict[tuple[str, str], asyncio.Task[None]],
+    key: tuple[str, str],
+    done: asyncio.Task[None],
+) -> None:
+    if running.get(key) is done:
+        del running[key]
+    if not done.cancelled():
+        done.exception()  # (retrieved: every request waiting on it has re-raised it)
+
+
+async def _run_action(engine: Engine, action: ActionRequest) -> None:
+    """The engine's call of one action, its failures as this host answers them."""
     try:
         await engine.handle_action(action)
     except EngineRejected:
@@ -627,14 +669,15 @@ async def receive_action(request: web.Request) -> web.Response:
         # made): the engine may have applied the action, so this is no engine_error (which
         # says "not applied") but 503 backend_unavailable, retried like any 5xx (the engine
         # deduplicates by action_id and publishes again; the in-process link does the same)
+        # (or the engine's own I/O: an OSError or TimeoutError says "outcome not known yet")
         log.warning(
-            "publishing failed under the engine: %s: %s",
+            "the engine could not tell whether it applied the action (%s: %s): answered 503, "
+            "party_sync delivers it again",
             type(exc).__name__,
             str(exc)[:300],
             extra={"trace_id": action.trace_id},
         )
-        raise BackendUnavailable(f"publishing failed under the engine: {str(exc)[:300]}") from exc
-    return web.json_response({"status": "accepted"}, status=202)
+        raise BackendUnavailable(f"outcome not known yet: {str(exc)[:300]}") from exc
 
 
 async def receive_notice(request: web.Request) -> web.Response:
@@ -700,6 +743,7 @@ def build_host_app(
     app[CONTRACTS] = Contracts()
     app[CLOCK] = clock
     app[PUBLISHER] = publisher
+    app[RUNNING] = {}
     app.router.add_post(path, receive_action)
     app.router.add_post(notice_path, receive_notice)
     problems.answer_bodies_at_shutdown(app)  # a body still arriving at SIGTERM: 503 at once
@@ -713,6 +757,9 @@ def build_host_app(
             raise
 
     async def on_cleanup(app: web.Application) -> None:
+        # engine calls no request waits for any more (their requests were cancelled at the
+        # stop): cancelled and waited for, before the engine closes under them
+        await cancel_and_wait(list(app[RUNNING].values()), what="an engine call")
         await engine.close()
         await publisher.close()
 

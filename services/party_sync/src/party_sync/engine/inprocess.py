@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+from dataclasses import replace
 from typing import Any
 
 from party_sync import tracing
@@ -267,6 +268,10 @@ class InProcessLink:
                     extra=extra,
                 )
                 told = True
+                # handed to it again as what it is: a redelivery (it may have applied it),
+                # which no deadline bounds (engines probe: each retry looked like a first start
+                # past its deadline)
+                action = replace(action, deadline=None, redelivery=True)
                 await asyncio.sleep(pause)
                 pause = min(1.0, pause * 2)
             except Exception:  # an engine that raises did not apply the action (the contract)

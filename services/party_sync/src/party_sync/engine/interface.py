@@ -93,7 +93,10 @@ class ActionRequest:
     deadline: float | None = None
     #: An earlier delivery of this acceptance may have reached the engine: an action taken over
     #: from a node that died with it (the HTTP link's ``X-Delivery-Attempt`` is then 2 or more,
-    #: never the "never seen" 1, and its outcome is unknown from the start).
+    #: never the "never seen" 1, and its outcome is unknown from the start), a stream entry
+    #: delivered again, a later attempt on an ``engine-http`` host, an action handed back after
+    #: the engine raised ``OSError``/``TimeoutError``. Its ``deadline`` is then None: an engine
+    #: deduplicates it by ``action_id`` and never refuses it as late.
     redelivery: bool = False
 
     @classmethod

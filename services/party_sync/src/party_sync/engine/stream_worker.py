@@ -748,10 +748,11 @@ class StreamWorker:
                 # A redelivery may have been started by a worker that died: if party_sync lost
                 # the action's record, only the record could say so, and the deadline alone
                 # would refuse an action that may be applied. So a redelivery is claimed on the
-                # record alone (whose own deadline still refuses one never started).
-                claim = await self.publisher.claim(
-                    replace(action, deadline=None) if redelivery else action
-                )
+                # record alone (whose own deadline still refuses one never started), and the
+                # engine is told it is a redelivery (``ActionRequest.redelivery``, no deadline).
+                if redelivery:
+                    action = replace(action, deadline=None, redelivery=True)
+                claim = await self.publisher.claim(action)
                 if claim is not Claim.START:
                     log.info(
                         "action not started: %s",
