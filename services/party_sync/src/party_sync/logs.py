@@ -420,8 +420,10 @@ class TextFormatter(logging.Formatter):
     ``extra``: ``trace_id``, ``party_id``, ``code`` ...) after the message as ``key=value``, as
     the JSON lines carry them (a value with a space or a quote is written as a JSON string)."""
 
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, fmt: str = "%(asctime)s %(levelname)s %(name)s: %(message)s") -> None:
+        super().__init__(fmt)
+        # (a field the line's format shows already, a worker's number, is not repeated)
+        self._shown = frozenset(re.findall(r"%\((\w+)\)", fmt))
 
     def format(self, record: logging.LogRecord) -> str:
         """One line per record (a newline or another control character in the message or a
@@ -430,7 +432,7 @@ class TextFormatter(logging.Formatter):
         fields = [
             f"{key}={_text_value(value)}"
             for key, value in record.__dict__.items()
-            if key not in _STANDARD and value is not None
+            if key not in _STANDARD and value is not None and key not in self._shown
         ]
         message = record.getMessage()
         if fields and ("=" in message or '"' in message):

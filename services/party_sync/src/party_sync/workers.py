@@ -42,7 +42,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from aiohttp import web
@@ -537,6 +537,20 @@ class _WorkerTag(logging.Filter):
         return True
 
 
+#: A worker's text line: the number after the logger's name, then the fields as any text line.
+WORKER_TEXT_FORMAT: Final = "%(asctime)s %(levelname)s %(name)s [worker %(worker)s]: %(message)s"
+
+
+def tag_logs(index: int, log_format: str) -> None:
+    """Every record of worker ``index`` carries its number: a ``worker`` field in JSON, after
+    the logger's name in text, whose lines keep their fields and escapes (``logs.TextFormatter``:
+    a plain ``Formatter`` here dropped both, streams probe)."""
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_WorkerTag(index))
+        if log_format == "text":
+            handler.setFormatter(logs.TextFormatter(WORKER_TEXT_FORMAT))
+
+
 def _read_handoff(control: socket.socket) -> dict[str, Any]:
     buffer = b""
     while not buffer.endswith(b"\n"):
@@ -563,14 +577,7 @@ def worker_main(argv: list[str] | None = None) -> int:
         settings = settings_from_json(handoff["settings"])
         config.validate(settings)
         logs.configure(settings.log_level, settings.log_format, secrets=logs.secrets_of(settings))
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_WorkerTag(args.worker))
-            if settings.log_format == "text":
-                handler.setFormatter(
-                    logging.Formatter(
-                        "%(asctime)s %(levelname)s %(name)s [worker %(worker)s]: %(message)s"
-                    )
-                )
+        tag_logs(args.worker, settings.log_format)
         from party_sync import tracing
 
         tracing.configure_from_env("party-sync")
