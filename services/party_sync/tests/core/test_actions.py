@@ -176,6 +176,19 @@ def test_claim_without_a_record_starts_unless_the_deadline_it_carries_passed() -
     assert led.state_of("a1") is None and len(led) == 0  # nothing recorded either way
 
 
+def test_a_refusal_made_while_its_character_was_connected_is_told_at_the_deadline() -> None:
+    """``told``: a live connection of the character had the refusal as it was made (on any
+    node), so the deadline's look owes it to no connection opened since (``Sweep.TOLD``)."""
+    led = ledger()
+    led.begin("aria", "a1", now=0.0)
+    led.begin("borin", "b1", now=0.0)
+    assert led.refuse("a1", "aria", FAILED, now=1.0, told=True) is True
+    assert led.refuse("b1", "borin", FAILED, now=1.0) is True
+    assert led.time_out("a1", TIMEOUT, REFUSAL) == (Sweep.TOLD, FAILED)
+    assert led.time_out("b1", TIMEOUT, REFUSAL) == (Sweep.FINAL, FAILED)
+    assert led.answer_of("a1") == FAILED  # a resend is answered as ever
+
+
 def test_time_out_of_an_unknown_action_is_gone_and_of_a_finished_one_final() -> None:
     led = ledger()
     assert led.time_out("nope", 100.0, REFUSAL) == (Sweep.GONE, None)

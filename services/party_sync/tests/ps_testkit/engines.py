@@ -149,7 +149,7 @@ class NodeEngine(ScriptedEngine):
     Every call is appended to ``<dir>/calls-<pid>.log`` (so a test counts engine calls across
     nodes), every restate notice's ``party_id epoch`` to ``<dir>/restates-<pid>.log``. An action
     whose payload has ``"hold": true`` stays in flight until the test creates
-    ``<dir>/release-<action_id>``.
+    ``<dir>/release-<action_id>``; one with ``"reject": true`` is then refused (``EngineRejected``).
     """
 
     def __init__(self, directory: Path) -> None:
@@ -164,6 +164,8 @@ class NodeEngine(ScriptedEngine):
             async with asyncio.timeout(30):
                 while not release.exists():  # noqa: ASYNC110 (a file from another process)
                     await asyncio.sleep(0.01)
+        if action.payload.get("reject"):
+            raise EngineRejected("the test engine refuses it")
         await super().handle_action(action)
 
     async def handle_restate(self, notice: RestateNotice) -> None:

@@ -315,3 +315,21 @@ async def test_a_claim_from_outside_with_another_deadline_records_the_timeout(
     claim, answer = await backend.claim_action(PARTY, "a1", DEADLINE + 2, b"x", DEADLINE)
     assert claim is Claim.FINAL and answer is not None
     assert codec.decode(answer)["payload"]["code"] == "action_timeout"
+
+
+async def test_a_refusal_made_while_its_character_is_connected_is_told_on_both_backends(
+    backend: Backend,
+) -> None:
+    """A refusal that reached a live connection of its character as it was made is ``TOLD`` at
+    the deadline (no connection opened since is owed it); one made while the character had none
+    is ``FINAL`` (the deadline's look tells whoever connects)."""
+    from party_sync.core.binding import Binding
+
+    b = backend
+    aria = Binding(PARTY, "r1", "aria", "Aria")
+    await b.connect(aria, "c1", T0, TRACE)
+    for character, action_id in (("aria", "a1"), ("borin", "b1")):
+        assert await b.begin_action(PARTY, character, action_id, T0) == Verdict(Decision.ACCEPT)
+        assert await b.refuse_action(PARTY, action_id, character, FAILED, T0 + 1) == character
+    assert await b.time_out_action(PARTY, "a1", DEADLINE, TIMED_OUT) == (Sweep.TOLD, FAILED)
+    assert await b.time_out_action(PARTY, "b1", DEADLINE, TIMED_OUT) == (Sweep.FINAL, FAILED)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import time
 
 import pytest
 from ps_testkit.client import Client, wait_until
@@ -140,3 +141,36 @@ async def test_a_drained_nodes_player_leaves_at_the_end_of_grace_not_a_presence_
         assert await asyncio.to_thread(n2.process.wait, 10) == 0
         await b.close()
         await a.close()
+
+
+async def test_a_refusal_its_player_had_through_the_other_node_is_not_sent_again(
+    cluster: Cluster,
+) -> None:
+    """aria's action is accepted on node 1; her connection drops; she resends it through node 2
+    (action_in_flight) and gets its refusal there. Node 1, which still watched the action for
+    a sender it had lost, sent the refusal again at the deadline to her next connection, which
+    had nothing pending (resume probe: an app showed the rejection twice). A refusal made while a
+    connection of its character was live is owed to no connection opened since."""
+    timeout = ("--action-timeout", "2")
+    act = {"hold": True, "reject": True}
+    async with cluster.node(*timeout) as n1, cluster.node(*timeout) as n2:
+        a1, b = await _pair(n1, n2)
+        await a1.act("d1", "aria", "r1", payload=act)
+        await a1.until("action.accepted")
+        accepted = time.monotonic()
+        await a1.close()
+        a2, _ = await n2.join("aria")
+        await a2.act("d1", "aria", "r1", payload=act)
+        assert (await a2.expect("system.error"))["payload"]["code"] == "action_in_flight"
+        (cluster.engine_dir / "release-d1").touch()
+        assert (await a2.expect("system.error"))["payload"]["code"] == "action_rejected"
+        await a2.close()
+        a3, _ = await n1.join("aria")
+        # past the action's deadline (2 s) with room to spare: anything node 1's look at it
+        # sends comes before the answer to a ping sent now
+        await wait_until(lambda: time.monotonic() > accepted + 4, timeout=10)
+        await a3.send({"type": "system.ping", "payload": {}})
+        await a3.until("system.pong")
+        assert [m for m in a3.received if m["type"] == "system.error"] == []
+        for client in (a3, b):
+            await client.close()

@@ -483,7 +483,8 @@ class MemoryBackend:
     ) -> str | None:
         party = self._party(party_id, now)
         owner = party.ledger.character_of(action_id) or character_id
-        if not party.ledger.refuse(action_id, owner, refusal, now):
+        told = party.presence.is_connected(owner, now)  # (a live connection: it reaches it)
+        if not party.ledger.refuse(action_id, owner, refusal, now, told):
             return None
         self._failed(party, action_id, owner, refusal, now)
         return owner

@@ -942,7 +942,7 @@ class RedisBackend:
                 "time_out_action", party_id, now, args, action_id=action_id
             )
         sweep = Sweep(text(reply[0]))
-        return sweep, bytes(reply[1]) if sweep is Sweep.FINAL else None
+        return sweep, bytes(reply[1]) if sweep is Sweep.FINAL or sweep is Sweep.TOLD else None
 
     async def refuse_action(
         self, party_id: str, action_id: str, character_id: str, refusal: bytes, now: float

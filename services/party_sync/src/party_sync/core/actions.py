@@ -54,6 +54,9 @@ class Sweep(Enum):
     STARTED = "started"  # an engine started it: its answer will come from the engine
     NOT_DUE = "not_due"  # its deadline has not passed yet
     FINAL = "final"  # it has its final answer already (returned: the sender may have missed it)
+    #: a refusal made while a connection of its character was live, which it reached (returned:
+    #: the node's own sender may still be owed it, a connection opened since is not)
+    TOLD = "told"
     GONE = "gone"  # no record (expired, or the state was lost): the outcome is unknown
 
 
@@ -105,7 +108,7 @@ class ActionLedger:
         self._results: dict[
             str, bytes
         ] = {}  # final answers: in completion order, like the two below
-        self._refused: dict[str, None] = {}
+        self._refused: dict[str, bool] = {}  # refused → told (``refuse``)
         self._owners: dict[str, str] = {}  # the actor of each final answer
         self._expires: dict[str, float] = {}
         self._orders: dict[str, int] = {}
@@ -229,7 +232,7 @@ class ActionLedger:
         """The sweep at the action's deadline: refuse it if nobody started it (see ``Sweep``)."""
         answer = self._results.get(action_id)
         if answer is not None:
-            return Sweep.FINAL, answer
+            return (Sweep.TOLD if self._refused.get(action_id) else Sweep.FINAL), answer
         flight = self._flights.get(action_id)
         if flight is None:
             return Sweep.GONE, None
@@ -249,15 +252,18 @@ class ActionLedger:
         self.refuse(action_id, flight[_CHARACTER], refusal, now)
         return Sweep.TIMED_OUT, None
 
-    def refuse(self, action_id: str, character_id: str, refusal: bytes, now: float) -> bool:
+    def refuse(
+        self, action_id: str, character_id: str, refusal: bytes, now: float, told: bool = False
+    ) -> bool:
         """The action will never be applied: ``refusal`` is its final answer. False (nothing
-        changes) if it already has one."""
+        changes) if it already has one. ``told``: a connection of its character was live as it
+        was made (the deadline's look then owes it to no connection opened since: ``TOLD``)."""
         if action_id in self._results:
             return False
         flight = self._flights.pop(action_id, None)
         owner = flight[_CHARACTER] if flight is not None else character_id
         self._results[action_id] = refusal
-        self._refused[action_id] = None
+        self._refused[action_id] = told
         self._owners[action_id] = owner
         self._expires[action_id] = now + self.record_ttl
         self._orders[action_id] = self._next()

@@ -898,7 +898,12 @@ class PartySessions:
                 conn.tell_once(action.action_id)
                 out.append(SendDirect(action.party_id, action.character_id, cmd.refusal))
             return out
-        if outcome is Sweep.FINAL:
+        if outcome is Sweep.TOLD and (action.conn is None or action.conn.closed):
+            # a refusal that reached a live connection of its character as it was made (on
+            # any node: a resend through another one, resume probe): a connection opened since
+            # is owed nothing; only this node's own sender, still here, is looked at below
+            return []
+        if outcome is Sweep.FINAL or outcome is Sweep.TOLD:
             assert answer is not None
             conn = action.conn
             seq = codec.seq_of(answer)

@@ -2,14 +2,15 @@
 -- given action_timeout error unless an engine host has started it (claim_action.lua).
 -- KEYS[12] the action record, ARGV[7] action_id, ARGV[8] refusal, ARGV[9] now as an RFC 3339
 -- timestamp (for action.failed, published to every member when it times out here).
--- Returns {'final', answer} | {'timed_out'} | {'started'} | {'not_due'} | {'gone'}.
+-- Returns {'final', answer} | {'told', refusal} (made while its character had a live connection:
+-- refuse_action.lua) | {'timed_out'} | {'started'} | {'not_due'} | {'gone'}.
 local record, action_id = K_ACTION, ARGV[7]
-local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g', 's')
+local found = redis.call('HMGET', record, 'c', 'r', 'x', 'd', 'g', 's', 't')
 if found[2] then
   return {'final', found[2]}
 end
 if found[3] then
-  return {'final', found[3]}
+  return {found[7] and 'told' or 'final', found[3]}
 end
 if not found[1] then
   return {'gone'}
