@@ -22,7 +22,13 @@ from party_sync import config
 from party_sync.engine.health import HttpProbe
 from party_sync.engine.http_host import ApiPublisher, build_host_app
 from party_sync.engine.http_link import ENGINE_FAILURES, HttpEngineLink
-from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
+from party_sync.engine.interface import (
+    ENGINE_FAILED,
+    ActionRequest,
+    Claim,
+    JoinNotice,
+    RestateNotice,
+)
 from party_sync.engine.wire import join_envelope
 from party_sync.metrics import Metrics
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
@@ -497,6 +503,7 @@ async def test_an_engine_that_raises_behind_the_host_ends_in_engine_error_like_o
         await link.submit(make_action("boom"))
         await idle(link)
     assert host.failed == [("boom", ErrorCode.ENGINE_ERROR)]
+    assert host.failed_words == [ENGINE_FAILED]  # the same words on every transport
     assert len(engine.calls) == ENGINE_FAILURES  # more than `retries` (2): its own count
     assert any("giving up" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
 

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from party_sync.engine.inprocess import InProcessLink
 from party_sync.engine.interface import (
+    ENGINE_FAILED,
     ActionRequest,
     Claim,
     EventPublisher,
@@ -159,6 +160,7 @@ async def test_an_engine_crash_still_fails_the_action_with_engine_error() -> Non
     link = await started(engine, host)
     await link.submit(make_action("boom"))
     await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)])
+    assert host.failed_words == [ENGINE_FAILED]  # the same words on every transport
     await link.close()
 
 

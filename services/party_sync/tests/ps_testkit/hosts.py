@@ -37,6 +37,7 @@ class RecordingHost(VoteStarter, NarrationSender):
     published: list[tuple[str, str, dict[str, Any]]] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, ErrorCode]] = field(default_factory=list)
+    failed_words: list[str] = field(default_factory=list)  # each failure's message
     narrated: list[NarrationPiece] = field(default_factory=list)
 
     async def claim(self, action: ActionRequest) -> Claim:
@@ -72,6 +73,7 @@ class RecordingHost(VoteStarter, NarrationSender):
     async def fail(self, action: ActionRequest, code: ErrorCode, message: str) -> None:
         self._stalled()
         self.failed.append((action.action_id, code))
+        self.failed_words.append(message)
 
     async def request_vote(self, request: VoteRequest) -> Mapping[str, Any]:
         raise NotImplementedError("no votes in link tests")

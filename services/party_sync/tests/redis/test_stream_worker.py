@@ -16,7 +16,13 @@ from typing import Any
 import orjson
 import pytest
 from party_sync.backends import redis_fence
-from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, RestateNotice
+from party_sync.engine.interface import (
+    ENGINE_FAILED,
+    ActionRequest,
+    Claim,
+    JoinNotice,
+    RestateNotice,
+)
 from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import read_stream
 from party_sync.engine.stream_worker import PartitionedWorker, StreamWorker, WorkerOptions
@@ -269,6 +275,7 @@ async def test_an_action_that_keeps_failing_ends_in_engine_error(redis: RedisSer
     async with running_worker(redis, host, engine, max_deliveries=1), stream_link(redis) as link:
         await link.submit(make_action("boom"))
         await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)], timeout=10)
+        assert host.failed_words == [ENGINE_FAILED]  # the same words on every transport
 
 
 async def test_an_action_that_raises_is_tried_again_soon_and_ends_in_engine_error(

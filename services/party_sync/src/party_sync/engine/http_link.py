@@ -83,7 +83,14 @@ from party_sync import tracing
 from party_sync.engine import wire
 from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import claim_until_answered, refuse_until_recorded
-from party_sync.engine.interface import ActionRequest, Claim, JoinNotice, LinkHost, RestateNotice
+from party_sync.engine.interface import (
+    ENGINE_FAILED,
+    ActionRequest,
+    Claim,
+    JoinNotice,
+    LinkHost,
+    RestateNotice,
+)
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, PartySyncError
 from party_sync.tasks import Episode, LatestPerKey, cancel_and_wait, spawn_kept
@@ -425,7 +432,7 @@ class HttpEngineLink:
                             log.info("the action was answered meanwhile", extra=extra)
                             return
                         log.error("engine failed %d times; giving up", engine_failures, extra=extra)
-                        await self._refuse(action, ErrorCode.ENGINE_ERROR, "the engine failed")
+                        await self._refuse(action, ErrorCode.ENGINE_ERROR, ENGINE_FAILED)
                         return
             else:
                 if not _retry_answer(status, answer, reached):
@@ -490,7 +497,7 @@ class HttpEngineLink:
                         engine_failures,
                         extra=extra,
                     )
-                    await self._refuse(action, ErrorCode.ENGINE_ERROR, "the engine failed")
+                    await self._refuse(action, ErrorCode.ENGINE_ERROR, ENGINE_FAILED)
                     return
                 elif loop.time() >= give_up_at:
                     log.error(

@@ -27,6 +27,7 @@ from typing import Any
 
 from party_sync import tracing
 from party_sync.engine.interface import (
+    ENGINE_FAILED,
     ActionRequest,
     Claim,
     Engine,
@@ -276,7 +277,7 @@ class InProcessLink:
                 pause = min(1.0, pause * 2)
             except Exception:  # an engine that raises did not apply the action (the contract)
                 log.exception("engine failed on an action", extra=extra)
-                return ErrorCode.ENGINE_ERROR, "the engine failed: retry"
+                return ErrorCode.ENGINE_ERROR, ENGINE_FAILED
 
     async def close(self) -> None:
         self._restates.cancel_all()  # nothing new to say on the way out

@@ -22,7 +22,7 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from party_sync.core import votes
 from party_sync.core.actions import Claim
@@ -38,6 +38,9 @@ from party_sync.protocol.errors import (  # EngineRejected, NarrationConflict: r
 from party_sync.protocol.ids import ID_RULE, TRACE_ID_RULE, is_id, is_trace_id
 
 _log = logging.getLogger(__name__)
+
+#: The words of an ``engine_error`` refusal, the same on every transport (the engine raised).
+ENGINE_FAILED: Final = "the engine failed: try again as a new action"
 
 #: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
 __all__ = [

@@ -80,6 +80,7 @@ from party_sync.core.limits import RateGate
 from party_sync.engine import partitions as layout
 from party_sync.engine import wire
 from party_sync.engine.interface import (
+    ENGINE_FAILED,
     ActionRequest,
     Claim,
     Engine,
@@ -837,7 +838,7 @@ class StreamWorker:
     async def _give_up(self, entry_id: bytes, action: ActionRequest | None) -> None:
         """No more deliveries: an action's player gets ``engine_error``; the entry is done."""
         if action is not None:
-            await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, "the engine failed")
+            await self.publisher.fail(action, ErrorCode.ENGINE_ERROR, ENGINE_FAILED)
         await self._done(entry_id)
 
     async def _deliveries(self, entry_id: bytes) -> int:

@@ -33,6 +33,7 @@ from party_sync.core import votes
 from party_sync.engine import wire
 from party_sync.engine.interface import (
     ENGINE_EVENT_TYPES,
+    ENGINE_FAILED,
     MAX_BATCH_EVENTS,
     ActionRequest,
     NarrationPiece,
@@ -298,7 +299,7 @@ async def refuse_action(request: web.Request) -> web.Response:
     if not isinstance(detail, str):
         raise InvalidRequest("detail must be a string")
     text = detail[:MAX_DETAIL] or (
-        "the engine refused the action" if code == "action_rejected" else "the engine failed"
+        "the engine refused the action" if code == "action_rejected" else ENGINE_FAILED
     )
     with tracing.incoming("refuse", request.headers, trace_id=action.trace_id):
         recorded = await gateway.publisher.refuse(action, ENGINE_REFUSALS[code], text)
