@@ -943,6 +943,8 @@ interface Described {
 
 /** The scene the story log's last heading names. */
 let loggedScene: { id: string; number: number } | null = null;
+/** The votes the story log has told of ("The party votes: …"). */
+const loggedVotes = new Set<string>();
 
 /** Whether a scene.update opens a chapter of the story log: not the scene its last heading
  * names, restated (after a server restart the snapshot has no scene, and the engine's
@@ -992,8 +994,11 @@ function describe(state: PartySnapshot | null, event: PartyEvent | UnknownPartyE
       };
     case "action.result":
       return { text: resultNodes(state, event), detail: false };
-    case "vote.started":
-      return { text: `The party votes: ${event.payload.question}`, detail: false };
+    case "vote.started": {
+      const told = loggedVotes.has(event.payload.vote_id);
+      loggedVotes.add(event.payload.vote_id);
+      return { text: `The party votes: ${event.payload.question}`, detail: told };
+    }
     case "vote.update":
       return { text: `Vote: ${event.payload.voted}/${event.payload.eligible} voted`, detail: true };
     case "vote.finished": {
@@ -1237,10 +1242,18 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       { detail: true },
     );
     item.dataset["helloSeq"] = String(resumed ? p.resumed_from : p.seq);
-    if (!resumed && p.scene !== null && log.querySelector("li:not(.detail)") === null) {
-      // A story log that starts here starts with the scene the party is in.
-      note(`Scene ${p.scene.scene_number}: ${p.scene.title}`, { kind: "chapter" });
-      loggedScene = { id: p.scene.scene_id, number: p.scene.scene_number };
+    if (!resumed && p.scene !== null) {
+      // A story log that starts here starts with the scene the party is in; a snapshot after a
+      // time away (a restart, more missed than a resume replays) names a scene the log has not
+      // told yet, and the vote it holds (browser probe: both were missing from the story).
+      const empty = log.querySelector("li:not(.detail)") === null;
+      if (newChapter(p.scene) || empty) {
+        note(`Scene ${p.scene.scene_number}: ${p.scene.title}`, { kind: "chapter" });
+      }
+    }
+    if (!resumed && p.vote !== null && !loggedVotes.has(p.vote.vote_id)) {
+      loggedVotes.add(p.vote.vote_id);
+      note(`The party votes: ${p.vote.question}`);
     }
     if (p.vote !== null) voteOptions.set(p.vote.vote_id, p.vote.options);
     if (!resumed) {

@@ -782,3 +782,45 @@ async def test_an_operators_disconnect_is_said_in_plain_sight(browser: Browser) 
         await expect(told).to_have_count(1)
         await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
         aria.assert_clean()
+
+
+async def test_a_snapshot_after_time_away_tells_the_story_it_missed(browser: Browser) -> None:
+    """Aria is away for more than a resume replays (``max_replay`` 1 here; a restart does the
+    same): her page gets a snapshot in a scene her story log never named, with a vote open.
+    The log said neither (browser probe: "Scene 2" and "The party votes" missing after a
+    restart); it tells both, once, as the pages that stayed saw them."""
+    settings = make_settings(api_key=KEY, presence_grace=0.3, max_replay=1)
+    async with (
+        serve_in_process(settings, engine=ScriptedEngine()) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+    ):
+        aria = await open_player(browser, "away-aria", page_url(proxy.base, token("aria", "Aria")))
+        borin = await open_player(
+            browser, "away-borin", page_url(srv.base, token("borin", "Borin")), desktop=True
+        )
+        for player in (aria, borin):
+            await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
+        await publish_scene(srv, 1, "The Gate", ["Force the gate", "Climb the wall"])
+        for player in (aria, borin):
+            await expect(player.page.locator("#scene-title")).to_have_text("The Gate")
+
+        proxy.refusing = True
+        assert proxy.cut() >= 1
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "reconnecting")
+        await publish_scene(srv, 2, "The Reef", ["Swim", "Wait"])
+        options = [{"id": "o0", "label": "Swim"}, {"id": "o1", "label": "Wait"}]
+        await api(
+            srv, "votes", {"question": "Into the water?", "options": options, "timeout_s": 60}
+        )
+        await expect(borin.page.locator("#vote")).to_be_visible()
+
+        proxy.refusing = False
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        await expect(aria.page.locator("#scene-title")).to_have_text("The Reef")
+        await expect(aria.page.locator("#vote")).to_be_visible()
+        for player in (aria, borin):
+            story = await visible_log(player)
+            assert story.count("Scene 2: The Reef") == 1, (player.name, story)
+            assert story.count("The party votes: Into the water?") == 1, (player.name, story)
+        aria.assert_clean()
+        borin.assert_clean()
