@@ -211,11 +211,12 @@ async def test_an_action_id_or_trace_id_that_breaks_the_rule_is_refused_before_i
     now, nothing sent, and the next action goes out."""
     engine = ScriptedEngine()
     async with serve_in_process(engine=engine) as srv, connected(srv, "aria") as a:
-        for bad in ("x" * 65, "bad id!", "é"):
+        for bad in ("x" * 65, "bad id!", "é", ""):
             with pytest.raises(ValueError, match="action_id"):
                 await a.send_action("skill_check", action_id=bad)
-        with pytest.raises(ValueError, match="trace_id"):
-            await a.send_action("skill_check", trace_id="t" * 129)
+        for bad in ("t" * 129, ""):
+            with pytest.raises(ValueError, match="trace_id"):
+                await a.send_action("skill_check", trace_id=bad)
         # larger than the server takes (over 4x its limit it closes the connection, and the
         # resend after every reconnect was closed again): refused, with the limit
         with pytest.raises(ValueError, match="at most 65536 bytes"):

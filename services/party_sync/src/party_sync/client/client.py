@@ -251,8 +251,10 @@ class PartyClient:
         ``action_timeout`` (an action meanwhile gets ``character_busy``), and its events reach
         the party as any action's.
         """
-        action_id = action_id or uuid.uuid4().hex
-        trace_id = trace_id or uuid.uuid4().hex
+        # (None only: an empty id is refused below, as the JS client does, not replaced by a
+        # new one, which made every resend of it a new action: clients probe)
+        action_id = uuid.uuid4().hex if action_id is None else action_id
+        trace_id = uuid.uuid4().hex if trace_id is None else trace_id
         # Refused here: the server's schema_violation could not say which action it is about, and
         # the action, and every one behind it, waited for ever (clients probe).
         if not ids.is_id(action_id):
