@@ -448,7 +448,7 @@ def _serve(args: argparse.Namespace) -> int:
         else:
             origin = f"the one kept in {kept.path}: earlier links still work"
         log.warning(
-            "PARTY_SYNC_JWT_SECRET is not set (or empty): DEVELOPMENT secret (%s). Set a secret in "
+            "PARTY_SYNC_JWT_SECRET is not set: DEVELOPMENT secret (%s). Set a secret in "
             "production.",
             origin,
             extra={"dev_secret_file": str(kept.path) if kept else None},

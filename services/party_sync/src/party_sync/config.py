@@ -258,7 +258,8 @@ class Settings:
     jwt_secret: str | None = _option(
         None,
         "HMAC secret for connection tokens; unset = development mode: a random secret, kept in "
-        "./.party_sync_dev_secret so links survive a restart (serve --new-game discards it).",
+        "./.party_sync_dev_secret so links survive a restart (serve --new-game discards it); "
+        "empty is refused.",
     )
     jwt_previous_secret: str | None = _option(
         None, "The previous secret, still accepted during a rotation."
@@ -891,6 +892,12 @@ def validate(settings: Settings) -> None:
         ),
         (bool(settings.redis_prefix), "redis_prefix must not be empty"),
         (bool(settings.actions_stream.strip()), "actions_stream must not be empty"),
+        (
+            # a production secret that expanded to nothing must not start a development server
+            # (its /api/v1/dev/token hands anyone a token): unset it for development mode
+            settings.jwt_secret is None or settings.jwt_secret.strip() != "",
+            "jwt_secret must not be empty (unset it for development mode)",
+        ),
         (settings.telegram_max_age > 0, "telegram_max_age must be > 0"),
         (
             settings.telegram_bot_id is None or 0 < settings.telegram_bot_id < 2**63,

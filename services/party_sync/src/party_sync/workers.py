@@ -265,7 +265,10 @@ class Supervisor:
                 slot.delay = RESTART_DELAY_MIN
             delay = slot.delay
             slot.delay = min(slot.delay * 2, RESTART_DELAY_MAX)
-            log.error(
+            # A worker that drained and exited 0 (a SIGTERM sent to it alone, an operator's
+            # doing) is no failure: a WARNING; one that died, an ERROR (deploy probe)
+            log.log(
+                logging.WARNING if returncode == 0 else logging.ERROR,
                 "worker %d (pid %s, node %s) exited with %s: restarting it in %.1f s",
                 slot.index,
                 slot.process.pid if slot.process else None,

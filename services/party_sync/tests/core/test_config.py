@@ -580,6 +580,16 @@ def test_a_redis_url_whose_path_is_not_a_db_number_is_refused(url: str, ok: bool
 
 
 @pytest.mark.parametrize("value", ["", "  "])
+def test_an_empty_jwt_secret_is_refused_not_development_mode(value: str) -> None:
+    """``PARTY_SYNC_JWT_SECRET=`` (a production secret that expanded to nothing) started a
+    development server, whose ``/api/v1/dev/token`` hands anyone a token (deploy probe)."""
+    with pytest.raises(ConfigError, match="jwt_secret must not be empty") as raised:
+        load(parse_flags(), env={ENV_PREFIX + "JWT_SECRET": value})
+    assert "PARTY_SYNC_JWT_SECRET" in str(raised.value)
+    assert load(parse_flags(), env={}).dev_mode  # unset: development mode, as documented
+
+
+@pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_actions_stream_is_refused(value: str) -> None:
     """The nodes would append to a stream no ``engine-worker`` can be told to read (its
     ``--stream`` refuses an empty name): every action would end in ``action_timeout``."""
