@@ -510,6 +510,36 @@ async def test_the_index_sweep_keeps_up_with_parties_that_come_and_go_fast(
     assert [m.decode() for m in members] == ["p-2"]
 
 
+async def test_a_short_live_index_is_read_once_a_heartbeat(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index shorter than a batch with every party live: each heartbeat read it 16 times
+    (INDEX_SWEEP_ROUNDS) with an EXISTS per party each time, since a batch that reached the end
+    went round to the start whatever it found (docs probe). One batch, nothing gone: done."""
+    from party_sync.backends.base import NodeInfo
+
+    async with backend(redis.url) as b:
+        now = time.time()
+        parties = ["live-1", "live-2", "live-3"]
+        for party in parties:
+            await b.publish(party, scene(1), now)
+        node = NodeInfo(b.node_id, "test", 0, now, now)
+        await b.admin.heartbeat(node, parties, 30.0)
+        admin: Any = b.admin
+        reads = 0
+        real = admin._client.zrangebylex
+
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            nonlocal reads
+            reads += 1
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(admin._client, "zrangebylex", counted)
+        for _ in range(2):  # one sweep from the cursor, one from a random entry
+            await b.admin.heartbeat(node, [], 30.0)
+        assert reads == 2
+
+
 def test_a_clock_offset_is_written_to_a_tenth_with_no_sign_on_a_zero() -> None:
     """A fresh-clone run failed on "(it was -0.0s)": a first offset of a few negative
     milliseconds, written with its sign."""

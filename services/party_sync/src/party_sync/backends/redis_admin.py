@@ -281,7 +281,10 @@ class RedisAdmin:
                     return
                 start = "-"
                 continue
-            if last is not None and gone * 4 < looked:
+            if gone * 4 < looked:
+                # (a batch that reached the end too: an index shorter than a batch, all of it
+                # live, was read again and again, INDEX_SWEEP_ROUNDS times a heartbeat: docs
+                # probe, 16 reads and 16 EXISTS per live party every 10 s on every node)
                 return
             start = "-" if last is None else "(" + last  # on from there; round to the start
 
