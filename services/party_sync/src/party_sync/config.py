@@ -590,7 +590,10 @@ def _origins_problem(origins: Sequence[str]) -> str | None:
                 "path or trailing slash (as browsers send it in the Origin header)"
             )
         if parts.username is not None or parts.password is not None:
-            return f"allowed_origins: an origin has no user or password (got one in {origin!r})"
+            # (named without its user and password: a refused setting is never quoted whole
+            # when it may hold a secret, as a Redis URL's)
+            where = f"{parts.scheme}://{parts.hostname or ''}"
+            return f"allowed_origins: an origin has no user or password (got one in {where!r})"
         host_problem = _origin_host_problem(parts)
         if host_problem is not None:
             return f"allowed_origins: {origin!r}: {host_problem}"

@@ -579,6 +579,12 @@ def test_a_redis_url_whose_path_is_not_a_db_number_is_refused(url: str, ok: bool
         assert url not in str(raised.value) and "cret" not in str(raised.value)
 
 
+def test_an_origin_with_a_password_is_refused_without_quoting_it() -> None:
+    with pytest.raises(ConfigError, match="no user or password") as raised:
+        load(parse_flags(), env={ENV_PREFIX + "ALLOWED_ORIGINS": "https://user:s3cr3t@app.example"})
+    assert "s3cr3t" not in str(raised.value) and "app.example" in str(raised.value)
+
+
 @pytest.mark.parametrize("value", ["", "  "])
 def test_an_empty_jwt_secret_is_refused_not_development_mode(value: str) -> None:
     """``PARTY_SYNC_JWT_SECRET=`` (a production secret that expanded to nothing) started a
