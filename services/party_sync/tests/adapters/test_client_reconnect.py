@@ -386,6 +386,7 @@ async def test_a_client_that_stops_while_reconnecting_says_so_with_a_last_discon
     await asyncio.wait_for(h.client.wait_closed(), 5)
     stopped = await h.seen.next_of(Disconnected)
     assert stopped.reconnecting is False and str(refusal) in stopped.reason
+    assert stopped.code is None  # no close ended it (not the 1006 told before)
     assert isinstance(h.client.error, ConnectRefused)
 
 

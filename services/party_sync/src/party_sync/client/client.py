@@ -541,8 +541,10 @@ class PartyClient:
             # handshake refused, max_attempts, close()): it is told the end too (clients probe:
             # it showed "reconnecting" for ever).
             self._told_reconnecting = False
+            # No close code: what ended it was no WebSocket close (the last one, 4004 say, was
+            # told already with "reconnecting"; clients probe: a 403 read as code 4004)
             with contextlib.suppress(Exception):
-                await self._dispatch(Disconnected(self.close_code, str(reason), False))
+                await self._dispatch(Disconnected(None, str(reason), False))
         for sub in self._subscriptions:
             sub.put(None)
 

@@ -235,7 +235,9 @@ class Connected:
 
 @dataclass(frozen=True, slots=True)
 class Disconnected:
-    """The connection ended. ``reconnecting`` False means the client stopped for good."""
+    """The connection ended. ``reconnecting`` False means the client stopped for good.
+    ``code``: the WebSocket close code, None when no close ended it (a handshake refused,
+    ``max_attempts``, ``close()`` while reconnecting)."""
 
     code: int | None
     reason: str
