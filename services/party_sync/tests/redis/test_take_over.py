@@ -5,6 +5,7 @@ the record expired (``action_record_ttl``, 10 minutes), and no final answer ever
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from ps_testkit.client import wait_until
@@ -58,3 +59,29 @@ async def test_a_live_nodes_action_is_not_taken_over(redis: RedisServer) -> None
         result = await tab.until("action.result")
         assert result["payload"]["action_id"] == "t-2"
         assert other.calls == []
+
+
+async def test_a_gone_nodes_action_resent_after_its_deadline_is_taken_over(
+    redis: RedisServer,
+) -> None:
+    """The resend came after the action's deadline (the player's node was gone longer than
+    ``action_timeout``): the look at the overdue action took it out of the node's watch list
+    before the take-over started, which then gave up at once, and the player never had an
+    answer (votes probe: ``action_in_flight``, then nothing until the record expired)."""
+    settings = make_settings(redis_url=redis.url, engine_transport="inprocess", action_timeout=1.0)
+    held, answering = ScriptedEngine(), ScriptedEngine()
+    held.gate = asyncio.Event()
+    async with serve_in_process(settings, engine=answering) as b:
+        async with serve_in_process(settings, engine=held) as a:
+            aria, _ = await a.join("aria")
+            await aria.act("t-3", "aria", "r1")
+            await aria.until("action.accepted")
+            accepted = time.monotonic()
+            await wait_until(lambda: len(held.calls) == 1)
+        await wait_until(lambda: time.monotonic() > accepted + 2.0, timeout=10)  # past it
+        aria, _ = await b.join("aria")
+        await aria.act("t-3", "aria", "r1")
+        assert (await aria.until("system.error"))["payload"]["code"] == "action_in_flight"
+        result = await aria.until("action.result", timeout=15)
+        assert result["payload"]["action_id"] == "t-3"
+        assert [c.action_id for c in answering.calls] == ["t-3"]

@@ -109,7 +109,8 @@ class MetricsMeter:
             metrics.actions_overdue,
             "%d action(s) an engine started had no answer at their deadline (the latest: %s "
             "in party %s): the engine is slower than PARTY_SYNC_ACTION_TIMEOUT, or ended "
-            "without publishing the action's result; its player waits for it (at most one line "
+            "without publishing the action's result, or the node whose engine started it is gone "
+            "(taken over at the player's resend); its player waits for it (at most one line "
             "a minute; party_sync_actions_overdue_total counts them)",
         )
         #: the engine broke its contract, and nothing true can be said to the player
@@ -224,10 +225,14 @@ class Executor:
         if len(answer) == 1 and type(answer[0]) is Submit:  # accepted: the common case
             await self._submit(answer[0])
         else:
+            # the watch the verdict set up, taken now: its deadline may have passed already (a
+            # resend long after its node died), and the look at it can take it out of
+            # ``pending`` before the take-over below starts (votes probe: never taken over)
+            watched = core.pending.get((conn.party_id, payload["action_id"]))
             await self.run(answer)
             claimer = verdict.claimer if verdict is not None else None
-            if self._another_node(claimer):
-                self.spawn(self._take_over(conn.party_id, payload["action_id"], claimer))
+            if self._another_node(claimer) and watched is not None:
+                self.spawn(self._take_over(watched, claimer))
 
     def _another_node(self, claimer: str | None) -> TypeGuard[str]:
         """``claimer`` (of an action in flight) is another serving node, whose own link has the
@@ -235,32 +240,29 @@ class Executor:
         e.g. a stream worker, whose entry outlives it) nor '' (accepted, not claimed yet)."""
         return bool(claimer) and claimer != "1" and claimer != self.node_id
 
-    async def _take_over(self, party_id: str, action_id: str, claimer: str) -> None:
+    async def _take_over(self, pending: PendingAction, claimer: str) -> None:
         """A resent action that another node claimed for its own link (its in-process engine,
         its HTTP link) and has not answered:
         if that node is gone (its heartbeat expired; looked at again until then, for as long as
         this node waits on the action), this node claims it (``take_over``, atomic: one node
         does) and gives it to its own engine, which deduplicates by ``action_id`` (the gone node
         may have applied it). Its answer then comes as any action's does."""
-        key = (party_id, action_id)
+        key = (pending.party_id, pending.action_id)
         if key in self._taking_over:  # a resend while another resend's watch runs
             return
         self._taking_over.add(key)
         try:
-            await self._watch_claimer(key, claimer)
+            await self._watch_claimer(pending, claimer)
         finally:
             self._taking_over.discard(key)
 
-    async def _watch_claimer(self, key: tuple[str, str], claimer: str) -> None:
+    async def _watch_claimer(self, pending: PendingAction, claimer: str) -> None:
         """Look at ``claimer`` every ``TAKE_OVER_PAUSE`` while this node waits on the action, and
         at least as long as a node's heartbeat takes to expire (``2 × presence_ttl``; it expires
         ``4 × presence_ttl / 3`` after the last): a node killed just now still looks alive, and
         the player's resend that started this watch may be its last (the sender's own wait ends
         at the deadline). A claimer alive past that heartbeat is there: its link delivers."""
-        party_id, action_id = key
-        pending = self.core.pending.get(key)
-        if pending is None:
-            return
+        party_id, action_id = key = pending.party_id, pending.action_id
         watch_until = self.clock() + 2 * self.core.rules.presence_ttl
         while key in self.core.pending or self.clock() < watch_until:
             try:
