@@ -102,6 +102,23 @@ async def visible_log(player: Player) -> list[str]:
     return [t.strip() for t in await player.page.locator("#log li:visible").all_inner_texts()]
 
 
+async def at_the_gate(
+    browser: Browser, srv: Running, proxy: TcpProxy, aria_name: str, borin_name: str
+) -> tuple[Player, Player]:
+    """Aria on a phone behind ``proxy`` (the test can cut her off), Borin on a desktop window,
+    both connected and shown scene 1, "The Gate"."""
+    aria = await open_player(browser, aria_name, page_url(proxy.base, token("aria", "Aria")))
+    borin = await open_player(
+        browser, borin_name, page_url(srv.base, token("borin", "Borin")), desktop=True
+    )
+    for player in (aria, borin):
+        await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
+    await publish_scene(srv, 1, "The Gate", ["Force the gate", "Climb the wall"])
+    for player in (aria, borin):
+        await expect(player.page.locator("#scene-title")).to_have_text("The Gate")
+    return aria, borin
+
+
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     async with chromium() as b:
@@ -120,15 +137,7 @@ async def test_narration_is_written_live_on_both_screens_and_resumes_mid_stream(
         serve_in_process(settings, engine=engine) as srv,
         TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
     ):
-        aria = await open_player(browser, "aria-phone", page_url(proxy.base, token("aria", "Aria")))
-        borin = await open_player(
-            browser, "borin-desktop", page_url(srv.base, token("borin", "Borin")), desktop=True
-        )
-        for player in (aria, borin):
-            await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
-        await publish_scene(srv, 1, "The Gate", ["Force the gate", "Climb the wall"])
-        for player in (aria, borin):
-            await expect(player.page.locator("#scene-title")).to_have_text("The Gate")
+        aria, borin = await at_the_gate(browser, srv, proxy, "aria-phone", "borin-desktop")
 
         # Aria acts: every screen shows it being resolved, in words.
         await aria.page.get_by_role("button", name="Force the gate").click()
@@ -794,15 +803,7 @@ async def test_a_snapshot_after_time_away_tells_the_story_it_missed(browser: Bro
         serve_in_process(settings, engine=ScriptedEngine()) as srv,
         TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
     ):
-        aria = await open_player(browser, "away-aria", page_url(proxy.base, token("aria", "Aria")))
-        borin = await open_player(
-            browser, "away-borin", page_url(srv.base, token("borin", "Borin")), desktop=True
-        )
-        for player in (aria, borin):
-            await expect(player.page.locator("#status")).to_have_attribute("data-status", "open")
-        await publish_scene(srv, 1, "The Gate", ["Force the gate", "Climb the wall"])
-        for player in (aria, borin):
-            await expect(player.page.locator("#scene-title")).to_have_text("The Gate")
+        aria, borin = await at_the_gate(browser, srv, proxy, "away-aria", "away-borin")
 
         proxy.refusing = True
         assert proxy.cut() >= 1
