@@ -1119,8 +1119,10 @@ async def test_a_request_for_no_delivery_route_is_not_counted_as_a_refused_deliv
             ):
                 async with http.request(method, base + path) as resp:
                     assert resp.status == status, path
+                    assert resp.headers["X-Content-Type-Options"] == "nosniff"
             async with http.post(base + "/actions", data=b"{}") as resp:
                 assert resp.status == 401  # a delivery route still needs the key
+                assert resp.headers["X-Content-Type-Options"] == "nosniff"
     lines = [r for r in caplog.records if "without this host's API key" in r.getMessage()]
     assert len(lines) == 1 and "refused 1 delivery" in lines[0].getMessage()
     assert engine.calls == []

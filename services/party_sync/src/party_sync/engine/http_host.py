@@ -724,6 +724,10 @@ async def receive_notice(request: web.Request) -> web.Response:
     return web.json_response({"status": "accepted" if handled else "ignored"}, status=202)
 
 
+async def _never_sniffed(request: web.Request, response: web.StreamResponse) -> None:
+    problems.never_sniffed(response)  # its 401, 404 and 405 too (security probe)
+
+
 def build_host_app(
     engine: Engine,
     publisher: ApiPublisher,
@@ -747,6 +751,7 @@ def build_host_app(
     app.router.add_post(path, receive_action)
     app.router.add_post(notice_path, receive_notice)
     problems.answer_bodies_at_shutdown(app)  # a body still arriving at SIGTERM: 503 at once
+    app.on_response_prepare.append(_never_sniffed)  # every answer, as party_sync's own
 
     async def on_startup(app: web.Application) -> None:
         await publisher.open()
