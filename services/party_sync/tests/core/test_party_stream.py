@@ -9,8 +9,10 @@ their hello."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable
 
+import pytest
 from party_sync.backends.redis_stream import PartyStream, RangeReply, Sequenced
 from party_sync.core.events import Event
 from ps_testkit.listeners import Recorder
@@ -96,4 +98,31 @@ async def test_a_gap_history_fills_is_repaired_at_once_without_a_pause() -> None
     stream.catch_up_soon()
     await caught_up(stream)
     assert history.reads == 1 and listener.seqs == [6, 7, 8, 9] and listener.resyncs == 0
+    stream.close()
+
+
+async def test_another_deployments_events_on_the_channel_are_dropped_after_one_look(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two deployments on one Redis server (databases 0 and 2, the same party id): each one's
+    events reach the other's nodes on ``party:p1``. Each such event held this party's own events
+    back while history was read for it (new user probe). The first one's epoch is found not to be
+    this Redis's; its later events are dropped at once, and the operator is told, once."""
+    from party_sync.backends import redis_stream
+    from party_sync.core.limits import RateGate
+
+    monkeypatch.setattr(redis_stream, "_FOREIGN_LOG", RateGate(60.0))  # (the node's: fresh)
+    history = History("ep-ours", 5)
+    stream, listener = stream_at(history, "ep-ours", 5)
+    with caplog.at_level(logging.WARNING, logger="party_sync.backends.redis_stream"):
+        stream._live(Sequenced("ep-theirs", event(1)))
+        await caught_up(stream)
+        reads = history.reads
+        for seq in (2, 3, 4):
+            stream._live(Sequenced("ep-theirs", event(seq)))
+        assert stream.ready and history.reads == reads  # no look at history for them
+        stream._live(Sequenced("ep-ours", event(6)))  # its own events go on at once
+    assert listener.seqs == [6] and listener.resyncs == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and "whatever their database numbers" in said[0]
     stream.close()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ import orjson
 
 from party_sync.backends.base import PartyListener
 from party_sync.core.events import Event
+from party_sync.core.limits import RateGate
 from party_sync.core.transient import Transient, from_message
 from party_sync.protocol.errors import BackendUnavailable
 
@@ -51,6 +53,12 @@ _TRANSIENT_PREFIX = b'{"transient":['
 _EVENT_SEPARATOR = b'","event":'
 _LENGTHS_SEPARATOR = b'","lengths":['
 _EVENTS_SEPARATOR = b'],"events":['
+
+#: Epochs of events a party's channel carried that this deployment's Redis does not hold, kept
+#: per party (their events are dropped at once, not looked for in history again), at most.
+FOREIGN_EPOCHS = 8
+#: One WARNING a minute (with a count) about such events, for every party of the node.
+_FOREIGN_LOG = RateGate(60.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +165,7 @@ class PartyStream:
         self._spawn = spawn
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._foreign: list[str] = []  # epochs this deployment's Redis does not hold
 
     # -- from the bus ---------------------------------------------------------------------------
     def feed(self, raw: bytes) -> None:
@@ -180,6 +189,8 @@ class PartyStream:
         """A live event: delivered if it is the next one, else kept and the gap repaired."""
         if self.ready and self._apply(message):
             return
+        if message.epoch in self._foreign:
+            return  # not ours (``_skip_unreachable``): no repair, nothing held back for it
         self.pending.append(message)
         if len(self.pending) > self._max_pending:
             self.pending.clear()  # the catch-up fetches them from history instead
@@ -305,6 +316,7 @@ class PartyStream:
                 self._tell(first)
             elif first.epoch != self.epoch:
                 pending.popleft()
+                self._not_ours(first)
             else:
                 self._count_gap("resync")
                 log.warning(
@@ -319,6 +331,29 @@ class PartyStream:
                     listener.on_resync()
                 self.last = first.event.seq - 1
                 return
+
+    def _not_ours(self, message: Sequenced) -> None:
+        """An event of an epoch that history does not hold: an epoch Redis lost, or another
+        deployment's, publishing on the same ``party:<party_id>`` channel (pub/sub channels are
+        the server's, whatever the database number: new user probe, two deployments on one
+        Redis on databases 0 and 2). Its later events are dropped at once, and the operator is
+        told: such a deployment's unsequenced messages (action.accepted, narration, refusals)
+        reach this one's players too."""
+        if message.epoch in self._foreign:
+            return
+        self._foreign.append(message.epoch)
+        del self._foreign[:-FOREIGN_EPOCHS]
+        count = _FOREIGN_LOG.admit(time.monotonic())
+        if count is not None:
+            log.warning(
+                "party:%s carries events of an epoch this deployment's Redis does not hold: "
+                "another deployment publishing on the same channel? Deployments that share a "
+                "Redis server, whatever their database numbers, must use different party ids "
+                "(docs/redis.md); %d such epoch(s) on this node since the last line",
+                self.party_id,
+                count + 1,
+                extra={"party_id": self.party_id, "epoch": message.epoch},
+            )
 
     def _tell(self, items: list[Transient]) -> None:
         for listener in list(self.listeners):
