@@ -270,6 +270,9 @@ def _parser() -> _Parser:
     worker = commands.add_parser(
         "engine-worker",
         help="host a Campaign Engine on the Redis actions stream (consumer group, at least once)",
+        epilog="Every other PARTY_SYNC_* setting is read from the environment as serve reads it "
+        "(e.g. PARTY_SYNC_REDIS_SENTINEL_PASSWORD, PARTY_SYNC_REDIS_COMMAND_TIMEOUT; TLS "
+        "options go in the rediss:// URL): give the worker the nodes' environment.",
     )
     worker.add_argument("engine", help="MODULE:ATTR of the engine (or a factory of one)")
     worker.add_argument(
