@@ -568,10 +568,19 @@ def _split(url: str) -> SplitResult | None:
     return parts
 
 
+#: A URL's user and password (``scheme://user:password@``), left out where an origin is quoted.
+_USERINFO = re.compile(r"^([^:/?#]*://)[^/?#@]*@")
+
+
 def _origins_problem(origins: Sequence[str]) -> str | None:
     """Why an ``allowed_origins`` entry can never equal a browser's ``Origin`` header
-    (``scheme://host[:port]``, nothing after it), or None: such an entry refuses every page."""
-    for origin in origins:
+    (``scheme://host[:port]``, nothing after it), or None: such an entry refuses every page.
+    An entry is quoted without a user and password in it (re-check probe: the refusal of a
+    trailing slash quoted the password its entry held)."""
+    for given in origins:
+        origin = _USERINFO.sub(r"\1…@", given)  # as quoted; checked as given
+        if origin != given:
+            return f"allowed_origins: an origin has no user or password (got one in {origin!r})"
         if origin == "*":
             return (
                 "allowed_origins: '*' is not a wildcard here; list the pages' origins "
@@ -590,10 +599,7 @@ def _origins_problem(origins: Sequence[str]) -> str | None:
                 "path or trailing slash (as browsers send it in the Origin header)"
             )
         if parts.username is not None or parts.password is not None:
-            # (named without its user and password: a refused setting is never quoted whole
-            # when it may hold a secret, as a Redis URL's)
-            where = f"{parts.scheme}://{parts.hostname or ''}"
-            return f"allowed_origins: an origin has no user or password (got one in {where!r})"
+            return f"allowed_origins: an origin has no user or password (got one in {origin!r})"
         host_problem = _origin_host_problem(parts)
         if host_problem is not None:
             return f"allowed_origins: {origin!r}: {host_problem}"

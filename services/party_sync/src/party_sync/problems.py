@@ -142,7 +142,16 @@ class BodyTimeout(Refused):
 
 
 class BadJson(Refused):
-    """The body is not UTF-8 JSON."""
+    """The body is not UTF-8 JSON; the detail says why, when the parser could tell (where it
+    stopped and what it met: ``codec.undecodable``), never the body itself."""
+
+    def __init__(
+        self,
+        detail: str = "body is not valid UTF-8 JSON",
+        *,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail, headers=headers)
 
 
 class UnsupportedEncoding(BadJson):
@@ -225,7 +234,7 @@ PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
     BodyTooLarge: Problem(413, "too_large"),
     BodyTimeout: Problem(408, "body_timeout"),
     codec.TooDeep: Problem(400, "too_deep", f"body nests deeper than {codec.MAX_DEPTH} levels"),
-    BadJson: Problem(400, "bad_json", "body is not valid UTF-8 JSON"),
+    BadJson: Problem(400, "bad_json"),  # (its detail: why, as a WebSocket message's says)
     UnsupportedEncoding: Problem(
         400,
         "bad_json",

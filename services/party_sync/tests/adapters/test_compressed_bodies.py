@@ -142,3 +142,16 @@ def test_a_body_that_is_no_json_is_told_why_like_a_websocket_message(body: bytes
         problems.decode_body(body)
     assert why in str(refused.value)
     assert str(refused.value).startswith("body is not valid UTF-8 JSON (")
+
+
+async def test_the_api_answer_to_a_body_that_is_no_json_says_why() -> None:
+    """The exception said why, but the answer had the table's fixed detail (re-check probe):
+    the client reads where the parser stopped and what it met."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        for body, why in ((b'{"a":1e999}', "infinity"), (b"\xff\xfe{}", "not UTF-8 at byte 0")):
+            status, problem = await post(srv, body, AUTH)
+            assert (status, problem["code"]) == (400, "bad_json")
+            assert why in problem["detail"] and problem["detail"].startswith("body is not valid")
+        gz = {**AUTH, "Content-Encoding": "gzip"}
+        status, problem = await post(srv, gzip.compress(b"{}")[:-9], gz)
+        assert (status, problem["detail"]) == (400, "the body does not decode as its headers say")
