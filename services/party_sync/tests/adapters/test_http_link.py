@@ -308,6 +308,24 @@ async def test_a_slow_engine_whose_answer_came_is_not_sent_the_action_again() ->
     assert host.failed == [] and host.rejected == []
 
 
+async def test_an_answer_that_comes_during_the_pause_before_a_retry_stops_it() -> None:
+    """Re-check probe: the link asked whether the action had its answer before its pause, not
+    after: a slow engine's result, published during the pause, was followed by a second
+    delivery 120 ms later. Asked after the pause too."""
+    api, host = ScriptedApi(answers=["hang"] * 5), RecordingHost()
+    async with serve(api.app()) as base:
+        options = {"timeout": 0.2, "retries": 4, "backoff_base": 1.0, "backoff_max": 1.0}
+        async with started_link(host, f"{base}/actions", **options) as link:
+            await link.submit(make_action("paused"))
+            # claimed to start, then asked after the attempt timed out: it pauses now
+            await wait_until(lambda: len(host.claimed) >= 2, timeout=10)
+            host.claims["paused"] = Claim.FINAL  # the engine published its result meanwhile
+            await idle(link)
+        api.release.set()
+    assert len(api.actions) == 1
+    assert host.failed == [] and host.rejected == []
+
+
 @pytest.mark.parametrize("status", [408, 425, 429])
 async def test_a_later_status_is_retried_even_on_a_first_attempt(status: int) -> None:
     api, host = ScriptedApi(answers=[status]), RecordingHost()

@@ -523,6 +523,12 @@ class HttpEngineLink:
                     await asyncio.wait_for(answering.wait(), delay)
             else:
                 await asyncio.sleep(delay)
+                # and asked again after the pause: the answer of a slow engine often comes
+                # during it (re-check probe: a second delivery 120 ms after the engine's result)
+                if reached and delay > 0 and await self._answered_meanwhile(host, action):
+                    self._silent_since = None
+                    log.info("the action was answered while its delivery was retried", extra=extra)
+                    return
 
     async def _answered_meanwhile(self, host: LinkHost, action: ActionRequest) -> bool:
         try:
