@@ -32,6 +32,7 @@ from party_sync.core.commands import (
     Disconnect,
     FailAction,
     FinishVote,
+    HandOverGrace,
     Leave,
     PendingAction,
     Refresh,
@@ -114,6 +115,7 @@ class Node:
         self.engine: list[PendingAction] = []  # actions handed to the engine
         self.announced: list[Announce] = []
         self.refused: list[str] = []
+        self.handed_over: list[tuple[str, float]] = []  # graces running at a drain
         self.unavailable = False  # the backend fails every call while set
         self.subscribed: set[str] = set()
         self.ids = itertools.count(1)
@@ -180,7 +182,11 @@ class Node:
                 last = self.call(b.disconnect(c.conn.binding, c.conn.id, c.now))
             except BackendUnavailable:
                 return []
-            return core.disconnected(c.conn, last, c.now)
+            return core.disconnected(c.conn, last, c.now, c.handover)
+        if isinstance(c, HandOverGrace):
+            self.handed_over.append((c.binding.character_id, c.since))
+            self.call(b.hand_over_grace(c.binding, c.since))
+            return []
         if isinstance(c, Settle):
             try:
                 left = self.call(b.settle(c.binding, c.now, c.trace_id, c.since))
@@ -1448,14 +1454,20 @@ def test_a_connection_lost_while_draining_hands_its_grace_over() -> None:
     """A draining node will not run the grace timers of the connections it closes: their
     ``Disconnect`` says so (``handover``), and the backend's other nodes settle them."""
     node = Node()
-    aria, borin = node.join("aria"), node.join("borin")
+    aria, borin, cora = node.join("aria"), node.join("borin"), node.join("cora")
     lost = node.core.connection_lost(borin, node.now)
     assert [c.handover for c in lost if isinstance(c, Disconnect)] == [False]
     node.run(lost)
+    on_its_way = node.core.connection_lost(cora, node.now)  # its Disconnect not run yet
     node.run(node.core.drain())
+    # borin's grace, begun before the drain, runs: handed over (its timer will not fire here)
+    assert node.handed_over == [("borin", node.now)]
+    node.run(on_its_way)  # cora's disconnect comes back after the drain began: handed over
+    assert node.handed_over == [("borin", node.now), ("cora", node.now)]
     lost = node.core.connection_lost(aria, node.now)
     assert [c.handover for c in lost if isinstance(c, Disconnect)] == [True]
     node.run(lost)
+    assert len(node.handed_over) == 2  # (aria's grace went with her Disconnect)
 
 
 def test_excess_messages_are_refused_and_too_many_strikes_close_the_connection() -> None:

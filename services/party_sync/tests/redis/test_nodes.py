@@ -174,3 +174,19 @@ async def test_a_refusal_its_player_had_through_the_other_node_is_not_sent_again
         assert [m for m in a3.received if m["type"] == "system.error"] == []
         for client in (a3, b):
             await client.close()
+
+
+async def test_a_grace_running_when_its_node_drains_ends_at_its_end_too(cluster: Cluster) -> None:
+    """aria closed her last connection on node 1 (her grace runs there), then node 1 drained:
+    her grace is no connection the drain closes, and it ran on to grace + presence_ttl, as if
+    node 1 had died (re-check probe). It is handed over: she leaves at her grace's end."""
+    settings = ("--presence-ttl", "60", "--presence-grace", "2")
+    async with cluster.node(*settings) as n1, cluster.node() as n2:
+        a, b = await _pair(n1, n2)
+        await a.close()
+        assert n1.process is not None
+        n1.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(n1.process.wait, 10) == 0
+        left = await b.until("party.leave", timeout=15)  # (not the 62 s a dead node takes)
+        assert left["payload"] == {"character_id": "aria", "reason": "expired"}
+        await b.close()

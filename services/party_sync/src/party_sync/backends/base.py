@@ -195,6 +195,12 @@ class PresenceStore(Protocol):
         other nodes share the presence, one of them settles the character at the grace's end."""
         ...
 
+    async def hand_over_grace(self, binding: Binding, since: float) -> None:
+        """This node stops (a drain) while the grace that began at ``since`` runs (its timer
+        will not): where other nodes share the presence, one of them settles the character at
+        the grace's end, unless a later disconnect began another grace meanwhile."""
+        ...
+
     async def settle(
         self, binding: Binding, now: float, trace_id: str, since: float | None = None
     ) -> Event | None:

@@ -246,6 +246,9 @@ class MemoryBackend:
             party, codec.envelope(t.PARTY_JOIN, payload, ts=now, trace_id=trace_id), now
         )
 
+    async def hand_over_grace(self, binding: Binding, since: float) -> None:
+        return None  # no other node: the process and its presence end with the drain
+
     async def disconnect(
         self, binding: Binding, connection_id: str, now: float, *, handover: bool = False
     ) -> bool:

@@ -705,6 +705,9 @@ class RedisBackend:
     ) -> bool:
         return await self.presence.disconnect(binding, connection_id, now, handover=handover)
 
+    async def hand_over_grace(self, binding: Binding, since: float) -> None:
+        await self.presence.hand_over_grace(binding, since)
+
     async def settle(
         self, binding: Binding, now: float, trace_id: str, since: float | None = None
     ) -> Event | None:

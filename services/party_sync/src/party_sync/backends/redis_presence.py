@@ -137,6 +137,18 @@ class RedisPresence:
             last, _ = await pipe.execute()
         return bool(int(last))
 
+    async def hand_over_grace(self, binding: Binding, since: float) -> None:
+        """A draining node's grace still running: the deadline in ``gone`` becomes the grace's
+        end, if it is still the one this node's disconnect at ``since`` wrote (a later one,
+        another grace, is left as it is); the sweep after it announces the leave (re-check
+        probe: a grace begun before the drain ran on to grace + presence_ttl)."""
+        end = since + self._grace
+        async with unavailable("hand over"), self._client.pipeline(transaction=False) as pipe:
+            args = [binding.character_id, f"{end:.6f}", self._gone_deadline(since)]
+            await self._scripts.run("hand_over_grace", binding.party_id, since, args, client=pipe)
+            pipe.zadd(self._keys.presence_index(), {binding.party_id: end}, lt=True)
+            await pipe.execute()
+
     def _gone_deadline(self, disconnected: float) -> str:
         """What ``disconnect`` at ``disconnected`` writes in ``gone``: the time by which its node
         settles the character (else the sweep does), and the grace's mark for ``settle``."""

@@ -61,6 +61,7 @@ PARTY_SCRIPTS = (
     "publish_many",
     "connect",
     "disconnect",
+    "hand_over_grace",
     "settle",
     "leave",
     "refresh",

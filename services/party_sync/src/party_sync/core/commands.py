@@ -102,6 +102,14 @@ class Disconnect:
 
 
 @dataclass(slots=True)
+class HandOverGrace:
+    """``backend.hand_over_grace``: this node drains while a grace it began runs."""
+
+    binding: Binding
+    since: float
+
+
+@dataclass(slots=True)
 class Settle:
     """The grace period of a character's last connection is over: ``backend.settle``; then
     ``settled`` / ``settle_failed``."""
@@ -266,6 +274,7 @@ Command = (
     | Unsubscribe
     | Connect
     | Disconnect
+    | HandOverGrace
     | Settle
     | Announce
     | BeginAction

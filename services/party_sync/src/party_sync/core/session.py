@@ -47,6 +47,7 @@ from party_sync.core.commands import (
     Disconnect,
     FailAction,
     FinishVote,
+    HandOverGrace,
     Leave,
     PendingAction,
     Refresh,
@@ -382,12 +383,19 @@ class PartySessions:
         out.append(Disconnect(conn, now, handover=self.stopping))
         return out
 
-    def disconnected(self, conn: Connection, last: bool, now: float) -> Commands:
-        """``last``: it was its character's last live connection: its grace period starts."""
-        if last and not self.stopping:
+    def disconnected(
+        self, conn: Connection, last: bool, now: float, handover: bool = False
+    ) -> Commands:
+        """``last``: it was its character's last live connection: its grace period starts.
+        ``handover``: its ``Disconnect`` handed the grace over already (a drain's)."""
+        if not last:
+            return []
+        if not self.stopping:
             self._graces[conn.id] = (conn.binding, now)
             self._arm(Kind.GRACE, conn.id, now + self.rules.presence_grace)
-        return []
+            return []
+        # the drain began while this disconnect was on its way: the grace is handed over too
+        return [] if handover else [HandOverGrace(conn.binding, now)]
 
     def settled(self, left: bool) -> Commands:
         self.meter.count("settles", "left" if left else "stayed")
@@ -413,6 +421,10 @@ class PartySessions:
         out: Commands = []
         for conn in list(self.connections.values()):
             out.extend(self._close(conn, CloseCode.GOING_AWAY, "server shutting down: reconnect"))
+        # the graces running here will not be settled here (no timer fires while stopping):
+        # handed over, as the connections closed now are (``Disconnect.handover``)
+        out.extend(HandOverGrace(binding, since) for binding, since in self._graces.values())
+        self._graces.clear()
         return out
 
     def stop(self) -> None:

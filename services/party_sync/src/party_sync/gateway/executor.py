@@ -30,6 +30,7 @@ from party_sync.core.commands import (
     Disconnect,
     FailAction,
     FinishVote,
+    HandOverGrace,
     Leave,
     PendingAction,
     Refresh,
@@ -348,11 +349,14 @@ class Executor:
                 )
             except BackendUnavailable:
                 return  # presence expires by itself (presence_ttl)
-            await self.run(core.disconnected(command.conn, last, command.now))
+            await self.run(core.disconnected(command.conn, last, command.now, command.handover))
         elif type(command) is Unsubscribe:
             await self.unsubscribe(command.party_id)
         elif type(command) is Announce:
             self.spawn(self._announce(command))
+        elif type(command) is HandOverGrace:
+            with contextlib.suppress(BackendUnavailable):  # (then as a dead node's: the sweep)
+                await self.backend.hand_over_grace(command.binding, command.since)
         elif type(command) is Settle:
             try:
                 left = await self.backend.settle(

@@ -142,7 +142,9 @@ class Gateway:
     async def drain(self) -> None:
         """Stop taking part: tell every client to reconnect (1001) and wait for them to go."""
         self.shutdown_deadline = asyncio.get_running_loop().time() + self.settings.shutdown_timeout
-        carry_local(self.core.drain())
+        rest = carry_local(self.core.drain())  # the closes; then the graces handed over
+        if rest:
+            self._spawn(self.executor.run(rest))
         if self.core.connections:
             self._idle.clear()
             with contextlib.suppress(TimeoutError):
