@@ -568,8 +568,14 @@ def _split(url: str) -> SplitResult | None:
     return parts
 
 
-#: A URL's user and password (``scheme://user:password@``), left out where an origin is quoted.
-_USERINFO = re.compile(r"^([^:/?#]*://)[^/?#@]*@")
+def _without_userinfo(entry: str) -> str:
+    """``entry`` as it may be quoted: what precedes its last ``@`` (a user and password, however
+    malformed the rest: no scheme, a ``/`` or ``#`` in the password) left out, its scheme kept."""
+    at = entry.rfind("@")
+    if at < 0:
+        return entry
+    scheme = entry.find("://", 0, at)
+    return (entry[: scheme + 3] if scheme >= 0 else "") + "…@" + entry[at + 1 :]
 
 
 def _origins_problem(origins: Sequence[str]) -> str | None:
@@ -577,10 +583,10 @@ def _origins_problem(origins: Sequence[str]) -> str | None:
     (``scheme://host[:port]``, nothing after it), or None: such an entry refuses every page.
     An entry is quoted without a user and password in it (re-check probe: the refusal of a
     trailing slash quoted the password its entry held)."""
-    for given in origins:
-        origin = _USERINFO.sub(r"\1…@", given)  # as quoted; checked as given
-        if origin != given:
-            return f"allowed_origins: an origin has no user or password (got one in {origin!r})"
+    for origin in origins:
+        if "@" in origin:  # (no origin has one: a user and password, whatever else is wrong)
+            shown = _without_userinfo(origin)
+            return f"allowed_origins: an origin has no user or password (got one in {shown!r})"
         if origin == "*":
             return (
                 "allowed_origins: '*' is not a wildcard here; list the pages' origins "
