@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import pytest
 from party_sync.backends.redis_stream import PartyStream, RangeReply, Sequenced
 from party_sync.core.events import Event
+from party_sync.core.limits import RateGate
 from ps_testkit.listeners import Recorder
 
 
@@ -41,7 +42,15 @@ def event(seq: int) -> Event:
     return Event("p1", seq, "scene.update", {}, f"t{seq}", data)
 
 
-def stream_at(history: History, epoch: str, last: int) -> tuple[PartyStream, Recorder]:
+def stream_at(
+    history: History,
+    epoch: str,
+    last: int,
+    *,
+    party_id: str = "p1",
+    foreign_log: RateGate | None = None,
+    monotonic: Callable[[], float] | None = None,
+) -> tuple[PartyStream, Recorder]:
     tasks: set[asyncio.Task[None]] = set()
 
     def spawn(coro: Awaitable[None]) -> asyncio.Task[None]:
@@ -51,7 +60,13 @@ def stream_at(history: History, epoch: str, last: int) -> tuple[PartyStream, Rec
         return task
 
     stream = PartyStream(
-        "p1", history, count_gap=lambda outcome: None, max_pending=1000, spawn=spawn
+        party_id,
+        history,
+        count_gap=lambda outcome: None,
+        max_pending=1000,
+        spawn=spawn,
+        foreign_log=RateGate(60.0) if foreign_log is None else foreign_log,
+        **({} if monotonic is None else {"monotonic": monotonic}),
     )
     stream.epoch, stream.last, stream.ready = epoch, last, True
     listener = Recorder()
@@ -102,16 +117,12 @@ async def test_a_gap_history_fills_is_repaired_at_once_without_a_pause() -> None
 
 
 async def test_another_deployments_events_on_the_channel_are_dropped_after_one_look(
-    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """Two deployments on one Redis server (databases 0 and 2, the same party id): each one's
     events reach the other's nodes on ``party:p1``. Each such event held this party's own events
     back while history was read for it (new user probe). The first one's epoch is found not to be
     this Redis's; its later events are dropped at once, and the operator is told, once."""
-    from party_sync.backends import redis_stream
-    from party_sync.core.limits import RateGate
-
-    monkeypatch.setattr(redis_stream, "_FOREIGN_LOG", RateGate(60.0))  # (the node's: fresh)
     history = History("ep-ours", 5)
     stream, listener = stream_at(history, "ep-ours", 5)
     with caplog.at_level(logging.WARNING, logger="party_sync.backends.redis_stream"):
@@ -126,3 +137,39 @@ async def test_another_deployments_events_on_the_channel_are_dropped_after_one_l
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1 and "whatever their database numbers" in said[0]
     stream.close()
+
+
+async def test_the_foreign_epoch_warning_is_the_nodes_once_a_minute_for_all_its_parties(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The WARNING about another deployment's events is rate-limited per node (the gate the node
+    gives each of its streams), on the clock it is given: a second party's foreign epoch within
+    the minute is counted, not logged; after the minute the next one is logged with the count."""
+    now = [1000.0]
+    gate = RateGate(60.0)
+    first, _ = stream_at(
+        History("ep-ours", 5), "ep-ours", 5, foreign_log=gate, monotonic=lambda: now[0]
+    )
+    second, _ = stream_at(
+        History("ep-ours", 5),
+        "ep-ours",
+        5,
+        party_id="p2",
+        foreign_log=gate,
+        monotonic=lambda: now[0],
+    )
+    with caplog.at_level(logging.WARNING, logger="party_sync.backends.redis_stream"):
+        first._live(Sequenced("ep-a", event(1)))
+        await caught_up(first)
+        now[0] += 30.0
+        second._live(Sequenced("ep-b", event(1)))
+        await caught_up(second)
+        assert len(caplog.records) == 1
+        now[0] += 31.0
+        second._live(Sequenced("ep-c", event(1)))
+        await caught_up(second)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "party:p1" in said[0] and "party:p2" in said[1]
+    assert "2 such epoch(s)" in said[1]
+    first.close()
+    second.close()

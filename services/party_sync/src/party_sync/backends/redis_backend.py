@@ -64,12 +64,19 @@ from party_sync.backends.redis_scripts import (
     unavailable,
 )
 from party_sync.backends.redis_shard_bus import ShardedBus
-from party_sync.backends.redis_stream import PartyStream, RangeReply, encode_direct, event_from
+from party_sync.backends.redis_stream import (
+    FOREIGN_LOG_INTERVAL,
+    PartyStream,
+    RangeReply,
+    encode_direct,
+    event_from,
+)
 from party_sync.backends.redis_votes import RedisVotes
 from party_sync.core.actions import Claim, Decision, Sweep, Verdict
 from party_sync.core.binding import Binding
 from party_sync.core.events import Event
 from party_sync.core.history import ResumePoint
+from party_sync.core.limits import RateGate
 from party_sync.core.published import REUSED, repeated, shape, unpublished
 from party_sync.core.snapshot import Snapshot
 from party_sync.core.transient import (
@@ -283,6 +290,7 @@ class RedisBackend:
         self._clock_due = 0.0  # monotonic time of the next measurement
         self._ready_ping: asyncio.Future[bool] | None = None  # the readiness PING under way
         self._started = time.monotonic()
+        self._foreign_log = RateGate(FOREIGN_LOG_INTERVAL)  # another deployment's events
         #: The final answers this node wrote lately, and how many Redis servers this process had
         #: met when they were last made sure of (``_write_lost_answers``).
         self._answers: deque[_Answer] = deque(maxlen=ANSWERS_KEPT)
@@ -512,6 +520,7 @@ class RedisBackend:
                 count_gap=self._count_gap,
                 max_pending=max(1000, self.settings.history_size),
                 spawn=self._spawn,
+                foreign_log=self._foreign_log,
             )
             self._opening[party_id] = self._spawn(self._open(stream))
         stream.listeners.append(listener)

@@ -57,8 +57,8 @@ _EVENTS_SEPARATOR = b'],"events":['
 #: Epochs of events a party's channel carried that this deployment's Redis does not hold, kept
 #: per party (their events are dropped at once, not looked for in history again), at most.
 FOREIGN_EPOCHS = 8
-#: One WARNING a minute (with a count) about such events, for every party of the node.
-_FOREIGN_LOG = RateGate(60.0)
+#: Seconds between WARNINGs (each with a count) about such events, for every party of a node.
+FOREIGN_LOG_INTERVAL = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +151,8 @@ class PartyStream:
         count_gap: Callable[[str], None],
         max_pending: int,
         spawn: Callable[[Awaitable[None]], asyncio.Task[None]],
+        foreign_log: RateGate,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.party_id = party_id
         self.listeners: list[PartyListener] = []
@@ -166,6 +168,8 @@ class PartyStream:
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self._foreign: list[str] = []  # epochs this deployment's Redis does not hold
+        self._foreign_log = foreign_log  # the node's: one WARNING a minute for all its parties
+        self._monotonic = monotonic
 
     # -- from the bus ---------------------------------------------------------------------------
     def feed(self, raw: bytes) -> None:
@@ -343,7 +347,7 @@ class PartyStream:
             return
         self._foreign.append(message.epoch)
         del self._foreign[:-FOREIGN_EPOCHS]
-        count = _FOREIGN_LOG.admit(time.monotonic())
+        count = self._foreign_log.admit(self._monotonic())
         if count is not None:
             log.warning(
                 "party:%s carries events of an epoch this deployment's Redis does not hold: "

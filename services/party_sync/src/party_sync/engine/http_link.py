@@ -452,9 +452,7 @@ class HttpEngineLink:
             # answer came meanwhile (a slow engine that published after our timeout). Asked
             # before every retry, not only once the retries ran out: each delivery of an action
             # that has its answer is work, and money (a language model), for the engine.
-            if reached and await self._answered_meanwhile(host, action):
-                self._silent_since = None  # its engine answered it: the host is not stuck
-                log.info("the action was answered while its delivery was retried", extra=extra)
+            if reached and await self._answered_while_retried(host, action, extra):
                 return
             if not reached and _past(action.deadline, self.clock()):
                 # never delivered, and now too late to start: the engine host would answer a
@@ -525,10 +523,23 @@ class HttpEngineLink:
                 await asyncio.sleep(delay)
                 # and asked again after the pause: the answer of a slow engine often comes
                 # during it (re-check probe: a second delivery 120 ms after the engine's result)
-                if reached and delay > 0 and await self._answered_meanwhile(host, action):
-                    self._silent_since = None
-                    log.info("the action was answered while its delivery was retried", extra=extra)
+                if (
+                    reached
+                    and delay > 0
+                    and await self._answered_while_retried(host, action, extra)
+                ):
                     return
+
+    async def _answered_while_retried(
+        self, host: LinkHost, action: ActionRequest, extra: Mapping[str, str]
+    ) -> bool:
+        """Whether an action whose delivery may have reached the engine has its answer now
+        (then its engine answered it: the host is not stuck, and the delivery ends)."""
+        if not await self._answered_meanwhile(host, action):
+            return False
+        self._silent_since = None
+        log.info("the action was answered while its delivery was retried", extra=extra)
+        return True
 
     async def _answered_meanwhile(self, host: LinkHost, action: ActionRequest) -> bool:
         try:
