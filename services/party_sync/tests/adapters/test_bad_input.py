@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import threading
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from ps_testkit.client import Closed, wait_until
@@ -314,3 +316,63 @@ async def test_a_close_decided_while_handling_goes_out_before_the_cleanup_after_
             assert closed.value.code == 1008
         finally:
             released.set()
+
+
+async def _read_until_closed(ws: aiohttp.ClientWebSocketResponse) -> tuple[list[str], int, int]:
+    """(the system.error codes, the pongs, the close code) a client read until its close."""
+    codes: list[str] = []
+    pongs = 0
+    async for msg in ws:
+        if msg.type is aiohttp.WSMsgType.PONG:
+            pongs += 1
+        elif msg.type is aiohttp.WSMsgType.TEXT:
+            message = orjson.loads(msg.data)
+            if message["type"] == "system.error":
+                codes.append(message["payload"]["code"])
+    return codes, pongs, ws.close_code or 0
+
+
+async def test_pings_within_the_rate_are_answered_and_the_connection_stays_usable() -> None:
+    """WebSocket ping frames within the message rate get their pongs, a pong frame (a
+    unidirectional heartbeat, RFC 6455 §5.5.3) is taken, and the connection goes on."""
+    async with serve_in_process(engine=ScriptedEngine()) as srv:
+        params = {"token": token("aria")}
+        ws = await srv.http.ws_connect(srv.ws_url, params=params, autoping=False)
+        first = await ws.receive()
+        assert orjson.loads(first.data)["type"] == "system.hello"
+        for n in range(5):
+            await ws.ping(b"p%d" % n)
+            answer = await asyncio.wait_for(ws.receive(), 5)
+            assert (answer.type, answer.data) == (aiohttp.WSMsgType.PONG, b"p%d" % n)
+        await ws.pong(b"unasked")
+        await ws.send_str(orjson.dumps({"type": "system.ping", "payload": {}}).decode())
+        answer = await asyncio.wait_for(ws.receive(), 5)
+        assert orjson.loads(answer.data)["type"] == "system.pong"  # (no error for the pong)
+        await ws.close()
+
+
+@pytest.mark.parametrize("opcode", ["ping", "pong"])
+async def test_a_flood_of_ping_or_pong_frames_is_refused_and_closed_like_any_flood(
+    opcode: str,
+) -> None:
+    """Control frames count against the message rate: a flood of empty pings (security probe:
+    125k a second from one connection, 0.7 MB/s, slowed every other party's answers from 1 ms to
+    over a second; it was never refused) gets ``rate_limited``, then 1008, and no more pongs than
+    the burst allows; a player of another party is served throughout."""
+    settings = make_settings(rate_limit=5.0, rate_burst=10.0)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        other, _ = await srv.join("cyra", party="p2", run="r2")
+        params = {"token": token("aria")}
+        ws = await srv.http.ws_connect(srv.ws_url, params=params, autoping=False)
+        assert orjson.loads((await ws.receive()).data)["type"] == "system.hello"
+        send = ws.ping if opcode == "ping" else ws.pong
+        with contextlib.suppress(ConnectionError):
+            for _ in range(2000):
+                await send(b"")
+        codes, pongs, close_code = await asyncio.wait_for(_read_until_closed(ws), 10)
+        assert close_code == 1008
+        assert codes and set(codes) == {"rate_limited"}
+        assert pongs <= 11 if opcode == "ping" else pongs == 0
+        await other.act("c-1", "cyra", "r2")
+        assert (await other.until("action.result"))["payload"]["action_id"] == "c-1"
+        await other.close()

@@ -1480,6 +1480,28 @@ def test_excess_messages_are_refused_and_too_many_strikes_close_the_connection()
     assert node.closes[aria.id][0] == CloseCode.POLICY_VIOLATION
 
 
+def test_ping_and_pong_frames_share_the_message_rate_and_a_flood_of_them_is_closed() -> None:
+    """A control frame within the rate is answered (None: the transport sends the pong) and
+    takes a token: messages after a burst of pings meet the limit; past the burst a ping is
+    refused (``rate_limited``), and a flood of them earns the policy close. The rate refills
+    with time (virtual)."""
+    node = Node()
+    aria = node.join("aria")
+    answered = [node.core.control_frame(aria, node.now) is None for _ in range(60)]
+    assert all(answered)  # the burst (60)
+    node.send(aria, {"type": t.PING, "payload": {}})
+    assert error_code(node.last(aria)) == "rate_limited"  # a message meets the spent rate
+    node.now += 1.0  # 30 tokens back
+    assert [node.core.control_frame(aria, node.now) is None for _ in range(30)] == [True] * 30
+    for _ in range(40):
+        refusal = node.core.control_frame(aria, node.now)
+        assert refusal is not None
+        node.run(refusal)
+    codes = {error_code(f) for f in node.frames[aria.id] if f["type"] == t.ERROR}
+    assert codes == {"rate_limited"}
+    assert node.closes[aria.id][0] == CloseCode.POLICY_VIOLATION
+
+
 def test_a_left_character_is_closed_on_this_node() -> None:
     node = Node()
     aria = node.join("aria")

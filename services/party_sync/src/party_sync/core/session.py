@@ -661,6 +661,19 @@ class PartySessions:
         self.meter.received(message.type)
         return message
 
+    def control_frame(self, conn: Connection, now: float) -> Commands | None:
+        """A WebSocket ping or pong frame from the client (RFC 6455 §5.5.2-3): counted against
+        the message rate like a message, so that a flood of them is a flood (``rate_limited``,
+        then 1008). Uncounted, one connection's 125k empty pings a second (0.7 MB/s) slowed every
+        other party's answers from 1 ms to over a second (security probe). ``None``: within the
+        rate (a ping is answered with its pong); else the commands refusing it."""
+        if conn.limits.admit(now):
+            return None
+        excess = ProtocolError(
+            ErrorCode.RATE_LIMITED, "slow down: ping and pong frames count as messages"
+        )
+        return self.refuse(conn, excess, now)
+
     def handle(self, conn: Connection, message: inbound.Inbound, now: float) -> Commands:
         """The second half of ``receive``: a valid message from ``conn``."""
         if message.type == t.ACTION_REQUEST:

@@ -344,6 +344,21 @@ class Gateway:
             log.exception("unexpected failure handling a message")
             carry_local(self.core.failed(session, message, ErrorCode.INTERNAL_ERROR, now))
 
+    def control_frame(self, session: Session) -> bool:
+        """A ping or pong frame from the client: whether it is within the connection's message
+        rate (a ping is then answered). Past it, refused like an excess message (``rate_limited``,
+        then a policy close). Never raises."""
+        now = self.clock()
+        try:
+            refusal = self.core.control_frame(session, now)
+        except Exception:
+            log.exception("unexpected failure handling a control frame")
+            return False
+        if refusal is None:
+            return True
+        carry_local(refusal)
+        return False
+
     async def _traced(self, session: Session, message: Inbound, now: float) -> None:
         """An ``action.request`` as the root span of the action's trace (tracing.py), ending
         with the refusal's code if it is refused."""

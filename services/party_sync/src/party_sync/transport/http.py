@@ -235,6 +235,7 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
             heartbeat=settings.heartbeat,
             max_msg_size=settings.max_message_bytes * 4,  # 1×–4×: system.error, kept open
             compress=False,  # no permessage-deflate: no decompression bombs, less CPU per frame
+            autoping=False,  # the client's pings and pongs count against its message rate
             decode_text=False,
             # the close handshake's wait for the peer's close frame: bounded by the sink, which
             # aborts a close that makes no progress for CLOSE_TIMEOUT (or past CLOSE_PATIENCE)
@@ -306,6 +307,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                         sink.handling = False
                     if sink.closing:  # it closed the connection (or the peer went): stop() closes
                         break
+                elif msg.type in (WSMsgType.PING, WSMsgType.PONG):
+                    # answered here, not by aiohttp (autoping): counted as messages, so that a
+                    # flood of them is refused and closed like any flood (security probe)
+                    if gateway.control_frame(session) and msg.type is WSMsgType.PING:
+                        await ws.pong(msg.data)
+                    if sink.closing:
+                        break
                 elif msg.type is WSMsgType.ERROR:
                     if isinstance(msg.data, WebSocketError):  # aiohttp closed it: a frame over
                         gateway.metrics.closes.labels(str(msg.data.code)).inc()  # the limit (1009)
@@ -313,7 +321,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                         gateway.metrics.closes.labels(HEARTBEAT_CLOSE).inc()  # dropped (no frame)
                     break
     except ConnectionError:
-        pass  # lost while aiohttp answered a ping (the pong's drain): the peer is gone
+        pass  # lost while a ping was answered (the pong's drain): the peer is gone
     finally:
         sink.reading_stopped()  # a close decided while a message was handled: its frame now
         try:
