@@ -14,7 +14,7 @@ import orjson
 import pytest
 from ps_testkit.client import Closed, wait_until
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.security_raw import client_frame, ws_handshake
+from ps_testkit.security_raw import client_frame, close_code, ws_handshake, ws_open
 from ps_testkit.servers import make_settings, serve_in_process, token
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -376,3 +376,58 @@ async def test_a_flood_of_ping_or_pong_frames_is_refused_and_closed_like_any_flo
         await other.act("c-1", "cyra", "r2")
         assert (await other.until("action.result"))["payload"]["action_id"] == "c-1"
         await other.close()
+
+
+async def test_a_flood_of_empty_continuation_frames_is_closed_with_1008() -> None:
+    """One fragmented message that never ends: empty continuation frames, 6 bytes each, parsed
+    by aiohttp and never seen as messages (security probe: 27 million in 10 s, taken without
+    limit, slowed every other party's answers to up to 1.9 s). The bytes a client sends count
+    against a byte rate its messages never reach: past it, 1008, and a player of another party
+    is served."""
+    settings = make_settings(max_message_bytes=4096, rate_limit=5.0, rate_burst=10.0)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        other, _ = await srv.join("cyra", party="p2", run="r2")
+        raw = await ws_open(srv.base, "/ws?token=" + token("aria"))
+        try:
+            await raw.write(client_frame(b'{"type"', fin=False))
+            empty = client_frame(b"", opcode=0x0, fin=False)
+            with contextlib.suppress(ConnectionError):
+                for _ in range(40):  # 2.4 MiB: over the 1 MiB burst, whatever the pace
+                    await raw.write(empty * 10_000)
+            assert await close_code(raw) == 1008
+        finally:
+            await raw.close()
+        await other.act("c-1", "cyra", "r2")
+        assert (await other.until("action.result"))["payload"]["action_id"] == "c-1"
+        await other.close()
+
+
+async def test_a_client_sending_its_largest_messages_at_its_full_rate_is_not_cut_off() -> None:
+    """The byte rate is the message rate times the largest message: a client that sends
+    actions of the largest size as fast as its rate allows (its burst, then the rate, for two
+    seconds) is neither rate limited nor closed."""
+    settings = make_settings(max_message_bytes=4096, rate_limit=20.0, rate_burst=20.0)
+    async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+
+        def big(n: int) -> str:
+            action = {**VALID, "payload": {**VALID["payload"], "action_id": f"big-{n}"}}
+            bare = len(orjson.dumps({**action, "payload": {**action["payload"], "payload": {}}}))
+            pad = {"pad": "x" * (4096 - bare - 8)}
+            text = orjson.dumps({**action, "payload": {**action["payload"], "payload": pad}})
+            assert len(text) == 4096
+            return text.decode()
+
+        loop = asyncio.get_running_loop()
+        start, sent = loop.time(), 0
+        while loop.time() < start + 2.0:
+            allowed = 20 + int((loop.time() - start) * 20.0) - 1  # (a token of slack)
+            while sent < allowed:
+                await a.send(big(sent))
+                sent += 1
+            await asyncio.sleep(0.01)
+        await a.send(orjson.dumps({"type": "system.ping", "payload": {}}).decode())
+        await a.until("system.pong", timeout=10)  # (raises Closed if it was closed)
+        codes = {m["payload"]["code"] for m in a.received if m["type"] == "system.error"}
+        assert "rate_limited" not in codes and sent > 40
+        await a.close()

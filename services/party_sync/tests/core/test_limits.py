@@ -89,6 +89,35 @@ def test_default_policy() -> None:
     assert sum(not limits.strike(0.0) for _ in range(100)) == 20
 
 
+def test_the_byte_rate_holds_the_message_rate_of_the_largest_messages() -> None:
+    """``LimitPolicy.of``: a client sending its largest messages (and their frames' headers) at
+    its message rate, burst first, stays within its bytes; twice that does not, for long."""
+    size = 4096 + 14  # the message and its largest client frame header
+    limits = ConnectionLimits(LimitPolicy.of(20.0, 20.0, 4096))
+    now, sent = 0.0, 0
+    while now < 60.0:  # a minute at the full rate, after its burst
+        while sent < 20 + int(now * 20.0):
+            assert limits.admit_bytes(size, now)
+            sent += 1
+        now += 0.05
+    flooding = ConnectionLimits(LimitPolicy.of(20.0, 20.0, 4096))
+    admitted = [flooding.admit_bytes(size, n * 0.025) for n in range(2400)]  # 40/s for 60 s
+    assert not all(admitted)
+
+
+def test_the_byte_burst_takes_a_refused_frame_of_four_times_the_size_and_a_mebibyte() -> None:
+    tiny = ConnectionLimits(LimitPolicy.of(1.0, 1.0, 1024))
+    assert tiny.admit_bytes(1 << 20, 0.0)  # (a socket's read of up to 1 MiB at once)
+    assert not tiny.admit_bytes(1, 0.0)
+    big = LimitPolicy.of(1.0, 1.0, 1 << 20)
+    assert big.byte_burst >= 4 * (1 << 20)
+
+
+def test_the_default_policy_counts_no_bytes() -> None:
+    limits = ConnectionLimits(LimitPolicy())
+    assert all(limits.admit_bytes(1 << 30, 0.0) for _ in range(10))
+
+
 # -- properties --------------------------------------------------------------------------------
 
 rates = st.floats(min_value=0.1, max_value=100.0, allow_nan=False)

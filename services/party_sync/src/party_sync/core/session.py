@@ -674,6 +674,20 @@ class PartySessions:
         )
         return self.refuse(conn, excess, now)
 
+    def received_bytes(self, conn: Connection, size: int, now: float) -> Commands | None:
+        """``size`` bytes read from the client's socket, before they are parsed. ``None``:
+        within its byte rate (``LimitPolicy.of``); else the policy close (1008) of a client that
+        sends more than its messages can be (a flood of empty continuation or control frames)."""
+        if conn.limits.admit_bytes(size, now):
+            return None
+        return self.flooded(conn)
+
+    def flooded(self, conn: Connection) -> Commands:
+        """The policy close (1008) of a client past its byte rate."""
+        return self._close(
+            conn, CloseCode.POLICY_VIOLATION, "too much data: more bytes than messages can hold"
+        )
+
     def handle(self, conn: Connection, message: inbound.Inbound, now: float) -> Commands:
         """The second half of ``receive``: a valid message from ``conn``."""
         if message.type == t.ACTION_REQUEST:

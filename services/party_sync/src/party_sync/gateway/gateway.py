@@ -101,7 +101,9 @@ class Gateway:
         #: Parties this node served since its last heartbeat (a member that came and went, an
         #: event published through its API): listed by the next one (``transport/admin.py``).
         self.touched: set[str] = set()
-        self._policy = LimitPolicy(settings.rate_limit, settings.rate_burst)
+        self._policy = LimitPolicy.of(
+            settings.rate_limit, settings.rate_burst, settings.max_message_bytes
+        )
         self._idle = asyncio.Event()  # set whenever this node has no session
         self.timer: asyncio.Task[Any] | None = None  # the one timer, once started
         self.shutdown_deadline: float | None = None  # loop time: the drain's + shutdown_timeout
@@ -237,10 +239,12 @@ class Gateway:
         resume: ResumePoint | None = None,
         *,
         available: bool = True,
+        limits: ConnectionLimits | None = None,
     ) -> Session:
         """Bind a new connection, announce it, and send its ``system.hello`` (and any replay).
         ``available=False``: the backend failed the handshake's checks; the connection gets
-        ``backend_unavailable`` and close 1011 (retry) without touching it."""
+        ``backend_unavailable`` and close 1011 (retry) without touching it. ``limits``: the
+        connection's (``connection_limits``), if they counted its bytes before it opened."""
         binding = Binding(
             claims.party_id, claims.campaign_run_id, claims.character_id, claims.display_name
         )
@@ -249,7 +253,7 @@ class Gateway:
             f"{self.node_id}.{uuid.uuid4().hex}",
             binding,
             sink,
-            ConnectionLimits(self._policy),
+            self.connection_limits() if limits is None else limits,
             claims.ends_at,
         )
         # from here on, live events are buffered for it
@@ -343,6 +347,28 @@ class Gateway:
         except Exception:  # a bug answers this message with internal_error, nothing more
             log.exception("unexpected failure handling a message")
             carry_local(self.core.failed(session, message, ErrorCode.INTERNAL_ERROR, now))
+
+    def connection_limits(self) -> ConnectionLimits:
+        """A new connection's rate limits (``settings.rate_limit``, ``rate_burst``, and the byte
+        rate they make with ``max_message_bytes``)."""
+        return ConnectionLimits(self._policy)
+
+    def flooded(self, session: Session) -> None:
+        """The client sent more bytes than its byte rate before its session opened: closed."""
+        carry_local(self.core.flooded(session))
+
+    def received_bytes(self, session: Session, size: int) -> bool:
+        """``size`` bytes read from the client's socket: whether to parse them. Past its byte
+        rate the connection is closed (1008) and nothing more it sends is parsed. Never raises."""
+        try:
+            refusal = self.core.received_bytes(session, size, self.clock())
+        except Exception:
+            log.exception("unexpected failure counting a client's bytes")
+            return True
+        if refusal is None:
+            return True
+        carry_local(refusal)
+        return False
 
     def control_frame(self, session: Session) -> bool:
         """A ping or pong frame from the client: whether it is within the connection's message

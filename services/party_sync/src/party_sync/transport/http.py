@@ -18,6 +18,7 @@ from party_sync import problems
 from party_sync.auth import Claims, TokenVerifier
 from party_sync.backends.directory import Directory, MemoryDirectory
 from party_sync.core.history import ResumePoint
+from party_sync.core.limits import ConnectionLimits
 from party_sync.engine.health import EngineHealth, Periodic
 from party_sync.gateway import Gateway, Session
 from party_sync.metrics import EXPOSITION_TYPE
@@ -32,6 +33,7 @@ from party_sync.transport.sink import (
     DroppingWebSocketResponse,
     FrameBatcher,
     WebSocketSink,
+    meter_reading,
 )
 
 if TYPE_CHECKING:  # (aiohttp's request headers; multidict comes with aiohttp)
@@ -250,6 +252,11 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
         if transport is None:  # the client went away during the handshake
             guard.release_websocket_slot(slot)
             return ws
+        # every byte the client sends from its upgrade on is counted before aiohttp parses it
+        # (its control and continuation frames never reach the receive loop)
+        limits = gateway.connection_limits()
+        meter = ReadMeter(gateway, limits)
+        meter_reading(request, meter.admit)
         sink = WebSocketSink(
             ws,
             transport,
@@ -260,14 +267,42 @@ async def _handshake(request: web.Request) -> _Opened | web.StreamResponse:
             close_by=lambda: gateway.shutdown_deadline,
         )
         session = await gateway.open(
-            admitted, sink, _resume_point(query), available=admission.checked
+            admitted, sink, _resume_point(query), available=admission.checked, limits=limits
         )
+        meter.bind(session)
     except BaseException:
         guard.release_websocket_slot(slot)
         raise
     if not session.closed:  # opened (a 1011 in an outage costs no handshake token)
         guard.opened(slot)  # one of the user's handshakes (handshake_rate_per_user)
     return _Opened(ws, sink, session, slot)
+
+
+class ReadMeter:
+    """The bytes a WebSocket's client sends, from its upgrade on: on the connection's own limits
+    while its session opens (a handshake can wait seconds for Redis), then through the gateway,
+    which closes a connection past its byte rate (1008)."""
+
+    __slots__ = ("_gateway", "_limits", "_refused", "_session")
+
+    def __init__(self, gateway: Gateway, limits: ConnectionLimits) -> None:
+        self._gateway = gateway
+        self._limits = limits
+        self._session: Session | None = None
+        self._refused = False
+
+    def admit(self, size: int) -> bool:
+        if self._session is not None:
+            return self._gateway.received_bytes(self._session, size)
+        if not self._refused and self._limits.admit_bytes(size, self._gateway.clock()):
+            return True
+        self._refused = True  # the session closes as soon as it is open
+        return False
+
+    def bind(self, session: Session) -> None:
+        self._session = session
+        if self._refused:
+            self._gateway.flooded(session)
 
 
 @session_handler

@@ -32,7 +32,7 @@ import socket
 import struct
 import termios
 from collections.abc import Callable, Hashable
-from typing import Protocol
+from typing import Any, Protocol
 
 from aiohttp import WSMessage, WSMsgType, web
 
@@ -108,6 +108,47 @@ class DroppingWebSocketResponse(web.WebSocketResponse):
         if isinstance(exc, TimeoutError) and self._req is not None:
             reset_on_close(self._req.transport)
         super()._handle_ping_pong_exception(exc)
+
+
+class _MeteredReader:
+    """aiohttp's WebSocket reader with every chunk the socket gives counted before it is parsed:
+    ``admit(size)`` False, and neither that chunk nor any later one is parsed (the connection is
+    closing). aiohttp parses control and continuation frames itself, unseen by ``receive()``:
+    only the bytes tell a flood of them."""
+
+    __slots__ = ("_admit", "_reader", "_refused")
+
+    def __init__(self, reader: Any, admit: Callable[[int], bool]) -> None:
+        self._reader = reader
+        self._admit = admit
+        self._refused = False
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        if self._refused or not self._admit(len(data)):
+            self._refused = True
+            return False, b""
+        result: tuple[bool, bytes] = self._reader.feed_data(data)
+        return result
+
+    def feed_eof(self) -> None:
+        self._reader.feed_eof()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
+def meter_reading(request: web.Request, admit: Callable[[int], bool]) -> bool:
+    """Count what a prepared WebSocket's client sends from now on (``_MeteredReader``). Leans on
+    aiohttp's ``RequestHandler._payload_parser`` (3.9+: the reader ``WebSocketResponse.prepare``
+    gives ``set_parser``, fed by ``data_received``); False, and nothing counted, if that is not
+    there. tests/adapters/test_bad_input.py's continuation-frame flood fails if it stops being
+    counted."""
+    protocol = request.protocol
+    reader = getattr(protocol, "_payload_parser", None)
+    if reader is None or not callable(getattr(reader, "feed_data", None)):
+        return False
+    protocol._payload_parser = _MeteredReader(reader, admit)
+    return True
 
 
 def frame_header(length: int) -> bytes:
