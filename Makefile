@@ -48,10 +48,11 @@ run: setup
 	$(BIN)/party-sync serve --host $(HOST) --port $(PORT) --demo-tokens $(if $(NEW_GAME),--new-game,)
 
 ## test: every test: the browser client's unit tests (node --test), then pytest (pure core, adapters,
-## end to end against real processes and a private redis-server, the demo page in headless chromium)
+## end to end against real processes and a private redis-server, the demo page in headless chromium),
+## in two processes (pytest-xdist, a test file per process at a time: this machine has two cores)
 test: setup
 	cd $(JS) && npm test
-	$(BIN)/python -m pytest --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 test-core: setup
 	$(BIN)/python -m pytest services/party_sync/tests/core
