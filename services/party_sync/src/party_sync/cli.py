@@ -663,6 +663,7 @@ def _engine_http(args: argparse.Namespace) -> int:
         run_host,
     )
     from party_sync.engine.loader import load_engine
+    from party_sync.problems import check_port_free
     from party_sync.server import arm_exit_watchdog
 
     level = args.log_level or os.environ.get("PARTY_SYNC_LOG_LEVEL", "INFO")
@@ -713,6 +714,9 @@ def _engine_http(args: argparse.Namespace) -> int:
             "engine-http needs party_sync's API key (--api-key or PARTY_SYNC_API_KEY): the one "
             f"party-sync serve was given; {development}"
         )
+    # a port in use is refused before the engine is made (the reference engine's factory
+    # creates its database in the working directory), as serve refuses it (new user probe)
+    check_port_free(args.host, args.port)
     engine = load_engine(args.engine)
     app = build_host_app(
         engine,

@@ -471,6 +471,17 @@ def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return flag_type
 
 
+def _shown(default: Any) -> str:
+    """A setting's default as ``--help`` shows it (as the other commands show theirs)."""
+    if default is None:
+        return "unset"
+    if isinstance(default, tuple):
+        return ",".join(default) if default else "empty"
+    if isinstance(default, bool):
+        return "true" if default else "false"
+    return str(default)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         # A boolean flag alone means true (``--redis-cluster``); a value still works.
@@ -481,7 +492,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             default=None,
             type=_flag_type(_parser_for(f)),
             # argparse formats a help text with %: a literal one (a "%" in prose) is doubled
-            help=f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}]".replace("%", "%%"),
+            help=(
+                f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}] ({_shown(f.default)})"
+            ).replace("%", "%%"),
             **alone,
         )
 

@@ -16,6 +16,7 @@ from party_sync import cli
 from party_sync.auth import MAX_TIMESTAMP
 from party_sync.cli import main
 from ps_testkit import servers
+from ps_testkit.servers import free_port
 
 KEY = "api-key-0123456789abcdef0123456789"
 SECRET = "s" * 64  # (long enough for HS512: PyJWT warns below)
@@ -100,7 +101,7 @@ def test_engine_http_refuses_a_party_sync_url_with_credentials(
 
 @pytest.mark.usefixtures("host_env")
 def test_an_engine_error_with_line_breaks_of_its_own_is_printed_on_one_line(
-    taken: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A database driver's message carries its hint on a second, tab-indented line."""
     from party_sync.engine import loader
@@ -113,7 +114,7 @@ def test_an_engine_error_with_line_breaks_of_its_own_is_printed_on_one_line(
         )
 
     monkeypatch.setattr(loader, "load_engine", refuse)
-    assert main(["engine-http", ENGINE, "--port", taken]) == 1
+    assert main(["engine-http", ENGINE, "--port", str(free_port())]) == 1
     line = one_line(capsys.readouterr().err)
     assert line.endswith(
         "connection refused Is the server running on that host and accepting TCP/IP connections?"
@@ -152,6 +153,25 @@ def test_engine_http_on_a_port_in_use_is_one_line_and_exit_1(
     out, err = capsys.readouterr()
     assert out == ""  # no ready line: it is not ready
     assert f"cannot listen on 127.0.0.1:{taken}" in one_line(err)
+
+
+@pytest.mark.usefixtures("host_env")
+def test_engine_http_on_a_port_in_use_writes_nothing_and_says_it_as_serve_does(
+    taken: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The reference engine's factory creates its database in the working directory: a start
+    refused for its port left a new campaign_engine.sqlite3 there, and said the error twice
+    over ("cannot listen on …: error while attempting to bind on address …: address already
+    in use"; new user probe). The port is checked first, as serve checks it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CAMPAIGN_ENGINE_DATABASE_URL", raising=False)
+    assert main(["engine-http", "campaign_engine:create_engine", "--port", taken]) == 1
+    err = one_line(capsys.readouterr().err)
+    assert err.endswith(f"cannot listen on 127.0.0.1:{taken}: Address already in use"), err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.usefixtures("host_env")

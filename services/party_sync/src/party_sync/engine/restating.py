@@ -183,7 +183,11 @@ class EpochWatch:
             epoch = ""  # informative only: the engine re-states the run's current state
         log.info(
             "new epoch: asking the engine to re-state the party",
-            extra={"party_id": opening.party_id, "trace_id": opening.trace_id, "epoch": epoch},
+            extra={  # (no epoch: Redis did not answer when it was asked for)
+                "party_id": opening.party_id,
+                "trace_id": opening.trace_id,
+                "epoch": epoch or None,
+            },
         )
         notice = RestateNotice(opening.party_id, run, epoch, opening.trace_id, at=self.clock())
         try:

@@ -598,7 +598,11 @@ class Executor:
             )
             log.info(
                 "new epoch: asking the engine to re-state the party",
-                extra={"trace_id": join.trace_id, "party_id": binding.party_id, "epoch": epoch},
+                extra={  # (no epoch: Redis did not answer when it was asked for)
+                    "trace_id": join.trace_id,
+                    "party_id": binding.party_id,
+                    "epoch": epoch or None,
+                },
             )
             try:
                 await self.link.notify_restate(restate)
