@@ -81,6 +81,7 @@ async def test_a_bomb_is_inflated_no_further_than_the_limit(
         (b"\x1f\x8b00000000", "gzip"),  # not gzip
         (b"{}", "deflate"),
     ],
+    ids=["gzip-cut-short", "not-gzip", "not-deflate"],  # (gzip's header holds the time)
 )
 async def test_a_body_that_does_not_decode_is_bad_json(body: bytes, encoding: str) -> None:
     with pytest.raises(BadJson):

@@ -56,6 +56,7 @@ def leaks(text: str) -> list[str]:
         f"/api?api_key={API_KEY.replace('_', '%5F')}",
         f"Authorization: tma query_id=1&hash=abc&signature={SIGNATURE}",
     ],
+    ids=lambda text: "",  # (the token and signature are new each run: ids by position)
 )
 def test_credentials_are_scrubbed_from_every_shape(text: str) -> None:
     scrubbed = REDACTOR.scrub(text)

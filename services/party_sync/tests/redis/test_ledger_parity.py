@@ -296,7 +296,7 @@ async def test_a_longer_deadline_holds_the_action_but_not_the_character(backend:
     )
 
 
-@pytest.mark.parametrize("given", [DEADLINE * 1000, DEADLINE + 100])
+@pytest.mark.parametrize("given", [DEADLINE * 1000, DEADLINE + 100], ids=["in-ms", "later"])
 async def test_a_claim_from_outside_with_another_deadline_records_the_timeout(
     backend: Backend, given: float
 ) -> None:
