@@ -1502,6 +1502,32 @@ def test_ping_and_pong_frames_share_the_message_rate_and_a_flood_of_them_is_clos
     assert node.closes[aria.id][0] == CloseCode.POLICY_VIOLATION
 
 
+def test_a_refusal_a_connection_had_is_not_sent_again_after_hundreds_of_others() -> None:
+    """A client acting six times a second, most of it refused: its connection remembered the
+    last 16 refusals only, so the one it had 10 s earlier, sent again by the accepting node at
+    the deadline (another node's look, through the character's channel), reached it twice
+    (Cluster and Sentinel probe). Remembered: every refusal of a client refused at its full
+    message rate until the deadline."""
+    node = Node()
+    aria = node.join("aria")
+
+    def refusal(action_id: str) -> bytes:
+        payload = {
+            "code": "action_rejected",
+            "message": "no",
+            "retryable": False,
+            "in_reply_to": {"action_id": action_id, "type": "action.request"},
+        }
+        return orjson.dumps({"type": t.ERROR, "trace_id": "t", "payload": payload})
+
+    for n in range(360):  # 30 a second for 10 s, after a burst of 60
+        node.run(node.core.direct_received("p1", "aria", refusal(f"a{n}")))
+    errors = [f for f in node.frames[aria.id] if f["type"] == t.ERROR]
+    assert len(errors) == 360
+    node.run(node.core.direct_received("p1", "aria", refusal("a0")))  # the deadline's, again
+    assert [f for f in node.frames[aria.id] if f["type"] == t.ERROR] == errors
+
+
 def test_a_left_character_is_closed_on_this_node() -> None:
     node = Node()
     aria = node.join("aria")

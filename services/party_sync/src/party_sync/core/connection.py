@@ -32,8 +32,12 @@ class Offer(Enum):
     GAP = "gap"  # events are missing before it: the connection must resync
 
 
-#: Final refusals a connection remembers having been told (``Connection.tell_once``).
-TOLD_KEEP = 16
+#: Final refusals a connection remembers having been told (``Connection.tell_once``): enough for
+#: a client that has every message refused at the default rate limit (30/s, burst 60) until the
+#: action's deadline look (10 s) and more. 16 were forgotten by a client acting six times a second,
+#: most of it refused, before its action's deadline: the refusal it had was sent to it again at
+#: the deadline (Cluster and Sentinel probe). Memory only for connections that were refused.
+TOLD_KEEP = 512
 
 
 class Connection:
