@@ -431,3 +431,27 @@ async def test_a_client_sending_its_largest_messages_at_its_full_rate_is_not_cut
         codes = {m["payload"]["code"] for m in a.received if m["type"] == "system.error"}
         assert "rate_limited" not in codes and sent > 40
         await a.close()
+
+
+async def test_a_message_too_large_after_a_full_burst_of_the_largest_is_refused_not_closed() -> (
+    None
+):
+    """A client sends its whole burst of messages of the largest size, then one refused as too
+    large (under four times the size): it gets ``message_too_large`` and the connection stays
+    open. The byte burst was the message burst alone, which the burst had spent: 1008 "too much
+    data" (re-check probe)."""
+    async with serve_in_process(engine=ScriptedEngine()) as srv:  # (64 KiB, burst 60)
+        a, _ = await srv.join("aria")
+        for n in range(59):  # (the sixtieth message is the large one)
+            action = {**VALID, "payload": {**VALID["payload"], "action_id": f"full-{n}"}}
+            bare = len(orjson.dumps({**action, "payload": {**action["payload"], "payload": {}}}))
+            pad = {"pad": "x" * (65536 - bare - 8)}
+            await a.send(
+                orjson.dumps({**action, "payload": {**action["payload"], "payload": pad}}).decode()
+            )
+        await a.send("x" * (4 * 65536 - 1))
+        error = await a.until("system.error", timeout=10)
+        while error["payload"]["code"] != "message_too_large":
+            assert error["payload"]["code"] == "character_busy", error
+            error = await a.until("system.error", timeout=10)
+        await a.close()

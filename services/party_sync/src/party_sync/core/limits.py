@@ -62,18 +62,24 @@ class LimitPolicy:
 
     @classmethod
     def of(cls, messages_per_s: float, message_burst: float, max_message_bytes: int) -> LimitPolicy:
-        """The message rate, and a byte rate that a client within it never meets: the rate
-        times the largest message and its frame's header (and a burst of at least one refused
-        frame of four times the size, or 1 MiB). What it stops is a flood of frames that are no
+        """The message rate, and a byte rate that a client within it never meets: its messages
+        at the largest size (and their frames' headers), and, on top, the messages refused as
+        too large (up to four times the size, each a strike) at the strike rate; the same for the
+        bursts, and a burst of at least 1 MiB. What it stops is a flood of frames that are no
         messages, which the message rate never sees (security probe: one connection's 27 million
         empty continuation frames in 10 s, one fragmented message, slowed every other party's
-        answers to up to 1.9 s)."""
+        answers to up to 1.9 s). A refused message on top of a full burst of the largest ones
+        once met it (re-check probe: 1008 where ``message_too_large`` was due)."""
         per_message = max_message_bytes + FRAME_SLACK
+        too_large = 4 * max_message_bytes + FRAME_SLACK  # the largest frame still answered
+        strikes = cls()  # (the strike rate and burst are fixed)
         return cls(
             messages_per_s,
             message_burst,
-            bytes_per_s=messages_per_s * per_message,
-            byte_burst=max(message_burst * per_message, 4 * per_message, 1 << 20),
+            bytes_per_s=messages_per_s * per_message + strikes.strikes_per_s * too_large,
+            byte_burst=max(
+                message_burst * per_message + strikes.strike_burst * too_large, float(1 << 20)
+            ),
         )
 
 
