@@ -1110,7 +1110,15 @@ function castVote(voteId: string, option: string, label: string): void {
   c.castVote(voteId, option)
     .catch((error: unknown) => {
       const { text, code } = failureText(error);
-      showError("vote", `Your vote for “${label}” was not counted: ${text}`, code);
+      const said = `Your vote for “${label}” was not counted: ${text}`;
+      if (c.state?.vote?.vote_id === voteId) {
+        showError("vote", said, code);
+      } else {
+        // The vote closed before the ballot reached the server (cast while the link was down):
+        // its card is gone, so the story says it (browser probe: the refusal was shown in the
+        // hidden card and cleared with it; the player never knew).
+        appendLog(said, { kind: "error" });
+      }
     })
     .finally(() => {
       if (pendingBallot?.voteId === voteId && pendingBallot.option === option) pendingBallot = null;

@@ -825,3 +825,42 @@ async def test_a_snapshot_after_time_away_tells_the_story_it_missed(browser: Bro
             assert story.count("The party votes: Into the water?") == 1, (player.name, story)
         aria.assert_clean()
         borin.assert_clean()
+
+
+async def test_a_ballot_cast_while_the_link_is_down_and_refused_after_the_vote_closed_is_told(
+    browser: Browser,
+) -> None:
+    """Aria votes while her link is down; the vote closes before she is back; her page casts the
+    ballot again on reconnecting and the server refuses it (closed). The refusal was shown in the
+    vote's card, hidden with the vote, and cleared with it: she never learnt her vote did not
+    count (browser probe). Her story log says it, once."""
+    settings = make_settings(api_key=KEY, presence_grace=0.3)
+    async with (
+        serve_in_process(settings, engine=ScriptedEngine()) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+    ):
+        aria, borin = await at_the_gate(browser, srv, proxy, "ballot-aria", "ballot-borin")
+        options = [{"id": "o0", "label": "Swim"}, {"id": "o1", "label": "Wait"}]
+        await api(
+            srv,
+            "votes",
+            {
+                "vote_id": "v-late",
+                "question": "Into the water?",
+                "options": options,
+                "timeout_s": 3,
+            },
+        )
+        await expect(aria.page.locator("#vote")).to_be_visible()
+        proxy.refusing = True
+        assert proxy.cut() >= 1
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "reconnecting")
+        await aria.page.locator("#vote-options button[data-option=o0]").click()
+        await expect(borin.page.locator("#vote")).to_be_hidden()  # closed (timeout)
+        proxy.refusing = False
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        said = aria.page.locator("#log li.error", has_text="Your vote for “Swim” was not counted")
+        await expect(said).to_have_count(1)
+        await screenshot(aria, "late-ballot", "told")
+        aria.assert_clean()
+        borin.assert_clean()
