@@ -245,7 +245,12 @@ async function refreshParty(): Promise<void> {
           class: "hint",
         }),
       );
-      const button = el("button", "Disconnect", { type: "button", class: "danger" });
+      const who = member.display_name ?? member.character_id;
+      const button = el("button", "Disconnect", {
+        type: "button",
+        class: "danger",
+        "aria-label": `Disconnect ${who}`,
+      });
       button.addEventListener("click", () => void disconnect(partyId, member.character_id));
       item.append(button);
       return item;

@@ -1220,6 +1220,13 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       note("An operator disconnected you from the party; reconnecting in a while…", {
         kind: "error",
       });
+    } else if (change.status === "reconnecting" && change.httpStatus === 403) {
+      // blocked by an operator until a time the server named: the client tries again then
+      const seconds = Math.max(1, Math.round((change.delayMs ?? 0) / 1000));
+      const when = seconds < 120 ? `${seconds} s` : `${Math.round(seconds / 60)} min`;
+      note(`An operator has blocked you from the party for now; trying again in ${when}…`, {
+        kind: "error",
+      });
     } else if (change.status === "reconnecting" && online) {
       const why = change.code !== undefined ? ` (${change.code})` : "";
       note(`Connection lost${why}; reconnecting${change.resume ? " to resume" : ""}…`, {

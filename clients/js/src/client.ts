@@ -87,7 +87,19 @@ export type WebSocketConstructor = new (url: string) => WebSocketLike;
 export type FetchLike = (
   url: string,
   init: { method: "GET"; cache: "no-store"; credentials: "omit"; signal?: AbortSignal },
-) => Promise<{ status: number }>;
+) => Promise<{ status: number; headers?: { get(name: string): string | null } }>;
+
+/**
+ * A `Retry-After` header's wait in milliseconds (RFC 9110 §10.2.3: delay-seconds or an
+ * HTTP-date), or null when there is none or it cannot be read.
+ */
+export function retryAfter(value: string | null, now: number): number | null {
+  if (value === null) return null;
+  const text = value.trim();
+  if (/^\d+$/.test(text)) return Number(text) * 1000;
+  const at = Date.parse(text);
+  return Number.isNaN(at) ? null : Math.max(0, at - now);
+}
 
 /** How long the client waits for the answer to a handshake probe. */
 export const PROBE_TIMEOUT_MS = 5000;
@@ -610,6 +622,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     const url = new URL(this.#dialUrl);
     url.protocol = url.protocol === "wss:" ? "https:" : "http:";
     let status: number | null = null;
+    let retryAfterMs: number | null = null;
     try {
       const init: Parameters<FetchLike>[1] = {
         method: "GET",
@@ -619,11 +632,13 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       if (typeof AbortSignal !== "undefined" && typeof AbortSignal.timeout === "function") {
         init.signal = AbortSignal.timeout(PROBE_TIMEOUT_MS);
       }
-      status = (await fetchStatus(url.toString(), init)).status;
+      const response = await fetchStatus(url.toString(), init);
+      status = response.status;
+      retryAfterMs = retryAfter(response.headers?.get("Retry-After") ?? null, Date.now());
     } catch {
       status = null; // unreachable, blocked (another origin without CORS), timed out
     }
-    this.#run(this.#stream.probed(connection, status === 0 ? null : status));
+    this.#run(this.#stream.probed(connection, status === 0 ? null : status, retryAfterMs));
   }
 
   /** Ask `getToken` for a fresh token when the stream wants one (`reason`). */

@@ -33,8 +33,9 @@
  *   fresh token too;
  * - a handshake that failed (closed with 1006 before any hello) is probed when the shell can
  *   (`probeHandshakes`): the shell asks the same URL over HTTP and says the status it got. 401
- *   fetches a fresh token once (with a hook), else stops (`unauthorized`); 403, 404 and 410 stop
- *   (`refused`); anything else changes nothing (the reconnect is already armed): 400 and 426 say
+ *   fetches a fresh token once (with a hook), else stops (`unauthorized`); a 403 with a
+ *   `Retry-After` (an operator's block until a time, up to a day) tries again then; 403, 404 and
+ *   410 stop (`refused`); anything else changes nothing (the reconnect is already armed): 400 and 426 say
  *   only that a plain GET is not a WebSocket request, 408, 429 and 5xx pass;
  * - the transient messages (`action.accepted`, `action.failed`, `narration.delta`: no seq, never
  *   replayed) update the actions in flight and the narration streams (`live.ts`); every hello
@@ -96,6 +97,12 @@ export const CLIENT_CLOSE_RESYNC = 4000;
  * for dead: it is dropped and the leave is said again on the next connection.
  */
 export const LEAVE_WAIT_MS = 5000;
+
+/**
+ * The longest `Retry-After` of a 403 (an operator's block until a time) the client waits for
+ * before it tries again; a longer one stops it (`refused`) as a 403 without one does.
+ */
+export const MAX_BLOCK_WAIT_MS = 24 * 3600 * 1000;
 
 /** Statuses of a probed handshake that stop the client (`refused`): forbidden, no such endpoint. */
 const REFUSED_STATUSES: ReadonlySet<number> = new Set([403, 404, 410]);
@@ -491,7 +498,7 @@ export class ClientStream {
    * The HTTP status the URL of `connection`'s failed handshake answered (`probe`), or null if
    * it could not be learnt. Ignored once a hello arrived on that connection or a later one.
    */
-  probed(connection: number, status: number | null): Output[] {
+  probed(connection: number, status: number | null, retryAfterMs: number | null = null): Output[] {
     const probing = this.#probing;
     if (probing === null || probing.connection !== connection) return []; // a later one counts
     this.#probing = null;
@@ -507,6 +514,13 @@ export class ClientStream {
     }
     // Only what the upgrade would have been answered too: 400 and 426 say "not a WebSocket
     // request" (the server would have taken this one), 408 and 429 pass.
+    if (status === 403 && retryAfterMs !== null && retryAfterMs <= MAX_BLOCK_WAIT_MS) {
+      // Refused until a time the server names (an operator's block, `Retry-After`): the next
+      // attempt is made then, not never (browser probe: a player blocked for a minute was told
+      // the link did not work, for good, until a reload).
+      const wait = Math.max(0, retryAfterMs) + Math.floor(this.#random() * 1000);
+      return this.#scheduleReconnect({ httpStatus: 403 }, wait);
+    }
     if (REFUSED_STATUSES.has(status)) {
       return this.#stop("refused", CLOSE_NORMAL, undefined, undefined, status);
     }
@@ -539,7 +553,10 @@ export class ClientStream {
     return [{ type: "disarm" }, { type: "open" }];
   }
 
-  #scheduleReconnect(info: { code?: number; reason?: string }, wait: number | null = null): Output[] {
+  #scheduleReconnect(
+    info: { code?: number; reason?: string; httpStatus?: number },
+    wait: number | null = null,
+  ): Output[] {
     if (this.#status === "closed") return [];
     const delayMs =
       wait ?? fullJitterDelay(this.#attempt, this.#random, this.#baseMs, this.#capMs);

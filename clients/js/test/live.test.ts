@@ -9,7 +9,12 @@ import { dirname, resolve } from "node:path";
 import { beforeEach, describe, it } from "node:test";
 import { fileURLToPath } from "node:url";
 
-import { PartySyncClient, type FetchLike, type PartySyncClientOptions } from "../src/client.js";
+import {
+  PartySyncClient,
+  retryAfter,
+  type FetchLike,
+  type PartySyncClientOptions,
+} from "../src/client.js";
 import type { ConnectionChange, PartySyncEvents } from "../src/events.js";
 import {
   applyDelta,
@@ -21,7 +26,12 @@ import {
   type Narration,
   type NarrationChange,
 } from "../src/live.js";
-import { ClientStream, type Output, type StreamOptions } from "../src/stream.js";
+import {
+  ClientStream,
+  MAX_BLOCK_WAIT_MS,
+  type Output,
+  type StreamOptions,
+} from "../src/stream.js";
 import type { NarrationDeltaPayload, NarrationStream, PartyEvent } from "../src/types.js";
 import { validateMessage } from "./contracts.js";
 import {
@@ -584,6 +594,44 @@ describe("ClientStream: a refused handshake stops the retries", () => {
       s.probed(1, status);
       assert.equal(s.closedReason, "refused");
     }
+  });
+
+  it("a 403 with Retry-After (an operator's block until a time) tries again then", () => {
+    const s = makeStream({ probeHandshakes: true });
+    s.start();
+    s.dial();
+    failedHandshake(s);
+    const out = s.probed(1, 403, 60_000);
+    assert.equal(s.status, "reconnecting", "not stopped: the block ends");
+    const arm = out.find((o) => o.type === "arm");
+    assert.ok(arm !== undefined && arm.type === "arm" && arm.timer === "reconnect");
+    assert.ok(arm.delayMs >= 60_000 && arm.delayMs < 61_000, String(arm.delayMs));
+    const change = statuses(out)[0];
+    assert.equal(change?.httpStatus, 403);
+    // It comes back when the block has ended: the attempt, then a hello.
+    s.timerFired("reconnect");
+    s.dial();
+    s.receive(frame(hello(0)));
+    assert.equal(s.status, "open");
+    // A block longer than a day, or a 403 without a time, stops it as refused.
+    for (const wait of [MAX_BLOCK_WAIT_MS + 1, null]) {
+      const t = makeStream({ probeHandshakes: true });
+      t.start();
+      t.dial();
+      failedHandshake(t);
+      t.probed(1, 403, wait);
+      assert.equal(t.closedReason, "refused", String(wait));
+    }
+  });
+
+  it("reads Retry-After as seconds or an HTTP date", () => {
+    const now = Date.parse("2026-12-07T12:00:00Z");
+    assert.equal(retryAfter("60", now), 60_000);
+    assert.equal(retryAfter(" 0 ", now), 0);
+    assert.equal(retryAfter("Mon, 07 Dec 2026 12:01:30 GMT", now), 90_000);
+    assert.equal(retryAfter("Mon, 07 Dec 2026 11:00:00 GMT", now), 0);
+    assert.equal(retryAfter("soon", now), null);
+    assert.equal(retryAfter(null, now), null);
   });
 
   it("an answer about an older attempt, or after a hello, changes nothing", () => {

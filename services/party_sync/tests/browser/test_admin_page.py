@@ -79,7 +79,9 @@ async def test_an_operator_follows_a_party_and_disconnects_a_player() -> None:
 
         # Disconnect Aria and refuse her for 5 minutes.
         await page.locator("#block-minutes").fill("5")
-        await page.locator("#presence li[data-character=aria] button").click()
+        button = page.locator("#presence li[data-character=aria] button")
+        await expect(button).to_have_accessible_name("Disconnect Aria")  # (each names its player)
+        await button.click()
         assert await aria.closed() == CLOSE_DISCONNECTED
         await expect(page.locator("#status")).to_contain_text("Disconnected aria")
         await expect(page.locator("#presence li[data-character=aria]")).to_have_attribute(

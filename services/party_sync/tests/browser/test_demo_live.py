@@ -793,6 +793,31 @@ async def test_an_operators_disconnect_is_said_in_plain_sight(browser: Browser) 
         aria.assert_clean()
 
 
+async def test_a_player_blocked_for_a_while_is_told_and_comes_back_when_it_ends(
+    browser: Browser,
+) -> None:
+    """Blocked by an operator for a few seconds (403 with ``Retry-After`` to every handshake
+    meanwhile), the page said the link did not work and gave up for good, until a reload
+    (browser probe). It says she is blocked for now, and comes back by itself once the block
+    has ended."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ReferenceEngine(seed=3)) as srv:
+        aria = await open_player(browser, "blocked", page_url(srv.base, token("aria", "Aria")))
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        async with srv.http.delete(
+            f"{srv.base}/api/v1/parties/{PARTY}/members/aria/connections",
+            params={"until": str(int(time.time()) + 4)},
+            headers={"Authorization": f"Bearer {KEY}"},
+        ) as response:
+            assert response.status == 202, await response.text()
+        told = aria.page.locator("#log li:visible", has_text="An operator has blocked you")
+        await expect(told).to_have_count(1)
+        await expect(aria.page.locator("#status")).to_have_attribute(
+            "data-status", "open", timeout=20_000
+        )
+        await expect(aria.page.locator("#signin-problem")).to_be_hidden()
+        aria.assert_clean()
+
+
 async def test_a_snapshot_after_time_away_tells_the_story_it_missed(browser: Browser) -> None:
     """Aria is away for more than a resume replays (``max_replay`` 1 here; a restart does the
     same): her page gets a snapshot in a scene her story log never named, with a vote open.
