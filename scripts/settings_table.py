@@ -14,12 +14,10 @@ START, END = "<!-- settings:start -->", "<!-- settings:end -->"
 def table() -> str:
     rows = ["| Flag | Environment variable | Default | Meaning |", "|---|---|---|---|"]
     for flag, env, help_text, default in config.options():
-        if default is None:
-            shown = "(unset)"
-        elif isinstance(default, tuple):
-            shown = f"`{','.join(default)}`" if default else "(empty)"
+        if default is None or default == ():
+            shown = "(unset)" if default is None else "(empty)"
         else:
-            shown = f"`{default}`"
+            shown = f"`{config.shown_default(default)}`"
         rows.append(f"| `{flag}` | `{env}` | {shown} | {help_text} |")
     return "\n".join(rows)
 

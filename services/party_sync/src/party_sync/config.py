@@ -471,8 +471,9 @@ def _flag_type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
     return flag_type
 
 
-def _shown(default: Any) -> str:
-    """A setting's default as ``--help`` shows it (as the other commands show theirs)."""
+def shown_default(default: Any) -> str:
+    """A setting's default as ``--help`` shows it (as the other commands show theirs), and the
+    README's settings table (scripts/settings_table.py)."""
     if default is None:
         return "unset"
     if isinstance(default, tuple):
@@ -493,7 +494,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=_flag_type(_parser_for(f)),
             # argparse formats a help text with %: a literal one (a "%" in prose) is doubled
             help=(
-                f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}] ({_shown(f.default)})"
+                f"{f.metadata['help']} [env {ENV_PREFIX}{f.name.upper()}] "
+                f"({shown_default(f.default)})"
             ).replace("%", "%%"),
             **alone,
         )

@@ -24,7 +24,7 @@ from party_sync.auth import Claims
 from party_sync.backends.base import Backend
 from party_sync.config import Settings
 from party_sync.core.binding import Binding
-from party_sync.core.commands import BeginAction, Command
+from party_sync.core.commands import BeginAction, Command, Commands
 from party_sync.core.history import ResumePoint
 from party_sync.core.limits import ConnectionLimits, LimitPolicy
 from party_sync.core.session import PartySessions, Rules
@@ -360,26 +360,31 @@ class Gateway:
     def received_bytes(self, session: Session, size: int) -> bool:
         """``size`` bytes read from the client's socket: whether to parse them. Past its byte
         rate the connection is closed (1008) and nothing more it sends is parsed. Never raises."""
-        try:
-            refusal = self.core.received_bytes(session, size, self.clock())
-        except Exception:
-            log.exception("unexpected failure counting a client's bytes")
-            return True
-        if refusal is None:
-            return True
-        carry_local(refusal)
-        return False
+        return self._within(
+            lambda: self.core.received_bytes(session, size, self.clock()),
+            "unexpected failure counting a client's bytes",
+            failed=True,
+        )
 
     def control_frame(self, session: Session) -> bool:
         """A ping or pong frame from the client: whether it is within the connection's message
         rate (a ping is then answered). Past it, refused like an excess message (``rate_limited``,
         then a policy close). Never raises."""
-        now = self.clock()
+        return self._within(
+            lambda: self.core.control_frame(session, self.clock()),
+            "unexpected failure handling a control frame",
+            failed=False,
+        )
+
+    @staticmethod
+    def _within(decide: Callable[[], Commands | None], failure: str, *, failed: bool) -> bool:
+        """Whether a connection's limit admits what ``decide`` looked at; its refusal, if any,
+        carried out. A failure of ``decide`` is logged with ``failure`` and answered ``failed``."""
         try:
-            refusal = self.core.control_frame(session, now)
+            refusal = decide()
         except Exception:
-            log.exception("unexpected failure handling a control frame")
-            return False
+            log.exception(failure)
+            return failed
         if refusal is None:
             return True
         carry_local(refusal)

@@ -292,16 +292,20 @@ class ReadMeter:
         self._refused = False
 
     def admit(self, size: int) -> bool:
+        """Whether to parse ``size`` more bytes; once not, never again (the connection closes:
+        before its session opened, as soon as it is, ``bind``)."""
+        if self._refused:
+            return False
         if self._session is not None:
-            return self._gateway.received_bytes(self._session, size)
-        if not self._refused and self._limits.admit_bytes(size, self._gateway.clock()):
-            return True
-        self._refused = True  # the session closes as soon as it is open
-        return False
+            admitted = self._gateway.received_bytes(self._session, size)
+        else:
+            admitted = self._limits.admit_bytes(size, self._gateway.clock())
+        self._refused = not admitted
+        return admitted
 
     def bind(self, session: Session) -> None:
         self._session = session
-        if self._refused:
+        if self._refused:  # refused before its session opened
             self._gateway.flooded(session)
 
 

@@ -112,20 +112,18 @@ class DroppingWebSocketResponse(web.WebSocketResponse):
 
 class _MeteredReader:
     """aiohttp's WebSocket reader with every chunk the socket gives counted before it is parsed:
-    ``admit(size)`` False, and neither that chunk nor any later one is parsed (the connection is
-    closing). aiohttp parses control and continuation frames itself, unseen by ``receive()``:
-    only the bytes tell a flood of them."""
+    ``admit(size)`` False, and that chunk is not parsed (``admit`` refuses every later one too:
+    the connection is closing). aiohttp parses control and continuation frames itself, unseen by
+    ``receive()``: only the bytes tell a flood of them."""
 
-    __slots__ = ("_admit", "_reader", "_refused")
+    __slots__ = ("_admit", "_reader")
 
     def __init__(self, reader: Any, admit: Callable[[int], bool]) -> None:
         self._reader = reader
         self._admit = admit
-        self._refused = False
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
-        if self._refused or not self._admit(len(data)):
-            self._refused = True
+        if not self._admit(len(data)):
             return False, b""
         result: tuple[bool, bytes] = self._reader.feed_data(data)
         return result
@@ -138,7 +136,8 @@ class _MeteredReader:
 
 
 def meter_reading(request: web.Request, admit: Callable[[int], bool]) -> bool:
-    """Count what a prepared WebSocket's client sends from now on (``_MeteredReader``). Leans on
+    """Count what a prepared WebSocket's client sends from now on (``_MeteredReader``; ``admit``
+    False once, False for good). Leans on
     aiohttp's ``RequestHandler._payload_parser`` (3.9+: the reader ``WebSocketResponse.prepare``
     gives ``set_parser``, fed by ``data_received``); False, and nothing counted, if that is not
     there. tests/adapters/test_bad_input.py's continuation-frame flood fails if it stops being
