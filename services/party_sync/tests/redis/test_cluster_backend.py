@@ -23,7 +23,7 @@ import functools
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -35,6 +35,8 @@ from party_sync.backends.redis_connect import RedisTarget
 from party_sync.backends.redis_scripts import PARTY_SCRIPTS, _source, script_text
 from party_sync.backends.redis_shard_bus import ShardedBus
 from party_sync.core.events import Event
+from party_sync.engine.interface import JoinNotice
+from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.metrics import Metrics
 from party_sync.protocol import codec
 from party_sync.protocol.errors import BackendUnavailable
@@ -45,6 +47,7 @@ from ps_testkit.redis_cluster import RedisCluster
 from ps_testkit.servers import free_port, serve_in_process
 from redis.asyncio import RedisCluster as AsyncRedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
 
 pytestmark = [pytest.mark.redis, pytest.mark.timeout(120)]
 
@@ -785,3 +788,67 @@ def kit_node_timeout() -> float:
     from ps_testkit.redis_cluster import NODE_TIMEOUT_MS
 
     return NODE_TIMEOUT_MS / 1000
+
+
+@pytest.mark.parametrize("call", ["command", "script", "append"])
+async def test_a_call_after_one_timed_out_on_a_stalled_master_goes_to_its_promoted_replica(
+    call: str,
+) -> None:
+    """Cluster probe: a party whose actions-stream partition was on a stalled master waited two
+    command timeouts, not one, after its replica had taken over: the append timed out (the map
+    still named the stalled master), and the retry, 0.25 s later, met the stalled master again
+    before the map read that timeout started had ended. A call for a master that has just failed
+    now waits for a map read begun after that failure (within its own bound), then goes where
+    that map says: a plain command, a party script, an action's append to its stream."""
+    with RedisCluster(masters=3, replicas=1) as kit:
+        stalled = kit.masters()[1]
+        party = party_on(kit, stalled)
+        slot = kit.keyslot(f"party:{party}")
+        command_timeout = 2.0
+        async with contextlib.AsyncExitStack() as stack:
+            b = await stack.enter_async_context(
+                node(kit.masters()[0].url, command_timeout=command_timeout)
+            )
+            calls: dict[str, Callable[[], Awaitable[Any]]] = {
+                "command": lambda: b.client.get(f"{{party:{party}}}:probe"),
+                "script": lambda: b.publish(party, scene(2), time.time()),
+            }
+            if call == "append":
+                target = RedisTarget(kit.masters()[0].url, cluster=True)
+                link = StreamEngineLink(target, "actions", 100, partitions=8, timeout=2.0)
+                stack.push_async_callback(link.close)
+                party = next(  # a party on another master, its partition on the stalled one
+                    p
+                    for p in (f"p{i}" for i in range(1000))
+                    if kit.slot_owner(kit.keyslot(link.stream_for(p))).port == stalled.port
+                    and kit.slot_owner(kit.keyslot(f"party:{p}")).port != stalled.port
+                )
+                slot = kit.keyslot(link.stream_for(party))
+                notice = JoinNotice(party, "run", "aria", "Aria", "t" * 32)
+                calls["append"] = lambda: link.notify_join(notice)
+            await calls[call]()  # the map is read, and names the master to be stalled
+            assert stalled.proc is not None
+            stalled.proc.send_signal(signal.SIGSTOP)
+            try:
+
+                def promoted() -> bool:
+                    with contextlib.suppress(Exception):
+                        return kit.slot_owner(slot).port != stalled.port
+                    return False
+
+                await wait_until(promoted, timeout=20)
+                with pytest.raises((RedisError, BackendUnavailable)):  # its map names the stalled
+                    await calls[call]()
+                began = time.monotonic()
+                tries = []
+                while True:  # at once: the map read is under way
+                    try:
+                        await calls[call]()
+                        break
+                    except Exception as exc:
+                        tries.append((time.monotonic() - began, repr(exc)))
+                        await asyncio.sleep(0.05)
+                took = time.monotonic() - began
+            finally:
+                stalled.proc.send_signal(signal.SIGCONT)
+        assert took < command_timeout * 0.8, (took, tries)

@@ -72,7 +72,8 @@ def _params(method: object) -> list[tuple[str, object, object]]:
 def test_the_redis_py_internals_the_cluster_and_sentinel_clients_override_are_as_verified() -> None:
     """Besides ``redis_wire``, three places lean on redis-py below its client API, each with a
     behaviour test of its own (tests/redis/test_cluster_*.py, test_sentinel_*.py, the fence's):
-    ``BoundedRedisCluster`` overrides ``RedisCluster._determine_slot`` and ``_execute_command``,
+    ``BoundedRedisCluster`` overrides ``RedisCluster._determine_slot``, ``_determine_nodes`` and
+    ``_execute_command``,
     ``_SentinelConnection`` overrides ``connect_to`` and ``connect_check_health`` (redis_connect),
     and the fence is redis-py's ``redis_connect_func`` connection option (redis_fence). Their
     names and signatures are pinned here, so an upgrade that renames or reshapes one fails by
@@ -90,6 +91,11 @@ def test_the_redis_py_internals_the_cluster_and_sentinel_clients_override_are_as
     overridden = {
         RedisCluster._determine_slot: [
             ("self", positional, empty), ("command", positional, empty), ("args", var, empty),
+        ],
+        RedisCluster._determine_nodes: [
+            ("self", positional, empty), ("command", positional, empty), ("args", var, empty),
+            ("request_policy", inspect.Parameter.KEYWORD_ONLY, empty),
+            ("node_flag", inspect.Parameter.KEYWORD_ONLY, None),
         ],
         RedisCluster._execute_command: [
             ("self", positional, empty), ("target_node", positional, empty),

@@ -659,6 +659,13 @@ class BoundedRedisCluster(RedisCluster):
     semaphores: dict[str, asyncio.Semaphore]
     _refreshing: asyncio.Task[None] | None = None
     _refreshed_at: float = -MAP_REFRESH_EVERY
+    #: The event loop's time at which the last map read that has ended began (``_refresh``),
+    #: and a future for the end of the next one (``_fresh_map``).
+    _read_began: float = float("-inf")
+    _read_ended: asyncio.Future[None] | None = None
+    #: The masters whose calls failed (timed out, lost the connection), by node name: the event
+    #: loop's time of the last failure (``_execute_command``, ``_fresh_map``).
+    failed_at: dict[str, float]
     _trouble_until: float = 0.0  # the event loop's time until which the map is read repeatedly
     _loop: asyncio.AbstractEventLoop | None = None  # the one this client runs in
     #: Closed by its owner: a call then raises ``ConnectionError``. redis-py's client opens
@@ -721,12 +728,15 @@ class BoundedRedisCluster(RedisCluster):
         loop = asyncio.get_running_loop()
         me = asyncio.current_task()
         while self._refreshing is me:  # (else stopped, its cancellation lost: see below)
+            began = loop.time()
             try:
                 await read_slot_map(self, min(self.bound or MAP_PING_WAIT, MAP_PING_WAIT))
                 live = await answering(self.get_primaries())
             except Exception as exc:  # no node answers: asked again (below, or by a call)
                 log.debug("redis cluster: the slot map could not be read again: %s", exc)
+                self._map_read(began, ())
             else:
+                self._map_read(began, live)
                 if self._refreshing is not me:
                     # Stopped meanwhile (the client closed), and the cancellation did not reach
                     # this task: a read cut short by it inside redis-py can end as a timeout, a
@@ -742,6 +752,51 @@ class BoundedRedisCluster(RedisCluster):
             if loop.time() + MAP_REFRESH_EVERY > self._trouble_until:
                 return
             await asyncio.sleep(MAP_REFRESH_EVERY)
+
+    def _map_read(self, began: float, live: Iterable[ClusterNode]) -> None:
+        """A map read begun at ``began`` has ended (read or not); the masters of its map that
+        answered are no longer failed. Calls waiting for it go on (``_fresh_map``)."""
+        self._read_began = max(self._read_began, began)
+        for node in live:
+            self.failed_at.pop(node.name, None)
+        ended, self._read_ended = self._read_ended, None
+        if ended is not None and not ended.done():
+            ended.set_result(None)
+
+    async def _fresh_map(self, nodes: Iterable[ClusterNode]) -> bool:
+        """If a call's master failed within ``MAP_WATCH`` s and no map read begun since has
+        ended: wait for one (the call's bound still holds), and say so (True: find its master
+        again). After a timeout on a stalled master, a call made at once went to it again,
+        before the map read that timeout set off could name the replica promoted in its place:
+        a second whole timeout (cluster probe: an action's append retried 0.25 s later)."""
+        loop = asyncio.get_running_loop()
+        failed = max(
+            (self.failed_at.get(node.name, float("-inf")) for node in nodes), default=-1e18
+        )
+        if failed < loop.time() - MAP_WATCH:
+            return False
+        waited = False
+        while self._read_began < failed and not self._closed:
+            if self._read_ended is None:
+                self._read_ended = loop.create_future()
+            self.refresh_slot_map()  # (a read within MAP_REFRESH_EVERY: the next one, below)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(MAP_REFRESH_EVERY):
+                    await asyncio.shield(self._read_ended)
+            waited = True
+        return waited
+
+    async def _determine_nodes(self, *args: Any, **kwargs: Any) -> list[ClusterNode]:
+        # Every call and pipeline of the client finds its masters here (redis-py 5.x to 8.x).
+        nodes: list[ClusterNode] = await super()._determine_nodes(*args, **kwargs)
+        if self.failed_at and await self._fresh_map(nodes):
+            nodes = await super()._determine_nodes(*args, **kwargs)
+        return nodes
+
+    def _failed(self, names: Iterable[str]) -> None:
+        now = asyncio.get_running_loop().time()
+        for name in names:
+            self.failed_at[name] = now
 
     async def aclose(self) -> None:
         """Also redis-py's own step after ``CLUSTERDOWN`` or many ``MOVED`` (within a call): it
@@ -826,8 +881,12 @@ class BoundedRedisCluster(RedisCluster):
 
     async def _execute_command(self, target_node: ClusterNode, *args: Any, **kwargs: Any) -> Any:
         # Every command of the client meets its master here, with the master known.
-        async with self.slots_of([target_node.name]):
-            return await super()._execute_command(target_node, *args, **kwargs)
+        try:
+            async with self.slots_of([target_node.name]):
+                return await super()._execute_command(target_node, *args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.CancelledError):
+            self._failed([target_node.name])  # (cancelled: by the call's bound, mostly)
+            raise
 
     @contextlib.asynccontextmanager
     async def slots_of(self, names: Iterable[str]) -> AsyncIterator[None]:
@@ -896,8 +955,12 @@ class _BoundedPipeline(ClusterPipeline):
             with contextlib.suppress(Exception):  # no master now: redis-py's execute says why
                 slot = await client._determine_slot(*args)
                 masters.add(client.nodes_manager.get_node_from_slot(slot).name)
-        async with client.slots_of(masters):
-            return await super().execute(raise_on_error, redirect)
+        try:
+            async with client.slots_of(masters):
+                return await super().execute(raise_on_error, redirect)
+        except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.CancelledError):
+            client._failed(masters)  # (which of them did not answer, redis-py does not say)
+            raise
 
 
 def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
@@ -919,6 +982,7 @@ def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
     client.bound = kwargs.get("socket_timeout")
     client.per_master = kwargs["max_connections"]
     client.semaphores = {}
+    client.failed_at = {}
     # RedisCluster takes no redis_connect_func of its own; the nodes it finds get theirs from its
     # connection options (one dict, shared with its NodesManager), the startup node from a copy.
     fence = functools.partial(fence_cluster_on_connect, prefix=target.prefix)
