@@ -1204,12 +1204,23 @@ function closedProblem(change: ConnectionChange): string | null {
   }
 }
 
+/** How long a link gets to answer a ping once the browser says it is offline. */
+const OFFLINE_CHECK_MS = 3_000;
+
 function wire(c: PartySyncClient, cfg: DemoConfig): void {
   // The network is back: the reconnect is made now, not at the end of its backoff (up to 30 s:
   // demo probe).
   window.addEventListener("online", () => c.reconnectNow());
+  // The device lost its network, or the page is shown again (a phone that slept, the Mini App
+  // brought back): the link is checked now, not after up to 30 s of silence (its idle ping and
+  // pong wait), while the page went on saying "Online" (demo probe).
+  window.addEventListener("offline", () => c.checkNow(OFFLINE_CHECK_MS));
+  document.addEventListener("visibilitychange", () => {
+    if (document.visibilityState === "visible") c.checkNow();
+  });
   let online = false;
   let signInTrouble = false; // a failed sign-in was told since the last hello
+  let blockedNote: HTMLLIElement | null = null; // an operator's block told since the last hello
   c.on("connection", (change) => {
     setStatus(change.status, connectionText(change));
     if (change.delayMs !== undefined) {
@@ -1224,9 +1235,11 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       // blocked by an operator until a time the server named: the client tries again then
       const seconds = Math.max(1, Math.round((change.delayMs ?? 0) / 1000));
       const when = seconds < 120 ? `${seconds} s` : `${Math.round(seconds / 60)} min`;
-      note(`An operator has blocked you from the party for now; trying again in ${when}…`, {
-        kind: "error",
-      });
+      const text = `An operator has blocked you from the party for now; trying again in ${when}…`;
+      // One line per block, its time kept current: a second refusal of the same block (a
+      // handshake made before the first refusal's answer came, under load) is not a second line.
+      if (blockedNote !== null && blockedNote.isConnected) blockedNote.textContent = text;
+      else blockedNote = note(text, { kind: "error" });
     } else if (change.status === "reconnecting" && online) {
       const why = change.code !== undefined ? ` (${change.code})` : "";
       note(`Connection lost${why}; reconnecting${change.resume ? " to resume" : ""}…`, {
@@ -1250,6 +1263,7 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
   });
   c.on("hello", ({ message, resumed }: HelloInfo) => {
     signInTrouble = false;
+    blockedNote = null;
     clockOffsetMs = Date.parse(message.timestamp) - Date.now();
     const p = message.payload;
     const item = note(

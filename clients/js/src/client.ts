@@ -389,6 +389,26 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     this.#run(this.#stream.retryNow());
   }
 
+  /**
+   * Check the link now instead of at the end of its idle interval (e.g. on the browser's
+   * `offline` event, or when the page is shown again after the phone slept): a connected client
+   * sends a `system.ping`, and if nothing at all comes back within `timeoutMs` (default
+   * `pongTimeoutMs`) it drops the link as lost, then reconnects and resumes as after any lost
+   * link; a client waiting to reconnect tries now (`reconnectNow`). Nothing while a check or a
+   * handshake is under way.
+   */
+  checkNow(timeoutMs?: number): void {
+    const ws = this.#ws;
+    if (ws === null) {
+      this.reconnectNow();
+      return;
+    }
+    if (this.status !== "open" || ws.readyState !== OPEN) return; // (a handshake has its own watch)
+    if (this.#watchPhase === "pong" || this.#watchPhase === "error") return;
+    this.#send({ type: "system.ping", payload: {} });
+    this.#watch(ws, "pong", Math.max(1, timeoutMs ?? this.#pongTimeoutMs));
+  }
+
   /** Vote for `option` in the open vote `voteId`; resolves with the `vote.update` it caused. */
   castVote(voteId: string, option: string): Promise<VoteUpdateMessage> {
     if (this.status === "closed") return this.#closedError();

@@ -207,6 +207,47 @@ describe("a link gone silent", () => {
     assert.equal(FakeSocket.all.length, 2);
   });
 
+  it("checkNow pings at once: an answer keeps the link, silence drops it and resumes", async () => {
+    const h = harness({ pingIntervalMs: 20_000, pongTimeoutMs: 10_000 });
+    await joined(h, 3);
+    const first = h.socket();
+    h.timers.advance(1_000);
+    h.client.checkNow(3_000); // the browser went offline
+    assert.equal(first.sentOfType("system.ping").length, 1);
+    assertValidClientMessages(first);
+    h.client.checkNow(3_000); // a check under way: not a second ping
+    assert.equal(first.sentOfType("system.ping").length, 1);
+    first.deliver({ type: "system.pong", timestamp: "2026-11-25T21:00:30.000Z", trace_id: "t", payload: {} });
+    h.timers.advance(5_000);
+    assert.equal(h.client.status, "open", "answered: the link stays");
+    h.client.checkNow(3_000);
+    assert.equal(first.sentOfType("system.ping").length, 2);
+    h.timers.advance(2_999);
+    assert.equal(h.client.status, "open");
+    h.timers.advance(1); // no answer within the check's timeout: lost, well before 20 s + 10 s
+    assert.ok(first.closedByClient !== null, "the dead socket is closed");
+    assert.equal(h.client.status, "reconnecting");
+    assert.equal(h.connections.at(-1)?.code, 1006);
+    const second = await reconnect(h);
+    assert.equal(second.query.get("last_seq"), "3", "it resumes");
+  });
+
+  it("checkNow while waiting to reconnect tries at once; before a hello it does nothing", async () => {
+    const h = harness({ pingIntervalMs: 20_000, pongTimeoutMs: 10_000 });
+    void h.client.connect();
+    await tick();
+    const socket = h.socket();
+    h.client.checkNow(); // the handshake has its own watch
+    assert.equal(socket.sentOfType("system.ping").length, 0);
+    socket.deliver(hello(0));
+    socket.drop(1006);
+    assert.equal(h.client.status, "reconnecting");
+    const before = FakeSocket.all.length;
+    h.client.checkNow();
+    await tick();
+    assert.equal(FakeSocket.all.length, before + 1, "dialled at once, not after the backoff");
+  });
+
   it("the ping waits for a whole interval of silence, however the messages fall", async () => {
     const h = harness({ pingIntervalMs: 20_000, pongTimeoutMs: 10_000 });
     await joined(h, 0); // heard at 0

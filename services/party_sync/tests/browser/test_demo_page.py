@@ -27,6 +27,7 @@ from ps_testkit.browser import (
     open_player,
     screenshot,
 )
+from ps_testkit.client import wait_until
 from ps_testkit.proxy import TcpProxy
 from ps_testkit.servers import SECRET, make_settings, serve_in_process
 
@@ -457,3 +458,32 @@ async def test_the_page_reconnects_at_once_when_the_network_comes_back() -> None
         await expect(status).to_have_attribute("data-status", "reconnecting")
         await aria.page.evaluate("window.dispatchEvent(new Event('online'))")
         await expect(status).to_have_attribute("data-status", "open", timeout=5_000)
+
+
+async def test_the_page_checks_its_link_at_once_when_the_device_goes_offline() -> None:
+    """Demo probe: the page said "Online" for up to 30 s after the browser went offline (its
+    idle ping waits 20 s of silence, then 10 s for an answer). The browser's ``offline`` event
+    makes it ping now (``checkNow``), and a link that does not answer within 3 s is dropped and
+    reconnected; one that answers stays."""
+    async with (
+        serve_in_process(make_settings(api_key=KEY), engine=ReferenceEngine(seed=3)) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+        chromium() as browser,
+    ):
+        aria = await open_player(
+            browser, "aria", f"{proxy.base}/demo?token={token('aria', 'Aria')}"
+        )
+        status = aria.page.locator("#status")
+        await expect(status).to_have_attribute("data-status", "open")
+        pongs = aria.received.count("system.pong")
+        await aria.page.evaluate("window.dispatchEvent(new Event('offline'))")
+        await wait_until(lambda: aria.received.count("system.pong") > pongs, timeout=5)
+        await expect(status).to_have_attribute("data-status", "open")  # a live link answered
+        hellos = aria.received.count("system.hello")
+        assert proxy.stall() >= 1  # the network gone: the socket stays open, silent
+        await aria.page.evaluate("window.dispatchEvent(new Event('offline'))")
+        # dropped after 3 s of silence and connected again (the proxy lets new links through),
+        # well before the 30 s of the idle ping and its wait
+        await wait_until(lambda: aria.received.count("system.hello") > hellos, timeout=15)
+        await expect(status).to_have_attribute("data-status", "open")
+        aria.assert_clean()

@@ -9,6 +9,7 @@ exist (``make setup``); a build older than its sources is rebuilt here with ``np
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -106,6 +107,12 @@ class Player:
     page: Page
     page_errors: list[str] = field(default_factory=list)
     csp_violations: list[str] = field(default_factory=list)
+    #: the ``type`` of every WebSocket message the page received, in order
+    received: list[str] = field(default_factory=list)
+
+    def received_frame(self, payload: str | bytes) -> None:
+        with contextlib.suppress(ValueError, AttributeError):
+            self.received.append(str(json.loads(payload).get("type")))
 
     def assert_clean(self) -> None:
         assert not self.page_errors, f"{self.name}: uncaught errors {self.page_errors}"
@@ -136,6 +143,7 @@ async def open_player(browser: Browser, name: str, url: str, *, desktop: bool = 
             else None
         ),
     )
+    page.on("websocket", lambda ws: ws.on("framereceived", player.received_frame))
     await page.goto(url)
     return player
 
