@@ -425,8 +425,12 @@ BODY_TIMEOUT: Final = web.AppKey("body_timeout", float)
 _READING: Final = web.AppKey("party_sync.reading_bodies", dict)
 
 
-class _CutShort(PartySyncError):
-    """What a body's stream raises once the server began to shut down (``ShuttingDown``)."""
+class _CutShort(PartySyncError, TimeoutError):
+    """What a body's stream raises once the server began to shut down (``ShuttingDown``). A
+    ``TimeoutError``: after the 503, aiohttp reads on what is left of the body (its "lingering"
+    read, 3.x), which meets this again, and ends quietly only on a timeout (then closes the
+    connection); any other exception there was logged as an unhandled ERROR with its traceback,
+    at every shutdown under API traffic (ops probe)."""
 
 
 def answer_bodies_at_shutdown(app: web.Application) -> None:
@@ -519,6 +523,8 @@ async def _read_body(request: web.Request, limit: int, inflater: Any) -> bytes:
                 if size > limit:
                     raise BodyTooLarge(limit)
                 chunks.append(data)
+    except _CutShort:
+        raise
     except TimeoutError:
         raise BodyTimeout(timeout) from None
     except RequestPayloadError:  # a broken chunk
