@@ -8,6 +8,7 @@ answer back, and moves the clock by hand: a 30-second vote or a 10-second grace 
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Coroutine, Sequence
 from typing import Any, TypeVar
 
@@ -527,6 +528,24 @@ def test_forbidden_actions_are_refused_before_the_backend_is_asked() -> None:
     node.act(aria, "vote:v1")
     assert error_code(node.last(aria)) == "forbidden"
     assert node.engine == [] and node.refused == ["forbidden"] * 3
+
+
+def test_a_refusal_is_logged_with_the_trace_id_its_player_was_given(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Ops probe: a message sent without a ``trace_id`` got a ``system.error`` with one made for
+    it, and the "message refused" log line had none (nor the action's id): the id a player
+    reports could not be found in the logs."""
+    node = Node()
+    aria = node.join("aria")
+    untraced = action("a1", "borin")
+    del untraced["trace_id"]
+    with caplog.at_level(logging.INFO, logger="party_sync.core.session"):
+        node.send(aria, untraced)
+    reply = node.last(aria)
+    assert error_code(reply) == "forbidden" and reply["trace_id"]
+    (record,) = [r for r in caplog.records if r.getMessage() == "message refused"]
+    assert (record.trace_id, record.action_id) == (reply["trace_id"], "a1")  # type: ignore[attr-defined]
 
 
 def test_another_actors_action_id_is_taken() -> None:

@@ -737,19 +737,20 @@ class PartySessions:
         connection (1008)."""
         self.meter.count("errors", exc.code.value)
         self.meter.sent(t.ERROR)
-        log.info(
-            "message refused",
-            extra={
-                "trace_id": exc.trace_id,
-                "party_id": conn.party_id,
-                "character_id": conn.character_id,
-                "code": exc.code.value,
-            },
-        )
-        out: Commands = [
-            Send(codec.encode(replies.from_protocol_error(exc, now=now)), [conn]),
-            Refused(exc.code),
-        ]
+        reply = replies.from_protocol_error(exc, now=now)
+        # the reply's trace id: the client's, or the one made for it (which the player sees)
+        about = {
+            "trace_id": reply["trace_id"],
+            "party_id": conn.party_id,
+            "character_id": conn.character_id,
+            "code": exc.code.value,
+        }
+        if exc.action_id is not None:
+            about["action_id"] = exc.action_id
+        if exc.vote_id is not None:
+            about["vote_id"] = exc.vote_id
+        log.info("message refused", extra=about)
+        out: Commands = [Send(codec.encode(reply), [conn]), Refused(exc.code)]
         strike = strike or exc.code in BAD_INPUT or exc.code is ErrorCode.RATE_LIMITED
         if strike and conn.limits.strike(now):
             out.extend(
