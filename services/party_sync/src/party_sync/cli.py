@@ -411,6 +411,7 @@ def _serve(args: argparse.Namespace) -> int:
     # running server removed its development secret and the engine's database, then could
     # not listen (its links stopped working; the running engine wrote to a deleted file).
     check_port_free(settings.host, settings.port)
+    _refuse_engine_per_worker(settings, os.environ)
     dev_mode = settings.dev_mode
     link = None
     node_id = new_node_id()
@@ -942,6 +943,22 @@ def _take_nodes_settings(settings: config.Settings) -> config.Settings:
             extra={"key": key},
         )
     return dataclasses.replace(settings, **theirs)  # type: ignore[arg-type]
+
+
+def _refuse_engine_per_worker(settings: config.Settings, environ: Mapping[str, str]) -> None:
+    """``--workers`` N > 1 with the reference engine in process on ``memory://``: each worker's
+    engine would keep a state of its own, and a party's actions, landing on several workers,
+    would be played against different stories (README, "Using every core"). Refused (exit 2)."""
+    if settings.workers == 1 or settings.resolved_engine_transport != "inprocess":
+        return
+    url = environ.get(devmode.ENGINE_DATABASE_ENV, "").strip()
+    if devmode.is_reference_engine(settings.engine) and url.lower().startswith("memory:"):
+        raise ConfigError(
+            f"workers {settings.workers} with the engine in process on "
+            f"{devmode.ENGINE_DATABASE_ENV}={url}: each worker's engine would keep a state of "
+            "its own (a party's members land on several workers). Use the SQLite file (the "
+            "default) or PostgreSQL, the stream transport with engine-worker, or --workers 1"
+        )
 
 
 def _refuse_redis_misconfiguration(settings: config.Settings, *, stream: bool = False) -> None:

@@ -530,6 +530,25 @@ def test_more_than_one_worker_on_the_embedded_backend_is_refused(
     assert "needs the Redis backend" in proc.stderr
 
 
+def test_workers_with_the_reference_engine_in_process_on_memory_are_refused(
+    redis: RedisServer,
+) -> None:
+    """Ops probe: each worker's in-process engine on ``memory://`` keeps a state of its own, and
+    a party's members land on several workers: README says not to, and the group started."""
+    proc = run_serve(
+        "--workers",
+        "2",
+        "--redis-url",
+        redis.url,
+        "--engine-transport",
+        "inprocess",
+        env={"CAMPAIGN_ENGINE_DATABASE_URL": "memory://"},
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "configuration error" in proc.stderr
+    assert "each worker's engine would keep a state of its own" in proc.stderr
+
+
 def test_a_worker_that_cannot_start_stops_the_group_with_its_code(redis: RedisServer) -> None:
     proc = run_serve(
         "--workers",
