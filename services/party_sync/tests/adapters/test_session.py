@@ -203,6 +203,41 @@ class _FakeWebSocket:
         return True
 
 
+class _UnansweredWebSocket(_FakeWebSocket):
+    """A peer that never answers the close frame (aiohttp's close waits for ever)."""
+
+    async def close(self, *, code: int, message: bytes) -> bool:
+        self.transport.writes.append(b"CLOSE")
+        self.closed_with = (code, message)
+        await asyncio.Event().wait()
+        return True
+
+
+async def test_a_peer_that_took_its_close_frame_gets_close_timeout_to_answer_not_twice_that(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Security probe: a flooder closed with 1008 that took the close frame and never answered
+    (its bytes read and dropped meanwhile) was let go 6 s after, not the 3 s docs/protocol.md
+    says: the close looked at what the peer had taken once per whole ``CLOSE_TIMEOUT``, and
+    what it took in the first window bought it a second one. Its answer now has
+    ``CLOSE_TIMEOUT`` from when everything was seen taken (looked at every ``CLOSE_POLL``)."""
+    from party_sync.transport import sink as sink_module
+    from ps_testkit.client import wait_until
+
+    monkeypatch.setattr(sink_module, "CLOSE_TIMEOUT", 1.0)
+    monkeypatch.setattr(sink_module, "CLOSE_POLL", 0.05)
+    transport = _FakeTransport(buffered=4096)  # frames the peer has not taken yet
+    ws = _UnansweredWebSocket(transport)
+    sink = sink_module.WebSocketSink(ws, transport, 1 << 20)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    sink.close(1008, "too many bad or excess messages")
+    await wait_until(lambda: ws.closed_with is not None)
+    transport.buffered = 0  # the peer takes it all, its close frame included
+    taken = loop.time()
+    await wait_until(lambda: b"ABORT" in transport.writes, timeout=5)
+    assert loop.time() - taken < 1.5  # one CLOSE_TIMEOUT (and a look), not two
+
+
 def _sinks(
     n: int, buffered: int = 0, max_buffer: int = 1 << 20, delay: float = 0.0
 ) -> tuple[list[Any], Any]:
