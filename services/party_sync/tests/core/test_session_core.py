@@ -380,8 +380,8 @@ class Listener:
     def on_direct(self, character_id: str, data: bytes) -> None:
         self.node.run(self.node.core.direct_received(self.party_id, character_id, data))
 
-    def on_resync(self) -> None:
-        self.node.run(self.node.core.resync(self.party_id))
+    def on_resync(self, epoch: str | None = None) -> None:
+        self.node.run(self.node.core.resync(self.party_id, epoch))
 
     def on_transient(self, items: Sequence[Transient]) -> None:
         self.node.run(self.node.core.transient_received(self.party_id, items, self.node.now))
@@ -420,6 +420,51 @@ def _token(conn: Connection) -> tuple[Any, str]:
     from party_sync.core.deadlines import Kind
 
     return Kind.TOKEN, conn.id
+
+
+def test_a_resync_into_a_new_epoch_keeps_the_connections_already_in_it() -> None:
+    """Engine probe: after Redis lost a party (FLUSHALL), a player's first connection, whose
+    own join began the new epoch, was closed 4003 before or right after its hello (3 runs of 4):
+    the stream, meeting the new epoch, resynced every connection. Now only those whose hello was
+    of the lost epoch resync; one still opening keeps going, nothing of the lost epoch buffered,
+    and resyncs only if its own snapshot turns out to be of the lost epoch."""
+    from dataclasses import replace
+
+    node = Node()
+    aria, borin = node.join("aria"), node.join("borin")
+    new = aria.epoch
+    assert new is not None and borin.epoch == new
+    borin.epoch = "lost"  # (its hello was of the history Redis lost)
+    opening, late = (
+        Connection(
+            f"n.{c}", Binding("p1", "r1", c, c.title()), ConnectionLimits(LimitPolicy()), T0 + 60
+        )
+        for c in ("cora", "dain")
+    )
+    for conn in (opening, late):
+        assert [type(c) for c in node.core.open(conn, None, node.now)] == [Connect]
+        assert conn.buffer is not None
+        conn.buffer.append(Event("p1", 57, t.SCENE_UPDATE, {}, "t57", b"{}"))  # of the lost epoch
+    node.run(node.core.resync("p1", new))
+    assert aria.id not in node.closes  # opened in the new epoch: stays
+    assert node.closes[borin.id][0] == CloseCode.RESYNC
+    assert opening.id not in node.closes and late.id not in node.closes
+    snapshot = done(node.backend.snapshot("p1", node.now))
+    assert snapshot.epoch == new
+    node.run(
+        node.core.opened(
+            opening, join=None, snapshot=snapshot, replay=None, resume=None, now=node.now
+        )
+    )
+    assert node.types(opening) == [t.HELLO] and opening.id not in node.closes
+    old = replace(snapshot, epoch="lost")  # its snapshot was read before the loss
+    node.run(
+        node.core.opened(late, join=None, snapshot=old, replay=None, resume=None, now=node.now)
+    )
+    assert node.types(late) == [t.HELLO] and node.closes[late.id][0] == CloseCode.RESYNC
+    node.run(node.core.resync("p1"))  # a gap in one epoch: every connection resyncs
+    assert node.closes[aria.id][0] == CloseCode.RESYNC
+    assert node.closes[opening.id][0] == CloseCode.RESYNC
 
 
 def test_a_lost_connection_leaves_only_after_the_grace_period() -> None:

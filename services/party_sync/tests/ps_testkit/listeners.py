@@ -28,7 +28,7 @@ class Recorder:
     def on_direct(self, character_id: str, data: bytes) -> None:
         self.directs.append((character_id, data))
 
-    def on_resync(self) -> None:
+    def on_resync(self, epoch: str | None = None) -> None:
         self.resyncs += 1
 
     def on_transient(self, items: Sequence[Transient]) -> None:

@@ -230,7 +230,7 @@ class Recorder:
     def on_direct(self, character_id: str, data: bytes) -> None:
         self._add(("direct", character_id, data))
 
-    def on_resync(self) -> None:
+    def on_resync(self, epoch: str | None = None) -> None:
         self._add(("resync",))
 
     def on_transient(self, items: Sequence[Transient]) -> None:

@@ -69,6 +69,28 @@ async def test_flushed_history_gets_a_new_epoch_and_a_snapshot_never_a_replay(
             await client.close()
 
 
+async def test_the_first_connection_after_a_flush_stays_while_the_lost_epochs_resync(
+    cluster: Cluster,
+) -> None:
+    """Engine probe: after a FLUSHALL, a player's new connection (no epoch, no last_seq), whose
+    own join began the party's new epoch, was closed 4003 before or right after its hello in 3
+    runs of 4: the node's stream, meeting the new epoch, told every connection of the party to
+    resync. Only those whose hello was of the lost epoch resync now."""
+    async with cluster.node() as n1:
+        a, _ = await n1.join("aria")
+        await a.act("before", "aria", "r1")
+        await a.until("scene.update")
+        cluster.redis.command("FLUSHALL")
+        b, hello = await n1.join("borin")
+        assert hello["payload"]["resumed"] is False
+        assert await a.closed() == 4003  # her hello was of the lost epoch
+        await b.act("after", "borin", "r1")
+        assert (await b.until("action.result"))["payload"]["action_id"] == "after"
+        assert [m["type"] for m in b.received].count("system.hello") == 1
+        assert_ordered(b)
+        await b.close()
+
+
 async def test_a_killed_node_players_leave_within_the_bound_and_resume_elsewhere(
     cluster: Cluster,
 ) -> None:

@@ -52,7 +52,7 @@ class Listener:
     def on_direct(self, character_id: str, data: bytes) -> None:
         return None
 
-    def on_resync(self) -> None:
+    def on_resync(self, epoch: str | None = None) -> None:
         return None
 
     def on_transient(self, items: Sequence[Transient]) -> None:

@@ -105,7 +105,7 @@ async def test_a_fenced_party_starts_a_new_epoch_and_its_listeners_resync(
 
         def on_transient(self, items: Sequence[Transient]) -> None: ...
 
-        def on_resync(self) -> None:
+        def on_resync(self, epoch: str | None = None) -> None:
             resyncs.append("resync")
 
     try:

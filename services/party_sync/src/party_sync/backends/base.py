@@ -74,8 +74,10 @@ class PartyListener(Protocol):
     def on_direct(self, character_id: str, data: bytes) -> None:
         """A non-sequenced message for one character's connections (e.g. an engine rejection)."""
 
-    def on_resync(self) -> None:
-        """Continuity was lost and could not be repaired: every client must resync."""
+    def on_resync(self, epoch: str | None = None) -> None:
+        """Continuity was lost and could not be repaired: every client must resync, except,
+        when the party's history moved to another ``epoch`` (Redis lost it), the clients whose
+        snapshot was of that epoch already (opened in it before the stream saw it change)."""
 
     def on_transient(self, items: Sequence[Transient]) -> None:
         """Messages for every member outside the sequenced stream (``core.transient``), in the

@@ -299,9 +299,10 @@ class PartyStream:
             "party stream lost continuity: clients resync",
             extra={"party_id": self.party_id, "epoch": epoch, "last_seq": self.last},
         )
+        moved = epoch if epoch != self.epoch else None
         for listener in list(self.listeners):
-            listener.on_resync()
-        if epoch != self.epoch:
+            listener.on_resync(moved)
+        if moved is not None:
             self.epoch, self.last = epoch, 0
             return True
         self.last = top

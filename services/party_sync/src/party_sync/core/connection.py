@@ -48,6 +48,7 @@ class Connection:
         "buffer",
         "character_id",
         "closed",
+        "epoch",
         "expires_at",
         "id",
         "limits",
@@ -70,6 +71,9 @@ class Connection:
         self.tracker = SeqTracker(0)
         self.buffer: list[Event | Transient] | None = []  # None once live
         self.closed = False
+        #: The party history's epoch of its hello (before it: the one a resync while it opened
+        #: said the party's stream went on in, which its hello must be of; else None)
+        self.epoch: str | None = None
         #: The actions whose final refusal reached this connection unasked (``tell_once``)
         self.told: dict[str, None] | None = None
 

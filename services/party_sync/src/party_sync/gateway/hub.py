@@ -51,5 +51,5 @@ class PartyHub:
     def on_transient(self, items: Sequence[Transient]) -> None:
         carry_local(self._core.transient_received(self.party_id, items, self._clock()))
 
-    def on_resync(self) -> None:
-        carry_local(self._core.resync(self.party_id))
+    def on_resync(self, epoch: str | None = None) -> None:
+        carry_local(self._core.resync(self.party_id, epoch))
