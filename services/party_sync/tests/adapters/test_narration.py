@@ -173,6 +173,12 @@ async def test_a_stream_its_engine_left_open_is_over_with_its_actions_result() -
         assert [(p["index"], p["text"], p["done"]) for p in before] == [(0, "The gate ", False)]
         pieces = await borin.pieces("n1", timeout=5.0)  # (30 s before: narration_idle)
         assert [(p["index"], p["text"], p["done"]) for p in pieces] == [(1, "", True)]
+        # the closing piece is the action's, as its trace id says (engine probe: a new one)
+        result = next(m for m in borin.received if m["type"] == "action.result")
+        (closing,) = [
+            m for m in borin.received if m["type"] == "narration.delta" and m["payload"]["done"]
+        ]
+        assert closing["trace_id"] == result["trace_id"]
         _, later = await srv.join("cyra")
         assert later["payload"]["narration"] == []
         with pytest.raises(NarrationConflict):

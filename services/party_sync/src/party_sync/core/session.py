@@ -466,7 +466,8 @@ class PartySessions:
             if pending is not None:
                 self.deadlines.cancel(_ACTION, (pending.party_id, pending.action_id))
                 self.meter.engine_latency(max(0.0, now - pending.accepted))
-            out.extend(self._narration_answered(event.party_id, event.payload["action_id"], now))
+            answered = event.payload["action_id"]
+            out.extend(self._narration_answered(event.party_id, answered, event.trace_id, now))
         elif type_ == t.VOTE_STARTED:
             key = (event.party_id, event.payload["vote_id"])
             self._open_votes[event.party_id] = event.payload["vote_id"]
@@ -586,10 +587,13 @@ class PartySessions:
                 del self._narration_action[party_id]
         self._narration_over.discard((party_id, stream_id))
 
-    def _narration_answered(self, party_id: str, action_id: str, now: float) -> Commands:
+    def _narration_answered(
+        self, party_id: str, action_id: str, trace_id: str, now: float
+    ) -> Commands:
         """The action's result is out: a stream narrating it that is still open here is over
         with it (the engine did not end it: its last pieces failed, say during a Redis stall),
-        so it is closed now rather than when idle, and the hello stops listing it."""
+        so it is closed now rather than when idle, and the hello stops listing it. Its closing
+        piece carries the result's ``trace_id`` (the action's: engine probe, it had a new one)."""
         actions = self._narration_action.get(party_id)
         if not actions:
             return []
@@ -598,8 +602,7 @@ class PartySessions:
             key = (party_id, stream_id)
             if narrated == action_id and key in self._narrating:
                 self._narration_over.add(key)
-                trace = codec.new_trace_id()
-                out.append(CloseNarration(party_id, stream_id, now, trace, action_id))
+                out.append(CloseNarration(party_id, stream_id, now, trace_id, action_id))
         return out
 
     def narration_looked(self, cmd: CloseNarration, due: float | str | None) -> Commands:
