@@ -770,9 +770,8 @@ class BoundedRedisCluster(RedisCluster):
         before the map read that timeout set off could name the replica promoted in its place:
         a second whole timeout (cluster probe: an action's append retried 0.25 s later)."""
         loop = asyncio.get_running_loop()
-        failed = max(
-            (self.failed_at.get(node.name, float("-inf")) for node in nodes), default=-1e18
-        )
+        never = float("-inf")
+        failed = max((self.failed_at.get(node.name, never) for node in nodes), default=never)
         if failed < loop.time() - MAP_WATCH:
             return False
         waited = False
