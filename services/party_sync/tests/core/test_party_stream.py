@@ -106,6 +106,26 @@ async def test_a_gap_history_cannot_fill_resyncs_the_clients_and_goes_on() -> No
     stream.close()
 
 
+async def test_live_events_behind_a_lost_epochs_are_delivered_or_dropped_not_a_resync() -> None:
+    """Cluster probe: a master resumed after its replica took over ran the script calls queued
+    for it and published their events, of its lost epoch; a node, at 100 in the new epoch,
+    repaired from history to 102 meanwhile, and the live 101 and 102 that had come behind the
+    lost epoch's event were taken for a gap history could not fill: the party's clients were
+    told to resync (4003), with nothing lost. The lost epoch's event is dropped, those already
+    delivered are dropped, and the next one is delivered."""
+    history = History("ep-now", 102)
+    stream, listener = stream_at(history, "ep-now", 100)
+    stream._live(Sequenced("ep-lost", event(93)))  # the resumed master's, queued during its stall
+    stream._live(Sequenced("ep-now", event(101)))  # live, behind it
+    stream._live(Sequenced("ep-now", event(102)))
+    stream._live(Sequenced("ep-now", event(103)))  # (published after history was read)
+    history.top = 103
+    await caught_up(stream)
+    assert listener.resyncs == 0
+    assert listener.seqs == [101, 102, 103]
+    stream.close()
+
+
 async def test_a_gap_history_fills_is_repaired_at_once_without_a_pause() -> None:
     history = History("ep-now", 9)
     stream, listener = stream_at(history, "ep-now", 5)

@@ -322,6 +322,13 @@ class PartyStream:
             elif first.epoch != self.epoch:
                 pending.popleft()
                 self._not_ours(first)
+            elif first.event.seq <= self.last + 1:
+                # delivered already, or the next one (``_drain``'s): it waited behind another
+                # epoch's (cluster probe: a master resumed after its replica took over ran the
+                # script calls queued for it and published their events, of its lost epoch;
+                # the live events that came behind them, which history had given meanwhile,
+                # were taken for a gap history could not fill, and the party's clients resynced)
+                return
             else:
                 self._count_gap("resync")
                 log.warning(
@@ -351,9 +358,11 @@ class PartyStream:
         count = self._foreign_log.admit(self._monotonic())
         if count is not None:
             log.warning(
-                "party:%s carries events of an epoch this deployment's Redis does not hold: "
-                "another deployment publishing on the same channel? Deployments that share a "
-                "Redis server, whatever their database numbers, must use different party ids "
+                "party:%s carries events of an epoch this deployment's Redis does not hold "
+                "(dropped): a lost epoch's, published late (a Redis Cluster master resumed "
+                "after its replica took over runs what was queued for it), or another "
+                "deployment publishing on the same channel? Deployments that share a Redis "
+                "server, whatever their database numbers, must use different party ids "
                 "(docs/redis.md); %d such epoch(s) on this node since the last line",
                 self.party_id,
                 count + 1,
