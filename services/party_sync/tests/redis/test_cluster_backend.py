@@ -790,7 +790,7 @@ def kit_node_timeout() -> float:
     return NODE_TIMEOUT_MS / 1000
 
 
-@pytest.mark.parametrize("call", ["command", "script", "append"])
+@pytest.mark.parametrize("call", ["command", "script", "append", "append after a script"])
 async def test_a_call_after_one_timed_out_on_a_stalled_master_goes_to_its_promoted_replica(
     call: str,
 ) -> None:
@@ -799,21 +799,25 @@ async def test_a_call_after_one_timed_out_on_a_stalled_master_goes_to_its_promot
     still named the stalled master), and the retry, 0.25 s later, met the stalled master again
     before the map read that timeout started had ended. A call for a master that has just failed
     now waits for a map read begun after that failure (within its own bound), then goes where
-    that map says: a plain command, a party script, an action's append to its stream."""
+    that map says: a plain command, a party script, an action's append to its stream; and an
+    append of another client of the process, after a script of the stalled master's party timed
+    out (cluster probe: that party's action, accepted on the promoted replica, was appended by
+    the actions stream's client, whose map still named the stalled master: a second timeout)."""
     with RedisCluster(masters=3, replicas=1) as kit:
         stalled = kit.masters()[1]
-        party = party_on(kit, stalled)
-        slot = kit.keyslot(f"party:{party}")
+        stalled_party = party_on(kit, stalled)
+        slot = kit.keyslot(f"party:{stalled_party}")
         command_timeout = 2.0
         async with contextlib.AsyncExitStack() as stack:
             b = await stack.enter_async_context(
                 node(kit.masters()[0].url, command_timeout=command_timeout)
             )
             calls: dict[str, Callable[[], Awaitable[Any]]] = {
-                "command": lambda: b.client.get(f"{{party:{party}}}:probe"),
-                "script": lambda: b.publish(party, scene(2), time.time()),
+                "command": lambda: b.client.get(f"{{party:{stalled_party}}}:probe"),
+                "script": lambda: b.publish(stalled_party, scene(2), time.time()),
             }
-            if call == "append":
+            failing = calls["script"] if call == "append after a script" else None
+            if call.startswith("append"):
                 target = RedisTarget(kit.masters()[0].url, cluster=True)
                 link = StreamEngineLink(target, "actions", 100, partitions=8, timeout=2.0)
                 stack.push_async_callback(link.close)
@@ -825,8 +829,10 @@ async def test_a_call_after_one_timed_out_on_a_stalled_master_goes_to_its_promot
                 )
                 slot = kit.keyslot(link.stream_for(party))
                 notice = JoinNotice(party, "run", "aria", "Aria", "t" * 32)
-                calls["append"] = lambda: link.notify_join(notice)
+                calls[call] = lambda: link.notify_join(notice)
             await calls[call]()  # the map is read, and names the master to be stalled
+            if failing is not None:
+                await failing()
             assert stalled.proc is not None
             stalled.proc.send_signal(signal.SIGSTOP)
             try:
@@ -838,7 +844,7 @@ async def test_a_call_after_one_timed_out_on_a_stalled_master_goes_to_its_promot
 
                 await wait_until(promoted, timeout=20)
                 with pytest.raises((RedisError, BackendUnavailable)):  # its map names the stalled
-                    await calls[call]()
+                    await (failing or calls[call])()
                 began = time.monotonic()
                 tries = []
                 while True:  # at once: the map read is under way

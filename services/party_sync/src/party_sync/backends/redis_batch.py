@@ -62,7 +62,7 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from party_sync.backends.redis_connect import read_slot_map
+from party_sync.backends.redis_connect import note_failed, read_slot_map
 from party_sync.backends.redis_wire import (
     ConnectionSource,
     NodeConnections,
@@ -401,7 +401,11 @@ class ShardedBatcher:
                     return await self._asking(redirect, script, keys, args)
                 await self._client.initialize()  # nothing once the slot map is known
                 node = _owner(self._client, slot)
-                return await self._shard(node).run(script, keys, args)
+                try:
+                    return await self._shard(node).run(script, keys, args)
+                except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.CancelledError):
+                    note_failed([node.name])  # (cancelled: by the call's bound, mostly)
+                    raise
             except MovedError as exc:  # before AskError: a subclass of it
                 last = exc
                 self.redirects += 1

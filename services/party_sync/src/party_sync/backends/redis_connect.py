@@ -793,9 +793,7 @@ class BoundedRedisCluster(RedisCluster):
         return nodes
 
     def _failed(self, names: Iterable[str]) -> None:
-        now = asyncio.get_running_loop().time()
-        for name in names:
-            self.failed_at[name] = now
+        note_failed(names)
 
     async def aclose(self) -> None:
         """Also redis-py's own step after ``CLUSTERDOWN`` or many ``MOVED`` (within a call): it
@@ -960,6 +958,23 @@ class _BoundedPipeline(ClusterPipeline):
         except (RedisConnectionError, RedisTimeoutError, OSError, asyncio.CancelledError):
             client._failed(masters)  # (which of them did not answer, redis-py does not say)
             raise
+
+
+def note_failed(names: Iterable[str]) -> None:
+    """These masters (node names, ``host:port``) did not answer a call of this process (a
+    timeout, a lost connection): every cluster client of it waits for a map read begun after
+    this before its next call to one of them (``BoundedRedisCluster._fresh_map``). Cluster
+    probe: the scripts' calls of a stalled master's party had timed out, and that party's
+    action, accepted on the promoted replica, was then appended by the actions stream's client,
+    whose map still named the stalled master: one more whole command timeout."""
+    loop = asyncio.get_running_loop()
+    now = loop.time()
+    names = list(names)
+    for client in list(_CLUSTER_CLIENTS):
+        failed_at = getattr(client, "failed_at", None)
+        if client._loop is loop and failed_at is not None:
+            for name in names:
+                failed_at[name] = now
 
 
 def make_cluster_client(target: RedisTarget, **kwargs: Any) -> RedisCluster:
