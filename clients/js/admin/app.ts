@@ -265,7 +265,9 @@ async function refreshParty(): Promise<void> {
 
 async function disconnect(partyId: string, characterId: string): Promise<void> {
   const minutes = Number(($("block-minutes") as HTMLInputElement).value) || 0;
-  const until = minutes > 0 ? `?until=${Math.floor(Date.now() / 1000 + minutes * 60)}` : "";
+  // 0 minutes: may reconnect at once, a block set before lifted too (`until=0`; no `until`
+  // would keep it: the page said 0 lets the player back, and the block stayed: admin probe)
+  const until = `?until=${minutes > 0 ? Math.floor(Date.now() / 1000 + minutes * 60) : 0}`;
   const path =
     `/api/v1/parties/${encodeURIComponent(partyId)}/members/` +
     `${encodeURIComponent(characterId)}/connections${until}`;

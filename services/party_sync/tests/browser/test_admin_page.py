@@ -93,6 +93,13 @@ async def test_an_operator_follows_a_party_and_disconnects_a_player() -> None:
         assert not borin.ws.closed
         await screenshot(admin, name, "4-disconnected")
 
+        # 0 minutes: she may reconnect at once, the block lifted (admin probe: it stayed)
+        await page.locator("#block-minutes").fill("0")
+        await expect(page.locator("#status")).to_contain_text("refused for 5 min")
+        await button.click()
+        await expect(page.locator("#status")).not_to_contain_text("refused for")
+        assert await srv.handshake_status({"token": token("aria", party=PARTY, run=RUN)}) == 101
+
         # A reload keeps the key (same tab session); forgetting it locks the page.
         await page.reload()
         await expect(page.locator("body")).to_have_attribute("data-status", "open")
