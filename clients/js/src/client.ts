@@ -235,6 +235,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
   /** The liveness timer of the current connection (`#watch`), apart from the stream's timer. */
   #watchTimer: unknown = null;
   #watchPhase: WatchPhase | null = null;
+  #watchDue = 0; // when the armed liveness timer fires (the clock of `now`)
   /** When the current connection last brought a message (`#now()`): the idle timer checks it
    * when it fires, instead of being re-armed for every message. */
   #heardAt = 0;
@@ -404,9 +405,17 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
       return;
     }
     if (this.status !== "open" || ws.readyState !== OPEN) return; // (a handshake has its own watch)
-    if (this.#watchPhase === "pong" || this.#watchPhase === "error") return;
+    if (this.#watchPhase === "error") return;
+    const wait = Math.max(1, timeoutMs ?? this.#pongTimeoutMs);
+    if (this.#watchPhase === "pong") {
+      // A ping is out already: its answer is waited for no longer than this check asks (the
+      // page shown again, then the device offline: the offline check's 3 s, not the 10 s of
+      // the check before it: re-check probe).
+      if (this.#now() + wait < this.#watchDue) this.#watch(ws, "pong", wait);
+      return;
+    }
     this.#send({ type: "system.ping", payload: {} });
-    this.#watch(ws, "pong", Math.max(1, timeoutMs ?? this.#pongTimeoutMs));
+    this.#watch(ws, "pong", wait);
   }
 
   /** Vote for `option` in the open vote `voteId`; resolves with the `vote.update` it caused. */
@@ -596,6 +605,7 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
     this.#unwatch();
     if (ms <= 0) return;
     this.#watchPhase = phase;
+    this.#watchDue = this.#now() + ms;
     this.#watchTimer = this.#timers.setTimeout(() => {
       this.#watchTimer = null;
       this.#watchPhase = null;

@@ -232,6 +232,21 @@ describe("a link gone silent", () => {
     assert.equal(second.query.get("last_seq"), "3", "it resumes");
   });
 
+  it("checkNow with a shorter timeout shortens the wait of a check under way, no second ping", async () => {
+    const h = harness({ pingIntervalMs: 20_000, pongTimeoutMs: 10_000 });
+    await joined(h, 3);
+    const socket = h.socket();
+    h.client.checkNow(); // the page shown again: 10 s for an answer
+    h.timers.advance(1_000);
+    h.client.checkNow(3_000); // then the device offline: 3 s from now, not 9
+    h.client.checkNow(5_000); // a longer one changes nothing
+    assert.equal(socket.sentOfType("system.ping").length, 1);
+    h.timers.advance(2_999);
+    assert.equal(h.client.status, "open");
+    h.timers.advance(1);
+    assert.equal(h.client.status, "reconnecting");
+  });
+
   it("checkNow while waiting to reconnect tries at once; before a hello it does nothing", async () => {
     const h = harness({ pingIntervalMs: 20_000, pongTimeoutMs: 10_000 });
     void h.client.connect();
