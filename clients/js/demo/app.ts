@@ -1065,6 +1065,14 @@ function settled(actionId: string): void {
   if (unsettled !== null && unsettled.actionId === actionId) unsettled = null;
 }
 
+/** Whether the story log has the result of `actionId` (its event, or its repeat). */
+function resultLogged(actionId: string): boolean {
+  for (const item of log.querySelectorAll<HTMLElement>("li[data-type='action.result']")) {
+    if (item.dataset["action"] === actionId) return true;
+  }
+  return false;
+}
+
 function act(
   type: "choice" | "combat" | "skill_check",
   payload: Record<string, unknown>,
@@ -1088,6 +1096,14 @@ function act(
       ? c.sendAction("choice", payload as { option: string }, { actionId })
       : c.sendAction(type, payload, { actionId });
   sent
+    .then((result) => {
+      // A result that came back as a repeat, to this player only (its event came before this
+      // page's snapshot: a server restart that lost the party's state) is no event: told here,
+      // once (UX probe: the actor's story jumped to the next scene without its outcome).
+      if (resultLogged(result.payload.action_id)) return;
+      const item = appendLog(resultNodes(client?.state ?? null, result), { type: result.type });
+      item.dataset["action"] = result.payload.action_id;
+    })
     .catch((error: unknown) => {
       if (error instanceof PartySyncError && error.retryable && !FINAL.has(error.code)) {
         unsettled = { key, actionId };
@@ -1319,6 +1335,7 @@ function wire(c: PartySyncClient, cfg: DemoConfig): void {
       }
       case "action.result": {
         const p = event.payload;
+        item.dataset["action"] = p.action_id;
         settled(p.action_id);
         onResultForBanner(p.action_id);
         // My action went through: an error shown about that place is old news.

@@ -891,3 +891,40 @@ async def test_a_ballot_cast_while_the_link_is_down_and_refused_after_the_vote_c
         await screenshot(aria, "late-ballot", "told")
         aria.assert_clean()
         borin.assert_clean()
+
+
+async def test_the_result_of_ones_own_action_told_only_as_a_repeat_is_in_the_story(
+    browser: Browser,
+) -> None:
+    """Aria's action is answered while she is away for more than a resume replays (a restart
+    that lost the party's state does the same): her page resends it, and its result comes back
+    as a repeat, to her only, which settles the action but is no event. Her story jumped from
+    "deciding…" to the next scene without its outcome (UX probe); it tells it, once."""
+    engine = ScriptedEngine()
+    engine.gate = asyncio.Event()  # her action stays in flight until she is gone
+    engine.scene_number = 1
+    settings = make_settings(api_key=KEY, presence_grace=0.3, max_replay=1)
+    async with (
+        serve_in_process(settings, engine=engine) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+    ):
+        aria, borin = await at_the_gate(browser, srv, proxy, "repeat-aria", "repeat-borin")
+        await aria.page.get_by_role("button", name="Force the gate").click()
+        mine = aria.page.locator("#in-flight li[data-phase='deciding']")
+        await expect(mine).to_be_visible()
+        action = await mine.get_attribute("data-action-id")
+        proxy.refusing = True
+        assert proxy.cut() >= 1
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "reconnecting")
+        engine.gate.set()  # answered while she is away: its result and the next scene
+        results = "#log li[data-type='action.result']"
+        await expect(borin.page.locator(results)).to_have_count(1)
+        await expect(borin.page.locator("#scene-title")).not_to_have_text("The Gate")
+        proxy.refusing = False
+        await expect(aria.page.locator("#status")).to_have_attribute("data-status", "open")
+        told = aria.page.locator(results)
+        await expect(told).to_have_count(1)
+        await expect(told).to_have_attribute("data-action", action or "")
+        await expect(mine).to_have_count(0)
+        aria.assert_clean()
+        borin.assert_clean()
