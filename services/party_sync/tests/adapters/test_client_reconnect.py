@@ -89,6 +89,8 @@ class FakeTransport:
             answer = self.plan.pop(0)
             if answer == "down":
                 raise TransportError("connection refused")
+            if isinstance(answer, str) and answer.startswith("403 retry after "):
+                raise HandshakeRejected(403, "blocked", float(answer.rsplit(" ", 1)[1]))
             raise HandshakeRejected(int(answer))
         conn = FakeConnection(token, params)
         self.connections.put_nowait(conn)
@@ -399,6 +401,37 @@ async def test_an_expired_token_without_a_provider_says_so_and_does_not_reconnec
     await asyncio.wait_for(h.client.wait_closed(), 5)
     assert isinstance(h.client.error, ClientClosed) and "token_provider" in str(h.client.error)
     assert h.transport.attempts == 1 and h.delays == []
+
+
+async def test_an_operators_block_is_waited_out_and_a_longer_one_stops_the_client() -> None:
+    """Clients probe: a handshake refused 403 with ``Retry-After`` (an operator's block until a
+    time) stopped the Python client for good, where the JavaScript client tries again then.
+    It waits the block out (and a moment), not counted as a failure; a block longer than
+    ``MAX_BLOCK_WAIT`` (a day) stops it, as any other 403."""
+    h = Harness(max_attempts=1)
+    h.transport.plan = ["403 retry after 60", "403 retry after 5"]
+    h.client.start()
+    conn = await h.transport.next()
+    assert h.delays == [60.5, 5.5]  # its end, and random() of a second (0.5)
+    conn.push(hello(0))
+    await h.seen.next_of(Connected)
+    await h.client.close()
+    assert await h.client.leave() is False  # stopped first: it did not leave (README)
+
+    h = Harness()
+    h.transport.plan = ["403 retry after 86401"]
+    with pytest.raises(ConnectRefused):
+        await h.client.connect()
+
+
+def test_retry_after_reads_seconds_and_http_dates() -> None:
+    from party_sync.client.policy import retry_after_seconds
+
+    assert retry_after_seconds("120") == 120.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412420.0) == 60.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412500.0) == 0.0
+    for unreadable in (None, "", "soon", "-5", "1.5e3"):
+        assert retry_after_seconds(unreadable) is None
 
 
 async def test_an_operators_disconnect_waits_long_before_resuming() -> None:

@@ -30,7 +30,7 @@ from party_sync.client.events import (
     VoteRefused,
     VoteUpdated,
 )
-from party_sync.client.policy import Backoff, Next, after_close, after_handshake
+from party_sync.client.policy import Backoff, Next, after_close, after_handshake, blocked_for
 from party_sync.client.state import PartyState
 from party_sync.client.stream import (
     ActionDone,
@@ -351,6 +351,8 @@ class PartyClient:
         (``close()``, a refused handshake, ``max_attempts``): the character was not removed, and
         ``error`` says why unless it was ``close()`` (the same as the JS client's
         ``closedReason``)."""
+        if self._stopped or self._closing:
+            return self.left  # (False: it stopped first, and did not leave)
         await self._ready()
         message = {"type": t.PARTY_LEAVE, "payload": {"character_id": self.state.you}}
         if self.stream.set_leave(message):
@@ -392,14 +394,19 @@ class PartyClient:
         refresh = self._token is None
         rejected = False  # the token in use was fetched because the one before was refused
         later = False  # an operator's disconnect: wait long before the next attempt
+        blocked: float | None = None  # an operator's block: seconds until it ends
         first = True
         while not self._closing:
             if not first:
                 if self._max_attempts is not None and failures >= self._max_attempts:
                     raise ClientClosed(f"gave up after {failures} failed attempts")
-                delay = self._backoff.long_delay() if later else None
+                if blocked is not None:  # (its end, and a moment: not all at once)
+                    delay: float | None = blocked + self._backoff.random()
+                else:
+                    delay = self._backoff.long_delay() if later else None
                 await self._sleep(delay or self._backoff.delay(max(0, failures - 1)))
             first = later = False
+            blocked = None
             if refresh:
                 if self._provider is None:
                     raise ClientClosed("the token expired and there is no token_provider")
@@ -418,6 +425,12 @@ class PartyClient:
             try:
                 conn = await self._transport.connect(self.url, token=self._token, params=params)
             except HandshakeRejected as exc:
+                blocked = blocked_for(exc.status, exc.retry_after)
+                if blocked is not None:  # not a failure: the server says when to come back
+                    log.warning(
+                        "party_sync client: %s: trying again in %.0f s", exc.reason, blocked
+                    )
+                    continue
                 failures += 1
                 step = after_handshake(exc.status)
                 if step is Next.STOP or (

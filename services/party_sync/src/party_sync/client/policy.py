@@ -12,7 +12,9 @@ Close codes (docs/protocol.md, "Close codes"):
 | anything else (1001, 1006, 1009, 1011, 4002, ...) | reconnect and resume |
 
 Handshake answers: 401 → fetch a fresh token (when there is a provider; once: a fresh token
-refused again stops the client), other 4xx → stop, anything else (5xx, network errors) → retry.
+refused again stops the client), 403 with ``Retry-After`` (an operator's block, until a time at
+most ``MAX_BLOCK_WAIT`` away) → try again then (``blocked_for``), other 4xx → stop, anything else
+(5xx, network errors) → retry.
 
 Backoff is exponential with **full jitter** (AWS Architecture Blog, "Exponential Backoff and
 Jitter"): attempt *n* waits ``uniform(0, min(cap, base * 2**n))``, so a crowd of clients cut off
@@ -23,8 +25,10 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from email.utils import parsedate_to_datetime
 from enum import Enum
 
 from party_sync.protocol.errors import CloseCode
@@ -76,6 +80,37 @@ def handshake_reason(
         said = _ESCAPED.sub(r"\1", found.group(1))
         reason = f"{said}: {reason}"
     return f"{reason}; retry after {retry_after} s" if retry_after else reason
+
+
+#: The longest operator's block a client waits out (a 403's ``Retry-After``, seconds), as the
+#: JavaScript client's ``MAX_BLOCK_WAIT_MS``; a longer one stops it, as any other 403.
+MAX_BLOCK_WAIT = 86_400.0
+
+
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header (RFC 9110 §10.2.3: delay-seconds or an HTTP-date) as seconds from
+    ``now`` (Unix seconds; the clock if None), at least 0; None when absent or unreadable."""
+    if value is None or not value.strip():
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return float(text)
+    try:
+        when = parsedate_to_datetime(text).timestamp()
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    return max(0.0, when - (time.time() if now is None else now))
+
+
+def blocked_for(status: int, retry_after: float | None) -> float | None:
+    """Seconds to wait before trying again after a handshake refused with ``status`` and a
+    ``Retry-After`` of ``retry_after`` seconds: an operator's block (403 until a time, at most
+    ``MAX_BLOCK_WAIT`` away) is waited out; None for every other refusal (``after_handshake``).
+    Clients probe: the Python client stopped for good on a one-minute block, which the
+    JavaScript client waits out."""
+    if status == 403 and retry_after is not None and 0 <= retry_after <= MAX_BLOCK_WAIT:
+        return retry_after
+    return None
 
 
 def after_close(code: int | None) -> Next:

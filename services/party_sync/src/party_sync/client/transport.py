@@ -11,7 +11,7 @@ from typing import Final, Protocol
 
 import aiohttp
 
-from party_sync.client.policy import handshake_reason
+from party_sync.client.policy import handshake_reason, retry_after_seconds
 from party_sync.protocol.errors import PartySyncError
 
 ABNORMAL_CLOSURE = 1006  # RFC 6455: the connection ended without a close frame
@@ -20,10 +20,12 @@ ABNORMAL_CLOSURE = 1006  # RFC 6455: the connection ended without a close frame
 class HandshakeRejected(PartySyncError):
     """The server answered the upgrade with an HTTP error (401 token, 403 origin, ...)."""
 
-    def __init__(self, status: int, reason: str = "") -> None:
+    def __init__(self, status: int, reason: str = "", retry_after: float | None = None) -> None:
         super().__init__(f"handshake refused with {status}")
         self.status = status
         self.reason = reason
+        #: the answer's ``Retry-After``, in seconds from when it came (None: none, unreadable)
+        self.retry_after = retry_after
 
 
 class TransportError(PartySyncError):
@@ -153,7 +155,8 @@ class AiohttpTransport:
                 exc.message,
                 headers.get("WWW-Authenticate") if headers else None,
             )
-            raise HandshakeRejected(exc.status, reason) from None
+            retry_after = retry_after_seconds(headers.get("Retry-After") if headers else None)
+            raise HandshakeRejected(exc.status, reason, retry_after) from None
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise TransportError(f"{type(exc).__name__}: {exc}") from exc
         return AiohttpConnection(ws)
