@@ -852,6 +852,44 @@ function renderLive(streams: readonly Narration[]): void {
   if (following) live.scrollTop = live.scrollHeight;
 }
 
+/** Where the action controls are (each a group of buttons, or the button itself). */
+const ACTION_GROUPS = ["#scene-options", "#combat-actions", "#skill-check"];
+
+/**
+ * The action control the player used: the keyboard focus goes back to it (or to its group's
+ * first button, when it was replaced by a new scene's) once the controls are usable again.
+ * A button disabled while its action is decided, or replaced, drops the focus to the page: a
+ * keyboard or screen-reader player started from the top after every move (UX probe).
+ */
+let focusBack: { group: string; label: string } | null = null;
+
+function rememberFocus(): void {
+  const active = document.activeElement;
+  if (!(active instanceof HTMLButtonElement)) return;
+  const group = ACTION_GROUPS.find((selector) => active.closest(selector) !== null);
+  focusBack = group === undefined ? null : { group, label: active.textContent ?? "" };
+}
+
+function restoreFocus(): void {
+  if (focusBack === null) return;
+  const active = document.activeElement;
+  if (active !== null && active !== document.body) {
+    // still on the control, or the player went elsewhere (then it is not taken back)
+    if (!(active instanceof HTMLButtonElement) || !active.disabled) focusBack = null;
+    return;
+  }
+  const group = document.querySelector(focusBack.group);
+  if (group === null) return;
+  const buttons =
+    group instanceof HTMLButtonElement ? [group] : [...group.querySelectorAll("button")];
+  const usable = buttons.filter((b) => !b.disabled && b.offsetParent !== null);
+  const label = focusBack.label;
+  const target = usable.find((b) => b.textContent === label) ?? usable[0];
+  if (target === undefined) return; // not usable yet: tried again at the next update
+  focusBack = null;
+  target.focus();
+}
+
 function updateButtons(): void {
   const enabled = actionsEnabled();
   for (const button of document.querySelectorAll<HTMLButtonElement>(
@@ -863,6 +901,7 @@ function updateButtons(): void {
   for (const button of document.querySelectorAll<HTMLButtonElement>("#vote-options button")) {
     button.disabled = !usable;
   }
+  restoreFocus();
 }
 
 function render(state: PartySnapshot): void {
@@ -1087,6 +1126,7 @@ function act(
   const key = `${type} ${JSON.stringify(payload)}`;
   const actionId = unsettled !== null && unsettled.key === key ? unsettled.actionId : newId();
   unsettled = null;
+  rememberFocus();
   mine = { actionId, said, where };
   myActions.set(actionId, { said, where });
   while (myActions.size > 64) myActions.delete(myActions.keys().next().value ?? "");

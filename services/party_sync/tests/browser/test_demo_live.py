@@ -928,3 +928,26 @@ async def test_the_result_of_ones_own_action_told_only_as_a_repeat_is_in_the_sto
         await expect(mine).to_have_count(0)
         aria.assert_clean()
         borin.assert_clean()
+
+
+async def test_the_keyboard_focus_comes_back_to_the_control_after_an_action(
+    browser: Browser,
+) -> None:
+    """A keyboard player acts with Enter: the button is disabled while the game master decides,
+    which drops the focus to the page, and it stayed there (UX probe: a keyboard or
+    screen-reader player started from the top after every move). It comes back to the control
+    once it is usable again."""
+    settings = make_settings(api_key=KEY, presence_grace=0.3)
+    async with (
+        serve_in_process(settings, engine=ScriptedEngine()) as srv,
+        TcpProxy(int(srv.base.rsplit(":", 1)[1])) as proxy,
+    ):
+        aria, borin = await at_the_gate(browser, srv, proxy, "focus-aria", "focus-borin")
+        check = aria.page.locator("#skill-check")
+        await check.focus()
+        await aria.page.keyboard.press("Enter")
+        await expect(aria.page.locator("#log li[data-type='action.result']")).to_have_count(1)
+        await expect(check).to_be_enabled()
+        await expect(check).to_be_focused()
+        aria.assert_clean()
+        borin.assert_clean()
