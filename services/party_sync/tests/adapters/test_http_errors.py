@@ -592,6 +592,31 @@ async def test_a_body_still_arriving_at_shutdown_is_answered_at_once_and_applied
             await listening.stop()
 
 
+async def test_a_request_answered_before_its_body_arrived_does_not_hold_the_drain() -> None:
+    """Re-check probe: a request refused before its body was read (here Telegram sign-in, not
+    configured: 503 at once) whose client never sent the rest held the drain for 10 s: aiohttp
+    reads the rest of a body after the answer ("lingering"), up to 10 s. It ends at shutdown,
+    like a body being read."""
+    server = build_server(make_settings(api_key=KEY, shutdown_timeout=30.0))
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=30.0)
+    stopping: asyncio.Task[None] | None = None
+    try:
+        body = b'{"init_data": "abc", "party_id": "p1", "character_id": "aria"}'
+        reader, writer = await _half_sent(listening.port, "/api/v1/auth/telegram", body)
+        status = await asyncio.wait_for(reader.readline(), 10)
+        assert status.startswith(b"HTTP/1.1 503"), status  # answered, its body never whole
+        started = asyncio.get_running_loop().time()
+        stopping = asyncio.create_task(listening.stop())
+        try:
+            await asyncio.wait_for(stopping, 20)
+            assert asyncio.get_running_loop().time() - started < 5  # not aiohttp's lingering
+        finally:
+            writer.close()
+    finally:
+        if stopping is None:
+            await listening.stop()
+
+
 async def test_the_engine_host_answers_a_delivery_still_arriving_at_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
