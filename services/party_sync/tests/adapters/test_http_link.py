@@ -918,6 +918,36 @@ async def test_the_host_judges_the_deadline_by_the_time_left_not_by_its_own_cloc
         assert status == 202
 
 
+async def test_a_delivery_read_late_by_a_frozen_host_is_not_started_past_its_deadline() -> None:
+    """HTTP probe: an engine host frozen (SIGSTOP) while deliveries waited in its socket read
+    each one, when it resumed, as just sent: its deadline was its receipt plus the time left,
+    and an action started 10.8 s past its deadline, beside the same character's next one. The
+    host knows party_sync's clock from the deliveries that waited least: a late one is judged
+    by its deadline on that clock."""
+    engine = ScriptedEngine()
+    engine.mode = "silent"
+    host_clock = [5_000.0]
+    publisher = ApiPublisher("http://127.0.0.1:9", HOST_KEY, local=lambda: host_clock[0])
+    app = build_host_app(engine, publisher, clock=lambda: host_clock[0])
+    async with serve(app) as base:
+        headers = {
+            "X-Delivery-Attempt": "1",
+            "X-Action-Time-Left": "4.000",
+            "X-Party-Sync-Time": "1000000.000",
+        }
+        status, _ = await post(f"{base}/actions", action_body("fresh", 1_000_004.0), **headers)
+        assert status == 202  # read at once
+        host_clock[0] += 10.0  # frozen for 10 s; this one was sent 0.1 s after the first
+        headers["X-Party-Sync-Time"] = "1000000.100"
+        status, answer = await post(f"{base}/actions", action_body("late", 1_000_004.1), **headers)
+        assert (status, answer["error"]) == (409, "expired")
+        assert [a.action_id for a in engine.calls] == ["fresh"]
+        assert publisher.clock() == 1_000_010.0  # the late reading did not move its clock
+        headers["X-Party-Sync-Time"] = "1000010.000"  # sent now, 4 s left: started
+        status, _ = await post(f"{base}/actions", action_body("now", 1_000_014.0), **headers)
+        assert status == 202
+
+
 async def test_the_host_s_publisher_keeps_party_sync_s_clock_from_the_deliveries() -> None:
     """The engines on an HTTP host compare times across machines (the reference engine's
     narration lease, in the database its hosts share): the publisher's ``clock()`` is

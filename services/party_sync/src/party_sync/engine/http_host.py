@@ -53,6 +53,7 @@ import logging
 import math
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any, Final
@@ -116,6 +117,9 @@ CHALLENGE: Final = 'Bearer realm="party_sync engine host"'
 #: The largest delivery body read (aiohttp's own default request size, which bounded it before).
 MAX_BODY: Final = 1024**2
 
+#: Seconds of deliveries whose readings of party_sync's clock make this host's estimate of it
+#: (``ApiPublisher.heard``): the one that waited least wins.
+CLOCK_WINDOW = 60.0
 #: Seconds ``ApiPublisher`` gives a TCP connect to a party_sync node before trying the next one.
 CONNECT_TIMEOUT: Final = 2.0
 
@@ -223,7 +227,10 @@ class ApiPublisher(VoteStarter, NarrationSender):
         #: route 404/405 (an earlier version)
         self._no_batch = float("-inf")
         self._local = local
-        self._offset = 0.0  # party_sync's clock less ``local``, as last heard
+        self._offset = 0.0  # party_sync's clock less ``local``, as best heard (``heard``)
+        #: (local time, reading) of the last ``CLOCK_WINDOW`` s, readings decreasing: the first
+        #: is the highest, the delivery that waited least
+        self._readings: deque[tuple[float, float]] = deque()
 
     def clock(self) -> float:
         """Now on party_sync's clock (Unix seconds), as far as this host has heard it."""
@@ -231,10 +238,26 @@ class ApiPublisher(VoteStarter, NarrationSender):
 
     def heard(self, sender_now: float, local_now: float) -> None:
         """party_sync's clock read ``sender_now`` when ``local`` read ``local_now`` (a delivery's
-        sending time, at its receipt; the transfer's own time is a few milliseconds, far below
-        anything compared)."""
-        if math.isfinite(sender_now - local_now):
-            self._offset = sender_now - local_now
+        sending time, at its receipt). A delivery read late (a host frozen, its requests
+        waiting in the socket meanwhile) reads party_sync's clock as behind by that wait: the
+        estimate is the highest reading of the last ``CLOCK_WINDOW`` s, the delivery that
+        waited least (HTTP probe: a host resumed after a freeze took party_sync's clock for 10 s
+        behind, and so every deadline as 10 s later)."""
+        reading = sender_now - local_now
+        if not math.isfinite(reading):
+            return
+        readings = self._readings
+        while readings and readings[0][0] < local_now - CLOCK_WINDOW:
+            readings.popleft()
+        while readings and readings[-1][1] <= reading:
+            readings.pop()
+        readings.append((local_now, reading))
+        self._offset = readings[0][1]
+
+    @property
+    def offset(self) -> float | None:
+        """party_sync's clock less this host's (``heard``), or None before any delivery."""
+        return self._offset if self._readings else None
 
     @property
     def base_url(self) -> str:
@@ -464,13 +487,19 @@ def _rebased(request: web.Request, body: Mapping[str, Any], now: float) -> float
     """The action's deadline on this host's clock: now (its receipt) plus the seconds the
     sender says were left (``X-Action-Time-Left``), so that a host whose clock is ahead of the
     deployment's does not take every action for expired (clock skew probe: a host 6 s ahead
-    answered every first delivery 409 with a 4-s timeout). Without the header (an older
-    sender), the deadline as given."""
+    answered every first delivery 409 with a 4-s timeout); and no later than the deadline on
+    party_sync's clock as this host knows it (``ApiPublisher.offset``): a delivery that waited
+    in the socket while the host was frozen was read as just sent, and its action started
+    10.8 s past its deadline, beside the same character's next one (HTTP probe). Without the
+    header (an older sender), the deadline as given."""
     deadline = _deadline(request, body)
     left = _seconds(request, wire.TIME_LEFT_HEADER)
     if deadline is None or left is None:
         return deadline
-    return now + left
+    offset = request.app[PUBLISHER].offset
+    if offset is None:
+        return now + left
+    return min(now + left, deadline - offset)
 
 
 def _hear_clock(request: web.Request, body: Mapping[str, Any] | None, now: float) -> None:
