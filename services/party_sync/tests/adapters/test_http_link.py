@@ -1312,6 +1312,24 @@ async def test_an_engine_host_that_answers_every_delivery_with_an_error_shows_in
     assert "with an error (HTTP 500)" in lines[0][1]
 
 
+async def test_a_failing_streak_that_turns_to_no_answer_says_so() -> None:
+    """HTTP probe: an engine host that answered 500 for a while, then was only slow (every
+    attempt timed out), was said by /readyz to answer every delivery "with an error (HTTP
+    500)" long after its last 500. What the streak met last is said too."""
+    api, host = ScriptedApi(answers=[500, 500, "hang", "hang"]), RecordingHost()
+    async with (
+        serve(api.app()) as base,
+        started_link(host, f"{base}/actions", retries=50, timeout=0.2) as link,
+    ):
+        await link.submit(make_action("slow"))
+        await wait_until(lambda: len(api.actions) >= 3)
+        await wait_until(lambda: (f := failing(link)) is not None and "then" in f[1])
+        assert (f := failing(link)) is not None
+        assert f[1] == "HTTP 500, then no answer within 0.2 s"
+        api.release.set()
+        await idle(link)
+
+
 async def test_a_refused_key_shows_in_readiness_and_metrics_and_logs_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1399,7 +1417,7 @@ def test_the_server_watches_the_links_key() -> None:
     link._silent_since = time.monotonic() - 60  # ...and none was answered for a minute
     assert not source.health().ok and "stuck or frozen" in source.health().detail
     link._silent_since = None
-    link._failing_since, link._failing_status = time.monotonic() - 60, 502  # errors only
+    link._failing_since, link._failing_what = time.monotonic() - 60, "HTTP 502"  # errors only
     assert not source.health().ok and "with an error (HTTP 502)" in source.health().detail
     link._failing_since = None
     link._key_refused = "the engine host refused party_sync's API key (HTTP 401)"

@@ -197,7 +197,7 @@ class HttpEngineLink:
         #: ``time.monotonic()`` of the first of the 5xx answers the host has given since its last
         #: other answer, and the latest one's status (``failing``)
         self._failing_since: float | None = None
-        self._failing_status = 0
+        self._failing_what = ""  # the errors met since ``_failing_since`` ("HTTP 500", ...)
         #: ``time.monotonic()`` of the last delivery attempt: what the attempts met describes
         #: the engine host only while they go on (``key_refused``, ``silent_since``).
         self._last_attempt = float("-inf")
@@ -615,7 +615,7 @@ class HttpEngineLink:
         than an attempt and its backoff take."""
         if self._failing_since is None or self._attempts_over():
             return None
-        return self._failing_since, f"HTTP {self._failing_status}"
+        return self._failing_since, self._failing_what
 
     def _attempts_over(self) -> bool:
         """Nothing tried for longer than an attempt and its backoff take: what the last attempts
@@ -682,7 +682,7 @@ class HttpEngineLink:
                 else:
                     if self._failing_since is None:
                         self._failing_since = self._last_attempt
-                    self._failing_status = resp.status
+                    self._failing_what = f"HTTP {resp.status}"
                     if _error_of(answer) == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
                     raise _Retryable(f"HTTP {resp.status}")
@@ -692,6 +692,10 @@ class HttpEngineLink:
         except TimeoutError:  # sent, and no answer in time: a stuck engine host, if it lasts
             if self._silent_since is None:
                 self._silent_since = time.monotonic() - self.timeout
+            if self._failing_since is not None and "then" not in self._failing_what:
+                # what /readyz says of a failing streak names the last errors too (HTTP probe:
+                # a host only slow now was still said to answer HTTP 500)
+                self._failing_what += f", then no answer within {self.timeout:g} s"
             raise _Retryable("TimeoutError") from None
         except aiohttp.ClientError as exc:
             raise _Retryable(type(exc).__name__) from None
