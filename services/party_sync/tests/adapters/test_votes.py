@@ -108,6 +108,38 @@ async def test_a_member_leaving_finishes_a_vote_every_member_still_online_voted(
             await member.close()
 
 
+async def test_a_member_leaving_without_voting_is_no_longer_counted_as_eligible() -> None:
+    """UX probe: after a member who had not voted left, the two still online saw "1/3 voted",
+    and a snapshot said the same. The leave is followed by a ``vote.update`` with the count
+    recounted (members online and those who voted), once, and a hello after it says so."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        a, _ = await srv.join("aria")
+        b, _ = await srv.join("borin")
+        c, _ = await srv.join("cara")
+        assert (await start(srv, vote_id="v-count", timeout_s=300))[0] == 201
+        for member in (a, b, c):
+            await member.until("vote.started")
+        await a.send(cast("v-count", "A"))
+        update = await b.until("vote.update")
+        assert (update["payload"]["voted"], update["payload"]["eligible"]) == (1, 3)
+        await c.send({"type": "party.leave", "payload": {"character_id": "cara"}})
+        await b.until("party.leave")
+        recount = await b.until("vote.update")
+        assert recount["payload"] == {
+            "vote_id": "v-count",
+            "tallies": {"A": 1, "B": 0},
+            "voted": 1,
+            "eligible": 2,
+        }
+        d, hello = await srv.join("dain")  # online, not voted: counted
+        assert (hello["payload"]["vote"]["voted"], hello["payload"]["vote"]["eligible"]) == (1, 3)
+        await b.send(cast("v-count", "B"))  # dain, online now, has not voted: not all voted
+        assert (await b.until("vote.update"))["payload"]["eligible"] == 3
+        assert [m["type"] for m in b.received].count("vote.update") == 3  # one recount, no more
+        for member in (a, b, c, d):
+            await member.close()
+
+
 async def test_the_deadline_finishes_it_with_the_tie_rule() -> None:
     engine = ScriptedEngine()
     async with serve_in_process(make_settings(api_key=KEY), engine=engine) as srv:

@@ -294,11 +294,23 @@ class RedisVotes:
         return await self._transact(party_id, now, decide)
 
     async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
+        state = self._keys.party_keys(party_id).state
+        with unavailable("finish_vote"):  # (not watched: a second recount says the same)
+            told = await self._client.hget(state, "vote_eligible")
+
         async def decide(txn: _Txn, vote: votes.Vote | None, online: list[str]) -> Event | None:
             if vote is None or vote.vote_id != vote_id:
                 return None
             reason = votes.due(vote, online, now)  # the deadline, or all still online voted
             if reason is None:
+                update = votes.update_payload(vote, online)
+                if told is None or text(told) == str(update["eligible"]):
+                    return None
+                # a member left without voting: the count the party sees, and a snapshot
+                # gives, follows (UX probe: "1/3 voted" with two members left)
+                envelope = codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=vote.trace_id)
+                await txn.publish(envelope)
+                await txn.pipe.execute()
                 return None
             finished = _finished(vote, reason, now)
             _record_finish(txn, self._keys, vote, finished, self._scripts.limits.party_ttl)
