@@ -395,8 +395,8 @@ export class PartySyncClient extends Emitter<PartySyncEvents> {
    * `offline` event, or when the page is shown again after the phone slept): a connected client
    * sends a `system.ping`, and if nothing at all comes back within `timeoutMs` (default
    * `pongTimeoutMs`) it drops the link as lost, then reconnects and resumes as after any lost
-   * link; a client waiting to reconnect tries now (`reconnectNow`). Nothing while a check or a
-   * handshake is under way.
+   * link; a client waiting to reconnect tries now (`reconnectNow`). A check under way is
+   * shortened to `timeoutMs` if that ends sooner (no second ping); nothing during a handshake.
    */
   checkNow(timeoutMs?: number): void {
     const ws = this.#ws;

@@ -1417,7 +1417,7 @@ def test_the_server_watches_the_links_key() -> None:
     link._silent_since = time.monotonic() - 60  # ...and none was answered for a minute
     assert not source.health().ok and "stuck or frozen" in source.health().detail
     link._silent_since = None
-    link._failing_since, link._failing_what = time.monotonic() - 60, "HTTP 502"  # errors only
+    link._failing_since, link._failing_status = time.monotonic() - 60, 502  # errors only
     assert not source.health().ok and "with an error (HTTP 502)" in source.health().detail
     link._failing_since = None
     link._key_refused = "the engine host refused party_sync's API key (HTTP 401)"

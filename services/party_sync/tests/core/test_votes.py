@@ -48,6 +48,16 @@ def test_all_online_members_voting_finishes_it_and_eligibility_is_counted_at_eac
     assert votes.due(vote, ["aria", "borin"], 2.0) == "all_voted"
 
 
+def test_a_recount_is_due_only_when_the_eligible_count_told_no_longer_holds() -> None:
+    vote = votes.open_vote(spec(), now=0.0, trace_id="t")
+    votes.cast(vote, "v1", "aria", "A", 1.0)
+    assert votes.recount(vote, ["aria", "borin", "cora"], told=3) is None  # as told
+    update = votes.recount(vote, ["aria", "borin"], told=3)  # cora left without voting
+    assert update is not None and (update["voted"], update["eligible"]) == (1, 2)
+    assert votes.recount(vote, ["borin"], told=2) is None  # aria's ballot stands: still 2
+    assert votes.recount(vote, ["aria"], told=None) is None  # nothing told: nothing to fix
+
+
 def test_a_member_may_change_their_vote_until_the_close() -> None:
     vote = votes.open_vote(spec(), now=0.0, trace_id="t")
     votes.cast(vote, "v1", "aria", "A", 1.0)

@@ -395,10 +395,9 @@ class MemoryBackend:
         online = party.projection.online()
         reason = votes.due(vote, online, now)  # the deadline, or all still online voted
         if reason is None:
-            update = votes.update_payload(vote, online)
             told = party.projection.vote
-            if told is not None and told.get("eligible") != update["eligible"]:
-                # a member left without voting: the count the party sees follows (UX probe)
+            update = votes.recount(vote, online, None if told is None else told.get("eligible"))
+            if update is not None:
                 message = codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=vote.trace_id)
                 self._publish(party, message, now)
             return None

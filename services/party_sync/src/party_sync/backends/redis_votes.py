@@ -303,11 +303,9 @@ class RedisVotes:
                 return None
             reason = votes.due(vote, online, now)  # the deadline, or all still online voted
             if reason is None:
-                update = votes.update_payload(vote, online)
-                if told is None or text(told) == str(update["eligible"]):
+                update = votes.recount(vote, online, None if told is None else int(told))
+                if update is None:
                     return None
-                # a member left without voting: the count the party sees, and a snapshot
-                # gives, follows (UX probe: "1/3 voted" with two members left)
                 envelope = codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=vote.trace_id)
                 await txn.publish(envelope)
                 await txn.pipe.execute()

@@ -197,7 +197,8 @@ class HttpEngineLink:
         #: ``time.monotonic()`` of the first of the 5xx answers the host has given since its last
         #: other answer, and the latest one's status (``failing``)
         self._failing_since: float | None = None
-        self._failing_what = ""  # the errors met since ``_failing_since`` ("HTTP 500", ...)
+        self._failing_status = 0
+        self._failing_unanswered = False  # an attempt since that last 5xx had no answer
         #: ``time.monotonic()`` of the last delivery attempt: what the attempts met describes
         #: the engine host only while they go on (``key_refused``, ``silent_since``).
         self._last_attempt = float("-inf")
@@ -615,7 +616,10 @@ class HttpEngineLink:
         than an attempt and its backoff take."""
         if self._failing_since is None or self._attempts_over():
             return None
-        return self._failing_since, self._failing_what
+        what = f"HTTP {self._failing_status}"
+        if self._failing_unanswered:  # (HTTP probe: a host only slow now was said to answer 500)
+            what += f", then no answer within {self.timeout:g} s"
+        return self._failing_since, what
 
     def _attempts_over(self) -> bool:
         """Nothing tried for longer than an attempt and its backoff take: what the last attempts
@@ -682,7 +686,7 @@ class HttpEngineLink:
                 else:
                     if self._failing_since is None:
                         self._failing_since = self._last_attempt
-                    self._failing_what = f"HTTP {resp.status}"
+                    self._failing_status, self._failing_unanswered = resp.status, False
                     if _error_of(answer) == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
                     raise _Retryable(f"HTTP {resp.status}")
@@ -692,10 +696,7 @@ class HttpEngineLink:
         except TimeoutError:  # sent, and no answer in time: a stuck engine host, if it lasts
             if self._silent_since is None:
                 self._silent_since = time.monotonic() - self.timeout
-            if self._failing_since is not None and "then" not in self._failing_what:
-                # what /readyz says of a failing streak names the last errors too (HTTP probe:
-                # a host only slow now was still said to answer HTTP 500)
-                self._failing_what += f", then no answer within {self.timeout:g} s"
+            self._failing_unanswered = True  # (said by ``failing`` while a streak lasts)
             raise _Retryable("TimeoutError") from None
         except aiohttp.ClientError as exc:
             raise _Retryable(type(exc).__name__) from None

@@ -399,12 +399,12 @@ class WebSocketSink:
         started = loop.time()
         give_up = started + CLOSE_PATIENCE
         left = self._unsent()
-        moved = started  # when the peer last took something (or the close began)
-        # when everything was seen taken, close frame included: its answer has CLOSE_TIMEOUT
-        # from then (looked at every CLOSE_POLL: measured in whole windows of CLOSE_TIMEOUT,
-        # a peer that took its close frame in the first one waited a second: 6 s, not the 3 s
-        # docs/protocol.md says, while a flooder's bytes were read and dropped: security probe)
-        taken: float | None = None
+        # when the peer last took something (or the close began): once it has taken everything,
+        # close frame included, its answer has CLOSE_TIMEOUT from then. Looked at every
+        # CLOSE_POLL: measured in whole windows of CLOSE_TIMEOUT, a peer that took its close
+        # frame in the first one waited a second window, 6 s, not the 3 s docs/protocol.md says,
+        # while a flooder's bytes were read and dropped (security probe)
+        moved = started
         try:
             while True:
                 wait = CLOSE_POLL
@@ -423,14 +423,9 @@ class WebSocketSink:
                 if now_left < left:
                     moved = now
                 left = now_left
-                if now_left:
-                    taken = None
-                elif taken is None:
-                    taken = now
                 drained_by = self._close_by()  # a drain's end, if one began
                 if (
-                    now - moved >= CLOSE_TIMEOUT  # the peer took nothing (a frozen one)
-                    or (taken is not None and now - taken >= CLOSE_TIMEOUT)  # no answer
+                    now - moved >= CLOSE_TIMEOUT  # took nothing more (a frozen peer), or no answer
                     or now >= give_up  # it takes what waits, far too slowly
                     or (drained_by is not None and now >= drained_by)
                 ):
