@@ -109,7 +109,8 @@ async def test_a_member_leaving_finishes_a_vote_every_member_still_online_voted(
 
 
 async def test_a_member_leaving_without_voting_is_no_longer_counted_as_eligible() -> None:
-    """UX probe: after a member who had not voted left, the two still online saw "1/3 voted",
+    """(and one coming online is counted at once) UX probe: after a member who had not voted
+    left, the two still online saw "1/3 voted",
     and a snapshot said the same. The leave is followed by a ``vote.update`` with the count
     recounted (members online and those who voted), once, and a hello after it says so."""
     async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
@@ -133,9 +134,13 @@ async def test_a_member_leaving_without_voting_is_no_longer_counted_as_eligible(
         }
         d, hello = await srv.join("dain")  # online, not voted: counted
         assert (hello["payload"]["vote"]["voted"], hello["payload"]["vote"]["eligible"]) == (1, 3)
+        await b.until("party.join")
+        # and told to those online at once, not from the next ballot on
+        assert (await b.until("vote.update"))["payload"]["eligible"] == 3
         await b.send(cast("v-count", "B"))  # dain, online now, has not voted: not all voted
         assert (await b.until("vote.update"))["payload"]["eligible"] == 3
-        assert [m["type"] for m in b.received].count("vote.update") == 3  # one recount, no more
+        # one recount for the leave and one for the join, no more
+        assert [m["type"] for m in b.received].count("vote.update") == 4
         for member in (a, b, c, d):
             await member.close()
 

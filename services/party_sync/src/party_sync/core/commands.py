@@ -200,8 +200,9 @@ class CastVote:
 
 @dataclass(slots=True)
 class FinishVote:
-    """A vote's deadline passed, or a member left while it was open: ``backend.finish_vote``
-    (finished if it is due: the deadline, or every member still online voted); then
+    """A vote's deadline passed, or a member left or came online while it was open:
+    ``backend.finish_vote`` (finished if it is due: the deadline, or every member still online
+    voted; else its eligible count told again if it changed); then
     ``vote_finished`` (or ``vote_failed``)."""
 
     party_id: str

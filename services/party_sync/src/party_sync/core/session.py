@@ -478,12 +478,15 @@ class PartySessions:
             self.deadlines.cancel(Kind.VOTE, (event.party_id, event.payload["vote_id"]))
             if self._open_votes.get(event.party_id) == event.payload["vote_id"]:
                 del self._open_votes[event.party_id]
-        elif type_ == t.PARTY_LEAVE:
-            if event.payload.get("reason") == t.LEAVE_LEFT:
+        elif type_ == t.PARTY_LEAVE or type_ == t.PARTY_JOIN:
+            if type_ == t.PARTY_LEAVE and event.payload.get("reason") == t.LEAVE_LEFT:
                 for conn in self._of(event.party_id, event.payload["character_id"]):
                     out.extend(self._close(conn, CloseCode.NORMAL, "left the party"))
+            # an open vote's eligible count is told again (``votes.recount``): after a leave,
+            # those still online may all have voted (finished then); after a join, one more
+            # member may vote (the others saw "1/2 voted" with three online: UX probe)
             vote_id = self._open_votes.get(event.party_id)
-            if vote_id is not None:  # those still online may all have voted: finished then
+            if vote_id is not None:
                 out.append(FinishVote(event.party_id, vote_id, now))
         return to, out
 

@@ -201,7 +201,7 @@ def update_payload(vote: Vote, online: Collection[str]) -> dict[str, Any]:
 def recount(vote: Vote, online: Collection[str], told: int | None) -> dict[str, Any] | None:
     """A ``vote.update`` when the members online changed since the party was last ``told`` an
     ``eligible`` count (a member left, or went offline, without voting: UX probe, "1/3 voted"
-    with two members left); None when that count stands, or none was told."""
+    with two members left; or one came online); None when that count stands, or none was told."""
     update = update_payload(vote, online)
     return None if told is None or told == update["eligible"] else update
 
