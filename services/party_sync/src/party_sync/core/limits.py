@@ -45,6 +45,9 @@ class TokenBucket:
 
 #: Bytes a message's frame may add to the message (its header, its mask; a few fragments).
 FRAME_SLACK = 1024
+#: Refused or bad messages a second a connection may send (with a burst) before it is closed.
+STRIKES_PER_S = 1.0
+STRIKE_BURST = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,8 +56,8 @@ class LimitPolicy:
 
     messages_per_s: float = 30.0
     message_burst: float = 60.0
-    strikes_per_s: float = 1.0
-    strike_burst: float = 20.0
+    strikes_per_s: float = STRIKES_PER_S
+    strike_burst: float = STRIKE_BURST
     #: Bytes a second a connection may send (frames, headers and all), and their burst: see
     #: ``of``. Infinite: not counted.
     bytes_per_s: float = float("inf")
@@ -72,14 +75,11 @@ class LimitPolicy:
         once met it (re-check probe: 1008 where ``message_too_large`` was due)."""
         per_message = max_message_bytes + FRAME_SLACK
         too_large = 4 * max_message_bytes + FRAME_SLACK  # the largest frame still answered
-        strikes = cls()  # (the strike rate and burst are fixed)
-        return cls(
+        return cls(  # (the strike rate and burst are fixed)
             messages_per_s,
             message_burst,
-            bytes_per_s=messages_per_s * per_message + strikes.strikes_per_s * too_large,
-            byte_burst=max(
-                message_burst * per_message + strikes.strike_burst * too_large, float(1 << 20)
-            ),
+            bytes_per_s=messages_per_s * per_message + STRIKES_PER_S * too_large,
+            byte_burst=max(message_burst * per_message + STRIKE_BURST * too_large, float(1 << 20)),
         )
 
 

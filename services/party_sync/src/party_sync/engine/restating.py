@@ -56,6 +56,30 @@ class PartyRecords(Protocol):
     async def snapshot(self, party_id: str, now: float | None = None) -> Snapshot: ...
 
 
+async def restate_notice(
+    backend: PartyRecords,
+    party_id: str,
+    run: str,
+    trace_id: str,
+    clock: Callable[[], float],
+    epoch: str | None = None,
+) -> RestateNotice:
+    """The request asking the engine to re-state ``party_id`` (of ``run``), logged: the party's
+    epoch as given, or read (``""`` when Redis does not answer: informative only, the engine
+    re-states the run's current state). Both places that ask make it here: a gateway's join
+    that opened the epoch (``Executor._announce``) and ``EpochWatch``."""
+    if epoch is None:
+        try:
+            epoch = (await backend.snapshot(party_id)).epoch
+        except BackendUnavailable:
+            epoch = ""
+    log.info(
+        "new epoch: asking the engine to re-state the party",
+        extra={"party_id": party_id, "trace_id": trace_id, "epoch": epoch or None},
+    )
+    return RestateNotice(party_id, run, epoch, trace_id, at=clock())
+
+
 class EpochWatch:
     """The epoch openings of one process and their re-statement requests (module docstring).
 
@@ -177,19 +201,9 @@ class EpochWatch:
         return run or None
 
     async def _ask(self, opening: Opening, run: str) -> bool:
-        try:
-            epoch = (await self.backend.snapshot(opening.party_id)).epoch
-        except BackendUnavailable:
-            epoch = ""  # informative only: the engine re-states the run's current state
-        log.info(
-            "new epoch: asking the engine to re-state the party",
-            extra={  # (no epoch: Redis did not answer when it was asked for)
-                "party_id": opening.party_id,
-                "trace_id": opening.trace_id,
-                "epoch": epoch or None,
-            },
+        notice = await restate_notice(
+            self.backend, opening.party_id, run, opening.trace_id, self.clock
         )
-        notice = RestateNotice(opening.party_id, run, epoch, opening.trace_id, at=self.clock())
         try:
             await self.request(notice)
         except Exception as exc:

@@ -49,9 +49,9 @@ from party_sync.engine.interface import (
     ActionRequest,
     EngineLink,
     JoinNotice,
-    RestateNotice,
     action_envelope,
 )
+from party_sync.engine.restating import restate_notice
 from party_sync.gateway.session import carry_local
 from party_sync.metrics import Metrics
 from party_sync.protocol import types as t
@@ -587,22 +587,13 @@ class Executor:
         if command.restate:  # first: an engine that had the run re-states it, and then the join
             # of a known character changes nothing; a new run has nothing to re-state and is
             # started by the join
-            epoch = command.epoch
-            if epoch is None:
-                try:
-                    epoch = (await self.backend.snapshot(join.party_id)).epoch
-                except BackendUnavailable:
-                    epoch = ""
-            restate = RestateNotice(
-                binding.party_id, binding.campaign_run_id, epoch, join.trace_id, at=self.clock()
-            )
-            log.info(
-                "new epoch: asking the engine to re-state the party",
-                extra={  # (no epoch: Redis did not answer when it was asked for)
-                    "trace_id": join.trace_id,
-                    "party_id": binding.party_id,
-                    "epoch": epoch or None,
-                },
+            restate = await restate_notice(
+                self.backend,
+                binding.party_id,
+                binding.campaign_run_id,
+                join.trace_id,
+                self.clock,
+                command.epoch,
             )
             try:
                 await self.link.notify_restate(restate)
