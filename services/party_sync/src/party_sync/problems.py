@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Final, TypeVar
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler, Middleware
 from aiohttp.web_protocol import RequestHandler, RequestPayloadError
@@ -450,7 +450,13 @@ def answer_bodies_at_shutdown(app: web.Application) -> None:
     unread: weakref.WeakValueDictionary[int, BaseRequest] = weakref.WeakValueDictionary()
 
     async def answered(request: web.Request, response: web.StreamResponse) -> None:
-        if not request.content.is_eof():
+        if request.get(_CONTINUE_OWED):
+            # answered before its client was asked for its body (``continue_when_read``): the
+            # body never comes, and the connection ends with this answer (the client may have
+            # sent it anyway after its wait, and that is no next request)
+            response.force_close()
+            response.headers["Connection"] = "close"  # (its headers were made before this)
+        elif not request.content.is_eof():
             unread[id(request)] = request
 
     async def cut_short(app: web.Application) -> None:
@@ -490,6 +496,49 @@ def _inflater(request: web.Request) -> Any:
     return zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib header, either
 
 
+#: A request whose client waits for ``100 Continue`` before it sends its body, not sent yet.
+_CONTINUE_OWED: Final = web.RequestKey("party_sync.continue_owed", bool)
+
+
+def continue_when_read(
+    render: Render = problem,
+) -> Callable[[web.Request], Awaitable[web.StreamResponse | None]]:
+    """The ``Expect`` handler of every route that takes a body, on both servers (aiohttp's own
+    sends ``100 Continue`` before the route's handler runs, so a client uploaded a body over the
+    limit, or one without the API key, only to be refused 413 or 401 after it). The ``100`` is
+    sent when ``read_body`` begins to read the body: a request refused before that gets its final
+    answer instead of the ``100`` (RFC 9110 §10.1.1), its body is never asked for, and that
+    answer ends the connection (``answer_bodies_at_shutdown``). An ``Expect`` other than
+    ``100-continue`` is refused 417, as aiohttp does, rendered by ``render``."""
+
+    async def expect(request: web.Request) -> web.StreamResponse | None:
+        if request.version != HttpVersion11:
+            return None  # (HTTP/1.0 knows no Expect: the body follows the head)
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            response = render(
+                417, "bad_request", "the Expect header may only be 100-continue", None
+            )
+            response.force_close()
+            return response
+        request[_CONTINUE_OWED] = True
+        return None
+
+    return expect
+
+
+#: ``continue_when_read`` for party_sync's own routes (problem documents).
+CONTINUE_WHEN_READ: Final = continue_when_read()
+
+
+async def _send_continue(request: web.Request) -> None:
+    """Ask the client for its body now (``continue_when_read``), as aiohttp's default handler
+    does: the ``100`` is no part of the response, whose size starts at 0 again."""
+    request[_CONTINUE_OWED] = False
+    writer = request.writer
+    await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    writer.output_size = 0
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The whole request body (inflated if it came gzip- or deflate-encoded); raises
     ``BodyTooLarge`` beyond ``limit`` bytes (sent or inflated), ``BodyTimeout`` when it does not
@@ -502,6 +551,8 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     inflater = _inflater(request)
+    if request.get(_CONTINUE_OWED):
+        await _send_continue(request)
     reading: dict[int, BaseRequest] | None = request.app.get(_READING)
     if reading is None:
         return await _read_body(request, limit, inflater)

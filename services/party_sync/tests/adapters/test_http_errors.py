@@ -30,6 +30,7 @@ from party_sync.protocol.errors import BackendUnavailable, PartySyncError
 from party_sync.protocol.schemas import Contracts
 from party_sync.server import build_server, start_serving
 from party_sync.transport import edge, openapi
+from ps_testkit import api_events
 from ps_testkit.client import wait_until
 from ps_testkit.servers import free_port, make_settings
 
@@ -647,3 +648,129 @@ async def test_the_engine_host_answers_a_delivery_still_arriving_at_shutdown(
     finally:
         if stopping is None:
             await runner.cleanup()
+
+
+# -- Expect: 100-continue ------------------------------------------------------------------------
+
+
+async def _expecting(
+    port: int, path: str, length: int, key: str | None = KEY, method: str = "POST"
+) -> bytes:
+    """A request's head with ``Expect: 100-continue`` and no body yet: the first answer's head."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    auth = f"Authorization: Bearer {key}\r\n" if key is not None else ""
+    writer.write(
+        (
+            f"{method} {path} HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+            f"Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        ).encode()
+    )
+    await writer.drain()
+    try:
+        async with asyncio.timeout(10):
+            return await reader.readuntil(b"\r\n\r\n")
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "length", "key", "status"),
+    [
+        ("POST", "/api/v1/parties/p1/events", 10**9, KEY, b"413"),  # over api_max_body_bytes
+        ("POST", "/api/v1/parties/p1/events", 100, None, b"401"),  # no API key
+        ("POST", "/api/v1/parties/p1/events", 100, "wrong-key-0123456789abcdef0123", b"401"),
+        ("POST", "/api/v1/parties/p1/votes", 10**9, KEY, b"413"),
+        ("POST", "/api/v1/auth/telegram", 100, None, b"503"),  # not configured
+        ("PUT", "/api/v1/parties/p1/members/aria", 10**7, KEY, b"413"),
+    ],
+)
+async def test_a_request_refused_before_its_body_is_answered_instead_of_asked_for_it(
+    method: str, path: str, length: int, key: str | None, status: bytes
+) -> None:
+    """New-user probe: ``curl`` sends ``Expect: 100-continue`` with any body over 1 KiB, and
+    aiohttp's default answered ``100 Continue`` before the route ran: a body over the limit, or
+    one without the API key, was uploaded whole, then refused 413 or 401. The refusal is now the
+    first answer (RFC 9110 §10.1.1), and it ends the connection (the body was never asked for)."""
+    server = build_server(make_settings(api_key=KEY))
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=5.0)
+    try:
+        head = await _expecting(listening.port, path, length, key, method)
+        first = head.split(b"\r\n", 1)[0]
+        assert first.startswith(b"HTTP/1.1 " + status), head
+        assert b"\r\nconnection: close" in head.lower(), head
+    finally:
+        await listening.stop()
+
+
+async def test_a_request_within_the_limits_is_asked_for_its_body_and_applied() -> None:
+    server = build_server(make_settings(api_key=KEY))
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=5.0)
+    try:
+        body = json.dumps(api_events.SCENE).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", listening.port)
+        writer.write(
+            (
+                f"POST /api/v1/parties/p1/events HTTP/1.1\r\nHost: x\r\n"
+                f"Authorization: Bearer {KEY}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nExpect: 100-continue\r\n\r\n"
+            ).encode()
+        )
+        async with asyncio.timeout(10):
+            assert await reader.readuntil(b"\r\n\r\n") == b"HTTP/1.1 100 Continue\r\n\r\n"
+            writer.write(body)
+            head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.1 201", b"HTTP/1.1 202")), head
+        writer.close()
+        # and with aiohttp's client, which waits for the 100 as curl does
+        async with aiohttp.ClientSession() as session:
+            async with session.post(
+                f"http://127.0.0.1:{listening.port}/api/v1/parties/p1/events",
+                data=body,
+                headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                expect100=True,
+            ) as resp:
+                assert resp.status < 300, await resp.text()
+            async with session.post(
+                f"http://127.0.0.1:{listening.port}/api/v1/parties/p1/events",
+                data=body,
+                headers={"Authorization": "Bearer nope", "Content-Type": "application/json"},
+                expect100=True,
+            ) as resp:
+                assert resp.status == 401
+    finally:
+        await listening.stop()
+
+
+async def test_an_expectation_other_than_100_continue_is_refused_417_as_a_problem() -> None:
+    server = build_server(make_settings(api_key=KEY))
+    listening = await start_serving(server, "127.0.0.1", 0, shutdown_timeout=5.0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listening.port)
+        writer.write(
+            b"POST /api/v1/parties/p1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+            b"Expect: 200-ok\r\n\r\n{}"
+        )
+        async with asyncio.timeout(10):
+            answer = await reader.read()
+        writer.close()
+        head, _, document = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 417"), answer
+        assert json.loads(document)["code"] == "bad_request"
+    finally:
+        await listening.stop()
+
+
+async def test_the_engine_host_answers_an_oversized_delivery_before_asking_for_it() -> None:
+    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from ps_testkit.engines import ScriptedEngine
+
+    app = build_host_app(ScriptedEngine(), ApiPublisher("http://127.0.0.1:9", KEY, retries=0))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        head = await _expecting(runner.addresses[0][1], "/actions", 10**8)
+        assert head.startswith(b"HTTP/1.1 413"), head
+    finally:
+        await runner.cleanup()

@@ -777,8 +777,9 @@ def build_host_app(
     app[CLOCK] = clock
     app[PUBLISHER] = publisher
     app[RUNNING] = {}
-    app.router.add_post(path, receive_action)
-    app.router.add_post(notice_path, receive_notice)
+    expect = problems.continue_when_read(problems.error_json)  # (the body asked for when read)
+    app.router.add_post(path, receive_action, expect_handler=expect)
+    app.router.add_post(notice_path, receive_notice, expect_handler=expect)
     problems.answer_bodies_at_shutdown(app)  # a body still arriving at SIGTERM: 503 at once
     app.on_response_prepare.append(_never_sniffed)  # every answer, as party_sync's own
 

@@ -40,7 +40,7 @@ from party_sync.engine.interface import (
     VoteRequest,
 )
 from party_sync.gateway import Gateway
-from party_sync.problems import InvalidId, InvalidRequest
+from party_sync.problems import CONTINUE_WHEN_READ, InvalidId, InvalidRequest
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, InvalidEvent
@@ -309,14 +309,13 @@ async def refuse_action(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, api_key: str | None) -> None:
     if api_key:
         app[API_KEY] = api_key
-    app.router.add_post("/api/v1/parties/{party_id}/events", guarded(publish_party_event))
-    app.router.add_post("/api/v1/parties/{party_id}/events/batch", guarded(publish_party_events))
-    app.router.add_post("/api/v1/runs/{campaign_run_id}/events", guarded(publish_run_event))
-    app.router.add_post("/api/v1/parties/{party_id}/votes", guarded(start_vote))
-    app.router.add_post("/api/v1/parties/{party_id}/narration", guarded(narrate))
-    app.router.add_post(
-        "/api/v1/parties/{party_id}/actions/{action_id}/claim", guarded(claim_action)
-    )
-    app.router.add_post(
-        "/api/v1/parties/{party_id}/actions/{action_id}/refusal", guarded(refuse_action)
-    )
+    for path, handler in (
+        ("/api/v1/parties/{party_id}/events", publish_party_event),
+        ("/api/v1/parties/{party_id}/events/batch", publish_party_events),
+        ("/api/v1/runs/{campaign_run_id}/events", publish_run_event),
+        ("/api/v1/parties/{party_id}/votes", start_vote),
+        ("/api/v1/parties/{party_id}/narration", narrate),
+        ("/api/v1/parties/{party_id}/actions/{action_id}/claim", claim_action),
+        ("/api/v1/parties/{party_id}/actions/{action_id}/refusal", refuse_action),
+    ):
+        app.router.add_post(path, guarded(handler), expect_handler=CONTINUE_WHEN_READ)

@@ -29,7 +29,7 @@ from typing import Any, Final
 from aiohttp import web
 
 from party_sync.auth import issue_token
-from party_sync.problems import InvalidDisplayName, InvalidRequest, read_json
+from party_sync.problems import CONTINUE_WHEN_READ, InvalidDisplayName, InvalidRequest, read_json
 from party_sync.protocol.ids import is_id
 from party_sync.protocol.names import name_problem
 from party_sync.protocol.types import PARTY_ACTOR
@@ -238,4 +238,4 @@ def add_routes(app: web.Application, *, dev_mode: bool, client_dir: Path | None 
         app.router.add_get("/demo/lib/{name}", lib_module)
         app.router.add_get("/demo/assets/{name}", asset)
     if dev_mode:
-        app.router.add_post(DEV_TOKEN_PATH, dev_token)
+        app.router.add_post(DEV_TOKEN_PATH, dev_token, expect_handler=CONTINUE_WHEN_READ)

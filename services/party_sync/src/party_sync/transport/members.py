@@ -25,7 +25,7 @@ from typing import Final
 from aiohttp import web
 
 from party_sync.backends.directory import Directory, check_ids, parse_membership
-from party_sync.problems import InvalidDisplayName, NotFound
+from party_sync.problems import CONTINUE_WHEN_READ, InvalidDisplayName, NotFound
 from party_sync.protocol.names import name_problem
 from party_sync.transport.appkeys import DIRECTORY
 from party_sync.transport.edge import guarded, read_json
@@ -82,7 +82,7 @@ def add_routes(app: web.Application, directory: Directory) -> None:
     app[DIRECTORY] = directory
     app.router.add_get(PATH, guarded(list_members))
     member = PATH + "/{character_id}"
-    app.router.add_put(member, guarded(put_member))
+    app.router.add_put(member, guarded(put_member), expect_handler=CONTINUE_WHEN_READ)
     app.router.add_delete(member, guarded(delete_member))
     app.router.add_get(member, guarded(get_member))
 

@@ -30,6 +30,7 @@ from party_sync.auth import issue_token
 from party_sync.config import Settings
 from party_sync.initdata import EXPIRED, INVALID, MALFORMED, InitDataError, validate_init_data
 from party_sync.problems import (
+    CONTINUE_WHEN_READ,
     REFUSAL_HEADERS,
     BadJson,
     BadSignInRequest,
@@ -146,4 +147,4 @@ async def sign_in(request: web.Request) -> web.Response:
 
 def add_routes(app: web.Application) -> None:
     """Register the sign-in endpoint (it reads the directory the membership API registered)."""
-    app.router.add_post(PATH, sign_in)
+    app.router.add_post(PATH, sign_in, expect_handler=CONTINUE_WHEN_READ)
