@@ -155,6 +155,33 @@ async def test_a_slow_client_that_reads_on_gets_its_4002_however_long_the_backlo
         await slow.close()
 
 
+async def test_a_slow_client_whose_own_buffer_holds_the_close_for_long_still_reads_its_4002(
+    srv: Running,
+) -> None:
+    """Re-check probe: a client whose system had taken everything, close frame included, but
+    which read its own buffer slower than ``sink.CLOSE_TIMEOUT`` got a reset 3 s later, and an
+    asyncio client drops what it holds unread at a reset (its ``StreamReader`` raises the reset
+    first): 1006, the frames before the close lost. With nothing left unsent, the server's end
+    is a plain close now (FIN): the client reads on, to its 4002."""
+    # an asyncio reader buffering megabytes (``limit``), read one frame per 0.05 s: the last
+    # frames wait in the client's own buffer for seconds after the server's socket sent them
+    slow = await ws_open(srv.base, "/ws?token=" + token("aria"), rcvbuf=4096, limit=1 << 22)
+    try:
+        assert srv.server is not None
+        await flooded(srv, "aria")
+        code, frames = None, 0
+        async with asyncio.timeout(90):
+            while code is None:
+                frame = await read_frame(slow.reader)  # (a reset: ConnectionResetError)
+                frames += 1
+                if frame.opcode == 0x8:
+                    code = frame.close_code
+                await asyncio.sleep(0.05)  # a slow reader (pacing, not a wait)
+        assert code == 4002, frames
+    finally:
+        await slow.close()
+
+
 async def test_a_client_that_never_reads_is_let_go_without_reading_and_its_slot_is_free(
     srv: Running,
 ) -> None:

@@ -430,7 +430,7 @@ class WebSocketSink:
                     or (drained_by is not None and now >= drained_by)
                 ):
                     break
-            drop(self._transport)
+            self._let_go()
         except asyncio.CancelledError:  # stop() gave up waiting for it: the same end
             drop(self._transport)
             raise
@@ -445,6 +445,20 @@ class WebSocketSink:
                 await asyncio.wait({closing})
             if not closing.cancelled():
                 closing.exception()  # (retrieved: its end was this one's)
+
+    def _let_go(self) -> None:
+        """End a close handshake that got no answer in time. With nothing left unsent (the
+        peer's system took it all, close frame included), a plain close: the peer reads on to
+        its close frame, then the end (a FIN; or a reset if it sent bytes this side never read).
+        A reset would have made an asyncio client, reading the tail from its own buffer
+        slower than ``CLOSE_TIMEOUT``, drop that tail with the close code in it (1006 instead:
+        a probe's slow reader; asyncio's ``StreamReader`` raises a reset before what it holds).
+        With bytes still unsent, a reset (``drop``): nothing waits in the kernel for a peer that
+        stopped taking them."""
+        if _OUTQ is not None and self._unsent() == 0:  # (where the kernel can say so)
+            self._transport.close()
+        else:
+            drop(self._transport)
 
     def reading_stopped(self) -> None:
         """The handler reads no more (its loop ended): a close it left for this (``reading``)
