@@ -110,3 +110,82 @@ async def test_a_replaced_pubsub_connection_tells_the_gateway_messages_may_be_lo
         await wait_until(lambda: bool(told), timeout=10)
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("timeout", [2.0, None])
+def test_a_write_on_a_connection_closed_under_it_is_a_lost_connection(
+    redis: RedisServer, timeout: float | None
+) -> None:
+    """Workers probe: after a Cluster master was killed, an engine worker's ``XAUTOCLAIM`` raised
+    ``AttributeError: 'NoneType' object has no attribute 'writelines'`` (redis-py's write on a
+    connection another task had just disconnected: redis-py issues 3546, 4287), which the worker
+    took for a bug of its own: it exited, and every party's actions timed out. It is a lost
+    connection (``ConnectionError``), which every caller retries or tells as Redis unavailable."""
+    from party_sync.backends.redis_connect import lost_aware
+    from redis.asyncio.connection import Connection
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    async def scenario() -> BaseException | None:
+        conn = lost_aware(Connection)(host="127.0.0.1", port=redis.port, socket_timeout=timeout)
+        await conn.connect()
+        writer = conn._writer
+        assert writer is not None
+
+        class Vanishing:  # the writer, as the write finds it once another task closed it
+            def writelines(self, data: object) -> None:
+                conn._writer = None
+                raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(writer, name)
+
+        conn._writer = Vanishing()  # type: ignore[assignment]
+        try:
+            await conn.send_packed_command(conn.pack_command("PING"), check_health=False)
+        except BaseException as exc:
+            return exc
+        finally:
+            writer.close()
+            await conn.disconnect()
+        return None
+
+    raised = uvloop.run(scenario())
+    assert isinstance(raised, RedisConnectionError), repr(raised)
+
+
+def test_a_command_is_sent_again_after_a_write_on_a_connection_closed_under_it(
+    redis: RedisServer,
+) -> None:
+    """The same through a client: the command is sent again on a new connection (the client's
+    retry), and the caller gets its answer."""
+    from party_sync.backends.redis_connect import lost_aware
+    from redis.asyncio.connection import Connection
+
+    async def scenario() -> object:
+        client = make_client(RedisTarget(f"redis://127.0.0.1:{redis.port}"), socket_timeout=2.0)
+        try:
+            await client.set("k", "v")
+            pool = client.connection_pool
+            conn = await pool.get_connection()
+            assert isinstance(conn, lost_aware(Connection))
+            real = conn._writer
+            assert real is not None
+
+            class Vanishing:
+                def writelines(self, data: object) -> None:
+                    conn._writer = None
+                    raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+                def __getattr__(self, name: str) -> object:
+                    return getattr(real, name)
+
+            conn._writer = Vanishing()  # type: ignore[assignment]
+            await pool.release(conn)
+            try:
+                return await client.get("k")
+            finally:
+                real.close()
+        finally:
+            await client.aclose()
+
+    assert uvloop.run(scenario()) == b"v"

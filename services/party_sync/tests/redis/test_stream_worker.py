@@ -918,3 +918,62 @@ async def test_consumers_gone_for_good_leave_the_group(
             assert host.results() == []  # "held" is not the worker's to take (idle < 60 s)
     finally:
         await client.aclose()
+
+
+async def test_a_round_that_fails_on_a_library_error_is_tried_again_not_the_end_of_the_worker(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Workers probe: after a Cluster master was killed, a round's ``XAUTOCLAIM`` raised
+    redis-py's ``AttributeError: 'NoneType' object has no attribute 'writelines'``; the worker
+    took it for a bug and ended, and every party's actions timed out until a restart. A round
+    failing on an error that is not Redis's is logged with its traceback and tried again (for
+    ``UNEXPECTED_PATIENCE``), as one failing on Redis is."""
+    caplog.set_level(logging.ERROR, LOGGER)
+    host, engine = RecordingHost(), ScriptedEngine()
+    original = StreamWorker._round
+    failures = [0]
+
+    async def flaky(self: StreamWorker) -> bool:
+        if failures[0] < 3:
+            failures[0] += 1
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+        return await original(self)
+
+    monkeypatch.setattr(StreamWorker, "_round", flaky)
+    async with running_worker(redis, host, engine) as worker:
+        await wait_until(lambda: failures[0] == 3, timeout=10)
+        async with stream_link(redis) as link:
+            await link.submit(make_action("after-library-error"))
+        await wait_until(lambda: host.results() == ["after-library-error"], timeout=10)
+        assert worker.errors >= 3
+    errors = [r for r in caplog.records if r.name == LOGGER and r.levelno == logging.ERROR]
+    assert len(errors) == 3 and all(r.exc_info for r in errors)
+    assert "trying again" in errors[0].getMessage()
+
+
+async def test_a_round_that_keeps_failing_on_something_else_than_redis_ends_the_worker(
+    redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug that fails every round ends the worker once ``UNEXPECTED_PATIENCE`` has passed (its
+    supervisor restarts it; the nodes see its consumer gone), not a worker that looks alive and
+    runs nothing."""
+    from party_sync.engine import stream_worker
+
+    monkeypatch.setattr(stream_worker, "UNEXPECTED_PATIENCE", 0.3)
+
+    async def broken(self: StreamWorker) -> bool:
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(StreamWorker, "_round", broken)
+    client = Redis.from_url(redis.url, socket_timeout=3.0)
+    worker = StreamWorker(
+        ScriptedEngine(),
+        RecordingHost(),
+        client,
+        WorkerOptions(stream=STREAM, consumer="w1", block=0.1, retry_max=0.05),
+    )
+    try:
+        with pytest.raises(KeyError):
+            await asyncio.wait_for(worker.run(), 10)
+    finally:
+        await client.aclose()

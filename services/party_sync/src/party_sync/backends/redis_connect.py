@@ -72,6 +72,7 @@ from redis.exceptions import (
     RedisClusterException,
     RedisError,
     ResponseError,
+    SlotNotCoveredError,
 )
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -239,7 +240,17 @@ class _LostWhenClosed(AbstractConnection):
     again on a new connection (``stale_socket_retry``; a Cluster client re-reads its slot map),
     and every caller sees Redis unavailable. (Partition probe: the RuntimeError went past the
     actions stream's append, whose player was told engine_unavailable, final, with the engine
-    and Redis both well.) Mixed into every connection class here (``lost_aware``)."""
+    and Redis both well.) Mixed into every connection class here (``lost_aware``).
+
+    So is a write on a connection closed under it: another task disconnected it between
+    redis-py's "is it connected" and its write (a Cluster client drops a failed node's
+    connections while calls on them are under way), or the loop tore down the transport of a
+    reset socket; redis-py lets the writer's internals fail then, as an ``AttributeError`` or
+    ``TypeError`` about ``None`` (redis-py issues 3546 and 4287). Workers probe: after a Cluster
+    master was killed, an engine worker's ``XAUTOCLAIM`` on a healthy master raised
+    ``'NoneType' object has no attribute 'writelines'``, taken for a bug, and the worker
+    exited: every party's actions timed out until it was restarted. Nothing of party_sync runs
+    inside the write (the command is packed before it), so no bug of ours is hidden here."""
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True
@@ -251,6 +262,13 @@ class _LostWhenClosed(AbstractConnection):
                 raise
             # (redis-py has disconnected it: the next use opens a new socket)
             raise RedisConnectionError(f"connection lost: {exc}") from exc
+        except (AttributeError, TypeError) as exc:
+            if "NoneType" not in str(exc):
+                raise
+            await self.disconnect(
+                nowait=True
+            )  # (redis-py has: this is for a subclass that did not)
+            raise RedisConnectionError(f"connection closed under a write: {exc}") from exc
 
 
 _Conn = TypeVar("_Conn", bound=AbstractConnection)
@@ -790,6 +808,11 @@ class BoundedRedisCluster(RedisCluster):
         nodes: list[ClusterNode] = await super()._determine_nodes(*args, **kwargs)
         if self.failed_at and await self._fresh_map(nodes):
             nodes = await super()._determine_nodes(*args, **kwargs)
+        if any(node is None for node in nodes):
+            # a map being replaced under the call names no node for a moment (redis-py issue
+            # 3835: "'NoneType' object has no attribute 'name'" further on, which no caller
+            # takes for Redis unavailable): a cluster error, retried and told as one
+            raise SlotNotCoveredError("the slot map names no node for this call yet")
         return nodes
 
     def _failed(self, names: Iterable[str]) -> None:

@@ -222,6 +222,13 @@ FOREIGN_LOG_INTERVAL: Final = 60.0
 
 #: Seconds a stopping worker gives Redis to take its leave (``StreamWorker.leave``).
 LEAVE_WITHIN: Final = 2.0
+#: Seconds a loop's rounds may keep failing on an error that is not Redis's as party_sync knows
+#: it before the worker ends (a bug: its supervisor restarts it, and the nodes see no consumer).
+#: Until then each is logged with its traceback and the round is tried again, as on a Redis
+#: error: a client library's own failure while a Cluster fails over (redis-py's writer found
+#: torn down, a slot map naming no node for a moment) once ended the worker at once, and every
+#: party's actions timed out until someone restarted it (workers probe).
+UNEXPECTED_PATIENCE: Final = 30.0
 
 Entry = tuple[bytes, Mapping[bytes, bytes] | None]
 
@@ -290,6 +297,7 @@ class StreamWorker:
         #: Set once its group was found or made: it reads the stream (the banner waits for it)
         self.serving = asyncio.Event()
         self._degraded = False
+        self._unexpected_since: float | None = None  # the first of consecutive unexpected errors
         self._own_cursor: str | None = "0"  # re-read our own pending entries from here
         #: The re-read at start (a worker of this name may have died holding these entries)
         #: is under way; once it is done, a re-read follows a failed round (``_read_own``)
@@ -351,7 +359,14 @@ class StreamWorker:
                 await self._pause(delay)
                 delay = min(o.retry_max, delay * 2)
                 continue
+            except Exception as exc:
+                self._failed_unexpectedly(exc)  # raises once they have lasted UNEXPECTED_PATIENCE
+                self._failed(exc, logged=True)
+                await self._pause(delay)
+                delay = min(o.retry_max, delay * 2)
+                continue
             delay = o.retry_min
+            self._unexpected_since = None
             self._recovered()
             if o.burst and not busy:
                 wait = self.next_retry_in()
@@ -398,13 +413,33 @@ class StreamWorker:
         self._had_groups.add(o.stream)
         self.serving.set()
 
-    def _failed(self, exc: BaseException) -> None:
+    def _failed_unexpectedly(self, exc: Exception) -> None:
+        """A round failed on something other than Redis or the backend: logged with its
+        traceback; raised (the worker ends) once such failures have lasted
+        ``UNEXPECTED_PATIENCE`` without a good round between them."""
+        now = time.monotonic()
+        if self._unexpected_since is None:
+            self._unexpected_since = now
+        elif now - self._unexpected_since >= UNEXPECTED_PATIENCE:
+            raise exc
+        log.error(
+            "unexpected error in a round of the actions stream; trying again (for %.0f s at "
+            "most, then the worker ends)",
+            UNEXPECTED_PATIENCE,
+            exc_info=exc,
+            extra={"stream": self.options.stream, "consumer": self.options.consumer},
+        )
+
+    def _failed(self, exc: BaseException, *, logged: bool = False) -> None:
+        """A failed round: its retry looks at everything again; ``logged``: said already."""
         self.errors += 1
         if is_nogroup(exc):
             self._group_ready = False
         self._own_cursor = "0"  # whatever we were holding is handled first when Redis is back
         self._claim_cursor = "0-0"  # (an emptied Redis has new ids: look from the start)
-        if not self._degraded:
+        if logged:
+            self._degraded = True
+        elif not self._degraded:
             self._degraded = True
             log.warning(
                 "actions stream unavailable (%s: %s); retrying until it answers",
@@ -989,7 +1024,9 @@ class PartitionedWorker:
             for task in done:
                 error = None if task.cancelled() else task.exception()
                 if error is not None:
-                    raise error  # a bug, not Redis (the loops survive those): end it all
+                    # a bug, not Redis (the loops survive those, and UNEXPECTED_PATIENCE of
+                    # anything else): end it all
+                    raise error
         finally:
             self.stop()
             await cancel_and_wait([*tasks, *helpers], what="a worker loop")
