@@ -80,6 +80,8 @@ TELEGRAM_TEST_PUBLIC_KEY: Final = bytes.fromhex(
 )
 
 MALFORMED: Final = "malformed_init_data"
+#: The ``reason`` of a ``MALFORMED`` refusal for an initData over ``MAX_INIT_DATA_BYTES``.
+TOO_LONG: Final = "too long"
 INVALID: Final = "invalid_init_data"
 EXPIRED: Final = "init_data_expired"
 
@@ -147,7 +149,7 @@ def sign_init_data(fields: Mapping[str, str], bot_token: str) -> str:
 def parse_fields(raw: str) -> dict[str, str]:
     """Parse the query string strictly, once; refuse duplicates and ambiguous keys or values."""
     if len(raw.encode()) > MAX_INIT_DATA_BYTES:
-        raise InitDataError(400, MALFORMED, "too long")
+        raise InitDataError(400, MALFORMED, TOO_LONG)
     if _BAD_ESCAPE.search(raw):
         raise InitDataError(400, MALFORMED, "bad percent escape")
     try:

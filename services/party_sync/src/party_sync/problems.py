@@ -191,6 +191,10 @@ class MalformedInitData(Refused):
     """initData is not a well-formed initData string (``initdata.MALFORMED``)."""
 
 
+class InitDataTooLong(MalformedInitData):
+    """initData over ``initdata.MAX_INIT_DATA_BYTES`` (said so, not "not well-formed": probe)."""
+
+
 class InvalidInitData(Refused):
     """initData is not signed for this bot (``initdata.INVALID``)."""
 
@@ -276,6 +280,11 @@ PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
     ),
     MalformedInitData: Problem(
         400, initdata.MALFORMED, "init_data is not a well-formed Telegram initData string"
+    ),
+    InitDataTooLong: Problem(
+        400,
+        initdata.MALFORMED,
+        f"init_data is longer than {initdata.MAX_INIT_DATA_BYTES} bytes (UTF-8): not Telegram's",
     ),
     InvalidInitData: Problem(401, initdata.INVALID, "init_data is not signed for this bot"),
     ExpiredInitData: Problem(

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import jwt
+import pytest
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import SECRET, make_settings, serve_in_process, token
 
@@ -91,7 +92,10 @@ async def test_previous_secret_still_verifies_during_rotation() -> None:
         await client.close()
 
 
-async def test_origin_allowlist() -> None:
+async def test_origin_allowlist(caplog: pytest.LogCaptureFixture) -> None:
+    from party_sync.transport import http as http_transport
+
+    http_transport._ORIGINS_TOLD.clear()  # (told once per process: this test's own tellings)
     settings = make_settings(allowed_origins=("https://app.example",))
     async with serve_in_process(settings, engine=ScriptedEngine()) as srv:
         params = {"token": token("aria")}
@@ -111,6 +115,16 @@ async def test_origin_allowlist() -> None:
         status_line = await reader.readline()
         writer.close()
         assert status_line.split()[1] == b"403", status_line
+    # each refusal said, and why: the two headers as such (docs probe: an origin "" was logged)
+    told = {
+        (getattr(r, "origin", None), r.getMessage().split(" (")[0])
+        for r in caplog.records
+        if r.getMessage().startswith("WebSocket handshake refused")
+    }
+    assert told == {
+        ("https://evil.example", "WebSocket handshake refused: origin not in allowed_origins"),
+        ("(several Origin headers)", "WebSocket handshake refused: several Origin headers"),
+    }
 
 
 async def test_a_websocket_version_other_than_13_is_answered_426_with_the_version_spoken() -> None:

@@ -126,6 +126,15 @@ async def test_bad_init_data_is_refused_with_a_stable_code_only(
         assert raw not in json.dumps(body)
 
 
+async def test_an_init_data_over_the_size_limit_is_told_so() -> None:
+    """Docs probe: an initData over 8 KiB was refused as "not a well-formed Telegram initData
+    string", sending its developer to look at the wrong thing."""
+    async with server() as srv:
+        status, body = await sign_in(srv, init_data() + "&pad=" + "x" * 9000)
+        assert (status, body["error"]) == (400, "malformed_init_data")
+        assert body["detail"].startswith("init_data is longer than 8192 bytes"), body
+
+
 async def test_stale_is_configurable() -> None:
     async with server(telegram_max_age=10_000.0) as srv:
         assert (await sign_in(srv, init_data(age=7200)))[0] == 200

@@ -106,15 +106,20 @@ _ORIGINS_TOLD: set[str] = set()
 MAX_ORIGINS_TOLD = 64
 
 
-def _tell_refused_origin(origin: str) -> None:
+def _tell_refused_origin(origin: str, headers: int = 1) -> None:
     """Log a refused ``Origin`` the first time it is seen (WARNING: a page is being kept out,
     most often the operator's own, e.g. ``http://localhost:8080`` where ``http://127.0.0.1:8080``
-    is listed). Later refusals of it, and origins past ``MAX_ORIGINS_TOLD``, only count."""
+    is listed). Later refusals of it, and origins past ``MAX_ORIGINS_TOLD``, only count.
+    ``headers``: how many ``Origin`` headers the handshake had (more than one is refused
+    whatever they say, and said so: docs probe, a refused origin "" with no reason)."""
+    if headers > 1:
+        origin = "(several Origin headers)"
     if origin in _ORIGINS_TOLD or len(_ORIGINS_TOLD) >= MAX_ORIGINS_TOLD:
         return
     _ORIGINS_TOLD.add(origin)
+    reason = "several Origin headers" if headers > 1 else "origin not in allowed_origins"
     log.warning(
-        "WebSocket handshake refused: origin not in allowed_origins (logged once per origin); "
+        f"WebSocket handshake refused: {reason} (logged once per origin); "
         "a browser cannot tell the page why, so it keeps reconnecting",
         extra={"origin": origin[:200], "status": 403},
     )
@@ -136,7 +141,7 @@ async def _admit(
     origin = origins[0] if len(origins) == 1 else None if not origins else ""  # two: no origin
     if settings.allowed_origins and origin is not None and origin not in settings.allowed_origins:
         gateway.metrics.handshakes_refused.labels("403").inc()
-        _tell_refused_origin(origin)
+        _tell_refused_origin(origin, len(origins))
         raise web.HTTPForbidden(text="origin not allowed")
     try:
         claims = request.app[VERIFIER].verify(_token(request, query))

@@ -28,13 +28,21 @@ from aiohttp import web
 
 from party_sync.auth import issue_token
 from party_sync.config import Settings
-from party_sync.initdata import EXPIRED, INVALID, MALFORMED, InitDataError, validate_init_data
+from party_sync.initdata import (
+    EXPIRED,
+    INVALID,
+    MALFORMED,
+    TOO_LONG,
+    InitDataError,
+    validate_init_data,
+)
 from party_sync.problems import (
     CONTINUE_WHEN_READ,
     REFUSAL_HEADERS,
     BadJson,
     BadSignInRequest,
     ExpiredInitData,
+    InitDataTooLong,
     InvalidInitData,
     MalformedInitData,
     NotAMember,
@@ -115,6 +123,8 @@ async def sign_in(request: web.Request) -> web.Response:
         # The reason goes to the debug log only; never the initData itself.
         log.info("telegram sign-in refused", extra={"code": exc.code, "party_id": party_id})
         log.debug("telegram sign-in refusal reason", extra={"reason": exc.reason})
+        if exc.reason == TOO_LONG:
+            raise InitDataTooLong() from None
         raise _INIT_DATA_REFUSALS[exc.code]() from None
     membership = await request.app[DIRECTORY].get(party_id, character_id)  # 503 when unreachable
     if membership is None or membership.telegram_user_id != verified.user.id:
