@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from party_sync import tracing
 from party_sync.engine.http_host import ApiPublisher, build_host_app
+from party_sync.engine.interface import JoinNotice
 from party_sync.engine.stream_link import entry
 from party_sync.engine.stream_worker import StreamWorker, WorkerOptions
 from party_sync.protocol import codec
@@ -295,3 +296,40 @@ def test_a_provider_names_the_service_unless_the_environment_does(
     assert provider.resource.attributes["service.name"] == "party-sync-engine-worker"
     monkeypatch.setenv("OTEL_SERVICE_NAME", "my-gateway")
     assert tracing.make_provider().resource.attributes["service.name"] == "my-gateway"
+
+
+class OpeningEngine(ScriptedEngine):
+    """Publishes a party's opening scene when its first member joins (as the reference engine
+    does), under the join's trace id."""
+
+    async def handle_join(self, notice: JoinNotice) -> None:
+        await super().handle_join(notice)
+        scene = {
+            "scene_number": 1,
+            "scene_id": "opening",
+            "title": "The opening",
+            "narration": "It begins.",
+            "options": [{"id": "A", "label": "Go on"}],
+            "kind": "story",
+        }
+        await self.started.publish(notice.party_id, "scene.update", scene, trace_id=notice.trace_id)
+
+
+async def test_what_the_engine_publishes_for_a_join_is_traced_under_the_joins_trace_id(
+    exporter: InMemorySpanExporter,
+) -> None:
+    """Docs probe: a party's opening scene carried the join's trace id, and the spans of its
+    publishing were in a trace of random id that no event or log line named. They are in the
+    join's trace now (a root ``party.join``), so the trace id a client sees finds them."""
+    engine = OpeningEngine()
+    async with serve_in_process(make_settings(), engine=engine) as srv:
+        a, _ = await srv.join("aria")
+        scene = await a.until("scene.update")
+        await a.close()
+    trace_id = scene["trace_id"]
+    assert engine.joins and engine.joins[0].trace_id == trace_id
+    spans = await wait_for_spans(
+        exporter, int(trace_id, 16), {"party.join", "publish scene.update"}
+    )
+    roots = [s for s in spans if s.parent is None]
+    assert [r.name for r in roots] == ["party.join"]

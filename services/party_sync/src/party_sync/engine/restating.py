@@ -27,6 +27,7 @@ import logging
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, Protocol
 
+from party_sync import tracing
 from party_sync.core.epochs import Opening, Openings
 from party_sync.core.events import Event
 from party_sync.core.snapshot import Snapshot
@@ -205,7 +206,14 @@ class EpochWatch:
             self.backend, opening.party_id, run, opening.trace_id, self.clock
         )
         try:
-            await self.request(notice)
+            # (traced under the opening's trace id, as the join's own request is: executor)
+            with tracing.incoming(
+                "restate",
+                None,
+                trace_id=opening.trace_id,
+                attributes={"party_sync.party_id": opening.party_id},
+            ):
+                await self.request(notice)
         except Exception as exc:
             log.warning(
                 "re-statement request failed: %r",

@@ -17,6 +17,7 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeGuard
 
+from party_sync import tracing
 from party_sync.backends.base import Backend
 from party_sync.core.actions import Decision
 from party_sync.core.commands import (
@@ -579,6 +580,25 @@ class Executor:
         await self.run(core.vote_verdict(command, run, verdict))
 
     async def _announce(self, command: Announce) -> None:
+        """``_tell_engine``, with tracing on in a trace of its own whose id is the join's
+        ``trace_id``: what the engine publishes for it (a party's opening scene, a re-statement)
+        is traced where its events say (docs probe: their spans were in a trace of random id,
+        which no event or log line named)."""
+        if not tracing.is_on():
+            await self._tell_engine(command)
+            return
+        binding = command.binding
+        attributes = {
+            "party_sync.party_id": binding.party_id,
+            "party_sync.character_id": binding.character_id,
+            "party_sync.trace_id": command.join.trace_id,
+        }
+        with tracing.incoming(
+            "party.join", None, trace_id=command.join.trace_id, attributes=attributes
+        ):
+            await self._tell_engine(command)
+
+    async def _tell_engine(self, command: Announce) -> None:
         """Tell the engine of a ``party.join`` this node published; and, if that join opened a
         new epoch (seq 1: the party's short-lived state was lost, or it is new), ask the engine
         to re-state the party (``RestateNotice``; an engine without state for the run does
