@@ -663,3 +663,42 @@ async def test_a_close_whose_first_step_fails_still_takes_every_step(
     assert all(task.done() for task in tasks)
     with pytest.raises(Exception, match="closed"):
         await b.client.ping()
+
+
+async def test_the_pubsub_connection_survives_an_error_that_is_not_redis_s(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers probe's class: a client library's own failure in a failover (an AttributeError
+    about a torn-down writer) is no ``RedisError``; the pub/sub connection's loop ended on one,
+    and the node never heard a party's events again. It is logged (ERROR, with its traceback)
+    and the connection made again, as after a Redis error."""
+    from party_sync.backends.redis_wire import RawConnection
+
+    original = RawConnection.connect
+    failures = [0]
+
+    async def flaky(self: RawConnection) -> None:
+        if failures[0] < 2:
+            failures[0] += 1
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+        await original(self)
+
+    async with TcpProxy(redis.port) as proxy, backend(proxy.url) as b:
+        rec = Recorder()
+        await b.subscribe("p1", rec)
+        monkeypatch.setattr(RawConnection, "connect", flaky)
+        with caplog.at_level(logging.DEBUG, logger="party_sync.backends.redis_bus"):
+            proxy.cut()  # the connection is lost: made again, through two such errors
+            await wait_until(lambda: failures[0] == 2, timeout=20)
+            await wait_until(
+                lambda: sample(b, "party_sync_redis_reconnects_total", cause="error") == 1,
+                timeout=20,
+            )
+        await b.publish("p1", scene(1), time.time())  # heard again
+        await wait_until(lambda: any(e.type == "scene.update" for e in rec.events), timeout=10)
+        errors = [
+            r
+            for r in caplog.records
+            if r.name == "party_sync.backends.redis_bus" and r.levelno == logging.ERROR
+        ]
+        assert len(errors) == 1 and errors[0].exc_info, [r.getMessage() for r in errors]

@@ -245,7 +245,10 @@ class Bus:
                         "redis pub/sub connection lost: %s",
                         described(ended) if ended is not None else "it ended",
                     )
-            except (RedisError, OSError, TimeoutError, BackendUnavailable) as exc:
+            except Exception as exc:
+                # Redis's errors; and anything else (a client library's own failure in a
+                # failover, or a bug) the same way, with its traceback: this loop ending would
+                # leave the node deaf to every party for good
                 lost = lost or ("error" if self._ever.is_set() else "")
                 failures += 1
                 if type(exc).__name__ != told:
@@ -254,9 +257,14 @@ class Bus:
                     # probe)
                     told = type(exc).__name__
                     self.troubled = True
-                    log.warning(
+                    expected = isinstance(
+                        exc, (RedisError, OSError, TimeoutError, BackendUnavailable)
+                    )
+                    log.log(
+                        logging.WARNING if expected else logging.ERROR,
                         "redis pub/sub unavailable (retrying until it is back): %s",
                         described(exc),
+                        exc_info=None if expected else exc,
                     )
                 else:
                     log.debug("redis pub/sub still unavailable: %s", described(exc))

@@ -1048,14 +1048,16 @@ class PartitionedWorker:
                 return
             try:
                 problem = await self.check_count()
+                if problem is not None and self.mismatch is None:
+                    log.error("actions stream partitions disagree: %s", problem)
+                elif problem is None and self.mismatch is not None:
+                    log.info("actions stream partitions agree with the serving nodes again")
+                self.mismatch = problem
+                await self._compare_settings()
             except INFRA_ERRORS:
                 continue
-            if problem is not None and self.mismatch is None:
-                log.error("actions stream partitions disagree: %s", problem)
-            elif problem is None and self.mismatch is not None:
-                log.info("actions stream partitions agree with the serving nodes again")
-            self.mismatch = problem
-            await self._compare_settings()
+            except Exception:  # (a library's own failure, or a bug: the next look, not the end)
+                log.exception("checking the nodes' partition count and settings failed")
 
     async def _compare_settings(self) -> None:
         """Do the nodes' shared settings still equal the ones this worker writes with?"""
