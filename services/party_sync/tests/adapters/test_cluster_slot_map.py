@@ -98,3 +98,24 @@ async def test_the_map_is_read_only_from_nodes_that_answer_and_only_when_it_chan
     with pytest.raises(RedisClusterException, match="no node"):
         await read_slot_map(client, wait=0.2)  # type: ignore[arg-type]
     assert len(inits) == 2
+
+
+async def test_a_slot_map_naming_no_node_for_a_call_is_a_cluster_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A map being replaced under a call named no node for it for a moment (redis-py issue
+    3835): redis-py went on to ``'NoneType' object has no attribute 'name'``, which no caller
+    takes for Redis unavailable (an engine worker ended on such an error: workers probe). It
+    is a ``SlotNotCoveredError``, retried and told like a shard down."""
+    from party_sync.backends.redis_connect import BoundedRedisCluster
+    from redis.asyncio import RedisCluster
+    from redis.exceptions import SlotNotCoveredError
+
+    async def nameless(self: object, *args: object, **kwargs: object) -> list[None]:
+        return [None]
+
+    monkeypatch.setattr(RedisCluster, "_determine_nodes", nameless)
+    client = BoundedRedisCluster.__new__(BoundedRedisCluster)
+    client.failed_at = {}
+    with pytest.raises(SlotNotCoveredError):
+        await client._determine_nodes("GET", "key")
