@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 import uvloop
@@ -112,6 +113,24 @@ async def test_a_replaced_pubsub_connection_tells_the_gateway_messages_may_be_lo
         await backend.close()
 
 
+def _closed_under_the_next_write(conn: Any) -> Any:
+    """Make ``conn``'s next write find its writer torn down, as when another task closed the
+    connection between redis-py's "connected?" and its write; the real writer (to close)."""
+    writer = conn._writer
+    assert writer is not None
+
+    class Vanishing:
+        def writelines(self, data: object) -> None:
+            conn._writer = None
+            raise AttributeError("'NoneType' object has no attribute 'writelines'")
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(writer, name)
+
+    conn._writer = Vanishing()
+    return writer
+
+
 @pytest.mark.parametrize("timeout", [2.0, None])
 def test_a_write_on_a_connection_closed_under_it_is_a_lost_connection(
     redis: RedisServer, timeout: float | None
@@ -127,19 +146,8 @@ def test_a_write_on_a_connection_closed_under_it_is_a_lost_connection(
 
     async def scenario() -> BaseException | None:
         conn = lost_aware(Connection)(host="127.0.0.1", port=redis.port, socket_timeout=timeout)
-        await conn.connect()
-        writer = conn._writer
-        assert writer is not None
-
-        class Vanishing:  # the writer, as the write finds it once another task closed it
-            def writelines(self, data: object) -> None:
-                conn._writer = None
-                raise AttributeError("'NoneType' object has no attribute 'writelines'")
-
-            def __getattr__(self, name: str) -> object:
-                return getattr(writer, name)
-
-        conn._writer = Vanishing()  # type: ignore[assignment]
+        await conn.connect()  # type: ignore[no-untyped-call]
+        writer = _closed_under_the_next_write(conn)
         try:
             await conn.send_packed_command(conn.pack_command("PING"), check_health=False)
         except BaseException as exc:
@@ -166,20 +174,9 @@ def test_a_command_is_sent_again_after_a_write_on_a_connection_closed_under_it(
         try:
             await client.set("k", "v")
             pool = client.connection_pool
-            conn = await pool.get_connection()
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
             assert isinstance(conn, lost_aware(Connection))
-            real = conn._writer
-            assert real is not None
-
-            class Vanishing:
-                def writelines(self, data: object) -> None:
-                    conn._writer = None
-                    raise AttributeError("'NoneType' object has no attribute 'writelines'")
-
-                def __getattr__(self, name: str) -> object:
-                    return getattr(real, name)
-
-            conn._writer = Vanishing()  # type: ignore[assignment]
+            real = _closed_under_the_next_write(conn)
             await pool.release(conn)
             try:
                 return await client.get("k")
