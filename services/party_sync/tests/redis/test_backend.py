@@ -702,3 +702,33 @@ async def test_the_pubsub_connection_survives_an_error_that_is_not_redis_s(
             if r.name == "party_sync.backends.redis_bus" and r.levelno == logging.ERROR
         ]
         assert len(errors) == 1 and errors[0].exc_info, [r.getMessage() for r in errors]
+
+
+async def test_two_nodes_recounting_a_vote_at_once_tell_the_new_count_once(
+    redis: RedisServer,
+) -> None:
+    """Re-check probe: with members on two nodes, every join and leave during a vote was
+    followed by two identical ``vote.update``s: each node saw the event and recounted, both
+    having read the count told before either told the new one. The count told is watched with
+    the vote now: the second node's transaction sees the first's and tells nothing."""
+    from party_sync.core.votes import VoteSpec
+
+    spec = VoteSpec("v1", "Which way?", (("L", "Left"), ("R", "Right")), 300.0)
+    async with backend(redis.url) as b1, backend(redis.url) as b2:
+        rec = Recorder()
+        await b1.subscribe("p1", rec)
+        now = time.time()
+        for name in ("aria", "borin"):
+            await b1.connect(Binding("p1", "r1", name, name.title()), f"c-{name}", now, "t" * 32)
+        await b1.start_vote("p1", spec, "r1", now, "t" * 32)
+        await b1.cast_vote("p1", "aria", "v1", "L", now, "t" * 32)
+        cara = Binding("p1", "r1", "cara", "Cara")
+        for round_ in range(5):  # cara comes online, then leaves: each node recounts at once
+            await b2.connect(cara, f"c-cara-{round_}", now, "t" * 32)
+            await asyncio.gather(b1.finish_vote("p1", "v1", now), b2.finish_vote("p1", "v1", now))
+            await b2.leave(cara, now, "t" * 32)
+            await asyncio.gather(b1.finish_vote("p1", "v1", now), b2.finish_vote("p1", "v1", now))
+        await b1.publish("p1", scene(1), time.time())  # after everything above, in order
+        await wait_until(lambda: any(e.type == "scene.update" for e in rec.events), timeout=10)
+        counts = [e.payload["eligible"] for e in rec.events if e.type == "vote.update"]
+        assert counts == [2] + [3, 2] * 5, counts  # the ballot's, then one per join and leave

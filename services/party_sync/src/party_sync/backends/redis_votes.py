@@ -84,6 +84,8 @@ class _Txn:
     ) -> None:
         self.scripts, self.pipe, self.party_id, self.now = scripts, pipe, party_id, now
         self.messages: list[dict[str, Any]] = []
+        #: The ``eligible`` count the party was last told (read under WATCH: ``told=True``).
+        self.told: int | None = None
 
     async def publish(self, message: dict[str, Any]) -> None:
         """Queue ``publish.lua`` for one event (inside MULTI)."""
@@ -175,11 +177,24 @@ class RedisVotes:
         party_id: str,
         now: float,
         decide: Callable[[_Txn, votes.Vote | None, list[str]], Awaitable[T]],
+        *,
+        told: bool = False,
     ) -> T:
         """Run ``decide`` on the party's vote, ballots and online set, atomically (the module's
-        optimistic transaction), again on fresh data as long as another node got there first."""
+        optimistic transaction), again on fresh data as long as another node got there first.
+        ``told``: also the ``eligible`` count the party was last told (``_Txn.told``), watched
+        with the rest, so that of two nodes recounting at once only one tells the new count."""
         keys = self._keys.party_keys(party_id)
         online_key, vote_key, ballots_key = keys.online, keys.vote, keys.ballots
+        watched = (
+            (vote_key, ballots_key, online_key, keys.state)
+            if told
+            else (
+                vote_key,
+                ballots_key,
+                online_key,
+            )
+        )
         with unavailable("vote"):
             for _ in range(TRIES):
                 client = self._client
@@ -187,11 +202,15 @@ class RedisVotes:
                     client = await self._slots.for_key(vote_key)
                 async with client.pipeline(transaction=True) as pipe:
                     try:
-                        await pipe.watch(vote_key, ballots_key, online_key)
+                        await pipe.watch(*watched)
                         vote = _load(await pipe.hgetall(vote_key), await pipe.hgetall(ballots_key))
                         online = sorted(text(c) for c in await pipe.smembers(online_key))
+                        txn = _Txn(self._scripts, pipe, party_id, now)
+                        if told:
+                            raw = await pipe.hget(keys.state, "vote_eligible")
+                            txn.told = None if raw is None else int(raw)
                         pipe.multi()  # type: ignore[no-untyped-call]
-                        return await decide(_Txn(self._scripts, pipe, party_id, now), vote, online)
+                        return await decide(txn, vote, online)
                     except WatchError:
                         continue
                     except MovedError as exc:  # the slot moved (or a failover): follow it
@@ -294,16 +313,14 @@ class RedisVotes:
         return await self._transact(party_id, now, decide)
 
     async def finish_vote(self, party_id: str, vote_id: str, now: float) -> Event | None:
-        state = self._keys.party_keys(party_id).state
-        with unavailable("finish_vote"):  # (not watched: a second recount says the same)
-            told = await self._client.hget(state, "vote_eligible")
-
         async def decide(txn: _Txn, vote: votes.Vote | None, online: list[str]) -> Event | None:
             if vote is None or vote.vote_id != vote_id:
                 return None
             reason = votes.due(vote, online, now)  # the deadline, or all still online voted
             if reason is None:
-                update = votes.recount(vote, online, None if told is None else int(told))
+                # (the count told is watched: every node with members sees a join or a leave,
+                # and two recounting at once both told it: re-check probe, every time)
+                update = votes.recount(vote, online, txn.told)
                 if update is None:
                     return None
                 envelope = codec.envelope(t.VOTE_UPDATE, update, ts=now, trace_id=vote.trace_id)
@@ -315,7 +332,7 @@ class RedisVotes:
             await txn.publish(finished)
             return txn.events(await txn.pipe.execute())[0]
 
-        return await self._transact(party_id, now, decide)
+        return await self._transact(party_id, now, decide, told=True)
 
     async def due_votes(self, now: float) -> list[tuple[str, str]]:
         """Open votes past their deadline. A party leaves the index once its vote is finished (or
