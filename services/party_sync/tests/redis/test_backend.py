@@ -637,6 +637,27 @@ async def test_a_time_refused_while_running_is_one_error_naming_the_grant(
     assert "handshakes and actions fail" in refused()[0]
 
 
+async def test_a_cluster_down_reply_to_time_is_an_outage_not_a_refusal(
+    redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Re-check probe: while a Cluster master was down, ``TIME`` got ``CLUSTERDOWN`` and the node
+    logged "Redis refuses TIME ... give the user +time": an ACL to fix, for an outage. Such a
+    reply is Redis away (measured again a second later), not refused."""
+    from redis.exceptions import ClusterDownError
+
+    caplog.set_level(logging.ERROR, "party_sync.backends.redis_backend")
+    async with backend(redis.url) as b:
+
+        async def down() -> Any:
+            raise ClusterDownError("The cluster is down")
+
+        b.client.time = down  # type: ignore[method-assign,assignment]
+        await b._measure_clock()
+        assert not b._clock_refused
+        assert b._clock_due - time.monotonic() <= 1.0
+    assert not [r for r in caplog.records if "refuses TIME" in r.getMessage()]
+
+
 @pytest.mark.parametrize("how", ["fails", "cancelled"])
 async def test_a_close_whose_first_step_fails_still_takes_every_step(
     redis: RedisServer, how: str

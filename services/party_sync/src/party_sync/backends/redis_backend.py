@@ -26,12 +26,12 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from redis.asyncio import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.exceptions import ResponseError
+from redis.exceptions import AskError, ClusterDownError, ReadOnlyError, ResponseError, TryAgainError
 
 from party_sync.backends import redis_fence, redis_scripts
 from party_sync.backends.base import (
@@ -100,6 +100,9 @@ log = logging.getLogger(__name__)
 
 #: Seconds between measurements of Redis's clock against this node's.
 CLOCK_EVERY = 30.0
+#: Error replies that say Redis is away for a while (a Cluster shard down or failing over, a
+#: slot migrating, a replica answering), not that it refuses a command for good.
+_AWAY_REPLIES: Final = (ClusterDownError, TryAgainError, ReadOnlyError, AskError)
 
 #: Seconds a readiness check waits for Redis's answer to its PING (``RedisBackend.ready``): under
 #: a probe's usual 1-s timeout, so that in a stall /readyz answers 503 rather than nothing.
@@ -804,6 +807,11 @@ class RedisBackend:
                 seconds, micros = await self.client.time()
             after = time.time()
         except ResponseError as exc:  # refused, not away (NOPERM: +time taken from the user)
+            if isinstance(exc, _AWAY_REPLIES):
+                # a Cluster's shard down or failing over, a read-only replica: away for a while,
+                # not refused (cluster re-check: an outage was told as an ACL to fix)
+                self._clock_due = time.monotonic() + 1.0
+                return
             if not self._clock_refused:
                 self._clock_refused = True
                 log.error(  # (an outage, not a skew: re-check)
