@@ -462,9 +462,12 @@ def answer_bodies_at_shutdown(app: web.Application) -> None:
         if request.get(_CONTINUE_OWED):
             # answered before its client was asked for its body (``continue_when_read``): the
             # body never comes, and the connection ends with this answer (the client may have
-            # sent it anyway after its wait, and that is no next request)
+            # sent it anyway after its wait, and that is no next request). Its stream is ended
+            # too, as at shutdown: aiohttp would otherwise wait up to 10 s for the body after
+            # the answer ("lingering") before it closes (re-check probe: 10-11 s each)
             response.force_close()
             response.headers["Connection"] = "close"  # (its headers were made before this)
+            request.content.set_exception(_CutShort())
         elif not request.content.is_eof():
             unread[id(request)] = request
 

@@ -668,7 +668,13 @@ async def _expecting(
     await writer.drain()
     try:
         async with asyncio.timeout(10):
-            return await reader.readuntil(b"\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 100"):
+            # a final answer: the connection ends with it, not after aiohttp's 10 s of waiting
+            # for the body it never asked for (re-check probe)
+            async with asyncio.timeout(5):
+                await reader.read()  # to the end
+        return head
     finally:
         writer.close()
 
