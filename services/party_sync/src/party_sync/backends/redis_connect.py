@@ -265,9 +265,8 @@ class _LostWhenClosed(AbstractConnection):
         except (AttributeError, TypeError) as exc:
             if "NoneType" not in str(exc):
                 raise
-            await self.disconnect(
-                nowait=True
-            )  # (redis-py has: this is for a subclass that did not)
+            # (redis-py disconnected it already; a subclass in between may not have)
+            await self.disconnect(nowait=True)
             raise RedisConnectionError(f"connection closed under a write: {exc}") from exc
 
 

@@ -186,15 +186,7 @@ class RedisVotes:
         with the rest, so that of two nodes recounting at once only one tells the new count."""
         keys = self._keys.party_keys(party_id)
         online_key, vote_key, ballots_key = keys.online, keys.vote, keys.ballots
-        watched = (
-            (vote_key, ballots_key, online_key, keys.state)
-            if told
-            else (
-                vote_key,
-                ballots_key,
-                online_key,
-            )
-        )
+        watched = (vote_key, ballots_key, online_key, *((keys.state,) if told else ()))
         with unavailable("vote"):
             for _ in range(TRIES):
                 client = self._client
