@@ -7,6 +7,7 @@ import contextlib
 import select
 import socket
 import threading
+import time
 from typing import Any
 
 import aiohttp
@@ -366,13 +367,17 @@ async def test_a_flood_of_ping_or_pong_frames_is_refused_and_closed_like_any_flo
         ws = await srv.http.ws_connect(srv.ws_url, params=params, autoping=False)
         assert orjson.loads((await ws.receive()).data)["type"] == "system.hello"
         send = ws.ping if opcode == "ping" else ws.pong
+        started = time.monotonic()
         with contextlib.suppress(ConnectionError):
             for _ in range(2000):
                 await send(b"")
         codes, pongs, close_code = await asyncio.wait_for(_read_until_closed(ws), 10)
+        took = time.monotonic() - started
         assert close_code == 1008
         assert codes and set(codes) == {"rate_limited"}
-        assert pongs <= 11 if opcode == "ping" else pongs == 0
+        # the burst, and what the rate refilled while the flood lasted (a loaded machine sends
+        # it slower: the full suite once took long enough for a twelfth pong)
+        assert pongs <= 10 + 5.0 * took + 1 if opcode == "ping" else pongs == 0
         await other.act("c-1", "cyra", "r2")
         assert (await other.until("action.result"))["payload"]["action_id"] == "c-1"
         await other.close()

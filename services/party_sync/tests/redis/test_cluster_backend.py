@@ -220,6 +220,10 @@ async def test_one_node_join_act_result_resume_with_sharded_pubsub_only(
 async def test_parties_on_every_shard_are_each_delivered(on_cluster: RedisCluster) -> None:
     parties = [f"p{i}" for i in range(24)]
     async with node(on_cluster.url) as n1, node(on_cluster.url) as n2:
+        # (the steady state this test is about: a node whose pub/sub is still connecting, on a
+        # machine so loaded that no master answered its first PING, once resynced 3 parties
+        # whose first events came as its subscriptions were made)
+        await wait_until(lambda: n1.bus.connected and n2.bus.connected, timeout=30)
         recorders = {p: Recorder(n2, p) for p in parties}
         for p in parties:
             await n2.subscribe(p, recorders[p])
