@@ -205,6 +205,14 @@ class Settings:
         "connection) an action is retried until it is answered or action_record_ttl passes, as "
         "is a restate notice.",
     )
+    engine_http_claim: str = _option(
+        "node",
+        "HTTP transport: who claims an action right before the engine starts it. node: this "
+        "node, before its first POST (any engine host works); engine: the engine host, through "
+        "the claim route (party-sync engine-http does when a delivery asks), so an action no "
+        "host started by its deadline gets action_timeout even when its deliveries wait in a "
+        "frozen host; costs the host one API call per action.",
+    )
     engine_notice_url: str | None = _option(
         None,
         "HTTP transport: POST engine notices (join, restate) to this URL, never to engine_url; "
@@ -976,6 +984,10 @@ def validate(settings: Settings) -> None:
         (
             settings.engine_transport in {"auto", "inprocess", "stream", "http"},
             "engine_transport must be auto, inprocess, stream or http",
+        ),
+        (
+            settings.engine_http_claim in {"node", "engine"},
+            "engine_http_claim must be node or engine",
         ),
         (
             settings.engine_transport != "stream" or bool(settings.redis_url),

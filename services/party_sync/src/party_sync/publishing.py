@@ -378,6 +378,10 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 await self._tell(action, sender, data)
         return claim
 
+    async def answered(self, action: ActionRequest) -> bool:
+        """Whether ``action`` has its final answer (``LinkHost.answered``): a look, no claim."""
+        return await self.backend.action_answered(action.party_id, action.action_id)
+
     async def _tell(self, action: ActionRequest, sender: str, data: bytes) -> None:
         """Send ``action``'s refusal, already its final answer in the ledger, to its sender
         (``send_direct``: not in history). If Redis cannot take it now (a resharding's moment, a

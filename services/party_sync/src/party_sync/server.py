@@ -184,6 +184,7 @@ def make_link(settings: Settings, node_id: str | None = None) -> EngineLink:
             give_up_after=settings.action_record_ttl,
             claim_patience=settings.action_record_ttl,
             api_key=settings.api_key,
+            engine_claims=settings.engine_http_claim == "engine",
         )
     if transport == "stream":
         assert settings.redis_url is not None
@@ -243,7 +244,8 @@ def describe_engine(settings: Settings, link: EngineLink) -> tuple[str, str]:
         where = f" on {_redis_where(settings)}" if settings.redis_url else ""
         return "stream", f"Redis stream {link.stream}{where}"
     if isinstance(link, HttpEngineLink):
-        return "http", public_url(link.url)
+        claims = "the engine host claims" if link.engine_claims else "this node claims"
+        return "http", f"{public_url(link.url)} ({claims})"
     if isinstance(link, InProcessLink):
         engine = type(link.engine)
         return "inprocess", f"{engine.__module__}.{engine.__qualname__} ({settings.engine})"

@@ -197,6 +197,9 @@ class _FlakyPublishHost(VoteStarter, NarrationSender):
     async def claim(self, action: ActionRequest) -> Claim:
         return Claim.FINAL if "action.result" in self.events else Claim.START
 
+    async def answered(self, action: ActionRequest) -> bool:
+        return "action.result" in self.events
+
 
 async def test_a_publish_failing_after_the_engine_applied_an_action_is_never_told_as_failure() -> (
     None

@@ -55,7 +55,12 @@ async def test_each_transport_is_named_as_used_never_with_a_credential() -> None
     finally:
         await stream.close()
     http = HttpEngineLink("http://u:p@engine.local:8090/actions?k=v")
-    assert describe_engine(settings, http) == ("http", "http://engine.local:8090/actions")
+    assert describe_engine(settings, http) == (
+        "http",
+        "http://engine.local:8090/actions (this node claims)",
+    )
+    http.engine_claims = True  # engine_http_claim = engine
+    assert describe_engine(settings, http)[1].endswith("(the engine host claims)")
     inprocess = InProcessLink(ScriptedEngine())
     transport, what = describe_engine(settings, inprocess)
     assert transport == "inprocess"

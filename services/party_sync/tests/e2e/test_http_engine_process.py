@@ -112,3 +112,90 @@ async def test_sigterm_mid_action_ends_engine_http_within_the_budget(
             engine.stdout.close()
     log = logged.read_text()
     assert_stopped_in_budget(returncode, took, log, leak)
+
+
+async def test_a_frozen_engine_host_claims_for_itself_so_its_deadline_holds(tmp_path: Path) -> None:
+    """``PARTY_SYNC_ENGINE_HTTP_CLAIM=engine``: the engine host claims each action right before
+    its engine starts it. A host frozen (SIGSTOP) past an action's deadline holds every delivery
+    of it in its socket; the player gets ``action_timeout`` at the deadline (the node does not
+    claim for it), and when the host wakes its claims say the action is answered: the engine
+    never applies it (with the node claiming, it was applied late and no timeout came: HTTP
+    probe, docs/engines.md). Actions before the freeze and after it are applied as usual."""
+    engine_port, ps_port = free_port(), free_port()
+    logged = tmp_path / "engine.log"
+    with logged.open("wb") as sink:
+        engine = subprocess.Popen(
+            [
+                *party_sync_command(),
+                "engine-http",
+                "campaign_engine:create_engine",
+                "--port",
+                str(engine_port),
+                "--party-sync-url",
+                f"http://127.0.0.1:{ps_port}",
+            ],
+            env={
+                **os.environ,
+                "PARTY_SYNC_API_KEY": KEY,
+                "CAMPAIGN_ENGINE_SEED": "3",
+                "CAMPAIGN_ENGINE_DATABASE_URL": "memory://",
+            },
+            stdout=subprocess.PIPE,
+            stderr=sink,
+        )
+    stopped = False
+    try:
+        assert engine.stdout is not None
+        assert b"on" in await asyncio.to_thread(engine.stdout.readline)
+        env = {
+            "PARTY_SYNC_API_KEY": KEY,
+            "PARTY_SYNC_ENGINE_URL": f"http://127.0.0.1:{engine_port}/actions",
+            "PARTY_SYNC_ENGINE_NOTICE_URL": f"http://127.0.0.1:{engine_port}/notices",
+            "PARTY_SYNC_ENGINE_HTTP_CLAIM": "engine",
+            "PARTY_SYNC_ACTION_TIMEOUT": "3",
+            "PARTY_SYNC_ENGINE_HTTP_TIMEOUT": "0.5",
+        }
+        async with serve_process([], env=env, port=ps_port) as srv:
+            a, _ = await srv.join("aria")
+            b, _ = await srv.join("borin")
+            await b.until("scene.update")  # the opening scene: the host is up
+            await a.act("fz-0", "aria", "r1")
+            assert (await a.until("action.result"))["payload"]["action_id"] == "fz-0"
+
+            engine.send_signal(signal.SIGSTOP)
+            stopped = True
+            await b.act("fz-1", "borin", "r1")
+            error = await b.until("system.error", timeout=15)
+            assert error["payload"]["code"] == "action_timeout", error
+            assert error["payload"]["in_reply_to"]["action_id"] == "fz-1", error
+            engine.send_signal(signal.SIGCONT)
+            stopped = False
+
+            # The host woke and took its backlog; borin's skill check was never applied (the
+            # engine allows one per scene and character: this one is applied, not refused)
+            await b.act("fz-2", "borin", "r1")
+            async with asyncio.timeout(20):
+                while (await a.until("action.result", 20))["payload"]["action_id"] != "fz-2":
+                    pass
+            for client in (a, b):
+                applied = [
+                    m["payload"]["action_id"]
+                    for m in client.received
+                    if m["type"] == "action.result"
+                ]
+                assert "fz-1" not in applied, applied
+            errors = [m for m in b.received if m["type"] == "system.error"]
+            assert len(errors) == 1, errors  # one final answer for fz-1, and only one
+            await a.close()
+            await b.close()
+    finally:
+        if stopped:
+            engine.send_signal(signal.SIGCONT)
+        engine.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.to_thread(engine.wait, 10)
+        except subprocess.TimeoutExpired:
+            engine.kill()
+            engine.wait(10)
+        if engine.stdout is not None:
+            engine.stdout.close()

@@ -39,6 +39,7 @@ class RecordingHost(VoteStarter, NarrationSender):
     failed: list[tuple[str, ErrorCode]] = field(default_factory=list)
     failed_words: list[str] = field(default_factory=list)  # each failure's message
     narrated: list[NarrationPiece] = field(default_factory=list)
+    answers: set[str] = field(default_factory=set)  # action_ids ``answered`` says True for
 
     async def claim(self, action: ActionRequest) -> Claim:
         if self.claim_errors > 0:
@@ -46,6 +47,9 @@ class RecordingHost(VoteStarter, NarrationSender):
             raise BackendUnavailable("the backend is stalled")
         self.claimed.append(action)
         return self.claims.get(action.action_id, Claim.START)
+
+    async def answered(self, action: ActionRequest) -> bool:
+        return action.action_id in self.answers
 
     async def publish(
         self,

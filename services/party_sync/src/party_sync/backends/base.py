@@ -327,6 +327,11 @@ class ActionStore(Protocol):
         ``(EXPIRED, None)`` when there was no record (lost) and the carried deadline passed."""
         ...
 
+    async def action_answered(self, party_id: str, action_id: str) -> bool:
+        """Whether the action has its final answer (a result or a refusal) in the ledger: a
+        look that changes nothing (a claim would start it). False when its record is gone."""
+        ...
+
     async def time_out_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes
     ) -> tuple[Sweep, bytes | None]:

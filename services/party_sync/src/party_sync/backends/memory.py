@@ -474,6 +474,10 @@ class MemoryBackend:
             return claim, character_id
         return claim, answer
 
+    async def action_answered(self, party_id: str, action_id: str) -> bool:
+        party = self._parties.get(party_id)
+        return party is not None and party.ledger.answered(action_id)
+
     async def time_out_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes
     ) -> tuple[Sweep, bytes | None]:

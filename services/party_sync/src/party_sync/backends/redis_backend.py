@@ -953,6 +953,10 @@ class RedisBackend:
             return claim, None
         return claim, bytes(reply[1]) if claim is Claim.FINAL else text(reply[1])
 
+    async def action_answered(self, party_id: str, action_id: str) -> bool:
+        with unavailable("action_answered"):
+            return bool(await self.client.hexists(self.keys.action(party_id, action_id), "r"))
+
     async def time_out_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes
     ) -> tuple[Sweep, bytes | None]:

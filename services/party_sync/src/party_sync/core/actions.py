@@ -203,6 +203,10 @@ class ActionLedger:
         flight = self._flights.get(action_id)
         return flight[_DEADLINE] if flight is not None else None
 
+    def answered(self, action_id: str) -> bool:
+        """Whether the action has its final answer (a look: nothing changes)."""
+        return action_id in self._results
+
     def claim(
         self, action_id: str, now: float, refusal: bytes, deadline: float | None = None
     ) -> tuple[Claim, bytes | None]:

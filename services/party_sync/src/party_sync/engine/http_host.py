@@ -12,6 +12,11 @@ with (``keyed``): one without it is answered 401 ``unauthorized`` and never reac
 ``X-Delivery-Attempt``. Answers:
 
 - 202: delivered (the engine handled it and published through the API);
+With ``X-Party-Sync-Claim: engine`` (party_sync's ``engine_http_claim = engine``) the host claims
+the action through the server API right before the engine starts it (``ApiPublisher.claim``), on
+every attempt: ``start`` runs it, ``expired`` is 409 ``expired``, ``final`` 200 ``answered``; every
+such answer carries ``X-Party-Sync-Claimed: <the claim>``. Without the header:
+
 - 409 ``{"error": "expired"}``: the deadline has passed and this is attempt 1 (no earlier
   delivery can have reached the engine), so the engine is not called: party_sync tells the player
   ``action_timeout``, which is then true. A later attempt past its deadline *is* handed to the
@@ -71,6 +76,7 @@ from party_sync.engine.inprocess import INFRA_ERRORS
 from party_sync.engine.interface import (
     MAX_BATCH_EVENTS,
     ActionRequest,
+    Claim,
     Engine,
     EngineRejected,
     NarrationPiece,
@@ -444,6 +450,35 @@ class ApiPublisher(VoteStarter, NarrationSender):
                 raise VoteConflict(answer.get("detail", "a vote is already open"))
             raise InvalidEvent(f"vote refused ({resp.status}): {answer.get('detail')}")
 
+    async def claim(
+        self, party_id: str, action_id: str, envelope: Mapping[str, Any], deadline: float | None
+    ) -> Claim:
+        """``POST /api/v1/parties/{party_id}/actions/{action_id}/claim`` for a delivery that asks
+        this host to claim (``wire.CLAIM_HEADER``): may the engine start the action? ``deadline``
+        as party_sync sent it (its clock: the ledger judges it). Retried like a publish (a claim
+        asked again answers the same, or START again for a started action); party_sync
+        unreachable is ``BackendUnavailable``; a refused claim (a key or a body party_sync does
+        not take) is ``EngineFailed``: the engine was not called."""
+        body: dict[str, Any] = {"envelope": envelope}
+        if deadline is not None:
+            body["deadline"] = deadline
+        status, answer = await self._post(
+            f"/api/v1/parties/{party_id}/actions/{action_id}/claim",
+            body,
+            retry_on=(aiohttp.ClientError, TimeoutError),
+        )
+        if status is None:
+            raise BackendUnavailable(f"could not claim action {action_id} of party {party_id}")
+        if status == 200:
+            try:
+                return Claim(orjson.loads(answer)["claim"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+                pass
+        log.error(
+            "party_sync refused this host's claim of an action (%s): %s", status, _detail(answer)
+        )
+        raise EngineFailed(f"party_sync refused the claim ({status})")
+
     async def reject(self, action: ActionRequest, message: str) -> None:
         # Over HTTP a refusal is the answer to the delivery itself (422).
         raise EngineRejected(message)
@@ -643,7 +678,10 @@ async def receive_action(request: web.Request) -> web.Response:
     except _UNREADABLE as exc:
         raise _unreadable(exc, _ACTION_SHAPE) from exc
     first = _first_attempt(request)
-    if action.deadline is not None and clock() > action.deadline and first:
+    # party_sync asks this host to claim the action (``engine_http_claim = engine``): the
+    # ledger, not this host's reading of the deadline, says whether it may start
+    asks_claim = request.headers.get(wire.CLAIM_HEADER, "").strip().lower() == wire.CLAIM_BY_ENGINE
+    if not asks_claim and action.deadline is not None and clock() > action.deadline and first:
         log.info(
             "action not started: past its deadline",
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
@@ -657,6 +695,17 @@ async def receive_action(request: web.Request) -> web.Response:
     running = request.app[RUNNING]
     key = (action.party_id, action.action_id)
     call = running.get(key)
+    claimed = ""
+    if call is None and asks_claim:
+        claim = await _claim(request, body, envelope, action)
+        claimed = claim.value
+        if claim is Claim.FINAL:
+            return web.json_response(
+                {"status": "answered"}, status=200, headers={wire.CLAIMED_HEADER: claimed}
+            )
+        # started now (or again: a redelivery), so no deadline applies to the engine any more
+        action = replace(action, deadline=None, redelivery=not first)
+        call = running.get(key)  # (a delivery of it may have begun a call while we claimed)
     if call is None:
         if not first:
             action = replace(action, deadline=None, redelivery=True)
@@ -670,7 +719,30 @@ async def receive_action(request: web.Request) -> web.Response:
         )
     # (shielded: a request cut short, say by party_sync's timeout, never cancels the engine)
     await asyncio.shield(call)
-    return web.json_response({"status": "accepted"}, status=202)
+    headers = {wire.CLAIMED_HEADER: claimed or Claim.START.value} if asks_claim else None
+    return web.json_response({"status": "accepted"}, status=202, headers=headers)
+
+
+async def _claim(
+    request: web.Request, body: Mapping[str, Any], envelope: Any, action: ActionRequest
+) -> Claim:
+    """This host's claim of ``action`` (``ApiPublisher.claim``) for a delivery that asked for
+    one. EXPIRED is answered 409 ``expired`` here (party_sync refused the action now, or had
+    at its deadline: the engine is not called); START and FINAL are returned."""
+    try:
+        deadline = _deadline(request, body)  # party_sync's own, on its clock (not rebased)
+    except ValueError:
+        deadline = None
+    claim = await request.app[PUBLISHER].claim(
+        action.party_id, action.action_id, envelope, deadline
+    )
+    if claim is Claim.EXPIRED:
+        log.info(
+            "action not started: its claim says its deadline passed",
+            extra={"trace_id": action.trace_id, "action_id": action.action_id},
+        )
+        raise DeadlinePassed(headers={wire.CLAIMED_HEADER: claim.value})
+    return claim
 
 
 def _forget(

@@ -15,7 +15,13 @@ and, while tracing is on, ``traceparent`` (W3C trace context: the engine's spans
 it publishes back through the API, join the action's trace; ``party_sync.tracing``).
 
 Before the first POST the link claims the action (``LinkHost.claim``): only ``START`` is delivered
-(``EXPIRED``/``FINAL``: party_sync has already answered it). Answers:
+(``EXPIRED``/``FINAL``: party_sync has already answered it). With ``engine_claims``
+(``engine_http_claim = engine``) it does not: each delivery carries ``X-Party-Sync-Claim: engine``
+and the engine host claims through the server API right before its engine starts it, answering
+with ``X-Party-Sync-Claimed``; the action stays unstarted until then, so the deadline sweep
+refuses one no host claimed in time, and between retries the link only looks at the ledger
+(``LinkHost.answered``). A 2xx without that header: the host does not claim (``_not_claimed``).
+Answers:
 
 - 2xx: delivered; the engine publishes its events through ``POST /api/v1/parties/{id}/events``;
 - 409 ``{"error": "expired"}``: the engine host did not start it, its deadline had passed (it only
@@ -146,10 +152,16 @@ class HttpEngineLink:
         give_up_after: float = 600.0,
         claim_patience: float = 600.0,
         api_key: str | None = None,
+        engine_claims: bool = False,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.url = url
+        #: The engine host claims each action itself (``engine_http_claim = engine``): the node
+        #: does not claim before its first POST, and asks the host to (``wire.CLAIM_HEADER``).
+        #: Set back to False, with an ERROR, when a host answers such a delivery 2xx without
+        #: saying it claimed (``wire.CLAIMED_HEADER``): that host does not claim.
+        self.engine_claims = engine_claims
         #: ``Authorization: Bearer <api_key>`` on every delivery (the engine host checks it)
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.notice_url = notice_url
@@ -300,7 +312,7 @@ class HttpEngineLink:
         while True:
             headers[wire.CLOCK_HEADER] = f"{self.clock():.3f}"
             try:
-                status, answer = await self._post(url, body, headers)
+                status, answer, _ = await self._post(url, body, headers)
             except (_Unreached, _Retryable) as exc:
                 self.failures += 1
                 unreached_only = unreached_only and isinstance(exc, _Unreached)
@@ -363,11 +375,17 @@ class HttpEngineLink:
         assert host is not None, "submit() before start()"
         extra = {"trace_id": action.trace_id, "action_id": action.action_id}
         await self._after_decisions(action)
-        claim = await claim_until_answered(host, action, patience=self.claim_patience)
-        if claim is not Claim.START:
-            if claim is not None:
-                log.info("action not delivered: %s", claim.value, extra=extra)
-            return
+        # With the engine host claiming (``engine_claims``), the action stays unstarted in the
+        # ledger until the host claims it right before its engine starts it: one whose deliveries
+        # wait in a frozen host past its deadline is refused then (``action_timeout``), and the
+        # host's claim, when it wakes, says EXPIRED. Otherwise this node claims it now.
+        by_engine = self.engine_claims
+        if not by_engine:
+            claim = await claim_until_answered(host, action, patience=self.claim_patience)
+            if claim is not Claim.START:
+                if claim is not None:
+                    log.info("action not delivered: %s", claim.value, extra=extra)
+                return
         body: dict[str, Any] = {
             "party_id": action.party_id,
             "campaign_run_id": action.campaign_run_id,
@@ -382,6 +400,8 @@ class HttpEngineLink:
         if action.deadline is not None:
             body["deadline"] = action.deadline
             headers["X-Action-Deadline"] = wire.format_deadline(action.deadline)
+        if by_engine:
+            headers[wire.CLAIM_HEADER] = wire.CLAIM_BY_ENGINE
         tracing.inject(headers)  # traceparent, while tracing is on
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.give_up_after
@@ -408,7 +428,7 @@ class HttpEngineLink:
                 left = max(0.0, action.deadline - self.clock())
                 headers[wire.TIME_LEFT_HEADER] = f"{left:.3f}"
             try:
-                status, answer = await self._post(self.url, body, headers)
+                status, answer, claimed = await self._post(self.url, body, headers)
             except _Unreached as exc:
                 failure: Exception = exc
                 self.failures += 1
@@ -427,7 +447,7 @@ class HttpEngineLink:
                 elif not unknown:  # (after an unknown outcome, it may be applying it still)
                     engine_failures += 1
                     if engine_failures >= ENGINE_FAILURES:
-                        if await self._answered_meanwhile(host, action):
+                        if await self._answered_meanwhile(host, action, by_engine):
                             # an engine host that published, then answered engine_error: the
                             # player has its answer; nothing failed that anyone must look at
                             log.info("the action was answered meanwhile", extra=extra)
@@ -437,6 +457,8 @@ class HttpEngineLink:
                         return
             else:
                 if not _retry_answer(status, answer, reached):
+                    if by_engine and claimed is None and 200 <= status < 300:
+                        await self._not_claimed(host, action)
                     await self._answered(host, action, status, answer)
                     return
                 # Not the engine's final word: a proxy's 408/425/429, or (after an attempt that
@@ -453,7 +475,7 @@ class HttpEngineLink:
             # answer came meanwhile (a slow engine that published after our timeout). Asked
             # before every retry, not only once the retries ran out: each delivery of an action
             # that has its answer is work, and money (a language model), for the engine.
-            if reached and await self._answered_while_retried(host, action, extra):
+            if reached and await self._answered_while_retried(host, action, by_engine):
                 return
             if not reached and _past(action.deadline, self.clock()):
                 # never delivered, and now too late to start: the engine host would answer a
@@ -527,28 +549,59 @@ class HttpEngineLink:
                 if (
                     reached
                     and delay > 0
-                    and await self._answered_while_retried(host, action, extra)
+                    and await self._answered_while_retried(host, action, by_engine)
                 ):
                     return
 
     async def _answered_while_retried(
-        self, host: LinkHost, action: ActionRequest, extra: Mapping[str, str]
+        self, host: LinkHost, action: ActionRequest, by_engine: bool
     ) -> bool:
         """Whether an action whose delivery may have reached the engine has its answer now
-        (then its engine answered it: the host is not stuck, and the delivery ends)."""
-        if not await self._answered_meanwhile(host, action):
+        (its engine answered it, or, with the engine host claiming, its deadline came before
+        any host started it): the delivery ends."""
+        if not await self._answered_meanwhile(host, action, by_engine):
             return False
         self._silent_since = None
-        log.info("the action was answered while its delivery was retried", extra=extra)
+        log.info(
+            "the action was answered while its delivery was retried",
+            extra={"trace_id": action.trace_id, "action_id": action.action_id},
+        )
         return True
 
-    async def _answered_meanwhile(self, host: LinkHost, action: ActionRequest) -> bool:
+    async def _answered_meanwhile(
+        self, host: LinkHost, action: ActionRequest, by_engine: bool
+    ) -> bool:
         try:
+            if by_engine:  # a look: a claim here would start it for a host that has not
+                return await host.answered(action)
             # Without its deadline: this action was started (claimed START) and maybe applied;
             # if party_sync lost its record, a deadline would make the claim refuse it (a lie).
             return await host.claim(replace(action, deadline=None)) is Claim.FINAL
         except Exception:
             return False
+
+    async def _not_claimed(self, host: LinkHost, action: ActionRequest) -> None:
+        """The engine host took a delivery that asked it to claim (2xx) without saying it did
+        (``wire.CLAIMED_HEADER``): it does not claim. The node claims from now on, and claims
+        this action now, so that its deadline does not refuse what the engine handled."""
+        if self.engine_claims:
+            self.engine_claims = False
+            log.error(
+                "engine_http_claim is engine, but the engine host at %s does not claim (its 2xx "
+                "answer has no %s header): this node claims for it from now on. Use "
+                "party-sync engine-http, or claim through "
+                "POST /api/v1/parties/{party_id}/actions/{action_id}/claim and answer with the "
+                "header, or set PARTY_SYNC_ENGINE_HTTP_CLAIM=node",
+                public_url(self.url),
+                wire.CLAIMED_HEADER,
+            )
+        claim = await claim_until_answered(host, action, patience=self.claim_patience)
+        if claim is Claim.EXPIRED:  # its deadline came first: the engine's result will stand
+            log.warning(
+                "an action the engine host took without claiming had passed its deadline: its "
+                "player was told action_timeout, and the engine's result follows",
+                extra={"trace_id": action.trace_id, "action_id": action.action_id},
+            )
 
     async def _answered(
         self, host: LinkHost, action: ActionRequest, status: int, answer: Any
@@ -667,8 +720,9 @@ class HttpEngineLink:
 
     async def _post(
         self, url: str, body: Mapping[str, Any], headers: Mapping[str, str]
-    ) -> tuple[int, Any]:
-        """POST; (status, parsed JSON body or its text). Raises ``_Unreached``/``_Retryable``."""
+    ) -> tuple[int, Any, str | None]:
+        """POST; (status, parsed JSON body or its text, the answer's ``wire.CLAIMED_HEADER``).
+        Raises ``_Unreached``/``_Retryable``."""
         assert self._http is not None
         self._last_attempt = time.monotonic()
         try:
@@ -690,7 +744,7 @@ class HttpEngineLink:
                     if _error_of(answer) == ENGINE_ERROR:
                         raise _EngineFailed(f"HTTP {resp.status} {ENGINE_ERROR}")
                     raise _Retryable(f"HTTP {resp.status}")
-                return resp.status, answer
+                return resp.status, answer, resp.headers.get(wire.CLAIMED_HEADER)
         except (aiohttp.ClientConnectorError, aiohttp.InvalidURL) as exc:  # never sent
             raise _Unreached(type(exc).__name__) from None
         except TimeoutError:  # sent, and no answer in time: a stuck engine host, if it lasts

@@ -732,6 +732,12 @@ class LinkHost(EventPublisher, Protocol):
         """
         ...
 
+    async def answered(self, action: ActionRequest) -> bool:
+        """Whether ``action`` has its final answer already (its result, or a refusal such as
+        the deadline's ``action_timeout``). A look that changes nothing, for a link whose engine
+        host claims for itself (a claim here would start the action)."""
+        ...
+
 
 class EngineLink(Protocol):
     """party_sync's side of an engine transport: where accepted actions go.

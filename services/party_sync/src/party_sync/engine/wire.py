@@ -40,6 +40,16 @@ TIME_LEFT_HEADER: Final = "X-Action-Time-Left"
 #: sent (Unix seconds, decimal), for an engine host whose engines compare times across processes
 #: (``ApiPublisher.clock``: the reference engine's narration lease).
 CLOCK_HEADER: Final = "X-Party-Sync-Time"
+#: The HTTP link's header on an action's delivery when the engine host claims for itself
+#: (``engine_http_claim = engine``): ``engine``, "party_sync has not claimed this action: claim
+#: it (``POST /api/v1/parties/{party_id}/actions/{action_id}/claim``) right before the engine
+#: starts it". Absent: the node claimed it before its first POST.
+CLAIM_HEADER: Final = "X-Party-Sync-Claim"
+#: The engine host's answer header to a delivery that asked it to claim: the claim's answer
+#: (``start``, ``expired``, ``final``). A 2xx without it tells the node the host did not claim.
+CLAIMED_HEADER: Final = "X-Party-Sync-Claimed"
+#: ``CLAIM_HEADER``'s value.
+CLAIM_BY_ENGINE: Final = "engine"
 
 
 def format_deadline(deadline: float) -> str:

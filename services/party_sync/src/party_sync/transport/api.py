@@ -260,7 +260,8 @@ def _handed_action(request: web.Request, body: Any, fields: frozenset[str]) -> A
 
 
 async def claim_action(request: web.Request) -> web.Response:
-    """An engine is about to start an action it read from the actions stream: may it? 200
+    """An engine is about to start an action it read from the actions stream, or an HTTP engine
+    host one whose delivery asked it to claim (``engine_http_claim = engine``): may it? 200
     ``{"claim": "start" | "expired" | "final"}``, atomic with party_sync's own timeout, as
     ``party-sync engine-worker`` claims (``LinkHost.claim``): ``start`` runs it (a second claim
     of a started action starts it again: a redelivery, the engine deduplicates by
