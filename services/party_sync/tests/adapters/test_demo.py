@@ -90,6 +90,7 @@ async def test_development_mode_mints_tokens_the_server_accepts() -> None:
             ({"character_id": "a b"}, "invalid_request"),
             ({"character_id": "aria", "party_id": ""}, "invalid_request"),
             ({"character_id": "aria", "display_name": "x" * 65}, "invalid_display_name"),
+            ({"character_id": "aria", "party": "p9"}, "invalid_request"),  # a typo: not ignored
             (["aria"], "invalid_request"),
         ):
             async with srv.http.post(srv.base + "/api/v1/dev/token", json=body) as resp:

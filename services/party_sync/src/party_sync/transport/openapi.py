@@ -1212,7 +1212,9 @@ def _other_schemas() -> dict[str, Any]:
         "DevTokenRequest": {
             "type": "object",
             "required": ["character_id"],
-            "description": "party_id and campaign_run_id default to the demo party's",
+            "additionalProperties": False,
+            "description": "party_id and campaign_run_id default to the demo party's; any other "
+            "field is refused (422 invalid_request, naming it)",
             "properties": {
                 "party_id": _ID,
                 "campaign_run_id": _ID,
