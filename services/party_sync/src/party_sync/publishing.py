@@ -340,13 +340,16 @@ class BackendPublisher(VoteStarter, NarrationSender):
             await self._tell(action, sender, data)
         return sender is not None
 
-    async def claim(self, action: ActionRequest, *, trusted: bool = True) -> Claim:
+    async def claim(
+        self, action: ActionRequest, *, trusted: bool = True, claimer: str | None = None
+    ) -> Claim:
         """Right before an engine starts ``action`` (``LinkHost.claim``): START, EXPIRED, FINAL.
 
         EXPIRED: its deadline passed before anyone started it; it is refused now with
         ``action_timeout`` (told to its sender here) and must not run. ``trusted`` False: the
         action's deadline came from outside (the server API's claim) and may not be the one
-        its record holds.
+        its record holds. ``claimer``: the serving node whose link delivers it, when not this
+        one (an HTTP engine host's claim names the node that sent the delivery).
         """
         now = self.clock()
         # The refusal is recorded only past the deadline; the record's deadline is the one the
@@ -362,11 +365,11 @@ class BackendPublisher(VoteStarter, NarrationSender):
         )
         if tracing.is_on():
             with tracing.span("claim", attributes={"party_sync.action_id": action.action_id}) as s:
-                claim, sender = await self._claim(action, now, data)
+                claim, sender = await self._claim(action, now, data, claimer)
                 if s is not None:
                     s.set_attribute("party_sync.claim", claim.value)
         else:
-            claim, sender = await self._claim(action, now, data)
+            claim, sender = await self._claim(action, now, data, claimer)
         if claim is Claim.EXPIRED:
             log.info(
                 "action expired before an engine started it",
@@ -407,11 +410,16 @@ class BackendPublisher(VoteStarter, NarrationSender):
         )
 
     async def _claim(
-        self, action: ActionRequest, now: float, refusal: bytes
+        self, action: ActionRequest, now: float, refusal: bytes, claimer: str | None = None
     ) -> tuple[Claim, str | None]:
         """The claim, and for an EXPIRED one refused now the character whose action it is."""
         claim, said = await self.backend.claim_action(
-            action.party_id, action.action_id, now, refusal, action.deadline, self.claimer
+            action.party_id,
+            action.action_id,
+            now,
+            refusal,
+            action.deadline,
+            claimer or self.claimer,
         )
         return claim, said if isinstance(said, str) else None
 

@@ -185,6 +185,7 @@ def make_link(settings: Settings, node_id: str | None = None) -> EngineLink:
             claim_patience=settings.action_record_ttl,
             api_key=settings.api_key,
             engine_claims=settings.engine_http_claim == "engine",
+            node_id=node_id,
         )
     if transport == "stream":
         assert settings.redis_url is not None

@@ -216,6 +216,8 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
             (claim_path("x6"), {"envelope": good["envelope"]}),
             (claim_path("x6"), {**good, "deadline": None}),
             (claim_path("x6"), {**good, "extra": 1}),
+            (claim_path("x6"), {**good, "node": "a b"}),  # the delivering node: an id
+            (claim_path("x6"), {**good, "node": 7}),
             (claim_path("x6"), {**good, "deadline": "soon"}),
             (claim_path("x6"), {**good, "envelope": "{not json"}),
             (claim_path("x6"), {**good, "envelope": {**envelope, "type": "scene.update"}}),
@@ -238,8 +240,10 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
         )
         async with srv.http.post(srv.base + claim_path("x6"), json=good) as resp:
             assert resp.status == 401  # the API key, as every route of the server API
-        # nothing of that changed the action: it is still to be claimed
-        assert await post(srv, claim_path("x6"), good) == (200, {"claim": "start"})
+        # nothing of that changed the action: it is still to be claimed (an HTTP engine host's
+        # claim names the node that delivered it)
+        claimed = await post(srv, claim_path("x6"), {**good, "node": "n-1"})
+        assert claimed == (200, {"claim": "start"})
 
 
 async def test_a_refusal_goes_to_the_actions_sender_whatever_the_envelope_names() -> None:

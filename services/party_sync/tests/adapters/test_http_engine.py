@@ -8,11 +8,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 from ps_testkit.client import wait_until
-from ps_testkit.hosts import serving
+from ps_testkit.hosts import post_event, result_for, serving
 from ps_testkit.servers import make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -59,28 +58,8 @@ class FakeGatewayApi:
         return web.json_response({}, status=202)
 
     async def answer(self, body: dict[str, Any]) -> None:
-        envelope = body["envelope"]
-        p = envelope["payload"]
-        result = {
-            "type": "action.result",
-            "trace_id": envelope["trace_id"],
-            "payload": {
-                "action_id": p["action_id"],
-                "character_id": p["character_id"],
-                "action_type": p["action_type"],
-                "outcome": "partial",
-                "state": {"hp": 7, "max_hp": 10, "effects": [], "scene_flags": {}},
-            },
-        }
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{self.party_sync}/api/v1/parties/{body['party_id']}/events",
-                json=result,
-                headers={"Authorization": f"Bearer {KEY}"},
-            ) as resp,
-        ):
-            assert resp.status == 202, await resp.text()
+        result = result_for(body["envelope"], "partial")
+        await post_event(self.party_sync, KEY, body["party_id"], result)
 
 
 @contextlib.asynccontextmanager

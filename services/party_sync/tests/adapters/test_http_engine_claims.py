@@ -25,7 +25,7 @@ from party_sync.engine import wire
 from party_sync.engine.http_host import ApiPublisher, build_host_app
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
-from ps_testkit.hosts import make_action, serving
+from ps_testkit.hosts import make_action, post_event, result_for, serving
 from ps_testkit.servers import Running, make_settings, serve_in_process
 
 KEY = "api-key-0123456789abcdef0123456789"
@@ -127,28 +127,7 @@ async def test_a_host_that_does_not_claim_is_found_out_and_the_node_claims_for_i
     base: list[str] = []
 
     async def publish(body: dict[str, Any]) -> None:
-        envelope = body["envelope"]
-        p = envelope["payload"]
-        result = {
-            "type": "action.result",
-            "trace_id": envelope["trace_id"],
-            "payload": {
-                "action_id": p["action_id"],
-                "character_id": p["character_id"],
-                "action_type": p["action_type"],
-                "outcome": "success",
-                "state": {"hp": 7, "max_hp": 10, "effects": [], "scene_flags": {}},
-            },
-        }
-        async with (
-            aiohttp.ClientSession() as http,
-            http.post(
-                f"{base[0]}/api/v1/parties/{body['party_id']}/events",
-                json=result,
-                headers={"Authorization": f"Bearer {KEY}"},
-            ) as resp,
-        ):
-            assert resp.status == 202, await resp.text()
+        await post_event(base[0], KEY, body["party_id"], result_for(body["envelope"]))
 
     async def handle(request: web.Request) -> web.Response:
         asked.append(request.headers.get(wire.CLAIM_HEADER))
@@ -218,6 +197,7 @@ async def deliver(base: str, action_id: str, *, ask: bool = True) -> tuple[int, 
     headers = {"Authorization": f"Bearer {KEY}", "X-Delivery-Attempt": "1"}
     if ask:
         headers[wire.CLAIM_HEADER] = wire.CLAIM_BY_ENGINE
+        headers[wire.NODE_HEADER] = "node-7"
     async with (
         aiohttp.ClientSession() as http,
         http.post(f"{base}/actions", data=orjson.dumps(body), headers=headers) as resp,
@@ -250,6 +230,7 @@ async def test_the_host_claims_when_asked_and_answers_by_its_claim(
     # the deadline claimed is party_sync's own, as sent (not this host's reading of it)
     assert claims[0][1]["deadline"] == 1_900_000_000.5
     assert claims[0][1]["envelope"]["payload"]["action_id"] == "h-1"
+    assert claims[0][1]["node"] == "node-7"  # the node that sent the delivery
     assert [call.action_id for call in engine.calls] == (["h-1"] if runs else [])
 
 

@@ -19,6 +19,7 @@ import orjson
 import pytest
 from aiohttp import web
 from party_sync import config
+from party_sync.engine import wire
 from party_sync.engine.health import HttpProbe
 from party_sync.engine.http_host import ApiPublisher, build_host_app
 from party_sync.engine.http_link import ENGINE_FAILURES, HttpEngineLink
@@ -111,6 +112,8 @@ class ScriptedApi:
             return web.json_response({"error": "engine_error", "detail": "x"}, status=500)
         if answer == "shutting_down":  # engine-http, a body still arriving at its SIGTERM
             return web.json_response({"error": "shutting_down", "detail": "x"}, status=503)
+        if answer == "claimed":  # engine-http, asked to claim: claimed (start), then handled
+            return web.json_response({}, status=202, headers={wire.CLAIMED_HEADER: "start"})
         assert isinstance(answer, int)
         return web.json_response({"detail": f"status {answer}"}, status=answer)
 
@@ -1450,3 +1453,33 @@ def test_a_refusal_shows_the_engine_s_sentence_before_its_code(
     from party_sync.engine.http_link import _detail
 
     assert _detail(body) == shown
+
+
+async def test_with_the_engine_host_claiming_the_node_does_not_claim_and_names_itself() -> None:
+    """``engine_http_claim = engine``: the node asks the host to claim (``X-Party-Sync-Claim``),
+    naming itself (``X-Party-Sync-Node``: the host's claim records it, so that another node
+    takes the action over if this one dies), and does not claim; between retries it only looks
+    at the ledger (``answered``), which ends the delivery once the action has its answer (its
+    deadline's ``action_timeout``, say). A taken-over action, started already, is delivered
+    unclaimed, as with ``node``."""
+    api, host = ScriptedApi(answers=["claimed", *["hang"] * 50]), RecordingHost()
+    async with (
+        serve(api.app()) as base,
+        started_link(
+            host, f"{base}/actions", engine_claims=True, node_id="n-1", timeout=0.2
+        ) as link,
+    ):
+        await link.submit(make_action("mine"))
+        await wait_until(lambda: len(api.actions) == 1)
+        await link.submit(make_action("frozen"))
+        await wait_until(lambda: len(api.actions) >= 3)  # retried: no answer in time
+        host.answers.add("frozen")  # the deadline refused it meanwhile
+        await idle(link)
+        api.release.set()
+        await link.submit(replace(make_action("taken"), redelivery=True))
+        await idle(link)
+    asked = [(h.get(wire.CLAIM_HEADER), h.get(wire.NODE_HEADER)) for h, _ in api.actions]
+    assert asked[:3] == [("engine", "n-1")] * 3
+    assert asked[-1] == (None, None)  # the take-over's redelivery
+    assert [a.action_id for a in host.claimed] == ["taken"]  # the node claimed only that
+    assert host.failed == [] and link.engine_claims  # (the host claims: it said so)

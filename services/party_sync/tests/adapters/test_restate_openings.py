@@ -25,7 +25,7 @@ from party_sync.backends.memory import MemoryBackend
 from party_sync.backends.redis_backend import RedisBackend
 from ps_testkit.client import Client, wait_until
 from ps_testkit.engines import RestatingEngine
-from ps_testkit.hosts import serving
+from ps_testkit.hosts import result_for, serving
 from ps_testkit.servers import Running, make_settings, serve_in_process
 
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
@@ -222,20 +222,8 @@ class HttpEngine:
 
     async def action(self, request: web.Request) -> web.Response:
         envelope = (await request.json())["envelope"]
-        p = envelope["payload"]
         self.scene_number += 1
-        result = {
-            "type": "action.result",
-            "trace_id": envelope["trace_id"],
-            "payload": {
-                "action_id": p["action_id"],
-                "character_id": p["character_id"],
-                "action_type": p["action_type"],
-                "outcome": "success",
-                "state": {"hp": 7, "max_hp": 10, "effects": [], "scene_flags": {}},
-            },
-        }
-        self._soon(result, self.scene())
+        self._soon(result_for(envelope), self.scene())
         return web.json_response({"status": "accepted"}, status=202)
 
     async def notice(self, request: web.Request) -> web.Response:

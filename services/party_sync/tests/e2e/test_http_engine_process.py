@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from ps_testkit.engines import HANGING_ENGINE, assert_stopped_in_budget, stop_mid_action
@@ -17,17 +18,18 @@ pytestmark = pytest.mark.e2e
 KEY = "api-key-0123456789abcdef0123456789"
 
 
-async def test_seed_flow_with_the_reference_engine_behind_http() -> None:
-    engine_port, ps_port, dead_port = free_port(), free_port(), free_port()
-    engine = subprocess.Popen(
+def reference_engine_http(port: int, party_sync_url: str, stderr: Any) -> subprocess.Popen[bytes]:
+    """``party-sync engine-http`` hosting the reference engine (seed 3, in memory) on ``port``,
+    publishing to ``party_sync_url``."""
+    return subprocess.Popen(
         [
             *party_sync_command(),
             "engine-http",
             "campaign_engine:create_engine",
             "--port",
-            str(engine_port),
-            "--party-sync-url",  # two nodes, the first gone: it publishes through the other
-            f"http://127.0.0.1:{dead_port},http://127.0.0.1:{ps_port}",
+            str(port),
+            "--party-sync-url",
+            party_sync_url,
         ],
         env={
             **os.environ,
@@ -36,8 +38,15 @@ async def test_seed_flow_with_the_reference_engine_behind_http() -> None:
             "CAMPAIGN_ENGINE_DATABASE_URL": "memory://",
         },
         stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=stderr,
     )
+
+
+async def test_seed_flow_with_the_reference_engine_behind_http() -> None:
+    engine_port, ps_port, dead_port = free_port(), free_port(), free_port()
+    # two nodes, the first gone: it publishes through the other
+    nodes = f"http://127.0.0.1:{dead_port},http://127.0.0.1:{ps_port}"
+    engine = reference_engine_http(engine_port, nodes, subprocess.PIPE)
     try:
         assert engine.stdout is not None
         line = await asyncio.to_thread(engine.stdout.readline)
@@ -124,25 +133,7 @@ async def test_a_frozen_engine_host_claims_for_itself_so_its_deadline_holds(tmp_
     engine_port, ps_port = free_port(), free_port()
     logged = tmp_path / "engine.log"
     with logged.open("wb") as sink:
-        engine = subprocess.Popen(
-            [
-                *party_sync_command(),
-                "engine-http",
-                "campaign_engine:create_engine",
-                "--port",
-                str(engine_port),
-                "--party-sync-url",
-                f"http://127.0.0.1:{ps_port}",
-            ],
-            env={
-                **os.environ,
-                "PARTY_SYNC_API_KEY": KEY,
-                "CAMPAIGN_ENGINE_SEED": "3",
-                "CAMPAIGN_ENGINE_DATABASE_URL": "memory://",
-            },
-            stdout=subprocess.PIPE,
-            stderr=sink,
-        )
+        engine = reference_engine_http(engine_port, f"http://127.0.0.1:{ps_port}", sink)
     stopped = False
     try:
         assert engine.stdout is not None

@@ -378,10 +378,12 @@ class HttpSystem(RedisSystem):
         while self.engine_port in self.ports:
             self.engine_port = free_port()
         self.engine: Proc | None = None
+        #: The engine ``engine-http`` hosts (``module:factory``)
+        self.engine_spec = "campaign_engine:create_engine"
 
     async def start_engine(self) -> Proc:
         nodes = ",".join(f"http://127.0.0.1:{p}" for p in self.ports)
-        args = ["engine-http", "campaign_engine:create_engine", "--port", str(self.engine_port)]
+        args = ["engine-http", self.engine_spec, "--port", str(self.engine_port)]
         engine = self.engine = self.spawn("engine", [*args, "--party-sync-url", nodes])
         base = f"http://127.0.0.1:{self.engine_port}"
 

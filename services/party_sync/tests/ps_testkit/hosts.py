@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
 from party_sync.engine.interface import (
     ActionRequest,
@@ -122,3 +123,33 @@ async def serving(app: web.Application, shutdown_timeout: float = 0.5) -> AsyncI
         yield f"http://127.0.0.1:{runner.addresses[0][1]}"
     finally:
         await runner.cleanup()
+
+
+def result_for(envelope: Mapping[str, Any], outcome: str = "success") -> dict[str, Any]:
+    """The ``action.result`` an engine answers an ``action.request`` envelope with (a fixed
+    character state), as a fake engine service publishes it through the events API."""
+    p = envelope["payload"]
+    return {
+        "type": "action.result",
+        "trace_id": envelope["trace_id"],
+        "payload": {
+            "action_id": p["action_id"],
+            "character_id": p["character_id"],
+            "action_type": p["action_type"],
+            "outcome": outcome,
+            "state": {"hp": 7, "max_hp": 10, "effects": [], "scene_flags": {}},
+        },
+    }
+
+
+async def post_event(base: str, key: str, party_id: str, event: Mapping[str, Any]) -> None:
+    """``POST /api/v1/parties/{party_id}/events`` on ``base`` with the API key; must be taken."""
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{base}/api/v1/parties/{party_id}/events",
+            json=event,
+            headers={"Authorization": f"Bearer {key}"},
+        ) as resp,
+    ):
+        assert resp.status == 202, await resp.text()

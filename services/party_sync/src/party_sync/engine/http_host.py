@@ -14,8 +14,9 @@ with (``keyed``): one without it is answered 401 ``unauthorized`` and never reac
 - 202: delivered (the engine handled it and published through the API);
 With ``X-Party-Sync-Claim: engine`` (party_sync's ``engine_http_claim = engine``) the host claims
 the action through the server API right before the engine starts it (``ApiPublisher.claim``), on
-every attempt: ``start`` runs it, ``expired`` is 409 ``expired``, ``final`` 200 ``answered``; every
-such answer carries ``X-Party-Sync-Claimed: <the claim>``. Without the header:
+every attempt, naming the node in ``X-Party-Sync-Node``: ``start`` runs it, ``expired`` is 409
+``expired``, ``final`` 200 ``answered``; these three answers carry ``X-Party-Sync-Claimed: <the
+claim>`` (the engine's own 422 and 500 do not). Without the header:
 
 - 409 ``{"error": "expired"}``: the deadline has passed and this is attempt 1 (no earlier
   delivery can have reached the engine), so the engine is not called: party_sync tells the player
@@ -451,7 +452,12 @@ class ApiPublisher(VoteStarter, NarrationSender):
             raise InvalidEvent(f"vote refused ({resp.status}): {answer.get('detail')}")
 
     async def claim(
-        self, party_id: str, action_id: str, envelope: Mapping[str, Any], deadline: float | None
+        self,
+        party_id: str,
+        action_id: str,
+        envelope: Mapping[str, Any],
+        deadline: float | None,
+        node: str | None = None,
     ) -> Claim:
         """``POST /api/v1/parties/{party_id}/actions/{action_id}/claim`` for a delivery that asks
         this host to claim (``wire.CLAIM_HEADER``): may the engine start the action? ``deadline``
@@ -462,6 +468,8 @@ class ApiPublisher(VoteStarter, NarrationSender):
         body: dict[str, Any] = {"envelope": envelope}
         if deadline is not None:
             body["deadline"] = deadline
+        if node is not None:  # the delivering node (``wire.NODE_HEADER``)
+            body["node"] = node
         status, answer = await self._post(
             f"/api/v1/parties/{party_id}/actions/{action_id}/claim",
             body,
@@ -733,8 +741,9 @@ async def _claim(
         deadline = _deadline(request, body)  # party_sync's own, on its clock (not rebased)
     except ValueError:
         deadline = None
+    node = request.headers.get(wire.NODE_HEADER, "").strip()
     claim = await request.app[PUBLISHER].claim(
-        action.party_id, action.action_id, envelope, deadline
+        action.party_id, action.action_id, envelope, deadline, node if is_id(node) else None
     )
     if claim is Claim.EXPIRED:
         log.info(

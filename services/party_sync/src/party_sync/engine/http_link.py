@@ -153,6 +153,7 @@ class HttpEngineLink:
         claim_patience: float = 600.0,
         api_key: str | None = None,
         engine_claims: bool = False,
+        node_id: str | None = None,
         rng: random.Random | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -162,6 +163,8 @@ class HttpEngineLink:
         #: Set back to False, with an ERROR, when a host answers such a delivery 2xx without
         #: saying it claimed (``wire.CLAIMED_HEADER``): that host does not claim.
         self.engine_claims = engine_claims
+        #: This node's id, which the engine host's claims name (``wire.NODE_HEADER``)
+        self.node_id = node_id
         #: ``Authorization: Bearer <api_key>`` on every delivery (the engine host checks it)
         self._auth = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.notice_url = notice_url
@@ -379,7 +382,9 @@ class HttpEngineLink:
         # ledger until the host claims it right before its engine starts it: one whose deliveries
         # wait in a frozen host past its deadline is refused then (``action_timeout``), and the
         # host's claim, when it wakes, says EXPIRED. Otherwise this node claims it now.
-        by_engine = self.engine_claims
+        # (A redelivery, an action taken over from a node that died, was started already, by a
+        # claim that named that node: it is delivered as the node would deliver it, unclaimed.)
+        by_engine = self.engine_claims and not action.redelivery
         if not by_engine:
             claim = await claim_until_answered(host, action, patience=self.claim_patience)
             if claim is not Claim.START:
@@ -402,6 +407,8 @@ class HttpEngineLink:
             headers["X-Action-Deadline"] = wire.format_deadline(action.deadline)
         if by_engine:
             headers[wire.CLAIM_HEADER] = wire.CLAIM_BY_ENGINE
+            if self.node_id:
+                headers[wire.NODE_HEADER] = self.node_id
         tracing.inject(headers)  # traceparent, while tracing is on
         loop = asyncio.get_running_loop()
         give_up_at = loop.time() + self.give_up_after

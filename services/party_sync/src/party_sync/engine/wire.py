@@ -50,6 +50,10 @@ CLAIM_HEADER: Final = "X-Party-Sync-Claim"
 CLAIMED_HEADER: Final = "X-Party-Sync-Claimed"
 #: ``CLAIM_HEADER``'s value.
 CLAIM_BY_ENGINE: Final = "engine"
+#: With ``CLAIM_HEADER``: the id of the serving node that sends the delivery, which the host's
+#: claim names (its ``node``), so that another node takes the action over if this one dies
+#: (its answer to the delivery would go nowhere).
+NODE_HEADER: Final = "X-Party-Sync-Node"
 
 
 def format_deadline(deadline: float) -> str:

@@ -44,7 +44,7 @@ from party_sync.problems import CONTINUE_WHEN_READ, InvalidId, InvalidRequest
 from party_sync.protocol import codec
 from party_sync.protocol import types as t
 from party_sync.protocol.errors import ErrorCode, InvalidEvent
-from party_sync.protocol.ids import TRACE_ID_RULE, is_trace_id
+from party_sync.protocol.ids import ID_RULE, TRACE_ID_RULE, is_id, is_trace_id
 from party_sync.protocol.schemas import SchemaViolation
 from party_sync.transport.appkeys import API_KEY, GATEWAY
 from party_sync.transport.edge import guarded, read_json
@@ -269,7 +269,10 @@ async def claim_action(request: web.Request) -> web.Response:
     now with ``action_timeout``; ``final``: it has its answer already. Skip it on either."""
     gateway = request.app[GATEWAY]
     body = await _read_json(request)
-    action = _handed_action(request, body, frozenset({"envelope", "deadline"}))
+    action = _handed_action(request, body, frozenset({"envelope", "deadline", "node"}))
+    node = body.get("node")
+    if node is not None and (not isinstance(node, str) or not is_id(node)):
+        raise InvalidRequest(f"node: {ID_RULE}")
     if action.deadline is None and action.character_id != t.PARTY_ACTOR:
         # Only a party action (a finished vote's decision, ``vote:<vote_id>``) has no deadline
         # (a worker in another language could not claim one: the party's decision was never
@@ -281,7 +284,7 @@ async def claim_action(request: web.Request) -> web.Response:
             "character_id 'party', has none)"
         )
     with tracing.incoming("claim", request.headers, trace_id=action.trace_id):
-        claim = await gateway.publisher.claim(action, trusted=False)
+        claim = await gateway.publisher.claim(action, trusted=False, claimer=node)
     return web.json_response({"claim": claim.value})
 
 

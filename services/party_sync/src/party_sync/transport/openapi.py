@@ -538,9 +538,12 @@ def _engine_action(
 
 def _claim() -> dict[str, Any]:
     return _engine_action(
-        "Claim an action an engine read from the actions stream, right before starting it",
+        "Claim an action an engine read from the actions stream, or an HTTP engine host was "
+        "asked to claim, right before starting it",
         "Atomic with party_sync's own timeout, as party-sync engine-worker claims (docs/"
-        "engines.md, A stream worker in another language): start runs it (a claim of an action "
+        "engines.md, A stream worker in another language), and party-sync engine-http when a "
+        "delivery carries X-Party-Sync-Claim: engine (its X-Party-Sync-Node goes in `node`): "
+        "start runs it (a claim of an action "
         "already started starts it again: a redelivery, deduplicated by action_id); expired: "
         "its deadline passed before anyone started it, and it is refused now with "
         "action_timeout; final: it has its answer already. On expired and final, acknowledge "
@@ -548,7 +551,16 @@ def _claim() -> dict[str, Any]:
         "claimAction",
         {
             **_object(
-                {"envelope": _handed_envelope(), "deadline": _entry_deadline()},
+                {
+                    "envelope": _handed_envelope(),
+                    "deadline": _entry_deadline(),
+                    "node": {
+                        **_ID,
+                        "description": "HTTP engine hosts: the delivery's X-Party-Sync-Node, the "
+                        "serving node that sent it (another node takes the action over if that "
+                        "one dies); absent for a stream worker",
+                    },
+                },
                 required=["envelope"],
             ),
             "additionalProperties": False,
