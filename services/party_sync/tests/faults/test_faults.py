@@ -21,6 +21,7 @@ import os
 import signal
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -460,6 +461,31 @@ def create_engine():
 """
 
 
+def _slow_refusing_system(name: str) -> tuple[HttpSystem, Path]:
+    """``HttpSystem`` with ``SLOW_REFUSING_ENGINE`` behind ``engine-http`` and the engine host
+    claiming (``PARTY_SYNC_ENGINE_HTTP_CLAIM=engine``); the file its engine marks."""
+    system = HttpSystem(scenario_directory(name))
+    directory = system.directory
+    (directory / "ps_slow_refusing.py").write_text(SLOW_REFUSING_ENGINE)
+    mark = directory / "started"
+    system.engine_spec = "ps_slow_refusing:create_engine"
+    system.env["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(directory), system.env.get("PYTHONPATH")])
+    )
+    system.env["PS_MARK"] = str(mark)
+    system.env["PARTY_SYNC_ENGINE_HTTP_CLAIM"] = "engine"
+    return system, mark
+
+
+async def _final_answer(client: Any) -> dict[str, Any]:
+    """The next ``system.error`` that is not ``action_in_flight`` (the resend's first answer)."""
+    async with asyncio.timeout(30):
+        while True:
+            message: dict[str, Any] = await client.until("system.error", 30)
+            if message["payload"]["code"] != "action_in_flight":
+                return message
+
+
 async def test_an_engine_claimed_http_action_whose_node_dies_is_answered_through_another() -> None:
     """``PARTY_SYNC_ENGINE_HTTP_CLAIM=engine``, two nodes: the engine host claims an action that
     node 1 delivered (naming node 1, whichever node it claims through), and node 1 dies before
@@ -471,16 +497,7 @@ async def test_an_engine_claimed_http_action_whose_node_dies_is_answered_through
     from ps_testkit.client import Client
     from ps_testkit.servers import token
 
-    system = HttpSystem(scenario_directory("http_claim_node_dies"))
-    directory = system.directory
-    (directory / "ps_slow_refusing.py").write_text(SLOW_REFUSING_ENGINE)
-    mark = directory / "started"
-    system.engine_spec = "ps_slow_refusing:create_engine"
-    system.env["PYTHONPATH"] = os.pathsep.join(
-        filter(None, [str(directory), system.env.get("PYTHONPATH")])
-    )
-    system.env["PS_MARK"] = str(mark)
-    system.env["PARTY_SYNC_ENGINE_HTTP_CLAIM"] = "engine"
+    system, mark = _slow_refusing_system("http_claim_node_dies")
     clients: list[Client] = []
     try:
         await system.start()
@@ -498,11 +515,7 @@ async def test_an_engine_claimed_http_action_whose_node_dies_is_answered_through
         clients.append(second)
         await second.expect("system.hello")
         await second.act("nd-1", "aria", RUN)  # the player's resend, on the node left
-        async with asyncio.timeout(30):
-            while True:
-                message = await second.until("system.error", 30)
-                if message["payload"]["code"] != "action_in_flight":
-                    break
+        message = await _final_answer(second)
         assert message["payload"]["code"] == "action_rejected", message
         assert message["payload"]["message"] == "not now"
         assert message["payload"]["in_reply_to"]["action_id"] == "nd-1"
@@ -510,4 +523,63 @@ async def test_an_engine_claimed_http_action_whose_node_dies_is_answered_through
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.close()
+        await system.close()
+
+
+async def test_a_late_engine_claim_for_a_node_that_died_is_taken_over_at_the_deadline() -> None:
+    """The same, with the host frozen: node 1's POST waits in its socket, node 1 dies, the
+    player's resend on node 2 finds the action unclaimed (nothing to take over), then the host
+    wakes and claims it for node 1, before its deadline, and refuses it (an answer that goes to
+    the dead node). At the deadline node 2 finds it started by a node that is gone and takes it
+    over: its refusal reaches the player (the player waited until the record expired: HTTP
+    claim probe, the window the earlier fix left)."""
+    from ps_testkit.client import Client
+    from ps_testkit.servers import token
+
+    system, mark = _slow_refusing_system("http_claim_late_for_dead_node")
+    system.env["PARTY_SYNC_ACTION_TIMEOUT"] = "6"  # the host wakes before it
+    system.env["PARTY_SYNC_ENGINE_HTTP_TIMEOUT"] = "0.3"
+    clients: list[Client] = []
+    try:
+        await system.start()
+        engine = system.engine
+        assert engine is not None
+        ws_urls = system.urls
+        params = {"token": token("aria", party=PARTY, run=RUN)}
+        first = Client(await system.http.ws_connect(ws_urls[0], params=params))
+        clients.append(first)
+        await first.expect("system.hello")
+        engine.signal(signal.SIGSTOP)
+        await first.act("lc-1", "aria", RUN)
+        await first.until("action.accepted")
+        metrics = f"http://127.0.0.1:{system.ports[0]}/metrics"
+
+        async def posted() -> bool:  # its first POST went out, and got no answer in time
+            async with system.http.get(metrics) as resp:
+                text = await resp.text()
+            return any(
+                line.startswith("party_sync_engine_link_failures_total{")
+                and float(line.rsplit(" ", 1)[1]) >= 1
+                for line in text.splitlines()
+            )
+
+        await poll(posted, 10.0, "node 1's delivery to time out")
+        await system.nodes[0].kill()
+        second = Client(await system.http.ws_connect(ws_urls[1], params=params))
+        clients.append(second)
+        await second.expect("system.hello")
+        await second.act("lc-1", "aria", RUN)
+        assert (await second.until("system.error"))["payload"]["code"] == "action_in_flight"
+        engine.signal(signal.SIGCONT)
+        await poll(lambda: _async(mark.exists()), 10.0, "the engine to start the action")
+        message = await _final_answer(second)
+        assert message["payload"]["code"] == "action_rejected", message
+        assert message["payload"]["in_reply_to"]["action_id"] == "lc-1"
+    finally:
+        for client in clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        with contextlib.suppress(Exception):
+            if system.engine is not None:
+                system.engine.signal(signal.SIGCONT)
         await system.close()

@@ -327,6 +327,12 @@ class ActionStore(Protocol):
         ``(EXPIRED, None)`` when there was no record (lost) and the carried deadline passed."""
         ...
 
+    async def action_claimer(self, party_id: str, action_id: str) -> str | None:
+        """The claimer an action's record names (``claim_action``'s: a serving node, '1' for an
+        engine host elsewhere), or None (not claimed, or no record). A look: nothing changes.
+        Only a backend shared by several nodes (Redis) records one."""
+        ...
+
     async def action_answered(self, party_id: str, action_id: str) -> bool:
         """Whether the action has its final answer (a result or a refusal) in the ledger: a
         look that changes nothing (a claim would start it). False when its record is gone."""

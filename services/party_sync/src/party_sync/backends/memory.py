@@ -474,6 +474,9 @@ class MemoryBackend:
             return claim, character_id
         return claim, answer
 
+    async def action_claimer(self, party_id: str, action_id: str) -> str | None:
+        return None  # one process: nobody to take over from
+
     async def action_answered(self, party_id: str, action_id: str) -> bool:
         party = self._parties.get(party_id)
         return party is not None and party.ledger.answered(action_id)

@@ -953,6 +953,11 @@ class RedisBackend:
             return claim, None
         return claim, bytes(reply[1]) if claim is Claim.FINAL else text(reply[1])
 
+    async def action_claimer(self, party_id: str, action_id: str) -> str | None:
+        with unavailable("action_claimer"):
+            claimer = await self.client.hget(self.keys.action(party_id, action_id), "g")
+        return text(claimer) if claimer else None
+
     async def action_answered(self, party_id: str, action_id: str) -> bool:
         with unavailable("action_answered"):
             return bool(await self.client.hexists(self.keys.action(party_id, action_id), "r"))

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeGuard
 
 from party_sync import tracing
 from party_sync.backends.base import Backend
-from party_sync.core.actions import Decision
+from party_sync.core.actions import Decision, Sweep
 from party_sync.core.commands import (
     Announce,
     ApplyVote,
@@ -112,8 +112,8 @@ class MetricsMeter:
             "%d action(s) an engine started had no answer at their deadline (the latest: %s "
             "in party %s): the engine is slower than PARTY_SYNC_ACTION_TIMEOUT, or ended "
             "without publishing the action's result, or the node whose engine started it is gone "
-            "(taken over at the player's resend); its player waits for it (at most one line "
-            "a minute; party_sync_actions_overdue_total counts them)",
+            "(taken over at the player's resend, or at the deadline of one); its player waits "
+            "for it (at most one line a minute; party_sync_actions_overdue_total counts them)",
         )
         #: the engine broke its contract, and nothing true can be said to the player
         self.forgotten = _EngineLapse(
@@ -241,6 +241,24 @@ class Executor:
         action: it must be taken over if that node is gone. Not '1' (an engine host elsewhere,
         e.g. a stream worker, whose entry outlives it) nor '' (accepted, not claimed yet)."""
         return bool(claimer) and claimer != "1" and claimer != self.node_id
+
+    async def _watch_started(self, party_id: str, action_id: str) -> None:
+        """An action this node waits on was started, unanswered at its deadline: if another
+        node's link holds it, that node is watched and the action taken over if it is gone. A
+        resend watches the claimer it finds, but a claim made after it (an HTTP engine host
+        that claims for itself, ``engine_http_claim = engine``, and claimed late for a node
+        that died meanwhile) was found by nobody, and the engine's refusal, the answer to that
+        node's POST, was lost with it: the player waited until the record expired (HTTP claim
+        probe)."""
+        watched = self.core.pending.get((party_id, action_id))
+        if watched is None:
+            return
+        try:
+            claimer = await self.backend.action_claimer(party_id, action_id)
+        except BackendUnavailable:
+            return  # (looked at again one timeout later, if still unanswered)
+        if self._another_node(claimer):
+            self.spawn(self._take_over(watched, claimer))
 
     async def _take_over(self, pending: PendingAction, claimer: str) -> None:
         """A resent action that another node claimed for its own link (its in-process engine,
@@ -384,6 +402,8 @@ class Executor:
                 return
             self.worked("action_timeouts")
             await self.run(core.timed_out(command, outcome, answer))
+            if outcome is Sweep.STARTED and self.node_bound:  # (watched on by the core now)
+                await self._watch_started(action.party_id, action.action_id)
         elif type(command) is SendDirect:
             with contextlib.suppress(BackendUnavailable):
                 await self.backend.send_direct(command.party_id, command.character_id, command.data)
