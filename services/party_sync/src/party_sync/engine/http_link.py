@@ -568,7 +568,8 @@ class HttpEngineLink:
         any host started it): the delivery ends."""
         if not await self._answered_meanwhile(host, action, by_engine):
             return False
-        self._silent_since = None
+        if not by_engine:  # (with the host claiming, the answer may be the deadline's: a host
+            self._silent_since = None  # frozen meanwhile stays silent for /readyz)
         log.info(
             "the action was answered while its delivery was retried",
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
