@@ -1475,6 +1475,7 @@ async def test_with_the_engine_host_claiming_the_node_does_not_claim_and_names_i
         await wait_until(lambda: len(api.actions) >= 3)  # retried: no answer in time
         host.answers.add("frozen")  # the deadline refused it meanwhile
         await idle(link)
+        assert link.silent_since is not None  # the host still answers nothing (/readyz)
         api.release.set()
         await link.submit(replace(make_action("taken"), redelivery=True))
         await idle(link)
