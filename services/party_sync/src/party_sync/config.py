@@ -198,12 +198,12 @@ class Settings:
     engine_http_timeout: float = _option(5.0, "Seconds one HTTP delivery to the engine may take.")
     engine_http_retries: int = _option(
         8,
-        "Retries of an HTTP delivery to the engine while every attempt is refused at connect "
-        "time (then the player gets engine_unavailable; action_timeout at the action's deadline "
-        "if that comes first), and of a join notice (backoff with full "
-        "jitter); once an attempt may have reached the engine (a 5xx, a timeout, a dropped "
-        "connection) an action is retried until it is answered or action_record_ttl passes, as "
-        "is a restate notice.",
+        "Retries of an HTTP delivery of an action to the engine while every attempt is refused "
+        "at connect time (then the player gets engine_unavailable; action_timeout at the "
+        "action's deadline if that comes first), with backoff and full jitter; once an attempt "
+        "may have reached the engine (a 5xx, a timeout, a dropped connection) an action is "
+        "retried until it is answered or action_record_ttl passes. Join and restate notices are "
+        "retried as often, then on with a capped backoff, for up to action_record_ttl.",
     )
     engine_http_claim: str = _option(
         "node",

@@ -257,6 +257,11 @@ def unused_engine_setting(settings: Settings, transport: str) -> str | None:
     """A warning when ``engine`` (``--engine``, ``PARTY_SYNC_ENGINE``) was set but the node does
     not host an engine (its transport is the stream or HTTP, where the engine runs elsewhere), or
     ``engine_url`` / ``engine_notice_url`` were set but the transport is not HTTP."""
+    if transport != "http" and settings.engine_http_claim != "node":
+        return (
+            f"engine_http_claim {settings.engine_http_claim} is not used: the engine transport "
+            f"is {transport}; it applies to the HTTP transport (engine_url)"
+        )
     if transport != "http" and (settings.engine_url or settings.engine_notice_url):
         name = "engine_url" if settings.engine_url else "engine_notice_url"
         return (

@@ -236,7 +236,7 @@ async def test_what_is_not_the_handed_action_is_refused_422() -> None:
         status, answer = await post(srv, claim_path("x6"), {**good, "envelope": no_trace})
         assert (status, answer["detail"]) == (
             422,
-            "envelope: no 'trace_id' field (copy the entry's)",
+            "envelope: no 'trace_id' field (copy the entry's, or the delivery's)",
         )
         async with srv.http.post(srv.base + claim_path("x6"), json=good) as resp:
             assert resp.status == 401  # the API key, as every route of the server API

@@ -94,6 +94,16 @@ def test_an_engine_set_for_a_node_that_does_not_host_one_is_warned_about() -> No
         assert "my_game.engine:create is not used" in warning and transport in warning
 
 
+def test_a_claim_mode_the_transport_does_not_use_is_warned_about() -> None:
+    """``--engine-http-claim engine`` without an engine URL (new-user probe: silently ignored)."""
+    engine = Settings(engine_http_claim="engine")
+    for transport in ("inprocess", "stream"):
+        warning = unused_engine_setting(engine, transport)
+        assert warning is not None and "engine_http_claim engine is not used" in warning
+    assert unused_engine_setting(engine, "http") is None
+    assert unused_engine_setting(Settings(), "inprocess") is None  # node, the default
+
+
 def test_an_engine_url_the_transport_does_not_use_is_warned_about_without_the_url() -> None:
     url = "http://user:s3cret@engine.internal:9000/actions"
     for transport in ("inprocess", "stream"):

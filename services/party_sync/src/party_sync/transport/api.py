@@ -251,7 +251,9 @@ def _handed_action(request: web.Request, body: Any, fields: frozenset[str]) -> A
             envelope = codec.decode_bounded(envelope.encode())
         action = wire.parse_action(party_id, envelope, deadline, request.app[GATEWAY].contracts)
     except KeyError as exc:  # (its text is the bare name: "envelope: 'trace_id'", docs probe)
-        raise InvalidRequest(f"envelope: no {str(exc)[:100]} field (copy the entry's)") from None
+        raise InvalidRequest(
+            f"envelope: no {str(exc)[:100]} field (copy the entry's, or the delivery's)"
+        ) from None
     except (ValueError, TypeError, SchemaViolation) as exc:
         raise InvalidRequest(f"envelope: {str(exc)[:200]}") from None
     if action.action_id != action_id:
@@ -280,8 +282,8 @@ async def claim_action(request: web.Request) -> web.Response:
         # action's record is gone (an emptied Redis): a claim without it could start an action
         # long past its deadline.
         raise InvalidRequest(
-            "deadline is required: the entry's deadline field (only a party action, "
-            "character_id 'party', has none)"
+            "deadline is required: the entry's (or the HTTP delivery's) deadline field (only a "
+            "party action, character_id 'party', has none)"
         )
     with tracing.incoming("claim", request.headers, trace_id=action.trace_id):
         claim = await gateway.publisher.claim(action, trusted=False, claimer=node)
