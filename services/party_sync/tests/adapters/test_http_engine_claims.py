@@ -23,6 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from party_sync.engine import wire
 from party_sync.engine.http_host import ApiPublisher, build_host_app
+from party_sync.engine.interface import ActionRequest, EngineRejected
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import make_action, post_event, result_for, serving
@@ -68,9 +69,7 @@ async def claiming_deployment(
         config = make_settings(
             engine_url=f"{host}/actions",
             api_key=KEY,
-            engine_http_claim="engine",
-            engine_http_timeout=0.3,
-            **settings,
+            **{"engine_http_claim": "engine", "engine_http_timeout": 0.3, **settings},
         )
         async with serve_in_process(config) as srv:
             publisher.base_url = srv.base  # (known once it listens)
@@ -111,6 +110,50 @@ async def test_a_frozen_host_past_the_deadline_times_the_action_out_and_never_ap
         assert [m["payload"]["code"] for m in a.received if m["type"] == "system.error"] == [
             "action_timeout"
         ]
+        await a.close()
+
+
+class SlowRefusingEngine(ScriptedEngine):
+    """Refuses its first call one second after it started it (slower than the node's HTTP
+    timeout: that delivery's request is cut short before the refusal); any later call never
+    ends until ``release`` (the test's end), so only that first refusal can answer the action."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refused = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        self.calls.append(action)
+        if len(self.calls) > 1:
+            await self.release.wait()
+            return
+        await asyncio.sleep(1.0)
+        self.refused.set()
+        raise EngineRejected("not now")
+
+
+@pytest.mark.usefixtures("backend_kind")
+@pytest.mark.parametrize("claim", ["node", "engine"])
+async def test_a_refusal_slower_than_the_http_timeout_still_reaches_the_player(claim: str) -> None:
+    """The engine refuses after party_sync stopped waiting for the delivery (its HTTP timeout,
+    0.3 s here): the 422 went nowhere, and the player waited until the record expired (a
+    fault test's take-over, on a loaded machine, where every delivery sent again ran the
+    engine again and was cut short again). The host records the refusal through the API when
+    its sender is gone. (The deliveries sent again wait here until the engine refused, as in a
+    busy host, so that none is there to take the 422.)"""
+    engine, freezer = SlowRefusingEngine(), Freezer()
+    async with claiming_deployment(engine, freezer, engine_http_claim=claim) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("slow-no", "aria", "r1")
+        await wait_until(lambda: len(engine.calls) == 1)
+        freezer.awake.clear()  # the next deliveries wait...
+        await engine.refused.wait()
+        freezer.awake.set()  # ...until the engine has refused the first
+        error = await a.until("system.error", 15)
+        assert error["payload"]["code"] == "action_rejected", error
+        assert error["payload"]["message"] == "not now"
+        engine.release.set()
         await a.close()
 
 

@@ -22,7 +22,9 @@ claim>`` (the engine's own 422 and 500 do not). Without the header:
   delivery can have reached the engine), so the engine is not called: party_sync tells the player
   ``action_timeout``, which is then true. A later attempt past its deadline *is* handed to the
   engine: an earlier one may have started it, and the engine deduplicates by ``action_id``;
-- 422: the engine refused the action (``EngineRejected``) or the body is invalid (final);
+- 422: the engine refused the action (``EngineRejected``) or the body is invalid (final); a
+  refusal made after the sender's request was cut short (its HTTP timeout) is also recorded
+  through the API's refusal route (``_refused_meanwhile``): the 422 would go nowhere;
 - 500 ``{"error": "engine_error"}``: the engine itself raised, so it did not apply the action
   (the engine contract); party_sync retries it (deduplication keeps a retry from applying twice)
   and after the fifth such answer tells the player ``engine_error``;
@@ -487,6 +489,24 @@ class ApiPublisher(VoteStarter, NarrationSender):
         )
         raise EngineFailed(f"party_sync refused the claim ({status})")
 
+    async def refuse(self, party_id: str, envelope: Mapping[str, Any], detail: str) -> None:
+        """``POST /api/v1/parties/{party_id}/actions/{action_id}/refusal`` with ``action_rejected``
+        and ``detail``: the engine's refusal made the action's final answer through the API,
+        for a delivery whose sender no longer waits for the 422 (``receive_action``). Retried
+        like a publish (a refusal sent again records nothing); raises ``BackendUnavailable``
+        when party_sync cannot be reached."""
+        action_id = str(envelope["payload"]["action_id"])
+        body = {"envelope": envelope, "code": "action_rejected", "detail": detail}
+        status, answer = await self._post(
+            f"/api/v1/parties/{party_id}/actions/{action_id}/refusal",
+            body,
+            retry_on=(aiohttp.ClientError, TimeoutError),
+        )
+        if status is None:
+            raise BackendUnavailable(f"could not refuse action {action_id} of party {party_id}")
+        if status != 200:
+            log.warning("party_sync refused the engine's refusal (%s): %s", status, _detail(answer))
+
     async def reject(self, action: ActionRequest, message: str) -> None:
         # Over HTTP a refusal is the answer to the delivery itself (422).
         raise EngineRejected(message)
@@ -726,9 +746,37 @@ async def receive_action(request: web.Request) -> web.Response:
             extra={"trace_id": action.trace_id, "action_id": action.action_id},
         )
     # (shielded: a request cut short, say by party_sync's timeout, never cancels the engine)
-    await asyncio.shield(call)
+    try:
+        await asyncio.shield(call)
+    except EngineRejected as exc:
+        if request.transport is None or request.transport.is_closing():
+            await _refused_meanwhile(request, body, envelope, action, str(exc))
+        raise
     headers = {wire.CLAIMED_HEADER: claimed or Claim.START.value} if asks_claim else None
     return web.json_response({"status": "accepted"}, status=202, headers=headers)
+
+
+async def _refused_meanwhile(
+    request: web.Request,
+    body: Mapping[str, Any],
+    envelope: Any,
+    action: ActionRequest,
+    detail: str,
+) -> None:
+    """The engine refused an action after its sender stopped waiting (party_sync's HTTP timeout
+    cut the request short): the 422 would go nowhere, and each delivery sent again would run
+    the engine again and be cut short again, as long as the engine is slower than that timeout
+    (a taken-over action's refusal never reached its player: fault test). The refusal is made
+    the action's final answer through the API instead (the link, between its retries, finds it
+    answered)."""
+    try:
+        await request.app[PUBLISHER].refuse(_party_id(body), envelope, detail)
+    except BackendUnavailable as exc:
+        log.warning(
+            "the engine's refusal could not be recorded (%s): party_sync delivers the action again",
+            exc,
+            extra={"trace_id": action.trace_id, "action_id": action.action_id},
+        )
 
 
 async def _claim(
