@@ -472,13 +472,7 @@ class ApiPublisher(VoteStarter, NarrationSender):
             body["deadline"] = deadline
         if node is not None:  # the delivering node (``wire.NODE_HEADER``)
             body["node"] = node
-        status, answer = await self._post(
-            f"/api/v1/parties/{party_id}/actions/{action_id}/claim",
-            body,
-            retry_on=(aiohttp.ClientError, TimeoutError),
-        )
-        if status is None:
-            raise BackendUnavailable(f"could not claim action {action_id} of party {party_id}")
+        status, answer = await self._action_route(party_id, action_id, "claim", body)
         if status == 200:
             try:
                 return Claim(orjson.loads(answer)["claim"])
@@ -489,23 +483,33 @@ class ApiPublisher(VoteStarter, NarrationSender):
         )
         raise EngineFailed(f"party_sync refused the claim ({status})")
 
-    async def refuse(self, party_id: str, envelope: Mapping[str, Any], detail: str) -> None:
+    async def refuse(
+        self, party_id: str, action_id: str, envelope: Mapping[str, Any], detail: str
+    ) -> None:
         """``POST /api/v1/parties/{party_id}/actions/{action_id}/refusal`` with ``action_rejected``
         and ``detail``: the engine's refusal made the action's final answer through the API,
         for a delivery whose sender no longer waits for the 422 (``receive_action``). Retried
         like a publish (a refusal sent again records nothing); raises ``BackendUnavailable``
         when party_sync cannot be reached."""
-        action_id = str(envelope["payload"]["action_id"])
         body = {"envelope": envelope, "code": "action_rejected", "detail": detail}
+        status, answer = await self._action_route(party_id, action_id, "refusal", body)
+        if status != 200:
+            log.warning("party_sync refused the engine's refusal (%s): %s", status, _detail(answer))
+
+    async def _action_route(
+        self, party_id: str, action_id: str, route: str, body: Mapping[str, Any]
+    ) -> tuple[int, bytes]:
+        """POST ``body`` to an action's ``claim`` or ``refusal`` route, retried like a publish
+        (both answer the same when asked again); ``BackendUnavailable`` once the retries are
+        spent."""
         status, answer = await self._post(
-            f"/api/v1/parties/{party_id}/actions/{action_id}/refusal",
+            f"/api/v1/parties/{party_id}/actions/{action_id}/{route}",
             body,
             retry_on=(aiohttp.ClientError, TimeoutError),
         )
         if status is None:
-            raise BackendUnavailable(f"could not refuse action {action_id} of party {party_id}")
-        if status != 200:
-            log.warning("party_sync refused the engine's refusal (%s): %s", status, _detail(answer))
+            raise BackendUnavailable(f"no {route} of action {action_id} of party {party_id} made")
+        return status, answer
 
     async def reject(self, action: ActionRequest, message: str) -> None:
         # Over HTTP a refusal is the answer to the delivery itself (422).
@@ -750,18 +754,14 @@ async def receive_action(request: web.Request) -> web.Response:
         await asyncio.shield(call)
     except EngineRejected as exc:
         if request.transport is None or request.transport.is_closing():
-            await _refused_meanwhile(request, body, envelope, action, str(exc))
+            await _refused_meanwhile(request, envelope, action, str(exc))
         raise
     headers = {wire.CLAIMED_HEADER: claimed or Claim.START.value} if asks_claim else None
     return web.json_response({"status": "accepted"}, status=202, headers=headers)
 
 
 async def _refused_meanwhile(
-    request: web.Request,
-    body: Mapping[str, Any],
-    envelope: Any,
-    action: ActionRequest,
-    detail: str,
+    request: web.Request, envelope: Any, action: ActionRequest, detail: str
 ) -> None:
     """The engine refused an action after its sender stopped waiting (party_sync's HTTP timeout
     cut the request short): the 422 would go nowhere, and each delivery sent again would run
@@ -770,7 +770,7 @@ async def _refused_meanwhile(
     the action's final answer through the API instead (the link, between its retries, finds it
     answered)."""
     try:
-        await request.app[PUBLISHER].refuse(_party_id(body), envelope, detail)
+        await request.app[PUBLISHER].refuse(action.party_id, action.action_id, envelope, detail)
     except BackendUnavailable as exc:
         log.warning(
             "the engine's refusal could not be recorded (%s): party_sync delivers the action again",
