@@ -333,3 +333,32 @@ async def test_a_refusal_made_while_its_character_is_connected_is_told_on_both_b
         assert await b.refuse_action(PARTY, action_id, character, FAILED, T0 + 1) == character
     assert await b.time_out_action(PARTY, "a1", DEADLINE, TIMED_OUT) == (Sweep.TOLD, FAILED)
     assert await b.time_out_action(PARTY, "b1", DEADLINE, TIMED_OUT) == (Sweep.FINAL, FAILED)
+
+
+async def test_a_look_at_an_action_tells_its_answer_and_claimer_and_changes_nothing(
+    backend: Backend,
+) -> None:
+    """``action_answered`` (the HTTP link's look between retries when the engine host claims
+    for itself) is True for any final answer: a result, and a refusal such as the deadline's
+    ``action_timeout`` (on Redis it read only results: a timed-out action looked unanswered);
+    ``action_claimer`` names the node a claim named (Redis; one process records none). Neither
+    starts or refuses anything."""
+    b = backend
+    for action_id, character in (("a1", "aria"), ("b1", "borin"), ("c1", "cora")):
+        assert await b.begin_action(PARTY, character, action_id, T0) == Verdict(Decision.ACCEPT)
+    assert not await b.action_answered(PARTY, "a1")
+    assert await b.action_claimer(PARTY, "a1") is None
+    assert not await b.action_answered("nowhere", "a1")
+    await b.publish(PARTY, result("a1"), T0 + 1)
+    assert await b.action_answered(PARTY, "a1")
+    assert await b.time_out_action(PARTY, "b1", DEADLINE + 1, TIMED_OUT) == (Sweep.TIMED_OUT, None)
+    assert await b.action_answered(PARTY, "b1")
+    assert await b.claim_action(PARTY, "c1", T0 + 1, TIMED_OUT, DEADLINE, "node-7") == (
+        Claim.START,
+        None,
+    )
+    assert not await b.action_answered(PARTY, "c1")
+    claimer = await b.action_claimer(PARTY, "c1")
+    assert claimer == ("node-7" if isinstance(b, RedisBackend) else None)
+    # the looks changed nothing: c1 is started (not timed out at its deadline)
+    assert await b.time_out_action(PARTY, "c1", DEADLINE + 1, TIMED_OUT) == (Sweep.STARTED, None)

@@ -959,8 +959,10 @@ class RedisBackend:
         return text(claimer) if claimer else None
 
     async def action_answered(self, party_id: str, action_id: str) -> bool:
+        # (r: its result; x: a refusal, the deadline's action_timeout among them)
         with unavailable("action_answered"):
-            return bool(await self.client.hexists(self.keys.action(party_id, action_id), "r"))
+            found = await self.client.hmget(self.keys.action(party_id, action_id), ["r", "x"])
+        return any(value is not None for value in found)
 
     async def time_out_action(
         self, party_id: str, action_id: str, now: float, refusal: bytes
