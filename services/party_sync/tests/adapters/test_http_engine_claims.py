@@ -23,7 +23,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from party_sync.engine import wire
 from party_sync.engine.http_host import ApiPublisher, build_host_app
-from party_sync.engine.interface import ActionRequest, EngineRejected
+from party_sync.engine.interface import ENGINE_FAILURES, ActionRequest, EngineRejected
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import make_action, post_event, result_for, serving
@@ -154,6 +154,42 @@ async def test_a_refusal_slower_than_the_http_timeout_still_reaches_the_player(c
         assert error["payload"]["code"] == "action_rejected", error
         assert error["payload"]["message"] == "not now"
         engine.release.set()
+        await a.close()
+
+
+class SlowFailingEngine(ScriptedEngine):
+    """Raises on every call, half a second after it started it: slower than the node's HTTP
+    timeout (0.3 s), so no delivery's request is answered its 500."""
+
+    async def handle_action(self, action: ActionRequest) -> None:
+        self.calls.append(action)
+        await asyncio.sleep(0.5)
+        raise RuntimeError("the engine broke")
+
+
+@pytest.mark.usefixtures("backend_kind")
+@pytest.mark.parametrize("claim", ["node", "engine"])
+async def test_an_engine_failing_slower_than_the_http_timeout_ends_in_engine_error(
+    claim: str,
+) -> None:
+    """The engine fails every time, each time after party_sync stopped waiting for the delivery:
+    the link, which never saw a 500, had to assume the engine might still be applying it and
+    delivered it again until the action's record expired, while its player heard nothing. The
+    host counts its engine's failures of the action and, at the fifth, records
+    ``engine_error`` as its final answer (each call raised: not applied)."""
+    engine, freezer = SlowFailingEngine(), Freezer()
+    async with claiming_deployment(engine, freezer, engine_http_claim=claim) as srv:
+        a, _ = await srv.join("aria")
+        await a.act("slow-fail", "aria", "r1")
+        error = await a.until("system.error", 20)
+        assert error["payload"]["code"] == "engine_error", error
+        assert error["payload"]["in_reply_to"]["action_id"] == "slow-fail"
+        assert len(engine.calls) == ENGINE_FAILURES
+        engine.calls.clear()
+        await a.act("after", "aria", "r1")  # (a new action is run again, and counted anew)
+        error = await a.until("system.error", 20)
+        assert error["payload"]["in_reply_to"]["action_id"] == "after"
+        assert not any(m["type"] == "action.result" for m in a.received)
         await a.close()
 
 

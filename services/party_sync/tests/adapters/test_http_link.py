@@ -22,9 +22,10 @@ from party_sync import config
 from party_sync.engine import wire
 from party_sync.engine.health import HttpProbe
 from party_sync.engine.http_host import ApiPublisher, build_host_app
-from party_sync.engine.http_link import ENGINE_FAILURES, HttpEngineLink
+from party_sync.engine.http_link import HttpEngineLink
 from party_sync.engine.interface import (
     ENGINE_FAILED,
+    ENGINE_FAILURES,
     ActionRequest,
     Claim,
     JoinNotice,

@@ -27,7 +27,10 @@ claim>`` (the engine's own 422 and 500 do not). Without the header:
   through the API's refusal route (``_refused_meanwhile``): the 422 would go nowhere;
 - 500 ``{"error": "engine_error"}``: the engine itself raised, so it did not apply the action
   (the engine contract); party_sync retries it (deduplication keeps a retry from applying twice)
-  and after the fifth such answer tells the player ``engine_error``;
+  and after the fifth such answer tells the player ``engine_error``. The host counts its engine's
+  failures of each action too (``FailureCount``): at the fifth it records ``engine_error`` as
+  the action's final answer through the API's refusal route itself, since answers cut short by
+  party_sync's HTTP timeout (an engine slower than it that fails) never reach the link's count;
 - 503 ``{"error": "backend_unavailable"}``: party_sync was unreachable under the engine (a
   publish failed with ``BackendUnavailable`` — which the publisher also raises for a request
   its HTTP client cannot make —, an ``OSError`` or a timeout; also as the ``__cause__`` /
@@ -77,6 +80,8 @@ from party_sync.engine import wire
 from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import INFRA_ERRORS
 from party_sync.engine.interface import (
+    ENGINE_FAILED,
+    ENGINE_FAILURES,
     MAX_BATCH_EVENTS,
     ActionRequest,
     Claim,
@@ -120,6 +125,8 @@ PUBLISHER: Final[web.AppKey[ApiPublisher]] = web.AppKey("publisher")
 #: The engine calls running now, by ``(party_id, action_id)``: a delivery of an action still
 #: running here joins its call (``receive_action``).
 RUNNING: Final[web.AppKey[dict[tuple[str, str], asyncio.Task[None]]]] = web.AppKey("running")
+#: The engine's failures of the actions it failed last (``FailureCount``).
+FAILURES: Final[web.AppKey[FailureCount]] = web.AppKey("failures")
 #: The ``WWW-Authenticate`` challenge of a delivery refused for its key (RFC 6750 §3).
 CHALLENGE: Final = 'Bearer realm="party_sync engine host"'
 
@@ -484,14 +491,20 @@ class ApiPublisher(VoteStarter, NarrationSender):
         raise EngineFailed(f"party_sync refused the claim ({status})")
 
     async def refuse(
-        self, party_id: str, action_id: str, envelope: Mapping[str, Any], detail: str
+        self,
+        party_id: str,
+        action_id: str,
+        envelope: Mapping[str, Any],
+        detail: str,
+        code: str = "action_rejected",
     ) -> None:
-        """``POST /api/v1/parties/{party_id}/actions/{action_id}/refusal`` with ``action_rejected``
-        and ``detail``: the engine's refusal made the action's final answer through the API,
-        for a delivery whose sender no longer waits for the 422 (``receive_action``). Retried
-        like a publish (a refusal sent again records nothing); raises ``BackendUnavailable``
-        when party_sync cannot be reached."""
-        body = {"envelope": envelope, "code": "action_rejected", "detail": detail}
+        """``POST /api/v1/parties/{party_id}/actions/{action_id}/refusal`` with ``code``
+        (``action_rejected`` or ``engine_error``) and ``detail``: the engine's refusal, or its
+        last failure, made the action's final answer through the API, for a delivery whose
+        sender no longer waits for the 422 or counts the 500s (``receive_action``). Retried like
+        a publish (a refusal sent again records nothing); raises ``BackendUnavailable`` when
+        party_sync cannot be reached."""
+        body = {"envelope": envelope, "code": code, "detail": detail}
         status, answer = await self._action_route(party_id, action_id, "refusal", body)
         if status != 200:
             log.warning("party_sync refused the engine's refusal (%s): %s", status, _detail(answer))
@@ -741,7 +754,9 @@ async def receive_action(request: web.Request) -> web.Response:
     if call is None:
         if not first:
             action = replace(action, deadline=None, redelivery=True)
-        call = asyncio.get_running_loop().create_task(_run_action(engine, action))
+        call = asyncio.get_running_loop().create_task(
+            _run_action(engine, action, envelope, request.app)
+        )
         running[key] = call
         call.add_done_callback(lambda done: _forget(running, key, done))
     else:
@@ -813,15 +828,78 @@ def _forget(
         done.exception()  # (retrieved: every request waiting on it has re-raised it)
 
 
-async def _run_action(engine: Engine, action: ActionRequest) -> None:
-    """The engine's call of one action, its failures as this host answers them."""
+class FailureCount:
+    """How many times running the engine failed each action it failed last (at most ``LIMIT``
+    actions, the oldest forgotten first; an action applied or refused is forgotten). At the
+    ``ENGINE_FAILURES``-th failure of one action the host makes ``engine_error`` its final
+    answer itself, through the API's refusal route: party_sync's link counts the 500s it is
+    answered, but an engine that fails more slowly than the link's HTTP timeout has its answers
+    cut short, and the link, which must then assume the engine may still be applying the
+    action, would deliver it again until the action's record expired while its player waited
+    (the failures the host counts are its own calls, each of which raised: not applied, by the
+    engine contract; a delivery of an action still running here joins its call, not counted
+    twice)."""
+
+    LIMIT: Final = 10_000
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[str, str], int] = {}
+
+    def forget(self, action: ActionRequest) -> None:
+        self._counts.pop((action.party_id, action.action_id), None)
+
+    def failed(self, action: ActionRequest) -> int:
+        """Count one failure of ``action``; its failures so far."""
+        key = (action.party_id, action.action_id)
+        count = self._counts.pop(key, 0) + 1
+        self._counts[key] = count  # (last in the order: the oldest is forgotten first)
+        while len(self._counts) > self.LIMIT:
+            del self._counts[next(iter(self._counts))]
+        return count
+
+    async def engine_failed(
+        self, publisher: ApiPublisher, action: ActionRequest, envelope: Any
+    ) -> None:
+        """The engine raised on ``action``: count it, and at the limit record ``engine_error``
+        (``envelope``: the delivery's, which the refusal route reads)."""
+        failures = self.failed(action)
+        if failures < ENGINE_FAILURES:
+            return
+        extra = {"trace_id": action.trace_id, "action_id": action.action_id}
+        log.error(
+            "engine failed %d times on this action: engine_error is its final answer",
+            failures,
+            extra=extra,
+        )
+        try:
+            await publisher.refuse(
+                action.party_id, action.action_id, envelope, ENGINE_FAILED, "engine_error"
+            )
+        except BackendUnavailable as exc:
+            log.warning(
+                "engine_error could not be recorded (%s): party_sync delivers the action again",
+                exc,
+                extra=extra,
+            )
+        else:
+            self.forget(action)
+
+
+async def _run_action(
+    engine: Engine, action: ActionRequest, envelope: Any, app: web.Application
+) -> None:
+    """The engine's call of one action, its failures as this host answers them (and counts:
+    ``FailureCount``; ``envelope``: the delivery's)."""
+    failures = app[FAILURES]
     try:
         await engine.handle_action(action)
     except EngineRejected:
+        failures.forget(action)
         raise  # 422 rejected, with the engine's reason
     except Exception as exc:
         if not _publish_failed(exc):
             log.exception("engine failed", extra={"trace_id": action.trace_id})
+            await failures.engine_failed(app[PUBLISHER], action, envelope)
             raise EngineFailed() from exc
         # A publish failed under the engine (party_sync unreachable, or the request not even
         # made): the engine may have applied the action, so this is no engine_error (which
@@ -836,6 +914,7 @@ async def _run_action(engine: Engine, action: ActionRequest) -> None:
             extra={"trace_id": action.trace_id},
         )
         raise BackendUnavailable(f"outcome not known yet: {str(exc)[:300]}") from exc
+    failures.forget(action)  # applied
 
 
 async def receive_notice(request: web.Request) -> web.Response:
@@ -906,6 +985,7 @@ def build_host_app(
     app[CLOCK] = clock
     app[PUBLISHER] = publisher
     app[RUNNING] = {}
+    app[FAILURES] = FailureCount()
     expect = problems.continue_when_read(problems.error_json)  # (the body asked for when read)
     app.router.add_post(path, receive_action, expect_handler=expect)
     app.router.add_post(notice_path, receive_notice, expect_handler=expect)

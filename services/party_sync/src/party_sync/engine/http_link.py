@@ -91,6 +91,7 @@ from party_sync.engine.health import public_url
 from party_sync.engine.inprocess import claim_until_answered, refuse_until_recorded
 from party_sync.engine.interface import (
     ENGINE_FAILED,
+    ENGINE_FAILURES,
     ActionRequest,
     Claim,
     JoinNotice,
@@ -124,10 +125,6 @@ class _EngineFailed(_Retryable):
     """A 5xx whose body is ``{"error": "engine_error"}``: the engine host says the engine raised
     (``party-sync engine-http`` answers so), which by the engine contract means *not applied*."""
 
-
-#: The engine-failed answers after which the player gets ``engine_error`` (the stream worker's
-#: ``max_deliveries``: an engine that fails five times running is failing, not hiccuping).
-ENGINE_FAILURES: Final = 5
 
 #: Seconds after the last delivery attempt that a refused API key still marks the link down
 #: (``HttpEngineLink.key_refused``).

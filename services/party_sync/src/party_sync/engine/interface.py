@@ -41,6 +41,12 @@ _log = logging.getLogger(__name__)
 
 #: The words of an ``engine_error`` refusal, the same on every transport (the engine raised).
 ENGINE_FAILED: Final = "the engine failed: try again as a new action"
+#: The engine failures of one action after which its player gets ``engine_error`` over HTTP: the
+#: answers the link counts (``HttpEngineLink``), or the calls the engine host counts itself
+#: (``party-sync engine-http``: answers cut short by the link's timeout never reach its count).
+#: The stream worker's ``max_deliveries`` is the same five: an engine that fails five times
+#: running is failing, not hiccuping.
+ENGINE_FAILURES: Final = 5
 
 #: Event types an engine may publish to a party (party.join/leave and vote.* belong to party_sync).
 __all__ = [
