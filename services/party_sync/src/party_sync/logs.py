@@ -109,6 +109,13 @@ def _short_client(match: re.Match[str]) -> str:
     return f"<Redis {host.group(1)}:{port.group(1)}>" if host and port else "<Redis>"
 
 
+def short_clients(text: str) -> str:
+    """``text`` with each redis-py client repr in it shortened to ``<Redis host:port>`` (done by
+    every log record's redactor too; ``tasks.described`` does it before it cuts a message to
+    its length, or the cut repr, no longer whole, would be left as it is: sentinel probe)."""
+    return _REDIS_CLIENT.sub(_short_client, text) if "<redis." in text else text
+
+
 #: Every pattern needs one of these: text without any (most ids and short fields) is skipped. (A
 #: dot percent-encoded is one: a token cut before its "eyJ", its dots %2E, had none; fix-check.)
 _MAYBE = re.compile(r"(?i)[:=.]|%(?:25)*+2e|bearer|eyJ")
@@ -205,8 +212,7 @@ class Redactor:
         exact = self._exact
         if exact is not None:
             text = exact.sub(REDACTED, text)
-        if "<redis." in text:  # (not a credential: a kilobyte of a client's settings)
-            text = _REDIS_CLIENT.sub(_short_client, text)
+        text = short_clients(text)  # (not a credential: a kilobyte of a client's settings)
         if not _MAYBE.search(text):
             return text
         for pattern, replacement in _PATTERNS:

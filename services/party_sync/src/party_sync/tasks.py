@@ -16,6 +16,8 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
+from party_sync.logs import short_clients
+
 T = TypeVar("T")
 
 log = logging.getLogger("party_sync.tasks")
@@ -180,10 +182,10 @@ def described(exc: BaseException, limit: int = 300) -> str:
     client says "Cluster mode is not enabled on this node" for any error reply to ``CLUSTER
     SLOTS``, a ``NOPERM`` too (cluster probe: a user without ``cluster|slots`` read as a
     misconfigured cluster)."""
-    text = " ".join(str(exc).split())
+    text = short_clients(" ".join(str(exc).split()))
     line = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
     root = _root_cause(exc)
-    said = " ".join(str(root).split())
+    said = short_clients(" ".join(str(root).split()))
     if root is not exc and said and said not in text:
         line = f"{line} (from {type(root).__name__}: {said})"
     return line[:limit]

@@ -199,3 +199,22 @@ def test_a_wrapper_is_described_with_the_reply_it_hides() -> None:
     timed_out = TimeoutError()
     timed_out.__cause__ = asyncio.CancelledError()
     assert described(timed_out) == "TimeoutError"
+
+
+def test_redis_clients_in_an_error_are_shortened_before_it_is_cut() -> None:
+    """redis-py's "No master found" names each sentinel by its client's repr (a kilobyte of
+    settings each): cut to 300 characters first, the repr was no longer whole, so the log's
+    redactor could not shorten it and the line said nothing of where (sentinel probe)."""
+    from redis.asyncio import Redis
+    from redis.asyncio.sentinel import MasterNotFoundError
+
+    sentinels = [Redis(host="127.0.0.1", port=port, password="pw") for port in (21901, 21902)]
+    exc = MasterNotFoundError(
+        "No master found for 'mymaster' : "
+        + ", ".join(f"{client} - ConnectionError('refused')" for client in sentinels)
+    )
+    assert len(str(exc)) > 300
+    assert described(exc) == (
+        "MasterNotFoundError: No master found for 'mymaster' : <Redis 127.0.0.1:21901> - "
+        "ConnectionError('refused'), <Redis 127.0.0.1:21902> - ConnectionError('refused')"
+    )
