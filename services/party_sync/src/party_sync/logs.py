@@ -37,6 +37,7 @@ from aiohttp.http_exceptions import BadHttpMessage
 from aiohttp.web_protocol import RequestPayloadError
 
 from party_sync.core.limits import RateGate as RateGate  # (its home before: kept importable)
+from party_sync.tasks import short_clients
 
 if TYPE_CHECKING:
     from party_sync.config import Settings
@@ -93,29 +94,6 @@ _PATTERNS: Final[tuple[tuple[re.Pattern[str], _Replacement], ...]] = (
         _keep_prefix_and_at,
     ),
 )
-#: redis-py's repr of a client (a Sentinel's "No master found" names each sentinel so, with every
-#: connection setting: a kilobyte each, its host and port deep inside): shortened to
-#: ``<Redis host:port>`` (linear: its parts never overlap, and a ')' ends the settings).
-_REDIS_CLIENT: Final = re.compile(
-    r"<redis\.[\w.]*Redis\(<redis\.[\w.]*ConnectionPool\(<redis\.[\w.]*Connection\("
-    r"(?P<args>(?:[^<>()]|\([^<>()]*+\)|<[^<>]*+>)*+)\)>\)>\)>"
-)
-_HOST, _PORT = re.compile(r"(?:^|,)host=([^,]+)"), re.compile(r"(?:^|,)port=(\d+)")
-
-
-def _short_client(match: re.Match[str]) -> str:
-    settings = match.group("args")
-    host, port = _HOST.search(settings), _PORT.search(settings)
-    return f"<Redis {host.group(1)}:{port.group(1)}>" if host and port else "<Redis>"
-
-
-def short_clients(text: str) -> str:
-    """``text`` with each redis-py client repr in it shortened to ``<Redis host:port>`` (done by
-    every log record's redactor too; ``tasks.described`` does it before it cuts a message to
-    its length, or the cut repr, no longer whole, would be left as it is: sentinel probe)."""
-    return _REDIS_CLIENT.sub(_short_client, text) if "<redis." in text else text
-
-
 #: Every pattern needs one of these: text without any (most ids and short fields) is skipped. (A
 #: dot percent-encoded is one: a token cut before its "eyJ", its dots %2E, had none; fix-check.)
 _MAYBE = re.compile(r"(?i)[:=.]|%(?:25)*+2e|bearer|eyJ")

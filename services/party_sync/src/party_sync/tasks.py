@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 from collections.abc import Awaitable, Callable, Coroutine, Iterable
-from typing import Any, TypeVar
-
-from party_sync.logs import short_clients
+from typing import Any, Final, TypeVar
 
 T = TypeVar("T")
 
@@ -168,6 +167,30 @@ class LatestPerKey:
 
     def __len__(self) -> int:
         return len(self._tasks)
+
+
+#: redis-py's repr of a client (a Sentinel's "No master found" names each sentinel so, with every
+#: connection setting: a kilobyte each, its host and port deep inside): shortened to
+#: ``<Redis host:port>`` (linear: its parts never overlap, and a ')' ends the settings).
+_REDIS_CLIENT: Final = re.compile(
+    r"<redis\.[\w.]*Redis\(<redis\.[\w.]*ConnectionPool\(<redis\.[\w.]*Connection\("
+    r"(?P<args>(?:[^<>()]|\([^<>()]*+\)|<[^<>]*+>)*+)\)>\)>\)>"
+)
+_HOST, _PORT = re.compile(r"(?:^|,)host=([^,]+)"), re.compile(r"(?:^|,)port=(\d+)")
+
+
+def _short_client(match: re.Match[str]) -> str:
+    settings = match.group("args")
+    host, port = _HOST.search(settings), _PORT.search(settings)
+    return f"<Redis {host.group(1)}:{port.group(1)}>" if host and port else "<Redis>"
+
+
+def short_clients(text: str) -> str:
+    """``text`` with each redis-py client repr in it shortened to ``<Redis host:port>`` (done by
+    every log record's redactor too, ``logs.Redactor``; ``described`` does it before it cuts a
+    message to its length, or the cut repr, no longer whole, would be left as it is: sentinel
+    probe)."""
+    return _REDIS_CLIENT.sub(_short_client, text) if "<redis." in text else text
 
 
 def described(exc: BaseException, limit: int = 300) -> str:
