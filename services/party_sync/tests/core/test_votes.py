@@ -186,6 +186,10 @@ def test_a_vote_request_timeout_must_be_a_json_number_in_range(timeout: object) 
         {"options": [{"id": 1, "label": "A"}, {"id": "b", "label": "B"}]},
         {"options": [{"id": "a", "label": {"x": 1}}, {"id": "b", "label": "B"}]},
         {"options": [{"id": "a"}, {"id": "b", "label": "B"}]},
+        # vote.started's option holds id and label only (additionalProperties: false): a field
+        # more was dropped unseen, with 201 (operator probe)
+        {"options": [{"id": "a", "label": "A", "z": 1}, {"id": "b", "label": "B"}]},
+        {"options": [{"id": "a", "label": "A"}, {"id": "b", "label": "B", "hint": "x"}]},
         {"tie_rule": 0},
         {"tie_rule": "default_option", "default_option": 7},
         {"vote_id": 123},

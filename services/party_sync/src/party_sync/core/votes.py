@@ -241,6 +241,9 @@ def spec_from_json(body: Mapping[str, Any], vote_id: object) -> VoteSpec:
         not isinstance(o, Mapping) or not _strings(o.get("id"), o.get("label")) for o in options
     ):
         raise SpecError("bad vote request: options must be a list of {id, label} strings")
+    extra = sorted({str(key) for o in options for key in o} - {"id", "label"})
+    if extra:  # (vote.started's option holds id and label only: a field would be lost unseen)
+        raise SpecError(f"bad vote request: an option holds only id and label, not {extra[:8]}")
     tie_rule, default = body.get("tie_rule", "first_listed"), body.get("default_option")
     if not _strings(body["question"], tie_rule) or not _strings(default, nullable=True):
         raise SpecError("bad vote request: question, tie_rule and default_option must be strings")

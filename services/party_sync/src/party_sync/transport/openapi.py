@@ -350,7 +350,8 @@ def vote_request(contracts: Contracts) -> dict[str, Any]:
             "A vote to open. `vote_id` defaults to a fresh one; `tie_rule` to first_listed "
             "(default_option needs `default_option`, one of the option ids, and nothing else "
             "takes it); `timeout_s` is at most 86400 (a day); the options' ids are unique. "
-            "Fields not listed are ignored."
+            "Fields not listed are ignored; an option holds only `id` and `label` (any other "
+            "field of an option is refused, 422 invalid_vote: the players would never see it)."
         ),
         "required": ["question", "options", "timeout_s"],
         "properties": {
