@@ -48,6 +48,14 @@ async def test_register_read_list_and_delete_a_membership() -> None:
         assert (status, listing) == (200, {"members": []})
 
 
+async def test_an_integral_number_is_an_integer_as_in_json_schema() -> None:
+    """/openapi.json's telegram_user_id is an integer, and JSON Schema counts 8776.0 as one (a
+    client whose JSON library writes numbers as floats was refused 422: schemathesis probe)."""
+    async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
+        assert (await call(srv, "PUT", MEMBER, {**ARIA, "telegram_user_id": 8776.0}))[0] == 204
+        assert (await call(srv, "GET", MEMBER))[1]["telegram_user_id"] == 8776
+
+
 async def test_every_route_needs_the_api_key_before_anything_else() -> None:
     async with serve_in_process(make_settings(api_key=KEY), engine=ScriptedEngine()) as srv:
         for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
@@ -73,6 +81,8 @@ async def test_no_configured_key_refuses_registration() -> None:
         (MEMBER, {**ARIA, "telegram_user_id": "279058397"}, "telegram_user_id"),
         (MEMBER, {**ARIA, "telegram_user_id": True}, "telegram_user_id"),
         (MEMBER, {**ARIA, "telegram_user_id": 0}, "telegram_user_id"),
+        (MEMBER, {**ARIA, "telegram_user_id": 2.5}, "telegram_user_id"),
+        (MEMBER, {**ARIA, "telegram_user_id": 1e20}, "telegram_user_id"),  # (past 2**63 - 1)
         (MEMBER, {**ARIA, "display_name": ""}, "display_name"),
         (MEMBER, {**ARIA, "display_name": "x" * 65}, "display_name"),
         (MEMBER, {**ARIA, "campaign_run_id": "bad run"}, "campaign_run_id"),

@@ -68,6 +68,8 @@ def parse_membership(party_id: str, character_id: str, body: Any) -> Membership:
     if unknown:
         raise InvalidMembership(f"unknown fields: {sorted(unknown)}")
     user = body.get("telegram_user_id")
+    if isinstance(user, float) and user.is_integer():
+        user = int(user)  # JSON Schema's integer, as /openapi.json says (8776.0 is 8776)
     if not isinstance(user, int) or isinstance(user, bool) or not 0 < user <= MAX_TELEGRAM_ID:
         raise InvalidMembership("telegram_user_id must be a positive integer")
     name = body.get("display_name")

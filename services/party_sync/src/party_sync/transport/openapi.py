@@ -18,6 +18,7 @@ import copy
 from typing import Any, Final
 
 from party_sync import __version__
+from party_sync.backends.directory import MAX_TELEGRAM_ID
 from party_sync.core.votes import MAX_TIMEOUT_S
 from party_sync.engine.interface import (
     ENGINE_EVENT_TYPES,
@@ -493,7 +494,8 @@ def _handed_envelope() -> dict[str, Any]:
             "`envelope` field as it is (its JSON text), or that JSON as an object."
         ),
         "oneOf": [
-            {"type": "string"},
+            # (the JSON text of an object: "{}" at the least)
+            {"type": "string", "minLength": 2, "contentMediaType": "application/json"},
             # (the entry's envelope always has the trace_id party_sync gave the action)
             {"allOf": [{"$ref": SCHEMAS + "action.request"}, {"required": ["trace_id"]}]},
         ],
@@ -605,7 +607,7 @@ def _refusal() -> dict[str, Any]:
 # -- memberships (transport/members.py) and Telegram sign-in (transport/telegram.py) ----------
 
 _MEMBERSHIP_FIELDS: Final[dict[str, Any]] = {
-    "telegram_user_id": {"type": "integer", "minimum": 1},
+    "telegram_user_id": {"type": "integer", "minimum": 1, "maximum": MAX_TELEGRAM_ID},
     "display_name": {
         "type": "string",
         "minLength": 1,
