@@ -159,11 +159,16 @@ async def test_a_refusal_slower_than_the_http_timeout_still_reaches_the_player(c
 
 class SlowFailingEngine(ScriptedEngine):
     """Raises on every call, half a second after it started it: slower than the node's HTTP
-    timeout (0.3 s), so no delivery's request is answered its 500."""
+    timeout (0.3 s), so no delivery's request is answered its 500. ``raised`` counts the calls
+    that ended so (a delivery the node sent just as the fifth call's refusal was recorded may
+    start a sixth call, which raises half a second later)."""
+
+    raised = 0
 
     async def handle_action(self, action: ActionRequest) -> None:
         self.calls.append(action)
         await asyncio.sleep(0.5)
+        self.raised += 1
         raise RuntimeError("the engine broke")
 
 
@@ -184,7 +189,8 @@ async def test_an_engine_failing_slower_than_the_http_timeout_ends_in_engine_err
         error = await a.until("system.error", 20)
         assert error["payload"]["code"] == "engine_error", error
         assert error["payload"]["in_reply_to"]["action_id"] == "slow-fail"
-        assert len(engine.calls) == ENGINE_FAILURES
+        assert engine.raised == ENGINE_FAILURES  # the fifth failure, not a later one
+        await wait_until(lambda: len(engine.calls) == engine.raised)  # (no call running)
         engine.calls.clear()
         await a.act("after", "aria", "r1")  # (a new action is run again, and counted anew)
         error = await a.until("system.error", 20)
