@@ -2,8 +2,8 @@
 
 A wheel or an sdist must work without the repository, so both carry, inside ``party_sync``:
 
-- ``_contracts/``: the JSON Schemas of ``contracts/jsonschema/party_sync`` (read by
-  ``party_sync.protocol.schemas``);
+- ``_contracts/``: the JSON Schemas of ``contracts/jsonschema/party_sync``, its ``engine/``
+  subdirectory included (read by ``party_sync.protocol.schemas``);
 - ``_web/``: the built pages of ``clients/js``, laid out as there (read by
   ``party_sync.transport.demo``): each page's static files (``demo/index.html``,
   ``demo/demo.css``), the library's ES modules (``dist/*.js``) and each page's compiled script
@@ -34,7 +34,10 @@ NOT_BUILT = (
 def contract_files(repo: Path) -> list[tuple[Path, str]]:
     """The JSON Schemas: (source, path inside the package)."""
     directory = repo / "contracts" / "jsonschema" / "party_sync"
-    return [(path, f"_contracts/{path.name}") for path in sorted(directory.glob("*.json"))]
+    return [
+        (path, f"_contracts/{path.relative_to(directory).as_posix()}")
+        for path in sorted(directory.rglob("*.json"))
+    ]
 
 
 def web_files(repo: Path) -> list[tuple[Path, str]]:

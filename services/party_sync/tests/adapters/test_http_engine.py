@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from party_sync.protocol.schemas import Contracts, SchemaViolation
 from ps_testkit.client import wait_until
 from ps_testkit.hosts import post_event, result_for, serving
 from ps_testkit.servers import make_settings, serve_in_process
@@ -17,6 +18,7 @@ from ps_testkit.servers import make_settings, serve_in_process
 pytestmark = pytest.mark.usefixtures("backend_kind")  # memory and redis
 
 KEY = "api-key-0123456789abcdef0123456789"
+CONTRACTS = Contracts()
 
 
 @dataclass
@@ -31,12 +33,21 @@ class FakeGatewayApi:
     notices: list[dict[str, Any]] = field(default_factory=list)
     applied: list[str] = field(default_factory=list)
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Bodies that broke contracts/…/engine/http.action.json or http.notice.json (none may).
+    violations: list[str] = field(default_factory=list)
+
+    def conforms(self, schema: str, body: dict[str, Any]) -> None:
+        try:
+            CONTRACTS.validate_engine(schema, body)
+        except SchemaViolation as exc:
+            self.violations.append(f"{schema}: {exc}: {body}")
 
     async def handle(self, request: web.Request) -> web.Response:
         # every delivery carries the server API key (an engine host checks it: docs/engines.md)
         assert request.headers.get("Authorization") == f"Bearer {KEY}"
         body = await request.json()
         self.received.append((dict(request.headers), body))
+        self.conforms("http.action", body)
         envelope = body["envelope"]
         if envelope["type"] != "action.request":
             return web.json_response({}, status=202)
@@ -55,6 +66,7 @@ class FakeGatewayApi:
     async def notice(self, request: web.Request) -> web.Response:
         assert request.headers.get("Authorization") == f"Bearer {KEY}"
         self.notices.append(await request.json())
+        self.conforms("http.notice", self.notices[-1])
         return web.json_response({}, status=202)
 
     async def answer(self, body: dict[str, Any]) -> None:
@@ -72,6 +84,7 @@ async def gateway_api(fake: FakeGatewayApi) -> AsyncIterator[str]:
             yield f"{base}/actions"
         finally:
             await asyncio.gather(*fake.tasks, return_exceptions=True)
+    assert fake.violations == []  # what the engine received is what its schemas say
 
 
 async def test_action_reaches_the_engine_with_its_trace_and_the_result_comes_back() -> None:

@@ -475,6 +475,12 @@ ACTION_ENVELOPE: dict[str, Any] = {
 }
 
 
+NOTICE: dict[str, Any] = {"timestamp": "2026-11-25T21:10:00Z", "trace_id": "t"}
+RESTATE = {**NOTICE, "type": "party.restate", "payload": {"epoch": 7}}
+JOIN = {**NOTICE, "type": "party.join", "seq": 3}
+JOIN["payload"] = {"character_id": "aria", "display_name": "Aria"}
+
+
 @pytest.mark.parametrize(
     ("path", "body", "said"),
     [
@@ -502,6 +508,16 @@ ACTION_ENVELOPE: dict[str, Any] = {
                 "envelope": {"type": "x", "timestamp": "yesterday", "trace_id": "t", "payload": {}},
             },
             "",
+        ),
+        (  # engine/restate.notice.json: the epoch is a string (the detail names where)
+            "/notices",
+            {"kind": "restate", "party_id": "p1", "campaign_run_id": "r1", "envelope": RESTATE},
+            "payload.epoch: 7 is not of type",
+        ),
+        (  # engine/join.notice.json: a notice carries no seq (it is not the party's event)
+            "/notices",
+            {"kind": "join", "party_id": "p1", "campaign_run_id": "r1", "envelope": JOIN},
+            "seq: False schema",
         ),
         ("/actions", b"\xff\xfe{", "the body is not JSON"),
         ("/actions", b"", "the body is not JSON"),

@@ -35,6 +35,7 @@ import aiohttp
 import pytest
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.engine.stream_monitor import ENGINE_GROUP
+from party_sync.protocol.schemas import Contracts
 from ps_testkit.redis_server import RedisServer
 from ps_testkit.servers import SECRET, Running, free_port
 
@@ -196,8 +197,9 @@ def test_the_wheels_hold_the_schemas_the_page_and_the_type_marker(installed: Ins
         "import json, sys, importlib.resources as r, party_sync, campaign_engine\n"
         "from party_sync.protocol.schemas import Contracts\n"
         "from party_sync.transport.demo import find_client_dir\n"
+        "c = Contracts()\n"
         "print(json.dumps({'files': [party_sync.__file__, campaign_engine.__file__],\n"
-        "  'path': sys.path, 'contracts': str(Contracts().directory),\n"
+        "  'path': sys.path, 'contracts': str(c.directory), 'engine': sorted(c.engine_documents),\n"
         "  'web': str(find_client_dir()),\n"
         "  'typed': [r.files(p).joinpath('py.typed').is_file()\n"
         "            for p in ('party_sync', 'campaign_engine')]}))\n"
@@ -207,6 +209,7 @@ def test_the_wheels_hold_the_schemas_the_page_and_the_type_marker(installed: Ins
     assert all(f.startswith(site) for f in found["files"]), found["files"]
     assert not [p for p in found["path"] if p.startswith(str(REPO))], found["path"]
     assert found["contracts"].startswith(site) and found["contracts"].endswith("_contracts")
+    assert found["engine"] == sorted(Contracts().engine_documents), found["engine"]
     assert found["web"].startswith(site) and found["web"].endswith("_web")
     assert found["typed"] == [True, True]
     described = run(installed.bin / "campaign-engine", "describe", cwd=installed.home)

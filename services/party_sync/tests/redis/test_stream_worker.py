@@ -27,6 +27,7 @@ from party_sync.engine.stream_link import StreamEngineLink
 from party_sync.engine.stream_monitor import read_stream
 from party_sync.engine.stream_worker import PartitionedWorker, StreamWorker, WorkerOptions
 from party_sync.protocol.errors import BackendUnavailable, ErrorCode
+from party_sync.protocol.schemas import Contracts, SchemaViolation
 from ps_testkit.client import wait_until
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.hosts import RecordingHost, make_action
@@ -216,6 +217,32 @@ async def test_the_deadline_travels_in_the_entry_and_reaches_the_engine(
         ("d-2", None),
     ]
     assert [a.deadline for a in host.claimed] == [1_900_000_000.125, None]  # a first delivery
+
+
+async def test_every_entry_the_link_appends_matches_the_engine_contracts(
+    redis: RedisServer,
+) -> None:
+    """What an engine of its own reads off the stream is what contracts/…/engine/ describes:
+    ``stream.entry`` for the fields, and the envelope's own schema for each kind."""
+    contracts = Contracts()
+    async with stream_link(redis) as link:
+        await link.submit(make_action("c-1", deadline=1_900_000_000.125))
+        await link.submit(make_action("c-2"))
+        await link.notify_join(JoinNotice("p1", "r1", "aria", "Aria", "trace-join", 1.9e9))
+        await link.notify_restate(RestateNotice("p1", "r1", "", "trace-restate", 1.9e9))
+    kinds = []
+    for raw in await stream_fields(redis):
+        fields = {key.decode(): value.decode() for key, value in raw.items()}
+        contracts.validate_engine("stream.entry", fields)
+        envelope = orjson.loads(fields["envelope"])
+        if fields["kind"] == "action":
+            contracts.validate("action.request", envelope)
+        else:
+            contracts.validate_engine(f"{fields['kind']}.notice", envelope)
+        kinds.append(fields["kind"])
+    assert kinds == ["action", "action", "join", "restate"]
+    with pytest.raises(SchemaViolation):  # the schema bites: a deadline is decimal seconds
+        contracts.validate_engine("stream.entry", {**fields, "deadline": "soon"})
 
 
 async def test_a_restate_notice_reaches_the_engine_through_the_stream(redis: RedisServer) -> None:

@@ -105,7 +105,6 @@ from party_sync.problems import (
     read_body,
 )
 from party_sync.protocol import codec
-from party_sync.protocol import types as t
 from party_sync.protocol.errors import (
     BackendUnavailable,
     InvalidEvent,
@@ -929,8 +928,8 @@ async def receive_notice(request: web.Request) -> web.Response:
         run_id = str(body.get("campaign_run_id") or "")
         if kind not in ("join", "restate") or not isinstance(envelope, dict):
             raise ValueError("expected kind join or restate, a party_id and an envelope")
+        contracts.validate_engine(f"{kind}.notice", envelope)  # engine/join.notice.json, …
         if kind == "join":
-            contracts.validate(t.PARTY_JOIN, {**envelope, "seq": 1})
             join = wire.parse_join(party_id, run_id, envelope)
         else:
             restate = wire.parse_restate(party_id, run_id, envelope)

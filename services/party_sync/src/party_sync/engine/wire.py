@@ -12,8 +12,9 @@ A notice's ``timestamp`` is the time party_sync announced it (``JoinNotice.at``,
 ``RestateNotice.at``), given by whoever made the notice: a link never reads the clock for it, so
 both transports stamp one notice alike, and the parsing end gets the same ``at`` back.
 
-``party.restate`` is not a client message (no client ever sees it, so it has no schema under
-``contracts/jsonschema``); ``parse_restate`` checks its shape instead.
+Notices are no client's messages (no client ever sees one): their schemas, and those of the HTTP
+bodies and the stream entry that carry them, are under ``contracts/jsonschema/party_sync/engine/``
+(``Contracts.validate_engine``), which the engine host checks a notice against.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from party_sync.protocol.errors import ConfigError, PartySyncError
 
 #: Files that hold shared definitions rather than a message type.
 _SUPPORT_FILES = frozenset({"envelope", "common"})
+#: The subdirectory of what engines receive (``Contracts.validate_engine``).
+ENGINE_DIR = "engine"
 
 
 def default_contracts_dir() -> Path:
@@ -57,19 +59,25 @@ class Contracts:
                 raise ConfigError(f"cannot read schema {path}: {exc}") from exc
         if "envelope" not in self.documents:
             raise ConfigError(f"no envelope.json in {self.directory}")
-        registry = jsonschema_rs.Registry(
-            [(doc["$id"], doc) for doc in self.documents.values() if "$id" in doc]
-        )
+        #: What engines receive (``engine/``: the notices, the HTTP bodies, the stream entry),
+        #: by file stem (``join.notice``); never a message type a client may send.
+        self.engine_documents: dict[str, dict[str, Any]] = {}
+        for path in sorted((self.directory / ENGINE_DIR).glob("*.json")):
+            try:
+                self.engine_documents[path.stem] = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ConfigError(f"cannot read schema {path}: {exc}") from exc
+        every = [*self.documents.values(), *self.engine_documents.values()]
+        registry = jsonschema_rs.Registry([(doc["$id"], doc) for doc in every if "$id" in doc])
         self._validators: dict[str, Any] = {}
         for name, doc in self.documents.items():
-            try:
-                validator = jsonschema_rs.validator_for(
-                    doc, registry=registry, validate_formats=True
-                )
-            except Exception as exc:  # jsonschema_rs raises ValueError / ReferencingError
-                raise ConfigError(f"schema {name}.json does not compile: {exc}") from exc
+            validator = _compiled(name, doc, registry)
             if name not in _SUPPORT_FILES:
                 self._validators[name] = validator
+        self._engine_validators = {
+            name: _compiled(f"{ENGINE_DIR}/{name}", doc, registry)
+            for name, doc in self.engine_documents.items()
+        }
 
     @property
     def types(self) -> frozenset[str]:
@@ -83,31 +91,51 @@ class Contracts:
         validator = self._validators.get(type_)
         if validator is None:
             raise SchemaViolation("type", f"no schema for message type {type_!r}")
-        if validator.is_valid(message):
-            return
-        # The explanation, from a bounded copy: jsonschema-rs's ValidationError carries the
-        # failing instance converted back to Python, which for a 64-KiB array or object under
-        # an unexpected key costs milliseconds (about 3.5 ms against 2 µs for the verdict): a
-        # client must not buy that much CPU with each bad message.
-        # Strings whole the second time: a string over ``_KEEP_CHARS`` that breaks its
-        # ``maxLength`` (a 4,001-character narration) is cheap to convert, and was explained
-        # as nothing at all.
-        for chars in (_KEEP_CHARS, None):
-            try:
-                validator.validate(_bounded(message, chars))
-            except jsonschema_rs.ValidationError as exc:
-                path = ".".join(str(part) for part in exc.instance_path)
-                raise SchemaViolation(path, _short(exc.message)) from None
-        raise SchemaViolation(  # only in the items or keys left out of the explanation
-            "",
-            f"does not match its schema: an array or object of more than {_KEEP_ITEMS} items "
-            f"or {_KEEP_KEYS} keys breaks its schema (more items or keys than it allows, or a "
-            "bad one among them)",
-        )
+        _check(validator, message)
+
+    def validate_engine(self, name: str, value: Mapping[str, Any]) -> None:
+        """Raise ``SchemaViolation`` unless ``value`` matches ``engine/<name>.json`` (what an
+        engine receives: ``join.notice``, ``restate.notice``, ``http.action``, …)."""
+        validator = self._engine_validators.get(name)
+        if validator is None:
+            raise SchemaViolation("", f"no engine schema {name!r} in {self.directory / ENGINE_DIR}")
+        _check(validator, value)
 
     def is_valid(self, type_: str, message: Mapping[str, Any]) -> bool:
         validator = self._validators.get(type_)
         return validator is not None and bool(validator.is_valid(message))
+
+
+def _compiled(name: str, doc: dict[str, Any], registry: Any) -> Any:
+    try:
+        return jsonschema_rs.validator_for(doc, registry=registry, validate_formats=True)
+    except Exception as exc:  # jsonschema_rs raises ValueError / ReferencingError
+        raise ConfigError(f"schema {name}.json does not compile: {exc}") from exc
+
+
+def _check(validator: Any, message: Mapping[str, Any]) -> None:
+    """Raise ``SchemaViolation`` unless ``validator`` finds ``message`` valid."""
+    if validator.is_valid(message):
+        return
+    # The explanation, from a bounded copy: jsonschema-rs's ValidationError carries the
+    # failing instance converted back to Python, which for a 64-KiB array or object under
+    # an unexpected key costs milliseconds (about 3.5 ms against 2 µs for the verdict): a
+    # client must not buy that much CPU with each bad message.
+    # Strings whole the second time: a string over ``_KEEP_CHARS`` that breaks its
+    # ``maxLength`` (a 4,001-character narration) is cheap to convert, and was explained
+    # as nothing at all.
+    for chars in (_KEEP_CHARS, None):
+        try:
+            validator.validate(_bounded(message, chars))
+        except jsonschema_rs.ValidationError as exc:
+            path = ".".join(str(part) for part in exc.instance_path)
+            raise SchemaViolation(path, _short(exc.message)) from None
+    raise SchemaViolation(  # only in the items or keys left out of the explanation
+        "",
+        f"does not match its schema: an array or object of more than {_KEEP_ITEMS} items "
+        f"or {_KEEP_KEYS} keys breaks its schema (more items or keys than it allows, or a "
+        "bad one among them)",
+    )
 
 
 #: What ``_bounded`` keeps of each container and string.
