@@ -272,7 +272,7 @@ class Supervisor:
                 "worker %d (pid %s, node %s) exited with %s: restarting it in %.1f s",
                 slot.index,
                 slot.process.pid if slot.process else None,
-                slot.node,
+                slot.node or "not reported yet",  # killed before it said it served
                 returncode,
                 delay,
                 extra={
