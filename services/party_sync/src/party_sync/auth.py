@@ -17,11 +17,13 @@ cleaned, not refused).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
 import jwt
+from jwt.warnings import InsecureKeyLengthWarning
 
 from party_sync.protocol.errors import AuthError, ConfigError
 from party_sync.protocol.ids import is_id
@@ -46,6 +48,16 @@ _DECODE_OPTIONS: Final = {
 #: The shortest HMAC secret not warned about (RFC 7518 §3.2: at least the hash size, 32 bytes
 #: for HS256); a shorter one can be guessed offline from any token.
 MIN_JWT_SECRET_BYTES = 32
+#: The hash size of each HMAC algorithm, the shortest secret RFC 7518 §3.2 allows it.
+_HASH_BYTES: Final = {"HS256": 32, "HS384": 48, "HS512": 64}
+
+
+def min_secret_bytes(algorithms: Iterable[str]) -> int:
+    """The shortest secret not warned about for tokens of ``algorithms`` (one secret signs and
+    checks every one of them: the longest hash counts)."""
+    return max((_HASH_BYTES.get(name, 0) for name in algorithms), default=0) or (
+        MIN_JWT_SECRET_BYTES
+    )
 
 
 def wall_clock() -> float:
@@ -104,13 +116,18 @@ class TokenVerifier:
         last_error: jwt.PyJWTError | None = None
         for key in self._keys:
             try:
-                payload = jwt.decode(
-                    token,
-                    key,
-                    algorithms=self._algorithms,
-                    audience=AUDIENCE,
-                    options=_DECODE_OPTIONS,  # type: ignore[arg-type]
-                )
+                # PyJWT warns of a short key through ``warnings``, which would print a plain-text
+                # line into the JSON log at the first token: party_sync warns at start instead
+                # (server.weak_secrets, by the configured algorithms' hash sizes)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+                    payload = jwt.decode(
+                        token,
+                        key,
+                        algorithms=self._algorithms,
+                        audience=AUDIENCE,
+                        options=_DECODE_OPTIONS,  # type: ignore[arg-type]
+                    )
             except jwt.InvalidSignatureError as exc:
                 last_error = exc  # maybe signed with the other secret
                 continue
@@ -222,4 +239,6 @@ def issue_token(
         "iat": int(now),
         "exp": int(now + ttl),
     }
-    return jwt.encode(claims, secret, algorithm=algorithm)
+    with warnings.catch_warnings():  # a short key: warned about at start, not per token
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.encode(claims, secret, algorithm=algorithm)

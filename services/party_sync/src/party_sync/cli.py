@@ -11,15 +11,12 @@ import os
 import socket
 import sys
 import time
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from jwt.warnings import InsecureKeyLengthWarning
-
 from party_sync import __version__, config, devmode, logs
-from party_sync.auth import HMAC_ALGORITHMS, MAX_TIMESTAMP, MIN_JWT_SECRET_BYTES, issue_token
+from party_sync.auth import HMAC_ALGORITHMS, MAX_TIMESTAMP, issue_token, min_secret_bytes
 from party_sync.backends.keys import ACTIONS_STREAM
 from party_sync.devmode import DEV_SECRET_FILE
 from party_sync.protocol.errors import ConfigError, EngineStartError, ListenError, one_line
@@ -597,26 +594,25 @@ def _token(args: argparse.Namespace) -> int:
             )
             return 2
         secret = kept.jwt_secret
-    if len(secret.encode()) < MIN_JWT_SECRET_BYTES:  # as serve warns (PyJWT's own is noise)
+    least = min_secret_bytes([algorithm])  # as serve warns (PyJWT's own is noise)
+    if len(secret.encode()) < least:
         print(
-            f"party-sync token: warning: the secret is shorter than {MIN_JWT_SECRET_BYTES} bytes "
-            "(a short one can be guessed offline from any token)",
+            f"party-sync token: warning: the secret is shorter than {least} bytes, {algorithm}'s "
+            "hash size (a short one can be guessed offline from any token)",
             file=sys.stderr,
         )
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", InsecureKeyLengthWarning)
-            token = issue_token(
-                secret,
-                party_id=args.party,
-                campaign_run_id=args.run,
-                character_id=args.character,
-                display_name=args.character if args.name is None else args.name,
-                now=now,
-                ttl=args.ttl,
-                sub=args.sub,
-                algorithm=algorithm,
-            )
+        token = issue_token(
+            secret,
+            party_id=args.party,
+            campaign_run_id=args.run,
+            character_id=args.character,
+            display_name=args.character if args.name is None else args.name,
+            now=now,
+            ttl=args.ttl,
+            sub=args.sub,
+            algorithm=algorithm,
+        )
     except ValueError as exc:  # an id or display name that breaks its rule
         print(f"party-sync token: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -489,6 +489,9 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # A library's ``warnings.warn`` would print raw text lines into the JSON log (hostile-input
+    # probe: PyJWT's key-length warning): through the ``py.warnings`` logger instead
+    logging.captureWarnings(True)
     server_logger = logging.getLogger("aiohttp.server")
     for old in [f for f in server_logger.filters if isinstance(f, MalformedRequestFilter)]:
         server_logger.removeFilter(old)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from party_sync import logs
-from party_sync.auth import MIN_JWT_SECRET_BYTES, TokenVerifier
+from party_sync.auth import TokenVerifier, min_secret_bytes
 from party_sync.backends import shared_settings
 from party_sync.backends.base import EVENT_OVERHEAD, Backend, BackendSettings
 from party_sync.backends.directory import make_directory
@@ -302,12 +302,12 @@ def weak_secrets(settings: Settings) -> list[str]:
         ("PARTY_SYNC_JWT_SECRET", settings.jwt_secret),
         ("PARTY_SYNC_JWT_PREVIOUS_SECRET", settings.jwt_previous_secret),
     ):
-        if secret and len(secret.encode()) < MIN_JWT_SECRET_BYTES:
+        least = min_secret_bytes(settings.jwt_algorithms)  # the hash size (RFC 7518 §3.2)
+        if secret and len(secret.encode()) < least:
             found.append(
                 f"{name} is too short ({_count(len(secret.encode()), 'byte')}): use at least "
-                f"{MIN_JWT_SECRET_BYTES} "
-                "random bytes (e.g. openssl rand -base64 32); a short one can be guessed offline "
-                "from any token"
+                f"{least} random bytes for {', '.join(settings.jwt_algorithms)} (e.g. openssl "
+                f"rand -base64 {least}); a short one can be guessed offline from any token"
             )
     if settings.api_key and len(settings.api_key) < MIN_API_KEY_CHARS:
         found.append(
@@ -378,9 +378,6 @@ def build_server(
     this node's id (``new_node_id``), when a link made for it was given; else a new one."""
     if not settings.jwt_secret:
         raise ConfigError("build_server needs a JWT secret (see with_dev_secret)")
-    verifier = TokenVerifier(
-        [settings.jwt_secret, settings.jwt_previous_secret or ""], settings.jwt_algorithms
-    )
     contracts = Contracts()
     node_id = node_id or new_node_id()
     if link is None:
@@ -388,6 +385,14 @@ def build_server(
     metrics = Metrics(node_id)
     if backend is None:
         backend = make_backend(settings, node_id=node_id, metrics=metrics)
+    # Tokens are judged by the clock everything else keeps (Redis's, in Redis mode): the
+    # handshake's exp/iat/nbf check and the open connection's expiry timer agree, and a node
+    # whose own clock is off neither refuses fresh tokens nor opens expired ones (clock probe)
+    verifier = TokenVerifier(
+        [settings.jwt_secret, settings.jwt_previous_secret or ""],
+        settings.jwt_algorithms,
+        clock=backend.clock,
+    )
     gateway = Gateway(
         settings, backend, link, contracts, metrics=metrics, node_id=node_id, clock=backend.clock
     )

@@ -185,6 +185,15 @@ def test_token_with_a_short_secret_warns_in_its_own_words(
     out, err = capsys.readouterr()
     assert out.count(".") == 2  # the token
     assert "shorter than 32 bytes" in err and "InsecureKeyLength" not in err
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        env = {"PARTY_SYNC_JWT_ALGORITHMS": "HS512"}
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            args = ["token", "--secret", "q" * 40, "--party", "p", "--run", "r", "--character", "c"]
+            assert main(args) == 0
+    assert "shorter than 64 bytes, HS512's hash size" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", [[], ["serve"], ["token"], ["engine-http"], ["engine-worker"]])

@@ -488,6 +488,11 @@ def test_short_secrets_are_warned_about_and_generated_ones_are_not() -> None:
 
     strong = Settings(jwt_secret=secrets.token_urlsafe(32), api_key=secrets.token_urlsafe(24))
     assert weak_secrets(strong) == [] and weak_secrets(Settings()) == []
+    # by the configured algorithms' hash sizes (RFC 7518 §3.2): 40 bytes are short for HS512
+    for algorithms, least in ((("HS384",), 48), (("HS256", "HS512"), 64)):
+        [short] = weak_secrets(Settings(jwt_secret="q" * 40, jwt_algorithms=algorithms))
+        assert f"use at least {least} random bytes" in short and "(40 bytes)" in short
+        assert weak_secrets(Settings(jwt_secret="q" * least, jwt_algorithms=algorithms)) == []
 
 
 FLOAT_SETTINGS = [env for _, env, _, default in options() if isinstance(default, float)]

@@ -220,6 +220,39 @@ async def test_sigterm_mid_action_exits_within_the_budget(tmp_path: Path, leak: 
     assert_stopped_in_budget(returncode, took, log, bool(leak), named)
 
 
+async def test_a_secret_short_for_its_algorithm_is_warned_of_at_start_and_the_log_stays_json() -> (
+    None
+):
+    """Docs probe: a 40-byte secret passed the start check (32 bytes) though HS512 wants 64,
+    and PyJWT's own InsecureKeyLengthWarning then printed two plain-text lines into the JSON
+    log at the first token. Now the start warning knows each algorithm's hash size, and no
+    library warning reaches stderr as raw text."""
+    from party_sync.auth import issue_token
+
+    secret = "q" * 40
+    env = {"PARTY_SYNC_JWT_SECRET": secret, "PARTY_SYNC_JWT_ALGORITHMS": "HS512"}
+    async with serve_process(env=env) as srv:
+        signed = issue_token(
+            secret,
+            party_id="p1",
+            campaign_run_id="r1",
+            character_id="aria",
+            display_name="Aria",
+            now=time.time(),
+            algorithm="HS512",
+        )
+        a, _ = await srv.join("aria", token_value=signed)
+        await a.close()
+        assert srv.process is not None
+        srv.process.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(srv.process.wait, 15) == 0
+        assert srv.process.stderr is not None
+        lines = srv.process.stderr.read().decode().splitlines()
+    entries = [orjson.loads(line) for line in lines]  # every line a JSON object
+    assert any("use at least 64 random bytes for HS512" in e["msg"] for e in entries), lines
+    assert not any(secret in line for line in lines)
+
+
 async def test_token_command_mints_a_token_the_server_accepts() -> None:
     proc = await asyncio.create_subprocess_exec(
         *party_sync_command(),
