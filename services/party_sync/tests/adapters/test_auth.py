@@ -7,6 +7,7 @@ import time
 
 import jwt
 import pytest
+from party_sync.backends.memory import MemoryBackend
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.servers import SECRET, make_settings, serve_in_process, token
 
@@ -50,6 +51,41 @@ async def test_bad_tokens_are_refused_with_401_and_leave_no_trace() -> None:
             {"character_id": "borin", "display_name": "Borin", "online": True}
         ]
         await b.close()
+
+
+class _OffsetClock(MemoryBackend):
+    """A backend whose clock (Redis's, in Redis mode) is ``offset`` seconds off this process's."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__()
+        self.offset = offset
+
+    def clock(self) -> float:
+        return time.time() + self.offset
+
+
+@pytest.mark.parametrize("offset", [120.0, -120.0])
+async def test_tokens_are_judged_by_the_clock_the_backend_keeps(offset: float) -> None:
+    """Clock probe: the handshake checked exp/iat/nbf by the node's own clock, the open
+    connection's expiry by Redis's. A node 2 min behind Redis refused fresh tokens as "not yet
+    valid"; one 2 min ahead refused valid ones as expired, and one behind opened tokens long
+    past exp and closed them at once (4001). Both now read the backend's clock."""
+    backend = _OffsetClock(offset)
+    async with serve_in_process(engine=ScriptedEngine(), backend=backend, dev_mode=True) as srv:
+        now = int(backend.clock())
+        fresh = jwt.encode(claims(iat=now, exp=now + 60), SECRET)
+        async with srv.http.post(
+            srv.base + "/api/v1/dev/token", json={"character_id": "cora"}
+        ) as r:
+            minted = (await r.json())["token"]  # a demo token: minted on that clock too
+        for character, value in (("aria", fresh), ("cora", minted)):
+            client, hello = await srv.join(character, token_value=value)
+            assert hello["payload"]["you"] == character
+            await client.send({"type": "system.ping", "payload": {}})
+            await client.until("system.pong")  # open, not closed as expired
+            await client.close()
+        past = jwt.encode(claims(iat=now - 100, exp=now - 40), SECRET)  # beyond the leeway
+        assert await srv.handshake_status({"token": past}) == 401
 
 
 async def test_bearer_header_is_accepted() -> None:

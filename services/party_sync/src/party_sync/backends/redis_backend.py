@@ -841,8 +841,8 @@ class RedisBackend:
             )
             log.warning(
                 "Redis's clock minus this process's: %ss (%s): party_sync keeps time by "
-                "Redis's (deadlines, presence, votes); an HTTP engine host of your own that "
-                "does not read X-Action-Time-Left needs its clock close to it "
+                "Redis's (deadlines, presence, votes, tokens); an HTTP engine host of your own "
+                "that does not read X-Action-Time-Left needs its clock close to it "
                 "(docs/engines.md, Deadlines): set up NTP on this machine",
                 _tenths(offset),
                 was,

@@ -21,7 +21,6 @@ import base64
 import hashlib
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
@@ -209,7 +208,7 @@ async def dev_token(request: web.Request) -> web.Response:
         campaign_run_id=ids["campaign_run_id"],
         character_id=ids["character_id"],
         display_name=name,
-        now=time.time(),
+        now=request.app[GATEWAY].clock(),  # the clock tokens are checked by (Redis's)
         ttl=DEV_TOKEN_TTL,
     )
     log.info(
