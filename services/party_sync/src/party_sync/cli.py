@@ -840,7 +840,9 @@ def _engine_worker(args: argparse.Namespace) -> int:
         # (the backend's own publications, an answer lost in a failover written again, may
         # open an epoch too: the worker's rounds send the re-statement, ``restate_opened``)
         watch.follow(backend)
-        publisher = BackendPublisher(backend, Contracts(), backend.clock, watch)
+        publisher = BackendPublisher(
+            backend, Contracts(), backend.clock, watch, record_ttl=settings.action_record_ttl
+        )
         worker = PartitionedWorker(
             engine,
             publisher,

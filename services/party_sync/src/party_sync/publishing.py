@@ -21,7 +21,7 @@ import orjson
 from party_sync import tracing
 from party_sync.backends.base import EngineSide, NarrationStore
 from party_sync.core import transient, votes
-from party_sync.core.actions import Claim
+from party_sync.core.actions import Claim, outlived_record
 from party_sync.core.epochs import opens_epoch
 from party_sync.core.events import Event
 from party_sync.engine.interface import (
@@ -127,11 +127,16 @@ class BackendPublisher(VoteStarter, NarrationSender):
         contracts: Contracts,
         clock: Callable[[], float],
         watch: EpochWatch | None = None,
+        *,
+        record_ttl: float | None = None,
     ) -> None:
         self.backend = backend
         self.contracts = contracts
         self.clock = clock
         self.watch = watch
+        #: ``action_record_ttl``: an action claimed this long after its acceptance with no
+        #: record left may have outlived it (``actions.outlived_record``); None: never judged so
+        self.record_ttl = record_ttl
         self.narrator = Narrator(backend, clock)
         #: The serving node whose own link claims through this host (``EngineLink.node_bound``:
         #: recorded with each claim, so another node takes the action over if this one dies);
@@ -375,6 +380,14 @@ class BackendPublisher(VoteStarter, NarrationSender):
                 "action expired before an engine started it",
                 extra={"trace_id": action.trace_id, "action_id": action.action_id},
             )
+            if sender is None and self.record_ttl is not None:
+                accepted = codec.parse_time(action.envelope.get("timestamp"))
+                if outlived_record(accepted, now, self.record_ttl):
+                    # no record, and old enough to have outlived it: its sender was answered
+                    # at its deadline (or has had a snapshot without it since); a second
+                    # action_timeout, to a connection opened long after, would be a second
+                    # final answer (backlog probe: a worker back after action_record_ttl)
+                    return claim
             # its record's character (as ``refuse``); with no record (lost), the action's own
             sender = sender or action.character_id
             if sender != t.PARTY_ACTOR:

@@ -13,6 +13,7 @@ differential test holds Redis's scripts to them):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -212,6 +213,34 @@ async def test_an_expired_claim_and_a_refusal_name_the_sender_of_the_record(
     refused = make_action("b2", character_id="aria", party_id=PARTY)
     assert await publisher.refuse(refused, ErrorCode.ENGINE_ERROR, "failed") is True
     assert told == ["aria", "borin"]
+
+
+async def test_a_claim_with_no_record_long_after_its_acceptance_tells_its_sender_nothing(
+    backend: Backend,
+) -> None:
+    """Backlog probe: an engine worker back after more than ``action_record_ttl`` found the
+    entries of actions timed out long before, their records expired with their age, and told
+    each sender ``action_timeout`` again: a second final answer, to a connection opened since.
+    An action whose record may have outlived it is refused in silence; one whose record was
+    lost (younger than the TTL: Redis restarted empty) is still told."""
+    from party_sync.protocol.schemas import Contracts
+    from party_sync.publishing import BackendPublisher
+    from ps_testkit.hosts import ACCEPTED_AT, make_action
+
+    told: list[str] = []
+
+    async def send_direct(party_id: str, character_id: str, data: bytes) -> None:
+        told.append(character_id)
+
+    backend.send_direct = send_direct  # type: ignore[method-assign]
+    ttl = 600.0
+    for age, expected in ((ttl + 1, []), (ttl - 1, ["aria"])):
+        told.clear()
+        clock = functools.partial(float, ACCEPTED_AT + age)
+        publisher = BackendPublisher(backend, Contracts(), clock, record_ttl=ttl)
+        action = make_action(f"o-{age}", deadline=ACCEPTED_AT + TIMEOUT, party_id=PARTY)
+        assert await publisher.claim(action) is Claim.EXPIRED  # never started, either way
+        assert told == expected, age
 
 
 # -- Redis only: a stall, a skewed clock -----------------------------------------------------------

@@ -360,3 +360,12 @@ class ActionLedger:
                 del flights[action_id]
                 self._release(record[_CHARACTER], action_id)
                 self._outliving.pop(action_id, None)
+
+
+def outlived_record(accepted_at: float | None, now: float, record_ttl: float) -> bool:
+    """Whether an action claimed at ``now`` with no record left may have lost it to its age
+    (``record_ttl`` after its acceptance at ``accepted_at``) rather than to lost state: its
+    sender was then answered at its deadline, or has had a snapshot without it since, and
+    nothing more is owed (as a node's sweep finds it: ``Sweep.GONE`` at that age). Unknown
+    acceptance: False (the refusal is told)."""
+    return accepted_at is not None and now >= accepted_at + record_ttl

@@ -72,7 +72,9 @@ class Gateway:
         # every epoch this node opens gets the engine asked to re-state the party, through the
         # link (a task of its own: never inside the publish, or the engine's handle_action)
         self.watch = EpochWatch(backend, link.notify_restate, clock, spawn=self._spawn)
-        self.publisher = BackendPublisher(backend, contracts, clock, self.watch)
+        self.publisher = BackendPublisher(
+            backend, contracts, clock, self.watch, record_ttl=settings.action_record_ttl
+        )
         rules = Rules(
             action_timeout=settings.action_timeout,
             presence_grace=settings.presence_grace,

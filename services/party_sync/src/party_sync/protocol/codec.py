@@ -11,6 +11,7 @@ import math
 import re
 import secrets
 import time
+from datetime import datetime
 from typing import Any, Final
 
 import orjson
@@ -175,6 +176,18 @@ def rfc3339(ts: float) -> str:
         cached[1] = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         cached[0] = whole
     return f"{cached[1]}.{micros // 1000:03d}Z"
+
+
+def parse_time(value: object) -> float | None:
+    """An RFC 3339 time with its offset (an envelope's ``timestamp``) as Unix seconds; None for
+    anything else (absent, not a string, no offset, malformed)."""
+    if not isinstance(value, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return None if moment.tzinfo is None else moment.timestamp()
 
 
 def new_trace_id() -> str:
