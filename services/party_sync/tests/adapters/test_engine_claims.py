@@ -305,6 +305,13 @@ async def test_a_result_naming_another_character_is_refused_and_records_nothing(
         got = await a.until("action.result")
         assert got["payload"]["character_id"] == "aria"
         assert got["seq"] == 2  # (1: aria's join) nothing of the refused call was sequenced
+        # a late copy naming borin is no copy of that answer: refused as well (backlog probe:
+        # it was answered 202 with the first result's seq, the engine told nothing of its slip)
+        status, answer = await post(srv, f"/api/v1/parties/p1/{route}", call(*events))
+        assert (status, answer["error"]) == (422, "invalid_event"), answer
+        assert "'aria'" in answer["detail"] and "'borin'" in answer["detail"], answer
+        status, _ = await post(srv, f"/api/v1/parties/p1/{route}", call(result(action)))
+        assert status == 202  # the faithful copy: the first result stands, nothing sent again
 
 
 async def test_a_keyed_retry_is_answered_by_its_key_before_any_check_of_its_result() -> None:

@@ -111,10 +111,10 @@ class MemoryBackend:
         seq = party.log.top_seq + 1
         type_, payload = message["type"], message["payload"]
         if type_ == t.ACTION_RESULT:
+            _same_actor(party, payload)  # (a late copy's too: the first named the action's)
             earlier = party.ledger.result_of(payload["action_id"])
             if earlier is not None:  # idempotent: a redelivered action's result is not re-sent
                 return _decoded(party.party_id, earlier)
-            _same_actor(party, payload)
         elif key is not None:
             first = party.published.first(key, now, shape([message]))  # (may raise)
             if first is not None:  # published under this key already: that one stands
@@ -161,6 +161,7 @@ class MemoryBackend:
         party = self._party(party_id, now)
         earlier = replayed(messages, party.ledger.result_of)
         if earlier is not None:  # a late copy of an answer published whole already
+            _same_actors(party, messages)  # (a copy names the actions' characters, as the first)
             return [
                 _decoded(party_id, data) if data is not None else unpublished(party_id, m, body)
                 for m, body, data in zip(messages, bodies, earlier, strict=True)
@@ -174,13 +175,7 @@ class MemoryBackend:
                 repeated(party_id, first + i, m, body)
                 for i, (m, body) in enumerate(zip(messages, bodies, strict=True))
             ]
-        for message in messages:  # (as publish_many.lua: before anything is recorded)
-            payload = message["payload"]
-            if (
-                message["type"] == t.ACTION_RESULT
-                and party.ledger.result_of(payload["action_id"]) is None
-            ):
-                _same_actor(party, payload)
+        _same_actors(party, messages)  # (as publish_many.lua: before anything is recorded)
         top = party.log.top_seq
         events = [self._publish(party, messages[i], now, body) for i, body in enumerate(bodies)]
         if key is not None and party.log.top_seq > top:  # the first event it sequenced
@@ -544,6 +539,13 @@ class MemoryBackend:
         index, action_id = closed
         self._tell(party, [closing_piece(stream_id, index, action_id, trace_id, now).transient()])
         return None
+
+
+def _same_actors(party: MemoryParty, messages: Sequence[Mapping[str, Any]]) -> None:
+    """``_same_actor`` for each ``action.result`` of ``messages``."""
+    for message in messages:
+        if message["type"] == t.ACTION_RESULT:
+            _same_actor(party, message["payload"])
 
 
 def _same_actor(party: MemoryParty, payload: Mapping[str, Any]) -> None:

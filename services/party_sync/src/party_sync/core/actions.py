@@ -307,12 +307,12 @@ class ActionLedger:
         return refused
 
     def actor_of(self, action_id: str) -> str | None:
-        """The character of an action the ledger holds without a result (in flight, or
-        refused), else None."""
+        """The character of an action the ledger holds (in flight, refused or answered), else
+        None."""
         flight = self._flights.get(action_id)
         if flight is not None:
             return flight[_CHARACTER]
-        return self._owners.get(action_id) if action_id in self._refused else None
+        return self._owners.get(action_id)
 
     def result_of(self, action_id: str) -> bytes | None:
         """The stored ``action.result`` of a finished action (not a refusal)."""

@@ -18,11 +18,11 @@ local record = nil  -- the action record's {character, result, refusal}, for an 
 local refused = 0
 if kind == 'action.result' then
   record = redis.call('HMGET', K_ACTION, 'c', 'r', 'x')
+  if record[1] and record[1] ~= ARGV[10] then  -- another character's action: an engine's slip
+    return {0, 'actor', record[1]}  -- (a late copy's too: the first named the action's)
+  end
   if record[2] then  -- idempotent: a redelivered action's result is not sequenced nor sent again
     return {0, '', record[2]}
-  end
-  if record[1] and record[1] ~= ARGV[10] then  -- another character's action: an engine's slip
-    return {0, 'actor', record[1]}
   end
 elseif K_ACTION then  -- published under an Idempotency-Key: the first one stands
   local first = redis.call('HMGET', K_ACTION, 's', 'f')

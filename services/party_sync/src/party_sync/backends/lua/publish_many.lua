@@ -33,7 +33,8 @@ do
       results = results + 1
       if records[i][2] then
         answered = answered + 1
-      elseif not other_actor and records[i][1] and records[i][1] ~= ARGV[at_ + 4] then
+      end
+      if not other_actor and records[i][1] and records[i][1] ~= ARGV[at_ + 4] then
         other_actor = {'!actor', i, records[i][1]}  -- refused after the key's answer, if any
       end
       record_at_ = record_at_ + 1
@@ -42,6 +43,9 @@ do
   end
 end
 if results > 0 and answered == results then
+  if other_actor then  -- a late copy names the actions' characters, as the first answer did
+    return other_actor
+  end
   local out = {''}
   for i = 1, count do
     out[#out + 1] = 0
