@@ -35,6 +35,7 @@ from party_sync.engine.interface import (
     RestateNotice,
     publish_all,
 )
+from party_sync.protocol.types import PARTY_ACTOR
 
 from bench.common import stamp
 
@@ -69,7 +70,7 @@ class BenchLogic:
             "character_id": character_id,
             "action_type": action_type,
             "outcome": "success",
-            "state": {"hp": 18, "max_hp": 20, "effects": [], "scene_flags": {"gate_seen": True}},
+            "state": _state(character_id, {"gate_seen": True}),
             "roll": {"die": "d20", "value": 12, "modifier": 3, "total": 15, "difficulty": 14},
             "narration": "Aria's fingers find a loose stone. Behind it, a corroded lever.",
         }
@@ -79,6 +80,14 @@ class BenchLogic:
         """The party's current ``scene.update`` payload (None before its first action)."""
         scene_number = self._scenes.get(party_id)
         return None if scene_number is None else _scene(scene_number)
+
+
+def _state(character_id: str, flags: dict[str, Any]) -> dict[str, Any]:
+    """The actor's state after an action: a party-level action's (a vote's decision, character
+    ``party``) has no hit points (``party_action_state``), a character's has."""
+    if character_id == PARTY_ACTOR:
+        return {"effects": [], "scene_flags": flags}
+    return {"hp": 18, "max_hp": 20, "effects": [], "scene_flags": flags}
 
 
 def _scene(scene_number: int) -> dict[str, Any]:
@@ -287,7 +296,7 @@ class BenchEngine:
             "character_id": action.character_id,
             "action_type": action.action_type,
             "outcome": "success",
-            "state": {"hp": 18, "max_hp": 20, "effects": [], "scene_flags": flags},
+            "state": _state(action.character_id, flags),
         }
         await publisher.publish(party, "action.result", result, trace_id=action.trace_id)
 
