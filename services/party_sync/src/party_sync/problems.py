@@ -366,21 +366,44 @@ def answer(request: web.Request, exc: Exception, render: Render = problem) -> we
     return render(found.status, found.code, detail, headers or None)
 
 
-def answer_errors(render: Render = problem) -> Middleware:
+def answer_errors(render: Render = problem, *, routing: bool = False) -> Middleware:
     """The middleware that answers what handlers raise, by ``PROBLEMS``, rendered by ``render``
     (``answer_raised``; party_sync's own server applies it from its one edge middleware,
-    ``transport/edge.py``)."""
+    ``transport/edge.py``). ``routing``: aiohttp's own plain-text 404 and 405 are answered in
+    ``render``'s form too (``routing_answer``: an API where every error is JSON, the engine
+    host's)."""
 
     @web.middleware
     async def answer_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             return await handler(request)
-        except (web.HTTPException, TimeoutError):
+        except (web.HTTPException, TimeoutError) as exc:
+            if routing and isinstance(exc, web.HTTPException):
+                answered = routing_answer(request, exc, render)
+                if answered is not None:
+                    return answered
             raise
         except Exception as exc:
             return await answer_raised(request, exc, render)
 
     return answer_errors
+
+
+def routing_answer(
+    request: web.Request, exc: web.HTTPException, render: Render
+) -> web.Response | None:
+    """aiohttp's own 404 (no such route) and 405 (no such method), which it answers in plain
+    text, rendered by ``render``: 404 ``not_found``, 405 ``method_not_allowed`` with its
+    ``Allow`` header; None for any other exception (a handler's own answer stands)."""
+    if exc.content_type != "text/plain":
+        return None
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        allow = exc.headers.get("Allow", "")
+        detail = f"{request.method} is not allowed here"
+        return render(405, "method_not_allowed", detail, {"Allow": allow})
+    if isinstance(exc, web.HTTPNotFound):
+        return render(404, "not_found", "no such resource", None)
+    return None
 
 
 #: The access log's status for a request whose client left before it could be answered (nginx's

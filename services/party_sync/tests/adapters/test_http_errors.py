@@ -481,6 +481,23 @@ JOIN = {**NOTICE, "type": "party.join", "seq": 3}
 JOIN["payload"] = {"character_id": "aria", "display_name": "Aria"}
 
 
+async def test_the_engine_host_answers_an_unknown_path_or_method_in_its_json_form() -> None:
+    """aiohttp's own 404 and 405 were plain text on the engine host, whose every other answer
+    is ``{"error", "detail"}`` JSON (an engine link reads the JSON body of any answer)."""
+    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from ps_testkit.engines import ScriptedEngine
+
+    app = build_host_app(ScriptedEngine(), ApiPublisher("http://127.0.0.1:9", KEY))
+    headers = {"Authorization": f"Bearer {KEY}"}
+    async with TestClient(TestServer(app)) as client:
+        missing = await client.post("/nowhere", json={}, headers=headers)
+        assert (missing.status, missing.content_type) == (404, "application/json")
+        assert (await missing.json())["error"] == "not_found"
+        wrong = await client.get("/actions", headers=headers)
+        assert (wrong.status, wrong.headers["Allow"]) == (405, "POST")
+        assert (await wrong.json())["error"] == "method_not_allowed"
+
+
 @pytest.mark.parametrize(
     ("path", "body", "said"),
     [

@@ -977,7 +977,11 @@ def build_host_app(
     # Inside the span: a refusal is answered (problems.PROBLEMS, in this host's {"error", "detail"}
     # JSON) before the span records its status.
     app = web.Application(
-        middlewares=[traced, problems.answer_errors(problems.error_json), keyed(publisher.api_key)]
+        middlewares=[
+            traced,
+            problems.answer_errors(problems.error_json, routing=True),  # 404/405 as JSON too
+            keyed(publisher.api_key),
+        ]
     )
     app[ENGINE] = engine
     app[CONTRACTS] = Contracts()

@@ -42,6 +42,7 @@ from party_sync.problems import (
     problem,
     read_body,
     read_json,
+    routing_answer,
 )
 from party_sync.protocol.ids import ID_RULE, is_id
 from party_sync.transport.appkeys import API_KEY
@@ -138,16 +139,9 @@ class Edge:
         """aiohttp's own 404 (no such route) and 405 (no such method), which it answers in plain
         text, answered as problems under ``/api/``, where every error is one (README: The API
         description): 404 ``not_found``, 405 ``method_not_allowed`` with its ``Allow`` header."""
-        if not request.path.startswith(API_PREFIX) or exc.content_type != "text/plain":
+        if not request.path.startswith(API_PREFIX):
             return None
-        if isinstance(exc, web.HTTPMethodNotAllowed):
-            allow = exc.headers.get("Allow", "")
-            return self._render(
-                405, "method_not_allowed", f"{request.method} is not allowed here", {"Allow": allow}
-            )
-        if isinstance(exc, web.HTTPNotFound):
-            return self._render(404, "not_found", "no such resource", None)
-        return None
+        return routing_answer(request, exc, self._render)
 
 
 def edge_middleware(count: CountRequest | None = None, render: Render = problem) -> Edge:
