@@ -60,6 +60,13 @@ def min_secret_bytes(algorithms: Iterable[str]) -> int:
     )
 
 
+#: Why a token's times cannot be judged yet (``TokenVerifier``: answered 503, Retry-After).
+CLOCK_UNKNOWN: Final = (
+    "the token's times cannot be judged yet: this node has not read Redis's clock (Redis has "
+    "not answered since it started); try again"
+)
+
+
 def wall_clock() -> float:
     """Unix time now (the default clock of ``TokenVerifier``; tests replace it)."""
     return time.time()
@@ -97,6 +104,7 @@ class TokenVerifier:
         algorithms: Sequence[str] = ("HS256",),
         leeway: float = MAX_LEEWAY,
         clock: Callable[[], float] | None = None,
+        clock_known: Callable[[], bool] | None = None,
     ) -> None:
         keys = [s for s in secrets if s]
         if not keys:
@@ -108,6 +116,9 @@ class TokenVerifier:
         self._algorithms = list(algorithms)
         self._leeway = min(leeway, MAX_LEEWAY)
         self._clock = clock
+        #: False while ``clock`` is not the deployment's yet (``Backend.clock_known``): a token
+        #: that fails its time checks then is judged later, never refused for good (401)
+        self._clock_known = clock_known
 
     def verify(self, token: str) -> Claims:
         """Return the claims of a valid token; raise ``AuthError(401, reason)`` otherwise."""
@@ -142,7 +153,15 @@ class TokenVerifier:
                 # Whatever a hostile token makes the decoder raise is a bad token, never a 500.
                 raise AuthError(401, "malformed token") from None
             now = (self._clock or wall_clock)()
-            exp = check_times(payload, now, self._leeway)
+            try:
+                exp = check_times(payload, now, self._leeway)
+            except AuthError as exc:
+                if self._clock_known is None or self._clock_known():
+                    raise
+                # Redis has not answered since this node started: its clock is only this
+                # machine's, which may be off (clock probe: a node 2 min behind refused fresh
+                # tokens for good): try again (503) once Redis's clock is read
+                raise AuthError(503, CLOCK_UNKNOWN) from exc
             return _claims(payload, exp, self._leeway if exp <= now else 0.0)
         raise AuthError(401, "bad token signature") from last_error
 
@@ -210,8 +229,10 @@ def issue_token(
     ttl: float = 3600.0,
     sub: str | None = None,
     algorithm: str = "HS256",
+    issued_at: bool = True,
 ) -> str:
-    """Mint a connection token (for ``party-sync token``, the demo, and tests).
+    """Mint a connection token (for ``party-sync token``, the demo, and tests); ``issued_at``
+    False: no ``iat`` (a token minted on a clock that may be ahead of the deployment's).
 
     The issuing side of the id and name rules: raises ``ValueError`` for an id that breaks the id
     rule, the reserved character id, or a display name that breaks the name rule."""
@@ -239,6 +260,8 @@ def issue_token(
         "iat": int(now),
         "exp": int(now + ttl),
     }
+    if not issued_at:
+        del claims["iat"]
     with warnings.catch_warnings():  # a short key: warned about at start, not per token
         warnings.simplefilter("ignore", InsecureKeyLengthWarning)
         return jwt.encode(claims, secret, algorithm=algorithm)

@@ -522,6 +522,10 @@ def _demo_banner(settings: config.Settings, backend: str, dev_mode: bool) -> lis
             display_name=name,
             now=time.time(),
             ttl=12 * 3600,
+            # minted before this node has read Redis's clock: no iat, which a node ahead of
+            # Redis would make "not yet valid" for its first minutes (clock probe); 12 hours
+            # of exp leave room for any skew
+            issued_at=False,
         )
         tokens.append(token)
         lines.append(f"  {name:6} {base}/demo?token={token}")

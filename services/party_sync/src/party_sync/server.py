@@ -392,6 +392,7 @@ def build_server(
         [settings.jwt_secret, settings.jwt_previous_secret or ""],
         settings.jwt_algorithms,
         clock=backend.clock,
+        clock_known=backend.clock_known,
     )
     gateway = Gateway(
         settings, backend, link, contracts, metrics=metrics, node_id=node_id, clock=backend.clock

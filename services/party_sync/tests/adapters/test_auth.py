@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import aiohttp
 import jwt
 import pytest
 from party_sync.backends.memory import MemoryBackend
@@ -86,6 +87,40 @@ async def test_tokens_are_judged_by_the_clock_the_backend_keeps(offset: float) -
             await client.close()
         past = jwt.encode(claims(iat=now - 100, exp=now - 40), SECRET)  # beyond the leeway
         assert await srv.handshake_status({"token": past}) == 401
+
+
+class _Unmeasured(_OffsetClock):
+    """A Redis backend's clock before Redis first answered: this machine's, ``offset`` seconds
+    off the deployment's, until ``known``."""
+
+    def __init__(self, offset: float) -> None:
+        super().__init__(offset)
+        self.known = False
+
+    def clock(self) -> float:
+        return super().clock() if self.known else time.time()
+
+    def clock_known(self) -> bool:
+        return self.known
+
+
+async def test_a_token_is_not_refused_for_good_before_the_backends_clock_is_read() -> None:
+    """Clock probe: a node started while Redis was down judged tokens by its own clock, 2 min
+    behind Redis's, and refused fresh ones 401 ("not yet valid"): the clients stop at a 401.
+    Until the backend's clock is read such a token is answered 503 with Retry-After (clients
+    try again), and accepted once it is; a token with nothing wrong with its times is not held."""
+    backend = _Unmeasured(120.0)
+    async with serve_in_process(engine=ScriptedEngine(), backend=backend) as srv:
+        now = time.time() + backend.offset  # the deployment's clock, which minted it
+        fresh = {"token": jwt.encode(claims(iat=int(now), exp=int(now) + 600), SECRET)}
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await srv.http.ws_connect(srv.ws_url, params=fresh)
+        assert refused.value.status == 503 and refused.value.headers is not None
+        assert refused.value.headers["Retry-After"] == "1"
+        bad = {"token": jwt.encode(claims(), "another-secret-0123456789abcdef012345")}
+        assert await srv.handshake_status(bad) == 401  # a bad signature is bad whatever the time
+        backend.known = True
+        assert await srv.handshake_status(fresh) == 101
 
 
 async def test_bearer_header_is_accepted() -> None:

@@ -163,6 +163,24 @@ def test_a_server_on_every_address_prints_links_another_device_can_open(
     )
 
 
+def test_the_banners_tokens_carry_no_iat_that_a_node_ahead_of_redis_would_date_ahead() -> None:
+    """Clock probe: minted on the node's own clock before it read Redis's, a banner token of a
+    node 2 min ahead was "not yet valid" at that very node for its first minutes. No ``iat``;
+    ``exp`` 12 hours on, room for any skew."""
+    import time
+
+    import jwt
+    from party_sync import cli, config
+
+    settings = config.Settings(port=8080, jwt_secret="s" * 32)
+    links = [line for line in cli._demo_banner(settings, "redis", False) if "/demo?token=" in line]
+    assert len(links) == 2
+    for link in links:
+        token = link.rsplit("token=", 1)[1]
+        found = jwt.decode(token, "s" * 32, algorithms=["HS256"], audience="party_sync")
+        assert "iat" not in found and found["exp"] > time.time() + 11 * 3600
+
+
 def test_the_lan_address_is_an_address_or_none() -> None:
     import ipaddress
 

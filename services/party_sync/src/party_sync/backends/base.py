@@ -421,6 +421,12 @@ class Backend(
         for the embedded backend, Redis's for the Redis backend (``RedisBackend.clock``)."""
         ...
 
+    def clock_known(self) -> bool:
+        """Whether ``clock()`` is the deployment's clock yet: False while a Redis backend has
+        not measured Redis's clock since it started (Redis has not answered), when ``clock()``
+        is only this machine's."""
+        ...
+
 
 # -- the operators' view (the admin API, transport/admin.py) ---------------------------------------
 @dataclass(frozen=True, slots=True)

@@ -84,6 +84,9 @@ class MemoryBackend:
     def clock(self) -> float:
         return time.time()
 
+    def clock_known(self) -> bool:
+        return True  # the machine's clock is the deployment's
+
     async def start(self) -> None:
         return None
 

@@ -318,6 +318,9 @@ class RedisBackend:
         nodes' players (presence flapping) nor ends votes early."""
         return time.time() + self._clock_offset
 
+    def clock_known(self) -> bool:
+        return self._clock_measured
+
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
         await refuse_misconfiguration(self.target, self.options.connect_timeout)

@@ -170,7 +170,8 @@ class IdempotencyKeyReused(InvalidEvent):
 
 
 class AuthError(PartySyncError):
-    """A refused handshake. ``status`` is the HTTP status to answer (401 or 403)."""
+    """A refused handshake. ``status`` is the HTTP status to answer (401 or 403; 503 when the
+    token cannot be judged yet: ``auth.CLOCK_UNKNOWN``)."""
 
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)

@@ -148,6 +148,10 @@ async def _admit(
     except AuthError as exc:
         gateway.metrics.handshakes_refused.labels(str(exc.status)).inc()
         log.info("handshake refused", extra={"reason": exc.reason, "status": exc.status})
+        if exc.status == 503:  # not judged yet (auth.CLOCK_UNKNOWN): a client tries again
+            raise web.HTTPServiceUnavailable(
+                text=exc.reason, headers={"Retry-After": "1"}
+            ) from None
         challenge = bearer_challenge(exc.reason if _token(request, query) else None)
         raise web.HTTPUnauthorized(
             text=exc.reason, headers={"WWW-Authenticate": challenge}
