@@ -59,8 +59,10 @@ def entry(action: ActionRequest) -> dict[str, Any]:
     }
 
 
-async def post(srv: Running, path: str, body: Any) -> tuple[int, Any]:
-    async with srv.http.post(srv.base + path, json=body, headers=AUTH) as resp:
+async def post(
+    srv: Running, path: str, body: Any, headers: dict[str, str] = AUTH
+) -> tuple[int, Any]:
+    async with srv.http.post(srv.base + path, json=body, headers=headers) as resp:
         return resp.status, await resp.json()
 
 
@@ -330,3 +332,28 @@ async def test_a_keyed_retry_is_answered_by_its_key_before_any_check_of_its_resu
         wrong["payload"]["character_id"] = "borin"
         async with srv.http.post(path, json={"events": [scene, wrong]}, headers=keyed) as r:
             assert (r.status, await r.json()) == (202, first)
+
+
+async def test_a_keyed_retry_of_an_answer_gets_its_seqs_and_a_reshaped_call_is_refused() -> None:
+    """Engine developer probe: a batch ``[action.result, scene.update]`` resent under its
+    Idempotency-Key was answered as a late copy, ``[seq, 0]`` (an engine checking that its
+    answer went out saw its scene unpublished), and ``[action.result]`` alone under that key
+    was taken (202) instead of refused as another call's reuse of the key. The key comes first
+    (docs/engines.md), on both backends; without a key a late copy is still answered as one."""
+    async with aria_in_a_party() as (srv, link, a):
+        action = await acted(a, link, "k2")
+        keyed = {**AUTH, "Idempotency-Key": "answer-1"}
+        path = srv.base + "/api/v1/parties/p1/events/batch"
+        body = {"events": [result(action), SCENE]}
+        async with srv.http.post(path, json=body, headers=keyed) as r:
+            assert r.status == 202
+            first = await r.json()
+        assert all(seq > 0 for seq in first["seqs"]), first
+        async with srv.http.post(path, json=body, headers=keyed) as r:
+            assert (r.status, await r.json()) == (202, first)
+        for route, alone in (("events/batch", {"events": [result(action)]}), ("events", None)):
+            call = alone if alone is not None else result(action)
+            status, answer = await post(srv, f"/api/v1/parties/p1/{route}", call, keyed)
+            assert (status, answer["error"]) == (422, "idempotency_key_reused"), answer
+        async with srv.http.post(path, json=body, headers=AUTH) as r:  # no key: a late copy
+            assert (r.status, (await r.json())["seqs"]) == (202, [first["seqs"][0], 0])

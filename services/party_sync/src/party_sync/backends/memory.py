@@ -147,6 +147,8 @@ class MemoryBackend:
     async def publish(
         self, party_id: str, message: dict[str, Any], now: float, *, key: str | None = None
     ) -> Event:
+        if key is not None and message["type"] == t.ACTION_RESULT:  # the key's, then the action's
+            return (await self.publish_many(party_id, [message], now, key=key))[0]
         return self._publish(self._party(party_id, now), message, now, key=key)
 
     async def publish_many(
@@ -162,21 +164,23 @@ class MemoryBackend:
         limit = self.settings.max_event_bytes  # (checked: raises before anything is recorded)
         bodies = [checked_body(m, limit) for m in messages]
         party = self._party(party_id, now)
-        earlier = replayed(messages, party.ledger.result_of)
-        if earlier is not None:  # a late copy of an answer published whole already
-            _same_actors(party, messages)  # (a copy names the actions' characters, as the first)
-            return [
-                _decoded(party_id, data) if data is not None else unpublished(party_id, m, body)
-                for m, body, data in zip(messages, bodies, earlier, strict=True)
-            ]
-        if key is not None and len(messages) == 1:  # as one publish under the key
-            return [self._publish(party, messages[0], now, bodies[0], key=key)]
+        if key is not None and len(messages) == 1 and messages[0]["type"] != t.ACTION_RESULT:
+            return [self._publish(party, messages[0], now, bodies[0], key=key)]  # as publish
+        # the key first (a retry of a published call gets its seqs, whatever it holds), then a
+        # late copy of an answer (as publish_many.lua)
         request = "" if key is None else shape(messages)
         first = None if key is None else party.published.first(key, now, request)  # (may raise)
         if first is not None:  # the call under this key was published: each event's seq in it
             return [
                 repeated(party_id, first + i, m, body)
                 for i, (m, body) in enumerate(zip(messages, bodies, strict=True))
+            ]
+        earlier = replayed(messages, party.ledger.result_of)
+        if earlier is not None:  # a late copy of an answer published whole already
+            _same_actors(party, messages)  # (a copy names the actions' characters, as the first)
+            return [
+                _decoded(party_id, data) if data is not None else unpublished(party_id, m, body)
+                for m, body, data in zip(messages, bodies, earlier, strict=True)
             ]
         _same_actors(party, messages)  # (as publish_many.lua: before anything is recorded)
         top = party.log.top_seq

@@ -425,6 +425,8 @@ class RedisBackend:
         self, party_id: str, message: dict[str, Any], now: float, *, key: str | None = None
     ) -> Event:
         type_, payload = message["type"], message["payload"]
+        if key is not None and type_ == t.ACTION_RESULT:  # the key's record, then the action's
+            return (await self.publish_many(party_id, [message], now, key=key))[0]
         fold = fold_args(type_, payload)  # raises before anything is recorded
         body = checked_body(message, self.settings.max_event_bytes)
         action_id = payload["action_id"] if type_ == t.ACTION_RESULT else None
@@ -463,7 +465,7 @@ class RedisBackend:
     ) -> list[Event]:
         """``publish_many.lua``: the events in one script call, one atomic step and one PUBLISH
         (so one pub/sub message per node, delivered in one tick: one write per member)."""
-        if len(messages) == 1:
+        if len(messages) == 1 and (key is None or messages[0]["type"] != t.ACTION_RESULT):
             return [await self.publish(party_id, messages[0], now, key=key)]
         if not messages:
             return []

@@ -15,7 +15,9 @@
 -- else 0}, where a second result of one action (idempotent: not sequenced again) is
 -- {0, the earlier data}.
 --
--- A replayed answer publishes nothing: when the call holds action results and every one of their
+-- A call under an Idempotency-Key whose call was published is answered by the key first (its
+-- seqs, or {'!reused'}), whatever it holds; then a replayed answer publishes nothing: when the
+-- call holds action results and every one of their
 -- actions already had its result before it, each result is {0, the earlier data} and every other
 -- event {0, ''} (not sequenced). The first answer was one atomic step too, so its other events
 -- went out with it; what a late copy of it carries (a worker that was frozen while another took
@@ -42,17 +44,6 @@ do
     at_ = at_ + 3 + tonumber(ARGV[at_ + 2])
   end
 end
-if results > 0 and answered == results then
-  if other_actor then  -- a late copy names the actions' characters, as the first answer did
-    return other_actor
-  end
-  local out = {''}
-  for i = 1, count do
-    out[#out + 1] = 0
-    out[#out + 1] = records[i] and records[i][2] or ''
-  end
-  return out
-end
 -- A call under a key that has its call already: nothing again; per event {-1, the seq the same
 -- event of that call got} (the first call was one atomic step: consecutive seqs).
 local K_KEYED = nil
@@ -72,8 +63,16 @@ if #KEYS > 11 + results then
     return out
   end
 end
-if other_actor then  -- (as the memory backend: a key's answer, then this refusal)
+if other_actor then  -- (a late copy's too: the first answer named the actions' characters)
   return other_actor
+end
+if results > 0 and answered == results then
+  local out = {''}
+  for i = 1, count do
+    out[#out + 1] = 0
+    out[#out + 1] = records[i] and records[i][2] or ''
+  end
+  return out
 end
 local epoch = nil  -- found (or started) by the first event sequenced, as publish.lua does
 local first_seq = nil  -- the seq of the first event sequenced (the key's record)
