@@ -479,6 +479,7 @@ NOTICE: dict[str, Any] = {"timestamp": "2026-11-25T21:10:00Z", "trace_id": "t"}
 RESTATE = {**NOTICE, "type": "party.restate", "payload": {"epoch": 7}}
 JOIN = {**NOTICE, "type": "party.join", "seq": 3}
 JOIN["payload"] = {"character_id": "aria", "display_name": "Aria"}
+OK = {k: v for k, v in JOIN.items() if k != "seq"}  # a valid join notice
 
 
 async def test_the_engine_host_answers_an_unknown_path_or_method_in_its_json_form() -> None:
@@ -530,6 +531,21 @@ async def test_the_engine_host_answers_an_unknown_path_or_method_in_its_json_for
             "/notices",
             {"kind": "restate", "party_id": "p1", "campaign_run_id": "r1", "envelope": RESTATE},
             "payload.epoch: 7 is not of type",
+        ),
+        (  # engine/http.notice.json: the run is an id (one breaking it reached the engine)
+            "/notices",
+            {"kind": "join", "party_id": "p1", "campaign_run_id": "bad run/../x", "envelope": OK},
+            "campaign_run_id: ",
+        ),
+        (
+            "/notices",
+            {"kind": "join", "party_id": "p1", "campaign_run_id": 12345, "envelope": OK},
+            "campaign_run_id: 12345 is not of type",
+        ),
+        (
+            "/notices",
+            {"kind": "join", "party_id": "p1", "envelope": OK},
+            "campaign_run_id",
         ),
         (  # engine/join.notice.json: a notice carries no seq (it is not the party's event)
             "/notices",

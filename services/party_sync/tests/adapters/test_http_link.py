@@ -930,7 +930,7 @@ async def test_a_delivery_read_late_by_a_frozen_host_is_not_started_past_its_dea
     by its deadline on that clock."""
     engine = ScriptedEngine()
     engine.mode = "silent"
-    host_clock = [5_000.0]
+    host_clock = [960_000.0]  # 11 h behind the deployment's
     publisher = ApiPublisher("http://127.0.0.1:9", HOST_KEY, local=lambda: host_clock[0])
     app = build_host_app(engine, publisher, clock=lambda: host_clock[0])
     async with serve(app) as base:
@@ -960,9 +960,9 @@ async def test_the_host_s_publisher_keeps_party_sync_s_clock_from_the_deliveries
     no action yet judged another host's lease by its own clock on a join (lease probe)."""
     engine = ScriptedEngine()
     engine.mode = "silent"
-    host_clock = [5_000.0]  # this machine's clock, far from the deployment's
+    host_clock = [960_000.0]  # this machine's clock, 11 h from the deployment's
     publisher = ApiPublisher("http://127.0.0.1:9", HOST_KEY, local=lambda: host_clock[0])
-    assert publisher.clock() == 5_000.0  # nothing heard yet: its own
+    assert publisher.clock() == 960_000.0  # nothing heard yet: its own
     app = build_host_app(engine, publisher, clock=lambda: host_clock[0])
     async with serve(app) as base:
         join = {
@@ -985,6 +985,14 @@ async def test_the_host_s_publisher_keeps_party_sync_s_clock_from_the_deliveries
         headers["X-Party-Sync-Time"] = "1000010.500"  # said outright: taken first
         status, _ = await post(f"{base}/actions", action_body("c", FUTURE), **headers)
         assert status == 202 and publisher.clock() == 1_000_010.5
+        # nonsense is not believed (hostile-input probe: 1e308, then every first delivery of
+        # the next minute was refused as expired); a day from this machine's clock at most
+        for nonsense in ("1e308", "1765000000000", str(host_clock[0] + 86_401 + 40_000)):
+            headers["X-Party-Sync-Time"] = nonsense
+            status, _ = await post(
+                f"{base}/actions", action_body(f"n{nonsense}", FUTURE), **headers
+            )
+            assert status == 202 and publisher.clock() == 1_000_010.5
 
 
 async def test_the_link_says_the_time_left_by_its_host_s_clock() -> None:

@@ -135,6 +135,12 @@ MAX_BODY: Final = 1024**2
 #: Seconds of deliveries whose readings of party_sync's clock make this host's estimate of it
 #: (``ApiPublisher.heard``): the one that waited least wins.
 CLOCK_WINDOW = 60.0
+#: The largest gap between party_sync's clock as a delivery tells it and this host's own that is
+#: believed (seconds): one reading is the estimate for a minute (``ApiPublisher.heard``), so a
+#: delivery whose ``X-Party-Sync-Time`` said 1e308 (or milliseconds) made every first delivery of
+#: that minute expired (hostile-input probe). A day: any machine's clock, however badly kept
+#: (a wrong time zone is hours), is believed; nonsense is not.
+MAX_HEARD_GAP: Final = 86_400.0
 #: Seconds ``ApiPublisher`` gives a TCP connect to a party_sync node before trying the next one.
 CONNECT_TIMEOUT: Final = 2.0
 
@@ -246,6 +252,7 @@ class ApiPublisher(VoteStarter, NarrationSender):
         #: (local time, reading) of the last ``CLOCK_WINDOW`` s, readings decreasing: the first
         #: is the highest, the delivery that waited least
         self._readings: deque[tuple[float, float]] = deque()
+        self._gap_said = float("-inf")  # when (``local``) the last unbelieved reading was said
 
     def clock(self) -> float:
         """Now on party_sync's clock (Unix seconds), as far as this host has heard it."""
@@ -260,6 +267,17 @@ class ApiPublisher(VoteStarter, NarrationSender):
         behind, and so every deadline as 10 s later)."""
         reading = sender_now - local_now
         if not math.isfinite(reading):
+            return
+        if abs(reading) > MAX_HEARD_GAP:  # this host keeps its own clock's reading instead
+            if local_now >= self._gap_said + CLOCK_WINDOW:
+                self._gap_said = local_now
+                log.warning(
+                    "a delivery says party_sync's clock is %.0f s from this host's, more than "
+                    "%.0f s: not believed (set up NTP here, or look for a sender of bad "
+                    "X-Party-Sync-Time headers)",
+                    reading,
+                    MAX_HEARD_GAP,
+                )
             return
         readings = self._readings
         while readings and readings[0][0] < local_now - CLOCK_WINDOW:
@@ -928,7 +946,9 @@ async def receive_notice(request: web.Request) -> web.Response:
         run_id = str(body.get("campaign_run_id") or "")
         if kind not in ("join", "restate") or not isinstance(envelope, dict):
             raise ValueError("expected kind join or restate, a party_id and an envelope")
-        contracts.validate_engine(f"{kind}.notice", envelope)  # engine/join.notice.json, …
+        # the whole body (engine/http.notice.json: its campaign_run_id an id, its envelope the
+        # notice of its kind): a run id that broke the id rule reached the engine (hostile probe)
+        contracts.validate_engine("http.notice", body)
         if kind == "join":
             join = wire.parse_join(party_id, run_id, envelope)
         else:
