@@ -230,6 +230,14 @@ class Problem:
     detail: str | None = None
 
 
+#: ``backend_unavailable``'s words: a request Redis did not answer in time may have been applied
+#: (a publish a stalled Redis ran once it resumed), so "retry" names the key that makes it safe.
+UNAVAILABLE: Final = (
+    "the backend did not answer in time; the outcome is not known: retry (a publish under its "
+    "Idempotency-Key)"
+)
+
+
 #: Every exception an HTTP route raises on purpose → its answer. The OpenAPI document
 #: (``transport/openapi.py``) describes the same statuses and codes; a test holds them equal.
 PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
@@ -245,7 +253,11 @@ PROBLEMS: Final[Mapping[type[Exception], Problem]] = {
         "bad_json",
         "the body's Content-Encoding is not one this server decodes: gzip, deflate or none",
     ),
-    BackendUnavailable: Problem(503, "backend_unavailable", "the backend is unreachable; retry"),
+    BackendUnavailable: Problem(
+        503,
+        "backend_unavailable",
+        UNAVAILABLE,
+    ),
     ShuttingDown: Problem(
         503,
         "shutting_down",

@@ -7,6 +7,7 @@ import asyncio
 from typing import Any
 
 import pytest
+from party_sync.problems import UNAVAILABLE
 from ps_testkit.api_events import SCENE
 from ps_testkit.engines import ScriptedEngine
 from ps_testkit.redis_server import RedisServer
@@ -43,7 +44,7 @@ async def test_with_redis_down_narration_and_events_are_503_then_taken_again(
             assert (status, media) == (503, "application/problem+json"), (path, problem)
             assert (problem["error"], problem["detail"]) == (
                 "backend_unavailable",
-                "the backend is unreachable; retry",
+                UNAVAILABLE,
             )
         redis.start()
         # Redis is back (empty: it kept nothing); the node reconnects in its own time

@@ -25,6 +25,7 @@ from party_sync.engine.interface import (
     MAX_BATCH_EVENTS,
     MAX_NARRATION_CHARS,
 )
+from party_sync.problems import UNAVAILABLE
 from party_sync.protocol.codec import MAX_DEPTH
 from party_sync.protocol.ids import ID_PATTERN, TRACE_ID_PATTERN
 from party_sync.protocol.names import NAME_PATTERN
@@ -188,7 +189,7 @@ def _with_body(responses: dict[str, Any], limit: str) -> dict[str, Any]:
         "408": _SLOW_BODY,
         "413": _too_large(limit),
         "503": _problem(
-            f"backend_unavailable (the backend is unreachable; retry), or {_SHUTTING_DOWN}",
+            f"backend_unavailable ({UNAVAILABLE}), or {_SHUTTING_DOWN}",
             "backend_unavailable",
             "shutting_down",
         ),
