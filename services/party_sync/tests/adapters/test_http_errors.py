@@ -14,9 +14,11 @@ import inspect
 import json
 import logging
 import pkgutil
+import shutil
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -480,6 +482,31 @@ RESTATE = {**NOTICE, "type": "party.restate", "payload": {"epoch": 7}}
 JOIN = {**NOTICE, "type": "party.join", "seq": 3}
 JOIN["payload"] = {"character_id": "aria", "display_name": "Aria"}
 OK = {k: v for k, v in JOIN.items() if k != "seq"}  # a valid join notice
+
+
+async def test_a_schema_copy_without_engine_schemas_still_takes_notices(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``PARTY_SYNC_CONTRACTS_DIR`` naming a copy older than ``engine/``: the host takes notices
+    unchecked (one WARNING at start) rather than refusing every one (a restate lost so would
+    leave its party without a scene)."""
+    from party_sync.engine.http_host import ApiPublisher, build_host_app
+    from party_sync.protocol.schemas import default_contracts_dir
+    from ps_testkit.engines import ScriptedEngine
+
+    older = tmp_path / "contracts"
+    shutil.copytree(default_contracts_dir(), older, ignore=shutil.ignore_patterns("engine"))
+    monkeypatch.setenv("PARTY_SYNC_CONTRACTS_DIR", str(older))
+    engine = ScriptedEngine()
+    with caplog.at_level(logging.WARNING, logger="party_sync.engine.http_host"):
+        app = build_host_app(engine, ApiPublisher("http://127.0.0.1:9", KEY))
+    assert "no engine schemas in" in caplog.text
+    body = {"kind": "join", "party_id": "p1", "campaign_run_id": "r1", "envelope": OK}
+    async with TestClient(TestServer(app)) as client:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        resp = await client.post("/notices", json=body, headers=headers)
+        assert resp.status == 202, await resp.text()
+    assert [n.character_id for n in engine.joins] == ["aria"]
 
 
 async def test_the_engine_host_answers_an_unknown_path_or_method_in_its_json_form() -> None:
