@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from datetime import datetime
 from typing import Any, Final
 
 from party_sync.engine.interface import ActionRequest, JoinNotice, RestateNotice
@@ -108,13 +107,12 @@ def _unix(timestamp: object) -> float:
     """An envelope's RFC 3339 ``timestamp`` as Unix seconds; raises ``ValueError``/``TypeError``."""
     if not isinstance(timestamp, str):
         raise TypeError("timestamp must be an RFC 3339 string")
-    try:
-        moment = datetime.fromisoformat(timestamp)
-    except ValueError:
-        raise ValueError("timestamp must be an RFC 3339 time (2026-11-25T21:04:05Z)") from None
-    if moment.tzinfo is None:
-        raise ValueError("timestamp must carry its offset (Z)")
-    return moment.timestamp()
+    seconds = codec.parse_time(timestamp)
+    if seconds is None:
+        raise ValueError(
+            "timestamp must be an RFC 3339 time with its offset (2026-11-25T21:04:05Z)"
+        )
+    return seconds
 
 
 def parse_join(party_id: str, run_id: str, envelope: Mapping[str, Any]) -> JoinNotice:
