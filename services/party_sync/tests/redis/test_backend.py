@@ -753,3 +753,18 @@ async def test_two_nodes_recounting_a_vote_at_once_tell_the_new_count_once(
         await wait_until(lambda: any(e.type == "scene.update" for e in rec.events), timeout=10)
         counts = [e.payload["eligible"] for e in rec.events if e.type == "vote.update"]
         assert counts == [2] + [3, 2] * 5, counts  # the ballot's, then one per join and leave
+
+
+async def test_its_clock_is_the_deployments_only_once_redis_has_answered() -> None:
+    """``clock_known`` (what the token check asks before it refuses a token for its times):
+    False while Redis has not answered since the node started, whose clock is then only this
+    machine's; True once Redis is up and its clock read (clock re-probe: a node started during
+    an outage refused fresh tokens for good by its own clock, 2 min off)."""
+    server = RedisServer()  # not started: Redis is down as the node starts
+    try:
+        async with backend(server.url, command_timeout=0.5) as b:
+            assert not b.clock_known()
+            server.start()
+            await wait_until(b.clock_known, timeout=20)
+    finally:
+        server.stop()
